@@ -1,0 +1,1 @@
+"""loraswap: serve many task-specific LoRA adapters on one frozen base model."""

@@ -1,0 +1,46 @@
+"""All service settings in one place (env prefix ``LORASWAP_``; CLI flags override)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ADAPTERS = Path(__file__).resolve().parent.parent / "adapters"
+
+
+class Settings(BaseSettings):
+    """Runtime configuration of the server and the engine."""
+
+    model_config = SettingsConfigDict(env_prefix="LORASWAP_")
+
+    # base model
+    base_model: str = Field("smollm2", description="'smollm2' (embedded default) or a Hugging Face model directory")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    quantize: Literal["none", "nf4"] = "none"
+    device: str = Field("auto", description="'auto', 'cpu' or 'cuda'")
+    cache_dir: Path = Field(Path.home() / ".cache" / "loraswap", description="where the converted base model is cached")
+
+    # adapters
+    adapters_dir: Path = Field(REPO_ADAPTERS, description="adapters loaded at start (one PEFT folder each)")
+    adapter_roots: list[Path] = Field(default_factory=list, description="extra folders POST /adapters may load from")
+    max_resident: int = Field(8, ge=1, description="adapters kept in device slots at once (LRU)")
+    max_rank: int = Field(64, ge=1, description="largest LoRA rank a slot holds")
+    qa_adapter: str | None = Field("squad", description="adapter /answer uses when the request names none")
+    nli_adapter: str | None = Field("nli", description="adapter /nli uses when the request names none")
+
+    # engine
+    max_batch: int = Field(32, ge=1, description="most requests in one batch")
+    batch_window_ms: float = Field(5.0, ge=0, description="how long the scheduler waits to fill a batch")
+    max_queue: int = Field(256, ge=1, description="queued requests before 429")
+    max_new_tokens: int = Field(64, ge=1, description="cap on generated tokens per request")
+    max_input_tokens: int = Field(1024, ge=16, description="longest prompt accepted (413 beyond)")
+    merge_after: int = Field(4, ge=1, description="merge an adapter after this many consecutive batches use only it")
+    merge_cooldown: int = Field(8, ge=0, description="batches to wait after an unmerge before merging again")
+    auto_merge: bool = True
+
+    # http
+    host: str = "127.0.0.1"
+    port: int = 8000
+    admin_key: str | None = Field(None, description="bearer key for admin routes; none refuses them")
