@@ -1,0 +1,154 @@
+"""Tiny real models for tests: a byte-level BPE tokenizer trained on the project's data,
+random GPT-2 and Llama bases built from configs, and stock-peft LoRA adapters on them.
+
+Nothing is fetched from a hub; everything is built in well under a second and saved with
+``save_pretrained`` so the code under test loads it exactly as it loads real models.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from itertools import islice
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+from service.prompts import NLI_LABELS, answer_prompt, answer_target, label_target, nli_prompt
+
+EOS = "<|endoftext|>"
+
+# every linear layer of each architecture (GPT-2's are transformers' Conv1D)
+LINEAR_TARGETS = {
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+
+
+def data_dir() -> Path:
+    """The real task data: ``$LORASWAP_DATA_DIR``, else ``shared/data`` beside the repository."""
+    path = Path(os.environ.get("LORASWAP_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
+    if not path.is_dir():
+        raise FileNotFoundError(f"task data not found at {path}; set LORASWAP_DATA_DIR")
+    return path
+
+
+def training_texts(data: Path, n_paragraphs: int = 300, n_pairs: int = 300) -> list[str]:
+    """Prompts and targets, as the models see them, from SQuAD dev paragraphs and MNLI pairs."""
+    with gzip.open(data / "squad" / "dev-v1.1.json.gz", "rt") as f:
+        articles = json.load(f)["data"]
+    paragraphs = islice((p for a in articles for p in a["paragraphs"]), n_paragraphs)
+    texts = [
+        answer_prompt(p["context"], qa["question"]) + answer_target(qa["answers"][0]["text"])
+        for p in paragraphs
+        for qa in p["qas"][:1]
+    ]
+    with gzip.open(data / "nli" / "mnli.jsonl.gz", "rt") as f:
+        pairs = [json.loads(line) for line in islice(f, n_pairs)]
+    texts += [nli_prompt(p["premise"], p["hypothesis"]) + label_target(p["label"]) for p in pairs]
+    return texts
+
+
+def build_tokenizer(out_dir: Path, *, vocab_size: int = 1000, data: Path | None = None) -> PreTrainedTokenizerFast:
+    """Train a GPT-2 style byte-level BPE tokenizer on real task text and save it to ``out_dir``."""
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(training_texts(data or data_dir()), trainer)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token=EOS, bos_token=EOS, unk_token=EOS, pad_token=EOS, model_max_length=512
+    )
+    firsts = [tok.encode(label_target(label), add_special_tokens=False)[0] for label in NLI_LABELS]
+    assert len(set(firsts)) == len(NLI_LABELS), f"NLI labels share a first token: {firsts}"
+    assert len(tok.encode("\n", add_special_tokens=False)) == 1, "newline must be one token"
+    tok.save_pretrained(out_dir)
+    return tok
+
+
+def _save_base(model: torch.nn.Module, tok: PreTrainedTokenizerFast, out_dir: Path) -> Path:
+    model.eval()
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+def _special_ids(tok: PreTrainedTokenizerFast) -> dict[str, int]:
+    return {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+
+
+def build_gpt2(tokenizer_dir: Path, out_dir: Path, *, seed: int = 0) -> Path:
+    """A random 2-layer GPT-2 (Conv1D layers) with the tokenizer saved beside it."""
+    tok = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
+    torch.manual_seed(seed)
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=64, vocab_size=len(tok), n_positions=512, **_special_ids(tok))
+    return _save_base(GPT2LMHeadModel(config), tok, out_dir)
+
+
+def build_llama(tokenizer_dir: Path, out_dir: Path, *, seed: int = 0) -> Path:
+    """A random 2-layer Llama (grouped-query attention, untied head) with the tokenizer beside it."""
+    tok = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tok),
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        **_special_ids(tok),
+    )
+    return _save_base(LlamaForCausalLM(config), tok, out_dir)
+
+
+def make_adapter(
+    base_dir: Path,
+    out_dir: Path,
+    *,
+    r: int = 4,
+    alpha: int = 8,
+    target_modules: list[str] | None = None,
+    seed: int = 0,
+    scale: float = 0.5,
+) -> Path:
+    """Save a stock-peft LoRA adapter for ``base_dir`` whose A and B are seeded N(0, scale^2).
+
+    peft initialises B to zero (a no-op adapter); random A and B make it change outputs.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    arch = base.config.model_type
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=0.0,
+        target_modules=target_modules or LINEAR_TARGETS[arch],
+        fan_in_fan_out=arch == "gpt2",
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(base, config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * scale)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return Path(out_dir)
