@@ -1,0 +1,141 @@
+"""Reading and checking one PEFT LoRA adapter folder on the host, before any device memory is touched."""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLED_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+KEY_PATTERN = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight")
+
+
+class AdapterError(Exception):
+    """A request about an adapter that cannot be honoured; ``status`` is the HTTP status to answer."""
+
+    def __init__(self, message: str, status: int = 422):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class AdapterWeights:
+    """A validated adapter held on the host: per base module, A [r, in] and B [out, r] with the scale folded in."""
+
+    name: str
+    path: Path
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(repr=False)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes + b.nbytes for a, b in self.modules.values())
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "path": str(self.path),
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "target_modules": self.target_modules,
+            "size_bytes": self.nbytes,
+        }
+
+
+def check_name(name: str) -> str:
+    """Adapter names are plain identifiers (they become metric labels and URL parts)."""
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        raise AdapterError(f"adapter name {name!r} is not a plain identifier ([A-Za-z_][A-Za-z0-9_]*, at most 64)")
+    return name
+
+
+def check_path(path: str | Path, roots: list[Path]) -> Path:
+    """Resolve ``path`` and refuse it unless it lies inside one of the configured adapter roots."""
+    resolved = Path(path).resolve()
+    if not any(resolved.is_relative_to(Path(root).resolve()) for root in roots):
+        raise AdapterError(f"adapter path {path} is outside the configured adapter roots", status=403)
+    if not resolved.is_dir():
+        raise AdapterError(f"adapter path {path} is not a folder", status=404)
+    return resolved
+
+
+def read_config(folder: Path, max_rank: int) -> dict:
+    """Load ``adapter_config.json`` and refuse what the batched engine cannot serve exactly."""
+    try:
+        config = json.loads((folder / CONFIG_FILE).read_text())
+    except FileNotFoundError:
+        raise AdapterError(f"{folder} has no {CONFIG_FILE}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterError(f"{folder / CONFIG_FILE} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        raise AdapterError(f"{folder} is not a LoRA adapter (peft_type must be LORA)")
+    rank = config.get("r")
+    if not isinstance(rank, int) or not 1 <= rank <= max_rank:
+        raise AdapterError(f"adapter rank {rank!r} must be an integer in 1..{max_rank}")
+    if not isinstance(config.get("lora_alpha"), (int, float)):
+        raise AdapterError("adapter lora_alpha must be a number")
+    unsupported = [key for key in ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save") if config.get(key)]
+    if config.get("bias", "none") != "none":
+        unsupported.append("bias")
+    if unsupported:
+        raise AdapterError(f"adapter uses options the engine does not serve: {', '.join(unsupported)}")
+    return config
+
+
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """Load the safetensors weights; pickled weight files are never read."""
+    weights_file = folder / WEIGHTS_FILE
+    if not weights_file.is_file():
+        pickled = [name for name in PICKLED_FILES if (folder / name).exists()]
+        reason = f"pickled weights ({pickled[0]}) are refused; save with safetensors" if pickled else f"no {WEIGHTS_FILE}"
+        raise AdapterError(f"{folder}: {reason}")
+    try:
+        return load_file(weights_file)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise AdapterError(f"{weights_file} is not a readable safetensors file: {exc}") from None
+
+
+def load_adapter(
+    name: str, folder: Path, module_shapes: dict[str, tuple[int, int]], max_rank: int
+) -> AdapterWeights:
+    """Read and check an adapter against the base's LoRA-able modules ``{name: (in, out)}``."""
+    config = read_config(folder, max_rank)
+    rank, alpha = config["r"], float(config["lora_alpha"])
+    scale = alpha / rank**0.5 if config.get("use_rslora") else alpha / rank
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in read_weights(folder).items():
+        match = KEY_PATTERN.fullmatch(key)
+        if match is None:
+            raise AdapterError(f"unexpected tensor {key!r} in the adapter (only lora_A/lora_B weights are served)")
+        module = match["module"]
+        if module not in module_shapes:
+            raise AdapterError(f"adapter targets {module!r}, which this base model does not have")
+        parts.setdefault(module, {})[match["part"]] = tensor
+    modules = {}
+    for module, pair in parts.items():
+        fan_in, fan_out = module_shapes[module]
+        a, b = pair.get("A"), pair.get("B")
+        if a is None or b is None:
+            raise AdapterError(f"adapter module {module!r} lacks lora_A or lora_B")
+        if tuple(a.shape) != (rank, fan_in) or tuple(b.shape) != (fan_out, rank):
+            raise AdapterError(
+                f"adapter module {module!r} has A{tuple(a.shape)} B{tuple(b.shape)}; "
+                f"this base needs A{(rank, fan_in)} B{(fan_out, rank)}"
+            )
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise AdapterError(f"adapter module {module!r} holds non-finite weights")
+        modules[module] = (a.float().contiguous(), (b.float() * scale).contiguous())
+    if not modules:
+        raise AdapterError(f"{folder} holds no LoRA weights")
+    targets = config.get("target_modules") or []
+    targets = sorted(targets) if isinstance(targets, list) else [str(targets)]
+    return AdapterWeights(name, folder, rank, alpha, targets, modules)

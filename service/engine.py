@@ -1,0 +1,294 @@
+"""The engine: one thread that owns the model, batches queued requests across adapters and runs them.
+
+Requests of any adapters and decoding parameters share a batch. Generation runs a prefill over the
+left-padded prompts and then one decoding step per token over a KV cache; rows that finish leave the
+batch (their cache rows are dropped), so they stop costing compute. Scoring (NLI) is one forward pass.
+Adapter activation, merge and unmerge happen on this thread between batches, so no row ever runs with
+weights other than its own adapter's.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from service import metrics
+from service.adapter_files import AdapterError
+from service.decoding import Decoding, RowSampler
+from service.registry import AdapterRegistry
+from service.settings import Settings
+
+
+class QueueFull(Exception):
+    """The queue holds ``max_queue`` requests already (HTTP 429)."""
+
+
+class EngineStopped(Exception):
+    """The engine is draining or stopped and takes no new requests (HTTP 503)."""
+
+
+@dataclass
+class Generation:
+    """Generate a continuation of ``prompt_ids`` with one adapter (None: the bare base)."""
+
+    prompt_ids: list[int]
+    adapter: str | None
+    decoding: Decoding = field(default_factory=Decoding)
+    stop_at_newline: bool = True
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" or "length"
+    time_to_first_token: float
+
+
+@dataclass
+class Scoring:
+    """Probabilities of the next token over ``candidates`` (one forward pass)."""
+
+    prompt_ids: list[int]
+    adapter: str | None
+    candidates: list[int]
+
+
+@dataclass
+class _Pending:
+    work: Generation | Scoring
+    future: Future
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class Engine:
+    """Queue, scheduler and batched forward passes over one base model with per-row adapters."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, registry: AdapterRegistry,
+                 settings: Settings):
+        self.model, self.tokenizer, self.registry, self.settings = model, tokenizer, registry, settings
+        self.device = registry.device
+        self.pad_id = tokenizer.pad_token_id
+        self.eos_ids = {tokenizer.eos_token_id} | set(getattr(model.generation_config, "eos_token_id", None) or [])
+        self.newline_ids = self._newline_token_ids()
+        self._queue: deque[_Pending] = deque()
+        self._controls: deque[tuple[callable, Future]] = deque()
+        self._wakeup = threading.Condition()
+        self._accepting = False
+        self._thread: threading.Thread | None = None
+        self._same_adapter_batches = 0
+        self._last_adapter: str | None = None
+        self._cooldown = 0
+
+    def _newline_token_ids(self) -> set[int]:
+        vocab = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
+        return {i for i, piece in enumerate(vocab) if piece and "\n" in self.tokenizer.convert_tokens_to_string([piece])}
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        self._accepting = True
+        self._thread = threading.Thread(target=self._loop, name="loraswap-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Refuse new work, finish everything queued, then stop the thread."""
+        with self._wakeup:
+            self._accepting = False
+            self._wakeup.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    # ---- submission (any thread) -------------------------------------------------------------
+    def submit(self, work: Generation | Scoring) -> Future:
+        """Queue one request; its future resolves to a GenerationResult or a list of probabilities."""
+        pending = _Pending(work, Future())
+        with self._wakeup:
+            if not self._accepting:
+                raise EngineStopped("the engine is not accepting requests")
+            if len(self._queue) >= self.settings.max_queue:
+                raise QueueFull(f"{len(self._queue)} requests queued")
+            self._queue.append(pending)
+            self._wakeup.notify_all()
+        return pending.future
+
+    def call(self, fn) -> Future:
+        """Run ``fn()`` on the engine thread between batches (merge, unmerge)."""
+        future: Future = Future()
+        with self._wakeup:
+            self._controls.append((fn, future))
+            self._wakeup.notify_all()
+        return future
+
+    def run_all(self, works: list[Generation | Scoring]) -> list:
+        """Submit many requests and wait for all results, in order (evaluation and benchmarks)."""
+        futures, results = deque(), []
+        for work in works:
+            while len(futures) >= self.settings.max_queue:
+                results.append(futures.popleft().result())
+            futures.append(self.submit(work))
+        return results + [future.result() for future in futures]
+
+    # ---- the engine thread -------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            batch = self._next_batch()
+            self._run_controls()
+            if batch is None:
+                if not self._accepting and not self._queue:
+                    return
+                continue
+            try:
+                self._serve(batch)
+            except Exception as exc:  # a failed batch fails its requests, never the engine
+                for pending in batch:
+                    if not pending.future.done():
+                        pending.future.set_exception(exc)
+
+    def _run_controls(self) -> None:
+        while self._controls:
+            fn, future = self._controls.popleft()
+            try:
+                future.set_result(fn())
+            except Exception as exc:
+                future.set_exception(exc)
+
+    def _next_batch(self) -> list[_Pending] | None:
+        """Wait for work, give the batch a short window to fill, then take requests of one kind."""
+        settings = self.settings
+        with self._wakeup:
+            while not self._queue and not self._controls and self._accepting:
+                self._wakeup.wait()
+            if not self._queue:
+                return None
+            deadline = time.perf_counter() + settings.batch_window_ms / 1000
+            while len(self._queue) < settings.max_batch and self._accepting and not self._controls:
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    break
+                self._wakeup.wait(left)
+            kind = type(self._queue[0].work)
+            batch, rest = [], deque()
+            while self._queue and len(batch) < settings.max_batch:
+                pending = self._queue.popleft()
+                (batch if type(pending.work) is kind else rest).append(pending)
+            self._queue.extendleft(reversed(rest))
+        return batch
+
+    def _serve(self, batch: list[_Pending]) -> None:
+        batch = [pending for pending in batch if pending.future.set_running_or_notify_cancel()]
+        names = [pending.work.adapter for pending in batch]
+        self._apply_merge_policy(set(names))
+        missing = set(self.registry.activate(names))
+        if missing:
+            for row in missing:
+                batch[row].future.set_exception(AdapterError(f"unknown adapter {names[row]!r}", status=404))
+            batch = [pending for row, pending in enumerate(batch) if row not in missing]
+            self.registry.activate([pending.work.adapter for pending in batch])
+        if not batch:
+            return
+        now = time.perf_counter()
+        for pending in batch:
+            metrics.QUEUE_WAIT.observe(now - pending.enqueued)
+        metrics.BATCH_SIZE.observe(len(batch))
+        if isinstance(batch[0].work, Scoring):
+            self._score(batch)
+        else:
+            self._generate(batch)
+
+    def _apply_merge_policy(self, names: set[str | None]) -> None:
+        """Unmerge when a batch needs other weights; merge after a run of single-adapter batches."""
+        registry = self.registry
+        if registry.merged is not None and names != {registry.merged}:
+            registry.unmerge()
+            self._cooldown = self.settings.merge_cooldown
+        single = next(iter(names)) if len(names) == 1 else None
+        same = single is not None and single == self._last_adapter
+        self._same_adapter_batches = self._same_adapter_batches + 1 if same else int(single is not None)
+        self._last_adapter = single
+        self._cooldown = max(0, self._cooldown - 1)
+        if (self.settings.auto_merge and single is not None and registry.merged is None and not registry.quantized
+                and self._same_adapter_batches >= self.settings.merge_after and self._cooldown == 0):
+            registry.merge(single)
+
+    def _prefill(self, prompts: list[list[int]]):
+        """Left-pad the prompts and run them; returns (last logits [B,V], cache, mask, lengths)."""
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            ids[row, width - len(prompt):] = torch.tensor(prompt)
+            mask[row, width - len(prompt):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                         use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1].float(), cache, mask, mask.sum(-1)
+
+    @torch.inference_mode()
+    def _score(self, batch: list[_Pending]) -> None:
+        logits, _, _, _ = self._prefill([pending.work.prompt_ids for pending in batch])
+        for row, pending in enumerate(batch):
+            candidates = torch.tensor(pending.work.candidates, device=logits.device)
+            pending.future.set_result(logits[row, candidates].softmax(-1).tolist())
+
+    @torch.inference_mode()
+    def _generate(self, batch: list[_Pending]) -> None:
+        works = [pending.work for pending in batch]
+        logits, cache, mask, lengths = self._prefill([work.prompt_ids for work in works])
+        sampler = RowSampler([work.decoding for work in works], self.device)
+        limits = [min(work.decoding.max_new_tokens, self.settings.max_new_tokens) for work in works]
+        tokens: list[list[int]] = [[] for _ in works]
+        first_token_at = [0.0] * len(works)
+        alive = list(range(len(works)))
+        step = 0
+        while True:
+            chosen = sampler(logits, step).tolist()
+            now, keep = time.perf_counter(), []
+            for position, (row, token) in enumerate(zip(alive, chosen)):
+                if step == 0:
+                    first_token_at[row] = now
+                tokens[row].append(token)
+                if token in self.eos_ids or (works[row].stop_at_newline and token in self.newline_ids):
+                    self._finish(batch[row], tokens[row], "stop", first_token_at[row])
+                elif len(tokens[row]) >= limits[row]:
+                    self._finish(batch[row], tokens[row], "length", first_token_at[row])
+                else:
+                    keep.append(position)
+            if not keep:
+                return
+            next_ids = torch.tensor([chosen[p] for p in keep], device=self.device)
+            if len(keep) < len(alive):
+                index = torch.tensor(keep, device=self.device)
+                cache.batch_select_indices(index)
+                mask, lengths = mask[index], lengths[index]
+                sampler.select_rows(index)
+                self.registry.select_rows(index)
+                alive = [alive[p] for p in keep]
+            mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=-1)
+            out = self.model(input_ids=next_ids[:, None], attention_mask=mask, position_ids=lengths[:, None],
+                             past_key_values=cache, use_cache=True)
+            logits = out.logits[:, -1].float()
+            lengths = lengths + 1
+            step += 1
+
+    def _finish(self, pending: _Pending, tokens: list[int], reason: str, first_token_at: float) -> None:
+        work = pending.work
+        if reason == "stop" and tokens[-1] in self.eos_ids:
+            tokens = tokens[:-1]
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        if work.stop_at_newline:
+            text = text.split("\n", 1)[0]
+        label = work.adapter or "none"
+        metrics.GENERATED_TOKENS.labels(adapter=label).inc(len(tokens))
+        metrics.TIME_TO_FIRST_TOKEN.labels(adapter=label).observe(first_token_at - pending.enqueued)
+        pending.future.set_result(GenerationResult(text, tokens, reason, first_token_at - pending.enqueued))

@@ -1,0 +1,110 @@
+"""Batched multi-adapter LoRA: each row of a batch gets its own adapter's delta, in a few batched products.
+
+Every LoRA-able module of the base is wrapped once in a ``BatchedLoraLayer``. Its bank holds, for each
+device slot, A [in, R] and B [R, out] (scale folded into B, ranks zero-padded to the bank's R); the
+last slot is all zeros and stands for "no adapter". A ``RowAdapters`` object, built once per step and
+shared by every layer, says which slot each row uses and the largest rank in play.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+
+@dataclass
+class RowAdapters:
+    """The per-step mapping from batch rows to bank slots, shared by all layers."""
+
+    slots: torch.Tensor | None = None  # [batch] long; the zero slot for rows without an adapter
+    rank: int = 0  # largest rank among the rows' adapters; 0 means no LoRA this step
+
+
+def module_shape(layer: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a Linear, a 4-bit Linear or a GPT-2 Conv1D."""
+    if isinstance(layer, Conv1D):
+        return layer.weight.shape[0], layer.nf
+    return layer.in_features, layer.out_features
+
+
+def is_lora_target(name: str, layer: nn.Module) -> bool:
+    """Linear-like modules of the transformer body (the output head is left alone)."""
+    return isinstance(layer, (nn.Linear, Conv1D)) and not name.endswith("lm_head")
+
+
+def lora_delta_reference(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """Plain per-row loop, the definition the fast path is held to. x [B,T,in], a [S,in,R], b [S,R,out]."""
+    return torch.stack([x[row] @ a[slot] @ b[slot] for row, slot in enumerate(slots.tolist())])
+
+
+class BatchedLoraLayer(nn.Module):
+    """A frozen base layer plus a bank of LoRA slots selected per row."""
+
+    def __init__(self, base: nn.Module, rows: RowAdapters, num_slots: int):
+        super().__init__()
+        self.base = base
+        self.rows = rows
+        self.num_slots = num_slots  # adapter slots; index num_slots is the zero slot
+        self.in_features, self.out_features = module_shape(base)
+        self.a: torch.Tensor | None = None  # [slots + 1, in, R]
+        self.b: torch.Tensor | None = None  # [slots + 1, R, out]
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.a is None else self.a.shape[-1]
+
+    def _grow(self, rank: int, device: torch.device, dtype: torch.dtype) -> None:
+        """Allocate the bank, or widen it to ``rank``, keeping what it holds."""
+        a = torch.zeros(self.num_slots + 1, self.in_features, rank, device=device, dtype=dtype)
+        b = torch.zeros(self.num_slots + 1, rank, self.out_features, device=device, dtype=dtype)
+        if self.a is not None:
+            a[..., : self.capacity] = self.a
+            b[:, : self.capacity] = self.b
+        self.a, self.b = a, b
+
+    def write_slot(self, slot: int, pair: tuple[torch.Tensor, torch.Tensor] | None, device, dtype) -> None:
+        """Put one adapter's (A [r,in], B [out,r]) into ``slot``, or clear it when ``pair`` is None."""
+        if pair is None:
+            if self.a is not None:
+                self.a[slot].zero_()
+                self.b[slot].zero_()
+            return
+        lora_a, lora_b = pair
+        rank = lora_a.shape[0]
+        if rank > self.capacity:
+            self._grow(rank, device, dtype)
+        self.a[slot].zero_()
+        self.b[slot].zero_()
+        self.a[slot, :, :rank].copy_(lora_a.t(), non_blocking=True)
+        self.b[slot, :rank].copy_(lora_b.t(), non_blocking=True)
+
+    def release(self) -> None:
+        """Free the bank (no adapter uses this module any more)."""
+        self.a = self.b = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        rank = min(self.rows.rank, self.capacity)
+        if rank == 0:
+            return out
+        slots = self.rows.slots
+        batch, width = x.shape[0], self.out_features
+        a = self.a[slots, :, :rank]  # [B, in, r]
+        b = self.b[slots, :rank]  # [B, r, out]
+        hidden = torch.bmm(x.reshape(batch, -1, self.in_features).to(a.dtype), a)  # [B, T, r]
+        delta = torch.bmm(hidden, b).to(out.dtype)  # [B, T, out]
+        return out + delta.reshape(*out.shape[:-1], width)
+
+
+def wrap_lora_targets(model: nn.Module, rows: RowAdapters, num_slots: int) -> dict[str, BatchedLoraLayer]:
+    """Replace every LoRA-able module of ``model`` by a batched LoRA layer; returns them by module name."""
+    targets = [(name, module) for name, module in model.named_modules() if is_lora_target(name, module)]
+    wrapped = {}
+    for name, module in targets:
+        parent_name, _, child = name.rpartition(".")
+        layer = BatchedLoraLayer(module, rows, num_slots)
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        wrapped[name] = layer
+    return wrapped

@@ -1,0 +1,175 @@
+"""The adapter registry: the one owner of adapter state (registered, resident in a slot, merged)."""
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from service.adapter_files import AdapterError, AdapterWeights, check_name, check_path, load_adapter
+from service.lora_layers import BatchedLoraLayer, RowAdapters, wrap_lora_targets
+
+
+class AdapterRegistry:
+    """Registered adapters live on the host; at most ``max_resident`` sit in device slots (LRU).
+
+    ``register``/``unregister``/``describe`` may be called from any thread. ``activate``, ``merge``
+    and ``unmerge`` touch device weights and are called by the engine thread between steps only.
+    """
+
+    def __init__(self, model: nn.Module, roots: list[Path], max_resident: int, max_rank: int):
+        self.rows = RowAdapters()
+        self.layers: dict[str, BatchedLoraLayer] = wrap_lora_targets(model, self.rows, max_resident)
+        self.shapes = {name: (layer.in_features, layer.out_features) for name, layer in self.layers.items()}
+        first = next(model.parameters())
+        self.device = first.device
+        self.dtype = first.dtype if first.is_floating_point() else torch.float32
+        self.roots = [Path(root) for root in roots]
+        self.max_resident = max_resident
+        self.max_rank = max_rank
+        self.quantized = any(not layer.base.weight.is_floating_point() or layer.base.weight.dtype == torch.uint8
+                             for layer in self.layers.values())
+        self._adapters: dict[str, AdapterWeights] = {}
+        self._resident: OrderedDict[str, int] = OrderedDict()  # name -> slot, least recently used first
+        self._merged: str | None = None
+        self._originals: dict[str, torch.Tensor] = {}
+        self._lock = threading.Lock()
+        self.zero_slot = max_resident
+
+    # ---- host side: any thread -------------------------------------------------------------
+    def register(self, name: str, path: str | Path) -> tuple[dict, float]:
+        """Validate and load an adapter onto the host; the registry is unchanged if anything is wrong."""
+        check_name(name)
+        folder = check_path(path, self.roots)
+        with self._lock:
+            if name in self._adapters:
+                raise AdapterError(f"adapter {name!r} is already loaded; delete it first", status=409)
+        started = time.perf_counter()
+        adapter = load_adapter(name, folder, self.shapes, self.max_rank)
+        with self._lock:
+            if name in self._adapters:
+                raise AdapterError(f"adapter {name!r} is already loaded; delete it first", status=409)
+            self._adapters[name] = adapter
+        return adapter.describe(), time.perf_counter() - started
+
+    def unregister(self, name: str) -> None:
+        """Forget an adapter; its slot is cleared the next time the engine activates adapters."""
+        with self._lock:
+            if name not in self._adapters:
+                raise AdapterError(f"unknown adapter {name!r}", status=404)
+            if name == self._merged:
+                raise AdapterError(f"adapter {name!r} is merged into the base; unmerge it first", status=409)
+            del self._adapters[name]
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._adapters)
+
+    def require(self, name: str | None) -> None:
+        """Raise 404 unless ``name`` is None (bare base) or a registered adapter."""
+        with self._lock:
+            if name is not None and name not in self._adapters:
+                raise AdapterError(f"unknown adapter {name!r}", status=404)
+
+    def describe(self) -> list[dict]:
+        with self._lock:
+            return [
+                {**adapter.describe(), "state": self._state(name)}
+                for name, adapter in sorted(self._adapters.items())
+            ]
+
+    def _state(self, name: str) -> str:
+        if name == self._merged:
+            return "merged"
+        return "resident" if name in self._resident else "loaded"
+
+    @property
+    def merged(self) -> str | None:
+        return self._merged
+
+    @property
+    def resident_count(self) -> int:
+        return len(self._resident)
+
+    # ---- device side: engine thread only ----------------------------------------------------
+    def activate(self, names: list[str | None]) -> list[int]:
+        """Make each row's adapter resident and point the shared row mapping at their slots.
+
+        Returns the indices of rows whose adapter is no longer registered (they must be failed).
+        Rows asking for the merged adapter run with no LoRA: their weights are already in the base.
+        """
+        self._drop_unregistered()
+        wanted = {name for name in names if name is not None and name != self._merged}
+        with self._lock:
+            missing = {name for name in wanted if name not in self._adapters}
+            adapters = {name: self._adapters[name] for name in wanted - missing}
+        for name in adapters:
+            self._make_resident(name, adapters[name], protect=set(adapters))
+        slots = [self._resident[name] if name in adapters else self.zero_slot for name in names]
+        self.rows.rank = max((adapters[name].rank for name in adapters), default=0)
+        self.rows.slots = torch.tensor(slots, device=self.device) if self.rows.rank else None
+        return [row for row, name in enumerate(names) if name in missing]
+
+    def select_rows(self, keep: torch.Tensor) -> None:
+        """Shrink the row mapping to the rows still running (``keep`` indexes the old rows)."""
+        if self.rows.slots is not None:
+            self.rows.slots = self.rows.slots[keep]
+
+    def _make_resident(self, name: str, adapter: AdapterWeights, protect: set[str]) -> None:
+        if name in self._resident:
+            self._resident.move_to_end(name)
+            return
+        if len(self._resident) >= self.max_resident:
+            victim = next((n for n in self._resident if n not in protect), None)
+            if victim is None:
+                raise AdapterError(f"a batch needs more than {self.max_resident} resident adapters", status=503)
+            slot = self._resident.pop(victim)
+        else:
+            slot = min(set(range(self.max_resident)) - set(self._resident.values()))
+        for module, layer in self.layers.items():
+            pair = adapter.modules.get(module)
+            if pair is not None or layer.a is not None:
+                layer.write_slot(slot, pair, self.device, self.dtype)
+        self._resident[name] = slot
+
+    def _drop_unregistered(self) -> None:
+        with self._lock:
+            gone = [name for name in self._resident if name not in self._adapters]
+        for name in gone:
+            slot = self._resident.pop(name)
+            for layer in self.layers.values():
+                layer.write_slot(slot, None, self.device, self.dtype)
+        if not self._resident:
+            for layer in self.layers.values():
+                layer.release()
+
+    def merge(self, name: str) -> None:
+        """Fold one adapter into the base weights (the originals are kept to restore them exactly)."""
+        if self.quantized:
+            raise AdapterError("merging needs a full-precision base; this one is 4-bit", status=409)
+        with self._lock:
+            if name not in self._adapters:
+                raise AdapterError(f"unknown adapter {name!r}", status=404)
+            adapter = self._adapters[name]
+        if self._merged == name:
+            return
+        self.unmerge()
+        for module, (lora_a, lora_b) in adapter.modules.items():
+            weight = self.layers[module].base.weight
+            self._originals[module] = weight.detach().clone()
+            delta = (lora_b @ lora_a).to(weight.device, weight.dtype)  # [out, in]
+            weight.data += delta.t() if isinstance(self.layers[module].base, Conv1D) else delta
+        with self._lock:
+            self._merged = name
+
+    def unmerge(self) -> None:
+        """Restore the base weights exactly as they were before the merge."""
+        for module, original in self._originals.items():
+            self.layers[module].base.weight.data.copy_(original)
+        self._originals.clear()
+        with self._lock:
+            self._merged = None
