@@ -1,0 +1,1 @@
+"""Load scenarios (locust) and the throughput benchmark for the loraswap service."""

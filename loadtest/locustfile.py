@@ -1,0 +1,66 @@
+"""Locust scenario: /answer and /nli requests mixed across adapters and decoding strategies.
+
+    locust -f loadtest/locustfile.py --host http://127.0.0.1:8000
+
+Questions and NLI pairs come from the real data (``$LORASWAP_DATA_DIR`` or ``shared/data``).
+Adapters: ``$LORASWAP_LOADTEST_ADAPTERS`` (comma-separated, used by both endpoints), else the
+ones ``GET /adapters`` lists, else ``squad`` for /answer and ``nli`` for /nli.
+"""
+from __future__ import annotations
+
+import os
+import random
+from functools import cache
+
+from locust import HttpUser, between, task
+
+from training.data import data_dir, read_nli, read_squad
+
+DECODINGS = (
+    {"strategy": "greedy"},
+    {"strategy": "top_k", "top_k": 20},
+    {"strategy": "nucleus", "top_p": 0.9},
+    {"strategy": "temperature", "temperature": 0.7},
+)
+
+
+@cache
+def squad_rows() -> list[dict]:
+    return read_squad(data_dir() / "squad" / "dev-v1.1.json.gz")
+
+
+@cache
+def nli_rows() -> list[dict]:
+    return read_nli(data_dir() / "nli" / "mnli.jsonl.gz")
+
+
+def adapter_names(payload) -> list[str]:
+    """Names from a ``GET /adapters`` body: a list (or ``{"adapters": [...]}``) of names or dicts."""
+    items = payload.get("adapters", []) if isinstance(payload, dict) else payload
+    return [item["name"] if isinstance(item, dict) else str(item) for item in items]
+
+
+class LoraswapUser(HttpUser):
+    wait_time = between(0.05, 0.5)
+
+    def on_start(self) -> None:
+        names = [n.strip() for n in os.environ.get("LORASWAP_LOADTEST_ADAPTERS", "").split(",") if n.strip()]
+        if not names:
+            with self.client.get("/adapters", name="/adapters", catch_response=True) as response:
+                names = adapter_names(response.json()) if response.ok else []
+                response.success()  # discovery is optional; fall back to the defaults
+        self.qa_adapters = names or ["squad"]
+        self.nli_adapters = names or ["nli"]
+
+    @task(3)
+    def answer(self) -> None:
+        row = random.choice(squad_rows())
+        decoding = {**random.choice(DECODINGS), "max_new_tokens": 24, "seed": random.randrange(2**31)}
+        body = {"context": row["context"], "question": row["question"], "adapter": random.choice(self.qa_adapters)}
+        self.client.post("/answer", json={**body, "decoding": decoding}, name="/answer")
+
+    @task(2)
+    def nli(self) -> None:
+        row = random.choice(nli_rows())
+        body = {"premise": row["premise"], "hypothesis": row["hypothesis"], "adapter": random.choice(self.nli_adapters)}
+        self.client.post("/nli", json=body, name="/nli")
