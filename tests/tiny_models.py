@@ -6,10 +6,6 @@ Nothing is fetched from a hub; everything is built in well under a second and sa
 """
 from __future__ import annotations
 
-import gzip
-import json
-import os
-from itertools import islice
 from pathlib import Path
 
 import torch
@@ -24,6 +20,7 @@ from transformers import (
 )
 
 from service.prompts import NLI_LABELS, answer_prompt, answer_target, label_target, nli_prompt
+from training.data import data_dir, read_nli, read_squad
 
 EOS = "<|endoftext|>"
 
@@ -34,26 +31,14 @@ LINEAR_TARGETS = {
 }
 
 
-def data_dir() -> Path:
-    """The real task data: ``$LORASWAP_DATA_DIR``, else ``shared/data`` beside the repository."""
-    path = Path(os.environ.get("LORASWAP_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
-    if not path.is_dir():
-        raise FileNotFoundError(f"task data not found at {path}; set LORASWAP_DATA_DIR")
-    return path
-
-
 def training_texts(data: Path, n_paragraphs: int = 300, n_pairs: int = 300) -> list[str]:
     """Prompts and targets, as the models see them, from SQuAD dev paragraphs and MNLI pairs."""
-    with gzip.open(data / "squad" / "dev-v1.1.json.gz", "rt") as f:
-        articles = json.load(f)["data"]
-    paragraphs = islice((p for a in articles for p in a["paragraphs"]), n_paragraphs)
+    one_per_context = {row["context"]: row for row in read_squad(data / "squad" / "dev-v1.1.json.gz")}
     texts = [
-        answer_prompt(p["context"], qa["question"]) + answer_target(qa["answers"][0]["text"])
-        for p in paragraphs
-        for qa in p["qas"][:1]
+        answer_prompt(row["context"], row["question"]) + answer_target(row["answers"][0])
+        for row in list(one_per_context.values())[:n_paragraphs]
     ]
-    with gzip.open(data / "nli" / "mnli.jsonl.gz", "rt") as f:
-        pairs = [json.loads(line) for line in islice(f, n_pairs)]
+    pairs = read_nli(data / "nli" / "mnli.jsonl.gz")[:n_pairs]
     texts += [nli_prompt(p["premise"], p["hypothesis"]) + label_target(p["label"]) for p in pairs]
     return texts
 
