@@ -44,3 +44,4 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     admin_key: str | None = Field(None, description="bearer key for admin routes; none refuses them")
+    drain_seconds: float = Field(1.0, ge=0, description="on SIGTERM, how long /ready reports false before shutdown")

@@ -1,0 +1,149 @@
+"""HTTP routes, one router per area; they validate, call the tasks or the registry, and shape replies."""
+from __future__ import annotations
+
+import random
+import time
+
+from fastapi import APIRouter, Depends, Header, HTTPException, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.adapter_files import AdapterError
+from service.runtime import Runtime
+from service.schemas import AdapterIn, AnswerIn, AnswerOut, CompletionIn, NliIn, NliOut
+
+BASE_MODEL_ID = "base"  # the bare base model in /v1/models
+
+tasks_router = APIRouter(tags=["tasks"])
+admin_router = APIRouter(tags=["admin"])
+openai_router = APIRouter(prefix="/v1", tags=["openai"])
+ops_router = APIRouter(tags=["operations"])
+
+
+def runtime(request: Request) -> Runtime:
+    return request.app.state.runtime
+
+
+def serving(request: Request) -> Runtime:
+    """The runtime, or 503 while it loads or drains."""
+    rt: Runtime = request.app.state.runtime
+    if not rt.accepting:
+        raise HTTPException(503, "the service is draining" if rt.draining else "the model is still loading")
+    return rt
+
+
+def admin(request: Request, authorization: str | None = Header(None)) -> Runtime:
+    """Admin routes need ``Authorization: Bearer <admin key>``; with no key configured they are refused."""
+    rt: Runtime = request.app.state.runtime
+    key = rt.settings.admin_key
+    if not key:
+        raise HTTPException(403, "admin routes are disabled: no admin key is configured (LORASWAP_ADMIN_KEY)")
+    if authorization != f"Bearer {key}":
+        raise HTTPException(401, "admin routes need Authorization: Bearer <admin key>",
+                            headers={"WWW-Authenticate": "Bearer"})
+    if not rt.ready.is_set():
+        raise HTTPException(503, "the model is still loading")
+    return rt
+
+
+def pick_adapter(rt: Runtime, request_body, default: str | None, request: Request) -> str | None:
+    """The adapter a request names, or the configured default when it names none; 404 if unknown."""
+    if "adapter" in request_body.model_fields_set:
+        name = request_body.adapter
+    else:
+        name = default if default in rt.registry.names() else None
+    rt.registry.require(name)
+    request.state.adapter = name or "none"
+    return name
+
+
+def new_seed() -> int:
+    return random.getrandbits(63)
+
+
+@tasks_router.post("/answer", response_model=AnswerOut)
+async def answer(body: AnswerIn, request: Request, rt: Runtime = Depends(serving)) -> AnswerOut:
+    adapter = pick_adapter(rt, body, rt.settings.qa_adapter, request)
+    result = await rt.tasks.answer(body.context, body.question, adapter, body.decoding.to_decoding(new_seed()),
+                                   body.extractive)
+    return AnswerOut(adapter=adapter, **result.__dict__)
+
+
+@tasks_router.post("/nli", response_model=NliOut)
+async def nli(body: NliIn, request: Request, rt: Runtime = Depends(serving)) -> NliOut:
+    adapter = pick_adapter(rt, body, rt.settings.nli_adapter, request)
+    probabilities = await rt.tasks.nli(body.premise, body.hypothesis, adapter)
+    return NliOut(label=max(probabilities, key=probabilities.get), probabilities=probabilities, adapter=adapter)
+
+
+@admin_router.get("/adapters")
+def list_adapters(rt: Runtime = Depends(serving)) -> dict:
+    return {"adapters": rt.registry.describe(), "merged": rt.registry.merged}
+
+
+@admin_router.post("/adapters", status_code=201)
+async def load_adapter(body: AdapterIn, rt: Runtime = Depends(admin)) -> dict:
+    if body.name == BASE_MODEL_ID:
+        raise AdapterError(f"{BASE_MODEL_ID!r} names the bare base model; choose another adapter name")
+    return await run_in_threadpool(rt.load_adapter, body.name, body.path)
+
+
+@admin_router.delete("/adapters/{name}")
+def unload_adapter(name: str, rt: Runtime = Depends(admin)) -> dict:
+    rt.registry.unregister(name)
+    return {"deleted": name}
+
+
+@admin_router.post("/adapters/unmerge")
+async def unmerge(rt: Runtime = Depends(admin)) -> dict:
+    await run_in_threadpool(rt.engine.call(rt.registry.unmerge).result)
+    return {"merged": None}
+
+
+@admin_router.post("/adapters/{name}/merge")
+async def merge(name: str, rt: Runtime = Depends(admin)) -> dict:
+    rt.registry.require(name)
+    await run_in_threadpool(rt.engine.call(lambda: rt.registry.merge(name)).result)
+    return {"merged": name}
+
+
+@openai_router.get("/models")
+def models(rt: Runtime = Depends(serving)) -> dict:
+    ids = [BASE_MODEL_ID, *rt.registry.names()]
+    return {"object": "list", "data": [{"id": i, "object": "model", "created": 0, "owned_by": "loraswap"} for i in ids]}
+
+
+@openai_router.post("/completions")
+async def completions(body: CompletionIn, request: Request, rt: Runtime = Depends(serving)) -> dict:
+    adapter = None if body.model == BASE_MODEL_ID else body.model
+    rt.registry.require(adapter)
+    request.state.adapter = adapter or "none"
+    result = await rt.tasks.generate(body.prompt, adapter, body.to_decoding(new_seed()), stop_at_newline=False)
+    prompt_tokens = len(rt.tasks.encode(body.prompt))
+    return {
+        "id": f"cmpl-{new_seed():x}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": body.model,
+        "choices": [{"text": result.text, "index": 0, "logprobs": None, "finish_reason": result.finish_reason}],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(result.token_ids),
+                  "total_tokens": prompt_tokens + len(result.token_ids)},
+    }
+
+
+@ops_router.get("/health")
+def health() -> dict:
+    return {"status": "ok"}
+
+
+@ops_router.get("/ready")
+def ready(response: Response, rt: Runtime = Depends(runtime)) -> dict:
+    if not rt.accepting:
+        response.status_code = 503
+        return {"ready": False, "reason": rt.failure or ("draining" if rt.draining else "loading")}
+    return {"ready": True}
+
+
+@ops_router.get("/metrics")
+def metrics_endpoint() -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,97 @@
+"""The FastAPI application: routers, error replies, request metrics, and the runtime's lifespan."""
+from __future__ import annotations
+
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from service import metrics
+from service.adapter_files import AdapterError
+from service.api import admin_router, openai_router, ops_router, tasks_router
+from service.engine import EngineStopped, QueueFull
+from service.runtime import Runtime
+from service.settings import Settings
+from service.tasks import InputTooLong
+
+RETRY_AFTER_SECONDS = "1"
+
+
+def error(status: int, message: str, **extra) -> JSONResponse:
+    return JSONResponse({"error": message, **extra}, status_code=status,
+                        headers={"Retry-After": RETRY_AFTER_SECONDS} if status in (429, 503) else None)
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error is JSON with a clear ``error`` message."""
+
+    @app.exception_handler(AdapterError)
+    async def _adapter(_: Request, exc: AdapterError):
+        return error(exc.status, str(exc))
+
+    @app.exception_handler(InputTooLong)
+    async def _too_long(_: Request, exc: InputTooLong):
+        return error(413, str(exc))
+
+    @app.exception_handler(QueueFull)
+    async def _queue_full(_: Request, exc: QueueFull):
+        return error(429, f"the queue is full ({exc}); retry later")
+
+    @app.exception_handler(EngineStopped)
+    async def _stopped(_: Request, exc: EngineStopped):
+        return error(503, str(exc))
+
+    @app.exception_handler(HTTPException)
+    async def _http(_: Request, exc: HTTPException):
+        response = error(exc.status_code, str(exc.detail))
+        response.headers.update(exc.headers or {})
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError):
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        return error(422, f"invalid request: {problems}", detail=exc.errors())
+
+
+def add_request_metrics(app: FastAPI) -> None:
+    """Request latency by route, adapter and status, and the number of requests in flight."""
+
+    @app.middleware("http")
+    async def _observe(request: Request, call_next):
+        started = time.perf_counter()
+        metrics.REQUESTS_IN_FLIGHT.inc()
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            metrics.REQUESTS_IN_FLIGHT.dec()
+            route = request.scope.get("route")
+            if route is not None and route.path != "/metrics":
+                metrics.REQUEST_DURATION.labels(
+                    endpoint=route.path, adapter=getattr(request.state, "adapter", "none"), status=str(status)
+                ).observe(time.perf_counter() - started)
+
+
+def create_app(settings: Settings | None = None, rt: Runtime | None = None) -> FastAPI:
+    """Build the app; the model loads in the background so /health and /ready answer at once."""
+    rt = rt or Runtime(settings or Settings())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if not rt.ready.is_set():
+            rt.start_in_background()
+        yield
+        rt.stop()
+
+    app = FastAPI(title="loraswap", version="0.1.0", lifespan=lifespan)
+    app.state.runtime = rt
+    for router in (tasks_router, admin_router, openai_router, ops_router):
+        app.include_router(router)
+    add_error_handlers(app)
+    add_request_metrics(app)
+    return app

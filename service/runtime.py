@@ -1,0 +1,85 @@
+"""The running service's parts, built once at start: base model, registry, engine and tasks."""
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+from service import metrics
+from service.adapter_files import CONFIG_FILE, AdapterError
+from service.base_model import load_base
+from service.engine import Engine
+from service.registry import AdapterRegistry
+from service.settings import Settings
+from service.tasks import Tasks
+
+log = logging.getLogger(__name__)
+
+
+class Runtime:
+    """Owns the model-side objects; the HTTP layer reaches them only through this."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.registry: AdapterRegistry | None = None
+        self.engine: Engine | None = None
+        self.tasks: Tasks | None = None
+        self.model_id = settings.base_model
+        self.ready = threading.Event()
+        self.draining = False
+        self.failure: str | None = None
+
+    @property
+    def roots(self) -> list[Path]:
+        return [self.settings.adapters_dir, *self.settings.adapter_roots]
+
+    def start(self) -> None:
+        """Load the base model and every adapter in the adapters folder, then start the engine."""
+        try:
+            model, tokenizer = load_base(self.settings)
+            self.registry = AdapterRegistry(model, self.roots, self.settings.max_resident, self.settings.max_rank)
+            metrics.ADAPTERS_RESIDENT.set_function(lambda: self.registry.resident_count)
+            self.load_adapter_folder(self.settings.adapters_dir)
+            self.engine = Engine(model, tokenizer, self.registry, self.settings)
+            max_positions = getattr(model.config, "max_position_embeddings", None) or model.config.n_positions
+            self.tasks = Tasks(self.engine, tokenizer, self.settings, max_positions)
+            self.engine.start()
+            self.ready.set()
+        except Exception as exc:
+            self.failure = f"{type(exc).__name__}: {exc}"
+            log.exception("the service failed to start")
+            raise
+
+    def start_in_background(self) -> threading.Thread:
+        thread = threading.Thread(target=self._start_quietly, name="loraswap-start", daemon=True)
+        thread.start()
+        return thread
+
+    def _start_quietly(self) -> None:
+        try:
+            self.start()
+        except Exception:
+            pass  # kept in self.failure and reported by /ready
+
+    def load_adapter_folder(self, folder: Path) -> None:
+        """Register every adapter folder under ``folder``; ones that do not fit this base are skipped."""
+        for path in sorted(Path(folder).glob(f"*/{CONFIG_FILE}")):
+            try:
+                self.load_adapter(path.parent.name, path.parent)
+            except AdapterError as exc:
+                log.warning("skipping adapter %s: %s", path.parent, exc)
+
+    def load_adapter(self, name: str, path: Path | str) -> dict:
+        info, seconds = self.registry.register(name, path)
+        metrics.ADAPTER_LOAD.observe(seconds)
+        return info
+
+    @property
+    def accepting(self) -> bool:
+        return self.ready.is_set() and not self.draining
+
+    def stop(self) -> None:
+        """Stop taking work, finish what is queued, stop the engine."""
+        self.draining = True
+        if self.engine is not None:
+            self.engine.stop()

@@ -1,0 +1,96 @@
+"""HTTP request and response bodies (validation only; no tensors here)."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from service.decoding import Decoding
+
+NonEmpty = Field(min_length=1, max_length=100_000)
+
+
+class DecodingIn(BaseModel):
+    """Per-request decoding strategy and its parameters."""
+
+    model_config = ConfigDict(extra="forbid")
+    strategy: Literal["greedy", "top_k", "nucleus", "temperature"] = "greedy"
+    temperature: float = Field(1.0, gt=0, le=10)
+    top_k: int = Field(50, ge=1, le=100_000)
+    top_p: float = Field(0.9, gt=0, le=1)
+    max_new_tokens: int = Field(32, ge=1, le=4096)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+
+    def to_decoding(self, default_seed: int) -> Decoding:
+        fields = self.model_dump()
+        fields["seed"] = default_seed if self.seed is None else self.seed
+        return Decoding(**fields)
+
+
+class AnswerIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    context: str = NonEmpty
+    question: str = NonEmpty
+    adapter: str | None = None
+    extractive: bool = True
+    decoding: DecodingIn = Field(default_factory=DecodingIn)
+
+    @model_validator(mode="after")
+    def _not_blank(self):
+        if not self.context.strip() or not self.question.strip():
+            raise ValueError("context and question must not be blank")
+        return self
+
+
+class AnswerOut(BaseModel):
+    answer: str
+    start: int | None
+    end: int | None
+    adapter: str | None
+    tokens: int
+    latency_ms: float
+
+
+class NliIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    premise: str = NonEmpty
+    hypothesis: str = NonEmpty
+    adapter: str | None = None
+
+    @model_validator(mode="after")
+    def _not_blank(self):
+        if not self.premise.strip() or not self.hypothesis.strip():
+            raise ValueError("premise and hypothesis must not be blank")
+        return self
+
+
+class NliOut(BaseModel):
+    label: Literal["entailment", "neutral", "contradiction"]
+    probabilities: dict[str, float]
+    adapter: str | None
+
+
+class AdapterIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    path: str
+
+
+class CompletionIn(BaseModel):
+    """The subset of OpenAI's /v1/completions the service honours."""
+
+    model: str
+    prompt: str = NonEmpty
+    max_tokens: int = Field(16, ge=1, le=4096)
+    temperature: float = Field(1.0, ge=0, le=10)
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    n: Literal[1] = 1
+    stream: Literal[False] = False
+
+    def to_decoding(self, default_seed: int) -> Decoding:
+        seed = default_seed if self.seed is None else self.seed
+        if self.temperature == 0:
+            return Decoding("greedy", max_new_tokens=self.max_tokens, seed=seed)
+        strategy = "nucleus" if self.top_p < 1 else "temperature"
+        return Decoding(strategy, self.temperature, top_p=self.top_p, max_new_tokens=self.max_tokens, seed=seed)

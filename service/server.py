@@ -1,0 +1,30 @@
+"""Run the app under uvicorn; on SIGTERM, /ready turns false first, then in-flight requests finish."""
+from __future__ import annotations
+
+import threading
+
+import uvicorn
+
+from service.app import create_app
+from service.runtime import Runtime
+from service.settings import Settings
+
+
+class DrainingServer(uvicorn.Server):
+    """A uvicorn server that marks the service as draining for a grace period before shutting down."""
+
+    def __init__(self, config: uvicorn.Config, rt: Runtime, grace_seconds: float):
+        super().__init__(config)
+        self.rt, self.grace_seconds = rt, grace_seconds
+
+    def handle_exit(self, sig, frame) -> None:
+        if self.rt.draining:  # a second signal: stop now
+            return super().handle_exit(sig, frame)
+        self.rt.draining = True
+        threading.Timer(self.grace_seconds, super().handle_exit, (sig, frame)).start()
+
+
+def serve(settings: Settings) -> None:
+    rt = Runtime(settings)
+    config = uvicorn.Config(create_app(rt=rt), host=settings.host, port=settings.port, log_level="info")
+    DrainingServer(config, rt, settings.drain_seconds).run()

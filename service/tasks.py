@@ -1,0 +1,85 @@
+"""Tasks: build the prompt, decide how to decode or score, and post-process the engine's output."""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+from service.decoding import Decoding
+from service.engine import Engine, Generation, GenerationResult, Scoring
+from service.prompts import NLI_LABELS, answer_prompt, label_target, nli_prompt
+from service.settings import Settings
+
+
+class InputTooLong(Exception):
+    """The prompt has more tokens than the server accepts (HTTP 413)."""
+
+
+@dataclass
+class Answer:
+    answer: str
+    start: int | None
+    end: int | None
+    tokens: int
+    latency_ms: float
+
+
+def locate(answer: str, context: str) -> tuple[str, int | None, int | None]:
+    """Find the answer in the context (exactly, else ignoring case); return the context's span and offsets."""
+    answer = answer.strip()
+    if not answer:
+        return answer, None, None
+    start = context.find(answer)
+    if start < 0:
+        start = context.lower().find(answer.lower())
+    if start < 0:
+        return answer, None, None
+    end = start + len(answer)
+    return context[start:end], start, end
+
+
+class Tasks:
+    """The service's tasks over one engine: extractive QA, NLI and plain completion."""
+
+    def __init__(self, engine: Engine, tokenizer: PreTrainedTokenizerBase, settings: Settings, max_positions: int):
+        self.engine, self.tokenizer, self.settings = engine, tokenizer, settings
+        self.max_prompt = min(settings.max_input_tokens, max_positions - settings.max_new_tokens)
+        firsts = [tokenizer.encode(label_target(label), add_special_tokens=False)[0] for label in NLI_LABELS]
+        if len(set(firsts)) != len(firsts):
+            raise ValueError("this tokenizer gives two NLI labels the same first token; they cannot be scored")
+        self.label_tokens = firsts
+
+    def encode(self, prompt: str) -> list[int]:
+        ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        if len(ids) > self.max_prompt:
+            raise InputTooLong(f"the prompt has {len(ids)} tokens; at most {self.max_prompt} are accepted")
+        return ids
+
+    def decoding(self, decoding: Decoding) -> Decoding:
+        """Cap the request's token budget at the server's setting."""
+        if decoding.max_new_tokens <= self.settings.max_new_tokens:
+            return decoding
+        return Decoding(**{**decoding.__dict__, "max_new_tokens": self.settings.max_new_tokens})
+
+    async def generate(self, prompt: str, adapter: str | None, decoding: Decoding,
+                       stop_at_newline: bool) -> GenerationResult:
+        work = Generation(self.encode(prompt), adapter, self.decoding(decoding), stop_at_newline)
+        return await asyncio.wrap_future(self.engine.submit(work))
+
+    async def answer(self, context: str, question: str, adapter: str | None, decoding: Decoding,
+                     extractive: bool = True) -> Answer:
+        """Answer a question from a context; offsets are given when the answer occurs in the context."""
+        started = time.perf_counter()
+        result = await self.generate(answer_prompt(context, question), adapter, decoding, stop_at_newline=True)
+        text, start, end = locate(result.text, context)
+        if not extractive:
+            text = result.text.strip()
+        return Answer(text, start, end, len(result.token_ids), (time.perf_counter() - started) * 1000)
+
+    async def nli(self, premise: str, hypothesis: str, adapter: str | None) -> dict[str, float]:
+        """Probabilities of the three labels, scored from the next-token distribution (sum to 1)."""
+        work = Scoring(self.encode(nli_prompt(premise, hypothesis)), adapter, self.label_tokens)
+        probabilities = await asyncio.wrap_future(self.engine.submit(work))
+        return dict(zip(NLI_LABELS, probabilities))
