@@ -1,0 +1,88 @@
+"""Readers for the task data (SQuAD v1.1 JSON, NLI JSON lines) and the files each task trains on."""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+
+# files each task trains on, relative to data_dir(): (file, MNLI splits to keep or None for all)
+TASK_TRAIN_FILES: dict[str, list[tuple[str, tuple[str, ...] | None]]] = {
+    "squad": [("squad/train-v1.1.json.gz", None)],
+    # the suggested protocol: MNLI dev_matched stays unseen, it is the reported metric
+    "nli": [("nli/snli_test.jsonl.gz", None), ("nli/mnli.jsonl.gz", ("train", "dev_mismatched"))],
+    "rte": [("nli/rte_train.jsonl.gz", None)],
+}
+# the file each task is evaluated on by default (for nli: the MNLI dev_matched split)
+TASK_EVAL_FILES: dict[str, tuple[str, tuple[str, ...] | None]] = {
+    "squad": ("squad/dev-v1.1.json.gz", None),
+    "nli": ("nli/mnli.jsonl.gz", ("dev_matched",)),
+    "rte": ("nli/rte_dev.jsonl.gz", None),
+}
+
+
+def data_dir() -> Path:
+    """``$LORASWAP_DATA_DIR``, else ``shared/data`` beside the repository."""
+    env = os.environ.get("LORASWAP_DATA_DIR")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _open_text(path: Path):
+    path = Path(path)
+    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+
+
+def read_squad(path: str | Path) -> list[dict]:
+    """Flatten an official SQuAD v1.1 JSON file (``data[].paragraphs[].qas[]``) to one dict per question."""
+    with _open_text(path) as f:
+        articles = json.load(f)["data"]
+    return [
+        {
+            "id": qa["id"],
+            "title": article["title"],
+            "context": paragraph["context"],
+            "question": qa["question"],
+            "answers": [a["text"] for a in qa["answers"]],
+            "answer_starts": [a["answer_start"] for a in qa["answers"]],
+        }
+        for article in articles
+        for paragraph in article["paragraphs"]
+        for qa in paragraph["qas"]
+    ]
+
+
+def read_nli(path: str | Path, splits: list[str] | tuple[str, ...] | None = None) -> list[dict]:
+    """Premise/hypothesis/label rows of a JSON-lines file; ``splits`` keeps only those ``mnli_split`` values."""
+    rows = []
+    with _open_text(path) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if splits is not None and row.get("mnli_split") not in splits:
+                continue
+            rows.append({"premise": row["premise"], "hypothesis": row["hypothesis"], "label": row["label"]})
+    return rows
+
+
+def read_task(task: str, root: Path | None = None) -> tuple[list[dict], list[str]]:
+    """All training rows of a task and the data files they came from (relative to the data dir)."""
+    root = Path(root) if root else data_dir()
+    rows: list[dict] = []
+    files = []
+    for name, splits in TASK_TRAIN_FILES[task]:
+        rows += read_squad(root / name) if task == "squad" else read_nli(root / name, splits)
+        files.append(name + (f" ({'+'.join(splits)})" if splits else ""))
+    return rows, files
+
+
+def read_eval(task: str, path: str | Path | None = None, limit: int | None = None) -> list[dict]:
+    """The first ``limit`` rows a task is evaluated on: ``path``, else the task's dev file.
+    An MNLI file is cut to its dev_matched split."""
+    name, splits = TASK_EVAL_FILES[task]
+    path = Path(path) if path else data_dir() / name
+    if task == "squad":
+        rows = read_squad(path)
+    else:
+        rows = read_nli(path, splits if Path(path).name.startswith("mnli") else None)
+    return rows[:limit]
