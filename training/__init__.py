@@ -1,0 +1,1 @@
+"""Adapter training: data preparation, LoRA/QLoRA training, sweeps, merging and evaluation."""
