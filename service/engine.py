@@ -40,6 +40,7 @@ class Generation:
     adapter: str | None
     decoding: Decoding = field(default_factory=Decoding)
     stop_at_newline: bool = True
+    ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)
 
 
 @dataclass
@@ -258,7 +259,8 @@ class Engine:
                 if step == 0:
                     first_token_at[row] = now
                 tokens[row].append(token)
-                if token in self.eos_ids or (works[row].stop_at_newline and token in self.newline_ids):
+                if (token in self.eos_ids and not works[row].ignore_eos) or (
+                        works[row].stop_at_newline and token in self.newline_ids):
                     self._finish(batch[row], tokens[row], "stop", first_token_at[row])
                 elif len(tokens[row]) >= limits[row]:
                     self._finish(batch[row], tokens[row], "length", first_token_at[row])

@@ -20,6 +20,11 @@ class RowAdapters:
 
     slots: torch.Tensor | None = None  # [batch] long; the zero slot for rows without an adapter
     rank: int = 0  # largest rank among the rows' adapters; 0 means no LoRA this step
+    version: int = 0  # bumped whenever slots change, so layers re-gather their per-row weights
+
+    def assign(self, slots: torch.Tensor | None, rank: int) -> None:
+        self.slots, self.rank = slots, rank
+        self.version += 1
 
 
 def module_shape(layer: nn.Module) -> tuple[int, int]:
@@ -50,6 +55,7 @@ class BatchedLoraLayer(nn.Module):
         self.in_features, self.out_features = module_shape(base)
         self.a: torch.Tensor | None = None  # [slots + 1, in, R]
         self.b: torch.Tensor | None = None  # [slots + 1, R, out]
+        self._selected: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (version, A [B,in,r], B [B,r,out])
 
     @property
     def capacity(self) -> int:
@@ -63,6 +69,13 @@ class BatchedLoraLayer(nn.Module):
             a[..., : self.capacity] = self.a
             b[:, : self.capacity] = self.b
         self.a, self.b = a, b
+
+    def _per_row(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's A [B, in, r] and B [B, r, out], gathered once per batch, not once per step."""
+        if self._selected is None or self._selected[0] != self.rows.version:
+            slots = self.rows.slots
+            self._selected = (self.rows.version, self.a[slots, :, :rank].contiguous(), self.b[slots, :rank].contiguous())
+        return self._selected[1], self._selected[2]
 
     def write_slot(self, slot: int, pair: tuple[torch.Tensor, torch.Tensor] | None, device, dtype) -> None:
         """Put one adapter's (A [r,in], B [out,r]) into ``slot``, or clear it when ``pair`` is None."""
@@ -82,20 +95,18 @@ class BatchedLoraLayer(nn.Module):
 
     def release(self) -> None:
         """Free the bank (no adapter uses this module any more)."""
-        self.a = self.b = None
+        self.a = self.b = self._selected = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         rank = min(self.rows.rank, self.capacity)
         if rank == 0:
             return out
-        slots = self.rows.slots
-        batch, width = x.shape[0], self.out_features
-        a = self.a[slots, :, :rank]  # [B, in, r]
-        b = self.b[slots, :rank]  # [B, r, out]
+        a, b = self._per_row(rank)  # [B, in, r], [B, r, out]
+        batch = x.shape[0]
         hidden = torch.bmm(x.reshape(batch, -1, self.in_features).to(a.dtype), a)  # [B, T, r]
-        delta = torch.bmm(hidden, b).to(out.dtype)  # [B, T, out]
-        return out + delta.reshape(*out.shape[:-1], width)
+        out3 = out.reshape(batch, -1, self.out_features)  # [B, T, out]
+        return torch.baddbmm(out3.to(b.dtype), hidden, b).to(out.dtype).reshape(out.shape)
 
 
 def wrap_lora_targets(model: nn.Module, rows: RowAdapters, num_slots: int) -> dict[str, BatchedLoraLayer]:

@@ -110,14 +110,14 @@ class AdapterRegistry:
         for name in adapters:
             self._make_resident(name, adapters[name], protect=set(adapters))
         slots = [self._resident[name] if name in adapters else self.zero_slot for name in names]
-        self.rows.rank = max((adapters[name].rank for name in adapters), default=0)
-        self.rows.slots = torch.tensor(slots, device=self.device) if self.rows.rank else None
+        rank = max((adapters[name].rank for name in adapters), default=0)
+        self.rows.assign(torch.tensor(slots, device=self.device) if rank else None, rank)
         return [row for row, name in enumerate(names) if name in missing]
 
     def select_rows(self, keep: torch.Tensor) -> None:
         """Shrink the row mapping to the rows still running (``keep`` indexes the old rows)."""
         if self.rows.slots is not None:
-            self.rows.slots = self.rows.slots[keep]
+            self.rows.assign(self.rows.slots[keep], self.rows.rank)
 
     def _make_resident(self, name: str, adapter: AdapterWeights, protect: set[str]) -> None:
         if name in self._resident:

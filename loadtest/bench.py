@@ -1,0 +1,241 @@
+"""``loraswap bench``: our engine against plain transformers and peft, on the same prompts, in one process.
+
+Modes: ``hf_base`` (transformers ``generate``, bare base), ``base`` / ``single`` / ``mixed`` (our engine with no
+adapter, one adapter, all adapters round-robin in each batch), ``merged`` (ours, one adapter, auto-merged),
+``peft_mixed`` (peft ``generate`` with ``adapter_names``) and ``peft_sequential`` (peft, one request at a time,
+``set_adapter`` per request). It also times adapter hot-loads and measures host memory with many adapters.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from service.base_model import load_base, pick_device
+from service.decoding import Decoding
+from service.engine import Engine, Generation
+from service.registry import AdapterRegistry
+from service.settings import Settings
+
+ENGINE_MODES = {"base", "single", "merged", "mixed"}
+ALL_MODES = ("hf_base", "base", "single", "merged", "mixed", "peft_mixed", "peft_sequential")
+TARGET_SETS = {
+    "attention": ["q_proj", "k_proj", "v_proj", "o_proj", "c_attn"],
+    "all_linear": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                   "c_attn", "c_proj", "c_fc"],
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    parser.add_argument("--base-model", default="smollm2", help="'smollm2' or a Hugging Face model directory")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--batch-sizes", default="1,16,64,256", help="comma-separated batch sizes")
+    parser.add_argument("--adapters", type=int, default=16, help="adapters in the mixed modes")
+    parser.add_argument("--rank", type=int, default=8, help="rank of the benchmark adapters")
+    parser.add_argument("--targets", choices=sorted(TARGET_SETS), default="attention")
+    parser.add_argument("--prompt-tokens", type=int, default=192)
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--min-requests", type=int, default=8, help="requests timed per mode and batch size (at least one batch)")
+    parser.add_argument("--modes", default=",".join(ALL_MODES), help="comma-separated subset of " + ",".join(ALL_MODES))
+    parser.add_argument("--hot-loads", type=int, default=20, help="timed hot-loads of an r=16 all-linear adapter")
+    parser.add_argument("--registered", type=int, default=1000, help="adapters registered for the memory check (0 skips)")
+    parser.add_argument("--cache-dir", type=Path, default=Settings().cache_dir)
+    parser.add_argument("--json", type=Path, help="write the results here")
+
+
+def random_adapters(model, names: list[str], rank: int, targets: list[str], out_dir: Path, seed: int = 0) -> PeftModel:
+    """Wrap ``model`` in peft with one random LoRA per name (B non-zero), saved under ``out_dir/name``."""
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=[t for t in targets if t in present],
+                        fan_in_fan_out=model.config.model_type == "gpt2")
+    peft_model = get_peft_model(model, config, adapter_name=names[0])
+    for name in names[1:]:
+        peft_model.add_adapter(name, config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for pname, param in peft_model.named_parameters():
+            if "lora_" in pname:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+    peft_model.save_pretrained(out_dir, selected_adapters=names)
+    for name in names[1:]:  # peft saves non-default adapters in subfolders named after them
+        assert (out_dir / name / "adapter_config.json").is_file()
+    if names[0] != "default":
+        (out_dir / names[0]).mkdir(exist_ok=True)
+        for item in ("adapter_config.json", "adapter_model.safetensors"):
+            if (out_dir / item).exists():
+                (out_dir / item).rename(out_dir / names[0] / item)
+    return peft_model.eval()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: torch.device) -> float:
+    sync(device)
+    started = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - started
+
+
+class Bench:
+    """Holds the prompts, the three copies of the base (plain, peft, ours) and the results."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.settings = Settings(base_model=args.base_model, device=args.device, dtype=args.dtype,
+                                 cache_dir=args.cache_dir, max_resident=max(args.adapters, 2), max_rank=64,
+                                 max_batch=max(self.batch_sizes), batch_window_ms=200, max_queue=4096,
+                                 max_new_tokens=args.new_tokens, auto_merge=False)
+        self.device = pick_device(args.device)
+        self.plain, self.tokenizer = load_base(self.settings)
+        generator = torch.Generator().manual_seed(0)
+        vocab = min(len(self.tokenizer), self.plain.config.vocab_size)
+        self.prompts = torch.randint(100, vocab, (max(self.batch_sizes), args.prompt_tokens), generator=generator)
+        self.workdir = Path(tempfile.mkdtemp(prefix="loraswap-bench-"))
+        self.names = [f"bench{i}" for i in range(args.adapters)]
+        self.results: list[dict] = []
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        return [int(b) for b in self.args.batch_sizes.split(",")]
+
+    def record(self, mode: str, batch: int, requests: int, seconds: float) -> None:
+        row = {"mode": mode, "batch_size": batch, "requests": requests, "seconds": round(seconds, 4),
+               "req_per_s": round(requests / seconds, 3),
+               "tokens_per_s": round(requests * self.args.new_tokens / seconds, 1)}
+        self.results.append(row)
+        print(json.dumps(row), flush=True)
+
+    def repeat(self, mode: str, batch: int, run_batch) -> None:
+        """One warm-up batch, then enough batches for ``min_requests`` requests."""
+        run_batch(0)
+        batches = max(1, -(-self.args.min_requests // batch))
+        seconds = timed(lambda: [run_batch(i) for i in range(batches)], self.device)
+        self.record(mode, batch, batches * batch, seconds)
+
+    def hf_generate(self, model, batch: int, **kwargs) -> None:
+        ids = self.prompts[:batch].to(self.device)
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.args.new_tokens,
+                       min_new_tokens=self.args.new_tokens, do_sample=False,
+                       pad_token_id=self.tokenizer.pad_token_id, **kwargs)
+
+    def run_hf_base(self) -> None:
+        for batch in self.batch_sizes:
+            self.repeat("hf_base", batch, lambda _: self.hf_generate(self.plain, batch))
+
+    def run_peft(self, modes: set[str]) -> None:
+        peft_model = random_adapters(copy.deepcopy(self.plain), self.names, self.args.rank,
+                                     TARGET_SETS[self.args.targets], self.workdir)
+        if "peft_mixed" in modes:
+            for batch in self.batch_sizes:
+                rows = [self.names[i % len(self.names)] for i in range(batch)]
+                self.repeat("peft_mixed", batch, lambda _: self.hf_generate(peft_model, batch, adapter_names=rows))
+        if "peft_sequential" in modes:
+            def one_request(i: int) -> None:
+                peft_model.set_adapter(self.names[i % len(self.names)])
+                self.hf_generate(peft_model, 1)
+            self.repeat("peft_sequential", 1, one_request)
+        del peft_model
+        gc.collect()
+
+    def run_engine(self, modes: set[str]) -> None:
+        model = copy.deepcopy(self.plain)
+        registry = AdapterRegistry(model, [self.workdir], self.settings.max_resident, self.settings.max_rank)
+        for name in self.names:
+            registry.register(name, self.workdir / name)
+        for mode in [m for m in ("base", "single", "merged", "mixed") if m in modes]:
+            for batch in self.batch_sizes:
+                settings = self.settings.model_copy(update={"auto_merge": mode == "merged", "merge_after": 1,
+                                                            "max_batch": batch})
+                engine = Engine(model, self.tokenizer, registry, settings)
+                engine.start()
+                adapters = {"base": [None], "single": self.names[:1], "merged": self.names[:1], "mixed": self.names}[mode]
+                works = [Generation(self.prompts[i].tolist(), adapters[i % len(adapters)],
+                                    Decoding(max_new_tokens=self.args.new_tokens), stop_at_newline=False,
+                                    ignore_eos=True) for i in range(batch)]
+                self.repeat(mode, batch, lambda _: engine.run_all(works))
+                engine.stop()
+            registry.unmerge()
+        self.engine_registry = registry
+
+    def hot_load(self) -> dict:
+        """Time register + activation of an r=16 all-linear adapter from local disk."""
+        source = self.workdir / "hotload"
+        random_adapters(copy.deepcopy(self.plain), ["hot"], 16, TARGET_SETS["all_linear"], source, seed=1)
+        registry = self.engine_registry
+        registry.roots.append(source)
+        times = []
+        for i in range(self.args.hot_loads):
+            name = f"hot{i}"
+            seconds = timed(lambda: (registry.register(name, source / "hot"), registry.activate([name])), self.device)
+            times.append(seconds * 1000)
+            registry.unregister(name)
+        times.sort()
+        return {"rank": 16, "targets": "all_linear", "loads": len(times), "p50_ms": round(statistics.median(times), 2),
+                "p95_ms": round(times[int(0.95 * (len(times) - 1))], 2)}
+
+    def memory(self) -> dict:
+        """Host RSS with many adapters registered, and after they are all unloaded."""
+        registry, count = self.engine_registry, self.args.registered
+        source = self.workdir / self.names[0]
+        gc.collect()
+        baseline = rss_bytes()
+        checkpoints = {}
+        for i in range(count):
+            registry.register(f"mem{i}", source)
+            if (i + 1) in (count // 4, count // 2, count):
+                checkpoints[i + 1] = rss_bytes() - baseline
+        for i in range(count):
+            registry.unregister(f"mem{i}")
+        gc.collect()
+        after = rss_bytes() - baseline
+        adapter_bytes = sum(a["size_bytes"] for a in registry.describe() if a["name"] == self.names[0])
+        report = {"registered": count, "adapter_bytes": adapter_bytes,
+                  "rss_growth_bytes": {str(k): v for k, v in checkpoints.items()}, "rss_after_unload_bytes": after}
+        if self.device.type == "cuda":
+            report["cuda_allocated_bytes"] = torch.cuda.memory_allocated()
+        return report
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def run(args: argparse.Namespace) -> dict:
+    modes = set(args.modes.split(","))
+    unknown = modes - set(ALL_MODES)
+    if unknown:
+        raise SystemExit(f"unknown modes: {', '.join(sorted(unknown))}")
+    bench = Bench(args)
+    torch.set_grad_enabled(False)
+    if "hf_base" in modes:
+        bench.run_hf_base()
+    bench.run_peft(modes)
+    bench.run_engine(modes)
+    device = torch.cuda.get_device_name() if bench.device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+    report = {"device": device, "config": {k: str(v) for k, v in vars(args).items() if k not in ("func", "module")},
+              "results": bench.results}
+    if args.hot_loads:
+        report["hot_load"] = bench.hot_load()
+        print(json.dumps(report["hot_load"]), flush=True)
+    if args.registered:
+        report["memory"] = bench.memory()
+        print(json.dumps(report["memory"]), flush=True)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2))
+    return report
