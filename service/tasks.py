@@ -46,10 +46,14 @@ class Tasks:
     def __init__(self, engine: Engine, tokenizer: PreTrainedTokenizerBase, settings: Settings, max_positions: int):
         self.engine, self.tokenizer, self.settings = engine, tokenizer, settings
         self.max_prompt = min(settings.max_input_tokens, max_positions - settings.max_new_tokens)
-        firsts = [tokenizer.encode(label_target(label), add_special_tokens=False)[0] for label in NLI_LABELS]
+        self.label_tokens = {NLI_LABELS: self.first_tokens(NLI_LABELS)}
+
+    def first_tokens(self, labels: tuple[str, ...]) -> list[int]:
+        """The first token of each label's completion; they must differ to be scored in one pass."""
+        firsts = [self.tokenizer.encode(label_target(label), add_special_tokens=False)[0] for label in labels]
         if len(set(firsts)) != len(firsts):
-            raise ValueError("this tokenizer gives two NLI labels the same first token; they cannot be scored")
-        self.label_tokens = firsts
+            raise ValueError(f"this tokenizer gives two of {labels} the same first token; they cannot be scored")
+        return firsts
 
     def encode(self, prompt: str) -> list[int]:
         ids = self.tokenizer.encode(prompt, add_special_tokens=False)
@@ -78,8 +82,11 @@ class Tasks:
             text = result.text.strip()
         return Answer(text, start, end, len(result.token_ids), (time.perf_counter() - started) * 1000)
 
-    async def nli(self, premise: str, hypothesis: str, adapter: str | None) -> dict[str, float]:
-        """Probabilities of the three labels, scored from the next-token distribution (sum to 1)."""
-        work = Scoring(self.encode(nli_prompt(premise, hypothesis)), adapter, self.label_tokens)
+    async def nli(self, premise: str, hypothesis: str, adapter: str | None,
+                  labels: tuple[str, ...] = NLI_LABELS) -> dict[str, float]:
+        """Probabilities of the labels, scored from the next-token distribution (sum to 1)."""
+        if labels not in self.label_tokens:
+            self.label_tokens[labels] = self.first_tokens(labels)
+        work = Scoring(self.encode(nli_prompt(premise, hypothesis)), adapter, self.label_tokens[labels])
         probabilities = await asyncio.wrap_future(self.engine.submit(work))
-        return dict(zip(NLI_LABELS, probabilities))
+        return dict(zip(labels, probabilities))

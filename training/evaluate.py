@@ -1,0 +1,115 @@
+"""``loraswap eval``: score an adapter on SQuAD, NLI or RTE through the serving engine and its tasks."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from pathlib import Path
+
+from service.decoding import Decoding
+from service.prompts import NLI_LABELS, RTE_LABELS
+from service.runtime import Runtime
+from service.settings import Settings
+from training.data import read_eval
+from training.metrics import accuracy, confusion_matrix, squad_scores
+
+BARE_BASE = "none"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--task", choices=["squad", "nli", "rte"], required=True)
+    parser.add_argument("--adapter", required=True,
+                        help=f"a registered adapter name, an adapter folder, or '{BARE_BASE}' for the bare base model")
+    parser.add_argument("--data", type=Path, help="evaluation file (default: the task's dev set; MNLI: dev_matched)")
+    parser.add_argument("--limit", type=int, help="only the first N examples")
+    parser.add_argument("--strategy", choices=["greedy", "top_k", "nucleus", "temperature"], default="greedy")
+    parser.add_argument("--top-k", type=int, default=50)
+    parser.add_argument("--top-p", type=float, default=0.9)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0, help="example i samples with seed + i")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--predictions", type=Path, help="write predictions here (SQuAD: the official {id: answer})")
+    parser.add_argument("--json", type=Path, help="also write the metrics here")
+    parser.add_argument("--base-model", default="smollm2")
+    parser.add_argument("--adapters-dir", type=Path, default=Settings().adapters_dir)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--quantize", default="none", choices=["none", "nf4"])
+    parser.add_argument("--max-batch", type=int, default=64)
+
+
+def start_runtime(args: argparse.Namespace) -> tuple[Runtime, str | None]:
+    """The server's runtime (model, registry, engine, tasks) and the adapter to evaluate."""
+    adapter_path = Path(args.adapter)
+    is_folder = (adapter_path / "adapter_config.json").is_file()
+    settings = Settings(
+        base_model=args.base_model, adapters_dir=args.adapters_dir, device=args.device, dtype=args.dtype,
+        quantize=args.quantize, max_batch=args.max_batch, max_queue=4 * args.max_batch, batch_window_ms=20,
+        max_new_tokens=args.max_new_tokens, max_input_tokens=4096, auto_merge=False,
+        adapter_roots=[adapter_path.resolve().parent] if is_folder else [],
+    )
+    rt = Runtime(settings)
+    rt.start()
+    if args.adapter == BARE_BASE:
+        return rt, None
+    if is_folder:
+        name = "evaluated"
+        rt.load_adapter(name, adapter_path)
+        return rt, name
+    rt.registry.require(args.adapter)
+    return rt, args.adapter
+
+
+async def bounded(coroutines, limit: int) -> list:
+    """Await all, at most ``limit`` in flight (the engine's queue is bounded)."""
+    gate = asyncio.Semaphore(limit)
+
+    async def one(coroutine):
+        async with gate:
+            return await coroutine
+
+    return await asyncio.gather(*(one(c) for c in coroutines))
+
+
+def evaluate_squad(rt: Runtime, adapter: str | None, rows: list[dict], args) -> tuple[dict, dict]:
+    def decoding(i: int) -> Decoding:
+        return Decoding(args.strategy, args.temperature, args.top_k, args.top_p, args.max_new_tokens, args.seed + i)
+
+    answers = asyncio.run(bounded(
+        (rt.tasks.answer(row["context"], row["question"], adapter, decoding(i)) for i, row in enumerate(rows)),
+        rt.settings.max_queue))
+    predictions = {row["id"]: answer.answer for row, answer in zip(rows, answers)}
+    metrics = squad_scores(predictions, {row["id"]: row["answers"] for row in rows})
+    return metrics, predictions
+
+
+def evaluate_labels(rt: Runtime, adapter: str | None, rows: list[dict], labels: tuple[str, ...]) -> tuple[dict, list]:
+    scored = asyncio.run(bounded(
+        (rt.tasks.nli(row["premise"], row["hypothesis"], adapter, labels) for row in rows), rt.settings.max_queue))
+    predictions = [max(probs, key=probs.get) for probs in scored]
+    golds = [row["label"] for row in rows]
+    metrics = {"accuracy": accuracy(predictions, golds), "count": len(rows), "labels": list(labels),
+               "confusion_matrix": confusion_matrix(predictions, golds, labels)}
+    return metrics, predictions
+
+
+def run(args: argparse.Namespace) -> dict:
+    rows = read_eval(args.task, args.data, args.limit)
+    rt, adapter = start_runtime(args)
+    try:
+        if args.task == "squad":
+            metrics, predictions = evaluate_squad(rt, adapter, rows, args)
+        else:
+            metrics, predictions = evaluate_labels(rt, adapter, rows, NLI_LABELS if args.task == "nli" else RTE_LABELS)
+    finally:
+        rt.stop()
+    report = {"task": args.task, "adapter": args.adapter, "data": str(args.data or f"default {args.task} dev"),
+              "strategy": args.strategy, **metrics}
+    if args.task == "squad" and args.strategy != "greedy":
+        report.update(top_k=args.top_k, top_p=args.top_p, temperature=args.temperature, seed=args.seed)
+    print(json.dumps(report, indent=2))
+    if args.predictions:
+        args.predictions.write_text(json.dumps(predictions, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    return report
