@@ -34,7 +34,8 @@ class AdapterRegistry:
         self.quantized = any(not layer.base.weight.is_floating_point() or layer.base.weight.dtype == torch.uint8
                              for layer in self.layers.values())
         self._adapters: dict[str, AdapterWeights] = {}
-        self._resident: OrderedDict[str, int] = OrderedDict()  # name -> slot, least recently used first
+        # name -> (slot, the weights the slot was filled from), least recently used first
+        self._resident: OrderedDict[str, tuple[int, AdapterWeights]] = OrderedDict()
         self._merged: str | None = None
         self._originals: dict[str, torch.Tensor] = {}
         self._lock = threading.Lock()
@@ -109,7 +110,7 @@ class AdapterRegistry:
             adapters = {name: self._adapters[name] for name in wanted - missing}
         for name in adapters:
             self._make_resident(name, adapters[name], protect=set(adapters))
-        slots = [self._resident[name] if name in adapters else self.zero_slot for name in names]
+        slots = [self._resident[name][0] if name in adapters else self.zero_slot for name in names]
         rank = max((adapters[name].rank for name in adapters), default=0)
         self.rows.assign(torch.tensor(slots, device=self.device) if rank else None, rank)
         return [row for row, name in enumerate(names) if name in missing]
@@ -120,27 +121,30 @@ class AdapterRegistry:
             self.rows.assign(self.rows.slots[keep], self.rows.rank)
 
     def _make_resident(self, name: str, adapter: AdapterWeights, protect: set[str]) -> None:
-        if name in self._resident:
+        held = self._resident.get(name)
+        if held is not None and held[1] is adapter:
             self._resident.move_to_end(name)
             return
-        if len(self._resident) >= self.max_resident:
+        if held is not None:  # the name was unregistered and registered again: refill its slot
+            slot = self._resident.pop(name)[0]
+        elif len(self._resident) >= self.max_resident:
             victim = next((n for n in self._resident if n not in protect), None)
             if victim is None:
                 raise AdapterError(f"a batch needs more than {self.max_resident} resident adapters", status=503)
-            slot = self._resident.pop(victim)
+            slot = self._resident.pop(victim)[0]
         else:
-            slot = min(set(range(self.max_resident)) - set(self._resident.values()))
+            slot = min(set(range(self.max_resident)) - {slot for slot, _ in self._resident.values()})
         for module, layer in self.layers.items():
             pair = adapter.modules.get(module)
             if pair is not None or layer.a is not None:
                 layer.write_slot(slot, pair, self.device, self.dtype)
-        self._resident[name] = slot
+        self._resident[name] = (slot, adapter)
 
     def _drop_unregistered(self) -> None:
         with self._lock:
-            gone = [name for name in self._resident if name not in self._adapters]
+            gone = [name for name, (_, held) in self._resident.items() if self._adapters.get(name) is not held]
         for name in gone:
-            slot = self._resident.pop(name)
+            slot, _ = self._resident.pop(name)
             for layer in self.layers.values():
                 layer.write_slot(slot, None, self.device, self.dtype)
         if not self._resident:
