@@ -57,14 +57,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int | None:
+def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         from service.server import serve
 
-        return serve(settings_from(args))
-    return importlib.import_module(args.module).run(args)
+        serve(settings_from(args))
+    else:
+        importlib.import_module(args.module).run(args)
+    return 0
 
 
 if __name__ == "__main__":

@@ -75,7 +75,8 @@ class Engine:
         self.model, self.tokenizer, self.registry, self.settings = model, tokenizer, registry, settings
         self.device = registry.device
         self.pad_id = tokenizer.pad_token_id
-        self.eos_ids = {tokenizer.eos_token_id} | set(getattr(model.generation_config, "eos_token_id", None) or [])
+        configured = getattr(model.generation_config, "eos_token_id", None)
+        self.eos_ids = {tokenizer.eos_token_id, *([configured] if isinstance(configured, int) else configured or [])}
         self.newline_ids = self._newline_token_ids()
         self._queue: deque[_Pending] = deque()
         self._controls: deque[tuple[callable, Future]] = deque()
