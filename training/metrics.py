@@ -1,0 +1,57 @@
+"""Task metrics: SQuAD v1.1 exact match and F1 (as the official script), accuracy and confusion matrix."""
+from __future__ import annotations
+
+import re
+import string
+from collections import Counter
+
+_PUNCTUATION = set(string.punctuation)
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-case, drop punctuation, drop the articles a/an/the, collapse whitespace (official v1.1 order)."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def exact_match(prediction: str, reference: str) -> float:
+    return float(normalize_answer(prediction) == normalize_answer(reference))
+
+
+def f1(prediction: str, reference: str) -> float:
+    """Token F1 between the normalised prediction and reference."""
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def squad_scores(predictions: dict[str, str], references: dict[str, list[str]]) -> dict[str, float]:
+    """EM and F1 in percent, each the max over a question's references, averaged over ``references``;
+    a question without a prediction scores 0 (as in the official script)."""
+    em = f = 0.0
+    for qid, answers in references.items():
+        if qid in predictions:
+            em += max(exact_match(predictions[qid], a) for a in answers)
+            f += max(f1(predictions[qid], a) for a in answers)
+    n = max(len(references), 1)
+    return {"exact_match": 100.0 * em / n, "f1": 100.0 * f / n, "count": len(references)}
+
+
+def accuracy(predictions: list[str], golds: list[str]) -> float:
+    """Share of predictions equal to their gold label, in percent."""
+    if len(predictions) != len(golds):
+        raise ValueError(f"{len(predictions)} predictions for {len(golds)} gold labels")
+    return 100.0 * sum(p == g for p, g in zip(predictions, golds)) / max(len(golds), 1)
+
+
+def confusion_matrix(predictions: list[str], golds: list[str], labels: list[str] | tuple[str, ...]) -> list[list[int]]:
+    """``matrix[i][j]`` counts rows whose gold is ``labels[i]`` and prediction ``labels[j]``."""
+    index = {label: i for i, label in enumerate(labels)}
+    matrix = [[0] * len(labels) for _ in labels]
+    for p, g in zip(predictions, golds):
+        matrix[index[g]][index[p]] += 1
+    return matrix
