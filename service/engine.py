@@ -177,12 +177,21 @@ class Engine:
                 if left <= 0:
                     break
                 self._wakeup.wait(left)
-            kind = type(self._queue[0].work)
-            batch, rest = [], deque()
-            while self._queue and len(batch) < settings.max_batch:
-                pending = self._queue.popleft()
-                (batch if type(pending.work) is kind else rest).append(pending)
-            self._queue.extendleft(reversed(rest))
+            return self._take(type(self._queue[0].work))
+
+    def _take(self, kind: type) -> list[_Pending]:
+        """Up to ``max_batch`` queued requests of one kind using at most ``max_resident`` adapters, oldest first."""
+        batch, rest, adapters = [], deque(), set()
+        while self._queue and len(batch) < self.settings.max_batch:
+            pending = self._queue.popleft()
+            adapter = pending.work.adapter
+            fits = adapter is None or adapter in adapters or len(adapters) < self.registry.max_resident
+            if type(pending.work) is kind and fits:
+                batch.append(pending)
+                adapters.update([adapter] if adapter is not None else [])
+            else:
+                rest.append(pending)
+        self._queue.extendleft(reversed(rest))
         return batch
 
     def _serve(self, batch: list[_Pending]) -> None:
