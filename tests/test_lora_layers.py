@@ -1,0 +1,192 @@
+"""Batched multi-adapter LoRA layers: every row of a mixed batch gets exactly its own adapter's output.
+
+The reference is stock peft running each row's adapter alone on a fresh copy of the base; the fast
+path is also held to ``lora_delta_reference`` on random tensors.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from service.base_model import load_base
+from service.lora_layers import BatchedLoraLayer, RowAdapters, lora_delta_reference
+from service.registry import AdapterRegistry
+from service.settings import Settings
+from tests.tiny_models import make_adapter
+
+BASES = {"gpt2": "tiny_gpt2_dir", "llama": "tiny_llama_dir"}
+# three adapters per architecture, of different ranks and different (overlapping) target sets
+RANKED = {
+    "gpt2": {"r2": (2, ["c_attn"]), "r4": (4, ["c_fc"]), "r8": (8, ["c_attn", "c_proj", "c_fc"])},
+    "llama": {
+        "r2": (2, ["q_proj", "v_proj"]),
+        "r4": (4, ["gate_proj", "down_proj"]),
+        "r8": (8, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+    },
+}
+MIXED_ROWS = ["r2", None, "r8", "r4", "r2", "r8"]
+FP32_TOLERANCE = 1e-5
+
+
+def make_ranked_adapters(base_dir: Path, root: Path, arch: str) -> dict[str, Path]:
+    """The three adapters of ``RANKED[arch]`` saved by stock peft under ``root``.
+
+    Weights of N(0, 0.2^2) move the logits by ~1 while keeping the hidden states well conditioned
+    (at make_adapter's default 0.5, the r=8 adapter blows the activations up so much that fp32
+    rounding alone makes peft and any other correct implementation differ by ~1e-4).
+    """
+    return {
+        name: make_adapter(
+            base_dir, root / name, r=rank, alpha=2 * rank, target_modules=targets, seed=seed + 1, scale=0.2
+        )
+        for seed, (name, (rank, targets)) in enumerate(RANKED[arch].items())
+    }
+
+
+def load_model(base_dir: Path, quantize: str = "none"):
+    """The base as the service loads it (CPU, fp32, optionally NF4)."""
+    model, _ = load_base(Settings(base_model=str(base_dir), device="cpu", quantize=quantize))
+    return model
+
+
+def load_nf4_or_skip(base_dir: Path):
+    """A 4-bit base on the CPU, or a skip that says why bitsandbytes could not provide one."""
+    try:
+        model = load_model(base_dir, "nf4")
+        with torch.no_grad():
+            model(torch.tensor([[1, 2, 3]]))
+    except Exception as exc:  # bitsandbytes without CPU 4-bit support raises various errors
+        pytest.skip(f"bitsandbytes cannot run an NF4 base on the CPU here: {type(exc).__name__}: {exc}")
+    return model
+
+
+def engine_model(base_dir: Path, adapters: dict[str, Path], *, max_resident: int = 4, quantize: str = "none"):
+    """(model, registry) with our batched LoRA layers and every adapter registered."""
+    model = load_model(base_dir, quantize) if quantize == "none" else load_nf4_or_skip(base_dir)
+    roots = sorted({path.parent for path in adapters.values()})
+    registry = AdapterRegistry(model, roots=roots, max_resident=max_resident, max_rank=64)
+    for name, path in adapters.items():
+        registry.register(name, path)
+    return model, registry
+
+
+@torch.no_grad()
+def batched_logits(model, registry: AdapterRegistry, rows: list[str | None], ids: torch.Tensor) -> torch.Tensor:
+    """Logits of one mixed batch through our engine path: activate the rows' adapters, then forward."""
+    assert registry.activate(rows) == []
+    return model(input_ids=ids).logits
+
+
+@torch.no_grad()
+def peft_logits(base_dir: Path, adapter: Path | None, ids: torch.Tensor, quantize: str = "none") -> torch.Tensor:
+    """Stock peft's logits for ``ids`` with one adapter (None: the bare base) on a fresh base."""
+    model = load_model(base_dir, quantize)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter).eval()
+    return model(input_ids=ids).logits
+
+
+def random_ids(rows: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(1, 1000, (rows, length), generator=torch.Generator().manual_seed(seed))
+
+
+def assert_rows_match_peft(base_dir, adapters, rows, ids, ours, tolerance, quantize="none"):
+    """Each row of ``ours`` equals peft's logits for that row's adapter run alone."""
+    reference = {name: peft_logits(base_dir, adapters.get(name), ids, quantize) for name in {None, *rows}}
+    base = reference[None]
+    for row, name in enumerate(rows):
+        expected = reference[name][row]
+        error = (ours[row] - expected).abs().max().item()
+        assert error < tolerance, f"row {row} ({name}): max |ours - peft| = {error:.2e}"
+        if name is not None:  # the adapter really changes this row, so the equality above means something
+            assert (expected - base[row]).abs().max().item() > 100 * tolerance, f"adapter {name} is a no-op"
+
+
+@pytest.fixture(scope="module", params=sorted(BASES))
+def arch(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def base_dir(arch, request) -> Path:
+    return request.getfixturevalue(BASES[arch])
+
+
+@pytest.fixture(scope="module")
+def ranked(arch, base_dir, tmp_path_factory) -> dict[str, Path]:
+    return make_ranked_adapters(base_dir, tmp_path_factory.mktemp(f"{arch}_ranked"), arch)
+
+
+def test_mixed_batch_equals_peft_per_row(base_dir, ranked):
+    model, registry = engine_model(base_dir, ranked)
+    ids = random_ids(len(MIXED_ROWS), 9)
+    ours = batched_logits(model, registry, MIXED_ROWS, ids)
+    assert_rows_match_peft(base_dir, ranked, MIXED_ROWS, ids, ours, FP32_TOLERANCE)
+
+
+def test_changing_the_row_mapping_changes_the_rows_weights(base_dir, ranked):
+    """The per-row weights gathered for one mapping are not reused for the next (nor after select_rows)."""
+    model, registry = engine_model(base_dir, ranked)
+    ids = random_ids(3, 7, seed=1)
+    first = batched_logits(model, registry, ["r2", "r4", "r8"], ids)
+    swapped = batched_logits(model, registry, ["r8", None, "r2"], ids)
+    registry.select_rows(torch.tensor([0, 2]))  # row 1 finished: the batch shrinks to rows 0 and 2
+    with torch.no_grad():
+        shrunk = model(input_ids=ids[[0, 2]]).logits
+    expected = {name: peft_logits(base_dir, ranked.get(name), ids) for name in ("r2", "r4", "r8", None)}
+    for row, name in enumerate(["r2", "r4", "r8"]):
+        assert torch.allclose(first[row], expected[name][row], atol=FP32_TOLERANCE)
+    for row, name in enumerate(["r8", None, "r2"]):
+        assert torch.allclose(swapped[row], expected[name][row], atol=FP32_TOLERANCE)
+    assert torch.allclose(shrunk[0], expected["r8"][0], atol=FP32_TOLERANCE)
+    assert torch.allclose(shrunk[1], expected["r2"][2], atol=FP32_TOLERANCE)
+
+
+def test_nf4_base_mixed_batch_equals_peft_over_the_same_4bit_base(base_dir, ranked):
+    model, registry = engine_model(base_dir, ranked, quantize="nf4")
+    assert registry.quantized
+    assert all(layer.base.weight.dtype == torch.uint8 for layer in registry.layers.values()), "base is not 4-bit"
+    ids = random_ids(len(MIXED_ROWS), 9, seed=2)
+    ours = batched_logits(model, registry, MIXED_ROWS, ids)
+    assert_rows_match_peft(base_dir, ranked, MIXED_ROWS, ids, ours, 1e-4, quantize="nf4")
+
+
+# ---- the fast path against the plain reference, on random tensors ---------------------------------
+
+def random_pair(rank: int, fan_in: int, fan_out: int, gen: torch.Generator):
+    return torch.randn(rank, fan_in, generator=gen), torch.randn(fan_out, rank, generator=gen)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_fast_path_equals_reference_and_per_row_products(kind):
+    gen = torch.Generator().manual_seed(3)
+    fan_in, fan_out, num_slots = 12, 20, 4
+    torch.manual_seed(3)
+    base = nn.Linear(fan_in, fan_out) if kind == "linear" else Conv1D(fan_out, fan_in)
+    rows = RowAdapters()
+    layer = BatchedLoraLayer(base, rows, num_slots)
+    # slot 0: rank 2, slot 1: rank 5 (unused by this batch, so the bank is wider than the batch's rank),
+    # slot 2: rank 3, slot 3: written then cleared; slot 4 is the zero slot
+    pairs = {0: random_pair(2, fan_in, fan_out, gen), 1: random_pair(5, fan_in, fan_out, gen),
+             2: random_pair(3, fan_in, fan_out, gen), 3: random_pair(4, fan_in, fan_out, gen)}
+    for slot, pair in pairs.items():
+        layer.write_slot(slot, pair, torch.device("cpu"), torch.float32)
+    layer.write_slot(3, None, torch.device("cpu"), torch.float32)
+    slots = torch.tensor([2, 0, num_slots, 3, 2, 0])
+    rows.assign(slots, 3)  # the largest rank among the slots this batch uses
+    x = torch.randn(len(slots), 7, fan_in, generator=gen)
+    with torch.no_grad():
+        delta = layer(x) - base(x)
+    reference = lora_delta_reference(x, layer.a, layer.b, slots)
+    direct = torch.stack([
+        x[row] @ pairs[slot][0].t() @ pairs[slot][1].t() if slot in (0, 2) else torch.zeros(7, fan_out)
+        for row, slot in enumerate(slots.tolist())
+    ])
+    assert torch.allclose(reference, direct, atol=1e-4)
+    assert torch.allclose(delta, reference, atol=1e-4)
+    assert delta[[0, 1, 4, 5]].abs().amax() > 1.0  # the adapters' rows really moved
