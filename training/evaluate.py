@@ -94,7 +94,8 @@ def evaluate_labels(rt: Runtime, adapter: str | None, rows: list[dict], labels: 
 
 
 def run(args: argparse.Namespace) -> dict:
-    rows = read_eval(args.task, args.data, args.limit)
+    text = "context" if args.task == "squad" else "premise"
+    rows = sorted(read_eval(args.task, args.data, args.limit), key=lambda row: len(row[text]))  # less padding
     rt, adapter = start_runtime(args)
     try:
         if args.task == "squad":
