@@ -1,0 +1,302 @@
+"""``loraswap train``: a LoRA (or QLoRA) adapter for one task, with transformers' Trainer.
+
+The Trainer brings the progress bar, mixed precision and multi-GPU runs through
+``accelerate launch`` / ``torchrun``. Beside the adapter (PEFT format, safetensors) it writes
+``loss.png`` (train and validation loss) and ``card.json`` (how the adapter was made).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+import shlex
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from transformers import Trainer, TrainingArguments, set_seed
+from transformers.pytorch_utils import Conv1D
+
+from training.data import data_dir, read_task
+from training.prepare import IGNORE_INDEX, collator, encode_rows
+
+# named target sets per architecture family (found by its attention module names)
+PRESETS = {
+    "gpt2": {"attention": ["c_attn"], "attention_mlp": ["c_attn", "mlp.c_proj"]},
+    "llama": {
+        "attention": ["q_proj", "k_proj", "v_proj", "o_proj"],
+        "attention_mlp": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    },
+}
+TASK_DEFAULT_LENGTH = {"squad": 512, "nli": 256, "rte": 384}
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by ``train`` and ``sweep``: task, base, data budget and optimisation."""
+    parser.add_argument("--task", required=True, choices=["squad", "nli", "rte"])
+    parser.add_argument("--base-model", default="smollm2", help="'smollm2' or a Hugging Face model directory")
+    parser.add_argument("--data-dir", type=Path, default=None, help="task data (default: $LORASWAP_DATA_DIR or ../shared/data)")
+    parser.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: 2 x rank)")
+    parser.add_argument("--dropout", type=float, default=0.05)
+    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps (overrides --epochs)")
+    parser.add_argument("--max-examples", type=int, default=None, help="train on at most this many examples")
+    parser.add_argument("--eval-examples", type=int, default=200, help="examples held out for validation loss (0: none)")
+    parser.add_argument("--eval-every", type=float, default=0.1, help="validate every N steps (<1: share of all steps)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--grad-accum", type=int, default=1)
+    parser.add_argument("--max-length", type=int, default=None, help="tokens per example (default: per task)")
+    parser.add_argument("--warmup", type=float, default=0.03, help="warmup steps (<1: share of all steps)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quantize", choices=["none", "nf4"], default="none", help="nf4: QLoRA on a 4-bit base")
+    parser.add_argument("--bf16", choices=["auto", "yes", "no"], default="auto", help="auto: bf16 on CUDA")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_run_arguments(parser)
+    parser.add_argument("--out", required=True, type=Path, help="adapter folder, e.g. adapters/squad")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--target-modules", default="all_linear",
+                        help="'attention', 'attention_mlp', 'all_linear' or a comma list of module names")
+
+
+def use_bf16(choice: str) -> bool:
+    if choice == "auto":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return choice == "yes"
+
+
+def family(model: torch.nn.Module) -> str:
+    """'gpt2' or 'llama' (Llama, Mistral, Qwen2, ... share its module names)."""
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    if "c_attn" in names:
+        return "gpt2"
+    if "q_proj" in names:
+        return "llama"
+    raise ValueError(f"no target presets for {type(model).__name__}; pass --target-modules as a list")
+
+
+def linear_targets(model: torch.nn.Module) -> list[str]:
+    """Names of every Linear/Conv1D layer (4-bit ones included) except the output head."""
+    head = model.get_output_embeddings()
+    return sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, module in model.named_modules()
+            if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not head
+        }
+    )
+
+
+def resolve_targets(spec: str, model: torch.nn.Module) -> list[str]:
+    """A preset name or a comma list -> peft ``target_modules``."""
+    if spec == "all_linear":
+        return linear_targets(model)
+    if spec in ("attention", "attention_mlp"):
+        return PRESETS[family(model)][spec]
+    return [name.strip() for name in spec.split(",") if name.strip()]
+
+
+def lora_config(model: torch.nn.Module, rank: int, alpha: float | None, dropout: float, targets: str) -> LoraConfig:
+    return LoraConfig(
+        r=rank,
+        lora_alpha=alpha if alpha is not None else 2 * rank,
+        lora_dropout=dropout,
+        target_modules=resolve_targets(targets, model),
+        fan_in_fan_out=family(model) == "gpt2",  # GPT-2's Conv1D stores weights transposed
+        task_type="CAUSAL_LM",
+    )
+
+
+def split_rows(rows: list[dict], n_eval: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """Shuffle, then hold out ``n_eval`` rows for validation. SQuAD holds out whole articles,
+    so that no validation context is also trained on."""
+    rows = list(rows)
+    random.Random(seed).shuffle(rows)
+    group = (lambda r: r["title"]) if rows and "title" in rows[0] else id
+    sizes = Counter(map(group, rows))
+    held, count = set(), 0
+    for key in dict.fromkeys(map(group, rows)):  # groups in shuffled order
+        if count >= n_eval:
+            break
+        held.add(key)
+        count += sizes[key]
+    validation = [r for r in rows if group(r) in held][:n_eval]
+    return [r for r in rows if group(r) not in held], validation
+
+
+def load_model(args: argparse.Namespace, bf16: bool):
+    """The base (via the service's loader, so it is trained as it is served) with a fresh LoRA on top."""
+    from service.base_model import load_base
+    from service.settings import Settings
+
+    settings = Settings(base_model=str(args.base_model), quantize=args.quantize,
+                        dtype="bfloat16" if bf16 else "float32")
+    model, tokenizer = load_base(settings)
+    if args.quantize == "nf4":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
+    elif args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    model = get_peft_model(model, lora_config(model, args.rank, args.alpha, args.dropout, args.target_modules))
+    model.peft_config["default"].base_model_name_or_path = str(args.base_model)  # a name, not this machine's path
+    return model, tokenizer, settings
+
+
+def target_accuracy(eval_pred) -> dict[str, float]:
+    """Teacher-forced accuracy on target tokens: per token, and per example (every target token right)."""
+    predictions, labels = eval_pred.predictions, eval_pred.label_ids
+    predictions, labels = predictions[:, :-1], labels[:, 1:]  # logits at t predict the token at t + 1
+    mask = labels != IGNORE_INDEX
+    correct = (predictions == labels) & mask
+    return {
+        "token_accuracy": float(correct.sum() / max(mask.sum(), 1)),
+        "sequence_accuracy": float(np.mean(correct.sum(1) == mask.sum(1))),
+    }
+
+
+def argmax_logits(logits, labels):
+    return logits.argmax(-1)
+
+
+def plot_losses(history: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("loss", "train"), ("eval_loss", "validation")):
+        points = [(h["step"], h[key]) for h in history if key in h]
+        if points:
+            ax.plot(*zip(*points), marker="." if len(points) < 30 else None, label=label)
+    ax.set(xlabel="optimizer step", ylabel="loss (nats per target token)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def base_weights(base_model: str, cache_dir: Path) -> tuple[str, str]:
+    """The base weights file(s) and their sha256 (for 'smollm2', of the embedded GGUF)."""
+    from service.base_model import EMBEDDED, embedded_gguf, resolve_base_dir, sha256_of
+
+    if base_model == EMBEDDED:
+        gguf = embedded_gguf()
+        return gguf.name, sha256_of(gguf)
+    files = sorted(resolve_base_dir(base_model, cache_dir).glob("*.safetensors"))
+    if len(files) == 1:
+        return files[0].name, sha256_of(files[0])
+    shards = "".join(sha256_of(f) for f in files)  # sharded: the sha256 of the shards' sha256s, in name order
+    return ",".join(f.name for f in files), hashlib.sha256(shards.encode()).hexdigest()
+
+
+def train_adapter(args: argparse.Namespace) -> dict:
+    """Train one adapter into ``args.out``; returns its card."""
+    started = time.time()
+    set_seed(args.seed)
+    out = Path(args.out)
+    bf16 = use_bf16(args.bf16)
+    max_length = args.max_length or TASK_DEFAULT_LENGTH[args.task]
+    model, tokenizer, settings = load_model(args, bf16)
+
+    rows, files = read_task(args.task, args.data_dir)
+    train_rows, eval_rows = split_rows(rows, args.eval_examples, args.seed)
+    train_rows = train_rows[: args.max_examples]
+    train_set, dropped = encode_rows(args.task, train_rows, tokenizer, max_length)
+    eval_set, eval_dropped = encode_rows(args.task, eval_rows, tokenizer, max_length)
+
+    evaluate = bool(eval_set)
+    training_args = TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        learning_rate=args.lr,
+        num_train_epochs=args.epochs,
+        max_steps=args.max_steps,
+        warmup_steps=args.warmup,
+        lr_scheduler_type="cosine",
+        logging_steps=0.02,
+        logging_first_step=True,
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=args.eval_every if evaluate else None,
+        save_strategy="no",
+        report_to="none",
+        bf16=bf16,
+        seed=args.seed,
+        label_names=["labels"],
+        remove_unused_columns=False,
+        use_cpu=not torch.cuda.is_available(),
+    )
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_set,
+        eval_dataset=eval_set if evaluate else None,
+        data_collator=collator(tokenizer, pad_to_multiple_of=8 if torch.cuda.is_available() else None),
+        processing_class=tokenizer,
+        compute_metrics=target_accuracy if evaluate else None,
+        preprocess_logits_for_metrics=argmax_logits if evaluate else None,
+    )
+    result = trainer.train()
+    history = trainer.state.log_history
+    if evaluate and not any("eval_loss" in h and h["step"] == trainer.state.global_step for h in history):
+        trainer.evaluate()  # the last scheduled validation came before the last step
+    final = next((h for h in reversed(history) if "eval_loss" in h), {})
+
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    (out / "README.md").unlink(missing_ok=True)  # peft's template model card: card.json is ours
+    plot_losses(history, out / "loss.png", f"{out.name}: {args.task}, r={args.rank}, lr={args.lr:g}")
+    base_file, base_sha = base_weights(str(args.base_model), settings.cache_dir)
+    train_losses = [h["loss"] for h in history if "loss" in h]
+    trainable, total = model.get_nb_trainable_parameters()
+    card = {
+        "name": out.name,
+        "task": args.task,
+        "base_model": str(args.base_model),
+        "base_file": base_file,
+        "base_sha256": base_sha,
+        "data": {"dir": str(args.data_dir or data_dir()), "files": files},
+        "examples": {
+            "train": len(train_set), "validation": len(eval_set),
+            "dropped_too_long_or_bad_label": dropped + eval_dropped, "available": len(rows),
+        },
+        "hyperparameters": {
+            "rank": args.rank, "alpha": model.peft_config["default"].lora_alpha, "dropout": args.dropout,
+            "target_modules": sorted(model.peft_config["default"].target_modules),
+            "lr": args.lr, "epochs": args.epochs, "max_steps": args.max_steps, "batch_size": args.batch_size,
+            "grad_accum": args.grad_accum, "max_length": max_length, "warmup": args.warmup,
+            "scheduler": "cosine", "seed": args.seed, "quantize": args.quantize, "bf16": bf16,
+        },
+        "trainable_parameters": trainable,
+        "steps": trainer.state.global_step,
+        "final_train_loss": train_losses[-1] if train_losses else None,
+        "mean_train_loss": result.training_loss,
+        "final_validation_loss": final.get("eval_loss"),
+        "validation_token_accuracy": final.get("eval_token_accuracy"),
+        "validation_sequence_accuracy": final.get("eval_sequence_accuracy"),
+        "train_seconds": round(time.time() - started, 1),
+        "command": shlex.join(["loraswap", *sys.argv[1:]]),  # the same however it was launched
+        "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
+                     "peft": __import__("peft").__version__},
+        "metrics": {},
+    }
+    (out / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    return card
+
+
+def run(args: argparse.Namespace) -> None:
+    """``loraswap train``."""
+    card = train_adapter(args)
+    print(f"adapter saved to {args.out}: {card['steps']} steps, train loss {card['final_train_loss']}, "
+          f"validation loss {card['final_validation_loss']}")
