@@ -1,0 +1,170 @@
+"""Adapters the service must refuse, on a tiny Llama server: each refusal is a clear 4xx with a message,
+and leaves GET /adapters (and /v1/models) exactly as it was."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from tests.server_helpers import ADMIN, copy_adapters, listed, ready_client, tiny_settings
+from tests.tiny_models import make_adapter
+
+WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
+
+
+def narrow_llama(out_dir: Path) -> Path:
+    """A tiny Llama like the test base but with hidden size 32: same module names, other shapes."""
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=1000, max_position_embeddings=512,
+                         tie_word_embeddings=False)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out_dir)
+    return out_dir
+
+
+def variant(good: Path, folder: Path, edit) -> Path:
+    """A copy of the good adapter ``good`` at ``folder`` after ``edit(folder)``."""
+    shutil.copytree(good, folder)
+    edit(folder)
+    return folder
+
+
+def pickle_weights(folder: Path) -> None:
+    torch.save(load_file(folder / WEIGHTS), folder / "adapter_model.bin")
+    (folder / WEIGHTS).unlink()
+
+
+def truncate(folder: Path) -> None:
+    data = (folder / WEIGHTS).read_bytes()
+    (folder / WEIGHTS).write_bytes(data[: len(data) // 2])
+
+
+def garble_header(folder: Path) -> None:
+    data = bytearray((folder / WEIGHTS).read_bytes())
+    data[8:40] = b"\xff\xfe not json at all \x00\x01\x02\x03\x04\x05\x06\x07\x08\x09"
+    (folder / WEIGHTS).write_bytes(bytes(data))
+
+
+def empty_weights(folder: Path) -> None:
+    (folder / WEIGHTS).write_bytes(b"")
+
+
+def poison_weights(folder: Path) -> None:
+    tensors = load_file(folder / WEIGHTS)
+    key = next(iter(tensors))
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, folder / WEIGHTS)
+
+
+def edit_config(**changes):
+    def edit(folder: Path) -> None:
+        config = json.loads((folder / CONFIG).read_text())
+        (folder / CONFIG).write_text(json.dumps({**config, **changes}))
+    return edit
+
+
+def drop_config(folder: Path) -> None:
+    (folder / CONFIG).unlink()
+
+
+class Refusals:
+    """A Llama server whose adapters folder holds one, two and every kind of bad adapter."""
+
+    def __init__(self, llama_adapters: dict[str, Path], gpt2_adapters: dict[str, Path], llama_dir: Path,
+                 root: Path):
+        self.adapters_dir = copy_adapters(llama_adapters, root / "adapters")
+        good, folder = llama_adapters["one"], self.adapters_dir
+        self.bad = {
+            "pickled": variant(good, folder / "pickled", pickle_weights),
+            "gpt2": copy_adapters({"gpt2": gpt2_adapters["one"]}, folder) / "gpt2",
+            "narrow": make_adapter(narrow_llama(root / "narrow_base"), folder / "narrow"),
+            "truncated": variant(good, folder / "truncated", truncate),
+            "garbled": variant(good, folder / "garbled", garble_header),
+            "empty": variant(good, folder / "empty", empty_weights),
+            "poisoned": variant(good, folder / "poisoned", poison_weights),
+            "huge_rank": variant(good, folder / "huge_rank", edit_config(r=4096)),
+            "not_lora": variant(good, folder / "not_lora", edit_config(peft_type="IA3")),
+            "dora": variant(good, folder / "dora", edit_config(use_dora=True)),
+            "no_config": variant(good, folder / "no_config", drop_config),
+        }
+        self.outside = gpt2_adapters["two"].parent  # the fixture's own folder, outside every root
+        os.symlink(llama_adapters["two"], folder / "escape")  # a link inside the root to a folder outside it
+        self.settings = tiny_settings(llama_dir, self.adapters_dir, root / "cache")
+
+
+@pytest.fixture(scope="module")
+def refusals(llama_adapters, gpt2_adapters, tiny_llama_dir, tmp_path_factory) -> Refusals:
+    return Refusals(llama_adapters, gpt2_adapters, tiny_llama_dir, tmp_path_factory.mktemp("refusals"))
+
+
+@pytest.fixture(scope="module")
+def client(refusals: Refusals):
+    with ready_client(refusals.settings) as client:
+        yield client
+
+
+def refused(client, name: str, path: Path | str, status: int, *fragments: str) -> None:
+    """POST /adapters is answered ``status`` with a message holding ``fragments``; nothing changes."""
+    before, models = client.get("/adapters").json(), client.get("/v1/models").json()
+    reply = client.post("/adapters", json={"name": name, "path": str(path)}, headers=ADMIN)
+    assert reply.status_code == status, reply.text
+    message = reply.json()["error"]
+    assert all(fragment in message for fragment in fragments), message
+    assert client.get("/adapters").json() == before
+    assert client.get("/v1/models").json() == models
+
+
+def test_bad_adapters_in_the_adapters_folder_are_skipped_at_start(client):
+    assert set(listed(client)) == {"one", "two"}
+
+
+@pytest.mark.parametrize("kind,fragments", [
+    ("pickled", ("pickled", "adapter_model.bin", "safetensors")),
+    ("gpt2", ("transformer.h.0", "does not have")),
+    ("narrow", ("has A(4, ", "this base needs A(4, ")),
+    ("truncated", ("not a readable safetensors file",)),
+    ("garbled", ("not a readable safetensors file",)),
+    ("empty", ("not a readable safetensors file",)),
+    ("poisoned", ("non-finite",)),
+    ("huge_rank", ("rank", "4096")),
+    ("not_lora", ("LORA",)),
+    ("dora", ("use_dora",)),
+    ("no_config", ("adapter_config.json",)),
+])
+def test_unservable_adapters_are_refused(client, refusals, kind, fragments):
+    refused(client, f"bad_{kind}", refusals.bad[kind], 422, *fragments)
+
+
+@pytest.mark.parametrize("where", ["outside", "escape", "dotdot", "etc"])
+def test_paths_outside_the_roots_are_403(client, refusals, where, llama_adapters):
+    path = {"outside": refusals.outside / "two", "escape": refusals.adapters_dir / "escape",
+            "dotdot": refusals.adapters_dir / ".." / ".." / llama_adapters["two"].parent.name / "two",
+            "etc": "/etc"}[where]
+    refused(client, "elsewhere", path, 403, "outside the configured adapter roots")
+
+
+def test_a_missing_folder_inside_the_roots_is_404(client, refusals):
+    refused(client, "missing", refusals.adapters_dir / "missing", 404, "not a folder")
+
+
+@pytest.mark.parametrize("name", ["../x", "a b", "", "x;rm", "x/y", "1abc", "é", "a" * 65, "base"])
+def test_names_that_are_not_plain_identifiers_are_refused(client, refusals, name):
+    refused(client, name, refusals.adapters_dir / "two", 422, repr(name) if name != "base" else "'base'")
+
+
+def test_a_duplicate_name_is_409(client, refusals):
+    refused(client, "one", refusals.adapters_dir / "two", 409, "'one'", "already loaded")
+
+
+def test_the_registry_still_loads_after_refusals(client, refusals):
+    reply = client.post("/adapters", json={"name": "fresh", "path": str(refusals.adapters_dir / "two")},
+                        headers=ADMIN)
+    assert reply.status_code == 201, reply.text
+    assert set(listed(client)) == {"one", "two", "fresh"}
+    assert client.delete("/adapters/fresh", headers=ADMIN).status_code == 200
