@@ -1,0 +1,154 @@
+"""GET /metrics: scrape, make requests, scrape again; every metric of DESIGN.md moves where it should,
+and label values come only from route templates and registered adapters."""
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from service.adapter_files import NAME_PATTERN
+from tests.server_helpers import (
+    ADMIN,
+    ask,
+    classify,
+    copy_adapters,
+    label_values,
+    listed,
+    ready_client,
+    scrape,
+    tiny_settings,
+    value,
+)
+from tests.tiny_models import make_adapter
+
+DURATION = "loraswap_request_duration_seconds"
+ROUTES = {"/answer", "/nli", "/v1/completions", "/v1/models", "/adapters", "/adapters/{name}",
+          "/adapters/{name}/merge", "/adapters/unmerge", "/health", "/ready"}
+
+
+@pytest.fixture(scope="module")
+def extra(tiny_llama_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("metrics_extra")
+    make_adapter(tiny_llama_dir, root / "three", seed=2)
+    return root
+
+
+@pytest.fixture(scope="module")
+def client(tiny_llama_dir, llama_adapters, extra, tmp_path_factory):
+    root = tmp_path_factory.mktemp("metrics")
+    settings = tiny_settings(tiny_llama_dir, copy_adapters(llama_adapters, root / "adapters"), root / "cache",
+                             adapter_roots=[extra])
+    with ready_client(settings) as client:
+        yield client
+
+
+def moved(before, after, name: str, **labels: str) -> float:
+    return value(after, name, **labels) - value(before, name, **labels)
+
+
+def test_request_duration_by_endpoint_adapter_and_status(client):
+    before = scrape(client)
+    for _ in range(3):
+        ask(client, "one", max_new_tokens=3)
+    ask(client, None, max_new_tokens=3)
+    classify(client, "two")
+    classify(client, "two")
+    ask(client, "nope", status=404)
+    assert client.post("/v1/completions", json={"model": "one", "prompt": "Hello", "max_tokens": 2}).status_code == 200
+    after = scrape(client)
+
+    expected = {("/answer", "one", "200"): 3, ("/answer", "none", "200"): 1, ("/nli", "two", "200"): 2,
+                ("/answer", "none", "404"): 1, ("/v1/completions", "one", "200"): 1}
+    for (endpoint, adapter, status), count in expected.items():
+        labels = dict(endpoint=endpoint, adapter=adapter, status=status)
+        assert moved(before, after, f"{DURATION}_count", **labels) == count, labels
+        assert moved(before, after, f"{DURATION}_bucket", le="+Inf", **labels) == count, labels
+        assert moved(before, after, f"{DURATION}_sum", **labels) > 0, labels
+    assert moved(before, after, f"{DURATION}_count", endpoint="/nli", adapter="one", status="200") == 0
+
+
+def test_engine_metrics_move_with_the_work_done(client):
+    before = scrape(client)
+    answers = [ask(client, adapter, max_new_tokens=5) for adapter in ("one", "one", "two", None)]
+    classify(client, "one")
+    completion = client.post("/v1/completions", json={"model": "two", "prompt": "Hi", "max_tokens": 4}).json()
+    after = scrape(client)
+
+    engine_requests = len(answers) + 2
+    assert moved(before, after, "loraswap_queue_wait_seconds_count") == engine_requests
+    assert moved(before, after, "loraswap_batch_size_sum") == engine_requests  # every request in exactly one batch
+    assert 1 <= moved(before, after, "loraswap_batch_size_count") <= engine_requests
+    tokens = {"one": answers[0]["tokens"] + answers[1]["tokens"],
+              "two": answers[2]["tokens"] + completion["usage"]["completion_tokens"], "none": answers[3]["tokens"]}
+    generations = {"one": 2, "two": 2, "none": 1}
+    for adapter in tokens:
+        assert moved(before, after, "loraswap_generated_tokens_total", adapter=adapter) == tokens[adapter], adapter
+        assert moved(before, after, "loraswap_time_to_first_token_seconds_count", adapter=adapter) == \
+            generations[adapter], adapter
+        assert moved(before, after, "loraswap_time_to_first_token_seconds_sum", adapter=adapter) > 0, adapter
+
+
+def test_adapter_load_time_and_resident_gauge(client, extra):
+    before = scrape(client)
+    reply = client.post("/adapters", json={"name": "three", "path": str(extra / "three")}, headers=ADMIN)
+    assert reply.status_code == 201, reply.text
+    refused = client.post("/adapters", json={"name": "four", "path": "/etc"}, headers=ADMIN)
+    assert refused.status_code == 403
+    after = scrape(client)
+    assert moved(before, after, "loraswap_adapter_load_seconds_count") == 1  # refusals are not loads
+    assert moved(before, after, "loraswap_adapter_load_seconds_sum") > 0
+
+    def resident() -> int:
+        return sum(adapter["state"] == "resident" for adapter in listed(client).values())
+
+    for name in ("one", "two", "three"):
+        ask(client, name, max_new_tokens=1)
+        assert value(scrape(client), "loraswap_adapters_resident") == resident() >= 1
+    assert resident() == 3
+    assert client.delete("/adapters/three", headers=ADMIN).status_code == 200
+    ask(client, "one", max_new_tokens=1)  # the engine frees the deleted adapter's slot at its next batch
+    assert value(scrape(client), "loraswap_adapters_resident") == resident() == 2
+
+
+def test_requests_in_flight_and_queue_wait_while_the_engine_is_held(client):
+    """Hold the engine thread (a control call that waits on a gate): requests stay in flight and queued."""
+    engine = client.app.state.runtime.engine
+    idle = value(scrape(client), "loraswap_requests_in_flight")
+    before = scrape(client)
+    gate, entered = threading.Event(), threading.Event()
+    held = engine.call(lambda: (entered.set(), gate.wait(30)))
+    assert entered.wait(10)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        futures = [pool.submit(ask, client, "two", max_new_tokens=2) for _ in range(4)]
+        for _ in range(400):
+            if value(scrape(client), "loraswap_requests_in_flight") == idle + 4 and engine.queue_depth == 4:
+                break
+            gate.wait(0.01)
+        in_flight = value(scrape(client), "loraswap_requests_in_flight")
+        threading.Timer(0.3, gate.set).start()
+        assert all(future.result()["adapter"] == "two" for future in futures)
+    held.result(10)
+    assert in_flight == idle + 4
+    after = scrape(client)
+    assert value(after, "loraswap_requests_in_flight") == idle
+    # the four waited at least 0.3 s in the queue: none in the buckets up to 0.25 s
+    assert moved(before, after, "loraswap_queue_wait_seconds_count") == 4
+    assert moved(before, after, "loraswap_queue_wait_seconds_bucket", le="0.25") == 0
+
+
+def test_label_values_never_come_from_raw_input(client):
+    raw = {"nope", "x" * 40, "gpt-4", "bad name", "/adapters/nope", "/adapters/nope/merge", "/no/such/route"}
+    ask(client, "nope", status=404)
+    classify(client, "x" * 40, status=404)
+    assert client.post("/v1/completions", json={"model": "gpt-4", "prompt": "Hi"}).status_code == 404
+    assert client.delete("/adapters/nope", headers=ADMIN).status_code == 404
+    assert client.post("/adapters/nope/merge", headers=ADMIN).status_code == 404
+    assert client.get("/no/such/route").status_code == 404
+    assert client.post("/answer", json={"context": "c", "question": "q", "adapter": "bad name"}).status_code == 404
+    samples = scrape(client)
+    adapters, endpoints = label_values(samples, "adapter"), label_values(samples, "endpoint")
+    assert not (adapters | endpoints) & raw
+    assert all(NAME_PATTERN.fullmatch(adapter) for adapter in adapters), adapters
+    assert {"one", "two", "none"} <= adapters
+    assert endpoints <= ROUTES, endpoints  # route templates only; /metrics itself is not timed
