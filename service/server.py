@@ -21,7 +21,12 @@ class DrainingServer(uvicorn.Server):
         if self.rt.draining:  # a second signal: stop now
             return super().handle_exit(sig, frame)
         self.rt.draining = True
-        threading.Timer(self.grace_seconds, super().handle_exit, (sig, frame)).start()
+        threading.Timer(self.grace_seconds, self._shut_down).start()
+
+    def _shut_down(self) -> None:
+        # set the flag rather than calling super().handle_exit: uvicorn re-raises the signals that went through
+        # it after a graceful shutdown, which would end a drained server by SIGTERM instead of with status 0
+        self.should_exit = True
 
 
 def serve(settings: Settings) -> None:
