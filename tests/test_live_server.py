@@ -1,0 +1,149 @@
+"""`loraswap serve` as a real process on a tiny Llama: every route over HTTP, the real OpenAI client,
+and a graceful SIGTERM (not ready at once, in-flight requests finish, exit status 0)."""
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.server_helpers import ADMIN, ADMIN_KEY, SQUAD_CONTEXT, SQUAD_QUESTION, copy_adapters, wait_ready
+from tests.tiny_models import make_adapter
+
+DRAIN_SECONDS = 2.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class LiveServer:
+    def __init__(self, process: subprocess.Popen, port: int, extra):
+        self.process, self.port, self.extra = process, port, extra
+        self.url = f"http://127.0.0.1:{port}"
+        self.http = httpx.Client(base_url=self.url, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama_dir, llama_adapters, tmp_path_factory):
+    root = tmp_path_factory.mktemp("live")
+    extra = root / "extra"
+    make_adapter(tiny_llama_dir, extra / "three", seed=2)
+    port = free_port()
+    command = [sys.executable, "-m", "service.cli", "serve", "--base-model", str(tiny_llama_dir),
+               "--adapters-dir", str(copy_adapters(llama_adapters, root / "adapters")), "--adapter-roots", str(extra),
+               "--admin-key", ADMIN_KEY, "--port", str(port), "--host", "127.0.0.1", "--cache-dir", str(root / "cache"),
+               "--device", "cpu", "--qa-adapter", "one", "--nli-adapter", "two", "--max-batch", "4",
+               "--drain-seconds", str(DRAIN_SECONDS)]
+    log = open(root / "server.log", "w+")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    live = LiveServer(process, port, extra)
+    try:
+        wait_ready(live.http.get, timeout=120)
+        yield live
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        live.http.close()
+        log.seek(0)
+        print(log.read()[-4000:])  # shown when a test fails
+        log.close()
+
+
+def test_every_route_over_http(server):
+    http = server.http
+    assert http.get("/health").json() == {"status": "ok"}
+    assert http.get("/ready").json() == {"ready": True}
+
+    answer = http.post("/answer", json={"context": SQUAD_CONTEXT, "question": SQUAD_QUESTION,
+                                        "decoding": {"strategy": "nucleus", "top_p": 0.9, "seed": 3}})
+    assert answer.status_code == 200 and answer.json()["adapter"] == "one"
+    nli = http.post("/nli", json={"premise": "A man sleeps.", "hypothesis": "Nobody sleeps.", "adapter": None})
+    assert nli.status_code == 200 and nli.json()["adapter"] is None
+    assert sum(nli.json()["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    assert {m["id"] for m in http.get("/v1/models").json()["data"]} == {"base", "one", "two"}
+
+    assert http.post("/answer", json={"context": "c", "question": "q", "adapter": "nope"}).status_code == 404
+    invalid = http.post("/nli", json={"premise": "p"})
+    assert invalid.status_code == 422 and invalid.headers["content-type"] == "application/json"
+    assert http.post("/adapters", json={"name": "three", "path": str(server.extra / "three")}).status_code == 401
+
+    loaded = http.post("/adapters", json={"name": "three", "path": str(server.extra / "three")}, headers=ADMIN)
+    assert loaded.status_code == 201, loaded.text
+    assert {a["name"] for a in http.get("/adapters").json()["adapters"]} == {"one", "two", "three"}
+    greedy = {"context": SQUAD_CONTEXT, "question": SQUAD_QUESTION, "adapter": "three"}
+    alone = http.post("/answer", json=greedy).json()["answer"]
+    assert http.post("/adapters/three/merge", headers=ADMIN).json() == {"merged": "three"}
+    assert http.post("/answer", json=greedy).json()["answer"] == alone
+    assert http.post("/adapters/unmerge", headers=ADMIN).json() == {"merged": None}
+    assert http.delete("/adapters/three", headers=ADMIN).json() == {"deleted": "three"}
+    assert http.post("/answer", json=greedy).status_code == 404
+
+    metrics = http.get("/metrics")
+    assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
+    families = {family.name for family in text_string_to_metric_families(metrics.text)}
+    assert {"loraswap_request_duration_seconds", "loraswap_queue_wait_seconds", "loraswap_batch_size",
+            "loraswap_time_to_first_token_seconds", "loraswap_generated_tokens", "loraswap_adapter_load_seconds",
+            "loraswap_adapters_resident", "loraswap_requests_in_flight"} <= families
+
+
+def test_the_openai_client(server):
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
+    assert {"base", "one", "two"} <= {model.id for model in client.models.list()}
+    completion = client.completions.create(model="one", prompt="The Normans gave their name to", max_tokens=5,
+                                           temperature=0)
+    assert completion.model == "one" and len(completion.choices) == 1
+    assert completion.choices[0].finish_reason in ("stop", "length")
+    assert 0 < completion.usage.completion_tokens <= 5
+    again = client.completions.create(model="one", prompt="The Normans gave their name to", max_tokens=5,
+                                      temperature=0)
+    assert again.choices[0].text == completion.choices[0].text
+    base = client.completions.create(model="base", prompt="The Normans gave their name to", max_tokens=5,
+                                     temperature=0)
+    assert base.choices[0].text != completion.choices[0].text
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="Hi", max_tokens=2)
+
+
+def in_flight(http: httpx.Client) -> float:
+    families = text_string_to_metric_families(http.get("/metrics").text)
+    return next(f for f in families if f.name == "loraswap_requests_in_flight").samples[0].value
+
+
+def test_sigterm_drains_then_exits_cleanly(server):
+    """Runs last: SIGTERM with 12 slow requests in flight (64 tokens, batches of 4)."""
+    http, slow = server.http, 12
+    idle = in_flight(http)
+
+    def complete(i: int) -> httpx.Response:
+        return httpx.post(f"{server.url}/v1/completions", timeout=120,
+                          json={"model": ("one", "two", "base")[i % 3], "prompt": f"Story {i}:", "max_tokens": 64})
+
+    with ThreadPoolExecutor(max_workers=slow) as pool:
+        futures = [pool.submit(complete, i) for i in range(slow)]
+        deadline = time.monotonic() + 30
+        while in_flight(http) < idle + slow and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert in_flight(http) >= idle + slow, "the slow requests did not reach the server"
+        time.sleep(0.2)  # counted in flight by the middleware: let each pass the readiness check into the queue
+        server.process.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        ready = http.get("/ready")
+        refused = http.post("/answer", json={"context": "c", "question": "q"})
+        assert time.monotonic() - signalled < DRAIN_SECONDS
+        assert ready.status_code == 503 and ready.json() == {"ready": False, "reason": "draining"}
+        assert refused.status_code == 503 and "draining" in refused.json()["error"]
+        replies = [future.result() for future in futures]
+    assert [reply.status_code for reply in replies] == [200] * slow, [reply.text for reply in replies]
+    assert all(reply.json()["usage"]["completion_tokens"] > 0 for reply in replies)
+    assert server.process.wait(timeout=60) == 0
