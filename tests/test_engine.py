@@ -1,0 +1,363 @@
+"""The engine: batched requests across adapters give exactly what each request gets alone.
+
+Engines run on the tiny bases with three adapters of ranks 2, 4 and 8 (see test_lora_layers). The
+reference for a request is the same request submitted alone to an engine that never merges.
+"""
+from __future__ import annotations
+
+import random
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from service.adapter_files import AdapterError
+from service.base_model import load_base
+from service.decoding import Decoding
+from service.engine import Engine, EngineStopped, Generation, GenerationResult, QueueFull, Scoring
+from service.registry import AdapterRegistry
+from service.settings import Settings
+from tests.test_lora_layers import BASES, make_ranked_adapters
+
+WAIT = 60  # seconds any single future may take before the test fails instead of hanging
+
+
+class Engines:
+    """Engines over the tiny bases: one shared reference engine per architecture, and fresh ones on demand."""
+
+    def __init__(self, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+        self.request, self.tmp_path_factory = request, tmp_path_factory
+        self.adapters: dict[str, tuple[Path, dict[str, Path]]] = {}
+        self.shared_engines: dict[str, Engine] = {}
+        self.started: list[Engine] = []
+
+    def base(self, arch: str) -> tuple[Path, dict[str, Path]]:
+        if arch not in self.adapters:
+            base_dir = self.request.getfixturevalue(BASES[arch])
+            root = self.tmp_path_factory.mktemp(f"engine_{arch}")
+            self.adapters[arch] = base_dir, make_ranked_adapters(base_dir, root, arch)
+        return self.adapters[arch]
+
+    def fresh(self, arch: str = "llama", before_engine=None, **overrides) -> Engine:
+        """A started engine on its own copy of the base, with r2, r4 and r8 registered."""
+        base_dir, adapters = self.base(arch)
+        options = dict(auto_merge=False, batch_window_ms=5, max_batch=16, max_queue=256, max_new_tokens=32)
+        settings = Settings(base_model=str(base_dir), device="cpu", **{**options, **overrides})
+        model, tokenizer = load_base(settings)
+        registry = AdapterRegistry(model, roots=[next(iter(adapters.values())).parent],
+                                   max_resident=settings.max_resident, max_rank=settings.max_rank)
+        for name, path in adapters.items():
+            registry.register(name, path)
+        if before_engine is not None:
+            before_engine(model)
+        engine = Engine(model, tokenizer, registry, settings)
+        engine.start()
+        self.started.append(engine)
+        return engine
+
+    def shared(self, arch: str = "llama") -> Engine:
+        """The reference engine of ``arch`` (never merges)."""
+        if arch not in self.shared_engines:
+            self.shared_engines[arch] = self.fresh(arch)
+        return self.shared_engines[arch]
+
+    def close(self) -> None:
+        for engine in self.started:
+            engine.stop(timeout=WAIT)
+
+
+@pytest.fixture(scope="module")
+def engines(request, tmp_path_factory):
+    built = Engines(request, tmp_path_factory)
+    yield built
+    built.close()
+
+
+def alone(engine: Engine, work):
+    return engine.submit(work).result(WAIT)
+
+
+def results(futures: list[Future]) -> list:
+    return [future.result(WAIT) for future in futures]
+
+
+@contextmanager
+def paused(engine: Engine):
+    """Hold the engine thread between batches, so that everything submitted meanwhile is batched together."""
+    holding, release = threading.Event(), threading.Event()
+    held = engine.call(lambda: (holding.set(), release.wait(WAIT)))
+    assert holding.wait(WAIT), "the engine thread never ran the control call"
+    try:
+        yield
+    finally:
+        release.set()
+        held.result(WAIT)
+
+
+def prompt(rng: random.Random, shortest: int = 2, longest: int = 24) -> list[int]:
+    return [rng.randrange(1, 1000) for _ in range(rng.randint(shortest, longest))]
+
+
+def greedy(rng: random.Random, adapter: str | None, max_new_tokens: int = 10, stop_at_newline=False) -> Generation:
+    return Generation(prompt(rng), adapter, Decoding(max_new_tokens=max_new_tokens), stop_at_newline=stop_at_newline)
+
+
+def same_output(got: GenerationResult, expected: GenerationResult) -> bool:
+    return (got.token_ids, got.text, got.finish_reason) == (expected.token_ids, expected.text, expected.finish_reason)
+
+
+def assert_same_outputs(got: list[GenerationResult], expected: list[GenerationResult], works: list[Generation]):
+    wrong = [(row, work.adapter) for row, (a, b, work) in enumerate(zip(got, expected, works)) if not same_output(a, b)]
+    assert not wrong, f"rows (index, adapter) that differ from the request run alone: {wrong}"
+
+
+# ---- (a) concurrency ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", sorted(BASES))
+def test_concurrent_mixed_requests_each_equal_the_request_alone(engines, arch):
+    engine = engines.shared(arch)
+    rng = random.Random(1)
+    works = [
+        greedy(rng, rng.choice(["r2", "r8", None]), max_new_tokens=rng.randint(3, 12), stop_at_newline=rng.random() < 0.5)
+        for _ in range(48)
+    ]
+    expected = [alone(engine, work) for work in works]
+    same_prompt = [alone(engine, Generation(works[0].prompt_ids, name, Decoding(max_new_tokens=12), False)).token_ids
+                   for name in ("r2", "r8", None)]
+    assert len({tuple(ids) for ids in same_prompt}) == 3, "the adapters do not change the greedy output"
+
+    def submit_slice(start: int) -> list[GenerationResult]:  # each thread submits six, then waits for them
+        return results([engine.submit(work) for work in works[start:start + 6]])
+
+    with ThreadPoolExecutor(8) as pool:
+        concurrent = [result for part in pool.map(submit_slice, range(0, len(works), 6)) for result in part]
+    assert_same_outputs(concurrent, expected, works)
+    with paused(engine):  # and all queued at once: full batches of 16 mixing every adapter and None
+        futures = [engine.submit(work) for work in works]
+    assert_same_outputs(results(futures), expected, works)
+    assert all(result.time_to_first_token >= 0 for result in expected)
+
+
+# ---- (b) seeded sampling -------------------------------------------------------------------------
+
+def test_seeded_sampling_is_reproducible_across_batch_compositions(engines):
+    engine = engines.shared()
+    rng = random.Random(2)
+    decodings = [Decoding("temperature", temperature=1.5, seed=7, max_new_tokens=10),
+                 Decoding("top_k", top_k=20, temperature=1.2, seed=8, max_new_tokens=8),
+                 Decoding("nucleus", top_p=0.95, temperature=1.3, seed=9, max_new_tokens=12)]
+    targets = [Generation(prompt(rng), name, decoding, False) for name, decoding in zip(["r2", None, "r8"], decodings)]
+    expected = [alone(engine, work) for work in targets]
+    as_greedy = [alone(engine, Generation(w.prompt_ids, w.adapter, Decoding(max_new_tokens=12), False)) for w in targets]
+    assert all(s.token_ids != g.token_ids[: len(s.token_ids)] for s, g in zip(expected, as_greedy)), "not sampling"
+    reseeded = Generation(targets[0].prompt_ids, "r2",
+                          Decoding("temperature", temperature=1.5, seed=70, max_new_tokens=10), False)
+    assert alone(engine, reseeded).token_ids != expected[0].token_ids, "the seed does not matter"
+    for layout in range(3):
+        fillers = [
+            Generation(prompt(rng), rng.choice(["r2", "r4", "r8", None]),
+                       Decoding(rng.choice(["greedy", "temperature", "top_k", "nucleus"]), seed=rng.randrange(10**6),
+                                max_new_tokens=rng.randint(1, 12)), False)
+            for _ in range(3 + 2 * layout)
+        ]
+        batch = fillers[:layout] + targets[::-1 if layout % 2 else 1] + fillers[layout:]
+        with paused(engine):
+            futures = {id(work): engine.submit(work) for work in batch}
+        for work, result in zip(targets, expected):
+            assert futures[id(work)].result(WAIT).token_ids == result.token_ids, f"layout {layout}, {work.decoding}"
+
+
+# ---- (c) rows leaving the batch ------------------------------------------------------------------
+
+def test_rows_that_finish_early_leave_the_other_rows_untouched(engines):
+    engine = engines.shared()
+    rng = random.Random(3)
+    # near-uniform sampling over the vocabulary now and then hits the newline or the end-of-text token
+    candidates = [Generation(prompt(rng), rng.choice(["r2", "r8", None]),
+                             Decoding("temperature", temperature=5.0, seed=seed, max_new_tokens=12))
+                  for seed in range(160)]
+    stopping = [work for work, result in zip(candidates, engine.run_all(candidates)) if result.finish_reason == "stop"]
+    lengths = [Generation(prompt(rng), name, Decoding(max_new_tokens=n), False)
+               for name, n in [("r4", 1), (None, 3), ("r2", 6), ("r8", 16), (None, 16), ("r4", 24)]]
+    works = stopping + lengths
+    rng.shuffle(works)
+    expected = [alone(engine, work) for work in works]
+    stops = [len(result.token_ids) for result in expected if result.finish_reason == "stop"]
+    assert len(stops) >= 2 and max(stops) >= 2, f"too few rows stop after their first step: {stops}"
+    assert sorted(len(r.token_ids) for r in expected if r.finish_reason == "length") == [1, 3, 6, 16, 16, 24]
+    with paused(engine):
+        futures = [engine.submit(work) for work in works]
+    assert_same_outputs(results(futures), expected, works)
+
+
+# ---- (d) scoring ---------------------------------------------------------------------------------
+
+def test_scoring_returns_probabilities_that_sum_to_one(engines):
+    engine = engines.shared()
+    rng = random.Random(4)
+    works = [Scoring(prompt(rng), name, [rng.randrange(1, 1000) for _ in range(size)])
+             for name, size in [("r2", 3), (None, 3), ("r8", 5), ("r4", 2), (None, 1)]]
+    same_prompt = [Scoring(works[0].prompt_ids, name, works[0].candidates) for name in ("r4", "r8", None)]
+    works += same_prompt
+    expected = [alone(engine, work) for work in works]
+    for work, probabilities in zip(works, expected):
+        assert len(probabilities) == len(work.candidates)
+        assert all(0.0 <= p <= 1.0 for p in probabilities)
+        assert sum(probabilities) == pytest.approx(1.0, abs=1e-5)
+    by_adapter = [expected[0]] + expected[-3:]
+    assert len({tuple(round(p, 4) for p in probs) for probs in by_adapter}) == 4, "adapters do not change scores"
+    generations = [greedy(rng, name) for name in ("r2", None, "r8")]
+    expected_generations = [alone(engine, work) for work in generations]
+    queued = works[:2] + generations[:1] + works[2:5] + generations[1:] + works[5:]
+    with paused(engine):  # scorings and generations queued together, interleaved
+        futures = [engine.submit(work) for work in queued]
+    got = results(futures)
+    scores = [result for result in got if isinstance(result, list)]
+    assert len(scores) == len(works)
+    for probabilities, reference in zip(scores, expected):
+        assert probabilities == pytest.approx(reference, abs=1e-5)
+    assert_same_outputs([r for r in got if not isinstance(r, list)], expected_generations, generations)
+
+
+# ---- (e) merging and unmerging under traffic -----------------------------------------------------
+
+def test_auto_merge_and_unmerge_serve_every_request_with_its_own_weights(engines):
+    reference = engines.shared()
+    engine = engines.fresh(auto_merge=True, merge_after=2, merge_cooldown=1)
+    registry = engine.registry
+    rng = random.Random(5)
+    served: list[tuple[GenerationResult | list, Generation | Scoring]] = []
+
+    def one_by_one(name: str, count: int) -> None:
+        for _ in range(count):
+            work = greedy(rng, name, max_new_tokens=12)
+            served.append((alone(engine, work), work))
+
+    def mixed(names: list[str | None]) -> None:
+        works = [greedy(rng, name, max_new_tokens=12) for name in names]
+        works.append(Scoring(prompt(rng), names[0], [5, 50, 500]))
+        with paused(engine):
+            futures = [engine.submit(work) for work in works]
+        served.extend(zip(results(futures), works))
+
+    one_by_one("r4", 3)
+    assert registry.merged == "r4", "a run of single-adapter batches did not merge the adapter"
+    one_by_one("r4", 1)
+    assert registry.merged == "r4"  # that request was served by the merged base
+    mixed(["r4", "r2", "r4", "r8"])
+    assert registry.merged is None, "mixed traffic did not unmerge"
+    one_by_one("r8", 4)
+    assert registry.merged == "r8"
+    one_by_one("r2", 1)  # one batch of another adapter alone
+    assert registry.merged is None
+    one_by_one("r8", 3)
+    mixed([None, "r8", "r8"])  # the merged adapter's own rows beside bare-base rows
+    assert registry.merged is None
+    one_by_one(None, 3)  # the bare base alone is nothing to merge
+    assert registry.merged is None
+    for result, work in served:
+        if isinstance(work, Scoring):
+            assert result == pytest.approx(alone(reference, work), abs=1e-4)
+        else:
+            assert same_output(result, alone(reference, work)), f"{work.adapter} served with the wrong weights"
+    assert reference.registry.merged is None
+
+
+# ---- (f, g, h) lifecycle, back-pressure, adapters leaving ------------------------------------------
+
+def test_stop_drains_the_queue_then_refuses_work(engines):
+    reference = engines.shared()
+    engine = engines.fresh()
+    rng = random.Random(6)
+    works = [greedy(rng, name) for name in ("r2", None, "r8", "r4") * 3] + [Scoring(prompt(rng), "r2", [1, 2])]
+    holding, release = threading.Event(), threading.Event()
+    engine.call(lambda: (holding.set(), release.wait(WAIT)))
+    assert holding.wait(WAIT)
+    futures = [engine.submit(work) for work in works]
+    stopper = threading.Thread(target=engine.stop)
+    stopper.start()
+    deadline = time.monotonic() + WAIT
+    while True:  # submissions are accepted until stop() takes effect, then refused
+        try:
+            extra = greedy(rng, "r2")
+            futures.append(engine.submit(extra))
+            works.append(extra)
+        except EngineStopped:
+            break
+        assert time.monotonic() < deadline, "stop() never started refusing work"
+        time.sleep(0.001)
+    release.set()
+    stopper.join(WAIT)
+    assert not stopper.is_alive(), "stop() did not return after draining"
+    assert all(future.done() for future in futures)
+    for future, work in zip(futures, works):
+        expected = alone(reference, work)
+        if isinstance(work, Scoring):
+            assert future.result() == pytest.approx(expected, abs=1e-5)
+        else:
+            assert same_output(future.result(), expected)
+    with pytest.raises(EngineStopped):
+        engine.submit(works[0])
+
+
+def test_a_full_queue_refuses_more_work(engines):
+    engine = engines.fresh(max_queue=4)
+    rng = random.Random(7)
+    with paused(engine):
+        futures = [engine.submit(greedy(rng, name)) for name in ("r2", None, "r8", "r2")]
+        with pytest.raises(QueueFull):
+            engine.submit(greedy(rng, "r4"))
+        with pytest.raises(QueueFull):
+            engine.submit(Scoring(prompt(rng), None, [1, 2]))
+    assert all(isinstance(result, GenerationResult) for result in results(futures))
+    assert isinstance(alone(engine, greedy(rng, "r4")), GenerationResult)  # room again once drained
+
+
+def test_an_adapter_unregistered_while_queued_fails_only_its_requests(engines):
+    reference = engines.shared()
+    engine = engines.fresh()
+    _, adapters = engines.base("llama")
+    engine.registry.register("victim", adapters["r4"])
+    rng = random.Random(8)
+    works = [greedy(rng, "victim"), greedy(rng, "r4"), Scoring(prompt(rng), "victim", [1, 2, 3]),
+             greedy(rng, None), greedy(rng, "victim"), Scoring(prompt(rng), "r2", [4, 5]), greedy(rng, "r8")]
+    alone(engine, works[0])  # make "victim" resident first, so unregistering it must also clear its slot
+    with paused(engine):
+        futures = [engine.submit(work) for work in works]
+        engine.registry.unregister("victim")
+    for future, work in zip(futures, works):
+        if work.adapter == "victim":
+            with pytest.raises(AdapterError) as failed:
+                future.result(WAIT)
+            assert failed.value.status == 404
+        elif isinstance(work, Scoring):
+            assert future.result(WAIT) == pytest.approx(alone(reference, work), abs=1e-5)
+        else:
+            assert same_output(future.result(WAIT), alone(reference, work))
+    with pytest.raises(AdapterError):
+        alone(engine, greedy(rng, "victim"))
+    assert same_output(alone(engine, works[1]), alone(reference, works[1]))
+
+
+def test_more_adapters_queued_than_device_slots_are_all_served(engines):
+    reference = engines.shared()
+    engine = engines.fresh(max_resident=2)
+    rng = random.Random(9)
+    works = [greedy(rng, name) for name in ("r2", "r4", "r8", None, "r2")]
+    with paused(engine):
+        futures = [engine.submit(work) for work in works]
+    assert_same_outputs(results(futures), [alone(reference, work) for work in works], works)
+
+
+def test_eos_ids_from_the_generation_config_stop_generation(engines):
+    reference = engines.shared()
+    work = Generation(prompt(random.Random(10)), None, Decoding(max_new_tokens=16), stop_at_newline=False)
+    tokens = alone(reference, work).token_ids
+    assert len(tokens) == 16
+    cut = next(k for k in range(2, len(tokens)) if tokens[k] not in tokens[:k])  # a token not seen before
+    engine = engines.fresh(before_engine=lambda model: setattr(model.generation_config, "eos_token_id", tokens[cut]))
+    result = alone(engine, work)
+    assert (result.token_ids, result.finish_reason) == (tokens[:cut], "stop")
