@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -221,11 +222,18 @@ def forced_token_model(tiny_tokenizer_dir: Path, out_dir: Path, text: str) -> Pa
     return out_dir
 
 
+@contextmanager
+def forced_token_server(tiny_tokenizer_dir: Path, root: Path, text: str):
+    """A server (no adapters) on a GPT-2 that always generates ``text``'s token."""
+    base = forced_token_model(tiny_tokenizer_dir, root / "forced", text)
+    (root / "none").mkdir()
+    with ready_client(tiny_settings(base, root / "none", root / "cache")) as client:
+        yield client
+
+
 @pytest.mark.parametrize("stopper", ["\n", "<|endoftext|>"])
 def test_answers_stop_at_newline_or_eos(stopper, tiny_tokenizer_dir, tmp_path):
-    base = forced_token_model(tiny_tokenizer_dir, tmp_path / "forced", stopper)
-    (tmp_path / "none").mkdir()
-    with ready_client(tiny_settings(base, tmp_path / "none", tmp_path / "cache")) as client:
+    with forced_token_server(tiny_tokenizer_dir, tmp_path, stopper) as client:
         reply = ask(client, None, max_new_tokens=10)
         assert (reply["answer"], reply["start"], reply["end"]) == ("", None, None)
         assert reply["tokens"] <= 1
@@ -235,6 +243,19 @@ def test_answers_stop_at_newline_or_eos(stopper, tiny_tokenizer_dir, tmp_path):
         assert (completion["text"], completion["finish_reason"]) == ("\n" * 5, "length")
     else:
         assert (completion["text"], completion["finish_reason"]) == ("", "stop")
+
+
+def test_extractive_answers_take_the_contexts_spelling(tiny_tokenizer_dir, tmp_path):
+    """The model says "the"; the context has only "The": extractive answers give the context's span,
+    non-extractive ones the model's text, with offsets only where that text occurs as it is."""
+    context = "  The Normans came to Normandy."
+    with forced_token_server(tiny_tokenizer_dir, tmp_path, " the") as client:
+        snapped = ask(client, None, context=context, max_new_tokens=1)
+        raw = ask(client, None, context=context, max_new_tokens=1, extractive=False)
+        absent = ask(client, None, context=context, max_new_tokens=2)
+    assert (snapped["answer"], snapped["start"], snapped["end"]) == ("The", 2, 5)
+    assert (raw["answer"], raw["start"], raw["end"]) == ("the", None, None)
+    assert (absent["answer"], absent["start"], absent["end"]) == ("the the", None, None)
 
 
 def test_concurrent_mixed_adapter_requests_match_each_adapter_alone(client):
