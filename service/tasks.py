@@ -78,8 +78,10 @@ class Tasks:
         started = time.perf_counter()
         result = await self.generate(answer_prompt(context, question), adapter, decoding, stop_at_newline=True)
         text, start, end = locate(result.text, context)
-        if not extractive:
+        if not extractive:  # the model's own text; offsets only where it occurs exactly as it is
             text = result.text.strip()
+            if start is not None and context[start:end] != text:
+                start = end = None
         return Answer(text, start, end, len(result.token_ids), (time.perf_counter() - started) * 1000)
 
     async def nli(self, premise: str, hypothesis: str, adapter: str | None,
