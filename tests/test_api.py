@@ -469,6 +469,24 @@ def test_input_too_long_is_413(client, path, body):
     assert "tokens" in reply.json()["error"]
 
 
+def test_max_input_tokens_is_the_longest_prompt_accepted(tiny):
+    """A prompt of exactly max_input_tokens tokens is served; a longer one is 413."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny.base_dir)
+
+    def prompt_tokens(context: str) -> int:
+        return len(tokenizer.encode(answer_prompt(context, SQUAD_QUESTION), add_special_tokens=False))
+
+    words = SQUAD_CONTEXT.split()
+    n = max(n for n in range(1, len(words)) if prompt_tokens(" ".join(words[:n])) <= 40)
+    fits, over = " ".join(words[:n]), " ".join(words[:n + 1])
+    limit = prompt_tokens(fits)
+    assert prompt_tokens(over) > limit
+    with ready_client(tiny.settings(max_input_tokens=limit)) as client:
+        assert ask(client, None, context=fits, max_new_tokens=1)["tokens"] == 1
+        too_long = ask(client, None, context=over, status=413)
+    assert f"at most {limit}" in too_long["error"]
+
+
 def test_a_full_queue_answers_429_with_retry_after(tiny):
     """max_queue=1 and a long batch window: the first request waits in the queue for the window, so the
     others find the queue full at once; they get 429 with Retry-After and the first one its answer."""
