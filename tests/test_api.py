@@ -167,6 +167,10 @@ def test_a_seed_makes_sampling_reproducible(client, strategy, parameters):
     first = ask(client, "one", seed=7, **decoding)
     again = ask(client, "one", seed=7, **decoding)
     assert (again["answer"], again["tokens"]) == (first["answer"], first["tokens"])
+    with ThreadPoolExecutor(max_workers=8) as pool:  # batched with other adapters and seeds: the same draws
+        crowd = [(adapter, pool.submit(ask, client, adapter, seed=7 if adapter == "one" else 8, **decoding))
+                 for adapter in ("one", "two", None, "one") * 2]
+        assert all(reply.result()["answer"] == first["answer"] for adapter, reply in crowd if adapter == "one")
     answers = {ask(client, "one", seed=seed, **decoding)["answer"] for seed in range(6)}
     assert len(answers) > 1, f"six seeds of {strategy} sampling all gave {answers}"
 
