@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import mmap
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,20 +26,40 @@ class AdapterError(Exception):
         self.status = status
 
 
+def host_buffer(numel: int) -> torch.Tensor:
+    """A float32 host tensor in an anonymous memory map of its own, returned to the OS when freed."""
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)  # pre-fault: faster fill
+    return torch.frombuffer(mmap.mmap(-1, numel * 4, flags=flags), dtype=torch.float32)
+
+
 @dataclass
 class AdapterWeights:
-    """A validated adapter held on the host: per base module, A [r, in] and B [out, r] with the scale folded in."""
+    """A validated adapter held on the host in one packed float32 buffer.
+
+    Per base module the buffer holds A [r, in], then B [out, r] with the LoRA scale folded in: the layout
+    of the device banks, so making an adapter resident is one transfer and contiguous copies.
+    """
 
     name: str
     path: Path
     rank: int
     alpha: float
     target_modules: list[str]
-    modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(repr=False)
+    packed: torch.Tensor = field(repr=False)
+    layout: dict[str, tuple[int, int, int]] = field(repr=False)  # module -> (offset, in, out)
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes + b.nbytes for a, b in self.modules.values())
+        return self.packed.nbytes
+
+    def views(self, buffer: torch.Tensor | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per module (A [r, in], B [out, r]) as views of ``buffer`` (the packed buffer or a copy of it)."""
+        buffer = self.packed if buffer is None else buffer
+        r, views = self.rank, {}
+        for module, (offset, fan_in, fan_out) in self.layout.items():
+            a_end = offset + fan_in * r
+            views[module] = (buffer[offset:a_end].view(r, fan_in), buffer[a_end:a_end + r * fan_out].view(fan_out, r))
+        return views
 
     def describe(self) -> dict:
         return {
@@ -120,8 +141,10 @@ def load_adapter(
         if module not in module_shapes:
             raise AdapterError(f"adapter targets {module!r}, which this base model does not have")
         parts.setdefault(module, {})[match["part"]] = tensor
-    modules = {}
-    for module, pair in parts.items():
+    if not parts:
+        raise AdapterError(f"{folder} holds no LoRA weights")
+    layout, offset = {}, 0
+    for module, pair in sorted(parts.items()):
         fan_in, fan_out = module_shapes[module]
         a, b = pair.get("A"), pair.get("B")
         if a is None or b is None:
@@ -131,11 +154,14 @@ def load_adapter(
                 f"adapter module {module!r} has A{tuple(a.shape)} B{tuple(b.shape)}; "
                 f"this base needs A{(rank, fan_in)} B{(fan_out, rank)}"
             )
-        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-            raise AdapterError(f"adapter module {module!r} holds non-finite weights")
-        modules[module] = (a.float().contiguous(), (b.float() * scale).contiguous())
-    if not modules:
-        raise AdapterError(f"{folder} holds no LoRA weights")
+        layout[module] = (offset, fan_in, fan_out)
+        offset += rank * (fan_in + fan_out)
     targets = config.get("target_modules") or []
     targets = sorted(targets) if isinstance(targets, list) else [str(targets)]
-    return AdapterWeights(name, folder, rank, alpha, targets, modules)
+    adapter = AdapterWeights(name, folder, rank, alpha, targets, host_buffer(offset), layout)
+    for module, (lora_a, lora_b) in adapter.views().items():
+        lora_a.copy_(parts[module]["A"])
+        torch.mul(parts[module]["B"], scale, out=lora_b)
+    if not torch.isfinite(torch.stack(torch.aminmax(adapter.packed))).all():  # one pass; NaN and inf propagate
+        raise AdapterError(f"{folder} holds non-finite weights")
+    return adapter

@@ -1,7 +1,7 @@
 """Batched multi-adapter LoRA: each row of a batch gets its own adapter's delta, in a few batched products.
 
 Every LoRA-able module of the base is wrapped once in a ``BatchedLoraLayer``. Its bank holds, for each
-device slot, A [in, R] and B [R, out] (scale folded into B, ranks zero-padded to the bank's R); the
+device slot, A [R, in] and B [out, R] (peft's layout, scale folded into B, ranks zero-padded to R); the
 last slot is all zeros and stands for "no adapter". A ``RowAdapters`` object, built once per step and
 shared by every layer, says which slot each row uses and the largest rank in play.
 """
@@ -40,8 +40,8 @@ def is_lora_target(name: str, layer: nn.Module) -> bool:
 
 
 def lora_delta_reference(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """Plain per-row loop, the definition the fast path is held to. x [B,T,in], a [S,in,R], b [S,R,out]."""
-    return torch.stack([x[row] @ a[slot] @ b[slot] for row, slot in enumerate(slots.tolist())])
+    """Plain per-row loop, the definition the fast path is held to. x [B,T,in], a [S,R,in], b [S,out,R]."""
+    return torch.stack([x[row] @ a[slot].t() @ b[slot].t() for row, slot in enumerate(slots.tolist())])
 
 
 class BatchedLoraLayer(nn.Module):
@@ -53,32 +53,32 @@ class BatchedLoraLayer(nn.Module):
         self.rows = rows
         self.num_slots = num_slots  # adapter slots; index num_slots is the zero slot
         self.in_features, self.out_features = module_shape(base)
-        self.a: torch.Tensor | None = None  # [slots + 1, in, R]
-        self.b: torch.Tensor | None = None  # [slots + 1, R, out]
-        self._selected: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (version, A [B,in,r], B [B,r,out])
+        self.a: torch.Tensor | None = None  # [slots + 1, R, in]
+        self.b: torch.Tensor | None = None  # [slots + 1, out, R]
+        self._selected: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (version, A [B,r,in], B [B,out,r])
 
     @property
     def capacity(self) -> int:
-        return 0 if self.a is None else self.a.shape[-1]
+        return 0 if self.a is None else self.a.shape[1]
 
     def _grow(self, rank: int, device: torch.device, dtype: torch.dtype) -> None:
         """Allocate the bank, or widen it to ``rank``, keeping what it holds."""
-        a = torch.zeros(self.num_slots + 1, self.in_features, rank, device=device, dtype=dtype)
-        b = torch.zeros(self.num_slots + 1, rank, self.out_features, device=device, dtype=dtype)
+        a = torch.zeros(self.num_slots + 1, rank, self.in_features, device=device, dtype=dtype)
+        b = torch.zeros(self.num_slots + 1, self.out_features, rank, device=device, dtype=dtype)
         if self.a is not None:
-            a[..., : self.capacity] = self.a
-            b[:, : self.capacity] = self.b
+            a[:, : self.capacity] = self.a
+            b[..., : self.capacity] = self.b
         self.a, self.b = a, b
 
     def _per_row(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each row's A [B, in, r] and B [B, r, out], gathered once per batch, not once per step."""
+        """Each row's A [B, r, in] and B [B, out, r], gathered once per batch, not once per step."""
         if self._selected is None or self._selected[0] != self.rows.version:
             slots = self.rows.slots
-            self._selected = (self.rows.version, self.a[slots, :, :rank].contiguous(), self.b[slots, :rank].contiguous())
+            self._selected = (self.rows.version, self.a[slots, :rank].contiguous(), self.b[slots, :, :rank].contiguous())
         return self._selected[1], self._selected[2]
 
     def write_slot(self, slot: int, pair: tuple[torch.Tensor, torch.Tensor] | None, device, dtype) -> None:
-        """Put one adapter's (A [r,in], B [out,r]) into ``slot``, or clear it when ``pair`` is None."""
+        """Put one adapter's (A [r, in], B [out, r]) into ``slot``, or clear it when ``pair`` is None."""
         if pair is None:
             if self.a is not None:
                 self.a[slot].zero_()
@@ -88,10 +88,11 @@ class BatchedLoraLayer(nn.Module):
         rank = lora_a.shape[0]
         if rank > self.capacity:
             self._grow(rank, device, dtype)
-        self.a[slot].zero_()
-        self.b[slot].zero_()
-        self.a[slot, :, :rank].copy_(lora_a.t(), non_blocking=True)
-        self.b[slot, :rank].copy_(lora_b.t(), non_blocking=True)
+        self.a[slot, :rank].copy_(lora_a)
+        self.b[slot, :, :rank].copy_(lora_b)
+        if rank < self.capacity:
+            self.a[slot, rank:].zero_()
+            self.b[slot, :, rank:].zero_()
 
     def release(self) -> None:
         """Free the bank (no adapter uses this module any more)."""
@@ -102,11 +103,11 @@ class BatchedLoraLayer(nn.Module):
         rank = min(self.rows.rank, self.capacity)
         if rank == 0:
             return out
-        a, b = self._per_row(rank)  # [B, in, r], [B, r, out]
+        a, b = self._per_row(rank)  # [B, r, in], [B, out, r]
         batch = x.shape[0]
-        hidden = torch.bmm(x.reshape(batch, -1, self.in_features).to(a.dtype), a)  # [B, T, r]
+        hidden = torch.bmm(x.reshape(batch, -1, self.in_features).to(a.dtype), a.transpose(1, 2))  # [B, T, r]
         out3 = out.reshape(batch, -1, self.out_features)  # [B, T, out]
-        return torch.baddbmm(out3.to(b.dtype), hidden, b).to(out.dtype).reshape(out.shape)
+        return torch.baddbmm(out3.to(b.dtype), hidden, b.transpose(1, 2)).to(out.dtype).reshape(out.shape)
 
 
 def wrap_lora_targets(model: nn.Module, rows: RowAdapters, num_slots: int) -> dict[str, BatchedLoraLayer]:

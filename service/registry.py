@@ -134,8 +134,9 @@ class AdapterRegistry:
             slot = self._resident.pop(victim)[0]
         else:
             slot = min(set(range(self.max_resident)) - {slot for slot, _ in self._resident.values()})
+        pairs = adapter.views(adapter.packed.to(self.device, self.dtype, non_blocking=True))  # one transfer
         for module, layer in self.layers.items():
-            pair = adapter.modules.get(module)
+            pair = pairs.get(module)
             if pair is not None or layer.a is not None:
                 layer.write_slot(slot, pair, self.device, self.dtype)
         self._resident[name] = (slot, adapter)
@@ -162,7 +163,7 @@ class AdapterRegistry:
         if self._merged == name:
             return
         self.unmerge()
-        for module, (lora_a, lora_b) in adapter.modules.items():
+        for module, (lora_a, lora_b) in adapter.views().items():
             weight = self.layers[module].base.weight
             self._originals[module] = weight.detach().clone()
             delta = (lora_b @ lora_a).to(weight.device, weight.dtype)  # [out, in]
