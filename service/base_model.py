@@ -100,7 +100,8 @@ def load_base(settings: Settings) -> tuple[PreTrainedModel, PreTrainedTokenizerB
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
         )
-        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+        gpu = device.index if device.index is not None else int(os.environ.get("LOCAL_RANK", 0))  # torchrun: own GPU
+        kwargs["device_map"] = {"": gpu} if device.type == "cuda" else {"": "cpu"}
     model = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
     if settings.quantize == "none":
         model.to(device)
