@@ -210,6 +210,21 @@ class Bench:
         return report
 
 
+def markdown_table(report: dict) -> str:
+    """Requests/s per mode and batch size, with mixed's ratios to bare (the faster of hf_base and base) and peft."""
+    rate = {(r["mode"], r["batch_size"]): r["req_per_s"] for r in report["results"]}
+    modes = [m for m in ALL_MODES if any(mode == m for mode, _ in rate)]
+    lines = ["| batch | " + " | ".join(modes) + " | mixed / bare | mixed / peft_mixed |",
+             "|---:|" + "---:|" * (len(modes) + 2)]
+    for batch in sorted({b for _, b in rate}):
+        cells = [f"{rate[(m, batch)]:.2f}" if (m, batch) in rate else "" for m in modes]
+        bare = max(rate.get(("hf_base", batch), 0), rate.get(("base", batch), 0))
+        mixed, peft = rate.get(("mixed", batch)), rate.get(("peft_mixed", batch))
+        ratios = [f"{mixed / bare:.2f}x" if mixed and bare else "", f"{mixed / peft:.1f}x" if mixed and peft else ""]
+        lines.append(f"| {batch} | " + " | ".join(cells + ratios) + " |")
+    return "\n".join(lines)
+
+
 def rss_bytes() -> int:
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -222,6 +237,8 @@ def run(args: argparse.Namespace) -> dict:
         raise SystemExit(f"unknown modes: {', '.join(sorted(unknown))}")
     bench = Bench(args)
     torch.set_grad_enabled(False)
+    for _ in range(3):  # warm the process (allocator, kernels) before any mode is timed, so the first is not penalised
+        bench.hf_generate(bench.plain, 1)
     if "hf_base" in modes:
         bench.run_hf_base()
     bench.run_peft(modes)
@@ -235,6 +252,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.registered:
         report["memory"] = bench.memory()
         print(json.dumps(report["memory"]), flush=True)
+    print(markdown_table(report))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))
