@@ -31,8 +31,7 @@ class AdapterRegistry:
         self.roots = [Path(root) for root in roots]
         self.max_resident = max_resident
         self.max_rank = max_rank
-        self.quantized = any(not layer.base.weight.is_floating_point() or layer.base.weight.dtype == torch.uint8
-                             for layer in self.layers.values())
+        self.quantized = any(not layer.base.weight.is_floating_point() for layer in self.layers.values())  # 4-bit
         self._adapters: dict[str, AdapterWeights] = {}
         # name -> (slot, the weights the slot was filled from), least recently used first
         self._resident: OrderedDict[str, tuple[int, AdapterWeights]] = OrderedDict()

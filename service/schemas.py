@@ -1,13 +1,20 @@
 """HTTP request and response bodies (validation only; no tensors here)."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from service.decoding import Decoding
 
-NonEmpty = Field(min_length=1, max_length=100_000)
+
+def _not_blank(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must not be blank")
+    return text
+
+
+Text = Annotated[str, Field(min_length=1, max_length=100_000), AfterValidator(_not_blank)]
 
 
 class DecodingIn(BaseModel):
@@ -29,17 +36,11 @@ class DecodingIn(BaseModel):
 
 class AnswerIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    context: str = NonEmpty
-    question: str = NonEmpty
+    context: Text
+    question: Text
     adapter: str | None = None
     extractive: bool = True
     decoding: DecodingIn = Field(default_factory=DecodingIn)
-
-    @model_validator(mode="after")
-    def _not_blank(self):
-        if not self.context.strip() or not self.question.strip():
-            raise ValueError("context and question must not be blank")
-        return self
 
 
 class AnswerOut(BaseModel):
@@ -53,15 +54,9 @@ class AnswerOut(BaseModel):
 
 class NliIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    premise: str = NonEmpty
-    hypothesis: str = NonEmpty
+    premise: Text
+    hypothesis: Text
     adapter: str | None = None
-
-    @model_validator(mode="after")
-    def _not_blank(self):
-        if not self.premise.strip() or not self.hypothesis.strip():
-            raise ValueError("premise and hypothesis must not be blank")
-        return self
 
 
 class NliOut(BaseModel):
@@ -80,7 +75,7 @@ class CompletionIn(BaseModel):
     """The subset of OpenAI's /v1/completions the service honours."""
 
     model: str
-    prompt: str = NonEmpty
+    prompt: str = Field(min_length=1, max_length=100_000)
     max_tokens: int = Field(16, ge=1, le=4096)
     temperature: float = Field(1.0, ge=0, le=10)
     top_p: float = Field(1.0, gt=0, le=1)
