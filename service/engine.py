@@ -126,6 +126,8 @@ class Engine:
         """Run ``fn()`` on the engine thread between batches (merge, unmerge)."""
         future: Future = Future()
         with self._wakeup:
+            if not self._accepting:
+                raise EngineStopped("the engine is stopping")
             self._controls.append((fn, future))
             self._wakeup.notify_all()
         return future
