@@ -45,8 +45,8 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def row_uniforms(seeds: torch.Tensor, step: int) -> torch.Tensor:
-    """One uniform in (0, 1) per row, a pure function of (seed, step)."""
+def row_uniforms(seeds: torch.Tensor, step: int | torch.Tensor) -> torch.Tensor:
+    """One uniform in (0, 1) per row, a pure function of (seed, step); ``step`` is shared or per row."""
     low, high = seeds & MASK32, (seeds >> 32) & MASK32
     mixed = _mix32(_mix32(low ^ _mix32(high + 0x9E3779B9)) ^ ((step * 0x632BE5AB) & MASK32))
     return (mixed.double() + 0.5) / 2.0**32
@@ -68,8 +68,15 @@ class RowSampler:
         self.temperature, self.top_k = self.temperature[keep], self.top_k[keep]
         self.top_p, self.seeds = self.top_p[keep], self.seeds[keep]
 
-    def __call__(self, logits: torch.Tensor, step: int) -> torch.Tensor:
-        """Next token per row from logits [B, V]."""
+    def extend(self, other: RowSampler) -> None:
+        """Append another sampler's rows (requests joining a running batch)."""
+        self.temperature = torch.cat([self.temperature, other.temperature])
+        self.top_k, self.top_p = torch.cat([self.top_k, other.top_k]), torch.cat([self.top_p, other.top_p])
+        self.seeds = torch.cat([self.seeds, other.seeds])
+        self.all_greedy = self.all_greedy and other.all_greedy
+
+    def __call__(self, logits: torch.Tensor, step: int | torch.Tensor) -> torch.Tensor:
+        """Next token per row from logits [B, V]; ``step`` counts each row's tokens so far (shared or per row)."""
         greedy = logits.argmax(dim=-1)
         if self.all_greedy:
             return greedy

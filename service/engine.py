@@ -20,6 +20,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from service import metrics
 from service.adapter_files import AdapterError
 from service.decoding import Decoding, RowSampler
+from service.generation import RunningBatch
 from service.registry import AdapterRegistry
 from service.settings import Settings
 
@@ -179,16 +180,17 @@ class Engine:
                 if left <= 0:
                     break
                 self._wakeup.wait(left)
-            return self._take(type(self._queue[0].work))
+            return self._take(type(self._queue[0].work), self.settings.max_batch, set())
 
-    def _take(self, kind: type) -> list[_Pending]:
-        """Up to ``max_batch`` queued requests of one kind using at most ``max_resident`` adapters, oldest first."""
-        batch, rest, adapters = [], deque(), set()
-        while self._queue and len(batch) < self.settings.max_batch:
+    def _take(self, kind: type, room: int, adapters: set[str], only: str | None = None) -> list[_Pending]:
+        """Up to ``room`` queued requests of one kind, oldest first, so that the adapters in use (``adapters``
+        plus theirs) fit the device slots; with ``only``, just requests for that adapter."""
+        batch, rest = [], deque()
+        while self._queue and len(batch) < room:
             pending = self._queue.popleft()
             adapter = pending.work.adapter
             fits = adapter is None or adapter in adapters or len(adapters) < self.registry.max_resident
-            if type(pending.work) is kind and fits:
+            if type(pending.work) is kind and fits and (only is None or adapter == only):
                 batch.append(pending)
                 adapters.update([adapter] if adapter is not None else [])
             else:
@@ -198,24 +200,31 @@ class Engine:
 
     def _serve(self, batch: list[_Pending]) -> None:
         batch = [pending for pending in batch if pending.future.set_running_or_notify_cancel()]
-        names = [pending.work.adapter for pending in batch]
-        self._apply_merge_policy(set(names))
-        missing = set(self.registry.activate(names))
-        if missing:
-            for row in missing:
-                batch[row].future.set_exception(AdapterError(f"unknown adapter {names[row]!r}", status=404))
-            batch = [pending for row, pending in enumerate(batch) if row not in missing]
-            self.registry.activate([pending.work.adapter for pending in batch])
+        self._apply_merge_policy({pending.work.adapter for pending in batch})
+        batch = self._activate(batch)
         if not batch:
             return
-        now = time.perf_counter()
-        for pending in batch:
-            metrics.QUEUE_WAIT.observe(now - pending.enqueued)
         metrics.BATCH_SIZE.observe(len(batch))
         if isinstance(batch[0].work, Scoring):
             self._score(batch)
         else:
             self._generate(batch)
+
+    def _activate(self, rows: list[_Pending], newcomers: int | None = None) -> list[_Pending]:
+        """Point the LoRA row mapping at ``rows``' adapters; rows whose adapter is gone fail with 404.
+
+        The last ``newcomers`` rows (all, by default) have just left the queue."""
+        names = [pending.work.adapter for pending in rows]
+        missing = set(self.registry.activate(names))
+        for row in missing:
+            rows[row].future.set_exception(AdapterError(f"unknown adapter {names[row]!r}", status=404))
+        kept = [pending for row, pending in enumerate(rows) if row not in missing]
+        if missing:
+            self.registry.activate([pending.work.adapter for pending in kept])
+        now = time.perf_counter()
+        for pending in rows[len(rows) - (len(rows) if newcomers is None else newcomers):]:
+            metrics.QUEUE_WAIT.observe(now - pending.enqueued)
+        return kept
 
     def _apply_merge_policy(self, names: set[str | None]) -> None:
         """Unmerge when a batch needs other weights; merge after a run of single-adapter batches."""
@@ -233,7 +242,7 @@ class Engine:
             registry.merge(single)
 
     def _prefill(self, prompts: list[list[int]]):
-        """Left-pad the prompts and run them; returns (last logits [B,V], cache, mask, lengths)."""
+        """Left-pad the prompts and run them; returns (last logits [B,V], cache, mask [B,W])."""
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -245,55 +254,67 @@ class Engine:
         cache = DynamicCache()
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                          use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1].float(), cache, mask, mask.sum(-1)
+        return out.logits[:, -1].float(), cache, mask
 
     @torch.inference_mode()
     def _score(self, batch: list[_Pending]) -> None:
-        logits, _, _, _ = self._prefill([pending.work.prompt_ids for pending in batch])
+        logits, _, _ = self._prefill([pending.work.prompt_ids for pending in batch])
         for row, pending in enumerate(batch):
             candidates = torch.tensor(pending.work.candidates, device=logits.device)
             pending.future.set_result(logits[row, candidates].softmax(-1).tolist())
 
+    def _is_stop(self, work: Generation, token: int) -> bool:
+        return (token in self.eos_ids and not work.ignore_eos) or (work.stop_at_newline and token in self.newline_ids)
+
+    def _start_rows(self, batch: list[_Pending]) -> RunningBatch:
+        """Prefill ``batch`` (the row mapping must already point at its adapters)."""
+        works = [pending.work for pending in batch]
+        logits, cache, mask = self._prefill([work.prompt_ids for work in works])
+        limits = [min(work.decoding.max_new_tokens, self.settings.max_new_tokens) for work in works]
+        return RunningBatch(batch, logits, cache, mask, RowSampler([w.decoding for w in works], self.device), limits)
+
     @torch.inference_mode()
     def _generate(self, batch: list[_Pending]) -> None:
-        works = [pending.work for pending in batch]
-        logits, cache, mask, lengths = self._prefill([work.prompt_ids for work in works])
-        sampler = RowSampler([work.decoding for work in works], self.device)
-        limits = [min(work.decoding.max_new_tokens, self.settings.max_new_tokens) for work in works]
-        tokens: list[list[int]] = [[] for _ in works]
-        first_token_at = [0.0] * len(works)
-        alive = list(range(len(works)))
-        step = 0
+        """Decode until every row is done; finished rows leave, queued requests join between steps."""
+        running = self._start_rows(batch)
         while True:
-            chosen = sampler(logits, step).tolist()
-            now, keep = time.perf_counter(), []
-            for position, (row, token) in enumerate(zip(alive, chosen)):
-                if step == 0:
-                    first_token_at[row] = now
-                tokens[row].append(token)
-                if (token in self.eos_ids and not works[row].ignore_eos) or (
-                        works[row].stop_at_newline and token in self.newline_ids):
-                    self._finish(batch[row], tokens[row], "stop", first_token_at[row])
-                elif len(tokens[row]) >= limits[row]:
-                    self._finish(batch[row], tokens[row], "length", first_token_at[row])
-                else:
-                    keep.append(position)
-            if not keep:
-                return
-            next_ids = torch.tensor([chosen[p] for p in keep], device=self.device)
-            if len(keep) < len(alive):
-                index = torch.tensor(keep, device=self.device)
-                cache.batch_select_indices(index)
-                mask, lengths = mask[index], lengths[index]
-                sampler.select_rows(index)
-                self.registry.select_rows(index)
-                alive = [alive[p] for p in keep]
-            mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=-1)
-            out = self.model(input_ids=next_ids[:, None], attention_mask=mask, position_ids=lengths[:, None],
-                             past_key_values=cache, use_cache=True)
-            logits = out.logits[:, -1].float()
-            lengths = lengths + 1
-            step += 1
+            self._join(running)
+            chosen, finished = running.sample(self._is_stop)
+            for row, reason in finished:
+                self._finish(running.pendings[row], running.tokens[row], reason, running.first_token_at[row])
+            if finished:
+                done = {row for row, _ in finished}
+                kept = [row for row in range(len(running)) if row not in done]
+                if not kept:
+                    return
+                running.keep(kept)
+                self.registry.select_rows(torch.tensor(kept, device=self.device))
+                chosen = [chosen[row] for row in kept]
+            running.forward(self.model, chosen)
+
+    def _join(self, running: RunningBatch) -> None:
+        """Prefill queued generation requests that fit and append them to the running batch."""
+        room = self.settings.max_batch - len(running)
+        if room <= 0 or not self._queue:
+            return
+        in_use = {pending.work.adapter for pending in running.pendings} - {None}
+        with self._wakeup:
+            joiners = self._take(Generation, room, in_use, only=self.registry.merged)
+        joiners = [pending for pending in joiners if pending.future.set_running_or_notify_cancel()]
+        if not joiners:
+            return
+        rows = self._activate(running.pendings + joiners, newcomers=len(joiners))
+        alive = {id(pending) for pending in rows}
+        gone = [row for row, pending in enumerate(running.pendings) if id(pending) not in alive]
+        if gone:  # a running row's adapter was deleted: it has been failed, drop it
+            running.keep([row for row in range(len(running)) if row not in gone])
+        joiners = rows[len(running):]
+        if not joiners:
+            return
+        self.registry.select_rows(torch.arange(len(running), len(rows), device=self.device))
+        newcomers = self._start_rows(joiners)
+        self.registry.activate([pending.work.adapter for pending in rows])
+        running.extend(newcomers)
 
     def _finish(self, pending: _Pending, tokens: list[int], reason: str, first_token_at: float) -> None:
         work = pending.work

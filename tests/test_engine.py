@@ -361,3 +361,25 @@ def test_eos_ids_from_the_generation_config_stop_generation(engines):
     engine = engines.fresh(before_engine=lambda model: setattr(model.generation_config, "eos_token_id", tokens[cut]))
     result = alone(engine, work)
     assert (result.token_ids, result.finish_reason) == (tokens[:cut], "stop")
+
+
+# ---- continuous batching -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", sorted(BASES))
+def test_requests_join_a_running_batch_and_get_what_they_get_alone(engines, arch):
+    engine = engines.fresh(arch, max_new_tokens=400)
+    rng = random.Random(5)
+    long_work = Generation(prompt(rng, 20, 30), "r8", Decoding(max_new_tokens=400), False, ignore_eos=True)
+    joiners = [Generation(prompt(rng), "r2", Decoding(max_new_tokens=3), False),
+               Generation(prompt(rng, 30, 40), None, Decoding("temperature", temperature=1.4, seed=3, max_new_tokens=4),
+                          False),
+               Generation(prompt(rng), "r4", Decoding("top_k", top_k=10, seed=4, max_new_tokens=5), False)]
+    expected = [alone(engine, work) for work in [long_work, *joiners]]
+    running = engine.submit(long_work)
+    deadline = time.monotonic() + WAIT
+    while engine.queue_depth and time.monotonic() < deadline:  # the long request has left the queue
+        time.sleep(0.001)
+    joined = [engine.submit(work) for work in joiners]
+    done = results(joined)
+    assert not running.done(), "the running batch ended before the newcomers finished: they did not join it"
+    assert_same_outputs([running.result(WAIT), *done], expected, [long_work, *joiners])
