@@ -145,3 +145,33 @@ def test_merge_refuses_pickled_adapters(tmp_path):
     (tmp_path / "adapter_model.bin").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match="pickled"):
         merge.adapter_dir(str(tmp_path))
+
+
+def test_a_qlora_adapter_serves_on_the_4bit_base(tiny_llama_dir, tmp_path):
+    from service.base_model import load_base
+    from service.engine import Engine, Scoring
+    from service.registry import AdapterRegistry
+    from service.settings import Settings
+
+    out = tmp_path / "qlora"
+    args = tiny_run(tiny_llama_dir, out, "nli", "--quantize", "nf4", "--eval-examples", 0, "--max-length", 64,
+                    "--lr", 5e-2)
+    args.max_steps = 2
+    train.run(args)
+    settings = Settings(base_model=str(tiny_llama_dir), quantize="nf4", device="cpu", auto_merge=False)
+    model, tokenizer = load_base(settings)
+    registry = AdapterRegistry(model, [tmp_path], max_resident=2, max_rank=64)
+    registry.register("qlora", out)
+    engine = Engine(model, tokenizer, registry, settings)
+    engine.start()
+    prompt, candidates = tokenizer.encode("Premise: a dog runs\nHypothesis: an animal moves\nRelation:"), [5, 6, 7]
+    try:
+        served, bare = (engine.submit(Scoring(prompt, name, candidates)).result(60) for name in ("qlora", None))
+    finally:
+        engine.stop()
+    peft_base, _ = load_base(settings)
+    peft_model = PeftModel.from_pretrained(peft_base, out).eval()
+    with torch.no_grad():
+        expected = peft_model(torch.tensor([prompt])).logits[0, -1, candidates].float().softmax(-1)
+    assert torch.allclose(torch.tensor(served), expected, atol=1e-4)
+    assert max(abs(a - b) for a, b in zip(served, bare)) > 1e-4  # the trained adapter changes the 4-bit model
