@@ -275,10 +275,12 @@ class Engine:
 
     @torch.inference_mode()
     def _generate(self, batch: list[_Pending]) -> None:
-        """Decode until every row is done; finished rows leave, queued requests join between steps."""
+        """Decode until every row is done; finished rows leave, queued requests are served between steps."""
         running = self._start_rows(batch)
         while True:
-            self._join(running)
+            self._between_steps(running)
+            if not len(running):  # every running row's adapter was deleted
+                return
             chosen, finished = running.sample(self._is_stop)
             for row, reason in finished:
                 self._finish(running.pendings[row], running.tokens[row], reason, running.first_token_at[row])
@@ -292,29 +294,43 @@ class Engine:
                 chosen = [chosen[row] for row in kept]
             running.forward(self.model, chosen)
 
-    def _join(self, running: RunningBatch) -> None:
-        """Prefill queued generation requests that fit and append them to the running batch."""
-        room = self.settings.max_batch - len(running)
+    def _between_steps(self, running: RunningBatch) -> None:
+        """Between two decoding steps: score waiting NLI requests at once, and let waiting generations join."""
+        for kind in (Scoring, Generation):
+            newcomers = self._admit(running, kind)
+            if not newcomers:
+                continue
+            if kind is Scoring:
+                metrics.BATCH_SIZE.observe(len(newcomers))
+                self._score(newcomers)
+            else:
+                running.extend(self._start_rows(newcomers))
+            self.registry.activate([pending.work.adapter for pending in running.pendings])
+
+    def _admit(self, running: RunningBatch, kind: type) -> list[_Pending]:
+        """Take queued requests of ``kind`` that fit beside the running rows, and point the row mapping at them.
+
+        Running rows whose adapter was deleted meanwhile are failed and dropped."""
+        room = self.settings.max_batch - (len(running) if kind is Generation else 0)
         if room <= 0 or not self._queue:
-            return
+            return []
         in_use = {pending.work.adapter for pending in running.pendings} - {None}
         with self._wakeup:
-            joiners = self._take(Generation, room, in_use, only=self.registry.merged)
-        joiners = [pending for pending in joiners if pending.future.set_running_or_notify_cancel()]
-        if not joiners:
-            return
-        rows = self._activate(running.pendings + joiners, newcomers=len(joiners))
+            taken = self._take(kind, room, in_use, only=self.registry.merged)
+        taken = [pending for pending in taken if pending.future.set_running_or_notify_cancel()]
+        if not taken:
+            return []
+        rows = self._activate(running.pendings + taken, newcomers=len(taken))
         alive = {id(pending) for pending in rows}
         gone = [row for row, pending in enumerate(running.pendings) if id(pending) not in alive]
-        if gone:  # a running row's adapter was deleted: it has been failed, drop it
+        if gone:
             running.keep([row for row in range(len(running)) if row not in gone])
-        joiners = rows[len(running):]
-        if not joiners:
-            return
-        self.registry.select_rows(torch.arange(len(running), len(rows), device=self.device))
-        newcomers = self._start_rows(joiners)
-        self.registry.activate([pending.work.adapter for pending in rows])
-        running.extend(newcomers)
+        newcomers = rows[len(running):]
+        if newcomers:
+            self.registry.select_rows(torch.arange(len(running), len(rows), device=self.device))
+        else:
+            self.registry.activate([pending.work.adapter for pending in running.pendings])
+        return newcomers
 
     def _finish(self, pending: _Pending, tokens: list[int], reason: str, first_token_at: float) -> None:
         work = pending.work

@@ -366,7 +366,7 @@ def test_eos_ids_from_the_generation_config_stop_generation(engines):
 # ---- continuous batching -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("arch", sorted(BASES))
-def test_requests_join_a_running_batch_and_get_what_they_get_alone(engines, arch):
+def test_requests_are_served_during_a_running_batch_and_get_what_they_get_alone(engines, arch):
     engine = engines.fresh(arch, max_new_tokens=400)
     rng = random.Random(5)
     long_work = Generation(prompt(rng, 20, 30), "r8", Decoding(max_new_tokens=400), False, ignore_eos=True)
@@ -374,12 +374,16 @@ def test_requests_join_a_running_batch_and_get_what_they_get_alone(engines, arch
                Generation(prompt(rng, 30, 40), None, Decoding("temperature", temperature=1.4, seed=3, max_new_tokens=4),
                           False),
                Generation(prompt(rng), "r4", Decoding("top_k", top_k=10, seed=4, max_new_tokens=5), False)]
+    scoring = Scoring(prompt(rng), "r4", [5, 6, 7])
     expected = [alone(engine, work) for work in [long_work, *joiners]]
+    expected_scores = alone(engine, scoring)
     running = engine.submit(long_work)
     deadline = time.monotonic() + WAIT
     while engine.queue_depth and time.monotonic() < deadline:  # the long request has left the queue
         time.sleep(0.001)
+    scored = engine.submit(scoring)
     joined = [engine.submit(work) for work in joiners]
     done = results(joined)
-    assert not running.done(), "the running batch ended before the newcomers finished: they did not join it"
+    assert scored.result(WAIT) == pytest.approx(expected_scores, abs=1e-6)
+    assert not running.done(), "the running batch ended before the newcomers finished: they were not served"
     assert_same_outputs([running.result(WAIT), *done], expected, [long_work, *joiners])
