@@ -3,7 +3,8 @@
 Modes: ``hf_base`` (transformers ``generate``, bare base), ``base`` / ``single`` / ``mixed`` (our engine with no
 adapter, one adapter, all adapters round-robin in each batch), ``merged`` (ours, one adapter, auto-merged),
 ``peft_mixed`` (peft ``generate`` with ``adapter_names``) and ``peft_sequential`` (peft, one request at a time,
-``set_adapter`` per request). It also times adapter hot-loads and measures host memory with many adapters.
+``set_adapter`` per request). Modes take turns batch by batch, so drift in the machine's speed falls on all
+alike. It also times adapter hot-loads and measures host memory with many adapters.
 """
 from __future__ import annotations
 
@@ -119,63 +120,75 @@ class Bench:
         self.results.append(row)
         print(json.dumps(row), flush=True)
 
-    def repeat(self, mode: str, batch: int, run_batch) -> None:
-        """One warm-up batch, then enough batches for ``min_requests`` requests."""
-        run_batch(0)
-        batches = max(1, -(-self.args.min_requests // batch))
-        seconds = timed(lambda: [run_batch(i) for i in range(batches)], self.device)
-        self.record(mode, batch, batches * batch, seconds)
-
     def hf_generate(self, model, batch: int, **kwargs) -> None:
         ids = self.prompts[:batch].to(self.device)
         model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.args.new_tokens,
                        min_new_tokens=self.args.new_tokens, do_sample=False,
                        pad_token_id=self.tokenizer.pad_token_id, **kwargs)
 
-    def run_hf_base(self) -> None:
-        for batch in self.batch_sizes:
-            self.repeat("hf_base", batch, lambda _: self.hf_generate(self.plain, batch))
-
-    def run_peft(self, modes: set[str]) -> None:
-        peft_model = random_adapters(copy.deepcopy(self.plain), self.names, self.args.rank,
-                                     TARGET_SETS[self.args.targets], self.workdir)
-        if "peft_mixed" in modes:
-            for batch in self.batch_sizes:
-                rows = [self.names[i % len(self.names)] for i in range(batch)]
-                self.repeat("peft_mixed", batch, lambda _: self.hf_generate(peft_model, batch, adapter_names=rows))
-        if "peft_sequential" in modes:
-            def one_request(i: int) -> None:
-                peft_model.set_adapter(self.names[i % len(self.names)])
-                self.hf_generate(peft_model, 1)
-            self.repeat("peft_sequential", 1, one_request)
-        del peft_model
-        gc.collect()
-
-    def run_engine(self, modes: set[str]) -> None:
+    def build(self, modes: set[str]) -> None:
+        """The three copies of the base: plain (hf_base), peft with the adapters, ours with its registry."""
+        self.peft_model = random_adapters(copy.deepcopy(self.plain), self.names, self.args.rank,
+                                          TARGET_SETS[self.args.targets], self.workdir)
         model = copy.deepcopy(self.plain)
-        registry = AdapterRegistry(model, [self.workdir], self.settings.max_resident, self.settings.max_rank)
+        self.registry = AdapterRegistry(model, [self.workdir], self.settings.max_resident, self.settings.max_rank)
         for name in self.names:
-            registry.register(name, self.workdir / name)
-        for mode in [m for m in ("base", "single", "merged", "mixed") if m in modes]:
-            for batch in self.batch_sizes:
-                settings = self.settings.model_copy(update={"auto_merge": mode == "merged", "merge_after": 1,
-                                                            "max_batch": batch})
-                engine = Engine(model, self.tokenizer, registry, settings)
-                engine.start()
-                adapters = {"base": [None], "single": self.names[:1], "merged": self.names[:1], "mixed": self.names}[mode]
-                works = [Generation(self.prompts[i].tolist(), adapters[i % len(adapters)],
-                                    Decoding(max_new_tokens=self.args.new_tokens), stop_at_newline=False,
-                                    ignore_eos=True) for i in range(batch)]
-                self.repeat(mode, batch, lambda _: engine.run_all(works))
-                engine.stop()
-            registry.unmerge()
-        self.engine_registry = registry
+            self.registry.register(name, self.workdir / name)
+        self.engines = {}
+        for mode in ENGINE_MODES & modes:
+            self.engines[mode] = Engine(model, self.tokenizer, self.registry,
+                                        self.settings.model_copy(update={"auto_merge": mode == "merged",
+                                                                         "merge_after": 1}))
+            self.engines[mode].start()
+
+    def runner(self, mode: str, batch: int):
+        """A callable that serves one batch of ``batch`` requests in ``mode`` (None: mode not run at this size)."""
+        if mode == "hf_base":
+            return lambda: self.hf_generate(self.plain, batch)
+        if mode == "peft_mixed":
+            rows = [self.names[i % len(self.names)] for i in range(batch)]
+            return lambda: self.hf_generate(self.peft_model, batch, adapter_names=rows)
+        if mode == "peft_sequential":
+            return self.sequential if batch == 1 else None
+        adapters = {"base": [None], "single": self.names[:1], "merged": self.names[:1], "mixed": self.names}[mode]
+        works = [Generation(self.prompts[i].tolist(), adapters[i % len(adapters)],
+                            Decoding(max_new_tokens=self.args.new_tokens), stop_at_newline=False, ignore_eos=True)
+                 for i in range(batch)]
+        engine = self.engines[mode]
+        engine.settings.max_batch = batch
+
+        def serve() -> None:
+            if mode != "merged":
+                self.registry.unmerge()  # the merged mode's engine may have left its adapter merged
+            engine.run_all(works)
+        return serve
+
+    def sequential(self) -> None:
+        """peft one request at a time, switching adapters per request."""
+        self.turn = getattr(self, "turn", -1) + 1
+        self.peft_model.set_adapter(self.names[self.turn % len(self.names)])
+        self.hf_generate(self.peft_model, 1)
+
+    def measure(self, modes: list[str]) -> None:
+        """Per batch size: a warm-up batch per mode, then rounds in which every mode serves one batch in turn,
+        so that drift in the machine's speed falls on all modes alike."""
+        for batch in self.batch_sizes:
+            runners = {mode: run for mode in modes if (run := self.runner(mode, batch)) is not None}
+            for run in runners.values():
+                run()
+            rounds = max(1, -(-self.args.min_requests // batch))
+            seconds = dict.fromkeys(runners, 0.0)
+            for _ in range(rounds):
+                for mode, run in runners.items():
+                    seconds[mode] += timed(run, self.device)
+            for mode in runners:
+                self.record(mode, batch, rounds * batch, seconds[mode])
 
     def hot_load(self) -> dict:
         """Time register + activation of an r=16 all-linear adapter from local disk."""
         source = self.workdir / "hotload"
         random_adapters(copy.deepcopy(self.plain), ["hot"], 16, TARGET_SETS["all_linear"], source, seed=1)
-        registry = self.engine_registry
+        registry = self.registry
         registry.roots.append(source)
         times = []
         for i in range(self.args.hot_loads):
@@ -189,7 +202,7 @@ class Bench:
 
     def memory(self) -> dict:
         """Host RSS with many adapters registered, and after they are all unloaded."""
-        registry, count = self.engine_registry, self.args.registered
+        registry, count = self.registry, self.args.registered
         source = self.workdir / self.names[0]
         gc.collect()
         baseline = rss_bytes()
@@ -239,10 +252,11 @@ def run(args: argparse.Namespace) -> dict:
     torch.set_grad_enabled(False)
     for _ in range(3):  # warm the process (allocator, kernels) before any mode is timed, so the first is not penalised
         bench.hf_generate(bench.plain, 1)
-    if "hf_base" in modes:
-        bench.run_hf_base()
-    bench.run_peft(modes)
-    bench.run_engine(modes)
+    bench.build(modes)
+    bench.measure([mode for mode in ALL_MODES if mode in modes])
+    for engine in bench.engines.values():
+        engine.stop()
+    bench.registry.unmerge()
     device = torch.cuda.get_device_name() if bench.device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
     report = {"device": device, "config": {k: str(v) for k, v in vars(args).items() if k not in ("func", "module")},
               "results": bench.results}

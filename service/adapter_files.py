@@ -15,6 +15,9 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLED_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+BASE_MODEL_ID = "base"  # the bare base model's OpenAI model id
+BASE_LABEL = "none"  # the bare base model's metric label (and `loraswap eval --adapter none`)
+RESERVED_NAMES = (BASE_MODEL_ID, BASE_LABEL)
 KEY_PATTERN = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight")
 
 
@@ -73,9 +76,11 @@ class AdapterWeights:
 
 
 def check_name(name: str) -> str:
-    """Adapter names are plain identifiers (they become metric labels and URL parts)."""
+    """Adapter names are plain identifiers (they become metric labels and URL parts), and not a reserved one."""
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
         raise AdapterError(f"adapter name {name!r} is not a plain identifier ([A-Za-z_][A-Za-z0-9_]*, at most 64)")
+    if name in RESERVED_NAMES:
+        raise AdapterError(f"{name!r} names the bare base model (OpenAI model id, metric label); choose another name")
     return name
 
 

@@ -8,11 +8,10 @@ from fastapi import APIRouter, Depends, Header, HTTPException, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.adapter_files import AdapterError
+from service.adapter_files import BASE_LABEL, BASE_MODEL_ID
 from service.runtime import Runtime
 from service.schemas import AdapterIn, AnswerIn, AnswerOut, CompletionIn, NliIn, NliOut
 
-BASE_MODEL_ID = "base"  # the bare base model in /v1/models
 
 tasks_router = APIRouter(tags=["tasks"])
 admin_router = APIRouter(tags=["admin"])
@@ -53,7 +52,7 @@ def pick_adapter(rt: Runtime, request_body, default: str | None, request: Reques
     else:
         name = default if default in rt.registry.names() else None
     rt.registry.require(name)
-    request.state.adapter = name or "none"
+    request.state.adapter = name or BASE_LABEL
     return name
 
 
@@ -83,8 +82,6 @@ def list_adapters(rt: Runtime = Depends(serving)) -> dict:
 
 @admin_router.post("/adapters", status_code=201)
 async def load_adapter(body: AdapterIn, rt: Runtime = Depends(admin)) -> dict:
-    if body.name == BASE_MODEL_ID:
-        raise AdapterError(f"{BASE_MODEL_ID!r} names the bare base model; choose another adapter name")
     return await run_in_threadpool(rt.load_adapter, body.name, body.path)
 
 
@@ -117,7 +114,7 @@ def models(rt: Runtime = Depends(serving)) -> dict:
 async def completions(body: CompletionIn, request: Request, rt: Runtime = Depends(serving)) -> dict:
     adapter = None if body.model == BASE_MODEL_ID else body.model
     rt.registry.require(adapter)
-    request.state.adapter = adapter or "none"
+    request.state.adapter = adapter or BASE_LABEL
     result = await rt.tasks.generate(body.prompt, adapter, body.to_decoding(new_seed()), stop_at_newline=False)
     prompt_tokens = len(rt.tasks.encode(body.prompt))
     return {

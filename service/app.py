@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from service import metrics
-from service.adapter_files import AdapterError
+from service.adapter_files import BASE_LABEL, AdapterError
 from service.api import admin_router, openai_router, ops_router, tasks_router
 from service.engine import EngineStopped, QueueFull
 from service.runtime import Runtime
@@ -74,7 +74,7 @@ def add_request_metrics(app: FastAPI) -> None:
             route = request.scope.get("route")
             if route is not None and route.path != "/metrics":
                 metrics.REQUEST_DURATION.labels(
-                    endpoint=route.path, adapter=getattr(request.state, "adapter", "none"), status=str(status)
+                    endpoint=route.path, adapter=getattr(request.state, "adapter", BASE_LABEL), status=str(status)
                 ).observe(time.perf_counter() - started)
 
 

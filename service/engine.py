@@ -18,7 +18,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from service import metrics
-from service.adapter_files import AdapterError
+from service.adapter_files import BASE_LABEL, AdapterError
 from service.decoding import Decoding, RowSampler
 from service.generation import RunningBatch
 from service.registry import AdapterRegistry
@@ -339,7 +339,7 @@ class Engine:
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         if work.stop_at_newline:
             text = text.split("\n", 1)[0]
-        label = work.adapter or "none"
+        label = work.adapter or BASE_LABEL
         metrics.GENERATED_TOKENS.labels(adapter=label).inc(len(tokens))
         metrics.TIME_TO_FIRST_TOKEN.labels(adapter=label).observe(first_token_at - pending.enqueued)
         pending.future.set_result(GenerationResult(text, tokens, reason, first_token_at - pending.enqueued))

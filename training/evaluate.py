@@ -6,6 +6,7 @@ import asyncio
 import json
 from pathlib import Path
 
+from service.adapter_files import BASE_LABEL
 from service.decoding import Decoding
 from service.prompts import NLI_LABELS, RTE_LABELS
 from service.runtime import Runtime
@@ -13,13 +14,12 @@ from service.settings import Settings
 from training.data import read_eval
 from training.metrics import accuracy, confusion_matrix, squad_scores
 
-BARE_BASE = "none"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", choices=["squad", "nli", "rte"], required=True)
     parser.add_argument("--adapter", required=True,
-                        help=f"a registered adapter name, an adapter folder, or '{BARE_BASE}' for the bare base model")
+                        help=f"a registered adapter name, an adapter folder, or '{BASE_LABEL}' for the bare base model")
     parser.add_argument("--data", type=Path, help="evaluation file (default: the task's dev set; MNLI: dev_matched)")
     parser.add_argument("--limit", type=int, help="only the first N examples")
     parser.add_argument("--strategy", choices=["greedy", "top_k", "nucleus", "temperature"], default="greedy")
@@ -50,7 +50,7 @@ def start_runtime(args: argparse.Namespace) -> tuple[Runtime, str | None]:
     )
     rt = Runtime(settings)
     rt.start()
-    if args.adapter == BARE_BASE:
+    if args.adapter == BASE_LABEL:
         return rt, None
     if is_folder:
         name = "evaluated"

@@ -1,0 +1,25 @@
+"""``loraswap bench`` end to end on the tiny Llama: every mode at every batch size, hot-load and memory."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from loadtest import bench
+
+
+def test_bench_measures_every_mode_and_writes_its_report(tiny_llama_dir, tmp_path):
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    out = tmp_path / "bench.json"
+    args = parser.parse_args(["--base-model", str(tiny_llama_dir), "--device", "cpu", "--batch-sizes", "1,3",
+                              "--adapters", "3", "--prompt-tokens", "8", "--new-tokens", "3", "--min-requests", "3",
+                              "--hot-loads", "2", "--registered", "4", "--json", str(out)])
+    report = bench.run(args)
+    assert json.loads(out.read_text()) == report
+    cells = {(row["mode"], row["batch_size"]) for row in report["results"]}
+    expected = {(mode, batch) for mode in bench.ALL_MODES for batch in (1, 3) if mode != "peft_sequential" or batch == 1}
+    assert cells == expected
+    assert all(row["req_per_s"] > 0 and row["requests"] >= 3 for row in report["results"])
+    assert report["hot_load"]["loads"] == 2 and report["hot_load"]["p50_ms"] > 0
+    assert report["memory"]["registered"] == 4 and set(report["memory"]["rss_growth_bytes"]) == {"1", "2", "4"}
+    assert "| 3 |" in bench.markdown_table(report)
