@@ -248,8 +248,13 @@ def run(args: argparse.Namespace) -> dict:
     unknown = modes - set(ALL_MODES)
     if unknown:
         raise SystemExit(f"unknown modes: {', '.join(sorted(unknown))}")
+    with torch.no_grad():
+        return measured(args)
+
+
+def measured(args: argparse.Namespace) -> dict:
+    modes = set(args.modes.split(","))
     bench = Bench(args)
-    torch.set_grad_enabled(False)
     for _ in range(3):  # warm the process (allocator, kernels) before any mode is timed, so the first is not penalised
         bench.hf_generate(bench.plain, 1)
     bench.build(modes)

@@ -43,6 +43,7 @@ def server(tiny_llama_dir, llama_adapters, tmp_path_factory):
                "--adapters-dir", str(copy_adapters(llama_adapters, root / "adapters")), "--adapter-roots", str(extra),
                "--admin-key", ADMIN_KEY, "--port", str(port), "--host", "127.0.0.1", "--cache-dir", str(root / "cache"),
                "--device", "cpu", "--qa-adapter", "one", "--nli-adapter", "two", "--max-batch", "4",
+               "--max-new-tokens", "256",
                "--drain-seconds", str(DRAIN_SECONDS)]
     log = open(root / "server.log", "w+")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
@@ -121,13 +122,13 @@ def in_flight(http: httpx.Client) -> float:
 
 
 def test_sigterm_drains_then_exits_cleanly(server):
-    """Runs last: SIGTERM with 12 slow requests in flight (64 tokens, batches of 4)."""
+    """Runs last: SIGTERM with 12 slow requests in flight (256 tokens, batches of 4)."""
     http, slow = server.http, 12
     idle = in_flight(http)
 
     def complete(i: int) -> httpx.Response:
         return httpx.post(f"{server.url}/v1/completions", timeout=120,
-                          json={"model": ("one", "two", "base")[i % 3], "prompt": f"Story {i}:", "max_tokens": 64})
+                          json={"model": ("one", "two", "base")[i % 3], "prompt": f"Story {i}:", "max_tokens": 256})
 
     with ThreadPoolExecutor(max_workers=slow) as pool:
         futures = [pool.submit(complete, i) for i in range(slow)]
