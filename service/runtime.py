@@ -24,7 +24,6 @@ class Runtime:
         self.registry: AdapterRegistry | None = None
         self.engine: Engine | None = None
         self.tasks: Tasks | None = None
-        self.model_id = settings.base_model
         self.ready = threading.Event()
         self.draining = False
         self.failure: str | None = None

@@ -259,7 +259,7 @@ def train_adapter(args: argparse.Namespace) -> dict:
     plot_losses(history, out / "loss.png", f"{out.name}: {args.task}, r={args.rank}, lr={args.lr:g}")
     base_file, base_sha = base_weights(str(args.base_model), settings.cache_dir)
     train_losses = [h["loss"] for h in history if "loss" in h]
-    trainable, total = model.get_nb_trainable_parameters()
+    trainable, _ = model.get_nb_trainable_parameters()
     card = {
         "name": out.name,
         "task": args.task,
