@@ -116,15 +116,14 @@ async def completions(body: CompletionIn, request: Request, rt: Runtime = Depend
     rt.registry.require(adapter)
     request.state.adapter = adapter or BASE_LABEL
     result = await rt.tasks.generate(body.prompt, adapter, body.to_decoding(new_seed()), stop_at_newline=False)
-    prompt_tokens = len(rt.tasks.encode(body.prompt))
     return {
         "id": f"cmpl-{new_seed():x}",
         "object": "text_completion",
         "created": int(time.time()),
         "model": body.model,
         "choices": [{"text": result.text, "index": 0, "logprobs": None, "finish_reason": result.finish_reason}],
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(result.token_ids),
-                  "total_tokens": prompt_tokens + len(result.token_ids)},
+        "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": len(result.token_ids),
+                  "total_tokens": result.prompt_tokens + len(result.token_ids)},
     }
 
 

@@ -50,6 +50,7 @@ class GenerationResult:
     token_ids: list[int]
     finish_reason: str  # "stop" or "length"
     time_to_first_token: float
+    prompt_tokens: int
 
 
 @dataclass
@@ -342,4 +343,5 @@ class Engine:
         label = work.adapter or BASE_LABEL
         metrics.GENERATED_TOKENS.labels(adapter=label).inc(len(tokens))
         metrics.TIME_TO_FIRST_TOKEN.labels(adapter=label).observe(first_token_at - pending.enqueued)
-        pending.future.set_result(GenerationResult(text, tokens, reason, first_token_at - pending.enqueued))
+        pending.future.set_result(GenerationResult(text, tokens, reason, first_token_at - pending.enqueued,
+                                                    len(work.prompt_ids)))

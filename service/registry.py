@@ -46,15 +46,17 @@ class AdapterRegistry:
         check_name(name)
         folder = check_path(path, self.roots)
         with self._lock:
-            if name in self._adapters:
-                raise AdapterError(f"adapter {name!r} is already loaded; delete it first", status=409)
+            self._refuse_duplicate(name)  # before the work of loading...
         started = time.perf_counter()
         adapter = load_adapter(name, folder, self.shapes, self.max_rank)
         with self._lock:
-            if name in self._adapters:
-                raise AdapterError(f"adapter {name!r} is already loaded; delete it first", status=409)
+            self._refuse_duplicate(name)  # ...and after it, in case another thread registered the name meanwhile
             self._adapters[name] = adapter
         return adapter.describe(), time.perf_counter() - started
+
+    def _refuse_duplicate(self, name: str) -> None:
+        if name in self._adapters:
+            raise AdapterError(f"adapter {name!r} is already loaded; delete it first", status=409)
 
     def unregister(self, name: str) -> None:
         """Forget an adapter; its slot is cleared the next time the engine activates adapters."""
