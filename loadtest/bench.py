@@ -47,6 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-tokens", type=int, default=192)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--min-requests", type=int, default=8, help="requests timed per mode and batch size (at least one batch)")
+    parser.add_argument("--rounds", type=int, help="timed rounds per batch size, whatever --min-requests says")
     parser.add_argument("--modes", default=",".join(ALL_MODES), help="comma-separated subset of " + ",".join(ALL_MODES))
     parser.add_argument("--hot-loads", type=int, default=20, help="timed hot-loads of an r=16 all-linear adapter")
     parser.add_argument("--registered", type=int, default=1000, help="adapters registered for the memory check (0 skips)")
@@ -130,7 +131,7 @@ class Bench:
         """The three copies of the base: plain (hf_base), peft with the adapters, ours with its registry."""
         self.peft_model = random_adapters(copy.deepcopy(self.plain), self.names, self.args.rank,
                                           TARGET_SETS[self.args.targets], self.workdir)
-        model = copy.deepcopy(self.plain)
+        self.model = model = copy.deepcopy(self.plain)
         self.registry = AdapterRegistry(model, [self.workdir], self.settings.max_resident, self.settings.max_rank)
         for name in self.names:
             self.registry.register(name, self.workdir / name)
@@ -176,7 +177,7 @@ class Bench:
             runners = {mode: run for mode in modes if (run := self.runner(mode, batch)) is not None}
             for run in runners.values():
                 run()
-            rounds = max(1, -(-self.args.min_requests // batch))
+            rounds = self.args.rounds or max(1, -(-self.args.min_requests // batch))
             seconds = dict.fromkeys(runners, 0.0)
             for _ in range(rounds):
                 for mode, run in runners.items():
@@ -185,20 +186,67 @@ class Bench:
                 self.record(mode, batch, rounds * batch, seconds[mode])
 
     def hot_load(self) -> dict:
-        """Time register + activation of an r=16 all-linear adapter from local disk."""
-        source = self.workdir / "hotload"
-        random_adapters(copy.deepcopy(self.plain), ["hot"], 16, TARGET_SETS["all_linear"], source, seed=1)
+        """Time hot-loads of an r=16 all-linear adapter from local disk: register (file to host, on the caller's
+        thread) and activate (host to a device slot, on the engine thread between decoding steps)."""
+        source = self.hot_adapter()
         registry = self.registry
-        registry.roots.append(source)
-        times = []
+        loads, activations = [], []
         for i in range(self.args.hot_loads):
             name = f"hot{i}"
-            seconds = timed(lambda: (registry.register(name, source / "hot"), registry.activate([name])), self.device)
-            times.append(seconds * 1000)
+            register = timed(lambda: registry.register(name, source), self.device)
+            with torch.inference_mode():  # as on the engine thread
+                activate = timed(lambda: registry.activate([name]), self.device)
+            loads.append((register + activate) * 1000)
+            activations.append(activate * 1000)
             registry.unregister(name)
-        times.sort()
-        return {"rank": 16, "targets": "all_linear", "loads": len(times), "p50_ms": round(statistics.median(times), 2),
-                "p95_ms": round(times[int(0.95 * (len(times) - 1))], 2)}
+        return {"rank": 16, "targets": "all_linear", "loads": len(loads), **percentiles("", loads),
+                **percentiles("activate_", activations)}
+
+    def hot_adapter(self) -> Path:
+        """An r=16 all-linear adapter on local disk, made once."""
+        root = self.workdir / "hotload"
+        if not root.exists():
+            random_adapters(copy.deepcopy(self.plain), ["hot"], 16, TARGET_SETS["all_linear"], root, seed=1)
+            self.registry.roots.append(root)
+        return root / "hot"
+
+    def stall(self, batch: int = 64, new_tokens: int = 64) -> dict:
+        """Decoding-step times of a running mixed batch, alone and while new adapters are hot-loaded into it
+        (a thread registers them and sends one request each, so the engine activates them between steps)."""
+        engine, source = self.engines["mixed"], self.hot_adapter()
+        loads = self.registry.max_resident // 2  # the running batch uses the other slots
+        running = self.names[: self.registry.max_resident - loads]
+        engine.settings.max_batch, engine.settings.max_new_tokens = batch + loads, new_tokens
+        stamps: list[float] = []
+        hook = self.model.register_forward_pre_hook(lambda *_: stamps.append(time.perf_counter()))
+        works = [Generation(self.prompts[i % len(self.prompts)].tolist(), running[i % len(running)],
+                            Decoding(max_new_tokens=new_tokens), stop_at_newline=False, ignore_eos=True)
+                 for i in range(batch)]
+
+        def step_ms(loading: bool) -> list[float]:
+            stamps.clear()
+            futures = [engine.submit(work) for work in works]
+            if loading:
+                while len(stamps) < 4 and not futures[0].done():  # let the batch start decoding first
+                    time.sleep(0.001)
+                for i in range(loads):
+                    self.registry.register(f"stall{i}", source)
+                    futures.append(engine.submit(Generation(works[0].prompt_ids[:8], f"stall{i}",
+                                                            Decoding(max_new_tokens=1), stop_at_newline=False)))
+            for future in futures:
+                future.result()
+            return [(b - a) * 1000 for a, b in zip(stamps[1:], stamps[2:])]  # from the first decoding step on
+
+        try:
+            step_ms(False)  # warm-up
+            quiet, busy = step_ms(False), step_ms(True)
+        finally:
+            hook.remove()
+            for i in range(loads):
+                self.registry.unregister(f"stall{i}")
+        return {"batch": batch, "new_tokens": new_tokens, "hot_loads": loads,
+                "quiet_step_p50_ms": round(statistics.median(quiet), 2), "quiet_step_max_ms": round(max(quiet), 2),
+                "loading_step_p50_ms": round(statistics.median(busy), 2), "loading_step_max_ms": round(max(busy), 2)}
 
     def memory(self) -> dict:
         """Host RSS with many adapters registered, and after they are all unloaded."""
@@ -238,6 +286,12 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def percentiles(prefix: str, millis: list[float]) -> dict:
+    ordered = sorted(millis)
+    return {f"{prefix}p50_ms": round(statistics.median(ordered), 2),
+            f"{prefix}p95_ms": round(ordered[int(0.95 * (len(ordered) - 1))], 2)}
+
+
 def rss_bytes() -> int:
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -259,6 +313,7 @@ def measured(args: argparse.Namespace) -> dict:
         bench.hf_generate(bench.plain, 1)
     bench.build(modes)
     bench.measure([mode for mode in ALL_MODES if mode in modes])
+    stall = bench.stall() if args.hot_loads and "mixed" in modes else None
     for engine in bench.engines.values():
         engine.stop()
     bench.registry.unmerge()
@@ -268,6 +323,9 @@ def measured(args: argparse.Namespace) -> dict:
     if args.hot_loads:
         report["hot_load"] = bench.hot_load()
         print(json.dumps(report["hot_load"]), flush=True)
+    if stall:
+        report["stall"] = stall
+        print(json.dumps(stall), flush=True)
     if args.registered:
         report["memory"] = bench.memory()
         print(json.dumps(report["memory"]), flush=True)

@@ -1,4 +1,4 @@
-"""``loraswap bench`` end to end on the tiny Llama: every mode at every batch size, hot-load and memory."""
+"""``loraswap bench`` end to end on the tiny Llama: every mode at every batch size, hot-load, stall and memory."""
 from __future__ import annotations
 
 import argparse
@@ -12,14 +12,17 @@ def test_bench_measures_every_mode_and_writes_its_report(tiny_llama_dir, tmp_pat
     bench.add_arguments(parser)
     out = tmp_path / "bench.json"
     args = parser.parse_args(["--base-model", str(tiny_llama_dir), "--device", "cpu", "--batch-sizes", "1,3",
-                              "--adapters", "3", "--prompt-tokens", "8", "--new-tokens", "3", "--min-requests", "3",
+                              "--adapters", "3", "--prompt-tokens", "8", "--new-tokens", "3", "--rounds", "2",
                               "--hot-loads", "2", "--registered", "4", "--json", str(out)])
     report = bench.run(args)
     assert json.loads(out.read_text()) == report
     cells = {(row["mode"], row["batch_size"]) for row in report["results"]}
     expected = {(mode, batch) for mode in bench.ALL_MODES for batch in (1, 3) if mode != "peft_sequential" or batch == 1}
     assert cells == expected
-    assert all(row["req_per_s"] > 0 and row["requests"] >= 3 for row in report["results"])
-    assert report["hot_load"]["loads"] == 2 and report["hot_load"]["p50_ms"] > 0
+    assert all(row["req_per_s"] > 0 and row["requests"] == 2 * row["batch_size"] for row in report["results"])
+    assert report["hot_load"]["loads"] == 2 and 0 < report["hot_load"]["activate_p50_ms"] < report["hot_load"]["p50_ms"]
+    stall = report["stall"]
+    assert stall["hot_loads"] == 1 and 0 < stall["quiet_step_p50_ms"] <= stall["quiet_step_max_ms"]
+    assert 0 < stall["loading_step_p50_ms"] <= stall["loading_step_max_ms"]
     assert report["memory"]["registered"] == 4 and set(report["memory"]["rss_growth_bytes"]) == {"1", "2", "4"}
     assert "| 3 |" in bench.markdown_table(report)
