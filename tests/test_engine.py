@@ -1,6 +1,6 @@
 """The engine: batched requests across adapters give exactly what each request gets alone.
 
-Engines run on the tiny bases with three adapters of ranks 2, 4 and 8 (see test_lora_layers). The
+Engines run on the tiny bases with three adapters of ranks 2, 4 and 8 (see lora_helpers). The
 reference for a request is the same request submitted alone to an engine that never merges.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from service.decoding import Decoding
 from service.engine import Engine, EngineStopped, Generation, GenerationResult, QueueFull, Scoring
 from service.registry import AdapterRegistry
 from service.settings import Settings
-from tests.test_lora_layers import BASES, make_ranked_adapters
+from tests.lora_helpers import BASES, make_ranked_adapters
 
 WAIT = 60  # seconds any single future may take before the test fails instead of hanging
 

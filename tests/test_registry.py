@@ -9,17 +9,14 @@ import torch
 
 from service.adapter_files import AdapterError
 from service.registry import AdapterRegistry
-from tests.test_lora_layers import (  # noqa: F401  (arch, base_dir and ranked are fixtures)
+from tests.lora_helpers import (
     FP32_TOLERANCE,
-    arch,
-    base_dir,
     batched_logits,
     engine_model,
     load_model,
     load_nf4_or_skip,
     peft_logits,
     random_ids,
-    ranked,
 )
 
 

@@ -1,0 +1,89 @@
+"""Helpers shared by the LoRA layer, registry and engine tests: adapters of three ranks on the tiny
+bases, the base loaded as the service loads it, and stock peft's logits as the reference.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+
+from service.base_model import load_base
+from service.registry import AdapterRegistry
+from service.settings import Settings
+from tests.tiny_models import make_adapter
+
+BASES = {"gpt2": "tiny_gpt2_dir", "llama": "tiny_llama_dir"}
+# three adapters per architecture, of different ranks and different (overlapping) target sets
+RANKED = {
+    "gpt2": {"r2": (2, ["c_attn"]), "r4": (4, ["c_fc"]), "r8": (8, ["c_attn", "c_proj", "c_fc"])},
+    "llama": {
+        "r2": (2, ["q_proj", "v_proj"]),
+        "r4": (4, ["gate_proj", "down_proj"]),
+        "r8": (8, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+    },
+}
+FP32_TOLERANCE = 1e-5
+
+
+def make_ranked_adapters(base_dir: Path, root: Path, arch: str) -> dict[str, Path]:
+    """The three adapters of ``RANKED[arch]`` saved by stock peft under ``root``.
+
+    Weights of N(0, 0.2^2) move the logits by ~1 while keeping the hidden states well conditioned
+    (at make_adapter's default 0.5, the r=8 adapter blows the activations up so much that fp32
+    rounding alone makes peft and any other correct implementation differ by ~1e-4).
+    """
+    return {
+        name: make_adapter(
+            base_dir, root / name, r=rank, alpha=2 * rank, target_modules=targets, seed=seed + 1, scale=0.2
+        )
+        for seed, (name, (rank, targets)) in enumerate(RANKED[arch].items())
+    }
+
+
+def load_model(base_dir: Path, quantize: str = "none"):
+    """The base as the service loads it (CPU, fp32, optionally NF4)."""
+    model, _ = load_base(Settings(base_model=str(base_dir), device="cpu", quantize=quantize))
+    return model
+
+
+def load_nf4_or_skip(base_dir: Path):
+    """A 4-bit base on the CPU, or a skip that says why bitsandbytes could not provide one."""
+    try:
+        model = load_model(base_dir, "nf4")
+        with torch.no_grad():
+            model(torch.tensor([[1, 2, 3]]))
+    except Exception as exc:  # bitsandbytes without CPU 4-bit support raises various errors
+        pytest.skip(f"bitsandbytes cannot run an NF4 base on the CPU here: {type(exc).__name__}: {exc}")
+    return model
+
+
+def engine_model(base_dir: Path, adapters: dict[str, Path], *, max_resident: int = 4, quantize: str = "none"):
+    """(model, registry) with our batched LoRA layers and every adapter registered."""
+    model = load_model(base_dir, quantize) if quantize == "none" else load_nf4_or_skip(base_dir)
+    roots = sorted({path.parent for path in adapters.values()})
+    registry = AdapterRegistry(model, roots=roots, max_resident=max_resident, max_rank=64)
+    for name, path in adapters.items():
+        registry.register(name, path)
+    return model, registry
+
+
+@torch.no_grad()
+def batched_logits(model, registry: AdapterRegistry, rows: list[str | None], ids: torch.Tensor) -> torch.Tensor:
+    """Logits of one mixed batch through our engine path: activate the rows' adapters, then forward."""
+    assert registry.activate(rows) == []
+    return model(input_ids=ids).logits
+
+
+@torch.no_grad()
+def peft_logits(base_dir: Path, adapter: Path | None, ids: torch.Tensor, quantize: str = "none") -> torch.Tensor:
+    """Stock peft's logits for ``ids`` with one adapter (None: the bare base) on a fresh base."""
+    model = load_model(base_dir, quantize)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter).eval()
+    return model(input_ids=ids).logits
+
+
+def random_ids(rows: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(1, 1000, (rows, length), generator=torch.Generator().manual_seed(seed))
