@@ -19,6 +19,8 @@ from service.settings import Settings
 from service.tasks import InputTooLong
 
 RETRY_AFTER_SECONDS = "1"
+# health and readiness probes and metric scrapes are not work: not counted as requests in flight
+NOT_IN_FLIGHT = frozenset({"/health", "/ready", "/metrics"})
 
 
 def error(status: int, message: str, **extra) -> JSONResponse:
@@ -58,19 +60,22 @@ def add_error_handlers(app: FastAPI) -> None:
 
 
 def add_request_metrics(app: FastAPI) -> None:
-    """Request latency by route, adapter and status, and the number of requests in flight."""
+    """Request latency by route, adapter and status, and the number of requests in flight (not probes)."""
 
     @app.middleware("http")
     async def _observe(request: Request, call_next):
         started = time.perf_counter()
-        metrics.REQUESTS_IN_FLIGHT.inc()
+        counted = request.url.path not in NOT_IN_FLIGHT
+        if counted:
+            metrics.REQUESTS_IN_FLIGHT.inc()
         status = 500
         try:
             response = await call_next(request)
             status = response.status_code
             return response
         finally:
-            metrics.REQUESTS_IN_FLIGHT.dec()
+            if counted:
+                metrics.REQUESTS_IN_FLIGHT.dec()
             route = request.scope.get("route")
             if route is not None and route.path != "/metrics":
                 metrics.REQUEST_DURATION.labels(

@@ -6,8 +6,11 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from fastapi import Request
+from prometheus_client import REGISTRY
 
 from service.adapter_files import NAME_PATTERN
+from service.api import runtime
 from tests.server_helpers import (
     ADMIN,
     ask,
@@ -109,6 +112,27 @@ def test_adapter_load_time_and_resident_gauge(client, extra):
     assert client.delete("/adapters/three", headers=ADMIN).status_code == 200
     ask(client, "one", max_new_tokens=1)  # the engine frees the deleted adapter's slot at its next batch
     assert value(scrape(client), "loraswap_adapters_resident") == resident() == 2
+
+
+def test_a_scrape_with_nothing_else_being_served_reports_zero_in_flight(client):
+    """The scrape itself is not a request in flight."""
+    assert value(scrape(client), "loraswap_requests_in_flight") == 0
+
+
+def test_a_readiness_probe_is_not_in_flight_while_it_is_answered(client):
+    """/ready reads the gauge from inside the request, through an overridden dependency: still 0."""
+    seen = []
+
+    def observing(request: Request):
+        seen.append(REGISTRY.get_sample_value("loraswap_requests_in_flight"))
+        return runtime(request)
+
+    client.app.dependency_overrides[runtime] = observing
+    try:
+        assert client.get("/ready").status_code == 200
+    finally:
+        client.app.dependency_overrides.clear()
+    assert seen == [0]
 
 
 def test_requests_in_flight_and_queue_wait_while_the_engine_is_held(client):
