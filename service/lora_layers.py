@@ -55,7 +55,7 @@ class BatchedLoraLayer(nn.Module):
         self.in_features, self.out_features = module_shape(base)
         self.a: torch.Tensor | None = None  # [slots + 1, R, in]
         self.b: torch.Tensor | None = None  # [slots + 1, out, R]
-        self._selected: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (version, A [B,r,in], B [B,out,r])
+        self._selected: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (version, A^T [B,in,r], B^T [B,r,out])
 
     @property
     def capacity(self) -> int:
@@ -71,10 +71,13 @@ class BatchedLoraLayer(nn.Module):
         self.a, self.b = a, b
 
     def _per_row(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each row's A [B, r, in] and B [B, out, r], gathered once per batch, not once per step."""
+        """Each row's A^T [B, in, r] and B^T [B, r, out], gathered once per batch, not once per step, and laid
+        out for ``bmm`` so that a step costs two products and nothing else."""
         if self._selected is None or self._selected[0] != self.rows.version:
             slots = self.rows.slots
-            self._selected = (self.rows.version, self.a[slots, :rank].contiguous(), self.b[slots, :, :rank].contiguous())
+            a_t = self.a[slots, :rank].transpose(1, 2).contiguous()
+            b_t = self.b[slots, :, :rank].transpose(1, 2).contiguous()
+            self._selected = (self.rows.version, a_t, b_t)
         return self._selected[1], self._selected[2]
 
     def write_slot(self, slot: int, pair: tuple[torch.Tensor, torch.Tensor] | None, device, dtype) -> None:
@@ -103,11 +106,13 @@ class BatchedLoraLayer(nn.Module):
         rank = min(self.rows.rank, self.capacity)
         if rank == 0:
             return out
-        a, b = self._per_row(rank)  # [B, r, in], [B, out, r]
-        batch = x.shape[0]
-        hidden = torch.bmm(x.reshape(batch, -1, self.in_features).to(a.dtype), a.transpose(1, 2))  # [B, T, r]
-        out3 = out.reshape(batch, -1, self.out_features)  # [B, T, out]
-        return torch.baddbmm(out3.to(b.dtype), hidden, b.transpose(1, 2)).to(out.dtype).reshape(out.shape)
+        a_t, b_t = self._per_row(rank)  # [B, in, r], [B, r, out]
+        if x.dim() != 3 or x.dtype != a_t.dtype or out.dtype != b_t.dtype:  # the fast path is 3-D, one dtype
+            batch = x.shape[0]
+            hidden = torch.bmm(x.reshape(batch, -1, self.in_features).to(a_t.dtype), a_t)
+            return torch.baddbmm(out.reshape(batch, -1, self.out_features).to(b_t.dtype), hidden, b_t).to(
+                out.dtype).reshape(out.shape)
+        return torch.baddbmm(out, torch.bmm(x, a_t), b_t)  # [B, T, out] += (x A^T) B^T, per row
 
 
 def wrap_lora_targets(model: nn.Module, rows: RowAdapters, num_slots: int) -> dict[str, BatchedLoraLayer]:
