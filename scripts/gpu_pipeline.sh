@@ -56,7 +56,7 @@ qlora() {  # QLoRA: 4-bit NF4 base, a short run on 4,000 questions, evaluated on
     --json "$results/eval_qlora_squad.json" > "$results/eval_qlora.log" 2>&1
 }
 sweep() {
-  loraswap sweep --task squad --out "$results/sweep" --ranks 4,16,64 --lrs 7e-5,1e-3 --targets attention,all_linear \
+  loraswap sweep --task squad --out "$results/sweep" --ranks 4,16,64 --lrs 7e-5,1e-3 --targets all_linear,attention \
     --max-steps 100 --batch-size 16 --max-examples 3200 --eval-examples 200 --eval-every 0.5 > "$results/sweep.log" 2>&1
 }
 

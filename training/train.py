@@ -254,7 +254,7 @@ def train_adapter(args: argparse.Namespace) -> dict:
     final = next((h for h in reversed(history) if "eval_loss" in h), {})
 
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    model.save_pretrained(out, safe_serialization=True, save_embedding_layers=False)  # no hub lookup of the base
     (out / "README.md").unlink(missing_ok=True)  # peft's template model card: card.json is ours
     plot_losses(history, out / "loss.png", f"{out.name}: {args.task}, r={args.rank}, lr={args.lr:g}")
     base_file, base_sha = base_weights(str(args.base_model), settings.cache_dir)
