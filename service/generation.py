@@ -45,8 +45,8 @@ class RunningBatch:
 
     def sample(self, is_stop: Callable[[object, int], bool]) -> tuple[list[int], list[tuple[int, str]]]:
         """Pick every row's next token; returns (the tokens, [(row, finish reason)] for rows now done)."""
-        steps = torch.tensor([len(t) for t in self.tokens], device=self.logits.device)
-        chosen = self.sampler(self.logits, steps).tolist()
+        steps = 0 if self.sampler.all_greedy else torch.tensor([len(t) for t in self.tokens], device=self.logits.device)
+        chosen = self.sampler(self.logits, steps).tolist()  # greedy rows draw nothing: no per-step copy to the device
         now, finished = time.perf_counter(), []
         for row, token in enumerate(chosen):
             if not self.tokens[row]:
