@@ -187,20 +187,21 @@ class Bench:
 
     def hot_load(self) -> dict:
         """Time hot-loads of an r=16 all-linear adapter from local disk: register (file to host, on the caller's
-        thread) and activate (host to a device slot, on the engine thread between decoding steps)."""
+        thread) and activate (host to a device slot, on the engine thread between decoding steps); and unloads
+        (unregister, then the engine clearing the slot at its next activation)."""
         source = self.hot_adapter()
         registry = self.registry
-        loads, activations = [], []
-        for i in range(self.args.hot_loads):
-            name = f"hot{i}"
-            register = timed(lambda: registry.register(name, source), self.device)
-            with torch.inference_mode():  # as on the engine thread
+        loads, activations, unloads = [], [], []
+        with torch.inference_mode():  # activation runs in inference mode on the engine thread
+            for i in range(self.args.hot_loads):
+                name = f"hot{i}"
+                register = timed(lambda: registry.register(name, source), self.device)
                 activate = timed(lambda: registry.activate([name]), self.device)
-            loads.append((register + activate) * 1000)
-            activations.append(activate * 1000)
-            registry.unregister(name)
+                loads.append((register + activate) * 1000)
+                activations.append(activate * 1000)
+                unloads.append(timed(lambda: (registry.unregister(name), registry.activate([])), self.device) * 1000)
         return {"rank": 16, "targets": "all_linear", "loads": len(loads), **percentiles("", loads),
-                **percentiles("activate_", activations)}
+                **percentiles("activate_", activations), **percentiles("unload_", unloads)}
 
     def hot_adapter(self) -> Path:
         """An r=16 all-linear adapter on local disk, made once."""
@@ -211,42 +212,49 @@ class Bench:
         return root / "hot"
 
     def stall(self, batch: int = 64, new_tokens: int = 64) -> dict:
-        """Decoding-step times of a running mixed batch, alone and while new adapters are hot-loaded into it
-        (a thread registers them and sends one request each, so the engine activates them between steps)."""
+        """Gaps between the decoding steps of a running mixed batch: alone (``quiet``); while one-token requests
+        for adapters already resident join it (``join``); and while a thread hot-loads new adapters and sends one
+        such request for each, so the engine activates them between steps (``load``: join plus activation)."""
         engine, source = self.engines["mixed"], self.hot_adapter()
         loads = self.registry.max_resident // 2  # the running batch uses the other slots
         running = self.names[: self.registry.max_resident - loads]
         engine.settings.max_batch, engine.settings.max_new_tokens = batch + loads, new_tokens
-        stamps: list[float] = []
-        hook = self.model.register_forward_pre_hook(lambda *_: stamps.append(time.perf_counter()))
+        stamps: list[float] = []  # when each decoding step (one new token per row) starts
+
+        def on_forward(_module, _args, kwargs) -> None:
+            if kwargs["input_ids"].shape[1] == 1:  # not a prefill, whether of the batch or of rows joining it
+                stamps.append(time.perf_counter())
+        hook = self.model.register_forward_pre_hook(on_forward, with_kwargs=True)
         works = [Generation(self.prompts[i % len(self.prompts)].tolist(), running[i % len(running)],
                             Decoding(max_new_tokens=new_tokens), stop_at_newline=False, ignore_eos=True)
                  for i in range(batch)]
 
-        def step_ms(loading: bool) -> list[float]:
+        def gaps_ms(kind: str) -> list[float]:
             stamps.clear()
             futures = [engine.submit(work) for work in works]
-            if loading:
-                while len(stamps) < 4 and not futures[0].done():  # let the batch start decoding first
-                    time.sleep(0.001)
-                for i in range(loads):
-                    self.registry.register(f"stall{i}", source)
-                    futures.append(engine.submit(Generation(works[0].prompt_ids[:8], f"stall{i}",
-                                                            Decoding(max_new_tokens=1), stop_at_newline=False)))
+            while kind != "quiet" and len(stamps) < 3 and not futures[0].done():  # let the batch start decoding
+                time.sleep(0.001)
+            for i in range(loads if kind != "quiet" else 0):
+                adapter = f"stall{i}" if kind == "load" else running[i % len(running)]
+                if kind == "load":
+                    self.registry.register(adapter, source)
+                futures.append(engine.submit(Generation(works[0].prompt_ids[:8], adapter, Decoding(max_new_tokens=1),
+                                                        stop_at_newline=False)))
             for future in futures:
                 future.result()
-            return [(b - a) * 1000 for a, b in zip(stamps[1:], stamps[2:])]  # from the first decoding step on
+            return [(b - a) * 1000 for a, b in zip(stamps, stamps[1:])]  # joins and activations fall in these gaps
 
         try:
-            step_ms(False)  # warm-up
-            quiet, busy = step_ms(False), step_ms(True)
+            gaps_ms("quiet")  # warm-up
+            runs = {kind: gaps_ms(kind) for kind in ("quiet", "join", "load")}
         finally:
             hook.remove()
             for i in range(loads):
                 self.registry.unregister(f"stall{i}")
-        return {"batch": batch, "new_tokens": new_tokens, "hot_loads": loads,
-                "quiet_step_p50_ms": round(statistics.median(quiet), 2), "quiet_step_max_ms": round(max(quiet), 2),
-                "loading_step_p50_ms": round(statistics.median(busy), 2), "loading_step_max_ms": round(max(busy), 2)}
+        report = {"batch": batch, "new_tokens": new_tokens, "joining_requests": loads}
+        for kind, gaps in runs.items():
+            report |= {f"{kind}_step_p50_ms": round(statistics.median(gaps), 2), f"{kind}_step_max_ms": round(max(gaps), 2)}
+        return report
 
     def memory(self) -> dict:
         """Host RSS with many adapters registered, and after they are all unloaded."""

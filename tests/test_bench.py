@@ -20,9 +20,10 @@ def test_bench_measures_every_mode_and_writes_its_report(tiny_llama_dir, tmp_pat
     expected = {(mode, batch) for mode in bench.ALL_MODES for batch in (1, 3) if mode != "peft_sequential" or batch == 1}
     assert cells == expected
     assert all(row["req_per_s"] > 0 and row["requests"] == 2 * row["batch_size"] for row in report["results"])
-    assert report["hot_load"]["loads"] == 2 and 0 < report["hot_load"]["activate_p50_ms"] < report["hot_load"]["p50_ms"]
+    hot_load = report["hot_load"]
+    assert hot_load["loads"] == 2 and 0 < hot_load["activate_p50_ms"] < hot_load["p50_ms"] and hot_load["unload_p50_ms"] > 0
     stall = report["stall"]
-    assert stall["hot_loads"] == 1 and 0 < stall["quiet_step_p50_ms"] <= stall["quiet_step_max_ms"]
-    assert 0 < stall["loading_step_p50_ms"] <= stall["loading_step_max_ms"]
+    assert stall["joining_requests"] == 1
+    assert all(0 < stall[f"{kind}_step_p50_ms"] <= stall[f"{kind}_step_max_ms"] for kind in ("quiet", "join", "load"))
     assert report["memory"]["registered"] == 4 and set(report["memory"]["rss_growth_bytes"]) == {"1", "2", "4"}
     assert "| 3 |" in bench.markdown_table(report)
