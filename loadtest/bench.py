@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-requests", type=int, default=8, help="requests timed per mode and batch size (at least one batch)")
     parser.add_argument("--rounds", type=int, help="timed rounds per batch size, whatever --min-requests says")
     parser.add_argument("--modes", default=",".join(ALL_MODES), help="comma-separated subset of " + ",".join(ALL_MODES))
-    parser.add_argument("--hot-loads", type=int, default=20, help="timed hot-loads of an r=16 all-linear adapter")
+    parser.add_argument("--hot-loads", type=int, default=20, help="timed hot-loads of an r=16 all-linear adapter (0 skips them and the stall check)")
     parser.add_argument("--registered", type=int, default=1000, help="adapters registered for the memory check (0 skips)")
     parser.add_argument("--cache-dir", type=Path, default=Settings().cache_dir)
     parser.add_argument("--json", type=Path, help="write the results here")
