@@ -75,11 +75,14 @@ class RowSampler:
         self.seeds = torch.cat([self.seeds, other.seeds])
         self.all_greedy = self.all_greedy and other.all_greedy
 
-    def __call__(self, logits: torch.Tensor, step: int | torch.Tensor) -> torch.Tensor:
-        """Next token per row from logits [B, V]; ``step`` counts each row's tokens so far (shared or per row)."""
+    def __call__(self, logits: torch.Tensor, step: int | list[int] | torch.Tensor) -> torch.Tensor:
+        """Next token per row from logits [B, V]; ``step`` counts each row's tokens so far (shared or per row).
+
+        Greedy-only batches draw nothing, so their steps never go to the device."""
         greedy = logits.argmax(dim=-1)
         if self.all_greedy:
             return greedy
+        step = torch.as_tensor(step, device=logits.device)
         sampling = self.temperature > 0
         temperature = torch.where(sampling, self.temperature, torch.ones_like(self.temperature))
         sorted_logits, order = (logits.float() / temperature[:, None]).sort(dim=-1, descending=True)

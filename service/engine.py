@@ -290,8 +290,7 @@ class Engine:
                 kept = [row for row in range(len(running)) if row not in done]
                 if not kept:
                     return
-                running.keep(kept)
-                self.registry.select_rows(torch.tensor(kept, device=self.device))
+                self.registry.select_rows(running.keep(kept))
                 chosen = [chosen[row] for row in kept]
             running.forward(self.model, chosen)
 

@@ -45,8 +45,7 @@ class RunningBatch:
 
     def sample(self, is_stop: Callable[[object, int], bool]) -> tuple[list[int], list[tuple[int, str]]]:
         """Pick every row's next token; returns (the tokens, [(row, finish reason)] for rows now done)."""
-        steps = 0 if self.sampler.all_greedy else torch.tensor([len(t) for t in self.tokens], device=self.logits.device)
-        chosen = self.sampler(self.logits, steps).tolist()  # greedy rows draw nothing: no per-step copy to the device
+        chosen = self.sampler(self.logits, [len(t) for t in self.tokens]).tolist()
         now, finished = time.perf_counter(), []
         for row, token in enumerate(chosen):
             if not self.tokens[row]:
@@ -58,8 +57,8 @@ class RunningBatch:
                 finished.append((row, "length"))
         return chosen, finished
 
-    def keep(self, rows: list[int]) -> None:
-        """Keep only ``rows`` (in this order), dropping the others' cache and state."""
+    def keep(self, rows: list[int]) -> torch.Tensor:
+        """Keep only ``rows`` (in this order), dropping the others' cache and state; returns their index tensor."""
         index = torch.tensor(rows, device=self.mask.device)
         self.cache.batch_select_indices(index)
         self.mask, self.lengths = self.mask[index], self.lengths[index]
@@ -67,6 +66,7 @@ class RunningBatch:
         for name in ("pendings", "limits", "tokens", "first_token_at"):
             values = getattr(self, name)
             setattr(self, name, [values[row] for row in rows])
+        return index
 
     def extend(self, other: RunningBatch) -> None:
         """Append ``other``'s rows: caches and masks left-padded to a common width, then concatenated."""
