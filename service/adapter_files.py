@@ -29,18 +29,19 @@ class AdapterError(Exception):
         self.status = status
 
 
-def host_buffer(numel: int) -> torch.Tensor:
-    """A float32 host tensor in an anonymous memory map of its own, returned to the OS when freed."""
+def host_buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A host tensor in an anonymous memory map of its own, returned to the OS when freed."""
     flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)  # pre-fault: faster fill
-    return torch.frombuffer(mmap.mmap(-1, numel * 4, flags=flags), dtype=torch.float32)
+    return torch.frombuffer(mmap.mmap(-1, numel * dtype.itemsize, flags=flags), dtype=dtype)
 
 
 @dataclass
 class AdapterWeights:
-    """A validated adapter held on the host in one packed float32 buffer.
+    """A validated adapter held on the host in one packed buffer, in the dtype the device banks use.
 
-    Per base module the buffer holds A [r, in], then B [out, r] with the LoRA scale folded in: the layout
-    of the device banks, so making an adapter resident is one transfer and contiguous copies.
+    Per base module the buffer holds A [r, in], then B transposed, B^T [r, out], with the LoRA scale folded
+    in: the layout of a device bank's slot, so making an adapter resident is one transfer and contiguous
+    copies.
     """
 
     name: str
@@ -56,12 +57,12 @@ class AdapterWeights:
         return self.packed.nbytes
 
     def views(self, buffer: torch.Tensor | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Per module (A [r, in], B [out, r]) as views of ``buffer`` (the packed buffer or a copy of it)."""
+        """Per module (A [r, in], B^T [r, out]) as views of ``buffer`` (the packed buffer or a copy of it)."""
         buffer = self.packed if buffer is None else buffer
         r, views = self.rank, {}
         for module, (offset, fan_in, fan_out) in self.layout.items():
             a_end = offset + fan_in * r
-            views[module] = (buffer[offset:a_end].view(r, fan_in), buffer[a_end:a_end + r * fan_out].view(fan_out, r))
+            views[module] = (buffer[offset:a_end].view(r, fan_in), buffer[a_end:a_end + r * fan_out].view(r, fan_out))
         return views
 
     def describe(self) -> dict:
@@ -131,9 +132,10 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def load_adapter(
-    name: str, folder: Path, module_shapes: dict[str, tuple[int, int]], max_rank: int
+    name: str, folder: Path, module_shapes: dict[str, tuple[int, int]], max_rank: int, dtype: torch.dtype
 ) -> AdapterWeights:
-    """Read and check an adapter against the base's LoRA-able modules ``{name: (in, out)}``."""
+    """Read and check an adapter against the base's LoRA-able modules ``{name: (in, out)}``; its weights are
+    kept in ``dtype`` (the banks'), so making it resident moves no more bytes than the banks hold."""
     config = read_config(folder, max_rank)
     rank, alpha = config["r"], float(config["lora_alpha"])
     scale = alpha / rank**0.5 if config.get("use_rslora") else alpha / rank
@@ -163,10 +165,10 @@ def load_adapter(
         offset += rank * (fan_in + fan_out)
     targets = config.get("target_modules") or []
     targets = sorted(targets) if isinstance(targets, list) else [str(targets)]
-    adapter = AdapterWeights(name, folder, rank, alpha, targets, host_buffer(offset), layout)
-    for module, (lora_a, lora_b) in adapter.views().items():
+    adapter = AdapterWeights(name, folder, rank, alpha, targets, host_buffer(offset, dtype), layout)
+    for module, (lora_a, lora_b_t) in adapter.views().items():
         lora_a.copy_(parts[module]["A"])
-        torch.mul(parts[module]["B"], scale, out=lora_b)
+        torch.mul(parts[module]["B"].t(), scale, out=lora_b_t)
     if not torch.isfinite(torch.stack(torch.aminmax(adapter.packed))).all():  # one pass; NaN and inf propagate
         raise AdapterError(f"{folder} holds non-finite weights")
     return adapter

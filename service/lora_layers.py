@@ -1,9 +1,17 @@
 """Batched multi-adapter LoRA: each row of a batch gets its own adapter's delta, in a few batched products.
 
 Every LoRA-able module of the base is wrapped once in a ``BatchedLoraLayer``. Its bank holds, for each
-device slot, A [R, in] and B [out, R] (peft's layout, scale folded into B, ranks zero-padded to R); the
-last slot is all zeros and stands for "no adapter". A ``RowAdapters`` object, built once per step and
-shared by every layer, says which slot each row uses and the largest rank in play.
+device slot, A [R, in] and B^T [R, out] (scale folded into B, ranks zero-padded to R); the last slot is
+all zeros and stands for "no adapter". A ``RowAdapters`` object, shared by every layer,
+says which slot each row uses and the largest rank in play.
+
+Two ways to apply the deltas, chosen by what the hardware is short of:
+- gathered (prompts, and every step on the CPU): each row's own A^T and B^T are gathered once per
+  batch and applied with two batched products; the least arithmetic, but one weight copy per row.
+- dense (one-token decoding steps when ``RowAdapters.dense_decode``, i.e. on the GPU): every slot's A
+  and B are applied to every row and a one-hot row-to-slot mask keeps each row's own share. It reads
+  each slot's weights once, however many rows use them, does slots-times more arithmetic (idle on a
+  GPU at this size), and its tensors never change shape or address, so the step can be a CUDA graph.
 """
 from __future__ import annotations
 
@@ -18,13 +26,31 @@ from transformers.pytorch_utils import Conv1D
 class RowAdapters:
     """The per-step mapping from batch rows to bank slots, shared by all layers."""
 
+    num_slots: int  # device slots per bank; slot ``num_slots`` is the zero slot
+    dtype: torch.dtype = torch.float32  # of the banks
     slots: torch.Tensor | None = None  # [batch] long; the zero slot for rows without an adapter
     rank: int = 0  # largest rank among the rows' adapters; 0 means no LoRA this step
     version: int = 0  # bumped whenever slots change, so layers re-gather their per-row weights
+    dense_decode: bool = False  # one-token steps use the dense form (see the module docstring)
+    one_hot: torch.Tensor | None = None  # [rows >= batch, num_slots + 1]; rows past the batch are zero
+    min_rows: int = 1  # rows of ``one_hot`` at the least (the largest batch), so joins do not reallocate it
+    storage: int = 0  # bumped whenever a bank or ``one_hot`` is reallocated (captured graphs go stale)
 
     def assign(self, slots: torch.Tensor | None, rank: int) -> None:
         self.slots, self.rank = slots, rank
         self.version += 1
+        if self.dense_decode and slots is not None:
+            self._fill_one_hot(slots)
+
+    def _fill_one_hot(self, slots: torch.Tensor) -> None:
+        """Write the row-to-slot mask in place; it grows (a new address) to a power of two of rows, the
+        decoding step's row buckets, only when a batch outgrows it."""
+        if self.one_hot is None or len(slots) > self.one_hot.shape[0]:
+            rows = max(1 << (len(slots) - 1).bit_length(), self.min_rows)
+            self.one_hot = torch.zeros(rows, self.num_slots + 1, device=slots.device, dtype=self.dtype)
+            self.storage += 1
+        self.one_hot.zero_()
+        self.one_hot[: len(slots)].scatter_(1, slots[:, None], 1.0)
 
 
 def module_shape(layer: nn.Module) -> tuple[int, int]:
@@ -39,36 +65,43 @@ def is_lora_target(name: str, layer: nn.Module) -> bool:
     return isinstance(layer, (nn.Linear, Conv1D)) and not name.endswith("lm_head")
 
 
-def lora_delta_reference(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """Plain per-row loop, the definition the fast path is held to. x [B,T,in], a [S,R,in], b [S,out,R]."""
-    return torch.stack([x[row] @ a[slot].t() @ b[slot].t() for row, slot in enumerate(slots.tolist())])
+def lora_delta_reference(x: torch.Tensor, a: torch.Tensor, b_t: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """Plain per-row loop, the definition the fast paths are held to. x [B,T,in], a [S,R,in], b_t [S,R,out]."""
+    return torch.stack([x[row] @ a[slot].t() @ b_t[slot] for row, slot in enumerate(slots.tolist())])
 
 
 class BatchedLoraLayer(nn.Module):
     """A frozen base layer plus a bank of LoRA slots selected per row."""
 
-    def __init__(self, base: nn.Module, rows: RowAdapters, num_slots: int):
+    def __init__(self, base: nn.Module, rows: RowAdapters):
         super().__init__()
         self.base = base
         self.rows = rows
-        self.num_slots = num_slots  # adapter slots; index num_slots is the zero slot
+        self.num_slots = rows.num_slots  # adapter slots; index num_slots is the zero slot
         self.in_features, self.out_features = module_shape(base)
         self.a: torch.Tensor | None = None  # [slots + 1, R, in]
-        self.b: torch.Tensor | None = None  # [slots + 1, out, R]
+        self.b_t: torch.Tensor | None = None  # [slots + 1, R, out]
         self._selected: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (version, A^T [B,in,r], B^T [B,r,out])
 
     @property
     def capacity(self) -> int:
         return 0 if self.a is None else self.a.shape[1]
 
-    def _grow(self, rank: int, device: torch.device, dtype: torch.dtype) -> None:
+    def reserve(self, rank: int, device: torch.device, dtype: torch.dtype) -> None:
         """Allocate the bank, or widen it to ``rank``, keeping what it holds."""
+        if rank <= self.capacity:
+            return
         a = torch.zeros(self.num_slots + 1, rank, self.in_features, device=device, dtype=dtype)
-        b = torch.zeros(self.num_slots + 1, self.out_features, rank, device=device, dtype=dtype)
+        b_t = torch.zeros(self.num_slots + 1, rank, self.out_features, device=device, dtype=dtype)
         if self.a is not None:
             a[:, : self.capacity] = self.a
-            b[..., : self.capacity] = self.b
-        self.a, self.b = a, b
+            b_t[:, : self.capacity] = self.b_t
+        self.a, self.b_t = a, b_t
+        self.rows.storage += 1
+
+    def slot(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The bank's (A [R, in], B^T [R, out]) of one slot, contiguous views to write an adapter into."""
+        return self.a[slot], self.b_t[slot]
 
     def _per_row(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's A^T [B, in, r] and B^T [B, r, out], gathered once per batch, not once per step, and laid
@@ -76,36 +109,22 @@ class BatchedLoraLayer(nn.Module):
         if self._selected is None or self._selected[0] != self.rows.version:
             slots = self.rows.slots
             a_t = self.a[slots, :rank].transpose(1, 2).contiguous()
-            b_t = self.b[slots, :, :rank].transpose(1, 2).contiguous()
+            b_t = self.b_t[:, :rank][slots]
             self._selected = (self.rows.version, a_t, b_t)
         return self._selected[1], self._selected[2]
 
-    def write_slot(self, slot: int, pair: tuple[torch.Tensor, torch.Tensor] | None, device, dtype) -> None:
-        """Put one adapter's (A [r, in], B [out, r]) into ``slot``, or clear it when ``pair`` is None."""
-        if pair is None:
-            if self.a is not None:
-                self.a[slot].zero_()
-                self.b[slot].zero_()
-            return
-        lora_a, lora_b = pair
-        rank = lora_a.shape[0]
-        if rank > self.capacity:
-            self._grow(rank, device, dtype)
-        self.a[slot, :rank].copy_(lora_a)
-        self.b[slot, :, :rank].copy_(lora_b)
-        if rank < self.capacity:
-            self.a[slot, rank:].zero_()
-            self.b[slot, :, rank:].zero_()
-
     def release(self) -> None:
         """Free the bank (no adapter uses this module any more)."""
-        self.a = self.b = self._selected = None
+        self.a = self.b_t = self._selected = None
+        self.rows.storage += 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         rank = min(self.rows.rank, self.capacity)
         if rank == 0:
             return out
+        if self.rows.dense_decode and x.dim() == 3 and x.shape[1] == 1 and x.dtype == self.a.dtype == out.dtype:
+            return self._dense(x, out)
         a_t, b_t = self._per_row(rank)  # [B, in, r], [B, r, out]
         if x.dim() != 3 or x.dtype != a_t.dtype or out.dtype != b_t.dtype:  # the fast path is 3-D, one dtype
             batch = x.shape[0]
@@ -114,14 +133,21 @@ class BatchedLoraLayer(nn.Module):
                 out.dtype).reshape(out.shape)
         return torch.baddbmm(out, torch.bmm(x, a_t), b_t)  # [B, T, out] += (x A^T) B^T, per row
 
+    def _dense(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """One-token rows [B, 1, in]: every slot's x A^T, masked to the row's own slot, times all slots' B."""
+        batch, slots, rank = x.shape[0], self.num_slots + 1, self.capacity
+        hidden = torch.mm(x.view(batch, -1), self.a.view(slots * rank, -1).t())  # [B, slots * R]
+        hidden.view(batch, slots, rank).mul_(self.rows.one_hot[:batch, :, None])
+        return out.view(batch, -1).addmm_(hidden, self.b_t.view(slots * rank, -1)).view(out.shape)
 
-def wrap_lora_targets(model: nn.Module, rows: RowAdapters, num_slots: int) -> dict[str, BatchedLoraLayer]:
+
+def wrap_lora_targets(model: nn.Module, rows: RowAdapters) -> dict[str, BatchedLoraLayer]:
     """Replace every LoRA-able module of ``model`` by a batched LoRA layer; returns them by module name."""
     targets = [(name, module) for name, module in model.named_modules() if is_lora_target(name, module)]
     wrapped = {}
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
-        layer = BatchedLoraLayer(module, rows, num_slots)
+        layer = BatchedLoraLayer(module, rows)
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
         wrapped[name] = layer
     return wrapped

@@ -22,12 +22,12 @@ class AdapterRegistry:
     """
 
     def __init__(self, model: nn.Module, roots: list[Path], max_resident: int, max_rank: int):
-        self.rows = RowAdapters()
-        self.layers: dict[str, BatchedLoraLayer] = wrap_lora_targets(model, self.rows, max_resident)
-        self.shapes = {name: (layer.in_features, layer.out_features) for name, layer in self.layers.items()}
         first = next(model.parameters())
         self.device = first.device
         self.dtype = first.dtype if first.is_floating_point() else torch.float32
+        self.rows = RowAdapters(max_resident, self.dtype, dense_decode=self.device.type == "cuda")
+        self.layers: dict[str, BatchedLoraLayer] = wrap_lora_targets(model, self.rows)
+        self.shapes = {name: (layer.in_features, layer.out_features) for name, layer in self.layers.items()}
         self.roots = [Path(root) for root in roots]
         self.max_resident = max_resident
         self.max_rank = max_rank
@@ -48,7 +48,7 @@ class AdapterRegistry:
         with self._lock:
             self._refuse_duplicate(name)  # before the work of loading...
         started = time.perf_counter()
-        adapter = load_adapter(name, folder, self.shapes, self.max_rank)
+        adapter = load_adapter(name, folder, self.shapes, self.max_rank, self.dtype)
         with self._lock:
             self._refuse_duplicate(name)  # ...and after it, in case another thread registered the name meanwhile
             self._adapters[name] = adapter
@@ -136,10 +136,16 @@ class AdapterRegistry:
         else:
             slot = min(set(range(self.max_resident)) - {slot for slot, _ in self._resident.values()})
         pairs = adapter.views(adapter.packed.to(self.device, self.dtype, non_blocking=True))  # one transfer
+        whole, targets, sources = [], [], []
         for module, layer in self.layers.items():
-            pair = pairs.get(module)
-            if pair is not None or layer.a is not None:
-                layer.write_slot(slot, pair, self.device, self.dtype)
+            if module in pairs:
+                layer.reserve(adapter.rank, self.device, self.dtype)
+                targets += [view[: adapter.rank] for view in layer.slot(slot)]
+                sources += pairs[module]
+            if layer.a is not None:
+                whole += layer.slot(slot)
+        torch._foreach_zero_(whole)  # an earlier adapter's weights, and the ranks this one does not fill
+        torch._foreach_copy_(targets, sources)  # contiguous copies: a few launches for all layers
         self._resident[name] = (slot, adapter)
 
     def _drop_unregistered(self) -> None:
@@ -147,8 +153,7 @@ class AdapterRegistry:
             gone = [name for name, (_, held) in self._resident.items() if self._adapters.get(name) is not held]
         for name in gone:
             slot, _ = self._resident.pop(name)
-            for layer in self.layers.values():
-                layer.write_slot(slot, None, self.device, self.dtype)
+            torch._foreach_zero_([view for layer in self.layers.values() if layer.a is not None for view in layer.slot(slot)])
         if not self._resident:
             for layer in self.layers.values():
                 layer.release()
@@ -164,11 +169,11 @@ class AdapterRegistry:
         if self._merged == name:
             return
         self.unmerge()
-        for module, (lora_a, lora_b) in adapter.views().items():
+        for module, (lora_a, lora_b_t) in adapter.views().items():
             weight = self.layers[module].base.weight
             self._originals[module] = weight.detach().clone()
-            delta = (lora_b @ lora_a).to(weight.device, weight.dtype)  # [out, in]
-            weight.data += delta.t() if isinstance(self.layers[module].base, Conv1D) else delta
+            delta = (lora_a.float().t() @ lora_b_t.float()).to(weight.device, weight.dtype)  # [in, out]
+            weight.data += delta if isinstance(self.layers[module].base, Conv1D) else delta.t()
         with self._lock:
             self._merged = name
 

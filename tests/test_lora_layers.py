@@ -69,28 +69,35 @@ def random_pair(rank: int, fan_in: int, fan_out: int, gen: torch.Generator):
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
-def test_fast_path_equals_reference_and_per_row_products(kind):
+@pytest.mark.parametrize("form", ["gathered", "dense"])
+def test_fast_paths_equal_reference_and_per_row_products(kind, form):
+    """Both forms (per-row gathered weights; dense over all slots with a one-hot mask, one-token rows)."""
     gen = torch.Generator().manual_seed(3)
     fan_in, fan_out, num_slots = 12, 20, 4
+    tokens = 7 if form == "gathered" else 1
     torch.manual_seed(3)
     base = nn.Linear(fan_in, fan_out) if kind == "linear" else Conv1D(fan_out, fan_in)
-    rows = RowAdapters()
-    layer = BatchedLoraLayer(base, rows, num_slots)
+    rows = RowAdapters(num_slots, dense_decode=form == "dense")
+    layer = BatchedLoraLayer(base, rows)
     # slot 0: rank 2, slot 1: rank 5 (unused by this batch, so the bank is wider than the batch's rank),
     # slot 2: rank 3, slot 3: written then cleared; slot 4 is the zero slot
     pairs = {0: random_pair(2, fan_in, fan_out, gen), 1: random_pair(5, fan_in, fan_out, gen),
              2: random_pair(3, fan_in, fan_out, gen), 3: random_pair(4, fan_in, fan_out, gen)}
-    for slot, pair in pairs.items():
-        layer.write_slot(slot, pair, torch.device("cpu"), torch.float32)
-    layer.write_slot(3, None, torch.device("cpu"), torch.float32)
+    for slot, (lora_a, lora_b) in pairs.items():
+        layer.reserve(len(lora_a), torch.device("cpu"), torch.float32)
+        bank_a, bank_b_t = layer.slot(slot)
+        bank_a[: len(lora_a)], bank_b_t[: len(lora_a)] = lora_a, lora_b.t()
+    for view in layer.slot(3):
+        view.zero_()
     slots = torch.tensor([2, 0, num_slots, 3, 2, 0])
     rows.assign(slots, 3)  # the largest rank among the slots this batch uses
-    x = torch.randn(len(slots), 7, fan_in, generator=gen)
+    x = torch.randn(len(slots), tokens, fan_in, generator=gen)
     with torch.no_grad():
         delta = layer(x) - base(x)
-    reference = lora_delta_reference(x, layer.a, layer.b, slots)
+    assert (layer._selected is None) == (form == "dense"), "the other form ran"
+    reference = lora_delta_reference(x, layer.a, layer.b_t, slots)
     direct = torch.stack([
-        x[row] @ pairs[slot][0].t() @ pairs[slot][1].t() if slot in (0, 2) else torch.zeros(7, fan_out)
+        x[row] @ pairs[slot][0].t() @ pairs[slot][1].t() if slot in (0, 2) else torch.zeros(tokens, fan_out)
         for row, slot in enumerate(slots.tolist())
     ])
     assert torch.allclose(reference, direct, atol=1e-4)

@@ -29,7 +29,7 @@ def filled_slots(registry: AdapterRegistry) -> set[int]:
     return {
         slot
         for layer in registry.layers.values() if layer.a is not None
-        for slot in range(layer.a.shape[0]) if layer.a[slot].any() or layer.b[slot].any()
+        for slot in range(layer.a.shape[0]) if layer.a[slot].any() or layer.b_t[slot].any()
     }
 
 
@@ -95,7 +95,7 @@ def test_unregister_forgets_the_adapter_and_clears_its_slot(base_dir, ranked, ex
     assert_serves(model, registry, ["r2", None], expected)
     registry.unregister("r2")
     registry.activate([None])
-    assert all(layer.a is None and layer.b is None for layer in registry.layers.values()), "banks not freed"
+    assert all(layer.a is None and layer.b_t is None for layer in registry.layers.values()), "banks not freed"
     registry.register("r8", ranked["r8"])
     assert_serves(model, registry, [None, "r8"], expected)
 
