@@ -58,9 +58,9 @@ class RowSampler:
     def __init__(self, decodings: list[Decoding], device: torch.device):
         params = [d.row_params() for d in decodings]
         self.temperature = torch.tensor([p[0] for p in params], device=device, dtype=torch.float32)
-        self.top_k = torch.tensor([p[1] for p in params], device=device)
+        self.top_k = torch.tensor([p[1] for p in params], device=device, dtype=torch.long)
         self.top_p = torch.tensor([p[2] for p in params], device=device, dtype=torch.float32)
-        self.seeds = torch.tensor([d.seed & (2**63 - 1) for d in decodings], device=device)
+        self.seeds = torch.tensor([d.seed & (2**63 - 1) for d in decodings], device=device, dtype=torch.long)
         self.all_greedy = all(p[0] == 0.0 for p in params)
 
     def select_rows(self, keep: torch.Tensor) -> None:

@@ -1,8 +1,9 @@
 """The engine: one thread that owns the model, batches queued requests across adapters and runs them.
 
 Requests of any adapters and decoding parameters share a batch. Generation runs a prefill over the
-left-padded prompts and then one decoding step per token over a KV cache; rows that finish leave the
-batch (their cache rows are dropped), so they stop costing compute. Scoring (NLI) is one forward pass.
+left-padded prompts and then one decoding step per token over a preallocated KV cache (a CUDA graph per
+batch-size bucket on the GPU); rows that finish leave the batch, so they stop costing compute, and queued
+requests join it between steps. Scoring (NLI) is one forward pass.
 Adapter activation, merge and unmerge happen on this thread between batches, so no row ever runs with
 weights other than its own adapter's.
 """
@@ -19,6 +20,8 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from service import metrics
 from service.adapter_files import BASE_LABEL, AdapterError
+from service.attention import use_packed_gqa_attention
+from service.decode_step import DecodeStep
 from service.decoding import Decoding, RowSampler
 from service.generation import RunningBatch
 from service.registry import AdapterRegistry
@@ -80,6 +83,8 @@ class Engine:
         configured = getattr(model.generation_config, "eos_token_id", None)
         self.eos_ids = {tokenizer.eos_token_id, *([configured] if isinstance(configured, int) else configured or [])}
         self.newline_ids = self._newline_token_ids()
+        use_packed_gqa_attention(model)
+        self.decoder = DecodeStep(model, registry.rows, settings.cuda_graphs, settings.max_batch)
         self._queue: deque[_Pending] = deque()
         self._controls: deque[tuple[callable, Future]] = deque()
         self._wakeup = threading.Condition()
@@ -144,6 +149,7 @@ class Engine:
         return results + [future.result() for future in futures]
 
     # ---- the engine thread -------------------------------------------------------------------
+    @torch.inference_mode()  # everything on this thread: tensors it creates are updated only here
     def _loop(self) -> None:
         while True:
             batch = self._next_batch()
@@ -257,7 +263,6 @@ class Engine:
                          use_cache=True, logits_to_keep=1)
         return out.logits[:, -1].float(), cache, mask
 
-    @torch.inference_mode()
     def _score(self, batch: list[_Pending]) -> None:
         logits, _, _ = self._prefill([pending.work.prompt_ids for pending in batch])
         for row, pending in enumerate(batch):
@@ -267,17 +272,17 @@ class Engine:
     def _is_stop(self, work: Generation, token: int) -> bool:
         return (token in self.eos_ids and not work.ignore_eos) or (work.stop_at_newline and token in self.newline_ids)
 
-    def _start_rows(self, batch: list[_Pending]) -> RunningBatch:
-        """Prefill ``batch`` (the row mapping must already point at its adapters)."""
+    def _add_rows(self, running: RunningBatch, batch: list[_Pending]) -> None:
+        """Prefill ``batch`` into ``running`` (the row mapping must already point at its adapters)."""
         works = [pending.work for pending in batch]
         logits, cache, mask = self._prefill([work.prompt_ids for work in works])
         limits = [min(work.decoding.max_new_tokens, self.settings.max_new_tokens) for work in works]
-        return RunningBatch(batch, logits, cache, mask, RowSampler([w.decoding for w in works], self.device), limits)
+        running.add(batch, logits, cache, mask, RowSampler([w.decoding for w in works], self.device), limits)
 
-    @torch.inference_mode()
     def _generate(self, batch: list[_Pending]) -> None:
         """Decode until every row is done; finished rows leave, queued requests are served between steps."""
-        running = self._start_rows(batch)
+        running = RunningBatch(self.decoder)
+        self._add_rows(running, batch)
         while True:
             self._between_steps(running)
             if not len(running):  # every running row's adapter was deleted
@@ -292,7 +297,7 @@ class Engine:
                     return
                 self.registry.select_rows(running.keep(kept))
                 chosen = [chosen[row] for row in kept]
-            running.forward(self.model, chosen)
+            running.forward(chosen)
 
     def _between_steps(self, running: RunningBatch) -> None:
         """Between two decoding steps: score waiting NLI requests at once, and let waiting generations join."""
@@ -304,7 +309,7 @@ class Engine:
                 metrics.BATCH_SIZE.observe(len(newcomers))
                 self._score(newcomers)
             else:
-                running.extend(self._start_rows(newcomers))
+                self._add_rows(running, newcomers)
             self.registry.activate([pending.work.adapter for pending in running.pendings])
 
     def _admit(self, running: RunningBatch, kind: type) -> list[_Pending]:

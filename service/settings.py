@@ -39,6 +39,7 @@ class Settings(BaseSettings):
     merge_after: int = Field(4, ge=1, description="merge an adapter after this many consecutive batches use only it")
     merge_cooldown: int = Field(8, ge=0, description="batches to wait after an unmerge before merging again")
     auto_merge: bool = True
+    cuda_graphs: bool = Field(True, description="replay decoding steps as CUDA graphs (GPU only)")
 
     # http
     host: str = "127.0.0.1"

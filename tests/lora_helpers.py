@@ -42,9 +42,9 @@ def make_ranked_adapters(base_dir: Path, root: Path, arch: str) -> dict[str, Pat
     }
 
 
-def load_model(base_dir: Path, quantize: str = "none"):
-    """The base as the service loads it (CPU, fp32, optionally NF4)."""
-    model, _ = load_base(Settings(base_model=str(base_dir), device="cpu", quantize=quantize))
+def load_model(base_dir: Path, quantize: str = "none", device: str = "cpu"):
+    """The base as the service loads it (fp32, optionally NF4)."""
+    model, _ = load_base(Settings(base_model=str(base_dir), device=device, dtype="float32", quantize=quantize))
     return model
 
 
@@ -59,9 +59,10 @@ def load_nf4_or_skip(base_dir: Path):
     return model
 
 
-def engine_model(base_dir: Path, adapters: dict[str, Path], *, max_resident: int = 4, quantize: str = "none"):
+def engine_model(base_dir: Path, adapters: dict[str, Path], *, max_resident: int = 4, quantize: str = "none",
+                 device: str = "cpu"):
     """(model, registry) with our batched LoRA layers and every adapter registered."""
-    model = load_model(base_dir, quantize) if quantize == "none" else load_nf4_or_skip(base_dir)
+    model = load_model(base_dir, quantize, device) if quantize == "none" else load_nf4_or_skip(base_dir)
     roots = sorted({path.parent for path in adapters.values()})
     registry = AdapterRegistry(model, roots=roots, max_resident=max_resident, max_rank=64)
     for name, path in adapters.items():

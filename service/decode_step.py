@@ -1,0 +1,91 @@
+"""One decoding step for every running row over a ``RowKVCache``: eager, or a replayed CUDA graph.
+
+On the GPU a step of a small model is bound by the host launching ~2,000 kernels, not by the GPU. A
+CUDA graph per bucket (rows rounded up to a power of two, cache columns to a multiple of 256, LoRA on
+or off) records the step once and replays it with one launch. Its inputs live in static buffers; rows
+past the batch in a bucket are padding (token 0 at position 0 of an unused cache row, no adapter).
+Graphs are dropped when the cache or the LoRA banks are reallocated (their addresses are baked in).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from service.kv_cache import RowKVCache, column_bucket, row_bucket
+from service.lora_layers import RowAdapters
+
+log = logging.getLogger(__name__)
+
+
+class DecodeStep:
+    """Feeds each row's last token at its position and returns next-token logits [batch, vocab] (fp32)."""
+
+    def __init__(self, model, rows: RowAdapters, cuda_graphs: bool, max_rows: int):
+        self.model, self.rows = model, rows
+        self.cache = RowKVCache(min_rows=row_bucket(max_rows))
+        rows.min_rows = max(rows.min_rows, row_bucket(max_rows))
+        self.device = next(model.parameters()).device
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self._graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._captured_over: tuple[int, int] | None = None  # (cache storage, LoRA storage) of the graphs
+        self._inputs = torch.zeros(2, row_bucket(max_rows), dtype=torch.long, device=self.device)  # [ids; positions]
+        self._pool = None
+
+    def __call__(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
+        rows, width = len(tokens), max(positions) + 1
+        padded = row_bucket(rows) if self.cuda_graphs else rows
+        self.cache.reserve(padded, width, used=(rows, width - 1))
+        inputs = torch.tensor([tokens, positions], device=self.device)
+        if not self.cuda_graphs:
+            return self._forward(inputs[0], inputs[1], width)
+        if padded > self._inputs.shape[1]:
+            self._inputs = torch.zeros(2, padded, dtype=torch.long, device=self.device)
+            self._drop_graphs()
+        self._inputs[:, :padded].zero_()
+        self._inputs[:, :rows] = inputs
+        try:
+            graph, logits = self._graph(padded, column_bucket(width))
+        except RuntimeError as exc:  # a model whose step cannot be captured still decodes, eagerly
+            log.warning("CUDA graph capture failed, decoding without graphs from now on: %s", exc)
+            self.cuda_graphs = False
+            return self._forward(inputs[0], inputs[1], width)
+        graph.replay()
+        return logits[:rows]
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, width: int) -> torch.Tensor:
+        """The step itself: a padding mask from the positions, the model over the cache's first ``width`` columns."""
+        self.cache.positions, self.cache.width = positions, width
+        dtype = self.cache.keys[0].dtype
+        unseen = torch.arange(width, device=ids.device)[None, :] > positions[:, None]
+        mask = torch.zeros(unseen.shape, dtype=dtype, device=ids.device).masked_fill_(unseen, torch.finfo(dtype).min)
+        out = self.model(input_ids=ids[:, None], attention_mask=mask[:, None, None, :], position_ids=positions[:, None],
+                         past_key_values=self.cache, use_cache=True)
+        return out.logits[:, -1].float()
+
+    def _drop_graphs(self) -> None:
+        """Forget every captured step, and their memory pool with them (a pool outlives no graph)."""
+        self._graphs.clear()
+        self._pool = None
+
+    def _graph(self, rows: int, width: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """The captured step for this bucket, capturing it on first use."""
+        over = (self.cache.storage, self.rows.storage)
+        if over != self._captured_over:
+            self._drop_graphs()
+            self._captured_over = over
+        key = (rows, width, self.rows.rank > 0)
+        if key not in self._graphs:
+            ids, positions = self._inputs[0, :rows], self._inputs[1, :rows]
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm up (kernel selection, workspaces) outside the capture
+                self._forward(ids, positions, width)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                logits = self._forward(ids, positions, width)
+            self._pool = graph.pool()
+            self._graphs[key] = (graph, logits)
+            log.info("captured a decoding step for %d rows x %d columns (LoRA %s)", rows, width, key[2])
+        return self._graphs[key]

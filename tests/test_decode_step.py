@@ -1,0 +1,86 @@
+"""Decoding over the static KV cache: every row, at its own position, with its own adapter, gets the
+logits of its whole sequence run alone through stock peft, across joins, departures and cache growth.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from service.decoding import Decoding, RowSampler
+from service.engine import Engine
+from service.generation import RunningBatch
+from service.kv_cache import COLUMN_STEP, RowKVCache
+from service.settings import Settings
+from tests.lora_helpers import engine_model, peft_logits, random_ids
+
+TOLERANCE = 1e-4
+
+
+class Rows:
+    """Sequences fed through a RunningBatch, and their reference logits from peft, one row at a time."""
+
+    def __init__(self, base_dir, adapters, dense: bool, device: str = "cpu"):
+        self.base_dir, self.adapters = base_dir, adapters
+        model, self.registry = engine_model(base_dir, adapters, device=device)
+        self.registry.rows.dense_decode = dense
+        settings = Settings(base_model=str(base_dir), device=device, dtype="float32", cuda_graphs=device == "cuda")
+        self.engine = Engine(model, AutoTokenizer.from_pretrained(base_dir), self.registry, settings)
+        self.running = RunningBatch(self.engine.decoder)
+        self.sequences: list[list[int]] = []
+        self.names: list[str | None] = []
+
+    def join(self, prompts: list[list[int]], names: list[str | None]) -> None:
+        self.registry.activate(self.names + names)
+        self.registry.select_rows(torch.arange(len(self.names), len(self.names) + len(names)))  # as the engine does
+        logits, cache, mask = self.engine._prefill(prompts)
+        self.registry.activate(self.names + names)
+        sampler = RowSampler([Decoding()] * len(prompts), self.engine.device)
+        self.running.add([None] * len(prompts), logits, cache, mask, sampler, [99] * len(prompts))
+        self.sequences += [list(p) for p in prompts]
+        self.names += names
+
+    def step(self, tokens: list[int]) -> None:
+        self.running.forward(tokens)
+        for sequence, token in zip(self.sequences, tokens):
+            sequence.append(token)
+
+    def leave(self, kept: list[int]) -> None:
+        self.registry.select_rows(self.running.keep(kept))
+        self.sequences = [self.sequences[row] for row in kept]
+        self.names = [self.names[row] for row in kept]
+
+    def assert_match(self) -> None:
+        for row, (sequence, name) in enumerate(zip(self.sequences, self.names)):
+            expected = peft_logits(self.base_dir, self.adapters.get(name), torch.tensor([sequence]))[0, -1]
+            error = (self.running.logits[row].cpu() - expected).abs().max().item()
+            assert error < TOLERANCE, f"row {row} ({name}, {len(sequence)} tokens): max error {error:.2e}"
+
+
+CASES = [("cpu", "gathered"), ("cpu", "dense"),
+         pytest.param("cuda", "dense", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+
+
+@pytest.mark.parametrize(("device", "form"), CASES)
+@torch.inference_mode()
+def test_rows_at_their_own_positions_equal_each_sequence_alone(base_dir, ranked, device, form):
+    """On the GPU the steps are replayed CUDA graphs (checked), so this also holds the graphs to peft."""
+    rows = Rows(base_dir, ranked, dense=form == "dense", device=device)
+    prompts = [ids.tolist() for ids in (random_ids(1, 3, 1)[0], random_ids(1, 9, 2)[0], random_ids(1, 5, 3)[0])]
+    rows.join(prompts, ["r2", None, "r8"])
+    rows.assert_match()
+    rows.step([11, 12, 13])
+    rows.step([21, 22, 23])
+    rows.assert_match()
+    rows.leave([0, 2])  # the middle row finished: the last one moves up a cache row
+    rows.step([31, 33])
+    rows.assert_match()
+    cache: RowKVCache = rows.engine.decoder.cache
+    storage = cache.storage
+    rows.join([random_ids(1, COLUMN_STEP + 20, 4)[0].tolist()], ["r4"])  # longer than the cache is wide
+    assert cache.storage > storage and cache.shape[1] >= COLUMN_STEP + 20, "the cache did not grow"
+    rows.assert_match()
+    rows.step([41, 43, 44])
+    rows.assert_match()
+    decoder = rows.engine.decoder
+    assert decoder.cuda_graphs == (device == "cuda") and bool(decoder._graphs) == (device == "cuda")
