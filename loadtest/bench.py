@@ -92,6 +92,21 @@ def timed(fn, device: torch.device) -> float:
     return time.perf_counter() - started
 
 
+class StampedSteps:
+    """An engine's decoding step that also notes when each step starts (the stall check; a CUDA graph replay
+    runs no module hooks, so the steps are stamped here)."""
+
+    def __init__(self, steps, stamps: list[float]):
+        self.steps, self.stamps = steps, stamps
+
+    def __call__(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
+        self.stamps.append(time.perf_counter())
+        return self.steps(tokens, positions)
+
+    def __getattr__(self, name: str):
+        return getattr(self.steps, name)
+
+
 class Bench:
     """Holds the prompts, the three copies of the base (plain, peft, ours) and the results."""
 
@@ -214,17 +229,15 @@ class Bench:
     def stall(self, batch: int = 64, new_tokens: int = 64) -> dict:
         """Gaps between the decoding steps of a running mixed batch: alone (``quiet``); while one-token requests
         for adapters already resident join it (``join``); and while a thread hot-loads new adapters and sends one
-        such request for each, so the engine activates them between steps (``load``: join plus activation)."""
+        such request for each, so the engine activates them between steps (``load``: join plus activation).
+        ``first_load`` is a load run before the others: the first adapters of a larger rank or with new target
+        modules widen the banks, and the engine re-captures its CUDA graphs once."""
         engine, source = self.engines["mixed"], self.hot_adapter()
         loads = self.registry.max_resident // 2  # the running batch uses the other slots
         running = self.names[: self.registry.max_resident - loads]
         engine.settings.max_batch, engine.settings.max_new_tokens = batch + loads, new_tokens
         stamps: list[float] = []  # when each decoding step (one new token per row) starts
-
-        def on_forward(_module, _args, kwargs) -> None:
-            if kwargs["input_ids"].shape[1] == 1:  # not a prefill, whether of the batch or of rows joining it
-                stamps.append(time.perf_counter())
-        hook = self.model.register_forward_pre_hook(on_forward, with_kwargs=True)
+        engine.decoder = StampedSteps(engine.decoder, stamps)  # prefills (of the batch or of joiners) are not stamped
         works = [Generation(self.prompts[i % len(self.prompts)].tolist(), running[i % len(running)],
                             Decoding(max_new_tokens=new_tokens), stop_at_newline=False, ignore_eos=True)
                  for i in range(batch)]
@@ -235,8 +248,8 @@ class Bench:
             while kind != "quiet" and len(stamps) < 3 and not futures[0].done():  # let the batch start decoding
                 time.sleep(0.001)
             for i in range(loads if kind != "quiet" else 0):
-                adapter = f"stall{i}" if kind == "load" else running[i % len(running)]
-                if kind == "load":
+                adapter = f"{kind}{i}" if kind.endswith("load") else running[i % len(running)]
+                if kind.endswith("load"):
                     self.registry.register(adapter, source)
                 futures.append(engine.submit(Generation(works[0].prompt_ids[:8], adapter, Decoding(max_new_tokens=1),
                                                         stop_at_newline=False)))
@@ -246,11 +259,11 @@ class Bench:
 
         try:
             gaps_ms("quiet")  # warm-up
-            runs = {kind: gaps_ms(kind) for kind in ("quiet", "join", "load")}
+            runs = {kind: gaps_ms(kind) for kind in ("first_load", "quiet", "join", "load")}
         finally:
-            hook.remove()
-            for i in range(loads):
-                self.registry.unregister(f"stall{i}")
+            engine.decoder = engine.decoder.steps
+            for name in {entry["name"] for entry in self.registry.describe()} - set(self.names):
+                self.registry.unregister(name)
         report = {"batch": batch, "new_tokens": new_tokens, "joining_requests": loads}
         for kind, gaps in runs.items():
             report |= {f"{kind}_step_p50_ms": round(statistics.median(gaps), 2), f"{kind}_step_max_ms": round(max(gaps), 2)}
