@@ -230,8 +230,9 @@ class Bench:
         """Gaps between the decoding steps of a running mixed batch: alone (``quiet``); while one-token requests
         for adapters already resident join it (``join``); and while a thread hot-loads new adapters and sends one
         such request for each, so the engine activates them between steps (``load``: join plus activation).
-        ``first_load`` is a load run before the others: the first adapters of a larger rank or with new target
-        modules widen the banks, and the engine re-captures its CUDA graphs once."""
+        Every kind runs once as a warm-up first (graph captures, first-use kernels, and the first adapters of a
+        larger rank or new target modules widening the banks, which makes the engine re-capture its CUDA
+        graphs); that warm-up load is reported as ``first_load``."""
         engine, source = self.engines["mixed"], self.hot_adapter()
         loads = self.registry.max_resident // 2  # the running batch uses the other slots
         running = self.names[: self.registry.max_resident - loads]
@@ -242,14 +243,14 @@ class Bench:
                             Decoding(max_new_tokens=new_tokens), stop_at_newline=False, ignore_eos=True)
                  for i in range(batch)]
 
-        def gaps_ms(kind: str) -> list[float]:
+        def gaps_ms(kind: str, round_: str) -> list[float]:
             stamps.clear()
             futures = [engine.submit(work) for work in works]
             while kind != "quiet" and len(stamps) < 3 and not futures[0].done():  # let the batch start decoding
                 time.sleep(0.001)
             for i in range(loads if kind != "quiet" else 0):
-                adapter = f"{kind}{i}" if kind.endswith("load") else running[i % len(running)]
-                if kind.endswith("load"):
+                adapter = f"{round_}_{kind}{i}" if kind == "load" else running[i % len(running)]
+                if kind == "load":
                     self.registry.register(adapter, source)
                 futures.append(engine.submit(Generation(works[0].prompt_ids[:8], adapter, Decoding(max_new_tokens=1),
                                                         stop_at_newline=False)))
@@ -258,8 +259,9 @@ class Bench:
             return [(b - a) * 1000 for a, b in zip(stamps, stamps[1:])]  # joins and activations fall in these gaps
 
         try:
-            gaps_ms("quiet")  # warm-up
-            runs = {kind: gaps_ms(kind) for kind in ("first_load", "quiet", "join", "load")}
+            kinds = ("quiet", "join", "load")
+            warm_up = {kind: gaps_ms(kind, "warm") for kind in kinds}
+            runs = {"first_load": warm_up["load"], **{kind: gaps_ms(kind, "timed") for kind in kinds}}
         finally:
             engine.decoder = engine.decoder.steps
             for name in {entry["name"] for entry in self.registry.describe()} - set(self.names):
