@@ -6,12 +6,12 @@ all zeros and stands for "no adapter". A ``RowAdapters`` object, shared by every
 says which slot each row uses and the largest rank in play.
 
 Two ways to apply the deltas, chosen by what the hardware is short of:
-- gathered (on the CPU): each row's own A^T and B^T are gathered once per batch and applied with two
-  batched products; the least arithmetic, but one weight copy per row.
-- dense (when ``RowAdapters.dense``, i.e. on the GPU): every slot's A and B are applied to every row
-  and a one-hot row-to-slot mask keeps each row's own share. It reads each slot's weights once, however
-  many rows use them, does slots-times more arithmetic (idle on a GPU at this size), launches fewer
-  kernels, and its tensors never change shape or address, so a decoding step can be a CUDA graph.
+- gathered (prompts, and every step on the CPU): each row's own A^T and B^T are gathered once per
+  batch and applied with two batched products; the least arithmetic, but one weight copy per row.
+- dense (one-token decoding steps when ``RowAdapters.dense_decode``, i.e. on the GPU): every slot's A
+  and B are applied to every row and a one-hot row-to-slot mask keeps each row's own share. It reads
+  each slot's weights once, however many rows use them, does slots-times more arithmetic (idle on a
+  GPU at this size), and its tensors never change shape or address, so the step can be a CUDA graph.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ class RowAdapters:
     slots: torch.Tensor | None = None  # [batch] long; the zero slot for rows without an adapter
     rank: int = 0  # largest rank among the rows' adapters; 0 means no LoRA this step
     version: int = 0  # bumped whenever slots change, so layers re-gather their per-row weights
-    dense: bool = False  # apply the deltas in the dense form (see the module docstring)
+    dense_decode: bool = False  # one-token steps use the dense form (see the module docstring)
     one_hot: torch.Tensor | None = None  # [rows >= batch, num_slots + 1]; rows past the batch are zero
     min_rows: int = 1  # rows of ``one_hot`` at the least (the largest batch), so joins do not reallocate it
     storage: int = 0  # bumped whenever a bank or ``one_hot`` is reallocated (captured graphs go stale)
@@ -39,7 +39,7 @@ class RowAdapters:
     def assign(self, slots: torch.Tensor | None, rank: int) -> None:
         self.slots, self.rank = slots, rank
         self.version += 1
-        if self.dense and slots is not None:
+        if self.dense_decode and slots is not None:
             self._fill_one_hot(slots)
 
     def _fill_one_hot(self, slots: torch.Tensor) -> None:
@@ -123,7 +123,7 @@ class BatchedLoraLayer(nn.Module):
         rank = min(self.rows.rank, self.capacity)
         if rank == 0:
             return out
-        if self.rows.dense and x.dim() == 3 and x.dtype == self.a.dtype == out.dtype and out.is_contiguous():
+        if self.rows.dense_decode and x.dim() == 3 and x.shape[1] == 1 and x.dtype == self.a.dtype == out.dtype:
             return self._dense(x, out)
         a_t, b_t = self._per_row(rank)  # [B, in, r], [B, r, out]
         if x.dim() != 3 or x.dtype != a_t.dtype or out.dtype != b_t.dtype:  # the fast path is 3-D, one dtype
@@ -134,11 +134,11 @@ class BatchedLoraLayer(nn.Module):
         return torch.baddbmm(out, torch.bmm(x, a_t), b_t)  # [B, T, out] += (x A^T) B^T, per row
 
     def _dense(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """Rows [B, T, in]: every slot's x A^T, masked to the row's own slot, times all slots' B^T."""
+        """One-token rows [B, 1, in]: every slot's x A^T, masked to the row's own slot, times all slots' B."""
         batch, slots, rank = x.shape[0], self.num_slots + 1, self.capacity
-        hidden = torch.mm(x.reshape(-1, self.in_features), self.a.view(slots * rank, -1).t())  # [B T, slots R]
-        hidden.view(batch, -1, slots, rank).mul_(self.rows.one_hot[:batch, None, :, None])
-        return out.view(-1, self.out_features).addmm_(hidden, self.b_t.view(slots * rank, -1)).view(out.shape)
+        hidden = torch.mm(x.view(batch, -1), self.a.view(slots * rank, -1).t())  # [B, slots * R]
+        hidden.view(batch, slots, rank).mul_(self.rows.one_hot[:batch, :, None])
+        return out.view(batch, -1).addmm_(hidden, self.b_t.view(slots * rank, -1)).view(out.shape)
 
 
 def wrap_lora_targets(model: nn.Module, rows: RowAdapters) -> dict[str, BatchedLoraLayer]:

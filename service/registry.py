@@ -25,7 +25,7 @@ class AdapterRegistry:
         first = next(model.parameters())
         self.device = first.device
         self.dtype = first.dtype if first.is_floating_point() else torch.float32
-        self.rows = RowAdapters(max_resident, self.dtype, dense=self.device.type == "cuda")
+        self.rows = RowAdapters(max_resident, self.dtype, dense_decode=self.device.type == "cuda")
         self.layers: dict[str, BatchedLoraLayer] = wrap_lora_targets(model, self.rows)
         self.shapes = {name: (layer.in_features, layer.out_features) for name, layer in self.layers.items()}
         self.roots = [Path(root) for root in roots]

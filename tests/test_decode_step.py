@@ -23,7 +23,7 @@ class Rows:
     def __init__(self, base_dir, adapters, dense: bool, device: str = "cpu"):
         self.base_dir, self.adapters = base_dir, adapters
         model, self.registry = engine_model(base_dir, adapters, device=device)
-        self.registry.rows.dense = dense
+        self.registry.rows.dense_decode = dense
         settings = Settings(base_model=str(base_dir), device=device, dtype="float32", cuda_graphs=device == "cuda")
         self.engine = Engine(model, AutoTokenizer.from_pretrained(base_dir), self.registry, settings)
         self.running = RunningBatch(self.engine.decoder)
