@@ -116,15 +116,22 @@ def test_the_openai_client(server):
         client.completions.create(model="nope", prompt="Hi", max_tokens=2)
 
 
-def in_flight(http: httpx.Client) -> float:
-    families = text_string_to_metric_families(http.get("/metrics").text)
-    return next(f for f in families if f.name == "loraswap_requests_in_flight").samples[0].value
+def in_flight_and_answered(http: httpx.Client) -> tuple[float, float]:
+    """HTTP requests in flight now, and completions answered so far (both from /metrics)."""
+    families = {family.name: family for family in text_string_to_metric_families(http.get("/metrics").text)}
+    answered = sum(sample.value for sample in families["loraswap_request_duration_seconds"].samples
+                   if sample.name.endswith("_count") and sample.labels["endpoint"] == "/v1/completions")
+    return families["loraswap_requests_in_flight"].samples[0].value, answered
 
 
 def test_sigterm_drains_then_exits_cleanly(server):
     """Runs last: SIGTERM with 12 slow requests in flight (256 tokens, batches of 4)."""
     http, slow = server.http, 12
-    idle = in_flight(http)
+    idle, answered_before = in_flight_and_answered(http)
+
+    def arrived() -> float:  # completions that reached the server: in flight, or already answered
+        now, answered = in_flight_and_answered(http)
+        return now - idle + answered - answered_before
 
     def complete(i: int) -> httpx.Response:
         return httpx.post(f"{server.url}/v1/completions", timeout=120,
@@ -133,9 +140,10 @@ def test_sigterm_drains_then_exits_cleanly(server):
     with ThreadPoolExecutor(max_workers=slow) as pool:
         futures = [pool.submit(complete, i) for i in range(slow)]
         deadline = time.monotonic() + 30
-        while in_flight(http) < idle + slow and time.monotonic() < deadline:
+        while arrived() < slow and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert in_flight(http) >= idle + slow, "the slow requests did not reach the server"
+        assert arrived() >= slow, "the slow requests did not reach the server"
+        assert in_flight_and_answered(http)[0] > idle, "every request was answered before SIGTERM: nothing to drain"
         time.sleep(0.2)  # counted in flight by the middleware: let each pass the readiness check into the queue
         server.process.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
