@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from service.kv_cache import row_bucket
+
 
 @dataclass
 class RowAdapters:
@@ -46,7 +48,7 @@ class RowAdapters:
         """Write the row-to-slot mask in place; it grows (a new address) to a power of two of rows, the
         decoding step's row buckets, only when a batch outgrows it."""
         if self.one_hot is None or len(slots) > self.one_hot.shape[0]:
-            rows = max(1 << (len(slots) - 1).bit_length(), self.min_rows)
+            rows = max(row_bucket(len(slots)), self.min_rows)
             self.one_hot = torch.zeros(rows, self.num_slots + 1, device=slots.device, dtype=self.dtype)
             self.storage += 1
         self.one_hot.zero_()
