@@ -146,7 +146,7 @@ class Bench:
         """The three copies of the base: plain (hf_base), peft with the adapters, ours with its registry."""
         self.peft_model = random_adapters(copy.deepcopy(self.plain), self.names, self.args.rank,
                                           TARGET_SETS[self.args.targets], self.workdir)
-        self.model = model = copy.deepcopy(self.plain)
+        model = copy.deepcopy(self.plain)
         self.registry = AdapterRegistry(model, [self.workdir], self.settings.max_resident, self.settings.max_rank)
         for name in self.names:
             self.registry.register(name, self.workdir / name)
