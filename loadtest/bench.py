@@ -51,6 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modes", default=",".join(ALL_MODES), help="comma-separated subset of " + ",".join(ALL_MODES))
     parser.add_argument("--hot-loads", type=int, default=20, help="timed hot-loads of an r=16 all-linear adapter (0 skips them and the stall check)")
     parser.add_argument("--registered", type=int, default=1000, help="adapters registered for the memory check (0 skips)")
+    parser.add_argument("--prefill-chunk", type=int, help="the engine's --prefill-chunk (default: its own)")
     parser.add_argument("--cache-dir", type=Path, default=Settings().cache_dir)
     parser.add_argument("--json", type=Path, help="write the results here")
 
@@ -93,15 +94,18 @@ def timed(fn, device: torch.device) -> float:
 
 
 class StampedSteps:
-    """An engine's decoding step that also notes when each step starts (the stall check; a CUDA graph replay
-    runs no module hooks, so the steps are stamped here)."""
+    """An engine's decoding step that also notes when each step starts and ends (the stall check; a CUDA graph
+    replay runs no module hooks, so the steps are stamped here)."""
 
-    def __init__(self, steps, stamps: list[float]):
+    def __init__(self, steps, stamps: list[tuple[float, float]]):
         self.steps, self.stamps = steps, stamps
 
     def __call__(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
-        self.stamps.append(time.perf_counter())
-        return self.steps(tokens, positions)
+        started = time.perf_counter()
+        logits = self.steps(tokens, positions)
+        sync(logits.device)
+        self.stamps.append((started, time.perf_counter()))
+        return logits
 
     def __getattr__(self, name: str):
         return getattr(self.steps, name)
@@ -115,7 +119,7 @@ class Bench:
         self.settings = Settings(base_model=args.base_model, device=args.device, dtype=args.dtype,
                                  cache_dir=args.cache_dir, max_resident=max(args.adapters, 2), max_rank=64,
                                  max_batch=max(self.batch_sizes), batch_window_ms=200, max_queue=4096,
-                                 max_new_tokens=args.new_tokens, auto_merge=False)
+                                 max_new_tokens=args.new_tokens, auto_merge=False, prefill_chunk=args.prefill_chunk)
         self.device = pick_device(args.device)
         self.plain, self.tokenizer = load_base(self.settings)
         generator = torch.Generator().manual_seed(0)
@@ -227,9 +231,11 @@ class Bench:
         return root / "hot"
 
     def stall(self, batch: int = 64, new_tokens: int = 64) -> dict:
-        """Gaps between the decoding steps of a running mixed batch: alone (``quiet``); while one-token requests
-        for adapters already resident join it (``join``); and while a thread hot-loads new adapters and sends one
-        such request for each, so the engine activates them between steps (``load``: join plus activation).
+        """Decoding steps of a running mixed batch: alone (``quiet``); while one-token requests with the bench's
+        prompts, for adapters already resident, join it (``join``); and while a thread hot-loads new adapters
+        and sends one such request for each, so the engine activates them between steps (``load``). Reports
+        the gaps between step starts and the pauses between steps (engine time spent between the end of one
+        step and the start of the next: joiners' prompt chunks, activations), against the quiet step.
         Every kind runs once as a warm-up first (graph captures, first-use kernels, and the first adapters of a
         larger rank or new target modules widening the banks, which makes the engine re-capture its CUDA
         graphs); that warm-up load is reported as ``first_load``."""
@@ -237,13 +243,13 @@ class Bench:
         loads = self.registry.max_resident // 2  # the running batch uses the other slots
         running = self.names[: self.registry.max_resident - loads]
         engine.settings.max_batch, engine.settings.max_new_tokens = batch + loads, new_tokens
-        stamps: list[float] = []  # when each decoding step (one new token per row) starts
+        stamps: list[tuple[float, float]] = []  # (start, end) of each decoding step (one new token per row)
         engine.decoder = StampedSteps(engine.decoder, stamps)  # prefills (of the batch or of joiners) are not stamped
         works = [Generation(self.prompts[i % len(self.prompts)].tolist(), running[i % len(running)],
                             Decoding(max_new_tokens=new_tokens), stop_at_newline=False, ignore_eos=True)
                  for i in range(batch)]
 
-        def gaps_ms(kind: str, round_: str) -> list[float]:
+        def steps(kind: str, round_: str) -> dict:
             stamps.clear()
             futures = [engine.submit(work) for work in works]
             while kind != "quiet" and len(stamps) < 3 and not futures[0].done():  # let the batch start decoding
@@ -252,23 +258,27 @@ class Bench:
                 adapter = f"{round_}_{kind}{i}" if kind == "load" else running[i % len(running)]
                 if kind == "load":
                     self.registry.register(adapter, source)
-                futures.append(engine.submit(Generation(works[0].prompt_ids[:8], adapter, Decoding(max_new_tokens=1),
+                futures.append(engine.submit(Generation(works[-1 - i].prompt_ids, adapter, Decoding(max_new_tokens=1),
                                                         stop_at_newline=False)))
             for future in futures:
                 future.result()
-            return [(b - a) * 1000 for a, b in zip(stamps, stamps[1:])]  # joins and activations fall in these gaps
+            gaps = [(b[0] - a[0]) * 1000 for a, b in zip(stamps, stamps[1:])]
+            pauses = [(b[0] - a[1]) * 1000 for a, b in zip(stamps, stamps[1:])]
+            return {"step_p50_ms": round(statistics.median(gaps), 2), "step_max_ms": round(max(gaps), 2),
+                    "pause_max_ms": round(max(pauses), 2)}
 
         try:
             kinds = ("quiet", "join", "load")
-            warm_up = {kind: gaps_ms(kind, "warm") for kind in kinds}
-            runs = {"first_load": warm_up["load"], **{kind: gaps_ms(kind, "timed") for kind in kinds}}
+            warm_up = {kind: steps(kind, "warm") for kind in kinds}
+            runs = {"first_load": warm_up["load"], **{kind: steps(kind, "timed") for kind in kinds}}
         finally:
             engine.decoder = engine.decoder.steps
             for name in {entry["name"] for entry in self.registry.describe()} - set(self.names):
                 self.registry.unregister(name)
-        report = {"batch": batch, "new_tokens": new_tokens, "joining_requests": loads}
-        for kind, gaps in runs.items():
-            report |= {f"{kind}_step_p50_ms": round(statistics.median(gaps), 2), f"{kind}_step_max_ms": round(max(gaps), 2)}
+        report = {"batch": batch, "new_tokens": new_tokens, "joining_requests": loads,
+                  "joining_prompt_tokens": self.args.prompt_tokens, "prefill_chunk": engine.prefill_chunk}
+        for kind, figures in runs.items():
+            report |= {f"{kind}_{name}": value for name, value in figures.items()}
         return report
 
     def memory(self) -> dict:

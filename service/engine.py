@@ -1,10 +1,11 @@
 """The engine: one thread that owns the model, batches queued requests across adapters and runs them.
 
-Requests of any adapters and decoding parameters share a batch. Generation runs a prefill over the
-left-padded prompts and then one decoding step per token over a preallocated KV cache (a CUDA graph per
+Requests of any adapters and decoding parameters share a batch. Generation runs the left-padded prompts
+through the model and then one decoding step per token over a preallocated KV cache (a CUDA graph per
 batch-size bucket on the GPU); rows that finish leave the batch, so they stop costing compute, and queued
-requests join it between steps. Scoring (NLI) is one forward pass.
-Adapter activation, merge and unmerge happen on this thread between batches, so no row ever runs with
+requests join it between steps, their prompts run a chunk per pause (``prefill_chunk``) so that a long
+prompt does not hold the running rows for many steps. Scoring (NLI) is one pass over the prompts.
+Adapter activation, merge and unmerge happen on this thread between steps, so no row ever runs with
 weights other than its own adapter's.
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from service import metrics
 from service.adapter_files import BASE_LABEL, AdapterError
@@ -24,6 +25,7 @@ from service.attention import use_packed_gqa_attention
 from service.decode_step import DecodeStep
 from service.decoding import Decoding, RowSampler
 from service.generation import RunningBatch
+from service.prompt_pass import PromptPass
 from service.registry import AdapterRegistry
 from service.settings import Settings
 
@@ -72,6 +74,14 @@ class _Pending:
     enqueued: float = field(default_factory=time.perf_counter)
 
 
+@dataclass
+class _Joining:
+    """Requests of one kind taken from the queue, and their prompts' pass through the model."""
+
+    pendings: list[_Pending]
+    prompt: PromptPass
+
+
 class Engine:
     """Queue, scheduler and batched forward passes over one base model with per-row adapters."""
 
@@ -84,6 +94,8 @@ class Engine:
         self.eos_ids = {tokenizer.eos_token_id, *([configured] if isinstance(configured, int) else configured or [])}
         self.newline_ids = self._newline_token_ids()
         use_packed_gqa_attention(model)
+        self.prefill_chunk = settings.prefill_chunk if settings.prefill_chunk is not None else (
+            64 if self.device.type == "cpu" else 0)
         self.decoder = DecodeStep(model, registry.rows, settings.cuda_graphs, settings.max_batch)
         self._queue: deque[_Pending] = deque()
         self._controls: deque[tuple[callable, Future]] = deque()
@@ -93,6 +105,7 @@ class Engine:
         self._same_adapter_batches = 0
         self._last_adapter: str | None = None
         self._cooldown = 0
+        self._taken: list[_Pending] = []  # every request the batch being served took from the queue
 
     def _newline_token_ids(self) -> set[int]:
         vocab = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
@@ -158,10 +171,11 @@ class Engine:
                 if not self._accepting and not self._queue:
                     return
                 continue
+            self._taken = list(batch)
             try:
                 self._serve(batch)
-            except Exception as exc:  # a failed batch fails its requests, never the engine
-                for pending in batch:
+            except Exception as exc:  # a failed batch fails its requests (joiners too), never the engine
+                for pending in self._taken:
                     if not pending.future.done():
                         pending.future.set_exception(exc)
 
@@ -206,32 +220,28 @@ class Engine:
         return batch
 
     def _serve(self, batch: list[_Pending]) -> None:
+        """Run a batch taken from the queue; generations go on, with requests joining, until every row is done."""
         batch = [pending for pending in batch if pending.future.set_running_or_notify_cancel()]
-        self._apply_merge_policy({pending.work.adapter for pending in batch})
-        batch = self._activate(batch)
         if not batch:
             return
-        metrics.BATCH_SIZE.observe(len(batch))
-        if isinstance(batch[0].work, Scoring):
-            self._score(batch)
-        else:
-            self._generate(batch)
-
-    def _activate(self, rows: list[_Pending], newcomers: int | None = None) -> list[_Pending]:
-        """Point the LoRA row mapping at ``rows``' adapters; rows whose adapter is gone fail with 404.
-
-        The last ``newcomers`` rows (all, by default) have just left the queue."""
-        names = [pending.work.adapter for pending in rows]
-        missing = set(self.registry.activate(names))
-        for row in missing:
-            rows[row].future.set_exception(AdapterError(f"unknown adapter {names[row]!r}", status=404))
-        kept = [pending for row, pending in enumerate(rows) if row not in missing]
-        if missing:
-            self.registry.activate([pending.work.adapter for pending in kept])
-        now = time.perf_counter()
-        for pending in rows[len(rows) - (len(rows) if newcomers is None else newcomers):]:
-            metrics.QUEUE_WAIT.observe(now - pending.enqueued)
-        return kept
+        self._apply_merge_policy({pending.work.adapter for pending in batch})
+        running, joining = RunningBatch(self.decoder), self._joining(batch)
+        while True:
+            joining = self._between_steps(running, joining)
+            if not len(running):  # every row is done (or failed) and nothing is joining
+                return
+            chosen, finished = running.sample(self._is_stop)
+            for row, reason in finished:
+                self._finish(running.pendings[row], running.tokens[row], reason, running.first_token_at[row])
+            if finished:
+                done = {row for row, _ in finished}
+                kept = [row for row in range(len(running)) if row not in done]
+                kept_rows = running.keep(kept)
+                if kept:  # an engine with no rows left leaves the shared row mapping alone
+                    self.registry.select_rows(kept_rows)
+                    chosen = [chosen[row] for row in kept]
+            if len(running):
+                running.forward(chosen)
 
     def _apply_merge_policy(self, names: set[str | None]) -> None:
         """Unmerge when a batch needs other weights; merge after a run of single-adapter batches."""
@@ -248,94 +258,81 @@ class Engine:
                 and self._same_adapter_batches >= self.settings.merge_after and self._cooldown == 0):
             registry.merge(single)
 
-    def _prefill(self, prompts: list[list[int]]):
-        """Left-pad the prompts and run them; returns (last logits [B,V], cache, mask [B,W])."""
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            ids[row, width - len(prompt):] = torch.tensor(prompt)
-            mask[row, width - len(prompt):] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                         use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1].float(), cache, mask
+    def _joining(self, pendings: list[_Pending]) -> _Joining:
+        """Requests just taken from the queue, their prompts not yet run."""
+        now = time.perf_counter()
+        for pending in pendings:
+            metrics.QUEUE_WAIT.observe(now - pending.enqueued)
+        metrics.BATCH_SIZE.observe(len(pendings))
+        prompts = [pending.work.prompt_ids for pending in pendings]
+        return _Joining(pendings, PromptPass(self.model, prompts, self.pad_id, self.device))
 
-    def _score(self, batch: list[_Pending]) -> None:
-        logits, _, _ = self._prefill([pending.work.prompt_ids for pending in batch])
-        for row, pending in enumerate(batch):
-            candidates = torch.tensor(pending.work.candidates, device=logits.device)
-            pending.future.set_result(logits[row, candidates].softmax(-1).tolist())
+    def _between_steps(self, running: RunningBatch, joining: _Joining | None) -> _Joining | None:
+        """Between two decoding steps: take waiting requests (NLI first) if none are joining, and run the
+        joining prompts on by one chunk (to the end when no row is running). Once through, NLI requests get
+        their answer and generations join the running rows. Returns the requests still joining."""
+        if joining is None and len(running):
+            joining = self._admit(running)
+        if joining is None:
+            return None
+        self._map_rows(running, joining.pendings)
+        chunk = self.prefill_chunk
+        joining.prompt.advance(max(chunk, len(running)) if chunk and len(running) else 0)
+        if joining.prompt.finished:
+            self._land(running, joining)
+        if len(running):
+            self._map_rows(running)
+        return None if joining.prompt.finished else joining
+
+    def _admit(self, running: RunningBatch) -> _Joining | None:
+        """Queued requests that fit beside the running rows (room, device slots, the merged adapter)."""
+        in_use = {pending.work.adapter for pending in running.pendings} - {None}
+        for kind in (Scoring, Generation):
+            room = self.settings.max_batch - (len(running) if kind is Generation else 0)
+            if room <= 0 or not self._queue:
+                continue
+            with self._wakeup:
+                taken = self._take(kind, room, set(in_use), only=self.registry.merged)
+            taken = [pending for pending in taken if pending.future.set_running_or_notify_cancel()]
+            self._taken += taken
+            if taken:
+                return self._joining(taken)
+        return None
+
+    def _map_rows(self, running: RunningBatch, joiners: list[_Pending] = ()) -> None:
+        """Make the adapters of the running rows and of ``joiners`` resident, and point the row mapping at the
+        joiners (to run their prompts) or, with none, at the running rows. Requests whose adapter was deleted
+        meanwhile fail with 404 (joiners run on with no adapter, their results unused); failed or cancelled
+        running rows leave the batch."""
+        while True:
+            rows = running.pendings + list(joiners)
+            missing = set(self.registry.activate([pending.work.adapter for pending in rows]))
+            for row in missing:
+                if not rows[row].future.done():
+                    rows[row].future.set_exception(AdapterError(f"unknown adapter {rows[row].work.adapter!r}", 404))
+            gone = {row for row, pending in enumerate(running.pendings) if pending.future.done()}
+            if not gone:
+                break
+            running.keep([row for row in range(len(running)) if row not in gone])
+        if joiners:
+            self.registry.select_rows(torch.arange(len(running), len(rows), device=self.device))
+
+    def _land(self, running: RunningBatch, joining: _Joining) -> None:
+        """Requests whose prompts have run: NLI requests get their probabilities, generations join ``running``."""
+        pendings, prompt = joining.pendings, joining.prompt
+        if isinstance(pendings[0].work, Scoring):
+            for row, pending in enumerate(pendings):
+                if not pending.future.done():
+                    candidates = torch.tensor(pending.work.candidates, device=prompt.logits.device)
+                    pending.future.set_result(prompt.logits[row, candidates].softmax(-1).tolist())
+            return
+        works = [pending.work for pending in pendings]
+        limits = [min(work.decoding.max_new_tokens, self.settings.max_new_tokens) for work in works]
+        sampler = RowSampler([work.decoding for work in works], self.device)
+        running.add(pendings, prompt.logits, prompt.cache, prompt.mask, sampler, limits)
 
     def _is_stop(self, work: Generation, token: int) -> bool:
         return (token in self.eos_ids and not work.ignore_eos) or (work.stop_at_newline and token in self.newline_ids)
-
-    def _add_rows(self, running: RunningBatch, batch: list[_Pending]) -> None:
-        """Prefill ``batch`` into ``running`` (the row mapping must already point at its adapters)."""
-        works = [pending.work for pending in batch]
-        logits, cache, mask = self._prefill([work.prompt_ids for work in works])
-        limits = [min(work.decoding.max_new_tokens, self.settings.max_new_tokens) for work in works]
-        running.add(batch, logits, cache, mask, RowSampler([w.decoding for w in works], self.device), limits)
-
-    def _generate(self, batch: list[_Pending]) -> None:
-        """Decode until every row is done; finished rows leave, queued requests are served between steps."""
-        running = RunningBatch(self.decoder)
-        self._add_rows(running, batch)
-        while True:
-            self._between_steps(running)
-            if not len(running):  # every running row's adapter was deleted
-                return
-            chosen, finished = running.sample(self._is_stop)
-            for row, reason in finished:
-                self._finish(running.pendings[row], running.tokens[row], reason, running.first_token_at[row])
-            if finished:
-                done = {row for row, _ in finished}
-                kept = [row for row in range(len(running)) if row not in done]
-                if not kept:
-                    return
-                self.registry.select_rows(running.keep(kept))
-                chosen = [chosen[row] for row in kept]
-            running.forward(chosen)
-
-    def _between_steps(self, running: RunningBatch) -> None:
-        """Between two decoding steps: score waiting NLI requests at once, and let waiting generations join."""
-        for kind in (Scoring, Generation):
-            newcomers = self._admit(running, kind)
-            if not newcomers:
-                continue
-            if kind is Scoring:
-                metrics.BATCH_SIZE.observe(len(newcomers))
-                self._score(newcomers)
-            else:
-                self._add_rows(running, newcomers)
-            self.registry.activate([pending.work.adapter for pending in running.pendings])
-
-    def _admit(self, running: RunningBatch, kind: type) -> list[_Pending]:
-        """Take queued requests of ``kind`` that fit beside the running rows, and point the row mapping at them.
-
-        Running rows whose adapter was deleted meanwhile are failed and dropped."""
-        room = self.settings.max_batch - (len(running) if kind is Generation else 0)
-        if room <= 0 or not self._queue:
-            return []
-        in_use = {pending.work.adapter for pending in running.pendings} - {None}
-        with self._wakeup:
-            taken = self._take(kind, room, in_use, only=self.registry.merged)
-        taken = [pending for pending in taken if pending.future.set_running_or_notify_cancel()]
-        if not taken:
-            return []
-        rows = self._activate(running.pendings + taken, newcomers=len(taken))
-        alive = {id(pending) for pending in rows}
-        gone = [row for row, pending in enumerate(running.pendings) if id(pending) not in alive]
-        if gone:
-            running.keep([row for row in range(len(running)) if row not in gone])
-        newcomers = rows[len(running):]
-        if newcomers:
-            self.registry.select_rows(torch.arange(len(running), len(rows), device=self.device))
-        else:
-            self.registry.activate([pending.work.adapter for pending in running.pendings])
-        return newcomers
 
     def _finish(self, pending: _Pending, tokens: list[int], reason: str, first_token_at: float) -> None:
         work = pending.work

@@ -63,7 +63,7 @@ class RunningBatch:
 
     def keep(self, rows: list[int]) -> torch.Tensor:
         """Keep only ``rows`` (in this order), dropping the others' cache and state; returns their index tensor."""
-        index = torch.tensor(rows, device=self.decoder.device)
+        index = torch.tensor(rows, dtype=torch.long, device=self.decoder.device)
         if rows != list(range(len(rows))):  # rows that stay in place need no copy
             self.decoder.cache.keep(index, max(self.positions))
         self.logits = self.logits[index]

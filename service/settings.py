@@ -39,6 +39,10 @@ class Settings(BaseSettings):
     merge_after: int = Field(4, ge=1, description="merge an adapter after this many consecutive batches use only it")
     merge_cooldown: int = Field(8, ge=0, description="batches to wait after an unmerge before merging again")
     auto_merge: bool = True
+    prefill_chunk: int | None = Field(
+        None, ge=0, description="prompt tokens that requests joining a running batch run between two of its decoding "
+        "steps (the larger of this and the running rows: about a step's arithmetic); 0 runs whole prompts; unset: 64 "
+        "on the CPU, 0 on the GPU (where a pass costs its kernel launches more than its tokens)")
     cuda_graphs: bool = Field(True, description="replay decoding steps as CUDA graphs (GPU only)")
 
     # http

@@ -11,6 +11,7 @@ from service.decoding import Decoding, RowSampler
 from service.engine import Engine
 from service.generation import RunningBatch
 from service.kv_cache import COLUMN_STEP, RowKVCache
+from service.prompt_pass import PromptPass
 from service.settings import Settings
 from tests.lora_helpers import engine_model, peft_logits, random_ids
 
@@ -30,13 +31,16 @@ class Rows:
         self.sequences: list[list[int]] = []
         self.names: list[str | None] = []
 
-    def join(self, prompts: list[list[int]], names: list[str | None]) -> None:
+    def join(self, prompts: list[list[int]], names: list[str | None], chunk: int = 0) -> None:
+        """Run the prompts ``chunk`` tokens at a time (0: whole) and add them after the running rows."""
         self.registry.activate(self.names + names)
         self.registry.select_rows(torch.arange(len(self.names), len(self.names) + len(names)))  # as the engine does
-        logits, cache, mask = self.engine._prefill(prompts)
+        prompt = PromptPass(self.engine.model, prompts, self.engine.pad_id, self.engine.device)
+        while not prompt.finished:
+            prompt.advance(chunk)
         self.registry.activate(self.names + names)
         sampler = RowSampler([Decoding()] * len(prompts), self.engine.device)
-        self.running.add([None] * len(prompts), logits, cache, mask, sampler, [99] * len(prompts))
+        self.running.add([None] * len(prompts), prompt.logits, prompt.cache, prompt.mask, sampler, [99] * len(prompts))
         self.sequences += [list(p) for p in prompts]
         self.names += names
 
@@ -67,7 +71,7 @@ def test_rows_at_their_own_positions_equal_each_sequence_alone(base_dir, ranked,
     """On the GPU the steps are replayed CUDA graphs (checked), so this also holds the graphs to peft."""
     rows = Rows(base_dir, ranked, dense=form == "dense", device=device)
     prompts = [ids.tolist() for ids in (random_ids(1, 3, 1)[0], random_ids(1, 9, 2)[0], random_ids(1, 5, 3)[0])]
-    rows.join(prompts, ["r2", None, "r8"])
+    rows.join(prompts, ["r2", None, "r8"], chunk=4)  # a column per pass: the first ones pad two rows entirely
     rows.assert_match()
     rows.step([11, 12, 13])
     rows.step([21, 22, 23])

@@ -17,7 +17,9 @@ import pytest
 from service.adapter_files import AdapterError
 from service.base_model import load_base
 from service.decoding import Decoding
+from service import engine as engine_module
 from service.engine import Engine, EngineStopped, Generation, GenerationResult, QueueFull, Scoring
+from service.prompt_pass import PromptPass
 from service.registry import AdapterRegistry
 from service.settings import Settings
 from tests.lora_helpers import BASES, make_ranked_adapters
@@ -387,3 +389,78 @@ def test_requests_are_served_during_a_running_batch_and_get_what_they_get_alone(
     assert scored.result(WAIT) == pytest.approx(expected_scores, abs=1e-6)
     assert not running.done(), "the running batch ended before the newcomers finished: they were not served"
     assert_same_outputs([running.result(WAIT), *done], expected, [long_work, *joiners])
+
+
+class CountedPasses(PromptPass):
+    """The engine's prompt passes, noting their chunks; a hook can act at a chosen chunk."""
+
+    budgets: list[int] = []  # the token budget of every chunk run, in order
+    on_first_chunk = None  # if set, called once, on the engine thread, before the next pass's first chunk
+
+    def advance(self, budget: int = 0) -> None:
+        hook, CountedPasses.on_first_chunk = CountedPasses.on_first_chunk, None
+        if hook is not None:
+            hook()
+        super().advance(budget)
+        CountedPasses.budgets.append(budget)
+
+
+@pytest.fixture
+def counted_passes(monkeypatch):
+    CountedPasses.budgets, CountedPasses.on_first_chunk = [], None
+    monkeypatch.setattr(engine_module, "PromptPass", CountedPasses)
+    return CountedPasses
+
+
+def start_long_request(engine: Engine, rng: random.Random) -> tuple[Generation, Future]:
+    """A 300-token generation, its prompt run (it is decoding) when this returns; needs ``counted_passes``."""
+    work = Generation(prompt(rng, 20, 30), "r8", Decoding(max_new_tokens=300), False, ignore_eos=True)
+    CountedPasses.budgets.clear()
+    future = engine.submit(work)
+    deadline = time.monotonic() + WAIT
+    while not CountedPasses.budgets and time.monotonic() < deadline:
+        time.sleep(0.001)
+    return work, future
+
+
+def test_long_prompts_join_a_chunk_per_pause_and_get_what_they_get_alone(engines, counted_passes):
+    engine = engines.fresh(max_new_tokens=300, prefill_chunk=8)
+    rng = random.Random(11)
+    joiners = [Generation(prompt(rng, 60, 80), name, Decoding(max_new_tokens=4), False) for name in ("r2", None)]
+    expected = [alone(engine, work) for work in joiners]
+    long_work, running = start_long_request(engine, rng)
+    futures = [engine.submit(work) for work in joiners]
+    assert_same_outputs(results(futures), expected, joiners)
+    assert not running.done(), "the running request ended before the joiners were served"
+    budgets = counted_passes.budgets[1:]  # the joiners' chunks (one pass for both, or one each)
+    assert len(budgets) >= 60 // 4 and set(budgets) == {8}, f"the joiners' prompts did not run 8 tokens a pause: {budgets}"
+    assert same_output(running.result(WAIT), alone(engine, long_work))
+
+
+def test_an_adapter_deleted_while_its_request_joins_fails_that_request_only(engines, counted_passes):
+    engine = engines.fresh(max_new_tokens=300, prefill_chunk=8)
+    _, adapters = engines.base("llama")
+    engine.registry.register("victim", adapters["r4"])
+    rng = random.Random(12)
+    victim = Generation(prompt(rng, 60, 80), "victim", Decoding(max_new_tokens=4), False)
+    long_work, running = start_long_request(engine, rng)
+    counted_passes.on_first_chunk = lambda: engine.registry.unregister("victim")  # its slot was just filled
+    with pytest.raises(AdapterError) as failed:
+        engine.submit(victim).result(WAIT)
+    assert failed.value.status == 404
+    assert not running.done()
+    assert same_output(running.result(WAIT), alone(engine, long_work))
+    assert "victim" not in engine.registry.names() and engine.registry.resident_count == 1  # only r8 holds a slot
+
+
+def test_a_failure_mid_batch_fails_the_joined_requests_too_and_the_engine_goes_on(engines, counted_passes):
+    engine = engines.fresh(max_new_tokens=300)
+    rng = random.Random(13)
+    _, running = start_long_request(engine, rng)
+    counted_passes.on_first_chunk = lambda: (_ for _ in ()).throw(RuntimeError("injected"))
+    joined = engine.submit(greedy(rng, "r2"))
+    for future in (joined, running):
+        with pytest.raises(RuntimeError, match="injected"):
+            future.result(WAIT)
+    work = greedy(rng, "r4")
+    assert same_output(alone(engine, work), alone(engines.shared(), work))
