@@ -15,7 +15,7 @@ Two ways to apply the deltas, chosen by what the hardware is short of:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -32,17 +32,33 @@ class RowAdapters:
     dtype: torch.dtype = torch.float32  # of the banks
     slots: torch.Tensor | None = None  # [batch] long; the zero slot for rows without an adapter
     rank: int = 0  # largest rank among the rows' adapters; 0 means no LoRA this step
-    version: int = 0  # bumped whenever slots change, so layers re-gather their per-row weights
+    version: int = 0  # names the mapping in use; layers keep their per-row weights by it
+    recent: dict = field(default_factory=dict)  # version -> (slots, rank): the last mappings, banks unchanged since
+    issued: int = 0  # versions handed out so far (a version is never reused for another mapping)
     dense_decode: bool = False  # one-token steps use the dense form (see the module docstring)
     one_hot: torch.Tensor | None = None  # [rows >= batch, num_slots + 1]; rows past the batch are zero
     min_rows: int = 1  # rows of ``one_hot`` at the least (the largest batch), so joins do not reallocate it
     storage: int = 0  # bumped whenever a bank or ``one_hot`` is reallocated (captured graphs go stale)
 
     def assign(self, slots: torch.Tensor | None, rank: int) -> None:
+        """Point the rows at ``slots``. A mapping in use a moment ago keeps its version (between two decoding
+        steps the engine points at joining requests, then back at the running rows): nothing is gathered again."""
         self.slots, self.rank = slots, rank
-        self.version += 1
+        again = [version for version, mapping in self.recent.items() if same_mapping(mapping, (slots, rank))]
+        if again:
+            self.version = again[0]
+        else:
+            self.issued += 1
+            self.version = self.issued
+        older = [(version, mapping) for version, mapping in self.recent.items() if version != self.version]
+        self.recent = {**dict(older[-1:]), self.version: (slots, rank)}  # the last two
         if self.dense_decode and slots is not None:
             self._fill_one_hot(slots)
+
+    def banks_changed(self) -> None:
+        """A slot was written or a bank reallocated: no earlier mapping's per-row weights hold any longer."""
+        self.recent.clear()
+        self.assign(self.slots, self.rank)
 
     def _fill_one_hot(self, slots: torch.Tensor) -> None:
         """Write the row-to-slot mask in place; it grows (a new address) to a power of two of rows, the
@@ -53,6 +69,14 @@ class RowAdapters:
             self.storage += 1
         self.one_hot.zero_()
         self.one_hot[: len(slots)].scatter_(1, slots[:, None], 1.0)
+
+
+def same_mapping(one: tuple[torch.Tensor | None, int], other: tuple[torch.Tensor | None, int]) -> bool:
+    """Whether two (slots, rank) mappings send every row to the same slot."""
+    (slots, rank), (other_slots, other_rank) = one, other
+    if slots is None or other_slots is None:
+        return slots is other_slots and rank == other_rank
+    return rank == other_rank and slots.shape == other_slots.shape and torch.equal(slots, other_slots)
 
 
 def module_shape(layer: nn.Module) -> tuple[int, int]:
@@ -83,7 +107,7 @@ class BatchedLoraLayer(nn.Module):
         self.in_features, self.out_features = module_shape(base)
         self.a: torch.Tensor | None = None  # [slots + 1, R, in]
         self.b_t: torch.Tensor | None = None  # [slots + 1, R, out]
-        self._selected: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (version, A^T [B,in,r], B^T [B,r,out])
+        self._selected: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # mapping version -> (A^T [B,in,r], B^T [B,r,out])
 
     @property
     def capacity(self) -> int:
@@ -106,18 +130,19 @@ class BatchedLoraLayer(nn.Module):
         return self.a[slot], self.b_t[slot]
 
     def _per_row(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each row's A^T [B, in, r] and B^T [B, r, out], gathered once per batch, not once per step, and laid
+        """Each row's A^T [B, in, r] and B^T [B, r, out], gathered once per mapping, not once per step, and laid
         out for ``bmm`` so that a step costs two products and nothing else."""
-        if self._selected is None or self._selected[0] != self.rows.version:
+        version = self.rows.version
+        if version not in self._selected:
             slots = self.rows.slots
-            a_t = self.a[slots, :rank].transpose(1, 2).contiguous()
-            b_t = self.b_t[:, :rank][slots]
-            self._selected = (self.rows.version, a_t, b_t)
-        return self._selected[1], self._selected[2]
+            self._selected = {kept: pair for kept, pair in self._selected.items() if kept in self.rows.recent}
+            self._selected[version] = (self.a[slots, :rank].transpose(1, 2).contiguous(), self.b_t[:, :rank][slots])
+        return self._selected[version]
 
     def release(self) -> None:
         """Free the bank (no adapter uses this module any more)."""
-        self.a = self.b_t = self._selected = None
+        self.a = self.b_t = None
+        self._selected = {}
         self.rows.storage += 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

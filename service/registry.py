@@ -146,6 +146,7 @@ class AdapterRegistry:
                 whole += layer.slot(slot)
         torch._foreach_zero_(whole)  # an earlier adapter's weights, and the ranks this one does not fill
         torch._foreach_copy_(targets, sources)  # contiguous copies: a few launches for all layers
+        self.rows.banks_changed()
         self._resident[name] = (slot, adapter)
 
     def _drop_unregistered(self) -> None:
@@ -154,6 +155,7 @@ class AdapterRegistry:
         for name in gone:
             slot, _ = self._resident.pop(name)
             torch._foreach_zero_([view for layer in self.layers.values() if layer.a is not None for view in layer.slot(slot)])
+            self.rows.banks_changed()
         if not self._resident:
             for layer in self.layers.values():
                 layer.release()

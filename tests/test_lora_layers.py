@@ -53,6 +53,27 @@ def test_changing_the_row_mapping_changes_the_rows_weights(base_dir, ranked):
     assert torch.allclose(shrunk[1], expected["r2"][2], atol=FP32_TOLERANCE)
 
 
+def test_a_mapping_used_again_keeps_its_gathered_weights_until_a_slot_is_rewritten(base_dir, ranked):
+    """Between two steps the engine maps the joiners, then the running rows again: their per-row weights are
+    kept (same version); refilling a slot (a name registered again with other weights) invalidates them."""
+    model, registry = engine_model(base_dir, ranked)
+    ids = random_ids(3, 7, seed=2)
+    rows = ["r2", "r4", "r8"]
+    batched_logits(model, registry, rows, ids)
+    running = registry.rows.version
+    batched_logits(model, registry, ["r8", None], ids[:2])  # joiners
+    again = batched_logits(model, registry, rows, ids)
+    assert registry.rows.version == running, "the running rows' mapping was given a new version"
+    expected = {name: peft_logits(base_dir, ranked.get(name), ids) for name in ("r2", "r4", "r8")}
+    for row, name in enumerate(rows):
+        assert torch.allclose(again[row], expected[name][row], atol=FP32_TOLERANCE)
+    registry.unregister("r2")
+    registry.register("r2", ranked["r8"])  # same name, other weights: its slot is refilled
+    refilled = batched_logits(model, registry, rows, ids)
+    assert torch.allclose(refilled[0], expected["r8"][0], atol=FP32_TOLERANCE), "stale per-row weights were used"
+    assert torch.allclose(refilled[1], expected["r4"][1], atol=FP32_TOLERANCE)
+
+
 def test_nf4_base_mixed_batch_equals_peft_over_the_same_4bit_base(base_dir, ranked):
     model, registry = engine_model(base_dir, ranked, quantize="nf4")
     assert registry.quantized
@@ -94,7 +115,7 @@ def test_fast_paths_equal_reference_and_per_row_products(kind, form):
     x = torch.randn(len(slots), tokens, fan_in, generator=gen)
     with torch.no_grad():
         delta = layer(x) - base(x)
-    assert (layer._selected is None) == (form == "dense"), "the other form ran"
+    assert (not layer._selected) == (form == "dense"), "the other form ran"
     reference = lora_delta_reference(x, layer.a, layer.b_t, slots)
     direct = torch.stack([
         x[row] @ pairs[slot][0].t() @ pairs[slot][1].t() if slot in (0, 2) else torch.zeros(tokens, fan_out)
