@@ -41,8 +41,9 @@ class RowAdapters:
     storage: int = 0  # bumped whenever a bank or ``one_hot`` is reallocated (captured graphs go stale)
 
     def assign(self, slots: torch.Tensor | None, rank: int) -> None:
-        """Point the rows at ``slots``. A mapping in use a moment ago keeps its version (between two decoding
-        steps the engine points at joining requests, then back at the running rows): nothing is gathered again."""
+        """Point the rows at ``slots``. A mapping among the last three keeps its version (between two decoding
+        steps the engine maps running and joining rows to make their adapters resident, then the joiners to run
+        their prompts, then the running rows again): nothing is gathered again."""
         self.slots, self.rank = slots, rank
         again = [version for version, mapping in self.recent.items() if same_mapping(mapping, (slots, rank))]
         if again:
@@ -51,13 +52,17 @@ class RowAdapters:
             self.issued += 1
             self.version = self.issued
         older = [(version, mapping) for version, mapping in self.recent.items() if version != self.version]
-        self.recent = {**dict(older[-1:]), self.version: (slots, rank)}  # the last two
+        self.recent = {**dict(older[-2:]), self.version: (slots, rank)}  # running + joining rows, joiners, running
         if self.dense_decode and slots is not None:
             self._fill_one_hot(slots)
 
-    def banks_changed(self) -> None:
-        """A slot was written or a bank reallocated: no earlier mapping's per-row weights hold any longer."""
-        self.recent.clear()
+    def slot_written(self, slot: int | None) -> None:
+        """Slot ``slot`` was filled or cleared (None: a bank was reallocated): mappings that read it, and only
+        those, gather their per-row weights again."""
+        def unaffected(mapping) -> bool:
+            slots = mapping[0]
+            return slot is not None and (slots is None or not bool((slots == slot).any()))
+        self.recent = {version: mapping for version, mapping in self.recent.items() if unaffected(mapping)}
         self.assign(self.slots, self.rank)
 
     def _fill_one_hot(self, slots: torch.Tensor) -> None:

@@ -136,6 +136,7 @@ class AdapterRegistry:
         else:
             slot = min(set(range(self.max_resident)) - {slot for slot, _ in self._resident.values()})
         pairs = adapter.views(adapter.packed.to(self.device, self.dtype, non_blocking=True))  # one transfer
+        storage = self.rows.storage
         whole, targets, sources = [], [], []
         for module, layer in self.layers.items():
             if module in pairs:
@@ -146,7 +147,7 @@ class AdapterRegistry:
                 whole += layer.slot(slot)
         torch._foreach_zero_(whole)  # an earlier adapter's weights, and the ranks this one does not fill
         torch._foreach_copy_(targets, sources)  # contiguous copies: a few launches for all layers
-        self.rows.banks_changed()
+        self.rows.slot_written(slot if self.rows.storage == storage else None)
         self._resident[name] = (slot, adapter)
 
     def _drop_unregistered(self) -> None:
@@ -155,7 +156,7 @@ class AdapterRegistry:
         for name in gone:
             slot, _ = self._resident.pop(name)
             torch._foreach_zero_([view for layer in self.layers.values() if layer.a is not None for view in layer.slot(slot)])
-            self.rows.banks_changed()
+            self.rows.slot_written(slot)
         if not self._resident:
             for layer in self.layers.values():
                 layer.release()

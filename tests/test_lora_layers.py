@@ -55,7 +55,8 @@ def test_changing_the_row_mapping_changes_the_rows_weights(base_dir, ranked):
 
 def test_a_mapping_used_again_keeps_its_gathered_weights_until_a_slot_is_rewritten(base_dir, ranked):
     """Between two steps the engine maps the joiners, then the running rows again: their per-row weights are
-    kept (same version); refilling a slot (a name registered again with other weights) invalidates them."""
+    kept (same version), also when a joiner's adapter fills another slot; refilling a slot they read (a name
+    registered again with other weights) invalidates them."""
     model, registry = engine_model(base_dir, ranked)
     ids = random_ids(3, 7, seed=2)
     rows = ["r2", "r4", "r8"]
@@ -67,6 +68,10 @@ def test_a_mapping_used_again_keeps_its_gathered_weights_until_a_slot_is_rewritt
     expected = {name: peft_logits(base_dir, ranked.get(name), ids) for name in ("r2", "r4", "r8")}
     for row, name in enumerate(rows):
         assert torch.allclose(again[row], expected[name][row], atol=FP32_TOLERANCE)
+    registry.register("other", ranked["r4"])
+    batched_logits(model, registry, ["other"], ids[:1])  # fills a slot the running rows do not read
+    batched_logits(model, registry, rows, ids)
+    assert registry.rows.version == running, "filling another slot made the running rows gather again"
     registry.unregister("r2")
     registry.register("r2", ranked["r8"])  # same name, other weights: its slot is refilled
     refilled = batched_logits(model, registry, rows, ids)
