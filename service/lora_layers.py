@@ -112,7 +112,8 @@ class BatchedLoraLayer(nn.Module):
         self.in_features, self.out_features = module_shape(base)
         self.a: torch.Tensor | None = None  # [slots + 1, R, in]
         self.b_t: torch.Tensor | None = None  # [slots + 1, R, out]
-        self._selected: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # mapping version -> (A^T [B,in,r], B^T [B,r,out])
+        # mapping version -> each row's (A^T [B, in, r], B^T [B, r, out])
+        self._selected: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def capacity(self) -> int:

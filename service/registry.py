@@ -137,25 +137,27 @@ class AdapterRegistry:
             slot = min(set(range(self.max_resident)) - {slot for slot, _ in self._resident.values()})
         pairs = adapter.views(adapter.packed.to(self.device, self.dtype, non_blocking=True))  # one transfer
         storage = self.rows.storage
-        whole, targets, sources = [], [], []
+        targets, sources = [], []
         for module, layer in self.layers.items():
             if module in pairs:
                 layer.reserve(adapter.rank, self.device, self.dtype)
                 targets += [view[: adapter.rank] for view in layer.slot(slot)]
                 sources += pairs[module]
-            if layer.a is not None:
-                whole += layer.slot(slot)
-        torch._foreach_zero_(whole)  # an earlier adapter's weights, and the ranks this one does not fill
+        torch._foreach_zero_(self._slot_views(slot))  # an earlier adapter's weights, the ranks this one leaves
         torch._foreach_copy_(targets, sources)  # contiguous copies: a few launches for all layers
         self.rows.slot_written(slot if self.rows.storage == storage else None)
         self._resident[name] = (slot, adapter)
+
+    def _slot_views(self, slot: int) -> list[torch.Tensor]:
+        """Every allocated bank's (A, B^T) views of one slot."""
+        return [view for layer in self.layers.values() if layer.a is not None for view in layer.slot(slot)]
 
     def _drop_unregistered(self) -> None:
         with self._lock:
             gone = [name for name, (_, held) in self._resident.items() if self._adapters.get(name) is not held]
         for name in gone:
             slot, _ = self._resident.pop(name)
-            torch._foreach_zero_([view for layer in self.layers.values() if layer.a is not None for view in layer.slot(slot)])
+            torch._foreach_zero_(self._slot_views(slot))
             self.rows.slot_written(slot)
         if not self._resident:
             for layer in self.layers.values():
