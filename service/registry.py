@@ -141,10 +141,11 @@ class AdapterRegistry:
         for module, layer in self.layers.items():
             if module in pairs:
                 layer.reserve(adapter.rank, self.device, self.dtype)
+                lora_a, lora_b = pairs[module]
                 targets += [view[: adapter.rank] for view in layer.slot(slot)]
-                sources += pairs[module]
+                sources += [lora_a, lora_b.t()]  # the bank holds B^T: transposed on the device, as it is copied
         torch._foreach_zero_(self._slot_views(slot))  # an earlier adapter's weights, the ranks this one leaves
-        torch._foreach_copy_(targets, sources)  # contiguous copies: a few launches for all layers
+        torch._foreach_copy_(targets, sources)
         self.rows.slot_written(slot if self.rows.storage == storage else None)
         self._resident[name] = (slot, adapter)
 
@@ -174,10 +175,10 @@ class AdapterRegistry:
         if self._merged == name:
             return
         self.unmerge()
-        for module, (lora_a, lora_b_t) in adapter.views().items():
+        for module, (lora_a, lora_b) in adapter.views().items():
             weight = self.layers[module].base.weight
             self._originals[module] = weight.detach().clone()
-            delta = (lora_a.float().t() @ lora_b_t.float()).to(weight.device, weight.dtype)  # [in, out]
+            delta = (lora_a.float().t() @ lora_b.float().t()).to(weight.device, weight.dtype)  # [in, out]
             weight.data += delta if isinstance(self.layers[module].base, Conv1D) else delta.t()
         with self._lock:
             self._merged = name
