@@ -93,22 +93,23 @@ def timed(fn, device: torch.device) -> float:
     return time.perf_counter() - started
 
 
-class StampedSteps:
-    """An engine's decoding step that also notes when each step starts and ends (the stall check; a CUDA graph
-    replay runs no module hooks, so the steps are stamped here)."""
+class Stamped:
+    """A callable of the engine (its decoding step, the registry's activation) that also notes when each call
+    starts and ends, the device's queued work included (the stall check; a CUDA graph replay runs no module
+    hooks, so the steps are stamped here). Other attributes pass through to the wrapped object."""
 
-    def __init__(self, steps, stamps: list[tuple[float, float]]):
-        self.steps, self.stamps = steps, stamps
+    def __init__(self, wrapped, stamps: list[tuple[float, float]], device: torch.device):
+        self.wrapped, self.stamps, self.device = wrapped, stamps, device
 
-    def __call__(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
+    def __call__(self, *args):
         started = time.perf_counter()
-        logits = self.steps(tokens, positions)
-        sync(logits.device)
+        result = self.wrapped(*args)
+        sync(self.device)
         self.stamps.append((started, time.perf_counter()))
-        return logits
+        return result
 
     def __getattr__(self, name: str):
-        return getattr(self.steps, name)
+        return getattr(self.wrapped, name)
 
 
 class Bench:
@@ -244,13 +245,16 @@ class Bench:
         running = self.names[: self.registry.max_resident - loads]
         engine.settings.max_batch, engine.settings.max_new_tokens = batch + loads, new_tokens
         stamps: list[tuple[float, float]] = []  # (start, end) of each decoding step (one new token per row)
-        engine.decoder = StampedSteps(engine.decoder, stamps)  # prefills (of the batch or of joiners) are not stamped
+        activations: list[tuple[float, float]] = []  # of each activation: adapters made resident, rows mapped
+        engine.decoder = Stamped(engine.decoder, stamps, self.device)  # steps only: prompt passes are not stamped
+        self.registry.activate = Stamped(self.registry.activate, activations, self.device)
         works = [Generation(self.prompts[i % len(self.prompts)].tolist(), running[i % len(running)],
                             Decoding(max_new_tokens=new_tokens), stop_at_newline=False, ignore_eos=True)
                  for i in range(batch)]
 
         def steps(kind: str, round_: str) -> dict:
             stamps.clear()
+            activations.clear()
             futures = [engine.submit(work) for work in works]
             while kind != "quiet" and len(stamps) < 3 and not futures[0].done():  # let the batch start decoding
                 time.sleep(0.001)
@@ -264,15 +268,18 @@ class Bench:
                 future.result()
             gaps = [(b[0] - a[0]) * 1000 for a, b in zip(stamps, stamps[1:])]
             pauses = [(b[0] - a[1]) * 1000 for a, b in zip(stamps, stamps[1:])]
+            between = [end - start for start, end in activations if stamps[0][1] <= start and end <= stamps[-1][0]]
+            activate = max(between, default=0.0) * 1000  # the longest activation between two of the batch's steps
             return {"step_p50_ms": round(statistics.median(gaps), 2), "step_max_ms": round(max(gaps), 2),
-                    "pause_max_ms": round(max(pauses), 2)}
+                    "pause_max_ms": round(max(pauses), 2), "activate_max_ms": round(activate, 2)}
 
         try:
             kinds = ("quiet", "join", "load")
             warm_up = {kind: steps(kind, "warm") for kind in kinds}
             runs = {"first_load": warm_up["load"], **{kind: steps(kind, "timed") for kind in kinds}}
         finally:
-            engine.decoder = engine.decoder.steps
+            engine.decoder = engine.decoder.wrapped
+            del self.registry.activate
             for name in {entry["name"] for entry in self.registry.describe()} - set(self.names):
                 self.registry.unregister(name)
         report = {"batch": batch, "new_tokens": new_tokens, "joining_requests": loads,

@@ -27,5 +27,7 @@ def test_bench_measures_every_mode_and_writes_its_report(tiny_llama_dir, tmp_pat
     for kind in ("first_load", "quiet", "join", "load"):  # a pause is the part of a gap between two steps
         assert 0 < stall[f"{kind}_step_p50_ms"] <= stall[f"{kind}_step_max_ms"], kind
         assert 0 < stall[f"{kind}_pause_max_ms"] < stall[f"{kind}_step_max_ms"], kind
+    for kind in ("first_load", "load"):  # the new adapters were made resident between two steps, in a pause
+        assert 0 < stall[f"{kind}_activate_max_ms"] <= stall[f"{kind}_pause_max_ms"], kind
     assert report["memory"]["registered"] == 4 and set(report["memory"]["rss_growth_bytes"]) == {"1", "2", "4"}
     assert "| 3 |" in bench.markdown_table(report)
