@@ -42,9 +42,9 @@ def host_buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
 class AdapterWeights:
     """A validated adapter held on the host in one packed buffer, in the dtype the device banks use.
 
-    Per base module the buffer holds A [r, in] with the LoRA scale folded in, then B [out, r] as peft stores
-    it: packing is contiguous copies (transposing B on the host cost more than the rest of registering). Making
-    an adapter resident is one transfer, then copies into the bank's slot, which takes B^T.
+    Per base module the buffer holds A [r, in], then B transposed, B^T [r, out], with the LoRA scale folded
+    in: the layout of a device bank's slot, so making an adapter resident is one transfer and contiguous
+    copies.
     """
 
     name: str
@@ -60,12 +60,12 @@ class AdapterWeights:
         return self.packed.nbytes
 
     def views(self, buffer: torch.Tensor | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Per module (A [r, in] scaled, B [out, r]) as views of ``buffer`` (the packed buffer or a copy of it)."""
+        """Per module (A [r, in], B^T [r, out]) as views of ``buffer`` (the packed buffer or a copy of it)."""
         buffer = self.packed if buffer is None else buffer
         r, views = self.rank, {}
         for module, (offset, fan_in, fan_out) in self.layout.items():
             a_end = offset + fan_in * r
-            views[module] = (buffer[offset:a_end].view(r, fan_in), buffer[a_end:a_end + r * fan_out].view(fan_out, r))
+            views[module] = (buffer[offset:a_end].view(r, fan_in), buffer[a_end:a_end + r * fan_out].view(r, fan_out))
         return views
 
     def describe(self) -> dict:
@@ -169,9 +169,10 @@ def load_adapter(
     targets = config.get("target_modules") or []
     targets = sorted(targets) if isinstance(targets, list) else [str(targets)]
     adapter = AdapterWeights(name, folder, rank, alpha, targets, host_buffer(offset, dtype), layout)
-    targets = [view for pair in adapter.views().values() for view in pair]
-    torch._foreach_copy_(targets, [parts[module][part] for module in layout for part in "AB"])
-    torch._foreach_mul_(targets[::2], scale)  # the As
+    views = [view for pair in adapter.views().values() for view in pair]  # A, B^T, A, B^T, ...
+    torch._foreach_copy_(views, [parts[module]["A"] if part == "A" else parts[module]["B"].t()
+                                 for module in layout for part in "AB"])  # a few ops, not two per module
+    torch._foreach_mul_(views[1::2], scale)
     if not torch.isfinite(torch.stack(torch.aminmax(adapter.packed))).all():  # one pass; NaN and inf propagate
         raise AdapterError(f"{folder} holds non-finite weights")
     return adapter

@@ -39,6 +39,7 @@ class AdapterRegistry:
         self._originals: dict[str, torch.Tensor] = {}
         self._lock = threading.Lock()
         self.zero_slot = max_resident
+        self.fills = 0  # slots filled with an adapter's weights so far
 
     # ---- host side: any thread -------------------------------------------------------------
     def register(self, name: str, path: str | Path) -> tuple[dict, float]:
@@ -97,6 +98,12 @@ class AdapterRegistry:
     def resident_count(self) -> int:
         return len(self._resident)
 
+    def is_resident(self, name: str) -> bool:
+        """Whether ``name``'s current weights sit in a device slot (or are merged into the base)."""
+        with self._lock:
+            held = self._resident.get(name)
+            return name == self._merged or (held is not None and held[1] is self._adapters.get(name))
+
     # ---- device side: engine thread only ----------------------------------------------------
     def activate(self, names: list[str | None]) -> list[int]:
         """Make each row's adapter resident and point the shared row mapping at their slots.
@@ -137,17 +144,19 @@ class AdapterRegistry:
             slot = min(set(range(self.max_resident)) - {slot for slot, _ in self._resident.values()})
         pairs = adapter.views(adapter.packed.to(self.device, self.dtype, non_blocking=True))  # one transfer
         storage = self.rows.storage
-        targets, sources = [], []
+        targets, sources, stale = [], [], []
         for module, layer in self.layers.items():
             if module in pairs:
                 layer.reserve(adapter.rank, self.device, self.dtype)
-                lora_a, lora_b = pairs[module]
                 targets += [view[: adapter.rank] for view in layer.slot(slot)]
-                sources += [lora_a, lora_b.t()]  # the bank holds B^T: transposed on the device, as it is copied
-        torch._foreach_zero_(self._slot_views(slot))  # an earlier adapter's weights, the ranks this one leaves
-        torch._foreach_copy_(targets, sources)
+                sources += pairs[module]
+            if layer.a is not None:  # an earlier adapter's weights where this one writes none
+                stale += [view[adapter.rank if module in pairs else 0:] for view in layer.slot(slot)]
+        torch._foreach_zero_(stale)
+        torch._foreach_copy_(targets, sources)  # contiguous copies: a few launches for all layers
         self.rows.slot_written(slot if self.rows.storage == storage else None)
         self._resident[name] = (slot, adapter)
+        self.fills += 1
 
     def _slot_views(self, slot: int) -> list[torch.Tensor]:
         """Every allocated bank's (A, B^T) views of one slot."""
@@ -175,10 +184,10 @@ class AdapterRegistry:
         if self._merged == name:
             return
         self.unmerge()
-        for module, (lora_a, lora_b) in adapter.views().items():
+        for module, (lora_a, lora_b_t) in adapter.views().items():
             weight = self.layers[module].base.weight
             self._originals[module] = weight.detach().clone()
-            delta = (lora_a.float().t() @ lora_b.float().t()).to(weight.device, weight.dtype)  # [in, out]
+            delta = (lora_a.float().t() @ lora_b_t.float()).to(weight.device, weight.dtype)  # [in, out]
             weight.data += delta if isinstance(self.layers[module].base, Conv1D) else delta.t()
         with self._lock:
             self._merged = name
