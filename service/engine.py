@@ -203,17 +203,23 @@ class Engine:
                 self._wakeup.wait(left)
             return self._take(type(self._queue[0].work), self.settings.max_batch, set())
 
-    def _take(self, kind: type, room: int, adapters: set[str], only: str | None = None) -> list[_Pending]:
+    def _take(self, kind: type, room: int, adapters: set[str], only: str | None = None,
+              loads: int | None = None) -> list[_Pending]:
         """Up to ``room`` queued requests of one kind, oldest first, so that the adapters in use (``adapters``
-        plus theirs) fit the device slots; with ``only``, just requests for that adapter."""
+        plus theirs) fit the device slots; with ``only``, just requests for that adapter; with ``loads``, at most
+        that many adapters not resident yet."""
         batch, rest = [], deque()
         while self._queue and len(batch) < room:
             pending = self._queue.popleft()
             adapter = pending.work.adapter
-            fits = adapter is None or adapter in adapters or len(adapters) < self.registry.max_resident
-            if type(pending.work) is kind and fits and (only is None or adapter == only):
+            known = adapter is None or adapter in adapters
+            fits = known or len(adapters) < self.registry.max_resident
+            loads_one = not known and not self.registry.is_resident(adapter)
+            if (type(pending.work) is kind and fits and (only is None or adapter == only)
+                    and not (loads_one and loads == 0)):
                 batch.append(pending)
                 adapters.update([adapter] if adapter is not None else [])
+                loads = loads - 1 if loads_one and loads is not None else loads
             else:
                 rest.append(pending)
         self._queue.extendleft(reversed(rest))
@@ -275,7 +281,11 @@ class Engine:
             joining = self._admit(running)
         if joining is None:
             return None
+        fills = self.registry.fills
         self._map_rows(running, joining.pendings)
+        if self.registry.fills != fills and len(running):  # this pause made an adapter resident: it does no more
+            self._map_rows(running)
+            return joining
         chunk = self.prefill_chunk
         joining.prompt.advance(max(chunk, len(running)) if chunk and len(running) else 0)
         if joining.prompt.finished:
@@ -291,8 +301,8 @@ class Engine:
             room = self.settings.max_batch - (len(running) if kind is Generation else 0)
             if room <= 0 or not self._queue:
                 continue
-            with self._wakeup:
-                taken = self._take(kind, room, set(in_use), only=self.registry.merged)
+            with self._wakeup:  # one adapter loaded per pause at most: a load stalls the running rows one step
+                taken = self._take(kind, room, set(in_use), only=self.registry.merged, loads=1)
             taken = [pending for pending in taken if pending.future.set_running_or_notify_cancel()]
             self._taken += taken
             if taken:

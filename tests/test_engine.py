@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from loadtest.bench import Stamped
 from service.adapter_files import AdapterError
 from service.base_model import load_base
 from service.decoding import Decoding
@@ -395,6 +396,7 @@ class CountedPasses(PromptPass):
     """The engine's prompt passes, noting their chunks; a hook can act at a chosen chunk."""
 
     budgets: list[int] = []  # the token budget of every chunk run, in order
+    ended: list[float] = []  # when each chunk ended (perf_counter)
     on_first_chunk = None  # if set, called once, on the engine thread, before the next pass's first chunk
 
     def advance(self, budget: int = 0) -> None:
@@ -403,11 +405,12 @@ class CountedPasses(PromptPass):
             hook()
         super().advance(budget)
         CountedPasses.budgets.append(budget)
+        CountedPasses.ended.append(time.perf_counter())
 
 
 @pytest.fixture
 def counted_passes(monkeypatch):
-    CountedPasses.budgets, CountedPasses.on_first_chunk = [], None
+    CountedPasses.budgets, CountedPasses.ended, CountedPasses.on_first_chunk = [], [], None
     monkeypatch.setattr(engine_module, "PromptPass", CountedPasses)
     return CountedPasses
 
@@ -464,3 +467,36 @@ def test_a_failure_mid_batch_fails_the_joined_requests_too_and_the_engine_goes_o
             future.result(WAIT)
     work = greedy(rng, "r4")
     assert same_output(alone(engine, work), alone(engines.shared(), work))
+
+
+def test_adapters_loaded_beside_a_running_batch_take_one_pause_each_and_it_does_nothing_else(engines, counted_passes):
+    engine = engines.fresh(max_new_tokens=300, prefill_chunk=8)
+    _, adapters = engines.base("llama")
+    names = ["new2", "new4", "new8"]
+    for name, source in zip(names, ("r2", "r4", "r8")):
+        engine.registry.register(name, adapters[source])
+    steps, fills = [], []  # (start, end) of each decoding step; (end, slots filled) of each activation
+    engine.decoder = Stamped(engine.decoder, steps, engine.device)
+    activate = engine.registry.activate
+
+    def counted_activate(names_of_rows):
+        before = engine.registry.fills
+        missing = activate(names_of_rows)
+        fills.append((time.perf_counter(), engine.registry.fills - before))
+        return missing
+
+    engine.registry.activate = counted_activate
+    rng = random.Random(14)
+    joiners = [Generation(prompt(rng, 60, 80), name, Decoding(max_new_tokens=4), False) for name in names]
+    long_work, running = start_long_request(engine, rng)
+    got = results([engine.submit(work) for work in joiners])
+    assert not running.done(), "the running request ended before the joiners were served"
+    pauses = [(end, start) for (_, end), (start, _) in zip(steps, steps[1:])]
+    loads = [sum(n for at, n in fills if begin < at < end) for begin, end in pauses]
+    chunks = [sum(begin < at < end for at in counted_passes.ended) for begin, end in pauses]
+    assert sum(loads) == 3, f"the three adapters were not loaded between the running batch's steps: {loads}"
+    assert max(loads) == 1, f"a pause loaded more than one adapter: {loads}"
+    assert all(chunk == 0 for load, chunk in zip(loads, chunks) if load), "a pause that loaded also ran prompts"
+    engine.registry.activate = activate
+    assert same_output(running.result(WAIT), alone(engine, long_work))
+    assert_same_outputs(got, [alone(engine, work) for work in joiners], joiners)
