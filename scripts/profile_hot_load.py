@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load
 
 from loadtest.bench import TARGET_SETS, random_adapters, sync
 from service import adapter_files
@@ -47,13 +48,14 @@ def main() -> None:
     slot, size = 1, adapter.packed.numel()
     bank = [view[:16] for module in adapter.layout for view in registry.layers[module].slot(slot)]
     for _ in range(args.loads):
-        data = phase("register: read the file", lambda: (folder / adapter_files.WEIGHTS_FILE).read_bytes())
-        weights = phase("register: safetensors load", lambda: adapter_files.load(data))
+        weights = phase("register: read the file (now: views of its bytes)", lambda: adapter_files.read_weights(folder))
+        phase("register: read the file (before: safetensors load)",
+              lambda: load((folder / adapter_files.WEIGHTS_FILE).read_bytes()))
         a_parts = [weights[f"base_model.model.{module}.lora_A.weight"] for module in adapter.layout]
         b_parts = [weights[f"base_model.model.{module}.lora_B.weight"] for module in adapter.layout]
         packed = adapter_files.host_buffer(size, dtype)
         views = [view for pair in adapter.views(packed).values() for view in pair]  # A, B^T, ...
-        phase("register: pack A, B^T (now)", lambda: (
+        phase("register: pack A, B^T, one thread (before)", lambda: (
             torch._foreach_copy_(views, [t for pair in zip(a_parts, [b.t() for b in b_parts]) for t in pair]),
             torch._foreach_mul_(views[1::2], 2.0)))
         untransposed = [view for pair in adapter.views(adapter_files.host_buffer(size, dtype)).values() for view in pair]
@@ -67,9 +69,16 @@ def main() -> None:
         if device.type == "cuda":
             pinned = phase("activate: pin a copy (tried, host)", lambda: packed.pin_memory())
             phase("activate: transfer (pinned, tried)", lambda: pinned.to(device, non_blocking=True))
-        phase("activate: zero the whole slot (before)", lambda: torch._foreach_zero_(registry._slot_views(slot)))
-        sources = [view for pair in adapter.views(on_device).values() for view in pair]
-        phase("activate: copy A, B^T (now)", lambda: torch._foreach_copy_(bank, sources))
+        modules = tuple(adapter.layout)
+        phase("activate: copy into the slot (now: kept flat views)", lambda: torch._foreach_copy_(
+            registry._flat_views(slot, 16, modules), adapter.segments(on_device)))
+
+        def per_module_views():  # what activation built every time before
+            sources = [view for pair in adapter.views(on_device).values() for view in pair]
+            torch._foreach_copy_([view[:16] for module in adapter.layout for view in registry.layers[module].slot(slot)],
+                                 sources)
+            return sources
+        sources = phase("activate: copy into the slot (before: views made per module)", per_module_views)
         transposing = [view if i % 2 == 0 else view.view(view.shape[::-1]).t() for i, view in enumerate(sources)]
         phase("activate: copy A, B transposed on the device (tried)", lambda: torch._foreach_copy_(bank, transposing))
         phase("hot-load: register + activate (now)", lambda: (registry.register("timed", folder),

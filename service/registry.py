@@ -40,6 +40,8 @@ class AdapterRegistry:
         self._lock = threading.Lock()
         self.zero_slot = max_resident
         self.fills = 0  # slots filled with an adapter's weights so far
+        self._slot_lists: dict[tuple, list[torch.Tensor]] = {}  # see _flat_views
+        self._slot_lists_storage = -1  # the banks' storage those views were made of
 
     # ---- host side: any thread -------------------------------------------------------------
     def register(self, name: str, path: str | Path) -> tuple[dict, float]:
@@ -142,36 +144,45 @@ class AdapterRegistry:
             slot = self._resident.pop(victim)[0]
         else:
             slot = min(set(range(self.max_resident)) - {slot for slot, _ in self._resident.values()})
-        pairs = adapter.views(adapter.packed.to(self.device, self.dtype, non_blocking=True))  # one transfer
+        on_device = adapter.packed.to(self.device, self.dtype, non_blocking=True)  # one transfer
         storage = self.rows.storage
-        targets, sources, stale = [], [], []
-        for module, layer in self.layers.items():
-            if module in pairs:
-                layer.reserve(adapter.rank, self.device, self.dtype)
-                targets += [view[: adapter.rank] for view in layer.slot(slot)]
-                sources += pairs[module]
-            if layer.a is not None:  # an earlier adapter's weights where this one writes none
-                stale += [view[adapter.rank if module in pairs else 0:] for view in layer.slot(slot)]
-        torch._foreach_zero_(stale)
-        torch._foreach_copy_(targets, sources)  # contiguous copies: a few launches for all layers
+        for module in adapter.layout:
+            self.layers[module].reserve(adapter.rank, self.device, self.dtype)
+        modules = tuple(adapter.layout)
+        torch._foreach_zero_(self._flat_views(slot, adapter.rank, modules, stale=True))  # an earlier adapter's
+        torch._foreach_copy_(self._flat_views(slot, adapter.rank, modules), adapter.segments(on_device))
         self.rows.slot_written(slot if self.rows.storage == storage else None)
         self._resident[name] = (slot, adapter)
         self.fills += 1
 
-    def _slot_views(self, slot: int) -> list[torch.Tensor]:
-        """Every allocated bank's (A, B^T) views of one slot."""
-        return [view for layer in self.layers.values() if layer.a is not None for view in layer.slot(slot)]
+    def _flat_views(self, slot: int, rank: int, modules: tuple[str, ...], stale: bool = False) -> list[torch.Tensor]:
+        """Flat views of one slot's A and B^T: where an adapter of ``rank`` on ``modules`` (in its packed order)
+        writes, or with ``stale``, the rest of the slot's allocated banks. Kept until a bank is reallocated:
+        making a few hundred views costs more than the copies."""
+        if self._slot_lists_storage != self.rows.storage:
+            self._slot_lists, self._slot_lists_storage = {}, self.rows.storage
+        key = (slot, rank, modules, stale)
+        if key not in self._slot_lists:
+            if stale:
+                kept = dict.fromkeys(modules, rank)
+                views = [view[kept.get(name, 0):] for name, layer in self.layers.items() if layer.a is not None
+                         for view in layer.slot(slot)]
+            else:
+                views = [view[:rank] for name in modules for view in self.layers[name].slot(slot)]
+            self._slot_lists[key] = [view.view(-1) for view in views]
+        return self._slot_lists[key]
 
     def _drop_unregistered(self) -> None:
         with self._lock:
             gone = [name for name, (_, held) in self._resident.items() if self._adapters.get(name) is not held]
         for name in gone:
             slot, _ = self._resident.pop(name)
-            torch._foreach_zero_(self._slot_views(slot))
+            torch._foreach_zero_(self._flat_views(slot, 0, (), stale=True))  # the whole slot
             self.rows.slot_written(slot)
         if not self._resident:
             for layer in self.layers.values():
                 layer.release()
+            self._slot_lists = {}  # their views would keep the freed banks alive
 
     def merge(self, name: str) -> None:
         """Fold one adapter into the base weights (the originals are kept to restore them exactly)."""
