@@ -10,6 +10,8 @@ weights other than its own adapter's.
 """
 from __future__ import annotations
 
+import math
+import sys
 import threading
 import time
 from collections import deque
@@ -28,6 +30,9 @@ from service.generation import RunningBatch
 from service.prompt_pass import PromptPass
 from service.registry import AdapterRegistry
 from service.settings import Settings
+
+
+GIL_SWITCH_SECONDS = 0.0005
 
 
 class QueueFull(Exception):
@@ -113,6 +118,9 @@ class Engine:
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
+        # A thread that wants the interpreter waits up to the switch interval (5 ms by default) for another to let
+        # go: about a decoding step on the GPU, each time a request handler or a registration holds it.
+        sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_SECONDS))
         self._accepting = True
         self._thread = threading.Thread(target=self._loop, name="loraswap-engine", daemon=True)
         self._thread.start()
@@ -204,22 +212,21 @@ class Engine:
             return self._take(type(self._queue[0].work), self.settings.max_batch, set())
 
     def _take(self, kind: type, room: int, adapters: set[str], only: str | None = None,
-              loads: int | None = None) -> list[_Pending]:
+              loads: float = math.inf) -> list[_Pending]:
         """Up to ``room`` queued requests of one kind, oldest first, so that the adapters in use (``adapters``
-        plus theirs) fit the device slots; with ``only``, just requests for that adapter; with ``loads``, at most
-        that many adapters not resident yet."""
+        plus theirs) fit the device slots; with ``only``, just requests for that adapter; and at most ``loads``
+        adapters not resident yet."""
         batch, rest = [], deque()
         while self._queue and len(batch) < room:
             pending = self._queue.popleft()
             adapter = pending.work.adapter
             known = adapter is None or adapter in adapters
             fits = known or len(adapters) < self.registry.max_resident
-            loads_one = not known and not self.registry.is_resident(adapter)
-            if (type(pending.work) is kind and fits and (only is None or adapter == only)
-                    and not (loads_one and loads == 0)):
+            loading = not known and not self.registry.is_resident(adapter)
+            if type(pending.work) is kind and fits and (only is None or adapter == only) and loads >= loading:
                 batch.append(pending)
                 adapters.update([adapter] if adapter is not None else [])
-                loads = loads - 1 if loads_one and loads is not None else loads
+                loads -= loading
             else:
                 rest.append(pending)
         self._queue.extendleft(reversed(rest))
