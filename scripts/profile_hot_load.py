@@ -1,6 +1,6 @@
 """Where the time of a hot-load goes: each phase of registering (file to host) and of activating (host to a device
-slot) an r=16 all-linear SmolLM2 adapter, timed alone, beside the alternatives tried for packing B, the transfer
-and clearing the slot; the last line is the whole hot-load through the registry (unload included).
+slot) an r=16 all-linear SmolLM2 adapter, timed alone, beside the alternatives tried for reading the file, packing
+B, the transfer and the copies into the slot; the last line is a whole hot-load and unload through the registry.
 
     python scripts/profile_hot_load.py --device cuda   # prints p50 per phase (ms)
 """
@@ -81,9 +81,9 @@ def main() -> None:
         sources = phase("activate: copy into the slot (before: views made per module)", per_module_views)
         transposing = [view if i % 2 == 0 else view.view(view.shape[::-1]).t() for i, view in enumerate(sources)]
         phase("activate: copy A, B transposed on the device (tried)", lambda: torch._foreach_copy_(bank, transposing))
-        phase("hot-load: register + activate (now)", lambda: (registry.register("timed", folder),
-                                                             registry.activate(["timed"]), registry.unregister("timed"),
-                                                             registry.activate([])))
+        phase("hot-load and unload through the registry (now)", lambda: (
+            registry.register("timed", folder), registry.activate(["timed"]),
+            registry.unregister("timed"), registry.activate([])))
     for label, values in times.items():
         print(f"{label:50s} p50 {statistics.median(values):7.2f} ms")
 
