@@ -11,7 +11,6 @@ weights other than its own adapter's.
 from __future__ import annotations
 
 import math
-import sys
 import threading
 import time
 from collections import deque
@@ -30,9 +29,6 @@ from service.generation import RunningBatch
 from service.prompt_pass import PromptPass
 from service.registry import AdapterRegistry
 from service.settings import Settings
-
-
-GIL_SWITCH_SECONDS = 0.0005
 
 
 class QueueFull(Exception):
@@ -118,9 +114,6 @@ class Engine:
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
-        # A thread that wants the interpreter waits up to the switch interval (5 ms by default) for another to let
-        # go: about a decoding step on the GPU, each time a request handler or a registration holds it.
-        sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_SECONDS))
         self._accepting = True
         self._thread = threading.Thread(target=self._loop, name="loraswap-engine", daemon=True)
         self._thread.start()

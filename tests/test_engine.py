@@ -6,7 +6,6 @@ reference for a request is the same request submitted alone to an engine that ne
 from __future__ import annotations
 
 import random
-import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -501,8 +500,3 @@ def test_adapters_loaded_beside_a_running_batch_take_one_pause_each_and_it_does_
     engine.registry.activate = activate
     assert same_output(running.result(WAIT), alone(engine, long_work))
     assert_same_outputs(got, [alone(engine, work) for work in joiners], joiners)
-
-
-def test_a_started_engine_waits_at_most_half_a_millisecond_for_the_interpreter(engines):
-    engines.shared()
-    assert sys.getswitchinterval() <= engine_module.GIL_SWITCH_SECONDS == 0.0005
