@@ -126,9 +126,13 @@ class AdapterRegistry:
         return [row for row, name in enumerate(names) if name in missing]
 
     def select_rows(self, keep: torch.Tensor) -> None:
-        """Shrink the row mapping to the rows still running (``keep`` indexes the old rows)."""
+        """Shrink the row mapping to the rows still running (``keep`` indexes the old rows); the rank in play
+        drops to the largest among their adapters (rows of higher rank that left no longer cost compute)."""
         if self.rows.slots is not None:
-            self.rows.assign(self.rows.slots[keep], self.rows.rank)
+            slots = self.rows.slots[keep]
+            ranks = {slot: adapter.rank for slot, adapter in self._resident.values()}
+            rank = max((ranks.get(slot, 0) for slot in slots.unique().tolist()), default=0)
+            self.rows.assign(slots if rank else None, rank)
 
     def _make_resident(self, name: str, adapter: AdapterWeights, protect: set[str]) -> None:
         held = self._resident.get(name)

@@ -51,6 +51,12 @@ def test_changing_the_row_mapping_changes_the_rows_weights(base_dir, ranked):
         assert torch.allclose(swapped[row], expected[name][row], atol=FP32_TOLERANCE)
     assert torch.allclose(shrunk[0], expected["r8"][0], atol=FP32_TOLERANCE)
     assert torch.allclose(shrunk[1], expected["r2"][2], atol=FP32_TOLERANCE)
+    registry.select_rows(torch.tensor([1]))  # the r8 row finished too: the r2 row runs at rank 2
+    with torch.no_grad():
+        alone = model(input_ids=ids[[2]]).logits
+    assert registry.rows.rank == 2 and torch.allclose(alone[0], expected["r2"][2], atol=FP32_TOLERANCE)
+    registry.select_rows(torch.tensor([], dtype=torch.long))  # nobody left: no LoRA at all
+    assert registry.rows.rank == 0 and registry.rows.slots is None
 
 
 def test_a_mapping_used_again_keeps_its_gathered_weights_until_a_slot_is_rewritten(base_dir, ranked):
