@@ -1,5 +1,6 @@
 #!/bin/bash
-# GPU session driver: bash .gpu/drive/drive.sh STAGE... ; results land in $OUT
+# GPU session driver (a copy of the git-ignored .gpu/drive/drive.sh; .gpu/alt/dense_prompts.patch is docs/results/dense_prompts_ab/dense_prompts.patch):
+#   bash .gpu/drive/drive.sh STAGE... ; results land in $OUT
 . /root/stage/env.sh
 export PYTHONPATH=$PWD:$PYTHONPATH PYTHONUNBUFFERED=1 LORASWAP_DATA_DIR=$PWD/.gpudata
 B="python -m service.cli bench --device cuda --adapters 16 --prompt-tokens 192 --new-tokens 16"
