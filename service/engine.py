@@ -274,22 +274,21 @@ class Engine:
         return _Joining(pendings, PromptPass(self.model, prompts, self.pad_id, self.device))
 
     def _between_steps(self, running: RunningBatch, joining: _Joining | None) -> _Joining | None:
-        """Between two decoding steps: take waiting requests (NLI first) if none are joining, and run the
-        joining prompts on by one chunk (to the end when no row is running). Once through, NLI requests get
-        their answer and generations join the running rows. Returns the requests still joining."""
+        """Between two decoding steps: take waiting requests (NLI first) if none are joining, make their adapters
+        resident, and run the joining prompts on by one chunk (to the end when no row is running) unless this
+        pause loaded an adapter. Once through, NLI requests get their answer and generations join the running
+        rows. Returns the requests still joining."""
         if joining is None and len(running):
             joining = self._admit(running)
         if joining is None:
             return None
         fills = self.registry.fills
         self._map_rows(running, joining.pendings)
-        if self.registry.fills != fills and len(running):  # this pause made an adapter resident: it does no more
-            self._map_rows(running)
-            return joining
-        chunk = self.prefill_chunk
-        joining.prompt.advance(max(chunk, len(running)) if chunk and len(running) else 0)
-        if joining.prompt.finished:
-            self._land(running, joining)
+        if self.registry.fills == fills or not len(running):  # a pause that made an adapter resident does no more
+            chunk = self.prefill_chunk
+            joining.prompt.advance(max(chunk, len(running)) if chunk and len(running) else 0)
+            if joining.prompt.finished:
+                self._land(running, joining)
         if len(running):
             self._map_rows(running)
         return None if joining.prompt.finished else joining
