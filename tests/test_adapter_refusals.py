@@ -62,6 +62,11 @@ def poison_weights(folder: Path) -> None:
     save_file(tensors, folder / WEIGHTS)
 
 
+def integer_weights(folder: Path) -> None:
+    tensors = load_file(folder / WEIGHTS)
+    save_file({key: tensor.to(torch.int32) for key, tensor in tensors.items()}, folder / WEIGHTS)
+
+
 def edit_config(**changes):
     def edit(folder: Path) -> None:
         config = json.loads((folder / CONFIG).read_text())
@@ -88,6 +93,7 @@ class Refusals:
             "garbled": variant(good, folder / "garbled", garble_header),
             "empty": variant(good, folder / "empty", empty_weights),
             "poisoned": variant(good, folder / "poisoned", poison_weights),
+            "integer": variant(good, folder / "integer", integer_weights),
             "huge_rank": variant(good, folder / "huge_rank", edit_config(r=4096)),
             "not_lora": variant(good, folder / "not_lora", edit_config(peft_type="IA3")),
             "dora": variant(good, folder / "dora", edit_config(use_dora=True)),
@@ -132,6 +138,7 @@ def test_bad_adapters_in_the_adapters_folder_are_skipped_at_start(client):
     ("garbled", ("not a readable safetensors file",)),
     ("empty", ("not a readable safetensors file",)),
     ("poisoned", ("non-finite",)),
+    ("integer", ("I32", "not floating point")),
     ("huge_rank", ("rank", "4096")),
     ("not_lora", ("LORA",)),
     ("dora", ("use_dora",)),
