@@ -1,7 +1,7 @@
 """``loraswap bench``: our engine against plain transformers and peft, on the same prompts, in one process.
 
 Modes: ``hf_base`` (transformers ``generate``, bare base), ``base`` / ``single`` / ``mixed`` (our engine with no
-adapter, one adapter, all adapters round-robin in each batch), ``merged`` (ours, one adapter, auto-merged),
+adapter, one adapter, all adapters round-robin in each batch), ``merged`` (ours, one adapter merged into the base),
 ``peft_mixed`` (peft ``generate`` with ``adapter_names``) and ``peft_sequential`` (peft, one request at a time,
 ``set_adapter`` per request). Modes take turns batch by batch, so drift in the machine's speed falls on all
 alike. It also times adapter hot-loads and measures host memory with many adapters.
@@ -129,6 +129,7 @@ class Bench:
         self.workdir = Path(tempfile.mkdtemp(prefix="loraswap-bench-"))
         self.names = [f"bench{i}" for i in range(args.adapters)]
         self.results: list[dict] = []
+        self.merges_ms: list[float] = []  # merging the ``merged`` mode's adapter into the base
 
     @property
     def batch_sizes(self) -> list[int]:
@@ -157,9 +158,7 @@ class Bench:
             self.registry.register(name, self.workdir / name)
         self.engines = {}
         for mode in ENGINE_MODES & modes:
-            self.engines[mode] = Engine(model, self.tokenizer, self.registry,
-                                        self.settings.model_copy(update={"auto_merge": mode == "merged",
-                                                                         "merge_after": 1}))
+            self.engines[mode] = Engine(model, self.tokenizer, self.registry, self.settings.model_copy())
             self.engines[mode].start()
 
     def runner(self, mode: str, batch: int):
@@ -177,12 +176,16 @@ class Bench:
                  for i in range(batch)]
         engine = self.engines[mode]
         engine.settings.max_batch = batch
+        return lambda: engine.run_all(works)
 
-        def serve() -> None:
-            if mode != "merged":
-                self.registry.unmerge()  # the merged mode's engine may have left its adapter merged
-            engine.run_all(works)
-        return serve
+    def set_weights(self, mode: str) -> None:
+        """Untimed, before each batch: ``merged`` serves with its adapter merged into the base (each merge is
+        timed apart, in ``merges_ms``), every other mode with the base unmerged; so ``merged`` measures
+        serving, not switching."""
+        if mode != "merged":
+            self.registry.unmerge()
+        elif self.registry.merged is None:
+            self.merges_ms.append(timed(lambda: self.registry.merge(self.names[0]), self.device) * 1000)
 
     def sequential(self) -> None:
         """peft one request at a time, switching adapters per request."""
@@ -195,12 +198,14 @@ class Bench:
         so that drift in the machine's speed falls on all modes alike."""
         for batch in self.batch_sizes:
             runners = {mode: run for mode in modes if (run := self.runner(mode, batch)) is not None}
-            for run in runners.values():
+            for mode, run in runners.items():
+                self.set_weights(mode)
                 run()
             rounds = self.args.rounds or max(1, -(-self.args.min_requests // batch))
             seconds = dict.fromkeys(runners, 0.0)
             for _ in range(rounds):
                 for mode, run in runners.items():
+                    self.set_weights(mode)
                     seconds[mode] += timed(run, self.device)
             for mode in runners:
                 self.record(mode, batch, rounds * batch, seconds[mode])
@@ -360,6 +365,9 @@ def measured(args: argparse.Namespace) -> dict:
     device = torch.cuda.get_device_name() if bench.device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
     report = {"device": device, "config": {k: str(v) for k, v in vars(args).items() if k not in ("func", "module")},
               "results": bench.results}
+    if bench.merges_ms:
+        report["merge"] = {"merges": len(bench.merges_ms), **percentiles("", bench.merges_ms)}
+        print(json.dumps(report["merge"]), flush=True)
     if args.hot_loads:
         report["hot_load"] = bench.hot_load()
         print(json.dumps(report["hot_load"]), flush=True)
