@@ -10,8 +10,10 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from service.lora_layers import BatchedLoraLayer, RowAdapters, lora_delta_reference
-from tests.lora_helpers import FP32_TOLERANCE, batched_logits, engine_model, peft_logits, random_ids
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from service.lora_layers import BatchedLoraLayer, InputGroup, RowAdapters, lora_delta_reference, wrap_lora_targets
+from tests.lora_helpers import FP32_TOLERANCE, batched_logits, engine_model, load_model, peft_logits, random_ids
 
 MIXED_ROWS = ["r2", None, "r8", "r4", "r2", "r8"]
 
@@ -135,3 +137,53 @@ def test_fast_paths_equal_reference_and_per_row_products(kind, form):
     assert torch.allclose(reference, direct, atol=1e-4)
     assert torch.allclose(delta, reference, atol=1e-4)
     assert delta[[0, 1, 4, 5]].abs().amax() > 1.0  # the adapters' rows really moved
+
+
+class OpNames(TorchDispatchMode):
+    """Records the name of every aten op run inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_layers_reading_one_input_share_one_masked_product():
+    """Two members of an input group (as q and k): each row gets its own member's delta of its own slot, and
+    the group's x A^T is masked once for both."""
+    gen = torch.Generator().manual_seed(4)
+    fan_in, num_slots = 12, 3
+    torch.manual_seed(4)
+    rows = RowAdapters(num_slots, dense_decode=True)
+    layers = [BatchedLoraLayer(nn.Linear(fan_in, fan_out), rows) for fan_out in (20, 8)]
+    InputGroup(layers)
+    for layer in layers:
+        for slot, rank in ((0, 2), (1, 4)):
+            layer.reserve(rank, torch.device("cpu"), torch.float32)
+            lora_a, lora_b = random_pair(rank, fan_in, layer.out_features, gen)
+            bank_a, bank_b_t = layer.slot(slot)
+            bank_a[:rank], bank_b_t[:rank] = lora_a, lora_b.t()
+    slots = torch.tensor([1, num_slots, 0, 1])
+    rows.assign(slots, 4)
+    x = torch.randn(len(slots), 1, fan_in, generator=gen)
+    with torch.no_grad():
+        bases = [layer.base(x) for layer in layers]
+        with OpNames() as ops:
+            deltas = [layer(x) - base for layer, base in zip(layers, bases)]
+    assert ops.names.count("mul_") == 1, ops.names
+    for layer, delta in zip(layers, deltas):
+        assert torch.allclose(delta, lora_delta_reference(x, layer.a, layer.b_t, slots), atol=1e-4)
+        assert delta[[0, 2, 3]].abs().amin(dim=-1).gt(0).all() and not delta[1].any()
+
+
+def test_modules_reading_one_input_are_grouped(arch, base_dir):
+    """A Llama block's q/k/v and gate/up read one tensor each; GPT-2's fused c_attn and c_fc read their own."""
+    layers = wrap_lora_targets(load_model(base_dir), RowAdapters(2))
+    groups = {tuple(name.rsplit(".", 1)[-1] for name, layer in layers.items() if layer.group is group)
+              for group in {layer.group for layer in layers.values()}}
+    expected = {"llama": {("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)},
+                "gpt2": {("c_attn",), ("c_proj",), ("c_fc",)}}[arch]
+    assert groups == expected
