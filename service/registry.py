@@ -121,7 +121,7 @@ class AdapterRegistry:
         for name in adapters:
             self._make_resident(name, adapters[name], protect=set(adapters))
         slots = [self._resident[name][0] if name in adapters else self.zero_slot for name in names]
-        rank = max((adapters[name].rank for name in adapters), default=0)
+        rank = self._rank(slots)
         self.rows.assign(torch.tensor(slots, device=self.device) if rank else None, rank)
         return [row for row, name in enumerate(names) if name in missing]
 
@@ -130,9 +130,13 @@ class AdapterRegistry:
         drops to the largest among their adapters (rows of higher rank that left no longer cost compute)."""
         if self.rows.slots is not None:
             slots = self.rows.slots[keep]
-            ranks = {slot: adapter.rank for slot, adapter in self._resident.values()}
-            rank = max((ranks.get(slot, 0) for slot in slots.unique().tolist()), default=0)
+            rank = self._rank(slots.unique().tolist())
             self.rows.assign(slots if rank else None, rank)
+
+    def _rank(self, slots: list[int]) -> int:
+        """The rank in play for rows in ``slots``: the largest among the adapters there (0: no LoRA at all)."""
+        ranks = {slot: adapter.rank for slot, adapter in self._resident.values()}
+        return max((ranks.get(slot, 0) for slot in set(slots)), default=0)
 
     def _make_resident(self, name: str, adapter: AdapterWeights, protect: set[str]) -> None:
         held = self._resident.get(name)
