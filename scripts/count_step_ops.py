@@ -1,10 +1,13 @@
-"""The aten ops one decoding step runs (views apart), by name: the bare base against 16 r=8 adapters mixed in the batch,
-in the dense form the GPU's captured steps use (on the GPU each op that is not a view is one kernel of the graph).
+"""One decoding step and one prompt pass of SmolLM2, bare against 16 r=8 adapters mixed in the batch, side by side:
+the aten ops a step runs (views apart: on the GPU each other op is one kernel of the captured step), by name, and
+the median time of each, eager.
 
-    python scripts/count_step_ops.py --rows 64 --targets attention   # SmolLM2, eager, on the CPU unless --device cuda
+    python scripts/count_step_ops.py --rows 64 --targets attention --form dense   # the form the GPU's steps use
+    python scripts/count_step_ops.py --rows 16 --repeats 15                      # the CPU's (gathered) form, timed
 """
 import argparse
 import copy
+import statistics
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -12,9 +15,10 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from loadtest.bench import TARGET_SETS, random_adapters
+from loadtest.bench import TARGET_SETS, random_adapters, timed
 from service.base_model import load_base
 from service.decode_step import DecodeStep
+from service.prompt_pass import PromptPass
 from service.registry import AdapterRegistry
 from service.settings import Settings
 
@@ -37,25 +41,43 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--targets", choices=sorted(TARGET_SETS), default="attention", help="as loraswap bench's")
+    parser.add_argument("--form", choices=["dense", "gathered"], help="of the steps' LoRA (default: the engine's)")
+    parser.add_argument("--prompt-tokens", type=int, default=192)
+    parser.add_argument("--repeats", type=int, default=0, help="timed steps and prompt passes of each, alternated")
     args = parser.parse_args()
     model, _ = load_base(Settings(device=args.device))
     work = Path(tempfile.mkdtemp())
     names = [f"a{i}" for i in range(16)]
     random_adapters(copy.deepcopy(model), names, 8, TARGET_SETS[args.targets], work)
     registry = AdapterRegistry(model, [work], len(names), 64)
-    registry.rows.dense_decode = True
+    if args.form:
+        registry.rows.dense_decode = args.form == "dense"
     for name in names:
         registry.register(name, work / name)
+    device, prompt_tokens = registry.device, args.prompt_tokens
+    prompts = torch.randint(100, 1000, (args.rows, prompt_tokens), generator=torch.Generator().manual_seed(0)).tolist()
     step = DecodeStep(model, registry.rows, cuda_graphs=False, max_rows=args.rows)
-    with torch.inference_mode():  # an 8-token prompt per row gives the step's cache its shapes
-        prompt = model(input_ids=torch.ones(args.rows, 8, dtype=torch.long, device=registry.device), use_cache=True)
-    step.cache.reserve(args.rows, 9, used=(0, 0), like=prompt.past_key_values)
-    for label, rows in (("bare", [None] * args.rows), ("mixed", [names[i % 16] for i in range(args.rows)])):
-        registry.activate(rows)
-        with torch.inference_mode(), OpNames() as ops:
-            step([1] * args.rows, [8] * args.rows)
-        top = ", ".join(f"{name} {count}" for name, count in ops.counts.most_common(8))
-        print(f"{label}: {sum(ops.counts.values())} ops that are not views ({top})")
+    mappings = {"bare": [None] * args.rows, "mixed": [names[i % len(names)] for i in range(args.rows)]}
+    with torch.inference_mode():
+        step.cache.reserve(args.rows, prompt_tokens + 1, used=(0, 0),
+                           like=model(input_ids=torch.tensor(prompts, device=device), use_cache=True).past_key_values)
+        work_of = {"step": lambda: step([1] * args.rows, [prompt_tokens] * args.rows),
+                   "prompt pass": lambda: PromptPass(model, prompts, 0, device).advance(0)}
+        for label, rows in mappings.items():
+            registry.activate(rows)
+            work_of["step"]()  # the first step of a mapping gathers each row's LoRA weights (gathered form)
+            with OpNames() as ops:
+                work_of["step"]()
+            top = ", ".join(f"{name} {count}" for name, count in ops.counts.most_common(8))
+            print(f"{label} step: {sum(ops.counts.values())} ops that are not views ({top})")
+        seconds = {(label, kind): [] for label in mappings for kind in work_of}
+        for _ in range(args.repeats):
+            for (label, kind), times in seconds.items():
+                registry.activate(mappings[label])
+                times.append(timed(work_of[kind], device))
+    for kind in work_of if args.repeats else ():
+        bare, mixed = (statistics.median(seconds[(label, kind)]) * 1000 for label in mappings)
+        print(f"{kind}, median of {args.repeats}: bare {bare:.1f} ms, mixed {mixed:.1f} ms, bare / mixed {bare / mixed:.2f}")
 
 
 if __name__ == "__main__":
