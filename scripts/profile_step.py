@@ -2,8 +2,8 @@
 the aten ops a step runs (views apart: on the GPU each other op is one kernel of the captured step), by name, and
 the median time of each, eager.
 
-    python scripts/count_step_ops.py --rows 64 --targets attention --form dense   # the form the GPU's steps use
-    python scripts/count_step_ops.py --rows 16 --repeats 15                      # the CPU's (gathered) form, timed
+    python scripts/profile_step.py --rows 64 --targets attention --form dense   # the form the GPU's steps use
+    python scripts/profile_step.py --rows 16 --repeats 15                      # the CPU's (gathered) form, timed
 """
 import argparse
 import copy
