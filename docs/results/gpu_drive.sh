@@ -1,10 +1,22 @@
 #!/bin/bash
 # GPU session driver (a copy of the git-ignored .gpu/drive/drive.sh; .gpu/alt/dense_prompts.patch is docs/results/dense_prompts_ab/dense_prompts.patch,
-# .gpu/alt/no_groups.patch is docs/results/input_groups_ab/no_groups.patch):
+# .gpu/alt/no_groups.patch is docs/results/input_groups_ab/no_groups.patch, .gpu/alt/fused_base.patch is
+# docs/results/fused_base_ab/fused_base.patch):
 #   bash .gpu/drive/drive.sh STAGE... ; results land in $OUT
 . /root/stage/env.sh
 export PYTHONPATH=$PWD:$PYTHONPATH PYTHONUNBUFFERED=1 LORASWAP_DATA_DIR=$PWD/.gpudata
 B="python -m service.cli bench --device cuda --adapters 16 --prompt-tokens 192 --new-tokens 16"
+# the shipped code against it with .gpu/alt/$1.patch applied, alternated twice: base and mixed at 64 and 256
+ab_patch() {
+  rm -rf /root/alt && mkdir /root/alt && cp -r service loadtest training pyproject.toml /root/alt/ && \
+  (cd /root/alt && patch -p0 < $OLDPWD/.gpu/alt/$1.patch >/dev/null)
+  for round in 1 2; do for variant in shipped $1; do
+    root=$PWD; [ $variant = $1 ] && root=/root/alt
+    (cd $root && PYTHONPATH=$root:$PYTHONPATH timeout 250 $B --modes hf_base,base,mixed --batch-sizes 64,256 --rounds 10 \
+      --hot-loads 0 --registered 0 --json $OUT/ab_${1}_${variant}_$round.json > $OUT/ab_${1}_${variant}_$round.log 2>&1)
+    tail -3 $OUT/ab_${1}_${variant}_$round.log
+  done; done
+}
 for stage in "$@"; do
   echo "== $(date +%T) $stage" | tee -a $OUT/progress
   case $stage in
@@ -37,13 +49,8 @@ for stage in "$@"; do
                bench --device cuda --adapters 16 --prompt-tokens 192 --new-tokens 16 --modes mixed --batch-sizes 1 --rounds 1 --registered 0 \
                --json $OUT/gil_$variant.json > $OUT/gil_$variant.log 2>&1; tail -1 $OUT/gil_$variant.log
            done ;;
-    ab_groups) rm -rf /root/alt && mkdir /root/alt && cp -r service loadtest training pyproject.toml /root/alt/ && \
-           (cd /root/alt && patch -p0 < $OLDPWD/.gpu/alt/no_groups.patch >/dev/null)
-           for round in 1 2; do for variant in groups no_groups; do
-             root=$PWD; [ $variant = no_groups ] && root=/root/alt
-             (cd $root && PYTHONPATH=$root:$PYTHONPATH timeout 250 $B --modes hf_base,base,mixed --batch-sizes 64,256 --rounds 10 \
-               --hot-loads 0 --registered 0 --json $OUT/ab_${variant}_$round.json > $OUT/ab_${variant}_$round.log 2>&1); tail -3 $OUT/ab_${variant}_$round.log
-           done; done ;;
+    ab_groups) ab_patch no_groups ;;
+    ab_fused) ab_patch fused_base ;;
   esac
 done
 echo "== $(date +%T) done" | tee -a $OUT/progress
