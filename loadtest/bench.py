@@ -3,8 +3,8 @@
 Modes: ``hf_base`` (transformers ``generate``, bare base), ``base`` / ``single`` / ``mixed`` (our engine with no
 adapter, one adapter, all adapters round-robin in each batch), ``merged`` (ours, one adapter merged into the base),
 ``peft_mixed`` (peft ``generate`` with ``adapter_names``) and ``peft_sequential`` (peft, one request at a time,
-``set_adapter`` per request). Modes take turns batch by batch, so drift in the machine's speed falls on all
-alike. It also times adapter hot-loads and measures host memory with many adapters.
+``set_adapter`` per request). Modes take turns batch by batch (in reverse order every other round), so drift in
+the machine's speed falls on all alike. It also times adapter hot-loads and measures host memory with many adapters.
 """
 from __future__ import annotations
 
@@ -194,8 +194,8 @@ class Bench:
         self.hf_generate(self.peft_model, 1)
 
     def measure(self, modes: list[str]) -> None:
-        """Per batch size: a warm-up batch per mode, then rounds in which every mode serves one batch in turn,
-        so that drift in the machine's speed falls on all modes alike."""
+        """Per batch size: a warm-up batch per mode, then rounds in which every mode serves one batch in turn, in
+        reverse order every other round, so that drift in the machine's speed falls on all modes alike."""
         for batch in self.batch_sizes:
             runners = {mode: run for mode in modes if (run := self.runner(mode, batch)) is not None}
             for mode, run in runners.items():
@@ -203,8 +203,9 @@ class Bench:
                 run()
             rounds = self.args.rounds or max(1, -(-self.args.min_requests // batch))
             seconds = dict.fromkeys(runners, 0.0)
-            for _ in range(rounds):
-                for mode, run in runners.items():
+            turns = list(runners.items())
+            for round_ in range(rounds):
+                for mode, run in turns if round_ % 2 == 0 else reversed(turns):
                     self.set_weights(mode)
                     seconds[mode] += timed(run, self.device)
             for mode in runners:
