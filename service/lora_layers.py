@@ -9,7 +9,7 @@ Two ways to apply the deltas, chosen by what the hardware is short of:
 - gathered (prompts, and every step on the CPU): each row's own A and B^T are gathered once per
   batch and applied with two batched products; the least arithmetic, but one weight copy per row.
   x A^T is computed as (A x^T)^T: with r rows of A against T prompt columns, the batched product is
-  2-4x faster on the CPU than x against r columns of A^T (``python scripts/profile_step.py``).
+  1.5-3x faster on the CPU than x against r columns of A^T (docs/results/gathered_layout/).
 - dense (one-token decoding steps when ``RowAdapters.dense_decode``, i.e. on the GPU): every slot's A
   and B are applied to every row and a one-hot row-to-slot mask keeps each row's own share. It reads
   each slot's weights once, however many rows use them, does slots-times more arithmetic (idle on a
