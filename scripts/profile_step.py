@@ -9,31 +9,17 @@ import argparse
 import copy
 import statistics
 import tempfile
-from collections import Counter
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from loadtest.bench import TARGET_SETS, random_adapters, timed
+from loadtest.op_counts import OpCounts
 from service.base_model import load_base
 from service.decode_step import DecodeStep
 from service.prompt_pass import PromptPass
 from service.registry import AdapterRegistry
 from service.settings import Settings
-
-
-class OpNames(TorchDispatchMode):
-    """Counts the aten ops run inside it, by name, apart from views (they launch no kernel)."""
-
-    def __init__(self):
-        super().__init__()
-        self.counts: Counter[str] = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not func.is_view:
-            self.counts[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def main() -> None:
@@ -66,7 +52,7 @@ def main() -> None:
         for label, rows in mappings.items():
             registry.activate(rows)
             work_of["step"]()  # the first step of a mapping gathers each row's LoRA weights (gathered form)
-            with OpNames() as ops:
+            with OpCounts() as ops:
                 work_of["step"]()
             top = ", ".join(f"{name} {count}" for name, count in ops.counts.most_common(8))
             print(f"{label} step: {sum(ops.counts.values())} ops that are not views ({top})")

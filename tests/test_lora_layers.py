@@ -10,8 +10,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from torch.utils._python_dispatch import TorchDispatchMode
-
+from loadtest.op_counts import OpCounts
 from service.lora_layers import BatchedLoraLayer, InputGroup, RowAdapters, lora_delta_reference, wrap_lora_targets
 from tests.lora_helpers import FP32_TOLERANCE, batched_logits, engine_model, load_model, peft_logits, random_ids
 
@@ -139,18 +138,6 @@ def test_fast_paths_equal_reference_and_per_row_products(kind, form):
     assert delta[[0, 1, 4, 5]].abs().amax() > 1.0  # the adapters' rows really moved
 
 
-class OpNames(TorchDispatchMode):
-    """Records the name of every aten op run inside it."""
-
-    def __init__(self):
-        super().__init__()
-        self.names: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
-
-
 def test_layers_reading_one_input_share_one_masked_product():
     """Two members of an input group (as q and k): each row gets its own member's delta of its own slot, and
     the group's x A^T is masked once for both."""
@@ -171,9 +158,9 @@ def test_layers_reading_one_input_share_one_masked_product():
     x = torch.randn(len(slots), 1, fan_in, generator=gen)
     with torch.no_grad():
         bases = [layer.base(x) for layer in layers]
-        with OpNames() as ops:
+        with OpCounts() as ops:
             deltas = [layer(x) - base for layer, base in zip(layers, bases)]
-    assert ops.names.count("mul_") == 1, ops.names
+    assert ops.counts["mul_"] == 1, ops.counts
     for layer, delta in zip(layers, deltas):
         assert torch.allclose(delta, lora_delta_reference(x, layer.a, layer.b_t, slots), atol=1e-4)
         assert delta[[0, 2, 3]].abs().amin(dim=-1).gt(0).all() and not delta[1].any()
