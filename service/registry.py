@@ -157,7 +157,9 @@ class AdapterRegistry:
         for module in adapter.layout:
             self.layers[module].reserve(adapter.rank, self.device, self.dtype)
         modules = tuple(adapter.layout)
-        torch._foreach_zero_(self._flat_views(slot, adapter.rank, modules, stale=True))  # an earlier adapter's
+        stale = self._flat_views(slot, adapter.rank, modules, stale=True)  # what an earlier adapter left there
+        if stale:
+            torch._foreach_zero_(stale)
         torch._foreach_copy_(self._flat_views(slot, adapter.rank, modules), adapter.segments(on_device))
         self.rows.slot_written(slot if self.rows.storage == storage else None)
         self._resident[name] = (slot, adapter)
@@ -177,7 +179,7 @@ class AdapterRegistry:
                          for view in layer.slot(slot)]
             else:
                 views = [view[:rank] for name in modules for view in self.layers[name].slot(slot)]
-            self._slot_lists[key] = [view.view(-1) for view in views]
+            self._slot_lists[key] = [view.view(-1) for view in views if view.numel()]  # none: nothing to clear
         return self._slot_lists[key]
 
     def _drop_unregistered(self) -> None:
