@@ -215,7 +215,7 @@ class Engine:
             adapter = pending.work.adapter
             known = adapter is None or adapter in adapters
             fits = known or len(adapters) < self.registry.max_resident
-            loading = not known and not self.registry.is_resident(adapter)
+            loading = not known and loads < math.inf and not self.registry.is_resident(adapter)  # asked if bounded
             if type(pending.work) is kind and fits and (only is None or adapter == only) and loads >= loading:
                 batch.append(pending)
                 adapters.update([adapter] if adapter is not None else [])
