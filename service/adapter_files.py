@@ -100,10 +100,15 @@ def check_name(name: str) -> str:
 
 def check_path(path: str | Path, roots: list[Path]) -> Path:
     """Resolve ``path`` and refuse it unless it lies inside one of the configured adapter roots."""
-    resolved = Path(path).resolve()
-    if not any(resolved.is_relative_to(Path(root).resolve()) for root in roots):
+    try:
+        resolved = Path(path).resolve()
+        inside = any(resolved.is_relative_to(Path(root).resolve()) for root in roots)
+        is_folder = inside and resolved.is_dir()
+    except (ValueError, OSError) as exc:  # a NUL byte, a name too long for the file system, a symlink loop
+        raise AdapterError(f"adapter path {path!r} is not a usable path: {exc}") from None
+    if not inside:
         raise AdapterError(f"adapter path {path} is outside the configured adapter roots", status=403)
-    if not resolved.is_dir():
+    if not is_folder:
         raise AdapterError(f"adapter path {path} is not a folder", status=404)
     return resolved
 

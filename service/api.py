@@ -6,6 +6,7 @@ import time
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Request, Response
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.adapter_files import BASE_LABEL, BASE_MODEL_ID
@@ -140,6 +141,6 @@ def ready(response: Response, rt: Runtime = Depends(runtime)) -> dict:
     return {"ready": True}
 
 
-@ops_router.get("/metrics")
+@ops_router.get("/metrics", response_class=PlainTextResponse)  # documented as text/plain (Prometheus' format)
 def metrics_endpoint() -> Response:
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -15,12 +15,13 @@ def _not_blank(text: str) -> str:
 
 
 Text = Annotated[str, Field(min_length=1, max_length=100_000), AfterValidator(_not_blank)]
+STRICT = ConfigDict(extra="forbid", strict=True)  # request bodies: no unknown fields, no coercion ("7" or true for 7)
 
 
 class DecodingIn(BaseModel):
     """Per-request decoding strategy and its parameters."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     strategy: Literal["greedy", "top_k", "nucleus", "temperature"] = "greedy"
     temperature: float = Field(1.0, gt=0, le=10)
     top_k: int = Field(50, ge=1, le=100_000)
@@ -35,7 +36,7 @@ class DecodingIn(BaseModel):
 
 
 class AnswerIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     context: Text
     question: Text
     adapter: str | None = None
@@ -53,7 +54,7 @@ class AnswerOut(BaseModel):
 
 
 class NliIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     premise: Text
     hypothesis: Text
     adapter: str | None = None
@@ -66,7 +67,7 @@ class NliOut(BaseModel):
 
 
 class AdapterIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     name: str
     path: str
 
@@ -74,6 +75,7 @@ class AdapterIn(BaseModel):
 class CompletionIn(BaseModel):
     """The subset of OpenAI's /v1/completions the service honours."""
 
+    model_config = ConfigDict(strict=True)
     model: str
     prompt: str = Field(min_length=1, max_length=100_000)
     max_tokens: int = Field(16, ge=1, le=4096)

@@ -156,6 +156,11 @@ def test_paths_outside_the_roots_are_403(client, refusals, where, llama_adapters
     refused(client, "elsewhere", path, 403, "outside the configured adapter roots")
 
 
+@pytest.mark.parametrize("path", ["two\x00", "x" * 5000])
+def test_a_path_the_file_system_cannot_take_is_422(client, refusals, path):
+    refused(client, "odd", f"{refusals.adapters_dir}/{path}", 422, "not a usable path")
+
+
 def test_a_missing_folder_inside_the_roots_is_404(client, refusals):
     refused(client, "missing", refusals.adapters_dir / "missing", 404, "not a folder")
 

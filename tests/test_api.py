@@ -443,6 +443,8 @@ GOOD = {"context": SQUAD_CONTEXT, "question": SQUAD_QUESTION, "adapter": "one"}
     ({**GOOD, "colour": "red"}, "colour"),
     ({"question": SQUAD_QUESTION}, "context"),
     ({**GOOD, "adapter": 3}, "adapter"),
+    ({**GOOD, "decoding": {"seed": False}}, "seed"),  # no coercion: a boolean is not a seed...
+    ({**GOOD, "decoding": {"top_k": "5"}}, "top_k"),  # ...nor a string a number
 ])
 def test_invalid_answer_input_is_422(client, body, field):
     reply = client.post("/answer", json=body)
@@ -455,6 +457,7 @@ def test_invalid_answer_input_is_422(client, body, field):
     ("/nli", {"premise": "x", "hypothesis": "y", "extra": 1}),
     ("/v1/completions", {"model": "one", "prompt": "x", "n": 2}),
     ("/v1/completions", {"model": "one", "prompt": "x", "temperature": -0.5}),
+    ("/v1/completions", {"model": "one", "prompt": "x", "max_tokens": "3"}),
     ("/adapters", {"name": "x"}),
 ])
 def test_invalid_input_elsewhere_is_422(client, path, body):

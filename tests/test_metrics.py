@@ -176,3 +176,9 @@ def test_label_values_never_come_from_raw_input(client):
     assert all(NAME_PATTERN.fullmatch(adapter) for adapter in adapters), adapters
     assert {"one", "two", "none"} <= adapters
     assert endpoints <= ROUTES, endpoints  # route templates only; /metrics itself is not timed
+
+
+def test_the_api_schema_documents_the_metrics_format(client):
+    documented = client.get("/openapi.json").json()["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+    served = client.get("/metrics").headers["content-type"]
+    assert list(documented) == ["text/plain"] and served.startswith("text/plain")
