@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import re
@@ -123,11 +124,13 @@ def read_config(folder: Path, max_rank: int) -> dict:
         raise AdapterError(f"{folder / CONFIG_FILE} is not valid JSON: {exc}") from None
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
         raise AdapterError(f"{folder} is not a LoRA adapter (peft_type must be LORA)")
-    rank = config.get("r")
-    if not isinstance(rank, int) or not 1 <= rank <= max_rank:
+    rank, alpha = config.get("r"), config.get("lora_alpha")
+    if type(rank) is not int or not 1 <= rank <= max_rank:  # JSON true is not a rank
         raise AdapterError(f"adapter rank {rank!r} must be an integer in 1..{max_rank}")
-    if not isinstance(config.get("lora_alpha"), (int, float)):
-        raise AdapterError("adapter lora_alpha must be a number")
+    if type(alpha) not in (int, float) or not math.isfinite(alpha):
+        raise AdapterError(f"adapter lora_alpha {alpha!r} must be a finite number")
+    if type(config.get("use_rslora", False)) is not bool:
+        raise AdapterError(f"adapter use_rslora {config['use_rslora']!r} must be true or false")
     unsupported = [key for key in ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save") if config.get(key)]
     if config.get("bias", "none") != "none":
         unsupported.append("bias")
