@@ -11,7 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.adapter_files import BASE_LABEL, BASE_MODEL_ID
 from service.runtime import Runtime
-from service.schemas import AdapterIn, AnswerIn, AnswerOut, CompletionIn, NliIn, NliOut
+from service.schemas import AdapterIn, AnswerIn, AnswerOut, CompletionIn, NliIn, NliOut, error_replies
 
 
 tasks_router = APIRouter(tags=["tasks"])
@@ -61,7 +61,7 @@ def new_seed() -> int:
     return random.getrandbits(63)
 
 
-@tasks_router.post("/answer", response_model=AnswerOut)
+@tasks_router.post("/answer", response_model=AnswerOut, responses=error_replies(400, 404, 413, 422, 429, 503))
 async def answer(body: AnswerIn, request: Request, rt: Runtime = Depends(serving)) -> AnswerOut:
     adapter = pick_adapter(rt, body, rt.settings.qa_adapter, request)
     result = await rt.tasks.answer(body.context, body.question, adapter, body.decoding.to_decoding(new_seed()),
@@ -69,49 +69,49 @@ async def answer(body: AnswerIn, request: Request, rt: Runtime = Depends(serving
     return AnswerOut(adapter=adapter, **result.__dict__)
 
 
-@tasks_router.post("/nli", response_model=NliOut)
+@tasks_router.post("/nli", response_model=NliOut, responses=error_replies(400, 404, 413, 422, 429, 503))
 async def nli(body: NliIn, request: Request, rt: Runtime = Depends(serving)) -> NliOut:
     adapter = pick_adapter(rt, body, rt.settings.nli_adapter, request)
     probabilities = await rt.tasks.nli(body.premise, body.hypothesis, adapter)
     return NliOut(label=max(probabilities, key=probabilities.get), probabilities=probabilities, adapter=adapter)
 
 
-@admin_router.get("/adapters")
+@admin_router.get("/adapters", responses=error_replies(503))
 def list_adapters(rt: Runtime = Depends(serving)) -> dict:
     return {"adapters": rt.registry.describe(), "merged": rt.registry.merged}
 
 
-@admin_router.post("/adapters", status_code=201)
+@admin_router.post("/adapters", status_code=201, responses=error_replies(400, 401, 403, 404, 409, 422, 503))
 async def load_adapter(body: AdapterIn, rt: Runtime = Depends(admin)) -> dict:
     return await run_in_threadpool(rt.load_adapter, body.name, body.path)
 
 
-@admin_router.delete("/adapters/{name}")
+@admin_router.delete("/adapters/{name}", responses=error_replies(401, 403, 404, 409, 503))
 def unload_adapter(name: str, rt: Runtime = Depends(admin)) -> dict:
     rt.registry.unregister(name)
     return {"deleted": name}
 
 
-@admin_router.post("/adapters/unmerge")
+@admin_router.post("/adapters/unmerge", responses=error_replies(401, 403, 503))
 async def unmerge(rt: Runtime = Depends(admin)) -> dict:
     await run_in_threadpool(rt.engine.call(rt.registry.unmerge).result)
     return {"merged": None}
 
 
-@admin_router.post("/adapters/{name}/merge")
+@admin_router.post("/adapters/{name}/merge", responses=error_replies(401, 403, 404, 409, 503))
 async def merge(name: str, rt: Runtime = Depends(admin)) -> dict:
     rt.registry.require(name)
     await run_in_threadpool(rt.engine.call(lambda: rt.registry.merge(name)).result)
     return {"merged": name}
 
 
-@openai_router.get("/models")
+@openai_router.get("/models", responses=error_replies(503))
 def models(rt: Runtime = Depends(serving)) -> dict:
     ids = [BASE_MODEL_ID, *rt.registry.names()]
     return {"object": "list", "data": [{"id": i, "object": "model", "created": 0, "owned_by": "loraswap"} for i in ids]}
 
 
-@openai_router.post("/completions")
+@openai_router.post("/completions", responses=error_replies(400, 404, 413, 422, 429, 503))
 async def completions(body: CompletionIn, request: Request, rt: Runtime = Depends(serving)) -> dict:
     adapter = None if body.model == BASE_MODEL_ID else body.model
     rt.registry.require(adapter)
@@ -133,7 +133,7 @@ def health() -> dict:
     return {"status": "ok"}
 
 
-@ops_router.get("/ready")
+@ops_router.get("/ready", responses={503: {"description": "loading, draining, or failed to start: ready false and a reason"}})
 def ready(response: Response, rt: Runtime = Depends(runtime)) -> dict:
     if not rt.accepting:
         response.status_code = 503

@@ -426,6 +426,23 @@ def test_unknown_adapter_is_404(client, method, path, body):
     assert "'nope'" in reply.json()["error"]
 
 
+@pytest.mark.parametrize("method,path,route,body,headers,status", [
+    ("post", "/answer", "/answer", {"context": "x", "question": "y", "adapter": "nope"}, {}, 404),
+    ("post", "/nli", "/nli", {"premise": "A man sleeps in a chair. " * 200, "hypothesis": "x"}, {}, 413),
+    ("post", "/v1/completions", "/v1/completions", b"1\xff\xff", {"content-type": "application/json"}, 400),
+    ("post", "/adapters", "/adapters", {"name": "one", "path": "."}, {}, 401),
+    ("post", "/adapters", "/adapters", {"name": "x", "path": "/etc"}, ADMIN, 403),
+    ("delete", "/adapters/nope", "/adapters/{name}", None, ADMIN, 404),
+    ("post", "/adapters/nope/merge", "/adapters/{name}/merge", None, ADMIN, 404),
+])
+def test_error_replies_are_documented_in_the_api_schema(client, method, path, route, body, headers, status):
+    sent = {"content": body} if isinstance(body, bytes) else {"json": body}
+    reply = client.request(method, path, headers=headers, **sent)
+    assert reply.status_code == status and reply.json()["error"], reply.text
+    documented = client.get("/openapi.json").json()["paths"][route][method]["responses"]
+    assert documented[str(status)]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorOut"}
+
+
 GOOD = {"context": SQUAD_CONTEXT, "question": SQUAD_QUESTION, "adapter": "one"}
 
 
