@@ -7,6 +7,9 @@ import logging
 import typing
 from pathlib import Path
 
+from pydantic import ValidationError
+
+from service.adapter_files import AdapterError
 from service.settings import Settings
 
 # subcommand -> module exposing add_arguments(parser) and run(args)
@@ -17,6 +20,17 @@ COMMANDS = {
     "merge": ("training.merge", "write a full model with one adapter merged in"),
     "bench": ("loadtest.bench", "throughput of the engine against transformers and peft"),
 }
+
+
+def positive(kind: type = int):
+    """An argparse type: a number of ``kind`` above zero (a clear usage error otherwise, not a failure later)."""
+    def parse(text: str):
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be above 0, not {text}")
+        return value
+    parse.__name__ = f"positive {kind.__name__}"  # argparse names the type in its error message
+    return parse
 
 
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,13 +73,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    if args.command == "serve":
-        from service.server import serve
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "serve":
+            from service.server import serve
 
-        serve(settings_from(args))
-    else:
-        importlib.import_module(args.module).run(args)
+            serve(settings_from(args))
+        else:
+            importlib.import_module(args.module).run(args)
+    except (AdapterError, FileNotFoundError, ValidationError) as exc:  # what the user asked for cannot be done
+        parser.exit(2, f"loraswap {args.command}: error: {exc}\n")
     return 0
 
 

@@ -6,7 +6,8 @@ import asyncio
 import json
 from pathlib import Path
 
-from service.adapter_files import BASE_LABEL
+from service.adapter_files import BASE_LABEL, CONFIG_FILE, AdapterError
+from service.cli import positive
 from service.decoding import Decoding
 from service.prompts import NLI_LABELS, RTE_LABELS
 from service.runtime import Runtime
@@ -21,13 +22,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", required=True,
                         help=f"a registered adapter name, an adapter folder, or '{BASE_LABEL}' for the bare base model")
     parser.add_argument("--data", type=Path, help="evaluation file (default: the task's dev set; MNLI: dev_matched)")
-    parser.add_argument("--limit", type=int, help="only the first N examples")
+    parser.add_argument("--limit", type=positive(int), help="only the first N examples")
     parser.add_argument("--strategy", choices=["greedy", "top_k", "nucleus", "temperature"], default="greedy")
-    parser.add_argument("--top-k", type=int, default=50)
+    parser.add_argument("--top-k", type=positive(int), default=50)
     parser.add_argument("--top-p", type=float, default=0.9)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0, help="example i samples with seed + i")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=positive(int), default=32)
     parser.add_argument("--predictions", type=Path, help="write predictions here (SQuAD: the official {id: answer})")
     parser.add_argument("--json", type=Path, help="also write the metrics here")
     parser.add_argument("--base-model", default="smollm2")
@@ -35,13 +36,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--quantize", default="none", choices=["none", "nf4"])
-    parser.add_argument("--max-batch", type=int, default=64)
+    parser.add_argument("--max-batch", type=positive(int), default=64)
 
 
 def start_runtime(args: argparse.Namespace) -> tuple[Runtime, str | None]:
     """The server's runtime (model, registry, engine, tasks) and the adapter to evaluate."""
     adapter_path = Path(args.adapter)
-    is_folder = (adapter_path / "adapter_config.json").is_file()
+    is_folder = (adapter_path / CONFIG_FILE).is_file()
+    if args.adapter != BASE_LABEL and not is_folder and not (Path(args.adapters_dir) / args.adapter / CONFIG_FILE).is_file():
+        raise AdapterError(f"unknown adapter {args.adapter!r}: not '{BASE_LABEL}', an adapter folder, or one in "
+                           f"{args.adapters_dir}", 404)  # before the model is loaded
     settings = Settings(
         base_model=args.base_model, adapters_dir=args.adapters_dir, device=args.device, dtype=args.dtype,
         quantize=args.quantize, max_batch=args.max_batch, max_queue=4 * args.max_batch, batch_window_ms=20,

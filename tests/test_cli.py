@@ -1,0 +1,21 @@
+"""``loraswap`` on the command line: what cannot be done ends with a one-line usage error and status 2."""
+from __future__ import annotations
+
+import pytest
+
+from service.cli import main
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["eval", "--task", "squad", "--adapter", "nope"], "loraswap eval: error: unknown adapter 'nope'"),
+    (["eval", "--task", "nli", "--adapter", "none", "--limit", "0"], "--limit: must be above 0, not 0"),
+    (["train", "--task", "squad", "--out", "x", "--max-steps", "0"], "--max-steps: must be above 0, not 0"),
+    (["train", "--task", "squad", "--out", "x", "--lr", "-1"], "--lr: must be above 0, not -1"),
+    (["merge", "--adapter", "missing", "--out", "x"], "loraswap merge: error: missing: no adapter_model.safetensors"),
+    (["serve", "--max-batch", "0"], "loraswap serve: error: 1 validation error for Settings\nmax_batch"),
+])
+def test_requests_that_cannot_be_done_are_usage_errors(argv, message, tiny_llama_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, *(["--base-model", str(tiny_llama_dir), "--adapters-dir", str(tmp_path)] if argv[0] == "eval" else [])])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
