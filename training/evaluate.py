@@ -43,7 +43,8 @@ def start_runtime(args: argparse.Namespace) -> tuple[Runtime, str | None]:
     """The server's runtime (model, registry, engine, tasks) and the adapter to evaluate."""
     adapter_path = Path(args.adapter)
     is_folder = (adapter_path / CONFIG_FILE).is_file()
-    if args.adapter != BASE_LABEL and not is_folder and not (Path(args.adapters_dir) / args.adapter / CONFIG_FILE).is_file():
+    in_adapters_dir = (args.adapters_dir / args.adapter / CONFIG_FILE).is_file()  # --adapters-dir is a Path
+    if args.adapter != BASE_LABEL and not is_folder and not in_adapters_dir:
         raise AdapterError(f"unknown adapter {args.adapter!r}: not '{BASE_LABEL}', an adapter folder, or one in "
                            f"{args.adapters_dir}", 404)  # before the model is loaded
     settings = Settings(
