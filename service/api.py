@@ -1,8 +1,11 @@
 """HTTP routes, one router per area; they validate, call the tasks or the registry, and shape replies."""
 from __future__ import annotations
 
+import asyncio
 import random
 import time
+from collections.abc import Awaitable
+from typing import TypeVar
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Request, Response
 from fastapi.concurrency import run_in_threadpool
@@ -18,6 +21,11 @@ tasks_router = APIRouter(tags=["tasks"])
 admin_router = APIRouter(tags=["admin"])
 openai_router = APIRouter(prefix="/v1", tags=["openai"])
 ops_router = APIRouter(tags=["operations"])
+T = TypeVar("T")
+
+
+class ClientGone(Exception):
+    """The client disconnected before its reply was ready."""
 
 
 def runtime(request: Request) -> Runtime:
@@ -57,6 +65,26 @@ def pick_adapter(rt: Runtime, request_body, default: str | None, request: Reques
     return name
 
 
+async def disconnect(request: Request) -> None:
+    """Return once the client has disconnected (its body is read already, so nothing else can arrive)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work``; should the client disconnect first, cancel it (the engine drops the request, queued or
+    running) and raise ClientGone."""
+    task, gone = asyncio.ensure_future(work), asyncio.ensure_future(disconnect(request))
+    try:
+        done, _ = await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        task.cancel()  # nothing once done
+    if task not in done:
+        raise ClientGone()
+    return task.result()
+
+
 def new_seed() -> int:
     return random.getrandbits(63)
 
@@ -64,15 +92,15 @@ def new_seed() -> int:
 @tasks_router.post("/answer", response_model=AnswerOut, responses=error_replies(400, 404, 413, 422, 429, 503))
 async def answer(body: AnswerIn, request: Request, rt: Runtime = Depends(serving)) -> AnswerOut:
     adapter = pick_adapter(rt, body, rt.settings.qa_adapter, request)
-    result = await rt.tasks.answer(body.context, body.question, adapter, body.decoding.to_decoding(new_seed()),
-                                   body.extractive)
+    result = await unless_disconnected(request, rt.tasks.answer(
+        body.context, body.question, adapter, body.decoding.to_decoding(new_seed()), body.extractive))
     return AnswerOut(adapter=adapter, **result.__dict__)
 
 
 @tasks_router.post("/nli", response_model=NliOut, responses=error_replies(400, 404, 413, 422, 429, 503))
 async def nli(body: NliIn, request: Request, rt: Runtime = Depends(serving)) -> NliOut:
     adapter = pick_adapter(rt, body, rt.settings.nli_adapter, request)
-    probabilities = await rt.tasks.nli(body.premise, body.hypothesis, adapter)
+    probabilities = await unless_disconnected(request, rt.tasks.nli(body.premise, body.hypothesis, adapter))
     return NliOut(label=max(probabilities, key=probabilities.get), probabilities=probabilities, adapter=adapter)
 
 
@@ -116,7 +144,8 @@ async def completions(body: CompletionIn, request: Request, rt: Runtime = Depend
     adapter = None if body.model == BASE_MODEL_ID else body.model
     rt.registry.require(adapter)
     request.state.adapter = adapter or BASE_LABEL
-    result = await rt.tasks.generate(body.prompt, adapter, body.to_decoding(new_seed()), stop_at_newline=False)
+    decoding = body.to_decoding(new_seed())
+    result = await unless_disconnected(request, rt.tasks.generate(body.prompt, adapter, decoding, stop_at_newline=False))
     return {
         "id": f"cmpl-{new_seed():x}",
         "object": "text_completion",

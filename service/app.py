@@ -12,13 +12,14 @@ from starlette.exceptions import HTTPException
 
 from service import metrics
 from service.adapter_files import BASE_LABEL, AdapterError
-from service.api import admin_router, openai_router, ops_router, tasks_router
+from service.api import ClientGone, admin_router, openai_router, ops_router, tasks_router
 from service.engine import EngineStopped, QueueFull
 from service.runtime import Runtime
 from service.settings import Settings
 from service.tasks import InputTooLong
 
 RETRY_AFTER_SECONDS = "1"
+CLIENT_CLOSED = 499  # nginx's "client closed request": recorded in the metrics, never received by anyone
 # health and readiness probes and metric scrapes are not work: not counted as requests in flight
 NOT_IN_FLIGHT = frozenset({"/health", "/ready", "/metrics"})
 
@@ -46,6 +47,10 @@ def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(EngineStopped)
     async def _stopped(_: Request, exc: EngineStopped):
         return error(503, str(exc))
+
+    @app.exception_handler(ClientGone)
+    async def _gone(_: Request, exc: ClientGone):
+        return error(CLIENT_CLOSED, "the client disconnected before its reply was ready")
 
     @app.exception_handler(HTTPException)
     async def _http(_: Request, exc: HTTPException):

@@ -2,9 +2,9 @@
 
 Requests of any adapters and decoding parameters share a batch. Generation runs the left-padded prompts
 through the model and then one decoding step per token over a preallocated KV cache (a CUDA graph per
-batch-size bucket on the GPU); rows that finish leave the batch, so they stop costing compute, and queued
-requests join it between steps, their prompts run a chunk per pause (``prefill_chunk``) so that a long
-prompt does not hold the running rows for many steps. Scoring (NLI) is one pass over the prompts.
+batch-size bucket on the GPU); rows that finish or are abandoned leave the batch, so they stop costing
+compute, and queued requests join it between steps, their prompts run a chunk per pause (``prefill_chunk``)
+so that a long prompt does not hold the running rows for many steps. Scoring (NLI) is one pass over the prompts.
 Adapter activation, merge and unmerge happen on this thread between steps, so no row ever runs with
 weights other than its own adapter's.
 """
@@ -39,6 +39,18 @@ class EngineStopped(Exception):
     """The engine is draining or stopped and takes no new requests (HTTP 503)."""
 
 
+class RequestAbandoned(Exception):
+    """The request was withdrawn by its caller (``Engine.abandon``) before it finished."""
+
+
+class RequestFuture(Future):
+    """A submitted request's outcome; ``abandoned`` once its caller withdrew it."""
+
+    def __init__(self):
+        super().__init__()
+        self.abandoned = False
+
+
 @dataclass
 class Generation:
     """Generate a continuation of ``prompt_ids`` with one adapter (None: the bare base)."""
@@ -71,7 +83,7 @@ class Scoring:
 @dataclass
 class _Pending:
     work: Generation | Scoring
-    future: Future
+    future: RequestFuture
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -131,9 +143,9 @@ class Engine:
         return len(self._queue)
 
     # ---- submission (any thread) -------------------------------------------------------------
-    def submit(self, work: Generation | Scoring) -> Future:
+    def submit(self, work: Generation | Scoring) -> RequestFuture:
         """Queue one request; its future resolves to a GenerationResult or a list of probabilities."""
-        pending = _Pending(work, Future())
+        pending = _Pending(work, RequestFuture())
         with self._wakeup:
             if not self._accepting:
                 raise EngineStopped("the engine is not accepting requests")
@@ -142,6 +154,15 @@ class Engine:
             self._queue.append(pending)
             self._wakeup.notify_all()
         return pending.future
+
+    def abandon(self, future: RequestFuture) -> None:
+        """Withdraw a request whose caller went away: a queued one leaves the queue at once, a running one leaves
+        its batch before the next decoding step (its future then fails with RequestAbandoned); either way it stops
+        costing compute. A finished request is left as it is."""
+        with self._wakeup:
+            future.abandoned = True
+            if future.cancel():
+                self._queue = deque(pending for pending in self._queue if pending.future is not future)
 
     def call(self, fn) -> Future:
         """Run ``fn()`` on the engine thread between batches (merge, unmerge)."""
@@ -239,8 +260,8 @@ class Engine:
             chosen, finished = running.sample(self._is_stop)
             for row, reason in finished:
                 self._finish(running.pendings[row], running.tokens[row], reason, running.first_token_at[row])
-            if finished:
-                done = {row for row, _ in finished}
+            done = {row for row, _ in finished} | self._abandoned_rows(running)
+            if done:
                 kept = [row for row in range(len(running)) if row not in done]
                 kept_rows = running.keep(kept)
                 if kept:  # an engine with no rows left leaves the shared row mapping alone
@@ -248,6 +269,14 @@ class Engine:
                     chosen = [chosen[row] for row in kept]
             if len(running):
                 running.forward(chosen)
+
+    def _abandoned_rows(self, running: RunningBatch) -> set[int]:
+        """Rows whose request was abandoned and is not done; their futures fail with RequestAbandoned."""
+        rows = {row for row, pending in enumerate(running.pendings) if pending.future.abandoned
+                and not pending.future.done()}
+        for row in rows:
+            running.pendings[row].future.set_exception(RequestAbandoned("the request was abandoned by its caller"))
+        return rows
 
     def _apply_merge_policy(self, names: set[str | None]) -> None:
         """Unmerge when a batch needs other weights; merge after a run of single-adapter batches."""

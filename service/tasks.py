@@ -67,10 +67,20 @@ class Tasks:
             return decoding
         return Decoding(**{**decoding.__dict__, "max_new_tokens": self.settings.max_new_tokens})
 
+    async def outcome(self, work: Generation | Scoring):
+        """The engine's result for ``work``; if the caller is cancelled first (its client went away), the engine
+        drops the request, queued or running."""
+        future = self.engine.submit(work)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            self.engine.abandon(future)
+            raise
+
     async def generate(self, prompt: str, adapter: str | None, decoding: Decoding,
                        stop_at_newline: bool) -> GenerationResult:
         work = Generation(self.encode(prompt), adapter, self.decoding(decoding), stop_at_newline)
-        return await asyncio.wrap_future(self.engine.submit(work))
+        return await self.outcome(work)
 
     async def answer(self, context: str, question: str, adapter: str | None, decoding: Decoding,
                      extractive: bool = True) -> Answer:
@@ -90,5 +100,5 @@ class Tasks:
         if labels not in self.label_tokens:
             self.label_tokens[labels] = self.first_tokens(labels)
         work = Scoring(self.encode(nli_prompt(premise, hypothesis)), adapter, self.label_tokens[labels])
-        probabilities = await asyncio.wrap_future(self.engine.submit(work))
+        probabilities = await self.outcome(work)
         return dict(zip(labels, probabilities))

@@ -5,6 +5,7 @@ reference for a request is the same request submitted alone to an engine that ne
 """
 from __future__ import annotations
 
+import asyncio
 import random
 import threading
 import time
@@ -19,10 +20,12 @@ from service.adapter_files import AdapterError
 from service.base_model import load_base
 from service.decoding import Decoding
 from service import engine as engine_module
-from service.engine import Engine, EngineStopped, Generation, GenerationResult, QueueFull, Scoring
+from service.engine import (Engine, EngineStopped, Generation, GenerationResult, QueueFull, RequestAbandoned,
+                            Scoring)
 from service.prompt_pass import PromptPass
 from service.registry import AdapterRegistry
 from service.settings import Settings
+from service.tasks import Tasks
 from tests.lora_helpers import BASES, make_ranked_adapters
 
 WAIT = 60  # seconds any single future may take before the test fails instead of hanging
@@ -500,3 +503,83 @@ def test_adapters_loaded_beside_a_running_batch_take_one_pause_each_and_it_does_
     engine.registry.activate = activate
     assert same_output(running.result(WAIT), alone(engine, long_work))
     assert_same_outputs(got, [alone(engine, work) for work in joiners], joiners)
+
+
+# ---- (f) abandoned requests ------------------------------------------------------------------------
+
+class HeldSteps:
+    """The engine's decoder, noting the rows of every step; it holds the engine thread before step ``hold_at``
+    until ``release`` is set."""
+
+    def __init__(self, decoder, hold_at: int):
+        self.decoder, self.hold_at = decoder, hold_at
+        self.rows: list[int] = []
+        self.holding, self.release = threading.Event(), threading.Event()
+
+    def __call__(self, tokens, positions):
+        self.rows.append(len(tokens))
+        if len(self.rows) == self.hold_at:
+            self.holding.set()
+            self.release.wait(WAIT)
+        return self.decoder(tokens, positions)
+
+    def __getattr__(self, name):
+        return getattr(self.decoder, name)
+
+
+def long_generation(rng: random.Random, adapter: str | None, tokens: int) -> Generation:
+    return Generation(prompt(rng), adapter, Decoding(max_new_tokens=tokens), False, ignore_eos=True)
+
+
+def test_an_abandoned_running_request_leaves_its_batch_and_the_other_rows_are_untouched(engines):
+    engine = engines.fresh(max_new_tokens=300)
+    rng = random.Random(15)
+    doomed, kept = long_generation(rng, "r8", 300), long_generation(rng, "r2", 20)
+    expected = alone(engine, kept)
+    engine.decoder = steps = HeldSteps(engine.decoder, hold_at=3)
+    with paused(engine):
+        futures = [engine.submit(work) for work in (doomed, kept)]
+    assert steps.holding.wait(WAIT)
+    engine.abandon(futures[0])
+    steps.release.set()
+    assert same_output(futures[1].result(WAIT), expected)
+    with pytest.raises(RequestAbandoned):
+        futures[0].result(WAIT)
+    assert steps.rows == [2] * 3 + [1] * 16, f"rows of each decoding step: {steps.rows}"
+
+
+def test_an_abandoned_queued_request_leaves_the_queue_and_a_finished_one_keeps_its_result(engines):
+    engine = engines.fresh()
+    rng = random.Random(16)
+    finished_work = greedy(rng, "r4")
+    finished = engine.submit(finished_work)
+    expected = finished.result(WAIT)
+    with paused(engine):
+        queued = [engine.submit(greedy(rng, name)) for name in ("r2", None, "r8")]
+        engine.abandon(queued[1])
+        assert engine.queue_depth == 2 and queued[1].cancelled()
+    assert all(isinstance(future.result(WAIT), GenerationResult) for future in (queued[0], queued[2]))
+    engine.abandon(finished)
+    assert finished.result() is expected
+
+
+def test_a_cancelled_task_abandons_its_request(engines):
+    """What the HTTP layer does when a client disconnects: cancel the task awaiting the engine."""
+    engine = engines.fresh(max_new_tokens=300)
+    tasks = Tasks(engine, engine.tokenizer, engine.settings, max_positions=512)
+    engine.decoder = steps = HeldSteps(engine.decoder, hold_at=3)
+    rng = random.Random(17)
+
+    async def cancel_while_decoding():
+        awaiting = asyncio.ensure_future(tasks.outcome(long_generation(rng, "r8", 300)))
+        assert await asyncio.to_thread(steps.holding.wait, WAIT)
+        awaiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await awaiting
+        steps.release.set()
+
+    asyncio.run(cancel_while_decoding())
+    later = greedy(rng, "r4", max_new_tokens=5)
+    assert same_output(alone(engine, later), alone(engines.shared(), later))
+    # three steps of the abandoned request (299 had it run on), then the four of the later one
+    assert len(steps.rows) == 3 + 4, f"rows of each decoding step: {steps.rows}"

@@ -2,6 +2,7 @@
 and a graceful SIGTERM (not ready at once, in-flight requests finish, exit status 0)."""
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import subprocess
@@ -116,12 +117,36 @@ def test_the_openai_client(server):
         client.completions.create(model="nope", prompt="Hi", max_tokens=2)
 
 
-def in_flight_and_answered(http: httpx.Client) -> tuple[float, float]:
-    """HTTP requests in flight now, and completions answered so far (both from /metrics)."""
+def in_flight_and_answered(http: httpx.Client, status: str | None = None) -> tuple[float, float]:
+    """HTTP requests in flight now, and completions answered so far (with ``status``, if given), from /metrics."""
     families = {family.name: family for family in text_string_to_metric_families(http.get("/metrics").text)}
     answered = sum(sample.value for sample in families["loraswap_request_duration_seconds"].samples
-                   if sample.name.endswith("_count") and sample.labels["endpoint"] == "/v1/completions")
+                   if sample.name.endswith("_count") and sample.labels["endpoint"] == "/v1/completions"
+                   and status in (None, sample.labels["status"]))
     return families["loraswap_requests_in_flight"].samples[0].value, answered
+
+
+def wait_for(condition, what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} within {timeout} s"
+        time.sleep(0.01)
+
+
+def test_a_client_that_disconnects_gets_its_request_dropped(server):
+    http = server.http
+    body = {"model": "one", "prompt": "Story:", "max_tokens": 256, "temperature": 0}
+    whole = http.post("/v1/completions", json=body).json()
+    assert whole["usage"]["completion_tokens"] == 256, "this request must run long enough to be cut off"
+    idle, dropped = in_flight_and_answered(http, status="499")
+    payload = json.dumps(body).encode()
+    with socket.create_connection(("127.0.0.1", server.port)) as client:
+        client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
+        wait_for(lambda: in_flight_and_answered(http)[0] > idle, "the request never reached the server")
+    wait_for(lambda: in_flight_and_answered(http, status="499") == (idle, dropped + 1),
+             "the disconnected request was not recorded as 499 (client closed request)")
+    assert http.post("/v1/completions", json=body).json()["choices"] == whole["choices"]
 
 
 def test_sigterm_drains_then_exits_cleanly(server):
