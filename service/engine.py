@@ -323,7 +323,12 @@ class Engine:
         return None if joining.prompt.finished else joining
 
     def _admit(self, running: RunningBatch) -> _Joining | None:
-        """Queued requests that fit beside the running rows (room, device slots, the merged adapter)."""
+        """Queued requests that fit beside the running rows (room, device slots, the merged adapter). None while a
+        control call or the oldest request waits for the batch to end (it needs the base unmerged): otherwise a
+        stream of requests for the merged adapter would keep the batch running, and them waiting, for ever."""
+        with self._wakeup:
+            if self._controls or (self._queue and self.registry.merged not in (None, self._queue[0].work.adapter)):
+                return None
         in_use = {pending.work.adapter for pending in running.pendings} - {None}
         for kind in (Scoring, Generation):
             room = self.settings.max_batch - (len(running) if kind is Generation else 0)

@@ -9,6 +9,8 @@ import asyncio
 import random
 import threading
 import time
+from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -583,3 +585,47 @@ def test_a_cancelled_task_abandons_its_request(engines):
     assert same_output(alone(engine, later), alone(engines.shared(), later))
     # three steps of the abandoned request (299 had it run on), then the four of the later one
     assert len(steps.rows) == 3 + 4, f"rows of each decoding step: {steps.rows}"
+
+
+# ---- (g) fairness under sustained traffic ----------------------------------------------------------
+
+def fed_while_waiting(engine: Engine, feed: Callable[[], Generation], start: Callable[[], Future],
+                      most: int = 300) -> int:
+    """Keep four requests of ``feed()`` in flight (each finished one is replaced at once, from the engine thread, so
+    the running batch never runs dry), then ``start()`` what is waited for, and return how many of ``feed`` were
+    submitted after it before it was done (``most`` or near it: it waited for the feed to stop)."""
+    submitted, lock = [], threading.Lock()
+
+    def another(_=None) -> None:
+        with lock:
+            if len(submitted) >= most:
+                return
+            submitted.append(engine.submit(feed()))
+        submitted[-1].add_done_callback(another)
+
+    for _ in range(4):
+        another()
+    time.sleep(0.1)
+    before = len(submitted)
+    start().result(WAIT)
+    served = len(submitted) - before
+    results(submitted)
+    return served
+
+
+def test_a_request_for_other_weights_is_not_starved_by_a_stream_for_the_merged_adapter(engines):
+    engine = engines.fresh()
+    engine.call(lambda: engine.registry.merge("r2")).result(WAIT)
+    rng = random.Random(18)
+    work = greedy(rng, "r4", max_new_tokens=2)
+    fed = fed_while_waiting(engine, lambda: greedy(rng, "r2", max_new_tokens=rng.randint(4, 12)),
+                            lambda: engine.submit(work))
+    assert fed < 10, f"the r4 request waited while {fed} requests for the merged r2 were submitted"
+
+
+def test_a_control_call_is_not_starved_by_a_stream_of_requests(engines):
+    engine = engines.fresh()
+    rng = random.Random(20)
+    fed = fed_while_waiting(engine, lambda: greedy(rng, rng.choice(["r2", "r8", None]), max_new_tokens=rng.randint(4, 12)),
+                            lambda: engine.call(lambda: engine.registry.merge("r4")))
+    assert fed < 10, f"merging waited while {fed} requests were submitted"
