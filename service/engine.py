@@ -115,7 +115,7 @@ class Engine:
         self._wakeup = threading.Condition()
         self._accepting = False
         self._thread: threading.Thread | None = None
-        self._same_adapter_batches = 0
+        self._same_adapter_admissions = 0
         self._last_adapter: str | None = None
         self._cooldown = 0
         self._taken: list[_Pending] = []  # every request the batch being served took from the queue
@@ -225,11 +225,9 @@ class Engine:
                 self._wakeup.wait(left)
             return self._take(type(self._queue[0].work), self.settings.max_batch, set())
 
-    def _take(self, kind: type, room: int, adapters: set[str], only: str | None = None,
-              loads: float = math.inf) -> list[_Pending]:
+    def _take(self, kind: type, room: int, adapters: set[str], loads: float = math.inf) -> list[_Pending]:
         """Up to ``room`` queued requests of one kind, oldest first, so that the adapters in use (``adapters``
-        plus theirs) fit the device slots; with ``only``, just requests for that adapter; and at most ``loads``
-        adapters not resident yet."""
+        plus theirs) fit the device slots, and at most ``loads`` adapters not resident yet."""
         batch, rest = [], deque()
         while self._queue and len(batch) < room:
             pending = self._queue.popleft()
@@ -237,7 +235,7 @@ class Engine:
             known = adapter is None or adapter in adapters
             fits = known or len(adapters) < self.registry.max_resident
             loading = not known and loads < math.inf and not self.registry.is_resident(adapter)  # asked if bounded
-            if type(pending.work) is kind and fits and (only is None or adapter == only) and loads >= loading:
+            if type(pending.work) is kind and fits and loads >= loading:
                 batch.append(pending)
                 adapters.update([adapter] if adapter is not None else [])
                 loads -= loading
@@ -279,18 +277,21 @@ class Engine:
         return rows
 
     def _apply_merge_policy(self, names: set[str | None]) -> None:
-        """Unmerge when a batch needs other weights; merge after a run of single-adapter batches."""
+        """At every admission (a new batch, or requests joining a running one; ``names``: the adapters of every
+        row then in play), between two decoding steps: unmerge when a row needs other weights than the merged
+        ones; merge after a run of admissions that all used one adapter. A running row goes on with the same
+        weights either way, in the base or in its slot."""
         registry = self.registry
         if registry.merged is not None and names != {registry.merged}:
             registry.unmerge()
             self._cooldown = self.settings.merge_cooldown
         single = next(iter(names)) if len(names) == 1 else None
         same = single is not None and single == self._last_adapter
-        self._same_adapter_batches = self._same_adapter_batches + 1 if same else int(single is not None)
+        self._same_adapter_admissions = self._same_adapter_admissions + 1 if same else int(single is not None)
         self._last_adapter = single
         self._cooldown = max(0, self._cooldown - 1)
         if (self.settings.auto_merge and single is not None and registry.merged is None and not registry.quantized
-                and self._same_adapter_batches >= self.settings.merge_after and self._cooldown == 0):
+                and self._same_adapter_admissions >= self.settings.merge_after and self._cooldown == 0):
             registry.merge(single)
 
     def _joining(self, pendings: list[_Pending]) -> _Joining:
@@ -323,22 +324,22 @@ class Engine:
         return None if joining.prompt.finished else joining
 
     def _admit(self, running: RunningBatch) -> _Joining | None:
-        """Queued requests that fit beside the running rows (room, device slots, the merged adapter). None while a
-        control call or the oldest request waits for the batch to end (it needs the base unmerged): otherwise a
-        stream of requests for the merged adapter would keep the batch running, and them waiting, for ever."""
+        """Queued requests that fit beside the running rows (room, device slots); the merge policy sees them and the
+        running rows before they join. None while an admin call waits: the batch then ends, and the call runs."""
         with self._wakeup:
-            if self._controls or (self._queue and self.registry.merged not in (None, self._queue[0].work.adapter)):
+            if self._controls:
                 return None
-        in_use = {pending.work.adapter for pending in running.pendings} - {None}
+        in_use = {pending.work.adapter for pending in running.pendings}
         for kind in (Scoring, Generation):
             room = self.settings.max_batch - (len(running) if kind is Generation else 0)
             if room <= 0 or not self._queue:
                 continue
             with self._wakeup:  # one adapter loaded per pause at most: a load stalls the running rows one step
-                taken = self._take(kind, room, set(in_use), only=self.registry.merged, loads=1)
+                taken = self._take(kind, room, in_use - {None}, loads=1)
             taken = [pending for pending in taken if pending.future.set_running_or_notify_cancel()]
             self._taken += taken
             if taken:
+                self._apply_merge_policy(in_use | {pending.work.adapter for pending in taken})
                 return self._joining(taken)
         return None
 

@@ -36,8 +36,9 @@ class Settings(BaseSettings):
     max_queue: int = Field(256, ge=1, description="queued requests before 429")
     max_new_tokens: int = Field(64, ge=1, description="cap on generated tokens per request")
     max_input_tokens: int = Field(1024, ge=16, description="longest prompt accepted (413 beyond)")
-    merge_after: int = Field(4, ge=1, description="merge an adapter after this many consecutive batches use only it")
-    merge_cooldown: int = Field(8, ge=0, description="batches to wait after an unmerge before merging again")
+    merge_after: int = Field(4, ge=1, description="merge an adapter after this many admissions in a row (a new batch, "
+                             "or requests joining a running one) have only it in play")
+    merge_cooldown: int = Field(8, ge=0, description="admissions to wait after an unmerge before merging again")
     auto_merge: bool = True
     prefill_chunk: int | None = Field(
         None, ge=0, description="prompt tokens that requests joining a running batch run between two of its decoding "

@@ -509,18 +509,18 @@ def test_adapters_loaded_beside_a_running_batch_take_one_pause_each_and_it_does_
 
 # ---- (f) abandoned requests ------------------------------------------------------------------------
 
-class HeldSteps:
-    """The engine's decoder, noting the rows of every step; it holds the engine thread before step ``hold_at``
-    until ``release`` is set."""
+class WatchedSteps:
+    """The engine's decoder, noting ``note(tokens)`` at every step; with ``hold_at``, it holds the engine thread
+    before that step until ``release`` is set."""
 
-    def __init__(self, decoder, hold_at: int):
-        self.decoder, self.hold_at = decoder, hold_at
-        self.rows: list[int] = []
+    def __init__(self, decoder, note: Callable = len, hold_at: int | None = None):
+        self.decoder, self.note, self.hold_at = decoder, note, hold_at
+        self.notes: list = []
         self.holding, self.release = threading.Event(), threading.Event()
 
     def __call__(self, tokens, positions):
-        self.rows.append(len(tokens))
-        if len(self.rows) == self.hold_at:
+        self.notes.append(self.note(tokens))
+        if len(self.notes) == self.hold_at:
             self.holding.set()
             self.release.wait(WAIT)
         return self.decoder(tokens, positions)
@@ -538,7 +538,7 @@ def test_an_abandoned_running_request_leaves_its_batch_and_the_other_rows_are_un
     rng = random.Random(15)
     doomed, kept = long_generation(rng, "r8", 300), long_generation(rng, "r2", 20)
     expected = alone(engine, kept)
-    engine.decoder = steps = HeldSteps(engine.decoder, hold_at=3)
+    engine.decoder = steps = WatchedSteps(engine.decoder, hold_at=3)
     with paused(engine):
         futures = [engine.submit(work) for work in (doomed, kept)]
     assert steps.holding.wait(WAIT)
@@ -547,7 +547,7 @@ def test_an_abandoned_running_request_leaves_its_batch_and_the_other_rows_are_un
     assert same_output(futures[1].result(WAIT), expected)
     with pytest.raises(RequestAbandoned):
         futures[0].result(WAIT)
-    assert steps.rows == [2] * 3 + [1] * 16, f"rows of each decoding step: {steps.rows}"
+    assert steps.notes == [2] * 3 + [1] * 16, f"rows of each decoding step: {steps.notes}"
 
 
 def test_an_abandoned_queued_request_leaves_the_queue_and_a_finished_one_keeps_its_result(engines):
@@ -569,7 +569,7 @@ def test_a_cancelled_task_abandons_its_request(engines):
     """What the HTTP layer does when a client disconnects: cancel the task awaiting the engine."""
     engine = engines.fresh(max_new_tokens=300)
     tasks = Tasks(engine, engine.tokenizer, engine.settings, max_positions=512)
-    engine.decoder = steps = HeldSteps(engine.decoder, hold_at=3)
+    engine.decoder = steps = WatchedSteps(engine.decoder, hold_at=3)
     rng = random.Random(17)
 
     async def cancel_while_decoding():
@@ -584,48 +584,82 @@ def test_a_cancelled_task_abandons_its_request(engines):
     later = greedy(rng, "r4", max_new_tokens=5)
     assert same_output(alone(engine, later), alone(engines.shared(), later))
     # three steps of the abandoned request (299 had it run on), then the four of the later one
-    assert len(steps.rows) == 3 + 4, f"rows of each decoding step: {steps.rows}"
+    assert len(steps.notes) == 3 + 4, f"rows of each decoding step: {steps.notes}"
 
 
-# ---- (g) fairness under sustained traffic ----------------------------------------------------------
+# ---- (g) a batch that never ends -------------------------------------------------------------------
 
-def fed_while_waiting(engine: Engine, feed: Callable[[], Generation], start: Callable[[], Future],
-                      most: int = 300) -> int:
-    """Keep four requests of ``feed()`` in flight (each finished one is replaced at once, from the engine thread, so
-    the running batch never runs dry), then ``start()`` what is waited for, and return how many of ``feed`` were
-    submitted after it before it was done (``most`` or near it: it waited for the feed to stop)."""
-    submitted, lock = [], threading.Lock()
+class SteadyStream:
+    """Keeps ``width`` requests of ``feed()`` in flight, ``most`` in all: each finished one is replaced at once, from
+    the engine thread, so the running batch never runs dry."""
 
-    def another(_=None) -> None:
-        with lock:
-            if len(submitted) >= most:
+    def __init__(self, engine: Engine, feed: Callable[[], Generation], width: int = 4, most: int = 300):
+        self.engine, self.feed, self.most = engine, feed, most
+        self.sent: list[tuple[Generation, Future]] = []
+        self.lock = threading.Lock()
+        for _ in range(width):
+            self.another()
+        time.sleep(0.1)
+
+    def another(self, _=None) -> None:
+        with self.lock:
+            if len(self.sent) >= self.most:
                 return
-            submitted.append(engine.submit(feed()))
-        submitted[-1].add_done_callback(another)
+            work = self.feed()
+            self.sent.append((work, self.engine.submit(work)))
+            future = self.sent[-1][1]
+        future.add_done_callback(self.another)
 
-    for _ in range(4):
-        another()
-    time.sleep(0.1)
-    before = len(submitted)
-    start().result(WAIT)
-    served = len(submitted) - before
-    results(submitted)
-    return served
+    def passed_while(self, start: Callable[[], Future]) -> tuple[int, object]:
+        """How many requests of the stream were sent while what ``start()`` starts waited (``most`` or near it if
+        it waited for the stream to end), and its result."""
+        before = len(self.sent)
+        result = start().result(WAIT)
+        return len(self.sent) - before, result
+
+    def served(self) -> list[tuple[Generation, GenerationResult]]:
+        return [(work, future.result(WAIT)) for work, future in self.sent]
 
 
 def test_a_request_for_other_weights_is_not_starved_by_a_stream_for_the_merged_adapter(engines):
     engine = engines.fresh()
     engine.call(lambda: engine.registry.merge("r2")).result(WAIT)
     rng = random.Random(18)
-    work = greedy(rng, "r4", max_new_tokens=2)
-    fed = fed_while_waiting(engine, lambda: greedy(rng, "r2", max_new_tokens=rng.randint(4, 12)),
-                            lambda: engine.submit(work))
-    assert fed < 10, f"the r4 request waited while {fed} requests for the merged r2 were submitted"
+    work = greedy(rng, "r4", max_new_tokens=6)
+    stream = SteadyStream(engine, lambda: greedy(rng, "r2", max_new_tokens=rng.randint(4, 12)))
+    fed, result = stream.passed_while(lambda: engine.submit(work))
+    assert fed < 10, f"the r4 request waited while {fed} requests for the merged r2 were sent"
+    assert same_output(result, alone(engines.shared(), work)), "r4 was served with the wrong weights"
+    stream.served()
 
 
 def test_a_control_call_is_not_starved_by_a_stream_of_requests(engines):
     engine = engines.fresh()
     rng = random.Random(20)
-    fed = fed_while_waiting(engine, lambda: greedy(rng, rng.choice(["r2", "r8", None]), max_new_tokens=rng.randint(4, 12)),
-                            lambda: engine.call(lambda: engine.registry.merge("r4")))
-    assert fed < 10, f"merging waited while {fed} requests were submitted"
+    mixed = lambda: greedy(rng, rng.choice(["r2", "r8", None]), max_new_tokens=rng.randint(4, 12))
+    stream = SteadyStream(engine, mixed)
+    fed, _ = stream.passed_while(lambda: engine.call(lambda: engine.registry.merge("r4")))
+    assert fed < 10, f"merging waited while {fed} requests were sent"
+    stream.served()
+
+
+def test_a_steady_stream_for_one_adapter_is_merged_and_unmerged_while_its_batch_runs(engines):
+    reference = engines.shared()
+    engine = engines.fresh(auto_merge=True, merge_after=3, merge_cooldown=2)
+    batches, serve = [], engine._serve
+    engine._serve = lambda batch: (batches.append(len(batch)), serve(batch))
+    engine.decoder = steps = WatchedSteps(engine.decoder, note=lambda _: engine.registry.merged)
+    rng = random.Random(21)
+    stream = SteadyStream(engine, lambda: greedy(rng, "r2", max_new_tokens=rng.randint(4, 12)), most=120)
+    deadline = time.monotonic() + WAIT
+    while engine.registry.merged != "r2" and time.monotonic() < deadline and not stream.sent[-1][1].done():
+        time.sleep(0.001)
+    assert "r2" in steps.notes, "a steady stream for r2 was never merged"
+    other = greedy(rng, "r4", max_new_tokens=6)
+    other_result = engine.submit(other).result(WAIT)
+    served = stream.served() + [(other, other_result)]
+    assert len(batches) == 1, f"the stream's batch ended: batches of {batches} requests"
+    switches = [merged for merged, before in zip(steps.notes[1:], steps.notes) if merged != before]
+    assert switches[:2] == ["r2", None], f"the merged adapter at each switch: {switches}"
+    wrong = [work.adapter for work, result in served if not same_output(result, alone(reference, work))]
+    assert not wrong, f"requests served with the wrong weights across a switch: {wrong}"
