@@ -114,9 +114,9 @@ async def load_adapter(body: AdapterIn, rt: Runtime = Depends(admin)) -> dict:
     return await run_in_threadpool(rt.load_adapter, body.name, body.path)
 
 
-@admin_router.delete("/adapters/{name}", responses=error_replies(401, 403, 404, 409, 503))
+@admin_router.delete("/adapters/{name}", responses=error_replies(401, 403, 404, 503))
 def unload_adapter(name: str, rt: Runtime = Depends(admin)) -> dict:
-    rt.registry.unregister(name)
+    rt.unload_adapter(name)
     return {"deleted": name}
 
 

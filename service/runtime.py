@@ -73,6 +73,21 @@ class Runtime:
         metrics.ADAPTER_LOAD.observe(seconds)
         return info
 
+    def unload_adapter(self, name: str) -> None:
+        """Forget an adapter. One merged into the base (the merge policy may merge any adapter under steady traffic)
+        is unmerged first, with the unregistering, in one call on the engine thread between batches."""
+        try:
+            self.registry.unregister(name)
+        except AdapterError as exc:
+            if exc.status != 409:  # 409: it is merged
+                raise
+            self.engine.call(lambda: self._unmerge_and_unregister(name)).result()
+
+    def _unmerge_and_unregister(self, name: str) -> None:
+        if self.registry.merged == name:
+            self.registry.unmerge()
+        self.registry.unregister(name)
+
     @property
     def accepting(self) -> bool:
         return self.ready.is_set() and not self.draining

@@ -327,7 +327,6 @@ def test_merge_then_unmerge_restores_outputs(client):
     reply = client.post("/adapters/one/merge", headers=ADMIN)
     assert reply.status_code == 200, reply.text
     assert listed(client)["one"]["state"] == "merged" and client.get("/adapters").json()["merged"] == "one"
-    assert client.delete("/adapters/one", headers=ADMIN).status_code == 409  # merged: unmerge first
     for _ in range(2):  # merged weights give the adapter's outputs
         assert_close(nli_probabilities(client, "one"), before["one"][0])
         assert ask(client, "one")["answer"] == before["one"][1]
@@ -338,6 +337,20 @@ def test_merge_then_unmerge_restores_outputs(client):
     for adapter, (probabilities, answer) in before.items():
         assert_close(nli_probabilities(client, adapter), probabilities, tolerance=1e-6)
         assert ask(client, adapter)["answer"] == answer
+
+
+def test_deleting_the_merged_adapter_restores_the_base_first(client, tiny):
+    before = {a: (nli_probabilities(client, a), ask(client, a)["answer"]) for a in ("two", None)}
+    reply = client.post("/adapters", json={"name": "three", "path": str(tiny.extra / "three")}, headers=ADMIN)
+    assert reply.status_code == 201, reply.text
+    assert client.post("/adapters/three/merge", headers=ADMIN).json() == {"merged": "three"}
+    reply = client.delete("/adapters/three", headers=ADMIN)
+    assert reply.status_code == 200, reply.text
+    assert client.get("/adapters").json()["merged"] is None and "three" not in listed(client)
+    for adapter, (probabilities, answer) in before.items():
+        assert_close(nli_probabilities(client, adapter), probabilities, tolerance=1e-6)
+        assert ask(client, adapter)["answer"] == answer
+    assert "three" in ask(client, "three", status=404)["error"]
 
 
 @pytest.mark.parametrize("other", [None, "two"])
