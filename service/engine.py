@@ -325,11 +325,14 @@ class Engine:
 
     def _admit(self, running: RunningBatch) -> _Joining | None:
         """Queued requests that fit beside the running rows (room, device slots); the merge policy sees them and the
-        running rows before they join. None while an admin call waits: the batch then ends, and the call runs."""
-        with self._wakeup:
-            if self._controls:
-                return None
+        running rows before they join. None while an admin call waits (the batch then ends, and the call runs) or
+        while the oldest request waits for a device slot (until every row of some adapter is done): otherwise a
+        steady stream for the resident adapters would keep every slot in use, and it waiting, for ever."""
         in_use = {pending.work.adapter for pending in running.pendings}
+        with self._wakeup:
+            oldest = self._queue[0].work.adapter if self._queue else None
+            if self._controls or (oldest not in in_use | {None} and len(in_use - {None}) >= self.registry.max_resident):
+                return None
         for kind in (Scoring, Generation):
             room = self.settings.max_batch - (len(running) if kind is Generation else 0)
             if room <= 0 or not self._queue:

@@ -6,6 +6,7 @@ reference for a request is the same request submitted alone to an engine that ne
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import threading
 import time
@@ -663,3 +664,15 @@ def test_a_steady_stream_for_one_adapter_is_merged_and_unmerged_while_its_batch_
     assert switches[:2] == ["r2", None], f"the merged adapter at each switch: {switches}"
     wrong = [work.adapter for work, result in served if not same_output(result, alone(reference, work))]
     assert not wrong, f"requests served with the wrong weights across a switch: {wrong}"
+
+
+def test_a_request_for_an_adapter_without_a_free_slot_is_not_starved_by_a_stream_for_resident_ones(engines):
+    engine = engines.fresh(max_resident=2)
+    rng = random.Random(19)
+    both = itertools.cycle(["r2", "r8"])
+    work = greedy(rng, "r4", max_new_tokens=6)
+    stream = SteadyStream(engine, lambda: greedy(rng, next(both), max_new_tokens=rng.randint(4, 12)), width=8)
+    fed, result = stream.passed_while(lambda: engine.submit(work))
+    assert fed < 10, f"the r4 request waited while {fed} requests for the two resident adapters were sent"
+    assert same_output(result, alone(engines.shared(), work))
+    stream.served()
