@@ -4,9 +4,9 @@ Requests of any adapters and decoding parameters share a batch. Generation runs 
 through the model and then one decoding step per token over a preallocated KV cache (a CUDA graph per
 batch-size bucket on the GPU); rows that finish or are abandoned leave the batch, so they stop costing
 compute, and queued requests join it between steps, their prompts run a chunk per pause (``prefill_chunk``)
-so that a long prompt does not hold the running rows for many steps. Scoring (NLI) is one pass over the prompts.
-Adapter activation, merge and unmerge happen on this thread between steps, so no row ever runs with
-weights other than its own adapter's.
+so that a long prompt does not hold the running rows for many steps. Scoring (NLI) is one pass over the
+prompts. Adapter activation, merge and unmerge happen on this thread between steps, so no row ever runs
+with weights other than its own adapter's.
 """
 from __future__ import annotations
 
