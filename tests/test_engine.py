@@ -590,6 +590,9 @@ def test_a_cancelled_task_abandons_its_request(engines):
 
 # ---- (g) a batch that never ends -------------------------------------------------------------------
 
+FAIR = 30  # stream requests sent, at most, while a request or a call waits (the stream sends 300; 2-9 measured)
+
+
 class SteadyStream:
     """Keeps ``width`` requests of ``feed()`` in flight, ``most`` in all: each finished one is replaced at once, from
     the engine thread, so the running batch never runs dry."""
@@ -629,7 +632,7 @@ def test_a_request_for_other_weights_is_not_starved_by_a_stream_for_the_merged_a
     work = greedy(rng, "r4", max_new_tokens=6)
     stream = SteadyStream(engine, lambda: greedy(rng, "r2", max_new_tokens=rng.randint(4, 12)))
     fed, result = stream.passed_while(lambda: engine.submit(work))
-    assert fed < 10, f"the r4 request waited while {fed} requests for the merged r2 were sent"
+    assert fed < FAIR, f"the r4 request waited while {fed} requests for the merged r2 were sent"
     assert same_output(result, alone(engines.shared(), work)), "r4 was served with the wrong weights"
     stream.served()
 
@@ -640,7 +643,7 @@ def test_a_control_call_is_not_starved_by_a_stream_of_requests(engines):
     mixed = lambda: greedy(rng, rng.choice(["r2", "r8", None]), max_new_tokens=rng.randint(4, 12))
     stream = SteadyStream(engine, mixed)
     fed, _ = stream.passed_while(lambda: engine.call(lambda: engine.registry.merge("r4")))
-    assert fed < 10, f"merging waited while {fed} requests were sent"
+    assert fed < FAIR, f"merging waited while {fed} requests were sent"
     stream.served()
 
 
@@ -653,7 +656,7 @@ def test_a_steady_stream_for_one_adapter_is_merged_and_unmerged_while_its_batch_
     rng = random.Random(21)
     stream = SteadyStream(engine, lambda: greedy(rng, "r2", max_new_tokens=rng.randint(4, 12)), most=120)
     deadline = time.monotonic() + WAIT
-    while engine.registry.merged != "r2" and time.monotonic() < deadline and not stream.sent[-1][1].done():
+    while "r2" not in steps.notes and len(stream.sent) < stream.most and time.monotonic() < deadline:
         time.sleep(0.001)
     assert "r2" in steps.notes, "a steady stream for r2 was never merged"
     other = greedy(rng, "r4", max_new_tokens=6)
@@ -673,6 +676,6 @@ def test_a_request_for_an_adapter_without_a_free_slot_is_not_starved_by_a_stream
     work = greedy(rng, "r4", max_new_tokens=6)
     stream = SteadyStream(engine, lambda: greedy(rng, next(both), max_new_tokens=rng.randint(4, 12)), width=8)
     fed, result = stream.passed_while(lambda: engine.submit(work))
-    assert fed < 10, f"the r4 request waited while {fed} requests for the two resident adapters were sent"
+    assert fed < FAIR, f"the r4 request waited while {fed} requests for the two resident adapters were sent"
     assert same_output(result, alone(engines.shared(), work))
     stream.served()
