@@ -17,5 +17,8 @@ BATCH_SIZE = Histogram("loraswap_batch_size", "Requests admitted together: a new
 GENERATED_TOKENS = Counter("loraswap_generated_tokens", "Tokens generated", ["adapter"])
 ADAPTER_LOAD = Histogram("loraswap_adapter_load_seconds", "Time to read and check an adapter",
                          buckets=(0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 5))
+MERGE_SWITCH = Histogram("loraswap_merge_switch_seconds", "Time the engine spent folding an adapter into the base "
+                         "weights (action=merge) or restoring them (action=unmerge)", ["action", "adapter"],
+                         buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5))
 ADAPTERS_RESIDENT = Gauge("loraswap_adapters_resident", "Adapters held in device slots")
 REQUESTS_IN_FLIGHT = Gauge("loraswap_requests_in_flight", "HTTP requests being served (probes and scrapes not counted)")

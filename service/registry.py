@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from service import metrics
 from service.adapter_files import AdapterError, AdapterWeights, check_name, check_path, load_adapter
 from service.lora_layers import BatchedLoraLayer, RowAdapters, wrap_lora_targets
 
@@ -205,6 +206,7 @@ class AdapterRegistry:
         if self._merged == name:
             return
         self.unmerge()
+        started = time.perf_counter()
         for module, (lora_a, lora_b_t) in adapter.views().items():
             weight = self.layers[module].base.weight
             self._originals[module] = weight.detach().clone()
@@ -212,11 +214,22 @@ class AdapterRegistry:
             weight.data += delta if isinstance(self.layers[module].base, Conv1D) else delta.t()
         with self._lock:
             self._merged = name
+        self._record_switch("merge", name, started)
 
     def unmerge(self) -> None:
         """Restore the base weights exactly as they were before the merge."""
+        if self._merged is None:
+            return
+        started = time.perf_counter()
         for module, original in self._originals.items():
             self.layers[module].base.weight.data.copy_(original)
         self._originals.clear()
         with self._lock:
-            self._merged = None
+            name, self._merged = self._merged, None
+        self._record_switch("unmerge", name, started)
+
+    def _record_switch(self, action: str, name: str, started: float) -> None:
+        """Observe a merge's or an unmerge's time, once the device has done its part."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        metrics.MERGE_SWITCH.labels(action=action, adapter=name).observe(time.perf_counter() - started)

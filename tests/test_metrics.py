@@ -114,6 +114,19 @@ def test_adapter_load_time_and_resident_gauge(client, extra):
     assert value(scrape(client), "loraswap_adapters_resident") == resident() == 2
 
 
+def test_merges_and_unmerges_are_counted_and_timed(client):
+    before = scrape(client)
+    assert client.post("/adapters/one/merge", headers=ADMIN).status_code == 200
+    assert client.post("/adapters/two/merge", headers=ADMIN).status_code == 200  # unmerges one first
+    for _ in range(2):  # the second has nothing to unmerge
+        assert client.post("/adapters/unmerge", headers=ADMIN).status_code == 200
+    after = scrape(client)
+    switches = {("merge", "one"): 1, ("unmerge", "one"): 1, ("merge", "two"): 1, ("unmerge", "two"): 1}
+    for (action, adapter), count in switches.items():
+        assert moved(before, after, "loraswap_merge_switch_seconds_count", action=action, adapter=adapter) == count
+        assert moved(before, after, "loraswap_merge_switch_seconds_sum", action=action, adapter=adapter) > 0
+
+
 def test_a_scrape_with_nothing_else_being_served_reports_zero_in_flight(client):
     """The scrape itself is not a request in flight."""
     assert value(scrape(client), "loraswap_requests_in_flight") == 0
