@@ -37,7 +37,9 @@ class AdapterRegistry:
         # name -> (slot, the weights the slot was filled from), least recently used first
         self._resident: OrderedDict[str, tuple[int, AdapterWeights]] = OrderedDict()
         self._merged: str | None = None
+        # module -> a copy of its base weight from before the merge (see merge)
         self._originals: dict[str, torch.Tensor] = {}
+        self._merged_weights: dict[str, torch.Tensor] = {}  # module -> its base weight, holding the merged adapter
         self._lock = threading.Lock()
         self.zero_slot = max_resident
         self.fills = 0  # slots filled with an adapter's weights so far
@@ -196,7 +198,8 @@ class AdapterRegistry:
             self._slot_lists = {}  # their views would keep the freed banks alive
 
     def merge(self, name: str) -> None:
-        """Fold one adapter into the base weights (the originals are kept to restore them exactly)."""
+        """Fold one adapter into the base weights, in place. A copy of the weights it changes is taken first, to
+        restore them exactly; the copy's memory is kept for later merges."""
         if self.quantized:
             raise AdapterError("merging needs a full-precision base; this one is 4-bit", status=409)
         with self._lock:
@@ -207,13 +210,18 @@ class AdapterRegistry:
             return
         self.unmerge()
         started = time.perf_counter()
-        for module, (lora_a, lora_b_t) in adapter.views().items():
-            weight = self.layers[module].base.weight
-            self._originals[module] = weight.detach().clone()
-            delta = (lora_a.float().t() @ lora_b_t.float()).to(weight.device, weight.dtype)  # [in, out]
-            weight.data += delta if isinstance(self.layers[module].base, Conv1D) else delta.t()
+        weights = {module: self.layers[module].base.weight.data for module in adapter.layout}
+        for module, weight in weights.items():  # allocated once: fresh memory costs more than the merge on a CPU
+            if module not in self._originals:
+                self._originals[module] = torch.empty_like(weight)
+        torch._foreach_copy_([self._originals[module] for module in weights], list(weights.values()))
+        for module, (lora_a, lora_b_t) in adapter.views(adapter.packed.to(self.device, self.dtype)).items():
+            if isinstance(self.layers[module].base, Conv1D):
+                weights[module].addmm_(lora_a.t(), lora_b_t)  # [in, out] += A^T B^T
+            else:
+                weights[module].addmm_(lora_b_t.t(), lora_a)  # [out, in] += B A
         with self._lock:
-            self._merged = name
+            self._merged, self._merged_weights = name, weights
         self._record_switch("merge", name, started)
 
     def unmerge(self) -> None:
@@ -221,11 +229,10 @@ class AdapterRegistry:
         if self._merged is None:
             return
         started = time.perf_counter()
-        for module, original in self._originals.items():
-            self.layers[module].base.weight.data.copy_(original)
-        self._originals.clear()
+        weights = self._merged_weights
+        torch._foreach_copy_(list(weights.values()), [self._originals[module] for module in weights])
         with self._lock:
-            name, self._merged = self._merged, None
+            name, self._merged, self._merged_weights = self._merged, None, {}
         self._record_switch("unmerge", name, started)
 
     def _record_switch(self, action: str, name: str, started: float) -> None:
