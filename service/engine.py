@@ -26,6 +26,7 @@ from service.attention import use_packed_gqa_attention
 from service.decode_step import DecodeStep
 from service.decoding import Decoding, RowSampler
 from service.generation import RunningBatch
+from service.merge_policy import MergePolicy
 from service.prompt_pass import PromptPass
 from service.registry import AdapterRegistry
 from service.settings import Settings
@@ -115,9 +116,8 @@ class Engine:
         self._wakeup = threading.Condition()
         self._accepting = False
         self._thread: threading.Thread | None = None
-        self._same_adapter_admissions = 0
-        self._last_adapter: str | None = None
-        self._cooldown = 0
+        self.merge_policy = MergePolicy(settings.merge_after, settings.merge_cooldown,
+                                        enabled=settings.auto_merge and not registry.quantized)
         self._taken: list[_Pending] = []  # every request the batch being served took from the queue
 
     def _newline_token_ids(self) -> set[int]:
@@ -278,21 +278,13 @@ class Engine:
 
     def _apply_merge_policy(self, names: set[str | None]) -> None:
         """At every admission (a new batch, or requests joining a running one; ``names``: the adapters of every
-        row then in play), between two decoding steps: unmerge when a row needs other weights than the merged
-        ones; merge after a run of admissions that all used one adapter. A running row goes on with the same
-        weights either way, in the base or in its slot."""
-        registry = self.registry
-        if registry.merged is not None and names != {registry.merged}:
-            registry.unmerge()
-            self._cooldown = self.settings.merge_cooldown
-        single = next(iter(names)) if len(names) == 1 else None
-        same = single is not None and single == self._last_adapter
-        self._same_adapter_admissions = self._same_adapter_admissions + 1 if same else int(single is not None)
-        self._last_adapter = single
-        self._cooldown = max(0, self._cooldown - 1)
-        if (self.settings.auto_merge and single is not None and registry.merged is None and not registry.quantized
-                and self._same_adapter_admissions >= self.settings.merge_after and self._cooldown == 0):
-            registry.merge(single)
+        row then in play), between two decoding steps: merge or unmerge as the policy says. A running row goes on
+        with the same weights either way, in the base or in its slot."""
+        switch = self.merge_policy.admit(names, self.registry.merged)
+        if switch.unmerge:
+            self.registry.unmerge()
+        if switch.merge is not None:
+            self.registry.merge(switch.merge)
 
     def _joining(self, pendings: list[_Pending]) -> _Joining:
         """Requests just taken from the queue, their prompts not yet run."""

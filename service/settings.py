@@ -38,7 +38,9 @@ class Settings(BaseSettings):
     max_input_tokens: int = Field(1024, ge=16, description="longest prompt accepted (413 beyond)")
     merge_after: int = Field(4, ge=1, description="merge an adapter after this many admissions in a row (a new batch, "
                              "or requests joining a running one) have only it in play")
-    merge_cooldown: int = Field(8, ge=0, description="admissions to wait after an unmerge before merging again")
+    merge_cooldown: int = Field(8, ge=0, description="admissions to wait after an unmerge before merging again; "
+                                "doubles (up to 64x) after each merge that did not last that long, back to this after "
+                                "one that did")
     auto_merge: bool = True
     prefill_chunk: int | None = Field(
         None, ge=0, description="prompt tokens that requests joining a running batch run between two of its decoding "
