@@ -9,7 +9,7 @@ from service import metrics
 from service.adapter_files import CONFIG_FILE, AdapterError
 from service.base_model import load_base
 from service.engine import Engine
-from service.registry import AdapterRegistry
+from service.registry import AdapterMerged, AdapterRegistry
 from service.settings import Settings
 from service.tasks import Tasks
 
@@ -78,9 +78,7 @@ class Runtime:
         is unmerged first, with the unregistering, in one call on the engine thread between batches."""
         try:
             self.registry.unregister(name)
-        except AdapterError as exc:
-            if exc.status != 409:  # 409: it is merged
-                raise
+        except AdapterMerged:
             self.engine.call(lambda: self._unmerge_and_unregister(name)).result()
 
     def _unmerge_and_unregister(self, name: str) -> None:
