@@ -269,11 +269,14 @@ class Engine:
                 running.forward(chosen)
 
     def _abandoned_rows(self, running: RunningBatch) -> set[int]:
-        """Rows whose request was abandoned and is not done; their futures fail with RequestAbandoned."""
+        """Rows whose request was abandoned and is not done; their futures fail with RequestAbandoned (the tokens
+        they generated are counted all the same: the work was done)."""
         rows = {row for row, pending in enumerate(running.pendings) if pending.future.abandoned
                 and not pending.future.done()}
         for row in rows:
-            running.pendings[row].future.set_exception(RequestAbandoned("the request was abandoned by its caller"))
+            pending = running.pendings[row]
+            metrics.GENERATED_TOKENS.labels(adapter=pending.work.adapter or BASE_LABEL).inc(len(running.tokens[row]))
+            pending.future.set_exception(RequestAbandoned("the request was abandoned by its caller"))
         return rows
 
     def _apply_merge_policy(self, names: set[str | None]) -> None:

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from prometheus_client import REGISTRY
 
 from loadtest.bench import Stamped
 from service.adapter_files import AdapterError
@@ -539,6 +540,7 @@ def test_an_abandoned_running_request_leaves_its_batch_and_the_other_rows_are_un
     doomed, kept = long_generation(rng, "r8", 300), long_generation(rng, "r2", 20)
     expected = alone(engine, kept)
     engine.decoder = steps = WatchedSteps(engine.decoder, hold_at=3)
+    tokens_before = generated_tokens("r8")
     with paused(engine):
         futures = [engine.submit(work) for work in (doomed, kept)]
     assert steps.holding.wait(WAIT)
@@ -548,6 +550,11 @@ def test_an_abandoned_running_request_leaves_its_batch_and_the_other_rows_are_un
     with pytest.raises(RequestAbandoned):
         futures[0].result(WAIT)
     assert steps.notes == [2] * 3 + [1] * 16, f"rows of each decoding step: {steps.notes}"
+    assert generated_tokens("r8") - tokens_before == 4  # one token from its prompt, one from each of the three steps it ran
+
+
+def generated_tokens(adapter: str) -> float:
+    return REGISTRY.get_sample_value("loraswap_generated_tokens_total", {"adapter": adapter}) or 0.0
 
 
 def test_an_abandoned_queued_request_leaves_the_queue_and_a_finished_one_keeps_its_result(engines):
