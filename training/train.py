@@ -45,7 +45,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: 2 x rank)")
     parser.add_argument("--dropout", type=float, default=0.05)
     parser.add_argument("--epochs", type=positive(float), default=1.0)
-    parser.add_argument("--max-steps", type=positive(int), default=-1, help="stop after this many optimizer steps (overrides --epochs)")
+    parser.add_argument("--max-steps", type=positive(int), help="stop after this many optimizer steps (overrides --epochs; "
+                        "default: run every epoch)")
     parser.add_argument("--max-examples", type=positive(int), default=None, help="train on at most this many examples")
     parser.add_argument("--eval-examples", type=int, default=200, help="examples held out for validation loss (0: none)")
     parser.add_argument("--eval-every", type=positive(float), default=0.1, help="validate every N steps (<1: share of all steps)")
@@ -223,7 +224,7 @@ def train_adapter(args: argparse.Namespace) -> dict:
         gradient_accumulation_steps=args.grad_accum,
         learning_rate=args.lr,
         num_train_epochs=args.epochs,
-        max_steps=args.max_steps,
+        max_steps=args.max_steps or -1,  # -1: transformers' "use num_train_epochs"
         warmup_steps=args.warmup,
         lr_scheduler_type="cosine",
         logging_steps=0.02,
