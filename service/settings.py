@@ -7,6 +7,8 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.merge_policy import MAX_COOLDOWN_GROWTH
+
 REPO_ADAPTERS = Path(__file__).resolve().parent.parent / "adapters"
 
 
@@ -39,8 +41,8 @@ class Settings(BaseSettings):
     merge_after: int = Field(4, ge=1, description="merge an adapter after this many admissions in a row (a new batch, "
                              "or requests joining a running one) have only it in play")
     merge_cooldown: int = Field(8, ge=0, description="admissions to wait after an unmerge before merging again; "
-                                "doubles (up to 64x) after each merge that did not last that long, back to this after "
-                                "one that did")
+                                f"doubles (up to {MAX_COOLDOWN_GROWTH}x) after each merge that did not last that long, "
+                                "back to this after one that did")
     auto_merge: bool = True
     prefill_chunk: int | None = Field(
         None, ge=0, description="prompt tokens that requests joining a running batch run between two of its decoding "
