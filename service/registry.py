@@ -46,7 +46,6 @@ class AdapterRegistry:
         self._merged: str | None = None
         # module -> a copy of its base weight as loaded, made at its first merge (see merge)
         self._originals: dict[str, torch.Tensor] = {}
-        self._merged_weights: dict[str, torch.Tensor] = {}  # module -> its base weight, holding the merged adapter
         self._lock = threading.Lock()
         self.zero_slot = max_resident
         self.fills = 0  # slots filled with an adapter's weights so far
@@ -227,7 +226,7 @@ class AdapterRegistry:
             else:
                 weights[module].addmm_(lora_b_t.t(), lora_a)  # [out, in] += B A
         with self._lock:
-            self._merged, self._merged_weights = name, weights
+            self._merged = name
         self._record_switch("merge", name, started)
 
     def unmerge(self) -> None:
@@ -235,10 +234,12 @@ class AdapterRegistry:
         if self._merged is None:
             return
         started = time.perf_counter()
-        weights = self._merged_weights
-        torch._foreach_copy_(list(weights.values()), [self._originals[module] for module in weights])
+        with self._lock:  # a merged adapter cannot be unregistered
+            modules = list(self._adapters[self._merged].layout)
+        torch._foreach_copy_([self.layers[module].base.weight.data for module in modules],
+                             [self._originals[module] for module in modules])
         with self._lock:
-            name, self._merged, self._merged_weights = self._merged, None, {}
+            name, self._merged = self._merged, None
         self._record_switch("unmerge", name, started)
 
     def _record_switch(self, action: str, name: str, started: float) -> None:
