@@ -15,7 +15,8 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.server_helpers import ADMIN, ADMIN_KEY, SQUAD_CONTEXT, SQUAD_QUESTION, copy_adapters, wait_ready
+from tests.server_helpers import (ADMIN, ADMIN_KEY, SQUAD_CONTEXT, SQUAD_QUESTION, copy_adapters, scrape, value,
+                                  wait_ready)
 from tests.tiny_models import make_adapter
 
 DRAIN_SECONDS = 2.0
@@ -119,11 +120,11 @@ def test_the_openai_client(server):
 
 def in_flight_and_answered(http: httpx.Client, status: str | None = None) -> tuple[float, float]:
     """HTTP requests in flight now, and completions answered so far (with ``status``, if given), from /metrics."""
-    families = {family.name: family for family in text_string_to_metric_families(http.get("/metrics").text)}
-    answered = sum(sample.value for sample in families["loraswap_request_duration_seconds"].samples
-                   if sample.name.endswith("_count") and sample.labels["endpoint"] == "/v1/completions"
-                   and status in (None, sample.labels["status"]))
-    return families["loraswap_requests_in_flight"].samples[0].value, answered
+    samples = scrape(http)
+    answered = sum(count for (name, labels), count in samples.items()
+                   if name == "loraswap_request_duration_seconds_count" and ("endpoint", "/v1/completions") in labels
+                   and (status is None or ("status", status) in labels))
+    return value(samples, "loraswap_requests_in_flight"), answered
 
 
 def wait_for(condition, what: str, timeout: float = 30) -> None:
