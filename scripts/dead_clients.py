@@ -1,5 +1,6 @@
 """Clients that give up under load: N completions whose clients time out, then one live question. Prints the live
-question's latency, the server's CPU seconds and the tokens it generated over the run (finished requests only).
+question's latency, the server's CPU seconds and the tokens it generated over the run (since commit ac129b4 those
+of abandoned requests too; before, finished requests only).
 
     loraswap serve --port 8031 --max-new-tokens 64 &
     python scripts/dead_clients.py --port 8031 --clients 24 --timeout 3 --server-pid $(pgrep -f 'serve --port 8031')
