@@ -137,6 +137,23 @@ def test_merge_then_unmerge_restores_every_base_weight_exactly(base_dir, ranked,
     assert_serves(model, registry, ["r8", "r2", "r4"], expected)
 
 
+def test_the_first_merge_on_the_cpu_writes_a_copy_and_keeps_the_loaded_weights_unwritten(base_dir, ranked, expected):
+    """The loaded weights are the model file's pages, mapped copy-on-write: merging into them would copy them
+    (and their file offsets leave them unaligned, which made the in-place products 3x slower on a CPU)."""
+    model, registry = engine_model(base_dir, ranked)
+    loaded = {name: layer.base.weight.data for name, layer in registry.layers.items()}
+    snapshot = {name: weight.clone() for name, weight in loaded.items()}
+    registry.merge("r8")
+    assert_serves(model, registry, ["r8"], expected)
+    for name, layer in registry.layers.items():
+        assert torch.equal(loaded[name], snapshot[name]), f"merging wrote the loaded weight of {name}"
+    merged_into = {layer.base.weight.data.data_ptr() for layer in registry.layers.values()}
+    assert not merged_into & {weight.data_ptr() for weight in loaded.values()}, "a module merges into its loaded weight"
+    registry.unmerge()
+    for name, layer in registry.layers.items():
+        assert torch.equal(layer.base.weight, snapshot[name]), f"{name} differs after unmerge"
+
+
 def test_merge_is_refused_on_a_4bit_base(base_dir, ranked):
     model = load_nf4_or_skip(base_dir)
     registry = AdapterRegistry(model, roots=[ranked["r2"].parent], max_resident=2, max_rank=64)
