@@ -216,15 +216,14 @@ class AdapterRegistry:
             return
         self.unmerge()
         started = time.perf_counter()
-        for module in adapter.layout:  # what is kept stays exact: only merge and unmerge write these weights
-            if module not in self._originals:
-                self._keep_original(module)
-        weights = {module: self.layers[module].base.weight.data for module in adapter.layout}
         for module, (lora_a, lora_b_t) in adapter.views(adapter.packed.to(self.device, self.dtype)).items():
+            if module not in self._originals:  # what is kept stays exact: only merge and unmerge write these weights
+                self._keep_original(module)
+            weight = self.layers[module].base.weight.data
             if isinstance(self.layers[module].base, Conv1D):
-                weights[module].addmm_(lora_a.t(), lora_b_t)  # [in, out] += A^T B^T
+                weight.addmm_(lora_a.t(), lora_b_t)  # [in, out] += A^T B^T
             else:
-                weights[module].addmm_(lora_b_t.t(), lora_a)  # [out, in] += B A
+                weight.addmm_(lora_b_t.t(), lora_a)  # [out, in] += B A
         with self._lock:
             self._merged = name
         self._record_switch("merge", name, started)
@@ -233,8 +232,8 @@ class AdapterRegistry:
         """Keep a module's weight as loaded, for unmerges. On the CPU the loaded weights are pages of the model
         file mapped copy-on-write: the weight itself is kept and the module gets a copy to merge into, instead of
         a copy kept and the mapped pages copied again by the first write (twice the memory and time); the copy is
-        also aligned, where the file's offsets leave the loaded weights off 16 bytes, which made the in-place
-        products 3x slower. On a GPU the weight keeps its address (captured graphs read it) and a copy is kept."""
+        also aligned, where the file's offsets can leave the loaded weights unaligned (40 bytes past a 64-byte
+        boundary for SmolLM2), which made the in-place products 3x slower. On a GPU the weight keeps its address (captured graphs read it) and a copy is kept."""
         weight = self.layers[module].base.weight
         if weight.device.type == "cpu":
             self._originals[module], weight.data = weight.data, weight.data.clone()
