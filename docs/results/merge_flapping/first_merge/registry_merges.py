@@ -1,8 +1,11 @@
 """First and later merges of the shipped adapters on SmolLM2 (CPU) through the registry, with the process's
 anonymous and file-backed RSS after each. Run from the project root; for another commit's registry, from a
 worktree of it: PYTHONPATH=/tmp/old python docs/results/merge_flapping/first_merge/registry_merges.py"""
-import time, torch
+import time
 from pathlib import Path
+
+import torch
+
 from service.base_model import load_base
 from service.settings import Settings
 from service.registry import AdapterRegistry
