@@ -25,6 +25,21 @@ RANKED = {
     },
 }
 FP32_TOLERANCE = 1e-5
+# |ours - peft| over logits, relative to the logits' scale (max |logit| of peft's), by how the base computes:
+# - "none" (fp32): the same products summed in another order (batched products against peft's per-module ones):
+#   seen up to 7e-7 relative on the tiny bases; 1.5e-5 is ~250 fp32 unit roundoffs (2^-24), and 1/50,000 of what
+#   an adapter changes (0.7-1.0 at a scale of 0.6-1.0).
+# - "nf4": bitsandbytes 0.50 computes its 4-bit products on the CPU in bf16 where the CPU has AVX512-BF16 (the
+#   activations are rounded to 8 mantissa bits: 3.5e-3 relative against fp32 products of the same 4-bit weights).
+#   Activations that differ by one fp32 ulp (see above) can round to neighbouring bf16 values, so two correct
+#   implementations differ by a bf16 rounding of some activations: seen 3.5e-4 relative (2.1e-4 at a scale of 0.6,
+#   transformers 5.24, peft 0.21.2); the bound is one bf16 unit roundoff (2^-8), still 1/250 of an adapter's change.
+RELATIVE_TOLERANCE = {"none": 1.5e-5, "nf4": 2.0**-8}
+
+
+def logits_tolerance(reference: torch.Tensor, quantize: str = "none") -> float:
+    """The largest |ours - peft| two correct implementations show on ``reference`` logits (see RELATIVE_TOLERANCE)."""
+    return RELATIVE_TOLERANCE[quantize] * reference.abs().max().item()
 
 
 def make_ranked_adapters(base_dir: Path, root: Path, arch: str) -> dict[str, Path]:
