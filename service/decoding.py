@@ -5,6 +5,7 @@ Each row carries its own strategy parameters and seed. A row's random draw at st
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -24,6 +25,15 @@ class Decoding:
     top_p: float = 0.9
     max_new_tokens: int = 32
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        """Raises ValueError on parameters no sampler can honour (the API's schemas refuse them first)."""
+        if not 0 <= self.temperature < math.inf:
+            raise ValueError(f"temperature must be finite and >= 0, not {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0: off), not {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], not {self.top_p}")
 
     def row_params(self) -> tuple[float, int, float]:
         """(temperature, top_k, top_p) for this row; 0 temperature means greedy, 0 top_k means off."""
@@ -52,14 +62,69 @@ def row_uniforms(seeds: torch.Tensor, step: int | torch.Tensor) -> torch.Tensor:
     return (mixed.double() + 0.5) / 2.0**32
 
 
+def tempered_weights(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """Each row's tempered softmax, unnormalized: exp((logit - row max) / T), in float64 [B, V].
+
+    ``logits`` [B, V] of any float dtype (bf16, fp16, fp32; -inf for masked tokens, +inf allowed); ``temperature``
+    [B], >= 0. Softmax is unchanged by subtracting the row max, and doing it before dividing is what makes the
+    result exact at every T: the scaled logits are <= 0 with the max at exactly 0, so exp never overflows and every
+    row's weights sum to at least 1 (no 0/0). A tiny T (1e-40, subnormal, even 0) sends every non-maximal scaled
+    logit to -inf and its weight to 0, which is the T -> 0 limit: all the mass on the maxima (the greedy token when
+    it is unique), with no threshold to choose. float64 keeps ``logit - max`` finite for any float32 logits (1e38
+    and -1e38 differ by more than float32 can hold). Every maximum (+inf ones included, and every token of an
+    all -inf row) gets weight 1 rather than the NaN that inf - inf would give.
+    """
+    logits = logits.double()
+    top = logits.amax(dim=-1, keepdim=True)
+    return torch.where(logits == top, 0.0, (logits - top) / temperature[:, None]).exp()
+
+
+def keep_heads(weights: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """``weights`` [B, V] (>= 0) with every token outside its row's top-k and nucleus set to 0.
+
+    ``top_k`` [B] long (0: off; above V: the whole vocabulary); ``top_p`` [B] in (0, 1] (1: off). The nucleus is
+    the smallest head, in decreasing weight, whose mass reaches ``top_p``: the tokens whose more likely tokens hold
+    less than ``top_p`` of the mass. Both cuts keep the ``size`` heaviest tokens (at least one), and the cut is a
+    weight threshold, the size-th largest weight, so tokens tied at the threshold are all kept and the set never
+    depends on how a sort orders ties.
+    """
+    vocab = weights.shape[-1]
+    ordered = weights.sort(dim=-1, descending=True).values
+    mass = ordered.cumsum(dim=-1)
+    nucleus = ((mass - ordered) < top_p[:, None] * mass[:, -1:]).sum(dim=-1)
+    nucleus = torch.where(top_p < 1, nucleus, vocab)  # no float rounding cuts the tail at top_p = 1
+    top_k = torch.where(top_k > 0, top_k, vocab).clamp(max=vocab)
+    size = torch.minimum(nucleus, top_k).clamp(min=1)
+    threshold = ordered.gather(-1, (size - 1)[:, None])
+    return weights.masked_fill(weights < threshold, 0.0)
+
+
+def invert_cdf(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One token per row [B]: the first token, in token-id order, whose cumulative weight reaches u * total.
+
+    ``weights`` [B, V] float64 >= 0 with a positive entry in every row; ``uniforms`` [B] in (0, 1). The CDF runs in
+    token-id order, never in sorted order, so it is continuous in the weights: perturbing them by eps (batching
+    changes logits by float rounding) moves each boundary by O(eps) and changes the pick only when the draw lies
+    within O(eps) of one. A sorted CDF would instead swap near-tied tokens' places and move the draw to another
+    token. A token of weight 0 is never picked, whatever the cumsum's rounding: the pick must have positive
+    weight, and one always qualifies (the positive-weight token of largest cumulative weight, total, reaches
+    u * total < total).
+    """
+    cdf = weights.cumsum(dim=-1)
+    positive = weights > 0
+    total = cdf.masked_fill(~positive, 0.0).amax(dim=-1, keepdim=True)
+    reached = positive & (cdf >= uniforms[:, None] * total)
+    return reached.to(torch.uint8).argmax(dim=-1)  # the first True
+
+
 class RowSampler:
     """The decoding parameters of a batch's rows as tensors; picks the next token for every row at once."""
 
     def __init__(self, decodings: list[Decoding], device: torch.device):
         params = [d.row_params() for d in decodings]
-        self.temperature = torch.tensor([p[0] for p in params], device=device, dtype=torch.float32)
+        self.temperature = torch.tensor([p[0] for p in params], device=device, dtype=torch.float64)
         self.top_k = torch.tensor([p[1] for p in params], device=device, dtype=torch.long)
-        self.top_p = torch.tensor([p[2] for p in params], device=device, dtype=torch.float32)
+        self.top_p = torch.tensor([p[2] for p in params], device=device, dtype=torch.float64)
         self.seeds = torch.tensor([d.seed & (2**63 - 1) for d in decodings], device=device, dtype=torch.long)
         self.all_greedy = all(p[0] == 0.0 for p in params)
 
@@ -76,24 +141,14 @@ class RowSampler:
         self.all_greedy = self.all_greedy and other.all_greedy
 
     def __call__(self, logits: torch.Tensor, step: int | list[int] | torch.Tensor) -> torch.Tensor:
-        """Next token per row from logits [B, V]; ``step`` counts each row's tokens so far (shared or per row).
+        """Next token per row [B] from logits [B, V]; ``step`` counts each row's tokens so far (shared or per row).
 
-        Greedy-only batches draw nothing, so their steps never go to the device."""
+        Greedy rows (temperature 0) take the argmax. Sampling rows draw from their tempered softmax cut to their
+        top-k and nucleus (see ``tempered_weights``, ``keep_heads``, ``invert_cdf``). Greedy-only batches draw
+        nothing, so their steps never go to the device."""
         greedy = logits.argmax(dim=-1)
         if self.all_greedy:
             return greedy
-        step = torch.as_tensor(step, device=logits.device)
-        sampling = self.temperature > 0
-        temperature = torch.where(sampling, self.temperature, torch.ones_like(self.temperature))
-        sorted_logits, order = (logits.float() / temperature[:, None]).sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)  # [B, V], descending
-        ranks = torch.arange(probs.shape[-1], device=probs.device)
-        top_k = torch.where(self.top_k > 0, self.top_k, torch.full_like(self.top_k, probs.shape[-1]))
-        cut = ranks[None, :] >= top_k[:, None]
-        cut |= (probs.cumsum(dim=-1) - probs) > self.top_p[:, None]  # nucleus: keep the smallest head reaching p
-        probs = probs.masked_fill(cut, 0.0)
-        cdf = probs.double().cumsum(dim=-1)
-        draw = row_uniforms(self.seeds, step).to(cdf.device) * cdf[:, -1]
-        picked = torch.searchsorted(cdf, draw[:, None]).clamp(max=probs.shape[-1] - 1)
-        sampled = order.gather(-1, picked).squeeze(-1)
-        return torch.where(sampling, sampled, greedy)
+        weights = keep_heads(tempered_weights(logits, self.temperature), self.top_k, self.top_p)
+        uniforms = row_uniforms(self.seeds, torch.as_tensor(step, device=logits.device)).to(weights.device)
+        return torch.where(self.temperature > 0, invert_cdf(weights, uniforms), greedy)
