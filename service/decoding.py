@@ -66,8 +66,8 @@ def tempered_weights(logits: torch.Tensor, temperature: torch.Tensor) -> torch.T
     """Each row's tempered softmax, unnormalized: exp((logit - row max) / T), in float64 [B, V].
 
     ``logits`` [B, V] of any float dtype (bf16, fp16, fp32; -inf for masked tokens, +inf allowed); ``temperature``
-    [B], >= 0. Softmax is unchanged by subtracting the row max, and doing it before dividing is what makes the
-    result exact at every T: the scaled logits are <= 0 with the max at exactly 0, so exp never overflows and every
+    [B], >= 0. Softmax is unchanged by subtracting the row max, and doing it before dividing is what keeps the
+    result right at every T: the scaled logits are <= 0 with the max at exactly 0, so exp never overflows and every
     row's weights sum to at least 1 (no 0/0). A tiny T (1e-40, subnormal, even 0) sends every non-maximal scaled
     logit to -inf and its weight to 0, which is the T -> 0 limit: all the mass on the maxima (the greedy token when
     it is unique), with no threshold to choose. float64 keeps ``logit - max`` finite for any float32 logits (1e38
