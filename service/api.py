@@ -33,10 +33,11 @@ def runtime(request: Request) -> Runtime:
 
 
 def serving(request: Request) -> Runtime:
-    """The runtime, or 503 while it loads or drains."""
+    """The runtime, or 503 while it loads or drains, or once it failed."""
     rt: Runtime = request.app.state.runtime
     if not rt.accepting:
-        raise HTTPException(503, "the service is draining" if rt.draining else "the model is still loading")
+        raise HTTPException(503, {"loading": "the model is still loading", "draining": "the service is draining"}.get(
+            rt.state, rt.state))
     return rt
 
 
@@ -157,16 +158,20 @@ async def completions(body: CompletionIn, request: Request, rt: Runtime = Depend
     }
 
 
-@ops_router.get("/health")
-def health() -> dict:
+@ops_router.get("/health", responses={503: {"description": "failed to start, or the engine thread died: a reason"}})
+def health(response: Response, rt: Runtime = Depends(runtime)) -> dict:
+    """Liveness: ok while the process can serve (loading and draining included); 503 once it never can."""
+    if rt.failure is not None:
+        response.status_code = 503
+        return {"status": "failed", "reason": rt.failure}
     return {"status": "ok"}
 
 
-@ops_router.get("/ready", responses={503: {"description": "loading, draining, or failed to start: ready false and a reason"}})
+@ops_router.get("/ready", responses={503: {"description": "loading, draining or failed: ready false and a reason"}})
 def ready(response: Response, rt: Runtime = Depends(runtime)) -> dict:
     if not rt.accepting:
         response.status_code = 503
-        return {"ready": False, "reason": rt.failure or ("draining" if rt.draining else "loading")}
+        return {"ready": False, "reason": rt.state}
     return {"ready": True}
 
 

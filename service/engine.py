@@ -10,6 +10,7 @@ with weights other than its own adapter's.
 """
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -31,6 +32,8 @@ from service.prompt_pass import PromptPass
 from service.registry import AdapterRegistry
 from service.settings import Settings
 
+log = logging.getLogger(__name__)
+
 
 class QueueFull(Exception):
     """The queue holds ``max_queue`` requests already (HTTP 429)."""
@@ -38,6 +41,11 @@ class QueueFull(Exception):
 
 class EngineStopped(Exception):
     """The engine is draining or stopped and takes no new requests (HTTP 503)."""
+
+
+class EngineFailed(EngineStopped):
+    """The engine thread died of an unexpected error: every queued, running and new request fails with this (HTTP
+    503) instead of waiting for a thread that is gone; ``Engine.failure`` says why."""
 
 
 class RequestAbandoned(Exception):
@@ -116,6 +124,7 @@ class Engine:
         self._wakeup = threading.Condition()
         self._accepting = False
         self._thread: threading.Thread | None = None
+        self.failure: str | None = None  # why the engine thread died, if it did (see _supervised)
         self.merge_policy = MergePolicy(settings.merge_after, settings.merge_cooldown,
                                         enabled=settings.auto_merge and not registry.quantized)
         self._taken: list[_Pending] = []  # every request the batch being served took from the queue
@@ -127,7 +136,7 @@ class Engine:
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
         self._accepting = True
-        self._thread = threading.Thread(target=self._loop, name="loraswap-engine", daemon=True)
+        self._thread = threading.Thread(target=self._supervised, name="loraswap-engine", daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float | None = None) -> None:
@@ -144,11 +153,13 @@ class Engine:
 
     # ---- submission (any thread) -------------------------------------------------------------
     def submit(self, work: Generation | Scoring) -> RequestFuture:
-        """Queue one request; its future resolves to a GenerationResult or a list of probabilities."""
+        """Queue one request; its future resolves to a GenerationResult or a list of probabilities.
+
+        Raises QueueFull when ``max_queue`` requests wait, EngineFailed once the engine thread died, EngineStopped
+        while it drains or after it stopped."""
         pending = _Pending(work, RequestFuture())
         with self._wakeup:
-            if not self._accepting:
-                raise EngineStopped("the engine is not accepting requests")
+            self._refuse_unless_accepting()
             if len(self._queue) >= self.settings.max_queue:
                 raise QueueFull(f"{len(self._queue)} requests queued")
             self._queue.append(pending)
@@ -168,11 +179,17 @@ class Engine:
         """Run ``fn()`` on the engine thread between batches (merge, unmerge)."""
         future: Future = Future()
         with self._wakeup:
-            if not self._accepting:
-                raise EngineStopped("the engine is stopping")
+            self._refuse_unless_accepting()
             self._controls.append((fn, future))
             self._wakeup.notify_all()
         return future
+
+    def _refuse_unless_accepting(self) -> None:
+        """Raise EngineFailed or EngineStopped unless new work is taken (called holding ``_wakeup``)."""
+        if self.failure is not None:
+            raise EngineFailed(f"the engine failed: {self.failure}")
+        if not self._accepting:
+            raise EngineStopped("the engine is not accepting requests")
 
     def run_all(self, works: list[Generation | Scoring]) -> list:
         """Submit many requests and wait for all results, in order (evaluation and benchmarks)."""
@@ -184,18 +201,37 @@ class Engine:
         return results + [future.result() for future in futures]
 
     # ---- the engine thread -------------------------------------------------------------------
+    def _supervised(self) -> None:
+        """The engine thread: the loop, and should it ever die, a failure every waiting caller hears of at once."""
+        try:
+            self._loop()
+        except BaseException as exc:
+            log.exception("the engine thread died")  # logged here, not raised on: the thread ends either way
+            self._fail(f"{type(exc).__name__}: {exc}")
+
+    def _fail(self, reason: str) -> None:
+        """Record why the engine died, refuse new work, and fail every queued, running and control request."""
+        error = EngineFailed(f"the engine failed: {reason}")
+        with self._wakeup:  # abandon() cancels queued futures under this lock: none can change state meanwhile
+            self.failure, self._accepting = reason, False
+            waiting = [pending.future for pending in [*self._queue, *self._taken]] + [f for _, f in self._controls]
+            self._queue.clear()
+            self._controls.clear()
+            for future in waiting:
+                if not future.done():
+                    future.set_exception(error)
+
     @torch.inference_mode()  # everything on this thread: tensors it creates are updated only here
     def _loop(self) -> None:
         while True:
-            batch = self._next_batch()
+            self._taken = self._next_batch() or []  # from here on, _fail finds them should the loop die
             self._run_controls()
-            if batch is None:
+            if not self._taken:
                 if not self._accepting and not self._queue:
                     return
                 continue
-            self._taken = list(batch)
             try:
-                self._serve(batch)
+                self._serve(list(self._taken))
             except Exception as exc:  # a failed batch fails its requests (joiners too), never the engine
                 for pending in self._taken:
                     if not pending.future.done():
@@ -206,8 +242,10 @@ class Engine:
             fn, future = self._controls.popleft()
             try:
                 future.set_result(fn())
-            except Exception as exc:
+            except BaseException as exc:  # its caller hears of any failure; one that is no Exception ends the loop
                 future.set_exception(exc)
+                if not isinstance(exc, Exception):
+                    raise
 
     def _next_batch(self) -> list[_Pending] | None:
         """Wait for work, give the batch a short window to fill, then take requests of one kind."""
@@ -223,6 +261,8 @@ class Engine:
                 if left <= 0:
                     break
                 self._wakeup.wait(left)
+            if not self._queue:  # every request queued was withdrawn (its client went away) during the window
+                return None
             return self._take(type(self._queue[0].work), self.settings.max_batch, set())
 
     def _take(self, kind: type, room: int, adapters: set[str], loads: float = math.inf) -> list[_Pending]:

@@ -26,7 +26,7 @@ class Runtime:
         self.tasks: Tasks | None = None
         self.ready = threading.Event()
         self.draining = False
-        self.failure: str | None = None
+        self.start_failure: str | None = None
 
     @property
     def roots(self) -> list[Path]:
@@ -45,7 +45,7 @@ class Runtime:
             self.engine.start()
             self.ready.set()
         except Exception as exc:
-            self.failure = f"{type(exc).__name__}: {exc}"
+            self.start_failure = f"{type(exc).__name__}: {exc}"
             log.exception("the service failed to start")
             raise
 
@@ -58,7 +58,7 @@ class Runtime:
         try:
             self.start()
         except Exception:
-            pass  # kept in self.failure and reported by /ready
+            pass  # kept in self.start_failure and reported by /health and /ready
 
     def load_adapter_folder(self, folder: Path) -> None:
         """Register every adapter folder under ``folder``; ones that do not fit this base are skipped."""
@@ -87,8 +87,24 @@ class Runtime:
         self.registry.unregister(name)
 
     @property
+    def failure(self) -> str | None:
+        """Why the service cannot serve at all: it failed to start, or its engine thread died (None: neither)."""
+        if self.start_failure is not None:
+            return f"failed to start: {self.start_failure}"
+        if self.engine is not None and self.engine.failure is not None:
+            return f"the engine failed: {self.engine.failure}"
+        return None
+
+    @property
     def accepting(self) -> bool:
-        return self.ready.is_set() and not self.draining
+        return self.ready.is_set() and not self.draining and self.failure is None
+
+    @property
+    def state(self) -> str:
+        """Why the service is not accepting work (its failure, draining or loading), or "ready"."""
+        if self.failure is not None:
+            return self.failure
+        return "draining" if self.draining else "ready" if self.ready.is_set() else "loading"
 
     def stop(self) -> None:
         """Stop taking work, finish what is queued, stop the engine."""

@@ -23,8 +23,8 @@ from service.adapter_files import AdapterError
 from service.base_model import load_base
 from service.decoding import Decoding
 from service import engine as engine_module
-from service.engine import (Engine, EngineStopped, Generation, GenerationResult, QueueFull, RequestAbandoned,
-                            Scoring)
+from service.engine import (Engine, EngineFailed, EngineStopped, Generation, GenerationResult, QueueFull,
+                            RequestAbandoned, Scoring)
 from service.prompt_pass import PromptPass
 from service.registry import AdapterRegistry
 from service.settings import Settings
@@ -592,6 +592,45 @@ def test_a_cancelled_task_abandons_its_request(engines):
     assert same_output(alone(engine, later), alone(engines.shared(), later))
     # three steps of the abandoned request (299 had it run on), then the four of the later one
     assert len(steps.notes) == 3 + 4, f"rows of each decoding step: {steps.notes}"
+
+
+def test_withdrawing_the_only_queued_request_in_the_batch_window_leaves_the_engine_serving(engines):
+    """A client that hangs up while its request waits out the batch window (alone in the queue) leaves the queue
+    empty when the window ends: the engine takes no batch then, and serves the next request."""
+    window = 0.5
+    engine = engines.fresh(batch_window_ms=window * 1000)
+    rng = random.Random(18)
+    for _ in range(2):
+        withdrawn = engine.submit(greedy(rng, "r2"))
+        time.sleep(window / 5)  # the engine thread now waits in the window for more requests (none come)
+        engine.abandon(withdrawn)
+        assert withdrawn.cancelled()
+        time.sleep(window)  # the window ends with the queue empty
+    later = greedy(rng, "r4", max_new_tokens=5)
+    assert same_output(alone(engine, later), alone(engines.shared(), later))
+    assert engine.failure is None
+
+
+class InjectedFault(BaseException):
+    """A fault no handler of the engine loop catches (it is no Exception): the loop dies of it."""
+
+
+def test_an_engine_thread_that_dies_fails_every_waiting_request_and_refuses_new_ones(engines):
+    engine = engines.fresh()
+    rng = random.Random(19)
+    with paused(engine):  # queued behind the fault: they would wait for ever on a dead thread
+        queued = [engine.submit(greedy(rng, name)) for name in ("r2", None, "r8")]
+        fault = engine.call(lambda: (_ for _ in ()).throw(InjectedFault("injected")))
+    with pytest.raises(InjectedFault):
+        fault.result(WAIT)
+    for future in queued:
+        with pytest.raises(EngineFailed, match="InjectedFault: injected"):
+            future.result(WAIT)
+    assert engine.failure == "InjectedFault: injected"
+    with pytest.raises(EngineFailed):
+        engine.submit(greedy(rng, "r2"))
+    with pytest.raises(EngineFailed):
+        engine.call(lambda: None)
 
 
 # ---- (g) a batch that never ends -------------------------------------------------------------------

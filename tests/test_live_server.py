@@ -20,6 +20,7 @@ from tests.server_helpers import (ADMIN, ADMIN_KEY, SQUAD_CONTEXT, SQUAD_QUESTIO
 from tests.tiny_models import make_adapter
 
 DRAIN_SECONDS = 2.0
+BATCH_WINDOW = 0.1  # seconds: long enough that a client hanging up at once does so while its request waits in it
 
 
 def free_port() -> int:
@@ -45,7 +46,7 @@ def server(tiny_llama_dir, llama_adapters, tmp_path_factory):
                "--adapters-dir", str(copy_adapters(llama_adapters, root / "adapters")), "--adapter-roots", str(extra),
                "--admin-key", ADMIN_KEY, "--port", str(port), "--host", "127.0.0.1", "--cache-dir", str(root / "cache"),
                "--device", "cpu", "--qa-adapter", "one", "--nli-adapter", "two", "--max-batch", "4",
-               "--max-new-tokens", "256",
+               "--max-new-tokens", "256", "--batch-window-ms", str(BATCH_WINDOW * 1000),
                "--drain-seconds", str(DRAIN_SECONDS)]
     log = open(root / "server.log", "w+")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
@@ -148,6 +149,20 @@ def test_a_client_that_disconnects_gets_its_request_dropped(server):
     wait_for(lambda: in_flight_and_answered(http, status="499") == (idle, dropped + 1),
              "the disconnected request was not recorded as 499 (client closed request)")
     assert http.post("/v1/completions", json=body).json()["choices"] == whole["choices"]
+
+
+def test_clients_that_hang_up_at_once_leave_the_engine_serving(server):
+    """POST /answer over a raw socket closed as soon as it is sent: the request, alone in the queue, is withdrawn
+    while the engine waits out the batch window, which then ends with the queue empty."""
+    payload = json.dumps({"context": SQUAD_CONTEXT, "question": SQUAD_QUESTION}).encode()
+    for _ in range(5):
+        with socket.create_connection(("127.0.0.1", server.port)) as client:
+            client.sendall(b"POST /answer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
+        time.sleep(2 * BATCH_WINDOW)  # one request per window
+    reply = server.http.post("/answer", json={"context": SQUAD_CONTEXT, "question": SQUAD_QUESTION}, timeout=30)
+    assert reply.status_code == 200, reply.text
+    assert server.http.get("/health").json() == {"status": "ok"}
 
 
 def test_sigterm_drains_then_exits_cleanly(server):

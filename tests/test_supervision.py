@@ -1,0 +1,53 @@
+"""Supervision of the engine thread over HTTP: if it dies, /health and /ready say so (503 with the reason), and
+queued and new requests fail at once with 503 instead of hanging."""
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from tests.server_helpers import ask, classify, copy_adapters, ready_client, tiny_settings
+
+WAIT = 60  # seconds a step may take before the test fails instead of hanging
+
+
+class InjectedFault(BaseException):
+    """A fault no handler of the engine loop catches (it is no Exception): the loop dies of it."""
+
+
+def raise_fault():
+    raise InjectedFault("injected")
+
+
+def wait_until(condition, what: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} within {WAIT} s"
+        time.sleep(0.01)
+
+
+def test_a_dead_engine_thread_is_reported_and_fails_queued_and_new_requests(tiny_llama_dir, llama_adapters, tmp_path):
+    settings = tiny_settings(tiny_llama_dir, copy_adapters(llama_adapters, tmp_path / "adapters"), tmp_path / "cache",
+                             qa_adapter="one", nli_adapter="two")
+    with ready_client(settings) as client, ThreadPoolExecutor(4) as pool:
+        engine = client.app.state.runtime.engine
+        assert client.get("/health").json() == {"status": "ok"}
+        holding, release = threading.Event(), threading.Event()
+        held = engine.call(lambda: (holding.set(), release.wait(WAIT)))  # the engine thread waits between batches
+        assert holding.wait(WAIT)
+        queued = [pool.submit(ask, client, "one", status=503), pool.submit(classify, client, "two", status=503)]
+        wait_until(lambda: engine.queue_depth == 2, "both requests queued")
+        fault = engine.call(raise_fault)  # runs right after the held call: the engine thread dies of it
+        release.set()
+        held.result(WAIT)
+        for reply in queued:
+            assert "the engine failed: InjectedFault: injected" in reply.result(WAIT)["error"]
+        assert isinstance(fault.exception(WAIT), InjectedFault)
+
+        health, ready = client.get("/health"), client.get("/ready")
+        assert health.status_code == 503 and health.json() == {
+            "status": "failed", "reason": "the engine failed: InjectedFault: injected"}
+        assert ready.status_code == 503 and ready.json() == {
+            "ready": False, "reason": "the engine failed: InjectedFault: injected"}
+        assert "InjectedFault" in ask(client, "one", status=503)["error"]  # at once: no thread would answer
+        assert "InjectedFault" in classify(client, None, status=503)["error"]
