@@ -6,8 +6,12 @@ all zeros and stands for "no adapter". A ``RowAdapters`` object, shared by every
 says which slot each row uses and the largest rank in play.
 
 Two ways to apply the deltas, chosen by what the hardware is short of:
-- gathered (prompts, and every step on the CPU): each row's own A and B^T are gathered once per
-  batch and applied with two batched products; the least arithmetic, but one weight copy per row.
+- grouped (prompts, and every step on the CPU): once per mapping, the rows that use an adapter are cut into
+  segments, the rows of one slot each; segments of one width form a ``RowGroup``, applied with two batched
+  products against one A and B^T per segment. Those are views of the bank where the group's slots are
+  consecutive (always for one adapter), else one copy per slot: what a step gathers grows with the distinct
+  adapters in the batch, never with its rows. Rows already in segment order (one adapter, or a different one
+  per row) are used in place; others are gathered into segment order and their deltas added back by row.
   x A^T is computed as (A x^T)^T: with r rows of A against T prompt columns, the batched product is
   1.5-3x faster on the CPU than x against r columns of A^T (docs/results/gathered_layout/).
 - dense (one-token decoding steps when ``RowAdapters.dense_decode``, i.e. on the GPU): every slot's A
@@ -37,38 +41,43 @@ class RowAdapters:
     dtype: torch.dtype = torch.float32  # of the banks
     slots: torch.Tensor | None = None  # [batch] long; the zero slot for rows without an adapter
     rank: int = 0  # largest rank among the rows' adapters; 0 means no LoRA this step
-    version: int = 0  # names the mapping in use; layers keep their per-row weights by it
-    recent: dict = field(default_factory=dict)  # version -> (slots, rank): the last mappings, banks unchanged since
-    issued: int = 0  # versions handed out so far (a version is never reused for another mapping)
     dense_decode: bool = False  # one-token steps use the dense form (see the module docstring)
     one_hot: torch.Tensor | None = None  # [rows >= batch, num_slots + 1]; rows past the batch are zero
     min_rows: int = 1  # rows of ``one_hot`` at the least (the largest batch), so joins do not reallocate it
     storage: int = 0  # bumped whenever a bank or ``one_hot`` is reallocated (captured graphs go stale)
+    writes: dict[int, int] = field(default_factory=dict)  # slot -> times it was filled or cleared
+    _groups: tuple[RowGroup, ...] | None = field(default=None, init=False, repr=False)  # of ``slots``, made on use
+    _reads: tuple | None = field(default=None, init=False, repr=False)  # see ``reads``
 
     def assign(self, slots: torch.Tensor | None, rank: int) -> None:
-        """Point the rows at ``slots``. A mapping among the last three keeps its version (between two decoding
-        steps the engine maps running and joining rows to make their adapters resident, then the joiners to run
-        their prompts, then the running rows again): nothing is gathered again."""
+        """Point the rows at ``slots`` (their groups are made when a layer first needs them)."""
         self.slots, self.rank = slots, rank
-        again = [version for version, mapping in self.recent.items() if same_mapping(mapping, (slots, rank))]
-        if again:
-            self.version = again[0]
-        else:
-            self.issued += 1
-            self.version = self.issued
-        older = [(version, mapping) for version, mapping in self.recent.items() if version != self.version]
-        self.recent = {**dict(older[-2:]), self.version: (slots, rank)}  # running + joining rows, joiners, running
+        self._groups = self._reads = None
         if self.dense_decode and slots is not None:
             self._fill_one_hot(slots)
 
+    @property
+    def groups(self) -> tuple[RowGroup, ...]:
+        """The rows that use an adapter, by slot and segment width (see ``row_groups``), made once per mapping."""
+        if self._groups is None:
+            self._groups = row_groups(self.slots, self.num_slots)
+        return self._groups
+
+    @property
+    def reads(self) -> tuple:
+        """What the groups' weights are made of: each group's slots and how often each was written. Weights a
+        layer gathered for equal ``reads`` (and bank storage) are still good."""
+        if self._reads is None:
+            self._reads = tuple((group.slots, tuple(self.writes.get(slot, 0) for slot in group.slots))
+                                for group in self.groups)
+        return self._reads
+
     def slot_written(self, slot: int | None) -> None:
-        """Slot ``slot`` was filled or cleared (None: a bank was reallocated): mappings that read it, and only
-        those, gather their per-row weights again."""
-        def unaffected(mapping) -> bool:
-            slots = mapping[0]
-            return slot is not None and (slots is None or not bool((slots == slot).any()))
-        self.recent = {version: mapping for version, mapping in self.recent.items() if unaffected(mapping)}
-        self.assign(self.slots, self.rank)
+        """Slot ``slot`` was filled or cleared (None: a bank was reallocated, which ``storage`` says): weights
+        gathered from it are gathered again, and only those."""
+        if slot is not None:
+            self.writes[slot] = self.writes.get(slot, 0) + 1
+            self._reads = None
 
     def _fill_one_hot(self, slots: torch.Tensor) -> None:
         """Write the row-to-slot mask in place; it grows (a new address) to a power of two of rows, the
@@ -81,12 +90,37 @@ class RowAdapters:
         self.one_hot[: len(slots)].scatter_(1, slots[:, None], 1.0)
 
 
-def same_mapping(one: tuple[torch.Tensor | None, int], other: tuple[torch.Tensor | None, int]) -> bool:
-    """Whether two (slots, rank) mappings send every row to the same slot."""
-    (slots, rank), (other_slots, other_rank) = one, other
-    if slots is None or other_slots is None:
-        return slots is other_slots and rank == other_rank
-    return rank == other_rank and slots.shape == other_slots.shape and torch.equal(slots, other_slots)
+@dataclass(frozen=True)
+class RowGroup:
+    """Segments of ``width`` rows, each segment the rows of one slot: one pair of batched products applies them."""
+
+    slots: tuple[int, ...]  # each segment's slot [U]
+    select: slice | torch.Tensor  # picks those slots from a bank: a slice where they are consecutive
+    width: int  # rows per segment
+    rows: torch.Tensor | None  # [U * width] batch rows, segment after segment; None: the whole batch, in order
+
+
+def row_groups(slots: torch.Tensor, zero_slot: int) -> tuple[RowGroup, ...]:
+    """Cut the rows of ``slots`` [batch] that use an adapter into segments of one slot each (slots and rows in
+    order of first appearance), and group the segments by width. Rows of the zero slot are left out."""
+    segments: dict[int, list[int]] = {}
+    for row, slot in enumerate(slots.tolist()):
+        if slot != zero_slot:
+            segments.setdefault(slot, []).append(row)
+    by_width: dict[int, dict[int, list[int]]] = {}
+    for slot, rows in segments.items():
+        by_width.setdefault(len(rows), {})[slot] = rows
+    return tuple(row_group(members, width, len(slots), slots.device) for width, members in by_width.items())
+
+
+def row_group(segments: dict[int, list[int]], width: int, batch: int, device: torch.device) -> RowGroup:
+    """The group of ``segments`` (slot -> its ``width`` rows) in a batch of ``batch`` rows."""
+    slots = tuple(segments)
+    consecutive = slots == tuple(range(slots[0], slots[0] + len(slots)))
+    select = slice(slots[0], slots[0] + len(slots)) if consecutive else torch.tensor(slots, device=device)
+    order = [row for rows in segments.values() for row in rows]
+    rows = None if order == list(range(batch)) else torch.tensor(order, device=device)
+    return RowGroup(slots, select, width, rows)
 
 
 def module_shape(layer: nn.Module) -> tuple[int, int]:
@@ -143,8 +177,7 @@ class InputGroup:
     def release(self) -> None:
         self.a = self._input = self._hidden = None
         for layer in self.layers:
-            layer.a = layer.b_t = None
-            layer._selected = {}
+            layer.a = layer.b_t = layer._kept = None
         self.layers[0].rows.storage += 1
 
     def hidden(self, layer: BatchedLoraLayer, x: torch.Tensor) -> torch.Tensor:
@@ -172,8 +205,7 @@ class BatchedLoraLayer(nn.Module):
         self.in_features, self.out_features = module_shape(base)
         self.a: torch.Tensor | None = None  # [slots + 1, R, in], a view of the group's bank
         self.b_t: torch.Tensor | None = None  # [slots + 1, R, out]
-        # mapping version -> each row's (A [B, r, in], B^T [B, r, out])
-        self._selected: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._kept: tuple[tuple, list[tuple[torch.Tensor, torch.Tensor]]] | None = None  # see _weights
         self.group, self.member = None, 0  # set by the group
         InputGroup([self])
 
@@ -189,15 +221,17 @@ class BatchedLoraLayer(nn.Module):
         """The bank's (A [R, in], B^T [R, out]) of one slot, contiguous views to write an adapter into."""
         return self.a[slot], self.b_t[slot]
 
-    def _per_row(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each row's A [B, r, in] and B^T [B, r, out], gathered once per mapping, not once per step, so that a
-        step costs two products and nothing else."""
-        version = self.rows.version
-        if version not in self._selected:
-            slots = self.rows.slots
-            self._selected = {kept: pair for kept, pair in self._selected.items() if kept in self.rows.recent}
-            self._selected[version] = (self.a[:, :rank][slots], self.b_t[:, :rank][slots])
-        return self._selected[version]
+    def _weights(self, rank: int, keep: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each row group's A [U, r, in] and B^T [U, r, out] (views of the bank, or one copy per slot). With
+        ``keep`` (one-token steps: the next step needs them again), the layer keeps them while the slots they
+        read stay unwritten, and only them; longer inputs gather afresh (small beside their products)."""
+        key = (self.rows.reads, rank, self.rows.storage)
+        if self._kept is not None and self._kept[0] == key:
+            return self._kept[1]
+        weights = [(self.a[:, :rank][group.select], self.b_t[:, :rank][group.select]) for group in self.rows.groups]
+        if keep:
+            self._kept = (key, weights)
+        return weights
 
     def release(self) -> None:
         """Free the bank, with the rest of its group's (no adapter uses them any more)."""
@@ -210,13 +244,26 @@ class BatchedLoraLayer(nn.Module):
             return out
         if self.rows.dense_decode and x.dim() == 3 and x.shape[1] == 1 and x.dtype == self.a.dtype == out.dtype:
             return self._dense(x, out)
-        a, b_t = self._per_row(rank)  # [B, r, in], [B, r, out]
-        if x.dim() != 3 or x.dtype != a.dtype or out.dtype != b_t.dtype:  # the fast path is 3-D, one dtype
-            batch = x.shape[0]
-            hidden = torch.bmm(a, x.reshape(batch, -1, self.in_features).to(a.dtype).transpose(1, 2)).transpose(1, 2)
-            return torch.baddbmm(out.reshape(batch, -1, self.out_features).to(b_t.dtype), hidden, b_t).to(
-                out.dtype).reshape(out.shape)
-        return torch.baddbmm(out, torch.bmm(a, x.transpose(1, 2)).transpose(1, 2), b_t)  # [B, T, out] += (x A^T) B^T
+        if x.dim() == 3 and x.dtype == out.dtype == self.a.dtype:
+            return self._grouped(x, out, rank)
+        batch, dtype = x.shape[0], self.a.dtype  # the grouped form is 3-D, one dtype
+        wide = self._grouped(x.reshape(batch, -1, self.in_features).to(dtype),
+                             out.reshape(batch, -1, self.out_features).to(dtype), rank)
+        return wide.to(out.dtype).reshape(out.shape)
+
+    def _grouped(self, x: torch.Tensor, out: torch.Tensor, rank: int) -> torch.Tensor:
+        """out [B, T, out] += x A^T B^T for each row's own adapter, in place, group by group; x [B, T, in]."""
+        weights = self._weights(rank, keep=x.shape[1] == 1)
+        for group, (a, b_t) in zip(self.rows.groups, weights):  # a [U, r, in], b_t [U, r, out]
+            span = group.width * x.shape[1]  # a segment's rows times tokens
+            if group.rows is None:  # the batch is in segment order: x and out are the segments' views
+                hidden = torch.bmm(a, x.reshape(len(a), span, -1).transpose(1, 2)).transpose(1, 2)  # [U, span, r]
+                out.view(len(a), span, -1).baddbmm_(hidden, b_t)
+            else:
+                segments = x.index_select(0, group.rows).view(len(a), span, -1)
+                hidden = torch.bmm(a, segments.transpose(1, 2)).transpose(1, 2)
+                out.index_add_(0, group.rows, torch.bmm(hidden, b_t).view(-1, *out.shape[1:]))
+        return out
 
     def _dense(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """One-token rows [B, 1, in]: every slot's x A^T, masked to the row's own slot, times all slots' B."""

@@ -51,10 +51,11 @@ def test_mixed_batch_equals_peft_per_row(base_dir, ranked):
     assert_rows_match_peft(base_dir, ranked, MIXED_ROWS, ids, ours)
 
 
-def test_changing_the_row_mapping_changes_the_rows_weights(base_dir, ranked):
-    """The per-row weights gathered for one mapping are not reused for the next (nor after select_rows)."""
+@pytest.mark.parametrize("tokens", [7, 1])  # a prompt; a one-token step (which keeps its weights for the next)
+def test_changing_the_row_mapping_changes_the_rows_weights(base_dir, ranked, tokens):
+    """The weights gathered for one mapping are not reused for the next (nor after select_rows)."""
     model, registry = engine_model(base_dir, ranked)
-    ids = random_ids(3, 7, seed=1)
+    ids = random_ids(3, tokens, seed=1)
     first = batched_logits(model, registry, ["r2", "r4", "r8"], ids)
     swapped = batched_logits(model, registry, ["r8", None, "r2"], ids)
     registry.select_rows(torch.tensor([0, 2]))  # row 1 finished: the batch shrinks to rows 0 and 2
@@ -75,32 +76,6 @@ def test_changing_the_row_mapping_changes_the_rows_weights(base_dir, ranked):
     assert registry.rows.rank == 0 and registry.rows.slots is None
 
 
-def test_a_mapping_used_again_keeps_its_gathered_weights_until_a_slot_is_rewritten(base_dir, ranked):
-    """Between two steps the engine maps the joiners, then the running rows again: their per-row weights are
-    kept (same version), also when a joiner's adapter fills another slot; refilling a slot they read (a name
-    registered again with other weights) invalidates them."""
-    model, registry = engine_model(base_dir, ranked)
-    ids = random_ids(3, 7, seed=2)
-    rows = ["r2", "r4", "r8"]
-    batched_logits(model, registry, rows, ids)
-    running = registry.rows.version
-    batched_logits(model, registry, ["r8", None], ids[:2])  # joiners
-    again = batched_logits(model, registry, rows, ids)
-    assert registry.rows.version == running, "the running rows' mapping was given a new version"
-    expected = {name: peft_logits(base_dir, ranked.get(name), ids) for name in ("r2", "r4", "r8")}
-    for row, name in enumerate(rows):
-        assert torch.allclose(again[row], expected[name][row], atol=FP32_TOLERANCE)
-    registry.register("other", ranked["r4"])
-    batched_logits(model, registry, ["other"], ids[:1])  # fills a slot the running rows do not read
-    batched_logits(model, registry, rows, ids)
-    assert registry.rows.version == running, "filling another slot made the running rows gather again"
-    registry.unregister("r2")
-    registry.register("r2", ranked["r8"])  # same name, other weights: its slot is refilled
-    refilled = batched_logits(model, registry, rows, ids)
-    assert torch.allclose(refilled[0], expected["r8"][0], atol=FP32_TOLERANCE), "stale per-row weights were used"
-    assert torch.allclose(refilled[1], expected["r4"][1], atol=FP32_TOLERANCE)
-
-
 def test_nf4_base_mixed_batch_equals_peft_over_the_same_4bit_base(base_dir, ranked):
     model, registry = engine_model(base_dir, ranked, quantize="nf4")
     assert registry.quantized
@@ -116,41 +91,54 @@ def random_pair(rank: int, fan_in: int, fan_out: int, gen: torch.Generator):
     return torch.randn(rank, fan_in, generator=gen), torch.randn(fan_out, rank, generator=gen)
 
 
+RANKS = {0: 2, 1: 5, 2: 3, 3: 4}  # of the slots of the layer below; slot 4 is the zero slot
+MAKEUPS = {  # each row's slot, for the grouped form
+    "mixed": [2, 0, 4, 3, 2, 0],  # segments of widths 2 and 1, rows out of segment order, a cleared slot, a bare row
+    "one adapter": [2] * 6,  # one segment: the batch in place, against the bank's own view
+    "one per row": [2, 0, 1, 3],  # segments of width 1: the batch in place, slots out of order (one copy of each)
+    "consecutive": [0, 0, 1, 1, 2, 2],  # in place, against views of consecutive slots
+    "skewed": [0, 0, 2, 0, 4, 1, 0],  # widths 3, 1 and 1: two groups, rows out of order
+}
+SHAPES = {"prompt": (7,), "step": (1,), "flat": ()}  # x's dims after the batch (flat: [B, in], not the 3-D fast path)
+CASES = [("grouped", makeup, shape) for makeup in MAKEUPS for shape in SHAPES] + [("dense", "mixed", "step")]
+
+
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
-@pytest.mark.parametrize("form", ["gathered", "dense"])
-def test_fast_paths_equal_reference_and_per_row_products(kind, form):
-    """Both forms (per-row gathered weights; dense over all slots with a one-hot mask, one-token rows)."""
+@pytest.mark.parametrize(("form", "makeup", "shape"), CASES)
+def test_fast_paths_equal_reference_and_per_row_products(kind, form, makeup, shape):
+    """Both forms (rows grouped by slot against one copy of each slot's weights; dense over all slots with a
+    one-hot mask, one-token rows), over batches of any makeup."""
     gen = torch.Generator().manual_seed(3)
     fan_in, fan_out, num_slots = 12, 20, 4
-    tokens = 7 if form == "gathered" else 1
     torch.manual_seed(3)
     base = nn.Linear(fan_in, fan_out) if kind == "linear" else Conv1D(fan_out, fan_in)
     rows = RowAdapters(num_slots, dense_decode=form == "dense")
     layer = BatchedLoraLayer(base, rows)
-    # slot 0: rank 2, slot 1: rank 5 (unused by this batch, so the bank is wider than the batch's rank),
-    # slot 2: rank 3, slot 3: written then cleared; slot 4 is the zero slot
-    pairs = {0: random_pair(2, fan_in, fan_out, gen), 1: random_pair(5, fan_in, fan_out, gen),
-             2: random_pair(3, fan_in, fan_out, gen), 3: random_pair(4, fan_in, fan_out, gen)}
+    # slot 1 has the largest rank (5): a batch without it runs at a smaller rank than the bank's;
+    # slot 3 is written then cleared
+    pairs = {slot: random_pair(rank, fan_in, fan_out, gen) for slot, rank in RANKS.items()}
     for slot, (lora_a, lora_b) in pairs.items():
         layer.reserve(len(lora_a), torch.device("cpu"), torch.float32)
         bank_a, bank_b_t = layer.slot(slot)
         bank_a[: len(lora_a)], bank_b_t[: len(lora_a)] = lora_a, lora_b.t()
     for view in layer.slot(3):
         view.zero_()
-    slots = torch.tensor([2, 0, num_slots, 3, 2, 0])
-    rows.assign(slots, 3)  # the largest rank among the slots this batch uses
-    x = torch.randn(len(slots), tokens, fan_in, generator=gen)
-    with torch.no_grad():
+    slots = torch.tensor(MAKEUPS[makeup])
+    rows.assign(slots, max(RANKS.get(slot, 0) for slot in slots.tolist()))  # the largest rank in the batch
+    x = torch.randn(len(slots), *SHAPES[shape], fan_in, generator=gen)
+    with torch.no_grad(), OpCounts() as ops:
         delta = layer(x) - base(x)
-    assert (not layer._selected) == (form == "dense"), "the other form ran"
-    reference = lora_delta_reference(x, layer.a, layer.b_t, slots)
+    assert ("bmm" in ops.counts) == (form == "grouped"), f"the other form ran: {ops.counts}"
+    tokens = x.view(len(slots), -1, fan_in)
+    reference = lora_delta_reference(tokens, layer.a, layer.b_t, slots).view(delta.shape)
     direct = torch.stack([
-        x[row] @ pairs[slot][0].t() @ pairs[slot][1].t() if slot in (0, 2) else torch.zeros(tokens, fan_out)
+        x[row] @ pairs[slot][0].t() @ pairs[slot][1].t() if slot in (0, 1, 2) else torch.zeros_like(delta[row])
         for row, slot in enumerate(slots.tolist())
     ])
     assert torch.allclose(reference, direct, atol=1e-4)
     assert torch.allclose(delta, reference, atol=1e-4)
-    assert delta[[0, 1, 4, 5]].abs().amax() > 1.0  # the adapters' rows really moved
+    moved = [row for row, slot in enumerate(slots.tolist()) if slot in (0, 1, 2)]
+    assert delta[moved].flatten(1).abs().amax(dim=1).gt(100 * 1e-4).all()  # each adapter's rows really moved
 
 
 def test_layers_reading_one_input_share_one_masked_product():
