@@ -1,16 +1,21 @@
 """Reading and checking one PEFT LoRA adapter folder on the host, before any device memory is touched."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import mmap
 import os
 import re
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import peft
 import torch
+from peft import LoraConfig
+from peft.tuners.tuners_utils import check_target_module_exists
 from safetensors import SafetensorError, safe_open
 
 CONFIG_FILE = "adapter_config.json"
@@ -24,6 +29,70 @@ KEY_PATTERN = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB]
 FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 PACKING_THREADS = 4  # packing an adapter is a few MB of small copies; torch ops release the GIL
 PACKERS = ThreadPoolExecutor(PACKING_THREADS, thread_name_prefix="loraswap-pack")
+
+# peft's LoraConfig fields the engine serves at any value peft accepts, and why. Every other field must hold its
+# default (REFUSED_FIELDS says what each changes), so a field new in peft is refused until someone serves it.
+SELECTS = "selects which modules get LoRA: must select exactly the modules the weights hold (check_targets)"
+SERVED_FIELDS = {
+    "peft_type": "must be LORA (read_config)",
+    "task_type": "names peft's wrapper class; heads it adds come as modules_to_save, which is refused",
+    "auto_mapping": "names the base class peft would build; the base is the server's",
+    "peft_version": "the peft that saved the adapter: a label",
+    "base_model_name_or_path": "a label: the base is checked by module names and shapes instead",
+    "revision": "the hub revision of that base: a label",
+    "inference_mode": "freezes the weights for training",
+    "r": "checked in 1..max_rank and against the weights' shapes",
+    "lora_alpha": "checked finite; folded into the scale",
+    "use_rslora": "folded into the scale (alpha / sqrt(r) instead of alpha / r)",
+    "lora_dropout": "the identity at inference",
+    "fan_in_fan_out": "peft overrides it by module type (Conv1D or Linear); lora_A and lora_B are saved alike either way",
+    "target_modules": SELECTS,
+    "exclude_modules": SELECTS,
+    "layers_to_transform": SELECTS,
+    "layers_pattern": SELECTS,
+    "init_lora_weights": "the initial A and B, which the saved ones replace; values that change the base are refused "
+                         "(check_init)",
+    "eva_config": "EVA's data-driven initial A; its rank and scale changes are saved as rank/alpha_pattern (refused)",
+    "loftq_config": "read only with init_lora_weights 'loftq' (refused); peft drops it otherwise",
+    "megatron_core": "the module megatron_config (refused) would come from",
+    "qalora_group_size": "read only with use_qalora (refused)",
+}
+REFUSED_FIELDS = {
+    "bias": "trains and saves the base layers' biases",
+    "modules_to_save": "saves whole modules that replace the base's",
+    "rank_pattern": "gives modules ranks of their own",
+    "alpha_pattern": "gives modules scales of their own",
+    "megatron_config": "builds Megatron's parallel layers",
+    "trainable_token_indices": "trains and saves rows of the embedding",
+    "corda_config": "configures CorDA, which changes the base weights",
+    "lora_ga_config": "configures LoRA-GA, which changes the base weights",
+    "use_dora": "DoRA: rescales each output column by a learned magnitude",
+    "velora_config": "VeLoRA: saves projection buffers with the adapter",
+    "alora_invocation_tokens": "activated LoRA: applies the adapter only from the invocation tokens on",
+    "use_qalora": "QALoRA: pools the input in groups before lora_A",
+    "monteclora_config": "MonteCLoRA: samples the adapter's weights",
+    "layer_replication": "repeats base layers, each copy with its own adapter",
+    "runtime_config": "peft's runtime settings, never saved with an adapter (peft cannot load one that holds them)",
+    "lora_bias": "adds a learned bias to lora_B",
+    "target_parameters": "applies LoRA to parameters (such as experts) rather than modules",
+    "use_bdlora": "BD-LoRA: block-diagonal lora_A or lora_B",
+    "arrow_config": "Arrow: routes each token among several adapters",
+    "kasa_config": "KaSA: truncates the base's singular values and learns a diagonal between A and B",
+    "ensure_weight_tying": "ties the adapters of tied layers (embedding and head)",
+}
+LORA_FIELDS = {spec.name: spec for spec in dataclasses.fields(LoraConfig)}
+# init_lora_weights values (besides true and false) that set only the initial A and B, leaving the base alone
+SERVED_INITS = ("gaussian", "orthogonal", "eva", "mica")
+# init_lora_weights values whose adapter is trained on a base that peft changes first, and how
+BASE_CHANGING_INITS = {
+    "pissa": "subtracts the adapter's initial product (the base's top singular components) from the base",
+    "olora": "subtracts the adapter's initial product (a QR decomposition of the base) from the base",
+    "corda": "subtracts the adapter's initial product (a context-oriented SVD) from the base",
+    "lora_ga": "subtracts the adapter's initial product (from gradients) from the base",
+    "loftq": "replaces the base by its LoftQ-quantised approximation",
+}
+CONVERSION = ("; convert it to a plain LoRA adapter with peft: save_pretrained(..., "
+              "path_initial_model_for_weight_conversion=<the adapter saved before training>)")
 
 
 class AdapterError(Exception):
@@ -114,8 +183,10 @@ def check_path(path: str | Path, roots: list[Path]) -> Path:
     return resolved
 
 
-def read_config(folder: Path, max_rank: int) -> dict:
-    """Load ``adapter_config.json`` and refuse what the batched engine cannot serve exactly."""
+def read_config(folder: Path, max_rank: int) -> LoraConfig:
+    """Load ``adapter_config.json`` with peft's own ``LoraConfig`` and refuse what the batched engine cannot serve
+    exactly (AdapterError, 422, naming the field): a field peft does not know, a config peft cannot parse, or any
+    field outside ``SERVED_FIELDS`` that is not at its default."""
     try:
         config = json.loads((folder / CONFIG_FILE).read_text())
     except FileNotFoundError:
@@ -131,12 +202,59 @@ def read_config(folder: Path, max_rank: int) -> dict:
         raise AdapterError(f"adapter lora_alpha {alpha!r} must be a finite number")
     if type(config.get("use_rslora", False)) is not bool:
         raise AdapterError(f"adapter use_rslora {config['use_rslora']!r} must be true or false")
-    unsupported = [key for key in ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save") if config.get(key)]
-    if config.get("bias", "none") != "none":
-        unsupported.append("bias")
-    if unsupported:
-        raise AdapterError(f"adapter uses options the engine does not serve: {', '.join(unsupported)}")
-    return config
+    return parse_lora_config(config)
+
+
+def parse_lora_config(config: dict) -> LoraConfig:
+    """``config`` as peft's ``LoraConfig``; AdapterError (422) names the fields the engine does not serve."""
+    unknown = sorted(set(config) - set(LORA_FIELDS))
+    if unknown:
+        raise AdapterError(f"adapter config has fields peft {peft.__version__} does not know: {', '.join(unknown)}")
+    check_init(config.get("init_lora_weights", True))  # before peft, which needs scipy just to parse 'loftq'
+    try:
+        parsed = LoraConfig(**config)
+    except (TypeError, ValueError, ImportError, AttributeError) as exc:  # what peft's own checks raise
+        raise AdapterError(f"peft {peft.__version__} cannot parse the adapter config: {exc}") from None
+    unserved = [name for name, spec in LORA_FIELDS.items()
+                if name not in SERVED_FIELDS and getattr(parsed, name) != field_default(spec)]
+    if unserved:
+        reasons = "; ".join(f"{name} ({REFUSED_FIELDS.get(name, 'new in peft')})" for name in unserved)
+        raise AdapterError(f"adapter uses options the engine does not serve: {reasons}")
+    return parsed
+
+
+def field_default(spec: dataclasses.Field):
+    """A dataclass field's default value (made by its default factory, if it has one)."""
+    return spec.default_factory() if spec.default is dataclasses.MISSING else spec.default
+
+
+def check_init(value) -> None:
+    """Refuse an ``init_lora_weights`` that changes the base weights or that the engine does not know (422)."""
+    if type(value) is bool or value in SERVED_INITS:
+        return
+    changed = next((how for name, how in BASE_CHANGING_INITS.items() if str(value).startswith(name)), None)
+    if changed is None:
+        raise AdapterError(f"adapter init_lora_weights {value!r} is not one the engine serves "
+                           f"(true, false, {', '.join(SERVED_INITS)})")
+    raise AdapterError(f"adapter init_lora_weights {value!r} is not served: peft {changed}, and the adapter holds "
+                       f"only the difference from that base" + ("" if str(value) == "loftq" else CONVERSION))
+
+
+def check_targets(config: LoraConfig, held: Iterable[str], modules: Iterable[str]) -> None:
+    """Refuse (422) unless, among the base's LoRA-able ``modules``, the config selects as peft does (target_modules,
+    exclude_modules, layers_to_transform, layers_pattern) exactly the modules whose weights the adapter ``held``."""
+    fields = "target_modules, exclude_modules, layers_to_transform, layers_pattern"
+    if config.target_modules is None:
+        raise AdapterError("adapter config names no target_modules (peft would pick them by the base's architecture)")
+    try:
+        selected = {module for module in modules if check_target_module_exists(config, module)}
+    except (re.error, TypeError) as exc:  # a pattern that is not a regular expression, a layer index that is no int
+        raise AdapterError(f"adapter config cannot select modules as peft does ({fields}): {exc}") from None
+    for stray, problem in ((set(held) - selected, "adapter weights hold {}, which its config ({}) does not select"),
+                           (selected - set(held), "adapter config ({1}) selects {0}, which its weights lack")):
+        if stray:
+            first, *more = sorted(stray)
+            raise AdapterError(problem.format(f"module {first!r}" + (f" (and {len(more)} more)" if more else ""), fields))
 
 
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -186,8 +304,8 @@ def load_adapter(
     """Read and check an adapter against the base's LoRA-able modules ``{name: (in, out)}``; its weights are
     kept in ``dtype`` (the banks'), so making it resident moves no more bytes than the banks hold."""
     config = read_config(folder, max_rank)
-    rank, alpha = config["r"], float(config["lora_alpha"])
-    scale = alpha / rank**0.5 if config.get("use_rslora") else alpha / rank
+    rank, alpha = config.r, float(config.lora_alpha)
+    scale = alpha / rank**0.5 if config.use_rslora else alpha / rank
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in sorted(read_weights(folder).items()):  # the first problem reported is the same every time
         match = KEY_PATTERN.fullmatch(key)
@@ -199,6 +317,7 @@ def load_adapter(
         parts.setdefault(module, {})[match["part"]] = tensor
     if not parts:
         raise AdapterError(f"{folder} holds no LoRA weights")
+    check_targets(config, parts, module_shapes)
     layout, offset = {}, 0
     for module, pair in sorted(parts.items()):
         fan_in, fan_out = module_shapes[module]
@@ -212,8 +331,7 @@ def load_adapter(
             )
         layout[module] = (offset, fan_in, fan_out)
         offset += rank * (fan_in + fan_out)
-    targets = config.get("target_modules") or []
-    targets = sorted(targets) if isinstance(targets, list) else [str(targets)]
+    targets = [config.target_modules] if isinstance(config.target_modules, str) else sorted(config.target_modules)
     adapter = AdapterWeights(name, folder, rank, alpha, targets, host_buffer(offset, dtype), layout)
     views, modules, jobs = adapter.views(), list(layout), []
     size = -(-len(modules) // PACKING_THREADS)

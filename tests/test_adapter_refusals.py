@@ -101,6 +101,9 @@ class Refusals:
             "string_rslora": variant(good, folder / "string_rslora", edit_config(use_rslora="no")),
             "not_lora": variant(good, folder / "not_lora", edit_config(peft_type="IA3")),
             "dora": variant(good, folder / "dora", edit_config(use_dora=True)),
+            "alora": variant(good, folder / "alora", edit_config(alora_invocation_tokens=[17, 18])),
+            "pissa": variant(good, folder / "pissa", edit_config(init_lora_weights="pissa")),
+            "unknown_field": variant(good, folder / "unknown_field", edit_config(use_magic=True)),
             "no_config": variant(good, folder / "no_config", drop_config),
         }
         self.outside = gpt2_adapters["two"].parent  # the fixture's own folder, outside every root
@@ -150,6 +153,9 @@ def test_bad_adapters_in_the_adapters_folder_are_skipped_at_start(client):
     ("string_rslora", ("use_rslora 'no'", "true or false")),
     ("not_lora", ("LORA",)),
     ("dora", ("use_dora",)),
+    ("alora", ("alora_invocation_tokens", "activated LoRA")),
+    ("pissa", ("init_lora_weights 'pissa'", "path_initial_model_for_weight_conversion")),
+    ("unknown_field", ("use_magic", "does not know")),
     ("no_config", ("adapter_config.json",)),
 ])
 def test_unservable_adapters_are_refused(client, refusals, kind, fragments):
