@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
+from loadtest.options import ALL_MODES, TARGET_SETS
 from service.base_model import load_base, pick_device
 from service.decoding import Decoding
 from service.engine import Engine, Generation
@@ -28,32 +29,6 @@ from service.registry import AdapterRegistry
 from service.settings import Settings
 
 ENGINE_MODES = {"base", "single", "merged", "mixed"}
-ALL_MODES = ("hf_base", "base", "single", "merged", "mixed", "peft_mixed", "peft_sequential")
-TARGET_SETS = {
-    "attention": ["q_proj", "k_proj", "v_proj", "o_proj", "c_attn"],
-    "all_linear": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-                   "c_attn", "c_proj", "c_fc"],
-}
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    parser.add_argument("--base-model", default="smollm2", help="'smollm2' or a Hugging Face model directory")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--batch-sizes", default="1,16,64,256", help="comma-separated batch sizes")
-    parser.add_argument("--adapters", type=int, default=16, help="adapters in the mixed modes")
-    parser.add_argument("--rank", type=int, default=8, help="rank of the benchmark adapters")
-    parser.add_argument("--targets", choices=sorted(TARGET_SETS), default="attention")
-    parser.add_argument("--prompt-tokens", type=int, default=192)
-    parser.add_argument("--new-tokens", type=int, default=16)
-    parser.add_argument("--min-requests", type=int, default=8, help="requests timed per mode and batch size (at least one batch)")
-    parser.add_argument("--rounds", type=int, help="timed rounds per batch size, whatever --min-requests says")
-    parser.add_argument("--modes", default=",".join(ALL_MODES), help="comma-separated subset of " + ",".join(ALL_MODES))
-    parser.add_argument("--hot-loads", type=int, default=20, help="timed hot-loads of an r=16 all-linear adapter (0 skips them and the stall check)")
-    parser.add_argument("--registered", type=int, default=1000, help="adapters registered for the memory check (0 skips)")
-    parser.add_argument("--prefill-chunk", type=int, help="the engine's --prefill-chunk (default: its own)")
-    parser.add_argument("--cache-dir", type=Path, default=Settings().cache_dir)
-    parser.add_argument("--json", type=Path, help="write the results here")
 
 
 def random_adapters(model, names: list[str], rank: int, targets: list[str], out_dir: Path, seed: int = 0) -> PeftModel:

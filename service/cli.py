@@ -1,4 +1,8 @@
-"""The ``loraswap`` command: serve, train, eval, sweep, merge, bench."""
+"""The ``loraswap`` command: serve, train, eval, sweep, merge, bench.
+
+The parser is built from light modules (no torch, transformers or peft), so that ``--help`` and usage errors
+answer at once; a command's own module, and with it torch, is imported only to run it.
+"""
 from __future__ import annotations
 
 import argparse
@@ -9,28 +13,29 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from service.adapter_files import AdapterError
 from service.settings import Settings
 
-# subcommand -> module exposing add_arguments(parser) and run(args)
+# subcommand -> (its options, "module:function" adding them to a parser; the module whose run(args) runs it; help)
 COMMANDS = {
-    "train": ("training.train", "train a LoRA adapter on SQuAD, NLI or RTE"),
-    "eval": ("training.evaluate", "evaluate an adapter through the serving engine"),
-    "sweep": ("training.sweep", "grid over rank, learning rate and target modules"),
-    "merge": ("training.merge", "write a full model with one adapter merged in"),
-    "bench": ("loadtest.bench", "throughput of the engine against transformers and peft"),
+    "train": ("training.options:add_train_options", "training.train", "train a LoRA adapter on SQuAD, NLI or RTE"),
+    "eval": ("training.options:add_eval_options", "training.evaluate",
+             "evaluate an adapter through the serving engine"),
+    "sweep": ("training.options:add_sweep_options", "training.sweep",
+              "grid over rank, learning rate and target modules"),
+    "merge": ("training.options:add_merge_options", "training.merge", "write a full model with one adapter merged in"),
+    "bench": ("loadtest.options:add_bench_options", "loadtest.bench",
+              "throughput of the engine against transformers and peft"),
 }
 
 
-def positive(kind: type = int):
-    """An argparse type: a number of ``kind`` above zero (a clear usage error otherwise, not a failure later)."""
-    def parse(text: str):
-        value = kind(text)
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be above 0, not {text}")
-        return value
-    parse.__name__ = f"positive {kind.__name__}"  # argparse names the type in its error message
-    return parse
+class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Help that ends each option with its default, except a required option's and a None default
+    (whose help says in words what unset means)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:  # argparse's hook for this formatter
+        if action.required or action.default is None:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,7 +43,8 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     for name, field in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         kind = field.annotation
-        options: dict = {"dest": name, "default": argparse.SUPPRESS, "help": field.description or name.replace("_", " ")}
+        help_text = field.description or name.replace("_", " ")
+        options: dict = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
         args = [arg for arg in typing.get_args(kind) if arg is not type(None)]
         if kind is bool:
             options["action"] = argparse.BooleanOptionalAction
@@ -60,13 +66,15 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="loraswap", description=__doc__)
+    parser = argparse.ArgumentParser(prog="loraswap", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="run the HTTP service", description="Run the HTTP service.")
+    serve = commands.add_parser("serve", help="run the HTTP service", description="Run the HTTP service.",
+                                formatter_class=DefaultsHelp)
     add_settings_arguments(serve)
-    for name, (module, help_text) in COMMANDS.items():
-        sub = commands.add_parser(name, help=help_text, description=help_text)
-        importlib.import_module(module).add_arguments(sub)
+    for name, (options, module, help_text) in COMMANDS.items():
+        sub = commands.add_parser(name, help=help_text, description=help_text, formatter_class=DefaultsHelp)
+        options_module, function = options.split(":")
+        getattr(importlib.import_module(options_module), function)(sub)
         sub.set_defaults(module=module)
     return parser
 
@@ -75,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
+    from service.adapter_files import AdapterError  # imports torch: only once a command runs
+
     try:
         if args.command == "serve":
             from service.server import serve

@@ -9,7 +9,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from service.prompts import answer_prompt, answer_target, label_target, nli_prompt
-from training.data import data_dir, read_nli, read_squad
+from training.data import data_dir, read_eval, read_nli, read_squad
 from training.prepare import IGNORE_INDEX, answer_window, collator, encode_label, encode_rows, encode_squad
 
 FILLER = "The river flows past the old mill and the farmers bring their grain to town every week. "
@@ -76,6 +76,38 @@ def test_data_dir_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("LORASWAP_DATA_DIR")
     assert data_dir() == Path(__file__).resolve().parents[2] / "shared" / "data"
 
+
+
+def write_mnli_dev(path: Path, labels: list[str]) -> list[dict]:
+    rows = [{"premise": f"p{i}", "hypothesis": f"h{i}", "label": label} for i, label in enumerate(labels)]
+    path.write_text("".join(json.dumps({**row, "mnli_split": "dev_matched"}) + "\n" for row in rows))
+    return rows
+
+
+def test_an_nli_limit_draws_a_seeded_sample_that_holds_every_label(tmp_path):
+    """As in MNLI dev_matched, whose first 100 pairs hold no neutral one: a limit is not the first rows."""
+    path = tmp_path / "mnli.jsonl"
+    rows = write_mnli_dev(path, ["entailment"] * 60 + ["contradiction"] * 40 + ["neutral"] * 20)
+    for limit in (3, 10, 100):
+        for seed in range(4):
+            sample = read_eval("nli", path, limit, seed)
+            assert len(sample) == limit
+            assert {row["label"] for row in sample} == {"entailment", "contradiction", "neutral"}
+            assert sample == [row for row in rows if row in sample]  # distinct rows, in the file's order
+    assert len({row["label"] for row in read_eval("nli", path, 2, 0)}) == 2
+    assert read_eval("nli", path, 10, 0) == read_eval("nli", path, 10, 0) != read_eval("nli", path, 10, 1)
+    assert read_eval("nli", path) == read_eval("nli", path, 500, 0) == rows
+
+
+def test_a_squad_limit_draws_a_seeded_sample_of_questions(tmp_path):
+    answers = [{"text": "Ann", "answer_start": 0}]
+    qas = [{"id": f"q{i}", "question": f"Question {i}?", "answers": answers} for i in range(50)]
+    path = tmp_path / "dev.json"
+    path.write_text(json.dumps({"data": [{"title": "T", "paragraphs": [{"context": "Ann met Bob.", "qas": qas}]}]}))
+    ids = [[row["id"] for row in read_eval("squad", path, 5, seed)] for seed in (0, 0, 1)]
+    assert ids[0] == ids[1] != ids[2] and len(set(ids[0])) == 5
+    assert ids[0] != [f"q{i}" for i in range(5)]
+    assert ids[0] == sorted(ids[0], key=lambda qid: int(qid[1:]))  # in the file's order
 
 # ---- SQuAD tokenisation ---------------------------------------------------------------------------
 def test_squad_loss_only_on_the_answer_and_the_stop_newline(tok):

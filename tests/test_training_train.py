@@ -12,19 +12,19 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GPT2Config
 
 from service.base_model import sha256_of
+from service.cli import build_parser
 from training import merge, sweep, train
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def parse(module, *argv) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    module.add_arguments(parser)
-    return parser.parse_args([str(a) for a in argv])
+def parse(command: str, *argv) -> argparse.Namespace:
+    """``argv`` as ``loraswap COMMAND`` parses it."""
+    return build_parser().parse_args([command, *map(str, argv)])
 
 
 def tiny_run(base: Path, out: Path, task: str = "squad", *extra) -> argparse.Namespace:
-    return parse(train, "--task", task, "--out", out, "--base-model", base, "--max-steps", 4, "--max-examples", 16,
+    return parse("train", "--task", task, "--out", out, "--base-model", base, "--max-steps", 4, "--max-examples", 16,
                  "--eval-examples", 4, "--batch-size", 2, "--max-length", 128, "--rank", 4, *extra)
 
 
@@ -41,7 +41,8 @@ def test_train_writes_a_peft_adapter_with_its_card_and_loss_curve(tiny_llama_dir
     out = tmp_path / "squad_tiny"
     train.run(tiny_run(tiny_llama_dir, out))
     assert "4 steps" in capsys.readouterr().out
-    assert {p.name for p in out.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors", "loss.png", "card.json"}
+    expected = {"adapter_config.json", "adapter_model.safetensors", "loss.png", "card.json"}
+    assert {p.name for p in out.iterdir()} >= expected
     assert (out / "loss.png").read_bytes().startswith(PNG_MAGIC)
     card = json.loads((out / "card.json").read_text())
     assert card["task"] == "squad" and card["steps"] == 4 and card["metrics"] == {}
@@ -54,7 +55,8 @@ def test_train_writes_a_peft_adapter_with_its_card_and_loss_curve(tiny_llama_dir
     assert card["final_train_loss"] > 0 and card["final_validation_loss"] > 0
     assert "command" in card
     config = json.loads((out / "adapter_config.json").read_text())
-    assert config["r"] == 4 and config["peft_type"] == "LORA" and config["base_model_name_or_path"] == str(tiny_llama_dir)
+    assert config["r"] == 4 and config["peft_type"] == "LORA"
+    assert config["base_model_name_or_path"] == str(tiny_llama_dir)
     assert_loads_in_stock_peft(tiny_llama_dir, out)
 
 
@@ -107,15 +109,15 @@ def test_trainable_parameters_of_gpt2_small(rank, targets, expected):
 
 
 def test_sweep_writes_tables_and_resumes(tiny_gpt2_dir, tmp_path, monkeypatch):
-    args = parse(sweep, "--task", "nli", "--out", tmp_path, "--base-model", tiny_gpt2_dir, "--ranks", "2,4",
+    args = parse("sweep", "--task", "nli", "--out", tmp_path, "--base-model", tiny_gpt2_dir, "--ranks", "2,4",
                  "--lrs", "1e-3", "--targets", "attention,c_attn+mlp.c_proj", "--max-steps", 2,
                  "--max-examples", 8, "--eval-examples", 4, "--batch-size", 4)
     rows = sweep.run_sweep(args)
     assert [r["run"] for r in rows] == ["attention_r2_lr0_001", "attention_r4_lr0_001",
                                         "c_attn_mlp_c_proj_r2_lr0_001", "c_attn_mlp_c_proj_r4_lr0_001"]
+    base = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir)
     assert [r["trainable_parameters"] for r in rows] == [
-        sweep.trainable_parameters(AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir), r["rank"], r["target_modules"].split())
-        for r in rows
+        sweep.trainable_parameters(base, r["rank"], r["target_modules"].split()) for r in rows
     ]
     assert all(r["final_validation_loss"] > 0 for r in rows)
     assert len((tmp_path / "sweep.csv").read_text().splitlines()) == 5
@@ -129,7 +131,8 @@ def test_sweep_writes_tables_and_resumes(tiny_gpt2_dir, tmp_path, monkeypatch):
 def test_merged_model_equals_base_plus_adapter(arch, request, tmp_path):
     base_dir = request.getfixturevalue(f"tiny_{arch}_dir")
     adapter = request.getfixturevalue(f"{arch}_adapters")["one"]
-    out = merge.merge_adapter(parse(merge, "--adapter", adapter, "--out", tmp_path / "merged", "--base-model", base_dir))
+    out = merge.merge_adapter(parse("merge", "--adapter", adapter, "--out", tmp_path / "merged", "--base-model",
+                                    base_dir))
     ids = torch.randint(0, 500, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter)(ids).logits

@@ -4,6 +4,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import random
 from pathlib import Path
 
 # files each task trains on, relative to data_dir(): (file, MNLI splits to keep or None for all)
@@ -76,13 +77,28 @@ def read_task(task: str, root: Path | None = None) -> tuple[list[dict], list[str
     return rows, files
 
 
-def read_eval(task: str, path: str | Path | None = None, limit: int | None = None) -> list[dict]:
-    """The first ``limit`` rows a task is evaluated on: ``path``, else the task's dev file.
-    An MNLI file is cut to its dev_matched split."""
+def sample(rows: list[dict], limit: int | None, seed: int, key: str | None = None) -> list[dict]:
+    """A random sample of ``limit`` rows drawn with ``seed``, in their original order (all rows when ``limit`` is
+    None or not below their count). With ``key``, it holds a row of every value of ``key`` (a label) while the
+    limit allows: the first row of each value in the seeded shuffle comes first, then the rest of the shuffle."""
+    if limit is None or limit >= len(rows):
+        return list(rows)
+    order = random.Random(seed).sample(range(len(rows)), len(rows))
+    if key is not None:
+        firsts: dict = {}  # each value's first row in the shuffle, in the order they come
+        for i in order:
+            firsts.setdefault(rows[i][key], i)
+        chosen = set(firsts.values())
+        order = list(firsts.values()) + [i for i in order if i not in chosen]
+    return [rows[i] for i in sorted(order[:limit])]
+
+
+def read_eval(task: str, path: str | Path | None = None, limit: int | None = None, seed: int = 0) -> list[dict]:
+    """The rows a task is evaluated on: ``path``, else the task's dev file (an MNLI file is cut to its
+    dev_matched split); a ``limit`` draws a seeded sample of them (see ``sample``: for NLI/RTE, every label)."""
     name, splits = TASK_EVAL_FILES[task]
     path = Path(path) if path else data_dir() / name
     if task == "squad":
-        rows = read_squad(path)
-    else:
-        rows = read_nli(path, splits if Path(path).name.startswith("mnli") else None)
-    return rows[:limit]
+        return sample(read_squad(path), limit, seed)
+    rows = read_nli(path, splits if Path(path).name.startswith("mnli") else None)
+    return sample(rows, limit, seed, key="label")

@@ -7,36 +7,12 @@ import json
 from pathlib import Path
 
 from service.adapter_files import BASE_LABEL, CONFIG_FILE, AdapterError
-from service.cli import positive
 from service.decoding import Decoding
 from service.prompts import NLI_LABELS, RTE_LABELS
 from service.runtime import Runtime
 from service.settings import Settings
 from training.data import read_eval
 from training.metrics import accuracy, confusion_matrix, squad_scores
-
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--task", choices=["squad", "nli", "rte"], required=True)
-    parser.add_argument("--adapter", required=True,
-                        help=f"a registered adapter name, an adapter folder, or '{BASE_LABEL}' for the bare base model")
-    parser.add_argument("--data", type=Path, help="evaluation file (default: the task's dev set; MNLI: dev_matched)")
-    parser.add_argument("--limit", type=positive(int), help="only the first N examples")
-    parser.add_argument("--strategy", choices=["greedy", "top_k", "nucleus", "temperature"], default="greedy")
-    parser.add_argument("--top-k", type=positive(int), default=50)
-    parser.add_argument("--top-p", type=float, default=0.9)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0, help="example i samples with seed + i")
-    parser.add_argument("--max-new-tokens", type=positive(int), default=32)
-    parser.add_argument("--predictions", type=Path, help="write predictions here (SQuAD: the official {id: answer})")
-    parser.add_argument("--json", type=Path, help="also write the metrics here")
-    parser.add_argument("--base-model", default="smollm2")
-    parser.add_argument("--adapters-dir", type=Path, default=Settings().adapters_dir)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--quantize", default="none", choices=["none", "nf4"])
-    parser.add_argument("--max-batch", type=positive(int), default=64)
 
 
 def start_runtime(args: argparse.Namespace) -> tuple[Runtime, str | None]:
@@ -93,14 +69,23 @@ def evaluate_labels(rt: Runtime, adapter: str | None, rows: list[dict], labels: 
         (rt.tasks.nli(row["premise"], row["hypothesis"], adapter, labels) for row in rows), rt.settings.max_queue))
     predictions = [max(probs, key=probs.get) for probs in scored]
     golds = [row["label"] for row in rows]
-    metrics = {"accuracy": accuracy(predictions, golds), "count": len(rows), "labels": list(labels),
-               "confusion_matrix": confusion_matrix(predictions, golds, labels)}
-    return metrics, predictions
+    matrix = {"rows": "gold", "columns": "predicted", "labels": list(labels),
+              "counts": confusion_matrix(predictions, golds, labels)}
+    return {"accuracy": accuracy(predictions, golds), "count": len(rows), "confusion_matrix": matrix}, predictions
+
+
+def confusion_table(matrix: dict) -> str:
+    """The confusion matrix of ``evaluate_labels`` as aligned text, its axes named: a row per gold label."""
+    lines = [[f"{matrix['rows']} \\ {matrix['columns']}", *matrix["labels"]],
+             *([label, *map(str, counts)] for label, counts in zip(matrix["labels"], matrix["counts"]))]
+    widths = [max(map(len, column)) for column in zip(*lines)]
+    return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(line, widths)) for line in lines)
 
 
 def run(args: argparse.Namespace) -> dict:
     text = "context" if args.task == "squad" else "premise"
-    rows = sorted(read_eval(args.task, args.data, args.limit), key=lambda row: len(row[text]))  # less padding
+    rows = read_eval(args.task, args.data, args.limit, args.sample_seed)
+    rows = sorted(rows, key=lambda row: len(row[text]))  # less padding
     rt, adapter = start_runtime(args)
     try:
         if args.task == "squad":
@@ -111,9 +96,13 @@ def run(args: argparse.Namespace) -> dict:
         rt.stop()
     report = {"task": args.task, "adapter": args.adapter, "data": str(args.data or f"default {args.task} dev"),
               "strategy": args.strategy, **metrics}
+    if args.limit:
+        report.update(limit=args.limit, sample_seed=args.sample_seed)
     if args.task == "squad" and args.strategy != "greedy":
         report.update(top_k=args.top_k, top_p=args.top_p, temperature=args.temperature, seed=args.seed)
     print(json.dumps(report, indent=2))
+    if "confusion_matrix" in report:
+        print(confusion_table(report["confusion_matrix"]))
     if args.predictions:
         args.predictions.write_text(json.dumps(predictions, indent=1))
     if args.json:

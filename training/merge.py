@@ -10,13 +10,6 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--adapter", required=True, help="adapter folder, or the name of one in the adapters dir")
-    parser.add_argument("--out", required=True, type=Path, help="folder for the merged model")
-    parser.add_argument("--base-model", default=None,
-                        help="'smollm2' or a model directory (default: the adapter's base_model_name_or_path)")
-
-
 def adapter_dir(name_or_path: str) -> Path:
     """A folder as given, else the adapter of that name in the configured adapters dir."""
     path = Path(name_or_path)

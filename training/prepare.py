@@ -79,11 +79,12 @@ def encode_rows(
 ) -> tuple[list[dict], int]:
     """Tokenise a task's rows; returns the examples and how many rows were dropped (too long, bad label)."""
     labels = TASK_LABELS.get(task)
+    encode = encode_squad if task == "squad" else encode_label
     encoded = []
     for row in rows:
         if labels is not None and row["label"] not in labels:
             continue
-        example = encode_squad(row, tokenizer, max_length) if task == "squad" else encode_label(row, tokenizer, max_length)
+        example = encode(row, tokenizer, max_length)
         if example is not None:
             encoded.append(example)
     return encoded, len(rows) - len(encoded)

@@ -27,16 +27,6 @@ COLUMNS = [
 ]
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    train.add_run_arguments(parser)
-    parser.add_argument("--out", required=True, type=Path, help="folder for the runs and the tables")
-    parser.add_argument("--ranks", default="4,8,16,32,64")
-    parser.add_argument("--lrs", default="7e-5,2e-4,1e-3")
-    parser.add_argument("--targets", default="attention,attention_mlp,all_linear",
-                        help="presets (or module lists joined with '+', e.g. c_attn+mlp.c_proj)")
-    parser.set_defaults(max_steps=200)
-
-
 def meta_model(model_or_config) -> torch.nn.Module:
     """A weightless (meta device) copy of the architecture: enough to resolve and count targets."""
     config = model_or_config if isinstance(model_or_config, PretrainedConfig) else model_or_config.config
@@ -81,14 +71,18 @@ def run_one(args: argparse.Namespace, spec: dict) -> dict:
     return {**spec, **{k: card.get(k) for k in COLUMNS if k in card}}
 
 
+def cell(value) -> str:
+    """A value as a markdown table cell: floats to 4 significant digits, None empty."""
+    return f"{value:.4g}" if isinstance(value, float) else ("" if value is None else str(value))
+
+
 def write_tables(rows: list[dict], out: Path) -> None:
     with open(out / "sweep.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(fmt(row.get(c)) for c in COLUMNS) + " |" for row in rows]
+    lines += ["| " + " | ".join(cell(row.get(c)) for c in COLUMNS) + " |" for row in rows]
     (out / "sweep.md").write_text("\n".join(lines) + "\n")
 
 

@@ -22,8 +22,8 @@ from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import Trainer, TrainingArguments, set_seed
 from transformers.pytorch_utils import Conv1D
 
-from service.cli import positive
 from training.data import data_dir, read_task
+from training.options import TASK_DEFAULT_LENGTH
 from training.prepare import IGNORE_INDEX, collator, encode_rows
 
 # named target sets per architecture family (found by its attention module names)
@@ -34,39 +34,6 @@ PRESETS = {
         "attention_mlp": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     },
 }
-TASK_DEFAULT_LENGTH = {"squad": 512, "nli": 256, "rte": 384}
-
-
-def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options shared by ``train`` and ``sweep``: task, base, data budget and optimisation."""
-    parser.add_argument("--task", required=True, choices=["squad", "nli", "rte"])
-    parser.add_argument("--base-model", default="smollm2", help="'smollm2' or a Hugging Face model directory")
-    parser.add_argument("--data-dir", type=Path, default=None, help="task data (default: $LORASWAP_DATA_DIR or ../shared/data)")
-    parser.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: 2 x rank)")
-    parser.add_argument("--dropout", type=float, default=0.05)
-    parser.add_argument("--epochs", type=positive(float), default=1.0)
-    parser.add_argument("--max-steps", type=positive(int), help="stop after this many optimizer steps (overrides --epochs; "
-                        "default: run every epoch)")
-    parser.add_argument("--max-examples", type=positive(int), default=None, help="train on at most this many examples")
-    parser.add_argument("--eval-examples", type=int, default=200, help="examples held out for validation loss (0: none)")
-    parser.add_argument("--eval-every", type=positive(float), default=0.1, help="validate every N steps (<1: share of all steps)")
-    parser.add_argument("--batch-size", type=positive(int), default=8)
-    parser.add_argument("--grad-accum", type=positive(int), default=1)
-    parser.add_argument("--max-length", type=positive(int), default=None, help="tokens per example (default: per task)")
-    parser.add_argument("--warmup", type=float, default=0.03, help="warmup steps (<1: share of all steps)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quantize", choices=["none", "nf4"], default="none", help="nf4: QLoRA on a 4-bit base")
-    parser.add_argument("--bf16", choices=["auto", "yes", "no"], default="auto", help="auto: bf16 on CUDA")
-    parser.add_argument("--gradient-checkpointing", action="store_true")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_run_arguments(parser)
-    parser.add_argument("--out", required=True, type=Path, help="adapter folder, e.g. adapters/squad")
-    parser.add_argument("--rank", type=positive(int), default=16)
-    parser.add_argument("--lr", type=positive(float), default=2e-4)
-    parser.add_argument("--target-modules", default="all_linear",
-                        help="'attention', 'attention_mlp', 'all_linear' or a comma list of module names")
 
 
 def use_bf16(choice: str) -> bool:

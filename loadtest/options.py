@@ -1,0 +1,48 @@
+"""The command-line options of ``loraswap bench``, with its modes and adapter target sets.
+
+Light on purpose (no torch, transformers or peft): ``loraswap`` builds its parser from here, so that
+``--help`` and usage errors answer at once. An option whose default is None says in its help what unset means;
+``loraswap`` appends every other default.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from service.arg_types import positive
+from service.settings import Settings
+
+ALL_MODES = ("hf_base", "base", "single", "merged", "mixed", "peft_mixed", "peft_sequential")
+TARGET_SETS = {  # the modules a benchmark adapter adapts (those the base has)
+    "attention": ["q_proj", "k_proj", "v_proj", "o_proj", "c_attn"],
+    "all_linear": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                   "c_attn", "c_proj", "c_fc"],
+}
+
+
+def add_bench_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu' or 'cuda'")
+    parser.add_argument("--base-model", default="smollm2",
+                        help="'smollm2' (the embedded SmolLM2-135M-Instruct) or a Hugging Face model directory")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="auto: bf16 on CUDA, fp32 on the CPU")
+    parser.add_argument("--batch-sizes", default="1,16,64,256", help="comma-separated batch sizes")
+    parser.add_argument("--adapters", type=positive(int), default=16, help="adapters in the mixed modes")
+    parser.add_argument("--rank", type=positive(int), default=8, help="rank of the benchmark adapters")
+    parser.add_argument("--targets", choices=sorted(TARGET_SETS), default="attention",
+                        help="the modules the benchmark adapters adapt")
+    parser.add_argument("--prompt-tokens", type=positive(int), default=192, help="tokens in each prompt")
+    parser.add_argument("--new-tokens", type=positive(int), default=16, help="tokens generated per request")
+    parser.add_argument("--min-requests", type=positive(int), default=8,
+                        help="requests timed per mode and batch size (at least one batch)")
+    parser.add_argument("--rounds", type=positive(int), help="timed rounds per batch size, whatever --min-requests "
+                        "says (default: enough for --min-requests)")
+    parser.add_argument("--modes", default=",".join(ALL_MODES), help="comma-separated modes to time")
+    parser.add_argument("--hot-loads", type=int, default=20,
+                        help="timed hot-loads of an r=16 all-linear adapter (0 skips them and the stall check)")
+    parser.add_argument("--registered", type=int, default=1000,
+                        help="adapters registered for the memory check (0 skips it)")
+    parser.add_argument("--prefill-chunk", type=int, help="the engine's --prefill-chunk (default: its own)")
+    parser.add_argument("--cache-dir", type=Path, default=Settings().cache_dir,
+                        help="where the converted base model is cached ($LORASWAP_CACHE_DIR sets the default)")
+    parser.add_argument("--json", type=Path, help="write the results here (default: printed only)")

@@ -1,0 +1,104 @@
+"""What a newcomer meets first: ``loraswap --help`` and usage errors answer without loading torch, every option
+says what it does and its default, and the command-line modules import in one direction (commands -> service)."""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+import pytest
+
+from service.adapter_files import BASE_LABEL
+from service.cli import COMMANDS, DefaultsHelp, build_parser
+
+HEAVY = ("torch", "transformers", "peft", "bitsandbytes")
+# runs ``loraswap ARGS`` in a fresh interpreter, then prints its exit status and the heavy modules it imported
+PROBE = f"""
+import json, sys
+from service.cli import main
+try:
+    code = main(sys.argv[1:])
+except SystemExit as exit_:
+    code = exit_.code
+print(json.dumps({{"code": code, "heavy": [name for name in {HEAVY!r} if name in sys.modules]}}))
+"""
+
+
+def loraswap(*argv: str) -> tuple[dict, str]:
+    """(the probe's report, stderr) of ``loraswap ARGV`` run in a subprocess."""
+    done = subprocess.run([sys.executable, "-c", PROBE, *argv], capture_output=True, text=True, timeout=120,
+                          check=False)
+    return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
+
+
+@pytest.mark.parametrize("argv,code", [
+    (["--help"], 0),
+    *(([command, "--help"], 0) for command in ["serve", *COMMANDS]),
+    ([], 2),
+    (["eval", "--task", "nope", "--adapter", "x"], 2),
+    (["eval", "--task", "nli"], 2),  # --adapter missing
+    (["train", "--task", "squad", "--out", "x", "--lr", "0"], 2),
+    (["sweep", "--task", "nli", "--out", "x", "--max-steps", "-1"], 2),
+    (["merge", "--out", "x"], 2),
+    (["bench", "--adapters", "0"], 2),
+    (["serve", "--dtype", "float8"], 2),
+])
+def test_help_and_usage_errors_load_no_torch(argv, code):
+    report, stderr = loraswap(*argv)
+    assert report == {"code": code, "heavy": []}, stderr
+    assert "bitsandbytes" not in stderr and "Traceback" not in stderr
+
+
+def test_command_modules_do_not_import_the_cli_back():
+    """service.cli loads the training and loadtest commands by name; none of them imports service.cli (a cycle)."""
+    modules = ["training.train", "training.sweep", "training.merge", "training.evaluate", "loadtest.bench"]
+    code = f"import importlib, sys\nfor m in {modules!r}: importlib.import_module(m)\n" \
+           "print('service.cli' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert done.stdout.strip() == "False", done.stderr
+
+
+def subcommands() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    # argparse has no public list of a parser's options or subcommands
+    (chooser,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return chooser.choices
+
+
+def options(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    return [action for action in parser._actions if action.option_strings and action.dest != "help"]
+
+
+@pytest.mark.parametrize("command", ["serve", *COMMANDS])
+def test_every_option_says_what_it_does_and_its_default(command):
+    parser = subcommands()[command]
+    assert parser.formatter_class is DefaultsHelp
+    for action in options(parser):
+        help_text = DefaultsHelp(command)._get_help_string(action)  # what --help shows, before %-expansion
+        assert action.help and action.help.strip(), f"{command} {action.option_strings[0]} has no help"
+        if action.required:
+            continue
+        if action.default in (None, argparse.SUPPRESS):  # unset: the help says in words what that means
+            assert "default" in help_text, f"{command} {action.option_strings[0]}: {help_text!r} names no default"
+        else:
+            assert help_text.endswith(" (default: %(default)s)"), f"{command} {action.option_strings[0]}"
+
+
+def test_help_shows_the_defaults_the_command_runs_with(monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "400")  # one line per option
+    parser = subcommands()["eval"]
+    parser.print_help()
+    shown = capsys.readouterr().out
+    parsed = parser.parse_args(["--task", "nli", "--adapter", "x"])
+    for name in ("strategy", "top_k", "top_p", "temperature", "seed", "sample_seed", "max_new_tokens", "max_batch",
+                 "base_model", "device", "dtype", "quantize", "adapters_dir"):
+        assert f"(default: {getattr(parsed, name)})" in shown, name
+    assert f"'{BASE_LABEL}' for the bare base model" in shown  # written out there: adapter_files imports torch
+    assert "(default: None)" not in shown
+
+
+def test_sweep_runs_a_fixed_step_budget_and_train_every_epoch():
+    commands = subcommands()
+    assert commands["sweep"].parse_args(["--task", "nli", "--out", "x"]).max_steps == 200
+    assert commands["train"].parse_args(["--task", "nli", "--out", "x"]).max_steps is None

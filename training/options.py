@@ -1,0 +1,104 @@
+"""The command-line options of ``loraswap train``, ``sweep``, ``merge`` and ``eval``.
+
+Light on purpose (no torch, transformers or peft): ``loraswap`` builds its parser from here, so that
+``--help`` and usage errors answer at once. An option whose default is None says in its help what unset means;
+``loraswap`` appends every other default.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from service.arg_types import positive
+from service.settings import Settings
+
+TASKS = ("squad", "nli", "rte")
+TASK_DEFAULT_LENGTH = {"squad": 512, "nli": 256, "rte": 384}  # tokens per training example
+BASE_HELP = "'smollm2' (the embedded SmolLM2-135M-Instruct) or a Hugging Face model directory"
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """Options shared by ``train`` and ``sweep``: task, base, data budget and optimisation."""
+    parser.add_argument("--task", required=True, choices=TASKS, help="SQuAD v1.1 extractive QA, NLI (3 labels) or RTE")
+    parser.add_argument("--base-model", default="smollm2", help=BASE_HELP)
+    parser.add_argument("--data-dir", type=Path, help="task data (default: $LORASWAP_DATA_DIR, else shared/data "
+                        "beside the repository)")
+    parser.add_argument("--alpha", type=float, help="LoRA alpha (default: 2 x rank)")
+    parser.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout")
+    parser.add_argument("--epochs", type=positive(float), default=1.0, help="passes over the training examples")
+    parser.add_argument("--max-examples", type=positive(int), help="train on at most this many examples (default: all)")
+    parser.add_argument("--eval-examples", type=int, default=200,
+                        help="examples held out for the validation loss (0: none)")
+    parser.add_argument("--eval-every", type=positive(float), default=0.1,
+                        help="validate every N optimizer steps (<1: a share of all steps)")
+    parser.add_argument("--batch-size", type=positive(int), default=8, help="examples per device per forward pass")
+    parser.add_argument("--grad-accum", type=positive(int), default=1, help="forward passes per optimizer step")
+    parser.add_argument("--max-length", type=positive(int), help="tokens per example; longer SQuAD contexts are cut "
+                        "around the answer, longer NLI pairs dropped (default: " +
+                        ", ".join(f"{task} {length}" for task, length in TASK_DEFAULT_LENGTH.items()) + ")")
+    parser.add_argument("--warmup", type=float, default=0.03,
+                        help="learning-rate warmup steps (<1: a share of all steps)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the shuffle, the validation split and the LoRA initialisation")
+    parser.add_argument("--quantize", choices=["none", "nf4"], default="none", help="nf4: QLoRA on a 4-bit base")
+    parser.add_argument("--bf16", choices=["auto", "yes", "no"], default="auto",
+                        help="train in bf16 (auto: on a GPU that supports it)")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="recompute activations in the backward pass: less memory, slower")
+
+
+def add_train_options(parser: argparse.ArgumentParser) -> None:
+    add_run_options(parser)
+    parser.add_argument("--out", required=True, type=Path, help="adapter folder, e.g. adapters/squad")
+    parser.add_argument("--max-steps", type=positive(int),
+                        help="stop after this many optimizer steps (default: every epoch of --epochs)")
+    parser.add_argument("--rank", type=positive(int), default=16, help="LoRA rank")
+    parser.add_argument("--lr", type=positive(float), default=2e-4, help="peak learning rate (cosine schedule)")
+    parser.add_argument("--target-modules", default="all_linear",
+                        help="'attention', 'attention_mlp', 'all_linear' or a comma list of module names")
+
+
+def add_sweep_options(parser: argparse.ArgumentParser) -> None:
+    add_run_options(parser)
+    parser.add_argument("--out", required=True, type=Path, help="folder for the runs and the tables")
+    parser.add_argument("--max-steps", type=positive(int), default=200, help="optimizer steps per run")
+    parser.add_argument("--ranks", default="4,8,16,32,64", help="comma list of LoRA ranks")
+    parser.add_argument("--lrs", default="7e-5,2e-4,1e-3", help="comma list of learning rates")
+    parser.add_argument("--targets", default="attention,attention_mlp,all_linear",
+                        help="comma list of target presets (or module lists joined with '+', e.g. c_attn+mlp.c_proj)")
+
+
+def add_merge_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--adapter", required=True, help="adapter folder, or the name of one in the adapters dir")
+    parser.add_argument("--out", required=True, type=Path, help="folder for the merged model")
+    parser.add_argument("--base-model", help=BASE_HELP + " (default: the adapter's base_model_name_or_path)")
+
+
+def add_eval_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--task", choices=TASKS, required=True, help="SQuAD v1.1 extractive QA, NLI (3 labels) or RTE")
+    parser.add_argument("--adapter", required=True,  # 'none' is service.adapter_files.BASE_LABEL (which imports torch)
+                        help="an adapter in --adapters-dir, an adapter folder, or 'none' for the bare base model")
+    parser.add_argument("--data", type=Path, help="evaluation file (default: the task's dev set in the data dir; for "
+                        "nli the MNLI dev_matched split)")
+    parser.add_argument("--limit", type=positive(int), help="evaluate a random sample of N examples, drawn with "
+                        "--sample-seed; for nli and rte it holds every label (default: every example)")
+    parser.add_argument("--sample-seed", type=int, default=0, help="seed of the --limit sample")
+    parser.add_argument("--strategy", choices=["greedy", "top_k", "nucleus", "temperature"], default="greedy",
+                        help="how SQuAD answers are decoded (nli and rte score each label instead)")
+    parser.add_argument("--top-k", type=positive(int), default=50, help="top_k: sample among the k likeliest tokens")
+    parser.add_argument("--top-p", type=float, default=0.9,
+                        help="nucleus: sample among the likeliest tokens whose probabilities add up to p")
+    parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the sampling strategies")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed: the i-th example samples with seed + i")
+    parser.add_argument("--max-new-tokens", type=positive(int), default=32, help="most tokens generated per answer")
+    parser.add_argument("--predictions", type=Path,
+                        help="write the predictions here, SQuAD as the official {id: answer} (default: not written)")
+    parser.add_argument("--json", type=Path, help="also write the metrics here (default: printed only)")
+    parser.add_argument("--base-model", default="smollm2", help=BASE_HELP)
+    parser.add_argument("--adapters-dir", type=Path, default=Settings().adapters_dir,
+                        help="where --adapter NAME is looked up ($LORASWAP_ADAPTERS_DIR sets the default)")
+    parser.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu' or 'cuda'")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="auto: bf16 on CUDA, fp32 on the CPU")
+    parser.add_argument("--quantize", default="none", choices=["none", "nf4"], help="nf4: a 4-bit NF4 base")
+    parser.add_argument("--max-batch", type=positive(int), default=64, help="most requests the engine runs at once")
