@@ -1,8 +1,10 @@
 """The frozen base model: locate the embedded SmolLM2, cache it as safetensors, load any HF model."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
+import inspect
 import logging
 import os
 import shutil
@@ -100,7 +102,7 @@ def load_base(settings: Settings) -> tuple[PreTrainedModel, PreTrainedTokenizerB
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
         )
-        gpu = device.index if device.index is not None else int(os.environ.get("LOCAL_RANK", 0))  # torchrun: own GPU
+        gpu = device.index if device.index is not None else int(os.environ.get("LOCAL_RANK", "0"))  # torchrun: own GPU
         kwargs["device_map"] = {"": gpu} if device.type == "cuda" else {"": "cpu"}
     model = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
     if settings.quantize == "none":
@@ -110,3 +112,17 @@ def load_base(settings: Settings) -> tuple[PreTrainedModel, PreTrainedTokenizerB
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+@functools.cache
+def _cache_keyword(model_class: type) -> str:
+    parameters = inspect.signature(model_class.forward).parameters  # through transformers' decorators (functools.wraps)
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def cache_keyword(model: PreTrainedModel) -> str:
+    """The keyword ``model``'s forward takes its KV cache by. transformers 5.24 (the lock) takes ``cache`` and warns
+    that ``past_key_values`` goes in 5.40; 5.17 (the GPU machine) takes only ``past_key_values``, and would
+    silently run without a cache passed as ``cache=`` (its forward swallows unknown keywords)."""
+    return _cache_keyword(type(model))
+

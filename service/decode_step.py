@@ -12,6 +12,7 @@ import logging
 
 import torch
 
+from service.base_model import cache_keyword
 from service.kv_cache import RowKVCache, column_bucket, row_bucket
 from service.lora_layers import RowAdapters
 
@@ -60,7 +61,7 @@ class DecodeStep:
         unseen = torch.arange(width, device=ids.device)[None, :] > positions[:, None]
         mask = torch.zeros(unseen.shape, dtype=dtype, device=ids.device).masked_fill_(unseen, torch.finfo(dtype).min)
         out = self.model(input_ids=ids[:, None], attention_mask=mask[:, None, None, :], position_ids=positions[:, None],
-                         past_key_values=self.cache, use_cache=True)
+                         **{cache_keyword(self.model): self.cache}, use_cache=True)
         return out.logits[:, -1].float()
 
     def _drop_graphs(self) -> None:

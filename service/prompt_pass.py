@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
+from service.base_model import cache_keyword
+
 
 class PromptPass:
     """Left-padded prompts [rows, width] and how far they have run; ``logits`` [rows, vocab] once finished."""
@@ -40,8 +42,8 @@ class PromptPass:
         columns = max(1, budget // len(self.ids)) if budget else self.width
         start, end = self.done, min(self.width, self.done + columns)
         out = self.model(input_ids=self.ids[:, start:end], attention_mask=self.mask[:, :end],
-                         position_ids=self.positions[:, start:end], past_key_values=self.cache, use_cache=True,
-                         logits_to_keep=1)
+                         position_ids=self.positions[:, start:end], **{cache_keyword(self.model): self.cache},
+                         use_cache=True, logits_to_keep=1)
         self.done = end
         if self.finished:
             self.logits = out.logits[:, -1].float()

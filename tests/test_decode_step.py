@@ -3,10 +3,13 @@ logits of its whole sequence run alone through stock peft, across joins, departu
 """
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from transformers import AutoTokenizer
 
+from service.base_model import cache_keyword
 from service.decoding import Decoding, RowSampler
 from service.engine import Engine
 from service.generation import RunningBatch
@@ -88,3 +91,30 @@ def test_rows_at_their_own_positions_equal_each_sequence_alone(base_dir, ranked,
     rows.assert_match()
     decoder = rows.engine.decoder
     assert decoder.cuda_graphs == (device == "cuda") and bool(decoder._graphs) == (device == "cuda")
+
+
+@torch.inference_mode()
+def test_the_cache_goes_by_the_keyword_the_model_takes(base_dir, ranked):
+    """transformers 5.24 warns on every forward given ``past_key_values`` (removed in 5.40): a prompt pass and decoding
+    steps warn of nothing, and still match peft (the cache was used, not dropped as an unknown keyword)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rows = Rows(base_dir, ranked, dense=False)
+        rows.join([random_ids(1, 6, 5)[0].tolist(), random_ids(1, 4, 6)[0].tolist()], ["r2", None], chunk=4)
+        rows.step([11, 12])
+        rows.assert_match()
+    assert not [str(w.message) for w in caught if "past_key_values" in str(w.message)]
+
+
+def test_a_model_without_the_cache_keyword_gets_past_key_values():
+    """As transformers 5.17's models (the GPU machine's), whose forward would swallow ``cache=`` and run uncached."""
+    class Older(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None, use_cache=None, **kwargs):
+            return input_ids
+
+    class Newer(torch.nn.Module):
+        def forward(self, input_ids, cache=None, use_cache=None, **kwargs):
+            return input_ids
+
+    assert (cache_keyword(Older()), cache_keyword(Newer())) == ("past_key_values", "cache")
+
