@@ -169,18 +169,24 @@ def check_name(name: str) -> str:
 
 
 def check_path(path: str | Path, roots: list[Path]) -> Path:
-    """Resolve ``path`` and refuse it unless it lies inside one of the configured adapter roots."""
+    """The adapter folder ``path`` names, resolved (symlinks followed); AdapterError 403 unless it lies inside one of
+    the adapter ``roots``, 404 unless it is a folder, 422 if the file system cannot take the path. A relative path is
+    looked up in each root in turn, then in the working directory, and the first place that has it is the one."""
+    relative = not Path(path).is_absolute()
+    candidates = [Path(root) / path for root in roots] + [Path(path)] if relative else [Path(path)]
     try:
-        resolved = Path(path).resolve()
-        inside = any(resolved.is_relative_to(Path(root).resolve()) for root in roots)
-        is_folder = inside and resolved.is_dir()
+        resolved = [candidate.resolve() for candidate in candidates]
+        chosen = next((found for found in resolved if found.exists()), resolved[0])
+        inside = any(chosen.is_relative_to(Path(root).resolve()) for root in roots)
+        is_folder = inside and chosen.is_dir()
     except (ValueError, OSError) as exc:  # a NUL byte, a name too long for the file system, a symlink loop
         raise AdapterError(f"adapter path {path!r} is not a usable path: {exc}") from None
+    where = " (a relative path is looked up in each adapter root, then in the working directory)" if relative else ""
     if not inside:
-        raise AdapterError(f"adapter path {path} is outside the configured adapter roots", status=403)
+        raise AdapterError(f"adapter path {path} is outside the configured adapter roots{where}", status=403)
     if not is_folder:
-        raise AdapterError(f"adapter path {path} is not a folder", status=404)
-    return resolved
+        raise AdapterError(f"adapter path {path} is not a folder{where}", status=404)
+    return chosen
 
 
 def read_config(folder: Path, max_rank: int) -> LoraConfig:

@@ -108,7 +108,9 @@ class Refusals:
         }
         self.outside = gpt2_adapters["two"].parent  # the fixture's own folder, outside every root
         os.symlink(llama_adapters["two"], folder / "escape")  # a link inside the root to a folder outside it
-        self.settings = tiny_settings(llama_dir, self.adapters_dir, root / "cache")
+        # a second root, not loaded at start: "three" is only there, "two" is in both
+        self.second_root = copy_adapters({"three": llama_adapters["one"], "two": llama_adapters["one"]}, root / "more")
+        self.settings = tiny_settings(llama_dir, self.adapters_dir, root / "cache", adapter_roots=[self.second_root])
 
 
 @pytest.fixture(scope="module")
@@ -175,8 +177,23 @@ def test_a_path_the_file_system_cannot_take_is_422(client, refusals, path):
     refused(client, "odd", f"{refusals.adapters_dir}/{path}", 422, "not a usable path")
 
 
+@pytest.mark.parametrize("path", ["../narrow_base", "escape", "two/../../narrow_base", "../../../../etc"])
+def test_relative_paths_out_of_the_roots_are_403(client, refusals, path):
+    assert not Path(path).is_absolute()
+    refused(client, "elsewhere", path, 403, "outside the configured adapter roots", "relative path")
+
+
 def test_a_missing_folder_inside_the_roots_is_404(client, refusals):
     refused(client, "missing", refusals.adapters_dir / "missing", 404, "not a folder")
+    refused(client, "missing", "missing", 404, "not a folder", "looked up in each adapter root")
+
+
+@pytest.mark.parametrize("path,root", [("three", "second_root"), ("two", "adapters_dir"), ("./three/", "second_root")])
+def test_a_relative_path_is_found_in_the_first_root_that_has_it(client, refusals, path, root):
+    reply = client.post("/adapters", json={"name": "relative", "path": path}, headers=ADMIN)
+    assert reply.status_code == 201, reply.text
+    assert client.delete("/adapters/relative", headers=ADMIN).status_code == 200
+    assert reply.json()["path"] == str((getattr(refusals, root) / Path(path).name).resolve())
 
 
 @pytest.mark.parametrize("name", ["../x", "a b", "", "x;rm", "x/y", "1abc", "é", "a" * 65, "base"])
