@@ -68,8 +68,10 @@ def settings_from(args: argparse.Namespace) -> Settings:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraswap", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="run the HTTP service", description="Run the HTTP service.",
-                                formatter_class=DefaultsHelp)
+    prefix = Settings.model_config["env_prefix"]
+    serve = commands.add_parser("serve", help="run the HTTP service", formatter_class=DefaultsHelp,
+                                description=f"Run the HTTP service. A flag not given comes from its environment "
+                                f"variable ({prefix}MAX_BATCH for --max-batch), else the default shown.")
     add_settings_arguments(serve)
     for name, (options, module, help_text) in COMMANDS.items():
         sub = commands.add_parser(name, help=help_text, description=help_text, formatter_class=DefaultsHelp)

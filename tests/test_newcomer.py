@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from service.adapter_files import BASE_LABEL
-from service.cli import COMMANDS, DefaultsHelp, build_parser
+from service.cli import COMMANDS, DefaultsHelp, build_parser, settings_from
 
 HEAVY = ("torch", "transformers", "peft", "bitsandbytes")
 # runs ``loraswap ARGS`` in a fresh interpreter, then prints its exit status and the heavy modules it imported
@@ -102,3 +102,12 @@ def test_sweep_runs_a_fixed_step_budget_and_train_every_epoch():
     commands = subcommands()
     assert commands["sweep"].parse_args(["--task", "nli", "--out", "x"]).max_steps == 200
     assert commands["train"].parse_args(["--task", "nli", "--out", "x"]).max_steps is None
+
+
+def test_serve_help_says_where_an_unset_flag_comes_from(monkeypatch):
+    """serve's defaults shown are Settings' own; its description says the environment comes first, as it does."""
+    monkeypatch.setenv("LORASWAP_MAX_BATCH", "7")
+    serve = subcommands()["serve"]
+    assert "LORASWAP_MAX_BATCH for --max-batch" in " ".join(serve.format_help().split())
+    assert settings_from(serve.parse_args([])).max_batch == 7
+    assert settings_from(serve.parse_args(["--max-batch", "9"])).max_batch == 9
