@@ -231,7 +231,7 @@ class Bench:
         stamps: list[tuple[float, float]] = []  # (start, end) of each decoding step (one new token per row)
         activations: list[tuple[float, float]] = []  # of each activation: adapters made resident, rows mapped
         engine.decoder = Stamped(engine.decoder, stamps, self.device)  # steps only: prompt passes are not stamped
-        self.registry.activate = Stamped(self.registry.activate, activations, self.device)
+        self.registry.activate_weights = Stamped(self.registry.activate_weights, activations, self.device)
         works = [Generation(self.prompts[i % len(self.prompts)].tolist(), running[i % len(running)],
                             Decoding(max_new_tokens=new_tokens), stop_at_newline=False, ignore_eos=True)
                  for i in range(batch)]
@@ -263,7 +263,7 @@ class Bench:
             runs = {"first_load": warm_up["load"], **{kind: steps(kind, "timed") for kind in kinds}}
         finally:
             engine.decoder = engine.decoder.wrapped
-            del self.registry.activate
+            del self.registry.activate_weights
             for name in {entry["name"] for entry in self.registry.describe()} - set(self.names):
                 self.registry.unregister(name)
         report = {"batch": batch, "new_tokens": new_tokens, "joining_requests": loads,

@@ -112,7 +112,7 @@ def host_buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.frombuffer(memory, dtype=dtype)
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: the registry and the engine bind rows to these weights
 class AdapterWeights:
     """A validated adapter held on the host in one packed buffer, in the dtype the device banks use.
 

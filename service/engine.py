@@ -22,7 +22,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from service import metrics
-from service.adapter_files import BASE_LABEL, AdapterError
+from service.adapter_files import BASE_LABEL, AdapterError, AdapterWeights
 from service.attention import use_packed_gqa_attention
 from service.decode_step import DecodeStep
 from service.decoding import Decoding, RowSampler
@@ -94,6 +94,7 @@ class _Pending:
     work: Generation | Scoring
     future: RequestFuture
     enqueued: float = field(default_factory=time.perf_counter)
+    adapter: AdapterWeights | None = None  # the weights ``work.adapter`` named when the request was taken: its own
 
 
 @dataclass
@@ -265,17 +266,24 @@ class Engine:
                 return None
             return self._take(type(self._queue[0].work), self.settings.max_batch, set())
 
-    def _take(self, kind: type, room: int, adapters: set[str], loads: float = math.inf) -> list[_Pending]:
+    def _take(self, kind: type, room: int, adapters: set[AdapterWeights], loads: float = math.inf) -> list[_Pending]:
         """Up to ``room`` queued requests of one kind, oldest first, so that the adapters in use (``adapters``
-        plus theirs) fit the device slots, and at most ``loads`` adapters not resident yet."""
+        plus theirs) fit the device slots, and at most ``loads`` adapters not resident yet. Each request taken is
+        bound to the weights its adapter's name holds now, for good; one whose name is no longer registered fails
+        (404). Called holding ``_wakeup``."""
         batch, rest = [], deque()
         while self._queue and len(batch) < room:
             pending = self._queue.popleft()
-            adapter = pending.work.adapter
+            try:
+                adapter = self.registry.lookup(pending.work.adapter)
+            except AdapterError as exc:  # unregistered while the request was queued
+                pending.future.set_exception(exc)
+                continue
             known = adapter is None or adapter in adapters
             fits = known or len(adapters) < self.registry.max_resident
             loading = not known and loads < math.inf and not self.registry.is_resident(adapter)  # asked if bounded
             if type(pending.work) is kind and fits and loads >= loading:
+                pending.adapter = adapter
                 batch.append(pending)
                 adapters.update([adapter] if adapter is not None else [])
                 loads -= loading
@@ -289,7 +297,7 @@ class Engine:
         batch = [pending for pending in batch if pending.future.set_running_or_notify_cancel()]
         if not batch:
             return
-        self._apply_merge_policy({pending.work.adapter for pending in batch})
+        self._apply_merge_policy({pending.adapter for pending in batch})
         running, joining = RunningBatch(self.decoder), self._joining(batch)
         while True:
             joining = self._between_steps(running, joining)
@@ -319,15 +327,23 @@ class Engine:
             pending.future.set_exception(RequestAbandoned("the request was abandoned by its caller"))
         return rows
 
-    def _apply_merge_policy(self, names: set[str | None]) -> None:
-        """At every admission (a new batch, or requests joining a running one; ``names``: the adapters of every
-        row then in play), between two decoding steps: merge or unmerge as the policy says. A running row goes on
-        with the same weights either way, in the base or in its slot."""
-        switch = self.merge_policy.admit(names, self.registry.merged)
+    def _apply_merge_policy(self, adapters: set[AdapterWeights | None]) -> None:
+        """At every admission (a new batch, or requests joining a running one; ``adapters``: the weights every row
+        then in play is bound to), between two decoding steps: merge or unmerge as the policy says. A running row
+        goes on with the same weights either way, in the base or in its slot. Weights no longer registered (their
+        name was unloaded while their rows ran) are never merged."""
+        switch = self.merge_policy.admit(adapters, self.registry.merged_weights)
         if switch.unmerge:
             self.registry.unmerge()
-        if switch.merge is not None:
-            self.registry.merge(switch.merge)
+        if switch.merge is not None and self._registered(switch.merge):
+            self.registry.merge_weights(switch.merge)
+
+    def _registered(self, adapter: AdapterWeights) -> bool:
+        """Whether ``adapter`` is what its name holds now."""
+        try:
+            return self.registry.lookup(adapter.name) is adapter
+        except AdapterError:
+            return False
 
     def _joining(self, pendings: list[_Pending]) -> _Joining:
         """Requests just taken from the queue, their prompts not yet run."""
@@ -348,25 +364,25 @@ class Engine:
         if joining is None:
             return None
         fills = self.registry.fills
-        self._map_rows(running, joining.pendings)
+        self._map_rows(running, joining.pendings, to_joiners=True)
         if self.registry.fills == fills or not len(running):  # a pause that made an adapter resident does no more
             chunk = self.prefill_chunk
             joining.prompt.advance(max(chunk, len(running)) if chunk and len(running) else 0)
             if joining.prompt.finished:
                 self._land(running, joining)
+        still_joining = None if joining.prompt.finished else joining
         if len(running):
-            self._map_rows(running)
-        return None if joining.prompt.finished else joining
+            self._map_rows(running, still_joining.pendings if still_joining else [], to_joiners=False)
+        return still_joining
 
     def _admit(self, running: RunningBatch) -> _Joining | None:
         """Queued requests that fit beside the running rows (room, device slots); the merge policy sees them and the
         running rows before they join. None while an admin call waits (the batch then ends, and the call runs) or
         while the oldest request waits for a device slot (until every row of some adapter is done): otherwise a
         steady stream for the resident adapters would keep every slot in use, and it waiting, for ever."""
-        in_use = {pending.work.adapter for pending in running.pendings}
+        in_use = {pending.adapter for pending in running.pendings}
         with self._wakeup:
-            oldest = self._queue[0].work.adapter if self._queue else None
-            if self._controls or (oldest not in in_use | {None} and len(in_use - {None}) >= self.registry.max_resident):
+            if self._controls or (self._queue and self._waits_for_a_slot(self._queue[0], in_use)):
                 return None
         for kind in (Scoring, Generation):
             room = self.settings.max_batch - (len(running) if kind is Generation else 0)
@@ -377,27 +393,26 @@ class Engine:
             taken = [pending for pending in taken if pending.future.set_running_or_notify_cancel()]
             self._taken += taken
             if taken:
-                self._apply_merge_policy(in_use | {pending.work.adapter for pending in taken})
+                self._apply_merge_policy(in_use | {pending.adapter for pending in taken})
                 return self._joining(taken)
         return None
 
-    def _map_rows(self, running: RunningBatch, joiners: list[_Pending] = ()) -> None:
-        """Make the adapters of the running rows and of ``joiners`` resident, and point the row mapping at the
-        joiners (to run their prompts) or, with none, at the running rows. Requests whose adapter was deleted
-        meanwhile fail with 404 (joiners run on with no adapter, their results unused); failed or cancelled
-        running rows leave the batch."""
-        while True:
-            rows = running.pendings + list(joiners)
-            missing = set(self.registry.activate([pending.work.adapter for pending in rows]))
-            for row in missing:
-                if not rows[row].future.done():
-                    rows[row].future.set_exception(AdapterError(f"unknown adapter {rows[row].work.adapter!r}", 404))
-            gone = {row for row, pending in enumerate(running.pendings) if pending.future.done()}
-            if not gone:
-                break
-            running.keep([row for row in range(len(running)) if row not in gone])
+    def _waits_for_a_slot(self, pending: _Pending, in_use: set[AdapterWeights | None]) -> bool:
+        """Whether a queued request needs weights that are not in use while the running rows use every slot."""
+        try:
+            adapter = self.registry.lookup(pending.work.adapter)
+        except AdapterError:  # it fails once taken
+            return False
+        return adapter not in in_use | {None} and len(in_use - {None}) >= self.registry.max_resident
+
+    def _map_rows(self, running: RunningBatch, joiners: list[_Pending], to_joiners: bool) -> None:
+        """Make the weights of the running rows and of ``joiners`` resident (all of them, so that weights no longer
+        registered keep their slot while any row uses them), and point the row mapping at the joiners (to run their
+        prompts) or at the running rows."""
+        self.registry.activate_weights([pending.adapter for pending in running.pendings + joiners])
         if joiners:
-            self.registry.select_rows(torch.arange(len(running), len(rows), device=self.device))
+            first, last = (len(running), len(running) + len(joiners)) if to_joiners else (0, len(running))
+            self.registry.select_rows(torch.arange(first, last, device=self.device))
 
     def _land(self, running: RunningBatch, joining: _Joining) -> None:
         """Requests whose prompts have run: NLI requests get their probabilities, generations join ``running``."""

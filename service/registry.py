@@ -25,8 +25,12 @@ class AdapterMerged(AdapterError):
 class AdapterRegistry:
     """Registered adapters live on the host; at most ``max_resident`` sit in device slots (LRU).
 
-    ``register``/``unregister``/``describe`` may be called from any thread. ``activate``, ``merge``
-    and ``unmerge`` touch device weights and are called by the engine thread between steps only.
+    Residency is by identity, the ``AdapterWeights`` a name was registered with, not by name: rows admitted for a
+    name keep those weights (``lookup`` when admitted, ``activate_weights`` at every step) even if the name is
+    unregistered and registered again with other weights meanwhile; the old weights keep their slot while rows use
+    them. ``register``/``unregister``/``lookup``/``describe`` may be called from any thread. ``activate``,
+    ``activate_weights``, ``merge`` and ``unmerge`` touch device weights and are called by the engine thread between
+    steps only.
     """
 
     def __init__(self, model: nn.Module, roots: list[Path], max_resident: int, max_rank: int):
@@ -41,9 +45,9 @@ class AdapterRegistry:
         self.max_rank = max_rank
         self.quantized = any(not layer.base.weight.is_floating_point() for layer in self.layers.values())  # 4-bit
         self._adapters: dict[str, AdapterWeights] = {}
-        # name -> (slot, the weights the slot was filled from), least recently used first
-        self._resident: OrderedDict[str, tuple[int, AdapterWeights]] = OrderedDict()
-        self._merged: str | None = None
+        # the weights held in device slots -> their slot, least recently used first
+        self._resident: OrderedDict[AdapterWeights, int] = OrderedDict()
+        self._merged: AdapterWeights | None = None
         # module -> its base weight as loaded, kept at its first merge (see _keep_original)
         self._originals: dict[str, torch.Tensor] = {}
         self._lock = threading.Lock()
@@ -75,7 +79,7 @@ class AdapterRegistry:
         with self._lock:
             if name not in self._adapters:
                 raise AdapterError(f"unknown adapter {name!r}", status=404)
-            if name == self._merged:
+            if self._adapters[name] is self._merged:
                 raise AdapterMerged(name)
             del self._adapters[name]
 
@@ -85,9 +89,14 @@ class AdapterRegistry:
 
     def require(self, name: str | None) -> None:
         """Raise 404 unless ``name`` is None (bare base) or a registered adapter."""
+        self.lookup(name)
+
+    def lookup(self, name: str | None) -> AdapterWeights | None:
+        """The weights registered under ``name`` now (None for the bare base); AdapterError (404) if none are."""
         with self._lock:
             if name is not None and name not in self._adapters:
                 raise AdapterError(f"unknown adapter {name!r}", status=404)
+            return None if name is None else self._adapters[name]
 
     def describe(self) -> list[dict]:
         with self._lock:
@@ -97,42 +106,58 @@ class AdapterRegistry:
             ]
 
     def _state(self, name: str) -> str:
-        if name == self._merged:
+        adapter = self._adapters[name]
+        if adapter is self._merged:
             return "merged"
-        return "resident" if name in self._resident else "loaded"
+        return "resident" if adapter in self._resident else "loaded"
 
     @property
     def merged(self) -> str | None:
+        """The name of the adapter merged into the base weights, if any."""
+        return None if self._merged is None else self._merged.name
+
+    @property
+    def merged_weights(self) -> AdapterWeights | None:
+        """The weights merged into the base, if any (rows bound to them run with no LoRA)."""
         return self._merged
 
     @property
     def resident_count(self) -> int:
         return len(self._resident)
 
-    def is_resident(self, name: str) -> bool:
-        """Whether ``name``'s current weights sit in a device slot (or are merged into the base)."""
-        with self._lock:
-            held = self._resident.get(name)
-            return name == self._merged or (held is not None and held[1] is self._adapters.get(name))
+    def is_resident(self, adapter: AdapterWeights) -> bool:
+        """Whether ``adapter`` sits in a device slot (or is merged into the base)."""
+        return adapter is self._merged or adapter in self._resident
 
     # ---- device side: engine thread only ----------------------------------------------------
     def activate(self, names: list[str | None]) -> list[int]:
+        """``activate_weights`` for the weights registered under each row's name now (None: no adapter).
+
+        Returns the indices of rows whose adapter is not registered (they get no adapter)."""
+        adapters, missing = [], []
+        for row, name in enumerate(names):
+            try:
+                adapters.append(self.lookup(name))
+            except AdapterError:
+                adapters.append(None)
+                missing.append(row)
+        self.activate_weights(adapters)
+        return missing
+
+    def activate_weights(self, adapters: list[AdapterWeights | None]) -> None:
         """Make each row's adapter resident and point the shared row mapping at their slots.
 
-        Returns the indices of rows whose adapter is no longer registered (they must be failed).
-        Rows asking for the merged adapter run with no LoRA: their weights are already in the base.
+        Rows bound to the merged weights run with no LoRA: their weights are already in the base. Weights that are
+        no longer registered keep their slot while rows ask for them, and lose it at the first call that does not.
+        Raises AdapterError (503) if the rows need more adapters than there are slots.
         """
-        self._drop_unregistered()
-        wanted = {name for name in names if name is not None and name != self._merged}
-        with self._lock:
-            missing = {name for name in wanted if name not in self._adapters}
-            adapters = {name: self._adapters[name] for name in wanted - missing}
-        for name in adapters:
-            self._make_resident(name, adapters[name], protect=set(adapters))
-        slots = [self._resident[name][0] if name in adapters else self.zero_slot for name in names]
+        wanted = {adapter for adapter in adapters if adapter is not None and adapter is not self._merged}
+        self._drop_unregistered(keep=wanted)
+        for adapter in wanted:
+            self._make_resident(adapter, protect=wanted)
+        slots = [self._resident[adapter] if adapter in wanted else self.zero_slot for adapter in adapters]
         rank = self._rank(slots)
         self.rows.assign(torch.tensor(slots, device=self.device) if rank else None, rank)
-        return [row for row, name in enumerate(names) if name in missing]
 
     def select_rows(self, keep: torch.Tensor) -> None:
         """Shrink the row mapping to the rows still running (``keep`` indexes the old rows); the rank in play
@@ -144,23 +169,20 @@ class AdapterRegistry:
 
     def _rank(self, slots: list[int]) -> int:
         """The rank in play for rows in ``slots``: the largest among the adapters there (0: no LoRA at all)."""
-        ranks = {slot: adapter.rank for slot, adapter in self._resident.values()}
+        ranks = {slot: adapter.rank for adapter, slot in self._resident.items()}
         return max((ranks.get(slot, 0) for slot in set(slots)), default=0)
 
-    def _make_resident(self, name: str, adapter: AdapterWeights, protect: set[str]) -> None:
-        held = self._resident.get(name)
-        if held is not None and held[1] is adapter:
-            self._resident.move_to_end(name)
+    def _make_resident(self, adapter: AdapterWeights, protect: set[AdapterWeights]) -> None:
+        if adapter in self._resident:
+            self._resident.move_to_end(adapter)
             return
-        if held is not None:  # the name was unregistered and registered again: refill its slot
-            slot = self._resident.pop(name)[0]
-        elif len(self._resident) >= self.max_resident:
-            victim = next((n for n in self._resident if n not in protect), None)
+        if len(self._resident) >= self.max_resident:
+            victim = next((held for held in self._resident if held not in protect), None)
             if victim is None:
                 raise AdapterError(f"a batch needs more than {self.max_resident} resident adapters", status=503)
-            slot = self._resident.pop(victim)[0]
+            slot = self._resident.pop(victim)
         else:
-            slot = min(set(range(self.max_resident)) - {slot for slot, _ in self._resident.values()})
+            slot = min(set(range(self.max_resident)) - set(self._resident.values()))
         on_device = adapter.packed.to(self.device, self.dtype, non_blocking=True)  # one transfer
         storage = self.rows.storage
         for module in adapter.layout:
@@ -171,7 +193,7 @@ class AdapterRegistry:
             torch._foreach_zero_(stale)
         torch._foreach_copy_(self._flat_views(slot, adapter.rank, modules), adapter.segments(on_device))
         self.rows.slot_written(slot if self.rows.storage == storage else None)
-        self._resident[name] = (slot, adapter)
+        self._resident[adapter] = slot
         self.fills += 1
 
     def _flat_views(self, slot: int, rank: int, modules: tuple[str, ...], stale: bool = False) -> list[torch.Tensor]:
@@ -191,11 +213,12 @@ class AdapterRegistry:
             self._slot_lists[key] = [view.view(-1) for view in views if view.numel()]  # none: nothing to clear
         return self._slot_lists[key]
 
-    def _drop_unregistered(self) -> None:
+    def _drop_unregistered(self, keep: set[AdapterWeights]) -> None:
+        """Clear the slots of weights no longer registered, except those in ``keep`` (rows still use them)."""
         with self._lock:
-            gone = [name for name, (_, held) in self._resident.items() if self._adapters.get(name) is not held]
-        for name in gone:
-            slot, _ = self._resident.pop(name)
+            gone = [held for held in self._resident if held not in keep and self._adapters.get(held.name) is not held]
+        for held in gone:
+            slot = self._resident.pop(held)
             torch._foreach_zero_(self._flat_views(slot, 0, (), stale=True))  # the whole slot
             self.rows.slot_written(slot)
         if not self._resident:
@@ -204,16 +227,19 @@ class AdapterRegistry:
             self._slot_lists = {}  # their views would keep the freed banks alive
 
     def merge(self, name: str) -> None:
-        """Fold one adapter into the base weights, in place. The first merge of a module keeps its weight as
-        loaded, which every unmerge restores exactly (a fresh copy at each merge took 3-5x the merge on a CPU)."""
+        """Fold the adapter registered under ``name`` into the base weights (``merge_weights``); AdapterError: 404
+        for an unknown name, 409 on a 4-bit base."""
+        self.merge_weights(self.lookup(name))
+
+    def merge_weights(self, adapter: AdapterWeights) -> None:
+        """Fold ``adapter`` into the base weights, in place, unmerging any other first. The first merge of a module
+        keeps its weight as loaded, which every unmerge restores exactly (a fresh copy at each merge took 3-5x the
+        merge on a CPU). Raises AdapterError (409) on a 4-bit base."""
         if self.quantized:
             raise AdapterError("merging needs a full-precision base; this one is 4-bit", status=409)
-        with self._lock:
-            if name not in self._adapters:
-                raise AdapterError(f"unknown adapter {name!r}", status=404)
-            adapter = self._adapters[name]
-        if self._merged == name:
+        if self._merged is adapter:
             return
+        name = adapter.name
         self.unmerge()
         started = time.perf_counter()
         for module, (lora_a, lora_b_t) in adapter.views(adapter.packed.to(self.device, self.dtype)).items():
@@ -225,7 +251,7 @@ class AdapterRegistry:
             else:
                 weight.addmm_(lora_b_t.t(), lora_a)  # [out, in] += B A
         with self._lock:
-            self._merged = name
+            self._merged = adapter
         self._record_switch("merge", name, started)
 
     def _keep_original(self, module: str) -> None:
@@ -245,12 +271,11 @@ class AdapterRegistry:
         if self._merged is None:
             return
         started = time.perf_counter()
-        with self._lock:  # a merged adapter cannot be unregistered
-            modules = list(self._adapters[self._merged].layout)
+        modules = list(self._merged.layout)
         torch._foreach_copy_([self.layers[module].base.weight.data for module in modules],
                              [self._originals[module] for module in modules])
         with self._lock:
-            name, self._merged = self._merged, None
+            name, self._merged = self._merged.name, None
         self._record_switch("unmerge", name, started)
 
     def _record_switch(self, action: str, name: str, started: float) -> None:

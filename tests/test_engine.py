@@ -6,6 +6,7 @@ reference for a request is the same request submitted alone to an engine that ne
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import random
 import threading
@@ -446,7 +447,9 @@ def test_long_prompts_join_a_chunk_per_pause_and_get_what_they_get_alone(engines
     assert same_output(running.result(WAIT), alone(engine, long_work))
 
 
-def test_an_adapter_deleted_while_its_request_joins_fails_that_request_only(engines, counted_passes):
+def test_an_adapter_deleted_while_its_request_joins_serves_that_request_with_its_weights(engines, counted_passes):
+    """A request is bound to its adapter's weights when it is taken: deleting the adapter while the request's
+    prompt runs leaves it those weights; their slot is freed once no row uses them."""
     engine = engines.fresh(max_new_tokens=300, prefill_chunk=8)
     _, adapters = engines.base("llama")
     engine.registry.register("victim", adapters["r4"])
@@ -454,12 +457,36 @@ def test_an_adapter_deleted_while_its_request_joins_fails_that_request_only(engi
     victim = Generation(prompt(rng, 60, 80), "victim", Decoding(max_new_tokens=4), False)
     long_work, running = start_long_request(engine, rng)
     counted_passes.on_first_chunk = lambda: engine.registry.unregister("victim")  # its slot was just filled
-    with pytest.raises(AdapterError) as failed:
-        engine.submit(victim).result(WAIT)
-    assert failed.value.status == 404
-    assert not running.done()
+    served = engine.submit(victim).result(WAIT)
+    assert "victim" not in engine.registry.names() and not running.done()
+    assert same_output(served, alone(engines.shared(), dataclasses.replace(victim, adapter="r4")))
     assert same_output(running.result(WAIT), alone(engine, long_work))
-    assert "victim" not in engine.registry.names() and engine.registry.resident_count == 1  # only r8 holds a slot
+    assert engine.registry.resident_count == 1  # only r8 holds a slot
+
+
+def test_rows_keep_the_weights_they_were_admitted_with_when_their_name_is_registered_again(engines):
+    """Eight generations for x run; x is unloaded and another adapter registered as x; one more request for x joins
+    the running batch. The eight finish with the old x's weights, the joiner gets the new x's: nothing switches."""
+    engine = engines.fresh(max_new_tokens=64)
+    _, adapters = engines.base("llama")
+    engine.registry.register("x", adapters["r4"])
+    rng = random.Random(20)
+    first = [long_generation(rng, "x", 64) for _ in range(8)]
+    joiner = long_generation(rng, "x", 16)
+    expected = [alone(engine, work) for work in first]  # with the first x's weights
+    engine.decoder = steps = WatchedSteps(engine.decoder, hold_at=5)
+    with paused(engine):
+        futures = [engine.submit(work) for work in first]
+    assert steps.holding.wait(WAIT)  # the eight are decoding
+    engine.registry.unregister("x")
+    engine.registry.register("x", adapters["r8"])
+    joined = engine.submit(joiner)
+    steps.release.set()
+    assert_same_outputs(results(futures), expected, first)
+    joined = joined.result(WAIT)
+    assert max(steps.notes) == 9, f"the joiner did not join the running rows: rows per step {steps.notes}"
+    assert same_output(joined, alone(engine, joiner))  # with the second x's weights
+    assert not same_output(joined, alone(engine, dataclasses.replace(joiner, adapter="r4")))
 
 
 def test_a_failure_mid_batch_fails_the_joined_requests_too_and_the_engine_goes_on(engines, counted_passes):
@@ -483,15 +510,14 @@ def test_adapters_loaded_beside_a_running_batch_take_one_pause_each_and_it_does_
         engine.registry.register(name, adapters[source])
     steps, fills = [], []  # (start, end) of each decoding step; (end, slots filled) of each activation
     engine.decoder = Stamped(engine.decoder, steps, engine.device)
-    activate = engine.registry.activate
+    activate = engine.registry.activate_weights
 
-    def counted_activate(names_of_rows):
+    def counted_activate(weights_of_rows):
         before = engine.registry.fills
-        missing = activate(names_of_rows)
+        activate(weights_of_rows)
         fills.append((time.perf_counter(), engine.registry.fills - before))
-        return missing
 
-    engine.registry.activate = counted_activate
+    engine.registry.activate_weights = counted_activate
     rng = random.Random(14)
     joiners = [Generation(prompt(rng, 60, 80), name, Decoding(max_new_tokens=4), False) for name in names]
     long_work, running = start_long_request(engine, rng)
@@ -503,7 +529,7 @@ def test_adapters_loaded_beside_a_running_batch_take_one_pause_each_and_it_does_
     assert sum(loads) == 3, f"the three adapters were not loaded between the running batch's steps: {loads}"
     assert max(loads) == 1, f"a pause loaded more than one adapter: {loads}"
     assert all(chunk == 0 for load, chunk in zip(loads, chunks) if load), "a pause that loaded also ran prompts"
-    engine.registry.activate = activate
+    engine.registry.activate_weights = activate
     assert same_output(running.result(WAIT), alone(engine, long_work))
     assert_same_outputs(got, [alone(engine, work) for work in joiners], joiners)
 
