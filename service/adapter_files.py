@@ -159,6 +159,12 @@ class AdapterWeights:
         }
 
 
+def adapter_or_base(name: str | None) -> str | None:
+    """The adapter a request names; None for the bare base model, which every route and command calls null,
+    "none" or "base"."""
+    return None if name is None or name in RESERVED_NAMES else name
+
+
 def check_name(name: str) -> str:
     """Adapter names are plain identifiers (they become metric labels and URL parts), and not a reserved one."""
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):

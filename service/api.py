@@ -12,7 +12,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.adapter_files import BASE_LABEL, BASE_MODEL_ID
+from service.adapter_files import BASE_LABEL, BASE_MODEL_ID, adapter_or_base
 from service.runtime import Runtime
 from service.schemas import AdapterIn, AnswerIn, AnswerOut, CompletionIn, NliIn, NliOut, error_replies
 
@@ -56,9 +56,10 @@ def admin(request: Request, authorization: str | None = Header(None)) -> Runtime
 
 
 def pick_adapter(rt: Runtime, request_body, default: str | None, request: Request) -> str | None:
-    """The adapter a request names, or the configured default when it names none; 404 if unknown."""
+    """The adapter a request names (None: the bare base, also as "none" or "base"), or the configured default when
+    it names none; 404 if unknown."""
     if "adapter" in request_body.model_fields_set:
-        name = request_body.adapter
+        name = adapter_or_base(request_body.adapter)
     else:
         name = default if default in rt.registry.names() else None
     rt.registry.require(name)
@@ -142,11 +143,12 @@ def models(rt: Runtime = Depends(serving)) -> dict:
 
 @openai_router.post("/completions", responses=error_replies(400, 404, 413, 422, 429, 503))
 async def completions(body: CompletionIn, request: Request, rt: Runtime = Depends(serving)) -> dict:
-    adapter = None if body.model == BASE_MODEL_ID else body.model
+    adapter = adapter_or_base(body.model)
     rt.registry.require(adapter)
     request.state.adapter = adapter or BASE_LABEL
     decoding = body.to_decoding(new_seed())
-    result = await unless_disconnected(request, rt.tasks.generate(body.prompt, adapter, decoding, stop_at_newline=False))
+    result = await unless_disconnected(  # a raw prompt: special tokens spelled in it are parsed
+        request, rt.tasks.generate(body.prompt, adapter, decoding, stop_at_newline=False, plain=False))
     return {
         "id": f"cmpl-{new_seed():x}",
         "object": "text_completion",

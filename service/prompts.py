@@ -24,3 +24,10 @@ def nli_prompt(premise: str, hypothesis: str) -> str:
 def label_target(label: str) -> str:
     """Completion the NLI prompt is trained to produce (scored by its first token)."""
     return f" {label}"
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Token ids of task text (a filled template) as plain text: no special tokens added, and text that spells a
+    special token (``<|im_end|>``) encoded as the characters it is, never as the control token. Training and the
+    task routes both encode this way."""
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]

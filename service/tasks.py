@@ -9,7 +9,7 @@ from transformers import PreTrainedTokenizerBase
 
 from service.decoding import Decoding
 from service.engine import Engine, Generation, GenerationResult, Scoring
-from service.prompts import NLI_LABELS, answer_prompt, label_target, nli_prompt
+from service.prompts import NLI_LABELS, answer_prompt, encode_text, label_target, nli_prompt
 from service.settings import Settings
 
 
@@ -26,17 +26,31 @@ class Answer:
     latency_ms: float
 
 
+def caseless(text: str) -> tuple[str, list[int]]:
+    """``text`` case-folded, and for each of its characters the index of the character of ``text`` it came from
+    (case folding can change the length: "İ" folds to two characters, "ß" to "ss")."""
+    folded, origins = [], []
+    for index, char in enumerate(text):
+        piece = char.casefold()
+        folded.append(piece)
+        origins += [index] * len(piece)
+    return "".join(folded), origins
+
+
 def locate(answer: str, context: str) -> tuple[str, int | None, int | None]:
-    """Find the answer in the context (exactly, else ignoring case); return the context's span and offsets."""
+    """Find the answer in the context (exactly, else ignoring case); return the context's span and its character
+    offsets in ``context`` itself, so that ``context[start:end]`` is the span returned (None, None if not found)."""
     answer = answer.strip()
     if not answer:
         return answer, None, None
     start = context.find(answer)
-    if start < 0:
-        start = context.lower().find(answer.lower())
-    if start < 0:
+    if start >= 0:
+        return answer, start, start + len(answer)
+    folded, origins = caseless(context)
+    found = folded.find(answer.casefold())
+    if found < 0:
         return answer, None, None
-    end = start + len(answer)
+    start, end = origins[found], origins[found + len(answer.casefold()) - 1] + 1
     return context[start:end], start, end
 
 
@@ -50,13 +64,15 @@ class Tasks:
 
     def first_tokens(self, labels: tuple[str, ...]) -> list[int]:
         """The first token of each label's completion; they must differ to be scored in one pass."""
-        firsts = [self.tokenizer.encode(label_target(label), add_special_tokens=False)[0] for label in labels]
+        firsts = [encode_text(self.tokenizer, label_target(label))[0] for label in labels]
         if len(set(firsts)) != len(firsts):
             raise ValueError(f"this tokenizer gives two of {labels} the same first token; they cannot be scored")
         return firsts
 
-    def encode(self, prompt: str) -> list[int]:
-        ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+    def encode(self, prompt: str, plain: bool = True) -> list[int]:
+        """The prompt's token ids (``plain``: as plain text, see ``encode_text``; else special tokens spelled in it
+        are parsed, the contract of raw completions); InputTooLong (413) beyond ``max_prompt``."""
+        ids = encode_text(self.tokenizer, prompt) if plain else self.tokenizer.encode(prompt, add_special_tokens=False)
         if len(ids) > self.max_prompt:
             raise InputTooLong(f"the prompt has {len(ids)} tokens; at most {self.max_prompt} are accepted")
         return ids
@@ -77,9 +93,10 @@ class Tasks:
             self.engine.abandon(future)
             raise
 
-    async def generate(self, prompt: str, adapter: str | None, decoding: Decoding,
-                       stop_at_newline: bool) -> GenerationResult:
-        work = Generation(self.encode(prompt), adapter, self.decoding(decoding), stop_at_newline)
+    async def generate(self, prompt: str, adapter: str | None, decoding: Decoding, stop_at_newline: bool,
+                       plain: bool = True) -> GenerationResult:
+        """Generate from ``prompt`` (``plain``: encoded as plain text, see ``encode``)."""
+        work = Generation(self.encode(prompt, plain), adapter, self.decoding(decoding), stop_at_newline)
         return await self.outcome(work)
 
     async def answer(self, context: str, question: str, adapter: str | None, decoding: Decoding,

@@ -80,19 +80,20 @@ class Reference:
             base = AutoModelForCausalLM.from_pretrained(tiny.base_dir)
             self.models[name] = PeftModel.from_pretrained(base, path).eval()
 
-    def _ids(self, prompt: str) -> torch.Tensor:
-        return self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+    def _ids(self, prompt: str, plain: bool = False) -> torch.Tensor:
+        """``plain``: text that spells a special token stays text (as the task routes encode their fields)."""
+        return self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False, split_special_tokens=plain).input_ids
 
     @torch.no_grad()
-    def generate(self, adapter: str | None, prompt: str, max_new_tokens: int) -> str:
-        ids = self._ids(prompt)
+    def generate(self, adapter: str | None, prompt: str, max_new_tokens: int, plain: bool = False) -> str:
+        ids = self._ids(prompt, plain)
         out = self.models[adapter].generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                             max_new_tokens=max_new_tokens, do_sample=False)
         return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
     @torch.no_grad()
-    def nli(self, adapter: str | None, premise: str, hypothesis: str) -> dict[str, float]:
-        logits = self.models[adapter](self._ids(nli_prompt(premise, hypothesis))).logits[0, -1]
+    def nli(self, adapter: str | None, premise: str, hypothesis: str, plain: bool = False) -> dict[str, float]:
+        logits = self.models[adapter](self._ids(nli_prompt(premise, hypothesis), plain)).logits[0, -1]
         firsts = [self.tokenizer.encode(label_target(label), add_special_tokens=False)[0] for label in NLI_LABELS]
         return dict(zip(NLI_LABELS, logits[firsts].softmax(-1).tolist()))
 
@@ -158,6 +159,33 @@ def test_omitted_adapter_means_the_configured_task_adapter_and_null_the_bare_bas
     assert nli["adapter"] == "two"
     assert nli["probabilities"] == classify(client, "two", premise="A man sleeps.",
                                             hypothesis="Nobody sleeps.")["probabilities"]
+
+
+@pytest.mark.parametrize("name", ["none", "base"])
+def test_none_and_base_name_the_bare_base_model_on_every_route(client, name):
+    bare, named = ask(client, None), ask(client, name)
+    assert named["adapter"] is None and {**named, "latency_ms": 0} == {**bare, "latency_ms": 0}
+    assert classify(client, name) == classify(client, None)
+    body = {"prompt": "The Normans gave their name to", "max_tokens": 4, "temperature": 0}
+    completions = [client.post("/v1/completions", json={**body, "model": model}).json() for model in (name, "base")]
+    assert completions[0]["choices"] == completions[1]["choices"]
+
+
+def test_text_that_spells_a_special_token_is_plain_text_on_the_task_routes(client, reference):
+    """A field of /answer or /nli that spells a control token (here the tiny tokenizer's end of text) is encoded
+    as the characters it is; a raw /v1/completions prompt keeps the usual contract (the token is parsed)."""
+    special = reference.tokenizer.eos_token
+    premise, hypothesis = f"A dog {special} runs in the park.", f"{special}An animal is outside."
+    got = classify(client, "two", premise=premise, hypothesis=hypothesis)["probabilities"]
+    assert_close(got, reference.nli("two", premise, hypothesis, plain=True))
+    parsed = reference.nli("two", premise, hypothesis)
+    assert max(abs(got[label] - parsed[label]) for label in got) > 10 * PROBABILITY_TOLERANCE, "no difference to see"
+    context = SQUAD_CONTEXT.replace("Denver", f"{special}Denver")
+    want = reference.generate("one", answer_prompt(context, SQUAD_QUESTION), SERVER_CAP, plain=True)
+    assert ask(client, "one", context=context, extractive=False)["answer"] == want.split("\n", 1)[0].strip()
+    prompt = f"A story{special}:"
+    reply = client.post("/v1/completions", json={"model": "one", "prompt": prompt, "max_tokens": 1})
+    assert reply.json()["usage"]["prompt_tokens"] == len(reference.tokenizer.encode(prompt, add_special_tokens=False))
 
 
 @pytest.mark.parametrize("strategy,parameters", [("top_k", {"top_k": 20}), ("nucleus", {"top_p": 0.95}),

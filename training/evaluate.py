@@ -6,7 +6,7 @@ import asyncio
 import json
 from pathlib import Path
 
-from service.adapter_files import BASE_LABEL, CONFIG_FILE, AdapterError
+from service.adapter_files import BASE_LABEL, CONFIG_FILE, AdapterError, adapter_or_base
 from service.decoding import Decoding
 from service.prompts import NLI_LABELS, RTE_LABELS
 from service.runtime import Runtime
@@ -20,8 +20,8 @@ def start_runtime(args: argparse.Namespace) -> tuple[Runtime, str | None]:
     adapter_path = Path(args.adapter)
     is_folder = (adapter_path / CONFIG_FILE).is_file()
     in_adapters_dir = (args.adapters_dir / args.adapter / CONFIG_FILE).is_file()  # --adapters-dir is a Path
-    if args.adapter != BASE_LABEL and not is_folder and not in_adapters_dir:
-        raise AdapterError(f"unknown adapter {args.adapter!r}: not '{BASE_LABEL}', an adapter folder, or one in "
+    if adapter_or_base(args.adapter) is not None and not is_folder and not in_adapters_dir:
+        raise AdapterError(f"unknown adapter {args.adapter!r}: not '{BASE_LABEL}' or 'base', an adapter folder, or one in "
                            f"{args.adapters_dir}", 404)  # before the model is loaded
     settings = Settings(
         base_model=args.base_model, adapters_dir=args.adapters_dir, device=args.device, dtype=args.dtype,
@@ -31,7 +31,7 @@ def start_runtime(args: argparse.Namespace) -> tuple[Runtime, str | None]:
     )
     rt = Runtime(settings)
     rt.start()
-    if args.adapter == BASE_LABEL:
+    if adapter_or_base(args.adapter) is None:
         return rt, None
     if is_folder:
         name = "evaluated"

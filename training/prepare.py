@@ -9,15 +9,18 @@ from __future__ import annotations
 
 from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
 
-from service.prompts import NLI_LABELS, RTE_LABELS, answer_prompt, answer_target, label_target, nli_prompt
+from service.prompts import (
+    NLI_LABELS,
+    RTE_LABELS,
+    answer_prompt,
+    answer_target,
+    encode_text,
+    label_target,
+    nli_prompt,
+)
 
 IGNORE_INDEX = -100
 TASK_LABELS = {"nli": NLI_LABELS, "rte": RTE_LABELS}
-
-
-def ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    """Token ids without special tokens, as the service encodes its prompts."""
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def join(prompt_ids: list[int], target_ids: list[int]) -> dict[str, list[int]]:
@@ -47,19 +50,20 @@ def encode_squad(example: dict, tokenizer: PreTrainedTokenizerBase, max_length: 
         if start < 0:
             return None
     end = start + len(answer)
-    target = ids(tokenizer, answer_target(answer))
-    prompt = ids(tokenizer, answer_prompt(context, question))
+    target = encode_text(tokenizer, answer_target(answer))
+    prompt = encode_text(tokenizer, answer_prompt(context, question))
     if len(prompt) + len(target) <= max_length:
         return join(prompt, target)
 
-    offsets = tokenizer(context, return_offsets_mapping=True, add_special_tokens=False)["offset_mapping"]
+    offsets = tokenizer(context, return_offsets_mapping=True, add_special_tokens=False,
+                        split_special_tokens=True)["offset_mapping"]
     n = len(offsets)
     a = next(i for i, (_, e) in enumerate(offsets) if e > start)  # first token touching the answer
     b = 1 + max(i for i, (s, _) in enumerate(offsets) if s < end)  # one past the last one
     budget = max_length - len(target) - (len(prompt) - n)  # context tokens that fit beside the rest
     while budget >= b - a:
         lo, hi = answer_window(a, b, n, budget)
-        prompt = ids(tokenizer, answer_prompt(context[offsets[lo][0] : offsets[hi - 1][1]], question))
+        prompt = encode_text(tokenizer, answer_prompt(context[offsets[lo][0] : offsets[hi - 1][1]], question))
         excess = len(prompt) + len(target) - max_length
         if excess <= 0:
             return join(prompt, target)
@@ -69,8 +73,8 @@ def encode_squad(example: dict, tokenizer: PreTrainedTokenizerBase, max_length: 
 
 def encode_label(example: dict, tokenizer: PreTrainedTokenizerBase, max_length: int) -> dict | None:
     """Tokenise one premise/hypothesis/label row; None when it does not fit in ``max_length``."""
-    prompt = ids(tokenizer, nli_prompt(example["premise"], example["hypothesis"]))
-    target = ids(tokenizer, label_target(example["label"]))
+    prompt = encode_text(tokenizer, nli_prompt(example["premise"], example["hypothesis"]))
+    target = encode_text(tokenizer, label_target(example["label"]))
     return join(prompt, target) if len(prompt) + len(target) <= max_length else None
 
 
