@@ -4,19 +4,22 @@ Modes: ``hf_base`` (transformers ``generate``, bare base), ``base`` / ``single``
 adapter, one adapter, all adapters round-robin in each batch), ``merged`` (ours, one adapter merged into the base),
 ``peft_mixed`` (peft ``generate`` with ``adapter_names``) and ``peft_sequential`` (peft, one request at a time,
 ``set_adapter`` per request). Modes take turns batch by batch (in reverse order every other round), so drift in
-the machine's speed falls on all alike. It also times adapter hot-loads and measures host memory with many adapters.
+the machine's speed falls on all alike. Each cell also reports the most the host's RSS rose during one of its batches
+(its warm-up included). It also times adapter hot-loads and measures host memory with many adapters.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import gc
+import itertools
 import json
 import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Self
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -110,13 +113,14 @@ class Bench:
     def batch_sizes(self) -> list[int]:
         return [int(b) for b in self.args.batch_sizes.split(",")]
 
-    def record(self, mode: str, batch: int, batch_seconds: list[float]) -> None:
-        """One cell: its timed batches together, and each batch's own time (the spread between rounds)."""
+    def record(self, mode: str, batch: int, batch_seconds: list[float], rss_rise: int) -> None:
+        """One cell: its timed batches together, each batch's own time (the spread between rounds), and the most
+        the RSS rose over its start during one of the cell's batches (bytes)."""
         requests, seconds = len(batch_seconds) * batch, sum(batch_seconds)
         row = {"mode": mode, "batch_size": batch, "requests": requests, "seconds": round(seconds, 4),
                "batch_seconds": [round(value, 4) for value in batch_seconds],
                "req_per_s": round(requests / seconds, 3),
-               "tokens_per_s": round(requests * self.args.new_tokens / seconds, 1)}
+               "tokens_per_s": round(requests * self.args.new_tokens / seconds, 1), "peak_rss_rise_bytes": rss_rise}
         self.results.append(row)
         print(json.dumps(row), flush=True)
 
@@ -176,18 +180,26 @@ class Bench:
         reverse order every other round, so that drift in the machine's speed falls on all modes alike."""
         for batch in self.batch_sizes:
             runners = {mode: run for mode in modes if (run := self.runner(mode, batch)) is not None}
+            self.rss_rise = dict.fromkeys(runners, 0)
             for mode, run in runners.items():
                 self.set_weights(mode)
-                run()
+                self.serve(mode, run)  # the warm-up: not timed, but its RSS counts
             rounds = self.args.rounds or max(1, -(-self.args.min_requests // batch))
             seconds: dict[str, list[float]] = {mode: [] for mode in runners}
             turns = list(runners.items())
             for round_ in range(rounds):
                 for mode, run in turns if round_ % 2 == 0 else reversed(turns):
                     self.set_weights(mode)
-                    seconds[mode].append(timed(run, self.device))
+                    seconds[mode].append(self.serve(mode, run))
             for mode in runners:
-                self.record(mode, batch, seconds[mode])
+                self.record(mode, batch, seconds[mode], self.rss_rise[mode])
+
+    def serve(self, mode: str, run) -> float:
+        """Serve one batch of ``mode``; returns its seconds, and notes for the mode's cell how far the RSS rose."""
+        with PeakRss() as rss:
+            seconds = timed(run, self.device)
+        self.rss_rise[mode] = max(self.rss_rise[mode], rss.rise)
+        return seconds
 
     def hot_load(self) -> dict:
         """Time hot-loads of an r=16 all-linear adapter from local disk: register (file to host, on the caller's
@@ -199,11 +211,12 @@ class Bench:
         with torch.inference_mode():  # activation runs in inference mode on the engine thread
             for i in range(self.args.hot_loads):
                 name = f"hot{i}"
-                register = timed(lambda: registry.register(name, source), self.device)
-                activate = timed(lambda: registry.activate([name]), self.device)
+                register = timed(lambda name=name: registry.register(name, source), self.device)
+                activate = timed(lambda name=name: registry.activate([name]), self.device)
                 loads.append((register + activate) * 1000)
                 activations.append(activate * 1000)
-                unloads.append(timed(lambda: (registry.unregister(name), registry.activate([])), self.device) * 1000)
+                unload = timed(lambda name=name: (registry.unregister(name), registry.activate([])), self.device)
+                unloads.append(unload * 1000)
         return {"rank": 16, "targets": "all_linear", "loads": len(loads), **percentiles("", loads),
                 **percentiles("activate_", activations), **percentiles("unload_", unloads)}
 
@@ -250,8 +263,8 @@ class Bench:
                                                         stop_at_newline=False)))
             for future in futures:
                 future.result()
-            gaps = [(b[0] - a[0]) * 1000 for a, b in zip(stamps, stamps[1:])]
-            pauses = [(b[0] - a[1]) * 1000 for a, b in zip(stamps, stamps[1:])]
+            gaps = [(b[0] - a[0]) * 1000 for a, b in itertools.pairwise(stamps)]
+            pauses = [(b[0] - a[1]) * 1000 for a, b in itertools.pairwise(stamps)]
             between = [end - start for start, end in activations if stamps[0][1] <= start and end <= stamps[-1][0]]
             activate = max(between, default=0.0) * 1000  # the longest activation between two of the batch's steps
             return {"step_p50_ms": round(statistics.median(gaps), 2), "step_max_ms": round(max(gaps), 2),
@@ -296,17 +309,20 @@ class Bench:
 
 
 def markdown_table(report: dict) -> str:
-    """Requests/s per mode and batch size, with mixed's ratios to bare (the faster of hf_base and base) and peft."""
+    """Requests/s per mode and batch size, with mixed's ratios to bare (the faster of hf_base and base) and peft,
+    and the largest RSS rise among the modes at that batch size."""
     rate = {(r["mode"], r["batch_size"]): r["req_per_s"] for r in report["results"]}
+    rise = {(r["mode"], r["batch_size"]): r["peak_rss_rise_bytes"] for r in report["results"]}
     modes = [m for m in ALL_MODES if any(mode == m for mode, _ in rate)]
-    lines = ["| batch | " + " | ".join(modes) + " | mixed / bare | mixed / peft_mixed |",
-             "|---:|" + "---:|" * (len(modes) + 2)]
+    lines = ["| batch | " + " | ".join(modes) + " | mixed / bare | mixed / peft_mixed | largest RSS rise |",
+             "|---:|" + "---:|" * (len(modes) + 3)]
     for batch in sorted({b for _, b in rate}):
         cells = [f"{rate[(m, batch)]:.2f}" if (m, batch) in rate else "" for m in modes]
         bare = max(rate.get(("hf_base", batch), 0), rate.get(("base", batch), 0))
         mixed, peft = rate.get(("mixed", batch)), rate.get(("peft_mixed", batch))
         ratios = [f"{mixed / bare:.2f}x" if mixed and bare else "", f"{mixed / peft:.1f}x" if mixed and peft else ""]
-        lines.append(f"| {batch} | " + " | ".join(cells + ratios) + " |")
+        top = max((m for m in modes if (m, batch) in rise), key=lambda m: rise[(m, batch)])
+        lines.append(f"| {batch} | " + " | ".join(cells + ratios) + f" | {rise[(top, batch)] / 2**20:.0f} MB ({top}) |")
     return "\n".join(lines)
 
 
@@ -316,9 +332,29 @@ def percentiles(prefix: str, millis: list[float]) -> dict:
             f"{prefix}p95_ms": round(ordered[int(0.95 * (len(ordered) - 1))], 2)}
 
 
+class PeakRss:
+    """How far the process's resident set rose while entered, over its size at entry (``rise``, bytes): Linux's
+    high-water mark (VmHWM), reset to the current size at entry (writing 5 to /proc/self/clear_refs)."""
+
+    def __enter__(self) -> Self:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+        self.start, self.rise = rss_bytes(), 0
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.rise = max(0, proc_status("VmHWM") - self.start)
+
+
 def rss_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return proc_status("VmRSS")
+
+
+def proc_status(field: str) -> int:
+    """A size from /proc/self/status (``VmRSS``, ``VmHWM``), in bytes."""
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -1,19 +1,20 @@
 """``loraswap bench`` end to end on the tiny Llama: every mode at every batch size, hot-load, stall and memory."""
 from __future__ import annotations
 
-import argparse
 import json
 
+import torch
+
 from loadtest import bench
+from service.cli import build_parser
 
 
 def test_bench_measures_every_mode_and_writes_its_report(tiny_llama_dir, tmp_path):
-    parser = argparse.ArgumentParser()
-    bench.add_arguments(parser)
     out = tmp_path / "bench.json"
-    args = parser.parse_args(["--base-model", str(tiny_llama_dir), "--device", "cpu", "--batch-sizes", "1,3",
-                              "--adapters", "3", "--prompt-tokens", "8", "--new-tokens", "3", "--rounds", "2",
-                              "--hot-loads", "2", "--registered", "4", "--json", str(out)])
+    args = build_parser().parse_args([
+        "bench", "--base-model", str(tiny_llama_dir), "--device", "cpu", "--batch-sizes", "1,3", "--adapters", "3",
+        "--prompt-tokens", "8", "--new-tokens", "3", "--rounds", "2", "--hot-loads", "2", "--registered", "4",
+        "--json", str(out)])
     report = bench.run(args)
     assert json.loads(out.read_text()) == report
     cells = {(row["mode"], row["batch_size"]) for row in report["results"]}
@@ -22,6 +23,7 @@ def test_bench_measures_every_mode_and_writes_its_report(tiny_llama_dir, tmp_pat
     assert all(row["req_per_s"] > 0 and row["requests"] == 2 * row["batch_size"] for row in report["results"])
     for row in report["results"]:  # each timed batch's own time, adding up to the cell's
         assert len(row["batch_seconds"]) == 2 and abs(sum(row["batch_seconds"]) - row["seconds"]) < 1e-3
+        assert isinstance(row["peak_rss_rise_bytes"], int) and row["peak_rss_rise_bytes"] >= 0
     assert report["merge"]["merges"] == 2 * (1 + 2) and report["merge"]["p50_ms"] > 0  # untimed, before each batch
     hot_load = report["hot_load"]
     assert hot_load["loads"] == 2 and 0 < hot_load["activate_p50_ms"] < hot_load["p50_ms"] and hot_load["unload_p50_ms"] > 0
@@ -33,4 +35,19 @@ def test_bench_measures_every_mode_and_writes_its_report(tiny_llama_dir, tmp_pat
     for kind in ("first_load", "load"):  # the new adapters were made resident between two steps, in a pause
         assert 0 < stall[f"{kind}_activate_max_ms"] <= stall[f"{kind}_pause_max_ms"], kind
     assert report["memory"]["registered"] == 4 and set(report["memory"]["rss_growth_bytes"]) == {"1", "2", "4"}
-    assert "| 3 |" in bench.markdown_table(report)
+    table = bench.markdown_table(report)
+    assert "| 3 |" in table and table.count(" MB (") == 2  # the largest RSS rise at each batch size
+
+
+def test_peak_rss_is_the_rise_while_entered_and_starts_afresh_each_time():
+    """A 256 MB tensor made and freed inside shows as a rise of about its size (other pages may come and go
+    meanwhile), although the RSS is back down at exit; a later entry that allocates nothing does not see it (the
+    high-water mark was reset)."""
+    size = 256 * 2**20
+    with bench.PeakRss() as first:
+        block = torch.ones(size, dtype=torch.uint8)  # written, so its pages are resident
+        del block
+    assert first.rise > 0.9 * size
+    with bench.PeakRss() as second:
+        pass
+    assert second.rise < size // 4
