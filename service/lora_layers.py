@@ -10,8 +10,10 @@ Two ways to apply the deltas, chosen by what the hardware is short of:
   segments, the rows of one slot each; segments of one width form a ``RowGroup``, applied with two batched
   products against one A and B^T per segment. Those are views of the bank where the group's slots are
   consecutive (always for one adapter), else one copy per slot: what a step gathers grows with the distinct
-  adapters in the batch, never with its rows. Rows already in segment order (one adapter, or a different one
-  per row) are used in place; others are gathered into segment order and their deltas added back by row.
+  adapters in the batch, never with its rows. Rows already in segment order are used in place; others are
+  gathered into segment order and their deltas added back by row. One-token steps order segments by slot (more
+  views: the weights a step keeps for the next cost no memory) and prompts by first appearance (a batch of one
+  adapter, or of a different one per row, needs no index ops; a passing copy of weights is cheap beside them).
   x A^T is computed as (A x^T)^T: with r rows of A against T prompt columns, the batched product is
   1.5-3x faster on the CPU than x against r columns of A^T (docs/results/gathered_layout/).
 - dense (one-token decoding steps when ``RowAdapters.dense_decode``, i.e. on the GPU): every slot's A
@@ -46,30 +48,33 @@ class RowAdapters:
     min_rows: int = 1  # rows of ``one_hot`` at the least (the largest batch), so joins do not reallocate it
     storage: int = 0  # bumped whenever a bank or ``one_hot`` is reallocated (captured graphs go stale)
     writes: dict[int, int] = field(default_factory=dict)  # slot -> times it was filled or cleared
-    _groups: tuple[RowGroup, ...] | None = field(default=None, init=False, repr=False)  # of ``slots``, made on use
+    _groups: dict[bool, tuple[RowGroup, ...]] = field(default_factory=dict, init=False, repr=False)  # see ``groups``
     _reads: tuple | None = field(default=None, init=False, repr=False)  # see ``reads``
 
     def assign(self, slots: torch.Tensor | None, rank: int) -> None:
         """Point the rows at ``slots`` (their groups are made when a layer first needs them)."""
         self.slots, self.rank = slots, rank
-        self._groups = self._reads = None
+        self._groups, self._reads = {}, None
         if self.dense_decode and slots is not None:
             self._fill_one_hot(slots)
 
-    @property
-    def groups(self) -> tuple[RowGroup, ...]:
-        """The rows that use an adapter, by slot and segment width (see ``row_groups``), made once per mapping."""
-        if self._groups is None:
-            self._groups = row_groups(self.slots, self.num_slots)
-        return self._groups
+    def groups(self, step: bool) -> tuple[RowGroup, ...]:
+        """The rows that use an adapter, by slot and segment width (see ``row_groups``), made once per mapping: for
+        one-token steps (``step``) with segments in slot order, so that a group of consecutive slots, in whatever
+        order its rows come, is a view of the bank (steps keep their weights, and views cost no memory); for longer
+        inputs in the rows' order, so that rows already in segment order need no index ops (at prompt lengths, those
+        cost more than a passing copy of the weights)."""
+        if step not in self._groups:
+            self._groups[step] = row_groups(self.slots, self.num_slots, in_slot_order=step)
+        return self._groups[step]
 
     @property
     def reads(self) -> tuple:
-        """What the groups' weights are made of: each group's slots and how often each was written. Weights a
-        layer gathered for equal ``reads`` (and bank storage) are still good."""
+        """What the steps' groups' weights are made of: each group's slots and how often each was written. Weights
+        a layer gathered for equal ``reads`` (and bank storage) are still good."""
         if self._reads is None:
             self._reads = tuple((group.slots, tuple(self.writes.get(slot, 0) for slot in group.slots))
-                                for group in self.groups)
+                                for group in self.groups(step=True))
         return self._reads
 
     def slot_written(self, slot: int | None) -> None:
@@ -100,15 +105,16 @@ class RowGroup:
     rows: torch.Tensor | None  # [U * width] batch rows, segment after segment; None: the whole batch, in order
 
 
-def row_groups(slots: torch.Tensor, zero_slot: int) -> tuple[RowGroup, ...]:
-    """Cut the rows of ``slots`` [batch] that use an adapter into segments of one slot each (slots and rows in
-    order of first appearance), and group the segments by width. Rows of the zero slot are left out."""
+def row_groups(slots: torch.Tensor, zero_slot: int, in_slot_order: bool) -> tuple[RowGroup, ...]:
+    """Cut the rows of ``slots`` [batch] that use an adapter into segments of one slot each (rows in their order;
+    segments in slot order, or in order of first appearance), and group the segments by width. Rows of the zero
+    slot are left out."""
     segments: dict[int, list[int]] = {}
     for row, slot in enumerate(slots.tolist()):
         if slot != zero_slot:
             segments.setdefault(slot, []).append(row)
     by_width: dict[int, dict[int, list[int]]] = {}
-    for slot, rows in segments.items():
+    for slot, rows in sorted(segments.items()) if in_slot_order else segments.items():
         by_width.setdefault(len(rows), {})[slot] = rows
     return tuple(row_group(members, width, len(slots), slots.device) for width, members in by_width.items())
 
@@ -221,17 +227,17 @@ class BatchedLoraLayer(nn.Module):
         """The bank's (A [R, in], B^T [R, out]) of one slot, contiguous views to write an adapter into."""
         return self.a[slot], self.b_t[slot]
 
-    def _weights(self, rank: int, keep: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Each row group's A [U, r, in] and B^T [U, r, out] (views of the bank, or one copy per slot). With
-        ``keep`` (one-token steps: the next step needs them again), the layer keeps them while the slots they
-        read stay unwritten, and only them; longer inputs gather afresh (small beside their products)."""
+    def _weights(self, groups: tuple[RowGroup, ...], rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each group's A [U, r, in] and B^T [U, r, out]: views of the bank, or one copy of each slot's."""
+        return [(self.a[:, :rank][group.select], self.b_t[:, :rank][group.select]) for group in groups]
+
+    def _step_weights(self, rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The steps' groups' weights, kept for the next step (and only the last step's) while the slots they read
+        stay unwritten. Inputs longer than one token gather theirs afresh: small beside their products."""
         key = (self.rows.reads, rank, self.rows.storage)
-        if self._kept is not None and self._kept[0] == key:
-            return self._kept[1]
-        weights = [(self.a[:, :rank][group.select], self.b_t[:, :rank][group.select]) for group in self.rows.groups]
-        if keep:
-            self._kept = (key, weights)
-        return weights
+        if self._kept is None or self._kept[0] != key:
+            self._kept = (key, self._weights(self.rows.groups(step=True), rank))
+        return self._kept[1]
 
     def release(self) -> None:
         """Free the bank, with the rest of its group's (no adapter uses them any more)."""
@@ -253,8 +259,10 @@ class BatchedLoraLayer(nn.Module):
 
     def _grouped(self, x: torch.Tensor, out: torch.Tensor, rank: int) -> torch.Tensor:
         """out [B, T, out] += x A^T B^T for each row's own adapter, in place, group by group; x [B, T, in]."""
-        weights = self._weights(rank, keep=x.shape[1] == 1)
-        for group, (a, b_t) in zip(self.rows.groups, weights):  # a [U, r, in], b_t [U, r, out]
+        step = x.shape[1] == 1
+        groups = self.rows.groups(step)
+        weights = self._step_weights(rank) if step else self._weights(groups, rank)
+        for group, (a, b_t) in zip(groups, weights):  # a [U, r, in], b_t [U, r, out]
             span = group.width * x.shape[1]  # a segment's rows times tokens
             if group.rows is None:  # the batch is in segment order: x and out are the segments' views
                 hidden = torch.bmm(a, x.reshape(len(a), span, -1).transpose(1, 2)).transpose(1, 2)  # [U, span, r]

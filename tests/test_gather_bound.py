@@ -9,11 +9,13 @@ from torch.utils._pytree import tree_leaves
 
 from tests.lora_helpers import (
     FP32_TOLERANCE,
+    RANKED,
     engine_model,
     logits_tolerance,
     peft_logits,
     random_ids,
 )
+from tests.tiny_models import make_adapter
 
 PRODUCTS = {"mm", "bmm", "addmm", "baddbmm", "addmm_", "baddbmm_"}  # their outputs are activations, not weights
 
@@ -73,21 +75,24 @@ def one_copy_bytes(registry) -> int:
                for layer in registry.layers.values() if layer.a is not None)
 
 
-def descending_slots(registry, names: list[str]) -> list[str]:
-    """``names`` ordered by their slots, highest first: a group's slots are then never consecutive, so its
-    weights are copies (views of the bank gather nothing and would meet any bound)."""
+def by_slot(registry) -> list[str]:
+    """r2, r4 and r8 made resident, ordered by their slots, highest first. The highest and the lowest are not
+    consecutive slots, so a group of both is copies, not views of the bank (which gather nothing and would meet
+    any bound); rows in descending slot order make prompts (segments in the rows' order) copy too."""
+    names = ["r2", "r4", "r8"]
     registry.activate(names)
     slot = dict(zip(names, registry.rows.slots.tolist()))
     return sorted(names, key=slot.get, reverse=True)
 
 
 def makeup(kind: str, registry) -> list[str | None]:
-    """The rows of a 32-row batch: one adapter; three adapters interleaved with bare rows; eight rows, three
-    adapters in unequal numbers (two segment widths)."""
-    high, middle, low = descending_slots(registry, ["r2", "r4", "r8"])
+    """The rows of a batch: 32 of one adapter; 32 of two adapters in slots apart, interleaved with bare rows
+    (segments of 8 and 16 rows); three adapters in unequal numbers (widths 4, 2, 1); one adapter per row."""
+    high, middle, low = by_slot(registry)
     return {"one adapter": ["r8"] * 32,
-            "interleaved": [[high, middle, None, low][row % 4] for row in range(32)],
-            "uneven": [high, low, high, middle, high, low, None, high]}[kind]
+            "two apart": [[high, low, None, low][row % 4] for row in range(32)],
+            "uneven": [high, low, high, middle, high, low, None, high],
+            "one per row": [high, middle, low]}[kind]
 
 
 def test_a_step_gathers_at_most_one_copy_of_each_adapter_in_the_batch(base_dir, ranked):
@@ -99,7 +104,7 @@ def test_a_step_gathers_at_most_one_copy_of_each_adapter_in_the_batch(base_dir, 
     steps = {"prompt": ids, "one-token step": ids[:, -1:]}
     expected = {(name, step): peft_logits(base_dir, ranked.get(name), tokens)[:, -1]
                 for name in ("r2", "r4", "r8", None) for step, tokens in steps.items()}
-    for kind in ("one adapter", "interleaved", "uneven"):
+    for kind in ("one adapter", "two apart", "uneven", "one per row"):
         rows = makeup(kind, registry)
         names = {name for name in rows if name is not None}
         assert registry.activate(rows) == []
@@ -109,20 +114,25 @@ def test_a_step_gathers_at_most_one_copy_of_each_adapter_in_the_batch(base_dir, 
                 logits = model(input_ids=tokens[: len(rows)]).logits[:, -1]
             assert gathers.bytes <= bound, f"{kind}, {step}: gathered {gathers.bytes} bytes, {len(names)} copies: {bound}"
             assert kept_bytes(layers) <= bound, f"{kind}, {step}: the layers keep {kept_bytes(layers)} bytes"
+            if kind == "one adapter":  # its rows read the bank's own view of its slot
+                assert gathers.bytes == kept_bytes(layers) == 0, f"{step}: one adapter's rows made copies"
             for row, name in enumerate(rows):
                 reference = expected[name, step][row]
                 error = (logits[row] - reference).abs().max()
                 assert error < logits_tolerance(reference), f"{kind}, {step}: row {row} ({name})"
 
 
-def test_a_steps_weights_are_kept_across_joins_and_other_fills_until_a_slot_they_read_is_rewritten(base_dir, ranked):
+def test_a_steps_weights_are_kept_across_joins_and_other_fills_until_a_slot_they_read_is_rewritten(arch, base_dir,
+                                                                                                     ranked):
     """Between two steps the engine runs the joiners' prompts, then the running rows again: the running rows'
     gathered weights are kept (the next step gathers nothing), also when a joiner's adapter fills another slot;
-    refilling a slot they read (a name registered again with other weights) gathers that group again."""
+    refilling a slot they read (a name registered again with other weights of the same rank, so that nothing else
+    about the step changes) gathers that group again."""
     model, registry = engine_model(base_dir, ranked)
     layers = list(registry.layers.values())
-    running = descending_slots(registry, ["r2", "r4", "r8"])
-    ids = random_ids(3, 1, seed=2)
+    high, _, low = by_slot(registry)
+    running = [high, low]  # slots apart: a step copies their weights
+    ids = random_ids(2, 1, seed=2)
 
     def step(rows: list[str | None], tokens: torch.Tensor) -> tuple[torch.Tensor, int]:
         assert registry.activate(rows) == []
@@ -136,11 +146,13 @@ def test_a_steps_weights_are_kept_across_joins_and_other_fills_until_a_slot_they
     registry.register("other", ranked["r4"])
     step(["other"], random_ids(1, 6))  # fills a slot the running rows do not read
     assert step(running, ids)[1] == 0, "filling another slot made the running rows gather again"
-    registry.unregister(running[0])
-    registry.register(running[0], ranked["r8"])  # same name, other weights: its slot is refilled
+    rank, targets = RANKED[arch][high]
+    again = make_adapter(base_dir, ranked[high].parent / f"{high}_again", r=rank, alpha=2 * rank,
+                         target_modules=targets, seed=99, scale=0.2)
+    registry.unregister(high)
+    registry.register(high, again)  # same name, other weights: its slot is refilled
     refilled, gathered = step(running, ids)
     assert gathered > 0
-    expected = {name: peft_logits(base_dir, ranked[name], ids)[:, -1] for name in ("r2", "r4", "r8")}
-    assert torch.allclose(refilled[0], expected["r8"][0], atol=FP32_TOLERANCE), "stale weights were used"
-    for row in (1, 2):
-        assert torch.allclose(refilled[row], expected[running[row]][row], atol=FP32_TOLERANCE)
+    expected = [peft_logits(base_dir, path, ids)[:, -1] for path in (again, ranked[low])]
+    assert torch.allclose(refilled[0], expected[0][0], atol=FP32_TOLERANCE), "stale weights were used"
+    assert torch.allclose(refilled[1], expected[1][1], atol=FP32_TOLERANCE)
