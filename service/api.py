@@ -149,12 +149,13 @@ async def completions(body: CompletionIn, request: Request, rt: Runtime = Depend
     decoding = body.to_decoding(new_seed())
     result = await unless_disconnected(  # a raw prompt: special tokens spelled in it are parsed
         request, rt.tasks.generate(body.prompt, adapter, decoding, stop_at_newline=False, plain=False))
+    text = body.prompt + result.text if body.echo else result.text
     return {
         "id": f"cmpl-{new_seed():x}",
         "object": "text_completion",
         "created": int(time.time()),
         "model": body.model,
-        "choices": [{"text": result.text, "index": 0, "logprobs": None, "finish_reason": result.finish_reason}],
+        "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": result.finish_reason}],
         "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": len(result.token_ids),
                   "total_tokens": result.prompt_tokens + len(result.token_ids)},
     }

@@ -1,11 +1,11 @@
 """The FastAPI application: routers, error replies, request metrics, and the runtime's lifespan."""
 from __future__ import annotations
 
+import math
 import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
-from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
@@ -61,7 +61,23 @@ def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError):
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        return error(422, f"invalid request: {problems}", detail=jsonable_encoder(exc.errors()))
+        return error(422, f"invalid request: {problems}", detail=[encodable(e) for e in exc.errors()])
+
+
+def is_json_scalar(value) -> bool:
+    """Whether JSON can carry ``value`` as it is: a string, a finite number, true, false or null."""
+    return value is None or isinstance(value, (str, bool, int)) or (isinstance(value, float) and math.isfinite(value))
+
+
+def encodable(problem: dict) -> dict:
+    """One of pydantic's validation errors as a reply can always encode it: the ``input`` it echoes only when it is
+    a JSON scalar (not NaN, infinity, bytes that are not UTF-8, or a whole object), ``ctx`` values as text."""
+    kept = {key: problem[key] for key in ("type", "loc", "msg")}
+    if "input" in problem and is_json_scalar(problem["input"]):
+        kept["input"] = problem["input"]
+    if "ctx" in problem:
+        kept["ctx"] = {key: v if is_json_scalar(v) else str(v) for key, v in problem["ctx"].items()}
+    return kept
 
 
 def add_request_metrics(app: FastAPI) -> None:

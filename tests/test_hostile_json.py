@@ -1,0 +1,128 @@
+"""Bodies no JSON encoder writes: NaN, Infinity, 1e400, numbers past every bound, bodies that are not JSON, not
+UTF-8 or not an object, deep nesting. Each POST route answers them with a 4xx in the documented JSON shape (an
+``error`` message; a reply that is itself valid JSON), and nothing changes."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.server_helpers import (
+    ADMIN,
+    SQUAD_CONTEXT,
+    SQUAD_QUESTION,
+    copy_adapters,
+    listed,
+    ready_client,
+    tiny_settings,
+)
+
+ANSWER = {"context": SQUAD_CONTEXT, "question": SQUAD_QUESTION, "adapter": "one", "extractive": True,
+          "decoding": {"strategy": "nucleus", "temperature": 0.7, "top_k": 5, "top_p": 0.9, "max_new_tokens": 4,
+                       "seed": 1}}
+NLI = {"premise": "A man plays a guitar.", "hypothesis": "A person makes music.", "adapter": "two"}
+COMPLETION = {"model": "one", "prompt": "Hello", "max_tokens": 4, "temperature": 0.5, "top_p": 0.9, "seed": 1,
+              "n": 1, "best_of": 1, "frequency_penalty": 0, "presence_penalty": 0, "echo": False, "user": "u",
+              "logit_bias": {"50": 0}, "stop": None}
+ADAPTER = {"name": "three", "path": "/nowhere"}
+ROUTES = {"/answer": ANSWER, "/nli": NLI, "/v1/completions": COMPLETION, "/adapters": ADAPTER}
+# (route, path of the field inside the body): every field of every body
+FIELDS = [(route, path) for route, body in ROUTES.items() for path in (
+    [(key, inner) for key, value in body.items() if isinstance(value, dict) for inner in value]
+    + [(key,) for key in body])]
+NOT_JSON = ["NaN", "Infinity", "-Infinity", "1e400", "-1e400"]
+MARK = "\u0000mark\u0000"
+
+
+@pytest.fixture(scope="module")
+def client(tiny_gpt2_dir, gpt2_adapters, tmp_path_factory):
+    root = tmp_path_factory.mktemp("hostile_json")
+    settings = tiny_settings(tiny_gpt2_dir, copy_adapters(gpt2_adapters, root / "adapters"), root / "cache")
+    with ready_client(settings) as client:
+        yield client
+
+
+def with_raw(body: dict, path: tuple[str, ...], raw: str) -> bytes:
+    """``body`` as JSON text with the field at ``path`` written as ``raw`` (any text, JSON or not)."""
+    body = json.loads(json.dumps(body))
+    inner = body
+    for key in path[:-1]:
+        inner = inner[key]
+    inner[path[-1]] = MARK
+    return json.dumps(body).replace(json.dumps(MARK), raw).encode()
+
+
+def post(client, route: str, content: bytes, content_type: str = "application/json"):
+    return client.post(route, content=content, headers={**ADMIN, "content-type": content_type})
+
+
+def assert_refused(reply, *statuses: int) -> dict:
+    """A 4xx among ``statuses`` with strict JSON (no NaN) holding an ``error`` message; returns the body."""
+    assert reply.status_code in statuses, (reply.status_code, reply.text)
+    assert reply.headers["content-type"] == "application/json"
+    body = json.loads(reply.content, parse_constant=lambda constant: pytest.fail(f"{constant} in {reply.text}"))
+    assert isinstance(body["error"], str) and body["error"]
+    return body
+
+
+@pytest.mark.parametrize("route,path", FIELDS, ids=lambda part: ".".join(part) if isinstance(part, tuple) else part)
+def test_nan_and_infinity_in_any_field_are_refused(client, route, path):
+    before = listed(client)
+    for raw in NOT_JSON:
+        error = assert_refused(post(client, route, with_raw(ROUTES[route], path, raw)), 422)["error"]
+        assert ".".join(("body", *path)) in error, error
+    assert listed(client) == before
+
+
+@pytest.mark.parametrize("route,path", [("/answer", ("decoding", "seed")), ("/answer", ("decoding", "top_k")),
+                                        ("/answer", ("decoding", "max_new_tokens")), ("/v1/completions", ("seed",)),
+                                        ("/v1/completions", ("max_tokens",)), ("/v1/completions", ("n",)),
+                                        ("/v1/completions", ("best_of",)), ("/v1/completions", ("temperature",)),
+                                        ("/answer", ("decoding", "top_p"))])
+def test_numbers_past_every_bound_are_refused(client, route, path):
+    for raw in ("1" + "0" * 400, "-1" + "0" * 400, "2e400"):
+        error = assert_refused(post(client, route, with_raw(ROUTES[route], path, raw)), 422)["error"]
+        assert ".".join(("body", *path)) in error, error
+    too_long = with_raw(ROUTES[route], path, "1" * 5000)  # more digits than Python reads as an int
+    assert_refused(post(client, route, too_long), 400)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("content,content_type", [
+    (b"", "application/json"), (b"{", "application/json"), (b'{"model": "one",}', "application/json"),
+    (b"\xff\xfe{}", "application/json"), (b"1\xff\xff", "application/json"), (b"\xff\xfe\x00", "text/plain"),
+    (b"[1, 2]", "application/json"), (b"3", "application/json"), (b'"text"', "application/json"),
+    (b"null", "application/json"), (b"NaN", "application/json"), (b"[" * 100_000, "application/json"),
+    (b"[" * 500 + b"]" * 500, "application/json"), (b'{"a": ' * 500 + b"1" + b"}" * 500, "application/json"),
+    (json.dumps(ANSWER).encode(), "text/plain"), (json.dumps(ANSWER).encode(), "application/x-www-form-urlencoded"),
+])
+def test_bodies_that_are_not_a_json_object_are_refused(client, route, content, content_type):
+    before = listed(client)
+    assert_refused(post(client, route, content, content_type), 400, 422)
+    assert listed(client) == before
+
+
+@pytest.mark.parametrize("route,path", [("/answer", ("context",)), ("/answer", ("decoding", "strategy")),
+                                        ("/nli", ("adapter",)), ("/v1/completions", ("prompt",)),
+                                        ("/v1/completions", ("stop",)), ("/adapters", ("path",))])
+def test_deeply_nested_values_are_refused(client, route, path):
+    for raw in ("[" * 400 + "]" * 400, '{"a": ' * 400 + "NaN" + "}" * 400):
+        assert_refused(post(client, route, with_raw(ROUTES[route], path, raw)), 400, 422)
+
+
+def test_negative_zero_is_zero(client):
+    """-0.0 is 0: a greedy temperature for /v1/completions, below /answer's sampling temperatures."""
+    greedy = {"model": "one", "prompt": "Hello", "max_tokens": 4}
+    zero = post(client, "/v1/completions", json.dumps({**greedy, "temperature": 0}).encode())
+    negative = post(client, "/v1/completions", json.dumps({**greedy, "temperature": -0.0}).encode())
+    assert zero.status_code == negative.status_code == 200
+    assert zero.json()["choices"] == negative.json()["choices"]
+    body = {**ANSWER, "decoding": {"strategy": "temperature", "temperature": -0.0}}
+    assert "body.decoding.temperature" in assert_refused(post(client, "/answer", json.dumps(body).encode()), 422)["error"]
+
+
+def test_routes_without_a_body_ignore_one(client):
+    """The unmerge and merge routes read no body: a hostile one is not read, and the reply is plain JSON."""
+    for route in ("/adapters/unmerge", "/adapters/one/merge", "/adapters/unmerge"):
+        reply = post(client, route, b'{"x": NaN, "y": 1e400}')
+        assert reply.status_code == 200 and "merged" in reply.json(), reply.text

@@ -1,0 +1,116 @@
+"""POST /v1/completions takes every field of OpenAI's completions request: each is honoured, or accepted at the
+values that change nothing here and refused by name (422) otherwise; unknown fields are refused too."""
+from __future__ import annotations
+
+import openai
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests.server_helpers import copy_adapters, ready_client, tiny_settings
+
+PROMPT = "The Normans gave their name to"
+GREEDY = {"model": "base", "prompt": PROMPT, "max_tokens": 6, "temperature": 0}
+CAP = 32  # the server's max_new_tokens here: above OpenAI's default max_tokens (16)
+
+# values of OpenAI's fields that change nothing here (null is every field's default)
+NO_OPS = [("n", 1), ("n", None), ("best_of", 1), ("best_of", None), ("echo", False), ("echo", None),
+          ("logprobs", None), ("frequency_penalty", 0), ("frequency_penalty", 0.0), ("frequency_penalty", -0.0),
+          ("frequency_penalty", None), ("presence_penalty", 0), ("presence_penalty", None), ("logit_bias", {}),
+          ("logit_bias", None), ("suffix", None), ("stop", None), ("stop", []), ("stream", False), ("stream", None),
+          ("stream_options", None), ("user", "user-1234"), ("user", None), ("seed", None), ("top_p", 1),
+          ("top_p", None), ("prompt", [PROMPT])]
+
+# values this server cannot honour: refused, naming the field
+NOT_SUPPORTED = [("n", 2), ("n", 0), ("best_of", 2), ("stream", True), ("stream_options", {"include_usage": True}),
+                 ("stop", ","), ("stop", [","]), ("stop", ""), ("stop", ["\n", "."]), ("logprobs", 0),
+                 ("logprobs", 5), ("frequency_penalty", 0.5), ("presence_penalty", -1), ("logit_bias", {"50": 5}),
+                 ("logit_bias", {"50": 0}), ("suffix", "!"), ("suffix", ""), ("prompt", [PROMPT, PROMPT]),
+                 ("prompt", [1, 2, 3]), ("prompt", [[1, 2, 3]]), ("prompt", [])]
+
+
+@pytest.fixture(scope="module")
+def client(tiny_gpt2_dir, gpt2_adapters, tmp_path_factory):
+    root = tmp_path_factory.mktemp("openai_fields")
+    settings = tiny_settings(tiny_gpt2_dir, copy_adapters(gpt2_adapters, root / "adapters"), root / "cache",
+                             max_new_tokens=CAP)
+    with ready_client(settings) as client:
+        yield client
+
+
+def complete(client, status: int = 200, **fields) -> dict:
+    reply = client.post("/v1/completions", json={**GREEDY, **fields})
+    assert reply.status_code == status, reply.text
+    return reply.json()
+
+
+def choice(reply: dict) -> tuple[str, str, int]:
+    """(text, finish_reason, completion tokens) of a one-choice reply."""
+    return reply["choices"][0]["text"], reply["choices"][0]["finish_reason"], reply["usage"]["completion_tokens"]
+
+
+@pytest.mark.parametrize("field,value", NO_OPS)
+def test_values_that_change_nothing_are_accepted(client, field, value):
+    assert choice(complete(client, **{field: value})) == choice(complete(client))
+
+
+@pytest.mark.parametrize("field,value", NOT_SUPPORTED)
+def test_what_is_not_implemented_is_refused_by_name(client, field, value):
+    error = complete(client, 422, **{field: value})["error"]
+    assert f"body.{field}: " in error and "not supported yet" in error, error
+
+
+@pytest.mark.parametrize("field,value", [("colour", "red"), ("colour", None), ("stop_sequences", [","]),
+                                         ("n", True), ("n", 1.0), ("stream", 0), ("echo", "true"),
+                                         ("max_tokens", "5"), ("logit_bias", {"50": 0.5})])
+def test_unknown_fields_and_wrong_types_are_refused_by_name(client, field, value):
+    assert f"body.{field}" in complete(client, 422, **{field: value})["error"]
+
+
+@torch.no_grad()
+def test_temperature_zero_is_transformers_greedy(client, tiny_gpt2_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir).eval()
+    ids = tokenizer(PROMPT, return_tensors="pt", add_special_tokens=False).input_ids
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
+    greedy = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    for seed in (1, 2):  # the seed plays no part in greedy decoding, nor does top_p
+        assert choice(complete(client, seed=seed, top_p=0.5))[0] == greedy
+    assert choice(complete(client, temperature=-0.0))[0] == greedy
+
+
+def test_sampling_follows_temperature_top_p_and_seed(client):
+    sampled = {"temperature": 2.0, "max_tokens": 8}
+    first = complete(client, seed=7, **sampled)
+    assert choice(complete(client, seed=7, **sampled)) == choice(first)
+    assert len({choice(complete(client, seed=seed, **sampled))[0] for seed in range(6)}) > 1
+    greedy = choice(complete(client, max_tokens=8))
+    assert choice(complete(client, seed=3, temperature=2.0, top_p=1e-6, max_tokens=8)) == greedy  # top token only
+
+
+def test_max_tokens_bounds_the_completion_and_null_is_openais_default(client):
+    for max_tokens in (1, 3, 16):
+        _, reason, tokens = choice(complete(client, max_tokens=max_tokens))
+        assert tokens <= max_tokens and (reason == "length") == (tokens == max_tokens)
+    assert choice(complete(client, max_tokens=None)) == choice(complete(client, max_tokens=16))
+
+
+def test_echo_puts_the_prompt_before_the_completion(client):
+    plain, echoed = complete(client), complete(client, echo=True)
+    assert echoed["choices"][0]["text"] == PROMPT + plain["choices"][0]["text"]
+    assert echoed["usage"] == plain["usage"]
+
+
+def test_the_openai_client_in_process(client):
+    api = openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=client, max_retries=0)
+    plain = api.completions.create(model="one", prompt=PROMPT, max_tokens=5, temperature=0)
+    every_no_op = api.completions.create(
+        model="one", prompt=[PROMPT], max_tokens=5, temperature=0, n=1, best_of=1, echo=False, logprobs=None,
+        frequency_penalty=0, presence_penalty=0, logit_bias={}, stop=None, stream=False, suffix=None, user="u", seed=1)
+    assert every_no_op.choices[0].text == plain.choices[0].text and len(every_no_op.choices) == 1
+    echoed = api.completions.create(model="one", prompt=PROMPT, max_tokens=5, temperature=0, echo=True)
+    assert echoed.choices[0].text == PROMPT + plain.choices[0].text
+    for refused in ({"stop": [","]}, {"n": 2}, {"logprobs": 1}, {"presence_penalty": 0.5}, {"suffix": "x"}):
+        with pytest.raises(openai.UnprocessableEntityError) as raised:
+            api.completions.create(model="one", prompt=PROMPT, max_tokens=5, **refused)
+        assert f"body.{next(iter(refused))}: " in raised.value.response.json()["error"]
