@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import random
 import time
 from collections.abc import Awaitable
@@ -41,15 +42,21 @@ def serving(request: Request) -> Runtime:
     return rt
 
 
-def admin(request: Request, authorization: str | None = Header(None)) -> Runtime:
-    """Admin routes need ``Authorization: Bearer <admin key>``; with no key configured they are refused."""
-    rt: Runtime = request.app.state.runtime
+def check_admin_key(rt: Runtime, authorization: str | None) -> None:
+    """Raise 403 when no admin key is configured, 401 unless ``authorization`` is ``Bearer <admin key>``. Compared
+    in constant time, as bytes: Starlette reads a header's bytes as Latin-1, so any header compares, ASCII or not."""
     key = rt.settings.admin_key
     if not key:
         raise HTTPException(403, "admin routes are disabled: no admin key is configured (LORASWAP_ADMIN_KEY)")
-    if authorization != f"Bearer {key}":
+    if not hmac.compare_digest((authorization or "").encode("latin-1"), f"Bearer {key}".encode()):
         raise HTTPException(401, "admin routes need Authorization: Bearer <admin key>",
                             headers={"WWW-Authenticate": "Bearer"})
+
+
+def admin(request: Request, authorization: str | None = Header(None)) -> Runtime:
+    """Admin routes need ``Authorization: Bearer <admin key>``; with no key configured they are refused."""
+    rt: Runtime = request.app.state.runtime
+    check_admin_key(rt, authorization)
     if not rt.ready.is_set():
         raise HTTPException(503, "the model is still loading")
     return rt
@@ -106,9 +113,25 @@ async def nli(body: NliIn, request: Request, rt: Runtime = Depends(serving)) -> 
     return NliOut(label=max(probabilities, key=probabilities.get), probabilities=probabilities, adapter=adapter)
 
 
-@admin_router.get("/adapters", responses=error_replies(503))
-def list_adapters(rt: Runtime = Depends(serving)) -> dict:
-    return {"adapters": rt.registry.describe(), "merged": rt.registry.merged}
+# how long a merge lasts: the merge policy runs at every admission, admin merge or not (service/merge_policy.py)
+MERGE_LASTS = ("until the engine admits a request for other weights (another adapter or the bare base model), which "
+               "unmerges it between two decoding steps, or an admin unmerges or deletes it")
+
+
+def merge_state(merged: str | None) -> dict:
+    """The adapter merged into the base weights (None: none), and how long such a merge lasts."""
+    return {"merged": merged, "merged_until": MERGE_LASTS if merged is not None else None}
+
+
+@admin_router.get("/adapters", responses=error_replies(401, 403, 503))
+def list_adapters(rt: Runtime = Depends(serving), authorization: str | None = Header(None)) -> dict:
+    """Every adapter and the merge state; the adapters' file paths only with the admin key (a wrong key: 401)."""
+    if authorization is not None:
+        check_admin_key(rt, authorization)
+    adapters = rt.registry.describe()
+    if authorization is None:
+        adapters = [{key: value for key, value in adapter.items() if key != "path"} for adapter in adapters]
+    return {"adapters": adapters, **merge_state(rt.registry.merged)}
 
 
 @admin_router.post("/adapters", status_code=201, responses=error_replies(400, 401, 403, 404, 409, 422, 503))
@@ -125,14 +148,14 @@ def unload_adapter(name: str, rt: Runtime = Depends(admin)) -> dict:
 @admin_router.post("/adapters/unmerge", responses=error_replies(401, 403, 503))
 async def unmerge(rt: Runtime = Depends(admin)) -> dict:
     await run_in_threadpool(rt.engine.call(rt.registry.unmerge).result)
-    return {"merged": None}
+    return merge_state(None)
 
 
 @admin_router.post("/adapters/{name}/merge", responses=error_replies(401, 403, 404, 409, 503))
 async def merge(name: str, rt: Runtime = Depends(admin)) -> dict:
     rt.registry.require(name)
     await run_in_threadpool(rt.engine.call(lambda: rt.registry.merge(name)).result)
-    return {"merged": name}
+    return merge_state(name)
 
 
 @openai_router.get("/models", responses=error_replies(503))
