@@ -74,12 +74,14 @@ class Runtime:
         return info
 
     def unload_adapter(self, name: str) -> None:
-        """Forget an adapter. One merged into the base (the merge policy may merge any adapter under steady traffic)
-        is unmerged first, with the unregistering, in one call on the engine thread between batches."""
+        """Forget an adapter, and its metric series. One merged into the base (the merge policy may merge any adapter
+        under steady traffic) is unmerged first, with the unregistering, in one call on the engine thread between
+        batches. Raises AdapterError (404) for an unknown name."""
         try:
             self.registry.unregister(name)
         except AdapterMerged:
             self.engine.call(lambda: self._unmerge_and_unregister(name)).result()
+        metrics.forget_adapter(name, self.registry.names)
 
     def _unmerge_and_unregister(self, name: str) -> None:
         if self.registry.merged == name:

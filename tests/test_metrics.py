@@ -195,3 +195,52 @@ def test_the_api_schema_documents_the_metrics_format(client):
     documented = client.get("/openapi.json").json()["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
     served = client.get("/metrics").headers["content-type"]
     assert list(documented) == ["text/plain"] and served.startswith("text/plain")
+
+
+def adapter_series(samples, name: str) -> set:
+    """The series (sample name, labels) of every loraswap_ metric labelled with the adapter ``name``."""
+    return {key for key in samples if key[0].startswith("loraswap_") and ("adapter", name) in key[1]}
+
+
+def churn_round(client, extra, name: str) -> None:
+    """Register ``name``, use it, merge it, then delete it (its series must go with it)."""
+    assert client.post("/adapters", json={"name": name, "path": str(extra / "three")}, headers=ADMIN).status_code == 201
+    ask(client, name, max_new_tokens=2)
+    assert client.post(f"/adapters/{name}/merge", headers=ADMIN).status_code == 200
+    samples = scrape(client)
+    assert value(samples, f"{DURATION}_count", endpoint="/answer", adapter=name, status="200") == 1  # recorded anew
+    assert value(samples, "loraswap_merge_switch_seconds_count", action="merge", adapter=name) == 1
+    assert adapter_series(samples, name)
+    assert client.delete(f"/adapters/{name}", headers=ADMIN).status_code == 200
+    assert not adapter_series(scrape(client), name)
+
+
+def test_an_adapters_series_go_with_it_and_churn_keeps_metrics_bounded(client, extra):
+    churn_round(client, extra, "churn")  # the first round makes every other series it touches
+    series = set(scrape(client))
+    for _ in range(50):
+        churn_round(client, extra, "churn")
+    assert set(scrape(client)) == series
+
+
+def test_a_request_in_flight_when_its_adapter_goes_records_nothing_for_it(client, extra):
+    """Hold the engine; queue a request for an adapter, delete the adapter, release the engine: the request's late
+    observations do not bring the adapter's series back."""
+    engine = client.app.state.runtime.engine
+    assert client.post("/adapters", json={"name": "late", "path": str(extra / "three")}, headers=ADMIN).status_code == 201
+    ask(client, "late", max_new_tokens=1)
+    gate, entered = threading.Event(), threading.Event()
+    held = engine.call(lambda: (entered.set(), gate.wait(30)))
+    assert entered.wait(10)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        late = pool.submit(client.post, "/answer", json={"context": "c", "question": "q", "adapter": "late"})
+        for _ in range(1000):
+            if engine.queue_depth == 1:
+                break
+            gate.wait(0.01)
+        assert engine.queue_depth == 1
+        assert client.delete("/adapters/late", headers=ADMIN).status_code == 200
+        gate.set()
+        assert late.result(30).status_code in (200, 404)
+    held.result(10)
+    assert not adapter_series(scrape(client), "late")
