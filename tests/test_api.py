@@ -371,7 +371,7 @@ def test_deleting_the_merged_adapter_restores_the_base_first(client, tiny):
     before = {a: (nli_probabilities(client, a), ask(client, a)["answer"]) for a in ("two", None)}
     reply = client.post("/adapters", json={"name": "three", "path": str(tiny.extra / "three")}, headers=ADMIN)
     assert reply.status_code == 201, reply.text
-    assert client.post("/adapters/three/merge", headers=ADMIN).json() == {"merged": "three"}
+    assert client.post("/adapters/three/merge", headers=ADMIN).json()["merged"] == "three"
     reply = client.delete("/adapters/three", headers=ADMIN)
     assert reply.status_code == 200, reply.text
     assert client.get("/adapters").json()["merged"] is None and "three" not in listed(client)
