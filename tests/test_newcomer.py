@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from service.adapter_files import BASE_LABEL
+from service.adapter_files import BASE_LABEL, BASE_MODEL_ID
 from service.cli import COMMANDS, DefaultsHelp, build_parser, settings_from
 
 HEAVY = ("torch", "transformers", "peft", "bitsandbytes")
@@ -94,7 +94,7 @@ def test_help_shows_the_defaults_the_command_runs_with(monkeypatch, capsys):
     for name in ("strategy", "top_k", "top_p", "temperature", "seed", "sample_seed", "max_new_tokens", "max_batch",
                  "base_model", "device", "dtype", "quantize", "adapters_dir"):
         assert f"(default: {getattr(parsed, name)})" in shown, name
-    assert f"'{BASE_LABEL}' for the bare base model" in shown  # written out there: adapter_files imports torch
+    assert f"'{BASE_LABEL}' (or '{BASE_MODEL_ID}') for the bare base model" in shown  # written out there: adapter_files imports torch
     assert "(default: None)" not in shown
 
 
