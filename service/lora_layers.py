@@ -10,10 +10,11 @@ Two ways to apply the deltas, chosen by what the hardware is short of:
   segments, the rows of one slot each; segments of one width form a ``RowGroup``, applied with two batched
   products against one A and B^T per segment. Those are views of the bank where the group's slots are
   consecutive (always for one adapter), else one copy per slot: what a step gathers grows with the distinct
-  adapters in the batch, never with its rows. Rows already in segment order are used in place; others are
-  gathered into segment order and their deltas added back by row. One-token steps order segments by slot (more
-  views: the weights a step keeps for the next cost no memory) and prompts by first appearance (a batch of one
-  adapter, or of a different one per row, needs no index ops; a passing copy of weights is cheap beside them).
+  adapters in the batch, never with its rows (the layers keep those of the last two mappings). A batch whose rows
+  already come in segments (one adapter, or a different one per row) is used in place; otherwise the segments go
+  in slot order (so that consecutive slots are views), the rows are copied into segment order and their outputs
+  copied back, unless they are prompts of at least r tokens: those copy each row's weights instead (fewer bytes),
+  for one module at a time.
   x A^T is computed as (A x^T)^T: with r rows of A against T prompt columns, the batched product is
   1.5-3x faster on the CPU than x against r columns of A^T (docs/results/gathered_layout/).
 - dense (one-token decoding steps when ``RowAdapters.dense_decode``, i.e. on the GPU): every slot's A
@@ -26,6 +27,7 @@ Two ways to apply the deltas, chosen by what the hardware is short of:
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -48,33 +50,30 @@ class RowAdapters:
     min_rows: int = 1  # rows of ``one_hot`` at the least (the largest batch), so joins do not reallocate it
     storage: int = 0  # bumped whenever a bank or ``one_hot`` is reallocated (captured graphs go stale)
     writes: dict[int, int] = field(default_factory=dict)  # slot -> times it was filled or cleared
-    _groups: dict[bool, tuple[RowGroup, ...]] = field(default_factory=dict, init=False, repr=False)  # see ``groups``
+    _groups: tuple[RowGroup, ...] | None = field(default=None, init=False, repr=False)  # see ``groups``
     _reads: tuple | None = field(default=None, init=False, repr=False)  # see ``reads``
 
     def assign(self, slots: torch.Tensor | None, rank: int) -> None:
         """Point the rows at ``slots`` (their groups are made when a layer first needs them)."""
         self.slots, self.rank = slots, rank
-        self._groups, self._reads = {}, None
+        self._groups = self._reads = None
         if self.dense_decode and slots is not None:
             self._fill_one_hot(slots)
 
-    def groups(self, step: bool) -> tuple[RowGroup, ...]:
-        """The rows that use an adapter, by slot and segment width (see ``row_groups``), made once per mapping: for
-        one-token steps (``step``) with segments in slot order, so that a group of consecutive slots, in whatever
-        order its rows come, is a view of the bank (steps keep their weights, and views cost no memory); for longer
-        inputs in the rows' order, so that rows already in segment order need no index ops (at prompt lengths, those
-        cost more than a passing copy of the weights)."""
-        if step not in self._groups:
-            self._groups[step] = row_groups(self.slots, self.num_slots, in_slot_order=step)
-        return self._groups[step]
+    @property
+    def groups(self) -> tuple[RowGroup, ...]:
+        """The rows that use an adapter, by slot and segment width (see ``row_groups``), made once per mapping."""
+        if self._groups is None:
+            self._groups = row_groups(self.slots, self.num_slots)
+        return self._groups
 
     @property
     def reads(self) -> tuple:
-        """What the steps' groups' weights are made of: each group's slots and how often each was written. Weights
-        a layer gathered for equal ``reads`` (and bank storage) are still good."""
+        """What the groups' weights are made of: each group's slots and how often each was written. Weights a
+        layer gathered for equal ``reads`` (and bank storage) are still good."""
         if self._reads is None:
             self._reads = tuple((group.slots, tuple(self.writes.get(slot, 0) for slot in group.slots))
-                                for group in self.groups(step=True))
+                                for group in self.groups)
         return self._reads
 
     def slot_written(self, slot: int | None) -> None:
@@ -105,18 +104,30 @@ class RowGroup:
     rows: torch.Tensor | None  # [U * width] batch rows, segment after segment; None: the whole batch, in order
 
 
-def row_groups(slots: torch.Tensor, zero_slot: int, in_slot_order: bool) -> tuple[RowGroup, ...]:
-    """Cut the rows of ``slots`` [batch] that use an adapter into segments of one slot each (rows in their order;
-    segments in slot order, or in order of first appearance), and group the segments by width. Rows of the zero
-    slot are left out."""
+def row_groups(slots: torch.Tensor, zero_slot: int) -> tuple[RowGroup, ...]:
+    """Cut the rows of ``slots`` [batch] that use an adapter into segments of one slot each (rows in their order),
+    grouped by width. Segments go in order of first appearance where that makes the whole batch one group in place
+    (no index ops), else in slot order (consecutive slots make a view of the bank, not a copy: index ops are
+    needed either way). Rows of the zero slot are left out."""
     segments: dict[int, list[int]] = {}
     for row, slot in enumerate(slots.tolist()):
         if slot != zero_slot:
             segments.setdefault(slot, []).append(row)
+    in_order = grouped(segments, len(slots), slots.device)
+    return in_order if in_place(in_order) else grouped(dict(sorted(segments.items())), len(slots), slots.device)
+
+
+def in_place(groups: tuple[RowGroup, ...]) -> bool:
+    """Whether ``groups`` are the whole batch, its rows already in segment order."""
+    return len(groups) == 1 and groups[0].rows is None
+
+
+def grouped(segments: dict[int, list[int]], batch: int, device: torch.device) -> tuple[RowGroup, ...]:
+    """``segments`` (slot -> its rows), in their order, grouped by width, in a batch of ``batch`` rows."""
     by_width: dict[int, dict[int, list[int]]] = {}
-    for slot, rows in sorted(segments.items()) if in_slot_order else segments.items():
+    for slot, rows in segments.items():
         by_width.setdefault(len(rows), {})[slot] = rows
-    return tuple(row_group(members, width, len(slots), slots.device) for width, members in by_width.items())
+    return tuple(row_group(members, width, batch, device) for width, members in by_width.items())
 
 
 def row_group(segments: dict[int, list[int]], width: int, batch: int, device: torch.device) -> RowGroup:
@@ -183,7 +194,8 @@ class InputGroup:
     def release(self) -> None:
         self.a = self._input = self._hidden = None
         for layer in self.layers:
-            layer.a = layer.b_t = layer._kept = None
+            layer.a = layer.b_t = None
+            layer._kept.clear()
         self.layers[0].rows.storage += 1
 
     def hidden(self, layer: BatchedLoraLayer, x: torch.Tensor) -> torch.Tensor:
@@ -211,7 +223,7 @@ class BatchedLoraLayer(nn.Module):
         self.in_features, self.out_features = module_shape(base)
         self.a: torch.Tensor | None = None  # [slots + 1, R, in], a view of the group's bank
         self.b_t: torch.Tensor | None = None  # [slots + 1, R, out]
-        self._kept: tuple[tuple, list[tuple[torch.Tensor, torch.Tensor]]] | None = None  # see _weights
+        self._kept: OrderedDict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()  # see _group_weights
         self.group, self.member = None, 0  # set by the group
         InputGroup([self])
 
@@ -227,17 +239,18 @@ class BatchedLoraLayer(nn.Module):
         """The bank's (A [R, in], B^T [R, out]) of one slot, contiguous views to write an adapter into."""
         return self.a[slot], self.b_t[slot]
 
-    def _weights(self, groups: tuple[RowGroup, ...], rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Each group's A [U, r, in] and B^T [U, r, out]: views of the bank, or one copy of each slot's."""
-        return [(self.a[:, :rank][group.select], self.b_t[:, :rank][group.select]) for group in groups]
-
-    def _step_weights(self, rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The steps' groups' weights, kept for the next step (and only the last step's) while the slots they read
-        stay unwritten. Inputs longer than one token gather theirs afresh: small beside their products."""
+    def _group_weights(self, rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each row group's A [U, r, in] and B^T [U, r, out]: views of the bank, or one copy of each slot's. Those
+        of the last two mappings are kept (between two decoding steps the engine runs a chunk of the joiners'
+        prompts, then a step of the running rows) while the slots they read stay unwritten."""
         key = (self.rows.reads, rank, self.rows.storage)
-        if self._kept is None or self._kept[0] != key:
-            self._kept = (key, self._weights(self.rows.groups(step=True), rank))
-        return self._kept[1]
+        if key not in self._kept:
+            self._kept[key] = [(self.a[:, :rank][group.select], self.b_t[:, :rank][group.select])
+                               for group in self.rows.groups]
+            while len(self._kept) > 2:
+                self._kept.popitem(last=False)
+        self._kept.move_to_end(key)
+        return self._kept[key]
 
     def release(self) -> None:
         """Free the bank, with the rest of its group's (no adapter uses them any more)."""
@@ -259,19 +272,27 @@ class BatchedLoraLayer(nn.Module):
 
     def _grouped(self, x: torch.Tensor, out: torch.Tensor, rank: int) -> torch.Tensor:
         """out [B, T, out] += x A^T B^T for each row's own adapter, in place, group by group; x [B, T, in]."""
-        step = x.shape[1] == 1
-        groups = self.rows.groups(step)
-        weights = self._step_weights(rank) if step else self._weights(groups, rank)
-        for group, (a, b_t) in zip(groups, weights):  # a [U, r, in], b_t [U, r, out]
+        if x.shape[1] >= rank and not in_place(self.rows.groups):
+            return self._per_row(x, out, rank)
+        for group, (a, b_t) in zip(self.rows.groups, self._group_weights(rank)):  # a [U, r, in], b_t [U, r, out]
             span = group.width * x.shape[1]  # a segment's rows times tokens
             if group.rows is None:  # the batch is in segment order: x and out are the segments' views
-                hidden = torch.bmm(a, x.reshape(len(a), span, -1).transpose(1, 2)).transpose(1, 2)  # [U, span, r]
-                out.view(len(a), span, -1).baddbmm_(hidden, b_t)
-            else:
-                segments = x.index_select(0, group.rows).view(len(a), span, -1)
-                hidden = torch.bmm(a, segments.transpose(1, 2)).transpose(1, 2)
-                out.index_add_(0, group.rows, torch.bmm(hidden, b_t).view(-1, *out.shape[1:]))
+                rows_x, rows_out = x, out
+            else:  # copied into segment order, out's rows copied back (index_add_ took up to 25x as long off the main thread)
+                rows_x, rows_out = x.index_select(0, group.rows), out.index_select(0, group.rows)
+            hidden = torch.bmm(a, rows_x.reshape(len(a), span, -1).transpose(1, 2)).transpose(1, 2)  # [U, span, r]
+            rows_out.view(len(a), span, -1).baddbmm_(hidden, b_t)
+            if group.rows is not None:
+                out.index_copy_(0, group.rows, rows_out)
         return out
+
+    def _per_row(self, x: torch.Tensor, out: torch.Tensor, rank: int) -> torch.Tensor:
+        """The same for prompts of at least ``rank`` tokens whose rows are not in segment order: each row's own A
+        [B, r, in] and B^T [B, r, out], gathered for this module alone and dropped at once, copy fewer bytes than
+        the rows' activations would, into segment order and back."""
+        slots = self.rows.slots
+        hidden = torch.bmm(self.a[:, :rank][slots], x.transpose(1, 2)).transpose(1, 2)  # [B, T, r]
+        return out.baddbmm_(hidden, self.b_t[:, :rank][slots])
 
     def _dense(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """One-token rows [B, 1, in]: every slot's x A^T, masked to the row's own slot, times all slots' B."""

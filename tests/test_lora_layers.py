@@ -99,7 +99,9 @@ MAKEUPS = {  # each row's slot, for the grouped form
     "consecutive": [0, 0, 1, 1, 2, 2],  # in place, against views of consecutive slots
     "skewed": [0, 0, 2, 0, 4, 1, 0],  # widths 3, 1 and 1: two groups, rows out of order
 }
-SHAPES = {"prompt": (7,), "step": (1,), "flat": ()}  # x's dims after the batch (flat: [B, in], not the 3-D fast path)
+# x's dims after the batch: a prompt of at least the rank's tokens (rows out of segment order take their own weights),
+# a shorter one, a step, and a flat [B, in] (not the 3-D fast path)
+SHAPES = {"prompt": (7,), "short prompt": (2,), "step": (1,), "flat": ()}
 CASES = [("grouped", makeup, shape) for makeup in MAKEUPS for shape in SHAPES] + [("dense", "mixed", "step")]
 
 
