@@ -1,4 +1,4 @@
-"""Tiny real models for tests: a byte-level BPE tokenizer trained on the project's data,
+"""Tiny real models for tests: a byte-level BPE tokenizer trained on the task-data sample in ``tests/data``,
 random GPT-2 and Llama bases built from configs, and stock-peft LoRA adapters on them.
 
 Nothing is fetched from a hub; everything is built in well under a second and saved with
@@ -20,7 +20,8 @@ from transformers import (
 )
 
 from service.prompts import NLI_LABELS, answer_prompt, answer_target, label_target, nli_prompt
-from training.data import data_dir, read_nli, read_squad
+from tests.data.make_corpus import NLI_SAMPLE, SQUAD_SAMPLE
+from training.data import read_nli, read_squad
 
 EOS = "<|endoftext|>"
 
@@ -31,20 +32,18 @@ LINEAR_TARGETS = {
 }
 
 
-def training_texts(data: Path, n_paragraphs: int = 300, n_pairs: int = 300) -> list[str]:
-    """Prompts and targets, as the models see them, from SQuAD dev paragraphs and MNLI pairs."""
-    one_per_context = {row["context"]: row for row in read_squad(data / "squad" / "dev-v1.1.json.gz")}
-    texts = [
-        answer_prompt(row["context"], row["question"]) + answer_target(row["answers"][0])
-        for row in list(one_per_context.values())[:n_paragraphs]
-    ]
-    pairs = read_nli(data / "nli" / "mnli.jsonl.gz")[:n_pairs]
-    texts += [nli_prompt(p["premise"], p["hypothesis"]) + label_target(p["label"]) for p in pairs]
+def training_texts() -> list[str]:
+    """Prompts and targets, as the models see them, from the committed SQuAD dev and SNLI sample (``tests/data``)."""
+    texts = [answer_prompt(row["context"], row["question"]) + answer_target(row["answers"][0])
+             for row in read_squad(SQUAD_SAMPLE)]
+    texts += [nli_prompt(p["premise"], p["hypothesis"]) + label_target(p["label"]) for p in read_nli(NLI_SAMPLE)]
     return texts
 
 
-def build_tokenizer(out_dir: Path, *, vocab_size: int = 1000, data: Path | None = None) -> PreTrainedTokenizerFast:
-    """Train a GPT-2 style byte-level BPE tokenizer on real task text and save it to ``out_dir``."""
+def build_tokenizer(out_dir: Path, *, vocab_size: int = 1000) -> PreTrainedTokenizerFast:
+    """Train a GPT-2 style byte-level BPE tokenizer on real task text (``training_texts``) and save it to ``out_dir``.
+
+    Needs no data folder: the text is committed under ``tests/data``."""
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -55,7 +54,7 @@ def build_tokenizer(out_dir: Path, *, vocab_size: int = 1000, data: Path | None 
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    bpe.train_from_iterator(training_texts(data or data_dir()), trainer)
+    bpe.train_from_iterator(training_texts(), trainer)
     tok = PreTrainedTokenizerFast(
         tokenizer_object=bpe, eos_token=EOS, bos_token=EOS, unk_token=EOS, pad_token=EOS, model_max_length=512
     )
