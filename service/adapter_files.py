@@ -18,6 +18,8 @@ from peft import LoraConfig
 from peft.tuners.tuners_utils import check_target_module_exists
 from safetensors import SafetensorError, safe_open
 
+from service.errors import AdapterError, AdapterPathMissing, AdapterPathRefused
+
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLED_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
@@ -93,14 +95,6 @@ BASE_CHANGING_INITS = {
 }
 CONVERSION = ("; convert it to a plain LoRA adapter with peft: save_pretrained(..., "
               "path_initial_model_for_weight_conversion=<the adapter saved before training>)")
-
-
-class AdapterError(Exception):
-    """A request about an adapter that cannot be honoured; ``status`` is the HTTP status to answer."""
-
-    def __init__(self, message: str, status: int = 422):
-        super().__init__(message)
-        self.status = status
 
 
 def host_buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
@@ -189,9 +183,9 @@ def check_path(path: str | Path, roots: list[Path]) -> Path:
         raise AdapterError(f"adapter path {path!r} is not a usable path: {exc}") from None
     where = " (a relative path is looked up in each adapter root, then in the working directory)" if relative else ""
     if not inside:
-        raise AdapterError(f"adapter path {path} is outside the configured adapter roots{where}", status=403)
+        raise AdapterPathRefused(f"adapter path {path} is outside the configured adapter roots{where}")
     if not is_folder:
-        raise AdapterError(f"adapter path {path} is not a folder{where}", status=404)
+        raise AdapterPathMissing(f"adapter path {path} is not a folder{where}")
     return chosen
 
 

@@ -14,9 +14,19 @@ from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.adapter_files import BASE_LABEL, BASE_MODEL_ID, adapter_or_base
+from service.errors import (
+    AdapterConflict,
+    AdapterError,
+    AdapterPathMissing,
+    AdapterPathRefused,
+    EngineStopped,
+    InputTooLong,
+    QueueFull,
+    UnknownAdapter,
+)
+from service.http_errors import ClientGone, error_replies
 from service.runtime import Runtime
-from service.schemas import AdapterIn, AnswerIn, AnswerOut, CompletionIn, NliIn, NliOut, error_replies
-
+from service.schemas import AdapterIn, AnswerIn, AnswerOut, CompletionIn, NliIn, NliOut
 
 tasks_router = APIRouter(tags=["tasks"])
 admin_router = APIRouter(tags=["admin"])
@@ -25,8 +35,9 @@ ops_router = APIRouter(tags=["operations"])
 T = TypeVar("T")
 
 
-class ClientGone(Exception):
-    """The client disconnected before its reply was ready."""
+def admin_replies(*errors: type[Exception] | int) -> dict:
+    """The error replies of an admin route: ``errors`` and those of the ``admin`` dependency."""
+    return error_replies(401, 403, 422, EngineStopped, *errors)
 
 
 def runtime(request: Request) -> Runtime:
@@ -34,10 +45,10 @@ def runtime(request: Request) -> Runtime:
 
 
 def serving(request: Request) -> Runtime:
-    """The runtime, or 503 while it loads or drains, or once it failed."""
+    """The runtime; EngineStopped while it loads or drains, or once it failed."""
     rt: Runtime = request.app.state.runtime
     if not rt.accepting:
-        raise HTTPException(503, {"loading": "the model is still loading", "draining": "the service is draining"}.get(
+        raise EngineStopped({"loading": "the model is still loading", "draining": "the service is draining"}.get(
             rt.state, rt.state))
     return rt
 
@@ -58,7 +69,7 @@ def admin(request: Request, authorization: str | None = Header(None)) -> Runtime
     rt: Runtime = request.app.state.runtime
     check_admin_key(rt, authorization)
     if not rt.ready.is_set():
-        raise HTTPException(503, "the model is still loading")
+        raise EngineStopped("the model is still loading")
     return rt
 
 
@@ -98,7 +109,7 @@ def new_seed() -> int:
     return random.getrandbits(63)
 
 
-@tasks_router.post("/answer", response_model=AnswerOut, responses=error_replies(400, 404, 413, 422, 429, 503))
+@tasks_router.post("/answer", response_model=AnswerOut, responses=error_replies(400, 422, UnknownAdapter, InputTooLong, QueueFull, EngineStopped))
 async def answer(body: AnswerIn, request: Request, rt: Runtime = Depends(serving)) -> AnswerOut:
     adapter = pick_adapter(rt, body, rt.settings.qa_adapter, request)
     result = await unless_disconnected(request, rt.tasks.answer(
@@ -106,7 +117,7 @@ async def answer(body: AnswerIn, request: Request, rt: Runtime = Depends(serving
     return AnswerOut(adapter=adapter, **result.__dict__)
 
 
-@tasks_router.post("/nli", response_model=NliOut, responses=error_replies(400, 404, 413, 422, 429, 503))
+@tasks_router.post("/nli", response_model=NliOut, responses=error_replies(400, 422, UnknownAdapter, InputTooLong, QueueFull, EngineStopped))
 async def nli(body: NliIn, request: Request, rt: Runtime = Depends(serving)) -> NliOut:
     adapter = pick_adapter(rt, body, rt.settings.nli_adapter, request)
     probabilities = await unless_disconnected(request, rt.tasks.nli(body.premise, body.hypothesis, adapter))
@@ -123,7 +134,7 @@ def merge_state(merged: str | None) -> dict:
     return {"merged": merged, "merged_until": MERGE_LASTS if merged is not None else None}
 
 
-@admin_router.get("/adapters", responses=error_replies(401, 403, 503))
+@admin_router.get("/adapters", responses=admin_replies())
 def list_adapters(rt: Runtime = Depends(serving), authorization: str | None = Header(None)) -> dict:
     """Every adapter and the merge state; the adapters' file paths only with the admin key (a wrong key: 401)."""
     if authorization is not None:
@@ -134,37 +145,38 @@ def list_adapters(rt: Runtime = Depends(serving), authorization: str | None = He
     return {"adapters": adapters, **merge_state(rt.registry.merged)}
 
 
-@admin_router.post("/adapters", status_code=201, responses=error_replies(400, 401, 403, 404, 409, 422, 503))
+@admin_router.post("/adapters", status_code=201, responses=admin_replies(
+    400, AdapterError, AdapterPathRefused, AdapterPathMissing, AdapterConflict))
 async def load_adapter(body: AdapterIn, rt: Runtime = Depends(admin)) -> dict:
     return await run_in_threadpool(rt.load_adapter, body.name, body.path)
 
 
-@admin_router.delete("/adapters/{name}", responses=error_replies(401, 403, 404, 503))
+@admin_router.delete("/adapters/{name}", responses=admin_replies(UnknownAdapter))
 def unload_adapter(name: str, rt: Runtime = Depends(admin)) -> dict:
     rt.unload_adapter(name)
     return {"deleted": name}
 
 
-@admin_router.post("/adapters/unmerge", responses=error_replies(401, 403, 503))
+@admin_router.post("/adapters/unmerge", responses=admin_replies())
 async def unmerge(rt: Runtime = Depends(admin)) -> dict:
     await run_in_threadpool(rt.engine.call(rt.registry.unmerge).result)
     return merge_state(None)
 
 
-@admin_router.post("/adapters/{name}/merge", responses=error_replies(401, 403, 404, 409, 503))
+@admin_router.post("/adapters/{name}/merge", responses=admin_replies(UnknownAdapter, AdapterConflict))
 async def merge(name: str, rt: Runtime = Depends(admin)) -> dict:
     rt.registry.require(name)
     await run_in_threadpool(rt.engine.call(lambda: rt.registry.merge(name)).result)
     return merge_state(name)
 
 
-@openai_router.get("/models", responses=error_replies(503))
+@openai_router.get("/models", responses=error_replies(EngineStopped))
 def models(rt: Runtime = Depends(serving)) -> dict:
     ids = [BASE_MODEL_ID, *rt.registry.names()]
     return {"object": "list", "data": [{"id": i, "object": "model", "created": 0, "owned_by": "loraswap"} for i in ids]}
 
 
-@openai_router.post("/completions", responses=error_replies(400, 404, 413, 422, 429, 503))
+@openai_router.post("/completions", responses=error_replies(400, 422, UnknownAdapter, InputTooLong, QueueFull, EngineStopped))
 async def completions(body: CompletionIn, request: Request, rt: Runtime = Depends(serving)) -> dict:
     adapter = adapter_or_base(body.model)
     rt.registry.require(adapter)

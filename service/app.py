@@ -11,15 +11,12 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from service import metrics
-from service.adapter_files import BASE_LABEL, AdapterError
-from service.api import ClientGone, admin_router, openai_router, ops_router, tasks_router
-from service.engine import EngineStopped, QueueFull
+from service.adapter_files import BASE_LABEL
+from service.api import admin_router, openai_router, ops_router, tasks_router
+from service.http_errors import RETRY_AFTER_SECONDS, STATUS, status_of
 from service.runtime import Runtime
 from service.settings import Settings
-from service.tasks import InputTooLong
 
-RETRY_AFTER_SECONDS = "1"
-CLIENT_CLOSED = 499  # nginx's "client closed request": recorded in the metrics, never received by anyone
 # health and readiness probes and metric scrapes are not work: not counted as requests in flight
 NOT_IN_FLIGHT = frozenset({"/health", "/ready", "/metrics"})
 
@@ -30,27 +27,13 @@ def error(status: int, message: str, **extra) -> JSONResponse:
 
 
 def add_error_handlers(app: FastAPI) -> None:
-    """Every error is JSON with a clear ``error`` message."""
+    """Every error is JSON with a clear ``error`` message; a domain error's status comes from ``STATUS``."""
 
-    @app.exception_handler(AdapterError)
-    async def _adapter(_: Request, exc: AdapterError):
-        return error(exc.status, str(exc))
+    async def _domain(_: Request, exc: Exception):
+        return error(status_of(type(exc)), str(exc))
 
-    @app.exception_handler(InputTooLong)
-    async def _too_long(_: Request, exc: InputTooLong):
-        return error(413, str(exc))
-
-    @app.exception_handler(QueueFull)
-    async def _queue_full(_: Request, exc: QueueFull):
-        return error(429, f"the queue is full ({exc}); retry later")
-
-    @app.exception_handler(EngineStopped)
-    async def _stopped(_: Request, exc: EngineStopped):
-        return error(503, str(exc))
-
-    @app.exception_handler(ClientGone)
-    async def _gone(_: Request, exc: ClientGone):
-        return error(CLIENT_CLOSED, "the client disconnected before its reply was ready")
+    for kind in STATUS:
+        app.add_exception_handler(kind, _domain)
 
     @app.exception_handler(HTTPException)
     async def _http(_: Request, exc: HTTPException):

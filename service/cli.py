@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from service.errors import AdapterError
 from service.settings import Settings
 
 # subcommand -> (its options, "module:function" adding them to a parser; the module whose run(args) runs it; help)
@@ -85,8 +86,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
-    from service.adapter_files import AdapterError  # imports torch: only once a command runs
-
     try:
         if args.command == "serve":
             from service.server import serve

@@ -22,10 +22,11 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from service import metrics
-from service.adapter_files import BASE_LABEL, AdapterError, AdapterWeights
+from service.adapter_files import BASE_LABEL, AdapterWeights
 from service.attention import use_packed_gqa_attention
 from service.decode_step import DecodeStep
 from service.decoding import Decoding, RowSampler
+from service.errors import EngineFailed, EngineStopped, QueueFull, RequestAbandoned, UnknownAdapter
 from service.generation import RunningBatch
 from service.merge_policy import MergePolicy
 from service.prompt_pass import PromptPass
@@ -33,23 +34,6 @@ from service.registry import AdapterRegistry
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-class QueueFull(Exception):
-    """The queue holds ``max_queue`` requests already (HTTP 429)."""
-
-
-class EngineStopped(Exception):
-    """The engine is draining or stopped and takes no new requests (HTTP 503)."""
-
-
-class EngineFailed(EngineStopped):
-    """The engine thread died of an unexpected error: every queued, running and new request fails with this (HTTP
-    503) instead of waiting for a thread that is gone; ``Engine.failure`` says why."""
-
-
-class RequestAbandoned(Exception):
-    """The request was withdrawn by its caller (``Engine.abandon``) before it finished."""
 
 
 class RequestFuture(Future):
@@ -162,7 +146,7 @@ class Engine:
         with self._wakeup:
             self._refuse_unless_accepting()
             if len(self._queue) >= self.settings.max_queue:
-                raise QueueFull(f"{len(self._queue)} requests queued")
+                raise QueueFull(f"the queue is full ({len(self._queue)} requests queued); retry later")
             self._queue.append(pending)
             self._wakeup.notify_all()
         return pending.future
@@ -270,13 +254,13 @@ class Engine:
         """Up to ``room`` queued requests of one kind, oldest first, so that the adapters in use (``adapters``
         plus theirs) fit the device slots, and at most ``loads`` adapters not resident yet. Each request taken is
         bound to the weights its adapter's name holds now, for good; one whose name is no longer registered fails
-        (404). Called holding ``_wakeup``."""
+        (UnknownAdapter). Called holding ``_wakeup``."""
         batch, rest = [], deque()
         while self._queue and len(batch) < room:
             pending = self._queue.popleft()
             try:
                 adapter = self.registry.lookup(pending.work.adapter)
-            except AdapterError as exc:  # unregistered while the request was queued
+            except UnknownAdapter as exc:  # unregistered while the request was queued
                 pending.future.set_exception(exc)
                 continue
             known = adapter is None or adapter in adapters
@@ -342,7 +326,7 @@ class Engine:
         """Whether ``adapter`` is what its name holds now."""
         try:
             return self.registry.lookup(adapter.name) is adapter
-        except AdapterError:
+        except UnknownAdapter:
             return False
 
     def _joining(self, pendings: list[_Pending]) -> _Joining:
@@ -401,7 +385,7 @@ class Engine:
         """Whether a queued request needs weights that are not in use while the running rows use every slot."""
         try:
             adapter = self.registry.lookup(pending.work.adapter)
-        except AdapterError:  # it fails once taken
+        except UnknownAdapter:  # it fails once taken
             return False
         return adapter not in in_use | {None} and len(in_use - {None}) >= self.registry.max_resident
 

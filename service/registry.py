@@ -11,15 +11,9 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from service import metrics
-from service.adapter_files import AdapterError, AdapterWeights, check_name, check_path, load_adapter
+from service.adapter_files import AdapterWeights, check_name, check_path, load_adapter
+from service.errors import AdapterConflict, AdapterMerged, NoFreeSlot, UnknownAdapter
 from service.lora_layers import BatchedLoraLayer, RowAdapters, wrap_lora_targets
-
-
-class AdapterMerged(AdapterError):
-    """The adapter is merged into the base weights, so it cannot be unregistered as it is (HTTP 409)."""
-
-    def __init__(self, name: str):
-        super().__init__(f"adapter {name!r} is merged into the base; unmerge it first", status=409)
 
 
 class AdapterRegistry:
@@ -58,7 +52,9 @@ class AdapterRegistry:
 
     # ---- host side: any thread -------------------------------------------------------------
     def register(self, name: str, path: str | Path) -> tuple[dict, float]:
-        """Validate and load an adapter onto the host; the registry is unchanged if anything is wrong."""
+        """Validate and load an adapter onto the host; the registry is unchanged if anything is wrong. Returns its
+        description and the seconds it took. Raises AdapterError (its subclasses: AdapterConflict for a name taken,
+        AdapterPathRefused/AdapterPathMissing for the path) for anything the engine cannot serve."""
         check_name(name)
         folder = check_path(path, self.roots)
         with self._lock:
@@ -72,13 +68,14 @@ class AdapterRegistry:
 
     def _refuse_duplicate(self, name: str) -> None:
         if name in self._adapters:
-            raise AdapterError(f"adapter {name!r} is already loaded; delete it first", status=409)
+            raise AdapterConflict(f"adapter {name!r} is already loaded; delete it first")
 
     def unregister(self, name: str) -> None:
-        """Forget an adapter; its slot is cleared the next time the engine activates adapters."""
+        """Forget an adapter; its slot is cleared the next time the engine activates adapters without it. Raises
+        UnknownAdapter, or AdapterMerged while it is merged into the base."""
         with self._lock:
             if name not in self._adapters:
-                raise AdapterError(f"unknown adapter {name!r}", status=404)
+                raise UnknownAdapter(f"unknown adapter {name!r}")
             if self._adapters[name] is self._merged:
                 raise AdapterMerged(name)
             del self._adapters[name]
@@ -92,10 +89,10 @@ class AdapterRegistry:
         self.lookup(name)
 
     def lookup(self, name: str | None) -> AdapterWeights | None:
-        """The weights registered under ``name`` now (None for the bare base); AdapterError (404) if none are."""
+        """The weights registered under ``name`` now (None for the bare base); UnknownAdapter if none are."""
         with self._lock:
             if name is not None and name not in self._adapters:
-                raise AdapterError(f"unknown adapter {name!r}", status=404)
+                raise UnknownAdapter(f"unknown adapter {name!r}")
             return None if name is None else self._adapters[name]
 
     def describe(self) -> list[dict]:
@@ -138,7 +135,7 @@ class AdapterRegistry:
         for row, name in enumerate(names):
             try:
                 adapters.append(self.lookup(name))
-            except AdapterError:
+            except UnknownAdapter:
                 adapters.append(None)
                 missing.append(row)
         self.activate_weights(adapters)
@@ -149,7 +146,7 @@ class AdapterRegistry:
 
         Rows bound to the merged weights run with no LoRA: their weights are already in the base. Weights that are
         no longer registered keep their slot while rows ask for them, and lose it at the first call that does not.
-        Raises AdapterError (503) if the rows need more adapters than there are slots.
+        Raises NoFreeSlot if the rows need more adapters than there are slots.
         """
         wanted = {adapter for adapter in adapters if adapter is not None and adapter is not self._merged}
         self._drop_unregistered(keep=wanted)
@@ -179,7 +176,7 @@ class AdapterRegistry:
         if len(self._resident) >= self.max_resident:
             victim = next((held for held in self._resident if held not in protect), None)
             if victim is None:
-                raise AdapterError(f"a batch needs more than {self.max_resident} resident adapters", status=503)
+                raise NoFreeSlot(f"a batch needs more than {self.max_resident} resident adapters")
             slot = self._resident.pop(victim)
         else:
             slot = min(set(range(self.max_resident)) - set(self._resident.values()))
@@ -227,16 +224,16 @@ class AdapterRegistry:
             self._slot_lists = {}  # their views would keep the freed banks alive
 
     def merge(self, name: str) -> None:
-        """Fold the adapter registered under ``name`` into the base weights (``merge_weights``); AdapterError: 404
-        for an unknown name, 409 on a 4-bit base."""
+        """Fold the adapter registered under ``name`` into the base weights (``merge_weights``); UnknownAdapter
+        for an unknown name, AdapterConflict on a 4-bit base."""
         self.merge_weights(self.lookup(name))
 
     def merge_weights(self, adapter: AdapterWeights) -> None:
         """Fold ``adapter`` into the base weights, in place, unmerging any other first. The first merge of a module
         keeps its weight as loaded, which every unmerge restores exactly (a fresh copy at each merge took 3-5x the
-        merge on a CPU). Raises AdapterError (409) on a 4-bit base."""
+        merge on a CPU). Raises AdapterConflict on a 4-bit base."""
         if self.quantized:
-            raise AdapterError("merging needs a full-precision base; this one is 4-bit", status=409)
+            raise AdapterConflict("merging needs a full-precision base; this one is 4-bit")
         if self._merged is adapter:
             return
         name = adapter.name

@@ -6,10 +6,11 @@ import threading
 from pathlib import Path
 
 from service import metrics
-from service.adapter_files import CONFIG_FILE, AdapterError
+from service.adapter_files import CONFIG_FILE
 from service.base_model import load_base
 from service.engine import Engine
-from service.registry import AdapterMerged, AdapterRegistry
+from service.errors import AdapterError, AdapterMerged
+from service.registry import AdapterRegistry
 from service.settings import Settings
 from service.tasks import Tasks
 
@@ -76,7 +77,7 @@ class Runtime:
     def unload_adapter(self, name: str) -> None:
         """Forget an adapter, and its metric series. One merged into the base (the merge policy may merge any adapter
         under steady traffic) is unmerged first, with the unregistering, in one call on the engine thread between
-        batches. Raises AdapterError (404) for an unknown name."""
+        batches. Raises UnknownAdapter for an unknown name."""
         try:
             self.registry.unregister(name)
         except AdapterMerged:

@@ -45,24 +45,6 @@ class ErrorOut(BaseModel):
     error: str
 
 
-ERROR_MEANINGS = {
-    400: "a body that cannot be parsed (not UTF-8 text)",
-    401: "admin route without the admin key",
-    403: "admin routes disabled (no admin key set), or an adapter path outside the adapter roots",
-    404: "unknown adapter, or an adapter path that is not a folder",
-    409: "adapter name taken, adapter merged, or merging into a 4-bit base",
-    413: "input longer than the model takes",
-    422: "invalid request, or an adapter the engine cannot serve",
-    429: "queue full (see Retry-After)",
-    503: "model loading or service draining",
-}
-
-
-def error_replies(*statuses: int) -> dict:
-    """OpenAPI ``responses`` for a route's error statuses."""
-    return {status: {"model": ErrorOut, "description": ERROR_MEANINGS[status]} for status in statuses}
-
-
 class AnswerIn(BaseModel):
     model_config = STRICT
     context: Text

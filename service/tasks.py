@@ -9,12 +9,9 @@ from transformers import PreTrainedTokenizerBase
 
 from service.decoding import Decoding
 from service.engine import Engine, Generation, GenerationResult, Scoring
+from service.errors import InputTooLong
 from service.prompts import NLI_LABELS, answer_prompt, encode_text, label_target, nli_prompt
 from service.settings import Settings
-
-
-class InputTooLong(Exception):
-    """The prompt has more tokens than the server accepts (HTTP 413)."""
 
 
 @dataclass
@@ -71,7 +68,7 @@ class Tasks:
 
     def encode(self, prompt: str, plain: bool = True) -> list[int]:
         """The prompt's token ids (``plain``: as plain text, see ``encode_text``; else special tokens spelled in it
-        are parsed, the contract of raw completions); InputTooLong (413) beyond ``max_prompt``."""
+        are parsed, the contract of raw completions); InputTooLong beyond ``max_prompt``."""
         ids = encode_text(self.tokenizer, prompt) if plain else self.tokenizer.encode(prompt, add_special_tokens=False)
         if len(ids) > self.max_prompt:
             raise InputTooLong(f"the prompt has {len(ids)} tokens; at most {self.max_prompt} are accepted")

@@ -20,12 +20,12 @@ import pytest
 from prometheus_client import REGISTRY
 
 from loadtest.bench import Stamped
-from service.adapter_files import AdapterError
+from service import engine as engine_module
 from service.base_model import load_base
 from service.decoding import Decoding
-from service import engine as engine_module
-from service.engine import (Engine, EngineFailed, EngineStopped, Generation, GenerationResult, QueueFull,
-                            RequestAbandoned, Scoring)
+from service.engine import Engine, Generation, GenerationResult, Scoring
+from service.errors import AdapterError, EngineFailed, EngineStopped, QueueFull, RequestAbandoned
+from service.http_errors import status_of
 from service.prompt_pass import PromptPass
 from service.registry import AdapterRegistry
 from service.settings import Settings
@@ -342,7 +342,7 @@ def test_an_adapter_unregistered_while_queued_fails_only_its_requests(engines):
         if work.adapter == "victim":
             with pytest.raises(AdapterError) as failed:
                 future.result(WAIT)
-            assert failed.value.status == 404
+            assert status_of(type(failed.value)) == 404
         elif isinstance(work, Scoring):
             assert future.result(WAIT) == pytest.approx(alone(reference, work), abs=1e-5)
         else:

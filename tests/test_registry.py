@@ -7,7 +7,8 @@ import weakref
 import pytest
 import torch
 
-from service.adapter_files import AdapterError
+from service.errors import AdapterError
+from service.http_errors import status_of
 from service.registry import AdapterRegistry
 from tests.lora_helpers import (
     FP32_TOLERANCE,
@@ -70,7 +71,7 @@ def test_a_batch_needing_more_slots_than_exist_is_refused_and_the_registry_recov
     model, registry = engine_model(base_dir, ranked, max_resident=2)
     with pytest.raises(AdapterError) as refused:
         registry.activate(["r2", "r4", "r8"])
-    assert refused.value.status == 503
+    assert status_of(type(refused.value)) == 503
     assert registry.resident_count <= 2
     assert_serves(model, registry, ["r4", "r8", None], expected)
     assert_serves(model, registry, ["r2", None, "r4"], expected)
@@ -85,7 +86,7 @@ def test_unregister_forgets_the_adapter_and_clears_its_slot(base_dir, ranked, ex
     assert "r8" not in registry.names() and "r8" not in states(registry)
     with pytest.raises(AdapterError) as unknown:
         registry.require("r8")
-    assert unknown.value.status == 404
+    assert status_of(type(unknown.value)) == 404
     with pytest.raises(AdapterError):
         registry.unregister("r8")
     assert registry.activate(["r8", "r2"]) == [0]  # row 0 asks for the adapter that is gone
@@ -123,13 +124,13 @@ def test_merge_then_unmerge_restores_every_base_weight_exactly(base_dir, ranked,
     assert_serves(model, registry, ["r8"], expected)  # served by the merged base, no LoRA
     with pytest.raises(AdapterError) as busy:
         registry.unregister("r8")
-    assert busy.value.status == 409
+    assert status_of(type(busy.value)) == 409
     registry.merge("r4")  # switching merges unmerges r8 first
     assert registry.merged == "r4"
     assert_serves(model, registry, ["r4"], expected)
     with pytest.raises(AdapterError) as unknown:
         registry.merge("nope")
-    assert unknown.value.status == 404
+    assert status_of(type(unknown.value)) == 404
     registry.unmerge()
     assert registry.merged is None and states(registry)["r4"] != "merged"
     for name, param in model.named_parameters():
@@ -161,7 +162,7 @@ def test_merge_is_refused_on_a_4bit_base(base_dir, ranked):
     packed = {name: param.detach().clone() for name, param in model.named_parameters()}
     with pytest.raises(AdapterError) as refused:
         registry.merge("r2")
-    assert refused.value.status == 409
+    assert status_of(type(refused.value)) == 409
     assert registry.merged is None
     assert all(torch.equal(param, packed[name]) for name, param in model.named_parameters())
 
@@ -188,5 +189,5 @@ def test_refused_registrations_leave_the_registry_unchanged(tiny_llama_dir, llam
     for (name, path), status in refusals.items():
         with pytest.raises(AdapterError) as refused:
             registry.register(name, path)
-        assert refused.value.status == status, (name, str(refused.value))
+        assert status_of(type(refused.value)) == status, (name, str(refused.value))
     assert registry.names() == ["one"]

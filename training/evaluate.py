@@ -6,8 +6,9 @@ import asyncio
 import json
 from pathlib import Path
 
-from service.adapter_files import BASE_LABEL, CONFIG_FILE, AdapterError, adapter_or_base
+from service.adapter_files import BASE_LABEL, CONFIG_FILE, adapter_or_base
 from service.decoding import Decoding
+from service.errors import UnknownAdapter
 from service.prompts import NLI_LABELS, RTE_LABELS
 from service.runtime import Runtime
 from service.settings import Settings
@@ -21,8 +22,8 @@ def start_runtime(args: argparse.Namespace) -> tuple[Runtime, str | None]:
     is_folder = (adapter_path / CONFIG_FILE).is_file()
     in_adapters_dir = (args.adapters_dir / args.adapter / CONFIG_FILE).is_file()  # --adapters-dir is a Path
     if adapter_or_base(args.adapter) is not None and not is_folder and not in_adapters_dir:
-        raise AdapterError(f"unknown adapter {args.adapter!r}: not '{BASE_LABEL}' or 'base', an adapter folder, or one in "
-                           f"{args.adapters_dir}", 404)  # before the model is loaded
+        raise UnknownAdapter(f"unknown adapter {args.adapter!r}: not '{BASE_LABEL}' or 'base', an adapter folder, "
+                             f"or one in {args.adapters_dir}")  # before the model is loaded
     settings = Settings(
         base_model=args.base_model, adapters_dir=args.adapters_dir, device=args.device, dtype=args.dtype,
         quantize=args.quantize, max_batch=args.max_batch, max_queue=4 * args.max_batch, batch_window_ms=20,

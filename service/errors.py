@@ -1,0 +1,56 @@
+"""The service's domain errors, all in one place. None carries an HTTP status: the HTTP layer maps each class to one
+in a single table (``service.http.errors.STATUS``), and documents its routes' error replies from that table. The
+first line of each docstring is what the API documentation says the error means.
+"""
+from __future__ import annotations
+
+
+class AdapterError(Exception):
+    """An adapter the engine cannot serve exactly, or a request about adapters that cannot be honoured."""
+
+
+class UnknownAdapter(AdapterError):
+    """No adapter of that name is registered."""
+
+
+class AdapterPathMissing(AdapterError):
+    """The adapter path is not a folder."""
+
+
+class AdapterPathRefused(AdapterError):
+    """The adapter path lies outside the configured adapter roots."""
+
+
+class AdapterConflict(AdapterError):
+    """The adapter name is taken, or the adapter is merged, or merging is impossible on this base."""
+
+
+class AdapterMerged(AdapterConflict):
+    """The adapter is merged into the base weights, so it cannot be unregistered as it is."""
+
+    def __init__(self, name: str):
+        super().__init__(f"adapter {name!r} is merged into the base; unmerge it first")
+
+
+class NoFreeSlot(AdapterError):
+    """A batch needs more adapters at once than there are device slots."""
+
+
+class InputTooLong(Exception):
+    """The prompt has more tokens than the server accepts."""
+
+
+class QueueFull(Exception):
+    """The queue holds as many requests as it may; retry later."""
+
+
+class EngineStopped(Exception):
+    """The model is loading, or the service is draining or stopped, and takes no new requests."""
+
+
+class EngineFailed(EngineStopped):
+    """The engine thread died of an unexpected error: every queued, running and new request fails with this."""
+
+
+class RequestAbandoned(Exception):
+    """The request was withdrawn by its caller (its client went away) before it finished."""

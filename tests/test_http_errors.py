@@ -1,0 +1,41 @@
+"""Domain errors carry no HTTP status; one table maps them, and the OpenAPI error documentation comes from it."""
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+from service import errors
+from service.app import create_app
+from service.http_errors import HTTP_REPLIES, STATUS, error_replies, status_of
+from service.settings import Settings
+
+DOMAIN_ERRORS = [kind for _, kind in inspect.getmembers(errors, inspect.isclass) if issubclass(kind, Exception)
+                 and kind.__module__ == errors.__name__ and kind is not errors.RequestAbandoned]  # never replied to
+
+
+@pytest.mark.parametrize("kind", DOMAIN_ERRORS, ids=lambda kind: kind.__name__)
+def test_every_domain_error_has_a_status_and_none_carries_one(kind):
+    assert 400 <= status_of(kind) < 600
+    assert not hasattr(kind("a message") if kind is not errors.AdapterMerged else kind("x"), "status")
+
+
+def test_a_subclass_takes_its_own_status_before_its_bases():
+    assert status_of(errors.UnknownAdapter) == 404 and status_of(errors.AdapterError) == 422
+    assert status_of(errors.AdapterMerged) == status_of(errors.AdapterConflict) == 409
+    assert status_of(errors.EngineFailed) == 503
+
+
+def test_the_openapi_error_replies_are_the_table_and_the_errors_docstrings():
+    spec = create_app(Settings()).openapi()  # the model is not loaded: the lifespan never runs here
+    documented = {status: reply["description"] for status, reply in spec["paths"]["/answer"]["post"]["responses"].items()
+                  if status[0] in "45"}
+    assert documented == {
+        "400": HTTP_REPLIES[400], "422": HTTP_REPLIES[422],
+        "404": "No adapter of that name is registered.", "413": "The prompt has more tokens than the server accepts.",
+        "429": "The queue holds as many requests as it may; retry later.",
+        "503": "The model is loading, or the service is draining or stopped, and takes no new requests.",
+    }
+    merged = error_replies(errors.AdapterPathRefused, 403)[403]["description"]
+    assert merged == f"{errors.AdapterPathRefused.__doc__.strip()} {HTTP_REPLIES[403]}"
+    assert set(STATUS) >= {errors.AdapterError, errors.EngineStopped, errors.QueueFull, errors.InputTooLong}
