@@ -32,7 +32,8 @@ zero_shot() {
   loraswap eval --task nli --adapter none --max-batch 256 --json "$results/eval_nli_base.json" > "$results/eval_nli_base.log" 2>&1
   loraswap eval --task squad --adapter none --max-batch 256 --json "$results/eval_squad_base.json" > "$results/eval_squad_base.log" 2>&1
 }
-decoding() {  # the squad adapter (trained here, or the shipped one) on the first 1,000 dev questions
+decoding() {  # the squad adapter (trained here, or the shipped one) on a seeded sample of 1,000 dev questions
+  # (--limit; before commit e5ee73d the first 1,000, as in docs/quality.md)
   local adapter=$results/squad
   [ -d "$adapter" ] || adapter=adapters/squad
   mkdir -p "$results/decoding"

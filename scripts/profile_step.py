@@ -3,7 +3,7 @@ the aten ops a step runs (views apart: on the GPU each other op is one kernel of
 the median time of each, eager.
 
     python scripts/profile_step.py --rows 64 --targets attention --form dense   # the form the GPU's steps use
-    python scripts/profile_step.py --rows 16 --repeats 15                      # the CPU's (gathered) form, timed
+    python scripts/profile_step.py --rows 16 --repeats 15                      # the CPU's (grouped) form, timed
 """
 import argparse
 import copy
@@ -13,8 +13,9 @@ from pathlib import Path
 
 import torch
 
-from loadtest.bench import TARGET_SETS, random_adapters, timed
+from loadtest.bench import random_adapters, timed
 from loadtest.op_counts import OpCounts
+from loadtest.options import TARGET_SETS
 from service.base_model import load_base
 from service.decode_step import DecodeStep
 from service.prompt_pass import PromptPass
@@ -27,7 +28,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--targets", choices=sorted(TARGET_SETS), default="attention", help="as loraswap bench's")
-    parser.add_argument("--form", choices=["dense", "gathered"], help="of the steps' LoRA (default: the engine's)")
+    parser.add_argument("--form", choices=["dense", "grouped"], help="of the steps' LoRA (default: the engine's)")
     parser.add_argument("--prompt-tokens", type=int, default=192)
     parser.add_argument("--repeats", type=int, default=0, help="timed steps and prompt passes of each, alternated")
     args = parser.parse_args()
@@ -51,7 +52,7 @@ def main() -> None:
                    "prompt pass": lambda: PromptPass(model, prompts, 0, device).advance(0)}
         for label, rows in mappings.items():
             registry.activate(rows)
-            work_of["step"]()  # the first step of a mapping gathers each row's LoRA weights (gathered form)
+            work_of["step"]()  # the first step of a mapping gathers its adapters' weights (grouped form)
             with OpCounts() as ops:
                 work_of["step"]()
             top = ", ".join(f"{name} {count}" for name, count in ops.counts.most_common(8))

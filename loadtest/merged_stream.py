@@ -3,9 +3,11 @@ in the middle of it: one (default), or one every ``--nli-every`` seconds until `
 Prints whether the adapter was merged when the first NLI request came, how long the NLI requests took, the
 stream's answers per second, and the merges and unmerges the server did meanwhile (from /metrics).
 
-    loraswap serve --port 8031 &
-    python scripts/merged_stream.py --port 8031 --clients 8 --warmup 20
-    python scripts/merged_stream.py --port 8031 --clients 8 --warmup 20 --nli-every 2 --most 80
+    loraswap serve --port 8031 & server=$!
+    until curl -s localhost:8031/ready | grep -q true; do sleep 2; done
+    python -m loadtest.merged_stream --port 8031 --clients 8 --warmup 20
+    python -m loadtest.merged_stream --port 8031 --clients 8 --warmup 20 --nli-every 2 --most 80
+    kill $server
 """
 import argparse
 import json

@@ -2,8 +2,10 @@
 question's latency, the server's CPU seconds and the tokens it generated over the run (since commit ac129b4 those
 of abandoned requests too; before, finished requests only).
 
-    loraswap serve --port 8031 --max-new-tokens 64 &
-    python scripts/dead_clients.py --port 8031 --clients 24 --timeout 3 --server-pid $(pgrep -f 'serve --port 8031')
+    loraswap serve --port 8031 --max-new-tokens 64 & server=$!
+    until curl -s localhost:8031/ready | grep -q true; do sleep 2; done
+    python -m loadtest.dead_clients --port 8031 --clients 24 --timeout 3 --server-pid $server
+    kill $server
 """
 import argparse
 import json
