@@ -1,1 +1,1 @@
-"""Load scenarios (locust) and the throughput benchmark for the loraswap service."""
+"""Load scenarios (locust), the throughput benchmark, HTTP clients and A/B helpers for the loraswap service."""
