@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from service.arg_types import positive
+from service.command import Command, positive
 from service.settings import Settings
 
 ALL_MODES = ("hf_base", "base", "single", "merged", "mixed", "peft_mixed", "peft_sequential")
@@ -46,3 +46,13 @@ def add_bench_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", type=Path, default=Settings().cache_dir,
                         help="where the converted base model is cached ($LORASWAP_CACHE_DIR sets the default)")
     parser.add_argument("--json", type=Path, help="write the results here (default: printed only)")
+
+
+def run_bench(args: argparse.Namespace) -> None:
+    from loadtest.bench import run
+
+    run(args)
+
+
+# the subcommand this package declares in pyproject.toml ([project.entry-points."loraswap.commands"])
+BENCH = Command("throughput of the engine against transformers and peft", add_bench_options, run_bench)

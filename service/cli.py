@@ -1,32 +1,30 @@
-"""The ``loraswap`` command: serve, train, eval, sweep, merge, bench.
+"""The ``loraswap`` command: ``serve``, and the subcommands packages declare (train, eval, sweep, merge, bench).
 
-The parser is built from light modules (no torch, transformers or peft), so that ``--help`` and usage errors
-answer at once; a command's own module, and with it torch, is imported only to run it.
+Subcommands other than ``serve`` are found through the ``loraswap.commands`` entry points (``service.command.
+Command``), so the service knows no other package. The parser is built from light modules (no torch, transformers
+or peft), so that ``--help`` and usage errors answer at once; a command's own modules, and with them torch, are
+imported only to run it.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import typing
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from pydantic import ValidationError
 
+from service.command import Command
 from service.errors import AdapterError
 from service.settings import Settings
 
-# subcommand -> (its options, "module:function" adding them to a parser; the module whose run(args) runs it; help)
-COMMANDS = {
-    "train": ("training.options:add_train_options", "training.train", "train a LoRA adapter on SQuAD, NLI or RTE"),
-    "eval": ("training.options:add_eval_options", "training.evaluate",
-             "evaluate an adapter through the serving engine"),
-    "sweep": ("training.options:add_sweep_options", "training.sweep",
-              "grid over rank, learning rate and target modules"),
-    "merge": ("training.options:add_merge_options", "training.merge", "write a full model with one adapter merged in"),
-    "bench": ("loadtest.options:add_bench_options", "loadtest.bench",
-              "throughput of the engine against transformers and peft"),
-}
+COMMAND_GROUP = "loraswap.commands"  # the entry-point group of subcommands (pyproject.toml)
+
+
+def commands() -> dict[str, Command]:
+    """The installed subcommands, by name."""
+    return {point.name: point.load() for point in entry_points(group=COMMAND_GROUP)}
 
 
 class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
@@ -67,18 +65,18 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="loraswap", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="loraswap", description="Serve many LoRA adapters on one frozen base model; "
+                                     "train, evaluate and benchmark them.")
+    subparsers = parser.add_subparsers(dest="command", required=True)
     prefix = Settings.model_config["env_prefix"]
-    serve = commands.add_parser("serve", help="run the HTTP service", formatter_class=DefaultsHelp,
+    serve = subparsers.add_parser("serve", help="run the HTTP service", formatter_class=DefaultsHelp,
                                 description=f"Run the HTTP service. A flag not given comes from its environment "
                                 f"variable ({prefix}MAX_BATCH for --max-batch), else the default shown.")
     add_settings_arguments(serve)
-    for name, (options, module, help_text) in COMMANDS.items():
-        sub = commands.add_parser(name, help=help_text, description=help_text, formatter_class=DefaultsHelp)
-        options_module, function = options.split(":")
-        getattr(importlib.import_module(options_module), function)(sub)
-        sub.set_defaults(module=module)
+    for name, command in commands().items():
+        sub = subparsers.add_parser(name, help=command.help, description=command.help, formatter_class=DefaultsHelp)
+        command.add_arguments(sub)
+        sub.set_defaults(run=command.run)
     return parser
 
 
@@ -92,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
 
             serve(settings_from(args))
         else:
-            importlib.import_module(args.module).run(args)
+            args.run(args)
     except (AdapterError, FileNotFoundError, ValidationError) as exc:  # what the user asked for cannot be done
         parser.exit(2, f"loraswap {args.command}: error: {exc}\n")
     return 0

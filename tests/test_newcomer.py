@@ -3,14 +3,18 @@ says what it does and its default, and the command-line modules import in one di
 from __future__ import annotations
 
 import argparse
+import ast
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+import service
 from service.adapter_files import BASE_LABEL, BASE_MODEL_ID
-from service.cli import COMMANDS, DefaultsHelp, build_parser, settings_from
+from service.cli import DefaultsHelp, build_parser, commands, settings_from
 
 HEAVY = ("torch", "transformers", "peft", "bitsandbytes")
 # runs ``loraswap ARGS`` in a fresh interpreter, then prints its exit status and the heavy modules it imported
@@ -34,7 +38,7 @@ def loraswap(*argv: str) -> tuple[dict, str]:
 
 @pytest.mark.parametrize("argv,code", [
     (["--help"], 0),
-    *(([command, "--help"], 0) for command in ["serve", *COMMANDS]),
+    *(([command, "--help"], 0) for command in ["serve", *commands()]),
     ([], 2),
     (["eval", "--task", "nope", "--adapter", "x"], 2),
     (["eval", "--task", "nli"], 2),  # --adapter missing
@@ -51,8 +55,10 @@ def test_help_and_usage_errors_load_no_torch(argv, code):
 
 
 def test_command_modules_do_not_import_the_cli_back():
-    """service.cli loads the training and loadtest commands by name; none of them imports service.cli (a cycle)."""
-    modules = ["training.train", "training.sweep", "training.merge", "training.evaluate", "loadtest.bench"]
+    """service.cli finds the training and loadtest commands through entry points; none of them imports service.cli
+    back (a cycle)."""
+    modules = ["training.options", "training.train", "training.sweep", "training.merge", "training.evaluate",
+               "loadtest.options", "loadtest.bench"]
     code = f"import importlib, sys\nfor m in {modules!r}: importlib.import_module(m)\n" \
            "print('service.cli' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
@@ -70,7 +76,7 @@ def options(parser: argparse.ArgumentParser) -> list[argparse.Action]:
     return [action for action in parser._actions if action.option_strings and action.dest != "help"]
 
 
-@pytest.mark.parametrize("command", ["serve", *COMMANDS])
+@pytest.mark.parametrize("command", ["serve", *commands()])
 def test_every_option_says_what_it_does_and_its_default(command):
     parser = subcommands()[command]
     assert parser.formatter_class is DefaultsHelp
@@ -111,3 +117,15 @@ def test_serve_help_says_where_an_unset_flag_comes_from(monkeypatch):
     assert "LORASWAP_MAX_BATCH for --max-batch" in " ".join(serve.format_help().split())
     assert settings_from(serve.parse_args([])).max_batch == 7
     assert settings_from(serve.parse_args(["--max-batch", "9"])).max_batch == 9
+
+
+def test_the_service_knows_neither_training_nor_loadtest():
+    """No module of service/ imports training or loadtest, or names their modules in a string."""
+    named = re.compile(r"""["'](training|loadtest)[.:]""")
+    for path in Path(service.__file__).parent.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        imported = [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
+        imported += [node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+        assert not [name for name in imported if name.split(".")[0] in ("training", "loadtest")], path
+        assert not named.search(path.read_text()), path
+    assert set(commands()) == {"train", "eval", "sweep", "merge", "bench"}  # found through entry points

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from service.arg_types import positive
+from service.command import Command, positive
 from service.settings import Settings
 
 TASKS = ("squad", "nli", "rte")
@@ -102,3 +102,34 @@ def add_eval_options(parser: argparse.ArgumentParser) -> None:
                         help="auto: bf16 on CUDA, fp32 on the CPU")
     parser.add_argument("--quantize", default="none", choices=["none", "nf4"], help="nf4: a 4-bit NF4 base")
     parser.add_argument("--max-batch", type=positive(int), default=64, help="most requests the engine runs at once")
+
+
+def run_train(args: argparse.Namespace) -> None:
+    from training.train import run
+
+    run(args)
+
+
+def run_sweep(args: argparse.Namespace) -> None:
+    from training.sweep import run
+
+    run(args)
+
+
+def run_merge(args: argparse.Namespace) -> None:
+    from training.merge import run
+
+    run(args)
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    from training.evaluate import run
+
+    run(args)
+
+
+# the subcommands this package declares in pyproject.toml ([project.entry-points."loraswap.commands"])
+TRAIN = Command("train a LoRA adapter on SQuAD, NLI or RTE", add_train_options, run_train)
+EVAL = Command("evaluate an adapter through the serving engine", add_eval_options, run_eval)
+SWEEP = Command("grid over rank, learning rate and target modules", add_sweep_options, run_sweep)
+MERGE = Command("write a full model with one adapter merged in", add_merge_options, run_merge)
