@@ -16,7 +16,8 @@ Two ways to apply the deltas, chosen by what the hardware is short of:
   copied back, unless they are prompts of at least r tokens: those copy each row's weights instead (fewer bytes),
   for one module at a time.
   x A^T is computed as (A x^T)^T: with r rows of A against T prompt columns, the batched product is
-  1.5-3x faster on the CPU than x against r columns of A^T (docs/results/gathered_layout/).
+  1.5-3x faster on the CPU than x against r columns of A^T (commit c67e485; script and log in git at
+  13dc456:docs/results/gathered_layout/).
 - dense (one-token decoding steps when ``RowAdapters.dense_decode``, i.e. on the GPU): every slot's A
   and B are applied to every row and a one-hot row-to-slot mask keeps each row's own share. It reads
   each slot's weights once, however many rows use them, does slots-times more arithmetic (idle on a
