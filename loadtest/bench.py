@@ -25,10 +25,10 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from loadtest.options import ALL_MODES, TARGET_SETS
-from service.base_model import load_base, pick_device
-from service.decoding import Decoding
-from service.engine import Engine, Generation
-from service.registry import AdapterRegistry
+from service.model.base_model import load_base, pick_device
+from service.engine.sampling import Decoding
+from service.engine.scheduler import Engine, Generation
+from service.lora.registry import AdapterRegistry
 from service.settings import Settings
 
 ENGINE_MODES = {"base", "single", "merged", "mixed"}

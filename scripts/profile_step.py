@@ -16,10 +16,10 @@ import torch
 from loadtest.bench import random_adapters, timed
 from loadtest.op_counts import OpCounts
 from loadtest.options import TARGET_SETS
-from service.base_model import load_base
-from service.decode_step import DecodeStep
-from service.prompt_pass import PromptPass
-from service.registry import AdapterRegistry
+from service.model.base_model import load_base
+from service.engine.decode_step import DecodeStep
+from service.engine.prefill import PromptPass
+from service.lora.registry import AdapterRegistry
 from service.settings import Settings
 
 

@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.merge_policy import MAX_COOLDOWN_GROWTH
+from service.engine.merge_policy import MAX_COOLDOWN_GROWTH
 
 REPO_ADAPTERS = Path(__file__).resolve().parent.parent / "adapters"
 

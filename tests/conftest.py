@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from service.base_model import embedded_gguf
+from service.model.base_model import embedded_gguf
 from tests.lora_helpers import BASES, make_ranked_adapters
 from tests.tiny_models import build_gpt2, build_llama, build_tokenizer, make_adapter
 from training.data import data_dir

@@ -9,8 +9,8 @@ import pytest
 import torch
 from peft import PeftModel
 
-from service.base_model import load_base
-from service.registry import AdapterRegistry
+from service.model.base_model import load_base
+from service.lora.registry import AdapterRegistry
 from service.settings import Settings
 from tests.tiny_models import make_adapter
 

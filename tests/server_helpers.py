@@ -11,7 +11,7 @@ import httpx
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.app import create_app
+from service.http.app import create_app
 from service.settings import Settings
 
 ADMIN_KEY = "k"

@@ -1,4 +1,4 @@
-"""The adapter config allow-list of ``service.adapter_files``: an adapter whose config sets a field the engine
+"""The adapter config allow-list of ``service.lora.adapter_files``: an adapter whose config sets a field the engine
 serves (at a value other than its default) registers and gives stock peft's logits; one that sets any other
 field, a field peft does not know, a config peft cannot parse, or a target selection the weights do not match,
 is refused with a 422 that names it, and the registry is unchanged."""
@@ -14,7 +14,7 @@ from peft.tuners.lora.config import KasaConfig, MontecloraConfig, VeloraConfig
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from service.adapter_files import (
+from service.lora.adapter_files import (
     CONFIG_FILE,
     LORA_FIELDS,
     REFUSED_FIELDS,
@@ -23,8 +23,8 @@ from service.adapter_files import (
     field_default,
 )
 from service.errors import AdapterError
-from service.http_errors import status_of
-from service.registry import AdapterRegistry
+from service.http.errors import status_of
+from service.lora.registry import AdapterRegistry
 from tests.lora_helpers import FP32_TOLERANCE, batched_logits, load_model, peft_logits, random_ids
 from tests.tiny_models import LINEAR_TARGETS
 

@@ -6,7 +6,7 @@ import hmac
 
 import pytest
 
-from service import api
+from service.http import routes as api
 from tests.server_helpers import ADMIN, ADMIN_KEY, ask, copy_adapters, ready_client, tiny_settings
 
 ADMIN_CALLS = [("post", "/adapters", {"name": "x", "path": "/tmp"}), ("delete", "/adapters/one", None),

@@ -17,7 +17,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from service.app import create_app
+from service.http.app import create_app
 from service.prompts import NLI_LABELS, answer_prompt, label_target, nli_prompt
 from service.runtime import Runtime
 from tests.server_helpers import (

@@ -6,7 +6,7 @@ import json
 import torch
 
 from loadtest import bench
-from service.cli import build_parser
+from service.cli.main import build_parser
 
 
 def test_bench_measures_every_mode_and_writes_its_report(tiny_llama_dir, tmp_path):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.cli import main
+from service.cli.main import main
 
 
 @pytest.mark.parametrize("argv,message", [

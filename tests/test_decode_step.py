@@ -9,12 +9,12 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from service.base_model import cache_keyword
-from service.decoding import Decoding, RowSampler
-from service.engine import Engine
-from service.generation import RunningBatch
-from service.kv_cache import COLUMN_STEP, RowKVCache
-from service.prompt_pass import PromptPass
+from service.model.base_model import cache_keyword
+from service.engine.sampling import Decoding, RowSampler
+from service.engine.scheduler import Engine
+from service.engine.running_batch import RunningBatch
+from service.engine.kv_cache import COLUMN_STEP, RowKVCache
+from service.engine.prefill import PromptPass
 from service.settings import Settings
 from tests.lora_helpers import engine_model, peft_logits, random_ids
 

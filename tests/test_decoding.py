@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from service.decoding import Decoding, RowSampler, row_uniforms
+from service.engine.sampling import Decoding, RowSampler, row_uniforms
 
 CPU = torch.device("cpu")
 N = 20_000  # rows (one seed each) in the statistical checks

@@ -20,14 +20,14 @@ import pytest
 from prometheus_client import REGISTRY
 
 from loadtest.bench import Stamped
-from service import engine as engine_module
-from service.base_model import load_base
-from service.decoding import Decoding
-from service.engine import Engine, Generation, GenerationResult, Scoring
+from service.engine import scheduler as engine_module
+from service.model.base_model import load_base
+from service.engine.sampling import Decoding
+from service.engine.scheduler import Engine, Generation, GenerationResult, Scoring
 from service.errors import AdapterError, EngineFailed, EngineStopped, QueueFull, RequestAbandoned
-from service.http_errors import status_of
-from service.prompt_pass import PromptPass
-from service.registry import AdapterRegistry
+from service.http.errors import status_of
+from service.engine.prefill import PromptPass
+from service.lora.registry import AdapterRegistry
 from service.settings import Settings
 from service.tasks import Tasks
 from tests.lora_helpers import BASES, make_ranked_adapters

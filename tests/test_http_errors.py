@@ -6,8 +6,8 @@ import inspect
 import pytest
 
 from service import errors
-from service.app import create_app
-from service.http_errors import HTTP_REPLIES, STATUS, error_replies, status_of
+from service.http.app import create_app
+from service.http.errors import HTTP_REPLIES, STATUS, error_replies, status_of
 from service.settings import Settings
 
 DOMAIN_ERRORS = [kind for _, kind in inspect.getmembers(errors, inspect.isclass) if issubclass(kind, Exception)

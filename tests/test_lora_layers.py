@@ -11,7 +11,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from loadtest.op_counts import OpCounts
-from service.lora_layers import (
+from service.lora.layers import (
     BatchedLoraLayer,
     InputGroup,
     RowAdapters,

@@ -2,7 +2,7 @@
 (That every request is served with its own weights across the switches is tested through the engine.)"""
 from __future__ import annotations
 
-from service.merge_policy import MAX_COOLDOWN_GROWTH, MergePolicy
+from service.engine.merge_policy import MAX_COOLDOWN_GROWTH, MergePolicy
 
 
 def drive(policy: MergePolicy, admissions: list[set], merged: str | None = None) -> tuple[str | None, list[str]]:

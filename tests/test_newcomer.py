@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 
 import service
-from service.adapter_files import BASE_LABEL, BASE_MODEL_ID
-from service.cli import DefaultsHelp, build_parser, commands, settings_from
+from service.lora.adapter_files import BASE_LABEL, BASE_MODEL_ID
+from service.cli.main import DefaultsHelp, build_parser, commands, settings_from
 
 HEAVY = ("torch", "transformers", "peft", "bitsandbytes")
 # runs ``loraswap ARGS`` in a fresh interpreter, then prints its exit status and the heavy modules it imported
 PROBE = f"""
 import json, sys
-from service.cli import main
+from service.cli.main import main
 try:
     code = main(sys.argv[1:])
 except SystemExit as exit_:
@@ -55,12 +55,12 @@ def test_help_and_usage_errors_load_no_torch(argv, code):
 
 
 def test_command_modules_do_not_import_the_cli_back():
-    """service.cli finds the training and loadtest commands through entry points; none of them imports service.cli
+    """service.cli.main finds the training and loadtest commands through entry points; none of them imports service.cli.main
     back (a cycle)."""
     modules = ["training.options", "training.train", "training.sweep", "training.merge", "training.evaluate",
                "loadtest.options", "loadtest.bench"]
     code = f"import importlib, sys\nfor m in {modules!r}: importlib.import_module(m)\n" \
-           "print('service.cli' in sys.modules)"
+           "print('service.cli.main' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
     assert done.stdout.strip() == "False", done.stderr
 

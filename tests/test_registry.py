@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from service.errors import AdapterError
-from service.http_errors import status_of
-from service.registry import AdapterRegistry
+from service.http.errors import status_of
+from service.lora.registry import AdapterRegistry
 from tests.lora_helpers import (
     FP32_TOLERANCE,
     batched_logits,

@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from service.decoding import (
+from service.engine.sampling import (
     MASK32,
     Decoding,
     RowSampler,

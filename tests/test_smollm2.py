@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from service.base_model import resolve_base_dir
+from service.model.base_model import resolve_base_dir
 from service.settings import Settings
 from tests.server_helpers import ADMIN, ADMIN_KEY, SQUAD_CONTEXT, ask, classify, listed, ready_client
 from tests.tiny_models import make_adapter

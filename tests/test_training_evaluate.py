@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from service.cli import main
+from service.cli.main import main
 from service.prompts import NLI_LABELS
 from training.evaluate import confusion_table
 

@@ -6,8 +6,8 @@ import asyncio
 import json
 from pathlib import Path
 
-from service.adapter_files import BASE_LABEL, CONFIG_FILE, adapter_or_base
-from service.decoding import Decoding
+from service.lora.adapter_files import BASE_LABEL, CONFIG_FILE, adapter_or_base
+from service.engine.sampling import Decoding
 from service.errors import UnknownAdapter
 from service.prompts import NLI_LABELS, RTE_LABELS
 from service.runtime import Runtime

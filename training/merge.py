@@ -24,7 +24,7 @@ def adapter_dir(name_or_path: str) -> Path:
 
 def merge_adapter(args: argparse.Namespace) -> Path:
     """Write ``base + adapter`` with the LoRA product added into the base weights; returns the folder."""
-    from service.base_model import resolve_base_dir
+    from service.model.base_model import resolve_base_dir
     from service.settings import Settings
 
     adapter = adapter_dir(args.adapter)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from service.command import Command, positive
+from service.cli.command import Command, positive
 from service.settings import Settings
 
 TASKS = ("squad", "nli", "rte")

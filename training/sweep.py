@@ -110,7 +110,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 def run_sweep(args: argparse.Namespace) -> list[dict]:
     """Train every run of the grid (or read back its card) and write the tables and the plot."""
-    from service.base_model import resolve_base_dir
+    from service.model.base_model import resolve_base_dir
     from service.settings import Settings
 
     args.out.mkdir(parents=True, exist_ok=True)

@@ -103,7 +103,7 @@ def split_rows(rows: list[dict], n_eval: int, seed: int) -> tuple[list[dict], li
 
 def load_model(args: argparse.Namespace, bf16: bool):
     """The base (via the service's loader, so it is trained as it is served) with a fresh LoRA on top."""
-    from service.base_model import load_base
+    from service.model.base_model import load_base
     from service.settings import Settings
 
     settings = Settings(base_model=str(args.base_model), quantize=args.quantize,
@@ -156,7 +156,7 @@ def plot_losses(history: list[dict], path: Path, title: str) -> None:
 
 def base_weights(base_model: str, cache_dir: Path) -> tuple[str, str]:
     """The base weights file(s) and their sha256 (for 'smollm2', of the embedded GGUF)."""
-    from service.base_model import EMBEDDED, embedded_gguf, resolve_base_dir, sha256_of
+    from service.model.base_model import EMBEDDED, embedded_gguf, resolve_base_dir, sha256_of
 
     if base_model == EMBEDDED:
         gguf = embedded_gguf()

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, model_validator
 from pydantic_core import PydanticCustomError
 
-from service.decoding import Decoding
+from service.engine.sampling import Decoding
 
 
 def _not_blank(text: str) -> str:

@@ -11,9 +11,9 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from service import metrics
-from service.adapter_files import AdapterWeights, check_name, check_path, load_adapter
+from service.lora.adapter_files import AdapterWeights, check_name, check_path, load_adapter
 from service.errors import AdapterConflict, AdapterMerged, NoFreeSlot, UnknownAdapter
-from service.lora_layers import BatchedLoraLayer, RowAdapters, wrap_lora_targets
+from service.lora.layers import BatchedLoraLayer, RowAdapters, wrap_lora_targets
 
 
 class AdapterRegistry:

@@ -13,7 +13,7 @@ from service.errors import (
     QueueFull,
     UnknownAdapter,
 )
-from service.schemas import ErrorOut
+from service.http.schemas import ErrorOut
 
 CLIENT_CLOSED = 499  # nginx's "client closed request": recorded in the metrics, never received by anyone
 RETRY_AFTER_SECONDS = "1"  # sent with every 429 and 503

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from service.base_model import cache_keyword
+from service.model.base_model import cache_keyword
 
 
 class PromptPass:

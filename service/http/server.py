@@ -5,7 +5,7 @@ import threading
 
 import uvicorn
 
-from service.app import create_app
+from service.http.app import create_app
 from service.runtime import Runtime
 from service.settings import Settings
 

@@ -1,9 +1,9 @@
 """The ``loraswap`` command: ``serve``, and the subcommands packages declare (train, eval, sweep, merge, bench).
 
-Subcommands other than ``serve`` are found through the ``loraswap.commands`` entry points (``service.command.
-Command``), so the service knows no other package. The parser is built from light modules (no torch, transformers
-or peft), so that ``--help`` and usage errors answer at once; a command's own modules, and with them torch, are
-imported only to run it.
+Subcommands other than ``serve`` are found through the ``loraswap.commands`` entry points
+(``service.cli.command.Command``), so the service knows no other package. The parser is built from light modules
+(no torch, transformers or peft), so that ``--help`` and usage errors answer at once; a command's own modules, and
+with them torch, are imported only to run it.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from service.command import Command
+from service.cli.command import Command
 from service.errors import AdapterError
 from service.settings import Settings
 
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "serve":
-            from service.server import serve
+            from service.http.server import serve
 
             serve(settings_from(args))
         else:

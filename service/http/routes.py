@@ -13,7 +13,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.adapter_files import BASE_LABEL, BASE_MODEL_ID, adapter_or_base
+from service.lora.adapter_files import BASE_LABEL, BASE_MODEL_ID, adapter_or_base
 from service.errors import (
     AdapterConflict,
     AdapterError,
@@ -24,9 +24,9 @@ from service.errors import (
     QueueFull,
     UnknownAdapter,
 )
-from service.http_errors import ClientGone, error_replies
+from service.http.errors import ClientGone, error_replies
 from service.runtime import Runtime
-from service.schemas import AdapterIn, AnswerIn, AnswerOut, CompletionIn, NliIn, NliOut
+from service.http.schemas import AdapterIn, AnswerIn, AnswerOut, CompletionIn, NliIn, NliOut
 
 tasks_router = APIRouter(tags=["tasks"])
 admin_router = APIRouter(tags=["admin"])
@@ -124,7 +124,7 @@ async def nli(body: NliIn, request: Request, rt: Runtime = Depends(serving)) -> 
     return NliOut(label=max(probabilities, key=probabilities.get), probabilities=probabilities, adapter=adapter)
 
 
-# how long a merge lasts: the merge policy runs at every admission, admin merge or not (service/merge_policy.py)
+# how long a merge lasts: the merge policy runs at every admission, admin merge or not (service/engine/merge_policy.py)
 MERGE_LASTS = ("until the engine admits a request for other weights (another adapter or the bare base model), which "
                "unmerges it between two decoding steps, or an admin unmerges or deletes it")
 

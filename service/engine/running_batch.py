@@ -12,8 +12,8 @@ from collections.abc import Callable
 import torch
 from transformers import DynamicCache
 
-from service.decode_step import DecodeStep
-from service.decoding import RowSampler
+from service.engine.decode_step import DecodeStep
+from service.engine.sampling import RowSampler
 
 
 class RunningBatch:

@@ -22,15 +22,15 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from service import metrics
-from service.adapter_files import BASE_LABEL, AdapterWeights
-from service.attention import use_packed_gqa_attention
-from service.decode_step import DecodeStep
-from service.decoding import Decoding, RowSampler
+from service.lora.adapter_files import BASE_LABEL, AdapterWeights
+from service.engine.attention import use_packed_gqa_attention
+from service.engine.decode_step import DecodeStep
+from service.engine.sampling import Decoding, RowSampler
 from service.errors import EngineFailed, EngineStopped, QueueFull, RequestAbandoned, UnknownAdapter
-from service.generation import RunningBatch
-from service.merge_policy import MergePolicy
-from service.prompt_pass import PromptPass
-from service.registry import AdapterRegistry
+from service.engine.running_batch import RunningBatch
+from service.engine.merge_policy import MergePolicy
+from service.engine.prefill import PromptPass
+from service.lora.registry import AdapterRegistry
 from service.settings import Settings
 
 log = logging.getLogger(__name__)

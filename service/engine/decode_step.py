@@ -12,9 +12,9 @@ import logging
 
 import torch
 
-from service.base_model import cache_keyword
-from service.kv_cache import RowKVCache, column_bucket, row_bucket
-from service.lora_layers import RowAdapters
+from service.model.base_model import cache_keyword
+from service.engine.kv_cache import RowKVCache, column_bucket, row_bucket
+from service.lora.layers import RowAdapters
 
 log = logging.getLogger(__name__)
 

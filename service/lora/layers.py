@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from service.kv_cache import row_bucket
+from service.engine.kv_cache import row_bucket
 
 
 @dataclass
