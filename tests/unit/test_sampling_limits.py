@@ -20,7 +20,7 @@ from service.engine.sampling import (
     invert_cdf,
     row_uniforms,
 )
-from tests.test_decoding import (
+from tests.unit.test_decoding import (
     N,
     expected_distribution,
     frequencies,

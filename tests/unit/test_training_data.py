@@ -74,7 +74,7 @@ def test_data_dir_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("LORASWAP_DATA_DIR", str(tmp_path))
     assert data_dir() == tmp_path
     monkeypatch.delenv("LORASWAP_DATA_DIR")
-    assert data_dir() == Path(__file__).resolve().parents[2] / "shared" / "data"
+    assert data_dir() == Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 
