@@ -14,14 +14,18 @@ import shlex
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import peft
 import torch
-from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-from transformers import Trainer, TrainingArguments, set_seed
+import transformers
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
 from transformers.pytorch_utils import Conv1D
 
+from service.settings import Settings
 from training.data import data_dir, read_task
 from training.options import TASK_DEFAULT_LENGTH
 from training.prepare import IGNORE_INDEX, collator, encode_rows
@@ -37,13 +41,15 @@ PRESETS = {
 
 
 def use_bf16(choice: str) -> bool:
+    """Whether to train in bf16 for ``--bf16`` ``choice``: 'yes', 'no', or 'auto' (on a CUDA GPU that supports it)."""
     if choice == "auto":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     return choice == "yes"
 
 
 def family(model: torch.nn.Module) -> str:
-    """'gpt2' or 'llama' (Llama, Mistral, Qwen2, ... share its module names)."""
+    """'gpt2' or 'llama' (Llama, Mistral, Qwen2, ... share its module names). Raises ValueError for a model with
+    neither's attention modules."""
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     if "c_attn" in names:
         return "gpt2"
@@ -53,7 +59,8 @@ def family(model: torch.nn.Module) -> str:
 
 
 def linear_targets(model: torch.nn.Module) -> list[str]:
-    """Names of every Linear/Conv1D layer (4-bit ones included) except the output head."""
+    """The last name part (``q_proj``) of every Linear/Conv1D layer (4-bit ones included) but the output head,
+    sorted."""
     head = model.get_output_embeddings()
     return sorted(
         {
@@ -65,7 +72,8 @@ def linear_targets(model: torch.nn.Module) -> list[str]:
 
 
 def resolve_targets(spec: str, model: torch.nn.Module) -> list[str]:
-    """A preset name or a comma list -> peft ``target_modules``."""
+    """peft's ``target_modules`` for ``spec``: a preset ('all_linear', 'attention', 'attention_mlp') or a comma list
+    of module names. Raises ValueError for a preset on a model of no known family (see ``family``)."""
     if spec == "all_linear":
         return linear_targets(model)
     if spec in ("attention", "attention_mlp"):
@@ -74,6 +82,8 @@ def resolve_targets(spec: str, model: torch.nn.Module) -> list[str]:
 
 
 def lora_config(model: torch.nn.Module, rank: int, alpha: float | None, dropout: float, targets: str) -> LoraConfig:
+    """A causal-LM LoRA of ``rank`` on ``targets`` (see ``resolve_targets``; ValueError as it raises): scale
+    alpha / rank with alpha 2 x rank unless given; ``dropout`` a probability."""
     return LoraConfig(
         r=rank,
         lora_alpha=alpha if alpha is not None else 2 * rank,
@@ -85,8 +95,9 @@ def lora_config(model: torch.nn.Module, rank: int, alpha: float | None, dropout:
 
 
 def split_rows(rows: list[dict], n_eval: int, seed: int) -> tuple[list[dict], list[dict]]:
-    """Shuffle, then hold out ``n_eval`` rows for validation. SQuAD holds out whole articles,
-    so that no validation context is also trained on."""
+    """(training rows, validation rows): shuffled with ``seed``, at most ``n_eval`` rows held out for validation.
+    SQuAD rows (they have a ``title``) are held out by whole articles, so that no validation context is also trained
+    on; the rest of a partly needed article is dropped from both."""
     rows = list(rows)
     random.Random(seed).shuffle(rows)
     group = (lambda r: r["title"]) if rows and "title" in rows[0] else id
@@ -101,10 +112,11 @@ def split_rows(rows: list[dict], n_eval: int, seed: int) -> tuple[list[dict], li
     return [r for r in rows if group(r) not in held], validation
 
 
-def load_model(args: argparse.Namespace, bf16: bool):
-    """The base (via the service's loader, so it is trained as it is served) with a fresh LoRA on top."""
+def load_model(args: argparse.Namespace, bf16: bool) -> tuple[PeftModel, PreTrainedTokenizerBase, Settings]:
+    """The base (via the service's loader, so it is trained as it is served) with a fresh LoRA on top, its tokenizer,
+    and the settings it was loaded with. Raises FileNotFoundError when ``--base-model`` is no model directory,
+    ValueError when ``--target-modules`` cannot be resolved."""
     from service.model.base_model import load_base
-    from service.settings import Settings
 
     settings = Settings(base_model=str(args.base_model), quantize=args.quantize,
                         dtype="bfloat16" if bf16 else "float32")
@@ -120,22 +132,28 @@ def load_model(args: argparse.Namespace, bf16: bool):
 
 
 def target_accuracy(eval_pred) -> dict[str, float]:
-    """Teacher-forced accuracy on target tokens: per token, and per example (every target token right)."""
-    predictions, labels = eval_pred.predictions, eval_pred.label_ids
-    predictions, labels = predictions[:, :-1], labels[:, 1:]  # logits at t predict the token at t + 1
-    mask = labels != IGNORE_INDEX
-    correct = (predictions == labels) & mask
+    """Teacher-forced accuracy on target tokens, shares in [0, 1]: per token, and per example (every target token
+    right). ``eval_pred`` holds ``predictions``, the argmax token ids (``argmax_logits``), and ``label_ids``, both
+    (N, T) numpy arrays, labels -100 off the target."""
+    predictions, labels = eval_pred.predictions, eval_pred.label_ids  # (N, T), (N, T)
+    predictions, labels = predictions[:, :-1], labels[:, 1:]  # (N, T-1) each: logits at t predict the token at t + 1
+    mask = labels != IGNORE_INDEX  # (N, T-1): target tokens
+    correct = (predictions == labels) & mask  # (N, T-1)
     return {
         "token_accuracy": float(correct.sum() / max(mask.sum(), 1)),
         "sequence_accuracy": float(np.mean(correct.sum(1) == mask.sum(1))),
     }
 
 
-def argmax_logits(logits, labels):
-    return logits.argmax(-1)
+def argmax_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The Trainer's ``preprocess_logits_for_metrics``: the likeliest token id at each position, (B, T) from the
+    (B, T, V) ``logits``, so that validation keeps ids rather than every logit; ``labels`` (B, T) unused."""
+    return logits.argmax(-1)  # (B, T, V) -> (B, T)
 
 
 def plot_losses(history: list[dict], path: Path, title: str) -> None:
+    """Write a PNG to ``path``: the training and validation losses (nats per target token) of the Trainer's log
+    ``history`` against the optimizer step."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -155,7 +173,9 @@ def plot_losses(history: list[dict], path: Path, title: str) -> None:
 
 
 def base_weights(base_model: str, cache_dir: Path) -> tuple[str, str]:
-    """The base weights file(s) and their sha256 (for 'smollm2', of the embedded GGUF)."""
+    """The base weights file name(s), comma-joined, and their sha256 in hex (for 'smollm2', of the embedded GGUF;
+    for shards, of their sha256s in name order). Raises FileNotFoundError when ``base_model`` is no model
+    directory, RuntimeError when the embedded GGUF is not installed."""
     from service.model.base_model import EMBEDDED, embedded_gguf, resolve_base_dir, sha256_of
 
     if base_model == EMBEDDED:
@@ -168,23 +188,37 @@ def base_weights(base_model: str, cache_dir: Path) -> tuple[str, str]:
     return ",".join(f.name for f in files), hashlib.sha256(shards.encode()).hexdigest()
 
 
-def train_adapter(args: argparse.Namespace) -> dict:
-    """Train one adapter into ``args.out``; returns its card."""
-    started = time.time()
-    set_seed(args.seed)
-    out = Path(args.out)
-    bf16 = use_bf16(args.bf16)
-    max_length = args.max_length or TASK_DEFAULT_LENGTH[args.task]
-    model, tokenizer, settings = load_model(args, bf16)
+@dataclass(frozen=True)
+class Examples:
+    """A task's tokenised training and validation examples (``join``'s dicts of token-id lists), and their source."""
 
+    train: list[dict]
+    validation: list[dict]
+    dropped: int  # rows left out of either split: too long for max_length, or a label the task does not have
+    available: int  # rows the task's data files hold
+    files: list[str]  # those files, relative to the data dir (with the MNLI splits kept)
+
+    def counts(self) -> dict[str, int]:
+        """The card's ``examples``: examples trained on and validated on, rows dropped and rows available."""
+        return {"train": len(self.train), "validation": len(self.validation),
+                "dropped_too_long_or_bad_label": self.dropped, "available": self.available}
+
+
+def prepare_examples(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase, max_length: int) -> Examples:
+    """Read the task's training files, hold out ``--eval-examples`` rows for validation (``split_rows``), keep at most
+    ``--max-examples`` of the rest and tokenise both (``max_length`` tokens at most per example). Raises
+    FileNotFoundError when a data file is absent."""
     rows, files = read_task(args.task, args.data_dir)
     train_rows, eval_rows = split_rows(rows, args.eval_examples, args.seed)
-    train_rows = train_rows[: args.max_examples]
-    train_set, dropped = encode_rows(args.task, train_rows, tokenizer, max_length)
+    train_set, dropped = encode_rows(args.task, train_rows[: args.max_examples], tokenizer, max_length)
     eval_set, eval_dropped = encode_rows(args.task, eval_rows, tokenizer, max_length)
+    return Examples(train_set, eval_set, dropped + eval_dropped, len(rows), files)
 
-    evaluate = bool(eval_set)
-    training_args = TrainingArguments(
+
+def training_arguments(args: argparse.Namespace, out: Path, bf16: bool, evaluate: bool) -> TrainingArguments:
+    """The Trainer's settings: a cosine schedule, a log line every 2% of the steps (and the first), validation every
+    ``--eval-every`` steps when ``evaluate``, no checkpoints, no reporting service; on the CPU without CUDA."""
+    return TrainingArguments(
         output_dir=str(out),
         per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.batch_size,
@@ -206,58 +240,104 @@ def train_adapter(args: argparse.Namespace) -> dict:
         remove_unused_columns=False,
         use_cpu=not torch.cuda.is_available(),
     )
-    trainer = Trainer(
+
+
+def make_trainer(args: argparse.Namespace, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
+                 examples: Examples, bf16: bool) -> Trainer:
+    """A Trainer of ``model`` (the peft model) on ``examples``; it validates (loss and ``target_accuracy``) only when
+    there are validation examples. Batches are padded to their longest example (to a multiple of 8 on CUDA)."""
+    evaluate = bool(examples.validation)
+    return Trainer(
         model=model,
-        args=training_args,
-        train_dataset=train_set,
-        eval_dataset=eval_set if evaluate else None,
+        args=training_arguments(args, Path(args.out), bf16, evaluate),
+        train_dataset=examples.train,
+        eval_dataset=examples.validation if evaluate else None,
         data_collator=collator(tokenizer, pad_to_multiple_of=8 if torch.cuda.is_available() else None),
         processing_class=tokenizer,
         compute_metrics=target_accuracy if evaluate else None,
         preprocess_logits_for_metrics=argmax_logits if evaluate else None,
     )
-    result = trainer.train()
-    history = trainer.state.log_history
-    if evaluate and not any("eval_loss" in h and h["step"] == trainer.state.global_step for h in history):
-        trainer.evaluate()  # the last scheduled validation came before the last step
-    final = next((h for h in reversed(history) if "eval_loss" in h), {})
 
+
+def fit(trainer: Trainer) -> float:
+    """Train, then validate once more if the last scheduled validation came before the last step, so that the last
+    validation in ``trainer.state.log_history`` is of the adapter saved. Returns the mean training loss over all
+    steps (nats per target token)."""
+    result = trainer.train()
+    history, last_step = trainer.state.log_history, trainer.state.global_step
+    if trainer.eval_dataset is not None and not any("eval_loss" in h and h["step"] == last_step for h in history):
+        trainer.evaluate()
+    return result.training_loss
+
+
+def save_adapter(model: torch.nn.Module, out: Path) -> None:
+    """The adapter's weights (safetensors) and ``adapter_config.json`` into ``out``, made if absent."""
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True, save_embedding_layers=False)  # no hub lookup of the base
     (out / "README.md").unlink(missing_ok=True)  # peft's template model card: card.json is ours
-    plot_losses(history, out / "loss.png", f"{out.name}: {args.task}, r={args.rank}, lr={args.lr:g}")
-    base_file, base_sha = base_weights(str(args.base_model), settings.cache_dir)
+
+
+def hyperparameters(args: argparse.Namespace, config: LoraConfig, max_length: int, bf16: bool) -> dict:
+    """The card's ``hyperparameters``: the LoRA as peft made it (``config``: alpha, target modules) and the run's
+    optimisation settings (``lr`` the peak learning rate, ``max_length`` in tokens per example)."""
+    return {
+        "rank": args.rank, "alpha": config.lora_alpha, "dropout": args.dropout,
+        "target_modules": sorted(config.target_modules),
+        "lr": args.lr, "epochs": args.epochs, "max_steps": args.max_steps, "batch_size": args.batch_size,
+        "grad_accum": args.grad_accum, "max_length": max_length, "warmup": args.warmup,
+        "scheduler": "cosine", "seed": args.seed, "quantize": args.quantize, "bf16": bf16,
+    }
+
+
+def outcome(history: list[dict], steps: int, mean_train_loss: float) -> dict:
+    """The card's results from the Trainer's log ``history``: the optimizer ``steps``, the last and the mean training
+    loss and the last validation's loss (nats per target token) and accuracies (shares in [0, 1]); None where the
+    run logged none."""
     train_losses = [h["loss"] for h in history if "loss" in h]
-    trainable, _ = model.get_nb_trainable_parameters()
-    card = {
-        "name": out.name,
-        "task": args.task,
-        "base_model": str(args.base_model),
-        "base_file": base_file,
-        "base_sha256": base_sha,
-        "data": {"dir": str(args.data_dir or data_dir()), "files": files},
-        "examples": {
-            "train": len(train_set), "validation": len(eval_set),
-            "dropped_too_long_or_bad_label": dropped + eval_dropped, "available": len(rows),
-        },
-        "hyperparameters": {
-            "rank": args.rank, "alpha": model.peft_config["default"].lora_alpha, "dropout": args.dropout,
-            "target_modules": sorted(model.peft_config["default"].target_modules),
-            "lr": args.lr, "epochs": args.epochs, "max_steps": args.max_steps, "batch_size": args.batch_size,
-            "grad_accum": args.grad_accum, "max_length": max_length, "warmup": args.warmup,
-            "scheduler": "cosine", "seed": args.seed, "quantize": args.quantize, "bf16": bf16,
-        },
-        "trainable_parameters": trainable,
-        "steps": trainer.state.global_step,
+    final = next((h for h in reversed(history) if "eval_loss" in h), {})
+    return {
+        "steps": steps,
         "final_train_loss": train_losses[-1] if train_losses else None,
-        "mean_train_loss": result.training_loss,
+        "mean_train_loss": mean_train_loss,
         "final_validation_loss": final.get("eval_loss"),
         "validation_token_accuracy": final.get("eval_token_accuracy"),
         "validation_sequence_accuracy": final.get("eval_sequence_accuracy"),
+    }
+
+
+def versions() -> dict[str, str]:
+    """The versions of torch, transformers and peft the adapter was trained with."""
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
+
+
+def train_adapter(args: argparse.Namespace) -> dict:
+    """Train one adapter into ``args.out``: its weights, ``adapter_config.json``, ``loss.png`` and ``card.json``.
+    Returns the card (``train_seconds`` in wall-clock seconds, losses in nats per target token). Raises
+    FileNotFoundError for absent data files or base weights, ValueError for targets it cannot resolve."""
+    started = time.time()
+    set_seed(args.seed)
+    out = Path(args.out)
+    bf16 = use_bf16(args.bf16)
+    max_length = args.max_length or TASK_DEFAULT_LENGTH[args.task]
+    model, tokenizer, settings = load_model(args, bf16)
+    examples = prepare_examples(args, tokenizer, max_length)
+    trainer = make_trainer(args, model, tokenizer, examples, bf16)
+    mean_train_loss = fit(trainer)
+    save_adapter(model, out)
+    history = trainer.state.log_history
+    plot_losses(history, out / "loss.png", f"{out.name}: {args.task}, r={args.rank}, lr={args.lr:g}")
+    base_file, base_sha = base_weights(str(args.base_model), settings.cache_dir)
+    card = {
+        "name": out.name, "task": args.task, "base_model": str(args.base_model),
+        "base_file": base_file, "base_sha256": base_sha,
+        "data": {"dir": str(args.data_dir or data_dir()), "files": examples.files},
+        "examples": examples.counts(),
+        "hyperparameters": hyperparameters(args, model.peft_config["default"], max_length, bf16),
+        "trainable_parameters": model.get_nb_trainable_parameters()[0],
+        **outcome(history, trainer.state.global_step, mean_train_loss),
         "train_seconds": round(time.time() - started, 1),
         "command": shlex.join(["loraswap", *sys.argv[1:]]),  # the same however it was launched
-        "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
-                     "peft": __import__("peft").__version__},
+        "versions": versions(),
         "metrics": {},
     }
     (out / "card.json").write_text(json.dumps(card, indent=2) + "\n")
@@ -265,7 +345,7 @@ def train_adapter(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> None:
-    """``loraswap train``."""
+    """``loraswap train``: train (see ``train_adapter``, and the errors it raises) and print a line of the outcome."""
     card = train_adapter(args)
     print(f"adapter saved to {args.out}: {card['steps']} steps, train loss {card['final_train_loss']}, "
           f"validation loss {card['final_validation_loss']}")
