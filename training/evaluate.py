@@ -6,40 +6,58 @@ import asyncio
 import json
 from pathlib import Path
 
-from service.lora.adapter_files import BASE_LABEL, CONFIG_FILE, adapter_or_base
 from service.engine.sampling import Decoding
 from service.errors import UnknownAdapter
+from service.lora.adapter_files import BASE_LABEL, CONFIG_FILE, adapter_or_base
 from service.prompts import NLI_LABELS, RTE_LABELS
 from service.runtime import Runtime
 from service.settings import Settings
 from training.data import read_eval
 from training.metrics import accuracy, confusion_matrix, squad_scores
 
+EVALUATED = "evaluated"  # the name an adapter given as a folder is registered under
 
-def start_runtime(args: argparse.Namespace) -> tuple[Runtime, str | None]:
-    """The server's runtime (model, registry, engine, tasks) and the adapter to evaluate."""
-    adapter_path = Path(args.adapter)
-    is_folder = (adapter_path / CONFIG_FILE).is_file()
-    in_adapters_dir = (args.adapters_dir / args.adapter / CONFIG_FILE).is_file()  # --adapters-dir is a Path
-    if adapter_or_base(args.adapter) is not None and not is_folder and not in_adapters_dir:
-        raise UnknownAdapter(f"unknown adapter {args.adapter!r}: not '{BASE_LABEL}' or 'base', an adapter folder, "
-                             f"or one in {args.adapters_dir}")  # before the model is loaded
+
+def adapter_folder(args: argparse.Namespace) -> Path | None:
+    """The folder ``--adapter`` names, or None when it names the bare base ('none', 'base') or an adapter in
+    ``--adapters-dir``. Raises UnknownAdapter when it names none of these; it reads no data and loads no model, so
+    ``run`` checks the adapter first."""
+    if adapter_or_base(args.adapter) is None:
+        return None
+    path = Path(args.adapter)
+    if (path / CONFIG_FILE).is_file():
+        return path
+    if (args.adapters_dir / args.adapter / CONFIG_FILE).is_file():  # --adapters-dir is a Path
+        return None
+    raise UnknownAdapter(f"unknown adapter {args.adapter!r}: not '{BASE_LABEL}' or 'base', an adapter folder, "
+                         f"or one in {args.adapters_dir}")
+
+
+def start_runtime(args: argparse.Namespace, folder: Path | None) -> Runtime:
+    """The server's runtime (model, registry, engine, tasks), started, with ``folder`` (an adapter folder or None)
+    among its adapter roots. Raises FileNotFoundError when ``--base-model`` is no model directory."""
     settings = Settings(
         base_model=args.base_model, adapters_dir=args.adapters_dir, device=args.device, dtype=args.dtype,
         quantize=args.quantize, max_batch=args.max_batch, max_queue=4 * args.max_batch, batch_window_ms=20,
         max_new_tokens=args.max_new_tokens, max_input_tokens=4096, auto_merge=False,
-        adapter_roots=[adapter_path.resolve().parent] if is_folder else [],
+        adapter_roots=[folder.resolve().parent] if folder is not None else [],
     )
     rt = Runtime(settings)
     rt.start()
+    return rt
+
+
+def served_adapter(rt: Runtime, args: argparse.Namespace, folder: Path | None) -> str | None:
+    """The name ``rt`` serves the evaluated adapter under (None: the bare base), after loading ``folder`` if it is
+    one. Raises AdapterError for a folder the base cannot serve, UnknownAdapter for an adapter of ``--adapters-dir``
+    that was skipped at start (it does not fit the base)."""
     if adapter_or_base(args.adapter) is None:
-        return rt, None
-    if is_folder:
-        name = "evaluated"
-        rt.load_adapter(name, adapter_path)
-        return rt, name
+        return None
+    if folder is not None:
+        rt.load_adapter(EVALUATED, folder)
+        return EVALUATED
     rt.registry.require(args.adapter)
-    return rt, args.adapter
+    return args.adapter
 
 
 async def bounded(coroutines, limit: int) -> list:
@@ -53,7 +71,11 @@ async def bounded(coroutines, limit: int) -> list:
     return await asyncio.gather(*(one(c) for c in coroutines))
 
 
-def evaluate_squad(rt: Runtime, adapter: str | None, rows: list[dict], args) -> tuple[dict, dict]:
+def evaluate_squad(rt: Runtime, adapter: str | None, rows: list[dict], args: argparse.Namespace) -> tuple[dict, dict]:
+    """Answer every SQuAD row through ``rt``'s /answer task, decoded as ``args`` say (row i sampled with seed
+    ``--seed`` + i); returns the scores (``squad_scores``: exact match and F1 in percent, count) and the predictions,
+    ``{question id: answer}``. Raises InputTooLong for a prompt over the runtime's input limit, EngineFailed if the
+    engine thread dies."""
     def decoding(i: int) -> Decoding:
         return Decoding(args.strategy, args.temperature, args.top_k, args.top_p, args.max_new_tokens, args.seed + i)
 
@@ -66,6 +88,10 @@ def evaluate_squad(rt: Runtime, adapter: str | None, rows: list[dict], args) -> 
 
 
 def evaluate_labels(rt: Runtime, adapter: str | None, rows: list[dict], labels: tuple[str, ...]) -> tuple[dict, list]:
+    """Score every premise/hypothesis row through ``rt``'s /nli task and predict its likeliest of ``labels``; returns
+    the metrics (accuracy in percent, count, the confusion matrix: rows gold, columns predicted) and the predicted
+    labels in row order. Raises InputTooLong for a prompt over the runtime's input limit, EngineFailed if the engine
+    thread dies."""
     scored = asyncio.run(bounded(
         (rt.tasks.nli(row["premise"], row["hypothesis"], adapter, labels) for row in rows), rt.settings.max_queue))
     predictions = [max(probs, key=probs.get) for probs in scored]
@@ -83,24 +109,39 @@ def confusion_table(matrix: dict) -> str:
     return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(line, widths)) for line in lines)
 
 
-def run(args: argparse.Namespace) -> dict:
-    text = "context" if args.task == "squad" else "premise"
-    rows = read_eval(args.task, args.data, args.limit, args.sample_seed)
-    rows = sorted(rows, key=lambda row: len(row[text]))  # less padding
-    rt, adapter = start_runtime(args)
-    try:
-        if args.task == "squad":
-            metrics, predictions = evaluate_squad(rt, adapter, rows, args)
-        else:
-            metrics, predictions = evaluate_labels(rt, adapter, rows, NLI_LABELS if args.task == "nli" else RTE_LABELS)
-    finally:
-        rt.stop()
+def score(rt: Runtime, adapter: str | None, rows: list[dict], args: argparse.Namespace) -> tuple[dict, dict | list]:
+    """The task's metrics on ``rows`` and the predictions (see ``evaluate_squad`` and ``evaluate_labels``)."""
+    if args.task == "squad":
+        return evaluate_squad(rt, adapter, rows, args)
+    return evaluate_labels(rt, adapter, rows, NLI_LABELS if args.task == "nli" else RTE_LABELS)
+
+
+def eval_report(args: argparse.Namespace, metrics: dict) -> dict:
+    """What was evaluated, how (the sample, the decoding of a sampled SQuAD run) and ``metrics``."""
     report = {"task": args.task, "adapter": args.adapter, "data": str(args.data or f"default {args.task} dev"),
               "strategy": args.strategy, **metrics}
     if args.limit:
         report.update(limit=args.limit, sample_seed=args.sample_seed)
     if args.task == "squad" and args.strategy != "greedy":
         report.update(top_k=args.top_k, top_p=args.top_p, temperature=args.temperature, seed=args.seed)
+    return report
+
+
+def run(args: argparse.Namespace) -> dict:
+    """``loraswap eval``: print the report (and the confusion matrix of nli and rte), write ``--predictions`` and
+    ``--json`` if given, and return the report. The adapter is checked before the data is read and the model loaded.
+    Raises UnknownAdapter or AdapterError for an adapter it cannot evaluate, FileNotFoundError for absent data or
+    base model."""
+    folder = adapter_folder(args)
+    text = "context" if args.task == "squad" else "premise"
+    rows = read_eval(args.task, args.data, args.limit, args.sample_seed)
+    rows = sorted(rows, key=lambda row: len(row[text]))  # less padding
+    rt = start_runtime(args, folder)
+    try:
+        metrics, predictions = score(rt, served_adapter(rt, args, folder), rows, args)
+    finally:
+        rt.stop()
+    report = eval_report(args, metrics)
     print(json.dumps(report, indent=2))
     if "confusion_matrix" in report:
         print(confusion_table(report["confusion_matrix"]))

@@ -7,8 +7,12 @@ from service.cli.main import main
 
 
 @pytest.mark.parametrize("argv,message", [
-    pytest.param(["eval", "--task", "squad", "--adapter", "nope"], "loraswap eval: error: unknown adapter 'nope'",
-                 marks=pytest.mark.real_data("squad/dev-v1.1.json.gz")),  # eval reads its data before the adapter
+    # the adapter is checked before the data is read: these need no data (LORASWAP_DATA_DIR=/nonexistent passes)
+    *((["eval", "--task", task, "--adapter", "nope"], "loraswap eval: error: unknown adapter 'nope'")
+      for task in ("squad", "nli", "rte")),
+    (["eval", "--task", "rte", "--adapter", "nope", "--data", "/nonexistent/rte.jsonl"], "unknown adapter 'nope'"),
+    (["eval", "--task", "rte", "--adapter", "none", "--data", "/nonexistent/rte.jsonl"],
+     "loraswap eval: error: [Errno 2] No such file or directory: '/nonexistent/rte.jsonl'"),
     (["eval", "--task", "nli", "--adapter", "none", "--limit", "0"], "--limit: must be above 0, not 0"),
     (["train", "--task", "squad", "--out", "x", "--max-steps", "0"], "--max-steps: must be above 0, not 0"),
     (["train", "--task", "squad", "--out", "x", "--lr", "-1"], "--lr: must be above 0, not -1"),
