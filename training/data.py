@@ -34,7 +34,9 @@ def _open_text(path: Path):
 
 
 def read_squad(path: str | Path) -> list[dict]:
-    """Flatten an official SQuAD v1.1 JSON file (``data[].paragraphs[].qas[]``) to one dict per question."""
+    """Flatten an official SQuAD v1.1 JSON file (``data[].paragraphs[].qas[]``, gzipped if it ends in .gz) to one
+    dict per question: id, title, context, question, answers and their character offsets. Raises
+    FileNotFoundError for an absent file, KeyError or json's JSONDecodeError for one not in that format."""
     with _open_text(path) as f:
         articles = json.load(f)["data"]
     return [
@@ -53,7 +55,9 @@ def read_squad(path: str | Path) -> list[dict]:
 
 
 def read_nli(path: str | Path, splits: list[str] | tuple[str, ...] | None = None) -> list[dict]:
-    """Premise/hypothesis/label rows of a JSON-lines file; ``splits`` keeps only those ``mnli_split`` values."""
+    """Premise/hypothesis/label rows of a JSON-lines file (gzipped if it ends in .gz); ``splits`` keeps only those
+    ``mnli_split`` values. Raises FileNotFoundError for an absent file, KeyError or JSONDecodeError for a line that
+    is no such row."""
     rows = []
     with _open_text(path) as f:
         for line in f:
@@ -67,7 +71,8 @@ def read_nli(path: str | Path, splits: list[str] | tuple[str, ...] | None = None
 
 
 def read_task(task: str, root: Path | None = None) -> tuple[list[dict], list[str]]:
-    """All training rows of a task and the data files they came from (relative to the data dir)."""
+    """All training rows of a task and the data files they came from (relative to the data dir, with the MNLI
+    splits kept). Raises FileNotFoundError when one is absent."""
     root = Path(root) if root else data_dir()
     rows: list[dict] = []
     files = []
@@ -95,7 +100,8 @@ def sample(rows: list[dict], limit: int | None, seed: int, key: str | None = Non
 
 def read_eval(task: str, path: str | Path | None = None, limit: int | None = None, seed: int = 0) -> list[dict]:
     """The rows a task is evaluated on: ``path``, else the task's dev file (an MNLI file is cut to its
-    dev_matched split); a ``limit`` draws a seeded sample of them (see ``sample``: for NLI/RTE, every label)."""
+    dev_matched split); a ``limit`` draws a seeded sample of them (see ``sample``: for NLI/RTE, every label).
+    Raises FileNotFoundError when the file is absent."""
     name, splits = TASK_EVAL_FILES[task]
     path = Path(path) if path else data_dir() / name
     if task == "squad":

@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
 def adapter_dir(name_or_path: str) -> Path:
-    """A folder as given, else the adapter of that name in the configured adapters dir."""
+    """A folder as given, else the adapter of that name in the configured adapters dir. Raises FileNotFoundError
+    when that folder holds no ``adapter_model.safetensors`` (pickled weights are refused)."""
     path = Path(name_or_path)
     if not path.is_dir():
         from service.settings import Settings
@@ -23,7 +24,9 @@ def adapter_dir(name_or_path: str) -> Path:
 
 
 def merge_adapter(args: argparse.Namespace) -> Path:
-    """Write ``base + adapter`` with the LoRA product added into the base weights; returns the folder."""
+    """Write ``base + adapter`` with the LoRA product added into the base weights (in float32), and the base's
+    tokenizer, to ``--out``; returns that folder. Raises FileNotFoundError for an adapter folder without
+    safetensors weights or a base that is no model directory."""
     from service.model.base_model import resolve_base_dir
     from service.settings import Settings
 
@@ -38,5 +41,5 @@ def merge_adapter(args: argparse.Namespace) -> Path:
 
 
 def run(args: argparse.Namespace) -> None:
-    """``loraswap merge``."""
+    """``loraswap merge``: merge (see ``merge_adapter``) and print where the model was saved."""
     print(f"merged model saved to {merge_adapter(args)}")

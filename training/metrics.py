@@ -16,11 +16,12 @@ def normalize_answer(text: str) -> str:
 
 
 def exact_match(prediction: str, reference: str) -> float:
+    """1.0 when the normalised prediction and reference are equal (``normalize_answer``), else 0.0."""
     return float(normalize_answer(prediction) == normalize_answer(reference))
 
 
 def f1(prediction: str, reference: str) -> float:
-    """Token F1 between the normalised prediction and reference."""
+    """Token F1 in [0, 1] between the normalised prediction and reference (bags of words)."""
     pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
     common = sum((Counter(pred) & Counter(ref)).values())
     if common == 0:
@@ -42,14 +43,16 @@ def squad_scores(predictions: dict[str, str], references: dict[str, list[str]]) 
 
 
 def accuracy(predictions: list[str], golds: list[str]) -> float:
-    """Share of predictions equal to their gold label, in percent."""
+    """Share of predictions equal to their gold label, in percent (0 for none). Raises ValueError when the two lists
+    differ in length."""
     if len(predictions) != len(golds):
         raise ValueError(f"{len(predictions)} predictions for {len(golds)} gold labels")
     return 100.0 * sum(p == g for p, g in zip(predictions, golds)) / max(len(golds), 1)
 
 
 def confusion_matrix(predictions: list[str], golds: list[str], labels: list[str] | tuple[str, ...]) -> list[list[int]]:
-    """``matrix[i][j]`` counts rows whose gold is ``labels[i]`` and prediction ``labels[j]``."""
+    """``matrix[i][j]`` counts rows whose gold is ``labels[i]`` and prediction ``labels[j]``. Raises KeyError for a
+    gold or predicted label not in ``labels``."""
     index = {label: i for i, label in enumerate(labels)}
     matrix = [[0] * len(labels) for _ in labels]
     for p, g in zip(predictions, golds):

@@ -48,6 +48,7 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_train_options(parser: argparse.ArgumentParser) -> None:
+    """The options of ``loraswap train``: the shared ones, the adapter folder, the step budget and the LoRA."""
     add_run_options(parser)
     parser.add_argument("--out", required=True, type=Path, help="adapter folder, e.g. adapters/squad")
     parser.add_argument("--max-steps", type=positive(int),
@@ -59,6 +60,7 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_sweep_options(parser: argparse.ArgumentParser) -> None:
+    """The options of ``loraswap sweep``: the shared ones, the output folder, the steps per run and the grid."""
     add_run_options(parser)
     parser.add_argument("--out", required=True, type=Path, help="folder for the runs and the tables")
     parser.add_argument("--max-steps", type=positive(int), default=200, help="optimizer steps per run")
@@ -69,12 +71,14 @@ def add_sweep_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_merge_options(parser: argparse.ArgumentParser) -> None:
+    """The options of ``loraswap merge``: the adapter, the output folder and the base."""
     parser.add_argument("--adapter", required=True, help="adapter folder, or the name of one in the adapters dir")
     parser.add_argument("--out", required=True, type=Path, help="folder for the merged model")
     parser.add_argument("--base-model", help=BASE_HELP + " (default: the adapter's base_model_name_or_path)")
 
 
 def add_eval_options(parser: argparse.ArgumentParser) -> None:
+    """The options of ``loraswap eval``: task, adapter, data and sample, decoding, outputs and the engine's setup."""
     parser.add_argument("--task", choices=TASKS, required=True, help="SQuAD v1.1 extractive QA, NLI (3 labels) or RTE")
     parser.add_argument("--adapter", required=True,  # 'none' is service.adapter_files.BASE_LABEL (which imports torch)
                         help="an adapter in --adapters-dir, an adapter folder, or 'none' (or 'base') for the bare base model")
@@ -105,24 +109,28 @@ def add_eval_options(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> None:
+    """Run ``loraswap train`` (``training.train.run``; imported here, so that the parser stays light)."""
     from training.train import run
 
     run(args)
 
 
 def run_sweep(args: argparse.Namespace) -> None:
+    """Run ``loraswap sweep`` (``training.sweep.run``; imported here, so that the parser stays light)."""
     from training.sweep import run
 
     run(args)
 
 
 def run_merge(args: argparse.Namespace) -> None:
+    """Run ``loraswap merge`` (``training.merge.run``; imported here, so that the parser stays light)."""
     from training.merge import run
 
     run(args)
 
 
 def run_eval(args: argparse.Namespace) -> None:
+    """Run ``loraswap eval`` (``training.evaluate.run``; imported here, so that the parser stays light)."""
     from training.evaluate import run
 
     run(args)

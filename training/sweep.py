@@ -28,14 +28,16 @@ COLUMNS = [
 
 
 def meta_model(model_or_config) -> torch.nn.Module:
-    """A weightless (meta device) copy of the architecture: enough to resolve and count targets."""
+    """A weightless (meta device) copy of the architecture of a model or its config: enough to resolve and count
+    targets."""
     config = model_or_config if isinstance(model_or_config, PretrainedConfig) else model_or_config.config
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(copy.deepcopy(config))
 
 
 def trainable_parameters(model_or_config, rank: int, targets: str | list[str]) -> int:
-    """LoRA parameters peft trains for ``targets`` (a preset or module names) at ``rank``."""
+    """How many LoRA parameters peft trains for ``targets`` (a preset or module names) at ``rank``. Raises
+    ValueError for a preset on an architecture of no known family."""
     model = meta_model(model_or_config)
     spec = targets if isinstance(targets, str) else ",".join(targets)
     peft_model = get_peft_model(model, train.lora_config(model, rank, None, 0.0, spec))
@@ -43,8 +45,9 @@ def trainable_parameters(model_or_config, rank: int, targets: str | list[str]) -
 
 
 def grid(args: argparse.Namespace, config: PretrainedConfig) -> list[dict]:
-    """The runs to make; target presets that resolve to the same modules (Llama's attention_mlp
-    and all_linear) are kept once."""
+    """The runs to make, one dict per run (name, targets, the modules they resolve to, rank, lr) over ``--targets``
+    x ``--ranks`` x ``--lrs``; target presets that resolve to the same modules (Llama's attention_mlp and
+    all_linear) are kept once. Raises ValueError as ``trainable_parameters`` does."""
     model = meta_model(config)
     runs, seen = [], set()
     for spec in args.targets.split(","):
@@ -60,6 +63,9 @@ def grid(args: argparse.Namespace, config: PretrainedConfig) -> list[dict]:
 
 
 def run_one(args: argparse.Namespace, spec: dict) -> dict:
+    """One row of the tables: ``spec`` and the run's card values of ``COLUMNS`` (seconds, losses in nats per
+    target token). The card of a finished run (its ``card.json`` exists) is read back; else the run is trained
+    into ``--out``/run (errors as ``train.train_adapter``)."""
     out = args.out / spec["run"]
     if (out / "card.json").is_file():
         card = json.loads((out / "card.json").read_text())
@@ -77,6 +83,7 @@ def cell(value) -> str:
 
 
 def write_tables(rows: list[dict], out: Path) -> None:
+    """Write the rows as ``out/sweep.csv`` and as the markdown table ``out/sweep.md``, a column per ``COLUMNS``."""
     with open(out / "sweep.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, COLUMNS)
         writer.writeheader()
@@ -87,6 +94,8 @@ def write_tables(rows: list[dict], out: Path) -> None:
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
+    """Write a PNG to ``path``: each run's validation loss against its trainable parameters (log scale), a line per
+    learning rate and target set; runs without a validation loss are left out."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -109,7 +118,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 
 def run_sweep(args: argparse.Namespace) -> list[dict]:
-    """Train every run of the grid (or read back its card) and write the tables and the plot."""
+    """Train every run of the grid (or read back its card) and write the tables and the plot; returns the rows.
+    Raises FileNotFoundError when ``--base-model`` is no model directory or the data is absent."""
     from service.model.base_model import resolve_base_dir
     from service.settings import Settings
 
@@ -124,6 +134,6 @@ def run_sweep(args: argparse.Namespace) -> list[dict]:
 
 
 def run(args: argparse.Namespace) -> None:
-    """``loraswap sweep``."""
+    """``loraswap sweep``: run the sweep (see ``run_sweep``) and print where its tables are."""
     rows = run_sweep(args)
     print(f"{len(rows)} runs; tables in {args.out / 'sweep.md'} and {args.out / 'sweep.csv'}")
