@@ -26,11 +26,13 @@ DECODINGS = (
 
 @cache
 def squad_rows() -> list[dict]:
+    """The SQuAD dev questions (``read_squad`` rows), read once. Raises FileNotFoundError when the file is absent."""
     return read_squad(data_dir() / "squad" / "dev-v1.1.json.gz")
 
 
 @cache
 def nli_rows() -> list[dict]:
+    """The MNLI pairs, all splits (``read_nli`` rows), read once. Raises FileNotFoundError when the file is absent."""
     return read_nli(data_dir() / "nli" / "mnli.jsonl.gz")
 
 
@@ -41,9 +43,12 @@ def adapter_names(payload) -> list[str]:
 
 
 class LoraswapUser(HttpUser):
+    """A client that sends /answer and /nli requests (3 to 2) to random adapters, waiting 0.05 to 0.5 s between."""
+
     wait_time = between(0.05, 0.5)
 
     def on_start(self) -> None:
+        """Pick the adapters this user sends to: the environment's, else the server's, else the defaults."""
         names = [n.strip() for n in os.environ.get("LORASWAP_LOADTEST_ADAPTERS", "").split(",") if n.strip()]
         if not names:
             with self.client.get("/adapters", name="/adapters", catch_response=True) as response:
@@ -54,6 +59,7 @@ class LoraswapUser(HttpUser):
 
     @task(3)
     def answer(self) -> None:
+        """POST /answer: a random SQuAD question, adapter and decoding strategy, at most 24 new tokens."""
         row = random.choice(squad_rows())
         decoding = {**random.choice(DECODINGS), "max_new_tokens": 24, "seed": random.randrange(2**31)}
         body = {"context": row["context"], "question": row["question"], "adapter": random.choice(self.qa_adapters)}
@@ -61,6 +67,7 @@ class LoraswapUser(HttpUser):
 
     @task(2)
     def nli(self) -> None:
+        """POST /nli: a random MNLI pair scored with a random adapter."""
         row = random.choice(nli_rows())
         body = {"premise": row["premise"], "hypothesis": row["hypothesis"], "adapter": random.choice(self.nli_adapters)}
         self.client.post("/nli", json=body, name="/nli")

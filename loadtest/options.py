@@ -21,6 +21,8 @@ TARGET_SETS = {  # the modules a benchmark adapter adapts (those the base has)
 
 
 def add_bench_options(parser: argparse.ArgumentParser) -> None:
+    """The options of ``loraswap bench``: the base and device, the grid of modes and batch sizes, the adapters, the
+    request shape (tokens), and the hot-load, stall and memory checks."""
     parser.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu' or 'cuda'")
     parser.add_argument("--base-model", default="smollm2",
                         help="'smollm2' (the embedded SmolLM2-135M-Instruct) or a Hugging Face model directory")
@@ -49,6 +51,7 @@ def add_bench_options(parser: argparse.ArgumentParser) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> None:
+    """Run ``loraswap bench`` (``loadtest.bench.run``; imported here, so that the parser stays light)."""
     from loadtest.bench import run
 
     run(args)
