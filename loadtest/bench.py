@@ -25,10 +25,12 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from loadtest.options import ALL_MODES, TARGET_SETS
-from service.model.base_model import load_base, pick_device
+from service.engine.requests import Generation
+from service.engine.row_mapping import map_rows
 from service.engine.sampling import Decoding
-from service.engine.scheduler import Engine, Generation
+from service.engine.scheduler import Engine
 from service.lora.registry import AdapterRegistry
+from service.model.base_model import load_base, pick_device
 from service.settings import Settings
 
 ENGINE_MODES = {"base", "single", "merged", "mixed"}
@@ -212,10 +214,10 @@ class Bench:
             for i in range(self.args.hot_loads):
                 name = f"hot{i}"
                 register = timed(lambda name=name: registry.register(name, source), self.device)
-                activate = timed(lambda name=name: registry.activate([name]), self.device)
+                activate = timed(lambda name=name: map_rows(registry, [registry.lookup(name)]), self.device)
                 loads.append((register + activate) * 1000)
                 activations.append(activate * 1000)
-                unload = timed(lambda name=name: (registry.unregister(name), registry.activate([])), self.device)
+                unload = timed(lambda name=name: (registry.unregister(name), map_rows(registry, [])), self.device)
                 unloads.append(unload * 1000)
         return {"rank": 16, "targets": "all_linear", "loads": len(loads), **percentiles("", loads),
                 **percentiles("activate_", activations), **percentiles("unload_", unloads)}
@@ -244,7 +246,7 @@ class Bench:
         stamps: list[tuple[float, float]] = []  # (start, end) of each decoding step (one new token per row)
         activations: list[tuple[float, float]] = []  # of each activation: adapters made resident, rows mapped
         engine.decoder = Stamped(engine.decoder, stamps, self.device)  # steps only: prompt passes are not stamped
-        self.registry.activate_weights = Stamped(self.registry.activate_weights, activations, self.device)
+        self.registry.place = Stamped(self.registry.place, activations, self.device)
         works = [Generation(self.prompts[i % len(self.prompts)].tolist(), running[i % len(running)],
                             Decoding(max_new_tokens=new_tokens), stop_at_newline=False, ignore_eos=True)
                  for i in range(batch)]
@@ -276,7 +278,7 @@ class Bench:
             runs = {"first_load": warm_up["load"], **{kind: steps(kind, "timed") for kind in kinds}}
         finally:
             engine.decoder = engine.decoder.wrapped
-            del self.registry.activate_weights
+            del self.registry.place
             for name in {entry["name"] for entry in self.registry.describe()} - set(self.names):
                 self.registry.unregister(name)
         report = {"batch": batch, "new_tokens": new_tokens, "joining_requests": loads,

@@ -16,10 +16,11 @@ import torch
 from loadtest.bench import random_adapters, timed
 from loadtest.op_counts import OpCounts
 from loadtest.options import TARGET_SETS
-from service.model.base_model import load_base
 from service.engine.decode_step import DecodeStep
-from service.engine.prefill import PromptPass
+from service.engine.prefill import Prefill
+from service.engine.row_mapping import map_rows
 from service.lora.registry import AdapterRegistry
+from service.model.base_model import load_base
 from service.settings import Settings
 
 
@@ -38,20 +39,20 @@ def main() -> None:
     random_adapters(copy.deepcopy(model), names, 8, TARGET_SETS[args.targets], work)
     registry = AdapterRegistry(model, [work], len(names), 64)
     if args.form:
-        registry.rows.dense_decode = args.form == "dense"
+        registry.layers.mapping.dense_decode = args.form == "dense"
     for name in names:
         registry.register(name, work / name)
     device, prompt_tokens = registry.device, args.prompt_tokens
     prompts = torch.randint(100, 1000, (args.rows, prompt_tokens), generator=torch.Generator().manual_seed(0)).tolist()
-    step = DecodeStep(model, registry.rows, cuda_graphs=False, max_rows=args.rows)
+    step = DecodeStep(model, registry.layers, cuda_graphs=False, max_rows=args.rows)
     mappings = {"bare": [None] * args.rows, "mixed": [names[i % len(names)] for i in range(args.rows)]}
     with torch.inference_mode():
         step.cache.reserve(args.rows, prompt_tokens + 1, used=(0, 0),
                            like=model(input_ids=torch.tensor(prompts, device=device), use_cache=True).past_key_values)
         work_of = {"step": lambda: step([1] * args.rows, [prompt_tokens] * args.rows),
-                   "prompt pass": lambda: PromptPass(model, prompts, 0, device).advance(0)}
+                   "prompt pass": lambda: Prefill(model, prompts, 0, device).advance(0)}
         for label, rows in mappings.items():
-            registry.activate(rows)
+            map_rows(registry, [registry.lookup(name) for name in rows])
             work_of["step"]()  # the first step of a mapping gathers its adapters' weights (grouped form)
             with OpCounts() as ops:
                 work_of["step"]()
@@ -60,7 +61,7 @@ def main() -> None:
         seconds = {(label, kind): [] for label in mappings for kind in work_of}
         for _ in range(args.repeats):
             for (label, kind), times in seconds.items():
-                registry.activate(mappings[label])
+                map_rows(registry, [registry.lookup(name) for name in mappings[label]])
                 times.append(timed(work_of[kind], device))
     for kind in work_of if args.repeats else ():
         bare, mixed = (statistics.median(seconds[(label, kind)]) * 1000 for label in mappings)

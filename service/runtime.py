@@ -6,11 +6,11 @@ import threading
 from pathlib import Path
 
 from service import metrics
-from service.lora.adapter_files import CONFIG_FILE
-from service.model.base_model import load_base
 from service.engine.scheduler import Engine
 from service.errors import AdapterError, AdapterMerged
+from service.lora.adapter_files import CONFIG_FILE
 from service.lora.registry import AdapterRegistry
+from service.model.base_model import load_base
 from service.settings import Settings
 from service.tasks import Tasks
 

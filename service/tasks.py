@@ -7,8 +7,9 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
+from service.engine.requests import Generation, GenerationResult, Scoring
 from service.engine.sampling import Decoding
-from service.engine.scheduler import Engine, Generation, GenerationResult, Scoring
+from service.engine.scheduler import Engine
 from service.errors import InputTooLong
 from service.prompts import NLI_LABELS, answer_prompt, encode_text, label_target, nli_prompt
 from service.settings import Settings

@@ -9,8 +9,10 @@ import pytest
 import torch
 from peft import PeftModel
 
-from service.model.base_model import load_base
+from service.engine.row_mapping import map_rows
+from service.errors import UnknownAdapter
 from service.lora.registry import AdapterRegistry
+from service.model.base_model import load_base
 from service.settings import Settings
 from tests.tiny_models import make_adapter
 
@@ -85,10 +87,25 @@ def engine_model(base_dir: Path, adapters: dict[str, Path], *, max_resident: int
     return model, registry
 
 
+def activate(registry: AdapterRegistry, names: list[str | None]) -> list[int]:
+    """What the engine does before a pass over rows asking for ``names`` (None: no adapter): the weights registered
+    under them made resident and the mapping pointed at the rows. Returns the rows whose name is not registered
+    (they get no adapter)."""
+    adapters, missing = [], []
+    for row, name in enumerate(names):
+        try:
+            adapters.append(registry.lookup(name))
+        except UnknownAdapter:
+            adapters.append(None)
+            missing.append(row)
+    map_rows(registry, adapters)
+    return missing
+
+
 @torch.no_grad()
 def batched_logits(model, registry: AdapterRegistry, rows: list[str | None], ids: torch.Tensor) -> torch.Tensor:
     """Logits of one mixed batch through our engine path: activate the rows' adapters, then forward."""
-    assert registry.activate(rows) == []
+    assert activate(registry, rows) == []
     return model(input_ids=ids).logits
 
 

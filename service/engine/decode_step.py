@@ -12,9 +12,9 @@ import logging
 
 import torch
 
-from service.model.base_model import cache_keyword
 from service.engine.kv_cache import RowKVCache, column_bucket, row_bucket
-from service.lora.layers import RowAdapters
+from service.lora.layers import LoraLayers
+from service.model.base_model import cache_keyword
 
 log = logging.getLogger(__name__)
 
@@ -22,14 +22,13 @@ log = logging.getLogger(__name__)
 class DecodeStep:
     """Feeds each row's last token at its position and returns next-token logits [batch, vocab] (fp32)."""
 
-    def __init__(self, model, rows: RowAdapters, cuda_graphs: bool, max_rows: int):
-        self.model, self.rows = model, rows
+    def __init__(self, model, lora: LoraLayers, cuda_graphs: bool, max_rows: int):
+        self.model, self.lora = model, lora  # the step reads the LoRA banks and the row-to-slot mapping
         self.cache = RowKVCache(min_rows=row_bucket(max_rows))
-        rows.min_rows = max(rows.min_rows, row_bucket(max_rows))
         self.device = next(model.parameters()).device
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self._graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._captured_over: tuple[int, int] | None = None  # (cache storage, LoRA storage) of the graphs
+        self._captured_over: tuple[int, int, int] | None = None  # (cache, banks, mask) storage of the graphs
         self._inputs = torch.zeros(2, row_bucket(max_rows), dtype=torch.long, device=self.device)  # [ids; positions]
         self._pool = None
 
@@ -64,6 +63,11 @@ class DecodeStep:
                          **{cache_keyword(self.model): self.cache}, use_cache=True)
         return out.logits[:, -1].float()
 
+    @property
+    def graphs(self) -> int:
+        """How many decoding steps are captured as CUDA graphs now (one per bucket used since the last drop)."""
+        return len(self._graphs)
+
     def _drop_graphs(self) -> None:
         """Forget every captured step, and their memory pool with them (a pool outlives no graph)."""
         self._graphs.clear()
@@ -71,11 +75,11 @@ class DecodeStep:
 
     def _graph(self, rows: int, width: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """The captured step for this bucket, capturing it on first use."""
-        over = (self.cache.storage, self.rows.storage)
+        over = (self.cache.storage, self.lora.banks.storage, self.lora.mapping.storage)
         if over != self._captured_over:
             self._drop_graphs()
             self._captured_over = over
-        key = (rows, width, self.rows.rank > 0)
+        key = (rows, width, self.lora.mapping.rank > 0)
         if key not in self._graphs:
             ids, positions = self._inputs[0, :rows], self._inputs[1, :rows]
             side = torch.cuda.Stream()

@@ -1,7 +1,7 @@
-"""Prompts run through the model together, left-padded, whole or a chunk of columns at a time.
+"""Prefill: prompts run through the model together, left-padded, whole or a chunk of columns at a time.
 
 Requests that join a running batch have their prompts run between two of its decoding steps; run whole,
-long prompts would hold the running rows for many steps' worth of work. A ``PromptPass`` can instead
+long prompts would hold the running rows for many steps' worth of work. A ``Prefill`` can instead
 advance by a budget of prompt tokens per pause, keeping the columns run so far in a ``DynamicCache``.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from transformers import DynamicCache
 from service.model.base_model import cache_keyword
 
 
-class PromptPass:
+class Prefill:
     """Left-padded prompts [rows, width] and how far they have run; ``logits`` [rows, vocab] once finished."""
 
     def __init__(self, model, prompts: list[list[int]], pad_id: int, device: torch.device):

@@ -13,7 +13,7 @@ import torch
 from transformers import DynamicCache
 
 from service.engine.decode_step import DecodeStep
-from service.engine.sampling import RowSampler
+from service.engine.sampling import Sampler
 
 
 class RunningBatch:
@@ -24,7 +24,7 @@ class RunningBatch:
         self.pendings: list = []
         self.logits: torch.Tensor | None = None  # [B, V] next-token logits
         self.positions: list[int] = []  # per row: tokens in the cache = the position of the next one
-        self.sampler = RowSampler([], decoder.device)
+        self.sampler = Sampler([], decoder.device)
         self.limits: list[int] = []
         self.tokens: list[list[int]] = []
         self.first_token_at: list[float] = []
@@ -33,7 +33,7 @@ class RunningBatch:
         return len(self.pendings)
 
     def add(self, pendings: list, logits: torch.Tensor, prefill: DynamicCache, mask: torch.Tensor,
-            sampler: RowSampler, limits: list[int]) -> None:
+            sampler: Sampler, limits: list[int]) -> None:
         """Append prefilled rows (left-padded ``mask`` [k, W]) after the running ones."""
         lengths = mask.sum(-1)
         start, cache = len(self), self.decoder.cache

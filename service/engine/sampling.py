@@ -117,7 +117,7 @@ def invert_cdf(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     return reached.to(torch.uint8).argmax(dim=-1)  # the first True
 
 
-class RowSampler:
+class Sampler:
     """The decoding parameters of a batch's rows as tensors; picks the next token for every row at once."""
 
     def __init__(self, decodings: list[Decoding], device: torch.device):
@@ -133,7 +133,7 @@ class RowSampler:
         self.temperature, self.top_k = self.temperature[keep], self.top_k[keep]
         self.top_p, self.seeds = self.top_p[keep], self.seeds[keep]
 
-    def extend(self, other: RowSampler) -> None:
+    def extend(self, other: Sampler) -> None:
         """Append another sampler's rows (requests joining a running batch)."""
         self.temperature = torch.cat([self.temperature, other.temperature])
         self.top_k, self.top_p = torch.cat([self.top_k, other.top_k]), torch.cat([self.top_p, other.top_p])

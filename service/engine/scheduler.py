@@ -22,55 +22,20 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from service import metrics
-from service.lora.adapter_files import BASE_LABEL, AdapterWeights
 from service.engine.attention import use_packed_gqa_attention
 from service.engine.decode_step import DecodeStep
-from service.engine.sampling import Decoding, RowSampler
-from service.errors import EngineFailed, EngineStopped, QueueFull, RequestAbandoned, UnknownAdapter
-from service.engine.running_batch import RunningBatch
 from service.engine.merge_policy import MergePolicy
-from service.engine.prefill import PromptPass
+from service.engine.prefill import Prefill
+from service.engine.requests import Generation, GenerationResult, RequestFuture, Scoring
+from service.engine.row_mapping import map_rows, point
+from service.engine.running_batch import RunningBatch
+from service.engine.sampling import Sampler
+from service.errors import EngineFailed, EngineStopped, QueueFull, RequestAbandoned, UnknownAdapter
+from service.lora.adapter_files import BASE_LABEL, AdapterWeights
 from service.lora.registry import AdapterRegistry
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-class RequestFuture(Future):
-    """A submitted request's outcome; ``abandoned`` once its caller withdrew it."""
-
-    def __init__(self):
-        super().__init__()
-        self.abandoned = False
-
-
-@dataclass
-class Generation:
-    """Generate a continuation of ``prompt_ids`` with one adapter (None: the bare base)."""
-
-    prompt_ids: list[int]
-    adapter: str | None
-    decoding: Decoding = field(default_factory=Decoding)
-    stop_at_newline: bool = True
-    ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)
-
-
-@dataclass
-class GenerationResult:
-    text: str
-    token_ids: list[int]
-    finish_reason: str  # "stop" or "length"
-    time_to_first_token: float
-    prompt_tokens: int
-
-
-@dataclass
-class Scoring:
-    """Probabilities of the next token over ``candidates`` (one forward pass)."""
-
-    prompt_ids: list[int]
-    adapter: str | None
-    candidates: list[int]
 
 
 @dataclass
@@ -83,10 +48,10 @@ class _Pending:
 
 @dataclass
 class _Joining:
-    """Requests of one kind taken from the queue, and their prompts' pass through the model."""
+    """Requests of one kind taken from the queue, and the prefill of their prompts."""
 
     pendings: list[_Pending]
-    prompt: PromptPass
+    prefill: Prefill
 
 
 class Engine:
@@ -103,7 +68,7 @@ class Engine:
         use_packed_gqa_attention(model)
         self.prefill_chunk = settings.prefill_chunk if settings.prefill_chunk is not None else (
             64 if self.device.type == "cpu" else 0)
-        self.decoder = DecodeStep(model, registry.rows, settings.cuda_graphs, settings.max_batch)
+        self.decoder = DecodeStep(model, registry.layers, settings.cuda_graphs, settings.max_batch)
         self._queue: deque[_Pending] = deque()
         self._controls: deque[tuple[callable, Future]] = deque()
         self._wakeup = threading.Condition()
@@ -295,7 +260,7 @@ class Engine:
                 kept = [row for row in range(len(running)) if row not in done]
                 kept_rows = running.keep(kept)
                 if kept:  # an engine with no rows left leaves the shared row mapping alone
-                    self.registry.select_rows(kept_rows)
+                    self._point_kept(running, kept_rows)
                     chosen = [chosen[row] for row in kept]
             if len(running):
                 running.forward(chosen)
@@ -336,7 +301,7 @@ class Engine:
             metrics.QUEUE_WAIT.observe(now - pending.enqueued)
         metrics.BATCH_SIZE.observe(len(pendings))
         prompts = [pending.work.prompt_ids for pending in pendings]
-        return _Joining(pendings, PromptPass(self.model, prompts, self.pad_id, self.device))
+        return _Joining(pendings, Prefill(self.model, prompts, self.pad_id, self.device))
 
     def _between_steps(self, running: RunningBatch, joining: _Joining | None) -> _Joining | None:
         """Between two decoding steps: take waiting requests (NLI first) if none are joining, make their adapters
@@ -347,14 +312,13 @@ class Engine:
             joining = self._admit(running)
         if joining is None:
             return None
-        fills = self.registry.fills
-        self._map_rows(running, joining.pendings, to_joiners=True)
-        if self.registry.fills == fills or not len(running):  # a pause that made an adapter resident does no more
+        filled = self._map_rows(running, joining.pendings, to_joiners=True)
+        if not filled or not len(running):  # a pause that made an adapter resident does no more
             chunk = self.prefill_chunk
-            joining.prompt.advance(max(chunk, len(running)) if chunk and len(running) else 0)
-            if joining.prompt.finished:
+            joining.prefill.advance(max(chunk, len(running)) if chunk and len(running) else 0)
+            if joining.prefill.finished:
                 self._land(running, joining)
-        still_joining = None if joining.prompt.finished else joining
+        still_joining = None if joining.prefill.finished else joining
         if len(running):
             self._map_rows(running, still_joining.pendings if still_joining else [], to_joiners=False)
         return still_joining
@@ -389,28 +353,33 @@ class Engine:
             return False
         return adapter not in in_use | {None} and len(in_use - {None}) >= self.registry.max_resident
 
-    def _map_rows(self, running: RunningBatch, joiners: list[_Pending], to_joiners: bool) -> None:
-        """Make the weights of the running rows and of ``joiners`` resident (all of them, so that weights no longer
-        registered keep their slot while any row uses them), and point the row mapping at the joiners (to run their
-        prompts) or at the running rows."""
-        self.registry.activate_weights([pending.adapter for pending in running.pendings + joiners])
-        if joiners:
-            first, last = (len(running), len(running) + len(joiners)) if to_joiners else (0, len(running))
-            self.registry.select_rows(torch.arange(first, last, device=self.device))
+    def _map_rows(self, running: RunningBatch, joiners: list[_Pending], to_joiners: bool) -> int:
+        """Make the weights of the running rows and of ``joiners`` resident and point the row mapping at the joiners
+        (to run their prompts) or at the running rows (``row_mapping.map_rows``); how many adapters this loaded."""
+        rows = running.pendings + joiners
+        pointed = slice(len(running), len(rows)) if to_joiners else slice(0, len(running))
+        return map_rows(self.registry, [row.adapter for row in rows], pointed, self.settings.max_batch)
+
+    def _point_kept(self, running: RunningBatch, kept: torch.Tensor) -> None:
+        """After rows left the batch (``kept`` [rows] indexes the old ones), point the mapping at those that stay;
+        the rank in play drops to the largest among their adapters."""
+        mapping, zero = self.registry.layers.mapping, self.registry.zero_slot
+        slots = mapping.slots[kept].tolist() if mapping.slots is not None else [zero] * len(kept)
+        point(self.registry, [row.adapter for row in running.pendings], slots, self.settings.max_batch)
 
     def _land(self, running: RunningBatch, joining: _Joining) -> None:
         """Requests whose prompts have run: NLI requests get their probabilities, generations join ``running``."""
-        pendings, prompt = joining.pendings, joining.prompt
+        pendings, prefill = joining.pendings, joining.prefill
         if isinstance(pendings[0].work, Scoring):
             for row, pending in enumerate(pendings):
                 if not pending.future.done():
-                    candidates = torch.tensor(pending.work.candidates, device=prompt.logits.device)
-                    pending.future.set_result(prompt.logits[row, candidates].softmax(-1).tolist())
+                    candidates = torch.tensor(pending.work.candidates, device=prefill.logits.device)
+                    pending.future.set_result(prefill.logits[row, candidates].softmax(-1).tolist())
             return
         works = [pending.work for pending in pendings]
         limits = [min(work.decoding.max_new_tokens, self.settings.max_new_tokens) for work in works]
-        sampler = RowSampler([work.decoding for work in works], self.device)
-        running.add(pendings, prompt.logits, prompt.cache, prompt.mask, sampler, limits)
+        sampler = Sampler([work.decoding for work in works], self.device)
+        running.add(pendings, prefill.logits, prefill.cache, prefill.mask, sampler, limits)
 
     def _is_stop(self, work: Generation, token: int) -> bool:
         return (token in self.eos_ids and not work.ignore_eos) or (work.stop_at_newline and token in self.newline_ids)

@@ -11,9 +11,9 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from service import metrics
-from service.lora.adapter_files import BASE_LABEL
-from service.http.routes import admin_router, openai_router, ops_router, tasks_router
 from service.http.errors import RETRY_AFTER_SECONDS, STATUS, status_of
+from service.http.routes import admin_router, openai_router, ops_router, tasks_router
+from service.lora.adapter_files import BASE_LABEL
 from service.runtime import Runtime
 from service.settings import Settings
 

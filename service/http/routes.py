@@ -13,7 +13,6 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.lora.adapter_files import BASE_LABEL, BASE_MODEL_ID, adapter_or_base
 from service.errors import (
     AdapterConflict,
     AdapterError,
@@ -25,8 +24,9 @@ from service.errors import (
     UnknownAdapter,
 )
 from service.http.errors import ClientGone, error_replies
-from service.runtime import Runtime
 from service.http.schemas import AdapterIn, AnswerIn, AnswerOut, CompletionIn, NliIn, NliOut
+from service.lora.adapter_files import BASE_LABEL, BASE_MODEL_ID, adapter_or_base
+from service.runtime import Runtime
 
 tasks_router = APIRouter(tags=["tasks"])
 admin_router = APIRouter(tags=["admin"])

@@ -15,8 +15,16 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.server_helpers import (ADMIN, ADMIN_KEY, SQUAD_CONTEXT, SQUAD_QUESTION, copy_adapters, scrape, value,
-                                  wait_ready)
+from tests.server_helpers import (
+    ADMIN,
+    ADMIN_KEY,
+    SQUAD_CONTEXT,
+    SQUAD_QUESTION,
+    copy_adapters,
+    scrape,
+    value,
+    wait_ready,
+)
 from tests.tiny_models import make_adapter
 
 DRAIN_SECONDS = 2.0

@@ -11,8 +11,8 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GPT2Config
 
-from service.model.base_model import sha256_of
 from service.cli.main import build_parser
+from service.model.base_model import sha256_of
 from training import merge, sweep, train
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -155,9 +155,10 @@ def test_merge_refuses_pickled_adapters(tmp_path):
 
 @pytest.mark.real_data("nli/snli_test.jsonl.gz", "nli/mnli.jsonl.gz")
 def test_a_qlora_adapter_serves_on_the_4bit_base(tiny_llama_dir, tmp_path):
-    from service.model.base_model import load_base
-    from service.engine.scheduler import Engine, Scoring
+    from service.engine.requests import Scoring
+    from service.engine.scheduler import Engine
     from service.lora.registry import AdapterRegistry
+    from service.model.base_model import load_base
     from service.settings import Settings
 
     out = tmp_path / "qlora"

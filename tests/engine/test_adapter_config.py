@@ -14,6 +14,8 @@ from peft.tuners.lora.config import KasaConfig, MontecloraConfig, VeloraConfig
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+from service.errors import AdapterError
+from service.http.errors import status_of
 from service.lora.adapter_files import (
     CONFIG_FILE,
     LORA_FIELDS,
@@ -22,8 +24,6 @@ from service.lora.adapter_files import (
     WEIGHTS_FILE,
     field_default,
 )
-from service.errors import AdapterError
-from service.http.errors import status_of
 from service.lora.registry import AdapterRegistry
 from tests.lora_helpers import FP32_TOLERANCE, batched_logits, load_model, peft_logits, random_ids
 from tests.tiny_models import LINEAR_TARGETS

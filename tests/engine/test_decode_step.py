@@ -9,12 +9,13 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from service.model.base_model import cache_keyword
-from service.engine.sampling import Decoding, RowSampler
-from service.engine.scheduler import Engine
-from service.engine.running_batch import RunningBatch
 from service.engine.kv_cache import COLUMN_STEP, RowKVCache
-from service.engine.prefill import PromptPass
+from service.engine.prefill import Prefill
+from service.engine.row_mapping import map_rows
+from service.engine.running_batch import RunningBatch
+from service.engine.sampling import Decoding, Sampler
+from service.engine.scheduler import Engine
+from service.model.base_model import cache_keyword
 from service.settings import Settings
 from tests.lora_helpers import engine_model, peft_logits, random_ids
 
@@ -27,7 +28,7 @@ class Rows:
     def __init__(self, base_dir, adapters, dense: bool, device: str = "cpu"):
         self.base_dir, self.adapters = base_dir, adapters
         model, self.registry = engine_model(base_dir, adapters, device=device)
-        self.registry.rows.dense_decode = dense
+        self.registry.layers.mapping.dense_decode = dense
         settings = Settings(base_model=str(base_dir), device=device, dtype="float32", cuda_graphs=device == "cuda")
         self.engine = Engine(model, AutoTokenizer.from_pretrained(base_dir), self.registry, settings)
         self.running = RunningBatch(self.engine.decoder)
@@ -36,13 +37,13 @@ class Rows:
 
     def join(self, prompts: list[list[int]], names: list[str | None], chunk: int = 0) -> None:
         """Run the prompts ``chunk`` tokens at a time (0: whole) and add them after the running rows."""
-        self.registry.activate(self.names + names)
-        self.registry.select_rows(torch.arange(len(self.names), len(self.names) + len(names)))  # as the engine does
-        prompt = PromptPass(self.engine.model, prompts, self.engine.pad_id, self.engine.device)
+        adapters = [self.registry.lookup(name) for name in self.names + names]
+        map_rows(self.registry, adapters, pointed=slice(len(self.names), len(adapters)))  # as the engine does
+        prompt = Prefill(self.engine.model, prompts, self.engine.pad_id, self.engine.device)
         while not prompt.finished:
             prompt.advance(chunk)
-        self.registry.activate(self.names + names)
-        sampler = RowSampler([Decoding()] * len(prompts), self.engine.device)
+        map_rows(self.registry, adapters)
+        sampler = Sampler([Decoding()] * len(prompts), self.engine.device)
         self.running.add([None] * len(prompts), prompt.logits, prompt.cache, prompt.mask, sampler, [99] * len(prompts))
         self.sequences += [list(p) for p in prompts]
         self.names += names
@@ -53,9 +54,10 @@ class Rows:
             sequence.append(token)
 
     def leave(self, kept: list[int]) -> None:
-        self.registry.select_rows(self.running.keep(kept))
+        self.running.keep(kept)
         self.sequences = [self.sequences[row] for row in kept]
         self.names = [self.names[row] for row in kept]
+        map_rows(self.registry, [self.registry.lookup(name) for name in self.names])
 
     def assert_match(self) -> None:
         for row, (sequence, name) in enumerate(zip(self.sequences, self.names)):
@@ -90,7 +92,7 @@ def test_rows_at_their_own_positions_equal_each_sequence_alone(base_dir, ranked,
     rows.step([41, 43, 44])
     rows.assert_match()
     decoder = rows.engine.decoder
-    assert decoder.cuda_graphs == (device == "cuda") and bool(decoder._graphs) == (device == "cuda")
+    assert decoder.cuda_graphs == (device == "cuda") and bool(decoder.graphs) == (device == "cuda")
 
 
 @torch.inference_mode()

@@ -21,13 +21,15 @@ from prometheus_client import REGISTRY
 
 from loadtest.bench import Stamped
 from service.engine import scheduler as engine_module
-from service.model.base_model import load_base
+from service.engine.prefill import Prefill
+from service.engine.requests import Generation, GenerationResult, Scoring
+from service.engine.running_batch import RunningBatch
 from service.engine.sampling import Decoding
-from service.engine.scheduler import Engine, Generation, GenerationResult, Scoring
+from service.engine.scheduler import Engine
 from service.errors import AdapterError, EngineFailed, EngineStopped, QueueFull, RequestAbandoned
 from service.http.errors import status_of
-from service.engine.prefill import PromptPass
 from service.lora.registry import AdapterRegistry
+from service.model.base_model import load_base
 from service.settings import Settings
 from service.tasks import Tasks
 from tests.lora_helpers import BASES, make_ranked_adapters
@@ -399,7 +401,7 @@ def test_requests_are_served_during_a_running_batch_and_get_what_they_get_alone(
     assert_same_outputs([running.result(WAIT), *done], expected, [long_work, *joiners])
 
 
-class CountedPasses(PromptPass):
+class CountedPrefills(Prefill):
     """The engine's prompt passes, noting their chunks; a hook can act at a chosen chunk."""
 
     budgets: list[int] = []  # the token budget of every chunk run, in order
@@ -407,28 +409,28 @@ class CountedPasses(PromptPass):
     on_first_chunk = None  # if set, called once, on the engine thread, before the next pass's first chunk
 
     def advance(self, budget: int = 0) -> None:
-        hook, CountedPasses.on_first_chunk = CountedPasses.on_first_chunk, None
+        hook, CountedPrefills.on_first_chunk = CountedPrefills.on_first_chunk, None
         if hook is not None:
             hook()
         super().advance(budget)
-        CountedPasses.budgets.append(budget)
-        CountedPasses.ended.append(time.perf_counter())
+        CountedPrefills.budgets.append(budget)
+        CountedPrefills.ended.append(time.perf_counter())
 
 
 @pytest.fixture
 def counted_passes(monkeypatch):
-    CountedPasses.budgets, CountedPasses.ended, CountedPasses.on_first_chunk = [], [], None
-    monkeypatch.setattr(engine_module, "PromptPass", CountedPasses)
-    return CountedPasses
+    CountedPrefills.budgets, CountedPrefills.ended, CountedPrefills.on_first_chunk = [], [], None
+    monkeypatch.setattr(engine_module, "Prefill", CountedPrefills)
+    return CountedPrefills
 
 
 def start_long_request(engine: Engine, rng: random.Random) -> tuple[Generation, Future]:
     """A 300-token generation, its prompt run (it is decoding) when this returns; needs ``counted_passes``."""
     work = Generation(prompt(rng, 20, 30), "r8", Decoding(max_new_tokens=300), False, ignore_eos=True)
-    CountedPasses.budgets.clear()
+    CountedPrefills.budgets.clear()
     future = engine.submit(work)
     deadline = time.monotonic() + WAIT
-    while not CountedPasses.budgets and time.monotonic() < deadline:
+    while not CountedPrefills.budgets and time.monotonic() < deadline:
         time.sleep(0.001)
     return work, future
 
@@ -510,14 +512,14 @@ def test_adapters_loaded_beside_a_running_batch_take_one_pause_each_and_it_does_
         engine.registry.register(name, adapters[source])
     steps, fills = [], []  # (start, end) of each decoding step; (end, slots filled) of each activation
     engine.decoder = Stamped(engine.decoder, steps, engine.device)
-    activate = engine.registry.activate_weights
+    place = engine.registry.place
 
-    def counted_activate(weights_of_rows):
-        before = engine.registry.fills
-        activate(weights_of_rows)
-        fills.append((time.perf_counter(), engine.registry.fills - before))
+    def counted_place(weights_of_rows):
+        slots, filled = place(weights_of_rows)
+        fills.append((time.perf_counter(), filled))
+        return slots, filled
 
-    engine.registry.activate_weights = counted_activate
+    engine.registry.place = counted_place
     rng = random.Random(14)
     joiners = [Generation(prompt(rng, 60, 80), name, Decoding(max_new_tokens=4), False) for name in names]
     long_work, running = start_long_request(engine, rng)
@@ -529,7 +531,7 @@ def test_adapters_loaded_beside_a_running_batch_take_one_pause_each_and_it_does_
     assert sum(loads) == 3, f"the three adapters were not loaded between the running batch's steps: {loads}"
     assert max(loads) == 1, f"a pause loaded more than one adapter: {loads}"
     assert all(chunk == 0 for load, chunk in zip(loads, chunks) if load), "a pause that loaded also ran prompts"
-    engine.registry.activate_weights = activate
+    engine.registry.place = place
     assert same_output(running.result(WAIT), alone(engine, long_work))
     assert_same_outputs(got, [alone(engine, work) for work in joiners], joiners)
 
@@ -718,11 +720,21 @@ def test_a_control_call_is_not_starved_by_a_stream_of_requests(engines):
     stream.served()
 
 
-def test_a_steady_stream_for_one_adapter_is_merged_and_unmerged_while_its_batch_runs(engines):
+class CountedBatches(RunningBatch):
+    """The engine's running batch, counting the batches started."""
+
+    started = 0
+
+    def __init__(self, decoder):
+        super().__init__(decoder)
+        CountedBatches.started += 1
+
+
+def test_a_steady_stream_for_one_adapter_is_merged_and_unmerged_while_its_batch_runs(engines, monkeypatch):
     reference = engines.shared()
     engine = engines.fresh(auto_merge=True, merge_after=3, merge_cooldown=2)
-    batches, serve = [], engine._serve
-    engine._serve = lambda batch: (batches.append(len(batch)), serve(batch))
+    monkeypatch.setattr(engine_module, "RunningBatch", CountedBatches)
+    CountedBatches.started = 0
     engine.decoder = steps = WatchedSteps(engine.decoder, note=lambda _: engine.registry.merged)
     rng = random.Random(21)
     stream = SteadyStream(engine, lambda: greedy(rng, "r2", max_new_tokens=rng.randint(4, 12)), most=120)
@@ -733,7 +745,7 @@ def test_a_steady_stream_for_one_adapter_is_merged_and_unmerged_while_its_batch_
     other = greedy(rng, "r4", max_new_tokens=6)
     other_result = engine.submit(other).result(WAIT)
     served = stream.served() + [(other, other_result)]
-    assert len(batches) == 1, f"the stream's batch ended: batches of {batches} requests"
+    assert CountedBatches.started == 1, f"the stream's batch ended: {CountedBatches.started} batches started"
     switches = [merged for merged, before in zip(steps.notes[1:], steps.notes) if merged != before]
     assert switches[:2] == ["r2", None], f"the merged adapter at each switch: {switches}"
     wrong = [work.adapter for work, result in served if not same_output(result, alone(reference, work))]

@@ -12,6 +12,7 @@ from torch.utils._pytree import tree_leaves
 from tests.lora_helpers import (
     FP32_TOLERANCE,
     RANKED,
+    activate,
     engine_model,
     logits_tolerance,
     peft_logits,
@@ -75,9 +76,9 @@ def kept_bytes(layers) -> int:
 
 def one_copy_bytes(registry) -> int:
     """One adapter's A and B^T in every layer, at the rank in play."""
-    rank = registry.rows.rank
+    rank = registry.layers.mapping.rank
     return sum(min(rank, layer.capacity) * (layer.in_features + layer.out_features) * layer.a.element_size()
-               for layer in registry.layers.values() if layer.a is not None)
+               for layer in registry.layers.modules.values() if layer.a is not None)
 
 
 def resident_apart(registry, ranked) -> tuple[str, str]:
@@ -85,8 +86,8 @@ def resident_apart(registry, ranked) -> tuple[str, str]:
     a group of both is copies, not views of the bank (which copy nothing and would meet any bound), and a third."""
     registry.register("extra", ranked["r4"])
     names = ["r2", "r4", "r8", "extra"]
-    assert registry.activate(names) == []
-    slot = dict(zip(names, registry.rows.slots.tolist()))
+    assert activate(registry, names) == []
+    slot = dict(zip(names, registry.layers.mapping.slots.tolist()))
     apart = next(name for name in names if abs(slot[name] - slot["r8"]) >= 2)
     return apart, next(name for name in names if name not in ("r8", apart))
 
@@ -115,10 +116,10 @@ def test_a_step_copies_at_most_one_copy_of_each_adapter_in_the_batch(base_dir, r
     every row is still its adapter's."""
     for kind in ("one adapter", "two apart", "uneven", "one per row"):
         model, registry = engine_model(base_dir, ranked)
-        layers = list(registry.layers.values())
+        layers = list(registry.layers.modules.values())
         rows = makeup(kind, *resident_apart(registry, ranked))
         names = {name for name in rows if name is not None}
-        assert registry.activate(rows) == [] and registry.rows.rank == 8
+        assert activate(registry, rows) == [] and registry.layers.mapping.rank == 8
         bound = len(names) * one_copy_bytes(registry)
         ids = random_ids(len(rows), 5)
         for step, tokens in (("prompt", ids), ("step", ids[:, -1:])):
@@ -136,10 +137,10 @@ def test_a_long_prompt_out_of_segment_order_copies_each_rows_weights_one_module_
     """A prompt of at least the rank's tokens, rows out of segment order: no copy larger than the rows' weights of
     one module, none kept; every row is its adapter's."""
     model, registry = engine_model(base_dir, ranked)
-    layers = list(registry.layers.values())
+    layers = list(registry.layers.modules.values())
     rows = makeup("two apart", *resident_apart(registry, ranked))
-    assert registry.activate(rows) == []
-    rank = registry.rows.rank
+    assert activate(registry, rows) == []
+    rank = registry.layers.mapping.rank
     one_module = max(rank * max(layer.in_features, layer.out_features) * 4 for layer in layers)
     tokens = random_ids(len(rows), rank + 1)
     with torch.no_grad(), BankGathers(layers) as gathers:
@@ -156,13 +157,13 @@ def test_a_steps_weights_are_kept_across_joins_and_other_fills_until_a_slot_they
     refilling a slot they read (a name registered again with other weights of the same rank, so that nothing else
     about the step changes) copies that group again."""
     model, registry = engine_model(base_dir, ranked)
-    layers = list(registry.layers.values())
+    layers = list(registry.layers.modules.values())
     apart, _ = resident_apart(registry, ranked)
     running = ["r8", apart]  # slots apart: a step copies their weights
     ids = random_ids(2, 1, seed=2)
 
     def step(rows: list[str | None], tokens: torch.Tensor) -> tuple[torch.Tensor, int]:
-        assert registry.activate(rows) == []
+        assert activate(registry, rows) == []
         with torch.no_grad(), BankGathers(layers) as gathers:
             return model(input_ids=tokens).logits[:, -1], gathers.bytes
 

@@ -12,14 +12,16 @@ from transformers.pytorch_utils import Conv1D
 
 from loadtest.op_counts import OpCounts
 from service.lora.layers import (
+    Banks,
     BatchedLoraLayer,
     InputGroup,
-    RowAdapters,
+    LoraLayers,
     lora_delta_reference,
-    wrap_lora_targets,
 )
+from service.lora.slot_mapping import SlotMapping
 from tests.lora_helpers import (
     FP32_TOLERANCE,
+    activate,
     batched_logits,
     engine_model,
     load_model,
@@ -53,12 +55,12 @@ def test_mixed_batch_equals_peft_per_row(base_dir, ranked):
 
 @pytest.mark.parametrize("tokens", [7, 1])  # a prompt; a one-token step (which keeps its weights for the next)
 def test_changing_the_row_mapping_changes_the_rows_weights(base_dir, ranked, tokens):
-    """The weights gathered for one mapping are not reused for the next (nor after select_rows)."""
+    """The weights gathered for one mapping are not reused for the next (nor once rows left the batch)."""
     model, registry = engine_model(base_dir, ranked)
     ids = random_ids(3, tokens, seed=1)
     first = batched_logits(model, registry, ["r2", "r4", "r8"], ids)
     swapped = batched_logits(model, registry, ["r8", None, "r2"], ids)
-    registry.select_rows(torch.tensor([0, 2]))  # row 1 finished: the batch shrinks to rows 0 and 2
+    activate(registry, ["r8", "r2"])  # row 1 finished: the batch shrinks to rows 0 and 2
     with torch.no_grad():
         shrunk = model(input_ids=ids[[0, 2]]).logits
     expected = {name: peft_logits(base_dir, ranked.get(name), ids) for name in ("r2", "r4", "r8", None)}
@@ -68,18 +70,18 @@ def test_changing_the_row_mapping_changes_the_rows_weights(base_dir, ranked, tok
         assert torch.allclose(swapped[row], expected[name][row], atol=FP32_TOLERANCE)
     assert torch.allclose(shrunk[0], expected["r8"][0], atol=FP32_TOLERANCE)
     assert torch.allclose(shrunk[1], expected["r2"][2], atol=FP32_TOLERANCE)
-    registry.select_rows(torch.tensor([1]))  # the r8 row finished too: the r2 row runs at rank 2
+    activate(registry, ["r2"])  # the r8 row finished too: the r2 row runs at rank 2
     with torch.no_grad():
         alone = model(input_ids=ids[[2]]).logits
-    assert registry.rows.rank == 2 and torch.allclose(alone[0], expected["r2"][2], atol=FP32_TOLERANCE)
-    registry.select_rows(torch.tensor([], dtype=torch.long))  # nobody left: no LoRA at all
-    assert registry.rows.rank == 0 and registry.rows.slots is None
+    assert registry.layers.mapping.rank == 2 and torch.allclose(alone[0], expected["r2"][2], atol=FP32_TOLERANCE)
+    activate(registry, [])  # nobody left: no LoRA at all
+    assert registry.layers.mapping.rank == 0 and registry.layers.mapping.slots is None
 
 
 def test_nf4_base_mixed_batch_equals_peft_over_the_same_4bit_base(base_dir, ranked):
     model, registry = engine_model(base_dir, ranked, quantize="nf4")
     assert registry.quantized
-    assert all(layer.base.weight.dtype == torch.uint8 for layer in registry.layers.values()), "base is not 4-bit"
+    assert all(layer.base.weight.dtype == torch.uint8 for layer in registry.layers.modules.values()), "base is not 4-bit"
     ids = random_ids(len(MIXED_ROWS), 9, seed=2)
     ours = batched_logits(model, registry, MIXED_ROWS, ids)
     assert_rows_match_peft(base_dir, ranked, MIXED_ROWS, ids, ours, quantize="nf4")
@@ -114,19 +116,19 @@ def test_fast_paths_equal_reference_and_per_row_products(kind, form, makeup, sha
     fan_in, fan_out, num_slots = 12, 20, 4
     torch.manual_seed(3)
     base = nn.Linear(fan_in, fan_out) if kind == "linear" else Conv1D(fan_out, fan_in)
-    rows = RowAdapters(num_slots, dense_decode=form == "dense")
-    layer = BatchedLoraLayer(base, rows)
+    mapping = SlotMapping(num_slots, dense_decode=form == "dense")
+    layer = BatchedLoraLayer(base, mapping, Banks())
     # slot 1 has the largest rank (5): a batch without it runs at a smaller rank than the bank's;
     # slot 3 is written then cleared
     pairs = {slot: random_pair(rank, fan_in, fan_out, gen) for slot, rank in RANKS.items()}
     for slot, (lora_a, lora_b) in pairs.items():
-        layer.reserve(len(lora_a), torch.device("cpu"), torch.float32)
+        layer.group.reserve(len(lora_a), torch.device("cpu"), torch.float32)
         bank_a, bank_b_t = layer.slot(slot)
         bank_a[: len(lora_a)], bank_b_t[: len(lora_a)] = lora_a, lora_b.t()
     for view in layer.slot(3):
         view.zero_()
     slots = torch.tensor(MAKEUPS[makeup])
-    rows.assign(slots, max(RANKS.get(slot, 0) for slot in slots.tolist()))  # the largest rank in the batch
+    mapping.assign(slots, max(RANKS.get(slot, 0) for slot in slots.tolist()))  # the largest rank in the batch
     x = torch.randn(len(slots), *SHAPES[shape], fan_in, generator=gen)
     with torch.no_grad(), OpCounts() as ops:
         delta = layer(x) - base(x)
@@ -149,17 +151,17 @@ def test_layers_reading_one_input_share_one_masked_product():
     gen = torch.Generator().manual_seed(4)
     fan_in, num_slots = 12, 3
     torch.manual_seed(4)
-    rows = RowAdapters(num_slots, dense_decode=True)
-    layers = [BatchedLoraLayer(nn.Linear(fan_in, fan_out), rows) for fan_out in (20, 8)]
+    mapping, banks = SlotMapping(num_slots, dense_decode=True), Banks()
+    layers = [BatchedLoraLayer(nn.Linear(fan_in, fan_out), mapping, banks) for fan_out in (20, 8)]
     InputGroup(layers)
     for layer in layers:
         for slot, rank in ((0, 2), (1, 4)):
-            layer.reserve(rank, torch.device("cpu"), torch.float32)
+            layer.group.reserve(rank, torch.device("cpu"), torch.float32)
             lora_a, lora_b = random_pair(rank, fan_in, layer.out_features, gen)
             bank_a, bank_b_t = layer.slot(slot)
             bank_a[:rank], bank_b_t[:rank] = lora_a, lora_b.t()
     slots = torch.tensor([1, num_slots, 0, 1])
-    rows.assign(slots, 4)
+    mapping.assign(slots, 4)
     x = torch.randn(len(slots), 1, fan_in, generator=gen)
     with torch.no_grad():
         bases = [layer.base(x) for layer in layers]
@@ -173,7 +175,7 @@ def test_layers_reading_one_input_share_one_masked_product():
 
 def test_modules_reading_one_input_are_grouped(arch, base_dir):
     """A Llama block's q/k/v and gate/up read one tensor each; GPT-2's fused c_attn and c_fc read their own."""
-    layers = wrap_lora_targets(load_model(base_dir), RowAdapters(2))
+    layers = LoraLayers(load_model(base_dir), 2).modules
     groups = {tuple(name.rsplit(".", 1)[-1] for name, layer in layers.items() if layer.group is group)
               for group in {layer.group for layer in layers.values()}}
     expected = {"llama": {("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)},

@@ -12,6 +12,7 @@ from service.http.errors import status_of
 from service.lora.registry import AdapterRegistry
 from tests.lora_helpers import (
     FP32_TOLERANCE,
+    activate,
     batched_logits,
     engine_model,
     load_model,
@@ -29,7 +30,7 @@ def filled_slots(registry: AdapterRegistry) -> set[int]:
     """Bank slots that hold any non-zero LoRA weight in any layer."""
     return {
         slot
-        for layer in registry.layers.values() if layer.a is not None
+        for layer in registry.layers.modules.values() if layer.a is not None
         for slot in range(layer.a.shape[0]) if layer.a[slot].any() or layer.b_t[slot].any()
     }
 
@@ -70,7 +71,7 @@ def test_lru_eviction_reuses_slots_without_leaking_the_previous_adapter(base_dir
 def test_a_batch_needing_more_slots_than_exist_is_refused_and_the_registry_recovers(base_dir, ranked, expected):
     model, registry = engine_model(base_dir, ranked, max_resident=2)
     with pytest.raises(AdapterError) as refused:
-        registry.activate(["r2", "r4", "r8"])
+        activate(registry, ["r2", "r4", "r8"])
     assert status_of(type(refused.value)) == 503
     assert registry.resident_count <= 2
     assert_serves(model, registry, ["r4", "r8", None], expected)
@@ -81,7 +82,7 @@ def test_unregister_forgets_the_adapter_and_clears_its_slot(base_dir, ranked, ex
     model, registry = engine_model(base_dir, ranked, max_resident=4)
     assert_serves(model, registry, ["r2", "r8"], expected)
     assert len(filled_slots(registry)) == 2
-    held = weakref.ref(registry._adapters["r8"])  # the host copy of the weights
+    held = weakref.ref(registry.lookup("r8"))  # the host copy of the weights
     registry.unregister("r8")
     assert "r8" not in registry.names() and "r8" not in states(registry)
     with pytest.raises(AdapterError) as unknown:
@@ -89,14 +90,14 @@ def test_unregister_forgets_the_adapter_and_clears_its_slot(base_dir, ranked, ex
     assert status_of(type(unknown.value)) == 404
     with pytest.raises(AdapterError):
         registry.unregister("r8")
-    assert registry.activate(["r8", "r2"]) == [0]  # row 0 asks for the adapter that is gone
+    assert activate(registry, ["r8", "r2"]) == [0]  # row 0 asks for the adapter that is gone
     assert len(filled_slots(registry)) == 1  # only r2's slot still holds weights
     gc.collect()
     assert held() is None, "the unregistered adapter's host weights are still referenced"
     assert_serves(model, registry, ["r2", None], expected)
     registry.unregister("r2")
-    registry.activate([None])
-    assert all(layer.a is None and layer.b_t is None for layer in registry.layers.values()), "banks not freed"
+    activate(registry, [None])
+    assert all(layer.a is None and layer.b_t is None for layer in registry.layers.modules.values()), "banks not freed"
     registry.register("r8", ranked["r8"])
     assert_serves(model, registry, [None, "r8"], expected)
 
@@ -142,16 +143,16 @@ def test_the_first_merge_on_the_cpu_writes_a_copy_and_keeps_the_loaded_weights_u
     """The loaded weights are the model file's pages, mapped copy-on-write: merging into them would copy them
     (and their file offsets leave them unaligned, which made the in-place products 3x slower on a CPU)."""
     model, registry = engine_model(base_dir, ranked)
-    loaded = {name: layer.base.weight.data for name, layer in registry.layers.items()}
+    loaded = {name: layer.base.weight.data for name, layer in registry.layers.modules.items()}
     snapshot = {name: weight.clone() for name, weight in loaded.items()}
     registry.merge("r8")
     assert_serves(model, registry, ["r8"], expected)
-    for name, layer in registry.layers.items():
+    for name, layer in registry.layers.modules.items():
         assert torch.equal(loaded[name], snapshot[name]), f"merging wrote the loaded weight of {name}"
-    merged_into = {layer.base.weight.data.data_ptr() for layer in registry.layers.values()}
+    merged_into = {layer.base.weight.data.data_ptr() for layer in registry.layers.modules.values()}
     assert not merged_into & {weight.data_ptr() for weight in loaded.values()}, "a module merges into its loaded weight"
     registry.unmerge()
-    for name, layer in registry.layers.items():
+    for name, layer in registry.layers.modules.items():
         assert torch.equal(layer.base.weight, snapshot[name]), f"{name} differs after unmerge"
 
 

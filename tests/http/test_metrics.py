@@ -9,8 +9,8 @@ import pytest
 from fastapi import Request
 from prometheus_client import REGISTRY
 
-from service.lora.adapter_files import NAME_PATTERN
 from service.http.routes import runtime
+from service.lora.adapter_files import NAME_PATTERN
 from tests.server_helpers import (
     ADMIN,
     ask,

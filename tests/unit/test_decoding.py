@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from service.engine.sampling import Decoding, RowSampler, row_uniforms
+from service.engine.sampling import Decoding, Sampler, row_uniforms
 
 CPU = torch.device("cpu")
 N = 20_000  # rows (one seed each) in the statistical checks
@@ -19,7 +19,7 @@ def random_logits(rows: int, vocab: int, seed: int) -> torch.Tensor:
 
 
 def pick(decodings: list[Decoding], logits: torch.Tensor, step: int = 0) -> torch.Tensor:
-    return RowSampler(decodings, CPU)(logits, step)
+    return Sampler(decodings, CPU)(logits, step)
 
 
 def frequencies(tokens: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -97,7 +97,7 @@ def test_a_seeded_row_draws_the_same_token_whatever_else_is_in_the_batch():
 def test_select_rows_keeps_each_rows_own_parameters_and_seed():
     decodings = [Decoding("temperature", temperature=2.0, seed=s) for s in (11, 22, 33)] + [Decoding()]
     logits = random_logits(4, 64, seed=3)
-    sampler = RowSampler(decodings, CPU)
+    sampler = Sampler(decodings, CPU)
     keep = torch.tensor([1, 3])
     sampler.select_rows(keep)
     for step in range(10):

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 import service
-from service.lora.adapter_files import BASE_LABEL, BASE_MODEL_ID
 from service.cli.main import DefaultsHelp, build_parser, commands, settings_from
+from service.lora.adapter_files import BASE_LABEL, BASE_MODEL_ID
 
 HEAVY = ("torch", "transformers", "peft", "bitsandbytes")
 # runs ``loraswap ARGS`` in a fresh interpreter, then prints its exit status and the heavy modules it imported

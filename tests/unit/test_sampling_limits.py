@@ -15,7 +15,7 @@ import torch
 from service.engine.sampling import (
     MASK32,
     Decoding,
-    RowSampler,
+    Sampler,
     _mix32,
     invert_cdf,
     row_uniforms,
@@ -180,7 +180,7 @@ def test_greedy_rows_beside_sampling_rows_of_infinite_logits_stay_greedy_and_fin
     """Greedy rows (T = 0) share the batch's arithmetic with sampling rows: neither gets a NaN-made pick."""
     logits = hard_logits(torch.float32)
     decodings = [Decoding("temperature", temperature=0.0 if row % 2 else 2.0, seed=row) for row in range(len(logits))]
-    sampler = RowSampler(decodings, torch.device("cpu"))
+    sampler = Sampler(decodings, torch.device("cpu"))
     for step in range(20):
         chosen = sampler(logits, step)
         assert torch.equal(chosen[1::2], logits[1::2].argmax(-1))
