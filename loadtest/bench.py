@@ -5,26 +5,27 @@ adapter, one adapter, all adapters round-robin in each batch), ``merged`` (ours,
 ``peft_mixed`` (peft ``generate`` with ``adapter_names``) and ``peft_sequential`` (peft, one request at a time,
 ``set_adapter`` per request). Modes take turns batch by batch (in reverse order every other round), so drift in
 the machine's speed falls on all alike. Each cell also reports the most the host's RSS rose during one of its batches
-(its warm-up included). It also times adapter hot-loads and measures host memory with many adapters.
+(its warm-up included). It also times adapter hot-loads and merges, runs the stall check (``loadtest.stall``) and
+measures host memory with many adapters (``loadtest.host_memory``).
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import gc
-import itertools
 import json
 import os
-import statistics
 import tempfile
-import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Self
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
+from loadtest.host_memory import PeakRss, registered_memory
 from loadtest.options import ALL_MODES, TARGET_SETS
+from loadtest.stall import measure_stall
+from loadtest.timing import Stamped as Stamped  # tests/engine/test_engine.py imports it from here
+from loadtest.timing import percentiles, timed
 from service.engine.requests import Generation
 from service.engine.row_mapping import map_rows
 from service.engine.sampling import Decoding
@@ -37,7 +38,9 @@ ENGINE_MODES = {"base", "single", "merged", "mixed"}
 
 
 def random_adapters(model, names: list[str], rank: int, targets: list[str], out_dir: Path, seed: int = 0) -> PeftModel:
-    """Wrap ``model`` in peft with one random LoRA per name (B non-zero), saved under ``out_dir/name``."""
+    """Wrap ``model`` in peft with one LoRA per name on those of ``targets`` it has, of ``rank`` and scale 2, every A
+    (rank, in) and B (out, rank) drawn from N(0, 0.02^2) with ``seed`` (B non-zero, so each changes the outputs),
+    saved under ``out_dir/name``; returns the peft model in eval mode."""
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=[t for t in targets if t in present],
                         fan_in_fan_out=model.config.model_type == "gpt2")
@@ -48,7 +51,7 @@ def random_adapters(model, names: list[str], rank: int, targets: list[str], out_
     with torch.no_grad():
         for pname, param in peft_model.named_parameters():
             if "lora_" in pname:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)  # A (r, in), B (out, r)
     peft_model.save_pretrained(out_dir, selected_adapters=names, save_embedding_layers=False)
     for name in names[1:]:  # peft saves non-default adapters in subfolders named after them
         assert (out_dir / name / "adapter_config.json").is_file()
@@ -58,38 +61,6 @@ def random_adapters(model, names: list[str], rank: int, targets: list[str], out_
             if (out_dir / item).exists():
                 (out_dir / item).rename(out_dir / names[0] / item)
     return peft_model.eval()
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device: torch.device) -> float:
-    sync(device)
-    started = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - started
-
-
-class Stamped:
-    """A callable of the engine (its decoding step, the registry's activation) that also notes when each call
-    starts and ends, the device's queued work included (the stall check; a CUDA graph replay runs no module
-    hooks, so the steps are stamped here). Other attributes pass through to the wrapped object."""
-
-    def __init__(self, wrapped, stamps: list[tuple[float, float]], device: torch.device):
-        self.wrapped, self.stamps, self.device = wrapped, stamps, device
-
-    def __call__(self, *args):
-        started = time.perf_counter()
-        result = self.wrapped(*args)
-        sync(self.device)
-        self.stamps.append((started, time.perf_counter()))
-        return result
-
-    def __getattr__(self, name: str):
-        return getattr(self.wrapped, name)
 
 
 class Bench:
@@ -105,7 +76,8 @@ class Bench:
         self.plain, self.tokenizer = load_base(self.settings)
         generator = torch.Generator().manual_seed(0)
         vocab = min(len(self.tokenizer), self.plain.config.vocab_size)
-        self.prompts = torch.randint(100, vocab, (max(self.batch_sizes), args.prompt_tokens), generator=generator)
+        self.prompts = torch.randint(100, vocab, (max(self.batch_sizes), args.prompt_tokens),
+                                     generator=generator)  # (largest batch, prompt tokens) token ids
         self.workdir = Path(tempfile.mkdtemp(prefix="loraswap-bench-"))
         self.names = [f"bench{i}" for i in range(args.adapters)]
         self.results: list[dict] = []
@@ -113,6 +85,7 @@ class Bench:
 
     @property
     def batch_sizes(self) -> list[int]:
+        """The batch sizes of ``--batch-sizes`` (requests per batch), in its order."""
         return [int(b) for b in self.args.batch_sizes.split(",")]
 
     def record(self, mode: str, batch: int, batch_seconds: list[float], rss_rise: int) -> None:
@@ -126,8 +99,10 @@ class Bench:
         self.results.append(row)
         print(json.dumps(row), flush=True)
 
-    def hf_generate(self, model, batch: int, **kwargs) -> None:
-        ids = self.prompts[:batch].to(self.device)
+    def hf_generate(self, model: torch.nn.Module, batch: int, **kwargs) -> None:
+        """Generate ``--new-tokens`` tokens, greedy, for the first ``batch`` prompts with transformers' ``generate`` on
+        ``model`` (plain or peft; ``kwargs`` go to ``generate``)."""
+        ids = self.prompts[:batch].to(self.device)  # (batch, prompt tokens)
         model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.args.new_tokens,
                        min_new_tokens=self.args.new_tokens, do_sample=False,
                        pad_token_id=self.tokenizer.pad_token_id, **kwargs)
@@ -145,7 +120,7 @@ class Bench:
             self.engines[mode] = Engine(model, self.tokenizer, self.registry, self.settings.model_copy())
             self.engines[mode].start()
 
-    def runner(self, mode: str, batch: int):
+    def runner(self, mode: str, batch: int) -> Callable[[], object] | None:
         """A callable that serves one batch of ``batch`` requests in ``mode`` (None: mode not run at this size)."""
         if mode == "hf_base":
             return lambda: self.hf_generate(self.plain, batch)
@@ -196,7 +171,7 @@ class Bench:
             for mode in runners:
                 self.record(mode, batch, seconds[mode], self.rss_rise[mode])
 
-    def serve(self, mode: str, run) -> float:
+    def serve(self, mode: str, run: Callable[[], object]) -> float:
         """Serve one batch of ``mode``; returns its seconds, and notes for the mode's cell how far the RSS rose."""
         with PeakRss() as rss:
             seconds = timed(run, self.device)
@@ -206,7 +181,8 @@ class Bench:
     def hot_load(self) -> dict:
         """Time hot-loads of an r=16 all-linear adapter from local disk: register (file to host, on the caller's
         thread) and activate (host to a device slot, on the engine thread between decoding steps); and unloads
-        (unregister, then the engine clearing the slot at its next activation)."""
+        (unregister, then the engine clearing the slot at its next activation). Returns the adapter's rank and
+        targets, the loads timed, and the median and 95th percentile of a load, an activation and an unload (ms)."""
         source = self.hot_adapter()
         registry = self.registry
         loads, activations, unloads = [], [], []
@@ -230,85 +206,6 @@ class Bench:
             self.registry.roots.append(root)
         return root / "hot"
 
-    def stall(self, batch: int = 64, new_tokens: int = 64) -> dict:
-        """Decoding steps of a running mixed batch: alone (``quiet``); while one-token requests with the bench's
-        prompts, for adapters already resident, join it (``join``); and while a thread hot-loads new adapters
-        and sends one such request for each, so the engine activates them between steps (``load``). Reports
-        the gaps between step starts and the pauses between steps (engine time spent between the end of one
-        step and the start of the next: joiners' prompt chunks, activations), against the quiet step.
-        Every kind runs once as a warm-up first (graph captures, first-use kernels, and the first adapters of a
-        larger rank or new target modules widening the banks, which makes the engine re-capture its CUDA
-        graphs); that warm-up load is reported as ``first_load``."""
-        engine, source = self.engines["mixed"], self.hot_adapter()
-        loads = self.registry.max_resident // 2  # the running batch uses the other slots
-        running = self.names[: self.registry.max_resident - loads]
-        engine.settings.max_batch, engine.settings.max_new_tokens = batch + loads, new_tokens
-        stamps: list[tuple[float, float]] = []  # (start, end) of each decoding step (one new token per row)
-        activations: list[tuple[float, float]] = []  # of each activation: adapters made resident, rows mapped
-        engine.decoder = Stamped(engine.decoder, stamps, self.device)  # steps only: prompt passes are not stamped
-        self.registry.place = Stamped(self.registry.place, activations, self.device)
-        works = [Generation(self.prompts[i % len(self.prompts)].tolist(), running[i % len(running)],
-                            Decoding(max_new_tokens=new_tokens), stop_at_newline=False, ignore_eos=True)
-                 for i in range(batch)]
-
-        def steps(kind: str, round_: str) -> dict:
-            stamps.clear()
-            activations.clear()
-            futures = [engine.submit(work) for work in works]
-            while kind != "quiet" and len(stamps) < 3 and not futures[0].done():  # let the batch start decoding
-                time.sleep(0.001)
-            for i in range(loads if kind != "quiet" else 0):
-                adapter = f"{round_}_{kind}{i}" if kind == "load" else running[i % len(running)]
-                if kind == "load":
-                    self.registry.register(adapter, source)
-                futures.append(engine.submit(Generation(works[-1 - i].prompt_ids, adapter, Decoding(max_new_tokens=1),
-                                                        stop_at_newline=False)))
-            for future in futures:
-                future.result()
-            gaps = [(b[0] - a[0]) * 1000 for a, b in itertools.pairwise(stamps)]
-            pauses = [(b[0] - a[1]) * 1000 for a, b in itertools.pairwise(stamps)]
-            between = [end - start for start, end in activations if stamps[0][1] <= start and end <= stamps[-1][0]]
-            activate = max(between, default=0.0) * 1000  # the longest activation between two of the batch's steps
-            return {"step_p50_ms": round(statistics.median(gaps), 2), "step_max_ms": round(max(gaps), 2),
-                    "pause_max_ms": round(max(pauses), 2), "activate_max_ms": round(activate, 2)}
-
-        try:
-            kinds = ("quiet", "join", "load")
-            warm_up = {kind: steps(kind, "warm") for kind in kinds}
-            runs = {"first_load": warm_up["load"], **{kind: steps(kind, "timed") for kind in kinds}}
-        finally:
-            engine.decoder = engine.decoder.wrapped
-            del self.registry.place
-            for name in {entry["name"] for entry in self.registry.describe()} - set(self.names):
-                self.registry.unregister(name)
-        report = {"batch": batch, "new_tokens": new_tokens, "joining_requests": loads,
-                  "joining_prompt_tokens": self.args.prompt_tokens, "prefill_chunk": engine.prefill_chunk}
-        for kind, figures in runs.items():
-            report |= {f"{kind}_{name}": value for name, value in figures.items()}
-        return report
-
-    def memory(self) -> dict:
-        """Host RSS with many adapters registered, and after they are all unloaded."""
-        registry, count = self.registry, self.args.registered
-        source = self.workdir / self.names[0]
-        gc.collect()
-        baseline = rss_bytes()
-        checkpoints = {}
-        for i in range(count):
-            registry.register(f"mem{i}", source)
-            if (i + 1) in (count // 4, count // 2, count):
-                checkpoints[i + 1] = rss_bytes() - baseline
-        for i in range(count):
-            registry.unregister(f"mem{i}")
-        gc.collect()
-        after = rss_bytes() - baseline
-        adapter_bytes = sum(a["size_bytes"] for a in registry.describe() if a["name"] == self.names[0])
-        report = {"registered": count, "adapter_bytes": adapter_bytes,
-                  "rss_growth_bytes": {str(k): v for k, v in checkpoints.items()}, "rss_after_unload_bytes": after}
-        if self.device.type == "cuda":
-            report["cuda_allocated_bytes"] = torch.cuda.memory_allocated()
-        return report
-
 
 def markdown_table(report: dict) -> str:
     """Requests/s per mode and batch size, with mixed's ratios to bare (the faster of hf_base and base) and peft,
@@ -328,38 +225,9 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def percentiles(prefix: str, millis: list[float]) -> dict:
-    ordered = sorted(millis)
-    return {f"{prefix}p50_ms": round(statistics.median(ordered), 2),
-            f"{prefix}p95_ms": round(ordered[int(0.95 * (len(ordered) - 1))], 2)}
-
-
-class PeakRss:
-    """How far the process's resident set rose while entered, over its size at entry (``rise``, bytes): Linux's
-    high-water mark (VmHWM), reset to the current size at entry (writing 5 to /proc/self/clear_refs)."""
-
-    def __enter__(self) -> Self:
-        with open("/proc/self/clear_refs", "w") as refs:
-            refs.write("5")
-        self.start, self.rise = rss_bytes(), 0
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.rise = max(0, proc_status("VmHWM") - self.start)
-
-
-def rss_bytes() -> int:
-    return proc_status("VmRSS")
-
-
-def proc_status(field: str) -> int:
-    """A size from /proc/self/status (``VmRSS``, ``VmHWM``), in bytes."""
-    with open("/proc/self/status") as status:
-        line = next(line for line in status if line.startswith(field + ":"))
-    return int(line.split()[1]) * 1024
-
-
 def run(args: argparse.Namespace) -> dict:
+    """``loraswap bench``: measure (see ``measured``) under ``torch.no_grad`` and return the report. Raises SystemExit
+    for a mode ``--modes`` names that is not one of ``ALL_MODES``."""
     modes = set(args.modes.split(","))
     unknown = modes - set(ALL_MODES)
     if unknown:
@@ -369,13 +237,17 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def measured(args: argparse.Namespace) -> dict:
+    """Time every mode at every batch size, then (as ``--hot-loads`` and ``--registered`` ask) the merges, hot-loads,
+    the stall check and the memory check; print each part and the table, write ``--json`` if given, and return the
+    report: ``results`` a row per cell (seconds, requests and tokens per second, bytes of RSS rise) and a dict per
+    check (milliseconds, bytes). Raises FileNotFoundError when ``--base-model`` is no model directory."""
     modes = set(args.modes.split(","))
     bench = Bench(args)
     for _ in range(3):  # warm the process (allocator, kernels) before any mode is timed, so the first is not penalised
         bench.hf_generate(bench.plain, 1)
     bench.build(modes)
     bench.measure([mode for mode in ALL_MODES if mode in modes])
-    stall = bench.stall() if args.hot_loads and "mixed" in modes else None
+    stall = measure_stall(bench) if args.hot_loads and "mixed" in modes else None
     for engine in bench.engines.values():
         engine.stop()
     bench.registry.unmerge()
@@ -392,7 +264,8 @@ def measured(args: argparse.Namespace) -> dict:
         report["stall"] = stall
         print(json.dumps(stall), flush=True)
     if args.registered:
-        report["memory"] = bench.memory()
+        report["memory"] = registered_memory(bench.registry, bench.names[0], bench.workdir / bench.names[0],
+                                             args.registered, bench.device)
         print(json.dumps(report["memory"]), flush=True)
     print(markdown_table(report))
     if args.json:

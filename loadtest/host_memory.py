@@ -1,0 +1,64 @@
+"""Host memory for ``loraswap bench`` (Linux, from /proc/self): the process's resident set (RSS), how far it rose
+while a block ran (``PeakRss``), and how it grows with many adapters registered (``registered_memory``)."""
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+from typing import TYPE_CHECKING, Self
+
+import torch
+
+if TYPE_CHECKING:
+    from service.lora.registry import AdapterRegistry
+
+
+class PeakRss:
+    """How far the process's resident set rose while entered, over its size at entry (``rise``, bytes): Linux's
+    high-water mark (VmHWM), reset to the current size at entry (writing 5 to /proc/self/clear_refs)."""
+
+    def __enter__(self) -> Self:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+        self.start, self.rise = rss_bytes(), 0
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.rise = max(0, proc_status("VmHWM") - self.start)
+
+
+def rss_bytes() -> int:
+    """The process's resident set size now (VmRSS), in bytes."""
+    return proc_status("VmRSS")
+
+
+def proc_status(field: str) -> int:
+    """A size from /proc/self/status (``VmRSS``, ``VmHWM``), in bytes. Raises StopIteration for a field it does not
+    hold, FileNotFoundError where there is no /proc (not Linux)."""
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+
+def registered_memory(registry: AdapterRegistry, name: str, source: Path, count: int, device: torch.device) -> dict:
+    """Host RSS with ``count`` more adapters registered (each a copy of ``source``, the folder of the registered
+    adapter ``name``), and after they are all unloaded. Returns the RSS growth over the start at a quarter, half and
+    all of them (bytes, keyed by how many were registered), the growth left after unloading them (bytes), the size of
+    ``name`` (bytes) and, on CUDA, the bytes the device has allocated. Raises AdapterError when ``source`` cannot be
+    registered."""
+    gc.collect()
+    baseline = rss_bytes()
+    checkpoints = {}
+    for i in range(count):
+        registry.register(f"mem{i}", source)
+        if (i + 1) in (count // 4, count // 2, count):
+            checkpoints[i + 1] = rss_bytes() - baseline
+    for i in range(count):
+        registry.unregister(f"mem{i}")
+    gc.collect()
+    after = rss_bytes() - baseline
+    adapter_bytes = sum(a["size_bytes"] for a in registry.describe() if a["name"] == name)
+    report = {"registered": count, "adapter_bytes": adapter_bytes,
+              "rss_growth_bytes": {str(k): v for k, v in checkpoints.items()}, "rss_after_unload_bytes": after}
+    if device.type == "cuda":
+        report["cuda_allocated_bytes"] = torch.cuda.memory_allocated()
+    return report
