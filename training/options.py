@@ -80,8 +80,9 @@ def add_merge_options(parser: argparse.ArgumentParser) -> None:
 def add_eval_options(parser: argparse.ArgumentParser) -> None:
     """The options of ``loraswap eval``: task, adapter, data and sample, decoding, outputs and the engine's setup."""
     parser.add_argument("--task", choices=TASKS, required=True, help="SQuAD v1.1 extractive QA, NLI (3 labels) or RTE")
-    parser.add_argument("--adapter", required=True,  # 'none' is service.adapter_files.BASE_LABEL (which imports torch)
-                        help="an adapter in --adapters-dir, an adapter folder, or 'none' (or 'base') for the bare base model")
+    parser.add_argument("--adapter", required=True,  # 'none' is service.lora.adapter_files.BASE_LABEL (imports torch)
+                        help="an adapter in --adapters-dir, an adapter folder, or 'none' (or 'base') for the bare "
+                        "base model")
     parser.add_argument("--data", type=Path, help="evaluation file (default: the task's dev set in the data dir; for "
                         "nli the MNLI dev_matched split)")
     parser.add_argument("--limit", type=positive(int), help="evaluate a random sample of N examples, drawn with "

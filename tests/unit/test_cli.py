@@ -21,6 +21,7 @@ from service.cli.main import main
 ])
 def test_requests_that_cannot_be_done_are_usage_errors(argv, message, tiny_llama_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
-        main([*argv, *(["--base-model", str(tiny_llama_dir), "--adapters-dir", str(tmp_path)] if argv[0] == "eval" else [])])
+        eval_setup = ["--base-model", str(tiny_llama_dir), "--adapters-dir", str(tmp_path)] if argv[0] == "eval" else []
+        main([*argv, *eval_setup])
     assert exit_.value.code == 2
     assert message in capsys.readouterr().err
