@@ -65,7 +65,8 @@ def main() -> None:
                 times.append(timed(work_of[kind], device))
     for kind in work_of if args.repeats else ():
         bare, mixed = (statistics.median(seconds[(label, kind)]) * 1000 for label in mappings)
-        print(f"{kind}, median of {args.repeats}: bare {bare:.1f} ms, mixed {mixed:.1f} ms, mixed / bare speed {bare / mixed:.2f}")
+        print(f"{kind}, median of {args.repeats}: bare {bare:.1f} ms, mixed {mixed:.1f} ms, "
+              f"mixed / bare speed {bare / mixed:.2f}")
 
 
 if __name__ == "__main__":

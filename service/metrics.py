@@ -58,7 +58,9 @@ QUEUE_WAIT = Histogram("loraswap_queue_wait_seconds", "Time a request waited in 
                        buckets=LATENCY_BUCKETS)
 TIME_TO_FIRST_TOKEN = AdapterHistogram("loraswap_time_to_first_token_seconds", "Time from queueing to the first token",
                                        ["adapter"], buckets=LATENCY_BUCKETS)
-BATCH_SIZE = Histogram("loraswap_batch_size", "Requests admitted together: a new batch, or requests joining a running one", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+BATCH_SIZE = Histogram("loraswap_batch_size",
+                       "Requests admitted together: a new batch, or requests joining a running one",
+                       buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
 GENERATED_TOKENS = AdapterCounter("loraswap_generated_tokens", "Tokens generated", ["adapter"])
 ADAPTER_LOAD = Histogram("loraswap_adapter_load_seconds", "Time to read and check an adapter",
                          buckets=(0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 5))

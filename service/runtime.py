@@ -1,6 +1,7 @@
 """The running service's parts, built once at start: base model, registry, engine and tasks."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from pathlib import Path
@@ -56,10 +57,8 @@ class Runtime:
         return thread
 
     def _start_quietly(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # kept in self.start_failure and reported by /health and /ready
             self.start()
-        except Exception:
-            pass  # kept in self.start_failure and reported by /health and /ready
 
     def load_adapter_folder(self, folder: Path) -> None:
         """Register every adapter folder under ``folder``; ones that do not fit this base are skipped."""

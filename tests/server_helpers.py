@@ -39,10 +39,10 @@ def copy_adapters(adapters: dict[str, Path], folder: Path) -> Path:
 
 def tiny_settings(base_dir: Path, adapters_dir: Path, cache_dir: Path, **overrides) -> Settings:
     """Settings for a tiny test server on the CPU: admin key ``k``, no auto-merge, short answers."""
-    fields = dict(
-        base_model=str(base_dir), adapters_dir=adapters_dir, device="cpu", admin_key=ADMIN_KEY,
-        cache_dir=cache_dir, auto_merge=False, max_new_tokens=SERVER_CAP,
-    )
+    fields = {
+        "base_model": str(base_dir), "adapters_dir": adapters_dir, "device": "cpu", "admin_key": ADMIN_KEY,
+        "cache_dir": cache_dir, "auto_merge": False, "max_new_tokens": SERVER_CAP,
+    }
     return Settings(**{**fields, **overrides})
 
 

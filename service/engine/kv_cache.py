@@ -52,7 +52,8 @@ class RowKVCache(Cache):
         grown_keys, grown_values = [], []
         for old_keys, old_values in templates:
             heads, dim = old_keys.shape[1], old_keys.shape[3]
-            keys, values = old_keys.new_zeros(rows, heads, columns, dim), old_values.new_zeros(rows, heads, columns, dim)
+            keys = old_keys.new_zeros(rows, heads, columns, dim)
+            values = old_values.new_zeros(rows, heads, columns, dim)
             if self.keys:
                 keys[: used[0], :, : used[1]] = old_keys[: used[0], :, : used[1]]
                 values[: used[0], :, : used[1]] = old_values[: used[0], :, : used[1]]

@@ -81,7 +81,8 @@ class Engine:
 
     def _newline_token_ids(self) -> set[int]:
         vocab = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
-        return {i for i, piece in enumerate(vocab) if piece and "\n" in self.tokenizer.convert_tokens_to_string([piece])}
+        return {i for i, piece in enumerate(vocab)
+                if piece and "\n" in self.tokenizer.convert_tokens_to_string([piece])}
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:

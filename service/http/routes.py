@@ -40,6 +40,11 @@ def admin_replies(*errors: type[Exception] | int) -> dict:
     return error_replies(401, 403, 422, EngineStopped, *errors)
 
 
+def serving_replies() -> dict:
+    """The error replies of a route that serves a request through the engine."""
+    return error_replies(400, 422, UnknownAdapter, InputTooLong, QueueFull, EngineStopped)
+
+
 def runtime(request: Request) -> Runtime:
     return request.app.state.runtime
 
@@ -109,7 +114,7 @@ def new_seed() -> int:
     return random.getrandbits(63)
 
 
-@tasks_router.post("/answer", response_model=AnswerOut, responses=error_replies(400, 422, UnknownAdapter, InputTooLong, QueueFull, EngineStopped))
+@tasks_router.post("/answer", response_model=AnswerOut, responses=serving_replies())
 async def answer(body: AnswerIn, request: Request, rt: Runtime = Depends(serving)) -> AnswerOut:
     adapter = pick_adapter(rt, body, rt.settings.qa_adapter, request)
     result = await unless_disconnected(request, rt.tasks.answer(
@@ -117,7 +122,7 @@ async def answer(body: AnswerIn, request: Request, rt: Runtime = Depends(serving
     return AnswerOut(adapter=adapter, **result.__dict__)
 
 
-@tasks_router.post("/nli", response_model=NliOut, responses=error_replies(400, 422, UnknownAdapter, InputTooLong, QueueFull, EngineStopped))
+@tasks_router.post("/nli", response_model=NliOut, responses=serving_replies())
 async def nli(body: NliIn, request: Request, rt: Runtime = Depends(serving)) -> NliOut:
     adapter = pick_adapter(rt, body, rt.settings.nli_adapter, request)
     probabilities = await unless_disconnected(request, rt.tasks.nli(body.premise, body.hypothesis, adapter))
@@ -176,7 +181,7 @@ def models(rt: Runtime = Depends(serving)) -> dict:
     return {"object": "list", "data": [{"id": i, "object": "model", "created": 0, "owned_by": "loraswap"} for i in ids]}
 
 
-@openai_router.post("/completions", responses=error_replies(400, 422, UnknownAdapter, InputTooLong, QueueFull, EngineStopped))
+@openai_router.post("/completions", responses=serving_replies())
 async def completions(body: CompletionIn, request: Request, rt: Runtime = Depends(serving)) -> dict:
     adapter = adapter_or_base(body.model)
     rt.registry.require(adapter)

@@ -47,7 +47,8 @@ SERVED_FIELDS = {
     "lora_alpha": "checked finite; folded into the scale",
     "use_rslora": "folded into the scale (alpha / sqrt(r) instead of alpha / r)",
     "lora_dropout": "the identity at inference",
-    "fan_in_fan_out": "peft overrides it by module type (Conv1D or Linear); lora_A and lora_B are saved alike either way",
+    "fan_in_fan_out": "peft overrides it by module type (Conv1D or Linear); lora_A and lora_B are saved alike "
+                      "either way",
     "target_modules": SELECTS,
     "exclude_modules": SELECTS,
     "layers_to_transform": SELECTS,
@@ -260,7 +261,8 @@ def check_targets(config: LoraConfig, held: Iterable[str], modules: Iterable[str
                            (selected - set(held), "adapter config ({1}) selects {0}, which its weights lack")):
         if stray:
             first, *more = sorted(stray)
-            raise AdapterError(problem.format(f"module {first!r}" + (f" (and {len(more)} more)" if more else ""), fields))
+            modules_named = f"module {first!r}" + (f" (and {len(more)} more)" if more else "")
+            raise AdapterError(problem.format(modules_named, fields))
 
 
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -270,7 +272,8 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     weights_file = folder / WEIGHTS_FILE
     if not weights_file.is_file():
         pickled = [name for name in PICKLED_FILES if (folder / name).exists()]
-        reason = f"pickled weights ({pickled[0]}) are refused; save with safetensors" if pickled else f"no {WEIGHTS_FILE}"
+        reason = (f"pickled weights ({pickled[0]}) are refused; save with safetensors" if pickled
+                  else f"no {WEIGHTS_FILE}")
         raise AdapterError(f"{folder}: {reason}")
     try:
         with safe_open(weights_file, framework="pt"):

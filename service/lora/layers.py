@@ -83,7 +83,8 @@ def lora_delta_reference(x: torch.Tensor, a: torch.Tensor, b_t: torch.Tensor, sl
     return torch.stack([x[row] @ a[slot].t() @ b_t[slot] for row, slot in enumerate(slots.tolist())])
 
 
-def widened(bank: torch.Tensor | None, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def widened(bank: torch.Tensor | None, shape: tuple[int, ...], device: torch.device,
+            dtype: torch.dtype) -> torch.Tensor:
     """A zero bank of ``shape`` (ranks at dim -2) holding what ``bank`` held, if anything, in its first ranks."""
     wide = torch.zeros(shape, device=device, dtype=dtype)
     if bank is not None:
@@ -201,7 +202,8 @@ class BatchedLoraLayer(nn.Module):
             span = group.width * x.shape[1]  # a segment's rows times tokens
             if group.rows is None:  # the batch is in segment order: x and out are the segments' views
                 rows_x, rows_out = x, out
-            else:  # copied into segment order, out's rows copied back (index_add_ took up to 25x as long off the main thread)
+            else:  # copied into segment order, out's rows copied back
+                # (index_add_ took up to 25x as long off the main thread)
                 rows_x, rows_out = x.index_select(0, group.rows), out.index_select(0, group.rows)
             hidden = torch.bmm(a, rows_x.reshape(len(a), span, -1).transpose(1, 2)).transpose(1, 2)  # [U, span, r]
             rows_out.view(len(a), span, -1).baddbmm_(hidden, b_t)

@@ -56,20 +56,19 @@ def server(tiny_llama_dir, llama_adapters, tmp_path_factory):
                "--device", "cpu", "--qa-adapter", "one", "--nli-adapter", "two", "--max-batch", "4",
                "--max-new-tokens", "256", "--batch-window-ms", str(BATCH_WINDOW * 1000),
                "--drain-seconds", str(DRAIN_SECONDS)]
-    log = open(root / "server.log", "w+")
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    live = LiveServer(process, port, extra)
-    try:
-        wait_ready(live.http.get, timeout=120)
-        yield live
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        live.http.close()
-        log.seek(0)
-        print(log.read()[-4000:])  # shown when a test fails
-        log.close()
+    with open(root / "server.log", "w+") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        live = LiveServer(process, port, extra)
+        try:
+            wait_ready(live.http.get, timeout=120)
+            yield live
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            live.http.close()
+            log.seek(0)
+            print(log.read()[-4000:])  # shown when a test fails
 
 
 def test_every_route_over_http(server):

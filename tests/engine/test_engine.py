@@ -15,6 +15,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from prometheus_client import REGISTRY
@@ -56,7 +57,7 @@ class Engines:
     def fresh(self, arch: str = "llama", before_engine=None, **overrides) -> Engine:
         """A started engine on its own copy of the base, with r2, r4 and r8 registered."""
         base_dir, adapters = self.base(arch)
-        options = dict(auto_merge=False, batch_window_ms=5, max_batch=16, max_queue=256, max_new_tokens=32)
+        options = {"auto_merge": False, "batch_window_ms": 5, "max_batch": 16, "max_queue": 256, "max_new_tokens": 32}
         settings = Settings(base_model=str(base_dir), device="cpu", **{**options, **overrides})
         model, tokenizer = load_base(settings)
         registry = AdapterRegistry(model, roots=[next(iter(adapters.values())).parent],
@@ -133,7 +134,8 @@ def test_concurrent_mixed_requests_each_equal_the_request_alone(engines, arch):
     engine = engines.shared(arch)
     rng = random.Random(1)
     works = [
-        greedy(rng, rng.choice(["r2", "r8", None]), max_new_tokens=rng.randint(3, 12), stop_at_newline=rng.random() < 0.5)
+        greedy(rng, rng.choice(["r2", "r8", None]), max_new_tokens=rng.randint(3, 12),
+               stop_at_newline=rng.random() < 0.5)
         for _ in range(48)
     ]
     expected = [alone(engine, work) for work in works]
@@ -163,7 +165,8 @@ def test_seeded_sampling_is_reproducible_across_batch_compositions(engines):
                  Decoding("nucleus", top_p=0.95, temperature=1.3, seed=9, max_new_tokens=12)]
     targets = [Generation(prompt(rng), name, decoding, False) for name, decoding in zip(["r2", None, "r8"], decodings)]
     expected = [alone(engine, work) for work in targets]
-    as_greedy = [alone(engine, Generation(w.prompt_ids, w.adapter, Decoding(max_new_tokens=12), False)) for w in targets]
+    as_greedy = [alone(engine, Generation(w.prompt_ids, w.adapter, Decoding(max_new_tokens=12), False))
+                 for w in targets]
     assert all(s.token_ids != g.token_ids[: len(s.token_ids)] for s, g in zip(expected, as_greedy)), "not sampling"
     reseeded = Generation(targets[0].prompt_ids, "r2",
                           Decoding("temperature", temperature=1.5, seed=70, max_new_tokens=10), False)
@@ -219,7 +222,7 @@ def test_scoring_returns_probabilities_that_sum_to_one(engines):
         assert len(probabilities) == len(work.candidates)
         assert all(0.0 <= p <= 1.0 for p in probabilities)
         assert sum(probabilities) == pytest.approx(1.0, abs=1e-5)
-    by_adapter = [expected[0]] + expected[-3:]
+    by_adapter = [expected[0], *expected[-3:]]
     assert len({tuple(round(p, 4) for p in probs) for probs in by_adapter}) == 4, "adapters do not change scores"
     generations = [greedy(rng, name) for name in ("r2", None, "r8")]
     expected_generations = [alone(engine, work) for work in generations]
@@ -404,8 +407,8 @@ def test_requests_are_served_during_a_running_batch_and_get_what_they_get_alone(
 class CountedPrefills(Prefill):
     """The engine's prompt passes, noting their chunks; a hook can act at a chosen chunk."""
 
-    budgets: list[int] = []  # the token budget of every chunk run, in order
-    ended: list[float] = []  # when each chunk ended (perf_counter)
+    budgets: ClassVar[list[int]] = []  # the token budget of every chunk run, in order
+    ended: ClassVar[list[float]] = []  # when each chunk ended (perf_counter)
     on_first_chunk = None  # if set, called once, on the engine thread, before the next pass's first chunk
 
     def advance(self, budget: int = 0) -> None:
@@ -445,7 +448,8 @@ def test_long_prompts_join_a_chunk_per_pause_and_get_what_they_get_alone(engines
     assert_same_outputs(results(futures), expected, joiners)
     assert not running.done(), "the running request ended before the joiners were served"
     budgets = counted_passes.budgets[1:]  # the joiners' chunks (one pass for both, or one each)
-    assert len(budgets) >= 60 // 4 and set(budgets) == {8}, f"the joiners' prompts did not run 8 tokens a pause: {budgets}"
+    assert len(budgets) >= 60 // 4 and set(budgets) == {8}, (
+        f"the joiners' prompts did not run 8 tokens a pause: {budgets}")
     assert same_output(running.result(WAIT), alone(engine, long_work))
 
 
@@ -525,7 +529,7 @@ def test_adapters_loaded_beside_a_running_batch_take_one_pause_each_and_it_does_
     long_work, running = start_long_request(engine, rng)
     got = results([engine.submit(work) for work in joiners])
     assert not running.done(), "the running request ended before the joiners were served"
-    pauses = [(end, start) for (_, end), (start, _) in zip(steps, steps[1:])]
+    pauses = [(end, start) for (_, end), (start, _) in itertools.pairwise(steps)]
     loads = [sum(n for at, n in fills if begin < at < end) for begin, end in pauses]
     chunks = [sum(begin < at < end for at in counted_passes.ended) for begin, end in pauses]
     assert sum(loads) == 3, f"the three adapters were not loaded between the running batch's steps: {loads}"
@@ -578,7 +582,8 @@ def test_an_abandoned_running_request_leaves_its_batch_and_the_other_rows_are_un
     with pytest.raises(RequestAbandoned):
         futures[0].result(WAIT)
     assert steps.notes == [2] * 3 + [1] * 16, f"rows of each decoding step: {steps.notes}"
-    assert generated_tokens("r8") - tokens_before == 4  # one token from its prompt, one from each of the three steps it ran
+    # one token from its prompt, one from each of the three steps it ran
+    assert generated_tokens("r8") - tokens_before == 4
 
 
 def generated_tokens(adapter: str) -> float:
@@ -713,7 +718,10 @@ def test_a_request_for_other_weights_is_not_starved_by_a_stream_for_the_merged_a
 def test_a_control_call_is_not_starved_by_a_stream_of_requests(engines):
     engine = engines.fresh()
     rng = random.Random(20)
-    mixed = lambda: greedy(rng, rng.choice(["r2", "r8", None]), max_new_tokens=rng.randint(4, 12))
+
+    def mixed() -> Generation:
+        return greedy(rng, rng.choice(["r2", "r8", None]), max_new_tokens=rng.randint(4, 12))
+
     stream = SteadyStream(engine, mixed)
     fed, _ = stream.passed_while(lambda: engine.call(lambda: engine.registry.merge("r4")))
     assert fed < FAIR, f"merging waited while {fed} requests were sent"
@@ -744,7 +752,7 @@ def test_a_steady_stream_for_one_adapter_is_merged_and_unmerged_while_its_batch_
     assert "r2" in steps.notes, "a steady stream for r2 was never merged"
     other = greedy(rng, "r4", max_new_tokens=6)
     other_result = engine.submit(other).result(WAIT)
-    served = stream.served() + [(other, other_result)]
+    served = [*stream.served(), (other, other_result)]
     assert CountedBatches.started == 1, f"the stream's batch ended: {CountedBatches.started} batches started"
     switches = [merged for merged, before in zip(steps.notes[1:], steps.notes) if merged != before]
     assert switches[:2] == ["r2", None], f"the merged adapter at each switch: {switches}"

@@ -181,6 +181,7 @@ def test_a_steps_weights_are_kept_across_joins_and_other_fills_until_a_slot_they
     registry.register("r8", again)  # same name, other weights: its slot is refilled
     refilled, copied = step(running, ids)
     assert copied > 0
-    expected = [peft_logits(base_dir, path, ids)[:, -1] for path in (again, ranked["r4" if apart == "extra" else apart])]
+    other = ranked["r4" if apart == "extra" else apart]
+    expected = [peft_logits(base_dir, path, ids)[:, -1] for path in (again, other)]
     assert torch.allclose(refilled[0], expected[0][0], atol=FP32_TOLERANCE), "stale weights were used"
     assert torch.allclose(refilled[1], expected[1][1], atol=FP32_TOLERANCE)

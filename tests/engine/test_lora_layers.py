@@ -81,7 +81,8 @@ def test_changing_the_row_mapping_changes_the_rows_weights(base_dir, ranked, tok
 def test_nf4_base_mixed_batch_equals_peft_over_the_same_4bit_base(base_dir, ranked):
     model, registry = engine_model(base_dir, ranked, quantize="nf4")
     assert registry.quantized
-    assert all(layer.base.weight.dtype == torch.uint8 for layer in registry.layers.modules.values()), "base is not 4-bit"
+    layers = registry.layers.modules.values()
+    assert all(layer.base.weight.dtype == torch.uint8 for layer in layers), "base is not 4-bit"
     ids = random_ids(len(MIXED_ROWS), 9, seed=2)
     ours = batched_logits(model, registry, MIXED_ROWS, ids)
     assert_rows_match_peft(base_dir, ranked, MIXED_ROWS, ids, ours, quantize="nf4")

@@ -147,7 +147,7 @@ def test_the_first_merge_on_the_cpu_writes_a_copy_and_keeps_the_loaded_weights_u
     snapshot = {name: weight.clone() for name, weight in loaded.items()}
     registry.merge("r8")
     assert_serves(model, registry, ["r8"], expected)
-    for name, layer in registry.layers.modules.items():
+    for name in registry.layers.modules:
         assert torch.equal(loaded[name], snapshot[name]), f"merging wrote the loaded weight of {name}"
     merged_into = {layer.base.weight.data.data_ptr() for layer in registry.layers.modules.values()}
     assert not merged_into & {weight.data_ptr() for weight in loaded.values()}, "a module merges into its loaded weight"

@@ -82,7 +82,8 @@ class Reference:
 
     def _ids(self, prompt: str, plain: bool = False) -> torch.Tensor:
         """``plain``: text that spells a special token stays text (as the task routes encode their fields)."""
-        return self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False, split_special_tokens=plain).input_ids
+        return self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False,
+                              split_special_tokens=plain).input_ids
 
     @torch.no_grad()
     def generate(self, adapter: str | None, prompt: str, max_new_tokens: int, plain: bool = False) -> str:
@@ -556,10 +557,10 @@ def test_max_input_tokens_is_the_longest_prompt_accepted(tiny):
 def test_a_full_queue_answers_429_with_retry_after(tiny):
     """max_queue=1 and a long batch window: the first request waits in the queue for the window, so the
     others find the queue full at once; they get 429 with Retry-After and the first one its answer."""
-    with ready_client(tiny.settings(max_queue=1, batch_window_ms=1500)) as client:
-        with ThreadPoolExecutor(max_workers=6) as pool:
-            replies = list(pool.map(lambda _: client.post("/answer", json={**GOOD, "decoding": {
-                "max_new_tokens": 2}}), range(6)))
+    with (ready_client(tiny.settings(max_queue=1, batch_window_ms=1500)) as client,
+          ThreadPoolExecutor(max_workers=6) as pool):
+        replies = list(pool.map(lambda _: client.post("/answer", json={**GOOD, "decoding": {"max_new_tokens": 2}}),
+                                range(6)))
     statuses = sorted(reply.status_code for reply in replies)
     assert statuses == [200] + [429] * 5, statuses
     for reply in replies:

@@ -118,7 +118,8 @@ def test_negative_zero_is_zero(client):
     assert zero.status_code == negative.status_code == 200
     assert zero.json()["choices"] == negative.json()["choices"]
     body = {**ANSWER, "decoding": {"strategy": "temperature", "temperature": -0.0}}
-    assert "body.decoding.temperature" in assert_refused(post(client, "/answer", json.dumps(body).encode()), 422)["error"]
+    refused = assert_refused(post(client, "/answer", json.dumps(body).encode()), 422)
+    assert "body.decoding.temperature" in refused["error"]
 
 
 def test_routes_without_a_body_ignore_one(client):

@@ -64,7 +64,7 @@ def test_request_duration_by_endpoint_adapter_and_status(client):
     expected = {("/answer", "one", "200"): 3, ("/answer", "none", "200"): 1, ("/nli", "two", "200"): 2,
                 ("/answer", "none", "404"): 1, ("/v1/completions", "one", "200"): 1}
     for (endpoint, adapter, status), count in expected.items():
-        labels = dict(endpoint=endpoint, adapter=adapter, status=status)
+        labels = {"endpoint": endpoint, "adapter": adapter, "status": status}
         assert moved(before, after, f"{DURATION}_count", **labels) == count, labels
         assert moved(before, after, f"{DURATION}_bucket", le="+Inf", **labels) == count, labels
         assert moved(before, after, f"{DURATION}_sum", **labels) > 0, labels
@@ -227,7 +227,8 @@ def test_a_request_in_flight_when_its_adapter_goes_records_nothing_for_it(client
     """Hold the engine; queue a request for an adapter, delete the adapter, release the engine: the request's late
     observations do not bring the adapter's series back."""
     engine = client.app.state.runtime.engine
-    assert client.post("/adapters", json={"name": "late", "path": str(extra / "three")}, headers=ADMIN).status_code == 201
+    loaded = client.post("/adapters", json={"name": "late", "path": str(extra / "three")}, headers=ADMIN)
+    assert loaded.status_code == 201
     ask(client, "late", max_new_tokens=1)
     gate, entered = threading.Event(), threading.Event()
     held = engine.call(lambda: (entered.set(), gate.wait(30)))

@@ -87,7 +87,7 @@ def test_a_seeded_row_draws_the_same_token_whatever_else_is_in_the_batch():
             others = [Decoding(s, temperature=0.8, top_k=5, top_p=0.5, seed=layout * 10 + i)
                       for i, s in enumerate(["greedy", "temperature", "top_k", "nucleus"][:layout + 1])]
             position = layout % (len(others) + 1)
-            decodings = others[:position] + [target] + others[position:]
+            decodings = [*others[:position], target, *others[position:]]
             logits = random_logits(len(decodings), vocab, seed=100 + layout)
             logits[position] = target_logits
             batched = [pick(decodings, logits, step)[position].item() for step in range(12)]
@@ -167,5 +167,6 @@ def test_logits_perturbed_by_batching_rounding_keep_almost_every_draw(decoding):
     decodings = [Decoding(decoding.strategy, decoding.temperature, decoding.top_k, decoding.top_p, seed=seed)
                  for seed in range(2000)]
     for step in (0, 5):
-        before, after = pick(decodings, logits.expand(2000, -1), step), pick(decodings, perturbed.expand(2000, -1), step)
+        before = pick(decodings, logits.expand(2000, -1), step)
+        after = pick(decodings, perturbed.expand(2000, -1), step)
         assert (before != after).sum() <= 10, f"step {step}: {(before != after).sum()} of 2,000 draws changed"

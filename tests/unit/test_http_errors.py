@@ -28,8 +28,8 @@ def test_a_subclass_takes_its_own_status_before_its_bases():
 
 def test_the_openapi_error_replies_are_the_table_and_the_errors_docstrings():
     spec = create_app(Settings()).openapi()  # the model is not loaded: the lifespan never runs here
-    documented = {status: reply["description"] for status, reply in spec["paths"]["/answer"]["post"]["responses"].items()
-                  if status[0] in "45"}
+    replies = spec["paths"]["/answer"]["post"]["responses"]
+    documented = {status: reply["description"] for status, reply in replies.items() if status[0] in "45"}
     assert documented == {
         "400": HTTP_REPLIES[400], "422": HTTP_REPLIES[422],
         "404": "No adapter of that name is registered.", "413": "The prompt has more tokens than the server accepts.",

@@ -55,8 +55,8 @@ def test_help_and_usage_errors_load_no_torch(argv, code):
 
 
 def test_command_modules_do_not_import_the_cli_back():
-    """service.cli.main finds the training and loadtest commands through entry points; none of them imports service.cli.main
-    back (a cycle)."""
+    """service.cli.main finds the training and loadtest commands through entry points; none of them imports
+    service.cli.main back (a cycle)."""
     modules = ["training.options", "training.train", "training.sweep", "training.merge", "training.evaluate",
                "loadtest.options", "loadtest.bench"]
     code = f"import importlib, sys\nfor m in {modules!r}: importlib.import_module(m)\n" \
@@ -100,7 +100,8 @@ def test_help_shows_the_defaults_the_command_runs_with(monkeypatch, capsys):
     for name in ("strategy", "top_k", "top_p", "temperature", "seed", "sample_seed", "max_new_tokens", "max_batch",
                  "base_model", "device", "dtype", "quantize", "adapters_dir"):
         assert f"(default: {getattr(parsed, name)})" in shown, name
-    assert f"'{BASE_LABEL}' (or '{BASE_MODEL_ID}') for the bare base model" in shown  # written out there: adapter_files imports torch
+    # written out there: adapter_files imports torch
+    assert f"'{BASE_LABEL}' (or '{BASE_MODEL_ID}') for the bare base model" in shown
     assert "(default: None)" not in shown
 
 

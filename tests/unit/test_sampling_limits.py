@@ -129,7 +129,7 @@ def test_the_extreme_hashes_give_uniforms_strictly_inside_0_1():
     lowest, highest = seed_hashing_to(0), seed_hashing_to(MASK32)
     draws = row_uniforms(torch.tensor([lowest, highest]), step=0)
     assert draws.tolist() == [0.5 / 2**32, (2**32 - 0.5) / 2**32]
-    assert 0 < draws[0] and draws[1] < 1
+    assert draws[0] > 0 and draws[1] < 1
 
 
 def test_the_extreme_draws_never_pick_a_token_of_probability_zero():
@@ -169,8 +169,9 @@ def test_the_extreme_draws_pick_the_first_and_last_token_the_cut_keeps(params):
     assert chosen.tolist() == [kept.min().item(), kept.max().item()]
 
 
-@pytest.mark.parametrize(("field", "value"), [("temperature", -1.0), ("temperature", math.nan), ("temperature", math.inf),
-                                              ("top_k", -1), ("top_p", 0.0), ("top_p", 1.5), ("top_p", math.nan)])
+@pytest.mark.parametrize(("field", "value"), [("temperature", -1.0), ("temperature", math.nan),
+                                              ("temperature", math.inf), ("top_k", -1), ("top_p", 0.0), ("top_p", 1.5),
+                                              ("top_p", math.nan)])
 def test_parameters_no_sampler_can_honour_are_refused(field, value):
     with pytest.raises(ValueError, match=field):
         Decoding("temperature", **{field: value})
