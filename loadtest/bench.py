@@ -24,7 +24,6 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from loadtest.host_memory import PeakRss, registered_memory
 from loadtest.options import ALL_MODES, TARGET_SETS
 from loadtest.stall import measure_stall
-from loadtest.timing import Stamped as Stamped  # tests/engine/test_engine.py imports it from here
 from loadtest.timing import percentiles, timed
 from service.engine.requests import Generation
 from service.engine.row_mapping import map_rows

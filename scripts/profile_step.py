@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from loadtest.bench import random_adapters, timed
+from loadtest.bench import random_adapters
+from loadtest.timing import timed
 from loadtest.op_counts import OpCounts
 from loadtest.options import TARGET_SETS
 from service.engine.decode_step import DecodeStep

@@ -20,7 +20,7 @@ from typing import ClassVar
 import pytest
 from prometheus_client import REGISTRY
 
-from loadtest.bench import Stamped
+from loadtest.timing import Stamped
 from service.engine import scheduler as engine_module
 from service.engine.prefill import Prefill
 from service.engine.requests import Generation, GenerationResult, Scoring
