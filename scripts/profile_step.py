@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 
 from loadtest.bench import random_adapters
-from loadtest.timing import timed
 from loadtest.op_counts import OpCounts
 from loadtest.options import TARGET_SETS
+from loadtest.timing import timed
 from service.engine.decode_step import DecodeStep
 from service.engine.prefill import Prefill
 from service.engine.row_mapping import map_rows
