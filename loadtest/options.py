@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from service.cli.command import Command, positive
+from service.cli.command import Command, comma_list, nonnegative, positive
 from service.settings import Settings
 
 ALL_MODES = ("hf_base", "base", "single", "merged", "mixed", "peft_mixed", "peft_sequential")
@@ -28,7 +28,8 @@ def add_bench_options(parser: argparse.ArgumentParser) -> None:
                         help="'smollm2' (the embedded SmolLM2-135M-Instruct) or a Hugging Face model directory")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="auto: bf16 on CUDA, fp32 on the CPU")
-    parser.add_argument("--batch-sizes", default="1,16,64,256", help="comma-separated batch sizes")
+    parser.add_argument("--batch-sizes", type=comma_list(positive(int)), default="1,16,64,256",
+                        help="comma-separated batch sizes")
     parser.add_argument("--adapters", type=positive(int), default=16, help="adapters in the mixed modes")
     parser.add_argument("--rank", type=positive(int), default=8, help="rank of the benchmark adapters")
     parser.add_argument("--targets", choices=sorted(TARGET_SETS), default="attention",
@@ -39,10 +40,11 @@ def add_bench_options(parser: argparse.ArgumentParser) -> None:
                         help="requests timed per mode and batch size (at least one batch)")
     parser.add_argument("--rounds", type=positive(int), help="timed rounds per batch size, whatever --min-requests "
                         "says (default: enough for --min-requests)")
-    parser.add_argument("--modes", default=",".join(ALL_MODES), help="comma-separated modes to time")
-    parser.add_argument("--hot-loads", type=int, default=20,
+    parser.add_argument("--modes", type=comma_list(choices=ALL_MODES), default=",".join(ALL_MODES),
+                        help="comma-separated modes to time")
+    parser.add_argument("--hot-loads", type=nonnegative(int), default=20,
                         help="timed hot-loads of an r=16 all-linear adapter (0 skips them and the stall check)")
-    parser.add_argument("--registered", type=int, default=1000,
+    parser.add_argument("--registered", type=nonnegative(int), default=1000,
                         help="adapters registered for the memory check (0 skips it)")
     parser.add_argument("--prefill-chunk", type=int, help="the engine's --prefill-chunk (default: its own)")
     parser.add_argument("--cache-dir", type=Path, default=Settings().cache_dir,

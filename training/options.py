@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from service.cli.command import Command, positive
+from service.cli.command import Command, comma_list, nonnegative, positive
 from service.settings import Settings
 
 TASKS = ("squad", "nli", "rte")
@@ -27,7 +27,7 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout")
     parser.add_argument("--epochs", type=positive(float), default=1.0, help="passes over the training examples")
     parser.add_argument("--max-examples", type=positive(int), help="train on at most this many examples (default: all)")
-    parser.add_argument("--eval-examples", type=int, default=200,
+    parser.add_argument("--eval-examples", type=nonnegative(int), default=200,
                         help="examples held out for the validation loss (0: none)")
     parser.add_argument("--eval-every", type=positive(float), default=0.1,
                         help="validate every N optimizer steps (<1: a share of all steps)")
@@ -64,9 +64,11 @@ def add_sweep_options(parser: argparse.ArgumentParser) -> None:
     add_run_options(parser)
     parser.add_argument("--out", required=True, type=Path, help="folder for the runs and the tables")
     parser.add_argument("--max-steps", type=positive(int), default=200, help="optimizer steps per run")
-    parser.add_argument("--ranks", default="4,8,16,32,64", help="comma list of LoRA ranks")
-    parser.add_argument("--lrs", default="7e-5,2e-4,1e-3", help="comma list of learning rates")
-    parser.add_argument("--targets", default="attention,attention_mlp,all_linear",
+    parser.add_argument("--ranks", type=comma_list(positive(int)), default="4,8,16,32,64",
+                        help="comma list of LoRA ranks")
+    parser.add_argument("--lrs", type=comma_list(positive(float)), default="7e-5,2e-4,1e-3",
+                        help="comma list of learning rates")
+    parser.add_argument("--targets", type=comma_list(), default="attention,attention_mlp,all_linear",
                         help="comma list of target presets (or module lists joined with '+', e.g. c_attn+mlp.c_proj)")
 
 

@@ -50,13 +50,13 @@ def grid(args: argparse.Namespace, config: PretrainedConfig) -> list[dict]:
     all_linear) are kept once. Raises ValueError as ``trainable_parameters`` does."""
     model = meta_model(config)
     runs, seen = [], set()
-    for spec in args.targets.split(","):
+    for spec in args.targets:
         modules = train.resolve_targets(spec.replace("+", ","), model)
         if tuple(sorted(modules)) in seen:
             continue
         seen.add(tuple(sorted(modules)))
-        for rank in map(int, args.ranks.split(",")):
-            for lr in map(float, args.lrs.split(",")):
+        for rank in args.ranks:
+            for lr in args.lrs:
                 name = re.sub(r"\W", "_", f"{spec}_r{rank}_lr{lr:g}")  # a plain identifier, as adapter names are
                 runs.append({"run": name, "targets": spec, "target_modules": " ".join(modules), "rank": rank, "lr": lr})
     return runs

@@ -3,7 +3,7 @@ without torch, so that ``--help`` and usage errors answer at once."""
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 
@@ -21,10 +21,42 @@ class Command:
 
 def positive(kind: type = int):
     """An argparse type: a number of ``kind`` above zero (a clear usage error otherwise, not a failure later)."""
+    return bounded(kind, lambda value: value > 0, "above 0", "positive")
+
+
+def nonnegative(kind: type = int):
+    """An argparse type: a number of ``kind`` of at least zero."""
+    return bounded(kind, lambda value: value >= 0, "at least 0", "non-negative")
+
+
+def bounded(kind: type, holds: Callable[[object], bool], bound: str, adjective: str):
+    """An argparse type: a ``kind`` for which ``holds`` (else a usage error saying it must be ``bound``)."""
     def parse(text: str):
         value = kind(text)
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be above 0, not {text}")
+        if not holds(value):
+            raise argparse.ArgumentTypeError(f"must be {bound}, not {text}")
         return value
-    parse.__name__ = f"positive {kind.__name__}"  # argparse names the type in its error message
+    parse.__name__ = f"{adjective} {kind.__name__}"  # argparse names the type in its error message
+    return parse
+
+
+def comma_list(item: Callable[[str], object] = str, choices: Iterable[str] | None = None):
+    """An argparse type: a comma-separated list (``4,8,16``), each item parsed by ``item`` and, with ``choices``,
+    one of them; an empty item, a bad one or one outside the choices is a usage error naming it."""
+    allowed = None if choices is None else tuple(choices)
+
+    def parse(text: str) -> list:
+        items = text.split(",")
+        for piece in items:
+            if not piece.strip() or (allowed is not None and piece not in allowed):
+                known = f" (one of {', '.join(allowed)})" if allowed is not None else ""
+                raise argparse.ArgumentTypeError(f"{piece!r} in {text!r} is not an item of the list{known}")
+        try:
+            return [item(piece) for piece in items]
+        except argparse.ArgumentTypeError as exc:
+            raise argparse.ArgumentTypeError(f"{text!r}: an item {exc}") from None
+        except ValueError:
+            kind = getattr(item, "__name__", item)
+            raise argparse.ArgumentTypeError(f"{text!r}: every item must be {kind}") from None
+    parse.__name__ = "comma-separated list"
     return parse

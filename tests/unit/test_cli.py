@@ -18,6 +18,16 @@ from service.cli.main import main
     (["train", "--task", "squad", "--out", "x", "--lr", "-1"], "--lr: must be above 0, not -1"),
     (["merge", "--adapter", "missing", "--out", "x"], "loraswap merge: error: missing: no adapter_model.safetensors"),
     (["serve", "--max-batch", "0"], "loraswap serve: error: 1 validation error for Settings\nmax_batch"),
+    # comma lists and counts are checked as they are parsed, each bad item named
+    (["bench", "--modes", "base,nope"], "--modes: 'nope' in 'base,nope' is not an item of the list (one of hf_base"),
+    (["bench", "--batch-sizes", "1,x"], "--batch-sizes: '1,x': every item must be positive int"),
+    (["bench", "--batch-sizes", "1,0"], "--batch-sizes: '1,0': an item must be above 0, not 0"),
+    (["bench", "--batch-sizes", "1,,2"], "--batch-sizes: '' in '1,,2' is not an item of the list"),
+    (["bench", "--hot-loads", "-1"], "--hot-loads: must be at least 0, not -1"),
+    (["bench", "--registered", "-5"], "--registered: must be at least 0, not -5"),
+    (["sweep", "--task", "nli", "--out", "x", "--ranks", "4,-1"], "--ranks: '4,-1': an item must be above 0, not -1"),
+    (["sweep", "--task", "nli", "--out", "x", "--lrs", "1e-3,fast"], "--lrs: '1e-3,fast': every item must be"),
+    (["train", "--task", "nli", "--out", "x", "--eval-examples", "-1"], "--eval-examples: must be at least 0, not -1"),
 ])
 def test_requests_that_cannot_be_done_are_usage_errors(argv, message, tiny_llama_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
