@@ -61,6 +61,10 @@ TIME_TO_FIRST_TOKEN = AdapterHistogram("loraswap_time_to_first_token_seconds", "
 BATCH_SIZE = Histogram("loraswap_batch_size",
                        "Requests admitted together: a new batch, or requests joining a running one",
                        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+INTER_TOKEN_LATENCY = AdapterHistogram(
+    "loraswap_inter_token_latency_seconds", "Time between two consecutive tokens of a streamed choice, as the engine "
+    "picked them (its decoding steps, and the pauses in which requests join the batch)", ["adapter"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
 GENERATED_TOKENS = AdapterCounter("loraswap_generated_tokens", "Tokens generated", ["adapter"])
 ADAPTER_LOAD = Histogram("loraswap_adapter_load_seconds", "Time to read and check an adapter",
                          buckets=(0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 5))
@@ -69,7 +73,7 @@ MERGE_SWITCH = AdapterHistogram("loraswap_merge_switch_seconds", "Time the engin
                                 buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5))
 ADAPTERS_RESIDENT = Gauge("loraswap_adapters_resident", "Adapters held in device slots")
 REQUESTS_IN_FLIGHT = Gauge("loraswap_requests_in_flight", "HTTP requests being served (probes and scrapes not counted)")
-BY_ADAPTER = (REQUEST_DURATION, TIME_TO_FIRST_TOKEN, GENERATED_TOKENS, MERGE_SWITCH)
+BY_ADAPTER = (REQUEST_DURATION, TIME_TO_FIRST_TOKEN, INTER_TOKEN_LATENCY, GENERATED_TOKENS, MERGE_SWITCH)
 
 
 def forget_adapter(name: str, registered: Callable[[], Collection[str]]) -> None:

@@ -2,17 +2,21 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
+from service.engine.logprobs import MOST_TOP_LOGPROBS
 from service.engine.requests import Generation, GenerationResult, Scoring
-from service.engine.sampling import Decoding
+from service.engine.sampling import Decoding, choice_seed
 from service.engine.scheduler import Engine
 from service.errors import InputTooLong
 from service.prompts import NLI_LABELS, answer_prompt, encode_text, label_target, nli_prompt
 from service.settings import Settings
+from service.streaming import Completion, CompletionStream, collect
 
 
 @dataclass
@@ -71,8 +75,28 @@ class Tasks:
         """The prompt's token ids (``plain``: as plain text, see ``encode_text``; else special tokens spelled in it
         are parsed, the contract of raw completions); InputTooLong beyond ``max_prompt``."""
         ids = encode_text(self.tokenizer, prompt) if plain else self.tokenizer.encode(prompt, add_special_tokens=False)
+        return self.bounded(ids)
+
+    def bounded(self, ids: list[int]) -> list[int]:
+        """``ids``, unless longer than ``max_prompt`` (InputTooLong)."""
         if len(ids) > self.max_prompt:
             raise InputTooLong(f"the prompt has {len(ids)} tokens; at most {self.max_prompt} are accepted")
+        return ids
+
+    def prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
+        """A completion prompt's token ids: text is raw (special tokens spelled in it are parsed, as /v1/completions
+        takes it); token ids (a chat template rendered by the caller) are taken as they are. Raises ValueError for an
+        empty prompt or an id that is not an int in [0, vocabulary size), InputTooLong beyond ``max_prompt``."""
+        if isinstance(prompt, str):
+            ids = self.encode(prompt, plain=False)
+        else:
+            vocabulary = len(self.tokenizer)
+            wrong = [i for i in prompt if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocabulary]
+            if wrong:
+                raise ValueError(f"token ids must be ints in [0, {vocabulary}); {wrong[:5]} are not")
+            ids = self.bounded(list(prompt))
+        if not ids:
+            raise ValueError("the prompt is empty: it has no tokens")
         return ids
 
     def decoding(self, decoding: Decoding) -> Decoding:
@@ -90,6 +114,44 @@ class Tasks:
         except asyncio.CancelledError:
             self.engine.abandon(future)
             raise
+
+    async def stream(self, prompt: str | Sequence[int], adapter: str | None, decoding: Decoding, *,
+                     stop: Sequence[str] = (), logprobs: int | None = None, n: int = 1) -> CompletionStream:
+        """Start generating ``n`` choices of a completion of ``prompt``; returns the stream of their text deltas
+        (``CompletionStream``: an async iterator of ``ChoiceDelta``, with ``usage``). Call it on the event loop that
+        iterates the stream; close the stream when done or when the client is gone (``async with``).
+
+        ``prompt``: raw text or token ids (see ``prompt_ids``). ``adapter``: a registered name, None for the bare base.
+        ``decoding``: its ``max_new_tokens`` is capped at the server's ``max_new_tokens``; choice i samples with seed
+        ``choice_seed(decoding.seed, i)`` (choice 0 with the request's own seed), so the choices are independent and
+        reproducible; all are queued together, so that they share a batch whenever it has room for them all.
+        ``stop``: strings (any number, each non-empty; OpenAI allows 4) at whose first occurrence each choice's text
+        ends, the stop string left out. ``logprobs``: None, or k in [0, MOST_TOP_LOGPROBS]: every token's logprob
+        and the k most likely tokens' (the model's raw distribution, before temperature, top-k and top-p). ``n``:
+        choices, >= 1 (the caller caps it).
+
+        Raises, before anything is generated: ValueError (empty prompt, a token id outside the vocabulary, an empty
+        stop string, ``logprobs`` or ``n`` out of range), InputTooLong, QueueFull (the queue has no room for all n),
+        EngineStopped or EngineFailed. An unknown adapter fails the stream's iteration (UnknownAdapter): check it
+        first (``registry.require``)."""
+        ids = self.prompt_ids(prompt)
+        if any(not isinstance(text, str) or not text for text in stop):
+            raise ValueError(f"stop strings must be non-empty strings, not {list(stop)}")
+        if logprobs is not None and not 0 <= logprobs <= MOST_TOP_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MOST_TOP_LOGPROBS}], not {logprobs}")
+        if n < 1:
+            raise ValueError(f"n must be at least 1, not {n}")
+        decoding = self.decoding(decoding)
+        works = [Generation(ids, adapter, dataclasses.replace(decoding, seed=choice_seed(decoding.seed, index)),
+                            stop_at_newline=False, logprobs=logprobs) for index in range(n)]
+        return CompletionStream(self.engine, self.tokenizer, works, tuple(stop))
+
+    async def complete(self, prompt: str | Sequence[int], adapter: str | None, decoding: Decoding, *,
+                       stop: Sequence[str] = (), logprobs: int | None = None, n: int = 1) -> Completion:
+        """The same completion as ``stream``, its deltas collected: each choice's whole text, logprobs and finish
+        reason, and the usage. Raises as ``stream`` and as its iteration; cancelling the caller abandons every
+        choice still generating."""
+        return await collect(await self.stream(prompt, adapter, decoding, stop=stop, logprobs=logprobs, n=n))
 
     async def generate(self, prompt: str, adapter: str | None, decoding: Decoding, stop_at_newline: bool,
                        plain: bool = True) -> GenerationResult:

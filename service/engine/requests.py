@@ -1,4 +1,5 @@
-"""What the engine is asked to do, and what it answers: a generation or a scoring, their futures and results."""
+"""What the engine is asked to do, and what it answers: a generation or a scoring, their futures and results, and
+the tokens a generation hands out as it decodes them."""
 from __future__ import annotations
 
 from concurrent.futures import Future
@@ -8,22 +9,44 @@ from service.engine.sampling import Decoding
 
 
 class RequestFuture(Future):
-    """A submitted request's outcome; ``abandoned`` once its caller withdrew it."""
+    """A submitted request's outcome; ``abandoned`` once its caller withdrew it, ``ended`` once its caller asked it to
+    finish early (``Engine.end``)."""
 
     def __init__(self):
         super().__init__()
         self.abandoned = False
+        self.ended = False
 
 
 @dataclass
 class Generation:
-    """Generate a continuation of ``prompt_ids`` with one adapter (None: the bare base)."""
+    """Generate a continuation of ``prompt_ids`` with one adapter (None: the bare base).
+
+    ``logprobs``: None asks for none; k >= 0 (at most ``logprobs.MOST_TOP_LOGPROBS``) asks, for each token handed to
+    a listener (``Engine.submit``), its log-probability and the k most likely tokens' (``SampledToken``)."""
 
     prompt_ids: list[int]
     adapter: str | None
     decoding: Decoding = field(default_factory=Decoding)
     stop_at_newline: bool = True
     ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)
+    logprobs: int | None = None
+
+
+@dataclass(frozen=True)
+class SampledToken:
+    """A token a generation produced, as the engine hands it to the request's listener on the engine thread, at the
+    decoding step that picked it (before the next step runs). A stopping end-of-text token is never handed out.
+
+    ``logprob`` and ``top_logprobs`` are natural logs of probabilities under the model's own next-token distribution
+    at that step: the softmax of its raw logits, before temperature, top-k and top-p (vLLM's "raw logprobs"); None
+    and () unless the generation asked (``Generation.logprobs``). ``top_logprobs`` holds (token id, logprob) of the k
+    most likely tokens, most likely first (the chosen token may or may not be among them)."""
+
+    token_id: int
+    sampled_at: float  # time.perf_counter() seconds, on the engine thread, when the token was picked
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass

@@ -46,6 +46,14 @@ class Decoding:
         return self.temperature, 0, 1.0
 
 
+def choice_seed(seed: int, index: int) -> int:
+    """The seed of choice ``index`` (>= 0) of a request seeded ``seed`` that asks for several choices, in
+    [0, 2^63): ``seed`` itself (its low 63 bits, all the sampler reads) for choice 0, so that a single choice samples
+    as the request alone would; distinct seeds for distinct indices below 2^63 (adding multiples of an odd constant
+    is a bijection modulo 2^63)."""
+    return (seed + index * 0x9E3779B97F4A7C15) & (2**63 - 1)
+
+
 def _mix32(x: torch.Tensor) -> torch.Tensor:
     """murmur3's 32-bit finalizer on int64 tensors that hold uint32 values."""
     x = x ^ (x >> 16)

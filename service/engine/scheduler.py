@@ -4,7 +4,8 @@ Requests of any adapters and decoding parameters share a batch. Generation runs 
 through the model and then one decoding step per token over a preallocated KV cache (a CUDA graph per
 batch-size bucket on the GPU); rows that finish or are abandoned leave the batch, so they stop costing
 compute, and queued requests join it between steps, their prompts run a chunk per pause (``prefill_chunk``)
-so that a long prompt does not hold the running rows for many steps. Scoring (NLI) is one pass over the
+so that a long prompt does not hold the running rows for many steps. A generation with a listener gets each token
+(and, if it asks, its log-probabilities) as soon as the step that picked it ends. Scoring (NLI) is one pass over the
 prompts. Adapter activation, merge and unmerge happen on this thread between steps, so no row ever runs
 with weights other than its own adapter's.
 """
@@ -15,6 +16,7 @@ import math
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -24,9 +26,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from service import metrics
 from service.engine.attention import use_packed_gqa_attention
 from service.engine.decode_step import DecodeStep
+from service.engine.logprobs import token_logprobs
 from service.engine.merge_policy import MergePolicy
 from service.engine.prefill import Prefill
-from service.engine.requests import Generation, GenerationResult, RequestFuture, Scoring
+from service.engine.requests import Generation, GenerationResult, RequestFuture, SampledToken, Scoring
 from service.engine.row_mapping import map_rows, point
 from service.engine.running_batch import RunningBatch
 from service.engine.sampling import Sampler
@@ -44,6 +47,7 @@ class _Pending:
     future: RequestFuture
     enqueued: float = field(default_factory=time.perf_counter)
     adapter: AdapterWeights | None = None  # the weights ``work.adapter`` named when the request was taken: its own
+    on_token: Callable[[SampledToken], None] | None = None  # a generation's listener (see Engine.submit)
 
 
 @dataclass
@@ -103,19 +107,32 @@ class Engine:
         return len(self._queue)
 
     # ---- submission (any thread) -------------------------------------------------------------
-    def submit(self, work: Generation | Scoring) -> RequestFuture:
+    def submit(self, work: Generation | Scoring, on_token: Callable[[SampledToken], None] | None = None
+               ) -> RequestFuture:
         """Queue one request; its future resolves to a GenerationResult or a list of probabilities.
 
-        Raises QueueFull when ``max_queue`` requests wait, EngineFailed once the engine thread died, EngineStopped
-        while it drains or after it stopped."""
-        pending = _Pending(work, RequestFuture())
+        ``on_token`` (generations only) is called on the engine thread with each token as the decoding step that
+        picked it ends, before the future resolves; it must return at once and should not raise (if it does, the
+        error is logged and the request abandoned). The engine then leaves the time to first token to the listener's
+        side to record (the streaming layer records it as its client sees it). Raises QueueFull when ``max_queue``
+        requests wait, EngineFailed once the engine thread died, EngineStopped while it drains or after it stopped."""
+        return self.submit_together([work], [on_token])[0]
+
+    def submit_together(self, works: list[Generation | Scoring],
+                        on_tokens: list[Callable[[SampledToken], None] | None] | None = None) -> list[RequestFuture]:
+        """Queue ``works`` (with their listeners, see ``submit``) one after another, all or none: they are taken into
+        the same batch whenever it has room for them all. Raises QueueFull unless all fit in the queue, and as
+        ``submit`` otherwise."""
+        pendings = [_Pending(work, RequestFuture(), on_token=listener)
+                    for work, listener in zip(works, on_tokens or [None] * len(works))]
         with self._wakeup:
             self._refuse_unless_accepting()
-            if len(self._queue) >= self.settings.max_queue:
-                raise QueueFull(f"the queue is full ({len(self._queue)} requests queued); retry later")
-            self._queue.append(pending)
+            if len(self._queue) + len(pendings) > self.settings.max_queue:
+                raise QueueFull(f"the queue is full ({len(self._queue)} requests queued, {len(pendings)} more asked, "
+                                f"{self.settings.max_queue} at most); retry later")
+            self._queue.extend(pendings)
             self._wakeup.notify_all()
-        return pending.future
+        return [pending.future for pending in pendings]
 
     def abandon(self, future: RequestFuture) -> None:
         """Withdraw a request whose caller went away: a queued one leaves the queue at once, a running one leaves
@@ -123,6 +140,16 @@ class Engine:
         costing compute. A finished request is left as it is."""
         with self._wakeup:
             future.abandoned = True
+            if future.cancel():
+                self._queue = deque(pending for pending in self._queue if pending.future is not future)
+
+    def end(self, future: RequestFuture) -> None:
+        """Finish a generation early, as if it had met a stop (its caller saw a stop string in its text): a running
+        one leaves its batch before the next decoding step after this call, its future resolving to the tokens
+        generated until then with finish reason "stop" (a step or two past the one its caller saw, as the engine
+        does not wait for the caller). A queued one is withdrawn as by ``abandon``; a finished one is left as it is."""
+        with self._wakeup:
+            future.ended = True
             if future.cancel():
                 self._queue = deque(pending for pending in self._queue if pending.future is not future)
 
@@ -254,9 +281,10 @@ class Engine:
             if not len(running):  # every row is done (or failed) and nothing is joining
                 return
             chosen, finished = running.sample(self._is_stop)
+            self._publish(running, chosen, dict(finished))
             for row, reason in finished:
                 self._finish(running.pendings[row], running.tokens[row], reason, running.first_token_at[row])
-            done = {row for row, _ in finished} | self._abandoned_rows(running)
+            done = {row for row, _ in finished} | self._withdrawn_rows(running)
             if done:
                 kept = [row for row in range(len(running)) if row not in done]
                 kept_rows = running.keep(kept)
@@ -266,15 +294,38 @@ class Engine:
             if len(running):
                 running.forward(chosen)
 
-    def _abandoned_rows(self, running: RunningBatch) -> set[int]:
-        """Rows whose request was abandoned and is not done; their futures fail with RequestAbandoned (the tokens
-        they generated are counted all the same: the work was done)."""
-        rows = {row for row, pending in enumerate(running.pendings) if pending.future.abandoned
-                and not pending.future.done()}
+    def _publish(self, running: RunningBatch, chosen: list[int], finished: dict[int, str]) -> None:
+        """Hand each listened-to row the token this step picked (a stopping end-of-text token is no output), with its
+        log-probabilities if it asked; a listener that raises has its request abandoned."""
+        rows = [row for row, pending in enumerate(running.pendings) if pending.on_token is not None
+                and not (finished.get(row) == "stop" and self._ends_text(pending.work, chosen[row]))]
+        if not rows:
+            return
+        now, tops = time.perf_counter(), [None] * len(running)
+        for row in rows:
+            tops[row] = running.pendings[row].work.logprobs
+        logprobs = token_logprobs(running.logits, chosen, tops)
         for row in rows:
             pending = running.pendings[row]
-            metrics.GENERATED_TOKENS.labels(adapter=pending.work.adapter or BASE_LABEL).inc(len(running.tokens[row]))
-            pending.future.set_exception(RequestAbandoned("the request was abandoned by its caller"))
+            try:
+                pending.on_token(SampledToken(chosen[row], now, *logprobs.get(row, (None, ()))))
+            except Exception:
+                log.exception("a token listener failed; its request is abandoned")
+                pending.future.abandoned = True
+
+    def _withdrawn_rows(self, running: RunningBatch) -> set[int]:
+        """Rows whose request was abandoned or ended (``end``) and is not done. Abandoned ones fail with
+        RequestAbandoned (the tokens they generated are counted all the same: the work was done); ended ones finish
+        with reason "stop"."""
+        rows = {row for row, pending in enumerate(running.pendings)
+                if (pending.future.abandoned or pending.future.ended) and not pending.future.done()}
+        for row in rows:
+            pending, tokens = running.pendings[row], running.tokens[row]
+            if pending.future.abandoned:
+                metrics.GENERATED_TOKENS.labels(adapter=pending.work.adapter or BASE_LABEL).inc(len(tokens))
+                pending.future.set_exception(RequestAbandoned("the request was abandoned by its caller"))
+            else:
+                self._finish(pending, tokens, "stop", running.first_token_at[row])
         return rows
 
     def _apply_merge_policy(self, adapters: set[AdapterWeights | None]) -> None:
@@ -382,18 +433,23 @@ class Engine:
         sampler = Sampler([work.decoding for work in works], self.device)
         running.add(pendings, prefill.logits, prefill.cache, prefill.mask, sampler, limits)
 
+    def _ends_text(self, work: Generation, token: int) -> bool:
+        """Whether ``token`` is an end-of-text token that stops ``work`` (it is then no part of its output)."""
+        return token in self.eos_ids and not work.ignore_eos
+
     def _is_stop(self, work: Generation, token: int) -> bool:
-        return (token in self.eos_ids and not work.ignore_eos) or (work.stop_at_newline and token in self.newline_ids)
+        return self._ends_text(work, token) or (work.stop_at_newline and token in self.newline_ids)
 
     def _finish(self, pending: _Pending, tokens: list[int], reason: str, first_token_at: float) -> None:
         work = pending.work
-        if reason == "stop" and tokens[-1] in self.eos_ids:
+        if reason == "stop" and self._ends_text(work, tokens[-1]):
             tokens = tokens[:-1]
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         if work.stop_at_newline:
             text = text.split("\n", 1)[0]
         label = work.adapter or BASE_LABEL
         metrics.GENERATED_TOKENS.labels(adapter=label).inc(len(tokens))
-        metrics.TIME_TO_FIRST_TOKEN.labels(adapter=label).observe(first_token_at - pending.enqueued)
+        if pending.on_token is None:  # a listened-to request's is recorded where its text is handed out
+            metrics.TIME_TO_FIRST_TOKEN.labels(adapter=label).observe(first_token_at - pending.enqueued)
         pending.future.set_result(GenerationResult(text, tokens, reason, first_token_at - pending.enqueued,
                                                     len(work.prompt_ids)))

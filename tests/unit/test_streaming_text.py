@@ -1,0 +1,167 @@
+"""A choice's text as its tokens arrive (service.streaming.ChoiceText) on the tiny byte-level BPE tokenizer: deltas
+never split a character nor revise what was handed out, stop strings are met across token and delta boundaries, and
+only what could still start a stop string is held back. Also the engine-to-asyncio token feed."""
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import AutoTokenizer
+
+from service.engine.requests import SampledToken
+from service.engine.token_feed import TokenFeed
+from service.streaming import ChoiceDelta, ChoiceText
+
+# characters of 1 to 4 UTF-8 bytes; the tiny tokenizer (trained on English text) splits the multi-byte ones into bytes
+MIXED = "Café ☃ 日本 naïve 𝄞 x"
+ALPHABET = "ab é☃\n.𝄞"
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_tokenizer_dir):
+    return AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def stream(tokenizer, ids: list[int], stop: tuple[str, ...] = (), finish: str = "length"
+           ) -> tuple[list[ChoiceDelta], ChoiceText]:
+    """The deltas of a choice whose tokens are ``ids`` (each with logprob -position), then the engine's ``finish``; as
+    the stream does, tokens after the choice ended at a stop string are ignored."""
+    choice = ChoiceText(0, tokenizer, stop, logprobs=True)
+    deltas = [choice.add(SampledToken(token, 0.0, -float(at))) for at, token in enumerate(ids)]
+    deltas.append(choice.finish(finish))
+    return [delta for delta in deltas if delta is not None], choice
+
+
+def joined(deltas: list[ChoiceDelta]) -> str:
+    return "".join(delta.text for delta in deltas)
+
+
+def test_a_character_split_over_tokens_is_never_split_in_a_delta(tokenizer):
+    ids = encode(tokenizer, MIXED)
+    naive = [tokenizer.decode([token]) for token in ids]
+    assert sum("\ufffd" in piece for piece in naive) >= 6, "the tokenizer keeps the multi-byte characters whole"
+    deltas, _ = stream(tokenizer, ids)
+    assert joined(deltas) == MIXED
+    assert not any("\ufffd" in delta.text for delta in deltas), [delta.text for delta in deltas]
+    assert [delta.finish_reason for delta in deltas] == [None] * (len(deltas) - 1) + ["length"]
+    offsets = [entry.text_offset for delta in deltas for entry in delta.logprobs]
+    assert len(offsets) == len(ids) and offsets == sorted(offsets)
+    for delta in deltas[:-1]:  # each delta's tokens start in it: the first at the delta's own start
+        assert delta.logprobs and MIXED[delta.logprobs[0].text_offset:].startswith(delta.text)
+
+
+def test_an_incomplete_character_at_the_end_is_handed_out_as_a_whole_decode_gives_it(tokenizer):
+    ids = encode(tokenizer, "ab日")[:-1]  # the last byte of 日 never comes
+    deltas, choice = stream(tokenizer, ids)
+    assert joined(deltas) == tokenizer.decode(ids) == "ab\ufffd"
+    assert deltas[-1].finish_reason == "length" and len(choice.token_ids) == len(ids)
+
+
+@pytest.mark.parametrize("stop,expected", [
+    (("é ☃",), "Caf"),  # starts in one token (é's two bytes), ends in another (☃'s three)
+    (("ï", "日本", "☃"), "Café "),  # several: the earliest occurrence wins, whatever the order given
+    (("Caf",), ""),  # at the very start
+    (("Café ☃ 日本 naïve 𝄞 x",), ""),  # the whole text
+    (("x",), "Café ☃ 日本 naïve 𝄞 "),  # in the last token
+    (("本 z", "zz"), MIXED),  # never met, though "本 " starts one
+])
+def test_stop_strings_across_token_boundaries(tokenizer, stop, expected):
+    ids = encode(tokenizer, MIXED)
+    deltas, choice = stream(tokenizer, ids, stop)
+    assert (joined(deltas), deltas[-1].finish_reason) == expected_text(tokenizer, ids, stop)
+    assert joined(deltas) == expected
+    assert all(delta.finish_reason is None for delta in deltas[:-1])
+    tokens = [entry for delta in deltas for entry in delta.logprobs]
+    assert all(entry.text_offset < len(expected) for entry in tokens) or expected == MIXED
+    if expected != MIXED:  # the choice consumed tokens until the one that completed the stop string, and no more
+        consumed = len(choice.token_ids)
+        assert stop_met(tokenizer, ids[:consumed], stop) and not stop_met(tokenizer, ids[:consumed - 1], stop)
+
+
+def stop_met(tokenizer, ids: list[int], stop: tuple[str, ...]) -> bool:
+    return earliest_stop(decoded(tokenizer, ids), stop) is not None
+
+
+def decoded(tokenizer, ids: list[int]) -> str:
+    """The text of ``ids`` less an incomplete character at the end: what a stream has decoded after them."""
+    return tokenizer.decode(ids).removesuffix("\ufffd")
+
+
+def earliest_stop(text: str, stop: tuple[str, ...]) -> int | None:
+    return min((at for at in (text.find(s) for s in stop) if at >= 0), default=None)
+
+
+def expected_text(tokenizer, ids: list[int], stop: tuple[str, ...]) -> tuple[str, str]:
+    """(text, finish reason) as generation defines them: the text stops at the first token after which a stop string
+    occurs, before the earliest one then there; with none, the whole decode and "length"."""
+    for end in range(1, len(ids) + 1):
+        cut = earliest_stop(decoded(tokenizer, ids[:end]), stop)
+        if cut is not None:
+            return decoded(tokenizer, ids[:end])[:cut], "stop"
+    return tokenizer.decode(ids), "length"
+
+
+def test_only_text_that_could_start_a_stop_string_is_held_back(tokenizer):
+    ids = encode(tokenizer, MIXED)
+    free, _ = stream(tokenizer, ids)
+    unmet, _ = stream(tokenizer, ids, ("\x00", "zz"))  # no character of these occurs: nothing is held
+    assert [delta.text for delta in unmet] == [delta.text for delta in free]
+    held, _ = stream(tokenizer, ids, ("日本 naïve!",))  # met up to "naïve", then not: held that long, then let go
+    assert joined(held) == MIXED
+    ends = [len(joined(held[:k + 1])) for k in range(len(held))]
+    start, mismatch = MIXED.index("日"), MIXED.index("naïve") + len("naïve ")  # the space is no "!"
+    assert start in ends and not any(start < end < mismatch for end in ends), ends
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.text(ALPHABET, min_size=1, max_size=30), st.lists(st.text(ALPHABET, min_size=1, max_size=4), max_size=4),
+       st.data())
+def test_any_text_and_stop_strings_give_the_text_up_to_the_earliest_stop(tokenizer, text, stops, data):
+    """Stops drawn from the alphabet or cut from the text itself; the deltas add up to the text generation defines
+    (``expected_text``), and each token's logprobs come exactly once, with the delta its text starts in."""
+    start = data.draw(st.integers(0, len(text) - 1))
+    stops.append(text[start:start + data.draw(st.integers(1, 5))])
+    ids = encode(tokenizer, text)
+    deltas, _ = stream(tokenizer, ids, tuple(stops))
+    text, reason = expected_text(tokenizer, ids, tuple(stops))
+    assert joined(deltas) == text
+    assert [delta.finish_reason for delta in deltas] == [None] * (len(deltas) - 1) + [reason]
+    assert all(delta.text for delta in deltas[:-1])
+    positions = [-entry.logprob for delta in deltas for entry in delta.logprobs]
+    assert positions == list(range(len(positions)))  # in order, none twice
+    if reason == "length":
+        assert len(positions) == len(ids)
+    sent = 0
+    for delta in deltas:
+        assert all(sent <= entry.text_offset < sent + len(delta.text) for entry in delta.logprobs[:1] if delta.text)
+        sent += len(delta.text)
+
+
+def test_a_fast_tokenizer_is_required(tokenizer):
+    with pytest.raises(TypeError, match="fast tokenizer"):
+        ChoiceText(0, object(), (), logprobs=False)
+
+
+def test_the_token_feed_hands_over_every_item_in_order_across_threads_and_drops_them_once_closed():
+    async def main() -> tuple[list, list]:
+        feed = TokenFeed(asyncio.get_running_loop())
+        producer = threading.Thread(target=lambda: [feed.put(item) for item in range(5000)])
+        producer.start()
+        taken: list = []
+        while len(taken) < 5000:
+            taken += await feed.take()
+        producer.join()
+        feed.put("before")
+        feed.close()
+        feed.put("after")
+        return taken, feed._items
+
+    taken, left = asyncio.run(main())
+    assert taken == list(range(5000)) and left == []
