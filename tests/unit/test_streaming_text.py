@@ -67,6 +67,7 @@ def test_an_incomplete_character_at_the_end_is_handed_out_as_a_whole_decode_give
 @pytest.mark.parametrize("stop,expected", [
     (("é ☃",), "Caf"),  # starts in one token (é's two bytes), ends in another (☃'s three)
     (("ï", "日本", "☃"), "Café "),  # several: the earliest occurrence wins, whatever the order given
+    (("☃", "é ☃"), "Caf"),  # both complete with ☃'s last byte: the one that starts first wins
     (("Caf",), ""),  # at the very start
     (("Café ☃ 日本 naïve 𝄞 x",), ""),  # the whole text
     (("x",), "Café ☃ 日本 naïve 𝄞 "),  # in the last token
