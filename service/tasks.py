@@ -56,6 +56,19 @@ def locate(answer: str, context: str) -> tuple[str, int | None, int | None]:
     return context[start:end], start, end
 
 
+def stream_options(stop: str | Sequence[str], logprobs: int | None, n: int) -> tuple[str, ...]:
+    """The stop strings of a stream (one string is one stop string), once its options are checked: ValueError for
+    an empty stop string, ``logprobs`` outside None or [0, MOST_TOP_LOGPROBS], ``n`` below 1."""
+    stop = (stop,) if isinstance(stop, str) else tuple(stop)
+    if any(not isinstance(text, str) or not text for text in stop):
+        raise ValueError(f"stop strings must be non-empty strings, not {list(stop)}")
+    if logprobs is not None and not 0 <= logprobs <= MOST_TOP_LOGPROBS:
+        raise ValueError(f"logprobs must be in [0, {MOST_TOP_LOGPROBS}], not {logprobs}")
+    if n < 1:
+        raise ValueError(f"n must be at least 1, not {n}")
+    return stop
+
+
 class Tasks:
     """The service's tasks over one engine: extractive QA, NLI and plain completion."""
 
@@ -116,7 +129,7 @@ class Tasks:
             raise
 
     async def stream(self, prompt: str | Sequence[int], adapter: str | None, decoding: Decoding, *,
-                     stop: Sequence[str] = (), logprobs: int | None = None, n: int = 1) -> CompletionStream:
+                     stop: str | Sequence[str] = (), logprobs: int | None = None, n: int = 1) -> CompletionStream:
         """Start generating ``n`` choices of a completion of ``prompt``; returns the stream of their text deltas
         (``CompletionStream``: an async iterator of ``ChoiceDelta``, with ``usage``). Call it on the event loop that
         iterates the stream; close the stream when done or when the client is gone (``async with``).
@@ -125,29 +138,24 @@ class Tasks:
         ``decoding``: its ``max_new_tokens`` is capped at the server's ``max_new_tokens``; choice i samples with seed
         ``choice_seed(decoding.seed, i)`` (choice 0 with the request's own seed), so the choices are independent and
         reproducible; all are queued together, so that they share a batch whenever it has room for them all.
-        ``stop``: strings (any number, each non-empty; OpenAI allows 4) at whose first occurrence each choice's text
-        ends, the stop string left out. ``logprobs``: None, or k in [0, MOST_TOP_LOGPROBS]: every token's logprob
-        and the k most likely tokens' (the model's raw distribution, before temperature, top-k and top-p). ``n``:
-        choices, >= 1 (the caller caps it).
+        ``stop``: a string or strings (any number, each non-empty; OpenAI allows 4): a choice's text ends before the
+        first one met, as soon as it is met (of several met by one token, the one that starts first), which is left
+        out. ``logprobs``: None, or k in [0, MOST_TOP_LOGPROBS]: every token's logprob and the k most likely tokens'
+        (the model's raw distribution, before temperature, top-k and top-p). ``n``: choices, >= 1 (the caller caps it).
 
-        Raises, before anything is generated: ValueError (empty prompt, a token id outside the vocabulary, an empty
-        stop string, ``logprobs`` or ``n`` out of range), InputTooLong, QueueFull (the queue has no room for all n),
-        EngineStopped or EngineFailed. An unknown adapter fails the stream's iteration (UnknownAdapter): check it
-        first (``registry.require``)."""
-        ids = self.prompt_ids(prompt)
-        if any(not isinstance(text, str) or not text for text in stop):
-            raise ValueError(f"stop strings must be non-empty strings, not {list(stop)}")
-        if logprobs is not None and not 0 <= logprobs <= MOST_TOP_LOGPROBS:
-            raise ValueError(f"logprobs must be in [0, {MOST_TOP_LOGPROBS}], not {logprobs}")
-        if n < 1:
-            raise ValueError(f"n must be at least 1, not {n}")
+        Raises, before anything is queued: ValueError (empty prompt, a token id outside the vocabulary, an empty
+        stop string, ``logprobs`` or ``n`` out of range), UnknownAdapter, InputTooLong, QueueFull (the queue has no
+        room for all n), EngineStopped or EngineFailed. The stream's iteration raises what fails a choice later (see
+        ``CompletionStream``)."""
+        self.engine.registry.require(adapter)
+        ids, stop = self.prompt_ids(prompt), stream_options(stop, logprobs, n)
         decoding = self.decoding(decoding)
         works = [Generation(ids, adapter, dataclasses.replace(decoding, seed=choice_seed(decoding.seed, index)),
                             stop_at_newline=False, logprobs=logprobs) for index in range(n)]
-        return CompletionStream(self.engine, self.tokenizer, works, tuple(stop))
+        return CompletionStream(self.engine, self.tokenizer, works, stop)
 
     async def complete(self, prompt: str | Sequence[int], adapter: str | None, decoding: Decoding, *,
-                       stop: Sequence[str] = (), logprobs: int | None = None, n: int = 1) -> Completion:
+                       stop: str | Sequence[str] = (), logprobs: int | None = None, n: int = 1) -> Completion:
         """The same completion as ``stream``, its deltas collected: each choice's whole text, logprobs and finish
         reason, and the usage. Raises as ``stream`` and as its iteration; cancelling the caller abandons every
         choice still generating."""

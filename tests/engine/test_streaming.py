@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 from service.engine.requests import Generation, GenerationResult
 from service.engine.sampling import Decoding, choice_seed
 from service.engine.scheduler import Engine
-from service.errors import InputTooLong, QueueFull, RequestAbandoned
+from service.errors import InputTooLong, QueueFull, RequestAbandoned, UnknownAdapter
 from service.streaming import ChoiceDelta, CompletionStream, Usage
 from service.tasks import Tasks
 from tests.engine.engine_helpers import WAIT, WatchedSteps, alone, long_generation, paused, prompt, same_output
@@ -138,6 +138,8 @@ def test_stop_strings_across_token_boundaries_end_the_text_before_the_earliest(e
              ((later, never, spanning), text[:boundary - 1], "stop"),  # several: the earliest wins
              ((text[:2],), "", "stop"),  # at the very start
              ((never, text + "!"), text, "length")]  # never met: one held back to the end
+    assert streamed(engine, ids, None, decoding, stop=spanning) == streamed(engine, ids, None, decoding,
+                                                                            stop=[spanning])  # one string alone
     for stop, expected_text, expected_reason in cases:
         deltas, usage = streamed(engine, ids, None, decoding, stop=stop)
         assert (texts(deltas), reasons(deltas)) == ([expected_text], [expected_reason]), stop
@@ -328,6 +330,8 @@ def test_a_request_that_cannot_be_streamed_is_refused_before_anything_is_queued(
     for options in refused:
         with pytest.raises(ValueError):
             asyncio.run(open_stream(**options))
+    with pytest.raises(UnknownAdapter):
+        asyncio.run(tasks.stream(ids, "nope", Decoding()))
     with pytest.raises(InputTooLong):
         asyncio.run(open_stream([1] * (tasks.max_prompt + 1)))
     with paused(engine):
