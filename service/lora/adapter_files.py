@@ -190,16 +190,27 @@ def check_path(path: str | Path, roots: list[Path]) -> Path:
     return chosen
 
 
+def adapter_file(folder: Path, name: str) -> Path:
+    """``folder``/``name``, refused (AdapterPathRefused) when it is a symlink leading out of ``folder``: the folder
+    was checked to lie inside an adapter root, and a file in it must not reach past it."""
+    path = folder / name
+    if path.is_symlink() and not path.resolve().is_relative_to(folder.resolve()):
+        raise AdapterPathRefused(f"{path} is a symlink to a file outside the adapter folder")
+    return path
+
+
 def read_config(folder: Path, max_rank: int) -> LoraConfig:
     """Load ``adapter_config.json`` with peft's own ``LoraConfig`` and refuse what the batched engine cannot serve
     exactly (AdapterError, 422, naming the field): a field peft does not know, a config peft cannot parse, or any
     field outside ``SERVED_FIELDS`` that is not at its default."""
     try:
-        config = json.loads((folder / CONFIG_FILE).read_text())
+        config = json.loads(adapter_file(folder, CONFIG_FILE).read_text())
     except FileNotFoundError:
         raise AdapterError(f"{folder} has no {CONFIG_FILE}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterError(f"{folder / CONFIG_FILE} is not valid JSON: {exc}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deeply
+        raise AdapterError(f"{folder / CONFIG_FILE} is not valid JSON: {type(exc).__name__}") from None
+    except OSError as exc:  # a folder named adapter_config.json, a FIFO gone, a permission refused
+        raise AdapterError(f"{folder / CONFIG_FILE} cannot be read: {exc.strerror or exc}") from None
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
         raise AdapterError(f"{folder} is not a LoRA adapter (peft_type must be LORA)")
     rank, alpha = config.get("r"), config.get("lora_alpha")
@@ -269,7 +280,7 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     """The safetensors weights, as views of the file's bytes read in one go: the library checks the file (header,
     offsets, sizes), and the tensors are made over the bytes read instead of copied out once more (the library's
     loaders copy, which cost as much as packing). Pickled weight files are never read."""
-    weights_file = folder / WEIGHTS_FILE
+    weights_file = adapter_file(folder, WEIGHTS_FILE)
     if not weights_file.is_file():
         pickled = [name for name in PICKLED_FILES if (folder / name).exists()]
         reason = (f"pickled weights ({pickled[0]}) are refused; save with safetensors" if pickled
@@ -350,5 +361,6 @@ def load_adapter(
                      [tensor for module in group for tensor in (parts[module]["A"], parts[module]["B"].t())],
                      scale, adapter.packed[begin:last + rank * (fan_in + fan_out)]))
     if not all(PACKERS.map(lambda job: pack(*job), jobs)):
-        raise AdapterError(f"{folder} holds non-finite weights")
+        raise AdapterError(f"{folder} holds non-finite weights, or weights that overflow once scaled by lora_alpha / "
+                           f"r ({scale:g})")
     return adapter
