@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import typing
 from importlib.metadata import entry_points
 from pathlib import Path
 
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from service.cli.command import Command
 from service.errors import AdapterError
@@ -82,7 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    parser = build_parser()
+    try:  # the options' defaults read the LORASWAP_ environment variables
+        parser = build_parser()
+    except (ValidationError, SettingsError) as exc:
+        print(f"loraswap: error: a {Settings.model_config['env_prefix']}* environment variable is invalid: {exc}",
+              file=sys.stderr)
+        raise SystemExit(2) from None
     args = parser.parse_args(argv)
     try:
         if args.command == "serve":

@@ -35,3 +35,14 @@ def test_requests_that_cannot_be_done_are_usage_errors(argv, message, tiny_llama
         main([*argv, *eval_setup])
     assert exit_.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("variable,value", [("LORASWAP_MAX_BATCH", "abc"), ("LORASWAP_ADAPTER_ROOTS", "{not json")])
+def test_an_invalid_environment_variable_is_a_usage_error_even_for_help(variable, value, monkeypatch, capsys):
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("loraswap: error: a LORASWAP_* environment variable is invalid")
+    assert variable.removeprefix("LORASWAP_").lower() in error
