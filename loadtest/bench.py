@@ -25,7 +25,7 @@ from loadtest.host_memory import PeakRss, registered_memory
 from loadtest.options import ALL_MODES, TARGET_SETS
 from loadtest.stall import measure_stall
 from loadtest.timing import percentiles, timed
-from service.engine.requests import Generation
+from service.engine.requests import Generation, run_all
 from service.engine.row_mapping import map_rows
 from service.engine.sampling import Decoding
 from service.engine.scheduler import Engine
@@ -134,7 +134,7 @@ class Bench:
                  for i in range(batch)]
         engine = self.engines[mode]
         engine.settings.max_batch = batch
-        return lambda: engine.run_all(works)
+        return lambda: run_all(engine, works)
 
     def set_weights(self, mode: str) -> None:
         """Untimed, before each batch: ``merged`` serves with its adapter merged into the base (each merge is

@@ -2,6 +2,7 @@
 the tokens a generation hands out as it decodes them."""
 from __future__ import annotations
 
+from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -68,3 +69,14 @@ class Scoring:
     prompt_ids: list[int]
     adapter: str | None
     candidates: list[int]
+
+
+def run_all(engine, works: list[Generation | Scoring]) -> list:
+    """Submit many requests to ``engine`` (a ``service.engine.scheduler.Engine``) and wait for all their results,
+    in order, keeping at most its ``max_queue`` in flight (evaluation and benchmarks). Raises what a request does."""
+    futures, results = deque(), []
+    for work in works:
+        while len(futures) >= engine.settings.max_queue:
+            results.append(futures.popleft().result())
+        futures.append(engine.submit(work))
+    return results + [future.result() for future in futures]

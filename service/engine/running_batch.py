@@ -6,6 +6,7 @@ Rows that finish leave: the rows after them move up, so finished rows stop costi
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
@@ -13,7 +14,11 @@ import torch
 from transformers import DynamicCache
 
 from service.engine.decode_step import DecodeStep
+from service.engine.logprobs import token_logprobs
+from service.engine.requests import SampledToken
 from service.engine.sampling import Sampler
+
+log = logging.getLogger(__name__)
 
 
 class RunningBatch:
@@ -60,6 +65,26 @@ class RunningBatch:
             elif len(self.tokens[row]) >= self.limits[row]:
                 finished.append((row, "length"))
         return chosen, finished
+
+    def publish(self, chosen: list[int], finished: dict[int, str], ends_text: Callable[[object, int], bool]) -> None:
+        """Hand each listened-to row the token this step picked (``chosen``; an end-of-text token that ends its row,
+        as ``finished`` and ``ends_text`` say, is no output), with its log-probabilities if it asked (from
+        ``logits`` [B, V]); a listener that raises has its request abandoned."""
+        rows = [row for row, pending in enumerate(self.pendings) if pending.on_token is not None
+                and not (finished.get(row) == "stop" and ends_text(pending.work, chosen[row]))]
+        if not rows:
+            return
+        now, tops = time.perf_counter(), [None] * len(self)
+        for row in rows:
+            tops[row] = self.pendings[row].work.logprobs
+        logprobs = token_logprobs(self.logits, chosen, tops)
+        for row in rows:
+            pending = self.pendings[row]
+            try:
+                pending.on_token(SampledToken(chosen[row], now, *logprobs.get(row, (None, ()))))
+            except Exception:
+                log.exception("a token listener failed; its request is abandoned")
+                pending.future.abandoned = True
 
     def keep(self, rows: list[int]) -> torch.Tensor:
         """Keep only ``rows`` (in this order), dropping the others' cache and state; returns their index tensor."""

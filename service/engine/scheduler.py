@@ -26,10 +26,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from service import metrics
 from service.engine.attention import use_packed_gqa_attention
 from service.engine.decode_step import DecodeStep
-from service.engine.logprobs import token_logprobs
+from service.engine.endings import Endings
 from service.engine.merge_policy import MergePolicy
 from service.engine.prefill import Prefill
-from service.engine.requests import Generation, GenerationResult, RequestFuture, SampledToken, Scoring
+from service.engine.requests import Generation, RequestFuture, SampledToken, Scoring
 from service.engine.row_mapping import map_rows, point
 from service.engine.running_batch import RunningBatch
 from service.engine.sampling import Sampler
@@ -66,9 +66,7 @@ class Engine:
         self.model, self.tokenizer, self.registry, self.settings = model, tokenizer, registry, settings
         self.device = registry.device
         self.pad_id = tokenizer.pad_token_id
-        configured = getattr(model.generation_config, "eos_token_id", None)
-        self.eos_ids = {tokenizer.eos_token_id, *([configured] if isinstance(configured, int) else configured or [])}
-        self.newline_ids = self._newline_token_ids()
+        self.endings = Endings(model, tokenizer)
         use_packed_gqa_attention(model)
         self.prefill_chunk = settings.prefill_chunk if settings.prefill_chunk is not None else (
             64 if self.device.type == "cpu" else 0)
@@ -82,11 +80,6 @@ class Engine:
         self.merge_policy = MergePolicy(settings.merge_after, settings.merge_cooldown,
                                         enabled=settings.auto_merge and not registry.quantized)
         self._taken: list[_Pending] = []  # every request the batch being served took from the queue
-
-    def _newline_token_ids(self) -> set[int]:
-        vocab = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
-        return {i for i, piece in enumerate(vocab)
-                if piece and "\n" in self.tokenizer.convert_tokens_to_string([piece])}
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -168,15 +161,6 @@ class Engine:
             raise EngineFailed(f"the engine failed: {self.failure}")
         if not self._accepting:
             raise EngineStopped("the engine is not accepting requests")
-
-    def run_all(self, works: list[Generation | Scoring]) -> list:
-        """Submit many requests and wait for all results, in order (evaluation and benchmarks)."""
-        futures, results = deque(), []
-        for work in works:
-            while len(futures) >= self.settings.max_queue:
-                results.append(futures.popleft().result())
-            futures.append(self.submit(work))
-        return results + [future.result() for future in futures]
 
     # ---- the engine thread -------------------------------------------------------------------
     def _supervised(self) -> None:
@@ -280,8 +264,8 @@ class Engine:
             joining = self._between_steps(running, joining)
             if not len(running):  # every row is done (or failed) and nothing is joining
                 return
-            chosen, finished = running.sample(self._is_stop)
-            self._publish(running, chosen, dict(finished))
+            chosen, finished = running.sample(self.endings.is_stop)
+            running.publish(chosen, dict(finished), self.endings.ends_text)
             for row, reason in finished:
                 self._finish(running.pendings[row], running.tokens[row], reason, running.first_token_at[row])
             done = {row for row, _ in finished} | self._withdrawn_rows(running)
@@ -293,25 +277,6 @@ class Engine:
                     chosen = [chosen[row] for row in kept]
             if len(running):
                 running.forward(chosen)
-
-    def _publish(self, running: RunningBatch, chosen: list[int], finished: dict[int, str]) -> None:
-        """Hand each listened-to row the token this step picked (a stopping end-of-text token is no output), with its
-        log-probabilities if it asked; a listener that raises has its request abandoned."""
-        rows = [row for row, pending in enumerate(running.pendings) if pending.on_token is not None
-                and not (finished.get(row) == "stop" and self._ends_text(pending.work, chosen[row]))]
-        if not rows:
-            return
-        now, tops = time.perf_counter(), [None] * len(running)
-        for row in rows:
-            tops[row] = running.pendings[row].work.logprobs
-        logprobs = token_logprobs(running.logits, chosen, tops)
-        for row in rows:
-            pending = running.pendings[row]
-            try:
-                pending.on_token(SampledToken(chosen[row], now, *logprobs.get(row, (None, ()))))
-            except Exception:
-                log.exception("a token listener failed; its request is abandoned")
-                pending.future.abandoned = True
 
     def _withdrawn_rows(self, running: RunningBatch) -> set[int]:
         """Rows whose request was abandoned or ended (``end``) and is not done. Abandoned ones fail with
@@ -336,15 +301,8 @@ class Engine:
         switch = self.merge_policy.admit(adapters, self.registry.merged_weights)
         if switch.unmerge:
             self.registry.unmerge()
-        if switch.merge is not None and self._registered(switch.merge):
+        if switch.merge is not None and self.registry.holds(switch.merge):
             self.registry.merge_weights(switch.merge)
-
-    def _registered(self, adapter: AdapterWeights) -> bool:
-        """Whether ``adapter`` is what its name holds now."""
-        try:
-            return self.registry.lookup(adapter.name) is adapter
-        except UnknownAdapter:
-            return False
 
     def _joining(self, pendings: list[_Pending]) -> _Joining:
         """Requests just taken from the queue, their prompts not yet run."""
@@ -433,23 +391,10 @@ class Engine:
         sampler = Sampler([work.decoding for work in works], self.device)
         running.add(pendings, prefill.logits, prefill.cache, prefill.mask, sampler, limits)
 
-    def _ends_text(self, work: Generation, token: int) -> bool:
-        """Whether ``token`` is an end-of-text token that stops ``work`` (it is then no part of its output)."""
-        return token in self.eos_ids and not work.ignore_eos
-
-    def _is_stop(self, work: Generation, token: int) -> bool:
-        return self._ends_text(work, token) or (work.stop_at_newline and token in self.newline_ids)
-
     def _finish(self, pending: _Pending, tokens: list[int], reason: str, first_token_at: float) -> None:
-        work = pending.work
-        if reason == "stop" and self._ends_text(work, tokens[-1]):
-            tokens = tokens[:-1]
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        if work.stop_at_newline:
-            text = text.split("\n", 1)[0]
-        label = work.adapter or BASE_LABEL
-        metrics.GENERATED_TOKENS.labels(adapter=label).inc(len(tokens))
+        result = self.endings.result(pending.work, tokens, reason, first_token_at - pending.enqueued)
+        label = pending.work.adapter or BASE_LABEL
+        metrics.GENERATED_TOKENS.labels(adapter=label).inc(len(result.token_ids))
         if pending.on_token is None:  # a listened-to request's is recorded where its text is handed out
-            metrics.TIME_TO_FIRST_TOKEN.labels(adapter=label).observe(first_token_at - pending.enqueued)
-        pending.future.set_result(GenerationResult(text, tokens, reason, first_token_at - pending.enqueued,
-                                                    len(work.prompt_ids)))
+            metrics.TIME_TO_FIRST_TOKEN.labels(adapter=label).observe(result.time_to_first_token)
+        pending.future.set_result(result)

@@ -84,6 +84,11 @@ class AdapterRegistry:
                 raise UnknownAdapter(f"unknown adapter {name!r}")
             return None if name is None else self._adapters[name]
 
+    def holds(self, adapter: AdapterWeights) -> bool:
+        """Whether ``adapter`` is what its name holds now (not unregistered, nor replaced by other weights)."""
+        with self._lock:
+            return self._adapters.get(adapter.name) is adapter
+
     def describe(self) -> list[dict]:
         with self._lock:
             return [

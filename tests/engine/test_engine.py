@@ -21,7 +21,7 @@ from prometheus_client import REGISTRY
 from loadtest.timing import Stamped
 from service.engine import scheduler as engine_module
 from service.engine.prefill import Prefill
-from service.engine.requests import Generation, GenerationResult, Scoring
+from service.engine.requests import Generation, GenerationResult, Scoring, run_all
 from service.engine.running_batch import RunningBatch
 from service.engine.sampling import Decoding
 from service.engine.scheduler import Engine
@@ -114,7 +114,7 @@ def test_rows_that_finish_early_leave_the_other_rows_untouched(engines):
     candidates = [Generation(prompt(rng), rng.choice(["r2", "r8", None]),
                              Decoding("temperature", temperature=5.0, seed=seed, max_new_tokens=12))
                   for seed in range(160)]
-    stopping = [work for work, result in zip(candidates, engine.run_all(candidates)) if result.finish_reason == "stop"]
+    stopping = [work for work, result in zip(candidates, run_all(engine, candidates)) if result.finish_reason == "stop"]
     lengths = [Generation(prompt(rng), name, Decoding(max_new_tokens=n), False)
                for name, n in [("r4", 1), (None, 3), ("r2", 6), ("r8", 16), (None, 16), ("r4", 24)]]
     works = stopping + lengths

@@ -13,7 +13,7 @@ import torch
 from prometheus_client import REGISTRY
 from transformers import AutoModelForCausalLM
 
-from service.engine.requests import Generation, GenerationResult
+from service.engine.requests import Generation, GenerationResult, run_all
 from service.engine.sampling import Decoding, choice_seed
 from service.engine.scheduler import Engine
 from service.errors import InputTooLong, QueueFull, RequestAbandoned, UnknownAdapter
@@ -97,7 +97,7 @@ def test_a_character_split_over_sampled_tokens_is_never_split_in_a_delta(engines
     engine = engines.shared()
     tokenizer, ids = engine.tokenizer, prompt(random.Random(32))
     decodings = [Decoding("temperature", temperature=100.0, seed=seed, max_new_tokens=32) for seed in range(240)]
-    results = engine.run_all([generation(ids, None, decoding) for decoding in decodings])
+    results = run_all(engine, [generation(ids, None, decoding) for decoding in decodings])
 
     def split_characters(result: GenerationResult) -> set[str]:  # whole in the text, in no token's own text
         pieces = "".join(tokenizer.decode([token]) for token in result.token_ids)
