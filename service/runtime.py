@@ -2,20 +2,51 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import threading
 from pathlib import Path
 
+from transformers.tokenization_utils_base import TOKENIZER_CONFIG_FILE
+from transformers.utils import CHAT_TEMPLATE_FILE
+
 from service import metrics
 from service.engine.scheduler import Engine
 from service.errors import AdapterError, AdapterMerged
-from service.lora.adapter_files import CONFIG_FILE
+from service.lora.adapter_files import CONFIG_FILE, check_name, check_path
 from service.lora.registry import AdapterRegistry
 from service.model.base_model import load_base
 from service.settings import Settings
 from service.tasks import Tasks
 
 log = logging.getLogger(__name__)
+
+
+def read_chat_template(folder: Path) -> str | None:
+    """The chat template an adapter folder ships, as transformers reads a tokenizer's: ``chat_template.jinja``, else
+    the ``chat_template`` of ``tokenizer_config.json`` (see ``default_template``); None when it ships none. Raises
+    AdapterError for a file that cannot be read."""
+    try:
+        if (folder / CHAT_TEMPLATE_FILE).is_file():
+            return (folder / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+        config = folder / TOKENIZER_CONFIG_FILE
+        return default_template(json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+                                if config.is_file() else None)
+    except (OSError, ValueError, AttributeError) as exc:  # unreadable, not UTF-8, not JSON, not a JSON object
+        raise AdapterError(f"the adapter's chat template cannot be read: {exc}") from None
+
+
+def default_template(template) -> str | None:
+    """``tokenizer_config.json``'s ``chat_template``: a template, or named ones (``[{"name", "template"}]``) of which
+    the one named default; None when absent. AdapterError for anything else."""
+    if template is None or isinstance(template, str):
+        return template
+    entries = template if isinstance(template, list) else []
+    named = {entry.get("name"): entry.get("template") for entry in entries if isinstance(entry, dict)}
+    if not isinstance(named.get("default"), str):
+        raise AdapterError("the adapter's tokenizer_config.json has a chat_template that is neither a template nor "
+                           "named templates with one named default")
+    return named["default"]
 
 
 class Runtime:
@@ -26,6 +57,7 @@ class Runtime:
         self.registry: AdapterRegistry | None = None
         self.engine: Engine | None = None
         self.tasks: Tasks | None = None
+        self.chat_templates: dict[str, str | None] = {}  # adapter name -> the chat template its folder ships
         self.ready = threading.Event()
         self.draining = False
         self.start_failure: str | None = None
@@ -69,9 +101,19 @@ class Runtime:
                 log.warning("skipping adapter %s: %s", path.parent, exc)
 
     def load_adapter(self, name: str, path: Path | str) -> dict:
+        """Register an adapter (``AdapterRegistry.register``: its description; AdapterError for anything the engine
+        cannot serve) with the chat template its folder ships, read first: an unreadable one refuses the adapter."""
+        check_name(name)  # the registry's checks, in its order, before the folder is read
+        template = read_chat_template(check_path(path, self.roots))
         info, seconds = self.registry.register(name, path)
+        self.chat_templates[name] = template
         metrics.ADAPTER_LOAD.observe(seconds)
         return info
+
+    def chat_template(self, adapter: str | None) -> str | None:
+        """The chat template of ``adapter``'s folder, as it was when registered; None for the bare base or an adapter
+        that ships none (the base tokenizer's applies)."""
+        return None if adapter is None else self.chat_templates.get(adapter)
 
     def unload_adapter(self, name: str) -> None:
         """Forget an adapter, and its metric series. One merged into the base (the merge policy may merge any adapter
@@ -81,6 +123,7 @@ class Runtime:
             self.registry.unregister(name)
         except AdapterMerged:
             self.engine.call(lambda: self._unmerge_and_unregister(name)).result()
+        self.chat_templates.pop(name, None)
         metrics.forget_adapter(name, self.registry.names)
 
     def _unmerge_and_unregister(self, name: str) -> None:

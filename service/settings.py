@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.engine.merge_policy import MAX_COOLDOWN_GROWTH
@@ -36,7 +36,9 @@ class Settings(BaseSettings):
     max_batch: int = Field(32, ge=1, description="most requests in one batch")
     batch_window_ms: float = Field(5.0, ge=0, description="how long the scheduler waits to fill a batch")
     max_queue: int = Field(256, ge=1, description="queued requests before 429")
-    max_new_tokens: int = Field(64, ge=1, description="cap on generated tokens per request")
+    max_new_tokens: int = Field(64, ge=1, description="most tokens a request generates (per choice); OpenAI's routes "
+                                "refuse a max_tokens above it and take it for an absent one")
+    max_choices: int = Field(8, ge=1, description="most choices (n) one request to OpenAI's routes may ask for")
     max_input_tokens: int = Field(1024, ge=16, description="longest prompt accepted (413 beyond)")
     merge_after: int = Field(4, ge=1, description="merge an adapter after this many admissions in a row (a new batch, "
                              "or requests joining a running one) have only it in play")
@@ -54,4 +56,12 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     admin_key: str | None = Field(None, description="bearer key for admin routes; none refuses them")
+    api_key: str | None = Field(None, min_length=1, description="bearer key for the routes that run the model "
+                                "(/answer, /nli, /v1/completions, /v1/chat/completions); none leaves them open")
     drain_seconds: float = Field(1.0, ge=0, description="on SIGTERM, how long /ready reports false before shutdown")
+
+    @model_validator(mode="after")
+    def _keys_differ(self) -> Settings:
+        if self.api_key is not None and self.api_key == self.admin_key:
+            raise ValueError("the API key must differ from the admin key: whoever runs the model could administer it")
+        return self

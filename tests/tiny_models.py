@@ -24,6 +24,9 @@ from tests.data.make_corpus import NLI_SAMPLE, SQUAD_SAMPLE
 from training.data import read_nli, read_squad
 
 EOS = "<|endoftext|>"
+# a chat template for the tiny tokenizer: "role: content<|endoftext|>" per message, then "assistant:"
+CHAT_TEMPLATE = ("{% for message in messages %}{{ message.role + ': ' + message.content + eos_token + '\\n' }}"
+                 "{% endfor %}{% if add_generation_prompt %}{{ 'assistant:' }}{% endif %}")
 
 # every linear layer of each architecture (GPT-2's are transformers' Conv1D)
 LINEAR_TARGETS = {
@@ -56,7 +59,8 @@ def build_tokenizer(out_dir: Path, *, vocab_size: int = 1000) -> PreTrainedToken
     )
     bpe.train_from_iterator(training_texts(), trainer)
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, eos_token=EOS, bos_token=EOS, unk_token=EOS, pad_token=EOS, model_max_length=512
+        tokenizer_object=bpe, eos_token=EOS, bos_token=EOS, unk_token=EOS, pad_token=EOS, model_max_length=512,
+        chat_template=CHAT_TEMPLATE,
     )
     firsts = [tok.encode(label_target(label), add_special_tokens=False)[0] for label in NLI_LABELS]
     assert len(set(firsts)) == len(NLI_LABELS), f"NLI labels share a first token: {firsts}"

@@ -9,10 +9,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
-from service.http.errors import RETRY_AFTER_SECONDS, STATUS, status_of
-from service.http.routes import admin_router, openai_router, ops_router, tasks_router
+from service.http.errors import CLIENT_CLOSED, RETRY_AFTER_SECONDS, STATUS, error_code, openai_error, status_of
+from service.http.openai_routes import openai_router
+from service.http.routes import admin_router, ops_router, tasks_router
 from service.lora.adapter_files import BASE_LABEL
 from service.runtime import Runtime
 from service.settings import Settings
@@ -21,30 +23,50 @@ from service.settings import Settings
 NOT_IN_FLIGHT = frozenset({"/health", "/ready", "/metrics"})
 
 
-def error(status: int, message: str, **extra) -> JSONResponse:
-    return JSONResponse({"error": message, **extra}, status_code=status,
+def openai_shaped(request: Request) -> bool:
+    """Whether replies to ``request`` take OpenAI's error shape: those on ``/v1/*``, where OpenAI's clients call."""
+    return request.url.path.startswith("/v1/")
+
+
+def error(request: Request, status: int, message: str, *, param: str | None = None, code: str | None = None,
+          detail: list[dict] | None = None) -> JSONResponse:
+    """An error reply: ``{"error": {"message", "type", "param", "code"}}`` on ``/v1/*`` (OpenAI's shape), else
+    ``{"error": message}`` with pydantic's ``detail`` list, if given. 429 and 503 say when to retry."""
+    if openai_shaped(request):
+        body = openai_error(status, message, param, code)
+    else:
+        body = {"error": message} if detail is None else {"error": message, "detail": detail}
+    return JSONResponse(body, status_code=status,
                         headers={"Retry-After": RETRY_AFTER_SECONDS} if status in (429, 503) else None)
 
 
-def add_error_handlers(app: FastAPI) -> None:
-    """Every error is JSON with a clear ``error`` message; a domain error's status comes from ``STATUS``."""
+def field_of(problem: dict) -> str | None:
+    """The request field a validation problem is about, dotted (``messages.0.role``); None for the body itself."""
+    where, *path = problem["loc"]
+    return ".".join(map(str, path)) if where == "body" and path and isinstance(path[0], str) else None
 
-    async def _domain(_: Request, exc: Exception):
-        return error(status_of(type(exc)), str(exc))
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error is JSON with a clear message (see ``error``); a domain error's status comes from ``STATUS``."""
+
+    async def _domain(request: Request, exc: Exception):
+        return error(request, status_of(type(exc)), str(exc), code=error_code(type(exc)))
 
     for kind in STATUS:
         app.add_exception_handler(kind, _domain)
 
     @app.exception_handler(HTTPException)
-    async def _http(_: Request, exc: HTTPException):
-        response = error(exc.status_code, str(exc.detail))
+    async def _http(request: Request, exc: HTTPException):
+        response = error(request, exc.status_code, str(exc.detail))
         response.headers.update(exc.headers or {})
         return response
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError):
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        return error(422, f"invalid request: {problems}", detail=[encodable(e) for e in exc.errors()])
+    async def _invalid(request: Request, exc: RequestValidationError):
+        problems = exc.errors()
+        message = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in problems)
+        return error(request, 422, f"invalid request: {message}", param=field_of(problems[0]),
+                     code=problems[0]["type"], detail=[encodable(e) for e in problems])
 
 
 def is_json_scalar(value) -> bool:
@@ -63,27 +85,41 @@ def encodable(problem: dict) -> dict:
     return kept
 
 
-def add_request_metrics(app: FastAPI) -> None:
-    """Request latency by route, adapter and status, and the number of requests in flight (not probes)."""
+class RequestMetrics:
+    """ASGI middleware: request latency by route, adapter and status, from the request's arrival to the last byte of
+    its reply (a streamed reply's end), and the requests in flight (not probes nor scrapes). A reply begun but not
+    ended (a streamed reply whose client went away) is recorded as status 499, as a request whose client went away
+    before its reply (``ClientGone``)."""
 
-    @app.middleware("http")
-    async def _observe(request: Request, call_next):
-        started = time.perf_counter()
-        counted = request.url.path not in NOT_IN_FLIGHT
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, counted = time.perf_counter(), scope["path"] not in NOT_IN_FLIGHT
+        status, ended = 500, False
+
+        async def observed(message: Message) -> None:
+            nonlocal status, ended
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                ended = True
+            await send(message)
+
         if counted:
             metrics.REQUESTS_IN_FLIGHT.inc()
-        status = 500
         try:
-            response = await call_next(request)
-            status = response.status_code
-            return response
+            await self.app(scope, receive, observed)
         finally:
             if counted:
                 metrics.REQUESTS_IN_FLIGHT.dec()
-            route = request.scope.get("route")
+            route = scope.get("route")
             if route is not None and route.path != "/metrics":
                 metrics.REQUEST_DURATION.labels(
-                    endpoint=route.path, adapter=getattr(request.state, "adapter", BASE_LABEL), status=str(status)
+                    endpoint=route.path, adapter=scope.get("state", {}).get("adapter", BASE_LABEL),
+                    status=str(status if ended else CLIENT_CLOSED if status < 500 else status),
                 ).observe(time.perf_counter() - started)
 
 
@@ -103,5 +139,5 @@ def create_app(settings: Settings | None = None, rt: Runtime | None = None) -> F
     for router in (tasks_router, admin_router, openai_router, ops_router):
         app.include_router(router)
     add_error_handlers(app)
-    add_request_metrics(app)
+    app.add_middleware(RequestMetrics)
     return app

@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import random
-import time
 from collections.abc import Awaitable
 from typing import TypeVar
 
@@ -24,25 +23,28 @@ from service.errors import (
     UnknownAdapter,
 )
 from service.http.errors import ClientGone, error_replies
-from service.http.schemas import AdapterIn, AnswerIn, AnswerOut, CompletionIn, NliIn, NliOut
-from service.lora.adapter_files import BASE_LABEL, BASE_MODEL_ID, adapter_or_base
+from service.http.schemas import AdapterIn, AnswerIn, AnswerOut, ErrorOut, NliIn, NliOut
+from service.lora.adapter_files import BASE_LABEL, adapter_or_base
 from service.runtime import Runtime
 
 tasks_router = APIRouter(tags=["tasks"])
 admin_router = APIRouter(tags=["admin"])
-openai_router = APIRouter(prefix="/v1", tags=["openai"])
 ops_router = APIRouter(tags=["operations"])
 T = TypeVar("T")
 
 
-def admin_replies(*errors: type[Exception] | int) -> dict:
+# the errors of registering an adapter (POST /adapters, and vLLM's POST /v1/load_lora_adapter)
+LOAD_ERRORS = (400, AdapterError, AdapterPathRefused, AdapterPathMissing, AdapterConflict)
+
+
+def admin_replies(*errors: type[Exception] | int, shape: type = ErrorOut) -> dict:
     """The error replies of an admin route: ``errors`` and those of the ``admin`` dependency."""
-    return error_replies(401, 403, 422, EngineStopped, *errors)
+    return error_replies(401, 403, 422, EngineStopped, *errors, shape=shape)
 
 
-def serving_replies() -> dict:
-    """The error replies of a route that serves a request through the engine."""
-    return error_replies(400, 422, UnknownAdapter, InputTooLong, QueueFull, EngineStopped)
+def serving_replies(shape: type = ErrorOut) -> dict:
+    """The error replies of a route that serves a request through the engine (``inference``)."""
+    return error_replies(400, 401, 422, UnknownAdapter, InputTooLong, QueueFull, EngineStopped, shape=shape)
 
 
 def runtime(request: Request) -> Runtime:
@@ -58,15 +60,38 @@ def serving(request: Request) -> Runtime:
     return rt
 
 
+def bearer_of(authorization: str | None, key: str) -> bool:
+    """Whether ``authorization`` is ``Bearer <key>``. Compared in constant time, as bytes: Starlette reads a header's
+    bytes as Latin-1, so any header compares, ASCII or not."""
+    return hmac.compare_digest((authorization or "").encode("latin-1"), f"Bearer {key}".encode())
+
+
+def check_bearer(authorization: str | None, key: str, refusal: str) -> None:
+    """401 with ``refusal`` unless ``authorization`` is ``Bearer <key>``."""
+    if not bearer_of(authorization, key):
+        raise HTTPException(401, refusal, headers={"WWW-Authenticate": "Bearer"})
+
+
+def is_api_key(rt: Runtime, authorization: str) -> bool:
+    """Whether ``authorization`` carries the API key (False when none is configured)."""
+    return rt.settings.api_key is not None and bearer_of(authorization, rt.settings.api_key)
+
+
 def check_admin_key(rt: Runtime, authorization: str | None) -> None:
-    """Raise 403 when no admin key is configured, 401 unless ``authorization`` is ``Bearer <admin key>``. Compared
-    in constant time, as bytes: Starlette reads a header's bytes as Latin-1, so any header compares, ASCII or not."""
+    """Raise 403 when no admin key is configured, 401 unless ``authorization`` is ``Bearer <admin key>``."""
     key = rt.settings.admin_key
     if not key:
         raise HTTPException(403, "admin routes are disabled: no admin key is configured (LORASWAP_ADMIN_KEY)")
-    if not hmac.compare_digest((authorization or "").encode("latin-1"), f"Bearer {key}".encode()):
-        raise HTTPException(401, "admin routes need Authorization: Bearer <admin key>",
-                            headers={"WWW-Authenticate": "Bearer"})
+    check_bearer(authorization, key, "admin routes need Authorization: Bearer <admin key>")
+
+
+def inference(request: Request, authorization: str | None = Header(None)) -> Runtime:
+    """The runtime, for a route that runs the model: with an API key configured (``Settings.api_key``), 401 unless
+    ``authorization`` is ``Bearer <API key>``; then as ``serving``."""
+    key = request.app.state.runtime.settings.api_key
+    if key is not None:
+        check_bearer(authorization, key, "this route runs the model: it needs Authorization: Bearer <API key>")
+    return serving(request)
 
 
 def admin(request: Request, authorization: str | None = Header(None)) -> Runtime:
@@ -115,7 +140,7 @@ def new_seed() -> int:
 
 
 @tasks_router.post("/answer", response_model=AnswerOut, responses=serving_replies())
-async def answer(body: AnswerIn, request: Request, rt: Runtime = Depends(serving)) -> AnswerOut:
+async def answer(body: AnswerIn, request: Request, rt: Runtime = Depends(inference)) -> AnswerOut:
     adapter = pick_adapter(rt, body, rt.settings.qa_adapter, request)
     result = await unless_disconnected(request, rt.tasks.answer(
         body.context, body.question, adapter, body.decoding.to_decoding(new_seed()), body.extractive))
@@ -123,7 +148,7 @@ async def answer(body: AnswerIn, request: Request, rt: Runtime = Depends(serving
 
 
 @tasks_router.post("/nli", response_model=NliOut, responses=serving_replies())
-async def nli(body: NliIn, request: Request, rt: Runtime = Depends(serving)) -> NliOut:
+async def nli(body: NliIn, request: Request, rt: Runtime = Depends(inference)) -> NliOut:
     adapter = pick_adapter(rt, body, rt.settings.nli_adapter, request)
     probabilities = await unless_disconnected(request, rt.tasks.nli(body.premise, body.hypothesis, adapter))
     return NliOut(label=max(probabilities, key=probabilities.get), probabilities=probabilities, adapter=adapter)
@@ -141,17 +166,18 @@ def merge_state(merged: str | None) -> dict:
 
 @admin_router.get("/adapters", responses=admin_replies())
 def list_adapters(rt: Runtime = Depends(serving), authorization: str | None = Header(None)) -> dict:
-    """Every adapter and the merge state; the adapters' file paths only with the admin key (a wrong key: 401)."""
-    if authorization is not None:
+    """Every adapter and the merge state; the adapters' file paths only with the admin key. No key or the API key
+    (which clients of the inference routes send everywhere): no paths; any other key: 401."""
+    admin = authorization is not None and not is_api_key(rt, authorization)
+    if admin:
         check_admin_key(rt, authorization)
     adapters = rt.registry.describe()
-    if authorization is None:
+    if not admin:
         adapters = [{key: value for key, value in adapter.items() if key != "path"} for adapter in adapters]
     return {"adapters": adapters, **merge_state(rt.registry.merged)}
 
 
-@admin_router.post("/adapters", status_code=201, responses=admin_replies(
-    400, AdapterError, AdapterPathRefused, AdapterPathMissing, AdapterConflict))
+@admin_router.post("/adapters", status_code=201, responses=admin_replies(*LOAD_ERRORS))
 async def load_adapter(body: AdapterIn, rt: Runtime = Depends(admin)) -> dict:
     return await run_in_threadpool(rt.load_adapter, body.name, body.path)
 
@@ -173,32 +199,6 @@ async def merge(name: str, rt: Runtime = Depends(admin)) -> dict:
     rt.registry.require(name)
     await run_in_threadpool(rt.engine.call(lambda: rt.registry.merge(name)).result)
     return merge_state(name)
-
-
-@openai_router.get("/models", responses=error_replies(EngineStopped))
-def models(rt: Runtime = Depends(serving)) -> dict:
-    ids = [BASE_MODEL_ID, *rt.registry.names()]
-    return {"object": "list", "data": [{"id": i, "object": "model", "created": 0, "owned_by": "loraswap"} for i in ids]}
-
-
-@openai_router.post("/completions", responses=serving_replies())
-async def completions(body: CompletionIn, request: Request, rt: Runtime = Depends(serving)) -> dict:
-    adapter = adapter_or_base(body.model)
-    rt.registry.require(adapter)
-    request.state.adapter = adapter or BASE_LABEL
-    decoding = body.to_decoding(new_seed())
-    result = await unless_disconnected(  # a raw prompt: special tokens spelled in it are parsed
-        request, rt.tasks.generate(body.prompt, adapter, decoding, stop_at_newline=False, plain=False))
-    text = body.prompt + result.text if body.echo else result.text
-    return {
-        "id": f"cmpl-{new_seed():x}",
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": body.model,
-        "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": result.finish_reason}],
-        "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": len(result.token_ids),
-                  "total_tokens": result.prompt_tokens + len(result.token_ids)},
-    }
 
 
 @ops_router.get("/health", responses={503: {"description": "failed to start, or the engine thread died: a reason"}})

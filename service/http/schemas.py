@@ -4,9 +4,19 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
+from service.engine.logprobs import MOST_TOP_LOGPROBS
 from service.engine.sampling import Decoding
 
 
@@ -43,6 +53,21 @@ class ErrorOut(BaseModel):
     """Every error reply: a clear message (422 replies add pydantic's ``detail`` list)."""
 
     error: str
+
+
+class OpenAIError(BaseModel):
+    message: str
+    type: str = Field(description="invalid_request_error, authentication_error, permission_error, rate_limit_error "
+                      "or server_error, from the status")
+    param: str | None = Field(description="the request field at fault, when one is")
+    code: str | None = Field(description="what went wrong, in snake case (unknown_adapter, queue_full, "
+                             "extra_forbidden), when known")
+
+
+class OpenAIErrorOut(BaseModel):
+    """Every error reply on ``/v1/*``: OpenAI's shape, whose ``message`` OpenAI's clients show."""
+
+    error: OpenAIError
 
 
 class AnswerIn(BaseModel):
@@ -106,30 +131,45 @@ def _one_prompt(prompt: Any) -> Any:
                               "yet; send one string")
 
 
-class CompletionIn(BaseModel):
-    """OpenAI's /v1/completions request: each field is honoured, or accepted only at the values that change nothing
-    here and refused by name otherwise; unknown fields are refused. A null field takes its default, as in OpenAI."""
+class StreamOptions(BaseModel):
+    model_config = STRICT
+    include_usage: bool = False  # true: a last chunk, with no choices, carries the usage
+
+
+StopString = Annotated[str, Field(min_length=1, max_length=1000)]
+
+
+def _listed(value: Any) -> Any:
+    """A string is the list of that one string."""
+    return [value] if isinstance(value, str) else value
+
+
+def refused(field: str, reason: str) -> PydanticCustomError:
+    """The error of a field refused at the value it has, given the other fields: "{field} {reason}"."""
+    return PydanticCustomError("not_supported", "{field} {reason}", {"field": field, "reason": reason})
+
+
+class OpenAIIn(BaseModel):
+    """The fields OpenAI's /v1/completions and /v1/chat/completions requests share: each is honoured, or accepted only
+    at the values that change nothing here and refused by name otherwise; unknown fields are refused. A null field
+    takes its default, as in OpenAI. ``max_tokens`` and ``n`` are bounded by the server's settings (the routes check:
+    ``max_new_tokens``, ``max_choices``)."""
 
     model_config = STRICT
     model: str
-    prompt: Annotated[str, BeforeValidator(_one_prompt, json_schema_input_type=str | list[str]),
-                      Field(min_length=1, max_length=100_000)]
-    max_tokens: int = Field(16, ge=1, le=4096)
+    max_tokens: int | None = Field(None, ge=1)  # None: the server's cap (Settings.max_new_tokens); above it: refused
     temperature: float = Field(1.0, ge=0, le=10)  # 0: greedy
     top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    echo: bool = False  # true: the prompt, then the completion
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)  # choice i samples with choice_seed(seed, i)
     user: str | None = None  # the end user's id, for OpenAI's abuse monitoring: nothing to do here
-    n: Annotated[int, only(1)] = 1
-    best_of: Annotated[int, only(1)] = 1
-    stream: Annotated[bool, only(False)] = False
-    stream_options: Annotated[dict | None, only()] = None
-    stop: Annotated[str | list[str] | None, only([])] = None
-    logprobs: Annotated[int | None, only()] = None
+    n: int = Field(1, ge=1)  # choices, decoded in one batch
+    stream: bool = False  # true: server-sent events
+    stream_options: StreamOptions | None = None  # only with stream
+    stop: Annotated[list[StopString], BeforeValidator(_listed, json_schema_input_type=StopString | list[StopString]),
+                    Field(max_length=4)] = []  # at most 4; the text ends before the first met
     frequency_penalty: Annotated[float, only(0)] = 0.0
     presence_penalty: Annotated[float, only(0)] = 0.0
     logit_bias: Annotated[dict[str, int] | None, only({})] = None
-    suffix: Annotated[str | None, only()] = None
 
     @model_validator(mode="before")
     @classmethod
@@ -138,9 +178,120 @@ class CompletionIn(BaseModel):
             return {key: value for key, value in data.items() if value is not None or key not in cls.model_fields}
         return data
 
-    def to_decoding(self, default_seed: int) -> Decoding:
+    @field_validator("stream_options")
+    @classmethod
+    def _only_when_streaming(cls, options: StreamOptions, info: ValidationInfo) -> StreamOptions:
+        if not info.data.get("stream"):
+            raise refused("stream_options", "is only allowed with stream true")
+        return options
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    def token_budget(self) -> tuple[str, int | None]:
+        """(the field that sets the most tokens to generate, its value: None for the server's default)."""
+        return "max_tokens", self.max_tokens
+
+    def to_decoding(self, default_seed: int, max_new_tokens: int) -> Decoding:
         seed = default_seed if self.seed is None else self.seed
         if self.temperature == 0:
-            return Decoding("greedy", max_new_tokens=self.max_tokens, seed=seed)
+            return Decoding("greedy", max_new_tokens=max_new_tokens, seed=seed)
         strategy = "nucleus" if self.top_p < 1 else "temperature"
-        return Decoding(strategy, self.temperature, top_p=self.top_p, max_new_tokens=self.max_tokens, seed=seed)
+        return Decoding(strategy, self.temperature, top_p=self.top_p, max_new_tokens=max_new_tokens, seed=seed)
+
+
+class CompletionIn(OpenAIIn):
+    """OpenAI's /v1/completions request (see ``OpenAIIn``)."""
+
+    prompt: Annotated[str, BeforeValidator(_one_prompt, json_schema_input_type=str | list[str]),
+                      Field(min_length=1, max_length=100_000)]
+    echo: bool = False  # true: the prompt, then the completion
+    best_of: int | None = Field(None, ge=1)  # only n: "the best n of best_of" is not implemented
+    logprobs: int | None = Field(None, ge=0, le=5)  # each token's logprob, and the k most likely tokens'
+    suffix: Annotated[str | None, only()] = None
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_n(cls, best_of: int, info: ValidationInfo) -> int:
+        if best_of != info.data.get("n", 1):
+            raise refused("best_of", "other than n is not supported yet (picking the best of more choices)")
+        return best_of
+
+    @field_validator("logprobs")
+    @classmethod
+    def _not_of_the_prompt(cls, logprobs: int, info: ValidationInfo) -> int:
+        if info.data.get("echo"):
+            raise refused("logprobs", "with echo is not supported yet (the prompt's logprobs are not computed)")
+        return logprobs
+
+
+MessageText = Annotated[str, Field(max_length=100_000)]
+
+
+class TextPart(BaseModel):
+    model_config = STRICT
+    type: Literal["text"]
+    text: MessageText
+
+
+def _text(content: str | list[TextPart]) -> str:
+    """A message's text: a string, or a list holding one text part; several parts are not supported yet."""
+    if isinstance(content, str):
+        return content
+    if len(content) != 1:
+        raise PydanticCustomError("not_supported", "content as a list of other than one text part is not supported "
+                                  "yet; send a string")
+    return content[0].text
+
+
+class ChatMessage(BaseModel):
+    """One message of a conversation; fields of OpenAI's messages other than these (name, tool_calls) are refused."""
+
+    model_config = STRICT
+    role: Literal["system", "user", "assistant"]
+    content: Annotated[MessageText | list[TextPart], AfterValidator(_text)]
+
+
+class ChatCompletionIn(OpenAIIn):
+    """OpenAI's /v1/chat/completions request (see ``OpenAIIn``): ``messages`` are rendered with the chat template;
+    ``max_completion_tokens`` is ``max_tokens``' newer name (both given: they must agree)."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False  # each token's logprob
+    top_logprobs: int | None = Field(None, ge=0, le=MOST_TOP_LOGPROBS)  # and the k most likely tokens': needs logprobs
+    response_format: Annotated[dict | None, only({"type": "text"})] = None
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _with_logprobs(cls, top_logprobs: int, info: ValidationInfo) -> int:
+        if not info.data.get("logprobs"):
+            raise refused("top_logprobs", "needs logprobs true")
+        return top_logprobs
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> ChatCompletionIn:
+        if None not in (self.max_tokens, self.max_completion_tokens) and self.max_tokens != self.max_completion_tokens:
+            raise PydanticCustomError("conflict", "max_tokens and max_completion_tokens differ; send one of them")
+        return self
+
+    def token_budget(self) -> tuple[str, int | None]:
+        if self.max_completion_tokens is not None:
+            return "max_completion_tokens", self.max_completion_tokens
+        return super().token_budget()
+
+
+class LoraAdapterIn(BaseModel):
+    """vLLM's POST /v1/load_lora_adapter request."""
+
+    model_config = STRICT
+    lora_name: str
+    lora_path: str
+
+
+class LoraNameIn(BaseModel):
+    """vLLM's POST /v1/unload_lora_adapter request."""
+
+    model_config = STRICT
+    lora_name: str

@@ -1,5 +1,6 @@
-"""`loraswap serve` as a real process on a tiny Llama: every route over HTTP, the real OpenAI client,
-and a graceful SIGTERM (not ready at once, in-flight requests finish, exit status 0)."""
+"""`loraswap serve` as a real process on a tiny Llama: every route over HTTP, the real OpenAI client (completions,
+chat, readable errors, the API key), vLLM's adapter routes, and a graceful SIGTERM (not ready at once, in-flight
+requests finish, exit status 0)."""
 from __future__ import annotations
 
 import json
@@ -27,6 +28,9 @@ from tests.server_helpers import (
 )
 from tests.tiny_models import make_adapter
 
+API_KEY = "sk-live"
+INFERENCE = {"Authorization": f"Bearer {API_KEY}"}  # the API key, sent by default (admin calls send ADMIN instead)
+CAP = 256  # the server's max_new_tokens
 DRAIN_SECONDS = 2.0
 BATCH_WINDOW = 0.1  # seconds: long enough that a client hanging up at once does so while its request waits in it
 
@@ -41,7 +45,8 @@ class LiveServer:
     def __init__(self, process: subprocess.Popen, port: int, extra):
         self.process, self.port, self.extra = process, port, extra
         self.url = f"http://127.0.0.1:{port}"
-        self.http = httpx.Client(base_url=self.url, timeout=60)
+        self.http = httpx.Client(base_url=self.url, timeout=60, headers=INFERENCE)
+        self.openai = openai.OpenAI(base_url=f"{self.url}/v1", api_key=API_KEY, max_retries=0)
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +57,10 @@ def server(tiny_llama_dir, llama_adapters, tmp_path_factory):
     port = free_port()
     command = [sys.executable, "-m", "service.cli.main", "serve", "--base-model", str(tiny_llama_dir),
                "--adapters-dir", str(copy_adapters(llama_adapters, root / "adapters")), "--adapter-roots", str(extra),
-               "--admin-key", ADMIN_KEY, "--port", str(port), "--host", "127.0.0.1", "--cache-dir", str(root / "cache"),
+               "--admin-key", ADMIN_KEY, "--api-key", API_KEY, "--port", str(port), "--host", "127.0.0.1",
+               "--cache-dir", str(root / "cache"),
                "--device", "cpu", "--qa-adapter", "one", "--nli-adapter", "two", "--max-batch", "4",
-               "--max-new-tokens", "256", "--batch-window-ms", str(BATCH_WINDOW * 1000),
+               "--max-new-tokens", str(CAP), "--batch-window-ms", str(BATCH_WINDOW * 1000),
                "--drain-seconds", str(DRAIN_SECONDS)]
     with open(root / "server.log", "w+") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
@@ -109,7 +115,7 @@ def test_every_route_over_http(server):
 
 
 def test_the_openai_client(server):
-    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
+    client = server.openai
     assert {"base", "one", "two"} <= {model.id for model in client.models.list()}
     completion = client.completions.create(model="one", prompt="The Normans gave their name to", max_tokens=5,
                                            temperature=0)
@@ -124,6 +130,76 @@ def test_the_openai_client(server):
     assert base.choices[0].text != completion.choices[0].text
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="nope", prompt="Hi", max_tokens=2)
+
+
+CONVERSATION = [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Who won?"},
+                {"role": "assistant", "content": "Denver."}, {"role": "user", "content": "Where?"}]
+
+
+def rendered(conversation: list[dict]) -> str:
+    """The conversation as the tiny tokenizer's chat template renders it (tests.tiny_models.CHAT_TEMPLATE)."""
+    return "".join(f"{m['role']}: {m['content']}<|endoftext|>\n" for m in conversation) + "assistant:"
+
+
+@pytest.mark.parametrize("conversation", [CONVERSATION[1:2], CONVERSATION], ids=["one turn", "multi-turn, system"])
+def test_chat_with_the_openai_client(server, conversation):
+    """A chat is the completion of its rendered template (sent raw, so that its control tokens parse as such)."""
+    chat = server.openai.chat.completions.create(model="one", messages=conversation, max_tokens=8, temperature=0)
+    assert chat.object == "chat.completion" and chat.model == "one" and len(chat.choices) == 1
+    assert chat.choices[0].message.role == "assistant" and chat.choices[0].finish_reason in ("stop", "length")
+    completion = server.openai.completions.create(model="one", prompt=rendered(conversation), max_tokens=8,
+                                                  temperature=0)
+    assert chat.choices[0].message.content == completion.choices[0].text
+    assert chat.usage == completion.usage
+    again = server.openai.chat.completions.create(model="one", messages=conversation, max_tokens=8, temperature=0)
+    assert again.choices[0].message.content == chat.choices[0].message.content
+
+
+def test_errors_read_through_the_openai_client(server):
+    """OpenAI's client shows our message, type, param and code (it showed only "Error code: 422" before)."""
+    client = server.openai
+    with pytest.raises(openai.NotFoundError) as raised:
+        client.chat.completions.create(model="nope", messages=CONVERSATION[1:2])
+    assert "unknown adapter 'nope'" in str(raised.value) and raised.value.code == "unknown_adapter"
+    with pytest.raises(openai.UnprocessableEntityError) as raised:
+        client.chat.completions.create(model="one", messages=CONVERSATION[1:2], tools=[
+            {"type": "function", "function": {"name": "f", "parameters": {}}}])
+    assert "body.tools: Extra inputs are not permitted" in str(raised.value) and raised.value.param == "tools"
+    with pytest.raises(openai.UnprocessableEntityError) as raised:
+        client.completions.create(model="one", prompt="Hi", max_tokens=CAP + 1)
+    assert f"less than or equal to {CAP}" in str(raised.value) and raised.value.param == "max_tokens"
+    with pytest.raises(openai.APIStatusError) as raised:
+        client.completions.create(model="base", prompt="Once upon a time " * 300)
+    assert raised.value.status_code == 413 and "tokens; at most" in str(raised.value)
+
+
+def test_the_api_key_guards_the_routes_that_run_the_model(server):
+    for key in ("wrong", API_KEY + "x", API_KEY[:-1]):
+        with pytest.raises(openai.AuthenticationError) as raised:
+            openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0).completions.create(
+                model="one", prompt="Hi", max_tokens=2)
+        assert "Bearer <API key>" in str(raised.value)
+    bare = httpx.Client(base_url=server.url, timeout=60)
+    assert bare.post("/answer", json={"context": "c", "question": "q"}).status_code == 401
+    assert bare.post("/answer", json={"context": "c", "question": "q"}, headers=ADMIN).status_code == 401
+    assert bare.get("/v1/models").status_code == bare.get("/ready").status_code == 200  # no model run: open
+
+
+def test_vllms_adapter_routes(server):
+    """A tool written for vLLM loads and unloads an adapter with the admin key, and gets vLLM's replies."""
+    http = server.http
+    body = {"lora_name": "four", "lora_path": str(server.extra / "three")}
+    assert http.post("/v1/load_lora_adapter", json=body).status_code == 401  # the API key is not the admin key
+    loaded = http.post("/v1/load_lora_adapter", json=body, headers=ADMIN)
+    assert (loaded.status_code, loaded.text) == (200, "Success: LoRA adapter 'four' added successfully.")
+    assert "four" in {model.id for model in server.openai.models.list()}
+    assert server.openai.completions.create(model="four", prompt="Hi", max_tokens=2).model == "four"
+    again = http.post("/v1/load_lora_adapter", json=body, headers=ADMIN)
+    assert again.status_code == 409 and "already loaded" in again.json()["error"]["message"]
+    unloaded = http.post("/v1/unload_lora_adapter", json={"lora_name": "four"}, headers=ADMIN)
+    assert (unloaded.status_code, unloaded.text) == (200, "Success: LoRA adapter 'four' removed successfully.")
+    with pytest.raises(openai.NotFoundError):
+        server.openai.completions.create(model="four", prompt="Hi", max_tokens=2)
 
 
 def in_flight_and_answered(http: httpx.Client, status: str | None = None) -> tuple[float, float]:
@@ -151,7 +227,8 @@ def test_a_client_that_disconnects_gets_its_request_dropped(server):
     payload = json.dumps(body).encode()
     with socket.create_connection(("127.0.0.1", server.port)) as client:
         client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                       b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
+                       b"Authorization: Bearer %s\r\nContent-Length: %d\r\n\r\n%s"
+                       % (API_KEY.encode(), len(payload), payload))
         wait_for(lambda: in_flight_and_answered(http)[0] > idle, "the request never reached the server")
     wait_for(lambda: in_flight_and_answered(http, status="499") == (idle, dropped + 1),
              "the disconnected request was not recorded as 499 (client closed request)")
@@ -165,11 +242,94 @@ def test_clients_that_hang_up_at_once_leave_the_engine_serving(server):
     for _ in range(5):
         with socket.create_connection(("127.0.0.1", server.port)) as client:
             client.sendall(b"POST /answer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                           b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
+                           b"Authorization: Bearer %s\r\nContent-Length: %d\r\n\r\n%s"
+                           % (API_KEY.encode(), len(payload), payload))
         time.sleep(2 * BATCH_WINDOW)  # one request per window
     reply = server.http.post("/answer", json={"context": SQUAD_CONTEXT, "question": SQUAD_QUESTION}, timeout=30)
     assert reply.status_code == 200, reply.text
     assert server.http.get("/health").json() == {"status": "ok"}
+
+
+def streamed_choices(stream) -> dict[int, tuple[str, str]]:
+    """{choice index: (text, finish reason)} of an OpenAI client stream (completions or chat)."""
+    texts, reasons = {}, {}
+    for chunk in stream:
+        for choice in chunk.choices:
+            piece = choice.text if hasattr(choice, "text") else choice.delta.content or ""
+            texts[choice.index] = texts.get(choice.index, "") + piece
+            reasons[choice.index] = choice.finish_reason
+    return {index: (texts[index], reasons[index]) for index in texts}
+
+
+def whole_choices(reply) -> dict[int, tuple[str, str]]:
+    return {choice.index: (choice.text if hasattr(choice, "text") else choice.message.content, choice.finish_reason)
+            for choice in reply.choices}
+
+
+def create(server, route: str, **fields):
+    """A greedy completion (route "completions") or chat completion ("chat") by the OpenAI client."""
+    fields = {"temperature": 0, **fields}
+    if route == "completions":
+        return server.openai.completions.create(model="one", prompt="The Normans gave their name to", **fields)
+    return server.openai.chat.completions.create(model="one", messages=CONVERSATION, **fields)
+
+
+@pytest.mark.parametrize("route", ["completions", "chat"])
+def test_streamed_equals_non_streamed_and_honours_stop_logprobs_and_n(server, route):
+    whole = create(server, route, max_tokens=24)
+    chunks = list(create(server, route, max_tokens=24, stream=True))
+    assert streamed_choices(chunks) == whole_choices(whole) and len(chunks) > 3
+
+    pieces = [piece for chunk in chunks for piece in [chunk.choices[0].text if route == "completions" else
+                                                      chunk.choices[0].delta.content or ""] if piece]
+    text = "".join(pieces)
+    ends = [len("".join(pieces[:k + 1])) for k in range(1, len(pieces) - 1)]
+    at = next(end - 1 for end in ends if text.find(text[end - 1:end + 1]) == end - 1)
+    stop = text[at:at + 2]  # across two streamed chunks
+    assert streamed_choices(create(server, route, max_tokens=24, stream=True, stop=[stop])) == {0: (text[:at], "stop")}
+    assert whole_choices(create(server, route, max_tokens=24, stop=stop)) == {0: (text[:at], "stop")}
+
+    if route == "completions":
+        logprobs = create(server, route, max_tokens=6, logprobs=2).choices[0].logprobs
+        assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == 6
+        assert all(len(top) <= 3 and top[token] == lp for token, lp, top in zip(
+            logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs))
+    else:
+        content = create(server, route, max_tokens=6, logprobs=True, top_logprobs=2).choices[0].logprobs.content
+        assert len(content) == 6 and all(len(entry.top_logprobs) == 2 and entry.logprob <= 0 for entry in content)
+
+    sampled = {"max_tokens": 8, "n": 3, "seed": 4, "temperature": 1.5}
+    choices = whole_choices(create(server, route, **sampled))
+    assert sorted(choices) == [0, 1, 2] and len({text for text, _ in choices.values()}) > 1
+    assert streamed_choices(create(server, route, stream=True, **sampled)) == choices
+
+
+def test_a_stream_whose_client_disconnects_has_its_rows_dropped(server):
+    """A client that hangs up after the first event: its two rows leave the batch long before their 256 tokens,
+    the request is recorded as 499, and the next request is served as before."""
+    http = server.http
+    body = {"model": "two", "prompt": "Story:", "max_tokens": CAP, "temperature": 0, "n": 2}
+    whole = http.post("/v1/completions", json=body).json()
+    assert whole["usage"]["completion_tokens"] == 2 * CAP, "the request must run long enough to be cut off"
+    idle, dropped = in_flight_and_answered(http, status="499")
+    generated = value(scrape(http), "loraswap_generated_tokens_total", adapter="two")
+    payload = json.dumps({**body, "stream": True}).encode()
+    with socket.create_connection(("127.0.0.1", server.port)) as client:
+        client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       b"Authorization: Bearer %s\r\nContent-Length: %d\r\n\r\n%s"
+                       % (API_KEY.encode(), len(payload), payload))
+        received = b""
+        while b"data: " not in received:
+            received += client.recv(4096)
+        assert received.startswith(b"HTTP/1.1 200") and b"text/event-stream" in received
+    wait_for(lambda: in_flight_and_answered(http, status="499") == (idle, dropped + 1),
+             "the stream whose client left was not recorded as 499 (client closed request)")
+    def counted() -> float:  # the engine counts a dropped row's tokens when it drops it
+        return value(scrape(http), "loraswap_generated_tokens_total", adapter="two") - generated
+
+    wait_for(lambda: counted() > 0, "the dropped rows' tokens were not counted")
+    assert counted() < CAP, f"{counted()} tokens generated for the two rows: not dropped when their client left"
+    assert http.post("/v1/completions", json=body).json()["choices"] == whole["choices"]
 
 
 def test_sigterm_drains_then_exits_cleanly(server):
@@ -182,7 +342,7 @@ def test_sigterm_drains_then_exits_cleanly(server):
         return now - idle + answered - answered_before
 
     def complete(i: int) -> httpx.Response:
-        return httpx.post(f"{server.url}/v1/completions", timeout=120,
+        return httpx.post(f"{server.url}/v1/completions", timeout=120, headers=INFERENCE,
                           json={"model": ("one", "two", "base")[i % 3], "prompt": f"Story {i}:", "max_tokens": 256,
                                 "temperature": 0})  # greedy: a sampled end-of-text first token would end it at once
 

@@ -1,5 +1,6 @@
-"""Adapters the service must refuse, on a tiny Llama server: each refusal is a clear 4xx with a message,
-and leaves GET /adapters (and /v1/models) exactly as it was."""
+"""Adapters the service must refuse, on a tiny Llama server: each refusal is a clear 4xx with a message, the same
+from POST /adapters and vLLM's POST /v1/load_lora_adapter, and leaves GET /adapters (and /v1/models) exactly as it
+was."""
 from __future__ import annotations
 
 import json
@@ -12,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from tests.http.replies import error_message
 from tests.server_helpers import ADMIN, copy_adapters, listed, ready_client, tiny_settings
 from tests.tiny_models import make_adapter
 
@@ -125,12 +127,15 @@ def client(refusals: Refusals):
 
 
 def refused(client, name: str, path: Path | str, status: int, *fragments: str) -> None:
-    """POST /adapters is answered ``status`` with a message holding ``fragments``; nothing changes."""
+    """POST /adapters is answered ``status`` with a message holding ``fragments``, and so is vLLM's POST
+    /v1/load_lora_adapter, with the same message (in OpenAI's shape); nothing changes."""
     before, models = client.get("/adapters").json(), client.get("/v1/models").json()
     reply = client.post("/adapters", json={"name": name, "path": str(path)}, headers=ADMIN)
     assert reply.status_code == status, reply.text
-    message = reply.json()["error"]
+    message = error_message(reply)
     assert all(fragment in message for fragment in fragments), message
+    vllms = client.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)}, headers=ADMIN)
+    assert (vllms.status_code, error_message(vllms)) == (status, message)
     assert client.get("/adapters").json() == before
     assert client.get("/v1/models").json() == models
 

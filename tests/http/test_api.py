@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from service.http.app import create_app
 from service.prompts import NLI_LABELS, answer_prompt, label_target, nli_prompt
 from service.runtime import Runtime
+from tests.http.replies import error_message
 from tests.server_helpers import (
     ADMIN,
     SERVER_CAP,
@@ -216,15 +217,20 @@ def test_degenerate_sampling_parameters_pick_the_greedy_token(client, adapter):
 
 
 def test_max_new_tokens_is_capped_by_the_server(client):
+    """/answer cuts its max_new_tokens at the server's cap; /v1/completions refuses a max_tokens above it (422 naming
+    the cap) and generates up to the cap when it names none."""
     assert all(ask(client, a, question=q, max_new_tokens=3)["tokens"] <= 3 for a in ("one", None) for q in QUESTIONS)
     capped = [ask(client, a, question=q, max_new_tokens=4096)["tokens"] for a in ("one", None) for q in QUESTIONS]
     assert max(capped) == SERVER_CAP and all(t <= SERVER_CAP for t in capped), capped
-    reply = client.post("/v1/completions", json={"model": "two", "prompt": "Super Bowl", "max_tokens": 500,
-                                                 "temperature": 0}).json()
-    choice, usage = reply["choices"][0], reply["usage"]
-    assert usage["completion_tokens"] <= SERVER_CAP
-    assert (choice["finish_reason"] == "length") == (usage["completion_tokens"] == SERVER_CAP)
-    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    body = {"model": "two", "prompt": "Super Bowl", "temperature": 0}
+    refused = client.post("/v1/completions", json={**body, "max_tokens": SERVER_CAP + 1})
+    assert refused.status_code == 422 and f"less than or equal to {SERVER_CAP}" in error_message(refused)
+    for reply in (client.post("/v1/completions", json=body).json(),
+                  client.post("/v1/completions", json={**body, "max_tokens": SERVER_CAP}).json()):
+        choice, usage = reply["choices"][0], reply["usage"]
+        assert usage["completion_tokens"] <= SERVER_CAP
+        assert (choice["finish_reason"] == "length") == (usage["completion_tokens"] == SERVER_CAP)
+        assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
 
 
 @pytest.mark.parametrize("adapter", [None, "one", "two"])
@@ -465,7 +471,7 @@ def test_admin_routes_are_refused_without_a_configured_key(tiny):
 def test_unknown_adapter_is_404(client, method, path, body):
     reply = client.request(method, path, json=body, headers=ADMIN)
     assert reply.status_code == 404, reply.text
-    assert "'nope'" in reply.json()["error"]
+    assert "'nope'" in error_message(reply)
 
 
 @pytest.mark.parametrize("method,path,route,body,headers,status", [
@@ -480,9 +486,10 @@ def test_unknown_adapter_is_404(client, method, path, body):
 def test_error_replies_are_documented_in_the_api_schema(client, method, path, route, body, headers, status):
     sent = {"content": body} if isinstance(body, bytes) else {"json": body}
     reply = client.request(method, path, headers=headers, **sent)
-    assert reply.status_code == status and reply.json()["error"], reply.text
+    assert reply.status_code == status and error_message(reply), reply.text
     documented = client.get("/openapi.json").json()["paths"][route][method]["responses"]
-    assert documented[str(status)]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorOut"}
+    shape = "OpenAIErrorOut" if route.startswith("/v1/") else "ErrorOut"
+    assert documented[str(status)]["content"]["application/json"]["schema"] == {"$ref": f"#/components/schemas/{shape}"}
 
 
 GOOD = {"context": SQUAD_CONTEXT, "question": SQUAD_QUESTION, "adapter": "one"}
@@ -514,7 +521,7 @@ def test_invalid_answer_input_is_422(client, body, field):
 @pytest.mark.parametrize("path,body", [
     ("/nli", {"premise": "", "hypothesis": "x"}),
     ("/nli", {"premise": "x", "hypothesis": "y", "extra": 1}),
-    ("/v1/completions", {"model": "one", "prompt": "x", "n": 2}),
+    ("/v1/completions", {"model": "one", "prompt": "x", "n": 0}),
     ("/v1/completions", {"model": "one", "prompt": "x", "temperature": -0.5}),
     ("/v1/completions", {"model": "one", "prompt": "x", "max_tokens": "3"}),
     ("/adapters", {"name": "x"}),
@@ -522,7 +529,7 @@ def test_invalid_answer_input_is_422(client, body, field):
 def test_invalid_input_elsewhere_is_422(client, path, body):
     reply = client.post(path, json=body, headers=ADMIN)
     assert reply.status_code == 422, reply.text
-    assert reply.json()["error"].startswith("invalid request")
+    assert error_message(reply).startswith("invalid request")
 
 
 @pytest.mark.parametrize("path,body", [
@@ -533,7 +540,7 @@ def test_invalid_input_elsewhere_is_422(client, path, body):
 def test_input_too_long_is_413(client, path, body):
     reply = client.post(path, json=body)
     assert reply.status_code == 413, reply.text
-    assert "tokens" in reply.json()["error"]
+    assert "tokens" in error_message(reply)
 
 
 def test_max_input_tokens_is_the_longest_prompt_accepted(tiny):
@@ -579,7 +586,7 @@ def test_503_until_the_model_is_loaded(tiny):
                                ("get", "/v1/models", None), ("get", "/adapters", None), *ADMIN_CALLS]:
         reply = client.request(method, path, json=body, headers=ADMIN)
         assert reply.status_code == 503, (path, reply.text)
-        assert "loading" in reply.json()["error"] and reply.headers["Retry-After"]
+        assert "loading" in error_message(reply) and reply.headers["Retry-After"]
 
 
 def test_a_failed_start_is_reported_by_ready(tiny, tmp_path):

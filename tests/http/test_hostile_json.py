@@ -1,12 +1,13 @@
 """Bodies no JSON encoder writes: NaN, Infinity, 1e400, numbers past every bound, bodies that are not JSON, not
 UTF-8 or not an object, deep nesting. Each POST route answers them with a 4xx in the documented JSON shape (an
-``error`` message; a reply that is itself valid JSON), and nothing changes."""
+error message, in OpenAI's shape on /v1/*; a reply that is itself valid JSON), and nothing changes."""
 from __future__ import annotations
 
 import json
 
 import pytest
 
+from tests.http.replies import error_message
 from tests.server_helpers import (
     ADMIN,
     SQUAD_CONTEXT,
@@ -22,8 +23,8 @@ ANSWER = {"context": SQUAD_CONTEXT, "question": SQUAD_QUESTION, "adapter": "one"
                        "seed": 1}}
 NLI = {"premise": "A man plays a guitar.", "hypothesis": "A person makes music.", "adapter": "two"}
 COMPLETION = {"model": "one", "prompt": "Hello", "max_tokens": 4, "temperature": 0.5, "top_p": 0.9, "seed": 1,
-              "n": 1, "best_of": 1, "frequency_penalty": 0, "presence_penalty": 0, "echo": False, "user": "u",
-              "logit_bias": {"50": 0}, "stop": None}
+              "n": 1, "best_of": None, "frequency_penalty": 0, "presence_penalty": 0, "echo": False, "user": "u",
+              "logit_bias": {}, "stop": None}
 ADAPTER = {"name": "three", "path": "/nowhere"}
 ROUTES = {"/answer": ANSWER, "/nli": NLI, "/v1/completions": COMPLETION, "/adapters": ADAPTER}
 # (route, path of the field inside the body): every field of every body
@@ -56,20 +57,19 @@ def post(client, route: str, content: bytes, content_type: str = "application/js
     return client.post(route, content=content, headers={**ADMIN, "content-type": content_type})
 
 
-def assert_refused(reply, *statuses: int) -> dict:
-    """A 4xx among ``statuses`` with strict JSON (no NaN) holding an ``error`` message; returns the body."""
+def assert_refused(reply, *statuses: int) -> str:
+    """A 4xx among ``statuses`` with strict JSON (no NaN) holding an error message; returns the message."""
     assert reply.status_code in statuses, (reply.status_code, reply.text)
     assert reply.headers["content-type"] == "application/json"
-    body = json.loads(reply.content, parse_constant=lambda constant: pytest.fail(f"{constant} in {reply.text}"))
-    assert isinstance(body["error"], str) and body["error"]
-    return body
+    json.loads(reply.content, parse_constant=lambda constant: pytest.fail(f"{constant} in {reply.text}"))
+    return error_message(reply)
 
 
 @pytest.mark.parametrize("route,path", FIELDS, ids=lambda part: ".".join(part) if isinstance(part, tuple) else part)
 def test_nan_and_infinity_in_any_field_are_refused(client, route, path):
     before = listed(client)
     for raw in NOT_JSON:
-        error = assert_refused(post(client, route, with_raw(ROUTES[route], path, raw)), 422)["error"]
+        error = assert_refused(post(client, route, with_raw(ROUTES[route], path, raw)), 422)
         assert ".".join(("body", *path)) in error, error
     assert listed(client) == before
 
@@ -81,7 +81,7 @@ def test_nan_and_infinity_in_any_field_are_refused(client, route, path):
                                         ("/answer", ("decoding", "top_p"))])
 def test_numbers_past_every_bound_are_refused(client, route, path):
     for raw in ("1" + "0" * 400, "-1" + "0" * 400, "2e400"):
-        error = assert_refused(post(client, route, with_raw(ROUTES[route], path, raw)), 422)["error"]
+        error = assert_refused(post(client, route, with_raw(ROUTES[route], path, raw)), 422)
         assert ".".join(("body", *path)) in error, error
     too_long = with_raw(ROUTES[route], path, "1" * 5000)  # more digits than Python reads as an int
     assert_refused(post(client, route, too_long), 400)
@@ -119,7 +119,7 @@ def test_negative_zero_is_zero(client):
     assert zero.json()["choices"] == negative.json()["choices"]
     body = {**ANSWER, "decoding": {"strategy": "temperature", "temperature": -0.0}}
     refused = assert_refused(post(client, "/answer", json.dumps(body).encode()), 422)
-    assert "body.decoding.temperature" in refused["error"]
+    assert "body.decoding.temperature" in refused
 
 
 def test_routes_without_a_body_ignore_one(client):

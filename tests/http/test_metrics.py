@@ -26,8 +26,9 @@ from tests.server_helpers import (
 from tests.tiny_models import make_adapter
 
 DURATION = "loraswap_request_duration_seconds"
-ROUTES = {"/answer", "/nli", "/v1/completions", "/v1/models", "/adapters", "/adapters/{name}",
-          "/adapters/{name}/merge", "/adapters/unmerge", "/health", "/ready"}
+ROUTES = {"/answer", "/nli", "/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/load_lora_adapter",
+          "/v1/unload_lora_adapter", "/adapters", "/adapters/{name}", "/adapters/{name}/merge", "/adapters/unmerge",
+          "/health", "/ready"}
 
 
 @pytest.fixture(scope="module")
@@ -179,6 +180,9 @@ def test_label_values_never_come_from_raw_input(client):
     ask(client, "nope", status=404)
     classify(client, "x" * 40, status=404)
     assert client.post("/v1/completions", json={"model": "gpt-4", "prompt": "Hi"}).status_code == 404
+    assert client.post("/v1/chat/completions", json={"model": "gpt-4", "messages": [
+        {"role": "user", "content": "Hi"}]}).status_code == 404
+    assert client.post("/v1/unload_lora_adapter", json={"lora_name": "nope"}, headers=ADMIN).status_code == 404
     assert client.delete("/adapters/nope", headers=ADMIN).status_code == 404
     assert client.post("/adapters/nope/merge", headers=ADMIN).status_code == 404
     assert client.get("/no/such/route").status_code == 404

@@ -7,11 +7,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from tests.http.replies import error_message
 from tests.server_helpers import copy_adapters, ready_client, tiny_settings
 
 PROMPT = "The Normans gave their name to"
 GREEDY = {"model": "base", "prompt": PROMPT, "max_tokens": 6, "temperature": 0}
-CAP = 32  # the server's max_new_tokens here: above OpenAI's default max_tokens (16)
+CAP = 32  # the server's max_new_tokens here
 
 # values of OpenAI's fields that change nothing here (null is every field's default)
 NO_OPS = [("n", 1), ("n", None), ("best_of", 1), ("best_of", None), ("echo", False), ("echo", None),
@@ -21,10 +22,8 @@ NO_OPS = [("n", 1), ("n", None), ("best_of", 1), ("best_of", None), ("echo", Fal
           ("stream_options", None), ("user", "user-1234"), ("user", None), ("seed", None), ("top_p", 1),
           ("top_p", None), ("prompt", [PROMPT])]
 
-# values this server cannot honour: refused, naming the field
-NOT_SUPPORTED = [("n", 2), ("n", 0), ("best_of", 2), ("stream", True), ("stream_options", {"include_usage": True}),
-                 ("stop", ","), ("stop", [","]), ("stop", ""), ("stop", ["\n", "."]), ("logprobs", 0),
-                 ("logprobs", 5), ("frequency_penalty", 0.5), ("presence_penalty", -1), ("logit_bias", {"50": 5}),
+# values this server cannot honour: refused, naming the field (stream, stop, logprobs and n: test_openai_streaming)
+NOT_SUPPORTED = [("best_of", 2), ("frequency_penalty", 0.5), ("presence_penalty", -1), ("logit_bias", {"50": 5}),
                  ("logit_bias", {"50": 0}), ("suffix", "!"), ("suffix", ""), ("prompt", [PROMPT, PROMPT]),
                  ("prompt", [1, 2, 3]), ("prompt", [[1, 2, 3]]), ("prompt", [])]
 
@@ -44,6 +43,13 @@ def complete(client, status: int = 200, **fields) -> dict:
     return reply.json()
 
 
+def refusal(client, **fields) -> str:
+    """The message of the 422 that refuses a completion request with ``fields``."""
+    reply = client.post("/v1/completions", json={**GREEDY, **fields})
+    assert reply.status_code == 422, reply.text
+    return error_message(reply)
+
+
 def choice(reply: dict) -> tuple[str, str, int]:
     """(text, finish_reason, completion tokens) of a one-choice reply."""
     return reply["choices"][0]["text"], reply["choices"][0]["finish_reason"], reply["usage"]["completion_tokens"]
@@ -56,15 +62,17 @@ def test_values_that_change_nothing_are_accepted(client, field, value):
 
 @pytest.mark.parametrize("field,value", NOT_SUPPORTED)
 def test_what_is_not_implemented_is_refused_by_name(client, field, value):
-    error = complete(client, 422, **{field: value})["error"]
+    error = refusal(client, **{field: value})
     assert f"body.{field}: " in error and "not supported yet" in error, error
 
 
 @pytest.mark.parametrize("field,value", [("colour", "red"), ("colour", None), ("stop_sequences", [","]),
-                                         ("n", True), ("n", 1.0), ("stream", 0), ("echo", "true"),
-                                         ("max_tokens", "5"), ("logit_bias", {"50": 0.5})])
+                                         ("n", True), ("n", 1.0), ("n", 0), ("stream", 0), ("echo", "true"),
+                                         ("max_tokens", "5"), ("logit_bias", {"50": 0.5}), ("logprobs", 6),
+                                         ("logprobs", True), ("stop", ""), ("stop", ["a", "b", "c", "d", "e"]),
+                                         ("stream_options", {"include_usage": True})])
 def test_unknown_fields_and_wrong_types_are_refused_by_name(client, field, value):
-    assert f"body.{field}" in complete(client, 422, **{field: value})["error"]
+    assert f"body.{field}" in refusal(client, **{field: value})
 
 
 @torch.no_grad()
@@ -88,11 +96,22 @@ def test_sampling_follows_temperature_top_p_and_seed(client):
     assert choice(complete(client, seed=3, temperature=2.0, top_p=1e-6, max_tokens=8)) == greedy  # top token only
 
 
-def test_max_tokens_bounds_the_completion_and_null_is_openais_default(client):
-    for max_tokens in (1, 3, 16):
+def test_max_tokens_bounds_the_completion_and_null_is_the_servers_cap(client):
+    for max_tokens in (1, 3, 16, CAP):
         _, reason, tokens = choice(complete(client, max_tokens=max_tokens))
         assert tokens <= max_tokens and (reason == "length") == (tokens == max_tokens)
-    assert choice(complete(client, max_tokens=None)) == choice(complete(client, max_tokens=16))
+    assert choice(complete(client, max_tokens=None)) == choice(complete(client, max_tokens=CAP))
+    absent = {key: value for key, value in GREEDY.items() if key != "max_tokens"}
+    reply = client.post("/v1/completions", json=absent)
+    assert reply.status_code == 200 and choice(reply.json()) == choice(complete(client, max_tokens=CAP))
+
+
+@pytest.mark.parametrize("max_tokens", [CAP + 1, 4096, 10**30])
+def test_max_tokens_above_the_servers_cap_is_refused_naming_the_cap(client, max_tokens):
+    reply = client.post("/v1/completions", json={**GREEDY, "max_tokens": max_tokens})
+    assert reply.status_code == 422, reply.text
+    assert reply.json()["error"]["param"] == "max_tokens"
+    assert f"body.max_tokens: Input should be less than or equal to {CAP}" in error_message(reply)
 
 
 def test_echo_puts_the_prompt_before_the_completion(client):
@@ -106,11 +125,14 @@ def test_the_openai_client_in_process(client):
     plain = api.completions.create(model="one", prompt=PROMPT, max_tokens=5, temperature=0)
     every_no_op = api.completions.create(
         model="one", prompt=[PROMPT], max_tokens=5, temperature=0, n=1, best_of=1, echo=False, logprobs=None,
-        frequency_penalty=0, presence_penalty=0, logit_bias={}, stop=None, stream=False, suffix=None, user="u", seed=1)
+        frequency_penalty=0, presence_penalty=0, logit_bias={}, stop=None, stream=False, suffix=None, user="u", seed=1,
+        stream_options=None)
     assert every_no_op.choices[0].text == plain.choices[0].text and len(every_no_op.choices) == 1
     echoed = api.completions.create(model="one", prompt=PROMPT, max_tokens=5, temperature=0, echo=True)
     assert echoed.choices[0].text == PROMPT + plain.choices[0].text
-    for refused in ({"stop": [","]}, {"n": 2}, {"logprobs": 1}, {"presence_penalty": 0.5}, {"suffix": "x"}):
+    for refused in ({"best_of": 2}, {"presence_penalty": 0.5}, {"suffix": "x"}, {"max_tokens": CAP + 1},
+                    {"n": 9}):
         with pytest.raises(openai.UnprocessableEntityError) as raised:
-            api.completions.create(model="one", prompt=PROMPT, max_tokens=5, **refused)
-        assert f"body.{next(iter(refused))}: " in raised.value.response.json()["error"]
+            api.completions.create(model="one", prompt=PROMPT, **{"max_tokens": 5, **refused})
+        field = next(iter(refused))
+        assert f"body.{field}: " in str(raised.value) and raised.value.param == field, str(raised.value)

@@ -1,0 +1,155 @@
+"""OpenAI's reply bodies for completions and chat completions, whole or streamed as server-sent events, from what the
+tasks hand out (``service.streaming``: Completion, ChoiceDelta, TokenLogprob). No tensors here."""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Sequence
+
+from fastapi.sse import format_sse_event
+
+from service.http.errors import STATUS, error_code, openai_error, status_of
+from service.streaming import ChoiceDelta, Completion, CompletionStream, TokenLogprob, Usage
+
+LOGPROB_FLOOR = -9999.0  # what OpenAI writes for a log-probability of minus infinity (JSON has no infinity)
+DONE = format_sse_event(data_str="[DONE]")
+
+
+def logprob(value: float) -> float:
+    return max(value, LOGPROB_FLOOR)
+
+
+def usage(tokens: Usage) -> dict:
+    return {"prompt_tokens": tokens.prompt_tokens, "completion_tokens": tokens.completion_tokens,
+            "total_tokens": tokens.total_tokens}
+
+
+def completion_logprobs(entries: Sequence[TokenLogprob]) -> dict:
+    """OpenAI's logprobs of completion tokens: ``tokens`` (each token's own text), ``token_logprobs``,
+    ``top_logprobs`` (per token, {text: logprob} of the k most likely tokens and of the token itself: up to k + 1, as
+    OpenAI gives) and ``text_offset`` (where each token's text starts in the choice's text, in characters)."""
+    return {
+        "tokens": [entry.token for entry in entries],
+        "token_logprobs": [logprob(entry.logprob) for entry in entries],
+        "top_logprobs": [{**{top.token: logprob(top.logprob) for top in entry.top_logprobs},
+                          entry.token: logprob(entry.logprob)} for entry in entries],
+        "text_offset": [entry.text_offset for entry in entries],
+    }
+
+
+def token_bytes(text: str) -> list[int] | None:
+    """A token's UTF-8 bytes; None for a token that holds part of a character (its text alone decodes to U+FFFD),
+    whose own bytes are not known here (OpenAI's ``bytes`` may be null)."""
+    return None if "\ufffd" in text else list(text.encode())
+
+
+def chat_logprobs(entries: Sequence[TokenLogprob]) -> dict:
+    """OpenAI's chat logprobs: per token its text, logprob, bytes and the k most likely tokens' (``top_logprobs``)."""
+    return {"content": [{"token": entry.token, "logprob": logprob(entry.logprob), "bytes": token_bytes(entry.token),
+                         "top_logprobs": [{"token": top.token, "logprob": logprob(top.logprob),
+                                           "bytes": token_bytes(top.token)} for top in entry.top_logprobs]}
+                        for entry in entries],
+            "refusal": None}
+
+
+class Replies(ABC):
+    """The replies to one request: its id, creation time (Unix seconds) and model, whole or as stream chunks. Each
+    kind of request (``CompletionReplies``, ``ChatReplies``) says how a choice is written."""
+
+    prefix, whole_object, chunk_object = "", "", ""
+
+    def __init__(self, model: str):
+        self.id, self.created, self.model = f"{self.prefix}-{uuid.uuid4().hex}", int(time.time()), model
+
+    def head(self, chunk: bool) -> dict:
+        return {"id": self.id, "object": self.chunk_object if chunk else self.whole_object, "created": self.created,
+                "model": self.model}
+
+    def whole(self, completion: Completion) -> dict:
+        choices = [self.choice(choice.index, choice.text, choice.logprobs, choice.finish_reason)
+                   for choice in completion.choices]
+        return {**self.head(False), "choices": choices, "usage": usage(completion.usage)}
+
+    def chunk(self, choices: list[dict], include_usage: bool) -> bytes:
+        """A server-sent event of ``choices``; with ``include_usage``, it says "usage": null (all but the last)."""
+        return event({**self.head(True), "choices": choices, **({"usage": None} if include_usage else {})})
+
+    @abstractmethod
+    def choice(self, index: int, text: str, logprobs: Sequence[TokenLogprob] | None, finish_reason: str) -> dict:
+        """A whole reply's choice."""
+
+    @abstractmethod
+    def opening(self, index: int) -> dict | None:
+        """What choice ``index``'s stream starts with, before its first delta (None: nothing)."""
+
+    @abstractmethod
+    def delta(self, delta: ChoiceDelta) -> dict:
+        """A stream chunk's choice."""
+
+
+class CompletionReplies(Replies):
+    """/v1/completions: a choice is its text; ``echo`` (the prompt, when echoed) comes before it."""
+
+    prefix, whole_object, chunk_object = "cmpl", "text_completion", "text_completion"
+
+    def __init__(self, model: str, echo: str = ""):
+        super().__init__(model)
+        self.echo = echo
+
+    def choice(self, index: int, text: str, logprobs: Sequence[TokenLogprob] | None, finish_reason: str) -> dict:
+        return {"index": index, "text": self.echo + text,
+                "logprobs": None if logprobs is None else completion_logprobs(logprobs), "finish_reason": finish_reason}
+
+    def opening(self, index: int) -> dict | None:
+        return {"index": index, "text": self.echo, "logprobs": None, "finish_reason": None} if self.echo else None
+
+    def delta(self, delta: ChoiceDelta) -> dict:
+        return {"index": delta.index, "text": delta.text,
+                "logprobs": None if delta.logprobs is None else completion_logprobs(delta.logprobs),
+                "finish_reason": delta.finish_reason}
+
+
+class ChatReplies(Replies):
+    """/v1/chat/completions: a choice is the assistant's message; a stream opens each choice with its role."""
+
+    prefix, whole_object, chunk_object = "chatcmpl", "chat.completion", "chat.completion.chunk"
+
+    def choice(self, index: int, text: str, logprobs: Sequence[TokenLogprob] | None, finish_reason: str) -> dict:
+        return {"index": index, "message": {"role": "assistant", "content": text},
+                "logprobs": None if logprobs is None else chat_logprobs(logprobs), "finish_reason": finish_reason}
+
+    def opening(self, index: int) -> dict | None:
+        return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+
+    def delta(self, delta: ChoiceDelta) -> dict:
+        return {"index": delta.index, "delta": {"content": delta.text},
+                "logprobs": None if delta.logprobs is None else chat_logprobs(delta.logprobs),
+                "finish_reason": delta.finish_reason}
+
+
+def event(body: dict) -> bytes:
+    """One server-sent event whose data is ``body`` as JSON (strict: no NaN or infinity)."""
+    return format_sse_event(data_str=json.dumps(body, allow_nan=False))
+
+
+async def events(replies: Replies, stream: CompletionStream, include_usage: bool) -> AsyncIterator[bytes]:
+    """A streamed reply as server-sent events: each choice's opening, then a chunk per delta (new text, its logprobs;
+    the finish reason in each choice's last), with ``include_usage`` a last chunk with no choices and the usage, then
+    ``data: [DONE]``. An error after the reply began (the engine failed, the adapter was unregistered while the
+    request queued) is an event of OpenAI's error shape, which OpenAI's clients raise, then ``[DONE]``. The stream is
+    closed however this ends: a client gone mid-stream has its rows leave the batch before the next decoding step."""
+    async with stream:
+        try:
+            for opening in filter(None, map(replies.opening, range(len(stream.choices)))):
+                yield replies.chunk([opening], include_usage)
+            async for delta in stream:
+                yield replies.chunk([replies.delta(delta)], include_usage)
+        except tuple(STATUS) as exc:
+            yield event(openai_error(status_of(type(exc)), str(exc), code=error_code(type(exc))))
+            yield DONE
+            return
+    if include_usage:
+        yield event({**replies.head(True), "choices": [], "usage": usage(stream.usage)})
+    yield DONE

@@ -1,0 +1,122 @@
+"""OpenAI's routes (models, completions, chat completions) and vLLM's runtime adapter routes, under ``/v1``; their
+errors take OpenAI's shape (``service.http.app.error``)."""
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import PlainTextResponse
+from fastapi.sse import EventSourceResponse
+from starlette.background import BackgroundTask
+
+from service.errors import EngineStopped, UnknownAdapter
+from service.http.chat import chat_prompt
+from service.http.errors import error_replies
+from service.http.openai_replies import ChatReplies, CompletionReplies, Replies, events
+from service.http.routes import (
+    LOAD_ERRORS,
+    admin,
+    admin_replies,
+    inference,
+    new_seed,
+    serving,
+    serving_replies,
+    unless_disconnected,
+)
+from service.http.schemas import ChatCompletionIn, CompletionIn, LoraAdapterIn, LoraNameIn, OpenAIErrorOut, OpenAIIn
+from service.lora.adapter_files import BASE_LABEL, BASE_MODEL_ID, adapter_or_base
+from service.runtime import Runtime
+
+openai_router = APIRouter(prefix="/v1", tags=["openai"])
+STREAMED = {200: {"description": "The reply (JSON); with stream true, server-sent events of its chunks, each "
+                  "`data: <chunk JSON>`, then `data: [DONE]`",
+                  "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+OPENAI_SERVING = {**STREAMED, **serving_replies(shape=OpenAIErrorOut)}
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy holds the events back
+# vLLM's adapter routes answer a line of text, their errors JSON (documented as such: the routes' class, Response,
+# names no media type of its own)
+VLLMS_REPLY = {200: {"description": "Success: LoRA adapter '<name>' added (or removed) successfully.",
+                     "content": {"text/plain": {"schema": {"type": "string"}}}}}
+
+
+def within(field: str, value: int, cap: int, what: str) -> int:
+    """``value``, unless above ``cap`` (the server's setting that ``what`` names): 422 naming the field and the cap."""
+    if value > cap:
+        raise RequestValidationError([{
+            "type": "less_than_equal", "loc": ("body", field), "input": value, "ctx": {"le": cap},
+            "msg": f"Input should be less than or equal to {cap}, {what}"}])
+    return value
+
+
+def token_budget(body: OpenAIIn, cap: int) -> int:
+    """The most tokens a request may generate: what it asks for, or ``cap`` (the server's ``max_new_tokens``) when it
+    names none; a request for more than ``cap`` is refused (422 naming the field and the cap), never cut short."""
+    field, requested = body.token_budget()
+    if requested is None:
+        return cap
+    return within(field, requested, cap, "the most tokens this server generates for a request (its max_new_tokens)")
+
+
+def served_model(rt: Runtime, body: OpenAIIn, request: Request) -> str | None:
+    """The adapter ``model`` names (None: the bare base model, as "base" or "none"); UnknownAdapter if unknown."""
+    adapter = adapter_or_base(body.model)
+    rt.registry.require(adapter)
+    request.state.adapter = adapter or BASE_LABEL
+    return adapter
+
+
+async def reply(rt: Runtime, request: Request, body: OpenAIIn, prompt: str | list[int], adapter: str | None,
+                replies: Replies, logprobs: int | None) -> dict | EventSourceResponse:
+    """The completion of ``prompt`` (raw text, or a chat template's token ids) as ``body`` asks: whole, or streamed as
+    server-sent events. Everything that can refuse the request (the caps, InputTooLong, QueueFull) does so before
+    any of it is sent."""
+    decoding = body.to_decoding(new_seed(), token_budget(body, rt.settings.max_new_tokens))
+    n = within("n", body.n, rt.settings.max_choices, "the most choices this server generates for a request (its "
+               "max_choices)")
+    options = {"stop": body.stop, "logprobs": logprobs, "n": n}
+    if body.stream:
+        stream = await rt.tasks.stream(prompt, adapter, decoding, **options)
+        return EventSourceResponse(events(replies, stream, body.include_usage), headers=STREAM_HEADERS,
+                                   background=BackgroundTask(stream.close))  # closed even if never iterated
+    return replies.whole(await unless_disconnected(request, rt.tasks.complete(prompt, adapter, decoding, **options)))
+
+
+@openai_router.get("/models", responses=error_replies(EngineStopped, shape=OpenAIErrorOut))
+def models(rt: Runtime = Depends(serving)) -> dict:
+    ids = [BASE_MODEL_ID, *rt.registry.names()]
+    return {"object": "list", "data": [{"id": i, "object": "model", "created": 0, "owned_by": "loraswap"} for i in ids]}
+
+
+@openai_router.post("/completions", responses=OPENAI_SERVING)
+async def completions(body: CompletionIn, request: Request, rt: Runtime = Depends(inference)) -> dict:
+    """OpenAI's completions: the prompt is raw text (special tokens spelled in it are parsed)."""
+    adapter = served_model(rt, body, request)
+    replies = CompletionReplies(body.model, echo=body.prompt if body.echo else "")
+    return await reply(rt, request, body, body.prompt, adapter, replies, body.logprobs)
+
+
+@openai_router.post("/chat/completions", responses=OPENAI_SERVING)
+async def chat_completions(body: ChatCompletionIn, request: Request, rt: Runtime = Depends(inference)) -> dict:
+    """OpenAI's chat completions: the messages rendered with the chat template of the adapter's folder, else the base
+    tokenizer's (see ``chat_prompt``); each choice is the assistant's next message."""
+    adapter = served_model(rt, body, request)
+    messages = [message.model_dump() for message in body.messages]
+    prompt_ids = chat_prompt(rt.tasks.tokenizer, messages, rt.chat_template(adapter))
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    return await reply(rt, request, body, prompt_ids, adapter, ChatReplies(body.model), logprobs)
+
+
+@openai_router.post("/load_lora_adapter", response_class=Response,
+                    responses={**VLLMS_REPLY, **admin_replies(*LOAD_ERRORS, shape=OpenAIErrorOut)})
+async def load_lora_adapter(body: LoraAdapterIn, rt: Runtime = Depends(admin)) -> PlainTextResponse:
+    """vLLM's route: what POST /adapters does (same checks, same errors), answered as vLLM answers (200, text)."""
+    await run_in_threadpool(rt.load_adapter, body.lora_name, body.lora_path)
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+
+@openai_router.post("/unload_lora_adapter", response_class=Response,
+                    responses={**VLLMS_REPLY, **admin_replies(UnknownAdapter, shape=OpenAIErrorOut)})
+def unload_lora_adapter(body: LoraNameIn, rt: Runtime = Depends(admin)) -> PlainTextResponse:
+    """vLLM's route: what DELETE /adapters/{name} does (same checks, same errors), answered as vLLM answers."""
+    rt.unload_adapter(body.lora_name)
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")

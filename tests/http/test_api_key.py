@@ -1,0 +1,105 @@
+"""The optional API key (``--api-key``, ``LORASWAP_API_KEY``): once set, the routes that run the model need
+``Authorization: Bearer <API key>``, compared in constant time; it is not the admin key, and neither opens the other's
+routes. Unset, those routes are open (every other test module runs so)."""
+from __future__ import annotations
+
+import hmac
+
+import openai
+import pytest
+from pydantic import ValidationError
+
+from service.cli.main import build_parser, settings_from
+from service.http import routes
+from service.settings import Settings
+from tests.http.replies import error_message
+from tests.server_helpers import (
+    ADMIN,
+    ADMIN_KEY,
+    SQUAD_CONTEXT,
+    SQUAD_QUESTION,
+    copy_adapters,
+    ready_client,
+    tiny_settings,
+)
+
+API_KEY = "sk-test"
+KEYED = {"Authorization": f"Bearer {API_KEY}"}
+INFERENCE = [("/answer", {"context": SQUAD_CONTEXT, "question": SQUAD_QUESTION, "decoding": {"max_new_tokens": 2}}),
+             ("/nli", {"premise": "A man sleeps.", "hypothesis": "Nobody sleeps."}),
+             ("/v1/completions", {"model": "one", "prompt": "Hello", "max_tokens": 2}),
+             ("/v1/chat/completions", {"model": "one", "messages": [{"role": "user", "content": "Hi"}],
+                                       "max_tokens": 2})]
+WRONG = ["Bearer " + "j" * len(API_KEY), "Bearer " + API_KEY * 40, "Bearer ", "", API_KEY, "bearer " + API_KEY,
+         "Bearer  " + API_KEY, "Bearer " + API_KEY + " ", "Basic " + API_KEY, ADMIN["Authorization"],
+         ("Bearer " + API_KEY + "\u00e9").encode(), b"Bearer \xff\xfe"]
+
+
+@pytest.fixture(scope="module")
+def client(tiny_gpt2_dir, gpt2_adapters, tmp_path_factory):
+    root = tmp_path_factory.mktemp("api_key")
+    settings = tiny_settings(tiny_gpt2_dir, copy_adapters(gpt2_adapters, root / "adapters"), root / "cache",
+                             api_key=API_KEY)
+    with ready_client(settings) as client:
+        yield client
+
+
+@pytest.mark.parametrize("path,body", INFERENCE, ids=[path for path, _ in INFERENCE])
+def test_the_routes_that_run_the_model_need_the_key(client, path, body):
+    assert client.post(path, json=body, headers=KEYED).status_code == 200
+    for authorization in [None, *WRONG]:
+        headers = {} if authorization is None else {"Authorization": authorization}
+        reply = client.post(path, json=body, headers=headers)
+        assert reply.status_code == 401, (authorization, reply.text)
+        assert "Bearer <API key>" in error_message(reply) and reply.headers["WWW-Authenticate"] == "Bearer"
+
+
+def test_the_key_is_checked_before_the_body(client):
+    """Without the key nothing is read: an invalid body gets 401, not a 422 that describes the schema."""
+    for path, _ in INFERENCE:
+        assert client.post(path, json={"colour": "red"}).status_code == 401
+        assert client.post(path, json={"colour": "red"}, headers=KEYED).status_code == 422
+
+
+def test_routes_that_run_no_model_stay_open_and_the_keys_do_not_mix(client):
+    for path in ("/health", "/ready", "/metrics", "/v1/models"):
+        assert client.get(path).status_code == client.get(path, headers=KEYED).status_code == 200, path
+    listing = client.get("/adapters", headers=KEYED)  # the key clients send everywhere: the listing, without paths
+    assert listing.status_code == 200 and all("path" not in a for a in listing.json()["adapters"])
+    assert all("path" in a for a in client.get("/adapters", headers=ADMIN).json()["adapters"])
+    for method, path in [("post", "/adapters/unmerge"), ("post", "/v1/unload_lora_adapter"), ("delete", "/adapters/x")]:
+        assert client.request(method, path, json={"lora_name": "x"}, headers=KEYED).status_code == 401, path
+
+
+def test_the_key_is_compared_in_constant_time(client, monkeypatch):
+    compared, original = [], hmac.compare_digest
+
+    def compare_digest(a, b):
+        compared.append((a, b))
+        return original(a, b)
+
+    monkeypatch.setattr(routes.hmac, "compare_digest", compare_digest)
+    body = dict(INFERENCE)["/nli"]
+    assert client.post("/nli", json=body, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert client.post("/nli", json=body, headers=KEYED).status_code == 200
+    assert compared == [(b"Bearer wrong", KEYED["Authorization"].encode()), (KEYED["Authorization"].encode(),) * 2]
+
+
+def test_the_openai_client_sends_it_as_its_api_key(client):
+    keyed = openai.OpenAI(base_url="http://testserver/v1", api_key=API_KEY, http_client=client, max_retries=0)
+    assert keyed.completions.create(model="one", prompt="Hi", max_tokens=2).usage.completion_tokens <= 2
+    wrong = openai.OpenAI(base_url="http://testserver/v1", api_key="sk-wrong", http_client=client, max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as raised:
+        wrong.chat.completions.create(model="one", messages=[{"role": "user", "content": "Hi"}])
+    assert "Bearer <API key>" in str(raised.value) and raised.value.type == "authentication_error"
+
+
+def test_the_setting_comes_from_the_flag_or_the_environment_and_is_checked(monkeypatch):
+    assert settings_from(build_parser().parse_args(["serve", "--api-key", "sk-flag"])).api_key == "sk-flag"
+    monkeypatch.setenv("LORASWAP_API_KEY", "sk-env")
+    assert Settings().api_key == "sk-env" and settings_from(build_parser().parse_args(["serve"])).api_key == "sk-env"
+    assert Settings(api_key=None).api_key is None  # unset: the routes are open
+    with pytest.raises(ValidationError, match="at least 1 character"):  # an empty key would leave them open
+        Settings(api_key="")
+    with pytest.raises(ValidationError, match="must differ from the admin key"):
+        Settings(api_key=ADMIN_KEY, admin_key=ADMIN_KEY)

@@ -1,0 +1,148 @@
+"""Errors on /v1/* take OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, with the type from the
+status and the code from the domain error (or pydantic's kind of problem), so that OpenAI's clients show the message;
+/answer, /nli and the admin routes keep ``{"error": message}``. The API documentation says which shape each route
+answers with."""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+from fastapi.testclient import TestClient
+
+from service.http.app import create_app
+from service.runtime import Runtime
+from tests.http.replies import error_message
+from tests.server_helpers import ADMIN, SQUAD_CONTEXT, SQUAD_QUESTION, copy_adapters, ready_client, tiny_settings
+
+COMPLETION = {"model": "one", "prompt": "Hello", "max_tokens": 2}
+CHAT = {"model": "one", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+LONG = "Once upon a time " * 300
+
+# (method, path, body, headers, status, type, param, code)
+OPENAI_ERRORS = [
+    ("post", "/v1/completions", {**COMPLETION, "best_of": 2}, {}, 422, "invalid_request_error", "best_of",
+     "not_supported"),
+    ("post", "/v1/completions", {**COMPLETION, "n": 9}, {}, 422, "invalid_request_error", "n", "less_than_equal"),
+    ("post", "/v1/completions", {**COMPLETION, "colour": "red"}, {}, 422, "invalid_request_error", "colour",
+     "extra_forbidden"),
+    ("post", "/v1/chat/completions", {"model": "one"}, {}, 422, "invalid_request_error", "messages", "missing"),
+    ("post", "/v1/chat/completions", {**CHAT, "messages": [{"role": "tool", "content": "x"}]}, {}, 422,
+     "invalid_request_error", "messages.0.role", "literal_error"),
+    ("post", "/v1/completions", [1], {}, 422, "invalid_request_error", None, "model_attributes_type"),
+    ("post", "/v1/completions", b"{", {"content-type": "application/json"}, 422, "invalid_request_error", None,
+     "json_invalid"),
+    ("post", "/v1/completions", b"1\xff\xff", {"content-type": "application/json"}, 400, "invalid_request_error", None,
+     None),
+    ("post", "/v1/completions", {**COMPLETION, "model": "nope"}, {}, 404, "invalid_request_error", None,
+     "unknown_adapter"),
+    ("post", "/v1/chat/completions", {**CHAT, "model": "nope"}, {}, 404, "invalid_request_error", None,
+     "unknown_adapter"),
+    ("post", "/v1/completions", {**COMPLETION, "prompt": LONG}, {}, 413, "invalid_request_error", None,
+     "input_too_long"),
+    ("post", "/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": LONG}]}, {}, 413,
+     "invalid_request_error", None, "input_too_long"),
+    ("get", "/v1/nowhere", None, {}, 404, "invalid_request_error", None, None),
+    ("get", "/v1/completions", None, {}, 405, "invalid_request_error", None, None),
+    ("post", "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/x"}, {}, 401, "authentication_error", None,
+     None),
+    ("post", "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/etc"}, ADMIN, 403, "permission_error", None,
+     "adapter_path_refused"),
+    ("post", "/v1/load_lora_adapter", {"lora_name": "one", "lora_path": "two"}, ADMIN, 409, "invalid_request_error",
+     None, "adapter_conflict"),
+]
+# the same kinds of error elsewhere: {"error": message}
+PLAIN_ERRORS = [
+    ("post", "/answer", {"context": "c", "question": "q", "adapter": "nope"}, {}, 404),
+    ("post", "/nli", {"premise": "p"}, {}, 422),
+    ("post", "/nli", {"premise": LONG, "hypothesis": "h"}, {}, 413),
+    ("post", "/adapters", {"name": "x", "path": "/x"}, {}, 401),
+    ("post", "/adapters", {"name": "x", "path": "/etc"}, ADMIN, 403),
+    ("get", "/nowhere", None, {}, 404),
+]
+
+
+@pytest.fixture(scope="module")
+def served(tiny_gpt2_dir, gpt2_adapters, tmp_path_factory):
+    root = tmp_path_factory.mktemp("openai_errors")
+    return tiny_settings(tiny_gpt2_dir, copy_adapters(gpt2_adapters, root / "adapters"), root / "cache")
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    with ready_client(served) as client:
+        yield client
+
+
+def send(client, method: str, path: str, body, headers: dict):
+    sent = {"content": body} if isinstance(body, bytes) else {"json": body}
+    return client.request(method, path, headers=headers, **sent)
+
+
+@pytest.mark.parametrize("method,path,body,headers,status,kind,param,code", OPENAI_ERRORS)
+def test_errors_on_v1_are_in_openais_shape(client, method, path, body, headers, status, kind, param, code):
+    reply = send(client, method, path, body, headers)
+    assert reply.status_code == status, reply.text
+    assert error_message(reply) and reply.headers["content-type"] == "application/json"
+    error = reply.json()["error"]
+    assert (error["type"], error["param"], error["code"]) == (kind, param, code), error
+    if param is not None:
+        assert f"body.{param}: " in error["message"]
+
+
+@pytest.mark.parametrize("method,path,body,headers,status", PLAIN_ERRORS)
+def test_errors_elsewhere_keep_their_shape(client, method, path, body, headers, status):
+    reply = send(client, method, path, body, headers)
+    assert reply.status_code == status and isinstance(reply.json()["error"], str) and error_message(reply)
+
+
+def test_the_api_documents_each_routes_shape(client):
+    paths = client.get("/openapi.json").json()["paths"]
+    documented = 0
+    for path, operations in paths.items():
+        shape = "OpenAIErrorOut" if path.startswith("/v1/") else "ErrorOut"
+        for operation in operations.values():
+            for status, reply in operation["responses"].items():
+                if status[0] in "45" and "content" in reply:  # not the probes' 503 (no error message)
+                    assert reply["content"]["application/json"]["schema"] == {
+                        "$ref": f"#/components/schemas/{shape}"}, (path, status)
+                    documented += 1
+    assert documented > 40
+    assert {"/v1/chat/completions", "/v1/load_lora_adapter", "/v1/unload_lora_adapter"} <= set(paths)
+
+
+def test_loading_and_a_full_queue_in_openais_shape(served):
+    """503 while the model loads and 429 when the queue is full: OpenAI's types, and when to retry."""
+    loading = TestClient(create_app(rt=Runtime(served))).post("/v1/chat/completions", json=CHAT)  # no lifespan
+    assert loading.status_code == 503 and loading.headers["Retry-After"]
+    assert loading.json()["error"]["type"] == "server_error" and loading.json()["error"]["code"] == "engine_stopped"
+    with (ready_client(served.model_copy(update={"max_queue": 1, "batch_window_ms": 1500})) as client,
+          ThreadPoolExecutor(max_workers=4) as pool):
+        replies = list(pool.map(lambda _: client.post("/v1/completions", json=COMPLETION), range(4)))
+    full = [reply for reply in replies if reply.status_code == 429]
+    assert len(full) == 3, [reply.status_code for reply in replies]
+    for reply in full:
+        assert "queue is full" in error_message(reply) and int(reply.headers["Retry-After"]) >= 1
+        assert (reply.json()["error"]["type"], reply.json()["error"]["code"]) == ("rate_limit_error", "queue_full")
+
+
+def test_the_openai_client_shows_the_message(client):
+    """Before, it showed "Error code: 422" and nothing of what was wrong."""
+    api = openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=client, max_retries=0)
+    with pytest.raises(openai.NotFoundError) as raised:
+        api.chat.completions.create(model="nope", messages=CHAT["messages"])
+    assert "unknown adapter 'nope'" in str(raised.value)
+    assert (raised.value.type, raised.value.code) == ("invalid_request_error", "unknown_adapter")
+    with pytest.raises(openai.UnprocessableEntityError) as raised:
+        api.completions.create(model="one", prompt="Hi", frequency_penalty=1)
+    assert "frequency_penalty is not supported yet" in str(raised.value) and raised.value.param == "frequency_penalty"
+    with pytest.raises(openai.APIStatusError) as raised:
+        api.completions.create(model="one", prompt=LONG)
+    assert raised.value.status_code == 413 and "at most" in str(raised.value)
+
+
+def test_answer_and_nli_errors_name_the_same_problems(client):
+    """The shapes differ; the messages of the same problem do not."""
+    answer = client.post("/answer", json={"context": SQUAD_CONTEXT, "question": SQUAD_QUESTION, "adapter": "nope"})
+    completion = client.post("/v1/completions", json={**COMPLETION, "model": "nope"})
+    assert answer.json()["error"] == completion.json()["error"]["message"] == "unknown adapter 'nope'"

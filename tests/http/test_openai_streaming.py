@@ -1,0 +1,276 @@
+"""Streaming (server-sent events), stop strings, logprobs and n choices on /v1/completions and /v1/chat/completions,
+in process on the tiny Llama: streamed text is the non-streamed text, chunk by chunk in OpenAI's shape, ending with
+[DONE]; stop strings end the text across token and chunk boundaries; logprobs are transformers' log_softmax of the
+raw logits; n choices are seeded apart."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests.http.replies import error_message
+from tests.lora_helpers import RELATIVE_TOLERANCE
+from tests.server_helpers import ADMIN, copy_adapters, ready_client, tiny_settings
+
+CAP, MOST_CHOICES = 24, 4  # the server's max_new_tokens and max_choices
+PROMPT = "The Normans gave their name to"
+MESSAGES = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Who were the Normans?"}]
+ROUTES = {"/v1/completions": {"prompt": PROMPT}, "/v1/chat/completions": {"messages": MESSAGES}}
+WAIT = 60
+
+
+def wait_until(condition, what: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} within {WAIT} s"
+        time.sleep(0.01)
+
+
+@pytest.fixture(scope="module")
+def served(tiny_llama_dir, llama_adapters, tmp_path_factory):
+    root = tmp_path_factory.mktemp("streaming")
+    return tiny_settings(tiny_llama_dir, copy_adapters(llama_adapters, root / "adapters"), root / "cache",
+                         max_new_tokens=CAP, max_choices=MOST_CHOICES)
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    with ready_client(served) as client:
+        yield client
+
+
+def post(client, route: str, status: int = 200, **fields):
+    body = {"model": "one", "temperature": 0, **ROUTES[route], **fields}
+    reply = client.post(route, json=body)
+    assert reply.status_code == status, reply.text
+    return reply
+
+
+def chunks(reply) -> list[dict]:
+    """The chunks of a streamed reply, after checking its framing: events of one ``data:`` line each, the last
+    ``data: [DONE]``."""
+    assert reply.headers["content-type"].startswith("text/event-stream")
+    assert reply.headers["cache-control"] == "no-cache"
+    events = reply.text.split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""], events[-3:]
+    assert all(event.startswith("data: ") and "\n" not in event for event in events[:-2])
+    return [json.loads(event.removeprefix("data: ")) for event in events[:-2]]
+
+
+def joined(parts: list[dict], route: str) -> dict[int, tuple[str, str | None]]:
+    """{choice index: (its text, its finish reason)} of stream chunks (each choice's last chunk has the reason)."""
+    texts, reasons = {}, {}
+    for chunk in parts:
+        for choice in chunk["choices"]:
+            index = choice["index"]
+            assert reasons.get(index) is None, f"choice {index} went on after its finish reason"
+            text = choice["text"] if route == "/v1/completions" else choice["delta"].get("content", "")
+            texts[index] = texts.get(index, "") + text
+            reasons[index] = choice["finish_reason"]
+    return {index: (texts[index], reasons[index]) for index in texts}
+
+
+def whole(reply: dict, route: str) -> dict[int, tuple[str, str]]:
+    return {choice["index"]: (choice["text"] if route == "/v1/completions" else choice["message"]["content"],
+                              choice["finish_reason"]) for choice in reply["choices"]}
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("model", ["one", "base"])
+def test_streamed_is_the_non_streamed_reply(client, route, model):
+    reply = post(client, route, model=model, max_tokens=CAP).json()
+    stream = chunks(post(client, route, model=model, max_tokens=CAP, stream=True))
+    assert joined(stream, route) == whole(reply, route)
+    assert all(chunk["id"] == stream[0]["id"] and chunk["model"] == model and "usage" not in chunk for chunk in stream)
+    kind = "text_completion" if route == "/v1/completions" else "chat.completion.chunk"
+    assert {chunk["object"] for chunk in stream} == {kind}
+    if route == "/v1/chat/completions":  # the first chunk gives the role
+        assert stream[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+        assert all("role" not in chunk["choices"][0]["delta"] for chunk in stream[1:])
+    assert len(stream) > 3, "the text came in one piece: nothing was streamed"
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_include_usage_ends_with_a_usage_chunk(client, route):
+    reply = post(client, route, max_tokens=10).json()
+    stream = chunks(post(client, route, max_tokens=10, stream=True, stream_options={"include_usage": True}))
+    assert all(chunk["usage"] is None for chunk in stream[:-1])
+    assert stream[-1]["choices"] == [] and stream[-1]["usage"] == reply["usage"]
+    assert joined(stream, route) == whole(reply, route)
+    assert "stream_options is only allowed with stream true" in error_message(
+        post(client, route, 422, stream_options={"include_usage": True}))
+
+
+def chunk_texts(parts: list[dict], route: str) -> list[str]:
+    return [choice["text"] if route == "/v1/completions" else choice["delta"].get("content", "")
+            for chunk in parts for choice in chunk["choices"]]
+
+
+def cut(text: str, stops: list[str]) -> str:
+    """``text`` up to the earliest of ``stops``."""
+    return text[:min(at for at in (text.find(stop) for stop in stops) if at >= 0)]
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_stop_strings_across_token_and_chunk_boundaries(client, route):
+    """A stop string made of the last character of one streamed chunk and the first of the next (so of two tokens),
+    met there first: the text ends before it, streamed or not, alone or among others."""
+    parts = [part for part in chunk_texts(chunks(post(client, route, max_tokens=CAP, stream=True)), route) if part]
+    text = "".join(parts)
+    ends = [len("".join(parts[:k + 1])) for k in range(len(parts) - 1)]  # where each chunk ends in the text
+    stop, at = next((text[end - 1:end + 1], end - 1) for end in ends[1:] if text.find(text[end - 1:end + 1]) == end - 1
+                    and "\ufffd" not in text[end - 1:end + 1])
+    for streamed in (False, True):
+        for stops in ([stop], stop, ["never met", stop], [text[at + 1:at + 3], "x" * 30, stop, text[at - 1:at + 1]]):
+            listed = [stops] if isinstance(stops, str) else stops
+            reply = post(client, route, max_tokens=CAP, stop=stops, stream=streamed)
+            got = joined(chunks(reply), route) if streamed else whole(reply.json(), route)
+            assert got == {0: (cut(text, listed), "stop")}, (stops, streamed)
+    pieces = chunk_texts(chunks(post(client, route, max_tokens=CAP, stop=stop, stream=True)), route)
+    assert not any(stop in piece for piece in pieces) and "".join(pieces) == text[:at]
+    for refused in (["a", "b", "c", "d", "e"], "", ["a", ""]):
+        assert "body.stop" in error_message(post(client, route, 422, stop=refused))
+
+
+@torch.no_grad()
+def reference(served, adapter: str | None, prompt_ids: list[int], steps: int) -> tuple[list[int], torch.Tensor, float]:
+    """Greedy tokens of stock transformers (peft), the log_softmax of the raw logits that picked each, and the
+    logits' scale."""
+    model = AutoModelForCausalLM.from_pretrained(served.base_model).eval()
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, served.adapters_dir / adapter).eval()
+    ids = torch.tensor([prompt_ids])
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps, do_sample=False,
+                         output_logits=True, return_dict_in_generate=True)
+    logits = torch.cat(out.logits)
+    return out.sequences[0, len(prompt_ids):].tolist(), logits.log_softmax(-1), logits.abs().max().item()
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_logprobs_are_transformers_log_softmax_of_the_raw_logits(client, served, route):
+    tokenizer = AutoTokenizer.from_pretrained(served.base_model)
+    if route == "/v1/completions":
+        prompt_ids = tokenizer.encode(PROMPT, add_special_tokens=False)
+        reply = post(client, route, max_tokens=8, logprobs=3).json()
+        logprobs = reply["choices"][0]["logprobs"]
+        tokens, chosen, tops = logprobs["tokens"], logprobs["token_logprobs"], logprobs["top_logprobs"]
+        offsets = logprobs["text_offset"]
+        whole_characters = next((i for i, token in enumerate(tokens) if "\ufffd" in token), len(tokens))
+        assert offsets == sorted(offsets) and offsets[:whole_characters] == [
+            len("".join(tokens[:i])) for i in range(whole_characters)]  # after a split character: see TokenLogprob
+    else:
+        prompt_ids = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, return_dict=False)
+        reply = post(client, route, max_tokens=8, logprobs=True, top_logprobs=3).json()
+        content = reply["choices"][0]["logprobs"]["content"]
+        tokens, chosen = [entry["token"] for entry in content], [entry["logprob"] for entry in content]
+        tops = [{top["token"]: top["logprob"] for top in entry["top_logprobs"]} for entry in content]
+        assert all(entry["bytes"] == (None if "\ufffd" in entry["token"] else list(entry["token"].encode()))
+                   for entry in content)
+        assert all(len(entry["top_logprobs"]) == 3 for entry in content)
+    ids, expected, scale = reference(served, "one", prompt_ids, len(tokens))
+    tolerance = 4 * RELATIVE_TOLERANCE["none"] * scale  # as the engine's own logprob test argues
+    assert tokens == [tokenizer.decode([token]) for token in ids]
+    assert whole(reply, route)[0][0] == tokenizer.decode(ids, skip_special_tokens=True)
+    for step, token in enumerate(ids):
+        assert chosen[step] == pytest.approx(expected[step, token].item(), abs=tolerance)
+        top = expected[step].topk(3)
+        want = {tokenizer.decode([i]): value for i, value in zip(top.indices.tolist(), top.values.tolist())}
+        if route == "/v1/completions":  # OpenAI's legacy format: the k most likely and the token itself
+            want[tokens[step]] = expected[step, token].item()
+        assert tops[step] == pytest.approx(want, abs=tolerance)
+    streamed = chunks(post(client, route, max_tokens=8, stream=True, **(
+        {"logprobs": 3} if route == "/v1/completions" else {"logprobs": True, "top_logprobs": 3})))
+    pieces = [choice["logprobs"] for chunk in streamed for choice in chunk["choices"] if choice["logprobs"]]
+    if route == "/v1/completions":
+        assert [token for piece in pieces for token in piece["tokens"]] == tokens
+        assert [offset for piece in pieces for offset in piece["text_offset"]] == logprobs["text_offset"]
+    else:
+        assert [entry for piece in pieces for entry in piece["content"]] == content
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_logprobs_bounds(client, route):
+    if route == "/v1/completions":
+        assert "body.logprobs" in error_message(post(client, route, 422, logprobs=6))
+        assert "logprobs with echo is not supported" in error_message(post(client, route, 422, logprobs=1, echo=True))
+        assert post(client, route, max_tokens=3, logprobs=0).json()["choices"][0]["logprobs"]["top_logprobs"][0]
+    else:
+        assert "top_logprobs needs logprobs true" in error_message(post(client, route, 422, top_logprobs=2))
+        assert "body.top_logprobs" in error_message(post(client, route, 422, logprobs=True, top_logprobs=21))
+        entry = post(client, route, max_tokens=3, logprobs=True).json()["choices"][0]["logprobs"]["content"][0]
+        assert entry["top_logprobs"] == []  # logprobs without top_logprobs: the token's own only
+
+
+def token_count(choice: dict, route: str) -> int:
+    logprobs = choice["logprobs"]
+    return len(logprobs["tokens"] if route == "/v1/completions" else logprobs["content"])
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_n_choices_are_seeded_apart_and_reproducible(client, route):
+    sampled = {"temperature": 2.0, "max_tokens": 10, "seed": 11,
+               "logprobs": 0 if route == "/v1/completions" else True}
+    reply = post(client, route, n=MOST_CHOICES, **sampled).json()
+    choices = whole(reply, route)
+    assert sorted(choices) == list(range(MOST_CHOICES)) and len({text for text, _ in choices.values()}) > 1
+    assert whole(post(client, route, n=MOST_CHOICES, **sampled).json(), route) == choices
+    assert whole(post(client, route, **sampled).json(), route) == {0: choices[0]}  # choice 0 samples with the seed
+    assert reply["usage"]["completion_tokens"] == sum(token_count(choice, route) for choice in reply["choices"])
+    streamed = chunks(post(client, route, n=MOST_CHOICES, stream=True, **sampled))
+    assert joined(streamed, route) == choices
+    assert len({chunk["choices"][0]["index"] for chunk in streamed}) == MOST_CHOICES
+    message = error_message(post(client, route, 422, n=MOST_CHOICES + 1))
+    assert f"body.n: Input should be less than or equal to {MOST_CHOICES}" in message and "max_choices" in message
+
+
+def test_best_of_n_and_echo(client):
+    route = "/v1/completions"
+    plain = whole(post(client, route, n=2, max_tokens=6).json(), route)
+    assert whole(post(client, route, n=2, best_of=2, max_tokens=6).json(), route) == plain
+    assert "best_of other than n is not supported" in error_message(post(client, route, 422, n=2, best_of=3))
+    echoed = post(client, route, max_tokens=6, echo=True, stream=True)
+    assert joined(chunks(echoed), route) == {0: (PROMPT + plain[0][0], plain[0][1])}
+    assert chunks(echoed)[0]["choices"][0]["text"] == PROMPT
+
+
+def test_the_openai_client_streams(client):
+    api = openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=client, max_retries=0)
+    whole_text = api.completions.create(model="one", prompt=PROMPT, max_tokens=12, temperature=0).choices[0].text
+    pieces = [chunk.choices[0].text for chunk in api.completions.create(
+        model="one", prompt=PROMPT, max_tokens=12, temperature=0, stream=True)]
+    assert "".join(pieces) == whole_text and len(pieces) > 1
+    reply = api.chat.completions.create(model="one", messages=MESSAGES, max_tokens=12, temperature=0)
+    stream = list(api.chat.completions.create(model="one", messages=MESSAGES, max_tokens=12, temperature=0,
+                                              stream=True, stream_options={"include_usage": True}))
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices) == \
+        reply.choices[0].message.content
+    assert stream[-1].usage == reply.usage and stream[-2].choices[0].finish_reason == reply.choices[0].finish_reason
+
+
+def test_an_error_after_the_stream_began_is_an_error_event(client, served):
+    """The adapter is unregistered while the request waits in the queue: the reply has begun (200), so the error
+    comes as an event in OpenAI's shape (which OpenAI's clients raise), then [DONE]."""
+    engine = client.app.state.runtime.engine
+    holding, release = threading.Event(), threading.Event()
+    held = engine.call(lambda: (holding.set(), release.wait(WAIT)))  # the engine thread waits between batches
+    assert holding.wait(WAIT)
+    with ThreadPoolExecutor(1) as pool:
+        try:
+            reply = pool.submit(post, client, "/v1/chat/completions", model="two", stream=True)
+            wait_until(lambda: engine.queue_depth == 1, "the request queued")
+            assert client.delete("/adapters/two", headers=ADMIN).status_code == 200
+        finally:
+            release.set()
+        held.result(WAIT)
+        stream = chunks(reply.result(WAIT))
+    assert stream[-1] == {"error": {"message": "unknown adapter 'two'", "type": "invalid_request_error",
+                                    "param": None, "code": "unknown_adapter"}}
+    assert client.post("/adapters", json={"name": "two", "path": str(served.adapters_dir / "two")},
+                       headers=ADMIN).status_code == 201
