@@ -17,7 +17,7 @@ from service.lora.adapter_files import CONFIG_FILE, check_name, check_path
 from service.lora.registry import AdapterRegistry
 from service.model.base_model import load_base
 from service.settings import Settings
-from service.tasks import Tasks
+from service.tasks.tasks import Tasks
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from service.prompts import NLI_LABELS, answer_prompt, answer_target, label_target, nli_prompt
+from service.tasks.prompts import NLI_LABELS, answer_prompt, answer_target, label_target, nli_prompt
 from tests.data.make_corpus import NLI_SAMPLE, SQUAD_SAMPLE
 from training.data import read_nli, read_squad
 

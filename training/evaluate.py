@@ -9,9 +9,9 @@ from pathlib import Path
 from service.engine.sampling import Decoding
 from service.errors import UnknownAdapter
 from service.lora.adapter_files import BASE_LABEL, CONFIG_FILE, adapter_or_base
-from service.prompts import NLI_LABELS, RTE_LABELS
 from service.runtime import Runtime
 from service.settings import Settings
+from service.tasks.prompts import NLI_LABELS, RTE_LABELS
 from training.data import read_eval
 from training.metrics import accuracy, confusion_matrix, squad_scores
 

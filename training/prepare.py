@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
 
-from service.prompts import (
+from service.tasks.prompts import (
     NLI_LABELS,
     RTE_LABELS,
     answer_prompt,

@@ -1,5 +1,5 @@
 """OpenAI's reply bodies for completions and chat completions, whole or streamed as server-sent events, from what the
-tasks hand out (``service.streaming``: Completion, ChoiceDelta, TokenLogprob). No tensors here."""
+tasks hand out (``service.tasks.streaming``: Completion, ChoiceDelta, TokenLogprob). No tensors here."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Sequence
 from fastapi.sse import format_sse_event
 
 from service.http.errors import STATUS, error_code, openai_error, status_of
-from service.streaming import ChoiceDelta, Completion, CompletionStream, TokenLogprob, Usage
+from service.tasks.streaming import ChoiceDelta, Completion, CompletionStream, TokenLogprob, Usage
 
 LOGPROB_FLOOR = -9999.0  # what OpenAI writes for a log-probability of minus infinity (JSON has no infinity)
 DONE = format_sse_event(data_str="[DONE]")

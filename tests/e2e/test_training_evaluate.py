@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 from service.cli.main import main
-from service.prompts import NLI_LABELS
+from service.tasks.prompts import NLI_LABELS
 from training.evaluate import confusion_table
 
 

@@ -27,7 +27,7 @@ from service.engine.sampling import Decoding
 from service.engine.scheduler import Engine
 from service.errors import AdapterError, EngineFailed, EngineStopped, QueueFull, RequestAbandoned
 from service.http.errors import status_of
-from service.tasks import Tasks
+from service.tasks.tasks import Tasks
 from tests.engine.engine_helpers import (
     WAIT,
     WatchedSteps,

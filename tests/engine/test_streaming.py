@@ -17,8 +17,8 @@ from service.engine.requests import Generation, GenerationResult, run_all
 from service.engine.sampling import Decoding, choice_seed
 from service.engine.scheduler import Engine
 from service.errors import InputTooLong, QueueFull, RequestAbandoned, UnknownAdapter
-from service.streaming import ChoiceDelta, CompletionStream, Usage
-from service.tasks import Tasks
+from service.tasks.streaming import ChoiceDelta, CompletionStream, Usage
+from service.tasks.tasks import Tasks
 from tests.engine.engine_helpers import WAIT, WatchedSteps, alone, long_generation, paused, prompt, same_output
 from tests.lora_helpers import BASES, RELATIVE_TOLERANCE, peft_logits
 

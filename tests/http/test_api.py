@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from service.http.app import create_app
-from service.prompts import NLI_LABELS, answer_prompt, label_target, nli_prompt
 from service.runtime import Runtime
+from service.tasks.prompts import NLI_LABELS, answer_prompt, label_target, nli_prompt
 from tests.http.replies import error_message
 from tests.server_helpers import (
     ADMIN,

@@ -1,6 +1,6 @@
-"""A choice's text as its tokens arrive (service.streaming.ChoiceText) on the tiny byte-level BPE tokenizer: deltas
-never split a character nor revise what was handed out, stop strings are met across token and delta boundaries, and
-only what could still start a stop string is held back. Also the engine-to-asyncio token feed."""
+"""A choice's text as its tokens arrive (service.tasks.streaming.ChoiceText) on the tiny byte-level BPE tokenizer:
+deltas never split a character nor revise what was handed out, stop strings are met across token and delta
+boundaries, and only what could still start a stop string is held back. Also the engine-to-asyncio token feed."""
 from __future__ import annotations
 
 import asyncio
@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 
 from service.engine.requests import SampledToken
 from service.engine.token_feed import TokenFeed
-from service.streaming import ChoiceDelta, ChoiceText
+from service.tasks.streaming import ChoiceDelta, ChoiceText
 
 # characters of 1 to 4 UTF-8 bytes; the tiny tokenizer (trained on English text) splits the multi-byte ones into bytes
 MIXED = "Café ☃ 日本 naïve 𝄞 x"

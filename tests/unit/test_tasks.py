@@ -6,8 +6,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from service.prompts import encode_text, nli_prompt
-from service.tasks import caseless, locate
+from service.tasks.prompts import encode_text, nli_prompt
+from service.tasks.spans import caseless, locate
 
 TURKISH = "İSTANBUL AND İZMİR ARE BIG CITIES. THE CAPITAL OF TURKEY IS ANKARA."
 # characters whose case folding changes the length of the text before an answer, or inside it

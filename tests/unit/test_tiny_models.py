@@ -8,7 +8,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from service.prompts import NLI_LABELS, label_target, nli_prompt
+from service.tasks.prompts import NLI_LABELS, label_target, nli_prompt
 from tests.tiny_models import LINEAR_TARGETS
 
 ARCHS = {"gpt2": ("tiny_gpt2_dir", "gpt2_adapters"), "llama": ("tiny_llama_dir", "llama_adapters")}

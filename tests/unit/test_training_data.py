@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from service.prompts import answer_prompt, answer_target, label_target, nli_prompt
+from service.tasks.prompts import answer_prompt, answer_target, label_target, nli_prompt
 from training.data import data_dir, read_eval, read_nli, read_squad
 from training.prepare import IGNORE_INDEX, answer_window, collator, encode_label, encode_rows, encode_squad
 
