@@ -56,8 +56,10 @@ REQUEST_DURATION = AdapterHistogram(
 )
 QUEUE_WAIT = Histogram("loraswap_queue_wait_seconds", "Time a request waited in the engine queue",
                        buckets=LATENCY_BUCKETS)
-TIME_TO_FIRST_TOKEN = AdapterHistogram("loraswap_time_to_first_token_seconds", "Time from queueing to the first token",
-                                       ["adapter"], buckets=LATENCY_BUCKETS)
+TIME_TO_FIRST_TOKEN = AdapterHistogram(
+    "loraswap_time_to_first_token_seconds", "Time from queueing to the first token: for a streamed completion, to its "
+    "first text handed out to the client (held-back text, e.g. a possible stop string, waits)", ["adapter"],
+    buckets=LATENCY_BUCKETS)
 BATCH_SIZE = Histogram("loraswap_batch_size",
                        "Requests admitted together: a new batch, or requests joining a running one",
                        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
