@@ -81,10 +81,22 @@ async def reply(rt: Runtime, request: Request, body: OpenAIIn, prompt: str | lis
     return replies.whole(await unless_disconnected(request, rt.tasks.complete(prompt, adapter, decoding, **options)))
 
 
+def model_card(model_id: str) -> dict:
+    return {"id": model_id, "object": "model", "created": 0, "owned_by": "loraswap"}
+
+
 @openai_router.get("/models", responses=error_replies(EngineStopped, shape=OpenAIErrorOut))
 def models(rt: Runtime = Depends(serving)) -> dict:
-    ids = [BASE_MODEL_ID, *rt.registry.names()]
-    return {"object": "list", "data": [{"id": i, "object": "model", "created": 0, "owned_by": "loraswap"} for i in ids]}
+    """The bare base (``base``) and every registered adapter."""
+    return {"object": "list", "data": [model_card(i) for i in (BASE_MODEL_ID, *rt.registry.names())]}
+
+
+@openai_router.get("/models/{model}", responses=error_replies(422, UnknownAdapter, EngineStopped,
+                                                             shape=OpenAIErrorOut))
+def model(model: str, rt: Runtime = Depends(serving)) -> dict:
+    """One model of ``GET /v1/models`` (``base``, ``none`` or an adapter); 404 for an unknown adapter."""
+    rt.registry.require(adapter_or_base(model))
+    return model_card(model)
 
 
 @openai_router.post("/completions", responses=OPENAI_SERVING)

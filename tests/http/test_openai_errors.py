@@ -43,6 +43,7 @@ OPENAI_ERRORS = [
     ("post", "/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": LONG}]}, {}, 413,
      "invalid_request_error", None, "input_too_long"),
     ("get", "/v1/nowhere", None, {}, 404, "invalid_request_error", None, None),
+    ("get", "/v1/models/nope", None, {}, 404, "invalid_request_error", None, "unknown_adapter"),
     ("get", "/v1/completions", None, {}, 405, "invalid_request_error", None, None),
     ("post", "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/x"}, {}, 401, "authentication_error", None,
      None),
@@ -139,6 +140,13 @@ def test_the_openai_client_shows_the_message(client):
     with pytest.raises(openai.APIStatusError) as raised:
         api.completions.create(model="one", prompt=LONG)
     assert raised.value.status_code == 413 and "at most" in str(raised.value)
+
+
+def test_the_openai_client_retrieves_each_listed_model(client):
+    api = openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=client, max_retries=0)
+    listed = [model.id for model in api.models.list()]
+    assert listed[0] == "base" and {"one", "two"} <= set(listed)
+    assert [api.models.retrieve(model_id).id for model_id in listed] == listed
 
 
 def test_answer_and_nli_errors_name_the_same_problems(client):
