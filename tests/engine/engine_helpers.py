@@ -99,6 +99,11 @@ def same_output(got: GenerationResult, expected: GenerationResult) -> bool:
     return (got.token_ids, got.text, got.finish_reason) == (expected.token_ids, expected.text, expected.finish_reason)
 
 
+def assert_same_outputs(got: list[GenerationResult], expected: list[GenerationResult], works: list[Generation]):
+    wrong = [(row, work.adapter) for row, (a, b, work) in enumerate(zip(got, expected, works)) if not same_output(a, b)]
+    assert not wrong, f"rows (index, adapter) that differ from the request run alone: {wrong}"
+
+
 class WatchedSteps:
     """The engine's decoder, noting ``note(tokens)`` at every step; with ``hold_at``, it holds the engine thread
     before that step until ``release`` is set."""
