@@ -1,74 +1,31 @@
-"""The HTTP API in process (FastAPI TestClient) on the tiny GPT-2 and Llama bases.
+"""The task routes of the HTTP API in process (FastAPI TestClient) on the tiny GPT-2 and Llama bases.
 
-Outputs are held to stock transformers + peft run on the same prompt template; per-request adapters,
-seeded sampling, offsets, admin routes (load, unload, LRU, merge/unmerge, auth) and error replies.
+/answer, /nli and /v1/completions are held to stock transformers + peft run on the same prompt templates, per
+adapter and for the bare base: omitted and bare-base adapter names, control tokens spelled in a field, seeded and
+degenerate sampling, the server's cap on new tokens, answer offsets and extractive spans, stopping at a newline or
+end of text, and concurrent requests across adapters each getting what its adapter gives alone.
 """
 from __future__ import annotations
 
-import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
-from fastapi.testclient import TestClient
 from peft import PeftModel
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from service.http.app import create_app
-from service.runtime import Runtime
 from service.tasks.prompts import NLI_LABELS, answer_prompt, label_target, nli_prompt
+from tests.http import api_helpers
+from tests.http.api_helpers import PROBABILITY_TOLERANCE, Tiny, assert_close
 from tests.http.replies import error_message
-from tests.server_helpers import (
-    ADMIN,
-    SERVER_CAP,
-    SQUAD_CONTEXT,
-    SQUAD_QUESTION,
-    ask,
-    classify,
-    copy_adapters,
-    listed,
-    ready_client,
-    scrape,
-    tiny_settings,
-    value,
-)
-from tests.tiny_models import LINEAR_TARGETS, build_gpt2, make_adapter
+from tests.server_helpers import SERVER_CAP, SQUAD_CONTEXT, SQUAD_QUESTION, ask, classify, ready_client, tiny_settings
+from tests.tiny_models import build_gpt2
 
-ARCHS = {"gpt2": ("tiny_gpt2_dir", "gpt2_adapters"), "llama": ("tiny_llama_dir", "llama_adapters")}
+tiny, client = api_helpers.tiny, api_helpers.client  # the shared fixtures (see api_helpers)
+
 QUESTIONS = (SQUAD_QUESTION, "Where was the game played?", "Who lost?", "When was the game played?")
-PROBABILITY_TOLERANCE = 1e-4
-
-
-class Tiny:
-    """One architecture's tiny base, its adapters, and a folder of extra adapters inside the roots."""
-
-    def __init__(self, arch: str, base_dir: Path, adapters: dict[str, Path], root: Path):
-        self.arch, self.base_dir, self.adapters, self.root = arch, base_dir, adapters, root
-        self.adapters_dir = copy_adapters(adapters, root / "served")
-        self.extra = root / "extra"
-        self.extra_adapters = {"three": make_adapter(base_dir, self.extra / "three", seed=2),
-                               "four": make_adapter(base_dir, self.extra / "four", seed=3, r=2, alpha=4)}
-
-    def settings(self, **overrides):
-        return tiny_settings(self.base_dir, self.adapters_dir, self.root / "cache",
-                             adapter_roots=[self.extra], **overrides)
-
-
-@pytest.fixture(scope="module", params=list(ARCHS))
-def tiny(request, tmp_path_factory) -> Tiny:
-    base_fixture, adapters_fixture = ARCHS[request.param]
-    return Tiny(request.param, request.getfixturevalue(base_fixture), request.getfixturevalue(adapters_fixture),
-                tmp_path_factory.mktemp(f"api_{request.param}"))
-
-
-@pytest.fixture(scope="module")
-def client(tiny: Tiny):
-    """The main server: adapters one and two, /answer defaults to one and /nli to two."""
-    with ready_client(tiny.settings(qa_adapter="one", nli_adapter="two")) as client:
-        yield client
 
 
 class Reference:
@@ -103,18 +60,6 @@ class Reference:
 @pytest.fixture(scope="module")
 def reference(tiny: Tiny) -> Reference:
     return Reference(tiny)
-
-
-def assert_close(got: dict[str, float], want: dict[str, float], tolerance: float = PROBABILITY_TOLERANCE) -> None:
-    assert got.keys() == want.keys()
-    assert all(abs(got[k] - want[k]) <= tolerance for k in want), (got, want)
-
-
-def nli_probabilities(client, adapter: str | None) -> dict[str, float]:
-    return classify(client, adapter)["probabilities"]
-
-
-# ---- tasks --------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("adapter", [None, "one", "two"])
@@ -318,283 +263,3 @@ def test_concurrent_mixed_adapter_requests_match_each_adapter_alone(client):
                 job[0], alone[job]["answer"], alone[job]["tokens"]), job
         for job, future in zip(pairs, together_nli):
             assert_close(future.result()["probabilities"], alone_nli[job]["probabilities"])
-
-
-# ---- admin routes -------------------------------------------------------------------------------
-
-
-def test_list_adapters_describes_each_one(client, tiny):
-    adapters = listed(client)
-    assert set(adapters) == {"one", "two"}
-    for name, path in tiny.adapters.items():
-        adapter = adapters[name]
-        assert (adapter["rank"], adapter["alpha"]) == (4, 8)
-        assert sorted(adapter["target_modules"]) == sorted(LINEAR_TARGETS[tiny.arch])
-        stored = load_file(path / "adapter_model.safetensors")
-        assert adapter["size_bytes"] == sum(t.numel() * 4 for t in stored.values())  # fp32 A and B
-        assert adapter["state"] in ("loaded", "resident")
-    models = client.get("/v1/models").json()
-    assert {m["id"] for m in models["data"]} == {"base", "one", "two"}
-
-
-def test_load_and_unload_at_run_time(client, tiny):
-    before = listed(client)
-    reply = client.post("/adapters", json={"name": "three", "path": str(tiny.extra / "three")}, headers=ADMIN)
-    assert reply.status_code == 201, reply.text
-    assert reply.json()["name"] == "three" and reply.json()["rank"] == 4
-    assert listed(client).keys() == before.keys() | {"three"}
-    three = ask(client, "three")
-    assert three["adapter"] == "three" and three["answer"] != ask(client, "one")["answer"]
-    assert "three" in {m["id"] for m in client.get("/v1/models").json()["data"]}
-
-    reply = client.delete("/adapters/three", headers=ADMIN)
-    assert reply.status_code == 200, reply.text
-    assert listed(client).keys() == before.keys()
-    assert "three" in ask(client, "three", status=404)["error"]
-    assert classify(client, "three", status=404)["error"]
-    assert client.post("/v1/completions", json={"model": "three", "prompt": "Hi"}).status_code == 404
-    assert client.delete("/adapters/three", headers=ADMIN).status_code == 404
-
-
-def test_merge_then_unmerge_restores_outputs(client):
-    before = {a: (nli_probabilities(client, a), ask(client, a)["answer"]) for a in ("one", "two", None)}
-
-    reply = client.post("/adapters/one/merge", headers=ADMIN)
-    assert reply.status_code == 200, reply.text
-    assert listed(client)["one"]["state"] == "merged" and client.get("/adapters").json()["merged"] == "one"
-    for _ in range(2):  # merged weights give the adapter's outputs
-        assert_close(nli_probabilities(client, "one"), before["one"][0])
-        assert ask(client, "one")["answer"] == before["one"][1]
-
-    reply = client.post("/adapters/unmerge", headers=ADMIN)
-    assert reply.status_code == 200, reply.text
-    assert client.get("/adapters").json()["merged"] is None and listed(client)["one"]["state"] != "merged"
-    for adapter, (probabilities, answer) in before.items():
-        assert_close(nli_probabilities(client, adapter), probabilities, tolerance=1e-6)
-        assert ask(client, adapter)["answer"] == answer
-
-
-def test_deleting_the_merged_adapter_restores_the_base_first(client, tiny):
-    before = {a: (nli_probabilities(client, a), ask(client, a)["answer"]) for a in ("two", None)}
-    reply = client.post("/adapters", json={"name": "three", "path": str(tiny.extra / "three")}, headers=ADMIN)
-    assert reply.status_code == 201, reply.text
-    assert client.post("/adapters/three/merge", headers=ADMIN).json()["merged"] == "three"
-    reply = client.delete("/adapters/three", headers=ADMIN)
-    assert reply.status_code == 200, reply.text
-    assert client.get("/adapters").json()["merged"] is None and "three" not in listed(client)
-    for adapter, (probabilities, answer) in before.items():
-        assert_close(nli_probabilities(client, adapter), probabilities, tolerance=1e-6)
-        assert ask(client, adapter)["answer"] == answer
-    assert "three" in ask(client, "three", status=404)["error"]
-
-
-@pytest.mark.parametrize("other", [None, "two"])
-def test_requests_for_other_weights_while_merged_get_their_own(client, other):
-    """A request for the bare base or another adapter never runs on the merged weights."""
-    want = (nli_probabilities(client, other), ask(client, other)["answer"])
-    assert client.post("/adapters/one/merge", headers=ADMIN).status_code == 200
-    assert_close(nli_probabilities(client, other), want[0])
-    assert ask(client, other)["answer"] == want[1]
-    assert client.post("/adapters/unmerge", headers=ADMIN).status_code == 200
-
-
-def test_lru_keeps_a_bounded_number_resident(tiny):
-    """max_resident=2 with four adapters in turn: two resident, the least recently used evicted, outputs unchanged."""
-    with ready_client(tiny.settings(max_resident=2)) as client:
-        for name, path in tiny.extra_adapters.items():
-            assert client.post("/adapters", json={"name": name, "path": str(path)}, headers=ADMIN).status_code == 201
-        first = {name: ask(client, name, max_new_tokens=4)["answer"] for name in ("one", "two", "three", "four")}
-        states = {name: adapter["state"] for name, adapter in listed(client).items()}
-        assert states == {"one": "loaded", "two": "loaded", "three": "resident", "four": "resident"}
-        assert value(scrape(client), "loraswap_adapters_resident") == 2
-        assert ask(client, "one", max_new_tokens=4)["answer"] == first["one"]  # evicts three, the LRU
-        states = {name: adapter["state"] for name, adapter in listed(client).items()}
-        assert states == {"one": "resident", "two": "loaded", "three": "loaded", "four": "resident"}
-        for name in ("two", "three", "four", "one"):
-            assert ask(client, name, max_new_tokens=4)["answer"] == first[name]
-        assert value(scrape(client), "loraswap_adapters_resident") == 2
-
-
-def test_a_batch_over_more_adapters_than_slots_still_succeeds(tiny):
-    """Concurrent requests for three adapters with two slots: every one answers, with its own adapter's output."""
-    with ready_client(tiny.settings(max_resident=2, batch_window_ms=200)) as client:
-        assert client.post("/adapters", json={"name": "three", "path": str(tiny.extra / "three")},
-                           headers=ADMIN).status_code == 201
-        alone = {name: ask(client, name, max_new_tokens=4)["answer"] for name in ("one", "two", "three")}
-        with ThreadPoolExecutor(max_workers=9) as pool:
-            futures = {pool.submit(ask, client, name, max_new_tokens=4): name for name in ("one", "two", "three") * 3}
-            assert all(future.result()["answer"] == alone[name] for future, name in futures.items())
-
-
-def test_an_unregistered_default_adapter_falls_back_to_the_bare_base(tiny):
-    with ready_client(tiny.settings(qa_adapter="squad", nli_adapter="nli")) as client:
-        reply = client.post("/answer", json={"context": SQUAD_CONTEXT, "question": SQUAD_QUESTION})
-        assert reply.status_code == 200 and reply.json()["adapter"] is None
-        assert reply.json()["answer"] == ask(client, None)["answer"]
-        assert client.post("/nli", json={"premise": "A b.", "hypothesis": "C d."}).json()["adapter"] is None
-
-
-ADMIN_CALLS = [("post", "/adapters", {"name": "x", "path": "/tmp"}), ("delete", "/adapters/one", None),
-               ("post", "/adapters/one/merge", None), ("post", "/adapters/unmerge", None)]
-
-
-@pytest.mark.parametrize("method,path,body", ADMIN_CALLS)
-def test_admin_routes_need_the_key(client, method, path, body):
-    before = client.get("/adapters").json()
-    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "k"}):
-        reply = client.request(method, path, json=body, headers=headers)
-        assert reply.status_code == 401, reply.text
-        assert "Bearer" in reply.json()["error"] and reply.headers["WWW-Authenticate"] == "Bearer"
-    assert client.get("/adapters").json() == before
-
-
-def test_admin_routes_are_refused_without_a_configured_key(tiny):
-    with ready_client(tiny.settings(admin_key=None)) as client:
-        for method, path, body in ADMIN_CALLS:
-            for headers in ({}, ADMIN, {"Authorization": "Bearer None"}):
-                reply = client.request(method, path, json=body, headers=headers)
-                assert reply.status_code == 403, reply.text
-                assert "no admin key" in reply.json()["error"]
-        assert set(listed(client)) == {"one", "two"}
-
-
-# ---- errors -------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("method,path,body", [
-    ("post", "/answer", {"context": SQUAD_CONTEXT, "question": SQUAD_QUESTION, "adapter": "nope"}),
-    ("post", "/nli", {"premise": "A b.", "hypothesis": "C d.", "adapter": "nope"}),
-    ("post", "/v1/completions", {"model": "nope", "prompt": "Hello"}),
-    ("delete", "/adapters/nope", None),
-    ("post", "/adapters/nope/merge", None),
-])
-def test_unknown_adapter_is_404(client, method, path, body):
-    reply = client.request(method, path, json=body, headers=ADMIN)
-    assert reply.status_code == 404, reply.text
-    assert "'nope'" in error_message(reply)
-
-
-@pytest.mark.parametrize("method,path,route,body,headers,status", [
-    ("post", "/answer", "/answer", {"context": "x", "question": "y", "adapter": "nope"}, {}, 404),
-    ("post", "/nli", "/nli", {"premise": "A man sleeps in a chair. " * 200, "hypothesis": "x"}, {}, 413),
-    ("post", "/v1/completions", "/v1/completions", b"1\xff\xff", {"content-type": "application/json"}, 400),
-    ("post", "/adapters", "/adapters", {"name": "one", "path": "."}, {}, 401),
-    ("post", "/adapters", "/adapters", {"name": "x", "path": "/etc"}, ADMIN, 403),
-    ("delete", "/adapters/nope", "/adapters/{name}", None, ADMIN, 404),
-    ("post", "/adapters/nope/merge", "/adapters/{name}/merge", None, ADMIN, 404),
-])
-def test_error_replies_are_documented_in_the_api_schema(client, method, path, route, body, headers, status):
-    sent = {"content": body} if isinstance(body, bytes) else {"json": body}
-    reply = client.request(method, path, headers=headers, **sent)
-    assert reply.status_code == status and error_message(reply), reply.text
-    documented = client.get("/openapi.json").json()["paths"][route][method]["responses"]
-    shape = "OpenAIErrorOut" if route.startswith("/v1/") else "ErrorOut"
-    assert documented[str(status)]["content"]["application/json"]["schema"] == {"$ref": f"#/components/schemas/{shape}"}
-
-
-GOOD = {"context": SQUAD_CONTEXT, "question": SQUAD_QUESTION, "adapter": "one"}
-
-
-@pytest.mark.parametrize("body,field", [
-    ({**GOOD, "decoding": {"strategy": "beam"}}, "strategy"),
-    ({**GOOD, "decoding": {"strategy": "temperature", "temperature": -1}}, "temperature"),
-    ({**GOOD, "decoding": {"temperature": 0}}, "temperature"),
-    ({**GOOD, "decoding": {"top_p": 1.5}}, "top_p"),
-    ({**GOOD, "decoding": {"top_k": 0}}, "top_k"),
-    ({**GOOD, "decoding": {"max_new_tokens": 0}}, "max_new_tokens"),
-    ({**GOOD, "decoding": {"seed": -1}}, "seed"),
-    ({**GOOD, "decoding": {"beams": 4}}, "beams"),
-    ({**GOOD, "question": ""}, "question"),
-    ({**GOOD, "question": "   "}, "blank"),
-    ({**GOOD, "colour": "red"}, "colour"),
-    ({"question": SQUAD_QUESTION}, "context"),
-    ({**GOOD, "adapter": 3}, "adapter"),
-    ({**GOOD, "decoding": {"seed": False}}, "seed"),  # no coercion: a boolean is not a seed...
-    ({**GOOD, "decoding": {"top_k": "5"}}, "top_k"),  # ...nor a string a number
-])
-def test_invalid_answer_input_is_422(client, body, field):
-    reply = client.post("/answer", json=body)
-    assert reply.status_code == 422, reply.text
-    assert reply.json()["error"].startswith("invalid request") and field in reply.json()["error"]
-
-
-@pytest.mark.parametrize("path,body", [
-    ("/nli", {"premise": "", "hypothesis": "x"}),
-    ("/nli", {"premise": "x", "hypothesis": "y", "extra": 1}),
-    ("/v1/completions", {"model": "one", "prompt": "x", "n": 0}),
-    ("/v1/completions", {"model": "one", "prompt": "x", "temperature": -0.5}),
-    ("/v1/completions", {"model": "one", "prompt": "x", "max_tokens": "3"}),
-    ("/adapters", {"name": "x"}),
-])
-def test_invalid_input_elsewhere_is_422(client, path, body):
-    reply = client.post(path, json=body, headers=ADMIN)
-    assert reply.status_code == 422, reply.text
-    assert error_message(reply).startswith("invalid request")
-
-
-@pytest.mark.parametrize("path,body", [
-    ("/answer", {"context": "Normandy is a region in France. " * 200, "question": SQUAD_QUESTION}),
-    ("/nli", {"premise": "A man sleeps in a chair. " * 200, "hypothesis": "Nobody sleeps."}),
-    ("/v1/completions", {"model": "base", "prompt": "Once upon a time " * 300}),
-])
-def test_input_too_long_is_413(client, path, body):
-    reply = client.post(path, json=body)
-    assert reply.status_code == 413, reply.text
-    assert "tokens" in error_message(reply)
-
-
-def test_max_input_tokens_is_the_longest_prompt_accepted(tiny):
-    """A prompt of exactly max_input_tokens tokens is served; a longer one is 413."""
-    tokenizer = AutoTokenizer.from_pretrained(tiny.base_dir)
-
-    def prompt_tokens(context: str) -> int:
-        return len(tokenizer.encode(answer_prompt(context, SQUAD_QUESTION), add_special_tokens=False))
-
-    words = SQUAD_CONTEXT.split()
-    n = max(n for n in range(1, len(words)) if prompt_tokens(" ".join(words[:n])) <= 40)
-    fits, over = " ".join(words[:n]), " ".join(words[:n + 1])
-    limit = prompt_tokens(fits)
-    assert prompt_tokens(over) > limit
-    with ready_client(tiny.settings(max_input_tokens=limit)) as client:
-        assert ask(client, None, context=fits, max_new_tokens=1)["tokens"] == 1
-        too_long = ask(client, None, context=over, status=413)
-    assert f"at most {limit}" in too_long["error"]
-
-
-def test_a_full_queue_answers_429_with_retry_after(tiny):
-    """max_queue=1 and a long batch window: the first request waits in the queue for the window, so the
-    others find the queue full at once; they get 429 with Retry-After and the first one its answer."""
-    with (ready_client(tiny.settings(max_queue=1, batch_window_ms=1500)) as client,
-          ThreadPoolExecutor(max_workers=6) as pool):
-        replies = list(pool.map(lambda _: client.post("/answer", json={**GOOD, "decoding": {"max_new_tokens": 2}}),
-                                range(6)))
-    statuses = sorted(reply.status_code for reply in replies)
-    assert statuses == [200] + [429] * 5, statuses
-    for reply in replies:
-        if reply.status_code == 429:
-            assert int(reply.headers["Retry-After"]) >= 1
-            assert "queue is full" in reply.json()["error"]
-
-
-def test_503_until_the_model_is_loaded(tiny):
-    """Without the lifespan the runtime never starts: task routes answer 503 with Retry-After, /health 200."""
-    client = TestClient(create_app(rt=Runtime(tiny.settings())))  # no `with`: startup never runs
-    assert client.get("/health").json() == {"status": "ok"}
-    assert client.get("/ready").status_code == 503 and client.get("/ready").json()["reason"] == "loading"
-    for method, path, body in [("post", "/answer", GOOD), ("post", "/nli", {"premise": "a", "hypothesis": "b"}),
-                               ("post", "/v1/completions", {"model": "base", "prompt": "x"}),
-                               ("get", "/v1/models", None), ("get", "/adapters", None), *ADMIN_CALLS]:
-        reply = client.request(method, path, json=body, headers=ADMIN)
-        assert reply.status_code == 503, (path, reply.text)
-        assert "loading" in error_message(reply) and reply.headers["Retry-After"]
-
-
-def test_a_failed_start_is_reported_by_ready(tiny, tmp_path):
-    with TestClient(create_app(tiny.settings(base_model=str(tmp_path / "missing")))) as client:
-        for _ in range(200):
-            reply = client.get("/ready")
-            if reply.json()["reason"] != "loading":
-                break
-            time.sleep(0.05)
-        assert reply.status_code == 503 and "no Hugging Face model directory" in reply.json()["reason"]
-        assert client.post("/answer", json=GOOD).status_code == 503
