@@ -1,0 +1,63 @@
+"""The requests of the side-by-side comparison (``loadtest.side_by_side``): the first questions of SQuAD dev and the
+first MNLI dev_matched pairs, as prompts built with the service's own templates, so that every system is sent the
+very text loraswap's task routes build."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from service.tasks.prompts import NLI_LABELS, answer_prompt, nli_prompt
+from training.data import TASK_EVAL_FILES, read_nli, read_squad
+
+MODES = ("squad", "mixed")  # squad: questions only; mixed: questions and NLI pairs, taking turns
+
+
+@dataclass(frozen=True)
+class Item:
+    """One request of the load. ``task``: "squad" or "nli"; ``prompt``: the text a completion endpoint is sent;
+    ``fields``: the body of loraswap's task route (context and question, or premise and hypothesis);
+    ``references``: the reference answers, or the one gold label."""
+
+    task: str
+    prompt: str
+    fields: dict[str, str]
+    references: tuple[str, ...]
+
+
+def squad_items(path: Path, count: int) -> list[Item]:
+    """The first ``count`` questions of a SQuAD v1.1 file, in the file's order. Raises FileNotFoundError for an
+    absent file."""
+    return [Item("squad", answer_prompt(q["context"], q["question"]),
+                 {"context": q["context"], "question": q["question"]}, tuple(q["answers"]))
+            for q in read_squad(path)[:count]]
+
+
+def nli_items(path: Path, splits: tuple[str, ...] | None, count: int) -> list[Item]:
+    """The first ``count`` pairs of an NLI file (of ``splits``) whose label is one of NLI_LABELS. Raises
+    FileNotFoundError for an absent file."""
+    rows = [row for row in read_nli(path, splits) if row["label"] in NLI_LABELS][:count]
+    return [Item("nli", nli_prompt(row["premise"], row["hypothesis"]),
+                 {"premise": row["premise"], "hypothesis": row["hypothesis"]}, (row["label"],))
+            for row in rows]
+
+
+def take_turns(first: list, second: list) -> list:
+    """``first[0], second[0], first[1], second[1], ...``, then the rest of the longer list."""
+    merged = []
+    for i in range(max(len(first), len(second))):
+        merged += first[i:i + 1] + second[i:i + 1]
+    return merged
+
+
+def workload(mode: str, count: int, root: Path) -> list[Item]:
+    """``count`` requests: for "squad", the first ``count`` SQuAD dev questions; for "mixed", the first half of them
+    (rounded up) taking turns with the first MNLI dev_matched pairs. ``root``: the data folder. Raises ValueError
+    for another mode, FileNotFoundError when a data file is absent."""
+    squad_file, _ = TASK_EVAL_FILES["squad"]
+    if mode == "squad":
+        return squad_items(root / squad_file, count)
+    if mode != "mixed":
+        raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+    nli_file, splits = TASK_EVAL_FILES["nli"]
+    questions = (count + 1) // 2
+    return take_turns(squad_items(root / squad_file, questions), nli_items(root / nli_file, splits, count - questions))

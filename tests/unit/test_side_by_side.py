@@ -1,0 +1,288 @@
+"""The side-by-side comparison's pure parts (loadtest.side_by_side, side_by_side_report, workload, endpoints): the
+order of the measurements, the requests it builds, the scoring of replies, the report, the options, and the bodies
+its clients send (to an httpx MockTransport standing for the server). Nothing here is timed."""
+from __future__ import annotations
+
+import argparse
+import gzip
+import itertools
+import json
+from collections import Counter
+
+import httpx
+import pytest
+
+from loadtest.endpoints import ADAPTERS, NEW_TOKENS, LlamaCpp, Loraswap, OpenAI, endpoint, label_of, lora_id
+from loadtest.side_by_side import check_names, load_spec, pid_spec, schedule, system_spec
+from loadtest.side_by_side_report import load_name, markdown, score, summarize
+from loadtest.workload import Item, take_turns, workload
+from service.tasks.prompts import answer_prompt, nli_prompt
+from training.metrics import squad_scores
+
+SYSTEMS = ["llama", "loraswap", "other"]
+LOADS = [("squad", 1), ("squad", 8), ("mixed", 8)]
+
+
+def question(answers: tuple[str, ...]) -> Item:
+    return Item("squad", "Context: c\nQuestion: q\nAnswer:", {"context": "c", "question": "q"}, answers)
+
+
+def pair(label: str) -> Item:
+    return Item("nli", "Premise: p\nHypothesis: h\nRelation:", {"premise": "p", "hypothesis": "h"}, (label,))
+
+
+# the order of the measurements
+
+@pytest.mark.parametrize("rounds", [1, 2, 3, 4])
+def test_schedule_runs_every_load_on_every_system_once_a_round(rounds):
+    order = schedule(SYSTEMS, LOADS, rounds)
+    assert Counter(order) == Counter((r, load, s) for r in range(1, rounds + 1) for load in LOADS for s in SYSTEMS)
+    assert [r for r, _, _ in order] == sorted(r for r, _, _ in order)  # rounds one after the other
+
+
+def test_schedule_reverses_the_systems_every_other_round():
+    order = schedule(SYSTEMS, LOADS, 4)
+    for round_ in range(1, 5):
+        for load in LOADS:
+            turn = [s for r, this, s in order if r == round_ and this == load]
+            assert turn == (SYSTEMS if round_ % 2 else SYSTEMS[::-1])
+    # over two rounds, each system follows each other system as often as it precedes it (A B, B A)
+    pairs = Counter()
+    for r in (1, 2):
+        turn = [s for rr, this, s in order if rr == r and this == LOADS[0]]
+        pairs.update(itertools.pairwise(turn))
+    assert all(pairs[a, b] == pairs[b, a] for a, b in pairs)
+
+
+# the requests
+
+def write_data(root, contexts: int = 2, per_context: int = 3) -> None:
+    paragraphs = [{"context": f"Context number {c}.", "qas": [
+        {"id": f"q{c}{q}", "question": f"Question {q} on {c}?", "answers": [{"text": f"a{c}{q}", "answer_start": 0}]}
+        for q in range(per_context)]} for c in range(contexts)]
+    (root / "squad").mkdir()
+    with gzip.open(root / "squad" / "dev-v1.1.json.gz", "wt") as f:
+        json.dump({"data": [{"title": "T", "paragraphs": paragraphs}]}, f)
+    rows = [{"premise": f"P{i}", "hypothesis": f"H{i}", "label": label, "mnli_split": split}
+            for i, (label, split) in enumerate([("neutral", "dev_matched"), ("entailment", "dev_mismatched"),
+                                                ("-", "dev_matched"), ("contradiction", "dev_matched"),
+                                                ("entailment", "dev_matched")])]
+    (root / "nli").mkdir()
+    with gzip.open(root / "nli" / "mnli.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+def test_squad_workload_is_the_first_questions_with_the_services_prompt(tmp_path):
+    write_data(tmp_path)
+    items = workload("squad", 4, tmp_path)
+    assert [i.fields["question"] for i in items] == ["Question 0 on 0?", "Question 1 on 0?", "Question 2 on 0?",
+                                                     "Question 0 on 1?"]
+    assert all(i.prompt == answer_prompt(i.fields["context"], i.fields["question"]) for i in items)
+    assert items[3].references == ("a10",) and {i.task for i in items} == {"squad"}
+
+
+@pytest.mark.parametrize("count", [1, 2, 5, 6])
+def test_mixed_workload_takes_turns_with_dev_matched_pairs(tmp_path, count):
+    write_data(tmp_path)
+    items = workload("mixed", count, tmp_path)
+    assert len(items) == count
+    assert [i.task for i in items] == ["squad", "nli"] * (count // 2) + ["squad"] * (count % 2)
+    pairs = [i for i in items if i.task == "nli"]
+    # dev_matched only, a row without a label of the three ("-") skipped
+    assert [i.references[0] for i in pairs] == ["neutral", "contradiction", "entailment"][:len(pairs)]
+    assert all(i.prompt == nli_prompt(i.fields["premise"], i.fields["hypothesis"]) for i in pairs)
+
+
+def test_workload_refuses_an_unknown_mode(tmp_path):
+    with pytest.raises(ValueError, match="mode"):
+        workload("nli", 2, tmp_path)
+
+
+@pytest.mark.parametrize("first, second", [([], []), ([1, 2, 3], ["a"]), ([1], ["a", "b", "c"]), ([1, 2], ["a", "b"])])
+def test_take_turns(first, second):
+    merged = take_turns(first, second)
+    assert sorted(map(str, merged)) == sorted(map(str, first + second))
+    assert [x for x in merged if x in first] == first and [x for x in merged if x in second] == second
+    shorter = min(len(first), len(second))
+    assert merged[:2 * shorter:2] == first[:shorter] and merged[1:2 * shorter:2] == second[:shorter]
+
+
+# scoring
+
+def test_score_matches_the_official_scoring_and_counts_the_pairs():
+    items = [question(("Denver Broncos", "Broncos")), pair("neutral"), question(("Paris",)), pair("entailment"),
+             question(("the red car",))]
+    texts = ["broncos", "neutral", "London", "contradiction", "red"]
+    scores = score(items, texts)
+    official = squad_scores({"0": "broncos", "2": "London", "4": "red"},
+                            {"0": ["Denver Broncos", "Broncos"], "2": ["Paris"], "4": ["the red car"]})
+    assert scores["squad_count"] == 3 and scores["nli_count"] == 2
+    assert scores["exact_match"] == pytest.approx(official["exact_match"], abs=0.01)
+    assert scores["f1"] == pytest.approx(official["f1"], abs=0.01)
+    assert scores["nli_accuracy"] == 50.0
+
+
+def test_score_without_pairs_has_no_accuracy_and_checks_lengths():
+    assert score([question(("x",))], ["x"])["nli_accuracy"] is None
+    with pytest.raises(ValueError, match="replies"):
+        score([question(("x",)), pair("neutral")], ["x"])
+
+
+@pytest.mark.parametrize("token, label", [
+    (" ent", "entailment"), ("neutral", "neutral"), (" contradiction", "contradiction"), (" n", "neutral"),
+    ("Ent", "Ent"), (" maybe", "maybe"), ("", ""), (" ", "")])  # a token that begins no label stays itself: wrong
+def test_label_of_a_generated_token(token, label):
+    assert label_of(token) == label
+
+
+# the report
+
+def record(system, mode, clients, rate, latencies, answers, peak=None, timings=None, round_=1):
+    return {"round": round_, "system": system, "mode": mode, "clients": clients, "requests_per_s": rate,
+            "latencies_ms": latencies, "answers": answers, "scores": {"exact_match": 50.0, "f1": 60.0,
+                                                                     "nli_accuracy": None},
+            "peak_rss_bytes": peak, "rss_before_bytes": None if peak is None else peak // 2, "timings": timings}
+
+
+def test_summary_pools_latencies_keeps_round_rates_and_flags_differing_answers():
+    timing = {"prompt_n": 150, "prompt_ms": 100.0, "predicted_n": 4, "predicted_ms": 40.0}
+    records = [record("a", "squad", 8, 2.0, [100.0, 300.0], ["x", "y"], 10**9, [timing, timing]),
+               record("b", "squad", 8, 1.0, [200.0, 400.0], ["x", "y"], round_=1),
+               record("b", "squad", 8, 3.0, [600.0, 800.0], ["x", "z"], round_=2),
+               record("a", "squad", 8, 4.0, [500.0, 700.0], ["x", "y"], 2 * 10**9, [timing, {**timing, "prompt_n": 50}],
+                      round_=2)]
+    summary = summarize(records)
+    a, b = summary["a"][load_name("squad", 8)], summary["b"]["squad, 8 clients"]
+    assert a["requests_per_s"] == [2.0, 4.0] and b["requests_per_s"] == [1.0, 3.0]
+    assert a["p50_ms"] == 300.0 and a["p95_ms"] == 500.0  # the lower of the nearest, over both rounds' 4 latencies
+    assert a["same_answers"] and not b["same_answers"]
+    assert a["peak_rss_bytes"] == 2 * 10**9 and b["peak_rss_bytes"] is None
+    assert a["timings"]["prompt_n"] == 125.0 and "timings" not in b
+    tables = markdown(summary, ["a", "b"], "a")
+    assert "| squad, 8 clients | 2.00, 4.00 | 1.00, 3.00 | 0.67x |" in tables
+    assert "| peak RSS | 2.00 GB | n/a | n/a |" in tables
+    assert "answers differ by round" in tables and "| a | squad, 8 clients | 125.0 |" in tables
+
+
+def test_markdown_has_no_timings_table_when_no_server_gave_timings():
+    summary = summarize([record("a", "squad", 1, 1.0, [1.0], ["x"]), record("b", "squad", 1, 2.0, [2.0], ["x"])])
+    tables = markdown(summary, ["a", "b"], "b")
+    assert "prompt_n" not in tables and "| squad, 1 client | 1.00 | 2.00 | 0.50x |" in tables
+
+
+# options
+
+def test_system_pid_and_load_specs():
+    assert system_spec("f32=llamacpp@http://127.0.0.1:8080/") == ("f32", "llamacpp", "http://127.0.0.1:8080")
+    assert pid_spec("f32=123") == ("f32", 123)
+    assert load_spec("mixed:8") == ("mixed", 8)
+
+
+@pytest.mark.parametrize("parse, text", [(system_spec, "f32=vllm@http://x"), (system_spec, "f32=llamacpp@x:80"),
+                                         (system_spec, "llamacpp@http://x"), (system_spec, "=openai@http://x"),
+                                         (pid_spec, "a=0"), (pid_spec, "a=-3"), (pid_spec, "a=x"), (pid_spec, "a"),
+                                         (load_spec, "squad"), (load_spec, "nli:8"), (load_spec, "squad:0")])
+def test_bad_specs_are_usage_errors(parse, text):
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse(text)
+
+
+@pytest.mark.parametrize("systems, pids, baseline, wrong", [
+    (["a"], [], None, "two systems"), (["a", "a"], [], None, "distinct"), (["a", "b"], [("c", 1)], None, "'c'"),
+    (["a", "b"], [], "c", "'c'")])
+def test_check_names(systems, pids, baseline, wrong):
+    args = argparse.Namespace(system=[(s, "loraswap", "http://x") for s in systems], pid=pids, baseline=baseline)
+    with pytest.raises(ValueError, match=wrong):
+        check_names(args)
+
+
+def test_check_names_gives_the_baseline():
+    args = argparse.Namespace(system=[("a", "llamacpp", "http://x"), ("b", "loraswap", "http://y")], pid=[("b", 7)],
+                              baseline=None)
+    assert check_names(args) == "a"
+    assert check_names(argparse.Namespace(**{**vars(args), "baseline": "b"})) == "b"
+
+
+# the bodies the clients send
+
+def serving(reply: dict, sent: list) -> httpx.Client:
+    """A client whose server records each request's path and body and answers ``reply``."""
+    def handle(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content) if request.content else None
+        sent.append((request.url.path, body))
+        return httpx.Response(200, json=reply)
+    return httpx.Client(base_url="http://server", transport=httpx.MockTransport(handle))
+
+
+LORAS = [{"id": 0, "path": "/g/nli-f32.gguf", "scale": 0.0}, {"id": 1, "path": "/g/squad-f32.gguf", "scale": 0.0}]
+
+
+@pytest.mark.parametrize("item, adapter", [(question(("x",)), "squad"), (pair("neutral"), "nli")])
+def test_llamacpp_sends_the_prompt_greedy_uncached_with_only_the_tasks_adapter(item, adapter):
+    client, sent = LlamaCpp("http://server"), []
+    with serving(LORAS, sent) as http:
+        client.prepare(http)
+    assert client.lora_ids == {"squad": 1, "nli": 0}
+    timings = {"prompt_n": 9}
+    with serving({"content": " neutral\n", "timings": timings}, sent) as http:
+        reply = client.ask(http, item)
+    path, body = sent[-1]
+    assert path == "/completion" and body["prompt"] == item.prompt and body["cache_prompt"] is False
+    assert body["temperature"] == 0 and body["top_k"] == 1
+    scales = {entry["id"]: entry["scale"] for entry in body["lora"]}
+    assert scales == {client.lora_ids[name]: float(name == adapter) for name in ("squad", "nli")}
+    assert body["n_predict"] == (1 if adapter == "nli" else NEW_TOKENS)
+    assert body["stop"] == ([] if adapter == "nli" else ["\n"])
+    assert reply.text == "neutral" and reply.timings == timings  # the label it begins, or the answer stripped
+
+
+def test_llamacpp_asks_for_cached_prompts_only_when_told():
+    client, sent = endpoint("llamacpp", "http://server", cache_prompt=True), []
+    client.lora_ids = {"squad": 0, "nli": 1}
+    with serving({"content": "x"}, sent) as http:
+        client.ask(http, question(("x",)))
+    assert sent[-1][1]["cache_prompt"] is True
+
+
+@pytest.mark.parametrize("paths", [[], ["/g/squad.gguf", "/h/squad-q4.gguf"], ["/g/nli.gguf"]])
+def test_lora_id_needs_exactly_one_file_per_adapter(paths):
+    with pytest.raises(ValueError, match="squad"):
+        lora_id([{"id": i, "path": p} for i, p in enumerate(paths)], "squad")
+
+
+@pytest.mark.parametrize("item", [question(("x",)), pair("neutral")])
+def test_openai_names_the_adapter_as_model(item):
+    sent = []
+    with serving({"choices": [{"text": " ent"}]}, sent) as http:
+        reply = OpenAI("http://server").ask(http, item)
+    path, body = sent[-1]
+    assert path == "/v1/completions" and body["model"] == ADAPTERS[item.task] and body["prompt"] == item.prompt
+    assert body["temperature"] == 0
+    if item.task == "nli":
+        assert body["max_tokens"] == 1 and "stop" not in body and reply.text == "entailment"
+    else:
+        assert body["max_tokens"] == NEW_TOKENS and body["stop"] == ["\n"] and reply.text == "ent"
+
+
+def test_loraswap_uses_its_task_routes():
+    sent = []
+    with serving({"answer": "Paris", "label": "neutral"}, sent) as http:
+        answer = Loraswap("http://server").ask(http, question(("Paris",)))
+        label = Loraswap("http://server").ask(http, pair("neutral"))
+    assert (answer.text, label.text) == ("Paris", "neutral")
+    assert sent[0] == ("/answer", {"context": "c", "question": "q", "adapter": "squad",
+                                   "decoding": {"strategy": "greedy", "max_new_tokens": NEW_TOKENS}})
+    assert sent[1] == ("/nli", {"premise": "p", "hypothesis": "h", "adapter": "nli"})
+
+
+def test_a_failed_request_raises():
+    def refuse(request):
+        return httpx.Response(422, json={"detail": "no"})
+    with httpx.Client(base_url="http://s", transport=httpx.MockTransport(refuse)) as http, \
+            pytest.raises(httpx.HTTPStatusError):
+        Loraswap("http://s").ask(http, question(("x",)))
+
+
+def test_endpoint_refuses_an_unknown_kind():
+    with pytest.raises(ValueError, match="kind"):
+        endpoint("vllm", "http://x")
