@@ -1,15 +1,11 @@
-"""The in-process server of the HTTP API tests on the tiny GPT-2 and Llama bases: ``tiny`` (each architecture's base,
-its adapters one and two, and extra adapters three and four in an adapter root), the ``client`` of the main server
-on it, and the checks and admin calls the API test modules share. A test module binds the fixtures by assignment
-(``tiny, client = api_helpers.tiny, api_helpers.client``): imported by name, each test's parameter of that name
-would read to ruff as a redefinition of an unused import (F811)."""
+"""What the HTTP API test modules share: ``Tiny`` (an architecture's tiny base, its adapters one and two, and extra
+adapters three and four in an adapter root; the ``tiny`` and ``client`` fixtures of tests/http/conftest.py build on
+it), a check of probabilities and the admin calls."""
 from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
-from tests.server_helpers import copy_adapters, ready_client, tiny_settings
+from tests.server_helpers import copy_adapters, tiny_settings
 from tests.tiny_models import make_adapter
 
 ARCHS = {"gpt2": ("tiny_gpt2_dir", "gpt2_adapters"), "llama": ("tiny_llama_dir", "llama_adapters")}
@@ -29,20 +25,6 @@ class Tiny:
     def settings(self, **overrides):
         return tiny_settings(self.base_dir, self.adapters_dir, self.root / "cache",
                              adapter_roots=[self.extra], **overrides)
-
-
-@pytest.fixture(scope="module", params=list(ARCHS))
-def tiny(request, tmp_path_factory) -> Tiny:
-    base_fixture, adapters_fixture = ARCHS[request.param]
-    return Tiny(request.param, request.getfixturevalue(base_fixture), request.getfixturevalue(adapters_fixture),
-                tmp_path_factory.mktemp(f"api_{request.param}"))
-
-
-@pytest.fixture(scope="module")
-def client(tiny: Tiny):
-    """The main server: adapters one and two, /answer defaults to one and /nli to two."""
-    with ready_client(tiny.settings(qa_adapter="one", nli_adapter="two")) as client:
-        yield client
 
 
 def assert_close(got: dict[str, float], want: dict[str, float], tolerance: float = PROBABILITY_TOLERANCE) -> None:

@@ -17,13 +17,10 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from service.tasks.prompts import NLI_LABELS, answer_prompt, label_target, nli_prompt
-from tests.http import api_helpers
 from tests.http.api_helpers import PROBABILITY_TOLERANCE, Tiny, assert_close
 from tests.http.replies import error_message
 from tests.server_helpers import SERVER_CAP, SQUAD_CONTEXT, SQUAD_QUESTION, ask, classify, ready_client, tiny_settings
 from tests.tiny_models import build_gpt2
-
-tiny, client = api_helpers.tiny, api_helpers.client  # the shared fixtures (see api_helpers)
 
 QUESTIONS = (SQUAD_QUESTION, "Where was the game played?", "Who lost?", "When was the game played?")
 

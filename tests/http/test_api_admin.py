@@ -12,7 +12,6 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from safetensors.torch import load_file
 
-from tests.http import api_helpers
 from tests.http.api_helpers import ADMIN_CALLS, assert_close
 from tests.server_helpers import (
     ADMIN,
@@ -26,8 +25,6 @@ from tests.server_helpers import (
     value,
 )
 from tests.tiny_models import LINEAR_TARGETS
-
-tiny, client = api_helpers.tiny, api_helpers.client  # the shared fixtures (see api_helpers)
 
 
 def nli_probabilities(client, adapter: str | None) -> dict[str, float]:

@@ -17,12 +17,9 @@ from transformers import AutoTokenizer
 from service.http.app import create_app
 from service.runtime import Runtime
 from service.tasks.prompts import answer_prompt
-from tests.http import api_helpers
 from tests.http.api_helpers import ADMIN_CALLS
 from tests.http.replies import error_message
 from tests.server_helpers import ADMIN, SQUAD_CONTEXT, SQUAD_QUESTION, ask, ready_client
-
-tiny, client = api_helpers.tiny, api_helpers.client  # the shared fixtures (see api_helpers)
 
 
 @pytest.mark.parametrize("method,path,body", [
