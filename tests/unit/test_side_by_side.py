@@ -13,8 +13,10 @@ import httpx
 import pytest
 
 from loadtest.endpoints import ADAPTERS, NEW_TOKENS, LlamaCpp, Loraswap, OpenAI, endpoint, label_of, lora_id
+from loadtest.profile_answer import breakdown_table, per_request_ms
 from loadtest.side_by_side import check_names, load_spec, pid_spec, schedule, system_spec
 from loadtest.side_by_side_report import load_name, markdown, score, summarize
+from loadtest.stack_shares import ENGINE, EVENT_LOOP, OTHER, parse_raw, shares
 from loadtest.workload import Item, take_turns, workload
 from service.tasks.prompts import answer_prompt, nli_prompt
 from training.metrics import squad_scores
@@ -286,3 +288,91 @@ def test_a_failed_request_raises():
 def test_endpoint_refuses_an_unknown_kind():
     with pytest.raises(ValueError, match="kind"):
         endpoint("vllm", "http://x")
+
+
+# where the server's time goes (loadtest.stack_shares, loadtest.profile_answer): stacks as py-spy writes them
+
+ENGINE_ROOT = ("Thread._bootstrap (threading.py:1002)", "Engine._supervised (service/engine/scheduler.py:168)",
+               "Engine._loop (service/engine/scheduler.py:190)")
+SERVE = (*ENGINE_ROOT, "Engine._serve (service/engine/scheduler.py:276)")
+PREFILL = (*SERVE, "Engine._between_steps (service/engine/scheduler.py:328)",
+           "Prefill.advance (service/engine/prefill.py:45)",
+           "Module._wrapped_call_impl (torch/nn/modules/module.py:1778)",
+           "LlamaForCausalLM.forward (transformers/models/llama/modeling_llama.py:460)")
+DECODE = (*SERVE, "RunningBatch.forward (service/engine/running_batch.py:105)",
+          "DecodeStep.__call__ (service/engine/decode_step.py:41)",
+          "DecodeStep._forward (service/engine/decode_step.py:62)",
+          "LlamaForCausalLM.forward (transformers/models/llama/modeling_llama.py:460)")
+CALL = ("Module._wrapped_call_impl (torch/nn/modules/module.py:1778)",
+        "Module._call_impl (torch/nn/modules/module.py:1789)")
+LAYER = ("LlamaModel.forward (transformers/models/llama/modeling_llama.py:400)", *CALL,
+         "LlamaDecoderLayer.forward (transformers/models/llama/modeling_llama.py:297)", *CALL)
+LINEAR = "Linear.forward (torch/nn/modules/linear.py:134)"
+LORA = "BatchedLoraLayer.forward (service/lora/layers.py:184)"
+LOOP = ("<module> (loraswap:8)", "main (service/cli/main.py:98)", "Server.run (uvicorn/server.py:86)",
+        "BaseEventLoop.run_forever (asyncio/base_events.py:607)",
+        "BaseEventLoop._run_once (asyncio/base_events.py:1922)")
+
+
+@pytest.mark.parametrize("frames, category", [
+    ((*PREFILL, *LAYER, "LlamaMLP.forward (transformers/models/llama/modeling_llama.py:165)", *CALL, LORA, *CALL,
+      LINEAR),
+     "prefill: base matmuls"),
+    ((*DECODE, *LAYER, "LlamaAttention.forward (transformers/models/llama/modeling_llama.py:245)", *CALL, LORA,
+      "BatchedLoraLayer._grouped (service/lora/layers.py:205)"), "decoding step: LoRA"),
+    ((*DECODE, *CALL, LINEAR), "decoding step: LM head matmul"),
+    ((*PREFILL, *LAYER, "LlamaAttention.forward (transformers/models/llama/modeling_llama.py:258)",
+      "packed_gqa_attention (service/engine/attention.py:28)"), "prefill: attention"),
+    ((*PREFILL, *LAYER, "LlamaAttention.forward (transformers/models/llama/modeling_llama.py:252)",
+      "DynamicLayer.update (transformers/cache_utils.py:120)"), "prefill: KV cache"),
+    ((*DECODE, *LAYER, "LlamaRMSNorm.forward (transformers/models/llama/modeling_llama.py:65)"),
+     "decoding step: other ops: norms, activations, residuals, rotary"),
+    ((*SERVE, "RunningBatch.sample (service/engine/running_batch.py:60)",
+      "Sampler.choose (service/engine/sampling.py:150)"),
+     "sampling"),
+    ((*SERVE, "Engine._finish (service/engine/scheduler.py:395)", "Endings.result (service/engine/endings.py:40)"),
+     "finishing: detokenize, publish"),
+    ((*ENGINE_ROOT, "Engine._next_batch (service/engine/scheduler.py:216)", "Condition.wait (threading.py:331)"),
+     "waiting for work (incl. the batch window)"),
+    ((*SERVE, "Engine._withdrawn_rows (service/engine/scheduler.py:285)"), "scheduling"),
+])
+def test_engine_stacks_fall_in_their_category(frames, category):
+    assert shares(Counter({frames: 3})) == {ENGINE: {category: 3}}
+
+
+@pytest.mark.parametrize("frames, category", [
+    ((*LOOP, "EpollSelector.select (selectors.py:468)"), "idle"),
+    ((*LOOP, "Tasks.answer (service/tasks/tasks.py:147)", "encode_text (service/tasks/prompts.py:33)",
+      "TokenizersBackend.__call__ (transformers/tokenization_utils_base.py:2500)"), "tokenization"),
+    ((*LOOP, "Tasks.answer (service/tasks/tasks.py:148)", "locate (service/tasks/spans.py:20)"), "answer span"),
+    ((*LOOP, "RequestResponseCycle.run_asgi (uvicorn/protocols/http/h11_impl.py:410)"), "HTTP, validation, asyncio"),
+])
+def test_event_loop_stacks_fall_in_their_category(frames, category):
+    assert shares(Counter({frames: 2})) == {EVENT_LOOP: {category: 2}}
+
+
+def test_raw_stacks_are_parsed_counted_and_split_by_thread():
+    idle = (*LOOP, "EpollSelector.select (selectors.py:468)")
+    tqdm = ("Thread._bootstrap (threading.py:1002)", "TMonitor.run (tqdm/_monitor.py:69)")
+    lines = [";".join(idle) + " 5", "", ";".join(idle) + " 2", ";".join(tqdm) + " 4",
+             ";".join((*DECODE, *CALL, LINEAR)) + " 1"]
+    stacks = parse_raw(lines)
+    assert stacks[idle] == 7 and sum(stacks.values()) == 12
+    assert shares(stacks) == {EVENT_LOOP: {"idle": 7}, OTHER: {"other": 4},
+                              ENGINE: {"decoding step: LM head matmul": 1}}
+    with pytest.raises(ValueError, match="raw"):
+        parse_raw(["frame (a.py:1) x"])
+
+
+def test_breakdown_in_ms_per_request_adds_up_to_the_wall_time():
+    loads = [{"clients": 1, "seconds": 10.0, "requests": 20, "generated_tokens": 80.0,
+              "samples": {ENGINE: {"prefill: base matmuls": 6, "waiting for work (incl. the batch window)": 4}}},
+             {"clients": 8, "seconds": 4.0, "requests": 20, "generated_tokens": 80.0,
+              "samples": {ENGINE: {"prefill: base matmuls": 9, "sampling": 1}}}]
+    ms = per_request_ms(loads[0], ENGINE)
+    assert ms == {"prefill: base matmuls": pytest.approx(300.0), "waiting for work (incl. the batch window)":
+                  pytest.approx(200.0)}  # 10 s over 20 requests: 500 ms each, split 6:4
+    table = "\n".join(breakdown_table(loads, ENGINE))
+    assert "| prefill: base matmuls | 60.0%, 300 | 90.0%, 180 |" in table
+    assert "| sampling | 0.0%, 0 | 10.0%, 20 |" in table
+    assert "| requests/s; tokens/request | 2.00; 4.0 | 5.00; 4.0 |" in table
