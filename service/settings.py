@@ -1,15 +1,32 @@
 """All service settings in one place (env prefix ``LORASWAP_``; CLI flags override)."""
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BeforeValidator, Field, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.engine.merge_policy import MAX_COOLDOWN_GROWTH
 
 REPO_ADAPTERS = Path(__file__).resolve().parent.parent / "adapters"
+
+
+def path_list(value: Any) -> Any:
+    """A list of paths from an environment variable: a JSON list (``["/a", "/b"]``: text that starts with ``[`` or
+    ``{`` is read as JSON), else one path or several joined by ``os.pathsep`` (``/a:/b``, as in PATH; empty pieces
+    name none). A list (a flag's value) is left as it is. ValueError (json's) for text that is not JSON."""
+    if not isinstance(value, str):
+        return value
+    if value.lstrip().startswith(("[", "{")):
+        return json.loads(value)
+    return [piece for piece in value.split(os.pathsep) if piece]
+
+
+# pydantic-settings reads a list from the environment as JSON only: NoDecode hands path_list the text as it is
+PathList = Annotated[list[Path], NoDecode, BeforeValidator(path_list)]
 
 
 class Settings(BaseSettings):
@@ -26,7 +43,8 @@ class Settings(BaseSettings):
 
     # adapters
     adapters_dir: Path = Field(REPO_ADAPTERS, description="adapters loaded at start (one PEFT folder each)")
-    adapter_roots: list[Path] = Field(default_factory=list, description="extra folders POST /adapters may load from")
+    adapter_roots: PathList = Field(default_factory=list, description="extra folders POST /adapters may load from "
+                                    f"(environment: a path, several joined by {os.pathsep!r}, or a JSON list)")
     max_resident: int = Field(8, ge=1, description="adapters kept in device slots at once (LRU)")
     max_rank: int = Field(64, ge=1, description="largest LoRA rank a slot holds")
     qa_adapter: str | None = Field("squad", description="adapter /answer uses when the request names none")
@@ -58,6 +76,8 @@ class Settings(BaseSettings):
     admin_key: str | None = Field(None, description="bearer key for admin routes; none refuses them")
     api_key: str | None = Field(None, min_length=1, description="bearer key for the routes that run the model "
                                 "(/answer, /nli, /v1/completions, /v1/chat/completions); none leaves them open")
+    max_body_bytes: int = Field(4 * 2**20, ge=1, description="largest request body in bytes: a larger one is refused "
+                                "(413) before it is read whole")
     drain_seconds: float = Field(1.0, ge=0, description="on SIGTERM, how long /ready reports false before shutdown")
 
     @model_validator(mode="after")
