@@ -9,7 +9,9 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -20,13 +22,32 @@ from service.engine.logprobs import MOST_TOP_LOGPROBS
 from service.engine.sampling import Decoding
 
 
+def _unicode(value: Any) -> Any:
+    """A string of a request body, unless it holds a lone surrogate (JSON's ``"\\ud800"``, which Python's parser
+    takes): UTF-8 cannot encode one, so neither the tokenizer nor a reply could. Anything else is left to the type."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise PydanticCustomError(
+                "string_unicode", "Input should be text that UTF-8 can encode, not a lone surrogate ({code} at "
+                "character {at})", {"code": f"U+{ord(value[exc.start]):04X}", "at": exc.start}) from None
+    return value
+
+
+# every string of a request body is Unicode text, which UTF-8 can encode: a plain one is Str; a constrained one puts
+# UNICODE after its Field (a validator before the constraints would turn pydantic's string errors into generic ones)
+UNICODE = BeforeValidator(_unicode)
+Str = Annotated[str, UNICODE]
+
+
 def _not_blank(text: str) -> str:
     if not text.strip():
         raise ValueError("must not be blank")
     return text
 
 
-Text = Annotated[str, Field(min_length=1, max_length=100_000), AfterValidator(_not_blank)]
+Text = Annotated[str, Field(min_length=1, max_length=100_000), UNICODE, AfterValidator(_not_blank)]
 # request bodies: no unknown fields, no coercion ("7" or true for 7), no NaN or infinity (JSON has neither, Python's
 # parser takes them, and 1e400 reads as infinity)
 STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
@@ -37,15 +58,19 @@ class DecodingIn(BaseModel):
 
     model_config = STRICT
     strategy: Literal["greedy", "top_k", "nucleus", "temperature"] = "greedy"
-    temperature: float = Field(1.0, gt=0, le=10)
+    temperature: float = Field(1.0, ge=0, le=10)  # 0: greedy, whatever the strategy
     top_k: int = Field(50, ge=1, le=100_000)
     top_p: float = Field(0.9, gt=0, le=1)
     max_new_tokens: int = Field(32, ge=1, le=4096)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
 
     def to_decoding(self, default_seed: int) -> Decoding:
+        """The engine's decoding: greedy at temperature 0 (the limit of sampling as the temperature falls, and what
+        OpenAI's routes take it for); ``default_seed`` when the request names none."""
         fields = self.model_dump()
         fields["seed"] = default_seed if self.seed is None else self.seed
+        if self.temperature == 0:
+            fields["strategy"] = "greedy"
         return Decoding(**fields)
 
 
@@ -74,7 +99,7 @@ class AnswerIn(BaseModel):
     model_config = STRICT
     context: Text
     question: Text
-    adapter: str | None = None
+    adapter: Str | None = None
     extractive: bool = True
     decoding: DecodingIn = Field(default_factory=DecodingIn)
 
@@ -92,7 +117,7 @@ class NliIn(BaseModel):
     model_config = STRICT
     premise: Text
     hypothesis: Text
-    adapter: str | None = None
+    adapter: Str | None = None
 
 
 class NliOut(BaseModel):
@@ -103,8 +128,14 @@ class NliOut(BaseModel):
 
 class AdapterIn(BaseModel):
     model_config = STRICT
-    name: str
-    path: str
+    name: Str
+    path: Str
+
+
+class NoFields(BaseModel):
+    """The body of a route that takes none: no body, or an empty JSON object (a field is refused by name)."""
+
+    model_config = STRICT
 
 
 def only(*accepted: Any) -> AfterValidator:
@@ -136,7 +167,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False  # true: a last chunk, with no choices, carries the usage
 
 
-StopString = Annotated[str, Field(min_length=1, max_length=1000)]
+StopString = Annotated[str, Field(min_length=1, max_length=1000), UNICODE]
 
 
 def _listed(value: Any) -> Any:
@@ -156,12 +187,12 @@ class OpenAIIn(BaseModel):
     ``max_new_tokens``, ``max_choices``)."""
 
     model_config = STRICT
-    model: str
+    model: Str
     max_tokens: int | None = Field(None, ge=1)  # None: the server's cap (Settings.max_new_tokens); above it: refused
     temperature: float = Field(1.0, ge=0, le=10)  # 0: greedy
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)  # choice i samples with choice_seed(seed, i)
-    user: str | None = None  # the end user's id, for OpenAI's abuse monitoring: nothing to do here
+    user: Str | None = None  # the end user's id, for OpenAI's abuse monitoring: nothing to do here
     n: int = Field(1, ge=1)  # choices, decoded in one batch
     stream: bool = False  # true: server-sent events
     stream_options: StreamOptions | None = None  # only with stream
@@ -169,7 +200,7 @@ class OpenAIIn(BaseModel):
                     Field(max_length=4)] = []  # at most 4; the text ends before the first met
     frequency_penalty: Annotated[float, only(0)] = 0.0
     presence_penalty: Annotated[float, only(0)] = 0.0
-    logit_bias: Annotated[dict[str, int] | None, only({})] = None
+    logit_bias: Annotated[dict[Str, int] | None, only({})] = None
 
     @model_validator(mode="before")
     @classmethod
@@ -204,12 +235,12 @@ class OpenAIIn(BaseModel):
 class CompletionIn(OpenAIIn):
     """OpenAI's /v1/completions request (see ``OpenAIIn``)."""
 
-    prompt: Annotated[str, BeforeValidator(_one_prompt, json_schema_input_type=str | list[str]),
-                      Field(min_length=1, max_length=100_000)]
+    prompt: Annotated[str, Field(min_length=1, max_length=100_000), UNICODE,
+                      BeforeValidator(_one_prompt, json_schema_input_type=str | list[str])]
     echo: bool = False  # true: the prompt, then the completion
     best_of: int | None = Field(None, ge=1)  # only n: "the best n of best_of" is not implemented
     logprobs: int | None = Field(None, ge=0, le=5)  # each token's logprob, and the k most likely tokens'
-    suffix: Annotated[str | None, only()] = None
+    suffix: Annotated[Str | None, only()] = None
 
     @field_validator("best_of")
     @classmethod
@@ -226,7 +257,7 @@ class CompletionIn(OpenAIIn):
         return logprobs
 
 
-MessageText = Annotated[str, Field(max_length=100_000)]
+MessageText = Annotated[str, Field(max_length=100_000), UNICODE]
 
 
 class TextPart(BaseModel):
@@ -245,12 +276,23 @@ def _text(content: str | list[TextPart]) -> str:
     return content[0].text
 
 
+def _content_kind(content: Any) -> str | None:
+    """Which of the two forms of a message's content ``content`` takes: "string" or "parts" (None: neither)."""
+    return "string" if isinstance(content, str) else "parts" if isinstance(content, list) else None
+
+
+# a string, or a list of parts; a problem's location names the form ("content.string", "content.parts.0.text")
+MessageContent = Annotated[Annotated[MessageText, Tag("string")] | Annotated[list[TextPart], Tag("parts")],
+                           Discriminator(_content_kind, custom_error_type="string_or_parts",
+                                         custom_error_message="Input should be a string or a list of text parts")]
+
+
 class ChatMessage(BaseModel):
     """One message of a conversation; fields of OpenAI's messages other than these (name, tool_calls) are refused."""
 
     model_config = STRICT
     role: Literal["system", "user", "assistant"]
-    content: Annotated[MessageText | list[TextPart], AfterValidator(_text)]
+    content: Annotated[MessageContent, AfterValidator(_text)]
 
 
 class ChatCompletionIn(OpenAIIn):
@@ -286,12 +328,12 @@ class LoraAdapterIn(BaseModel):
     """vLLM's POST /v1/load_lora_adapter request."""
 
     model_config = STRICT
-    lora_name: str
-    lora_path: str
+    lora_name: Str
+    lora_path: Str
 
 
 class LoraNameIn(BaseModel):
     """vLLM's POST /v1/unload_lora_adapter request."""
 
     model_config = STRICT
-    lora_name: str
+    lora_name: Str
