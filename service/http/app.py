@@ -1,26 +1,39 @@
 """The FastAPI application: routers, error replies, request metrics, and the runtime's lifespan."""
 from __future__ import annotations
 
-import math
 import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
-from service.http.errors import CLIENT_CLOSED, RETRY_AFTER_SECONDS, STATUS, error_code, openai_error, status_of
+from service.http.errors import (
+    CLIENT_CLOSED,
+    RETRY_AFTER_SECONDS,
+    STATUS,
+    echoable,
+    echoable_message,
+    error_code,
+    field_of,
+    invalid_request,
+    openai_error,
+    status_of,
+)
 from service.http.openai_routes import openai_router
 from service.http.routes import admin_router, ops_router, tasks_router
-from service.lora.adapter_files import BASE_LABEL
 from service.runtime import Runtime
 from service.settings import Settings
 
 # health and readiness probes and metric scrapes are not work: not counted as requests in flight
 NOT_IN_FLIGHT = frozenset({"/health", "/ready", "/metrics"})
+# the adapter label of a request that no adapter served: refused before its adapter was known (an unknown one, an
+# invalid body, a missing key), or on a route that runs no model; not an identifier, so never an adapter's name
+NO_ADAPTER_LABEL = "-"
 
 
 def openai_shaped(request: Request) -> bool:
@@ -31,7 +44,9 @@ def openai_shaped(request: Request) -> bool:
 def error(request: Request, status: int, message: str, *, param: str | None = None, code: str | None = None,
           detail: list[dict] | None = None) -> JSONResponse:
     """An error reply: ``{"error": {"message", "type", "param", "code"}}`` on ``/v1/*`` (OpenAI's shape), else
-    ``{"error": message}`` with pydantic's ``detail`` list, if given. 429 and 503 say when to retry."""
+    ``{"error": message}`` with pydantic's ``detail`` list, if given. 429 and 503 say when to retry. The message and
+    ``param`` are ``echoable`` (bounded, encodable), as whatever they quote of the request may not be."""
+    message, param = echoable_message(message), param and echoable(param)
     if openai_shaped(request):
         body = openai_error(status, message, param, code)
     else:
@@ -40,10 +55,9 @@ def error(request: Request, status: int, message: str, *, param: str | None = No
                         headers={"Retry-After": RETRY_AFTER_SECONDS} if status in (429, 503) else None)
 
 
-def field_of(problem: dict) -> str | None:
-    """The request field a validation problem is about, dotted (``messages.0.role``); None for the body itself."""
-    where, *path = problem["loc"]
-    return ".".join(map(str, path)) if where == "body" and path and isinstance(path[0], str) else None
+def unreadable(request: Request, reason: str) -> JSONResponse:
+    """400: the body cannot be read as JSON (not UTF-8, not JSON, nested too deeply), for ``reason``."""
+    return error(request, 400, f"the body cannot be read as JSON: {reason}", code="json_invalid")
 
 
 def add_error_handlers(app: FastAPI) -> None:
@@ -57,6 +71,8 @@ def add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException):
+        if exc.status_code == 400 and exc.__cause__ is not None:  # FastAPI's: it could not parse the body
+            return unreadable(request, str(exc.__cause__))
         response = error(request, exc.status_code, str(exc.detail))
         response.headers.update(exc.headers or {})
         return response
@@ -64,32 +80,18 @@ def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
         problems = exc.errors()
-        message = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in problems)
-        return error(request, 422, f"invalid request: {message}", param=field_of(problems[0]),
-                     code=problems[0]["type"], detail=[encodable(e) for e in problems])
-
-
-def is_json_scalar(value) -> bool:
-    """Whether JSON can carry ``value`` as it is: a string, a finite number, true, false or null."""
-    return value is None or isinstance(value, (str, bool, int)) or (isinstance(value, float) and math.isfinite(value))
-
-
-def encodable(problem: dict) -> dict:
-    """One of pydantic's validation errors as a reply can always encode it: the ``input`` it echoes only when it is
-    a JSON scalar (not NaN, infinity, bytes that are not UTF-8, or a whole object), ``ctx`` values as text."""
-    kept = {key: problem[key] for key in ("type", "loc", "msg")}
-    if "input" in problem and is_json_scalar(problem["input"]):
-        kept["input"] = problem["input"]
-    if "ctx" in problem:
-        kept["ctx"] = {key: v if is_json_scalar(v) else str(v) for key, v in problem["ctx"].items()}
-    return kept
+        if problems[0]["type"] == "json_invalid":  # FastAPI's: the body is not JSON
+            return unreadable(request, f"{problems[0]['ctx']['error']} (at character {problems[0]['loc'][1]})")
+        message, detail = invalid_request(problems)
+        return error(request, 422, message, param=field_of(detail[0]), code=problems[0]["type"], detail=detail)
 
 
 class RequestMetrics:
-    """ASGI middleware: request latency by route, adapter and status, from the request's arrival to the last byte of
-    its reply (a streamed reply's end), and the requests in flight (not probes nor scrapes). A reply begun but not
-    ended (a streamed reply whose client went away) is recorded as status 499, as a request whose client went away
-    before its reply (``ClientGone``)."""
+    """ASGI middleware: request latency by route, adapter (the one that served it; ``none``: the bare base model;
+    ``NO_ADAPTER_LABEL``: no adapter) and status, from the request's arrival to the last byte of its reply (a streamed
+    reply's end), and the requests in flight (not probes nor scrapes). A reply begun but not ended (a streamed reply
+    whose client went away) is recorded as status 499, as a request whose client went away before its reply
+    (``ClientGone``)."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -118,9 +120,38 @@ class RequestMetrics:
             route = scope.get("route")
             if route is not None and route.path != "/metrics":
                 metrics.REQUEST_DURATION.labels(
-                    endpoint=route.path, adapter=scope.get("state", {}).get("adapter", BASE_LABEL),
+                    endpoint=route.path, adapter=scope.get("state", {}).get("adapter", NO_ADAPTER_LABEL),
                     status=str(status if ended else CLIENT_CLOSED if status < 500 else status),
                 ).observe(time.perf_counter() - started)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``max_bytes`` is refused (413) before it is read whole: before a byte of
+    it is read when its Content-Length says so, else at the chunk that passes the limit. The refusal is raised where
+    the route reads the body, so it takes the route's error shape (``error``). (Starlette's RequestBodyLimitMiddleware
+    answers such a body in plain text, whatever the route.)"""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = Headers(scope=scope).get("content-length", "")  # Latin-1: only 0-9 are decimal
+        over, read = declared.isdecimal() and int(declared) > self.max_bytes, 0
+
+        async def limited() -> Message:
+            nonlocal read
+            if not over:
+                message = await receive()
+                if message["type"] == "http.request":
+                    read += len(message.get("body", b""))
+                if read <= self.max_bytes:
+                    return message
+            raise HTTPException(413, f"the request body is larger than this server takes: {self.max_bytes} bytes "
+                                "(its max_body_bytes)")
+
+        await self.app(scope, limited, send)
 
 
 def create_app(settings: Settings | None = None, rt: Runtime | None = None) -> FastAPI:
@@ -139,5 +170,6 @@ def create_app(settings: Settings | None = None, rt: Runtime | None = None) -> F
     for router in (tasks_router, admin_router, openai_router, ops_router):
         app.include_router(router)
     add_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=rt.settings.max_body_bytes)
     app.add_middleware(RequestMetrics)
     return app

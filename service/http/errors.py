@@ -1,8 +1,10 @@
 """Errors to HTTP replies, in one table: the status of each domain error (``service.errors``), the replies the HTTP
 layer makes itself, and the OpenAPI documentation of a route's error replies, derived from both. On ``/v1/*`` a reply
-takes OpenAI's shape, its ``type`` derived from the status and its ``code`` from the domain error's class."""
+takes OpenAI's shape, its ``type`` derived from the status and its ``code`` from the domain error's class. What a reply
+echoes of the request is bounded and always encodable (``echoable``)."""
 from __future__ import annotations
 
+import math
 import re
 
 from service.errors import (
@@ -20,6 +22,9 @@ from service.http.schemas import ErrorOut
 
 CLIENT_CLOSED = 499  # nginx's "client closed request": recorded in the metrics, never received by anyone
 RETRY_AFTER_SECONDS = "1"  # sent with every 429 and 503
+ECHO_LIMIT = 200  # characters of one value of the request a reply echoes: a field's input, a key in its location
+MESSAGE_LIMIT = 2000  # characters of a reply's message (a domain error's may quote a name the request sent)
+LISTED_PROBLEMS = 10  # validation problems a 422 lists (its message says how many more there were)
 
 
 class ClientGone(Exception):
@@ -46,6 +51,7 @@ HTTP_REPLIES = {
     401: "A route that needs a key without it: the admin key on admin routes, the API key (when one is set) on the "
          "routes that run the model.",
     403: "Admin routes are disabled: no admin key is set.",
+    413: "A request body larger than the server takes (its max_body_bytes).",
     422: "An invalid request: a field missing, unknown, of the wrong type or out of range (NaN and infinities too), "
          "or messages the chat template cannot render.",
 }
@@ -85,3 +91,58 @@ def error_replies(*errors: type[Exception] | int, shape: type = ErrorOut) -> dic
             status_of(error), error.__doc__.strip().splitlines()[0])
         meanings.setdefault(status, []).append(meaning)
     return {status: {"model": shape, "description": " ".join(meanings[status])} for status in sorted(meanings)}
+
+
+def echoable(text: str, limit: int = ECHO_LIMIT) -> str:
+    """``text`` as an error reply can always carry it: at most ``limit`` characters of it (its start and its end,
+    saying how many were cut between), and each lone surrogate, which UTF-8 cannot encode, spelled as its escape
+    (``\\ud800``)."""
+    if len(text) > limit:
+        head, tail = limit // 2, limit - limit // 2
+        text = f"{text[:head]}...[{len(text) - limit} characters cut]...{text[len(text) - tail:]}"
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def echoable_message(message: str) -> str:
+    """An error reply's message as it can always carry it: each run of more than ``ECHO_LIMIT`` characters without a
+    space (what the request sent: a name, a path, a value) ``echoable``, then the whole at most ``MESSAGE_LIMIT``."""
+    runs_cut = re.sub(rf"\S{{{ECHO_LIMIT + 1},}}", lambda run: echoable(run.group()), message)
+    return echoable(runs_cut, MESSAGE_LIMIT)
+
+
+def is_json_scalar(value) -> bool:
+    """Whether JSON can carry ``value`` as it is: a string, a finite number, true, false or null."""
+    return value is None or isinstance(value, (str, bool, int)) or (isinstance(value, float) and math.isfinite(value))
+
+
+def echoed(value):
+    """A JSON scalar of the request as a reply echoes it: a string ``echoable``, other scalars as they are."""
+    return echoable(value) if isinstance(value, str) else value
+
+
+def encodable(problem: dict) -> dict:
+    """One of pydantic's validation errors as a reply can always encode it: the ``input`` it echoes only when it is
+    a JSON scalar (not NaN, infinity, bytes that are not UTF-8, or a whole object), ``ctx`` values as text; every
+    string that comes from the request (input, keys in ``loc``) ``echoable``."""
+    kept = {"type": problem["type"], "loc": [echoed(part) for part in problem["loc"]],
+            "msg": echoable_message(problem["msg"])}
+    if "input" in problem and is_json_scalar(problem["input"]):
+        kept["input"] = echoed(problem["input"])
+    if "ctx" in problem:
+        kept["ctx"] = {key: echoed(v if is_json_scalar(v) else str(v)) for key, v in problem["ctx"].items()}
+    return kept
+
+
+def field_of(problem: dict) -> str | None:
+    """The request field a validation problem is about, dotted (``messages.0.role``); None for the body itself."""
+    where, *path = problem["loc"]
+    return ".".join(map(str, path)) if where == "body" and path and isinstance(path[0], str) else None
+
+
+def invalid_request(problems: list[dict]) -> tuple[str, list[dict]]:
+    """The message of a 422 (each problem's location and message) and its ``detail`` list: the first
+    ``LISTED_PROBLEMS`` of pydantic's ``problems``, ``encodable``."""
+    listed = [encodable(problem) for problem in problems[:LISTED_PROBLEMS]]
+    message = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in listed)
+    more = f"; and {len(problems) - len(listed)} more" if len(problems) > len(listed) else ""
+    return f"invalid request: {message}{more}", listed
