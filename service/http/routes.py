@@ -23,7 +23,7 @@ from service.errors import (
     UnknownAdapter,
 )
 from service.http.errors import ClientGone, error_replies
-from service.http.schemas import AdapterIn, AnswerIn, AnswerOut, ErrorOut, NliIn, NliOut
+from service.http.schemas import AdapterIn, AnswerIn, AnswerOut, ErrorOut, NliIn, NliOut, NoFields
 from service.lora.adapter_files import BASE_LABEL, adapter_or_base
 from service.runtime import Runtime
 
@@ -33,8 +33,10 @@ ops_router = APIRouter(tags=["operations"])
 T = TypeVar("T")
 
 
+# the errors of any route that reads a body: one that is not JSON, one larger than the server's max_body_bytes
+BODY_ERRORS = (400, 413)
 # the errors of registering an adapter (POST /adapters, and vLLM's POST /v1/load_lora_adapter)
-LOAD_ERRORS = (400, AdapterError, AdapterPathRefused, AdapterPathMissing, AdapterConflict)
+LOAD_ERRORS = (*BODY_ERRORS, AdapterError, AdapterPathRefused, AdapterPathMissing, AdapterConflict)
 
 
 def admin_replies(*errors: type[Exception] | int, shape: type = ErrorOut) -> dict:
@@ -44,7 +46,7 @@ def admin_replies(*errors: type[Exception] | int, shape: type = ErrorOut) -> dic
 
 def serving_replies(shape: type = ErrorOut) -> dict:
     """The error replies of a route that serves a request through the engine (``inference``)."""
-    return error_replies(400, 401, 422, UnknownAdapter, InputTooLong, QueueFull, EngineStopped, shape=shape)
+    return error_replies(*BODY_ERRORS, 401, 422, UnknownAdapter, InputTooLong, QueueFull, EngineStopped, shape=shape)
 
 
 def runtime(request: Request) -> Runtime:
@@ -61,9 +63,14 @@ def serving(request: Request) -> Runtime:
 
 
 def bearer_of(authorization: str | None, key: str) -> bool:
-    """Whether ``authorization`` is ``Bearer <key>``. Compared in constant time, as bytes: Starlette reads a header's
-    bytes as Latin-1, so any header compares, ASCII or not."""
-    return hmac.compare_digest((authorization or "").encode("latin-1"), f"Bearer {key}".encode())
+    """Whether ``authorization`` is ``Bearer <key>``, the scheme in any case (``bearer``, ``BEARER``: RFC 7235 makes
+    it case-insensitive). Compared in constant time, as bytes: Starlette reads a header's bytes as Latin-1, so any
+    header compares, ASCII or not."""
+    header = authorization or ""
+    scheme, space, credentials = header.partition(" ")
+    if scheme.lower() == "bearer":
+        header = f"Bearer{space}{credentials}"
+    return hmac.compare_digest(header.encode("latin-1"), f"Bearer {key}".encode())
 
 
 def check_bearer(authorization: str | None, key: str, refusal: str) -> None:
@@ -188,14 +195,16 @@ def unload_adapter(name: str, rt: Runtime = Depends(admin)) -> dict:
     return {"deleted": name}
 
 
-@admin_router.post("/adapters/unmerge", responses=admin_replies())
-async def unmerge(rt: Runtime = Depends(admin)) -> dict:
+@admin_router.post("/adapters/unmerge", responses=admin_replies(*BODY_ERRORS))
+async def unmerge(body: NoFields | None = None, rt: Runtime = Depends(admin)) -> dict:
+    """Restore the base weights. Takes no body: none, or ``{}``."""
     await run_in_threadpool(rt.engine.call(rt.registry.unmerge).result)
     return merge_state(None)
 
 
-@admin_router.post("/adapters/{name}/merge", responses=admin_replies(UnknownAdapter, AdapterConflict))
-async def merge(name: str, rt: Runtime = Depends(admin)) -> dict:
+@admin_router.post("/adapters/{name}/merge", responses=admin_replies(*BODY_ERRORS, UnknownAdapter, AdapterConflict))
+async def merge(name: str, body: NoFields | None = None, rt: Runtime = Depends(admin)) -> dict:
+    """Merge ``name`` into the base weights. Takes no body: none, or ``{}``."""
     rt.registry.require(name)
     await run_in_threadpool(rt.engine.call(lambda: rt.registry.merge(name)).result)
     return merge_state(name)
