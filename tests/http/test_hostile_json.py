@@ -111,19 +111,27 @@ def test_deeply_nested_values_are_refused(client, route, path):
 
 
 def test_negative_zero_is_zero(client):
-    """-0.0 is 0: a greedy temperature for /v1/completions, below /answer's sampling temperatures."""
+    """-0.0 is 0: a greedy temperature, on /v1/completions and /answer alike."""
     greedy = {"model": "one", "prompt": "Hello", "max_tokens": 4}
     zero = post(client, "/v1/completions", json.dumps({**greedy, "temperature": 0}).encode())
     negative = post(client, "/v1/completions", json.dumps({**greedy, "temperature": -0.0}).encode())
     assert zero.status_code == negative.status_code == 200
     assert zero.json()["choices"] == negative.json()["choices"]
-    body = {**ANSWER, "decoding": {"strategy": "temperature", "temperature": -0.0}}
-    refused = assert_refused(post(client, "/answer", json.dumps(body).encode()), 422)
-    assert "body.decoding.temperature" in refused
+    decodings = ({"strategy": "greedy"}, {"strategy": "temperature", "temperature": -0.0})
+    answers = [post(client, "/answer", json.dumps({**ANSWER, "decoding": {**decoding, "max_new_tokens": 4}}).encode())
+               for decoding in decodings]
+    assert [reply.status_code for reply in answers] == [200, 200], [reply.text for reply in answers]
+    assert answers[0].json()["answer"] == answers[1].json()["answer"]
 
 
-def test_routes_without_a_body_ignore_one(client):
-    """The unmerge and merge routes read no body: a hostile one is not read, and the reply is plain JSON."""
-    for route in ("/adapters/unmerge", "/adapters/one/merge", "/adapters/unmerge"):
-        reply = post(client, route, b'{"x": NaN, "y": 1e400}')
-        assert reply.status_code == 200 and "merged" in reply.json(), reply.text
+def test_routes_without_a_body_refuse_one(client):
+    """The unmerge and merge routes take no body (none, or an empty object): a hostile one is refused like any other,
+    and nothing changes."""
+    assert post(client, "/adapters/one/merge", b"").status_code == 200
+    before = listed(client)
+    assert before["one"]["state"] == "merged"
+    for route in ("/adapters/unmerge", "/adapters/two/merge"):
+        assert "body.x" in assert_refused(post(client, route, b'{"x": NaN, "y": 1e400}'), 422)
+        assert "body" in assert_refused(post(client, route, b"[]"), 422)
+        assert listed(client) == before
+    assert post(client, "/adapters/unmerge", b"{}").json()["merged"] is None
