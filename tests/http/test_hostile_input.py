@@ -19,7 +19,7 @@ from service.http.app import NO_ADAPTER_LABEL, create_app
 from service.http.errors import ECHO_LIMIT, LISTED_PROBLEMS, MESSAGE_LIMIT
 from service.http.routes import bearer_of
 from service.settings import Settings
-from tests.http.test_hostile_json import ADAPTER, ANSWER, COMPLETION, NLI, assert_refused, post
+from tests.http.test_hostile_json import ADAPTER, ANSWER, COMPLETION, NLI, assert_refused, post, with_raw
 from tests.server_helpers import ADMIN, ADMIN_KEY, copy_adapters, listed, scrape, tiny_settings, value, wait_ready
 
 LIMIT = 2**21  # the test server's max_body_bytes: bodies of a few megabytes stay quick to send
@@ -65,17 +65,6 @@ def strings(body, path: tuple = ()) -> Iterator[tuple]:
         yield from strings(inner, (*path, key))
 
 
-def with_string(body: dict, path: tuple, raw: str) -> bytes:
-    """``body`` as JSON text with the string at ``path`` written as the JSON string literal ``raw`` (escapes kept)."""
-    mark = "\u0000mark\u0000"
-    body = json.loads(json.dumps(body))
-    inner = body
-    for key in path[:-1]:
-        inner = inner[key]
-    inner[path[-1]] = mark
-    return json.dumps(body).replace(json.dumps(mark), raw).encode()
-
-
 STRING_FIELDS = [(route, path) for route, body in BODIES.items() for path in strings(body)]
 SURROGATES = ['"\\ud800"', '"a\\udc80b"', '"\\udfff\\ud800"', '"ok \\ude00"']  # lone high, low (surrogateescape's)
 
@@ -90,7 +79,7 @@ def strict_json(reply: httpx.Response) -> dict:
 def test_a_lone_surrogate_in_any_string_is_422_naming_the_field(client, route, path):
     before = listed(client)
     for raw in SURROGATES:
-        reply = post(client, route, with_string(BODIES[route], path, raw))
+        reply = post(client, route, with_raw(BODIES[route], path, raw))
         error = assert_refused(reply, 422)
         assert "body." + str(path[0]) in error and str(path[-1]) in error, error
         strict_json(reply)
@@ -101,7 +90,7 @@ def test_a_surrogate_pair_is_one_character_and_served(client):
     """The escapes of a character beyond the BMP (an emoji) are a pair, not lone surrogates: taken as that character."""
     for route, path in [("/answer", ("question",)), ("/nli", ("hypothesis",)), ("/v1/completions", ("prompt",)),
                         ("/v1/chat/completions", ("messages", 1, "content", 0, "text"))]:
-        reply = post(client, route, with_string(BODIES[route], path, '"Who \\ud83d\\ude00 won?"'))
+        reply = post(client, route, with_raw(BODIES[route], path, '"Who \\ud83d\\ude00 won?"'))
         assert reply.status_code == 200, (route, reply.text)
 
 
