@@ -59,7 +59,7 @@ GOOD = {"context": SQUAD_CONTEXT, "question": SQUAD_QUESTION, "adapter": "one"}
 @pytest.mark.parametrize("body,field", [
     ({**GOOD, "decoding": {"strategy": "beam"}}, "strategy"),
     ({**GOOD, "decoding": {"strategy": "temperature", "temperature": -1}}, "temperature"),
-    ({**GOOD, "decoding": {"temperature": 0}}, "temperature"),
+    ({**GOOD, "decoding": {"temperature": 11}}, "temperature"),
     ({**GOOD, "decoding": {"top_p": 1.5}}, "top_p"),
     ({**GOOD, "decoding": {"top_k": 0}}, "top_k"),
     ({**GOOD, "decoding": {"max_new_tokens": 0}}, "max_new_tokens"),

@@ -30,7 +30,7 @@ INFERENCE = [("/answer", {"context": SQUAD_CONTEXT, "question": SQUAD_QUESTION, 
              ("/v1/completions", {"model": "one", "prompt": "Hello", "max_tokens": 2}),
              ("/v1/chat/completions", {"model": "one", "messages": [{"role": "user", "content": "Hi"}],
                                        "max_tokens": 2})]
-WRONG = ["Bearer " + "j" * len(API_KEY), "Bearer " + API_KEY * 40, "Bearer ", "", API_KEY, "bearer " + API_KEY,
+WRONG = ["Bearer " + "j" * len(API_KEY), "Bearer " + API_KEY * 40, "Bearer ", "", API_KEY,
          "Bearer  " + API_KEY, "Bearer " + API_KEY + " ", "Basic " + API_KEY, ADMIN["Authorization"],
          ("Bearer " + API_KEY + "\u00e9").encode(), b"Bearer \xff\xfe"]
 
