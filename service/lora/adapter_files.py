@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import mmap
@@ -31,6 +32,7 @@ KEY_PATTERN = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB]
 FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 PACKING_THREADS = 4  # packing an adapter is a few MB of small copies; torch ops release the GIL
 PACKERS = ThreadPoolExecutor(PACKING_THREADS, thread_name_prefix="loraswap-pack")
+SERIALS = itertools.count(1)  # AdapterWeights.serial: never reused in a process, unlike id() after a collection
 
 # peft's LoraConfig fields the engine serves at any value peft accepts, and why. Every other field must hold its
 # default (REFUSED_FIELDS says what each changes), so a field new in peft is refused until someone serves it.
@@ -123,6 +125,7 @@ class AdapterWeights:
     target_modules: list[str]
     packed: torch.Tensor = field(repr=False)
     layout: dict[str, tuple[int, int, int]] = field(repr=False)  # module -> (offset, in, out)
+    serial: int = field(default_factory=SERIALS.__next__, init=False)  # these weights' identity, as a number
 
     @property
     def nbytes(self) -> int:
