@@ -69,6 +69,11 @@ class Settings(BaseSettings):
         "steps (the larger of this and the running rows: about a step's arithmetic); 0 runs whole prompts; unset: 64 "
         "on the CPU, 0 on the GPU (where a pass costs its kernel launches more than its tokens)")
     cuda_graphs: bool = Field(True, description="replay decoding steps as CUDA graphs (GPU only)")
+    prefix_cache_bytes: int = Field(
+        256 * 2**20, ge=0, description="bytes of prompt keys and values kept for reuse by later prompts that begin "
+        "with the same tokens for the same adapter (least recently used dropped first); 0 turns prefix caching off")
+    prefix_block_tokens: int = Field(16, ge=1, description="prefix caching granularity in tokens: a prompt reuses the "
+                                     "longest cached run of whole blocks that begins it")
 
     # http
     host: str = "127.0.0.1"

@@ -1,0 +1,146 @@
+"""Prefix caching: the keys and values of prompt prefixes, kept and reused by later prompts that begin the same way.
+
+Questions about one document share the start of their prompt ("Context: <paragraph>\\nQuestion: ..."). As in vLLM's
+automatic prefix caching, prompts are cut into blocks of ``block_tokens`` tokens; a whole block's keys and values
+depend on its tokens, on every token before it and on the weights, so a block is found by its parent (the block
+before it) and its own tokens, and a first block by the weights (``weights_key``: the adapter's identity, never its
+name). Where vLLM chains hashes, the key here holds the parent's serial number and the tokens themselves: two
+different prefixes never share a key. A prompt reuses the longest run of cached blocks that begins it, short of its
+last token (its prefill must compute that token's logits).
+
+The blocks take ``max_bytes`` at most, the least recently used dropped first. Every use touches a chain from its
+last block to its first, so a block is always more recently used than the blocks after it: eviction takes the tails
+of chains first and never leaves a block whose parent is gone.
+"""
+from __future__ import annotations
+
+import itertools
+from collections import Counter, OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from service import metrics
+from service.lora.adapter_files import AdapterWeights
+
+WeightsKey = tuple[int, bool]  # (the adapter's serial, 0 for the bare base; whether it is merged into the base)
+
+
+def weights_key(adapter: AdapterWeights | None, merged: AdapterWeights | None) -> WeightsKey:
+    """What computed a row's keys and values: its adapter's weights (by ``serial``: weights registered again under
+    the same name are other weights; None, the bare base) and whether they were merged into the base (``merged``: the
+    registry's merged weights). Keys and values computed with the adapter merged agree with those computed through
+    its slot only to rounding (the merged weights are rounded sums), so the two are kept apart: a cached block is
+    only reused by rows that take the same arithmetic path as the one that computed it."""
+    return (0 if adapter is None else adapter.serial, adapter is not None and adapter is merged)
+
+
+@dataclass(eq=False)
+class Block:
+    """One cached block: its key in the cache, its serial (its children's parent) and its keys and values."""
+
+    key: tuple[WeightsKey | int, tuple[int, ...]]  # (parent: its weights if first, else its serial; its tokens)
+    serial: int
+    kv: torch.Tensor  # [layers, 2 (keys, values), kv heads, block tokens, head dim]
+
+
+class PrefixCache:
+    """Blocks of prompt keys and values by (parent, tokens), least recently used first, in ``max_bytes`` at most
+    (0: off, nothing is looked up or kept). Used by the engine thread only."""
+
+    def __init__(self, block_tokens: int, max_bytes: int):
+        self.block_tokens, self.max_bytes = block_tokens, max_bytes
+        self.nbytes = 0
+        self._blocks: OrderedDict[tuple, Block] = OrderedDict()
+        self._serials = itertools.count()
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_bytes > 0
+
+    def lookup(self, weights: WeightsKey, prompt: list[int]) -> torch.Tensor | None:
+        """The keys and values [layers, 2, kv heads, tokens, head dim] of the longest run of cached whole blocks that
+        begins ``prompt`` (its last token left out) for ``weights``, or None; counted in the metrics."""
+        if not self.enabled:
+            return None
+        chain = self._cached(weights, prompt, (len(prompt) - 1) // self.block_tokens)
+        self._touch(chain)
+        metrics.PREFIX_CACHE_QUERY_TOKENS.inc(len(prompt))
+        metrics.PREFIX_CACHE_HIT_TOKENS.inc(len(chain) * self.block_tokens)
+        return torch.cat([block.kv for block in chain], dim=3) if chain else None
+
+    def store(self, weights: WeightsKey, prompt: list[int], block_kv: Callable[[int, int], torch.Tensor]) -> None:
+        """Keep the whole blocks of ``prompt`` computed with ``weights``: ``block_kv(start, end)`` gives the keys and
+        values [layers, 2, kv heads, end - start, head dim] of tokens ``start .. end - 1``, a tensor of its own that
+        the cache keeps (asked only for blocks not cached yet). Stops at the first block that would only fit by
+        evicting the blocks before it."""
+        if not self.enabled:
+            return
+        chain, parent, size = [], weights, self.block_tokens
+        for start in range(0, len(prompt) - size + 1, size):
+            key = (parent, tuple(prompt[start: start + size]))
+            block = self._blocks.get(key)
+            if block is None:
+                block = self._insert(key, block_kv(start, start + size), chain)
+                if block is None:
+                    break
+            self._blocks.move_to_end(key)  # the chain so far sits at the end, out of eviction's way
+            chain.append(block)
+            parent = block.serial
+        self._touch(chain)
+        metrics.PREFIX_CACHE_BYTES.set(self.nbytes)
+
+    def shared(self, weights: list[WeightsKey], prompts: list[list[int]]) -> list[tuple[int, int]]:
+        """Prefixes that several of ``prompts`` (computed with ``weights``, one each) begin with, whole blocks short of
+        their last tokens, and that are not cached: run once before the prompts, they are cached for them all. Returns
+        (a prompt that begins with it, its length in tokens) for each, none a prefix of another; [] when off."""
+        if not self.enabled:
+            return []
+        ids: dict[tuple, int] = {}  # (parent, tokens) -> an id of the block in these prompts
+        paths = [self._path(key, prompt, ids) for key, prompt in zip(weights, prompts)]
+        rows = Counter(block for path in paths for block in path)  # how many prompts hold each block
+        ends: dict[int, int] = {}  # the last block of a shared prefix not cached -> a prompt that begins with it
+        for row, (key, prompt, path) in enumerate(zip(weights, prompts, paths)):
+            depth = sum(rows[block] > 1 for block in path)  # a prompt's shared blocks come first
+            if depth > len(self._cached(key, prompt, depth)):
+                ends.setdefault(path[depth - 1], row)
+        inner = {block for end, row in ends.items() for block in paths[row][: paths[row].index(end)]}
+        return [(row, (paths[row].index(end) + 1) * self.block_tokens) for end, row in ends.items() if end not in inner]
+
+    def _path(self, weights: WeightsKey, prompt: list[int], ids: dict[tuple, int]) -> list[int]:
+        """Ids (from ``ids``, which grows) of the whole blocks of ``prompt`` short of its last token."""
+        path, parent, size = [], weights, self.block_tokens
+        for start in range(0, (len(prompt) - 1) // size * size, size):
+            parent = ids.setdefault((parent, tuple(prompt[start: start + size])), len(ids))
+            path.append(parent)
+        return path
+
+    def _cached(self, weights: WeightsKey, prompt: list[int], most: int) -> list[Block]:
+        """The cached blocks that begin ``prompt``, ``most`` at most, first first."""
+        chain, parent, size = [], weights, self.block_tokens
+        for start in range(0, most * size, size):
+            block = self._blocks.get((parent, tuple(prompt[start: start + size])))
+            if block is None:
+                break
+            chain.append(block)
+            parent = block.serial
+        return chain
+
+    def _insert(self, key: tuple, kv: torch.Tensor, chain: list[Block]) -> Block | None:
+        """A new block of ``kv``, evicting the least recently used blocks that are not in ``chain`` (which
+        sit last) as long as it does not fit; None, and nothing evicted, if it cannot fit."""
+        if kv.nbytes > self.max_bytes - sum(block.kv.nbytes for block in chain):
+            return None
+        while self.nbytes + kv.nbytes > self.max_bytes:
+            _, evicted = self._blocks.popitem(last=False)
+            self.nbytes -= evicted.kv.nbytes
+        block = Block(key, next(self._serials), kv)
+        self._blocks[key] = block
+        self.nbytes += kv.nbytes
+        return block
+
+    def _touch(self, chain: list[Block]) -> None:
+        """Mark ``chain`` used, its first block most recently (it outlives the blocks after it)."""
+        for block in reversed(chain):
+            self._blocks.move_to_end(block.key)
