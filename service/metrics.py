@@ -74,10 +74,11 @@ MERGE_SWITCH = AdapterHistogram("loraswap_merge_switch_seconds", "Time the engin
                                 "base weights (action=merge) or restoring them (action=unmerge)", ["action", "adapter"],
                                 buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5))
 ADAPTERS_RESIDENT = Gauge("loraswap_adapters_resident", "Adapters held in device slots")
-PREFIX_CACHE_QUERY_TOKENS = Counter("loraswap_prefix_cache_query_tokens", "Prompt tokens looked up in the prefix "
-                                    "cache (every prompt token of every request, while the cache is on)")
-PREFIX_CACHE_HIT_TOKENS = Counter("loraswap_prefix_cache_hit_tokens", "Prompt tokens whose keys and values came from "
-                                  "the prefix cache (not computed); the rest of the query tokens were computed")
+PREFIX_CACHE_QUERY_TOKENS = Counter(
+    "loraswap_prefix_cache_query_tokens", "Prompt tokens of prefill passes while the prefix cache is on: every "
+    "request's prompt, and each prefix that several prompts admitted together share (run once, in a pass of its own)")
+PREFIX_CACHE_HIT_TOKENS = Counter("loraswap_prefix_cache_hit_tokens", "Prompt tokens of prefill passes whose keys and "
+                                  "values came from the prefix cache; query tokens less these were computed")
 PREFIX_CACHE_BYTES = Gauge("loraswap_prefix_cache_bytes", "Bytes of keys and values the prefix cache holds")
 REQUESTS_IN_FLIGHT = Gauge("loraswap_requests_in_flight", "HTTP requests being served (probes and scrapes not counted)")
 BY_ADAPTER = (REQUEST_DURATION, TIME_TO_FIRST_TOKEN, INTER_TOKEN_LATENCY, GENERATED_TOKENS, MERGE_SWITCH)
