@@ -24,6 +24,12 @@ def column_bucket(columns: int) -> int:
     return -(-columns // COLUMN_STEP) * COLUMN_STEP
 
 
+def prompt_columns(mask: torch.Tensor) -> torch.Tensor:
+    """[rows, width]: for each row of ``mask`` [rows, width] (1 where a column holds one of the row's tokens), the
+    columns of its tokens in order, then its other columns."""
+    return torch.argsort(1 - mask, dim=1, stable=True)
+
+
 class RowKVCache(Cache):
     """Keys and values [rows, kv heads, columns, head dim] per layer, written at per-row positions."""
 
@@ -62,15 +68,15 @@ class RowKVCache(Cache):
         self.keys, self.values = grown_keys, grown_values
         self.storage += 1
 
-    def write_prompts(self, start: int, prefill: DynamicCache, pads: torch.Tensor) -> None:
-        """Copy a prefill's left-padded rows (``pads[j]`` pad columns in front of row j) into rows
-        ``start ..``, each shifted to begin at column 0 (columns past a prompt get filler, never read)."""
-        width = prefill.layers[0].keys.shape[2]
-        shift = (torch.arange(width, device=pads.device)[None, :] + pads[:, None]).clamp(max=width - 1)
+    def write_prompts(self, start: int, prefill: DynamicCache, mask: torch.Tensor) -> None:
+        """Copy a prefill's rows into rows ``start ..``, each row's tokens (the columns its ``mask`` [rows, width]
+        marks: left padding, or a cached prefix and the rest of the prompt with a hole between them) moved to begin at
+        column 0, in order (columns past a prompt get filler, never read)."""
+        columns = prompt_columns(mask)
         for keys, values, layer in zip(self.keys, self.values, prefill.layers):
-            index = shift[:, None, :, None].expand_as(layer.keys)
-            keys[start: start + len(pads), :, :width] = layer.keys.gather(2, index)
-            values[start: start + len(pads), :, :width] = layer.values.gather(2, index)
+            index = columns[:, None, :, None].expand_as(layer.keys)
+            keys[start: start + len(mask), :, : mask.shape[1]] = layer.keys.gather(2, index)
+            values[start: start + len(mask), :, : mask.shape[1]] = layer.values.gather(2, index)
 
     def keep(self, index: torch.Tensor, columns: int) -> None:
         """Move rows ``index`` (their first ``columns`` columns) to the front, in this order."""

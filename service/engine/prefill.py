@@ -1,32 +1,51 @@
-"""Prefill: prompts run through the model together, left-padded, whole or a chunk of columns at a time.
+"""Prefill: prompts run through the model together, past their cached prefixes, whole or a chunk of columns at a time.
 
 Requests that join a running batch have their prompts run between two of its decoding steps; run whole,
 long prompts would hold the running rows for many steps' worth of work. A ``Prefill`` can instead
 advance by a budget of prompt tokens per pause, keeping the columns run so far in a ``DynamicCache``.
+
+With a ``PrefixCache``, each prompt starts from the keys and values cached for its longest cached prefix (computed
+earlier with the same weights) and only its other tokens run; once through, its whole blocks are kept for later
+prompts. The cache's columns then hold every row's cached prefix, right-aligned to ``past`` columns, followed by the
+left-padded rest of the prompts: a row whose prefix and rest are both shorter than the longest has a hole of padding
+between the two, which its attention mask skips (``mask`` marks the columns that hold its tokens).
 """
 from __future__ import annotations
 
 import torch
 from transformers import DynamicCache
 
+from service.engine.kv_cache import prompt_columns
+from service.engine.prefix_cache import PrefixCache, WeightsKey
 from service.model.base_model import cache_keyword
 
 
 class Prefill:
-    """Left-padded prompts [rows, width] and how far they have run; ``logits`` [rows, vocab] once finished."""
+    """Prompts [rows]: ``ids`` [rows, width], the tokens past each row's cached prefix, left-padded; ``mask`` [rows,
+    past + width] the cache columns that hold each row's tokens; ``logits`` [rows, vocab] once finished.
 
-    def __init__(self, model, prompts: list[list[int]], pad_id: int, device: torch.device):
-        self.model = model
-        width = max(len(prompt) for prompt in prompts)
+    ``prefix_cache`` (with ``weights``, one per prompt: what computes its keys and values) supplies the cached
+    prefixes and keeps the prompts' blocks once they have run; None runs every token and keeps nothing."""
+
+    def __init__(self, model, prompts: list[list[int]], pad_id: int, device: torch.device,
+                 prefix_cache: PrefixCache | None = None, weights: list[WeightsKey] | None = None):
+        self.model, self.prompts, self.prefix_cache, self.weights = model, prompts, prefix_cache, weights
+        prefixes = ([prefix_cache.lookup(key, prompt) for key, prompt in zip(weights, prompts)]
+                    if prefix_cache is not None else [None] * len(prompts))
+        cached = [0 if prefix is None else prefix.shape[3] for prefix in prefixes]
+        self.past = max(cached)  # columns of cached prefixes
+        width = max(len(prompt) - skip for prompt, skip in zip(prompts, cached))
         ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            ids[row, width - len(prompt):] = torch.tensor(prompt)
-            mask[row, width - len(prompt):] = 1
+        mask = torch.zeros((len(prompts), self.past + width), dtype=torch.long)
+        for row, (prompt, skip) in enumerate(zip(prompts, cached)):
+            rest = len(prompt) - skip
+            ids[row, width - rest:] = torch.tensor(prompt[skip:])
+            mask[row, self.past - skip: self.past] = 1
+            mask[row, self.past + width - rest:] = 1
         self.ids, self.mask = ids.to(device), mask.to(device)
-        self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
-        self.cache = DynamicCache()
-        self.done = 0  # columns run so far
+        self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)[:, self.past:]  # [rows, width]
+        self.cache = DynamicCache(ddp_cache_data=seeded(prefixes, self.past)) if self.past else DynamicCache()
+        self.done = 0  # columns of ``ids`` run so far
         self.logits: torch.Tensor | None = None
 
     @property
@@ -41,9 +60,35 @@ class Prefill:
         """Run the next columns: as many as ``budget`` tokens over all rows allow (at least one), or all (0)."""
         columns = max(1, budget // len(self.ids)) if budget else self.width
         start, end = self.done, min(self.width, self.done + columns)
-        out = self.model(input_ids=self.ids[:, start:end], attention_mask=self.mask[:, :end],
+        out = self.model(input_ids=self.ids[:, start:end], attention_mask=self.mask[:, : self.past + end],
                          position_ids=self.positions[:, start:end], **{cache_keyword(self.model): self.cache},
                          use_cache=True, logits_to_keep=1)
         self.done = end
         if self.finished:
             self.logits = out.logits[:, -1].float()
+            self._keep_blocks()
+
+    def _keep_blocks(self) -> None:
+        """Hand the prefix cache every prompt's whole blocks (it copies those it lacks)."""
+        if self.prefix_cache is None:
+            return
+        columns = prompt_columns(self.mask)  # [rows, past + width]: each row's tokens' columns first, in order
+        for row, (key, prompt) in enumerate(zip(self.weights, self.prompts)):
+            self.prefix_cache.store(key, prompt, lambda start, end, row=row: self._kv(row, columns[row, start:end]))
+
+    def _kv(self, row: int, columns: torch.Tensor) -> torch.Tensor:
+        """A copy of row ``row``'s keys and values at ``columns`` [tokens]: [layers, 2, kv heads, tokens, head dim]."""
+        return torch.stack([torch.stack((layer.keys[row][:, columns], layer.values[row][:, columns]))
+                            for layer in self.cache.layers])
+
+
+def seeded(prefixes: list[torch.Tensor | None], past: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer (keys, values) [rows, kv heads, past, head dim]: each row's cached prefix ([layers, 2, kv heads,
+    tokens, head dim], or None) right-aligned, zeros in front of it (the attention mask hides them)."""
+    like = next(prefix for prefix in prefixes if prefix is not None)
+    layers, _, heads, _, dim = like.shape
+    kv = like.new_zeros(layers, 2, len(prefixes), heads, past, dim)
+    for row, prefix in enumerate(prefixes):
+        if prefix is not None:
+            kv[:, :, row, :, past - prefix.shape[3]:] = prefix
+    return [(layer[0], layer[1]) for layer in kv]

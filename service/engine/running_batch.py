@@ -39,11 +39,12 @@ class RunningBatch:
 
     def add(self, pendings: list, logits: torch.Tensor, prefill: DynamicCache, mask: torch.Tensor,
             sampler: Sampler, limits: list[int]) -> None:
-        """Append prefilled rows (left-padded ``mask`` [k, W]) after the running ones."""
+        """Append prefilled rows after the running ones (``mask`` [k, W]: the prefill's cache columns that hold each
+        row's tokens, see ``Prefill``)."""
         lengths = mask.sum(-1)
         start, cache = len(self), self.decoder.cache
         cache.reserve(start + len(pendings), mask.shape[1], used=(start, max(self.positions, default=0)), like=prefill)
-        cache.write_prompts(start, prefill, mask.shape[1] - lengths)
+        cache.write_prompts(start, prefill, mask)
         self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
         self.positions += lengths.tolist()
         self.sampler.extend(sampler)

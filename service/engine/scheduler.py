@@ -4,7 +4,9 @@ Requests of any adapters and decoding parameters share a batch. Generation runs 
 through the model and then one decoding step per token over a preallocated KV cache (a CUDA graph per
 batch-size bucket on the GPU); rows that finish or are abandoned leave the batch, so they stop costing
 compute, and queued requests join it between steps, their prompts run a chunk per pause (``prefill_chunk``)
-so that a long prompt does not hold the running rows for many steps. A generation with a listener gets each token
+so that a long prompt does not hold the running rows for many steps. Prompts run past the longest prefix whose keys
+and values the prefix cache holds for their weights; a prefix that several prompts taken together share, and that the
+cache lacks, runs once in a pass of its own before theirs. A generation with a listener gets each token
 (and, if it asks, its log-probabilities) as soon as the step that picked it ends. Scoring (NLI) is one pass over the
 prompts. Adapter activation, merge and unmerge happen on this thread between steps, so no row ever runs
 with weights other than its own adapter's.
@@ -27,12 +29,13 @@ from service import metrics
 from service.engine.attention import use_packed_gqa_attention
 from service.engine.decode_step import DecodeStep
 from service.engine.endings import Endings
+from service.engine.joining import Joining
 from service.engine.merge_policy import MergePolicy
 from service.engine.prefill import Prefill
+from service.engine.prefix_cache import PrefixCache, weights_key
 from service.engine.requests import Generation, RequestFuture, SampledToken, Scoring
 from service.engine.row_mapping import map_rows, point
 from service.engine.running_batch import RunningBatch
-from service.engine.sampling import Sampler
 from service.errors import EngineFailed, EngineStopped, QueueFull, RequestAbandoned, UnknownAdapter
 from service.lora.adapter_files import BASE_LABEL, AdapterWeights
 from service.lora.registry import AdapterRegistry
@@ -50,14 +53,6 @@ class _Pending:
     on_token: Callable[[SampledToken], None] | None = None  # a generation's listener (see Engine.submit)
 
 
-@dataclass
-class _Joining:
-    """Requests of one kind taken from the queue, and the prefill of their prompts."""
-
-    pendings: list[_Pending]
-    prefill: Prefill
-
-
 class Engine:
     """Queue, scheduler and batched forward passes over one base model with per-row adapters."""
 
@@ -71,6 +66,7 @@ class Engine:
         self.prefill_chunk = settings.prefill_chunk if settings.prefill_chunk is not None else (
             64 if self.device.type == "cpu" else 0)
         self.decoder = DecodeStep(model, registry.layers, settings.cuda_graphs, settings.max_batch)
+        self.prefix_cache = PrefixCache(settings.prefix_block_tokens, settings.prefix_cache_bytes)
         self._queue: deque[_Pending] = deque()
         self._controls: deque[tuple[callable, Future]] = deque()
         self._wakeup = threading.Condition()
@@ -304,36 +300,51 @@ class Engine:
         if switch.merge is not None and self.registry.holds(switch.merge):
             self.registry.merge_weights(switch.merge)
 
-    def _joining(self, pendings: list[_Pending]) -> _Joining:
+    def _joining(self, pendings: list[_Pending]) -> Joining:
         """Requests just taken from the queue, their prompts not yet run."""
         now = time.perf_counter()
         for pending in pendings:
             metrics.QUEUE_WAIT.observe(now - pending.enqueued)
         metrics.BATCH_SIZE.observe(len(pendings))
-        prompts = [pending.work.prompt_ids for pending in pendings]
-        return _Joining(pendings, Prefill(self.model, prompts, self.pad_id, self.device))
+        return self._prompts_pass(pendings, shared_first=True)
 
-    def _between_steps(self, running: RunningBatch, joining: _Joining | None) -> _Joining | None:
+    def _prompts_pass(self, pendings: list[_Pending], shared_first: bool) -> Joining:
+        """The prefill pass of ``pendings``' prompts (past their cached prefixes); with ``shared_first``, a pass of the
+        prefixes several of them share and the prefix cache lacks comes first, if any, so those run once."""
+        prompts = [pending.work.prompt_ids for pending in pendings]
+        weights = [weights_key(pending.adapter, self.registry.merged_weights) for pending in pendings]
+        shared = self.prefix_cache.shared(weights, prompts) if shared_first else []
+        if not shared:
+            return Joining(pendings, Prefill(self.model, prompts, self.pad_id, self.device, self.prefix_cache, weights))
+        prefixes, keys = [prompts[row][:tokens] for row, tokens in shared], [weights[row] for row, _ in shared]
+        prefill = Prefill(self.model, prefixes, self.pad_id, self.device, self.prefix_cache, keys)
+        return Joining(pendings, prefill, [pendings[row] for row, _ in shared])
+
+    def _between_steps(self, running: RunningBatch, joining: Joining | None) -> Joining | None:
         """Between two decoding steps: take waiting requests (NLI first) if none are joining, make their adapters
         resident, and run the joining prompts on by one chunk (to the end when no row is running) unless this
         pause loaded an adapter. Once through, NLI requests get their answer and generations join the running
-        rows. Returns the requests still joining."""
+        rows (after a pass of shared prefixes, their own prompts' pass comes next). Returns the requests still
+        joining."""
         if joining is None and len(running):
             joining = self._admit(running)
-        if joining is None:
-            return None
-        filled = self._map_rows(running, joining.pendings, to_joiners=True)
-        if not filled or not len(running):  # a pause that made an adapter resident does no more
+        while joining is not None:
+            filled = self._map_rows(running, joining, to_joiners=True)
+            if filled and len(running):  # a pause that made an adapter resident does no more
+                break
             chunk = self.prefill_chunk
             joining.prefill.advance(max(chunk, len(running)) if chunk and len(running) else 0)
             if joining.prefill.finished:
-                self._land(running, joining)
-        still_joining = None if joining.prefill.finished else joining
+                if not joining.leaders:
+                    joining.land(running, self.settings.max_new_tokens)
+                joining = self._prompts_pass(joining.pendings, shared_first=False) if joining.leaders else None
+            if len(running):
+                break
         if len(running):
-            self._map_rows(running, still_joining.pendings if still_joining else [], to_joiners=False)
-        return still_joining
+            self._map_rows(running, joining, to_joiners=False)
+        return joining
 
-    def _admit(self, running: RunningBatch) -> _Joining | None:
+    def _admit(self, running: RunningBatch) -> Joining | None:
         """Queued requests that fit beside the running rows (room, device slots); the merge policy sees them and the
         running rows before they join. None while an admin call waits (the batch then ends, and the call runs) or
         while the oldest request waits for a device slot (until every row of some adapter is done): otherwise a
@@ -363,11 +374,12 @@ class Engine:
             return False
         return adapter not in in_use | {None} and len(in_use - {None}) >= self.registry.max_resident
 
-    def _map_rows(self, running: RunningBatch, joiners: list[_Pending], to_joiners: bool) -> int:
-        """Make the weights of the running rows and of ``joiners`` resident and point the row mapping at the joiners
-        (to run their prompts) or at the running rows (``row_mapping.map_rows``); how many adapters this loaded."""
-        rows = running.pendings + joiners
-        pointed = slice(len(running), len(rows)) if to_joiners else slice(0, len(running))
+    def _map_rows(self, running: RunningBatch, joining: Joining | None, to_joiners: bool) -> int:
+        """Make the weights of the running and the joining rows resident and point the row mapping at the rows of the
+        joining pass (to run it) or at the running rows (``row_mapping.map_rows``); how many adapters this loaded."""
+        rows = running.pendings + (joining.pendings if joining is not None else [])
+        pointed = slice(len(rows), None) if to_joiners else slice(0, len(running))
+        rows += joining.rows if to_joiners else []
         return map_rows(self.registry, [row.adapter for row in rows], pointed, self.settings.max_batch)
 
     def _point_kept(self, running: RunningBatch, kept: torch.Tensor) -> None:
@@ -376,20 +388,6 @@ class Engine:
         mapping, zero = self.registry.layers.mapping, self.registry.zero_slot
         slots = mapping.slots[kept].tolist() if mapping.slots is not None else [zero] * len(kept)
         point(self.registry, [row.adapter for row in running.pendings], slots, self.settings.max_batch)
-
-    def _land(self, running: RunningBatch, joining: _Joining) -> None:
-        """Requests whose prompts have run: NLI requests get their probabilities, generations join ``running``."""
-        pendings, prefill = joining.pendings, joining.prefill
-        if isinstance(pendings[0].work, Scoring):
-            for row, pending in enumerate(pendings):
-                if not pending.future.done():
-                    candidates = torch.tensor(pending.work.candidates, device=prefill.logits.device)
-                    pending.future.set_result(prefill.logits[row, candidates].softmax(-1).tolist())
-            return
-        works = [pending.work for pending in pendings]
-        limits = [min(work.decoding.max_new_tokens, self.settings.max_new_tokens) for work in works]
-        sampler = Sampler([work.decoding for work in works], self.device)
-        running.add(pendings, prefill.logits, prefill.cache, prefill.mask, sampler, limits)
 
     def _finish(self, pending: _Pending, tokens: list[int], reason: str, first_token_at: float) -> None:
         result = self.endings.result(pending.work, tokens, reason, first_token_at - pending.enqueued)
