@@ -27,8 +27,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from loadtest.endpoints import Loraswap
 from loadtest.side_by_side import run_load
 from loadtest.side_by_side_report import row
-from loadtest.stack_shares import ENGINE, EVENT_LOOP, parse_raw, shares
-from loadtest.workload import workload
+from loadtest.stack_shares import ENGINE, EVENT_LOOP, parse_raw, shares, stage_of
+from loadtest.workload import MODES, workload
 from service.cli.command import comma_list, positive
 from training.data import data_dir
 
@@ -70,10 +70,20 @@ def per_request_ms(load: dict, thread: str) -> dict[str, float]:
     return {category: 1000 * load["seconds"] * n / total / load["requests"] for category, n in counts.items()}
 
 
-def breakdown_table(loads: list[dict], thread: str) -> list[str]:
-    """Markdown lines: a row per category of ``thread``, with its share of the thread's time and milliseconds per
-    request at each load, largest first (by the last load)."""
+def by_stage(ms: dict[str, float]) -> dict[str, float]:
+    """Milliseconds per category summed by stage (``stage_of``): all of prefill, all of the decoding steps, ..."""
+    totals: dict[str, float] = {}
+    for category, value in ms.items():
+        totals[stage_of(category)] = totals.get(stage_of(category), 0.0) + value
+    return totals
+
+
+def breakdown_table(loads: list[dict], thread: str, stages: bool = False) -> list[str]:
+    """Markdown lines: a row per category of ``thread`` (or, with ``stages``, per stage: ``by_stage``), with its
+    share of the thread's time and milliseconds per request at each load, largest first (by the last load)."""
     ms = [per_request_ms(load, thread) for load in loads]
+    if stages:
+        ms = [by_stage(m) for m in ms]
     categories = sorted({c for m in ms for c in m}, key=lambda c: -ms[-1].get(c, 0.0))
     head = [f"{thread}", *(f"{load['clients']} client(s): share, ms/request" for load in loads)]
     lines = [row(head), row(["---", *["---:"] * len(loads)])]
@@ -95,6 +105,8 @@ def add_profile_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="the loraswap server")
     parser.add_argument("--clients", type=comma_list(positive(int)), default="1,8", help="comma-separated loads")
     parser.add_argument("--questions", type=positive(int), default=48, help="requests per load")
+    parser.add_argument("--mode", choices=MODES, default="squad",
+                        help="squad: /answer only; mixed: /answer and /nli taking turns (two adapters in play)")
     parser.add_argument("--rate", type=positive(int), default=100, help="py-spy's samples per second")
     parser.add_argument("--py-spy", default="py-spy", help="the py-spy executable")
     parser.add_argument("--data", type=Path, default=data_dir(), help="the data folder (SQuAD dev)")
@@ -103,18 +115,20 @@ def add_profile_options(parser: argparse.ArgumentParser) -> None:
 
 def main() -> None:
     """``python -m loadtest.profile_answer``: profile each load, write the stacks and profile.json, print the
-    tables."""
+    tables (the engine thread by stage, then by category; the event loop)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_profile_options(parser)
     args = parser.parse_args()
     if shutil.which(args.py_spy) is None:
         parser.error(f"no py-spy at {args.py_spy!r}: pip install py-spy, or give its path with --py-spy")
     args.out.mkdir(parents=True, exist_ok=True)
-    items = workload("squad", args.questions, args.data)
+    items = workload(args.mode, args.questions, args.data)
     run_load(Loraswap(args.url), items[:8], 8)  # warm-up, unprofiled
     loads = [profiled_load(args, clients, items) for clients in args.clients]
     (args.out / "profile.json").write_text(json.dumps({"loads": loads, "rate": args.rate}, indent=1))
-    print("\n\n".join("\n".join(breakdown_table(loads, thread)) for thread in (ENGINE, EVENT_LOOP)))
+    tables = [breakdown_table(loads, ENGINE, stages=True), breakdown_table(loads, ENGINE),
+              breakdown_table(loads, EVENT_LOOP)]
+    print("\n\n".join("\n".join(table) for table in tables))
 
 
 if __name__ == "__main__":

@@ -21,8 +21,8 @@ ENGINE_PARTS = [  # (category, markers): the first category, in this order, whos
     ("sampling", SAMPLING),
     ("LoRA row mapping", ("(service/engine/row_mapping.py",)),
     ("merge / unmerge", ("Engine._apply_merge_policy (",)),
-    ("KV cache: prompts into the batch", ("RunningBatch.add (",)),
-    ("finishing: detokenize, publish", ("Engine._finish (", "RunningBatch.publish (")),
+    ("KV cache: copy of joined prompts", ("RunningBatch.add (",)),
+    ("finishing (detokenize, publish)", ("Engine._finish (", "RunningBatch.publish (")),
 ]
 MODEL_PARTS = [  # (component, markers), searched from the leaf up: the innermost match decides
     ("base matmuls", ("Linear.forward (torch/nn/modules/linear.py",)),
@@ -73,7 +73,8 @@ def model_component(frames: tuple[str, ...]) -> str:
 
 def engine_category(frames: tuple[str, ...]) -> str:
     """The category of an engine-thread stack: ``prefill: <component>``, ``decoding step: <component>``, one of
-    ENGINE_PARTS, waiting for work, or scheduling (the scheduler's own Python)."""
+    ENGINE_PARTS, waiting for work, or scheduling (the scheduler's own Python). The part before ": " is the stage
+    (``stage_of``)."""
     for phase, marker in (("prefill", PREFILL), ("decoding step", DECODE)):
         if any(marker in frame for frame in frames):
             return f"{phase}: {model_component(frames)}"
@@ -83,6 +84,11 @@ def engine_category(frames: tuple[str, ...]) -> str:
     if any(WAITING in frame for frame in frames) and holds(frames[-1], IDLE_LEAVES):
         return "waiting for work (incl. the batch window)"
     return "scheduling"
+
+
+def stage_of(category: str) -> str:
+    """The stage a category belongs to: ``prefill``, ``decoding step``, ``KV cache``, or the category itself."""
+    return category.split(": ")[0]
 
 
 def loop_category(frames: tuple[str, ...]) -> str:

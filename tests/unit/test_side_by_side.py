@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from loadtest.endpoints import ADAPTERS, NEW_TOKENS, LlamaCpp, Loraswap, OpenAI, endpoint, label_of, lora_id
-from loadtest.profile_answer import breakdown_table, per_request_ms
+from loadtest.profile_answer import breakdown_table, by_stage, per_request_ms
 from loadtest.side_by_side import check_names, load_spec, pid_spec, schedule, system_spec
 from loadtest.side_by_side_report import load_name, markdown, score, summarize
 from loadtest.stack_shares import ENGINE, EVENT_LOOP, OTHER, parse_raw, shares
@@ -331,7 +331,7 @@ LOOP = ("<module> (loraswap:8)", "main (service/cli/main.py:98)", "Server.run (u
       "Sampler.choose (service/engine/sampling.py:150)"),
      "sampling"),
     ((*SERVE, "Engine._finish (service/engine/scheduler.py:395)", "Endings.result (service/engine/endings.py:40)"),
-     "finishing: detokenize, publish"),
+     "finishing (detokenize, publish)"),
     ((*ENGINE_ROOT, "Engine._next_batch (service/engine/scheduler.py:216)", "Condition.wait (threading.py:331)"),
      "waiting for work (incl. the batch window)"),
     ((*SERVE, "Engine._withdrawn_rows (service/engine/scheduler.py:285)"), "scheduling"),
@@ -376,3 +376,13 @@ def test_breakdown_in_ms_per_request_adds_up_to_the_wall_time():
     assert "| prefill: base matmuls | 60.0%, 300 | 90.0%, 180 |" in table
     assert "| sampling | 0.0%, 0 | 10.0%, 20 |" in table
     assert "| requests/s; tokens/request | 2.00; 4.0 | 5.00; 4.0 |" in table
+
+
+def test_stages_sum_their_categories():
+    ms = {"prefill: base matmuls": 100.0, "prefill: LoRA": 10.0, "decoding step: attention": 5.0,
+          "KV cache: copy of joined prompts": 2.0, "sampling": 1.0}
+    assert by_stage(ms) == {"prefill": 110.0, "decoding step": 5.0, "KV cache": 2.0, "sampling": 1.0}
+    load = {"clients": 1, "seconds": 1.18, "requests": 10, "generated_tokens": 40.0,
+            "samples": {ENGINE: {category: int(value) for category, value in ms.items()}}}
+    table = "\n".join(breakdown_table([load], ENGINE, stages=True))
+    assert "| prefill | 93.2%, 110 |" in table and "| decoding step | 4.2%, 5 |" in table
