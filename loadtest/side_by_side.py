@@ -17,6 +17,7 @@ import argparse
 import itertools
 import json
 import os
+import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -176,10 +177,14 @@ def check_names(args: argparse.Namespace) -> str:
 
 
 def run_side_by_side(args: argparse.Namespace) -> None:
-    """Run the comparison, print its tables, write the JSON and markdown asked for. Raises ValueError as
-    ``check_names``, or when a llama.cpp server lacks an adapter (``LlamaCpp.prepare``); httpx errors for a failed
-    request."""
-    baseline = check_names(args)
+    """Run the comparison, print its tables, write the JSON and markdown asked for. Names that ``check_names``
+    refuses are a usage error (exit status 2, before any request). Raises FileNotFoundError without the data,
+    ValueError when a llama.cpp server lacks an adapter (``LlamaCpp.prepare``), httpx errors for a failed request."""
+    try:
+        baseline = check_names(args)
+    except ValueError as exc:
+        print(f"side-by-side: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     report = compare(args)
     tables = markdown(report["summary"], [name for name, _, _ in args.system], baseline)
     print(tables)
@@ -197,12 +202,7 @@ def main() -> None:
     """``python -m loadtest.side_by_side``: the same as ``loraswap side-by-side`` where that entry point exists."""
     parser = argparse.ArgumentParser(description=SIDE_BY_SIDE.help)
     add_side_by_side_options(parser)
-    args = parser.parse_args()
-    try:
-        check_names(args)
-    except ValueError as exc:
-        parser.error(str(exc))
-    run_side_by_side(args)
+    run_side_by_side(parser.parse_args())
 
 
 if __name__ == "__main__":

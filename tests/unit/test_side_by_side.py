@@ -14,7 +14,7 @@ import pytest
 
 from loadtest.endpoints import ADAPTERS, NEW_TOKENS, LlamaCpp, Loraswap, OpenAI, endpoint, label_of, lora_id
 from loadtest.profile_answer import breakdown_table, by_stage, per_request_ms
-from loadtest.side_by_side import check_names, load_spec, pid_spec, schedule, system_spec
+from loadtest.side_by_side import check_names, load_spec, pid_spec, run_side_by_side, schedule, system_spec
 from loadtest.side_by_side_report import load_name, markdown, score, summarize
 from loadtest.stack_shares import ENGINE, EVENT_LOOP, OTHER, parse_raw, shares
 from loadtest.workload import Item, take_turns, workload
@@ -386,3 +386,10 @@ def test_stages_sum_their_categories():
             "samples": {ENGINE: {category: int(value) for category, value in ms.items()}}}
     table = "\n".join(breakdown_table([load], ENGINE, stages=True))
     assert "| prefill | 93.2%, 110 |" in table and "| decoding step | 4.2%, 5 |" in table
+
+
+def test_names_refused_are_a_usage_error_before_any_request(capsys):
+    args = argparse.Namespace(system=[("a", "loraswap", "http://127.0.0.1:9")], pid=[], baseline=None)
+    with pytest.raises(SystemExit) as exit_:
+        run_side_by_side(args)  # one system: refused before compare() sends anything (nothing listens on port 9)
+    assert exit_.value.code == 2 and "two systems" in capsys.readouterr().err
