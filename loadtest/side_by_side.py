@@ -3,7 +3,7 @@
 latency, EM/F1 (and NLI accuracy) and each server's peak RSS, as JSON and as markdown tables. How to build and run
 llama-server for it: ``docs/llamacpp.md``.
 
-    python -m loadtest.side_by_side --system llama_f32=llamacpp@http://127.0.0.1:8080 --pid llama_f32=$LLAMA \\
+    loraswap side-by-side --system llama_f32=llamacpp@http://127.0.0.1:8080 --pid llama_f32=$LLAMA \\
         --system loraswap=loraswap@http://127.0.0.1:8000 --pid loraswap=$LORASWAP \\
         --questions 96 --rounds 2 --json OUT.json --markdown OUT.md
 
@@ -159,7 +159,7 @@ def add_side_by_side_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-prompt", action="store_true",
                         help="let llama.cpp reuse a slot's cached prompt (default: off, cache_prompt false)")
     parser.add_argument("--data", type=Path, default=data_dir(), help="the data folder (SQuAD dev, MNLI)")
-    parser.add_argument("--json", type=Path, help="write the report here")
+    parser.add_argument("--json", type=Path, help="write the whole report here (default: only its tables, printed)")
     parser.add_argument("--markdown", type=Path, help="write the tables here (default: printed only)")
 
 
