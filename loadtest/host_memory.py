@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Self
 
 import torch
 
+from loadtest.process_memory import proc_status
+
 if TYPE_CHECKING:
     from service.lora.registry import AdapterRegistry
 
@@ -29,14 +31,6 @@ class PeakRss:
 def rss_bytes() -> int:
     """The process's resident set size now (VmRSS), in bytes."""
     return proc_status("VmRSS")
-
-
-def proc_status(field: str) -> int:
-    """A size from /proc/self/status (``VmRSS``, ``VmHWM``), in bytes. Raises StopIteration for a field it does not
-    hold, FileNotFoundError where there is no /proc (not Linux)."""
-    with open("/proc/self/status") as status:
-        line = next(line for line in status if line.startswith(field + ":"))
-    return int(line.split()[1]) * 1024
 
 
 def registered_memory(registry: AdapterRegistry, name: str, source: Path, count: int, device: torch.device) -> dict:

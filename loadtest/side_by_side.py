@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 
 from loadtest.endpoints import KINDS, endpoint
-from loadtest.server_memory import ServerMemory
+from loadtest.process_memory import ServerMemory
 from loadtest.side_by_side_report import markdown, score, summarize
 from loadtest.workload import MODES, Item, workload
 from service.cli.command import Command, comma_list, nonnegative, positive

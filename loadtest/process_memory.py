@@ -1,13 +1,13 @@
-"""The peak resident set of a server process, given its process id (Linux /proc): for the side-by-side comparison,
-where each system is a process of its own (``loadtest.side_by_side``)."""
+"""A process's memory from Linux /proc, by process id: sizes from its status, and the peak resident set of a server
+process for the side-by-side comparison, where each system is a process of its own (``loadtest.side_by_side``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 
-def status_bytes(pid: int, field: str) -> int:
-    """A size from /proc/PID/status (``VmRSS``, ``VmHWM``), in bytes. Raises FileNotFoundError when there is no such
-    process, StopIteration for a field it does not hold."""
+def proc_status(field: str, pid: int | str = "self") -> int:
+    """A size from /proc/PID/status (``VmRSS``, ``VmHWM``) of process ``pid`` (this one by default), in bytes. Raises
+    StopIteration for a field it does not hold, FileNotFoundError where there is no such process or no /proc."""
     with open(f"/proc/{pid}/status") as status:
         line = next(line for line in status if line.startswith(field + ":"))
     return int(line.split()[1]) * 1024
@@ -31,4 +31,4 @@ class ServerMemory:
 
     def peak(self) -> int:
         """The peak resident set since the start or the last reset, in bytes."""
-        return status_bytes(self.pid, "VmHWM")
+        return proc_status("VmHWM", self.pid)
