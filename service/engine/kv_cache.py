@@ -71,12 +71,15 @@ class RowKVCache(Cache):
     def write_prompts(self, start: int, prefill: DynamicCache, mask: torch.Tensor) -> None:
         """Copy a prefill's rows into rows ``start ..``, each row's tokens (the columns its ``mask`` [rows, width]
         marks: left padding, or a cached prefix and the rest of the prompt with a hole between them) moved to begin at
-        column 0, in order (columns past a prompt get filler, never read)."""
-        columns = prompt_columns(mask)
+        column 0, in order: the first ``longest`` columns, the longest prompt's length (columns past a shorter prompt
+        get filler, never read)."""
+        longest = int(mask.sum(-1).max())
+        columns = prompt_columns(mask)[:, :longest]  # [rows, longest]
         for keys, values, layer in zip(self.keys, self.values, prefill.layers):
-            index = columns[:, None, :, None].expand_as(layer.keys)
-            keys[start: start + len(mask), :, : mask.shape[1]] = layer.keys.gather(2, index)
-            values[start: start + len(mask), :, : mask.shape[1]] = layer.values.gather(2, index)
+            heads, dim = layer.keys.shape[1], layer.keys.shape[3]
+            index = columns[:, None, :, None].expand(-1, heads, -1, dim)
+            keys[start: start + len(mask), :, :longest] = layer.keys.gather(2, index)
+            values[start: start + len(mask), :, :longest] = layer.values.gather(2, index)
 
     def keep(self, index: torch.Tensor, columns: int) -> None:
         """Move rows ``index`` (their first ``columns`` columns) to the front, in this order."""

@@ -41,12 +41,12 @@ class RunningBatch:
             sampler: Sampler, limits: list[int]) -> None:
         """Append prefilled rows after the running ones (``mask`` [k, W]: the prefill's cache columns that hold each
         row's tokens, see ``Prefill``)."""
-        lengths = mask.sum(-1)
+        lengths = mask.sum(-1).tolist()
         start, cache = len(self), self.decoder.cache
-        cache.reserve(start + len(pendings), mask.shape[1], used=(start, max(self.positions, default=0)), like=prefill)
+        cache.reserve(start + len(pendings), max(lengths), used=(start, max(self.positions, default=0)), like=prefill)
         cache.write_prompts(start, prefill, mask)
         self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
-        self.positions += lengths.tolist()
+        self.positions += lengths
         self.sampler.extend(sampler)
         self.pendings += pendings
         self.limits += limits

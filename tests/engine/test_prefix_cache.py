@@ -20,11 +20,21 @@ import torch
 from prometheus_client import REGISTRY, generate_latest
 
 from service.engine import scheduler as engine_module
+from service.engine.kv_cache import column_bucket
 from service.engine.prefill import Prefill
 from service.engine.prefix_cache import PrefixCache
 from service.engine.requests import Generation, Scoring
 from service.engine.sampling import Decoding
-from tests.engine.engine_helpers import WAIT, alone, assert_same_outputs, long_generation, paused, prompt, results
+from tests.engine.engine_helpers import (
+    WAIT,
+    alone,
+    assert_same_outputs,
+    greedy,
+    long_generation,
+    paused,
+    prompt,
+    results,
+)
 from tests.lora_helpers import BASES
 
 BLOCK = 8  # prefix_block_tokens of the engines here
@@ -223,6 +233,22 @@ def test_an_adapter_registered_again_under_its_name_never_reuses_the_old_weights
     again = question(rng, context, "x")
     assert alone(engine, again).token_ids == alone(reference, dataclasses.replace(again, adapter="r2")).token_ids
     assert counted_since(before)[1] == CONTEXT  # the new weights' own keys are reused
+
+
+def test_the_batch_kv_cache_holds_the_longest_prompt_not_the_prefill_layout_with_its_hole(engines):
+    """A prompt that hits a long cached context beside a long one that hits nothing: the prefill's columns (the cached
+    prefix, then the rest) outnumber the longest prompt's tokens; the running batch's KV cache takes only those."""
+    engine, reference = cached_engine(engines), reference_engine(engines)
+    rng = random.Random(11)
+    context = prompt(rng, 25 * BLOCK, 25 * BLOCK)
+    works = [question(rng, context, "r2"), question(rng, context, "r2"), greedy(rng, "r2")]
+    works[2].prompt_ids = prompt(rng, 150, 150)
+    expected = [alone(reference, work) for work in works]
+    alone(engine, works[0])
+    with paused(engine):
+        futures = [engine.submit(work) for work in works[1:]]
+    assert_same_outputs(results(futures), expected[1:], works[1:])  # their prefill spans 200 + 150 columns
+    assert engine.decoder.cache.shape[1] == column_bucket(max(len(work.prompt_ids) for work in works)) == 256
 
 
 def test_eviction_under_a_small_bound_drops_the_least_recently_used_context(engines):
