@@ -67,10 +67,13 @@ class Bench:
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
+        # no prefix cache: every batch repeats its prompts, which the engine would then take from the cache while
+        # transformers and peft compute them
         self.settings = Settings(base_model=args.base_model, device=args.device, dtype=args.dtype,
                                  cache_dir=args.cache_dir, max_resident=max(args.adapters, 2), max_rank=64,
                                  max_batch=max(self.batch_sizes), batch_window_ms=200, max_queue=4096,
-                                 max_new_tokens=args.new_tokens, auto_merge=False, prefill_chunk=args.prefill_chunk)
+                                 max_new_tokens=args.new_tokens, auto_merge=False, prefill_chunk=args.prefill_chunk,
+                                 prefix_cache_bytes=0)
         self.device = pick_device(args.device)
         self.plain, self.tokenizer = load_base(self.settings)
         generator = torch.Generator().manual_seed(0)
