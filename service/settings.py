@@ -64,10 +64,10 @@ class Settings(BaseSettings):
                                 f"doubles (up to {MAX_COOLDOWN_GROWTH}x) after each merge that did not last that long, "
                                 "back to this after one that did")
     auto_merge: bool = True
-    prefill_chunk: int | None = Field(
-        None, ge=0, description="prompt tokens that requests joining a running batch run between two of its decoding "
-        "steps (the larger of this and the running rows: about a step's arithmetic); 0 runs whole prompts; unset: 64 "
-        "on the CPU, 0 on the GPU (where a pass costs its kernel launches more than its tokens)")
+    prefill_chunk: int = Field(
+        0, ge=0, description="prompt tokens that requests joining a running batch run between two of its decoding "
+        "steps (the larger of this and the running rows), bounding how long running rows wait; 0 runs whole prompts "
+        "(the fastest on the CPU and the GPU: docs/benchmarks.md)")
     cuda_graphs: bool = Field(True, description="replay decoding steps as CUDA graphs (GPU only)")
     prefix_cache_bytes: int = Field(
         256 * 2**20, ge=0, description="bytes of prompt keys and values kept for reuse by later prompts that begin "

@@ -63,8 +63,7 @@ class Engine:
         self.pad_id = tokenizer.pad_token_id
         self.endings = Endings(model, tokenizer)
         use_packed_gqa_attention(model)
-        self.prefill_chunk = settings.prefill_chunk if settings.prefill_chunk is not None else (
-            64 if self.device.type == "cpu" else 0)
+        self.prefill_chunk = settings.prefill_chunk
         self.decoder = DecodeStep(model, registry.layers, settings.cuda_graphs, settings.max_batch)
         self.prefix_cache = PrefixCache(settings.prefix_block_tokens, settings.prefix_cache_bytes)
         self._queue: deque[_Pending] = deque()
