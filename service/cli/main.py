@@ -82,13 +82,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def reason(exc: Exception) -> str:
+    """What went wrong, in one line; for a ValidationError each field's problem without the value given, which may be
+    a secret (the admin or API key)."""
+    if not isinstance(exc, ValidationError):
+        return str(exc)
+    return "; ".join(f"{'.'.join(map(str, error['loc'])) or 'settings'}: {error['msg']}" for error in exc.errors())
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:  # the options' defaults read the LORASWAP_ environment variables
         parser = build_parser()
     except (ValidationError, SettingsError) as exc:
-        print(f"loraswap: error: a {Settings.model_config['env_prefix']}* environment variable is invalid: {exc}",
-              file=sys.stderr)
+        prefix = Settings.model_config["env_prefix"]
+        print(f"loraswap: error: a {prefix}* environment variable is invalid: {reason(exc)}", file=sys.stderr)
         raise SystemExit(2) from None
     args = parser.parse_args(argv)
     try:
@@ -99,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             args.run(args)
     except (AdapterError, FileNotFoundError, ValidationError) as exc:  # what the user asked for cannot be done
-        parser.exit(2, f"loraswap {args.command}: error: {exc}\n")
+        parser.exit(2, f"loraswap {args.command}: error: {reason(exc)}\n")
     return 0
 
 

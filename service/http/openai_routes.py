@@ -72,8 +72,9 @@ async def reply(rt: Runtime, request: Request, body: OpenAIIn, prompt: str | lis
     server-sent events. Everything that can refuse the request (the caps, InputTooLong, QueueFull) does so before
     any of it is sent."""
     decoding = body.to_decoding(new_seed(), token_budget(body, rt.settings.max_new_tokens))
-    n = within("n", body.n, rt.settings.max_choices, "the most choices this server generates for a request (its "
-               "max_choices)")
+    settings = rt.settings  # n choices are queued and decoded together: never more than the queue or a batch holds
+    n = within("n", body.n, min(settings.max_choices, settings.max_batch, settings.max_queue), "the most choices this "
+               "server generates for a request (the least of its max_choices, max_batch and max_queue)")
     options = {"stop": body.stop, "logprobs": logprobs, "n": n}
     if body.stream:
         stream = await rt.tasks.stream(prompt, adapter, decoding, **options)

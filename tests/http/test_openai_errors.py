@@ -127,6 +127,15 @@ def test_loading_and_a_full_queue_in_openais_shape(served):
         assert (reply.json()["error"]["type"], reply.json()["error"]["code"]) == ("rate_limit_error", "queue_full")
 
 
+def test_more_choices_than_the_queue_holds_are_refused_not_retried(served):
+    """n above max_queue (or max_batch) can never be served: a 422 naming the cap, not a 429 that clients retry."""
+    with ready_client(served.model_copy(update={"max_queue": 2})) as client:
+        refused = client.post("/v1/completions", json={**COMPLETION, "n": 3})
+        assert refused.status_code == 422, refused.text
+        assert refused.json()["error"]["param"] == "n" and "max_queue" in error_message(refused)
+        assert len(client.post("/v1/completions", json={**COMPLETION, "n": 2}).json()["choices"]) == 2
+
+
 def test_the_openai_client_shows_the_message(client):
     """Before, it showed "Error code: 422" and nothing of what was wrong."""
     api = openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=client, max_retries=0)

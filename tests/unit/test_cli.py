@@ -17,7 +17,7 @@ from service.cli.main import main
     (["train", "--task", "squad", "--out", "x", "--max-steps", "0"], "--max-steps: must be above 0, not 0"),
     (["train", "--task", "squad", "--out", "x", "--lr", "-1"], "--lr: must be above 0, not -1"),
     (["merge", "--adapter", "missing", "--out", "x"], "loraswap merge: error: missing: no adapter_model.safetensors"),
-    (["serve", "--max-batch", "0"], "loraswap serve: error: 1 validation error for Settings\nmax_batch"),
+    (["serve", "--max-batch", "0"], "loraswap serve: error: max_batch: Input should be greater than or equal to 1\n"),
     # comma lists and counts are checked as they are parsed, each bad item named
     (["bench", "--modes", "base,nope"], "--modes: 'nope' in 'base,nope' is not an item of the list (one of hf_base"),
     (["bench", "--batch-sizes", "1,x"], "--batch-sizes: '1,x': every item must be positive int"),
@@ -46,3 +46,24 @@ def test_an_invalid_environment_variable_is_a_usage_error_even_for_help(variable
     error = capsys.readouterr().err
     assert error.startswith("loraswap: error: a LORASWAP_* environment variable is invalid")
     assert variable.removeprefix("LORASWAP_").lower() in error
+
+
+SECRET = "sk-SECRET-0123456789abcdef"
+
+
+@pytest.mark.parametrize("argv,environment", [
+    (["serve", "--admin-key", SECRET, "--api-key", SECRET], {}),
+    (["serve"], {"LORASWAP_ADMIN_KEY": SECRET, "LORASWAP_API_KEY": SECRET}),
+    (["serve", "--api-key", SECRET, "--max-batch", "0"], {}),
+    (["--help"], {"LORASWAP_API_KEY": SECRET, "LORASWAP_MAX_BATCH": "abc"}),
+])
+def test_a_settings_error_never_echoes_what_was_given(argv, environment, monkeypatch, capsys):
+    """The keys are secrets: an error names the setting and the problem, never a value (pydantic's own message quoted
+    them, its start and end)."""
+    for variable, value in environment.items():
+        monkeypatch.setenv(variable, value)
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    error = capsys.readouterr().err
+    assert exit_.value.code == 2 and error.startswith("loraswap") and error.count("\n") == 1, error
+    assert "SECRET" not in error and "0123456789abcdef" not in error and "input_value" not in error
