@@ -72,7 +72,8 @@ def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException):
         if exc.status_code == 400 and exc.__cause__ is not None:  # FastAPI's: it could not parse the body
-            return unreadable(request, str(exc.__cause__))
+            cause = exc.__cause__
+            return unreadable(request, "it is nested too deeply" if isinstance(cause, RecursionError) else str(cause))
         response = error(request, exc.status_code, str(exc.detail))
         response.headers.update(exc.headers or {})
         return response

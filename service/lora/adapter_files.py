@@ -350,7 +350,7 @@ def load_adapter(
         if tuple(a.shape) != (rank, fan_in) or tuple(b.shape) != (fan_out, rank):
             raise AdapterError(
                 f"adapter module {module!r} has A{tuple(a.shape)} B{tuple(b.shape)}; "
-                f"this base needs A{(rank, fan_in)} B{(fan_out, rank)}"
+                f"its config's rank r={rank} and this base need A{(rank, fan_in)} B{(fan_out, rank)}"
             )
         layout[module] = (offset, fan_in, fan_out)
         offset += rank * (fan_in + fan_out)

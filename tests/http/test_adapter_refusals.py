@@ -97,6 +97,7 @@ class Refusals:
             "poisoned": variant(good, folder / "poisoned", poison_weights),
             "integer": variant(good, folder / "integer", integer_weights),
             "huge_rank": variant(good, folder / "huge_rank", edit_config(r=4096)),
+            "rank_mismatch": variant(good, folder / "rank_mismatch", edit_config(r=8)),
             "boolean_rank": variant(good, folder / "boolean_rank", edit_config(r=True)),
             "boolean_alpha": variant(good, folder / "boolean_alpha", edit_config(lora_alpha=True)),
             "infinite_alpha": variant(good, folder / "infinite_alpha", edit_config(lora_alpha=1e309)),
@@ -147,7 +148,8 @@ def test_bad_adapters_in_the_adapters_folder_are_skipped_at_start(client):
 @pytest.mark.parametrize("kind,fragments", [
     ("pickled", ("pickled", "adapter_model.bin", "safetensors")),
     ("gpt2", ("transformer.h.0", "does not have")),
-    ("narrow", ("has A(4, ", "this base needs A(4, ")),
+    ("narrow", ("has A(4, ", "its config's rank r=4 and this base need A(4, ")),
+    ("rank_mismatch", ("has A(4, ", "its config's rank r=8 and this base need A(8, ")),
     ("truncated", ("not a readable safetensors file",)),
     ("garbled", ("not a readable safetensors file",)),
     ("empty", ("not a readable safetensors file",)),

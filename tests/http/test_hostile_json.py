@@ -110,6 +110,12 @@ def test_deeply_nested_values_are_refused(client, route, path):
         assert_refused(post(client, route, with_raw(ROUTES[route], path, raw)), 400, 422)
 
 
+def test_a_body_nested_past_the_parser_says_so_plainly(client):
+    reply = post(client, "/answer", ("[" * 100_000 + "]" * 100_000).encode())
+    assert reply.status_code == 400 and "nested too deeply" in reply.json()["error"], reply.text
+    assert "recursion" not in reply.text
+
+
 def test_negative_zero_is_zero(client):
     """-0.0 is 0: a greedy temperature, on /v1/completions and /answer alike."""
     greedy = {"model": "one", "prompt": "Hello", "max_tokens": 4}
