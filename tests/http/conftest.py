@@ -1,9 +1,13 @@
 """Fixtures of the HTTP tests: ``tiny``, each architecture's tiny base with its adapters (``api_helpers.Tiny``), and
-``client``, the main in-process server on it. A module that defines its own ``client`` uses that one."""
+``client``, the main in-process server on it (a module that defines its own ``client`` uses that one); and
+``compared_digests``, what the routes compare in constant time."""
 from __future__ import annotations
+
+import hmac
 
 import pytest
 
+from service.http import routes
 from tests.http.api_helpers import ARCHS, Tiny
 from tests.server_helpers import ready_client
 
@@ -20,3 +24,16 @@ def client(tiny: Tiny):
     """The main server: adapters one and two, /answer defaults to one and /nli to two."""
     with ready_client(tiny.settings(qa_adapter="one", nli_adapter="two")) as client:
         yield client
+
+
+@pytest.fixture
+def compared_digests(monkeypatch) -> list[tuple[bytes, bytes]]:
+    """The (given, expected) pairs the routes compare with ``hmac.compare_digest`` during a test, in order."""
+    compared, original = [], hmac.compare_digest
+
+    def compare_digest(a, b):
+        compared.append((a, b))
+        return original(a, b)
+
+    monkeypatch.setattr(routes.hmac, "compare_digest", compare_digest)
+    return compared
