@@ -46,6 +46,11 @@ def tiny_settings(base_dir: Path, adapters_dir: Path, cache_dir: Path, **overrid
     return Settings(**{**fields, **overrides})
 
 
+def settings_in(root: Path, base_dir: Path, adapters: dict[str, Path], **overrides) -> Settings:
+    """``tiny_settings`` for a server of its own under ``root``: a copy of ``adapters`` and a model cache there."""
+    return tiny_settings(base_dir, copy_adapters(adapters, root / "adapters"), root / "cache", **overrides)
+
+
 def wait_ready(get: Callable[[str], httpx.Response], timeout: float = 120.0) -> None:
     """Poll GET /ready until it answers 200; fail with the reason the service gives otherwise."""
     deadline = time.monotonic() + timeout

@@ -15,9 +15,8 @@ from tests.server_helpers import (
     ADMIN_KEY,
     SQUAD_CONTEXT,
     SQUAD_QUESTION,
-    copy_adapters,
     ready_client,
-    tiny_settings,
+    settings_in,
 )
 
 API_KEY = "sk-test"
@@ -35,8 +34,7 @@ WRONG = ["Bearer " + "j" * len(API_KEY), "Bearer " + API_KEY * 40, "Bearer ", ""
 @pytest.fixture(scope="module")
 def client(tiny_gpt2_dir, gpt2_adapters, tmp_path_factory):
     root = tmp_path_factory.mktemp("api_key")
-    settings = tiny_settings(tiny_gpt2_dir, copy_adapters(gpt2_adapters, root / "adapters"), root / "cache",
-                             api_key=API_KEY)
+    settings = settings_in(root, tiny_gpt2_dir, gpt2_adapters, api_key=API_KEY)
     with ready_client(settings) as client:
         yield client
 

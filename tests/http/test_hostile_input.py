@@ -20,7 +20,16 @@ from service.http.errors import ECHO_LIMIT, LISTED_PROBLEMS, MESSAGE_LIMIT
 from service.http.routes import bearer_of
 from service.settings import Settings
 from tests.http.test_hostile_json import ADAPTER, ANSWER, COMPLETION, NLI, assert_refused, post, with_raw
-from tests.server_helpers import ADMIN, ADMIN_KEY, copy_adapters, listed, scrape, tiny_settings, value, wait_ready
+from tests.server_helpers import (
+    ADMIN,
+    ADMIN_KEY,
+    copy_adapters,
+    listed,
+    scrape,
+    settings_in,
+    value,
+    wait_ready,
+)
 
 LIMIT = 2**21  # the test server's max_body_bytes: bodies of a few megabytes stay quick to send
 CHAT = {"model": "one", "messages": [{"role": "system", "content": "Be brief."},
@@ -49,8 +58,7 @@ def client(tiny_gpt2_dir, gpt2_adapters, roots, tmp_path_factory):
     root = tmp_path_factory.mktemp("hostile_input")
     with pytest.MonkeyPatch.context() as env:
         env.setenv("LORASWAP_ADAPTER_ROOTS", os.pathsep.join(map(str, roots)))
-        settings = tiny_settings(tiny_gpt2_dir, copy_adapters(gpt2_adapters, root / "adapters"), root / "cache",
-                                 max_body_bytes=LIMIT)
+        settings = settings_in(root, tiny_gpt2_dir, gpt2_adapters, max_body_bytes=LIMIT)
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         wait_ready(client.get)
         yield client

@@ -12,10 +12,9 @@ from tests.server_helpers import (
     ADMIN,
     SQUAD_CONTEXT,
     SQUAD_QUESTION,
-    copy_adapters,
     listed,
     ready_client,
-    tiny_settings,
+    settings_in,
 )
 
 ANSWER = {"context": SQUAD_CONTEXT, "question": SQUAD_QUESTION, "adapter": "one", "extractive": True,
@@ -38,7 +37,7 @@ MARK = "\u0000mark\u0000"
 @pytest.fixture(scope="module")
 def client(tiny_gpt2_dir, gpt2_adapters, tmp_path_factory):
     root = tmp_path_factory.mktemp("hostile_json")
-    settings = tiny_settings(tiny_gpt2_dir, copy_adapters(gpt2_adapters, root / "adapters"), root / "cache")
+    settings = settings_in(root, tiny_gpt2_dir, gpt2_adapters)
     with ready_client(settings) as client:
         yield client
 

@@ -16,12 +16,11 @@ from tests.server_helpers import (
     ADMIN,
     ask,
     classify,
-    copy_adapters,
     label_values,
     listed,
     ready_client,
     scrape,
-    tiny_settings,
+    settings_in,
     value,
 )
 from tests.tiny_models import make_adapter
@@ -42,8 +41,7 @@ def extra(tiny_llama_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def client(tiny_llama_dir, llama_adapters, extra, tmp_path_factory):
     root = tmp_path_factory.mktemp("metrics")
-    settings = tiny_settings(tiny_llama_dir, copy_adapters(llama_adapters, root / "adapters"), root / "cache",
-                             adapter_roots=[extra])
+    settings = settings_in(root, tiny_llama_dir, llama_adapters, adapter_roots=[extra])
     with ready_client(settings) as client:
         yield client
 

@@ -13,7 +13,13 @@ from fastapi.testclient import TestClient
 from service.http.app import create_app
 from service.runtime import Runtime
 from tests.http.replies import error_message
-from tests.server_helpers import ADMIN, SQUAD_CONTEXT, SQUAD_QUESTION, copy_adapters, ready_client, tiny_settings
+from tests.server_helpers import (
+    ADMIN,
+    SQUAD_CONTEXT,
+    SQUAD_QUESTION,
+    ready_client,
+    settings_in,
+)
 
 COMPLETION = {"model": "one", "prompt": "Hello", "max_tokens": 2}
 CHAT = {"model": "one", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
@@ -66,7 +72,7 @@ PLAIN_ERRORS = [
 @pytest.fixture(scope="module")
 def served(tiny_gpt2_dir, gpt2_adapters, tmp_path_factory):
     root = tmp_path_factory.mktemp("openai_errors")
-    return tiny_settings(tiny_gpt2_dir, copy_adapters(gpt2_adapters, root / "adapters"), root / "cache")
+    return settings_in(root, tiny_gpt2_dir, gpt2_adapters)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.http.replies import error_message
-from tests.server_helpers import copy_adapters, ready_client, tiny_settings
+from tests.server_helpers import ready_client, settings_in
 
 PROMPT = "The Normans gave their name to"
 GREEDY = {"model": "base", "prompt": PROMPT, "max_tokens": 6, "temperature": 0}
@@ -31,8 +31,7 @@ NOT_SUPPORTED = [("best_of", 2), ("frequency_penalty", 0.5), ("presence_penalty"
 @pytest.fixture(scope="module")
 def client(tiny_gpt2_dir, gpt2_adapters, tmp_path_factory):
     root = tmp_path_factory.mktemp("openai_fields")
-    settings = tiny_settings(tiny_gpt2_dir, copy_adapters(gpt2_adapters, root / "adapters"), root / "cache",
-                             max_new_tokens=CAP)
+    settings = settings_in(root, tiny_gpt2_dir, gpt2_adapters, max_new_tokens=CAP)
     with ready_client(settings) as client:
         yield client
 

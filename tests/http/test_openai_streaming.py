@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.http.replies import error_message
 from tests.lora_helpers import RELATIVE_TOLERANCE
-from tests.server_helpers import ADMIN, copy_adapters, ready_client, tiny_settings
+from tests.server_helpers import ADMIN, ready_client, settings_in
 
 CAP, MOST_CHOICES = 24, 4  # the server's max_new_tokens and max_choices
 PROMPT = "The Normans gave their name to"
@@ -36,8 +36,7 @@ def wait_until(condition, what: str) -> None:
 @pytest.fixture(scope="module")
 def served(tiny_llama_dir, llama_adapters, tmp_path_factory):
     root = tmp_path_factory.mktemp("streaming")
-    return tiny_settings(tiny_llama_dir, copy_adapters(llama_adapters, root / "adapters"), root / "cache",
-                         max_new_tokens=CAP, max_choices=MOST_CHOICES)
+    return settings_in(root, tiny_llama_dir, llama_adapters, max_new_tokens=CAP, max_choices=MOST_CHOICES)
 
 
 @pytest.fixture(scope="module")

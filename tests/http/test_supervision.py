@@ -6,7 +6,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from tests.server_helpers import ask, classify, copy_adapters, ready_client, tiny_settings
+from tests.server_helpers import ask, classify, ready_client, settings_in
 
 WAIT = 60  # seconds a step may take before the test fails instead of hanging
 
@@ -27,8 +27,7 @@ def wait_until(condition, what: str) -> None:
 
 
 def test_a_dead_engine_thread_is_reported_and_fails_queued_and_new_requests(tiny_llama_dir, llama_adapters, tmp_path):
-    settings = tiny_settings(tiny_llama_dir, copy_adapters(llama_adapters, tmp_path / "adapters"), tmp_path / "cache",
-                             qa_adapter="one", nli_adapter="two")
+    settings = settings_in(tmp_path, tiny_llama_dir, llama_adapters, qa_adapter="one", nli_adapter="two")
     with ready_client(settings) as client, ThreadPoolExecutor(4) as pool:
         engine = client.app.state.runtime.engine
         assert client.get("/health").json() == {"status": "ok"}

@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 from service.http.app import create_app
 from service.runtime import Runtime
 from tests.http.replies import error_message
-from tests.server_helpers import ADMIN, ask, copy_adapters, listed, ready_client, tiny_settings
+from tests.server_helpers import ADMIN, ask, listed, ready_client, settings_in
 from tests.tiny_models import make_adapter
 
 
@@ -18,8 +18,7 @@ def served(tiny_gpt2_dir, gpt2_adapters, tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm_routes")
     extra = root / "extra"
     make_adapter(tiny_gpt2_dir, extra / "three", seed=2)
-    settings = tiny_settings(tiny_gpt2_dir, copy_adapters(gpt2_adapters, root / "adapters"), root / "cache",
-                             adapter_roots=[extra])
+    settings = settings_in(root, tiny_gpt2_dir, gpt2_adapters, adapter_roots=[extra])
     return settings, extra
 
 
