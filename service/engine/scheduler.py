@@ -333,10 +333,11 @@ class Engine:
                 break
             chunk = self.prefill_chunk
             joining.prefill.advance(max(chunk, len(running)) if chunk and len(running) else 0)
-            if joining.prefill.finished:
-                if not joining.leaders:
-                    joining.land(running, self.settings.max_new_tokens)
-                joining = self._prompts_pass(joining.pendings, shared_first=False) if joining.leaders else None
+            if joining.prefill.finished and joining.leaders:  # the shared prefixes ran: now the prompts' own pass
+                joining = self._prompts_pass(joining.pendings, shared_first=False)
+            elif joining.prefill.finished:
+                joining.land(running, self.settings.max_new_tokens)
+                joining = None
             if len(running):
                 break
         if len(running):
