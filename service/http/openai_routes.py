@@ -20,12 +20,13 @@ from service.http.routes import (
     admin_replies,
     inference,
     new_seed,
+    served_adapter,
     serving,
     serving_replies,
     unless_disconnected,
 )
 from service.http.schemas import ChatCompletionIn, CompletionIn, LoraAdapterIn, LoraNameIn, OpenAIErrorOut, OpenAIIn
-from service.lora.adapter_files import BASE_LABEL, BASE_MODEL_ID, adapter_or_base
+from service.lora.adapter_files import BASE_MODEL_ID, adapter_or_base
 from service.runtime import Runtime
 
 openai_router = APIRouter(prefix="/v1", tags=["openai"])
@@ -60,10 +61,7 @@ def token_budget(body: OpenAIIn, cap: int) -> int:
 
 def served_model(rt: Runtime, body: OpenAIIn, request: Request) -> str | None:
     """The adapter ``model`` names (None: the bare base model, as "base" or "none"); UnknownAdapter if unknown."""
-    adapter = adapter_or_base(body.model)
-    rt.registry.require(adapter)
-    request.state.adapter = adapter or BASE_LABEL
-    return adapter
+    return served_adapter(rt, request, adapter_or_base(body.model))
 
 
 async def reply(rt: Runtime, request: Request, body: OpenAIIn, prompt: str | list[int], adapter: str | None,

@@ -114,9 +114,13 @@ def pick_adapter(rt: Runtime, request_body, default: str | None, request: Reques
     """The adapter a request names (None: the bare base, also as "none" or "base"), or the configured default when
     it names none; 404 if unknown."""
     if "adapter" in request_body.model_fields_set:
-        name = adapter_or_base(request_body.adapter)
-    else:
-        name = default if default in rt.registry.names() else None
+        return served_adapter(rt, request, adapter_or_base(request_body.adapter))
+    return served_adapter(rt, request, default if default in rt.registry.names() else None)
+
+
+def served_adapter(rt: Runtime, request: Request, name: str | None) -> str | None:
+    """``name`` (None: the bare base), once known to be registered (404 if not), as the request's adapter label in the
+    request-latency metric."""
     rt.registry.require(name)
     request.state.adapter = name or BASE_LABEL
     return name
