@@ -2,10 +2,12 @@
 
 Every LoRA-able module of the base is wrapped once in a ``BatchedLoraLayer``. Its bank holds, for each
 device slot, A [R, in] and B^T [R, out] (scale folded into B, ranks zero-padded to R); the last slot is
-all zeros and stands for "no adapter". The ``SlotMapping`` (service.lora.slot_mapping), shared by every layer
-and written by the engine only, says which slot each row uses and the largest rank in play. ``LoraLayers``, all
-of a model's layers together, owns what is written into them: adapters filled into and cleared from slots (their
-``Banks`` state), and merges into the base weights and their undoing.
+all zeros and stands for "no adapter". Banks hold the slots in use, not all of them: they grow to a power of two of
+slots (and to the largest rank) as adapters are filled in, so one resident rank-64 adapter costs two slots' memory
+however many slots the registry has (``Banks.slots``). The ``SlotMapping`` (service.lora.slot_mapping), shared by
+every layer and written by the engine only, says which slot each row uses and the largest rank in play.
+``LoraLayers``, all of a model's layers together, owns what is written into them: adapters filled into and cleared
+from slots (their ``Banks`` state), and merges into the base weights and their undoing.
 
 Two ways to apply the deltas, chosen by what the hardware is short of:
 - grouped (prompts, and every step on the CPU): once per mapping, the rows that use an adapter are cut into
@@ -36,6 +38,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from service.engine.kv_cache import row_bucket
 from service.lora.adapter_files import AdapterWeights
 from service.lora.slot_mapping import SlotMapping, in_place
 
@@ -47,6 +50,7 @@ class Banks:
 
     def __init__(self):
         self.storage = 0
+        self.slots = 0  # adapter slots in every bank (a power of two, at most the mapping's num_slots), zero slot apart
         self.writes: dict[int, int] = {}  # slot -> times it was filled or cleared
         self.version = 0  # counts writes into any slot
         self._reads: tuple[tuple[int, int], tuple] = ((-1, -1), ())  # ((mapping, write) versions, reads) of the last
@@ -85,10 +89,11 @@ def lora_delta_reference(x: torch.Tensor, a: torch.Tensor, b_t: torch.Tensor, sl
 
 def widened(bank: torch.Tensor | None, shape: tuple[int, ...], device: torch.device,
             dtype: torch.dtype) -> torch.Tensor:
-    """A zero bank of ``shape`` (ranks at dim -2) holding what ``bank`` held, if anything, in its first ranks."""
+    """A zero bank of ``shape`` holding what ``bank`` held, if anything, in its first slots and ranks (a bank's old
+    zero slot lands on an unused slot, which is zeros too)."""
     wide = torch.zeros(shape, device=device, dtype=dtype)
     if bank is not None:
-        wide[..., : bank.shape[-2], :] = bank
+        wide[tuple(slice(0, size) for size in bank.shape)] = bank
     return wide
 
 
@@ -106,12 +111,14 @@ class InputGroup:
         for member, layer in enumerate(layers):
             layer.group, layer.member = self, member
 
-    def reserve(self, rank: int, device: torch.device, dtype: torch.dtype) -> bool:
-        """Allocate every member's banks, or widen them to ``rank``, keeping what they hold; whether it did."""
+    def reserve(self, rank: int, slots: int, device: torch.device, dtype: torch.dtype) -> bool:
+        """Allocate every member's banks, or widen them to ``rank`` and ``slots`` adapter slots (plus the zero slot),
+        keeping what they hold; whether it did."""
         first = self.layers[0]
-        if rank <= first.capacity:
+        rank = max(rank, first.capacity)
+        slots += 1
+        if rank == first.capacity and (self.a is None or slots == self.a.shape[1]):
             return False
-        slots = first.num_slots + 1
         self.a = widened(self.a, (len(self.layers), slots, rank, first.in_features), device, dtype)
         for layer in self.layers:
             layer.use_bank(self.a[layer.member], widened(layer.b_t, (slots, rank, layer.out_features), device, dtype))
@@ -128,7 +135,8 @@ class InputGroup:
         if x is not self._input:
             batch, members, slots, rank = x.shape[0], *self.a.shape[:3]
             hidden = torch.mm(x.view(batch, -1), self.a.view(members * slots * rank, -1).t())
-            hidden.view(batch, members, slots, rank).mul_(layer.mapping.one_hot[:batch, None, :, None])
+            # the mask's columns past the bank's are slots not in it; a bare row's one is its last column
+            hidden.view(batch, members, slots, rank).mul_(layer.mapping.one_hot[:batch, None, :slots, None])
             self._input, self._hidden, self._unclaimed = x, hidden.view(batch, members, slots * rank), members
         share = self._hidden[:, layer.member]
         self._unclaimed -= 1
@@ -145,10 +153,9 @@ class BatchedLoraLayer(nn.Module):
         super().__init__()
         self.base = base
         self.mapping, self.banks = mapping, banks
-        self.num_slots = mapping.num_slots  # adapter slots; index num_slots is the zero slot
         self.in_features, self.out_features = module_shape(base)
-        self.a: torch.Tensor | None = None  # [slots + 1, R, in], a view of the group's bank
-        self.b_t: torch.Tensor | None = None  # [slots + 1, R, out]
+        self.a: torch.Tensor | None = None  # [Banks.slots + 1, R, in], a view of the group's bank
+        self.b_t: torch.Tensor | None = None  # [Banks.slots + 1, R, out]
         self._kept: OrderedDict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()  # see _group_weights
         self.group, self.member = None, 0  # set by the group
         InputGroup([self])
@@ -215,7 +222,7 @@ class BatchedLoraLayer(nn.Module):
         """The same for prompts of at least ``rank`` tokens whose rows are not in segment order: each row's own A
         [B, r, in] and B^T [B, r, out], gathered for this module alone and dropped at once, copy fewer bytes than
         the rows' activations would, into segment order and back."""
-        slots = self.mapping.slots
+        slots = self.mapping.slots.clamp(max=len(self.a) - 1)  # bare rows: the bank's zero slot
         hidden = torch.bmm(self.a[:, :rank][slots], x.transpose(1, 2)).transpose(1, 2)  # [B, T, r]
         return out.baddbmm_(hidden, self.b_t[:, :rank][slots])
 
@@ -261,15 +268,24 @@ class LoraLayers:
         """Write ``adapter`` into ``slot`` of its modules' banks (allocated or widened to its rank as needed) in one
         transfer and a few batched copies, clearing what an earlier adapter left in the slot."""
         on_device = adapter.packed.to(self.device, self.dtype, non_blocking=True)  # one transfer
-        for module in adapter.layout:
-            if self.modules[module].group.reserve(adapter.rank, self.device, self.dtype):
-                self.banks.storage += 1
+        self._reserve(slot, adapter)
         modules = tuple(adapter.layout)
         stale = self._flat_views(slot, adapter.rank, modules, stale=True)  # what an earlier adapter left there
         if stale:
             torch._foreach_zero_(stale)
         torch._foreach_copy_(self._flat_views(slot, adapter.rank, modules), adapter.segments(on_device))
         self.banks.written(slot)
+
+    def _reserve(self, slot: int, adapter: AdapterWeights) -> None:
+        """Grow the banks to hold ``slot`` (every allocated bank, to a power of two of slots) and ``adapter``'s rank
+        (those of its modules)."""
+        slots = max(self.banks.slots, min(row_bucket(slot + 1), self.mapping.num_slots))
+        targeted = {self.modules[module].group for module in adapter.layout}
+        groups = {layer.group: None for layer in self.modules.values()}  # each once, in order
+        grown = [group.reserve(adapter.rank if group in targeted else 0, slots, self.device, self.dtype)
+                 for group in groups if group in targeted or group.a is not None]
+        self.banks.slots = slots
+        self.banks.storage += any(grown)
 
     def clear(self, slot: int) -> None:
         """Zero ``slot`` in every bank."""
@@ -281,6 +297,7 @@ class LoraLayers:
         for layer in self.modules.values():
             layer.group.release()
         self.banks.storage += 1
+        self.banks.slots = 0
         self._slot_lists = {}  # their views would keep the freed banks alive
 
     def _flat_views(self, slot: int, rank: int, modules: tuple[str, ...], stale: bool = False) -> list[torch.Tensor]:

@@ -123,7 +123,7 @@ def test_fast_paths_equal_reference_and_per_row_products(kind, form, makeup, sha
     # slot 3 is written then cleared
     pairs = {slot: random_pair(rank, fan_in, fan_out, gen) for slot, rank in RANKS.items()}
     for slot, (lora_a, lora_b) in pairs.items():
-        layer.group.reserve(len(lora_a), torch.device("cpu"), torch.float32)
+        layer.group.reserve(len(lora_a), num_slots, torch.device("cpu"), torch.float32)
         bank_a, bank_b_t = layer.slot(slot)
         bank_a[: len(lora_a)], bank_b_t[: len(lora_a)] = lora_a, lora_b.t()
     for view in layer.slot(3):
@@ -146,6 +146,49 @@ def test_fast_paths_equal_reference_and_per_row_products(kind, form, makeup, sha
     assert delta[moved].flatten(1).abs().amax(dim=1).gt(100 * 1e-4).all()  # each adapter's rows really moved
 
 
+@pytest.mark.parametrize(("form", "shape"), [("grouped", (7,)), ("grouped", (1,)), ("dense", (1,))])
+def test_a_bank_of_fewer_slots_than_the_mapping_serves_bare_rows_bare(form, shape):
+    """Banks hold the slots in use: rows of the zero slot (the mapping's ``num_slots``, past the bank) get no delta,
+    in the form that gathers each row's own weights (a prompt, rows out of segment order), the grouped one and the
+    dense one, whose mask has columns past the bank's."""
+    gen = torch.Generator().manual_seed(5)
+    fan_in, fan_out, num_slots = 12, 20, 8
+    base = nn.Linear(fan_in, fan_out)
+    mapping = SlotMapping(num_slots, dense_decode=form == "dense")
+    layer = BatchedLoraLayer(base, mapping, Banks())
+    layer.group.reserve(3, 2, torch.device("cpu"), torch.float32)  # two adapter slots and the zero slot
+    assert layer.a.shape == (3, 3, fan_in)
+    pairs = {slot: random_pair(3, fan_in, fan_out, gen) for slot in (0, 1)}
+    for slot, (lora_a, lora_b) in pairs.items():
+        bank_a, bank_b_t = layer.slot(slot)
+        bank_a[:], bank_b_t[:] = lora_a, lora_b.t()
+    slots = [1, num_slots, 0, num_slots, 1]
+    mapping.assign(torch.tensor(slots), 3)
+    x = torch.randn(len(slots), *shape, fan_in, generator=gen)
+    with torch.no_grad():
+        delta = layer(x) - base(x)
+    for row, slot in enumerate(slots):
+        expected = x[row] @ pairs[slot][0].t() @ pairs[slot][1].t() if slot < num_slots else torch.zeros_like(delta[0])
+        assert torch.allclose(delta[row], expected, atol=1e-4), (row, slot)
+
+
+def test_banks_grow_by_powers_of_two_of_the_slots_in_use(base_dir, ranked):
+    """One resident adapter costs one slot's memory (and the zero slot's), not the registry's every slot; filling a
+    slot past the banks' grows every bank, keeping what the others hold, and rows stay exact."""
+    model, registry = engine_model(base_dir, ranked, max_resident=8)
+    layer = next(iter(registry.layers.modules.values()))
+    ids = random_ids(3, 5, seed=6)
+    expected = {name: peft_logits(base_dir, ranked[name], ids) for name in ("r2", "r4", "r8")}
+    batched_logits(model, registry, ["r2"] * 3, ids)
+    assert registry.layers.banks.slots == 1 and layer.a.shape[0] == 2
+    batched_logits(model, registry, ["r2", "r4"] * 2, random_ids(4, 5))
+    assert registry.layers.banks.slots == 2 and layer.a.shape[0] == 3
+    ours = batched_logits(model, registry, ["r2", "r4", "r8"], ids)
+    assert registry.layers.banks.slots == 4 and layer.a.shape[0] == 5 and layer.a.shape[1] == 8
+    for row, name in enumerate(["r2", "r4", "r8"]):
+        assert torch.allclose(ours[row], expected[name][row], atol=logits_tolerance(expected[name][row]))
+
+
 def test_layers_reading_one_input_share_one_masked_product():
     """Two members of an input group (as q and k): each row gets its own member's delta of its own slot, and
     the group's x A^T is masked once for both."""
@@ -157,7 +200,7 @@ def test_layers_reading_one_input_share_one_masked_product():
     InputGroup(layers)
     for layer in layers:
         for slot, rank in ((0, 2), (1, 4)):
-            layer.group.reserve(rank, torch.device("cpu"), torch.float32)
+            layer.group.reserve(rank, num_slots, torch.device("cpu"), torch.float32)
             lora_a, lora_b = random_pair(rank, fan_in, layer.out_features, gen)
             bank_a, bank_b_t = layer.slot(slot)
             bank_a[:rank], bank_b_t[:rank] = lora_a, lora_b.t()
