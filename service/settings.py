@@ -68,6 +68,9 @@ class Settings(BaseSettings):
         0, ge=0, description="prompt tokens that requests joining a running batch run between two of its decoding "
         "steps (the larger of this and the running rows), bounding how long running rows wait; 0 runs whole prompts "
         "(the fastest on the CPU and the GPU: docs/benchmarks.md)")
+    max_prefill_tokens: int = Field(
+        2048, ge=1, description="prompt tokens one prefill pass takes from the queue (a longer prompt goes alone); "
+        "the rest join at the next pause, so a burst's prefill memory is bounded (vLLM's max_num_batched_tokens)")
     cuda_graphs: bool = Field(True, description="replay decoding steps as CUDA graphs (GPU only)")
     prefix_cache_bytes: int = Field(
         256 * 2**20, ge=0, description="bytes of prompt keys and values kept for reuse by later prompts that begin "

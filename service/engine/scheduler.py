@@ -226,10 +226,14 @@ class Engine:
         """Up to ``room`` queued requests of one kind, oldest first, so that the adapters in use (``adapters``
         plus theirs) fit the device slots, and at most ``loads`` adapters not resident yet. Each request taken is
         bound to the weights its adapter's name holds now, for good; one whose name is no longer registered fails
-        (UnknownAdapter). Called holding ``_wakeup``."""
-        batch, rest = [], deque()
+        (UnknownAdapter). Their prompts hold at most ``max_prefill_tokens`` tokens in all, unless one alone holds more:
+        one prefill pass's keys, values and activations are bounded whatever the burst. Called holding ``_wakeup``."""
+        batch, rest, tokens, budget = [], deque(), 0, self.settings.max_prefill_tokens
         while self._queue and len(batch) < room:
             pending = self._queue.popleft()
+            if batch and type(pending.work) is kind and tokens + len(pending.work.prompt_ids) > budget:
+                rest.append(pending)  # the pass is full: the rest wait for the next
+                break
             try:
                 adapter = self.registry.lookup(pending.work.adapter)
             except UnknownAdapter as exc:  # unregistered while the request was queued
@@ -241,6 +245,7 @@ class Engine:
             if type(pending.work) is kind and fits and loads >= loading:
                 pending.adapter = adapter
                 batch.append(pending)
+                tokens += len(pending.work.prompt_ids)
                 adapters.update([adapter] if adapter is not None else [])
                 loads -= loading
             else:

@@ -66,6 +66,7 @@ class CountedPrefills(Prefill):
     """The engine's prompt passes, noting their chunks; a hook can act at a chosen chunk."""
 
     budgets: ClassVar[list[int]] = []  # the token budget of every chunk run, in order
+    passes: ClassVar[list[list[int]]] = []  # the prompt lengths of every pass, in order
     ended: ClassVar[list[float]] = []  # when each chunk ended (perf_counter)
     on_first_chunk = None  # if set, called once, on the engine thread, before the next pass's first chunk
 
@@ -73,6 +74,8 @@ class CountedPrefills(Prefill):
         hook, CountedPrefills.on_first_chunk = CountedPrefills.on_first_chunk, None
         if hook is not None:
             hook()
+        if not self.done:
+            CountedPrefills.passes.append([len(prompt) for prompt in self.prompts])
         super().advance(budget)
         CountedPrefills.budgets.append(budget)
         CountedPrefills.ended.append(time.perf_counter())
@@ -81,6 +84,7 @@ class CountedPrefills(Prefill):
 @pytest.fixture
 def counted_passes(monkeypatch):
     CountedPrefills.budgets, CountedPrefills.ended, CountedPrefills.on_first_chunk = [], [], None
+    CountedPrefills.passes = []
     monkeypatch.setattr(engine_module, "Prefill", CountedPrefills)
     return CountedPrefills
 
@@ -110,6 +114,31 @@ def test_long_prompts_join_a_chunk_per_pause_and_get_what_they_get_alone(engines
     assert len(budgets) >= 60 // 4 and set(budgets) == {8}, (
         f"the joiners' prompts did not run 8 tokens a pause: {budgets}")
     assert same_output(running.result(WAIT), alone(engine, long_work))
+
+
+@pytest.mark.parametrize("kind", ["generations", "scorings"])
+def test_a_burst_is_taken_in_prefill_passes_of_at_most_max_prefill_tokens(engines, counted_passes, kind):
+    """A burst larger than one pass's token budget runs in several passes, oldest first, each within the budget
+    (a prompt longer than it goes alone); every request gets what it gets alone."""
+    engine = engines.fresh(max_new_tokens=8, max_prefill_tokens=40, prefix_cache_bytes=0)
+    rng = random.Random(15)
+    prompts = [prompt(rng, 10, 14) for _ in range(7)] + [prompt(rng, 50, 50)] + [prompt(rng, 10, 14)]
+    names = itertools.cycle(["r2", None, "r8"])
+    works = ([Generation(ids, next(names), Decoding(max_new_tokens=6), False) for ids in prompts]
+             if kind == "generations" else [Scoring(ids, next(names), [5, 6, 7]) for ids in prompts])
+    expected = [alone(engine, work) for work in works]
+    counted_passes.passes.clear()
+    with paused(engine):
+        futures = [engine.submit(work) for work in works]
+    got = results(futures)
+    passes = counted_passes.passes
+    assert [length for lengths in passes for length in lengths] == [len(ids) for ids in prompts], passes
+    assert all(sum(lengths) <= 40 or len(lengths) == 1 for lengths in passes), passes
+    assert len(passes) >= 4 and [50] in passes, passes
+    if kind == "generations":
+        assert_same_outputs(got, expected, works)
+    else:
+        assert got == [pytest.approx(scores, abs=1e-6) for scores in expected]
 
 
 def test_an_adapter_deleted_while_its_request_joins_serves_that_request_with_its_weights(engines, counted_passes):
