@@ -16,6 +16,7 @@ from service.errors import AdapterError, AdapterMerged
 from service.lora.adapter_files import CONFIG_FILE, check_name, check_path
 from service.lora.registry import AdapterRegistry
 from service.model.base_model import load_base
+from service.model.cpu_threads import on_passing_thread
 from service.settings import Settings
 from service.tasks.tasks import Tasks
 
@@ -67,21 +68,25 @@ class Runtime:
         return [self.settings.adapters_dir, *self.settings.adapter_roots]
 
     def start(self) -> None:
-        """Load the base model and every adapter in the adapters folder, then start the engine."""
+        """Load the base model and every adapter in the adapters folder (on a thread that ends with it:
+        service.model.cpu_threads), then start the engine."""
         try:
-            model, tokenizer = load_base(self.settings)
-            self.registry = AdapterRegistry(model, self.roots, self.settings.max_resident, self.settings.max_rank)
-            metrics.ADAPTERS_RESIDENT.set_function(lambda: self.registry.resident_count)
-            self.load_adapter_folder(self.settings.adapters_dir)
-            self.engine = Engine(model, tokenizer, self.registry, self.settings)
-            max_positions = getattr(model.config, "max_position_embeddings", None) or model.config.n_positions
-            self.tasks = Tasks(self.engine, tokenizer, self.settings, max_positions)
+            on_passing_thread(self._load)
             self.engine.start()
             self.ready.set()
         except Exception as exc:
             self.start_failure = f"{type(exc).__name__}: {exc}"
             log.exception("the service failed to start")
             raise
+
+    def _load(self) -> None:
+        model, tokenizer = load_base(self.settings)
+        self.registry = AdapterRegistry(model, self.roots, self.settings.max_resident, self.settings.max_rank)
+        metrics.ADAPTERS_RESIDENT.set_function(lambda: self.registry.resident_count)
+        self.load_adapter_folder(self.settings.adapters_dir)
+        self.engine = Engine(model, tokenizer, self.registry, self.settings)
+        max_positions = getattr(model.config, "max_position_embeddings", None) or model.config.n_positions
+        self.tasks = Tasks(self.engine, tokenizer, self.settings, max_positions)
 
     def start_in_background(self) -> threading.Thread:
         thread = threading.Thread(target=self._start_quietly, name="loraswap-start", daemon=True)

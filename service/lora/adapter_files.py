@@ -30,8 +30,9 @@ BASE_LABEL = "none"  # the bare base model's metric label (and `loraswap eval --
 RESERVED_NAMES = (BASE_MODEL_ID, BASE_LABEL)
 KEY_PATTERN = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight")
 FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-PACKING_THREADS = 4  # packing an adapter is a few MB of small copies; torch ops release the GIL
-PACKERS = ThreadPoolExecutor(PACKING_THREADS, thread_name_prefix="loraswap-pack")
+# packing an adapter is a few MB of small copies; torch ops release the GIL. The threads end with each adapter: a
+# thread that ran torch ops keeps an OpenMP thread team while it lives (service.model.cpu_threads)
+PACKING_THREADS = 4
 SERIALS = itertools.count(1)  # AdapterWeights.serial: never reused in a process, unlike id() after a collection
 
 # peft's LoraConfig fields the engine serves at any value peft accepts, and why. Every other field must hold its
@@ -363,7 +364,9 @@ def load_adapter(
         jobs.append(([view for module in group for view in views[module]],
                      [tensor for module in group for tensor in (parts[module]["A"], parts[module]["B"].t())],
                      scale, adapter.packed[begin:last + rank * (fan_in + fan_out)]))
-    if not all(PACKERS.map(lambda job: pack(*job), jobs)):
+    with ThreadPoolExecutor(len(jobs), thread_name_prefix="loraswap-pack") as packers:
+        finite = all(packers.map(lambda job: pack(*job), jobs))
+    if not finite:
         raise AdapterError(f"{folder} holds non-finite weights, or weights that overflow once scaled by lora_alpha / "
                            f"r ({scale:g})")
     return adapter

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gc
+import threading
 import weakref
 
 import pytest
@@ -100,6 +101,17 @@ def test_unregister_forgets_the_adapter_and_clears_its_slot(base_dir, ranked, ex
     assert all(layer.a is None and layer.b_t is None for layer in registry.layers.modules.values()), "banks not freed"
     registry.register("r8", ranked["r8"])
     assert_serves(model, registry, [None, "r8"], expected)
+
+
+def test_registering_leaves_no_thread_behind(base_dir, ranked, expected):
+    """The threads that pack an adapter end with its registration: a thread that ran torch ops keeps an OpenMP team
+    while it lives, and more teams than CPUs slow every torch op on the engine thread (service.lora.adapter_files)."""
+    model, registry = engine_model(base_dir, {"r4": ranked["r4"]})
+    registry.register("r8", ranked["r8"])
+    registry.register("r2", ranked["r2"])
+    left = [thread.name for thread in threading.enumerate() if thread.name.startswith("loraswap-pack")]
+    assert not left, left
+    assert_serves(model, registry, ["r8", "r2"], expected)
 
 
 def test_a_name_registered_again_serves_its_new_weights(base_dir, ranked, expected):

@@ -1,0 +1,23 @@
+"""Torch work off the engine thread runs on threads that end with it, so that the engine's OpenMP team stays fast.
+
+libgomp (the OpenMP runtime of torch's Linux wheels) gives every thread that runs a parallel torch op a team of
+worker threads, kept for as long as that thread lives. Once it manages more threads than there are CPUs, it lets the
+workers of every team spin only 100 rounds, instead of about 3 ms, before they sleep on a futex
+(``gomp_throttled_spin_count_var`` in libgomp's env.c), so each of the engine thread's many small parallel ops then
+pays for waking them. On 2 cores, SiLU times a product of [1, 154, 1536] took 250 us on the engine thread of a
+started server whose loading and adapter-packing threads lived on, and 86-92 us once they had ended
+(docs/benchmarks.md, "Thread teams").
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def on_passing_thread(fn: Callable[..., T], *args) -> T:
+    """``fn(*args)`` run on a new thread that ends when it returns: its result, or what it raised."""
+    with ThreadPoolExecutor(1, thread_name_prefix="loraswap-passing") as thread:
+        return thread.submit(fn, *args).result()
