@@ -24,9 +24,10 @@ class DecodeStep:
 
     def __init__(self, model, lora: LoraLayers, cuda_graphs: bool, max_rows: int):
         self.model, self.lora = model, lora  # the step reads the LoRA banks and the row-to-slot mapping
-        self.cache = RowKVCache(min_rows=row_bucket(max_rows))
         self.device = next(model.parameters()).device
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        # graphs bake in the cache's address: it is allocated for the largest batch at once; otherwise it grows
+        self.cache = RowKVCache(min_rows=row_bucket(max_rows) if self.cuda_graphs else 1)
         self._graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._captured_over: tuple[int, int, int] | None = None  # (cache, banks, mask) storage of the graphs
         self._inputs = torch.zeros(2, row_bucket(max_rows), dtype=torch.long, device=self.device)  # [ids; positions]
@@ -62,6 +63,12 @@ class DecodeStep:
         out = self.model(input_ids=ids[:, None], attention_mask=mask[:, None, None, :], position_ids=positions[:, None],
                          **{cache_keyword(self.model): self.cache}, use_cache=True)
         return out.logits[:, -1].float()
+
+    def idle(self) -> None:
+        """Between batches: without CUDA graphs the KV cache is freed (the next batch allocates what its rows and
+        prompts need), so that memory held follows the traffic, not the largest burst ever served."""
+        if not self.cuda_graphs:
+            self.cache.release()
 
     @property
     def graphs(self) -> int:

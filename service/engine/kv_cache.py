@@ -68,6 +68,11 @@ class RowKVCache(Cache):
         self.keys, self.values = grown_keys, grown_values
         self.storage += 1
 
+    def release(self) -> None:
+        """Free the storage; the next ``reserve`` allocates afresh, from a prefill's cache."""
+        self.keys, self.values = [], []
+        self.storage += 1
+
     def write_prompts(self, start: int, prefill: DynamicCache, mask: torch.Tensor) -> None:
         """Copy a prefill's rows into rows ``start ..``, each row's tokens (the columns its ``mask`` [rows, width]
         marks: left padding, or a cached prefix and the rest of the prompt with a hole between them) moved to begin at

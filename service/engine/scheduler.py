@@ -259,7 +259,13 @@ class Engine:
         if not batch:
             return
         self._apply_merge_policy({pending.adapter for pending in batch})
-        running, joining = RunningBatch(self.decoder), self._joining(batch)
+        try:
+            self._run(RunningBatch(self.decoder), self._joining(batch))
+        finally:
+            self.decoder.idle()
+
+    def _run(self, running: RunningBatch, joining: Joining | None) -> None:
+        """Decoding steps of the running rows, requests joining between them, until every row is done."""
         while True:
             joining = self._between_steps(running, joining)
             if not len(running):  # every row is done (or failed) and nothing is joining

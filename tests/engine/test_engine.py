@@ -19,7 +19,18 @@ from service.engine.requests import Generation, GenerationResult, Scoring, run_a
 from service.engine.sampling import Decoding
 from service.errors import AdapterError, EngineStopped, QueueFull
 from service.http.errors import status_of
-from tests.engine.engine_helpers import WAIT, alone, assert_same_outputs, greedy, paused, prompt, results, same_output
+from tests.engine.engine_helpers import (
+    WAIT,
+    WatchedSteps,
+    alone,
+    assert_same_outputs,
+    greedy,
+    long_generation,
+    paused,
+    prompt,
+    results,
+    same_output,
+)
 from tests.lora_helpers import BASES
 
 # ---- (a) concurrency ---------------------------------------------------------------------------
@@ -101,6 +112,28 @@ def test_rows_that_finish_early_leave_the_other_rows_untouched(engines):
     with paused(engine):
         futures = [engine.submit(work) for work in works]
     assert_same_outputs(results(futures), expected, works)
+
+
+def test_on_the_cpu_the_kv_cache_follows_the_traffic(engines):
+    """Without CUDA graphs the KV cache holds the rows running (to a power of two), not the largest batch, and it is
+    freed when a batch ends; the next batch is served as alone."""
+    engine = engines.fresh(max_batch=32)
+    rng = random.Random(8)
+    engine.decoder = steps = WatchedSteps(engine.decoder, note=lambda tokens: engine.decoder.cache.shape, hold_at=3)
+    first = engine.submit(long_generation(rng, "r2", 6))
+    assert steps.holding.wait(WAIT)
+    rows, _ = steps.decoder.cache.shape
+    steps.release.set()
+    first.result(WAIT)
+    deadline = time.monotonic() + WAIT
+    while steps.decoder.cache.keys and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert rows == 1, f"one running row took {rows} rows of KV cache"
+    assert steps.decoder.cache.keys == [], "the KV cache outlived its batch"
+    works = [long_generation(rng, name, 5) for name in ("r4", None, "r8")]
+    with paused(engine):
+        futures = [engine.submit(work) for work in works]
+    assert_same_outputs(results(futures), [alone(engines.shared(), work) for work in works], works)
 
 
 # ---- (d) scoring ---------------------------------------------------------------------------------
