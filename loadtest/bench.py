@@ -31,6 +31,7 @@ from service.engine.sampling import Decoding
 from service.engine.scheduler import Engine
 from service.lora.registry import AdapterRegistry
 from service.model.base_model import load_base, pick_device
+from service.model.cpu_threads import on_passing_thread
 from service.settings import Settings
 
 ENGINE_MODES = {"base", "single", "merged", "mixed"}
@@ -117,25 +118,26 @@ class Bench:
         self.registry = AdapterRegistry(model, [self.workdir], self.settings.max_resident, self.settings.max_rank)
         for name in self.names:
             self.registry.register(name, self.workdir / name)
-        self.engines = {}
-        for mode in ENGINE_MODES & modes:
-            self.engines[mode] = Engine(model, self.tokenizer, self.registry, self.settings.model_copy())
-            self.engines[mode].start()
+        self.engine = None  # one engine serves every engine mode: each engine thread would keep an OpenMP team
+        if ENGINE_MODES & modes:
+            self.engine = Engine(model, self.tokenizer, self.registry, self.settings.model_copy())
+            self.engine.start()
 
     def runner(self, mode: str, batch: int) -> Callable[[], object] | None:
         """A callable that serves one batch of ``batch`` requests in ``mode`` (None: mode not run at this size)."""
+        # transformers and peft run on threads that end with their batch (service.model.cpu_threads)
         if mode == "hf_base":
-            return lambda: self.hf_generate(self.plain, batch)
+            return lambda: on_passing_thread(self.hf_generate, self.plain, batch)
         if mode == "peft_mixed":
             rows = [self.names[i % len(self.names)] for i in range(batch)]
-            return lambda: self.hf_generate(self.peft_model, batch, adapter_names=rows)
+            return lambda: on_passing_thread(lambda: self.hf_generate(self.peft_model, batch, adapter_names=rows))
         if mode == "peft_sequential":
-            return self.sequential if batch == 1 else None
+            return (lambda: on_passing_thread(self.sequential)) if batch == 1 else None
         adapters = {"base": [None], "single": self.names[:1], "merged": self.names[:1], "mixed": self.names}[mode]
         works = [Generation(self.prompts[i].tolist(), adapters[i % len(adapters)],
                             Decoding(max_new_tokens=self.args.new_tokens), stop_at_newline=False, ignore_eos=True)
                  for i in range(batch)]
-        engine = self.engines[mode]
+        engine = self.engine
         engine.settings.max_batch = batch
         return lambda: run_all(engine, works)
 
@@ -239,14 +241,14 @@ def measured(args: argparse.Namespace) -> dict:
     report: ``results`` a row per cell (seconds, requests and tokens per second, bytes of RSS rise) and a dict per
     check (milliseconds, bytes). Raises FileNotFoundError when ``--base-model`` is no model directory."""
     modes = set(args.modes)
-    bench = Bench(args)
+    bench = on_passing_thread(Bench, args)  # no thread but the engine's keeps an OpenMP team while modes are timed
     for _ in range(3):  # warm the process (allocator, kernels) before any mode is timed, so the first is not penalised
-        bench.hf_generate(bench.plain, 1)
-    bench.build(modes)
+        on_passing_thread(bench.hf_generate, bench.plain, 1)
+    on_passing_thread(bench.build, modes)
     bench.measure([mode for mode in ALL_MODES if mode in modes])
     stall = measure_stall(bench) if args.hot_loads and "mixed" in modes else None
-    for engine in bench.engines.values():
-        engine.stop()
+    if bench.engine is not None:
+        bench.engine.stop()
     bench.registry.unmerge()
     device = torch.cuda.get_device_name() if bench.device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
     report = {"device": device, "config": {k: str(v) for k, v in vars(args).items() if k not in ("func", "module")},

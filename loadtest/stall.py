@@ -44,7 +44,7 @@ class StallCheck:
     the adapters the check hot-loaded are unregistered."""
 
     def __init__(self, bench: Bench, batch: int, new_tokens: int):
-        self.engine, self.registry, self.device = bench.engines["mixed"], bench.registry, bench.device
+        self.engine, self.registry, self.device = bench.engine, bench.registry, bench.device
         self.source, self.names = bench.hot_adapter(), bench.names
         self.joiners = self.registry.max_resident // 2  # the running batch uses the other slots
         self.running = bench.names[: self.registry.max_resident - self.joiners]

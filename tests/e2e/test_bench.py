@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import torch
 
@@ -10,14 +11,27 @@ from loadtest.host_memory import PeakRss
 from service.cli.main import build_parser
 
 
-def test_bench_measures_every_mode_and_writes_its_report(tiny_llama_dir, tmp_path):
+def test_bench_measures_every_mode_and_writes_its_report(tiny_llama_dir, tmp_path, monkeypatch):
+    """Every cell, check and table; transformers and peft run on threads that end with their batch, and one engine
+    serves every engine mode, so that no thread but the engine's keeps an OpenMP team (service.model.cpu_threads)."""
     out = tmp_path / "bench.json"
+    generating, engines, started = [], [], bench.Engine.start
+    hf_generate = bench.Bench.hf_generate
+
+    def noted(self, *args, **kwargs):
+        generating.append(threading.current_thread())
+        return hf_generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(bench.Bench, "hf_generate", noted)
+    monkeypatch.setattr(bench.Engine, "start", lambda self: (engines.append(self), started(self)))
     args = build_parser().parse_args([
         "bench", "--base-model", str(tiny_llama_dir), "--device", "cpu", "--batch-sizes", "1,3", "--adapters", "3",
         "--prompt-tokens", "8", "--new-tokens", "3", "--rounds", "2", "--hot-loads", "2", "--registered", "4",
         "--json", str(out)])
     report = bench.run(args)
     assert json.loads(out.read_text()) == report
+    assert len(engines) == 1 and generating
+    assert not any(thread is threading.main_thread() or thread.is_alive() for thread in generating)
     cells = {(row["mode"], row["batch_size"]) for row in report["results"]}
     expected = {(mode, batch) for mode in bench.ALL_MODES for batch in (1, 3)
                 if mode != "peft_sequential" or batch == 1}
