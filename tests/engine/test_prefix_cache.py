@@ -27,6 +27,7 @@ from service.engine.requests import Generation, Scoring
 from service.engine.sampling import Decoding
 from tests.engine.engine_helpers import (
     WAIT,
+    WatchedSteps,
     alone,
     assert_same_outputs,
     greedy,
@@ -245,10 +246,12 @@ def test_the_batch_kv_cache_holds_the_longest_prompt_not_the_prefill_layout_with
     works[2].prompt_ids = prompt(rng, 150, 150)
     expected = [alone(reference, work) for work in works]
     alone(engine, works[0])
+    engine.decoder = steps = WatchedSteps(engine.decoder, note=lambda _: steps.decoder.cache.shape[1])
     with paused(engine):
         futures = [engine.submit(work) for work in works[1:]]
     assert_same_outputs(results(futures), expected[1:], works[1:])  # their prefill spans 200 + 150 columns
-    assert engine.decoder.cache.shape[1] == column_bucket(max(len(work.prompt_ids) for work in works)) == 256
+    # the columns the cache holds at each decoding step, read on the engine thread (it is freed once the batch ends)
+    assert max(steps.notes) == column_bucket(max(len(work.prompt_ids) for work in works)) == 256, steps.notes
 
 
 def test_eviction_under_a_small_bound_drops_the_least_recently_used_context(engines):
