@@ -175,8 +175,11 @@ def check_name(name: str) -> str:
 
 def check_path(path: str | Path, roots: list[Path]) -> Path:
     """The adapter folder ``path`` names, resolved (symlinks followed); AdapterError 403 unless it lies inside one of
-    the adapter ``roots``, 404 unless it is a folder, 422 if the file system cannot take the path. A relative path is
-    looked up in each root in turn, then in the working directory, and the first place that has it is the one."""
+    the adapter ``roots``, 404 unless it is a folder, 422 if the file system cannot take the path, if it is empty or if
+    it names a root itself (the folder that holds adapters, not one of them). A relative path is looked up in each root
+    in turn, then in the working directory, and the first place that has it is the one."""
+    if not str(path).strip():
+        raise AdapterError("adapter path is empty: name an adapter folder")
     relative = not Path(path).is_absolute()
     candidates = [Path(root) / path for root in roots] + [Path(path)] if relative else [Path(path)]
     try:
@@ -191,6 +194,9 @@ def check_path(path: str | Path, roots: list[Path]) -> Path:
         raise AdapterPathRefused(f"adapter path {path} is outside the configured adapter roots{where}")
     if not is_folder:
         raise AdapterPathMissing(f"adapter path {path} is not a folder{where}")
+    if any(chosen == Path(root).resolve() for root in roots):
+        raise AdapterError(f"adapter path {path} is an adapter root, the folder that holds adapters, not an adapter "
+                           f"folder in it{where}")
     return chosen
 
 

@@ -190,6 +190,13 @@ def test_relative_paths_out_of_the_roots_are_403(client, refusals, path):
     refused(client, "elsewhere", path, 403, "outside the configured adapter roots", "relative path")
 
 
+@pytest.mark.parametrize("path", ["", "  ", ".", "./", "two/..", "ROOT"])
+def test_an_empty_path_or_a_root_itself_is_422(client, refusals, path):
+    """Not an adapter folder: said so, rather than looked for as one (an empty path named the first root)."""
+    path = str(refusals.adapters_dir) if path == "ROOT" else path
+    refused(client, "root", path, 422, "adapter path is empty" if not path.strip() else "is an adapter root")
+
+
 def test_a_missing_folder_inside_the_roots_is_404(client, refusals):
     refused(client, "missing", refusals.adapters_dir / "missing", 404, "not a folder")
     refused(client, "missing", "missing", 404, "not a folder", "looked up in each adapter root")
