@@ -83,6 +83,10 @@ def add_error_handlers(app: FastAPI) -> None:
         problems = exc.errors()
         if problems[0]["type"] == "json_invalid":  # FastAPI's: the body is not JSON
             return unreadable(request, f"{problems[0]['ctx']['error']} (at character {problems[0]['loc'][1]})")
+        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if tuple(problems[0]["loc"]) == ("body",) and not (media == "application/json" or media.endswith("+json")):
+            return error(request, 415, f"the body must be JSON, sent with Content-Type: application/json (got "
+                                       f"{media or 'none'})", code="unsupported_media_type")
         message, detail = invalid_request(problems)
         return error(request, 422, message, param=field_of(detail[0]), code=problems[0]["type"], detail=detail)
 
