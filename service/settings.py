@@ -12,6 +12,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from service.engine.merge_policy import MAX_COOLDOWN_GROWTH
 
 REPO_ADAPTERS = Path(__file__).resolve().parent.parent / "adapters"
+CPU_PREFILL_TOKENS = 2048  # max_prefill_tokens unset, on the CPU: 10 prompts of 192 tokens (docs/benchmarks.md)
+CPU_BATCH_WINDOW_MS, GPU_BATCH_WINDOW_MS = 0.0, 5.0  # batch_window_ms unset
 
 
 def path_list(value: Any) -> Any:
@@ -52,7 +54,10 @@ class Settings(BaseSettings):
 
     # engine
     max_batch: int = Field(32, ge=1, description="most requests in one batch")
-    batch_window_ms: float = Field(5.0, ge=0, description="how long the scheduler waits to fill a batch")
+    batch_window_ms: float | None = Field(
+        None, ge=0, description="how long an idle scheduler waits to fill a batch; requests that come later join the "
+        f"running batch between its decoding steps. None: {CPU_BATCH_WINDOW_MS} ms on the CPU (a wait there costs the "
+        f"one request more than batching saves: docs/benchmarks.md), {GPU_BATCH_WINDOW_MS} ms on a GPU")
     max_queue: int = Field(256, ge=1, description="queued requests before 429")
     max_new_tokens: int = Field(64, ge=1, description="most tokens a request generates (per choice); OpenAI's routes "
                                 "refuse a max_tokens above it and take it for an absent one")
@@ -68,9 +73,11 @@ class Settings(BaseSettings):
         0, ge=0, description="prompt tokens that requests joining a running batch run between two of its decoding "
         "steps (the larger of this and the running rows), bounding how long running rows wait; 0 runs whole prompts "
         "(the fastest on the CPU and the GPU: docs/benchmarks.md)")
-    max_prefill_tokens: int = Field(
-        2048, ge=1, description="prompt tokens one prefill pass takes from the queue (a longer prompt goes alone); "
-        "the rest join at the next pause, so a burst's prefill memory is bounded (vLLM's max_num_batched_tokens)")
+    max_prefill_tokens: int | None = Field(
+        None, ge=1, description="prompt tokens one prefill pass takes from the queue (a longer prompt goes alone); "
+        "the rest join at the next pause, so a burst's prefill memory is bounded (vLLM's max_num_batched_tokens). "
+        f"None: {CPU_PREFILL_TOKENS} on the CPU, no bound on a GPU (memory is not short there, and fewer, larger "
+        "passes are faster)")
     cuda_graphs: bool = Field(True, description="replay decoding steps as CUDA graphs (GPU only)")
     prefix_cache_bytes: int = Field(
         256 * 2**20, ge=0, description="bytes of prompt keys and values kept for reuse by later prompts that begin "

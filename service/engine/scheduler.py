@@ -39,7 +39,7 @@ from service.engine.running_batch import RunningBatch
 from service.errors import EngineFailed, EngineStopped, QueueFull, RequestAbandoned, UnknownAdapter
 from service.lora.adapter_files import BASE_LABEL, AdapterWeights
 from service.lora.registry import AdapterRegistry
-from service.settings import Settings
+from service.settings import CPU_BATCH_WINDOW_MS, CPU_PREFILL_TOKENS, GPU_BATCH_WINDOW_MS, Settings
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,10 @@ class Engine:
         self.endings = Endings(model, tokenizer)
         use_packed_gqa_attention(model)
         self.prefill_chunk = settings.prefill_chunk
+        cpu = self.device.type == "cpu"  # unset, these two take the device's defaults (service.settings)
+        self.prefill_tokens = settings.max_prefill_tokens or (CPU_PREFILL_TOKENS if cpu else math.inf)
+        self.batch_window_ms = settings.batch_window_ms if settings.batch_window_ms is not None else (
+            CPU_BATCH_WINDOW_MS if cpu else GPU_BATCH_WINDOW_MS)
         self.decoder = DecodeStep(model, registry.layers, settings.cuda_graphs, settings.max_batch)
         self.prefix_cache = PrefixCache(settings.prefix_block_tokens, settings.prefix_cache_bytes)
         self._queue: deque[_Pending] = deque()
@@ -212,7 +216,7 @@ class Engine:
                 self._wakeup.wait()
             if not self._queue:
                 return None
-            deadline = time.perf_counter() + settings.batch_window_ms / 1000
+            deadline = time.perf_counter() + self.batch_window_ms / 1000
             while len(self._queue) < settings.max_batch and self._accepting and not self._controls:
                 left = deadline - time.perf_counter()
                 if left <= 0:
@@ -226,9 +230,9 @@ class Engine:
         """Up to ``room`` queued requests of one kind, oldest first, so that the adapters in use (``adapters``
         plus theirs) fit the device slots, and at most ``loads`` adapters not resident yet. Each request taken is
         bound to the weights its adapter's name holds now, for good; one whose name is no longer registered fails
-        (UnknownAdapter). Their prompts hold at most ``max_prefill_tokens`` tokens in all, unless one alone holds more:
-        one prefill pass's keys, values and activations are bounded whatever the burst. Called holding ``_wakeup``."""
-        batch, rest, tokens, budget = [], deque(), 0, self.settings.max_prefill_tokens
+        (UnknownAdapter). Their prompts hold at most ``prefill_tokens`` tokens in all, unless one alone holds more: one
+        prefill pass's keys, values and activations are bounded whatever the burst. Called holding ``_wakeup``."""
+        batch, rest, tokens, budget = [], deque(), 0, self.prefill_tokens
         while self._queue and len(batch) < room:
             pending = self._queue.popleft()
             if batch and type(pending.work) is kind and tokens + len(pending.work.prompt_ids) > budget:

@@ -23,6 +23,7 @@ from service.engine.prefill import Prefill
 from service.engine.requests import Generation, Scoring
 from service.engine.sampling import Decoding
 from service.engine.scheduler import Engine
+from service.settings import CPU_BATCH_WINDOW_MS, CPU_PREFILL_TOKENS
 from tests.engine.engine_helpers import (
     WAIT,
     WatchedSteps,
@@ -114,6 +115,13 @@ def test_long_prompts_join_a_chunk_per_pause_and_get_what_they_get_alone(engines
     assert len(budgets) >= 60 // 4 and set(budgets) == {8}, (
         f"the joiners' prompts did not run 8 tokens a pause: {budgets}")
     assert same_output(running.result(WAIT), alone(engine, long_work))
+
+
+def test_unset_prefill_budget_and_batch_window_are_the_cpus(engines):
+    unset = engines.fresh(max_prefill_tokens=None, batch_window_ms=None)
+    assert (unset.prefill_tokens, unset.batch_window_ms) == (CPU_PREFILL_TOKENS, CPU_BATCH_WINDOW_MS) == (2048, 0)
+    given = engines.fresh(max_prefill_tokens=100, batch_window_ms=7)
+    assert (given.prefill_tokens, given.batch_window_ms) == (100, 7)
 
 
 @pytest.mark.parametrize("kind", ["generations", "scorings"])
