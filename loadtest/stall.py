@@ -3,6 +3,7 @@ them, delay the batch's decoding steps."""
 from __future__ import annotations
 
 import itertools
+import math
 import statistics
 import time
 from concurrent.futures import Future
@@ -49,6 +50,9 @@ class StallCheck:
         self.joiners = self.registry.max_resident // 2  # the running batch uses the other slots
         self.running = bench.names[: self.registry.max_resident - self.joiners]
         self.engine.settings.max_batch, self.engine.settings.max_new_tokens = batch + self.joiners, new_tokens
+        # the whole batch is admitted in one prefill pass, so that its steps are the batch alone (on the CPU a budget
+        # of prefill tokens would have the batch itself join over several pauses)
+        self.engine.prefill_tokens = math.inf
         self.stamps: list[tuple[float, float]] = []  # (start, end) of each decoding step (one new token per row)
         self.activations: list[tuple[float, float]] = []  # of each activation: adapters made resident, rows mapped
         self.works = [Generation(bench.prompts[i % len(bench.prompts)].tolist(), self.running[i % len(self.running)],
