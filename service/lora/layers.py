@@ -41,6 +41,7 @@ from transformers.pytorch_utils import Conv1D
 from service.engine.kv_cache import row_bucket
 from service.lora.adapter_files import AdapterWeights
 from service.lora.slot_mapping import SlotMapping, in_place
+from service.model.file_pages import release
 
 
 class Banks:
@@ -260,7 +261,7 @@ class LoraLayers:
         self.modules = wrap_lora_targets(model, self.mapping, self.banks)
         self.shapes = {name: (layer.in_features, layer.out_features) for name, layer in self.modules.items()}
         self.quantized = any(not layer.base.weight.is_floating_point() for layer in self.modules.values())  # 4-bit
-        self._originals: dict[str, torch.Tensor] = {}  # module -> its base weight as loaded (see _keep_original)
+        self._originals: dict[str, torch.Tensor] = {}  # module -> its base weight as loaded (see merge)
         self._slot_lists: dict[tuple, list[torch.Tensor]] = {}  # see _flat_views
         self._slot_lists_storage = -1  # the banks' storage those views were made of
 
@@ -318,34 +319,34 @@ class LoraLayers:
         return self._slot_lists[key]
 
     def merge(self, adapter: AdapterWeights) -> None:
-        """Add ``adapter``'s products to the base weights of its modules, in place (on a full-precision base). The
-        first merge of a module keeps its weight as loaded, which every ``unmerge`` restores exactly (a fresh copy
-        at each merge took 3-5x the merge on a CPU)."""
+        """Add ``adapter``'s products to the base weights of its modules (on a full-precision base); ``unmerge``
+        restores them exactly as loaded. On the CPU each module gets a merged copy and its weight as loaded is kept:
+        pages of the model file, mapped copy-on-write, which leave memory while merged (``file_pages.release``) and
+        come back from the file at the unmerge, so a merge costs no memory beyond one module's copy at a time (and
+        the copy is aligned, where the file's offsets can leave the loaded weights unaligned, 40 bytes past a 64-byte
+        boundary for SmolLM2, which made in-place products 3x slower). On a GPU a copy is kept at the first merge and
+        the weight merged in place: it keeps its address, which captured graphs read."""
         for module, (lora_a, lora_b_t) in adapter.views(adapter.packed.to(self.device, self.dtype)).items():
-            if module not in self._originals:  # what is kept stays exact: only merge and unmerge write these weights
-                self._keep_original(module)
-            weight = self.modules[module].base.weight.data
-            if isinstance(self.modules[module].base, Conv1D):
-                weight.addmm_(lora_a.t(), lora_b_t)  # [in, out] += A^T [in, r] @ B^T [r, out]
+            base = self.modules[module].base
+            if self.device.type == "cpu":
+                original = self._originals.setdefault(module, base.weight.data)
+                base.weight.data = original.clone()
+            elif module not in self._originals:  # what is kept stays exact: only unmerge writes it back
+                self._originals[module] = base.weight.data.clone()
+            if isinstance(base, Conv1D):
+                base.weight.data.addmm_(lora_a.t(), lora_b_t)  # [in, out] += A^T [in, r] @ B^T [r, out]
             else:
-                weight.addmm_(lora_b_t.t(), lora_a)  # [out, in] += B [out, r] @ A [r, in]
-
-    def _keep_original(self, module: str) -> None:
-        """Keep a module's weight as loaded, for unmerges. On the CPU the loaded weights are pages of the model
-        file mapped copy-on-write: the weight itself is kept and the module gets a copy to merge into, instead of
-        a copy kept and the mapped pages copied again by the first write (twice the memory and time); the copy is
-        also aligned, where the file's offsets can leave the loaded weights unaligned (40 bytes past a 64-byte
-        boundary for SmolLM2), which made the in-place products 3x slower. On a GPU the weight keeps its address
-        (captured graphs read it) and a copy is kept."""
-        weight = self.modules[module].base.weight
-        if weight.device.type == "cpu":
-            self._originals[module], weight.data = weight.data, weight.data.clone()
-        else:
-            self._originals[module] = weight.data.clone()
+                base.weight.data.addmm_(lora_b_t.t(), lora_a)  # [out, in] += B [out, r] @ A [r, in]
+            if self.device.type == "cpu":
+                release(self._originals[module])
 
     def unmerge(self, adapter: AdapterWeights) -> None:
         """Restore the base weights that merging ``adapter`` changed exactly as they were loaded."""
         modules = list(adapter.layout)
+        if self.device.type == "cpu":  # the weights as loaded again, their merged copies freed
+            for module in modules:
+                self.modules[module].base.weight.data = self._originals[module]
+            return
         torch._foreach_copy_([self.modules[module].base.weight.data for module in modules],
                              [self._originals[module] for module in modules])
 
