@@ -41,7 +41,7 @@ from transformers.pytorch_utils import Conv1D
 from service.engine.kv_cache import row_bucket
 from service.lora.adapter_files import AdapterWeights
 from service.lora.slot_mapping import SlotMapping, in_place
-from service.model.file_pages import release
+from service.model.file_pages import private_file_maps, release
 
 
 class Banks:
@@ -326,6 +326,7 @@ class LoraLayers:
         the copy is aligned, where the file's offsets can leave the loaded weights unaligned, 40 bytes past a 64-byte
         boundary for SmolLM2, which made in-place products 3x slower). On a GPU a copy is kept at the first merge and
         the weight merged in place: it keeps its address, which captured graphs read."""
+        maps = private_file_maps() if self.device.type == "cpu" else []  # read once: the model file's maps stay
         for module, (lora_a, lora_b_t) in adapter.views(adapter.packed.to(self.device, self.dtype)).items():
             base = self.modules[module].base
             if self.device.type == "cpu":
@@ -338,7 +339,7 @@ class LoraLayers:
             else:
                 base.weight.data.addmm_(lora_b_t.t(), lora_a)  # [out, in] += B [out, r] @ A [r, in]
             if self.device.type == "cpu":
-                release(self._originals[module])
+                release(self._originals[module], maps)
 
     def unmerge(self, adapter: AdapterWeights) -> None:
         """Restore the base weights that merging ``adapter`` changed exactly as they were loaded."""
