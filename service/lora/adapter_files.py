@@ -183,9 +183,9 @@ def check_path(path: str | Path, roots: list[Path]) -> Path:
     relative = not Path(path).is_absolute()
     candidates = [Path(root) / path for root in roots] + [Path(path)] if relative else [Path(path)]
     try:
-        resolved = [candidate.resolve() for candidate in candidates]
+        resolved, homes = [candidate.resolve() for candidate in candidates], [Path(root).resolve() for root in roots]
         chosen = next((found for found in resolved if found.exists()), resolved[0])
-        inside = any(chosen.is_relative_to(Path(root).resolve()) for root in roots)
+        inside = any(chosen.is_relative_to(home) for home in homes)
         is_folder = inside and chosen.is_dir()
     except (ValueError, OSError) as exc:  # a NUL byte, a name too long for the file system, a symlink loop
         raise AdapterError(f"adapter path {path!r} is not a usable path: {exc}") from None
@@ -194,7 +194,7 @@ def check_path(path: str | Path, roots: list[Path]) -> Path:
         raise AdapterPathRefused(f"adapter path {path} is outside the configured adapter roots{where}")
     if not is_folder:
         raise AdapterPathMissing(f"adapter path {path} is not a folder{where}")
-    if any(chosen == Path(root).resolve() for root in roots):
+    if chosen in homes:
         raise AdapterError(f"adapter path {path} is an adapter root, the folder that holds adapters, not an adapter "
                            f"folder in it{where}")
     return chosen
