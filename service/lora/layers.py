@@ -41,7 +41,7 @@ from transformers.pytorch_utils import Conv1D
 from service.engine.kv_cache import row_bucket
 from service.lora.adapter_files import AdapterWeights
 from service.lora.slot_mapping import SlotMapping, in_place
-from service.model.file_pages import private_file_maps, release
+from service.model.file_pages import mapped_copy, private_file_maps, release
 
 
 class Banks:
@@ -320,7 +320,8 @@ class LoraLayers:
 
     def merge(self, adapter: AdapterWeights) -> None:
         """Add ``adapter``'s products to the base weights of its modules (on a full-precision base); ``unmerge``
-        restores them exactly as loaded. On the CPU each module gets a merged copy and its weight as loaded is kept:
+        restores them exactly as loaded. On the CPU each module gets a merged copy (in a map of its own, which leaves
+        memory when the unmerge frees it: ``file_pages.mapped_copy``) and its weight as loaded is kept:
         pages of the model file, mapped copy-on-write, which leave memory while merged (``file_pages.release``) and
         come back from the file at the unmerge, so a merge costs no memory beyond one module's copy at a time (and
         the copy is aligned, where the file's offsets can leave the loaded weights unaligned, 40 bytes past a 64-byte
@@ -331,7 +332,7 @@ class LoraLayers:
             base = self.modules[module].base
             if self.device.type == "cpu":
                 original = self._originals.setdefault(module, base.weight.data)
-                base.weight.data = original.clone()
+                base.weight.data = mapped_copy(original)
             elif module not in self._originals:  # what is kept stays exact: only unmerge writes it back
                 self._originals[module] = base.weight.data.clone()
             if isinstance(base, Conv1D):

@@ -1,5 +1,6 @@
-"""Pages of the model file. On the CPU, weights loaded from safetensors are views of a private (copy-on-write) map of
-the file, so the pages of one never written can leave memory and come back from the file, unchanged, when read."""
+"""Pages of the model file, and of the copies made of it. On the CPU, weights loaded from safetensors are views of a
+private (copy-on-write) map of the file, so the pages of one never written can leave memory and come back from the
+file, unchanged, when read; a copy kept in a map of its own leaves memory when freed."""
 from __future__ import annotations
 
 import ctypes
@@ -38,3 +39,17 @@ def release(tensor: torch.Tensor, maps: list[tuple[int, int]]) -> bool:
         return False
     libc = ctypes.CDLL(None, use_errno=True)
     return libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED) == 0
+
+
+def mapped_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of ``tensor`` (a CPU tensor, any shape and dtype) in an anonymous map of its own, page
+    aligned, which is unmapped when the copy is freed. A copy from malloc would, once freed, mostly stay in the
+    process as free space in malloc's arenas: glibc raises its mmap threshold to the size of each mapped chunk freed
+    (up to 32 MiB, mallopt(3)), so copies of a few MiB come from arenas, and freeing the merged weights of an
+    all-linear adapter on SmolLM2 left about 0.3 GB resident (docs/benchmarks.md, "Merged copies in maps of their
+    own")."""
+    if not tensor.numel():
+        return tensor.clone(memory_format=torch.contiguous_format)
+    buffer = mmap.mmap(-1, tensor.numel() * tensor.element_size())
+    copy = torch.frombuffer(buffer, dtype=tensor.dtype, count=tensor.numel()).view(tensor.shape)
+    return copy.copy_(tensor)

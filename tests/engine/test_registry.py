@@ -4,6 +4,7 @@ from __future__ import annotations
 import gc
 import threading
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -163,9 +164,18 @@ def test_the_first_merge_on_the_cpu_writes_a_copy_and_keeps_the_loaded_weights_u
         assert torch.equal(loaded[name], snapshot[name]), f"merging wrote the loaded weight of {name}"
     merged_into = {layer.base.weight.data.data_ptr() for layer in registry.layers.modules.values()}
     assert not merged_into & {weight.data_ptr() for weight in loaded.values()}, "a module merges into its loaded weight"
+    merged_maps = {(start, end) for start, end in maps() if start in merged_into}
+    assert len(merged_maps) == len(merged_into), "a merged copy came from malloc, whose arenas keep it once freed"
     registry.unmerge()
     for name, layer in registry.layers.modules.items():
         assert torch.equal(layer.base.weight, snapshot[name]), f"{name} differs after unmerge"
+    assert not merged_maps & maps(), "the merged copies' memory outlived the unmerge"
+
+
+def maps() -> set[tuple[int, int]]:
+    """The address range [start, end) of every map of this process (/proc/self/maps)."""
+    return {tuple(int(address, 16) for address in line.split()[0].split("-"))
+            for line in Path("/proc/self/maps").read_text().splitlines()}
 
 
 def test_merge_is_refused_on_a_4bit_base(base_dir, ranked):
