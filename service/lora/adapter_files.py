@@ -20,6 +20,7 @@ from peft.tuners.tuners_utils import check_target_module_exists
 from safetensors import SafetensorError, safe_open
 
 from service.errors import AdapterError, AdapterPathMissing, AdapterPathRefused
+from service.lora.card import CARD_FILE, Calibration, read_calibration
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -126,6 +127,7 @@ class AdapterWeights:
     target_modules: list[str]
     packed: torch.Tensor = field(repr=False)
     layout: dict[str, tuple[int, int, int]] = field(repr=False)  # module -> (offset, in, out)
+    calibration: Calibration = field(default_factory=Calibration)  # of its label probabilities, from its card
     serial: int = field(default_factory=SERIALS.__next__, init=False)  # these weights' identity, as a number
 
     @property
@@ -155,6 +157,7 @@ class AdapterWeights:
             "alpha": self.alpha,
             "target_modules": self.target_modules,
             "size_bytes": self.nbytes,
+            "label_temperature": self.calibration.temperature,
         }
 
 
@@ -332,8 +335,10 @@ def load_adapter(
     name: str, folder: Path, module_shapes: dict[str, tuple[int, int]], max_rank: int, dtype: torch.dtype
 ) -> AdapterWeights:
     """Read and check an adapter against the base's LoRA-able modules ``{name: (in, out)}``; its weights are
-    kept in ``dtype`` (the banks'), so making it resident moves no more bytes than the banks hold."""
+    kept in ``dtype`` (the banks'), so making it resident moves no more bytes than the banks hold, and the calibration
+    of its label probabilities is read from its card (``card.read_calibration``: T = 1 without one)."""
     config = read_config(folder, max_rank)
+    calibration = read_calibration(adapter_file(folder, CARD_FILE))
     rank, alpha = config.r, float(config.lora_alpha)
     scale = alpha / rank**0.5 if config.use_rslora else alpha / rank
     parts: dict[str, dict[str, torch.Tensor]] = {}
@@ -362,7 +367,7 @@ def load_adapter(
         layout[module] = (offset, fan_in, fan_out)
         offset += rank * (fan_in + fan_out)
     targets = [config.target_modules] if isinstance(config.target_modules, str) else sorted(config.target_modules)
-    adapter = AdapterWeights(name, folder, rank, alpha, targets, host_buffer(offset, dtype), layout)
+    adapter = AdapterWeights(name, folder, rank, alpha, targets, host_buffer(offset, dtype), layout, calibration)
     views, modules, jobs = adapter.views(), list(layout), []
     size = -(-len(modules) // PACKING_THREADS)
     for group in (modules[i:i + size] for i in range(0, len(modules), size)):  # consecutive modules, one span
