@@ -13,7 +13,7 @@ from service.runtime import Runtime
 from service.settings import Settings
 from service.tasks.prompts import NLI_LABELS, RTE_LABELS
 from training.data import read_eval
-from training.metrics import accuracy, confusion_matrix, squad_scores
+from training.metrics import ECE_BINS, accuracy, confusion_matrix, expected_calibration_error, squad_scores
 
 EVALUATED = "evaluated"  # the name an adapter given as a folder is registered under
 
@@ -89,16 +89,20 @@ def evaluate_squad(rt: Runtime, adapter: str | None, rows: list[dict], args: arg
 
 def evaluate_labels(rt: Runtime, adapter: str | None, rows: list[dict], labels: tuple[str, ...]) -> tuple[dict, list]:
     """Score every premise/hypothesis row through ``rt``'s /nli task and predict its likeliest of ``labels``; returns
-    the metrics (accuracy in percent, count, the confusion matrix: rows gold, columns predicted) and the predicted
-    labels in row order. Raises InputTooLong for a prompt over the runtime's input limit, EngineFailed if the engine
-    thread dies."""
+    the metrics (accuracy in percent; ``ece``, the expected calibration error in percent over ``ECE_BINS`` confidence
+    bins of the probabilities as served, calibrated by the adapter's card if it holds a temperature; count; the
+    confusion matrix: rows gold, columns predicted) and the predicted labels in row order. Raises InputTooLong for a
+    prompt over the runtime's input limit, EngineFailed if the engine thread dies."""
     scored = asyncio.run(bounded(
         (rt.tasks.nli(row["premise"], row["hypothesis"], adapter, labels) for row in rows), rt.settings.max_queue))
     predictions = [max(probs, key=probs.get) for probs in scored]
     golds = [row["label"] for row in rows]
     matrix = {"rows": "gold", "columns": "predicted", "labels": list(labels),
               "counts": confusion_matrix(predictions, golds, labels)}
-    return {"accuracy": accuracy(predictions, golds), "count": len(rows), "confusion_matrix": matrix}, predictions
+    ece = expected_calibration_error([max(probs.values()) for probs in scored],
+                                     [p == g for p, g in zip(predictions, golds)])
+    return {"accuracy": accuracy(predictions, golds), "ece": ece, "ece_bins": ECE_BINS, "count": len(rows),
+            "confusion_matrix": matrix}, predictions
 
 
 def confusion_table(matrix: dict) -> str:

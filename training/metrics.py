@@ -1,6 +1,8 @@
-"""Task metrics: SQuAD v1.1 exact match and F1 (as the official script), accuracy and confusion matrix."""
+"""Task metrics: SQuAD v1.1 exact match and F1 (as the official script), accuracy and confusion matrix, and the
+calibration of label probabilities (reliability bins, expected calibration error)."""
 from __future__ import annotations
 
+import math
 import re
 import string
 from collections import Counter
@@ -58,3 +60,34 @@ def confusion_matrix(predictions: list[str], golds: list[str], labels: list[str]
     for p, g in zip(predictions, golds):
         matrix[index[g]][index[p]] += 1
     return matrix
+
+
+ECE_BINS = 15  # Guo et al. 2017's number of equal-width confidence bins
+
+
+def reliability_bins(confidences: list[float], correct: list[bool], bins: int = ECE_BINS) -> list[dict]:
+    """The predictions in each of ``bins`` equal-width confidence intervals (0, 1/bins], (1/bins, 2/bins], ...,
+    ((bins-1)/bins, 1] (a confidence of 0 counts in the first): per bin its bounds, ``count``, ``accuracy`` (the share
+    correct, in [0, 1]) and ``confidence`` (the mean confidence), the last two None for an empty bin. ``confidences``:
+    each prediction's probability of its predicted label; ``correct``: whether it was the gold one. Raises ValueError
+    when the two lists differ in length or a confidence lies outside [0, 1]."""
+    if len(confidences) != len(correct):
+        raise ValueError(f"{len(confidences)} confidences for {len(correct)} outcomes")
+    if any(not 0.0 <= c <= 1.0 for c in confidences):
+        raise ValueError("confidences must lie in [0, 1]")
+    members: list[list[int]] = [[] for _ in range(bins)]
+    for i, confidence in enumerate(confidences):
+        members[max(0, min(bins - 1, math.ceil(confidence * bins) - 1))].append(i)
+    return [{"low": b / bins, "high": (b + 1) / bins, "count": len(rows),
+             "accuracy": sum(correct[i] for i in rows) / len(rows) if rows else None,
+             "confidence": sum(confidences[i] for i in rows) / len(rows) if rows else None}
+            for b, rows in enumerate(members)]
+
+
+def expected_calibration_error(confidences: list[float], correct: list[bool], bins: int = ECE_BINS) -> float:
+    """ECE in percent (Guo et al. 2017, "On Calibration of Modern Neural Networks", eq. 3): the sum over the equal-width
+    confidence bins B_m of |B_m| / n * |accuracy(B_m) - mean confidence(B_m)| (``reliability_bins``); 0 for no
+    predictions. Raises as ``reliability_bins``."""
+    n = max(len(confidences), 1)
+    return 100.0 * sum(b["count"] / n * abs(b["accuracy"] - b["confidence"])
+                       for b in reliability_bins(confidences, correct, bins) if b["count"])

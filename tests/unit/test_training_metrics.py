@@ -3,7 +3,16 @@ from __future__ import annotations
 
 import pytest
 
-from training.metrics import accuracy, confusion_matrix, exact_match, f1, normalize_answer, squad_scores
+from training.metrics import (
+    accuracy,
+    confusion_matrix,
+    exact_match,
+    expected_calibration_error,
+    f1,
+    normalize_answer,
+    reliability_bins,
+    squad_scores,
+)
 
 
 @pytest.mark.parametrize(
@@ -62,3 +71,26 @@ def test_accuracy_and_confusion_matrix():
     ]
     with pytest.raises(ValueError):
         accuracy(preds, golds[:-1])
+
+
+def test_reliability_bins_are_equal_width_and_closed_on_the_right():
+    # 15 bins of width 1/15: (0, 1/15], (1/15, 2/15], ... (14/15, 1]; 0 counts in the first
+    bins = reliability_bins([0.0, 1 / 15, 0.07, 0.5, 1.0], [True, False, True, True, False])
+    assert len(bins) == 15 and bins[0]["low"] == 0.0 and bins[-1]["high"] == 1.0
+    assert [b["count"] for b in bins] == [2, 1, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 1]
+    assert bins[0]["accuracy"] == 0.5 and bins[0]["confidence"] == pytest.approx(1 / 30)
+    assert bins[2]["accuracy"] is None and bins[2]["confidence"] is None
+
+
+def test_expected_calibration_error_by_hand():
+    # bin (0.6, 0.667]: confidences 0.62, 0.64, one right of two -> |0.5 - 0.63| = 0.13, weight 2/5
+    # bin (0.933, 1]:   0.95, 0.97, 0.99, all right -> |1 - 0.97| = 0.03, weight 3/5
+    # ECE = 0.4 * 0.13 + 0.6 * 0.03 = 0.07 -> 7 %
+    confidences, correct = [0.62, 0.64, 0.95, 0.97, 0.99], [True, False, True, True, True]
+    assert expected_calibration_error(confidences, correct) == pytest.approx(7.0)
+    assert expected_calibration_error([0.6] * 5, [True, True, True, False, False]) == pytest.approx(0.0)
+    assert expected_calibration_error([], []) == 0.0
+    with pytest.raises(ValueError):
+        expected_calibration_error([0.5], [True, False])
+    with pytest.raises(ValueError):
+        expected_calibration_error([1.5], [True])
