@@ -66,7 +66,7 @@ def test_the_temperature_comes_from_the_card_and_is_one_without_it(served, ranke
     ("[1, 2]", "JSON object"),
 ])
 def test_a_bad_calibration_is_refused_and_leaves_the_registry_unchanged(served, ranked, tmp_path, card, named):
-    model, registry = served
+    _, registry = served
     before = registry.describe()
     with pytest.raises(AdapterError) as refused:
         registry.register("calibrated", with_card(ranked["r2"], f"card_{tmp_path.name}", card))
