@@ -92,13 +92,13 @@ def stage_of(category: str) -> str:
 
 
 def loop_category(frames: tuple[str, ...]) -> str:
-    """The category of an event-loop stack: idle (waiting in select), tokenization, span location, or HTTP (the
-    server, routing, validation, JSON, asyncio)."""
+    """The category of an event-loop stack: idle (waiting in select), tokenization, the answer span constraint, or
+    HTTP (the server, routing, validation, JSON, asyncio)."""
     if holds(frames[-1], IDLE_LEAVES):
         return "idle"
     if any(holds(frame, TOKENIZATION) for frame in frames):
         return "tokenization"
-    if any("(service/tasks/spans.py" in frame for frame in frames):
+    if any("(service/tasks/span_constraint.py" in frame for frame in frames):
         return "answer span"
     return "HTTP, validation, asyncio"
 

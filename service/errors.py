@@ -40,6 +40,11 @@ class InputTooLong(Exception):
     """The prompt has more tokens than the server accepts."""
 
 
+class NoSpan(Exception):
+    """An extractive answer cannot be held to a span of the context: the context has no text a token can begin an
+    answer with, or the model's vocabulary does not say which bytes its tokens spell."""
+
+
 class QueueFull(Exception):
     """The queue holds as many requests as it may; retry later."""
 

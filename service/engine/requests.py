@@ -6,6 +6,7 @@ from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+from service.engine.constraints import TokenConstraint
 from service.engine.sampling import Decoding
 
 
@@ -24,7 +25,8 @@ class Generation:
     """Generate a continuation of ``prompt_ids`` with one adapter (None: the bare base).
 
     ``logprobs``: None asks for none; k >= 0 (at most ``logprobs.MOST_TOP_LOGPROBS``) asks, for each token handed to
-    a listener (``Engine.submit``), its log-probability and the k most likely tokens' (``SampledToken``)."""
+    a listener (``Engine.submit``), its log-probability and the k most likely tokens' (``SampledToken``).
+    ``constraint``: None decodes freely; a ``TokenConstraint`` (its own, it holds state) limits every step's token."""
 
     prompt_ids: list[int]
     adapter: str | None
@@ -32,6 +34,7 @@ class Generation:
     stop_at_newline: bool = True
     ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)
     logprobs: int | None = None
+    constraint: TokenConstraint | None = None
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from service.errors import (
     EngineStopped,
     InputTooLong,
     NoFreeSlot,
+    NoSpan,
     QueueFull,
     UnknownAdapter,
 )
@@ -40,6 +41,7 @@ STATUS: dict[type[Exception], int] = {
     NoFreeSlot: 503,
     AdapterError: 422,
     InputTooLong: 413,
+    NoSpan: 422,
     QueueFull: 429,
     EngineStopped: 503,
     ClientGone: CLIENT_CLOSED,

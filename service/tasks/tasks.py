@@ -10,13 +10,13 @@ from dataclasses import dataclass
 from transformers import PreTrainedTokenizerBase
 
 from service.engine.logprobs import MOST_TOP_LOGPROBS
-from service.engine.requests import Generation, GenerationResult, Scoring
+from service.engine.requests import Generation, Scoring
 from service.engine.sampling import Decoding, choice_seed
 from service.engine.scheduler import Engine
-from service.errors import InputTooLong
+from service.errors import InputTooLong, NoSpan
 from service.settings import Settings
 from service.tasks.prompts import NLI_LABELS, answer_prompt, encode_text, label_target, nli_prompt
-from service.tasks.spans import locate
+from service.tasks.span_constraint import SpanConstraint, SpanVocabulary, answer_vocabulary
 from service.tasks.streaming import Completion, CompletionStream, collect
 
 
@@ -27,6 +27,13 @@ class Answer:
     end: int | None
     tokens: int
     latency_ms: float
+
+
+def exact_span(text: str, context: str) -> tuple[int, int] | None:
+    """The [start, end) character offsets of ``text``'s first occurrence in ``context``; None if it is empty or
+    occurs nowhere."""
+    start = context.find(text) if text else -1
+    return (start, start + len(text)) if start >= 0 else None
 
 
 def stream_options(stop: str | Sequence[str], logprobs: int | None, n: int) -> tuple[str, ...]:
@@ -49,6 +56,16 @@ class Tasks:
         self.engine, self.tokenizer, self.settings = engine, tokenizer, settings
         self.max_prompt = min(settings.max_input_tokens, max_positions - settings.max_new_tokens)
         self.label_tokens = {NLI_LABELS: self.first_tokens(NLI_LABELS)}
+        try:  # about 1 s and 17 MiB for SmolLM2's 49,152 tokens
+            self._span_vocabulary: SpanVocabulary | NoSpan = answer_vocabulary(tokenizer, engine.endings.eos_ids)
+        except NoSpan as unknown:
+            self._span_vocabulary = unknown
+
+    def span_vocabulary(self) -> SpanVocabulary:
+        """The tokens that spell extractive answers; raises NoSpan for a vocabulary whose tokens' bytes are unknown."""
+        if isinstance(self._span_vocabulary, NoSpan):
+            raise NoSpan(str(self._span_vocabulary))
+        return self._span_vocabulary
 
     def first_tokens(self, labels: tuple[str, ...]) -> list[int]:
         """The first token of each label's completion; they must differ to be scored in one pass."""
@@ -134,22 +151,22 @@ class Tasks:
         choice still generating."""
         return await collect(await self.stream(prompt, adapter, decoding, stop=stop, logprobs=logprobs, n=n))
 
-    async def generate(self, prompt: str, adapter: str | None, decoding: Decoding, stop_at_newline: bool,
-                       plain: bool = True) -> GenerationResult:
-        """Generate from ``prompt`` (``plain``: encoded as plain text, see ``encode``)."""
-        work = Generation(self.encode(prompt, plain), adapter, self.decoding(decoding), stop_at_newline)
-        return await self.outcome(work)
-
     async def answer(self, context: str, question: str, adapter: str | None, decoding: Decoding,
                      extractive: bool = True) -> Answer:
-        """Answer a question from a context; offsets are given when the answer occurs in the context."""
+        """Answer a question from a context. ``extractive``: decoding is constrained to spans of the context
+        (``SpanConstraint``), so ``context[start:end] == answer`` always; else the model's own text, with offsets
+        where it occurs exactly as it is (its first occurrence), None where not. Raises NoSpan (extractive, and
+        the context has nothing a span can begin with), and what ``outcome`` raises."""
         started = time.perf_counter()
-        result = await self.generate(answer_prompt(context, question), adapter, decoding, stop_at_newline=True)
-        text, start, end = locate(result.text, context)
-        if not extractive:  # the model's own text; offsets only where it occurs exactly as it is
-            text = result.text.strip()
-            if start is not None and context[start:end] != text:
-                start = end = None
+        constraint = SpanConstraint(context, self.span_vocabulary()) if extractive else None
+        work = Generation(self.encode(answer_prompt(context, question)), adapter, self.decoding(decoding),
+                          stop_at_newline=True, constraint=constraint)
+        result = await self.outcome(work)
+        text = result.text.strip()
+        span = constraint.span() if constraint else exact_span(text, context)
+        if constraint and span:
+            text = context[span[0]:span[1]]
+        start, end = span or (None, None)
         return Answer(text, start, end, len(result.token_ids), (time.perf_counter() - started) * 1000)
 
     async def nli(self, premise: str, hypothesis: str, adapter: str | None,

@@ -161,8 +161,11 @@ def test_degenerate_sampling_parameters_pick_the_greedy_token(client, adapter):
 def test_max_new_tokens_is_capped_by_the_server(client):
     """/answer cuts its max_new_tokens at the server's cap; /v1/completions refuses a max_tokens above it (422 naming
     the cap) and generates up to the cap when it names none."""
-    assert all(ask(client, a, question=q, max_new_tokens=3)["tokens"] <= 3 for a in ("one", None) for q in QUESTIONS)
-    capped = [ask(client, a, question=q, max_new_tokens=4096)["tokens"] for a in ("one", None) for q in QUESTIONS]
+    for extractive in (True, False):
+        assert all(ask(client, a, question=q, max_new_tokens=3, extractive=extractive)["tokens"] <= 3
+                   for a in ("one", None) for q in QUESTIONS)
+    capped = [ask(client, a, question=q, max_new_tokens=4096, extractive=False)["tokens"]
+              for a in ("one", None) for q in QUESTIONS]
     assert max(capped) == SERVER_CAP and all(t <= SERVER_CAP for t in capped), capped
     body = {"model": "two", "prompt": "Super Bowl", "temperature": 0}
     refused = client.post("/v1/completions", json={**body, "max_tokens": SERVER_CAP + 1})
@@ -216,9 +219,11 @@ def forced_token_server(tiny_tokenizer_dir: Path, root: Path, text: str):
 @pytest.mark.parametrize("stopper", ["\n", "<|endoftext|>"])
 def test_answers_stop_at_newline_or_eos(stopper, tiny_tokenizer_dir, tmp_path):
     with forced_token_server(tiny_tokenizer_dir, tmp_path, stopper) as client:
-        reply = ask(client, None, max_new_tokens=10)
+        reply = ask(client, None, max_new_tokens=10, extractive=False)
         assert (reply["answer"], reply["start"], reply["end"]) == ("", None, None)
         assert reply["tokens"] <= 1
+        spanned = ask(client, None, max_new_tokens=10)  # an extractive answer cannot end before it begins
+        assert spanned["answer"] and SQUAD_CONTEXT[spanned["start"]:spanned["end"]] == spanned["answer"]
         completion = client.post("/v1/completions", json={"model": "base", "prompt": "Hello", "max_tokens": 5,
                                                           "temperature": 0}).json()["choices"][0]
     if stopper == "\n":  # completions do not stop at newlines
@@ -227,17 +232,16 @@ def test_answers_stop_at_newline_or_eos(stopper, tiny_tokenizer_dir, tmp_path):
         assert (completion["text"], completion["finish_reason"]) == ("", "stop")
 
 
-def test_extractive_answers_take_the_contexts_spelling(tiny_tokenizer_dir, tmp_path):
-    """The model says "the"; the context has only "The": extractive answers give the context's span,
-    non-extractive ones the model's text, with offsets only where that text occurs as it is."""
+def test_extractive_answers_are_spans_where_the_model_would_say_otherwise(tiny_tokenizer_dir, tmp_path):
+    """The model says "the"; the context has only "The": an extractive answer is a span of the context all the same,
+    a non-extractive one the model's text, with offsets only where that text occurs as it is."""
     context = "  The Normans came to Normandy."
     with forced_token_server(tiny_tokenizer_dir, tmp_path, " the") as client:
-        snapped = ask(client, None, context=context, max_new_tokens=1)
         raw = ask(client, None, context=context, max_new_tokens=1, extractive=False)
-        absent = ask(client, None, context=context, max_new_tokens=2)
-    assert (snapped["answer"], snapped["start"], snapped["end"]) == ("The", 2, 5)
+        spans = [ask(client, None, context=context, max_new_tokens=n) for n in (1, 2, 12)]
     assert (raw["answer"], raw["start"], raw["end"]) == ("the", None, None)
-    assert (absent["answer"], absent["start"], absent["end"]) == ("the the", None, None)
+    for span in spans:
+        assert span["answer"] and context[span["start"]:span["end"]] == span["answer"]
 
 
 def test_concurrent_mixed_adapter_requests_match_each_adapter_alone(client):

@@ -344,7 +344,8 @@ def test_engine_stacks_fall_in_their_category(frames, category):
     ((*LOOP, "EpollSelector.select (selectors.py:468)"), "idle"),
     ((*LOOP, "Tasks.answer (service/tasks/tasks.py:147)", "encode_text (service/tasks/prompts.py:33)",
       "TokenizersBackend.__call__ (transformers/tokenization_utils_base.py:2500)"), "tokenization"),
-    ((*LOOP, "Tasks.answer (service/tasks/tasks.py:148)", "locate (service/tasks/spans.py:20)"), "answer span"),
+    ((*LOOP, "Tasks.answer (service/tasks/tasks.py:168)",
+      "SpanConstraint.__init__ (service/tasks/span_constraint.py:99)"), "answer span"),
     ((*LOOP, "RequestResponseCycle.run_asgi (uvicorn/protocols/http/h11_impl.py:410)"), "HTTP, validation, asyncio"),
 ])
 def test_event_loop_stacks_fall_in_their_category(frames, category):

@@ -1,60 +1,23 @@
-"""The tasks' text handling: answer offsets in the context as given, and user text encoded as plain text."""
+"""The tasks' text handling: free answers' offsets in the context as given, and user text encoded as plain text."""
 from __future__ import annotations
 
-import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from service.tasks.prompts import encode_text, nli_prompt
-from service.tasks.spans import caseless, locate
-
-TURKISH = "İSTANBUL AND İZMİR ARE BIG CITIES. THE CAPITAL OF TURKEY IS ANKARA."
-# characters whose case folding changes the length of the text before an answer, or inside it
-LONGER_FOLDED = "İßﬁŉǰΐẞﬀ"
+from service.tasks.tasks import exact_span
 
 
-def assert_span(context: str, answer: str) -> tuple[str, int | None, int | None]:
-    """``locate``'s result, checked: offsets index ``context`` itself and cut out exactly the span returned."""
-    span, start, end = locate(answer, context)
-    if start is not None:
-        assert 0 <= start < end <= len(context) and context[start:end] == span, (context, answer, start, end)
-    return span, start, end
-
-
-@pytest.mark.parametrize("answer,expected", [("ankara", "ANKARA"), ("Ankara.", "ANKARA."), ("big cities", "BIG CITIES"),
-                                             ("ANKARA", "ANKARA"), ("i̇zmi̇r", "İZMİR")])
-def test_offsets_after_characters_whose_case_folding_is_longer(answer, expected):
-    span, start, end = assert_span(TURKISH, answer)
-    assert span == expected and TURKISH[start:end] == expected
-
-
-@pytest.mark.parametrize("prefix", [*LONGER_FOLDED, LONGER_FOLDED])
-@pytest.mark.parametrize("answer", ["the Capital", "STRASSE", "straße", "finale"])
-def test_offsets_after_and_inside_longer_folding_text(prefix, answer):
-    context = f"{prefix} {prefix} The capital is in the Straße, said the ﬁnale. {prefix}"
-    span, start, _ = assert_span(context, answer)
-    assert start is not None and span.casefold() == answer.casefold()
-
-
-def test_an_answer_not_in_the_context_has_no_offsets():
-    assert locate("Paris", TURKISH) == ("Paris", None, None)
-    assert locate("  ", TURKISH) == ("", None, None)
-
-
-def test_caseless_maps_every_folded_character_to_its_source():
-    folded, origins = caseless("aİß")
-    assert folded == "ai̇ss" and origins == [0, 1, 1, 2, 2]
-
-
-@given(st.text(min_size=1, max_size=40), st.integers(0, 40), st.integers(1, 12),
-       st.sampled_from([str.upper, str.lower, str.casefold, str.swapcase, str.title, lambda text: text]))
-def test_any_found_span_is_cut_from_the_context_as_given(context, at, length, change_case):
-    """Any context and any case change of any piece of it: offsets, when given, index the context exactly."""
+@given(st.text(min_size=1, max_size=40), st.integers(0, 40), st.integers(0, 12))
+def test_a_free_answers_offsets_are_its_first_exact_occurrence(context, at, length):
+    """Non-extractive answers: offsets where the model's text occurs exactly as it is (any text), else none."""
     piece = context[at:at + length]
-    _, start, _ = assert_span(context, change_case(piece))
-    if piece.strip() and context.find(piece.strip()) >= 0 and change_case(piece) == piece:
-        assert start == context.find(piece.strip())
+    span = exact_span(piece, context)
+    if not piece:
+        assert span is None
+    else:
+        assert span is not None and context[span[0]:span[1]] == piece and span[0] == context.find(piece)
 
 
 def test_user_text_that_spells_a_special_token_is_encoded_as_plain_text(tiny_tokenizer_dir):

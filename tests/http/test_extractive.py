@@ -1,0 +1,94 @@
+"""/answer's guaranteed spans on the tiny bases. Greedy extractive answers are stock transformers + peft greedy
+generation under a brute-force span constraint (``tests/span_reference.py``, through generate's
+``prefix_allowed_tokens_fn``); under every decoding strategy and seed an answer is a span of its context with its
+offsets; constrained and free rows share batches; contexts in several scripts, with multi-byte characters."""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from service.tasks.prompts import answer_prompt
+from tests.http.api_helpers import Tiny
+from tests.server_helpers import SERVER_CAP, SQUAD_CONTEXT, SQUAD_QUESTION, ask
+from tests.span_reference import WHITESPACE, BruteForceSpans
+
+CONTEXTS = [
+    (SQUAD_CONTEXT, SQUAD_QUESTION),
+    ("Le café coûte 3 €, dit Zoë à l'hôtel «Übermaß» près de Cœuvres.", "Combien coûte le café?"),
+    ("東京は日本の首都です。富士山は日本で一番高い山です。", "日本の首都は?"),
+    ("The capital is ירושלים, written right to left, and the river is the Jordan.", "What is the capital?"),
+    ("Emoji 🙂🚀 and a combining accent: e\u0301, then a\ttab and the end.", "What comes after the tab?"),
+]
+
+
+class Reference:
+    """Stock transformers (+ peft), greedy, constrained by brute force to spans of the context."""
+
+    def __init__(self, tiny: Tiny):
+        self.tokenizer = AutoTokenizer.from_pretrained(tiny.base_dir)
+        self.models = {None: AutoModelForCausalLM.from_pretrained(tiny.base_dir).eval()}
+        for name, path in tiny.adapters.items():
+            self.models[name] = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny.base_dir),
+                                                          path).eval()
+
+    @torch.no_grad()
+    def answer(self, adapter: str | None, context: str, question: str, max_new_tokens: int) -> tuple[str, int, int]:
+        """The constrained greedy answer and its first occurrence's offsets."""
+        spans = BruteForceSpans(self.tokenizer, context, {self.tokenizer.eos_token_id})
+        ids = self.tokenizer(answer_prompt(context, question), return_tensors="pt", add_special_tokens=False,
+                             split_special_tokens=True).input_ids
+
+        def allowed(_, sequence: torch.Tensor) -> list[int]:
+            generated = sequence[ids.shape[1]:].tolist()
+            if any(token in spans.ends for token in generated):
+                return list(range(len(self.tokenizer)))  # the answer is over: what follows is cut
+            return spans.allowed(spans.bytes_of(generated))
+
+        out = self.models[adapter].generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                            max_new_tokens=max_new_tokens, prefix_allowed_tokens_fn=allowed)
+        generated = out[0, ids.shape[1]:].tolist()
+        ended = next((i for i, token in enumerate(generated) if token in spans.ends), len(generated))
+        text = spans.bytes_of(generated[:ended]).strip(WHITESPACE).decode(errors="ignore")  # a cut last character goes
+        text = text.rstrip(WHITESPACE.decode())
+        start = context.find(text)
+        return text, start, start + len(text)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny: Tiny) -> Reference:
+    return Reference(tiny)
+
+
+@pytest.mark.parametrize("adapter", [None, "one", "two"])
+def test_greedy_extractive_answers_are_the_constrained_reference(client, reference, adapter):
+    for context, question in CONTEXTS:
+        got = ask(client, adapter, context=context, question=question)
+        want = reference.answer(adapter, context, question, SERVER_CAP)
+        assert (got["answer"], got["start"], got["end"]) == want, (context, question)
+        assert got["answer"] and context[got["start"]:got["end"]] == got["answer"]
+
+
+@pytest.mark.parametrize("strategy,parameters", [("top_k", {"top_k": 50}), ("nucleus", {"top_p": 0.9}),
+                                                 ("temperature", {"temperature": 2.0}),
+                                                 ("temperature", {"temperature": 1e-30})])
+def test_every_strategy_and_seed_answers_with_a_span(client, strategy, parameters):
+    for context, question in CONTEXTS:
+        for seed in range(6):
+            got = ask(client, "one", context=context, question=question, strategy=strategy, seed=seed, **parameters)
+            assert got["start"] is not None and context[got["start"]:got["end"]] == got["answer"], (context, got)
+            assert got["answer"] == got["answer"].strip(WHITESPACE.decode())
+
+
+def test_constrained_and_free_rows_share_a_batch_and_each_gets_its_answer_alone(client):
+    jobs = [(adapter, context, question, extractive) for adapter in ("one", None) for context, question in CONTEXTS
+            for extractive in (True, False)]
+    alone = {job: ask(client, job[0], context=job[1], question=job[2], extractive=job[3]) for job in jobs}
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        together = list(pool.map(lambda job: ask(client, job[0], context=job[1], question=job[2],
+                                                 extractive=job[3]), jobs))
+    for job, reply in zip(jobs, together):
+        assert {**reply, "latency_ms": 0} == {**alone[job], "latency_ms": 0}, job

@@ -1,0 +1,54 @@
+"""A brute-force reference of span-constrained decoding, for tests: at every step it tries every token of the
+vocabulary against the context by plain substring search, sharing nothing with ``service.tasks.span_constraint``
+but the reading of a token's bytes."""
+from __future__ import annotations
+
+from transformers import PreTrainedTokenizerBase
+
+from service.tasks.token_bytes import token_bytes
+
+WHITESPACE = b" \t\n\r\x0b\x0c"
+
+
+class BruteForceSpans:
+    """Which tokens may come next for an answer (its bytes so far) that must be a span of ``context``."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, context: str, eos_ids: set[int]):
+        self.pieces = token_bytes(tokenizer)
+        self.text = context.encode()
+        offsets, offset = [], 0
+        for char in context:
+            offsets.append(offset)
+            offset += len(char.encode())
+        self.char_starts = set(offsets)
+        self.ends = set(eos_ids) | {t for t, piece in enumerate(self.pieces)
+                                    if piece and b"\n" in piece and not piece.strip(WHITESPACE)}
+
+    def occurs(self, answer: bytes) -> bool:
+        """Whether ``answer`` occurs in the context starting where a character starts."""
+        found = self.text.find(answer)
+        while found >= 0:
+            if found in self.char_starts:
+                return True
+            found = self.text.find(answer, found + 1)
+        return False
+
+    def allowed(self, so_far: bytes) -> list[int]:
+        """Every token that may follow the answer's bytes ``so_far`` (its tokens' bytes, leading whitespace too)."""
+        answer = so_far.lstrip(WHITESPACE)
+        whole = bool(answer) and self.occurs(answer) and valid_utf8(answer)
+        return [token for token, piece in enumerate(self.pieces)
+                if (token in self.ends and whole)
+                or (token not in self.ends and piece is not None and b"\n" not in piece
+                    and (so_far + piece).lstrip(WHITESPACE) and self.occurs((so_far + piece).lstrip(WHITESPACE)))]
+
+    def bytes_of(self, tokens: list[int]) -> bytes:
+        return b"".join(self.pieces[token] or b"" for token in tokens)
+
+
+def valid_utf8(data: bytes) -> bool:
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
