@@ -15,7 +15,7 @@ from service.tasks.prompts import ANSWER_STOP, NLI_LABELS
 
 NEW_TOKENS = 32  # most tokens of an answer
 ADAPTERS = {"squad": "squad", "nli": "nli"}  # the adapter each task is served with (the shipped ones)
-KINDS = ("loraswap", "llamacpp", "openai")
+KINDS = ("loraswap", "loraswap-free", "llamacpp", "openai")
 
 
 @dataclass
@@ -44,9 +44,11 @@ def posted(http: httpx.Client, path: str, body: dict) -> dict:
 
 @dataclass
 class Loraswap:
-    """loraswap's own routes: ``/answer`` (greedy, extractive) and ``/nli``."""
+    """loraswap's own routes: ``/answer`` (greedy; ``extractive``: decoded under the span constraint, else freely as
+    the other systems decode, kind ``loraswap-free``) and ``/nli``."""
 
     url: str
+    extractive: bool = True
 
     def prepare(self, http: httpx.Client) -> None:
         """Nothing to look up."""
@@ -55,7 +57,7 @@ class Loraswap:
         """The answer or label for ``item``; httpx errors for a failed request."""
         if item.task == "nli":
             return Reply(posted(http, "/nli", {**item.fields, "adapter": ADAPTERS["nli"]})["label"])
-        body = {**item.fields, "adapter": ADAPTERS["squad"],
+        body = {**item.fields, "adapter": ADAPTERS["squad"], "extractive": self.extractive,
                 "decoding": {"strategy": "greedy", "max_new_tokens": NEW_TOKENS}}
         return Reply(posted(http, "/answer", body)["answer"])
 
@@ -119,8 +121,8 @@ class OpenAI:
 
 def endpoint(kind: str, url: str, cache_prompt: bool = False) -> Loraswap | LlamaCpp | OpenAI:
     """The client of a system of ``kind`` (one of KINDS) at ``url``; ValueError for another kind."""
-    if kind == "loraswap":
-        return Loraswap(url)
+    if kind in ("loraswap", "loraswap-free"):
+        return Loraswap(url, extractive=kind == "loraswap")
     if kind == "llamacpp":
         return LlamaCpp(url, cache_prompt)
     if kind == "openai":

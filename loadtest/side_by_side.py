@@ -4,7 +4,7 @@ latency, EM/F1 (and NLI accuracy) and each server's peak RSS, as JSON and as mar
 llama-server for it: ``docs/llamacpp.md``.
 
     loraswap side-by-side --system llama_f32=llamacpp@http://127.0.0.1:8080 --pid llama_f32=$LLAMA \\
-        --system loraswap=loraswap@http://127.0.0.1:8000 --pid loraswap=$LORASWAP \\
+        --system loraswap=loraswap-free@http://127.0.0.1:8000 --pid loraswap=$LORASWAP \\
         --questions 96 --rounds 2 --json OUT.json --markdown OUT.md
 
 The servers run all the time; only the one measured gets requests. Each round runs every load (``--loads``) on

@@ -31,7 +31,7 @@ while [ $# -gt 0 ] && [ "$1" != -- ]; do
   name=${1%%=*}; IFS=, read -r -a spec <<< "${1#*=}"; shift
   (cd "${spec[0]}" && exec "$python" -m service.cli.main serve --port "$port" "${spec[@]:1}") > "$out/$name.log" 2>&1 &
   pids+=($!)
-  options+=(--system "$name=loraswap@http://127.0.0.1:$port" --pid "$name=$!")
+  options+=(--system "$name=loraswap-free@http://127.0.0.1:$port" --pid "$name=$!")
   until curl -s "localhost:$port/ready" | grep -q true; do
     kill -0 "${pids[-1]}" 2>/dev/null || { echo "$name exited, see $out/$name.log" >&2; exit 1; }
     sleep 2

@@ -266,13 +266,14 @@ def test_openai_names_the_adapter_as_model(item):
         assert body["max_tokens"] == NEW_TOKENS and body["stop"] == ["\n"] and reply.text == "ent"
 
 
-def test_loraswap_uses_its_task_routes():
+@pytest.mark.parametrize("kind,extractive", [("loraswap", True), ("loraswap-free", False)])
+def test_loraswap_uses_its_task_routes(kind, extractive):
     sent = []
     with serving({"answer": "Paris", "label": "neutral"}, sent) as http:
-        answer = Loraswap("http://server").ask(http, question(("Paris",)))
-        label = Loraswap("http://server").ask(http, pair("neutral"))
+        answer = endpoint(kind, "http://server").ask(http, question(("Paris",)))
+        label = endpoint(kind, "http://server").ask(http, pair("neutral"))
     assert (answer.text, label.text) == ("Paris", "neutral")
-    assert sent[0] == ("/answer", {"context": "c", "question": "q", "adapter": "squad",
+    assert sent[0] == ("/answer", {"context": "c", "question": "q", "adapter": "squad", "extractive": extractive,
                                    "decoding": {"strategy": "greedy", "max_new_tokens": NEW_TOKENS}})
     assert sent[1] == ("/nli", {"premise": "p", "hypothesis": "h", "adapter": "nli"})
 
