@@ -73,18 +73,26 @@ async def bounded(coroutines, limit: int) -> list:
 
 def evaluate_squad(rt: Runtime, adapter: str | None, rows: list[dict], args: argparse.Namespace) -> tuple[dict, dict]:
     """Answer every SQuAD row through ``rt``'s /answer task, decoded as ``args`` say (row i sampled with seed
-    ``--seed`` + i); returns the scores (``squad_scores``: exact match and F1 in percent, count) and the predictions,
-    ``{question id: answer}``. Raises InputTooLong for a prompt over the runtime's input limit, EngineFailed if the
-    engine thread dies."""
+    ``--seed`` + i; under the span constraint unless ``--no-extractive``); returns the scores (``squad_scores``: exact
+    match and F1 in percent, count; and ``span_rate``) and the predictions, ``{question id: answer}``. Raises
+    InputTooLong for a prompt over the runtime's input limit, EngineFailed if the engine thread dies."""
     def decoding(i: int) -> Decoding:
         return Decoding(args.strategy, args.temperature, args.top_k, args.top_p, args.max_new_tokens, args.seed + i)
 
     answers = asyncio.run(bounded(
-        (rt.tasks.answer(row["context"], row["question"], adapter, decoding(i)) for i, row in enumerate(rows)),
-        rt.settings.max_queue))
+        (rt.tasks.answer(row["context"], row["question"], adapter, decoding(i), args.extractive)
+         for i, row in enumerate(rows)), rt.settings.max_queue))
     predictions = {row["id"]: answer.answer for row, answer in zip(rows, answers)}
     metrics = squad_scores(predictions, {row["id"]: row["answers"] for row in rows})
-    return metrics, predictions
+    return {**metrics, "span_rate": span_rate(rows, answers)}, predictions
+
+
+def span_rate(rows: list[dict], answers: list) -> float:
+    """The share of ``answers`` (``tasks.Answer``) that are a non-empty span of their row's context at the offsets
+    they give, in percent (0 for none)."""
+    spans = sum(bool(answer.answer) and answer.start is not None
+                and row["context"][answer.start:answer.end] == answer.answer for row, answer in zip(rows, answers))
+    return 100.0 * spans / max(len(rows), 1)
 
 
 def evaluate_labels(rt: Runtime, adapter: str | None, rows: list[dict], labels: tuple[str, ...]) -> tuple[dict, list]:
@@ -126,6 +134,8 @@ def eval_report(args: argparse.Namespace, metrics: dict) -> dict:
               "strategy": args.strategy, **metrics}
     if args.limit:
         report.update(limit=args.limit, sample_seed=args.sample_seed)
+    if args.task == "squad":
+        report.update(extractive=args.extractive)
     if args.task == "squad" and args.strategy != "greedy":
         report.update(top_k=args.top_k, top_p=args.top_p, temperature=args.temperature, seed=args.seed)
     return report

@@ -98,6 +98,9 @@ def add_eval_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the sampling strategies")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed: the i-th example samples with seed + i")
     parser.add_argument("--max-new-tokens", type=positive(int), default=32, help="most tokens generated per answer")
+    parser.add_argument("--extractive", action=argparse.BooleanOptionalAction, default=True,
+                        help="SQuAD answers decoded under the span constraint, as /answer's default; "
+                        "--no-extractive: decoded freely, the model's own text")
     parser.add_argument("--predictions", type=Path,
                         help="write the predictions here, SQuAD as the official {id: answer} (default: not written)")
     parser.add_argument("--json", type=Path, help="also write the metrics here (default: printed only)")

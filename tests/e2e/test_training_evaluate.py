@@ -61,3 +61,29 @@ def test_an_adapter_is_evaluated_alike_from_its_folder_and_by_name_in_the_adapte
     assert len(by_folder) == 20 and set(by_folder) <= set(NLI_LABELS)
     assert predictions("one") == by_folder
     assert predictions("none") != by_folder, "the adapter changes no prediction: was it served?"
+
+
+def squad_file(path: Path) -> Path:
+    """An official SQuAD v1.1 file of 6 questions over two contexts, one with multi-byte characters."""
+    contexts = [("The Normans gave their name to Normandy, a region in France.", "Who named Normandy?", "The Normans"),
+                ("Zoë paid 3 € for a café crème in Coimbra in 2015.", "What did Zoë pay?", "3 €")]
+    paragraphs = [{"context": context, "qas": [{"id": f"{c}-{q}", "question": f"{question} ({q})",
+                                                "answers": [{"text": answer, "answer_start": context.index(answer)}]}
+                                               for q in range(3)]}
+                  for c, (context, question, answer) in enumerate(contexts)]
+    path.write_text(json.dumps({"data": [{"title": "t", "paragraphs": paragraphs}]}))
+    return path
+
+
+def test_a_squad_eval_reports_every_answer_a_span_under_the_constraint_and_fewer_without(tiny_llama_dir, tmp_path):
+    data = squad_file(tmp_path / "squad.json")
+
+    def report(*flags: str) -> dict:
+        out = tmp_path / "eval.json"
+        main(["eval", "--task", "squad", "--adapter", "none", "--base-model", str(tiny_llama_dir), "--adapters-dir",
+              str(tmp_path), "--device", "cpu", "--data", str(data), "--json", str(out), *flags])
+        return json.loads(out.read_text())
+
+    spans, free = report(), report("--no-extractive")
+    assert (spans["count"], spans["extractive"], spans["span_rate"]) == (6, True, 100.0)
+    assert free["extractive"] is False and free["span_rate"] < 100.0  # a random model's own text is rarely a span
