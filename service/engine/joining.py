@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from service.engine.prefill import Prefill
 from service.engine.requests import Scoring
 from service.engine.running_batch import RunningBatch
 from service.engine.sampling import Sampler
+from service.engine.scoring import scored
 
 
 @dataclass
@@ -32,14 +31,13 @@ class Joining:
         return self.leaders or self.pendings
 
     def land(self, running: RunningBatch, max_new_tokens: int) -> None:
-        """Once their own pass is through: NLI requests get their probabilities, generations (each generating at most
-        ``max_new_tokens``, or fewer if it asks) join ``running``."""
+        """Once their own pass is through: scoring requests get their scores (``scoring.scored``), generations (each
+        generating at most ``max_new_tokens``, or fewer if it asks) join ``running``."""
         pendings, prefill = self.pendings, self.prefill
         if isinstance(pendings[0].work, Scoring):
             for row, pending in enumerate(pendings):
                 if not pending.future.done():
-                    candidates = torch.tensor(pending.work.candidates, device=prefill.logits.device)
-                    pending.future.set_result(prefill.logits[row, candidates].softmax(-1).tolist())
+                    pending.future.set_result(scored(pending.work, prefill.logits[row], pending.adapter))
             return
         works = [pending.work for pending in pendings]
         limits = [min(work.decoding.max_new_tokens, max_new_tokens) for work in works]

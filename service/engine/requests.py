@@ -67,11 +67,14 @@ class GenerationResult:
 
 @dataclass
 class Scoring:
-    """Probabilities of the next token over ``candidates`` (one forward pass)."""
+    """Scores of the next token over ``candidates`` (one forward pass): their probabilities renormalized over them (a
+    list that sums to 1), or with ``logprobs`` their log-probabilities under the whole next-token distribution and the
+    weights that scored them (``scoring.CandidateLogprobs``)."""
 
     prompt_ids: list[int]
     adapter: str | None
     candidates: list[int]
+    logprobs: bool = False
 
 
 def run_all(engine, works: list[Generation | Scoring]) -> list:
