@@ -62,7 +62,12 @@ class Settings(BaseSettings):
     max_new_tokens: int = Field(64, ge=1, description="most tokens a request generates (per choice); OpenAI's routes "
                                 "refuse a max_tokens above it and take it for an absent one")
     max_choices: int = Field(8, ge=1, description="most choices (n) one request to OpenAI's routes may ask for")
-    max_input_tokens: int = Field(1024, ge=16, description="longest prompt accepted (413 beyond)")
+    max_input_tokens: int = Field(1024, ge=16, description="longest prompt accepted (413 beyond); an extractive "
+                                  "/answer context too long for one prompt is split into windows that fit")
+    answer_stride: int = Field(128, ge=0, description="tokens two neighbouring windows of a long /answer context "
+                               "share (Hugging Face's doc_stride): a span this long lies whole inside a window")
+    max_answer_windows: int = Field(16, ge=1, description="most windows a long /answer context is split into (413 "
+                                    "beyond): the hard cap on a context's length")
     merge_after: int = Field(4, ge=1, description="merge an adapter after this many admissions in a row (a new batch, "
                              "or requests joining a running one) have only it in play")
     merge_cooldown: int = Field(8, ge=0, description="admissions to wait after an unmerge before merging again; "

@@ -84,7 +84,7 @@ def ask(client, adapter: str | None = None, *, context: str = SQUAD_CONTEXT, que
     reply = client.post("/answer", json=body)
     assert reply.status_code == status, reply.text
     if status == 200:
-        assert set(reply.json()) == {"answer", "start", "end", "adapter", "tokens", "latency_ms"}
+        assert set(reply.json()) == {"answer", "start", "end", "adapter", "tokens", "score", "latency_ms"}
         assert "\n" not in reply.json()["answer"]
     return reply.json()
 

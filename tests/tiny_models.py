@@ -12,6 +12,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     AutoModelForCausalLM,
+    AutoTokenizer,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -140,3 +141,17 @@ def make_adapter(
                 param.copy_(torch.randn(param.shape, generator=gen) * scale)
     model.save_pretrained(out_dir, safe_serialization=True)
     return Path(out_dir)
+
+
+def forced_token_model(tiny_tokenizer_dir: Path, out_dir: Path, text: str) -> Path:
+    """A GPT-2 whose every next token is ``text``'s token: ln_f emits its (enlarged) embedding whatever the input."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    (token,) = tokenizer.encode(text, add_special_tokens=False)
+    model = AutoModelForCausalLM.from_pretrained(build_gpt2(tiny_tokenizer_dir, out_dir))
+    with torch.no_grad():
+        embedding = model.transformer.wte.weight
+        embedding[token] *= 4 * embedding.norm(dim=-1).max() / embedding[token].norm()
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.copy_(embedding[token])  # logits = wte @ wte[token]: largest at ``token``
+    model.save_pretrained(out_dir)
+    return out_dir

@@ -108,3 +108,23 @@ def read_eval(task: str, path: str | Path | None = None, limit: int | None = Non
         return sample(read_squad(path), limit, seed)
     rows = read_nli(path, splits if Path(path).name.startswith("mnli") else None)
     return sample(rows, limit, seed, key="label")
+
+
+def hidden_in_documents(rows: list[dict], paragraphs: list[tuple[str, str]], distractors: int,
+                        seed: int) -> list[dict]:
+    """SQuAD ``rows``, each with its context hidden among ``distractors`` paragraphs of other articles (drawn from
+    ``paragraphs``, (title, context) pairs, with ``seed``), at a random place, paragraphs a blank line apart; the
+    answers' character offsets move with it. Raises ValueError when fewer paragraphs of other articles exist."""
+    generator, documents = random.Random(seed), []
+    for row in rows:
+        others = [context for title, context in paragraphs if title != row["title"]]
+        if len(others) < distractors:
+            raise ValueError(f"only {len(others)} paragraphs of articles other than {row['title']!r}, "
+                             f"not {distractors}")
+        parts = generator.sample(others, distractors)
+        at = generator.randint(0, distractors)
+        parts.insert(at, row["context"])
+        shift = sum(len(part) + 2 for part in parts[:at])
+        documents.append({**row, "context": "\n\n".join(parts),
+                          "answer_starts": [start + shift for start in row["answer_starts"]]})
+    return documents

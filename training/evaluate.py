@@ -12,7 +12,7 @@ from service.lora.adapter_files import BASE_LABEL, CONFIG_FILE, adapter_or_base
 from service.runtime import Runtime
 from service.settings import Settings
 from service.tasks.prompts import NLI_LABELS, RTE_LABELS
-from training.data import read_eval
+from training.data import hidden_in_documents, read_eval
 from training.metrics import ECE_BINS, accuracy, confusion_matrix, expected_calibration_error, squad_scores
 
 EVALUATED = "evaluated"  # the name an adapter given as a folder is registered under
@@ -38,8 +38,9 @@ def start_runtime(args: argparse.Namespace, folder: Path | None) -> Runtime:
     among its adapter roots. Raises FileNotFoundError when ``--base-model`` is no model directory."""
     settings = Settings(
         base_model=args.base_model, adapters_dir=args.adapters_dir, device=args.device, dtype=args.dtype,
-        quantize=args.quantize, max_batch=args.max_batch, max_queue=4 * args.max_batch, batch_window_ms=20,
-        max_new_tokens=args.max_new_tokens, max_input_tokens=4096, auto_merge=False,
+        quantize=args.quantize, max_batch=args.max_batch, batch_window_ms=20,
+        max_queue=4 * args.max_batch * Settings().max_answer_windows,  # room for every window of 4 batches' answers
+        max_new_tokens=args.max_new_tokens, auto_merge=False,
         adapter_roots=[folder.resolve().parent] if folder is not None else [],
     )
     rt = Runtime(settings)
@@ -81,7 +82,7 @@ def evaluate_squad(rt: Runtime, adapter: str | None, rows: list[dict], args: arg
 
     answers = asyncio.run(bounded(
         (rt.tasks.answer(row["context"], row["question"], adapter, decoding(i), args.extractive)
-         for i, row in enumerate(rows)), rt.settings.max_queue))
+         for i, row in enumerate(rows)), rt.settings.max_queue // rt.settings.max_answer_windows))
     predictions = {row["id"]: answer.answer for row, answer in zip(rows, answers)}
     metrics = squad_scores(predictions, {row["id"]: row["answers"] for row in rows})
     return {**metrics, "span_rate": span_rate(rows, answers)}, predictions
@@ -135,7 +136,7 @@ def eval_report(args: argparse.Namespace, metrics: dict) -> dict:
     if args.limit:
         report.update(limit=args.limit, sample_seed=args.sample_seed)
     if args.task == "squad":
-        report.update(extractive=args.extractive)
+        report.update(extractive=args.extractive, distractors=args.distractors)
     if args.task == "squad" and args.strategy != "greedy":
         report.update(top_k=args.top_k, top_p=args.top_p, temperature=args.temperature, seed=args.seed)
     return report
@@ -149,6 +150,9 @@ def run(args: argparse.Namespace) -> dict:
     folder = adapter_folder(args)
     text = "context" if args.task == "squad" else "premise"
     rows = read_eval(args.task, args.data, args.limit, args.sample_seed)
+    if args.distractors:
+        paragraphs = list(dict.fromkeys((row["title"], row["context"]) for row in read_eval(args.task, args.data)))
+        rows = hidden_in_documents(rows, paragraphs, args.distractors, args.sample_seed)
     rows = sorted(rows, key=lambda row: len(row[text]))  # less padding
     rt = start_runtime(args, folder)
     try:

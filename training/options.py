@@ -101,6 +101,8 @@ def add_eval_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--extractive", action=argparse.BooleanOptionalAction, default=True,
                         help="SQuAD answers decoded under the span constraint, as /answer's default; "
                         "--no-extractive: decoded freely, the model's own text")
+    parser.add_argument("--distractors", type=int, default=0, help="SQuAD: hide each question's paragraph among this "
+                        "many paragraphs of other articles, drawn with --sample-seed, in one long context (default: 0)")
     parser.add_argument("--predictions", type=Path,
                         help="write the predictions here, SQuAD as the official {id: answer} (default: not written)")
     parser.add_argument("--json", type=Path, help="also write the metrics here (default: printed only)")

@@ -13,8 +13,9 @@ class TokenConstraint(Protocol):
     def allowed(self) -> torch.Tensor:
         """The token ids [n] (long, n >= 1) the next step may take."""
 
-    def advance(self, token: int) -> None:
-        """Take the token the step chose (one of ``allowed()``)."""
+    def advance(self, token: int, logprob: float) -> None:
+        """Take the token the step chose (one of ``allowed()``) and its log-probability under the model's own
+        distribution (natural log, before the constraint and any sampling)."""
 
 
 def constrain(logits: torch.Tensor, constraints: list[TokenConstraint | None]) -> torch.Tensor:
@@ -31,3 +32,16 @@ def constrain(logits: torch.Tensor, constraints: list[TokenConstraint | None]) -
     index, masked = torch.tensor(rows, device=logits.device), logits.clone()
     masked[index] = logits[index].masked_fill(~keep.to(logits.device), -torch.inf)
     return masked
+
+
+def advance(constraints: list[TokenConstraint | None], chosen: list[int], logits: torch.Tensor) -> None:
+    """Hand every constrained row's constraint the token the step chose for it (``chosen`` [B]) and its raw
+    log-probability: log_softmax of the row's ``logits`` [B, V], in float32."""
+    rows = [row for row, constraint in enumerate(constraints) if constraint is not None]
+    if not rows:
+        return
+    index = torch.tensor(rows, device=logits.device)
+    picked = torch.tensor([chosen[row] for row in rows], device=logits.device)[:, None]
+    logprobs = logits[index].float().log_softmax(dim=-1).gather(-1, picked)[:, 0].tolist()
+    for row, logprob in zip(rows, logprobs):
+        constraints[row].advance(chosen[row], logprob)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from transformers import DynamicCache
 
-from service.engine.constraints import constrain
+from service.engine.constraints import advance, constrain
 from service.engine.decode_step import DecodeStep
 from service.engine.logprobs import token_logprobs
 from service.engine.requests import SampledToken
@@ -58,13 +58,12 @@ class RunningBatch:
         """Pick every row's next token; returns (the tokens, [(row, finish reason)] for rows now done)."""
         constraints = [pending.work.constraint for pending in self.pendings]
         chosen = self.sampler(constrain(self.logits, constraints), [len(t) for t in self.tokens]).tolist()
+        advance(constraints, chosen, self.logits)
         now, finished = time.perf_counter(), []
         for row, token in enumerate(chosen):
             if not self.tokens[row]:
                 self.first_token_at[row] = now
             self.tokens[row].append(token)
-            if constraints[row] is not None:
-                constraints[row].advance(token)
             if is_stop(self.pendings[row].work, token):
                 finished.append((row, "stop"))
             elif len(self.tokens[row]) >= self.limits[row]:

@@ -110,6 +110,9 @@ class AnswerOut(BaseModel):
     end: int | None
     adapter: str | None
     tokens: int
+    score: float | None = Field(description="extractive answers: the mean log-probability (natural log) of the "
+                                "answer's tokens and its ending under the model; the best of a long context's "
+                                "windows wins by it. null for a free answer")
     latency_ms: float
 
 

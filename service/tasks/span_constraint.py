@@ -91,6 +91,7 @@ class SpanConstraint:
         self.starts = character_starts(self.text)
         self.ends: set[int] = set()  # byte offsets where the answer so far ends, once it has begun
         self.length = 0  # the answer's bytes so far
+        self.logprobs: list[float] = []  # of every token taken, its ending included
         self._next: dict[int, list[int]] = {}  # offset -> the tokens that go on from it
         firsts = {token for start in range(len(self.text)) if self.starts[start]
                   for tokens, _ in vocabulary.spelled_from(self.text, start, first=True) for token in tokens}
@@ -113,8 +114,10 @@ class SpanConstraint:
                                   for token in tokens]
         return self._next[offset]
 
-    def advance(self, token: int) -> None:
-        """Take the token a step chose, one of ``allowed()`` (an ending token changes nothing)."""
+    def advance(self, token: int, logprob: float) -> None:
+        """Take the token a step chose, one of ``allowed()`` (an ending token ends the answer's text), and its
+        log-probability under the model (``score``)."""
+        self.logprobs.append(logprob)
         piece = self.vocabulary.pieces[token]
         if token in self.vocabulary.end_ids or piece is None:
             return
@@ -124,6 +127,11 @@ class SpanConstraint:
         else:
             self.ends = {end + len(piece) for end in self.ends if self.text.startswith(piece, end)}
         self.length += len(piece)
+
+    def score(self) -> float | None:
+        """The mean log-probability (natural log, under the model's own distribution) of the tokens taken, the
+        ending one included: how the spans of a long context's windows are compared. None before any token."""
+        return sum(self.logprobs) / len(self.logprobs) if self.logprobs else None
 
     def span(self) -> tuple[int, int] | None:
         """The answer's [start, end) character offsets in the context: its first occurrence, less trailing

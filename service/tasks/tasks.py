@@ -18,6 +18,9 @@ from service.settings import Settings
 from service.tasks.prompts import NLI_LABELS, answer_prompt, encode_text, label_target, nli_prompt
 from service.tasks.span_constraint import SpanConstraint, SpanVocabulary, answer_vocabulary
 from service.tasks.streaming import Completion, CompletionStream, collect
+from service.tasks.windows import windows
+
+WINDOW_SLACK = 8  # prompt tokens kept free in a window: tokens can merge differently where a window is cut
 
 
 @dataclass
@@ -26,6 +29,7 @@ class Answer:
     start: int | None
     end: int | None
     tokens: int
+    score: float | None  # extractive: the answer's mean token log-probability (SpanConstraint.score)
     latency_ms: float
 
 
@@ -109,14 +113,8 @@ class Tasks:
         return Decoding(**{**decoding.__dict__, "max_new_tokens": self.settings.max_new_tokens})
 
     async def outcome(self, work: Generation | Scoring):
-        """The engine's result for ``work``; if the caller is cancelled first (its client went away), the engine
-        drops the request, queued or running."""
-        future = self.engine.submit(work)
-        try:
-            return await asyncio.wrap_future(future)
-        except asyncio.CancelledError:
-            self.engine.abandon(future)
-            raise
+        """The engine's result for ``work`` (see ``outcomes``)."""
+        return (await self.outcomes([work]))[0]
 
     async def stream(self, prompt: str | Sequence[int], adapter: str | None, decoding: Decoding, *,
                      stop: str | Sequence[str] = (), logprobs: int | None = None, n: int = 1) -> CompletionStream:
@@ -154,20 +152,60 @@ class Tasks:
     async def answer(self, context: str, question: str, adapter: str | None, decoding: Decoding,
                      extractive: bool = True) -> Answer:
         """Answer a question from a context. ``extractive``: decoding is constrained to spans of the context
-        (``SpanConstraint``), so ``context[start:end] == answer`` always; else the model's own text, with offsets
-        where it occurs exactly as it is (its first occurrence), None where not. Raises NoSpan (extractive, and
-        the context has nothing a span can begin with), and what ``outcome`` raises."""
+        (``SpanConstraint``), so ``context[start:end] == answer`` always, and a context too long for one prompt is
+        answered in windows (``answer_windows``), together, the span of the best ``score`` winning; else the model's
+        own text, with offsets where it occurs exactly as it is (its first occurrence), None where not. Raises NoSpan
+        (extractive, and the context has nothing a span can begin with), InputTooLong (a free answer's prompt over
+        ``max_prompt``, or a context over ``max_answer_windows`` windows), and what ``outcomes`` raises."""
         started = time.perf_counter()
-        constraint = SpanConstraint(context, self.span_vocabulary()) if extractive else None
-        work = Generation(self.encode(answer_prompt(context, question)), adapter, self.decoding(decoding),
-                          stop_at_newline=True, constraint=constraint)
-        result = await self.outcome(work)
-        text = result.text.strip()
-        span = constraint.span() if constraint else exact_span(text, context)
-        if constraint and span:
-            text = context[span[0]:span[1]]
-        start, end = span or (None, None)
-        return Answer(text, start, end, len(result.token_ids), (time.perf_counter() - started) * 1000)
+        if not extractive:
+            work = Generation(self.encode(answer_prompt(context, question)), adapter, self.decoding(decoding))
+            result = await self.outcome(work)
+            text = result.text.strip()
+            start, end = exact_span(text, context) or (None, None)
+            return Answer(text, start, end, len(result.token_ids), None, (time.perf_counter() - started) * 1000)
+        spans = self.window_spans(context, self.answer_windows(context, question))
+        works = [Generation(self.encode(answer_prompt(context[offset:end], question)), adapter,
+                            self.decoding(decoding), constraint=constraint) for offset, end, constraint in spans]
+        results = await self.outcomes(works)
+        best = max(range(len(spans)), key=lambda i: spans[i][2].score())
+        offset, _, constraint = spans[best]
+        start, end = (offset + at for at in constraint.span())
+        return Answer(context[start:end], start, end, len(results[best].token_ids), constraint.score(),
+                      (time.perf_counter() - started) * 1000)
+
+    def answer_windows(self, context: str, question: str) -> list[tuple[int, int]]:
+        """The character ranges of ``context`` answered apart: [(0, len(context))] when it fits one prompt, else
+        windows of its tokens that do (``windows.windows``), neighbours sharing ``answer_stride`` tokens. Raises
+        InputTooLong when the question leaves no more room per window than the stride, or the context needs more
+        than ``max_answer_windows`` windows."""
+        room = self.max_prompt - len(self.encode(answer_prompt("", question))) - WINDOW_SLACK
+        offsets = self.tokenizer(context, add_special_tokens=False, split_special_tokens=True,
+                                 return_offsets_mapping=True)["offset_mapping"]
+        if len(offsets) <= room:
+            return [(0, len(context))]
+        stride, most = self.settings.answer_stride, self.settings.max_answer_windows
+        if room <= stride:
+            raise InputTooLong(f"the question leaves {room} tokens of context per prompt, no more than the "
+                               f"{stride} two windows share; at most {self.max_prompt} tokens are accepted")
+        ranges = windows(offsets, room, stride)
+        if len(ranges) > most:
+            raise InputTooLong(f"the context has {len(offsets)} tokens: {len(ranges)} windows of {room}, "
+                               f"{stride} shared; at most {most} windows are answered")
+        return ranges
+
+    def window_spans(self, context: str, ranges: list[tuple[int, int]]) -> list[tuple[int, int, SpanConstraint]]:
+        """(start, end, its span constraint) for each range of ``context`` a span can begin in; NoSpan if none."""
+        spans = []
+        for start, end in ranges:
+            try:
+                spans.append((start, end, SpanConstraint(context[start:end], self.span_vocabulary())))
+            except NoSpan:
+                if len(ranges) == 1:
+                    raise
+        if not spans:
+            raise NoSpan("the context holds no text an answer could be a span of")
+        return spans
 
     async def nli(self, premise: str, hypothesis: str, adapter: str | None,
                   labels: tuple[str, ...] = NLI_LABELS) -> dict[str, float]:
@@ -177,3 +215,14 @@ class Tasks:
         work = Scoring(self.encode(nli_prompt(premise, hypothesis)), adapter, self.label_tokens[labels])
         probabilities = await self.outcome(work)
         return dict(zip(labels, probabilities))
+
+    async def outcomes(self, works: list[Generation | Scoring]) -> list:
+        """The engine's results for ``works``, queued together (all or none: QueueFull unless all fit); if the caller is
+        cancelled first, the engine drops every one still queued or running."""
+        futures = self.engine.submit_together(works)
+        try:
+            return await asyncio.gather(*map(asyncio.wrap_future, futures))
+        except asyncio.CancelledError:
+            for future in futures:
+                self.engine.abandon(future)
+            raise

@@ -20,7 +20,7 @@ from service.tasks.prompts import NLI_LABELS, answer_prompt, label_target, nli_p
 from tests.http.api_helpers import PROBABILITY_TOLERANCE, Tiny, assert_close
 from tests.http.replies import error_message
 from tests.server_helpers import SERVER_CAP, SQUAD_CONTEXT, SQUAD_QUESTION, ask, classify, ready_client, tiny_settings
-from tests.tiny_models import build_gpt2
+from tests.tiny_models import forced_token_model
 
 QUESTIONS = (SQUAD_QUESTION, "Where was the game played?", "Who lost?", "When was the game played?")
 
@@ -191,20 +191,6 @@ def test_offsets_index_the_answer_in_the_context_or_are_null(client, adapter):
         context += " " + (reply["answer"] or "x")
     assert reply["start"] is not None, f"no answer of the model occurred in {context!r}"
     assert reply["answer"] and context[reply["start"]:reply["end"]] == reply["answer"]
-
-
-def forced_token_model(tiny_tokenizer_dir: Path, out_dir: Path, text: str) -> Path:
-    """A GPT-2 whose every next token is ``text``'s token: ln_f emits its (enlarged) embedding whatever the input."""
-    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
-    (token,) = tokenizer.encode(text, add_special_tokens=False)
-    model = AutoModelForCausalLM.from_pretrained(build_gpt2(tiny_tokenizer_dir, out_dir))
-    with torch.no_grad():
-        embedding = model.transformer.wte.weight
-        embedding[token] *= 4 * embedding.norm(dim=-1).max() / embedding[token].norm()
-        model.transformer.ln_f.weight.zero_()
-        model.transformer.ln_f.bias.copy_(embedding[token])  # logits = wte @ wte[token]: largest at ``token``
-    model.save_pretrained(out_dir)
-    return out_dir
 
 
 @contextmanager

@@ -13,8 +13,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from service.tasks.prompts import answer_prompt
 from tests.http.api_helpers import Tiny
-from tests.server_helpers import SERVER_CAP, SQUAD_CONTEXT, SQUAD_QUESTION, ask
+from tests.server_helpers import SERVER_CAP, SQUAD_CONTEXT, SQUAD_QUESTION, ask, ready_client, tiny_settings
 from tests.span_reference import WHITESPACE, BruteForceSpans
+from tests.tiny_models import forced_token_model
 
 CONTEXTS = [
     (SQUAD_CONTEXT, SQUAD_QUESTION),
@@ -36,8 +37,10 @@ class Reference:
                                                           path).eval()
 
     @torch.no_grad()
-    def answer(self, adapter: str | None, context: str, question: str, max_new_tokens: int) -> tuple[str, int, int]:
-        """The constrained greedy answer and its first occurrence's offsets."""
+    def answer(self, adapter: str | None, context: str, question: str, max_new_tokens: int
+               ) -> tuple[str, int, int, float]:
+        """The constrained greedy answer, its first occurrence's offsets, and the mean raw log-probability of its
+        tokens and its ending (the model's logits, before the constraint)."""
         spans = BruteForceSpans(self.tokenizer, context, {self.tokenizer.eos_token_id})
         ids = self.tokenizer(answer_prompt(context, question), return_tensors="pt", add_special_tokens=False,
                              split_special_tokens=True).input_ids
@@ -49,13 +52,16 @@ class Reference:
             return spans.allowed(spans.bytes_of(generated))
 
         out = self.models[adapter].generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                            max_new_tokens=max_new_tokens, prefix_allowed_tokens_fn=allowed)
-        generated = out[0, ids.shape[1]:].tolist()
+                                            max_new_tokens=max_new_tokens, prefix_allowed_tokens_fn=allowed,
+                                            output_logits=True, return_dict_in_generate=True)
+        generated = out.sequences[0, ids.shape[1]:].tolist()
         ended = next((i for i, token in enumerate(generated) if token in spans.ends), len(generated))
         text = spans.bytes_of(generated[:ended]).strip(WHITESPACE).decode(errors="ignore")  # a cut last character goes
         text = text.rstrip(WHITESPACE.decode())
+        taken = generated[:ended + 1]  # the ending token too
+        logprobs = [out.logits[i][0].float().log_softmax(-1)[token].item() for i, token in enumerate(taken)]
         start = context.find(text)
-        return text, start, start + len(text)
+        return text, start, start + len(text), sum(logprobs) / len(logprobs)
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +73,9 @@ def reference(tiny: Tiny) -> Reference:
 def test_greedy_extractive_answers_are_the_constrained_reference(client, reference, adapter):
     for context, question in CONTEXTS:
         got = ask(client, adapter, context=context, question=question)
-        want = reference.answer(adapter, context, question, SERVER_CAP)
-        assert (got["answer"], got["start"], got["end"]) == want, (context, question)
+        *want, score = reference.answer(adapter, context, question, SERVER_CAP)
+        assert [got["answer"], got["start"], got["end"]] == want, (context, question)
+        assert got["score"] == pytest.approx(score, abs=1e-4)
         assert got["answer"] and context[got["start"]:got["end"]] == got["answer"]
 
 
@@ -90,5 +97,59 @@ def test_constrained_and_free_rows_share_a_batch_and_each_gets_its_answer_alone(
     with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
         together = list(pool.map(lambda job: ask(client, job[0], context=job[1], question=job[2],
                                                  extractive=job[3]), jobs))
-    for job, reply in zip(jobs, together):
-        assert {**reply, "latency_ms": 0} == {**alone[job], "latency_ms": 0}, job
+    for job, reply in zip(jobs, together):  # the score as float rounding in another batch allows
+        assert {**reply, "latency_ms": 0, "score": 0} == {**alone[job], "latency_ms": 0, "score": 0}, job
+        assert (reply["score"] is None) == (not job[3])
+        assert reply["score"] is None or reply["score"] == pytest.approx(alone[job]["score"], abs=1e-4)
+
+
+FILLER = "Normans gave Normandy its name. "  # no "the" in it
+
+
+@pytest.fixture(scope="module")
+def windowed(tiny_tokenizer_dir, tmp_path_factory):
+    """A server on a GPT-2 that always says " the", whose prompts hold 64 tokens: long contexts go in windows."""
+    root = tmp_path_factory.mktemp("windows")
+    base = forced_token_model(tiny_tokenizer_dir, root / "forced", " the")
+    (root / "none").mkdir()
+    settings = tiny_settings(base, root / "none", root / "cache", max_input_tokens=64, answer_stride=16,
+                             max_answer_windows=40)
+    with ready_client(settings) as client:
+        yield client
+
+
+def answer_windows(client, context: str) -> list[tuple[int, int]]:
+    return client.app.state.runtime.tasks.answer_windows(context, "When?")
+
+
+def test_the_answer_in_the_last_window_is_found(windowed):
+    context = FILLER * 20 + "At last the end came."
+    assert len(answer_windows(windowed, context)) > 3
+    reply = ask(windowed, None, context=context, question="When?")
+    assert reply["answer"].startswith("the") and reply["start"] == context.index("the end")
+    assert context[reply["start"]:reply["end"]] == reply["answer"]
+
+
+def test_an_answer_cut_by_a_window_boundary_is_found_whole_in_the_next_window(windowed):
+    ranges = answer_windows(windowed, FILLER * 20)
+    boundary = ranges[1][1]  # the end of the second window, inside the third
+    context = FILLER * 20
+    context = context[:boundary - 2] + " the end " + context[boundary - 2:]  # "the" straddles the boundary
+    ranges = answer_windows(windowed, context)
+    at = context.index("the end")
+    assert any(start < at < end < at + len("the end") for start, end in ranges), "no window cuts the answer"
+    reply = ask(windowed, None, context=context, question="When?")
+    assert reply["answer"].startswith("the") and reply["start"] == at
+
+
+def test_a_context_without_the_answer_still_gets_a_span_scored_lower(windowed):
+    context = FILLER * 20
+    without = ask(windowed, None, context=context, question="When?")
+    with_it = ask(windowed, None, context=context + "the end.", question="When?")
+    assert without["answer"] and context[without["start"]:without["end"]] == without["answer"]
+    assert without["score"] < with_it["score"]
+
+
+def test_a_context_past_the_windows_cap_is_413_and_a_free_answer_past_one_prompt_too(windowed):
+    assert ask(windowed, None, context=FILLER * 200, status=413)
+    assert ask(windowed, None, context=FILLER * 20, extractive=False, status=413)

@@ -30,7 +30,7 @@ def taken(context: str, pieces: list[bytes]) -> SpanConstraint:
     for piece in pieces:
         token = PIECES.index(piece)
         assert token in state.allowed().tolist(), (piece, context)
-        state.advance(token)
+        state.advance(token, -1.0)
     return state
 
 
@@ -38,7 +38,7 @@ def test_a_character_cut_by_the_token_budget_is_left_out_of_the_span():
     state = taken("un café au lait", [b"caf", b"\xc3"])
     assert EOS not in state.allowed().tolist()  # inside a character: the answer cannot end there
     assert state.span() == (3, 6)  # "caf"
-    state.advance(PIECES.index(b"\xa9"))
+    state.advance(PIECES.index(b"\xa9"), -1.0)
     assert EOS in state.allowed().tolist() and state.span() == (3, 7)  # "café"
 
 
@@ -58,7 +58,7 @@ def test_newlines_end_answers_and_never_spell_them():
     state = constraint("x\ny ab")
     first = state.allowed().tolist()
     assert PIECES.index(b"x\ny") not in first and NEWLINE not in first and EOS not in first
-    state.advance(PIECES.index(b"ab"))
+    state.advance(PIECES.index(b"ab"), -1.0)
     assert {EOS, NEWLINE} <= set(state.allowed().tolist())
 
 
@@ -108,7 +108,7 @@ def test_every_step_allows_exactly_what_brute_force_allows(tokenizer, context, s
         token = generator.choice(allowed)
         if token in reference.ends:
             break
-        state.advance(token)
+        state.advance(token, -1.0)
         generated.append(token)
     start, end = state.span()
     answer = reference.bytes_of(generated).strip(WHITESPACE).decode(errors="ignore").rstrip(WHITESPACE.decode())

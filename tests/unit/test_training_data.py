@@ -9,7 +9,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from service.tasks.prompts import answer_prompt, answer_target, label_target, nli_prompt
-from training.data import data_dir, read_eval, read_nli, read_squad
+from training.data import data_dir, hidden_in_documents, read_eval, read_nli, read_squad
 from training.prepare import IGNORE_INDEX, answer_window, collator, encode_label, encode_rows, encode_squad
 
 FILLER = "The river flows past the old mill and the farmers bring their grain to town every week. "
@@ -194,3 +194,19 @@ def test_collator_pads_to_the_longest_with_ignored_labels(tok):
     assert batch["attention_mask"][0].tolist() == [1] * short + [0] * (longest - short)
     assert batch["labels"][0, short:].tolist() == [IGNORE_INDEX] * (longest - short)
     assert batch["labels"][0, :short].tolist() == examples[0]["labels"]
+
+
+def test_a_paragraph_hidden_among_others_keeps_its_answers_at_their_offsets():
+    paragraphs = [(f"article {i % 5}", f"Paragraph {i} says {i * 7}.") for i in range(30)]
+    rows = [{"id": str(i), "title": title, "context": context, "question": "q", "answers": [f"{i * 7}"],
+             "answer_starts": [context.index(f"{i * 7}")]} for i, (title, context) in enumerate(paragraphs[:6])]
+    documents = hidden_in_documents(rows, paragraphs, 20, seed=1)
+    assert documents == hidden_in_documents(rows, paragraphs, 20, seed=1)  # seeded
+    for row, document in zip(rows, documents):
+        parts = document["context"].split("\n\n")
+        assert len(parts) == 21 and row["context"] in parts
+        assert not {context for title, context in paragraphs if title == row["title"]} & set(parts) - {row["context"]}
+        start = document["answer_starts"][0]
+        assert document["context"][start:start + len(row["answers"][0])] == row["answers"][0]
+    with pytest.raises(ValueError):
+        hidden_in_documents(rows, paragraphs, 25, seed=1)  # 24 paragraphs of other articles

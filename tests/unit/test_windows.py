@@ -1,0 +1,40 @@
+"""Windows over a long context: every token inside one, none longer than the budget, neighbours sharing the stride,
+and every span of at most the stride whole inside some window."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from service.tasks.windows import windows
+
+
+def token_offsets(count: int) -> list[tuple[int, int]]:
+    """Tokens of 3 characters, one space apart: token i spans [4i, 4i + 3)."""
+    return [(4 * i, 4 * i + 3) for i in range(count)]
+
+
+def tokens_in(window: tuple[int, int], count: int) -> list[int]:
+    return [i for i, (start, end) in enumerate(token_offsets(count)) if window[0] <= start and end <= window[1]]
+
+
+@given(count=st.integers(1, 300), size=st.integers(1, 64), stride=st.integers(0, 63))
+def test_windows_cover_the_text_within_the_budget_and_share_the_stride(count, size, stride):
+    if stride >= size:
+        with pytest.raises(ValueError):
+            windows(token_offsets(count), size, stride)
+        return
+    cut = [tokens_in(window, count) for window in windows(token_offsets(count), size, stride)]
+    assert cut[0][0] == 0 and cut[-1][-1] == count - 1
+    assert all(len(tokens) <= size for tokens in cut)
+    assert all(len(set(a) & set(b)) == stride for a, b in itertools.pairwise(cut))
+    for first in range(count):  # every span of at most ``stride`` tokens (at least one) lies whole in a window
+        last = min(first + max(stride, 1), count) - 1
+        assert any(tokens[0] <= first and last <= tokens[-1] for tokens in cut), (first, last)
+
+
+def test_a_text_that_fits_is_one_window_and_no_tokens_none():
+    assert windows(token_offsets(5), 8, 2) == [(0, 19)]
+    assert windows([], 8, 2) == []
