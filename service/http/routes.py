@@ -9,6 +9,7 @@ from typing import TypeVar
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Request, Response
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -161,8 +162,23 @@ async def answer(body: AnswerIn, request: Request, rt: Runtime = Depends(inferen
 @tasks_router.post("/nli", response_model=NliOut, responses=serving_replies())
 async def nli(body: NliIn, request: Request, rt: Runtime = Depends(inference)) -> NliOut:
     adapter = pick_adapter(rt, body, rt.settings.nli_adapter, request)
-    probabilities = await unless_disconnected(request, rt.tasks.nli(body.premise, body.hypothesis, adapter))
+    if body.labels is None:
+        probabilities = await unless_disconnected(request, rt.tasks.nli(body.premise, body.hypothesis, adapter))
+    else:
+        probabilities = await own_labels(rt, request, body, adapter)
     return NliOut(label=max(probabilities, key=probabilities.get), probabilities=probabilities, adapter=adapter)
+
+
+async def own_labels(rt: Runtime, request: Request, body: NliIn, adapter: str | None) -> dict[str, float]:
+    """The probabilities of the request's own ``labels``, each scored over its whole tokenization; labels the task
+    refuses (too many tokens, two alike once tokenized, more scoring requests than the queue holds) are a 422 that
+    names the field."""
+    try:
+        return await unless_disconnected(request, rt.tasks.classify(body.premise, body.hypothesis, adapter,
+                                                                    tuple(body.labels)))
+    except ValueError as exc:
+        raise RequestValidationError([{"type": "value_error", "loc": ("body", "labels"), "input": body.labels,
+                                       "msg": f"Value error, {exc}"}]) from None
 
 
 # how long a merge lasts: the merge policy runs at every admission, admin merge or not (service/engine/merge_policy.py)

@@ -20,6 +20,7 @@ from pydantic_core import PydanticCustomError
 
 from service.engine.logprobs import MOST_TOP_LOGPROBS
 from service.engine.sampling import Decoding
+from service.tasks.labels import MOST_LABEL_CHARACTERS, MOST_LABELS
 
 
 def _unicode(value: Any) -> Any:
@@ -116,15 +117,27 @@ class AnswerOut(BaseModel):
     latency_ms: float
 
 
+def _distinct(labels: list[str]) -> list[str]:
+    if len(set(labels)) != len(labels):
+        raise ValueError("labels must be distinct")
+    return labels
+
+
+Label = Annotated[str, Field(min_length=1, max_length=MOST_LABEL_CHARACTERS), UNICODE, AfterValidator(_not_blank)]
+# a request's own candidate labels, scored over their whole tokenization (service.tasks.labels)
+Labels = Annotated[list[Label], Field(min_length=2, max_length=MOST_LABELS), AfterValidator(_distinct)]
+
+
 class NliIn(BaseModel):
     model_config = STRICT
     premise: Text
     hypothesis: Text
     adapter: Str | None = None
+    labels: Labels | None = None  # None: the three NLI labels, scored by their first tokens
 
 
 class NliOut(BaseModel):
-    label: Literal["entailment", "neutral", "contradiction"]
+    label: str  # one of the labels scored
     probabilities: dict[str, float]
     adapter: str | None
 

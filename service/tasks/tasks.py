@@ -13,8 +13,10 @@ from service.engine.logprobs import MOST_TOP_LOGPROBS
 from service.engine.requests import Generation, Scoring
 from service.engine.sampling import Decoding, choice_seed
 from service.engine.scheduler import Engine
-from service.errors import InputTooLong, NoSpan
+from service.engine.scoring import CandidateLogprobs
+from service.errors import AdapterConflict, InputTooLong, NoSpan
 from service.settings import Settings
+from service.tasks.labels import label_ids, prefix_candidates, sequence_logprobs, softmax
 from service.tasks.prompts import NLI_LABELS, answer_prompt, encode_text, label_target, nli_prompt
 from service.tasks.span_constraint import SpanConstraint, SpanVocabulary, answer_vocabulary
 from service.tasks.streaming import Completion, CompletionStream, collect
@@ -209,12 +211,42 @@ class Tasks:
 
     async def nli(self, premise: str, hypothesis: str, adapter: str | None,
                   labels: tuple[str, ...] = NLI_LABELS) -> dict[str, float]:
-        """Probabilities of the labels, scored from the next-token distribution (sum to 1)."""
+        """Probabilities of ``labels`` (sum to 1), scored as the adapters are trained: by each label's first token, in
+        one forward pass (``label_scores``), then softmax(z / T) over those scores, T the temperature the adapter's
+        card holds for this label set (``lora.card.Calibration``; 1 for the bare base, or without one). Raises as
+        ``outcome``, InputTooLong for a prompt over ``max_prompt``."""
+        scores = await self.label_scores(premise, hypothesis, adapter, labels)
+        temperature = scores.weights.calibration.temperature_for(labels) if scores.weights is not None else 1.0
+        return dict(zip(labels, softmax(scores.logprobs, temperature)))
+
+    async def label_scores(self, premise: str, hypothesis: str, adapter: str | None,
+                           labels: tuple[str, ...] = NLI_LABELS) -> CandidateLogprobs:
+        """The log-probabilities of the first tokens of ``labels``' completions after the NLI prompt (uncalibrated),
+        and the weights that scored them; raises as ``nli``."""
         if labels not in self.label_tokens:
             self.label_tokens[labels] = self.first_tokens(labels)
-        work = Scoring(self.encode(nli_prompt(premise, hypothesis)), adapter, self.label_tokens[labels])
-        probabilities = await self.outcome(work)
-        return dict(zip(labels, probabilities))
+        work = Scoring(self.encode(nli_prompt(premise, hypothesis)), adapter, self.label_tokens[labels], logprobs=True)
+        return await self.outcome(work)
+
+    async def classify(self, premise: str, hypothesis: str, adapter: str | None,
+                       labels: tuple[str, ...]) -> dict[str, float]:
+        """Probabilities of a request's own ``labels`` (sum to 1): softmax over log P(label completion | prompt), each
+        label scored over its whole tokenization (``tasks.labels``: one scoring request per distinct proper prefix of
+        the completions), with no temperature (a card's is fitted for its own label set). Raises ValueError for
+        labels ``labels.label_ids`` refuses or that need more scoring requests than the queue holds, AdapterConflict
+        if the adapter's name was registered again while they were scored, and as ``nli``."""
+        sequences = label_ids(self.tokenizer, labels)
+        prompt, candidates = self.encode(nli_prompt(premise, hypothesis)), prefix_candidates(sequences)
+        if len(candidates) > self.settings.max_queue:
+            raise ValueError(f"these labels need {len(candidates)} scoring requests; this server queues at most "
+                             f"{self.settings.max_queue}")
+        works = [Scoring(self.bounded(prompt + list(prefix)), adapter, tokens, logprobs=True)
+                 for prefix, tokens in candidates.items()]
+        results = await self.outcomes(works)
+        if len({id(result.weights) for result in results}) > 1:
+            raise AdapterConflict(f"adapter {adapter!r} was registered again while its labels were scored; retry")
+        logprobs = dict(zip(candidates, (result.logprobs for result in results)))
+        return dict(zip(labels, softmax(sequence_logprobs(sequences, candidates, logprobs))))
 
     async def outcomes(self, works: list[Generation | Scoring]) -> list:
         """The engine's results for ``works``, queued together (all or none: QueueFull unless all fit); if the caller is
