@@ -106,6 +106,11 @@ def add_eval_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--predictions", type=Path,
                         help="write the predictions here, SQuAD as the official {id: answer} (default: not written)")
     parser.add_argument("--json", type=Path, help="also write the metrics here (default: printed only)")
+    add_engine_options(parser)
+
+
+def add_engine_options(parser: argparse.ArgumentParser) -> None:
+    """The options of the engine ``eval`` and ``calibrate`` run: base model, adapters folder, device, dtype, batch."""
     parser.add_argument("--base-model", default="smollm2", help=BASE_HELP)
     parser.add_argument("--adapters-dir", type=Path, default=Settings().adapters_dir,
                         help="where --adapter NAME is looked up ($LORASWAP_ADAPTERS_DIR sets the default)")
@@ -114,6 +119,23 @@ def add_eval_options(parser: argparse.ArgumentParser) -> None:
                         help="auto: bf16 on CUDA, fp32 on the CPU")
     parser.add_argument("--quantize", default="none", choices=["none", "nf4"], help="nf4: a 4-bit NF4 base")
     parser.add_argument("--max-batch", type=positive(int), default=64, help="most requests the engine runs at once")
+
+
+def add_calibrate_options(parser: argparse.ArgumentParser) -> None:
+    """The options of ``loraswap calibrate``: the adapter, the data, what to write, and the engine's setup."""
+    parser.add_argument("--adapter", required=True, type=Path,
+                        help="an NLI adapter folder with the card.json loraswap train wrote (its seed and validation "
+                        "count tell which training rows were held out; no default)")
+    parser.add_argument("--data-dir", type=Path, help="the data folder (default: $LORASWAP_DATA_DIR, else shared/data "
+                        "beside the repository)")
+    parser.add_argument("--write-card", action="store_true",
+                        help="store the fitted temperature in the adapter's card.json (label_calibration)")
+    parser.add_argument("--diagram", type=Path,
+                        help="draw the reliability diagram on MNLI dev_matched here (PNG; default: none drawn)")
+    parser.add_argument("--json", type=Path, help="also write the report, with the reliability bins and every row's "
+                        "scores, here (default: printed only)")
+    add_engine_options(parser)
+    parser.set_defaults(max_new_tokens=1)  # the engine generates nothing: labels are scored
 
 
 def run_train(args: argparse.Namespace) -> None:
@@ -145,7 +167,16 @@ def run_eval(args: argparse.Namespace) -> None:
 
 
 # the subcommands this package declares in pyproject.toml ([project.entry-points."loraswap.commands"])
+def run_calibrate(args: argparse.Namespace) -> None:
+    """Run ``loraswap calibrate`` (``training.calibrate.run``; imported here, so that the parser stays light)."""
+    from training.calibrate import run
+
+    run(args)
+
+
 TRAIN = Command("train a LoRA adapter on SQuAD, NLI or RTE", add_train_options, run_train)
 EVAL = Command("evaluate an adapter through the serving engine", add_eval_options, run_eval)
 SWEEP = Command("grid over rank, learning rate and target modules", add_sweep_options, run_sweep)
 MERGE = Command("write a full model with one adapter merged in", add_merge_options, run_merge)
+CALIBRATE = Command("fit the temperature of an NLI adapter's label probabilities; measure their calibration",
+                    add_calibrate_options, run_calibrate)

@@ -1,0 +1,88 @@
+"""``loraswap calibrate`` and the ECE of ``loraswap eval`` end to end on the tiny Llama: the temperature the command
+fits and writes into the card is the one the server then applies, and eval's ECE is that of the served
+probabilities."""
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from service.cli.main import main
+from service.lora.card import CALIBRATION_FIELD, CARD_FILE
+from service.tasks.prompts import NLI_LABELS
+from training.metrics import ECE_BINS
+
+
+def write_nli(path: Path, prefix: str, count: int, split: str | None = None) -> list[dict]:
+    """``count`` premise/hypothesis rows (labels in turn) as gzipped JSON lines; an MNLI split if ``split``."""
+    rows = [{"premise": f"{prefix} man sits on bench {i}.", "hypothesis": f"Someone sits {i % 7}.",
+             "label": NLI_LABELS[i % 3], **({"mnli_split": split} if split else {})} for i in range(count)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wt") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    return rows
+
+
+def data_folder(root: Path) -> Path:
+    """A data folder: 12 SNLI rows, MNLI 30 train, 9 dev_mismatched and 24 dev_matched rows."""
+    write_nli(root / "nli/snli_test.jsonl.gz", "A", 12)
+    mnli = [row for split, count in (("train", 30), ("dev_mismatched", 9), ("dev_matched", 24))
+            for row in write_nli(root / f"{split}.jsonl.gz", f"M {split}", count, split)]
+    with gzip.open(root / "nli/mnli.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps(row) + "\n" for row in mnli)
+    return root
+
+
+def carded(source: Path, folder: Path, card: dict) -> Path:
+    shutil.copytree(source, folder)
+    (folder / CARD_FILE).write_text(json.dumps(card))
+    return folder
+
+
+def run(*args: str) -> None:
+    main([*args, "--device", "cpu"])
+
+
+def test_calibrate_writes_the_temperature_the_server_then_applies(tiny_llama_dir, llama_adapters, tmp_path):
+    data = data_folder(tmp_path / "data")
+    card = {"examples": {"train": 30, "validation": 21, "dropped_too_long_or_bad_label": 0, "available": 51},
+            "hyperparameters": {"seed": 0}}
+    adapter = carded(llama_adapters["one"], tmp_path / "adapters" / "one", card)
+    report_path, diagram = tmp_path / "calibration.json", tmp_path / "reliability.png"
+    run("calibrate", "--adapter", str(adapter), "--data-dir", str(data), "--base-model", str(tiny_llama_dir),
+        "--adapters-dir", str(tmp_path / "adapters"), "--write-card", "--diagram", str(diagram),
+        "--json", str(report_path))
+    report, written = json.loads(report_path.read_text()), json.loads((adapter / CARD_FILE).read_text())
+    field = written[CALIBRATION_FIELD]
+    assert field["temperature"] == pytest.approx(report["temperature"], rel=1e-5)
+    assert field["labels"] == list(NLI_LABELS)
+    assert 0 < report["fit"]["count"] == field["count"] <= 21 and report["fit"]["after"] <= report["fit"]["before"]
+    assert report["mnli_dev_matched"]["after"]["count"] == 24 and diagram.stat().st_size > 0
+    assert written["examples"] == card["examples"]  # the rest of the card is kept
+
+    evaluated = tmp_path / "eval.json"
+    run("eval", "--task", "nli", "--adapter", str(adapter), "--base-model", str(tiny_llama_dir), "--adapters-dir",
+        str(tmp_path / "adapters"), "--data", str(data / "nli/mnli.jsonl.gz"), "--json", str(evaluated))
+    served = json.loads(evaluated.read_text())
+    assert served["ece_bins"] == ECE_BINS and served["count"] == 24
+    assert served["ece"] == pytest.approx(report["mnli_dev_matched"]["after"]["ece"], abs=1e-3)
+    assert served["accuracy"] == pytest.approx(report["mnli_dev_matched"]["before"]["accuracy"])
+
+
+@pytest.mark.parametrize("temperature, ece", [
+    (1e-4, lambda accuracy: 100.0 - accuracy),  # every probability 0 or 1: confidence 1 in one bin
+    (1e4, lambda accuracy: abs(accuracy - 100.0 / 3)),  # all three near 1/3: confidence 1/3 in one bin
+])
+def test_eval_reports_the_ece_of_the_probabilities_the_cards_temperature_gives(tiny_llama_dir, llama_adapters,
+                                                                                tmp_path, temperature, ece):
+    data = data_folder(tmp_path / "data")
+    card = {CALIBRATION_FIELD: {"temperature": temperature, "labels": list(NLI_LABELS)}}
+    adapter = carded(llama_adapters["two"], tmp_path / "adapters" / "two", card)
+    out = tmp_path / "eval.json"
+    run("eval", "--task", "nli", "--adapter", str(adapter), "--base-model", str(tiny_llama_dir), "--adapters-dir",
+        str(tmp_path / "adapters"), "--data", str(data / "nli/mnli.jsonl.gz"), "--json", str(out))
+    report = json.loads(out.read_text())
+    assert report["ece"] == pytest.approx(ece(report["accuracy"]), abs=0.05)

@@ -1,0 +1,52 @@
+"""Fitting the temperature of label probabilities (training/calibrate.py): the fit finds the temperature that made
+the labels, and the fit's rows are the MNLI rows ``loraswap train`` held out."""
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+import torch
+
+from training.calibrate import FIT_FILE, fit_temperature, held_out_rows, nll
+from training.train import split_rows
+
+
+def test_fit_temperature_recovers_the_temperature_that_drew_the_labels():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(20_000, 3, generator=generator, dtype=torch.float64) * 3
+    gold = torch.multinomial((logits / 2.5).softmax(-1), 1, generator=generator).squeeze(1)
+    temperature = fit_temperature(logits, gold)
+    assert temperature == pytest.approx(2.5, rel=0.05)
+    best = nll(logits, gold, temperature)
+    assert best <= nll(logits, gold, temperature * 1.01) and best <= nll(logits, gold, temperature / 1.01)
+    assert best < nll(logits, gold, 1.0)
+
+
+def write_rows(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wt") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+def test_held_out_rows_are_the_mnli_rows_train_held_out_and_never_trained_on(tmp_path):
+    labels = ("entailment", "neutral", "contradiction")
+    snli = [{"premise": f"s{i}", "hypothesis": f"h{i}", "label": labels[i % 3]} for i in range(40)]
+    mnli = [{"premise": f"m{i % 25}", "hypothesis": f"h{i % 25}", "label": labels[i % 3],  # 5 pairs twice
+             "mnli_split": ("train", "dev_mismatched", "dev_matched")[i % 3]} for i in range(45)]
+    write_rows(tmp_path / "nli/snli_test.jsonl.gz", snli)
+    write_rows(tmp_path / FIT_FILE, mnli)
+    kept = [row for row in mnli if row["mnli_split"] != "dev_matched"]
+    card = {"examples": {"validation": 20, "available": len(snli) + len(kept), "dropped_too_long_or_bad_label": 0},
+            "hyperparameters": {"seed": 3}}
+    rows = held_out_rows(card, tmp_path)
+    pairs = {(row["premise"], row["hypothesis"]) for row in rows}
+    trained, held = split_rows([*snli, *kept], 20, 3)  # the same rows in the same order: the same split
+    trained_pairs = {(row["premise"], row["hypothesis"]) for row in trained}
+    assert rows and all(row["premise"].startswith("m") for row in rows)  # MNLI only, never dev_matched
+    assert not pairs & trained_pairs
+    assert len(rows) < sum(row["premise"].startswith("m") for row in held)  # a held-out pair was also trained on
+    assert pairs == {(row["premise"], row["hypothesis"]) for row in held if row["premise"].startswith("m")} - \
+        trained_pairs
+    with pytest.raises(ValueError, match="cannot be told"):
+        held_out_rows({**card, "examples": {**card["examples"], "available": 1}}, tmp_path)

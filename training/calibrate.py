@@ -1,0 +1,205 @@
+"""``loraswap calibrate``: fit the temperature of an NLI adapter's label probabilities and measure their calibration,
+through the serving engine.
+
+Temperature scaling (Guo et al. 2017, "On Calibration of Modern Neural Networks", section 4.2): one scalar T > 0 that
+minimises the mean negative log-likelihood of the gold labels under softmax(z / T), z the labels' scores as the server
+computes them (the log-probabilities of each label's first token after the prompt). It is fitted on the MNLI pairs of
+the adapter's training files that ``loraswap train`` held out for validation (never trained on), never on MNLI
+dev_matched, where the expected calibration error before and after is only measured. ``--write-card`` stores T in
+the adapter's card (``label_calibration``), which the server reads when it registers the adapter.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from service.lora.card import CALIBRATION_FIELD, CARD_FILE
+from service.runtime import Runtime
+from service.tasks.prompts import NLI_LABELS
+from training.data import TASK_TRAIN_FILES, data_dir, read_eval, read_nli
+from training.evaluate import bounded, served_adapter, start_runtime
+from training.metrics import ECE_BINS, expected_calibration_error, reliability_bins
+
+FIT_FILE = "nli/mnli.jsonl.gz"  # the fit takes the held-out rows of this training file only
+LOG_T_RANGE = (math.log(0.05), math.log(20.0))  # where the fitted temperature is looked for
+
+
+def held_out_rows(card: dict, root: Path) -> list[dict]:
+    """The rows of ``FIT_FILE`` (its MNLI train and dev_mismatched splits) that ``loraswap train`` held out for
+    validation when it made the adapter of ``card``: its ``split_rows`` again, with the card's seed and validation
+    count over the task's training files read in the same order, less any pair (premise and hypothesis) that also
+    occurs among the rows trained on. Raises ValueError when the card cannot say which rows were held out (rows were
+    dropped, or the data holds another number of rows than the card's)."""
+    from training.train import split_rows  # imports the Trainer: only when needed
+
+    examples = card["examples"]
+    if examples.get("dropped_too_long_or_bad_label"):
+        raise ValueError("the card's adapter dropped rows, so its validation count is not the number held out")
+    rows = [{**row, "file": name} for name, splits in TASK_TRAIN_FILES["nli"] for row in read_nli(root / name, splits)]
+    if len(rows) != examples["available"]:
+        raise ValueError(f"{root} holds {len(rows)} training rows, the card's adapter was trained from "
+                         f"{examples['available']}: its held-out rows cannot be told")
+    trained, held = split_rows(rows, examples["validation"], card["hyperparameters"]["seed"])
+    seen = {(row["premise"], row["hypothesis"]) for row in trained}
+    return [row for row in held if row["file"] == FIT_FILE and (row["premise"], row["hypothesis"]) not in seen]
+
+
+def label_logits(rt: Runtime, adapter: str | None, rows: list[dict]) -> torch.Tensor:
+    """[rows, 3] the uncalibrated scores of ``NLI_LABELS`` for each row (``Tasks.label_scores``: log-probabilities of
+    the labels' first tokens), float64, in the order of ``rows`` (they are queued shortest premise first, so that a
+    batch's prompts need less padding)."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["premise"]))
+    scored = asyncio.run(bounded((rt.tasks.label_scores(rows[i]["premise"], rows[i]["hypothesis"], adapter)
+                                  for i in order), rt.settings.max_queue))
+    logits = torch.empty(len(rows), len(NLI_LABELS), dtype=torch.float64)
+    logits[order] = torch.tensor([scores.logprobs for scores in scored], dtype=torch.float64)
+    return logits
+
+
+def gold_labels(rows: list[dict]) -> torch.Tensor:
+    """[rows] the index of each row's gold label in ``NLI_LABELS``."""
+    return torch.tensor([NLI_LABELS.index(row["label"]) for row in rows])
+
+
+def nll(logits: torch.Tensor, gold: torch.Tensor, temperature: float) -> float:
+    """Mean negative log-likelihood (nats) of ``gold`` [n] under softmax(``logits`` [n, k] / ``temperature``)."""
+    return F.cross_entropy(logits / temperature, gold).item()
+
+
+def fit_temperature(logits: torch.Tensor, gold: torch.Tensor, steps: int = 80) -> float:
+    """The T in ``LOG_T_RANGE`` that minimises ``nll``: a golden-section search over log T. The NLL is convex in 1 / T
+    (a log-sum-exp of linear functions of it, less a linear one), so it has one minimum along log T, which the search
+    brackets to within 1e-16 of the range in 80 steps."""
+    ratio = (math.sqrt(5) - 1) / 2
+    low, high = LOG_T_RANGE
+    for _ in range(steps):
+        left, right = high - ratio * (high - low), low + ratio * (high - low)
+        if nll(logits, gold, math.exp(left)) <= nll(logits, gold, math.exp(right)):
+            high = right
+        else:
+            low = left
+    return math.exp((low + high) / 2)
+
+
+def summary(logits: torch.Tensor, gold: torch.Tensor, temperature: float) -> dict:
+    """Accuracy (percent), NLL (nats), ECE (percent, ``ECE_BINS`` bins) and the reliability bins of the labels'
+    probabilities softmax(``logits`` / ``temperature``) against ``gold``."""
+    probabilities = (logits / temperature).softmax(-1)
+    confidence, predicted = probabilities.max(-1)
+    correct = (predicted == gold).tolist()
+    return {"count": len(gold), "accuracy": 100.0 * sum(correct) / max(len(gold), 1),
+            "nll": nll(logits, gold, temperature), "ece": expected_calibration_error(confidence.tolist(), correct),
+            "bins": reliability_bins(confidence.tolist(), correct)}
+
+
+def reliability_diagram(path: Path, curves: dict[str, dict], title: str) -> None:
+    """A PNG at ``path``: for each of ``curves`` (a name -> a ``summary``) a panel of the accuracy of each confidence
+    bin against its mean confidence (bars at the bins, the diagonal where they would be perfectly calibrated)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 4.6), sharey=True)
+    for ax, (name, curve) in zip(axes, curves.items()):
+        full = [b for b in curve["bins"] if b["count"]]
+        width = 1 / len(curve["bins"])
+        ax.bar([b["low"] for b in full], [b["accuracy"] for b in full], width=width, align="edge",
+               edgecolor="black", label="accuracy")
+        ax.bar([b["low"] for b in full], [b["confidence"] - b["accuracy"] for b in full], width=width,
+               bottom=[b["accuracy"] for b in full], align="edge", color="red", alpha=0.3, label="gap")
+        ax.plot([0, 1], [0, 1], "k--", label="perfect calibration")
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (probability of the predicted label)",
+               title=f"{name}: ECE {curve['ece']:.2f}%, accuracy {curve['accuracy']:.2f}%")
+        ax.legend(loc="upper left")
+    axes[0].set_ylabel("accuracy")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def command_of(args: argparse.Namespace) -> str:
+    """The ``loraswap calibrate`` command line that ``args`` come from (the options given or changed)."""
+    given = {"--adapter": args.adapter, "--data-dir": args.data_dir, "--diagram": args.diagram, "--json": args.json,
+             "--base-model": None if args.base_model == "smollm2" else args.base_model,
+             "--device": None if args.device == "auto" else args.device, "--max-batch": args.max_batch}
+    options = [f"{name} {value}" for name, value in given.items() if value is not None]
+    return " ".join(["loraswap calibrate", *options, *(["--write-card"] if args.write_card else [])])
+
+
+def calibration_field(temperature: float, fit: dict, dev: dict, seed: int, device: str, args: argparse.Namespace
+                      ) -> dict:
+    """The card's ``label_calibration``: T, the label set it holds for, and how it was fitted (``fit``: count, NLL
+    before and after) and what it did on dev_matched (``dev``: ``summary`` before and after), on ``device``."""
+    return {
+        "temperature": round(temperature, 6),
+        "labels": list(NLI_LABELS),
+        "scored_by": "the first token of each label's completion, as served by default",
+        "method": "temperature scaling (Guo et al. 2017): T minimising the mean NLL of the gold label under "
+                  "softmax(z / T), z the labels' first-token log-probabilities; golden-section search over log T",
+        "data": f"{FIT_FILE} (train+dev_mismatched): its pairs among those loraswap train held out for validation "
+                f"(training.train.split_rows, seed {seed}), less pairs also trained on; never MNLI dev_matched",
+        "count": fit["count"], "seed": seed,
+        "nll_before": round(fit["before"], 6), "nll_after": round(fit["after"], 6),
+        "mnli_dev_matched": {"count": dev["before"]["count"], "bins": ECE_BINS,
+                             "ece_before": round(dev["before"]["ece"], 4), "ece_after": round(dev["after"]["ece"], 4),
+                             "accuracy_before": round(dev["before"]["accuracy"], 4),
+                             "accuracy_after": round(dev["after"]["accuracy"], 4)},
+        "command": command_of(args),
+        "device": device,
+    }
+
+
+def scores_of(args: argparse.Namespace, folder: Path, row_sets: list[list[dict]]) -> tuple:
+    """``label_logits`` of each of ``row_sets`` from the adapter in ``folder`` served as ``args`` say, then the device
+    they ran on, in words."""
+    rt = start_runtime(args, folder)
+    try:
+        adapter = served_adapter(rt, args, folder)
+        logits = [label_logits(rt, adapter, rows) for rows in row_sets]
+    finally:
+        rt.stop()
+    device = rt.registry.device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    return (*logits, f"{name}, {rt.registry.dtype}")
+
+
+def run(args: argparse.Namespace) -> dict:
+    """``loraswap calibrate``: fit T on the adapter's held-out MNLI training pairs, measure dev_matched before and
+    after, print the report; ``--write-card`` stores T in the card, ``--diagram`` draws the reliability diagram,
+    ``--json`` writes the report with the reliability bins and every row's scores (uncalibrated) and gold label.
+    Raises FileNotFoundError for an adapter folder without a card or absent data, ValueError when its held-out rows
+    cannot be told (``held_out_rows``), AdapterError for an adapter the base cannot serve."""
+    folder, root = Path(args.adapter), Path(args.data_dir) if args.data_dir else data_dir()
+    card = json.loads((folder / CARD_FILE).read_text())
+    seed = card["hyperparameters"]["seed"]
+    fit_rows, dev_rows = held_out_rows(card, root), read_eval("nli", root / "nli/mnli.jsonl.gz")
+    fit_logits, dev_logits, device = scores_of(args, folder, [fit_rows, dev_rows])
+    fit_gold, dev_gold = gold_labels(fit_rows), gold_labels(dev_rows)
+    temperature = fit_temperature(fit_logits, fit_gold)
+    fit = {"count": len(fit_rows), "before": nll(fit_logits, fit_gold, 1.0),
+           "after": nll(fit_logits, fit_gold, temperature)}
+    dev = {"before": summary(dev_logits, dev_gold, 1.0), "after": summary(dev_logits, dev_gold, temperature)}
+    report = {"adapter": str(folder), "temperature": temperature, "fit": fit,
+              "mnli_dev_matched": {when: {k: v for k, v in s.items() if k != "bins"} for when, s in dev.items()}}
+    print(json.dumps(report, indent=2))
+    if args.write_card:
+        card[CALIBRATION_FIELD] = calibration_field(temperature, fit, dev, seed, device, args)
+        (folder / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
+    if args.diagram:
+        reliability_diagram(args.diagram, {"uncalibrated (T = 1)": dev["before"],
+                                           f"calibrated (T = {temperature:.3f})": dev["after"]},
+                            f"{folder.name} on MNLI dev_matched ({len(dev_rows)} pairs), {ECE_BINS} bins")
+    if args.json:
+        scores = {"labels": list(NLI_LABELS), "fit": fit_logits.tolist(), "fit_gold": fit_gold.tolist(),
+                  "mnli_dev_matched": dev_logits.tolist(), "mnli_dev_matched_gold": dev_gold.tolist()}
+        args.json.write_text(json.dumps({**report, "bins": {k: s["bins"] for k, s in dev.items()},
+                                         "scores": scores}, indent=1))
+    return report
