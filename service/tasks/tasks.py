@@ -177,15 +177,15 @@ class Tasks:
                       (time.perf_counter() - started) * 1000)
 
     def answer_windows(self, context: str, question: str) -> list[tuple[int, int]]:
-        """The character ranges of ``context`` answered apart: [(0, len(context))] when it fits one prompt, else
-        windows of its tokens that do (``windows.windows``), neighbours sharing ``answer_stride`` tokens. Raises
-        InputTooLong when the question leaves no more room per window than the stride, or the context needs more
-        than ``max_answer_windows`` windows."""
+        """The character ranges of ``context`` answered apart: [(0, len(context))] when its prompt fits
+        (``max_prompt``), else windows of its tokens whose prompts do (``windows.windows``), neighbours sharing
+        ``answer_stride`` tokens. Raises InputTooLong when the question leaves no more room per window than the
+        stride, or the context needs more than ``max_answer_windows`` windows."""
+        if len(encode_text(self.tokenizer, answer_prompt(context, question))) <= self.max_prompt:
+            return [(0, len(context))]
         room = self.max_prompt - len(self.encode(answer_prompt("", question))) - WINDOW_SLACK
         offsets = self.tokenizer(context, add_special_tokens=False, split_special_tokens=True,
                                  return_offsets_mapping=True)["offset_mapping"]
-        if len(offsets) <= room:
-            return [(0, len(context))]
         stride, most = self.settings.answer_stride, self.settings.max_answer_windows
         if room <= stride:
             raise InputTooLong(f"the question leaves {room} tokens of context per prompt, no more than the "

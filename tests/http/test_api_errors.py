@@ -93,8 +93,9 @@ def test_invalid_input_elsewhere_is_422(client, path, body):
     assert error_message(reply).startswith("invalid request")
 
 
-@pytest.mark.parametrize("path,body", [
-    ("/answer", {"context": "Normandy is a region in France. " * 200, "question": SQUAD_QUESTION}),
+@pytest.mark.parametrize("path,body", [  # /answer: a free answer past one prompt; an extractive one past the windows
+    ("/answer", {"context": "Normandy is a region in France. " * 200, "question": SQUAD_QUESTION, "extractive": False}),
+    ("/answer", {"context": "Normandy is a region in France. " * 3000, "question": SQUAD_QUESTION}),
     ("/nli", {"premise": "A man sleeps in a chair. " * 200, "hypothesis": "Nobody sleeps."}),
     ("/v1/completions", {"model": "base", "prompt": "Once upon a time " * 300}),
 ])
