@@ -42,6 +42,16 @@ class BruteForceSpans:
                 or (token not in self.ends and piece is not None and b"\n" not in piece
                     and (so_far + piece).lstrip(WHITESPACE) and self.occurs((so_far + piece).lstrip(WHITESPACE)))]
 
+    def span(self, so_far: bytes) -> str:
+        """The answer the tokens ``so_far`` spell: its first occurrence in the context where a character starts, a
+        last character cut short completed from there, trailing whitespace dropped."""
+        answer = so_far.lstrip(WHITESPACE)
+        start = next(at for at in sorted(self.char_starts) if self.text.startswith(answer, at))
+        end = start + len(answer)
+        while end < len(self.text) and end not in self.char_starts:
+            end += 1
+        return self.text[start:end].rstrip(WHITESPACE).decode()
+
     def bytes_of(self, tokens: list[int]) -> bytes:
         return b"".join(self.pieces[token] or b"" for token in tokens)
 

@@ -135,14 +135,14 @@ class SpanConstraint:
 
     def span(self) -> tuple[int, int] | None:
         """The answer's [start, end) character offsets in the context: its first occurrence, less trailing
-        whitespace and less a character cut short when decoding stopped inside it (then possibly empty); None
-        before any token was taken."""
+        whitespace, and with a character the token budget cut short completed as the context spells it there (so
+        never empty: the first token begins with a character that is not whitespace); None before any token."""
         if not self.ends:
             return None
         end = min(self.ends)
         start = end - self.length
         while not self.starts[end]:
-            end -= 1
+            end += 1
         end = start + len(self.text[start:end].rstrip(WHITESPACE))
         return len(self.text[:start].decode()), len(self.text[:end].decode())
 

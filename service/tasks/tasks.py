@@ -172,8 +172,9 @@ class Tasks:
         results = await self.outcomes(works)
         best = max(range(len(spans)), key=lambda i: spans[i][2].score())
         offset, _, constraint = spans[best]
-        start, end = (offset + at for at in constraint.span())
-        return Answer(context[start:end], start, end, len(results[best].token_ids), constraint.score(),
+        text = context[slice(*(offset + at for at in constraint.span()))]
+        start = context.find(text)  # its first occurrence in the whole context, whichever window found it
+        return Answer(text, start, start + len(text), len(results[best].token_ids), constraint.score(),
                       (time.perf_counter() - started) * 1000)
 
     def answer_windows(self, context: str, question: str) -> list[tuple[int, int]]:
