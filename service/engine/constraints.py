@@ -5,6 +5,8 @@ from typing import Protocol
 
 import torch
 
+from service.engine.logprobs import token_logprobs
+
 
 class TokenConstraint(Protocol):
     """What a generation may decode next (one per generation, holding its state; e.g.
@@ -36,12 +38,7 @@ def constrain(logits: torch.Tensor, constraints: list[TokenConstraint | None]) -
 
 def advance(constraints: list[TokenConstraint | None], chosen: list[int], logits: torch.Tensor) -> None:
     """Hand every constrained row's constraint the token the step chose for it (``chosen`` [B]) and its raw
-    log-probability: log_softmax of the row's ``logits`` [B, V], in float32."""
-    rows = [row for row, constraint in enumerate(constraints) if constraint is not None]
-    if not rows:
-        return
-    index = torch.tensor(rows, device=logits.device)
-    picked = torch.tensor([chosen[row] for row in rows], device=logits.device)[:, None]
-    logprobs = logits[index].float().log_softmax(dim=-1).gather(-1, picked)[:, 0].tolist()
-    for row, logprob in zip(rows, logprobs):
+    log-probability (``logprobs.token_logprobs`` of the row's ``logits`` [B, V])."""
+    logprobs = token_logprobs(logits, chosen, [None if constraint is None else 0 for constraint in constraints])
+    for row, (logprob, _) in logprobs.items():
         constraints[row].advance(chosen[row], logprob)
