@@ -11,10 +11,11 @@ WHITESPACE = b" \t\n\r\x0b\x0c"
 
 
 class BruteForceSpans:
-    """Which tokens may come next for an answer (its bytes so far) that must be a span of ``context``."""
+    """Which tokens may come next for an answer (its bytes so far) that must be a span of ``context``, in at most
+    ``budget`` tokens: a first token of whitespace alone (no newline) is allowed when one more token is left."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, context: str, eos_ids: set[int]):
-        self.pieces = token_bytes(tokenizer)
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, context: str, eos_ids: set[int], budget: int):
+        self.pieces, self.budget = token_bytes(tokenizer), budget
         self.text = context.encode()
         offsets, offset = [], 0
         for char in context:
@@ -37,10 +38,16 @@ class BruteForceSpans:
         """Every token that may follow the answer's bytes ``so_far`` (its tokens' bytes, leading whitespace too)."""
         answer = so_far.lstrip(WHITESPACE)
         whole = bool(answer) and self.occurs(answer) and valid_utf8(answer)
+        lead_in = not so_far and self.budget >= 2
         return [token for token, piece in enumerate(self.pieces)
                 if (token in self.ends and whole)
                 or (token not in self.ends and piece is not None and b"\n" not in piece
-                    and (so_far + piece).lstrip(WHITESPACE) and self.occurs((so_far + piece).lstrip(WHITESPACE)))]
+                    and (self.extends(so_far, piece) or (lead_in and not piece.strip(WHITESPACE))))]
+
+    def extends(self, so_far: bytes, piece: bytes) -> bool:
+        """Whether ``piece`` after ``so_far`` spells a non-empty answer that occurs in the context."""
+        answer = (so_far + piece).lstrip(WHITESPACE)
+        return bool(answer) and self.occurs(answer)
 
     def span(self, so_far: bytes) -> str:
         """The answer the tokens ``so_far`` spell: its first occurrence in the context where a character starts, a

@@ -4,7 +4,9 @@ At each decoding step a constrained row may take only the tokens whose bytes ext
 that still occurs in the context, or end the answer once it is a whole, non-empty span. The match is on the UTF-8
 bytes of the text, never on the context's own tokens: the model may spell a span with other tokens than the context
 was split into. The answer's leading whitespace is not part of it (the model writes " Denver" after "Answer:"), so the
-first token matches without its leading whitespace, anywhere a character starts.
+first token matches without its leading whitespace, anywhere a character starts; and one token of whitespace alone may
+come before it (SmolLM2 splits digits, and writes " 2015" as " " then digits), when the token budget leaves room for
+the answer after it.
 
 The state is the set of byte offsets where the answer so far ends in the context (every occurrence at once), so the
 constraint never commits to one occurrence before the answer is done. Cost per request: one walk of the context
@@ -29,11 +31,14 @@ class SpanVocabulary:
 
     ``pieces``: each token id's bytes, None for special tokens (``token_bytes``); ``end_ids``: the tokens that end an
     answer (end of text, and tokens that are only whitespace holding a newline: the /answer prompt ends an answer at
-    its first newline). A token holding a newline never spells answer text."""
+    its first newline); ``blank_ids``: the tokens of whitespace alone without a newline, one of which may lead an
+    answer in. A token holding a newline never spells answer text."""
 
     def __init__(self, pieces: list[bytes | None], end_ids: Iterable[int]):
         self.pieces = pieces
         self.end_ids = frozenset(end_ids)
+        self.blank_ids = [token for token, piece in enumerate(pieces)
+                          if piece and b"\n" not in piece and not piece.strip(WHITESPACE) and token not in self.end_ids]
         self.exact: dict[bytes, list[int]] = {}  # bytes -> the tokens spelled so
         self.first: dict[bytes, list[int]] = {}  # bytes less leading whitespace -> the tokens that begin an answer so
         for token, piece in enumerate(pieces):
@@ -83,10 +88,12 @@ class SpanConstraint:
     """The decoding constraint of one answer over one context (one generation; not reusable).
 
     ``allowed`` gives the token ids the next step may take, ``advance`` takes the token the step took, ``span`` gives
-    the answer's character offsets in the context once decoding is done. Raises NoSpan when the context holds no
-    text a token can begin an answer with (only whitespace, or nothing)."""
+    the answer's character offsets in the context once decoding is done. ``budget``: the most tokens the generation
+    may take (its ``max_new_tokens``); a token of whitespace alone may lead the answer in only when at least one more
+    is left after it, so the answer is never empty. Raises NoSpan when the context holds no text a token can begin an
+    answer with (only whitespace, or nothing)."""
 
-    def __init__(self, context: str, vocabulary: SpanVocabulary):
+    def __init__(self, context: str, vocabulary: SpanVocabulary, budget: int):
         self.vocabulary, self.text = vocabulary, context.encode()
         self.starts = character_starts(self.text)
         self.ends: set[int] = set()  # byte offsets where the answer so far ends, once it has begun
@@ -98,11 +105,12 @@ class SpanConstraint:
         if not firsts:
             raise NoSpan("the context holds no text an answer could be a span of")
         self._first = torch.tensor(sorted(firsts))
+        self._lead_in = torch.tensor(sorted(firsts.union(vocabulary.blank_ids))) if budget >= 2 else self._first
 
     def allowed(self) -> torch.Tensor:
         """The token ids [n] (long, n >= 1) the next step may take."""
         if not self.ends:
-            return self._first
+            return self._first if self.logprobs else self._lead_in
         tokens = {token for end in self.ends for token in self._tokens_from(end)}
         if any(self.starts[end] for end in self.ends):  # a whole span: the answer may end here
             tokens.update(self.vocabulary.end_ids)
@@ -123,6 +131,8 @@ class SpanConstraint:
             return
         if not self.ends:
             piece = piece.lstrip(WHITESPACE)
+            if not piece:  # whitespace leading the answer in
+                return
             self.ends = {start + len(piece) for start in occurrences(self.text, piece) if self.starts[start]}
         else:
             self.ends = {end + len(piece) for end in self.ends if self.text.startswith(piece, end)}

@@ -166,9 +166,10 @@ class Tasks:
             text = result.text.strip()
             start, end = exact_span(text, context) or (None, None)
             return Answer(text, start, end, len(result.token_ids), None, (time.perf_counter() - started) * 1000)
-        spans = self.window_spans(context, self.answer_windows(context, question))
-        works = [Generation(self.encode(answer_prompt(context[offset:end], question)), adapter,
-                            self.decoding(decoding), constraint=constraint) for offset, end, constraint in spans]
+        decoding = self.decoding(decoding)
+        spans = self.window_spans(context, self.answer_windows(context, question), decoding.max_new_tokens)
+        works = [Generation(self.encode(answer_prompt(context[offset:end], question)), adapter, decoding,
+                            constraint=constraint) for offset, end, constraint in spans]
         results = await self.outcomes(works)
         best = max(range(len(spans)), key=lambda i: spans[i][2].score())
         offset, _, constraint = spans[best]
@@ -197,12 +198,14 @@ class Tasks:
                                f"{stride} shared; at most {most} windows are answered")
         return ranges
 
-    def window_spans(self, context: str, ranges: list[tuple[int, int]]) -> list[tuple[int, int, SpanConstraint]]:
-        """(start, end, its span constraint) for each range of ``context`` a span can begin in; NoSpan if none."""
+    def window_spans(self, context: str, ranges: list[tuple[int, int]],
+                     budget: int) -> list[tuple[int, int, SpanConstraint]]:
+        """(start, end, its span constraint for answers of at most ``budget`` tokens) for each range of ``context`` a
+        span can begin in; NoSpan if none."""
         spans = []
         for start, end in ranges:
             try:
-                spans.append((start, end, SpanConstraint(context[start:end], self.span_vocabulary())))
+                spans.append((start, end, SpanConstraint(context[start:end], self.span_vocabulary(), budget)))
             except NoSpan:
                 if len(ranges) == 1:
                     raise

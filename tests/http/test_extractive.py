@@ -41,7 +41,7 @@ class Reference:
                ) -> tuple[str, int, int, float]:
         """The constrained greedy answer, its first occurrence's offsets, and the mean raw log-probability of its
         tokens and its ending (the model's logits, before the constraint)."""
-        spans = BruteForceSpans(self.tokenizer, context, {self.tokenizer.eos_token_id})
+        spans = BruteForceSpans(self.tokenizer, context, {self.tokenizer.eos_token_id}, max_new_tokens)
         ids = self.tokenizer(answer_prompt(context, question), return_tensors="pt", add_special_tokens=False,
                              split_special_tokens=True).input_ids
 
