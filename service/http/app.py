@@ -9,6 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
@@ -31,6 +32,8 @@ from service.settings import Settings
 
 # health and readiness probes and metric scrapes are not work: not counted as requests in flight
 NOT_IN_FLIGHT = frozenset({"/health", "/ready", "/metrics"})
+# the methods a 405's Allow header may name (FastAPI's routes add no HEAD to GET)
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 # the adapter label of a request that no adapter served: refused before its adapter was known (an unknown one, an
 # invalid body, a missing key), or on a route that runs no model; not an identifier, so never an adapter's name
 NO_ADAPTER_LABEL = "-"
@@ -60,6 +63,14 @@ def unreadable(request: Request, reason: str) -> JSONResponse:
     return error(request, 400, f"the body cannot be read as JSON: {reason}", code="json_invalid")
 
 
+def allowed_methods(request: Request) -> str:
+    """The Allow header of a 405 (RFC 9110 15.5.6): every method some route takes at the request's path, such as
+    "GET, POST" for /adapters (Starlette's names only the methods of the first route whose path matched)."""
+    routes = request.app.router.routes
+    return ", ".join(method for method in METHODS
+                     if any(route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes))
+
+
 def add_error_handlers(app: FastAPI) -> None:
     """Every error is JSON with a clear message (see ``error``); a domain error's status comes from ``STATUS``."""
 
@@ -76,6 +87,8 @@ def add_error_handlers(app: FastAPI) -> None:
             return unreadable(request, "it is nested too deeply" if isinstance(cause, RecursionError) else str(cause))
         response = error(request, exc.status_code, str(exc.detail))
         response.headers.update(exc.headers or {})
+        if exc.status_code == 405:
+            response.headers["Allow"] = allowed_methods(request)
         return response
 
     @app.exception_handler(RequestValidationError)

@@ -34,8 +34,9 @@ ops_router = APIRouter(tags=["operations"])
 T = TypeVar("T")
 
 
-# the errors of any route that reads a body: one that is not JSON, one larger than the server's max_body_bytes
-BODY_ERRORS = (400, 413)
+# the errors of any route that reads a body: one that is not JSON, one larger than the server's max_body_bytes, one
+# sent as another media type than JSON
+BODY_ERRORS = (400, 413, 415)
 # the errors of registering an adapter (POST /adapters, and vLLM's POST /v1/load_lora_adapter)
 LOAD_ERRORS = (*BODY_ERRORS, AdapterError, AdapterPathRefused, AdapterPathMissing, AdapterConflict)
 

@@ -189,11 +189,11 @@ def test_a_declared_length_over_the_limit_is_refused_before_a_byte_is_read(clien
     assert chunks.read == 0
 
 
-def test_the_api_schema_documents_400_and_413_where_a_body_is_read(client):
+def test_the_api_schema_documents_400_413_and_415_where_a_body_is_read(client):
     paths = client.get("/openapi.json").json()["paths"]
     for route in POST_ROUTES:
         documented = paths[route.replace("/one/", "/{name}/")]["post"]["responses"]
-        assert {"400", "413"} <= set(documented), route
+        assert {"400", "413", "415"} <= set(documented), route
 
 
 def test_the_limit_is_a_setting_and_a_flag():
