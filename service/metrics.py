@@ -7,9 +7,13 @@ registers it again."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Collection
+import time
+from collections.abc import Callable, Collection, Mapping
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+
+from service.lora.adapter_files import BASE_LABEL
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -91,3 +95,73 @@ def forget_adapter(name: str, registered: Callable[[], Collection[str]]) -> None
         _unregistered[name] = registered
         for metric in BY_ADAPTER:
             metric.remove_by_labels({"adapter": name})
+
+
+# The name the Kubernetes Gateway API Inference Extension reads LoRA state under by default (its --lora-info-metric):
+# vLLM's, so that an extension deployed with its defaults routes to loraswap with LoRA affinity.
+LORA_REQUESTS_INFO = "vllm:lora_requests_info"
+LORA_INFO_LABELS = ("running_lora_adapters", "waiting_lora_adapters", "max_lora")
+ENGINE_GAUGES = {  # name -> (help, label names)
+    "loraswap_requests_running": ("Requests in the engine's running batch (generating, or being scored)", ()),
+    "loraswap_requests_waiting": ("Requests queued for the engine", ()),
+    "loraswap_adapter_requests_running": ("Requests in the engine's running batch, by adapter", ("adapter",)),
+    "loraswap_adapter_requests_waiting": ("Requests queued for the engine, by adapter", ("adapter",)),
+    "loraswap_adapter_resident": ("1 while the adapter is served without a load (in a device slot, or merged into "
+                                  "the base weights), else 0", ("adapter",)),
+    "loraswap_adapter_merged": ("1 while the adapter is merged into the base weights, else 0", ("adapter",)),
+    LORA_REQUESTS_INFO: ("vLLM's LoRA gauge, as the Gateway API Inference Extension reads it: the adapters with "
+                         "running and with waiting requests (names joined by commas) and max_lora, the device slots; "
+                         "the value is the scrape's Unix time (s), the newest series", LORA_INFO_LABELS),
+}
+
+
+class EngineState:
+    """A collector of the gauges of ``ENGINE_GAUGES``, read at each scrape from the engine and the adapter registry last
+    ``watch``ed (the server's; in a process that builds several runtimes, the last one built). ``adapter`` labels are
+    the registered names and ``none`` (the bare base, for requests only): an adapter's series are gone at the first
+    scrape after it is unregistered. ``vllm:lora_requests_info`` is one series, its labels the state now."""
+
+    def __init__(self) -> None:
+        self._watched = None
+
+    def watch(self, engine, registry) -> None:
+        """Read ``engine.requests_by_adapter()`` and ``registry.describe()`` / ``registry.max_resident`` from now on."""
+        self._watched = (engine, registry)
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return list(_families().values())
+
+    def collect(self) -> list[GaugeMetricFamily]:
+        families = _families()
+        if self._watched is not None:
+            _fill(families, *self._watched)
+        return list(families.values())
+
+
+def _families() -> dict[str, GaugeMetricFamily]:
+    return {name: GaugeMetricFamily(name, text, labels=labels) for name, (text, labels) in ENGINE_GAUGES.items()}
+
+
+def _fill(families: dict[str, GaugeMetricFamily], engine, registry) -> None:
+    running, waiting = engine.requests_by_adapter()
+    states = {adapter["name"]: adapter["state"] for adapter in registry.describe()}
+    names = sorted(states)
+    families["loraswap_requests_running"].add_metric([], sum(running.values()))
+    families["loraswap_requests_waiting"].add_metric([], sum(waiting.values()))
+    for name, label in [(None, BASE_LABEL), *zip(names, names)]:
+        families["loraswap_adapter_requests_running"].add_metric([label], running.get(name, 0))
+        families["loraswap_adapter_requests_waiting"].add_metric([label], waiting.get(name, 0))
+    for name, state in states.items():
+        families["loraswap_adapter_resident"].add_metric([name], state in ("resident", "merged"))
+        families["loraswap_adapter_merged"].add_metric([name], state == "merged")
+    lora_info = [_joined(running, names), _joined(waiting, names), str(registry.max_resident)]
+    families[LORA_REQUESTS_INFO].add_metric(lora_info, time.time())
+
+
+def _joined(requests: Mapping[str | None, int], names: list[str]) -> str:
+    """The registered ``names`` with requests, joined by commas (vLLM's format; adapter names hold no comma)."""
+    return ",".join(name for name in names if requests.get(name, 0))
+
+
+ENGINE_STATE = EngineState()
+REGISTRY.register(ENGINE_STATE)

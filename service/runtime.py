@@ -85,6 +85,7 @@ class Runtime:
         metrics.ADAPTERS_RESIDENT.set_function(lambda: self.registry.resident_count)
         self.load_adapter_folder(self.settings.adapters_dir)
         self.engine = Engine(model, tokenizer, self.registry, self.settings)
+        metrics.ENGINE_STATE.watch(self.engine, self.registry)
         max_positions = getattr(model.config, "max_position_embeddings", None) or model.config.n_positions
         self.tasks = Tasks(self.engine, tokenizer, self.settings, max_positions)
 

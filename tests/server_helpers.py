@@ -111,9 +111,14 @@ def scrape(client) -> Samples:
     """GET /metrics parsed with prometheus_client: {(sample name, frozenset(labels.items())): value}."""
     reply = client.get("/metrics")
     assert reply.status_code == 200, reply.text
+    return samples_of(reply.text)
+
+
+def samples_of(text: str) -> Samples:
+    """A scrape's text (Prometheus' text format) parsed as ``scrape`` parses it."""
     return {
         (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(reply.text)
+        for family in text_string_to_metric_families(text)
         for sample in family.samples
     }
 

@@ -17,7 +17,7 @@ import logging
 import math
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -97,6 +97,15 @@ class Engine:
     @property
     def queue_depth(self) -> int:
         return len(self._queue)
+
+    def requests_by_adapter(self) -> tuple[Counter[str | None], Counter[str | None]]:
+        """The requests running (taken by the batch being served, not done) and those waiting (queued) now, by the
+        adapter name they asked for (None: the bare base). Any thread; a request in the hand-over from queue to batch
+        may be in neither."""
+        taken = list(self._taken)  # one copy, made atomically: the engine thread may extend the list meanwhile
+        with self._wakeup:
+            waiting = Counter(pending.work.adapter for pending in self._queue)
+        return Counter(pending.work.adapter for pending in taken if not pending.future.done()), waiting
 
     # ---- submission (any thread) -------------------------------------------------------------
     def submit(self, work: Generation | Scoring, on_token: Callable[[SampledToken], None] | None = None
