@@ -81,7 +81,7 @@ def evaluate_squad(rt: Runtime, adapter: str | None, rows: list[dict], args: arg
         return Decoding(args.strategy, args.temperature, args.top_k, args.top_p, args.max_new_tokens, args.seed + i)
 
     answers = asyncio.run(bounded(
-        (rt.tasks.answer(row["context"], row["question"], adapter, decoding(i), args.extractive)
+        (rt.tasks.answer(row["context"], row["question"], adapter, decoding(i), args.extractive, args.prompt_style)
          for i, row in enumerate(rows)), rt.settings.max_queue // rt.settings.max_answer_windows))
     predictions = {row["id"]: answer.answer for row, answer in zip(rows, answers)}
     metrics = squad_scores(predictions, {row["id"]: row["answers"] for row in rows})
@@ -96,14 +96,17 @@ def span_rate(rows: list[dict], answers: list) -> float:
     return 100.0 * spans / max(len(rows), 1)
 
 
-def evaluate_labels(rt: Runtime, adapter: str | None, rows: list[dict], labels: tuple[str, ...]) -> tuple[dict, list]:
-    """Score every premise/hypothesis row through ``rt``'s /nli task and predict its likeliest of ``labels``; returns
-    the metrics (accuracy in percent; ``ece``, the expected calibration error in percent over ``ECE_BINS`` confidence
-    bins of the probabilities as served, calibrated by the adapter's card if it holds a temperature; count; the
-    confusion matrix: rows gold, columns predicted) and the predicted labels in row order. Raises InputTooLong for a
-    prompt over the runtime's input limit, EngineFailed if the engine thread dies."""
+def evaluate_labels(rt: Runtime, adapter: str | None, rows: list[dict], labels: tuple[str, ...],
+                    style: str) -> tuple[dict, list]:
+    """Score every premise/hypothesis row through ``rt``'s /nli task, asked in prompt ``style``, and predict its
+    likeliest of ``labels``; returns the metrics (accuracy in percent; ``ece``, the expected calibration error in
+    percent over ``ECE_BINS`` confidence bins of the probabilities as served, calibrated by the adapter's card if it
+    holds a temperature and the style is the adapter's; count; the confusion matrix: rows gold, columns predicted)
+    and the predicted labels in row order. Raises InputTooLong for a prompt over the runtime's input limit,
+    EngineFailed if the engine thread dies."""
     scored = asyncio.run(bounded(
-        (rt.tasks.nli(row["premise"], row["hypothesis"], adapter, labels) for row in rows), rt.settings.max_queue))
+        (rt.tasks.nli(row["premise"], row["hypothesis"], adapter, labels, style) for row in rows),
+        rt.settings.max_queue))
     predictions = [max(probs, key=probs.get) for probs in scored]
     golds = [row["label"] for row in rows]
     matrix = {"rows": "gold", "columns": "predicted", "labels": list(labels),
@@ -126,13 +129,13 @@ def score(rt: Runtime, adapter: str | None, rows: list[dict], args: argparse.Nam
     """The task's metrics on ``rows`` and the predictions (see ``evaluate_squad`` and ``evaluate_labels``)."""
     if args.task == "squad":
         return evaluate_squad(rt, adapter, rows, args)
-    return evaluate_labels(rt, adapter, rows, NLI_LABELS if args.task == "nli" else RTE_LABELS)
+    return evaluate_labels(rt, adapter, rows, NLI_LABELS if args.task == "nli" else RTE_LABELS, args.prompt_style)
 
 
 def eval_report(args: argparse.Namespace, metrics: dict) -> dict:
-    """What was evaluated, how (the sample, the decoding of a sampled SQuAD run) and ``metrics``."""
+    """What was evaluated, how (the prompt style, the sample, the decoding of a sampled SQuAD run) and ``metrics``."""
     report = {"task": args.task, "adapter": args.adapter, "data": str(args.data or f"default {args.task} dev"),
-              "strategy": args.strategy, **metrics}
+              "prompt_style": args.prompt_style, "strategy": args.strategy, **metrics}
     if args.limit:
         report.update(limit=args.limit, sample_seed=args.sample_seed)
     if args.task == "squad":

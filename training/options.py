@@ -11,6 +11,7 @@ from pathlib import Path
 
 from service.cli.command import Command, comma_list, nonnegative, positive
 from service.settings import Settings
+from service.tasks.prompt_styles import ADAPTER_STYLE, PROMPT_STYLES
 
 TASKS = ("squad", "nli", "rte")
 TASK_DEFAULT_LENGTH = {"squad": 512, "nli": 256, "rte": 384}  # tokens per training example
@@ -101,6 +102,10 @@ def add_eval_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--extractive", action=argparse.BooleanOptionalAction, default=True,
                         help="SQuAD answers decoded under the span constraint, as /answer's default; "
                         "--no-extractive: decoded freely, the model's own text")
+    parser.add_argument("--prompt-style", choices=PROMPT_STYLES, default=ADAPTER_STYLE,
+                        help="how each example is asked, as /answer's and /nli's prompt_style: 'adapter', the template "
+                        "the adapters are trained on; 'zero_shot', an instruction in the model's chat template; "
+                        "'one_shot', the same with one worked example from the training split")
     parser.add_argument("--distractors", type=int, default=0, help="SQuAD: hide each question's paragraph among this "
                         "many paragraphs of other articles, drawn with --sample-seed, in one long context (default: 0)")
     parser.add_argument("--predictions", type=Path,

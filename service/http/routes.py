@@ -27,6 +27,7 @@ from service.http.errors import ClientGone, error_replies
 from service.http.schemas import AdapterIn, AnswerIn, AnswerOut, ErrorOut, NliIn, NliOut, NoFields
 from service.lora.adapter_files import BASE_LABEL, adapter_or_base
 from service.runtime import Runtime
+from service.tasks.prompt_styles import require_template
 
 tasks_router = APIRouter(tags=["tasks"])
 admin_router = APIRouter(tags=["admin"])
@@ -152,34 +153,51 @@ def new_seed() -> int:
     return random.getrandbits(63)
 
 
+def field_refused(field: str, value, exc: ValueError) -> RequestValidationError:
+    """The 422 of a request field the task refuses at ``value`` with ``exc``, naming the field."""
+    return RequestValidationError([{"type": "value_error", "loc": ("body", field), "input": value,
+                                    "msg": f"Value error, {exc}"}])
+
+
+def prompt_style(rt: Runtime, body: AnswerIn | NliIn) -> str:
+    """The request's ``prompt_style``, once the model can render it: a 422 naming the field for a chat style on a
+    model without a chat template."""
+    try:
+        require_template(rt.tasks.tokenizer, body.prompt_style)
+    except ValueError as exc:
+        raise field_refused("prompt_style", body.prompt_style, exc) from None
+    return body.prompt_style
+
+
 @tasks_router.post("/answer", response_model=AnswerOut, responses=serving_replies())
 async def answer(body: AnswerIn, request: Request, rt: Runtime = Depends(inference)) -> AnswerOut:
-    adapter = pick_adapter(rt, body, rt.settings.qa_adapter, request)
+    adapter, style = pick_adapter(rt, body, rt.settings.qa_adapter, request), prompt_style(rt, body)
     result = await unless_disconnected(request, rt.tasks.answer(
-        body.context, body.question, adapter, body.decoding.to_decoding(new_seed()), body.extractive))
+        body.context, body.question, adapter, body.decoding.to_decoding(new_seed()), body.extractive, style))
     return AnswerOut(adapter=adapter, **result.__dict__)
 
 
 @tasks_router.post("/nli", response_model=NliOut, responses=serving_replies())
 async def nli(body: NliIn, request: Request, rt: Runtime = Depends(inference)) -> NliOut:
-    adapter = pick_adapter(rt, body, rt.settings.nli_adapter, request)
+    adapter, style = pick_adapter(rt, body, rt.settings.nli_adapter, request), prompt_style(rt, body)
     if body.labels is None:
-        probabilities = await unless_disconnected(request, rt.tasks.nli(body.premise, body.hypothesis, adapter))
+        probabilities = await unless_disconnected(request, rt.tasks.nli(body.premise, body.hypothesis, adapter,
+                                                                        style=style))
     else:
-        probabilities = await own_labels(rt, request, body, adapter)
+        probabilities = await own_labels(rt, request, body, adapter, style)
     return NliOut(label=max(probabilities, key=probabilities.get), probabilities=probabilities, adapter=adapter)
 
 
-async def own_labels(rt: Runtime, request: Request, body: NliIn, adapter: str | None) -> dict[str, float]:
-    """The probabilities of the request's own ``labels``, each scored over its whole tokenization; labels the task
-    refuses (too many tokens, two alike once tokenized, more scoring requests than the queue holds) are a 422 that
-    names the field."""
+async def own_labels(rt: Runtime, request: Request, body: NliIn, adapter: str | None,
+                     style: str) -> dict[str, float]:
+    """The probabilities of the request's own ``labels``, each scored over its whole tokenization after the prompt in
+    ``style``; labels the task refuses (too many tokens, two alike once tokenized, more scoring requests than the
+    queue holds) are a 422 that names the field."""
     try:
         return await unless_disconnected(request, rt.tasks.classify(body.premise, body.hypothesis, adapter,
-                                                                    tuple(body.labels)))
+                                                                    tuple(body.labels), style))
     except ValueError as exc:
-        raise RequestValidationError([{"type": "value_error", "loc": ("body", "labels"), "input": body.labels,
-                                       "msg": f"Value error, {exc}"}]) from None
+        raise field_refused("labels", body.labels, exc) from None
 
 
 # how long a merge lasts: the merge policy runs at every admission, admin merge or not (service/engine/merge_policy.py)

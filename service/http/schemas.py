@@ -21,6 +21,7 @@ from pydantic_core import PydanticCustomError
 from service.engine.logprobs import MOST_TOP_LOGPROBS
 from service.engine.sampling import Decoding
 from service.tasks.labels import MOST_LABEL_CHARACTERS, MOST_LABELS
+from service.tasks.prompt_styles import ADAPTER_STYLE, PromptStyle, pair_example
 
 
 def _unicode(value: Any) -> Any:
@@ -103,6 +104,9 @@ class AnswerIn(BaseModel):
     adapter: Str | None = None
     extractive: bool = True
     decoding: DecodingIn = Field(default_factory=DecodingIn)
+    # how the model is asked (service.tasks.prompt_styles): the adapters' template, or an instruction in the chat
+    # template without (zero_shot) or with (one_shot) a worked example
+    prompt_style: PromptStyle = ADAPTER_STYLE
 
 
 class AnswerOut(BaseModel):
@@ -134,6 +138,19 @@ class NliIn(BaseModel):
     hypothesis: Text
     adapter: Str | None = None
     labels: Labels | None = None  # None: the three NLI labels, scored by their first tokens
+    prompt_style: PromptStyle = ADAPTER_STYLE  # as AnswerIn's
+
+    @field_validator("prompt_style")
+    @classmethod
+    def _example_for_the_labels(cls, style: str, info: ValidationInfo) -> str:
+        """one_shot needs a worked example labelled with the labels scored (``prompt_styles.pair_example``)."""
+        labels = info.data.get("labels")
+        if style == "one_shot" and labels is not None:
+            try:
+                pair_example(labels)
+            except ValueError as exc:
+                raise refused("prompt_style", f"'one_shot' with these labels: {exc}") from None
+        return style
 
 
 class NliOut(BaseModel):

@@ -17,7 +17,8 @@ from service.engine.scoring import CandidateLogprobs
 from service.errors import AdapterConflict, InputTooLong, NoSpan
 from service.settings import Settings
 from service.tasks.labels import label_ids, prefix_candidates, sequence_logprobs, softmax
-from service.tasks.prompts import NLI_LABELS, answer_prompt, encode_text, label_target, nli_prompt
+from service.tasks.prompt_styles import ADAPTER_STYLE, answer_ids, nli_ids
+from service.tasks.prompts import NLI_LABELS, encode_text, label_target
 from service.tasks.span_constraint import SpanConstraint, SpanVocabulary, answer_vocabulary
 from service.tasks.streaming import Completion, CompletionStream, collect
 from service.tasks.windows import windows
@@ -80,12 +81,6 @@ class Tasks:
             raise ValueError(f"this tokenizer gives two of {labels} the same first token; they cannot be scored")
         return firsts
 
-    def encode(self, prompt: str, plain: bool = True) -> list[int]:
-        """The prompt's token ids (``plain``: as plain text, see ``encode_text``; else special tokens spelled in it
-        are parsed, the contract of raw completions); InputTooLong beyond ``max_prompt``."""
-        ids = encode_text(self.tokenizer, prompt) if plain else self.tokenizer.encode(prompt, add_special_tokens=False)
-        return self.bounded(ids)
-
     def bounded(self, ids: list[int]) -> list[int]:
         """``ids``, unless longer than ``max_prompt`` (InputTooLong)."""
         if len(ids) > self.max_prompt:
@@ -97,7 +92,7 @@ class Tasks:
         takes it); token ids (a chat template rendered by the caller) are taken as they are. Raises ValueError for an
         empty prompt or an id that is not an int in [0, vocabulary size), InputTooLong beyond ``max_prompt``."""
         if isinstance(prompt, str):
-            ids = self.encode(prompt, plain=False)
+            ids = self.bounded(self.tokenizer.encode(prompt, add_special_tokens=False))
         else:
             vocabulary = len(self.tokenizer)
             wrong = [i for i in prompt if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocabulary]
@@ -152,24 +147,26 @@ class Tasks:
         return await collect(await self.stream(prompt, adapter, decoding, stop=stop, logprobs=logprobs, n=n))
 
     async def answer(self, context: str, question: str, adapter: str | None, decoding: Decoding,
-                     extractive: bool = True) -> Answer:
-        """Answer a question from a context. ``extractive``: decoding is constrained to spans of the context
-        (``SpanConstraint``), so ``context[start:end] == answer`` always, and a context too long for one prompt is
-        answered in windows (``answer_windows``), together, the span of the best ``score`` winning; else the model's
-        own text, with offsets where it occurs exactly as it is (its first occurrence), None where not. Raises NoSpan
-        (extractive, and the context has nothing a span can begin with), InputTooLong (a free answer's prompt over
-        ``max_prompt``, or a context over ``max_answer_windows`` windows), and what ``outcomes`` raises."""
+                     extractive: bool = True, style: str = ADAPTER_STYLE) -> Answer:
+        """Answer a question from a context, asked in prompt ``style`` (``prompt_styles``). ``extractive``: decoding
+        is constrained to spans of the context (``SpanConstraint``), so ``context[start:end] == answer`` always, and a
+        context too long for one prompt is answered in windows (``answer_windows``), together, the span of the best
+        ``score`` winning; else the model's own text, with offsets where it occurs exactly as it is (its first
+        occurrence), None where not. Raises NoSpan (extractive, and the context has nothing a span can begin with),
+        InputTooLong (a free answer's prompt over ``max_prompt``, or a context over ``max_answer_windows`` windows),
+        ValueError (a chat style on a model without a chat template), and what ``outcomes`` raises."""
         started = time.perf_counter()
         if not extractive:
-            work = Generation(self.encode(answer_prompt(context, question)), adapter, self.decoding(decoding))
+            work = Generation(self.bounded(answer_ids(self.tokenizer, style, context, question)), adapter,
+                              self.decoding(decoding))
             result = await self.outcome(work)
             text = result.text.strip()
             start, end = exact_span(text, context) or (None, None)
             return Answer(text, start, end, len(result.token_ids), None, (time.perf_counter() - started) * 1000)
         decoding = self.decoding(decoding)
-        spans = self.window_spans(context, self.answer_windows(context, question), decoding.max_new_tokens)
-        works = [Generation(self.encode(answer_prompt(context[offset:end], question)), adapter, decoding,
-                            constraint=constraint) for offset, end, constraint in spans]
+        spans = self.window_spans(context, self.answer_windows(context, question, style), decoding.max_new_tokens)
+        works = [Generation(self.bounded(answer_ids(self.tokenizer, style, context[offset:end], question)), adapter,
+                            decoding, constraint=constraint) for offset, end, constraint in spans]
         results = await self.outcomes(works)
         best = max(range(len(spans)), key=lambda i: spans[i][2].score())
         offset, _, constraint = spans[best]
@@ -178,14 +175,14 @@ class Tasks:
         return Answer(text, start, start + len(text), len(results[best].token_ids), constraint.score(),
                       (time.perf_counter() - started) * 1000)
 
-    def answer_windows(self, context: str, question: str) -> list[tuple[int, int]]:
-        """The character ranges of ``context`` answered apart: [(0, len(context))] when its prompt fits
+    def answer_windows(self, context: str, question: str, style: str = ADAPTER_STYLE) -> list[tuple[int, int]]:
+        """The character ranges of ``context`` answered apart: [(0, len(context))] when its prompt in ``style`` fits
         (``max_prompt``), else windows of its tokens whose prompts do (``windows.windows``), neighbours sharing
         ``answer_stride`` tokens. Raises InputTooLong when the question leaves no more room per window than the
         stride, or the context needs more than ``max_answer_windows`` windows."""
-        if len(encode_text(self.tokenizer, answer_prompt(context, question))) <= self.max_prompt:
+        if len(answer_ids(self.tokenizer, style, context, question)) <= self.max_prompt:
             return [(0, len(context))]
-        room = self.max_prompt - len(self.encode(answer_prompt("", question))) - WINDOW_SLACK
+        room = self.max_prompt - len(self.bounded(answer_ids(self.tokenizer, style, "", question))) - WINDOW_SLACK
         offsets = self.tokenizer(context, add_special_tokens=False, split_special_tokens=True,
                                  return_offsets_mapping=True)["offset_mapping"]
         stride, most = self.settings.answer_stride, self.settings.max_answer_windows
@@ -214,33 +211,38 @@ class Tasks:
         return spans
 
     async def nli(self, premise: str, hypothesis: str, adapter: str | None,
-                  labels: tuple[str, ...] = NLI_LABELS) -> dict[str, float]:
+                  labels: tuple[str, ...] = NLI_LABELS, style: str = ADAPTER_STYLE) -> dict[str, float]:
         """Probabilities of ``labels`` (sum to 1), scored as the adapters are trained: by each label's first token, in
-        one forward pass (``label_scores``), then softmax(z / T) over those scores, T the temperature the adapter's
-        card holds for this label set (``lora.card.Calibration``; 1 for the bare base, or without one). Raises as
-        ``outcome``, InputTooLong for a prompt over ``max_prompt``."""
-        scores = await self.label_scores(premise, hypothesis, adapter, labels)
-        temperature = scores.weights.calibration.temperature_for(labels) if scores.weights is not None else 1.0
+        one forward pass (``label_scores``), after the NLI prompt in ``style`` (``prompt_styles``), then
+        softmax(z / T) over those scores, T the temperature the adapter's card holds for this label set
+        (``lora.card.Calibration``; 1 for the bare base, or without one) in the adapter style it was fitted in, 1 in
+        any other. Raises as ``outcome``, InputTooLong for a prompt over ``max_prompt``, ValueError for a chat style
+        on a model without a chat template or one_shot for labels it has no example for."""
+        scores = await self.label_scores(premise, hypothesis, adapter, labels, style)
+        calibrated = scores.weights is not None and style == ADAPTER_STYLE
+        temperature = scores.weights.calibration.temperature_for(labels) if calibrated else 1.0
         return dict(zip(labels, softmax(scores.logprobs, temperature)))
 
     async def label_scores(self, premise: str, hypothesis: str, adapter: str | None,
-                           labels: tuple[str, ...] = NLI_LABELS) -> CandidateLogprobs:
-        """The log-probabilities of the first tokens of ``labels``' completions after the NLI prompt (uncalibrated),
-        and the weights that scored them; raises as ``nli``."""
+                           labels: tuple[str, ...] = NLI_LABELS, style: str = ADAPTER_STYLE) -> CandidateLogprobs:
+        """The log-probabilities of the first tokens of ``labels``' completions after the NLI prompt in ``style``
+        (uncalibrated), and the weights that scored them; raises as ``nli``."""
         if labels not in self.label_tokens:
             self.label_tokens[labels] = self.first_tokens(labels)
-        work = Scoring(self.encode(nli_prompt(premise, hypothesis)), adapter, self.label_tokens[labels], logprobs=True)
-        return await self.outcome(work)
+        prompt = self.bounded(nli_ids(self.tokenizer, style, premise, hypothesis, labels))
+        return await self.outcome(Scoring(prompt, adapter, self.label_tokens[labels], logprobs=True))
 
     async def classify(self, premise: str, hypothesis: str, adapter: str | None,
-                       labels: tuple[str, ...]) -> dict[str, float]:
+                       labels: tuple[str, ...], style: str = ADAPTER_STYLE) -> dict[str, float]:
         """Probabilities of a request's own ``labels`` (sum to 1): softmax over log P(label completion | prompt), each
         label scored over its whole tokenization (``tasks.labels``: one scoring request per distinct proper prefix of
-        the completions), with no temperature (a card's is fitted for its own label set). Raises ValueError for
-        labels ``labels.label_ids`` refuses or that need more scoring requests than the queue holds, AdapterConflict
-        if the adapter's name was registered again while they were scored, and as ``nli``."""
+        the completions) after the NLI prompt in ``style``, with no temperature (a card's is fitted for its own label
+        set). Raises ValueError for labels ``labels.label_ids`` refuses or that need more scoring requests than the
+        queue holds, AdapterConflict if the adapter's name was registered again while they were scored, and as
+        ``nli``."""
         sequences = label_ids(self.tokenizer, labels)
-        prompt, candidates = self.encode(nli_prompt(premise, hypothesis)), prefix_candidates(sequences)
+        prompt = self.bounded(nli_ids(self.tokenizer, style, premise, hypothesis, labels))
+        candidates = prefix_candidates(sequences)
         if len(candidates) > self.settings.max_queue:
             raise ValueError(f"these labels need {len(candidates)} scoring requests; this server queues at most "
                              f"{self.settings.max_queue}")

@@ -1,0 +1,150 @@
+"""Prompt styles: how ``/answer``, ``/nli`` and ``loraswap eval`` ask the model.
+
+``adapter`` (the default) is the plain template the adapters are trained on (``service.tasks.prompts``).
+``zero_shot`` and ``one_shot`` are the baselines without training, for the bare base, an instruct model: they are
+rendered with the base tokenizer's chat template (the format the model was tuned to follow instructions in), a system
+message with the instruction (what to do, the answer format), a user message with the task's fields, and the
+assistant's reply begun with ``Answer:`` (QA) or ``Label:`` (NLI). The model continues that reply, so the completion
+has the same form as the adapters': `` answer`` ended by end of text (``<|im_end|>`` on SmolLM2) or a newline, and
+`` label``, scored by its first token or over its whole tokenization as before. ``one_shot`` puts one worked example,
+fixed and taken from the training split (never from dev), as an earlier user / assistant exchange.
+
+Text in the task's fields that spells a control token (``<|im_end|>``) stays text: only the template writes control
+tokens (``sanitize_control_tokens``), as the ``adapter`` style encodes its fields as plain text.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, get_args
+
+from service.tasks.prompts import NLI_LABELS, RTE_LABELS, answer_prompt, encode_text, nli_prompt
+
+if TYPE_CHECKING:  # imported lazily: the CLI's parser reads PROMPT_STYLES without loading transformers
+    from transformers import PreTrainedTokenizerBase
+
+PromptStyle = Literal["adapter", "zero_shot", "one_shot"]
+PROMPT_STYLES: tuple[str, ...] = get_args(PromptStyle)
+ADAPTER_STYLE = "adapter"  # the template the adapters are trained on; the default
+
+ANSWER_INSTRUCTION = ("Answer the question about the context. Reply with the answer alone: the shortest span of the "
+                      "context that answers the question, copied from it word for word.")
+NLI_INSTRUCTION = ("Read the premise and the hypothesis, and decide how they relate: the premise entails the "
+                   "hypothesis (if the premise is true, the hypothesis is true), contradicts it (the hypothesis is "
+                   "then false), or neither. Reply with exactly one of these labels: {labels}.")
+ANSWER_REPLY = "Answer:"  # the assistant's reply is begun with it; the model writes " answer"
+LABEL_REPLY = "Label:"  # and here " label"
+
+
+@dataclass(frozen=True)
+class QaExample:
+    context: str
+    question: str
+    answer: str
+
+
+@dataclass(frozen=True)
+class PairExample:
+    premise: str
+    hypothesis: str
+    label: str
+
+
+# one_shot's worked examples, each the first row of its task's training split (shared/data/README.md):
+# squad/train-v1.1.json.gz, question University_of_Notre_Dame_0_0
+SQUAD_EXAMPLE = QaExample(
+    context="Architecturally, the school has a Catholic character. Atop the Main Building's gold dome is a golden "
+    "statue of the Virgin Mary. Immediately in front of the Main Building and facing it, is a copper statue of "
+    "Christ with arms upraised with the legend \"Venite Ad Me Omnes\". Next to the Main Building is the Basilica of "
+    "the Sacred Heart. Immediately behind the basilica is the Grotto, a Marian place of prayer and reflection. It is "
+    "a replica of the grotto at Lourdes, France where the Virgin Mary reputedly appeared to Saint Bernadette "
+    "Soubirous in 1858. At the end of the main drive (and in a direct line that connects through 3 statues and the "
+    "Gold Dome), is a simple, modern stone statue of Mary.",
+    question="To whom did the Virgin Mary allegedly appear in 1858 in Lourdes France?",
+    answer="Saint Bernadette Soubirous")
+# nli/mnli.jsonl.gz, the first pair of its train split (pairID 103400n)
+MNLI_EXAMPLE = PairExample(
+    premise="In Roman times a temple to Jupiter stood here, followed in the fourth century by the first Christian "
+    "church, Saint-Etienne.",
+    hypothesis="Saint-Etienne, a Christian church, had a temple to Jupiter and performed rituals during Roman times",
+    label="contradiction")
+# nli/rte_train.jsonl.gz, its first pair (idx 0)
+RTE_EXAMPLE = PairExample(premise="No Weapons of Mass Destruction Found in Iraq Yet.",
+                          hypothesis="Weapons of Mass Destruction Found in Iraq.", label="not_entailment")
+# the label sets one_shot has a worked example for
+PAIR_EXAMPLES = {frozenset(NLI_LABELS): MNLI_EXAMPLE, frozenset(RTE_LABELS): RTE_EXAMPLE}
+
+
+def pair_example(labels: Sequence[str]) -> PairExample:
+    """one_shot's worked example for ``labels`` (in any order): MNLI's for the three NLI labels, RTE's for its two.
+    Raises ValueError for any other label set: no example is labelled with it."""
+    try:
+        return PAIR_EXAMPLES[frozenset(labels)]
+    except KeyError:
+        known = " or ".join(repr(sorted(labels)) for labels in PAIR_EXAMPLES)
+        raise ValueError(f"one_shot has a worked example only for the labels {known}") from None
+
+
+def answer_messages(style: str, context: str, question: str) -> list[dict[str, str]]:
+    """The chat messages of a zero_shot or one_shot QA prompt (see the module), the last the assistant's reply
+    begun."""
+    def asked(context: str, question: str) -> dict[str, str]:
+        return {"role": "user", "content": f"Context: {context.strip()}\nQuestion: {question.strip()}"}
+
+    example = SQUAD_EXAMPLE
+    shot = [asked(example.context, example.question),
+            {"role": "assistant", "content": f"{ANSWER_REPLY} {example.answer}"}] if style == "one_shot" else []
+    return [{"role": "system", "content": ANSWER_INSTRUCTION}, *shot, asked(context, question),
+            {"role": "assistant", "content": ANSWER_REPLY}]
+
+
+def nli_messages(style: str, premise: str, hypothesis: str, labels: Sequence[str]) -> list[dict[str, str]]:
+    """The chat messages of a zero_shot or one_shot NLI prompt whose reply is one of ``labels`` (named in the
+    instruction, in their order), the last the assistant's reply begun. Raises ValueError for one_shot with labels
+    it has no example for (``pair_example``)."""
+    def asked(premise: str, hypothesis: str) -> dict[str, str]:
+        return {"role": "user", "content": f"Premise: {premise.strip()}\nHypothesis: {hypothesis.strip()}"}
+
+    shot = []
+    if style == "one_shot":
+        example = pair_example(labels)
+        shot = [asked(example.premise, example.hypothesis),
+                {"role": "assistant", "content": f"{LABEL_REPLY} {example.label}"}]
+    instruction = NLI_INSTRUCTION.format(labels=", ".join(labels))
+    return [{"role": "system", "content": instruction}, *shot, asked(premise, hypothesis),
+            {"role": "assistant", "content": LABEL_REPLY}]
+
+
+def require_template(tokenizer: PreTrainedTokenizerBase, style: str) -> None:
+    """Raises ValueError when ``style`` needs a chat template and ``tokenizer`` has none."""
+    if style != ADAPTER_STYLE and tokenizer.chat_template is None:
+        raise ValueError(f"prompt_style {style!r} is rendered with the model's chat template, and this model has "
+                         "none; use prompt_style 'adapter'")
+
+
+def chat_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> list[int]:
+    """The token ids of ``messages`` rendered with the tokenizer's chat template, the last (the assistant's reply,
+    begun) left open for the model to continue (``continue_final_message``); text in them that spells a control token
+    stays text. The tokenizer must have a chat template (``require_template``)."""
+    return tokenizer.apply_chat_template(messages, continue_final_message=True, tokenize=True, return_dict=False,
+                                         sanitize_control_tokens=True)
+
+
+def answer_ids(tokenizer: PreTrainedTokenizerBase, style: str, context: str, question: str) -> list[int]:
+    """The QA prompt's token ids in ``style``: ``answer_prompt`` as plain text for adapter, else the chat rendering of
+    ``answer_messages``. Raises ValueError for a chat style on a tokenizer without a chat template."""
+    if style == ADAPTER_STYLE:
+        return encode_text(tokenizer, answer_prompt(context, question))
+    require_template(tokenizer, style)
+    return chat_ids(tokenizer, answer_messages(style, context, question))
+
+
+def nli_ids(tokenizer: PreTrainedTokenizerBase, style: str, premise: str, hypothesis: str,
+            labels: Sequence[str]) -> list[int]:
+    """The NLI prompt's token ids in ``style``: ``nli_prompt`` as plain text for adapter, else the chat rendering of
+    ``nli_messages``. Raises ValueError for a chat style without a chat template, or one_shot for labels without an
+    example."""
+    if style == ADAPTER_STYLE:
+        return encode_text(tokenizer, nli_prompt(premise, hypothesis))
+    require_template(tokenizer, style)
+    return chat_ids(tokenizer, nli_messages(style, premise, hypothesis, labels))

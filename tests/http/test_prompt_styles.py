@@ -1,0 +1,176 @@
+"""/answer's and /nli's ``prompt_style`` through the real server on the tiny bases, held to stock transformers (+ peft)
+on the documented prompt of each style: the adapters' template, or the chat template's rendering of the style's
+messages (``service.tasks.prompt_styles``); an adapter's card temperature only in the adapter style; long contexts
+windowed for the style's prompt; the refusals (an unknown style, one_shot for labels without an example, a model
+without a chat template)."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from service.lora.card import CALIBRATION_FIELD, CARD_FILE
+from service.tasks.prompt_styles import PROMPT_STYLES, answer_messages, nli_messages
+from service.tasks.prompts import NLI_LABELS, RTE_LABELS, answer_prompt, encode_text, label_target, nli_prompt
+from tests.http.api_helpers import Tiny, assert_close
+from tests.http.replies import error_message
+from tests.http.test_api import Reference
+from tests.server_helpers import ADMIN, SERVER_CAP, ready_client, tiny_settings
+
+CONTEXT = "The Normans gave their name to Normandy, a region in France."  # short: one_shot's prompt holds it
+QUESTION = "Who gave their name to Normandy?"
+PREMISE, HYPOTHESIS = "A dog runs in the park.", "An animal is outside."
+TEMPERATURE = 2.5
+
+
+@pytest.fixture(scope="module")
+def reference(tiny: Tiny) -> Reference:
+    return Reference(tiny)
+
+
+def documented(tokenizer, style: str, messages: list[dict[str, str]], plain: str) -> str:
+    """The documented prompt text of ``style``: ``plain`` (the adapters' template) for adapter, else ``messages``
+    rendered by the chat template with the last, the reply begun, left open."""
+    if style == "adapter":
+        return plain
+    return tokenizer.apply_chat_template(messages, continue_final_message=True, tokenize=False)
+
+
+def answer_text(tokenizer, style: str, context: str = CONTEXT) -> str:
+    return documented(tokenizer, style, answer_messages(style, context, QUESTION), answer_prompt(context, QUESTION))
+
+
+def nli_text(tokenizer, style: str, labels: tuple[str, ...] = NLI_LABELS) -> str:
+    messages = nli_messages(style, PREMISE, HYPOTHESIS, labels)
+    return documented(tokenizer, style, messages, nli_prompt(PREMISE, HYPOTHESIS))
+
+
+def post(client, route: str, body: dict, status: int = 200) -> dict:
+    reply = client.post(route, json=body)
+    assert reply.status_code == status, reply.text
+    return reply.json() if status == 200 else {"message": error_message(reply)}
+
+
+def answer(client, adapter: str | None, style: str, context: str = CONTEXT, status: int = 200, **fields) -> dict:
+    body = {"context": context, "question": QUESTION, "adapter": adapter, "prompt_style": style, **fields}
+    return post(client, "/answer", body, status)
+
+
+def nli(client, adapter: str | None, style: str, labels: list[str] | None = None, status: int = 200) -> dict:
+    body = {"premise": PREMISE, "hypothesis": HYPOTHESIS, "adapter": adapter, "prompt_style": style}
+    return post(client, "/nli", body if labels is None else {**body, "labels": labels}, status)
+
+
+@torch.no_grad()
+def label_probabilities(reference: Reference, adapter: str | None, prompt: str, labels: tuple[str, ...],
+                        whole: bool, temperature: float = 1.0) -> dict[str, float]:
+    """softmax over ``labels`` of log P(label completion | prompt) (``whole``) or of its first token's logit over
+    ``temperature``, from the reference model; ``prompt``'s special tokens parsed."""
+    ids = reference.tokenizer.encode(prompt, add_special_tokens=False)
+    model, scores = reference.models[adapter], []
+    for label in labels:
+        completion = encode_text(reference.tokenizer, label_target(label))[:None if whole else 1]
+        logprobs = model(torch.tensor([ids + completion])).logits[0].double().log_softmax(-1)
+        scores.append(sum(logprobs[len(ids) - 1 + i, token].item() for i, token in enumerate(completion)))
+    return dict(zip(labels, (torch.tensor(scores) / temperature).softmax(-1).tolist()))
+
+
+@pytest.mark.parametrize("adapter", [None, "one"])
+def test_each_style_answers_from_its_documented_prompt(client, reference, adapter):
+    prompts = {style: answer_text(reference.tokenizer, style) for style in PROMPT_STYLES}
+    assert len(set(prompts.values())) == len(PROMPT_STYLES)
+    for style, prompt in prompts.items():
+        got = answer(client, adapter, style, extractive=False)
+        want = reference.generate(adapter, prompt, SERVER_CAP).split("\n", 1)[0].strip()
+        assert (got["answer"], got["adapter"]) == (want, adapter), style
+    extractive = answer(client, adapter, "one_shot")
+    assert extractive["answer"] and CONTEXT[extractive["start"]:extractive["end"]] == extractive["answer"]
+
+
+def test_the_default_style_is_the_adapters_template(client):
+    body = {"context": CONTEXT, "question": QUESTION, "adapter": "one", "extractive": False}
+    assert post(client, "/answer", body)["answer"] == answer(client, "one", "adapter", extractive=False)["answer"]
+    body = {"premise": PREMISE, "hypothesis": HYPOTHESIS, "adapter": "one"}
+    assert post(client, "/nli", body)["probabilities"] == nli(client, "one", "adapter")["probabilities"]
+
+
+@pytest.mark.parametrize("adapter", [None, "two"])
+def test_each_style_scores_the_labels_after_its_documented_prompt(client, reference, adapter):
+    served = {}
+    for style in PROMPT_STYLES:
+        served[style] = nli(client, adapter, style)["probabilities"]
+        want = label_probabilities(reference, adapter, nli_text(reference.tokenizer, style), NLI_LABELS, whole=False)
+        assert_close(served[style], want)
+    for one, other in (("adapter", "zero_shot"), ("zero_shot", "one_shot")):
+        assert max(abs(served[one][label] - served[other][label]) for label in NLI_LABELS) > 1e-3, (one, other)
+
+
+def test_own_labels_are_scored_whole_after_the_styled_prompt(client, reference):
+    """RTE's labels (one_shot takes RTE's example for them) and labels of the request's own (zero_shot)."""
+    for style, labels in (("one_shot", RTE_LABELS), ("zero_shot", ("not sure", "not likely", "yes"))):
+        got = nli(client, "one", style, list(labels))["probabilities"]
+        want = label_probabilities(reference, "one", nli_text(reference.tokenizer, style, labels), labels, whole=True)
+        assert list(got) == list(labels)
+        assert list(got.values()) == pytest.approx(list(want.values()), rel=1e-3, abs=1e-30), (got, want)
+
+
+def test_the_cards_temperature_applies_in_the_adapter_style_only(client, reference, tiny):
+    folder = tiny.extra / "calibrated_styles"
+    shutil.copytree(tiny.adapters["two"], folder)
+    card = {"name": "calibrated", CALIBRATION_FIELD: {"temperature": TEMPERATURE, "labels": list(NLI_LABELS)}}
+    (folder / CARD_FILE).write_text(json.dumps(card))
+    loaded = client.post("/adapters", json={"name": "calibrated_styles", "path": str(folder)}, headers=ADMIN)
+    assert loaded.status_code == 201, loaded.text
+    for style, temperature in (("adapter", TEMPERATURE), ("zero_shot", 1.0), ("one_shot", 1.0)):
+        want = label_probabilities(reference, "two", nli_text(reference.tokenizer, style), NLI_LABELS, whole=False,
+                                   temperature=temperature)
+        assert_close(nli(client, "calibrated_styles", style)["probabilities"], want)
+
+
+def test_a_context_too_long_for_the_one_shot_prompt_is_answered_in_windows_sized_for_it(tiny, reference):
+    """With answer_stride 8, a context whose adapter prompt fits in one piece but whose one_shot prompt does not: the
+    free answer is a 413 (its prompt is over the limit), the extractive one a span from windows that fit."""
+    def tokens(style: str, context: str) -> int:
+        return len(reference.tokenizer.encode(answer_text(reference.tokenizer, style, context)))
+
+    context = " ".join([CONTEXT] * 8)
+    limit = tokens("one_shot", "") + 40
+    assert tokens("adapter", context) < limit < tokens("one_shot", context)
+    settings = tiny.settings(max_input_tokens=limit, answer_stride=8, max_answer_windows=16)
+    with ready_client(settings) as client:
+        assert "at most" in answer(client, None, "one_shot", context, status=413, extractive=False)["message"]
+        got = answer(client, None, "one_shot", context)
+        assert got["answer"] and context[got["start"]:got["end"]] == got["answer"]
+        answer(client, None, "adapter", context, extractive=False)
+
+
+@pytest.mark.parametrize("route, body", [
+    ("/answer", {"context": CONTEXT, "question": QUESTION}),
+    ("/nli", {"premise": PREMISE, "hypothesis": HYPOTHESIS}),
+])
+@pytest.mark.parametrize("style", ["few_shot", "ZERO_SHOT", "", None, 1])
+def test_an_unknown_style_is_refused_naming_the_field(client, route, body, style):
+    message = post(client, route, {**body, "prompt_style": style}, status=422)["message"]
+    assert "prompt_style" in message, message
+
+
+def test_one_shot_is_refused_for_labels_it_has_no_example_for(client):
+    message = nli(client, None, "one_shot", ["yes", "no"], status=422)["message"]
+    assert "prompt_style" in message and "worked example" in message, message
+    assert math.isclose(sum(nli(client, None, "zero_shot", ["yes", "no"])["probabilities"].values()), 1.0,
+                        rel_tol=1e-6)
+
+
+def test_a_model_without_a_chat_template_refuses_the_chat_styles(tiny_llama_dir, tmp_path):
+    base = shutil.copytree(tiny_llama_dir, tmp_path / "base")
+    (base / "chat_template.jinja").unlink()
+    with ready_client(tiny_settings(base, tmp_path / "no_adapters", tmp_path / "cache")) as client:
+        for style in ("zero_shot", "one_shot"):
+            for message in (answer(client, None, style, status=422)["message"],
+                            nli(client, None, style, status=422)["message"],
+                            nli(client, None, style, list(NLI_LABELS), status=422)["message"]):
+                assert "prompt_style" in message and "chat template" in message, message
+        assert answer(client, None, "adapter")["answer"]
