@@ -1,0 +1,203 @@
+"""deploy/ against a live `loraswap serve` on a tiny Llama: every query of the Grafana dashboard names metrics the
+server exports, and the real Prometheus server, with the shipped scrape config pointed at the server, scrapes it
+and answers a loraswap metric and every dashboard query through its HTTP API (skipped, with the reason, where the
+``prometheus`` binary is missing: Debian's package ``prometheus``, which ``.ci/run`` installs where it can)."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.e2e.test_live_server import free_port
+from tests.server_helpers import ADMIN, ADMIN_KEY, SQUAD_CONTEXT, SQUAD_QUESTION, copy_adapters, wait_ready
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+DASHBOARD = DEPLOY / "grafana" / "loraswap.json"
+SCRAPE_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
+SUFFIXES = {"histogram": ("_bucket", "_sum", "_count"), "counter": ("_total",)}  # the samples of a family's type
+PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "offset", "and", "or",
+                "unless", "inf", "nan"}
+# what Grafana puts in place of the dashboard's variables, for Prometheus to evaluate its queries
+GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$adapter": ".*", "$endpoint": ".*"}
+ANSWERS = 2  # /answer requests for adapter one, read back through Prometheus
+
+
+def metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression selects: its identifiers, less string literals, label matchers ``{...}``,
+    ranges ``[...]``, label lists (``by (...)``, ``on (...)``...), Grafana variables, function and aggregation names
+    (an identifier followed by ``(``) and PromQL's keywords."""
+    text = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    text = re.sub(r"\{[^}]*\}|\[[^\]]*\]|\$\{?\w+\}?", " ", text)
+    text = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", text)
+    tokens = re.finditer(r"(?<![\w.])([a-zA-Z_:][\w:]*)\s*(\(?)", text)
+    return {token[1] for token in tokens if not token[2] and token[1] not in PROMQL_WORDS}
+
+
+def dashboard_queries() -> list[str]:
+    """Every PromQL expression of the dashboard: its panels' (rows' too) and its variables' ``label_values`` metric."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    panels = [*dashboard["panels"], *(inner for panel in dashboard["panels"] for inner in panel.get("panels", []))]
+    queries = [target["expr"] for panel in panels for target in panel.get("targets", [])]
+    for variable in dashboard["templating"]["list"]:
+        if variable["type"] == "query":
+            queries.append(re.fullmatch(r"label_values\((\w+),\s*\w+\)", variable["query"]["query"])[1])
+    return queries
+
+
+def exported_names(text: str) -> set[str]:
+    """Every sample name a scrape's families may carry: each family's name, with its type's suffixes, and the names
+    of the samples it carries."""
+    names = set()
+    for family in text_string_to_metric_families(text):
+        names |= {family.name, *(family.name + suffix for suffix in SUFFIXES.get(family.type, ()))}
+        names |= {sample.name for sample in family.samples}
+    return names
+
+
+@pytest.mark.parametrize("expr, names", [
+    ('histogram_quantile(0.95, sum by (adapter, le) (rate(loraswap_x_bucket{adapter=~"$adapter", a="{b}"}'
+     '[$__rate_interval])))', {"loraswap_x_bucket"}),
+    ("sum(rate(a_total[5m])) / sum(rate(b_count[1m])) * 60 + 1e3", {"a_total", "b_count"}),
+    ("max(vllm:lora_requests_info) by (max_lora) + on() group_left() c offset 5m", {"vllm:lora_requests_info", "c"}),
+    ('count(d) and ignoring (x) e{f!="g"}', {"d", "e"}),
+])
+def test_metric_names_of_a_query(expr, names):
+    assert metric_names(expr) == names
+
+
+class Live:
+    """A `loraswap serve` process on a tiny Llama, adapters one and two, and a client of it."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+
+    def traffic(self) -> None:
+        """Requests that move every metric: answers, NLI, a streamed completion, a merge and an unmerge."""
+        for _ in range(ANSWERS):
+            reply = self.http.post("/answer", json={"context": SQUAD_CONTEXT, "question": SQUAD_QUESTION,
+                                                    "adapter": "one", "decoding": {"max_new_tokens": 4}})
+            assert reply.status_code == 200, reply.text
+        assert self.http.post("/nli", json={"premise": "A man sleeps.", "hypothesis": "Nobody sleeps.",
+                                            "adapter": "two"}).status_code == 200
+        stream = {"model": "two", "prompt": "Hello", "max_tokens": 3, "stream": True}
+        with self.http.stream("POST", "/v1/completions", json=stream) as reply:
+            assert reply.status_code == 200 and "[DONE]" in reply.read().decode()
+        assert self.http.post("/adapters/two/merge", headers=ADMIN).status_code == 200
+        assert self.http.post("/adapters/unmerge", headers=ADMIN).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def live(tiny_llama_dir, llama_adapters, tmp_path_factory):
+    root = tmp_path_factory.mktemp("deploy")
+    port = free_port()
+    command = [sys.executable, "-m", "service.cli.main", "serve", "--base-model", str(tiny_llama_dir),
+               "--adapters-dir", str(copy_adapters(llama_adapters, root / "adapters")), "--admin-key", ADMIN_KEY,
+               "--port", str(port), "--host", "127.0.0.1", "--cache-dir", str(root / "cache"), "--device", "cpu",
+               "--qa-adapter", "one", "--nli-adapter", "two", "--max-resident", "2", "--no-auto-merge"]
+    with open(root / "server.log", "w+") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        server = Live(port)
+        try:
+            wait_ready(server.http.get, timeout=120)
+            server.traffic()
+            yield server
+        finally:
+            process.kill()
+            process.wait()
+            server.http.close()
+            log.seek(0)
+            print(log.read()[-4000:])  # shown when a test fails
+
+
+def test_every_dashboard_query_names_a_metric_the_server_exports(live):
+    queries = dashboard_queries()
+    named = set().union(*map(metric_names, queries))
+    exported = exported_names(live.http.get("/metrics").text)
+    assert named - exported == set(), f"the dashboard queries metrics the server does not export: {named - exported}"
+    # what the dashboard is for: latency percentiles per adapter, traffic, queue, batches, first tokens, adapter loads,
+    # slots and merges
+    for metric in ("request_duration_seconds_bucket", "request_duration_seconds_count", "queue_wait_seconds_bucket",
+                   "batch_size_bucket", "time_to_first_token_seconds_bucket", "adapter_load_seconds_bucket",
+                   "adapter_load_seconds_count", "adapters_resident", "adapter_merged",
+                   "merge_switch_seconds_count"):
+        assert f"loraswap_{metric}" in named, metric
+    for quantile in ("0.5", "0.95", "0.99"):
+        assert any(query.startswith(f"histogram_quantile({quantile}, sum by (adapter, le) (rate("
+                                    "loraswap_request_duration_seconds_bucket") for query in queries), quantile
+
+
+@pytest.fixture(scope="module")
+def prometheus_binary() -> str:
+    """The Prometheus server's executable; skips the test, before a live server starts, where there is none."""
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.skip("the Prometheus server is not installed (no `prometheus` on PATH): apt-get install prometheus")
+    return binary
+
+
+@pytest.fixture
+def prometheus(prometheus_binary, live, tmp_path):
+    """The real Prometheus server, the shipped scrape config pointed at ``live`` and scraping every second; the URL of
+    its HTTP API."""
+    config = yaml.safe_load(SCRAPE_CONFIG.read_text())
+    config["global"]["scrape_interval"] = "1s"
+    [job] = config["scrape_configs"]
+    job["static_configs"][0]["targets"] = [f"127.0.0.1:{live.port}"]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    address = f"127.0.0.1:{free_port()}"
+    command = [prometheus_binary, f"--config.file={tmp_path / 'prometheus.yml'}",
+               f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address={address}"]
+    with open(tmp_path / "prometheus.log", "w+") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            yield f"http://{address}"
+        finally:
+            process.terminate()
+            process.wait(30)
+            log.seek(0)
+            print(log.read()[-4000:])
+
+
+def query(url: str, promql: str) -> dict:
+    """Prometheus' answer to an instant query (its ``data``); fails unless its status is success."""
+    reply = httpx.get(f"{url}/api/v1/query", params={"query": promql}, timeout=10).json()
+    assert reply["status"] == "success", (promql, reply)
+    return reply["data"]
+
+
+def poll(url: str, promql: str, timeout: float = 30.0) -> list[dict]:
+    """The instant query's result once it has one (Prometheus up and a scrape stored), within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            result = query(url, promql)["result"]
+        except httpx.TransportError:  # not listening yet
+            result = []
+        if result:
+            return result
+        time.sleep(0.25)
+    raise AssertionError(f"Prometheus had no result for {promql} within {timeout} s")
+
+
+def test_prometheus_scrapes_the_server_and_answers_every_dashboard_query(prometheus_binary, live, prometheus):
+    answers = 'loraswap_request_duration_seconds_count{job="loraswap", endpoint="/answer", adapter="one", status="200"}'
+    [series] = poll(prometheus, answers)
+    assert float(series["value"][1]) == ANSWERS
+    [lora_info] = poll(prometheus, "vllm:lora_requests_info")
+    assert lora_info["metric"]["max_lora"] == "2"
+    [resident] = poll(prometheus, 'loraswap_adapter_resident{adapter="two"}')
+    assert float(resident["value"][1]) == 1  # it served the NLI request and the merge
+    for expr in dashboard_queries():
+        for variable, value in GRAFANA_VARIABLES.items():
+            expr = expr.replace(variable, value)
+        assert query(prometheus, expr)["resultType"] in ("vector", "scalar")
