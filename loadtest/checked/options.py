@@ -1,0 +1,102 @@
+"""The options of ``loraswap loadtest`` and the command. Light (no locust, torch or httpx): ``loraswap`` builds its
+parser from here; the run imports them.
+
+    LORASWAP_ADMIN_KEY=... loraswap loadtest --scenario zipf --users 8 --duration 60 --host http://127.0.0.1:8000 \\
+        --adapter-root /tmp/loadtest-adapters --json zipf.json --md zipf.md
+
+The server must accept adapters from ``--adapter-root`` (``loraswap serve --adapter-roots DIR``) and have the admin
+key: the test derives its adapters from one the server has registered, registers them, and removes them at the end.
+The exit status is 1 when a check failed (a wrong answer, a 5xx, a request unanswered, another status than 200,
+429 with Retry-After, or 404 while its adapter was away; a failed admin call; a recovery request not answered right),
+2 for a usage error.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from loadtest.checked.scenarios import SCENARIOS
+from service.cli.command import Command, comma_list, nonnegative, positive
+from training.data import TASK_EVAL_FILES, data_dir
+
+
+def add_loadtest_options(parser: argparse.ArgumentParser) -> None:
+    """The options of ``loraswap loadtest``: the scenario and its load, the server, the reports, the requests and the
+    derived adapters."""
+    parser.add_argument("--scenario", required=True, choices=sorted(SCENARIOS),
+                        help="; ".join(f"{s.name}: {s.help}" for s in SCENARIOS.values()))
+    parser.add_argument("--users", type=positive(int), required=True, help="concurrent locust users sending requests")
+    parser.add_argument("--duration", type=positive(float), required=True, help="seconds of load")
+    parser.add_argument("--host", required=True, help="the server's URL, http://HOST:PORT")
+    parser.add_argument("--json", type=Path, required=True, help="write the report here")
+    parser.add_argument("--md", type=Path, help="write the report's tables here (default: printed only)")
+    parser.add_argument("--adapter-root", type=Path, required=True,
+                        help="a folder the server loads adapters from (one of its --adapter-roots): the derived "
+                        "adapters are written there and removed at the end")
+    parser.add_argument("--source", help="the registered adapter to derive from (default: the first the server lists)")
+    parser.add_argument("--adapters", type=positive(int),
+                        help="adapters to derive and serve (default: the scenario's: single 1, uniform 8, zipf 100, "
+                        "churn 8, overload 2)")
+    parser.add_argument("--prompts", type=positive(int),
+                        help="distinct requests per adapter, the endpoints taking turns (default: 24 / adapters, at "
+                        "least 3); the reference pass sends each to each adapter alone")
+    parser.add_argument("--new-tokens", type=positive(int), default=8, help="most tokens of an answer or completion")
+    parser.add_argument("--rank", type=positive(int), default=4, help="rank of the derived adapters")
+    parser.add_argument("--kinds", type=comma_list(), default="q_proj,v_proj,c_attn",
+                        help="the kinds of module the derived adapters keep (all the source's if it has none of them)")
+    parser.add_argument("--spread", type=positive(float), default=4.0,
+                        help="the derived lora_B's spread, in units of the source's lora_B's")
+    parser.add_argument("--seed", type=nonnegative(int), default=0, help="seed of the first derived adapter")
+    parser.add_argument("--churn-interval", type=positive(float), default=1.0,
+                        help="seconds between two churn ticks (churn scenario)")
+    parser.add_argument("--timeout", type=positive(float), default=60.0,
+                        help="seconds a request may take: past them it counts as unanswered")
+    parser.add_argument("--tolerance", type=nonnegative(float), default=1e-3,
+                        help="how far an /nli probability may be from the reference pass's")
+    parser.add_argument("--recovery", type=nonnegative(int), default=6,
+                        help="requests sent alone once the load is gone, each to be answered right")
+    parser.add_argument("--squad", type=Path, help="SQuAD v1.1 questions (default: the dev set in the data folder)")
+    parser.add_argument("--nli", type=Path, help="NLI pairs, every row (default: MNLI dev_matched in the data folder)")
+
+
+def nli_source(path: Path | None) -> tuple[Path, tuple[str, ...] | None]:
+    """The NLI file and the MNLI splits kept: the given file whole, else the data folder's eval file."""
+    if path is not None:
+        return path, None
+    name, splits = TASK_EVAL_FILES["nli"]
+    return data_dir() / name, splits
+
+
+def run_loadtest(args: argparse.Namespace) -> None:
+    """Run ``loraswap loadtest``: the report to ``--json``, its tables to ``--md`` and printed. Exit status 2 without
+    ``$LORASWAP_ADMIN_KEY``, 1 when a check failed."""
+    admin_key = os.environ.get("LORASWAP_ADMIN_KEY")
+    if not admin_key:
+        print("loraswap loadtest: error: set LORASWAP_ADMIN_KEY, the server's admin key (the test registers its "
+              "adapters)", file=sys.stderr)
+        raise SystemExit(2)
+    from loadtest.checked.report import markdown
+    from loadtest.checked.run import LoadConfig, run_load
+
+    config = LoadConfig(
+        scenario=args.scenario, users=args.users, duration_s=args.duration, host=args.host.rstrip("/"),
+        admin_key=admin_key, api_key=os.environ.get("LORASWAP_API_KEY"), adapter_root=args.adapter_root,
+        squad=args.squad or data_dir() / TASK_EVAL_FILES["squad"][0], nli=nli_source(args.nli), source=args.source,
+        adapters=args.adapters, prompts=args.prompts, new_tokens=args.new_tokens, rank=args.rank,
+        kinds=tuple(args.kinds), spread=args.spread, seed=args.seed, churn_interval_s=args.churn_interval,
+        timeout_s=args.timeout, tolerance=args.tolerance, recovery=args.recovery)
+    report = run_load(config)
+    args.json.write_text(json.dumps(report, indent=1))
+    tables = markdown(report)
+    print(tables)
+    if args.md:
+        args.md.write_text(tables)
+    if report["failures"] or report["admin"]["failures"] or report["recovery"]["failures"]:
+        raise SystemExit(1)
+
+
+LOADTEST = Command("load tests that check every answer (locust scenarios: single, uniform, zipf, churn, overload)",
+                   add_loadtest_options, run_loadtest)

@@ -1,0 +1,102 @@
+"""The figures of a load test, from its records (``Record``, one per request): counts by outcome, requests/s and latency
+percentiles, overall and per endpoint and per adapter, and a markdown table of them."""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from loadtest.checked.answer_key import FAILED, FINE, GONE, OK, OUTCOMES, REJECTED, SERVER_ERROR, WRONG, WRONG_ADAPTER
+
+EXAMPLES = 10  # wrong replies kept in the report, with the answer they should have been
+
+
+@dataclass
+class Record:
+    """One request: its ``endpoint``, ``adapter`` and request ``index`` (in the answer key), the ``status`` (0: no
+    reply), its ``outcome`` (``answer_key.OUTCOMES``), ``latency_ms``, and for an answer that was not right, what
+    came (``got``)."""
+
+    endpoint: str
+    adapter: str
+    index: int
+    status: int
+    outcome: str
+    latency_ms: float
+    got: dict | str | None = None
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The ``q``-th percentile (0 < q <= 100) of ``values`` by the nearest rank; None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(ordered[max(math.ceil(q / 100 * len(ordered)), 1) - 1], 1)
+
+
+def summary(records: Sequence[Record], seconds: float) -> dict:
+    """The figures of ``records`` over a load of ``seconds``: ``requests``; ``failures`` (every outcome but ok, 429
+    and a 404 for an adapter away: wrong answers, 5xx, no reply, any other status); ``wrong`` (a 200 with the wrong
+    answer), of which ``wrong_adapter`` (another adapter's); ``server_errors`` (5xx); ``rejected_429``; ``gone_404``;
+    ``no_reply``; ``rps`` (requests/s) and ``answered_rps`` (right answers/s); the latency of the 200 replies,
+    ``p50_ms``, ``p95_ms``, ``p99_ms``; and the most a 429 took, ``rejected_429_max_ms``."""
+    counts = {outcome: sum(r.outcome == outcome for r in records) for outcome in OUTCOMES}
+    answered = [r.latency_ms for r in records if r.status == 200]
+    rejected = [r.latency_ms for r in records if r.outcome == REJECTED]
+    return {
+        "requests": len(records),
+        "ok": counts[OK],
+        "failures": sum(count for outcome, count in counts.items() if outcome not in FINE),
+        "wrong": counts[WRONG] + counts[WRONG_ADAPTER],
+        "wrong_adapter": counts[WRONG_ADAPTER],
+        "server_errors": counts[SERVER_ERROR],
+        "rejected_429": counts[REJECTED],
+        "gone_404": counts[GONE],
+        "other_failures": counts[FAILED],
+        "no_reply": sum(r.status == 0 for r in records),
+        "rps": round(len(records) / seconds, 2) if seconds else None,
+        "answered_rps": round(counts[OK] / seconds, 2) if seconds else None,
+        **{f"p{q}_ms": percentile(answered, q) for q in (50, 95, 99)},
+        "rejected_429_max_ms": percentile(rejected, 100),
+    }
+
+
+def grouped(records: Sequence[Record], seconds: float, field: str) -> dict[str, dict]:
+    """``summary`` of the records of each value of ``field`` (``endpoint`` or ``adapter``)."""
+    values = sorted({getattr(r, field) for r in records})
+    return {value: summary([r for r in records if getattr(r, field) == value], seconds) for value in values}
+
+
+def examples(records: Sequence[Record], expected: dict[tuple[str, int], dict]) -> list[dict]:
+    """The first EXAMPLES requests that got a wrong answer: what came and what was right."""
+    wrong = [r for r in records if r.outcome in (WRONG, WRONG_ADAPTER)][:EXAMPLES]
+    return [{"endpoint": r.endpoint, "adapter": r.adapter, "request": r.index, "outcome": r.outcome, "got": r.got,
+             "expected": expected[(r.adapter, r.index)]} for r in wrong]
+
+
+COLUMNS = ("requests", "failures", "wrong", "server_errors", "rejected_429", "gone_404", "rps", "p50_ms", "p95_ms",
+           "p99_ms")
+
+
+def markdown(report: dict) -> str:
+    """The report's figures as a markdown table: a row overall, one per endpoint, then one per adapter (at most 20:
+    the busiest)."""
+    rows = [("all", report)] + [(f"`{name}`", figures) for name, figures in report["by_endpoint"].items()]
+    busiest = sorted(report["by_adapter"].items(), key=lambda item: -item[1]["requests"])[:20]
+    rows += [(f"`{name}`", figures) for name, figures in busiest]
+    lines = [f"scenario `{report['scenario']}`, {report['settings']['users']} users, {report['seconds']} s",
+             "", "| | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    lines += [f"| {label} | " + " | ".join("" if figures[c] is None else str(figures[c]) for c in COLUMNS) + " |"
+              for label, figures in rows]
+    return "\n".join([*lines, "", server_lines(report["server"])]) + "\n"
+
+
+def server_lines(view: dict) -> str:
+    """The server's view (``server_view.server_view``) in one paragraph."""
+    wait, batch = view["queue_wait_ms"], view["batch_size"]
+    mib = 2 ** 20
+    return (f"Server (/metrics, before and after): queue wait mean {wait['mean']} ms (p95 at most {wait['p95_at_most']}"
+            f" ms) over {wait['count']} requests; batch size mean {batch['mean']} over {batch['count']} admissions; "
+            f"{view['adapter_loads']} adapters registered, {view['merges']} merges, {view['unmerges']} unmerges; "
+            f"resident adapters {view['resident_before']:g} -> {view['resident_after']:g}; resident memory "
+            f"{view['rss_before_bytes'] / mib:.0f} -> {view['rss_after_bytes'] / mib:.0f} MiB.")
