@@ -1,0 +1,137 @@
+"""``loraswap loadtest`` end to end: a real ``loraswap serve`` process on the tiny Llama (2 resident slots, a queue
+of 8) and the command as a process of its own (locust patches the standard library with gevent when imported, so it
+never runs inside pytest). Each scenario runs a few seconds: every answer right, no 5xx, the report's keys; a name
+registered again with another adapter's file midway is counted wrong (the checker can fail); overload gets 429s
+with Retry-After, answered fast, and then normal service."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from tests.data.make_corpus import NLI_SAMPLE, SQUAD_SAMPLE
+from tests.server_helpers import ADMIN, ADMIN_KEY, copy_adapters, wait_ready
+
+SLOTS, QUEUE = 2, 8  # the server's --max-resident and --max-queue
+FIGURES = {"requests", "failures", "wrong", "server_errors", "rejected_429", "rps", "p50_ms", "p95_ms", "p99_ms"}
+ADAPTERS = {"single": 1, "uniform": 3, "zipf": SLOTS + 3, "churn": 3, "overload": 2}
+
+
+class Server:
+    def __init__(self, url: str, root, process: subprocess.Popen):
+        self.url, self.root, self.process = url, root, process
+        self.derived = root / "derived"  # an adapter root of the server: the load tests write their adapters here
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama_dir, llama_adapters, tmp_path_factory):
+    root = tmp_path_factory.mktemp("loadtest")
+    (root / "derived").mkdir()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "service.cli.main", "serve", "--base-model", str(tiny_llama_dir),
+               "--adapters-dir", str(copy_adapters(llama_adapters, root / "adapters")),
+               "--adapter-roots", str(root / "derived"), "--admin-key", ADMIN_KEY, "--port", str(port),
+               "--cache-dir", str(root / "cache"), "--device", "cpu", "--qa-adapter", "one", "--nli-adapter", "two",
+               "--max-batch", "4", "--max-queue", str(QUEUE), "--max-resident", str(SLOTS), "--max-new-tokens", "12"]
+    with open(root / "server.log", "w+") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        live = Server(f"http://127.0.0.1:{port}", root, process)
+        try:
+            wait_ready(lambda path: httpx.get(live.url + path), timeout=120)
+            yield live
+        finally:
+            process.kill()
+            process.wait()
+            log.seek(0)
+            print(log.read()[-4000:])  # shown when a test fails
+
+
+def loadtest(server: Server, scenario: str, *, users: int = 4, duration: float = 3) -> subprocess.Popen:
+    """``loraswap loadtest`` of ``scenario`` against ``server``, started (3 requests per adapter, answers of at most 4
+    tokens, the committed data sample); its report goes to ROOT/SCENARIO.json."""
+    command = [sys.executable, "-m", "service.cli.main", "loadtest", "--scenario", scenario, "--users", str(users),
+               "--duration", str(duration), "--host", server.url, "--adapter-root", str(server.derived),
+               "--adapters", str(ADAPTERS[scenario]), "--prompts", "3", "--new-tokens", "4", "--recovery", "3",
+               "--source", "one", "--squad", str(SQUAD_SAMPLE), "--nli", str(NLI_SAMPLE),
+               "--json", str(server.root / f"{scenario}.json"), "--md", str(server.root / f"{scenario}.md")]
+    env = {**os.environ, "LORASWAP_ADMIN_KEY": ADMIN_KEY, "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.Popen(command, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def finished(process: subprocess.Popen, status: int) -> None:
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == status, err[-3000:] + out[-2000:]
+
+
+def report_of(server: Server, scenario: str) -> dict:
+    return json.loads((server.root / f"{scenario}.json").read_text())
+
+
+def assert_clean(report: dict) -> None:
+    """Every request answered right or fairly refused, by endpoint and adapter too, and the figures all there."""
+    groups = [report, *report["by_endpoint"].values(), *report["by_adapter"].values()]
+    assert all(set(figures) >= FIGURES for figures in groups) and report["scenario"]
+    assert report["requests"] > 0 and report["ok"] > 0
+    assert report["wrong"] == report["server_errors"] == report["failures"] == report["no_reply"] == 0, \
+        report["wrong_examples"]
+    assert report["recovery"]["ok"] == report["recovery"]["requests"] == 3
+    assert report["reference"]["distinct_fraction"] > 0.9  # the derived adapters answer distinguishably
+
+
+@pytest.mark.parametrize("scenario", ["single", "uniform", "zipf", "churn"])
+def test_scenario_answers_right(server, scenario):
+    finished(loadtest(server, scenario), 0)
+    report = report_of(server, scenario)
+    assert_clean(report)
+    assert set(report["by_endpoint"]) <= {"/answer", "/nli", "/v1/completions"}
+    assert report["reference"]["requests"] == 3 * ADAPTERS[scenario]
+    assert report["server"]["resident_after"] <= SLOTS
+    assert report["rejected_429"] + report["gone_404"] + report["ok"] == report["requests"]
+    assert "| all |" in (server.root / f"{scenario}.md").read_text()
+    if scenario == "churn":
+        calls = report["admin"]["calls"]
+        assert calls.get("unregister 200", 0) >= 2 and calls.get("register 201", 0) >= 1
+        assert report["admin"]["failures"] == 0
+    else:
+        assert report["gone_404"] == 0
+    names = {adapter["name"] for adapter in httpx.get(f"{server.url}/adapters").json()["adapters"]}
+    assert names == {"one", "two"} and not any(server.derived.iterdir())  # it cleaned up
+
+
+def test_a_name_registered_with_another_adapters_file_is_counted_wrong(server):
+    """Once the answer key is made, ``loadtest_uniform_000`` is registered again with ``loadtest_uniform_001``'s file:
+    its 200s carry the other adapter's answers, and the run fails on them."""
+    process = loadtest(server, "uniform", users=2, duration=3)
+    for line in process.stderr:
+        if "reference pass done" in line:
+            break
+    with httpx.Client(base_url=server.url, headers=ADMIN) as admin:
+        admin.delete("/adapters/loadtest_uniform_000").raise_for_status()
+        admin.post("/adapters", json={"name": "loadtest_uniform_000",
+                                      "path": str(server.derived / "loadtest_uniform_001")}).raise_for_status()
+    finished(process, 1)
+    report = report_of(server, "uniform")
+    swapped = report["by_adapter"]["loadtest_uniform_000"]
+    assert swapped["wrong_adapter"] == swapped["wrong"] > 0
+    assert report["by_adapter"]["loadtest_uniform_001"]["wrong"] == 0
+    assert {example["outcome"] for example in report["wrong_examples"]} == {"wrong_adapter"}
+
+
+def test_overload_is_refused_fast_and_then_served(server):
+    """24 users back to back against a queue of 8: 429s, each with Retry-After (one without would be a failure) and
+    answered within 5 s; no 5xx, nothing unanswered, every 200 right; then each request alone answered right, and the
+    server's memory as it was, give or take 256 MiB."""
+    finished(loadtest(server, "overload", users=24, duration=3), 0)
+    report = report_of(server, "overload")
+    assert_clean(report)
+    assert report["rejected_429"] > 0 and report["rejected_429_max_ms"] < 5000
+    assert report["server"]["replies_by_status"]["429"] >= report["rejected_429"]
+    assert report["server"]["rss_after_bytes"] - report["server"]["rss_before_bytes"] < 256 * 2**20
+    assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
