@@ -47,8 +47,9 @@ def add_loadtest_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rank", type=positive(int), default=4, help="rank of the derived adapters")
     parser.add_argument("--kinds", type=comma_list(), default="q_proj,v_proj,c_attn",
                         help="the kinds of module the derived adapters keep (all the source's if it has none of them)")
-    parser.add_argument("--spread", type=positive(float), default=4.0,
-                        help="the derived lora_B's spread, in units of the source's lora_B's")
+    parser.add_argument("--spread", type=positive(float), default=32.0,
+                        help="the derived lora_B's spread, in units of the source's lora_B's (32 keeps the answers of "
+                        "adapters derived from a trained one, whose lora_B is small, apart on SmolLM2)")
     parser.add_argument("--seed", type=nonnegative(int), default=0, help="seed of the first derived adapter")
     parser.add_argument("--churn-interval", type=positive(float), default=1.0,
                         help="seconds between two churn ticks (churn scenario)")

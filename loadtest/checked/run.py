@@ -51,7 +51,7 @@ class LoadConfig:
     new_tokens: int = 8
     rank: int = 4
     kinds: tuple[str, ...] = ("q_proj", "v_proj", "c_attn")
-    spread: float = 4.0
+    spread: float = 32.0
     seed: int = 0
     churn_interval_s: float = 1.0
     timeout_s: float = 60.0
