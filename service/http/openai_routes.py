@@ -30,9 +30,13 @@ from service.lora.adapter_files import BASE_MODEL_ID, adapter_or_base
 from service.runtime import Runtime
 
 openai_router = APIRouter(prefix="/v1", tags=["openai"])
+# one server-sent event of a stream, as FastAPI documents its own streams' events (itemSchema: each event, not the
+# whole stream): its data only
+STREAM_EVENT = {"type": "object", "required": ["data"],
+                "properties": {"data": {"type": "string", "description": "a chunk's JSON, or [DONE] last"}}}
 STREAMED = {200: {"description": "The reply (JSON); with stream true, server-sent events of its chunks, each "
                   "`data: <chunk JSON>`, then `data: [DONE]`",
-                  "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+                  "content": {"text/event-stream": {"itemSchema": STREAM_EVENT}}}}
 OPENAI_SERVING = {**STREAMED, **serving_replies(shape=OpenAIErrorOut)}
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy holds the events back
 # vLLM's adapter routes answer a line of text, their errors JSON (documented as such: the routes' class, Response,

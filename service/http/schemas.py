@@ -265,11 +265,15 @@ class OpenAIIn(BaseModel):
         return Decoding(strategy, self.temperature, top_p=self.top_p, max_new_tokens=max_new_tokens, seed=seed)
 
 
+# a completion's prompt: one string, as itself or as a list of it (how the API schema documents it)
+PromptText = Annotated[str, Field(min_length=1, max_length=100_000)]
+OnePrompt = Annotated[list[PromptText], Field(min_length=1, max_length=1)]
+
+
 class CompletionIn(OpenAIIn):
     """OpenAI's /v1/completions request (see ``OpenAIIn``)."""
 
-    prompt: Annotated[str, Field(min_length=1, max_length=100_000), UNICODE,
-                      BeforeValidator(_one_prompt, json_schema_input_type=str | list[str])]
+    prompt: Annotated[PromptText, UNICODE, BeforeValidator(_one_prompt, json_schema_input_type=PromptText | OnePrompt)]
     echo: bool = False  # true: the prompt, then the completion
     best_of: int | None = Field(None, ge=1)  # only n: "the best n of best_of" is not implemented
     logprobs: int | None = Field(None, ge=0, le=5)  # each token's logprob, and the k most likely tokens'
