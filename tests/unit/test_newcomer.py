@@ -129,4 +129,5 @@ def test_the_service_knows_neither_training_nor_loadtest():
         imported += [node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
         assert not [name for name in imported if name.split(".")[0] in ("training", "loadtest")], path
         assert not named.search(path.read_text()), path
-    assert set(commands()) == {"train", "eval", "calibrate", "sweep", "merge", "bench", "side-by-side"}  # entry points
+    assert set(commands()) == {"train", "eval", "calibrate", "sweep", "merge", "bench", "side-by-side",
+                               "loadtest"}  # entry points
