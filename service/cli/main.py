@@ -10,14 +10,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import typing
 from importlib.metadata import entry_points
-from pathlib import Path
 
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
 from service.cli.command import Command
+from service.cli.settings_options import add_settings_arguments, settings_from
 from service.errors import AdapterError
 from service.settings import Settings
 
@@ -37,33 +36,6 @@ class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
         if action.required or action.default is None:
             return action.help
         return super()._get_help_string(action)
-
-
-def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per Settings field (``--base-model`` for ``base_model``); unset flags leave env/defaults."""
-    for name, field in Settings.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        kind = field.annotation
-        help_text = field.description or name.replace("_", " ")
-        options: dict = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
-        args = [arg for arg in typing.get_args(kind) if arg is not type(None)]
-        if kind is bool:
-            options["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(kind) is typing.Literal:
-            options["choices"] = list(args)
-        elif typing.get_origin(kind) is list:
-            options.update(nargs="*", type=Path)
-        else:
-            base = args[0] if args else kind
-            options["type"] = base if base in (int, float, Path) else str
-        options["help"] += f" (default: {field.get_default(call_default_factory=True)})"
-        parser.add_argument(flag, **options)
-
-
-def settings_from(args: argparse.Namespace) -> Settings:
-    """Settings from the environment with the flags given on the command line on top."""
-    overrides = {name: getattr(args, name) for name in Settings.model_fields if hasattr(args, name)}
-    return Settings(**overrides)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -58,7 +58,7 @@ def test_command_modules_do_not_import_the_cli_back():
     """service.cli.main finds the training and loadtest commands through entry points; none of them imports
     service.cli.main back (a cycle)."""
     modules = ["training.options", "training.train", "training.sweep", "training.merge", "training.evaluate",
-               "loadtest.options", "loadtest.bench"]
+               "loadtest.options", "loadtest.bench", "service.scale.options"]
     code = f"import importlib, sys\nfor m in {modules!r}: importlib.import_module(m)\n" \
            "print('service.cli.main' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
@@ -130,4 +130,4 @@ def test_the_service_knows_neither_training_nor_loadtest():
         assert not [name for name in imported if name.split(".")[0] in ("training", "loadtest")], path
         assert not named.search(path.read_text()), path
     assert set(commands()) == {"train", "eval", "calibrate", "sweep", "merge", "bench", "side-by-side",
-                               "loadtest"}  # entry points
+                               "loadtest", "scale"}  # entry points

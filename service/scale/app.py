@@ -1,0 +1,71 @@
+"""The scaled service as a Ray Serve application (``build_app``: the router in front of N loraswap replicas), and
+``serve_scaled``, which runs it on a Ray cluster (a local one, or one joined by its address) until interrupted."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import ray
+from ray import serve
+from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
+
+from service.scale.options import ROUTINGS
+from service.scale.replica import LoraswapReplica
+from service.scale.round_robin import RoundRobinRouter
+from service.scale.router import Router
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "loraswap"
+
+
+@dataclass(frozen=True)
+class ScaleConfig:
+    """How to scale: ``replicas`` loraswap replicas, each reserving ``replica_cpus`` CPUs and ``replica_gpus`` GPUs
+    of the Ray cluster (Ray's logical resources: a replica is placed on a node that has them free); ``routing``:
+    "multiplexed" (to a replica that holds the request's adapter) or "round-robin" (each replica in turn, the
+    baseline); ``address``: the Ray cluster to join (None: start one on this machine)."""
+
+    replicas: int
+    routing: str = "multiplexed"
+    replica_cpus: float = 1.0
+    replica_gpus: float = 0.0
+    address: str | None = None
+
+
+def build_app(settings: Settings, config: ScaleConfig) -> Application:
+    """The router (ingress, no CPU reserved: it only reads and forwards) bound to ``config.replicas`` replicas of
+    loraswap with ``settings``. A replica takes as many requests at once as its engine batches and queues
+    (``max_batch`` + ``max_queue``; past the queue it answers 429 itself); the router as many as all of them."""
+    if config.routing not in ROUTINGS:
+        raise ValueError(f"routing must be one of {', '.join(ROUTINGS)}, not {config.routing!r}")
+    per_replica = settings.max_batch + settings.max_queue
+    routed = ({"request_router_config": RequestRouterConfig(request_router_class=RoundRobinRouter)}
+              if config.routing == "round-robin" else {})
+    replica = serve.deployment(LoraswapReplica, name="LoraswapReplica").options(
+        num_replicas=config.replicas, max_ongoing_requests=per_replica,
+        ray_actor_options={"num_cpus": config.replica_cpus, "num_gpus": config.replica_gpus}, **routed)
+    router = serve.deployment(Router, name="Router").options(
+        num_replicas=1, max_ongoing_requests=per_replica * config.replicas, ray_actor_options={"num_cpus": 0})
+    return router.bind(replica.bind(settings), settings)
+
+
+def serve_scaled(settings: Settings, config: ScaleConfig) -> None:
+    """Serve the HTTP API on ``settings.host``:``settings.port`` from ``config.replicas`` replicas until interrupted
+    (Ctrl-C), then take the application down, and Ray too when it was started here. Ray Serve's HTTP options are
+    the cluster's: on a cluster whose Serve already runs, its host and port stay as they are."""
+    ray.init(address=config.address)
+    try:
+        serve.start(http_options={"host": settings.host, "port": settings.port})
+        log.info("starting %d replicas (%s routing); the model loads on each", config.replicas, config.routing)
+        serve.run(build_app(settings, config), name=APP_NAME, route_prefix="/", blocking=True)
+    except KeyboardInterrupt:
+        log.info("interrupted: taking the application down")
+    finally:
+        if config.address is None:
+            serve.shutdown()
+        else:
+            serve.delete(APP_NAME)
+        ray.shutdown()

@@ -1,0 +1,112 @@
+"""The ingress of a scaled service: a Ray Serve deployment that takes every HTTP request and hands it to the loraswap
+replicas (``service.scale.replica``) through their deployment handle.
+
+- A request that runs the model goes to one replica, with its adapter (``routing.adapter_of``) as the multiplexed
+  model id, so that Ray Serve prefers a replica that holds that adapter; its reply streams back as the replica sends
+  it (server-sent events included), naming the replica in ``x-loraswap-replica``. Other requests (listings, probes,
+  the API schema) go to any replica.
+- A request that changes the adapters (``routing.changes_adapters``) goes to every replica (the handle's
+  ``broadcast``); when they all answer alike, the reply is theirs and names them all, else a 502 says who answered
+  what.
+- ``GET /metrics`` gathers every replica's metrics, each series labelled with its replica (``replica_metrics``).
+
+The body limit and the error replies are loraswap's (``service.http.app``), so a request refused here looks as one
+the replica refuses."""
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from ray import serve
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from starlette.types import Message
+
+from service.http.app import METHODS, BodyLimit, add_error_handlers, error
+from service.scale.exchange import HttpReply, HttpRequest
+from service.scale.replica import REPLICA_HEADER
+from service.scale.replica_metrics import labelled
+from service.scale.routing import adapter_of, changes_adapters, default_adapters
+from service.settings import Settings
+
+
+@serve.ingress()
+class Router:
+    """The ingress deployment class (bound to the replicas' deployment handle and the service's settings)."""
+
+    def __init__(self, replicas: DeploymentHandle, settings: Settings):
+        self.replicas, self.settings = replicas, settings
+        self.defaults = default_adapters(settings)
+
+    def __serve_build_asgi_app__(self) -> FastAPI:  # Ray Serve calls it once the replica is constructed
+        app = FastAPI(title="loraswap scale", docs_url=None, redoc_url=None, openapi_url=None)  # the replicas' own
+        app.add_api_route("/{path:path}", self.forward, methods=list(METHODS), include_in_schema=False)
+        add_error_handlers(app)
+        app.add_middleware(BodyLimit, max_bytes=self.settings.max_body_bytes)
+        return app
+
+    async def forward(self, request: Request) -> Response:
+        """Hand ``request`` to one replica, to all of them, or gather their metrics (see the module)."""
+        http = await HttpRequest.read(request)
+        if changes_adapters(http.method, http.path):
+            return await self.broadcast(request, http)
+        if http.method == "GET" and http.path == "/metrics":
+            return await self.metrics()
+        adapter = adapter_of(http.method, http.path, http.body, self.defaults)
+        return await relayed(self.replicas.options(stream=True, multiplexed_model_id=adapter).stream.remote(http))
+
+    async def broadcast(self, request: Request, http: HttpRequest) -> Response:
+        """Send ``http`` to every replica; their common reply, or a 502 when they differ."""
+        replies: dict[str, HttpReply] = dict(await self.replicas.broadcast("call", http).results_async())
+        statuses = {name: reply.status for name, reply in sorted(replies.items())}
+        if len(set(statuses.values())) > 1:
+            told = ", ".join(f"{name} {status}" for name, status in statuses.items())
+            return error(request, 502, f"the replicas answered differently ({told}): their adapters may now differ; "
+                         "GET /adapters on each, or restart the service")
+        reply = replies[min(replies)]
+        return whole(reply.status, [*reply.headers, replica_header(replies)], reply.body)
+
+    async def metrics(self) -> Response:
+        """Every replica's metrics, each series labelled with its replica."""
+        texts = dict(await self.replicas.broadcast("metrics").results_async())
+        return whole(200, [(b"content-type", CONTENT_TYPE_LATEST.encode()), replica_header(texts)], labelled(texts))
+
+
+def replica_header(replicas) -> tuple[bytes, bytes]:
+    """``REPLICA_HEADER`` naming every replica of ``replicas`` (their names, in order, joined by commas)."""
+    return REPLICA_HEADER.encode(), ",".join(sorted(replicas)).encode()
+
+
+def whole(status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> Response:
+    """A reply of ``body`` with ``headers`` (as ASGI has them) and its own Content-Length."""
+    response = Response(body, status_code=status)
+    response.raw_headers = [*(header for header in headers if header[0] != b"content-length"),
+                            (b"content-length", str(len(body)).encode())]
+    return response
+
+
+async def relayed(messages: DeploymentResponseGenerator) -> Response:
+    """The reply a replica streams as ASGI messages (``LoraswapReplica.stream``): whole when its body came in one
+    message, else streamed on as it comes (the replica's call is cancelled should the client go away)."""
+    start = await anext(messages)
+    first = await anext(messages)
+    headers = list(map(tuple, start.get("headers", ())))
+    if not first.get("more_body", False):
+        return whole(start["status"], headers, first.get("body", b""))
+    response = StreamingResponse(bodies(first, messages), status_code=start["status"])
+    response.raw_headers = headers
+    return response
+
+
+async def bodies(first: Message, messages: DeploymentResponseGenerator) -> AsyncIterator[bytes]:
+    """The body of ``first`` and of each message after it; cancels the replica's call if closed before its end."""
+    ended = False
+    try:
+        yield first.get("body", b"")
+        async for message in messages:
+            yield message.get("body", b"")
+        ended = True
+    finally:
+        if not ended:
+            messages.cancel()

@@ -1,0 +1,171 @@
+"""`loraswap scale` on a local Ray cluster on loopback: 2 replicas of a tiny Llama with 4 adapters (2 resident a
+replica), behind the router. Every answer equals an in-process single server's; each adapter's requests land on one
+replica (its home: Ray Serve's multiplexing), the adapters spread over both, and most find their adapter resident;
+a streamed completion streams through; admin changes reach every replica; /metrics labels each replica's series.
+Skips, saying why, without Ray Serve (the `scale` extra)."""
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service.scale.replica import REPLICA_HEADER
+from tests.e2e.test_live_server import free_port
+from tests.server_helpers import ADMIN, SQUAD_CONTEXT, ready_client, samples_of, settings_in
+from tests.tiny_models import make_adapter
+
+ray = pytest.importorskip("ray", reason='needs Ray Serve: pip install -e ".[scale]"')
+serve = pytest.importorskip("ray.serve", reason='needs Ray Serve: pip install -e ".[scale]"')
+
+ADAPTERS = ("one", "two", "three", "four")
+REPLICAS = 2
+ROUNDS = 4  # requests per adapter and route after the first
+QUESTIONS = ("Which NFL team won Super Bowl 50?", "Where was the game played?", "Who lost?", "When was it?")
+ROUTING_DELAY_S = 1.0  # Ray Serve's routers learn which replica holds an adapter within this (0.1 s pushes)
+
+
+@pytest.fixture(scope="module")
+def settings(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("scale")
+    adapters = {name: make_adapter(tiny_llama_dir, root / "made" / name, seed=seed)
+                for seed, name in enumerate(ADAPTERS)}
+    return settings_in(root, tiny_llama_dir, adapters, max_resident=2, qa_adapter="one", nli_adapter="two")
+
+
+@pytest.fixture(scope="module")
+def single(settings):
+    with ready_client(settings) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def scaled(settings) -> Iterator[httpx.Client]:
+    """The scaled service on a Ray cluster of its own (2 logical CPUs: one a replica), taken down at the end."""
+    from service.scale.app import APP_NAME, ScaleConfig, build_app
+
+    ray.init(num_cpus=REPLICAS, include_dashboard=False, log_to_driver=False, object_store_memory=100 * 2**20)
+    try:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(settings, ScaleConfig(replicas=REPLICAS)), name=APP_NAME, route_prefix="/")
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            yield client
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def content(reply: httpx.Response) -> dict:
+    """The body of a 200 ``reply``, less its latency."""
+    assert reply.status_code == 200, reply.text
+    return {key: value for key, value in reply.json().items() if key != "latency_ms"}
+
+
+def both(scaled: httpx.Client, single, path: str, body: dict) -> str:
+    """POST ``body`` to both services; assert the replies are equal; the replica that served the scaled one."""
+    reply = scaled.post(path, json=body)
+    assert content(reply) == content(single.post(path, json=body)), (path, body)
+    return reply.headers[REPLICA_HEADER]
+
+
+def answer_body(adapter: str, round_: int) -> dict:
+    return {"context": SQUAD_CONTEXT, "question": QUESTIONS[round_ % len(QUESTIONS)], "adapter": adapter}
+
+
+def nli_body(adapter: str, round_: int) -> dict:
+    return {"premise": f"A man plays a guitar on stage number {round_}.", "hypothesis": "A person makes music.",
+            "adapter": adapter}
+
+
+def test_answers_equal_a_single_servers_and_each_adapter_has_a_home_replica(scaled, single):
+    for adapter in ADAPTERS:  # the first request for each: Ray Serve places it on the replica holding fewest adapters
+        both(scaled, single, "/answer", answer_body(adapter, 0))
+        time.sleep(ROUTING_DELAY_S)
+    hits: dict[str, Counter] = {adapter: Counter() for adapter in ADAPTERS}
+    for round_ in range(1, ROUNDS + 1):
+        for adapter in ADAPTERS:
+            hits[adapter][both(scaled, single, "/answer", answer_body(adapter, round_))] += 1
+            hits[adapter][both(scaled, single, "/nli", nli_body(adapter, round_))] += 1
+    homes = {adapter: counts.most_common(1)[0] for adapter, counts in hits.items()}
+    print("requests per adapter and replica:", {adapter: dict(counts) for adapter, counts in hits.items()})
+    for adapter, (_, count) in homes.items():
+        assert count >= 0.75 * 2 * ROUNDS, (adapter, hits[adapter])
+    assert len({replica for replica, _ in homes.values()}) == REPLICAS, homes  # the adapters spread over both
+
+
+def test_the_bare_base_model_and_defaults_answer_as_a_single_server(scaled, single):
+    both(scaled, single, "/answer", {"context": SQUAD_CONTEXT, "question": QUESTIONS[0], "adapter": None})
+    both(scaled, single, "/answer", {"context": SQUAD_CONTEXT, "question": QUESTIONS[0]})  # the qa_adapter, one
+    both(scaled, single, "/nli", {"premise": "A dog runs.", "hypothesis": "An animal moves."})  # nli_adapter, two
+    for reply in (scaled.post("/answer", json={"context": "x", "question": "y", "adapter": "absent"}),
+                  scaled.post("/nli", content=b"{not json", headers={"Content-Type": "application/json"})):
+        expected = single.post(reply.request.url.path, content=reply.request.content,
+                               headers={"Content-Type": "application/json"})
+        assert (reply.status_code, reply.json()) == (expected.status_code, expected.json())
+
+
+def events(reply) -> list[dict]:
+    """The data of a streamed reply's events, less their id and creation time."""
+    data = [line.removeprefix("data: ") for line in reply.text.splitlines() if line.startswith("data: ")]
+    assert data[-1] == "[DONE]", reply.text
+    return [{key: value for key, value in json.loads(item).items() if key not in ("id", "created")}
+            for item in data[:-1]]
+
+
+def test_a_streamed_completion_streams_through(scaled, single):
+    body = {"model": "three", "prompt": "The game was played", "max_tokens": 6, "temperature": 0, "stream": True}
+    with scaled.stream("POST", "/v1/completions", json=body) as reply:
+        assert reply.status_code == 200
+        assert reply.headers["content-type"].startswith("text/event-stream")
+        assert reply.headers["transfer-encoding"] == "chunked"  # streamed on as it came, not handed over whole
+        assert "content-length" not in reply.headers
+        assert reply.headers[REPLICA_HEADER]
+        got = httpx.Response(200, content=reply.read())
+    assert events(got) == events(single.post("/v1/completions", json=body))
+
+
+def test_metrics_label_each_replica_and_most_requests_find_their_adapter_resident(scaled):
+    reply = scaled.get("/metrics")
+    assert reply.status_code == 200
+    samples = samples_of(reply.text)
+    replicas = set(reply.headers[REPLICA_HEADER].split(","))
+    assert len(replicas) == REPLICAS
+    assert {dict(labels).get("replica") for name, labels in samples if name.startswith("loraswap_")} == replicas
+    arrived = {resident: sum(value for (name, labels), value in samples.items()
+                             if name == "loraswap_scale_adapter_requests_total" and ("resident", resident) in labels)
+               for resident in ("true", "false")}
+    assert arrived["true"] >= 3 * arrived["false"], arrived
+
+
+def adapters_by_replica(scaled: httpx.Client) -> dict[str, set[str]]:
+    """The adapters each replica has registered, read from the gathered metrics (a resident gauge per adapter)."""
+    held: dict[str, set[str]] = {}
+    for name, labels in samples_of(scaled.get("/metrics").text):
+        if name == "loraswap_adapter_resident":
+            held.setdefault(dict(labels)["replica"], set()).add(dict(labels)["adapter"])
+    assert len(held) == REPLICAS, held
+    return held
+
+
+def test_admin_changes_reach_every_replica(scaled, single, settings):
+    assert scaled.delete("/adapters/four").status_code == 401  # no admin key: refused by both, nothing changed
+    assert all("four" in held for held in adapters_by_replica(scaled).values())
+    reply = scaled.delete("/adapters/four", headers=ADMIN)
+    assert (reply.status_code, reply.json()) == (200, {"deleted": "four"})
+    assert len(reply.headers[REPLICA_HEADER].split(",")) == REPLICAS
+    assert not any("four" in held for held in adapters_by_replica(scaled).values())
+    for _ in range(2 * REPLICAS):
+        assert scaled.post("/answer", json=answer_body("four", 0)).status_code == 404
+    assert scaled.delete("/adapters/four", headers=ADMIN).status_code == 404  # both: unknown
+
+    path = str(settings.adapters_dir / "four")
+    reply = scaled.post("/v1/load_lora_adapter", json={"lora_name": "four", "lora_path": path}, headers=ADMIN)
+    assert reply.status_code == 200, reply.text
+    assert all("four" in held for held in adapters_by_replica(scaled).values())
+    for round_ in range(2):
+        both(scaled, single, "/answer", answer_body("four", round_))
