@@ -26,9 +26,9 @@ from tests.server_helpers import (
 from tests.tiny_models import make_adapter
 
 DURATION = "loraswap_request_duration_seconds"
-ROUTES = {"/answer", "/nli", "/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/load_lora_adapter",
-          "/v1/unload_lora_adapter", "/adapters", "/adapters/{name}", "/adapters/{name}/merge", "/adapters/unmerge",
-          "/health", "/ready"}
+ROUTES = {"/answer", "/nli", "/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/models/{model}",
+          "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/adapters", "/adapters/{name}", "/adapters/{name}/merge",
+          "/adapters/unmerge", "/health", "/ready"}
 
 
 @pytest.fixture(scope="module")

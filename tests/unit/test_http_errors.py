@@ -33,7 +33,7 @@ def test_the_openapi_error_replies_are_the_table_and_the_errors_docstrings():
     assert documented == {
         "400": HTTP_REPLIES[400], "401": HTTP_REPLIES[401], "422": HTTP_REPLIES[422],
         "404": "No adapter of that name is registered.",
-        "413": f"{HTTP_REPLIES[413]} The prompt has more tokens than the server accepts.",
+        "413": f"{HTTP_REPLIES[413]} The prompt has more tokens than the server accepts.", "415": HTTP_REPLIES[415],
         "429": "The queue holds as many requests as it may; retry later.",
         "503": "The model is loading, or the service is draining or stopped, and takes no new requests.",
     }
