@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 from dataclasses import dataclass
 
 import ray
@@ -11,7 +12,7 @@ from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
 from service.scale.options import ROUTINGS
-from service.scale.replica import LoraswapReplica
+from service.scale.replica import ROUTER_NAME, LoraswapReplica
 from service.scale.round_robin import RoundRobinRouter
 from service.scale.router import Router
 from service.settings import Settings
@@ -47,15 +48,22 @@ def build_app(settings: Settings, config: ScaleConfig) -> Application:
     replica = serve.deployment(LoraswapReplica, name="LoraswapReplica").options(
         num_replicas=config.replicas, max_ongoing_requests=per_replica,
         ray_actor_options={"num_cpus": config.replica_cpus, "num_gpus": config.replica_gpus}, **routed)
-    router = serve.deployment(Router, name="Router").options(
+    router = serve.deployment(Router, name=ROUTER_NAME).options(
         num_replicas=1, max_ongoing_requests=per_replica * config.replicas, ray_actor_options={"num_cpus": 0})
     return router.bind(replica.bind(settings), settings)
 
 
+def interrupt(signum: int, frame) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def serve_scaled(settings: Settings, config: ScaleConfig) -> None:
     """Serve the HTTP API on ``settings.host``:``settings.port`` from ``config.replicas`` replicas until interrupted
-    (Ctrl-C), then take the application down, and Ray too when it was started here. Ray Serve's HTTP options are
-    the cluster's: on a cluster whose Serve already runs, its host and port stay as they are."""
+    (Ctrl-C or SIGTERM, even where the shell started it with SIGINT ignored), then take the application down, and
+    Ray too when it was started here. Ray Serve's HTTP options are the cluster's: on a cluster whose Serve already
+    runs, its host and port stay as they are."""
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, interrupt)
     ray.init(address=config.address)
     try:
         serve.start(http_options={"host": settings.host, "port": settings.port})

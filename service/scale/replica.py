@@ -9,6 +9,9 @@ tells its routers this replica holds, so later requests for them come here. The 
 in no other way than the engine does: every replica registers every adapter (the adapters folder, and admin changes
 sent to all), and the engine fills a device slot when it admits the request, evicting its least recently used one;
 Ray Serve's LRU evicts in the same order, as it sees the same requests, so its eviction needs no callback of ours.
+
+Every call says how many admin changes the router's log holds; a replica behind applies those it lacks first
+(``adapter_changes``), so one that started after them serves as the others do.
 """
 from __future__ import annotations
 
@@ -22,11 +25,12 @@ from service.errors import UnknownAdapter
 from service.http.app import create_app
 from service.lora.adapter_files import AdapterWeights
 from service.runtime import Runtime
+from service.scale.adapter_changes import Follower
 from service.scale.exchange import HttpReply, HttpRequest, collected, exchange
-from service.scale.routing import NO_ADAPTER
+from service.scale.routing import NO_ADAPTER, REPLICA_HEADER
 from service.settings import Settings
 
-REPLICA_HEADER = "x-loraswap-replica"  # the reply header that names the replica that served it
+ROUTER_NAME = "Router"  # the router's deployment, which keeps the log of admin changes
 
 ADAPTER_REQUESTS = Counter(
     "loraswap_scale_adapter_requests", "Requests for a registered adapter that reached this replica, by whether the "
@@ -45,6 +49,7 @@ class LoraswapReplica:
         self.runtime.start()  # raises what stops the service from starting: Ray Serve then fails the replica
         self.app = create_app(rt=self.runtime)
         self.name = serve.get_replica_context().replica_tag
+        self.changes = Follower(lambda change: collected(self.app, change), self.fetch_changes)
 
         async def hold(adapter: str) -> AdapterWeights:
             ADAPTER_HOLDS.inc()
@@ -53,9 +58,11 @@ class LoraswapReplica:
         # an instance attribute, so that the bound comes from the settings (Ray Serve finds it on the instance)
         self.hold = serve.multiplexed(max_num_models_per_replica=settings.max_resident)(hold)
 
-    async def stream(self, request: HttpRequest) -> AsyncIterator[Message]:
+    async def stream(self, request: HttpRequest, logged: int) -> AsyncIterator[Message]:
         """The app's reply to ``request`` as ASGI messages (``exchange``), its start naming this replica in
-        ``REPLICA_HEADER``; the request's multiplexed model id (its adapter) is held first (``affinity``)."""
+        ``REPLICA_HEADER``. First the admin changes up to ``logged`` are applied, and the request's multiplexed model
+        id (its adapter) is held (``affinity``)."""
+        await self.changes.catch_up(logged)
         await self.affinity(serve.get_multiplexed_model_id())
         async for message in exchange(self.app, request):
             if message["type"] == "http.response.start":
@@ -63,13 +70,21 @@ class LoraswapReplica:
                                                   (REPLICA_HEADER.encode(), self.name.encode())]}
             yield message
 
-    async def call(self, request: HttpRequest) -> tuple[str, HttpReply]:
-        """This replica's name and the app's whole reply to ``request`` (for a call sent to every replica)."""
-        return self.name, await collected(self.app, request)
+    async def change(self, request: HttpRequest, number: int) -> tuple[str, HttpReply]:
+        """This replica's name and the app's whole reply to the admin change ``request``, number ``number`` of the
+        router's log (sent to every replica)."""
+        return self.name, await self.changes.change(request, number)
 
-    def metrics(self) -> tuple[str, str]:
-        """This replica's name and its Prometheus metrics, in the text format."""
+    async def metrics(self, logged: int) -> tuple[str, str]:
+        """This replica's name and its Prometheus metrics (the text format), once the admin changes up to ``logged``
+        are applied."""
+        await self.changes.catch_up(logged)
         return self.name, generate_latest().decode()
+
+    async def fetch_changes(self, start: int, end: int) -> list[HttpRequest]:
+        """The admin changes numbered ``start`` up to ``end`` (excluded), from the router's log."""
+        router = serve.get_deployment_handle(ROUTER_NAME, app_name=serve.get_replica_context().app_name)
+        return await router.adapter_changes.remote(start, end)
 
     async def affinity(self, adapter: str) -> None:
         """Count a request for ``adapter`` by whether it is resident, and hold it in the multiplexed LRU. Nothing for

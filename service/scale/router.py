@@ -7,13 +7,15 @@ replicas (``service.scale.replica``) through their deployment handle.
   the API schema) go to any replica.
 - A request that changes the adapters (``routing.changes_adapters``) goes to every replica (the handle's
   ``broadcast``); when they all answer alike, the reply is theirs and names them all, else a 502 says who answered
-  what.
+  what. One accepted by all is kept in the log of changes (``adapter_changes``), which a replica that was not live
+  then applies before it serves.
 - ``GET /metrics`` gathers every replica's metrics, each series labelled with its replica (``replica_metrics``).
 
 The body limit and the error replies are loraswap's (``service.http.app``), so a request refused here looks as one
 the replica refuses."""
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request, Response
@@ -24,11 +26,13 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.types import Message
 
 from service.http.app import METHODS, BodyLimit, add_error_handlers, error
+from service.scale.adapter_changes import ChangeLog
 from service.scale.exchange import HttpReply, HttpRequest
-from service.scale.replica import REPLICA_HEADER
 from service.scale.replica_metrics import labelled
-from service.scale.routing import adapter_of, changes_adapters, default_adapters
+from service.scale.routing import REPLICA_HEADER, adapter_of, changes_adapters, default_adapters
 from service.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 @serve.ingress()
@@ -38,6 +42,7 @@ class Router:
     def __init__(self, replicas: DeploymentHandle, settings: Settings):
         self.replicas, self.settings = replicas, settings
         self.defaults = default_adapters(settings)
+        self.log = ChangeLog()
 
     def __serve_build_asgi_app__(self) -> FastAPI:  # Ray Serve calls it once the replica is constructed
         app = FastAPI(title="loraswap scale", docs_url=None, redoc_url=None, openapi_url=None)  # the replicas' own
@@ -54,11 +59,16 @@ class Router:
         if http.method == "GET" and http.path == "/metrics":
             return await self.metrics()
         adapter = adapter_of(http.method, http.path, http.body, self.defaults)
-        return await relayed(self.replicas.options(stream=True, multiplexed_model_id=adapter).stream.remote(http))
+        routed = self.replicas.options(stream=True, multiplexed_model_id=adapter)
+        return await relayed(routed.stream.remote(http, len(self.log)))
 
     async def broadcast(self, request: Request, http: HttpRequest) -> Response:
-        """Send ``http`` to every replica; their common reply, or a 502 when they differ."""
-        replies: dict[str, HttpReply] = dict(await self.replicas.broadcast("call", http).results_async())
+        """Send the change ``http`` to every replica; their common reply, or a 502 when they differ."""
+        async with self.log.lock:
+            replies: dict[str, HttpReply] = await self.everyone("change", http, len(self.log))
+            self.log.record(http, [reply.status for reply in replies.values()])
+        if not replies:
+            return error(request, 503, "no replica answered: the service is starting or its replicas failed")
         statuses = {name: reply.status for name, reply in sorted(replies.items())}
         if len(set(statuses.values())) > 1:
             told = ", ".join(f"{name} {status}" for name, status in statuses.items())
@@ -67,9 +77,22 @@ class Router:
         reply = replies[min(replies)]
         return whole(reply.status, [*reply.headers, replica_header(replies)], reply.body)
 
+    async def everyone(self, method: str, *args) -> dict:
+        """Call ``method`` with ``args`` on every live replica; their replies (name, reply), by name. A replica that
+        fails to answer (it died meanwhile: Ray Serve replaces it, and the replacement catches up on the changes) is
+        left out, and logged."""
+        results = await self.replicas.broadcast(method, *args).results_async(return_exceptions=True)
+        for failure in (result for result in results if isinstance(result, BaseException)):
+            log.warning("a replica did not answer %s: %r", method, failure)
+        return dict(result for result in results if not isinstance(result, BaseException))
+
+    async def adapter_changes(self, start: int, end: int) -> list[HttpRequest]:
+        """The admin changes numbered ``start`` up to ``end`` (excluded), for a replica catching up."""
+        return self.log.between(start, end)
+
     async def metrics(self) -> Response:
         """Every replica's metrics, each series labelled with its replica."""
-        texts = dict(await self.replicas.broadcast("metrics").results_async())
+        texts = await self.everyone("metrics", len(self.log))
         return whole(200, [(b"content-type", CONTENT_TYPE_LATEST.encode()), replica_header(texts)], labelled(texts))
 
 

@@ -15,6 +15,7 @@ ADAPTER_FIELDS = {"/answer": "adapter", "/nli": "adapter", "/v1/completions": "m
 VLLM_ADMIN_PATHS = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter"})
 READ_ONLY_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 NO_ADAPTER = ""  # Ray Serve's multiplexed model id of a request routed without affinity
+REPLICA_HEADER = "x-loraswap-replica"  # the reply header that names the replica that served it
 
 
 def default_adapters(settings: Settings) -> dict[str, str | None]:

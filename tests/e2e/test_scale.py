@@ -1,7 +1,8 @@
 """`loraswap scale` on a local Ray cluster on loopback: 2 replicas of a tiny Llama with 4 adapters (2 resident a
 replica), behind the router. Every answer equals an in-process single server's; each adapter's requests land on one
 replica (its home: Ray Serve's multiplexing), the adapters spread over both, and most find their adapter resident;
-a streamed completion streams through; admin changes reach every replica; /metrics labels each replica's series.
+a streamed completion streams through; admin changes reach every replica, also one started after them; /metrics
+labels each replica's series.
 Skips, saying why, without Ray Serve (the `scale` extra)."""
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.scale.replica import REPLICA_HEADER
+from service.scale.routing import REPLICA_HEADER
 from tests.e2e.test_live_server import free_port
 from tests.server_helpers import ADMIN, SQUAD_CONTEXT, ready_client, samples_of, settings_in
 from tests.tiny_models import make_adapter
@@ -27,6 +28,7 @@ REPLICAS = 2
 ROUNDS = 4  # requests per adapter and route after the first
 QUESTIONS = ("Which NFL team won Super Bowl 50?", "Where was the game played?", "Who lost?", "When was it?")
 ROUTING_DELAY_S = 1.0  # Ray Serve's routers learn which replica holds an adapter within this (0.1 s pushes)
+REPLACEMENT_TIMEOUT_S = 120  # for Ray Serve to replace a replica killed (a new process loading the model)
 
 
 @pytest.fixture(scope="module")
@@ -142,13 +144,16 @@ def test_metrics_label_each_replica_and_most_requests_find_their_adapter_residen
     assert arrived["true"] >= 3 * arrived["false"], arrived
 
 
-def adapters_by_replica(scaled: httpx.Client) -> dict[str, set[str]]:
-    """The adapters each replica has registered, read from the gathered metrics (a resident gauge per adapter)."""
+def adapters_by_replica(scaled: httpx.Client, count: int | None = REPLICAS) -> dict[str, set[str]]:
+    """The adapters each replica has registered, read from the gathered metrics (a resident gauge per adapter); there
+    are ``count`` replicas (None: any number)."""
+    reply = scaled.get("/metrics")
+    assert reply.status_code == 200, reply.text
     held: dict[str, set[str]] = {}
-    for name, labels in samples_of(scaled.get("/metrics").text):
+    for name, labels in samples_of(reply.text):
         if name == "loraswap_adapter_resident":
             held.setdefault(dict(labels)["replica"], set()).add(dict(labels)["adapter"])
-    assert len(held) == REPLICAS, held
+    assert count is None or len(held) == count, held
     return held
 
 
@@ -169,3 +174,26 @@ def test_admin_changes_reach_every_replica(scaled, single, settings):
     assert all("four" in held for held in adapters_by_replica(scaled).values())
     for round_ in range(2):
         both(scaled, single, "/answer", answer_body("four", round_))
+
+
+def test_a_replica_that_starts_after_admin_changes_applies_them_first(scaled, single):
+    """A replica killed and replaced by Ray Serve starts from the adapters folder; the change made before (three
+    unregistered) reaches it before it serves."""
+    assert scaled.delete("/adapters/three", headers=ADMIN).status_code == 200
+    before = adapters_by_replica(scaled)
+    victim = sorted(before)[0]
+    (name,) = [actor["name"] for actor in ray.util.list_named_actors(all_namespaces=True)
+               if actor["name"].startswith("SERVE_REPLICA::") and actor["name"].endswith(f"#{victim}")]
+    ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+    deadline = time.monotonic() + REPLACEMENT_TIMEOUT_S
+    while True:
+        held = adapters_by_replica(scaled, count=None)
+        if len(held) == REPLICAS and victim not in held:
+            break
+        assert time.monotonic() < deadline, f"no replica replaced {victim} within {REPLACEMENT_TIMEOUT_S} s: {held}"
+        time.sleep(1)
+    assert all(adapters == before[sorted(before)[1]] for adapters in held.values()), held
+    assert "three" not in set().union(*held.values())
+    for round_ in range(2 * REPLICAS):
+        assert scaled.post("/answer", json=answer_body("three", round_)).status_code == 404
+        both(scaled, single, "/answer", answer_body("two", round_))
