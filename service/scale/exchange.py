@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message
+
+log = logging.getLogger(__name__)
 
 # how long an application whose client went away has to see the http.disconnect before it is cancelled (s)
 DISCONNECT_GRACE_S = 1.0
@@ -58,7 +61,8 @@ async def exchange(app: ASGIApp, request: HttpRequest) -> AsyncIterator[Message]
     """Call ``app`` with ``request``; yield the messages it sends (``http.response.start``, then
     ``http.response.body`` ones, the last without ``more_body``). Closing the iterator early (the client went away)
     tells the application so (``http.disconnect``), as a server would, and cancels it after ``DISCONNECT_GRACE_S``.
-    Raises what the application raised before its reply was complete."""
+    Raises what the application raised before its reply was complete; logs what it raised after (Starlette sends
+    its 500, then raises for the server to log, as uvicorn does)."""
     sent: asyncio.Queue[Message] = asyncio.Queue()
     gone, read = asyncio.Event(), False
 
@@ -70,15 +74,18 @@ async def exchange(app: ASGIApp, request: HttpRequest) -> AsyncIterator[Message]
         await gone.wait()
         return {"type": "http.disconnect"}
 
-    task = asyncio.ensure_future(app(request.scope(), receive, sent.put))
+    task, complete = asyncio.ensure_future(app(request.scope(), receive, sent.put)), False
     try:
         async for message in _until_done(sent, task):
             yield message
+        complete = True
     finally:
         gone.set()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.wait({task}, timeout=DISCONNECT_GRACE_S)
         task.cancel()
+        if complete and task.done() and not task.cancelled() and task.exception() is not None:
+            log.error("the application failed on %s %s", request.method, request.path, exc_info=task.exception())
 
 
 async def _until_done(sent: asyncio.Queue[Message], task: asyncio.Future) -> AsyncIterator[Message]:

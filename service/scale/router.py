@@ -33,6 +33,7 @@ from service.scale.routing import REPLICA_HEADER, adapter_of, changes_adapters, 
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
+NONE_ANSWERED = "no replica answered: the service is starting, or its replicas failed"
 
 
 @serve.ingress()
@@ -57,7 +58,7 @@ class Router:
         if changes_adapters(http.method, http.path):
             return await self.broadcast(request, http)
         if http.method == "GET" and http.path == "/metrics":
-            return await self.metrics()
+            return await self.metrics(request)
         adapter = adapter_of(http.method, http.path, http.body, self.defaults)
         routed = self.replicas.options(stream=True, multiplexed_model_id=adapter)
         return await relayed(routed.stream.remote(http, len(self.log)))
@@ -68,12 +69,12 @@ class Router:
             replies: dict[str, HttpReply] = await self.everyone("change", http, len(self.log))
             self.log.record(http, [reply.status for reply in replies.values()])
         if not replies:
-            return error(request, 503, "no replica answered: the service is starting or its replicas failed")
+            return error(request, 503, NONE_ANSWERED)
         statuses = {name: reply.status for name, reply in sorted(replies.items())}
         if len(set(statuses.values())) > 1:
             told = ", ".join(f"{name} {status}" for name, status in statuses.items())
-            return error(request, 502, f"the replicas answered differently ({told}): their adapters may now differ; "
-                         "GET /adapters on each, or restart the service")
+            return error(request, 502, f"the replicas answered differently ({told}): their adapters may now differ "
+                         "(/metrics shows each replica's); make the change again, or undo it")
         reply = replies[min(replies)]
         return whole(reply.status, [*reply.headers, replica_header(replies)], reply.body)
 
@@ -90,9 +91,11 @@ class Router:
         """The admin changes numbered ``start`` up to ``end`` (excluded), for a replica catching up."""
         return self.log.between(start, end)
 
-    async def metrics(self) -> Response:
+    async def metrics(self, request: Request) -> Response:
         """Every replica's metrics, each series labelled with its replica."""
         texts = await self.everyone("metrics", len(self.log))
+        if not texts:
+            return error(request, 503, NONE_ANSWERED)
         return whole(200, [(b"content-type", CONTENT_TYPE_LATEST.encode()), replica_header(texts)], labelled(texts))
 
 
