@@ -8,7 +8,7 @@ The server must accept adapters from ``--adapter-root`` (``loraswap serve --adap
 key: the test derives its adapters from one the server has registered, registers them, and removes them at the end.
 The exit status is 1 when a check failed (a wrong answer, a 5xx, a request unanswered, another status than 200,
 429 with Retry-After, or 404 while its adapter was away; a failed admin call; a recovery request not answered right),
-2 for a usage error.
+2 for a usage error or a set-up the server refused.
 """
 from __future__ import annotations
 
@@ -73,12 +73,15 @@ def nli_source(path: Path | None) -> tuple[Path, tuple[str, ...] | None]:
 
 def run_loadtest(args: argparse.Namespace) -> None:
     """Run ``loraswap loadtest``: the report to ``--json``, its tables to ``--md`` and printed. Exit status 2 without
-    ``$LORASWAP_ADMIN_KEY``, 1 when a check failed."""
+    ``$LORASWAP_ADMIN_KEY`` or when the server refuses the test's set-up (a wrong admin key, an ``--adapter-root``
+    that is not one of its roots, no ``--source`` adapter, the server unreachable), 1 when a check failed."""
     admin_key = os.environ.get("LORASWAP_ADMIN_KEY")
     if not admin_key:
         print("loraswap loadtest: error: set LORASWAP_ADMIN_KEY, the server's admin key (the test registers its "
               "adapters)", file=sys.stderr)
         raise SystemExit(2)
+    import httpx
+
     from loadtest.checked.report import markdown
     from loadtest.checked.run import LoadConfig, run_load
 
@@ -89,7 +92,12 @@ def run_loadtest(args: argparse.Namespace) -> None:
         adapters=args.adapters, prompts=args.prompts, new_tokens=args.new_tokens, rank=args.rank,
         kinds=tuple(args.kinds), spread=args.spread, seed=args.seed, churn_interval_s=args.churn_interval,
         timeout_s=args.timeout, tolerance=args.tolerance, recovery=args.recovery)
-    report = run_load(config)
+    try:
+        report = run_load(config)
+    except (httpx.HTTPStatusError, httpx.TransportError, ValueError) as refused:
+        detail = refused.response.text[:300] if isinstance(refused, httpx.HTTPStatusError) else ""
+        print(f"loraswap loadtest: error: {refused} {detail}".rstrip(), file=sys.stderr)
+        raise SystemExit(2) from None
     args.json.write_text(json.dumps(report, indent=1))
     tables = markdown(report)
     print(tables)
@@ -99,5 +107,6 @@ def run_loadtest(args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
-LOADTEST = Command("load tests that check every answer (locust scenarios: single, uniform, zipf, churn, overload)",
+LOADTEST = Command("load tests that check every answer (locust scenarios: single, uniform, zipf, churn, overload); "
+                   "the server's admin key from $LORASWAP_ADMIN_KEY",
                    add_loadtest_options, run_loadtest)

@@ -56,7 +56,8 @@ def server(tiny_llama_dir, llama_adapters, tmp_path_factory):
             print(log.read()[-4000:])  # shown when a test fails
 
 
-def loadtest(server: Server, scenario: str, *, users: int = 4, duration: float = 3) -> subprocess.Popen:
+def loadtest(server: Server, scenario: str, *, users: int = 4, duration: float = 3,
+             admin_key: str = ADMIN_KEY) -> subprocess.Popen:
     """``loraswap loadtest`` of ``scenario`` against ``server``, started (3 requests per adapter, answers of at most 4
     tokens, the committed data sample); its report goes to ROOT/SCENARIO.json."""
     command = [sys.executable, "-m", "service.cli.main", "loadtest", "--scenario", scenario, "--users", str(users),
@@ -64,7 +65,7 @@ def loadtest(server: Server, scenario: str, *, users: int = 4, duration: float =
                "--adapters", str(ADAPTERS[scenario]), "--prompts", "3", "--new-tokens", "4", "--recovery", "3",
                "--source", "one", "--spread", str(SPREAD), "--squad", str(SQUAD_SAMPLE), "--nli", str(NLI_SAMPLE),
                "--json", str(server.root / f"{scenario}.json"), "--md", str(server.root / f"{scenario}.md")]
-    env = {**os.environ, "LORASWAP_ADMIN_KEY": ADMIN_KEY, "CUDA_VISIBLE_DEVICES": ""}
+    env = {**os.environ, "LORASWAP_ADMIN_KEY": admin_key, "CUDA_VISIBLE_DEVICES": ""}
     return subprocess.Popen(command, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
@@ -138,3 +139,10 @@ def test_overload_is_refused_fast_and_then_served(server):
     assert report["server"]["replies_by_status"]["429"] >= report["rejected_429"]
     assert report["server"]["rss_after_bytes"] - report["server"]["rss_before_bytes"] < 256 * 2**20
     assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
+
+
+def test_a_set_up_the_server_refuses_is_a_usage_error_not_a_traceback(server):
+    """A wrong admin key: exit 2 with the server's refusal, as documented, not a traceback and exit 1."""
+    process = loadtest(server, "single", admin_key="not the key")
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 2 and "401" in err and "Traceback" not in err, err[-2000:]
