@@ -73,6 +73,7 @@ class Bench:
         self.settings = Settings(base_model=args.base_model, device=args.device, dtype=args.dtype,
                                  cache_dir=args.cache_dir, max_resident=max(args.adapters, 2), max_rank=64,
                                  max_batch=max(self.batch_sizes), batch_window_ms=200, max_queue=4096,
+                                 max_queue_wait=0,  # a measured burst waits its turn, however long
                                  max_new_tokens=args.new_tokens, auto_merge=False, prefill_chunk=args.prefill_chunk,
                                  prefix_cache_bytes=0)
         self.device = pick_device(args.device)

@@ -49,6 +49,11 @@ class QueueFull(Exception):
     """The queue holds as many requests as it may; retry later."""
 
 
+class QueueTimeout(QueueFull):
+    """A request waited in the queue longer than ``max_queue_wait`` seconds without joining a batch: the server is
+    past capacity; retry later."""
+
+
 class EngineStopped(Exception):
     """The model is loading, or the service is draining or stopped, and takes no new requests."""
 

@@ -59,6 +59,9 @@ class Settings(BaseSettings):
         f"running batch between its decoding steps. None: {CPU_BATCH_WINDOW_MS} ms on the CPU (a wait there costs the "
         f"one request more than batching saves: docs/benchmarks.md), {GPU_BATCH_WINDOW_MS} ms on a GPU")
     max_queue: int = Field(256, ge=1, description="queued requests before 429")
+    max_queue_wait: float = Field(30.0, ge=0, description="seconds a request may wait in the queue for a batch before "
+                                  "it is refused with 429 and Retry-After (the server is past capacity), so that no "
+                                  "request waits without bound; 0: no bound")
     max_new_tokens: int = Field(64, ge=1, description="most tokens a request generates (per choice); OpenAI's routes "
                                 "refuse a max_tokens above it and take it for an absent one")
     max_choices: int = Field(8, ge=1, description="most choices (n) one request to OpenAI's routes may ask for")

@@ -40,6 +40,7 @@ def start_runtime(args: argparse.Namespace, folder: Path | None) -> Runtime:
         base_model=args.base_model, adapters_dir=args.adapters_dir, device=args.device, dtype=args.dtype,
         quantize=args.quantize, max_batch=args.max_batch, batch_window_ms=20,
         max_queue=4 * args.max_batch * Settings().max_answer_windows,  # room for every window of 4 batches' answers
+        max_queue_wait=0,  # the evaluation keeps max_queue requests in flight: they wait their turn, however long
         max_new_tokens=args.max_new_tokens, auto_merge=False,
         adapter_roots=[folder.resolve().parent] if folder is not None else [],
     )

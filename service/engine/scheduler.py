@@ -36,7 +36,7 @@ from service.engine.prefix_cache import PrefixCache, weights_key
 from service.engine.requests import Generation, RequestFuture, SampledToken, Scoring
 from service.engine.row_mapping import map_rows, point
 from service.engine.running_batch import RunningBatch
-from service.errors import EngineFailed, EngineStopped, QueueFull, RequestAbandoned, UnknownAdapter
+from service.errors import EngineFailed, EngineStopped, QueueFull, QueueTimeout, RequestAbandoned, UnknownAdapter
 from service.lora.adapter_files import BASE_LABEL, AdapterWeights
 from service.lora.registry import AdapterRegistry
 from service.settings import CPU_BATCH_WINDOW_MS, CPU_PREFILL_TOKENS, GPU_BATCH_WINDOW_MS, Settings
@@ -231,9 +231,26 @@ class Engine:
                 if left <= 0:
                     break
                 self._wakeup.wait(left)
-            if not self._queue:  # every request queued was withdrawn (its client went away) during the window
+            self._expire_waiting()
+            if not self._queue:  # every request queued was withdrawn (its client went away) or expired meanwhile
                 return None
             return self._take(type(self._queue[0].work), self.settings.max_batch, set())
+
+    def _expire_waiting(self) -> None:
+        """Refuse (QueueTimeout) every queued request that has waited more than ``max_queue_wait`` seconds (0: none):
+        past capacity, a request refused in bounded time can be sent elsewhere or later, where one left in the queue
+        would be answered after its client gave up. Called holding ``_wakeup``, whenever requests are taken: a
+        request hears of it at most one decoding step or prefill pass after its time ran out."""
+        bound = self.settings.max_queue_wait
+        oldest = time.perf_counter() - bound
+        if not bound or not any(pending.enqueued < oldest for pending in self._queue):
+            return
+        expired = [pending for pending in self._queue if pending.enqueued < oldest]
+        self._queue = deque(pending for pending in self._queue if pending.enqueued >= oldest)
+        error = QueueTimeout(f"the request waited {bound:g} s in the queue without joining a batch (the server's "
+                             "max_queue_wait): the server is past capacity; retry later")
+        for pending in expired:
+            pending.future.set_exception(error)
 
     def _take(self, kind: type, room: int, adapters: set[AdapterWeights], loads: float = math.inf) -> list[_Pending]:
         """Up to ``room`` queued requests of one kind, oldest first, so that the adapters in use (``adapters``
@@ -375,6 +392,7 @@ class Engine:
         steady stream for the resident adapters would keep every slot in use, and it waiting, for ever."""
         in_use = {pending.adapter for pending in running.pendings}
         with self._wakeup:
+            self._expire_waiting()
             if self._controls or (self._queue and self._waits_for_a_slot(self._queue[0], in_use)):
                 return None
         for kind in (Scoring, Generation):

@@ -17,7 +17,7 @@ import pytest
 
 from service.engine.requests import Generation, GenerationResult, Scoring, run_all
 from service.engine.sampling import Decoding
-from service.errors import AdapterError, EngineStopped, QueueFull
+from service.errors import AdapterError, EngineStopped, QueueFull, QueueTimeout
 from service.http.errors import status_of
 from tests.engine.engine_helpers import (
     WAIT,
@@ -257,6 +257,36 @@ def test_a_full_queue_refuses_more_work(engines):
             engine.submit(Scoring(prompt(rng), None, [1, 2]))
     assert all(isinstance(result, GenerationResult) for result in results(futures))
     assert isinstance(alone(engine, greedy(rng, "r4")), GenerationResult)  # room again once drained
+
+
+@pytest.mark.parametrize("bound", [0.2, 0])
+def test_a_request_queued_past_max_queue_wait_is_refused_and_the_running_one_served(engines, bound):
+    """With ``max_queue_wait`` (seconds), a request still queued once its time is out fails with QueueTimeout (429) at
+    the next decoding step, generation and scoring alike; the running row finishes as alone, and a later request is
+    served. With 0 (no bound) the same waiting requests are served."""
+    reference = engines.shared()
+    engine = engines.fresh(max_batch=1, max_queue_wait=bound)
+    rng = random.Random(12)
+    engine.decoder = steps = WatchedSteps(engine.decoder, hold_at=2)
+    running = long_generation(rng, "r2", 6)
+    first = engine.submit(running)
+    assert steps.holding.wait(WAIT)
+    waiting = [greedy(rng, "r8"), Scoring(prompt(rng), None, [1, 2])]
+    queued = [engine.submit(work) for work in waiting]
+    time.sleep(0.4)  # past the bound while the running row holds the only place in the batch
+    steps.release.set()
+    assert same_output(first.result(WAIT), alone(reference, running))
+    for future, work in zip(queued, waiting):
+        if bound:
+            with pytest.raises(QueueTimeout, match="max_queue_wait"):
+                future.result(WAIT)
+        elif isinstance(work, Scoring):
+            assert future.result(WAIT) == pytest.approx(alone(reference, work), abs=1e-5)
+        else:
+            assert same_output(future.result(WAIT), alone(reference, work))
+    later = greedy(rng, None)
+    assert same_output(alone(engine, later), alone(reference, later))
+    assert status_of(QueueTimeout) == 429
 
 
 def test_an_adapter_unregistered_while_queued_fails_only_its_requests(engines):
