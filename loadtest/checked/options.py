@@ -7,8 +7,9 @@ parser from here; the run imports them.
 The server must accept adapters from ``--adapter-root`` (``loraswap serve --adapter-roots DIR``) and have the admin
 key: the test derives its adapters from one the server has registered, registers them, and removes them at the end.
 The exit status is 1 when a check failed (a wrong answer, a 5xx, a request unanswered, another status than 200,
-429 with Retry-After, or 404 while its adapter was away; a failed admin call; a recovery request not answered right),
-2 for a usage error or a set-up the server refused.
+429 with Retry-After, or 404 while its adapter was away; a failed admin call; a recovery request not answered right;
+a 5xx seen by the soak's storm clients, or the server's memory growing past ``--max-rss-growth`` after the warm-up;
+the same growth over ``--register-cycles``), 2 for a usage error or a set-up the server refused.
 """
 from __future__ import annotations
 
@@ -59,6 +60,21 @@ def add_loadtest_options(parser: argparse.ArgumentParser) -> None:
                         help="how far an /nli probability may be from the reference pass's")
     parser.add_argument("--recovery", type=nonnegative(int), default=6,
                         help="requests sent alone once the load is gone, each to be answered right")
+    parser.add_argument("--storm-clients", type=positive(int), default=200,
+                        help="clients of the disconnect storm (soak scenario), each sending requests and hanging up at "
+                        "a random point: while sending, before the reply, or mid-stream")
+    parser.add_argument("--hang-up", type=positive(float), default=2.0,
+                        help="the most seconds a storm client waits for a reply before hanging up")
+    parser.add_argument("--warmup", type=nonnegative(float),
+                        help="seconds of load before the server's memory must stay flat (soak scenario; default: a "
+                        "fifth of --duration)")
+    parser.add_argument("--max-rss-growth", type=nonnegative(float), default=0.05,
+                        help="how much the server's resident memory may grow after the warm-up (soak) and over the "
+                        "register cycles, as a fraction (0.05: 5%%)")
+    parser.add_argument("--register-cycles", type=nonnegative(int), default=0,
+                        help="after the load, unregister and register one adapter this many times, a request to it "
+                        "every 100 cycles (every tenth when fewer than 1,000): the memory must come back to its "
+                        "baseline")
     parser.add_argument("--squad", type=Path, help="SQuAD v1.1 questions (default: the dev set in the data folder)")
     parser.add_argument("--nli", type=Path, help="NLI pairs, every row (default: MNLI dev_matched in the data folder)")
 
@@ -82,7 +98,7 @@ def run_loadtest(args: argparse.Namespace) -> None:
         raise SystemExit(2)
     import httpx
 
-    from loadtest.checked.report import markdown
+    from loadtest.checked.report import failed_checks, markdown
     from loadtest.checked.run import LoadConfig, run_load
 
     config = LoadConfig(
@@ -91,7 +107,9 @@ def run_loadtest(args: argparse.Namespace) -> None:
         squad=args.squad or data_dir() / TASK_EVAL_FILES["squad"][0], nli=nli_source(args.nli), source=args.source,
         adapters=args.adapters, prompts=args.prompts, new_tokens=args.new_tokens, rank=args.rank,
         kinds=tuple(args.kinds), spread=args.spread, seed=args.seed, churn_interval_s=args.churn_interval,
-        timeout_s=args.timeout, tolerance=args.tolerance, recovery=args.recovery)
+        timeout_s=args.timeout, tolerance=args.tolerance, recovery=args.recovery, storm_clients=args.storm_clients,
+        hang_up_s=args.hang_up, warmup_s=args.warmup, max_rss_growth=args.max_rss_growth,
+        register_cycles=args.register_cycles)
     try:
         report = run_load(config)
     except (httpx.HTTPStatusError, httpx.TransportError, ValueError) as refused:
@@ -103,10 +121,13 @@ def run_loadtest(args: argparse.Namespace) -> None:
     print(tables)
     if args.md:
         args.md.write_text(tables)
-    if report["failures"] or report["admin"]["failures"] or report["recovery"]["failures"]:
+    failed = failed_checks(report)
+    if failed:
+        print(f"loraswap loadtest: failed: {', '.join(failed)}", file=sys.stderr)
         raise SystemExit(1)
 
 
-LOADTEST = Command("load tests that check every answer (locust scenarios: single, uniform, zipf, churn, overload); "
+LOADTEST = Command("load tests that check every answer (locust scenarios: single, uniform, zipf, churn, overload, "
+                   "soak); "
                    "the server's admin key from $LORASWAP_ADMIN_KEY",
                    add_loadtest_options, run_loadtest)

@@ -88,7 +88,38 @@ def markdown(report: dict) -> str:
              "", "| | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     lines += [f"| {label} | " + " | ".join("" if figures[c] is None else str(figures[c]) for c in COLUMNS) + " |"
               for label, figures in rows]
-    return "\n".join([*lines, "", server_lines(report["server"])]) + "\n"
+    extra = [memory_line(report["memory"]), storm_line(report["storm"]), cycles_line(report["register_cycles"])]
+    return "\n".join([*lines, "", server_lines(report["server"]), *[line for line in extra if line]]) + "\n"
+
+
+def memory_line(memory: dict) -> str:
+    """The server's memory during the load (``memory.flatness``) in one line."""
+    if memory["growth"] is None:
+        return f"Memory: {memory['samples']} samples, too few to compare the warm-up with what followed."
+    mib = 2 ** 20
+    return (f"Memory: peak {memory['warmup_peak_bytes'] / mib:.0f} MiB in the first {memory['warmup_s']:g} s, "
+            f"{memory['peak_after_bytes'] / mib:.0f} MiB after ({100 * memory['growth']:+.1f} %), "
+            f"{memory['last_bytes'] / mib:.0f} MiB at the end; {memory['samples']} samples.")
+
+
+def storm_line(storm: dict | None) -> str | None:
+    """The disconnect storm's figures in one line (None without a storm)."""
+    if storm is None:
+        return None
+    return (f"Storm: hang-ups {storm['hang_ups']}, status lines seen first {storm['statuses_seen']}, connections "
+            f"refused or reset {storm['connection_errors']}, 5xx {storm['server_errors']}.")
+
+
+def cycles_line(cycles: dict | None) -> str | None:
+    """The register cycles' figures in one line (None without)."""
+    if cycles is None:
+        return None
+    mib = 2 ** 20
+    growth = "?" if cycles["growth"] is None else f"{100 * cycles['growth']:+.1f} %"
+    return (f"Register cycles: {cycles['cycles']} in {cycles['seconds']} s; memory "
+            f"{(cycles['baseline_bytes'] or 0) / mib:.0f} MiB after {cycles['warmup_cycles']}, "
+            f"{(cycles['end_bytes'] or 0) / mib:.0f} MiB after all ({growth}); requests {cycles['checks']['ok']} of "
+            f"{cycles['checks']['requests']} right.")
 
 
 def server_lines(view: dict) -> str:
@@ -100,3 +131,16 @@ def server_lines(view: dict) -> str:
             f"{view['adapter_loads']} adapters registered, {view['merges']} merges, {view['unmerges']} unmerges; "
             f"resident adapters {view['resident_before']:g} -> {view['resident_after']:g}; resident memory "
             f"{view['rss_before_bytes'] / mib:.0f} -> {view['rss_after_bytes'] / mib:.0f} MiB.")
+
+
+def failed_checks(report: dict) -> list[str]:
+    """The checks ``report`` (``run_load``'s) failed: requests not answered right or fairly refused, failed admin
+    calls, recovery requests not answered right, 5xx seen by the storm, memory that grew past the bound after the
+    warm-up (scenarios with a storm) or over the register cycles (or their requests not answered right)."""
+    storm, cycles = report["storm"], report["register_cycles"]
+    failed = {"requests": report["failures"], "admin calls": report["admin"]["failures"],
+              "recovery": report["recovery"]["failures"], "storm 5xx": storm and storm["server_errors"],
+              "memory after warm-up": storm is not None and report["memory"]["flat"] is False,
+              "register cycles memory": cycles is not None and cycles["flat"] is False,
+              "register cycles requests": cycles and cycles["checks"]["failures"]}
+    return [name for name, failure in failed.items() if failure]

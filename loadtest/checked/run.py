@@ -16,13 +16,16 @@ from locust import User
 from locust.env import Environment
 
 from loadtest.checked.adapters import derived_adapters, register, source_path
-from loadtest.checked.answer_key import AnswerKey, reference_pass, verdict
+from loadtest.checked.answer_key import AnswerKey, reference_pass
 from loadtest.checked.asks import asks
+from loadtest.checked.cycles import register_cycles
+from loadtest.checked.memory import MemoryWatch, flatness
 from loadtest.checked.report import Record, examples, grouped, summary
 from loadtest.checked.scenarios import SCENARIOS, Scenario
 from loadtest.checked.server_view import scrape, server_view
-from loadtest.checked.traffic import Absences, Churn, Traffic, parsed
-from loadtest.checked.users import churn_user, traffic_user
+from loadtest.checked.storm import Storm
+from loadtest.checked.traffic import Absences, Churn, Traffic, sent_alone
+from loadtest.checked.users import clock_user, storm_user, traffic_user
 
 log = logging.getLogger("loraswap.loadtest")
 ADMIN_ACTIONS_OK = ("register 201", "unregister 200")
@@ -57,10 +60,20 @@ class LoadConfig:
     timeout_s: float = 60.0
     tolerance: float = 1e-3
     recovery: int = 6
+    storm_clients: int = 200
+    hang_up_s: float = 2.0
+    warmup_s: float | None = None
+    max_rss_growth: float = 0.05
+    register_cycles: int = 0
+    memory_interval_s: float = 1.0
 
     @property
     def plan(self) -> Scenario:
         return SCENARIOS[self.scenario]
+
+    def warmup(self) -> float:
+        """Seconds of warm-up before memory must stay flat: ``warmup_s``, else a fifth of the load."""
+        return self.duration_s / 5 if self.warmup_s is None else self.warmup_s
 
     def adapter_count(self) -> int:
         return self.adapters or self.plan.adapters
@@ -78,9 +91,11 @@ def run_load(config: LoadConfig, extra_users: Sequence[type[User]] = ()) -> dict
     """Run the load test ``config`` describes (``extra_users``: more locust user classes to run beside the traffic)
     and return its report: the figures of ``report.summary`` overall, ``by_endpoint`` and ``by_adapter``, with the
     ``settings``, the load's ``seconds``, the ``reference`` pass, the churn's ``admin`` calls, the ``recovery``
-    requests sent alone after the load, the ``server``'s view and ``wrong_examples``. Raises FileNotFoundError
-    without the data, ValueError without an adapter to derive from, answer_key.ReferenceFailed when the reference
-    pass gets no answer, httpx errors when the server refuses the admin calls."""
+    requests sent alone after the load, the ``server``'s view, the ``memory`` sampled during the load (``flatness``),
+    the ``storm`` (a scenario with one, else None), the ``register_cycles`` (None without) and ``wrong_examples``.
+    Raises FileNotFoundError without the data, ValueError without an adapter to derive from,
+    answer_key.ReferenceFailed when the reference pass gets no answer, httpx errors when the server refuses the admin
+    calls."""
     requests = asks(config.squad, config.nli, config.prompt_count(), config.new_tokens)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request of the reference pass
     with httpx.Client(base_url=config.host, timeout=config.timeout_s, headers=bearer(config.api_key)) as http, \
@@ -94,61 +109,71 @@ def run_load(config: LoadConfig, extra_users: Sequence[type[User]] = ()) -> dict
             log.info("reference pass done in %.1f s: %.1f %% of the answers tell their adapter apart", key.seconds,
                      100 * key.distinct_fraction())
             before = scrape(http)
-            traffic, churn, seconds, locust_totals = load(config, key, folders, extra_users)
+            ran = load(config, key, folders, extra_users)
             after = scrape(http)
-            if churn is not None and churn.away is not None:
-                register(admin, churn.away, folders[churn.away])
+            if ran.churn is not None and ran.churn.away is not None:
+                register(admin, ran.churn.away, folders[ran.churn.away])
             recovery = recover(http, key, config.recovery)
-    records = traffic.records
+            cycles = (register_cycles(admin, http, key, *next(iter(folders.items())), config.register_cycles,
+                                      config.max_rss_growth) if config.register_cycles else None)
+    records, seconds = ran.traffic.records, ran.seconds
     return {"scenario": config.scenario, "settings": settings(config), "seconds": round(seconds, 2),
             **summary(records, seconds), "by_endpoint": grouped(records, seconds, "endpoint"),
             "by_adapter": grouped(records, seconds, "adapter"),
             "reference": {"requests": len(key.expected), "seconds": round(key.seconds, 2),
                           "distinct_fraction": round(key.distinct_fraction(), 4)},
-            "admin": admin_calls(churn), "recovery": summary(recovery, 0), "server": server_view(before, after),
-            "locust": locust_totals, "wrong_examples": examples(records, key.expected)}
+            "admin": admin_calls(ran.churn), "recovery": summary(recovery, 0), "server": server_view(before, after),
+            "memory": flatness(ran.memory.samples, config.warmup(), config.max_rss_growth),
+            "storm": ran.storm.report() if ran.storm is not None else None, "register_cycles": cycles,
+            "locust": ran.totals, "wrong_examples": examples(records, key.expected)}
 
 
-def load(config: LoadConfig, key: AnswerKey, folders: dict[str, Path], extra_users: Sequence[type[User]]):
-    """Run the traffic (and the churn) for ``config.duration_s`` seconds with locust, then stop, each user ending the
-    request it has out (so that every request sent is graded); returns the Traffic, the Churn (None without), the
-    seconds the load lasted, its stop included, and locust's own totals (the churn's admin calls included)."""
+@dataclass
+class Load:
+    """What ran under load: the ``traffic``, the ``churn`` and the ``storm`` (None without), the ``memory`` watch,
+    the ``seconds`` the load lasted, its stop included, and locust's own ``totals`` (every user's requests)."""
+
+    traffic: Traffic
+    churn: Churn | None
+    storm: Storm | None
+    memory: MemoryWatch
+    seconds: float
+    totals: dict
+
+
+def load(config: LoadConfig, key: AnswerKey, folders: dict[str, Path], extra_users: Sequence[type[User]]) -> Load:
+    """Run the traffic (and the churn, the storm) for ``config.duration_s`` seconds with locust, the server's memory
+    sampled every ``memory_interval_s``, then stop, each user ending the request it has out (so that every request
+    sent is graded)."""
     absences = Absences()
     traffic = Traffic(key, config.plan.weights(len(key.adapters)), bearer(config.api_key), absences)
-    classes = [traffic_user(traffic, config.host, config.plan.wait_s, config.timeout_s), *extra_users]
+    memory = MemoryWatch()
+    classes = [traffic_user(traffic, config.host, config.plan.wait_s, config.timeout_s),
+               clock_user("MemoryUser", memory, config.host, config.memory_interval_s, config.timeout_s), *extra_users]
     churn = Churn(folders, bearer(config.admin_key), absences) if config.plan.churn else None
     if churn is not None:
-        classes.append(churn_user(churn, config.host, config.churn_interval_s, config.timeout_s))
+        classes.append(clock_user("ChurnUser", churn, config.host, config.churn_interval_s, config.timeout_s))
+    storm = (Storm(config.host, key.asks, key.adapters, bearer(config.api_key), config.hang_up_s)
+             if config.plan.storm else None)
+    if storm is not None:
+        classes.append(storm_user(storm, config.host, config.storm_clients))
     environment = Environment(user_classes=classes, host=config.host, stop_timeout=config.timeout_s)
     runner = environment.create_local_runner()
     users = config.users + sum(getattr(cls, "fixed_count", 0) for cls in classes)
-    started = time.perf_counter()
+    memory.started = started = time.perf_counter()
     runner.start(users, spawn_rate=users)
     gevent.sleep(config.duration_s)
     runner.quit()
     seconds = time.perf_counter() - started
     totals = environment.stats.total
-    return traffic, churn, seconds, {"requests": totals.num_requests, "failures": totals.num_failures}
+    return Load(traffic, churn, storm, memory, seconds,
+                {"requests": totals.num_requests, "failures": totals.num_failures})
 
 
 def recover(http: httpx.Client, key: AnswerKey, count: int) -> list[Record]:
     """Send ``count`` requests of the answer key alone, one at a time (adapters and requests in turn), once the load
     is gone; each must get its right answer."""
-    records = []
-    for i in range(count):
-        adapter, index = key.adapters[i % len(key.adapters)], i % len(key.asks)
-        ask = key.asks[index]
-        begin = time.perf_counter()
-        try:
-            reply = http.post(ask.endpoint, json=ask.body(adapter))
-        except httpx.TransportError:  # no reply within the timeout, or none at all
-            status, retry_after, body = 0, False, None
-        else:
-            status, retry_after = reply.status_code, "retry-after" in reply.headers
-            body = parsed(reply.text) if status == 200 else None
-        outcome = verdict(key, adapter, index, status, retry_after, body, False)
-        records.append(Record(ask.endpoint, adapter, index, status, outcome, (time.perf_counter() - begin) * 1000))
-    return records
+    return [sent_alone(http, key, key.adapters[i % len(key.adapters)], i % len(key.asks)) for i in range(count)]
 
 
 def admin_calls(churn: Churn | None) -> dict:
@@ -164,4 +189,7 @@ def settings(config: LoadConfig) -> dict:
             "wait_s": list(config.plan.wait_s), "rank": config.rank, "kinds": list(config.kinds),
             "spread": config.spread, "seed": config.seed, "source": config.source, "tolerance": config.tolerance,
             "timeout_s": config.timeout_s, "squad": str(config.squad), "nli": str(config.nli[0]),
-            "churn_interval_s": config.churn_interval_s if config.plan.churn else None}
+            "churn_interval_s": config.churn_interval_s if config.plan.churn else None,
+            "storm_clients": config.storm_clients if config.plan.storm else None, "hang_up_s": config.hang_up_s,
+            "warmup_s": config.warmup(), "max_rss_growth": config.max_rss_growth,
+            "register_cycles": config.register_cycles}

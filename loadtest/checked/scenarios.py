@@ -12,7 +12,8 @@ class Scenario:
     traffic picks adapter k (1-based) with probability proportional to 1 / k, else uniformly; ``wait_s``: each user
     waits uniformly between these seconds after each reply (0, 0: none, the offered load is as high as the users
     make it); ``churn``: an admin user unregisters an adapter and registers it again every ``--churn-interval``
-    seconds while traffic uses it."""
+    seconds while traffic uses it; ``storm``: a disconnect storm runs beside (``storm.Storm``) and the server's memory
+    must stay flat after the warm-up."""
 
     name: str
     help: str
@@ -20,6 +21,7 @@ class Scenario:
     zipf: bool = False
     wait_s: tuple[float, float] = (0.0, 0.2)
     churn: bool = False
+    storm: bool = False
 
     def weights(self, count: int) -> list[float]:
         """The probability of each of ``count`` adapters, in order (they sum to 1)."""
@@ -36,4 +38,7 @@ SCENARIOS = {scenario.name: scenario for scenario in (
              "them", adapters=8, churn=True),
     Scenario("overload", "users that send back to back, far past capacity: 429 with Retry-After, then normal service "
              "once the load drops", adapters=2, wait_s=(0.0, 0.0)),
+    Scenario("soak", "churn with a disconnect storm beside it (clients that hang up at random points, streams "
+             "included), for as long as --duration: no wrong answer, no 5xx, memory flat after the warm-up",
+             adapters=8, churn=True, storm=True),
 )}

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
+
 from loadtest.checked.answer_key import FINE, AnswerKey, verdict
 from loadtest.checked.asks import answer_of
 from loadtest.checked.report import Record
@@ -125,3 +127,19 @@ class Churn:
             key = f"{action} {reply.status_code}"
             self.calls[key] = self.calls.get(key, 0) + 1
             return reply.status_code
+
+
+def sent_alone(http: httpx.Client, key: AnswerKey, adapter: str, index: int) -> Record:
+    """Request ``index`` of the answer key sent to ``adapter`` through ``http``, alone (nothing else in flight from
+    here), graded: it must get its right answer."""
+    ask = key.asks[index]
+    begin = time.perf_counter()
+    try:
+        reply = http.post(ask.endpoint, json=ask.body(adapter))
+    except httpx.TransportError:  # no reply within the timeout, or none at all
+        status, retry_after, body = 0, False, None
+    else:
+        status, retry_after = reply.status_code, "retry-after" in reply.headers
+        body = parsed(reply.text) if status == 200 else None
+    outcome = verdict(key, adapter, index, status, retry_after, body, False)
+    return Record(ask.endpoint, adapter, index, status, outcome, (time.perf_counter() - begin) * 1000)

@@ -1,0 +1,47 @@
+"""The memory checks of ``loraswap loadtest``: flat after the warm-up or not, from the samples (``memory.flatness``),
+and which checks a report fails (``report.failed_checks``)."""
+from __future__ import annotations
+
+import pytest
+
+from loadtest.checked.memory import flatness, resident_bytes
+from loadtest.checked.report import failed_checks
+
+MIB = 2 ** 20
+
+
+@pytest.mark.parametrize(("after", "flat"), [(104, True), (105, True), (106, False), (90, True)])
+def test_growth_is_the_peak_after_the_warmup_over_the_peak_during_it(after, flat):
+    samples = [(0.0, 80 * MIB), (1.0, 100 * MIB), (2.0, 95 * MIB), (3.0, after * MIB), (4.0, 97 * MIB)]
+    memory = flatness(samples, warmup_s=2.0, max_growth=0.05)
+    assert memory["warmup_peak_bytes"] == 100 * MIB and memory["peak_after_bytes"] == max(after, 97) * MIB
+    assert memory["growth"] == pytest.approx(max(after, 97) / 100 - 1, abs=1e-4) and memory["flat"] is flat
+    assert memory["last_bytes"] == 97 * MIB and memory["samples"] == 5
+
+
+def test_without_samples_on_both_sides_nothing_is_claimed():
+    memory = flatness([(0.5, 1.0)], warmup_s=2.0, max_growth=0.05)
+    assert memory["growth"] is None and memory["flat"] is None
+
+
+def test_resident_bytes_from_a_metrics_text():
+    text = "# TYPE process_resident_memory_bytes gauge\nprocess_resident_memory_bytes 1.5e+08\n"
+    assert resident_bytes(text) == 1.5e8
+    assert resident_bytes("# TYPE up gauge\nup 1.0\n") is None
+
+
+def report(storm: dict | None = None, flat: bool | None = True, cycles: dict | None = None) -> dict:
+    return {"failures": 0, "admin": {"failures": 0}, "recovery": {"failures": 0}, "storm": storm,
+            "memory": {"flat": flat}, "register_cycles": cycles}
+
+
+def test_failed_checks_name_each_failure():
+    storm = {"server_errors": 0}
+    assert failed_checks(report(storm)) == []
+    assert failed_checks(report({"server_errors": 2})) == ["storm 5xx"]
+    assert failed_checks(report(storm, flat=False)) == ["memory after warm-up"]
+    assert failed_checks(report(None, flat=False)) == []  # memory is bounded only where a storm ran (the soak)
+    grown = {"flat": False, "checks": {"failures": 0}}
+    assert failed_checks(report(cycles=grown)) == ["register cycles memory"]
+    wrong = {"flat": True, "checks": {"failures": 1}}
+    assert failed_checks(report(cycles=wrong)) == ["register cycles requests"]
