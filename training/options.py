@@ -106,8 +106,9 @@ def add_eval_options(parser: argparse.ArgumentParser) -> None:
                         help="how each example is asked, as /answer's and /nli's prompt_style: 'adapter', the template "
                         "the adapters are trained on; 'zero_shot', an instruction in the model's chat template; "
                         "'one_shot', the same with one worked example from the training split")
-    parser.add_argument("--distractors", type=int, default=0, help="SQuAD: hide each question's paragraph among this "
-                        "many paragraphs of other articles, drawn with --sample-seed, in one long context (default: 0)")
+    parser.add_argument("--distractors", type=nonnegative(int), default=0,
+                        help="SQuAD: hide each question's paragraph among this many paragraphs of other articles, "
+                        "drawn with --sample-seed, in one long context")
     parser.add_argument("--predictions", type=Path,
                         help="write the predictions here, SQuAD as the official {id: answer} (default: not written)")
     parser.add_argument("--json", type=Path, help="also write the metrics here (default: printed only)")
