@@ -223,6 +223,7 @@ class Engine:
         with self._wakeup:
             while not self._queue and not self._controls and self._accepting:
                 self._wakeup.wait()
+            self._expire_waiting()  # before the window: the window to fill a batch is not time spent waiting for one
             if not self._queue:
                 return None
             deadline = time.perf_counter() + self.batch_window_ms / 1000
@@ -231,8 +232,7 @@ class Engine:
                 if left <= 0:
                     break
                 self._wakeup.wait(left)
-            self._expire_waiting()
-            if not self._queue:  # every request queued was withdrawn (its client went away) or expired meanwhile
+            if not self._queue:  # every request queued was withdrawn (its client went away) during the window
                 return None
             return self._take(type(self._queue[0].work), self.settings.max_batch, set())
 
@@ -250,7 +250,8 @@ class Engine:
         error = QueueTimeout(f"the request waited {bound:g} s in the queue without joining a batch (the server's "
                              "max_queue_wait): the server is past capacity; retry later")
         for pending in expired:
-            pending.future.set_exception(error)
+            if not pending.future.done():
+                pending.future.set_exception(error)
 
     def _take(self, kind: type, room: int, adapters: set[AdapterWeights], loads: float = math.inf) -> list[_Pending]:
         """Up to ``room`` queued requests of one kind, oldest first, so that the adapters in use (``adapters``
@@ -264,6 +265,8 @@ class Engine:
             if batch and type(pending.work) is kind and tokens + len(pending.work.prompt_ids) > budget:
                 rest.append(pending)  # the pass is full: the rest wait for the next
                 break
+            if pending.future.done():  # withdrawn (its caller went away) and not yet out of the queue: drop it
+                continue
             try:
                 adapter = self.registry.lookup(pending.work.adapter)
             except UnknownAdapter as exc:  # unregistered while the request was queued
