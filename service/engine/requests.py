@@ -3,7 +3,7 @@ the tokens a generation hands out as it decodes them."""
 from __future__ import annotations
 
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 
 from service.engine.constraints import TokenConstraint
@@ -18,6 +18,25 @@ class RequestFuture(Future):
         super().__init__()
         self.abandoned = False
         self.ended = False
+
+    def set_result(self, result) -> None:
+        """As ``Future.set_result``, except that on a future cancelled meanwhile the result is dropped (see
+        ``set_exception``)."""
+        self._settle(super().set_result, result)
+
+    def set_exception(self, exception) -> None:
+        """As ``Future.set_exception``, except that on a future cancelled meanwhile the exception is dropped: a
+        queued request's future is cancelled by ``asyncio.wrap_future`` when the task awaiting it is cancelled (its
+        client went away), from the event loop's thread and without the engine's lock, so a check of ``done()``
+        before settling it is a race. Raises InvalidStateError on a future already finished, as Future does."""
+        self._settle(super().set_exception, exception)
+
+    def _settle(self, settle, outcome) -> None:
+        try:
+            settle(outcome)
+        except InvalidStateError:
+            if not self.cancelled():
+                raise
 
 
 @dataclass

@@ -250,8 +250,7 @@ class Engine:
         error = QueueTimeout(f"the request waited {bound:g} s in the queue without joining a batch (the server's "
                              "max_queue_wait): the server is past capacity; retry later")
         for pending in expired:
-            if not pending.future.done():
-                pending.future.set_exception(error)
+            pending.future.set_exception(error)  # dropped by one its caller cancelled meanwhile (RequestFuture)
 
     def _take(self, kind: type, room: int, adapters: set[AdapterWeights], loads: float = math.inf) -> list[_Pending]:
         """Up to ``room`` queued requests of one kind, oldest first, so that the adapters in use (``adapters``
@@ -265,7 +264,7 @@ class Engine:
             if batch and type(pending.work) is kind and tokens + len(pending.work.prompt_ids) > budget:
                 rest.append(pending)  # the pass is full: the rest wait for the next
                 break
-            if pending.future.done():  # withdrawn (its caller went away) and not yet out of the queue: drop it
+            if pending.future.done():  # cancelled by its caller's asyncio task, not yet withdrawn (abandon): drop it
                 continue
             try:
                 adapter = self.registry.lookup(pending.work.adapter)

@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from concurrent.futures import InvalidStateError
 
 import pytest
 from prometheus_client import REGISTRY
 
-from service.engine.requests import GenerationResult
+from service.engine.requests import GenerationResult, RequestFuture
 from service.errors import EngineFailed, RequestAbandoned
 from service.tasks.tasks import Tasks
 from tests.engine.engine_helpers import WAIT, WatchedSteps, alone, greedy, long_generation, paused, same_output
@@ -118,3 +119,17 @@ def test_an_engine_thread_that_dies_fails_every_waiting_request_and_refuses_new_
         engine.submit(greedy(rng, "r2"))
     with pytest.raises(EngineFailed):
         engine.call(lambda: None)
+
+
+@pytest.mark.parametrize("settle", ["set_result", "set_exception"])
+def test_a_request_future_cancelled_by_its_caller_drops_the_outcome_but_a_finished_one_refuses_another(settle):
+    """The engine settles a queued request's future without knowing that asyncio cancelled it meanwhile (no lock is
+    shared): the outcome is dropped, not raised (InvalidStateError failed the engine's batch before); settling a
+    future twice is still an error."""
+    cancelled, finished = RequestFuture(), RequestFuture()
+    assert cancelled.cancel()
+    getattr(cancelled, settle)(RequestAbandoned("late"))
+    assert cancelled.cancelled()
+    finished.set_result(None)
+    with pytest.raises(InvalidStateError):
+        getattr(finished, settle)(RequestAbandoned("twice"))

@@ -315,6 +315,32 @@ def test_an_adapter_unregistered_while_queued_fails_only_its_requests(engines):
     assert same_output(alone(engine, works[1]), alone(reference, works[1]))
 
 
+@pytest.mark.parametrize("bound", [0, 0.1])
+def test_a_queued_request_whose_future_was_cancelled_directly_is_dropped(engines, bound):
+    """``asyncio.wrap_future`` cancels the engine's future itself when the task awaiting it is cancelled (a client
+    gone), before ``abandon`` takes it out of the queue. Such a request, found in the queue with its adapter
+    unregistered meanwhile (or past ``max_queue_wait``), is dropped: the engine must not try to fail it again
+    (InvalidStateError, which failed the batch it was taken with in the soak) and serves the rest."""
+    reference = engines.shared()
+    engine = engines.fresh(max_queue_wait=bound)
+    _, adapters = engines.base("llama")
+    engine.registry.register("victim", adapters["r4"])
+    rng = random.Random(13)
+    gone, kept = greedy(rng, "victim"), greedy(rng, "r2")
+    with paused(engine):
+        cancelled, served = engine.submit(gone), engine.submit(kept)
+        assert cancelled.cancel()  # as asyncio's future chaining does, without the engine's lock
+        engine.registry.unregister("victim")
+        time.sleep(0.2)  # past the bound, if any, while still queued
+    if bound:
+        with pytest.raises(QueueTimeout):
+            served.result(WAIT)
+    else:
+        assert same_output(served.result(WAIT), alone(reference, kept))
+    assert engine.failure is None and cancelled.cancelled()
+    assert same_output(alone(engine, kept), alone(reference, kept))
+
+
 def test_more_adapters_queued_than_device_slots_are_all_served(engines):
     reference = engines.shared()
     engine = engines.fresh(max_resident=2)
