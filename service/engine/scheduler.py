@@ -258,18 +258,19 @@ class Engine:
         bound to the weights its adapter's name holds now, for good; one whose name is no longer registered fails
         (UnknownAdapter). Their prompts hold at most ``prefill_tokens`` tokens in all, unless one alone holds more: one
         prefill pass's keys, values and activations are bounded whatever the burst. Called holding ``_wakeup``."""
-        batch, rest, tokens, budget = [], deque(), 0, self.prefill_tokens
-        while self._queue and len(batch) < room:
-            pending = self._queue.popleft()
-            if batch and type(pending.work) is kind and tokens + len(pending.work.prompt_ids) > budget:
-                rest.append(pending)  # the pass is full: the rest wait for the next
-                break
+        batch, out, tokens, budget = [], set(), 0, self.prefill_tokens
+        for pending in self._queue:  # the queue changes only at the end: should anything raise, no request is lost
+            full = batch and type(pending.work) is kind and tokens + len(pending.work.prompt_ids) > budget
+            if len(batch) == room or full:
+                break  # the batch or the pass is full: the rest wait for the next
             if pending.future.done():  # cancelled by its caller's asyncio task, not yet withdrawn (abandon): drop it
+                out.add(id(pending))
                 continue
             try:
                 adapter = self.registry.lookup(pending.work.adapter)
             except UnknownAdapter as exc:  # unregistered while the request was queued
                 pending.future.set_exception(exc)
+                out.add(id(pending))
                 continue
             known = adapter is None or adapter in adapters
             fits = known or len(adapters) < self.registry.max_resident
@@ -277,12 +278,11 @@ class Engine:
             if type(pending.work) is kind and fits and loads >= loading:
                 pending.adapter = adapter
                 batch.append(pending)
+                out.add(id(pending))
                 tokens += len(pending.work.prompt_ids)
                 adapters.update([adapter] if adapter is not None else [])
                 loads -= loading
-            else:
-                rest.append(pending)
-        self._queue.extendleft(reversed(rest))
+        self._queue = deque(pending for pending in self._queue if id(pending) not in out)
         return batch
 
     def _serve(self, batch: list[_Pending]) -> None:

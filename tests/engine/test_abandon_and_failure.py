@@ -18,7 +18,17 @@ from prometheus_client import REGISTRY
 from service.engine.requests import GenerationResult, RequestFuture
 from service.errors import EngineFailed, RequestAbandoned
 from service.tasks.tasks import Tasks
-from tests.engine.engine_helpers import WAIT, WatchedSteps, alone, greedy, long_generation, paused, same_output
+from tests.engine.engine_helpers import (
+    WAIT,
+    WatchedSteps,
+    alone,
+    assert_same_outputs,
+    greedy,
+    long_generation,
+    paused,
+    results,
+    same_output,
+)
 
 
 def test_an_abandoned_running_request_leaves_its_batch_and_the_other_rows_are_untouched(engines):
@@ -133,3 +143,31 @@ def test_a_request_future_cancelled_by_its_caller_drops_the_outcome_but_a_finish
     finished.set_result(None)
     with pytest.raises(InvalidStateError):
         getattr(finished, settle)(RequestAbandoned("twice"))
+
+
+def test_a_fault_while_taking_requests_to_join_a_batch_fails_that_batch_and_loses_no_queued_request(engines):
+    """A fault in the middle of taking queued requests (here the registry's lookup of the second one) fails the
+    running batch, as any fault of a batch does, but every queued request stays queued and is served after it: in the
+    soak, one taken before the fault was left in no queue and never answered."""
+    engine = engines.fresh(max_new_tokens=300)
+    rng = random.Random(20)
+    running_work, queued_works = long_generation(rng, "r2", 300), [greedy(rng, "r8"), greedy(rng, "r4")]
+    expected = [alone(engines.shared(), work) for work in queued_works]
+    lookup, faults = engine.registry.lookup, ["r4"]
+
+    def faulty_lookup(name):
+        if name in faults:
+            faults.remove(name)
+            raise RuntimeError("injected lookup fault")
+        return lookup(name)
+
+    engine.decoder = steps = WatchedSteps(engine.decoder, hold_at=3)
+    running = engine.submit(running_work)
+    assert steps.holding.wait(WAIT)
+    queued = [engine.submit(work) for work in queued_works]
+    engine.registry.lookup = faulty_lookup
+    steps.release.set()
+    with pytest.raises(RuntimeError, match="injected"):
+        running.result(WAIT)
+    assert_same_outputs(results(queued), expected, queued_works)
+    assert not faults and engine.failure is None and engine.queue_depth == 0
