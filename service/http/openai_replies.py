@@ -3,6 +3,7 @@ tasks hand out (``service.tasks.streaming``: Completion, ChoiceDelta, TokenLogpr
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from abc import ABC, abstractmethod
@@ -15,6 +16,7 @@ from service.tasks.streaming import ChoiceDelta, Completion, CompletionStream, T
 
 LOGPROB_FLOOR = -9999.0  # what OpenAI writes for a log-probability of minus infinity (JSON has no infinity)
 DONE = format_sse_event(data_str="[DONE]")
+logger = logging.getLogger(__name__)
 
 
 def logprob(value: float) -> float:
@@ -129,6 +131,15 @@ class ChatReplies(Replies):
                 "finish_reason": delta.finish_reason}
 
 
+def stream_error(exc: Exception) -> dict:
+    """The error event of a streamed reply that failed with ``exc``: a domain error's status, message and code, as a
+    reply before the stream began would have had; anything else a server error, logged with its traceback."""
+    if not any(kind in STATUS for kind in type(exc).__mro__):
+        logger.error("a streamed reply failed after it began", exc_info=exc)
+        return openai_error(500, "internal server error: the request's batch failed", code="internal_error")
+    return openai_error(status_of(type(exc)), str(exc), code=error_code(type(exc)))
+
+
 def event(body: dict) -> bytes:
     """One server-sent event whose data is ``body`` as JSON (strict: no NaN or infinity)."""
     return format_sse_event(data_str=json.dumps(body, allow_nan=False))
@@ -137,8 +148,9 @@ def event(body: dict) -> bytes:
 async def events(replies: Replies, stream: CompletionStream, include_usage: bool) -> AsyncIterator[bytes]:
     """A streamed reply as server-sent events: each choice's opening, then a chunk per delta (new text, its logprobs;
     the finish reason in each choice's last), with ``include_usage`` a last chunk with no choices and the usage, then
-    ``data: [DONE]``. An error after the reply began (the engine failed, the adapter was unregistered while the
-    request queued) is an event of OpenAI's error shape, which OpenAI's clients raise, then ``[DONE]``. The stream is
+    ``data: [DONE]``. An error after the reply began (the engine failed, a fault failed the batch, another choice
+    of the request timed out in the queue) is an event of OpenAI's error shape, which OpenAI's clients raise, then
+    ``[DONE]`` (``stream_error``). The stream is
     closed however this ends: a client gone mid-stream has its rows leave the batch before the next decoding step."""
     async with stream:
         try:
@@ -146,8 +158,8 @@ async def events(replies: Replies, stream: CompletionStream, include_usage: bool
                 yield replies.chunk([opening], include_usage)
             async for delta in stream:
                 yield replies.chunk([replies.delta(delta)], include_usage)
-        except tuple(STATUS) as exc:
-            yield event(openai_error(status_of(type(exc)), str(exc), code=error_code(type(exc))))
+        except Exception as exc:  # the reply has begun (200): the error is its last event
+            yield event(stream_error(exc))
             yield DONE
             return
     if include_usage:

@@ -71,8 +71,9 @@ def served_model(rt: Runtime, body: OpenAIIn, request: Request) -> str | None:
 async def reply(rt: Runtime, request: Request, body: OpenAIIn, prompt: str | list[int], adapter: str | None,
                 replies: Replies, logprobs: int | None) -> dict | EventSourceResponse:
     """The completion of ``prompt`` (raw text, or a chat template's token ids) as ``body`` asks: whole, or streamed as
-    server-sent events. Everything that can refuse the request (the caps, InputTooLong, QueueFull) does so before
-    any of it is sent."""
+    server-sent events. Everything that can refuse the request (the caps, InputTooLong, QueueFull, and QueueTimeout
+    or UnknownAdapter while it waits in the queue) does so before any of it is sent: a stream's reply begins with its
+    first text."""
     decoding = body.to_decoding(new_seed(), token_budget(body, rt.settings.max_new_tokens))
     settings = rt.settings  # n choices are queued and decoded together: never more than the queue or a batch holds
     n = within("n", body.n, min(settings.max_choices, settings.max_batch, settings.max_queue), "the most choices this "
@@ -80,6 +81,11 @@ async def reply(rt: Runtime, request: Request, body: OpenAIIn, prompt: str | lis
     options = {"stop": body.stop, "logprobs": logprobs, "n": n}
     if body.stream:
         stream = await rt.tasks.stream(prompt, adapter, decoding, **options)
+        try:
+            await unless_disconnected(request, stream.begun())
+        except BaseException:
+            stream.close()
+            raise
         return EventSourceResponse(events(replies, stream, body.include_usage), headers=STREAM_HEADERS,
                                    background=BackgroundTask(stream.close))  # closed even if never iterated
     return replies.whole(await unless_disconnected(request, rt.tasks.complete(prompt, adapter, decoding, **options)))

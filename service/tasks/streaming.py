@@ -209,10 +209,14 @@ class CompletionStream:
     def __aiter__(self) -> CompletionStream:
         return self
 
-    async def __anext__(self) -> ChoiceDelta:
+    async def begun(self) -> None:
+        """Wait until the first delta is ready (or every choice finished): raises, closing the stream, what failed a
+        choice before that (QueueTimeout when it waited past the server's max_queue_wait, UnknownAdapter,
+        EngineFailed), so a caller can answer with that error's status before it sends anything. Iterating then
+        starts with that delta."""
         while not self.ready:
             if self.closed or all(choice.finish_reason is not None for choice in self.choices):
-                raise StopAsyncIteration
+                return
             try:
                 items = await self.feed.take()
             except asyncio.CancelledError:
@@ -220,6 +224,11 @@ class CompletionStream:
                 raise
             for index, token in items:
                 self.take_in(index, token)
+
+    async def __anext__(self) -> ChoiceDelta:
+        await self.begun()
+        if not self.ready:
+            raise StopAsyncIteration
         if not self.first_handed_out:  # the time to first token, as the stream's client sees it
             self.first_handed_out = True
             metrics.TIME_TO_FIRST_TOKEN.labels(adapter=self.label).observe(time.perf_counter() - self.started)

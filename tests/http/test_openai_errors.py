@@ -4,11 +4,14 @@ status and the code from the domain error (or pydantic's kind of problem), so th
 answers with."""
 from __future__ import annotations
 
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.http.app import create_app
 from service.runtime import Runtime
@@ -169,3 +172,35 @@ def test_answer_and_nli_errors_name_the_same_problems(client):
     answer = client.post("/answer", json={"context": SQUAD_CONTEXT, "question": SQUAD_QUESTION, "adapter": "nope"})
     completion = client.post("/v1/completions", json={**COMPLETION, "model": "nope"})
     assert answer.json()["error"] == completion.json()["error"]["message"] == "unknown adapter 'nope'"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("path, body", [("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT)])
+def test_a_request_left_in_the_queue_past_max_queue_wait_is_429_with_retry_after_streamed_or_not(served, path, body,
+                                                                                                 stream):
+    """The engine held (a control call) while the request waits past ``max_queue_wait``: 429 with Retry-After, code
+    queue_timeout, counted as a 429 in /metrics, never a 200 whose stream carries the error (as streams did)."""
+    with ready_client(served.model_copy(update={"max_queue_wait": 0.2})) as client, ThreadPoolExecutor(1) as pool:
+        engine, release = client.app.state.runtime.engine, threading.Event()
+        refused_before = requests_counted(client, path, "429")
+        held = engine.call(lambda: release.wait(30))
+        pending = pool.submit(client.post, path, json={**body, "stream": stream})
+        while engine.queue_depth == 0:
+            time.sleep(0.01)
+        time.sleep(0.4)
+        release.set()
+        reply = pending.result(30)
+        held.result(30)
+        assert reply.status_code == 429, reply.text
+        assert "max_queue_wait" in error_message(reply) and int(reply.headers["Retry-After"]) >= 1
+        assert reply.json()["error"]["code"] == "queue_timeout"
+        assert requests_counted(client, path, "429") == refused_before + 1
+        assert client.post(path, json={**body, "stream": stream}).status_code == 200  # served once the queue moves
+
+
+def requests_counted(client: TestClient, endpoint: str, status: str) -> float:
+    """Requests to ``endpoint`` answered with ``status``, as /metrics counts them."""
+    families = text_string_to_metric_families(client.get("/metrics").text)
+    return sum(sample.value for family in families if family.name == "loraswap_request_duration_seconds"
+               for sample in family.samples if sample.name.endswith("_count")
+               and sample.labels["endpoint"] == endpoint and sample.labels["status"] == status)

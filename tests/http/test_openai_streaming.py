@@ -13,6 +13,7 @@ import openai
 import pytest
 import torch
 from peft import PeftModel
+from prometheus_client import REGISTRY
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.http.replies import error_message
@@ -253,23 +254,62 @@ def test_the_openai_client_streams(client):
     assert stream[-1].usage == reply.usage and stream[-2].choices[0].finish_reason == reply.choices[0].finish_reason
 
 
-def test_an_error_after_the_stream_began_is_an_error_event(client, served):
-    """The adapter is unregistered while the request waits in the queue: the reply has begun (200), so the error
-    comes as an event in OpenAI's shape (which OpenAI's clients raise), then [DONE]."""
+def test_an_adapter_unregistered_while_the_streamed_request_queued_is_404_before_the_stream_begins(client, served):
+    """The adapter is unregistered while the request waits in the queue: nothing was sent yet (a stream begins with
+    its first text), so the reply is the 404 a request sent after the unregistration gets, not a 200 stream."""
     engine = client.app.state.runtime.engine
     holding, release = threading.Event(), threading.Event()
     held = engine.call(lambda: (holding.set(), release.wait(WAIT)))  # the engine thread waits between batches
     assert holding.wait(WAIT)
     with ThreadPoolExecutor(1) as pool:
         try:
-            reply = pool.submit(post, client, "/v1/chat/completions", model="two", stream=True)
+            reply = pool.submit(post, client, "/v1/chat/completions", status=404, model="two", stream=True)
             wait_until(lambda: engine.queue_depth == 1, "the request queued")
             assert client.delete("/adapters/two", headers=ADMIN).status_code == 200
         finally:
             release.set()
         held.result(WAIT)
-        stream = chunks(reply.result(WAIT))
-    assert stream[-1] == {"error": {"message": "unknown adapter 'two'", "type": "invalid_request_error",
-                                    "param": None, "code": "unknown_adapter"}}
+        assert reply.result(WAIT).json()["error"] == {"message": "unknown adapter 'two'", "type":
+                                                      "invalid_request_error", "param": None, "code": "unknown_adapter"}
     assert client.post("/adapters", json={"name": "two", "path": str(served.adapters_dir / "two")},
                        headers=ADMIN).status_code == 201
+
+
+class FaultAfterFirstText:
+    """The engine's decoder, raising at its second decoding step once the stream's first text was handed out (the
+    time to first token of adapter ``one`` counted): the reply has begun when its batch fails."""
+
+    def __init__(self, decoder):
+        self.decoder, self.steps = decoder, 0
+        self.first_texts = first_texts_handed_out()
+
+    def __call__(self, tokens, positions):
+        self.steps += 1
+        if self.steps == 2:
+            wait_until(lambda: first_texts_handed_out() > self.first_texts, "the first text handed out")
+            raise RuntimeError("injected decoding fault")
+        return self.decoder(tokens, positions)
+
+    def __getattr__(self, name):
+        return getattr(self.decoder, name)
+
+
+def first_texts_handed_out() -> float:
+    return REGISTRY.get_sample_value("loraswap_time_to_first_token_seconds_count", {"adapter": "one"}) or 0.0
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_a_fault_after_the_stream_began_is_its_last_event_then_done(client, route):
+    """A fault that fails the batch mid-stream (not a domain error): the text sent so far, then an error event in
+    OpenAI's shape (server_error; the traceback goes to the server's log), then [DONE]; the server serves on."""
+    engine = client.app.state.runtime.engine
+    decoder = engine.decoder
+    engine.decoder = FaultAfterFirstText(decoder)
+    try:
+        stream = chunks(post(client, route, stream=True, max_tokens=CAP))
+    finally:
+        engine.decoder = decoder
+    assert stream[-1] == {"error": {"message": "internal server error: the request's batch failed",
+                                    "type": "server_error", "param": None, "code": "internal_error"}}
+    assert joined(stream[:-1], route)[0][0], "the text handed out before the fault"
+    assert post(client, route).json()["choices"][0]["finish_reason"] in {"stop", "length"}
