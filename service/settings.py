@@ -34,7 +34,7 @@ PathList = Annotated[list[Path], NoDecode, BeforeValidator(path_list)]
 class Settings(BaseSettings):
     """Runtime configuration of the server and the engine."""
 
-    model_config = SettingsConfigDict(env_prefix="LORASWAP_")
+    model_config = SettingsConfigDict(env_prefix="LORASWAP_", allow_inf_nan=False)  # no setting is unbounded by inf
 
     # base model
     base_model: str = Field("smollm2", description="'smollm2' (embedded default) or a Hugging Face model directory")

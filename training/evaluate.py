@@ -6,8 +6,9 @@ import asyncio
 import json
 from pathlib import Path
 
+from service.cli.command import UsageError
 from service.engine.sampling import Decoding
-from service.errors import UnknownAdapter
+from service.errors import InputTooLong, UnknownAdapter
 from service.lora.adapter_files import BASE_LABEL, CONFIG_FILE, adapter_or_base
 from service.runtime import Runtime
 from service.settings import Settings
@@ -150,17 +151,26 @@ def run(args: argparse.Namespace) -> dict:
     """``loraswap eval``: print the report (and the confusion matrix of nli and rte), write ``--predictions`` and
     ``--json`` if given, and return the report. The adapter is checked before the data is read and the model loaded.
     Raises UnknownAdapter or AdapterError for an adapter it cannot evaluate, FileNotFoundError for absent data or
-    base model."""
+    base model, UsageError for --distractors with another task than squad, more than the data has, or making an
+    example longer than the server takes."""
+    if args.distractors and args.task != "squad":
+        raise UsageError(f"--distractors hides SQuAD paragraphs among others: not for --task {args.task}")
     folder = adapter_folder(args)
     text = "context" if args.task == "squad" else "premise"
     rows = read_eval(args.task, args.data, args.limit, args.sample_seed)
     if args.distractors:
         paragraphs = list(dict.fromkeys((row["title"], row["context"]) for row in read_eval(args.task, args.data)))
-        rows = hidden_in_documents(rows, paragraphs, args.distractors, args.sample_seed)
+        try:
+            rows = hidden_in_documents(rows, paragraphs, args.distractors, args.sample_seed)
+        except ValueError as exc:
+            raise UsageError(f"--distractors {args.distractors}: {exc}") from None
     rows = sorted(rows, key=lambda row: len(row[text]))  # less padding
     rt = start_runtime(args, folder)
     try:
         metrics, predictions = score(rt, served_adapter(rt, args, folder), rows, args)
+    except InputTooLong as exc:
+        fewer = f" (fewer --distractors than {args.distractors})" if args.distractors else ""
+        raise UsageError(f"an example is longer than the server takes{fewer}: {exc}") from None
     finally:
         rt.stop()
     report = eval_report(args, metrics)

@@ -3,15 +3,22 @@ without torch, so that ``--help`` and usage errors answer at once."""
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+
+
+class UsageError(Exception):
+    """What the user asked cannot be done, found once the options were parsed (options that do not go together, data
+    too short for them): ``loraswap`` reports it in one line with exit status 2, as argparse does its own."""
 
 
 @dataclass(frozen=True)
 class Command:
     """A subcommand of ``loraswap``, declared by its package in the ``loraswap.commands`` entry-point group of
     ``pyproject.toml`` (the entry point's name is the subcommand's). ``add_arguments`` must stay light; ``run``
-    imports what the command needs when it is called. ``run`` raises AdapterError, FileNotFoundError or pydantic's
+    imports what the command needs when it is called. ``run`` raises UsageError, AdapterError, FileNotFoundError or
+    pydantic's
     ValidationError for what the user asked that cannot be done (a usage error, exit status 2)."""
 
     help: str
@@ -33,6 +40,8 @@ def bounded(kind: type, holds: Callable[[object], bool], bound: str, adjective: 
     """An argparse type: a ``kind`` for which ``holds`` (else a usage error saying it must be ``bound``)."""
     def parse(text: str):
         value = kind(text)
+        if not math.isfinite(value):  # float("inf"), float("nan"): no option means a bound without end by them
+            raise argparse.ArgumentTypeError(f"must be a finite number {bound}, not {text}")
         if not holds(value):
             raise argparse.ArgumentTypeError(f"must be {bound}, not {text}")
         return value

@@ -15,7 +15,7 @@ from importlib.metadata import entry_points
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
-from service.cli.command import Command
+from service.cli.command import Command, UsageError
 from service.cli.settings_options import add_settings_arguments, settings_from
 from service.errors import AdapterError
 from service.settings import Settings
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             serve(settings_from(args))
         else:
             args.run(args)
-    except (AdapterError, FileNotFoundError, ValidationError) as exc:  # what the user asked for cannot be done
+    except (UsageError, AdapterError, FileNotFoundError, ValidationError) as exc:  # what the user asked cannot be done
         parser.exit(2, f"loraswap {args.command}: error: {reason(exc)}\n")
     return 0
 

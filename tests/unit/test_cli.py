@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from service.cli.main import main
+from tests.data.make_corpus import SQUAD_SAMPLE
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -28,6 +29,25 @@ from service.cli.main import main
     (["sweep", "--task", "nli", "--out", "x", "--ranks", "4,-1"], "--ranks: '4,-1': an item must be above 0, not -1"),
     (["sweep", "--task", "nli", "--out", "x", "--lrs", "1e-3,fast"], "--lrs: '1e-3,fast': every item must be"),
     (["train", "--task", "nli", "--out", "x", "--eval-examples", "-1"], "--eval-examples: must be at least 0, not -1"),
+    # infinities and NaN bound nothing: refused by every number option and setting
+    *((["train", "--task", "squad", "--out", "x", "--lr", value], f"--lr: must be a finite number above 0, not {value}")
+      for value in ("inf", "nan", "Infinity")),
+    (["eval", "--task", "nli", "--adapter", "none", "--limit", "nan"], "--limit: invalid positive int value: 'nan'"),
+    *((["serve", "--max-queue-wait", value], "max_queue_wait: Input should be a finite number") for value in
+      ("inf", "nan")),
+    (["serve", "--drain-seconds", "inf"], "drain_seconds: Input should be a finite number"),
+    *((["loadtest", "--scenario", "soak", "--users", "1", "--duration", duration, "--host", "http://127.0.0.1:9",
+        "--adapter-root", "x", "--json", "x.json", *more], message) for duration, more, message in [
+        ("inf", [], "--duration: must be a finite number above 0, not inf"),
+        ("10", ["--warmup", "inf"], "--warmup: must be a finite number at least 0, not inf"),
+        ("10", ["--warmup", "10"], "loraswap loadtest: error: --warmup 10 leaves no load after it"),
+        ("10", ["--warmup", "60"], "loraswap loadtest: error: --warmup 60 leaves no load after it")]),
+    # --distractors: SQuAD only, and no more than the data has (both found before the model loads)
+    *((["eval", "--task", task, "--adapter", "none", "--distractors", "2"],
+       f"loraswap eval: error: --distractors hides SQuAD paragraphs among others: not for --task {task}")
+      for task in ("nli", "rte")),
+    (["eval", "--task", "squad", "--adapter", "none", "--data", str(SQUAD_SAMPLE), "--distractors", "300"],
+     "loraswap eval: error: --distractors 300: only 2"),
 ])
 def test_requests_that_cannot_be_done_are_usage_errors(argv, message, tiny_llama_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -67,3 +87,17 @@ def test_a_settings_error_never_echoes_what_was_given(argv, environment, monkeyp
     error = capsys.readouterr().err
     assert exit_.value.code == 2 and error.startswith("loraswap") and error.count("\n") == 1, error
     assert "SECRET" not in error and "0123456789abcdef" not in error and "input_value" not in error
+
+
+def test_distractors_that_make_an_example_longer_than_the_server_takes_are_a_usage_error(tiny_llama_dir, tmp_path,
+                                                                                         monkeypatch, capsys):
+    """Found only once the model tokenizes the contexts: a usage error naming the cause, not a traceback."""
+    monkeypatch.setenv("LORASWAP_MAX_ANSWER_WINDOWS", "1")
+    monkeypatch.setenv("LORASWAP_MAX_INPUT_TOKENS", "64")
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", "--task", "squad", "--adapter", "none", "--data", str(SQUAD_SAMPLE), "--distractors", "3",
+              "--limit", "2", "--base-model", str(tiny_llama_dir), "--adapters-dir", str(tmp_path), "--device", "cpu"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "loraswap eval: error: an example is longer than the server takes (fewer --distractors than 3)" in err
+    assert "Traceback" not in err
