@@ -16,11 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
 from loadtest.checked.scenarios import SCENARIOS
-from service.cli.command import Command, comma_list, nonnegative, positive
+from service.cli.command import Command, UsageError, comma_list, nonnegative, positive
 from training.data import TASK_EVAL_FILES, data_dir
 
 
@@ -39,8 +40,8 @@ def add_loadtest_options(parser: argparse.ArgumentParser) -> None:
                         "adapters are written there and removed at the end")
     parser.add_argument("--source", help="the registered adapter to derive from (default: the first the server lists)")
     parser.add_argument("--adapters", type=positive(int),
-                        help="adapters to derive and serve (default: the scenario's: single 1, uniform 8, zipf 100, "
-                        "churn 8, overload 2)")
+                        help="adapters to derive and serve (default: the scenario's: "
+                        f"{', '.join(f'{name} {scenario.adapters}' for name, scenario in SCENARIOS.items())})")
     parser.add_argument("--prompts", type=positive(int),
                         help="distinct requests per adapter, the endpoints taking turns (default: 24 / adapters, at "
                         "least 3); the reference pass sends each to each adapter alone")
@@ -67,14 +68,14 @@ def add_loadtest_options(parser: argparse.ArgumentParser) -> None:
                         help="the most seconds a storm client waits for a reply before hanging up")
     parser.add_argument("--warmup", type=nonnegative(float),
                         help="seconds of load before the server's memory must stay flat (soak scenario; default: a "
-                        "fifth of --duration)")
+                        "fifth of --duration; less than --duration)")
     parser.add_argument("--max-rss-growth", type=nonnegative(float), default=0.05,
                         help="how much the server's resident memory may grow after the warm-up (soak) and over the "
                         "register cycles, as a fraction (0.05: 5%%)")
     parser.add_argument("--register-cycles", type=nonnegative(int), default=0,
                         help="after the load, unregister and register one adapter this many times, a request to it "
-                        "every 100 cycles (every tenth when fewer than 1,000): the memory must come back to its "
-                        "baseline")
+                        "every 100 cycles (every tenth of them when fewer than 1,000): the server's memory after the "
+                        "last must be within --max-rss-growth of its memory after the first tenth")
     parser.add_argument("--squad", type=Path, help="SQuAD v1.1 questions (default: the dev set in the data folder)")
     parser.add_argument("--nli", type=Path, help="NLI pairs, every row (default: MNLI dev_matched in the data folder)")
 
@@ -88,9 +89,14 @@ def nli_source(path: Path | None) -> tuple[Path, tuple[str, ...] | None]:
 
 
 def run_loadtest(args: argparse.Namespace) -> None:
-    """Run ``loraswap loadtest``: the report to ``--json``, its tables to ``--md`` and printed. Exit status 2 without
-    ``$LORASWAP_ADMIN_KEY`` or when the server refuses the test's set-up (a wrong admin key, an ``--adapter-root``
-    that is not one of its roots, no ``--source`` adapter, the server unreachable), 1 when a check failed."""
+    """Run ``loraswap loadtest``: the report to ``--json``, its tables to ``--md`` and printed. UsageError for a
+    ``--warmup`` not below ``--duration``. Exit status 2 without ``$LORASWAP_ADMIN_KEY`` or when the server refuses
+    the test's set-up (a wrong admin key, an ``--adapter-root`` that is not one of its roots, no ``--source``
+    adapter, the server unreachable), 1 when a check failed, 130 when interrupted (Ctrl-C or SIGTERM: the adapters
+    it registered are unregistered and their files removed first)."""
+    if args.warmup is not None and args.warmup >= args.duration:
+        raise UsageError(f"--warmup {args.warmup:g} leaves no load after it to check the memory by (--duration "
+                         f"{args.duration:g})")
     admin_key = os.environ.get("LORASWAP_ADMIN_KEY")
     if not admin_key:
         print("loraswap loadtest: error: set LORASWAP_ADMIN_KEY, the server's admin key (the test registers its "
@@ -110,8 +116,13 @@ def run_loadtest(args: argparse.Namespace) -> None:
         timeout_s=args.timeout, tolerance=args.tolerance, recovery=args.recovery, storm_clients=args.storm_clients,
         hang_up_s=args.hang_up, warmup_s=args.warmup, max_rss_growth=args.max_rss_growth,
         register_cycles=args.register_cycles)
+    signal.signal(signal.SIGTERM, interrupt)
     try:
         report = run_load(config)
+    except KeyboardInterrupt:
+        print("loraswap loadtest: interrupted: no report; its adapters were unregistered and their files removed",
+              file=sys.stderr)
+        raise SystemExit(130) from None
     except (httpx.HTTPStatusError, httpx.TransportError, ValueError) as refused:
         detail = refused.response.text[:300] if isinstance(refused, httpx.HTTPStatusError) else ""
         print(f"loraswap loadtest: error: {refused} {detail}".rstrip(), file=sys.stderr)
@@ -125,6 +136,11 @@ def run_loadtest(args: argparse.Namespace) -> None:
     if failed:
         print(f"loraswap loadtest: failed: {', '.join(failed)}", file=sys.stderr)
         raise SystemExit(1)
+
+
+def interrupt(signum: int, frame) -> None:
+    """SIGTERM stops a run as Ctrl-C does (KeyboardInterrupt), so that it cleans up after itself."""
+    raise KeyboardInterrupt
 
 
 LOADTEST = Command("load tests that check every answer (locust scenarios: single, uniform, zipf, churn, overload, "

@@ -97,9 +97,11 @@ def memory_line(memory: dict) -> str:
     if memory["growth"] is None:
         return f"Memory: {memory['samples']} samples, too few to compare the warm-up with what followed."
     mib = 2 ** 20
-    return (f"Memory: peak {memory['warmup_peak_bytes'] / mib:.0f} MiB in the first {memory['warmup_s']:g} s, "
-            f"{memory['peak_after_bytes'] / mib:.0f} MiB after ({100 * memory['growth']:+.1f} %), "
-            f"{memory['last_bytes'] / mib:.0f} MiB at the end; {memory['samples']} samples.")
+    return (f"Memory outside the prefix cache: peak {memory['warmup_peak_bytes'] / mib:.0f} MiB in the first "
+            f"{memory['warmup_s']:g} s, {memory['peak_after_bytes'] / mib:.0f} MiB after "
+            f"({100 * memory['growth']:+.1f} %). Resident: peak {memory['rss_warmup_peak_bytes'] / mib:.0f} MiB, then "
+            f"{memory['rss_peak_after_bytes'] / mib:.0f} MiB, {memory['rss_last_bytes'] / mib:.0f} MiB at the end; "
+            f"prefix cache up to {memory['prefix_cache_peak_bytes'] / mib:.0f} MiB; {memory['samples']} samples.")
 
 
 def storm_line(storm: dict | None) -> str | None:
@@ -136,11 +138,12 @@ def server_lines(view: dict) -> str:
 def failed_checks(report: dict) -> list[str]:
     """The checks ``report`` (``run_load``'s) failed: requests not answered right or fairly refused, failed admin
     calls, recovery requests not answered right, 5xx seen by the storm, memory that grew past the bound after the
-    warm-up (scenarios with a storm) or over the register cycles (or their requests not answered right)."""
+    warm-up, or too few samples to tell (scenarios with a storm), or over the register cycles (or their requests not
+    answered right)."""
     storm, cycles = report["storm"], report["register_cycles"]
     failed = {"requests": report["failures"], "admin calls": report["admin"]["failures"],
               "recovery": report["recovery"]["failures"], "storm 5xx": storm and storm["server_errors"],
-              "memory after warm-up": storm is not None and report["memory"]["flat"] is False,
+              "memory after warm-up": storm is not None and report["memory"]["flat"] is not True,  # None: unchecked
               "register cycles memory": cycles is not None and cycles["flat"] is False,
               "register cycles requests": cycles and cycles["checks"]["failures"]}
     return [name for name, failure in failed.items() if failure]

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 import pytest
@@ -57,11 +59,11 @@ def server(tiny_llama_dir, llama_adapters, tmp_path_factory):
 
 
 def loadtest(server: Server, scenario: str, *options: str, users: int = 4, duration: float = 3,
-             admin_key: str = ADMIN_KEY) -> subprocess.Popen:
+             admin_key: str = ADMIN_KEY, adapter_root: Path | None = None) -> subprocess.Popen:
     """``loraswap loadtest`` of ``scenario`` against ``server``, started (3 requests per adapter, answers of at most 4
     tokens, the committed data sample); its report goes to ROOT/SCENARIO.json."""
     command = [sys.executable, "-m", "service.cli.main", "loadtest", "--scenario", scenario, "--users", str(users),
-               "--duration", str(duration), "--host", server.url, "--adapter-root", str(server.derived),
+               "--duration", str(duration), "--host", server.url, "--adapter-root", str(adapter_root or server.derived),
                "--adapters", str(ADAPTERS[scenario]), "--prompts", "3", "--new-tokens", "4", "--recovery", "3",
                "--source", "one", "--spread", str(SPREAD), "--squad", str(SQUAD_SAMPLE), "--nli", str(NLI_SAMPLE),
                "--json", str(server.root / f"{scenario}.json"), "--md", str(server.root / f"{scenario}.md"), *options]
@@ -168,3 +170,29 @@ def test_a_set_up_the_server_refuses_is_a_usage_error_not_a_traceback(server):
     process = loadtest(server, "single", admin_key="not the key")
     _, err = process.communicate(timeout=300)
     assert process.returncode == 2 and "401" in err and "Traceback" not in err, err[-2000:]
+
+
+def test_a_run_stopped_by_sigterm_unregisters_its_adapters_and_removes_their_files(server):
+    """SIGTERM once the reference pass is done, mid-load: exit 130, no report, and the server and the adapter root
+    as they were before the run (a run killed without cleaning up left its adapters registered)."""
+    report = server.root / "uniform.json"
+    report.unlink(missing_ok=True)
+    process = loadtest(server, "uniform", users=2, duration=120)
+    for line in process.stderr:
+        if "reference pass done" in line:
+            break
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130 and "interrupted" in err and "Traceback" not in err, err[-2000:]
+    names = {adapter["name"] for adapter in httpx.get(f"{server.url}/adapters").json()["adapters"]}
+    assert names == {"one", "two"} and not any(server.derived.iterdir()) and not report.exists()
+
+
+def test_an_adapter_root_the_server_refuses_is_a_usage_error_that_leaves_no_folder(server):
+    """--adapter-root that is none of the server's roots: exit 2 with the server's 403, and the folder the run made
+    to write its adapters in is gone again."""
+    refused = server.root / "not-a-root"
+    process = loadtest(server, "single", adapter_root=refused)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 2 and "403" in err and "Traceback" not in err, err[-2000:]
+    assert not refused.exists()
