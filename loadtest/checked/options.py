@@ -8,8 +8,9 @@ The server must accept adapters from ``--adapter-root`` (``loraswap serve --adap
 key: the test derives its adapters from one the server has registered, registers them, and removes them at the end.
 The exit status is 1 when a check failed (a wrong answer, a 5xx, a request unanswered, another status than 200,
 429 with Retry-After, or 404 while its adapter was away; a failed admin call; a recovery request not answered right;
-a 5xx seen by the soak's storm clients, or the server's memory growing past ``--max-rss-growth`` after the warm-up;
-the same growth over ``--register-cycles``), 2 for a usage error or a set-up the server refused.
+a 5xx seen by the soak's storm clients, or the server's memory outside its prefix cache growing past
+``--max-rss-growth`` after the warm-up; the same growth over ``--register-cycles``), 2 for a usage error or a set-up
+the server refused.
 """
 from __future__ import annotations
 
@@ -70,8 +71,9 @@ def add_loadtest_options(parser: argparse.ArgumentParser) -> None:
                         help="seconds of load before the server's memory must stay flat (soak scenario; default: a "
                         "fifth of --duration; less than --duration)")
     parser.add_argument("--max-rss-growth", type=nonnegative(float), default=0.05,
-                        help="how much the server's resident memory may grow after the warm-up (soak) and over the "
-                        "register cycles, as a fraction (0.05: 5%%)")
+                        help="how much the server's resident memory may grow after the warm-up (soak: less what its "
+                        "prefix cache holds, which fills up to its own bound) and over the register cycles, as a "
+                        "fraction (0.05: 5%%)")
     parser.add_argument("--register-cycles", type=nonnegative(int), default=0,
                         help="after the load, unregister and register one adapter this many times, a request to it "
                         "every 100 cycles (every tenth of them when fewer than 1,000): the server's memory after the "
