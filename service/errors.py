@@ -9,6 +9,16 @@ class AdapterError(Exception):
     """An adapter the engine cannot serve exactly, or a request about adapters that cannot be honoured."""
 
 
+class NonFiniteLogits(AdapterError):
+    """The model gave NaN or infinite logits for a request: its adapter's weights overflow in the forward pass (or the
+    dtype is too narrow for them). Any answer from them would be meaningless, so the request is refused, not served."""
+
+    def __init__(self, adapter: str | None):
+        super().__init__(f"{f'adapter {adapter!r}' if adapter else 'the base model'} gave NaN or infinite logits for "
+                         "this request (weights that overflow in the forward pass): no answer can be computed from "
+                         "them")
+
+
 class UnknownAdapter(AdapterError):
     """No adapter of that name is registered."""
 

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from service.engine.prefill import Prefill
 from service.engine.requests import Scoring
 from service.engine.running_batch import RunningBatch
 from service.engine.sampling import Sampler
 from service.engine.scoring import scored
+from service.errors import NonFiniteLogits
 
 
 @dataclass
@@ -35,9 +38,14 @@ class Joining:
         generating at most ``max_new_tokens``, or fewer if it asks) join ``running``."""
         pendings, prefill = self.pendings, self.prefill
         if isinstance(pendings[0].work, Scoring):
+            finite = torch.isfinite(prefill.logits).all(-1).tolist()
             for row, pending in enumerate(pendings):
-                if not pending.future.done():
+                if pending.future.done():
+                    continue
+                if finite[row]:
                     pending.future.set_result(scored(pending.work, prefill.logits[row], pending.adapter))
+                else:
+                    pending.future.set_exception(NonFiniteLogits(pending.work.adapter))
             return
         works = [pending.work for pending in pendings]
         limits = [min(work.decoding.max_new_tokens, max_new_tokens) for work in works]

@@ -36,7 +36,15 @@ from service.engine.prefix_cache import PrefixCache, weights_key
 from service.engine.requests import Generation, RequestFuture, SampledToken, Scoring
 from service.engine.row_mapping import map_rows, point
 from service.engine.running_batch import RunningBatch
-from service.errors import EngineFailed, EngineStopped, QueueFull, QueueTimeout, RequestAbandoned, UnknownAdapter
+from service.errors import (
+    EngineFailed,
+    EngineStopped,
+    NonFiniteLogits,
+    QueueFull,
+    QueueTimeout,
+    RequestAbandoned,
+    UnknownAdapter,
+)
 from service.lora.adapter_files import BASE_LABEL, AdapterWeights
 from service.lora.registry import AdapterRegistry
 from service.settings import CPU_BATCH_WINDOW_MS, CPU_PREFILL_TOKENS, GPU_BATCH_WINDOW_MS, Settings
@@ -302,6 +310,8 @@ class Engine:
             joining = self._between_steps(running, joining)
             if not len(running):  # every row is done (or failed) and nothing is joining
                 return
+            if self._dropped_non_finite(running):
+                continue
             chosen, finished = running.sample(self.endings.is_stop)
             running.publish(chosen, dict(finished), self.endings.ends_text)
             for row, reason in finished:
@@ -315,6 +325,21 @@ class Engine:
                     chosen = [chosen[row] for row in kept]
             if len(running):
                 running.forward(chosen)
+
+    def _dropped_non_finite(self, running: RunningBatch) -> bool:
+        """Fail (NonFiniteLogits) and drop the rows whose logits hold NaN or an infinity, before any token is sampled
+        from them; whether there were any. The other rows go on as they were."""
+        finite = torch.isfinite(running.logits).all(-1).tolist()
+        if all(finite):
+            return False
+        for row, ok in enumerate(finite):
+            if not ok and not running.pendings[row].future.done():
+                running.pendings[row].future.set_exception(NonFiniteLogits(running.pendings[row].work.adapter))
+        kept = [row for row, ok in enumerate(finite) if ok]
+        kept_rows = running.keep(kept)
+        if kept:  # as in _run: an engine with no rows left leaves the shared row mapping alone
+            self._point_kept(running, kept_rows)
+        return True
 
     def _withdrawn_rows(self, running: RunningBatch) -> set[int]:
         """Rows whose request was abandoned or ended (``end``) and is not done. Abandoned ones fail with

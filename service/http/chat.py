@@ -1,23 +1,45 @@
 """Chat messages to prompt token ids, through a chat template: the adapter folder's, else the base tokenizer's."""
 from __future__ import annotations
 
+from functools import lru_cache
+
 from fastapi import HTTPException
-from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
+from service.errors import InputTooLong
 
-def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], template: str | None) -> list[int]:
+
+def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], template: str | None,
+                max_tokens: int) -> list[int]:
     """The prompt's token ids: ``messages`` (``[{"role", "content"}]``) rendered by ``apply_chat_template`` with the
     assistant's turn opened (``add_generation_prompt``), with ``template`` (None: the tokenizer's own). Text in the
     messages that spells a control token (``<|im_end|>``) is encoded as the characters it is
     (``sanitize_control_tokens``), so that no message can end its turn or forge another's; only the template writes
-    control tokens. Raises HTTPException 422 when there is no template, or when the template refuses the messages
-    (its ``raise_exception``: roles out of order, a system message where it takes none)."""
+    control tokens. Blocking (rendering and tokenizing): call it off the event loop.
+
+    Raises InputTooLong, before rendering, when the messages hold more characters than ``max_tokens`` tokens can
+    (``longest_token``: a message's text is encoded as ordinary text); HTTPException 422 when there is no template,
+    when the template refuses the messages (its ``raise_exception``: roles out of order, a system message where it
+    takes none) or fails on them (anything its code raises: the template is the adapter's), or renders no tokens."""
     if template is None and tokenizer.chat_template is None:
         raise HTTPException(422, "this model has no chat template, and the adapter's folder ships none; send the "
                             "prompt as text to /v1/completions")
+    characters, most = sum(len(message["content"]) for message in messages), max_tokens * longest_token(tokenizer)
+    if characters > most:
+        raise InputTooLong(f"the messages have {characters} characters: more than {max_tokens} tokens (at most "
+                           f"{most} characters) can hold; at most {max_tokens} are accepted")
     try:
-        return tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True,
-                                             tokenize=True, return_dict=False, sanitize_control_tokens=True)
-    except TemplateError as exc:
-        raise HTTPException(422, f"the chat template refused the messages: {exc}") from None
+        ids = tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True,
+                                            tokenize=True, return_dict=False, sanitize_control_tokens=True)
+    except Exception as exc:  # the template's own code failed: TemplateError, "Range too big", anything
+        raise HTTPException(422, f"the chat template refused the messages: {type(exc).__name__}: {exc}") from None
+    if not ids:
+        raise HTTPException(422, "the chat template rendered the messages as no tokens at all")
+    return ids
+
+
+@lru_cache(maxsize=8)
+def longest_token(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The most characters one token of ``tokenizer`` decodes to, at most: the longest entry of its vocabulary, whose
+    byte-level (or SentencePiece) spelling has at least as many characters as the text it stands for."""
+    return max(map(len, tokenizer.get_vocab()))

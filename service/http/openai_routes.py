@@ -123,7 +123,8 @@ async def chat_completions(body: ChatCompletionIn, request: Request, rt: Runtime
     tokenizer's (see ``chat_prompt``); each choice is the assistant's next message."""
     adapter = served_model(rt, body, request)
     messages = [message.model_dump() for message in body.messages]
-    prompt_ids = chat_prompt(rt.tasks.tokenizer, messages, rt.chat_template(adapter))
+    prompt_ids = await run_in_threadpool(chat_prompt, rt.tasks.tokenizer, messages, rt.chat_template(adapter),
+                                         rt.tasks.max_prompt)  # off the event loop: a template may render for long
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     return await reply(rt, request, body, prompt_ids, adapter, ChatReplies(body.model), logprobs)
 
