@@ -18,6 +18,7 @@ from pydantic_settings import SettingsError
 from service.cli.command import Command, UsageError
 from service.cli.settings_options import add_settings_arguments, settings_from
 from service.errors import AdapterError
+from service.model import server_process
 from service.settings import Settings
 
 COMMAND_GROUP = "loraswap.commands"  # the entry-point group of subcommands (pyproject.toml)
@@ -73,9 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "serve":
+            settings = settings_from(args)
+            if argv is None:  # this process is the server from its start (not a caller's, as in tests)
+                server_process.prepare(settings.quantize)
             from service.http.server import serve
 
-            serve(settings_from(args))
+            serve(settings)
         else:
             args.run(args)
     except (UsageError, AdapterError, FileNotFoundError, ValidationError) as exc:  # what the user asked cannot be done

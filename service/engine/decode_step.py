@@ -15,6 +15,7 @@ import torch
 from service.engine.kv_cache import RowKVCache, column_bucket, row_bucket
 from service.lora.layers import LoraLayers
 from service.model.base_model import cache_keyword
+from service.model.malloc import give_back
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +67,12 @@ class DecodeStep:
 
     def idle(self) -> None:
         """Between batches: without CUDA graphs the KV cache is freed (the next batch allocates what its rows and
-        prompts need), so that memory held follows the traffic, not the largest burst ever served."""
+        prompts need), and on the CPU what the batch freed leaves malloc's arenas (``malloc.give_back``), so that
+        memory held follows the traffic, not the largest burst ever served."""
         if not self.cuda_graphs:
             self.cache.release()
+        if self.device.type == "cpu":
+            give_back()
 
     @property
     def graphs(self) -> int:

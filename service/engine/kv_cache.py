@@ -4,12 +4,18 @@ Row i of the batch is row i of the cache; its tokens fill columns 0 .. positions
 front), so a request that joins is copied into free rows without touching the others, and a decoding
 step writes one column per row. Storage grows in buckets (rows to a power of two, columns to a multiple
 of ``COLUMN_STEP``) and is never reallocated otherwise: ``storage`` counts reallocations, so CUDA graphs
-captured over it know when they went stale.
+captured over it know when they went stale. On the CPU it lives in maps of its own (``file_pages.mapped_zeros``):
+the rows and columns of a bucket never written take no memory, and a batch's cache leaves memory when it is freed.
+
+A prefill pass that runs whole needs no cache of its own to keep: ``OnePassCache`` hands each layer's keys and values
+to the attention and writes them straight into the rows the prompts join, so they are never held twice.
 """
 from __future__ import annotations
 
 import torch
 from transformers import Cache, DynamicCache
+
+from service.model.file_pages import mapped_zeros
 
 COLUMN_STEP = 256
 
@@ -30,8 +36,15 @@ def prompt_columns(mask: torch.Tensor) -> torch.Tensor:
     return torch.argsort(1 - mask, dim=1, stable=True)
 
 
+def zeros_like(like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Zeros of ``shape`` with ``like``'s dtype and device: on the CPU in a map of their own (``mapped_zeros``)."""
+    return mapped_zeros(shape, like.dtype) if like.device.type == "cpu" else like.new_zeros(shape)
+
+
 class RowKVCache(Cache):
-    """Keys and values [rows, kv heads, columns, head dim] per layer, written at per-row positions."""
+    """Keys and values [rows, kv heads, columns, head dim] per layer, written at per-row positions. ``reserve`` sets
+    the rows and columns; a layer's storage is allocated when its first keys are written (``write_layer``), with their
+    heads, head size and dtype."""
 
     def __init__(self, min_rows: int = 1):
         super().__init__(layers=[])
@@ -41,50 +54,58 @@ class RowKVCache(Cache):
         self.storage = 0
         self.positions: torch.Tensor | None = None  # [batch] the column each row writes in this step
         self.width = 0  # columns the attention reads in this step
+        self._shape = (0, 0)
 
     @property
     def shape(self) -> tuple[int, int]:
-        """(rows, columns) allocated."""
-        return (self.keys[0].shape[0], self.keys[0].shape[2]) if self.keys else (0, 0)
+        """(rows, columns) reserved."""
+        return self._shape
 
-    def reserve(self, rows: int, columns: int, used: tuple[int, int], like: DynamicCache | None = None) -> None:
-        """Make room for ``rows`` x ``columns``, keeping the ``used`` (rows, columns) corner; a first
-        allocation takes its heads, head size and dtype from ``like`` (a prefill's cache)."""
+    def reserve(self, rows: int, columns: int, used: tuple[int, int]) -> None:
+        """Make room for ``rows`` x ``columns``, keeping the ``used`` (rows, columns) corner of each allocated layer."""
         have_rows, have_columns = self.shape
         if rows <= have_rows and columns <= have_columns:
             return
         rows, columns = max(row_bucket(rows), have_rows, self.min_rows), max(column_bucket(columns), have_columns)
-        templates = list(zip(self.keys, self.values)) or [(layer.keys, layer.values) for layer in like.layers]
-        grown_keys, grown_values = [], []
-        for old_keys, old_values in templates:
-            heads, dim = old_keys.shape[1], old_keys.shape[3]
-            keys = old_keys.new_zeros(rows, heads, columns, dim)
-            values = old_values.new_zeros(rows, heads, columns, dim)
-            if self.keys:
-                keys[: used[0], :, : used[1]] = old_keys[: used[0], :, : used[1]]
-                values[: used[0], :, : used[1]] = old_values[: used[0], :, : used[1]]
-            grown_keys.append(keys)
-            grown_values.append(values)
-        self.keys, self.values = grown_keys, grown_values
+        self.keys = [self._grown(old, rows, columns, used) for old in self.keys]
+        self.values = [self._grown(old, rows, columns, used) for old in self.values]
+        self._shape = (rows, columns)
         self.storage += 1
 
+    @staticmethod
+    def _grown(old: torch.Tensor, rows: int, columns: int, used: tuple[int, int]) -> torch.Tensor:
+        grown = zeros_like(old, (rows, old.shape[1], columns, old.shape[3]))
+        grown[: used[0], :, : used[1]] = old[: used[0], :, : used[1]]
+        return grown
+
     def release(self) -> None:
-        """Free the storage; the next ``reserve`` allocates afresh, from a prefill's cache."""
+        """Free the storage; the next ``reserve`` and writes allocate afresh."""
         self.keys, self.values = [], []
+        self._shape = (0, 0)
         self.storage += 1
+
+    def write_layer(self, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor,
+                    columns: torch.Tensor) -> None:
+        """Write layer ``layer``'s keys and values of a prefill's rows ([k, kv heads, width, head dim]) into rows
+        ``start ..``: columns ``columns`` [k, n] of each (its tokens in order, see ``prompt_columns``) to its first
+        ``n``. A layer's storage is allocated (``reserve``'s shape) at its first write: layers are written in order."""
+        if layer == len(self.keys):
+            rows, width = self.shape
+            self.keys.append(zeros_like(keys, (rows, keys.shape[1], width, keys.shape[3])))
+            self.values.append(zeros_like(values, (rows, values.shape[1], width, values.shape[3])))
+        index = columns[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[3])
+        end, n = start + len(columns), columns.shape[1]
+        self.keys[layer][start:end, :, :n] = keys.gather(2, index)
+        self.values[layer][start:end, :, :n] = values.gather(2, index)
 
     def write_prompts(self, start: int, prefill: DynamicCache, mask: torch.Tensor) -> None:
         """Copy a prefill's rows into rows ``start ..``, each row's tokens (the columns its ``mask`` [rows, width]
         marks: left padding, or a cached prefix and the rest of the prompt with a hole between them) moved to begin at
         column 0, in order: the first ``longest`` columns, the longest prompt's length (columns past a shorter prompt
         get filler, never read)."""
-        longest = int(mask.sum(-1).max())
-        columns = prompt_columns(mask)[:, :longest]  # [rows, longest]
-        for keys, values, layer in zip(self.keys, self.values, prefill.layers):
-            heads, dim = layer.keys.shape[1], layer.keys.shape[3]
-            index = columns[:, None, :, None].expand(-1, heads, -1, dim)
-            keys[start: start + len(mask), :, :longest] = layer.keys.gather(2, index)
-            values[start: start + len(mask), :, :longest] = layer.values.gather(2, index)
+        columns = landing_columns(mask)
+        for layer, kv in enumerate(prefill.layers):
+            self.write_layer(layer, start, kv.keys, kv.values, columns)
 
     def keep(self, index: torch.Tensor, columns: int) -> None:
         """Move rows ``index`` (their first ``columns`` columns) to the front, in this order."""
@@ -103,3 +124,30 @@ class RowKVCache(Cache):
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.width
+
+
+def landing_columns(mask: torch.Tensor) -> torch.Tensor:
+    """[rows, longest]: each row's columns of a prefill's ``mask`` [rows, width] that ``RowKVCache.write_layer`` moves
+    to the row's first columns: its tokens in order, then filler up to the longest prompt's length."""
+    return prompt_columns(mask)[:, : int(mask.sum(-1).max())]
+
+
+class OnePassCache(DynamicCache):
+    """The cache of a prefill pass that runs whole: each layer's keys and values (after the cached prefix it was seeded
+    with, [rows, kv heads, past, head dim] per layer in ``seed``) go to the attention exactly as a ``DynamicCache``
+    hands them, are written into rows ``start ..`` of ``into`` (a ``RowKVCache`` with room for them; none: nowhere)
+    moved as ``landing_columns(mask)`` says, and are then dropped: the pass never holds every layer's at once."""
+
+    def __init__(self, seed: list[tuple[torch.Tensor, torch.Tensor]] | None, mask: torch.Tensor,
+                 into: RowKVCache | None = None, start: int = 0):
+        super().__init__(ddp_cache_data=seed)
+        self.into, self.start = into, start
+        self.columns = landing_columns(mask) if into is not None else None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        if self.into is not None:
+            self.into.write_layer(layer_idx, self.start, keys, values, self.columns)
+        layer = self.layers[layer_idx]
+        layer.keys, layer.values = keys.new_empty(0), values.new_empty(0)  # as DynamicLayer holds none
+        return keys, values

@@ -15,6 +15,7 @@ from transformers import DynamicCache
 
 from service.engine.constraints import advance, constrain
 from service.engine.decode_step import DecodeStep
+from service.engine.kv_cache import RowKVCache
 from service.engine.logprobs import token_logprobs
 from service.engine.requests import SampledToken
 from service.engine.sampling import Sampler
@@ -38,14 +39,22 @@ class RunningBatch:
     def __len__(self) -> int:
         return len(self.pendings)
 
-    def add(self, pendings: list, logits: torch.Tensor, prefill: DynamicCache, mask: torch.Tensor,
+    def room(self, lengths: list[int]) -> tuple[RowKVCache, int]:
+        """Make room in the KV cache for rows of prompts of ``lengths`` tokens after the running ones: the cache and
+        their first row (a prefill pass that runs whole writes them there itself: ``kv_cache.OnePassCache``)."""
+        start, cache = len(self), self.decoder.cache
+        cache.reserve(start + len(lengths), max(lengths), used=(start, max(self.positions, default=0)))
+        return cache, start
+
+    def add(self, pendings: list, logits: torch.Tensor, prefill: DynamicCache | None, mask: torch.Tensor,
             sampler: Sampler, limits: list[int]) -> None:
         """Append prefilled rows after the running ones (``mask`` [k, W]: the prefill's cache columns that hold each
-        row's tokens, see ``Prefill``)."""
+        row's tokens, see ``Prefill``): their keys and values copied from ``prefill``, or with None already written
+        into the rows ``room`` made (a pass that ran whole)."""
         lengths = mask.sum(-1).tolist()
-        start, cache = len(self), self.decoder.cache
-        cache.reserve(start + len(pendings), max(lengths), used=(start, max(self.positions, default=0)), like=prefill)
-        cache.write_prompts(start, prefill, mask)
+        if prefill is not None:
+            cache, start = self.room(lengths)
+            cache.write_prompts(start, prefill, mask)
         self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
         self.positions += lengths
         self.sampler.extend(sampler)

@@ -31,6 +31,7 @@ from service.engine.decode_step import DecodeStep
 from service.engine.endings import Endings
 from service.engine.joining import Joining
 from service.engine.merge_policy import MergePolicy
+from service.engine.mlp import use_in_place_mlp
 from service.engine.prefill import Prefill
 from service.engine.prefix_cache import PrefixCache, weights_key
 from service.engine.requests import Generation, RequestFuture, SampledToken, Scoring
@@ -71,6 +72,7 @@ class Engine:
         self.pad_id = tokenizer.pad_token_id
         self.endings = Endings(model, tokenizer)
         use_packed_gqa_attention(model)
+        use_in_place_mlp(model)
         self.prefill_chunk = settings.prefill_chunk
         cpu = self.device.type == "cpu"  # unset, these two take the device's defaults (service.settings)
         self.prefill_tokens = settings.max_prefill_tokens or (CPU_PREFILL_TOKENS if cpu else math.inf)
@@ -299,8 +301,9 @@ class Engine:
         if not batch:
             return
         self._apply_merge_policy({pending.adapter for pending in batch})
+        running = RunningBatch(self.decoder)
         try:
-            self._run(RunningBatch(self.decoder), self._joining(batch))
+            self._run(running, self._joining(batch, running))
         finally:
             self.decoder.idle()
 
@@ -367,22 +370,25 @@ class Engine:
         if switch.merge is not None and self.registry.holds(switch.merge):
             self.registry.merge_weights(switch.merge)
 
-    def _joining(self, pendings: list[_Pending]) -> Joining:
-        """Requests just taken from the queue, their prompts not yet run."""
+    def _joining(self, pendings: list[_Pending], running: RunningBatch) -> Joining:
+        """Requests just taken from the queue to join ``running``, their prompts not yet run."""
         now = time.perf_counter()
         for pending in pendings:
             metrics.QUEUE_WAIT.observe(now - pending.enqueued)
         metrics.BATCH_SIZE.observe(len(pendings))
-        return self._prompts_pass(pendings, shared_first=True)
+        return self._prompts_pass(pendings, running, shared_first=True)
 
-    def _prompts_pass(self, pendings: list[_Pending], shared_first: bool) -> Joining:
-        """The prefill pass of ``pendings``' prompts (past their cached prefixes); with ``shared_first``, a pass of the
-        prefixes several of them share and the prefix cache lacks comes first, if any, so those run once."""
+    def _prompts_pass(self, pendings: list[_Pending], running: RunningBatch, shared_first: bool) -> Joining:
+        """The prefill pass of ``pendings``' prompts (past their cached prefixes), generations' keys and values going
+        into ``running``'s KV cache, scoring requests' kept by nothing but the prefix cache; with ``shared_first``, a
+        pass of the prefixes several of them share and the prefix cache lacks comes first, if any, so those run once."""
         prompts = [pending.work.prompt_ids for pending in pendings]
         weights = [weights_key(pending.adapter, self.registry.merged_weights) for pending in pendings]
         shared = self.prefix_cache.shared(weights, prompts) if shared_first else []
         if not shared:
-            return Joining(pendings, Prefill(self.model, prompts, self.pad_id, self.device, self.prefix_cache, weights))
+            generations = isinstance(pendings[0].work, Generation)
+            return Joining(pendings, Prefill(self.model, prompts, self.pad_id, self.device, self.prefix_cache, weights,
+                                             into=running if generations else None, keep_kv=generations))
         prefixes, keys = [prompts[row][:tokens] for row, tokens in shared], [weights[row] for row, _ in shared]
         prefill = Prefill(self.model, prefixes, self.pad_id, self.device, self.prefix_cache, keys)
         return Joining(pendings, prefill, [pendings[row] for row, _ in shared])
@@ -402,7 +408,7 @@ class Engine:
             chunk = self.prefill_chunk
             joining.prefill.advance(max(chunk, len(running)) if chunk and len(running) else 0)
             if joining.prefill.finished and joining.leaders:  # the shared prefixes ran: now the prompts' own pass
-                joining = self._prompts_pass(joining.pendings, shared_first=False)
+                joining = self._prompts_pass(joining.pendings, running, shared_first=False)
             elif joining.prefill.finished:
                 joining.land(running, self.settings.max_new_tokens)
                 joining = None
@@ -432,7 +438,7 @@ class Engine:
             self._taken += taken
             if taken:
                 self._apply_merge_policy(in_use | {pending.adapter for pending in taken})
-                return self._joining(taken)
+                return self._joining(taken, running)
         return None
 
     def _waits_for_a_slot(self, pending: _Pending, in_use: set[AdapterWeights | None]) -> bool:

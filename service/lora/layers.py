@@ -41,7 +41,7 @@ from transformers.pytorch_utils import Conv1D
 from service.engine.kv_cache import row_bucket
 from service.lora.adapter_files import AdapterWeights
 from service.lora.slot_mapping import SlotMapping, in_place
-from service.model.file_pages import mapped_copy, private_file_maps, release
+from service.model.file_pages import mapped_copy, mapped_zeros, private_file_maps, release
 
 
 class Banks:
@@ -88,13 +88,16 @@ def lora_delta_reference(x: torch.Tensor, a: torch.Tensor, b_t: torch.Tensor, sl
     return torch.stack([x[row] @ a[slot].t() @ b_t[slot] for row, slot in enumerate(slots.tolist())])
 
 
-def widened(bank: torch.Tensor | None, shape: tuple[int, ...], device: torch.device,
+def widened(bank: torch.Tensor | None, shape: tuple[int, ...], slot_axis: int, device: torch.device,
             dtype: torch.dtype) -> torch.Tensor:
-    """A zero bank of ``shape`` holding what ``bank`` held, if anything, in its first slots and ranks (a bank's old
-    zero slot lands on an unused slot, which is zeros too)."""
-    wide = torch.zeros(shape, device=device, dtype=dtype)
+    """A zero bank of ``shape`` holding what ``bank`` held in its adapter slots, if anything, in its first slots and
+    ranks (not its zero slot, the last along ``slot_axis``: the new bank's unused and zero slots are zeros already).
+    On the CPU it lives in a map of its own (``file_pages.mapped_zeros``): slots never written (the zero slot, those
+    not filled yet) take no memory, and a bank replaced by a wider one leaves memory."""
+    wide = mapped_zeros(shape, dtype) if device.type == "cpu" else torch.zeros(shape, device=device, dtype=dtype)
     if bank is not None:
-        wide[tuple(slice(0, size) for size in bank.shape)] = bank
+        held = bank.narrow(slot_axis, 0, bank.shape[slot_axis] - 1)
+        wide[tuple(slice(0, size) for size in held.shape)] = held
     return wide
 
 
@@ -120,9 +123,10 @@ class InputGroup:
         slots += 1
         if rank == first.capacity and (self.a is None or slots == self.a.shape[1]):
             return False
-        self.a = widened(self.a, (len(self.layers), slots, rank, first.in_features), device, dtype)
+        self.a = widened(self.a, (len(self.layers), slots, rank, first.in_features), 1, device, dtype)
         for layer in self.layers:
-            layer.use_bank(self.a[layer.member], widened(layer.b_t, (slots, rank, layer.out_features), device, dtype))
+            b_t = widened(layer.b_t, (slots, rank, layer.out_features), 0, device, dtype)
+            layer.use_bank(self.a[layer.member], b_t)
         return True
 
     def release(self) -> None:

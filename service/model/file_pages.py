@@ -1,9 +1,11 @@
-"""Pages of the model file, and of the copies made of it. On the CPU, weights loaded from safetensors are views of a
-private (copy-on-write) map of the file, so the pages of one never written can leave memory and come back from the
-file, unchanged, when read; a copy kept in a map of its own leaves memory when freed."""
+"""Pages of the model file, and of the tensors kept in maps of their own. On the CPU, weights loaded from safetensors
+are views of a private (copy-on-write) map of the file, so the pages of one never written can leave memory and come
+back from the file, unchanged, when read; a copy or a zero tensor kept in a map of its own leaves memory when freed,
+and a zero tensor's pages take memory only once written."""
 from __future__ import annotations
 
 import ctypes
+import math
 import mmap
 from pathlib import Path
 
@@ -53,3 +55,16 @@ def mapped_copy(tensor: torch.Tensor) -> torch.Tensor:
     buffer = mmap.mmap(-1, tensor.numel() * tensor.element_size())
     copy = torch.frombuffer(buffer, dtype=tensor.dtype, count=tensor.numel()).view(tensor.shape)
     return copy.copy_(tensor)
+
+
+def mapped_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A CPU tensor of zeros of ``shape`` in a private anonymous map of its own, page aligned. The kernel hands out its
+    pages zeroed as they are first written (a page only read stays the shared zero page, outside the RSS), so the
+    parts never written take no memory and nothing is cleared up front; the map is unmapped when the tensor is freed.
+    For storage reserved ahead of its use (a KV cache's rows and columns, the slots of LoRA banks), where zeros from
+    malloc would be written whole at once and, once freed, mostly kept as free space in malloc's arenas."""
+    numel = math.prod(shape)
+    if not numel:
+        return torch.zeros(shape, dtype=dtype)
+    buffer = mmap.mmap(-1, numel * dtype.itemsize, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return torch.frombuffer(buffer, dtype=dtype, count=numel).view(shape)

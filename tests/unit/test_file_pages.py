@@ -1,4 +1,5 @@
-"""Pages of a file map leave memory and come back unchanged; anonymous memory is never touched."""
+"""Pages of a file map leave memory and come back unchanged; anonymous memory is never touched; copies and zeros in maps
+of their own leave memory with them, and zeros take memory only where written."""
 from __future__ import annotations
 
 import mmap
@@ -6,7 +7,7 @@ import mmap
 import torch
 
 from loadtest.host_memory import rss_bytes
-from service.model.file_pages import mapped_copy, private_file_maps, release
+from service.model.file_pages import mapped_copy, mapped_zeros, private_file_maps, release
 
 SIZE = 64 * 2**20  # bytes
 
@@ -49,3 +50,21 @@ def test_a_mapped_copy_of_an_empty_or_odd_sized_tensor():
     for tensor in (torch.empty(0, 3), torch.arange(5, dtype=torch.int8), torch.ones(3, dtype=torch.bfloat16)):
         copy = mapped_copy(tensor)
         assert copy.shape == tensor.shape and copy.dtype == tensor.dtype and torch.equal(copy, tensor)
+
+
+def test_mapped_zeros_take_memory_only_where_written_and_leave_with_their_tensor():
+    before = rss_bytes()
+    zeros = mapped_zeros((4, SIZE // 16), torch.float32)  # SIZE bytes
+    address = zeros.data_ptr()
+    assert zeros.is_contiguous() and address % mmap.PAGESIZE == 0 and len(_maps_starting_at(address)) == 1
+    assert not zeros.any() and rss_bytes() - before < 0.1 * SIZE  # read, never written: the kernel's zero page
+    zeros[1].fill_(1.0)  # a quarter written
+    assert 0.2 * SIZE < rss_bytes() - before < 0.35 * SIZE and zeros.sum() == SIZE // 16
+    del zeros
+    assert not _maps_starting_at(address) and rss_bytes() - before < 0.1 * SIZE
+
+
+def test_mapped_zeros_of_any_shape_and_dtype():
+    for shape, dtype in (((0, 3), torch.float32), ((5,), torch.int8), ((2, 3, 4), torch.bfloat16)):
+        zeros = mapped_zeros(shape, dtype)
+        assert zeros.shape == shape and zeros.dtype == dtype and not zeros.any()

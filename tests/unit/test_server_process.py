@@ -1,0 +1,72 @@
+"""The server process readied at its start: glibc malloc's tcache off (by executing itself again), bitsandbytes kept
+out of a full-precision server, and only for a process that is the server from its start."""
+from __future__ import annotations
+
+import importlib.util
+import platform
+import subprocess
+import sys
+
+import pytest
+
+import service.cli.main as cli_main
+import service.http.server as server_module
+from service.model.malloc import TCACHE, tunables_with_tcache_off
+
+glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's tunables only")
+
+# freed small chunks land in malloc's fast bins (mallinfo2's fsmblks) only without the tcache, which keeps them
+FAST_BINS = """
+import ctypes, os, sys
+from service.model.malloc import restart_without_tcache
+restart_without_tcache()
+libc = ctypes.CDLL(None)
+class Info(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keep")]
+libc.mallinfo2.restype, libc.malloc.restype, libc.free.argtypes = Info, ctypes.c_void_p, [ctypes.c_void_p]
+before = libc.mallinfo2().fsmblks
+chunks = [libc.malloc(40) for _ in range(5)]
+for chunk in chunks:
+    libc.free(chunk)
+print(os.environ.get("GLIBC_TUNABLES"), libc.mallinfo2().fsmblks - before, sys.argv[1:])
+"""
+
+
+def test_the_tcache_is_turned_off_beside_other_tunables_unless_its_size_is_set():
+    assert tunables_with_tcache_off({}) == f"{TCACHE}=0"
+    assert tunables_with_tcache_off({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}) == (
+        f"glibc.malloc.arena_max=2:{TCACHE}=0")
+    assert tunables_with_tcache_off({"GLIBC_TUNABLES": f"glibc.malloc.arena_max=2:{TCACHE}=7"}) is None
+    assert tunables_with_tcache_off({"GLIBC_TUNABLES": "glibc.malloc.tcache_count_x=1"}) == (
+        f"glibc.malloc.tcache_count_x=1:{TCACHE}=0")
+
+
+@glibc
+@pytest.mark.parametrize(("tunables", "expected"), [(None, f"{TCACHE}=0"), (f"{TCACHE}=7", f"{TCACHE}=7")])
+def test_a_process_starts_again_with_its_command_line_and_the_tcache_off(tunables, expected):
+    env = {"PATH": "/usr/bin:/bin", **({"GLIBC_TUNABLES": tunables} if tunables else {})}
+    out = subprocess.run([sys.executable, "-c", FAST_BINS, "one", "two"], env=env, capture_output=True, text=True,
+                         timeout=60, check=True).stdout.split(maxsplit=1)
+    setting, fast_bytes = out[0], int(out[1].split()[0])
+    assert setting == expected and out[1].endswith("['one', 'two']\n")
+    assert (fast_bytes > 0) == (expected == f"{TCACHE}=0"), "glibc did not take the tcache's size"
+
+
+def test_only_a_process_that_is_the_server_from_its_start_is_readied(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cli_main.server_process, "prepare", lambda quantize: calls.append(("prepare", quantize)))
+    monkeypatch.setattr(server_module, "serve", lambda settings: calls.append(("serve", settings.quantize)))
+    monkeypatch.setattr(sys, "argv", ["loraswap", "serve", "--quantize", "none"])
+    cli_main.main()
+    cli_main.main(["serve"])  # a caller's process (tests, embedding): left as it is
+    assert calls == [("prepare", "none"), ("serve", "none"), ("serve", "none")]
+
+
+@pytest.mark.parametrize("quantize", ["none", "nf4"])
+def test_a_full_precision_server_keeps_peft_from_importing_bitsandbytes(quantize):
+    absent = quantize == "none" or importlib.util.find_spec("bitsandbytes") is None
+    code = ("import sys; from service.model import server_process as p; p.restart_without_tcache = lambda: None; "
+            f"p.prepare({quantize!r}); import peft; print(sys.modules.get('bitsandbytes') is None)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == str(absent)
