@@ -18,7 +18,8 @@ case $caching in
   on) options+=(--cache-prompt) ;;
   *) echo "CACHING is off or on, not $caching" >&2; exit 2 ;;
 esac
-export CUDA_VISIBLE_DEVICES= HF_HUB_OFFLINE=1
+# no bound on the wait in the queue (--max-queue-wait): a benchmark measures every request, it sheds none
+export CUDA_VISIBLE_DEVICES= HF_HUB_OFFLINE=1 LORASWAP_MAX_QUEUE_WAIT=0
 mkdir -p "$out"
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null; wait' EXIT

@@ -242,6 +242,18 @@ class OpenAIIn(BaseModel):
             return {key: value for key, value in data.items() if value is not None or key not in cls.model_fields}
         return data
 
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema, handler) -> dict:
+        """The schema says what ``_null_is_default`` takes: null for every field that has a default."""
+        schema = handler.resolve_ref_schema(handler(core_schema))
+        for name, field in cls.model_fields.items():
+            prop = schema["properties"].get(field.alias or name)
+            if field.is_required() or prop is None or {"type": "null"} in prop.get("anyOf", ()):
+                continue
+            meta = {key: prop.pop(key) for key in ("title", "description", "default") if key in prop}
+            schema["properties"][field.alias or name] = {"anyOf": [prop, {"type": "null"}], **meta}
+        return schema
+
     @field_validator("stream_options")
     @classmethod
     def _only_when_streaming(cls, options: StreamOptions, info: ValidationInfo) -> StreamOptions:
