@@ -6,6 +6,7 @@ the Dockerfile copies what the build context holds, sets real settings, and its 
 commands run (no container engine needed)."""
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import os
@@ -166,12 +167,24 @@ def prometheus(prometheus_binary, live, tmp_path):
     with open(tmp_path / "prometheus.log", "w+") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         try:
+            wait_until_ready(f"http://{address}")
             yield f"http://{address}"
         finally:
             process.terminate()
             process.wait(30)
             log.seek(0)
             print(log.read()[-4000:])
+
+
+def wait_until_ready(url: str, timeout: float = 60.0) -> None:
+    """Until Prometheus' ``/-/ready`` answers 200: listening, it answers 503 to every query while it starts up."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(f"{url}/-/ready", timeout=5).status_code == 200:
+                return
+        time.sleep(0.25)
+    raise AssertionError(f"Prometheus was not ready within {timeout} s")
 
 
 def query(url: str, promql: str) -> dict:
