@@ -322,10 +322,8 @@ class Engine:
             done = {row for row, _ in finished} | self._withdrawn_rows(running)
             if done:
                 kept = [row for row in range(len(running)) if row not in done]
-                kept_rows = running.keep(kept)
-                if kept:  # an engine with no rows left leaves the shared row mapping alone
-                    self._point_kept(running, kept_rows)
-                    chosen = [chosen[row] for row in kept]
+                self._keep(running, kept)
+                chosen = [chosen[row] for row in kept]
             if len(running):
                 running.forward(chosen)
 
@@ -338,11 +336,15 @@ class Engine:
         for row, ok in enumerate(finite):
             if not ok and not running.pendings[row].future.done():
                 running.pendings[row].future.set_exception(NonFiniteLogits(running.pendings[row].work.adapter))
-        kept = [row for row, ok in enumerate(finite) if ok]
-        kept_rows = running.keep(kept)
-        if kept:  # as in _run: an engine with no rows left leaves the shared row mapping alone
-            self._point_kept(running, kept_rows)
+        self._keep(running, [row for row, ok in enumerate(finite) if ok])
         return True
+
+    def _keep(self, running: RunningBatch, kept: list[int]) -> None:
+        """Keep only the rows ``kept`` of ``running`` (in this order) and point the row mapping at them; an engine
+        with no rows left leaves the shared row mapping alone."""
+        kept_rows = running.keep(kept)
+        if kept:
+            self._point_kept(running, kept_rows)
 
     def _withdrawn_rows(self, running: RunningBatch) -> set[int]:
         """Rows whose request was abandoned or ended (``end``) and is not done. Abandoned ones fail with

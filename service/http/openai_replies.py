@@ -134,7 +134,7 @@ class ChatReplies(Replies):
 def stream_error(exc: Exception) -> dict:
     """The error event of a streamed reply that failed with ``exc``: a domain error's status, message and code, as a
     reply before the stream began would have had; anything else a server error, logged with its traceback."""
-    if not any(kind in STATUS for kind in type(exc).__mro__):
+    if not isinstance(exc, tuple(STATUS)):
         logger.error("a streamed reply failed after it began", exc_info=exc)
         return openai_error(500, "internal server error: the request's batch failed", code="internal_error")
     return openai_error(status_of(type(exc)), str(exc), code=error_code(type(exc)))

@@ -23,6 +23,7 @@ import sys
 
 TCACHE = "glibc.malloc.tcache_count"
 GLIBC = platform.libc_ver()[0] == "glibc"
+LIBC = ctypes.CDLL(None) if GLIBC else None  # this process's C library, opened once
 
 
 def tunables_with_tcache_off(environ: dict[str, str]) -> str | None:
@@ -50,5 +51,5 @@ def restart_without_tcache() -> None:
 def give_back() -> None:
     """Return the whole free pages of every malloc arena to the system (glibc's ``malloc_trim(0)``; elsewhere nothing):
     the RSS they held leaves, and a later allocation that reuses them faults them in again, zeroed."""
-    if GLIBC:
-        ctypes.CDLL(None).malloc_trim(0)
+    if LIBC is not None:
+        LIBC.malloc_trim(0)
