@@ -22,7 +22,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from loadtest.host_memory import PeakRss, registered_memory
-from loadtest.options import ALL_MODES, TARGET_SETS
+from loadtest.options import ALL_MODES, MOST_BENCH_BATCH, MOST_BENCH_RANK, TARGET_SETS
 from loadtest.stall import measure_stall
 from loadtest.timing import percentiles, timed
 from service.engine.requests import Generation, run_all
@@ -71,8 +71,9 @@ class Bench:
         # no prefix cache: every batch repeats its prompts, which the engine would then take from the cache while
         # transformers and peft compute them
         self.settings = Settings(base_model=args.base_model, device=args.device, dtype=args.dtype,
-                                 cache_dir=args.cache_dir, max_resident=max(args.adapters, 2), max_rank=64,
-                                 max_batch=max(self.batch_sizes), batch_window_ms=200, max_queue=4096,
+                                 cache_dir=args.cache_dir, max_resident=max(args.adapters, 2),
+                                 max_rank=MOST_BENCH_RANK, max_batch=max(self.batch_sizes), batch_window_ms=200,
+                                 max_queue=MOST_BENCH_BATCH,
                                  max_queue_wait=0,  # a measured burst waits its turn, however long
                                  max_new_tokens=args.new_tokens, auto_merge=False, prefill_chunk=args.prefill_chunk,
                                  prefix_cache_bytes=0)

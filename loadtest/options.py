@@ -9,9 +9,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from service.cli.command import Command, comma_list, nonnegative, positive
+from service.cli.command import Command, bounded, comma_list, device, nonnegative, positive
 from service.settings import Settings
 
+MOST_BENCH_BATCH, MOST_BENCH_RANK = 4096, 64  # the benchmark engine's max_queue and max_rank (bench.Bench)
 ALL_MODES = ("hf_base", "base", "single", "merged", "mixed", "peft_mixed", "peft_sequential")
 TARGET_SETS = {  # the modules a benchmark adapter adapts (those the base has)
     "attention": ["q_proj", "k_proj", "v_proj", "o_proj", "c_attn"],
@@ -20,18 +21,25 @@ TARGET_SETS = {  # the modules a benchmark adapter adapts (those the base has)
 }
 
 
+def at_most(most: int):
+    """An argparse type: a whole number from 1 to ``most``."""
+    return bounded(int, lambda value: 1 <= value <= most, f"from 1 to {most}", f"1-{most}")
+
+
 def add_bench_options(parser: argparse.ArgumentParser) -> None:
     """The options of ``loraswap bench``: the base and device, the grid of modes and batch sizes, the adapters, the
     request shape (tokens), and the hot-load, stall and memory checks."""
-    parser.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu' or 'cuda'")
+    parser.add_argument("--device", type=device, default="auto",
+                        help="'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N' (GPU N)")
     parser.add_argument("--base-model", default="smollm2",
                         help="'smollm2' (the embedded SmolLM2-135M-Instruct) or a Hugging Face model directory")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="auto: bf16 on CUDA, fp32 on the CPU")
-    parser.add_argument("--batch-sizes", type=comma_list(positive(int)), default="1,16,64,256",
-                        help="comma-separated batch sizes")
+    parser.add_argument("--batch-sizes", type=comma_list(at_most(MOST_BENCH_BATCH)), default="1,16,64,256",
+                        help=f"comma-separated batch sizes, each 1 to {MOST_BENCH_BATCH} (the engine's queue)")
     parser.add_argument("--adapters", type=positive(int), default=16, help="adapters in the mixed modes")
-    parser.add_argument("--rank", type=positive(int), default=8, help="rank of the benchmark adapters")
+    parser.add_argument("--rank", type=at_most(MOST_BENCH_RANK), default=8,
+                        help=f"rank of the benchmark adapters, 1 to {MOST_BENCH_RANK} (the engine's slots)")
     parser.add_argument("--targets", choices=sorted(TARGET_SETS), default="attention",
                         help="the modules the benchmark adapters adapt")
     parser.add_argument("--prompt-tokens", type=positive(int), default=192, help="tokens in each prompt")

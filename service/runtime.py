@@ -17,7 +17,7 @@ from service.lora.adapter_files import CONFIG_FILE, check_name, check_path
 from service.lora.registry import AdapterRegistry
 from service.model.base_model import load_base
 from service.model.cpu_threads import on_passing_thread
-from service.settings import Settings
+from service.settings import MIN_PROMPT_TOKENS, Settings
 from service.tasks.tasks import Tasks
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,15 @@ def default_template(template) -> str | None:
         raise AdapterError("the adapter's tokenizer_config.json has a chat_template that is neither a template nor "
                            "named templates with one named default")
     return named["default"]
+
+
+def check_room(settings: Settings, max_positions: int) -> None:
+    """ValueError unless a prompt of at least ``MIN_PROMPT_TOKENS`` and ``settings.max_new_tokens`` generated tokens
+    fit in the model's ``max_positions`` together: a server that could answer no request does not start."""
+    room = max_positions - settings.max_new_tokens
+    if room < MIN_PROMPT_TOKENS:
+        raise ValueError(f"max_new_tokens {settings.max_new_tokens} leaves {max(room, 0)} of the base model's "
+                         f"{max_positions} positions for a prompt, fewer than {MIN_PROMPT_TOKENS}: lower it")
 
 
 class Runtime:
@@ -81,12 +90,13 @@ class Runtime:
 
     def _load(self) -> None:
         model, tokenizer = load_base(self.settings)
+        max_positions = getattr(model.config, "max_position_embeddings", None) or model.config.n_positions
+        check_room(self.settings, max_positions)
         self.registry = AdapterRegistry(model, self.roots, self.settings.max_resident, self.settings.max_rank)
         metrics.ADAPTERS_RESIDENT.set_function(lambda: self.registry.resident_count)
         self.load_adapter_folder(self.settings.adapters_dir)
         self.engine = Engine(model, tokenizer, self.registry, self.settings)
         metrics.ENGINE_STATE.watch(self.engine, self.registry)
-        max_positions = getattr(model.config, "max_position_embeddings", None) or model.config.n_positions
         self.tasks = Tasks(self.engine, tokenizer, self.settings, max_positions)
 
     def start_in_background(self) -> threading.Thread:

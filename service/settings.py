@@ -14,6 +14,8 @@ from service.engine.merge_policy import MAX_COOLDOWN_GROWTH
 REPO_ADAPTERS = Path(__file__).resolve().parent.parent / "adapters"
 CPU_PREFILL_TOKENS = 2048  # max_prefill_tokens unset, on the CPU: 10 prompts of 192 tokens (docs/benchmarks.md)
 CPU_BATCH_WINDOW_MS, GPU_BATCH_WINDOW_MS = 0.0, 5.0  # batch_window_ms unset
+MIN_PROMPT_TOKENS = 16  # the shortest longest-prompt a server may be set to (max_input_tokens)
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]+)?)$"  # the devices the engine runs on (torch.device names)
 
 
 def path_list(value: Any) -> Any:
@@ -40,7 +42,7 @@ class Settings(BaseSettings):
     base_model: str = Field("smollm2", description="'smollm2' (embedded default) or a Hugging Face model directory")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     quantize: Literal["none", "nf4"] = "none"
-    device: str = Field("auto", description="'auto', 'cpu' or 'cuda'")
+    device: str = Field("auto", pattern=DEVICE_PATTERN, description="'auto', 'cpu', 'cuda' or 'cuda:N' (GPU N)")
     cache_dir: Path = Field(Path.home() / ".cache" / "loraswap", description="where the converted base model is cached")
 
     # adapters
@@ -65,8 +67,8 @@ class Settings(BaseSettings):
     max_new_tokens: int = Field(64, ge=1, description="most tokens a request generates (per choice); OpenAI's routes "
                                 "refuse a max_tokens above it and take it for an absent one")
     max_choices: int = Field(8, ge=1, description="most choices (n) one request to OpenAI's routes may ask for")
-    max_input_tokens: int = Field(1024, ge=16, description="longest prompt accepted (413 beyond); an extractive "
-                                  "/answer context too long for one prompt is split into windows that fit")
+    max_input_tokens: int = Field(1024, ge=MIN_PROMPT_TOKENS, description="longest prompt accepted (413 beyond); an "
+                                  "extractive /answer context too long for one prompt is split into windows that fit")
     answer_stride: int = Field(128, ge=0, description="tokens two neighbouring windows of a long /answer context "
                                "share (Hugging Face's doc_stride): a span this long lies whole inside a window")
     max_answer_windows: int = Field(16, ge=1, description="most windows a long /answer context is split into (413 "
@@ -95,7 +97,7 @@ class Settings(BaseSettings):
 
     # http
     host: str = "127.0.0.1"
-    port: int = 8000
+    port: int = Field(8000, ge=1, le=65535, description="TCP port to listen on")
     admin_key: str | None = Field(None, description="bearer key for admin routes; none refuses them")
     api_key: str | None = Field(None, min_length=1, description="bearer key for the routes that run the model "
                                 "(/answer, /nli, /v1/completions, /v1/chat/completions); none leaves them open")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from service.cli.command import Command, comma_list, nonnegative, positive
+from service.cli.command import Command, comma_list, device, nonnegative, positive
 from service.settings import Settings
 from service.tasks.prompt_styles import ADAPTER_STYLE, PROMPT_STYLES
 
@@ -120,7 +120,8 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base-model", default="smollm2", help=BASE_HELP)
     parser.add_argument("--adapters-dir", type=Path, default=Settings().adapters_dir,
                         help="where --adapter NAME is looked up ($LORASWAP_ADAPTERS_DIR sets the default)")
-    parser.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu' or 'cuda'")
+    parser.add_argument("--device", type=device, default="auto",
+                        help="'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N' (GPU N)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="auto: bf16 on CUDA, fp32 on the CPU")
     parser.add_argument("--quantize", default="none", choices=["none", "nf4"], help="nf4: a 4-bit NF4 base")

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+
+from service.settings import DEVICE_PATTERN
 
 
 class UsageError(Exception):
@@ -69,3 +72,18 @@ def comma_list(item: Callable[[str], object] = str, choices: Iterable[str] | Non
             raise argparse.ArgumentTypeError(f"{text!r}: every item must be {kind}") from None
     parse.__name__ = "comma-separated list"
     return parse
+
+
+def device(text: str) -> str:
+    """An argparse type: a device the engine can run on here, ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (GPU N). Any
+    other name, or a GPU this machine lacks, is a usage error; torch is imported only to count the GPUs of a CUDA
+    name."""
+    if not re.fullmatch(DEVICE_PATTERN, text):
+        raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda or cuda:N, not {text!r}")
+    if text.startswith("cuda"):
+        import torch
+
+        index, count = int(text.partition(":")[2] or 0), torch.cuda.device_count()
+        if index >= count:
+            raise argparse.ArgumentTypeError(f"{text!r} names GPU {index}, and this machine has {count} CUDA GPU(s)")
+    return text

@@ -15,7 +15,7 @@ from importlib.metadata import entry_points
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
-from service.cli.command import Command, UsageError
+from service.cli.command import Command, UsageError, device
 from service.cli.settings_options import add_settings_arguments, settings_from
 from service.errors import AdapterError
 from service.model import server_process
@@ -63,6 +63,14 @@ def reason(exc: Exception) -> str:
     return "; ".join(f"{'.'.join(map(str, error['loc'])) or 'settings'}: {error['msg']}" for error in exc.errors())
 
 
+def check_device(name: str) -> None:
+    """UsageError unless the server can run on device ``name`` here (``command.device``)."""
+    try:
+        device(name)
+    except argparse.ArgumentTypeError as exc:
+        raise UsageError(f"device: {exc}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:  # the options' defaults read the LORASWAP_ environment variables
@@ -75,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             settings = settings_from(args)
+            check_device(settings.device)
             if argv is None:  # this process is the server from its start (not a caller's, as in tests)
                 server_process.prepare(settings.quantize)
             from service.http.server import serve

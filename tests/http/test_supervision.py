@@ -6,6 +6,11 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
+from fastapi.testclient import TestClient
+
+from service.http.app import create_app
+from service.runtime import Runtime
 from tests.server_helpers import ask, classify, ready_client, settings_in
 
 WAIT = 60  # seconds a step may take before the test fails instead of hanging
@@ -50,3 +55,16 @@ def test_a_dead_engine_thread_is_reported_and_fails_queued_and_new_requests(tiny
             "ready": False, "reason": "the engine failed: InjectedFault: injected"}
         assert "InjectedFault" in ask(client, "one", status=503)["error"]  # at once: no thread would answer
         assert "InjectedFault" in classify(client, None, status=503)["error"]
+
+
+def test_a_token_budget_that_leaves_no_room_for_a_prompt_fails_the_start_saying_why(tiny_llama_dir, tmp_path):
+    """It started, and then refused every request as too long (the room left for a prompt was 0 or less)."""
+    settings = settings_in(tmp_path, tiny_llama_dir, {}, max_new_tokens=10**9)
+    with TestClient(create_app(settings)) as client:
+        wait_until(lambda: client.get("/health").status_code == 503, "the start failed")
+        reason = client.get("/health").json()["reason"]
+    assert reason == ("failed to start: ValueError: max_new_tokens 1000000000 leaves 0 of the base model's 512 "
+                      "positions for a prompt, fewer than 16: lower it")
+    edge = Runtime(settings_in(tmp_path / "edge", tiny_llama_dir, {}, max_new_tokens=512 - 15))
+    with pytest.raises(ValueError, match="leaves 15 of the base model's 512 positions"):
+        edge.start()

@@ -21,8 +21,11 @@ from tests.data.make_corpus import SQUAD_SAMPLE
     (["serve", "--max-batch", "0"], "loraswap serve: error: max_batch: Input should be greater than or equal to 1\n"),
     # comma lists and counts are checked as they are parsed, each bad item named
     (["bench", "--modes", "base,nope"], "--modes: 'nope' in 'base,nope' is not an item of the list (one of hf_base"),
-    (["bench", "--batch-sizes", "1,x"], "--batch-sizes: '1,x': every item must be positive int"),
-    (["bench", "--batch-sizes", "1,0"], "--batch-sizes: '1,0': an item must be above 0, not 0"),
+    (["bench", "--batch-sizes", "1,x"], "--batch-sizes: '1,x': every item must be 1-4096 int"),
+    (["bench", "--batch-sizes", "1,0"], "--batch-sizes: '1,0': an item must be from 1 to 4096, not 0"),
+    (["bench", "--batch-sizes", "1,4097"], "--batch-sizes: '1,4097': an item must be from 1 to 4096, not 4097"),
+    (["bench", "--rank", "65"], "--rank: must be from 1 to 64, not 65"),
+    (["bench", "--rank", "0"], "--rank: must be from 1 to 64, not 0"),
     (["bench", "--batch-sizes", "1,,2"], "--batch-sizes: '' in '1,,2' is not an item of the list"),
     (["bench", "--hot-loads", "-1"], "--hot-loads: must be at least 0, not -1"),
     (["bench", "--registered", "-5"], "--registered: must be at least 0, not -5"),
@@ -42,6 +45,23 @@ from tests.data.make_corpus import SQUAD_SAMPLE
         ("10", ["--warmup", "inf"], "--warmup: must be a finite number at least 0, not inf"),
         ("10", ["--warmup", "10"], "loraswap loadtest: error: --warmup 10 leaves no load after it"),
         ("10", ["--warmup", "60"], "loraswap loadtest: error: --warmup 60 leaves no load after it")]),
+    # ports and devices: what the server and the commands could not run on
+    *((["serve", "--port", port], f"loraswap serve: error: port: Input should be {bound}") for port, bound in
+      [("-1", "greater than or equal to 1"), ("0", "greater than or equal to 1"),
+       ("65536", "less than or equal to 65535"), ("99999", "less than or equal to 65535")]),
+    *((["serve", "--device", name], "loraswap serve: error: device: String should match pattern") for name in
+      ("tpu", "cuda:", "cuda:-1", "CPU", "cpu ", "")),
+    (["serve", "--device", "cuda:99"], "loraswap serve: error: device: 'cuda:99' names GPU 99, and this machine has"),
+    *(([command, *more, "--device", name], f"--device: must be auto, cpu, cuda or cuda:N, not '{name}'")
+      for command, more in [("bench", []), ("eval", ["--task", "nli", "--adapter", "none"])]
+      for name in ("tpu", "mps", "cuda:x")),
+    (["bench", "--device", "cuda:99"], "--device: 'cuda:99' names GPU 99"),
+    (["loadtest", "--scenario", "single", "--users", "1", "--duration", "10", "--host", "http://127.0.0.1:9",
+      "--adapter-root", "x", "--json", "/nonexistent/x.json"],
+     "loraswap loadtest: error: --json /nonexistent/x.json: there is no folder /nonexistent to write it in"),
+    (["loadtest", "--scenario", "single", "--users", "1", "--duration", "10", "--host", "http://127.0.0.1:9",
+      "--adapter-root", "x", "--json", "x.json", "--md", "/nonexistent/x.md"],
+     "loraswap loadtest: error: --md /nonexistent/x.md: there is no folder /nonexistent to write it in"),
     # --distractors: SQuAD only, and no more than the data has (both found before the model loads)
     *((["eval", "--task", task, "--adapter", "none", "--distractors", "2"],
        f"loraswap eval: error: --distractors hides SQuAD paragraphs among others: not for --task {task}")
