@@ -104,9 +104,11 @@ def models(rt: Runtime = Depends(serving)) -> dict:
 @openai_router.get("/models/{model}", responses=error_replies(422, UnknownAdapter, EngineStopped,
                                                              shape=OpenAIErrorOut))
 def model(model: str, rt: Runtime = Depends(serving)) -> dict:
-    """One model of ``GET /v1/models`` (``base``, ``none`` or an adapter); 404 for an unknown adapter."""
-    rt.registry.require(adapter_or_base(model))
-    return model_card(model)
+    """One model of ``GET /v1/models``: an adapter, or ``base`` (also asked for as ``none``); 404 for an unknown
+    adapter."""
+    adapter = adapter_or_base(model)
+    rt.registry.require(adapter)
+    return model_card(adapter or BASE_MODEL_ID)
 
 
 @openai_router.post("/completions", responses=OPENAI_SERVING)

@@ -20,6 +20,7 @@ from pydantic_core import PydanticCustomError
 
 from service.engine.logprobs import MOST_TOP_LOGPROBS
 from service.engine.sampling import Decoding
+from service.lora.adapter_files import NAME_PATTERN
 from service.tasks.labels import MOST_LABEL_CHARACTERS, MOST_LABELS
 from service.tasks.prompt_styles import ADAPTER_STYLE, PromptStyle, pair_example
 
@@ -50,9 +51,26 @@ def _not_blank(text: str) -> str:
 
 
 Text = Annotated[str, Field(min_length=1, max_length=100_000), UNICODE, AfterValidator(_not_blank)]
+
+
+def _adapter_name(name: str) -> str:
+    """A name some adapter could have (``adapter_files.check_name``: any other cannot be registered), or a name of the
+    bare base; whether one of that name is registered is the route's question (404)."""
+    if not NAME_PATTERN.fullmatch(name):
+        raise PydanticCustomError("adapter_name", "Input should name an adapter: a plain identifier "
+                                  "([A-Za-z_][A-Za-z0-9_]*, at most 64 characters), or none or base for the bare base")
+    return name
+
+
+AdapterName = Annotated[str, UNICODE, AfterValidator(_adapter_name)]
 # request bodies: no unknown fields, no coercion ("7" or true for 7), no NaN or infinity (JSON has neither, Python's
 # parser takes them, and 1e400 reads as infinity)
 STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+SAMPLING_PARAMETERS = frozenset({"temperature", "top_k", "top_p"})
+READ_BY = {"greedy": frozenset(), "top_k": frozenset({"temperature", "top_k"}),  # Decoding.row_params
+           "nucleus": frozenset({"temperature", "top_p"}), "temperature": frozenset({"temperature"})}
 
 
 class DecodingIn(BaseModel):
@@ -65,6 +83,19 @@ class DecodingIn(BaseModel):
     top_p: float = Field(0.9, gt=0, le=1)
     max_new_tokens: int = Field(32, ge=1, le=4096)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
+
+    @model_validator(mode="after")
+    def _read_by_the_strategy(self) -> DecodingIn:
+        """A parameter given that the strategy does not read would be dropped without a word: refused by name (422).
+        greedy takes ``temperature`` 0, which means greedy."""
+        unread = sorted(self.model_fields_set & (SAMPLING_PARAMETERS - READ_BY[self.strategy]))
+        if self.strategy == "greedy" and self.temperature == 0:
+            unread.remove("temperature")
+        if unread:
+            reads = " and ".join(sorted(READ_BY[self.strategy])) or "none of temperature, top_k and top_p"
+            raise refused(unread[0], f"is not read by strategy {self.strategy!r}, which reads {reads}: leave it out "
+                          "or choose a strategy that reads it")
+        return self
 
     def to_decoding(self, default_seed: int) -> Decoding:
         """The engine's decoding: greedy at temperature 0 (the limit of sampling as the temperature falls, and what
@@ -101,7 +132,7 @@ class AnswerIn(BaseModel):
     model_config = STRICT
     context: Text
     question: Text
-    adapter: Str | None = None
+    adapter: AdapterName | None = None
     extractive: bool = True
     decoding: DecodingIn = Field(default_factory=DecodingIn)
     # how the model is asked (service.tasks.prompt_styles): the adapters' template, or an instruction in the chat
@@ -136,7 +167,7 @@ class NliIn(BaseModel):
     model_config = STRICT
     premise: Text
     hypothesis: Text
-    adapter: Str | None = None
+    adapter: AdapterName | None = None
     labels: Labels | None = None  # None: the three NLI labels, scored by their first tokens
     prompt_style: PromptStyle = ADAPTER_STYLE  # as AnswerIn's
 

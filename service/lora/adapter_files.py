@@ -171,8 +171,9 @@ def check_name(name: str) -> str:
     """Adapter names are plain identifiers (they become metric labels and URL parts), and not a reserved one."""
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
         raise AdapterError(f"adapter name {name!r} is not a plain identifier ([A-Za-z_][A-Za-z0-9_]*, at most 64)")
-    if name in RESERVED_NAMES:
-        raise AdapterError(f"{name!r} names the bare base model (OpenAI model id, metric label); choose another name")
+    if name.lower() in RESERVED_NAMES:  # "None" and "BASE" too: easily taken for the bare base
+        raise AdapterError(f"{name!r} names the bare base model (OpenAI model id, metric label) in some case; choose "
+                           "another name")
     return name
 
 

@@ -115,6 +115,23 @@ def test_none_and_base_name_the_bare_base_model_on_every_route(client, name):
     assert completions[0]["choices"] == completions[1]["choices"]
 
 
+@pytest.mark.parametrize("name", ["none", "base"])
+def test_the_bare_base_model_is_listed_once_and_described_as_listed_by_either_name(client, name):
+    listed = [model["id"] for model in client.get("/v1/models").json()["data"]]
+    assert listed.count("base") == 1 and "none" not in listed
+    assert client.get(f"/v1/models/{name}").json()["id"] == "base"
+
+
+@pytest.mark.parametrize("route,body", [("/answer", {"context": "A b c.", "question": "B?"}),
+                                        ("/nli", {"premise": "A b.", "hypothesis": "C d."})])
+@pytest.mark.parametrize("name", ["", " ", "a b", "one ", "../one", "1abc", "é", "a" * 65, "x-y"])
+def test_an_adapter_no_adapter_could_be_named_is_422_naming_the_field(client, route, body, name):
+    reply = client.post(route, json={**body, "adapter": name})
+    assert reply.status_code == 422, reply.text
+    assert [problem["loc"] for problem in reply.json()["detail"]] == [["body", "adapter"]]
+    assert "plain identifier" in reply.json()["detail"][0]["msg"]
+
+
 def test_text_that_spells_a_special_token_is_plain_text_on_the_task_routes(client, reference):
     """A field of /answer or /nli that spells a control token (here the tiny tokenizer's end of text) is encoded
     as the characters it is; a raw /v1/completions prompt keeps the usual contract (the token is parsed)."""

@@ -252,6 +252,33 @@ def test_temperature_0_on_answer_is_greedy_whatever_the_strategy(client):
         assert answer(strategy=strategy, temperature=0, seed=seed) == greedy, strategy
 
 
+@pytest.mark.parametrize("decoding,field", [
+    ({"strategy": "greedy", "top_k": 5}, "top_k"),
+    ({"top_p": 0.5}, "top_p"),  # the strategy's default is greedy
+    ({"strategy": "greedy", "temperature": 0.7}, "temperature"),
+    ({"strategy": "greedy", "temperature": 0, "top_k": 5}, "top_k"),
+    ({"strategy": "top_k", "top_p": 0.5}, "top_p"),
+    ({"strategy": "nucleus", "top_k": 5}, "top_k"),
+    ({"strategy": "temperature", "top_k": 5, "temperature": 0.5}, "top_k"),
+    ({"strategy": "temperature", "top_p": 0.5}, "top_p"),
+])
+def test_a_sampling_parameter_the_strategy_does_not_read_is_422_naming_it(client, decoding, field):
+    """It was taken and dropped: top_k with greedy answered greedily, with no word of it."""
+    reply = client.post("/answer", json={**ANSWER, "decoding": decoding})
+    assert reply.status_code == 422, reply.text
+    problem = reply.json()["detail"][0]
+    assert problem["loc"] == ["body", "decoding"] and problem["msg"].startswith(f"{field} is not read by strategy")
+
+
+@pytest.mark.parametrize("decoding", [
+    {"strategy": "greedy", "temperature": 0, "seed": 3}, {"strategy": "top_k", "top_k": 5, "temperature": 0.5},
+    {"strategy": "nucleus", "top_p": 0.5, "temperature": 0.5}, {"strategy": "temperature", "temperature": 0.5},
+    {"strategy": "top_k", "top_k": 5}, {"strategy": "nucleus"}])
+def test_the_parameters_a_strategy_reads_are_taken(client, decoding):
+    reply = client.post("/answer", json={**ANSWER, "decoding": {**decoding, "max_new_tokens": 2}})
+    assert reply.status_code == 200, reply.text
+
+
 # ---- the metric label of a request no adapter served -------------------------------------------
 
 

@@ -18,7 +18,7 @@ from tests.server_helpers import (
 )
 
 ANSWER = {"context": SQUAD_CONTEXT, "question": SQUAD_QUESTION, "adapter": "one", "extractive": True,
-          "decoding": {"strategy": "nucleus", "temperature": 0.7, "top_k": 5, "top_p": 0.9, "max_new_tokens": 4,
+          "decoding": {"strategy": "nucleus", "temperature": 0.7, "top_p": 0.9, "max_new_tokens": 4,
                        "seed": 1}}
 NLI = {"premise": "A man plays a guitar.", "hypothesis": "A person makes music.", "adapter": "two"}
 COMPLETION = {"model": "one", "prompt": "Hello", "max_tokens": 4, "temperature": 0.5, "top_p": 0.9, "seed": 1,

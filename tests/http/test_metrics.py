@@ -185,7 +185,7 @@ def test_label_values_never_come_from_raw_input(client):
     assert client.delete("/adapters/nope", headers=ADMIN).status_code == 404
     assert client.post("/adapters/nope/merge", headers=ADMIN).status_code == 404
     assert client.get("/no/such/route").status_code == 404
-    assert client.post("/answer", json={"context": "c", "question": "q", "adapter": "bad name"}).status_code == 404
+    assert client.post("/answer", json={"context": "c", "question": "q", "adapter": "bad name"}).status_code == 422
     samples = scrape(client)
     adapters, endpoints = label_values(samples, "adapter"), label_values(samples, "endpoint")
     assert not (adapters | endpoints) & raw
