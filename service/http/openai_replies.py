@@ -41,17 +41,16 @@ def completion_logprobs(entries: Sequence[TokenLogprob]) -> dict:
     }
 
 
-def token_bytes(text: str) -> list[int] | None:
-    """A token's UTF-8 bytes; None for a token that holds part of a character (its text alone decodes to U+FFFD),
-    whose own bytes are not known here (OpenAI's ``bytes`` may be null)."""
-    return None if "\ufffd" in text else list(text.encode())
+def utf8(token_bytes: tuple[int, ...] | None) -> list[int] | None:
+    """A token's bytes as OpenAI's ``bytes`` (null where unknown: ``TokenLogprob``)."""
+    return None if token_bytes is None else list(token_bytes)
 
 
 def chat_logprobs(entries: Sequence[TokenLogprob]) -> dict:
     """OpenAI's chat logprobs: per token its text, logprob, bytes and the k most likely tokens' (``top_logprobs``)."""
-    return {"content": [{"token": entry.token, "logprob": logprob(entry.logprob), "bytes": token_bytes(entry.token),
+    return {"content": [{"token": entry.token, "logprob": logprob(entry.logprob), "bytes": utf8(entry.token_bytes),
                          "top_logprobs": [{"token": top.token, "logprob": logprob(top.logprob),
-                                           "bytes": token_bytes(top.token)} for top in entry.top_logprobs]}
+                                           "bytes": utf8(top.token_bytes)} for top in entry.top_logprobs]}
                         for entry in entries],
             "refusal": None}
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from tokenizers.decoders import DecodeStream
@@ -23,15 +24,18 @@ from service.engine.scheduler import Engine
 from service.engine.token_feed import TokenFeed
 from service.errors import RequestAbandoned
 from service.lora.adapter_files import BASE_LABEL
+from service.tasks.token_bytes import piece_bytes
 
 
 @dataclass(frozen=True)
 class TopLogprob:
-    """One of the most likely tokens at a step: its text (``token``, see TokenLogprob), id and natural logprob."""
+    """One of the most likely tokens at a step: its text and bytes (``token``, ``token_bytes``: see TokenLogprob), id
+    and natural logprob."""
 
     token: str
     token_id: int
     logprob: float
+    token_bytes: tuple[int, ...] | None
 
 
 @dataclass(frozen=True)
@@ -43,11 +47,14 @@ class TokenLogprob:
     of a UTF-8 character decodes alone to U+FFFD. ``text_offset`` is the character (code point) offset, in the choice's
     text, where the token's text starts: that of the character it completes, for a token ending a multi-byte one.
     ``top_logprobs`` are the k most likely tokens at that step, most likely first (k as asked; the chosen token may or
-    may not be among them)."""
+    may not be among them). ``token_bytes`` are the UTF-8 bytes the token stands for, part of a character's for such a
+    token (read from its vocabulary entry: ``token_bytes.piece_bytes``); None only where the vocabulary's spelling is
+    unknown."""
 
     token: str
     token_id: int
     logprob: float
+    token_bytes: tuple[int, ...] | None
     top_logprobs: tuple[TopLogprob, ...]
     text_offset: int
 
@@ -98,6 +105,14 @@ class Completion:
     usage: Usage
 
 
+def spelling(tokenizer: PreTrainedTokenizerBase) -> Callable[[str], bytes] | None:
+    """``token_bytes.piece_bytes`` of ``tokenizer``; None for a spelling it does not know."""
+    try:
+        return piece_bytes(tokenizer)
+    except ValueError:
+        return None
+
+
 class ChoiceText:
     """One choice's text as its tokens arrive: incremental detokenization, stop strings, text offsets.
 
@@ -110,6 +125,7 @@ class ChoiceText:
             raise TypeError(f"streaming needs a fast tokenizer (a tokenizers backend); {type(tokenizer).__name__} "
                             "has none")
         self.index, self.stop, self.logprobs = index, stop, logprobs
+        self.piece_bytes = spelling(tokenizer) if logprobs else None
         self.decoder = DecodeStream(skip_special_tokens=True)
         self.token_ids: list[int] = []
         self.text = ""  # decoded so far; cut at a stop string once met
@@ -168,11 +184,24 @@ class ChoiceText:
         return ChoiceDelta(self.index, text, tuple(released) if self.logprobs else None, self.finish_reason)
 
     def token_logprob(self, token: SampledToken, offset: int) -> TokenLogprob:
-        top = tuple(TopLogprob(self.token_text(i), i, logprob) for i, logprob in token.top_logprobs)
-        return TokenLogprob(self.token_text(token.token_id), token.token_id, token.logprob, top, offset)
+        top = tuple(TopLogprob(self.token_text(i), i, logprob, self.token_bytes(i))
+                    for i, logprob in token.top_logprobs)
+        at = token.token_id
+        return TokenLogprob(self.token_text(at), at, token.logprob, self.token_bytes(at), top, offset)
 
     def token_text(self, token_id: int) -> str:
         return self.backend.decode([token_id], skip_special_tokens=False)
+
+    def token_bytes(self, token_id: int) -> tuple[int, ...] | None:
+        """A token's UTF-8 bytes: its text's, or for a token holding part of a character (its text alone is U+FFFD)
+        its vocabulary entry's; None where that entry's spelling is unknown."""
+        text = self.token_text(token_id)
+        if "\ufffd" not in text:
+            return tuple(text.encode())
+        try:
+            return tuple(self.piece_bytes(self.backend.id_to_token(token_id))) if self.piece_bytes else None
+        except KeyError:  # a piece outside the vocabulary's spelling
+            return None
 
 
 class CompletionStream:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 
 from transformers import PreTrainedTokenizerBase
 from transformers.convert_slow_tokenizer import bytes_to_unicode
@@ -23,17 +24,23 @@ def token_bytes(tokenizer: PreTrainedTokenizerBase) -> list[bytes | None]:
     pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
     special = set(tokenizer.all_special_ids) | {i for i, piece in enumerate(pieces) if piece is None}
     special |= {tokenizer.convert_tokens_to_ids(token) for token in tokenizer.get_added_vocab()}
-    texts = {i: piece for i, piece in enumerate(pieces) if i not in special}
+    spell = piece_bytes(tokenizer)
+    spelled = {i: spell(piece) for i, piece in enumerate(pieces) if i not in special}
+    return [spelled.get(i) for i in range(len(pieces))]
+
+
+def piece_bytes(tokenizer: PreTrainedTokenizerBase) -> Callable[[str], bytes]:
+    """The function from a token's piece (its ``convert_ids_to_tokens`` spelling) to the bytes it stands for, for the
+    two spellings ``token_bytes`` reads (it raises KeyError for a byte-level piece outside GPT-2's 256 characters, such
+    as an added token's). Raises ValueError for a tokenizer whose decoder is neither."""
     kinds = decoder_kinds(tokenizer)
     if "ByteLevel" in kinds:
         byte_of = {char: byte for byte, char in bytes_to_unicode().items()}
-        spelled = {i: bytes(byte_of[char] for char in piece) for i, piece in texts.items()}
-    elif kinds & {"Metaspace", "ByteFallback"}:
-        spelled = {i: sentencepiece_bytes(piece) for i, piece in texts.items()}
-    else:
-        raise ValueError(f"this tokenizer's decoder ({sorted(kinds) or 'none'}) is neither byte-level BPE nor "
-                         "SentencePiece; its tokens' bytes are unknown, so answers cannot be constrained to spans")
-    return [spelled.get(i) for i in range(len(pieces))]
+        return lambda piece: bytes(byte_of[char] for char in piece)
+    if kinds & {"Metaspace", "ByteFallback"}:
+        return sentencepiece_bytes
+    raise ValueError(f"this tokenizer's decoder ({sorted(kinds) or 'none'}) is neither byte-level BPE nor "
+                     "SentencePiece; its tokens' bytes are unknown, so answers cannot be constrained to spans")
 
 
 def decoder_kinds(tokenizer: PreTrainedTokenizerBase) -> set[str]:

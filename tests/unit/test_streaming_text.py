@@ -57,6 +57,16 @@ def test_a_character_split_over_tokens_is_never_split_in_a_delta(tokenizer):
         assert delta.logprobs and MIXED[delta.logprobs[0].text_offset:].startswith(delta.text)
 
 
+def test_each_token_carries_its_own_bytes_those_of_part_of_a_character_included(tokenizer):
+    """OpenAI's chat logprobs give each token's bytes, so that a client can join the pieces of a split character;
+    they were null for those (their text alone is U+FFFD)."""
+    ids = encode(tokenizer, MIXED)
+    deltas, _ = stream(tokenizer, ids)
+    entries = [entry for delta in deltas for entry in delta.logprobs]
+    assert sum("\ufffd" in entry.token for entry in entries) >= 6
+    assert b"".join(bytes(entry.token_bytes) for entry in entries) == MIXED.encode()
+
+
 def test_an_incomplete_character_at_the_end_is_handed_out_as_a_whole_decode_gives_it(tokenizer):
     ids = encode(tokenizer, "ab日")[:-1]  # the last byte of 日 never comes
     deltas, choice = stream(tokenizer, ids)
