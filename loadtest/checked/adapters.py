@@ -87,10 +87,10 @@ def derived_adapters(admin: httpx.Client, source: Path, root: Path, scenario: st
     """``count`` adapters derived from ``source`` (seeds ``seed``, ``seed`` + 1, ...), written under ``root`` (a
     folder the server may load adapters from, one of its ``--adapter-roots``) and registered as
     loadtest_<scenario>_<i>: {name: folder}. Any adapter of those names registered before (a load test that did not
-    finish) is replaced. On leaving, they are unregistered and their folders removed, and ``root`` too if this made
-    it and it is empty."""
+    finish) is replaced. On leaving, they are unregistered and their folders removed, and ``root`` and its parents
+    too, those this made, while they are empty."""
     names = {f"{PREFIX}{scenario}_{i:03d}": root / f"{PREFIX}{scenario}_{i:03d}" for i in range(count)}
-    made_root = not root.exists()
+    made = [folder for folder in (root, *root.parents) if not folder.exists()]  # innermost first
     try:
         for i, (name, folder) in enumerate(names.items()):
             derive(source, folder, seed + i, rank, kinds, spread)
@@ -101,6 +101,6 @@ def derived_adapters(admin: httpx.Client, source: Path, root: Path, scenario: st
         for name, folder in names.items():
             unregister(admin, name)
             shutil.rmtree(folder, ignore_errors=True)
-        if made_root:
-            with suppress(OSError):  # not empty: something else wrote there meanwhile
-                root.rmdir()
+        with suppress(OSError):  # not empty: something else wrote there meanwhile
+            for folder in made:
+                folder.rmdir()

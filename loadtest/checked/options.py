@@ -92,10 +92,14 @@ def nli_source(path: Path | None) -> tuple[Path, tuple[str, ...] | None]:
 
 def run_loadtest(args: argparse.Namespace) -> None:
     """Run ``loraswap loadtest``: the report to ``--json``, its tables to ``--md`` and printed. UsageError for a
-    ``--warmup`` not below ``--duration``. Exit status 2 without ``$LORASWAP_ADMIN_KEY`` or when the server refuses
-    the test's set-up (a wrong admin key, an ``--adapter-root`` that is not one of its roots, no ``--source``
-    adapter, the server unreachable), 1 when a check failed, 130 when interrupted (Ctrl-C or SIGTERM: the adapters
-    it registered are unregistered and their files removed first)."""
+    ``--warmup`` not below ``--duration``, or a ``--json`` or ``--md`` in a folder that does not exist. Exit status
+    2 without ``$LORASWAP_ADMIN_KEY`` or when the server refuses the test's set-up (a wrong admin key, an
+    ``--adapter-root`` that is not one of its roots, no ``--source`` adapter, the server unreachable), 1 when a check
+    failed (the reference pass's included), 130 when interrupted (Ctrl-C or SIGTERM: the adapters it registered are
+    unregistered and their files removed first)."""
+    for flag, path in (("--json", args.json), ("--md", args.md)):
+        if path is not None and not path.parent.is_dir():
+            raise UsageError(f"{flag} {path}: there is no folder {path.parent} to write it in")
     if args.warmup is not None and args.warmup >= args.duration:
         raise UsageError(f"--warmup {args.warmup:g} leaves no load after it to check the memory by (--duration "
                          f"{args.duration:g})")
@@ -106,6 +110,7 @@ def run_loadtest(args: argparse.Namespace) -> None:
         raise SystemExit(2)
     import httpx
 
+    from loadtest.checked.answer_key import ReferenceFailed
     from loadtest.checked.report import failed_checks, markdown
     from loadtest.checked.run import LoadConfig, run_load
 
@@ -129,6 +134,9 @@ def run_loadtest(args: argparse.Namespace) -> None:
         detail = refused.response.text[:300] if isinstance(refused, httpx.HTTPStatusError) else ""
         print(f"loraswap loadtest: error: {refused} {detail}".rstrip(), file=sys.stderr)
         raise SystemExit(2) from None
+    except ReferenceFailed as failed:
+        print(f"loraswap loadtest: failed: {failed}", file=sys.stderr)
+        raise SystemExit(1) from None
     args.json.write_text(json.dumps(report, indent=1))
     tables = markdown(report)
     print(tables)

@@ -189,10 +189,10 @@ def test_a_run_stopped_by_sigterm_unregisters_its_adapters_and_removes_their_fil
 
 
 def test_an_adapter_root_the_server_refuses_is_a_usage_error_that_leaves_no_folder(server):
-    """--adapter-root that is none of the server's roots: exit 2 with the server's 403, and the folder the run made
-    to write its adapters in is gone again."""
-    refused = server.root / "not-a-root"
+    """--adapter-root that is none of the server's roots: exit 2 with the server's 403, and the folders the run made
+    to write its adapters in, the root's missing parents included, are gone again."""
+    refused = server.root / "not-a-root" / "below" / "it"
     process = loadtest(server, "single", adapter_root=refused)
     _, err = process.communicate(timeout=300)
     assert process.returncode == 2 and "403" in err and "Traceback" not in err, err[-2000:]
-    assert not refused.exists()
+    assert not (server.root / "not-a-root").exists()
