@@ -123,7 +123,7 @@ def run_loadtest(args: argparse.Namespace) -> None:
         timeout_s=args.timeout, tolerance=args.tolerance, recovery=args.recovery, storm_clients=args.storm_clients,
         hang_up_s=args.hang_up, warmup_s=args.warmup, max_rss_growth=args.max_rss_growth,
         register_cycles=args.register_cycles)
-    signal.signal(signal.SIGTERM, interrupt)
+    stop_on_signals()
     try:
         report = run_load(config)
     except KeyboardInterrupt:
@@ -148,9 +148,15 @@ def run_loadtest(args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
-def interrupt(signum: int, frame) -> None:
-    """SIGTERM stops a run as Ctrl-C does (KeyboardInterrupt), so that it cleans up after itself."""
-    raise KeyboardInterrupt
+def stop_on_signals() -> None:
+    """SIGTERM and Ctrl-C (SIGINT) stop a run: KeyboardInterrupt thrown into the main greenlet where it next waits
+    (``gevent.kill``), so that it cleans up after itself. Raised by a plain signal handler, it could land anywhere,
+    inside code holding a lock the clean-up then waited for forever (gevent's LoopExit, exit 1), or in gevent's hub."""
+    import gevent
+
+    main = gevent.getcurrent()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        gevent.signal_handler(signum, gevent.kill, main, KeyboardInterrupt)
 
 
 LOADTEST = Command("load tests that check every answer (locust scenarios: single, uniform, zipf, churn, overload, "

@@ -96,8 +96,6 @@ def run_load(config: LoadConfig, extra_users: Sequence[type[User]] = ()) -> dict
     Raises FileNotFoundError without the data, ValueError without an adapter to derive from,
     answer_key.ReferenceFailed when the reference pass gets no answer, httpx errors when the server refuses the admin
     calls."""
-    hub = gevent.get_hub()  # a stop (KeyboardInterrupt: Ctrl-C, or SIGTERM by options.interrupt) that lands while
-    hub.NOT_ERROR = (*hub.NOT_ERROR, KeyboardInterrupt)  # gevent's hub runs goes to the main greenlet, unprinted
     requests = asks(config.squad, config.nli, config.prompt_count(), config.new_tokens)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request of the reference pass
     with httpx.Client(base_url=config.host, timeout=config.timeout_s, headers=bearer(config.api_key)) as http, \

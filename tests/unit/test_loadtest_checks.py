@@ -4,6 +4,7 @@ not imported here: locust patches the standard library with gevent; tests/loadte
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 
 import pytest
@@ -161,3 +162,31 @@ def test_scenario_weights():
     assert zipf == pytest.approx([w / sum((1, 1 / 2, 1 / 3, 1 / 4)) for w in (1, 1 / 2, 1 / 3, 1 / 4)])
     assert SCENARIOS["uniform"].weights(4) == [0.25] * 4
     assert SCENARIOS["zipf"].adapters == 100 and SCENARIOS["churn"].churn and SCENARIOS["overload"].wait_s == (0, 0)
+
+
+STOPPED_WHILE_COMPUTING = """
+import os, signal, threading
+import gevent
+from loadtest.checked.options import stop_on_signals
+stop_on_signals()
+lock, steps = threading.Lock(), []
+try:
+    with lock:
+        os.kill(os.getpid(), signal.{signal})
+        sum(range(10**6))  # computing, holding the lock: no wait here
+        steps.append("left the lock")
+    gevent.sleep(30)
+    steps.append("slept")
+except KeyboardInterrupt:
+    steps.append("interrupted")
+print(",".join(steps))
+"""
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
+def test_a_stop_lands_where_the_run_next_waits_not_where_it_computes(name):
+    """A stop raised by a plain signal handler landed at whatever the run was doing, once inside code that held a lock
+    its clean-up then waited for forever (gevent's LoopExit, exit 1 instead of 130). It lands at the next wait now."""
+    script = STOPPED_WHILE_COMPUTING.replace("{signal}", name)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "left the lock,interrupted", done.stdout + done.stderr[-2000:]
