@@ -25,6 +25,7 @@ from loadtest.host_memory import PeakRss, registered_memory
 from loadtest.options import ALL_MODES, MOST_BENCH_BATCH, MOST_BENCH_RANK, TARGET_SETS
 from loadtest.stall import measure_stall
 from loadtest.timing import percentiles, timed
+from service.cli.command import UsageError
 from service.engine.requests import Generation, run_all
 from service.engine.row_mapping import map_rows
 from service.engine.sampling import Decoding
@@ -79,6 +80,11 @@ class Bench:
                                  prefix_cache_bytes=0)
         self.device = pick_device(args.device)
         self.plain, self.tokenizer = load_base(self.settings)
+        config = self.plain.config
+        positions = getattr(config, "max_position_embeddings", None) or config.n_positions
+        if args.prompt_tokens + args.new_tokens > positions:
+            raise UsageError(f"--prompt-tokens {args.prompt_tokens} and --new-tokens {args.new_tokens} need more "
+                             f"positions than the base model's {positions}")
         generator = torch.Generator().manual_seed(0)
         vocab = min(len(self.tokenizer), self.plain.config.vocab_size)
         self.prompts = torch.randint(100, vocab, (max(self.batch_sizes), args.prompt_tokens),
@@ -241,7 +247,8 @@ def measured(args: argparse.Namespace) -> dict:
     """Time every mode at every batch size, then (as ``--hot-loads`` and ``--registered`` ask) the merges, hot-loads,
     the stall check and the memory check; print each part and the table, write ``--json`` if given, and return the
     report: ``results`` a row per cell (seconds, requests and tokens per second, bytes of RSS rise) and a dict per
-    check (milliseconds, bytes). Raises FileNotFoundError when ``--base-model`` is no model directory."""
+    check (milliseconds, bytes). Raises FileNotFoundError when ``--base-model`` is no model directory, UsageError
+    for prompts longer than its positions."""
     modes = set(args.modes)
     bench = on_passing_thread(Bench, args)  # no thread but the engine's keeps an OpenMP team while modes are timed
     for _ in range(3):  # warm the process (allocator, kernels) before any mode is timed, so the first is not penalised
@@ -270,6 +277,5 @@ def measured(args: argparse.Namespace) -> dict:
         print(json.dumps(report["memory"]), flush=True)
     print(markdown_table(report))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))
     return report

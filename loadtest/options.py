@@ -62,7 +62,10 @@ def add_bench_options(parser: argparse.ArgumentParser) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> None:
-    """Run ``loraswap bench`` (``loadtest.bench.run``; imported here, so that the parser stays light)."""
+    """Run ``loraswap bench`` (``loadtest.bench.run``; imported here, so that the parser stays light). The folder of
+    ``--json`` is made first: one that cannot be made (FileNotFoundError, a usage error) is found before the run."""
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
     from loadtest.bench import run
 
     run(args)

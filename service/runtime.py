@@ -95,6 +95,11 @@ class Runtime:
         self.registry = AdapterRegistry(model, self.roots, self.settings.max_resident, self.settings.max_rank)
         metrics.ADAPTERS_RESIDENT.set_function(lambda: self.registry.resident_count)
         self.load_adapter_folder(self.settings.adapters_dir)
+        for setting in ("qa_adapter", "nli_adapter"):
+            default = getattr(self.settings, setting)
+            if default is not None and default not in self.registry.names():
+                log.warning("%s %r is not registered: requests that name no adapter get the bare base model until "
+                            "an adapter of that name is", setting, default)
         self.engine = Engine(model, tokenizer, self.registry, self.settings)
         metrics.ENGINE_STATE.watch(self.engine, self.registry)
         self.tasks = Tasks(self.engine, tokenizer, self.settings, max_positions)

@@ -51,8 +51,10 @@ class Settings(BaseSettings):
                                     f"(environment: a path, several joined by {os.pathsep!r}, or a JSON list)")
     max_resident: int = Field(8, ge=1, description="adapters kept in device slots at once (LRU)")
     max_rank: int = Field(64, ge=1, description="largest LoRA rank a slot holds")
-    qa_adapter: str | None = Field("squad", description="adapter /answer uses when the request names none")
-    nli_adapter: str | None = Field("nli", description="adapter /nli uses when the request names none")
+    qa_adapter: str | None = Field("squad", description="adapter /answer uses when the request names none (the bare "
+                                   "base while none of that name is registered)")
+    nli_adapter: str | None = Field("nli", description="adapter /nli uses when the request names none (the bare "
+                                    "base while none of that name is registered)")
 
     # engine
     max_batch: int = Field(32, ge=1, description="most requests in one batch")

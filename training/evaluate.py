@@ -151,13 +151,19 @@ def run(args: argparse.Namespace) -> dict:
     """``loraswap eval``: print the report (and the confusion matrix of nli and rte), write ``--predictions`` and
     ``--json`` if given, and return the report. The adapter is checked before the data is read and the model loaded.
     Raises UnknownAdapter or AdapterError for an adapter it cannot evaluate, FileNotFoundError for absent data or
-    base model, UsageError for --distractors with another task than squad, more than the data has, or making an
-    example longer than the server takes."""
+    base model, UsageError for data that is not the task's, --distractors with another task than squad, more than
+    the data has, or making an example longer than the server takes."""
     if args.distractors and args.task != "squad":
         raise UsageError(f"--distractors hides SQuAD paragraphs among others: not for --task {args.task}")
     folder = adapter_folder(args)
     text = "context" if args.task == "squad" else "premise"
-    rows = read_eval(args.task, args.data, args.limit, args.sample_seed)
+    try:
+        rows = read_eval(args.task, args.data, args.limit, args.sample_seed)
+    except FileNotFoundError:
+        raise
+    except (ValueError, KeyError, TypeError, OSError) as exc:  # not the task's format (JSON, fields), unreadable
+        source = args.data or f"the {args.task} dev set"
+        raise UsageError(f"{source}: not a {args.task} file this command reads: {exc!r}") from None
     if args.distractors:
         paragraphs = list(dict.fromkeys((row["title"], row["context"]) for row in read_eval(args.task, args.data)))
         try:

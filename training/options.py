@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from service.cli.command import Command, comma_list, device, nonnegative, positive
+from service.cli.command import Command, bounded, comma_list, device, nonnegative, positive
 from service.settings import Settings
 from service.tasks.prompt_styles import ADAPTER_STYLE, PROMPT_STYLES
 
@@ -94,9 +94,11 @@ def add_eval_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strategy", choices=["greedy", "top_k", "nucleus", "temperature"], default="greedy",
                         help="how SQuAD answers are decoded (nli and rte score each label instead)")
     parser.add_argument("--top-k", type=positive(int), default=50, help="top_k: sample among the k likeliest tokens")
-    parser.add_argument("--top-p", type=float, default=0.9,
+    parser.add_argument("--top-p", type=bounded(float, lambda value: 0 < value <= 1, "in (0, 1]", "probability"),
+                        default=0.9,
                         help="nucleus: sample among the likeliest tokens whose probabilities add up to p")
-    parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the sampling strategies")
+    parser.add_argument("--temperature", type=nonnegative(float), default=1.0,
+                        help="softmax temperature of the sampling strategies")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed: the i-th example samples with seed + i")
     parser.add_argument("--max-new-tokens", type=positive(int), default=32, help="most tokens generated per answer")
     parser.add_argument("--extractive", action=argparse.BooleanOptionalAction, default=True,

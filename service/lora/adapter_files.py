@@ -163,8 +163,8 @@ class AdapterWeights:
 
 def adapter_or_base(name: str | None) -> str | None:
     """The adapter a request names; None for the bare base model, which every route and command calls null,
-    "none" or "base"."""
-    return None if name is None or name in RESERVED_NAMES else name
+    "none" or "base", in any case (no adapter can be named so: ``check_name``)."""
+    return None if name is None or name.lower() in RESERVED_NAMES else name
 
 
 def check_name(name: str) -> str:

@@ -105,7 +105,7 @@ def test_omitted_adapter_means_the_configured_task_adapter_and_null_the_bare_bas
                                             hypothesis="Nobody sleeps.")["probabilities"]
 
 
-@pytest.mark.parametrize("name", ["none", "base"])
+@pytest.mark.parametrize("name", ["none", "base", "None", "BASE", "Base"])
 def test_none_and_base_name_the_bare_base_model_on_every_route(client, name):
     bare, named = ask(client, None), ask(client, name)
     assert named["adapter"] is None and {**named, "latency_ms": 0} == {**bare, "latency_ms": 0}
@@ -115,7 +115,7 @@ def test_none_and_base_name_the_bare_base_model_on_every_route(client, name):
     assert completions[0]["choices"] == completions[1]["choices"]
 
 
-@pytest.mark.parametrize("name", ["none", "base"])
+@pytest.mark.parametrize("name", ["none", "base", "NONE", "Base"])
 def test_the_bare_base_model_is_listed_once_and_described_as_listed_by_either_name(client, name):
     listed = [model["id"] for model in client.get("/v1/models").json()["data"]]
     assert listed.count("base") == 1 and "none" not in listed

@@ -68,3 +68,17 @@ def test_a_token_budget_that_leaves_no_room_for_a_prompt_fails_the_start_saying_
     edge = Runtime(settings_in(tmp_path / "edge", tiny_llama_dir, {}, max_new_tokens=512 - 15))
     with pytest.raises(ValueError, match="leaves 15 of the base model's 512 positions"):
         edge.start()
+
+
+def test_a_default_adapter_that_is_not_registered_is_warned_of_at_start(tiny_llama_dir, llama_adapters, tmp_path,
+                                                                       caplog):
+    """Requests that name no adapter then get the bare base model: said in the log, not only in each reply."""
+    runtime = Runtime(settings_in(tmp_path, tiny_llama_dir, llama_adapters, qa_adapter="squad", nli_adapter="two"))
+    runtime.start()
+    try:
+        warned = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    finally:
+        runtime.stop()
+    assert [line for line in warned if "is not registered" in line] == [
+        "qa_adapter 'squad' is not registered: requests that name no adapter get the bare base model until an adapter "
+        "of that name is"]

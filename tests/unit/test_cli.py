@@ -62,6 +62,12 @@ from tests.data.make_corpus import SQUAD_SAMPLE
     (["loadtest", "--scenario", "single", "--users", "1", "--duration", "10", "--host", "http://127.0.0.1:9",
       "--adapter-root", "x", "--json", "x.json", "--md", "/nonexistent/x.md"],
      "loraswap loadtest: error: --md /nonexistent/x.md: there is no folder /nonexistent to write it in"),
+    (["eval", "--task", "squad", "--adapter", "none", "--temperature", "-1"],
+     "--temperature: must be at least 0, not -1"),
+    (["eval", "--task", "squad", "--adapter", "none", "--top-p", "1.5"], "--top-p: must be in (0, 1], not 1.5"),
+    *((["eval", "--task", task, "--adapter", "none", "--data", __file__], f"{__file__}: not a {task} file this command "
+       "reads") for task in ("squad", "nli")),
+    (["bench", "--json", "/proc/nope/x.json"], "loraswap bench: error: [Errno 2] No such file or directory"),
     # --distractors: SQuAD only, and no more than the data has (both found before the model loads)
     *((["eval", "--task", task, "--adapter", "none", "--distractors", "2"],
        f"loraswap eval: error: --distractors hides SQuAD paragraphs among others: not for --task {task}")
@@ -121,3 +127,12 @@ def test_distractors_that_make_an_example_longer_than_the_server_takes_are_a_usa
     err = capsys.readouterr().err
     assert "loraswap eval: error: an example is longer than the server takes (fewer --distractors than 3)" in err
     assert "Traceback" not in err
+
+
+def test_bench_prompts_longer_than_the_models_positions_are_a_usage_error(tiny_llama_dir, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--base-model", str(tiny_llama_dir), "--device", "cpu", "--prompt-tokens", "510",
+              "--new-tokens", "3", "--batch-sizes", "1"])
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err
+    assert "--prompt-tokens 510 and --new-tokens 3 need more positions than the base model's 512" in error
