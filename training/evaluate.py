@@ -54,7 +54,7 @@ def served_adapter(rt: Runtime, args: argparse.Namespace, folder: Path | None) -
     """The name ``rt`` serves the evaluated adapter under (None: the bare base), after loading ``folder`` if it is
     one. Raises AdapterError for a folder the base cannot serve, UnknownAdapter for an adapter of ``--adapters-dir``
     that was skipped at start (it does not fit the base)."""
-    if adapter_or_base(args.adapter) is None:
+    if adapter_or_base(str(args.adapter)) is None:  # calibrate takes a folder (a Path)
         return None
     if folder is not None:
         rt.load_adapter(EVALUATED, folder)
