@@ -51,6 +51,7 @@ from service.lora.registry import AdapterRegistry
 from service.settings import CPU_BATCH_WINDOW_MS, CPU_PREFILL_TOKENS, GPU_BATCH_WINDOW_MS, Settings
 
 log = logging.getLogger(__name__)
+REST_AFTER_S = 0.5  # seconds without work before the engine gives the last batches' memory back (Engine._rest)
 
 
 @dataclass
@@ -89,6 +90,8 @@ class Engine:
         self.merge_policy = MergePolicy(settings.merge_after, settings.merge_cooldown,
                                         enabled=settings.auto_merge and not registry.quantized)
         self._taken: list[_Pending] = []  # every request the batch being served took from the queue
+        self._rest_due = False  # the last batch's memory is held until the engine rests (_rest)
+        self._non_finite = False  # a row of the batch being served had non-finite logits
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -232,7 +235,10 @@ class Engine:
         settings = self.settings
         with self._wakeup:
             while not self._queue and not self._controls and self._accepting:
-                self._wakeup.wait()
+                if not self._rest_due:
+                    self._wakeup.wait()
+                elif not self._wakeup.wait(REST_AFTER_S):  # no work for that long: the engine rests
+                    self._rest()
             self._expire_waiting()  # before the window: the window to fill a batch is not time spent waiting for one
             if not self._queue:
                 return None
@@ -304,8 +310,21 @@ class Engine:
         running = RunningBatch(self.decoder)
         try:
             self._run(running, self._joining(batch, running))
-        finally:
-            self.decoder.idle()
+        except BaseException:
+            self._rest()
+            raise
+        if self._non_finite:  # NaN keys or values may lie in the KV cache's rows: never kept for a later batch
+            self._rest()
+        else:
+            self._rest_due = True
+
+    def _rest(self) -> None:
+        """Give the memory of the last batches back (``DecodeStep.idle``): when the engine has had no work for
+        ``REST_AFTER_S``, or at once after a batch that failed or held non-finite logits. Back-to-back batches keep
+        it: handed back after each, it was faulted in again by the next, 11-14 ms a request on the CPU at one client
+        (docs/benchmarks.md, "CPU against llama.cpp now")."""
+        self.decoder.idle()
+        self._rest_due = self._non_finite = False
 
     def _run(self, running: RunningBatch, joining: Joining | None) -> None:
         """Decoding steps of the running rows, requests joining between them, until every row is done."""
@@ -333,6 +352,7 @@ class Engine:
         finite = torch.isfinite(running.logits).all(-1).tolist()
         if all(finite):
             return False
+        self._non_finite = True
         for row, ok in enumerate(finite):
             if not ok and not running.pendings[row].future.done():
                 running.pendings[row].future.set_exception(NonFiniteLogits(running.pendings[row].work.adapter))
