@@ -66,8 +66,9 @@ class DecodeStep:
         return out.logits[:, -1].float()
 
     def idle(self) -> None:
-        """Between batches: without CUDA graphs the KV cache is freed (the next batch allocates what its rows and
-        prompts need), and on the CPU what the batch freed leaves malloc's arenas (``malloc.give_back``), so that
+        """When the engine rests (``Engine._rest``: no work for a while, or after a batch that failed or held
+        non-finite logits): without CUDA graphs the KV cache is freed (the next batch allocates what its rows and
+        prompts need), and on the CPU what the batches freed leaves malloc's arenas (``malloc.give_back``), so that
         memory held follows the traffic, not the largest burst ever served."""
         if not self.cuda_graphs:
             self.cache.release()
