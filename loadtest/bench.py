@@ -31,7 +31,7 @@ from service.engine.row_mapping import map_rows
 from service.engine.sampling import Decoding
 from service.engine.scheduler import Engine
 from service.lora.registry import AdapterRegistry
-from service.model.base_model import load_base, pick_device
+from service.model.base_model import load_base, max_positions, pick_device
 from service.model.cpu_threads import on_passing_thread
 from service.settings import Settings
 
@@ -80,8 +80,7 @@ class Bench:
                                  prefix_cache_bytes=0)
         self.device = pick_device(args.device)
         self.plain, self.tokenizer = load_base(self.settings)
-        config = self.plain.config
-        positions = getattr(config, "max_position_embeddings", None) or config.n_positions
+        positions = max_positions(self.plain)
         if args.prompt_tokens + args.new_tokens > positions:
             raise UsageError(f"--prompt-tokens {args.prompt_tokens} and --new-tokens {args.new_tokens} need more "
                              f"positions than the base model's {positions}")

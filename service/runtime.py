@@ -15,7 +15,7 @@ from service.engine.scheduler import Engine
 from service.errors import AdapterError, AdapterMerged
 from service.lora.adapter_files import CONFIG_FILE, check_name, check_path
 from service.lora.registry import AdapterRegistry
-from service.model.base_model import load_base
+from service.model.base_model import load_base, max_positions
 from service.model.cpu_threads import on_passing_thread
 from service.settings import MIN_PROMPT_TOKENS, Settings
 from service.tasks.tasks import Tasks
@@ -90,8 +90,8 @@ class Runtime:
 
     def _load(self) -> None:
         model, tokenizer = load_base(self.settings)
-        max_positions = getattr(model.config, "max_position_embeddings", None) or model.config.n_positions
-        check_room(self.settings, max_positions)
+        positions = max_positions(model)
+        check_room(self.settings, positions)
         self.registry = AdapterRegistry(model, self.roots, self.settings.max_resident, self.settings.max_rank)
         metrics.ADAPTERS_RESIDENT.set_function(lambda: self.registry.resident_count)
         self.load_adapter_folder(self.settings.adapters_dir)
@@ -102,7 +102,7 @@ class Runtime:
                             "an adapter of that name is", setting, default)
         self.engine = Engine(model, tokenizer, self.registry, self.settings)
         metrics.ENGINE_STATE.watch(self.engine, self.registry)
-        self.tasks = Tasks(self.engine, tokenizer, self.settings, max_positions)
+        self.tasks = Tasks(self.engine, tokenizer, self.settings, positions)
 
     def start_in_background(self) -> threading.Thread:
         thread = threading.Thread(target=self._start_quietly, name="loraswap-start", daemon=True)

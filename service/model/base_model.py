@@ -76,6 +76,13 @@ def resolve_base_dir(name_or_path: str, cache_dir: Path) -> Path:
     return convert_gguf(embedded_gguf(), cached)
 
 
+def max_positions(model: PreTrainedModel) -> int:
+    """The most positions (prompt and generated tokens) the base model takes: Llama's ``max_position_embeddings``,
+    GPT-2's ``n_positions``."""
+    config = model.config
+    return getattr(config, "max_position_embeddings", None) or config.n_positions
+
+
 def pick_device(name: str) -> torch.device:
     """'auto' means CUDA when present, else CPU."""
     if name == "auto":

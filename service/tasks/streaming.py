@@ -184,24 +184,24 @@ class ChoiceText:
         return ChoiceDelta(self.index, text, tuple(released) if self.logprobs else None, self.finish_reason)
 
     def token_logprob(self, token: SampledToken, offset: int) -> TokenLogprob:
-        top = tuple(TopLogprob(self.token_text(i), i, logprob, self.token_bytes(i))
-                    for i, logprob in token.top_logprobs)
-        at = token.token_id
-        return TokenLogprob(self.token_text(at), at, token.logprob, self.token_bytes(at), top, offset)
+        top = []
+        for i, logprob in token.top_logprobs:
+            text, utf8 = self.spelled(i)
+            top.append(TopLogprob(text, i, logprob, utf8))
+        text, utf8 = self.spelled(token.token_id)
+        return TokenLogprob(text, token.token_id, token.logprob, utf8, tuple(top), offset)
 
-    def token_text(self, token_id: int) -> str:
-        return self.backend.decode([token_id], skip_special_tokens=False)
-
-    def token_bytes(self, token_id: int) -> tuple[int, ...] | None:
-        """A token's UTF-8 bytes: its text's, or for a token holding part of a character (its text alone is U+FFFD)
-        its vocabulary entry's; None where that entry's spelling is unknown."""
-        text = self.token_text(token_id)
+    def spelled(self, token_id: int) -> tuple[str, tuple[int, ...] | None]:
+        """A token's own text (decoded alone, special tokens kept) and its UTF-8 bytes: the text's, or for a token
+        holding part of a character (its text alone is U+FFFD) its vocabulary entry's; None where that entry's
+        spelling is unknown."""
+        text = self.backend.decode([token_id], skip_special_tokens=False)
         if "\ufffd" not in text:
-            return tuple(text.encode())
+            return text, tuple(text.encode())
         try:
-            return tuple(self.piece_bytes(self.backend.id_to_token(token_id))) if self.piece_bytes else None
+            return text, tuple(self.piece_bytes(self.backend.id_to_token(token_id))) if self.piece_bytes else None
         except KeyError:  # a piece outside the vocabulary's spelling
-            return None
+            return text, None
 
 
 class CompletionStream:
