@@ -7,6 +7,7 @@ import importlib.metadata
 import inspect
 import logging
 import os
+import secrets
 import shutil
 from pathlib import Path
 
@@ -54,11 +55,26 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     model.hf_quantizer = None  # a GGUF-loaded model refuses save_pretrained while marked quantized
     del model.config.quantization_config
-    partial = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    partial.rename(out_dir)
+    partial = out_dir.with_name(f"{out_dir.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")  # this process's own
+    try:
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        return publish(partial, out_dir)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def publish(partial: Path, out_dir: Path) -> Path:
+    """Move the finished folder ``partial`` to ``out_dir`` in one rename, so that no reader sees half a cache; when
+    another process (a second server or replica started on the same cache) published ``out_dir`` first, keep its
+    folder and leave ``partial`` to the caller to remove. Raises OSError when ``out_dir`` can neither be made nor
+    found complete."""
+    try:
+        partial.rename(out_dir)
+    except OSError:
+        if not (out_dir / "config.json").is_file():
+            raise
+        log.info("%s was converted by another process meanwhile; using it", out_dir)
     return out_dir
 
 
