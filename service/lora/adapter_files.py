@@ -38,7 +38,8 @@ SERIALS = itertools.count(1)  # AdapterWeights.serial: never reused in a process
 
 # peft's LoraConfig fields the engine serves at any value peft accepts, and why. Every other field must hold its
 # default (REFUSED_FIELDS says what each changes), so a field new in peft is refused until someone serves it.
-SELECTS = "selects which modules get LoRA: must select exactly the modules the weights hold (check_targets)"
+SELECTS = ("selects which modules get LoRA: must select, among all of the base's modules, exactly the modules the "
+           "weights hold, all of them ones the engine applies LoRA to (check_targets)")
 SERVED_FIELDS = {
     "peft_type": "must be LORA (read_config)",
     "task_type": "names peft's wrapper class; heads it adds come as modules_to_save, which is refused",
@@ -272,22 +273,35 @@ def check_init(value) -> None:
                        f"only the difference from that base" + ("" if str(value) == "loftq" else CONVERSION))
 
 
-def check_targets(config: LoraConfig, held: Iterable[str], modules: Iterable[str]) -> None:
-    """Refuse (422) unless, among the base's LoRA-able ``modules``, the config selects as peft does (target_modules,
-    exclude_modules, layers_to_transform, layers_pattern) exactly the modules whose weights the adapter ``held``."""
+def check_targets(config: LoraConfig, held: Iterable[str], lora_able: Iterable[str], modules: Iterable[str]) -> None:
+    """Refuse (AdapterError, 422) unless the config selects as peft does (target_modules, exclude_modules,
+    layers_to_transform, layers_pattern), among all of the base's ``modules`` (its named_modules, peft's candidates),
+    only modules the engine applies LoRA to (``lora_able``), and of those exactly the modules whose weights the
+    adapter ``held``. A config that selects any other module (an embedding, a norm, the head, a decoder layer) is
+    refused naming the first such module: peft would refuse it or give it a LoRA layer the engine does not apply."""
     fields = "target_modules, exclude_modules, layers_to_transform, layers_pattern"
     if config.target_modules is None:
         raise AdapterError("adapter config names no target_modules (peft would pick them by the base's architecture)")
     try:
-        selected = {module for module in modules if check_target_module_exists(config, module)}
+        selected = [module for module in modules if check_target_module_exists(config, module)]
     except (re.error, TypeError) as exc:  # a pattern that is not a regular expression, a layer index that is no int
         raise AdapterError(f"adapter config cannot select modules as peft does ({fields}): {exc}") from None
-    for stray, problem in ((set(held) - selected, "adapter weights hold {}, which its config ({}) does not select"),
-                           (selected - set(held), "adapter config ({1}) selects {0}, which its weights lack")):
+    lora_able = set(lora_able)
+    unserved = [module for module in selected if module not in lora_able]
+    if unserved:
+        raise AdapterError(f"adapter config ({fields}) selects {modules_named(unserved)}, which the engine does not "
+                           "apply LoRA to (only the base's linear layers below the head)")
+    held, selected = set(held), set(selected)
+    for stray, problem in ((held - selected, "adapter weights hold {}, which its config ({}) does not select"),
+                           (selected - held, "adapter config ({1}) selects {0}, which its weights lack")):
         if stray:
-            first, *more = sorted(stray)
-            modules_named = f"module {first!r}" + (f" (and {len(more)} more)" if more else "")
-            raise AdapterError(problem.format(modules_named, fields))
+            raise AdapterError(problem.format(modules_named(sorted(stray)), fields))
+
+
+def modules_named(modules: list[str]) -> str:
+    """The first of ``modules``, and how many more there are."""
+    first, *more = modules
+    return f"module {first!r}" + (f" (and {len(more)} more)" if more else "")
 
 
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -333,9 +347,12 @@ def pack(targets: list[torch.Tensor], sources: list[torch.Tensor], scale: float,
 
 
 def load_adapter(
-    name: str, folder: Path, module_shapes: dict[str, tuple[int, int]], max_rank: int, dtype: torch.dtype
+    name: str, folder: Path, module_shapes: dict[str, tuple[int, int]], max_rank: int, dtype: torch.dtype,
+    base_modules: Iterable[str],
 ) -> AdapterWeights:
-    """Read and check an adapter against the base's LoRA-able modules ``{name: (in, out)}``; its weights are
+    """Read and check an adapter against the base's LoRA-able modules ``{name: (in, out)}`` and all of its module
+    names ``base_modules`` (what its config may select: ``check_targets``); AdapterError (422) for anything the
+    engine cannot serve exactly. Its weights are
     kept in ``dtype`` (the banks'), so making it resident moves no more bytes than the banks hold, and the calibration
     of its label probabilities is read from its card (``card.read_calibration``: T = 1 without one)."""
     config = read_config(folder, max_rank)
@@ -353,7 +370,7 @@ def load_adapter(
         parts.setdefault(module, {})[match["part"]] = tensor
     if not parts:
         raise AdapterError(f"{folder} holds no LoRA weights")
-    check_targets(config, parts, module_shapes)
+    check_targets(config, parts, module_shapes, base_modules)
     layout, offset = {}, 0
     for module, pair in sorted(parts.items()):
         fan_in, fan_out = module_shapes[module]

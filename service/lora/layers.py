@@ -262,6 +262,9 @@ class LoraLayers:
         self.dtype = first.dtype if first.is_floating_point() else torch.float32  # of the banks
         self.mapping = SlotMapping(num_slots, self.dtype, dense_decode=self.device.type == "cuda")
         self.banks = Banks()
+        # every module's name as peft sees the base (before wrapping adds '.base' children), but the root's, which peft
+        # never targets: what an adapter config selects among (adapter_files.check_targets)
+        self.base_modules = tuple(name for name, _ in model.named_modules() if name)
         self.modules = wrap_lora_targets(model, self.mapping, self.banks)
         self.shapes = {name: (layer.in_features, layer.out_features) for name, layer in self.modules.items()}
         self.quantized = any(not layer.base.weight.is_floating_point() for layer in self.modules.values())  # 4-bit

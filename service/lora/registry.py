@@ -49,7 +49,7 @@ class AdapterRegistry:
         with self._lock:
             self._refuse_duplicate(name)  # before the work of loading...
         started = time.perf_counter()
-        adapter = load_adapter(name, folder, self.layers.shapes, self.max_rank, self.dtype)
+        adapter = load_adapter(name, folder, self.layers.shapes, self.max_rank, self.dtype, self.layers.base_modules)
         with self._lock:
             self._refuse_duplicate(name)  # ...and after it, in case another thread registered the name meanwhile
             self._adapters[name] = adapter

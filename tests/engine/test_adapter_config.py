@@ -12,7 +12,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora.config import KasaConfig, MontecloraConfig, VeloraConfig
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from service.errors import AdapterError
 from service.http.errors import status_of
@@ -25,6 +25,7 @@ from service.lora.adapter_files import (
     field_default,
 )
 from service.lora.registry import AdapterRegistry
+from service.model.base_model import embedded_gguf
 from tests.lora_helpers import FP32_TOLERANCE, batched_logits, load_model, peft_logits, random_ids
 from tests.tiny_models import LINEAR_TARGETS
 
@@ -66,6 +67,8 @@ def without_module(base_dir: Path, out: Path, module: str) -> Path:
     return out
 
 
+SHIPPED = Path(__file__).resolve().parents[2] / "adapters"  # the adapters the repository ships
+UNSERVED = "which the engine does not apply LoRA to"
 BASE_CHANGED = ("init_lora_weights", "from the base", "path_initial_model_for_weight_conversion")
 # case: (how the adapter is made, what the 422 must say); the first fragment is the field the case is about
 REFUSED = {
@@ -118,6 +121,20 @@ REFUSED = {
     "no_targets": (lambda b, o: edited(b, o, target_modules=None), ("names no target_modules",)),
     "missing_module": (lambda b, o: without_module(b, o, "layers.1.self_attn.q_proj"),
                        ("selects module 'model.layers.1.self_attn.q_proj'", "which its weights lack")),
+    # selections that reach past the linear layers the weights hold: peft selects among all of the base's modules
+    "select_everything": (lambda b, o: edited(b, o, target_modules=".*"), ("selects module 'model' (and ", UNSERVED)),
+    "select_layers": (lambda b, o: edited(b, o, target_modules=r"model\.layers\.\d+(\..*_proj)?"),
+                      ("selects module 'model.layers.0' (and 1 more)", UNSERVED)),
+    "lm_head": (lambda b, o: edited(b, o, target_modules=[*LINEAR_TARGETS["llama"], "lm_head"]),
+                ("selects module 'lm_head',", UNSERVED)),
+    "embed_tokens": (lambda b, o: edited(b, o, target_modules=["embed_tokens", *LINEAR_TARGETS["llama"]]),
+                     ("selects module 'model.embed_tokens',", UNSERVED)),
+    "norm": (lambda b, o: edited(b, o, target_modules=[*LINEAR_TARGETS["llama"], "norm"]),
+             ("selects module 'model.norm',", UNSERVED)),
+    "layernorms": (lambda b, o: edited(b, o, target_modules=[*LINEAR_TARGETS["llama"], "input_layernorm"]),
+                   ("selects module 'model.layers.0.input_layernorm' (and 1 more)", UNSERVED)),
+    "attention_block": (lambda b, o: edited(b, o, target_modules=[*LINEAR_TARGETS["llama"], "self_attn"]),
+                        ("selects module 'model.layers.0.self_attn' (and 1 more)", UNSERVED)),
 }
 
 # case: (architecture, how the adapter is made), each setting served fields at values other than their defaults
@@ -134,6 +151,8 @@ SERVED = {
     "pissa_converted": ("llama", lambda b, o: stock_adapter(b, o, init_lora_weights="pissa", convert=True)),
     "olora_converted": ("llama", lambda b, o: stock_adapter(b, o, init_lora_weights="olora", convert=True)),
     "target_regex": ("llama", lambda b, o: stock_adapter(b, o, target_modules=r".*\.(q_proj|down_proj)")),
+    "target_regex_all_proj": ("llama", lambda b, o: stock_adapter(b, o, target_modules=r".*proj")),
+    "target_regex_gpt2": ("gpt2", lambda b, o: stock_adapter(b, o, target_modules=r".*\.(c_attn|c_fc)")),
     "exclude_modules": ("llama", lambda b, o: stock_adapter(b, o, exclude_modules=["o_proj", "layers.0.mlp.up_proj"])),
     "layers_to_transform": ("llama", lambda b, o: stock_adapter(b, o, layers_to_transform=[1],
                                                                 layers_pattern="layers")),
@@ -238,3 +257,31 @@ def test_a_converted_adapter_serves_what_was_trained(registries, tiny_llama_dir,
     as_plain_lora = json.loads((trained / CONFIG_FILE).read_text()) | {"init_lora_weights": True}
     (trained / CONFIG_FILE).write_text(json.dumps(as_plain_lora))
     assert (peft_logits(tiny_llama_dir, trained, ids) - want).abs().max().item() > 0.01
+
+
+def test_a_refused_selection_leaves_a_populated_registry_as_it_was(registries, served, root, tiny_llama_dir):
+    """An adapter whose config selects every module (".*") while its weights hold the linear layers is refused,
+    and the adapters registered before are there, as they were."""
+    _, registry = registries("llama")
+    registry.register("kept", served["plain"])
+    try:
+        before = registry.describe()
+        with pytest.raises(AdapterError, match=UNSERVED):
+            registry.register("everything", edited(tiny_llama_dir, root / "everything", target_modules=".*"))
+        assert registry.describe() == before and registry.names() == ["kept"]
+    finally:
+        registry.unregister("kept")
+
+
+@pytest.mark.smollm2
+def test_the_shipped_adapters_register_on_the_embedded_base():
+    """adapters/nli and adapters/squad select only linear layers among all of SmolLM2's modules: they register on
+    its architecture (built from the GGUF's config, on the meta device: only names and shapes are read)."""
+    gguf = embedded_gguf()
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name))
+    registry = AdapterRegistry(model, roots=[SHIPPED], max_resident=2, max_rank=64)
+    for name in ("nli", "squad"):
+        described, _ = registry.register(name, SHIPPED / name)
+        assert sorted(described["target_modules"]) == sorted(LINEAR_TARGETS["llama"])
+    assert registry.names() == ["nli", "squad"]
