@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -20,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
-PREFIX = "loadtest_"  # the names of the adapters a load test registers: loadtest_<scenario>_<i>
+PREFIX = "loadtest_"  # the names of the adapters a load test registers: loadtest_<scenario>_<run>_<i>
 KEY = re.compile(r"(?P<module>.+)\.lora_(?P<part>[AB])\.weight")
 
 
@@ -81,25 +82,44 @@ def unregister(admin: httpx.Client, name: str) -> None:
         reply.raise_for_status()
 
 
+def new_run() -> str:
+    """A run id for a load test's adapter names and folders: 6 random hex digits, so that load tests run at once
+    against one server and adapter root do not share names."""
+    return secrets.token_hex(3)
+
+
+def run_names(scenario: str, run: str, count: int) -> list[str]:
+    """The names of a run's ``count`` adapters, loadtest_<scenario>_<run>_<i>: plain identifiers of at most 64
+    characters, as adapter names must be."""
+    return [f"{PREFIX}{scenario}_{run}_{i:03d}" for i in range(count)]
+
+
 @contextmanager
 def derived_adapters(admin: httpx.Client, source: Path, root: Path, scenario: str, count: int, *, seed: int,
-                     rank: int, kinds: Sequence[str], spread: float) -> Iterator[dict[str, Path]]:
+                     rank: int, kinds: Sequence[str], spread: float, run: str | None = None
+                     ) -> Iterator[dict[str, Path]]:
     """``count`` adapters derived from ``source`` (seeds ``seed``, ``seed`` + 1, ...), written under ``root`` (a
-    folder the server may load adapters from, one of its ``--adapter-roots``) and registered as
-    loadtest_<scenario>_<i>: {name: folder}. Any adapter of those names registered before (a load test that did not
-    finish) is replaced. On leaving, they are unregistered and their folders removed, and ``root`` and its parents
-    too, those this made, while they are empty."""
-    names = {f"{PREFIX}{scenario}_{i:03d}": root / f"{PREFIX}{scenario}_{i:03d}" for i in range(count)}
+    folder the server may load adapters from, one of its ``--adapter-roots``) and registered under this run's names
+    (``run_names``; ``run`` None: a ``new_run``), each in a folder of its name: {name: folder}. On leaving, the
+    adapters this run registered are unregistered and the folders it wrote removed, and ``root`` and its parents too,
+    those this made, while they are empty; nothing another run registered or wrote is touched. Raises
+    FileExistsError for a folder already there and httpx.HTTPStatusError when the server refuses a registration (409
+    for a name taken): neither is replaced."""
+    names = {name: root / name for name in run_names(scenario, run or new_run(), count)}
     made = [folder for folder in (root, *root.parents) if not folder.exists()]  # innermost first
+    written, registered = [], []
     try:
         for i, (name, folder) in enumerate(names.items()):
+            folder.mkdir(parents=True)  # FileExistsError rather than writing into another run's folder
+            written.append(folder)
             derive(source, folder, seed + i, rank, kinds, spread)
-            unregister(admin, name)
             register(admin, name, folder)
+            registered.append(name)
         yield names
     finally:
-        for name, folder in names.items():
+        for name in registered:
             unregister(admin, name)
+        for folder in written:
             shutil.rmtree(folder, ignore_errors=True)
         with suppress(OSError):  # not empty: something else wrote there meanwhile
             for folder in made:

@@ -94,9 +94,9 @@ def run_loadtest(args: argparse.Namespace) -> None:
     """Run ``loraswap loadtest``: the report to ``--json``, its tables to ``--md`` and printed. UsageError for a
     ``--warmup`` not below ``--duration``, or a ``--json`` or ``--md`` in a folder that does not exist. Exit status
     2 without ``$LORASWAP_ADMIN_KEY`` or when the server refuses the test's set-up (a wrong admin key, an
-    ``--adapter-root`` that is not one of its roots, no ``--source`` adapter, the server unreachable), 1 when a check
-    failed (the reference pass's included), 130 when interrupted (Ctrl-C or SIGTERM: the adapters it registered are
-    unregistered and their files removed first)."""
+    ``--adapter-root`` that is not one of its roots, no ``--source`` adapter, the server unreachable, a name or folder
+    of the run's adapters taken), 1 when a check failed (the reference pass's included), 130 when interrupted
+    (Ctrl-C or SIGTERM: the adapters it registered are unregistered and their files removed first)."""
     for flag, path in (("--json", args.json), ("--md", args.md)):
         if path is not None and not path.parent.is_dir():
             raise UsageError(f"{flag} {path}: there is no folder {path.parent} to write it in")
@@ -130,7 +130,7 @@ def run_loadtest(args: argparse.Namespace) -> None:
         print("loraswap loadtest: interrupted: no report; its adapters were unregistered and their files removed",
               file=sys.stderr)
         raise SystemExit(130) from None
-    except (httpx.HTTPStatusError, httpx.TransportError, ValueError) as refused:
+    except (httpx.HTTPStatusError, httpx.TransportError, ValueError, FileExistsError) as refused:
         detail = refused.response.text[:300] if isinstance(refused, httpx.HTTPStatusError) else ""
         print(f"loraswap loadtest: error: {refused} {detail}".rstrip(), file=sys.stderr)
         raise SystemExit(2) from None

@@ -134,21 +134,23 @@ def test_soak_survives_a_disconnect_storm_and_register_cycles(server):
 
 
 def test_a_name_registered_with_another_adapters_file_is_counted_wrong(server):
-    """Once the answer key is made, ``loadtest_uniform_000`` is registered again with ``loadtest_uniform_001``'s file:
-    its 200s carry the other adapter's answers, and the run fails on them."""
+    """Once the answer key is made, the run's adapter 000 is registered again with its adapter 001's file: its 200s
+    carry the other adapter's answers, and the run fails on them."""
     process = loadtest(server, "uniform", users=2, duration=3)
     for line in process.stderr:
         if "reference pass done" in line:
             break
     with httpx.Client(base_url=server.url, headers=ADMIN) as admin:
-        admin.delete("/adapters/loadtest_uniform_000").raise_for_status()
-        admin.post("/adapters", json={"name": "loadtest_uniform_000",
-                                      "path": str(server.derived / "loadtest_uniform_001")}).raise_for_status()
+        names = sorted(adapter["name"] for adapter in admin.get("/adapters").json()["adapters"]
+                       if adapter["name"].startswith("loadtest_uniform_"))  # loadtest_uniform_<run>_<i>
+        assert len(names) == ADAPTERS["uniform"] and names[0].endswith("_000"), names
+        admin.delete(f"/adapters/{names[0]}").raise_for_status()
+        admin.post("/adapters", json={"name": names[0], "path": str(server.derived / names[1])}).raise_for_status()
     finished(process, 1)
     report = report_of(server, "uniform")
-    swapped = report["by_adapter"]["loadtest_uniform_000"]
+    swapped = report["by_adapter"][names[0]]
     assert swapped["wrong_adapter"] == swapped["wrong"] > 0
-    assert report["by_adapter"]["loadtest_uniform_001"]["wrong"] == 0
+    assert report["by_adapter"][names[1]]["wrong"] == 0
     assert {example["outcome"] for example in report["wrong_examples"]} == {"wrong_adapter"}
 
 
