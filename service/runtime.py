@@ -13,7 +13,7 @@ from transformers.utils import CHAT_TEMPLATE_FILE
 from service import metrics
 from service.engine.scheduler import Engine
 from service.errors import AdapterError, AdapterMerged
-from service.lora.adapter_files import CONFIG_FILE, check_name, check_path
+from service.lora.adapter_files import CONFIG_FILE, AdapterWeights, check_name, check_path
 from service.lora.registry import AdapterRegistry
 from service.model.base_model import load_base, max_positions
 from service.model.cpu_threads import on_passing_thread
@@ -137,20 +137,21 @@ class Runtime:
         return None if adapter is None else self.chat_templates.get(adapter)
 
     def unload_adapter(self, name: str) -> None:
-        """Forget an adapter, and its metric series. One merged into the base (the merge policy may merge any adapter
-        under steady traffic) is unmerged first, with the unregistering, in one call on the engine thread between
-        batches. Raises UnknownAdapter for an unknown name."""
+        """Forget an adapter, its metric series and its prefix cache blocks (``Engine.purge_prefixes``). One merged
+        into the base (the merge policy may merge any adapter under steady traffic) is unmerged first, with the
+        unregistering, in one call on the engine thread between batches. Raises UnknownAdapter for an unknown name."""
         try:
-            self.registry.unregister(name)
+            forgotten = self.registry.unregister(name)
         except AdapterMerged:
-            self.engine.call(lambda: self._unmerge_and_unregister(name)).result()
+            forgotten = self.engine.call(lambda: self._unmerge_and_unregister(name)).result()
+        self.engine.purge_prefixes(forgotten)
         self.chat_templates.pop(name, None)
         metrics.forget_adapter(name, self.registry.names)
 
-    def _unmerge_and_unregister(self, name: str) -> None:
+    def _unmerge_and_unregister(self, name: str) -> AdapterWeights:
         if self.registry.merged == name:
             self.registry.unmerge()
-        self.registry.unregister(name)
+        return self.registry.unregister(name)
 
     @property
     def failure(self) -> str | None:

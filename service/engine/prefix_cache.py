@@ -8,9 +8,10 @@ name). Where vLLM chains hashes, the key here holds the parent's serial number a
 different prefixes never share a key. A prompt reuses the longest run of cached blocks that begins it, short of its
 last token (its prefill must compute that token's logits).
 
-The blocks take ``max_bytes`` at most, the least recently used dropped first. Every use touches a chain from its
-last block to its first, so a block is always more recently used than the blocks after it: eviction takes the tails
-of chains first and never leaves a block whose parent is gone.
+The blocks take ``max_bytes`` at most, the least recently used dropped first; those of adapter weights unregistered
+are dropped once the engine learns of it (``purge``). Every use touches a chain from its last block to its first, so a
+block is always more recently used than the blocks after it: eviction takes the tails of chains first and never leaves
+a block whose parent is gone.
 """
 from __future__ import annotations
 
@@ -89,6 +90,19 @@ class PrefixCache:
             chain.append(block)
             parent = block.serial
         self._touch(chain)
+        metrics.PREFIX_CACHE_BYTES.set(self.nbytes)
+
+    def purge(self, serial: int) -> None:
+        """Drop the blocks computed with the adapter weights numbered ``serial`` (``AdapterWeights.serial``), merged
+        or not: every chain whose first block's key is theirs. For weights no longer registered, whose blocks no
+        request taken from then on can reuse, and which would otherwise only age out."""
+        gone: set[int] = set()
+        for block in sorted(self._blocks.values(), key=lambda block: block.serial):  # a parent's serial is smaller
+            parent = block.key[0]
+            if parent in gone if isinstance(parent, int) else parent[0] == serial:
+                gone.add(block.serial)
+                del self._blocks[block.key]
+                self.nbytes -= block.kv.nbytes
         metrics.PREFIX_CACHE_BYTES.set(self.nbytes)
 
     def shared(self, weights: list[WeightsKey], prompts: list[list[int]]) -> list[tuple[int, int]]:

@@ -13,6 +13,8 @@ with weights other than its own adapter's.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import math
 import threading
@@ -175,6 +177,13 @@ class Engine:
             self._controls.append((fn, future))
             self._wakeup.notify_all()
         return future
+
+    def purge_prefixes(self, adapter: AdapterWeights) -> None:
+        """Have the engine thread drop, between batches, the prefix cache's blocks of ``adapter``'s weights once they
+        are unregistered (``PrefixCache.purge``). Does not wait for it; nothing is done once the engine takes no more
+        work. Rows taken before may still store blocks of those weights, which then age out."""
+        with contextlib.suppress(EngineStopped, EngineFailed):
+            self.call(functools.partial(self.prefix_cache.purge, adapter.serial))
 
     def _refuse_unless_accepting(self) -> None:
         """Raise EngineFailed or EngineStopped unless new work is taken (called holding ``_wakeup``)."""

@@ -59,15 +59,15 @@ class AdapterRegistry:
         if name in self._adapters:
             raise AdapterConflict(f"adapter {name!r} is already loaded; delete it first")
 
-    def unregister(self, name: str) -> None:
-        """Forget an adapter; its slot is cleared the next time the engine activates adapters without it. Raises
-        UnknownAdapter, or AdapterMerged while it is merged into the base."""
+    def unregister(self, name: str) -> AdapterWeights:
+        """Forget an adapter and return the weights it held; its slot is cleared the next time the engine activates
+        adapters without it. Raises UnknownAdapter, or AdapterMerged while it is merged into the base."""
         with self._lock:
             if name not in self._adapters:
                 raise UnknownAdapter(f"unknown adapter {name!r}")
             if self._adapters[name] is self._merged:
                 raise AdapterMerged(name)
-            del self._adapters[name]
+            return self._adapters.pop(name)
 
     def names(self) -> list[str]:
         with self._lock:

@@ -141,6 +141,21 @@ def test_shared_prefixes_are_the_longest_uncached_ones_several_prompts_begin_wit
     assert PrefixCache(4, 100 * BLOCK_BYTES).shared([(1, False)] * 3, three) == [(0, 12)]  # 8 is a prefix of 12
 
 
+def test_purging_a_weights_serial_drops_its_chains_merged_or_not_and_nothing_else():
+    cache = PrefixCache(block_tokens=4, max_bytes=100 * BLOCK_BYTES)
+    context = list(range(100, 116))  # 4 blocks
+    for weights in ((6, False), (0, False), (5, False), (5, True)):  # block 5 (the base's second) has a child
+        cache.store(weights, context, numbered_kv)
+    cache.store((5, False), [*context[:8], 1, 2, 3, 4], numbered_kv)  # a branch of a chain to purge
+    assert cache.nbytes == 17 * BLOCK_BYTES
+    cache.purge(5)
+    assert cache.nbytes == 8 * BLOCK_BYTES == REGISTRY.get_sample_value("loraswap_prefix_cache_bytes")
+    assert cache.lookup((5, False), [*context, 0]) is None and cache.lookup((5, True), [*context, 0]) is None
+    assert cache.lookup((5, False), [*context[:8], 1, 2, 3, 4, 0]) is None
+    assert all(torch.equal(cache.lookup(weights, [*context, 0]), numbered_kv(0, 16))
+               for weights in ((6, False), (0, False)))
+
+
 def test_a_cache_of_no_bytes_is_off():
     cache = PrefixCache(block_tokens=4, max_bytes=0)
     before = counted()
