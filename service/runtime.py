@@ -139,7 +139,10 @@ class Runtime:
     def unload_adapter(self, name: str) -> None:
         """Forget an adapter, its metric series and its prefix cache blocks (``Engine.purge_prefixes``). One merged
         into the base (the merge policy may merge any adapter under steady traffic) is unmerged first, with the
-        unregistering, in one call on the engine thread between batches. Raises UnknownAdapter for an unknown name."""
+        unregistering, in one call on the engine thread between batches. Raises AdapterError (422) for a name no
+        adapter can have (``check_name``: not a plain identifier, or a name of the bare base in any case), as
+        registering it does; UnknownAdapter for an unknown name."""
+        check_name(name)
         try:
             forgotten = self.registry.unregister(name)
         except AdapterMerged:

@@ -9,7 +9,7 @@ from fastapi.responses import PlainTextResponse
 from fastapi.sse import EventSourceResponse
 from starlette.background import BackgroundTask
 
-from service.errors import EngineStopped, UnknownAdapter
+from service.errors import AdapterError, EngineStopped, UnknownAdapter
 from service.http.chat import chat_prompt
 from service.http.errors import error_replies
 from service.http.openai_replies import ChatReplies, CompletionReplies, Replies, events
@@ -140,7 +140,8 @@ async def load_lora_adapter(body: LoraAdapterIn, rt: Runtime = Depends(admin)) -
 
 
 @openai_router.post("/unload_lora_adapter", response_class=Response,
-                    responses={**VLLMS_REPLY, **admin_replies(*BODY_ERRORS, UnknownAdapter, shape=OpenAIErrorOut)})
+                    responses={**VLLMS_REPLY, **admin_replies(*BODY_ERRORS, AdapterError, UnknownAdapter,
+                                                             shape=OpenAIErrorOut)})
 def unload_lora_adapter(body: LoraNameIn, rt: Runtime = Depends(admin)) -> PlainTextResponse:
     """vLLM's route: what DELETE /adapters/{name} does (same checks, same errors), answered as vLLM answers."""
     rt.unload_adapter(body.lora_name)

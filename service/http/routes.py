@@ -25,7 +25,7 @@ from service.errors import (
 )
 from service.http.errors import ClientGone, error_replies
 from service.http.schemas import AdapterIn, AnswerIn, AnswerOut, ErrorOut, NliIn, NliOut, NoFields
-from service.lora.adapter_files import BASE_LABEL, adapter_or_base
+from service.lora.adapter_files import BASE_LABEL, adapter_or_base, check_name
 from service.runtime import Runtime
 from service.tasks.prompt_styles import require_template
 
@@ -228,8 +228,10 @@ async def load_adapter(body: AdapterIn, rt: Runtime = Depends(admin)) -> dict:
     return await run_in_threadpool(rt.load_adapter, body.name, body.path)
 
 
-@admin_router.delete("/adapters/{name}", responses=admin_replies(UnknownAdapter))
+@admin_router.delete("/adapters/{name}", responses=admin_replies(AdapterError, UnknownAdapter))
 def unload_adapter(name: str, rt: Runtime = Depends(admin)) -> dict:
+    """Unregister ``name`` (``Runtime.unload_adapter``): 422 for a name no adapter can have (the bare base's, in any
+    case, or not a plain identifier), as ``POST /adapters`` refuses it; 404 for an unknown one."""
     rt.unload_adapter(name)
     return {"deleted": name}
 
@@ -241,10 +243,13 @@ async def unmerge(body: NoFields | None = None, rt: Runtime = Depends(admin)) ->
     return merge_state(None)
 
 
-@admin_router.post("/adapters/{name}/merge", responses=admin_replies(*BODY_ERRORS, UnknownAdapter, AdapterConflict))
+@admin_router.post("/adapters/{name}/merge",
+                   responses=admin_replies(*BODY_ERRORS, AdapterError, UnknownAdapter, AdapterConflict))
 async def merge(name: str, body: NoFields | None = None, rt: Runtime = Depends(admin)) -> dict:
-    """Merge ``name`` into the base weights. Takes no body: none, or ``{}``."""
-    rt.registry.require(name)
+    """Merge ``name`` into the base weights. Takes no body: none, or ``{}``. AdapterError (422) for a name no adapter
+    can have (``check_name``, as ``POST /adapters``), UnknownAdapter (404) for an unknown one, AdapterConflict (409) on
+    a 4-bit base."""
+    rt.registry.require(check_name(name))
     await run_in_threadpool(rt.engine.call(lambda: rt.registry.merge(name)).result)
     return merge_state(name)
 

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 import torch
@@ -18,6 +19,9 @@ from tests.server_helpers import ADMIN, copy_adapters, listed, ready_client, tin
 from tests.tiny_models import make_adapter
 
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
+# names no adapter can have: not plain identifiers, or the bare base's in some case
+NO_ADAPTERS_NAMES = ["../x", "a b", "", "x;rm", "x/y", "1abc", "é", "a" * 65, "base", "none", "None", "BASE", "Base",
+                     "NONE"]
 
 
 def narrow_llama(out_dir: Path) -> Path:
@@ -210,10 +214,25 @@ def test_a_relative_path_is_found_in_the_first_root_that_has_it(client, refusals
     assert reply.json()["path"] == str((getattr(refusals, root) / Path(path).name).resolve())
 
 
-@pytest.mark.parametrize("name", ["../x", "a b", "", "x;rm", "x/y", "1abc", "é", "a" * 65, "base", "none", "None",
-                                  "BASE", "Base", "NONE"])
+@pytest.mark.parametrize("name", NO_ADAPTERS_NAMES)
 def test_names_that_are_not_plain_identifiers_or_name_the_base_are_refused(client, refusals, name):
     refused(client, name, refusals.adapters_dir / "two", 422, repr(name))
+
+
+@pytest.mark.parametrize("name", NO_ADAPTERS_NAMES)
+def test_unregistering_or_merging_a_name_no_adapter_can_have_is_refused_as_registering_it_is(client, refusals, name):
+    """DELETE /adapters/{name}, POST /adapters/{name}/merge (where a path segment can carry the name) and vLLM's
+    unload answer the 422 POST /adapters does, with its message (not 404 "unknown adapter"); nothing changes."""
+    registering = client.post("/adapters", json={"name": name, "path": str(refusals.adapters_dir / "two")},
+                              headers=ADMIN)
+    before = client.get("/adapters", headers=ADMIN).json()
+    replies = [client.post("/v1/unload_lora_adapter", json={"lora_name": name}, headers=ADMIN)]
+    if name and "/" not in name:
+        replies += [client.delete(f"/adapters/{quote(name)}", headers=ADMIN),
+                    client.post(f"/adapters/{quote(name)}/merge", headers=ADMIN)]
+    for reply in replies:
+        assert (reply.status_code, error_message(reply)) == (422, error_message(registering)), reply.text
+    assert client.get("/adapters", headers=ADMIN).json() == before
 
 
 def test_a_duplicate_name_is_409(client, refusals):
