@@ -40,6 +40,10 @@ T = TypeVar("T")
 BODY_ERRORS = (400, 413, 415)
 # the errors of registering an adapter (POST /adapters, and vLLM's POST /v1/load_lora_adapter)
 LOAD_ERRORS = (*BODY_ERRORS, AdapterError, AdapterPathRefused, AdapterPathMissing, AdapterConflict)
+# the body of a route that takes none, when none is sent. A body sent is validated as NoFields: an object without
+# fields, ``{}``; any other JSON (null, [], 1, "x") is a 422, as on every route with a body (a default of None would
+# take null for no body)
+NO_BODY = NoFields()
 
 
 def admin_replies(*errors: type[Exception] | int, shape: type = ErrorOut) -> dict:
@@ -237,18 +241,18 @@ def unload_adapter(name: str, rt: Runtime = Depends(admin)) -> dict:
 
 
 @admin_router.post("/adapters/unmerge", responses=admin_replies(*BODY_ERRORS))
-async def unmerge(body: NoFields | None = None, rt: Runtime = Depends(admin)) -> dict:
-    """Restore the base weights. Takes no body: none, or ``{}``."""
+async def unmerge(body: NoFields = NO_BODY, rt: Runtime = Depends(admin)) -> dict:
+    """Restore the base weights. Takes no body: none, or ``{}`` (``NO_BODY``)."""
     await run_in_threadpool(rt.engine.call(rt.registry.unmerge).result)
     return merge_state(None)
 
 
 @admin_router.post("/adapters/{name}/merge",
                    responses=admin_replies(*BODY_ERRORS, AdapterError, UnknownAdapter, AdapterConflict))
-async def merge(name: str, body: NoFields | None = None, rt: Runtime = Depends(admin)) -> dict:
-    """Merge ``name`` into the base weights. Takes no body: none, or ``{}``. AdapterError (422) for a name no adapter
-    can have (``check_name``, as ``POST /adapters``), UnknownAdapter (404) for an unknown one, AdapterConflict (409) on
-    a 4-bit base."""
+async def merge(name: str, body: NoFields = NO_BODY, rt: Runtime = Depends(admin)) -> dict:
+    """Merge ``name`` into the base weights. Takes no body: none, or ``{}`` (``NO_BODY``). AdapterError (422) for a
+    name no adapter can have (``check_name``, as ``POST /adapters``), UnknownAdapter (404) for an unknown one,
+    AdapterConflict (409) on a 4-bit base."""
     rt.registry.require(check_name(name))
     await run_in_threadpool(rt.engine.call(lambda: rt.registry.merge(name)).result)
     return merge_state(name)

@@ -94,3 +94,18 @@ def test_a_merge_states_how_long_it_lasts_and_does_last_that_long(client):
     ask(client, None, max_new_tokens=2)  # the bare base is other weights too
     assert client.get("/adapters").json()["merged"] is None
     assert client.post("/adapters/unmerge", headers=ADMIN).json() == {"merged": None, "merged_until": None}
+
+
+@pytest.mark.parametrize("content", [b"null", b"[]", b"1", b'"x"', b"true"])
+def test_merge_and_unmerge_take_no_body_or_an_empty_object_and_refuse_other_json_as_every_route_does(client, content):
+    """A body sent to either must be a JSON object: null (once taken for no body), a list, a number, a string are the
+    422 POST /adapters answers them with, and change nothing; no body and ``{}`` are taken."""
+    sent = {"content": content, "headers": {**ADMIN, "Content-Type": "application/json"}}
+    registering = client.post("/adapters", **sent)
+    assert registering.status_code == 422, registering.text
+    assert client.post("/adapters/one/merge", json={}, headers=ADMIN).json()["merged"] == "one"
+    for path in ("/adapters/unmerge", "/adapters/two/merge"):
+        reply = client.post(path, **sent)
+        assert (reply.status_code, reply.json()) == (422, registering.json()), (path, reply.text)
+        assert client.get("/adapters").json()["merged"] == "one"
+    assert client.post("/adapters/unmerge", headers=ADMIN).json()["merged"] is None
