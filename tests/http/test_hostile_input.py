@@ -122,11 +122,12 @@ def test_error_replies_echo_what_was_sent_encodable_and_bounded(client, route):
         assert len(strict_json(reply).get("detail", [])) <= LISTED_PROBLEMS
 
 
-def test_a_lone_surrogate_in_an_adapter_in_the_url_is_a_plain_404(client):
-    """A name in the URL is percent-encoded bytes, decoded with replacement: an invalid sequence is no surrogate."""
+def test_a_lone_surrogate_in_an_adapter_in_the_url_is_a_plain_422(client):
+    """A name in the URL is percent-encoded bytes, decoded with replacement: an invalid sequence is no surrogate, and
+    the name it decodes to, not a plain identifier, is refused as registering it is."""
     for method, url in [("delete", "/adapters/%ED%A0%80"), ("post", "/adapters/%ED%A0%80/merge")]:
         reply = client.request(method, url, headers=ADMIN)
-        assert reply.status_code == 404 and strict_json(reply)["error"], reply.text
+        assert reply.status_code == 422 and "not a plain identifier" in strict_json(reply)["error"], reply.text
 
 
 # ---- the body limit ------------------------------------------------------------------------------
