@@ -9,14 +9,15 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
-    Discriminator,
     Field,
-    Tag,
+    PlainValidator,
+    TypeAdapter,
+    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
-from pydantic_core import PydanticCustomError
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from service.engine.logprobs import MOST_TOP_LOGPROBS
 from service.engine.sampling import Decoding
@@ -340,31 +341,56 @@ class CompletionIn(OpenAIIn):
 MessageText = Annotated[str, Field(max_length=100_000), UNICODE]
 
 
+def problem_at(loc: tuple[str | int, ...], kind: str, message: str, context: dict, value: Any) -> ValidationError:
+    """A problem (pydantic's ``kind``, ``message`` formatted with ``context``) of ``value``, found at ``loc`` inside
+    the value a validator checks: raised there, pydantic puts that value's own location before ``loc``."""
+    return ValidationError.from_exception_data("located", [InitErrorDetails(
+        type=PydanticCustomError(kind, message, context), loc=loc, input=value)])
+
+
 class TextPart(BaseModel):
+    """A part of a message's content: only text parts are supported yet."""
+
     model_config = STRICT
     type: Literal["text"]
     text: MessageText
 
+    @model_validator(mode="before")
+    @classmethod
+    def _text_only(cls, part: Any) -> Any:
+        """A part of another type (image_url, input_audio, file) is refused at its ``type``, alone (ValidationError,
+        not_supported): not also for lacking ``text`` and for its own fields."""
+        kind = part.get("type") if isinstance(part, dict) else None
+        if isinstance(kind, str) and kind != "text":
+            raise problem_at(("type",), "not_supported", "content parts of type {type} are not supported yet; only "
+                             "text parts are", {"type": repr(kind)}, kind)
+        return part
 
-def _text(content: str | list[TextPart]) -> str:
-    """A message's text: a string, or a list holding one text part; several parts are not supported yet."""
-    if isinstance(content, str):
-        return content
-    if len(content) != 1:
+
+def _text(parts: list[TextPart]) -> str:
+    """The text of a list holding one text part; several parts are not supported yet (PydanticCustomError)."""
+    if len(parts) != 1:
         raise PydanticCustomError("not_supported", "content as a list of other than one text part is not supported "
                                   "yet; send a string")
-    return content[0].text
+    return parts[0].text
 
 
-def _content_kind(content: Any) -> str | None:
-    """Which of the two forms of a message's content ``content`` takes: "string" or "parts" (None: neither)."""
-    return "string" if isinstance(content, str) else "parts" if isinstance(content, list) else None
+# the two forms of a message's content; validated alone, so that a problem's location in one is where it lies in the
+# request ("messages.0.content.0.text"), naming no form, as a union's would ("content.list[TextPart].0.text")
+CONTENT_STRING, CONTENT_PARTS = TypeAdapter(MessageText), TypeAdapter(list[TextPart])
 
 
-# a string, or a list of parts; a problem's location names the form ("content.string", "content.parts.0.text")
-MessageContent = Annotated[Annotated[MessageText, Tag("string")] | Annotated[list[TextPart], Tag("parts")],
-                           Discriminator(_content_kind, custom_error_type="string_or_parts",
-                                         custom_error_message="Input should be a string or a list of text parts")]
+def _content(content: Any) -> str:
+    """A message's text: ``content`` as a string, or a list holding one text part. Raises ValidationError for a
+    problem inside either form, located within it; PydanticCustomError (string_or_parts) for neither form."""
+    if isinstance(content, str):
+        return CONTENT_STRING.validate_python(content, strict=True)
+    if isinstance(content, list):
+        return _text(CONTENT_PARTS.validate_python(content, strict=True))
+    raise PydanticCustomError("string_or_parts", "Input should be a string or a list of text parts")
+
+
+MessageContent = Annotated[str, PlainValidator(_content, json_schema_input_type=MessageText | list[TextPart])]
 
 
 class ChatMessage(BaseModel):
@@ -372,7 +398,7 @@ class ChatMessage(BaseModel):
 
     model_config = STRICT
     role: Literal["system", "user", "assistant"]
-    content: Annotated[MessageContent, AfterValidator(_text)]
+    content: MessageContent
 
 
 class ChatCompletionIn(OpenAIIn):

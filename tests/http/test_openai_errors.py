@@ -27,6 +27,18 @@ from tests.server_helpers import (
 COMPLETION = {"model": "one", "prompt": "Hello", "max_tokens": 2}
 CHAT = {"model": "one", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
 LONG = "Once upon a time " * 300
+# a second message's content refused, the param where in the request (not naming the form of the content, "parts")
+PART_ERRORS = [
+    ([{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}], "messages.1.content.0.type",
+     "not_supported"),
+    ([{"type": "text", "text": "a"}, {"type": "input_audio", "input_audio": {}}], "messages.1.content.1.type",
+     "not_supported"),
+    ([{"type": "text", "text": 3}], "messages.1.content.0.text", "string_type"),
+    ([{"text": "a"}], "messages.1.content.0.type", "missing"),
+    (["a"], "messages.1.content.0", "model_type"),
+    ([{"type": "text", "text": "a"}] * 2, "messages.1.content", "not_supported"),
+    (3, "messages.1.content", "string_or_parts"),
+]
 
 # (method, path, body, headers, status, type, param, code)
 OPENAI_ERRORS = [
@@ -38,6 +50,8 @@ OPENAI_ERRORS = [
     ("post", "/v1/chat/completions", {"model": "one"}, {}, 422, "invalid_request_error", "messages", "missing"),
     ("post", "/v1/chat/completions", {**CHAT, "messages": [{"role": "tool", "content": "x"}]}, {}, 422,
      "invalid_request_error", "messages.0.role", "literal_error"),
+    *[("post", "/v1/chat/completions", {**CHAT, "messages": [*CHAT["messages"], {"role": "user", "content": content}]},
+       {}, 422, "invalid_request_error", param, code) for content, param, code in PART_ERRORS],
     ("post", "/v1/completions", [1], {}, 422, "invalid_request_error", None, "model_attributes_type"),
     ("post", "/v1/completions", b"{", {"content-type": "application/json"}, 400, "invalid_request_error", None,
      "json_invalid"),
@@ -204,3 +218,11 @@ def requests_counted(client: TestClient, endpoint: str, status: str) -> float:
     return sum(sample.value for family in families if family.name == "loraswap_request_duration_seconds"
                for sample in family.samples if sample.name.endswith("_count")
                and sample.labels["endpoint"] == endpoint and sample.labels["status"] == status)
+
+
+def test_a_content_part_of_another_type_is_refused_at_its_type_alone(client):
+    """Not also for lacking text and for its own fields: one problem, saying which type is not supported."""
+    image = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}
+    reply = client.post("/v1/chat/completions", json={**CHAT, "messages": [*CHAT["messages"], image]})
+    assert error_message(reply) == ("invalid request: body.messages.1.content.0.type: content parts of type "
+                                    "'image_url' are not supported yet; only text parts are")
