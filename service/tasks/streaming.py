@@ -14,6 +14,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 
 from tokenizers.decoders import DecodeStream
 from transformers import PreTrainedTokenizerBase
@@ -105,8 +106,11 @@ class Completion:
     usage: Usage
 
 
+@lru_cache(maxsize=8)
 def spelling(tokenizer: PreTrainedTokenizerBase) -> Callable[[str], bytes] | None:
-    """``token_bytes.piece_bytes`` of ``tokenizer``; None for a spelling it does not know."""
+    """``token_bytes.piece_bytes`` of ``tokenizer``; None for a spelling it does not know. Built once per tokenizer
+    (a byte-level one's is a map of 256 characters), not for each choice that asks for logprobs; the last few
+    tokenizers' are kept (a server has one), as ``chat.longest_token`` keeps theirs."""
     try:
         return piece_bytes(tokenizer)
     except ValueError:

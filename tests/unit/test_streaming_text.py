@@ -13,7 +13,9 @@ from transformers import AutoTokenizer
 
 from service.engine.requests import SampledToken
 from service.engine.token_feed import TokenFeed
+from service.tasks import streaming
 from service.tasks.streaming import ChoiceDelta, ChoiceText
+from service.tasks.token_bytes import piece_bytes
 
 # characters of 1 to 4 UTF-8 bytes; the tiny tokenizer (trained on English text) splits the multi-byte ones into bytes
 MIXED = "Café ☃ 日本 naïve 𝄞 x"
@@ -153,6 +155,20 @@ def test_any_text_and_stop_strings_give_the_text_up_to_the_earliest_stop(tokeniz
     for delta in deltas:
         assert all(sent <= entry.text_offset < sent + len(delta.text) for entry in delta.logprobs[:1] if delta.text)
         sent += len(delta.text)
+
+
+def test_the_choices_of_a_tokenizer_share_one_spelling_built_once(tiny_tokenizer_dir, monkeypatch):
+    """Each choice that asks for logprobs reads the spelling of its tokenizer's pieces (``piece_bytes``): built once
+    per tokenizer, not once per choice, and the same as built afresh."""
+    built = []
+    monkeypatch.setattr(streaming, "piece_bytes", lambda tokenizer: built.append(tokenizer) or piece_bytes(tokenizer))
+    first, second = (AutoTokenizer.from_pretrained(tiny_tokenizer_dir) for _ in range(2))  # not yet in the cache
+    choices = [ChoiceText(index, tokenizer, (), logprobs=True) for tokenizer in (first, second) for index in range(3)]
+    assert built == [first, second]
+    assert all(choice.piece_bytes is choices[0].piece_bytes for choice in choices[:3])
+    assert choices[0].piece_bytes is not choices[3].piece_bytes
+    pieces = first.convert_ids_to_tokens(encode(first, MIXED))
+    assert [choices[0].piece_bytes(piece) for piece in pieces] == [piece_bytes(first)(piece) for piece in pieces]
 
 
 def test_a_fast_tokenizer_is_required(tokenizer):
