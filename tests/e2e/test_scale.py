@@ -68,10 +68,18 @@ def content(reply: httpx.Response) -> dict:
     return {key: value for key, value in reply.json().items() if key != "latency_ms"}
 
 
+def approximately(body: dict) -> dict:
+    """``body`` with its numbers (``score``, ``probabilities``) compared to 1e-5: a replica and the single server hold
+    different prefix caches, and a prompt run past a cached prefix rounds differently in float32 from the same prompt
+    run whole (README, prefix caching). Everything else, the answer text and its offsets included, compares exactly."""
+    return {key: pytest.approx(value, rel=1e-5) if key in ("score", "probabilities") and value is not None else value
+            for key, value in body.items()}
+
+
 def both(scaled: httpx.Client, single, path: str, body: dict) -> str:
     """POST ``body`` to both services; assert the replies are equal; the replica that served the scaled one."""
     reply = scaled.post(path, json=body)
-    assert content(reply) == content(single.post(path, json=body)), (path, body)
+    assert content(reply) == approximately(content(single.post(path, json=body))), (path, body)
     return reply.headers[REPLICA_HEADER]
 
 
