@@ -94,7 +94,9 @@ def test_the_default_style_is_the_adapters_template(client):
     body = {"context": CONTEXT, "question": QUESTION, "adapter": "one", "extractive": False}
     assert post(client, "/answer", body)["answer"] == answer(client, "one", "adapter", extractive=False)["answer"]
     body = {"premise": PREMISE, "hypothesis": HYPOTHESIS, "adapter": "one"}
-    assert post(client, "/nli", body)["probabilities"] == nli(client, "one", "adapter")["probabilities"]
+    # to 1e-5: the second request runs past the first's cached prefix, which rounds differently (README, prefix caching)
+    assert post(client, "/nli", body)["probabilities"] == pytest.approx(nli(client, "one", "adapter")["probabilities"],
+                                                                        rel=1e-5)
 
 
 @pytest.mark.parametrize("adapter", [None, "two"])
