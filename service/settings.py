@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, model_validator
+from pydantic import BeforeValidator, Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.engine.merge_policy import MAX_COOLDOWN_GROWTH
@@ -16,6 +16,7 @@ CPU_PREFILL_TOKENS = 2048  # max_prefill_tokens unset, on the CPU: 10 prompts of
 CPU_BATCH_WINDOW_MS, GPU_BATCH_WINDOW_MS = 0.0, 5.0  # batch_window_ms unset
 MIN_PROMPT_TOKENS = 16  # the shortest longest-prompt a server may be set to (max_input_tokens)
 DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]+)?)$"  # the devices the engine runs on (torch.device names)
+MOST_DEFAULT_STRIDE = 128  # answer_stride unset: min(max_input_tokens // 2, this), Hugging Face's default doc_stride
 
 
 def path_list(value: Any) -> Any:
@@ -71,8 +72,10 @@ class Settings(BaseSettings):
     max_choices: int = Field(8, ge=1, description="most choices (n) one request to OpenAI's routes may ask for")
     max_input_tokens: int = Field(1024, ge=MIN_PROMPT_TOKENS, description="longest prompt accepted (413 beyond); an "
                                   "extractive /answer context too long for one prompt is split into windows that fit")
-    answer_stride: int = Field(128, ge=0, description="tokens two neighbouring windows of a long /answer context "
-                               "share (Hugging Face's doc_stride): a span this long lies whole inside a window")
+    answer_stride: int | None = Field(
+        None, ge=0, description="tokens two neighbouring windows of a long /answer context share (Hugging Face's "
+        "doc_stride): a span this long lies whole inside a window; below max_input_tokens. None: "
+        f"min(max_input_tokens // 2, {MOST_DEFAULT_STRIDE}), as Hugging Face's question-answering pipeline")
     max_answer_windows: int = Field(16, ge=1, description="most windows a long /answer context is split into (413 "
                                     "beyond): the hard cap on a context's length")
     merge_after: int = Field(4, ge=1, description="merge an adapter after this many admissions in a row (a new batch, "
@@ -106,6 +109,26 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(4 * 2**20, ge=1, description="largest request body in bytes: a larger one is refused "
                                 "(413) before it is read whole")
     drain_seconds: float = Field(1.0, ge=0, description="on SIGTERM, how long /ready reports false before shutdown")
+
+    @field_validator("answer_stride")
+    @classmethod
+    def _stride_below_prompt(cls, stride: int | None, info: ValidationInfo) -> int | None:
+        """ValueError for a stride of at least max_input_tokens: two windows would share a whole prompt, and every
+        long context would be refused (413) for it."""
+        longest = info.data.get("max_input_tokens")  # absent when it was invalid itself (its own error)
+        if stride is not None and longest is not None and stride >= longest:
+            raise ValueError(f"must be below max_input_tokens ({longest}), not {stride}: neighbouring windows of a "
+                             "long /answer context cannot share a whole prompt; lower it, or leave it unset for "
+                             f"min(max_input_tokens // 2, {MOST_DEFAULT_STRIDE})")
+        return stride
+
+    @property
+    def window_stride(self) -> int:
+        """The tokens neighbouring windows of a long /answer context share: ``answer_stride``, or when unset
+        min(max_input_tokens // 2, MOST_DEFAULT_STRIDE)."""
+        if self.answer_stride is not None:
+            return self.answer_stride
+        return min(self.max_input_tokens // 2, MOST_DEFAULT_STRIDE)
 
     @model_validator(mode="after")
     def _keys_differ(self) -> Settings:

@@ -19,6 +19,8 @@ from tests.data.make_corpus import SQUAD_SAMPLE
     (["train", "--task", "squad", "--out", "x", "--lr", "-1"], "--lr: must be above 0, not -1"),
     (["merge", "--adapter", "missing", "--out", "x"], "loraswap merge: error: missing: no adapter_model.safetensors"),
     (["serve", "--max-batch", "0"], "loraswap serve: error: max_batch: Input should be greater than or equal to 1\n"),
+    (["serve", "--max-input-tokens", "64", "--answer-stride", "64"],
+     "loraswap serve: error: answer_stride: Value error, must be below max_input_tokens (64), not 64: "),
     # comma lists and counts are checked as they are parsed, each bad item named
     (["bench", "--modes", "base,nope"], "--modes: 'nope' in 'base,nope' is not an item of the list (one of hf_base"),
     (["bench", "--batch-sizes", "1,x"], "--batch-sizes: '1,x': every item must be 1-4096 int"),

@@ -7,7 +7,9 @@ import itertools
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
+from service.settings import Settings
 from service.tasks.windows import windows
 
 
@@ -38,3 +40,17 @@ def test_windows_cover_the_text_within_the_budget_and_share_the_stride(count, si
 def test_a_text_that_fits_is_one_window_and_no_tokens_none():
     assert windows(token_offsets(5), 8, 2) == [(0, 19)]
     assert windows([], 8, 2) == []
+
+
+@pytest.mark.parametrize("fields,stride", [({}, 128), ({"max_input_tokens": 64}, 32), ({"max_input_tokens": 17}, 8),
+                                           ({"max_input_tokens": 300}, 128), ({"max_input_tokens": 64,
+                                                                              "answer_stride": 5}, 5)])
+def test_the_default_stride_follows_the_longest_prompt_as_hugging_faces_doc_stride(fields, stride):
+    """Unset: min(max_input_tokens // 2, 128); set: as set."""
+    assert Settings(**fields).window_stride == stride
+
+
+@pytest.mark.parametrize("longest,stride", [(64, 64), (64, 500), (1024, 1024)])
+def test_a_stride_set_at_or_above_the_longest_prompt_is_refused(longest, stride):
+    with pytest.raises(ValidationError, match=f"must be below max_input_tokens \\({longest}\\), not {stride}"):
+        Settings(max_input_tokens=longest, answer_stride=stride)
