@@ -21,6 +21,10 @@ from service.settings import MIN_PROMPT_TOKENS, Settings
 from service.tasks.tasks import Tasks
 
 log = logging.getLogger(__name__)
+# what settings that cannot work raise at start: a base model folder or cache folder that is missing or cannot be
+# made or read (OSError: FileNotFoundError, PermissionError), a token budget the model has no room for (check_room's
+# ValueError), a model file transformers cannot read (OSError, ValueError)
+EXPECTED_START_FAILURES = (OSError, ValueError)
 
 
 def read_chat_template(folder: Path) -> str | None:
@@ -59,6 +63,17 @@ def check_room(settings: Settings, max_positions: int) -> None:
                          f"{max_positions} positions for a prompt, fewer than {MIN_PROMPT_TOKENS}: lower it")
 
 
+def log_start_failure(exc: Exception, failure: str) -> None:
+    """Log why the start failed: for what settings that cannot work raise (``EXPECTED_START_FAILURES``) one error
+    line naming the cause, ``failure``, with its traceback at DEBUG only; for any other exception, a fault of the
+    service, the traceback at ERROR."""
+    if isinstance(exc, EXPECTED_START_FAILURES):
+        log.error("the service failed to start: %s", failure)
+        log.debug("the start failure's traceback", exc_info=exc)
+    else:
+        log.exception("the service failed to start: %s", failure)
+
+
 class Runtime:
     """Owns the model-side objects; the HTTP layer reaches them only through this."""
 
@@ -85,7 +100,7 @@ class Runtime:
             self.ready.set()
         except Exception as exc:
             self.start_failure = f"{type(exc).__name__}: {exc}"
-            log.exception("the service failed to start")
+            log_start_failure(exc, self.start_failure)
             raise
 
     def _load(self) -> None:

@@ -2,16 +2,19 @@
 queued and new requests fail at once with 503 instead of hanging."""
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
+from service import runtime as runtime_module
 from service.http.app import create_app
 from service.runtime import Runtime
-from tests.server_helpers import ask, classify, ready_client, settings_in
+from tests.server_helpers import ask, classify, ready_client, settings_in, tiny_settings
 
 WAIT = 60  # seconds a step may take before the test fails instead of hanging
 
@@ -82,3 +85,41 @@ def test_a_default_adapter_that_is_not_registered_is_warned_of_at_start(tiny_lla
     assert [line for line in warned if "is not registered" in line] == [
         "qa_adapter 'squad' is not registered: requests that name no adapter get the bare base model until an adapter "
         "of that name is"]
+
+
+def start_failure_log(settings, caplog, raises: type[Exception]) -> list[logging.LogRecord]:
+    """The records the runtime logs (DEBUG and above) while ``settings`` fail its start with ``raises``."""
+    caplog.set_level(logging.DEBUG, logger=runtime_module.__name__)
+    with pytest.raises(raises):
+        Runtime(settings).start()
+    return [record for record in caplog.records if record.name == runtime_module.__name__]
+
+
+@pytest.mark.parametrize("overrides,cause", [
+    ({"base_model": "/nonexistent"}, "FileNotFoundError: --base-model /nonexistent: no Hugging Face model directory"),
+    ({"base_model": "smollm2", "cache_dir": Path("/proc/x")}, "FileNotFoundError: [Errno 2] No such file or "
+     "directory: '/proc/x'"),
+    ({"max_new_tokens": 10**9}, "ValueError: max_new_tokens 1000000000 leaves 0 of the base model's 512 positions"),
+])
+def test_settings_that_cannot_work_fail_the_start_in_one_log_line_naming_the_cause(overrides, cause, tiny_llama_dir,
+                                                                                   tmp_path, caplog):
+    """Not a 30-45 line traceback for a mistyped path: the traceback only at DEBUG."""
+    fields = {"base_dir": tiny_llama_dir, "adapters_dir": tmp_path, "cache_dir": tmp_path / "cache", **overrides}
+    records = start_failure_log(tiny_settings(**fields), caplog, (OSError, ValueError))
+    errors = [record for record in records if record.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].exc_info is None, [record.getMessage() for record in errors]
+    assert errors[0].getMessage().startswith(f"the service failed to start: {cause}")
+    assert "\n" not in errors[0].getMessage()
+    assert [record.exc_info is not None for record in records if record.levelno == logging.DEBUG] == [True]
+
+
+def test_an_unexpected_start_failure_still_logs_its_traceback(tiny_llama_dir, tmp_path, caplog, monkeypatch):
+    """A fault of the service, not of the settings: its traceback is what finds it."""
+    def broken(*_):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(runtime_module, "check_room", broken)
+    records = start_failure_log(settings_in(tmp_path, tiny_llama_dir, {}), caplog, RuntimeError)
+    errors = [record for record in records if record.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].exc_info is not None
+    assert errors[0].getMessage() == "the service failed to start: RuntimeError: a bug"
