@@ -104,6 +104,7 @@ class Runtime:
             raise
 
     def _load(self) -> None:
+        self._warn_of_missing_roots()
         model, tokenizer = load_base(self.settings)
         positions = max_positions(model)
         check_room(self.settings, positions)
@@ -118,6 +119,15 @@ class Runtime:
         self.engine = Engine(model, tokenizer, self.registry, self.settings)
         metrics.ENGINE_STATE.watch(self.engine, self.registry)
         self.tasks = Tasks(self.engine, tokenizer, self.settings, positions)
+
+    def _warn_of_missing_roots(self) -> None:
+        """Log a warning for the adapters folder and each adapter root that is not an existing folder: no adapter
+        can come from it (a mistyped path is not otherwise refused, as a folder made later would serve)."""
+        named = [("adapters_dir", self.settings.adapters_dir)]
+        named += [("adapter_roots", root) for root in self.settings.adapter_roots]
+        for setting, folder in named:
+            if not Path(folder).is_dir():
+                log.warning("%s %s is not an existing folder: no adapter is loaded from it", setting, folder)
 
     def start_in_background(self) -> threading.Thread:
         thread = threading.Thread(target=self._start_quietly, name="loraswap-start", daemon=True)

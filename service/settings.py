@@ -47,8 +47,10 @@ class Settings(BaseSettings):
     cache_dir: Path = Field(Path.home() / ".cache" / "loraswap", description="where the converted base model is cached")
 
     # adapters
-    adapters_dir: Path = Field(REPO_ADAPTERS, description="adapters loaded at start (one PEFT folder each)")
-    adapter_roots: PathList = Field(default_factory=list, description="extra folders POST /adapters may load from "
+    adapters_dir: Path = Field(REPO_ADAPTERS, description="adapters loaded at start (one PEFT folder each); "
+                              "warned of at start when not a folder")
+    adapter_roots: PathList = Field(default_factory=list, description="extra folders POST /adapters may load from, "
+                                    "each warned of at start when not a folder "
                                     f"(environment: a path, several joined by {os.pathsep!r}, or a JSON list)")
     max_resident: int = Field(8, ge=1, description="adapters kept in device slots at once (LRU)")
     max_rank: int = Field(64, ge=1, description="largest LoRA rank a slot holds")

@@ -123,3 +123,16 @@ def test_an_unexpected_start_failure_still_logs_its_traceback(tiny_llama_dir, tm
     errors = [record for record in records if record.levelno >= logging.ERROR]
     assert len(errors) == 1 and errors[0].exc_info is not None
     assert errors[0].getMessage() == "the service failed to start: RuntimeError: a bug"
+
+
+def test_an_adapters_folder_or_root_that_is_no_folder_is_warned_of_at_start(tiny_llama_dir, tmp_path, caplog):
+    """A mistyped --adapters-dir or --adapter-roots path served nothing from it without a word."""
+    (tmp_path / "a_file").write_text("not a folder")
+    roots = [tmp_path / "nonexistent", tmp_path, tmp_path / "a_file"]
+    runtime = Runtime(tiny_settings(tiny_llama_dir, tmp_path / "no_adapters", tmp_path / "cache", adapter_roots=roots))
+    runtime.start()
+    runtime.stop()
+    warned = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert [line for line in warned if "is not an existing folder" in line] == [
+        f"{setting} {folder} is not an existing folder: no adapter is loaded from it" for setting, folder in
+        [("adapters_dir", tmp_path / "no_adapters"), ("adapter_roots", roots[0]), ("adapter_roots", roots[2])]]
