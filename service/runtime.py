@@ -25,20 +25,37 @@ log = logging.getLogger(__name__)
 # made or read (OSError: FileNotFoundError, PermissionError), a token budget the model has no room for (check_room's
 # ValueError), a model file transformers cannot read (OSError, ValueError)
 EXPECTED_START_FAILURES = (OSError, ValueError)
+MAX_CHAT_TEMPLATE_BYTES = 2**20  # an adapter's chat template (real ones are a few KB; rendering costs ~100x its size)
+MAX_TOKENIZER_CONFIG_BYTES = 16 * 2**20  # its tokenizer_config.json (a base's added tokens can take a few MB)
 
 
 def read_chat_template(folder: Path) -> str | None:
     """The chat template an adapter folder ships, as transformers reads a tokenizer's: ``chat_template.jinja``, else
     the ``chat_template`` of ``tokenizer_config.json`` (see ``default_template``); None when it ships none. Raises
-    AdapterError for a file that cannot be read."""
+    AdapterError for a file that cannot be read, a template over MAX_CHAT_TEMPLATE_BYTES or a tokenizer_config.json
+    over MAX_TOKENIZER_CONFIG_BYTES (their sizes checked before they are read)."""
     try:
         if (folder / CHAT_TEMPLATE_FILE).is_file():
-            return (folder / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+            return read_bounded(folder / CHAT_TEMPLATE_FILE, MAX_CHAT_TEMPLATE_BYTES)
         config = folder / TOKENIZER_CONFIG_FILE
-        return default_template(json.loads(config.read_text(encoding="utf-8")).get("chat_template")
-                                if config.is_file() else None)
+        if not config.is_file():
+            return None
+        template = default_template(json.loads(read_bounded(config, MAX_TOKENIZER_CONFIG_BYTES)).get("chat_template"))
     except (OSError, ValueError, AttributeError) as exc:  # unreadable, not UTF-8, not JSON, not a JSON object
         raise AdapterError(f"the adapter's chat template cannot be read: {exc}") from None
+    if template is not None and len(template.encode("utf-8")) > MAX_CHAT_TEMPLATE_BYTES:
+        raise AdapterError(f"the chat_template of the adapter's {TOKENIZER_CONFIG_FILE} has more than "
+                           f"{MAX_CHAT_TEMPLATE_BYTES} bytes: too large to be a chat template")
+    return template
+
+
+def read_bounded(path: Path, most: int) -> str:
+    """The UTF-8 text of ``path``, whose size (bytes) is checked before it is read: AdapterError when over
+    ``most``; OSError or UnicodeDecodeError (a ValueError) as reading it raises."""
+    size = path.stat().st_size
+    if size > most:
+        raise AdapterError(f"the adapter's {path.name} has {size} bytes, more than the {most} it may have")
+    return path.read_text(encoding="utf-8")
 
 
 def default_template(template) -> str | None:

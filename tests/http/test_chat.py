@@ -5,6 +5,7 @@ OpenAI's request is honoured or refused by name."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import openai
@@ -16,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from service.errors import AdapterError, InputTooLong
 from service.http.chat import chat_prompt
-from service.runtime import read_chat_template
+from service.runtime import MAX_CHAT_TEMPLATE_BYTES, MAX_TOKENIZER_CONFIG_BYTES, read_chat_template
 from tests.http.replies import error_message
 from tests.server_helpers import ADMIN, copy_adapters, ready_client, tiny_settings
 from tests.tiny_models import EOS, make_adapter
@@ -291,4 +292,32 @@ def test_an_adapter_whose_template_cannot_be_read_is_not_registered(client, serv
     before = client.get("/v1/models").json()
     refused = client.post("/adapters", json={"name": "unreadable", "path": str(folder)}, headers=ADMIN)
     assert refused.status_code == 422 and "chat_template" in error_message(refused)
+    assert client.get("/v1/models").json() == before
+
+
+def test_a_template_at_most_the_bound_is_read_and_a_larger_one_refused_before_it_is_read(tmp_path):
+    """A 100 MB template cost ~10 GB to render: one over MAX_CHAT_TEMPLATE_BYTES refuses the adapter, its file's size
+    checked before it is read, and so for a tokenizer_config.json over MAX_TOKENIZER_CONFIG_BYTES."""
+    path = tmp_path / "chat_template.jinja"
+    path.write_text("x" * MAX_CHAT_TEMPLATE_BYTES)
+    assert len(read_chat_template(tmp_path)) == MAX_CHAT_TEMPLATE_BYTES
+    os.truncate(path, MAX_CHAT_TEMPLATE_BYTES + 1)  # a sparse tail of zero bytes: refused unread
+    with pytest.raises(AdapterError, match=f"chat_template.jinja has {MAX_CHAT_TEMPLATE_BYTES + 1} bytes"):
+        read_chat_template(tmp_path)
+    path.unlink()
+    write_config(tmp_path, "x" * (MAX_CHAT_TEMPLATE_BYTES + 1))
+    with pytest.raises(AdapterError, match=f"has more than {MAX_CHAT_TEMPLATE_BYTES} bytes"):
+        read_chat_template(tmp_path)
+    os.truncate(tmp_path / "tokenizer_config.json", MAX_TOKENIZER_CONFIG_BYTES + 1)
+    with pytest.raises(AdapterError, match=f"tokenizer_config.json has {MAX_TOKENIZER_CONFIG_BYTES + 1} bytes"):
+        read_chat_template(tmp_path)
+
+
+def test_an_adapter_whose_template_is_too_large_is_not_registered(client, served):
+    adapters = served[1]
+    folder = shutil.copytree(adapters / "styled", adapters / "huge")
+    os.truncate(folder / "chat_template.jinja", MAX_CHAT_TEMPLATE_BYTES + 1)
+    before = client.get("/v1/models").json()
+    refused = client.post("/adapters", json={"name": "huge", "path": str(folder)}, headers=ADMIN)
+    assert refused.status_code == 422 and "chat_template.jinja has" in error_message(refused)
     assert client.get("/v1/models").json() == before
