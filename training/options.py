@@ -7,9 +7,11 @@ Light on purpose (no torch, transformers or peft): ``loraswap`` builds its parse
 from __future__ import annotations
 
 import argparse
+import typing
 from pathlib import Path
 
-from service.cli.command import Command, bounded, comma_list, device, nonnegative, positive
+from service.cli.command import Command, UsageError, bounded, comma_list, device, nonnegative, positive
+from service.engine.strategies import SAMPLING_DEFAULTS, Strategy, unread, unread_reason
 from service.settings import Settings
 from service.tasks.prompt_styles import ADAPTER_STYLE, PROMPT_STYLES
 
@@ -91,14 +93,17 @@ def add_eval_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=positive(int), help="evaluate a random sample of N examples, drawn with "
                         "--sample-seed; for nli and rte it holds every label (default: every example)")
     parser.add_argument("--sample-seed", type=int, default=0, help="seed of the --limit sample")
-    parser.add_argument("--strategy", choices=["greedy", "top_k", "nucleus", "temperature"], default="greedy",
-                        help="how SQuAD answers are decoded (nli and rte score each label instead)")
-    parser.add_argument("--top-k", type=positive(int), default=50, help="top_k: sample among the k likeliest tokens")
+    parser.add_argument("--strategy", choices=typing.get_args(Strategy), default="greedy",
+                        help="how SQuAD answers are decoded (nli and rte score each label instead); a sampling "
+                        "option the strategy does not read is a usage error, as in /answer (greedy reads none, but "
+                        "--temperature 0)")
+    parser.add_argument("--top-k", type=positive(int), help="top_k: sample among the k likeliest tokens "
+                        f"(default: {SAMPLING_DEFAULTS['top_k']})")
     parser.add_argument("--top-p", type=bounded(float, lambda value: 0 < value <= 1, "in (0, 1]", "probability"),
-                        default=0.9,
-                        help="nucleus: sample among the likeliest tokens whose probabilities add up to p")
-    parser.add_argument("--temperature", type=nonnegative(float), default=1.0,
-                        help="softmax temperature of the sampling strategies")
+                        help="nucleus: sample among the likeliest tokens whose probabilities add up to p "
+                        f"(default: {SAMPLING_DEFAULTS['top_p']})")
+    parser.add_argument("--temperature", type=nonnegative(float), help="softmax temperature of the sampling "
+                        f"strategies; 0 is greedy (default: {SAMPLING_DEFAULTS['temperature']})")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed: the i-th example samples with seed + i")
     parser.add_argument("--max-new-tokens", type=positive(int), default=32, help="most tokens generated per answer")
     parser.add_argument("--extractive", action=argparse.BooleanOptionalAction, default=True,
@@ -168,8 +173,27 @@ def run_merge(args: argparse.Namespace) -> None:
     run(args)
 
 
+def flag(name: str) -> str:
+    """The command-line flag of option ``name`` (``--top-k`` for ``top_k``)."""
+    return "--" + name.replace("_", "-")
+
+
+def sampling_options(args: argparse.Namespace) -> None:
+    """Refuse the sampling options given that ``args.strategy`` does not read (UsageError naming the first, as /answer
+    refuses them: ``strategies.READ_BY``), then give those not given their defaults (``SAMPLING_DEFAULTS``)."""
+    given = [name for name in SAMPLING_DEFAULTS if getattr(args, name) is not None]
+    names = unread(args.strategy, given, args.temperature)
+    if names:
+        raise UsageError(f"{flag(names[0])} {unread_reason(args.strategy, flag)}")
+    for name, default in SAMPLING_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+
+
 def run_eval(args: argparse.Namespace) -> None:
-    """Run ``loraswap eval`` (``training.evaluate.run``; imported here, so that the parser stays light)."""
+    """Run ``loraswap eval`` (``training.evaluate.run``; imported here, so that the parser stays light) once its
+    sampling options are checked (``sampling_options``: UsageError)."""
+    sampling_options(args)
     from training.evaluate import run
 
     run(args)

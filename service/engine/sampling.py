@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
-Strategy = Literal["greedy", "top_k", "nucleus", "temperature"]
+from service.engine.strategies import SAMPLING_DEFAULTS, Strategy
+
 MASK32 = 0xFFFFFFFF
 
 
@@ -20,9 +20,9 @@ class Decoding:
     """How one request picks its tokens."""
 
     strategy: Strategy = "greedy"
-    temperature: float = 1.0
-    top_k: int = 50
-    top_p: float = 0.9
+    temperature: float = SAMPLING_DEFAULTS["temperature"]
+    top_k: int = SAMPLING_DEFAULTS["top_k"]
+    top_p: float = SAMPLING_DEFAULTS["top_p"]
     max_new_tokens: int = 32
     seed: int = 0
 

@@ -21,6 +21,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from service.engine.logprobs import MOST_TOP_LOGPROBS
 from service.engine.sampling import Decoding
+from service.engine.strategies import SAMPLING_DEFAULTS, Strategy, unread, unread_reason
 from service.lora.adapter_files import NAME_PATTERN
 from service.tasks.labels import MOST_LABEL_CHARACTERS, MOST_LABELS
 from service.tasks.prompt_styles import ADAPTER_STYLE, PromptStyle, pair_example
@@ -69,19 +70,14 @@ AdapterName = Annotated[str, UNICODE, AfterValidator(_adapter_name)]
 STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
-SAMPLING_PARAMETERS = frozenset({"temperature", "top_k", "top_p"})
-READ_BY = {"greedy": frozenset(), "top_k": frozenset({"temperature", "top_k"}),  # Decoding.row_params
-           "nucleus": frozenset({"temperature", "top_p"}), "temperature": frozenset({"temperature"})}
-
-
 class DecodingIn(BaseModel):
     """Per-request decoding strategy and its parameters."""
 
     model_config = STRICT
-    strategy: Literal["greedy", "top_k", "nucleus", "temperature"] = "greedy"
-    temperature: float = Field(1.0, ge=0, le=10)  # 0: greedy, whatever the strategy
-    top_k: int = Field(50, ge=1, le=100_000)
-    top_p: float = Field(0.9, gt=0, le=1)
+    strategy: Strategy = "greedy"
+    temperature: float = Field(SAMPLING_DEFAULTS["temperature"], ge=0, le=10)  # 0: greedy, whatever the strategy
+    top_k: int = Field(SAMPLING_DEFAULTS["top_k"], ge=1, le=100_000)
+    top_p: float = Field(SAMPLING_DEFAULTS["top_p"], gt=0, le=1)
     max_new_tokens: int = Field(32, ge=1, le=4096)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
 
@@ -89,13 +85,9 @@ class DecodingIn(BaseModel):
     def _read_by_the_strategy(self) -> DecodingIn:
         """A parameter given that the strategy does not read would be dropped without a word: refused by name (422).
         greedy takes ``temperature`` 0, which means greedy."""
-        unread = sorted(self.model_fields_set & (SAMPLING_PARAMETERS - READ_BY[self.strategy]))
-        if self.strategy == "greedy" and self.temperature == 0:
-            unread.remove("temperature")
-        if unread:
-            reads = " and ".join(sorted(READ_BY[self.strategy])) or "none of temperature, top_k and top_p"
-            raise refused(unread[0], f"is not read by strategy {self.strategy!r}, which reads {reads}: leave it out "
-                          "or choose a strategy that reads it")
+        names = unread(self.strategy, self.model_fields_set, self.temperature)
+        if names:
+            raise refused(names[0], unread_reason(self.strategy))
         return self
 
     def to_decoding(self, default_seed: int) -> Decoding:

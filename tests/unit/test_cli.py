@@ -67,6 +67,17 @@ from tests.data.make_corpus import SQUAD_SAMPLE
     (["eval", "--task", "squad", "--adapter", "none", "--temperature", "-1"],
      "--temperature: must be at least 0, not -1"),
     (["eval", "--task", "squad", "--adapter", "none", "--top-p", "1.5"], "--top-p: must be in (0, 1], not 1.5"),
+    # a sampling option the strategy does not read, refused as /answer refuses it (strategies.READ_BY)
+    *((["eval", "--task", "squad", "--adapter", "none", *more], f"loraswap eval: error: {message}")
+      for more, message in [
+        (["--top-k", "5"], "--top-k is not read by strategy 'greedy', which reads none of --temperature, --top-k and "
+         "--top-p: leave it out or choose a strategy that reads it"),
+        (["--temperature", "0.7"], "--temperature is not read by strategy 'greedy'"),
+        (["--temperature", "0", "--top-p", "0.5"], "--top-p is not read by strategy 'greedy'"),
+        (["--strategy", "top_k", "--top-p", "0.5"], "--top-p is not read by strategy 'top_k', which reads "
+         "--temperature and --top-k"),
+        (["--strategy", "nucleus", "--top-k", "5"], "--top-k is not read by strategy 'nucleus'"),
+        (["--strategy", "temperature", "--top-k", "5", "--temperature", "0.5"], "--top-k is not read by strategy")]),
     *((["eval", "--task", task, "--adapter", "none", "--data", __file__], f"{__file__}: not a {task} file this command "
        "reads") for task in ("squad", "nli")),
     (["bench", "--json", "/proc/nope/x.json"], "loraswap bench: error: [Errno 2] No such file or directory"),

@@ -1,0 +1,35 @@
+"""The decoding strategies and the sampling parameters each reads. Light (no torch): shared by the HTTP schemas,
+which refuse a parameter the strategy does not read (422), and ``loraswap eval``'s options (a usage error)."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Literal
+
+Strategy = Literal["greedy", "top_k", "nucleus", "temperature"]
+SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 0.9}  # a parameter not given
+SAMPLING_PARAMETERS = frozenset(SAMPLING_DEFAULTS)
+READ_BY = {"greedy": frozenset(), "top_k": frozenset({"temperature", "top_k"}),  # Decoding.row_params
+           "nucleus": frozenset({"temperature", "top_p"}), "temperature": frozenset({"temperature"})}
+
+
+def unread(strategy: str, given: Iterable[str], temperature: float) -> list[str]:
+    """The sampling parameters among ``given`` (their names) that ``strategy`` does not read, sorted: given, they
+    would be dropped without a word. greedy takes a ``temperature`` of 0, which means greedy."""
+    names = sorted(set(given) & (SAMPLING_PARAMETERS - READ_BY[strategy]))
+    if strategy == "greedy" and temperature == 0 and "temperature" in names:
+        names.remove("temperature")
+    return names
+
+
+def unread_reason(strategy: str, spell: Callable[[str], str] = str) -> str:
+    """Why a parameter given is refused, after its name: what ``strategy`` reads instead, each parameter's name
+    spelled by ``spell`` (a flag's spelling on the command line)."""
+    every = listed(map(spell, sorted(SAMPLING_PARAMETERS)))
+    reads = listed(map(spell, sorted(READ_BY[strategy]))) or f"none of {every}"
+    return f"is not read by strategy {strategy!r}, which reads {reads}: leave it out or choose a strategy that reads it"
+
+
+def listed(names: Iterable[str]) -> str:
+    """``names`` in words: "a, b and c"; empty for none."""
+    *most, last = [*names] or [""]
+    return f"{', '.join(most)} and {last}" if most else last
