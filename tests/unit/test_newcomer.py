@@ -15,6 +15,7 @@ import pytest
 import service
 from service.cli.main import DefaultsHelp, build_parser, commands, settings_from
 from service.lora.adapter_files import BASE_LABEL, BASE_MODEL_ID
+from training.options import sampling_options
 
 HEAVY = ("torch", "transformers", "peft", "bitsandbytes")
 # runs ``loraswap ARGS`` in a fresh interpreter, then prints its exit status and the heavy modules it imported
@@ -97,6 +98,7 @@ def test_help_shows_the_defaults_the_command_runs_with(monkeypatch, capsys):
     parser.print_help()
     shown = capsys.readouterr().out
     parsed = parser.parse_args(["--task", "nli", "--adapter", "x"])
+    sampling_options(parsed)  # what the command runs with: the sampling options not given take their defaults
     for name in ("strategy", "top_k", "top_p", "temperature", "seed", "sample_seed", "max_new_tokens", "max_batch",
                  "base_model", "device", "dtype", "quantize", "adapters_dir"):
         assert f"(default: {getattr(parsed, name)})" in shown, name
