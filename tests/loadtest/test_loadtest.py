@@ -150,7 +150,8 @@ def test_a_name_registered_with_another_adapters_file_is_counted_wrong(server):
     report = report_of(server, "uniform")
     swapped = report["by_adapter"][names[0]]
     assert swapped["wrong_adapter"] == swapped["wrong"] > 0
-    assert report["by_adapter"][names[1]]["wrong"] == 0
+    # every other adapter right (one that drew no request in the 3 s of a busy machine has no entry)
+    assert all(stats["wrong"] == 0 for name, stats in report["by_adapter"].items() if name != names[0])
     assert {example["outcome"] for example in report["wrong_examples"]} == {"wrong_adapter"}
 
 
