@@ -8,6 +8,7 @@ from pathlib import Path
 
 from service.cli.command import UsageError
 from service.engine.sampling import Decoding
+from service.engine.strategies import READ_BY
 from service.errors import InputTooLong, UnknownAdapter
 from service.lora.adapter_files import BASE_LABEL, CONFIG_FILE, adapter_or_base
 from service.runtime import Runtime
@@ -143,7 +144,7 @@ def eval_report(args: argparse.Namespace, metrics: dict) -> dict:
     if args.task == "squad":
         report.update(extractive=args.extractive, distractors=args.distractors)
     if args.task == "squad" and args.strategy != "greedy":
-        report.update(top_k=args.top_k, top_p=args.top_p, temperature=args.temperature, seed=args.seed)
+        report.update({name: getattr(args, name) for name in sorted(READ_BY[args.strategy])}, seed=args.seed)
     return report
 
 

@@ -180,8 +180,12 @@ def flag(name: str) -> str:
 
 def sampling_options(args: argparse.Namespace) -> None:
     """Refuse the sampling options given that ``args.strategy`` does not read (UsageError naming the first, as /answer
-    refuses them: ``strategies.READ_BY``), then give those not given their defaults (``SAMPLING_DEFAULTS``)."""
+    refuses them: ``strategies.READ_BY``), and any decoding option for a task that scores labels (nli, rte), then give
+    those not given their defaults (``SAMPLING_DEFAULTS``)."""
     given = [name for name in SAMPLING_DEFAULTS if getattr(args, name) is not None]
+    if args.task != "squad" and (args.strategy != "greedy" or given):
+        decoding = ["--strategy"] * (args.strategy != "greedy") + [flag(name) for name in given]
+        raise UsageError(f"{decoding[0]} decodes SQuAD answers: --task {args.task} scores each label instead")
     names = unread(args.strategy, given, args.temperature)
     if names:
         raise UsageError(f"{flag(names[0])} {unread_reason(args.strategy, flag)}")

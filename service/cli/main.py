@@ -93,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
             args.run(args)
     except (UsageError, AdapterError, FileNotFoundError, ValidationError) as exc:  # what the user asked cannot be done
         parser.exit(2, f"loraswap {args.command}: error: {reason(exc)}\n")
+    except KeyboardInterrupt:  # Ctrl-C: the shell's status for SIGINT (128 + 2), not a traceback
+        parser.exit(130, f"loraswap {args.command}: interrupted\n")
     return 0
 
 

@@ -1,6 +1,8 @@
 """``loraswap`` on the command line: what cannot be done ends with a one-line usage error and status 2."""
 from __future__ import annotations
 
+import argparse
+
 import pytest
 
 from service.cli.main import main
@@ -78,6 +80,12 @@ from tests.data.make_corpus import SQUAD_SAMPLE
          "--temperature and --top-k"),
         (["--strategy", "nucleus", "--top-k", "5"], "--top-k is not read by strategy 'nucleus'"),
         (["--strategy", "temperature", "--top-k", "5", "--temperature", "0.5"], "--top-k is not read by strategy")]),
+    # nli and rte score each label: a decoding option for them was ignored (--strategy) or refused as greedy's
+    *((["eval", "--task", task, "--adapter", "none", *more], f"loraswap eval: error: {first} decodes SQuAD answers: "
+       f"--task {task} scores each label instead")
+      for task in ("nli", "rte") for more, first in [(["--strategy", "top_k"], "--strategy"),
+                                                       (["--top-k", "5"], "--top-k"),
+                                                       (["--strategy", "nucleus", "--top-p", "0.5"], "--strategy")]),
     *((["eval", "--task", task, "--adapter", "none", "--data", __file__], f"{__file__}: not a {task} file this command "
        "reads") for task in ("squad", "nli")),
     (["bench", "--json", "/proc/nope/x.json"], "loraswap bench: error: [Errno 2] No such file or directory"),
@@ -149,3 +157,33 @@ def test_bench_prompts_longer_than_the_models_positions_are_a_usage_error(tiny_l
     assert exit_.value.code == 2
     error = capsys.readouterr().err
     assert "--prompt-tokens 510 and --new-tokens 3 need more positions than the base model's 512" in error
+
+
+def test_ctrl_c_ends_a_command_with_one_line_and_status_130(monkeypatch, capsys):
+    """Ctrl-C during `loraswap eval` printed a traceback ending in KeyboardInterrupt."""
+    import training.evaluate
+
+    def interrupted(_args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training.evaluate, "run", interrupted)
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", "--task", "squad", "--adapter", "none"])
+    assert exit_.value.code == 130
+    assert capsys.readouterr().err == "loraswap eval: interrupted\n"
+
+
+@pytest.mark.parametrize("strategy,recorded", [("top_k", {"temperature", "top_k"}),
+                                               ("nucleus", {"temperature", "top_p"}),
+                                               ("temperature", {"temperature"}), ("greedy", set())])
+def test_an_eval_report_records_the_sampling_parameters_its_strategy_read(strategy, recorded):
+    """A top_k run's report also held top_p 0.9, which it never read."""
+    from training.evaluate import eval_report
+    from training.options import sampling_options
+
+    args = argparse.Namespace(task="squad", adapter="none", data=None, prompt_style="adapter", strategy=strategy,
+                              limit=None, extractive=True, distractors=0, seed=0, top_k=None, top_p=None,
+                              temperature=None)
+    sampling_options(args)
+    report = eval_report(args, {})
+    assert {"temperature", "top_k", "top_p"} & set(report) == recorded
