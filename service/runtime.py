@@ -73,11 +73,21 @@ def default_template(template) -> str | None:
 
 def check_room(settings: Settings, max_positions: int) -> None:
     """ValueError unless a prompt of at least ``MIN_PROMPT_TOKENS`` and ``settings.max_new_tokens`` generated tokens
-    fit in the model's ``max_positions`` together: a server that could answer no request does not start."""
+    fit in the model's ``max_positions`` together (a server that could answer no request does not start), or when an
+    ``answer_stride`` set is not below the longest prompt that then fits (every long /answer context would be a 413).
+    A warning when ``max_new_tokens`` leaves prompts less than ``max_input_tokens``."""
     room = max_positions - settings.max_new_tokens
     if room < MIN_PROMPT_TOKENS:
         raise ValueError(f"max_new_tokens {settings.max_new_tokens} leaves {max(room, 0)} of the base model's "
                          f"{max_positions} positions for a prompt, fewer than {MIN_PROMPT_TOKENS}: lower it")
+    if room < settings.max_input_tokens:
+        log.warning("max_new_tokens %d leaves %d of the base model's %d positions for a prompt: prompts are limited to "
+                    "%d tokens, not max_input_tokens %d", settings.max_new_tokens, room, max_positions, room,
+                    settings.max_input_tokens)
+    longest = min(room, settings.max_input_tokens)
+    if settings.answer_stride is not None and settings.answer_stride >= longest:
+        raise ValueError(f"answer_stride {settings.answer_stride} is not below the {longest} tokens a prompt may have "
+                         f"(max_new_tokens {settings.max_new_tokens} of {max_positions} positions): lower it")
 
 
 def log_start_failure(exc: Exception, failure: str) -> None:
@@ -144,7 +154,7 @@ class Runtime:
         named += [("adapter_roots", root) for root in self.settings.adapter_roots]
         for setting, folder in named:
             if not Path(folder).is_dir():
-                log.warning("%s %s is not an existing folder: no adapter is loaded from it", setting, folder)
+                log.warning("%s %s is not an existing folder: no adapter can come from it", setting, folder)
 
     def start_in_background(self) -> threading.Thread:
         thread = threading.Thread(target=self._start_quietly, name="loraswap-start", daemon=True)

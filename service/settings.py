@@ -16,7 +16,7 @@ CPU_PREFILL_TOKENS = 2048  # max_prefill_tokens unset, on the CPU: 10 prompts of
 CPU_BATCH_WINDOW_MS, GPU_BATCH_WINDOW_MS = 0.0, 5.0  # batch_window_ms unset
 MIN_PROMPT_TOKENS = 16  # the shortest longest-prompt a server may be set to (max_input_tokens)
 DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]+)?)$"  # the devices the engine runs on (torch.device names)
-MOST_DEFAULT_STRIDE = 128  # answer_stride unset: min(max_input_tokens // 2, this), Hugging Face's default doc_stride
+MOST_DEFAULT_STRIDE = 128  # answer_stride unset: min(a window's context tokens // 2, this); Hugging Face's doc_stride
 
 
 def path_list(value: Any) -> Any:
@@ -50,8 +50,9 @@ class Settings(BaseSettings):
     adapters_dir: Path = Field(REPO_ADAPTERS, description="adapters loaded at start (one PEFT folder each); "
                               "warned of at start when not a folder")
     adapter_roots: PathList = Field(default_factory=list, description="extra folders POST /adapters may load from, "
-                                    "each warned of at start when not a folder "
-                                    f"(environment: a path, several joined by {os.pathsep!r}, or a JSON list)")
+                                    "each warned of at start when not a folder (the flag: several separated "
+                                    f"by spaces; the environment: a path, several joined by {os.pathsep!r}, or a "
+                                    "JSON list)")
     max_resident: int = Field(8, ge=1, description="adapters kept in device slots at once (LRU)")
     max_rank: int = Field(64, ge=1, description="largest LoRA rank a slot holds")
     qa_adapter: str | None = Field("squad", description="adapter /answer uses when the request names none (the bare "
@@ -76,8 +77,9 @@ class Settings(BaseSettings):
                                   "extractive /answer context too long for one prompt is split into windows that fit")
     answer_stride: int | None = Field(
         None, ge=0, description="tokens two neighbouring windows of a long /answer context share (Hugging Face's "
-        "doc_stride): a span this long lies whole inside a window; below max_input_tokens. None: "
-        f"min(max_input_tokens // 2, {MOST_DEFAULT_STRIDE}), as Hugging Face's question-answering pipeline")
+        "doc_stride): a span this long lies whole inside a window; below max_input_tokens. None: half "
+        f"the context tokens a window holds beside the question, at most {MOST_DEFAULT_STRIDE} (Hugging Face's "
+        "question-answering pipeline: min(max_seq_len // 2, 128))")
     max_answer_windows: int = Field(16, ge=1, description="most windows a long /answer context is split into (413 "
                                     "beyond): the hard cap on a context's length")
     merge_after: int = Field(4, ge=1, description="merge an adapter after this many admissions in a row (a new batch, "
@@ -120,17 +122,17 @@ class Settings(BaseSettings):
         longest = info.data.get("max_input_tokens")  # absent when it was invalid itself (its own error)
         if stride is not None and longest is not None and stride >= longest:
             raise ValueError(f"must be below max_input_tokens ({longest}), not {stride}: neighbouring windows of a "
-                             "long /answer context cannot share a whole prompt; lower it, or leave it unset for "
-                             f"min(max_input_tokens // 2, {MOST_DEFAULT_STRIDE})")
+                             "long /answer context cannot share a whole prompt; lower it, or leave it unset")
         return stride
 
-    @property
-    def window_stride(self) -> int:
-        """The tokens neighbouring windows of a long /answer context share: ``answer_stride``, or when unset
-        min(max_input_tokens // 2, MOST_DEFAULT_STRIDE)."""
+    def window_stride(self, room: int) -> int:
+        """The tokens neighbouring windows of a long /answer context share, when a window holds ``room`` tokens of
+        context (what the prompt's longest length leaves beside the question): ``answer_stride``, or when unset
+        min(room // 2, MOST_DEFAULT_STRIDE), Hugging Face's default doc_stride taken of the context's room rather
+        than of the whole prompt, so that windows always move on by half of it at least."""
         if self.answer_stride is not None:
             return self.answer_stride
-        return min(self.max_input_tokens // 2, MOST_DEFAULT_STRIDE)
+        return min(room // 2, MOST_DEFAULT_STRIDE)
 
     @model_validator(mode="after")
     def _keys_differ(self) -> Settings:

@@ -178,14 +178,14 @@ class Tasks:
     def answer_windows(self, context: str, question: str, style: str = ADAPTER_STYLE) -> list[tuple[int, int]]:
         """The character ranges of ``context`` answered apart: [(0, len(context))] when its prompt in ``style`` fits
         (``max_prompt``), else windows of its tokens whose prompts do (``windows.windows``), neighbours sharing
-        ``settings.window_stride`` tokens. Raises InputTooLong when the question leaves no more room per window than the
-        stride, or the context needs more than ``max_answer_windows`` windows."""
+        ``settings.window_stride(room)`` tokens. Raises InputTooLong when the question leaves no more room per window
+        than the stride, or the context needs more than ``max_answer_windows`` windows."""
         if len(answer_ids(self.tokenizer, style, context, question)) <= self.max_prompt:
             return [(0, len(context))]
         room = self.max_prompt - len(self.bounded(answer_ids(self.tokenizer, style, "", question))) - WINDOW_SLACK
         offsets = self.tokenizer(context, add_special_tokens=False, split_special_tokens=True,
                                  return_offsets_mapping=True)["offset_mapping"]
-        stride, most = self.settings.window_stride, self.settings.max_answer_windows
+        stride, most = self.settings.window_stride(room), self.settings.max_answer_windows
         if room <= stride:
             raise InputTooLong(f"the question leaves {room} tokens of context per prompt, no more than the "
                                f"{stride} two windows share; at most {self.max_prompt} tokens are accepted")

@@ -101,6 +101,9 @@ def start_failure_log(settings, caplog, raises: type[Exception]) -> list[logging
     ({"base_model": "smollm2", "cache_dir": Path("/proc/x")}, "FileNotFoundError: [Errno 2] No such file or "
      "directory: '/proc/x'"),
     ({"max_new_tokens": 10**9}, "ValueError: max_new_tokens 1000000000 leaves 0 of the base model's 512 positions"),
+    # a stride below max_input_tokens (1024) but not below the 32 tokens max_new_tokens leaves a prompt
+    ({"max_new_tokens": 480, "answer_stride": 32}, "ValueError: answer_stride 32 is not below the 32 tokens a prompt "
+     "may have (max_new_tokens 480 of 512 positions)"),
 ])
 def test_settings_that_cannot_work_fail_the_start_in_one_log_line_naming_the_cause(overrides, cause, tiny_llama_dir,
                                                                                    tmp_path, caplog):
@@ -148,5 +151,16 @@ def test_an_adapters_folder_or_root_that_is_no_folder_is_warned_of_at_start(tiny
     runtime.stop()
     warned = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
     assert [line for line in warned if "is not an existing folder" in line] == [
-        f"{setting} {folder} is not an existing folder: no adapter is loaded from it" for setting, folder in
+        f"{setting} {folder} is not an existing folder: no adapter can come from it" for setting, folder in
         [("adapters_dir", tmp_path / "no_adapters"), ("adapter_roots", roots[0]), ("adapter_roots", roots[2])]]
+
+
+def test_a_max_new_tokens_that_shortens_the_longest_prompt_is_warned_of_at_start(tiny_llama_dir, tmp_path, caplog):
+    """It cut prompts to what the base's positions leave, below max_input_tokens, without a word: every longer prompt
+    was a 413 naming a limit the settings never gave."""
+    caplog.set_level(logging.WARNING, logger=runtime_module.__name__)
+    with ready_client(settings_in(tmp_path, tiny_llama_dir, {}, max_new_tokens=480)):
+        pass
+    warnings = [record.getMessage() for record in caplog.records if record.name == runtime_module.__name__]
+    assert any("max_new_tokens 480 leaves 32 of the base model's 512 positions for a prompt: prompts are limited to "
+               "32 tokens, not max_input_tokens 1024" in message for message in warnings), warnings

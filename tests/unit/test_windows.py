@@ -42,12 +42,14 @@ def test_a_text_that_fits_is_one_window_and_no_tokens_none():
     assert windows([], 8, 2) == []
 
 
-@pytest.mark.parametrize("fields,stride", [({}, 128), ({"max_input_tokens": 64}, 32), ({"max_input_tokens": 17}, 8),
-                                           ({"max_input_tokens": 300}, 128), ({"max_input_tokens": 64,
-                                                                              "answer_stride": 5}, 5)])
-def test_the_default_stride_follows_the_longest_prompt_as_hugging_faces_doc_stride(fields, stride):
-    """Unset: min(max_input_tokens // 2, 128); set: as set."""
-    assert Settings(**fields).window_stride == stride
+@pytest.mark.parametrize("fields,room,stride", [({}, 1000, 128), ({}, 300, 128), ({}, 36, 18), ({}, 1, 0),
+                                                ({"max_input_tokens": 64}, 36, 18),
+                                                ({"max_input_tokens": 64, "answer_stride": 5}, 36, 5),
+                                                ({"answer_stride": 200}, 300, 200)])
+def test_the_default_stride_follows_a_windows_room_as_hugging_faces_doc_stride(fields, room, stride):
+    """Unset: min(room // 2, 128) of the ``room`` context tokens a window holds beside the question (taken of the whole
+    prompt, 32 for a prompt of 64 left windows of 36 context tokens moving on by 4); set: as set."""
+    assert Settings(**fields).window_stride(room) == stride
 
 
 @pytest.mark.parametrize("longest,stride", [(64, 64), (64, 500), (1024, 1024)])
