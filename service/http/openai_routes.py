@@ -115,7 +115,7 @@ def model(model: str, rt: Runtime = Depends(serving)) -> dict:
 async def completions(body: CompletionIn, request: Request, rt: Runtime = Depends(inference)) -> dict:
     """OpenAI's completions: the prompt is raw text (special tokens spelled in it are parsed)."""
     adapter = served_model(rt, body, request)
-    replies = CompletionReplies(body.model, echo=body.prompt if body.echo else "")
+    replies = CompletionReplies(adapter or BASE_MODEL_ID, echo=body.prompt if body.echo else "")
     return await reply(rt, request, body, body.prompt, adapter, replies, body.logprobs)
 
 
@@ -128,7 +128,7 @@ async def chat_completions(body: ChatCompletionIn, request: Request, rt: Runtime
     prompt_ids = await run_in_threadpool(chat_prompt, rt.tasks.tokenizer, messages, rt.chat_template(adapter),
                                          rt.tasks.max_prompt)  # off the event loop: a template may render for long
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    return await reply(rt, request, body, prompt_ids, adapter, ChatReplies(body.model), logprobs)
+    return await reply(rt, request, body, prompt_ids, adapter, ChatReplies(adapter or BASE_MODEL_ID), logprobs)
 
 
 @openai_router.post("/load_lora_adapter", response_class=Response,

@@ -135,3 +135,14 @@ def test_the_openai_client_in_process(client):
             api.completions.create(model="one", prompt=PROMPT, **{"max_tokens": 5, **refused})
         field = next(iter(refused))
         assert f"body.{field}: " in str(raised.value) and raised.value.param == field, str(raised.value)
+
+
+@pytest.mark.parametrize("route,body", [("/v1/completions", {"prompt": PROMPT}),
+                                        ("/v1/chat/completions", {"messages": [{"role": "user", "content": PROMPT}]})])
+@pytest.mark.parametrize("model,served", [("base", "base"), ("none", "base"), ("NONE", "base"), ("Base", "base"),
+                                          ("one", "one")])
+def test_a_reply_names_the_model_that_served_it_by_its_id(client, route, body, model, served):
+    """"NONE" (the bare base, in any case) was echoed as "NONE", not the id /v1/models lists, "base"."""
+    reply = client.post(route, json={"model": model, "max_tokens": 2, **body})
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["model"] == served
