@@ -1,6 +1,7 @@
 """Reading and checking one PEFT LoRA adapter folder on the host, before any device memory is touched."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 import json
@@ -17,6 +18,7 @@ import peft
 import torch
 from peft import LoraConfig
 from peft.tuners.tuners_utils import check_target_module_exists
+from peft.utils import INCLUDE_LINEAR_LAYERS_SHORTHAND
 from safetensors import SafetensorError, safe_open
 
 from service.errors import AdapterError, AdapterPathMissing, AdapterPathRefused
@@ -278,15 +280,19 @@ def check_targets(config: LoraConfig, held: Iterable[str], lora_able: Iterable[s
     layers_to_transform, layers_pattern), among all of the base's ``modules`` (its named_modules, peft's candidates),
     only modules the engine applies LoRA to (``lora_able``), and of those exactly the modules whose weights the
     adapter ``held``. A config that selects any other module (an embedding, a norm, the head, a decoder layer) is
-    refused naming the first such module: peft would refuse it or give it a LoRA layer the engine does not apply."""
+    refused naming the first such module: peft would refuse it or give it a LoRA layer the engine does not apply.
+    peft's shorthand ``"all-linear"`` (any case) selects every linear layer but the output head: ``lora_able``."""
     fields = "target_modules, exclude_modules, layers_to_transform, layers_pattern"
     if config.target_modules is None:
         raise AdapterError("adapter config names no target_modules (peft would pick them by the base's architecture)")
+    lora_able = set(lora_able)
+    if isinstance(config.target_modules, str) and config.target_modules.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND:
+        config = copy.copy(config)  # peft's all-linear: every linear layer but the output head, as lora_able holds
+        config.target_modules = lora_able
     try:
         selected = [module for module in modules if check_target_module_exists(config, module)]
     except (re.error, TypeError) as exc:  # a pattern that is not a regular expression, a layer index that is no int
         raise AdapterError(f"adapter config cannot select modules as peft does ({fields}): {exc}") from None
-    lora_able = set(lora_able)
     unserved = [module for module in selected if module not in lora_able]
     if unserved:
         raise AdapterError(f"adapter config ({fields}) selects {modules_named(unserved)}, which the engine does not "

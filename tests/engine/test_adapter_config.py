@@ -153,6 +153,9 @@ SERVED = {
     "target_regex": ("llama", lambda b, o: stock_adapter(b, o, target_modules=r".*\.(q_proj|down_proj)")),
     "target_regex_all_proj": ("llama", lambda b, o: stock_adapter(b, o, target_modules=r".*proj")),
     "target_regex_gpt2": ("gpt2", lambda b, o: stock_adapter(b, o, target_modules=r".*\.(c_attn|c_fc)")),
+    # peft's shorthand, which peft expands when it loads the adapter (an adapter it saves holds the names instead)
+    "all_linear": ("llama", lambda b, o: edited(b, o, target_modules="all-linear")),
+    "all_linear_gpt2": ("gpt2", lambda b, o: edited(b, o, target_modules="ALL-LINEAR")),
     "exclude_modules": ("llama", lambda b, o: stock_adapter(b, o, exclude_modules=["o_proj", "layers.0.mlp.up_proj"])),
     "layers_to_transform": ("llama", lambda b, o: stock_adapter(b, o, layers_to_transform=[1],
                                                                 layers_pattern="layers")),
