@@ -106,7 +106,8 @@ def test_input_too_long_is_413(client, path, body):
 
 
 def test_max_input_tokens_is_the_longest_prompt_accepted(tiny):
-    """A prompt of exactly max_input_tokens tokens is served; a longer one is 413."""
+    """A prompt of exactly max_input_tokens tokens is served; a longer one is 413 when decoded freely, and answered in
+    windows of its context when extractive (the default stride fits them: half their context tokens)."""
     tokenizer = AutoTokenizer.from_pretrained(tiny.base_dir)
 
     def prompt_tokens(context: str) -> int:
@@ -119,7 +120,10 @@ def test_max_input_tokens_is_the_longest_prompt_accepted(tiny):
     assert prompt_tokens(over) > limit
     with ready_client(tiny.settings(max_input_tokens=limit)) as client:
         assert ask(client, None, context=fits, max_new_tokens=1)["tokens"] == 1
-        too_long = ask(client, None, context=over, status=413)
+        too_long = ask(client, None, context=over, extractive=False, status=413)
+        windowed = ask(client, None, context=over, max_new_tokens=1)
+        assert len(client.app.state.runtime.tasks.answer_windows(over, SQUAD_QUESTION)) > 1
+    assert over[windowed["start"]:windowed["end"]] == windowed["answer"]
     assert f"at most {limit}" in too_long["error"]
 
 
