@@ -10,7 +10,7 @@ import argparse
 import typing
 from pathlib import Path
 
-from service.cli.command import Command, UsageError, bounded, comma_list, device, nonnegative, positive
+from service.cli.command import Command, UsageError, bounded, comma_list, device, flag, nonnegative, positive
 from service.engine.strategies import SAMPLING_DEFAULTS, Strategy, unread, unread_reason
 from service.settings import Settings
 from service.tasks.prompt_styles import ADAPTER_STYLE, PROMPT_STYLES
@@ -171,11 +171,6 @@ def run_merge(args: argparse.Namespace) -> None:
     from training.merge import run
 
     run(args)
-
-
-def flag(name: str) -> str:
-    """The command-line flag of option ``name`` (``--top-k`` for ``top_k``)."""
-    return "--" + name.replace("_", "-")
 
 
 def sampling_options(args: argparse.Namespace) -> None:

@@ -29,6 +29,11 @@ class Command:
     run: Callable[[argparse.Namespace], None]
 
 
+def flag(name: str) -> str:
+    """The command-line flag of option or setting ``name`` (``--top-k`` for ``top_k``)."""
+    return "--" + name.replace("_", "-")
+
+
 def positive(kind: type = int):
     """An argparse type: a number of ``kind`` above zero (a clear usage error otherwise, not a failure later)."""
     return bounded(kind, lambda value: value > 0, "above 0", "positive")

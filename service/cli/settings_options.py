@@ -6,13 +6,13 @@ import argparse
 import typing
 from pathlib import Path
 
+from service.cli.command import flag
 from service.settings import Settings
 
 
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per Settings field (``--base-model`` for ``base_model``); unset flags leave env/defaults."""
     for name, field in Settings.model_fields.items():
-        flag = "--" + name.replace("_", "-")
         kind = field.annotation
         help_text = field.description or name.replace("_", " ")
         options: dict = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
@@ -27,7 +27,7 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
             base = args[0] if args else kind
             options["type"] = base if base in (int, float, Path) else str
         options["help"] += f" (default: {field.get_default(call_default_factory=True)})"
-        parser.add_argument(flag, **options)
+        parser.add_argument(flag(name), **options)
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
