@@ -63,6 +63,11 @@ def token_budget(body: OpenAIIn, cap: int) -> int:
     return within(field, requested, cap, "the most tokens this server generates for a request (its max_new_tokens)")
 
 
+def model_id(adapter: str | None) -> str:
+    """The OpenAI model id of ``adapter`` as /v1/models lists it: its name, or ``BASE_MODEL_ID`` for the bare base."""
+    return adapter or BASE_MODEL_ID
+
+
 def served_model(rt: Runtime, body: OpenAIIn, request: Request) -> str | None:
     """The adapter ``model`` names (None: the bare base model, as "base" or "none"); UnknownAdapter if unknown."""
     return served_adapter(rt, request, adapter_or_base(body.model))
@@ -108,14 +113,14 @@ def model(model: str, rt: Runtime = Depends(serving)) -> dict:
     adapter."""
     adapter = adapter_or_base(model)
     rt.registry.require(adapter)
-    return model_card(adapter or BASE_MODEL_ID)
+    return model_card(model_id(adapter))
 
 
 @openai_router.post("/completions", responses=OPENAI_SERVING)
 async def completions(body: CompletionIn, request: Request, rt: Runtime = Depends(inference)) -> dict:
     """OpenAI's completions: the prompt is raw text (special tokens spelled in it are parsed)."""
     adapter = served_model(rt, body, request)
-    replies = CompletionReplies(adapter or BASE_MODEL_ID, echo=body.prompt if body.echo else "")
+    replies = CompletionReplies(model_id(adapter), echo=body.prompt if body.echo else "")
     return await reply(rt, request, body, body.prompt, adapter, replies, body.logprobs)
 
 
@@ -128,7 +133,7 @@ async def chat_completions(body: ChatCompletionIn, request: Request, rt: Runtime
     prompt_ids = await run_in_threadpool(chat_prompt, rt.tasks.tokenizer, messages, rt.chat_template(adapter),
                                          rt.tasks.max_prompt)  # off the event loop: a template may render for long
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    return await reply(rt, request, body, prompt_ids, adapter, ChatReplies(adapter or BASE_MODEL_ID), logprobs)
+    return await reply(rt, request, body, prompt_ids, adapter, ChatReplies(model_id(adapter)), logprobs)
 
 
 @openai_router.post("/load_lora_adapter", response_class=Response,
