@@ -98,8 +98,9 @@ class PrefixCache:
         request taken from then on can reuse, and which would otherwise only age out."""
         gone: set[int] = set()
         for block in sorted(self._blocks.values(), key=lambda block: block.serial):  # a parent's serial is smaller
-            parent = block.key[0]
-            if parent in gone if isinstance(parent, int) else parent[0] == serial:
+            parent = block.key[0]  # a first block's: its weights key; any other's: its parent's serial
+            first = not isinstance(parent, int)
+            if (parent[0] == serial) if first else (parent in gone):
                 gone.add(block.serial)
                 del self._blocks[block.key]
                 self.nbytes -= block.kv.nbytes
