@@ -131,3 +131,12 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 def label_values(samples: Samples, label: str) -> set[str]:
     """Every value ``label`` takes across all loraswap_ series."""
     return {dict(labels)[label] for name, labels in samples if name.startswith("loraswap_") and label in dict(labels)}
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    """Poll ``condition`` every 10 ms until it holds; fail the test saying ``what`` did not happen within ``timeout``
+    seconds (a bound, so that a test fails instead of hanging)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} within {timeout} s"
+        time.sleep(0.01)

@@ -25,6 +25,7 @@ from tests.server_helpers import (
     scrape,
     value,
     wait_ready,
+    wait_until,
 )
 from tests.tiny_models import make_adapter
 
@@ -211,13 +212,6 @@ def in_flight_and_answered(http: httpx.Client, status: str | None = None) -> tup
     return value(samples, "loraswap_requests_in_flight"), answered
 
 
-def wait_for(condition, what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"{what} within {timeout} s"
-        time.sleep(0.01)
-
-
 def test_a_client_that_disconnects_gets_its_request_dropped(server):
     http = server.http
     body = {"model": "one", "prompt": "Story:", "max_tokens": 256, "temperature": 0}
@@ -229,9 +223,9 @@ def test_a_client_that_disconnects_gets_its_request_dropped(server):
         client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                        b"Authorization: Bearer %s\r\nContent-Length: %d\r\n\r\n%s"
                        % (API_KEY.encode(), len(payload), payload))
-        wait_for(lambda: in_flight_and_answered(http)[0] > idle, "the request never reached the server")
-    wait_for(lambda: in_flight_and_answered(http, status="499") == (idle, dropped + 1),
-             "the disconnected request was not recorded as 499 (client closed request)")
+        wait_until(lambda: in_flight_and_answered(http)[0] > idle, "the request never reached the server", timeout=30)
+    wait_until(lambda: in_flight_and_answered(http, status="499") == (idle, dropped + 1),
+               "the disconnected request was not recorded as 499 (client closed request)", timeout=30)
     assert http.post("/v1/completions", json=body).json()["choices"] == whole["choices"]
 
 
@@ -322,12 +316,12 @@ def test_a_stream_whose_client_disconnects_has_its_rows_dropped(server):
         while b"data: " not in received:
             received += client.recv(4096)
         assert received.startswith(b"HTTP/1.1 200") and b"text/event-stream" in received
-    wait_for(lambda: in_flight_and_answered(http, status="499") == (idle, dropped + 1),
-             "the stream whose client left was not recorded as 499 (client closed request)")
+    wait_until(lambda: in_flight_and_answered(http, status="499") == (idle, dropped + 1),
+               "the stream whose client left was not recorded as 499 (client closed request)", timeout=30)
     def counted() -> float:  # the engine counts a dropped row's tokens when it drops it
         return value(scrape(http), "loraswap_generated_tokens_total", adapter="two") - generated
 
-    wait_for(lambda: counted() > 0, "the dropped rows' tokens were not counted")
+    wait_until(lambda: counted() > 0, "the dropped rows' tokens were not counted", timeout=30)
     assert counted() < CAP, f"{counted()} tokens generated for the two rows: not dropped when their client left"
     assert http.post("/v1/completions", json=body).json()["choices"] == whole["choices"]
 
@@ -348,7 +342,7 @@ def test_sigterm_drains_then_exits_cleanly(server):
 
     with ThreadPoolExecutor(max_workers=slow) as pool:
         futures = [pool.submit(complete, i) for i in range(slow)]
-        wait_for(lambda: arrived() >= slow, "the slow requests did not reach the server")
+        wait_until(lambda: arrived() >= slow, "the slow requests did not reach the server", timeout=30)
         assert in_flight_and_answered(http)[0] > idle, "every request was answered before SIGTERM: nothing to drain"
         time.sleep(0.2)  # counted in flight by the middleware: let each pass the readiness check into the queue
         server.process.send_signal(signal.SIGTERM)

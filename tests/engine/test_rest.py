@@ -8,19 +8,11 @@ import time
 
 from service.engine import scheduler
 from tests.engine.engine_helpers import WAIT, alone, greedy
+from tests.server_helpers import wait_until
 
 
 def released(engine) -> bool:
     return engine.decoder.cache.shape == (0, 0)
-
-
-def wait_for(condition, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def test_the_kv_cache_outlives_a_batch_until_the_engine_rests(engines, monkeypatch):
@@ -31,7 +23,7 @@ def test_the_kv_cache_outlives_a_batch_until_the_engine_rests(engines, monkeypat
     assert not released(engine)  # kept for a batch that may come at once
     again = alone(engine, greedy(random.Random(0), "r2"))  # a batch into the kept storage: the same output
     assert (again.token_ids, again.text) == (first.token_ids, first.text)
-    assert wait_for(lambda: released(engine), WAIT)  # no work: given back
+    wait_until(lambda: released(engine), "the KV cache given back after the rest", WAIT)  # no work
 
 
 def test_a_batch_with_non_finite_logits_gives_its_kv_cache_back_at_once(engines, monkeypatch):
@@ -41,4 +33,5 @@ def test_a_batch_with_non_finite_logits_gives_its_kv_cache_back_at_once(engines,
     engine = engines.fresh()
     engine.call(lambda: setattr(engine, "_non_finite", True)).result(WAIT)
     alone(engine, greedy(random.Random(1), "r2"))
-    assert wait_for(lambda: released(engine), 5.0) and not engine._non_finite
+    wait_until(lambda: released(engine), "the KV cache given back at once", 5.0)
+    assert not engine._non_finite

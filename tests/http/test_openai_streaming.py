@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
@@ -19,20 +18,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from service.tasks.token_bytes import token_bytes
 from tests.http.replies import error_message
 from tests.lora_helpers import RELATIVE_TOLERANCE
-from tests.server_helpers import ADMIN, ready_client, settings_in
+from tests.server_helpers import ADMIN, ready_client, settings_in, wait_until
 
 CAP, MOST_CHOICES = 24, 4  # the server's max_new_tokens and max_choices
 PROMPT = "The Normans gave their name to"
 MESSAGES = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Who were the Normans?"}]
 ROUTES = {"/v1/completions": {"prompt": PROMPT}, "/v1/chat/completions": {"messages": MESSAGES}}
 WAIT = 60
-
-
-def wait_until(condition, what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not condition():
-        assert time.monotonic() < deadline, f"{what} within {WAIT} s"
-        time.sleep(0.01)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from service import runtime as runtime_module
 from service.http.app import create_app
 from service.runtime import Runtime
 from service.settings import Settings
-from tests.server_helpers import ask, classify, ready_client, settings_in, tiny_settings
+from tests.server_helpers import ask, classify, ready_client, settings_in, tiny_settings, wait_until
 
 WAIT = 60  # seconds a step may take before the test fails instead of hanging
 
@@ -26,13 +25,6 @@ class InjectedFault(BaseException):
 
 def raise_fault():
     raise InjectedFault("injected")
-
-
-def wait_until(condition, what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not condition():
-        assert time.monotonic() < deadline, f"{what} within {WAIT} s"
-        time.sleep(0.01)
 
 
 def test_a_dead_engine_thread_is_reported_and_fails_queued_and_new_requests(tiny_llama_dir, llama_adapters, tmp_path):
