@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from service.model.onednn_linear import use_onednn
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,8 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def load_base(settings: Settings) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load the frozen base model (optionally NF4-quantized) and its tokenizer, in eval mode."""
+    """Load the frozen base model (optionally NF4-quantized) and its tokenizer, in eval mode; on the CPU its linear
+    layers compute through oneDNN (``onednn_linear``)."""
     base_dir = resolve_base_dir(settings.base_model, settings.cache_dir)
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device)
@@ -133,6 +135,7 @@ def load_base(settings: Settings) -> tuple[PreTrainedModel, PreTrainedTokenizerB
     if settings.quantize == "none":
         model.to(device)
     model.eval().requires_grad_(False)
+    use_onednn(model)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

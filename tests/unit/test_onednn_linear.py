@@ -1,0 +1,121 @@
+"""The base's linear layers through oneDNN on the CPU: what load_base makes of them, and that they compute F.linear."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from service.model.base_model import load_base
+from service.model.onednn_linear import MOST_ROWS, OneDnnLinear, use_onednn
+from service.settings import Settings
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
+
+INPUTS = {
+    "one row": lambda: torch.randn(1, 48),
+    "a vector": lambda: torch.randn(48),
+    "rows and tokens": lambda: torch.randn(3, 5, 48),
+    "four axes": lambda: torch.randn(2, 2, 3, 48),
+    "no rows": lambda: torch.randn(0, 48),
+    "no tokens": lambda: torch.randn(2, 0, 48),
+    "transposed": lambda: torch.randn(48, 7).t(),
+    "strided": lambda: torch.randn(4, 3, 96)[..., ::2],
+    "offset": lambda: torch.randn(2000)[3:3 + 48 * 9].view(9, 48),
+    "the most rows": lambda: torch.randn(MOST_ROWS, 48),
+    "the most rows as tokens": lambda: torch.randn(2, MOST_ROWS // 2, 48),
+    "a row too many": lambda: torch.randn(MOST_ROWS + 1, 48),
+}
+ONEDNN_OP = "mkldnn::_linear_pointwise"
+
+
+def onednn_linear(bias: bool) -> OneDnnLinear:
+    layer = nn.Linear(48, 80, bias=bias)
+    use_onednn(nn.Sequential(layer))
+    return layer
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", INPUTS)
+def test_it_computes_f_linear(shape, bias):
+    torch.manual_seed(0)
+    layer, x = onednn_linear(bias), INPUTS[shape]()
+    with torch.no_grad():
+        got = layer(x)
+    assert isinstance(layer, OneDnnLinear)
+    assert got.shape == F.linear(x, layer.weight, layer.bias).shape
+    torch.testing.assert_close(got, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+
+
+def ops_run(layer: nn.Module, x: torch.Tensor) -> set[str]:
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        layer(x)
+    return {event.name for event in profile.events()}
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 37, MOST_ROWS])
+def test_inputs_of_few_rows_go_to_onednn(rows):
+    assert ONEDNN_OP in ops_run(onednn_linear(bias=True), torch.randn(rows, 48))
+
+
+@pytest.mark.parametrize("shape", [(MOST_ROWS + 1, 48), (2, MOST_ROWS, 48), (0, 48)])
+def test_inputs_of_more_rows_take_f_linear_exactly(shape):
+    """Prompts: their row counts are many, and oneDNN keeps a kernel (and memory) for each one it meets."""
+    layer, x = onednn_linear(bias=True), torch.randn(shape)
+    assert ONEDNN_OP not in ops_run(layer, x)
+    with torch.no_grad():
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
+def test_an_input_of_the_wrong_width_gets_f_linears_error():
+    with pytest.raises(RuntimeError, match="cannot be multiplied"):
+        onednn_linear(bias=False)(torch.randn(3, 47))
+
+
+def test_gradients_flow_through_f_linear():
+    """The oneDNN op has no backward: an input that needs gradients takes F.linear, and gets them."""
+    torch.manual_seed(0)
+    layer = onednn_linear(bias=True)
+    x = torch.randn(4, 48, requires_grad=True)
+    layer(x).square().sum().backward()
+    expected = x.detach().clone().requires_grad_(True)
+    F.linear(expected, layer.weight, layer.bias).square().sum().backward()
+    torch.testing.assert_close(x.grad, expected.grad)
+    assert layer.weight.grad is not None
+
+
+def test_other_dtypes_take_f_linear():
+    layer = onednn_linear(bias=False).to(torch.bfloat16)
+    x = torch.randn(3, 48, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(layer(x), F.linear(x, layer.weight))
+
+
+def test_only_plain_cpu_linears_change_class():
+    """Subclasses (bitsandbytes' 4-bit layers are Linear subclasses) and other modules keep their class."""
+
+    class Custom(nn.Linear):
+        pass
+
+    model = nn.Sequential(nn.Linear(4, 4), Custom(4, 4), nn.Embedding(5, 4), nn.LayerNorm(4))
+    assert use_onednn(model) == 1
+    assert [type(module) for module in model] == [OneDnnLinear, Custom, nn.Embedding, nn.LayerNorm]
+
+
+@pytest.mark.parametrize("base", ["tiny_llama_dir", "tiny_gpt2_dir"])
+def test_load_base_on_the_cpu_computes_linears_with_onednn(base, request):
+    """Every plain linear of a CPU base is a OneDnnLinear, a tied output head (GPT-2's) still shares the embedding's
+    weight, and the logits of a short prompt are the stock model's (GPT-2's Conv1D layers keep torch's product)."""
+    base_dir = request.getfixturevalue(base)
+    model, _ = load_base(Settings(base_model=str(base_dir), device="cpu"))
+    stock, _ = load_base(Settings(base_model=str(base_dir), device="cpu"))
+    for module in stock.modules():
+        if type(module) is OneDnnLinear:
+            module.__class__ = nn.Linear
+    linears = [module for module in model.modules() if isinstance(module, nn.Linear)]
+    assert linears and all(type(module) is OneDnnLinear for module in linears)
+    tied = model.lm_head.weight is model.get_input_embeddings().weight
+    assert tied == (base == "tiny_gpt2_dir")
+    ids = torch.randint(3, 200, (2, 9))  # 18 rows: under MOST_ROWS
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, stock(ids).logits, rtol=1e-4, atol=1e-4)
