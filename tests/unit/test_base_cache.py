@@ -1,7 +1,13 @@
-"""Publishing the converted base model's cache when several processes convert it at once (service.model.base_model)."""
+"""Publishing the converted base model's cache when several processes convert it at once, and removing what a
+killed conversion left (service.model.base_model)."""
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
-from service.model.base_model import publish
+from service.model.base_model import PARTIAL_LOCK, converting, publish, remove_abandoned_partials
 
 
 def folder(path, text):
@@ -30,3 +36,48 @@ def test_a_failed_move_with_no_cache_in_place_is_raised(tmp_path):
     (tmp_path / "base" / "stray").write_text("not a model")
     with pytest.raises(OSError):
         publish(folder(tmp_path / "base.partial-3-ef", "mine"), tmp_path / "base")
+
+
+def test_a_partial_folder_of_a_killed_conversion_is_removed(tmp_path):
+    """A process killed while converting left its partial folder (about 540 MB) for good; now the next start
+    removes it, as its lock died with the process."""
+    partial = tmp_path / "base.partial-99-ab"
+    code = ("import sys, time; from pathlib import Path; from service.model.base_model import converting\n"
+            "with converting(Path(sys.argv[1])):\n"
+            "    (Path(sys.argv[1]) / 'model.safetensors').write_text('half')\n"
+            "    print('writing', flush=True); time.sleep(60)")
+    converter = subprocess.Popen([sys.executable, "-c", code, str(partial)], stdout=subprocess.PIPE, text=True,
+                                 cwd=Path(__file__).parents[2])
+    try:
+        assert converter.stdout.readline() == "writing\n"
+        remove_abandoned_partials(tmp_path / "base")
+        assert (partial / "model.safetensors").exists(), "a running conversion's folder was removed"
+    finally:
+        converter.send_signal(signal.SIGKILL)
+        converter.wait()
+    assert (partial / PARTIAL_LOCK).exists()
+    remove_abandoned_partials(tmp_path / "base")
+    assert not partial.exists()
+
+
+def test_a_conversion_running_here_keeps_its_folder_and_leaves_no_lock_file(tmp_path):
+    partial = tmp_path / "base.partial-1-cd"
+    with converting(partial):
+        (partial / "config.json").write_text("mine")
+        remove_abandoned_partials(tmp_path / "base")
+        assert (partial / PARTIAL_LOCK).exists()
+    assert sorted(path.name for path in partial.iterdir()) == ["config.json"]
+
+
+def test_only_partial_folders_with_a_free_lock_are_removed(tmp_path):
+    """A partial folder with no lock file is being made or published; the cache itself and other folders are not
+    partial ones."""
+    cache = folder(tmp_path / "base", "theirs")
+    (cache / PARTIAL_LOCK).write_text("")
+    lockless = folder(tmp_path / "base.partial-2-ef", "mine")
+    other = folder(tmp_path / "other.partial-3-ab", "other")
+    (other / PARTIAL_LOCK).write_text("")
+    abandoned = folder(tmp_path / "base.partial-4-ab", "left")
+    (abandoned / PARTIAL_LOCK).write_text("")
+    remove_abandoned_partials(cache)
+    assert cache.exists() and lockless.exists() and other.exists() and not abandoned.exists()
