@@ -84,6 +84,40 @@ def test_gradients_flow_through_f_linear():
     assert layer.weight.grad is not None
 
 
+BIASES = {"strided": lambda: torch.randn(160)[::2], "expanded": lambda: torch.tensor(0.5).expand(80)}
+
+
+@pytest.mark.parametrize("bias", BIASES)
+def test_a_non_contiguous_bias_is_added_as_f_linear_adds_it(bias):
+    """The op reads the bias as contiguous: a strided one gave errors of 3.4, an expanded one of 1.6e17."""
+    layer, x = onednn_linear(bias=True), torch.randn(5, 48)
+    layer.bias.data = BIASES[bias]()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+
+
+def test_a_trainable_bias_alone_gets_its_gradient():
+    layer = onednn_linear(bias=True)
+    layer.weight.requires_grad_(False)
+    layer(torch.randn(3, 48)).sum().backward()
+    torch.testing.assert_close(layer.bias.grad, torch.full((80,), 3.0))
+
+
+def test_autocast_gives_f_linears_dtype():
+    layer, x = onednn_linear(bias=True), torch.randn(3, 48)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(x).dtype == F.linear(x, layer.weight, layer.bias).dtype == torch.bfloat16
+
+
+def test_a_layer_without_inputs_or_off_the_cpu_takes_f_linear():
+    empty = nn.Linear(0, 5)
+    use_onednn(nn.Sequential(empty))
+    with torch.no_grad():
+        assert torch.equal(empty(torch.randn(3, 0)), F.linear(torch.randn(3, 0), empty.weight, empty.bias))
+        moved = onednn_linear(bias=True).to("meta")  # as a model moved to a GPU after loading
+        assert moved(torch.randn(3, 48, device="meta")).shape == (3, 80)
+
+
 def test_other_dtypes_take_f_linear():
     layer = onednn_linear(bias=False).to(torch.bfloat16)
     x = torch.randn(3, 48, dtype=torch.bfloat16)
