@@ -12,6 +12,7 @@ import os
 import secrets
 import shutil
 from pathlib import Path
+from typing import IO
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -90,20 +91,21 @@ def converting(partial: Path):
 def remove_abandoned_partials(out_dir: Path) -> None:
     """Remove the partial folders beside ``out_dir`` whose conversion's process died (killed mid-conversion, each is
     about 540 MB): those whose lock file nobody holds. One still being made, or being published, has no lock file
-    (yet, or any more) and stays; so does one whose lock is held."""
+    (yet, or any more) and stays; so does one whose lock is held, and a link."""
     for partial in out_dir.parent.glob(f"{out_dir.name}.partial-*"):
-        if _abandoned(partial):
-            log.info("removing %s, left by a conversion that did not finish", partial)
-            shutil.rmtree(partial, ignore_errors=True)
+        if partial.is_dir() and not partial.is_symlink():
+            with contextlib.suppress(OSError), open(partial / PARTIAL_LOCK) as lock:
+                if _abandoned(partial / PARTIAL_LOCK, lock):
+                    log.info("removing %s, left by a conversion that did not finish", partial)
+                    shutil.rmtree(partial, ignore_errors=True)  # the lock held: the folder is this process's now
 
 
-def _abandoned(partial: Path) -> bool:
-    try:
-        with open(partial / PARTIAL_LOCK) as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-    except OSError:  # no lock file, or its lock held
-        return False
+def _abandoned(path: Path, lock: IO) -> bool:
+    """Whether this process took the lock on ``lock`` (``path`` opened) while ``path`` still names it: a lock taken
+    after its converter removed the file (about to publish the folder) is no sign that it died. OSError when the
+    lock is held or the file gone."""
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return os.path.samestat(os.fstat(lock.fileno()), os.stat(path))
 
 
 def publish(partial: Path, out_dir: Path) -> Path:

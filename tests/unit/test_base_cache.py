@@ -1,5 +1,7 @@
 """Publishing the converted base model's cache when several processes convert it at once, and removing what a
 killed conversion left (service.model.base_model)."""
+import contextlib
+import logging
 import signal
 import subprocess
 import sys
@@ -7,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from service.model.base_model import PARTIAL_LOCK, converting, publish, remove_abandoned_partials
+from service.model.base_model import PARTIAL_LOCK, _abandoned, converting, publish, remove_abandoned_partials
 
 
 def folder(path, text):
@@ -81,3 +83,26 @@ def test_only_partial_folders_with_a_free_lock_are_removed(tmp_path):
     (abandoned / PARTIAL_LOCK).write_text("")
     remove_abandoned_partials(cache)
     assert cache.exists() and lockless.exists() and other.exists() and not abandoned.exists()
+
+
+def test_a_lock_taken_after_its_converter_let_go_to_publish_is_no_sign_of_death(tmp_path):
+    """A remover that opened the lock file just before the converter removed it, and took the lock just after the
+    converter let go (to publish the folder), had removed the finished folder, failing that start or emptying the
+    cache mid-publish (review)."""
+    partial = tmp_path / "base.partial-5-ab"
+    with contextlib.ExitStack() as remover:
+        with converting(partial):
+            (partial / "config.json").write_text("mine")
+            opened = remover.enter_context(open(partial / PARTIAL_LOCK))  # before the converter's last step
+        with pytest.raises(FileNotFoundError):
+            _abandoned(partial / PARTIAL_LOCK, opened)
+    assert publish(partial, tmp_path / "base").joinpath("config.json").read_text() == "mine"
+
+
+def test_a_link_named_as_a_partial_folder_is_left_alone(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="service.model.base_model")
+    target = folder(tmp_path / "elsewhere", "kept")
+    (target / PARTIAL_LOCK).write_text("")
+    (tmp_path / "base.partial-6-ab").symlink_to(target)
+    remove_abandoned_partials(tmp_path / "base")
+    assert (target / "config.json").exists() and "removing" not in caplog.text
