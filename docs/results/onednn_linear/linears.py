@@ -1,5 +1,6 @@
 """All 211 linear layers of SmolLM2-135M (the tied LM head included) once each, at m input rows, with MKL (F.linear)
-and with oneDNN (torch.ops.mkldnn._linear_pointwise), alternated, two rounds: ms per pass.
+and with oneDNN (torch.ops.mkldnn._linear_pointwise), alternated, two rounds: ms per pass. 190 rows is about one
+SQuAD prompt.
 
     HF_HUB_OFFLINE=1 python docs/results/onednn_linear/linears.py
 """
@@ -16,7 +17,7 @@ weights = [module.weight for module in model.modules() if isinstance(module, tor
 BACKENDS = {"mkl": lambda x, w: F.linear(x, w),
             "onednn": lambda x, w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")}
 with torch.no_grad():
-    for rows in (1, 8):
+    for rows in (1, 8, 190):
         inputs = {width: torch.randn(rows, width) for width in (576, 1536)}
         for name in [*BACKENDS, *BACKENDS]:
             product = BACKENDS[name]
