@@ -45,8 +45,9 @@ class OneDnnLinear(nn.Linear):
         bias = self.bias
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad
                                                   or (bias is not None and bias.requires_grad))
+        plain_bias = bias is None or (bias.dtype == torch.float32 and bias.is_contiguous())
         return (0 < rows <= MOST_ROWS and x.shape[-1] == self.in_features and self.weight.is_cpu
-                and x.dtype == self.weight.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32 and bias.is_contiguous())
+                and x.dtype == self.weight.dtype == torch.float32 and plain_bias
                 and not needs_grad and not torch.is_autocast_enabled("cpu"))
 
 
