@@ -39,8 +39,16 @@ class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class BriefErrors(argparse.ArgumentParser):
+    """A parser whose usage errors are one line that points to ``--help``, not argparse's usage block first (serve's
+    is 28 lines, with the error at their end). Its subparsers are of its class (``add_subparsers``' default)."""
+
+    def error(self, message: str):  # argparse's hook: print and exit with status 2
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="loraswap", description="Serve many LoRA adapters on one frozen base model; "
+    parser = BriefErrors(prog="loraswap", description="Serve many LoRA adapters on one frozen base model; "
                                      "train, evaluate and benchmark them.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     prefix = Settings.model_config["env_prefix"]

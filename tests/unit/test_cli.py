@@ -187,3 +187,19 @@ def test_an_eval_report_records_the_sampling_parameters_its_strategy_read(strate
     sampling_options(args)
     report = eval_report(args, {})
     assert {"temperature", "top_k", "top_p"} & set(report) == recorded
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["serve", "--max-batch", "x"], "loraswap serve: error: argument --max-batch: invalid int value: 'x'"),
+    (["serve", "--no-such-flag"], "loraswap: error: unrecognized arguments: --no-such-flag (see loraswap --help)"),
+    (["eval", "--task", "nope"], "loraswap eval: error: argument --task: invalid choice: 'nope'"),
+    (["nope"], "loraswap: error: argument command: invalid choice: 'nope'"),
+    ([], "loraswap: error: the following arguments are required: command (see loraswap --help)"),
+])
+def test_a_malformed_command_line_is_one_line_that_points_to_help(argv, message, capsys):
+    """argparse printed its usage block first: 28 lines for serve, the error at their end."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith(message) and err.count("\n") == 1
+    assert err.endswith("--help)\n")
