@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from service.engine.kv_cache import row_bucket
+
 MOST_ROWS = 64  # inputs of more rows (tokens of all sequences together) take MKL
 
 
@@ -34,7 +36,7 @@ class OneDnnLinear(nn.Linear):
         rows = x.numel() // self.in_features if self.in_features else 0
         if not self._takes(x, rows):
             return F.linear(x, self.weight, self.bias)
-        flat, bucket = x.reshape(rows, self.in_features), 1 << (rows - 1).bit_length()
+        flat, bucket = x.reshape(rows, self.in_features), row_bucket(rows)
         padded = flat if bucket == rows else F.pad(flat, (0, 0, 0, bucket - rows))  # [bucket, in]
         out = torch.ops.mkldnn._linear_pointwise(padded, self.weight, self.bias, "none", [], "")
         return out[:rows].view(*x.shape[:-1], self.out_features)
