@@ -93,9 +93,10 @@ def remove_abandoned_partials(out_dir: Path) -> None:
     about 540 MB): those whose lock file nobody holds. One still being made, or being published, has no lock file
     (yet, or any more) and stays; so does one whose lock is held, and a link."""
     for partial in out_dir.parent.glob(f"{out_dir.name}.partial-*"):
+        lock_file = partial / PARTIAL_LOCK
         if partial.is_dir() and not partial.is_symlink():
-            with contextlib.suppress(OSError), open(partial / PARTIAL_LOCK) as lock:
-                if _abandoned(partial / PARTIAL_LOCK, lock):
+            with contextlib.suppress(OSError), open(lock_file) as lock:
+                if _abandoned(lock_file, lock):
                     log.info("removing %s, left by a conversion that did not finish", partial)
                     shutil.rmtree(partial, ignore_errors=True)  # the lock held: the folder is this process's now
 
