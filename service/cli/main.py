@@ -49,7 +49,7 @@ class BriefErrors(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = BriefErrors(prog="loraswap", description="Serve many LoRA adapters on one frozen base model; "
-                                     "train, evaluate and benchmark them.")
+                         "train, evaluate and benchmark them.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     prefix = Settings.model_config["env_prefix"]
     serve = subparsers.add_parser("serve", help="run the HTTP service", formatter_class=DefaultsHelp,
