@@ -25,7 +25,7 @@ ENGINE_PARTS = [  # (category, markers): the first category, in this order, whos
     ("finishing (detokenize, publish)", ("Engine._finish (", "RunningBatch.publish (")),
 ]
 MODEL_PARTS = [  # (component, markers), searched from the leaf up: the innermost match decides
-    ("base matmuls", ("Linear.forward (torch/nn/modules/linear.py",)),
+    ("base matmuls", ("Linear.forward (torch/nn/modules/linear.py", "(service/model/onednn_linear.py")),
     ("LoRA", ("(service/lora/layers.py",)),
     ("attention", ("(service/engine/attention.py", "sdpa_attention", "eager_attention_forward")),
     ("KV cache", ("(transformers/cache_utils.py", "(service/engine/kv_cache.py")),

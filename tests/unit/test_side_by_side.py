@@ -309,6 +309,7 @@ CALL = ("Module._wrapped_call_impl (torch/nn/modules/module.py:1778)",
 LAYER = ("LlamaModel.forward (transformers/models/llama/modeling_llama.py:400)", *CALL,
          "LlamaDecoderLayer.forward (transformers/models/llama/modeling_llama.py:297)", *CALL)
 LINEAR = "Linear.forward (torch/nn/modules/linear.py:134)"
+ONEDNN = "OneDnnLinear.forward (service/model/onednn_linear.py:42)"  # the base's linears on the CPU
 LORA = "BatchedLoraLayer.forward (service/lora/layers.py:184)"
 LOOP = ("<module> (loraswap:8)", "main (service/cli/main.py:98)", "Server.run (uvicorn/server.py:86)",
         "BaseEventLoop.run_forever (asyncio/base_events.py:607)",
@@ -322,6 +323,11 @@ LOOP = ("<module> (loraswap:8)", "main (service/cli/main.py:98)", "Server.run (u
     ((*DECODE, *LAYER, "LlamaAttention.forward (transformers/models/llama/modeling_llama.py:245)", *CALL, LORA,
       "BatchedLoraLayer._grouped (service/lora/layers.py:205)"), "decoding step: LoRA"),
     ((*DECODE, *CALL, LINEAR), "decoding step: LM head matmul"),
+    ((*PREFILL, *LAYER, "LlamaMLP.forward (transformers/models/llama/modeling_llama.py:165)", *CALL, LORA, *CALL,
+      ONEDNN), "prefill: base matmuls"),
+    ((*DECODE, *LAYER, "LlamaAttention.forward (transformers/models/llama/modeling_llama.py:245)", *CALL, LORA, *CALL,
+      ONEDNN), "decoding step: base matmuls"),
+    ((*DECODE, *CALL, ONEDNN), "decoding step: LM head matmul"),
     ((*PREFILL, *LAYER, "LlamaAttention.forward (transformers/models/llama/modeling_llama.py:258)",
       "packed_gqa_attention (service/engine/attention.py:28)"), "prefill: attention"),
     ((*PREFILL, *LAYER, "LlamaAttention.forward (transformers/models/llama/modeling_llama.py:252)",
