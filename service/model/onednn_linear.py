@@ -1,21 +1,27 @@
-"""The base's float32 linear layers on the CPU: inputs of few rows (decoding steps) through oneDNN, not MKL.
+"""The base's float32 linear layers on the CPU through oneDNN, not MKL.
 
 torch 2.13's CPU wheel computes a float32 ``F.linear`` with Intel MKL's sgemm, which takes slow paths on AMD CPUs.
 On an AMD EPYC host (2 vCPUs, AVX-512), all of SmolLM2-135M's linear layers took 55-56 ms for one row and 71-72 ms
-for eight with MKL, against 38-42 and 51-53 ms through oneDNN (``docs/results/onednn_linear/linears.txt``).
+for eight with MKL, against 38-42 and 51-53 ms through oneDNN (``docs/results/onednn_linear/linears.txt``); its
+layers bar the LM head took 286-303 ms for 190 rows (a prompt), 1.15-1.52 s for 800 and 2.06-2.09 s for 1,500 with
+MKL, against 236-257 ms, 0.89-1.06 s and 1.74-1.75 s (``prompt_rows.txt`` beside it).
 ``torch.ops.mkldnn._linear_pointwise`` is the op torch's own compiler (inductor) emits for frozen CPU linears; it
 reads the weight as it is, with no packed copy, so the weights' memory, their pages of the model file
 (``file_pages``) and merges into them are unchanged. Its results differ from MKL's in float32 rounding only (about
 1e-6 relative).
 
-oneDNN builds a kernel for each input shape it meets and keeps it: about 1 ms and 0.6 MB of memory per shape there,
-0.3 MB with its primitive cache off, never given back (``kernel_memory.txt`` beside it). Prompts come in any number
-of rows: sent to oneDNN too, they grew a server's peak RSS from 1.23 to 1.40 GB over one side-by-side run
-(``caching_off_unbounded.md``), for 1.3x on a prompt of 190 rows (``linears.txt``). So only inputs of at most
-``MOST_ROWS`` rows (decoding steps, and prompts of that many tokens in all) go to oneDNN, their rows padded to a power
-of two: at most seven row counts per layer shape.
+oneDNN builds a kernel for each input shape it meets and keeps it, with memory of its own (about 0.6 MB for a
+[1536, 576] weight; more for inputs of hundreds of rows), in two caches of 1,024 entries each by default: oneDNN's
+primitive cache (``ONEDNN_PRIMITIVE_CACHE_CAPACITY``) and ideep's (``LRU_CACHE_CAPACITY``). Prompts come in any
+number of rows, and 300 prompts of 65-700 rows over SmolLM2's four layer shapes grew RSS by 595 MB with those
+defaults, by 89-97 MB with both caches bounded to ``KERNEL_CACHE`` entries (``prompt_kernel_memory.txt``). So
+``use_onednn`` bounds them, where the environment does not say otherwise, before the process's first oneDNN call
+(both are read then). Decoding steps keep their kernels: inputs of at most ``MOST_ROWS`` rows are padded to a power
+of two (at most seven row counts per layer shape, used every step, so the least recently used entries are prompts').
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -23,20 +29,21 @@ from torch import nn
 
 from service.engine.kv_cache import row_bucket
 
-MOST_ROWS = 64  # inputs of more rows (tokens of all sequences together) take MKL
+MOST_ROWS = 64  # inputs of at most this many rows (decoding steps) are padded to a power of two; more go as they are
+KERNEL_CACHE = 64  # kernels oneDNN keeps: decoding steps' (7 row counts x SmolLM2's 5 layer shapes) and prompts'
 
 
 class OneDnnLinear(nn.Linear):
-    """An ``nn.Linear`` that computes float32 inputs of at most ``MOST_ROWS`` rows on the CPU with oneDNN's inner
-    product: x [..., in] to [..., out], as ``F.linear``. Everything else takes ``F.linear``: more rows (or none),
-    other dtypes, a weight moved off the CPU, autocast, a non-contiguous bias (the op reads it as contiguous), and
-    anything that needs gradients (the op has no backward)."""
+    """An ``nn.Linear`` that computes float32 inputs on the CPU with oneDNN's inner product: x [..., in] to
+    [..., out], as ``F.linear``. Everything else takes ``F.linear``: no rows, other dtypes, a weight moved off the
+    CPU, autocast, a non-contiguous bias (the op reads it as contiguous), and anything that needs gradients (the op
+    has no backward)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features if self.in_features else 0
         if not self._takes(x, rows):
             return F.linear(x, self.weight, self.bias)
-        flat, bucket = x.reshape(rows, self.in_features), row_bucket(rows)
+        flat, bucket = x.reshape(rows, self.in_features), row_bucket(rows) if rows <= MOST_ROWS else rows
         padded = flat if bucket == rows else F.pad(flat, (0, 0, 0, bucket - rows))  # [bucket, in]
         out = torch.ops.mkldnn._linear_pointwise(padded, self.weight, self.bias, "none", [], "")
         return out[:rows].view(*x.shape[:-1], self.out_features)
@@ -48,17 +55,26 @@ class OneDnnLinear(nn.Linear):
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad
                                                   or (bias is not None and bias.requires_grad))
         plain_bias = bias is None or (bias.dtype == torch.float32 and bias.is_contiguous())
-        return (0 < rows <= MOST_ROWS and x.shape[-1] == self.in_features and self.weight.is_cpu
+        return (rows > 0 and x.shape[-1] == self.in_features and self.weight.is_cpu
                 and x.dtype == self.weight.dtype == torch.float32 and plain_bias
                 and not needs_grad and not torch.is_autocast_enabled("cpu"))
 
 
 def use_onednn(model: nn.Module) -> int:
     """Make every plain ``nn.Linear`` of a model on the CPU a ``OneDnnLinear`` (its class is swapped: weights, tied
-    ones included, hooks and wrappers stay as they are); nothing where torch lacks oneDNN. Returns how many."""
+    ones included, hooks and wrappers stay as they are), and bound oneDNN's kernel caches (``bound_kernel_caches``);
+    nothing where torch lacks oneDNN. Returns how many."""
     if not torch.backends.mkldnn.is_available():
         return 0
+    bound_kernel_caches()
     linears = [module for module in model.modules() if type(module) is nn.Linear and module.weight.device.type == "cpu"]
     for module in linears:
         module.__class__ = OneDnnLinear
     return len(linears)
+
+
+def bound_kernel_caches() -> None:
+    """Bound oneDNN's and ideep's kernel caches to ``KERNEL_CACHE`` entries each, where the environment does not set
+    them. Only the process's first oneDNN call reads them: after it, this changes nothing."""
+    for variable in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
+        os.environ.setdefault(variable, str(KERNEL_CACHE))

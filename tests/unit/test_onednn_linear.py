@@ -1,13 +1,15 @@
 """The base's linear layers through oneDNN on the CPU: what load_base makes of them, and that they compute F.linear."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from service.model.base_model import load_base
-from service.model.onednn_linear import MOST_ROWS, OneDnnLinear, use_onednn
+from service.model.onednn_linear import KERNEL_CACHE, MOST_ROWS, OneDnnLinear, use_onednn
 from service.settings import Settings
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
@@ -24,7 +26,8 @@ INPUTS = {
     "offset": lambda: torch.randn(2000)[3:3 + 48 * 9].view(9, 48),
     "the most rows": lambda: torch.randn(MOST_ROWS, 48),
     "the most rows as tokens": lambda: torch.randn(2, MOST_ROWS // 2, 48),
-    "a row too many": lambda: torch.randn(MOST_ROWS + 1, 48),
+    "a row over the most": lambda: torch.randn(MOST_ROWS + 1, 48),
+    "a prompt": lambda: torch.randn(3, 100, 48),
 }
 ONEDNN_OP = "mkldnn::_linear_pointwise"
 
@@ -47,24 +50,44 @@ def test_it_computes_f_linear(shape, bias):
     torch.testing.assert_close(got, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
 
 
-def ops_run(layer: nn.Module, x: torch.Tensor) -> set[str]:
-    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+def onednn_inputs(layer: nn.Module, x: torch.Tensor) -> list[list[int]]:
+    """The input shapes of the oneDNN op's calls while ``layer`` computes ``x``."""
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                                 record_shapes=True) as profile:
         layer(x)
-    return {event.name for event in profile.events()}
+    return [event.input_shapes[0] for event in profile.events() if event.name == ONEDNN_OP]
 
 
-@pytest.mark.parametrize("rows", [1, 3, 8, 37, MOST_ROWS])
-def test_inputs_of_few_rows_go_to_onednn(rows):
-    assert ONEDNN_OP in ops_run(onednn_linear(bias=True), torch.randn(rows, 48))
+@pytest.mark.parametrize("rows, padded", [(1, 1), (3, 4), (37, 64), (MOST_ROWS, MOST_ROWS), (MOST_ROWS + 1, 65),
+                                          (300, 300)])
+def test_decoding_steps_rows_are_padded_to_a_power_of_two_and_prompts_go_as_they_are(rows, padded):
+    """Few rows (decoding steps) meet at most seven row counts per layer shape, each a kernel oneDNN keeps; prompts'
+    row counts are many, and padding them would cost compute for nothing (the kernel caches are bounded)."""
+    assert onednn_inputs(onednn_linear(bias=True), torch.randn(rows, 48)) == [[padded, 48]]
 
 
-@pytest.mark.parametrize("shape", [(MOST_ROWS + 1, 48), (2, MOST_ROWS, 48), (0, 48)])
-def test_inputs_of_more_rows_take_f_linear_exactly(shape):
-    """Prompts: their row counts are many, and oneDNN keeps a kernel (and memory) for each one it meets."""
-    layer, x = onednn_linear(bias=True), torch.randn(shape)
-    assert ONEDNN_OP not in ops_run(layer, x)
+def test_no_rows_take_f_linear_exactly():
+    layer, x = onednn_linear(bias=True), torch.randn(0, 48)
+    assert onednn_inputs(layer, x) == []
     with torch.no_grad():
         assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
+CACHES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
+
+
+def test_onednn_kernel_caches_are_bounded_unless_the_environment_says(monkeypatch):
+    """Unbounded (1,024 entries each), they grew RSS by 595 MB over 300 prompts; the environment's own bound
+    stands."""
+    for variable in CACHES:
+        monkeypatch.setenv(variable, "")  # recorded, so that the test's own values go at its end
+        monkeypatch.delenv(variable)
+    onednn_linear(bias=False)
+    assert [os.environ[variable] for variable in CACHES] == [str(KERNEL_CACHE)] * 2
+    monkeypatch.setenv(CACHES[0], "7")
+    monkeypatch.setenv(CACHES[1], "0")
+    onednn_linear(bias=False)
+    assert [os.environ[variable] for variable in CACHES] == ["7", "0"]
 
 
 def test_an_input_of_the_wrong_width_gets_f_linears_error():
@@ -150,6 +173,7 @@ def test_load_base_on_the_cpu_computes_linears_with_onednn(base, request):
     assert linears and all(type(module) is OneDnnLinear for module in linears)
     tied = model.lm_head.weight is model.get_input_embeddings().weight
     assert tied == (base == "tiny_gpt2_dir")
-    ids = torch.randint(3, 200, (2, 9))  # 18 rows: under MOST_ROWS
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, stock(ids).logits, rtol=1e-4, atol=1e-4)
+    for shape in ((2, 9), (2, 40)):  # 18 rows, a decoding step's size; 80, a prompt's
+        ids = torch.randint(3, 200, shape)
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids).logits, stock(ids).logits, rtol=1e-4, atol=1e-4)
