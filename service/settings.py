@@ -98,6 +98,8 @@ class Settings(BaseSettings):
         f"None: {CPU_PREFILL_TOKENS} on the CPU, no bound on a GPU (memory is not short there, and fewer, larger "
         "passes are faster)")
     cuda_graphs: bool = Field(True, description="replay decoding steps as CUDA graphs (GPU only)")
+    onednn: bool = Field(True, description="compute the base's float32 linear layers with oneDNN, not MKL (CPU only; "
+                         "1.2-1.4x on an AMD EPYC host, not measured on Intel's: docs/benchmarks.md)")
     prefix_cache_bytes: int = Field(
         256 * 2**20, ge=0, description="bytes of prompt keys and values kept for reuse by later prompts that begin "
         "with the same tokens for the same adapter (least recently used dropped first); 0 turns prefix caching off")

@@ -161,7 +161,7 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def load_base(settings: Settings) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load the frozen base model (optionally NF4-quantized) and its tokenizer, in eval mode; on the CPU its linear
-    layers compute through oneDNN (``onednn_linear``)."""
+    layers compute through oneDNN (``onednn_linear``) unless ``settings.onednn`` is off."""
     base_dir = resolve_base_dir(settings.base_model, settings.cache_dir)
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device)
@@ -178,7 +178,8 @@ def load_base(settings: Settings) -> tuple[PreTrainedModel, PreTrainedTokenizerB
     if settings.quantize == "none":
         model.to(device)
     model.eval().requires_grad_(False)
-    use_onednn(model)
+    if settings.onednn:
+        use_onednn(model)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

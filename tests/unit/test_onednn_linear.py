@@ -177,3 +177,9 @@ def test_load_base_on_the_cpu_computes_linears_with_onednn(base, request):
         ids = torch.randint(3, 200, shape)
         with torch.no_grad():
             torch.testing.assert_close(model(ids).logits, stock(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_load_base_without_onednn_keeps_torchs_linears(tiny_llama_dir):
+    model, _ = load_base(Settings(base_model=str(tiny_llama_dir), device="cpu", onednn=False))
+    linears = [module for module in model.modules() if isinstance(module, nn.Linear)]
+    assert linears and all(type(module) is nn.Linear for module in linears)
