@@ -79,6 +79,17 @@ def check_device(name: str) -> None:
         raise UsageError(f"device: {exc}") from None
 
 
+def check_onednn(settings: Settings) -> None:
+    """UsageError where the environment would crash oneDNN's linear layers (``onednn_linear.bound_kernel_caches``)."""
+    if settings.onednn:
+        from service.model.onednn_linear import bound_kernel_caches
+
+        try:
+            bound_kernel_caches()
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:  # the options' defaults read the LORASWAP_ environment variables
@@ -92,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             settings = settings_from(args)
             check_device(settings.device)
+            check_onednn(settings)
             if argv is None:  # this process is the server from its start (not a caller's, as in tests)
                 server_process.prepare(settings.quantize)
             from service.http.server import serve

@@ -22,6 +22,7 @@ of two (at most seven row counts per layer shape, used every step, so the least 
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,7 @@ from service.engine.kv_cache import row_bucket
 
 MOST_ROWS = 64  # inputs of at most this many rows (decoding steps) are padded to a power of two; more go as they are
 KERNEL_CACHE = 64  # kernels oneDNN keeps: decoding steps' (7 row counts x SmolLM2's 5 layer shapes) and prompts'
+CACHES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")  # oneDNN's primitive cache, ideep's
 
 
 class OneDnnLinear(nn.Linear):
@@ -74,7 +76,14 @@ def use_onednn(model: nn.Module) -> int:
 
 
 def bound_kernel_caches() -> None:
-    """Bound oneDNN's and ideep's kernel caches to ``KERNEL_CACHE`` entries each, where the environment does not set
-    them. Only the process's first oneDNN call reads them: after it, this changes nothing."""
-    for variable in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
+    """Bound oneDNN's and ideep's kernel caches (``CACHES``) to ``KERNEL_CACHE`` entries each, where the environment
+    does not set them. Only the process's first oneDNN call reads them: after it, this changes nothing. ValueError
+    where ``LRU_CACHE_CAPACITY`` reads as 0 (ideep reads it as C's ``atoi`` does: "0", "00", "abc"): torch 2.13's
+    oneDNN linear then kills the process with a segmentation fault at its first call."""
+    for variable in CACHES:
         os.environ.setdefault(variable, str(KERNEL_CACHE))
+    value = os.environ["LRU_CACHE_CAPACITY"]
+    number = re.match(r"\s*([+-]?\d+)", value)
+    if number is None or int(number.group(1)) == 0:
+        raise ValueError(f"LRU_CACHE_CAPACITY={value!r} reads as 0, which crashes torch's oneDNN linear layers (a "
+                         "segmentation fault): set it to 1 or more, or unset it, or turn oneDNN off (--no-onednn)")

@@ -5,7 +5,8 @@ import argparse
 
 import pytest
 
-from service.cli.main import main
+from service.cli.main import check_onednn, main
+from service.settings import Settings
 from tests.data.make_corpus import SQUAD_SAMPLE
 
 
@@ -203,3 +204,14 @@ def test_a_malformed_command_line_is_one_line_that_points_to_help(argv, message,
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.startswith(message) and err.count("\n") == 1
     assert err.endswith("--help)\n")
+
+
+def test_serve_refuses_an_lru_cache_capacity_that_crashes_onednn(monkeypatch, capsys):
+    """LRU_CACHE_CAPACITY=0 would kill the server with a segmentation fault at its first forward pass: refused before
+    anything loads. Without oneDNN it is not read."""
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "0")
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.startswith("loraswap serve: error: LRU_CACHE_CAPACITY='0' reads as 0")
+    check_onednn(Settings(onednn=False))

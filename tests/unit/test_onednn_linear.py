@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from service.model.base_model import load_base
-from service.model.onednn_linear import KERNEL_CACHE, MOST_ROWS, OneDnnLinear, use_onednn
+from service.model.onednn_linear import CACHES, KERNEL_CACHE, MOST_ROWS, OneDnnLinear, use_onednn
 from service.settings import Settings
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
@@ -73,9 +73,6 @@ def test_no_rows_take_f_linear_exactly():
         assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
 
 
-CACHES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
-
-
 def test_onednn_kernel_caches_are_bounded_unless_the_environment_says(monkeypatch):
     """Unbounded (1,024 entries each), they grew RSS by 595 MB over 300 prompts; the environment's own bound
     stands."""
@@ -85,9 +82,24 @@ def test_onednn_kernel_caches_are_bounded_unless_the_environment_says(monkeypatc
     onednn_linear(bias=False)
     assert [os.environ[variable] for variable in CACHES] == [str(KERNEL_CACHE)] * 2
     monkeypatch.setenv(CACHES[0], "7")
-    monkeypatch.setenv(CACHES[1], "0")
+    monkeypatch.setenv(CACHES[1], "9")
     onednn_linear(bias=False)
-    assert [os.environ[variable] for variable in CACHES] == ["7", "0"]
+    assert [os.environ[variable] for variable in CACHES] == ["7", "9"]
+
+
+@pytest.mark.parametrize("value", ["0", "00", " 0", "abc", "", "+0"])
+def test_an_lru_cache_capacity_read_as_zero_is_refused(monkeypatch, value):
+    """ideep reads it with atoi; at 0, torch 2.13's oneDNN linear dies of a segmentation fault at its first call."""
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", value)
+    with pytest.raises(ValueError, match="segmentation fault"):
+        use_onednn(nn.Sequential(nn.Linear(4, 4)))
+
+
+@pytest.mark.parametrize("value", ["1", "-1", " 7", "12abc"])
+def test_an_lru_cache_capacity_read_as_another_number_is_kept(monkeypatch, value):
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", value)
+    assert use_onednn(nn.Sequential(nn.Linear(4, 4))) == 1
+    assert os.environ["LRU_CACHE_CAPACITY"] == value
 
 
 def test_an_input_of_the_wrong_width_gets_f_linears_error():
