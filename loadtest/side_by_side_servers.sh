@@ -11,6 +11,7 @@ set -uo pipefail
 caching=$1; out=$(realpath -m "$2"); shift 2
 llamacpp=${LLAMACPP:-/tmp/llamacpp}
 python=$(command -v "${PYTHON:-python}") || { echo "no python: ${PYTHON:-python}" >&2; exit 1; }
+[[ $python = /* ]] || python=$PWD/$python  # the servers run from their trees
 flags=(--lora gguf/squad-f32.gguf,gguf/nli-f32.gguf --lora-init-without-apply -t 2 -np 8 -c 8192 --host 127.0.0.1)
 options=()
 case $caching in

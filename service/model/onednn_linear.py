@@ -14,7 +14,8 @@ oneDNN builds a kernel for each input shape it meets and keeps it, with memory o
 [1536, 576] weight; more for inputs of hundreds of rows), in two caches of 1,024 entries each by default: oneDNN's
 primitive cache (``ONEDNN_PRIMITIVE_CACHE_CAPACITY``) and ideep's (``LRU_CACHE_CAPACITY``). Prompts come in any
 number of rows, and 300 prompts of 65-700 rows over SmolLM2's four layer shapes grew RSS by 595 MB with those
-defaults, by 89-97 MB with both caches bounded to ``KERNEL_CACHE`` entries (``prompt_kernel_memory.txt``). So
+defaults, by 89-97 MB with both caches bounded to ``KERNEL_CACHE`` entries, by 417 MB with oneDNN's alone bounded
+(``prompt_kernel_memory.txt``). So
 ``use_onednn`` bounds them, where the environment does not say otherwise, before the process's first oneDNN call
 (both are read then). Decoding steps keep their kernels: inputs of at most ``MOST_ROWS`` rows are padded to a power
 of two (at most seven row counts per layer shape, used every step, so the least recently used entries are prompts').
@@ -33,6 +34,7 @@ from service.engine.kv_cache import row_bucket
 MOST_ROWS = 64  # inputs of at most this many rows (decoding steps) are padded to a power of two; more go as they are
 KERNEL_CACHE = 64  # kernels oneDNN keeps: decoding steps' (7 row counts x SmolLM2's 5 layer shapes) and prompts'
 CACHES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")  # oneDNN's primitive cache, ideep's
+LEGACY = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "DNNL_PRIMITIVE_CACHE_CAPACITY"}  # an older name oneDNN still reads
 
 
 class OneDnnLinear(nn.Linear):
@@ -77,11 +79,13 @@ def use_onednn(model: nn.Module) -> int:
 
 def bound_kernel_caches() -> None:
     """Bound oneDNN's and ideep's kernel caches (``CACHES``) to ``KERNEL_CACHE`` entries each, where the environment
-    does not set them. Only the process's first oneDNN call reads them: after it, this changes nothing. ValueError
-    where ``LRU_CACHE_CAPACITY`` reads as 0 (ideep reads it as C's ``atoi`` does: "0", "00", "abc"): torch 2.13's
-    oneDNN linear then kills the process with a segmentation fault at its first call."""
+    does not set them (under either of oneDNN's names, ``LEGACY``). Only the process's first oneDNN call reads them:
+    after it, this changes nothing. ValueError where ``LRU_CACHE_CAPACITY`` reads as 0 (ideep reads it as C's
+    ``atoi`` does: "0", "00", "abc"): torch 2.13's oneDNN linear then kills the process with a segmentation fault at
+    its first call."""
     for variable in CACHES:
-        os.environ.setdefault(variable, str(KERNEL_CACHE))
+        if LEGACY.get(variable, variable) not in os.environ:
+            os.environ.setdefault(variable, str(KERNEL_CACHE))
     value = os.environ["LRU_CACHE_CAPACITY"]
     number = re.match(r"\s*([+-]?\d+)", value)
     if number is None or int(number.group(1)) == 0:

@@ -87,6 +87,16 @@ def test_onednn_kernel_caches_are_bounded_unless_the_environment_says(monkeypatc
     assert [os.environ[variable] for variable in CACHES] == ["7", "9"]
 
 
+def test_onednns_older_name_for_its_cache_bound_stands(monkeypatch):
+    for variable in CACHES:
+        monkeypatch.setenv(variable, "")
+        monkeypatch.delenv(variable)
+    monkeypatch.setenv("DNNL_PRIMITIVE_CACHE_CAPACITY", "1024")
+    onednn_linear(bias=False)
+    assert "ONEDNN_PRIMITIVE_CACHE_CAPACITY" not in os.environ  # oneDNN would read it first
+    assert os.environ["LRU_CACHE_CAPACITY"] == str(KERNEL_CACHE)
+
+
 @pytest.mark.parametrize("value", ["0", "00", " 0", "abc", "", "+0"])
 def test_an_lru_cache_capacity_read_as_zero_is_refused(monkeypatch, value):
     """ideep reads it with atoi; at 0, torch 2.13's oneDNN linear dies of a segmentation fault at its first call."""

@@ -1,9 +1,9 @@
 """Resident memory (MB over the start) as oneDNN meets prompts: 300 prompts of 65-700 rows (seeded), each through
 SmolLM2's four layer shapes, each followed by decoding steps of 1, 2, 4 and 8 rows, with oneDNN's and ideep's kernel
-caches at their defaults (1,024 entries each), bounded to N entries each, or bounded only after the first oneDNN call
-("late": no effect, both are read then).
+caches at their defaults (1,024 entries each), bounded to N entries each, oneDNN's alone bounded ("onednn:N"), or
+both bounded only after the first oneDNN call ("late": no effect, both are read then).
 
-    python docs/results/onednn_linear/prompt_kernel_memory.py default|N|late
+    python docs/results/onednn_linear/prompt_kernel_memory.py default|N|onednn:N|late
 """
 import os
 import random
@@ -28,7 +28,9 @@ def product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 setting = sys.argv[1]
 if setting == "late":
     product(torch.randn(3, 8), torch.randn(4, 8))
-if setting != "default":
+if setting.startswith("onednn:"):
+    os.environ[CACHES[0]] = setting.removeprefix("onednn:")
+elif setting != "default":
     os.environ.update(dict.fromkeys(CACHES, "64" if setting == "late" else setting))
 weights = [torch.randn(out, width) for out, width in ((576, 576), (192, 576), (1536, 576), (576, 1536))]
 random.seed(0)
