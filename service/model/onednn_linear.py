@@ -15,10 +15,14 @@ oneDNN builds a kernel for each input shape it meets and keeps it, with memory o
 primitive cache (``ONEDNN_PRIMITIVE_CACHE_CAPACITY``) and ideep's (``LRU_CACHE_CAPACITY``). Prompts come in any
 number of rows, and 300 prompts of 65-700 rows over SmolLM2's four layer shapes grew RSS by 595 MB with those
 defaults, by 89-97 MB with both caches bounded to ``KERNEL_CACHE`` entries, by 417 MB with oneDNN's alone bounded
-(``prompt_kernel_memory.txt``). So
-``use_onednn`` bounds them, where the environment does not say otherwise, before the process's first oneDNN call
-(both are read then). Decoding steps keep their kernels: inputs of at most ``MOST_ROWS`` rows are padded to a power
-of two (at most seven row counts per layer shape, used every step, so the least recently used entries are prompts').
+(``prompt_kernel_memory.txt``). So ``use_onednn`` bounds both, where the environment does not say otherwise, before
+the process's first oneDNN call (both are read then). Decoding steps keep their kernels: inputs of at most
+``MOST_ROWS`` rows are padded to a power of two (at most seven row counts per layer shape, used every step, so the
+least recently used entries are prompts').
+
+oneDNN runs even a one-row product on every thread of torch's team, where MKL runs it on one: with another process
+busy on one of two cores, a decoding step's layers took 4x as long through oneDNN, not longer through MKL, and
+neither slowed with ``OMP_NUM_THREADS=1`` (``contention.txt``). The setting ``onednn`` turns it off.
 """
 from __future__ import annotations
 
