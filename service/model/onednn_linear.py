@@ -22,7 +22,8 @@ least recently used entries are prompts').
 
 oneDNN runs even a one-row product on every thread of torch's team, where MKL runs it on one: with another process
 busy on one of two cores, a decoding step's layers took 4x as long through oneDNN, not longer through MKL, and
-neither slowed with ``OMP_NUM_THREADS=1`` (``contention.txt``). The setting ``onednn`` turns it off.
+neither slowed with ``OMP_NUM_THREADS=1`` (``contention.txt``); a whole server slowed as much either way, its
+prompts using both threads (``busy_core.md``). The setting ``onednn`` turns it off.
 """
 from __future__ import annotations
 
