@@ -83,6 +83,10 @@ PREFIX_CACHE_QUERY_TOKENS = Counter(
     "request's prompt, and each prefix that several prompts admitted together share (run once, in a pass of its own)")
 PREFIX_CACHE_HIT_TOKENS = Counter("loraswap_prefix_cache_hit_tokens", "Prompt tokens of prefill passes whose keys and "
                                   "values came from the prefix cache; query tokens less these were computed")
+DRAFT_TOKENS = Counter("loraswap_draft_tokens", "Draft tokens decoding steps fed generations after their last token "
+                       "(speculative decoding: the draft_tokens setting)")
+ACCEPTED_DRAFT_TOKENS = Counter("loraswap_accepted_draft_tokens", "Draft tokens generations took (the token their own "
+                                "strategy picked agreed): each saved a decoding step")
 PREFIX_CACHE_BYTES = Gauge("loraswap_prefix_cache_bytes", "Bytes of keys and values the prefix cache holds")
 REQUESTS_IN_FLIGHT = Gauge("loraswap_requests_in_flight", "HTTP requests being served (probes and scrapes not counted)")
 BY_ADAPTER = (REQUEST_DURATION, TIME_TO_FIRST_TOKEN, INTER_TOKEN_LATENCY, GENERATED_TOKENS, MERGE_SWITCH)

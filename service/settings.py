@@ -14,6 +14,7 @@ from service.engine.merge_policy import MAX_COOLDOWN_GROWTH
 REPO_ADAPTERS = Path(__file__).resolve().parent.parent / "adapters"
 CPU_PREFILL_TOKENS = 2048  # max_prefill_tokens unset, on the CPU: 10 prompts of 192 tokens (docs/benchmarks.md)
 CPU_BATCH_WINDOW_MS, GPU_BATCH_WINDOW_MS = 0.0, 5.0  # batch_window_ms unset
+CPU_DRAFT_TOKENS = 4  # draft_tokens unset, on the CPU (docs/benchmarks.md, "Draft tokens from the prompt")
 MIN_PROMPT_TOKENS = 16  # the shortest longest-prompt a server may be set to (max_input_tokens)
 DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]+)?)$"  # the devices the engine runs on (torch.device names)
 MOST_DEFAULT_STRIDE = 128  # answer_stride unset: min(a window's context tokens // 2, this); Hugging Face's doc_stride
@@ -97,6 +98,12 @@ class Settings(BaseSettings):
         "the rest join at the next pause, so a burst's prefill memory is bounded (vLLM's max_num_batched_tokens). "
         f"None: {CPU_PREFILL_TOKENS} on the CPU, no bound on a GPU (memory is not short there, and fewer, larger "
         "passes are faster)")
+    draft_tokens: int | None = Field(
+        None, ge=0, description="speculative decoding: the most draft tokens a decoding step feeds a generation after "
+        "its last token, looked up where its last tokens occurred before in its prompt or output (prompt lookup "
+        "decoding, vLLM's ngram); it then takes every token its own strategy picks in agreement with them, so the "
+        "output is the same, in fewer steps. 0: off. None: "
+        f"{CPU_DRAFT_TOKENS} on the CPU, 0 on a GPU (steps with drafts run without CUDA graphs)")
     cuda_graphs: bool = Field(True, description="replay decoding steps as CUDA graphs (GPU only)")
     onednn: bool = Field(True, description="compute the base's float32 linear layers with oneDNN, not MKL (CPU only; "
                          "1.2-1.4x on an AMD EPYC host, not measured on Intel's: docs/benchmarks.md)")

@@ -1,5 +1,10 @@
 """One decoding step for every running row over a ``RowKVCache``: eager, or a replayed CUDA graph.
 
+A step feeds each row one token, or that token and draft tokens after it (speculative decoding,
+``running_batch``): rows fed fewer than the most are padded with token 0 at the positions after theirs,
+whose keys and values no query of theirs reads before a later step writes them anew. A step of one token
+per row may be a CUDA graph; one with drafts always runs eagerly.
+
 On the GPU a step of a small model is bound by the host launching ~2,000 kernels, not by the GPU. A
 CUDA graph per bucket (rows rounded up to a power of two, cache columns to a multiple of 256, LoRA on
 or off) records the step once and replays it with one launch. Its inputs live in static buffers; rows
@@ -21,7 +26,7 @@ log = logging.getLogger(__name__)
 
 
 class DecodeStep:
-    """Feeds each row's last token at its position and returns next-token logits [batch, vocab] (fp32)."""
+    """Feeds each row its tokens from its position on and returns the next-token logits after each (fp32)."""
 
     def __init__(self, model, lora: LoraLayers, cuda_graphs: bool, max_rows: int):
         self.model, self.lora = model, lora  # the step reads the LoRA banks and the row-to-slot mapping
@@ -34,18 +39,23 @@ class DecodeStep:
         self._inputs = torch.zeros(2, row_bucket(max_rows), dtype=torch.long, device=self.device)  # [ids; positions]
         self._pool = None
 
-    def __call__(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
-        rows, width = len(tokens), max(positions) + 1
-        padded = row_bucket(rows) if self.cuda_graphs else rows
-        self.cache.reserve(padded, width, used=(rows, width - 1))
-        inputs = torch.tensor([tokens, positions], device=self.device)
-        if not self.cuda_graphs:
+    def __call__(self, fed: list[list[int]], positions: list[int]) -> torch.Tensor:
+        """Feed row i the tokens ``fed[i]`` (at least one) at positions ``positions[i]`` on; returns the next-token
+        logits after each fed token [rows, most fed, vocab] (fp32; past a row's own tokens, padding's)."""
+        rows, most = len(fed), max(map(len, fed))
+        width = max(positions) + most
+        padded = row_bucket(rows) if self.cuda_graphs and most == 1 else rows
+        self.cache.reserve(padded, width, used=(rows, width - most))
+        ids = torch.tensor([tokens + [0] * (most - len(tokens)) for tokens in fed], device=self.device)
+        offsets = torch.arange(most, device=self.device)
+        inputs = torch.stack([ids, torch.tensor(positions, device=self.device)[:, None] + offsets])  # [2, rows, most]
+        if not self.cuda_graphs or most > 1:
             return self._forward(inputs[0], inputs[1], width)
         if padded > self._inputs.shape[1]:
             self._inputs = torch.zeros(2, padded, dtype=torch.long, device=self.device)
             self._drop_graphs()
         self._inputs[:, :padded].zero_()
-        self._inputs[:, :rows] = inputs
+        self._inputs[:, :rows] = inputs[:, :, 0]
         try:
             graph, logits = self._graph(padded, column_bucket(width))
         except RuntimeError as exc:  # a model whose step cannot be captured still decodes, eagerly
@@ -56,14 +66,15 @@ class DecodeStep:
         return logits[:rows]
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, width: int) -> torch.Tensor:
-        """The step itself: a padding mask from the positions, the model over the cache's first ``width`` columns."""
+        """The step itself over ``ids`` and ``positions`` [rows, q]: a causal padding mask from the positions, the
+        model over the cache's first ``width`` columns; logits [rows, q, vocab] (fp32)."""
         self.cache.positions, self.cache.width = positions, width
         dtype = self.cache.keys[0].dtype
-        unseen = torch.arange(width, device=ids.device)[None, :] > positions[:, None]
+        unseen = torch.arange(width, device=ids.device)[None, None, :] > positions[:, :, None]  # [rows, q, width]
         mask = torch.zeros(unseen.shape, dtype=dtype, device=ids.device).masked_fill_(unseen, torch.finfo(dtype).min)
-        out = self.model(input_ids=ids[:, None], attention_mask=mask[:, None, None, :], position_ids=positions[:, None],
+        out = self.model(input_ids=ids, attention_mask=mask[:, None], position_ids=positions,
                          **{cache_keyword(self.model): self.cache}, use_cache=True)
-        return out.logits[:, -1].float()
+        return out.logits.float()
 
     def idle(self) -> None:
         """When the engine rests (``Engine._rest``: no work for a while, or after a batch that failed or held
@@ -93,7 +104,7 @@ class DecodeStep:
             self._captured_over = over
         key = (rows, width, self.lora.mapping.rank > 0)
         if key not in self._graphs:
-            ids, positions = self._inputs[0, :rows], self._inputs[1, :rows]
+            ids, positions = self._inputs[0, :rows, None], self._inputs[1, :rows, None]  # [rows, 1]
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # warm up (kernel selection, workspaces) outside the capture

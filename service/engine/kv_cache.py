@@ -2,7 +2,7 @@
 
 Row i of the batch is row i of the cache; its tokens fill columns 0 .. positions[i] - 1 (no padding in
 front), so a request that joins is copied into free rows without touching the others, and a decoding
-step writes one column per row. Storage grows in buckets (rows to a power of two, columns to a multiple
+step writes a column per token it feeds a row. Storage grows in buckets (rows to a power of two, columns to a multiple
 of ``COLUMN_STEP``) and is never reallocated otherwise: ``storage`` counts reallocations, so CUDA graphs
 captured over it know when they went stale. On the CPU it lives in maps of its own (``file_pages.mapped_zeros``):
 the rows and columns of a bucket never written take no memory, and a batch's cache leaves memory when it is freed.
@@ -52,7 +52,7 @@ class RowKVCache(Cache):
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.storage = 0
-        self.positions: torch.Tensor | None = None  # [batch] the column each row writes in this step
+        self.positions: torch.Tensor | None = None  # [batch, q] the columns each row writes in this step
         self.width = 0  # columns the attention reads in this step
         self._shape = (0, 0)
 
@@ -113,13 +113,13 @@ class RowKVCache(Cache):
             tensor[: len(index), :, :columns] = tensor[index, :, :columns]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        """A decoding step's keys/values [batch, heads, 1, dim] go to each row's position; returns the
-        rows' first ``width`` columns."""
+        """A decoding step's keys/values [batch, heads, q, dim] go to each row's positions (``positions`` [batch, q]);
+        returns the rows' first ``width`` columns."""
         rows = key_states.shape[0]
-        index = torch.arange(rows, device=key_states.device)
+        index = torch.arange(rows, device=key_states.device)[:, None]
         keys, values = self.keys[layer_idx], self.values[layer_idx]
-        keys[index, :, self.positions] = key_states[:, :, 0]
-        values[index, :, self.positions] = value_states[:, :, 0]
+        keys[index, :, self.positions] = key_states.transpose(1, 2)  # [batch, q, heads, dim]
+        values[index, :, self.positions] = value_states.transpose(1, 2)
         return keys[:rows, :, : self.width], values[:rows, :, : self.width]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:

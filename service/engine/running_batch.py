@@ -3,6 +3,8 @@
 Row i of the batch owns row i of the decoder's ``RowKVCache``. Requests join between two decoding
 steps: they are prefilled on their own and their keys/values are copied into the next free rows.
 Rows that finish leave: the rows after them move up, so finished rows stop costing compute.
+With ``draft_tokens``, a step feeds each row its last token and up to that many draft tokens after it
+(``drafts.lookup``), and the row then takes every token its strategy picks in agreement with them.
 """
 from __future__ import annotations
 
@@ -10,11 +12,15 @@ import logging
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache
 
+from service import metrics
 from service.engine.constraints import advance, constrain
 from service.engine.decode_step import DecodeStep
+from service.engine.drafts import lookup
 from service.engine.kv_cache import RowKVCache
 from service.engine.logprobs import token_logprobs
 from service.engine.requests import SampledToken
@@ -24,12 +30,14 @@ log = logging.getLogger(__name__)
 
 
 class RunningBatch:
-    """Rows being generated together. ``pendings`` are the engine's requests, one per row."""
+    """Rows being generated together. ``pendings`` are the engine's requests, one per row; ``draft_tokens``: the most
+    draft tokens a step feeds a row after its last token (0: none, one token per row and step)."""
 
-    def __init__(self, decoder: DecodeStep):
-        self.decoder = decoder
+    def __init__(self, decoder: DecodeStep, draft_tokens: int = 0):
+        self.decoder, self.draft_tokens = decoder, draft_tokens
         self.pendings: list = []
-        self.logits: torch.Tensor | None = None  # [B, V] next-token logits
+        self.logits: torch.Tensor | None = None  # [B, Q, V] next-token logits after each token a row was fed last
+        self.drafts: list[list[int]] = []  # per row: the draft tokens fed after its last token (fewer than Q)
         self.positions: list[int] = []  # per row: tokens in the cache = the position of the next one
         self.sampler = Sampler([], decoder.device)
         self.limits: list[int] = []
@@ -43,8 +51,13 @@ class RunningBatch:
         """Make room in the KV cache for rows of prompts of ``lengths`` tokens after the running ones: the cache and
         their first row (a prefill pass that runs whole writes them there itself: ``kv_cache.OnePassCache``)."""
         start, cache = len(self), self.decoder.cache
-        cache.reserve(start + len(lengths), max(lengths), used=(start, max(self.positions, default=0)))
+        cache.reserve(start + len(lengths), max(lengths), used=(start, self.columns_written()))
         return cache, start
+
+    def columns_written(self) -> int:
+        """The KV cache columns the rows may read again: each row's tokens and the drafts it was fed last (until the
+        next ``sample``, its position counts none of them)."""
+        return max((position + len(drafts) for position, drafts in zip(self.positions, self.drafts)), default=0)
 
     def add(self, pendings: list, logits: torch.Tensor, prefill: DynamicCache | None, mask: torch.Tensor,
             sampler: Sampler, limits: list[int]) -> None:
@@ -55,63 +68,101 @@ class RunningBatch:
         if prefill is not None:
             cache, start = self.room(lengths)
             cache.write_prompts(start, prefill, mask)
-        self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
+        logits = logits[:, None]  # [k, 1, V]: the logits after the prompt
+        if self.logits is not None:  # positions past a row's drafts are never read
+            logits = torch.cat([self.logits, F.pad(logits, (0, 0, 0, self.logits.shape[1] - 1))])
+        self.logits = logits
         self.positions += lengths
+        self.drafts += [[] for _ in pendings]
         self.sampler.extend(sampler)
         self.pendings += pendings
         self.limits += limits
         self.tokens += [[] for _ in pendings]
         self.first_token_at += [0.0] * len(pendings)
 
-    def sample(self, is_stop: Callable[[object, int], bool]) -> tuple[list[int], list[tuple[int, str]]]:
-        """Pick every row's next token; returns (the tokens, [(row, finish reason)] for rows now done)."""
-        constraints = [pending.work.constraint for pending in self.pendings]
-        chosen = self.sampler(constrain(self.logits, constraints), [len(t) for t in self.tokens]).tolist()
-        advance(constraints, chosen, self.logits)
-        now, finished = time.perf_counter(), []
-        for row, token in enumerate(chosen):
-            if not self.tokens[row]:
-                self.first_token_at[row] = now
-            self.tokens[row].append(token)
-            if is_stop(self.pendings[row].work, token):
-                finished.append((row, "stop"))
-            elif len(self.tokens[row]) >= self.limits[row]:
-                finished.append((row, "length"))
-        return chosen, finished
+    def sample(self, is_stop: Callable[[object, int], bool]) -> tuple[list[list[int]], list[tuple[int, str]]]:
+        """Pick every row's next tokens: one from the logits after its last token, then, while the token picked equals
+        the next of its drafts and the row goes on, one more from the logits after that draft token. Each is the token
+        the row's strategy picks from those logits at that step, as if every token had a step of its own. Returns
+        (each row's tokens, [(row, finish reason)] for rows now done)."""
+        picked: list[list[int]] = [[] for _ in self.pendings]
+        finite = torch.isfinite(self.logits).all(-1).tolist()  # [B][Q]: a draft's non-finite logits end its row's run
+        finished: dict[int, str] = {}
+        rows, now = list(range(len(self))), time.perf_counter()
+        for position in range(self.logits.shape[1]):
+            chosen = self._pick(rows, position)
+            for row, token in zip(rows, chosen):
+                if not self.tokens[row]:
+                    self.first_token_at[row] = now
+                self.tokens[row].append(token)
+                picked[row].append(token)
+                if is_stop(self.pendings[row].work, token):
+                    finished[row] = "stop"
+                elif len(self.tokens[row]) >= self.limits[row]:
+                    finished[row] = "length"
+            rows = [row for row, token in zip(rows, chosen) if row not in finished and position < len(self.drafts[row])
+                    and token == self.drafts[row][position] and finite[row][position + 1]]
+            if not rows:
+                break
+        for row, tokens in enumerate(picked):  # the drafts taken are in the KV cache: the last token picked is not
+            self.positions[row] += len(tokens) - 1
+        metrics.ACCEPTED_DRAFT_TOKENS.inc(sum(map(len, picked)) - len(picked))
+        return picked, list(finished.items())
 
-    def publish(self, chosen: list[int], finished: dict[int, str], ends_text: Callable[[object, int], bool]) -> None:
-        """Hand each listened-to row the token this step picked (``chosen``; an end-of-text token that ends its row,
-        as ``finished`` and ``ends_text`` say, is no output), with its log-probabilities if it asked (from
-        ``logits`` [B, V]); a listener that raises has its request abandoned."""
-        rows = [row for row, pending in enumerate(self.pendings) if pending.on_token is not None
-                and not (finished.get(row) == "stop" and ends_text(pending.work, chosen[row]))]
-        if not rows:
-            return
-        now, tops = time.perf_counter(), [None] * len(self)
-        for row in rows:
-            tops[row] = self.pendings[row].work.logprobs
-        logprobs = token_logprobs(self.logits, chosen, tops)
-        for row in rows:
-            pending = self.pendings[row]
-            try:
-                pending.on_token(SampledToken(chosen[row], now, *logprobs.get(row, (None, ()))))
-            except Exception:
-                log.exception("a token listener failed; its request is abandoned")
-                pending.future.abandoned = True
+    def _pick(self, rows: list[int], position: int) -> list[int]:
+        """The token each of ``rows`` picks from its logits at ``position`` (its constraint advanced by it)."""
+        index = torch.tensor(rows, device=self.logits.device)
+        logits = self.logits[index, position]  # [R, V]
+        constraints = [self.pendings[row].work.constraint for row in rows]
+        chosen = self.sampler(constrain(logits, constraints), [len(self.tokens[row]) for row in rows], index).tolist()
+        advance(constraints, chosen, logits)
+        return chosen
+
+    def publish(self, picked: list[list[int]], finished: dict[int, str], ends_text: Callable[[object, int], bool]
+                ) -> None:
+        """Hand each listened-to row the tokens this step picked (``picked``; an end-of-text token that ends its row,
+        as ``finished`` and ``ends_text`` say, is no output), with their log-probabilities if it asked (from the
+        logits they were picked from); a listener that raises has its request abandoned."""
+        now = time.perf_counter()
+        for position in range(max(map(len, picked), default=0)):
+            rows = [row for row, pending in enumerate(self.pendings) if pending.on_token is not None
+                    and position < len(picked[row]) and not pending.future.abandoned
+                    and not (position == len(picked[row]) - 1 and finished.get(row) == "stop"
+                             and ends_text(pending.work, picked[row][-1]))]
+            tokens = [tokens[position] if position < len(tokens) else 0 for tokens in picked]
+            tops = [self.pendings[row].work.logprobs if row in rows else None for row in range(len(self))]
+            logprobs = token_logprobs(self.logits[:, position], tokens, tops)
+            for row in rows:
+                pending = self.pendings[row]
+                try:
+                    pending.on_token(SampledToken(tokens[row], now, *logprobs.get(row, (None, ()))))
+                except Exception:
+                    log.exception("a token listener failed; its request is abandoned")
+                    pending.future.abandoned = True
 
     def keep(self, rows: list[int]) -> torch.Tensor:
         """Keep only ``rows`` (in this order), dropping the others' cache and state; returns their index tensor."""
         index = torch.tensor(rows, dtype=torch.long, device=self.decoder.device)
         if rows != list(range(len(rows))):  # rows that stay in place need no copy
-            self.decoder.cache.keep(index, max(self.positions))
+            self.decoder.cache.keep(index, self.columns_written())
         self.logits = self.logits[index]
         self.sampler.select_rows(index)
-        for name in ("pendings", "positions", "limits", "tokens", "first_token_at"):
+        for name in ("pendings", "positions", "limits", "tokens", "first_token_at", "drafts"):
             values = getattr(self, name)
             setattr(self, name, [values[row] for row in rows])
         return index
 
-    def forward(self, next_tokens: list[int]) -> None:
-        """One decoding step: feed each row's last token, keep the next-token logits."""
-        self.logits = self.decoder(next_tokens, self.positions)
+    def forward(self, last: list[int]) -> None:
+        """One decoding step: feed each row its last token (``last``) and its drafts, keep the logits after each."""
+        self.drafts = [self._draft(row, token) for row, token in enumerate(last)]
+        metrics.DRAFT_TOKENS.inc(sum(map(len, self.drafts)))
+        self.logits = self.decoder([[token, *draft] for token, draft in zip(last, self.drafts)], self.positions)
         self.positions = [position + 1 for position in self.positions]
+
+    def _draft(self, row: int, last: int) -> list[int]:
+        """The draft tokens to feed row ``row`` after its last token ``last`` (``drafts.lookup`` in its prompt and
+        output): no more than it may still generate after the token the step picks."""
+        most = min(self.draft_tokens, self.limits[row] - len(self.tokens[row]) - 1)
+        if most <= 0:
+            return []
+        return lookup(np.array([*self.pendings[row].work.prompt_ids, *self.tokens[row]]), most)

@@ -148,8 +148,10 @@ class Sampler:
         self.seeds = torch.cat([self.seeds, other.seeds])
         self.all_greedy = self.all_greedy and other.all_greedy
 
-    def __call__(self, logits: torch.Tensor, step: int | list[int] | torch.Tensor) -> torch.Tensor:
-        """Next token per row [B] from logits [B, V]; ``step`` counts each row's tokens so far (shared or per row).
+    def __call__(self, logits: torch.Tensor, step: int | list[int] | torch.Tensor,
+                 rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Next token per row [R] from logits [R, V] of ``rows`` [R] (long, indices of the sampler's rows; None: all of
+        them, in order); ``step`` counts each row's tokens so far (shared or per row).
 
         Greedy rows (temperature 0) take the argmax. Sampling rows draw from their tempered softmax cut to their
         top-k and nucleus (see ``tempered_weights``, ``keep_heads``, ``invert_cdf``). Greedy-only batches draw
@@ -157,6 +159,8 @@ class Sampler:
         greedy = logits.argmax(dim=-1)
         if self.all_greedy:
             return greedy
-        weights = keep_heads(tempered_weights(logits, self.temperature), self.top_k, self.top_p)
-        uniforms = row_uniforms(self.seeds, torch.as_tensor(step, device=logits.device)).to(weights.device)
-        return torch.where(self.temperature > 0, invert_cdf(weights, uniforms), greedy)
+        picked = slice(None) if rows is None else rows
+        temperature, seeds = self.temperature[picked], self.seeds[picked]
+        weights = keep_heads(tempered_weights(logits, temperature), self.top_k[picked], self.top_p[picked])
+        uniforms = row_uniforms(seeds, torch.as_tensor(step, device=logits.device)).to(weights.device)
+        return torch.where(temperature > 0, invert_cdf(weights, uniforms), greedy)

@@ -50,7 +50,7 @@ from service.errors import (
 )
 from service.lora.adapter_files import BASE_LABEL, AdapterWeights
 from service.lora.registry import AdapterRegistry
-from service.settings import CPU_BATCH_WINDOW_MS, CPU_PREFILL_TOKENS, GPU_BATCH_WINDOW_MS, Settings
+from service.settings import CPU_BATCH_WINDOW_MS, CPU_DRAFT_TOKENS, CPU_PREFILL_TOKENS, GPU_BATCH_WINDOW_MS, Settings
 
 log = logging.getLogger(__name__)
 REST_AFTER_S = 0.5  # seconds without work before the engine gives the last batches' memory back (Engine._rest)
@@ -81,6 +81,8 @@ class Engine:
         self.prefill_tokens = settings.max_prefill_tokens or (CPU_PREFILL_TOKENS if cpu else math.inf)
         self.batch_window_ms = settings.batch_window_ms if settings.batch_window_ms is not None else (
             CPU_BATCH_WINDOW_MS if cpu else GPU_BATCH_WINDOW_MS)
+        self.draft_tokens = settings.draft_tokens if settings.draft_tokens is not None else (
+            CPU_DRAFT_TOKENS if cpu else 0)
         self.decoder = DecodeStep(model, registry.layers, settings.cuda_graphs, settings.max_batch)
         self.prefix_cache = PrefixCache(settings.prefix_block_tokens, settings.prefix_cache_bytes)
         self._queue: deque[_Pending] = deque()
@@ -316,7 +318,7 @@ class Engine:
         if not batch:
             return
         self._apply_merge_policy({pending.adapter for pending in batch})
-        running = RunningBatch(self.decoder)
+        running = RunningBatch(self.decoder, self.draft_tokens)
         try:
             self._run(running, self._joining(batch, running))
         except BaseException:
@@ -343,22 +345,24 @@ class Engine:
                 return
             if self._dropped_non_finite(running):
                 continue
-            chosen, finished = running.sample(self.endings.is_stop)
-            running.publish(chosen, dict(finished), self.endings.ends_text)
+            picked, finished = running.sample(self.endings.is_stop)
+            running.publish(picked, dict(finished), self.endings.ends_text)
             for row, reason in finished:
                 self._finish(running.pendings[row], running.tokens[row], reason, running.first_token_at[row])
             done = {row for row, _ in finished} | self._withdrawn_rows(running)
             if done:
                 kept = [row for row in range(len(running)) if row not in done]
                 self._keep(running, kept)
-                chosen = [chosen[row] for row in kept]
+                picked = [picked[row] for row in kept]
             if len(running):
-                running.forward(chosen)
+                running.forward([tokens[-1] for tokens in picked])
 
     def _dropped_non_finite(self, running: RunningBatch) -> bool:
-        """Fail (NonFiniteLogits) and drop the rows whose logits hold NaN or an infinity, before any token is sampled
-        from them; whether there were any. The other rows go on as they were."""
-        finite = torch.isfinite(running.logits).all(-1).tolist()
+        """Fail (NonFiniteLogits) and drop the rows whose logits after their last token hold NaN or an infinity, before
+        any token is sampled from them; whether there were any. The other rows go on as they were (a draft token's
+        non-finite logits end its row's run of tokens in ``RunningBatch.sample``, and come again after that token
+        at the next step if they are the row's own)."""
+        finite = torch.isfinite(running.logits[:, 0]).all(-1).tolist()
         if all(finite):
             return False
         self._non_finite = True

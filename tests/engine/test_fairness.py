@@ -85,8 +85,8 @@ class CountedBatches(RunningBatch):
 
     started = 0
 
-    def __init__(self, decoder):
-        super().__init__(decoder)
+    def __init__(self, *args):
+        super().__init__(*args)
         CountedBatches.started += 1
 
 

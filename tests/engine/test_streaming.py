@@ -153,7 +153,7 @@ def test_a_choice_that_meets_a_stop_string_leaves_the_batch_and_the_other_rows_a
     """A stream whose stop string completes at token m runs beside two long rows; the engine is held before the
     decoding step after that token until the stream has asked to end the row. The row is gone from the next step
     on (so it cost at most that one step more), and the other rows get exactly what they get alone."""
-    engine = engines.fresh(max_new_tokens=64)
+    engine = engines.fresh(max_new_tokens=64, draft_tokens=0)  # a token a step: the steps are counted
     rng = random.Random(34)
     ids, decoding, result, starts = greedy_text(engine, rng, "r2", tokens=40)
     stop = result.text[starts[8]:starts[9] + 1]  # completes at token 9
