@@ -6,13 +6,16 @@
 # --cache-prompt). Each NAME=TREE is a loraswap server run from the checkout TREE with the serve flags after it, comma
 # separated (e.g. nomerge=.,--no-auto-merge or old=/tmp/old), on ports 8000 and up; llama-server is llama_f32 on 8081.
 # The report goes to OUT_DIR/side_by_side.{json,md}, the servers' logs beside it. LLAMACPP (default /tmp/llamacpp)
-# holds build/ and gguf/; PYTHON (default: python from PATH) runs loraswap.
+# holds build/ and gguf/; LLAMA_FLAGS, more llama-server flags (split at spaces, e.g. its speculative decoding:
+# "--spec-type ngram-simple"); PYTHON (default: python from PATH) runs loraswap.
 set -uo pipefail
 caching=$1; out=$(realpath -m "$2"); shift 2
 llamacpp=${LLAMACPP:-/tmp/llamacpp}
 python=$(command -v "${PYTHON:-python}") || { echo "no python: ${PYTHON:-python}" >&2; exit 1; }
 [[ $python = /* ]] || python=$PWD/$python  # the servers run from their trees
 flags=(--lora gguf/squad-f32.gguf,gguf/nli-f32.gguf --lora-init-without-apply -t 2 -np 8 -c 8192 --host 127.0.0.1)
+read -r -a more <<< "${LLAMA_FLAGS:-}"
+flags+=("${more[@]}")
 options=()
 case $caching in
   off) flags+=(--no-cache-prompt --cache-reuse 0 --cache-ram 0); export LORASWAP_PREFIX_CACHE_BYTES=0 ;;
