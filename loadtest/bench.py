@@ -70,14 +70,14 @@ class Bench:
     def __init__(self, args: argparse.Namespace):
         self.args = args
         # no prefix cache: every batch repeats its prompts, which the engine would then take from the cache while
-        # transformers and peft compute them
+        # transformers and peft compute them; no draft tokens: they decode a token a step
         self.settings = Settings(base_model=args.base_model, device=args.device, dtype=args.dtype,
                                  cache_dir=args.cache_dir, max_resident=max(args.adapters, 2),
                                  max_rank=MOST_BENCH_RANK, max_batch=max(self.batch_sizes), batch_window_ms=200,
                                  max_queue=MOST_BENCH_BATCH,
                                  max_queue_wait=0,  # a measured burst waits its turn, however long
                                  max_new_tokens=args.new_tokens, auto_merge=False, prefill_chunk=args.prefill_chunk,
-                                 prefix_cache_bytes=0)
+                                 prefix_cache_bytes=0, draft_tokens=0)
         self.device = pick_device(args.device)
         self.plain, self.tokenizer = load_base(self.settings)
         positions = max_positions(self.plain)
