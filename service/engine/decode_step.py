@@ -47,10 +47,12 @@ class DecodeStep:
         padded = row_bucket(rows) if self.cuda_graphs and most == 1 else rows
         self.cache.reserve(padded, width, used=(rows, width - most))
         ids = torch.tensor([tokens + [0] * (most - len(tokens)) for tokens in fed], device=self.device)
-        offsets = torch.arange(most, device=self.device)
-        inputs = torch.stack([ids, torch.tensor(positions, device=self.device)[:, None] + offsets])  # [2, rows, most]
-        if not self.cuda_graphs or most > 1:
-            return self._forward(inputs[0], inputs[1], width)
+        offsets, lengths = torch.arange(most), torch.tensor([len(tokens) for tokens in fed])
+        columns = torch.tensor(positions)[:, None] + offsets  # [rows, most]: the cache columns each row writes
+        inputs = torch.stack([ids, columns.to(self.device)])  # [2, rows, most]
+        if not self.cuda_graphs or most > 1:  # padding's positions repeat the row's last: none past the model's
+            clamped = columns - (offsets - lengths[:, None] + 1).clamp(min=0)
+            return self._forward(inputs[0], inputs[1], width, clamped.to(self.device))
         if padded > self._inputs.shape[1]:
             self._inputs = torch.zeros(2, padded, dtype=torch.long, device=self.device)
             self._drop_graphs()
@@ -65,14 +67,17 @@ class DecodeStep:
         graph.replay()
         return logits[:rows]
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, width: int) -> torch.Tensor:
-        """The step itself over ``ids`` and ``positions`` [rows, q]: a causal padding mask from the positions, the
-        model over the cache's first ``width`` columns; logits [rows, q, vocab] (fp32)."""
-        self.cache.positions, self.cache.width = positions, width
+    def _forward(self, ids: torch.Tensor, columns: torch.Tensor, width: int,
+                 positions: torch.Tensor | None = None) -> torch.Tensor:
+        """The step itself over ``ids`` written to cache ``columns`` [rows, q] at ``positions`` [rows, q] (None: the
+        columns; a row's tokens are at the positions of their columns, its padding may not be): a causal mask from
+        the columns, the model over the cache's first ``width`` columns; logits [rows, q, vocab] (fp32)."""
+        self.cache.positions, self.cache.width = columns, width
         dtype = self.cache.keys[0].dtype
-        unseen = torch.arange(width, device=ids.device)[None, None, :] > positions[:, :, None]  # [rows, q, width]
+        unseen = torch.arange(width, device=ids.device)[None, None, :] > columns[:, :, None]  # [rows, q, width]
         mask = torch.zeros(unseen.shape, dtype=dtype, device=ids.device).masked_fill_(unseen, torch.finfo(dtype).min)
-        out = self.model(input_ids=ids, attention_mask=mask[:, None], position_ids=positions,
+        out = self.model(input_ids=ids, attention_mask=mask[:, None],
+                         position_ids=columns if positions is None else positions,
                          **{cache_keyword(self.model): self.cache}, use_cache=True)
         return out.logits.float()
 

@@ -51,7 +51,9 @@ class OracleDrafts:
         self.wrong_every, self.fed = wrong_every, 0
 
     def __call__(self, tokens: np.ndarray, most: int) -> list[int]:
-        prompt_ids = next(ids for ids in self.outputs if tuple(tokens[:len(ids)]) == ids)
+        prompt_ids = next((ids for ids in self.outputs if tuple(tokens[:len(ids)]) == ids), None)
+        if prompt_ids is None:  # a row it has no output for: no drafts
+            return []
         done = len(tokens) - len(prompt_ids)
         drafts = [token if not self.wrong_every or (done + i) % self.wrong_every else (token - 1 if token else 1)
                   for i, token in enumerate(self.outputs[prompt_ids][done:done + most])]
@@ -146,3 +148,19 @@ def test_requests_that_join_while_a_step_drafts_are_untaken_keep_every_row_right
     steps.release.set()
     assert_same_outputs([running.result(WAIT), *results(joined)], expected, works)
     assert max(steps.notes) == len(works), f"the requests did not join the running row: rows per step {steps.notes}"
+
+
+def test_a_row_at_the_models_last_position_beside_rows_with_drafts(engines, monkeypatch):
+    """GPT-2's positions are learned, 512 in the tiny base: a row whose prompt and tokens reach the last of them is
+    padded beside rows fed drafts, and its padding must not take positions past it."""
+    reference, engine = engines.fresh("gpt2", draft_tokens=0, max_new_tokens=64), engines.fresh(
+        "gpt2", draft_tokens=4, max_new_tokens=64)
+    rng = random.Random(43)
+    last = Generation(prompt(rng, 500, 500), "r4", Decoding(max_new_tokens=12), stop_at_newline=False, ignore_eos=True)
+    drafted = long_generation(rng, "r2", 64)
+    works = [last, drafted]
+    expected = [alone(reference, work) for work in works]
+    monkeypatch.setattr(running_batch, "lookup", OracleDrafts([drafted], expected[1:]))
+    with paused(engine):
+        futures = [engine.submit(work) for work in works]
+    assert_same_outputs(results(futures), expected, works)
