@@ -102,7 +102,8 @@ class Settings(BaseSettings):
         None, ge=0, description="speculative decoding: the most draft tokens a decoding step feeds a generation after "
         "its last token, looked up where its last tokens occurred before in its prompt or output (prompt lookup "
         "decoding, vLLM's ngram); it then takes every token its own strategy picks in agreement with them, so the "
-        "output is the same, in fewer steps. 0: off. None: "
+        "output is the same (up to float rounding), in fewer steps; a step feeds 64 tokens in all at most, so large "
+        "batches get fewer or none. 0: off. None: "
         f"{CPU_DRAFT_TOKENS} on the CPU, 0 on a GPU (steps with drafts run without CUDA graphs)")
     cuda_graphs: bool = Field(True, description="replay decoding steps as CUDA graphs (GPU only)")
     onednn: bool = Field(True, description="compute the base's float32 linear layers with oneDNN, not MKL (CPU only; "

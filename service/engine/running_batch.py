@@ -4,7 +4,8 @@ Row i of the batch owns row i of the decoder's ``RowKVCache``. Requests join bet
 steps: they are prefilled on their own and their keys/values are copied into the next free rows.
 Rows that finish leave: the rows after them move up, so finished rows stop costing compute.
 With ``draft_tokens``, a step feeds each row its last token and up to that many draft tokens after it
-(``drafts.lookup``), and the row then takes every token its strategy picks in agreement with them.
+(``drafts.lookup``), and the row then takes every token its strategy picks in agreement with them; a step feeds
+``MOST_FED`` tokens in all at most, so drafts thin out as the batch grows and stop past ``MOST_FED`` / 2 rows.
 """
 from __future__ import annotations
 
@@ -27,6 +28,10 @@ from service.engine.requests import SampledToken
 from service.engine.sampling import Sampler
 
 log = logging.getLogger(__name__)
+# the most tokens a step feeds, drafts included: on the CPU a step's layers took 43-56 ms for 1 row, 62-88 for 8, 75-117
+# for 16, 101-135 for 32 and 214-249 for 64 (two runs, docs/results/drafts/step_rows.txt), so drafts that make a large
+# batch's step several times as wide cost more than the steps they can save (oneDNN pads up to 64 rows to a power of 2)
+MOST_FED = 64
 
 
 class RunningBatch:
@@ -154,15 +159,16 @@ class RunningBatch:
 
     def forward(self, last: list[int]) -> None:
         """One decoding step: feed each row its last token (``last``) and its drafts, keep the logits after each."""
-        self.drafts = [self._draft(row, token) for row, token in enumerate(last)]
+        most = min(self.draft_tokens, MOST_FED // len(last) - 1)
+        self.drafts = [self._draft(row, token, most) for row, token in enumerate(last)]
         metrics.DRAFT_TOKENS.inc(sum(map(len, self.drafts)))
         self.logits = self.decoder([[token, *draft] for token, draft in zip(last, self.drafts)], self.positions)
         self.positions = [position + 1 for position in self.positions]
 
-    def _draft(self, row: int, last: int) -> list[int]:
+    def _draft(self, row: int, last: int, most: int) -> list[int]:
         """The draft tokens to feed row ``row`` after its last token ``last`` (``drafts.lookup`` in its prompt and
-        output): no more than it may still generate after the token the step picks."""
-        most = min(self.draft_tokens, self.limits[row] - len(self.tokens[row]) - 1)
+        output): at most ``most``, and no more than it may still generate after the token the step picks."""
+        most = min(most, self.limits[row] - len(self.tokens[row]) - 1)
         if most <= 0:
             return []
         return lookup(np.array([*self.pendings[row].work.prompt_ids, *self.tokens[row]]), most)

@@ -164,3 +164,20 @@ def test_a_row_at_the_models_last_position_beside_rows_with_drafts(engines, monk
     with paused(engine):
         futures = [engine.submit(work) for work in works]
     assert_same_outputs(results(futures), expected, works)
+
+
+@pytest.mark.parametrize(("rows", "most"), [(12, 4), (20, 2), (40, 0)])
+def test_a_step_feeds_at_most_most_fed_tokens_drafts_included(engines, monkeypatch, rows, most):
+    """Drafts thin out as the batch grows: at most MOST_FED tokens a step (rows x (1 + drafts)), none past MOST_FED /
+    2 rows; the outputs are those of a token a step either way."""
+    reference, engine = engines.fresh(draft_tokens=0, max_batch=64), engines.fresh(draft_tokens=4, max_batch=64)
+    rng = random.Random(45)
+    works = [long_generation(rng, ("r2", "r4", None)[row % 3], 12) for row in range(rows)]
+    expected = [alone(reference, work) for work in works]
+    monkeypatch.setattr(running_batch, "lookup", OracleDrafts(works, expected))
+    engine.decoder = steps = WatchedSteps(engine.decoder, note=lambda fed: (len(fed), max(map(len, fed))))
+    with paused(engine):
+        futures = [engine.submit(work) for work in works]
+    assert_same_outputs(results(futures), expected, works)
+    assert steps.notes[0] == (rows, 1 + most), f"rows and most tokens a row was fed, per step: {steps.notes}"
+    assert all(batch * fed <= running_batch.MOST_FED for batch, fed in steps.notes), steps.notes

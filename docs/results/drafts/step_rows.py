@@ -1,4 +1,4 @@
-"""What a decoding step's linear layers cost for 1, 2, 4, 8 and 16 rows (oneDNN, the server's path on the CPU): all
+"""What a decoding step's linear layers cost for 1 to 128 rows (oneDNN, the server's path on the CPU): all
 211 of SmolLM2-135M's, a torch op after each as a model has; ms a step, five passes each, two rounds.
 
     HF_HUB_OFFLINE=1 python docs/results/drafts/step_rows.py
@@ -25,6 +25,6 @@ def step(rows: int) -> float:
 
 with torch.no_grad():
     for round_ in (1, 2):
-        for rows in (1, 2, 4, 8, 16):
+        for rows in (1, 2, 4, 8, 16, 32, 64, 128):
             step(rows)
             print(f"round {round_}, {rows} rows: {step(rows):.1f} ms", flush=True)
