@@ -91,7 +91,8 @@ class RunningBatch:
         the row's strategy picks from those logits at that step, as if every token had a step of its own. Returns
         (each row's tokens, [(row, finish reason)] for rows now done)."""
         picked: list[list[int]] = [[] for _ in self.pendings]
-        finite = torch.isfinite(self.logits).all(-1).tolist()  # [B][Q]: a draft's non-finite logits end its row's run
+        # [B][Q - 1]: a draft's non-finite logits end its row's run (the engine dropped rows whose first ones are)
+        finite = torch.isfinite(self.logits[:, 1:]).all(-1).tolist()
         finished: dict[int, str] = {}
         rows, now = list(range(len(self))), time.perf_counter()
         for position in range(self.logits.shape[1]):
@@ -106,7 +107,7 @@ class RunningBatch:
                 elif len(self.tokens[row]) >= self.limits[row]:
                     finished[row] = "length"
             rows = [row for row, token in zip(rows, chosen) if row not in finished and position < len(self.drafts[row])
-                    and token == self.drafts[row][position] and finite[row][position + 1]]
+                    and token == self.drafts[row][position] and finite[row][position]]
             if not rows:
                 break
         for row, tokens in enumerate(picked):  # the drafts taken are in the KV cache: the last token picked is not
