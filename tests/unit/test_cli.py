@@ -44,6 +44,7 @@ from tests.data.make_corpus import SQUAD_SAMPLE
     *((["serve", "--max-queue-wait", value], "max_queue_wait: Input should be a finite number") for value in
       ("inf", "nan")),
     (["serve", "--drain-seconds", "inf"], "drain_seconds: Input should be a finite number"),
+    (["serve", "--draft-tokens", "-1"], "draft_tokens: Input should be greater than or equal to 0"),
     *((["loadtest", "--scenario", "soak", "--users", "1", "--duration", duration, "--host", "http://127.0.0.1:9",
         "--adapter-root", "x", "--json", "x.json", *more], message) for duration, more, message in [
         ("inf", [], "--duration: must be a finite number above 0, not inf"),
