@@ -46,6 +46,10 @@ class NoFreeSlot(AdapterError):
     """A batch needs more adapters at once than there are device slots."""
 
 
+class UnsafeEnvironment(Exception):
+    """An environment variable holds a value that would crash a library the model runs on; refused before loading."""
+
+
 class InputTooLong(Exception):
     """The prompt has more tokens than the server accepts."""
 

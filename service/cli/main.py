@@ -17,7 +17,7 @@ from pydantic_settings import SettingsError
 
 from service.cli.command import Command, UsageError, device
 from service.cli.settings_options import add_settings_arguments, settings_from
-from service.errors import AdapterError
+from service.errors import AdapterError, UnsafeEnvironment
 from service.model import server_process
 from service.settings import Settings
 
@@ -80,14 +80,12 @@ def check_device(name: str) -> None:
 
 
 def check_onednn(settings: Settings) -> None:
-    """UsageError where the environment would crash oneDNN's linear layers (``onednn_linear.bound_kernel_caches``)."""
+    """UnsafeEnvironment where the environment would crash oneDNN's linear layers
+    (``onednn_linear.bound_kernel_caches``)."""
     if settings.onednn:
         from service.model.onednn_linear import bound_kernel_caches
 
-        try:
-            bound_kernel_caches()
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
+        bound_kernel_caches()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             serve(settings)
         else:
             args.run(args)
-    except (UsageError, AdapterError, FileNotFoundError, ValidationError) as exc:  # what the user asked cannot be done
+    except (UsageError, AdapterError, FileNotFoundError, ValidationError, UnsafeEnvironment) as exc:  # cannot be done
         parser.exit(2, f"loraswap {args.command}: error: {reason(exc)}\n")
     except KeyboardInterrupt:  # Ctrl-C: the shell's status for SIGINT (128 + 2), not a traceback
         parser.exit(130, f"loraswap {args.command}: interrupted\n")

@@ -17,7 +17,7 @@ from typing import IO
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from service.model.onednn_linear import use_onednn
+from service.model.onednn_linear import bound_kernel_caches, use_onednn
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -161,7 +161,10 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def load_base(settings: Settings) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load the frozen base model (optionally NF4-quantized) and its tokenizer, in eval mode; on the CPU its linear
-    layers compute through oneDNN (``onednn_linear``) unless ``settings.onednn`` is off."""
+    layers compute through oneDNN (``onednn_linear``) unless ``settings.onednn`` is off. UnsafeEnvironment, before
+    anything loads, where the environment would crash oneDNN (``bound_kernel_caches``)."""
+    if settings.onednn:
+        bound_kernel_caches()
     base_dir = resolve_base_dir(settings.base_model, settings.cache_dir)
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device)

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from service.engine.kv_cache import row_bucket
+from service.errors import UnsafeEnvironment
 
 MOST_ROWS = 64  # inputs of at most this many rows (decoding steps) are padded to a power of two; more go as they are
 KERNEL_CACHE = 64  # kernels oneDNN keeps: decoding steps' (7 row counts x SmolLM2's 5 layer shapes) and prompts'
@@ -85,7 +86,7 @@ def use_onednn(model: nn.Module) -> int:
 def bound_kernel_caches() -> None:
     """Bound oneDNN's and ideep's kernel caches (``CACHES``) to ``KERNEL_CACHE`` entries each, where the environment
     does not set them (under either of oneDNN's names, ``LEGACY``). Only the process's first oneDNN call reads them:
-    after it, this changes nothing. ValueError where ``LRU_CACHE_CAPACITY`` reads as 0 (ideep reads it as C's
+    after it, this changes nothing. UnsafeEnvironment where ``LRU_CACHE_CAPACITY`` reads as 0 (ideep reads it as C's
     ``atoi`` does: "0", "00", "abc"): torch 2.13's oneDNN linear then kills the process with a segmentation fault at
     its first call."""
     for variable in CACHES:
@@ -94,5 +95,6 @@ def bound_kernel_caches() -> None:
     value = os.environ["LRU_CACHE_CAPACITY"]
     number = re.match(r"\s*([+-]?\d+)", value)
     if number is None or int(number.group(1)) == 0:
-        raise ValueError(f"LRU_CACHE_CAPACITY={value!r} reads as 0, which crashes torch's oneDNN linear layers (a "
-                         "segmentation fault): set it to 1 or more, or unset it, or turn oneDNN off (--no-onednn)")
+        raise UnsafeEnvironment(f"LRU_CACHE_CAPACITY={value!r} reads as 0, which crashes torch's oneDNN linear layers "
+                                "(a segmentation fault): set it to 1 or more, or unset it, or turn oneDNN off "
+                                "(--no-onednn, LORASWAP_ONEDNN=false)")

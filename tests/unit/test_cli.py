@@ -216,3 +216,21 @@ def test_serve_refuses_an_lru_cache_capacity_that_crashes_onednn(monkeypatch, ca
     assert exit_.value.code == 2
     assert capsys.readouterr().err.startswith("loraswap serve: error: LRU_CACHE_CAPACITY='0' reads as 0")
     check_onednn(Settings(onednn=False))
+
+
+@pytest.mark.parametrize("command", [
+    ["eval", "--task", "nli", "--adapter", "none", "--limit", "3"],
+    ["bench", "--device", "cpu", "--batch-sizes", "1", "--modes", "base", "--hot-loads", "0", "--registered", "0"],
+    ["train", "--task", "nli", "--max-steps", "1"],
+])
+def test_every_command_that_loads_the_base_refuses_an_lru_cache_capacity_that_crashes_onednn(
+        command, tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    """Refused in one line before the base loads; they loaded it and got a ValueError's traceback (the server alone
+    checked)."""
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "0")
+    with pytest.raises(SystemExit) as exit_:
+        main([*command, "--base-model", str(tiny_llama_dir), *(["--out", str(tmp_path)] * (command[0] == "train"))])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2, err
+    assert err.startswith(f"loraswap {command[0]}: error: LRU_CACHE_CAPACITY='0' reads as 0") and err.count("\n") == 1
+    assert "Loading weights" not in err

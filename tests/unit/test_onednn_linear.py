@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from service.errors import UnsafeEnvironment
 from service.model.base_model import load_base
 from service.model.onednn_linear import CACHES, KERNEL_CACHE, MOST_ROWS, OneDnnLinear, use_onednn
 from service.settings import Settings
@@ -101,7 +102,7 @@ def test_onednns_older_name_for_its_cache_bound_stands(monkeypatch):
 def test_an_lru_cache_capacity_read_as_zero_is_refused(monkeypatch, value):
     """ideep reads it with atoi; at 0, torch 2.13's oneDNN linear dies of a segmentation fault at its first call."""
     monkeypatch.setenv("LRU_CACHE_CAPACITY", value)
-    with pytest.raises(ValueError, match="segmentation fault"):
+    with pytest.raises(UnsafeEnvironment, match="segmentation fault"):
         use_onednn(nn.Sequential(nn.Linear(4, 4)))
 
 
