@@ -111,8 +111,10 @@ class Settings(BaseSettings):
     prefix_cache_bytes: int = Field(
         256 * 2**20, ge=0, description="bytes of prompt keys and values kept for reuse by later prompts that begin "
         "with the same tokens for the same adapter (least recently used dropped first); 0 turns prefix caching off")
-    prefix_block_tokens: int = Field(16, ge=1, description="prefix caching granularity in tokens: a prompt reuses the "
-                                     "longest cached run of whole blocks that begins it")
+    prefix_block_tokens: int = Field(16, ge=1, description="prefix caching granularity in tokens: prompts' keys and "
+                                     "values are kept in blocks of this many; a prompt reuses the longest cached run "
+                                     "of blocks that begins it, then the tokens it shares with the start of a cached "
+                                     "block after that run")
 
     # http
     host: str = "127.0.0.1"

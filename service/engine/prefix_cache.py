@@ -1,12 +1,16 @@
 """Prefix caching: the keys and values of prompt prefixes, kept and reused by later prompts that begin the same way.
 
 Questions about one document share the start of their prompt ("Context: <paragraph>\\nQuestion: ..."). As in vLLM's
-automatic prefix caching, prompts are cut into blocks of ``block_tokens`` tokens; a whole block's keys and values
-depend on its tokens, on every token before it and on the weights, so a block is found by its parent (the block
-before it) and its own tokens, and a first block by the weights (``weights_key``: the adapter's identity, never its
-name). Where vLLM chains hashes, the key here holds the parent's serial number and the tokens themselves: two
-different prefixes never share a key. A prompt reuses the longest run of cached blocks that begins it, short of its
-last token (its prefill must compute that token's logits).
+automatic prefix caching, prompts are cut into blocks of ``block_tokens`` tokens (the last one may be shorter); a
+block's keys and values depend on its tokens, on every token before it and on the weights, so a block is found by its
+parent (the block before it) and its own tokens, and a first block by the weights (``weights_key``: the adapter's
+identity, never its name). Where vLLM chains hashes, the key here holds the parent's serial number and the tokens
+themselves: two different prefixes never share a key. A prompt reuses the longest run of cached whole blocks that
+begins it, short of its last token (its prefill must compute that token's logits), and then the first tokens of the
+block after that run which it shares with a cached block of the same parent: the keys and values of a block's first k
+tokens depend only on those tokens and the ones before them. So, as in SGLang's radix cache, a question reuses its
+context up to the last token in common, not to the last whole block (16 tokens by default), and a prompt asked again
+all but its last token.
 
 The blocks take ``max_bytes`` at most, the least recently used dropped first; those of adapter weights unregistered
 are dropped once the engine learns of it (``purge``). Every use touches a chain from its last block to its first, so a
@@ -54,6 +58,7 @@ class PrefixCache:
         self.block_tokens, self.max_bytes = block_tokens, max_bytes
         self.nbytes = 0
         self._blocks: OrderedDict[tuple, Block] = OrderedDict()
+        self._children: dict[WeightsKey | int, dict[tuple, None]] = {}  # parent -> its blocks' keys, oldest first
         self._serials = itertools.count()
 
     @property
@@ -61,29 +66,38 @@ class PrefixCache:
         return self.max_bytes > 0
 
     def lookup(self, weights: WeightsKey, prompt: list[int]) -> torch.Tensor | None:
-        """The keys and values [layers, 2, kv heads, tokens, head dim] of the longest run of cached whole blocks that
-        begins ``prompt`` (its last token left out) for ``weights``, or None; counted in the metrics."""
+        """The keys and values [layers, 2, kv heads, tokens, head dim] of the longest cached prefix of ``prompt`` (its
+        last token left out) for ``weights``: a run of whole blocks, then the first tokens of the cached block after it
+        that shares the most; None if no token is cached. Counted in the metrics."""
         if not self.enabled:
             return None
-        chain = self._cached(weights, prompt, (len(prompt) - 1) // self.block_tokens)
-        self._touch(chain)
+        most = len(prompt) - 1  # tokens the cache may supply: the last one runs
+        chain = self._cached(weights, prompt, most // self.block_tokens)
+        start = len(chain) * self.block_tokens
+        partial, shared = self._partial(chain[-1].serial if chain else weights, prompt[start:most])
+        self._touch([*chain, partial] if shared else chain)
         metrics.PREFIX_CACHE_QUERY_TOKENS.inc(len(prompt))
-        metrics.PREFIX_CACHE_HIT_TOKENS.inc(len(chain) * self.block_tokens)
-        return torch.cat([block.kv for block in chain], dim=3) if chain else None
+        metrics.PREFIX_CACHE_HIT_TOKENS.inc(start + shared)
+        pieces = [block.kv for block in chain] + ([partial.kv[:, :, :, :shared]] if shared else [])
+        return torch.cat(pieces, dim=3) if pieces else None
 
     def store(self, weights: WeightsKey, prompt: list[int], block_kv: Callable[[int, int], torch.Tensor]) -> None:
-        """Keep the whole blocks of ``prompt`` computed with ``weights``: ``block_kv(start, end)`` gives the keys and
-        values [layers, 2, kv heads, end - start, head dim] of tokens ``start .. end - 1``, a tensor of its own that
-        the cache keeps (asked only for blocks not cached yet). Stops at the first block that would only fit by
-        evicting the blocks before it."""
+        """Keep the blocks of ``prompt`` computed with ``weights``: its whole blocks and the shorter one after them
+        (unless a cached block begins with its tokens), which later prompts reuse in part only: a prompt asked again
+        reuses all but its last token. ``block_kv(start, end)`` gives the keys and values [layers, 2, kv heads, end
+        - start, head dim] of tokens ``start .. end - 1``, a tensor of its own that the cache keeps (asked only for
+        blocks not cached yet). Stops at the first block that would only fit by evicting the blocks before it."""
         if not self.enabled:
             return
         chain, parent, size = [], weights, self.block_tokens
-        for start in range(0, len(prompt) - size + 1, size):
-            key = (parent, tuple(prompt[start: start + size]))
+        for start in range(0, len(prompt), size):
+            tokens = tuple(prompt[start: start + size])
+            key = (parent, tokens)
             block = self._blocks.get(key)
             if block is None:
-                block = self._insert(key, block_kv(start, start + size), chain)
+                if len(tokens) < size and self._partial(parent, tokens)[1] == len(tokens):
+                    break  # a cached block begins with the short one: a lookup finds that
+                block = self._insert(key, block_kv(start, start + len(tokens)), chain)
                 if block is None:
                     break
             self._blocks.move_to_end(key)  # the chain so far sits at the end, out of eviction's way
@@ -102,8 +116,7 @@ class PrefixCache:
             first = not isinstance(parent, int)
             if (parent[0] == serial) if first else (parent in gone):
                 gone.add(block.serial)
-                del self._blocks[block.key]
-                self.nbytes -= block.kv.nbytes
+                self._drop(block.key)
         metrics.PREFIX_CACHE_BYTES.set(self.nbytes)
 
     def shared(self, weights: list[WeightsKey], prompts: list[list[int]]) -> list[tuple[int, int]]:
@@ -142,20 +155,43 @@ class PrefixCache:
             parent = block.serial
         return chain
 
+    def _partial(self, parent: WeightsKey | int, tokens: list[int]) -> tuple[Block | None, int]:
+        """The block of ``parent`` whose tokens begin with the most of ``tokens`` (the oldest of equals), and how many
+        it shares; (None, 0) if none shares a first token."""
+        best, shared = None, 0
+        for key in self._children.get(parent, ()):
+            common = common_prefix(key[1], tokens)
+            if common > shared:
+                best, shared = self._blocks[key], common
+        return best, shared
+
     def _insert(self, key: tuple, kv: torch.Tensor, chain: list[Block]) -> Block | None:
         """A new block of ``kv``, evicting the least recently used blocks that are not in ``chain`` (which
         sit last) as long as it does not fit; None, and nothing evicted, if it cannot fit."""
         if kv.nbytes > self.max_bytes - sum(block.kv.nbytes for block in chain):
             return None
         while self.nbytes + kv.nbytes > self.max_bytes:
-            _, evicted = self._blocks.popitem(last=False)
-            self.nbytes -= evicted.kv.nbytes
+            self._drop(next(iter(self._blocks)))
         block = Block(key, next(self._serials), kv)
         self._blocks[key] = block
+        self._children.setdefault(key[0], {})[key] = None
         self.nbytes += kv.nbytes
         return block
+
+    def _drop(self, key: tuple) -> None:
+        """Forget the block of ``key``."""
+        self.nbytes -= self._blocks.pop(key).kv.nbytes
+        siblings = self._children[key[0]]
+        del siblings[key]
+        if not siblings:
+            del self._children[key[0]]
 
     def _touch(self, chain: list[Block]) -> None:
         """Mark ``chain`` used, its first block most recently (it outlives the blocks after it)."""
         for block in reversed(chain):
             self._blocks.move_to_end(block.key)
+
+
+def common_prefix(first: tuple[int, ...], second: list[int]) -> int:
+    """How many tokens ``first`` and ``second`` share from their start."""
+    return next((index for index, (a, b) in enumerate(zip(first, second)) if a != b), min(len(first), len(second)))

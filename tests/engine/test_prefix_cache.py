@@ -1,5 +1,5 @@
 """Prefix caching: prompts that begin like earlier ones (questions on one context) reuse the cached keys and values of
-their longest cached run of whole blocks, and get what they get without the cache.
+their longest cached prefix (whole blocks, then part of one), and get what they get without the cache.
 
 The reference for every request is the same request alone on an engine with the cache off. Greedy outputs must be
 token for token the same; NLI probabilities agree to 1e-5: a cached prefix's keys and values were computed in another
@@ -94,18 +94,63 @@ def numbered_kv(start: int, end: int) -> torch.Tensor:
 BLOCK_BYTES = numbered_kv(0, 4).nbytes
 
 
-def test_a_prompt_reuses_the_longest_cached_run_of_whole_blocks_that_begins_it_short_of_its_last_token():
+def test_a_prompt_reuses_its_longest_cached_prefix_whole_blocks_then_part_of_one_short_of_its_last_token():
     cache = PrefixCache(block_tokens=4, max_bytes=100 * BLOCK_BYTES)
     stored = list(range(100, 120))  # 5 blocks
     cache.store((1, False), stored, numbered_kv)
     assert cache.nbytes == 5 * BLOCK_BYTES
-    assert torch.equal(cache.lookup((1, False), [*stored[:10], 7, 7]), numbered_kv(0, 8))  # 2 whole blocks in common
-    assert cache.lookup((1, False), stored).shape[3] == 16  # the last block holds the last token: it runs
-    assert cache.lookup((1, False), [*stored, 5]).shape[3] == 20
-    assert cache.lookup((1, False), stored[:4]) is None  # one block, holding the last token
+    assert torch.equal(cache.lookup((1, False), [*stored[:10], 7, 7]), numbered_kv(0, 10))  # 2 blocks, 2 tokens more
+    assert torch.equal(cache.lookup((1, False), [*stored[:8], 7, 7]), numbered_kv(0, 8))  # the third shares none
+    assert torch.equal(cache.lookup((1, False), stored), numbered_kv(0, 19))  # the last token runs
+    assert torch.equal(cache.lookup((1, False), [*stored, 5]), numbered_kv(0, 20))
+    assert torch.equal(cache.lookup((1, False), stored[:4]), numbered_kv(0, 3))  # part of the first block
+    assert torch.equal(cache.lookup((1, False), [100, 7]), numbered_kv(0, 1))
+    assert cache.lookup((1, False), stored[:1]) is None  # its one token runs
     assert cache.lookup((2, False), [*stored, 5]) is None  # other weights
     assert cache.lookup((1, True), [*stored, 5]) is None  # the same weights merged into the base
     assert cache.lookup((1, False), [0, *stored]) is None  # the same tokens elsewhere
+    assert cache.nbytes == 5 * BLOCK_BYTES  # looking up keeps nothing
+
+
+def test_the_block_after_the_whole_run_comes_from_the_cached_sibling_that_shares_the_most_tokens():
+    cache = PrefixCache(block_tokens=4, max_bytes=100 * BLOCK_BYTES)
+    context = list(range(100, 104))
+    branches = ([1, 9, 9, 9], [1, 2, 3, 9], [1, 2, 9, 9], [1, 2, 3, 8])  # the second and last share 3 with [1, 2, 3]
+    for mark, branch in enumerate(branches):
+        cache.store((1, False), [*context, *branch], lambda start, end, mark=mark: numbered_kv(start, end) + 100 * mark)
+    assert cache.nbytes == 5 * BLOCK_BYTES  # the context once, four children
+    got = cache.lookup((1, False), [*context, 1, 2, 3, 4, 0])
+    assert torch.equal(got[:, :, :, 4:], numbered_kv(4, 7) + 100)  # the oldest of the two sharing 3: the second
+    assert torch.equal(got[:, :, :, :4], numbered_kv(0, 4))  # the context from the first prompt that stored it
+    assert cache.lookup((1, False), [*context, 2, 0]).shape[3] == 4  # no child begins with 2
+    assert cache.lookup((1, False), [*context[:2], 5, 0]).shape[3] == 2  # part of the context's block
+
+
+def test_a_prompts_last_short_block_is_kept_so_the_prompt_asked_again_reuses_all_but_its_last_token():
+    cache = PrefixCache(block_tokens=4, max_bytes=100 * BLOCK_BYTES)
+    prompt_ = list(range(100, 110))  # 2 whole blocks and 2 tokens
+    cache.store((1, False), prompt_, numbered_kv)
+    assert cache.nbytes == 2 * BLOCK_BYTES + numbered_kv(8, 10).nbytes
+    assert torch.equal(cache.lookup((1, False), prompt_), numbered_kv(0, 9))
+    assert torch.equal(cache.lookup((1, False), [*prompt_, 7]), numbered_kv(0, 10))
+    assert cache.lookup((1, False), [*prompt_[:8], 108, 5, 5]).shape[3] == 9
+    cache.store((1, False), [*prompt_, 110, 111], numbered_kv)  # the whole block beside the short one
+    cache.store((1, False), [*prompt_[:9]], numbered_kv)  # a short block the whole one begins with: not kept
+    assert cache.nbytes == 3 * BLOCK_BYTES + numbered_kv(8, 10).nbytes
+    assert torch.equal(cache.lookup((1, False), [*prompt_, 110, 111, 0]), numbered_kv(0, 12))
+
+
+def test_a_part_taken_from_a_block_touches_it_and_blocks_evicted_or_purged_are_never_taken():
+    cache = PrefixCache(block_tokens=4, max_bytes=4 * BLOCK_BYTES)
+    context = list(range(100, 104))
+    for branch in ([1, 2, 3, 4], [5, 6, 7, 8]):
+        cache.store((1, False), [*context, *branch], numbered_kv)
+    assert cache.lookup((1, False), [*context, 1, 2, 0]).shape[3] == 6  # touches the context and [1, 2, 3, 4]
+    cache.store((1, False), list(range(200, 208)), numbered_kv)  # two new blocks: one evicted, the least recently ...
+    assert cache.lookup((1, False), [*context, 5, 6, 0]).shape[3] == 4  # ... used: [5, 6, 7, 8], not [1, 2, 3, 4]
+    assert cache.lookup((1, False), [*context, 1, 2, 0]).shape[3] == 6
+    cache.purge(1)
+    assert cache.nbytes == 0 and cache.lookup((1, False), [*context, 1, 2, 0]) is None
 
 
 def test_eviction_takes_the_least_recently_used_chain_tails_first_and_keeps_the_bound():
@@ -298,15 +343,19 @@ def test_caching_off_looks_up_nothing_keeps_nothing_and_runs_every_token(engines
     assert counted_passes.computed == [len(work.prompt_ids) for work in works]
 
 
-def test_the_hit_counter_counts_the_prompt_tokens_taken_from_the_cache(engines, counted_passes):
-    engine = cached_engine(engines)
-    rng = random.Random(7)
-    context = prompt(rng, CONTEXT + 3, CONTEXT + 3)  # 3 tokens past the whole blocks
-    for hit in (0, CONTEXT, CONTEXT):
-        work = question(rng, context, "r2")
+@pytest.mark.parametrize("arch", sorted(BASES))
+def test_a_question_reuses_its_context_up_to_its_last_token_in_common_and_the_hit_counter_counts_it(
+        engines, arch, counted_passes):
+    engine, reference = cached_engine(engines, arch), reference_engine(engines, arch)
+    context = prompt(random.Random(7), CONTEXT + 3, CONTEXT + 3)  # 3 tokens past the whole blocks
+    tails_hits = (([1, 2, 3, 4, 5], 0), ([6, 7, 8], CONTEXT + 3),  # the first stored the block after the whole ones
+                  ([1, 2, 9, 9], CONTEXT + 5), ([1, 2, 3, 4, 5, 6], CONTEXT + 8), ([1, 2, 3, 4, 5], CONTEXT + 7))
+    for tail, hit in tails_hits:
+        work = Generation(context + tail, "r2", Decoding(max_new_tokens=8), False)
+        expected = alone(reference, work)
         before = counted()
         counted_passes.computed.clear()
-        alone(engine, work)
+        assert alone(engine, work).token_ids == expected.token_ids
         assert counted_since(before) == (len(work.prompt_ids), hit)
         assert counted_passes.computed == [len(work.prompt_ids) - hit]  # what was not hit was run
     exposed = generate_latest(REGISTRY).decode()
@@ -327,7 +376,8 @@ def test_scorings_on_a_shared_premise_match_the_uncached_probabilities(engines):
     got = results(futures) + [alone(engine, work) for work in works[4:]]
     for probabilities, wanted in zip(got, expected):
         assert probabilities == pytest.approx(wanted, abs=1e-5)
-    assert counted_since(before)[1] == 6 * CONTEXT  # r2's two rows from a pass of their premise, then all four
+    again = sum(len(work.prompt_ids) - 1 for work in works[4:])  # asked again: all but their last tokens
+    assert counted_since(before)[1] == 2 * CONTEXT + again  # r2's two rows from a pass of their premise, then all four
 
 
 def test_keys_computed_with_an_adapter_merged_are_kept_apart_from_those_computed_through_its_slot(engines):
