@@ -47,7 +47,8 @@ class NoFreeSlot(AdapterError):
 
 
 class UnsafeEnvironment(Exception):
-    """An environment variable holds a value that would crash a library the model runs on; refused before loading."""
+    """An environment variable holds a value that would crash a library the model runs on: refused before the model
+    loads, never in reply to a request."""
 
 
 class InputTooLong(Exception):
