@@ -17,8 +17,12 @@ number of rows, and 300 prompts of 65-700 rows over SmolLM2's four layer shapes 
 defaults, by 89-97 MB with both caches bounded to ``KERNEL_CACHE`` entries, by 417 MB with oneDNN's alone bounded
 (``prompt_kernel_memory.txt``). So ``use_onednn`` bounds both, where the environment does not say otherwise, before
 the process's first oneDNN call (both are read then). Decoding steps keep their kernels: inputs of at most
-``MOST_ROWS`` rows are padded to a power of two (at most seven row counts per layer shape, used every step, so the
-least recently used entries are prompts').
+``MOST_ROWS`` rows are padded (``padded_rows``) to a power of two up to 16 rows and to a multiple of ``ROW_STEP`` above
+(at most eleven row counts per layer shape, used every step, so the least recently used entries are prompts'). Above
+16 rows a product's time grows with its rows: all SmolLM2's layers took 48-59 ms for 16 rows, 60-72 for 24, 72-76 for
+32, 80-86 for 40, 92-111 for 48 and 106-120 for 64 (``docs/results/onednn_linear/padded_rows.txt``), so a power of two
+(8 rows with four draft tokens each, 40, padded to 64) costs up to a third more than a multiple of 8; the first call
+at a new row count, which makes its kernel, takes about 1 ms more per layer shape (``kernel_creation.txt``).
 
 oneDNN runs even a one-row product on every thread of torch's team, where MKL runs it on one: with another process
 busy on one of two cores, a decoding step's layers took 4x as long through oneDNN, not longer through MKL, and
@@ -37,8 +41,9 @@ from torch import nn
 from service.engine.kv_cache import row_bucket
 from service.errors import UnsafeEnvironment
 
-MOST_ROWS = 64  # inputs of at most this many rows (decoding steps) are padded to a power of two; more go as they are
-KERNEL_CACHE = 64  # kernels oneDNN keeps: decoding steps' (7 row counts x SmolLM2's 5 layer shapes) and prompts'
+MOST_ROWS = 64  # inputs of at most this many rows (decoding steps) are padded (padded_rows); more go as they are
+ROW_STEP = 8  # inputs of 17 to MOST_ROWS rows are padded to a multiple of this
+KERNEL_CACHE = 64  # kernels oneDNN keeps: decoding steps' (11 row counts x SmolLM2's 5 layer shapes) and prompts'
 CACHES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")  # oneDNN's primitive cache, ideep's
 LEGACY = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "DNNL_PRIMITIVE_CACHE_CAPACITY"}  # an older name oneDNN still reads
 
@@ -53,7 +58,7 @@ class OneDnnLinear(nn.Linear):
         rows = x.numel() // self.in_features if self.in_features else 0
         if not self._takes(x, rows):
             return F.linear(x, self.weight, self.bias)
-        flat, bucket = x.reshape(rows, self.in_features), row_bucket(rows) if rows <= MOST_ROWS else rows
+        flat, bucket = x.reshape(rows, self.in_features), padded_rows(rows)
         padded = flat if bucket == rows else F.pad(flat, (0, 0, 0, bucket - rows))  # [bucket, in]
         out = torch.ops.mkldnn._linear_pointwise(padded, self.weight, self.bias, "none", [], "")
         return out[:rows].view(*x.shape[:-1], self.out_features)
@@ -68,6 +73,14 @@ class OneDnnLinear(nn.Linear):
         return (rows > 0 and x.shape[-1] == self.in_features and self.weight.is_cpu
                 and x.dtype == self.weight.dtype == torch.float32 and plain_bias
                 and not needs_grad and not torch.is_autocast_enabled("cpu"))
+
+
+def padded_rows(rows: int) -> int:
+    """The rows oneDNN computes for an input of ``rows``: a power of two up to 16, a multiple of ``ROW_STEP`` up to
+    ``MOST_ROWS``, ``rows`` above."""
+    if rows > MOST_ROWS:
+        return rows
+    return row_bucket(rows) if rows <= 16 else -(-rows // ROW_STEP) * ROW_STEP
 
 
 def use_onednn(model: nn.Module) -> int:
