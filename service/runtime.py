@@ -12,7 +12,7 @@ from transformers.utils import CHAT_TEMPLATE_FILE
 
 from service import metrics
 from service.engine.scheduler import Engine
-from service.errors import AdapterError, AdapterMerged
+from service.errors import AdapterError, AdapterMerged, UnsafeEnvironment
 from service.lora.adapter_files import CONFIG_FILE, AdapterWeights, check_name, check_path
 from service.lora.registry import AdapterRegistry
 from service.model.base_model import load_base, max_positions
@@ -23,8 +23,9 @@ from service.tasks.tasks import Tasks
 log = logging.getLogger(__name__)
 # what settings that cannot work raise at start: a base model folder or cache folder that is missing or cannot be
 # made or read (OSError: FileNotFoundError, PermissionError), a token budget the model has no room for (check_room's
-# ValueError), a model file transformers cannot read (OSError, ValueError)
-EXPECTED_START_FAILURES = (OSError, ValueError)
+# ValueError), a model file transformers cannot read (OSError, ValueError), an environment that would crash oneDNN
+# (UnsafeEnvironment)
+EXPECTED_START_FAILURES = (OSError, ValueError, UnsafeEnvironment)
 MAX_CHAT_TEMPLATE_BYTES = 2**20  # an adapter's chat template (real ones are a few KB; rendering costs ~100x its size)
 MAX_TOKENIZER_CONFIG_BYTES = 16 * 2**20  # its tokenizer_config.json (a base's added tokens can take a few MB)
 

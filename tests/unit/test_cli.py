@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 import pytest
 
@@ -224,9 +225,9 @@ def test_serve_refuses_an_lru_cache_capacity_that_crashes_onednn(monkeypatch, ca
     ["train", "--task", "nli", "--max-steps", "1"],
 ])
 def test_every_command_that_loads_the_base_refuses_an_lru_cache_capacity_that_crashes_onednn(
-        command, tiny_llama_dir, tmp_path, monkeypatch, capsys):
-    """Refused in one line before the base loads; they loaded it and got a ValueError's traceback (the server alone
-    checked)."""
+        command, tiny_llama_dir, tmp_path, monkeypatch, capsys, caplog):
+    """Refused in one line before the base loads, with no traceback logged; they loaded it and got a ValueError's
+    traceback (the server alone checked)."""
     monkeypatch.setenv("LRU_CACHE_CAPACITY", "0")
     with pytest.raises(SystemExit) as exit_:
         main([*command, "--base-model", str(tiny_llama_dir), *(["--out", str(tmp_path)] * (command[0] == "train"))])
@@ -234,3 +235,4 @@ def test_every_command_that_loads_the_base_refuses_an_lru_cache_capacity_that_cr
     assert exit_.value.code == 2, err
     assert err.startswith(f"loraswap {command[0]}: error: LRU_CACHE_CAPACITY='0' reads as 0") and err.count("\n") == 1
     assert "Loading weights" not in err
+    assert not [record for record in caplog.records if record.exc_info and record.levelno >= logging.INFO]
