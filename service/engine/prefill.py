@@ -5,10 +5,11 @@ long prompts would hold the running rows for many steps' worth of work. A ``Pref
 advance by a budget of prompt tokens per pause, keeping the columns run so far in a ``DynamicCache``.
 
 With a ``PrefixCache``, each prompt starts from the keys and values cached for its longest cached prefix (computed
-earlier with the same weights) and only its other tokens run; once through, its whole blocks are kept for later
-prompts. The cache's columns then hold every row's cached prefix, right-aligned to ``past`` columns, followed by the
-left-padded rest of the prompts: a row whose prefix and rest are both shorter than the longest has a hole of padding
-between the two, which its attention mask skips (``mask`` marks the columns that hold its tokens).
+earlier with the same weights) and only its other tokens run; once through, its blocks (the last one may be short)
+are kept for later prompts. The cache's columns then hold every row's cached prefix, right-aligned to ``past``
+columns, followed by the left-padded rest of the prompts: a row whose prefix and rest are both shorter than the longest
+has a hole of padding between the two, which its attention mask skips (``mask`` marks the columns that hold its
+tokens).
 
 A pass that runs whole keeps no cache: each layer's keys and values go straight into the rows its prompts join in the
 running batch's KV cache (``into``), or nowhere when nothing reads them later (scoring, with prefix caching off), so
@@ -99,7 +100,7 @@ class Prefill:
         return self.cache
 
     def _keep_blocks(self) -> None:
-        """Hand the prefix cache every prompt's whole blocks (it copies those it lacks)."""
+        """Hand the prefix cache every prompt's blocks (it copies those it lacks)."""
         if self.prefix_cache is None:
             return
         columns = prompt_columns(self.mask) if self.landed is None else None  # each row's tokens' columns first

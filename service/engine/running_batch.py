@@ -30,7 +30,8 @@ from service.engine.sampling import Sampler
 log = logging.getLogger(__name__)
 # the most tokens a step feeds, drafts included: on the CPU a step's layers took 43-56 ms for 1 row, 62-88 for 8, 75-117
 # for 16, 101-135 for 32 and 214-249 for 64 (two runs, docs/results/drafts/step_rows.txt), so drafts that make a large
-# batch's step several times as wide cost more than the steps they can save (oneDNN pads up to 64 rows to a power of 2)
+# batch's step several times as wide cost more than the steps they can save (measured while oneDNN padded up to 64 rows
+# to a power of 2; now a multiple of 8 above 16, onednn_linear.padded_rows)
 MOST_FED = 64
 
 
