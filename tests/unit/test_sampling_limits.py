@@ -1,5 +1,5 @@
 """The sampler at the edges: tiny and subnormal temperatures, masked, infinite and huge logits, extreme top-k / top-p,
-half-precision logits, the extreme uniform draws, and parameters no sampler can honour.
+half-precision logits, the extreme draws, cuts reaching past the heaviest tokens, and parameters no sampler can honour.
 
 In every limit the answer is the mathematical one: as T -> 0 all the mass goes to the maxima (the greedy token);
 a token of probability 0 (masked, or cut by top-k / nucleus) is never picked.
@@ -17,8 +17,10 @@ from service.engine.sampling import (
     Decoding,
     Sampler,
     _mix32,
-    invert_cdf,
-    row_uniforms,
+    _token_hashes,
+    exponential_race,
+    keep_heads,
+    token_uniforms,
 )
 from tests.unit.test_decoding import (
     N,
@@ -120,28 +122,29 @@ def unmix32(x: int) -> int:
     return x ^ (x >> 16)
 
 
-def seed_hashing_to(mixed: int) -> int:
-    """A seed below 2**32 whose step-0 hash is ``mixed``, so its uniform is (mixed + 0.5) / 2**32."""
-    return unmix32(unmix32(mixed)) ^ int(_mix32(torch.tensor(0x9E3779B9)))
+def seed_drawing(mixed: int, token: int, vocab: int) -> int:
+    """A seed below 2**32 whose step-0 hash for ``token`` is ``mixed``, so its uniform is (mixed + 0.5) / 2**32."""
+    row_hash = unmix32(mixed) ^ int(_token_hashes(vocab, torch.device("cpu"))[token])
+    return unmix32(unmix32(row_hash)) ^ int(_mix32(torch.tensor(0x9E3779B9)))
 
 
 def test_the_extreme_hashes_give_uniforms_strictly_inside_0_1():
-    lowest, highest = seed_hashing_to(0), seed_hashing_to(MASK32)
-    draws = row_uniforms(torch.tensor([lowest, highest]), step=0)
+    seeds = torch.tensor([seed_drawing(0, token=3, vocab=10), seed_drawing(MASK32, token=3, vocab=10)])
+    draws = token_uniforms(seeds, 0, vocab=10)[:, 3]
     assert draws.tolist() == [0.5 / 2**32, (2**32 - 0.5) / 2**32]
-    assert draws[0] > 0 and draws[1] < 1
+    exponentials = -draws.log()
+    assert (exponentials > 0).all() and exponentials.isfinite().all()
 
 
-def test_the_extreme_draws_never_pick_a_token_of_probability_zero():
-    """The lowest draw picks the first token whose weight is not negligible (below 1e-10 of the total) in token-id
-    order, the highest the last one, whatever zeros surround them, also where the float64 cumulative weight stops
-    growing (1e-20 after 1.0)."""
-    extremes = row_uniforms(torch.tensor([seed_hashing_to(0), seed_hashing_to(MASK32)]), step=0)
-    cases = [([0.0, 0.0, 1.0, 0.0, 2.0, 0.0, 0.0], (2, 4)), ([0.0, 5e-324, 0.0, 1.0, 1e-20, 0.0, 1e-20, 0.0], (3, 3)),
-             ([1.0, 0.0, 1e-20, 0.0], (0, 0)), ([1e-11, 0.0, 1.0, 1e-11, 0.0], (2, 2)), ([0.0, 3.0], (1, 1))]
-    for weights, (first, last) in cases:
-        chosen = invert_cdf(torch.tensor([weights, weights], dtype=torch.float64), extremes)
-        assert chosen.tolist() == [first, last], weights
+def test_a_token_of_weight_zero_never_wins_even_with_the_best_draw():
+    """The best draw (the smallest exponential) goes to a token of weight 0, beside tokens whose weight over any
+    exponential rounds to 0 (subnormal) or nearly."""
+    cases = [[0.0, 5e-324, 0.0], [5e-324, 0.0, 5e-324], [1e-300, 0.0, 1.0], [0.0, 0.0, 1e-20]]
+    for weights in cases:
+        zero = weights.index(0.0)
+        seeds = torch.tensor([seed_drawing(MASK32, zero, vocab=3)])
+        chosen = exponential_race(torch.tensor([weights], dtype=torch.float64), token_uniforms(seeds, 0, vocab=3))
+        assert weights[chosen.item()] > 0, weights
 
 
 def test_no_draw_picks_a_token_of_weight_zero():
@@ -154,19 +157,36 @@ def test_no_draw_picks_a_token_of_weight_zero():
     seeds = torch.arange(2000)
     for step in range(8):
         rows = weights[step].repeat(len(seeds), 1)
-        chosen = invert_cdf(rows, row_uniforms(seeds, step))
+        chosen = exponential_race(rows, token_uniforms(seeds, step, vocab=500))
         assert (rows.gather(-1, chosen[:, None]) > 0).all()
 
 
 @pytest.mark.parametrize("params", STRATEGIES[1:], ids=STRATEGY_IDS[1:])
-def test_the_extreme_draws_pick_the_first_and_last_token_the_cut_keeps(params):
+def test_the_token_a_cut_drops_never_wins_even_with_the_best_draw(params):
     logits = random_logits(1, 300, seed=22)[0]
-    logits[:40] = -math.inf  # masked tokens at the front, where the lowest draw lands
-    seeds = [seed_hashing_to(0), seed_hashing_to(MASK32)]
-    chosen = pick([replace(params, temperature=1.0, seed=seed) for seed in seeds], logits.repeat(2, 1))
     reference = replace(params, temperature=1.0, top_k=min(params.top_k, 300))
-    kept = expected_distribution(logits, reference).nonzero().squeeze(-1)
-    assert chosen.tolist() == [kept.min().item(), kept.max().item()]
+    dropped = (expected_distribution(logits, reference) == 0).nonzero().squeeze(-1)
+    for token in dropped[logits[dropped].argsort(descending=True)[:3]].tolist():  # the likeliest dropped ones
+        chosen = pick([replace(params, temperature=1.0, seed=seed_drawing(MASK32, token, vocab=300))], logits[None])
+        assert chosen.item() != token
+
+
+@pytest.mark.parametrize("top_p", [0.5, 0.9, 0.99, 0.999999, 1.0])
+@pytest.mark.parametrize("top_k", [0, 1, 1024, 1025, 9000])
+def test_cuts_reaching_past_the_heaviest_tokens_keep_what_a_full_sort_keeps(top_k, top_p):
+    """Rows flat enough that the nucleus holds more than 1,024 or 8,192 of 49,152 tokens, beside peaked ones: the
+    tokens kept are those of the smallest head, by a full sort, whose mass reaches top_p, cut to the top k."""
+    generator = torch.Generator().manual_seed(25)
+    scales = torch.tensor([0.05, 0.5, 1.0, 2.0, 6.0], dtype=torch.float64)[:, None]
+    weights = (torch.randn(5, 49_152, generator=generator, dtype=torch.float64) * scales).exp()
+    kept = keep_heads(weights, torch.full((5,), top_k), torch.full((5,), top_p, dtype=torch.float64)) > 0
+    ordered, order = weights.sort(dim=-1, descending=True)
+    before = ordered.cumsum(-1) - ordered
+    expected = (before < top_p * weights.sum(-1, keepdim=True)) if top_p < 1 else torch.ones_like(kept)
+    if top_k:
+        expected[:, top_k:] = False
+    expected[:, 0] = True
+    assert torch.equal(kept, torch.zeros_like(kept).scatter(-1, order, expected))
 
 
 @pytest.mark.parametrize(("field", "value"), [("temperature", -1.0), ("temperature", math.nan),
