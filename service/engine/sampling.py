@@ -127,8 +127,9 @@ def _cut(weights: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> tor
     total = weights.sum(dim=-1, keepdim=True)
     threshold = torch.empty_like(total)
     todo = torch.arange(len(weights), device=weights.device)
+    cut_k = torch.where(top_k < vocab, top_k, 0)  # the rows that cut to a top k, and their k
     for head in (*HEAD_TOKENS, vocab):
-        head = min(vocab, max(head, int(top_k[todo].max())))
+        head = min(vocab, max(head, int(cut_k[todo].max())))
         ordered = weights[todo].topk(head, dim=-1).values
         mass = ordered.cumsum(dim=-1)
         nucleus = ((mass - ordered) < top_p[todo, None] * total[todo]).sum(dim=-1)
