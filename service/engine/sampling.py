@@ -120,8 +120,8 @@ def keep_heads(weights: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) 
 
 def _cut(weights: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """``keep_heads`` for rows that cut, ``top_k`` [R] in [1, V]. A row's cut is sought among its heaviest tokens,
-    1,024 of them (or its ``top_k``, if more), then 8,192, then all (``torch.topk``; on the CPU the first costs an
-    eighth of a full sort): only a nucleus that reaches past them looks further. SmolLM2-135M's nucleus at top_p 0.95
+    1,024 of them (or its ``top_k``, if more), then 8,192, then all (``torch.topk``; on the CPU the first costs a
+    seventh of a full sort): only a nucleus that reaches past them looks further. SmolLM2-135M's nucleus at top_p 0.95
     held more than 1,024 tokens in 46 of 240 sampled steps, median 112 (docs/results/sampling_race/)."""
     vocab = weights.shape[-1]
     total = weights.sum(dim=-1, keepdim=True)
