@@ -125,20 +125,34 @@ def warm_up(systems: dict, items: Sequence[Item], count: int) -> None:
             run_load(system, items[:count], min(count, 8))
 
 
+def first_question(args: argparse.Namespace, round_: int, load: tuple[str, int]) -> int:
+    """Where the requests of ``load`` in round ``round_`` (from 1) begin in its mode's workload: 0 every time, or
+    with ``--fresh-questions`` after the warm-up's and every earlier (round, load)'s, so that no server is asked a
+    question twice (a prompt cache then serves only what real traffic shares: a SQuAD context's other questions)."""
+    if not args.fresh_questions:
+        return 0
+    return args.warmup + ((round_ - 1) * len(args.loads) + args.loads.index(load)) * args.questions
+
+
 def compare(args: argparse.Namespace) -> dict:
     """Run the comparison ``args`` describe (see ``add_side_by_side_options``); returns the report: the settings,
     every load's record, and the summary per system and load."""
     systems = {name: endpoint(kind, url, args.cache_prompt) for name, kind, url in args.system}
     memories = {name: ServerMemory(pid) for name, pid in args.pid}
-    items = {mode: workload(mode, args.questions, args.data) for mode in {mode for mode, _ in args.loads}}
+    blocks = len(args.loads) * args.rounds if args.fresh_questions else 1
+    items = {mode: workload(mode, args.warmup + args.questions * blocks, args.data)
+             for mode in {mode for mode, _ in args.loads}}
     warm_up(systems, items["mixed" if "mixed" in items else "squad"], args.warmup)
     records = []
     for round_, (mode, clients), name in schedule(list(systems), args.loads, args.rounds):
-        record = measure_one(systems[name], memories.get(name), items[mode], clients)
-        records.append({"round": round_, "system": name, "mode": mode, "clients": clients, **record})
+        first = first_question(args, round_, (mode, clients))
+        record = measure_one(systems[name], memories.get(name), items[mode][first:first + args.questions], clients)
+        records.append({"round": round_, "system": name, "mode": mode, "clients": clients, "first_question": first,
+                        **record})
         print(f"round {round_} {name:>12} {mode} x{clients}: {record['requests_per_s']:.2f} requests/s, "
               f"F1 {record['scores']['f1']:.1f}, load average {record['load_average']}", flush=True)
     settings = {"questions": args.questions, "rounds": args.rounds, "loads": args.loads, "warmup": args.warmup,
+                "fresh_questions": args.fresh_questions,
                 "cache_prompt": args.cache_prompt, "systems": [list(s) for s in args.system], "cpus": os.cpu_count()}
     return {"settings": settings, "records": records, "summary": summarize(records)}
 
@@ -156,6 +170,10 @@ def add_side_by_side_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--questions", type=positive(int), default=96, help="requests per load")
     parser.add_argument("--rounds", type=positive(int), default=2, help="rounds of every load on every system")
     parser.add_argument("--warmup", type=nonnegative(int), default=8, help="untimed requests per system first")
+    parser.add_argument("--fresh-questions", action="store_true",
+                        help="each round and load asks questions of its own, none asked before, warm-up included "
+                             "(default: every round and load asks the first --questions, which flatters a prompt "
+                             "cache from the second time on)")
     parser.add_argument("--cache-prompt", action="store_true",
                         help="let llama.cpp reuse a slot's cached prompt (default: off, cache_prompt false)")
     parser.add_argument("--data", type=Path, default=data_dir(), help="the data folder (SQuAD dev, MNLI)")
@@ -165,7 +183,7 @@ def add_side_by_side_options(parser: argparse.ArgumentParser) -> None:
 
 def check_names(args: argparse.Namespace) -> str:
     """The baseline's name, once the names are checked: ValueError for fewer than two systems, a name given twice,
-    or a pid or baseline that names no system."""
+    a pid or baseline that names no system, or a load given twice."""
     names = [name for name, _, _ in args.system]
     baseline = args.baseline or names[0]
     if len(set(names)) != len(names) or len(names) < 2:
@@ -173,6 +191,8 @@ def check_names(args: argparse.Namespace) -> str:
     unknown = ({name for name, _ in args.pid} | {baseline}) - set(names)
     if unknown:
         raise ValueError(f"{sorted(unknown)} name no system (systems: {names})")
+    if len(set(args.loads)) != len(args.loads):
+        raise ValueError(f"a load given twice in --loads: {[f'{mode}:{clients}' for mode, clients in args.loads]}")
     return baseline
 
 

@@ -43,7 +43,8 @@ def summarize(records: Sequence[dict]) -> dict[str, dict[str, dict]]:
     """Each system's figures per load, ``{system: {load name: figures}}``, from the records of single loads (the
     keys ``run`` writes: system, mode, clients, requests_per_s, latencies_ms, scores, answers, peak_rss_bytes,
     rss_before_bytes and, for llama.cpp, timings). Figures: requests/s of each round in order, p50/p95 latency
-    over all rounds (ms), the first round's scores, whether every round gave the same answers, the peak RSS over
+    over all rounds (ms), the first round's scores, whether the rounds that asked the same questions (the same
+    ``first_question``, 0 where absent) gave the same answers, the peak RSS over
     the rounds (bytes, the loads' and the server's start; None without a process id), and llama.cpp's timings
     averaged per request."""
     grouped: dict[tuple[str, str], list[dict]] = defaultdict(list)
@@ -55,13 +56,19 @@ def summarize(records: Sequence[dict]) -> dict[str, dict[str, dict]]:
         figures = {"requests_per_s": [run["requests_per_s"] for run in runs],
                    "p50_ms": round(percentile(latencies, 0.5), 1), "p95_ms": round(percentile(latencies, 0.95), 1),
                    "scores": runs[0]["scores"],
-                   "same_answers": all(run["answers"] == runs[0]["answers"] for run in runs),
+                   "same_answers": same_answers(runs),
                    "peak_rss_bytes": peak_rss(runs)}
         timings = [t for run in runs for t in run.get("timings") or ()]
         if timings:
             figures["timings"] = {key: round(statistics.fmean(t[key] for t in timings), 2) for key in TIMING_FIELDS}
         summary[system][load] = figures
     return dict(summary)
+
+
+def same_answers(runs: Sequence[dict]) -> bool:
+    """Whether every run gave the answers of the first run that began at the same question."""
+    first: dict[int, list[str]] = {}
+    return all(first.setdefault(run.get("first_question", 0), run["answers"]) == run["answers"] for run in runs)
 
 
 def peak_rss(runs: Sequence[dict]) -> int | None:

@@ -14,7 +14,15 @@ import pytest
 
 from loadtest.endpoints import ADAPTERS, NEW_TOKENS, LlamaCpp, Loraswap, OpenAI, endpoint, label_of, lora_id
 from loadtest.profile_answer import breakdown_table, by_stage, per_request_ms
-from loadtest.side_by_side import check_names, load_spec, pid_spec, run_side_by_side, schedule, system_spec
+from loadtest.side_by_side import (
+    check_names,
+    first_question,
+    load_spec,
+    pid_spec,
+    run_side_by_side,
+    schedule,
+    system_spec,
+)
 from loadtest.side_by_side_report import load_name, markdown, score, summarize
 from loadtest.stack_shares import ENGINE, EVENT_LOOP, OTHER, parse_raw, shares
 from loadtest.workload import Item, take_turns, workload
@@ -54,6 +62,24 @@ def test_schedule_reverses_the_systems_every_other_round():
         turn = [s for rr, this, s in order if rr == r and this == LOADS[0]]
         pairs.update(itertools.pairwise(turn))
     assert all(pairs[a, b] == pairs[b, a] for a, b in pairs)
+
+
+@pytest.mark.parametrize("warmup", [0, 8])
+def test_fresh_questions_give_every_round_and_load_questions_of_its_own(warmup):
+    args = argparse.Namespace(loads=LOADS, questions=96, warmup=warmup, fresh_questions=True, rounds=3)
+    order = schedule(SYSTEMS, LOADS, args.rounds)
+    starts = {(round_, load): first_question(args, round_, load) for round_, load, _ in order}
+    assert sorted(starts.values()) == [warmup + block * 96 for block in range(len(LOADS) * 3)]  # no overlap, no gap
+    stale = argparse.Namespace(**{**vars(args), "fresh_questions": False})
+    assert {first_question(stale, round_, load) for round_, load, _ in order} == {0}
+
+
+def test_rounds_are_compared_only_where_they_asked_the_same_questions():
+    fresh = [{**record("a", "squad", 1, 1.0, [1.0], [answer]), "first_question": start}
+             for start, answer in ((8, "x"), (104, "y"))]
+    assert summarize(fresh)["a"][load_name("squad", 1)]["same_answers"]
+    repeated = [{**run, "first_question": 8} for run in fresh]
+    assert not summarize(repeated)["a"][load_name("squad", 1)]["same_answers"]
 
 
 # the requests
@@ -193,14 +219,22 @@ def test_bad_specs_are_usage_errors(parse, text):
     (["a"], [], None, "two systems"), (["a", "a"], [], None, "distinct"), (["a", "b"], [("c", 1)], None, "'c'"),
     (["a", "b"], [], "c", "'c'")])
 def test_check_names(systems, pids, baseline, wrong):
-    args = argparse.Namespace(system=[(s, "loraswap", "http://x") for s in systems], pid=pids, baseline=baseline)
+    args = argparse.Namespace(system=[(s, "loraswap", "http://x") for s in systems], pid=pids, baseline=baseline,
+                              loads=LOADS)
     with pytest.raises(ValueError, match=wrong):
+        check_names(args)
+
+
+def test_a_load_given_twice_is_refused():
+    args = argparse.Namespace(system=[("a", "loraswap", "http://x"), ("b", "loraswap", "http://y")], pid=[],
+                              baseline=None, loads=[*LOADS, ("squad", 8)])
+    with pytest.raises(ValueError, match="squad:8"):
         check_names(args)
 
 
 def test_check_names_gives_the_baseline():
     args = argparse.Namespace(system=[("a", "llamacpp", "http://x"), ("b", "loraswap", "http://y")], pid=[("b", 7)],
-                              baseline=None)
+                              baseline=None, loads=LOADS)
     assert check_names(args) == "a"
     assert check_names(argparse.Namespace(**{**vars(args), "baseline": "b"})) == "b"
 
@@ -397,7 +431,7 @@ def test_stages_sum_their_categories():
 
 
 def test_names_refused_are_a_usage_error_before_any_request(capsys):
-    args = argparse.Namespace(system=[("a", "loraswap", "http://127.0.0.1:9")], pid=[], baseline=None)
+    args = argparse.Namespace(system=[("a", "loraswap", "http://127.0.0.1:9")], pid=[], baseline=None, loads=LOADS)
     with pytest.raises(SystemExit) as exit_:
         run_side_by_side(args)  # one system: refused before compare() sends anything (nothing listens on port 9)
     assert exit_.value.code == 2 and "two systems" in capsys.readouterr().err
