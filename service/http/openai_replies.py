@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Sequence
 from fastapi.sse import format_sse_event
 
 from service.http.errors import STATUS, error_code, openai_error, status_of
-from service.tasks.streaming import ChoiceDelta, Completion, CompletionStream, TokenLogprob, Usage
+from service.tasks.streaming import ChoiceDelta, Completion, CompletionStream, TokenLogprob, TopLogprob, Usage
 
 LOGPROB_FLOOR = -9999.0  # what OpenAI writes for a log-probability of minus infinity (JSON has no infinity)
 DONE = format_sse_event(data_str="[DONE]")
@@ -29,16 +29,31 @@ def usage(tokens: Usage) -> dict:
 
 
 def completion_logprobs(entries: Sequence[TokenLogprob]) -> dict:
-    """OpenAI's logprobs of completion tokens: ``tokens`` (each token's own text), ``token_logprobs``,
-    ``top_logprobs`` (per token, {text: logprob} of the k most likely tokens and of the token itself: up to k + 1, as
-    OpenAI gives) and ``text_offset`` (where each token's text starts in the choice's text, in characters)."""
+    """OpenAI's logprobs of completion tokens: ``tokens`` (each token's name, ``completion_token``),
+    ``token_logprobs``, ``top_logprobs`` (per token, {name: logprob} of the k most likely tokens and of the token
+    itself: up to k + 1, as OpenAI gives) and ``text_offset`` (where each token's text starts in the choice's text, in
+    characters)."""
     return {
-        "tokens": [entry.token for entry in entries],
+        "tokens": [completion_token(entry) for entry in entries],
         "token_logprobs": [logprob(entry.logprob) for entry in entries],
-        "top_logprobs": [{**{top.token: logprob(top.logprob) for top in entry.top_logprobs},
-                          entry.token: logprob(entry.logprob)} for entry in entries],
+        "top_logprobs": [{**{completion_token(top): logprob(top.logprob) for top in entry.top_logprobs},
+                          completion_token(entry): logprob(entry.logprob)} for entry in entries],
         "text_offset": [entry.text_offset for entry in entries],
     }
+
+
+def completion_token(token: TokenLogprob | TopLogprob) -> str:
+    """A token's name in legacy completions' logprobs: its text, or for a token whose bytes are part of a character
+    (its text alone U+FFFD) ``bytes:`` and its bytes as ``\\xNN`` escapes, as OpenAI's legacy completions name such
+    tokens (``bytes:\\xe2\\x80``). ``top_logprobs`` is keyed by name, and the U+FFFD of two such tokens would
+    collapse their entries into one."""
+    if token.token_bytes is None:
+        return token.token
+    try:
+        bytes(token.token_bytes).decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{byte:02x}" for byte in token.token_bytes)
+    return token.token
 
 
 def utf8(token_bytes: tuple[int, ...] | None) -> list[int] | None:
