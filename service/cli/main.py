@@ -90,6 +90,7 @@ def check_onednn(settings: Settings) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request of a load test's clients
     try:  # the options' defaults read the LORASWAP_ environment variables
         parser = build_parser()
     except (ValidationError, SettingsError) as exc:

@@ -236,3 +236,14 @@ def test_every_command_that_loads_the_base_refuses_an_lru_cache_capacity_that_cr
     assert err.startswith(f"loraswap {command[0]}: error: LRU_CACHE_CAPACITY='0' reads as 0") and err.count("\n") == 1
     assert "Loading weights" not in err
     assert not [record for record in caplog.records if record.exc_info and record.levelno >= logging.INFO]
+
+
+def test_load_test_clients_do_not_log_every_request(monkeypatch, capsys):
+    """httpx logs each request at INFO: hundreds of lines in a side-by-side run, hiding its own. (The root logger
+    is set to INFO here as ``main`` sets it outside pytest, whose own handlers make ``basicConfig`` do nothing.)"""
+    monkeypatch.setattr(logging.getLogger(), "level", logging.INFO)
+    monkeypatch.setattr(logging.getLogger("httpx"), "level", logging.NOTSET)
+    with pytest.raises(SystemExit):
+        main(["side-by-side", "--system", "a=loraswap@http://127.0.0.1:9"])  # one system: refused at once
+    assert not logging.getLogger("httpx").isEnabledFor(logging.INFO)
+    assert logging.getLogger("service").isEnabledFor(logging.INFO)
