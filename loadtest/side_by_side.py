@@ -28,7 +28,7 @@ import httpx
 from loadtest.endpoints import KINDS, endpoint
 from loadtest.process_memory import ServerMemory
 from loadtest.side_by_side_report import markdown, score, summarize
-from loadtest.workload import MODES, Item, workload
+from loadtest.workload import MODES, Item, workload, workloads
 from service.cli.command import Command, comma_list, nonnegative, positive
 from training.data import data_dir
 
@@ -125,30 +125,36 @@ def warm_up(systems: dict, items: Sequence[Item], count: int) -> None:
             run_load(system, items[:count], min(count, 8))
 
 
-def first_question(args: argparse.Namespace, round_: int, load: tuple[str, int]) -> int:
-    """Where the requests of ``load`` in round ``round_`` (from 1) begin in its mode's workload: 0 every time, or
-    with ``--fresh-questions`` after the warm-up's and every earlier (round, load)'s, so that no server is asked a
-    question twice (a prompt cache then serves only what real traffic shares: a SQuAD context's other questions)."""
-    if not args.fresh_questions:
-        return 0
-    return args.warmup + ((round_ - 1) * len(args.loads) + args.loads.index(load)) * args.questions
+def planned_requests(args: argparse.Namespace) -> dict[tuple[int, tuple[str, int]], list[Item]]:
+    """The requests of each (round, load), in the order they run: the first ``--questions`` of the load's mode every
+    time, or with ``--fresh-questions`` requests of its own, none asked before, the warm-up's included (``workloads``;
+    a prompt cache then serves only what new questions share with old: a SQuAD context's other questions). Raises
+    ValueError where the data holds fewer requests than asked, FileNotFoundError without it."""
+    blocks = list(dict.fromkeys((round_, load) for round_, load, _ in schedule(["any"], args.loads, args.rounds)))
+    if args.fresh_questions:
+        fresh = workloads([mode for _, (mode, _) in blocks], args.questions, args.warmup, args.data)
+        return dict(zip(blocks, fresh))
+    same = {mode: workload(mode, args.questions, args.data) for mode in {mode for mode, _ in args.loads}}
+    if any(len(items) < args.questions for items in same.values()):
+        raise ValueError(f"the data holds fewer than --questions {args.questions} requests for a load")
+    return {block: same[block[1][0]] for block in blocks}
 
 
-def compare(args: argparse.Namespace) -> dict:
-    """Run the comparison ``args`` describe (see ``add_side_by_side_options``); returns the report: the settings,
-    every load's record, and the summary per system and load."""
+def compare(args: argparse.Namespace, planned: dict[tuple[int, tuple[str, int]], list[Item]]) -> dict:
+    """Run the comparison ``args`` describe (see ``add_side_by_side_options``) with the requests ``planned`` for each
+    (round, load) (``planned_requests``); returns the report: the settings, every load's record (``question_set``:
+    which requests it sent, the same number for loads that sent the same), and the summary per system and load."""
     systems = {name: endpoint(kind, url, args.cache_prompt) for name, kind, url in args.system}
     memories = {name: ServerMemory(pid) for name, pid in args.pid}
-    blocks = len(args.loads) * args.rounds if args.fresh_questions else 1
-    items = {mode: workload(mode, args.warmup + args.questions * blocks, args.data)
-             for mode in {mode for mode, _ in args.loads}}
-    warm_up(systems, items["mixed" if "mixed" in items else "squad"], args.warmup)
+    modes = {mode for mode, _ in args.loads}
+    warm_up(systems, workload("mixed" if "mixed" in modes else "squad", args.warmup, args.data), args.warmup)
+    sets = {id(items): number for number, items in enumerate(planned.values())}  # the same list: the same set
     records = []
     for round_, (mode, clients), name in schedule(list(systems), args.loads, args.rounds):
-        first = first_question(args, round_, (mode, clients))
-        record = measure_one(systems[name], memories.get(name), items[mode][first:first + args.questions], clients)
-        records.append({"round": round_, "system": name, "mode": mode, "clients": clients, "first_question": first,
-                        **record})
+        items = planned[round_, (mode, clients)]
+        record = measure_one(systems[name], memories.get(name), items, clients)
+        records.append({"round": round_, "system": name, "mode": mode, "clients": clients,
+                        "question_set": sets[id(items)], **record})
         print(f"round {round_} {name:>12} {mode} x{clients}: {record['requests_per_s']:.2f} requests/s, "
               f"F1 {record['scores']['f1']:.1f}, load average {record['load_average']}", flush=True)
     settings = {"questions": args.questions, "rounds": args.rounds, "loads": args.loads, "warmup": args.warmup,
@@ -171,9 +177,9 @@ def add_side_by_side_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=positive(int), default=2, help="rounds of every load on every system")
     parser.add_argument("--warmup", type=nonnegative(int), default=8, help="untimed requests per system first")
     parser.add_argument("--fresh-questions", action="store_true",
-                        help="each round and load asks questions of its own, none asked before, warm-up included "
-                             "(default: every round and load asks the first --questions, which flatters a prompt "
-                             "cache from the second time on)")
+                        help="each round and load asks questions and NLI pairs of its own, none asked before, "
+                             "warm-up included; without it every round and load asks the first --questions, which "
+                             "flatters a prompt cache from the second time on")
     parser.add_argument("--cache-prompt", action="store_true",
                         help="let llama.cpp reuse a slot's cached prompt (default: off, cache_prompt false)")
     parser.add_argument("--data", type=Path, default=data_dir(), help="the data folder (SQuAD dev, MNLI)")
@@ -202,10 +208,11 @@ def run_side_by_side(args: argparse.Namespace) -> None:
     ValueError when a llama.cpp server lacks an adapter (``LlamaCpp.prepare``), httpx errors for a failed request."""
     try:
         baseline = check_names(args)
+        planned = planned_requests(args)
     except ValueError as exc:
         print(f"side-by-side: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    report = compare(args)
+    report = compare(args, planned)
     tables = markdown(report["summary"], [name for name, _, _ in args.system], baseline)
     print(tables)
     if args.json:

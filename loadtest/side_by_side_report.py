@@ -44,7 +44,7 @@ def summarize(records: Sequence[dict]) -> dict[str, dict[str, dict]]:
     keys ``run`` writes: system, mode, clients, requests_per_s, latencies_ms, scores, answers, peak_rss_bytes,
     rss_before_bytes and, for llama.cpp, timings). Figures: requests/s of each round in order, p50/p95 latency
     over all rounds (ms), the first round's scores, whether the rounds that asked the same questions (the same
-    ``first_question``, 0 where absent) gave the same answers, the peak RSS over
+    ``question_set``, 0 where absent) gave the same answers, the peak RSS over
     the rounds (bytes, the loads' and the server's start; None without a process id), and llama.cpp's timings
     averaged per request."""
     grouped: dict[tuple[str, str], list[dict]] = defaultdict(list)
@@ -66,9 +66,9 @@ def summarize(records: Sequence[dict]) -> dict[str, dict[str, dict]]:
 
 
 def same_answers(runs: Sequence[dict]) -> bool:
-    """Whether every run gave the answers of the first run that began at the same question."""
+    """Whether every run gave the answers of the first run that asked the same questions (``question_set``)."""
     first: dict[int, list[str]] = {}
-    return all(first.setdefault(run.get("first_question", 0), run["answers"]) == run["answers"] for run in runs)
+    return all(first.setdefault(run.get("question_set", 0), run["answers"]) == run["answers"] for run in runs)
 
 
 def peak_rss(runs: Sequence[dict]) -> int | None:

@@ -3,6 +3,7 @@ first MNLI dev_matched pairs, as prompts built with the service's own templates,
 very text loraswap's task routes build."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,3 +62,25 @@ def workload(mode: str, count: int, root: Path) -> list[Item]:
     nli_file, splits = TASK_EVAL_FILES["nli"]
     questions = (count + 1) // 2
     return take_turns(squad_items(root / squad_file, questions), nli_items(root / nli_file, splits, count - questions))
+
+
+def workloads(modes: Sequence[str], count: int, skip: int, root: Path) -> list[list[Item]]:
+    """A workload of ``count`` requests per entry of ``modes`` (each in MODES), in order, as ``workload`` builds them
+    but of SQuAD questions and MNLI pairs that no other holds and that are not among the first ``skip`` of either
+    (the warm-up's): each takes the next ones of the files. Raises ValueError where the files hold too few.
+    FileNotFoundError for an absent file."""
+    questions = [count if mode == "squad" else (count + 1) // 2 for mode in modes]
+    pairs = [count - taken if mode == "mixed" else 0 for mode, taken in zip(modes, questions)]
+    squad_file, _ = TASK_EVAL_FILES["squad"]
+    nli_file, splits = TASK_EVAL_FILES["nli"]
+    squad = squad_items(root / squad_file, skip + sum(questions))[skip:]
+    nli = nli_items(root / nli_file, splits, skip + sum(pairs))[skip:] if sum(pairs) else []
+    if len(squad) < sum(questions) or len(nli) < sum(pairs):
+        raise ValueError(f"{len(modes)} loads of {count} requests, none asked twice, need {sum(questions)} SQuAD "
+                         f"questions and {sum(pairs)} NLI pairs after the warm-up's {skip}; the data holds "
+                         f"{len(squad)} and {len(nli)}")
+    built = []
+    for mode, taken, paired in zip(modes, questions, pairs):
+        asked, squad, matched, nli = squad[:taken], squad[taken:], nli[:paired], nli[paired:]
+        built.append(asked if mode == "squad" else take_turns(asked, matched))
+    return built

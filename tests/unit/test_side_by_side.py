@@ -16,9 +16,9 @@ from loadtest.endpoints import ADAPTERS, NEW_TOKENS, LlamaCpp, Loraswap, OpenAI,
 from loadtest.profile_answer import breakdown_table, by_stage, per_request_ms
 from loadtest.side_by_side import (
     check_names,
-    first_question,
     load_spec,
     pid_spec,
+    planned_requests,
     run_side_by_side,
     schedule,
     system_spec,
@@ -64,21 +64,11 @@ def test_schedule_reverses_the_systems_every_other_round():
     assert all(pairs[a, b] == pairs[b, a] for a, b in pairs)
 
 
-@pytest.mark.parametrize("warmup", [0, 8])
-def test_fresh_questions_give_every_round_and_load_questions_of_its_own(warmup):
-    args = argparse.Namespace(loads=LOADS, questions=96, warmup=warmup, fresh_questions=True, rounds=3)
-    order = schedule(SYSTEMS, LOADS, args.rounds)
-    starts = {(round_, load): first_question(args, round_, load) for round_, load, _ in order}
-    assert sorted(starts.values()) == [warmup + block * 96 for block in range(len(LOADS) * 3)]  # no overlap, no gap
-    stale = argparse.Namespace(**{**vars(args), "fresh_questions": False})
-    assert {first_question(stale, round_, load) for round_, load, _ in order} == {0}
-
-
 def test_rounds_are_compared_only_where_they_asked_the_same_questions():
-    fresh = [{**record("a", "squad", 1, 1.0, [1.0], [answer]), "first_question": start}
-             for start, answer in ((8, "x"), (104, "y"))]
+    fresh = [{**record("a", "squad", 1, 1.0, [1.0], [answer]), "question_set": number}
+             for number, answer in ((0, "x"), (1, "y"))]
     assert summarize(fresh)["a"][load_name("squad", 1)]["same_answers"]
-    repeated = [{**run, "first_question": 8} for run in fresh]
+    repeated = [{**run, "question_set": 0} for run in fresh]
     assert not summarize(repeated)["a"][load_name("squad", 1)]["same_answers"]
 
 
@@ -119,6 +109,46 @@ def test_mixed_workload_takes_turns_with_dev_matched_pairs(tmp_path, count):
     # dev_matched only, a row without a label of the three ("-") skipped
     assert [i.references[0] for i in pairs] == ["neutral", "contradiction", "entailment"][:len(pairs)]
     assert all(i.prompt == nli_prompt(i.fields["premise"], i.fields["hypothesis"]) for i in pairs)
+
+
+def side_by_side_args(root, loads, questions, rounds, warmup, fresh=True) -> argparse.Namespace:
+    return argparse.Namespace(loads=loads, questions=questions, rounds=rounds, warmup=warmup, fresh_questions=fresh,
+                              data=root)
+
+
+@pytest.mark.parametrize("loads", [LOADS, [("mixed", 8), ("squad", 1)], [("squad", 1)]])
+def test_fresh_questions_give_every_round_and_load_questions_and_pairs_of_its_own(tmp_path, loads):
+    write_data(tmp_path, contexts=30, per_context=10)
+    rows = [{"premise": f"P{i}", "hypothesis": f"H{i}", "label": "neutral", "mnli_split": "dev_matched"}
+            for i in range(100)]
+    with gzip.open(tmp_path / "nli" / "mnli.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    planned = planned_requests(side_by_side_args(tmp_path, loads, questions=11, rounds=3, warmup=4))
+    assert list(planned) == list(dict.fromkeys((r, load) for r, load, _ in schedule(SYSTEMS, loads, 3)))
+    asked = [json.dumps(item.fields) for items in planned.values() for item in items]
+    assert all(len(items) == 11 for items in planned.values())
+    assert len(asked) == len(set(asked)), "a question or pair asked twice"
+    warm = {json.dumps(item.fields) for mode in ("squad", "mixed") for item in workload(mode, 4, tmp_path)}
+    assert not warm & set(asked), "a warm-up request asked again"
+    for (_, (mode, _)), items in planned.items():  # each mode's own shape: questions, or questions taking turns
+        assert [i.task for i in items] == (["squad"] * 11 if mode == "squad" else ["squad", "nli"] * 5 + ["squad"])
+    stale = planned_requests(side_by_side_args(tmp_path, loads, questions=11, rounds=3, warmup=4, fresh=False))
+    assert all(items == workload(mode, 11, tmp_path) for (_, (mode, _)), items in stale.items())
+
+
+@pytest.mark.parametrize(("fresh", "mode", "questions", "rounds"), [
+    (True, "squad", 4, 2), (True, "mixed", 4, 2), (False, "squad", 7, 1), (False, "mixed", 8, 1)])
+def test_more_requests_than_the_data_holds_are_a_usage_error_before_any_is_sent(tmp_path, fresh, mode, questions,
+                                                                                  rounds, capsys):
+    """6 SQuAD questions and 3 usable NLI pairs: 2 rounds of 4 new questions, or of 2 new pairs, are too many, as
+    are 7 questions asked every round."""
+    write_data(tmp_path)
+    args = argparse.Namespace(system=[("a", "loraswap", "http://127.0.0.1:9"), ("b", "openai", "http://127.0.0.1:9")],
+                              pid=[], baseline=None,
+                              **vars(side_by_side_args(tmp_path, [(mode, 1)], questions, rounds, 0, fresh)))
+    with pytest.raises(SystemExit) as exit_:
+        run_side_by_side(args)  # nothing listens on port 9: a request sent would fail otherwise
+    assert exit_.value.code == 2 and "side-by-side: error:" in capsys.readouterr().err
 
 
 def test_workload_refuses_an_unknown_mode(tmp_path):
