@@ -50,18 +50,26 @@ def take_turns(first: list, second: list) -> list:
     return merged
 
 
+def shares(mode: str, count: int) -> tuple[int, int]:
+    """The SQuAD questions and NLI pairs in ``count`` requests of ``mode``: all questions for "squad"; for "mixed"
+    half questions (rounded up), the rest pairs. Raises ValueError for another mode."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+    questions = count if mode == "squad" else (count + 1) // 2
+    return questions, count - questions
+
+
 def workload(mode: str, count: int, root: Path) -> list[Item]:
     """``count`` requests: for "squad", the first ``count`` SQuAD dev questions; for "mixed", the first half of them
     (rounded up) taking turns with the first MNLI dev_matched pairs. ``root``: the data folder. Raises ValueError
     for another mode, FileNotFoundError when a data file is absent."""
+    questions, pairs = shares(mode, count)
     squad_file, _ = TASK_EVAL_FILES["squad"]
+    asked = squad_items(root / squad_file, questions)
     if mode == "squad":
-        return squad_items(root / squad_file, count)
-    if mode != "mixed":
-        raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+        return asked
     nli_file, splits = TASK_EVAL_FILES["nli"]
-    questions = (count + 1) // 2
-    return take_turns(squad_items(root / squad_file, questions), nli_items(root / nli_file, splits, count - questions))
+    return take_turns(asked, nli_items(root / nli_file, splits, pairs))
 
 
 def workloads(modes: Sequence[str], count: int, skip: int, root: Path) -> list[list[Item]]:
@@ -69,18 +77,18 @@ def workloads(modes: Sequence[str], count: int, skip: int, root: Path) -> list[l
     but of SQuAD questions and MNLI pairs that no other holds and that are not among the first ``skip`` of either
     (the warm-up's): each takes the next ones of the files. Raises ValueError where the files hold too few.
     FileNotFoundError for an absent file."""
-    questions = [count if mode == "squad" else (count + 1) // 2 for mode in modes]
-    pairs = [count - taken if mode == "mixed" else 0 for mode, taken in zip(modes, questions)]
+    split = [shares(mode, count) for mode in modes]
+    questions, pairs = sum(taken for taken, _ in split), sum(paired for _, paired in split)
     squad_file, _ = TASK_EVAL_FILES["squad"]
     nli_file, splits = TASK_EVAL_FILES["nli"]
-    squad = squad_items(root / squad_file, skip + sum(questions))[skip:]
-    nli = nli_items(root / nli_file, splits, skip + sum(pairs))[skip:] if sum(pairs) else []
-    if len(squad) < sum(questions) or len(nli) < sum(pairs):
-        raise ValueError(f"{len(modes)} loads of {count} requests, none asked twice, need {sum(questions)} SQuAD "
-                         f"questions and {sum(pairs)} NLI pairs after the warm-up's {skip}; the data holds "
+    squad = squad_items(root / squad_file, skip + questions)[skip:]
+    nli = nli_items(root / nli_file, splits, skip + pairs)[skip:] if pairs else []
+    if len(squad) < questions or len(nli) < pairs:
+        raise ValueError(f"{len(modes)} loads of {count} requests, none asked twice, need {questions} SQuAD "
+                         f"questions and {pairs} NLI pairs after the warm-up's {skip}; the data holds "
                          f"{len(squad)} and {len(nli)}")
     built = []
-    for mode, taken, paired in zip(modes, questions, pairs):
+    for taken, paired in split:  # a squad load has no pairs: take_turns leaves its questions as they are
         asked, squad, matched, nli = squad[:taken], squad[taken:], nli[:paired], nli[paired:]
-        built.append(asked if mode == "squad" else take_turns(asked, matched))
+        built.append(take_turns(asked, matched))
     return built
