@@ -1,6 +1,7 @@
 """Profile a running loraswap server's ``/answer`` path: send the first SQuAD dev questions (as
-``loadtest.side_by_side`` does) at each number of clients while py-spy samples the server's Python stacks, then
-report where each thread's time went (``loadtest.stack_shares``), as shares and as milliseconds per request.
+``loadtest.side_by_side`` does; with ``--fresh-questions`` new ones for each load) at each number of clients while
+py-spy samples the server's Python stacks, then report where each thread's time went (``loadtest.stack_shares``), as
+shares and as milliseconds per request.
 
     pip install py-spy   # into any environment: it only needs to be on PATH or given with --py-spy
     loraswap serve & server=$!
@@ -28,11 +29,12 @@ from loadtest.endpoints import Loraswap
 from loadtest.side_by_side import run_load
 from loadtest.side_by_side_report import row
 from loadtest.stack_shares import ENGINE, EVENT_LOOP, parse_raw, shares, stage_of
-from loadtest.workload import MODES, workload
+from loadtest.workload import MODES, workload, workloads
 from service.cli.command import comma_list, positive
 from training.data import data_dir
 
 ATTACH_S = 1.0  # time py-spy is given to attach before the load starts
+WARMUP = 8  # unprofiled requests sent first, all at once
 
 
 def generated_tokens(url: str) -> float:
@@ -107,6 +109,9 @@ def add_profile_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--questions", type=positive(int), default=48, help="requests per load")
     parser.add_argument("--mode", choices=MODES, default="squad",
                         help="squad: /answer only; mixed: /answer and /nli taking turns (two adapters in play)")
+    parser.add_argument("--fresh-questions", action="store_true",
+                        help="give each load questions of its own after the warm-up's, none asked before (as "
+                             "side-by-side --fresh-questions does), instead of the same first ones each time")
     parser.add_argument("--rate", type=positive(int), default=100, help="py-spy's samples per second")
     parser.add_argument("--py-spy", default="py-spy", help="the py-spy executable")
     parser.add_argument("--data", type=Path, default=data_dir(), help="the data folder (SQuAD dev)")
@@ -122,9 +127,16 @@ def main() -> None:
     if shutil.which(args.py_spy) is None:
         parser.error(f"no py-spy at {args.py_spy!r}: pip install py-spy, or give its path with --py-spy")
     args.out.mkdir(parents=True, exist_ok=True)
-    items = workload(args.mode, args.questions, args.data)
-    run_load(Loraswap(args.url), items[:8], 8)  # warm-up, unprofiled
-    loads = [profiled_load(args, clients, items) for clients in args.clients]
+    warmup = workload(args.mode, WARMUP, args.data)
+    if args.fresh_questions:
+        try:
+            asked = workloads([args.mode] * len(args.clients), args.questions, WARMUP, args.data)
+        except ValueError as error:
+            parser.error(str(error))
+    else:
+        asked = [workload(args.mode, args.questions, args.data)] * len(args.clients)
+    run_load(Loraswap(args.url), warmup, WARMUP)  # unprofiled
+    loads = [profiled_load(args, clients, items) for clients, items in zip(args.clients, asked)]
     (args.out / "profile.json").write_text(json.dumps({"loads": loads, "rate": args.rate}, indent=1))
     tables = [breakdown_table(loads, ENGINE, stages=True), breakdown_table(loads, ENGINE),
               breakdown_table(loads, EVENT_LOOP)]
