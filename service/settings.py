@@ -99,11 +99,12 @@ class Settings(BaseSettings):
         f"None: {CPU_PREFILL_TOKENS} on the CPU, no bound on a GPU (memory is not short there, and fewer, larger "
         "passes are faster)")
     draft_tokens: int | None = Field(
-        None, ge=0, description="speculative decoding: the most draft tokens a decoding step feeds a generation after "
-        "its last token, looked up where its last tokens occurred before in its prompt or output (prompt lookup "
-        "decoding, vLLM's ngram); it then takes every token its own strategy picks in agreement with them, so the "
-        "output is the same (up to float rounding), in fewer steps; a step feeds 64 tokens in all at most, so large "
-        "batches get fewer or none. 0: off. None: "
+        None, ge=0, description="speculative decoding: the draft tokens a decoding step feeds a generation after its "
+        "last token, looked up where its last tokens occurred before in its prompt or output (prompt lookup decoding, "
+        "vLLM's ngram); it then takes every token its own strategy picks in agreement with them, so the output is the "
+        "same (up to float rounding), in fewer steps. At most this many, except that on the CPU a step may fill the "
+        "rows its linear layers pad to anyway (one generation alone: up to 7 with 4); a step feeds 64 tokens in all "
+        "at most, so large batches get fewer or none. 0: off. None: "
         f"{CPU_DRAFT_TOKENS} on the CPU, 0 on a GPU (steps with drafts run without CUDA graphs)")
     cuda_graphs: bool = Field(True, description="replay decoding steps as CUDA graphs (GPU only)")
     onednn: bool = Field(True, description="compute the base's float32 linear layers with oneDNN, not MKL (CPU only; "

@@ -21,6 +21,7 @@ from service.engine.kv_cache import RowKVCache, column_bucket, row_bucket
 from service.lora.layers import LoraLayers
 from service.model.base_model import cache_keyword
 from service.model.malloc import give_back
+from service.model.onednn_linear import padded_rows, pads_rows
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,14 @@ class DecodeStep:
         self._captured_over: tuple[int, int, int] | None = None  # (cache, banks, mask) storage of the graphs
         self._inputs = torch.zeros(2, row_bucket(max_rows), dtype=torch.long, device=self.device)  # [ids; positions]
         self._pool = None
+        self._pads_rows = pads_rows(model)
+
+    def widest(self, rows: int, tokens: int) -> int:
+        """The most tokens (``tokens`` or more) each of ``rows`` rows may be fed in a step that costs about what a
+        step of ``tokens`` each does: on the CPU the linear layers, most of a step's time, compute the rows x tokens
+        padded up (``onednn_linear.padded_rows``), so tokens in the padding cost them nothing (a step of one row took
+        about as long with 5 tokens as with 8: docs/benchmarks.md, "Drafts in the padding"); elsewhere ``tokens``."""
+        return padded_rows(rows * tokens) // rows if self._pads_rows else tokens
 
     def __call__(self, fed: list[list[int]], positions: list[int]) -> torch.Tensor:
         """Feed row i the tokens ``fed[i]`` (at least one) at positions ``positions[i]`` on; returns the next-token

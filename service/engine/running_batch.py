@@ -5,7 +5,9 @@ steps: they are prefilled on their own and their keys/values are copied into the
 Rows that finish leave: the rows after them move up, so finished rows stop costing compute.
 With ``draft_tokens``, a step feeds each row its last token and up to that many draft tokens after it
 (``drafts.lookup``), and the row then takes every token its strategy picks in agreement with them; a step feeds
-``MOST_FED`` tokens in all at most, so drafts thin out as the batch grows and stop past ``MOST_FED`` / 2 rows.
+``MOST_FED`` tokens in all at most, so drafts thin out as the batch grows and stop past ``MOST_FED`` / 2 rows. Where
+the step's linear layers pad its rows x tokens (``DecodeStep.widest``), a row may be fed as many drafts as the padding
+holds: one row is fed up to 7 with ``draft_tokens`` 4.
 """
 from __future__ import annotations
 
@@ -162,6 +164,8 @@ class RunningBatch:
     def forward(self, last: list[int]) -> None:
         """One decoding step: feed each row its last token (``last``) and its drafts, keep the logits after each."""
         most = min(self.draft_tokens, MOST_FED // len(last) - 1)
+        if most > 0:  # the padding of a step's linear layers holds more drafts at no cost
+            most = self.decoder.widest(len(last), 1 + most) - 1
         self.drafts = [self._draft(row, token, most) for row, token in enumerate(last)]
         metrics.DRAFT_TOKENS.inc(sum(map(len, self.drafts)))
         self.logits = self.decoder([[token, *draft] for token, draft in zip(last, self.drafts)], self.positions)

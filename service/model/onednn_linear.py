@@ -83,6 +83,13 @@ def padded_rows(rows: int) -> int:
     return row_bucket(rows) if rows <= 16 else -(-rows // ROW_STEP) * ROW_STEP
 
 
+def pads_rows(model: nn.Module) -> bool:
+    """Whether ``model``'s linear layers compute an input of n rows as ``padded_rows(n)``: they are ``OneDnnLinear``
+    (``use_onednn``) over float32 weights on the CPU."""
+    linear = next((module for module in model.modules() if isinstance(module, nn.Linear)), None)
+    return isinstance(linear, OneDnnLinear) and linear.weight.dtype == torch.float32 and linear.weight.is_cpu
+
+
 def use_onednn(model: nn.Module) -> int:
     """Make every plain ``nn.Linear`` of a model on the CPU a ``OneDnnLinear`` (its class is swapped: weights, tied
     ones included, hooks and wrappers stay as they are), and bound oneDNN's kernel caches (``bound_kernel_caches``);

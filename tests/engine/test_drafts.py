@@ -135,9 +135,10 @@ def test_a_streamed_row_gets_each_drafted_token_with_its_own_logprobs(engines, m
 def test_requests_that_join_while_a_step_drafts_are_untaken_keep_every_row_right(engines, monkeypatch):
     """Requests join between a step that fed drafts and the sampling that takes them, growing the KV cache: the
     drafts' keys and values (past every row's position until then) must move with it."""
-    reference, engine = engines.fresh(draft_tokens=0), engines.fresh(draft_tokens=4)
+    reference = engines.fresh(draft_tokens=0, max_new_tokens=64)
+    engine = engines.fresh(draft_tokens=4, max_new_tokens=64)  # up to 7 drafts a step with the first row alone
     rng = random.Random(42)
-    first, joiners = long_generation(rng, "r8", 30), [long_generation(rng, name, 12) for name in ("r2", None, "r4")]
+    first, joiners = long_generation(rng, "r8", 60), [long_generation(rng, name, 12) for name in ("r2", None, "r4")]
     works = [first, *joiners]
     expected = [alone(reference, work) for work in works]
     monkeypatch.setattr(running_batch, "lookup", OracleDrafts(works, expected))
@@ -181,3 +182,31 @@ def test_a_step_feeds_at_most_most_fed_tokens_drafts_included(engines, monkeypat
     assert_same_outputs(results(futures), expected, works)
     assert steps.notes[0] == (rows, 1 + most), f"rows and most tokens a row was fed, per step: {steps.notes}"
     assert all(batch * fed <= running_batch.MOST_FED for batch, fed in steps.notes), steps.notes
+
+
+@pytest.mark.parametrize(("onednn", "rows", "fed"), [(True, 1, 8), (True, 2, 8), (True, 3, 5), (False, 1, 5)])
+def test_drafts_fill_the_rows_the_linear_layers_pad_a_step_to(engines, monkeypatch, onednn, rows, fed):
+    """oneDNN computes a step's rows x tokens padded up (``padded_rows``), so with 4 drafts a row alone, or each of
+    two, is fed 7 (8 tokens: 8 and 16 rows computed, as for 5 and 10 tokens); three rows 4 (15 and 18 tokens pad to
+    16 and 24); with MKL (no padding) 4. The outputs are those of a token a step."""
+    reference = engines.fresh(draft_tokens=0, onednn=onednn)
+    engine = engines.fresh(draft_tokens=4, onednn=onednn)
+    rng = random.Random(46)
+    works = [long_generation(rng, ("r2", "r4", None)[row], 24) for row in range(rows)]
+    expected = [alone(reference, work) for work in works]
+    monkeypatch.setattr(running_batch, "lookup", OracleDrafts(works, expected))
+    engine.decoder = steps = WatchedSteps(engine.decoder, note=lambda fed: (len(fed), max(map(len, fed))))
+    with paused(engine):
+        futures = [engine.submit(work) for work in works]
+    assert_same_outputs(results(futures), expected, works)
+    assert steps.notes[0] == (rows, fed), f"rows and most tokens a row was fed, per step: {steps.notes}"
+
+
+@pytest.mark.parametrize(("rows", "tokens", "widest"), [
+    (1, 1, 1), (1, 2, 2), (1, 3, 4), (1, 5, 8), (2, 5, 8), (3, 5, 5), (5, 5, 6), (8, 5, 5), (13, 4, 4), (17, 2, 2),
+    (21, 3, 3), (64, 1, 1), (65, 1, 1), (80, 1, 1),
+])
+def test_the_widest_step_is_the_padding_of_its_rows_x_tokens(engines, rows, tokens, widest):
+    """``padded_rows``: a power of two up to 16, a multiple of 8 up to 64, as they are above."""
+    assert engines.shared().decoder.widest(rows, tokens) == widest
+    assert rows * widest <= max(64, rows * tokens)
