@@ -1,11 +1,12 @@
-"""Attention for one-token decoding steps over a static KV cache, registered with transformers.
+"""Attention over a masked KV cache with grouped key/value heads, registered with transformers.
 
-A decoding step reads a cache wider than most rows (its columns are bucketed so a CUDA graph can be
-reused), so it needs a padding mask, and with a mask PyTorch's SDPA cannot take grouped key/value heads
-natively: transformers then copies every key and value once per query head (``repeat_kv``), which at
-batch 256 moves more memory per step than the model's weights. For a single query token the grouped
-query heads can instead stand in the query-length axis of their key/value head, so nothing is copied
-(newer transformers do the same inside ``sdpa``). Everything else goes to transformers' own ``sdpa``.
+The engine's passes read a KV cache through a mask (a decoding step's cache is wider than most rows, a prompt may
+follow a cached prefix), and with a mask PyTorch's SDPA on the CPU cannot take grouped key/value heads natively:
+transformers then copies every key and value once per query head (``repeat_kv``; for one-token queries it packs them
+instead). The copy took 62-64% of attention's time in prompts and in decoding steps with draft tokens (py-spy, one
+client, new SQuAD questions: docs/benchmarks.md, "Grouped heads packed"), and at batch 256 it moves more memory per
+step than the model's weights. Instead the query heads of a group stand in the query-length axis of their key/value
+head, and the mask is repeated to match, so no key or value is copied. Everything else goes to transformers' ``sdpa``.
 """
 from __future__ import annotations
 
@@ -19,14 +20,21 @@ NAME = "loraswap_sdpa"
 
 def packed_gqa_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                          attention_mask: torch.Tensor | None, scaling: float | None = None, **kwargs):
-    """``sdpa``, except one-token queries with a mask and grouped heads: heads packed, not repeated."""
+    """``sdpa``, except queries with a mask over grouped heads: query [B, heads, q, D] packed to [B, kv heads,
+    groups x q, D] (a query head h reads key/value head h // groups, as ``repeat_kv`` pairs them), the mask
+    [B, 1, q or 1, S] to [B, 1, groups x q or 1, S]; returns [B, q, heads, D] as ``sdpa`` does. Dropout, softcap and
+    a position bias go to ``sdpa``."""
     groups = getattr(module, "num_key_value_groups", 1)
-    if query.shape[2] != 1 or attention_mask is None or groups == 1 or attention_mask.shape[1] != 1:
+    extras = kwargs.get("dropout", 0.0) or any(kwargs.get(name) is not None for name in ("softcap", "position_bias"))
+    if attention_mask is None or groups == 1 or attention_mask.shape[1] != 1 or extras:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
-    batch, heads, _, dim = query.shape
-    packed = query.reshape(batch, heads // groups, groups, dim)  # [B, kv heads, groups, D]
-    out = torch.nn.functional.scaled_dot_product_attention(packed, key, value, attn_mask=attention_mask, scale=scaling)
-    return out.reshape(batch, heads, 1, dim).transpose(1, 2).contiguous(), None  # [B, 1, heads, D]
+    batch, heads, length, dim = query.shape
+    packed = query.reshape(batch, heads // groups, groups * length, dim)
+    mask = attention_mask  # packed row g x q + t is query t of its group's head g (a mask of one row broadcasts)
+    if mask.shape[2] > 1:
+        mask = mask.repeat(1, 1, groups, 1)
+    out = torch.nn.functional.scaled_dot_product_attention(packed, key, value, attn_mask=mask, scale=scaling)
+    return out.reshape(batch, heads, length, dim).transpose(1, 2).contiguous(), None  # [B, q, heads, D]
 
 
 def use_packed_gqa_attention(model) -> None:
