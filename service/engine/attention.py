@@ -26,7 +26,7 @@ def packed_gqa_attention(module, query: torch.Tensor, key: torch.Tensor, value: 
     a position bias go to ``sdpa``."""
     groups = getattr(module, "num_key_value_groups", 1)
     extras = kwargs.get("dropout", 0.0) or any(kwargs.get(name) is not None for name in ("softcap", "position_bias"))
-    if attention_mask is None or groups == 1 or attention_mask.shape[1] != 1 or extras:
+    if attention_mask is None or attention_mask.dim() != 4 or attention_mask.shape[1] != 1 or groups == 1 or extras:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
     batch, heads, length, dim = query.shape
     packed = query.reshape(batch, heads // groups, groups * length, dim)

@@ -59,3 +59,15 @@ def test_no_key_or_value_is_copied_per_query_head(monkeypatch):
         query = torch.randn(1, KV_HEADS * GROUPS, length, DIM)
         key = value = torch.randn(1, KV_HEADS, 40, DIM)
         packed_gqa_attention(module, query, key, value, torch.ones(1, 1, length, 40, dtype=torch.bool))
+
+
+def test_what_packing_cannot_do_goes_to_sdpa():
+    """A softcap (which ``sdpa`` refuses) is refused, not dropped; a mask of other than 4 dimensions is left to it."""
+    module = types.SimpleNamespace(num_key_value_groups=GROUPS, is_causal=True)
+    query, key = torch.randn(1, KV_HEADS * GROUPS, 4, DIM), torch.randn(1, KV_HEADS, 10, DIM)
+    mask = torch.ones(1, 1, 4, 10, dtype=torch.bool)
+    with pytest.raises(ValueError, match="softcap"):
+        packed_gqa_attention(module, query, key, key, mask, softcap=30.0)
+    flat = torch.ones(4, 10, dtype=torch.bool)
+    torch.testing.assert_close(packed_gqa_attention(module, query, key, key, flat)[0],
+                               sdpa_attention_forward(module, query, key, key, flat)[0])
