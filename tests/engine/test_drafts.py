@@ -167,21 +167,28 @@ def test_a_row_at_the_models_last_position_beside_rows_with_drafts(engines, monk
     assert_same_outputs(results(futures), expected, works)
 
 
-@pytest.mark.parametrize(("rows", "most"), [(12, 4), (20, 2), (40, 0)])
-def test_a_step_feeds_at_most_most_fed_tokens_drafts_included(engines, monkeypatch, rows, most):
-    """Drafts thin out as the batch grows: at most MOST_FED tokens a step (rows x (1 + drafts)), none past MOST_FED /
-    2 rows; the outputs are those of a token a step either way."""
-    reference, engine = engines.fresh(draft_tokens=0, max_batch=64), engines.fresh(draft_tokens=4, max_batch=64)
-    rng = random.Random(45)
-    works = [long_generation(rng, ("r2", "r4", None)[row % 3], 12) for row in range(rows)]
+def fed_per_step(engines, monkeypatch, works: list[Generation], **settings) -> list[tuple[int, int]]:
+    """Submit ``works`` at once to an engine drafting 4 tokens a row (the oracle's: each row's reference output) and
+    assert their outputs are those a token a step gives; returns (rows, most tokens a row was fed) per step."""
+    reference, engine = engines.fresh(draft_tokens=0, **settings), engines.fresh(draft_tokens=4, **settings)
     expected = [alone(reference, work) for work in works]
     monkeypatch.setattr(running_batch, "lookup", OracleDrafts(works, expected))
     engine.decoder = steps = WatchedSteps(engine.decoder, note=lambda fed: (len(fed), max(map(len, fed))))
     with paused(engine):
         futures = [engine.submit(work) for work in works]
     assert_same_outputs(results(futures), expected, works)
-    assert steps.notes[0] == (rows, 1 + most), f"rows and most tokens a row was fed, per step: {steps.notes}"
-    assert all(batch * fed <= running_batch.MOST_FED for batch, fed in steps.notes), steps.notes
+    return steps.notes
+
+
+@pytest.mark.parametrize(("rows", "most"), [(12, 4), (20, 2), (40, 0)])
+def test_a_step_feeds_at_most_most_fed_tokens_drafts_included(engines, monkeypatch, rows, most):
+    """Drafts thin out as the batch grows: at most MOST_FED tokens a step (rows x (1 + drafts)), none past MOST_FED /
+    2 rows; the outputs are those of a token a step either way."""
+    rng = random.Random(45)
+    works = [long_generation(rng, ("r2", "r4", None)[row % 3], 12) for row in range(rows)]
+    notes = fed_per_step(engines, monkeypatch, works, max_batch=64)
+    assert notes[0] == (rows, 1 + most), f"rows and most tokens a row was fed, per step: {notes}"
+    assert all(batch * fed <= running_batch.MOST_FED for batch, fed in notes), notes
 
 
 @pytest.mark.parametrize(("onednn", "rows", "fed"), [(True, 1, 8), (True, 2, 8), (True, 3, 5), (False, 1, 5)])
@@ -189,17 +196,10 @@ def test_drafts_fill_the_rows_the_linear_layers_pad_a_step_to(engines, monkeypat
     """oneDNN computes a step's rows x tokens padded up (``padded_rows``), so with 4 drafts a row alone, or each of
     two, is fed 7 (8 tokens: 8 and 16 rows computed, as for 5 and 10 tokens); three rows 4 (15 and 18 tokens pad to
     16 and 24); with MKL (no padding) 4. The outputs are those of a token a step."""
-    reference = engines.fresh(draft_tokens=0, onednn=onednn)
-    engine = engines.fresh(draft_tokens=4, onednn=onednn)
     rng = random.Random(46)
     works = [long_generation(rng, ("r2", "r4", None)[row], 24) for row in range(rows)]
-    expected = [alone(reference, work) for work in works]
-    monkeypatch.setattr(running_batch, "lookup", OracleDrafts(works, expected))
-    engine.decoder = steps = WatchedSteps(engine.decoder, note=lambda fed: (len(fed), max(map(len, fed))))
-    with paused(engine):
-        futures = [engine.submit(work) for work in works]
-    assert_same_outputs(results(futures), expected, works)
-    assert steps.notes[0] == (rows, fed), f"rows and most tokens a row was fed, per step: {steps.notes}"
+    notes = fed_per_step(engines, monkeypatch, works, onednn=onednn)
+    assert notes[0] == (rows, fed), f"rows and most tokens a row was fed, per step: {notes}"
 
 
 @pytest.mark.parametrize(("rows", "tokens", "widest"), [
