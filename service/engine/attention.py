@@ -4,9 +4,10 @@ The engine's passes read a KV cache through a mask (a decoding step's cache is w
 follow a cached prefix), and with a mask PyTorch's SDPA on the CPU cannot take grouped key/value heads natively:
 transformers then copies every key and value once per query head (``repeat_kv``; for one-token queries it packs them
 instead). The copy took 62-64% of attention's time in prompts and in decoding steps with draft tokens (py-spy, one
-client, new SQuAD questions: docs/benchmarks.md, "Grouped heads packed"), and at batch 256 it moves more memory per
-step than the model's weights. Instead the query heads of a group stand in the query-length axis of their key/value
-head, and the mask is repeated to match, so no key or value is copied. Everything else goes to transformers' ``sdpa``.
+client, new SQuAD questions: docs/benchmarks.md, "Drafts in the padding, grouped heads packed"), and at batch 256 it
+moves more memory per step than the model's weights. Instead the query heads of a group stand in the query-length
+axis of their key/value head, and the mask is repeated to match, so no key or value is copied. Everything else goes
+to transformers' ``sdpa``.
 """
 from __future__ import annotations
 

@@ -45,7 +45,8 @@ class DecodeStep:
         """The most tokens (``tokens`` or more) each of ``rows`` rows may be fed in a step that costs about what a
         step of ``tokens`` each does: on the CPU the linear layers, most of a step's time, compute the rows x tokens
         padded up (``onednn_linear.padded_rows``), so tokens in the padding cost them nothing (a step of one row took
-        about as long with 5 tokens as with 8: docs/benchmarks.md, "Drafts in the padding"); elsewhere ``tokens``."""
+        about as long with 5 tokens as with 8: docs/benchmarks.md, "Drafts in the padding, grouped heads packed");
+        elsewhere ``tokens``."""
         return padded_rows(rows * tokens) // rows if self._pads_rows else tokens
 
     def __call__(self, fed: list[list[int]], positions: list[int]) -> torch.Tensor:
