@@ -101,6 +101,15 @@ def breakdown_table(loads: list[dict], thread: str, stages: bool = False) -> lis
     return lines
 
 
+def planned_loads(args: argparse.Namespace) -> list[list]:
+    """The requests of each load in ``args.clients``: the first ``args.questions`` of ``args.mode`` every time, or
+    with ``args.fresh_questions`` each load's own, after the warm-up's ``WARMUP`` (``workload.workloads``). Raises
+    ValueError where the data holds too few, FileNotFoundError for an absent data file."""
+    if args.fresh_questions:
+        return workloads([args.mode] * len(args.clients), args.questions, WARMUP, args.data)
+    return [workload(args.mode, args.questions, args.data)] * len(args.clients)
+
+
 def add_profile_options(parser: argparse.ArgumentParser) -> None:
     """The options of the profile: the server, the loads, py-spy and where the results go."""
     parser.add_argument("--pid", type=positive(int), required=True, help="the loraswap server's process id")
@@ -127,15 +136,11 @@ def main() -> None:
     if shutil.which(args.py_spy) is None:
         parser.error(f"no py-spy at {args.py_spy!r}: pip install py-spy, or give its path with --py-spy")
     args.out.mkdir(parents=True, exist_ok=True)
-    warmup = workload(args.mode, WARMUP, args.data)
-    if args.fresh_questions:
-        try:
-            asked = workloads([args.mode] * len(args.clients), args.questions, WARMUP, args.data)
-        except ValueError as error:
-            parser.error(str(error))
-    else:
-        asked = [workload(args.mode, args.questions, args.data)] * len(args.clients)
-    run_load(Loraswap(args.url), warmup, WARMUP)  # unprofiled
+    try:
+        asked = planned_loads(args)
+    except ValueError as error:
+        parser.error(str(error))
+    run_load(Loraswap(args.url), workload(args.mode, WARMUP, args.data), WARMUP)  # unprofiled
     loads = [profiled_load(args, clients, items) for clients, items in zip(args.clients, asked)]
     (args.out / "profile.json").write_text(json.dumps({"loads": loads, "rate": args.rate}, indent=1))
     tables = [breakdown_table(loads, ENGINE, stages=True), breakdown_table(loads, ENGINE),

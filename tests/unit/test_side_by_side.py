@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from loadtest.endpoints import ADAPTERS, NEW_TOKENS, LlamaCpp, Loraswap, OpenAI, endpoint, label_of, lora_id
-from loadtest.profile_answer import breakdown_table, by_stage, per_request_ms
+from loadtest.profile_answer import WARMUP, breakdown_table, by_stage, per_request_ms, planned_loads
 from loadtest.side_by_side import (
     check_names,
     load_spec,
@@ -111,6 +111,15 @@ def test_mixed_workload_takes_turns_with_dev_matched_pairs(tmp_path, count):
     assert all(i.prompt == nli_prompt(i.fields["premise"], i.fields["hypothesis"]) for i in pairs)
 
 
+def write_many(root) -> None:
+    """300 SQuAD questions (30 contexts of 10) and 100 dev_matched NLI pairs."""
+    write_data(root, contexts=30, per_context=10)
+    rows = [{"premise": f"P{i}", "hypothesis": f"H{i}", "label": "neutral", "mnli_split": "dev_matched"}
+            for i in range(100)]
+    with gzip.open(root / "nli" / "mnli.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+
+
 def side_by_side_args(root, loads, questions, rounds, warmup, fresh=True) -> argparse.Namespace:
     return argparse.Namespace(loads=loads, questions=questions, rounds=rounds, warmup=warmup, fresh_questions=fresh,
                               data=root)
@@ -118,11 +127,7 @@ def side_by_side_args(root, loads, questions, rounds, warmup, fresh=True) -> arg
 
 @pytest.mark.parametrize("loads", [LOADS, [("mixed", 8), ("squad", 1)], [("squad", 1)]])
 def test_fresh_questions_give_every_round_and_load_questions_and_pairs_of_its_own(tmp_path, loads):
-    write_data(tmp_path, contexts=30, per_context=10)
-    rows = [{"premise": f"P{i}", "hypothesis": f"H{i}", "label": "neutral", "mnli_split": "dev_matched"}
-            for i in range(100)]
-    with gzip.open(tmp_path / "nli" / "mnli.jsonl.gz", "wt") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
+    write_many(tmp_path)
     planned = planned_requests(side_by_side_args(tmp_path, loads, questions=11, rounds=3, warmup=4))
     assert list(planned) == list(dict.fromkeys((r, load) for r, load, _ in schedule(SYSTEMS, loads, 3)))
     asked = [json.dumps(item.fields) for items in planned.values() for item in items]
@@ -134,6 +139,21 @@ def test_fresh_questions_give_every_round_and_load_questions_and_pairs_of_its_ow
         assert [i.task for i in items] == (["squad"] * 11 if mode == "squad" else ["squad", "nli"] * 5 + ["squad"])
     stale = planned_requests(side_by_side_args(tmp_path, loads, questions=11, rounds=3, warmup=4, fresh=False))
     assert all(items == workload(mode, 11, tmp_path) for (_, (mode, _)), items in stale.items())
+
+
+@pytest.mark.parametrize("mode", ["squad", "mixed"])
+def test_a_profile_with_fresh_questions_asks_each_load_its_own_after_the_warm_up(tmp_path, mode):
+    write_many(tmp_path)
+    args = argparse.Namespace(mode=mode, clients=[1, 8, 2], questions=10, fresh_questions=True, data=tmp_path)
+    loads = planned_loads(args)
+    asked = [json.dumps(item.fields) for items in loads for item in items]
+    assert [len(items) for items in loads] == [10, 10, 10] and len(asked) == len(set(asked)), "a request asked twice"
+    assert not {json.dumps(item.fields) for item in workload(mode, WARMUP, tmp_path)} & set(asked)
+    args.fresh_questions = False
+    assert planned_loads(args) == [workload(mode, 10, tmp_path)] * 3
+    args.fresh_questions, args.questions = True, 1000
+    with pytest.raises(ValueError, match="the data holds"):
+        planned_loads(args)
 
 
 @pytest.mark.parametrize(("fresh", "mode", "questions", "rounds"), [
