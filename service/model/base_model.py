@@ -17,6 +17,7 @@ from typing import IO
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from service.model import weight_alignment
 from service.model.onednn_linear import bound_kernel_caches, use_onednn
 from service.settings import Settings
 
@@ -132,10 +133,23 @@ def resolve_base_dir(name_or_path: str, cache_dir: Path) -> Path:
         return path
     cached = Path(cache_dir) / "smollm2-135m-instruct"
     remove_abandoned_partials(cached)
-    if (cached / "config.json").is_file():
-        return cached
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    return convert_gguf(embedded_gguf(), cached)
+    if not (cached / "config.json").is_file():
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        cached = convert_gguf(embedded_gguf(), cached)
+    align_weights(cached)
+    return cached
+
+
+def align_weights(model_dir: Path) -> None:
+    """Align the data of each safetensors file in ``model_dir`` (``weight_alignment.align``): once after converting,
+    and once for a cache an older loraswap converted. Where the folder cannot be written, the weights are served as
+    they are, a little slower on the CPU, and a warning says so."""
+    for path in sorted(model_dir.glob("*.safetensors")):
+        try:
+            if weight_alignment.align(path):
+                log.info("aligned the weights of %s", path)
+        except OSError as exc:
+            log.warning("could not align the weights of %s (%s); serving them unaligned, a little slower", path, exc)
 
 
 def max_positions(model: PreTrainedModel) -> int:
