@@ -108,7 +108,8 @@ class Settings(BaseSettings):
         f"{CPU_DRAFT_TOKENS} on the CPU, 0 on a GPU (steps with drafts run without CUDA graphs)")
     cuda_graphs: bool = Field(True, description="replay decoding steps as CUDA graphs (GPU only)")
     onednn: bool = Field(True, description="compute the base's float32 linear layers with oneDNN, not MKL (CPU only; "
-                         "1.2-1.4x on an AMD EPYC host, not measured on Intel's: docs/benchmarks.md)")
+                         "1.2-1.4x on an AMD EPYC host, not measured on Intel's: docs/benchmarks.md), those that "
+                         "read one input (q/k/v, gate/up) as one product")
     prefix_cache_bytes: int = Field(
         256 * 2**20, ge=0, description="bytes of prompt keys and values kept for reuse by later prompts that begin "
         "with the same tokens for the same adapter (least recently used dropped first); 0 turns prefix caching off")

@@ -42,6 +42,7 @@ from service.engine.kv_cache import row_bucket
 from service.lora.adapter_files import AdapterWeights
 from service.lora.slot_mapping import SlotMapping, in_place
 from service.model.file_pages import mapped_copy, mapped_zeros, private_file_maps, release
+from service.model.fused_linears import fuse
 
 
 class Banks:
@@ -238,7 +239,9 @@ class BatchedLoraLayer(nn.Module):
 
 
 def wrap_lora_targets(model: nn.Module, mapping: SlotMapping, banks: Banks) -> dict[str, BatchedLoraLayer]:
-    """Replace every LoRA-able module of ``model`` by a batched LoRA layer; returns them by module name."""
+    """Replace every LoRA-able module of ``model`` by a batched LoRA layer; returns them by module name. The base
+    layers that read one input are grouped for their LoRA products (``InputGroup``) and, on the CPU through oneDNN,
+    fused for their own (``fused_linears.fuse``)."""
     targets = [(name, module) for name, module in model.named_modules() if is_lora_target(name, module)]
     wrapped = {}
     for name, module in targets:
@@ -248,6 +251,7 @@ def wrap_lora_targets(model: nn.Module, mapping: SlotMapping, banks: Banks) -> d
         wrapped[name] = layer
     for names in shared_inputs(model, wrapped):
         InputGroup([wrapped[name] for name in names])
+        fuse([wrapped[name].base for name in names])
     return wrapped
 
 
@@ -331,17 +335,20 @@ class LoraLayers:
         memory when the unmerge frees it: ``file_pages.mapped_copy``) and its weight as loaded is kept:
         pages of the model file, mapped copy-on-write, which leave memory while merged (``file_pages.release``) and
         come back from the file at the unmerge, so a merge costs no memory beyond one module's copy at a time (and
-        the copy is aligned, where the file's offsets can leave the loaded weights unaligned, 40 bytes past a 64-byte
-        boundary for SmolLM2, which made in-place products 3x slower). On a GPU a copy is kept at the first merge and
-        the weight merged in place: it keeps its address, which captured graphs read."""
+        the copy is aligned, where an unaligned model file leaves the loaded weights unaligned, which made in-place
+        products 3x slower). A module whose weight is rows of a fused weight (``fused_linears``) is merged in place,
+        its weight as loaded kept as those file pages (or, not loaded from a file, as a copy). On a GPU a copy is
+        kept at the first merge and the weight merged in place: it keeps its address, which captured graphs read."""
         maps = private_file_maps() if self.device.type == "cpu" else []  # read once: the model file's maps stay
         for module, (lora_a, lora_b_t) in adapter.views(adapter.packed.to(self.device, self.dtype)).items():
             base = self.modules[module].base
-            if self.device.type == "cpu":
+            if not self._in_place(module):
                 original = self._originals.setdefault(module, base.weight.data)
                 base.weight.data = mapped_copy(original)
             elif module not in self._originals:  # what is kept stays exact: only unmerge writes it back
-                self._originals[module] = base.weight.data.clone()
+                fused = getattr(base, "fused", None)
+                kept = None if fused is None else fused.originals.get(base)  # pages of the model file
+                self._originals[module] = base.weight.data.clone() if kept is None else kept
             if isinstance(base, Conv1D):
                 base.weight.data.addmm_(lora_a.t(), lora_b_t)  # [in, out] += A^T [in, r] @ B^T [r, out]
             else:
@@ -351,13 +358,22 @@ class LoraLayers:
 
     def unmerge(self, adapter: AdapterWeights) -> None:
         """Restore the base weights that merging ``adapter`` changed exactly as they were loaded."""
-        modules = list(adapter.layout)
-        if self.device.type == "cpu":  # the weights as loaded again, their merged copies freed
-            for module in modules:
+        in_place = [module for module in adapter.layout if self._in_place(module)]
+        for module in adapter.layout:  # the weights as loaded again, their merged copies freed
+            if not self._in_place(module):
                 self.modules[module].base.weight.data = self._originals[module]
-            return
-        torch._foreach_copy_([self.modules[module].base.weight.data for module in modules],
-                             [self._originals[module] for module in modules])
+        if in_place:
+            torch._foreach_copy_([self.modules[module].base.weight.data for module in in_place],
+                                 [self._originals[module] for module in in_place])
+        if self.device.type == "cpu":  # the file pages just read leave memory again
+            maps = private_file_maps()
+            for module in in_place:
+                release(self._originals[module], maps)
+
+    def _in_place(self, module: str) -> bool:
+        """Whether merging writes ``module``'s base weight in place: on a GPU, and on the CPU for rows of a fused
+        weight; else a merged copy takes its place."""
+        return self.device.type != "cpu" or getattr(self.modules[module].base, "fused", None) is not None
 
 
 @torch.no_grad()

@@ -52,16 +52,18 @@ class OneDnnLinear(nn.Linear):
     """An ``nn.Linear`` that computes float32 inputs on the CPU with oneDNN's inner product: x [..., in] to
     [..., out], as ``F.linear``. Everything else takes ``F.linear``: no rows, other dtypes, a weight moved off the
     CPU, autocast, a non-contiguous bias (the op reads it as contiguous), and anything that needs gradients (the op
-    has no backward)."""
+    has no backward). With ``fused`` (a ``fused_linears.FusedLinears``), the product is computed with those of the
+    other layers that read the same input."""
+
+    fused = None  # the FusedLinears this layer's weight is rows of, if any
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features if self.in_features else 0
         if not self._takes(x, rows):
             return F.linear(x, self.weight, self.bias)
-        flat, bucket = x.reshape(rows, self.in_features), padded_rows(rows)
-        padded = flat if bucket == rows else F.pad(flat, (0, 0, 0, bucket - rows))  # [bucket, in]
-        out = torch.ops.mkldnn._linear_pointwise(padded, self.weight, self.bias, "none", [], "")
-        return out[:rows].view(*x.shape[:-1], self.out_features)
+        if self.fused is not None:
+            return self.fused.output(self, x)
+        return inner_product(x, self.weight, self.bias)
 
     def _takes(self, x: torch.Tensor, rows: int) -> bool:
         """Whether oneDNN computes ``x`` of ``rows`` rows (an input of the wrong width goes to ``F.linear`` for its
@@ -73,6 +75,16 @@ class OneDnnLinear(nn.Linear):
         return (rows > 0 and x.shape[-1] == self.in_features and self.weight.is_cpu
                 and x.dtype == self.weight.dtype == torch.float32 and plain_bias
                 and not needs_grad and not torch.is_autocast_enabled("cpu"))
+
+
+def inner_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., in] times weight^T [in, out] plus bias [out] through oneDNN: [..., out]. Its rows are padded to
+    ``padded_rows`` for the product. x, weight and bias float32 on the CPU, bias contiguous."""
+    rows, width = x.numel() // weight.shape[1], weight.shape[1]
+    flat, bucket = x.reshape(rows, width), padded_rows(rows)
+    padded = flat if bucket == rows else F.pad(flat, (0, 0, 0, bucket - rows))  # [bucket, in]
+    out = torch.ops.mkldnn._linear_pointwise(padded, weight, bias, "none", [], "")
+    return out[:rows].view(*x.shape[:-1], weight.shape[0])
 
 
 def padded_rows(rows: int) -> int:

@@ -152,17 +152,27 @@ def test_merge_then_unmerge_restores_every_base_weight_exactly(base_dir, ranked,
     assert_serves(model, registry, ["r8", "r2", "r4"], expected)
 
 
-def test_the_first_merge_on_the_cpu_writes_a_copy_and_keeps_the_loaded_weights_unwritten(base_dir, ranked, expected):
+def test_the_first_merge_on_the_cpu_writes_a_copy_and_keeps_the_loaded_weights_unwritten(arch, base_dir, ranked,
+                                                                                        expected):
     """The loaded weights are the model file's pages, mapped copy-on-write: merging into them would copy them
-    (and their file offsets leave them unaligned, which made the in-place products 3x slower on a CPU)."""
+    (and an unaligned model file leaves them unaligned, which made the in-place products 3x slower on a CPU). A
+    module whose weight is rows of a fused weight (Llama's q/k/v and gate/up: fused_linears) is merged in place in
+    that weight's own map, its loaded weight kept unwritten too."""
     model, registry = engine_model(base_dir, ranked)
-    loaded = {name: layer.base.weight.data for name, layer in registry.layers.modules.items()}
+    bases = {name: layer.base for name, layer in registry.layers.modules.items()}
+    fused = {name for name, base in bases.items() if getattr(base, "fused", None) is not None}
+    assert bool(fused) == (arch == "llama"), fused
+    loaded = {name: base.fused.originals[base] if name in fused else base.weight.data for name, base in bases.items()}
+    before = {name: bases[name].weight.data.data_ptr() for name in fused}
     snapshot = {name: weight.clone() for name, weight in loaded.items()}
     registry.merge("r8")
     assert_serves(model, registry, ["r8"], expected)
     for name in registry.layers.modules:
         assert torch.equal(loaded[name], snapshot[name]), f"merging wrote the loaded weight of {name}"
-    merged_into = {layer.base.weight.data.data_ptr() for layer in registry.layers.modules.values()}
+    assert {name: bases[name].weight.data.data_ptr() for name in fused} == before, "a fused row was copied"
+    assert all(bases[name].weight.untyped_storage().data_ptr() == bases[name].fused.weight.untyped_storage().data_ptr()
+               for name in fused), "a fused module's weight is not rows of its fused weight"
+    merged_into = {bases[name].weight.data.data_ptr() for name in bases if name not in fused}
     assert not merged_into & {weight.data_ptr() for weight in loaded.values()}, "a module merges into its loaded weight"
     merged_maps = {(start, end) for start, end in maps() if start in merged_into}
     assert len(merged_maps) == len(merged_into), "a merged copy came from malloc, whose arenas keep it once freed"
