@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from service.model.file_pages import mapped_zeros, private_file_maps, release
-from service.model.onednn_linear import OneDnnLinear, inner_product
+from service.model.onednn_linear import MOST_ROWS, OneDnnLinear, inner_product
 
 
 class FusedLinears:
@@ -40,8 +40,12 @@ class FusedLinears:
         self._outputs: dict[OneDnnLinear, torch.Tensor] = {}
 
     def output(self, layer: OneDnnLinear, x: torch.Tensor) -> torch.Tensor:
-        """``layer``'s product of ``x`` [..., in]: [..., out], a view of the products of every layer, computed at the
-        first layer to ask for an input tensor and dropped once each took its own."""
+        """``layer``'s product of ``x`` [..., in]: [..., out]. Up to ``MOST_ROWS`` rows (decoding steps, short
+        prompts), a view of the products of every layer, computed at the first layer to ask for an input tensor and
+        dropped once each took its own; above, its own product: one product gains less the more rows it has, and a
+        view's strides cost the products and element-wise work after it (docs/benchmarks.md, "Fused projections")."""
+        if x.numel() > MOST_ROWS * x.shape[-1]:
+            return inner_product(x, layer.weight, layer.bias)
         if x is not self._input or layer not in self._outputs:
             products = inner_product(x, self.weight, self.bias).split(self.sizes, dim=-1)
             self._input, self._outputs = x, dict(zip(self.layers, products))

@@ -9,7 +9,7 @@ from torch import nn
 from service.lora.layers import LoraLayers
 from service.model.base_model import load_base
 from service.model.fused_linears import fuse
-from service.model.onednn_linear import OneDnnLinear, use_onednn
+from service.model.onednn_linear import MOST_ROWS, OneDnnLinear, use_onednn
 from service.settings import Settings
 from tests.lora_helpers import load_model
 
@@ -57,6 +57,18 @@ def test_a_new_input_is_computed_anew_and_a_layer_asked_twice_gets_the_same():
             assert torch.equal(layers[0](x), alone[0](x)) and torch.equal(layers[2](x), alone[2](x))
         x.add_(1)  # the same tensor, written: a new cycle computes it again
         assert all(torch.equal(layer(x), single(x)) for layer, single in zip(layers, alone))
+
+
+@pytest.mark.parametrize("shape", [(1, 64), (8, 8), (1, 65), (3, 40)])
+def test_up_to_most_rows_one_product_is_shared_and_above_each_layer_computes_its_own(shape):
+    alone, layers = linears(), linears()
+    fused = fuse(layers)
+    x = torch.randn(*shape, 32)
+    with torch.no_grad():
+        assert torch.equal(layers[0](x), alone[0](x))
+        shared = fused._input is x
+        assert all(torch.equal(layer(x), single(x)) for layer, single in zip(layers[1:], alone[1:]))
+    assert shared == (shape[0] * shape[1] <= MOST_ROWS) and fused._input is None
 
 
 def test_what_onednn_does_not_take_goes_to_f_linear_over_the_rows():
