@@ -1,10 +1,10 @@
 """Aligned weights in a safetensors file. On the CPU the base's weights are views of a map of its file, so a tensor
 starts wherever the file puts it: 8 bytes of header length, the JSON header, then the tensors at their offsets. Each
 tensor of SmolLM2's converted cache lies a multiple of 64 bytes into the data, but the data began 40 bytes past a
-64-byte boundary, and a decoding step's linear layers took 3-5% longer over such weights than over the same file with
-its data aligned (docs/benchmarks.md, "Aligned weights"). The format lets the header be padded with spaces
-(https://github.com/huggingface/safetensors, "Format": "The header data MAY be trailing padded with whitespace"), so
-padding it moves the data without changing a byte of it."""
+64-byte boundary, and SmolLM2's body took about 4% longer a one-token decoding step over such weights than over the
+same file with its data aligned (docs/benchmarks.md, "Aligned weights"). The format lets the header be padded with
+spaces (https://github.com/huggingface/safetensors, "Format": "The header data MAY be trailing padded with
+whitespace"), so padding it moves the data without changing a byte of it."""
 from __future__ import annotations
 
 import fcntl
@@ -19,12 +19,14 @@ LENGTH = struct.Struct("<Q")  # the header's length, the file's first 8 bytes
 
 def data_start(path: Path) -> int:
     """Offset in bytes of the tensors' data in the safetensors file at ``path``: 8 plus the header's length.
-    ValueError for a file too short to have a header."""
+    ValueError for a file too short to have a header, or to hold the header its first 8 bytes announce."""
     with open(path, "rb") as handle:
         head = handle.read(LENGTH.size)
-    if len(head) < LENGTH.size:
-        raise ValueError(f"{path} is not a safetensors file: {len(head)} bytes")
-    return LENGTH.size + LENGTH.unpack(head)[0]
+        size = os.fstat(handle.fileno()).st_size
+    start = LENGTH.size + LENGTH.unpack(head)[0] if len(head) == LENGTH.size else None
+    if start is None or start > size:
+        raise ValueError(f"{path} is not a safetensors file: {size} bytes, no whole header")
+    return start
 
 
 def align(path: Path) -> bool:
@@ -33,7 +35,7 @@ def align(path: Path) -> bool:
     beside it (``<name>.aligning``) and renamed over it (its mode kept), so a reader opens either whole file and one
     that mapped the old keeps it; processes aligning one file take turns on a lock file beside it (flock(2)), the
     later one finding it aligned. OSError when an unaligned file's folder cannot be written; ValueError for a file
-    too short to have a header."""
+    without a whole header (``data_start``)."""
     if not -data_start(path) % ALIGNMENT:  # no lock taken: an aligned file in a read-only folder is left alone
         return False
     with open(path.with_name(f".{path.name}.lock"), "w") as lock:

@@ -1,6 +1,7 @@
 """Aligning the data of a safetensors file (service.model.weight_alignment), and the embedded base's weights served
 from it aligned."""
 import os
+import struct
 import threading
 
 import pytest
@@ -80,11 +81,13 @@ def test_processes_aligning_one_file_at_once_align_it_once(tmp_path):
     assert sorted(results) == [False, False, False, True] and data_start(path) % ALIGNMENT == 0
 
 
-def test_a_file_too_short_for_a_header_is_a_value_error(tmp_path):
+@pytest.mark.parametrize("content", [b"", b"\x01\x02", struct.pack("<Q", 100) + b"{}", struct.pack("<Q", 2**63)])
+def test_a_file_without_a_whole_header_is_a_value_error_and_left_as_it_is(tmp_path, content):
     path = tmp_path / "model.safetensors"
-    path.write_bytes(b"\x01\x02")
+    path.write_bytes(content)
     with pytest.raises(ValueError, match="not a safetensors file"):
         align(path)
+    assert path.read_bytes() == content and not path.with_name("model.safetensors.aligning").exists()
 
 
 def test_a_folder_that_cannot_be_written_is_served_unaligned_with_a_warning(tmp_path, caplog, monkeypatch):
