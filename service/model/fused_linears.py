@@ -5,7 +5,9 @@ Each oneDNN inner product has a cost of its own beyond its arithmetic, and a Lla
 through three and its MLP's through two. SmolLM2's body (30 layers) took 0.94x as long with both fused for one
 token, 0.94x for 8 and 0.93x for 24, its outputs equal to the last bit (docs/benchmarks.md, "Fused projections").
 The layers' weights become views of the rows of one weight, in a map of its own (``file_pages.mapped_zeros``), and
-their pages of the model file leave memory (``file_pages.release``): the same memory as before. Merging an adapter
+their pages of the model file leave memory (``file_pages.release``): about the same RSS for one process, but those
+278 MB of SmolLM2 are now private memory, which the kernel cannot drop and servers on one host cannot share, where
+the file's clean pages were both (a review measured two servers on one cache: +160 MB PSS each). Merging an adapter
 into the base writes those rows in place, and unmerging copies the weights as loaded (those file pages, or a copy
 made at the first merge where the weights were not loaded from a file) back (``LoraLayers.merge``).
 """

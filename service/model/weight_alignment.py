@@ -32,10 +32,10 @@ def data_start(path: Path) -> int:
 def align(path: Path) -> bool:
     """Make the data of the safetensors file at ``path`` start at a multiple of ``ALIGNMENT`` bytes by padding its
     header with spaces, when it does not already; returns whether it rewrote the file. The new file is written
-    beside it (``<name>.aligning``) and renamed over it (its mode kept), so a reader opens either whole file and one
-    that mapped the old keeps it; processes aligning one file take turns on a lock file beside it (flock(2)), the
-    later one finding it aligned. OSError when an unaligned file's folder cannot be written; ValueError for a file
-    without a whole header (``data_start``)."""
+    beside it (``<name>.aligning``, removed if that fails) and renamed over it (its mode kept), so a reader opens
+    either whole file and one that mapped the old keeps it; processes aligning one file take turns on a lock file
+    beside it (flock(2)), the later one finding it aligned. OSError when an unaligned file's folder cannot be
+    written; ValueError for a file without a whole header (``data_start``)."""
     if not -data_start(path) % ALIGNMENT:  # no lock taken: an aligned file in a read-only folder is left alone
         return False
     with open(path.with_name(f".{path.name}.lock"), "w") as lock:
@@ -45,10 +45,14 @@ def align(path: Path) -> bool:
         if not padding:
             return False
         partial = path.with_name(f"{path.name}.aligning")  # one name: a copy left by a killed process is replaced
-        with open(path, "rb") as source, open(partial, "wb") as target:
-            header = source.read(start)[LENGTH.size:] + b" " * padding
-            target.write(LENGTH.pack(len(header)) + header)
-            shutil.copyfileobj(source, target, 1 << 24)
-        shutil.copymode(path, partial)
-        os.replace(partial, path)
+        try:
+            with open(path, "rb") as source, open(partial, "wb") as target:
+                shutil.copymode(path, partial)  # before a byte is written: the cache's mode, not the umask's
+                header = source.read(start)[LENGTH.size:] + b" " * padding
+                target.write(LENGTH.pack(len(header)) + header)
+                shutil.copyfileobj(source, target, 1 << 24)
+            os.replace(partial, path)
+        except BaseException:
+            partial.unlink(missing_ok=True)  # a full disk or a file that cannot be replaced keeps no half copy
+            raise
         return True

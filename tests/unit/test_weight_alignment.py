@@ -70,6 +70,20 @@ def test_a_copy_left_by_a_killed_aligner_is_replaced(tmp_path):
     assert not path.with_name("model.safetensors.aligning").exists() and loaded(path)[0].keys() == TENSORS.keys()
 
 
+def test_a_failed_alignment_leaves_the_file_and_no_half_copy(tmp_path, monkeypatch):
+    """A full disk or a file that cannot be replaced left the half-written copy beside the cache (review)."""
+    path = saved(tmp_path / "model.safetensors")
+    before = path.read_bytes()
+
+    def full(*_):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("service.model.weight_alignment.shutil.copyfileobj", full)
+    with pytest.raises(OSError, match="No space"):
+        align(path)
+    assert path.read_bytes() == before and not path.with_name("model.safetensors.aligning").exists()
+
+
 def test_processes_aligning_one_file_at_once_align_it_once(tmp_path):
     path = saved(tmp_path / "model.safetensors")
     results = []
