@@ -65,8 +65,8 @@ class QueueFull(Exception):
 
 
 class QueueTimeout(QueueFull):
-    """A request waited in the queue longer than ``max_queue_wait`` seconds without joining a batch: the server is
-    past capacity; retry later."""
+    """A request waited in the queue longer than ``max_queue_wait`` seconds without any of its parts joining a batch:
+    the server is past capacity; retry later."""
 
 
 class EngineStopped(Exception):

@@ -70,7 +70,9 @@ class Settings(BaseSettings):
     max_queue: int = Field(256, ge=1, description="queued requests before 429")
     max_queue_wait: float = Field(30.0, ge=0, description="seconds a request may wait in the queue for a batch before "
                                   "it is refused with 429 and Retry-After (the server is past capacity), so that no "
-                                  "request waits without bound; 0: no bound")
+                                  "request waits without bound; once one part of a request (a long context's window, "
+                                  "a choice) joined a batch, its other parts are not refused for their wait; 0: no "
+                                  "bound")
     max_new_tokens: int = Field(64, ge=1, description="most tokens a request generates (per choice); OpenAI's routes "
                                 "refuse a max_tokens above it and take it for an absent one")
     max_choices: int = Field(8, ge=1, description="most choices (n) one request to OpenAI's routes may ask for")

@@ -56,11 +56,21 @@ log = logging.getLogger(__name__)
 REST_AFTER_S = 0.5  # seconds without work before the engine gives the last batches' memory back (Engine._rest)
 
 
+@dataclass(eq=False)
+class _Together:
+    """The requests one ``Engine.submit_together`` call queued: the parts of one client request (a long context's
+    windows, a completion's choices, a label set's scoring requests). Once a part is taken into a batch the request is
+    being served, and its other parts, still queued, no longer wait for capacity: none of them expires
+    (``Engine._expire_waiting``), since a request refused then would throw away the work done on its first parts."""
+    begun: bool = False
+
+
 @dataclass
 class _Pending:
     work: Generation | Scoring
     future: RequestFuture
     enqueued: float = field(default_factory=time.perf_counter)
+    together: _Together = field(default_factory=_Together)
     adapter: AdapterWeights | None = None  # the weights ``work.adapter`` named when the request was taken: its own
     on_token: Callable[[SampledToken], None] | None = None  # a generation's listener (see Engine.submit)
 
@@ -138,10 +148,12 @@ class Engine:
 
     def submit_together(self, works: list[Generation | Scoring],
                         on_tokens: list[Callable[[SampledToken], None] | None] | None = None) -> list[RequestFuture]:
-        """Queue ``works`` (with their listeners, see ``submit``) one after another, all or none: they are taken into
-        the same batch whenever it has room for them all. Raises QueueFull unless all fit in the queue, and as
-        ``submit`` otherwise."""
-        pendings = [_Pending(work, RequestFuture(), on_token=listener)
+        """Queue ``works`` (with their listeners, see ``submit``) one after another, all or none, as the parts of one
+        request: they are taken into the same batch whenever it has room for them all, and once one is taken, the
+        others are not refused for their wait (``max_queue_wait``). Raises QueueFull unless all fit in the queue, and
+        as ``submit`` otherwise."""
+        enqueued, together = time.perf_counter(), _Together()
+        pendings = [_Pending(work, RequestFuture(), enqueued, together=together, on_token=listener)
                     for work, listener in zip(works, on_tokens or [None] * len(works))]
         with self._wakeup:
             self._refuse_unless_accepting()
@@ -264,16 +276,19 @@ class Engine:
             return self._take(type(self._queue[0].work), self.settings.max_batch, set())
 
     def _expire_waiting(self) -> None:
-        """Refuse (QueueTimeout) every queued request that has waited more than ``max_queue_wait`` seconds (0: none):
-        past capacity, a request refused in bounded time can be sent elsewhere or later, where one left in the queue
-        would be answered after its client gave up. Called holding ``_wakeup``, whenever requests are taken: a
-        request hears of it at most one decoding step or prefill pass after its time ran out."""
+        """Refuse (QueueTimeout) every queued request that has waited more than ``max_queue_wait`` seconds (0: none)
+        and none of whose parts has been taken (``_Together``): past capacity, a request refused in bounded time can
+        be sent elsewhere or later, where one left in the queue would be answered after its client gave up. Called
+        holding ``_wakeup``, whenever requests are taken: a request hears of it at most one decoding step or prefill
+        pass after its time ran out."""
         bound = self.settings.max_queue_wait
         oldest = time.perf_counter() - bound
-        if not bound or not any(pending.enqueued < oldest for pending in self._queue):
+        expired = [pending for pending in self._queue
+                   if pending.enqueued < oldest and not pending.together.begun] if bound else []
+        if not expired:
             return
-        expired = [pending for pending in self._queue if pending.enqueued < oldest]
-        self._queue = deque(pending for pending in self._queue if pending.enqueued >= oldest)
+        gone = set(map(id, expired))
+        self._queue = deque(pending for pending in self._queue if id(pending) not in gone)
         error = QueueTimeout(f"the request waited {bound:g} s in the queue without joining a batch (the server's "
                              "max_queue_wait): the server is past capacity; retry later")
         for pending in expired:
@@ -303,7 +318,7 @@ class Engine:
             fits = known or len(adapters) < self.registry.max_resident
             loading = not known and loads < math.inf and not self.registry.is_resident(adapter)  # asked if bounded
             if type(pending.work) is kind and fits and loads >= loading:
-                pending.adapter = adapter
+                pending.adapter, pending.together.begun = adapter, True
                 batch.append(pending)
                 out.add(id(pending))
                 tokens += len(pending.work.prompt_ids)

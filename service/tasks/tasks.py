@@ -255,12 +255,13 @@ class Tasks:
         return dict(zip(labels, softmax(sequence_logprobs(sequences, candidates, logprobs))))
 
     async def outcomes(self, works: list[Generation | Scoring]) -> list:
-        """The engine's results for ``works``, queued together (all or none: QueueFull unless all fit); if the caller is
-        cancelled first, the engine drops every one still queued or running."""
+        """The engine's results for ``works``, queued together (all or none: QueueFull unless all fit). Raises the
+        first failure of any of them; then, or if the caller is cancelled first, the engine drops every one still
+        queued or running, as their results would be thrown away."""
         futures = self.engine.submit_together(works)
         try:
             return await asyncio.gather(*map(asyncio.wrap_future, futures))
-        except asyncio.CancelledError:
+        except BaseException:
             for future in futures:
                 self.engine.abandon(future)
             raise

@@ -10,13 +10,13 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from concurrent.futures import InvalidStateError
+from concurrent.futures import CancelledError, InvalidStateError
 
 import pytest
 from prometheus_client import REGISTRY
 
 from service.engine.requests import GenerationResult, RequestFuture
-from service.errors import EngineFailed, RequestAbandoned
+from service.errors import EngineFailed, RequestAbandoned, UnknownAdapter
 from service.tasks.tasks import Tasks
 from tests.engine.engine_helpers import (
     WAIT,
@@ -90,6 +90,28 @@ def test_a_cancelled_task_abandons_its_request(engines):
     assert same_output(alone(engine, later), alone(engines.shared(), later))
     # three steps of the abandoned request (299 had it run on), then the four of the later one
     assert len(steps.notes) == 3 + 4, f"rows of each decoding step: {steps.notes}"
+
+
+def test_a_request_whose_part_failed_abandons_its_other_parts(engines):
+    """``Tasks.outcomes`` (a long context's windows, a label set's scoring requests) raises the first part's failure
+    (here an unknown adapter, failed as the batch is taken); the other parts would be thrown away, so the engine
+    drops them rather than generate their 300 tokens."""
+    engine = engines.fresh(max_new_tokens=300)
+    tasks = Tasks(engine, engine.tokenizer, engine.settings, max_positions=512)
+    submitted = []
+
+    def submit_together(works, on_tokens=None):
+        submitted.extend(engine_submit(works, on_tokens))
+        return submitted
+
+    engine_submit, engine.submit_together = engine.submit_together, submit_together
+    engine.decoder = steps = WatchedSteps(engine.decoder)
+    rng = random.Random(20)
+    with pytest.raises(UnknownAdapter):
+        asyncio.run(tasks.outcomes([long_generation(rng, "r8", 300), greedy(rng, "no-such-adapter")]))
+    with pytest.raises((RequestAbandoned, CancelledError)):
+        submitted[0].result(WAIT)
+    assert len(steps.notes) < 299, f"decoding steps of the part left running: {len(steps.notes)}"
 
 
 def test_withdrawing_the_only_queued_request_in_the_batch_window_leaves_the_engine_serving(engines):

@@ -289,6 +289,43 @@ def test_a_request_queued_past_max_queue_wait_is_refused_and_the_running_one_ser
     assert status_of(QueueTimeout) == 429
 
 
+@pytest.mark.parametrize("bound", [0.2, 0])
+def test_the_queued_parts_of_a_request_begun_are_served_past_max_queue_wait(engines, bound):
+    """The parts of one request (``submit_together``: a long context's windows, a completion's choices) that the batch
+    has no room for wait for their turn: once one part is taken, the others are served however long they wait, where
+    a request queued after them is refused past the bound (QueueTimeout) as ever."""
+    reference = engines.shared()
+    engine = engines.fresh(max_batch=1, max_queue_wait=bound)
+    rng = random.Random(21)
+    engine.decoder = steps = WatchedSteps(engine.decoder, hold_at=2)
+    parts = [long_generation(rng, "r2", 6), greedy(rng, "r2"), greedy(rng, "r8")]
+    futures = engine.submit_together(parts)
+    assert steps.holding.wait(WAIT)
+    outsider = greedy(rng, None)
+    later = engine.submit(outsider)
+    time.sleep(0.4)  # past the bound while the first part holds the only place in the batch
+    steps.release.set()
+    assert_same_outputs(results(futures), [alone(reference, work) for work in parts], parts)
+    if bound:
+        with pytest.raises(QueueTimeout, match="max_queue_wait"):
+            later.result(WAIT)
+    else:
+        assert same_output(later.result(WAIT), alone(reference, outsider))
+
+
+def test_the_parts_of_a_request_none_of_which_began_are_refused_together_past_max_queue_wait(engines):
+    engine = engines.fresh(max_queue_wait=0.1)
+    rng = random.Random(22)
+    with paused(engine):
+        futures = engine.submit_together([greedy(rng, "r2"), greedy(rng, "r4"), greedy(rng, None)])
+        time.sleep(0.3)
+    for future in futures:
+        with pytest.raises(QueueTimeout, match="max_queue_wait"):
+            future.result(WAIT)
+    later = greedy(rng, None)
+    assert same_output(alone(engine, later), alone(engines.shared(), later))
+
+
 def test_an_adapter_unregistered_while_queued_fails_only_its_requests(engines):
     reference = engines.shared()
     engine = engines.fresh()

@@ -4,6 +4,7 @@ generation under a brute-force span constraint (``tests/span_reference.py``, thr
 offsets; constrained and free rows share batches; contexts in several scripts, with multi-byte characters."""
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -12,6 +13,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from service.tasks.prompts import answer_prompt
+from tests.engine.engine_helpers import WatchedSteps
 from tests.http.api_helpers import Tiny
 from tests.server_helpers import SERVER_CAP, SQUAD_CONTEXT, SQUAD_QUESTION, ask, ready_client, tiny_settings
 from tests.span_reference import WHITESPACE, BruteForceSpans
@@ -161,6 +163,26 @@ def test_a_windowed_answer_is_given_at_its_first_occurrence_in_the_whole_context
     reply = ask(windowed, None, context=context, question="When?")
     assert reply["answer"].startswith("the") and reply["start"] == context.find(reply["answer"])
     assert context[reply["start"]:reply["end"]] == reply["answer"]
+
+
+def test_the_windows_of_one_answer_waiting_for_each_other_past_max_queue_wait_are_answered(tiny_tokenizer_dir,
+                                                                                           tmp_path):
+    """One window in the batch at a time (max_batch 1) and its decoding held past ``max_queue_wait``: the other
+    windows wait for it, and are answered (a 429 once: the request was shed by its own windows)."""
+    base = forced_token_model(tiny_tokenizer_dir, tmp_path / "forced", " the")
+    (tmp_path / "none").mkdir()
+    settings = tiny_settings(base, tmp_path / "none", tmp_path / "cache", max_input_tokens=64, answer_stride=16,
+                             max_answer_windows=40, max_batch=1, max_queue_wait=0.2)
+    context = FILLER * 20 + "At last the end came."
+    with ready_client(settings) as client:
+        expected = ask(client, None, context=context, question="When?")
+        engine = client.app.state.runtime.engine
+        engine.decoder = steps = WatchedSteps(engine.decoder, hold_at=2)
+        threading.Timer(0.5, steps.release.set).start()
+        reply = ask(client, None, context=context, question="When?")
+        assert len(answer_windows(client, context)) > 3 and steps.holding.is_set()
+    assert {**reply, "latency_ms": 0} == {**expected, "latency_ms": 0}
+    assert reply["latency_ms"] >= 500
 
 
 def test_a_short_longest_prompt_alone_answers_in_windows_with_the_default_stride(tiny_tokenizer_dir, tmp_path):

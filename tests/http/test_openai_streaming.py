@@ -5,7 +5,9 @@ raw logits; n choices are seeded apart."""
 from __future__ import annotations
 
 import json
+import random
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -17,6 +19,7 @@ from prometheus_client import REGISTRY
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from service.tasks.token_bytes import token_bytes
+from tests.engine.engine_helpers import WatchedSteps, long_generation, paused
 from tests.http.replies import error_message
 from tests.lora_helpers import RELATIVE_TOLERANCE
 from tests.server_helpers import ADMIN, ready_client, settings_in, wait_until
@@ -74,6 +77,29 @@ def joined(parts: list[dict], route: str) -> dict[int, tuple[str, str | None]]:
 def whole(reply: dict, route: str) -> dict[int, tuple[str, str]]:
     return {choice["index"]: (choice["text"] if route == "/v1/completions" else choice["message"]["content"],
                               choice["finish_reason"]) for choice in reply["choices"]}
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("stream", [False, True])
+def test_choices_waiting_for_each_other_past_max_queue_wait_are_all_served(served, route, stream):
+    """Three choices beside a running request: the batch (max_batch 3) takes two, and the third waits while their
+    decoding is held past ``max_queue_wait``; it is served all the same (a 429, or an error event mid-stream, once:
+    the request was shed by its own choices)."""
+    with ready_client(served.model_copy(update={"max_queue_wait": 0.2, "max_batch": 3})) as client, \
+            ThreadPoolExecutor(1) as pool:
+        expected = whole(post(client, route, n=3, max_tokens=4).json(), route)
+        engine = client.app.state.runtime.engine
+        engine.decoder = steps = WatchedSteps(engine.decoder, hold_at=2)
+        with paused(engine):
+            running = engine.submit(long_generation(random.Random(3), None, 16))
+            pending = pool.submit(post, client, route, n=3, max_tokens=4, stream=stream)
+            wait_until(lambda: engine.queue_depth == 4, "the choices queued")
+        assert steps.holding.wait(WAIT)
+        time.sleep(0.4)  # past the bound while the running request and two choices fill the batch
+        steps.release.set()
+        reply = pending.result(WAIT)
+        assert (joined(chunks(reply), route) if stream else whole(reply.json(), route)) == expected
+        assert len(running.result(WAIT).token_ids) == 16
 
 
 @pytest.mark.parametrize("route", ROUTES)
