@@ -84,7 +84,8 @@ class Settings(BaseSettings):
         f"the context tokens a window holds beside the question, at most {MOST_DEFAULT_STRIDE} (Hugging Face's "
         "question-answering pipeline: min(max_seq_len // 2, 128))")
     max_answer_windows: int = Field(16, ge=1, description="most windows a long /answer context is split into (413 "
-                                    "beyond): the hard cap on a context's length")
+                                    "beyond; no more than max_queue, as they queue together): the hard cap on a "
+                                    "context's length")
     merge_after: int = Field(4, ge=1, description="merge an adapter after this many admissions in a row (a new batch, "
                              "or requests joining a running one) have only it in play")
     merge_cooldown: int = Field(8, ge=0, description="admissions to wait after an unmerge before merging again; "

@@ -153,8 +153,8 @@ class Tasks:
         context too long for one prompt is answered in windows (``answer_windows``), together, the span of the best
         ``score`` winning; else the model's own text, with offsets where it occurs exactly as it is (its first
         occurrence), None where not. Raises NoSpan (extractive, and the context has nothing a span can begin with),
-        InputTooLong (a free answer's prompt over ``max_prompt``, or a context over ``max_answer_windows`` windows),
-        ValueError (a chat style on a model without a chat template), and what ``outcomes`` raises."""
+        InputTooLong (a free answer's prompt over ``max_prompt``, or a context of more windows than ``answer_windows``
+        allows), ValueError (a chat style on a model without a chat template), and what ``outcomes`` raises."""
         started = time.perf_counter()
         if not extractive:
             work = Generation(self.bounded(answer_ids(self.tokenizer, style, context, question)), adapter,
@@ -179,20 +179,22 @@ class Tasks:
         """The character ranges of ``context`` answered apart: [(0, len(context))] when its prompt in ``style`` fits
         (``max_prompt``), else windows of its tokens whose prompts do (``windows.windows``), neighbours sharing
         ``settings.window_stride(room)`` tokens. Raises InputTooLong when the question leaves no more room per window
-        than the stride, or the context needs more than ``max_answer_windows`` windows."""
+        than the stride, or the context needs more windows than ``max_answer_windows`` or ``max_queue``."""
         if len(answer_ids(self.tokenizer, style, context, question)) <= self.max_prompt:
             return [(0, len(context))]
         room = self.max_prompt - len(self.bounded(answer_ids(self.tokenizer, style, "", question))) - WINDOW_SLACK
         offsets = self.tokenizer(context, add_special_tokens=False, split_special_tokens=True,
                                  return_offsets_mapping=True)["offset_mapping"]
-        stride, most = self.settings.window_stride(room), self.settings.max_answer_windows
+        # the windows queue together, all or none (Engine.submit_together): more than the queue holds never would
+        stride, most = self.settings.window_stride(room), min(self.settings.max_answer_windows, self.settings.max_queue)
         if room <= stride:
             raise InputTooLong(f"the question leaves {room} tokens of context per prompt, no more than the "
                                f"{stride} two windows share; at most {self.max_prompt} tokens are accepted")
         ranges = windows(offsets, room, stride)
         if len(ranges) > most:
             raise InputTooLong(f"the context has {len(offsets)} tokens: {len(ranges)} windows of {room}, "
-                               f"{stride} shared; at most {most} windows are answered")
+                               f"{stride} shared; at most {most} windows are answered (the least of this server's "
+                               "max_answer_windows and max_queue: the windows queue together)")
         return ranges
 
     def window_spans(self, context: str, ranges: list[tuple[int, int]],

@@ -158,6 +158,21 @@ def test_a_context_past_the_windows_cap_is_413_and_a_free_answer_past_one_prompt
     assert ask(windowed, None, context=FILLER * 20, extractive=False, status=413)
 
 
+def test_a_context_of_more_windows_than_the_queue_holds_is_413_not_a_429_that_never_passes(windowed, tmp_path,
+                                                                                           tiny_tokenizer_dir):
+    """The windows queue together, all or none: more than ``max_queue`` of them never fit, so such a context is too
+    long for this server (413, naming the queue), not a 429 to retry for ever; as many as the queue holds are
+    answered."""
+    base = forced_token_model(tiny_tokenizer_dir, tmp_path / "forced", " the")
+    (tmp_path / "none").mkdir()
+    settings = tiny_settings(base, tmp_path / "none", tmp_path / "cache", max_input_tokens=64, answer_stride=16,
+                             max_answer_windows=40, max_queue=4)
+    fits = max(count for count in range(1, 20) if len(answer_windows(windowed, FILLER * count)) <= 4)
+    with ready_client(settings) as client:
+        assert ask(client, None, context=FILLER * fits, question="When?")["answer"]
+        assert "queue" in ask(client, None, context=FILLER * (fits + 1), question="When?", status=413)["error"]
+
+
 def test_a_windowed_answer_is_given_at_its_first_occurrence_in_the_whole_context(windowed):
     context = "the end. " + FILLER * 20 + "At last the end came."
     reply = ask(windowed, None, context=context, question="When?")
