@@ -42,7 +42,11 @@ class Settings(BaseSettings):
 
     # base model
     base_model: str = Field("smollm2", description="'smollm2' (embedded default) or a Hugging Face model directory")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="the base's dtype. auto: bfloat16 on a GPU, float32 on the CPU (peft's outputs to float32 "
+        "rounding); bfloat16 on the CPU computes the linear layers through oneDNN where it has bfloat16 (AVX-512): "
+        "1.2-1.4x float32's requests/s on a 2-vCPU AMD EPYC, answers within bfloat16 rounding (docs/benchmarks.md, "
+        "\"bfloat16 on the CPU\")")
     quantize: Literal["none", "nf4"] = "none"
     device: str = Field("auto", pattern=DEVICE_PATTERN, description="'auto', 'cpu', 'cuda' or 'cuda:N' (GPU N)")
     cache_dir: Path = Field(Path.home() / ".cache" / "loraswap", description="where the converted base model is cached")

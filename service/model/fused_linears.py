@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from service.model.file_pages import mapped_zeros, private_file_maps, release
-from service.model.onednn_linear import MOST_ROWS, OneDnnLinear, inner_product
+from service.model.onednn_linear import MOST_ROWS, OneDnnLinear, computes_through_onednn, inner_product
 
 
 class FusedLinears:
@@ -58,10 +58,10 @@ class FusedLinears:
 
 
 def fuse(layers: list[nn.Module]) -> FusedLinears | None:
-    """Fuse ``layers`` (modules that read one input tensor) when there are several and all are ``OneDnnLinear`` over
-    float32 CPU weights with one input width, all with a bias or none; None otherwise."""
-    fusable = (len(layers) > 1 and all(type(layer) is OneDnnLinear and layer.weight.is_cpu
-                                       and layer.weight.dtype == torch.float32 for layer in layers)
-               and len({layer.in_features for layer in layers}) == 1
-               and len({layer.bias is None for layer in layers}) == 1)
+    """Fuse ``layers`` (modules that read one input tensor) when there are several, all ``OneDnnLinear`` computing
+    through oneDNN (``onednn_linear.computes_through_onednn``), of one dtype and one input width, all with a bias or
+    none; None otherwise."""
+    fusable = (len(layers) > 1 and all(type(layer) is OneDnnLinear and computes_through_onednn(layer)
+                                       for layer in layers)
+               and len({(layer.weight.dtype, layer.in_features, layer.bias is None) for layer in layers}) == 1)
     return FusedLinears(layers) if fusable else None

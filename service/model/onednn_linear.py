@@ -1,4 +1,4 @@
-"""The base's float32 linear layers on the CPU through oneDNN, not MKL.
+"""The base's float32 and bfloat16 linear layers on the CPU through oneDNN, not MKL.
 
 torch 2.13's CPU wheel computes a float32 ``F.linear`` with Intel MKL's sgemm, which takes slow paths on AMD CPUs.
 On an AMD EPYC host (2 vCPUs, AVX-512), all of SmolLM2-135M's linear layers took 55-56 ms for one row and 71-72 ms
@@ -9,6 +9,12 @@ MKL, against 236-257 ms, 0.89-1.06 s and 1.74-1.75 s (``prompt_rows.txt`` beside
 reads the weight as it is, with no packed copy, so the weights' memory, their pages of the model file
 (``file_pages``) and merges into them are unchanged. Its results differ from MKL's in float32 rounding only (about
 1e-6 relative).
+
+bfloat16 weights (``--dtype bfloat16``) go through oneDNN too where torch says its oneDNN computes them
+(``torch.ops.mkldnn._is_mkldnn_bf16_supported``: AVX-512 or newer); torch's own bfloat16 ``F.linear`` took 1.5-1.7x
+float32's time on the AMD EPYC host (docs/benchmarks.md, "Tried and not kept"), where oneDNN's, with the CPU's
+AVX512-BF16 instructions, took 0.72-0.79x float32's time through oneDNN for 1-8 rows of SmolLM2's layer shapes and
+0.41x for 256 (docs/benchmarks.md, "bfloat16 on the CPU").
 
 oneDNN builds a kernel for each input shape it meets and keeps it, with memory of its own (about 0.6 MB for a
 [1536, 576] weight; more for inputs of hundreds of rows), in two caches of 1,024 entries each by default: oneDNN's
@@ -31,6 +37,7 @@ prompts using both threads (``busy_core.md``). The setting ``onednn`` turns it o
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 
@@ -48,12 +55,19 @@ CACHES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")  # oneDNN's p
 LEGACY = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "DNNL_PRIMITIVE_CACHE_CAPACITY"}  # an older name oneDNN still reads
 
 
+@functools.cache
+def onednn_dtypes() -> tuple[torch.dtype, ...]:
+    """The dtypes oneDNN computes here: float32, and bfloat16 where torch's oneDNN supports it on this CPU."""
+    return (torch.float32, torch.bfloat16) if torch.ops.mkldnn._is_mkldnn_bf16_supported() else (torch.float32,)
+
+
 class OneDnnLinear(nn.Linear):
-    """An ``nn.Linear`` that computes float32 inputs on the CPU with oneDNN's inner product: x [..., in] to
-    [..., out], as ``F.linear``. Everything else takes ``F.linear``: no rows, other dtypes, a weight moved off the
-    CPU, autocast, a non-contiguous bias (the op reads it as contiguous), and anything that needs gradients (the op
-    has no backward). With ``fused`` (a ``fused_linears.FusedLinears``), the product is computed with those of the
-    other layers that read the same input."""
+    """An ``nn.Linear`` that computes inputs of its weight's dtype (float32, or bfloat16: ``onednn_dtypes``) on the
+    CPU with oneDNN's inner product: x [..., in] to [..., out], as ``F.linear``. Everything else takes ``F.linear``:
+    no rows, other dtypes, a weight moved off the CPU, autocast, a non-contiguous bias or one of another dtype (the op
+    reads it as contiguous, of the weight's dtype), and anything that needs gradients (the op has no backward). With
+    ``fused`` (a ``fused_linears.FusedLinears``), the product is computed with those of the other layers that read
+    the same input."""
 
     fused = None  # the FusedLinears this layer's weight is rows of, if any
 
@@ -71,15 +85,16 @@ class OneDnnLinear(nn.Linear):
         bias = self.bias
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad
                                                   or (bias is not None and bias.requires_grad))
-        plain_bias = bias is None or (bias.dtype == torch.float32 and bias.is_contiguous())
-        return (rows > 0 and x.shape[-1] == self.in_features and self.weight.is_cpu
-                and x.dtype == self.weight.dtype == torch.float32 and plain_bias
-                and not needs_grad and not torch.is_autocast_enabled("cpu"))
+        plain_bias = bias is None or (bias.dtype == self.weight.dtype and bias.is_contiguous())
+        return (rows > 0 and x.shape[-1] == self.in_features and computes_through_onednn(self)
+                and x.dtype == self.weight.dtype and plain_bias and not needs_grad
+                and not torch.is_autocast_enabled("cpu"))
 
 
 def inner_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x [..., in] times weight^T [in, out] plus bias [out] through oneDNN: [..., out]. Its rows are padded to
-    ``padded_rows`` for the product. x, weight and bias float32 on the CPU, bias contiguous."""
+    ``padded_rows`` for the product. x, weight and bias of one dtype of ``onednn_dtypes`` on the CPU, bias
+    contiguous."""
     rows, width = x.numel() // weight.shape[1], weight.shape[1]
     flat, bucket = x.reshape(rows, width), padded_rows(rows)
     padded = flat if bucket == rows else F.pad(flat, (0, 0, 0, bucket - rows))  # [bucket, in]
@@ -95,11 +110,17 @@ def padded_rows(rows: int) -> int:
     return row_bucket(rows) if rows <= 16 else -(-rows // ROW_STEP) * ROW_STEP
 
 
+def computes_through_onednn(layer: nn.Module) -> bool:
+    """Whether ``layer`` computes inputs of its weight's dtype through oneDNN: an ``OneDnnLinear`` (``use_onednn``)
+    whose weight is on the CPU, of a dtype of ``onednn_dtypes``."""
+    return (isinstance(layer, OneDnnLinear) and layer.weight.is_cpu
+            and layer.weight.dtype in onednn_dtypes())
+
+
 def pads_rows(model: nn.Module) -> bool:
-    """Whether ``model``'s linear layers compute an input of n rows as ``padded_rows(n)``: they are ``OneDnnLinear``
-    (``use_onednn``) over float32 weights on the CPU."""
-    linear = next((module for module in model.modules() if isinstance(module, nn.Linear)), None)
-    return isinstance(linear, OneDnnLinear) and linear.weight.dtype == torch.float32 and linear.weight.is_cpu
+    """Whether ``model``'s linear layers compute an input of n rows as ``padded_rows(n)`` (``computes_through_onednn``
+    of its first)."""
+    return computes_through_onednn(next((module for module in model.modules() if isinstance(module, nn.Linear)), None))
 
 
 def use_onednn(model: nn.Module) -> int:

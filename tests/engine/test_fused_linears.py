@@ -9,27 +9,29 @@ from torch import nn
 from service.lora.layers import LoraLayers
 from service.model.base_model import load_base
 from service.model.fused_linears import fuse
-from service.model.onednn_linear import MOST_ROWS, OneDnnLinear, use_onednn
+from service.model.onednn_linear import MOST_ROWS, OneDnnLinear, onednn_dtypes, use_onednn
 from service.settings import Settings
 from tests.lora_helpers import load_model
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch without oneDNN")
+ONEDNN_DTYPES = onednn_dtypes() if torch.backends.mkldnn.is_available() else ()
 
 
-def linears(outs=(48, 16, 16), width=32, bias=False, seed=0) -> list[nn.Linear]:
+def linears(outs=(48, 16, 16), width=32, bias=False, seed=0, dtype=torch.float32) -> list[nn.Linear]:
     torch.manual_seed(seed)
-    layers = nn.ModuleList(nn.Linear(width, out, bias=bias) for out in outs).requires_grad_(False)
+    layers = nn.ModuleList(nn.Linear(width, out, bias=bias) for out in outs).requires_grad_(False).to(dtype)
     use_onednn(layers)
     return list(layers)
 
 
+@pytest.mark.parametrize("dtype", ONEDNN_DTYPES)
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("shape", [(1, 1), (1, 5), (3, 1), (2, 8), (1, 24), (4, 33), (1, 200)])
-def test_each_layer_gets_what_it_computed_alone_to_the_last_bit(bias, shape):
-    alone, layers = linears(bias=bias), linears(bias=bias)
+def test_each_layer_gets_what_it_computed_alone_to_the_last_bit(bias, shape, dtype):
+    alone, layers = linears(bias=bias, dtype=dtype), linears(bias=bias, dtype=dtype)
     fused = fuse(layers)
     assert fused is not None and all(layer.fused is fused for layer in layers)
-    x = torch.randn(*shape, 32)
+    x = torch.randn(*shape, 32).to(dtype)
     with torch.no_grad():
         expected = [layer(x) for layer in alone]
         got = [layer(x) for layer in layers]
@@ -80,13 +82,15 @@ def test_what_onednn_does_not_take_goes_to_f_linear_over_the_rows():
     assert out.requires_grad and torch.allclose(out, alone[2](x), atol=1e-6)
 
 
-@pytest.mark.parametrize("case", ["one layer", "mkl", "mixed bias", "widths", "float64"])
+@pytest.mark.parametrize("case", ["one layer", "mkl", "mixed bias", "widths", "float64", "float16", "mixed dtypes"])
 def test_what_cannot_be_fused_is_left_alone(case):
     layers = {"one layer": lambda: linears(outs=(8,)),
               "mkl": lambda: [nn.Linear(32, 8), nn.Linear(32, 8)],
               "mixed bias": lambda: [linears(bias=True)[0], linears()[1]],
               "widths": lambda: [linears()[0], linears(width=16)[0]],
-              "float64": lambda: [layer.double() for layer in linears()]}[case]()
+              "float64": lambda: linears(dtype=torch.float64),
+              "float16": lambda: linears(dtype=torch.float16),
+              "mixed dtypes": lambda: [linears()[0], linears(dtype=torch.bfloat16)[1]]}[case]()
     weights = [layer.weight.data_ptr() for layer in layers]
     assert fuse(layers) is None
     assert [layer.weight.data_ptr() for layer in layers] == weights

@@ -33,17 +33,19 @@ from tests.lora_helpers import (
 MIXED_ROWS = ["r2", None, "r8", "r4", "r2", "r8"]
 
 
-def assert_rows_match_peft(base_dir, adapters, rows, ids, ours, quantize="none"):
+def assert_rows_match_peft(base_dir, adapters, rows, ids, ours, quantize="none", dtype="float32"):
     """Each row of ``ours`` equals peft's logits for that row's adapter run alone, within rounding."""
-    reference = {name: peft_logits(base_dir, adapters.get(name), ids, quantize) for name in {None, *rows}}
+    reference = {name: peft_logits(base_dir, adapters.get(name), ids, quantize, dtype).float()
+                 for name in {None, *rows}}
     base = reference[None]
     for row, name in enumerate(rows):
         expected = reference[name][row]
-        tolerance = logits_tolerance(expected, quantize)
-        error = (ours[row] - expected).abs().max().item()
+        tolerance = logits_tolerance(expected, quantize, dtype)
+        error = (ours[row].float() - expected).abs().max().item()
         assert error < tolerance, f"row {row} ({name}): max |ours - peft| = {error:.2e}"
         if name is not None:  # the adapter really changes this row, so the equality above means something
-            assert (expected - base[row]).abs().max().item() > 100 * tolerance, f"adapter {name} is a no-op"
+            margin = 10 if dtype == "bfloat16" else 100  # bf16's rounding leaves less room (RELATIVE_TOLERANCE)
+            assert (expected - base[row]).abs().max().item() > margin * tolerance, f"adapter {name} is a no-op"
 
 
 def test_mixed_batch_equals_peft_per_row(base_dir, ranked):
@@ -51,6 +53,16 @@ def test_mixed_batch_equals_peft_per_row(base_dir, ranked):
     ids = random_ids(len(MIXED_ROWS), 9)
     ours = batched_logits(model, registry, MIXED_ROWS, ids)
     assert_rows_match_peft(base_dir, ranked, MIXED_ROWS, ids, ours)
+
+
+def test_a_bfloat16_base_on_the_cpu_mixed_batch_equals_peft_over_the_same_bfloat16_base(base_dir, ranked):
+    """bf16 weights on the CPU (``--dtype bfloat16``: their linear layers through oneDNN where it computes bf16)."""
+    model, registry = engine_model(base_dir, ranked, dtype="bfloat16")
+    assert {parameter.dtype for parameter in model.parameters()} == {torch.bfloat16}
+    ids = random_ids(len(MIXED_ROWS), 9, seed=3)
+    ours = batched_logits(model, registry, MIXED_ROWS, ids)
+    assert ours.dtype == torch.bfloat16
+    assert_rows_match_peft(base_dir, ranked, MIXED_ROWS, ids, ours, dtype="bfloat16")
 
 
 @pytest.mark.parametrize("tokens", [7, 1])  # a prompt; a one-token step (which keeps its weights for the next)

@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from service.errors import UnsafeEnvironment
+from service.model import onednn_linear as onednn_linear_module
 from service.model.base_model import load_base
-from service.model.onednn_linear import CACHES, KERNEL_CACHE, MOST_ROWS, OneDnnLinear, use_onednn
+from service.model.onednn_linear import CACHES, KERNEL_CACHE, MOST_ROWS, OneDnnLinear, onednn_dtypes, use_onednn
 from service.settings import Settings
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
@@ -33,8 +34,8 @@ INPUTS = {
 ONEDNN_OP = "mkldnn::_linear_pointwise"
 
 
-def onednn_linear(bias: bool) -> OneDnnLinear:
-    layer = nn.Linear(48, 80, bias=bias)
+def onednn_linear(bias: bool, dtype: torch.dtype = torch.float32) -> OneDnnLinear:
+    layer = nn.Linear(48, 80, bias=bias).to(dtype)
     use_onednn(nn.Sequential(layer))
     return layer
 
@@ -49,6 +50,23 @@ def test_it_computes_f_linear(shape, bias):
     assert isinstance(layer, OneDnnLinear)
     assert got.shape == F.linear(x, layer.weight, layer.bias).shape
     torch.testing.assert_close(got, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(torch.bfloat16 not in onednn_dtypes(), reason="this CPU's oneDNN has no bfloat16")
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", INPUTS)
+def test_bfloat16_goes_through_onednn_and_is_the_float32_product_rounded(shape, bias):
+    """bfloat16 weights and inputs: oneDNN's product (float32 sums, rounded to bfloat16 once) is the float32 product
+    of the same values, rounded, to within a unit of bfloat16 (2^-8 relative: the sums' float32 rounding can tip a
+    rounding either way); for rows, oneDNN computes it."""
+    torch.manual_seed(0)
+    layer, x = onednn_linear(bias, torch.bfloat16), INPUTS[shape]().to(torch.bfloat16)
+    with torch.no_grad():
+        got = layer(x)
+        exact = F.linear(x.float(), layer.weight.float(), None if layer.bias is None else layer.bias.float())
+    assert got.dtype == torch.bfloat16 and got.shape == exact.shape
+    torch.testing.assert_close(got.float(), exact, rtol=2 ** -8, atol=1e-6)
+    assert len(onednn_inputs(layer, x)) == (1 if x.numel() else 0)
 
 
 def onednn_inputs(layer: nn.Module, x: torch.Tensor) -> list[list[int]]:
@@ -165,11 +183,29 @@ def test_a_layer_without_inputs_or_off_the_cpu_takes_f_linear():
         assert moved(torch.randn(3, 48, device="meta")).shape == (3, 80)
 
 
-def test_other_dtypes_take_f_linear():
-    layer = onednn_linear(bias=False).to(torch.bfloat16)
-    x = torch.randn(3, 48, dtype=torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64, torch.bfloat16])
+def test_dtypes_onednn_does_not_compute_here_take_f_linear(dtype, monkeypatch):
+    monkeypatch.setattr(onednn_linear_module, "onednn_dtypes", lambda: (torch.float32,))  # a CPU without bfloat16
+    layer = onednn_linear(bias=True, dtype=dtype)
+    x = torch.randn(3, 48, dtype=dtype)
     with torch.no_grad():
-        assert torch.equal(layer(x), F.linear(x, layer.weight))
+        assert onednn_inputs(layer, x) == []
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
+def test_an_input_of_another_dtype_than_the_weights_gets_f_linears_error():
+    layer = onednn_linear(bias=False, dtype=torch.bfloat16)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="dtype"):
+        layer(torch.randn(3, 48))
+
+
+@pytest.mark.parametrize("dtype", onednn_dtypes() if torch.backends.mkldnn.is_available() else ())
+def test_a_bias_of_another_dtype_gets_f_linears_error(dtype):
+    """Not oneDNN's product, which would read the bias's bytes as the weight's dtype."""
+    layer = onednn_linear(bias=True, dtype=dtype)
+    layer.bias.data = layer.bias.data.double()
+    with torch.no_grad(), pytest.raises(RuntimeError, match="dtype"):
+        layer(torch.randn(3, 48, dtype=dtype))
 
 
 def test_only_plain_cpu_linears_change_class():
