@@ -4,7 +4,9 @@
 #   bash loadtest/side_by_side_servers.sh CACHING OUT_DIR NAME=TREE[,FLAG...] ... [-- SIDE_BY_SIDE_OPTION...]
 # CACHING is off (llama-server's three cache flags, LORASWAP_PREFIX_CACHE_BYTES=0) or on (each server's defaults,
 # --cache-prompt). Each NAME=TREE is a loraswap server run from the checkout TREE with the serve flags after it, comma
-# separated (e.g. nomerge=.,--no-auto-merge or old=/tmp/old), on ports 8000 and up; llama-server is llama_f32 on 8081.
+# separated (e.g. nomerge=.,--no-auto-merge or old=/tmp/old), on ports 8000 and up; each llama-server is llama_NAME on
+# 8081 and up, NAME=GGUF for each of LLAMA_MODELS (split at spaces; default f32=gguf/smollm2-135m-instruct-f32.gguf, a
+# path under LLAMACPP, e.g. "f32=gguf/smollm2-135m-instruct-f32.gguf bf16=gguf/smollm2-135m-instruct-bf16.gguf").
 # The report goes to OUT_DIR/side_by_side.{json,md}, the servers' logs beside it. LLAMACPP (default /tmp/llamacpp)
 # holds build/ and gguf/; LLAMA_FLAGS, more llama-server flags (split at spaces, e.g. its speculative decoding:
 # "--spec-type ngram-simple"); PYTHON (default: python from PATH) runs loraswap.
@@ -27,10 +29,15 @@ export CUDA_VISIBLE_DEVICES= HF_HUB_OFFLINE=1 LORASWAP_MAX_QUEUE_WAIT=0
 mkdir -p "$out"
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null; wait' EXIT
-(cd "$llamacpp" && exec build/bin/llama-server -m gguf/smollm2-135m-instruct-f32.gguf "${flags[@]}" --port 8081) \
-  > "$out/llama_f32.log" 2>&1 &
-pids+=($!)
-options+=(--system llama_f32=llamacpp@http://127.0.0.1:8081 --pid "llama_f32=$!")
+read -r -a models <<< "${LLAMA_MODELS:-f32=gguf/smollm2-135m-instruct-f32.gguf}"
+port=8081
+for model in "${models[@]}"; do
+  name=llama_${model%%=*}
+  (cd "$llamacpp" && exec build/bin/llama-server -m "${model#*=}" "${flags[@]}" --port $port) > "$out/$name.log" 2>&1 &
+  pids+=($!)
+  options+=(--system "$name=llamacpp@http://127.0.0.1:$port" --pid "$name=$!")
+  port=$((port + 1))
+done
 port=8000
 while [ $# -gt 0 ] && [ "$1" != -- ]; do
   name=${1%%=*}; IFS=, read -r -a spec <<< "${1#*=}"; shift
@@ -44,7 +51,9 @@ while [ $# -gt 0 ] && [ "$1" != -- ]; do
   port=$((port + 1))
 done
 [ "${1:-}" = -- ] && shift
-until curl -s localhost:8081/health | grep -q ok; do sleep 1; done
+for ((port = 8081; port < 8081 + ${#models[@]}; port++)); do
+  until curl -s "localhost:$port/health" | grep -q ok; do sleep 1; done
+done
 uptime
 "$python" -m service.cli.main side-by-side "${options[@]}" "$@" --json "$out/side_by_side.json" \
   --markdown "$out/side_by_side.md"
