@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import IO
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from service.model import weight_alignment
@@ -136,8 +137,21 @@ def resolve_base_dir(name_or_path: str, cache_dir: Path) -> Path:
     if not (cached / "config.json").is_file():
         cached.parent.mkdir(parents=True, exist_ok=True)
         cached = convert_gguf(embedded_gguf(), cached)
-    align_weights(cached)
+    with reading_cache(cached, (ValueError,)):  # weight_alignment.data_start: no whole header
+        align_weights(cached)
     return cached
+
+
+@contextlib.contextmanager
+def reading_cache(cached: Path, errors: tuple[type[Exception], ...] = (OSError, SafetensorError)):
+    """Re-raise ``errors`` while reading the converted base in ``cached`` (by default what transformers raises for a
+    file cut or corrupt: safetensors' SafetensorError, OSError for a config.json that is no JSON) as a ValueError
+    that names the folder and says how to start afresh."""
+    try:
+        yield
+    except errors as exc:
+        raise ValueError(f"the converted base model in {cached} cannot be read ({type(exc).__name__}: {exc}); "
+                         "delete that folder and start again to convert it anew") from exc
 
 
 def align_weights(model_dir: Path) -> None:
@@ -176,7 +190,8 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 def load_base(settings: Settings) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load the frozen base model (optionally NF4-quantized) and its tokenizer, in eval mode; on the CPU its linear
     layers compute through oneDNN (``onednn_linear``) unless ``settings.onednn`` is off. UnsafeEnvironment, before
-    anything loads, where the environment would crash oneDNN (``bound_kernel_caches``)."""
+    anything loads, where the environment would crash oneDNN (``bound_kernel_caches``); ValueError naming the folder
+    where the embedded base's converted cache cannot be read (``reading_cache``)."""
     if settings.onednn:
         bound_kernel_caches()
     base_dir = resolve_base_dir(settings.base_model, settings.cache_dir)
@@ -191,13 +206,14 @@ def load_base(settings: Settings) -> tuple[PreTrainedModel, PreTrainedTokenizerB
         )
         gpu = device.index if device.index is not None else int(os.environ.get("LOCAL_RANK", "0"))  # torchrun: own GPU
         kwargs["device_map"] = {"": gpu} if device.type == "cuda" else {"": "cpu"}
-    model = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
+    with reading_cache(base_dir) if settings.base_model == EMBEDDED else contextlib.nullcontext():
+        model = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(base_dir)
     if settings.quantize == "none":
         model.to(device)
     model.eval().requires_grad_(False)
     if settings.onednn:
         use_onednn(model)
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

@@ -2,14 +2,25 @@
 killed conversion left (service.model.base_model)."""
 import contextlib
 import logging
+import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from safetensors import SafetensorError
 
-from service.model.base_model import PARTIAL_LOCK, _abandoned, converting, publish, remove_abandoned_partials
+from service.model.base_model import (
+    PARTIAL_LOCK,
+    _abandoned,
+    converting,
+    load_base,
+    publish,
+    remove_abandoned_partials,
+)
+from service.runtime import EXPECTED_START_FAILURES
+from service.settings import Settings
 
 
 def folder(path, text):
@@ -106,3 +117,38 @@ def test_a_link_named_as_a_partial_folder_is_left_alone(tmp_path, caplog):
     (tmp_path / "base.partial-6-ab").symlink_to(target)
     remove_abandoned_partials(tmp_path / "base")
     assert (target / "config.json").exists() and "removing" not in caplog.text
+
+
+def cut(path: Path, keep: int) -> None:
+    with open(path, "r+b") as handle:
+        handle.truncate(keep)
+
+
+CORRUPTIONS = {
+    "cut mid-data": lambda model: cut(model, model.stat().st_size // 2),  # safetensors: file not fully covered
+    "cut mid-header": lambda model: cut(model, 20),  # its header length lies past the end
+    "a garbled header": lambda model: model.write_bytes(b"\x10" + b"\0" * 7 + b"{not json}      " + b"\0" * 64),
+    "a garbled config": lambda model: (model.parent / "config.json").write_text("{"),
+}
+
+
+@pytest.mark.parametrize("corruption", CORRUPTIONS)
+def test_a_corrupt_converted_cache_is_an_error_naming_the_folder_and_the_way_out(corruption, tiny_llama_dir,
+                                                                                tmp_path):
+    """A converted cache that cannot be read (a disk that filled, a file cut or edited) fails the start with one
+    ValueError (an expected start failure: one log line) naming the folder and saying to delete it, not a
+    SafetensorError's traceback that names neither."""
+    cached = tmp_path / "smollm2-135m-instruct"
+    shutil.copytree(tiny_llama_dir, cached)
+    CORRUPTIONS[corruption](cached / "model.safetensors")
+    with pytest.raises(ValueError, match="delete that folder") as failed:
+        load_base(Settings(base_model="smollm2", cache_dir=tmp_path, device="cpu"))
+    assert str(cached) in str(failed.value) and isinstance(failed.value, EXPECTED_START_FAILURES)
+
+
+def test_a_model_folder_of_ones_own_that_cannot_be_read_keeps_its_own_error(tiny_llama_dir, tmp_path):
+    """Nothing to delete there: the folder is the user's, not a cache."""
+    mine = shutil.copytree(tiny_llama_dir, tmp_path / "mine")
+    cut(mine / "model.safetensors", 1000)
+    with pytest.raises(SafetensorError):
+        load_base(Settings(base_model=str(mine), device="cpu"))
