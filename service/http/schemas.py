@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     AfterValidator,
@@ -70,7 +70,35 @@ AdapterName = Annotated[str, UNICODE, AfterValidator(_adapter_name)]
 STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
-class DecodingIn(BaseModel):
+class NullIsDefault(BaseModel):
+    """A request body in which a null field takes its default, as OpenAI's API reads null (clients send None as
+    null), but for the fields ``NULL_IS_A_VALUE`` names, where null means something of its own (``AnswerIn.adapter``:
+    the bare base, where leaving it out asks the QA adapter)."""
+
+    NULL_IS_A_VALUE: ClassVar[frozenset[str]] = frozenset()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items()
+                    if value is not None or key not in cls.model_fields or key in cls.NULL_IS_A_VALUE}
+        return data
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema, handler) -> dict:
+        """The schema says what ``_null_is_default`` takes: null for every field that has a default."""
+        schema = handler.resolve_ref_schema(handler(core_schema))
+        for name, field in cls.model_fields.items():
+            prop = schema["properties"].get(field.alias or name)
+            if field.is_required() or prop is None or {"type": "null"} in prop.get("anyOf", ()):
+                continue
+            meta = {key: prop.pop(key) for key in ("title", "description", "default") if key in prop}
+            schema["properties"][field.alias or name] = {"anyOf": [prop, {"type": "null"}], **meta}
+        return schema
+
+
+class DecodingIn(NullIsDefault):
     """Per-request decoding strategy and its parameters."""
 
     model_config = STRICT
@@ -121,7 +149,8 @@ class OpenAIErrorOut(BaseModel):
     error: OpenAIError
 
 
-class AnswerIn(BaseModel):
+class AnswerIn(NullIsDefault):
+    NULL_IS_A_VALUE = frozenset({"adapter"})
     model_config = STRICT
     context: Text
     question: Text
@@ -156,7 +185,8 @@ Label = Annotated[str, Field(min_length=1, max_length=MOST_LABEL_CHARACTERS), UN
 Labels = Annotated[list[Label], Field(min_length=2, max_length=MOST_LABELS), AfterValidator(_distinct)]
 
 
-class NliIn(BaseModel):
+class NliIn(NullIsDefault):
+    NULL_IS_A_VALUE = frozenset({"adapter"})
     model_config = STRICT
     premise: Text
     hypothesis: Text
@@ -237,7 +267,7 @@ def refused(field: str, reason: str) -> PydanticCustomError:
     return PydanticCustomError("not_supported", "{field} {reason}", {"field": field, "reason": reason})
 
 
-class OpenAIIn(BaseModel):
+class OpenAIIn(NullIsDefault):
     """The fields OpenAI's /v1/completions and /v1/chat/completions requests share: each is honoured, or accepted only
     at the values that change nothing here and refused by name otherwise; unknown fields are refused. A null field
     takes its default, as in OpenAI. ``max_tokens`` and ``n`` are bounded by the server's settings (the routes check:
@@ -258,25 +288,6 @@ class OpenAIIn(BaseModel):
     frequency_penalty: Annotated[float, only(0)] = 0.0
     presence_penalty: Annotated[float, only(0)] = 0.0
     logit_bias: Annotated[dict[Str, int] | None, only({})] = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _null_is_default(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            return {key: value for key, value in data.items() if value is not None or key not in cls.model_fields}
-        return data
-
-    @classmethod
-    def __get_pydantic_json_schema__(cls, core_schema, handler) -> dict:
-        """The schema says what ``_null_is_default`` takes: null for every field that has a default."""
-        schema = handler.resolve_ref_schema(handler(core_schema))
-        for name, field in cls.model_fields.items():
-            prop = schema["properties"].get(field.alias or name)
-            if field.is_required() or prop is None or {"type": "null"} in prop.get("anyOf", ()):
-                continue
-            meta = {key: prop.pop(key) for key in ("title", "description", "default") if key in prop}
-            schema["properties"][field.alias or name] = {"anyOf": [prop, {"type": "null"}], **meta}
-        return schema
 
     @field_validator("stream_options")
     @classmethod

@@ -16,6 +16,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from service.http.schemas import DecodingIn
 from service.tasks.prompts import NLI_LABELS, answer_prompt, label_target, nli_prompt
 from tests.http.api_helpers import PROBABILITY_TOLERANCE, Tiny, assert_close
 from tests.http.replies import error_message
@@ -103,6 +104,28 @@ def test_omitted_adapter_means_the_configured_task_adapter_and_null_the_bare_bas
     assert nli["adapter"] == "two"
     assert nli["probabilities"] == classify(client, "two", premise="A man sleeps.",
                                             hypothesis="Nobody sleeps.")["probabilities"]
+
+
+def test_null_for_a_field_with_a_default_is_that_default_and_null_adapter_the_bare_base(client):
+    """Clients send None as null: /answer's and /nli's optional fields (and decoding's) take their defaults, as on
+    OpenAI's routes (they were a 422); ``adapter`` null keeps its meaning, the bare base."""
+    question = {"context": SQUAD_CONTEXT, "question": SQUAD_QUESTION}
+    nulls = {"extractive": None, "decoding": None, "prompt_style": None}
+    absent = client.post("/answer", json=question).json()
+    for body in ({**question, **nulls}, {**question, "decoding": dict.fromkeys(DecodingIn.model_fields)}):
+        reply = client.post("/answer", json=body)
+        assert reply.status_code == 200, reply.text
+        assert {**reply.json(), "latency_ms": 0, "score": 0} == {**absent, "latency_ms": 0, "score": 0}
+        assert reply.json()["score"] == pytest.approx(absent["score"], rel=1e-5) and absent["adapter"] == "one"
+    assert client.post("/answer", json={**question, **nulls, "adapter": None}).json()["adapter"] is None
+    pair = {"premise": "A man sleeps.", "hypothesis": "Nobody sleeps."}
+    default = client.post("/nli", json=pair).json()
+    nulled = client.post("/nli", json={**pair, "labels": None, "prompt_style": None})
+    assert nulled.status_code == 200 and nulled.json()["adapter"] == default["adapter"] == "two"
+    assert_close(nulled.json()["probabilities"], default["probabilities"], 1e-5)
+    assert client.post("/nli", json={**pair, "labels": None, "adapter": None}).json()["adapter"] is None
+    greedy_top_k = client.post("/answer", json={**question, "decoding": {"strategy": "greedy", "top_k": 5}})
+    assert greedy_top_k.status_code == 422  # a value the strategy does not read is still refused; null is not one
 
 
 @pytest.mark.parametrize("name", ["none", "base", "None", "BASE", "Base"])
