@@ -1,6 +1,7 @@
 """The base's linear layers through oneDNN on the CPU: what load_base makes of them, and that they compute F.linear."""
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
@@ -243,3 +244,15 @@ def test_load_base_without_onednn_keeps_torchs_linears(tiny_llama_dir):
     model, _ = load_base(Settings(base_model=str(tiny_llama_dir), device="cpu", onednn=False))
     linears = [module for module in model.modules() if isinstance(module, nn.Linear)]
     assert linears and all(type(module) is nn.Linear for module in linears)
+
+
+@pytest.mark.parametrize("dtype, onednn",
+                         [("float16", True), ("bfloat16", False), ("bfloat16", True), ("float32", False)])
+def test_a_base_whose_linears_take_f_linear_in_less_than_float32_on_the_cpu_is_warned_of(dtype, onednn, tiny_llama_dir,
+                                                                                        caplog):
+    """Torch's own bfloat16 and float16 products on the CPU take longer than float32's (docs/benchmarks.md): a user
+    asking for less precision to go faster is told when that is what they get."""
+    with caplog.at_level(logging.WARNING, logger="service.model.base_model"):
+        load_base(Settings(base_model=str(tiny_llama_dir), device="cpu", dtype=dtype, onednn=onednn))
+    slow = dtype != "float32" and not (onednn and getattr(torch, dtype) in onednn_dtypes())
+    assert ("slower than float32" in caplog.text) == slow
