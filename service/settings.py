@@ -44,9 +44,10 @@ class Settings(BaseSettings):
     base_model: str = Field("smollm2", description="'smollm2' (embedded default) or a Hugging Face model directory")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="the base's dtype. auto: bfloat16 on a GPU, float32 on the CPU (peft's outputs to float32 "
-        "rounding); bfloat16 on the CPU computes the linear layers through oneDNN where it has bfloat16 (AVX-512): "
-        "1.2-1.4x float32's requests/s on a 2-vCPU AMD EPYC, answers within bfloat16 rounding (docs/benchmarks.md, "
-        "\"bfloat16 on the CPU\")")
+        "rounding); bfloat16 on the CPU computes the linear layers through oneDNN where torch's oneDNN has bfloat16 "
+        "(torch.ops.mkldnn._is_mkldnn_bf16_supported; else a warning at start): 1.2-1.4x float32's requests/s on a "
+        "2-vCPU AMD EPYC with AVX512-BF16, answers within bfloat16 rounding, its logits (and logprobs) rounded to "
+        "bfloat16, so near-ties fall to the lower token id (docs/benchmarks.md, \"bfloat16 on the CPU\")")
     quantize: Literal["none", "nf4"] = "none"
     device: str = Field("auto", pattern=DEVICE_PATTERN, description="'auto', 'cpu', 'cuda' or 'cuda:N' (GPU N)")
     cache_dir: Path = Field(Path.home() / ".cache" / "loraswap", description="where the converted base model is cached")
@@ -75,8 +76,9 @@ class Settings(BaseSettings):
     max_queue_wait: float = Field(30.0, ge=0, description="seconds a request may wait in the queue for a batch before "
                                   "it is refused with 429 and Retry-After (the server is past capacity), so that no "
                                   "request waits without bound; once one part of a request (a long context's window, "
-                                  "a choice) joined a batch, its other parts are not refused for their wait; 0: no "
-                                  "bound")
+                                  "a choice, a label's scoring) joined a batch, its other parts are not refused for "
+                                  "their wait; refused at the engine's next pause, after a decoding step or a prefill "
+                                  "pass (a long prompt's pass can take seconds on a CPU); 0: no bound")
     max_new_tokens: int = Field(64, ge=1, description="most tokens a request generates (per choice); OpenAI's routes "
                                 "refuse a max_tokens above it and take it for an absent one")
     max_choices: int = Field(8, ge=1, description="most choices (n) one request to OpenAI's routes may ask for")

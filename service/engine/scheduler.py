@@ -60,9 +60,15 @@ REST_AFTER_S = 0.5  # seconds without work before the engine gives the last batc
 class _Together:
     """The requests one ``Engine.submit_together`` call queued: the parts of one client request (a long context's
     windows, a completion's choices, a label set's scoring requests). Once a part is taken into a batch the request is
-    being served, and its other parts, still queued, no longer wait for capacity: none of them expires
-    (``Engine._expire_waiting``), since a request refused then would throw away the work done on its first parts."""
-    begun: bool = False
+    being served: its other parts, still queued, no longer wait for capacity, so none of them expires
+    (``Engine._expire_waiting``: a request refused then would throw away the work done on its first parts), and each
+    runs with the weights the first part for its adapter name was bound to (``weights``), whatever that name holds
+    when it is taken (one answer is never computed by two adapters, nor failed halfway by a deletion)."""
+    weights: dict[str | None, AdapterWeights | None] = field(default_factory=dict)  # name -> the weights bound first
+
+    @property
+    def begun(self) -> bool:
+        return bool(self.weights)
 
 
 @dataclass
@@ -150,8 +156,8 @@ class Engine:
                         on_tokens: list[Callable[[SampledToken], None] | None] | None = None) -> list[RequestFuture]:
         """Queue ``works`` (with their listeners, see ``submit``) one after another, all or none, as the parts of one
         request: they are taken into the same batch whenever it has room for them all, and once one is taken, the
-        others are not refused for their wait (``max_queue_wait``). Raises QueueFull unless all fit in the queue, and
-        as ``submit`` otherwise."""
+        others are not refused for their wait (``max_queue_wait``) and run with the weights it was bound to
+        (``_Together``). Raises QueueFull unless all fit in the queue, and as ``submit`` otherwise."""
         enqueued, together = time.perf_counter(), _Together()
         pendings = [_Pending(work, RequestFuture(), enqueued, together=together, on_token=listener)
                     for work, listener in zip(works, on_tokens or [None] * len(works))]
@@ -309,7 +315,7 @@ class Engine:
                 out.add(id(pending))
                 continue
             try:
-                adapter = self.registry.lookup(pending.work.adapter)
+                adapter = self._weights_of(pending)
             except UnknownAdapter as exc:  # unregistered while the request was queued
                 pending.future.set_exception(exc)
                 out.add(id(pending))
@@ -318,7 +324,7 @@ class Engine:
             fits = known or len(adapters) < self.registry.max_resident
             loading = not known and loads < math.inf and not self.registry.is_resident(adapter)  # asked if bounded
             if type(pending.work) is kind and fits and loads >= loading:
-                pending.adapter, pending.together.begun = adapter, True
+                pending.adapter = pending.together.weights.setdefault(pending.work.adapter, adapter)
                 batch.append(pending)
                 out.add(id(pending))
                 tokens += len(pending.work.prompt_ids)
@@ -494,10 +500,17 @@ class Engine:
     def _waits_for_a_slot(self, pending: _Pending, in_use: set[AdapterWeights | None]) -> bool:
         """Whether a queued request needs weights that are not in use while the running rows use every slot."""
         try:
-            adapter = self.registry.lookup(pending.work.adapter)
+            adapter = self._weights_of(pending)
         except UnknownAdapter:  # it fails once taken
             return False
         return adapter not in in_use | {None} and len(in_use - {None}) >= self.registry.max_resident
+
+    def _weights_of(self, pending: _Pending) -> AdapterWeights | None:
+        """The weights a queued request would run with if taken now: those its request's first part for the same
+        adapter name was bound to, once one was taken (``_Together``), else those the name holds (UnknownAdapter if
+        none)."""
+        bound, name = pending.together.weights, pending.work.adapter
+        return bound[name] if name in bound else self.registry.lookup(name)
 
     def _map_rows(self, running: RunningBatch, joining: Joining | None, to_joiners: bool) -> int:
         """Make the weights of the running and the joining rows resident and point the row mapping at the rows of the

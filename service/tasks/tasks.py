@@ -14,7 +14,7 @@ from service.engine.requests import Generation, Scoring
 from service.engine.sampling import Decoding, choice_seed
 from service.engine.scheduler import Engine
 from service.engine.scoring import CandidateLogprobs
-from service.errors import AdapterConflict, InputTooLong, NoSpan
+from service.errors import InputTooLong, NoSpan
 from service.settings import Settings
 from service.tasks.labels import label_ids, prefix_candidates, sequence_logprobs, softmax
 from service.tasks.prompt_styles import ADAPTER_STYLE, answer_ids, nli_ids
@@ -239,9 +239,8 @@ class Tasks:
         """Probabilities of a request's own ``labels`` (sum to 1): softmax over log P(label completion | prompt), each
         label scored over its whole tokenization (``tasks.labels``: one scoring request per distinct proper prefix of
         the completions) after the NLI prompt in ``style``, with no temperature (a card's is fitted for its own label
-        set). Raises ValueError for labels ``labels.label_ids`` refuses or that need more scoring requests than the
-        queue holds, AdapterConflict if the adapter's name was registered again while they were scored, and as
-        ``nli``."""
+        set), all with the same weights (``Engine.submit_together``). Raises ValueError for labels ``labels.label_ids``
+        refuses or that need more scoring requests than the queue holds, and as ``nli``."""
         sequences = label_ids(self.tokenizer, labels)
         prompt = self.bounded(nli_ids(self.tokenizer, style, premise, hypothesis, labels))
         candidates = prefix_candidates(sequences)
@@ -251,8 +250,6 @@ class Tasks:
         works = [Scoring(self.bounded(prompt + list(prefix)), adapter, tokens, logprobs=True)
                  for prefix, tokens in candidates.items()]
         results = await self.outcomes(works)
-        if len({id(result.weights) for result in results}) > 1:
-            raise AdapterConflict(f"adapter {adapter!r} was registered again while its labels were scored; retry")
         logprobs = dict(zip(candidates, (result.logprobs for result in results)))
         return dict(zip(labels, softmax(sequence_logprobs(sequences, candidates, logprobs))))
 

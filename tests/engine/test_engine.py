@@ -8,6 +8,7 @@ reference for a request is the same request submitted alone to an engine that ne
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 import threading
 import time
@@ -324,6 +325,34 @@ def test_the_parts_of_a_request_none_of_which_began_are_refused_together_past_ma
             future.result(WAIT)
     later = greedy(rng, None)
     assert same_output(alone(engine, later), alone(engines.shared(), later))
+
+
+@pytest.mark.parametrize("change", ["deleted", "registered again with other weights"])
+def test_the_queued_parts_of_a_request_begun_keep_its_weights_whatever_becomes_of_its_adapter(engines, change):
+    """Once a part of a request (a window, a choice) runs, its queued parts run with the same weights: a deletion
+    does not fail them halfway (a 404 after seconds of work), nor does a new registration of the name answer one
+    request with two adapters."""
+    reference = engines.shared()
+    engine = engines.fresh(max_batch=1)
+    _, adapters = engines.base("llama")
+    engine.registry.register("victim", adapters["r4"])
+    rng = random.Random(23)
+    engine.decoder = steps = WatchedSteps(engine.decoder, hold_at=2)
+    parts = [long_generation(rng, "victim", 6), greedy(rng, "victim"), greedy(rng, "victim")]
+    futures = engine.submit_together(parts)
+    assert steps.holding.wait(WAIT)
+    engine.registry.unregister("victim")
+    if change != "deleted":
+        engine.registry.register("victim", adapters["r8"])
+    steps.release.set()
+    expected = [alone(reference, dataclasses.replace(work, adapter="r4")) for work in parts]
+    assert_same_outputs(results(futures), expected, parts)
+    later = greedy(rng, "victim")
+    if change == "deleted":
+        with pytest.raises(AdapterError):
+            alone(engine, later)
+    else:
+        assert same_output(alone(engine, later), alone(reference, dataclasses.replace(later, adapter="r8")))
 
 
 def test_an_adapter_unregistered_while_queued_fails_only_its_requests(engines):
