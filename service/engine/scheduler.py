@@ -77,7 +77,8 @@ class _Pending:
     future: RequestFuture
     enqueued: float = field(default_factory=time.perf_counter)
     together: _Together = field(default_factory=_Together)
-    adapter: AdapterWeights | None = None  # the weights ``work.adapter`` named when the request was taken: its own
+    # the weights it runs with: those ``work.adapter`` named when it (or its request's first part, _Together) was taken
+    adapter: AdapterWeights | None = None
     on_token: Callable[[SampledToken], None] | None = None  # a generation's listener (see Engine.submit)
 
 

@@ -11,10 +11,10 @@ reads the weight as it is, with no packed copy, so the weights' memory, their pa
 1e-6 relative).
 
 bfloat16 weights (``--dtype bfloat16``) go through oneDNN too where torch says its oneDNN computes them
-(``torch.ops.mkldnn._is_mkldnn_bf16_supported``: AVX-512 or newer); torch's own bfloat16 ``F.linear`` took 1.5-1.7x
-float32's time on the AMD EPYC host (docs/benchmarks.md, "Tried and not kept"), where oneDNN's, with the CPU's
-AVX512-BF16 instructions, took 0.72-0.79x float32's time through oneDNN for 1-8 rows of SmolLM2's layer shapes and
-0.41x for 256 (docs/benchmarks.md, "bfloat16 on the CPU").
+(``torch.ops.mkldnn._is_mkldnn_bf16_supported``); torch's own bfloat16 ``F.linear`` took 1.5-1.7x float32's time on
+the AMD EPYC host (docs/benchmarks.md, "Tried and not kept"), where oneDNN's, with the CPU's AVX512-BF16
+instructions, took 0.68-0.80x float32's time (through oneDNN) for one row of SmolLM2's layer shapes, 0.63-0.67x for
+8 and 0.52-0.58x for 150 (``docs/results/bf16_cpu/products.txt``; docs/benchmarks.md, "bfloat16 on the CPU").
 
 oneDNN builds a kernel for each input shape it meets and keeps it, with memory of its own (about 0.6 MB for a
 [1536, 576] weight; more for inputs of hundreds of rows), in two caches of 1,024 entries each by default: oneDNN's
