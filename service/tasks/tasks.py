@@ -240,13 +240,13 @@ class Tasks:
         label scored over its whole tokenization (``tasks.labels``: one scoring request per distinct proper prefix of
         the completions) after the NLI prompt in ``style``, with no temperature (a card's is fitted for its own label
         set), all with the same weights (``Engine.submit_together``). Raises ValueError for labels ``labels.label_ids``
-        refuses or that need more scoring requests than the queue holds, and as ``nli``."""
+        refuses, InputTooLong for labels that need more scoring requests than the queue holds, and as ``nli``."""
         sequences = label_ids(self.tokenizer, labels)
         prompt = self.bounded(nli_ids(self.tokenizer, style, premise, hypothesis, labels))
         candidates = prefix_candidates(sequences)
-        if len(candidates) > self.settings.max_queue:
-            raise ValueError(f"these labels need {len(candidates)} scoring requests; this server queues at most "
-                             f"{self.settings.max_queue}")
+        if len(candidates) > self.settings.max_queue:  # they queue together, all or none: they would never fit
+            raise InputTooLong(f"these labels need {len(candidates)} scoring requests; this server queues at most "
+                               f"{self.settings.max_queue} (its max_queue)")
         works = [Scoring(self.bounded(prompt + list(prefix)), adapter, tokens, logprobs=True)
                  for prefix, tokens in candidates.items()]
         results = await self.outcomes(works)

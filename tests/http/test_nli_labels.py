@@ -16,7 +16,7 @@ from service.tasks.prompts import NLI_LABELS, encode_text, label_target, nli_pro
 from tests.http.api_helpers import Tiny, assert_close
 from tests.http.replies import error_message
 from tests.http.test_api import Reference
-from tests.server_helpers import ADMIN
+from tests.server_helpers import ADMIN, ready_client
 
 TEMPERATURE = 2.5
 PREMISE, HYPOTHESIS = "A dog runs in the park.", "An animal is outside."
@@ -120,3 +120,14 @@ def test_a_label_that_begins_another_and_the_default_labels_named_are_scored_who
 def test_labels_that_cannot_be_scored_are_refused_naming_the_field(client, labels, why):
     message = nli(client, "one", labels, status=422)["message"]
     assert "labels" in message and why in message, message
+
+
+def test_labels_that_need_more_scoring_requests_than_the_queue_holds_are_413_as_a_long_context_is(tiny: Tiny):
+    """Their scoring requests queue together, all or none (``Engine.submit_together``): more than ``--max-queue`` never
+    fit, so the request is too large for this server (413 naming the queue), as a context of too many windows is;
+    as many as the queue holds are scored."""
+    labels = ["yes", "no"], ["not sure at all", "not likely"]
+    with ready_client(tiny.settings(max_queue=2)) as client:
+        assert sum(nli(client, None, labels[0])["probabilities"].values()) == pytest.approx(1.0)
+        message = nli(client, None, labels[1], status=413)["message"]
+    assert "scoring requests" in message and "max_queue" in message, message
