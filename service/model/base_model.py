@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from service.model import weight_alignment
-from service.model.onednn_linear import bound_kernel_caches, onednn_dtypes, use_onednn
+from service.model.onednn_linear import bound_kernel_caches, pads_rows, use_onednn
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -214,7 +214,7 @@ def load_base(settings: Settings) -> tuple[PreTrainedModel, PreTrainedTokenizerB
     model.eval().requires_grad_(False)
     if settings.onednn:
         use_onednn(model)
-    slow = dtype != torch.float32 and not (settings.onednn and dtype in onednn_dtypes())
+    slow = dtype != torch.float32 and not pads_rows(model)  # its linear layers do not compute through oneDNN
     if device.type == "cpu" and settings.quantize == "none" and slow:
         log.warning("the base's %s linear layers on this CPU take torch's F.linear, not oneDNN: slower than float32 "
                     "(docs/benchmarks.md, \"bfloat16 on the CPU\")", str(dtype).removeprefix("torch."))
