@@ -103,7 +103,8 @@ class Settings(BaseSettings):
         "steps (the larger of this and the running rows), bounding how long running rows wait; 0 runs whole prompts "
         "(the fastest on the CPU and the GPU: docs/benchmarks.md)")
     max_prefill_tokens: int | None = Field(
-        None, ge=1, description="prompt tokens one prefill pass takes from the queue (a longer prompt goes alone); "
+        None, ge=1, description="prompt tokens one prefill pass takes from the queue, counted as the pass runs them: "
+        "its rows x its longest prompt, as it left-pads them (a longer prompt goes alone); "
         "the rest join at the next pause, so a burst's prefill memory is bounded (vLLM's max_num_batched_tokens). "
         f"None: {CPU_PREFILL_TOKENS} on the CPU, no bound on a GPU (memory is not short there, and fewer, larger "
         "passes are faster)")

@@ -305,11 +305,13 @@ class Engine:
         """Up to ``room`` queued requests of one kind, oldest first, so that the adapters in use (``adapters``
         plus theirs) fit the device slots, and at most ``loads`` adapters not resident yet. Each request taken is
         bound to the weights its adapter's name holds now, for good; one whose name is no longer registered fails
-        (UnknownAdapter). Their prompts hold at most ``prefill_tokens`` tokens in all, unless one alone holds more: one
-        prefill pass's keys, values and activations are bounded whatever the burst. Called holding ``_wakeup``."""
-        batch, out, tokens, budget = [], set(), 0, self.prefill_tokens
+        (UnknownAdapter). Their prompts, left-padded to the longest (``Prefill``), hold at most ``prefill_tokens``
+        tokens in all (rows x the longest prompt), unless one alone holds more: one prefill pass's keys, values,
+        activations and compute are bounded whatever the burst. Called holding ``_wakeup``."""
+        batch, out, longest, budget = [], set(), 0, self.prefill_tokens
         for pending in self._queue:  # the queue changes only at the end: should anything raise, no request is lost
-            full = batch and type(pending.work) is kind and tokens + len(pending.work.prompt_ids) > budget
+            padded = (len(batch) + 1) * max(longest, len(pending.work.prompt_ids))
+            full = batch and type(pending.work) is kind and padded > budget
             if len(batch) == room or full:
                 break  # the batch or the pass is full: the rest wait for the next
             if pending.future.done():  # cancelled by its caller's asyncio task, not yet withdrawn (abandon): drop it
@@ -328,7 +330,7 @@ class Engine:
                 pending.adapter = pending.together.weights.setdefault(pending.work.adapter, adapter)
                 batch.append(pending)
                 out.add(id(pending))
-                tokens += len(pending.work.prompt_ids)
+                longest = max(longest, len(pending.work.prompt_ids))
                 adapters.update([adapter] if adapter is not None else [])
                 loads -= loading
         self._queue = deque(pending for pending in self._queue if id(pending) not in out)
