@@ -13,6 +13,7 @@ with weights other than its own adapter's.
 """
 from __future__ import annotations
 
+import bisect
 import contextlib
 import functools
 import logging
@@ -23,6 +24,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -80,6 +82,9 @@ class _Pending:
     # the weights it runs with: those ``work.adapter`` named when it (or its request's first part, _Together) was taken
     adapter: AdapterWeights | None = None
     on_token: Callable[[SampledToken], None] | None = None  # a generation's listener (see Engine.submit)
+    # the queue's order (Engine.submit_together): when it is due on the engine's clock of prompt tokens taken, and
+    # whether it is a request's later part (which goes after the requests queued when it came due)
+    due: tuple[int, bool] = (0, False)
 
 
 class Engine:
@@ -102,7 +107,8 @@ class Engine:
             CPU_DRAFT_TOKENS if cpu else 0)
         self.decoder = DecodeStep(model, registry.layers, settings.cuda_graphs, settings.max_batch)
         self.prefix_cache = PrefixCache(settings.prefix_block_tokens, settings.prefix_cache_bytes)
-        self._queue: deque[_Pending] = deque()
+        self._queue: deque[_Pending] = deque()  # in order of ``due``, then of submission
+        self._taken_tokens = 0  # the prompt tokens of every request taken from the queue so far: its clock
         self._controls: deque[tuple[callable, Future]] = deque()
         self._wakeup = threading.Condition()
         self._accepting = False
@@ -155,10 +161,18 @@ class Engine:
 
     def submit_together(self, works: list[Generation | Scoring],
                         on_tokens: list[Callable[[SampledToken], None] | None] | None = None) -> list[RequestFuture]:
-        """Queue ``works`` (with their listeners, see ``submit``) one after another, all or none, as the parts of one
-        request: they are taken into the same batch whenever it has room for them all, and once one is taken, the
-        others are not refused for their wait (``max_queue_wait``) and run with the weights it was bound to
-        (``_Together``). Raises QueueFull unless all fit in the queue, and as ``submit`` otherwise."""
+        """Queue ``works`` (with their listeners, see ``submit``) all or none, as the parts of one request: they are
+        taken into the same batch whenever it has room for them all, and once one is taken, the others are not refused
+        for their wait (``max_queue_wait``) and run with the weights it was bound to (``_Together``). Raises QueueFull
+        unless all fit in the queue, and as ``submit`` otherwise.
+
+        Queued requests are taken in order of their due time on a clock that counts the prompt tokens the engine has
+        taken (virtual time, as in fair queuing: Demers, Keshav and Shenker, SIGCOMM 1989): the first part is due now,
+        each other part when its request's earlier parts would have been taken had the request the engine to itself
+        (now plus their prompt tokens), after the requests queued by then. A request queued behind another's many
+        parts (a long context's windows) is thus taken before those not yet due, not after them all, where FCFS over
+        parts had it wait for every window, and refused it past ``max_queue_wait`` (docs/results/queue_wait_windows);
+        those parts still come due as the clock runs, whatever else arrives."""
         enqueued, together = time.perf_counter(), _Together()
         pendings = [_Pending(work, RequestFuture(), enqueued, together=together, on_token=listener)
                     for work, listener in zip(works, on_tokens or [None] * len(works))]
@@ -167,7 +181,10 @@ class Engine:
             if len(self._queue) + len(pendings) > self.settings.max_queue:
                 raise QueueFull(f"the queue is full ({len(self._queue)} requests queued, {len(pendings)} more asked, "
                                 f"{self.settings.max_queue} at most); retry later")
-            self._queue.extend(pendings)
+            clock = self._taken_tokens
+            for part, pending in enumerate(pendings):
+                pending.due, clock = (clock, part > 0), clock + len(pending.work.prompt_ids)
+                self._queue.insert(bisect.bisect_right(self._queue, pending.due, key=attrgetter("due")), pending)
             self._wakeup.notify_all()
         return [pending.future for pending in pendings]
 
@@ -302,12 +319,12 @@ class Engine:
             pending.future.set_exception(error)  # dropped by one its caller cancelled meanwhile (RequestFuture)
 
     def _take(self, kind: type, room: int, adapters: set[AdapterWeights], loads: float = math.inf) -> list[_Pending]:
-        """Up to ``room`` queued requests of one kind, oldest first, so that the adapters in use (``adapters``
-        plus theirs) fit the device slots, and at most ``loads`` adapters not resident yet. Each request taken is
-        bound to the weights its adapter's name holds now, for good; one whose name is no longer registered fails
-        (UnknownAdapter). Their prompts, left-padded to the longest (``Prefill``), hold at most ``prefill_tokens``
-        tokens in all (rows x the longest prompt), unless one alone holds more: one prefill pass's keys, values,
-        activations and compute are bounded whatever the burst. Called holding ``_wakeup``."""
+        """Up to ``room`` queued requests of one kind, first due first (``submit_together``), so that the adapters in
+        use (``adapters`` plus theirs) fit the device slots, and at most ``loads`` adapters not resident yet. Each
+        request taken is bound to the weights its adapter's name holds now, for good; one whose name is no longer
+        registered fails (UnknownAdapter). Their prompts, left-padded to the longest (``Prefill``), hold at most
+        ``prefill_tokens`` tokens in all (rows x the longest prompt), unless one alone holds more: one prefill pass's
+        keys, values, activations and compute are bounded whatever the burst. Called holding ``_wakeup``."""
         batch, out, longest, budget = [], set(), 0, self.prefill_tokens
         for pending in self._queue:  # the queue changes only at the end: should anything raise, no request is lost
             padded = (len(batch) + 1) * max(longest, len(pending.work.prompt_ids))
@@ -331,6 +348,7 @@ class Engine:
                 batch.append(pending)
                 out.add(id(pending))
                 longest = max(longest, len(pending.work.prompt_ids))
+                self._taken_tokens += len(pending.work.prompt_ids)
                 adapters.update([adapter] if adapter is not None else [])
                 loads -= loading
         self._queue = deque(pending for pending in self._queue if id(pending) not in out)

@@ -314,6 +314,66 @@ def test_the_queued_parts_of_a_request_begun_are_served_past_max_queue_wait(engi
         assert same_output(later.result(WAIT), alone(reference, outsider))
 
 
+def spy_on_takes(engine) -> list:
+    """The works of every request ``engine`` takes from its queue, in the order taken (its own ``_take``, spied on)."""
+    taken, take = [], engine._take
+
+    def spied(*args, **kwargs):
+        batch = take(*args, **kwargs)
+        taken.extend(pending.work for pending in batch)
+        return batch
+
+    engine._take = spied
+    return taken
+
+
+def assert_served_as_alone(reference, works: list, outputs: list) -> None:
+    for work, got in zip(works, outputs):
+        expected = alone(reference, work)
+        assert same_output(got, expected) if isinstance(work, Generation) else got == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize("kind", [Generation, Scoring])
+def test_requests_queued_together_are_taken_one_part_of_each_at_a_time(engines, kind):
+    """Each request's first part is due at once, its later ones as its earlier ones' prompt tokens are taken
+    (``Engine.submit_together``): a request queued behind another's many parts (a long context's windows) joins the
+    first batch, where FCFS over parts had it wait for them all, and refused it past ``max_queue_wait``."""
+    engine = engines.fresh(max_batch=3)
+    rng = random.Random(24)
+
+    def work(adapter: str | None) -> Generation | Scoring:
+        return greedy(rng, adapter) if kind is Generation else Scoring(prompt(rng), adapter, [5, 50, 500])
+
+    taken = spy_on_takes(engine)
+    first, second, single = [work("r2") for _ in range(5)], [work(None) for _ in range(3)], work("r2")
+    with paused(engine):
+        futures = engine.submit_together(first) + engine.submit_together(second) + [engine.submit(single)]
+    outputs = results(futures)
+    assert taken[:3] == [first[0], second[0], single], "the first batch was not one part of each request"
+    assert sorted(map(id, taken)) == sorted(map(id, [*first, *second, single])), "not every part was taken once"
+    assert_served_as_alone(engines.shared(), [*first, *second, single], outputs)
+
+
+def test_a_request_queued_while_another_s_parts_run_goes_before_its_parts_due_later(engines):
+    """Six parts of 20 prompt tokens, two taken at first (40 tokens on the clock); a request queued while they run is
+    due at 40, as is the third part, which as a later part goes after it; the fourth to sixth come due at 60, 80,
+    100."""
+    engine = engines.fresh(max_batch=2)
+    rng = random.Random(25)
+    engine.decoder = steps = WatchedSteps(engine.decoder, hold_at=1)
+    taken = spy_on_takes(engine)
+    parts = [Generation(prompt(rng, 20, 20), "r2", Decoding(max_new_tokens=3), False, ignore_eos=True)
+             for _ in range(6)]
+    futures = engine.submit_together(parts)
+    assert steps.holding.wait(WAIT)
+    later = greedy(rng, None, max_new_tokens=3)
+    futures.append(engine.submit(later))
+    steps.release.set()
+    outputs = results(futures)
+    assert taken == [*parts[:2], later, *parts[2:]]
+    assert_served_as_alone(engines.shared(), [*parts, later], outputs)
+
+
 def test_the_parts_of_a_request_none_of_which_began_are_refused_together_past_max_queue_wait(engines):
     engine = engines.fresh(max_queue_wait=0.1)
     rng = random.Random(22)

@@ -18,7 +18,7 @@ from service.engine import scheduler as engine_module
 from service.engine.requests import Generation, GenerationResult
 from service.engine.running_batch import RunningBatch
 from service.engine.scheduler import Engine
-from tests.engine.engine_helpers import WAIT, WatchedSteps, alone, greedy, same_output
+from tests.engine.engine_helpers import WAIT, WatchedSteps, alone, assert_same_outputs, greedy, results, same_output
 
 FAIR = 30  # stream requests sent, at most, while a request or a call waits (the stream sends 300; 2-9 measured)
 
@@ -121,4 +121,19 @@ def test_a_request_for_an_adapter_without_a_free_slot_is_not_starved_by_a_stream
     fed, result = stream.passed_while(lambda: engine.submit(work))
     assert fed < FAIR, f"the r4 request waited while {fed} requests for the two resident adapters were sent"
     assert same_output(result, alone(engines.shared(), work))
+    stream.served()
+
+
+def test_the_parts_of_a_request_are_not_starved_by_a_stream_of_requests_queued_after_them(engines):
+    """Requests queued after a request's parts may go before its parts due later (``Engine.submit_together``), but
+    those come due as the engine takes prompt tokens: a stream of short requests, each queued after them, does not
+    hold them back for ever."""
+    engine = engines.fresh(max_batch=4)
+    rng = random.Random(22)
+    parts = [greedy(rng, "r8", max_new_tokens=4) for _ in range(12)]
+    stream = SteadyStream(engine, lambda: greedy(rng, "r2", max_new_tokens=rng.randint(4, 12)), width=8)
+    futures = []
+    fed, _ = stream.passed_while(lambda: (futures.extend(engine.submit_together(parts)), futures[-1])[1])
+    assert fed < FAIR, f"the last of 12 parts waited while {fed} requests queued after them were sent"
+    assert_same_outputs(results(futures), [alone(engines.shared(), work) for work in parts], parts)
     stream.served()
