@@ -59,7 +59,8 @@ def error(request: Request, status: int, message: str, *, param: str | None = No
 
 
 def unreadable(request: Request, reason: str) -> JSONResponse:
-    """400: the body cannot be read as JSON (not UTF-8, not JSON, nested too deeply), for ``reason``."""
+    """400: the body cannot be read as JSON (not UTF-8, not JSON, nested too deeply, a key twice in one object:
+    ``json_body``), for ``reason``."""
     return error(request, 400, f"the body cannot be read as JSON: {reason}", code="json_invalid")
 
 

@@ -12,6 +12,7 @@ from starlette.background import BackgroundTask
 from service.errors import AdapterError, EngineStopped, UnknownAdapter
 from service.http.chat import chat_prompt
 from service.http.errors import error_replies
+from service.http.json_body import UniqueKeysRoute
 from service.http.openai_replies import ChatReplies, CompletionReplies, Replies, events
 from service.http.routes import (
     BODY_ERRORS,
@@ -29,7 +30,7 @@ from service.http.schemas import ChatCompletionIn, CompletionIn, LoraAdapterIn, 
 from service.lora.adapter_files import BASE_MODEL_ID, adapter_or_base
 from service.runtime import Runtime
 
-openai_router = APIRouter(prefix="/v1", tags=["openai"])
+openai_router = APIRouter(prefix="/v1", tags=["openai"], route_class=UniqueKeysRoute)
 # one server-sent event of a stream, as FastAPI documents its own streams' events (itemSchema: each event, not the
 # whole stream): its data only
 STREAM_EVENT = {"type": "object", "required": ["data"],

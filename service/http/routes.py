@@ -24,14 +24,15 @@ from service.errors import (
     UnknownAdapter,
 )
 from service.http.errors import ClientGone, error_replies
+from service.http.json_body import UniqueKeysRoute
 from service.http.schemas import AdapterIn, AnswerIn, AnswerOut, ErrorOut, NliIn, NliOut, NoFields
 from service.lora.adapter_files import BASE_LABEL, adapter_or_base, check_name
 from service.runtime import Runtime
 from service.tasks.prompt_styles import require_template
 
-tasks_router = APIRouter(tags=["tasks"])
-admin_router = APIRouter(tags=["admin"])
-ops_router = APIRouter(tags=["operations"])
+tasks_router = APIRouter(tags=["tasks"], route_class=UniqueKeysRoute)
+admin_router = APIRouter(tags=["admin"], route_class=UniqueKeysRoute)
+ops_router = APIRouter(tags=["operations"], route_class=UniqueKeysRoute)
 T = TypeVar("T")
 
 

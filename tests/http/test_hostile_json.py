@@ -140,3 +140,42 @@ def test_routes_without_a_body_refuse_one(client):
         assert "body" in assert_refused(post(client, route, b"[]"), 422)
         assert listed(client) == before
     assert post(client, "/adapters/unmerge", b"{}").json()["merged"] is None
+
+
+CHAT = {"model": "one", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4}
+
+
+@pytest.mark.parametrize("route,body,key,twice", [
+    ("/answer", ANSWER, "adapter", '"adapter": "two"'),
+    ("/answer", ANSWER, "question", '"question": "Who won?"'),
+    ("/answer", ANSWER, "adapter", '"\\u0061dapter": "two"'),  # the same key once its escape is read
+    ("/nli", NLI, "hypothesis", '"hypothesis": "Nobody plays."'),
+    ("/v1/completions", COMPLETION, "model", '"model": "two"'),
+    ("/v1/chat/completions", CHAT, "model", '"model": "two"'),
+    ("/adapters", ADAPTER, "name", '"name": "four"'),
+])
+def test_a_key_twice_in_the_body_is_refused_naming_it(client, route, body, key, twice):
+    """JSON does not say which of two values of one key counts (RFC 8259, 4): the body is a 400 naming the key,
+    never served with the last value picked silently, as Python's parser would."""
+    before = listed(client)
+    text = json.dumps(body)
+    error = assert_refused(post(client, route, f"{text[:-1]}, {twice}}}".encode()), 400)
+    assert f'the key "{key}" appears 2 times' in error, error
+    assert listed(client) == before
+
+
+@pytest.mark.parametrize("route,raw", [
+    ("/answer", '{"strategy": "greedy", "max_new_tokens": 4, "max_new_tokens": 8}'),
+    ("/v1/chat/completions", '[{"role": "user", "content": "Hi", "role": "system"}]'),
+])
+def test_a_key_twice_in_a_nested_object_is_refused_naming_it(client, route, raw):
+    body, field = (ANSWER, ("decoding",)) if route == "/answer" else (CHAT, ("messages",))
+    error = assert_refused(post(client, route, with_raw(body, field, raw)), 400)
+    assert "appears 2 times" in error and ('"max_new_tokens"' in error or '"role"' in error), error
+
+
+def test_keys_that_differ_only_in_case_are_two_keys(client):
+    """Not a repeated key: ``Adapter`` is another (unknown) field, a 422 naming it, as ever."""
+    text = json.dumps(ANSWER)
+    error = assert_refused(post(client, "/answer", f'{text[:-1]}, "Adapter": "two"}}'.encode()), 422)
+    assert "Adapter" in error, error
