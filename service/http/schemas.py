@@ -274,7 +274,7 @@ class OpenAIIn(NullIsDefault):
     ``max_new_tokens``, ``max_choices``)."""
 
     model_config = STRICT
-    model: Str
+    model: Annotated[str, Field(min_length=1), UNICODE]  # "" names nothing: 422 (an unknown name: 404)
     max_tokens: int | None = Field(None, ge=1)  # None: the server's cap (Settings.max_new_tokens); above it: refused
     temperature: float = Field(1.0, ge=0, le=10)  # 0: greedy
     top_p: float = Field(1.0, gt=0, le=1)
