@@ -200,6 +200,40 @@ def test_the_windows_of_one_answer_waiting_for_each_other_past_max_queue_wait_ar
     assert reply["latency_ms"] >= 500
 
 
+def test_a_short_answer_sent_behind_a_long_context_s_windows_is_answered_before_them(tiny_tokenizer_dir, tmp_path):
+    """One window in the batch at a time (max_batch 1), the first window of a long context held while a one-window
+    /answer arrives: the short one goes next, before the long one's other windows (they come due as the engine takes
+    their tokens, ``Engine.submit_together``), where first come, first served over windows answered it last."""
+    base = forced_token_model(tiny_tokenizer_dir, tmp_path / "forced", " the")
+    (tmp_path / "none").mkdir()
+    settings = tiny_settings(base, tmp_path / "none", tmp_path / "cache", max_input_tokens=64, answer_stride=16,
+                             max_answer_windows=40, max_batch=1)
+    long_context, short_context = FILLER * 20 + "At last the end came.", "At last the end came."
+    with ready_client(settings) as client, ThreadPoolExecutor(2) as pool:
+        expected = {context: ask(client, None, context=context, question="When?")
+                    for context in (long_context, short_context)}
+        engine = client.app.state.runtime.engine
+        engine.decoder = steps = WatchedSteps(engine.decoder, hold_at=2)
+        finished = []
+
+        def answer(context: str) -> dict:
+            reply = ask(client, None, context=context, question="When?")
+            finished.append(context)
+            return reply
+
+        long_reply = pool.submit(answer, long_context)
+        assert steps.holding.wait(30), "the long context's first window never ran"
+        short_reply = pool.submit(answer, short_context)
+        while engine.queue_depth < len(answer_windows(client, long_context)):  # the short one queued behind them
+            threading.Event().wait(0.01)
+        steps.release.set()
+        replies = {long_context: long_reply.result(60), short_context: short_reply.result(60)}
+    assert finished == [short_context, long_context]
+    assert len(answer_windows(client, long_context)) > 3
+    for context, reply in replies.items():
+        assert {**reply, "latency_ms": 0} == {**expected[context], "latency_ms": 0}
+
+
 def test_a_short_longest_prompt_alone_answers_in_windows_with_the_default_stride(tiny_tokenizer_dir, tmp_path):
     """max_input_tokens 64 with answer_stride unset: windows share half their context tokens and move on by the other
     half, so a long context takes few windows. A stride of 128 fit no window of 64 (every long context was a 413);
