@@ -498,8 +498,9 @@ class Engine:
     def _admit(self, running: RunningBatch) -> Joining | None:
         """Queued requests that fit beside the running rows (room, device slots); the merge policy sees them and the
         running rows before they join. None while an admin call waits (the batch then ends, and the call runs) or
-        while the oldest request waits for a device slot (until every row of some adapter is done): otherwise a
-        steady stream for the resident adapters would keep every slot in use, and it waiting, for ever."""
+        while the request next in line (``_queue[0]``) waits for a device slot (until every row of some adapter is
+        done): otherwise a steady stream for the resident adapters would keep every slot in use, and it waiting, for
+        ever."""
         in_use = {pending.adapter for pending in running.pendings}
         with self._wakeup:
             self._expire_waiting()
