@@ -4,13 +4,15 @@ schema (status codes, content types, bodies, headers, 405s and their Allow heade
 The server generates at most ``SERVER_CAP`` tokens a request, so the fuzz stays quick."""
 from __future__ import annotations
 
+from typing import Annotated
+
 import jsonschema_rs
 import pytest
 import schemathesis
 from fastapi.testclient import TestClient
 from hypothesis import settings
 from hypothesis import strategies as st
-from pydantic import ValidationError
+from pydantic import ConfigDict, TypeAdapter, ValidationError
 from schemathesis.python import asgi
 
 from service.http.app import create_app
@@ -60,10 +62,21 @@ def flatmap_body(context, body):
 
 def replaceable(model, body: dict, key: str, value) -> bool:
     """Whether ``body``'s field ``key`` may take ``value`` and leave the body as valid, or as invalid, as drawn: it
-    holds a value of the same type, or is absent and optional (pydantic's ``model`` of the body says)."""
+    holds a valid value of the same type (not ``"model": ""``, which breaks the schema's minLength), or is absent and
+    optional (pydantic's ``model`` of the body says)."""
     if key in body:
-        return type(body[key]) is type(value)
+        return type(body[key]) is type(value) and valid(model, key, body[key])
     return not model.model_fields[key].is_required()
+
+
+def valid(model, key: str, value) -> bool:
+    """Whether ``value`` is valid for the field ``key`` of ``model`` (its type and constraints, strictly)."""
+    field = model.model_fields[key]
+    try:
+        TypeAdapter(Annotated[field.annotation, field], config=ConfigDict(strict=True)).validate_python(value)
+    except ValidationError:
+        return False
+    return True
 
 
 @SCHEMA.hook
