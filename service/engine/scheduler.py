@@ -82,9 +82,9 @@ class _Pending:
     # the weights it runs with: those ``work.adapter`` named when it (or its request's first part, _Together) was taken
     adapter: AdapterWeights | None = None
     on_token: Callable[[SampledToken], None] | None = None  # a generation's listener (see Engine.submit)
-    # the queue's order (Engine.submit_together): when it is due on the engine's clock of prompt tokens taken, and
-    # whether it is a request's later part (which goes after the requests queued when it came due)
-    due: tuple[int, bool] = (0, False)
+    # the queue's order (Engine.submit_together): when it is due on the engine's virtual clock, and whether it is a
+    # request's later part (which goes after the requests queued when it came due)
+    due: tuple[float, bool] = (0.0, False)
 
 
 class Engine:
@@ -108,7 +108,7 @@ class Engine:
         self.decoder = DecodeStep(model, registry.layers, settings.cuda_graphs, settings.max_batch)
         self.prefix_cache = PrefixCache(settings.prefix_block_tokens, settings.prefix_cache_bytes)
         self._queue: deque[_Pending] = deque()  # in order of ``due``, then of submission
-        self._taken_tokens = 0  # the prompt tokens of every request taken from the queue so far: its clock
+        self._clock = 0.0  # virtual time: each pass's prompt tokens over the requests then queued (submit_together)
         self._controls: deque[tuple[callable, Future]] = deque()
         self._wakeup = threading.Condition()
         self._accepting = False
@@ -166,13 +166,14 @@ class Engine:
         for their wait (``max_queue_wait``) and run with the weights it was bound to (``_Together``). Raises QueueFull
         unless all fit in the queue, and as ``submit`` otherwise.
 
-        Queued requests are taken in order of their due time on a clock that counts the prompt tokens the engine has
-        taken (virtual time, as in fair queuing: Demers, Keshav and Shenker, SIGCOMM 1989): the first part is due now,
-        each other part when its request's earlier parts would have been taken had the request the engine to itself
-        (now plus their prompt tokens), after the requests queued by then. A request queued behind another's many
-        parts (a long context's windows) is thus taken before those not yet due, not after them all, where FCFS over
-        parts had it wait for every window, and refused it past ``max_queue_wait`` (docs/results/queue_wait_windows);
-        those parts still come due as the clock runs, whatever else arrives."""
+        Queued requests are taken in order of their due time on a virtual clock, as in fair queuing (Demers, Keshav
+        and Shenker, SIGCOMM 1989): each pass taken moves it on by its prompt tokens over the number of client
+        requests then queued (the share of the engine each got, were it shared equally). A request's first part is due
+        now, each other part once its earlier parts' prompt tokens have passed on that clock, after the requests queued
+        by then. A request queued behind other clients' many parts (long contexts' windows) is thus taken before those
+        not yet due, where FCFS over parts had it wait for every window, and refused it past ``max_queue_wait``
+        (docs/results/queue_wait_windows); the parts still come due as the clock runs, whatever else arrives, each
+        request getting an equal share of the prompt tokens the engine takes while it waits."""
         enqueued, together = time.perf_counter(), _Together()
         pendings = [_Pending(work, RequestFuture(), enqueued, together=together, on_token=listener)
                     for work, listener in zip(works, on_tokens or [None] * len(works))]
@@ -181,7 +182,7 @@ class Engine:
             if len(self._queue) + len(pendings) > self.settings.max_queue:
                 raise QueueFull(f"the queue is full ({len(self._queue)} requests queued, {len(pendings)} more asked, "
                                 f"{self.settings.max_queue} at most); retry later")
-            clock = self._taken_tokens
+            clock = self._clock
             for part, pending in enumerate(pendings):
                 pending.due, clock = (clock, part > 0), clock + len(pending.work.prompt_ids)
                 self._queue.insert(bisect.bisect_right(self._queue, pending.due, key=attrgetter("due")), pending)
@@ -348,9 +349,11 @@ class Engine:
                 batch.append(pending)
                 out.add(id(pending))
                 longest = max(longest, len(pending.work.prompt_ids))
-                self._taken_tokens += len(pending.work.prompt_ids)
                 adapters.update([adapter] if adapter is not None else [])
                 loads -= loading
+        if batch:  # every queued request's share of this pass's prompt tokens (submit_together)
+            self._clock += sum(len(pending.work.prompt_ids) for pending in batch) / len(
+                {id(pending.together) for pending in self._queue})
         self._queue = deque(pending for pending in self._queue if id(pending) not in out)
         return batch
 

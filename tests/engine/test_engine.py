@@ -354,24 +354,36 @@ def test_requests_queued_together_are_taken_one_part_of_each_at_a_time(engines, 
     assert_served_as_alone(engines.shared(), [*first, *second, single], outputs)
 
 
-def test_a_request_queued_while_another_s_parts_run_goes_before_its_parts_due_later(engines):
-    """Six parts of 20 prompt tokens, two taken at first (40 tokens on the clock); a request queued while they run is
-    due at 40, as is the third part, which as a later part goes after it; the fourth to sixth come due at 60, 80,
-    100."""
+def twenty_token_parts(rng: random.Random, adapter: str, count: int) -> list[Generation]:
+    return [Generation(prompt(rng, 20, 20), adapter, Decoding(max_new_tokens=3), False, ignore_eos=True)
+            for _ in range(count)]
+
+
+@pytest.mark.parametrize("requests", [1, 2])
+def test_a_request_queued_while_others_parts_run_goes_before_their_parts_due_later(engines, requests):
+    """One or two requests of parts of 20 prompt tokens, two parts taken at first: the clock moves on by 40 tokens
+    over the requests queued (40, or 20 each for two). A request queued while they run is due then, as are their
+    next parts, which as later parts go after it; the rest come due 20 tokens apart."""
     engine = engines.fresh(max_batch=2)
     rng = random.Random(25)
     engine.decoder = steps = WatchedSteps(engine.decoder, hold_at=1)
     taken = spy_on_takes(engine)
-    parts = [Generation(prompt(rng, 20, 20), "r2", Decoding(max_new_tokens=3), False, ignore_eos=True)
-             for _ in range(6)]
-    futures = engine.submit_together(parts)
-    assert steps.holding.wait(WAIT)
     later = greedy(rng, None, max_new_tokens=3)
+    if requests == 1:
+        together = [twenty_token_parts(rng, "r2", 6)]
+        order = [*together[0][:2], later, *together[0][2:]]
+    else:
+        together = [twenty_token_parts(rng, "r2", 3), twenty_token_parts(rng, None, 3)]
+        order = [together[0][0], together[1][0], later, together[0][1], together[1][1], together[0][2],
+                 together[1][2]]
+    with paused(engine):
+        futures = [future for parts in together for future in engine.submit_together(parts)]
+    assert steps.holding.wait(WAIT)
     futures.append(engine.submit(later))
     steps.release.set()
     outputs = results(futures)
-    assert taken == [*parts[:2], later, *parts[2:]]
-    assert_served_as_alone(engines.shared(), [*parts, later], outputs)
+    assert taken == order
+    assert_served_as_alone(engines.shared(), [*(part for parts in together for part in parts), later], outputs)
 
 
 def test_the_parts_of_a_request_none_of_which_began_are_refused_together_past_max_queue_wait(engines):

@@ -126,14 +126,15 @@ def test_a_request_for_an_adapter_without_a_free_slot_is_not_starved_by_a_stream
 
 def test_the_parts_of_a_request_are_not_starved_by_a_stream_of_requests_queued_after_them(engines):
     """Requests queued after a request's parts may go before its parts due later (``Engine.submit_together``), but
-    those come due as the engine takes prompt tokens: a stream of short requests, each queued after them, does not
-    hold them back for ever."""
+    those come due as the engine takes prompt tokens, the request getting an equal share of them beside the stream's
+    (8 in flight): a stream of short requests, each queued after them, does not hold them back for ever (it would for
+    all 300; 60 were sent meanwhile in one run)."""
     engine = engines.fresh(max_batch=4)
     rng = random.Random(22)
     parts = [greedy(rng, "r8", max_new_tokens=4) for _ in range(12)]
     stream = SteadyStream(engine, lambda: greedy(rng, "r2", max_new_tokens=rng.randint(4, 12)), width=8)
     futures = []
     fed, _ = stream.passed_while(lambda: (futures.extend(engine.submit_together(parts)), futures[-1])[1])
-    assert fed < FAIR, f"the last of 12 parts waited while {fed} requests queued after them were sent"
+    assert fed < stream.most / 2, f"the last of 12 parts waited while {fed} requests queued after them were sent"
     assert_same_outputs(results(futures), [alone(engines.shared(), work) for work in parts], parts)
     stream.served()
