@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import threading
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 from transformers.tokenization_utils_base import TOKENIZER_CONFIG_FILE
 from transformers.utils import CHAT_TEMPLATE_FILE
 
-from service import metrics
+from service import metrics, strict_json
 from service.engine.scheduler import Engine
 from service.errors import AdapterError, AdapterMerged, UnsafeEnvironment
 from service.lora.adapter_files import CONFIG_FILE, AdapterWeights, check_name, check_path
@@ -41,7 +40,8 @@ def read_chat_template(folder: Path) -> str | None:
         config = folder / TOKENIZER_CONFIG_FILE
         if not config.is_file():
             return None
-        template = default_template(json.loads(read_bounded(config, MAX_TOKENIZER_CONFIG_BYTES)).get("chat_template"))
+        text = read_bounded(config, MAX_TOKENIZER_CONFIG_BYTES)
+        template = default_template(strict_json.loads(text).get("chat_template"))
     except (OSError, ValueError, AttributeError) as exc:  # unreadable, not UTF-8, not JSON, not a JSON object
         raise AdapterError(f"the adapter's chat template cannot be read: {exc}") from None
     if template is not None and len(template.encode("utf-8")) > MAX_CHAT_TEMPLATE_BYTES:

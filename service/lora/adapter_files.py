@@ -21,6 +21,7 @@ from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils import INCLUDE_LINEAR_LAYERS_SHORTHAND
 from safetensors import SafetensorError, safe_open
 
+from service import strict_json
 from service.errors import AdapterError, AdapterPathMissing, AdapterPathRefused
 from service.lora.card import CARD_FILE, Calibration, read_calibration
 
@@ -221,9 +222,11 @@ def read_config(folder: Path, max_rank: int) -> LoraConfig:
     exactly (AdapterError, 422, naming the field): a field peft does not know, a config peft cannot parse, or any
     field outside ``SERVED_FIELDS`` that is not at its default."""
     try:
-        config = json.loads(adapter_file(folder, CONFIG_FILE).read_text())
+        config = strict_json.loads(adapter_file(folder, CONFIG_FILE).read_text())
     except FileNotFoundError:
         raise AdapterError(f"{folder} has no {CONFIG_FILE}") from None
+    except strict_json.RepeatedKey as exc:
+        raise AdapterError(f"{folder / CONFIG_FILE}: {exc}") from None
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deeply
         raise AdapterError(f"{folder / CONFIG_FILE} is not valid JSON: {type(exc).__name__}") from None
     except OSError as exc:  # a folder named adapter_config.json, a FIFO gone, a permission refused
@@ -327,7 +330,7 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
             data = bytearray(os.fstat(file.fileno()).st_size)
             file.readinto(data)
         header_size = int.from_bytes(data[:8], "little")
-        header = json.loads(data[8:8 + header_size])
+        header = strict_json.loads(data[8:8 + header_size])  # a tensor named twice: RepeatedKey (safe_open takes it)
         header.pop("__metadata__", None)
         weights = {}
         for key, entry in header.items():

@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from service import strict_json
 from service.errors import AdapterError
 
 CARD_FILE = "card.json"
@@ -41,7 +42,9 @@ def read_calibration(card_path: Path) -> Calibration:
     if not card_path.exists():
         return Calibration()
     try:
-        card = json.loads(card_path.read_text())
+        card = strict_json.loads(card_path.read_text())
+    except strict_json.RepeatedKey as exc:
+        raise AdapterError(f"{card_path}: {exc}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise AdapterError(f"{card_path} cannot be read as JSON ({type(exc).__name__}), so its label calibration is "
                            f"unknown") from None

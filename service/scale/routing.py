@@ -3,8 +3,7 @@ its Ray Serve multiplexed model id (``adapter_of``), and whether it changes the 
 see it (``changes_adapters``)."""
 from __future__ import annotations
 
-import json
-
+from service import strict_json
 from service.errors import AdapterError
 from service.lora.adapter_files import adapter_or_base, check_name
 from service.settings import Settings
@@ -32,8 +31,8 @@ def adapter_of(method: str, path: str, body: bytes, defaults: dict[str, str | No
     if method != "POST" or field is None:
         return NO_ADAPTER
     try:
-        payload = json.loads(body)
-    except (ValueError, RecursionError):  # not UTF-8 or not JSON (ValueError), nested too deeply
+        payload = strict_json.loads(body)
+    except (ValueError, RecursionError):  # not UTF-8, not JSON or a key named twice (ValueError), nested too deeply
         return NO_ADAPTER
     if not isinstance(payload, dict):
         return NO_ADAPTER

@@ -3,6 +3,7 @@ files inside an adapter root that lead out of it. Each is refused with a clear A
 left as it was; none raises anything else."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 from service.errors import AdapterError, AdapterPathRefused
 from service.http.errors import status_of
 from service.lora.adapter_files import CONFIG_FILE, WEIGHTS_FILE
+from service.lora.card import CARD_FILE
 from service.lora.registry import AdapterRegistry
 from tests.lora_helpers import load_model
 
@@ -23,6 +25,27 @@ def folder_as_config(folder: Path, _: Path) -> None:
 
 def deeply_nested_config(folder: Path, _: Path) -> None:
     (folder / CONFIG_FILE).write_text("[" * 100_000 + "]" * 100_000)
+
+
+def key_twice(name: str, key: str | None = None):
+    """``name`` (JSON) in the adapter folder names ``key`` (default: its first) twice in one object, the second
+    time with another value where it can: JSON leaves open which one counts."""
+    def repeat(folder: Path, _: Path) -> None:
+        path = folder / name
+        data = path.read_bytes()
+        at, text = (8, data[8:8 + int.from_bytes(data[:8], "little")]) if name == WEIGHTS_FILE else (0, data)
+        document = json.loads(text)
+        named = key or next(name for name in document if name != "__metadata__")
+        value = document[named] * 2 if isinstance(document[named], int | float) else document[named]
+        repeated = text.rstrip()[:-1] + f', {json.dumps(named)}: {json.dumps(value)}}}'.encode()
+        path.write_bytes(len(repeated).to_bytes(8, "little") + repeated + data[at + len(text):] if at else repeated)
+    return repeat
+
+
+def card_key_twice(folder: Path, _: Path) -> None:
+    calibration = '{"temperature": %s, "labels": ["entailment", "neutral", "contradiction"]}'
+    (folder / CARD_FILE).write_text(f'{{"label_calibration": {calibration % 1.5}, "label_calibration": '
+                                    f'{calibration % 0.5}}}')
 
 
 def linked_out(name: str):
@@ -37,6 +60,9 @@ def linked_out(name: str):
 HOSTILE = {
     "folder_as_config": (folder_as_config, AdapterError, "cannot be read"),
     "deeply_nested_config": (deeply_nested_config, AdapterError, "not valid JSON"),
+    "config_key_twice": (key_twice(CONFIG_FILE, "lora_alpha"), AdapterError, '"lora_alpha" appears 2 times'),
+    "tensor_named_twice": (key_twice(WEIGHTS_FILE), AdapterError, "appears 2 times"),  # safetensors takes it
+    "card_key_twice": (card_key_twice, AdapterError, '"label_calibration" appears 2 times'),
     "weights_linked_out": (linked_out(WEIGHTS_FILE), AdapterPathRefused, "symlink to a file outside"),
     "config_linked_out": (linked_out(CONFIG_FILE), AdapterPathRefused, "symlink to a file outside"),
 }

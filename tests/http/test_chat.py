@@ -276,7 +276,7 @@ def test_a_folders_template_is_its_jinja_file_else_its_tokenizer_config(tmp_path
 
 @pytest.mark.parametrize("config", ['{"chat_template": [{"name": "tool_use", "template": "T"}]}',
                                     '{"chat_template": 5}', '{"chat_template": {"default": "D"}}', "[1]", "{",
-                                    b"\xff\xfe"])
+                                    b"\xff\xfe", '{"chat_template": "A", "chat_template": "B"}'])
 def test_a_template_that_cannot_be_read_refuses_the_adapter(tmp_path, config):
     path = tmp_path / "tokenizer_config.json"
     path.write_bytes(config if isinstance(config, bytes) else config.encode())

@@ -33,6 +33,7 @@ def body(**fields) -> bytes:
     ("POST", "/answer", body(adapter="../one"), NO_ADAPTER),
     ("POST", "/answer", body(adapter="x" * 65), NO_ADAPTER),
     ("POST", "/v1/completions", body(model=7, prompt="x"), NO_ADAPTER),
+    ("POST", "/answer", b'{"context": "c", "question": "q", "adapter": "one", "adapter": "two"}', NO_ADAPTER),
     # routes that run no model, and other methods
     ("POST", "/adapters", body(name="one", path="/p"), NO_ADAPTER),
     ("GET", "/answer", body(adapter="one"), NO_ADAPTER),

@@ -1,0 +1,35 @@
+"""JSON read so that each object names each key once.
+
+RFC 8259 (section 4) says the names within an object SHOULD be unique, and that where they are not, what a reader
+makes of the object is unpredictable: Python's parser keeps the last value, others the first. Every JSON loraswap
+reads from outside (request bodies, adapter configs, safetensors headers, cards, tokenizer configs) is read here, so
+that ``{"adapter": "squad", "adapter": "nli"}`` or a config naming ``lora_alpha`` twice is refused, never served with
+one of its values picked silently.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any
+
+
+class RepeatedKey(ValueError):
+    """A JSON object names a key more than once."""
+
+
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads``' ``object_pairs_hook``: the object, or RepeatedKey naming a key it holds twice (as the key
+    reads once decoded: ``"a"`` and ``"\\u0061"`` are one key)."""
+    found = dict(pairs)
+    if len(found) < len(pairs):
+        key, times = Counter(key for key, _ in pairs).most_common(1)[0]
+        raise RepeatedKey(f"the key {json.dumps(key)[:200]} appears {times} times in one object (JSON names within an "
+                          "object must be unique: which value counts is not defined, RFC 8259 section 4)")
+    return found
+
+
+def loads(text: str | bytes | bytearray) -> Any:
+    """``json.loads(text)`` (bytes in UTF-8, UTF-16 or UTF-32), refusing a key named twice in one object: RepeatedKey,
+    json.JSONDecodeError for text that is not JSON (both ValueErrors), UnicodeDecodeError, RecursionError when nested
+    too deeply."""
+    return json.loads(text, object_pairs_hook=unique_keys)
