@@ -6,8 +6,10 @@ import logging
 import threading
 from pathlib import Path
 
+import jinja2
 from transformers.tokenization_utils_base import TOKENIZER_CONFIG_FILE
 from transformers.utils import CHAT_TEMPLATE_FILE
+from transformers.utils.chat_template_utils import _compile_jinja_template
 
 from service import metrics, strict_json
 from service.engine.scheduler import Engine
@@ -33,20 +35,34 @@ def read_chat_template(folder: Path) -> str | None:
     """The chat template an adapter folder ships, as transformers reads a tokenizer's: ``chat_template.jinja``, else
     the ``chat_template`` of ``tokenizer_config.json`` (see ``default_template``); None when it ships none. Raises
     AdapterError for a file that cannot be read, a template over MAX_CHAT_TEMPLATE_BYTES or a tokenizer_config.json
-    over MAX_TOKENIZER_CONFIG_BYTES (their sizes checked before they are read)."""
+    over MAX_TOKENIZER_CONFIG_BYTES (their sizes checked before they are read), and for a template Jinja cannot
+    compile (a syntax error: every chat request would fail on it, ``compiled``)."""
+    config = folder / TOKENIZER_CONFIG_FILE
     try:
         if (folder / CHAT_TEMPLATE_FILE).is_file():
-            return read_bounded(folder / CHAT_TEMPLATE_FILE, MAX_CHAT_TEMPLATE_BYTES)
-        config = folder / TOKENIZER_CONFIG_FILE
-        if not config.is_file():
-            return None
-        text = read_bounded(config, MAX_TOKENIZER_CONFIG_BYTES)
-        template = default_template(strict_json.loads(text).get("chat_template"))
+            template = read_bounded(folder / CHAT_TEMPLATE_FILE, MAX_CHAT_TEMPLATE_BYTES)
+        elif config.is_file():
+            text = read_bounded(config, MAX_TOKENIZER_CONFIG_BYTES)
+            template = default_template(strict_json.loads(text).get("chat_template"))
+        else:
+            template = None
     except (OSError, ValueError, AttributeError) as exc:  # unreadable, not UTF-8, not JSON, not a JSON object
         raise AdapterError(f"the adapter's chat template cannot be read: {exc}") from None
     if template is not None and len(template.encode("utf-8")) > MAX_CHAT_TEMPLATE_BYTES:
         raise AdapterError(f"the chat_template of the adapter's {TOKENIZER_CONFIG_FILE} has more than "
                            f"{MAX_CHAT_TEMPLATE_BYTES} bytes: too large to be a chat template")
+    return None if template is None else compiled(template)
+
+
+def compiled(template: str) -> str:
+    """``template``, once Jinja compiled it as ``apply_chat_template`` does (transformers' cached
+    ``_compile_jinja_template``: its sandboxed environment and extensions; the render then reuses it); AdapterError
+    for a template it cannot compile. A template that compiles may still fail on some messages: that request is a
+    422 (``http.chat.chat_prompt``)."""
+    try:
+        _compile_jinja_template(template)
+    except jinja2.TemplateError as exc:  # TemplateSyntaxError, or TemplateAssertionError (an unknown filter)
+        raise AdapterError(f"the adapter's chat template does not compile: {type(exc).__name__}: {exc}") from None
     return template
 
 

@@ -284,14 +284,32 @@ def test_a_template_that_cannot_be_read_refuses_the_adapter(tmp_path, config):
         read_chat_template(tmp_path)
 
 
-def test_an_adapter_whose_template_cannot_be_read_is_not_registered(client, served):
+@pytest.mark.parametrize("template", ["{% for x in %}", "{{ messages | no_such_filter }}", "{% if %}{% endif %}",
+                                      "{{ messages }"])
+@pytest.mark.parametrize("where", ["chat_template.jinja", "tokenizer_config.json"])
+def test_a_template_that_does_not_compile_refuses_the_adapter(tmp_path, template, where):
+    """A syntax error (or an unknown filter) would fail every chat request on the adapter, each a 422 blaming the
+    client: the adapter is refused instead, as transformers' own Jinja environment compiles it."""
+    if where == "chat_template.jinja":
+        (tmp_path / where).write_text(template)
+    else:
+        write_config(tmp_path, template)
+    with pytest.raises(AdapterError, match="chat template does not compile"):
+        read_chat_template(tmp_path)
+
+
+@pytest.mark.parametrize("broken", ["only a tool_use template", "a syntax error"])
+def test_an_adapter_whose_template_cannot_be_read_is_not_registered(client, served, broken):
     adapters = served[1]
-    folder = shutil.copytree(adapters / "styled", adapters / "unreadable")
+    folder = shutil.copytree(adapters / "styled", adapters / f"unreadable_{broken.split()[-1]}")
     (folder / "chat_template.jinja").unlink()
-    write_config(folder, [{"name": "tool_use", "template": "T"}])
+    if broken == "a syntax error":
+        (folder / "chat_template.jinja").write_text("{% for x in %}")
+    else:
+        write_config(folder, [{"name": "tool_use", "template": "T"}])
     before = client.get("/v1/models").json()
     refused = client.post("/adapters", json={"name": "unreadable", "path": str(folder)}, headers=ADMIN)
-    assert refused.status_code == 422 and "chat_template" in error_message(refused)
+    assert refused.status_code == 422 and "chat" in error_message(refused) and "template" in error_message(refused)
     assert client.get("/v1/models").json() == before
 
 
