@@ -6,7 +6,6 @@ import logging
 import threading
 from pathlib import Path
 
-import jinja2
 from transformers.tokenization_utils_base import TOKENIZER_CONFIG_FILE
 from transformers.utils import CHAT_TEMPLATE_FILE
 from transformers.utils.chat_template_utils import _compile_jinja_template
@@ -46,7 +45,8 @@ def read_chat_template(folder: Path) -> str | None:
             template = default_template(strict_json.loads(text).get("chat_template"))
         else:
             template = None
-    except (OSError, ValueError, AttributeError) as exc:  # unreadable, not UTF-8, not JSON, not a JSON object
+    # unreadable, not UTF-8, not JSON, nested too deeply, not a JSON object
+    except (OSError, ValueError, AttributeError, RecursionError) as exc:
         raise AdapterError(f"the adapter's chat template cannot be read: {exc}") from None
     if template is not None and len(template.encode("utf-8")) > MAX_CHAT_TEMPLATE_BYTES:
         raise AdapterError(f"the chat_template of the adapter's {TOKENIZER_CONFIG_FILE} has more than "
@@ -57,11 +57,13 @@ def read_chat_template(folder: Path) -> str | None:
 def compiled(template: str) -> str:
     """``template``, once Jinja compiled it as ``apply_chat_template`` does (transformers' cached
     ``_compile_jinja_template``: its sandboxed environment and extensions; the render then reuses it); AdapterError
-    for a template it cannot compile. A template that compiles may still fail on some messages: that request is a
-    422 (``http.chat.chat_prompt``)."""
+    for a template it cannot compile: Jinja's TemplateSyntaxError or TemplateAssertionError (an unknown filter), or
+    what Python raises compiling the code Jinja writes (SyntaxError past 20 nested loops, RecursionError for deep
+    nesting). A template that compiles may still fail on some messages: that request is a 422
+    (``http.chat.chat_prompt``)."""
     try:
         _compile_jinja_template(template)
-    except jinja2.TemplateError as exc:  # TemplateSyntaxError, or TemplateAssertionError (an unknown filter)
+    except Exception as exc:  # whatever the template's text makes Jinja or Python raise
         raise AdapterError(f"the adapter's chat template does not compile: {type(exc).__name__}: {exc}") from None
     return template
 

@@ -276,7 +276,8 @@ def test_a_folders_template_is_its_jinja_file_else_its_tokenizer_config(tmp_path
 
 @pytest.mark.parametrize("config", ['{"chat_template": [{"name": "tool_use", "template": "T"}]}',
                                     '{"chat_template": 5}', '{"chat_template": {"default": "D"}}', "[1]", "{",
-                                    b"\xff\xfe", '{"chat_template": "A", "chat_template": "B"}'])
+                                    b"\xff\xfe", '{"chat_template": "A", "chat_template": "B"}',
+                                    "[" * 100_000 + "]" * 100_000])
 def test_a_template_that_cannot_be_read_refuses_the_adapter(tmp_path, config):
     path = tmp_path / "tokenizer_config.json"
     path.write_bytes(config if isinstance(config, bytes) else config.encode())
@@ -284,8 +285,12 @@ def test_a_template_that_cannot_be_read_refuses_the_adapter(tmp_path, config):
         read_chat_template(tmp_path)
 
 
-@pytest.mark.parametrize("template", ["{% for x in %}", "{{ messages | no_such_filter }}", "{% if %}{% endif %}",
-                                      "{{ messages }"])
+@pytest.mark.parametrize("template", [
+    "{% for x in %}", "{{ messages | no_such_filter }}", "{% if %}{% endif %}", "{{ messages }",
+    "{% for m in messages %}" * 21 + "{% endfor %}" * 21,  # Python's SyntaxError: too many statically nested blocks
+    "{% if true %}" * 110 + "{% endif %}" * 110,  # Python's IndentationError
+    "{{ " + "(" * 150 + "1" + ")" * 150 + " }}",  # RecursionError
+])
 @pytest.mark.parametrize("where", ["chat_template.jinja", "tokenizer_config.json"])
 def test_a_template_that_does_not_compile_refuses_the_adapter(tmp_path, template, where):
     """A syntax error (or an unknown filter) would fail every chat request on the adapter, each a 422 blaming the
