@@ -24,6 +24,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from fractions import Fraction
 from operator import attrgetter
 
 import torch
@@ -84,7 +85,14 @@ class _Pending:
     on_token: Callable[[SampledToken], None] | None = None  # a generation's listener (see Engine.submit)
     # the queue's order (Engine.submit_together): when it is due on the engine's virtual clock, and whether it is a
     # request's later part (which goes after the requests queued when it came due)
-    due: tuple[float, bool] = (0.0, False)
+    due: tuple[Fraction, bool] = (Fraction(0), False)
+
+    @property
+    def cost(self) -> int:
+        """What it takes of the engine, in tokens, as the virtual clock counts it: its prompt's, plus the tokens a
+        generation may generate (its budget: decoding steps cost too, and a chat's short prompt is no short request)."""
+        generated = self.work.decoding.max_new_tokens if isinstance(self.work, Generation) else 0
+        return len(self.work.prompt_ids) + generated
 
 
 class Engine:
@@ -108,7 +116,7 @@ class Engine:
         self.decoder = DecodeStep(model, registry.layers, settings.cuda_graphs, settings.max_batch)
         self.prefix_cache = PrefixCache(settings.prefix_block_tokens, settings.prefix_cache_bytes)
         self._queue: deque[_Pending] = deque()  # in order of ``due``, then of submission
-        self._clock = 0.0  # virtual time: each pass's prompt tokens over the requests then queued (submit_together)
+        self._clock = Fraction(0)  # virtual time: each pass's tokens over the requests then queued (submit_together)
         self._controls: deque[tuple[callable, Future]] = deque()
         self._wakeup = threading.Condition()
         self._accepting = False
@@ -161,19 +169,20 @@ class Engine:
 
     def submit_together(self, works: list[Generation | Scoring],
                         on_tokens: list[Callable[[SampledToken], None] | None] | None = None) -> list[RequestFuture]:
-        """Queue ``works`` (with their listeners, see ``submit``) all or none, as the parts of one request: they are
-        taken into the same batch whenever it has room for them all, and once one is taken, the others are not refused
-        for their wait (``max_queue_wait``) and run with the weights it was bound to (``_Together``). Raises QueueFull
-        unless all fit in the queue, and as ``submit`` otherwise.
+        """Queue ``works`` (with their listeners, see ``submit``) all or none, as the parts of one request: once one is
+        taken, the others are not refused for their wait (``max_queue_wait``) and run with the weights it was bound to
+        (``_Together``). Raises QueueFull unless all fit in the queue, and as ``submit`` otherwise.
 
         Queued requests are taken in order of their due time on a virtual clock, as in fair queuing (Demers, Keshav
-        and Shenker, SIGCOMM 1989): each pass taken moves it on by its prompt tokens over the number of client
-        requests then queued (the share of the engine each got, were it shared equally). A request's first part is due
-        now, each other part once its earlier parts' prompt tokens have passed on that clock, after the requests queued
-        by then. A request queued behind other clients' many parts (long contexts' windows) is thus taken before those
-        not yet due, where FCFS over parts had it wait for every window, and refused it past ``max_queue_wait``
-        (docs/results/queue_wait_windows); the parts still come due as the clock runs, whatever else arrives, each
-        request getting an equal share of the prompt tokens the engine takes while it waits."""
+        and Shenker, SIGCOMM 1989): each pass taken moves it on by its requests' cost (``_Pending.cost``: prompt
+        tokens, plus the budget of tokens a generation may generate) over the number of client requests then queued,
+        the share each would have had of that work. A request's first part is due now, each other part once its
+        earlier parts' cost has passed on that clock, after the requests queued by then; a batch with room for more
+        takes parts of several requests, each's in order. A request queued behind other clients' many parts (long
+        contexts' windows) is thus taken before those not yet due, where FCFS over parts had it wait for every window,
+        and refused it past ``max_queue_wait`` (docs/results/queue_wait_windows); the parts still come due as the
+        clock runs, whatever else arrives: a request of many parts gets an equal share of the engine beside the
+        others queued, so it takes longer than alone, the longer the more requests wait."""
         enqueued, together = time.perf_counter(), _Together()
         pendings = [_Pending(work, RequestFuture(), enqueued, together=together, on_token=listener)
                     for work, listener in zip(works, on_tokens or [None] * len(works))]
@@ -184,7 +193,7 @@ class Engine:
                                 f"{self.settings.max_queue} at most); retry later")
             clock = self._clock
             for part, pending in enumerate(pendings):
-                pending.due, clock = (clock, part > 0), clock + len(pending.work.prompt_ids)
+                pending.due, clock = (clock, part > 0), clock + pending.cost
                 self._queue.insert(bisect.bisect_right(self._queue, pending.due, key=attrgetter("due")), pending)
             self._wakeup.notify_all()
         return [pending.future for pending in pendings]
@@ -325,7 +334,8 @@ class Engine:
         request taken is bound to the weights its adapter's name holds now, for good; one whose name is no longer
         registered fails (UnknownAdapter). Their prompts, left-padded to the longest (``Prefill``), hold at most
         ``prefill_tokens`` tokens in all (rows x the longest prompt), unless one alone holds more: one prefill pass's
-        keys, values, activations and compute are bounded whatever the burst. Called holding ``_wakeup``."""
+        activations and compute are bounded whatever the burst (the keys and values of the cached prefixes it starts
+        from come on top). Called holding ``_wakeup``."""
         batch, out, longest, budget = [], set(), 0, self.prefill_tokens
         for pending in self._queue:  # the queue changes only at the end: should anything raise, no request is lost
             padded = (len(batch) + 1) * max(longest, len(pending.work.prompt_ids))
@@ -351,9 +361,9 @@ class Engine:
                 longest = max(longest, len(pending.work.prompt_ids))
                 adapters.update([adapter] if adapter is not None else [])
                 loads -= loading
-        if batch:  # every queued request's share of this pass's prompt tokens (submit_together)
-            self._clock += sum(len(pending.work.prompt_ids) for pending in batch) / len(
-                {id(pending.together) for pending in self._queue})
+        if batch:  # every queued request's share of this pass's cost (submit_together), exactly: ties stay ties
+            self._clock += Fraction(sum(pending.cost for pending in batch),
+                                    len({id(pending.together) for pending in self._queue}))
         self._queue = deque(pending for pending in self._queue if id(pending) not in out)
         return batch
 

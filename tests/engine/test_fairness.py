@@ -17,8 +17,18 @@ from concurrent.futures import Future
 from service.engine import scheduler as engine_module
 from service.engine.requests import Generation, GenerationResult
 from service.engine.running_batch import RunningBatch
+from service.engine.sampling import Decoding
 from service.engine.scheduler import Engine
-from tests.engine.engine_helpers import WAIT, WatchedSteps, alone, assert_same_outputs, greedy, results, same_output
+from tests.engine.engine_helpers import (
+    WAIT,
+    WatchedSteps,
+    alone,
+    assert_same_outputs,
+    greedy,
+    prompt,
+    results,
+    same_output,
+)
 
 FAIR = 30  # stream requests sent, at most, while a request or a call waits (the stream sends 300; 2-9 measured)
 
@@ -136,5 +146,22 @@ def test_the_parts_of_a_request_are_not_starved_by_a_stream_of_requests_queued_a
     futures = []
     fed, _ = stream.passed_while(lambda: (futures.extend(engine.submit_together(parts)), futures[-1])[1])
     assert fed < stream.most / 2, f"the last of 12 parts waited while {fed} requests queued after them were sent"
+    assert_same_outputs(results(futures), [alone(engines.shared(), work) for work in parts], parts)
+    stream.served()
+
+
+def test_the_parts_of_a_request_are_not_held_back_by_a_stream_of_short_prompts_with_long_outputs(engines):
+    """The clock charges a generation its budget of new tokens as well as its prompt (``_Pending.cost``): a stream of
+    2-token prompts that may each generate 24 tokens (a chat's shape) takes an equal share of the engine beside 4
+    parts of 60-token prompts (44 stream requests were sent before the last part in one run), where a clock of prompt
+    tokens alone held the parts until the stream ended (288 of its 300)."""
+    engine = engines.fresh(max_batch=4)
+    rng = random.Random(23)
+    parts = [Generation(prompt(rng, 60, 60), "r8", Decoding(max_new_tokens=4), False) for _ in range(4)]
+    stream = SteadyStream(engine, lambda: Generation(prompt(rng, 2, 2), "r2", Decoding(max_new_tokens=24), False,
+                                                     ignore_eos=True), width=8)
+    futures = []
+    fed, _ = stream.passed_while(lambda: (futures.extend(engine.submit_together(parts)), futures[-1])[1])
+    assert fed < 100, f"the last of 4 parts waited while {fed} short-prompt requests queued after them were sent"
     assert_same_outputs(results(futures), [alone(engines.shared(), work) for work in parts], parts)
     stream.served()
