@@ -109,14 +109,22 @@ def test_constrained_and_free_rows_share_a_batch_and_each_gets_its_answer_alone(
 FILLER = "Normans gave Normandy its name. "  # no "the" in it
 
 
+WINDOWS = {"answer_stride": 16, "max_answer_windows": 40}  # neighbouring windows share 16 tokens; 40 at most
+
+
+def forced_the_settings(tiny_tokenizer_dir, root, **overrides):
+    """The settings of a server in ``root`` on a GPT-2 that always says " the", with no adapters, whose prompts hold
+    64 tokens (long contexts go in windows), and ``overrides``."""
+    base = forced_token_model(tiny_tokenizer_dir, root / "forced", " the")
+    (root / "none").mkdir()
+    return tiny_settings(base, root / "none", root / "cache", max_input_tokens=64, **overrides)
+
+
 @pytest.fixture(scope="module")
 def windowed(tiny_tokenizer_dir, tmp_path_factory):
     """A server on a GPT-2 that always says " the", whose prompts hold 64 tokens: long contexts go in windows."""
     root = tmp_path_factory.mktemp("windows")
-    base = forced_token_model(tiny_tokenizer_dir, root / "forced", " the")
-    (root / "none").mkdir()
-    settings = tiny_settings(base, root / "none", root / "cache", max_input_tokens=64, answer_stride=16,
-                             max_answer_windows=40)
+    settings = forced_the_settings(tiny_tokenizer_dir, root, **WINDOWS)
     with ready_client(settings) as client:
         yield client
 
@@ -163,10 +171,7 @@ def test_a_context_of_more_windows_than_the_queue_holds_is_413_not_a_429_that_ne
     """The windows queue together, all or none: more than ``max_queue`` of them never fit, so such a context is too
     long for this server (413, naming the queue), not a 429 to retry for ever; as many as the queue holds are
     answered."""
-    base = forced_token_model(tiny_tokenizer_dir, tmp_path / "forced", " the")
-    (tmp_path / "none").mkdir()
-    settings = tiny_settings(base, tmp_path / "none", tmp_path / "cache", max_input_tokens=64, answer_stride=16,
-                             max_answer_windows=40, max_queue=4)
+    settings = forced_the_settings(tiny_tokenizer_dir, tmp_path, **WINDOWS, max_queue=4)
     fits = max(count for count in range(1, 20) if len(answer_windows(windowed, FILLER * count)) <= 4)
     with ready_client(settings) as client:
         assert ask(client, None, context=FILLER * fits, question="When?")["answer"]
@@ -184,10 +189,7 @@ def test_the_windows_of_one_answer_waiting_for_each_other_past_max_queue_wait_ar
                                                                                            tmp_path):
     """One window in the batch at a time (max_batch 1) and its decoding held past ``max_queue_wait``: the other
     windows wait for it, and are answered (a 429 once: the request was shed by its own windows)."""
-    base = forced_token_model(tiny_tokenizer_dir, tmp_path / "forced", " the")
-    (tmp_path / "none").mkdir()
-    settings = tiny_settings(base, tmp_path / "none", tmp_path / "cache", max_input_tokens=64, answer_stride=16,
-                             max_answer_windows=40, max_batch=1, max_queue_wait=0.2)
+    settings = forced_the_settings(tiny_tokenizer_dir, tmp_path, **WINDOWS, max_batch=1, max_queue_wait=0.2)
     context = FILLER * 20 + "At last the end came."
     with ready_client(settings) as client:
         expected = ask(client, None, context=context, question="When?")
@@ -204,10 +206,7 @@ def test_a_short_answer_sent_behind_a_long_context_s_windows_is_answered_before_
     """One window in the batch at a time (max_batch 1), the first window of a long context held while a one-window
     /answer arrives: the short one goes next, before the long one's other windows (they come due as the engine takes
     their tokens, ``Engine.submit_together``), where first come, first served over windows answered it last."""
-    base = forced_token_model(tiny_tokenizer_dir, tmp_path / "forced", " the")
-    (tmp_path / "none").mkdir()
-    settings = tiny_settings(base, tmp_path / "none", tmp_path / "cache", max_input_tokens=64, answer_stride=16,
-                             max_answer_windows=40, max_batch=1)
+    settings = forced_the_settings(tiny_tokenizer_dir, tmp_path, **WINDOWS, max_batch=1)
     long_context, short_context = FILLER * 20 + "At last the end came.", "At last the end came."
     with ready_client(settings) as client, ThreadPoolExecutor(2) as pool:
         expected = {context: ask(client, None, context=context, question="When?")
@@ -239,9 +238,7 @@ def test_a_short_longest_prompt_alone_answers_in_windows_with_the_default_stride
     half, so a long context takes few windows. A stride of 128 fit no window of 64 (every long context was a 413);
     half the prompt (32 of windows of 36 context tokens) moved them on by 4, and this context took more than the 16
     windows allowed (a 413)."""
-    base = forced_token_model(tiny_tokenizer_dir, tmp_path / "forced", " the")
-    (tmp_path / "none").mkdir()
-    settings = tiny_settings(base, tmp_path / "none", tmp_path / "cache", max_input_tokens=64)
+    settings = forced_the_settings(tiny_tokenizer_dir, tmp_path)
     context = FILLER * 28 + "At last the end came."
     with ready_client(settings) as client:
         ranges = answer_windows(client, context)
