@@ -61,6 +61,13 @@ class SteadyStream:
         result = start().result(WAIT)
         return len(self.sent) - before, result
 
+    def passed_while_parts(self, parts: list[Generation]) -> tuple[int, list[GenerationResult]]:
+        """How many requests of the stream were sent while ``parts``, queued together (``Engine.submit_together``),
+        waited for their last one to be served, and their results."""
+        futures = []
+        fed, _ = self.passed_while(lambda: (futures.extend(self.engine.submit_together(parts)), futures[-1])[1])
+        return fed, results(futures)
+
     def served(self) -> list[tuple[Generation, GenerationResult]]:
         return [(work, future.result(WAIT)) for work, future in self.sent]
 
@@ -136,17 +143,16 @@ def test_a_request_for_an_adapter_without_a_free_slot_is_not_starved_by_a_stream
 
 def test_the_parts_of_a_request_are_not_starved_by_a_stream_of_requests_queued_after_them(engines):
     """Requests queued after a request's parts may go before its parts due later (``Engine.submit_together``), but
-    those come due as the engine takes prompt tokens, the request getting an equal share of them beside the stream's
+    those come due as the engine serves the requests queued, the request getting an equal share beside the stream's
     (8 in flight): a stream of short requests, each queued after them, does not hold them back for ever (it would for
     all 300; 60 were sent meanwhile in one run)."""
     engine = engines.fresh(max_batch=4)
     rng = random.Random(22)
     parts = [greedy(rng, "r8", max_new_tokens=4) for _ in range(12)]
     stream = SteadyStream(engine, lambda: greedy(rng, "r2", max_new_tokens=rng.randint(4, 12)), width=8)
-    futures = []
-    fed, _ = stream.passed_while(lambda: (futures.extend(engine.submit_together(parts)), futures[-1])[1])
+    fed, got = stream.passed_while_parts(parts)
     assert fed < stream.most / 2, f"the last of 12 parts waited while {fed} requests queued after them were sent"
-    assert_same_outputs(results(futures), [alone(engines.shared(), work) for work in parts], parts)
+    assert_same_outputs(got, [alone(engines.shared(), work) for work in parts], parts)
     stream.served()
 
 
@@ -160,8 +166,7 @@ def test_the_parts_of_a_request_are_not_held_back_by_a_stream_of_short_prompts_w
     parts = [Generation(prompt(rng, 60, 60), "r8", Decoding(max_new_tokens=4), False) for _ in range(4)]
     stream = SteadyStream(engine, lambda: Generation(prompt(rng, 2, 2), "r2", Decoding(max_new_tokens=24), False,
                                                      ignore_eos=True), width=8)
-    futures = []
-    fed, _ = stream.passed_while(lambda: (futures.extend(engine.submit_together(parts)), futures[-1])[1])
+    fed, got = stream.passed_while_parts(parts)
     assert fed < 100, f"the last of 4 parts waited while {fed} short-prompt requests queued after them were sent"
-    assert_same_outputs(results(futures), [alone(engines.shared(), work) for work in parts], parts)
+    assert_same_outputs(got, [alone(engines.shared(), work) for work in parts], parts)
     stream.served()
