@@ -26,7 +26,11 @@ log = logging.getLogger(__name__)
 # ValueError), a model file transformers cannot read (OSError, ValueError), an environment that would crash oneDNN
 # (UnsafeEnvironment)
 EXPECTED_START_FAILURES = (OSError, ValueError, UnsafeEnvironment)
-MAX_CHAT_TEMPLATE_BYTES = 2**20  # an adapter's chat template (real ones are a few KB; rendering costs ~100x its size)
+# an adapter's chat template: real ones are a few KB (gpt-oss's and Gemma 4's, among the longest, about 16 KB);
+# compiling one of this size took 1.1 s and 121 MB peak RSS on the CPU host, one of 1 MiB 4.9-11.9 s and 0.3-1.3 GB
+# (docs/results/chat_template_cost/); transformers keeps up to 128 compiled (its lru_cache); rendering costs ~100x
+# the size
+MAX_CHAT_TEMPLATE_BYTES = 256 * 2**10
 MAX_TOKENIZER_CONFIG_BYTES = 16 * 2**20  # its tokenizer_config.json (a base's added tokens can take a few MB)
 
 

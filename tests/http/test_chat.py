@@ -336,6 +336,12 @@ def test_a_template_at_most_the_bound_is_read_and_a_larger_one_refused_before_it
         read_chat_template(tmp_path)
 
 
+def test_the_bound_on_a_template_is_many_times_the_longest_real_ones_and_far_below_what_costs_seconds():
+    """The longest real templates are about 16 KB (gpt-oss's, Gemma 4's); compiling one of 1 MiB took 5-12 s and
+    0.3-1.3 GB, and transformers keeps 128 compiled ones (docs/results/chat_template_cost/)."""
+    assert 8 * 16_000 <= MAX_CHAT_TEMPLATE_BYTES <= 2**20 // 4
+
+
 def test_an_adapter_whose_template_is_too_large_is_not_registered(client, served):
     adapters = served[1]
     folder = shutil.copytree(adapters / "styled", adapters / "huge")
