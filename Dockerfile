@@ -14,6 +14,7 @@ ENV TORCH_INDEX=""
 FROM ubuntu:24.04 AS base-cpu
 ENV TORCH_INDEX=https://download.pytorch.org/whl/cpu
 
+# hadolint ignore=DL3006
 FROM base-${VARIANT}
 COPY --from=ghcr.io/astral-sh/uv:0.12.19 /uv /usr/local/bin/uv
 ENV PYTHONUNBUFFERED=1 \
@@ -49,13 +50,14 @@ ENV HF_HUB_OFFLINE=1 \
     LORASWAP_ADAPTERS_DIR=/app/adapters \
     LORASWAP_CACHE_DIR=/app/cache
 
-# a user of its own; the embedded SmolLM2 converted to its safetensors cache now, so a container serves in seconds
+# a user of its own, named by its uid (Kubernetes' runAsNonRoot can check only a numeric one); the embedded SmolLM2
+# converted to its safetensors cache now, so a container serves in seconds
 RUN useradd --create-home --uid 10001 loraswap && mkdir /app/cache && chown loraswap /app/cache
-USER loraswap
+USER 10001
 RUN python -c "from service.model.base_model import resolve_base_dir; from service.settings import Settings; \
 settings = Settings(); resolve_base_dir(settings.base_model, settings.cache_dir)"
 
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
-    CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ['LORASWAP_PORT'] + '/ready', timeout=4)"
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ['LORASWAP_PORT'] + '/ready', timeout=4)"]
 CMD ["loraswap", "serve"]
