@@ -133,6 +133,7 @@ class ChoiceText:
         self.decoder = DecodeStream(skip_special_tokens=True)
         self.token_ids: list[int] = []
         self.text = ""  # decoded so far; cut at a stop string once met
+        self.held_from = 0  # the first of the tokens the detokenizer holds (their text ends in part of a character)
         self.sent = 0  # characters of ``text`` handed out
         self.pending: list[TokenLogprob] = []  # of the tokens whose text is not handed out yet
         self.finish_reason: str | None = None
@@ -141,12 +142,28 @@ class ChoiceText:
         """Take the choice's next token; the delta it releases, if any. Tokens after the choice ended are ignored."""
         if self.finish_reason is not None:
             return None
-        offset = len(self.text)
+        entry = self.token_logprob(token, self.offset_of(token.token_id)) if self.logprobs else None
         self.token_ids.append(token.token_id)
-        self.text += self.decoder.step(self.backend, token.token_id) or ""
-        if self.logprobs:
-            self.pending.append(self.token_logprob(token, offset))
+        text = self.decoder.step(self.backend, token.token_id)
+        if text is not None:
+            self.text, self.held_from = self.text + text, len(self.token_ids)
+        if entry is not None:
+            self.pending.append(entry)
         return self.release(None)
+
+    def offset_of(self, token_id: int) -> int:
+        """Where the text of the next token, ``token_id``, starts in the choice's text: after the text so far and the
+        whole characters the tokens the detokenizer holds spell (decoded after the token before them, as the
+        detokenizer does), or at the character they end in part of, when this token's bytes begin inside one."""
+        held = self.token_ids[self.held_from:]
+        if not held:
+            return len(self.text)
+        before = self.token_ids[max(self.held_from - 1, 0):self.held_from]
+        known = len(self.backend.decode(before, skip_special_tokens=True))
+        spelled = self.backend.decode(before + held, skip_special_tokens=True)[known:]
+        utf8 = self.spelled(token_id)[1]
+        completes = bool(utf8) and utf8[0] & 0xC0 == 0x80  # a UTF-8 continuation byte (RFC 3629, section 3)
+        return len(self.text) + len(spelled) - (completes and spelled.endswith("\ufffd"))
 
     def finish(self, reason: str) -> ChoiceDelta | None:
         """The engine finished the choice (``reason``: "stop" or "length"): hand out the rest, with the characters the

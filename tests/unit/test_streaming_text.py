@@ -13,6 +13,8 @@ from transformers import AutoTokenizer
 
 from service.engine.requests import SampledToken
 from service.engine.token_feed import TokenFeed
+from service.model.base_model import resolve_base_dir
+from service.settings import Settings
 from service.tasks import streaming
 from service.tasks.streaming import ChoiceDelta, ChoiceText
 from service.tasks.token_bytes import piece_bytes
@@ -155,6 +157,34 @@ def test_any_text_and_stop_strings_give_the_text_up_to_the_earliest_stop(tokeniz
     for delta in deltas:
         assert all(sent <= entry.text_offset < sent + len(delta.text) for entry in delta.logprobs[:1] if delta.text)
         sent += len(delta.text)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return AutoTokenizer.from_pretrained(resolve_base_dir("smollm2", Settings().cache_dir))
+
+
+def byte_offsets(entries) -> list[int]:
+    """Each entry's text offset as its bytes place it: the index of the character its first byte lies in (bytes
+    before it that end in part of a character are that character's)."""
+    utf8, offsets = b"", []
+    for entry in entries:
+        offsets.append(len(utf8.decode("utf-8", "ignore")))
+        utf8 += bytes(entry.token_bytes)
+    return offsets
+
+
+@pytest.mark.smollm2
+@settings(max_examples=60, deadline=None)
+@given(st.text(" aé☃日😀🏽שם\n", min_size=1, max_size=24))
+def test_a_token_s_text_offset_is_that_of_the_character_its_bytes_begin_in(smollm2, text):
+    """SmolLM2 spells a space and the first bytes of a character as one token (" \xd7" of " ש"): the detokenizer
+    holds both until the character's last byte comes, and the token that completes it was given the space's offset
+    (a review's ``" שלום"``: offsets 0, 0, 2 for 0, 1, 2)."""
+    deltas, _ = stream(smollm2, encode(smollm2, text))
+    entries = [entry for delta in deltas for entry in delta.logprobs]
+    assert joined(deltas) == text
+    assert [entry.text_offset for entry in entries] == byte_offsets(entries)
 
 
 def test_the_choices_of_a_tokenizer_share_one_spelling_built_once(tiny_tokenizer_dir, monkeypatch):
