@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from service.cli.command import UsageError
 from service.lora.card import CALIBRATION_FIELD, CARD_FILE
 from service.runtime import Runtime
 from service.tasks.prompts import NLI_LABELS
@@ -34,20 +35,30 @@ def held_out_rows(card: dict, root: Path) -> list[dict]:
     """The rows of ``FIT_FILE`` (its MNLI train and dev_mismatched splits) that ``loraswap train`` held out for
     validation when it made the adapter of ``card``: its ``split_rows`` again, with the card's seed and validation
     count over the task's training files read in the same order, less any pair (premise and hypothesis) that also
-    occurs among the rows trained on. Raises ValueError when the card cannot say which rows were held out (rows were
-    dropped, or the data holds another number of rows than the card's)."""
+    occurs among the rows trained on. Raises UsageError when the card is not an NLI adapter's from ``loraswap
+    train``, when it cannot say which rows were held out (rows were dropped, or the data holds another number of rows
+    than the card's), and when no MNLI pair was held out (trained with ``--eval-examples 0``): nothing to fit on."""
     from training.train import split_rows  # imports the Trainer: only when needed
 
-    examples = card["examples"]
+    try:
+        examples, seed = card["examples"], card["hyperparameters"]["seed"]
+    except (KeyError, TypeError):
+        raise UsageError("the adapter's card does not say how loraswap train split its rows") from None
+    if card.get("task") != "nli":
+        raise UsageError(f"the adapter was trained for {card.get('task')!r}: only an nli adapter's labels calibrate")
     if examples.get("dropped_too_long_or_bad_label"):
-        raise ValueError("the card's adapter dropped rows, so its validation count is not the number held out")
+        raise UsageError("the card's adapter dropped rows, so its validation count is not the number held out")
     rows = [{**row, "file": name} for name, splits in TASK_TRAIN_FILES["nli"] for row in read_nli(root / name, splits)]
-    if len(rows) != examples["available"]:
-        raise ValueError(f"{root} holds {len(rows)} training rows, the card's adapter was trained from "
-                         f"{examples['available']}: its held-out rows cannot be told")
-    trained, held = split_rows(rows, examples["validation"], card["hyperparameters"]["seed"])
+    if len(rows) != examples.get("available"):
+        raise UsageError(f"{root} holds {len(rows)} training rows, the card's adapter was trained from "
+                         f"{examples.get('available')}: its held-out rows cannot be told")
+    trained, held = split_rows(rows, examples["validation"], seed)
     seen = {(row["premise"], row["hypothesis"]) for row in trained}
-    return [row for row in held if row["file"] == FIT_FILE and (row["premise"], row["hypothesis"]) not in seen]
+    fit = [row for row in held if row["file"] == FIT_FILE and (row["premise"], row["hypothesis"]) not in seen]
+    if not fit:
+        raise UsageError(f"loraswap train held out no {FIT_FILE} pair it did not train on ({examples['validation']} "
+                         "validation rows in all): there is nothing to fit the temperature on")
+    return fit
 
 
 def label_logits(rt: Runtime, adapter: str | None, rows: list[dict]) -> torch.Tensor:
@@ -175,8 +186,8 @@ def run(args: argparse.Namespace) -> dict:
     """``loraswap calibrate``: fit T on the adapter's held-out MNLI training pairs, measure dev_matched before and
     after, print the report; ``--write-card`` stores T in the card, ``--diagram`` draws the reliability diagram,
     ``--json`` writes the report with the reliability bins and every row's scores (uncalibrated) and gold label.
-    Raises FileNotFoundError for an adapter folder without a card or absent data, ValueError when its held-out rows
-    cannot be told (``held_out_rows``), AdapterError for an adapter the base cannot serve."""
+    Raises FileNotFoundError for an adapter folder without a card or absent data, UsageError when its held-out rows
+    cannot be told or there are none (``held_out_rows``), AdapterError for an adapter the base cannot serve."""
     folder, root = Path(args.adapter), Path(args.data_dir) if args.data_dir else data_dir()
     card = json.loads((folder / CARD_FILE).read_text())
     seed = card["hyperparameters"]["seed"]

@@ -49,7 +49,7 @@ def run(*args: str) -> None:
 def test_calibrate_writes_the_temperature_the_server_then_applies(tiny_llama_dir, llama_adapters, tmp_path):
     data = data_folder(tmp_path / "data")
     card = {"examples": {"train": 30, "validation": 21, "dropped_too_long_or_bad_label": 0, "available": 51},
-            "hyperparameters": {"seed": 0}}
+            "hyperparameters": {"seed": 0}, "task": "nli"}
     adapter = carded(llama_adapters["one"], tmp_path / "adapters" / "one", card)
     report_path, diagram = tmp_path / "calibration.json", tmp_path / "reliability.png"
     run("calibrate", "--adapter", str(adapter), "--data-dir", str(data), "--base-model", str(tiny_llama_dir),
@@ -70,6 +70,19 @@ def test_calibrate_writes_the_temperature_the_server_then_applies(tiny_llama_dir
     assert served["ece_bins"] == ECE_BINS and served["count"] == 24
     assert served["ece"] == pytest.approx(report["mnli_dev_matched"]["after"]["ece"], abs=1e-3)
     assert served["accuracy"] == pytest.approx(report["mnli_dev_matched"]["before"]["accuracy"])
+
+
+def test_an_adapter_with_no_held_out_pairs_is_a_usage_error_not_a_traceback(tiny_llama_dir, llama_adapters,
+                                                                             tmp_path, capsys):
+    """Trained with ``--eval-examples 0``, an adapter has no pairs to fit on: exit status 2 and one line."""
+    data = data_folder(tmp_path / "data")
+    card = {"examples": {"train": 51, "validation": 0, "dropped_too_long_or_bad_label": 0, "available": 51},
+            "hyperparameters": {"seed": 0}, "task": "nli"}
+    adapter = carded(llama_adapters["one"], tmp_path / "adapters" / "one", card)
+    with pytest.raises(SystemExit) as exited:
+        run("calibrate", "--adapter", str(adapter), "--data-dir", str(data), "--base-model", str(tiny_llama_dir))
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("loraswap calibrate: error: loraswap train held")
 
 
 @pytest.mark.parametrize("temperature, ece", [

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from service.cli.command import UsageError
 from training.calibrate import FIT_FILE, fit_temperature, held_out_rows, nll
 from training.train import split_rows
 
@@ -38,7 +39,7 @@ def test_held_out_rows_are_the_mnli_rows_train_held_out_and_never_trained_on(tmp
     write_rows(tmp_path / FIT_FILE, mnli)
     kept = [row for row in mnli if row["mnli_split"] != "dev_matched"]
     card = {"examples": {"validation": 20, "available": len(snli) + len(kept), "dropped_too_long_or_bad_label": 0},
-            "hyperparameters": {"seed": 3}}
+            "hyperparameters": {"seed": 3}, "task": "nli"}
     rows = held_out_rows(card, tmp_path)
     pairs = {(row["premise"], row["hypothesis"]) for row in rows}
     trained, held = split_rows([*snli, *kept], 20, 3)  # the same rows in the same order: the same split
@@ -48,5 +49,11 @@ def test_held_out_rows_are_the_mnli_rows_train_held_out_and_never_trained_on(tmp
     assert len(rows) < sum(row["premise"].startswith("m") for row in held)  # a held-out pair was also trained on
     assert pairs == {(row["premise"], row["hypothesis"]) for row in held if row["premise"].startswith("m")} - \
         trained_pairs
-    with pytest.raises(ValueError, match="cannot be told"):
+    with pytest.raises(UsageError, match="cannot be told"):
         held_out_rows({**card, "examples": {**card["examples"], "available": 1}}, tmp_path)
+    with pytest.raises(UsageError, match="nothing to fit"):  # trained with --eval-examples 0: a traceback was
+        held_out_rows({**card, "examples": {**card["examples"], "validation": 0}}, tmp_path)
+    with pytest.raises(UsageError, match="only an nli adapter"):
+        held_out_rows({**card, "task": "squad"}, tmp_path)
+    with pytest.raises(UsageError, match="does not say"):
+        held_out_rows({"task": "nli"}, tmp_path)
