@@ -23,8 +23,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from loadtest.host_memory import PeakRss, registered_memory
 from loadtest.options import ALL_MODES, MOST_BENCH_BATCH, MOST_BENCH_RANK, TARGET_SETS
+from loadtest.percentiles import percentiles
 from loadtest.stall import measure_stall
-from loadtest.timing import percentiles, timed
+from loadtest.timing import timed
 from service.cli.command import UsageError
 from service.engine.requests import Generation, run_all
 from service.engine.row_mapping import map_rows

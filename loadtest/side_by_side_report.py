@@ -7,6 +7,7 @@ import statistics
 from collections import defaultdict
 from collections.abc import Sequence
 
+from loadtest.percentiles import nearest_rank
 from loadtest.workload import Item
 from training.metrics import accuracy, squad_scores
 
@@ -33,12 +34,6 @@ def load_name(mode: str, clients: int) -> str:
     return f"{mode}, {clients} client{'s' if clients != 1 else ''}"
 
 
-def percentile(values: Sequence[float], share: float) -> float:
-    """The ``share`` quantile of ``values`` (the lower of the two nearest). Raises IndexError when empty."""
-    ordered = sorted(values)
-    return ordered[int(share * (len(ordered) - 1))]
-
-
 def summarize(records: Sequence[dict]) -> dict[str, dict[str, dict]]:
     """Each system's figures per load, ``{system: {load name: figures}}``, from the records of single loads (the
     keys ``run`` writes: system, mode, clients, requests_per_s, latencies_ms, scores, answers, peak_rss_bytes,
@@ -54,7 +49,7 @@ def summarize(records: Sequence[dict]) -> dict[str, dict[str, dict]]:
     for (system, load), runs in grouped.items():
         latencies = [ms for run in runs for ms in run["latencies_ms"]]
         figures = {"requests_per_s": [run["requests_per_s"] for run in runs],
-                   "p50_ms": round(percentile(latencies, 0.5), 1), "p95_ms": round(percentile(latencies, 0.95), 1),
+                   "p50_ms": round(nearest_rank(latencies, 50), 1), "p95_ms": round(nearest_rank(latencies, 95), 1),
                    "scores": runs[0]["scores"],
                    "same_answers": same_answers(runs),
                    "peak_rss_bytes": peak_rss(runs)}

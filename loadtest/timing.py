@@ -1,8 +1,7 @@
-"""Timing for ``loraswap bench``: the seconds a call takes with the device's queued work included (``timed``), the
-start and end of each call of one of the engine's callables (``Stamped``), and percentiles of such times."""
+"""Timing for ``loraswap bench``: the seconds a call takes with the device's queued work included (``timed``), and the
+start and end of each call of one of the engine's callables (``Stamped``)."""
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Callable
 
@@ -43,11 +42,3 @@ class Stamped:
     def __getattr__(self, name: str):
         return getattr(self.wrapped, name)
 
-
-def percentiles(prefix: str, millis: list[float]) -> dict[str, float]:
-    """``{prefix}p50_ms`` and ``{prefix}p95_ms``: the median of ``millis`` and its 95th percentile (the lower of the
-    two nearest values), in milliseconds rounded to 0.01. Raises statistics.StatisticsError when ``millis`` is
-    empty."""
-    ordered = sorted(millis)
-    return {f"{prefix}p50_ms": round(statistics.median(ordered), 2),
-            f"{prefix}p95_ms": round(ordered[int(0.95 * (len(ordered) - 1))], 2)}

@@ -2,11 +2,11 @@
 percentiles, overall and per endpoint and per adapter, and a markdown table of them."""
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from loadtest.checked.answer_key import FAILED, FINE, GONE, OK, OUTCOMES, REJECTED, SERVER_ERROR, WRONG, WRONG_ADAPTER
+from loadtest.percentiles import nearest_rank
 
 EXAMPLES = 10  # wrong replies kept in the report, with the answer they should have been
 
@@ -27,11 +27,9 @@ class Record:
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
-    """The ``q``-th percentile (0 < q <= 100) of ``values`` by the nearest rank; None for no values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    return round(ordered[max(math.ceil(q / 100 * len(ordered)), 1) - 1], 1)
+    """The ``q``-th percentile (0 < q <= 100) of ``values`` by the nearest rank, rounded to 0.1; None for no
+    values."""
+    return round(nearest_rank(values, q), 1) if values else None
 
 
 def summary(records: Sequence[Record], seconds: float) -> dict:
