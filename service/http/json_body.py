@@ -1,18 +1,33 @@
 """Request bodies read as JSON whose objects name each key once (``service.strict_json``): a body such as
 ``{"adapter": "squad", "adapter": "nli"}`` is refused (400 naming the key), never served with one of its values picked
-silently."""
+silently. A client that goes away before its body's end is recorded as one that went away (499), not as a body
+that cannot be parsed (FastAPI's 400)."""
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
 
-from fastapi import Request, Response
+from fastapi import HTTPException, Request, Response
 from fastapi.routing import APIRoute
+from starlette.requests import ClientDisconnect
 
 from service import strict_json
+from service.http.errors import CLIENT_CLOSED
+
+
+async def whole_body(request: Request) -> bytes:
+    """``request``'s body, read to its end; HTTPException(CLIENT_CLOSED) when its client went away before that end
+    (the reply then goes nowhere, and the metrics record the request as 499)."""
+    try:
+        return await Request.body(request)
+    except ClientDisconnect:
+        raise HTTPException(CLIENT_CLOSED, "the client went away while sending the body") from None
 
 
 class UniqueKeysRequest(Request):
+    async def body(self) -> bytes:
+        return await whole_body(self)
+
     async def json(self) -> Any:
         """The body read as JSON (UTF-8, UTF-16 or UTF-32, as ``json.loads`` reads bytes); RepeatedKey (a
         ValueError) for an object that holds a key twice, json.JSONDecodeError for text that is not JSON."""

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message
 
+from service.http.json_body import whole_body
+
 log = logging.getLogger(__name__)
 
 # how long an application whose client went away has to see the http.disconnect before it is cancelled (s)
@@ -35,10 +37,11 @@ class HttpRequest:
 
     @classmethod
     async def read(cls, request: Request) -> HttpRequest:
-        """``request`` with its body read whole (a body limit is the application's middleware's to enforce)."""
+        """``request`` with its body read whole (a body limit is the application's middleware's to enforce);
+        HTTPException(499) when its client went away before the body's end (``json_body.whole_body``)."""
         client = (request.client.host, request.client.port) if request.client else None
         return cls(request.method, request.url.path, request.scope.get("query_string", b""),
-                   tuple(request.scope["headers"]), await request.body(), client)
+                   tuple(request.scope["headers"]), await whole_body(request), client)
 
     def scope(self) -> dict:
         """The ASGI HTTP scope of this request, as a server on loopback would give it."""

@@ -230,6 +230,20 @@ def test_a_client_that_disconnects_gets_its_request_dropped(server):
     assert http.post("/v1/completions", json=body).json()["choices"] == whole["choices"]
 
 
+def test_a_client_that_goes_away_while_sending_its_body_is_recorded_as_gone_not_as_a_bad_body(server):
+    """A body cut short by its client's leaving was recorded as 400 (FastAPI's "error parsing the body")."""
+    http = server.http
+    idle, gone = in_flight_and_answered(http, status="499")
+    bad = in_flight_and_answered(http, status="400")[1]
+    with socket.create_connection(("127.0.0.1", server.port)) as client:
+        client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       b"Authorization: Bearer %s\r\nContent-Length: 1000\r\n\r\n{\"model\": " % API_KEY.encode())
+        wait_until(lambda: in_flight_and_answered(http)[0] > idle, "the request never reached the server", timeout=30)
+    wait_until(lambda: in_flight_and_answered(http, status="499") == (idle, gone + 1),
+               "the request whose client left mid-body was not recorded as 499", timeout=30)
+    assert in_flight_and_answered(http, status="400")[1] == bad
+
+
 def test_clients_that_hang_up_at_once_leave_the_engine_serving(server):
     """POST /answer over a raw socket closed as soon as it is sent: the request, alone in the queue, is withdrawn
     while the engine waits out the batch window, which then ends with the queue empty."""
