@@ -55,6 +55,10 @@ class InputTooLong(Exception):
     """The prompt has more tokens than the server accepts."""
 
 
+class TemplateRefused(Exception):
+    """A chat template (an adapter's own: its code is the adapter's) refused or failed to render a prompt."""
+
+
 class NoSpan(Exception):
     """An extractive answer cannot be held to a span of the context: the context has no text a token can begin an
     answer with, or the model's vocabulary does not say which bytes its tokens spell."""

@@ -168,7 +168,7 @@ class Runtime:
                             "an adapter of that name is", setting, default)
         self.engine = Engine(model, tokenizer, self.registry, self.settings)
         metrics.ENGINE_STATE.watch(self.engine, self.registry)
-        self.tasks = Tasks(self.engine, tokenizer, self.settings, positions)
+        self.tasks = Tasks(self.engine, tokenizer, self.settings, positions, self.chat_template)
 
     def _warn_of_missing_roots(self) -> None:
         """Log a warning for the adapters folder and each adapter root that is not an existing folder: no adapter

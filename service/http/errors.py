@@ -17,6 +17,7 @@ from service.errors import (
     NoFreeSlot,
     NoSpan,
     QueueFull,
+    TemplateRefused,
     UnknownAdapter,
 )
 from service.http.schemas import ErrorOut
@@ -42,6 +43,7 @@ STATUS: dict[type[Exception], int] = {
     AdapterError: 422,
     InputTooLong: 413,
     NoSpan: 422,
+    TemplateRefused: 422,
     QueueFull: 429,
     EngineStopped: 503,
     ClientGone: CLIENT_CLOSED,

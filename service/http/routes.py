@@ -164,11 +164,11 @@ def field_refused(field: str, value, exc: ValueError) -> RequestValidationError:
                                     "msg": f"Value error, {exc}"}])
 
 
-def prompt_style(rt: Runtime, body: AnswerIn | NliIn) -> str:
+def prompt_style(rt: Runtime, body: AnswerIn | NliIn, adapter: str | None) -> str:
     """The request's ``prompt_style``, once the model can render it: a 422 naming the field for a chat style on a
-    model without a chat template."""
+    model without a chat template, where ``adapter``'s folder ships none either."""
     try:
-        require_template(rt.tasks.tokenizer, body.prompt_style)
+        require_template(rt.tasks.tokenizer, body.prompt_style, rt.chat_template(adapter))
     except ValueError as exc:
         raise field_refused("prompt_style", body.prompt_style, exc) from None
     return body.prompt_style
@@ -176,7 +176,8 @@ def prompt_style(rt: Runtime, body: AnswerIn | NliIn) -> str:
 
 @tasks_router.post("/answer", response_model=AnswerOut, responses=serving_replies())
 async def answer(body: AnswerIn, request: Request, rt: Runtime = Depends(inference)) -> AnswerOut:
-    adapter, style = pick_adapter(rt, body, rt.settings.qa_adapter, request), prompt_style(rt, body)
+    adapter = pick_adapter(rt, body, rt.settings.qa_adapter, request)
+    style = prompt_style(rt, body, adapter)
     result = await unless_disconnected(request, rt.tasks.answer(
         body.context, body.question, adapter, body.decoding.to_decoding(new_seed()), body.extractive, style))
     return AnswerOut(adapter=adapter, **result.__dict__)
@@ -184,7 +185,8 @@ async def answer(body: AnswerIn, request: Request, rt: Runtime = Depends(inferen
 
 @tasks_router.post("/nli", response_model=NliOut, responses=serving_replies())
 async def nli(body: NliIn, request: Request, rt: Runtime = Depends(inference)) -> NliOut:
-    adapter, style = pick_adapter(rt, body, rt.settings.nli_adapter, request), prompt_style(rt, body)
+    adapter = pick_adapter(rt, body, rt.settings.nli_adapter, request)
+    style = prompt_style(rt, body, adapter)
     if body.labels is None:
         probabilities = await unless_disconnected(request, rt.tasks.nli(body.premise, body.hypothesis, adapter,
                                                                         style=style))

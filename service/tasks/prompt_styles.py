@@ -2,7 +2,8 @@
 
 ``adapter`` (the default) is the plain template the adapters are trained on (``service.tasks.prompts``).
 ``zero_shot`` and ``one_shot`` are the baselines without training, for the bare base, an instruct model: they are
-rendered with the base tokenizer's chat template (the format the model was tuned to follow instructions in), a system
+rendered with the base tokenizer's chat template (the format the model was tuned to follow instructions in), or the
+adapter's own where its folder ships one (as ``/v1/chat/completions`` renders its messages), a system
 message with the instruction (what to do, the answer format), a user message with the task's fields, and the
 assistant's reply begun with ``Answer:`` (QA) or ``Label:`` (NLI). The model continues that reply, so the completion
 has the same form as the adapters': `` answer`` ended by end of text (``<|im_end|>`` on SmolLM2) or a newline, and
@@ -18,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, get_args
 
+from service.errors import TemplateRefused
 from service.tasks.prompts import NLI_LABELS, RTE_LABELS, answer_prompt, encode_text, nli_prompt
 
 if TYPE_CHECKING:  # imported lazily: the CLI's parser reads PROMPT_STYLES without loading transformers
@@ -115,36 +117,44 @@ def nli_messages(style: str, premise: str, hypothesis: str, labels: Sequence[str
             {"role": "assistant", "content": LABEL_REPLY}]
 
 
-def require_template(tokenizer: PreTrainedTokenizerBase, style: str) -> None:
-    """Raises ValueError when ``style`` needs a chat template and ``tokenizer`` has none."""
-    if style != ADAPTER_STYLE and tokenizer.chat_template is None:
+def require_template(tokenizer: PreTrainedTokenizerBase, style: str, template: str | None = None) -> None:
+    """Raises ValueError when ``style`` needs a chat template and there is none: neither ``template`` (an adapter's)
+    nor the tokenizer's."""
+    if style != ADAPTER_STYLE and template is None and tokenizer.chat_template is None:
         raise ValueError(f"prompt_style {style!r} is rendered with the model's chat template, and this model has "
                          "none; use prompt_style 'adapter'")
 
 
-def chat_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> list[int]:
-    """The token ids of ``messages`` rendered with the tokenizer's chat template, the last (the assistant's reply,
-    begun) left open for the model to continue (``continue_final_message``); text in them that spells a control token
-    stays text. The tokenizer must have a chat template (``require_template``)."""
-    return tokenizer.apply_chat_template(messages, continue_final_message=True, tokenize=True, return_dict=False,
-                                         sanitize_control_tokens=True)
+def chat_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], template: str | None = None
+             ) -> list[int]:
+    """The token ids of ``messages`` rendered with ``template`` (an adapter's), else the tokenizer's chat template, the
+    last (the assistant's reply, begun) left open for the model to continue (``continue_final_message``); text in them
+    that spells a control token stays text. There must be a template (``require_template``); TemplateRefused when it
+    refuses or fails to render them (anything its code raises: an adapter's template is the adapter's code)."""
+    try:
+        return tokenizer.apply_chat_template(messages, chat_template=template, continue_final_message=True,
+                                             tokenize=True, return_dict=False, sanitize_control_tokens=True)
+    except Exception as exc:  # the template's own code failed: TemplateError, "Range too big", anything
+        raise TemplateRefused(f"the chat template refused the prompt: {type(exc).__name__}: {exc}") from None
 
 
-def answer_ids(tokenizer: PreTrainedTokenizerBase, style: str, context: str, question: str) -> list[int]:
+def answer_ids(tokenizer: PreTrainedTokenizerBase, style: str, context: str, question: str,
+               template: str | None = None) -> list[int]:
     """The QA prompt's token ids in ``style``: ``answer_prompt`` as plain text for adapter, else the chat rendering of
-    ``answer_messages``. Raises ValueError for a chat style on a tokenizer without a chat template."""
+    ``answer_messages`` (with ``template``, an adapter's, else the tokenizer's). Raises ValueError for a chat style
+    without a chat template, TemplateRefused as ``chat_ids``."""
     if style == ADAPTER_STYLE:
         return encode_text(tokenizer, answer_prompt(context, question))
-    require_template(tokenizer, style)
-    return chat_ids(tokenizer, answer_messages(style, context, question))
+    require_template(tokenizer, style, template)
+    return chat_ids(tokenizer, answer_messages(style, context, question), template)
 
 
 def nli_ids(tokenizer: PreTrainedTokenizerBase, style: str, premise: str, hypothesis: str,
-            labels: Sequence[str]) -> list[int]:
+            labels: Sequence[str], template: str | None = None) -> list[int]:
     """The NLI prompt's token ids in ``style``: ``nli_prompt`` as plain text for adapter, else the chat rendering of
-    ``nli_messages``. Raises ValueError for a chat style without a chat template, or one_shot for labels without an
-    example."""
+    ``nli_messages`` (with ``template``, an adapter's, else the tokenizer's). Raises ValueError for a chat style
+    without a chat template, or one_shot for labels without an example; TemplateRefused as ``chat_ids``."""
     if style == ADAPTER_STYLE:
         return encode_text(tokenizer, nli_prompt(premise, hypothesis))
-    require_template(tokenizer, style)
-    return chat_ids(tokenizer, nli_messages(style, premise, hypothesis, labels))
+    require_template(tokenizer, style, template)
+    return chat_ids(tokenizer, nli_messages(style, premise, hypothesis, labels), template)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
@@ -36,6 +36,11 @@ class Answer:
     latency_ms: float
 
 
+def no_template(adapter: str | None) -> None:
+    """No adapter ships a chat template of its own: the tokenizer's applies (``Tasks.chat_template``)."""
+    return None
+
+
 def exact_span(text: str, context: str) -> tuple[int, int] | None:
     """The [start, end) character offsets of ``text``'s first occurrence in ``context``; None if it is empty or
     occurs nowhere."""
@@ -59,8 +64,10 @@ def stream_options(stop: str | Sequence[str], logprobs: int | None, n: int) -> t
 class Tasks:
     """The service's tasks over one engine: extractive QA, NLI and plain completion."""
 
-    def __init__(self, engine: Engine, tokenizer: PreTrainedTokenizerBase, settings: Settings, max_positions: int):
+    def __init__(self, engine: Engine, tokenizer: PreTrainedTokenizerBase, settings: Settings, max_positions: int,
+                 chat_template: Callable[[str | None], str | None] = no_template):
         self.engine, self.tokenizer, self.settings = engine, tokenizer, settings
+        self.chat_template = chat_template  # an adapter's own chat template (None: the tokenizer's applies)
         self.max_prompt = min(settings.max_input_tokens, max_positions - settings.max_new_tokens)
         self.label_tokens = {NLI_LABELS: self.first_tokens(NLI_LABELS)}
         try:  # about 1 s and 17 MiB for SmolLM2's 49,152 tokens
@@ -151,38 +158,47 @@ class Tasks:
         """Answer a question from a context, asked in prompt ``style`` (``prompt_styles``). ``extractive``: decoding
         is constrained to spans of the context (``SpanConstraint``), so ``context[start:end] == answer`` always, and a
         context too long for one prompt is answered in windows (``answer_windows``), together, the span of the best
-        ``score`` winning; else the model's own text, with offsets where it occurs exactly as it is (its first
-        occurrence), None where not. Raises NoSpan (extractive, and the context has nothing a span can begin with),
-        InputTooLong (a free answer's prompt over ``max_prompt``, or a context of more windows than ``answer_windows``
-        allows), ValueError (a chat style on a model without a chat template), and what ``outcomes`` raises."""
-        started = time.perf_counter()
+        ``score`` winning among those no window's cut edge could have cut short (``SpanConstraint.lies_inside``;
+        among all where every one runs to a cut edge); else the model's own text, with offsets where it occurs
+        exactly as it is (its first occurrence), None where not. Raises NoSpan (extractive, and the context has
+        nothing a span can begin with), InputTooLong (a free answer's prompt over ``max_prompt``, or a context of more
+        windows than ``answer_windows`` allows), ValueError (a chat style on a model without a chat template), and
+        what ``outcomes`` raises."""
+        started, template = time.perf_counter(), self.chat_template(adapter)
         if not extractive:
-            work = Generation(self.bounded(answer_ids(self.tokenizer, style, context, question)), adapter,
+            work = Generation(self.bounded(answer_ids(self.tokenizer, style, context, question, template)), adapter,
                               self.decoding(decoding))
             result = await self.outcome(work)
             text = result.text.strip()
             start, end = exact_span(text, context) or (None, None)
             return Answer(text, start, end, len(result.token_ids), None, (time.perf_counter() - started) * 1000)
         decoding = self.decoding(decoding)
-        spans = self.window_spans(context, self.answer_windows(context, question, style), decoding.max_new_tokens)
-        works = [Generation(self.bounded(answer_ids(self.tokenizer, style, context[offset:end], question)), adapter,
-                            decoding, constraint=constraint) for offset, end, constraint in spans]
+        ranges = self.answer_windows(context, question, style, template)
+        spans = self.window_spans(context, ranges, decoding.max_new_tokens)
+        works = [Generation(self.bounded(answer_ids(self.tokenizer, style, context[offset:end], question, template)),
+                            adapter, decoding, constraint=constraint) for offset, end, constraint in spans]
         results = await self.outcomes(works)
-        best = max(range(len(spans)), key=lambda i: spans[i][2].score())
+        # a span running to a window's cut edge may be a longer answer cut short: it wins only where every one does
+        uncut = [i for i, (offset, end, constraint) in enumerate(spans)
+                 if constraint.lies_inside(offset > ranges[0][0], end < ranges[-1][1])]
+        best = max(uncut or range(len(spans)), key=lambda i: spans[i][2].score())
         offset, _, constraint = spans[best]
         text = context[slice(*(offset + at for at in constraint.span()))]
         start = context.find(text)  # its first occurrence in the whole context, whichever window found it
         return Answer(text, start, start + len(text), len(results[best].token_ids), constraint.score(),
                       (time.perf_counter() - started) * 1000)
 
-    def answer_windows(self, context: str, question: str, style: str = ADAPTER_STYLE) -> list[tuple[int, int]]:
+    def answer_windows(self, context: str, question: str, style: str = ADAPTER_STYLE, template: str | None = None
+                       ) -> list[tuple[int, int]]:
         """The character ranges of ``context`` answered apart: [(0, len(context))] when its prompt in ``style`` fits
         (``max_prompt``), else windows of its tokens whose prompts do (``windows.windows``), neighbours sharing
-        ``settings.window_stride(room)`` tokens. Raises InputTooLong when the question leaves no more room per window
+        ``settings.window_stride(room)`` tokens; a chat style's prompt rendered with ``template`` (an adapter's, else
+        the tokenizer's). Raises InputTooLong when the question leaves no more room per window
         than the stride, or the context needs more windows than ``max_answer_windows`` or ``max_queue``."""
-        if len(answer_ids(self.tokenizer, style, context, question)) <= self.max_prompt:
+        if len(answer_ids(self.tokenizer, style, context, question, template)) <= self.max_prompt:
             return [(0, len(context))]
-        room = self.max_prompt - len(self.bounded(answer_ids(self.tokenizer, style, "", question))) - WINDOW_SLACK
+        room = self.max_prompt - len(self.bounded(answer_ids(self.tokenizer, style, "", question, template))) - \
+            WINDOW_SLACK
         offsets = self.tokenizer(context, add_special_tokens=False, split_special_tokens=True,
                                  return_offsets_mapping=True)["offset_mapping"]
         # the windows queue together, all or none (Engine.submit_together): more than the queue holds never would
@@ -231,7 +247,7 @@ class Tasks:
         (uncalibrated), and the weights that scored them; raises as ``nli``."""
         if labels not in self.label_tokens:
             self.label_tokens[labels] = self.first_tokens(labels)
-        prompt = self.bounded(nli_ids(self.tokenizer, style, premise, hypothesis, labels))
+        prompt = self.bounded(nli_ids(self.tokenizer, style, premise, hypothesis, labels, self.chat_template(adapter)))
         return await self.outcome(Scoring(prompt, adapter, self.label_tokens[labels], logprobs=True))
 
     async def classify(self, premise: str, hypothesis: str, adapter: str | None,
@@ -242,7 +258,7 @@ class Tasks:
         set), all with the same weights (``Engine.submit_together``). Raises ValueError for labels ``labels.label_ids``
         refuses, InputTooLong for labels that need more scoring requests than the queue holds, and as ``nli``."""
         sequences = label_ids(self.tokenizer, labels)
-        prompt = self.bounded(nli_ids(self.tokenizer, style, premise, hypothesis, labels))
+        prompt = self.bounded(nli_ids(self.tokenizer, style, premise, hypothesis, labels, self.chat_template(adapter)))
         candidates = prefix_candidates(sequences)
         if len(candidates) > self.settings.max_queue:  # they queue together, all or none: they would never fit
             raise InputTooLong(f"these labels need {len(candidates)} scoring requests; this server queues at most "

@@ -132,6 +132,44 @@ def test_the_cards_temperature_applies_in_the_adapter_style_only(client, referen
         assert_close(nli(client, "calibrated_styles", style)["probabilities"], want)
 
 
+OWN_TEMPLATE = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+
+
+def with_template(client, tiny, name: str, template: str) -> str:
+    """Adapter one again, as ``name``, its folder shipping ``template`` as its chat template."""
+    folder = shutil.copytree(tiny.adapters["one"], tiny.extra / name)
+    (folder / "chat_template.jinja").write_text(template)
+    loaded = client.post("/adapters", json={"name": name, "path": str(folder)}, headers=ADMIN)
+    assert loaded.status_code == 201, loaded.text
+    return name
+
+
+def test_the_chat_styles_render_an_adapter_s_own_chat_template_as_its_chat_completions_do(client, reference, tiny):
+    """They took the base tokenizer's, where /v1/chat/completions takes the adapter folder's (review)."""
+    adapter = with_template(client, tiny, "own_template", OWN_TEMPLATE)
+    own = reference.tokenizer.apply_chat_template(answer_messages("zero_shot", CONTEXT, QUESTION), tokenize=False,
+                                                  chat_template=OWN_TEMPLATE, continue_final_message=True)
+    assert own.startswith("[system] ")
+    want = reference.generate("one", own, SERVER_CAP).split("\n", 1)[0].strip()
+    assert answer(client, adapter, "zero_shot", extractive=False)["answer"] == want
+    prompt = reference.tokenizer.apply_chat_template(nli_messages("one_shot", PREMISE, HYPOTHESIS, NLI_LABELS),
+                                                     tokenize=False, chat_template=OWN_TEMPLATE,
+                                                     continue_final_message=True)
+    assert_close(nli(client, adapter, "one_shot")["probabilities"],
+                 label_probabilities(reference, "one", prompt, NLI_LABELS, whole=False))
+
+
+def test_an_adapter_template_that_fails_on_the_style_s_prompt_is_a_422_not_a_prompt_in_another_template(client,
+                                                                                                      tiny):
+    refusing = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system messages') }}"
+                "{% endif %}{{ m['content'] }}{% endfor %}")  # as Gemma's refuses a system message
+    adapter = with_template(client, tiny, "raising_template", refusing)
+    for reply in (answer(client, adapter, "zero_shot", status=422), nli(client, adapter, "one_shot", status=422),
+                  nli(client, adapter, "zero_shot", ["yes", "no"], status=422)):
+        assert "chat template refused" in reply["message"] and "no system messages" in reply["message"], reply
+    assert answer(client, adapter, "adapter")["answer"]
+
+
 def test_a_context_too_long_for_the_one_shot_prompt_is_answered_in_windows_sized_for_it(tiny, reference):
     """With answer_stride 8, a context whose adapter prompt fits in one piece but whose one_shot prompt does not: the
     free answer is a 413 (its prompt is over the limit), the extractive one a span from windows that fit."""
