@@ -156,6 +156,17 @@ class SpanConstraint:
         end = start + len(self.text[start:end].rstrip(WHITESPACE))
         return len(self.text[:start].decode()), len(self.text[:end].decode())
 
+    def lies_inside(self, cut_before: bool, cut_after: bool) -> bool:
+        """Whether the answer (once decoding is done) occurs somewhere in the context that a cut could not have
+        shortened: not at its start (nothing but whitespace before it) when ``cut_before`` (the context is a window
+        cut out of a longer text, which goes on before it), nor at its end when ``cut_after``. An answer running to a
+        cut edge may be the beginning or the end of a longer one the model would have given had it seen the text
+        beyond (``Tasks.answer``). False before any token."""
+        first = len(self.text) - len(self.text.lstrip(WHITESPACE))  # where the context's text begins
+        last = len(self.text.rstrip(WHITESPACE))  # and ends
+        return any(not (cut_before and end - self.length <= first) and not (cut_after and end >= last)
+                   for end in self.ends)
+
 
 def occurrences(text: bytes, piece: bytes) -> Iterable[int]:
     """Every offset where ``piece`` (non-empty) occurs in ``text``, overlapping ones included."""

@@ -5,12 +5,13 @@ second. Answers are kept short so the module stays quick on a CPU.
 """
 from __future__ import annotations
 
+import random
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from service.model.base_model import resolve_base_dir
-from service.settings import Settings
+from service.settings import REPO_ADAPTERS, Settings
 from tests.server_helpers import ADMIN, ADMIN_KEY, SQUAD_CONTEXT, ask, classify, listed, ready_client
 from tests.tiny_models import make_adapter
 
@@ -64,3 +65,27 @@ def test_a_stock_peft_adapter_loads_at_run_time_and_changes_outputs(client, sett
     bare, adapted = classify(client, None)["probabilities"], classify(client, "random")["probabilities"]
     assert max(abs(bare[label] - adapted[label]) for label in bare) > 1e-3
     assert classify(client, None)["probabilities"] == pytest.approx(bare, abs=1e-5)
+
+
+def filler_contexts() -> dict[int, str]:
+    """A review's contexts: the fact after ``at`` random filler words, then 120 - ``at`` more, for ``at`` in 0, 3, ...
+    117 (drawn in that order with seed 1), by ``at``."""
+    words = ["the", "river", "flows", "past", "old", "stone", "walls", "while", "farmers", "tend", "their", "quiet",
+             "fields", "and", "birds", "sing"]
+    draw, contexts = random.Random(1), {}
+    for at in range(0, 120, 3):
+        before, after = (" ".join(draw.choice(words) for _ in range(count)) for count in (at, 120 - at))
+        contexts[at] = f"{before} The capital of Zorblaxia is Quentravel. {after}".strip()
+    return contexts
+
+
+def test_a_span_a_window_cuts_short_does_not_beat_the_whole_one_from_the_next_window(tmp_path):
+    """With 96-token prompts, windows cut the context after " Qu|ent" of " Qu|ent|ravel" at these two places, and
+    that window's "Quent" (mean logprob -0.0123) beat "Quentravel" from the next one (a review)."""
+    settings = Settings(base_model="smollm2", adapters_dir=REPO_ADAPTERS, device="cpu", max_input_tokens=96,
+                        max_answer_windows=64, max_queue=64, auto_merge=False)
+    contexts = filler_contexts()
+    with ready_client(settings) as client:
+        for at in (54, 87):
+            reply = ask(client, "squad", context=contexts[at], question="What is the name of the capital of Zorblaxia?")
+            assert reply["answer"] == "Quentravel", (at, reply)

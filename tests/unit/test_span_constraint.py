@@ -48,6 +48,20 @@ def test_a_repeated_span_is_given_at_its_first_occurrence_and_overlaps_are_follo
     assert state.ends == {5, 9} and state.span() == (2, 5)
 
 
+def test_an_answer_lies_inside_unless_every_occurrence_runs_to_a_cut_edge():
+    """A window cut out of a longer context ends in "caf" (of "café"): an answer running to that edge may be cut short
+    (``Tasks.answer`` prefers one that is not); a cut at the other edge, or none, leaves it whole."""
+    assert not taken("un caf", [b"caf"]).lies_inside(cut_before=False, cut_after=True)
+    assert taken("un caf", [b"caf"]).lies_inside(cut_before=True, cut_after=False)
+    assert taken("un caf  ", [b"caf"]).lies_inside(False, False)
+    assert not taken("un caf  ", [b"caf"]).lies_inside(False, True)  # only whitespace after it: still the edge
+    assert not taken(" ab x", [b"ab"]).lies_inside(True, False)  # only whitespace before it
+    assert taken("ab caf ab x", [b"ab"]).lies_inside(True, True)  # its second occurrence lies inside: "ab" is whole
+    assert not taken("ab caf ab", [b"ab"]).lies_inside(True, True)  # each runs to an edge
+    assert taken("ab caf", [b"caf"]).lies_inside(True, False) and not taken("ab caf", [b"caf"]).lies_inside(True, True)
+    assert not constraint("un caf").lies_inside(False, False)  # no answer yet
+
+
 def test_the_first_token_matches_without_its_leading_whitespace_and_trailing_whitespace_is_dropped():
     assert PIECES.index(b" au") in constraint("au lait").allowed().tolist()
     state = taken("au lait", [b" au", b" "])
