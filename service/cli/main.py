@@ -109,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
 
             serve(settings)
         else:
+            if getattr(args, "quantize", Settings().quantize) == "none":  # full precision: bitsandbytes never runs
+                server_process.without_bitsandbytes()
             args.run(args)
     except (UsageError, AdapterError, FileNotFoundError, ValidationError, UnsafeEnvironment) as exc:  # cannot be done
         parser.exit(2, f"loraswap {args.command}: error: {reason(exc)}\n")

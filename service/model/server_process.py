@@ -2,7 +2,8 @@
 (``malloc.restart_without_tcache``), and no bitsandbytes when the base is full precision. Light: the CLI imports it.
 
 peft imports bitsandbytes whenever it is installed (and bitsandbytes networkx): 44 MiB of resident memory that a
-full-precision base never uses.
+full-precision base never uses, and on a CPU a warning that its 4-bit kernels need the package ``kernels``. The other
+commands of a full-precision base (``train``, ``eval``, ``bench``...) go without it too (``service.cli.main``).
 """
 from __future__ import annotations
 

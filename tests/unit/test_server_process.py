@@ -70,3 +70,13 @@ def test_a_full_precision_server_keeps_peft_from_importing_bitsandbytes(quantize
             f"p.prepare({quantize!r}); import peft; print(sys.modules.get('bitsandbytes') is None)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == str(absent)
+
+
+@pytest.mark.parametrize(("flags", "called"), [([], True), (["--quantize", "nf4"], False)])
+def test_the_other_commands_of_a_full_precision_base_go_without_bitsandbytes(monkeypatch, tmp_path, flags, called):
+    """Each command but serve imported it through peft, and printed its warning on the CPU (a review)."""
+    calls = []
+    monkeypatch.setattr(cli_main.server_process, "without_bitsandbytes", lambda: calls.append(True))
+    with pytest.raises(SystemExit) as exited:  # no such base: a usage error once the command runs
+        cli_main.main(["eval", "--task", "nli", "--adapter", "none", "--base-model", str(tmp_path / "none"), *flags])
+    assert exited.value.code == 2 and bool(calls) == called
