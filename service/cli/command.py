@@ -21,8 +21,8 @@ class Command:
     """A subcommand of ``loraswap``, declared by its package in the ``loraswap.commands`` entry-point group of
     ``pyproject.toml`` (the entry point's name is the subcommand's). ``add_arguments`` must stay light; ``run``
     imports what the command needs when it is called. ``run`` raises UsageError, AdapterError, FileNotFoundError,
-    UnsafeEnvironment or pydantic's ValidationError for what the user asked that cannot be done (a usage error, exit
-    status 2)."""
+    UnsafeEnvironment, TemplateRefused (an adapter's chat template refuses a prompt style's prompt) or pydantic's
+    ValidationError for what the user asked that cannot be done (a usage error, exit status 2)."""
 
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]

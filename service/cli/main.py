@@ -17,7 +17,7 @@ from pydantic_settings import SettingsError
 
 from service.cli.command import Command, UsageError, device
 from service.cli.settings_options import add_settings_arguments, settings_from
-from service.errors import AdapterError, UnsafeEnvironment
+from service.errors import AdapterError, TemplateRefused, UnsafeEnvironment
 from service.model import server_process
 from service.settings import Settings
 
@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(args, "quantize", Settings().quantize) == "none":  # full precision: bitsandbytes never runs
                 server_process.without_bitsandbytes()
             args.run(args)
-    except (UsageError, AdapterError, FileNotFoundError, ValidationError, UnsafeEnvironment) as exc:  # cannot be done
+    except (UsageError, AdapterError, FileNotFoundError, ValidationError, UnsafeEnvironment,
+            TemplateRefused) as exc:  # cannot be done
         parser.exit(2, f"loraswap {args.command}: error: {reason(exc)}\n")
     except KeyboardInterrupt:  # Ctrl-C: the shell's status for SIGINT (128 + 2), not a traceback
         parser.exit(130, f"loraswap {args.command}: interrupted\n")

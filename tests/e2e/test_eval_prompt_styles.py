@@ -4,6 +4,7 @@ usage error."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -41,3 +42,19 @@ def test_an_unknown_prompt_style_is_a_usage_error(tiny_llama_dir, tmp_path, caps
               "few_shot"])
     assert exit_.value.code == 2
     assert "--prompt-style: invalid choice: 'few_shot'" in capsys.readouterr().err
+
+
+def test_an_adapter_whose_own_template_refuses_the_style_s_prompt_is_a_usage_error(tiny_llama_dir, llama_adapters,
+                                                                                   tmp_path, capsys):
+    """The chat styles render the adapter's own chat template (as the server does); one that refuses a system message
+    makes the eval a usage error in one line, not a traceback."""
+    folder = shutil.copytree(llama_adapters["one"], tmp_path / "adapters" / "refusing")
+    (folder / "chat_template.jinja").write_text("{% for m in messages %}{% if m['role'] == 'system' %}"
+                                                "{{ raise_exception('no system messages') }}{% endif %}"
+                                                "{{ m['content'] }}{% endfor %}")
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", "--task", "nli", "--adapter", str(folder), "--base-model", str(tiny_llama_dir), "--adapters-dir",
+              str(tmp_path / "adapters"), "--device", "cpu", "--data", str(nli_file(tmp_path / "mnli.jsonl")),
+              "--prompt-style", "zero_shot"])
+    assert exit_.value.code == 2
+    assert "no system messages" in capsys.readouterr().err.strip().splitlines()[-1]
