@@ -64,7 +64,10 @@ def test_sigterm_under_load_answers_every_request_it_took(tiny_llama_dir, llama_
             with ThreadPoolExecutor(CLIENTS) as pool:
                 for first in range(CLIENTS):
                     pool.submit(client, url, first, answers, outcomes, stop)
-                time.sleep(3)
+                served_some = time.monotonic() + 60  # a slow host may take seconds over the first batches
+                while not any(outcome == "right" for *_, outcome in outcomes) and time.monotonic() < served_some:
+                    time.sleep(0.1)
+                time.sleep(1)
                 process.send_signal(signal.SIGTERM)
                 signalled = time.monotonic()
                 assert process.wait(timeout=60) == 0
