@@ -6,7 +6,8 @@ from functools import lru_cache
 from fastapi import HTTPException
 from transformers import PreTrainedTokenizerBase
 
-from service.errors import InputTooLong
+from service.errors import InputTooLong, TemplateRefused
+from service.tasks.prompt_styles import rendered
 
 
 def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], template: str | None,
@@ -20,7 +21,8 @@ def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str
     Raises InputTooLong, before rendering, when the messages hold more characters than ``max_tokens`` tokens can
     (``longest_token``: a message's text is encoded as ordinary text); HTTPException 422 when there is no template,
     when the template refuses the messages (its ``raise_exception``: roles out of order, a system message where it
-    takes none) or fails on them (anything its code raises: the template is the adapter's), or renders no tokens."""
+    takes none) or fails on them (anything its code raises: the template is the adapter's), renders no tokens, or
+    leaves out a user message's text (``prompt_styles.rendered``)."""
     if template is None and tokenizer.chat_template is None:
         raise HTTPException(422, "this model has no chat template, and the adapter's folder ships none; send the "
                             "prompt as text to /v1/completions")
@@ -29,13 +31,9 @@ def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str
         raise InputTooLong(f"the messages have {characters} characters: more than {max_tokens} tokens (at most "
                            f"{most} characters) can hold; at most {max_tokens} are accepted")
     try:
-        ids = tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True,
-                                            tokenize=True, return_dict=False, sanitize_control_tokens=True)
-    except Exception as exc:  # the template's own code failed: TemplateError, "Range too big", anything
-        raise HTTPException(422, f"the chat template refused the messages: {type(exc).__name__}: {exc}") from None
-    if not ids:
-        raise HTTPException(422, "the chat template rendered the messages as no tokens at all")
-    return ids
+        return rendered(tokenizer, messages, template, add_generation_prompt=True)
+    except TemplateRefused as exc:
+        raise HTTPException(422, str(exc)) from None
 
 
 @lru_cache(maxsize=8)

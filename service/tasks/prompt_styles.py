@@ -129,13 +129,33 @@ def chat_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]],
              ) -> list[int]:
     """The token ids of ``messages`` rendered with ``template`` (an adapter's), else the tokenizer's chat template, the
     last (the assistant's reply, begun) left open for the model to continue (``continue_final_message``); text in them
-    that spells a control token stays text. There must be a template (``require_template``); TemplateRefused when it
-    refuses or fails to render them (anything its code raises: an adapter's template is the adapter's code)."""
+    that spells a control token stays text. There must be a template (``require_template``); raises TemplateRefused
+    as ``rendered``."""
+    return rendered(tokenizer, messages, template, continue_final_message=True)
+
+
+def rendered(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], template: str | None,
+             **flags: bool) -> list[int]:
+    """``apply_chat_template``'s token ids of ``messages`` with ``template`` (None: the tokenizer's) and ``flags``
+    (``add_generation_prompt`` or ``continue_final_message``), text that spells a control token kept as text
+    (``sanitize_control_tokens``). TemplateRefused when the template refuses or fails to render them (anything its
+    code raises: an adapter's template is the adapter's code), renders no tokens, or leaves out a user message's
+    text (a template that renders none of it, or one ``continue_final_message`` cuts before the reply: the model would
+    answer what it was never asked)."""
     try:
-        return tokenizer.apply_chat_template(messages, chat_template=template, continue_final_message=True,
-                                             tokenize=True, return_dict=False, sanitize_control_tokens=True)
+        text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, **flags)
+        ids = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=True, return_dict=False,
+                                            sanitize_control_tokens=True, **flags)
     except Exception as exc:  # the template's own code failed: TemplateError, "Range too big", anything
-        raise TemplateRefused(f"the chat template refused the prompt: {type(exc).__name__}: {exc}") from None
+        raise TemplateRefused(f"the chat template refused the messages: {type(exc).__name__}: {exc}") from None
+    if not ids:
+        raise TemplateRefused("the chat template rendered the messages as no tokens at all")
+    left_out = [at for at, message in enumerate(messages)
+                if message["role"] == "user" and message["content"].strip() not in text]
+    if left_out:
+        raise TemplateRefused(f"the chat template left out the text of message {left_out[0]} (a user's): the model "
+                              "would not be asked it")
+    return ids
 
 
 def answer_ids(tokenizer: PreTrainedTokenizerBase, style: str, context: str, question: str,

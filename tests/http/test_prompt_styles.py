@@ -159,6 +159,17 @@ def test_the_chat_styles_render_an_adapter_s_own_chat_template_as_its_chat_compl
                  label_probabilities(reference, "one", prompt, NLI_LABELS, whole=False))
 
 
+@pytest.mark.parametrize("template", [
+    # the reply begun comes first: continue_final_message cut the prompt to it, a 200 without the context (a review)
+    "{% for m in messages|reverse %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}",
+    "{% for m in messages %}{% if m.role != 'user' %}{{ m.content }}{% endif %}{% endfor %}"])
+def test_a_style_s_prompt_that_an_adapter_template_leaves_the_question_out_of_is_a_422(client, tiny, template):
+    adapter = with_template(client, tiny, f"leaves_out_{len(template)}", template)
+    for reply in (answer(client, adapter, "zero_shot", status=422), nli(client, adapter, "one_shot", status=422),
+                  nli(client, adapter, "zero_shot", ["yes", "no"], status=422)):
+        assert "left out" in reply["message"], reply
+
+
 def test_an_adapter_template_that_fails_on_the_style_s_prompt_is_a_422_not_a_prompt_in_another_template(client,
                                                                                                       tiny):
     refusing = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system messages') }}"
