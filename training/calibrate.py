@@ -31,33 +31,57 @@ FIT_FILE = "nli/mnli.jsonl.gz"  # the fit takes the held-out rows of this traini
 LOG_T_RANGE = (math.log(0.05), math.log(20.0))  # where the fitted temperature is looked for
 
 
+def card_of(folder: Path) -> dict:
+    """The ``card.json`` of the adapter ``folder``: FileNotFoundError without one, UsageError for one that is not a
+    JSON object."""
+    try:
+        card = json.loads((folder / CARD_FILE).read_text())
+    except ValueError as exc:  # not UTF-8, not JSON
+        raise UsageError(f"{folder / CARD_FILE} cannot be read: {exc}") from None
+    if not isinstance(card, dict):
+        raise UsageError(f"{folder / CARD_FILE} is not a JSON object")
+    return card
+
+
+def split_of(card: dict) -> tuple[int, int, int]:
+    """The rows ``loraswap train`` had, held out and shuffled with: the card's ``examples.available``,
+    ``examples.validation`` and ``hyperparameters.seed``. UsageError for a card that is not an nli adapter's, or
+    does not hold them as whole numbers (validation at most available), or whose adapter dropped rows (its
+    validation count is then not the number held out)."""
+    if card.get("task") != "nli":
+        raise UsageError(f"the adapter was trained for {card.get('task')!r}: only an nli adapter's labels calibrate")
+    examples, hyperparameters = card.get("examples"), card.get("hyperparameters")
+    if not isinstance(examples, dict) or not isinstance(hyperparameters, dict):
+        raise UsageError("the adapter's card does not say how loraswap train split its rows")
+    split = examples.get("available"), examples.get("validation"), hyperparameters.get("seed")
+    if not all(type(value) is int and value >= 0 for value in split) or split[1] > split[0]:
+        raise UsageError("the adapter's card does not say how loraswap train split its rows: examples.available, "
+                         f"examples.validation (at most available) and hyperparameters.seed are {split}")
+    if examples.get("dropped_too_long_or_bad_label"):
+        raise UsageError("the card's adapter dropped rows, so its validation count is not the number held out")
+    return split
+
+
 def held_out_rows(card: dict, root: Path) -> list[dict]:
     """The rows of ``FIT_FILE`` (its MNLI train and dev_mismatched splits) that ``loraswap train`` held out for
     validation when it made the adapter of ``card``: its ``split_rows`` again, with the card's seed and validation
-    count over the task's training files read in the same order, less any pair (premise and hypothesis) that also
-    occurs among the rows trained on. Raises UsageError when the card is not an NLI adapter's from ``loraswap
-    train``, when it cannot say which rows were held out (rows were dropped, or the data holds another number of rows
-    than the card's), and when no MNLI pair was held out (trained with ``--eval-examples 0``): nothing to fit on."""
+    count (``split_of``) over the task's training files read in the same order, less any pair (premise and
+    hypothesis) that also occurs among the rows trained on. Raises UsageError as ``split_of``, when the data holds
+    another number of rows than the card's (the held-out rows cannot be told), and when no MNLI pair was held out
+    (trained with ``--eval-examples 0``): nothing to fit on."""
     from training.train import split_rows  # imports the Trainer: only when needed
 
-    try:
-        examples, seed = card["examples"], card["hyperparameters"]["seed"]
-    except (KeyError, TypeError):
-        raise UsageError("the adapter's card does not say how loraswap train split its rows") from None
-    if card.get("task") != "nli":
-        raise UsageError(f"the adapter was trained for {card.get('task')!r}: only an nli adapter's labels calibrate")
-    if examples.get("dropped_too_long_or_bad_label"):
-        raise UsageError("the card's adapter dropped rows, so its validation count is not the number held out")
+    available, validation, seed = split_of(card)
     rows = [{**row, "file": name} for name, splits in TASK_TRAIN_FILES["nli"] for row in read_nli(root / name, splits)]
-    if len(rows) != examples.get("available"):
+    if len(rows) != available:
         raise UsageError(f"{root} holds {len(rows)} training rows, the card's adapter was trained from "
-                         f"{examples.get('available')}: its held-out rows cannot be told")
-    trained, held = split_rows(rows, examples["validation"], seed)
+                         f"{available}: its held-out rows cannot be told")
+    trained, held = split_rows(rows, validation, seed)
     seen = {(row["premise"], row["hypothesis"]) for row in trained}
     fit = [row for row in held if row["file"] == FIT_FILE and (row["premise"], row["hypothesis"]) not in seen]
     if not fit:
-        raise UsageError(f"loraswap train held out no {FIT_FILE} pair it did not train on ({examples['validation']} "
-                         "validation rows in all): there is nothing to fit the temperature on")
+        raise UsageError(f"loraswap train held out no {FIT_FILE} pair it did not train on ({validation} validation "
+                         "rows in all): there is nothing to fit the temperature on")
     return fit
 
 
@@ -182,16 +206,27 @@ def scores_of(args: argparse.Namespace, folder: Path, row_sets: list[list[dict]]
     return (*logits, f"{name}, {rt.registry.dtype}")
 
 
+def adapter_folder(args: argparse.Namespace) -> Path:
+    """The folder ``--adapter`` names: a folder, else the one of that name in ``--adapters-dir``;
+    FileNotFoundError when it names neither."""
+    for folder in (args.adapter, args.adapters_dir / args.adapter):
+        if folder.is_dir():
+            return folder
+    raise FileNotFoundError(f"no adapter folder {args.adapter}, nor {args.adapters_dir / args.adapter}")
+
+
 def run(args: argparse.Namespace) -> dict:
     """``loraswap calibrate``: fit T on the adapter's held-out MNLI training pairs, measure dev_matched before and
     after, print the report; ``--write-card`` stores T in the card, ``--diagram`` draws the reliability diagram,
     ``--json`` writes the report with the reliability bins and every row's scores (uncalibrated) and gold label.
-    Raises FileNotFoundError for an adapter folder without a card or absent data, UsageError when its held-out rows
-    cannot be told or there are none (``held_out_rows``), AdapterError for an adapter the base cannot serve."""
-    folder, root = Path(args.adapter), Path(args.data_dir) if args.data_dir else data_dir()
-    card = json.loads((folder / CARD_FILE).read_text())
-    seed = card["hyperparameters"]["seed"]
+    Raises FileNotFoundError for an adapter folder without a card or absent data, UsageError for a card that is not
+    JSON, when its held-out rows cannot be told or there are none (``held_out_rows``), and, with ``--write-card``,
+    for a temperature at the search's lower bound (``fitted``; the report is printed first), AdapterError for an adapter
+    the base cannot serve."""
+    folder, root = adapter_folder(args), Path(args.data_dir) if args.data_dir else data_dir()
+    card = card_of(folder)
     fit_rows, dev_rows = held_out_rows(card, root), read_eval("nli", root / "nli/mnli.jsonl.gz")
+    seed = card["hyperparameters"]["seed"]
     fit_logits, dev_logits, device = scores_of(args, folder, [fit_rows, dev_rows])
     fit_gold, dev_gold = gold_labels(fit_rows), gold_labels(dev_rows)
     temperature = fit_temperature(fit_logits, fit_gold)
@@ -201,9 +236,6 @@ def run(args: argparse.Namespace) -> dict:
     report = {"adapter": str(folder), "temperature": temperature, "fit": fit,
               "mnli_dev_matched": {when: {k: v for k, v in s.items() if k != "bins"} for when, s in dev.items()}}
     print(json.dumps(report, indent=2))
-    if args.write_card:
-        card[CALIBRATION_FIELD] = calibration_field(temperature, fit, dev, seed, device, args)
-        (folder / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
     if args.diagram:
         reliability_diagram(args.diagram, {"uncalibrated (T = 1)": dev["before"],
                                            f"calibrated (T = {temperature:.3f})": dev["after"]},
@@ -213,4 +245,18 @@ def run(args: argparse.Namespace) -> dict:
                   "mnli_dev_matched": dev_logits.tolist(), "mnli_dev_matched_gold": dev_gold.tolist()}
         args.json.write_text(json.dumps({**report, "bins": {k: s["bins"] for k, s in dev.items()},
                                          "scores": scores}, indent=1))
+    if args.write_card:
+        fitted(temperature, len(fit_rows))
+        card[CALIBRATION_FIELD] = calibration_field(temperature, fit, dev, seed, device, args)
+        (folder / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
     return report
+
+
+def fitted(temperature: float, count: int) -> None:
+    """UsageError when ``temperature`` lies at the lower bound of ``LOG_T_RANGE`` (within 0.1 %): the ``count``
+    held-out pairs are told apart so easily (too few of them, as a card of 5 validation rows gave 2) that the NLL only
+    falls as T does, and the card would make every label probability near 0 or 1 (a review: dev_matched ECE 25 to 61
+    percent). At the upper bound T says the scores carry nothing: the probabilities become uniform, which is kept."""
+    if math.log(temperature) < LOG_T_RANGE[0] + 1e-3:
+        raise UsageError(f"the fitted temperature {temperature:.4g} lies at the lower bound of the search: the {count} "
+                         "held-out pairs are told apart too easily to fit one; the card is left as it was")

@@ -138,8 +138,9 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
 def add_calibrate_options(parser: argparse.ArgumentParser) -> None:
     """The options of ``loraswap calibrate``: the adapter, the data, what to write, and the engine's setup."""
     parser.add_argument("--adapter", required=True, type=Path,
-                        help="an NLI adapter folder with the card.json loraswap train wrote (its seed and validation "
-                        "count tell which training rows were held out; no default)")
+                        help="an NLI adapter folder, or the name of one in --adapters-dir, with the card.json "
+                        "loraswap train wrote (its seed and validation count tell which training rows were held out; "
+                        "no default)")
     parser.add_argument("--data-dir", type=Path, help="the data folder (default: $LORASWAP_DATA_DIR, else shared/data "
                         "beside the repository)")
     parser.add_argument("--write-card", action="store_true",

@@ -72,6 +72,23 @@ def test_calibrate_writes_the_temperature_the_server_then_applies(tiny_llama_dir
     assert served["accuracy"] == pytest.approx(report["mnli_dev_matched"]["before"]["accuracy"])
 
 
+def test_an_adapter_is_named_in_the_adapters_folder_and_a_card_that_is_not_json_is_a_usage_error(
+        tiny_llama_dir, llama_adapters, tmp_path, capsys):
+    """``--adapters-dir``'s help said ``--adapter NAME`` is looked up there; it was not (a review)."""
+    data = data_folder(tmp_path / "data")
+    card = {"examples": {"train": 30, "validation": 21, "dropped_too_long_or_bad_label": 0, "available": 51},
+            "hyperparameters": {"seed": 0}, "task": "nli"}
+    adapter = carded(llama_adapters["one"], tmp_path / "adapters" / "one", card)
+    report = tmp_path / "report.json"
+    run("calibrate", "--adapter", "one", "--adapters-dir", str(tmp_path / "adapters"), "--data-dir", str(data),
+        "--base-model", str(tiny_llama_dir), "--json", str(report))
+    assert json.loads(report.read_text())["adapter"] == str(adapter)
+    (adapter / CARD_FILE).write_text("{not json")
+    with pytest.raises(SystemExit) as exited:
+        run("calibrate", "--adapter", str(adapter), "--data-dir", str(data), "--base-model", str(tiny_llama_dir))
+    assert exited.value.code == 2 and "card.json cannot be read" in capsys.readouterr().err
+
+
 def test_an_adapter_with_no_held_out_pairs_is_a_usage_error_not_a_traceback(tiny_llama_dir, llama_adapters,
                                                                              tmp_path, capsys):
     """Trained with ``--eval-examples 0``, an adapter has no pairs to fit on: exit status 2 and one line."""
