@@ -133,6 +133,9 @@ class Runtime:
         self.engine: Engine | None = None
         self.tasks: Tasks | None = None
         self.chat_templates: dict[str, str | None] = {}  # adapter name -> the chat template its folder ships
+        # an adapter's registration and its template's change together: an unload racing a load of the same name
+        # would otherwise drop the new adapter's template after the load set it
+        self._changing = threading.Lock()
         self.ready = threading.Event()
         self.draining = False
         self.start_failure: str | None = None
@@ -201,8 +204,9 @@ class Runtime:
         cannot serve) with the chat template its folder ships, read first: an unreadable one refuses the adapter."""
         check_name(name)  # the registry's checks, in its order, before the folder is read
         template = read_chat_template(check_path(path, self.roots))
-        info, seconds = self.registry.register(name, path)
-        self.chat_templates[name] = template
+        with self._changing:
+            info, seconds = self.registry.register(name, path)
+            self.chat_templates[name] = template
         metrics.ADAPTER_LOAD.observe(seconds)
         return info
 
@@ -218,12 +222,13 @@ class Runtime:
         adapter can have (``check_name``: not a plain identifier, or a name of the bare base in any case), as
         registering it does; UnknownAdapter for an unknown name."""
         check_name(name)
-        try:
-            forgotten = self.registry.unregister(name)
-        except AdapterMerged:
-            forgotten = self.engine.call(lambda: self._unmerge_and_unregister(name)).result()
+        with self._changing:
+            try:
+                forgotten = self.registry.unregister(name)
+            except AdapterMerged:
+                forgotten = self.engine.call(lambda: self._unmerge_and_unregister(name)).result()
+            self.chat_templates.pop(name, None)
         self.engine.purge_prefixes(forgotten)
-        self.chat_templates.pop(name, None)
         metrics.forget_adapter(name, self.registry.names)
 
     def _unmerge_and_unregister(self, name: str) -> AdapterWeights:

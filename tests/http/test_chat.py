@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 
 import openai
 import pytest
@@ -352,3 +353,25 @@ def test_an_adapter_whose_template_is_too_large_is_not_registered(client, served
     refused = client.post("/adapters", json={"name": "huge", "path": str(folder)}, headers=ADMIN)
     assert refused.status_code == 422 and "chat_template.jinja has" in error_message(refused)
     assert client.get("/v1/models").json() == before
+
+
+def test_an_unload_racing_a_load_of_the_same_name_leaves_the_new_adapter_its_template(client, served, monkeypatch):
+    """The unload took the name's template away after unregistering it: a load of the name in between (a review's
+    reading of the code) registered, set its template, and lost it, its chat then rendered by the base's."""
+    runtime, folder = client.app.state.runtime, served[1] / "styled"
+    runtime.load_adapter("racing", folder)
+    unregister, loads = runtime.registry.unregister, []
+
+    def load_in_the_gap(name):
+        forgotten = unregister(name)
+        loads.append(threading.Thread(target=runtime.load_adapter, args=(name, folder)))
+        loads[0].start()
+        loads[0].join(timeout=1)  # with the unload's lock held, the load waits for it (a second, then goes on)
+        return forgotten
+
+    monkeypatch.setattr(runtime.registry, "unregister", load_in_the_gap)
+    runtime.unload_adapter("racing")
+    loads[0].join(timeout=30)
+    assert "racing" in runtime.registry.names() and runtime.chat_template("racing") == STYLED
+    monkeypatch.undo()
+    runtime.unload_adapter("racing")
