@@ -55,7 +55,8 @@ def add_bench_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--registered", type=nonnegative(int), default=1000,
                         help="adapters registered for the memory check (0 skips it)")
     parser.add_argument("--prefill-chunk", type=nonnegative(int), default=Settings().prefill_chunk,
-                        help="the engine's --prefill-chunk (0: whole prompts)")
+                        help="the engine's --prefill-chunk (0: whole prompts; unset: the engine's default, 512 on the "
+                        "CPU and 0 on a GPU)")
     parser.add_argument("--cache-dir", type=Path, default=Settings().cache_dir,
                         help="where the converted base model is cached ($LORASWAP_CACHE_DIR sets the default)")
     parser.add_argument("--json", type=Path, help="write the results here (default: printed only)")

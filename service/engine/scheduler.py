@@ -53,7 +53,14 @@ from service.errors import (
 )
 from service.lora.adapter_files import BASE_LABEL, AdapterWeights
 from service.lora.registry import AdapterRegistry
-from service.settings import CPU_BATCH_WINDOW_MS, CPU_DRAFT_TOKENS, CPU_PREFILL_TOKENS, GPU_BATCH_WINDOW_MS, Settings
+from service.settings import (
+    CPU_BATCH_WINDOW_MS,
+    CPU_DRAFT_TOKENS,
+    CPU_PREFILL_CHUNK,
+    CPU_PREFILL_TOKENS,
+    GPU_BATCH_WINDOW_MS,
+    Settings,
+)
 
 log = logging.getLogger(__name__)
 REST_AFTER_S = 0.5  # seconds without work before the engine gives the last batches' memory back (Engine._rest)
@@ -106,8 +113,9 @@ class Engine:
         self.endings = Endings(model, tokenizer)
         use_packed_gqa_attention(model)
         use_in_place_mlp(model)
-        self.prefill_chunk = settings.prefill_chunk
-        cpu = self.device.type == "cpu"  # unset, these two take the device's defaults (service.settings)
+        cpu = self.device.type == "cpu"  # unset, these take the device's defaults (service.settings)
+        self.prefill_chunk = settings.prefill_chunk if settings.prefill_chunk is not None else (
+            CPU_PREFILL_CHUNK if cpu else 0)
         self.prefill_tokens = settings.max_prefill_tokens or (CPU_PREFILL_TOKENS if cpu else math.inf)
         self.batch_window_ms = settings.batch_window_ms if settings.batch_window_ms is not None else (
             CPU_BATCH_WINDOW_MS if cpu else GPU_BATCH_WINDOW_MS)
