@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from service import strict_json
 from service.cli.command import UsageError
 from service.lora.card import CALIBRATION_FIELD, CARD_FILE
 from service.runtime import Runtime
@@ -32,11 +33,11 @@ LOG_T_RANGE = (math.log(0.05), math.log(20.0))  # where the fitted temperature i
 
 
 def card_of(folder: Path) -> dict:
-    """The ``card.json`` of the adapter ``folder``: FileNotFoundError without one, UsageError for one that is not a
-    JSON object."""
+    """The ``card.json`` of the adapter ``folder``, read as the server reads it (``strict_json``): FileNotFoundError
+    without one, UsageError for one that is not a JSON object or names a key twice in one."""
     try:
-        card = json.loads((folder / CARD_FILE).read_text())
-    except ValueError as exc:  # not UTF-8, not JSON
+        card = strict_json.loads((folder / CARD_FILE).read_text())
+    except ValueError as exc:  # not UTF-8, not JSON, a key named twice (RepeatedKey)
         raise UsageError(f"{folder / CARD_FILE} cannot be read: {exc}") from None
     if not isinstance(card, dict):
         raise UsageError(f"{folder / CARD_FILE} is not a JSON object")

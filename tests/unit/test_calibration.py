@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from service.cli.command import UsageError
-from training.calibrate import FIT_FILE, fit_temperature, fitted, held_out_rows, nll
+from training.calibrate import FIT_FILE, card_of, fit_temperature, fitted, held_out_rows, nll
 from training.train import split_rows
 
 
@@ -67,3 +67,13 @@ def test_a_temperature_at_the_lower_bound_is_not_written_and_one_inside_or_at_th
         fitted(fit_temperature(torch.tensor([[5.0, 0.0], [0.0, 5.0]], dtype=torch.float64), torch.tensor([0, 1])), 2)
     fitted(2.5, 100)
     fitted(20.0, 100)
+
+
+def test_a_card_is_read_as_the_server_reads_it(tmp_path):
+    """A key named twice refuses the adapter in the server (``strict_json``); calibrate read the last value and
+    --write-card wrote the card back without the other."""
+    (tmp_path / "card.json").write_text('{"task": "rte", "task": "nli"}')
+    with pytest.raises(UsageError, match="appears 2 times"):
+        card_of(tmp_path)
+    (tmp_path / "card.json").write_text('{"task": "nli"}')
+    assert card_of(tmp_path) == {"task": "nli"}
