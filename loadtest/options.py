@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from service.cli.command import Command, bounded, comma_list, device, nonnegative, positive
+from service.cli.command import Command, bounded, comma_list, device, nonnegative, output_file, positive
 from service.settings import Settings
 
 MOST_BENCH_BATCH, MOST_BENCH_RANK = 4096, 64  # the benchmark engine's max_queue and max_rank (bench.Bench)
@@ -59,7 +59,7 @@ def add_bench_options(parser: argparse.ArgumentParser) -> None:
                         "CPU and 0 on a GPU)")
     parser.add_argument("--cache-dir", type=Path, default=Settings().cache_dir,
                         help="where the converted base model is cached ($LORASWAP_CACHE_DIR sets the default)")
-    parser.add_argument("--json", type=Path, help="write the results here (default: printed only)")
+    parser.add_argument("--json", type=output_file, help="write the results here (default: printed only)")
 
 
 def run_bench(args: argparse.Namespace) -> None:

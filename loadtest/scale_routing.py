@@ -30,6 +30,7 @@ from locust import User, constant, task
 from loadtest.checked.options import nli_source
 from loadtest.checked.run import LoadConfig, run_load
 from loadtest.checked.server_view import Samples, increase, scrape
+from service.cli.command import output_file
 from service.scale.replica_metrics import REPLICA_LABEL
 from service.scale.routing import REPLICA_HEADER
 from training.data import TASK_EVAL_FILES, data_dir
@@ -138,7 +139,7 @@ def table(results: dict[str, dict]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--json", type=Path, required=True, help="write both runs' figures here")
+    parser.add_argument("--json", type=output_file, required=True, help="write both runs' figures here")
     parser.add_argument("--base-model", default="smollm2", help="the replicas' base model")
     parser.add_argument("--replicas", type=int, default=2, help="loraswap replicas (each reserves one CPU of Ray's)")
     parser.add_argument("--max-resident", type=int, default=4, help="device slots of each replica")

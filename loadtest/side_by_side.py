@@ -29,7 +29,7 @@ from loadtest.endpoints import KINDS, endpoint
 from loadtest.process_memory import ServerMemory
 from loadtest.side_by_side_report import markdown, score, summarize
 from loadtest.workload import MODES, Item, workload, workloads
-from service.cli.command import Command, comma_list, nonnegative, positive
+from service.cli.command import Command, comma_list, nonnegative, output_file, positive
 from training.data import data_dir
 
 TIMEOUT_S = 600.0  # per request: a 2-core machine under load answers slowly, but it answers
@@ -183,8 +183,9 @@ def add_side_by_side_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-prompt", action="store_true",
                         help="let llama.cpp reuse a slot's cached prompt (default: off, cache_prompt false)")
     parser.add_argument("--data", type=Path, default=data_dir(), help="the data folder (SQuAD dev, MNLI)")
-    parser.add_argument("--json", type=Path, help="write the whole report here (default: only its tables, printed)")
-    parser.add_argument("--markdown", type=Path, help="write the tables here (default: printed only)")
+    parser.add_argument("--json", type=output_file,
+                        help="write the whole report here (default: only its tables, printed)")
+    parser.add_argument("--markdown", type=output_file, help="write the tables here (default: printed only)")
 
 
 def check_names(args: argparse.Namespace) -> str:

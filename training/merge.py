@@ -2,38 +2,53 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 from peft import PeftModel
+from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
-def adapter_dir(name_or_path: str) -> Path:
-    """A folder as given, else the adapter of that name in the configured adapters dir. Raises FileNotFoundError
-    when that folder holds no ``adapter_model.safetensors`` (pickled weights are refused)."""
+def adapter_dir(name_or_path: str, adapters_dir: Path) -> Path:
+    """A folder as given, else the adapter of that name in ``adapters_dir``. Raises FileNotFoundError when that folder
+    holds no ``adapter_model.safetensors`` (pickled weights are refused)."""
     path = Path(name_or_path)
     if not path.is_dir():
-        from service.settings import Settings
-
-        path = Settings().adapters_dir / name_or_path
+        path = adapters_dir / name_or_path
     if not (path / "adapter_model.safetensors").is_file():
         raise FileNotFoundError(f"{name_or_path}: no adapter_model.safetensors there (pickled weights are refused)")
     return path
 
 
+def check_servable(model: nn.Module, adapter: Path) -> None:
+    """AdapterError for an adapter of ``model``'s that the server would refuse (``adapter_files.load_adapter``, at
+    the server's default largest rank): its config (a key named twice, NaN ``lora_alpha``, options the engine does not
+    serve), its weights (shapes, non-finite values) or its card. What ``merge`` writes is then the merged twin of
+    what the server serves."""
+    from service.lora.adapter_files import load_adapter
+    from service.lora.layers import is_lora_target, module_shape
+    from service.settings import Settings
+
+    shapes = {name: module_shape(module) for name, module in model.named_modules() if is_lora_target(name, module)}
+    load_adapter(adapter.name, adapter, shapes, Settings().max_rank, torch.float32,
+                 [name for name, _ in model.named_modules() if name])
+
+
 def merge_adapter(args: argparse.Namespace) -> Path:
     """Write ``base + adapter`` with the LoRA product added into the base weights (in float32), and the base's
     tokenizer, to ``--out``; returns that folder. Raises FileNotFoundError for an adapter folder without
-    safetensors weights or a base that is no model directory."""
+    safetensors weights or a base that is no model directory, AdapterError for an adapter the server would refuse
+    (``check_servable``)."""
+    from service.lora.adapter_files import read_config
     from service.model.base_model import resolve_base_dir
     from service.settings import Settings
 
-    adapter = adapter_dir(args.adapter)
-    base = args.base_model or json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    base_dir = resolve_base_dir(base or "smollm2", Settings().cache_dir)
+    adapter = adapter_dir(args.adapter, args.adapters_dir)
+    named = read_config(adapter, Settings().max_rank).base_model_name_or_path  # AdapterError: a config it refuses
+    base_dir = resolve_base_dir(args.base_model or named or "smollm2", Settings().cache_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)  # merge in full precision
+    check_servable(model, adapter)
     merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     merged.save_pretrained(args.out)
     AutoTokenizer.from_pretrained(base_dir).save_pretrained(args.out)

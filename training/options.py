@@ -10,7 +10,18 @@ import argparse
 import typing
 from pathlib import Path
 
-from service.cli.command import Command, UsageError, bounded, comma_list, device, flag, nonnegative, positive
+from service.cli.command import (
+    Command,
+    UsageError,
+    bounded,
+    comma_list,
+    device,
+    flag,
+    new_folder,
+    nonnegative,
+    output_file,
+    positive,
+)
 from service.engine.strategies import SAMPLING_DEFAULTS, Strategy, unread, unread_reason
 from service.settings import Settings
 from service.tasks.prompt_styles import ADAPTER_STYLE, PROMPT_STYLES
@@ -77,8 +88,10 @@ def add_sweep_options(parser: argparse.ArgumentParser) -> None:
 
 def add_merge_options(parser: argparse.ArgumentParser) -> None:
     """The options of ``loraswap merge``: the adapter, the output folder and the base."""
-    parser.add_argument("--adapter", required=True, help="adapter folder, or the name of one in the adapters dir")
-    parser.add_argument("--out", required=True, type=Path, help="folder for the merged model")
+    parser.add_argument("--adapter", required=True, help="adapter folder, or the name of one in --adapters-dir")
+    parser.add_argument("--adapters-dir", type=Path, default=Settings().adapters_dir,
+                        help="where --adapter NAME is looked up ($LORASWAP_ADAPTERS_DIR sets the default)")
+    parser.add_argument("--out", required=True, type=new_folder, help="folder for the merged model, new or empty")
     parser.add_argument("--base-model", help=BASE_HELP + " (default: the adapter's base_model_name_or_path)")
 
 
@@ -145,10 +158,10 @@ def add_calibrate_options(parser: argparse.ArgumentParser) -> None:
                         "beside the repository)")
     parser.add_argument("--write-card", action="store_true",
                         help="store the fitted temperature in the adapter's card.json (label_calibration)")
-    parser.add_argument("--diagram", type=Path,
+    parser.add_argument("--diagram", type=output_file,
                         help="draw the reliability diagram on MNLI dev_matched here (PNG; default: none drawn)")
-    parser.add_argument("--json", type=Path, help="also write the report, with the reliability bins and every row's "
-                        "scores, here (default: printed only)")
+    parser.add_argument("--json", type=output_file, help="also write the report, with the reliability bins and every "
+                        "row's scores, here (default: printed only)")
     add_engine_options(parser)
     parser.set_defaults(max_new_tokens=1)  # the engine generates nothing: labels are scored
 

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from loadtest.checked.scenarios import SCENARIOS
-from service.cli.command import Command, UsageError, comma_list, nonnegative, positive
+from service.cli.command import Command, UsageError, comma_list, nonnegative, output_file, positive
 from training.data import TASK_EVAL_FILES, data_dir
 
 
@@ -34,8 +34,8 @@ def add_loadtest_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--users", type=positive(int), required=True, help="concurrent locust users sending requests")
     parser.add_argument("--duration", type=positive(float), required=True, help="seconds of load")
     parser.add_argument("--host", required=True, help="the server's URL, http://HOST:PORT")
-    parser.add_argument("--json", type=Path, required=True, help="write the report here")
-    parser.add_argument("--md", type=Path, help="write the report's tables here (default: printed only)")
+    parser.add_argument("--json", type=output_file, required=True, help="write the report here")
+    parser.add_argument("--md", type=output_file, help="write the report's tables here (default: printed only)")
     parser.add_argument("--adapter-root", type=Path, required=True,
                         help="a folder the server loads adapters from (one of its --adapter-roots): the derived "
                         "adapters are written there and removed at the end")
@@ -92,14 +92,11 @@ def nli_source(path: Path | None) -> tuple[Path, tuple[str, ...] | None]:
 
 def run_loadtest(args: argparse.Namespace) -> None:
     """Run ``loraswap loadtest``: the report to ``--json``, its tables to ``--md`` and printed. UsageError for a
-    ``--warmup`` not below ``--duration``, or a ``--json`` or ``--md`` in a folder that does not exist. Exit status
+    ``--warmup`` not below ``--duration``. Exit status
     2 without ``$LORASWAP_ADMIN_KEY`` or when the server refuses the test's set-up (a wrong admin key, an
     ``--adapter-root`` that is not one of its roots, no ``--source`` adapter, the server unreachable, a name or folder
     of the run's adapters taken), 1 when a check failed (the reference pass's included), 130 when interrupted
     (Ctrl-C or SIGTERM: the adapters it registered are unregistered and their files removed first)."""
-    for flag, path in (("--json", args.json), ("--md", args.md)):
-        if path is not None and not path.parent.is_dir():
-            raise UsageError(f"{flag} {path}: there is no folder {path.parent} to write it in")
     if args.warmup is not None and args.warmup >= args.duration:
         raise UsageError(f"--warmup {args.warmup:g} leaves no load after it to check the memory by (--duration "
                          f"{args.duration:g})")

@@ -7,6 +7,7 @@ import math
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 from service.settings import DEVICE_PATTERN
 
@@ -92,3 +93,33 @@ def device(text: str) -> str:
         if index >= count:
             raise argparse.ArgumentTypeError(f"{text!r} names GPU {index}, and this machine has {count} CUDA GPU(s)")
     return text
+
+
+def output_file(text: str) -> Path:
+    """An argparse type: a file to write, checked before the command works: not empty, not a folder, in a folder that
+    exists. A command that writes its report after minutes of work must not find only then that it cannot."""
+    path = Path(text)
+    if not text:
+        raise argparse.ArgumentTypeError("must name a file, not be empty")
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder, not a file to write")
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: there is no folder {path.parent} to write it in")
+    return path
+
+
+def new_folder(text: str) -> Path:
+    """An argparse type: a folder a command creates and fills: not empty, not an existing file, and, where it exists,
+    empty (a command never writes over what a folder holds, an adapter's files least of all)."""
+    path = Path(text)
+    if not text:
+        raise argparse.ArgumentTypeError("must name a folder, not be empty")
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file, not a folder")
+    try:
+        holds = path.is_dir() and any(path.iterdir())
+    except OSError as exc:  # a folder it may not read
+        raise argparse.ArgumentTypeError(f"{text} cannot be read: {exc.strerror or exc}") from None
+    if holds:
+        raise argparse.ArgumentTypeError(f"{text} already holds files: name a new or empty folder")
+    return path

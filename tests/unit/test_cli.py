@@ -65,10 +65,10 @@ from tests.data.make_corpus import SQUAD_SAMPLE
     (["bench", "--device", "cuda:99"], "--device: 'cuda:99' names GPU 99"),
     (["loadtest", "--scenario", "single", "--users", "1", "--duration", "10", "--host", "http://127.0.0.1:9",
       "--adapter-root", "x", "--json", "/nonexistent/x.json"],
-     "loraswap loadtest: error: --json /nonexistent/x.json: there is no folder /nonexistent to write it in"),
+     "loraswap loadtest: error: argument --json: /nonexistent/x.json: there is no folder /nonexistent to write it in"),
     (["loadtest", "--scenario", "single", "--users", "1", "--duration", "10", "--host", "http://127.0.0.1:9",
       "--adapter-root", "x", "--json", "x.json", "--md", "/nonexistent/x.md"],
-     "loraswap loadtest: error: --md /nonexistent/x.md: there is no folder /nonexistent to write it in"),
+     "loraswap loadtest: error: argument --md: /nonexistent/x.md: there is no folder /nonexistent to write it in"),
     (["eval", "--task", "squad", "--adapter", "none", "--temperature", "-1"],
      "--temperature: must be at least 0, not -1"),
     (["eval", "--task", "squad", "--adapter", "none", "--top-p", "1.5"], "--top-p: must be in (0, 1], not 1.5"),
@@ -91,7 +91,19 @@ from tests.data.make_corpus import SQUAD_SAMPLE
                                                        (["--strategy", "nucleus", "--top-p", "0.5"], "--strategy")]),
     *((["eval", "--task", task, "--adapter", "none", "--data", __file__], f"{__file__}: not a {task} file this command "
        "reads") for task in ("squad", "nli")),
-    (["bench", "--json", "/proc/nope/x.json"], "loraswap bench: error: [Errno 2] No such file or directory"),
+    # a file to write is checked before the work (it was found unwritable only after it: a folder, no folder)
+    *(([*command, flag, path], f"argument {flag}: {path}{message}") for command, flag in [
+        (["bench"], "--json"), (["side-by-side", "--system", "a=loraswap@http://127.0.0.1:9"], "--json"),
+        (["side-by-side", "--system", "a=loraswap@http://127.0.0.1:9"], "--markdown"),
+        (["calibrate", "--adapter", "nli"], "--json"), (["calibrate", "--adapter", "nli"], "--diagram")]
+      for path, message in [("/proc/nope/x.json", ": there is no folder /proc/nope to write it in"),
+                            ("/tmp", " is a folder, not a file to write")]),
+    (["bench", "--json", ""], "argument --json: must name a file, not be empty"),
+    # merge writes a new folder: never into one that holds files (an adapter's), never a file
+    *((["merge", "--adapter", "squad", "--out", out], f"loraswap merge: error: argument --out: {message}")
+      for out, message in [(".", ". already holds files: name a new or empty folder"),
+                           ("pyproject.toml", "pyproject.toml is a file, not a folder"),
+                           ("", "must name a folder, not be empty")]),
     # --distractors: SQuAD only, and no more than the data has (both found before the model loads)
     *((["eval", "--task", task, "--adapter", "none", "--distractors", "2"],
        f"loraswap eval: error: --distractors hides SQuAD paragraphs among others: not for --task {task}")
