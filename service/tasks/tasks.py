@@ -197,8 +197,11 @@ class Tasks:
         than the stride, or the context needs more windows than ``max_answer_windows`` or ``max_queue``."""
         if len(answer_ids(self.tokenizer, style, context, question, template)) <= self.max_prompt:
             return [(0, len(context))]
-        room = self.max_prompt - len(self.bounded(answer_ids(self.tokenizer, style, "", question, template))) - \
-            WINDOW_SLACK
+        asked = len(self.bounded(answer_ids(self.tokenizer, style, "", question, template)))  # the prompt, no context
+        room = self.max_prompt - asked - WINDOW_SLACK
+        if room <= 0:
+            raise InputTooLong(f"the question leaves no room for a context: its prompt takes {asked} of the "
+                               f"{self.max_prompt} tokens accepted")
         offsets = self.tokenizer(context, add_special_tokens=False, split_special_tokens=True,
                                  return_offsets_mapping=True)["offset_mapping"]
         # the windows queue together, all or none (Engine.submit_together): more than the queue holds never would

@@ -4,6 +4,7 @@ generation under a brute-force span constraint (``tests/span_reference.py``, thr
 offsets; constrained and free rows share batches; contexts in several scripts, with multi-byte characters."""
 from __future__ import annotations
 
+import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -12,7 +13,9 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from service.tasks.prompt_styles import ADAPTER_STYLE, answer_ids
 from service.tasks.prompts import answer_prompt
+from service.tasks.tasks import WINDOW_SLACK
 from tests.engine.engine_helpers import WatchedSteps
 from tests.http.api_helpers import Tiny
 from tests.server_helpers import SERVER_CAP, SQUAD_CONTEXT, SQUAD_QUESTION, ask, ready_client, tiny_settings
@@ -164,6 +167,24 @@ def test_a_context_without_the_answer_still_gets_a_span_scored_lower(windowed):
 def test_a_context_past_the_windows_cap_is_413_and_a_free_answer_past_one_prompt_too(windowed):
     assert ask(windowed, None, context=FILLER * 200, status=413)
     assert ask(windowed, None, context=FILLER * 20, extractive=False, status=413)
+
+
+@pytest.mark.parametrize("left,message", [
+    (range(-8, 1), r"the question leaves no room for a context: its prompt takes \d+ of the 64 tokens accepted"),
+    (range(1, 17), r"the question leaves \d+ tokens of context per prompt, no more than the 16 two windows share; "
+                   r"at most 64 tokens are accepted"),
+])
+def test_a_question_that_leaves_a_long_context_too_little_room_is_a_413_that_says_so(windowed, left, message):
+    """A review: a question of about 90 tokens under 96-token prompts was told it 'leaves -4 tokens of context per
+    prompt, no more than the -2 two windows share'. ``left``: the context's room per window the question leaves."""
+    tasks = windowed.app.state.runtime.tasks
+
+    def room(question: str) -> int:
+        return tasks.max_prompt - len(answer_ids(tasks.tokenizer, ADAPTER_STYLE, "", question)) - WINDOW_SLACK
+
+    question = next(q for q in ("Why" + " why" * words for words in range(64)) if room(q) in left)
+    error = ask(windowed, None, context=FILLER * 20, question=question, status=413)["error"]
+    assert re.fullmatch(message, error) and "-" not in error, error
 
 
 def test_a_context_of_more_windows_than_the_queue_holds_is_413_not_a_429_that_never_passes(windowed, tmp_path,
