@@ -203,15 +203,27 @@ def check_names(args: argparse.Namespace) -> str:
     return baseline
 
 
+def check_reachable(systems: Sequence[tuple[str, str, str]]) -> None:
+    """ValueError naming the first system (NAME, KIND, URL) whose server does not answer at all (any HTTP status
+    answers): found before any system is timed, not when its turn comes."""
+    for name, _, url in systems:
+        try:
+            httpx.get(url, timeout=10)
+        except httpx.TransportError as exc:
+            raise ValueError(f"system {name} does not answer at {url}: {type(exc).__name__}: {exc}") from None
+
+
 def run_side_by_side(args: argparse.Namespace) -> None:
     """Run the comparison, print its tables, write the JSON and markdown asked for. Names that ``check_names``
-    refuses are a usage error (exit status 2, before any request). Raises FileNotFoundError without the data,
-    ValueError when a llama.cpp server lacks an adapter (``LlamaCpp.prepare``), httpx errors for a failed request."""
+    refuses and a system that does not answer (``check_reachable``) are a usage error (exit status 2, before any
+    request is timed). Raises FileNotFoundError without the data, ValueError when a llama.cpp server lacks an adapter
+    (``LlamaCpp.prepare``), httpx errors for a failed request."""
     try:
         baseline = check_names(args)
         planned = planned_requests(args)
+        check_reachable(args.system)
     except ValueError as exc:
-        print(f"side-by-side: error: {exc}", file=sys.stderr)
+        print(f"loraswap side-by-side: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     report = compare(args, planned)
     tables = markdown(report["summary"], [name for name, _, _ in args.system], baseline)

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from loadtest.checked.scenarios import SCENARIOS
-from service.cli.command import Command, UsageError, comma_list, nonnegative, output_file, positive
+from service.cli.command import Command, UsageError, comma_list, nonnegative, output_file, positive, require_extra
 from training.data import TASK_EVAL_FILES, data_dir
 
 
@@ -92,11 +92,12 @@ def nli_source(path: Path | None) -> tuple[Path, tuple[str, ...] | None]:
 
 def run_loadtest(args: argparse.Namespace) -> None:
     """Run ``loraswap loadtest``: the report to ``--json``, its tables to ``--md`` and printed. UsageError for a
-    ``--warmup`` not below ``--duration``. Exit status
+    ``--warmup`` not below ``--duration``, and without locust (``require_extra``). Exit status
     2 without ``$LORASWAP_ADMIN_KEY`` or when the server refuses the test's set-up (a wrong admin key, an
     ``--adapter-root`` that is not one of its roots, no ``--source`` adapter, the server unreachable, a name or folder
     of the run's adapters taken), 1 when a check failed (the reference pass's included), 130 when interrupted
     (Ctrl-C or SIGTERM: the adapters it registered are unregistered and their files removed first)."""
+    require_extra("loadtest", "locust", "gevent")
     if args.warmup is not None and args.warmup >= args.duration:
         raise UsageError(f"--warmup {args.warmup:g} leaves no load after it to check the memory by (--duration "
                          f"{args.duration:g})")

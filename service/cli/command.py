@@ -3,6 +3,7 @@ without torch, so that ``--help`` and usage errors answer at once."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import re
 from collections.abc import Callable, Iterable
@@ -28,6 +29,15 @@ class Command:
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], None]
+
+
+def require_extra(extra: str, *modules: str) -> None:
+    """UsageError, naming the install command, where a module of the optional dependencies ``extra`` (pyproject's
+    ``[project.optional-dependencies]``) is missing: ``modules`` are checked in order, a package before its
+    submodules."""
+    for module in modules:
+        if importlib.util.find_spec(module) is None:
+            raise UsageError(f'needs {module}, of the optional dependencies "{extra}": pip install -e ".[{extra}]"')
 
 
 def flag(name: str) -> str:

@@ -7,10 +7,8 @@ here; the run imports Ray, which is an optional extra (``pip install -e ".[scale
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
 
-from service.cli.command import Command, nonnegative, positive
+from service.cli.command import Command, nonnegative, positive, require_extra
 from service.cli.settings_options import add_settings_arguments, settings_from
 
 ROUTINGS = ("multiplexed", "round-robin")  # how the router picks a replica (service.scale.app.build_app)
@@ -37,11 +35,9 @@ def add_scale_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_scale(args: argparse.Namespace) -> None:
     """Run ``loraswap scale`` until interrupted; exit status 2 for invalid settings or when Ray Serve is not
-    installed."""
+    installed (``require_extra``)."""
     settings = settings_from(args)
-    if importlib.util.find_spec("ray") is None or importlib.util.find_spec("ray.serve") is None:
-        print('loraswap scale: error: needs Ray Serve: pip install -e ".[scale]" (or "ray[serve]")', file=sys.stderr)
-        raise SystemExit(2)
+    require_extra("scale", "ray", "ray.serve")
     from service.scale.app import ScaleConfig, serve_scaled
 
     serve_scaled(settings, ScaleConfig(args.replicas, args.routing, args.replica_cpus, args.replica_gpus, args.address))

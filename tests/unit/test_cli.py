@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 import pytest
 
@@ -259,3 +260,22 @@ def test_load_test_clients_do_not_log_every_request(monkeypatch, capsys):
         main(["side-by-side", "--system", "a=loraswap@http://127.0.0.1:9"])  # one system: refused at once
     assert not logging.getLogger("httpx").isEnabledFor(logging.INFO)
     assert logging.getLogger("service").isEnabledFor(logging.INFO)
+
+
+@pytest.mark.parametrize("argv,module,extra", [
+    (["loadtest", "--scenario", "single", "--users", "1", "--duration", "10", "--host", "http://127.0.0.1:9",
+      "--adapter-root", "x", "--json", "x.json"], "locust", "loadtest"),
+    (["loadtest", "--scenario", "single", "--users", "1", "--duration", "10", "--host", "http://127.0.0.1:9",
+      "--adapter-root", "x", "--json", "x.json"], "gevent", "loadtest"),
+    (["scale", "--replicas", "2"], "ray", "scale"),
+])
+def test_a_command_whose_optional_dependencies_are_missing_says_how_to_install_them(argv, module, extra, monkeypatch,
+                                                                                    capsys):
+    """A review: ``loraswap loadtest`` without locust ended in a ModuleNotFoundError traceback. (A None in sys.modules
+    is what importlib reads as a module not installed.)"""
+    monkeypatch.setitem(sys.modules, module, None)
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == (f'loraswap {argv[0]}: error: needs {module}, of the optional dependencies '
+                                       f'"{extra}": pip install -e ".[{extra}]"\n')

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import http.server
 import itertools
 import json
+import threading
 from collections import Counter
 
 import httpx
@@ -168,7 +170,26 @@ def test_more_requests_than_the_data_holds_are_a_usage_error_before_any_is_sent(
                               **vars(side_by_side_args(tmp_path, [(mode, 1)], questions, rounds, 0, fresh)))
     with pytest.raises(SystemExit) as exit_:
         run_side_by_side(args)  # nothing listens on port 9: a request sent would fail otherwise
-    assert exit_.value.code == 2 and "side-by-side: error:" in capsys.readouterr().err
+    assert exit_.value.code == 2 and "loraswap side-by-side: error:" in capsys.readouterr().err
+
+
+def test_a_system_that_does_not_answer_is_a_usage_error_before_any_is_timed(tmp_path, capsys):
+    """A review: with the second system down, the first was timed for minutes before an httpx traceback. Any HTTP
+    reply counts as answering (this server answers 501 to every GET)."""
+    write_data(tmp_path)
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    up = f"http://127.0.0.1:{server.server_port}"
+    args = argparse.Namespace(system=[("up", "loraswap", up), ("down", "openai", "http://127.0.0.1:9")], pid=[],
+                              baseline=None, **vars(side_by_side_args(tmp_path, [("squad", 1)], 2, 1, 0)))
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            run_side_by_side(args)
+    finally:
+        server.shutdown()
+    error = capsys.readouterr().err.splitlines()[-1]  # after the stand-in server's log of the GET it answered
+    assert exit_.value.code == 2 and error.startswith("loraswap side-by-side: error: system down does not answer at "
+                                                      "http://127.0.0.1:9"), error
 
 
 def test_workload_refuses_an_unknown_mode(tmp_path):
