@@ -1,23 +1,25 @@
 """``loraswap sweep``: a grid over LoRA rank, learning rate and target modules at a fixed step budget.
 
 Each run is an ordinary ``loraswap train`` into ``OUT/<run>``; a run whose ``card.json``
-exists is read back, not repeated, so an interrupted sweep resumes. The results go to
+records the settings this sweep trains it with is read back, not repeated, so an interrupted
+sweep resumes (a card of other settings is a usage error, never written over). The results go to
 ``OUT/sweep.csv``, ``OUT/sweep.md`` and ``OUT/sweep.png`` (validation loss against
 trainable parameters).
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 import torch
 from peft import get_peft_model
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers import AutoConfig
 
+from service.cli.command import UsageError
 from training import train
 
 COLUMNS = [
@@ -27,28 +29,20 @@ COLUMNS = [
 ]
 
 
-def meta_model(model_or_config) -> torch.nn.Module:
-    """A weightless (meta device) copy of the architecture of a model or its config: enough to resolve and count
-    targets."""
-    config = model_or_config if isinstance(model_or_config, PretrainedConfig) else model_or_config.config
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(copy.deepcopy(config))
-
-
 def trainable_parameters(model_or_config, rank: int, targets: str | list[str]) -> int:
-    """How many LoRA parameters peft trains for ``targets`` (a preset or module names) at ``rank``. Raises
-    ValueError for a preset on an architecture of no known family."""
-    model = meta_model(model_or_config)
+    """How many LoRA parameters peft trains for ``targets`` (a preset or module names) at ``rank``. Raises as
+    ``train.resolve_targets`` does (ValueError for a preset on an architecture of no known family, UsageError for
+    names no linear layer has)."""
+    model = train.meta_model(model_or_config)
     spec = targets if isinstance(targets, str) else ",".join(targets)
     peft_model = get_peft_model(model, train.lora_config(model, rank, None, 0.0, spec))
     return peft_model.get_nb_trainable_parameters()[0]
 
 
-def grid(args: argparse.Namespace, config: PretrainedConfig) -> list[dict]:
+def grid(args: argparse.Namespace, model: torch.nn.Module) -> list[dict]:
     """The runs to make, one dict per run (name, targets, the modules they resolve to, rank, lr) over ``--targets``
-    x ``--ranks`` x ``--lrs``; target presets that resolve to the same modules (Llama's attention_mlp and
-    all_linear) are kept once. Raises ValueError as ``trainable_parameters`` does."""
-    model = meta_model(config)
+    x ``--ranks`` x ``--lrs`` on ``model`` (a ``train.meta_model``); target presets that resolve to the same modules
+    (Llama's attention_mlp and all_linear) are kept once. Raises as ``train.resolve_targets`` does."""
     runs, seen = [], set()
     for spec in args.targets:
         modules = train.resolve_targets(spec.replace("+", ","), model)
@@ -62,19 +56,57 @@ def grid(args: argparse.Namespace, config: PretrainedConfig) -> list[dict]:
     return runs
 
 
-def run_one(args: argparse.Namespace, spec: dict) -> dict:
-    """One row of the tables: ``spec`` and the run's card values of ``COLUMNS`` (seconds, losses in nats per
-    target token). The card of a finished run (its ``card.json`` exists) is read back; else the run is trained
-    into ``--out``/run (errors as ``train.train_adapter``)."""
-    out = args.out / spec["run"]
-    if (out / "card.json").is_file():
-        card = json.loads((out / "card.json").read_text())
-    else:
-        run_args = argparse.Namespace(**vars(args))
-        run_args.out, run_args.rank, run_args.lr = out, spec["rank"], spec["lr"]
-        run_args.target_modules = spec["targets"].replace("+", ",")
-        card = train.train_adapter(run_args)
-    return {**spec, **{k: card.get(k) for k in COLUMNS if k in card}}
+def check_options(args: argparse.Namespace) -> None:
+    """Raise UsageError, before anything loads, for an ``--out`` that is a file, or a ``--ranks``, ``--lrs`` or
+    ``--targets`` that lists a value twice (each run of the grid is made once)."""
+    if args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {args.out} is a file, not a folder")
+    for name in ("ranks", "lrs", "targets"):
+        twice = [value for value, count in Counter(getattr(args, name)).items() if count > 1]
+        if twice:
+            raise UsageError(f"--{name} lists {twice[0]} twice: each run of the grid is made once")
+
+
+def run_options(args: argparse.Namespace, spec: dict) -> argparse.Namespace:
+    """The ``loraswap train`` options of the run ``spec`` of the grid: the sweep's, with the run's folder in
+    ``--out``, its rank, learning rate and target modules."""
+    options = argparse.Namespace(**vars(args))
+    options.out, options.rank, options.lr = args.out / spec["run"], spec["rank"], spec["lr"]
+    options.target_modules = spec["targets"].replace("+", ",")
+    return options
+
+
+def changes(recorded: dict, expected: dict) -> list[str]:
+    """'name recorded (this sweep: expected)' for each setting of ``train.trained_as`` that differs, the
+    hyperparameters by their own names."""
+    def flat(settings: dict) -> dict:
+        inner = settings.get("hyperparameters")
+        return {**settings, **(inner if isinstance(inner, dict) else {})}
+
+    old, new = flat(recorded), flat(expected)
+    return [f"{name} {old.get(name)} (this sweep: {value})" for name, value in new.items()
+            if name != "hyperparameters" and old.get(name) != value]
+
+
+def finished_card(options: argparse.Namespace, model: torch.nn.Module) -> dict | None:
+    """The card of the run trained before into ``options.out`` with ``options`` (``run_options``), None where it has
+    no card (not trained yet, or cut off). Raises UsageError for a card that cannot be read, or that records other
+    settings (``train.trained_as`` on ``model``, a ``train.meta_model``): a sweep never reports nor writes over
+    another's run."""
+    path = options.out / "card.json"
+    if not path.is_file():
+        return None
+    config = train.lora_config(model, options.rank, options.alpha, options.dropout, options.target_modules)
+    expected = train.trained_as(options, config)
+    try:
+        card = json.loads(path.read_text())
+        recorded = {key: card.get(key) for key in expected}
+    except (OSError, ValueError, AttributeError) as exc:  # unreadable, not JSON, not an object
+        raise UsageError(f"{path}: not the card of a run this command reads ({exc!r})") from None
+    if recorded != expected:
+        raise UsageError(f"--out {options.out.parent} holds runs of other settings: {options.out.name} was trained "
+                         f"with {', '.join(changes(recorded, expected))}; name a new folder for this sweep")
+    return card
 
 
 def cell(value) -> str:
@@ -118,16 +150,27 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 
 def run_sweep(args: argparse.Namespace) -> list[dict]:
-    """Train every run of the grid (or read back its card) and write the tables and the plot; returns the rows.
-    Raises FileNotFoundError when ``--base-model`` is no model directory or the data is absent."""
+    """Train every run of the grid (or read back its card: ``finished_card``) and write the tables and the plot;
+    returns the rows, ``COLUMNS`` each (seconds, losses in nats per target token). Raises, before any run trains,
+    UsageError as ``check_options``, ``grid`` and ``finished_card`` do or for an ``--out`` that cannot be made,
+    FileNotFoundError when ``--base-model`` is no model directory; then as ``train.train_adapter`` does (absent or
+    unusable data)."""
     from service.model.base_model import resolve_base_dir
     from service.settings import Settings
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    config = AutoConfig.from_pretrained(resolve_base_dir(str(args.base_model), Settings().cache_dir))
+    check_options(args)
+    model = train.meta_model(AutoConfig.from_pretrained(resolve_base_dir(str(args.base_model), Settings().cache_dir)))
+    specs = grid(args, model)
+    runs = [run_options(args, spec) for spec in specs]
+    cards = [finished_card(options, model) for options in runs]  # every folder checked before a run trains
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file on its path, no permission
+        raise UsageError(f"--out {args.out} cannot be made: {exc.strerror or exc}") from None
     rows = []
-    for spec in grid(args, config):
-        rows.append(run_one(args, spec))
+    for spec, options, card in zip(specs, runs, cards):
+        card = card or train.train_adapter(options)
+        rows.append({**spec, **{k: card.get(k) for k in COLUMNS if k in card}})
         write_tables(rows, args.out)  # after every run, so a cut-off sweep still leaves its tables
     plot(rows, args.out / "sweep.png", f"{args.task}: {args.max_steps} steps")
     return rows

@@ -7,12 +7,14 @@ The Trainer brings the progress bar, mixed precision and multi-GPU runs through
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import random
 import shlex
 import sys
 import time
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +24,21 @@ import peft
 import torch
 import transformers
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
-from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
 from transformers.pytorch_utils import Conv1D
 
+from service.cli.command import UsageError
 from service.settings import Settings
-from training.data import data_dir, read_task
+from training.data import TASK_TRAIN_FILES, data_dir, read_task
 from training.options import TASK_DEFAULT_LENGTH
 from training.prepare import IGNORE_INDEX, collator, encode_rows
 
@@ -73,16 +85,33 @@ def linear_targets(model: torch.nn.Module) -> list[str]:
 
 def resolve_targets(spec: str, model: torch.nn.Module) -> list[str]:
     """peft's ``target_modules`` for ``spec``: a preset ('all_linear', 'attention', 'attention_mlp') or a comma list
-    of module names. Raises ValueError for a preset on a model of no known family (see ``family``)."""
+    of module names, each the name of a Linear/Conv1D layer or its dotted end (``q_proj``, ``mlp.c_proj``), as peft
+    matches them. Raises ValueError for a preset on a model of no known family (see ``family``), UsageError for a
+    list with names that match no such layer of ``model`` (naming them, and the layers it has)."""
     if spec == "all_linear":
         return linear_targets(model)
     if spec in ("attention", "attention_mlp"):
         return PRESETS[family(model)][spec]
-    return [name.strip() for name in spec.split(",") if name.strip()]
+    names = [name.strip() for name in spec.split(",") if name.strip()]
+    layers = [path for path, module in model.named_modules() if isinstance(module, (torch.nn.Linear, Conv1D))]
+    unmatched = [name for name in names if not any(path == name or path.endswith("." + name) for path in layers)]
+    if unmatched or not names:
+        raise UsageError(f"target modules {', '.join(unmatched) or repr(spec)} match no linear layer of "
+                         f"{type(model).__name__}, whose linear layers are {', '.join(linear_targets(model))} (or "
+                         "name a preset: all_linear, attention, attention_mlp)")
+    return names
+
+
+def meta_model(model_or_config: torch.nn.Module | PretrainedConfig) -> torch.nn.Module:
+    """A weightless (meta device) copy of the architecture of a model or its config: enough to resolve and count
+    targets."""
+    config = model_or_config if isinstance(model_or_config, PretrainedConfig) else model_or_config.config
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(copy.deepcopy(config))
 
 
 def lora_config(model: torch.nn.Module, rank: int, alpha: float | None, dropout: float, targets: str) -> LoraConfig:
-    """A causal-LM LoRA of ``rank`` on ``targets`` (see ``resolve_targets``; ValueError as it raises): scale
+    """A causal-LM LoRA of ``rank`` on ``targets`` (see ``resolve_targets``; errors as it raises): scale
     alpha / rank with alpha 2 x rank unless given; ``dropout`` a probability."""
     return LoraConfig(
         r=rank,
@@ -112,14 +141,18 @@ def split_rows(rows: list[dict], n_eval: int, seed: int) -> tuple[list[dict], li
     return [r for r in rows if group(r) not in held], validation
 
 
-def load_model(args: argparse.Namespace, bf16: bool) -> tuple[PeftModel, PreTrainedTokenizerBase, Settings]:
-    """The base (via the service's loader, so it is trained as it is served) with a fresh LoRA on top, its tokenizer,
-    and the settings it was loaded with. Raises FileNotFoundError when ``--base-model`` is no model directory,
-    ValueError when ``--target-modules`` cannot be resolved."""
+def base_settings(args: argparse.Namespace) -> Settings:
+    """The settings the base is loaded with, as the service's loader reads them (in bf16 where ``use_bf16``)."""
+    return Settings(base_model=str(args.base_model), quantize=args.quantize,
+                    dtype="bfloat16" if use_bf16(args.bf16) else "float32")
+
+
+def load_model(args: argparse.Namespace, settings: Settings) -> tuple[PeftModel, PreTrainedTokenizerBase]:
+    """The base (via the service's loader with ``settings``, so it is trained as it is served) with a fresh LoRA on
+    top, and its tokenizer. Raises FileNotFoundError when ``--base-model`` is no model directory, UsageError or
+    ValueError when ``--target-modules`` cannot be resolved (``resolve_targets``)."""
     from service.model.base_model import load_base
 
-    settings = Settings(base_model=str(args.base_model), quantize=args.quantize,
-                        dtype="bfloat16" if bf16 else "float32")
     model, tokenizer = load_base(settings)
     if args.quantize == "nf4":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
@@ -128,7 +161,7 @@ def load_model(args: argparse.Namespace, bf16: bool) -> tuple[PeftModel, PreTrai
         model.enable_input_require_grads()
     model = get_peft_model(model, lora_config(model, args.rank, args.alpha, args.dropout, args.target_modules))
     model.peft_config["default"].base_model_name_or_path = str(args.base_model)  # a name, not this machine's path
-    return model, tokenizer, settings
+    return model, tokenizer
 
 
 def target_accuracy(eval_pred) -> dict[str, float]:
@@ -204,15 +237,61 @@ class Examples:
                 "dropped_too_long_or_bad_label": self.dropped, "available": self.available}
 
 
-def prepare_examples(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase, max_length: int) -> Examples:
-    """Read the task's training files, hold out ``--eval-examples`` rows for validation (``split_rows``), keep at most
-    ``--max-examples`` of the rest and tokenise both (``max_length`` tokens at most per example). Raises
-    FileNotFoundError when a data file is absent."""
-    rows, files = read_task(args.task, args.data_dir)
+def read_rows(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
+    """The task's training rows and their files (``read_task``, in ``--data-dir``). Raises FileNotFoundError when a
+    file is absent, UsageError naming the task's files when one is not its data (not gzip, cut short, not JSON, not
+    its fields) or they hold no row."""
+    root = Path(args.data_dir or data_dir())
+    names = ", ".join(str(root / name) for name, _ in TASK_TRAIN_FILES[args.task])
+    try:
+        rows, files = read_task(args.task, root)
+    except FileNotFoundError:
+        raise
+    except (OSError, EOFError, zlib.error, ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"{names}: not {args.task} training data this command reads: {exc!r}") from None
+    if not rows:
+        raise UsageError(f"{names}: no {args.task} row to train on")
+    return rows, files
+
+
+def prepare_examples(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) -> Examples:
+    """Read the task's training files (``read_rows``), hold out ``--eval-examples`` rows for validation
+    (``split_rows``), keep at most ``--max-examples`` of the rest and tokenise both (``example_length`` tokens at most
+    per example). Raises FileNotFoundError when a data file is absent, UsageError when it cannot be read or leaves no
+    example to train on: every row held out, or every training row dropped (too long, or a label the task lacks)."""
+    rows, files = read_rows(args)
     train_rows, eval_rows = split_rows(rows, args.eval_examples, args.seed)
+    if not train_rows:
+        raise UsageError(f"--eval-examples {args.eval_examples} leaves none of the {len(rows)} {args.task} rows to "
+                         "train on: hold out fewer")
+    max_length = example_length(args)
     train_set, dropped = encode_rows(args.task, train_rows[: args.max_examples], tokenizer, max_length)
+    if not train_set:
+        raise UsageError(f"all {dropped} {args.task} training rows were dropped, as longer than --max-length "
+                         f"{max_length} tokens or of a label {args.task} does not have: no example to train on")
     eval_set, eval_dropped = encode_rows(args.task, eval_rows, tokenizer, max_length)
     return Examples(train_set, eval_set, dropped + eval_dropped, len(rows), files)
+
+
+def example_length(args: argparse.Namespace) -> int:
+    """Tokens per training example at most: ``--max-length``, else the task's default (``TASK_DEFAULT_LENGTH``)."""
+    return args.max_length or TASK_DEFAULT_LENGTH[args.task]
+
+
+def checked_examples(args: argparse.Namespace, settings: Settings) -> Examples:
+    """The tokenised examples (``prepare_examples``), with all that can be checked before the base's weights load
+    checked first. Raises UnsafeEnvironment where the environment would crash oneDNN (as ``load_base`` would),
+    FileNotFoundError when ``--base-model`` is no model directory or a data file is absent, UsageError for
+    ``--target-modules`` the base lacks (``resolve_targets``; ValueError for a preset of no known family) and as
+    ``prepare_examples`` raises."""
+    from service.model.base_model import resolve_base_dir
+    from service.model.onednn_linear import bound_kernel_caches
+
+    if settings.onednn:
+        bound_kernel_caches()
+    base_dir = resolve_base_dir(settings.base_model, settings.cache_dir)
+    resolve_targets(args.target_modules, meta_model(AutoConfig.from_pretrained(base_dir)))
+    return prepare_examples(args, AutoTokenizer.from_pretrained(base_dir))
 
 
 def training_arguments(args: argparse.Namespace, out: Path, bf16: bool, evaluate: bool) -> TrainingArguments:
@@ -277,16 +356,23 @@ def save_adapter(model: torch.nn.Module, out: Path) -> None:
     (out / "README.md").unlink(missing_ok=True)  # peft's template model card: card.json is ours
 
 
-def hyperparameters(args: argparse.Namespace, config: LoraConfig, max_length: int, bf16: bool) -> dict:
-    """The card's ``hyperparameters``: the LoRA as peft made it (``config``: alpha, target modules) and the run's
-    optimisation settings (``lr`` the peak learning rate, ``max_length`` in tokens per example)."""
+def hyperparameters(args: argparse.Namespace, config: LoraConfig) -> dict:
+    """The card's ``hyperparameters``: the LoRA as peft made it (``config``: alpha, target modules), the run's
+    optimisation settings (``lr`` the peak learning rate) and its data budget (``max_length`` in tokens per example,
+    ``max_examples`` None for all)."""
     return {
         "rank": args.rank, "alpha": config.lora_alpha, "dropout": args.dropout,
         "target_modules": sorted(config.target_modules),
         "lr": args.lr, "epochs": args.epochs, "max_steps": args.max_steps, "batch_size": args.batch_size,
-        "grad_accum": args.grad_accum, "max_length": max_length, "warmup": args.warmup,
-        "scheduler": "cosine", "seed": args.seed, "quantize": args.quantize, "bf16": bf16,
+        "grad_accum": args.grad_accum, "max_length": example_length(args), "max_examples": args.max_examples,
+        "eval_examples": args.eval_examples, "warmup": args.warmup, "scheduler": "cosine", "seed": args.seed,
+        "quantize": args.quantize, "bf16": use_bf16(args.bf16),
     }
+
+
+def trained_as(args: argparse.Namespace, config: LoraConfig) -> dict:
+    """What the card records of how the adapter was trained: its task, base model and ``hyperparameters``."""
+    return {"task": args.task, "base_model": str(args.base_model), "hyperparameters": hyperparameters(args, config)}
 
 
 def outcome(history: list[dict], steps: int, mean_train_loss: float) -> dict:
@@ -312,27 +398,26 @@ def versions() -> dict[str, str]:
 
 def train_adapter(args: argparse.Namespace) -> dict:
     """Train one adapter into ``args.out``: its weights, ``adapter_config.json``, ``loss.png`` and ``card.json``.
-    Returns the card (``train_seconds`` in wall-clock seconds, losses in nats per target token). Raises
-    FileNotFoundError for absent data files or base weights, ValueError for targets it cannot resolve."""
+    Returns the card (``train_seconds`` in wall-clock seconds, losses in nats per target token). Raises, before the
+    base's weights load, as ``checked_examples`` does: UnsafeEnvironment, FileNotFoundError for absent data files or
+    base model, UsageError for targets the base lacks or data that leaves nothing to train on."""
     started = time.time()
     set_seed(args.seed)
     out = Path(args.out)
-    bf16 = use_bf16(args.bf16)
-    max_length = args.max_length or TASK_DEFAULT_LENGTH[args.task]
-    model, tokenizer, settings = load_model(args, bf16)
-    examples = prepare_examples(args, tokenizer, max_length)
-    trainer = make_trainer(args, model, tokenizer, examples, bf16)
+    settings = base_settings(args)
+    examples = checked_examples(args, settings)
+    model, tokenizer = load_model(args, settings)
+    trainer = make_trainer(args, model, tokenizer, examples, use_bf16(args.bf16))
     mean_train_loss = fit(trainer)
     save_adapter(model, out)
     history = trainer.state.log_history
     plot_losses(history, out / "loss.png", f"{out.name}: {args.task}, r={args.rank}, lr={args.lr:g}")
     base_file, base_sha = base_weights(str(args.base_model), settings.cache_dir)
     card = {
-        "name": out.name, "task": args.task, "base_model": str(args.base_model),
-        "base_file": base_file, "base_sha256": base_sha,
+        "name": out.name, **trained_as(args, model.peft_config["default"]), "base_file": base_file,
+        "base_sha256": base_sha,
         "data": {"dir": str(args.data_dir or data_dir()), "files": examples.files},
         "examples": examples.counts(),
-        "hyperparameters": hyperparameters(args, model.peft_config["default"], max_length, bf16),
         "trainable_parameters": model.get_nb_trainable_parameters()[0],
         **outcome(history, trainer.state.global_step, mean_train_loss),
         "train_seconds": round(time.time() - started, 1),

@@ -1,0 +1,139 @@
+"""``loraswap train`` and ``sweep`` refuse what they cannot do in one usage-error line (status 2), before the base
+model's weights load: options out of range, an adapter folder that holds files, target modules the base lacks, data
+that leaves nothing to train on or cannot be read, a grid that lists a value twice."""
+from __future__ import annotations
+
+import gzip
+import shutil
+from pathlib import Path
+
+import pytest
+
+from service.cli.main import main
+from tests.data.make_corpus import NLI_SAMPLE
+
+TINY_RUN = ["--task", "nli", "--max-steps", "1", "--max-examples", "8", "--eval-examples", "2", "--batch-size", "2"]
+
+
+@pytest.fixture
+def nli_data(tmp_path: Path) -> Path:
+    """A data folder for ``--task nli``: the committed SNLI sample (300 rows) and an MNLI file of no rows."""
+    root = tmp_path / "data"
+    (root / "nli").mkdir(parents=True)
+    shutil.copy(NLI_SAMPLE, root / "nli" / "snli_test.jsonl.gz")
+    gzip.open(root / "nli" / "mnli.jsonl.gz", "wb").close()
+    return root
+
+
+def refusal(argv: list[str], capsys) -> str:
+    """The one line ``loraswap`` refuses ``argv`` with (status 2), checked to come before any weights load."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2, err
+    assert err.startswith(f"loraswap {argv[0]}: error: ") and err.count("\n") == 1, err
+    assert "Loading weights" not in err
+    return err
+
+
+@pytest.mark.parametrize("options,message", [
+    (["--alpha", "nan"], "argument --alpha: must be a finite number above 0, not nan"),
+    (["--alpha", "0"], "argument --alpha: must be above 0, not 0"),
+    (["--dropout", "1.5"], "argument --dropout: must be in [0, 1), not 1.5"),
+    (["--dropout", "1"], "argument --dropout: must be in [0, 1), not 1"),
+    (["--dropout", "-0.1"], "argument --dropout: must be in [0, 1), not -0.1"),
+    (["--warmup", "-1"], "argument --warmup: must be at least 0, not -1"),
+    (["--warmup", "nan"], "argument --warmup: must be a finite number at least 0, not nan"),
+    (["--out", ""], "argument --out: must name a folder, not be empty"),
+    (["--out", "card.json"], "argument --out: card.json is a file, not a folder"),
+    (["--out", "squad"], "argument --out: squad already holds files: name a new or empty folder"),
+    (["--target-modules", "q_proj,bogus"], "loraswap train: error: target modules bogus match no linear layer of "
+     "LlamaForCausalLM, whose linear layers are down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"),
+    (["--max-length", "5"], "loraswap train: error: all 8 nli training rows were dropped, as longer than "
+     "--max-length 5 tokens"),
+    (["--eval-examples", "100000"], "loraswap train: error: --eval-examples 100000 leaves none of the 300 nli rows "
+     "to train on"),
+])
+def test_train_refuses_before_the_base_loads(options, message, tiny_llama_dir, nli_data, tmp_path, monkeypatch,
+                                             capsys):
+    """A review: ``--out adapters/squad`` wrote over the shipped adapter, ``--out ''`` wrote into the current folder
+    and an existing file's name raised FileExistsError after the base loaded; --alpha nan trained on NaN losses;
+    the rest ended in tracebacks of torch, transformers or peft (num_samples=0 for data left empty)."""
+    monkeypatch.chdir(tmp_path)
+    adapter = tmp_path / "squad"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"r": 4}')
+    (tmp_path / "card.json").write_text("{}")
+    argv = ["train", *TINY_RUN, "--base-model", str(tiny_llama_dir), "--data-dir", str(nli_data), "--out", "new",
+            *options]
+    assert message in refusal(argv, capsys)
+    assert not (tmp_path / "new").exists() and not (tmp_path / "adapter_model.safetensors").exists()
+    assert [p.name for p in adapter.iterdir()] == ["adapter_config.json"]
+    assert (adapter / "adapter_config.json").read_text() == '{"r": 4}'
+
+
+@pytest.mark.parametrize("snli,message", [
+    (b"garbage", "snli_test.jsonl.gz, {root}/nli/mnli.jsonl.gz: not nli training data this command reads: "
+     "BadGzipFile("),
+    (gzip.compress(b"[1, 2]\n"), "not nli training data this command reads: TypeError("),
+    (NLI_SAMPLE.read_bytes()[:-100], "not nli training data this command reads: EOFError("),  # cut short
+    (NLI_SAMPLE.read_bytes()[:200] + bytes(100) + NLI_SAMPLE.read_bytes()[300:], "not nli training data this "
+     "command reads: error('Error -3 while decompressing data"),  # zlib.error: corrupt inside
+    (gzip.compress(b""), "{root}/nli/snli_test.jsonl.gz, {root}/nli/mnli.jsonl.gz: no nli row to train on"),
+])
+def test_train_refuses_data_it_cannot_read_naming_its_files(snli, message, tiny_llama_dir, nli_data, tmp_path,
+                                                             capsys):
+    """A review: a corrupt .gz ended in BadGzipFile's traceback, and files of no rows in num_samples=0's."""
+    (nli_data / "nli" / "snli_test.jsonl.gz").write_bytes(snli)
+    argv = ["train", *TINY_RUN, "--base-model", str(tiny_llama_dir), "--data-dir", str(nli_data), "--out",
+            str(tmp_path / "new")]
+    assert message.format(root=nli_data) in refusal(argv, capsys)
+
+
+@pytest.mark.parametrize("options,message", [
+    (["--ranks", "4,8,4"], "loraswap sweep: error: --ranks lists 4 twice: each run of the grid is made once"),
+    (["--lrs", "1e-3,0.001"], "loraswap sweep: error: --lrs lists 0.001 twice"),
+    (["--targets", "attention,attention"], "loraswap sweep: error: --targets lists attention twice"),
+    (["--out", "card.json"], "loraswap sweep: error: --out card.json is a file, not a folder"),
+])
+def test_sweep_refuses_a_grid_with_a_run_twice_or_a_file_as_its_folder(options, message, tmp_path, monkeypatch,
+                                                                        capsys):
+    """A review: ``--ranks 4,4`` trained the same run twice, and a file as ``--out`` raised FileExistsError. Both are
+    refused before the base is even looked for (there is none here)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "card.json").write_text("{}")
+    argv = ["sweep", *TINY_RUN, "--base-model", str(tmp_path / "no_base"), "--out", "runs", *options]
+    assert message in refusal(argv, capsys)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_sweep_refuses_targets_the_base_lacks(tiny_gpt2_dir, tmp_path, capsys):
+    """A review: ``--targets bogus`` ended in peft's NoMatchingPeftModuleError traceback."""
+    argv = ["sweep", *TINY_RUN, "--base-model", str(tiny_gpt2_dir), "--out", str(tmp_path / "runs"), "--ranks", "2",
+            "--lrs", "1e-3", "--targets", "attention,bogus+c_attn"]
+    assert ("loraswap sweep: error: target modules bogus match no linear layer of GPT2LMHeadModel, whose linear layers "
+            "are c_attn, c_fc, c_proj") in refusal(argv, capsys)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_sweep_reads_back_only_the_runs_of_its_own_settings(tiny_gpt2_dir, nli_data, tmp_path, capsys):
+    """A review: ``sweep --task nli --out D --max-steps 1`` then ``sweep --task rte --out D --max-steps 3`` printed the
+    nli run's numbers as rte's: any run folder with a card.json was taken as a finished run of this sweep."""
+    out = tmp_path / "runs"
+    sweep = ["sweep", *TINY_RUN, "--base-model", str(tiny_gpt2_dir), "--data-dir", str(nli_data), "--out", str(out),
+             "--ranks", "2", "--lrs", "1e-3", "--targets", "attention"]
+    assert main(sweep) == 0
+    assert "Loading weights" in capsys.readouterr().err
+    card, tables = (out / "attention_r2_lr0_001" / "card.json").read_text(), (out / "sweep.csv").read_text()
+    assert main(sweep) == 0  # resumed: the run read back, not trained again
+    assert "Loading weights" not in capsys.readouterr().err
+    for options, changes in [
+        (["--task", "rte", "--max-steps", "3"], "task nli (this sweep: rte), max_steps 1 (this sweep: 3), max_length "
+         "256 (this sweep: 384)"),  # the task's default length
+        (["--seed", "1"], "seed 0 (this sweep: 1)"),
+        (["--max-examples", "4", "--alpha", "8"], "alpha 4 (this sweep: 8.0), max_examples 8 (this sweep: 4)"),
+    ]:
+        assert (f"loraswap sweep: error: --out {out} holds runs of other settings: attention_r2_lr0_001 was trained "
+                f"with {changes}; name a new folder for this sweep") in refusal([*sweep, *options], capsys)
+    assert (out / "attention_r2_lr0_001" / "card.json").read_text() == card
+    assert (out / "sweep.csv").read_text() == tables
