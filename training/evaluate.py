@@ -9,15 +9,16 @@ from pathlib import Path
 from service.cli.command import UsageError
 from service.engine.sampling import Decoding
 from service.engine.strategies import READ_BY
-from service.errors import InputTooLong, UnknownAdapter
+from service.errors import AdapterError, InputTooLong, UnknownAdapter
 from service.lora.adapter_files import BASE_LABEL, CONFIG_FILE, adapter_or_base
 from service.runtime import Runtime
 from service.settings import Settings
 from service.tasks.prompts import NLI_LABELS, RTE_LABELS
-from training.data import hidden_in_documents, read_eval
+from training.data import hidden_in_documents, read_eval, sample
 from training.metrics import ECE_BINS, accuracy, confusion_matrix, expected_calibration_error, squad_scores
 
 EVALUATED = "evaluated"  # the name an adapter given as a folder is registered under
+LABELS = {"nli": NLI_LABELS, "rte": RTE_LABELS}  # the labels each label-scoring task predicts
 
 
 def adapter_folder(args: argparse.Namespace) -> Path | None:
@@ -37,7 +38,9 @@ def adapter_folder(args: argparse.Namespace) -> Path | None:
 
 def start_runtime(args: argparse.Namespace, folder: Path | None) -> Runtime:
     """The server's runtime (model, registry, engine, tasks), started, with ``folder`` (an adapter folder or None)
-    among its adapter roots. Raises FileNotFoundError when ``--base-model`` is no model directory."""
+    among its adapter roots. Raises FileNotFoundError when ``--base-model`` is no model directory, UsageError for
+    settings the base model cannot run (``--max-new-tokens`` leaving too few of its positions for a prompt: known
+    only once it is loaded)."""
     settings = Settings(
         base_model=args.base_model, adapters_dir=args.adapters_dir, device=args.device, dtype=args.dtype,
         quantize=args.quantize, max_batch=args.max_batch, batch_window_ms=20,
@@ -47,20 +50,27 @@ def start_runtime(args: argparse.Namespace, folder: Path | None) -> Runtime:
         adapter_roots=[folder.resolve().parent] if folder is not None else [],
     )
     rt = Runtime(settings)
-    rt.start()
+    try:
+        rt.start()
+    except ValueError as exc:  # the runtime's settings that cannot work (runtime.EXPECTED_START_FAILURES)
+        raise UsageError(f"the base model cannot run as asked: {exc}") from None
     return rt
 
 
 def served_adapter(rt: Runtime, args: argparse.Namespace, folder: Path | None) -> str | None:
     """The name ``rt`` serves the evaluated adapter under (None: the bare base), after loading ``folder`` if it is
-    one. Raises AdapterError for a folder the base cannot serve, UnknownAdapter for an adapter of ``--adapters-dir``
-    that was skipped at start (it does not fit the base)."""
+    one. Raises AdapterError for a folder the base cannot serve, and for an adapter of ``--adapters-dir`` that was
+    skipped at start, with the reason the engine refuses it (loaded again to say why)."""
     if adapter_or_base(str(args.adapter)) is None:  # calibrate takes a folder (a Path)
         return None
     if folder is not None:
         rt.load_adapter(EVALUATED, folder)
         return EVALUATED
-    rt.registry.require(args.adapter)
+    if args.adapter not in rt.registry.names():  # skipped at start, the reason only logged
+        try:
+            rt.load_adapter(args.adapter, args.adapters_dir / args.adapter)
+        except AdapterError as exc:
+            raise AdapterError(f"adapter {args.adapter!r} in {args.adapters_dir} cannot be served: {exc}") from None
     return args.adapter
 
 
@@ -75,17 +85,26 @@ async def bounded(coroutines, limit: int) -> list:
     return await asyncio.gather(*(one(c) for c in coroutines))
 
 
-def evaluate_squad(rt: Runtime, adapter: str | None, rows: list[dict], args: argparse.Namespace) -> tuple[dict, dict]:
-    """Answer every SQuAD row through ``rt``'s /answer task, decoded as ``args`` say (row i sampled with seed
-    ``--seed`` + i; under the span constraint unless ``--no-extractive``); returns the scores (``squad_scores``: exact
-    match and F1 in percent, count; and ``span_rate``) and the predictions, ``{question id: answer}``. Raises
-    InputTooLong for a prompt over the runtime's input limit, EngineFailed if the engine thread dies."""
-    def decoding(i: int) -> Decoding:
-        return Decoding(args.strategy, args.temperature, args.top_k, args.top_p, args.max_new_tokens, args.seed + i)
+def shortest_first(rows: list[dict], text: str, call, limit: int) -> list:
+    """Await ``call(row)`` for every row, at most ``limit`` in flight, started in order of ``row[text]``'s length
+    (less padding in a batch); the results in ``rows``' order."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][text]))
+    results = asyncio.run(bounded((call(rows[i]) for i in order), limit))
+    return [result for _, result in sorted(zip(order, results))]
 
-    answers = asyncio.run(bounded(
-        (rt.tasks.answer(row["context"], row["question"], adapter, decoding(i), args.extractive, args.prompt_style)
-         for i, row in enumerate(rows)), rt.settings.max_queue // rt.settings.max_answer_windows))
+
+def evaluate_squad(rt: Runtime, adapter: str | None, rows: list[dict], args: argparse.Namespace) -> tuple[dict, dict]:
+    """Answer every SQuAD row through ``rt``'s /answer task, decoded as ``args`` say (a row sampled with seed
+    ``--seed`` + its ``index`` in the data file; under the span constraint unless ``--no-extractive``); returns the
+    scores (``squad_scores``: exact match and F1 in percent, count; and ``span_rate``) and the predictions,
+    ``{question id: answer}`` in ``rows``' order. Raises InputTooLong for a prompt over the runtime's input limit,
+    EngineFailed if the engine thread dies."""
+    def answer(row: dict):
+        decoding = Decoding(args.strategy, args.temperature, args.top_k, args.top_p, args.max_new_tokens,
+                            args.seed + row["index"])
+        return rt.tasks.answer(row["context"], row["question"], adapter, decoding, args.extractive, args.prompt_style)
+
+    answers = shortest_first(rows, "context", answer, rt.settings.max_queue // rt.settings.max_answer_windows)
     predictions = {row["id"]: answer.answer for row, answer in zip(rows, answers)}
     metrics = squad_scores(predictions, {row["id"]: row["answers"] for row in rows})
     return {**metrics, "span_rate": span_rate(rows, answers)}, predictions
@@ -100,16 +119,15 @@ def span_rate(rows: list[dict], answers: list) -> float:
 
 
 def evaluate_labels(rt: Runtime, adapter: str | None, rows: list[dict], labels: tuple[str, ...],
-                    style: str) -> tuple[dict, list]:
+                    style: str) -> tuple[dict, dict]:
     """Score every premise/hypothesis row through ``rt``'s /nli task, asked in prompt ``style``, and predict its
     likeliest of ``labels``; returns the metrics (accuracy in percent; ``ece``, the expected calibration error in
     percent over ``ECE_BINS`` confidence bins of the probabilities as served, calibrated by the adapter's card if it
     holds a temperature and the style is the adapter's; count; the confusion matrix: rows gold, columns predicted)
-    and the predicted labels in row order. Raises InputTooLong for a prompt over the runtime's input limit,
-    EngineFailed if the engine thread dies."""
-    scored = asyncio.run(bounded(
-        (rt.tasks.nli(row["premise"], row["hypothesis"], adapter, labels, style) for row in rows),
-        rt.settings.max_queue))
+    and the predicted labels, ``{row index in the data file: label}`` in ``rows``' order. Raises InputTooLong for a
+    prompt over the runtime's input limit, EngineFailed if the engine thread dies."""
+    scored = shortest_first(rows, "premise", lambda row: rt.tasks.nli(row["premise"], row["hypothesis"], adapter,
+                                                                      labels, style), rt.settings.max_queue)
     predictions = [max(probs, key=probs.get) for probs in scored]
     golds = [row["label"] for row in rows]
     matrix = {"rows": "gold", "columns": "predicted", "labels": list(labels),
@@ -117,7 +135,7 @@ def evaluate_labels(rt: Runtime, adapter: str | None, rows: list[dict], labels: 
     ece = expected_calibration_error([max(probs.values()) for probs in scored],
                                      [p == g for p, g in zip(predictions, golds)])
     return {"accuracy": accuracy(predictions, golds), "ece": ece, "ece_bins": ECE_BINS, "count": len(rows),
-            "confusion_matrix": matrix}, predictions
+            "confusion_matrix": matrix}, {row["index"]: label for row, label in zip(rows, predictions)}
 
 
 def confusion_table(matrix: dict) -> str:
@@ -128,11 +146,11 @@ def confusion_table(matrix: dict) -> str:
     return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(line, widths)) for line in lines)
 
 
-def score(rt: Runtime, adapter: str | None, rows: list[dict], args: argparse.Namespace) -> tuple[dict, dict | list]:
+def score(rt: Runtime, adapter: str | None, rows: list[dict], args: argparse.Namespace) -> tuple[dict, dict]:
     """The task's metrics on ``rows`` and the predictions (see ``evaluate_squad`` and ``evaluate_labels``)."""
     if args.task == "squad":
         return evaluate_squad(rt, adapter, rows, args)
-    return evaluate_labels(rt, adapter, rows, NLI_LABELS if args.task == "nli" else RTE_LABELS, args.prompt_style)
+    return evaluate_labels(rt, adapter, rows, LABELS[args.task], args.prompt_style)
 
 
 def eval_report(args: argparse.Namespace, metrics: dict) -> dict:
@@ -148,30 +166,52 @@ def eval_report(args: argparse.Namespace, metrics: dict) -> dict:
     return report
 
 
-def run(args: argparse.Namespace) -> dict:
-    """``loraswap eval``: print the report (and the confusion matrix of nli and rte), write ``--predictions`` and
-    ``--json`` if given, and return the report. The adapter is checked before the data is read and the model loaded.
-    Raises UnknownAdapter or AdapterError for an adapter it cannot evaluate, FileNotFoundError for absent data or
-    base model, UsageError for data that is not the task's, --distractors with another task than squad, more than
-    the data has, or making an example longer than the server takes."""
-    if args.distractors and args.task != "squad":
-        raise UsageError(f"--distractors hides SQuAD paragraphs among others: not for --task {args.task}")
-    folder = adapter_folder(args)
-    text = "context" if args.task == "squad" else "premise"
+def check_labels(rows: list[dict], labels: tuple[str, ...], source: str) -> None:
+    """UsageError naming the first row (by its index in ``source``, from 0) whose label is not one of ``labels``."""
+    for i, row in enumerate(rows):
+        if row["label"] not in labels:
+            raise UsageError(f"{source}: row {i} (from 0) has label {row['label']!r}, not one of "
+                             f"{', '.join(labels)}")
+
+
+def evaluated_rows(args: argparse.Namespace) -> list[dict]:
+    """The rows ``args`` evaluate, in the data file's order, each with its ``index`` among the file's rows (from 0):
+    the ``--limit`` sample (``read_eval``'s), each SQuAD context hidden among ``--distractors`` paragraphs. Raises
+    FileNotFoundError for absent data, UsageError for data that is not the task's, holds no rows or a label the task
+    does not have, and for more --distractors than it has."""
+    source = args.data or f"the {args.task} dev set"
     try:
-        rows = read_eval(args.task, args.data, args.limit, args.sample_seed)
+        every = read_eval(args.task, args.data)
     except FileNotFoundError:
         raise
     except (ValueError, KeyError, TypeError, OSError) as exc:  # not the task's format (JSON, fields), unreadable
-        source = args.data or f"the {args.task} dev set"
         raise UsageError(f"{source}: not a {args.task} file this command reads: {exc!r}") from None
-    if args.distractors:
-        paragraphs = list(dict.fromkeys((row["title"], row["context"]) for row in read_eval(args.task, args.data)))
-        try:
-            rows = hidden_in_documents(rows, paragraphs, args.distractors, args.sample_seed)
-        except ValueError as exc:
-            raise UsageError(f"--distractors {args.distractors}: {exc}") from None
-    rows = sorted(rows, key=lambda row: len(row[text]))  # less padding
+    if not every:
+        raise UsageError(f"{source} holds no {args.task} rows to evaluate")
+    if args.task in LABELS:
+        check_labels(every, LABELS[args.task], source)
+    rows = sample([{**row, "index": i} for i, row in enumerate(every)], args.limit, args.sample_seed,
+                  key=None if args.task == "squad" else "label")  # as read_eval draws it
+    if not args.distractors:
+        return rows
+    try:
+        return hidden_in_documents(rows, list(dict.fromkeys((row["title"], row["context"]) for row in every)),
+                                   args.distractors, args.sample_seed)
+    except ValueError as exc:
+        raise UsageError(f"--distractors {args.distractors}: {exc}") from None
+
+
+def run(args: argparse.Namespace) -> dict:
+    """``loraswap eval``: print the report (and the confusion matrix of nli and rte), write ``--predictions`` and
+    ``--json`` if given, and return the report. The adapter is checked before the data is read, the data
+    (``evaluated_rows``) before the model is loaded. Raises UnknownAdapter or AdapterError for an adapter it cannot
+    evaluate, FileNotFoundError for absent data or base model, UsageError for data that is not the task's or holds
+    no rows or an unknown label, --distractors with another task than squad or more than the data has, settings the
+    base model cannot run, or making an example longer than the server takes."""
+    if args.distractors and args.task != "squad":
+        raise UsageError(f"--distractors hides SQuAD paragraphs among others: not for --task {args.task}")
+    folder = adapter_folder(args)
+    rows = evaluated_rows(args)
     rt = start_runtime(args, folder)
     try:
         metrics, predictions = score(rt, served_adapter(rt, args, folder), rows, args)
