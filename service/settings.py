@@ -18,6 +18,7 @@ CPU_DRAFT_TOKENS = 4  # draft_tokens unset, on the CPU (docs/benchmarks.md, "Dra
 CPU_PREFILL_CHUNK = 512  # prefill_chunk unset, on the CPU (docs/benchmarks.md, "Prefill without chunking")
 MIN_PROMPT_TOKENS = 16  # the shortest longest-prompt a server may be set to (max_input_tokens)
 DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]+)?)$"  # the devices the engine runs on (torch.device names)
+ADAPTER_NAME = r"[A-Za-z_][A-Za-z0-9_]{0,63}"  # what an adapter may be named: a plain identifier (adapter_files)
 MOST_DEFAULT_STRIDE = 128  # answer_stride unset: min(a window's context tokens // 2, this); Hugging Face's doc_stride
 
 
@@ -62,10 +63,12 @@ class Settings(BaseSettings):
                                     "JSON list)")
     max_resident: int = Field(8, ge=1, description="adapters kept in device slots at once (LRU)")
     max_rank: int = Field(64, ge=1, description="largest LoRA rank a slot holds")
-    qa_adapter: str | None = Field("squad", description="adapter /answer uses when the request names none (the bare "
-                                   "base while none of that name is registered)")
-    nli_adapter: str | None = Field("nli", description="adapter /nli uses when the request names none (the bare "
-                                    "base while none of that name is registered)")
+    qa_adapter: str | None = Field("squad", pattern=f"^{ADAPTER_NAME}$", description="adapter /answer uses when the "
+                                   "request names none (the bare base while none of that name is registered; none: "
+                                   "the bare base)")
+    nli_adapter: str | None = Field("nli", pattern=f"^{ADAPTER_NAME}$", description="adapter /nli uses when the "
+                                    "request names none (the bare base while none of that name is registered; none: "
+                                    "the bare base)")
 
     # engine
     max_batch: int = Field(32, ge=1, description="most requests in one batch")

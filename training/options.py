@@ -37,8 +37,9 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base-model", default="smollm2", help=BASE_HELP)
     parser.add_argument("--data-dir", type=Path, help="task data (default: $LORASWAP_DATA_DIR, else shared/data "
                         "beside the repository)")
-    parser.add_argument("--alpha", type=float, help="LoRA alpha (default: 2 x rank)")
-    parser.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout")
+    parser.add_argument("--alpha", type=positive(float), help="LoRA alpha (default: 2 x rank)")
+    parser.add_argument("--dropout", type=bounded(float, lambda value: 0 <= value < 1, "in [0, 1)", "probability"),
+                        default=0.05, help="LoRA dropout")
     parser.add_argument("--epochs", type=positive(float), default=1.0, help="passes over the training examples")
     parser.add_argument("--max-examples", type=positive(int), help="train on at most this many examples (default: all)")
     parser.add_argument("--eval-examples", type=nonnegative(int), default=200,
@@ -50,7 +51,7 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=positive(int), help="tokens per example; longer SQuAD contexts are cut "
                         "around the answer, longer NLI pairs dropped (default: " +
                         ", ".join(f"{task} {length}" for task, length in TASK_DEFAULT_LENGTH.items()) + ")")
-    parser.add_argument("--warmup", type=float, default=0.03,
+    parser.add_argument("--warmup", type=nonnegative(float), default=0.03,
                         help="learning-rate warmup steps (<1: a share of all steps)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the shuffle, the validation split and the LoRA initialisation")
@@ -64,7 +65,8 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
 def add_train_options(parser: argparse.ArgumentParser) -> None:
     """The options of ``loraswap train``: the shared ones, the adapter folder, the step budget and the LoRA."""
     add_run_options(parser)
-    parser.add_argument("--out", required=True, type=Path, help="adapter folder, e.g. adapters/squad")
+    parser.add_argument("--out", required=True, type=new_folder,
+                        help="adapter folder to make, e.g. adapters/NAME: new or empty (never written over)")
     parser.add_argument("--max-steps", type=positive(int),
                         help="stop after this many optimizer steps (default: every epoch of --epochs)")
     parser.add_argument("--rank", type=positive(int), default=16, help="LoRA rank")
@@ -76,7 +78,11 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
 def add_sweep_options(parser: argparse.ArgumentParser) -> None:
     """The options of ``loraswap sweep``: the shared ones, the output folder, the steps per run and the grid."""
     add_run_options(parser)
-    parser.add_argument("--out", required=True, type=Path, help="folder for the runs and the tables")
+    parser.add_argument("--out", required=True, type=Path,
+                        help="folder for the runs (OUT/RUN, each a loraswap train adapter) and the tables; a sweep "
+                        "resumes in it: a run whose card.json records the settings this sweep trains it with is read "
+                        "back, not trained again, one without a card.json (cut off) is trained again, and one whose "
+                        "card records other settings is a usage error (name a new folder)")
     parser.add_argument("--max-steps", type=positive(int), default=200, help="optimizer steps per run")
     parser.add_argument("--ranks", type=comma_list(positive(int)), default="4,8,16,32,64",
                         help="comma list of LoRA ranks")
@@ -117,7 +123,8 @@ def add_eval_options(parser: argparse.ArgumentParser) -> None:
                         f"(default: {SAMPLING_DEFAULTS['top_p']})")
     parser.add_argument("--temperature", type=nonnegative(float), help="softmax temperature of the sampling "
                         f"strategies; 0 is greedy (default: {SAMPLING_DEFAULTS['temperature']})")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed: the i-th example samples with seed + i")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed: the example at index i of the data file "
+                        "(from 0, whatever --limit draws) samples with seed + i")
     parser.add_argument("--max-new-tokens", type=positive(int), default=32, help="most tokens generated per answer")
     parser.add_argument("--extractive", action=argparse.BooleanOptionalAction, default=True,
                         help="SQuAD answers decoded under the span constraint, as /answer's default; "
@@ -129,9 +136,11 @@ def add_eval_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--distractors", type=nonnegative(int), default=0,
                         help="SQuAD: hide each question's paragraph among this many paragraphs of other articles, "
                         "drawn with --sample-seed, in one long context")
-    parser.add_argument("--predictions", type=Path,
-                        help="write the predictions here, SQuAD as the official {id: answer} (default: not written)")
-    parser.add_argument("--json", type=Path, help="also write the metrics here (default: printed only)")
+    parser.add_argument("--predictions", type=output_file,
+                        help="write the predictions here in the data file's order: SQuAD as the official {id: answer}, "
+                        "nli and rte as {index: label}, index the row's place among the file's rows from 0 (of an "
+                        "MNLI file, among its dev_matched rows) (default: not written)")
+    parser.add_argument("--json", type=output_file, help="also write the metrics here (default: printed only)")
     add_engine_options(parser)
 
 

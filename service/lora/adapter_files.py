@@ -24,11 +24,12 @@ from safetensors import SafetensorError, safe_open
 from service import strict_json
 from service.errors import AdapterError, AdapterPathMissing, AdapterPathRefused
 from service.lora.card import CARD_FILE, Calibration, read_calibration
+from service.settings import ADAPTER_NAME
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLED_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
-NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+NAME_PATTERN = re.compile(ADAPTER_NAME)
 BASE_MODEL_ID = "base"  # the bare base model's OpenAI model id
 BASE_LABEL = "none"  # the bare base model's metric label (and `loraswap eval --adapter none`)
 RESERVED_NAMES = (BASE_MODEL_ID, BASE_LABEL)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -46,6 +47,9 @@ from tests.data.make_corpus import SQUAD_SAMPLE
     *((["serve", "--max-queue-wait", value], "max_queue_wait: Input should be a finite number") for value in
       ("inf", "nan")),
     (["serve", "--drain-seconds", "inf"], "drain_seconds: Input should be a finite number"),
+    # a default adapter no adapter can be named (a review: accepted, with a warning that none of that name is there)
+    *((["serve", flag_, name], f"loraswap serve: error: {flag_[2:].replace('-', '_')}: String should match pattern")
+      for flag_ in ("--qa-adapter", "--nli-adapter") for name in ("../x", "", "a-b", "x" * 65)),
     (["serve", "--draft-tokens", "-1"], "draft_tokens: Input should be greater than or equal to 0"),
     *((["loadtest", "--scenario", "soak", "--users", "1", "--duration", duration, "--host", "http://127.0.0.1:9",
         "--adapter-root", "x", "--json", "x.json", *more], message) for duration, more, message in [
@@ -111,6 +115,10 @@ from tests.data.make_corpus import SQUAD_SAMPLE
       for task in ("nli", "rte")),
     (["eval", "--task", "squad", "--adapter", "none", "--data", str(SQUAD_SAMPLE), "--distractors", "300"],
      "loraswap eval: error: --distractors 300: only 2"),
+    # what eval writes once it is done, checked as it is parsed: a folder was an IsADirectoryError after the work
+    *((["eval", "--task", "nli", "--adapter", "none", option, str(Path(__file__).parent)],
+       f"loraswap eval: error: argument {option}: {Path(__file__).parent} is a folder, not a file to write")
+      for option in ("--predictions", "--json")),
 ])
 def test_requests_that_cannot_be_done_are_usage_errors(argv, message, tiny_llama_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
