@@ -14,6 +14,7 @@ from service import metrics, strict_json
 from service.engine.scheduler import Engine
 from service.errors import AdapterError, AdapterMerged, UnsafeEnvironment
 from service.lora.adapter_files import CONFIG_FILE, AdapterWeights, check_name, check_path
+from service.lora.bounded_read import read_bounded
 from service.lora.registry import AdapterRegistry
 from service.model.base_model import load_base, max_positions
 from service.model.cpu_threads import on_passing_thread
@@ -70,15 +71,6 @@ def compiled(template: str) -> str:
     except Exception as exc:  # whatever the template's text makes Jinja or Python raise
         raise AdapterError(f"the adapter's chat template does not compile: {type(exc).__name__}: {exc}") from None
     return template
-
-
-def read_bounded(path: Path, most: int) -> str:
-    """The UTF-8 text of ``path``, whose size (bytes) is checked before it is read: AdapterError when over
-    ``most``; OSError or UnicodeDecodeError (a ValueError) as reading it raises."""
-    size = path.stat().st_size
-    if size > most:
-        raise AdapterError(f"the adapter's {path.name} has {size} bytes, more than the {most} it may have")
-    return path.read_text(encoding="utf-8")
 
 
 def default_template(template) -> str | None:

@@ -23,6 +23,7 @@ from safetensors import SafetensorError, safe_open
 
 from service import strict_json
 from service.errors import AdapterError, AdapterPathMissing, AdapterPathRefused
+from service.lora.bounded_read import MAX_ADAPTER_JSON_BYTES, read_bounded
 from service.lora.card import CARD_FILE, Calibration, read_calibration
 from service.settings import ADAPTER_NAME
 
@@ -223,7 +224,7 @@ def read_config(folder: Path, max_rank: int) -> LoraConfig:
     exactly (AdapterError, 422, naming the field): a field peft does not know, a config peft cannot parse, or any
     field outside ``SERVED_FIELDS`` that is not at its default."""
     try:
-        config = strict_json.loads(adapter_file(folder, CONFIG_FILE).read_text())
+        config = strict_json.loads(read_bounded(adapter_file(folder, CONFIG_FILE), MAX_ADAPTER_JSON_BYTES))
     except FileNotFoundError:
         raise AdapterError(f"{folder} has no {CONFIG_FILE}") from None
     except strict_json.RepeatedKey as exc:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from service import strict_json
 from service.errors import AdapterError
+from service.lora.bounded_read import MAX_ADAPTER_JSON_BYTES, read_bounded
 
 CARD_FILE = "card.json"
 CALIBRATION_FIELD = "label_calibration"  # {"temperature": T, "labels": [...], and how T was fitted}
@@ -42,7 +43,7 @@ def read_calibration(card_path: Path) -> Calibration:
     if not card_path.exists():
         return Calibration()
     try:
-        card = strict_json.loads(card_path.read_text())
+        card = strict_json.loads(read_bounded(card_path, MAX_ADAPTER_JSON_BYTES))  # AdapterError: a FIFO, too large
     except strict_json.RepeatedKey as exc:
         raise AdapterError(f"{card_path}: {exc}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 from pathlib import Path
 from urllib.parse import quote
 
@@ -14,6 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from service.lora.bounded_read import MAX_ADAPTER_JSON_BYTES
+from service.lora.card import CARD_FILE
 from tests.http.replies import error_message
 from tests.server_helpers import ADMIN, copy_adapters, listed, ready_client, tiny_settings
 from tests.tiny_models import make_adapter
@@ -233,6 +236,46 @@ def test_unregistering_or_merging_a_name_no_adapter_can_have_is_refused_as_regis
     for reply in replies:
         assert (reply.status_code, error_message(reply)) == (422, error_message(registering)), reply.text
     assert client.get("/adapters", headers=ADMIN).json() == before
+
+
+def fifo_at(file: str):
+    def edit(folder: Path) -> None:
+        (folder / file).unlink(missing_ok=True)
+        os.mkfifo(folder / file)
+    return edit
+
+
+def folder_at(file: str):
+    def edit(folder: Path) -> None:
+        (folder / file).unlink(missing_ok=True)
+        (folder / file).mkdir()
+    return edit
+
+
+def spaced_config(folder: Path) -> None:
+    (folder / CONFIG).write_text((folder / CONFIG).read_text() + " " * MAX_ADAPTER_JSON_BYTES)
+
+
+@pytest.mark.parametrize("kind,edit,fragments", [
+    ("fifo_config", fifo_at(CONFIG), (CONFIG, "not a regular file")),
+    ("fifo_card", fifo_at(CARD_FILE), (CARD_FILE, "not a regular file")),
+    ("folder_config", folder_at(CONFIG), (CONFIG, "not a regular file")),
+    ("spaced_config", spaced_config, (CONFIG, f"more than the {MAX_ADAPTER_JSON_BYTES}")),
+])
+def test_a_config_or_card_that_is_no_regular_file_or_too_large_is_refused_at_once(client, refusals, llama_adapters,
+                                                                                   kind, edit, fragments):
+    """A review: a named pipe as adapter_config.json held the load, and the lock on adapter changes with it, until
+    something wrote to the pipe: every later load and unload hung. (Made in the root not scanned at start, so that
+    the old code hangs this test, not the server's start; the load runs on a thread, to fail rather than hang.)"""
+    folder = variant(llama_adapters["one"], refusals.second_root / kind, edit)
+    done = []
+    attempt = threading.Thread(target=lambda: done.append(refused(client, kind, folder, 422, *fragments)), daemon=True)
+    attempt.start()
+    attempt.join(timeout=60)
+    assert done, "the load did not return"
+    reply = client.post("/adapters", json={"name": "after", "path": str(refusals.adapters_dir / "two")}, headers=ADMIN)
+    assert reply.status_code == 201, reply.text
+    assert client.delete("/adapters/after", headers=ADMIN).status_code == 200
 
 
 def test_a_duplicate_name_is_409(client, refusals):
