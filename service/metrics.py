@@ -68,8 +68,9 @@ BATCH_SIZE = Histogram("loraswap_batch_size",
                        "Requests admitted together: a new batch, or requests joining a running one",
                        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
 INTER_TOKEN_LATENCY = AdapterHistogram(
-    "loraswap_inter_token_latency_seconds", "Time between two consecutive tokens of a streamed choice, as the engine "
-    "picked them (its decoding steps, and the pauses in which requests join the batch)", ["adapter"],
+    "loraswap_inter_token_latency_seconds", "Time between two consecutive tokens of a completion's choice, streamed "
+    "or not (as vLLM's time_per_output_token), as the engine picked them (its decoding steps, and the pauses in which "
+    "requests join the batch)", ["adapter"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
 GENERATED_TOKENS = AdapterCounter("loraswap_generated_tokens", "Tokens generated", ["adapter"])
 ADAPTER_LOAD = Histogram("loraswap_adapter_load_seconds", "Time to read and check an adapter",
