@@ -58,7 +58,7 @@ def linked_out(name: str):
 
 
 HOSTILE = {
-    "folder_as_config": (folder_as_config, AdapterError, "cannot be read"),
+    "folder_as_config": (folder_as_config, AdapterError, "adapter_config.json is not a regular file"),
     "deeply_nested_config": (deeply_nested_config, AdapterError, "not valid JSON"),
     "config_key_twice": (key_twice(CONFIG_FILE, "lora_alpha"), AdapterError, '"lora_alpha" appears 2 times'),
     "tensor_named_twice": (key_twice(WEIGHTS_FILE), AdapterError, "appears 2 times"),  # safetensors takes it
