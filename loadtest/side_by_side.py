@@ -209,15 +209,16 @@ def check_reachable(systems: Sequence[tuple[str, str, str]]) -> None:
     for name, _, url in systems:
         try:
             httpx.get(url, timeout=10)
-        except httpx.TransportError as exc:
+        except (httpx.TransportError, httpx.InvalidURL) as exc:
             raise ValueError(f"system {name} does not answer at {url}: {type(exc).__name__}: {exc}") from None
 
 
 def run_side_by_side(args: argparse.Namespace) -> None:
     """Run the comparison, print its tables, write the JSON and markdown asked for. Names that ``check_names``
     refuses and a system that does not answer (``check_reachable``) are a usage error (exit status 2, before any
-    request is timed). Raises FileNotFoundError without the data, ValueError when a llama.cpp server lacks an adapter
-    (``LlamaCpp.prepare``), httpx errors for a failed request."""
+    request is timed); a request that fails during the run (an HTTP error status: a wrong URL path, a server that
+    refuses) ends it with one line and exit status 1. Raises FileNotFoundError without the data, ValueError when a
+    llama.cpp server lacks an adapter (``LlamaCpp.prepare``)."""
     try:
         baseline = check_names(args)
         planned = planned_requests(args)
@@ -225,7 +226,12 @@ def run_side_by_side(args: argparse.Namespace) -> None:
     except ValueError as exc:
         print(f"loraswap side-by-side: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    report = compare(args, planned)
+    try:
+        report = compare(args, planned)
+    except httpx.HTTPError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__  # httpx adds a line of docs' address
+        print(f"loraswap side-by-side: error: a request failed, so no report: {first}", file=sys.stderr)
+        raise SystemExit(1) from None
     tables = markdown(report["summary"], [name for name, _, _ in args.system], baseline)
     print(tables)
     if args.json:

@@ -37,7 +37,8 @@ def require_extra(extra: str, *modules: str) -> None:
     submodules."""
     for module in modules:
         if importlib.util.find_spec(module) is None:
-            raise UsageError(f'needs {module}, of the optional dependencies "{extra}": pip install -e ".[{extra}]"')
+            raise UsageError(f'needs {module}, of the optional dependencies "{extra}": pip install -c '
+                             f'requirements/lock.txt -e ".[{extra}]"')
 
 
 def flag(name: str) -> str:
@@ -119,13 +120,19 @@ def output_file(text: str) -> Path:
 
 
 def new_folder(text: str) -> Path:
-    """An argparse type: a folder a command creates and fills: not empty, not an existing file, and, where it exists,
-    empty (a command never writes over what a folder holds, an adapter's files least of all)."""
+    """An argparse type: a folder a command creates and fills: not empty, not an existing file nor a symlink to
+    nothing, not below a file, and, where it exists, empty (a command never writes over what a folder holds, an
+    adapter's files least of all). Checked when parsed: a folder filled after that is not seen."""
     path = Path(text)
     if not text:
         raise argparse.ArgumentTypeError("must name a folder, not be empty")
+    if path.is_symlink() and not path.exists():
+        raise argparse.ArgumentTypeError(f"{text} is a symlink to nothing, not a folder")
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a file, not a folder")
+    above = next(folder for folder in path.absolute().parents if folder.exists())  # the folders made go in it
+    if not above.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} lies below a file, {above}: no folder can be made there")
     try:
         holds = path.is_dir() and any(path.iterdir())
     except OSError as exc:  # a folder it may not read

@@ -201,7 +201,7 @@ class Tasks:
         room = self.max_prompt - asked - WINDOW_SLACK
         if room <= 0:
             raise InputTooLong(f"the question leaves no room for a context: its prompt takes {asked} of the "
-                               f"{self.max_prompt} tokens accepted")
+                               f"{self.max_prompt} tokens accepted, {WINDOW_SLACK} of which a window keeps free")
         offsets = self.tokenizer(context, add_special_tokens=False, split_special_tokens=True,
                                  return_offsets_mapping=True)["offset_mapping"]
         # the windows queue together, all or none (Engine.submit_together): more than the queue holds never would

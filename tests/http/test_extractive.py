@@ -170,7 +170,8 @@ def test_a_context_past_the_windows_cap_is_413_and_a_free_answer_past_one_prompt
 
 
 @pytest.mark.parametrize("left,message", [
-    (range(-8, 1), r"the question leaves no room for a context: its prompt takes \d+ of the 64 tokens accepted"),
+    (range(-8, 1), r"the question leaves no room for a context: its prompt takes \d+ of the 64 tokens accepted, "
+                   r"8 of which a window keeps free"),
     (range(1, 17), r"the question leaves \d+ tokens of context per prompt, no more than the 16 two windows share; "
                    r"at most 64 tokens are accepted"),
 ])

@@ -108,6 +108,7 @@ from tests.data.make_corpus import SQUAD_SAMPLE
     *((["merge", "--adapter", "squad", "--out", out], f"loraswap merge: error: argument --out: {message}")
       for out, message in [(".", ". already holds files: name a new or empty folder"),
                            ("pyproject.toml", "pyproject.toml is a file, not a folder"),
+                           ("pyproject.toml/x/y", "pyproject.toml/x/y lies below a file"),
                            ("", "must name a folder, not be empty")]),
     # --distractors: SQuAD only, and no more than the data has (both found before the model loads)
     *((["eval", "--task", task, "--adapter", "none", "--distractors", "2"],
@@ -286,4 +287,14 @@ def test_a_command_whose_optional_dependencies_are_missing_says_how_to_install_t
         main(argv)
     assert exit_.value.code == 2
     assert capsys.readouterr().err == (f'loraswap {argv[0]}: error: needs {module}, of the optional dependencies '
-                                       f'"{extra}": pip install -e ".[{extra}]"\n')
+                                       f'"{extra}": pip install -c requirements/lock.txt -e ".[{extra}]"\n')
+
+
+@pytest.mark.parametrize("command", [["merge", "--adapter", "squad"], ["train", "--task", "nli"]])
+def test_an_out_folder_that_is_a_symlink_to_nothing_is_a_usage_error(command, tmp_path, capsys):
+    """A review: it passed the parse and ended in FileExistsError once the work was done."""
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(SystemExit) as exit_:
+        main([*command, "--out", str(link)])
+    assert exit_.value.code == 2 and f"argument --out: {link} is a symlink to nothing" in capsys.readouterr().err

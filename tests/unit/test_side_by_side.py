@@ -192,6 +192,29 @@ def test_a_system_that_does_not_answer_is_a_usage_error_before_any_is_timed(tmp_
                                                       "http://127.0.0.1:9"), error
 
 
+@pytest.mark.parametrize("path,status,message", [
+    ("http://256.0.0.1:9", 2, "system down does not answer at http://256.0.0.1:9: InvalidURL"),
+    ("UP/nope", 1, "a request failed, so no report: Server error '501 Unsupported method"),
+])
+def test_a_bad_url_or_a_failed_request_is_one_line_not_a_traceback(tmp_path, capsys, path, status, message):
+    """A review: an invalid host was an httpx.InvalidURL traceback; a URL whose server answers every request with an
+    error status (here 501) passed the check and ended the run in an HTTPStatusError traceback."""
+    write_data(tmp_path)
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    up = f"http://127.0.0.1:{server.server_port}"
+    args = argparse.Namespace(system=[("up", "loraswap", up), ("down", "openai", path.replace("UP", up))], pid=[],
+                              baseline=None, cache_prompt=False,
+                              **vars(side_by_side_args(tmp_path, [("squad", 1)], 2, 1, 0)))
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            run_side_by_side(args)
+    finally:
+        server.shutdown()
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert exit_.value.code == status and error.startswith(f"loraswap side-by-side: error: {message}"), error
+
+
 def test_workload_refuses_an_unknown_mode(tmp_path):
     with pytest.raises(ValueError, match="mode"):
         workload("nli", 2, tmp_path)
