@@ -21,6 +21,7 @@ from transformers import AutoConfig
 
 from service.cli.command import UsageError
 from training import train
+from training.data import data_dir
 
 COLUMNS = [
     "run", "targets", "target_modules", "rank", "lr", "trainable_parameters", "steps",
@@ -97,10 +98,10 @@ def finished_card(options: argparse.Namespace, model: torch.nn.Module) -> dict |
     if not path.is_file():
         return None
     config = train.lora_config(model, options.rank, options.alpha, options.dropout, options.target_modules)
-    expected = train.trained_as(options, config)
+    expected = {**train.trained_as(options, config), "data_dir": str(options.data_dir or data_dir())}
     try:
         card = json.loads(path.read_text())
-        recorded = {key: card.get(key) for key in expected}
+        recorded = {**{key: card.get(key) for key in expected}, "data_dir": (card.get("data") or {}).get("dir")}
     except (OSError, ValueError, AttributeError) as exc:  # unreadable, not JSON, not an object
         raise UsageError(f"{path}: not the card of a run this command reads ({exc!r})") from None
     if recorded != expected:

@@ -125,6 +125,7 @@ def test_sweep_reads_back_only_the_runs_of_its_own_settings(tiny_gpt2_dir, nli_d
     assert main(sweep) == 0
     assert "Loading weights" in capsys.readouterr().err
     card, tables = (out / "attention_r2_lr0_001" / "card.json").read_text(), (out / "sweep.csv").read_text()
+    other = shutil.copytree(nli_data, tmp_path / "other")
     assert main(sweep) == 0  # resumed: the run read back, not trained again
     assert "Loading weights" not in capsys.readouterr().err
     for options, changes in [
@@ -132,6 +133,7 @@ def test_sweep_reads_back_only_the_runs_of_its_own_settings(tiny_gpt2_dir, nli_d
          "256 (this sweep: 384)"),  # the task's default length
         (["--seed", "1"], "seed 0 (this sweep: 1)"),
         (["--max-examples", "4", "--alpha", "8"], "alpha 4 (this sweep: 8.0), max_examples 8 (this sweep: 4)"),
+        (["--data-dir", str(other)], f"data_dir {nli_data} (this sweep: {other})"),  # other data: a review
     ]:
         assert (f"loraswap sweep: error: --out {out} holds runs of other settings: attention_r2_lr0_001 was trained "
                 f"with {changes}; name a new folder for this sweep") in refusal([*sweep, *options], capsys)
