@@ -10,8 +10,10 @@ import argparse
 import copy
 import hashlib
 import json
+import os
 import random
 import shlex
+import shutil
 import sys
 import time
 import zlib
@@ -356,6 +358,25 @@ def save_adapter(model: torch.nn.Module, out: Path) -> None:
     (out / "README.md").unlink(missing_ok=True)  # peft's template model card: card.json is ours
 
 
+def partial_folder(out: Path) -> Path:
+    """A new hidden folder beside ``out`` (its parents made) for a run to write into before ``publish``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.parent / f".{out.name}.partial-{os.getpid()}-{time.time_ns()}"
+    partial.mkdir()
+    return partial
+
+
+def publish(partial: Path, out: Path) -> None:
+    """Move the finished run's folder ``partial`` to ``out`` in one rename, which takes the place of nothing or of an
+    empty folder only: an ``out`` that was filled while the run trained (``--out`` is checked when parsed) is left as
+    it is, UsageError naming where the new adapter stays."""
+    try:
+        os.rename(partial, out)
+    except OSError:  # ENOTEMPTY or EEXIST: filled meanwhile; ENOTDIR: a file there now
+        raise UsageError(f"{out} was filled while training, so it is left as it is: the new adapter is in "
+                         f"{partial}") from None
+
+
 def hyperparameters(args: argparse.Namespace, config: LoraConfig) -> dict:
     """The card's ``hyperparameters``: the LoRA as peft made it (``config``: alpha, target modules), the run's
     optimisation settings (``lr`` the peak learning rate) and its data budget (``max_length`` in tokens per example,
@@ -400,21 +421,38 @@ def train_adapter(args: argparse.Namespace) -> dict:
     """Train one adapter into ``args.out``: its weights, ``adapter_config.json``, ``loss.png`` and ``card.json``.
     Returns the card (``train_seconds`` in wall-clock seconds, losses in nats per target token). Raises, before the
     base's weights load, as ``checked_examples`` does: UnsafeEnvironment, FileNotFoundError for absent data files or
-    base model, UsageError for targets the base lacks or data that leaves nothing to train on."""
+    base model, UsageError for targets the base lacks or data that leaves nothing to train on; after training,
+    UsageError when ``--out`` was filled meanwhile (``publish``: the run is written beside it, then moved there)."""
     started = time.time()
     set_seed(args.seed)
     out = Path(args.out)
     settings = base_settings(args)
     examples = checked_examples(args, settings)
     model, tokenizer = load_model(args, settings)
+    partial = partial_folder(out)
+    try:
+        card = trained_card(argparse.Namespace(**{**vars(args), "out": partial}), out.name, model, tokenizer,
+                            examples, settings, started)
+    except BaseException:  # interrupted, failed: nothing half-written is left
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    publish(partial, out)
+    return card
+
+
+def trained_card(args: argparse.Namespace, name: str, model: PeftModel, tokenizer: PreTrainedTokenizerBase,
+                 examples: Examples, settings: Settings, started: float) -> dict:
+    """Train ``model`` on ``examples`` and write the adapter ``name`` into ``args.out``: its weights, config,
+    ``loss.png`` and ``card.json``; returns the card."""
+    out = Path(args.out)
     trainer = make_trainer(args, model, tokenizer, examples, use_bf16(args.bf16))
     mean_train_loss = fit(trainer)
     save_adapter(model, out)
     history = trainer.state.log_history
-    plot_losses(history, out / "loss.png", f"{out.name}: {args.task}, r={args.rank}, lr={args.lr:g}")
+    plot_losses(history, out / "loss.png", f"{name}: {args.task}, r={args.rank}, lr={args.lr:g}")
     base_file, base_sha = base_weights(str(args.base_model), settings.cache_dir)
     card = {
-        "name": out.name, **trained_as(args, model.peft_config["default"]), "base_file": base_file,
+        "name": name, **trained_as(args, model.peft_config["default"]), "base_file": base_file,
         "base_sha256": base_sha,
         "data": {"dir": str(args.data_dir or data_dir()), "files": examples.files},
         "examples": examples.counts(),

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from service.cli.command import UsageError
 from service.cli.main import main
 from tests.data.make_corpus import NLI_SAMPLE
+from training import train
 
 TINY_RUN = ["--task", "nli", "--max-steps", "1", "--max-examples", "8", "--eval-examples", "2", "--batch-size", "2"]
 
@@ -139,3 +141,23 @@ def test_sweep_reads_back_only_the_runs_of_its_own_settings(tiny_gpt2_dir, nli_d
                 f"with {changes}; name a new folder for this sweep") in refusal([*sweep, *options], capsys)
     assert (out / "attention_r2_lr0_001" / "card.json").read_text() == card
     assert (out / "sweep.csv").read_text() == tables
+
+
+@pytest.mark.parametrize("filled", [True, False])
+def test_a_run_takes_the_place_of_an_empty_out_only(tmp_path, filled):
+    """A review: ``--out`` is checked when parsed, and an adapter copied there during the minutes of training was
+    written over. A run now writes beside ``--out`` and moves there in one rename, which an ``--out`` filled
+    meanwhile refuses: left as it was, the new adapter kept where it was written."""
+    out = tmp_path / "adapter"
+    out.mkdir()
+    if filled:
+        (out / "card.json").write_text("theirs")
+    partial = train.partial_folder(out)
+    (partial / "card.json").write_text("ours")
+    if filled:
+        with pytest.raises(UsageError, match=f"{out} was filled while training"):
+            train.publish(partial, out)
+        assert (out / "card.json").read_text() == "theirs" and (partial / "card.json").read_text() == "ours"
+    else:
+        train.publish(partial, out)
+        assert (out / "card.json").read_text() == "ours" and not partial.exists()
