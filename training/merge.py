@@ -9,6 +9,8 @@ from peft import PeftModel
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from training.output_folder import written_whole
+
 
 def adapter_dir(name_or_path: str, adapters_dir: Path) -> Path:
     """A folder as given, else the adapter of that name in ``adapters_dir``. Raises FileNotFoundError when that folder
@@ -50,8 +52,9 @@ def merge_adapter(args: argparse.Namespace) -> Path:
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)  # merge in full precision
     check_servable(model, adapter)
     merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    merged.save_pretrained(args.out)
-    AutoTokenizer.from_pretrained(base_dir).save_pretrained(args.out)
+    with written_whole(Path(args.out)) as partial:  # UsageError: --out filled meanwhile
+        merged.save_pretrained(partial)
+        AutoTokenizer.from_pretrained(base_dir).save_pretrained(partial)
     return Path(args.out)
 
 

@@ -10,10 +10,8 @@ import argparse
 import copy
 import hashlib
 import json
-import os
 import random
 import shlex
-import shutil
 import sys
 import time
 import zlib
@@ -42,6 +40,7 @@ from service.cli.command import UsageError
 from service.settings import Settings
 from training.data import TASK_TRAIN_FILES, data_dir, read_task
 from training.options import TASK_DEFAULT_LENGTH
+from training.output_folder import written_whole
 from training.prepare import IGNORE_INDEX, collator, encode_rows
 
 # named target sets per architecture family (found by its attention module names)
@@ -358,25 +357,6 @@ def save_adapter(model: torch.nn.Module, out: Path) -> None:
     (out / "README.md").unlink(missing_ok=True)  # peft's template model card: card.json is ours
 
 
-def partial_folder(out: Path) -> Path:
-    """A new hidden folder beside ``out`` (its parents made) for a run to write into before ``publish``."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.parent / f".{out.name}.partial-{os.getpid()}-{time.time_ns()}"
-    partial.mkdir()
-    return partial
-
-
-def publish(partial: Path, out: Path) -> None:
-    """Move the finished run's folder ``partial`` to ``out`` in one rename, which takes the place of nothing or of an
-    empty folder only: an ``out`` that was filled while the run trained (``--out`` is checked when parsed) is left as
-    it is, UsageError naming where the new adapter stays."""
-    try:
-        os.rename(partial, out)
-    except OSError:  # ENOTEMPTY or EEXIST: filled meanwhile; ENOTDIR: a file there now
-        raise UsageError(f"{out} was filled while training, so it is left as it is: the new adapter is in "
-                         f"{partial}") from None
-
-
 def hyperparameters(args: argparse.Namespace, config: LoraConfig) -> dict:
     """The card's ``hyperparameters``: the LoRA as peft made it (``config``: alpha, target modules), the run's
     optimisation settings (``lr`` the peak learning rate) and its data budget (``max_length`` in tokens per example,
@@ -429,15 +409,9 @@ def train_adapter(args: argparse.Namespace) -> dict:
     settings = base_settings(args)
     examples = checked_examples(args, settings)
     model, tokenizer = load_model(args, settings)
-    partial = partial_folder(out)
-    try:
-        card = trained_card(argparse.Namespace(**{**vars(args), "out": partial}), out.name, model, tokenizer,
+    with written_whole(out) as partial:
+        return trained_card(argparse.Namespace(**{**vars(args), "out": partial}), out.name, model, tokenizer,
                             examples, settings, started)
-    except BaseException:  # interrupted, failed: nothing half-written is left
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    publish(partial, out)
-    return card
 
 
 def trained_card(args: argparse.Namespace, name: str, model: PeftModel, tokenizer: PreTrainedTokenizerBase,

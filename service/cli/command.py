@@ -122,7 +122,7 @@ def output_file(text: str) -> Path:
 def new_folder(text: str) -> Path:
     """An argparse type: a folder a command creates and fills: not empty, not an existing file nor a symlink to
     nothing, not below a file, and, where it exists, empty (a command never writes over what a folder holds, an
-    adapter's files least of all). Checked when parsed: a folder filled after that is not seen."""
+    adapter's files least of all). Checked when parsed; ``training.output_folder`` keeps a folder filled later."""
     path = Path(text)
     if not text:
         raise argparse.ArgumentTypeError("must name a folder, not be empty")

@@ -12,7 +12,7 @@ import pytest
 from service.cli.command import UsageError
 from service.cli.main import main
 from tests.data.make_corpus import NLI_SAMPLE
-from training import train
+from training.output_folder import partial_folder, publish, written_whole
 
 TINY_RUN = ["--task", "nli", "--max-steps", "1", "--max-examples", "8", "--eval-examples", "2", "--batch-size", "2"]
 
@@ -152,12 +152,20 @@ def test_a_run_takes_the_place_of_an_empty_out_only(tmp_path, filled):
     out.mkdir()
     if filled:
         (out / "card.json").write_text("theirs")
-    partial = train.partial_folder(out)
+    partial = partial_folder(out)
     (partial / "card.json").write_text("ours")
     if filled:
-        with pytest.raises(UsageError, match=f"{out} was filled while training"):
-            train.publish(partial, out)
+        with pytest.raises(UsageError, match=f"{out} was filled while the command ran"):
+            publish(partial, out)
         assert (out / "card.json").read_text() == "theirs" and (partial / "card.json").read_text() == "ours"
     else:
-        train.publish(partial, out)
+        publish(partial, out)
         assert (out / "card.json").read_text() == "ours" and not partial.exists()
+
+
+def test_a_run_that_fails_leaves_no_folder_behind(tmp_path):
+    out = tmp_path / "adapter"
+    with pytest.raises(KeyboardInterrupt), written_whole(out) as partial:
+        (partial / "adapter_model.safetensors").write_bytes(b"half")
+        raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
