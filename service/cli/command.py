@@ -12,6 +12,8 @@ from pathlib import Path
 
 from service.settings import DEVICE_PATTERN
 
+ADAPTER_CONFIG = "adapter_config.json"  # what makes a folder an adapter's (peft's CONFIG_NAME)
+
 
 class UsageError(Exception):
     """What the user asked cannot be done, found once the options were parsed (options that do not go together, data
@@ -108,7 +110,8 @@ def device(text: str) -> str:
 
 def output_file(text: str) -> Path:
     """An argparse type: a file to write, checked before the command works: not empty, not a folder, in a folder that
-    exists. A command that writes its report after minutes of work must not find only then that it cannot."""
+    exists and is no adapter's (a review: ``eval --json adapters/x/card.json`` replaced the adapter's card). A command
+    that writes its report after minutes of work must not find only then that it cannot."""
     path = Path(text)
     if not text:
         raise argparse.ArgumentTypeError("must name a file, not be empty")
@@ -116,6 +119,9 @@ def output_file(text: str) -> Path:
         raise argparse.ArgumentTypeError(f"{text} is a folder, not a file to write")
     if not path.parent.is_dir():
         raise argparse.ArgumentTypeError(f"{text}: there is no folder {path.parent} to write it in")
+    if (path.parent / ADAPTER_CONFIG).exists():
+        raise argparse.ArgumentTypeError(f"{text} lies in an adapter folder (it holds {ADAPTER_CONFIG}): a report "
+                                         "would write over or beside the adapter's own files")
     return path
 
 

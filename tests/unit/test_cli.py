@@ -104,6 +104,8 @@ from tests.data.make_corpus import SQUAD_SAMPLE
       for path, message in [("/proc/nope/x.json", ": there is no folder /proc/nope to write it in"),
                             ("/tmp", " is a folder, not a file to write")]),
     (["bench", "--json", ""], "argument --json: must name a file, not be empty"),
+    *(([*command, "--json", "adapters/squad/card.json"], "argument --json: adapters/squad/card.json lies in an adapter "
+       "folder") for command in (["bench"], ["eval", "--task", "nli", "--adapter", "none"])),
     # merge writes a new folder: never into one that holds files (an adapter's), never a file
     *((["merge", "--adapter", "squad", "--out", out], f"loraswap merge: error: argument --out: {message}")
       for out, message in [(".", ". already holds files: name a new or empty folder"),
