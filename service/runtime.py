@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from transformers.utils.chat_template_utils import _compile_jinja_template
 from service import metrics, strict_json
 from service.engine.scheduler import Engine
 from service.errors import AdapterError, AdapterMerged, UnsafeEnvironment
-from service.lora.adapter_files import CONFIG_FILE, AdapterWeights, check_name, check_path
+from service.lora.adapter_files import CONFIG_FILE, AdapterWeights, adapter_file, check_name, check_path
 from service.lora.bounded_read import read_bounded
 from service.lora.registry import AdapterRegistry
 from service.model.base_model import load_base, max_positions
@@ -40,12 +41,14 @@ def read_chat_template(folder: Path) -> str | None:
     the ``chat_template`` of ``tokenizer_config.json`` (see ``default_template``); None when it ships none. Raises
     AdapterError for a file that cannot be read, a template over MAX_CHAT_TEMPLATE_BYTES or a tokenizer_config.json
     over MAX_TOKENIZER_CONFIG_BYTES (their sizes checked before they are read), and for a template Jinja cannot
-    compile (a syntax error: every chat request would fail on it, ``compiled``)."""
-    config = folder / TOKENIZER_CONFIG_FILE
+    compile (a syntax error: every chat request would fail on it, ``compiled``). Either file, where it is there at all,
+    must be a regular file (a FIFO, a folder or a device is refused, not passed over: the adapter would serve chat with
+    the base's template) inside the folder (AdapterPathRefused for a symlink out of it, as for its config)."""
+    template_file, config = adapter_file(folder, CHAT_TEMPLATE_FILE), adapter_file(folder, TOKENIZER_CONFIG_FILE)
     try:
-        if (folder / CHAT_TEMPLATE_FILE).is_file():
-            template = read_bounded(folder / CHAT_TEMPLATE_FILE, MAX_CHAT_TEMPLATE_BYTES)
-        elif config.is_file():
+        if os.path.lexists(template_file):
+            template = read_bounded(template_file, MAX_CHAT_TEMPLATE_BYTES)
+        elif os.path.lexists(config):
             text = read_bounded(config, MAX_TOKENIZER_CONFIG_BYTES)
             template = default_template(strict_json.loads(text).get("chat_template"))
         else:

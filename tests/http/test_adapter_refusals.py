@@ -259,6 +259,8 @@ def spaced_config(folder: Path) -> None:
 @pytest.mark.parametrize("kind,edit,fragments", [
     ("fifo_config", fifo_at(CONFIG), (CONFIG, "not a regular file")),
     ("fifo_card", fifo_at(CARD_FILE), (CARD_FILE, "not a regular file")),
+    ("fifo_template", fifo_at("chat_template.jinja"), ("chat_template.jinja", "not a regular file")),
+    ("folder_tokenizer_config", folder_at("tokenizer_config.json"), ("tokenizer_config.json", "not a regular file")),
     ("folder_config", folder_at(CONFIG), (CONFIG, "not a regular file")),
     ("spaced_config", spaced_config, (CONFIG, f"more than the {MAX_ADAPTER_JSON_BYTES}")),
 ])
@@ -276,6 +278,17 @@ def test_a_config_or_card_that_is_no_regular_file_or_too_large_is_refused_at_onc
     reply = client.post("/adapters", json={"name": "after", "path": str(refusals.adapters_dir / "two")}, headers=ADMIN)
     assert reply.status_code == 201, reply.text
     assert client.delete("/adapters/after", headers=ADMIN).status_code == 200
+
+
+def test_a_chat_template_symlinked_out_of_the_adapter_folder_is_refused_as_its_config_would_be(client, refusals,
+                                                                                               llama_adapters):
+    """A review: chat_template.jinja could be a symlink to any file outside the folder, where the config, weights and
+    card may not."""
+    def link_out(folder: Path) -> None:
+        (folder / "chat_template.jinja").symlink_to(refusals.outside / "two" / CONFIG)
+
+    folder = variant(llama_adapters["one"], refusals.second_root / "template_out", link_out)
+    refused(client, "template_out", folder, 403, "symlink to a file outside the adapter folder")
 
 
 def test_a_duplicate_name_is_409(client, refusals):
