@@ -19,6 +19,7 @@ CPU_PREFILL_CHUNK = 512  # prefill_chunk unset, on the CPU (docs/benchmarks.md, 
 MIN_PROMPT_TOKENS = 16  # the shortest longest-prompt a server may be set to (max_input_tokens)
 DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]+)?)$"  # the devices the engine runs on (torch.device names)
 ADAPTER_NAME = r"[A-Za-z_][A-Za-z0-9_]{0,63}"  # what an adapter may be named: a plain identifier (adapter_files)
+ADAPTER_CONFIG_FILE = "adapter_config.json"  # what makes a folder an adapter's (peft's CONFIG_NAME)
 MOST_DEFAULT_STRIDE = 128  # answer_stride unset: min(a window's context tokens // 2, this); Hugging Face's doc_stride
 
 

@@ -10,9 +10,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.settings import DEVICE_PATTERN
-
-ADAPTER_CONFIG = "adapter_config.json"  # what makes a folder an adapter's (peft's CONFIG_NAME)
+from service.settings import ADAPTER_CONFIG_FILE, DEVICE_PATTERN
 
 
 class UsageError(Exception):
@@ -119,8 +117,8 @@ def output_file(text: str) -> Path:
         raise argparse.ArgumentTypeError(f"{text} is a folder, not a file to write")
     if not path.parent.is_dir():
         raise argparse.ArgumentTypeError(f"{text}: there is no folder {path.parent} to write it in")
-    if (path.parent / ADAPTER_CONFIG).exists():
-        raise argparse.ArgumentTypeError(f"{text} lies in an adapter folder (it holds {ADAPTER_CONFIG}): a report "
+    if (path.parent / ADAPTER_CONFIG_FILE).exists():
+        raise argparse.ArgumentTypeError(f"{text} lies in an adapter folder (it holds {ADAPTER_CONFIG_FILE}): a report "
                                          "would write over or beside the adapter's own files")
     return path
 

@@ -25,9 +25,9 @@ from service import strict_json
 from service.errors import AdapterError, AdapterPathMissing, AdapterPathRefused
 from service.lora.bounded_read import MAX_ADAPTER_JSON_BYTES, read_bounded
 from service.lora.card import CARD_FILE, Calibration, read_calibration
-from service.settings import ADAPTER_NAME
+from service.settings import ADAPTER_CONFIG_FILE, ADAPTER_NAME
 
-CONFIG_FILE = "adapter_config.json"
+CONFIG_FILE = ADAPTER_CONFIG_FILE
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLED_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 NAME_PATTERN = re.compile(ADAPTER_NAME)
