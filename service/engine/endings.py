@@ -27,11 +27,13 @@ class Endings:
         return self.ends_text(work, token) or (work.stop_at_newline and token in self.newline_ids)
 
     def result(self, work: Generation, tokens: list[int], reason: str, first_token_seconds: float) -> GenerationResult:
-        """The finished generation: ``tokens`` without an ending end-of-text token, their text (cut at the first
-        newline where ``work`` stops there), ``reason`` ("stop" or "length") and the seconds to its first token."""
+        """The finished generation of ``tokens`` (all it generated): those without an ending end-of-text token, their
+        text (cut at the first newline where ``work`` stops there), ``reason`` ("stop" or "length") and the seconds to
+        its first token."""
+        generated = len(tokens)
         if reason == "stop" and self.ends_text(work, tokens[-1]):
             tokens = tokens[:-1]
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         if work.stop_at_newline:
             text = text.split("\n", 1)[0]
-        return GenerationResult(text, tokens, reason, first_token_seconds, len(work.prompt_ids))
+        return GenerationResult(text, tokens, reason, first_token_seconds, len(work.prompt_ids), generated)

@@ -74,14 +74,17 @@ class SampledToken:
 
 @dataclass
 class GenerationResult:
-    """A finished generation: its text and token ids (the stop token left out), why it ended, the seconds from
-    queueing to its first token, and the prompt's length in tokens."""
+    """A finished generation: its text and token ids (an ending end-of-text token left out), why it ended, the
+    seconds from queueing to its first token, the prompt's length in tokens, and the tokens the model generated: the
+    token ids and an ending end-of-text token (what vLLM's ``usage.completion_tokens`` counts: its detokenizer leaves
+    the stop token out of the text, not out of the token ids)."""
 
     text: str
     token_ids: list[int]
     finish_reason: str  # "stop" or "length"
     time_to_first_token: float
     prompt_tokens: int
+    generated_tokens: int
 
 
 @dataclass

@@ -573,7 +573,7 @@ class Engine:
     def _finish(self, pending: _Pending, tokens: list[int], reason: str, first_token_at: float) -> None:
         result = self.endings.result(pending.work, tokens, reason, first_token_at - pending.enqueued)
         label = pending.work.adapter or BASE_LABEL
-        metrics.GENERATED_TOKENS.labels(adapter=label).inc(len(result.token_ids))
+        metrics.GENERATED_TOKENS.labels(adapter=label).inc(result.generated_tokens)
         if pending.on_token is None:  # a listened-to request's is recorded where its text is handed out
             metrics.TIME_TO_FIRST_TOKEN.labels(adapter=label).observe(result.time_to_first_token)
         pending.future.set_result(result)

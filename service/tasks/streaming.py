@@ -78,7 +78,8 @@ class ChoiceDelta:
 @dataclass(frozen=True)
 class Usage:
     """Tokens of a request: its prompt's (once, whatever n) and those its choices generated, summed. A choice stopped
-    by a stop string counts its tokens up to the one that completed the stop string."""
+    by a stop string counts its tokens up to the one that completed the stop string; one the model ended counts the
+    end-of-text token too, which has no text (as vLLM counts: ``GenerationResult.generated_tokens``)."""
 
     prompt_tokens: int
     completion_tokens: int
@@ -132,6 +133,7 @@ class ChoiceText:
         self.piece_bytes = spelling(tokenizer) if logprobs else None
         self.decoder = DecodeStream(skip_special_tokens=True)
         self.token_ids: list[int] = []
+        self.generated_tokens = 0  # the tokens taken, and the end-of-text token the model ended the choice on
         self.text = ""  # decoded so far; cut at a stop string once met
         self.held_from = 0  # the first of the tokens the detokenizer holds (their text ends in part of a character)
         self.sent = 0  # characters of ``text`` handed out
@@ -144,6 +146,7 @@ class ChoiceText:
             return None
         entry = self.token_logprob(token, self.offset_of(token.token_id)) if self.logprobs else None
         self.token_ids.append(token.token_id)
+        self.generated_tokens += 1
         text = self.decoder.step(self.backend, token.token_id)
         if text is not None:
             self.text, self.held_from = self.text + text, len(self.token_ids)
@@ -165,12 +168,14 @@ class ChoiceText:
         completes = bool(utf8) and utf8[0] & 0xC0 == 0x80  # a UTF-8 continuation byte (RFC 3629, section 3)
         return len(self.text) + len(spelled) - (completes and spelled.endswith("\ufffd"))
 
-    def finish(self, reason: str) -> ChoiceDelta | None:
-        """The engine finished the choice (``reason``: "stop" or "length"): hand out the rest, with the characters the
-        detokenizer still held (an incomplete UTF-8 sequence at the end, decoded as U+FFFD as a whole decode does).
-        None if the choice ended at a stop string already."""
+    def finish(self, reason: str, generated_tokens: int) -> ChoiceDelta | None:
+        """The engine finished the choice (``reason``: "stop" or "length") after ``generated_tokens`` tokens (those
+        taken, and an ending end-of-text token): hand out the rest, with the characters the detokenizer still held (an
+        incomplete UTF-8 sequence at the end, decoded as U+FFFD as a whole decode does). None if the choice ended at a
+        stop string already."""
         if self.finish_reason is not None:
             return None
+        self.generated_tokens = generated_tokens
         whole = self.backend.decode(self.token_ids, skip_special_tokens=True)
         if whole.startswith(self.text):
             self.text = whole
@@ -254,7 +259,7 @@ class CompletionStream:
 
     @property
     def usage(self) -> Usage:
-        return Usage(self.prompt_tokens, sum(len(choice.token_ids) for choice in self.choices))
+        return Usage(self.prompt_tokens, sum(choice.generated_tokens for choice in self.choices))
 
     def __aiter__(self) -> CompletionStream:
         return self
@@ -308,7 +313,8 @@ class CompletionStream:
         if error is not None:
             self.close()
             raise error
-        return self.choices[index].finish(future.result().finish_reason)
+        result = future.result()
+        return self.choices[index].finish(result.finish_reason, result.generated_tokens)
 
     def close(self) -> None:
         """Abandon every choice still queued or generating (finished ones are left as they are); idempotent."""

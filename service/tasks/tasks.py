@@ -171,7 +171,7 @@ class Tasks:
             result = await self.outcome(work)
             text = result.text.strip()
             start, end = exact_span(text, context) or (None, None)
-            return Answer(text, start, end, len(result.token_ids), None, (time.perf_counter() - started) * 1000)
+            return Answer(text, start, end, result.generated_tokens, None, (time.perf_counter() - started) * 1000)
         decoding = self.decoding(decoding)
         ranges = self.answer_windows(context, question, style, template)
         spans = self.window_spans(context, ranges, decoding.max_new_tokens)
@@ -185,7 +185,7 @@ class Tasks:
         offset, _, constraint = spans[best]
         text = context[slice(*(offset + at for at in constraint.span()))]
         start = context.find(text)  # its first occurrence in the whole context, whichever window found it
-        return Answer(text, start, start + len(text), len(results[best].token_ids), constraint.score(),
+        return Answer(text, start, start + len(text), results[best].generated_tokens, constraint.score(),
                       (time.perf_counter() - started) * 1000)
 
     def answer_windows(self, context: str, question: str, style: str = ADAPTER_STYLE, template: str | None = None

@@ -259,7 +259,9 @@ def test_n_choices_are_seeded_apart_and_reproducible(client, route):
     assert sorted(choices) == list(range(MOST_CHOICES)) and len({text for text, _ in choices.values()}) > 1
     assert whole(post(client, route, n=MOST_CHOICES, **sampled).json(), route) == choices
     assert whole(post(client, route, **sampled).json(), route) == {0: choices[0]}  # choice 0 samples with the seed
-    assert reply["usage"]["completion_tokens"] == sum(token_count(choice, route) for choice in reply["choices"])
+    # each choice's tokens, and the end-of-text token of each the model ended ("stop": no stop strings here)
+    assert reply["usage"]["completion_tokens"] == sum(token_count(choice, route) + (choice["finish_reason"] == "stop")
+                                                      for choice in reply["choices"])
     streamed = chunks(post(client, route, n=MOST_CHOICES, stream=True, **sampled))
     assert joined(streamed, route) == choices
     assert len({chunk["choices"][0]["index"] for chunk in streamed}) == MOST_CHOICES

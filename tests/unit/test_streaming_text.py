@@ -39,7 +39,7 @@ def stream(tokenizer, ids: list[int], stop: tuple[str, ...] = (), finish: str = 
     the stream does, tokens after the choice ended at a stop string are ignored."""
     choice = ChoiceText(0, tokenizer, stop, logprobs=True)
     deltas = [choice.add(SampledToken(token, 0.0, -float(at))) for at, token in enumerate(ids)]
-    deltas.append(choice.finish(finish))
+    deltas.append(choice.finish(finish, len(ids)))
     return [delta for delta in deltas if delta is not None], choice
 
 
