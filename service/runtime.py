@@ -194,16 +194,26 @@ class Runtime:
             except AdapterError as exc:
                 log.warning("skipping adapter %s: %s", path.parent, exc)
 
-    def load_adapter(self, name: str, path: Path | str) -> dict:
-        """Register an adapter (``AdapterRegistry.register``: its description; AdapterError for anything the engine
-        cannot serve) with the chat template its folder ships, read first: an unreadable one refuses the adapter."""
+    def load_adapter(self, name: str, path: Path | str, replace: bool = False) -> dict:
+        """Register an adapter (``AdapterRegistry.prepare`` and ``add``: its description; AdapterError for anything
+        the engine cannot serve) with the chat template its folder ships, read first: an unreadable one refuses the
+        adapter. With ``replace`` (vLLM's ``load_inplace``) a name taken is given the new weights and template once
+        they are read and checked (a refusal leaves the old ones): requests running on the old weights finish on
+        them, later ones get the new; the old are unmerged first if merged (between batches), and their prefix cache
+        blocks dropped."""
         check_name(name)  # the registry's checks, in its order, before the folder is read
         template = read_chat_template(check_path(path, self.roots))
         with self._changing:
-            info, seconds = self.registry.register(name, path)
+            adapter, seconds = self.registry.prepare(name, path, replace)
+            try:
+                replaced = self.registry.add(adapter, replace)
+            except AdapterMerged:
+                replaced = self.engine.call(lambda: self._unmerge_and_add(adapter)).result()
             self.chat_templates[name] = template
+        if replaced is not None:
+            self.engine.purge_prefixes(replaced)
         metrics.ADAPTER_LOAD.observe(seconds)
-        return info
+        return adapter.describe()
 
     def chat_template(self, adapter: str | None) -> str | None:
         """The chat template of ``adapter``'s folder, as it was when registered; None for the bare base or an adapter
@@ -230,6 +240,11 @@ class Runtime:
         if self.registry.merged == name:
             self.registry.unmerge()
         return self.registry.unregister(name)
+
+    def _unmerge_and_add(self, adapter: AdapterWeights) -> AdapterWeights | None:
+        if self.registry.merged == adapter.name:
+            self.registry.unmerge()
+        return self.registry.add(adapter, replace=True)
 
     @property
     def failure(self) -> str | None:

@@ -141,7 +141,7 @@ async def chat_completions(body: ChatCompletionIn, request: Request, rt: Runtime
                     responses={**VLLMS_REPLY, **admin_replies(*LOAD_ERRORS, shape=OpenAIErrorOut)})
 async def load_lora_adapter(body: LoraAdapterIn, rt: Runtime = Depends(admin)) -> PlainTextResponse:
     """vLLM's route: what POST /adapters does (same checks, same errors), answered as vLLM answers (200, text)."""
-    await run_in_threadpool(rt.load_adapter, body.lora_name, body.lora_path)
+    await run_in_threadpool(rt.load_adapter, body.lora_name, body.lora_path, body.load_inplace)
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
 

@@ -232,7 +232,7 @@ def list_adapters(rt: Runtime = Depends(serving), authorization: str | None = He
 
 @admin_router.post("/adapters", status_code=201, responses=admin_replies(*LOAD_ERRORS))
 async def load_adapter(body: AdapterIn, rt: Runtime = Depends(admin)) -> dict:
-    return await run_in_threadpool(rt.load_adapter, body.name, body.path)
+    return await run_in_threadpool(rt.load_adapter, body.name, body.path, body.replace)
 
 
 @admin_router.delete("/adapters/{name}", responses=admin_replies(AdapterError, UnknownAdapter))

@@ -214,9 +214,12 @@ class NliOut(BaseModel):
 
 
 class AdapterIn(BaseModel):
+    """POST /adapters: an adapter's name and folder; ``replace``: a name taken is given these weights (409 without)."""
+
     model_config = STRICT
     name: Str
     path: Str
+    replace: bool = False
 
 
 class NoFields(BaseModel):
@@ -434,15 +437,18 @@ class ChatCompletionIn(OpenAIIn):
 
 
 class LoraAdapterIn(BaseModel):
-    """vLLM's POST /v1/load_lora_adapter request."""
+    """vLLM's POST /v1/load_lora_adapter request; ``load_inplace``: a name taken is given these weights."""
 
     model_config = STRICT
     lora_name: Str
     lora_path: Str
+    load_inplace: bool = False
 
 
 class LoraNameIn(BaseModel):
-    """vLLM's POST /v1/unload_lora_adapter request."""
+    """vLLM's POST /v1/unload_lora_adapter request. ``lora_int_id`` (vLLM's number for the adapter) is taken and not
+    read, as vLLM's route does not read it: the name says which adapter."""
 
     model_config = STRICT
     lora_name: Str
+    lora_int_id: int | None = None

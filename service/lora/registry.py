@@ -41,23 +41,44 @@ class AdapterRegistry:
 
     # ---- host side: any thread -------------------------------------------------------------
     def register(self, name: str, path: str | Path) -> tuple[dict, float]:
-        """Validate and load an adapter onto the host; the registry is unchanged if anything is wrong. Returns its
-        description and the seconds it took. Raises AdapterError (its subclasses: AdapterConflict for a name taken,
+        """Validate, load and register an adapter (``prepare``, then ``add``); the registry is unchanged if anything
+        is wrong. Returns its description and the seconds it took. Raises what ``prepare`` and ``add`` raise."""
+        adapter, seconds = self.prepare(name, path)
+        self.add(adapter)
+        return adapter.describe(), seconds
+
+    def prepare(self, name: str, path: str | Path, replace: bool = False) -> tuple[AdapterWeights, float]:
+        """Validate and load an adapter onto the host, not yet registered: its weights and the seconds it took.
+        Raises AdapterError (its subclasses: AdapterConflict for a name taken, unless ``replace``;
         AdapterPathRefused/AdapterPathMissing for the path) for anything the engine cannot serve."""
         check_name(name)
         folder = check_path(path, self.roots)
-        with self._lock:
-            self._refuse_duplicate(name)  # before the work of loading...
+        if not replace:
+            with self._lock:
+                self._refuse_duplicate(name)  # before the work of loading (``add`` checks again after it)
         started = time.perf_counter()
         adapter = load_adapter(name, folder, self.layers.shapes, self.max_rank, self.dtype, self.layers.base_modules)
+        return adapter, time.perf_counter() - started
+
+    def add(self, adapter: AdapterWeights, replace: bool = False) -> AdapterWeights | None:
+        """Register ``adapter`` (from ``prepare``) under its name. With ``replace`` (vLLM's ``load_inplace``) a name
+        taken is given these weights, and the weights it held are returned: rows admitted on them finish on them,
+        later requests get the new ones. Raises AdapterConflict for a name taken without ``replace`` (another thread
+        may have registered it since ``prepare``), AdapterMerged when the weights to replace are merged into the
+        base (unmerge them first, on the engine thread)."""
         with self._lock:
-            self._refuse_duplicate(name)  # ...and after it, in case another thread registered the name meanwhile
-            self._adapters[name] = adapter
-        return adapter.describe(), time.perf_counter() - started
+            replaced = self._adapters.get(adapter.name)
+            if not replace:
+                self._refuse_duplicate(adapter.name)
+            elif replaced is not None and replaced is self._merged:
+                raise AdapterMerged(adapter.name)
+            self._adapters[adapter.name] = adapter
+            return replaced
 
     def _refuse_duplicate(self, name: str) -> None:
         if name in self._adapters:
-            raise AdapterConflict(f"adapter {name!r} is already loaded; delete it first")
+            raise AdapterConflict(f"adapter {name!r} is already loaded; delete it first, or load it in place "
+                                  "(replace: true; vLLM's load_inplace)")
 
     def unregister(self, name: str) -> AdapterWeights:
         """Forget an adapter and return the weights it held; its slot is cleared the next time the engine activates

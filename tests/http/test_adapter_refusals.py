@@ -18,7 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from service.lora.bounded_read import MAX_ADAPTER_JSON_BYTES
 from service.lora.card import CARD_FILE
 from tests.http.replies import error_message
-from tests.server_helpers import ADMIN, copy_adapters, listed, ready_client, tiny_settings
+from tests.server_helpers import ADMIN, classify, copy_adapters, listed, ready_client, tiny_settings
 from tests.tiny_models import make_adapter
 
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
@@ -293,6 +293,22 @@ def test_a_chat_template_symlinked_out_of_the_adapter_folder_is_refused_as_its_c
 
 def test_a_duplicate_name_is_409(client, refusals):
     refused(client, "one", refusals.adapters_dir / "two", 409, "'one'", "already loaded")
+
+
+def test_an_adapter_refused_in_place_leaves_the_one_it_was_to_replace(client, refusals):
+    """Every unservable adapter, loaded in place over "one" by either route, is refused as it is under a new name, and
+    "one" serves as before: same description, same probabilities."""
+    probabilities = classify(client, "one")["probabilities"]  # first: it makes "one" resident
+    before = client.get("/adapters").json()
+    for kind, folder in refusals.bad.items():
+        for route, body in (("/adapters", {"name": "one", "path": str(folder), "replace": True}),
+                            ("/v1/load_lora_adapter", {"lora_name": "one", "lora_path": str(folder),
+                                                       "load_inplace": True})):
+            reply = client.post(route, json=body, headers=ADMIN)
+            assert 400 <= reply.status_code < 500, (kind, route, reply.text)
+    assert client.get("/adapters").json() == before
+    # within the prefix cache's float rounding (README: up to about 1e-5 relative); another adapter moves them far more
+    assert classify(client, "one")["probabilities"] == pytest.approx(probabilities, rel=1e-4)
 
 
 def test_the_registry_still_loads_after_refusals(client, refusals):

@@ -247,6 +247,37 @@ def test_an_adapter_loaded_at_run_time_brings_its_template(client, served, refer
         chat(client, model="styled", max_tokens=2)["usage"]["prompt_tokens"]  # read again when loaded again
 
 
+@pytest.mark.parametrize("route", ["/adapters", "/v1/load_lora_adapter"])
+def test_an_adapter_loaded_in_place_brings_its_weights_and_template_even_when_merged(client, served, reference,
+                                                                                     route):
+    adapters = served[1]
+
+    def load(name: str, folder, in_place: bool):
+        body = ({"name": name, "path": str(folder), "replace": in_place} if route == "/adapters" else
+                {"lora_name": name, "lora_path": str(folder), "load_inplace": in_place})
+        return client.post(route, json=body, headers=ADMIN)
+
+    original = chat(client, model="one", max_tokens=CAP)["choices"][0]["message"]["content"]
+    assert original == reference.reply("one", QUESTION, CAP)
+    taken = load("one", adapters / "styled", in_place=False)
+    assert taken.status_code == 409 and "load it in place" in error_message(taken), taken.text
+    assert client.post("/adapters/one/merge", headers=ADMIN).json()["merged"] == "one"
+    assert load("one", adapters / "styled", in_place=True).status_code in (200, 201)
+    try:
+        assert client.get("/adapters").json()["merged"] is None  # unmerged first
+        described = {adapter["name"]: adapter for adapter in client.get("/adapters", headers=ADMIN).json()["adapters"]}
+        assert described["one"]["path"] == str((adapters / "styled").resolve())
+        content = chat(client, model="one", max_tokens=CAP)["choices"][0]["message"]["content"]
+        assert content == reference.reply("styled", QUESTION, CAP, STYLED)  # its weights, its template
+        assert "cannot speak first" in chat(client, 422, model="one", messages=[{"role": "assistant",
+                                                                                 "content": "Hi"}])
+    finally:
+        assert load("one", adapters / "one", in_place=True).status_code in (200, 201)
+    assert chat(client, model="one", max_tokens=CAP)["choices"][0]["message"]["content"] == original
+    assert load("new", adapters / "two", in_place=True).status_code in (200, 201)  # a name not taken: loaded
+    assert client.delete("/adapters/new", headers=ADMIN).status_code == 200
+
+
 def test_the_openai_client_in_process(client, reference):
     api = openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=client, max_retries=0)
     reply = api.chat.completions.create(model="one", messages=CONVERSATION, max_completion_tokens=CAP, temperature=0)

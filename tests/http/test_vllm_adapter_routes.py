@@ -48,7 +48,7 @@ def test_load_and_unload_answer_as_vllm_and_do_what_adapters_does(client, served
     assert "three" in {model["id"] for model in client.get("/v1/models").json()["data"]}
     assert ask(client, "three", max_new_tokens=6)["answer"] == ask(client, "same", max_new_tokens=6)["answer"]
 
-    reply = unload(client, "three")
+    reply = client.post("/v1/unload_lora_adapter", json={"lora_name": "three", "lora_int_id": 7}, headers=ADMIN)
     assert (reply.status_code, reply.text) == (200, "Success: LoRA adapter 'three' removed successfully.")
     assert set(listed(client)) == {"one", "two", "same"}
     ask(client, "three", status=404)
@@ -71,9 +71,12 @@ def test_unloading_what_is_unknown_or_merged_is_as_delete(client, served):
 
 @pytest.mark.parametrize("route,body", [
     ("/v1/load_lora_adapter", {"lora_name": "x"}), ("/v1/load_lora_adapter", {"lora_path": "/x"}),
-    ("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/x", "load_inplace": True}),
+    ("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/x", "load_inplace": "true"}),
+    ("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/x", "load_inplace": 1}),
     ("/v1/load_lora_adapter", {"lora_name": 3, "lora_path": "/x"}),
-    ("/v1/unload_lora_adapter", {"lora_name": "one", "lora_int_id": 1}), ("/v1/unload_lora_adapter", {}),
+    ("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/x", "lora_int_id": 1}),
+    ("/v1/unload_lora_adapter", {"lora_name": "one", "lora_int_id": "1"}),
+    ("/v1/unload_lora_adapter", {"lora_name": "one", "lora_int_id": 1.5}), ("/v1/unload_lora_adapter", {}),
 ])
 def test_fields_missing_unknown_or_of_the_wrong_type_are_refused_by_name(client, route, body):
     before = listed(client)
