@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Literal, get_args
 
 from service.errors import TemplateRefused
 from service.tasks.prompts import NLI_LABELS, RTE_LABELS, answer_prompt, encode_text, nli_prompt
+from service.tasks.template_sandbox import renderer
 
 if TYPE_CHECKING:  # imported lazily: the CLI's parser reads PROMPT_STYLES without loading transformers
     from transformers import PreTrainedTokenizerBase
@@ -136,16 +137,26 @@ def chat_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]],
 
 def rendered(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], template: str | None,
              **flags: bool) -> list[int]:
+    """``render_ids`` run in a child process under a deadline and a memory bound (``template_sandbox``): the
+    template is code, and may loop without end. Raises TemplateRefused as ``render_ids``, and when the render runs
+    past the deadline or the bound."""
+    return renderer(tokenizer).render((messages, template, flags))
+
+
+def render_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], template: str | None,
+               **flags: bool) -> list[int]:
     """``apply_chat_template``'s token ids of ``messages`` with ``template`` (None: the tokenizer's) and ``flags``
     (``add_generation_prompt`` or ``continue_final_message``), text that spells a control token kept as text
     (``sanitize_control_tokens``). TemplateRefused when the template refuses or fails to render them (anything its
     code raises: an adapter's template is the adapter's code), renders no tokens, or leaves out a user message's
     text (a template that renders none of it, or one ``continue_final_message`` cuts before the reply: the model would
-    answer what it was never asked)."""
+    answer what it was never asked). MemoryError is raised as it is."""
     try:
         text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, **flags)
         ids = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=True, return_dict=False,
                                             sanitize_control_tokens=True, **flags)
+    except MemoryError:
+        raise
     except Exception as exc:  # the template's own code failed: TemplateError, "Range too big", anything
         raise TemplateRefused(f"the chat template refused the messages: {type(exc).__name__}: {exc}") from None
     if not ids:

@@ -140,7 +140,8 @@ class Tasks:
         room for all n), EngineStopped or EngineFailed. The stream's iteration raises what fails a choice later (see
         ``CompletionStream``)."""
         self.engine.registry.require(adapter)
-        ids, stop = self.prompt_ids(prompt), stream_options(stop, logprobs, n)
+        stop = stream_options(stop, logprobs, n)
+        ids = await asyncio.to_thread(self.prompt_ids, prompt)  # tokenizing a long text blocks
         decoding = self.decoding(decoding)
         works = [Generation(ids, adapter, dataclasses.replace(decoding, seed=choice_seed(decoding.seed, index)),
                             stop_at_newline=False, logprobs=logprobs) for index in range(n)]
@@ -164,19 +165,15 @@ class Tasks:
         nothing a span can begin with), InputTooLong (a free answer's prompt over ``max_prompt``, or a context of more
         windows than ``answer_windows`` allows), ValueError (a chat style on a model without a chat template), and
         what ``outcomes`` raises."""
-        started, template = time.perf_counter(), self.chat_template(adapter)
+        started, template, decoding = time.perf_counter(), self.chat_template(adapter), self.decoding(decoding)
         if not extractive:
-            work = Generation(self.bounded(answer_ids(self.tokenizer, style, context, question, template)), adapter,
-                              self.decoding(decoding))
-            result = await self.outcome(work)
+            ids = await asyncio.to_thread(answer_ids, self.tokenizer, style, context, question, template)
+            result = await self.outcome(Generation(self.bounded(ids), adapter, decoding))
             text = result.text.strip()
             start, end = exact_span(text, context) or (None, None)
             return Answer(text, start, end, result.generated_tokens, None, (time.perf_counter() - started) * 1000)
-        decoding = self.decoding(decoding)
-        ranges = self.answer_windows(context, question, style, template)
-        spans = self.window_spans(context, ranges, decoding.max_new_tokens)
-        works = [Generation(self.bounded(answer_ids(self.tokenizer, style, context[offset:end], question, template)),
-                            adapter, decoding, constraint=constraint) for offset, end, constraint in spans]
+        ranges, spans, works = await asyncio.to_thread(self.answer_works, context, question, adapter, decoding, style,
+                                                       template)
         results = await self.outcomes(works)
         # a span running to a window's cut edge may be a longer answer cut short: it wins only where every one does
         uncut = [i for i, (offset, end, constraint) in enumerate(spans)
@@ -187,6 +184,18 @@ class Tasks:
         start = context.find(text)  # its first occurrence in the whole context, whichever window found it
         return Answer(text, start, start + len(text), results[best].generated_tokens, constraint.score(),
                       (time.perf_counter() - started) * 1000)
+
+    def answer_works(self, context: str, question: str, adapter: str | None, decoding: Decoding, style: str,
+                     template: str | None) -> tuple[list[tuple[int, int]], list[tuple[int, int, SpanConstraint]],
+                                                    list[Generation]]:
+        """An extractive answer's windows of ``context`` (``answer_windows``), the span constraint of each a span can
+        begin in (``window_spans``) and their generations. Blocking (tokenizing, a chat template's render): ``answer``
+        runs it off the event loop. Raises as ``answer_windows`` and ``window_spans``."""
+        ranges = self.answer_windows(context, question, style, template)
+        spans = self.window_spans(context, ranges, decoding.max_new_tokens)
+        works = [Generation(self.bounded(answer_ids(self.tokenizer, style, context[offset:end], question, template)),
+                            adapter, decoding, constraint=constraint) for offset, end, constraint in spans]
+        return ranges, spans, works
 
     def answer_windows(self, context: str, question: str, style: str = ADAPTER_STYLE, template: str | None = None
                        ) -> list[tuple[int, int]]:
@@ -250,8 +259,16 @@ class Tasks:
         (uncalibrated), and the weights that scored them; raises as ``nli``."""
         if labels not in self.label_tokens:
             self.label_tokens[labels] = self.first_tokens(labels)
-        prompt = self.bounded(nli_ids(self.tokenizer, style, premise, hypothesis, labels, self.chat_template(adapter)))
+        prompt = await self.nli_prompt(premise, hypothesis, adapter, labels, style)
         return await self.outcome(Scoring(prompt, adapter, self.label_tokens[labels], logprobs=True))
+
+    async def nli_prompt(self, premise: str, hypothesis: str, adapter: str | None, labels: tuple[str, ...],
+                         style: str) -> list[int]:
+        """The NLI prompt's token ids (``nli_ids``, with the adapter's chat template), built off the event loop;
+        InputTooLong over ``max_prompt``."""
+        template = self.chat_template(adapter)
+        return self.bounded(await asyncio.to_thread(nli_ids, self.tokenizer, style, premise, hypothesis, labels,
+                                                    template))
 
     async def classify(self, premise: str, hypothesis: str, adapter: str | None,
                        labels: tuple[str, ...], style: str = ADAPTER_STYLE) -> dict[str, float]:
@@ -261,7 +278,7 @@ class Tasks:
         set), all with the same weights (``Engine.submit_together``). Raises ValueError for labels ``labels.label_ids``
         refuses, InputTooLong for labels that need more scoring requests than the queue holds, and as ``nli``."""
         sequences = label_ids(self.tokenizer, labels)
-        prompt = self.bounded(nli_ids(self.tokenizer, style, premise, hypothesis, labels, self.chat_template(adapter)))
+        prompt = await self.nli_prompt(premise, hypothesis, adapter, labels, style)
         candidates = prefix_candidates(sequences)
         if len(candidates) > self.settings.max_queue:  # they queue together, all or none: they would never fit
             raise InputTooLong(f"these labels need {len(candidates)} scoring requests; this server queues at most "

@@ -189,7 +189,10 @@ def test_the_templates_own_refusal_is_a_422(client):
     ("", "no tokens"), ("{% for i in range(100000000) %}x{% endfor %}", "OverflowError"),
     ("{{ 1 // 0 }}", "ZeroDivisionError"), ("{{ messages[0].content | int + 'x' }}", "TypeError"),
     # none of the user's text rendered (the model would answer what it was never asked; a review): each was a 200
-    ("   \n", "left out"), ("{% for m in messages %}<|im_start|>{{ m.role }}\n{% endfor %}", "left out")])
+    ("   \n", "left out"), ("{% for m in messages %}<|im_start|>{{ m.role }}\n{% endfor %}", "left out"),
+    # work without end, and text of gigabytes (a review: one such request rendered 4 million tokens in 21 s, 2.7 GB)
+    ("{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}", "more than 2 s"),
+    ("{{ messages[-1].content * 100000000 }}", "more than 512 MiB")])
 def test_a_template_that_fails_or_renders_nothing_is_a_422_not_a_500(client, served, template, problem, stream):
     """An adapter's template is code of its own: whatever it raises, or an empty rendering, is the template's failure,
     refused with a 422 in OpenAI's shape (these were 500s), and the server serves on."""

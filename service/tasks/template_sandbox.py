@@ -1,0 +1,158 @@
+"""Chat templates rendered in child processes, each render under a deadline and a memory bound.
+
+A chat template is code (Jinja): the adapter folder's, or the base model's. Jinja's sandbox keeps it from Python's
+internals but not from work: 150 bytes of loops rendered one 50 KB chat request as 4 million tokens (21 s, 2.7 GB),
+and nested ``range`` loops kept a core busy long after their client left. So each render runs in a child process
+(a new interpreter, not a fork: the server's threads are not copied) whose data segment may grow by at most
+``MAX_RENDER_BYTES`` past what it holds once started (``RLIMIT_DATA``, getrlimit(2): heap and private mappings), and
+which is killed once a render has run ``MAX_RENDER_SECONDS``; a new one is started for the next render. A render that
+fails either way is a TemplateRefused, as one the template itself refuses. Real templates render a chat in a few
+milliseconds (SmolLM2's: about 3 ms for a 3,000-character message, most of it tokenizing).
+
+Each tokenizer has ``WORKERS`` children, started when first needed, so that that many renders run at once.
+"""
+from __future__ import annotations
+
+import contextlib
+import queue
+import resource
+import socket
+import subprocess
+import sys
+from functools import lru_cache
+from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING
+
+from service.errors import TemplateRefused
+
+if TYPE_CHECKING:  # the CLI's parser imports prompt_styles, which imports this, without loading transformers
+    from transformers import PreTrainedTokenizerBase
+
+MAX_RENDER_SECONDS = 2.0  # a render's deadline
+MAX_RENDER_BYTES = 512 * 2**20  # how much a render may grow its child's data segment
+WORKERS = 2  # children per tokenizer: renders that run at once
+START_SECONDS = 120.0  # the most a child may take to start (import transformers, unpickle the tokenizer)
+
+Job = tuple[list[dict[str, str]], "str | None", dict[str, bool]]  # (messages, template, flags) of ``render_ids``
+
+
+class Child:
+    """One render process: takes a job, answers (True, token ids) or (False, why the template refused)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase):
+        ours, theirs = socket.socketpair()
+        # a new interpreter running this module (not multiprocessing's spawn, which runs the parent's main script
+        # again in the child: a script without a __main__ guard would run twice)
+        self.process = subprocess.Popen([sys.executable, "-m", __name__, str(theirs.fileno())],
+                                        pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+        theirs.close()
+        self.connection = Connection(ours.detach())
+        try:
+            self.connection.send(tokenizer)
+            if not self.connection.poll(START_SECONDS):
+                raise TimeoutError(f"not started within {START_SECONDS:g} s")
+            self.connection.recv()  # ready: imported, tokenizer read, memory bound set
+        except (OSError, EOFError) as exc:
+            self.stop()
+            raise TemplateRefused(f"the chat template's process failed to start: {exc}") from None
+
+    def render(self, job: Job) -> list[int]:
+        """The token ids of ``job``. TemplateRefused when the template refuses it, or when the render runs past
+        ``MAX_RENDER_SECONDS`` (from when the template is compiled: Jinja compiles a template once per process, in up
+        to about a second for one of the largest accepted) or past the memory bound; the process is then stopped
+        (``alive`` turns false)."""
+        self.connection.send(job)
+        self.receive(START_SECONDS, "compile")  # the template compiled (or found not to compile)
+        rendered, outcome = self.receive(MAX_RENDER_SECONDS, "render the messages")
+        if not rendered:
+            raise TemplateRefused(outcome)
+        return outcome
+
+    def receive(self, seconds: float, what: str):
+        """The process's next message, within ``seconds``; else TemplateRefused, the process stopped."""
+        try:
+            if self.connection.poll(seconds):
+                return self.connection.recv()
+            problem = f"the chat template took more than {seconds:g} s to {what}"
+        except (EOFError, OSError):  # the process died: killed by the kernel, out of memory past the bound
+            problem = f"the chat template's process died trying to {what}"
+        self.stop()
+        raise TemplateRefused(problem)
+
+    @property
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.wait()
+        self.connection.close()
+
+
+class Renderer:
+    """The render processes of one tokenizer (``WORKERS``), each started when first needed (a render finds no idle
+    one started) and again after it was stopped; ``render`` takes an idle one, waiting while all are busy. Safe to
+    call from any thread."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase):
+        self.tokenizer = tokenizer
+        self.idle: queue.LifoQueue[Child | None] = queue.LifoQueue()  # last in, first out: a started child first
+        for _ in range(WORKERS):
+            self.idle.put(None)  # a child not started yet
+
+    def render(self, job: Job) -> list[int]:
+        """``render_ids`` of ``job`` in a child process; raises TemplateRefused as ``Child.render`` does."""
+        child = self.idle.get()
+        try:
+            child = child if child is not None and child.alive else Child(self.tokenizer)
+            return child.render(job)
+        finally:
+            self.idle.put(child if child is not None and child.alive else None)
+
+
+@lru_cache(maxsize=8)
+def renderer(tokenizer: PreTrainedTokenizerBase) -> Renderer:
+    """The render processes of ``tokenizer`` (a server has one tokenizer; the last few are kept, as
+    ``chat.longest_token`` keeps theirs)."""
+    return Renderer(tokenizer)
+
+
+def serve(connection: Connection) -> None:
+    """A child's loop: read the tokenizer, bound its data segment, say it is ready, then render each job it is sent
+    until the pipe closes. A job's failure of any kind (MemoryError past the bound included) is answered, not
+    raised."""
+    from transformers.utils.chat_template_utils import _compile_jinja_template  # cached: the render reuses it
+
+    from service.tasks.prompt_styles import render_ids  # not at the top: prompt_styles imports this module
+
+    tokenizer = connection.recv()
+    _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    bound = data_bytes() + MAX_RENDER_BYTES
+    resource.setrlimit(resource.RLIMIT_DATA, (bound if hard == resource.RLIM_INFINITY else min(bound, hard), hard))
+    connection.send(True)
+    while True:
+        try:
+            messages, template, flags = connection.recv()
+        except EOFError:  # the server closed the pipe, or exited
+            return
+        with contextlib.suppress(Exception):  # one that does not compile fails the render, which says why
+            _compile_jinja_template(tokenizer.chat_template if template is None else template)
+        connection.send(None)  # compiled: the deadline runs from here
+        try:
+            connection.send((True, render_ids(tokenizer, messages, template, **flags)))
+        except TemplateRefused as refused:
+            connection.send((False, str(refused)))
+        except MemoryError:
+            connection.send((False, f"the chat template took more than {MAX_RENDER_BYTES // 2**20} MiB to render "
+                                    "the messages"))
+
+
+def data_bytes() -> int:
+    """This process's data segment (``VmData`` of /proc/self/status, proc(5)), in bytes."""
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmData:"))
+    return int(line.split()[1]) * 1024
+
+
+if __name__ == "__main__":  # a child: ``Child`` runs this module with the file descriptor of its socket
+    serve(Connection(int(sys.argv[1])))

@@ -1,0 +1,70 @@
+"""Chat templates render in child processes (``template_sandbox``): the same token ids as a render in process, and a
+template that works without end or renders gigabytes is refused, its process stopped, and the next render served."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+from transformers import AutoTokenizer
+
+from service.errors import TemplateRefused
+from service.tasks.prompt_styles import render_ids, rendered
+from service.tasks.template_sandbox import MAX_RENDER_SECONDS, Child, Renderer
+
+QUESTION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who gave their name to Normandy?"}]
+ENDLESS = "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}{{ messages }}"
+HUGE = "{{ messages[-1].content * 100000000 }}"  # 3.2 GB of text
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_tokenizer_dir):
+    return AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+
+
+@pytest.mark.parametrize("template", [None, "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"])
+@pytest.mark.parametrize("flags", [{"add_generation_prompt": True}, {"continue_final_message": True}])
+def test_a_render_in_a_child_is_the_render_in_process(tokenizer, template, flags):
+    messages = [*QUESTION, {"role": "assistant", "content": "Answer: <|im_end|> the"}]
+    assert rendered(tokenizer, messages, template, **flags) == render_ids(tokenizer, messages, template, **flags)
+
+
+def test_a_template_past_the_deadline_is_refused_and_its_process_stopped(tokenizer):
+    child = Child(tokenizer)
+    started = time.monotonic()
+    with pytest.raises(TemplateRefused, match=f"took more than {MAX_RENDER_SECONDS:g} s to render the messages"):
+        child.render((QUESTION, ENDLESS, {"add_generation_prompt": True}))
+    assert time.monotonic() - started < MAX_RENDER_SECONDS + 30
+    assert not child.alive and child.process.returncode is not None  # killed and reaped: no core left busy
+
+
+def test_a_template_past_the_memory_bound_is_refused_and_the_process_serves_on(tokenizer):
+    child = Child(tokenizer)
+    with pytest.raises(TemplateRefused, match="more than 512 MiB to render the messages"):
+        child.render((QUESTION, HUGE, {"add_generation_prompt": True}))
+    assert child.render((QUESTION, None, {"add_generation_prompt": True})) == \
+        render_ids(tokenizer, QUESTION, None, add_generation_prompt=True)
+    child.stop()
+
+
+def test_a_renderer_starts_a_new_process_for_the_next_render(tokenizer):
+    renderer = Renderer(tokenizer)
+    for template in (ENDLESS, HUGE):
+        with pytest.raises(TemplateRefused):
+            renderer.render((QUESTION, template, {"add_generation_prompt": True}))
+        assert renderer.render((QUESTION, None, {"add_generation_prompt": True})) == \
+            render_ids(tokenizer, QUESTION, None, add_generation_prompt=True)
+
+
+def test_a_script_without_a_main_guard_renders_once(tiny_tokenizer_dir, tmp_path):
+    """The child is a new interpreter running the sandbox module, not multiprocessing's spawn, which runs the
+    parent's main script again in the child (where this script would render again, and the start fail)."""
+    script = tmp_path / "script.py"
+    script.write_text("from transformers import AutoTokenizer\n"
+                      "from service.tasks.prompt_styles import rendered\n"
+                      f"tokenizer = AutoTokenizer.from_pretrained({str(tiny_tokenizer_dir)!r})\n"
+                      f"print('ids', len(rendered(tokenizer, {QUESTION!r}, None, add_generation_prompt=True)))\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("ids ") == 1, done.stdout
