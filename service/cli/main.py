@@ -11,11 +11,12 @@ import argparse
 import logging
 import sys
 from importlib.metadata import entry_points
+from pathlib import Path
 
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
-from service.cli.command import Command, UsageError, device
+from service.cli.command import Command, UsageError, device, output_file
 from service.cli.settings_options import add_settings_arguments, settings_from
 from service.errors import AdapterError, TemplateRefused, UnsafeEnvironment
 from service.model import server_process
@@ -59,8 +60,23 @@ def build_parser() -> argparse.ArgumentParser:
     for name, command in commands().items():
         sub = subparsers.add_parser(name, help=command.help, description=command.help, formatter_class=DefaultsHelp)
         command.add_arguments(sub)
-        sub.set_defaults(run=command.run)
+        reports = [(action.dest, action.option_strings[0]) for action in sub._actions if action.type is output_file]
+        sub.set_defaults(run=command.run, report_files=reports)
     return parser
+
+
+def check_report_files(args: argparse.Namespace) -> None:
+    """UsageError where two report options of the command (``output_file``) name one file: one report would be
+    written over the other (``eval --json x --predictions x``)."""
+    named: dict[Path, str] = {}
+    for dest, option in args.report_files:
+        path = getattr(args, dest)
+        if path is None:
+            continue
+        if path.resolve() in named:
+            raise UsageError(f"{named[path.resolve()]} and {option} name one file, {path}: one report would be "
+                             "written over the other")
+        named[path.resolve()] = option
 
 
 def reason(exc: Exception) -> str:
@@ -109,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
 
             serve(settings)
         else:
+            check_report_files(args)
             if getattr(args, "quantize", Settings().quantize) == "none":  # full precision: bitsandbytes never runs
                 server_process.without_bitsandbytes()
             args.run(args)

@@ -14,6 +14,7 @@ Each tokenizer has ``WORKERS`` children, started when first needed, so that that
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import resource
 import socket
@@ -21,6 +22,7 @@ import subprocess
 import sys
 from functools import lru_cache
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from service.errors import TemplateRefused
@@ -42,9 +44,13 @@ class Child:
     def __init__(self, tokenizer: PreTrainedTokenizerBase):
         ours, theirs = socket.socketpair()
         # a new interpreter running this module (not multiprocessing's spawn, which runs the parent's main script
-        # again in the child: a script without a __main__ guard would run twice)
-        self.process = subprocess.Popen([sys.executable, "-m", __name__, str(theirs.fileno())],
-                                        pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+        # again in the child: a script without a __main__ guard would run twice), imported from where this process
+        # imported it (PYTHONPATH first; -P: not from the working directory)
+        source = str(Path(__file__).resolve().parents[2])
+        path = os.pathsep.join(filter(None, (source, os.environ.get("PYTHONPATH"))))
+        self.process = subprocess.Popen([sys.executable, "-P", "-m", __name__, str(theirs.fileno())],
+                                        env={**os.environ, "PYTHONPATH": path}, pass_fds=[theirs.fileno()],
+                                        stdin=subprocess.DEVNULL)
         theirs.close()
         self.connection = Connection(ours.detach())
         try:
@@ -52,9 +58,9 @@ class Child:
             if not self.connection.poll(START_SECONDS):
                 raise TimeoutError(f"not started within {START_SECONDS:g} s")
             self.connection.recv()  # ready: imported, tokenizer read, memory bound set
-        except (OSError, EOFError) as exc:
+        except (OSError, EOFError) as exc:  # the server's fault, not the template's: no TemplateRefused
             self.stop()
-            raise TemplateRefused(f"the chat template's process failed to start: {exc}") from None
+            raise RuntimeError(f"the chat template process failed to start: {exc!r}") from None
 
     def render(self, job: Job) -> list[int]:
         """The token ids of ``job``. TemplateRefused when the template refuses it, or when the render runs past

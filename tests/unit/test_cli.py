@@ -122,6 +122,16 @@ from tests.data.make_corpus import SQUAD_SAMPLE
     *((["eval", "--task", "nli", "--adapter", "none", option, str(Path(__file__).parent)],
        f"loraswap eval: error: argument {option}: {Path(__file__).parent} is a folder, not a file to write")
       for option in ("--predictions", "--json")),
+    # two reports of one command in one file: one was written over the other
+    (["eval", "--task", "nli", "--adapter", "none", "--json", "r.json", "--predictions", "./r.json"],
+     "loraswap eval: error: --predictions and --json name one file, r.json: one report would be written over the "
+     "other"),
+    (["calibrate", "--adapter", "nli", "--json", "r.json", "--diagram", "r.json"],
+     "--diagram and --json name one file"),
+    (["side-by-side", "--system", "a=loraswap@http://127.0.0.1:9", "--json", "r", "--markdown", "r"],
+     "--json and --markdown name one file"),
+    (["loadtest", "--scenario", "single", "--users", "1", "--duration", "10", "--host", "http://127.0.0.1:9",
+      "--adapter-root", "x", "--json", "r.md", "--md", "r.md"], "--json and --md name one file"),
 ])
 def test_requests_that_cannot_be_done_are_usage_errors(argv, message, tiny_llama_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
