@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import stat
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -67,16 +68,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_report_files(args: argparse.Namespace) -> None:
     """UsageError where two report options of the command (``output_file``) name one file: one report would be
-    written over the other (``eval --json x --predictions x``)."""
-    named: dict[Path, str] = {}
+    written over the other (``eval --json x --predictions x``, or through a symlink or a hard link). Files that are
+    no regular files (``/dev/null``, ``/dev/stdout``) may take several."""
+    named: dict[object, str] = {}
     for dest, option in args.report_files:
         path = getattr(args, dest)
-        if path is None:
+        identity = None if path is None else file_identity(path)
+        if identity is None:
             continue
-        if path.resolve() in named:
-            raise UsageError(f"{named[path.resolve()]} and {option} name one file, {path}: one report would be "
-                             "written over the other")
-        named[path.resolve()] = option
+        if identity in named:
+            raise UsageError(f"{named[identity]} and {option} name one file, {path}: one report would be written "
+                             "over the other")
+        named[identity] = option
+
+
+def file_identity(path: Path) -> object:
+    """What makes ``path`` the file it is: its device and inode if it exists (hard links share them), else its
+    resolved path; None for an existing file that is no regular file (a device, a pipe)."""
+    try:
+        status = path.stat()
+    except FileNotFoundError:
+        return path.resolve()
+    return (status.st_dev, status.st_ino) if stat.S_ISREG(status.st_mode) else None
 
 
 def reason(exc: Exception) -> str:

@@ -1,22 +1,24 @@
 """Chat messages to prompt token ids, through a chat template: the adapter folder's, else the base tokenizer's."""
 from __future__ import annotations
 
+import asyncio
 from functools import lru_cache
 
 from fastapi import HTTPException
 from transformers import PreTrainedTokenizerBase
 
 from service.errors import InputTooLong, TemplateRefused
-from service.tasks.prompt_styles import rendered
+from service.tasks.template_sandbox import renderer
 
 
-def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], template: str | None,
-                max_tokens: int) -> list[int]:
+async def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], template: str | None,
+                      max_tokens: int) -> list[int]:
     """The prompt's token ids: ``messages`` (``[{"role", "content"}]``) rendered by ``apply_chat_template`` with the
     assistant's turn opened (``add_generation_prompt``), with ``template`` (None: the tokenizer's own). Text in the
     messages that spells a control token (``<|im_end|>``) is encoded as the characters it is
     (``sanitize_control_tokens``), so that no message can end its turn or forge another's; only the template writes
-    control tokens. Blocking (rendering and tokenizing): call it off the event loop.
+    control tokens. The render runs in a chat template process (``template_sandbox``), awaited without holding a
+    thread; cancelling the caller withdraws a render not started.
 
     Raises InputTooLong, before rendering, when the messages hold more characters than ``max_tokens`` tokens can
     (``longest_token``: a message's text is encoded as ordinary text); HTTPException 422 when there is no template,
@@ -31,7 +33,8 @@ def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str
         raise InputTooLong(f"the messages have {characters} characters: more than {max_tokens} tokens (at most "
                            f"{most} characters) can hold; at most {max_tokens} are accepted")
     try:
-        return rendered(tokenizer, messages, template, add_generation_prompt=True)
+        job = (messages, template, {"add_generation_prompt": True})
+        return await asyncio.wrap_future(renderer(tokenizer).submit(job))
     except TemplateRefused as exc:
         raise HTTPException(422, str(exc)) from None
 

@@ -102,14 +102,14 @@ def model_card(model_id: str) -> dict:
 
 
 @openai_router.get("/models", responses=error_replies(EngineStopped, shape=OpenAIErrorOut))
-def models(rt: Runtime = Depends(serving)) -> dict:
+async def models(rt: Runtime = Depends(serving)) -> dict:
     """The bare base (``base``) and every registered adapter."""
     return {"object": "list", "data": [model_card(i) for i in (BASE_MODEL_ID, *rt.registry.names())]}
 
 
 @openai_router.get("/models/{model}", responses=error_replies(422, UnknownAdapter, EngineStopped,
                                                              shape=OpenAIErrorOut))
-def model(model: str, rt: Runtime = Depends(serving)) -> dict:
+async def model(model: str, rt: Runtime = Depends(serving)) -> dict:
     """One model of ``GET /v1/models``: an adapter, or ``base`` (also asked for as ``none``); 404 for an unknown
     adapter."""
     adapter = adapter_or_base(model)
@@ -131,8 +131,8 @@ async def chat_completions(body: ChatCompletionIn, request: Request, rt: Runtime
     tokenizer's (see ``chat_prompt``); each choice is the assistant's next message."""
     adapter = served_model(rt, body, request)
     messages = [message.model_dump() for message in body.messages]
-    prompt_ids = await run_in_threadpool(chat_prompt, rt.tasks.tokenizer, messages, rt.chat_template(adapter),
-                                         rt.tasks.max_prompt)  # off the event loop: a template may render for long
+    prompt_ids = await unless_disconnected(request, chat_prompt(rt.tasks.tokenizer, messages, rt.chat_template(adapter),
+                                                                rt.tasks.max_prompt))  # gone: its render withdrawn
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     return await reply(rt, request, body, prompt_ids, adapter, ChatReplies(model_id(adapter)), logprobs)
 

@@ -57,13 +57,19 @@ def serving_replies(shape: type = ErrorOut) -> dict:
     return error_replies(*BODY_ERRORS, 401, 422, UnknownAdapter, InputTooLong, QueueFull, EngineStopped, shape=shape)
 
 
-def runtime(request: Request) -> Runtime:
+# The dependencies and the routes that do not block are coroutines: FastAPI runs a plain function on a thread of its
+# pool, which blocking routes can fill (a review: /health waited 25 s behind 60 requests on threads).
+async def runtime(request: Request) -> Runtime:
     return request.app.state.runtime
 
 
-def serving(request: Request) -> Runtime:
-    """The runtime; EngineStopped while it loads or drains, or once it failed."""
-    rt: Runtime = request.app.state.runtime
+async def serving(request: Request) -> Runtime:
+    """The runtime; EngineStopped while it loads or drains, or once it failed (``accepting``)."""
+    return accepting(request.app.state.runtime)
+
+
+def accepting(rt: Runtime) -> Runtime:
+    """``rt``; EngineStopped while it loads or drains, or once it failed."""
     if not rt.accepting:
         raise EngineStopped({"loading": "the model is still loading", "draining": "the service is draining"}.get(
             rt.state, rt.state))
@@ -100,16 +106,16 @@ def check_admin_key(rt: Runtime, authorization: str | None) -> None:
     check_bearer(authorization, key, "admin routes need Authorization: Bearer <admin key>")
 
 
-def inference(request: Request, authorization: str | None = Header(None)) -> Runtime:
+async def inference(request: Request, authorization: str | None = Header(None)) -> Runtime:
     """The runtime, for a route that runs the model: with an API key configured (``Settings.api_key``), 401 unless
     ``authorization`` is ``Bearer <API key>``; then as ``serving``."""
     key = request.app.state.runtime.settings.api_key
     if key is not None:
         check_bearer(authorization, key, "this route runs the model: it needs Authorization: Bearer <API key>")
-    return serving(request)
+    return accepting(request.app.state.runtime)
 
 
-def admin(request: Request, authorization: str | None = Header(None)) -> Runtime:
+async def admin(request: Request, authorization: str | None = Header(None)) -> Runtime:
     """Admin routes need ``Authorization: Bearer <admin key>``; with no key configured they are refused."""
     rt: Runtime = request.app.state.runtime
     check_admin_key(rt, authorization)
@@ -218,7 +224,7 @@ def merge_state(merged: str | None) -> dict:
 
 
 @admin_router.get("/adapters", responses=admin_replies())
-def list_adapters(rt: Runtime = Depends(serving), authorization: str | None = Header(None)) -> dict:
+async def list_adapters(rt: Runtime = Depends(serving), authorization: str | None = Header(None)) -> dict:
     """Every adapter and the merge state; the adapters' file paths only with the admin key. No key or the API key
     (which clients of the inference routes send everywhere): no paths; any other key: 401."""
     admin = authorization is not None and not is_api_key(rt, authorization)
@@ -262,7 +268,7 @@ async def merge(name: str, body: NoFields = NO_BODY, rt: Runtime = Depends(admin
 
 
 @ops_router.get("/health", responses={503: {"description": "failed to start, or the engine thread died: a reason"}})
-def health(response: Response, rt: Runtime = Depends(runtime)) -> dict:
+async def health(response: Response, rt: Runtime = Depends(runtime)) -> dict:
     """Liveness: ok while the process can serve (loading and draining included); 503 once it never can."""
     if rt.failure is not None:
         response.status_code = 503
@@ -271,7 +277,7 @@ def health(response: Response, rt: Runtime = Depends(runtime)) -> dict:
 
 
 @ops_router.get("/ready", responses={503: {"description": "loading, draining or failed: ready false and a reason"}})
-def ready(response: Response, rt: Runtime = Depends(runtime)) -> dict:
+async def ready(response: Response, rt: Runtime = Depends(runtime)) -> dict:
     if not rt.accepting:
         response.status_code = 503
         return {"ready": False, "reason": rt.state}
@@ -279,5 +285,5 @@ def ready(response: Response, rt: Runtime = Depends(runtime)) -> dict:
 
 
 @ops_router.get("/metrics", response_class=PlainTextResponse)  # documented as text/plain (Prometheus' format)
-def metrics_endpoint() -> Response:
+async def metrics_endpoint() -> Response:
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -213,7 +213,7 @@ class NliOut(BaseModel):
     adapter: str | None
 
 
-class AdapterIn(BaseModel):
+class AdapterIn(NullIsDefault):
     """POST /adapters: an adapter's name and folder; ``replace``: a name taken is given these weights (409 without)."""
 
     model_config = STRICT
@@ -436,7 +436,7 @@ class ChatCompletionIn(OpenAIIn):
         return super().token_budget()
 
 
-class LoraAdapterIn(BaseModel):
+class LoraAdapterIn(NullIsDefault):
     """vLLM's POST /v1/load_lora_adapter request; ``load_inplace``: a name taken is given these weights."""
 
     model_config = STRICT
@@ -445,7 +445,7 @@ class LoraAdapterIn(BaseModel):
     load_inplace: bool = False
 
 
-class LoraNameIn(BaseModel):
+class LoraNameIn(NullIsDefault):
     """vLLM's POST /v1/unload_lora_adapter request. ``lora_int_id`` (vLLM's number for the adapter) is taken and not
     read, as vLLM's route does not read it: the name says which adapter."""
 

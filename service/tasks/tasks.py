@@ -5,6 +5,7 @@ import asyncio
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
@@ -24,6 +25,17 @@ from service.tasks.streaming import Completion, CompletionStream, collect
 from service.tasks.windows import windows
 
 WINDOW_SLACK = 8  # prompt tokens kept free in a window: tokens can merge differently where a window is cut
+# prompts are built off the event loop: those of a chat style on threads of their own, as they may wait their turn
+# at a chat template's renders (``template_sandbox``), so that prompts that only tokenize never wait behind them
+TOKENIZING = ThreadPoolExecutor(max_workers=4, thread_name_prefix="prompt-tokenizing")
+RENDERING = ThreadPoolExecutor(max_workers=32, thread_name_prefix="prompt-rendering")
+
+
+async def off_loop(style: str, function: Callable, *args):
+    """``function(*args)`` for a prompt in ``style``, on ``RENDERING``'s threads for a chat style, else on
+    ``TOKENIZING``'s."""
+    pool = TOKENIZING if style == ADAPTER_STYLE else RENDERING
+    return await asyncio.get_running_loop().run_in_executor(pool, function, *args)
 
 
 @dataclass
@@ -141,7 +153,7 @@ class Tasks:
         ``CompletionStream``)."""
         self.engine.registry.require(adapter)
         stop = stream_options(stop, logprobs, n)
-        ids = await asyncio.to_thread(self.prompt_ids, prompt)  # tokenizing a long text blocks
+        ids = await off_loop(ADAPTER_STYLE, self.prompt_ids, prompt)  # tokenizing a long text blocks
         decoding = self.decoding(decoding)
         works = [Generation(ids, adapter, dataclasses.replace(decoding, seed=choice_seed(decoding.seed, index)),
                             stop_at_newline=False, logprobs=logprobs) for index in range(n)]
@@ -167,13 +179,13 @@ class Tasks:
         what ``outcomes`` raises."""
         started, template, decoding = time.perf_counter(), self.chat_template(adapter), self.decoding(decoding)
         if not extractive:
-            ids = await asyncio.to_thread(answer_ids, self.tokenizer, style, context, question, template)
+            ids = await off_loop(style, answer_ids, self.tokenizer, style, context, question, template)
             result = await self.outcome(Generation(self.bounded(ids), adapter, decoding))
             text = result.text.strip()
             start, end = exact_span(text, context) or (None, None)
             return Answer(text, start, end, result.generated_tokens, None, (time.perf_counter() - started) * 1000)
-        ranges, spans, works = await asyncio.to_thread(self.answer_works, context, question, adapter, decoding, style,
-                                                       template)
+        ranges, spans, works = await off_loop(style, self.answer_works, context, question, adapter, decoding, style,
+                                              template)
         results = await self.outcomes(works)
         # a span running to a window's cut edge may be a longer answer cut short: it wins only where every one does
         uncut = [i for i, (offset, end, constraint) in enumerate(spans)
@@ -267,8 +279,8 @@ class Tasks:
         """The NLI prompt's token ids (``nli_ids``, with the adapter's chat template), built off the event loop;
         InputTooLong over ``max_prompt``."""
         template = self.chat_template(adapter)
-        return self.bounded(await asyncio.to_thread(nli_ids, self.tokenizer, style, premise, hypothesis, labels,
-                                                    template))
+        return self.bounded(await off_loop(style, nli_ids, self.tokenizer, style, premise, hypothesis, labels,
+                                           template))
 
     async def classify(self, premise: str, hypothesis: str, adapter: str | None,
                        labels: tuple[str, ...], style: str = ADAPTER_STYLE) -> dict[str, float]:

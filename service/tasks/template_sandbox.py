@@ -9,17 +9,22 @@ which is killed once a render has run ``MAX_RENDER_SECONDS``; a new one is start
 fails either way is a TemplateRefused, as one the template itself refuses. Real templates render a chat in a few
 milliseconds (SmolLM2's: about 3 ms for a 3,000-character message, most of it tokenizing).
 
-Each tokenizer has ``WORKERS`` children, started when first needed, so that that many renders run at once.
+Each tokenizer has ``WORKERS`` children, started when first needed, taking turns between templates (``Renderer``).
+A child runs ``NICENESS`` below the server, without the server's secrets in its environment, and ends when the
+server does, killed or not.
 """
 from __future__ import annotations
 
 import contextlib
 import os
-import queue
 import resource
 import socket
 import subprocess
 import sys
+import threading
+import time
+from collections import OrderedDict, deque
+from concurrent.futures import Future
 from functools import lru_cache
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -34,6 +39,9 @@ MAX_RENDER_SECONDS = 2.0  # a render's deadline
 MAX_RENDER_BYTES = 512 * 2**20  # how much a render may grow its child's data segment
 WORKERS = 2  # children per tokenizer: renders that run at once
 START_SECONDS = 120.0  # the most a child may take to start (import transformers, unpickle the tokenizer)
+IDLE_SECONDS = 60.0  # a worker and its child end after this long without a job
+NICENESS = 10  # children run below the server's priority: a template running to its deadline slows decoding less
+MISSING = object()
 
 Job = tuple[list[dict[str, str]], "str | None", dict[str, bool]]  # (messages, template, flags) of ``render_ids``
 
@@ -48,8 +56,9 @@ class Child:
         # imported it (PYTHONPATH first; -P: not from the working directory)
         source = str(Path(__file__).resolve().parents[2])
         path = os.pathsep.join(filter(None, (source, os.environ.get("PYTHONPATH"))))
-        self.process = subprocess.Popen([sys.executable, "-P", "-m", __name__, str(theirs.fileno())],
-                                        env={**os.environ, "PYTHONPATH": path}, pass_fds=[theirs.fileno()],
+        environment = {name: value for name, value in os.environ.items() if not secret(name)}
+        self.process = subprocess.Popen([sys.executable, "-P", "-m", __name__, str(theirs.fileno()), str(os.getpid())],
+                                        env={**environment, "PYTHONPATH": path}, pass_fds=[theirs.fileno()],
                                         stdin=subprocess.DEVNULL)
         theirs.close()
         self.connection = Connection(ours.detach())
@@ -96,24 +105,74 @@ class Child:
 
 
 class Renderer:
-    """The render processes of one tokenizer (``WORKERS``), each started when first needed (a render finds no idle
-    one started) and again after it was stopped; ``render`` takes an idle one, waiting while all are busy. Safe to
-    call from any thread."""
+    """The render processes of one tokenizer: ``WORKERS`` threads, each with a child process, take render jobs from
+    a queue that is fair between templates. A template renders in one process at a time, and the templates with jobs
+    waiting take turns, so that one whose renders run to the deadline holds one process, not all, and the others'
+    jobs wait for no more than one render of each other template ahead of them. A job whose caller gave up (its future
+    cancelled) before it starts is skipped. Threads and their processes start with the first jobs and end after
+    ``IDLE_SECONDS`` without one. Safe to call from any thread."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase):
         self.tokenizer = tokenizer
-        self.idle: queue.LifoQueue[Child | None] = queue.LifoQueue()  # last in, first out: a started child first
-        for _ in range(WORKERS):
-            self.idle.put(None)  # a child not started yet
+        self.changed = threading.Condition()
+        self.waiting: OrderedDict[str | None, deque[tuple[Job, Future]]] = OrderedDict()  # by template, in turn
+        self.running: set[str | None] = set()  # the templates rendering now
+        self.workers = self.idle = 0  # worker threads, and those of them waiting for a job
+
+    def submit(self, job: Job) -> Future:
+        """Queue ``job``; its future's result is ``render_ids`` of it, or TemplateRefused as ``Child.render``
+        raises. Cancel the future to withdraw a job not started."""
+        future: Future = Future()
+        with self.changed:
+            self.waiting.setdefault(job[1], deque()).append((job, future))
+            if self.idle == 0 and self.workers < WORKERS:  # a worker waiting takes it: its process is started
+                self.workers += 1
+                threading.Thread(target=self.work, name="chat-template-renders", daemon=True).start()
+            self.changed.notify()
+        return future
 
     def render(self, job: Job) -> list[int]:
-        """``render_ids`` of ``job`` in a child process; raises TemplateRefused as ``Child.render`` does."""
-        child = self.idle.get()
-        try:
-            child = child if child is not None and child.alive else Child(self.tokenizer)
-            return child.render(job)
-        finally:
-            self.idle.put(child if child is not None and child.alive else None)
+        """``submit``, waiting for the result (blocking; raises as the future does)."""
+        return self.submit(job).result()
+
+    def work(self) -> None:
+        """A worker thread: render the jobs ``next_job`` hands out in its own child process, until idle."""
+        child = None
+        while (taken := self.next_job()) is not None:
+            job, future = taken
+            try:
+                child = child if child is not None and child.alive else Child(self.tokenizer)
+                future.set_result(child.render(job))
+            except Exception as exc:  # TemplateRefused, or the process failed to start
+                future.set_exception(exc)
+            finally:
+                with self.changed:
+                    self.running.discard(job[1])
+                    self.changed.notify_all()
+        if child is not None and child.alive:
+            child.stop()
+
+    def next_job(self) -> tuple[Job, Future] | None:
+        """The next job of the first template in turn that is not rendering, its turn then moved to the end; None
+        once no job came for ``IDLE_SECONDS`` (the worker ends)."""
+        with self.changed:
+            while True:
+                template = next((key for key in self.waiting if key not in self.running), MISSING)
+                if template is not MISSING:
+                    jobs = self.waiting.pop(template)
+                    job, future = jobs.popleft()
+                    if jobs:
+                        self.waiting[template] = jobs  # at the end: the other templates go first
+                    if future.set_running_or_notify_cancel():  # False: its caller gave up
+                        self.running.add(template)
+                        return job, future
+                else:
+                    self.idle += 1
+                    notified = self.changed.wait(IDLE_SECONDS)
+                    self.idle -= 1
+                    if not notified and not self.waiting:
+                        self.workers -= 1
+                        return None
 
 
 @lru_cache(maxsize=8)
@@ -123,14 +182,30 @@ def renderer(tokenizer: PreTrainedTokenizerBase) -> Renderer:
     return Renderer(tokenizer)
 
 
-def serve(connection: Connection) -> None:
-    """A child's loop: read the tokenizer, bound its data segment, say it is ready, then render each job it is sent
-    until the pipe closes. A job's failure of any kind (MemoryError past the bound included) is answered, not
-    raised."""
+def secret(name: str) -> bool:
+    """Whether environment variable ``name`` may hold a secret a child has no use for (loraswap's settings, keys and
+    tokens): it is not passed on."""
+    return name.startswith("LORASWAP_") or any(word in name.upper() for word in ("KEY", "TOKEN", "SECRET", "PASSW"))
+
+
+def watch_parent(parent: int) -> None:
+    """End this process once ``parent`` is no longer its parent (the server died, even by SIGKILL: a render of an
+    endless template would otherwise go on for ever)."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
+
+
+def serve(connection: Connection, parent: int) -> None:
+    """A child's loop: lower its priority, watch its ``parent``, read the tokenizer, bound its data segment, say it
+    is ready, then render each job it is sent until the pipe closes. A job's failure of any kind (MemoryError past
+    the bound included) is answered, not raised."""
     from transformers.utils.chat_template_utils import _compile_jinja_template  # cached: the render reuses it
 
     from service.tasks.prompt_styles import render_ids  # not at the top: prompt_styles imports this module
 
+    os.nice(NICENESS)
+    threading.Thread(target=watch_parent, args=(parent,), daemon=True).start()
     tokenizer = connection.recv()
     _, hard = resource.getrlimit(resource.RLIMIT_DATA)
     bound = data_bytes() + MAX_RENDER_BYTES
@@ -160,5 +235,5 @@ def data_bytes() -> int:
     return int(line.split()[1]) * 1024
 
 
-if __name__ == "__main__":  # a child: ``Child`` runs this module with the file descriptor of its socket
-    serve(Connection(int(sys.argv[1])))
+if __name__ == "__main__":  # a child: ``Child`` runs this module with its socket's file descriptor and the server's pid
+    serve(Connection(int(sys.argv[1])), int(sys.argv[2]))

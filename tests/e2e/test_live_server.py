@@ -4,6 +4,7 @@ requests finish, exit status 0)."""
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import socket
 import subprocess
@@ -228,6 +229,35 @@ def test_a_client_that_disconnects_gets_its_request_dropped(server):
     wait_until(lambda: in_flight_and_answered(http, status="499") == (idle, dropped + 1),
                "the disconnected request was not recorded as 499 (client closed request)", timeout=30)
     assert http.post("/v1/completions", json=body).json()["choices"] == whole["choices"]
+
+
+def test_a_chat_client_that_leaves_while_its_template_renders_is_recorded_as_gone(server):
+    """An adapter whose chat template runs to the render deadline (2 s): chat clients that leave while their render
+    runs or waits its turn are recorded as 499 at once, not as the 422 of the render's failure (a review). That a
+    render withdrawn before it starts never runs: test_template_sandbox."""
+    http = server.http
+    folder = server.extra / "endless"
+    shutil.copytree(server.extra / "three", folder)
+    (folder / "chat_template.jinja").write_text(
+        "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}{{ messages }}")
+    assert http.post("/adapters", json={"name": "endless", "path": str(folder)}, headers=ADMIN).status_code == 201
+    chats = lambda status: sum(count for (name, labels), count in scrape(http).items()  # noqa: E731
+                               if name == "loraswap_request_duration_seconds_count" and ("status", status) in labels
+                               and ("endpoint", "/v1/chat/completions") in labels)
+    gone, refused = chats("499"), chats("422")
+    payload = json.dumps({"model": "endless", "messages": CONVERSATION[1:2]}).encode()
+    clients = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(2)]
+    for client in clients:
+        client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       b"Authorization: Bearer %s\r\nContent-Length: %d\r\n\r\n%s"
+                       % (API_KEY.encode(), len(payload), payload))
+    time.sleep(0.5)  # both arrived: one renders, one waits its turn
+    for client in clients:
+        client.close()
+    wait_until(lambda: chats("499") == gone + 2, "the chat clients that left were not recorded as 499", timeout=30)
+    time.sleep(3)  # past the first render's deadline: its failure is not recorded for a client that left
+    assert chats("422") == refused
+    assert http.delete("/adapters/endless", headers=ADMIN).status_code == 200
 
 
 def test_a_client_that_goes_away_while_sending_its_body_is_recorded_as_gone_not_as_a_bad_body(server):

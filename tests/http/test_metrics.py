@@ -136,9 +136,9 @@ def test_a_readiness_probe_is_not_in_flight_while_it_is_answered(client):
     """/ready reads the gauge from inside the request, through an overridden dependency: still 0."""
     seen = []
 
-    def observing(request: Request):
+    async def observing(request: Request):
         seen.append(REGISTRY.get_sample_value("loraswap_requests_in_flight"))
-        return runtime(request)
+        return await runtime(request)
 
     client.app.dependency_overrides[runtime] = observing
     try:

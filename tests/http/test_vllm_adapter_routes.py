@@ -50,6 +50,11 @@ def test_load_and_unload_answer_as_vllm_and_do_what_adapters_does(client, served
 
     reply = client.post("/v1/unload_lora_adapter", json={"lora_name": "three", "lora_int_id": 7}, headers=ADMIN)
     assert (reply.status_code, reply.text) == (200, "Success: LoRA adapter 'three' removed successfully.")
+    assert load(client, "four", extra / "three").status_code == 200  # null: the default, as on every route
+    assert client.post("/v1/load_lora_adapter", json={"lora_name": "four", "lora_path": str(extra / "three"),
+                                                      "load_inplace": None}, headers=ADMIN).status_code == 409
+    assert client.post("/v1/unload_lora_adapter", json={"lora_name": "four", "lora_int_id": None},
+                       headers=ADMIN).status_code == 200
     assert set(listed(client)) == {"one", "two", "same"}
     ask(client, "three", status=404)
     assert client.delete("/adapters/same", headers=ADMIN).status_code == 200

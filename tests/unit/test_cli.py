@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -300,6 +301,21 @@ def test_a_command_whose_optional_dependencies_are_missing_says_how_to_install_t
     assert exit_.value.code == 2
     assert capsys.readouterr().err == (f'loraswap {argv[0]}: error: needs {module}, of the optional dependencies '
                                        f'"{extra}": pip install -c requirements/lock.txt -e ".[{extra}]"\n')
+
+
+def test_two_reports_in_one_file_through_a_link_are_a_usage_error_and_devices_take_both(tmp_path, capsys):
+    (tmp_path / "report").write_text("old")
+    os.link(tmp_path / "report", tmp_path / "hard")
+    os.symlink(tmp_path / "report", tmp_path / "soft")
+    for other in ("hard", "soft"):
+        with pytest.raises(SystemExit) as exit_:
+            main(["calibrate", "--adapter", "nli", "--json", str(tmp_path / "report"), "--diagram",
+                  str(tmp_path / other)])
+        assert exit_.value.code == 2 and "--diagram and --json name one file" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # past the check: the adapter is what is wrong
+        main(["calibrate", "--adapter", "nope", "--adapters-dir", str(tmp_path), "--json", "/dev/null", "--diagram",
+              "/dev/null"])
+    assert "name one file" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", [["merge", "--adapter", "squad"], ["train", "--task", "nli"]])

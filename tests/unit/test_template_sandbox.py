@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
@@ -55,6 +56,65 @@ def test_a_renderer_starts_a_new_process_for_the_next_render(tokenizer):
             renderer.render((QUESTION, template, {"add_generation_prompt": True}))
         assert renderer.render((QUESTION, None, {"add_generation_prompt": True})) == \
             render_ids(tokenizer, QUESTION, None, add_generation_prompt=True)
+
+
+def test_templates_take_turns_so_an_endless_one_holds_one_process_not_all(tokenizer):
+    """Three jobs of a template that runs to the deadline, then one of another: that one is rendered by the other
+    process while the endless template's jobs wait their turn on one (they take 2 s each)."""
+    renderer = Renderer(tokenizer)
+    endless = [renderer.submit((QUESTION, ENDLESS, {"add_generation_prompt": True})) for _ in range(3)]
+    normal = renderer.submit((QUESTION, None, {"add_generation_prompt": True}))
+    assert normal.result(timeout=120) == render_ids(tokenizer, QUESTION, None, add_generation_prompt=True)
+    assert sum(future.done() for future in endless) <= 1  # the others still wait: one endless render at a time
+    withdrawn = endless[2].cancel()  # a caller that gives up: its job is skipped, not rendered
+    for future in endless[:2]:
+        with pytest.raises(TemplateRefused, match="more than"):
+            future.result(timeout=120)
+    assert withdrawn and endless[2].cancelled()
+    time.sleep(0.5)
+    assert not renderer.waiting and not renderer.running
+
+
+def test_a_child_ends_when_the_server_is_killed_mid_render(tiny_tokenizer_dir, tmp_path):
+    """A server killed (SIGKILL) while its child renders an endless template: the child ends within seconds, not
+    after the render (which never ends)."""
+    script = tmp_path / "server.py"
+    script.write_text("import sys\n"
+                      "from transformers import AutoTokenizer\n"
+                      "from service.tasks.template_sandbox import Renderer\n"
+                      f"renderer = Renderer(AutoTokenizer.from_pretrained({str(tiny_tokenizer_dir)!r}))\n"
+                      f"renderer.submit(({QUESTION!r}, {ENDLESS!r}, {{'add_generation_prompt': True}}))\n"
+                      "import time; time.sleep(300)\n")
+    server = subprocess.Popen([sys.executable, str(script)])
+    try:
+        children = wait_for(lambda: child_pids(server.pid), "the server's render process to start")
+    finally:
+        server.kill()
+        server.wait()
+    wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in children), "its render process to end")
+
+
+def child_pids(parent: int) -> list[int]:
+    """The processes whose parent is ``parent`` (from /proc)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        if int(fields[1]) == parent:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def wait_for(condition, what: str, timeout: float = 60.0):
+    """Poll ``condition`` until it returns something true (returned), or fail saying ``what`` did not happen."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if outcome := condition():
+            return outcome
+        time.sleep(0.1)
+    raise AssertionError(f"waited {timeout} s for {what}")
 
 
 def test_a_script_without_a_main_guard_renders_once(tiny_tokenizer_dir, tmp_path):
