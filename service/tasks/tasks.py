@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 
 from transformers import PreTrainedTokenizerBase
 
@@ -18,24 +19,29 @@ from service.engine.scoring import CandidateLogprobs
 from service.errors import InputTooLong, NoSpan
 from service.settings import Settings
 from service.tasks.labels import label_ids, prefix_candidates, sequence_logprobs, softmax
-from service.tasks.prompt_styles import ADAPTER_STYLE, answer_ids, nli_ids
+from service.tasks.prompt_styles import (
+    ADAPTER_STYLE,
+    answer_ids,
+    answer_messages,
+    nli_ids,
+    nli_messages,
+    require_template,
+)
 from service.tasks.prompts import NLI_LABELS, encode_text, label_target
 from service.tasks.span_constraint import SpanConstraint, SpanVocabulary, answer_vocabulary
 from service.tasks.streaming import Completion, CompletionStream, collect
+from service.tasks.template_sandbox import renderer
 from service.tasks.windows import windows
 
 WINDOW_SLACK = 8  # prompt tokens kept free in a window: tokens can merge differently where a window is cut
-# prompts are built off the event loop: those of a chat style on threads of their own, as they may wait their turn
-# at a chat template's renders (``template_sandbox``), so that prompts that only tokenize never wait behind them
+# prompts are built off the event loop: text tokenized on these threads, chat templates rendered in their processes
+# (``template_sandbox``), awaited without a thread, so that a render waiting its turn holds no thread
 TOKENIZING = ThreadPoolExecutor(max_workers=4, thread_name_prefix="prompt-tokenizing")
-RENDERING = ThreadPoolExecutor(max_workers=32, thread_name_prefix="prompt-rendering")
 
 
-async def off_loop(style: str, function: Callable, *args):
-    """``function(*args)`` for a prompt in ``style``, on ``RENDERING``'s threads for a chat style, else on
-    ``TOKENIZING``'s."""
-    pool = TOKENIZING if style == ADAPTER_STYLE else RENDERING
-    return await asyncio.get_running_loop().run_in_executor(pool, function, *args)
+async def off_loop(function: Callable, *args):
+    """``function(*args)`` on ``TOKENIZING``'s threads."""
+    return await asyncio.get_running_loop().run_in_executor(TOKENIZING, function, *args)
 
 
 @dataclass
@@ -153,7 +159,7 @@ class Tasks:
         ``CompletionStream``)."""
         self.engine.registry.require(adapter)
         stop = stream_options(stop, logprobs, n)
-        ids = await off_loop(ADAPTER_STYLE, self.prompt_ids, prompt)  # tokenizing a long text blocks
+        ids = await off_loop(self.prompt_ids, prompt)  # tokenizing a long text blocks
         decoding = self.decoding(decoding)
         works = [Generation(ids, adapter, dataclasses.replace(decoding, seed=choice_seed(decoding.seed, index)),
                             stop_at_newline=False, logprobs=logprobs) for index in range(n)]
@@ -179,14 +185,17 @@ class Tasks:
         what ``outcomes`` raises."""
         started, template, decoding = time.perf_counter(), self.chat_template(adapter), self.decoding(decoding)
         if not extractive:
-            ids = await off_loop(style, answer_ids, self.tokenizer, style, context, question, template)
+            ids = await self.answer_ids(style, context, question, template)
             result = await self.outcome(Generation(self.bounded(ids), adapter, decoding))
             text = result.text.strip()
             start, end = exact_span(text, context) or (None, None)
             return Answer(text, start, end, result.generated_tokens, None, (time.perf_counter() - started) * 1000)
-        ranges, spans, works = await off_loop(style, self.answer_works, context, question, adapter, decoding, style,
-                                              template)
-        results = await self.outcomes(works)
+        ranges = await self.answer_windows(context, question, style, template)
+        spans = await off_loop(self.window_spans, context, ranges, decoding.max_new_tokens)
+        prompts = await asyncio.gather(*(self.answer_ids(style, context[offset:end], question, template)
+                                         for offset, end, _ in spans))
+        results = await self.outcomes([Generation(self.bounded(ids), adapter, decoding, constraint=constraint)
+                                       for ids, (_, _, constraint) in zip(prompts, spans)])
         # a span running to a window's cut edge may be a longer answer cut short: it wins only where every one does
         uncut = [i for i, (offset, end, constraint) in enumerate(spans)
                  if constraint.lies_inside(offset > ranges[0][0], end < ranges[-1][1])]
@@ -197,34 +206,36 @@ class Tasks:
         return Answer(text, start, start + len(text), results[best].generated_tokens, constraint.score(),
                       (time.perf_counter() - started) * 1000)
 
-    def answer_works(self, context: str, question: str, adapter: str | None, decoding: Decoding, style: str,
-                     template: str | None) -> tuple[list[tuple[int, int]], list[tuple[int, int, SpanConstraint]],
-                                                    list[Generation]]:
-        """An extractive answer's windows of ``context`` (``answer_windows``), the span constraint of each a span can
-        begin in (``window_spans``) and their generations. Blocking (tokenizing, a chat template's render): ``answer``
-        runs it off the event loop. Raises as ``answer_windows`` and ``window_spans``."""
-        ranges = self.answer_windows(context, question, style, template)
-        spans = self.window_spans(context, ranges, decoding.max_new_tokens)
-        works = [Generation(self.bounded(answer_ids(self.tokenizer, style, context[offset:end], question, template)),
-                            adapter, decoding, constraint=constraint) for offset, end, constraint in spans]
-        return ranges, spans, works
+    async def answer_ids(self, style: str, context: str, question: str, template: str | None) -> list[int]:
+        """``prompt_styles.answer_ids``, built off the event loop: the adapter style's text tokenized on a thread, a
+        chat style's messages rendered in a template process (``template_sandbox``), awaited. Raises as it."""
+        if style == ADAPTER_STYLE:
+            return await off_loop(answer_ids, self.tokenizer, style, context, question, template)
+        return await self.chat_ids(style, answer_messages(style, context, question), template)
 
-    def answer_windows(self, context: str, question: str, style: str = ADAPTER_STYLE, template: str | None = None
-                       ) -> list[tuple[int, int]]:
+    async def chat_ids(self, style: str, messages: list[dict[str, str]], template: str | None) -> list[int]:
+        """``prompt_styles.chat_ids`` of ``messages``, rendered in a template process and awaited (cancelling the
+        caller withdraws a render not begun). ValueError without a chat template; TemplateRefused as it."""
+        require_template(self.tokenizer, style, template)
+        job = (messages, template, {"continue_final_message": True})
+        return await asyncio.wrap_future(renderer(self.tokenizer).submit(job))
+
+    async def answer_windows(self, context: str, question: str, style: str = ADAPTER_STYLE,
+                             template: str | None = None) -> list[tuple[int, int]]:
         """The character ranges of ``context`` answered apart: [(0, len(context))] when its prompt in ``style`` fits
         (``max_prompt``), else windows of its tokens whose prompts do (``windows.windows``), neighbours sharing
         ``settings.window_stride(room)`` tokens; a chat style's prompt rendered with ``template`` (an adapter's, else
         the tokenizer's). Raises InputTooLong when the question leaves no more room per window
         than the stride, or the context needs more windows than ``max_answer_windows`` or ``max_queue``."""
-        if len(answer_ids(self.tokenizer, style, context, question, template)) <= self.max_prompt:
+        if len(await self.answer_ids(style, context, question, template)) <= self.max_prompt:
             return [(0, len(context))]
-        asked = len(self.bounded(answer_ids(self.tokenizer, style, "", question, template)))  # the prompt, no context
+        asked = len(self.bounded(await self.answer_ids(style, "", question, template)))  # the prompt, no context
         room = self.max_prompt - asked - WINDOW_SLACK
         if room <= 0:
             raise InputTooLong(f"the question leaves no room for a context: its prompt takes {asked} of the "
                                f"{self.max_prompt} tokens accepted, {WINDOW_SLACK} of which a window keeps free")
-        offsets = self.tokenizer(context, add_special_tokens=False, split_special_tokens=True,
-                                 return_offsets_mapping=True)["offset_mapping"]
+        offsets = (await off_loop(partial(self.tokenizer, add_special_tokens=False, split_special_tokens=True,
+                                          return_offsets_mapping=True), context))["offset_mapping"]
         # the windows queue together, all or none (Engine.submit_together): more than the queue holds never would
         stride, most = self.settings.window_stride(room), min(self.settings.max_answer_windows, self.settings.max_queue)
         if room <= stride:
@@ -276,11 +287,12 @@ class Tasks:
 
     async def nli_prompt(self, premise: str, hypothesis: str, adapter: str | None, labels: tuple[str, ...],
                          style: str) -> list[int]:
-        """The NLI prompt's token ids (``nli_ids``, with the adapter's chat template), built off the event loop;
-        InputTooLong over ``max_prompt``."""
+        """The NLI prompt's token ids (``nli_ids``, with the adapter's chat template), built off the event loop as
+        ``answer_ids`` builds its; InputTooLong over ``max_prompt``."""
         template = self.chat_template(adapter)
-        return self.bounded(await off_loop(style, nli_ids, self.tokenizer, style, premise, hypothesis, labels,
-                                           template))
+        if style == ADAPTER_STYLE:
+            return self.bounded(await off_loop(nli_ids, self.tokenizer, style, premise, hypothesis, labels, template))
+        return self.bounded(await self.chat_ids(style, nli_messages(style, premise, hypothesis, labels), template))
 
     async def classify(self, premise: str, hypothesis: str, adapter: str | None,
                        labels: tuple[str, ...], style: str = ADAPTER_STYLE) -> dict[str, float]:

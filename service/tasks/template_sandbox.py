@@ -23,7 +23,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from concurrent.futures import Future
 from functools import lru_cache
 from multiprocessing.connection import Connection
@@ -39,12 +39,16 @@ MAX_RENDER_SECONDS = 2.0  # a render's deadline
 MAX_RENDER_BYTES = 512 * 2**20  # how much a render may grow its child's data segment
 WORKERS = 2  # children per tokenizer: renders that run at once
 START_SECONDS = 120.0  # the most a child may take to start (import transformers, unpickle the tokenizer)
-COMPILE_SECONDS = 30.0  # the most a child may take to compile a template (256 KiB of code: about 1 s)
+COMPILE_SECONDS = 10.0  # the most a child may take to compile a template (256 KiB of code: about 1 s)
 IDLE_SECONDS = 60.0  # a worker and its child end after this long without a job
 NICENESS = 10  # children run below the server's priority: a template running to its deadline slows decoding less
 MISSING = object()
 
 Job = tuple[list[dict[str, str]], "str | None", dict[str, bool]]  # (messages, template, flags) of ``render_ids``
+
+
+class RenderBound(TemplateRefused):
+    """A render ran past the deadline or the memory bound, or its process died."""
 
 
 class Child:
@@ -81,11 +85,11 @@ class Child:
             self.connection.send(job)
         except OSError:  # the process died since its last render
             self.stop()
-            raise TemplateRefused("the chat template's process died before the render") from None
+            raise RenderBound("the chat template's process died before the render") from None
         self.receive(COMPILE_SECONDS, "compile")  # the template compiled (or found not to compile)
-        rendered, outcome = self.receive(MAX_RENDER_SECONDS, "render the messages")
-        if not rendered:
-            raise TemplateRefused(outcome)
+        kind, outcome = self.receive(MAX_RENDER_SECONDS, "render the messages")
+        if kind != "ids":
+            raise (RenderBound if kind == "bound" else TemplateRefused)(outcome)
         return outcome
 
     def receive(self, seconds: float, what: str):
@@ -97,7 +101,7 @@ class Child:
         except (EOFError, OSError):  # the process died: killed by the kernel, out of memory past the bound
             problem = f"the chat template's process died trying to {what}"
         self.stop()
-        raise TemplateRefused(problem)
+        raise RenderBound(problem)
 
     @property
     def alive(self) -> bool:
@@ -111,17 +115,18 @@ class Child:
 
 class Renderer:
     """The render processes of one tokenizer: ``WORKERS`` threads, each with a child process, take render jobs from
-    a queue that is fair between templates. A template renders in one process at a time, and the templates with jobs
-    waiting take turns, so that one whose renders run to the deadline holds one process, not all, and the others'
-    jobs wait for no more than one render of each other template ahead of them. A job whose caller gave up (its future
-    cancelled) before it starts is skipped. Threads and their processes start with the first jobs and end after
-    ``IDLE_SECONDS`` without one. Safe to call from any thread."""
+    a queue that is fair between templates: the templates with jobs waiting take turns, and the slow ones (a render of
+    which ran to a bound: the deadline, the memory bound, a dead process) render in ``WORKERS`` - 1 processes at most,
+    all of them together, so that the others always have one. A job whose caller gave up (its future cancelled) before
+    it starts is skipped. Threads and their processes start with the first jobs and end after ``IDLE_SECONDS``
+    without one. Safe to call from any thread."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase):
         self.tokenizer = tokenizer
         self.changed = threading.Condition()
         self.waiting: OrderedDict[str | None, deque[tuple[Job, Future]]] = OrderedDict()  # by template, in turn
-        self.running: set[str | None] = set()  # the templates rendering now
+        self.running: Counter[str | None] = Counter()  # the renders running now, by template
+        self.slow: set[str | None] = set()  # templates a render of which ran to a bound
         self.workers = self.idle = 0  # worker threads, and those of them waiting for a job
 
     def submit(self, job: Job) -> Future:
@@ -148,28 +153,35 @@ class Renderer:
             try:
                 child = child if child is not None and child.alive else Child(self.tokenizer)
                 future.set_result(child.render(job))
+            except RenderBound as exc:
+                with self.changed:
+                    self.slow.add(job[1])
+                future.set_exception(exc)
             except Exception as exc:  # TemplateRefused, or the process failed to start
                 future.set_exception(exc)
             finally:
                 with self.changed:
-                    self.running.discard(job[1])
+                    self.running -= Counter([job[1]])  # a count that reaches 0 is dropped
                     self.changed.notify_all()
         if child is not None and child.alive:
             child.stop()
 
     def next_job(self) -> tuple[Job, Future] | None:
-        """The next job of the first template in turn that is not rendering, its turn then moved to the end; None
-        once no job came for ``IDLE_SECONDS`` (the worker ends)."""
+        """The next job of the first template in turn that may render now (not a slow one while the slow ones hold
+        ``WORKERS`` - 1 processes), its turn then moved to the end; None once no job came for ``IDLE_SECONDS`` (the
+        worker ends)."""
         with self.changed:
             while True:
-                template = next((key for key in self.waiting if key not in self.running), MISSING)
+                slow_running = sum(self.running[key] for key in self.slow)
+                template = next((key for key in self.waiting if key not in self.slow or slow_running < WORKERS - 1),
+                                MISSING)
                 if template is not MISSING:
                     jobs = self.waiting.pop(template)
                     job, future = jobs.popleft()
                     if jobs:
                         self.waiting[template] = jobs  # at the end: the other templates go first
                     if future.set_running_or_notify_cancel():  # False: its caller gave up
-                        self.running.add(template)
+                        self.running[template] += 1
                         return job, future
                 else:
                     self.idle += 1
@@ -225,12 +237,12 @@ def serve(connection: Connection, parent: int) -> None:
             _compile_jinja_template(tokenizer.chat_template if template is None else template)
         connection.send(None)  # compiled: the deadline runs from here
         try:
-            connection.send((True, render_ids(tokenizer, messages, template, **flags)))
+            connection.send(("ids", render_ids(tokenizer, messages, template, **flags)))
         except TemplateRefused as refused:
-            connection.send((False, str(refused)))
+            connection.send(("refused", str(refused)))
         except MemoryError:
-            connection.send((False, f"the chat template took more than {MAX_RENDER_BYTES // 2**20} MiB to render "
-                                    "the messages"))
+            connection.send(("bound", f"the chat template took more than {MAX_RENDER_BYTES // 2**20} MiB to render "
+                                      "the messages"))
 
 
 def data_bytes() -> int:

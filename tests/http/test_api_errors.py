@@ -7,6 +7,7 @@ reports a failed start.
 """
 from __future__ import annotations
 
+import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -122,7 +123,7 @@ def test_max_input_tokens_is_the_longest_prompt_accepted(tiny):
         assert ask(client, None, context=fits, max_new_tokens=1)["tokens"] == 1
         too_long = ask(client, None, context=over, extractive=False, status=413)
         windowed = ask(client, None, context=over, max_new_tokens=1)
-        assert len(client.app.state.runtime.tasks.answer_windows(over, SQUAD_QUESTION)) > 1
+        assert len(asyncio.run(client.app.state.runtime.tasks.answer_windows(over, SQUAD_QUESTION))) > 1
     assert over[windowed["start"]:windowed["end"]] == windowed["answer"]
     assert f"at most {limit}" in too_long["error"]
 

@@ -4,6 +4,7 @@ generation under a brute-force span constraint (``tests/span_reference.py``, thr
 offsets; constrained and free rows share batches; contexts in several scripts, with multi-byte characters."""
 from __future__ import annotations
 
+import asyncio
 import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -133,7 +134,7 @@ def windowed(tiny_tokenizer_dir, tmp_path_factory):
 
 
 def answer_windows(client, context: str) -> list[tuple[int, int]]:
-    return client.app.state.runtime.tasks.answer_windows(context, "When?")
+    return asyncio.run(client.app.state.runtime.tasks.answer_windows(context, "When?"))
 
 
 def test_the_answer_in_the_last_window_is_found(windowed):

@@ -59,9 +59,12 @@ def test_a_renderer_starts_a_new_process_for_the_next_render(tokenizer):
 
 
 def test_templates_take_turns_so_an_endless_one_holds_one_process_not_all(tokenizer):
-    """Three jobs of a template that runs to the deadline, then one of another: that one is rendered by the other
-    process while the endless template's jobs wait their turn on one (they take 2 s each)."""
+    """A template known to run to the deadline, three jobs of it, then one of another: that one is rendered by the
+    other process while the endless template's jobs wait their turn on one (they take 2 s each)."""
     renderer = Renderer(tokenizer)
+    with pytest.raises(TemplateRefused, match="more than"):
+        renderer.render((QUESTION, ENDLESS, {"add_generation_prompt": True}))
+    assert renderer.slow == {ENDLESS}
     endless = [renderer.submit((QUESTION, ENDLESS, {"add_generation_prompt": True})) for _ in range(3)]
     normal = renderer.submit((QUESTION, None, {"add_generation_prompt": True}))
     assert normal.result(timeout=120) == render_ids(tokenizer, QUESTION, None, add_generation_prompt=True)
