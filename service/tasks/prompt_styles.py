@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Literal, get_args
 
 from service.errors import TemplateRefused
 from service.tasks.prompts import NLI_LABELS, RTE_LABELS, answer_prompt, encode_text, nli_prompt
-from service.tasks.template_sandbox import renderer
+from service.tasks.template_sandbox import Job, renderer
 
 if TYPE_CHECKING:  # imported lazily: the CLI's parser reads PROMPT_STYLES without loading transformers
     from transformers import PreTrainedTokenizerBase
@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # imported lazily: the CLI's parser reads PROMPT_STYLES witho
 PromptStyle = Literal["adapter", "zero_shot", "one_shot"]
 PROMPT_STYLES: tuple[str, ...] = get_args(PromptStyle)
 ADAPTER_STYLE = "adapter"  # the template the adapters are trained on; the default
+Prompt = str | list[dict[str, str]]  # plain text (the adapter style) or chat messages (the chat styles)
 
 ANSWER_INSTRUCTION = ("Answer the question about the context. Reply with the answer alone: the shortest span of the "
                       "context that answers the question, copied from it word for word.")
@@ -126,21 +127,11 @@ def require_template(tokenizer: PreTrainedTokenizerBase, style: str, template: s
                          "none; use prompt_style 'adapter'")
 
 
-def chat_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], template: str | None = None
-             ) -> list[int]:
-    """The token ids of ``messages`` rendered with ``template`` (an adapter's), else the tokenizer's chat template, the
-    last (the assistant's reply, begun) left open for the model to continue (``continue_final_message``); text in them
-    that spells a control token stays text. There must be a template (``require_template``); raises TemplateRefused
-    as ``rendered``."""
-    return rendered(tokenizer, messages, template, continue_final_message=True)
-
-
-def rendered(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], template: str | None,
-             **flags: bool) -> list[int]:
-    """``render_ids`` run in a child process under a deadline and a memory bound (``template_sandbox``): the
-    template is code, and may loop without end. Raises TemplateRefused as ``render_ids``, and when the render runs
-    past the deadline or the bound."""
-    return renderer(tokenizer).render((messages, template, flags))
+def chat_job(messages: list[dict[str, str]], template: str | None) -> Job:
+    """The render of ``messages`` with ``template`` (an adapter's; None: the tokenizer's) the prompt styles ask for:
+    the last message (the assistant's reply, begun) left open for the model to continue (``continue_final_message``).
+    Rendered by ``render_ids`` in a template process (``template_sandbox.Renderer``)."""
+    return messages, template, {"continue_final_message": True}
 
 
 def render_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], template: str | None,
@@ -169,23 +160,36 @@ def render_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]
     return ids
 
 
+def answer_input(style: str, context: str, question: str) -> Prompt:
+    """The QA prompt in ``style``: ``answer_prompt``'s plain text for adapter, else ``answer_messages``."""
+    return answer_prompt(context, question) if style == ADAPTER_STYLE else answer_messages(style, context, question)
+
+
+def nli_input(style: str, premise: str, hypothesis: str, labels: Sequence[str]) -> Prompt:
+    """The NLI prompt in ``style``: ``nli_prompt``'s plain text for adapter, else ``nli_messages`` (ValueError for
+    one_shot with labels it has no example for)."""
+    return nli_prompt(premise, hypothesis) if style == ADAPTER_STYLE else nli_messages(style, premise, hypothesis,
+                                                                                        labels)
+
+
+def encoded(tokenizer: PreTrainedTokenizerBase, style: str, prompt: Prompt, template: str | None = None) -> list[int]:
+    """A prompt's token ids: plain text encoded as text, chat messages rendered (``chat_job``) with ``template`` (an
+    adapter's), else the tokenizer's chat template, in a template process, waiting for it (blocking: the service
+    awaits its renders, ``Tasks.prompt_ids_of``). Raises ValueError for a chat style without a chat template,
+    TemplateRefused as ``render_ids`` and when the render runs past the deadline or the memory bound."""
+    if isinstance(prompt, str):
+        return encode_text(tokenizer, prompt)
+    require_template(tokenizer, style, template)
+    return renderer(tokenizer).render(chat_job(prompt, template))
+
+
 def answer_ids(tokenizer: PreTrainedTokenizerBase, style: str, context: str, question: str,
                template: str | None = None) -> list[int]:
-    """The QA prompt's token ids in ``style``: ``answer_prompt`` as plain text for adapter, else the chat rendering of
-    ``answer_messages`` (with ``template``, an adapter's, else the tokenizer's). Raises ValueError for a chat style
-    without a chat template, TemplateRefused as ``chat_ids``."""
-    if style == ADAPTER_STYLE:
-        return encode_text(tokenizer, answer_prompt(context, question))
-    require_template(tokenizer, style, template)
-    return chat_ids(tokenizer, answer_messages(style, context, question), template)
+    """The QA prompt's token ids in ``style`` (``answer_input``, ``encoded``); raises as they do."""
+    return encoded(tokenizer, style, answer_input(style, context, question), template)
 
 
 def nli_ids(tokenizer: PreTrainedTokenizerBase, style: str, premise: str, hypothesis: str,
             labels: Sequence[str], template: str | None = None) -> list[int]:
-    """The NLI prompt's token ids in ``style``: ``nli_prompt`` as plain text for adapter, else the chat rendering of
-    ``nli_messages`` (with ``template``, an adapter's, else the tokenizer's). Raises ValueError for a chat style
-    without a chat template, or one_shot for labels without an example; TemplateRefused as ``chat_ids``."""
-    if style == ADAPTER_STYLE:
-        return encode_text(tokenizer, nli_prompt(premise, hypothesis))
-    require_template(tokenizer, style, template)
-    return chat_ids(tokenizer, nli_messages(style, premise, hypothesis, labels), template)
+    """The NLI prompt's token ids in ``style`` (``nli_input``, ``encoded``); raises as they do."""
+    return encoded(tokenizer, style, nli_input(style, premise, hypothesis, labels), template)

@@ -19,14 +19,7 @@ from service.engine.scoring import CandidateLogprobs
 from service.errors import InputTooLong, NoSpan
 from service.settings import Settings
 from service.tasks.labels import label_ids, prefix_candidates, sequence_logprobs, softmax
-from service.tasks.prompt_styles import (
-    ADAPTER_STYLE,
-    answer_ids,
-    answer_messages,
-    nli_ids,
-    nli_messages,
-    require_template,
-)
+from service.tasks.prompt_styles import ADAPTER_STYLE, Prompt, answer_input, chat_job, nli_input, require_template
 from service.tasks.prompts import NLI_LABELS, encode_text, label_target
 from service.tasks.span_constraint import SpanConstraint, SpanVocabulary, answer_vocabulary
 from service.tasks.streaming import Completion, CompletionStream, collect
@@ -207,18 +200,17 @@ class Tasks:
                       (time.perf_counter() - started) * 1000)
 
     async def answer_ids(self, style: str, context: str, question: str, template: str | None) -> list[int]:
-        """``prompt_styles.answer_ids``, built off the event loop: the adapter style's text tokenized on a thread, a
-        chat style's messages rendered in a template process (``template_sandbox``), awaited. Raises as it."""
-        if style == ADAPTER_STYLE:
-            return await off_loop(answer_ids, self.tokenizer, style, context, question, template)
-        return await self.chat_ids(style, answer_messages(style, context, question), template)
+        """``prompt_styles.answer_ids``, built off the event loop (``prompt_ids_of``)."""
+        return await self.prompt_ids_of(style, answer_input(style, context, question), template)
 
-    async def chat_ids(self, style: str, messages: list[dict[str, str]], template: str | None) -> list[int]:
-        """``prompt_styles.chat_ids`` of ``messages``, rendered in a template process and awaited (cancelling the
-        caller withdraws a render not begun). ValueError without a chat template; TemplateRefused as it."""
+    async def prompt_ids_of(self, style: str, prompt: Prompt, template: str | None) -> list[int]:
+        """``prompt_styles.encoded`` off the event loop: plain text tokenized on a thread, chat messages rendered in a
+        template process and awaited, holding no thread (cancelling the caller withdraws a render not begun). Raises
+        as it."""
+        if isinstance(prompt, str):
+            return await off_loop(encode_text, self.tokenizer, prompt)
         require_template(self.tokenizer, style, template)
-        job = (messages, template, {"continue_final_message": True})
-        return await asyncio.wrap_future(renderer(self.tokenizer).submit(job))
+        return await asyncio.wrap_future(renderer(self.tokenizer).submit(chat_job(prompt, template)))
 
     async def answer_windows(self, context: str, question: str, style: str = ADAPTER_STYLE,
                              template: str | None = None) -> list[tuple[int, int]]:
@@ -289,10 +281,8 @@ class Tasks:
                          style: str) -> list[int]:
         """The NLI prompt's token ids (``nli_ids``, with the adapter's chat template), built off the event loop as
         ``answer_ids`` builds its; InputTooLong over ``max_prompt``."""
-        template = self.chat_template(adapter)
-        if style == ADAPTER_STYLE:
-            return self.bounded(await off_loop(nli_ids, self.tokenizer, style, premise, hypothesis, labels, template))
-        return self.bounded(await self.chat_ids(style, nli_messages(style, premise, hypothesis, labels), template))
+        prompt = nli_input(style, premise, hypothesis, labels)
+        return self.bounded(await self.prompt_ids_of(style, prompt, self.chat_template(adapter)))
 
     async def classify(self, premise: str, hypothesis: str, adapter: str | None,
                        labels: tuple[str, ...], style: str = ADAPTER_STYLE) -> dict[str, float]:

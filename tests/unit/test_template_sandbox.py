@@ -11,8 +11,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from service.errors import TemplateRefused
-from service.tasks.prompt_styles import render_ids, rendered
-from service.tasks.template_sandbox import MAX_RENDER_SECONDS, Child, Renderer
+from service.tasks.prompt_styles import render_ids
+from service.tasks.template_sandbox import MAX_RENDER_SECONDS, Child, Renderer, renderer
 
 QUESTION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who gave their name to Normandy?"}]
 ENDLESS = "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}{{ messages }}"
@@ -28,7 +28,8 @@ def tokenizer(tiny_tokenizer_dir):
 @pytest.mark.parametrize("flags", [{"add_generation_prompt": True}, {"continue_final_message": True}])
 def test_a_render_in_a_child_is_the_render_in_process(tokenizer, template, flags):
     messages = [*QUESTION, {"role": "assistant", "content": "Answer: <|im_end|> the"}]
-    assert rendered(tokenizer, messages, template, **flags) == render_ids(tokenizer, messages, template, **flags)
+    assert renderer(tokenizer).render((messages, template, flags)) == render_ids(tokenizer, messages, template,
+                                                                                  **flags)
 
 
 def test_a_template_past_the_deadline_is_refused_and_its_process_stopped(tokenizer):
@@ -50,23 +51,23 @@ def test_a_template_past_the_memory_bound_is_refused_and_the_process_serves_on(t
 
 
 def test_a_renderer_starts_a_new_process_for_the_next_render(tokenizer):
-    renderer = Renderer(tokenizer)
+    renders = Renderer(tokenizer)
     for template in (ENDLESS, HUGE):
         with pytest.raises(TemplateRefused):
-            renderer.render((QUESTION, template, {"add_generation_prompt": True}))
-        assert renderer.render((QUESTION, None, {"add_generation_prompt": True})) == \
+            renders.render((QUESTION, template, {"add_generation_prompt": True}))
+        assert renders.render((QUESTION, None, {"add_generation_prompt": True})) == \
             render_ids(tokenizer, QUESTION, None, add_generation_prompt=True)
 
 
 def test_templates_take_turns_so_an_endless_one_holds_one_process_not_all(tokenizer):
     """A template known to run to the deadline, three jobs of it, then one of another: that one is rendered by the
     other process while the endless template's jobs wait their turn on one (they take 2 s each)."""
-    renderer = Renderer(tokenizer)
+    renders = Renderer(tokenizer)
     with pytest.raises(TemplateRefused, match="more than"):
-        renderer.render((QUESTION, ENDLESS, {"add_generation_prompt": True}))
-    assert renderer.slow == {ENDLESS}
-    endless = [renderer.submit((QUESTION, ENDLESS, {"add_generation_prompt": True})) for _ in range(3)]
-    normal = renderer.submit((QUESTION, None, {"add_generation_prompt": True}))
+        renders.render((QUESTION, ENDLESS, {"add_generation_prompt": True}))
+    assert renders.slow == {ENDLESS}
+    endless = [renders.submit((QUESTION, ENDLESS, {"add_generation_prompt": True})) for _ in range(3)]
+    normal = renders.submit((QUESTION, None, {"add_generation_prompt": True}))
     assert normal.result(timeout=120) == render_ids(tokenizer, QUESTION, None, add_generation_prompt=True)
     assert sum(future.done() for future in endless) <= 1  # the others still wait: one endless render at a time
     withdrawn = endless[2].cancel()  # a caller that gives up: its job is skipped, not rendered
@@ -75,7 +76,7 @@ def test_templates_take_turns_so_an_endless_one_holds_one_process_not_all(tokeni
             future.result(timeout=120)
     assert withdrawn and endless[2].cancelled()
     time.sleep(0.5)
-    assert not renderer.waiting and not renderer.running
+    assert not renders.waiting and not renders.running
 
 
 def test_a_child_ends_when_the_server_is_killed_mid_render(tiny_tokenizer_dir, tmp_path):
@@ -85,8 +86,8 @@ def test_a_child_ends_when_the_server_is_killed_mid_render(tiny_tokenizer_dir, t
     script.write_text("import sys\n"
                       "from transformers import AutoTokenizer\n"
                       "from service.tasks.template_sandbox import Renderer\n"
-                      f"renderer = Renderer(AutoTokenizer.from_pretrained({str(tiny_tokenizer_dir)!r}))\n"
-                      f"renderer.submit(({QUESTION!r}, {ENDLESS!r}, {{'add_generation_prompt': True}}))\n"
+                      f"renders = Renderer(AutoTokenizer.from_pretrained({str(tiny_tokenizer_dir)!r}))\n"
+                      f"renders.submit(({QUESTION!r}, {ENDLESS!r}, {{'add_generation_prompt': True}}))\n"
                       "import time; time.sleep(300)\n")
     server = subprocess.Popen([sys.executable, str(script)])
     try:
@@ -125,9 +126,10 @@ def test_a_script_without_a_main_guard_renders_once(tiny_tokenizer_dir, tmp_path
     parent's main script again in the child (where this script would render again, and the start fail)."""
     script = tmp_path / "script.py"
     script.write_text("from transformers import AutoTokenizer\n"
-                      "from service.tasks.prompt_styles import rendered\n"
+                      "from service.tasks.template_sandbox import renderer\n"
                       f"tokenizer = AutoTokenizer.from_pretrained({str(tiny_tokenizer_dir)!r})\n"
-                      f"print('ids', len(rendered(tokenizer, {QUESTION!r}, None, add_generation_prompt=True)))\n")
+                      f"job = ({QUESTION!r}, None, {{'add_generation_prompt': True}})\n"
+                      "print('ids', len(renderer(tokenizer).render(job)))\n")
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("ids ") == 1, done.stdout
