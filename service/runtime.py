@@ -5,7 +5,9 @@ import contextlib
 import logging
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from transformers.tokenization_utils_base import TOKENIZER_CONFIG_FILE
 from transformers.utils import CHAT_TEMPLATE_FILE
@@ -14,13 +16,15 @@ from transformers.utils.chat_template_utils import _compile_jinja_template
 from service import metrics, strict_json
 from service.engine.scheduler import Engine
 from service.errors import AdapterError, AdapterMerged, UnsafeEnvironment
-from service.lora.adapter_files import CONFIG_FILE, AdapterWeights, adapter_file, check_name, check_path
+from service.lora.adapter_files import CONFIG_FILE, adapter_file, check_name, check_path
 from service.lora.bounded_read import read_bounded
 from service.lora.registry import AdapterRegistry
 from service.model.base_model import load_base, max_positions
 from service.model.cpu_threads import on_passing_thread
 from service.settings import MIN_PROMPT_TOKENS, Settings
 from service.tasks.tasks import Tasks
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 # what settings that cannot work raise at start: a base model folder or cache folder that is missing or cannot be
@@ -205,10 +209,7 @@ class Runtime:
         template = read_chat_template(check_path(path, self.roots))
         with self._changing:
             adapter, seconds = self.registry.prepare(name, path, replace)
-            try:
-                replaced = self.registry.add(adapter, replace)
-            except AdapterMerged:
-                replaced = self.engine.call(lambda: self._unmerge_and_add(adapter)).result()
+            replaced = self._past_merge(name, lambda: self.registry.add(adapter, replace))
             self.chat_templates[name] = template
         if replaced is not None:
             self.engine.purge_prefixes(replaced)
@@ -228,23 +229,25 @@ class Runtime:
         registering it does; UnknownAdapter for an unknown name."""
         check_name(name)
         with self._changing:
-            try:
-                forgotten = self.registry.unregister(name)
-            except AdapterMerged:
-                forgotten = self.engine.call(lambda: self._unmerge_and_unregister(name)).result()
+            forgotten = self._past_merge(name, lambda: self.registry.unregister(name))
             self.chat_templates.pop(name, None)
         self.engine.purge_prefixes(forgotten)
         metrics.forget_adapter(name, self.registry.names)
 
-    def _unmerge_and_unregister(self, name: str) -> AdapterWeights:
+    def _past_merge(self, name: str, change: Callable[[], T]) -> T:
+        """``change()`` (a registry change to ``name``); if the registry refuses it while ``name`` is merged into the
+        base (AdapterMerged), unmerge it and make the change in one call on the engine thread, between batches."""
+        try:
+            return change()
+        except AdapterMerged:
+            return self.engine.call(lambda: self._unmerged(name, change)).result()
+
+    def _unmerged(self, name: str, change: Callable[[], T]) -> T:
+        """On the engine thread: ``change()`` once ``name`` is no longer merged (the merge policy may have merged
+        it again meanwhile, or unmerged it)."""
         if self.registry.merged == name:
             self.registry.unmerge()
-        return self.registry.unregister(name)
-
-    def _unmerge_and_add(self, adapter: AdapterWeights) -> AdapterWeights | None:
-        if self.registry.merged == adapter.name:
-            self.registry.unmerge()
-        return self.registry.add(adapter, replace=True)
+        return change()
 
     @property
     def failure(self) -> str | None:

@@ -1,7 +1,6 @@
 """Chat messages to prompt token ids, through a chat template: the adapter folder's, else the base tokenizer's."""
 from __future__ import annotations
 
-import asyncio
 from functools import lru_cache
 
 from fastapi import HTTPException
@@ -34,7 +33,7 @@ async def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[st
                            f"{most} characters) can hold; at most {max_tokens} are accepted")
     try:
         job = (messages, template, {"add_generation_prompt": True})
-        return await asyncio.wrap_future(renderer(tokenizer).submit(job))
+        return await renderer(tokenizer).rendered(job)
     except TemplateRefused as exc:
         raise HTTPException(422, str(exc)) from None
 

@@ -177,16 +177,16 @@ class Tasks:
         windows than ``answer_windows`` allows), ValueError (a chat style on a model without a chat template), and
         what ``outcomes`` raises."""
         started, template, decoding = time.perf_counter(), self.chat_template(adapter), self.decoding(decoding)
+        whole = await self.answer_ids(style, context, question, template)  # the prompt of the whole context
         if not extractive:
-            ids = await self.answer_ids(style, context, question, template)
-            result = await self.outcome(Generation(self.bounded(ids), adapter, decoding))
+            result = await self.outcome(Generation(self.bounded(whole), adapter, decoding))
             text = result.text.strip()
             start, end = exact_span(text, context) or (None, None)
             return Answer(text, start, end, result.generated_tokens, None, (time.perf_counter() - started) * 1000)
-        ranges = await self.answer_windows(context, question, style, template)
+        ranges = await self.answer_windows(context, question, style, template, whole)
         spans = await off_loop(self.window_spans, context, ranges, decoding.max_new_tokens)
-        prompts = await asyncio.gather(*(self.answer_ids(style, context[offset:end], question, template)
-                                         for offset, end, _ in spans))
+        prompts = [whole] if ranges == [(0, len(context))] else await asyncio.gather(
+            *(self.answer_ids(style, context[offset:end], question, template) for offset, end, _ in spans))
         results = await self.outcomes([Generation(self.bounded(ids), adapter, decoding, constraint=constraint)
                                        for ids, (_, _, constraint) in zip(prompts, spans)])
         # a span running to a window's cut edge may be a longer answer cut short: it wins only where every one does
@@ -210,16 +210,19 @@ class Tasks:
         if isinstance(prompt, str):
             return await off_loop(encode_text, self.tokenizer, prompt)
         require_template(self.tokenizer, style, template)
-        return await asyncio.wrap_future(renderer(self.tokenizer).submit(chat_job(prompt, template)))
+        return await renderer(self.tokenizer).rendered(chat_job(prompt, template))
 
     async def answer_windows(self, context: str, question: str, style: str = ADAPTER_STYLE,
-                             template: str | None = None) -> list[tuple[int, int]]:
+                             template: str | None = None, whole: list[int] | None = None) -> list[tuple[int, int]]:
         """The character ranges of ``context`` answered apart: [(0, len(context))] when its prompt in ``style`` fits
         (``max_prompt``), else windows of its tokens whose prompts do (``windows.windows``), neighbours sharing
         ``settings.window_stride(room)`` tokens; a chat style's prompt rendered with ``template`` (an adapter's, else
-        the tokenizer's). Raises InputTooLong when the question leaves no more room per window
-        than the stride, or the context needs more windows than ``max_answer_windows`` or ``max_queue``."""
-        if len(await self.answer_ids(style, context, question, template)) <= self.max_prompt:
+        the tokenizer's); ``whole``: the whole context's prompt, where the caller built it already. Raises InputTooLong
+        when the question leaves no more room per window than the stride, or the context needs more windows than
+        ``max_answer_windows`` or ``max_queue``."""
+        if whole is None:
+            whole = await self.answer_ids(style, context, question, template)
+        if len(whole) <= self.max_prompt:
             return [(0, len(context))]
         asked = len(self.bounded(await self.answer_ids(style, "", question, template)))  # the prompt, no context
         room = self.max_prompt - asked - WINDOW_SLACK

@@ -15,6 +15,7 @@ server does, killed or not.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import resource
@@ -144,6 +145,11 @@ class Renderer:
     def render(self, job: Job) -> list[int]:
         """``submit``, waiting for the result (blocking; raises as the future does)."""
         return self.submit(job).result()
+
+    async def rendered(self, job: Job) -> list[int]:
+        """``submit``, awaiting the result without holding a thread (raises as the future does); cancelling the
+        caller withdraws a job not begun."""
+        return await asyncio.wrap_future(self.submit(job))
 
     def work(self) -> None:
         """A worker thread: render the jobs ``next_job`` hands out in its own child process, until idle."""
