@@ -3,21 +3,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from transformers.tokenization_utils_base import TOKENIZER_CONFIG_FILE
-from transformers.utils import CHAT_TEMPLATE_FILE
-from transformers.utils.chat_template_utils import _compile_jinja_template
-
-from service import metrics, strict_json
+from service import metrics
 from service.engine.scheduler import Engine
 from service.errors import AdapterError, AdapterMerged, UnsafeEnvironment
-from service.lora.adapter_files import CONFIG_FILE, adapter_file, check_name, check_path
-from service.lora.bounded_read import read_bounded
+from service.lora.adapter_files import CONFIG_FILE, check_name
 from service.lora.registry import AdapterRegistry
 from service.model.base_model import load_base, max_positions
 from service.model.cpu_threads import on_passing_thread
@@ -32,67 +26,6 @@ log = logging.getLogger(__name__)
 # ValueError), a model file transformers cannot read (OSError, ValueError), an environment that would crash oneDNN
 # (UnsafeEnvironment)
 EXPECTED_START_FAILURES = (OSError, ValueError, UnsafeEnvironment)
-# an adapter's chat template: real ones are a few KB (gpt-oss's and Gemma 4's, among the longest, about 16 KB);
-# compiling one of this size took 1.1 s and 121 MB peak RSS on the CPU host, one of 1 MiB 4.9-11.9 s and 0.3-1.3 GB
-# (docs/results/chat_template_cost/); transformers keeps up to 128 compiled (its lru_cache); rendering costs ~100x
-# the size
-MAX_CHAT_TEMPLATE_BYTES = 256 * 2**10
-MAX_TOKENIZER_CONFIG_BYTES = 16 * 2**20  # its tokenizer_config.json (a base's added tokens can take a few MB)
-
-
-def read_chat_template(folder: Path) -> str | None:
-    """The chat template an adapter folder ships, as transformers reads a tokenizer's: ``chat_template.jinja``, else
-    the ``chat_template`` of ``tokenizer_config.json`` (see ``default_template``); None when it ships none. Raises
-    AdapterError for a file that cannot be read, a template over MAX_CHAT_TEMPLATE_BYTES or a tokenizer_config.json
-    over MAX_TOKENIZER_CONFIG_BYTES (their sizes checked before they are read), and for a template Jinja cannot
-    compile (a syntax error: every chat request would fail on it, ``compiled``). Either file, where it is there at all,
-    must be a regular file (a FIFO, a folder or a device is refused, not passed over: the adapter would serve chat with
-    the base's template) inside the folder (AdapterPathRefused for a symlink out of it, as for its config)."""
-    template_file, config = adapter_file(folder, CHAT_TEMPLATE_FILE), adapter_file(folder, TOKENIZER_CONFIG_FILE)
-    try:
-        if os.path.lexists(template_file):
-            template = read_bounded(template_file, MAX_CHAT_TEMPLATE_BYTES)
-        elif os.path.lexists(config):
-            text = read_bounded(config, MAX_TOKENIZER_CONFIG_BYTES)
-            template = default_template(strict_json.loads(text).get("chat_template"))
-        else:
-            template = None
-    # unreadable, not UTF-8, not JSON, nested too deeply, not a JSON object
-    except (OSError, ValueError, AttributeError, RecursionError) as exc:
-        raise AdapterError(f"the adapter's chat template cannot be read: {exc}") from None
-    if template is not None and len(template.encode("utf-8")) > MAX_CHAT_TEMPLATE_BYTES:
-        raise AdapterError(f"the chat_template of the adapter's {TOKENIZER_CONFIG_FILE} has more than "
-                           f"{MAX_CHAT_TEMPLATE_BYTES} bytes: too large to be a chat template")
-    return None if template is None else compiled(template)
-
-
-def compiled(template: str) -> str:
-    """``template``, once Jinja compiled it as ``apply_chat_template`` does (transformers' cached
-    ``_compile_jinja_template``: its sandboxed environment and extensions; the render then reuses it); AdapterError
-    for a template it cannot compile: Jinja's TemplateSyntaxError or TemplateAssertionError (an unknown filter), or
-    what Python raises compiling the code Jinja writes (SyntaxError past 20 nested loops, RecursionError for deep
-    nesting). A template that compiles may still fail on some messages: that request is a 422
-    (``http.chat.chat_prompt``)."""
-    try:
-        _compile_jinja_template(template)
-    except Exception as exc:  # whatever the template's text makes Jinja or Python raise
-        raise AdapterError(f"the adapter's chat template does not compile: {type(exc).__name__}: {exc}") from None
-    return template
-
-
-def default_template(template) -> str | None:
-    """``tokenizer_config.json``'s ``chat_template``: a template, or named ones (``[{"name", "template"}]``) of which
-    the one named default; None when absent. AdapterError for anything else."""
-    if template is None or isinstance(template, str):
-        return template
-    entries = template if isinstance(template, list) else []
-    named = {entry.get("name"): entry.get("template") for entry in entries if isinstance(entry, dict)}
-    if not isinstance(named.get("default"), str):
-        raise AdapterError("the adapter's tokenizer_config.json has a chat_template that is neither a template nor "
-                           "named templates with one named default")
-    return named["default"]
-
-
 def check_room(settings: Settings, max_positions: int) -> None:
     """ValueError unless a prompt of at least ``MIN_PROMPT_TOKENS`` and ``settings.max_new_tokens`` generated tokens
     fit in the model's ``max_positions`` together (a server that could answer no request does not start), or when an
@@ -131,10 +64,6 @@ class Runtime:
         self.registry: AdapterRegistry | None = None
         self.engine: Engine | None = None
         self.tasks: Tasks | None = None
-        self.chat_templates: dict[str, str | None] = {}  # adapter name -> the chat template its folder ships
-        # an adapter's registration and its template's change together: an unload racing a load of the same name
-        # would otherwise drop the new adapter's template after the load set it
-        self._changing = threading.Lock()
         self.ready = threading.Event()
         self.draining = False
         self.start_failure: str | None = None
@@ -170,7 +99,7 @@ class Runtime:
                             "an adapter of that name is", setting, default)
         self.engine = Engine(model, tokenizer, self.registry, self.settings)
         metrics.ENGINE_STATE.watch(self.engine, self.registry)
-        self.tasks = Tasks(self.engine, tokenizer, self.settings, positions, self.chat_template)
+        self.tasks = Tasks(self.engine, tokenizer, self.settings, positions)
 
     def _warn_of_missing_roots(self) -> None:
         """Log a warning for the adapters folder and each adapter root that is not an existing folder: no adapter
@@ -200,26 +129,17 @@ class Runtime:
 
     def load_adapter(self, name: str, path: Path | str, replace: bool = False) -> dict:
         """Register an adapter (``AdapterRegistry.prepare`` and ``add``: its description; AdapterError for anything
-        the engine cannot serve) with the chat template its folder ships, read first: an unreadable one refuses the
-        adapter. With ``replace`` (vLLM's ``load_inplace``) a name taken is given the new weights and template once
-        they are read and checked (a refusal leaves the old ones): requests running on the old weights finish on
-        them, later ones get the new; the old are unmerged first if merged (between batches), and their prefix cache
-        blocks dropped."""
-        check_name(name)  # the registry's checks, in its order, before the folder is read
-        template = read_chat_template(check_path(path, self.roots))
-        with self._changing:
-            adapter, seconds = self.registry.prepare(name, path, replace)
-            replaced = self._past_merge(name, lambda: self.registry.add(adapter, replace))
-            self.chat_templates[name] = template
+        the engine cannot serve, its chat template included). With ``replace`` (vLLM's ``load_inplace``) a name taken
+        is given the new weights and template once they are read and checked (a refusal leaves the old ones):
+        requests that arrived before run on the old weights, with the old template, later ones on the new
+        (``Tasks``: a request is bound to its adapter when it arrives); the old are unmerged first if merged (between
+        batches), and their prefix cache blocks dropped."""
+        adapter, seconds = self.registry.prepare(name, path, replace)
+        replaced = self._past_merge(name, lambda: self.registry.add(adapter, replace))
         if replaced is not None:
             self.engine.purge_prefixes(replaced)
         metrics.ADAPTER_LOAD.observe(seconds)
         return adapter.describe()
-
-    def chat_template(self, adapter: str | None) -> str | None:
-        """The chat template of ``adapter``'s folder, as it was when registered; None for the bare base or an adapter
-        that ships none (the base tokenizer's applies)."""
-        return None if adapter is None else self.chat_templates.get(adapter)
 
     def unload_adapter(self, name: str) -> None:
         """Forget an adapter, its metric series and its prefix cache blocks (``Engine.purge_prefixes``). One merged
@@ -228,9 +148,7 @@ class Runtime:
         adapter can have (``check_name``: not a plain identifier, or a name of the bare base in any case), as
         registering it does; UnknownAdapter for an unknown name."""
         check_name(name)
-        with self._changing:
-            forgotten = self._past_merge(name, lambda: self.registry.unregister(name))
-            self.chat_templates.pop(name, None)
+        forgotten = self._past_merge(name, lambda: self.registry.unregister(name))
         self.engine.purge_prefixes(forgotten)
         metrics.forget_adapter(name, self.registry.names)
 

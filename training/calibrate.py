@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from service import strict_json
 from service.cli.command import UsageError
+from service.lora.adapter_files import AdapterWeights
 from service.lora.card import CALIBRATION_FIELD, CARD_FILE
 from service.runtime import Runtime
 from service.tasks.prompts import NLI_LABELS
@@ -86,7 +87,7 @@ def held_out_rows(card: dict, root: Path) -> list[dict]:
     return fit
 
 
-def label_logits(rt: Runtime, adapter: str | None, rows: list[dict]) -> torch.Tensor:
+def label_logits(rt: Runtime, adapter: AdapterWeights | None, rows: list[dict]) -> torch.Tensor:
     """[rows, 3] the uncalibrated scores of ``NLI_LABELS`` for each row (``Tasks.label_scores``: log-probabilities of
     the labels' first tokens), float64, in the order of ``rows`` (they are queued shortest premise first, so that a
     batch's prompts need less padding)."""

@@ -10,7 +10,7 @@ from service.cli.command import UsageError
 from service.engine.sampling import Decoding
 from service.engine.strategies import READ_BY
 from service.errors import AdapterError, InputTooLong, UnknownAdapter
-from service.lora.adapter_files import BASE_LABEL, CONFIG_FILE, adapter_or_base
+from service.lora.adapter_files import BASE_LABEL, CONFIG_FILE, AdapterWeights, adapter_or_base
 from service.runtime import Runtime
 from service.settings import Settings
 from service.tasks.prompts import NLI_LABELS, RTE_LABELS
@@ -57,21 +57,21 @@ def start_runtime(args: argparse.Namespace, folder: Path | None) -> Runtime:
     return rt
 
 
-def served_adapter(rt: Runtime, args: argparse.Namespace, folder: Path | None) -> str | None:
-    """The name ``rt`` serves the evaluated adapter under (None: the bare base), after loading ``folder`` if it is
+def served_adapter(rt: Runtime, args: argparse.Namespace, folder: Path | None) -> AdapterWeights | None:
+    """The weights ``rt`` serves the evaluated adapter with (None: the bare base), after loading ``folder`` if it is
     one. Raises AdapterError for a folder the base cannot serve, and for an adapter of ``--adapters-dir`` that was
     skipped at start, with the reason the engine refuses it (loaded again to say why)."""
     if adapter_or_base(str(args.adapter)) is None:  # calibrate takes a folder (a Path)
         return None
     if folder is not None:
         rt.load_adapter(EVALUATED, folder)
-        return EVALUATED
-    if args.adapter not in rt.registry.names():  # skipped at start, the reason only logged
+        return rt.registry.lookup(EVALUATED)
+    if not rt.registry.registered(args.adapter):  # skipped at start, the reason only logged
         try:
             rt.load_adapter(args.adapter, args.adapters_dir / args.adapter)
         except AdapterError as exc:
             raise AdapterError(f"adapter {args.adapter!r} in {args.adapters_dir} cannot be served: {exc}") from None
-    return args.adapter
+    return rt.registry.lookup(args.adapter)
 
 
 async def bounded(coroutines, limit: int) -> list:
@@ -93,7 +93,8 @@ def shortest_first(rows: list[dict], text: str, call, limit: int) -> list:
     return [result for _, result in sorted(zip(order, results))]
 
 
-def evaluate_squad(rt: Runtime, adapter: str | None, rows: list[dict], args: argparse.Namespace) -> tuple[dict, dict]:
+def evaluate_squad(rt: Runtime, adapter: AdapterWeights | None, rows: list[dict],
+                   args: argparse.Namespace) -> tuple[dict, dict]:
     """Answer every SQuAD row through ``rt``'s /answer task, decoded as ``args`` say (a row sampled with seed
     ``--seed`` + its ``index`` in the data file; under the span constraint unless ``--no-extractive``); returns the
     scores (``squad_scores``: exact match and F1 in percent, count; and ``span_rate``) and the predictions,
@@ -118,7 +119,7 @@ def span_rate(rows: list[dict], answers: list) -> float:
     return 100.0 * spans / max(len(rows), 1)
 
 
-def evaluate_labels(rt: Runtime, adapter: str | None, rows: list[dict], labels: tuple[str, ...],
+def evaluate_labels(rt: Runtime, adapter: AdapterWeights | None, rows: list[dict], labels: tuple[str, ...],
                     style: str) -> tuple[dict, dict]:
     """Score every premise/hypothesis row through ``rt``'s /nli task, asked in prompt ``style``, and predict its
     likeliest of ``labels``; returns the metrics (accuracy in percent; ``ece``, the expected calibration error in
@@ -146,7 +147,7 @@ def confusion_table(matrix: dict) -> str:
     return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(line, widths)) for line in lines)
 
 
-def score(rt: Runtime, adapter: str | None, rows: list[dict], args: argparse.Namespace) -> tuple[dict, dict]:
+def score(rt: Runtime, adapter: AdapterWeights | None, rows: list[dict], args: argparse.Namespace) -> tuple[dict, dict]:
     """The task's metrics on ``rows`` and the predictions (see ``evaluate_squad`` and ``evaluate_labels``)."""
     if args.task == "squad":
         return evaluate_squad(rt, adapter, rows, args)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from service.engine.constraints import TokenConstraint
 from service.engine.sampling import Decoding
+from service.lora.adapter_files import AdapterWeights
 
 
 class RequestFuture(Future):
@@ -45,7 +46,9 @@ class Generation:
 
     ``logprobs``: None asks for none; k >= 0 (at most ``logprobs.MOST_TOP_LOGPROBS``) asks, for each token handed to
     a listener (``Engine.submit``), its log-probability and the k most likely tokens' (``SampledToken``).
-    ``constraint``: None decodes freely; a ``TokenConstraint`` (its own, it holds state) limits every step's token."""
+    ``constraint``: None decodes freely; a ``TokenConstraint`` (its own, it holds state) limits every step's token.
+    ``weights``: the weights registered under ``adapter``, bound by the caller (``Engine.bound``); None: those the
+    name holds when the request is queued."""
 
     prompt_ids: list[int]
     adapter: str | None
@@ -54,6 +57,7 @@ class Generation:
     ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)
     logprobs: int | None = None
     constraint: TokenConstraint | None = None
+    weights: AdapterWeights | None = None
 
 
 @dataclass(frozen=True)
@@ -91,12 +95,13 @@ class GenerationResult:
 class Scoring:
     """Scores of the next token over ``candidates`` (one forward pass): their probabilities renormalized over them (a
     list that sums to 1), or with ``logprobs`` their log-probabilities under the whole next-token distribution and the
-    weights that scored them (``scoring.CandidateLogprobs``)."""
+    weights that scored them (``scoring.CandidateLogprobs``). ``weights``: as ``Generation``'s."""
 
     prompt_ids: list[int]
     adapter: str | None
     candidates: list[int]
     logprobs: bool = False
+    weights: AdapterWeights | None = None
 
 
 def run_all(engine, works: list[Generation | Scoring]) -> list:

@@ -70,15 +70,10 @@ REST_AFTER_S = 0.5  # seconds without work before the engine gives the last batc
 class _Together:
     """The requests one ``Engine.submit_together`` call queued: the parts of one client request (a long context's
     windows, a completion's choices, a label set's scoring requests). Once a part is taken into a batch the request is
-    being served: its other parts, still queued, no longer wait for capacity, so none of them expires
-    (``Engine._expire_waiting``: a request refused then would throw away the work done on its first parts), and each
-    runs with the weights the first part for its adapter name was bound to (``weights``), whatever that name holds
-    when it is taken (one answer is never computed by two adapters, nor failed halfway by a deletion)."""
-    weights: dict[str | None, AdapterWeights | None] = field(default_factory=dict)  # name -> the weights bound first
-
-    @property
-    def begun(self) -> bool:
-        return bool(self.weights)
+    being served (``begun``): its other parts, still queued, no longer wait for capacity, so none of them expires
+    (``Engine._expire_waiting``: a request refused then would throw away the work done on its first parts), nor fails
+    for its adapter's name unregistered meanwhile (``Engine._unregistered``): one answer is never failed halfway."""
+    begun: bool = False
 
 
 @dataclass
@@ -87,8 +82,7 @@ class _Pending:
     future: RequestFuture
     enqueued: float = field(default_factory=time.perf_counter)
     together: _Together = field(default_factory=_Together)
-    # the weights it runs with: those ``work.adapter`` named when it (or its request's first part, _Together) was taken
-    adapter: AdapterWeights | None = None
+    adapter: AdapterWeights | None = None  # the weights it runs with, bound when it was queued (Engine.bound)
     on_token: Callable[[SampledToken], None] | None = None  # a generation's listener (see Engine.submit)
     # the queue's order (Engine.submit_together): when it is due on the engine's virtual clock, and whether it is a
     # request's later part (which goes after the requests queued when it came due)
@@ -177,9 +171,10 @@ class Engine:
 
     def submit_together(self, works: list[Generation | Scoring],
                         on_tokens: list[Callable[[SampledToken], None] | None] | None = None) -> list[RequestFuture]:
-        """Queue ``works`` (with their listeners, see ``submit``) all or none, as the parts of one request: once one is
-        taken, the others are not refused for their wait (``max_queue_wait``) and run with the weights it was bound to
-        (``_Together``). Raises QueueFull unless all fit in the queue, and as ``submit`` otherwise.
+        """Queue ``works`` (with their listeners, see ``submit``) all or none, as the parts of one request, each bound
+        to its weights now (``bound``): once one is taken, the others are not refused for their wait
+        (``max_queue_wait``) nor for their adapter unregistered meanwhile (``_Together``). Raises QueueFull unless all
+        fit in the queue, UnknownAdapter for a name not registered, and as ``submit`` otherwise.
 
         Queued requests are taken in order of their due time on a virtual clock, as in fair queuing (Demers, Keshav
         and Shenker, SIGCOMM 1989): each pass taken moves it on by its requests' cost (``_Pending.cost``: prompt
@@ -192,8 +187,8 @@ class Engine:
         clock runs, whatever else arrives: a request of many parts gets an equal share of the engine beside the
         others queued, so it takes longer than alone, the longer the more requests wait."""
         enqueued, together = time.perf_counter(), _Together()
-        pendings = [_Pending(work, RequestFuture(), enqueued, together=together, on_token=listener)
-                    for work, listener in zip(works, on_tokens or [None] * len(works))]
+        pendings = [_Pending(work, RequestFuture(), enqueued, together=together, adapter=self.bound(work),
+                             on_token=listener) for work, listener in zip(works, on_tokens or [None] * len(works))]
         with self._wakeup:
             self._refuse_unless_accepting()
             if len(self._queue) + len(pendings) > self.settings.max_queue:
@@ -205,6 +200,16 @@ class Engine:
                 self._queue.insert(bisect.bisect_right(self._queue, pending.due, key=attrgetter("due")), pending)
             self._wakeup.notify_all()
         return [pending.future for pending in pendings]
+
+    def bound(self, work: Generation | Scoring) -> AdapterWeights | None:
+        """The weights ``work`` runs with: ``work.weights``, bound by its caller (``Tasks``: when its request arrived,
+        with the chat template its prompt was rendered with), else those its adapter's name holds now (None for the
+        bare base). Raises UnknownAdapter for a name not registered, ValueError for weights of another name."""
+        if work.weights is None:
+            return self.registry.lookup(work.adapter)
+        if work.weights.name != work.adapter:
+            raise ValueError(f"the weights of {work.weights.name!r} were bound to a request for {work.adapter!r}")
+        return work.weights
 
     def abandon(self, future: RequestFuture) -> None:
         """Withdraw a request whose caller went away: a queued one leaves the queue at once, a running one leaves
@@ -339,11 +344,12 @@ class Engine:
     def _take(self, kind: type, room: int, adapters: set[AdapterWeights], loads: float = math.inf) -> list[_Pending]:
         """Up to ``room`` queued requests of one kind, first due first (``submit_together``), so that the adapters in
         use (``adapters`` plus theirs) fit the device slots, and at most ``loads`` adapters not resident yet. Each
-        request taken is bound to the weights its adapter's name holds now, for good; one whose name is no longer
-        registered fails (UnknownAdapter). Their prompts, left-padded to the longest (``Prefill``), hold at most
-        ``prefill_tokens`` tokens in all (rows x the longest prompt), unless one alone holds more: one prefill pass's
-        activations and compute are bounded whatever the burst (the keys and values of the cached prefixes it starts
-        from come on top). Called holding ``_wakeup``."""
+        runs with the weights it was bound to when queued, even if its name was given others since (loaded in place);
+        one whose name is no longer registered fails (UnknownAdapter), unless its request has begun (``_Together``).
+        Their prompts, left-padded to the longest (``Prefill``), hold at most ``prefill_tokens`` tokens in all (rows x
+        the longest prompt), unless one alone holds more: one prefill pass's activations and compute are bounded
+        whatever the burst (the keys and values of the cached prefixes it starts from come on top). Called holding
+        ``_wakeup``."""
         batch, out, longest, budget = [], set(), 0, self.prefill_tokens
         for pending in self._queue:  # the queue changes only at the end: should anything raise, no request is lost
             padded = (len(batch) + 1) * max(longest, len(pending.work.prompt_ids))
@@ -353,17 +359,17 @@ class Engine:
             if pending.future.done():  # cancelled by its caller's asyncio task, not yet withdrawn (abandon): drop it
                 out.add(id(pending))
                 continue
-            try:
-                adapter = self._weights_of(pending)
-            except UnknownAdapter as exc:  # unregistered while the request was queued
-                pending.future.set_exception(exc)
+            if self._unregistered(pending):
+                pending.future.set_exception(UnknownAdapter(f"adapter {pending.work.adapter!r} was unloaded while the "
+                                                            "request waited in the queue"))
                 out.add(id(pending))
                 continue
+            adapter = pending.adapter
             known = adapter is None or adapter in adapters
             fits = known or len(adapters) < self.registry.max_resident
             loading = not known and loads < math.inf and not self.registry.is_resident(adapter)  # asked if bounded
             if type(pending.work) is kind and fits and loads >= loading:
-                pending.adapter = pending.together.weights.setdefault(pending.work.adapter, adapter)
+                pending.together.begun = True
                 batch.append(pending)
                 out.add(id(pending))
                 longest = max(longest, len(pending.work.prompt_ids))
@@ -541,19 +547,15 @@ class Engine:
         return None
 
     def _waits_for_a_slot(self, pending: _Pending, in_use: set[AdapterWeights | None]) -> bool:
-        """Whether a queued request needs weights that are not in use while the running rows use every slot."""
-        try:
-            adapter = self._weights_of(pending)
-        except UnknownAdapter:  # it fails once taken
-            return False
-        return adapter not in in_use | {None} and len(in_use - {None}) >= self.registry.max_resident
+        """Whether a queued request needs weights that are not in use while the running rows use every slot (one
+        that fails once taken, ``_unregistered``, needs none)."""
+        needs = pending.adapter not in in_use | {None} and not self._unregistered(pending)
+        return needs and len(in_use - {None}) >= self.registry.max_resident
 
-    def _weights_of(self, pending: _Pending) -> AdapterWeights | None:
-        """The weights a queued request would run with if taken now: those its request's first part for the same
-        adapter name was bound to, once one was taken (``_Together``), else those the name holds (UnknownAdapter if
-        none)."""
-        bound, name = pending.together.weights, pending.work.adapter
-        return bound[name] if name in bound else self.registry.lookup(name)
+    def _unregistered(self, pending: _Pending) -> bool:
+        """Whether a queued request's adapter name was unloaded since it was queued, its request not begun."""
+        name = pending.work.adapter
+        return name is not None and not pending.together.begun and not self.registry.registered(name)
 
     def _map_rows(self, running: RunningBatch, joining: Joining | None, to_joiners: bool) -> int:
         """Make the weights of the running and the joining rows resident and point the row mapping at the rows of the

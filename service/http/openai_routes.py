@@ -27,8 +27,9 @@ from service.http.routes import (
     unless_disconnected,
 )
 from service.http.schemas import ChatCompletionIn, CompletionIn, LoraAdapterIn, LoraNameIn, OpenAIErrorOut, OpenAIIn
-from service.lora.adapter_files import BASE_MODEL_ID, adapter_or_base
+from service.lora.adapter_files import BASE_MODEL_ID, AdapterWeights, adapter_or_base
 from service.runtime import Runtime
+from service.tasks.tasks import chat_template, name_of
 
 openai_router = APIRouter(prefix="/v1", tags=["openai"], route_class=UniqueKeysRoute)
 # one server-sent event of a stream, as FastAPI documents its own streams' events (itemSchema: each event, not the
@@ -69,12 +70,13 @@ def model_id(adapter: str | None) -> str:
     return adapter or BASE_MODEL_ID
 
 
-def served_model(rt: Runtime, body: OpenAIIn, request: Request) -> str | None:
-    """The adapter ``model`` names (None: the bare base model, as "base" or "none"); UnknownAdapter if unknown."""
+def served_model(rt: Runtime, body: OpenAIIn, request: Request) -> AdapterWeights | None:
+    """The adapter ``model`` names (None: the bare base model, as "base" or "none"), bound as ``served_adapter`` binds
+    it; UnknownAdapter if unknown."""
     return served_adapter(rt, request, adapter_or_base(body.model))
 
 
-async def reply(rt: Runtime, request: Request, body: OpenAIIn, prompt: str | list[int], adapter: str | None,
+async def reply(rt: Runtime, request: Request, body: OpenAIIn, prompt: str | list[int], adapter: AdapterWeights | None,
                 replies: Replies, logprobs: int | None) -> dict | EventSourceResponse:
     """The completion of ``prompt`` (raw text, or a chat template's token ids) as ``body`` asks: whole, or streamed as
     server-sent events. Everything that can refuse the request (the caps, InputTooLong, QueueFull, and QueueTimeout
@@ -121,7 +123,7 @@ async def model(model: str, rt: Runtime = Depends(serving)) -> dict:
 async def completions(body: CompletionIn, request: Request, rt: Runtime = Depends(inference)) -> dict:
     """OpenAI's completions: the prompt is raw text (special tokens spelled in it are parsed)."""
     adapter = served_model(rt, body, request)
-    replies = CompletionReplies(model_id(adapter), echo=body.prompt if body.echo else "")
+    replies = CompletionReplies(model_id(name_of(adapter)), echo=body.prompt if body.echo else "")
     return await reply(rt, request, body, body.prompt, adapter, replies, body.logprobs)
 
 
@@ -131,10 +133,10 @@ async def chat_completions(body: ChatCompletionIn, request: Request, rt: Runtime
     tokenizer's (see ``chat_prompt``); each choice is the assistant's next message."""
     adapter = served_model(rt, body, request)
     messages = [message.model_dump() for message in body.messages]
-    prompt_ids = await unless_disconnected(request, chat_prompt(rt.tasks.tokenizer, messages, rt.chat_template(adapter),
+    prompt_ids = await unless_disconnected(request, chat_prompt(rt.tasks.tokenizer, messages, chat_template(adapter),
                                                                 rt.tasks.max_prompt))  # gone: its render withdrawn
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    return await reply(rt, request, body, prompt_ids, adapter, ChatReplies(model_id(adapter)), logprobs)
+    return await reply(rt, request, body, prompt_ids, adapter, ChatReplies(model_id(name_of(adapter))), logprobs)
 
 
 @openai_router.post("/load_lora_adapter", response_class=Response,

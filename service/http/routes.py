@@ -26,9 +26,10 @@ from service.errors import (
 from service.http.errors import ClientGone, error_replies
 from service.http.json_body import UniqueKeysRoute
 from service.http.schemas import AdapterIn, AnswerIn, AnswerOut, ErrorOut, NliIn, NliOut, NoFields
-from service.lora.adapter_files import BASE_LABEL, adapter_or_base, check_name
+from service.lora.adapter_files import BASE_LABEL, AdapterWeights, adapter_or_base, check_name
 from service.runtime import Runtime
 from service.tasks.prompt_styles import require_template
+from service.tasks.tasks import chat_template, name_of
 
 tasks_router = APIRouter(tags=["tasks"], route_class=UniqueKeysRoute)
 admin_router = APIRouter(tags=["admin"], route_class=UniqueKeysRoute)
@@ -124,20 +125,24 @@ async def admin(request: Request, authorization: str | None = Header(None)) -> R
     return rt
 
 
-def pick_adapter(rt: Runtime, request_body, default: str | None, request: Request) -> str | None:
+def pick_adapter(rt: Runtime, request_body, default: str | None, request: Request) -> AdapterWeights | None:
     """The adapter a request names (None: the bare base, also as "none" or "base"), or the configured default when
-    it names none; 404 if unknown."""
+    it names none (the bare base while no adapter of that name is registered), bound as ``served_adapter`` binds it;
+    404 if it names one unknown."""
     if "adapter" in request_body.model_fields_set:
         return served_adapter(rt, request, adapter_or_base(request_body.adapter))
-    return served_adapter(rt, request, default if default in rt.registry.names() else None)
+    try:
+        return served_adapter(rt, request, default)
+    except UnknownAdapter:
+        return served_adapter(rt, request, None)
 
 
-def served_adapter(rt: Runtime, request: Request, name: str | None) -> str | None:
-    """``name`` (None: the bare base), once known to be registered (404 if not), as the request's adapter label in the
-    request-latency metric."""
-    rt.registry.require(name)
+def served_adapter(rt: Runtime, request: Request, name: str | None) -> AdapterWeights | None:
+    """The weights registered under ``name`` now (None: the bare base; 404 if none are), which the request is bound
+    to (``Tasks``), its adapter label in the request-latency metric."""
+    adapter = rt.registry.lookup(name)
     request.state.adapter = name or BASE_LABEL
-    return name
+    return adapter
 
 
 async def disconnect(request: Request) -> None:
@@ -170,11 +175,11 @@ def field_refused(field: str, value, exc: ValueError) -> RequestValidationError:
                                     "msg": f"Value error, {exc}"}])
 
 
-def prompt_style(rt: Runtime, body: AnswerIn | NliIn, adapter: str | None) -> str:
+def prompt_style(rt: Runtime, body: AnswerIn | NliIn, adapter: AdapterWeights | None) -> str:
     """The request's ``prompt_style``, once the model can render it: a 422 naming the field for a chat style on a
     model without a chat template, where ``adapter``'s folder ships none either."""
     try:
-        require_template(rt.tasks.tokenizer, body.prompt_style, rt.chat_template(adapter))
+        require_template(rt.tasks.tokenizer, body.prompt_style, chat_template(adapter))
     except ValueError as exc:
         raise field_refused("prompt_style", body.prompt_style, exc) from None
     return body.prompt_style
@@ -186,7 +191,7 @@ async def answer(body: AnswerIn, request: Request, rt: Runtime = Depends(inferen
     style = prompt_style(rt, body, adapter)
     result = await unless_disconnected(request, rt.tasks.answer(
         body.context, body.question, adapter, body.decoding.to_decoding(new_seed()), body.extractive, style))
-    return AnswerOut(adapter=adapter, **result.__dict__)
+    return AnswerOut(adapter=name_of(adapter), **result.__dict__)
 
 
 @tasks_router.post("/nli", response_model=NliOut, responses=serving_replies())
@@ -198,10 +203,11 @@ async def nli(body: NliIn, request: Request, rt: Runtime = Depends(inference)) -
                                                                         style=style))
     else:
         probabilities = await own_labels(rt, request, body, adapter, style)
-    return NliOut(label=max(probabilities, key=probabilities.get), probabilities=probabilities, adapter=adapter)
+    return NliOut(label=max(probabilities, key=probabilities.get), probabilities=probabilities,
+                  adapter=name_of(adapter))
 
 
-async def own_labels(rt: Runtime, request: Request, body: NliIn, adapter: str | None,
+async def own_labels(rt: Runtime, request: Request, body: NliIn, adapter: AdapterWeights | None,
                      style: str) -> dict[str, float]:
     """The probabilities of the request's own ``labels``, each scored over its whole tokenization after the prompt in
     ``style``; labels the task refuses (too many tokens, two alike once tokenized, more scoring requests than the

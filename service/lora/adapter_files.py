@@ -23,8 +23,9 @@ from safetensors import SafetensorError, safe_open
 
 from service import strict_json
 from service.errors import AdapterError, AdapterPathMissing, AdapterPathRefused
-from service.lora.bounded_read import MAX_ADAPTER_JSON_BYTES, read_bounded
+from service.lora.bounded_read import MAX_ADAPTER_JSON_BYTES, adapter_file, read_bounded
 from service.lora.card import CARD_FILE, Calibration, read_calibration
+from service.lora.chat_template import read_chat_template
 from service.settings import ADAPTER_CONFIG_FILE, ADAPTER_NAME
 
 CONFIG_FILE = ADAPTER_CONFIG_FILE
@@ -134,6 +135,7 @@ class AdapterWeights:
     packed: torch.Tensor = field(repr=False)
     layout: dict[str, tuple[int, int, int]] = field(repr=False)  # module -> (offset, in, out)
     calibration: Calibration = field(default_factory=Calibration)  # of its label probabilities, from its card
+    chat_template: str | None = None  # the one its folder ships (chat_template.read_chat_template); None: the base's
     serial: int = field(default_factory=SERIALS.__next__, init=False)  # these weights' identity, as a number
 
     @property
@@ -208,15 +210,6 @@ def check_path(path: str | Path, roots: list[Path]) -> Path:
         raise AdapterError(f"adapter path {path} is an adapter root, the folder that holds adapters, not an adapter "
                            f"folder in it{where}")
     return chosen
-
-
-def adapter_file(folder: Path, name: str) -> Path:
-    """``folder``/``name``, refused (AdapterPathRefused) when it is a symlink leading out of ``folder``: the folder
-    was checked to lie inside an adapter root, and a file in it must not reach past it."""
-    path = folder / name
-    if path.is_symlink() and not path.resolve().is_relative_to(folder.resolve()):
-        raise AdapterPathRefused(f"{path} is a symlink to a file outside the adapter folder")
-    return path
 
 
 def read_config(folder: Path, max_rank: int) -> LoraConfig:
@@ -365,9 +358,11 @@ def load_adapter(
     names ``base_modules`` (what its config may select: ``check_targets``); AdapterError (422) for anything the
     engine cannot serve exactly. Its weights are
     kept in ``dtype`` (the banks'), so making it resident moves no more bytes than the banks hold, and the calibration
-    of its label probabilities is read from its card (``card.read_calibration``: T = 1 without one)."""
+    of its label probabilities is read from its card (``card.read_calibration``: T = 1 without one), and the chat
+    template its folder ships (``chat_template.read_chat_template``: an unreadable one refuses the adapter)."""
     config = read_config(folder, max_rank)
     calibration = read_calibration(adapter_file(folder, CARD_FILE))
+    template = read_chat_template(folder)
     rank, alpha = config.r, float(config.lora_alpha)
     scale = alpha / rank**0.5 if config.use_rslora else alpha / rank
     parts: dict[str, dict[str, torch.Tensor]] = {}
@@ -396,7 +391,8 @@ def load_adapter(
         layout[module] = (offset, fan_in, fan_out)
         offset += rank * (fan_in + fan_out)
     targets = [config.target_modules] if isinstance(config.target_modules, str) else sorted(config.target_modules)
-    adapter = AdapterWeights(name, folder, rank, alpha, targets, host_buffer(offset, dtype), layout, calibration)
+    adapter = AdapterWeights(name, folder, rank, alpha, targets, host_buffer(offset, dtype), layout, calibration,
+                             template)
     views, modules, jobs = adapter.views(), list(layout), []
     size = -(-len(modules) // PACKING_THREADS)
     for group in (modules[i:i + size] for i in range(0, len(modules), size)):  # consecutive modules, one span

@@ -1,14 +1,15 @@
 """Reading the small text files of an adapter folder (its config, card, chat template) as the server may: only a
-regular file, and only one of a bounded size. A folder is the adapter author's: its ``adapter_config.json`` may be a
-named pipe, which a plain ``open`` waits on until something writes to it (a review: a FIFO held the lock on adapter
-changes, so every later load and unload hung until a restart), or hundreds of MB of spaces, read whole."""
+file inside the folder (``adapter_file``), only a regular file, and only one of a bounded size. A folder is the
+adapter author's: its ``adapter_config.json`` may be a named pipe, which a plain ``open`` waits on until something
+writes to it (a review: a FIFO held the lock on adapter changes, so every later load and unload hung until a
+restart), or hundreds of MB of spaces, read whole."""
 from __future__ import annotations
 
 import os
 import stat
 from pathlib import Path
 
-from service.errors import AdapterError
+from service.errors import AdapterError, AdapterPathRefused
 
 MAX_ADAPTER_JSON_BYTES = 2**20  # an adapter_config.json or card.json: peft's configs and our cards take 1-4 KB
 
@@ -31,3 +32,12 @@ def read_bounded(path: Path, most: int) -> str:
     if len(data) > most:
         raise AdapterError(f"the adapter's {path.name} has more than the {most} bytes it may have")
     return data.decode("utf-8")
+
+
+def adapter_file(folder: Path, name: str) -> Path:
+    """``folder``/``name``, refused (AdapterPathRefused) when it is a symlink leading out of ``folder``: the folder
+    was checked to lie inside an adapter root, and a file in it must not reach past it."""
+    path = folder / name
+    if path.is_symlink() and not path.resolve().is_relative_to(folder.resolve()):
+        raise AdapterPathRefused(f"{path} is a symlink to a file outside the adapter folder")
+    return path

@@ -105,6 +105,11 @@ class AdapterRegistry:
                 raise UnknownAdapter(f"unknown adapter {name!r}")
             return None if name is None else self._adapters[name]
 
+    def registered(self, name: str) -> bool:
+        """Whether some weights are registered under ``name`` now."""
+        with self._lock:
+            return name in self._adapters
+
     def holds(self, adapter: AdapterWeights) -> bool:
         """Whether ``adapter`` is what its name holds now (not unregistered, nor replaced by other weights)."""
         with self._lock:

@@ -17,6 +17,7 @@ from service.engine.sampling import Decoding, choice_seed
 from service.engine.scheduler import Engine
 from service.engine.scoring import CandidateLogprobs
 from service.errors import InputTooLong, NoSpan
+from service.lora.adapter_files import AdapterWeights
 from service.settings import Settings
 from service.tasks.labels import label_ids, prefix_candidates, sequence_logprobs, softmax
 from service.tasks.prompt_styles import ADAPTER_STYLE, Prompt, answer_input, chat_job, nli_input, require_template
@@ -47,9 +48,15 @@ class Answer:
     latency_ms: float
 
 
-def no_template(adapter: str | None) -> None:
-    """No adapter ships a chat template of its own: the tokenizer's applies (``Tasks.chat_template``)."""
-    return None
+def chat_template(adapter: AdapterWeights | None) -> str | None:
+    """The chat template ``adapter``'s folder ships; None for the bare base or an adapter that ships none (the base
+    tokenizer's applies)."""
+    return None if adapter is None else adapter.chat_template
+
+
+def name_of(adapter: AdapterWeights | None) -> str | None:
+    """The name ``adapter`` is registered under; None for the bare base."""
+    return None if adapter is None else adapter.name
 
 
 def exact_span(text: str, context: str) -> tuple[int, int] | None:
@@ -73,12 +80,15 @@ def stream_options(stop: str | Sequence[str], logprobs: int | None, n: int) -> t
 
 
 class Tasks:
-    """The service's tasks over one engine: extractive QA, NLI and plain completion."""
+    """The service's tasks over one engine: extractive QA, NLI and plain completion.
 
-    def __init__(self, engine: Engine, tokenizer: PreTrainedTokenizerBase, settings: Settings, max_positions: int,
-                 chat_template: Callable[[str | None], str | None] = no_template):
+    Each task takes its adapter as the weights a request was bound to when it arrived (``AdapterRegistry.lookup``;
+    None: the bare base): its prompt is built with their chat template and the engine runs it with them, even if the
+    name is loaded in place meanwhile (``Engine.bound``), so a request never pairs one adapter's template with
+    another's weights."""
+
+    def __init__(self, engine: Engine, tokenizer: PreTrainedTokenizerBase, settings: Settings, max_positions: int):
         self.engine, self.tokenizer, self.settings = engine, tokenizer, settings
-        self.chat_template = chat_template  # an adapter's own chat template (None: the tokenizer's applies)
         self.max_prompt = min(settings.max_input_tokens, max_positions - settings.max_new_tokens)
         self.label_tokens = {NLI_LABELS: self.first_tokens(NLI_LABELS)}
         try:  # about 1 s and 17 MiB for SmolLM2's 49,152 tokens
@@ -131,13 +141,13 @@ class Tasks:
         """The engine's result for ``work`` (see ``outcomes``)."""
         return (await self.outcomes([work]))[0]
 
-    async def stream(self, prompt: str | Sequence[int], adapter: str | None, decoding: Decoding, *,
+    async def stream(self, prompt: str | Sequence[int], adapter: AdapterWeights | None, decoding: Decoding, *,
                      stop: str | Sequence[str] = (), logprobs: int | None = None, n: int = 1) -> CompletionStream:
         """Start generating ``n`` choices of a completion of ``prompt``; returns the stream of their text deltas
         (``CompletionStream``: an async iterator of ``ChoiceDelta``, with ``usage``). Call it on the event loop that
         iterates the stream; close the stream when done or when the client is gone (``async with``).
 
-        ``prompt``: raw text or token ids (see ``prompt_ids``). ``adapter``: a registered name, None for the bare base.
+        ``prompt``: raw text or token ids (see ``prompt_ids``). ``adapter``: the weights the request was bound to.
         ``decoding``: its ``max_new_tokens`` is capped at the server's ``max_new_tokens``; choice i samples with seed
         ``choice_seed(decoding.seed, i)`` (choice 0 with the request's own seed), so the choices are independent and
         reproducible; all are queued together, so that they share a batch whenever it has room for them all.
@@ -147,25 +157,25 @@ class Tasks:
         (the model's raw distribution, before temperature, top-k and top-p). ``n``: choices, >= 1 (the caller caps it).
 
         Raises, before anything is queued: ValueError (empty prompt, a token id outside the vocabulary, an empty
-        stop string, ``logprobs`` or ``n`` out of range), UnknownAdapter, InputTooLong, QueueFull (the queue has no
-        room for all n), EngineStopped or EngineFailed. The stream's iteration raises what fails a choice later (see
+        stop string, ``logprobs`` or ``n`` out of range), InputTooLong, QueueFull (the queue has no room for all n),
+        EngineStopped or EngineFailed. The stream's iteration raises what fails a choice later (see
         ``CompletionStream``)."""
-        self.engine.registry.require(adapter)
         stop = stream_options(stop, logprobs, n)
         ids = await off_loop(self.prompt_ids, prompt)  # tokenizing a long text blocks
         decoding = self.decoding(decoding)
-        works = [Generation(ids, adapter, dataclasses.replace(decoding, seed=choice_seed(decoding.seed, index)),
-                            stop_at_newline=False, logprobs=logprobs) for index in range(n)]
+        seeds = [choice_seed(decoding.seed, index) for index in range(n)]
+        works = [Generation(ids, name_of(adapter), dataclasses.replace(decoding, seed=seed), stop_at_newline=False,
+                            logprobs=logprobs, weights=adapter) for seed in seeds]
         return CompletionStream(self.engine, self.tokenizer, works, stop)
 
-    async def complete(self, prompt: str | Sequence[int], adapter: str | None, decoding: Decoding, *,
+    async def complete(self, prompt: str | Sequence[int], adapter: AdapterWeights | None, decoding: Decoding, *,
                        stop: str | Sequence[str] = (), logprobs: int | None = None, n: int = 1) -> Completion:
         """The same completion as ``stream``, its deltas collected: each choice's whole text, logprobs and finish
         reason, and the usage. Raises as ``stream`` and as its iteration; cancelling the caller abandons every
         choice still generating."""
         return await collect(await self.stream(prompt, adapter, decoding, stop=stop, logprobs=logprobs, n=n))
 
-    async def answer(self, context: str, question: str, adapter: str | None, decoding: Decoding,
+    async def answer(self, context: str, question: str, adapter: AdapterWeights | None, decoding: Decoding,
                      extractive: bool = True, style: str = ADAPTER_STYLE) -> Answer:
         """Answer a question from a context, asked in prompt ``style`` (``prompt_styles``). ``extractive``: decoding
         is constrained to spans of the context (``SpanConstraint``), so ``context[start:end] == answer`` always, and a
@@ -176,10 +186,10 @@ class Tasks:
         nothing a span can begin with), InputTooLong (a free answer's prompt over ``max_prompt``, or a context of more
         windows than ``answer_windows`` allows), ValueError (a chat style on a model without a chat template), and
         what ``outcomes`` raises."""
-        started, template, decoding = time.perf_counter(), self.chat_template(adapter), self.decoding(decoding)
+        started, template, decoding = time.perf_counter(), chat_template(adapter), self.decoding(decoding)
         whole = await self.answer_ids(style, context, question, template)  # the prompt of the whole context
         if not extractive:
-            result = await self.outcome(Generation(self.bounded(whole), adapter, decoding))
+            result = await self.outcome(Generation(self.bounded(whole), name_of(adapter), decoding, weights=adapter))
             text = result.text.strip()
             start, end = exact_span(text, context) or (None, None)
             return Answer(text, start, end, result.generated_tokens, None, (time.perf_counter() - started) * 1000)
@@ -187,8 +197,8 @@ class Tasks:
         spans = await off_loop(self.window_spans, context, ranges, decoding.max_new_tokens)
         prompts = [whole] if ranges == [(0, len(context))] else await asyncio.gather(
             *(self.answer_ids(style, context[offset:end], question, template) for offset, end, _ in spans))
-        results = await self.outcomes([Generation(self.bounded(ids), adapter, decoding, constraint=constraint)
-                                       for ids, (_, _, constraint) in zip(prompts, spans)])
+        results = await self.outcomes([Generation(self.bounded(ids), name_of(adapter), decoding, constraint=constraint,
+                                                  weights=adapter) for ids, (_, _, constraint) in zip(prompts, spans)])
         # a span running to a window's cut edge may be a longer answer cut short: it wins only where every one does
         uncut = [i for i, (offset, end, constraint) in enumerate(spans)
                  if constraint.lies_inside(offset > ranges[0][0], end < ranges[-1][1])]
@@ -258,7 +268,7 @@ class Tasks:
             raise NoSpan("the context holds no text an answer could be a span of")
         return spans
 
-    async def nli(self, premise: str, hypothesis: str, adapter: str | None,
+    async def nli(self, premise: str, hypothesis: str, adapter: AdapterWeights | None,
                   labels: tuple[str, ...] = NLI_LABELS, style: str = ADAPTER_STYLE) -> dict[str, float]:
         """Probabilities of ``labels`` (sum to 1), scored as the adapters are trained: by each label's first token, in
         one forward pass (``label_scores``), after the NLI prompt in ``style`` (``prompt_styles``), then
@@ -271,23 +281,24 @@ class Tasks:
         temperature = scores.weights.calibration.temperature_for(labels) if calibrated else 1.0
         return dict(zip(labels, softmax(scores.logprobs, temperature)))
 
-    async def label_scores(self, premise: str, hypothesis: str, adapter: str | None,
+    async def label_scores(self, premise: str, hypothesis: str, adapter: AdapterWeights | None,
                            labels: tuple[str, ...] = NLI_LABELS, style: str = ADAPTER_STYLE) -> CandidateLogprobs:
         """The log-probabilities of the first tokens of ``labels``' completions after the NLI prompt in ``style``
         (uncalibrated), and the weights that scored them; raises as ``nli``."""
         if labels not in self.label_tokens:
             self.label_tokens[labels] = self.first_tokens(labels)
         prompt = await self.nli_prompt(premise, hypothesis, adapter, labels, style)
-        return await self.outcome(Scoring(prompt, adapter, self.label_tokens[labels], logprobs=True))
+        return await self.outcome(Scoring(prompt, name_of(adapter), self.label_tokens[labels], logprobs=True,
+                                          weights=adapter))
 
-    async def nli_prompt(self, premise: str, hypothesis: str, adapter: str | None, labels: tuple[str, ...],
+    async def nli_prompt(self, premise: str, hypothesis: str, adapter: AdapterWeights | None, labels: tuple[str, ...],
                          style: str) -> list[int]:
         """The NLI prompt's token ids (``nli_ids``, with the adapter's chat template), built off the event loop as
         ``answer_ids`` builds its; InputTooLong over ``max_prompt``."""
         prompt = nli_input(style, premise, hypothesis, labels)
-        return self.bounded(await self.prompt_ids_of(style, prompt, self.chat_template(adapter)))
+        return self.bounded(await self.prompt_ids_of(style, prompt, chat_template(adapter)))
 
-    async def classify(self, premise: str, hypothesis: str, adapter: str | None,
+    async def classify(self, premise: str, hypothesis: str, adapter: AdapterWeights | None,
                        labels: tuple[str, ...], style: str = ADAPTER_STYLE) -> dict[str, float]:
         """Probabilities of a request's own ``labels`` (sum to 1): softmax over log P(label completion | prompt), each
         label scored over its whole tokenization (``tasks.labels``: one scoring request per distinct proper prefix of
@@ -300,7 +311,7 @@ class Tasks:
         if len(candidates) > self.settings.max_queue:  # they queue together, all or none: they would never fit
             raise InputTooLong(f"these labels need {len(candidates)} scoring requests; this server queues at most "
                                f"{self.settings.max_queue} (its max_queue)")
-        works = [Scoring(self.bounded(prompt + list(prefix)), adapter, tokens, logprobs=True)
+        works = [Scoring(self.bounded(prompt + list(prefix)), name_of(adapter), tokens, logprobs=True, weights=adapter)
                  for prefix, tokens in candidates.items()]
         results = await self.outcomes(works)
         logprobs = dict(zip(candidates, (result.logprobs for result in results)))

@@ -94,21 +94,22 @@ def test_a_cancelled_task_abandons_its_request(engines):
 
 def test_a_request_whose_part_failed_abandons_its_other_parts(engines):
     """``Tasks.outcomes`` (a long context's windows, a label set's scoring requests) raises the first part's failure
-    (here an unknown adapter, failed as the batch is taken); the other parts would be thrown away, so the engine
-    drops them rather than generate their 300 tokens."""
+    (here one set as the engine sets a part's failure, on its future once queued); the other parts would be thrown
+    away, so the engine drops them rather than generate their 300 tokens."""
     engine = engines.fresh(max_new_tokens=300)
     tasks = Tasks(engine, engine.tokenizer, engine.settings, max_positions=512)
     submitted = []
 
     def submit_together(works, on_tokens=None):
         submitted.extend(engine_submit(works, on_tokens))
+        submitted[1].set_exception(UnknownAdapter("failed as the engine fails a part"))
         return submitted
 
     engine_submit, engine.submit_together = engine.submit_together, submit_together
     engine.decoder = steps = WatchedSteps(engine.decoder)
     rng = random.Random(20)
     with pytest.raises(UnknownAdapter):
-        asyncio.run(tasks.outcomes([long_generation(rng, "r8", 300), greedy(rng, "no-such-adapter")]))
+        asyncio.run(tasks.outcomes([long_generation(rng, "r8", 300), greedy(rng, "r2")]))
     with pytest.raises((RequestAbandoned, CancelledError)):
         submitted[0].result(WAIT)
     assert len(steps.notes) < 299, f"decoding steps of the part left running: {len(steps.notes)}"
@@ -168,26 +169,26 @@ def test_a_request_future_cancelled_by_its_caller_drops_the_outcome_but_a_finish
 
 
 def test_a_fault_while_taking_requests_to_join_a_batch_fails_that_batch_and_loses_no_queued_request(engines):
-    """A fault in the middle of taking queued requests (here the registry's lookup of the second one) fails the
+    """A fault in the middle of taking queued requests (here the registry's check of the second one's name) fails the
     running batch, as any fault of a batch does, but every queued request stays queued and is served after it: in the
     soak, one taken before the fault was left in no queue and never answered."""
     engine = engines.fresh(max_new_tokens=300)
     rng = random.Random(20)
     running_work, queued_works = long_generation(rng, "r2", 300), [greedy(rng, "r8"), greedy(rng, "r4")]
     expected = [alone(engines.shared(), work) for work in queued_works]
-    lookup, faults = engine.registry.lookup, ["r4"]
+    registered, faults = engine.registry.registered, ["r4"]
 
-    def faulty_lookup(name):
+    def faulty_check(name):
         if name in faults:
             faults.remove(name)
-            raise RuntimeError("injected lookup fault")
-        return lookup(name)
+            raise RuntimeError("injected registry fault")
+        return registered(name)
 
     engine.decoder = steps = WatchedSteps(engine.decoder, hold_at=3)
     running = engine.submit(running_work)
     assert steps.holding.wait(WAIT)
     queued = [engine.submit(work) for work in queued_works]
-    engine.registry.lookup = faulty_lookup
+    engine.registry.registered = faulty_check
     steps.release.set()
     with pytest.raises(RuntimeError, match="injected"):
         running.result(WAIT)

@@ -453,6 +453,39 @@ def test_an_adapter_unregistered_while_queued_fails_only_its_requests(engines):
     assert same_output(alone(engine, works[1]), alone(reference, works[1]))
 
 
+@pytest.mark.parametrize("change", ["loaded in place", "deleted and loaded again"])
+def test_a_queued_request_runs_with_the_weights_its_name_held_when_it_was_queued(engines, change):
+    """A request is bound to its adapter's weights when queued (``Engine.bound``: its caller may have built its
+    prompt with their chat template): its name given other weights before it is taken leaves it the old ones (it ran
+    with the new), and the next request gets the new."""
+    reference = engines.shared()
+    engine = engines.fresh()
+    _, adapters = engines.base("llama")
+    engine.registry.register("victim", adapters["r4"])
+    rng = random.Random(31)
+    works = [greedy(rng, "victim"), Scoring(prompt(rng), "victim", [1, 2, 3])]
+    with paused(engine):
+        futures = [engine.submit(work) for work in works]
+        if change == "loaded in place":
+            engine.registry.add(engine.registry.prepare("victim", adapters["r8"], replace=True)[0], replace=True)
+        else:
+            engine.registry.unregister("victim")
+            engine.registry.register("victim", adapters["r8"])
+    old = [dataclasses.replace(work, adapter="r4") for work in works]
+    assert same_output(futures[0].result(WAIT), alone(reference, old[0]))
+    assert futures[1].result(WAIT) == pytest.approx(alone(reference, old[1]), abs=1e-5)
+    later = greedy(rng, "victim")
+    assert same_output(alone(engine, later), alone(reference, dataclasses.replace(later, adapter="r8")))
+
+
+def test_weights_bound_by_the_caller_must_be_those_of_the_name_asked_for(engines):
+    engine = engines.shared()
+    work = dataclasses.replace(greedy(random.Random(32), "r2"), weights=engine.registry.lookup("r4"))
+    with pytest.raises(ValueError, match="bound to a request for 'r2'"):
+        engine.submit(work)
+    assert engine.queue_depth == 0
+
+
 @pytest.mark.parametrize("bound", [0, 0.1])
 def test_a_queued_request_whose_future_was_cancelled_directly_is_dropped(engines, bound):
     """``asyncio.wrap_future`` cancels the engine's future itself when the task awaiting it is cancelled (a client

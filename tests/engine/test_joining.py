@@ -152,7 +152,7 @@ def test_a_burst_is_taken_in_prefill_passes_of_at_most_max_prefill_tokens(engine
 
 
 def test_an_adapter_deleted_while_its_request_joins_serves_that_request_with_its_weights(engines, counted_passes):
-    """A request is bound to its adapter's weights when it is taken: deleting the adapter while the request's
+    """A request is bound to its adapter's weights when it is queued: deleting the adapter while the request's
     prompt runs leaves it those weights; their slot is freed once no row uses them."""
     engine = engines.fresh(max_new_tokens=300, prefill_chunk=8)
     _, adapters = engines.base("llama")

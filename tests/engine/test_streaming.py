@@ -31,7 +31,8 @@ def streamed(engine: Engine, prompt_ids: list[int] | str, adapter: str | None, d
              ) -> tuple[list[ChoiceDelta], Usage]:
     """Every delta of a stream, in the order handed out, and its usage."""
     async def run():
-        async with await tasks_of(engine).stream(prompt_ids, adapter, decoding, **options) as stream:
+        async with await tasks_of(engine).stream(prompt_ids, engine.registry.lookup(adapter), decoding,
+                                                 **options) as stream:
             return [delta async for delta in stream], stream.usage
 
     return asyncio.run(run())
@@ -65,7 +66,7 @@ def test_streamed_text_is_the_text_the_engine_decodes(engines, arch):
         assert (texts(deltas), reasons(deltas)) == ([expected.text], [expected.finish_reason])
         assert all(delta.text for delta in deltas[:-1]) and all(delta.logprobs is None for delta in deltas)
         assert usage == Usage(len(ids), len(expected.token_ids))
-        completion = asyncio.run(tasks_of(engine).complete(ids, adapter, decoding))
+        completion = asyncio.run(tasks_of(engine).complete(ids, engine.registry.lookup(adapter), decoding))
         assert (completion.choices[0].text, completion.choices[0].finish_reason) == (expected.text,
                                                                                      expected.finish_reason)
         assert completion.usage == usage
@@ -166,7 +167,7 @@ def test_a_choice_that_meets_a_stop_string_leaves_the_batch_and_the_other_rows_a
     futures, opened, outcome = [], threading.Event(), {}
 
     async def consume() -> None:
-        stream = await tasks_of(engine).stream(ids, "r2", decoding, stop=[stop])
+        stream = await tasks_of(engine).stream(ids, engine.registry.lookup("r2"), decoding, stop=[stop])
         opened.set()
         async with stream:
             outcome["deltas"] = [delta async for delta in stream]
@@ -269,7 +270,8 @@ def test_a_stream_cancelled_or_closed_drops_its_rows(engines, how):
     seen: dict[str, CompletionStream] = {}
 
     async def consume() -> None:
-        stream = seen["stream"] = await tasks_of(engine).stream(ids, "r8", Decoding(max_new_tokens=300), n=2)
+        stream = seen["stream"] = await tasks_of(engine).stream(ids, engine.registry.lookup("r8"),
+                                                                 Decoding(max_new_tokens=300), n=2)
         if how == "closed":
             async with stream:
                 assert await asyncio.to_thread(steps.holding.wait, WAIT)
@@ -333,7 +335,7 @@ def test_a_request_that_cannot_be_streamed_is_refused_before_anything_is_queued(
         with pytest.raises(ValueError):
             asyncio.run(open_stream(**options))
     with pytest.raises(UnknownAdapter):
-        asyncio.run(tasks.stream(ids, "nope", Decoding()))
+        engine.submit(generation(ids, "nope", Decoding()))
     with pytest.raises(InputTooLong):
         asyncio.run(open_stream([1] * (tasks.max_prompt + 1)))
     with paused(engine):

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import threading
+import time
 
 import openai
 import pytest
@@ -19,7 +20,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from service.errors import AdapterError, InputTooLong
 from service.http.chat import chat_prompt
-from service.runtime import MAX_CHAT_TEMPLATE_BYTES, MAX_TOKENIZER_CONFIG_BYTES, read_chat_template
+from service.lora.chat_template import MAX_CHAT_TEMPLATE_BYTES, MAX_TOKENIZER_CONFIG_BYTES, read_chat_template
+from tests.engine.engine_helpers import paused
 from tests.http.replies import error_message
 from tests.server_helpers import ADMIN, copy_adapters, ready_client, tiny_settings
 from tests.tiny_models import EOS, make_adapter
@@ -287,6 +289,31 @@ def test_an_adapter_loaded_in_place_brings_its_weights_and_template_even_when_me
     assert client.delete("/adapters/new", headers=ADMIN).status_code == 200
 
 
+def test_a_request_waiting_when_its_adapter_is_loaded_in_place_runs_with_the_adapter_it_arrived_for(client, served,
+                                                                                                     reference):
+    """Template and weights of one adapter, always: a chat rendered with "one"'s template (the base's) and queued
+    when "one" is loaded in place from a folder with other weights and a template of its own runs on "one"'s old
+    weights (it had the old template with the new weights, the output of neither adapter); the next request gets
+    the new pair."""
+    runtime, adapters = client.app.state.runtime, served[1]
+    replies = []
+    with paused(runtime.engine):
+        sender = threading.Thread(target=lambda: replies.append(chat(client, model="one", max_tokens=CAP)))
+        sender.start()
+        deadline = time.monotonic() + 30
+        while runtime.engine.queue_depth == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert runtime.engine.queue_depth == 1, "the chat never reached the queue"
+        runtime.load_adapter("one", adapters / "styled", replace=True)
+    try:
+        sender.join(timeout=60)
+        assert replies[0]["choices"][0]["message"]["content"] == reference.reply("one", QUESTION, CAP)
+        content = chat(client, model="one", max_tokens=CAP)["choices"][0]["message"]["content"]
+        assert content == reference.reply("styled", QUESTION, CAP, STYLED)
+    finally:
+        runtime.load_adapter("one", adapters / "one", replace=True)
+
+
 def test_the_openai_client_in_process(client, reference):
     api = openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=client, max_retries=0)
     reply = api.chat.completions.create(model="one", messages=CONVERSATION, max_completion_tokens=CAP, temperature=0)
@@ -397,7 +424,8 @@ def test_an_adapter_whose_template_is_too_large_is_not_registered(client, served
 
 def test_an_unload_racing_a_load_of_the_same_name_leaves_the_new_adapter_its_template(client, served, monkeypatch):
     """The unload took the name's template away after unregistering it: a load of the name in between (a review's
-    reading of the code) registered, set its template, and lost it, its chat then rendered by the base's."""
+    reading of the code) registered, set its template, and lost it, its chat then rendered by the base's. (The
+    template is now part of the weights registered, so no change of one can miss the other.)"""
     runtime, folder = client.app.state.runtime, served[1] / "styled"
     runtime.load_adapter("racing", folder)
     unregister, loads = runtime.registry.unregister, []
@@ -406,12 +434,11 @@ def test_an_unload_racing_a_load_of_the_same_name_leaves_the_new_adapter_its_tem
         forgotten = unregister(name)
         loads.append(threading.Thread(target=runtime.load_adapter, args=(name, folder)))
         loads[0].start()
-        loads[0].join(timeout=1)  # with the unload's lock held, the load waits for it (a second, then goes on)
+        loads[0].join(timeout=30)  # the load runs in the gap between unregistering and the rest of the unload
         return forgotten
 
     monkeypatch.setattr(runtime.registry, "unregister", load_in_the_gap)
     runtime.unload_adapter("racing")
-    loads[0].join(timeout=30)
-    assert "racing" in runtime.registry.names() and runtime.chat_template("racing") == STYLED
+    assert "racing" in runtime.registry.names() and runtime.registry.lookup("racing").chat_template == STYLED
     monkeypatch.undo()
     runtime.unload_adapter("racing")
