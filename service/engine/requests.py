@@ -63,7 +63,9 @@ class Generation:
 @dataclass(frozen=True)
 class SampledToken:
     """A token a generation produced, as the engine hands it to the request's listener on the engine thread, at the
-    decoding step that picked it (before the next step runs). A stopping end-of-text token is never handed out.
+    decoding step that picked it (before the next step runs). An end-of-text token that stops the generation is handed
+    out too, last, with ``ends_text`` set: it is no part of the generation's text or ``token_ids``, but is one of its
+    ``generated_tokens`` and has its log-probabilities, as vLLM gives that token a logprobs entry.
 
     ``logprob`` and ``top_logprobs`` are natural logs of probabilities under the model's own next-token distribution
     at that step: the softmax of its raw logits, before temperature, top-k and top-p (vLLM's "raw logprobs"); None
@@ -74,6 +76,7 @@ class SampledToken:
     sampled_at: float  # time.perf_counter() seconds, on the engine thread, when the token was picked
     logprob: float | None = None
     top_logprobs: tuple[tuple[int, float], ...] = ()
+    ends_text: bool = False  # the end-of-text token that stopped the generation (``Endings.ends_text``)
 
 
 @dataclass

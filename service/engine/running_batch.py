@@ -129,22 +129,23 @@ class RunningBatch:
 
     def publish(self, picked: list[list[int]], finished: dict[int, str], ends_text: Callable[[object, int], bool]
                 ) -> None:
-        """Hand each listened-to row the tokens this step picked (``picked``; an end-of-text token that ends its row,
-        as ``finished`` and ``ends_text`` say, is no output), with their log-probabilities if it asked (from the
-        logits they were picked from); a listener that raises has its request abandoned."""
+        """Hand each listened-to row the tokens this step picked (``picked``), with their log-probabilities if it
+        asked (from the logits they were picked from); an end-of-text token that ends its row, as ``finished`` and
+        ``ends_text`` say, is marked so (``SampledToken.ends_text``: no output text). A listener that raises has its
+        request abandoned."""
         now = time.perf_counter()
         for position in range(max(map(len, picked), default=0)):
             rows = [row for row, pending in enumerate(self.pendings) if pending.on_token is not None
-                    and position < len(picked[row]) and not pending.future.abandoned
-                    and not (position == len(picked[row]) - 1 and finished.get(row) == "stop"
-                             and ends_text(pending.work, picked[row][-1]))]
+                    and position < len(picked[row]) and not pending.future.abandoned]
             tokens = [tokens[position] if position < len(tokens) else 0 for tokens in picked]
             tops = [self.pendings[row].work.logprobs if row in rows else None for row in range(len(self))]
             logprobs = token_logprobs(self.logits[:, position], tokens, tops)
             for row in rows:
                 pending = self.pendings[row]
+                ending = (position == len(picked[row]) - 1 and finished.get(row) == "stop"
+                          and ends_text(pending.work, tokens[row]))
                 try:
-                    pending.on_token(SampledToken(tokens[row], now, *logprobs.get(row, (None, ()))))
+                    pending.on_token(SampledToken(tokens[row], now, *logprobs.get(row, (None, ())), ends_text=ending))
                 except Exception:
                     log.exception("a token listener failed; its request is abandoned")
                     pending.future.abandoned = True

@@ -5,7 +5,8 @@ character and never changes text handed out before. Stop strings are searched in
 delta boundaries; the text stops before the earliest one, and only the end of the text that could still be the start
 of one is held back. A choice that meets a stop string asks the engine to end its row (``Engine.end``): it leaves the
 batch a step or two later, and the tokens of those steps are dropped. Log-probabilities come with the tokens behind
-the text of each delta. Nothing here touches a tensor: the HTTP layer iterates ``CompletionStream``.
+the text of each delta, and the end-of-text token the model ended a choice on (no text) with its last delta, as vLLM
+gives it an entry. Nothing here touches a tensor: the HTTP layer iterates ``CompletionStream``.
 """
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ class TokenLogprob:
 
     ``token`` is the token's own text, decoded alone with special tokens kept ("<|im_end|>"); a token that holds part
     of a UTF-8 character decodes alone to U+FFFD. ``text_offset`` is the character (code point) offset, in the choice's
-    text, where the token's text starts: that of the character it completes, for a token ending a multi-byte one.
+    text, where the token's text starts: that of the character it completes, for a token ending a multi-byte one; the
+    end of the text for the end-of-text token that ended the choice (no part of its text).
     ``top_logprobs`` are the k most likely tokens at that step, most likely first (k as asked; the chosen token may or
     may not be among them). ``token_bytes`` are the UTF-8 bytes the token stands for, part of a character's for such a
     token (read from its vocabulary entry: ``token_bytes.piece_bytes``); None only where the vocabulary's spelling is
@@ -65,7 +67,8 @@ class ChoiceDelta:
     """New text of one choice (``index``, 0 to n - 1): it follows the choice's previous deltas and never revises them.
 
     ``text`` may be empty only on a choice's last delta. ``logprobs``: None unless asked; else the tokens whose text
-    starts in this delta (on a last delta, also any tokens whose text is empty at the end), in order.
+    starts in this delta (on a last delta, also any tokens whose text is empty at the end, the end-of-text token that
+    ended the choice among them), in order.
     ``finish_reason`` is None until the choice's last delta: "stop" (a stop string, whose text is left out, or the
     model's end of text) or "length" (the token budget)."""
 
@@ -79,7 +82,8 @@ class ChoiceDelta:
 class Usage:
     """Tokens of a request: its prompt's (once, whatever n) and those its choices generated, summed. A choice stopped
     by a stop string counts its tokens up to the one that completed the stop string; one the model ended counts the
-    end-of-text token too, which has no text (as vLLM counts: ``GenerationResult.generated_tokens``)."""
+    end-of-text token too, which has no text but a logprobs entry (as vLLM counts: ``GenerationResult.generated_tokens``
+    and ``SampledToken.ends_text``)."""
 
     prompt_tokens: int
     completion_tokens: int
@@ -141,17 +145,21 @@ class ChoiceText:
         self.finish_reason: str | None = None
 
     def add(self, token: SampledToken) -> ChoiceDelta | None:
-        """Take the choice's next token; the delta it releases, if any. Tokens after the choice ended are ignored."""
+        """Take the choice's next token; the delta it releases, if any. Tokens after the choice ended are ignored.
+        The end-of-text token the model ends the choice on (``SampledToken.ends_text``) adds no text: it is counted,
+        and its logprobs entry (at the end of the text) comes with the choice's last delta, as vLLM gives it one."""
         if self.finish_reason is not None:
             return None
         entry = self.token_logprob(token, self.offset_of(token.token_id)) if self.logprobs else None
-        self.token_ids.append(token.token_id)
         self.generated_tokens += 1
+        if entry is not None:
+            self.pending.append(entry)
+        if token.ends_text:
+            return None
+        self.token_ids.append(token.token_id)
         text = self.decoder.step(self.backend, token.token_id)
         if text is not None:
             self.text, self.held_from = self.text + text, len(self.token_ids)
-        if entry is not None:
-            self.pending.append(entry)
         return self.release(None)
 
     def offset_of(self, token_id: int) -> int:

@@ -13,7 +13,7 @@ import torch
 from prometheus_client import REGISTRY
 from transformers import AutoModelForCausalLM
 
-from service.engine.requests import Generation, GenerationResult, run_all
+from service.engine.requests import Generation, GenerationResult, SampledToken, run_all
 from service.engine.sampling import Decoding, choice_seed
 from service.engine.scheduler import Engine
 from service.errors import InputTooLong, QueueFull, RequestAbandoned, UnknownAdapter
@@ -81,17 +81,45 @@ def test_a_text_prompt_is_raw_and_streams_as_its_token_ids(engines):
     assert streamed(engine, text, "r2", decoding) == streamed(engine, ids, "r2", decoding)
 
 
-def test_the_models_end_of_text_ends_a_stream_with_stop(engines):
+def ended_at(engines) -> tuple[Engine, list[int], Decoding, list[int], int]:
+    """An engine whose generation config makes token ``cut`` (the first from the third on not seen before it) of a
+    greedy choice an end-of-text token, an ordinary one with a text of its own: the engine, the prompt, its decoding,
+    the shared engine's greedy tokens for it (those of an engine with no such end) and ``cut``."""
     reference = engines.shared()
     ids, decoding = prompt(random.Random(31)), Decoding(max_new_tokens=16)
     tokens = alone(reference, generation(ids, None, decoding)).token_ids
     cut = next(k for k in range(2, len(tokens)) if tokens[k] not in tokens[:k])
     engine = engines.fresh(before_engine=lambda model: setattr(model.generation_config, "eos_token_id", tokens[cut]))
+    return engine, ids, decoding, tokens, cut
+
+
+def test_the_models_end_of_text_ends_a_stream_with_stop(engines):
+    engine, ids, decoding, _, cut = ended_at(engines)
     expected = alone(engine, generation(ids, None, decoding))
     deltas, usage = streamed(engine, ids, None, decoding)
     # the end-of-text token counts, as vLLM counts it, though it has no text
     assert (texts(deltas), reasons(deltas), usage.completion_tokens) == ([expected.text], ["stop"], cut + 1)
     assert expected.generated_tokens == len(expected.token_ids) + 1 == cut + 1
+
+
+def test_the_end_of_text_token_is_handed_out_last_marked_with_its_logprobs(engines):
+    """The engine hands a listener the end-of-text token that stops a generation too, last and marked ``ends_text``
+    (no part of its text or token ids, one of its generated tokens), with its logprobs: those the same token has
+    where ``ignore_eos`` takes it as any other, unmarked, and goes on."""
+    engine, ids, decoding, tokens, cut = ended_at(engines)
+    heard: dict[bool, list[SampledToken]] = {False: [], True: []}
+    done = {ignore: engine.submit(dataclasses.replace(generation(ids, None, decoding), ignore_eos=ignore, logprobs=2),
+                                  on_token=heard[ignore].append).result(WAIT) for ignore in (False, True)}
+    ended, ignored = heard[False], heard[True]
+    assert [token.token_id for token in ended] == tokens[:cut + 1]
+    assert [token.ends_text for token in ended] == [False] * cut + [True]
+    assert (done[False].token_ids, done[False].generated_tokens, done[False].finish_reason) == (
+        tokens[:cut], cut + 1, "stop")
+    assert [token.token_id for token in ignored] == done[True].token_ids == tokens and done[True].generated_tokens == 16
+    assert not any(token.ends_text for token in ignored)
+    for mine, theirs in zip(ended, ignored):
+        assert mine.logprob == pytest.approx(theirs.logprob, abs=1e-5) and len(mine.top_logprobs) == 2
+        assert [t for t, _ in mine.top_logprobs] == [t for t, _ in theirs.top_logprobs]
 
 
 def test_a_character_split_over_sampled_tokens_is_never_split_in_a_delta(engines):
@@ -231,6 +259,30 @@ def test_logprobs_are_the_models_own_distribution_before_temperature(engines, ad
             assert entry.token == engine.tokenizer.decode([entry.token_id])
         if index < 2:  # sampled at temperature 2: the tokens are not all the most likely ones
             assert any(entry.token_id != entry.top_logprobs[0].token_id for entry in entries)
+
+
+def test_the_end_of_text_token_is_the_last_logprobs_entry_of_its_choice(engines):
+    """vLLM keeps the end-of-text token that ended a choice in its ``token_ids`` and ``logprobs`` (its detokenizer
+    leaves it out of the text only): a choice has an entry for each token ``usage`` counts, the last one named by its
+    own text (an ordinary token here), at the end of the text, with the choice's last delta; streamed or collected,
+    each of n choices."""
+    engine, ids, decoding, tokens, cut = ended_at(engines)
+    deltas, usage = streamed(engine, ids, None, decoding, logprobs=2, n=2)
+    completion = asyncio.run(tasks_of(engine).complete(ids, None, decoding, logprobs=2, n=2))
+    assert usage == completion.usage == Usage(len(ids), 2 * (cut + 1))
+    ending = engine.tokenizer.decode([tokens[cut]])
+    for index, text in enumerate(texts(deltas, 2)):
+        choice = [delta for delta in deltas if delta.index == index]
+        entries = tuple(entry for delta in choice for entry in delta.logprobs)
+        assert text == engine.tokenizer.decode(tokens[:cut])
+        assert [entry.token_id for entry in entries] == tokens[:cut + 1]
+        assert choice[-1].logprobs[-1] == entries[-1] and choice[-1].finish_reason == "stop"
+        assert (entries[-1].token, entries[-1].token_bytes, entries[-1].text_offset) == (
+            ending, tuple(ending.encode()), len(text))
+        assert completion.choices[index].logprobs == entries and completion.choices[index].text == text
+    base_dir, _ = engines.base("llama")
+    reference, scale = reference_logprobs(base_dir, None, ids, tokens[:cut + 1])
+    assert abs(entries[-1].logprob - reference[cut, tokens[cut]].item()) <= 4 * RELATIVE_TOLERANCE["none"] * scale
 
 
 # ---- n choices -----------------------------------------------------------------------------------

@@ -6,17 +6,19 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import openai
 import pytest
 import torch
 from peft import PeftModel
 from prometheus_client import REGISTRY
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from service.tasks.token_bytes import token_bytes
 from tests.engine.engine_helpers import WatchedSteps, long_generation, paused
@@ -173,6 +175,13 @@ def reference(served, adapter: str | None, prompt_ids: list[int], steps: int) ->
     return out.sequences[0, len(prompt_ids):].tolist(), logits.log_softmax(-1), logits.abs().max().item()
 
 
+def prompt_ids(tokenizer, route: str) -> list[int]:
+    """The token ids a request of ``route`` (its ROUTES fields) prompts the bare base with."""
+    if route == "/v1/completions":
+        return tokenizer.encode(PROMPT, add_special_tokens=False)
+    return tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, return_dict=False)
+
+
 def legacy_name(tokenizer) -> Callable[[int], str]:
     """A token id's name in legacy completions' logprobs: its text, or ``bytes:\\xNN...`` for part of a character."""
     pieces = token_bytes(tokenizer)
@@ -192,7 +201,6 @@ def legacy_name(tokenizer) -> Callable[[int], str]:
 def test_logprobs_are_transformers_log_softmax_of_the_raw_logits(client, served, route):
     tokenizer = AutoTokenizer.from_pretrained(served.base_model)
     if route == "/v1/completions":
-        prompt_ids = tokenizer.encode(PROMPT, add_special_tokens=False)
         reply = post(client, route, max_tokens=8, logprobs=3).json()
         logprobs = reply["choices"][0]["logprobs"]
         tokens, chosen, tops = logprobs["tokens"], logprobs["token_logprobs"], logprobs["top_logprobs"]
@@ -201,13 +209,12 @@ def test_logprobs_are_transformers_log_softmax_of_the_raw_logits(client, served,
         assert offsets == sorted(offsets) and offsets[:whole_characters] == [
             len("".join(tokens[:i])) for i in range(whole_characters)]  # after a split character: see TokenLogprob
     else:
-        prompt_ids = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, return_dict=False)
         reply = post(client, route, max_tokens=8, logprobs=True, top_logprobs=3).json()
         content = reply["choices"][0]["logprobs"]["content"]
         tokens, chosen = [entry["token"] for entry in content], [entry["logprob"] for entry in content]
         tops = [{top["token"]: top["logprob"] for top in entry["top_logprobs"]} for entry in content]
         assert all(len(entry["top_logprobs"]) == 3 for entry in content)
-    ids, expected, scale = reference(served, "one", prompt_ids, len(tokens))
+    ids, expected, scale = reference(served, "one", prompt_ids(tokenizer, route), len(tokens))
     if route != "/v1/completions":  # each token's bytes, those of part of a character included (special: its text)
         pieces = token_bytes(tokenizer)
         assert [entry["bytes"] for entry in content] == [list(pieces[i] or tokenizer.decode([i]).encode()) for i in ids]
@@ -230,6 +237,79 @@ def test_logprobs_are_transformers_log_softmax_of_the_raw_logits(client, served,
         assert [offset for piece in pieces for offset in piece["text_offset"]] == logprobs["text_offset"]
     else:
         assert [entry for piece in pieces for entry in piece["content"]] == content
+
+
+@pytest.fixture(scope="module")
+def ending(tiny_llama_dir, tmp_path_factory):
+    """A server on a copy of the tiny Llama whose generation config makes a token of each route's greedy reply (the
+    first from the fourth on not seen before it) an end-of-text token: its settings and client."""
+    root = tmp_path_factory.mktemp("ending")
+    base = Path(shutil.copytree(tiny_llama_dir, root / "base"))
+    tokenizer, model = AutoTokenizer.from_pretrained(base), AutoModelForCausalLM.from_pretrained(base).eval()
+    ends = [tokenizer.eos_token_id]
+    for route in ROUTES:
+        ids = torch.tensor([prompt_ids(tokenizer, route)])
+        tokens = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=CAP,
+                                do_sample=False)[0, ids.shape[1]:].tolist()
+        ends.append(next(token for k, token in enumerate(tokens) if k >= 3 and token not in tokens[:k]))
+    config = GenerationConfig.from_pretrained(base)
+    config.eos_token_id = ends
+    config.save_pretrained(base)
+    settings = settings_in(root, base, {}, max_new_tokens=CAP, max_choices=MOST_CHOICES)
+    with ready_client(settings) as client:
+        yield settings, client
+
+
+def close(got, want) -> bool:
+    """Whether two JSON values are equal but for numbers that are not integers, within 1e-4 (logprobs of the same
+    tokens computed in other batches)."""
+    if isinstance(want, float):
+        return isinstance(got, float) and abs(got - want) <= 1e-4
+    if isinstance(want, dict):
+        return isinstance(got, dict) and got.keys() == want.keys() and all(close(got[k], want[k]) for k in want)
+    if isinstance(want, list):
+        return isinstance(got, list) and len(got) == len(want) and all(map(close, got, want))
+    return got == want
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_a_choice_the_model_ends_has_a_logprobs_entry_for_each_token_usage_counts(ending, route):
+    """vLLM keeps the end-of-text token that ended a choice in its ``token_ids`` and ``logprobs`` (its detokenizer
+    leaves it out of the text only), so usage.completion_tokens is each choice's logprobs entries: the last one names
+    that token by its own text, at the end of the text (``text_offset``), with its bytes (chat) and transformers'
+    logprob, and comes in the choice's chunk with the finish reason; streamed or not, each of n choices."""
+    settings, client = ending
+    tokenizer = AutoTokenizer.from_pretrained(settings.base_model)
+    ids, expected, scale = reference(settings, None, prompt_ids(tokenizer, route), CAP)
+    assert 1 < len(ids) < CAP and ids[-1] in GenerationConfig.from_pretrained(settings.base_model).eos_token_id
+    text, last = tokenizer.decode(ids[:-1], skip_special_tokens=True), ids[-1]
+    asked = {"logprobs": 2} if route == "/v1/completions" else {"logprobs": True, "top_logprobs": 2}
+    reply = post(client, route, model="base", n=2, **asked).json()
+    stream = chunks(post(client, route, model="base", n=2, stream=True, stream_options={"include_usage": True},
+                         **asked))
+    assert reply["usage"]["completion_tokens"] == 2 * len(ids) and stream[-1]["usage"] == reply["usage"]
+    assert whole(reply, route) == joined(stream, route) == {0: (text, "stop"), 1: (text, "stop")}
+    name = legacy_name(tokenizer) if route == "/v1/completions" else lambda i: tokenizer.decode([i])
+    for choice in reply["choices"]:
+        logprobs = choice["logprobs"]
+        if route == "/v1/completions":
+            tokens, chosen = logprobs["tokens"], logprobs["token_logprobs"]
+            assert logprobs["text_offset"][-1] == len(text)
+        else:
+            tokens, chosen = [entry["token"] for entry in logprobs["content"]], [
+                entry["logprob"] for entry in logprobs["content"]]
+            assert logprobs["content"][-1]["bytes"] == list(name(last).encode())
+        assert tokens == [name(token) for token in ids]
+        assert chosen[-1] == pytest.approx(expected[-1, last].item(), abs=4 * RELATIVE_TOLERANCE["none"] * scale)
+        parts = [part for chunk in stream for part in chunk["choices"] if part["index"] == choice["index"]]
+        pieces = [part["logprobs"] for part in parts if part["logprobs"]]
+        if route == "/v1/completions":
+            streamed = {key: [value for piece in pieces for value in piece[key]] for key in logprobs}
+            ending_piece = parts[-1]["logprobs"]["tokens"]
+        else:
+            streamed = {"content": [entry for piece in pieces for entry in piece["content"]], "refusal": None}
+            ending_piece = [entry["token"] for entry in parts[-1]["logprobs"]["content"]]
+        assert close(streamed, logprobs) and parts[-1]["finish_reason"] == "stop" and ending_piece[-1] == name(last)
 
 
 @pytest.mark.parametrize("route", ROUTES)
@@ -259,9 +339,9 @@ def test_n_choices_are_seeded_apart_and_reproducible(client, route):
     assert sorted(choices) == list(range(MOST_CHOICES)) and len({text for text, _ in choices.values()}) > 1
     assert whole(post(client, route, n=MOST_CHOICES, **sampled).json(), route) == choices
     assert whole(post(client, route, **sampled).json(), route) == {0: choices[0]}  # choice 0 samples with the seed
-    # each choice's tokens, and the end-of-text token of each the model ended ("stop": no stop strings here)
-    assert reply["usage"]["completion_tokens"] == sum(token_count(choice, route) + (choice["finish_reason"] == "stop")
-                                                      for choice in reply["choices"])
+    # a logprobs entry for each token counted, the end-of-text token of each choice the model ended included
+    assert any(choice["finish_reason"] == "stop" for choice in reply["choices"])
+    assert reply["usage"]["completion_tokens"] == sum(token_count(choice, route) for choice in reply["choices"])
     streamed = chunks(post(client, route, n=MOST_CHOICES, stream=True, **sampled))
     assert joined(streamed, route) == choices
     assert len({chunk["choices"][0]["index"] for chunk in streamed}) == MOST_CHOICES

@@ -33,13 +33,16 @@ def encode(tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def stream(tokenizer, ids: list[int], stop: tuple[str, ...] = (), finish: str = "length"
+def stream(tokenizer, ids: list[int], stop: tuple[str, ...] = (), finish: str = "length", ending: int | None = None
            ) -> tuple[list[ChoiceDelta], ChoiceText]:
-    """The deltas of a choice whose tokens are ``ids`` (each with logprob -position), then the engine's ``finish``; as
-    the stream does, tokens after the choice ended at a stop string are ignored."""
+    """The deltas of a choice whose tokens are ``ids`` (each with logprob -position), then the end-of-text token
+    ``ending`` that ends it (if not None: as the engine hands it out, ``SampledToken.ends_text``), then the engine's
+    ``finish``; as the stream does, tokens after the choice ended at a stop string are ignored."""
     choice = ChoiceText(0, tokenizer, stop, logprobs=True)
-    deltas = [choice.add(SampledToken(token, 0.0, -float(at))) for at, token in enumerate(ids)]
-    deltas.append(choice.finish(finish, len(ids)))
+    sampled = [SampledToken(token, 0.0, -float(at)) for at, token in enumerate(ids)]
+    sampled += [SampledToken(ending, 0.0, -float(len(ids)), ends_text=True)] if ending is not None else []
+    deltas = [choice.add(token) for token in sampled]
+    deltas.append(choice.finish(finish, len(sampled)))
     return [delta for delta in deltas if delta is not None], choice
 
 
@@ -76,6 +79,24 @@ def test_an_incomplete_character_at_the_end_is_handed_out_as_a_whole_decode_give
     deltas, choice = stream(tokenizer, ids)
     assert joined(deltas) == tokenizer.decode(ids) == "ab\ufffd"
     assert deltas[-1].finish_reason == "length" and len(choice.token_ids) == len(ids)
+
+
+@pytest.mark.parametrize("text", [MIXED, "ab日"])
+def test_the_end_of_text_token_adds_no_text_and_the_last_logprobs_entry_at_the_texts_end(tokenizer, text):
+    """vLLM lists the end-of-text token that ended a choice in its logprobs (its detokenizer leaves it out of the
+    text only), so that there is an entry for each token usage counts: named by its own text, special tokens kept,
+    at the end of the text, with the choice's last delta. After an incomplete character too (the end of "ab日" is
+    cut off), whose text is U+FFFD as a whole decode gives it."""
+    ids = encode(tokenizer, text)[:-1 if text == "ab日" else None]
+    eos = tokenizer.eos_token_id
+    deltas, choice = stream(tokenizer, ids, finish="stop", ending=eos)
+    assert joined(deltas) == tokenizer.decode(ids) and choice.token_ids == ids
+    entries = [entry for delta in deltas for entry in delta.logprobs]
+    assert [entry.token_id for entry in entries] == [*ids, eos] and choice.generated_tokens == len(ids) + 1
+    last = entries[-1]
+    assert deltas[-1].logprobs[-1] == last and deltas[-1].finish_reason == "stop"
+    assert (last.token, last.token_bytes) == ("<|endoftext|>", tuple(b"<|endoftext|>"))
+    assert (last.logprob, last.text_offset) == (-float(len(ids)), len(joined(deltas)))
 
 
 @pytest.mark.parametrize("stop,expected", [
