@@ -19,7 +19,8 @@ class Endings:
                             if piece and "\n" in tokenizer.convert_tokens_to_string([piece])}
 
     def ends_text(self, work: Generation, token: int) -> bool:
-        """Whether ``token`` is an end-of-text token that stops ``work`` (it is then no part of its output)."""
+        """Whether ``token`` is an end-of-text token that stops ``work`` (it is then no part of its text or token ids,
+        but counts as generated and is handed to a listener marked so: ``SampledToken.ends_text``)."""
         return token in self.eos_ids and not work.ignore_eos
 
     def is_stop(self, work: Generation, token: int) -> bool:
