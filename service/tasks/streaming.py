@@ -5,8 +5,9 @@ character and never changes text handed out before. Stop strings are searched in
 delta boundaries; the text stops before the earliest one, and only the end of the text that could still be the start
 of one is held back. A choice that meets a stop string asks the engine to end its row (``Engine.end``): it leaves the
 batch a step or two later, and the tokens of those steps are dropped. Log-probabilities come with the tokens behind
-the text of each delta, and the end-of-text token the model ended a choice on (no text) with its last delta, as vLLM
-gives it an entry. Nothing here touches a tensor: the HTTP layer iterates ``CompletionStream``.
+the text of each delta; a choice's last delta has those of every token left, as vLLM lists every token it counts in
+``usage``: the end-of-text token the model ended the choice on (no text), and those whose text a stop string cut off.
+Nothing here touches a tensor: the HTTP layer iterates ``CompletionStream``.
 """
 from __future__ import annotations
 
@@ -48,7 +49,8 @@ class TokenLogprob:
     ``token`` is the token's own text, decoded alone with special tokens kept ("<|im_end|>"); a token that holds part
     of a UTF-8 character decodes alone to U+FFFD. ``text_offset`` is the character (code point) offset, in the choice's
     text, where the token's text starts: that of the character it completes, for a token ending a multi-byte one; the
-    end of the text for the end-of-text token that ended the choice (no part of its text).
+    end of the text for the end-of-text token that ended the choice (no part of its text); where it would start in the
+    text as though uncut, at or past its end, for a token whose text a stop string cut off.
     ``top_logprobs`` are the k most likely tokens at that step, most likely first (k as asked; the chosen token may or
     may not be among them). ``token_bytes`` are the UTF-8 bytes the token stands for, part of a character's for such a
     token (read from its vocabulary entry: ``token_bytes.piece_bytes``); None only where the vocabulary's spelling is
@@ -67,8 +69,8 @@ class ChoiceDelta:
     """New text of one choice (``index``, 0 to n - 1): it follows the choice's previous deltas and never revises them.
 
     ``text`` may be empty only on a choice's last delta. ``logprobs``: None unless asked; else the tokens whose text
-    starts in this delta (on a last delta, also any tokens whose text is empty at the end, the end-of-text token that
-    ended the choice among them), in order.
+    starts in this delta (on a last delta, every token left: those whose text is empty at the end, the end-of-text
+    token that ended the choice among them, and those whose text a stop string cut off), in order.
     ``finish_reason`` is None until the choice's last delta: "stop" (a stop string, whose text is left out, or the
     model's end of text) or "length" (the token budget)."""
 
@@ -195,11 +197,11 @@ class ChoiceText:
         cut = min((at for at in (self.text.find(stop, self.sent) for stop in self.stop) if at >= 0), default=None)
         if cut is not None:
             self.text, self.finish_reason = self.text[:cut], "stop"
-            return self.hand_out(cut, every_token=False)
+            return self.hand_out(cut)
         if finish_reason is None:
-            return self.hand_out(len(self.text) - self.held(), every_token=False)
+            return self.hand_out(len(self.text) - self.held())
         self.finish_reason = finish_reason
-        return self.hand_out(len(self.text), every_token=True)
+        return self.hand_out(len(self.text))
 
     def held(self) -> int:
         """The length of the longest end of the text not handed out that is a proper start of a stop string."""
@@ -207,11 +209,12 @@ class ChoiceText:
         longest = min(len(tail), max((len(stop) - 1 for stop in self.stop), default=0))
         return next((k for k in range(longest, 0, -1) if any(stop.startswith(tail[-k:]) for stop in self.stop)), 0)
 
-    def hand_out(self, end: int, every_token: bool) -> ChoiceDelta | None:
-        """The delta of ``text[sent:end]``, with the logprobs of the tokens whose text starts before ``end`` (all of
-        them if ``every_token``); None when there is no text and the choice goes on."""
+    def hand_out(self, end: int) -> ChoiceDelta | None:
+        """The delta of ``text[sent:end]``, with the logprobs of the tokens whose text starts before ``end``, or of all
+        the tokens left once the choice ended (those a stop string cut off too, as vLLM lists every token it counts);
+        None when there is no text and the choice goes on."""
         text, self.sent = self.text[self.sent:end], end
-        released = [entry for entry in self.pending if every_token or entry.text_offset < end]
+        released = [entry for entry in self.pending if self.finish_reason is not None or entry.text_offset < end]
         self.pending = self.pending[len(released):]  # offsets never decrease: the released ones come first
         if not text and self.finish_reason is None:
             return None

@@ -135,6 +135,15 @@ def chunk_texts(parts: list[dict], route: str) -> list[str]:
             for chunk in parts for choice in chunk["choices"]]
 
 
+def spanning_stop(parts: list[str]) -> tuple[str, int]:
+    """A stop string made of the last character of one of ``parts`` (a stream's chunk texts, none empty) past the
+    first and the first of the next (so of two tokens), met there first in their text, and where it starts."""
+    text = "".join(parts)
+    ends = [len("".join(parts[:k + 1])) for k in range(len(parts) - 1)]  # where each chunk ends in the text
+    return next((text[end - 1:end + 1], end - 1) for end in ends[1:] if text.find(text[end - 1:end + 1]) == end - 1
+                and "\ufffd" not in text[end - 1:end + 1])
+
+
 def cut(text: str, stops: list[str]) -> str:
     """``text`` up to the earliest of ``stops``."""
     return text[:min(at for at in (text.find(stop) for stop in stops) if at >= 0)]
@@ -146,9 +155,7 @@ def test_stop_strings_across_token_and_chunk_boundaries(client, route):
     met there first: the text ends before it, streamed or not, alone or among others."""
     parts = [part for part in chunk_texts(chunks(post(client, route, max_tokens=CAP, stream=True)), route) if part]
     text = "".join(parts)
-    ends = [len("".join(parts[:k + 1])) for k in range(len(parts) - 1)]  # where each chunk ends in the text
-    stop, at = next((text[end - 1:end + 1], end - 1) for end in ends[1:] if text.find(text[end - 1:end + 1]) == end - 1
-                    and "\ufffd" not in text[end - 1:end + 1])
+    stop, at = spanning_stop(parts)
     for streamed in (False, True):
         for stops in ([stop], stop, ["never met", stop], [text[at + 1:at + 3], "x" * 30, stop, text[at - 1:at + 1]]):
             listed = [stops] if isinstance(stops, str) else stops
@@ -310,6 +317,36 @@ def test_a_choice_the_model_ends_has_a_logprobs_entry_for_each_token_usage_count
             streamed = {"content": [entry for piece in pieces for entry in piece["content"]], "refusal": None}
             ending_piece = [entry["token"] for entry in parts[-1]["logprobs"]["content"]]
         assert close(streamed, logprobs) and parts[-1]["finish_reason"] == "stop" and ending_piece[-1] == name(last)
+
+
+def entry_names(logprobs: dict, route: str) -> list[str]:
+    """The tokens' names in a choice's logprobs, in order."""
+    return logprobs["tokens"] if route == "/v1/completions" else [entry["token"] for entry in logprobs["content"]]
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_a_choice_cut_at_a_stop_string_has_a_logprobs_entry_for_each_token_usage_counts(client, route):
+    """vLLM cuts a choice's text at a stop string, not its ``token_ids`` and ``logprobs``: every token usage counts,
+    up to the one that completed the stop string, has an entry, the uncut choice's, also those whose text the cut left
+    out (``text_offset`` where it starts in the uncut text, past the cut), streamed or not."""
+    asked = {"logprobs": 0} if route == "/v1/completions" else {"logprobs": True}
+    uncut = post(client, route, max_tokens=CAP, **asked).json()["choices"][0]
+    names = entry_names(uncut["logprobs"], route)
+    text = whole({"choices": [uncut]}, route)[0][0]
+    stop, at = spanning_stop([part for part in chunk_texts(chunks(post(client, route, max_tokens=CAP, stream=True)),
+                                                           route) if part])
+    reply = post(client, route, max_tokens=CAP, stop=stop, **asked).json()
+    stream = chunks(post(client, route, max_tokens=CAP, stop=stop, stream=True, stream_options={"include_usage": True},
+                         **asked))
+    counted = reply["usage"]["completion_tokens"]
+    assert whole(reply, route) == joined(stream, route) == {0: (text[:at], "stop")}
+    assert stream[-1]["usage"] == reply["usage"] and counted < len(names)
+    assert entry_names(reply["choices"][0]["logprobs"], route) == names[:counted] == [
+        name for chunk in stream for part in chunk["choices"] if part["logprobs"]
+        for name in entry_names(part["logprobs"], route)]
+    if route == "/v1/completions":
+        assert reply["choices"][0]["logprobs"]["text_offset"] == uncut["logprobs"]["text_offset"][:counted]
+        assert reply["choices"][0]["logprobs"]["text_offset"][-1] > at
 
 
 @pytest.mark.parametrize("route", ROUTES)

@@ -114,8 +114,12 @@ def test_stop_strings_across_token_boundaries(tokenizer, stop, expected):
     assert (joined(deltas), deltas[-1].finish_reason) == expected_text(tokenizer, ids, stop)
     assert joined(deltas) == expected
     assert all(delta.finish_reason is None for delta in deltas[:-1])
+    # an entry for each token consumed, as usage counts them and vLLM lists them: those whose text the stop string cut
+    # off come with the last delta, at their offsets in the uncut text
     tokens = [entry for delta in deltas for entry in delta.logprobs]
-    assert all(entry.text_offset < len(expected) for entry in tokens) or expected == MIXED
+    uncut, _ = stream(tokenizer, ids)
+    assert tokens == [entry for delta in uncut for entry in delta.logprobs][:len(choice.token_ids)]
+    assert all(entry.text_offset < len(expected) for delta in deltas[:-1] for entry in delta.logprobs)
     if expected != MIXED:  # the choice consumed tokens until the one that completed the stop string, and no more
         consumed = len(choice.token_ids)
         assert stop_met(tokenizer, ids[:consumed], stop) and not stop_met(tokenizer, ids[:consumed - 1], stop)
