@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, ValidationInfo, field_validator, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.engine.merge_policy import MAX_COOLDOWN_GROWTH
@@ -18,7 +20,9 @@ CPU_DRAFT_TOKENS = 4  # draft_tokens unset, on the CPU (docs/benchmarks.md, "Dra
 CPU_PREFILL_CHUNK = 512  # prefill_chunk unset, on the CPU (docs/benchmarks.md, "Prefill without chunking")
 MIN_PROMPT_TOKENS = 16  # the shortest longest-prompt a server may be set to (max_input_tokens)
 DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]+)?)$"  # the devices the engine runs on (torch.device names)
+DEVICES = "auto, cpu, cuda or cuda:N"  # DEVICE_PATTERN in words
 ADAPTER_NAME = r"[A-Za-z_][A-Za-z0-9_]{0,63}"  # what an adapter may be named: a plain identifier (adapter_files)
+ADAPTER_NAME_RULE = "a plain identifier ([A-Za-z_][A-Za-z0-9_]*, at most 64 characters)"  # ADAPTER_NAME in words
 ADAPTER_CONFIG_FILE = "adapter_config.json"  # what makes a folder an adapter's (peft's CONFIG_NAME)
 MOST_DEFAULT_STRIDE = 128  # answer_stride unset: min(a window's context tokens // 2, this); Hugging Face's doc_stride
 
@@ -38,6 +42,24 @@ def path_list(value: Any) -> Any:
 PathList = Annotated[list[Path], NoDecode, BeforeValidator(path_list)]
 
 
+def matching(pattern: str, kind: str, rule: str) -> AfterValidator:
+    """A validator of text that ``pattern`` must match whole: PydanticCustomError of type ``kind`` saying ``rule``
+    for any other (pydantic's own ``pattern`` says only "String should match pattern" and the regular expression)."""
+    def check(text: str) -> str:
+        if not re.fullmatch(pattern, text):
+            raise PydanticCustomError(kind, rule)
+        return text
+
+    return AfterValidator(check)
+
+
+# a name some adapter could have (adapter_files.check_name registers no other), or none or base for the bare base
+NAMES_AN_ADAPTER = matching(ADAPTER_NAME, "adapter_name", f"Input should name an adapter: {ADAPTER_NAME_RULE}, or "
+                            "none or base for the bare base")
+AdapterName = Annotated[str, NAMES_AN_ADAPTER]
+Device = Annotated[str, matching(DEVICE_PATTERN, "device", f"Input should be {DEVICES} (GPU N)")]
+
+
 class Settings(BaseSettings):
     """Runtime configuration of the server and the engine."""
 
@@ -52,7 +74,7 @@ class Settings(BaseSettings):
         "2-vCPU AMD EPYC with AVX512-BF16, answers within bfloat16 rounding, its logits (and logprobs) rounded to "
         "bfloat16, so near-ties fall to the lower token id (docs/benchmarks.md, \"bfloat16 on the CPU\")")
     quantize: Literal["none", "nf4"] = "none"
-    device: str = Field("auto", pattern=DEVICE_PATTERN, description="'auto', 'cpu', 'cuda' or 'cuda:N' (GPU N)")
+    device: Device = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N' (GPU N)")
     cache_dir: Path = Field(Path.home() / ".cache" / "loraswap", description="where the converted base model is cached")
 
     # adapters
@@ -64,12 +86,11 @@ class Settings(BaseSettings):
                                     "JSON list)")
     max_resident: int = Field(8, ge=1, description="adapters kept in device slots at once (LRU)")
     max_rank: int = Field(64, ge=1, description="largest LoRA rank a slot holds")
-    qa_adapter: str | None = Field("squad", pattern=f"^{ADAPTER_NAME}$", description="adapter /answer uses when the "
-                                   "request names none (the bare base while none of that name is registered; none: "
-                                   "the bare base)")
-    nli_adapter: str | None = Field("nli", pattern=f"^{ADAPTER_NAME}$", description="adapter /nli uses when the "
-                                    "request names none (the bare base while none of that name is registered; none: "
-                                    "the bare base)")
+    qa_adapter: AdapterName | None = Field("squad", description="adapter /answer uses when the request names none "
+                                           "(the bare base while none of that name is registered; none: the bare "
+                                           "base)")
+    nli_adapter: AdapterName | None = Field("nli", description="adapter /nli uses when the request names none (the "
+                                            "bare base while none of that name is registered; none: the bare base)")
 
     # engine
     max_batch: int = Field(32, ge=1, description="most requests in one batch")

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.settings import ADAPTER_CONFIG_FILE, DEVICE_PATTERN
+from service.settings import ADAPTER_CONFIG_FILE, DEVICE_PATTERN, DEVICES
 
 
 class UsageError(Exception):
@@ -96,7 +96,7 @@ def device(text: str) -> str:
     other name, or a GPU this machine lacks, is a usage error; torch is imported only to count the GPUs of a CUDA
     name."""
     if not re.fullmatch(DEVICE_PATTERN, text):
-        raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda or cuda:N, not {text!r}")
+        raise argparse.ArgumentTypeError(f"must be {DEVICES}, not {text!r}")
     if text.startswith("cuda"):
         import torch
 

@@ -22,7 +22,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from service.engine.logprobs import MOST_TOP_LOGPROBS
 from service.engine.sampling import Decoding
 from service.engine.strategies import SAMPLING_DEFAULTS, Strategy, unread, unread_reason
-from service.lora.adapter_files import NAME_PATTERN
+from service.settings import NAMES_AN_ADAPTER
 from service.tasks.labels import MOST_LABEL_CHARACTERS, MOST_LABELS
 from service.tasks.prompt_styles import ADAPTER_STYLE, PromptStyle, pair_example
 
@@ -53,18 +53,7 @@ def _not_blank(text: str) -> str:
 
 
 Text = Annotated[str, Field(min_length=1, max_length=100_000), UNICODE, AfterValidator(_not_blank)]
-
-
-def _adapter_name(name: str) -> str:
-    """A name some adapter could have (``adapter_files.check_name``: any other cannot be registered), or a name of the
-    bare base; whether one of that name is registered is the route's question (404)."""
-    if not NAME_PATTERN.fullmatch(name):
-        raise PydanticCustomError("adapter_name", "Input should name an adapter: a plain identifier "
-                                  "([A-Za-z_][A-Za-z0-9_]*, at most 64 characters), or none or base for the bare base")
-    return name
-
-
-AdapterName = Annotated[str, UNICODE, AfterValidator(_adapter_name)]
+AdapterName = Annotated[str, UNICODE, NAMES_AN_ADAPTER]  # whether one of that name is registered: the route's 404
 # request bodies: no unknown fields, no coercion ("7" or true for 7), no NaN or infinity (JSON has neither, Python's
 # parser takes them, and 1e400 reads as infinity)
 STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)

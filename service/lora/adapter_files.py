@@ -26,7 +26,7 @@ from service.errors import AdapterError, AdapterPathMissing, AdapterPathRefused
 from service.lora.bounded_read import MAX_ADAPTER_JSON_BYTES, adapter_file, read_bounded
 from service.lora.card import CARD_FILE, Calibration, read_calibration
 from service.lora.chat_template import read_chat_template
-from service.settings import ADAPTER_CONFIG_FILE, ADAPTER_NAME
+from service.settings import ADAPTER_CONFIG_FILE, ADAPTER_NAME, ADAPTER_NAME_RULE
 
 CONFIG_FILE = ADAPTER_CONFIG_FILE
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -178,7 +178,7 @@ def adapter_or_base(name: str | None) -> str | None:
 def check_name(name: str) -> str:
     """Adapter names are plain identifiers (they become metric labels and URL parts), and not a reserved one."""
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
-        raise AdapterError(f"adapter name {name!r} is not a plain identifier ([A-Za-z_][A-Za-z0-9_]*, at most 64)")
+        raise AdapterError(f"adapter name {name!r} is not {ADAPTER_NAME_RULE}")
     if name.lower() in RESERVED_NAMES:  # "None" and "BASE" too: easily taken for the bare base
         raise AdapterError(f"{name!r} names the bare base model (OpenAI model id, metric label) in some case; choose "
                            "another name")

@@ -49,7 +49,8 @@ from tests.data.make_corpus import SQUAD_SAMPLE
       ("inf", "nan")),
     (["serve", "--drain-seconds", "inf"], "drain_seconds: Input should be a finite number"),
     # a default adapter no adapter can be named (a review: accepted, with a warning that none of that name is there)
-    *((["serve", flag_, name], f"loraswap serve: error: {flag_[2:].replace('-', '_')}: String should match pattern")
+    *((["serve", flag_, name], f"loraswap serve: error: {flag_[2:].replace('-', '_')}: Input should name an adapter: "
+       "a plain identifier ([A-Za-z_][A-Za-z0-9_]*, at most 64 characters), or none or base for the bare base\n")
       for flag_ in ("--qa-adapter", "--nli-adapter") for name in ("../x", "", "a-b", "x" * 65)),
     (["serve", "--draft-tokens", "-1"], "draft_tokens: Input should be greater than or equal to 0"),
     *((["loadtest", "--scenario", "soak", "--users", "1", "--duration", duration, "--host", "http://127.0.0.1:9",
@@ -62,8 +63,8 @@ from tests.data.make_corpus import SQUAD_SAMPLE
     *((["serve", "--port", port], f"loraswap serve: error: port: Input should be {bound}") for port, bound in
       [("-1", "greater than or equal to 1"), ("0", "greater than or equal to 1"),
        ("65536", "less than or equal to 65535"), ("99999", "less than or equal to 65535")]),
-    *((["serve", "--device", name], "loraswap serve: error: device: String should match pattern") for name in
-      ("tpu", "cuda:", "cuda:-1", "CPU", "cpu ", "")),
+    *((["serve", "--device", name], "loraswap serve: error: device: Input should be auto, cpu, cuda or cuda:N (GPU "
+       "N)\n") for name in ("tpu", "cuda:", "cuda:-1", "CPU", "cpu ", "")),
     (["serve", "--device", "cuda:99"], "loraswap serve: error: device: 'cuda:99' names GPU 99, and this machine has"),
     *(([command, *more, "--device", name], f"--device: must be auto, cpu, cuda or cuda:N, not '{name}'")
       for command, more in [("bench", []), ("eval", ["--task", "nli", "--adapter", "none"])]
@@ -142,15 +143,22 @@ def test_requests_that_cannot_be_done_are_usage_errors(argv, message, tiny_llama
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("variable,value", [("LORASWAP_MAX_BATCH", "abc"), ("LORASWAP_ADAPTER_ROOTS", "{not json")])
-def test_an_invalid_environment_variable_is_a_usage_error_even_for_help(variable, value, monkeypatch, capsys):
+@pytest.mark.parametrize("variable,value,words", [
+    ("LORASWAP_MAX_BATCH", "abc", "max_batch: Input should be a valid integer"),
+    ("LORASWAP_ADAPTER_ROOTS", "{not json", "adapter_roots"),
+    # what an adapter may be named, not pydantic's "String should match pattern" and its regular expression
+    ("LORASWAP_QA_ADAPTER", "../x", "qa_adapter: Input should name an adapter: a plain identifier "
+     "([A-Za-z_][A-Za-z0-9_]*, at most 64 characters), or none or base for the bare base\n"),
+    ("LORASWAP_DEVICE", "tpu", "device: Input should be auto, cpu, cuda or cuda:N (GPU N)\n"),
+])
+def test_an_invalid_environment_variable_is_a_usage_error_even_for_help(variable, value, words, monkeypatch, capsys):
     monkeypatch.setenv(variable, value)
     with pytest.raises(SystemExit) as exit_:
         main(["--help"])
     assert exit_.value.code == 2
     error = capsys.readouterr().err
-    assert error.startswith("loraswap: error: a LORASWAP_* environment variable is invalid")
-    assert variable.removeprefix("LORASWAP_").lower() in error
+    assert error.startswith("loraswap: error: a LORASWAP_* environment variable is invalid: ")
+    assert words in error
 
 
 SECRET = "sk-SECRET-0123456789abcdef"
