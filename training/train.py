@@ -359,15 +359,16 @@ def save_adapter(model: torch.nn.Module, out: Path) -> None:
 
 def hyperparameters(args: argparse.Namespace, config: LoraConfig) -> dict:
     """The card's ``hyperparameters``: the LoRA as peft made it (``config``: alpha, target modules), the run's
-    optimisation settings (``lr`` the peak learning rate) and its data budget (``max_length`` in tokens per example,
-    ``max_examples`` None for all)."""
+    optimisation settings (``lr`` the peak learning rate; ``eval_every`` too: each validation's data loader draws
+    from torch's random generator, so the LoRA dropout masks of the steps after it differ) and its data budget
+    (``max_length`` in tokens per example, ``max_examples`` None for all)."""
     return {
         "rank": args.rank, "alpha": config.lora_alpha, "dropout": args.dropout,
         "target_modules": sorted(config.target_modules),
         "lr": args.lr, "epochs": args.epochs, "max_steps": args.max_steps, "batch_size": args.batch_size,
         "grad_accum": args.grad_accum, "max_length": example_length(args), "max_examples": args.max_examples,
-        "eval_examples": args.eval_examples, "warmup": args.warmup, "scheduler": "cosine", "seed": args.seed,
-        "quantize": args.quantize, "bf16": use_bf16(args.bf16),
+        "eval_examples": args.eval_examples, "eval_every": args.eval_every, "warmup": args.warmup,
+        "scheduler": "cosine", "seed": args.seed, "quantize": args.quantize, "bf16": use_bf16(args.bf16),
     }
 
 
