@@ -98,16 +98,20 @@ def sample(rows: list[dict], limit: int | None, seed: int, key: str | None = Non
     return [rows[i] for i in sorted(order[:limit])]
 
 
-def read_eval(task: str, path: str | Path | None = None, limit: int | None = None, seed: int = 0) -> list[dict]:
-    """The rows a task is evaluated on: ``path``, else the task's dev file (an MNLI file is cut to its
-    dev_matched split); a ``limit`` draws a seeded sample of them (see ``sample``: for NLI/RTE, every label).
-    Raises FileNotFoundError when the file is absent."""
+def read_eval(task: str, path: str | Path | None = None) -> list[dict]:
+    """The rows a task is evaluated on: ``path``, else the task's dev file (an MNLI file is cut to its dev_matched
+    split). Raises FileNotFoundError when the file is absent."""
     name, splits = TASK_EVAL_FILES[task]
     path = Path(path) if path else data_dir() / name
     if task == "squad":
-        return sample(read_squad(path), limit, seed)
-    rows = read_nli(path, splits if Path(path).name.startswith("mnli") else None)
-    return sample(rows, limit, seed, key="label")
+        return read_squad(path)
+    return read_nli(path, splits if Path(path).name.startswith("mnli") else None)
+
+
+def eval_sample(task: str, rows: list[dict], limit: int | None, seed: int) -> list[dict]:
+    """The ``limit`` of a task's evaluation ``rows`` (``read_eval``'s) drawn with ``seed`` (see ``sample``): for
+    NLI/RTE, every label while the limit allows."""
+    return sample(rows, limit, seed, key=None if task == "squad" else "label")
 
 
 def hidden_in_documents(rows: list[dict], paragraphs: list[tuple[str, str]], distractors: int,

@@ -14,7 +14,7 @@ from service.lora.adapter_files import BASE_LABEL, CONFIG_FILE, AdapterWeights, 
 from service.runtime import Runtime
 from service.settings import Settings
 from service.tasks.prompts import NLI_LABELS, RTE_LABELS
-from training.data import hidden_in_documents, read_eval, sample
+from training.data import eval_sample, hidden_in_documents, read_eval
 from training.metrics import ECE_BINS, accuracy, confusion_matrix, expected_calibration_error, squad_scores
 
 EVALUATED = "evaluated"  # the name an adapter given as a folder is registered under
@@ -177,7 +177,7 @@ def check_labels(rows: list[dict], labels: tuple[str, ...], source: str) -> None
 
 def evaluated_rows(args: argparse.Namespace) -> list[dict]:
     """The rows ``args`` evaluate, in the data file's order, each with its ``index`` among the file's rows (from 0):
-    the ``--limit`` sample (``read_eval``'s), each SQuAD context hidden among ``--distractors`` paragraphs. Raises
+    the ``--limit`` sample (``eval_sample``), each SQuAD context hidden among ``--distractors`` paragraphs. Raises
     FileNotFoundError for absent data, UsageError for data that is not the task's, holds no rows or a label the task
     does not have, and for more --distractors than it has."""
     source = args.data or f"the {args.task} dev set"
@@ -191,8 +191,7 @@ def evaluated_rows(args: argparse.Namespace) -> list[dict]:
         raise UsageError(f"{source} holds no {args.task} rows to evaluate")
     if args.task in LABELS:
         check_labels(every, LABELS[args.task], source)
-    rows = sample([{**row, "index": i} for i, row in enumerate(every)], args.limit, args.sample_seed,
-                  key=None if args.task == "squad" else "label")  # as read_eval draws it
+    rows = eval_sample(args.task, [{**row, "index": i} for i, row in enumerate(every)], args.limit, args.sample_seed)
     if not args.distractors:
         return rows
     try:

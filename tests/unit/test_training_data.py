@@ -9,7 +9,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from service.tasks.prompts import answer_prompt, answer_target, label_target, nli_prompt
-from training.data import data_dir, hidden_in_documents, read_eval, read_nli, read_squad
+from training.data import data_dir, eval_sample, hidden_in_documents, read_eval, read_nli, read_squad
 from training.prepare import IGNORE_INDEX, answer_window, collator, encode_label, encode_rows, encode_squad
 
 FILLER = "The river flows past the old mill and the farmers bring their grain to town every week. "
@@ -84,19 +84,24 @@ def write_mnli_dev(path: Path, labels: list[str]) -> list[dict]:
     return rows
 
 
+def drawn(task: str, path: Path, limit: int | None = None, seed: int = 0) -> list[dict]:
+    """The rows ``loraswap eval --task TASK --data PATH --limit LIMIT --sample-seed SEED`` evaluates."""
+    return eval_sample(task, read_eval(task, path), limit, seed)
+
+
 def test_an_nli_limit_draws_a_seeded_sample_that_holds_every_label(tmp_path):
     """As in MNLI dev_matched, whose first 100 pairs hold no neutral one: a limit is not the first rows."""
     path = tmp_path / "mnli.jsonl"
     rows = write_mnli_dev(path, ["entailment"] * 60 + ["contradiction"] * 40 + ["neutral"] * 20)
     for limit in (3, 10, 100):
         for seed in range(4):
-            sample = read_eval("nli", path, limit, seed)
+            sample = drawn("nli", path, limit, seed)
             assert len(sample) == limit
             assert {row["label"] for row in sample} == {"entailment", "contradiction", "neutral"}
             assert sample == [row for row in rows if row in sample]  # distinct rows, in the file's order
-    assert len({row["label"] for row in read_eval("nli", path, 2, 0)}) == 2
-    assert read_eval("nli", path, 10, 0) == read_eval("nli", path, 10, 0) != read_eval("nli", path, 10, 1)
-    assert read_eval("nli", path) == read_eval("nli", path, 500, 0) == rows
+    assert len({row["label"] for row in drawn("nli", path, 2, 0)}) == 2
+    assert drawn("nli", path, 10, 0) == drawn("nli", path, 10, 0) != drawn("nli", path, 10, 1)
+    assert drawn("nli", path) == drawn("nli", path, 500, 0) == rows
 
 
 def test_a_squad_limit_draws_a_seeded_sample_of_questions(tmp_path):
@@ -104,7 +109,7 @@ def test_a_squad_limit_draws_a_seeded_sample_of_questions(tmp_path):
     qas = [{"id": f"q{i}", "question": f"Question {i}?", "answers": answers} for i in range(50)]
     path = tmp_path / "dev.json"
     path.write_text(json.dumps({"data": [{"title": "T", "paragraphs": [{"context": "Ann met Bob.", "qas": qas}]}]}))
-    ids = [[row["id"] for row in read_eval("squad", path, 5, seed)] for seed in (0, 0, 1)]
+    ids = [[row["id"] for row in drawn("squad", path, 5, seed)] for seed in (0, 0, 1)]
     assert ids[0] == ids[1] != ids[2] and len(set(ids[0])) == 5
     assert ids[0] != [f"q{i}" for i in range(5)]
     assert ids[0] == sorted(ids[0], key=lambda qid: int(qid[1:]))  # in the file's order
