@@ -60,15 +60,13 @@ def use_bf16(choice: str) -> bool:
     return choice == "yes"
 
 
-def family(model: torch.nn.Module) -> str:
-    """'gpt2' or 'llama' (Llama, Mistral, Qwen2, ... share its module names). Raises ValueError for a model with
-    neither's attention modules."""
+def family(model: torch.nn.Module) -> str | None:
+    """'gpt2' or 'llama' (Llama, Mistral, Qwen2, ... share its module names), the families ``PRESETS`` has targets
+    for; None for a model with neither's attention modules (GPT-NeoX, Falcon, ...)."""
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     if "c_attn" in names:
         return "gpt2"
-    if "q_proj" in names:
-        return "llama"
-    raise ValueError(f"no target presets for {type(model).__name__}; pass --target-modules as a list")
+    return "llama" if "q_proj" in names else None
 
 
 def linear_targets(model: torch.nn.Module) -> list[str]:
@@ -92,7 +90,10 @@ def resolve_targets(spec: str, model: torch.nn.Module) -> list[str]:
     if spec == "all_linear":
         return linear_targets(model)
     if spec in ("attention", "attention_mlp"):
-        return PRESETS[family(model)][spec]
+        presets = PRESETS.get(family(model))
+        if presets is None:
+            raise ValueError(f"no target presets for {type(model).__name__}; pass --target-modules as a list")
+        return presets[spec]
     names = [name.strip() for name in spec.split(",") if name.strip()]
     layers = [path for path, module in model.named_modules() if isinstance(module, (torch.nn.Linear, Conv1D))]
     unmatched = [name for name in names if not any(path == name or path.endswith("." + name) for path in layers)]
@@ -112,8 +113,8 @@ def meta_model(model_or_config: torch.nn.Module | PretrainedConfig) -> torch.nn.
 
 
 def lora_config(model: torch.nn.Module, rank: int, alpha: float | None, dropout: float, targets: str) -> LoraConfig:
-    """A causal-LM LoRA of ``rank`` on ``targets`` (see ``resolve_targets``; errors as it raises): scale
-    alpha / rank with alpha 2 x rank unless given; ``dropout`` a probability."""
+    """A causal-LM LoRA of ``rank`` on ``targets`` (see ``resolve_targets``; errors as it raises: only a preset
+    needs a known ``family``): scale alpha / rank with alpha 2 x rank unless given; ``dropout`` a probability."""
     return LoraConfig(
         r=rank,
         lora_alpha=alpha if alpha is not None else 2 * rank,

@@ -9,7 +9,7 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, GPT2Config
+from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig
 
 from service.cli.main import build_parser
 from service.model.base_model import sha256_of
@@ -86,6 +86,21 @@ def test_target_presets_per_architecture(tiny_gpt2_dir, tiny_llama_dir):
     assert train.resolve_targets("q_proj, v_proj", llama) == ["q_proj", "v_proj"]
     assert train.lora_config(gpt2, 8, None, 0.0, "attention").fan_in_fan_out
     assert train.lora_config(llama, 8, None, 0.0, "attention").lora_alpha == 16
+
+
+def test_a_base_of_no_preset_family_trains_on_a_list_or_all_linear():
+    """A review: ``lora_config`` asked for the base's family whatever the targets, so ``train --target-modules
+    all_linear`` (or a list) on a GPT-NeoX base ended in a traceback, "no target presets", once its weights loaded."""
+    config = GPTNeoXConfig(num_hidden_layers=2, num_attention_heads=2, hidden_size=64, intermediate_size=128,
+                           vocab_size=100)
+    neox = train.meta_model(config)
+    assert train.lora_config(neox, 4, None, 0.0, "all_linear").target_modules == {
+        "dense", "dense_4h_to_h", "dense_h_to_4h", "query_key_value"}
+    listed = train.lora_config(neox, 4, None, 0.0, "query_key_value")
+    assert listed.target_modules == {"query_key_value"} and not listed.fan_in_fan_out
+    assert sweep.trainable_parameters(config, 4, ["query_key_value"]) == 2 * 4 * (64 + 3 * 64)
+    with pytest.raises(ValueError, match="no target presets for GPTNeoXForCausalLM"):  # a preset names a family's
+        train.resolve_targets("attention", neox)
 
 
 def test_squad_validation_holds_out_whole_articles():
