@@ -64,16 +64,16 @@ def split_of(card: dict) -> tuple[int, int, int]:
     return split
 
 
-def held_out_rows(card: dict, root: Path) -> list[dict]:
+def held_out_rows(split: tuple[int, int, int], root: Path) -> list[dict]:
     """The rows of ``FIT_FILE`` (its MNLI train and dev_mismatched splits) that ``loraswap train`` held out for
-    validation when it made the adapter of ``card``: its ``split_rows`` again, with the card's seed and validation
-    count (``split_of``) over the task's training files read in the same order, less any pair (premise and
-    hypothesis) that also occurs among the rows trained on. Raises UsageError as ``split_of``, when the data holds
-    another number of rows than the card's (the held-out rows cannot be told), and when no MNLI pair was held out
-    (trained with ``--eval-examples 0``): nothing to fit on."""
+    validation when it made the adapter whose card gives ``split`` (``split_of``: rows available, held out, seed): its
+    ``split_rows`` again, with that seed and validation count, over the task's training files read in the same order,
+    less any pair (premise and hypothesis) that also occurs among the rows trained on. Raises UsageError when the
+    data holds another number of rows than the card's (the held-out rows cannot be told), and when no MNLI pair was
+    held out (trained with ``--eval-examples 0``): nothing to fit on."""
     from training.train import split_rows  # imports the Trainer: only when needed
 
-    available, validation, seed = split_of(card)
+    available, validation, seed = split
     rows = [{**row, "file": name} for name, splits in TASK_TRAIN_FILES["nli"] for row in read_nli(root / name, splits)]
     if len(rows) != available:
         raise UsageError(f"{root} holds {len(rows)} training rows, the card's adapter was trained from "
@@ -222,13 +222,14 @@ def run(args: argparse.Namespace) -> dict:
     after, print the report; ``--write-card`` stores T in the card, ``--diagram`` draws the reliability diagram,
     ``--json`` writes the report with the reliability bins and every row's scores (uncalibrated) and gold label.
     Raises FileNotFoundError for an adapter folder without a card or absent data, UsageError for a card that is not
-    JSON, when its held-out rows cannot be told or there are none (``held_out_rows``), and, with ``--write-card``,
-    for a temperature at the search's lower bound (``fitted``; the report is printed first), AdapterError for an adapter
-    the base cannot serve."""
+    JSON or does not say how its rows were split (``split_of``), when its held-out rows cannot be told or there are
+    none (``held_out_rows``), and, with ``--write-card``, for a temperature at the search's lower bound (``fitted``;
+    the report is printed first), AdapterError for an adapter the base cannot serve."""
     folder, root = adapter_folder(args), Path(args.data_dir) if args.data_dir else data_dir()
     card = card_of(folder)
-    fit_rows, dev_rows = held_out_rows(card, root), read_eval("nli", root / "nli/mnli.jsonl.gz")
-    seed = card["hyperparameters"]["seed"]
+    split = split_of(card)
+    fit_rows, dev_rows = held_out_rows(split, root), read_eval("nli", root / "nli/mnli.jsonl.gz")
+    seed = split[2]
     fit_logits, dev_logits, device = scores_of(args, folder, [fit_rows, dev_rows])
     fit_gold, dev_gold = gold_labels(fit_rows), gold_labels(dev_rows)
     temperature = fit_temperature(fit_logits, fit_gold)

@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 
 import torch
-from peft import PeftModel
+from peft import LoraConfig, PeftModel
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -23,18 +23,19 @@ def adapter_dir(name_or_path: str, adapters_dir: Path) -> Path:
     return path
 
 
-def check_servable(model: nn.Module, adapter: Path) -> None:
-    """AdapterError for an adapter of ``model``'s that the server would refuse (``adapter_files.load_adapter``, at
-    the server's default largest rank): its config (a key named twice, NaN ``lora_alpha``, options the engine does not
-    serve), its weights (shapes, non-finite values) or its card. What ``merge`` writes is then the merged twin of
-    what the server serves."""
+def check_servable(model: nn.Module, adapter: Path, config: LoraConfig) -> None:
+    """AdapterError for an adapter of ``model``'s, its config ``config`` (``adapter_files.read_config``, which
+    refuses a key named twice, NaN ``lora_alpha``, options the engine does not serve), that the server would refuse
+    (``adapter_files.load_adapter``, at the server's default largest rank): its weights (shapes, non-finite values),
+    the modules its config selects, or its card. What ``merge`` writes is then the merged twin of what the server
+    serves."""
     from service.lora.adapter_files import load_adapter
     from service.lora.layers import is_lora_target, module_shape
     from service.settings import Settings
 
     shapes = {name: module_shape(module) for name, module in model.named_modules() if is_lora_target(name, module)}
     load_adapter(adapter.name, adapter, shapes, Settings().max_rank, torch.float32,
-                 [name for name, _ in model.named_modules() if name])
+                 [name for name, _ in model.named_modules() if name], config)
 
 
 def merge_adapter(args: argparse.Namespace) -> Path:
@@ -47,11 +48,11 @@ def merge_adapter(args: argparse.Namespace) -> Path:
     from service.settings import Settings
 
     adapter = adapter_dir(args.adapter, args.adapters_dir)
-    named = read_config(adapter, Settings().max_rank).base_model_name_or_path  # AdapterError: a config it refuses
-    base_dir = resolve_base_dir(args.base_model or named or "smollm2", Settings().cache_dir)
+    config = read_config(adapter, Settings().max_rank)  # AdapterError: a config it refuses
+    base_dir = resolve_base_dir(args.base_model or config.base_model_name_or_path or "smollm2", Settings().cache_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)  # merge in full precision
-    check_servable(model, adapter)
-    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    check_servable(model, adapter, config)
+    merged = PeftModel.from_pretrained(model, adapter, config=config).merge_and_unload()  # the config checked
     with written_whole(Path(args.out)) as partial:  # UsageError: --out filled meanwhile
         merged.save_pretrained(partial)
         AutoTokenizer.from_pretrained(base_dir).save_pretrained(partial)

@@ -27,7 +27,6 @@ from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_t
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
-    AutoTokenizer,
     PretrainedConfig,
     PreTrainedTokenizerBase,
     Trainer,
@@ -149,13 +148,13 @@ def base_settings(args: argparse.Namespace) -> Settings:
                     dtype="bfloat16" if use_bf16(args.bf16) else "float32")
 
 
-def load_model(args: argparse.Namespace, settings: Settings) -> tuple[PeftModel, PreTrainedTokenizerBase]:
-    """The base (via the service's loader with ``settings``, so it is trained as it is served) with a fresh LoRA on
-    top, and its tokenizer. Raises FileNotFoundError when ``--base-model`` is no model directory, UsageError or
-    ValueError when ``--target-modules`` cannot be resolved (``resolve_targets``)."""
-    from service.model.base_model import load_base
+def load_model(args: argparse.Namespace, settings: Settings, base_dir: Path) -> PeftModel:
+    """The base in ``base_dir`` (via the service's loader with ``settings``, so it is trained as it is served) with a
+    fresh LoRA on top. Raises UsageError or ValueError when ``--target-modules`` cannot be resolved
+    (``resolve_targets``)."""
+    from service.model.base_model import base_model
 
-    model, tokenizer = load_base(settings)
+    model = base_model(settings, base_dir)
     if args.quantize == "nf4":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
     elif args.gradient_checkpointing:
@@ -163,7 +162,7 @@ def load_model(args: argparse.Namespace, settings: Settings) -> tuple[PeftModel,
         model.enable_input_require_grads()
     model = get_peft_model(model, lora_config(model, args.rank, args.alpha, args.dropout, args.target_modules))
     model.peft_config["default"].base_model_name_or_path = str(args.base_model)  # a name, not this machine's path
-    return model, tokenizer
+    return model
 
 
 def target_accuracy(eval_pred) -> dict[str, float]:
@@ -280,12 +279,11 @@ def example_length(args: argparse.Namespace) -> int:
     return args.max_length or TASK_DEFAULT_LENGTH[args.task]
 
 
-def checked_examples(args: argparse.Namespace, settings: Settings) -> Examples:
-    """The tokenised examples (``prepare_examples``), with all that can be checked before the base's weights load
-    checked first. Raises UnsafeEnvironment where the environment would crash oneDNN (as ``load_base`` would),
-    FileNotFoundError when ``--base-model`` is no model directory or a data file is absent, UsageError for
-    ``--target-modules`` the base lacks (``resolve_targets``; ValueError for a preset of no known family) and as
-    ``prepare_examples`` raises."""
+def checked_base(args: argparse.Namespace, settings: Settings) -> Path:
+    """The base's folder (``resolve_base_dir``), with all that can be checked before its weights load checked. Raises
+    UnsafeEnvironment where the environment would crash oneDNN (as ``load_base`` would), FileNotFoundError when
+    ``--base-model`` is no model directory, UsageError for ``--target-modules`` the base lacks (``resolve_targets``;
+    ValueError for a preset of no known family)."""
     from service.model.base_model import resolve_base_dir
     from service.model.onednn_linear import bound_kernel_caches
 
@@ -293,7 +291,7 @@ def checked_examples(args: argparse.Namespace, settings: Settings) -> Examples:
         bound_kernel_caches()
     base_dir = resolve_base_dir(settings.base_model, settings.cache_dir)
     resolve_targets(args.target_modules, meta_model(AutoConfig.from_pretrained(base_dir)))
-    return prepare_examples(args, AutoTokenizer.from_pretrained(base_dir))
+    return base_dir
 
 
 def training_arguments(args: argparse.Namespace, out: Path, bf16: bool, evaluate: bool) -> TrainingArguments:
@@ -402,15 +400,20 @@ def versions() -> dict[str, str]:
 def train_adapter(args: argparse.Namespace) -> dict:
     """Train one adapter into ``args.out``: its weights, ``adapter_config.json``, ``loss.png`` and ``card.json``.
     Returns the card (``train_seconds`` in wall-clock seconds, losses in nats per target token). Raises, before the
-    base's weights load, as ``checked_examples`` does: UnsafeEnvironment, FileNotFoundError for absent data files or
-    base model, UsageError for targets the base lacks or data that leaves nothing to train on; after training,
-    UsageError when ``--out`` was filled meanwhile (``publish``: the run is written beside it, then moved there)."""
+    base's weights load, as ``checked_base`` and ``prepare_examples`` do: UnsafeEnvironment, FileNotFoundError for
+    absent data files or base model, UsageError for targets the base lacks or data that leaves nothing to train on;
+    after training, UsageError when ``--out`` was filled meanwhile (``publish``: the run is written beside it, then
+    moved there)."""
+    from service.model.base_model import base_tokenizer
+
     started = time.time()
     set_seed(args.seed)
     out = Path(args.out)
     settings = base_settings(args)
-    examples = checked_examples(args, settings)
-    model, tokenizer = load_model(args, settings)
+    base_dir = checked_base(args, settings)
+    tokenizer = base_tokenizer(settings, base_dir)
+    examples = prepare_examples(args, tokenizer)
+    model = load_model(args, settings, base_dir)
     with written_whole(out) as partial:
         return trained_card(argparse.Namespace(**{**vars(args), "out": partial}), out.name, model, tokenizer,
                             examples, settings, started)

@@ -352,15 +352,17 @@ def pack(targets: list[torch.Tensor], sources: list[torch.Tensor], scale: float,
 
 def load_adapter(
     name: str, folder: Path, module_shapes: dict[str, tuple[int, int]], max_rank: int, dtype: torch.dtype,
-    base_modules: Iterable[str],
+    base_modules: Iterable[str], config: LoraConfig | None = None,
 ) -> AdapterWeights:
     """Read and check an adapter against the base's LoRA-able modules ``{name: (in, out)}`` and all of its module
     names ``base_modules`` (what its config may select: ``check_targets``); AdapterError (422) for anything the
-    engine cannot serve exactly. Its weights are
+    engine cannot serve exactly. Its config is ``config`` where the caller read it already (``read_config``), else
+    read here. Its weights are
     kept in ``dtype`` (the banks'), so making it resident moves no more bytes than the banks hold, and the calibration
     of its label probabilities is read from its card (``card.read_calibration``: T = 1 without one), and the chat
     template its folder ships (``chat_template.read_chat_template``: an unreadable one refuses the adapter)."""
-    config = read_config(folder, max_rank)
+    if config is None:
+        config = read_config(folder, max_rank)
     calibration = read_calibration(adapter_file(folder, CARD_FILE))
     template = read_chat_template(folder)
     rank, alpha = config.r, float(config.lora_alpha)

@@ -188,13 +188,20 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def load_base(settings: Settings) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load the frozen base model (optionally NF4-quantized) and its tokenizer, in eval mode; on the CPU its linear
-    layers compute through oneDNN (``onednn_linear``) unless ``settings.onednn`` is off. UnsafeEnvironment, before
+    """Load the frozen base model (``base_model``) and its tokenizer (``base_tokenizer``). UnsafeEnvironment, before
     anything loads, where the environment would crash oneDNN (``bound_kernel_caches``); ValueError naming the folder
     where the embedded base's converted cache cannot be read (``reading_cache``)."""
     if settings.onednn:
         bound_kernel_caches()
     base_dir = resolve_base_dir(settings.base_model, settings.cache_dir)
+    return base_model(settings, base_dir), base_tokenizer(settings, base_dir)
+
+
+def base_model(settings: Settings, base_dir: Path) -> PreTrainedModel:
+    """The frozen base model in ``base_dir`` (``settings.base_model`` resolved: ``resolve_base_dir``), optionally
+    NF4-quantized, in eval mode; on the CPU its linear layers compute through oneDNN (``onednn_linear``) unless
+    ``settings.onednn`` is off, so the caller checks the environment first (``bound_kernel_caches``, as
+    ``load_base`` does). ValueError as ``load_base`` raises."""
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device)
     kwargs: dict = {"dtype": dtype}
@@ -206,9 +213,8 @@ def load_base(settings: Settings) -> tuple[PreTrainedModel, PreTrainedTokenizerB
         )
         gpu = device.index if device.index is not None else int(os.environ.get("LOCAL_RANK", "0"))  # torchrun: own GPU
         kwargs["device_map"] = {"": gpu} if device.type == "cuda" else {"": "cpu"}
-    with reading_cache(base_dir) if settings.base_model == EMBEDDED else contextlib.nullcontext():
+    with reading_base(settings, base_dir):
         model = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(base_dir)
     if settings.quantize == "none":
         model.to(device)
     model.eval().requires_grad_(False)
@@ -218,9 +224,22 @@ def load_base(settings: Settings) -> tuple[PreTrainedModel, PreTrainedTokenizerB
     if device.type == "cpu" and settings.quantize == "none" and slow:
         log.warning("the base's %s linear layers on this CPU take torch's F.linear, not oneDNN: slower than float32 "
                     "(docs/benchmarks.md, \"bfloat16 on the CPU\")", str(dtype).removeprefix("torch."))
+    return model
+
+
+def base_tokenizer(settings: Settings, base_dir: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer of the base in ``base_dir`` (``settings.base_model`` resolved), its end-of-text token also its
+    padding token where it has none. ValueError as ``load_base`` raises."""
+    with reading_base(settings, base_dir):
+        tokenizer = AutoTokenizer.from_pretrained(base_dir)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return tokenizer
+
+
+def reading_base(settings: Settings, base_dir: Path) -> contextlib.AbstractContextManager:
+    """``reading_cache`` for the embedded base's converted cache in ``base_dir``; nothing for a folder given."""
+    return reading_cache(base_dir) if settings.base_model == EMBEDDED else contextlib.nullcontext()
 
 
 @functools.cache

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from service.cli.command import UsageError
-from training.calibrate import FIT_FILE, card_of, fit_temperature, fitted, held_out_rows, nll
+from training.calibrate import FIT_FILE, card_of, fit_temperature, fitted, held_out_rows, nll, split_of
 from training.train import split_rows
 
 
@@ -40,7 +40,7 @@ def test_held_out_rows_are_the_mnli_rows_train_held_out_and_never_trained_on(tmp
     kept = [row for row in mnli if row["mnli_split"] != "dev_matched"]
     card = {"examples": {"validation": 20, "available": len(snli) + len(kept), "dropped_too_long_or_bad_label": 0},
             "hyperparameters": {"seed": 3}, "task": "nli"}
-    rows = held_out_rows(card, tmp_path)
+    rows = held_out_rows(split_of(card), tmp_path)
     pairs = {(row["premise"], row["hypothesis"]) for row in rows}
     trained, held = split_rows([*snli, *kept], 20, 3)  # the same rows in the same order: the same split
     trained_pairs = {(row["premise"], row["hypothesis"]) for row in trained}
@@ -50,16 +50,16 @@ def test_held_out_rows_are_the_mnli_rows_train_held_out_and_never_trained_on(tmp
     assert pairs == {(row["premise"], row["hypothesis"]) for row in held if row["premise"].startswith("m")} - \
         trained_pairs
     with pytest.raises(UsageError, match="cannot be told"):
-        held_out_rows({**card, "examples": {**card["examples"], "available": 1000}}, tmp_path)
+        held_out_rows(split_of({**card, "examples": {**card["examples"], "available": 1000}}), tmp_path)
     with pytest.raises(UsageError, match="nothing to fit"):  # trained with --eval-examples 0: a traceback was
-        held_out_rows({**card, "examples": {**card["examples"], "validation": 0}}, tmp_path)
+        held_out_rows(split_of({**card, "examples": {**card["examples"], "validation": 0}}), tmp_path)
     with pytest.raises(UsageError, match="only an nli adapter"):
-        held_out_rows({**card, "task": "squad"}, tmp_path)
+        held_out_rows(split_of({**card, "task": "squad"}), tmp_path)
     for broken in ({"task": "nli"}, {**card, "examples": [1]}, {**card, "hyperparameters": {}},
                    *({**card, "examples": {**card["examples"], "validation": value}} for value in ("20", 3.5, True, -1,
                                                                                               10**30))):
         with pytest.raises(UsageError, match="does not say"):  # each was a traceback
-            held_out_rows(broken, tmp_path)
+            held_out_rows(split_of(broken), tmp_path)
 
 
 def test_a_temperature_at_the_lower_bound_is_not_written_and_one_inside_or_at_the_upper_is():
