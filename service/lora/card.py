@@ -37,9 +37,12 @@ class Calibration:
 
 def read_calibration(card_path: Path) -> Calibration:
     """The calibration in the card at ``card_path`` (a ``card.json``): the default (T = 1) when there is no card or it
-    has no ``label_calibration`` field. Raises AdapterError (422) for a card that is not a JSON object, or a field that
-    is not an object with a finite ``temperature`` > 0 (a JSON number, not a string or a boolean) and ``labels``, a
-    list of at least two distinct non-empty strings."""
+    has no ``label_calibration`` field. Raises AdapterError (422) for a card that cannot be read (a symlink to
+    nothing, as for the chat template: ``runtime.read_chat_template``), that is not a JSON object, or a field that is
+    not an object with a finite ``temperature`` > 0 (a JSON number, not a string or a boolean) and ``labels``, a list
+    of at least two distinct non-empty strings."""
+    if card_path.is_symlink() and not card_path.exists():
+        raise AdapterError(f"{card_path} is a symlink to nothing, so its label calibration is unknown")
     if not card_path.exists():
         return Calibration()
     try:

@@ -73,3 +73,17 @@ def test_a_bad_calibration_is_refused_and_leaves_the_registry_unchanged(served, 
     assert status_of(type(refused.value)) == 422
     assert named in str(refused.value) and CARD_FILE in str(refused.value)
     assert registry.describe() == before and "calibrated" not in registry.names()
+
+
+def test_a_card_that_is_a_symlink_to_nothing_is_refused(served, ranked, tmp_path):
+    """A review: a card.json linked to a file that is not there was taken for no card, and the adapter served with
+    T = 1, whatever its card was to hold; a chat template so linked is refused (``runtime.read_chat_template``)."""
+    _, registry = served
+    before = registry.describe()
+    folder = with_card(ranked["r2"], f"card_{tmp_path.name}", None)
+    (folder / CARD_FILE).unlink(missing_ok=True)
+    (folder / CARD_FILE).symlink_to(folder / "gone.json")  # inside the folder: a link out of it is refused anyway
+    with pytest.raises(AdapterError, match=f"{CARD_FILE} is a symlink to nothing") as refused:
+        registry.register("dangling", folder)
+    assert status_of(type(refused.value)) == 422
+    assert registry.describe() == before and "dangling" not in registry.names()
