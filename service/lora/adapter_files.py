@@ -357,10 +357,10 @@ def load_adapter(
     """Read and check an adapter against the base's LoRA-able modules ``{name: (in, out)}`` and all of its module
     names ``base_modules`` (what its config may select: ``check_targets``); AdapterError (422) for anything the
     engine cannot serve exactly. Its config is ``config`` where the caller read it already (``read_config``), else
-    read here. Its weights are
-    kept in ``dtype`` (the banks'), so making it resident moves no more bytes than the banks hold, and the calibration
-    of its label probabilities is read from its card (``card.read_calibration``: T = 1 without one), and the chat
-    template its folder ships (``chat_template.read_chat_template``: an unreadable one refuses the adapter)."""
+    read here. Its weights are kept in ``dtype`` (the banks'), so making it resident moves no more bytes than the
+    banks hold; the calibration of its label probabilities is read from its card (``card.read_calibration``: T = 1
+    without one), and the chat template its folder ships (``chat_template.read_chat_template``: an unreadable one
+    refuses the adapter)."""
     if config is None:
         config = read_config(folder, max_rank)
     calibration = read_calibration(adapter_file(folder, CARD_FILE))
