@@ -32,8 +32,8 @@ COLUMNS = [
 
 def trainable_parameters(model_or_config, rank: int, targets: str | list[str]) -> int:
     """How many LoRA parameters peft trains for ``targets`` (a preset or module names) at ``rank``. Raises as
-    ``train.resolve_targets`` does (ValueError for a preset on an architecture of no known family, UsageError for
-    names no linear layer has)."""
+    ``train.resolve_targets`` does (UsageError for a preset on an architecture of no known family, or for names no
+    linear layer has)."""
     model = train.meta_model(model_or_config)
     spec = targets if isinstance(targets, str) else ",".join(targets)
     peft_model = get_peft_model(model, train.lora_config(model, rank, None, 0.0, spec))

@@ -84,14 +84,16 @@ def linear_targets(model: torch.nn.Module) -> list[str]:
 def resolve_targets(spec: str, model: torch.nn.Module) -> list[str]:
     """peft's ``target_modules`` for ``spec``: a preset ('all_linear', 'attention', 'attention_mlp') or a comma list
     of module names, each the name of a Linear/Conv1D layer or its dotted end (``q_proj``, ``mlp.c_proj``), as peft
-    matches them. Raises ValueError for a preset on a model of no known family (see ``family``), UsageError for a
-    list with names that match no such layer of ``model`` (naming them, and the layers it has)."""
+    matches them. Raises UsageError for a preset on a model of no known family (see ``family``), and for a list with
+    names that match no such layer of ``model`` (naming them, and the layers it has)."""
     if spec == "all_linear":
         return linear_targets(model)
     if spec in ("attention", "attention_mlp"):
         presets = PRESETS.get(family(model))
         if presets is None:
-            raise ValueError(f"no target presets for {type(model).__name__}; pass --target-modules as a list")
+            raise UsageError(f"the target presets attention and attention_mlp are for GPT-2 and Llama-family bases; "
+                             f"{type(model).__name__} has neither's attention modules: target all_linear, or name "
+                             f"its linear layers ({', '.join(linear_targets(model))})")
         return presets[spec]
     names = [name.strip() for name in spec.split(",") if name.strip()]
     layers = [path for path, module in model.named_modules() if isinstance(module, (torch.nn.Linear, Conv1D))]

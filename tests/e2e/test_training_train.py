@@ -11,6 +11,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig
 
+from service.cli.command import UsageError
 from service.cli.main import build_parser
 from service.model.base_model import sha256_of
 from training import merge, sweep, train
@@ -99,8 +100,9 @@ def test_a_base_of_no_preset_family_trains_on_a_list_or_all_linear():
     listed = train.lora_config(neox, 4, None, 0.0, "query_key_value")
     assert listed.target_modules == {"query_key_value"} and not listed.fan_in_fan_out
     assert sweep.trainable_parameters(config, 4, ["query_key_value"]) == 2 * 4 * (64 + 3 * 64)
-    with pytest.raises(ValueError, match="no target presets for GPTNeoXForCausalLM"):  # a preset names a family's
-        train.resolve_targets("attention", neox)
+    with pytest.raises(UsageError, match="GPTNeoXForCausalLM has neither's attention modules: target all_linear, "
+                       "or name its linear layers \\(dense, dense_4h_to_h, dense_h_to_4h, query_key_value\\)"):
+        train.resolve_targets("attention", neox)  # a preset names a family's modules: one line, no traceback
 
 
 def test_squad_validation_holds_out_whole_articles():
