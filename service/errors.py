@@ -59,6 +59,11 @@ class TemplateRefused(Exception):
     """A chat template (an adapter's own: its code is the adapter's) refused or failed to render a prompt."""
 
 
+class RenderUnavailable(Exception):
+    """The server could not render the chat template, for trouble of its own, not the template's; retry later.
+    Its render process was killed or frozen from outside, or failed to start; the next render starts a new one."""
+
+
 class NoSpan(Exception):
     """An extractive answer cannot be held to a span of the context: the context has no text a token can begin an
     answer with, or the model's vocabulary does not say which bytes its tokens spell."""

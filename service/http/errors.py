@@ -17,6 +17,7 @@ from service.errors import (
     NoFreeSlot,
     NoSpan,
     QueueFull,
+    RenderUnavailable,
     TemplateRefused,
     UnknownAdapter,
 )
@@ -44,6 +45,7 @@ STATUS: dict[type[Exception], int] = {
     InputTooLong: 413,
     NoSpan: 422,
     TemplateRefused: 422,
+    RenderUnavailable: 503,  # transient, as NoFreeSlot and EngineStopped: sent with Retry-After
     QueueFull: 429,
     EngineStopped: 503,
     ClientGone: CLIENT_CLOSED,

@@ -9,7 +9,7 @@ from fastapi.responses import PlainTextResponse
 from fastapi.sse import EventSourceResponse
 from starlette.background import BackgroundTask
 
-from service.errors import AdapterError, EngineStopped, UnknownAdapter
+from service.errors import AdapterError, EngineStopped, RenderUnavailable, UnknownAdapter
 from service.http.chat import chat_prompt
 from service.http.errors import error_replies
 from service.http.json_body import UniqueKeysRoute
@@ -40,6 +40,7 @@ STREAMED = {200: {"description": "The reply (JSON); with stream true, server-sen
                   "`data: <chunk JSON>`, then `data: [DONE]`",
                   "content": {"text/event-stream": {"itemSchema": STREAM_EVENT}}}}
 OPENAI_SERVING = {**STREAMED, **serving_replies(shape=OpenAIErrorOut)}
+OPENAI_CHAT = {**STREAMED, **serving_replies(RenderUnavailable, shape=OpenAIErrorOut)}  # it renders a chat template
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy holds the events back
 # vLLM's adapter routes answer a line of text, their errors JSON (documented as such: the routes' class, Response,
 # names no media type of its own)
@@ -127,7 +128,7 @@ async def completions(body: CompletionIn, request: Request, rt: Runtime = Depend
     return await reply(rt, request, body, body.prompt, adapter, replies, body.logprobs)
 
 
-@openai_router.post("/chat/completions", responses=OPENAI_SERVING)
+@openai_router.post("/chat/completions", responses=OPENAI_CHAT)
 async def chat_completions(body: ChatCompletionIn, request: Request, rt: Runtime = Depends(inference)) -> dict:
     """OpenAI's chat completions: the messages rendered with the chat template of the adapter's folder, else the base
     tokenizer's (see ``chat_prompt``); each choice is the assistant's next message."""

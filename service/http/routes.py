@@ -21,6 +21,7 @@ from service.errors import (
     EngineStopped,
     InputTooLong,
     QueueFull,
+    RenderUnavailable,
     UnknownAdapter,
 )
 from service.http.errors import ClientGone, error_replies
@@ -53,9 +54,10 @@ def admin_replies(*errors: type[Exception] | int, shape: type = ErrorOut) -> dic
     return error_replies(401, 403, 422, EngineStopped, *errors, shape=shape)
 
 
-def serving_replies(shape: type = ErrorOut) -> dict:
-    """The error replies of a route that serves a request through the engine (``inference``)."""
-    return error_replies(*BODY_ERRORS, 401, 422, UnknownAdapter, InputTooLong, QueueFull, EngineStopped, shape=shape)
+def serving_replies(*errors: type[Exception], shape: type = ErrorOut) -> dict:
+    """The error replies of a route that serves a request through the engine (``inference``), and ``errors``."""
+    return error_replies(*BODY_ERRORS, 401, 422, UnknownAdapter, InputTooLong, QueueFull, EngineStopped, *errors,
+                         shape=shape)
 
 
 # The dependencies and the routes that do not block are coroutines: FastAPI runs a plain function on a thread of its
@@ -185,7 +187,7 @@ def prompt_style(rt: Runtime, body: AnswerIn | NliIn, adapter: AdapterWeights | 
     return body.prompt_style
 
 
-@tasks_router.post("/answer", response_model=AnswerOut, responses=serving_replies())
+@tasks_router.post("/answer", response_model=AnswerOut, responses=serving_replies(RenderUnavailable))
 async def answer(body: AnswerIn, request: Request, rt: Runtime = Depends(inference)) -> AnswerOut:
     adapter = pick_adapter(rt, body, rt.settings.qa_adapter, request)
     style = prompt_style(rt, body, adapter)
@@ -194,7 +196,7 @@ async def answer(body: AnswerIn, request: Request, rt: Runtime = Depends(inferen
     return AnswerOut(adapter=name_of(adapter), **result.__dict__)
 
 
-@tasks_router.post("/nli", response_model=NliOut, responses=serving_replies())
+@tasks_router.post("/nli", response_model=NliOut, responses=serving_replies(RenderUnavailable))
 async def nli(body: NliIn, request: Request, rt: Runtime = Depends(inference)) -> NliOut:
     adapter = pick_adapter(rt, body, rt.settings.nli_adapter, request)
     style = prompt_style(rt, body, adapter)

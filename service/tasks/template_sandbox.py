@@ -5,9 +5,20 @@ internals but not from work: 150 bytes of loops rendered one 50 KB chat request 
 and nested ``range`` loops kept a core busy long after their client left. So each render runs in a child process
 (a new interpreter, not a fork: the server's threads are not copied) whose data segment may grow by at most
 ``MAX_RENDER_BYTES`` past what it holds once started (``RLIMIT_DATA``, getrlimit(2): heap and private mappings), and
-which is killed once a render has run ``MAX_RENDER_SECONDS``; a new one is started for the next render. A render that
-fails either way is a TemplateRefused, as one the template itself refuses. Real templates render a chat in about a
-millisecond (SmolLM2's, a 3,000-character message: 1.1 ms in a child, 1.3 ms in process, in one run of 200 each).
+which is killed once a render has run ``MAX_RENDER_SECONDS``; a new one is started for the next render. Real templates
+render a chat in about a millisecond (SmolLM2's, a 3,000-character message: 1.1 ms in a child, 1.3 ms in process, in
+one run of 200 each).
+
+Whose fault a failed render is decides its error. The template's, a TemplateRefused (a 422), is what the template
+does in its process: an exception of its code (the process answers it), a render past the deadline (the sandbox kills
+the process, knowing why), past the memory bound (``RLIMIT_DATA`` makes the allocation fail: a MemoryError the process
+answers, not a kill), or the process ending by itself mid-render (an exit status, or a signal a process gets for what
+it does: ``OWN_SIGNALS``, such as SIGSEGV). The server's, a RenderUnavailable (a 503, retried), is what the template
+cannot do: the process killed by a signal the sandbox did not send (SIGKILL from an operator or the OOM killer, whose
+victim a process bounded to ``MAX_RENDER_BYTES`` is only when the machine lacks memory; SIGTERM; SIGINT), its socket
+failing while it lives, a step timed out while the process did not run (stopped by SIGSTOP or a debugger, or running
+under ``FROZEN_SHARE`` of the wait: a frozen cgroup), a process that died between two renders, or one that failed to
+start. Either way the process is stopped and the next render starts a new one.
 
 Each tokenizer has ``WORKERS`` children, started when first needed, taking turns between templates (``Renderer``).
 A child runs ``NICENESS`` below the server, without the server's secrets in its environment, and ends when the
@@ -19,6 +30,7 @@ import asyncio
 import contextlib
 import os
 import resource
+import signal
 import socket
 import subprocess
 import sys
@@ -31,7 +43,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from service.errors import TemplateRefused
+from service.errors import RenderUnavailable, TemplateRefused
 
 if TYPE_CHECKING:  # the CLI's parser imports prompt_styles, which imports this, without loading transformers
     from transformers import PreTrainedTokenizerBase
@@ -43,19 +55,28 @@ START_SECONDS = 120.0  # the most a child may take to start (import transformers
 COMPILE_SECONDS = 10.0  # the most a child may take to compile a template (256 KiB of code: about 1 s)
 IDLE_SECONDS = 60.0  # a worker and its child end after this long without a job
 NICENESS = 10  # children run below the server's priority: a template running to its deadline slows decoding less
+EXIT_SECONDS = 1.0  # how long a process whose socket closed is given to exit, before it is taken for alive
+# a process that ran (on the CPU) less than this share of a step it timed out did not run: it was frozen (at nice 10
+# beside 10 busy threads per core it would still get about 1%; a loop of the template's gets far more)
+FROZEN_SHARE = 0.01
+# the signals a process gets for what it does itself (faults, its own abort, its limits): a template's doing
+OWN_SIGNALS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT, signal.SIGSYS,
+                         signal.SIGTRAP, signal.SIGXCPU, signal.SIGXFSZ})
 MISSING = object()
 
 Job = tuple[list[dict[str, str]], "str | None", dict[str, bool]]  # (messages, template, flags) of ``render_ids``
 
 
 class RenderBound(TemplateRefused):
-    """A render ran past the deadline or the memory bound, or its process died."""
+    """A render ran past the deadline or the memory bound, or its process ended by itself."""
 
 
 class Child:
     """One render process: takes a job, answers (True, token ids) or (False, why the template refused)."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase):
+        """Start the process and send it ``tokenizer``. Raises RenderUnavailable when it cannot be started, dies
+        starting, or is not ready within ``START_SECONDS``: the server's trouble, not a template's."""
         ours, theirs = socket.socketpair()
         # a new interpreter running this module (not multiprocessing's spawn, which runs the parent's main script
         # again in the child: a script without a __main__ guard would run twice), imported from where this process
@@ -63,30 +84,37 @@ class Child:
         source = str(Path(__file__).resolve().parents[2])
         path = os.pathsep.join(filter(None, (source, os.environ.get("PYTHONPATH"))))
         environment = {name: value for name, value in os.environ.items() if not secret(name)}
-        self.process = subprocess.Popen([sys.executable, "-P", "-m", __name__, str(theirs.fileno()), str(os.getpid())],
-                                        env={**environment, "PYTHONPATH": path}, pass_fds=[theirs.fileno()],
-                                        stdin=subprocess.DEVNULL)
-        theirs.close()
+        try:
+            self.process = subprocess.Popen([sys.executable, "-P", "-m", __name__, str(theirs.fileno()),
+                                             str(os.getpid())], env={**environment, "PYTHONPATH": path},
+                                            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+        except OSError as exc:  # no process (out of memory, of processes)
+            ours.close()
+            raise RenderUnavailable(f"the server could not start a chat template process: {exc!r}") from None
+        finally:
+            theirs.close()
         self.connection = Connection(ours.detach())
         try:
             self.connection.send(tokenizer)
             if not self.connection.poll(START_SECONDS):
                 raise TimeoutError(f"not started within {START_SECONDS:g} s")
             self.connection.recv()  # ready: imported, tokenizer read, memory bound set
-        except (OSError, EOFError) as exc:  # the server's fault, not the template's: no TemplateRefused
+        except (OSError, EOFError) as exc:
             self.stop()
-            raise RuntimeError(f"the chat template process failed to start: {exc!r}") from None
+            raise RenderUnavailable(f"the chat template process failed to start: {exc!r}") from None
 
     def render(self, job: Job) -> list[int]:
-        """The token ids of ``job``. TemplateRefused when the template refuses it, or when the render runs past
-        ``MAX_RENDER_SECONDS`` (from when the template is compiled: Jinja compiles a template once per process, in up
-        to about a second for one of the largest accepted) or past the memory bound; the process is then stopped
-        (``alive`` turns false)."""
+        """The token ids of ``job``. TemplateRefused when the template refuses it, or RenderBound when the render runs
+        past ``MAX_RENDER_SECONDS`` (from when the template is compiled: Jinja compiles a template once per process,
+        in up to about a second for one of the largest accepted), past the memory bound, or ends the process;
+        RenderUnavailable when the render fails for the server's trouble (``receive``). After either of the last two
+        the process is stopped (``alive`` turns false)."""
         try:
             self.connection.send(job)
-        except OSError:  # the process died since its last render
+        except OSError:  # the process died since its last render: this template never ran in it
             self.stop()
-            raise RenderBound("the chat template's process died before the render") from None
+            raise RenderUnavailable("the server could not render the chat template: its process died before the "
+                                    "render (not the template's doing)") from None
         self.receive(COMPILE_SECONDS, "compile")  # the template compiled (or found not to compile)
         kind, outcome = self.receive(MAX_RENDER_SECONDS, "render the messages")
         if kind != "ids":
@@ -94,15 +122,41 @@ class Child:
         return outcome
 
     def receive(self, seconds: float, what: str):
-        """The process's next message, within ``seconds``; else TemplateRefused, the process stopped."""
+        """The process's next message, within ``seconds``; else the process is stopped and RenderBound raised when the
+        template is to blame: it ran the step past ``seconds``, or the process ended by itself (``ended``), else
+        RenderUnavailable: it did not run (``frozen``), or was killed from outside."""
+        ran = process_state(self.process.pid)[1]
         try:
             if self.connection.poll(seconds):
                 return self.connection.recv()
-            problem = f"the chat template took more than {seconds:g} s to {what}"
-        except (EOFError, OSError):  # the process died: killed by the kernel, out of memory past the bound
-            problem = f"the chat template's process died trying to {what}"
+        except (EOFError, OSError):  # the process died, or its socket failed
+            raise self.ended(what) from None
+        frozen = self.frozen(ran, seconds)
         self.stop()
-        raise RenderBound(problem)
+        if frozen:
+            raise RenderUnavailable(f"the server could not render the chat template: its process was stopped or "
+                                    f"frozen for the {seconds:g} s it had to {what} (not the template's doing)")
+        raise RenderBound(f"the chat template took more than {seconds:g} s to {what}")
+
+    def frozen(self, ran: float | None, seconds: float) -> bool:
+        """Whether the process, which had run ``ran`` s on the CPU when a wait of ``seconds`` began, did not run since:
+        it is stopped (SIGSTOP, a debugger's stop: state T or t), or ran less than ``FROZEN_SHARE`` of the wait."""
+        state, now = process_state(self.process.pid)
+        return state in ("T", "t") or (ran is not None and now is not None and now - ran < FROZEN_SHARE * seconds)
+
+    def ended(self, what: str) -> Exception:
+        """The error for a process whose socket closed or failed while it had to ``what``, once it is stopped:
+        RenderBound when it ended by itself (an exit status, or one of ``OWN_SIGNALS``), else RenderUnavailable (a
+        signal from outside: SIGKILL, SIGTERM; or still alive after ``EXIT_SECONDS``: its socket failed)."""
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(EXIT_SECONDS)
+        code = self.process.returncode
+        self.stop()
+        if code is not None and (code >= 0 or -code in OWN_SIGNALS):
+            return RenderBound(f"the chat template's process died trying to {what} ({ending(code)})")
+        how = "its socket failed" if code is None else f"its process was killed by {ending(code)}"
+        return RenderUnavailable(f"the server could not render the chat template: {how} while it had to {what} (not "
+                                 "the template's doing)")
 
     @property
     def alive(self) -> bool:
@@ -114,13 +168,33 @@ class Child:
         self.connection.close()
 
 
+def ending(code: int) -> str:
+    """How a process ended, from its return code: "exit status 1", "SIGKILL"."""
+    if code >= 0:
+        return f"exit status {code}"
+    with contextlib.suppress(ValueError):
+        return signal.Signals(-code).name
+    return f"signal {-code}"
+
+
+def process_state(pid: int) -> tuple[str, float | None]:
+    """Process ``pid``'s state letter and the seconds it has run on the CPU (user and system), from
+    /proc/<pid>/stat (proc(5)); ("", None) where it cannot be read (the process ended, no /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return "", None
+    return fields[0], (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class Renderer:
     """The render processes of one tokenizer: ``WORKERS`` threads, each with a child process, take render jobs from
     a queue that is fair between templates: the templates with jobs waiting take turns, and the slow ones (a render of
-    which ran to a bound: the deadline, the memory bound, a dead process) render in ``WORKERS`` - 1 processes at most,
-    all of them together, so that the others always have one. A job whose caller gave up (its future cancelled) before
-    it starts is skipped. Threads and their processes start with the first jobs and end after ``IDLE_SECONDS``
-    without one. Safe to call from any thread."""
+    which ran to a bound: the deadline, the memory bound, a process that ended by itself: ``RenderBound``) render in
+    ``WORKERS`` - 1 processes at most, all of them together, so that the others always have one. A job whose caller
+    gave up (its future cancelled) before it starts is skipped. Threads and their processes start with the first
+    jobs and end after ``IDLE_SECONDS`` without one. Safe to call from any thread."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase):
         self.tokenizer = tokenizer
@@ -131,8 +205,8 @@ class Renderer:
         self.workers = self.idle = 0  # worker threads, and those of them waiting for a job
 
     def submit(self, job: Job) -> Future:
-        """Queue ``job``; its future's result is ``render_ids`` of it, or TemplateRefused as ``Child.render``
-        raises. Cancel the future to withdraw a job not started."""
+        """Queue ``job``; its future's result is ``render_ids`` of it, or TemplateRefused or RenderUnavailable as
+        ``Child`` raises. Cancel the future to withdraw a job not started."""
         future: Future = Future()
         with self.changed:
             self.waiting.setdefault(job[1], deque()).append((job, future))
@@ -163,7 +237,7 @@ class Renderer:
                 with self.changed:
                     self.slow.add(job[1])
                 future.set_exception(exc)
-            except Exception as exc:  # TemplateRefused, or the process failed to start
+            except Exception as exc:  # TemplateRefused, or RenderUnavailable: the server's trouble, not the template's
                 future.set_exception(exc)
             finally:
                 with self.changed:

@@ -8,8 +8,10 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
@@ -21,10 +23,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from service.errors import AdapterError, InputTooLong
 from service.http.chat import chat_prompt
 from service.lora.chat_template import MAX_CHAT_TEMPLATE_BYTES, MAX_TOKENIZER_CONFIG_BYTES, read_chat_template
+from service.tasks.template_sandbox import renderer
 from tests.engine.engine_helpers import paused
 from tests.http.replies import error_message
 from tests.server_helpers import ADMIN, copy_adapters, ready_client, tiny_settings
 from tests.tiny_models import EOS, make_adapter
+from tests.unit.test_template_sandbox import ENDLESS, rendering, rendering_children
 
 CAP = 16  # the server's max_new_tokens
 LIMIT = 1024  # the most prompt tokens chat_prompt is told the server takes
@@ -212,6 +216,28 @@ def test_a_template_that_fails_or_renders_nothing_is_a_422_not_a_500(client, ser
     finally:
         assert client.delete("/adapters/failing", headers=ADMIN).status_code == 200
     assert "the chat template" in message and problem in message
+    assert chat(client, model="one", max_tokens=2)["choices"]
+
+
+def test_a_render_process_killed_from_outside_is_a_503_not_the_templates_422(client, served, monkeypatch):
+    """A render process killed mid-render (kill -9 by an operator, the OOM killer) by no doing of the template: a 503
+    with Retry-After saying the server could not render (it was the template's 422), the template not taken for a
+    slow one, and the next chat served by a new process."""
+    folder = shutil.copytree(served[1] / "one", served[1] / "endless", dirs_exist_ok=True)
+    (folder / "chat_template.jinja").write_text(ENDLESS)
+    assert client.post("/adapters", json={"name": "endless", "path": str(folder)}, headers=ADMIN).status_code == 201
+    children = rendering_children(monkeypatch)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            sent = pool.submit(client.post, "/v1/chat/completions", json={"model": "endless", "messages": QUESTION})
+            os.kill(rendering(children).process.pid, signal.SIGKILL)
+            reply = sent.result(timeout=30)
+    finally:
+        assert client.delete("/adapters/endless", headers=ADMIN).status_code == 200
+    assert reply.status_code == 503 and reply.headers["Retry-After"], reply.text
+    assert reply.json()["error"]["code"] == "render_unavailable"
+    assert "could not render the chat template" in error_message(reply) and "SIGKILL" in error_message(reply)
+    assert ENDLESS not in renderer(client.app.state.runtime.tasks.tokenizer).slow
     assert chat(client, model="one", max_tokens=2)["choices"]
 
 

@@ -36,7 +36,8 @@ def test_the_openapi_error_replies_are_the_table_and_the_errors_docstrings():
         "404": "No adapter of that name is registered.",
         "413": f"{HTTP_REPLIES[413]} The prompt has more tokens than the server accepts.", "415": HTTP_REPLIES[415],
         "429": "The queue holds as many requests as it may; retry later.",
-        "503": "The model is loading, or the service is draining or stopped, and takes no new requests.",
+        "503": "The model is loading, or the service is draining or stopped, and takes no new requests. The server "
+               "could not render the chat template, for trouble of its own, not the template's; retry later.",
     }
     merged = error_replies(errors.AdapterPathRefused, 403)[403]["description"]
     assert merged == f"{errors.AdapterPathRefused.__doc__.strip()} {HTTP_REPLIES[403]}"

@@ -1,22 +1,29 @@
 """Chat templates render in child processes (``template_sandbox``): the same token ids as a render in process, and a
-template that works without end or renders gigabytes is refused, its process stopped, and the next render served."""
+template that works without end or renders gigabytes is refused, its process stopped, and the next render served; a
+render that fails for the server's trouble (its process killed or frozen from outside, or not started) is not the
+template's."""
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
 
-from service.errors import TemplateRefused
+from service.errors import RenderUnavailable, TemplateRefused
+from service.tasks import template_sandbox
 from service.tasks.prompt_styles import render_ids
 from service.tasks.template_sandbox import MAX_RENDER_SECONDS, Child, Renderer, renderer
 
 QUESTION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who gave their name to Normandy?"}]
 ENDLESS = "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}{{ messages }}"
 HUGE = "{{ messages[-1].content * 100000000 }}"  # 3.2 GB of text
+GENERATION = {"add_generation_prompt": True}
 
 
 @pytest.fixture(scope="module")
@@ -133,3 +140,78 @@ def test_a_script_without_a_main_guard_renders_once(tiny_tokenizer_dir, tmp_path
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("ids ") == 1, done.stdout
+
+
+def rendering_children(monkeypatch) -> list[Child]:
+    """The render processes that begin a render from now on (for the test), in order: the ones running already too."""
+    children, render = [], Child.render
+
+    def recorded(child: Child, job):
+        children.append(child)
+        return render(child, job)
+
+    monkeypatch.setattr(Child, "render", recorded)
+    return children
+
+
+def rendering(children: list[Child]) -> Child:
+    """The first of ``children`` once its render runs (a moment after it began)."""
+    child = wait_for(lambda: children and children[0], "a render to begin")
+    time.sleep(0.5)  # the job sent and compiled: the render runs
+    return child
+
+
+@pytest.mark.parametrize("sent,error,said", [
+    (signal.SIGKILL, RenderUnavailable, "killed by SIGKILL"),  # an operator's kill -9, the OOM killer
+    (signal.SIGTERM, RenderUnavailable, "killed by SIGTERM"),
+    (signal.SIGSEGV, TemplateRefused, r"died trying to render the messages \(SIGSEGV\)")],  # a crash of its own
+    ids=["SIGKILL", "SIGTERM", "SIGSEGV"])
+def test_a_render_process_killed_from_outside_is_the_servers_trouble_not_the_templates(tokenizer, monkeypatch, sent,
+                                                                                      error, said):
+    """A process killed mid-render by a signal the sandbox did not send: a RenderUnavailable (a 503), not the
+    template's refusal (a 422, as it was), the template not taken for a slow one, the next render served by a new
+    process; a signal a process gets for its own doing (a fault) stays the template's."""
+    children, renders = rendering_children(monkeypatch), Renderer(tokenizer)
+    endless = renders.submit((QUESTION, ENDLESS, GENERATION))
+    os.kill(rendering(children).process.pid, sent)
+    with pytest.raises(error, match=said) as failed:
+        endless.result(timeout=30)
+    assert isinstance(failed.value, TemplateRefused) == (error is TemplateRefused)
+    assert renders.slow == ({ENDLESS} if error is TemplateRefused else set())
+    assert not children[0].alive
+    assert renders.render((QUESTION, None, GENERATION)) == render_ids(tokenizer, QUESTION, None, **GENERATION)
+
+
+@pytest.mark.parametrize("step", ["compile", "render the messages"])
+def test_a_render_process_frozen_from_outside_is_the_servers_trouble(tokenizer, monkeypatch, step):
+    """A process stopped (SIGSTOP) before its job, or in its render: the step's wait ends as before (the compile's
+    shortened here), but as a RenderUnavailable, and the process is killed; the compile took 10 s then a 422."""
+    monkeypatch.setattr(template_sandbox, "COMPILE_SECONDS", 1.0)
+    child = Child(tokenizer)
+    if step == "compile":
+        os.kill(child.process.pid, signal.SIGSTOP)
+    else:
+        threading.Timer(0.5, os.kill, (child.process.pid, signal.SIGSTOP)).start()  # in the render, begun at once
+    with pytest.raises(RenderUnavailable, match=f"stopped or frozen for the .* s it had to {step}"):
+        child.render((QUESTION, ENDLESS, GENERATION))
+    assert not child.alive and child.process.returncode == -signal.SIGKILL
+
+
+def test_a_render_process_dead_since_its_last_render_is_the_servers_trouble(tokenizer):
+    child = Child(tokenizer)
+    child.process.kill()
+    child.process.wait()
+    with pytest.raises(RenderUnavailable, match="not the template's doing"):
+        child.render((QUESTION, None, GENERATION))
+
+
+@pytest.mark.parametrize("executable", ["/nonexistent/python", "/bin/false"])
+def test_a_render_process_that_fails_to_start_is_the_servers_trouble(tokenizer, monkeypatch, executable):
+    """No process (Popen's OSError: it was raised as it was, a 500) or one that dies starting: RenderUnavailable."""
+    renders = Renderer(tokenizer)
+    monkeypatch.setattr(template_sandbox.sys, "executable", executable)
+    with pytest.raises(RenderUnavailable, match=r"could not start|failed to start"):
+        renders.render((QUESTION, None, GENERATION))
+    monkeypatch.undo()
+    assert renders.slow == set()
+    assert renders.render((QUESTION, None, GENERATION)) == render_ids(tokenizer, QUESTION, None, **GENERATION)
