@@ -17,6 +17,7 @@ from service.model.base_model import load_base, max_positions
 from service.model.cpu_threads import on_passing_thread
 from service.settings import MIN_PROMPT_TOKENS, Settings
 from service.tasks.tasks import Tasks
+from service.tasks.template_sandbox import renderer
 
 T = TypeVar("T")
 
@@ -187,8 +188,17 @@ class Runtime:
             return self.failure
         return "draining" if self.draining else "ready" if self.ready.is_set() else "loading"
 
+    def stop_rendering(self) -> None:
+        """End the chat template renders (``Renderer.close``): those not begun fail at once with EngineStopped (503),
+        so that a shutdown waits for none queued behind others (a hostile template's 2 s each); those running end
+        within their deadline, then the render processes end."""
+        if self.tasks is not None:
+            renderer(self.tasks.tokenizer).close()
+
     def stop(self) -> None:
-        """Stop taking work, finish what is queued, stop the engine."""
+        """Stop taking work, end the chat template renders (``stop_rendering``), finish what the engine has queued,
+        stop the engine."""
         self.draining = True
+        self.stop_rendering()
         if self.engine is not None:
             self.engine.stop()

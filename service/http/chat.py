@@ -25,7 +25,8 @@ async def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[st
     takes none) or fails on them (anything its code raises: the template is the adapter's), renders no tokens, or
     leaves out a user message's text (``prompt_styles.rendered``), or runs past the render's bounds; RenderUnavailable
     (a 503) when the server could not render it, for trouble not the template's (its process killed or frozen from
-    outside, or not started: ``template_sandbox``)."""
+    outside, or not started: ``template_sandbox``); EngineStopped when the service shuts down before the render
+    began."""
     if template is None and tokenizer.chat_template is None:
         raise HTTPException(422, "this model has no chat template, and the adapter's folder ships none; send the "
                             "prompt as text to /v1/completions")

@@ -22,7 +22,8 @@ start. Either way the process is stopped and the next render starts a new one.
 
 Each tokenizer has ``WORKERS`` children, started when first needed, taking turns between templates (``Renderer``).
 A child runs ``NICENESS`` below the server, without the server's secrets in its environment, and ends when the
-server does, killed or not.
+server does, killed or not. At shutdown ``Renderer.close`` fails the renders not begun (EngineStopped, a 503) and ends
+the processes once the renders running end.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from service.errors import RenderUnavailable, TemplateRefused
+from service.errors import EngineStopped, RenderUnavailable, TemplateRefused
 
 if TYPE_CHECKING:  # the CLI's parser imports prompt_styles, which imports this, without loading transformers
     from transformers import PreTrainedTokenizerBase
@@ -62,6 +63,7 @@ FROZEN_SHARE = 0.01
 # the signals a process gets for what it does itself (faults, its own abort, its limits): a template's doing
 OWN_SIGNALS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT, signal.SIGSYS,
                          signal.SIGTRAP, signal.SIGXCPU, signal.SIGXFSZ})
+SHUTTING_DOWN = "the service is shutting down: the chat template's render had not begun"
 MISSING = object()
 
 Job = tuple[list[dict[str, str]], "str | None", dict[str, bool]]  # (messages, template, flags) of ``render_ids``
@@ -194,7 +196,7 @@ class Renderer:
     which ran to a bound: the deadline, the memory bound, a process that ended by itself: ``RenderBound``) render in
     ``WORKERS`` - 1 processes at most, all of them together, so that the others always have one. A job whose caller
     gave up (its future cancelled) before it starts is skipped. Threads and their processes start with the first
-    jobs and end after ``IDLE_SECONDS`` without one. Safe to call from any thread."""
+    jobs and end after ``IDLE_SECONDS`` without one, or once ``close``d. Safe to call from any thread."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase):
         self.tokenizer = tokenizer
@@ -203,12 +205,16 @@ class Renderer:
         self.running: Counter[str | None] = Counter()  # the renders running now, by template
         self.slow: set[str | None] = set()  # templates a render of which ran to a bound
         self.workers = self.idle = 0  # worker threads, and those of them waiting for a job
+        self.closed = False
 
     def submit(self, job: Job) -> Future:
         """Queue ``job``; its future's result is ``render_ids`` of it, or TemplateRefused or RenderUnavailable as
-        ``Child`` raises. Cancel the future to withdraw a job not started."""
+        ``Child`` raises, or EngineStopped once ``close``d. Cancel the future to withdraw a job not started."""
         future: Future = Future()
         with self.changed:
+            if self.closed:
+                future.set_exception(EngineStopped(SHUTTING_DOWN))
+                return future
             self.waiting.setdefault(job[1], deque()).append((job, future))
             if self.idle == 0 and self.workers < WORKERS:  # a worker waiting takes it: its process is started
                 self.workers += 1
@@ -226,7 +232,7 @@ class Renderer:
         return await asyncio.wrap_future(self.submit(job))
 
     def work(self) -> None:
-        """A worker thread: render the jobs ``next_job`` hands out in its own child process, until idle."""
+        """A worker thread: render the jobs ``next_job`` hands out in its own child process, until idle or closed."""
         child = None
         while (taken := self.next_job()) is not None:
             job, future = taken
@@ -246,12 +252,28 @@ class Renderer:
         if child is not None and child.alive:
             child.stop()
 
+    def close(self) -> None:
+        """Render no more (the service shuts down): the jobs not begun fail at once, and those submitted later, with
+        EngineStopped; a render running ends as it would (within its deadline), then its worker stops its process and
+        ends, as the idle ones do at once. Does not wait."""
+        with self.changed:
+            self.closed = True
+            jobs = [future for futures in self.waiting.values() for _, future in futures]
+            self.waiting.clear()
+            self.changed.notify_all()
+        for future in jobs:
+            if future.set_running_or_notify_cancel():  # False: its caller gave up
+                future.set_exception(EngineStopped(SHUTTING_DOWN))
+
     def next_job(self) -> tuple[Job, Future] | None:
         """The next job of the first template in turn that may render now (not a slow one while the slow ones hold
-        ``WORKERS`` - 1 processes), its turn then moved to the end; None once no job came for ``IDLE_SECONDS`` (the
-        worker ends)."""
+        ``WORKERS`` - 1 processes), its turn then moved to the end; None once no job came for ``IDLE_SECONDS``, or
+        once ``close``d (the worker ends)."""
         with self.changed:
             while True:
+                if self.closed:
+                    self.workers -= 1
+                    return None
                 slow_running = sum(self.running[key] for key in self.slow)
                 template = next((key for key in self.waiting if key not in self.slow or slow_running < WORKERS - 1),
                                 MISSING)

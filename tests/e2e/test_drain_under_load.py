@@ -3,7 +3,8 @@ back to back (three adapters and the bare base, batches of 4, so most wait in th
 Every request the server took is answered whole and right (the greedy answer it gives alone); after the signal
 the server refuses new ones with a 503 (draining) until it stops listening, then exits with status 0. A client
 stops at its first refusal, as a client that retries elsewhere would. Each client opens a connection per request:
-a kept-alive connection the server closes at shutdown would leave a request unsent and unanswered alike."""
+a kept-alive connection the server closes at shutdown would leave a request unsent and unanswered alike. Chat
+requests queued behind a hostile template's renders do not hold the shutdown: those not begun fail at once."""
 from __future__ import annotations
 
 import signal
@@ -16,9 +17,11 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 
 from tests.e2e.test_live_server import free_port
-from tests.server_helpers import copy_adapters, wait_ready
+from tests.server_helpers import copy_adapters, scrape, value, wait_ready, wait_until
+from tests.unit.test_template_sandbox import ENDLESS
 
 CLIENTS, MODELS, TOKENS = 16, ("one", "two", "base"), 48
+BACKLOG = 12  # chat requests to an adapter whose template runs to the render deadline
 
 
 def completion(url: str, i: int) -> httpx.Response:
@@ -48,13 +51,18 @@ def client(url: str, first: int, answers: dict, outcomes: list, stop: threading.
         i += CLIENTS
 
 
+def serve_command(tiny_llama_dir, adapters, tmp_path, port: int, drain_seconds: float) -> list[str]:
+    """``loraswap serve`` of the tiny Llama with ``adapters`` (a folder) on ``port``."""
+    return [sys.executable, "-m", "service.cli.main", "serve", "--base-model", str(tiny_llama_dir),
+            "--adapters-dir", str(adapters), "--port", str(port), "--cache-dir", str(tmp_path / "cache"), "--device",
+            "cpu", "--qa-adapter", "one", "--nli-adapter", "two", "--max-batch", "4", "--max-new-tokens", str(TOKENS),
+            "--drain-seconds", str(drain_seconds)]
+
+
 def test_sigterm_under_load_answers_every_request_it_took(tiny_llama_dir, llama_adapters, tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "service.cli.main", "serve", "--base-model", str(tiny_llama_dir),
-               "--adapters-dir", str(copy_adapters(llama_adapters, tmp_path / "adapters")), "--port", str(port),
-               "--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--qa-adapter", "one", "--nli-adapter", "two",
-               "--max-batch", "4", "--max-new-tokens", str(TOKENS), "--drain-seconds", "2"]
+    command = serve_command(tiny_llama_dir, copy_adapters(llama_adapters, tmp_path / "adapters"), tmp_path, port, 2)
     with open(tmp_path / "server.log", "w+") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         try:
@@ -83,3 +91,39 @@ def test_sigterm_under_load_answers_every_request_it_took(tiny_llama_dir, llama_
     assert len(in_flight) >= CLIENTS // 2, f"only {len(in_flight)} requests were out at the signal: no load"
     assert all(outcome == "right" for *_, outcome in in_flight)
     assert sum(outcome == "right" for *_, outcome in outcomes) > len(in_flight)  # served before the signal too
+
+
+def test_sigterm_fails_the_renders_queued_behind_a_hostile_template_at_once(tiny_llama_dir, llama_adapters, tmp_path):
+    """SIGTERM with chat requests queued behind a template that runs to the render deadline (2 s a render, one at a
+    time once it is known for it): the renders not begun when the server stops listening fail at once with a 503
+    saying it shuts down, and the server exits in seconds, not after each ran to its deadline (a review: 86 s)."""
+    adapters = copy_adapters(llama_adapters, tmp_path / "adapters")
+    (adapters / "one" / "chat_template.jinja").write_text(ENDLESS)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    chat = {"model": "one", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    with open(tmp_path / "server.log", "w+") as log:
+        process = subprocess.Popen(serve_command(tiny_llama_dir, adapters, tmp_path, port, 0.5), stdout=log,
+                                   stderr=subprocess.STDOUT)
+        try:
+            wait_ready(lambda path: httpx.get(url + path), timeout=120)
+            with ThreadPoolExecutor(BACKLOG) as pool:
+                replies = [pool.submit(httpx.post, f"{url}/v1/chat/completions", json=chat, timeout=300)
+                           for _ in range(BACKLOG)]
+                with httpx.Client(base_url=url) as http:
+                    wait_until(lambda: value(scrape(http), "loraswap_requests_in_flight") >= BACKLOG,
+                               "the chat requests to arrive", timeout=30)
+                process.send_signal(signal.SIGTERM)
+                signalled = time.monotonic()
+                assert process.wait(timeout=120) == 0
+                exited = time.monotonic() - signalled
+                statuses = [reply.result().status_code for reply in replies]
+        finally:
+            if process.poll() is None:
+                process.kill()
+            log.seek(0)
+            print(log.read()[-3000:])  # shown when the test fails
+    print(f"exited {exited:.1f} s after SIGTERM; replies {sorted(statuses)}")
+    assert set(statuses) <= {422, 503} and statuses.count(503) >= BACKLOG // 2, statuses
+    assert "shutting down" in next(reply.result().text for reply in replies if reply.result().status_code == 503)
+    assert exited < 0.5 + 2 * 2 + 5  # the drain, at most the render running (and its compile), and the exit

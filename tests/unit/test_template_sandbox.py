@@ -1,9 +1,10 @@
 """Chat templates render in child processes (``template_sandbox``): the same token ids as a render in process, and a
 template that works without end or renders gigabytes is refused, its process stopped, and the next render served; a
 render that fails for the server's trouble (its process killed or frozen from outside, or not started) is not the
-template's."""
+template's; a closed renderer fails the renders not begun at once and ends its processes."""
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -11,11 +12,16 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import uvicorn
 from transformers import AutoTokenizer
 
-from service.errors import RenderUnavailable, TemplateRefused
+from service.errors import EngineStopped, RenderUnavailable, TemplateRefused
+from service.http.server import DrainingServer
+from service.runtime import Runtime
+from service.settings import Settings
 from service.tasks import template_sandbox
 from service.tasks.prompt_styles import render_ids
 from service.tasks.template_sandbox import MAX_RENDER_SECONDS, Child, Renderer, renderer
@@ -180,6 +186,7 @@ def test_a_render_process_killed_from_outside_is_the_servers_trouble_not_the_tem
     assert renders.slow == ({ENDLESS} if error is TemplateRefused else set())
     assert not children[0].alive
     assert renders.render((QUESTION, None, GENERATION)) == render_ids(tokenizer, QUESTION, None, **GENERATION)
+    renders.close()
 
 
 @pytest.mark.parametrize("step", ["compile", "render the messages"])
@@ -215,3 +222,49 @@ def test_a_render_process_that_fails_to_start_is_the_servers_trouble(tokenizer, 
     monkeypatch.undo()
     assert renders.slow == set()
     assert renders.render((QUESTION, None, GENERATION)) == render_ids(tokenizer, QUESTION, None, **GENERATION)
+    renders.close()
+
+
+def test_closing_fails_the_renders_not_begun_at_once_and_ends_the_processes(tokenizer, monkeypatch):
+    """A backlog of an endless template's renders (2 s each, one at a time: it is slow), then close (the server
+    shuts down): the queued ones fail at once with EngineStopped, as a render submitted later does; the one running
+    ends at its deadline, and every process ends."""
+    children, renders = rendering_children(monkeypatch), Renderer(tokenizer)
+    with pytest.raises(TemplateRefused):
+        renders.render((QUESTION, ENDLESS, GENERATION))
+    backlog = [renders.submit((QUESTION, ENDLESS, GENERATION)) for _ in range(10)]
+    wait_for(lambda: renders.running, "a render of the backlog to begin")
+    closed = time.monotonic()
+    renders.close()
+    assert sum(future.done() for future in backlog) == len(backlog) - 1  # all but the one running
+    for future in backlog:
+        with pytest.raises((EngineStopped, TemplateRefused)):
+            future.result(timeout=30)
+    assert sum(isinstance(future.exception(), EngineStopped) for future in backlog) == len(backlog) - 1
+    assert "shutting down" in str(backlog[-1].exception())
+    assert time.monotonic() - closed < MAX_RENDER_SECONDS + 5
+    with pytest.raises(EngineStopped, match="shutting down"):
+        renders.render((QUESTION, None, GENERATION))
+    wait_for(lambda: renders.workers == 0 and not any(child.alive for child in children), "the processes to end")
+
+
+def test_the_runtimes_stop_closes_its_renders(tiny_tokenizer_dir):
+    runtime, tokenizer = Runtime(Settings()), AutoTokenizer.from_pretrained(tiny_tokenizer_dir)  # a renderer its own
+    runtime.tasks = SimpleNamespace(tokenizer=tokenizer)  # the model unloaded: no engine to stop
+    runtime.stop()
+    with pytest.raises(EngineStopped, match="shutting down"):
+        renderer(tokenizer).render((QUESTION, None, GENERATION))
+
+
+def test_the_servers_shutdown_fails_the_renders_not_begun_before_it_waits_for_the_requests(monkeypatch):
+    """uvicorn's shutdown waits for the requests in flight: the renders not begun fail first, or a request waits for
+    every render queued before its own (a review: 86 s for a hostile template's backlog)."""
+    steps = []
+
+    async def uvicorns(server, sockets=None):
+        steps.append("uvicorn's shutdown")
+
+    monkeypatch.setattr(uvicorn.Server, "shutdown", uvicorns)
+    runtime = SimpleNamespace(stop_rendering=lambda: steps.append("renders closed"))
+    asyncio.run(DrainingServer(uvicorn.Config(app=None), runtime, 0).shutdown())
+    assert steps == ["renders closed", "uvicorn's shutdown"]
