@@ -360,8 +360,8 @@ class Engine:
                 out.add(id(pending))
                 continue
             if self._unregistered(pending):
-                pending.future.set_exception(UnknownAdapter(f"adapter {pending.work.adapter!r} was unloaded while the "
-                                                            "request waited in the queue"))
+                pending.future.set_exception(UnknownAdapter(f"adapter {pending.work.adapter!r} was unloaded after the "
+                                                            "request arrived, before it ran"))
                 out.add(id(pending))
                 continue
             adapter = pending.adapter

@@ -439,7 +439,7 @@ def test_an_adapter_unregistered_while_the_streamed_request_queued_is_404_before
         finally:
             release.set()
         held.result(WAIT)
-        gone = "adapter 'two' was unloaded while the request waited in the queue"
+        gone = "adapter 'two' was unloaded after the request arrived, before it ran"
         assert reply.result(WAIT).json()["error"] == {"message": gone, "type": "invalid_request_error", "param": None,
                                                       "code": "unknown_adapter"}
     assert client.post("/adapters", json={"name": "two", "path": str(served.adapters_dir / "two")},
