@@ -199,7 +199,8 @@ def check_path(path: str | Path, roots: list[Path]) -> Path:
         chosen = next((found for found in resolved if found.exists()), resolved[0])
         inside = any(chosen.is_relative_to(home) for home in homes)
         is_folder = inside and chosen.is_dir()
-    except (ValueError, OSError) as exc:  # a NUL byte, a name too long for the file system, a symlink loop
+    # a NUL byte, a name too long for the file system, a symlink loop (RuntimeError before Python 3.13)
+    except (ValueError, OSError, RuntimeError) as exc:
         raise AdapterError(f"adapter path {path!r} is not a usable path: {exc}") from None
     where = " (a relative path is looked up in each adapter root, then in the working directory)" if relative else ""
     if not inside:

@@ -36,8 +36,13 @@ def read_bounded(path: Path, most: int) -> str:
 
 def adapter_file(folder: Path, name: str) -> Path:
     """``folder``/``name``, refused (AdapterPathRefused) when it is a symlink leading out of ``folder``: the folder
-    was checked to lie inside an adapter root, and a file in it must not reach past it."""
+    was checked to lie inside an adapter root, and a file in it must not reach past it; AdapterError (422) when it is
+    a symlink that cannot be followed (a loop)."""
     path = folder / name
-    if path.is_symlink() and not path.resolve().is_relative_to(folder.resolve()):
+    try:
+        outside = path.is_symlink() and not path.resolve().is_relative_to(folder.resolve())
+    except (RuntimeError, OSError) as exc:  # a symlink loop: RuntimeError before Python 3.13, OSError (ELOOP) after
+        raise AdapterError(f"{path} is a symlink that cannot be followed: {exc}") from None
+    if outside:
         raise AdapterPathRefused(f"{path} is a symlink to a file outside the adapter folder")
     return path

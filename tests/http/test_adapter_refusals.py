@@ -87,6 +87,14 @@ def drop_config(folder: Path) -> None:
     (folder / CONFIG).unlink()
 
 
+def loop(name: str):
+    """An edit that makes the folder's ``name`` a symlink to itself (a loop no path resolution can follow)."""
+    def edit(folder: Path) -> None:
+        (folder / name).unlink(missing_ok=True)
+        (folder / name).symlink_to(name)
+    return edit
+
+
 class Refusals:
     """A Llama server whose adapters folder holds one, two and every kind of bad adapter."""
 
@@ -115,7 +123,12 @@ class Refusals:
             "pissa": variant(good, folder / "pissa", edit_config(init_lora_weights="pissa")),
             "unknown_field": variant(good, folder / "unknown_field", edit_config(use_magic=True)),
             "no_config": variant(good, folder / "no_config", drop_config),
+            "config_loop": variant(good, folder / "config_loop", loop(CONFIG)),
+            "weights_loop": variant(good, folder / "weights_loop", loop(WEIGHTS)),
+            "card_loop": variant(good, folder / "card_loop", loop(CARD_FILE)),
+            "template_loop": variant(good, folder / "template_loop", loop("chat_template.jinja")),
         }
+        (folder / "folder_loop").symlink_to("folder_loop")  # an adapter folder that is a loop: skipped at start too
         self.outside = gpt2_adapters["two"].parent  # the fixture's own folder, outside every root
         os.symlink(llama_adapters["two"], folder / "escape")  # a link inside the root to a folder outside it
         # a second root, not loaded at start: "three" is only there, "two" is in both
@@ -173,6 +186,10 @@ def test_bad_adapters_in_the_adapters_folder_are_skipped_at_start(client):
     ("pissa", ("init_lora_weights 'pissa'", "path_initial_model_for_weight_conversion")),
     ("unknown_field", ("use_magic", "does not know")),
     ("no_config", ("adapter_config.json",)),
+    ("config_loop", (CONFIG, "a symlink that cannot be followed")),
+    ("weights_loop", (WEIGHTS, "a symlink that cannot be followed")),
+    ("card_loop", (CARD_FILE, "a symlink that cannot be followed")),
+    ("template_loop", ("chat_template.jinja", "a symlink that cannot be followed")),
 ])
 def test_unservable_adapters_are_refused(client, refusals, kind, fragments):
     refused(client, f"bad_{kind}", refusals.bad[kind], 422, *fragments)
@@ -186,7 +203,7 @@ def test_paths_outside_the_roots_are_403(client, refusals, where, llama_adapters
     refused(client, "elsewhere", path, 403, "outside the configured adapter roots")
 
 
-@pytest.mark.parametrize("path", ["two\x00", "x" * 5000])
+@pytest.mark.parametrize("path", ["two\x00", "x" * 5000, "folder_loop"])
 def test_a_path_the_file_system_cannot_take_is_422(client, refusals, path):
     refused(client, "odd", f"{refusals.adapters_dir}/{path}", 422, "not a usable path")
 
