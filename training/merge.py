@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from peft import LoraConfig, PeftModel
@@ -10,6 +11,9 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from training.output_folder import written_whole
+
+if TYPE_CHECKING:
+    from service.lora.adapter_files import AdapterWeights
 
 
 def adapter_dir(name_or_path: str, adapters_dir: Path) -> Path:
@@ -23,24 +27,25 @@ def adapter_dir(name_or_path: str, adapters_dir: Path) -> Path:
     return path
 
 
-def check_servable(model: nn.Module, adapter: Path, config: LoraConfig) -> None:
-    """AdapterError for an adapter of ``model``'s, its config ``config`` (``adapter_files.read_config``, which
-    refuses a key named twice, NaN ``lora_alpha``, options the engine does not serve), that the server would refuse
-    (``adapter_files.load_adapter``, at the server's default largest rank): its weights (shapes, non-finite values),
-    the modules its config selects, or its card. What ``merge`` writes is then the merged twin of what the server
-    serves."""
+def check_servable(model: nn.Module, adapter: Path, config: LoraConfig) -> AdapterWeights:
+    """The adapter as the server would load it (``adapter_files.load_adapter``, at the server's default largest
+    rank), its config ``config`` (``adapter_files.read_config``, which refuses a key named twice, NaN ``lora_alpha``,
+    options the engine does not serve); AdapterError for one the server would refuse: its weights (shapes,
+    non-finite values), the modules its config selects, its card or its chat template. What ``merge`` writes is then
+    the merged twin of what the server serves."""
     from service.lora.adapter_files import load_adapter
     from service.lora.layers import is_lora_target, module_shape
     from service.settings import Settings
 
     shapes = {name: module_shape(module) for name, module in model.named_modules() if is_lora_target(name, module)}
-    load_adapter(adapter.name, adapter, shapes, Settings().max_rank, torch.float32,
-                 [name for name, _ in model.named_modules() if name], config)
+    return load_adapter(adapter.name, adapter, shapes, Settings().max_rank, torch.float32,
+                        [name for name, _ in model.named_modules() if name], config)
 
 
 def merge_adapter(args: argparse.Namespace) -> Path:
     """Write ``base + adapter`` with the LoRA product added into the base weights (in float32), and the base's
-    tokenizer, to ``--out``; returns that folder. Raises FileNotFoundError for an adapter folder without
+    tokenizer with the chat template the adapter's folder ships, if any (the one the server renders its chats with),
+    to ``--out``; returns that folder. Raises FileNotFoundError for an adapter folder without
     safetensors weights or a base that is no model directory, AdapterError for an adapter the server would refuse
     (``check_servable``)."""
     from service.lora.adapter_files import read_config
@@ -51,11 +56,13 @@ def merge_adapter(args: argparse.Namespace) -> Path:
     config = read_config(adapter, Settings().max_rank)  # AdapterError: a config it refuses
     base_dir = resolve_base_dir(args.base_model or config.base_model_name_or_path or "smollm2", Settings().cache_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)  # merge in full precision
-    check_servable(model, adapter, config)
+    template = check_servable(model, adapter, config).chat_template
     merged = PeftModel.from_pretrained(model, adapter, config=config).merge_and_unload()  # the config checked
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    tokenizer.chat_template = template or tokenizer.chat_template
     with written_whole(Path(args.out)) as partial:  # UsageError: --out filled meanwhile
         merged.save_pretrained(partial)
-        AutoTokenizer.from_pretrained(base_dir).save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
     return Path(args.out)
 
 

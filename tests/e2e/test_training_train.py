@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPTNeoXConfig
 
 from service.cli.command import UsageError
 from service.cli.main import build_parser
@@ -161,6 +162,19 @@ def test_merged_model_equals_base_plus_adapter(arch, request, tmp_path):
     assert not torch.allclose(base, expected, atol=1e-3)  # the adapter does change the outputs
     torch.testing.assert_close(merged, expected, atol=1e-4, rtol=1e-4)
     assert (out / "tokenizer.json").is_file()
+    assert AutoTokenizer.from_pretrained(out).chat_template == AutoTokenizer.from_pretrained(base_dir).chat_template
+
+
+def test_a_merged_model_chats_with_the_template_its_adapter_ships(tiny_llama_dir, llama_adapters, tmp_path):
+    """The server renders an adapter's chats with the template its folder ships: the merged twin carries it (it got
+    the base's)."""
+    adapter = shutil.copytree(llama_adapters["one"], tmp_path / "styled")
+    (adapter / "chat_template.jinja").write_text("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}")
+    out = merge.merge_adapter(parse("merge", "--adapter", adapter, "--out", tmp_path / "merged", "--base-model",
+                                    tiny_llama_dir))
+    rendered = AutoTokenizer.from_pretrained(out).apply_chat_template([{"role": "user", "content": "Hi"}],
+                                                                      tokenize=False)
+    assert rendered == "<user>Hi"
 
 
 def test_merge_refuses_pickled_adapters(tmp_path):
