@@ -355,4 +355,7 @@ def data_bytes() -> int:
 
 
 if __name__ == "__main__":  # a child: ``Child`` runs this module with its socket's file descriptor and the server's pid
-    serve(Connection(int(sys.argv[1])), int(sys.argv[2]))
+    # the server gone (it exited, or closed the socket with a reply unread: a reset, not an end of file) ends the
+    # child quietly, no traceback on the terminal they share
+    with contextlib.suppress(ConnectionError):
+        serve(Connection(int(sys.argv[1])), int(sys.argv[2]))

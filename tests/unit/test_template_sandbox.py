@@ -7,10 +7,12 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+from multiprocessing.connection import Connection
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -43,6 +45,25 @@ def test_a_render_in_a_child_is_the_render_in_process(tokenizer, template, flags
     messages = [*QUESTION, {"role": "assistant", "content": "Answer: <|im_end|> the"}]
     assert renderer(tokenizer).render((messages, template, flags)) == render_ids(tokenizer, messages, template,
                                                                                   **flags)
+
+
+def test_a_child_whose_server_left_a_reply_unread_ends_quietly(tokenizer):
+    """A review: after ``loraswap eval`` exited on a template's refusal, its render processes printed
+    ConnectionResetError tracebacks: the server closed the socket with a reply unread, which the child's next read
+    meets as a reset, not an end of file."""
+    ours, theirs = socket.socketpair()
+    child = subprocess.Popen([sys.executable, "-P", "-m", template_sandbox.__name__, str(theirs.fileno()),
+                              str(os.getpid())], pass_fds=[theirs.fileno()], stderr=subprocess.PIPE,
+                             env={**os.environ, "PYTHONPATH": str(Path(template_sandbox.__file__).parents[2])})
+    theirs.close()
+    connection = Connection(ours.detach())
+    connection.send(tokenizer)
+    assert connection.poll(120) and connection.recv()  # ready
+    connection.send((QUESTION, None, GENERATION))
+    assert connection.poll(30)  # it answered: a reply lies unread
+    connection.close()
+    assert child.wait(30) == 0
+    assert child.stderr.read().decode() == ""
 
 
 def test_a_template_past_the_deadline_is_refused_and_its_process_stopped(tokenizer):
