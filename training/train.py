@@ -145,8 +145,9 @@ def split_rows(rows: list[dict], n_eval: int, seed: int) -> tuple[list[dict], li
 
 
 def base_settings(args: argparse.Namespace) -> Settings:
-    """The settings the base is loaded with, as the service's loader reads them (in bf16 where ``use_bf16``)."""
-    return Settings(base_model=str(args.base_model), quantize=args.quantize,
+    """The settings the base is loaded with, as the service's loader reads them (in bf16 where ``use_bf16``), on the
+    device the trainer uses (``auto``: CUDA where present), whatever ``LORASWAP_DEVICE`` says for serving."""
+    return Settings(base_model=str(args.base_model), quantize=args.quantize, device="auto",
                     dtype="bfloat16" if use_bf16(args.bf16) else "float32")
 
 

@@ -214,3 +214,12 @@ def test_a_qlora_adapter_serves_on_the_4bit_base(tiny_llama_dir, tmp_path):
         expected = peft_model(torch.tensor([prompt])).logits[0, -1, candidates].float().softmax(-1)
     assert torch.allclose(torch.tensor(served), expected, atol=1e-4)
     assert max(abs(a - b) for a, b in zip(served, bare)) > 1e-4  # the trained adapter changes the 4-bit model
+
+
+def test_training_loads_the_base_where_the_trainer_trains_whatever_the_serving_device(tiny_gpt2_dir, tmp_path,
+                                                                                     monkeypatch):
+    """A review: ``LORASWAP_DEVICE=cuda:1 loraswap train`` on a machine without CUDA ended in torch's AssertionError
+    (the serving setting reached the loader); the trainer places the model itself."""
+    args = tiny_run(tiny_gpt2_dir, tmp_path / "out")
+    monkeypatch.setenv("LORASWAP_DEVICE", "cuda:1")
+    assert train.base_settings(args).device == "auto"
