@@ -14,8 +14,6 @@ with weights other than its own adapter's.
 from __future__ import annotations
 
 import bisect
-import contextlib
-import functools
 import logging
 import math
 import threading
@@ -120,6 +118,7 @@ class Engine:
         self._queue: deque[_Pending] = deque()  # in order of ``due``, then of submission
         self._clock = Fraction(0)  # virtual time: each pass's tokens over the requests then queued (submit_together)
         self._controls: deque[tuple[callable, Future]] = deque()
+        self._purges: deque[int] = deque()  # serials of weights whose prefix cache blocks are to go (purge_prefixes)
         self._wakeup = threading.Condition()
         self._accepting = False
         self._thread: threading.Thread | None = None
@@ -240,11 +239,12 @@ class Engine:
         return future
 
     def purge_prefixes(self, adapter: AdapterWeights) -> None:
-        """Have the engine thread drop, between batches, the prefix cache's blocks of ``adapter``'s weights once they
-        are unregistered (``PrefixCache.purge``). Does not wait for it; nothing is done once the engine takes no more
-        work. Rows taken before may still store blocks of those weights, which then age out."""
-        with contextlib.suppress(EngineStopped, EngineFailed):
-            self.call(functools.partial(self.prefix_cache.purge, adapter.serial))
+        """Have the engine thread drop the prefix cache's blocks of ``adapter``'s weights once they are unregistered
+        (``PrefixCache.purge``), at its next pause between two decoding steps or two batches. Does not wait for it,
+        nor hold up the requests waiting to join the running batch, as an admin call (``call``) does: a review found
+        every replace and delete kept all requests waiting until the running rows were done. Rows bound to those
+        weights may still store blocks of them, which then age out."""
+        self._purges.append(adapter.serial)
 
     def _refuse_unless_accepting(self) -> None:
         """Raise EngineFailed or EngineStopped unless new work is taken (called holding ``_wakeup``)."""
@@ -279,6 +279,7 @@ class Engine:
         while True:
             self._taken = self._next_batch() or []  # from here on, _fail finds them should the loop die
             self._run_controls()
+            self._purge_prefixes()
             if not self._taken:
                 if not self._accepting and not self._queue:
                     return
@@ -289,6 +290,11 @@ class Engine:
                 for pending in self._taken:
                     if not pending.future.done():
                         pending.future.set_exception(exc)
+
+    def _purge_prefixes(self) -> None:
+        """Drop the prefix cache blocks of the weights ``purge_prefixes`` was called for since the last time."""
+        while self._purges:
+            self.prefix_cache.purge(self._purges.popleft())
 
     def _run_controls(self) -> None:
         while self._controls:
@@ -503,6 +509,7 @@ class Engine:
         pause loaded an adapter. Once through, NLI requests get their answer and generations join the running
         rows (after a pass of shared prefixes, their own prompts' pass comes next). Returns the requests still
         joining."""
+        self._purge_prefixes()
         if joining is None and len(running):
             joining = self._admit(running)
         while joining is not None:

@@ -236,3 +236,21 @@ def test_adapters_loaded_beside_a_running_batch_take_one_pause_each_and_it_does_
     engine.registry.place = place
     assert same_output(running.result(WAIT), alone(engine, long_work))
     assert_same_outputs(got, [alone(engine, work) for work in joiners], joiners)
+
+
+def test_dropping_an_adapters_prefix_blocks_does_not_hold_up_the_requests_waiting_to_join(engines):
+    """A review: every in-place load and delete purged the old weights' prefix cache blocks through an admin call,
+    which keeps queued requests out of the running batch until its rows are done (one request of 64 tokens held a
+    1-token request 3 s). The purge now waits for no batch: a request queued after it joins the running rows."""
+    engine = engines.fresh(max_new_tokens=64)
+    rng = random.Random(41)
+    engine.decoder = steps = WatchedSteps(engine.decoder, hold_at=3)
+    running = engine.submit(long_generation(rng, "r2", 64))
+    assert steps.holding.wait(WAIT)
+    engine.purge_prefixes(engine.registry.lookup("r8"))
+    joiner = greedy(rng, "r4", max_new_tokens=2)
+    joined = engine.submit(joiner)
+    steps.release.set()
+    assert same_output(joined.result(WAIT), alone(engines.shared(), joiner))
+    assert not running.done() and max(steps.notes) == 2, f"rows per step: {steps.notes}"
+    running.result(WAIT)
