@@ -164,6 +164,12 @@ class Child:
     def alive(self) -> bool:
         return self.process.poll() is None
 
+    @property
+    def usable(self) -> bool:
+        """Alive and not stopped (SIGSTOP, a debugger: state T or t): a process stopped while idle would cost its next
+        render the compile step's whole wait (``COMPILE_SECONDS``) before a 503."""
+        return self.alive and process_state(self.process.pid)[0] not in ("T", "t")
+
     def stop(self) -> None:
         self.process.kill()
         self.process.wait()
@@ -237,7 +243,10 @@ class Renderer:
         while (taken := self.next_job()) is not None:
             job, future = taken
             try:
-                child = child if child is not None and child.alive else Child(self.tokenizer)
+                if child is not None and not child.usable:
+                    child.stop()  # dead, or stopped from outside while idle: a new one renders
+                    child = None
+                child = child or Child(self.tokenizer)
                 future.set_result(child.render(job))
             except RenderBound as exc:
                 with self.changed:

@@ -225,6 +225,20 @@ def test_a_render_process_frozen_from_outside_is_the_servers_trouble(tokenizer, 
     assert not child.alive and child.process.returncode == -signal.SIGKILL
 
 
+def test_a_render_process_stopped_while_idle_is_replaced_before_the_next_render(tokenizer, monkeypatch):
+    """A review: a render process stopped (SIGSTOP) between renders cost the next chat the compile step's whole wait,
+    then a 503; its worker now sees it stopped, kills it and renders in a new one."""
+    monkeypatch.setattr(template_sandbox, "COMPILE_SECONDS", 120.0)
+    children, renders = rendering_children(monkeypatch), Renderer(tokenizer)
+    expected = render_ids(tokenizer, QUESTION, None, **GENERATION)
+    assert renders.render((QUESTION, None, GENERATION)) == expected
+    os.kill(children[0].process.pid, signal.SIGSTOP)
+    wait_for(lambda: template_sandbox.process_state(children[0].process.pid)[0] in ("T", "t"), "the stop")
+    assert renders.submit((QUESTION, None, GENERATION)).result(timeout=60) == expected
+    assert children[1] is not children[0] and children[0].process.returncode == -signal.SIGKILL
+    renders.close()
+
+
 def test_a_render_process_dead_since_its_last_render_is_the_servers_trouble(tokenizer):
     child = Child(tokenizer)
     child.process.kill()
