@@ -58,14 +58,16 @@ def start_runtime(args: argparse.Namespace, folder: Path | None) -> Runtime:
 
 
 def served_adapter(rt: Runtime, args: argparse.Namespace, folder: Path | None) -> AdapterWeights | None:
-    """The weights ``rt`` serves the evaluated adapter with (None: the bare base), after loading ``folder`` if it is
-    one. Raises AdapterError for a folder the base cannot serve, and for an adapter of ``--adapters-dir`` that was
-    skipped at start, with the reason the engine refuses it (loaded again to say why)."""
-    if adapter_or_base(str(args.adapter)) is None:  # calibrate takes a folder (a Path)
-        return None
+    """The weights ``rt`` serves the evaluated adapter with, after loading ``folder`` if it is one (calibrate's
+    always is: a folder named ``none`` or ``base`` is served as the folder it is); None, the bare base, for
+    ``--adapter none`` or ``base`` without a folder (``adapter_folder`` gives none for these). Raises AdapterError for
+    a folder the base cannot serve, and for an adapter of ``--adapters-dir`` that was skipped at start, with the
+    reason the engine refuses it (loaded again to say why)."""
     if folder is not None:
         rt.load_adapter(EVALUATED, folder)
         return rt.registry.lookup(EVALUATED)
+    if adapter_or_base(args.adapter) is None:
+        return None
     if not rt.registry.registered(args.adapter):  # skipped at start, the reason only logged
         try:
             rt.load_adapter(args.adapter, args.adapters_dir / args.adapter)

@@ -162,7 +162,7 @@ def add_calibrate_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", required=True, type=Path,
                         help="an NLI adapter folder, or the name of one in --adapters-dir, with the card.json "
                         "loraswap train wrote (its seed and validation count tell which training rows were held out; "
-                        "no default)")
+                        "no default); always a folder: one named none or base is that folder, never the bare base")
     parser.add_argument("--data-dir", type=Path, help="the data folder (default: $LORASWAP_DATA_DIR, else shared/data "
                         "beside the repository)")
     parser.add_argument("--write-card", action="store_true",

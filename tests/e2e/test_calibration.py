@@ -89,6 +89,26 @@ def test_an_adapter_is_named_in_the_adapters_folder_and_a_card_that_is_not_json_
     assert exited.value.code == 2 and "card.json cannot be read" in capsys.readouterr().err
 
 
+def test_a_folder_named_as_the_bare_base_is_calibrated_as_the_folder_it_is(tiny_llama_dir, llama_adapters, tmp_path,
+                                                                          monkeypatch):
+    """A review: ``--adapter Base --adapters-dir DIR`` (and ``--adapter none``, a folder of that name in the working
+    directory) scored the bare base, and ``--write-card`` wrote the base's temperature into the adapter's card."""
+    data = data_folder(tmp_path / "data")
+    card = {"examples": {"train": 30, "validation": 21, "dropped_too_long_or_bad_label": 0, "available": 51},
+            "hyperparameters": {"seed": 0}, "task": "nli"}
+    adapters = tmp_path / "adapters"
+    for name in ("Base", "none"):
+        carded(llama_adapters["one"], adapters / name, card)
+    monkeypatch.chdir(adapters)
+    scores = {}
+    for given in ("Base", "none", str(adapters / "Base")):
+        report = tmp_path / f"{len(scores)}.json"
+        run("calibrate", "--adapter", given, "--adapters-dir", str(adapters), "--data-dir", str(data),
+            "--base-model", str(tiny_llama_dir), "--json", str(report))
+        scores[given] = json.loads(report.read_text())["scores"]
+    assert scores["Base"] == scores["none"] == scores[str(adapters / "Base")]
+
+
 def test_an_adapter_with_no_held_out_pairs_is_a_usage_error_not_a_traceback(tiny_llama_dir, llama_adapters,
                                                                              tmp_path, capsys):
     """Trained with ``--eval-examples 0``, an adapter has no pairs to fit on: exit status 2 and one line."""
