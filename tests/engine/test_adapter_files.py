@@ -57,6 +57,14 @@ def linked_out(name: str):
     return link
 
 
+def in_a_loop(name: str):
+    """``name`` in the adapter folder becomes a symlink to itself (pathlib's resolve raised RuntimeError for it)."""
+    def link(folder: Path, _: Path) -> None:
+        (folder / name).unlink(missing_ok=True)
+        os.symlink(name, folder / name)
+    return link
+
+
 HOSTILE = {
     "folder_as_config": (folder_as_config, AdapterError, "adapter_config.json is not a regular file"),
     "deeply_nested_config": (deeply_nested_config, AdapterError, "not valid JSON"),
@@ -65,6 +73,8 @@ HOSTILE = {
     "card_key_twice": (card_key_twice, AdapterError, '"label_calibration" appears 2 times'),
     "weights_linked_out": (linked_out(WEIGHTS_FILE), AdapterPathRefused, "symlink to a file outside"),
     "config_linked_out": (linked_out(CONFIG_FILE), AdapterPathRefused, "symlink to a file outside"),
+    "card_in_a_loop": (in_a_loop(CARD_FILE), AdapterError, "card.json is a symlink that cannot be followed"),
+    "config_in_a_loop": (in_a_loop(CONFIG_FILE), AdapterError, "adapter_config.json is a symlink that cannot"),
 }
 
 
