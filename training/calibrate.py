@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from service import strict_json
 from service.cli.command import UsageError
+from service.errors import AdapterError
 from service.lora.adapter_files import AdapterWeights
-from service.lora.card import CALIBRATION_FIELD, CARD_FILE
+from service.lora.bounded_read import adapter_file
+from service.lora.card import CALIBRATION_FIELD, CARD_FILE, read_card
 from service.runtime import Runtime
 from service.tasks.prompts import NLI_LABELS
 from training.data import TASK_TRAIN_FILES, data_dir, read_eval, read_nli
@@ -34,14 +35,16 @@ LOG_T_RANGE = (math.log(0.05), math.log(20.0))  # where the fitted temperature i
 
 
 def card_of(folder: Path) -> dict:
-    """The ``card.json`` of the adapter ``folder``, read as the server reads it (``strict_json``): FileNotFoundError
-    without one, UsageError for one that is not a JSON object or names a key twice in one."""
+    """The ``card.json`` of the adapter ``folder``, read as the server reads it (``card.read_card``, the file found
+    as ``bounded_read.adapter_file`` finds it): FileNotFoundError without one, UsageError, in one line, for one that
+    is no regular file inside the folder (a FIFO was read until something wrote to it, a folder or a symlink loop was
+    a traceback), is too large, is not a JSON object or names a key twice in one."""
     try:
-        card = strict_json.loads((folder / CARD_FILE).read_text())
-    except ValueError as exc:  # not UTF-8, not JSON, a key named twice (RepeatedKey)
-        raise UsageError(f"{folder / CARD_FILE} cannot be read: {exc}") from None
-    if not isinstance(card, dict):
-        raise UsageError(f"{folder / CARD_FILE} is not a JSON object")
+        card = read_card(adapter_file(folder, CARD_FILE))
+    except AdapterError as exc:  # each names the card's path
+        raise UsageError(str(exc)) from None
+    if card is None:
+        raise FileNotFoundError(f"{folder} has no {CARD_FILE}: calibrate needs the card loraswap train wrote")
     return card
 
 
@@ -221,10 +224,11 @@ def run(args: argparse.Namespace) -> dict:
     """``loraswap calibrate``: fit T on the adapter's held-out MNLI training pairs, measure dev_matched before and
     after, print the report; ``--write-card`` stores T in the card, ``--diagram`` draws the reliability diagram,
     ``--json`` writes the report with the reliability bins and every row's scores (uncalibrated) and gold label.
-    Raises FileNotFoundError for an adapter folder without a card or absent data, UsageError for a card that is not
-    JSON or does not say how its rows were split (``split_of``), when its held-out rows cannot be told or there are
-    none (``held_out_rows``), and, with ``--write-card``, for a temperature at the search's lower bound (``fitted``;
-    the report is printed first), AdapterError for an adapter the base cannot serve."""
+    Raises FileNotFoundError for an adapter folder without a card or absent data, UsageError for a card that cannot be
+    read as the server reads it (``card_of``) or does not say how its rows were split (``split_of``), when its
+    held-out rows cannot be told or there are none (``held_out_rows``), and, with ``--write-card``, for a temperature
+    at the search's lower bound (``fitted``; the report is printed first), AdapterError for an adapter the base cannot
+    serve."""
     folder, root = adapter_folder(args), Path(args.data_dir) if args.data_dir else data_dir()
     card = card_of(folder)
     split = split_of(card)

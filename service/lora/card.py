@@ -35,26 +35,37 @@ class Calibration:
         return self.temperature if tuple(labels) == self.labels else 1.0
 
 
-def read_calibration(card_path: Path) -> Calibration:
-    """The calibration in the card at ``card_path`` (a ``card.json``): the default (T = 1) when there is no card or it
-    has no ``label_calibration`` field. Raises AdapterError (422) for a card that cannot be read (a symlink to
-    nothing, as for the chat template: ``runtime.read_chat_template``), that is not a JSON object, or a field that is
-    not an object with a finite ``temperature`` > 0 (a JSON number, not a string or a boolean) and ``labels``, a list
-    of at least two distinct non-empty strings."""
+def read_card(card_path: Path) -> dict | None:
+    """The card at ``card_path`` (a ``card.json``) as the server reads it: bounded, a regular file only
+    (``read_bounded``), strictly (``strict_json``); None when there is none. Raises AdapterError for a card that is a
+    symlink to nothing (as for the chat template: ``runtime.read_chat_template``), that is no regular file (a FIFO, a
+    folder) or is over ``MAX_ADAPTER_JSON_BYTES``, that cannot be read as JSON or names a key twice in one object,
+    and for one that is not a JSON object."""
     if card_path.is_symlink() and not card_path.exists():
-        raise AdapterError(f"{card_path} is a symlink to nothing, so its label calibration is unknown")
+        raise AdapterError(f"{card_path} is a symlink to nothing")
     if not card_path.exists():
-        return Calibration()
+        return None
     try:
         card = strict_json.loads(read_bounded(card_path, MAX_ADAPTER_JSON_BYTES))  # AdapterError: a FIFO, too large
-    except strict_json.RepeatedKey as exc:
+    except (strict_json.RepeatedKey, AdapterError) as exc:  # AdapterError: read_bounded's, which names no folder
         raise AdapterError(f"{card_path}: {exc}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise AdapterError(f"{card_path} cannot be read as JSON ({type(exc).__name__}), so its label calibration is "
-                           f"unknown") from None
+        raise AdapterError(f"{card_path} cannot be read as JSON ({type(exc).__name__})") from None
     if not isinstance(card, dict):
         raise AdapterError(f"{card_path} is not a JSON object")
-    if CALIBRATION_FIELD not in card:
+    return card
+
+
+def read_calibration(card_path: Path) -> Calibration:
+    """The calibration in the card at ``card_path`` (a ``card.json``): the default (T = 1) when there is no card or it
+    has no ``label_calibration`` field. Raises AdapterError (422) for a card ``read_card`` refuses, or a field that is
+    not an object with a finite ``temperature`` > 0 (a JSON number, not a string or a boolean) and ``labels``, a list
+    of at least two distinct non-empty strings."""
+    try:
+        card = read_card(card_path)
+    except AdapterError as exc:
+        raise AdapterError(f"{exc}, so its label calibration is unknown") from None
+    if card is None or CALIBRATION_FIELD not in card:
         return Calibration()
     return parse_calibration(card[CALIBRATION_FIELD], f"{card_path}: {CALIBRATION_FIELD}")
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import shutil
 
 import pytest
 import torch
@@ -77,3 +79,29 @@ def test_a_card_is_read_as_the_server_reads_it(tmp_path):
         card_of(tmp_path)
     (tmp_path / "card.json").write_text('{"task": "nli"}')
     assert card_of(tmp_path) == {"task": "nli"}
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda card: card.mkdir(), "card.json: the adapter's card.json is not a regular file"),  # was IsADirectoryError
+    (lambda card: card.symlink_to(card.name), "card.json is a symlink in a loop, to no file"),  # was OSError ELOOP
+    (lambda card: card.symlink_to(card.parent.parent / "elsewhere.json"), "card.json is a symlink to a file outside "
+     "the adapter folder"),
+    (lambda card: card.write_text('{"a": "' + "x" * 2**20 + '"}'), "card.json: the adapter's card.json has 1048585 "
+     "bytes, more than the 1048576 it may have"),
+    (lambda card: card.write_text("[1]"), "card.json is not a JSON object"),
+    (lambda card: os.mkfifo(card), "card.json: the adapter's card.json is not a regular file"),  # was read forever
+], ids=["folder", "loop", "outside", "too_large", "not_object", "fifo"])
+def test_a_card_the_server_refuses_is_a_usage_error(tmp_path, make, message):
+    """A review: calibrate read card.json whole with a plain open, not as the server reads it (``card.read_card``):
+    a FIFO hung it, a folder or a symlink loop was a traceback."""
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (tmp_path / "elsewhere.json").write_text('{"task": "nli"}')
+    make(folder / "card.json")
+    with pytest.raises(UsageError) as refused:
+        card_of(folder)
+    assert str(refused.value) == f"{folder}/{message}"
+    shutil.rmtree(folder)
+    folder.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"has no card\.json"):
+        card_of(folder)
