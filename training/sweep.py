@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
+import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -20,6 +20,9 @@ from peft import get_peft_model
 from transformers import AutoConfig
 
 from service.cli.command import UsageError
+from service.errors import AdapterError
+from service.lora.bounded_read import adapter_file
+from service.lora.card import CARD_FILE, read_card
 from training import train
 from training.data import data_dir
 
@@ -90,24 +93,38 @@ def changes(recorded: dict, expected: dict) -> list[str]:
 
 
 def finished_card(options: argparse.Namespace, model: torch.nn.Module) -> dict | None:
-    """The card of the run trained before into ``options.out`` with ``options`` (``run_options``), None where it has
-    no card (not trained yet, or cut off). Raises UsageError for a card that cannot be read, or that records other
+    """The card of the run trained before into ``options.out`` with ``options`` (``run_options``), None where the run
+    has no folder or an empty one (not trained yet, or cut off: a run is written beside its folder, then moved there
+    whole). Raises UsageError for a card that cannot be read as the server reads it (``card.read_card``: a symlink
+    to nothing, a FIFO, a folder), for a run folder that holds files but no card, and for a card that records other
     settings (``train.trained_as`` on ``model``, a ``train.meta_model``): a sweep never reports nor writes over
-    another's run."""
-    path = options.out / "card.json"
-    if not path.is_file():
+    another's run, nor trains a run only to find it cannot be put in its folder."""
+    try:
+        card = read_card(adapter_file(options.out, CARD_FILE))
+    except AdapterError as exc:
+        raise UsageError(f"{exc}: not the card of a run this command reads") from None
+    if card is None:
+        if os.path.lexists(options.out) and not empty_folder(options.out):
+            raise UsageError(f"--out {options.out.parent} holds {options.out.name}, which is not an empty folder and "
+                             f"has no {CARD_FILE}: not a run of a sweep; move it away or name a new folder")
         return None
     config = train.lora_config(model, options.rank, options.alpha, options.dropout, options.target_modules)
     expected = {**train.trained_as(options, config), "data_dir": str(options.data_dir or data_dir())}
-    try:
-        card = json.loads(path.read_text())
-        recorded = {**{key: card.get(key) for key in expected}, "data_dir": (card.get("data") or {}).get("dir")}
-    except (OSError, ValueError, AttributeError) as exc:  # unreadable, not JSON, not an object
-        raise UsageError(f"{path}: not the card of a run this command reads ({exc!r})") from None
+    data = card.get("data")
+    recorded = {**{key: card.get(key) for key in expected},
+                "data_dir": data.get("dir") if isinstance(data, dict) else None}
     if recorded != expected:
         raise UsageError(f"--out {options.out.parent} holds runs of other settings: {options.out.name} was trained "
                          f"with {', '.join(changes(recorded, expected))}; name a new folder for this sweep")
     return card
+
+
+def empty_folder(path: Path) -> bool:
+    """Whether ``path`` is a folder (not a symlink to one) that holds nothing."""
+    try:
+        return not path.is_symlink() and path.is_dir() and not any(path.iterdir())
+    except OSError:  # a folder it may not read
+        return False
 
 
 def cell(value) -> str:

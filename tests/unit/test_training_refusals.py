@@ -4,6 +4,7 @@ that leaves nothing to train on or cannot be read, a grid that lists a value twi
 from __future__ import annotations
 
 import gzip
+import os
 import shutil
 from pathlib import Path
 
@@ -143,6 +144,32 @@ def test_sweep_reads_back_only_the_runs_of_its_own_settings(tiny_gpt2_dir, nli_d
                 f"with {changes}; name a new folder for this sweep") in refusal([*sweep, *options], capsys)
     assert (out / "attention_r2_lr0_001" / "card.json").read_text() == card
     assert (out / "sweep.csv").read_text() == tables
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda card: card.symlink_to("/nonexistent"), "card.json is a symlink to a file outside the adapter folder"),
+    (lambda card: card.symlink_to("gone.json"), "card.json is a symlink to nothing"),
+    (lambda card: os.mkfifo(card), "card.json: the adapter's card.json is not a regular file"),
+    (lambda card: card.mkdir(), "card.json: the adapter's card.json is not a regular file"),
+    (lambda card: (card.parent / "adapter_config.json").write_text("{}"), "holds attention_r2_lr0_001, which is not "
+     "an empty folder and has no card.json"),
+], ids=["dangling_out", "dangling_in", "fifo", "folder", "files_no_card"])
+def test_sweep_refuses_a_run_folder_it_could_neither_read_back_nor_train_into(make, message, tiny_gpt2_dir, nli_data,
+                                                                              tmp_path, capsys):
+    """A review: a run whose card.json was a symlink to nothing, a FIFO or a folder (``is_file`` false: no card) was
+    trained again, then refused with a false 'was filled while the command ran', a .partial-* folder left beside it.
+    Now refused before any run trains; a run folder that is empty (or absent) is still trained."""
+    out = tmp_path / "runs"
+    run = out / "attention_r2_lr0_001"
+    run.mkdir(parents=True)
+    make(run / "card.json")
+    argv = ["sweep", *TINY_RUN, "--base-model", str(tiny_gpt2_dir), "--data-dir", str(nli_data), "--out", str(out),
+            "--ranks", "2", "--lrs", "1e-3", "--targets", "attention"]
+    assert message in refusal(argv, capsys)
+    assert sorted(path.name for path in out.iterdir()) == ["attention_r2_lr0_001"]  # no .partial-*, no tables
+    shutil.rmtree(run)
+    run.mkdir()  # an empty run folder: trained into
+    assert main(argv) == 0 and (run / "card.json").is_file()
 
 
 @pytest.mark.parametrize("filled", [True, False])
