@@ -61,14 +61,21 @@ def grid(args: argparse.Namespace, model: torch.nn.Module) -> list[dict]:
 
 
 def check_options(args: argparse.Namespace) -> None:
-    """Raise UsageError, before anything loads, for an ``--out`` that is a file, or a ``--ranks``, ``--lrs`` or
-    ``--targets`` that lists a value twice (each run of the grid is made once)."""
+    """Raise UsageError, before anything loads, for an ``--out`` that is a file, a ``--ranks``, ``--lrs`` or
+    ``--targets`` that lists a value twice (each run of the grid is made once), or learning rates that differ only
+    past the 6 significant digits that name their runs' folders (``grid``: two runs would share one)."""
     if args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out {args.out} is a file, not a folder")
     for name in ("ranks", "lrs", "targets"):
         twice = [value for value, count in Counter(getattr(args, name)).items() if count > 1]
         if twice:
             raise UsageError(f"--{name} lists {twice[0]} twice: each run of the grid is made once")
+    named: dict[str, float] = {}
+    for lr in args.lrs:
+        if named.setdefault(f"{lr:g}", lr) != lr:
+            raise UsageError(f"--lrs {named[f'{lr:g}']!r} and {lr!r} both print as {lr:g} (6 significant digits), "
+                             "which names a run's folder: two runs would share one; give learning rates that differ "
+                             "in those digits")
 
 
 def run_options(args: argparse.Namespace, spec: dict) -> argparse.Namespace:

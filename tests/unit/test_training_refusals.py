@@ -98,6 +98,8 @@ def test_train_refuses_data_it_cannot_read_naming_its_files(snli, message, tiny_
     (["--lrs", "1e-3,0.001"], "loraswap sweep: error: --lrs lists 0.001 twice"),
     (["--targets", "attention,attention"], "loraswap sweep: error: --targets lists attention twice"),
     (["--out", "card.json"], "loraswap sweep: error: --out card.json is a file, not a folder"),
+    (["--lrs", "1e-4,1.0000001e-4"], "loraswap sweep: error: --lrs 0.0001 and 0.00010000001 both print as 0.0001 "
+     "(6 significant digits), which names a run's folder: two runs would share one"),  # a review: they shared one
 ])
 def test_sweep_refuses_a_grid_with_a_run_twice_or_a_file_as_its_folder(options, message, tmp_path, monkeypatch,
                                                                         capsys):
