@@ -12,6 +12,8 @@ import argparse
 import csv
 import os
 import re
+import shlex
+import typing
 from collections import Counter
 from pathlib import Path
 
@@ -26,6 +28,11 @@ from service.lora.card import CARD_FILE, read_card
 from training import train
 from training.data import data_dir
 
+# hyperparameters cards hold only since a503d3a (max_examples, eval_examples) and 90e3967 (eval_every): an older
+# card's are read from the command line it records (``recorded_hyperparameters``)
+LATE_HYPERPARAMETERS = ("max_examples", "eval_examples", "eval_every")
+# the hyperparameters a recorded command line must give as its card holds them to be taken for the run's
+COMMAND_CHECKS = ("dropout", "epochs", "batch_size", "grad_accum", "warmup", "seed", "quantize")
 COLUMNS = [
     "run", "targets", "target_modules", "rank", "lr", "trainable_parameters", "steps",
     "final_train_loss", "final_validation_loss", "validation_token_accuracy", "validation_sequence_accuracy",
@@ -119,11 +126,80 @@ def finished_card(options: argparse.Namespace, model: torch.nn.Module) -> dict |
     expected = {**train.trained_as(options, config), "data_dir": str(options.data_dir or data_dir())}
     data = card.get("data")
     recorded = {**{key: card.get(key) for key in expected},
+                "hyperparameters": recorded_hyperparameters(card, options.out),
                 "data_dir": data.get("dir") if isinstance(data, dict) else None}
+    recorded, expected = unread_settings_dropped(recorded, expected)
     if recorded != expected:
         raise UsageError(f"--out {options.out.parent} holds runs of other settings: {options.out.name} was trained "
                          f"with {', '.join(changes(recorded, expected))}; name a new folder for this sweep")
     return card
+
+
+def recorded_hyperparameters(card: dict, run: Path) -> object:
+    """The ``hyperparameters`` of ``card`` (the card of the run in folder ``run``), with those it is too old to hold
+    (``LATE_HYPERPARAMETERS``) read from the command line it records (``recorded_command``). Raises UsageError, saying
+    how to go on, for a card too old to hold some whose command cannot tell them."""
+    hyperparameters = card.get("hyperparameters")
+    if not isinstance(hyperparameters, dict):
+        return hyperparameters
+    missing = [name for name in LATE_HYPERPARAMETERS if name not in hyperparameters]
+    if not missing:
+        return hyperparameters
+    command = recorded_command(card)
+    if command is None:
+        raise UsageError(f"{run / CARD_FILE} was written before cards recorded {', '.join(missing)}, and the command "
+                         f"it records ({card.get('command')!r}) is not the loraswap train or sweep of its run: "
+                         "what its run was trained with is unknown; name a new folder for this sweep (or, knowing "
+                         "the values, add them to the card's hyperparameters)")
+    return {**hyperparameters, **{name: getattr(command, name) for name in missing}}
+
+
+class RecordedCommandParser(argparse.ArgumentParser):
+    """A parser of a recorded command line: what it cannot parse is a ValueError, not a message and an exit."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise ValueError(message)
+
+
+def recorded_command(card: dict) -> argparse.Namespace | None:
+    """The options shared by train and sweep (``options.add_run_options``) of the ``loraswap train`` or ``sweep``
+    command line that ``card`` records in ``command`` (its argv: an option not given took its default, and the
+    defaults of these have not changed since the first card); None where it records no such command line, or one
+    whose task, base model, or any hyperparameter set by an option both have, differs from the card's own (a run made
+    by calling ``main`` from a program, a test, records that program's argv)."""
+    from training.options import add_run_options
+
+    if not isinstance(card.get("command"), str):
+        return None
+    try:
+        argv = shlex.split(card["command"])
+    except ValueError:  # unbalanced quotes
+        return None
+    if argv[:1] != ["loraswap"] or argv[1:2] not in (["train"], ["sweep"]):
+        return None
+    parser = RecordedCommandParser(add_help=False)
+    add_run_options(parser)
+    try:
+        command, _ = parser.parse_known_args(argv[2:])  # the options of train or of sweep alone are left over
+    except ValueError:
+        return None
+    hyperparameters = card["hyperparameters"]
+    if (command.task, str(command.base_model)) != (card.get("task"), card.get("base_model")) or any(
+            hyperparameters.get(name) != getattr(command, name) for name in COMMAND_CHECKS):
+        return None
+    return command
+
+
+def unread_settings_dropped(recorded: dict, expected: dict) -> tuple[dict, dict]:
+    """``recorded`` and ``expected`` (``train.trained_as`` and the data folder), without ``eval_every`` where both
+    hold out no validation examples (``eval_examples`` 0): it is never read then, and cannot tell the runs apart."""
+    def dropped(settings: dict) -> dict:
+        inner = {name: value for name, value in settings["hyperparameters"].items() if name != "eval_every"}
+        return {**settings, "hyperparameters": inner}
+
+    held_out = [settings["hyperparameters"].get("eval_examples") if isinstance(settings["hyperparameters"], dict)
+                else None for settings in (recorded, expected)]
+    return (dropped(recorded), dropped(expected)) if held_out == [0, 0] else (recorded, expected)
 
 
 def empty_folder(path: Path) -> bool:

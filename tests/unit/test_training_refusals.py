@@ -4,7 +4,9 @@ that leaves nothing to train on or cannot be read, a grid that lists a value twi
 from __future__ import annotations
 
 import gzip
+import json
 import os
+import shlex
 import shutil
 from pathlib import Path
 
@@ -14,7 +16,9 @@ from service.cli.command import UsageError
 from service.cli.main import main
 from tests.data.make_corpus import NLI_SAMPLE
 from training.output_folder import partial_folder, publish, written_whole
+from training.sweep import LATE_HYPERPARAMETERS, recorded_hyperparameters
 
+SWEEP_RESULTS = Path(__file__).parents[2] / "docs" / "results" / "sweep"
 TINY_RUN = ["--task", "nli", "--max-steps", "1", "--max-examples", "8", "--eval-examples", "2", "--batch-size", "2"]
 
 
@@ -146,6 +150,49 @@ def test_sweep_reads_back_only_the_runs_of_its_own_settings(tiny_gpt2_dir, nli_d
                 f"with {changes}; name a new folder for this sweep") in refusal([*sweep, *options], capsys)
     assert (out / "attention_r2_lr0_001" / "card.json").read_text() == card
     assert (out / "sweep.csv").read_text() == tables
+
+
+def test_sweep_reads_the_hyperparameters_an_old_card_lacks_from_its_command(tiny_gpt2_dir, nli_data, tmp_path,
+                                                                           capsys):
+    """A review: cards written before they recorded eval_every (and, before that, max_examples and eval_examples) were
+    refused as 'eval_every None (this sweep: 0.1)': such a sweep could never be resumed. They are read from the
+    command line the card records, an option not given at its default, where that is the run's own."""
+    out = tmp_path / "runs"
+    sweep = ["sweep", *TINY_RUN, "--base-model", str(tiny_gpt2_dir), "--data-dir", str(nli_data), "--out", str(out),
+             "--ranks", "2", "--lrs", "1e-3", "--targets", "attention"]
+    assert main(sweep) == 0
+    path = out / "attention_r2_lr0_001" / "card.json"
+    card = json.loads(path.read_text())
+    old = {**card, "command": shlex.join(["loraswap", *sweep]),
+           "hyperparameters": {k: v for k, v in card["hyperparameters"].items() if k not in LATE_HYPERPARAMETERS}}
+    path.write_text(json.dumps(old))
+    capsys.readouterr()
+    assert main(sweep) == 0  # read back
+    assert "Loading weights" not in capsys.readouterr().err
+    assert "eval_every 0.1 (this sweep: 0.5)" in refusal([*sweep, "--eval-every", "0.5"], capsys)  # the default
+    for command in ("loraswap -q tests/unit", shlex.join(["loraswap", *sweep, "--seed", "1"])):  # not its run's
+        path.write_text(json.dumps({**old, "command": command}))
+        assert (f"loraswap sweep: error: {path} was written before cards recorded max_examples, eval_examples, "
+                f"eval_every, and the command it records ({command!r}) is not the loraswap train or sweep of its "
+                "run") in refusal(sweep, capsys)
+
+
+@pytest.mark.parametrize("card", sorted(SWEEP_RESULTS.glob("*.card.json")), ids=lambda path: path.name)
+def test_the_committed_sweep_cards_are_read_with_their_commands_settings(card):
+    """docs/results/sweep: cards of before eval_examples and eval_every were recorded, of a sweep run with
+    --max-examples 3200 --eval-examples 200 --eval-every 0.5."""
+    assert {name: value for name, value in recorded_hyperparameters(json.loads(card.read_text()), card.parent).items()
+            if name in LATE_HYPERPARAMETERS} == {"max_examples": 3200, "eval_examples": 200, "eval_every": 0.5}
+
+
+def test_a_sweep_without_validation_resumes_whatever_its_eval_every(tiny_gpt2_dir, nli_data, tmp_path, capsys):
+    """A review: runs of --eval-examples 0 (no validation, so --eval-every is never read) were refused over it."""
+    sweep = ["sweep", *TINY_RUN, "--eval-examples", "0", "--base-model", str(tiny_gpt2_dir), "--data-dir",
+             str(nli_data), "--out", str(tmp_path / "runs"), "--ranks", "2", "--lrs", "1e-3", "--targets", "attention"]
+    assert main(sweep) == 0
+    capsys.readouterr()
+    assert main([*sweep, "--eval-every", "0.5"]) == 0
+    assert "Loading weights" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("make,message", [
