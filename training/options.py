@@ -20,6 +20,7 @@ from service.cli.command import (
     new_folder,
     nonnegative,
     output_file,
+    output_folder,
     positive,
 )
 from service.engine.strategies import SAMPLING_DEFAULTS, Strategy, unread, unread_reason
@@ -78,7 +79,7 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
 def add_sweep_options(parser: argparse.ArgumentParser) -> None:
     """The options of ``loraswap sweep``: the shared ones, the output folder, the steps per run and the grid."""
     add_run_options(parser)
-    parser.add_argument("--out", required=True, type=Path,
+    parser.add_argument("--out", required=True, type=output_folder,
                         help="folder for the runs (OUT/RUN, each a loraswap train adapter) and the tables; a sweep "
                         "resumes in it: a run whose card.json records the settings this sweep trains it with is read "
                         "back, not trained again, one without a card.json (cut off) is trained again, and one whose "

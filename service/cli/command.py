@@ -123,10 +123,9 @@ def output_file(text: str) -> Path:
     return path
 
 
-def new_folder(text: str) -> Path:
-    """An argparse type: a folder a command creates and fills: not empty, not an existing file nor a symlink to
-    nothing, not below a file, and, where it exists, empty (a command never writes over what a folder holds, an
-    adapter's files least of all). Checked when parsed; ``training.output_folder`` keeps a folder filled later."""
+def output_folder(text: str) -> Path:
+    """An argparse type: a folder a command makes or writes into: not empty (``Path('')`` is the working directory),
+    not an existing file nor a symlink to nothing, not below a file."""
     path = Path(text)
     if not text:
         raise argparse.ArgumentTypeError("must name a folder, not be empty")
@@ -137,6 +136,14 @@ def new_folder(text: str) -> Path:
     above = next(folder for folder in path.absolute().parents if folder.exists())  # the folders made go in it
     if not above.is_dir():
         raise argparse.ArgumentTypeError(f"{text} lies below a file, {above}: no folder can be made there")
+    return path
+
+
+def new_folder(text: str) -> Path:
+    """An argparse type: a folder a command creates and fills: an ``output_folder`` that, where it exists, is empty (a
+    command never writes over what a folder holds, an adapter's files least of all). Checked when parsed;
+    ``training.output_folder`` keeps a folder filled later."""
+    path = output_folder(text)
     try:
         holds = path.is_dir() and any(path.iterdir())
     except OSError as exc:  # a folder it may not read

@@ -101,7 +101,9 @@ def test_train_refuses_data_it_cannot_read_naming_its_files(snli, message, tiny_
     (["--ranks", "4,8,4"], "loraswap sweep: error: --ranks lists 4 twice: each run of the grid is made once"),
     (["--lrs", "1e-3,0.001"], "loraswap sweep: error: --lrs lists 0.001 twice"),
     (["--targets", "attention,attention"], "loraswap sweep: error: --targets lists attention twice"),
-    (["--out", "card.json"], "loraswap sweep: error: --out card.json is a file, not a folder"),
+    (["--out", "card.json"], "loraswap sweep: error: argument --out: card.json is a file, not a folder"),
+    (["--out", ""], "loraswap sweep: error: argument --out: must name a folder, not be empty"),  # wrote into .
+    (["--out", "gone"], "loraswap sweep: error: argument --out: gone is a symlink to nothing, not a folder"),
     (["--lrs", "1e-4,1.0000001e-4"], "loraswap sweep: error: --lrs 0.0001 and 0.00010000001 both print as 0.0001 "
      "(6 significant digits), which names a run's folder: two runs would share one"),  # a review: they shared one
 ])
@@ -111,9 +113,10 @@ def test_sweep_refuses_a_grid_with_a_run_twice_or_a_file_as_its_folder(options, 
     refused before the base is even looked for (there is none here)."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "card.json").write_text("{}")
+    (tmp_path / "gone").symlink_to("nowhere")  # said '--out gone cannot be made: File exists'
     argv = ["sweep", *TINY_RUN, "--base-model", str(tmp_path / "no_base"), "--out", "runs", *options]
     assert message in refusal(argv, capsys)
-    assert not (tmp_path / "runs").exists()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["card.json", "gone"]
 
 
 def test_sweep_refuses_targets_the_base_lacks(tiny_gpt2_dir, tmp_path, capsys):
