@@ -29,6 +29,12 @@ from service.tasks.prompt_styles import ADAPTER_STYLE, PROMPT_STYLES
 
 TASKS = ("squad", "nli", "rte")
 TASK_DEFAULT_LENGTH = {"squad": 512, "nli": 256, "rte": 384}  # tokens per training example
+SEEDS = 2**32  # transformers' set_seed seeds numpy with it, whose seeds are 0 to 2**32 - 1 (a ValueError otherwise)
+SEED = bounded(int, lambda value: 0 <= value < SEEDS, f"in 0..{SEEDS - 1}", "seed")
+# the Trainer's eval_steps: a share of all steps below 1, else a whole number of steps (a ValueError otherwise, raised
+# once the base's weights had loaded)
+EVAL_EVERY = bounded(float, lambda value: 0 < value < 1 or (value >= 1 and value.is_integer()),
+                     "in (0, 1) (a share of all steps) or a whole number of steps (1, 2, ...)", "steps")
 BASE_HELP = "'smollm2' (the embedded SmolLM2-135M-Instruct) or a Hugging Face model directory"
 
 
@@ -45,8 +51,8 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-examples", type=positive(int), help="train on at most this many examples (default: all)")
     parser.add_argument("--eval-examples", type=nonnegative(int), default=200,
                         help="examples held out for the validation loss (0: none)")
-    parser.add_argument("--eval-every", type=positive(float), default=0.1,
-                        help="validate every N optimizer steps (<1: a share of all steps)")
+    parser.add_argument("--eval-every", type=EVAL_EVERY, default=0.1,
+                        help="validate every N optimizer steps, a whole number (<1: a share of all steps)")
     parser.add_argument("--batch-size", type=positive(int), default=8, help="examples per device per forward pass")
     parser.add_argument("--grad-accum", type=positive(int), default=1, help="forward passes per optimizer step")
     parser.add_argument("--max-length", type=positive(int), help="tokens per example; longer SQuAD contexts are cut "
@@ -54,8 +60,9 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
                         ", ".join(f"{task} {length}" for task, length in TASK_DEFAULT_LENGTH.items()) + ")")
     parser.add_argument("--warmup", type=nonnegative(float), default=0.03,
                         help="learning-rate warmup steps (<1: a share of all steps)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seed of the shuffle, the validation split and the LoRA initialisation")
+    parser.add_argument("--seed", type=SEED, default=0,
+                        help="seed of the shuffle, the validation split and the LoRA initialisation "
+                        f"(0 to {SEEDS - 1})")
     parser.add_argument("--quantize", choices=["none", "nf4"], default="none", help="nf4: QLoRA on a 4-bit base")
     parser.add_argument("--bf16", choices=["auto", "yes", "no"], default="auto",
                         help="train in bf16 (auto: on a GPU that supports it)")

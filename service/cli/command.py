@@ -60,7 +60,8 @@ def bounded(kind: type, holds: Callable[[object], bool], bound: str, adjective: 
     """An argparse type: a ``kind`` for which ``holds`` (else a usage error saying it must be ``bound``)."""
     def parse(text: str):
         value = kind(text)
-        if not math.isfinite(value):  # float("inf"), float("nan"): no option means a bound without end by them
+        if isinstance(value, float) and not math.isfinite(value):  # inf, nan: no option means a bound by them (an
+            # int is finite; math.isfinite raised OverflowError, a traceback, for one of 400 digits)
             raise argparse.ArgumentTypeError(f"must be a finite number {bound}, not {text}")
         if not holds(value):
             raise argparse.ArgumentTypeError(f"must be {bound}, not {text}")

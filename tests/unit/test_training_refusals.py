@@ -15,6 +15,7 @@ import pytest
 from service.cli.command import UsageError
 from service.cli.main import main
 from tests.data.make_corpus import NLI_SAMPLE
+from training.options import EVAL_EVERY, SEED
 from training.output_folder import partial_folder, publish, written_whole
 from training.sweep import LATE_HYPERPARAMETERS, recorded_hyperparameters
 
@@ -51,6 +52,12 @@ def refusal(argv: list[str], capsys) -> str:
     (["--dropout", "-0.1"], "argument --dropout: must be in [0, 1), not -0.1"),
     (["--warmup", "-1"], "argument --warmup: must be at least 0, not -1"),
     (["--warmup", "nan"], "argument --warmup: must be a finite number at least 0, not nan"),
+    (["--seed", "-1"], "argument --seed: must be in 0..4294967295, not -1"),
+    (["--seed", "99999999999999999999"], "argument --seed: must be in 0..4294967295, not 99999999999999999999"),
+    (["--seed", "1" + "0" * 400], "argument --seed: must be in 0..4294967295, not 1000"),  # was an OverflowError
+    (["--eval-every", "1.5"], "argument --eval-every: must be in (0, 1) (a share of all steps) or a whole number of "
+     "steps (1, 2, ...), not 1.5"),
+    (["--eval-every", "0"], "argument --eval-every: must be in (0, 1)"),
     (["--out", ""], "argument --out: must name a folder, not be empty"),
     (["--out", "card.json"], "argument --out: card.json is a file, not a folder"),
     (["--out", "squad"], "argument --out: squad already holds files: name a new or empty folder"),
@@ -65,7 +72,8 @@ def test_train_refuses_before_the_base_loads(options, message, tiny_llama_dir, n
                                              capsys):
     """A review: ``--out adapters/squad`` wrote over the shipped adapter, ``--out ''`` wrote into the current folder
     and an existing file's name raised FileExistsError after the base loaded; --alpha nan trained on NaN losses;
-    the rest ended in tracebacks of torch, transformers or peft (num_samples=0 for data left empty)."""
+    the rest ended in tracebacks of torch, transformers or peft (num_samples=0 for data left empty; numpy's 'Seed must
+    be between 0 and 2**32 - 1'; '--eval_steps must be an integer if bigger than 1' once the weights had loaded)."""
     monkeypatch.chdir(tmp_path)
     adapter = tmp_path / "squad"
     adapter.mkdir()
@@ -104,6 +112,7 @@ def test_train_refuses_data_it_cannot_read_naming_its_files(snli, message, tiny_
     (["--out", "card.json"], "loraswap sweep: error: argument --out: card.json is a file, not a folder"),
     (["--out", ""], "loraswap sweep: error: argument --out: must name a folder, not be empty"),  # wrote into .
     (["--out", "gone"], "loraswap sweep: error: argument --out: gone is a symlink to nothing, not a folder"),
+    (["--seed", "4294967296"], "loraswap sweep: error: argument --seed: must be in 0..4294967295, not 4294967296"),
     (["--lrs", "1e-4,1.0000001e-4"], "loraswap sweep: error: --lrs 0.0001 and 0.00010000001 both print as 0.0001 "
      "(6 significant digits), which names a run's folder: two runs would share one"),  # a review: they shared one
 ])
@@ -250,3 +259,8 @@ def test_a_run_that_fails_leaves_no_folder_behind(tmp_path):
         (partial / "adapter_model.safetensors").write_bytes(b"half")
         raise KeyboardInterrupt
     assert list(tmp_path.iterdir()) == []
+
+
+def test_eval_every_takes_a_share_of_the_steps_or_a_whole_number_of_them():
+    assert [EVAL_EVERY(text) for text in ("0.1", "0.999", "1", "2", "2.0", "500")] == [0.1, 0.999, 1, 2, 2, 500]
+    assert [SEED(text) for text in ("0", "4294967295")] == [0, 2**32 - 1]
