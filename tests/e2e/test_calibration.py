@@ -105,8 +105,10 @@ def test_a_folder_named_as_the_bare_base_is_calibrated_as_the_folder_it_is(tiny_
         report = tmp_path / f"{len(scores)}.json"
         run("calibrate", "--adapter", given, "--adapters-dir", str(adapters), "--data-dir", str(data),
             "--base-model", str(tiny_llama_dir), "--json", str(report))
-        scores[given] = json.loads(report.read_text())["scores"]
-    assert scores["Base"] == scores["none"] == scores[str(adapters / "Base")]
+        given_scores = json.loads(report.read_text())["scores"]
+        scores[given] = [score for rows in ("fit", "mnli_dev_matched") for row in given_scores[rows] for score in row]
+    folder = scores[str(adapters / "Base")]  # the engine batches as requests come: float rounding differs a little
+    assert scores["Base"] == pytest.approx(folder, abs=1e-4) and scores["none"] == pytest.approx(folder, abs=1e-4)
 
 
 def test_an_adapter_with_no_held_out_pairs_is_a_usage_error_not_a_traceback(tiny_llama_dir, llama_adapters,
