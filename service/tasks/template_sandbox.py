@@ -16,9 +16,11 @@ answers, not a kill), or the process ending by itself mid-render (an exit status
 it does: ``OWN_SIGNALS``, such as SIGSEGV). The server's, a RenderUnavailable (a 503, retried), is what the template
 cannot do: the process killed by a signal the sandbox did not send (SIGKILL from an operator or the OOM killer, whose
 victim a process bounded to ``MAX_RENDER_BYTES`` is only when the machine lacks memory; SIGTERM; SIGINT), its socket
-failing while it lives, a step timed out while the process did not run (stopped by SIGSTOP or a debugger, or running
-under ``FROZEN_SHARE`` of the wait: a frozen cgroup), a process that died between two renders, or one that failed to
-start. Either way the process is stopped and the next render starts a new one.
+failing while it lives, a step that got less than its deadline's CPU time in ``STARVED_FACTOR`` times as long (the
+process stopped by SIGSTOP or a debugger, frozen, or starved by a busy machine: the deadlines count the process's CPU
+time, the template's work, so a render that waited for a core is not charged to its template), a process that died
+between two renders, or one that failed to start. Either way the process is stopped and the next render starts a new
+one.
 
 Each tokenizer has ``WORKERS`` children, started when first needed, taking turns between templates (``Renderer``).
 A child runs ``NICENESS`` below the server, without the server's secrets in its environment, and ends when the
@@ -57,9 +59,9 @@ COMPILE_SECONDS = 10.0  # the most a child may take to compile a template (256 K
 IDLE_SECONDS = 60.0  # a worker and its child end after this long without a job
 NICENESS = 10  # children run below the server's priority: a template running to its deadline slows decoding less
 EXIT_SECONDS = 1.0  # how long a process whose socket closed is given to exit, before it is taken for alive
-# a process that ran (on the CPU) less than this share of a step it timed out did not run: it was frozen (at nice 10
-# beside 10 busy threads per core it would still get about 1%; a loop of the template's gets far more)
-FROZEN_SHARE = 0.01
+# a step's deadline counts the process's CPU time; one that got less than its deadline's in this many times as long
+# in all was starved (stopped, frozen, or at nice 10 on a machine busy serving): the server's trouble
+STARVED_FACTOR = 4
 # the signals a process gets for what it does itself (faults, its own abort, its limits): a template's doing
 OWN_SIGNALS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT, signal.SIGSYS,
                          signal.SIGTRAP, signal.SIGXCPU, signal.SIGXFSZ})
@@ -124,27 +126,27 @@ class Child:
         return outcome
 
     def receive(self, seconds: float, what: str):
-        """The process's next message, within ``seconds``; else the process is stopped and RenderBound raised when the
-        template is to blame: it ran the step past ``seconds``, or the process ended by itself (``ended``), else
-        RenderUnavailable: it did not run (``frozen``), or was killed from outside."""
-        ran = process_state(self.process.pid)[1]
-        try:
-            if self.connection.poll(seconds):
-                return self.connection.recv()
-        except (EOFError, OSError):  # the process died, or its socket failed
-            raise self.ended(what) from None
-        frozen = self.frozen(ran, seconds)
+        """The process's next message, before it has run ``seconds`` on the CPU in this step (the template's work; the
+        wall clock where /proc cannot say) and within ``STARVED_FACTOR`` x ``seconds`` in all; else the process is
+        stopped and RenderBound raised when the template is to blame: the step ran ``seconds`` on the CPU, or the
+        process ended by itself (``ended``), else RenderUnavailable: it was starved of the CPU, or killed from
+        outside."""
+        started, ran = time.monotonic(), process_state(self.process.pid)[1]
+        used = waited = 0.0
+        while used < seconds and waited < STARVED_FACTOR * seconds:
+            try:
+                if self.connection.poll(min(seconds - used, STARVED_FACTOR * seconds - waited)):
+                    return self.connection.recv()
+            except (EOFError, OSError):  # the process died, or its socket failed
+                raise self.ended(what) from None
+            waited, now = time.monotonic() - started, process_state(self.process.pid)[1]
+            used = now - ran if ran is not None and now is not None else waited
         self.stop()
-        if frozen:
-            raise RenderUnavailable(f"the server could not render the chat template: its process was stopped or "
-                                    f"frozen for the {seconds:g} s it had to {what} (not the template's doing)")
+        if used < seconds:
+            raise RenderUnavailable(f"the server could not render the chat template: its process got {used:.2f} s of "
+                                    f"CPU in the {waited:.0f} s it had to {what} (stopped, or starved by a busy "
+                                    "server; not the template's doing)")
         raise RenderBound(f"the chat template took more than {seconds:g} s to {what}")
-
-    def frozen(self, ran: float | None, seconds: float) -> bool:
-        """Whether the process, which had run ``ran`` s on the CPU when a wait of ``seconds`` began, did not run since:
-        it is stopped (SIGSTOP, a debugger's stop: state T or t), or ran less than ``FROZEN_SHARE`` of the wait."""
-        state, now = process_state(self.process.pid)
-        return state in ("T", "t") or (ran is not None and now is not None and now - ran < FROZEN_SHARE * seconds)
 
     def ended(self, what: str) -> Exception:
         """The error for a process whose socket closed or failed while it had to ``what``, once it is stopped:
