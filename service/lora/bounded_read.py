@@ -41,8 +41,8 @@ def adapter_file(folder: Path, name: str) -> Path:
     path = folder / name
     try:
         outside = path.is_symlink() and not path.resolve().is_relative_to(folder.resolve())
-    except (RuntimeError, OSError) as exc:  # a symlink loop: RuntimeError before Python 3.13, OSError (ELOOP) after
-        raise AdapterError(f"{path} is a symlink that cannot be followed: {exc}") from None
+    except (RuntimeError, OSError):  # a symlink loop: RuntimeError before Python 3.13, OSError (ELOOP) after
+        raise AdapterError(f"{path} is a symlink that cannot be followed (a loop)") from None
     if outside:
         raise AdapterPathRefused(f"{path} is a symlink to a file outside the adapter folder")
     return path
