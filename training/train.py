@@ -81,23 +81,42 @@ def linear_targets(model: torch.nn.Module) -> list[str]:
     )
 
 
+def unmatched_targets(names: list[str], model: torch.nn.Module) -> list[str]:
+    """Those of ``names`` (module names or their dotted ends, as peft matches them) that match no Linear/Conv1D layer
+    of ``model``, in their order."""
+    layers = [path for path, module in model.named_modules() if isinstance(module, (torch.nn.Linear, Conv1D))]
+    return [name for name in names if not any(path == name or path.endswith("." + name) for path in layers)]
+
+
+def preset_mismatch(preset: str, model: torch.nn.Module) -> str | None:
+    """Why the target preset ``preset`` ('attention' or 'attention_mlp') does not fit ``model``: it is of no preset
+    family (see ``family``), or lacks a module the preset names (OPT and GPT-J have Llama's q_proj, not its o_proj
+    or MLP: peft would train the rest alone); None when it fits."""
+    presets = PRESETS.get(family(model))
+    if presets is None:
+        return (f"the target presets attention and attention_mlp are for GPT-2 and Llama-family bases; "
+                f"{type(model).__name__} has neither's attention modules")
+    missing = unmatched_targets(presets[preset], model)
+    if missing:
+        return f"the target preset {preset} names {', '.join(missing)}, not a linear layer of {type(model).__name__}"
+    return None
+
+
 def resolve_targets(spec: str, model: torch.nn.Module) -> list[str]:
     """peft's ``target_modules`` for ``spec``: a preset ('all_linear', 'attention', 'attention_mlp') or a comma list
     of module names, each the name of a Linear/Conv1D layer or its dotted end (``q_proj``, ``mlp.c_proj``), as peft
-    matches them. Raises UsageError for a preset on a model of no known family (see ``family``), and for a list with
-    names that match no such layer of ``model`` (naming them, and the layers it has)."""
+    matches them. Raises UsageError for a preset that does not fit the model (``preset_mismatch``), and for a list
+    with names that match no such layer of ``model`` (naming them, and the layers it has)."""
     if spec == "all_linear":
         return linear_targets(model)
     if spec in ("attention", "attention_mlp"):
-        presets = PRESETS.get(family(model))
-        if presets is None:
-            raise UsageError(f"the target presets attention and attention_mlp are for GPT-2 and Llama-family bases; "
-                             f"{type(model).__name__} has neither's attention modules: target all_linear, or name "
-                             f"its linear layers ({', '.join(linear_targets(model))})")
-        return presets[spec]
+        mismatch = preset_mismatch(spec, model)
+        if mismatch:
+            raise UsageError(f"{mismatch}: target all_linear, or name its linear layers "
+                             f"({', '.join(linear_targets(model))})")
+        return PRESETS[family(model)][spec]
     names = [name.strip() for name in spec.split(",") if name.strip()]
-    layers = [path for path, module in model.named_modules() if isinstance(module, (torch.nn.Linear, Conv1D))]
-    unmatched = [name for name in names if not any(path == name or path.endswith("." + name) for path in layers)]
+    unmatched = unmatched_targets(names, model)
     if unmatched or not names:
         raise UsageError(f"target modules {', '.join(unmatched) or repr(spec)} match no linear layer of "
                          f"{type(model).__name__}, whose linear layers are {', '.join(linear_targets(model))} (or "

@@ -10,7 +10,7 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPTNeoXConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPTNeoXConfig, OPTConfig
 
 from service.cli.command import UsageError
 from service.cli.main import build_parser
@@ -104,6 +104,22 @@ def test_a_base_of_no_preset_family_trains_on_a_list_or_all_linear():
     with pytest.raises(UsageError, match="GPTNeoXForCausalLM has neither's attention modules: target all_linear, "
                        "or name its linear layers \\(dense, dense_4h_to_h, dense_h_to_4h, query_key_value\\)"):
         train.resolve_targets("attention", neox)  # a preset names a family's modules: one line, no traceback
+
+
+def test_a_preset_names_only_modules_the_base_has():
+    """A review: OPT has Llama's q_proj, k_proj and v_proj, so ``family`` took it for a Llama; ``--target-modules
+    attention_mlp`` trained those three alone while its card and adapter_config listed o_proj and the MLP's, which
+    OPT lacks (and in a sweep attention and attention_mlp were one run twice)."""
+    opt = train.meta_model(OPTConfig(num_hidden_layers=2, num_attention_heads=2, hidden_size=64, ffn_dim=128,
+                                     word_embed_proj_dim=64, vocab_size=100))
+    layers = "fc1, fc2, k_proj, out_proj, q_proj, v_proj"
+    for preset, missing in [("attention", "o_proj"), ("attention_mlp", "o_proj, gate_proj, up_proj, down_proj")]:
+        with pytest.raises(UsageError) as refused:
+            train.resolve_targets(preset, opt)
+        assert str(refused.value) == (f"the target preset {preset} names {missing}, not a linear layer of "
+                                      f"OPTForCausalLM: target all_linear, or name its linear layers ({layers})")
+    assert train.resolve_targets("all_linear", opt) == layers.split(", ")
+    assert train.resolve_targets("q_proj,out_proj", opt) == ["q_proj", "out_proj"]
 
 
 def test_squad_validation_holds_out_whole_articles():
