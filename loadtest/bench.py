@@ -22,7 +22,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from loadtest.host_memory import PeakRss, registered_memory
-from loadtest.options import ALL_MODES, MOST_BENCH_BATCH, MOST_BENCH_RANK, TARGET_SETS
+from loadtest.options import ALL_MODES, MOST_BENCH_BATCH, MOST_BENCH_RANK
 from loadtest.percentiles import percentiles
 from loadtest.stall import measure_stall
 from loadtest.timing import timed
@@ -35,16 +35,17 @@ from service.lora.registry import AdapterRegistry
 from service.model.base_model import load_base, max_positions, pick_device
 from service.model.cpu_threads import on_passing_thread
 from service.settings import Settings
+from training.train import preset_mismatch, resolve_targets
 
 ENGINE_MODES = {"base", "single", "merged", "mixed"}
 
 
-def random_adapters(model, names: list[str], rank: int, targets: list[str], out_dir: Path, seed: int = 0) -> PeftModel:
-    """Wrap ``model`` in peft with one LoRA per name on those of ``targets`` it has, of ``rank`` and scale 2, every A
-    (rank, in) and B (out, rank) drawn from N(0, 0.02^2) with ``seed`` (B non-zero, so each changes the outputs),
-    saved under ``out_dir/name``; returns the peft model in eval mode."""
-    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=[t for t in targets if t in present],
+def random_adapters(model, names: list[str], rank: int, targets: str, out_dir: Path, seed: int = 0) -> PeftModel:
+    """Wrap ``model`` in peft with one LoRA per name on ``targets`` (a preset or module list, resolved as ``loraswap
+    train`` resolves it: ``train.resolve_targets``), of ``rank`` and scale 2, every A (rank, in) and B (out, rank)
+    drawn from N(0, 0.02^2) with ``seed`` (B non-zero, so each changes the outputs), saved under ``out_dir/name``;
+    returns the peft model in eval mode. Raises UsageError for targets the model lacks."""
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=resolve_targets(targets, model),
                         fan_in_fan_out=model.config.model_type == "gpt2")
     peft_model = get_peft_model(model, config, adapter_name=names[0])
     for name in names[1:]:
@@ -85,6 +86,9 @@ class Bench:
         if args.prompt_tokens + args.new_tokens > positions:
             raise UsageError(f"--prompt-tokens {args.prompt_tokens} and --new-tokens {args.new_tokens} need more "
                              f"positions than the base model's {positions}")
+        mismatch = args.targets != "all_linear" and preset_mismatch(args.targets, self.plain)
+        if mismatch:  # found before any work, not as peft's traceback when the adapters are made
+            raise UsageError(f"--targets {args.targets}: {mismatch}: bench it with --targets all_linear")
         generator = torch.Generator().manual_seed(0)
         vocab = min(len(self.tokenizer), self.plain.config.vocab_size)
         self.prompts = torch.randint(100, vocab, (max(self.batch_sizes), args.prompt_tokens),
@@ -121,7 +125,7 @@ class Bench:
     def build(self, modes: set[str]) -> None:
         """The three copies of the base: plain (hf_base), peft with the adapters, ours with its registry."""
         self.peft_model = random_adapters(copy.deepcopy(self.plain), self.names, self.args.rank,
-                                          TARGET_SETS[self.args.targets], self.workdir)
+                                          self.args.targets, self.workdir)
         model = copy.deepcopy(self.plain)
         self.registry = AdapterRegistry(model, [self.workdir], self.settings.max_resident, self.settings.max_rank)
         for name in self.names:
@@ -214,7 +218,7 @@ class Bench:
         """An r=16 all-linear adapter on local disk, made once."""
         root = self.workdir / "hotload"
         if not root.exists():
-            random_adapters(copy.deepcopy(self.plain), ["hot"], 16, TARGET_SETS["all_linear"], root, seed=1)
+            random_adapters(copy.deepcopy(self.plain), ["hot"], 16, "all_linear", root, seed=1)
             self.registry.roots.append(root)
         return root / "hot"
 

@@ -14,11 +14,8 @@ from service.settings import Settings
 
 MOST_BENCH_BATCH, MOST_BENCH_RANK = 4096, 64  # the benchmark engine's max_queue and max_rank (bench.Bench)
 ALL_MODES = ("hf_base", "base", "single", "merged", "mixed", "peft_mixed", "peft_sequential")
-TARGET_SETS = {  # the modules a benchmark adapter adapts (those the base has)
-    "attention": ["q_proj", "k_proj", "v_proj", "o_proj", "c_attn"],
-    "all_linear": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-                   "c_attn", "c_proj", "c_fc"],
-}
+# the modules a benchmark adapter adapts: train's target presets (training.train.resolve_targets)
+BENCH_TARGETS = ("all_linear", "attention")
 
 
 def at_most(most: int):
@@ -40,8 +37,9 @@ def add_bench_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapters", type=positive(int), default=16, help="adapters in the mixed modes")
     parser.add_argument("--rank", type=at_most(MOST_BENCH_RANK), default=8,
                         help=f"rank of the benchmark adapters, 1 to {MOST_BENCH_RANK} (the engine's slots)")
-    parser.add_argument("--targets", choices=sorted(TARGET_SETS), default="attention",
-                        help="the modules the benchmark adapters adapt")
+    parser.add_argument("--targets", choices=BENCH_TARGETS, default="attention",
+                        help="the modules the benchmark adapters adapt, as loraswap train's --target-modules preset "
+                        "of that name (attention: GPT-2 and Llama-family bases only)")
     parser.add_argument("--prompt-tokens", type=positive(int), default=192, help="tokens in each prompt")
     parser.add_argument("--new-tokens", type=positive(int), default=16, help="tokens generated per request")
     parser.add_argument("--min-requests", type=positive(int), default=8,

@@ -15,7 +15,7 @@ import torch
 
 from loadtest.bench import random_adapters
 from loadtest.op_counts import OpCounts
-from loadtest.options import TARGET_SETS
+from loadtest.options import BENCH_TARGETS
 from loadtest.timing import timed
 from service.engine.decode_step import DecodeStep
 from service.engine.prefill import Prefill
@@ -29,7 +29,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--rows", type=int, default=64)
-    parser.add_argument("--targets", choices=sorted(TARGET_SETS), default="attention", help="as loraswap bench's")
+    parser.add_argument("--targets", choices=BENCH_TARGETS, default="attention", help="as loraswap bench's")
     parser.add_argument("--form", choices=["dense", "grouped"], help="of the steps' LoRA (default: the engine's)")
     parser.add_argument("--prompt-tokens", type=int, default=192)
     parser.add_argument("--repeats", type=int, default=0, help="timed steps and prompt passes of each, alternated")
@@ -37,7 +37,7 @@ def main() -> None:
     model, _ = load_base(Settings(device=args.device))
     work = Path(tempfile.mkdtemp())
     names = [f"a{i}" for i in range(16)]
-    random_adapters(copy.deepcopy(model), names, 8, TARGET_SETS[args.targets], work)
+    random_adapters(copy.deepcopy(model), names, 8, args.targets, work)
     registry = AdapterRegistry(model, [work], len(names), 64)
     if args.form:
         registry.layers.mapping.dense_decode = args.form == "dense"

@@ -4,11 +4,13 @@ from __future__ import annotations
 import json
 import threading
 
+import pytest
 import torch
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
 from loadtest import bench
 from loadtest.host_memory import PeakRss
-from service.cli.main import build_parser
+from service.cli.main import build_parser, main
 
 
 def test_bench_measures_every_mode_and_writes_its_report(tiny_llama_dir, tmp_path, monkeypatch):
@@ -54,6 +56,41 @@ def test_bench_measures_every_mode_and_writes_its_report(tiny_llama_dir, tmp_pat
     assert report["memory"]["registered"] == 4 and set(report["memory"]["rss_growth_bytes"]) == {"1", "2", "4"}
     table = bench.markdown_table(report)
     assert "| 3 |" in table and table.count(" MB (") == 2  # the largest RSS rise at each batch size
+
+
+@pytest.fixture
+def tiny_neox_dir(tiny_tokenizer_dir, tmp_path):
+    """A random 2-layer GPT-NeoX (query_key_value, dense, dense_h_to_4h, dense_4h_to_h) with the tiny tokenizer."""
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tiny_tokenizer_dir)
+    torch.manual_seed(0)
+    config = GPTNeoXConfig(num_hidden_layers=2, num_attention_heads=2, hidden_size=64, intermediate_size=128,
+                           vocab_size=len(tokenizer), max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
+                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    out = tmp_path / "neox"
+    GPTNeoXForCausalLM(config).eval().save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def test_bench_adapts_a_base_as_train_would_and_refuses_a_preset_it_lacks(tiny_neox_dir, tmp_path, capsys):
+    """A review: ``bench --base-model <GPT-NeoX>`` ended in peft's NoMatchingPeftModuleError traceback, its targets a
+    list of GPT-2 and Llama names of which the base had none. They are train's presets now: attention, which NeoX
+    has no preset of, is one line before any work; all_linear adapts every linear layer."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--base-model", str(tiny_neox_dir), "--device", "cpu", "--targets", "attention"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err and err.endswith(
+        "\nloraswap bench: error: --targets attention: the target presets attention and attention_mlp are for GPT-2 "
+        "and Llama-family bases; GPTNeoXForCausalLM has neither's attention modules: bench it with --targets "
+        "all_linear\n"), err  # after the loading bar: found once the base is loaded, before any work
+    report = bench.run(build_parser().parse_args([
+        "bench", "--base-model", str(tiny_neox_dir), "--device", "cpu", "--targets", "all_linear", "--batch-sizes",
+        "1", "--adapters", "2", "--modes", "single,peft_mixed", "--prompt-tokens", "4", "--new-tokens", "2",
+        "--rounds", "1", "--hot-loads", "0", "--registered", "0", "--json", str(tmp_path / "bench.json")]))
+    assert {row["mode"] for row in report["results"]} == {"single", "peft_mixed"}
+    bench.random_adapters(GPTNeoXForCausalLM.from_pretrained(tiny_neox_dir), ["a"], 2, "all_linear", tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "a" / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == ["dense", "dense_4h_to_h", "dense_h_to_4h", "query_key_value"]
 
 
 def test_peak_rss_is_the_rise_while_entered_and_starts_afresh_each_time():
