@@ -54,20 +54,25 @@ def read_squad(path: str | Path) -> list[dict]:
     ]
 
 
+def nli_lines(path: str | Path) -> list[dict]:
+    """Every row of a JSON-lines file (gzipped if it ends in .gz) as it is written, blank lines skipped. Raises
+    FileNotFoundError for an absent file, JSONDecodeError for a line that is no JSON."""
+    with _open_text(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def nli_rows(lines: list[dict], splits: list[str] | tuple[str, ...] | None = None) -> list[dict]:
+    """The premise/hypothesis/label rows of ``nli_lines``; ``splits`` keeps only those ``mnli_split`` values.
+    Raises KeyError or TypeError for a line that is no such row."""
+    return [{"premise": row["premise"], "hypothesis": row["hypothesis"], "label": row["label"]} for row in lines
+            if splits is None or row.get("mnli_split") in splits]
+
+
 def read_nli(path: str | Path, splits: list[str] | tuple[str, ...] | None = None) -> list[dict]:
     """Premise/hypothesis/label rows of a JSON-lines file (gzipped if it ends in .gz); ``splits`` keeps only those
     ``mnli_split`` values. Raises FileNotFoundError for an absent file, KeyError or JSONDecodeError for a line that
     is no such row."""
-    rows = []
-    with _open_text(path) as f:
-        for line in f:
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if splits is not None and row.get("mnli_split") not in splits:
-                continue
-            rows.append({"premise": row["premise"], "hypothesis": row["hypothesis"], "label": row["label"]})
-    return rows
+    return nli_rows(nli_lines(path), splits)
 
 
 def read_task(task: str, root: Path | None = None) -> tuple[list[dict], list[str]]:
@@ -99,13 +104,16 @@ def sample(rows: list[dict], limit: int | None, seed: int, key: str | None = Non
 
 
 def read_eval(task: str, path: str | Path | None = None) -> list[dict]:
-    """The rows a task is evaluated on: ``path``, else the task's dev file (an MNLI file is cut to its dev_matched
-    split). Raises FileNotFoundError when the file is absent."""
+    """The rows a task is evaluated on: ``path``, else the task's dev file. For nli, a file whose rows name their
+    MNLI split (``mnli_split``, as mnli.jsonl.gz's do) is cut to its dev_matched rows, whatever the file is called;
+    one of no such field is read whole. Raises FileNotFoundError when the file is absent."""
     name, splits = TASK_EVAL_FILES[task]
     path = Path(path) if path else data_dir() / name
     if task == "squad":
         return read_squad(path)
-    return read_nli(path, splits if Path(path).name.startswith("mnli") else None)
+    lines = nli_lines(path)
+    named = splits is not None and any(isinstance(row, dict) and "mnli_split" in row for row in lines)
+    return nli_rows(lines, splits if named else None)
 
 
 def eval_sample(task: str, rows: list[dict], limit: int | None, seed: int) -> list[dict]:

@@ -70,6 +70,25 @@ def test_read_nli_filters_mnli_splits(tmp_path):
     ]
 
 
+@pytest.mark.parametrize("name", ["mnli.jsonl", "MNLI_copy.jsonl.gz", "dev.jsonl", "my_mnli.jsonl"])
+def test_an_nli_file_whose_rows_name_their_split_is_evaluated_on_dev_matched_whatever_its_name(name, tmp_path):
+    """A review: ``eval --task nli --data MNLI_copy.jsonl.gz`` (a copy of mnli.jsonl.gz) evaluated every split, its
+    train rows too: the rows were cut to dev_matched only in a file whose name began with "mnli". A file of no split
+    field (SNLI's, a user's own) is read whole, as before."""
+    path = tmp_path / name
+    lines = [{"premise": f"p{i}", "hypothesis": f"h{i}", "label": "neutral", "mnli_split": split}
+             for i, split in enumerate(["train", "dev_matched", "dev_mismatched", "dev_matched"])]
+    text = "".join(json.dumps(line) + "\n" for line in lines)
+    with (gzip.open(path, "wt") if name.endswith(".gz") else open(path, "w")) as f:
+        f.write(text)
+    assert [row["premise"] for row in read_eval("nli", path)] == ["p1", "p3"]
+    assert [row["premise"] for row in read_eval("rte", path)] == ["p0", "p1", "p2", "p3"]  # rte has no splits
+    plain = tmp_path / f"plain_{name}"
+    with (gzip.open(plain, "wt") if name.endswith(".gz") else open(plain, "w")) as f:
+        f.write("".join(json.dumps({k: v for k, v in line.items() if k != "mnli_split"}) + "\n" for line in lines))
+    assert [row["premise"] for row in read_eval("nli", plain)] == ["p0", "p1", "p2", "p3"]
+
+
 def test_data_dir_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("LORASWAP_DATA_DIR", str(tmp_path))
     assert data_dir() == tmp_path
