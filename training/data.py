@@ -33,45 +33,96 @@ def _open_text(path: Path):
     return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
 
 
+class BadRow(ValueError):
+    """A row of a task's data file that the task cannot read: a field absent or of another kind than the task's
+    (a number for a premise, a SQuAD answer's text), or a SQuAD question of no answer. Its message is one line that
+    names the file, the row and the field."""
+
+
+def json_kind(value: object) -> str:
+    """``value`` (parsed JSON) in words, with its start: 'a number (5)', 'an empty list ([])'."""
+    kind = ("null" if value is None else "a boolean" if isinstance(value, bool) else
+            "a number" if isinstance(value, (int, float)) else "a string" if isinstance(value, str) else
+            "a list" if isinstance(value, list) else "an object")
+    shown = json.dumps(value, ensure_ascii=False)
+    return f"{kind} ({shown if len(shown) <= 40 else shown[:37] + '...'})"
+
+
+def checked_field(record: object, key: str, kind: type, what: str, where: str):
+    """``record[key]``, checked to be a ``kind`` (a bool is no number); BadRow at ``where`` (the file and row) for a
+    record that is no JSON object, a field absent or of another kind, ``what`` saying which kind it must be."""
+    if not isinstance(record, dict):
+        raise BadRow(f"{where} is {json_kind(record)}, not a JSON object")
+    if key not in record:
+        raise BadRow(f"{where}: no {key} field")
+    value = record[key]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise BadRow(f"{where}: {key} is {json_kind(value)}, not {what}")
+    return value
+
+
 def read_squad(path: str | Path) -> list[dict]:
     """Flatten an official SQuAD v1.1 JSON file (``data[].paragraphs[].qas[]``, gzipped if it ends in .gz) to one
     dict per question: id, title, context, question, answers and their character offsets. Raises
-    FileNotFoundError for an absent file, KeyError or json's JSONDecodeError for one not in that format."""
+    FileNotFoundError for an absent file, json's JSONDecodeError for one that is no JSON, BadRow naming the first
+    question (or article, paragraph) not of that layout: a field absent or not a string (answer_start not a whole
+    number), or no answer (SQuAD v2's unanswerable questions)."""
     with _open_text(path) as f:
-        articles = json.load(f)["data"]
-    return [
-        {
-            "id": qa["id"],
-            "title": article["title"],
-            "context": paragraph["context"],
-            "question": qa["question"],
-            "answers": [a["text"] for a in qa["answers"]],
-            "answer_starts": [a["answer_start"] for a in qa["answers"]],
-        }
-        for article in articles
-        for paragraph in article["paragraphs"]
-        for qa in paragraph["qas"]
-    ]
+        document = json.load(f)
+    rows = []
+    for a, article in enumerate(checked_field(document, "data", list, "a list of articles", str(path))):
+        where = f"{path}: article {a}"
+        title = checked_field(article, "title", str, "a string", where)
+        for p, paragraph in enumerate(checked_field(article, "paragraphs", list, "a list", where)):
+            context = checked_field(paragraph, "context", str, "a string", f"{where}, paragraph {p}")
+            for q, qa in enumerate(checked_field(paragraph, "qas", list, "a list", f"{where}, paragraph {p}")):
+                at = f"{where}, paragraph {p}, question {q} (from 0)"
+                qid = checked_field(qa, "id", str, "a string", at)
+                at = f"{at[:-1]}; id {qid})"
+                question = checked_field(qa, "question", str, "a string", at)
+                answers = checked_field(qa, "answers", list, "a list", at)
+                if not answers:
+                    raise BadRow(f"{at}: answers is empty: a SQuAD v1.1 question has an answer (SQuAD v2's "
+                                 "unanswerable questions are not read)")
+                for k, answer in enumerate(answers):
+                    checked_field(answer, "text", str, "a string", f"{at}, answer {k}")
+                    checked_field(answer, "answer_start", int, "a whole number", f"{at}, answer {k}")
+                rows.append({"id": qid, "title": title, "context": context, "question": question,
+                             "answers": [answer["text"] for answer in answers],
+                             "answer_starts": [answer["answer_start"] for answer in answers]})
+    return rows
 
 
 def nli_lines(path: str | Path) -> list[dict]:
-    """Every row of a JSON-lines file (gzipped if it ends in .gz) as it is written, blank lines skipped. Raises
-    FileNotFoundError for an absent file, JSONDecodeError for a line that is no JSON."""
+    """Every row of a JSON-lines file (gzipped if it ends in .gz) as it is written, blank lines skipped, each
+    checked to hold a string premise, hypothesis and label. Raises FileNotFoundError for an absent file, BadRow
+    naming the first line that is no JSON object or lacks such a field."""
+    rows = []
     with _open_text(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}: line {number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise BadRow(f"{where} is no JSON ({exc.msg} at column {exc.colno})") from None
+            for key in ("premise", "hypothesis", "label"):
+                checked_field(row, key, str, "a string", where)
+            rows.append(row)
+    return rows
 
 
 def nli_rows(lines: list[dict], splits: list[str] | tuple[str, ...] | None = None) -> list[dict]:
-    """The premise/hypothesis/label rows of ``nli_lines``; ``splits`` keeps only those ``mnli_split`` values.
-    Raises KeyError or TypeError for a line that is no such row."""
+    """The premise/hypothesis/label rows of ``nli_lines``; ``splits`` keeps only those ``mnli_split`` values."""
     return [{"premise": row["premise"], "hypothesis": row["hypothesis"], "label": row["label"]} for row in lines
             if splits is None or row.get("mnli_split") in splits]
 
 
 def read_nli(path: str | Path, splits: list[str] | tuple[str, ...] | None = None) -> list[dict]:
     """Premise/hypothesis/label rows of a JSON-lines file (gzipped if it ends in .gz); ``splits`` keeps only those
-    ``mnli_split`` values. Raises FileNotFoundError for an absent file, KeyError or JSONDecodeError for a line that
-    is no such row."""
+    ``mnli_split`` values. Raises FileNotFoundError for an absent file, BadRow for a line that is no such row
+    (``nli_lines``)."""
     return nli_rows(nli_lines(path), splits)
 
 

@@ -14,7 +14,7 @@ from service.lora.adapter_files import BASE_LABEL, CONFIG_FILE, AdapterWeights, 
 from service.runtime import Runtime
 from service.settings import Settings
 from service.tasks.prompts import NLI_LABELS, RTE_LABELS
-from training.data import eval_sample, hidden_in_documents, read_eval
+from training.data import BadRow, eval_sample, hidden_in_documents, read_eval
 from training.metrics import ECE_BINS, accuracy, confusion_matrix, expected_calibration_error, squad_scores
 
 EVALUATED = "evaluated"  # the name an adapter given as a folder is registered under
@@ -180,13 +180,15 @@ def check_labels(rows: list[dict], labels: tuple[str, ...], source: str) -> None
 def evaluated_rows(args: argparse.Namespace) -> list[dict]:
     """The rows ``args`` evaluate, in the data file's order, each with its ``index`` among the file's rows (from 0):
     the ``--limit`` sample (``eval_sample``), each SQuAD context hidden among ``--distractors`` paragraphs. Raises
-    FileNotFoundError for absent data, UsageError for data that is not the task's, holds no rows or a label the task
-    does not have, and for more --distractors than it has."""
+    FileNotFoundError for absent data, UsageError for data that is not the task's (a row that is not: naming its
+    file, row and field), holds no rows or a label the task does not have, and for more --distractors than it has."""
     source = args.data or f"the {args.task} dev set"
     try:
         every = read_eval(args.task, args.data)
     except FileNotFoundError:
         raise
+    except BadRow as exc:  # names the file, the row and the field
+        raise UsageError(str(exc)) from None
     except (ValueError, KeyError, TypeError, OSError) as exc:  # not the task's format (JSON, fields), unreadable
         raise UsageError(f"{source}: not a {args.task} file this command reads: {exc!r}") from None
     if not every:

@@ -1,6 +1,7 @@
 """``loraswap train`` and ``sweep`` refuse what they cannot do in one usage-error line (status 2), before the base
 model's weights load: options out of range, an adapter folder that holds files, target modules the base lacks, data
-that leaves nothing to train on or cannot be read, a grid that lists a value twice."""
+that leaves nothing to train on or cannot be read, a grid that lists a value twice; ``eval`` refuses a data row it
+cannot read as train does."""
 from __future__ import annotations
 
 import gzip
@@ -90,7 +91,7 @@ def test_train_refuses_before_the_base_loads(options, message, tiny_llama_dir, n
 @pytest.mark.parametrize("snli,message", [
     (b"garbage", "snli_test.jsonl.gz, {root}/nli/mnli.jsonl.gz: not nli training data this command reads: "
      "BadGzipFile("),
-    (gzip.compress(b"[1, 2]\n"), "not nli training data this command reads: TypeError("),
+    (gzip.compress(b"[1, 2]\n"), "{root}/nli/snli_test.jsonl.gz: line 1 is a list ([1, 2]), not a JSON object"),
     (NLI_SAMPLE.read_bytes()[:-100], "not nli training data this command reads: EOFError("),  # cut short
     (NLI_SAMPLE.read_bytes()[:200] + bytes(100) + NLI_SAMPLE.read_bytes()[300:], "not nli training data this "
      "command reads: error('Error -3 while decompressing data"),  # zlib.error: corrupt inside
@@ -103,6 +104,71 @@ def test_train_refuses_data_it_cannot_read_naming_its_files(snli, message, tiny_
     argv = ["train", *TINY_RUN, "--base-model", str(tiny_llama_dir), "--data-dir", str(nli_data), "--out",
             str(tmp_path / "new")]
     assert message.format(root=nli_data) in refusal(argv, capsys)
+
+
+SQUAD_ARTICLE = {"title": "T", "paragraphs": [{"context": "Ann met Bob.", "qas": [
+    {"id": "q0", "question": "Who met Bob?", "answers": [{"text": "Ann", "answer_start": 0}]},
+    {"id": "q1", "question": "Whom did Ann meet?", "answers": [{"text": "Bob", "answer_start": 8}]}]}]}
+
+
+def squad_file(path: Path, answers: list) -> Path:
+    """A SQuAD v1.1 file of one article, its second question's answers ``answers``."""
+    article = json.loads(json.dumps(SQUAD_ARTICLE))
+    article["paragraphs"][0]["qas"][1]["answers"] = answers
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(json.dumps({"data": [article]}).encode()))
+    return path
+
+
+def nli_file(path: Path, row: dict) -> Path:
+    """The committed SNLI sample with ``row`` for its third line."""
+    lines = gzip.decompress(NLI_SAMPLE.read_bytes()).decode().splitlines(keepends=True)
+    lines[2] = json.dumps(row) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress("".join(lines).encode()))
+    return path
+
+
+BAD_ROWS = [  # (task, write the bad file at a path, what the one line says after the path)
+    ("squad", lambda path: squad_file(path, []), ": article 0, paragraph 0, question 1 (from 0; id q1): answers is "
+     "empty: a SQuAD v1.1 question has an answer (SQuAD v2's unanswerable questions are not read)"),
+    ("squad", lambda path: squad_file(path, [{"text": 5, "answer_start": 0}]), ": article 0, paragraph 0, question "
+     "1 (from 0; id q1), answer 0: text is a number (5), not a string"),
+    ("squad", lambda path: squad_file(path, [{"text": "Bob"}]), ": article 0, paragraph 0, question 1 (from 0; id "
+     "q1), answer 0: no answer_start field"),
+    ("nli", lambda path: nli_file(path, {"premise": 7, "hypothesis": "h", "label": "neutral"}), ": line 3: premise is "
+     "a number (7), not a string"),
+    ("nli", lambda path: nli_file(path, {"premise": "p", "label": "neutral"}), ": line 3: no hypothesis field"),
+]
+
+
+BAD_ROW_IDS = ["squad_no_answer", "squad_answer_not_text", "squad_no_answer_start", "nli_premise_not_text",
+               "nli_no_hypothesis"]
+
+
+@pytest.mark.parametrize("task,write,message", BAD_ROWS, ids=BAD_ROW_IDS)
+def test_train_refuses_a_row_it_cannot_read_naming_its_file_row_and_field(task, write, message, tiny_llama_dir,
+                                                                          nli_data, tmp_path, capsys):
+    """A review: a SQuAD question of no answer (SQuAD v2's unanswerable style) ended in encode_squad's IndexError, a
+    premise that is no string in the tokenizer's TypeError. The rows are checked as the files are read, before the
+    base's weights load."""
+    path = write(nli_data / ("squad/train-v1.1.json.gz" if task == "squad" else "nli/snli_test.jsonl.gz"))
+    argv = ["train", *TINY_RUN, "--task", task, "--base-model", str(tiny_llama_dir), "--data-dir", str(nli_data),
+            "--out", str(tmp_path / "new")]
+    assert refusal(argv, capsys) == f"loraswap train: error: {path}{message}\n"
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("task,write,message", BAD_ROWS, ids=BAD_ROW_IDS)
+def test_eval_refuses_a_row_it_cannot_read_naming_its_file_row_and_field(task, write, message, tiny_llama_dir,
+                                                                         tmp_path, capsys):
+    """A review: a SQuAD question of no answer ended in squad_scores' ValueError (max() of an empty sequence) once
+    the whole evaluation had run, an answer that is no string in normalize_answer's AttributeError, a premise that
+    is no string in a TypeError. Checked as the file is read, before the model loads."""
+    path = write(tmp_path / f"{task}.json.gz")
+    argv = ["eval", "--task", task, "--adapter", "none", "--data", str(path), "--base-model", str(tiny_llama_dir),
+            "--adapters-dir", str(tmp_path), "--device", "cpu"]
+    assert refusal(argv, capsys) == f"loraswap eval: error: {path}{message}\n"
 
 
 @pytest.mark.parametrize("options,message", [
