@@ -109,8 +109,9 @@ def device(text: str) -> str:
 
 def output_file(text: str) -> Path:
     """An argparse type: a file to write, checked before the command works: not empty, not a folder, in a folder that
-    exists and is no adapter's (a review: ``eval --json adapters/x/card.json`` replaced the adapter's card). A command
-    that writes its report after minutes of work must not find only then that it cannot."""
+    exists and is no adapter's (a review: ``eval --json adapters/x/card.json`` replaced the adapter's card), nor a
+    symlink to a file in one (a review: that got past the check) or into no folder. A command that writes its report
+    after minutes of work must not find only then that it cannot."""
     path = Path(text)
     if not text:
         raise argparse.ArgumentTypeError("must name a file, not be empty")
@@ -121,6 +122,17 @@ def output_file(text: str) -> Path:
     if (path.parent / ADAPTER_CONFIG_FILE).exists():
         raise argparse.ArgumentTypeError(f"{text} lies in an adapter folder (it holds {ADAPTER_CONFIG_FILE}): a report "
                                          "would write over or beside the adapter's own files")
+    try:
+        target = path.resolve()  # where a write through symlinks (of the file or its folders) lands
+    except (OSError, RuntimeError):  # a symlink loop (RuntimeError before Python 3.13)
+        raise argparse.ArgumentTypeError(f"{text} is a symlink loop, not a file to write") from None
+    if not target.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a symlink to {target}: there is no folder {target.parent} to "
+                                         "write it in")
+    if (target.parent / ADAPTER_CONFIG_FILE).exists():
+        raise argparse.ArgumentTypeError(f"{text} leads to {target}, in an adapter folder (it holds "
+                                         f"{ADAPTER_CONFIG_FILE}): a report would write over or beside the adapter's "
+                                         "own files")
     return path
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 
 from service.cli.main import check_onednn, main
 from service.settings import Settings
-from tests.data.make_corpus import SQUAD_SAMPLE
+from tests.data.make_corpus import NLI_SAMPLE, SQUAD_SAMPLE
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -336,3 +337,65 @@ def test_an_out_folder_that_is_a_symlink_to_nothing_is_a_usage_error(command, tm
     with pytest.raises(SystemExit) as exit_:
         main([*command, "--out", str(link)])
     assert exit_.value.code == 2 and f"argument --out: {link} is a symlink to nothing" in capsys.readouterr().err
+
+
+REPORTS_OVER_INPUTS = {  # a command line (paths from the fixture's folder), the file it would write over, the refusal
+    "eval_json_through_a_symlink_into_an_adapter": (
+        ["eval", "--task", "nli", "--adapter", "none", "--json", "{to_card}"], "{card}",
+        "loraswap eval: error: argument --json: {to_card} leads to {card}, in an adapter folder (it holds "
+        "adapter_config.json): a report would write over or beside the adapter's own files"),
+    "calibrate_diagram_through_a_symlink_into_an_adapter": (
+        ["calibrate", "--adapter", "{adapter}", "--diagram", "{to_card}"], "{card}",
+        "argument --diagram: {to_card} leads to {card}, in an adapter folder"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REPORTS_OVER_INPUTS))
+def test_a_report_is_never_written_over_what_the_command_reads(case, tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    """A review: ``eval --data X --json X`` (or --predictions X) replaced the data with the report, and a --json that
+    is a symlink into an adapter folder replaced the adapter's card.json (the folder check looked at the link's
+    folder). Each is one usage line before any work, the file left as it was."""
+    data = tmp_path / "data"
+    (data / "nli").mkdir(parents=True)
+    (data / "squad").mkdir()
+    mnli, squad = data / "nli" / "mnli.jsonl.gz", data / "squad" / "dev-v1.1.json.gz"
+    shutil.copy(NLI_SAMPLE, mnli)
+    shutil.copy(SQUAD_SAMPLE, squad)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"r": 4}')
+    (adapter / "card.json").write_text('{"name": "adapter"}')
+    (tmp_path / "to_data").symlink_to(mnli)
+    (tmp_path / "to_card.json").symlink_to(adapter / "card.json")
+    os.link(mnli, tmp_path / "hard")
+    base = shutil.copytree(tiny_llama_dir, tmp_path / "base")
+    monkeypatch.setenv("LORASWAP_DATA_DIR", str(data))
+    monkeypatch.setenv("LORASWAP_ADMIN_KEY", "admin")
+    names = {"mnli": mnli, "squad": squad, "data": data, "adapter": adapter, "card": adapter / "card.json",
+             "to_data": tmp_path / "to_data", "to_card": tmp_path / "to_card.json", "hard": tmp_path / "hard",
+             "base": base, "tmp": tmp_path}
+    argv, protected, message = REPORTS_OVER_INPUTS[case]
+    argv = [arg.format(**names) for arg in argv]
+    if argv[0] == "eval":
+        argv += ["--base-model", str(base), "--adapters-dir", str(tmp_path), "--device", "cpu", "--limit", "2"]
+    protected = Path(protected.format(**names))
+    before = protected.read_bytes()
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1, err
+    assert message.format(**names) in err
+    assert protected.read_bytes() == before
+
+
+def test_a_report_that_is_a_symlink_loop_or_into_no_folder_is_refused_before_the_work(tmp_path, capsys):
+    """Found only when the report was written, after the work (ELOOP, or no folder for the link's target)."""
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    (tmp_path / "nowhere.json").symlink_to(tmp_path / "gone" / "r.json")
+    for name, message in [("loop", "is a symlink loop, not a file to write"),
+                          ("nowhere.json", f"is a symlink to {tmp_path}/gone/r.json: there is no folder "
+                           f"{tmp_path}/gone to write it in")]:
+        with pytest.raises(SystemExit) as exit_:
+            main(["bench", "--json", str(tmp_path / name)])
+        assert exit_.value.code == 2
+        assert f"loraswap bench: error: argument --json: {tmp_path / name} {message}" in capsys.readouterr().err
