@@ -28,8 +28,8 @@ import httpx
 from loadtest.endpoints import KINDS, endpoint
 from loadtest.process_memory import ServerMemory
 from loadtest.side_by_side_report import markdown, score, summarize
-from loadtest.workload import MODES, Item, workload, workloads
-from service.cli.command import Command, comma_list, nonnegative, output_file, positive
+from loadtest.workload import MODES, Item, data_files, workload, workloads
+from service.cli.command import Command, UsageError, comma_list, nonnegative, output_file, positive, spare_inputs
 from training.data import data_dir
 
 TIMEOUT_S = 600.0  # per request: a 2-core machine under load answers slowly, but it answers
@@ -215,15 +215,18 @@ def check_reachable(systems: Sequence[tuple[str, str, str]]) -> None:
 
 def run_side_by_side(args: argparse.Namespace) -> None:
     """Run the comparison, print its tables, write the JSON and markdown asked for. Names that ``check_names``
-    refuses and a system that does not answer (``check_reachable``) are a usage error (exit status 2, before any
+    refuses, a report that would be written over a data file (``spare_inputs``) and a system that does not answer
+    (``check_reachable``) are a usage error (exit status 2, before any
     request is timed); a request that fails during the run (an HTTP error status: a wrong URL path, a server that
     refuses) ends it with one line and exit status 1. Raises FileNotFoundError without the data, ValueError when a
     llama.cpp server lacks an adapter (``LlamaCpp.prepare``)."""
     try:
         baseline = check_names(args)
+        spare_inputs([(option, getattr(args, option[2:], None)) for option in ("--json", "--markdown")],
+                     [(f"a file of --data, {path}", path) for path in data_files(args.data)])
         planned = planned_requests(args)
         check_reachable(args.system)
-    except ValueError as exc:
+    except (ValueError, UsageError) as exc:
         print(f"loraswap side-by-side: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     try:

@@ -59,6 +59,11 @@ def shares(mode: str, count: int) -> tuple[int, int]:
     return questions, count - questions
 
 
+def data_files(root: Path) -> list[Path]:
+    """The files of the data folder ``root`` the workloads read: SQuAD dev and MNLI."""
+    return [root / TASK_EVAL_FILES[task][0] for task in ("squad", "nli")]
+
+
 def workload(mode: str, count: int, root: Path) -> list[Item]:
     """``count`` requests: for "squad", the first ``count`` SQuAD dev questions; for "mixed", the first half of them
     (rounded up) taking turns with the first MNLI dev_matched pairs. ``root``: the data folder. Raises ValueError

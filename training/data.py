@@ -154,12 +154,17 @@ def sample(rows: list[dict], limit: int | None, seed: int, key: str | None = Non
     return [rows[i] for i in sorted(order[:limit])]
 
 
+def eval_path(task: str, path: str | Path | None = None) -> Path:
+    """The file a task is evaluated on: ``path``, else the task's dev file in the data folder."""
+    return Path(path) if path else data_dir() / TASK_EVAL_FILES[task][0]
+
+
 def read_eval(task: str, path: str | Path | None = None) -> list[dict]:
     """The rows a task is evaluated on: ``path``, else the task's dev file. For nli, a file whose rows name their
     MNLI split (``mnli_split``, as mnli.jsonl.gz's do) is cut to its dev_matched rows, whatever the file is called;
     one of no such field is read whole. Raises FileNotFoundError when the file is absent."""
-    name, splits = TASK_EVAL_FILES[task]
-    path = Path(path) if path else data_dir() / name
+    splits = TASK_EVAL_FILES[task][1]
+    path = eval_path(task, path)
     if task == "squad":
         return read_squad(path)
     lines = nli_lines(path)

@@ -6,7 +6,7 @@ import asyncio
 import json
 from pathlib import Path
 
-from service.cli.command import UsageError
+from service.cli.command import UsageError, spare_inputs
 from service.engine.sampling import Decoding
 from service.engine.strategies import READ_BY
 from service.errors import AdapterError, InputTooLong, UnknownAdapter
@@ -14,7 +14,7 @@ from service.lora.adapter_files import BASE_LABEL, CONFIG_FILE, AdapterWeights, 
 from service.runtime import Runtime
 from service.settings import Settings
 from service.tasks.prompts import NLI_LABELS, RTE_LABELS
-from training.data import BadRow, eval_sample, hidden_in_documents, read_eval
+from training.data import BadRow, eval_path, eval_sample, hidden_in_documents, read_eval
 from training.metrics import ECE_BINS, accuracy, confusion_matrix, expected_calibration_error, squad_scores
 
 EVALUATED = "evaluated"  # the name an adapter given as a folder is registered under
@@ -211,9 +211,13 @@ def run(args: argparse.Namespace) -> dict:
     (``evaluated_rows``) before the model is loaded. Raises UnknownAdapter or AdapterError for an adapter it cannot
     evaluate, FileNotFoundError for absent data or base model, UsageError for data that is not the task's or holds
     no rows or an unknown label, --distractors with another task than squad or more than the data has, settings the
-    base model cannot run, or making an example longer than the server takes."""
+    base model cannot run, or making an example longer than the server takes, and for a report that would be
+    written over the default data (``spare_inputs``)."""
     if args.distractors and args.task != "squad":
         raise UsageError(f"--distractors hides SQuAD paragraphs among others: not for --task {args.task}")
+    if args.data is None:  # a --data file is checked with every option's (service.cli.main.check_inputs_spared)
+        spare_inputs([("--predictions", args.predictions), ("--json", args.json)],
+                     [(f"the {args.task} dev set", eval_path(args.task))])
     folder = adapter_folder(args)
     rows = evaluated_rows(args)
     rt = start_runtime(args, folder)

@@ -22,7 +22,16 @@ import sys
 from pathlib import Path
 
 from loadtest.checked.scenarios import SCENARIOS
-from service.cli.command import Command, UsageError, comma_list, nonnegative, output_file, positive, require_extra
+from service.cli.command import (
+    Command,
+    UsageError,
+    comma_list,
+    nonnegative,
+    output_file,
+    positive,
+    require_extra,
+    spare_inputs,
+)
 from training.data import TASK_EVAL_FILES, data_dir
 
 
@@ -92,7 +101,8 @@ def nli_source(path: Path | None) -> tuple[Path, tuple[str, ...] | None]:
 
 def run_loadtest(args: argparse.Namespace) -> None:
     """Run ``loraswap loadtest``: the report to ``--json``, its tables to ``--md`` and printed. UsageError for a
-    ``--warmup`` not below ``--duration``, and without locust (``require_extra``). Exit status
+    ``--warmup`` not below ``--duration``, a report that would be written over the data it asks from
+    (``spare_inputs``), and without locust (``require_extra``). Exit status
     2 without ``$LORASWAP_ADMIN_KEY`` or when the server refuses the test's set-up (a wrong admin key, an
     ``--adapter-root`` that is not one of its roots, no ``--source`` adapter, the server unreachable, a name or folder
     of the run's adapters taken), 1 when a check failed (the reference pass's included), 130 when interrupted
@@ -101,6 +111,9 @@ def run_loadtest(args: argparse.Namespace) -> None:
     if args.warmup is not None and args.warmup >= args.duration:
         raise UsageError(f"--warmup {args.warmup:g} leaves no load after it to check the memory by (--duration "
                          f"{args.duration:g})")
+    squad, nli = args.squad or data_dir() / TASK_EVAL_FILES["squad"][0], nli_source(args.nli)
+    spare_inputs([("--json", args.json), ("--md", args.md)],
+                 [("the SQuAD file it asks from", squad), ("the NLI file it asks from", nli[0])])
     admin_key = os.environ.get("LORASWAP_ADMIN_KEY")
     if not admin_key:
         print("loraswap loadtest: error: set LORASWAP_ADMIN_KEY, the server's admin key (the test registers its "
@@ -115,7 +128,7 @@ def run_loadtest(args: argparse.Namespace) -> None:
     config = LoadConfig(
         scenario=args.scenario, users=args.users, duration_s=args.duration, host=args.host.rstrip("/"),
         admin_key=admin_key, api_key=os.environ.get("LORASWAP_API_KEY"), adapter_root=args.adapter_root,
-        squad=args.squad or data_dir() / TASK_EVAL_FILES["squad"][0], nli=nli_source(args.nli), source=args.source,
+        squad=squad, nli=nli, source=args.source,
         adapters=args.adapters, prompts=args.prompts, new_tokens=args.new_tokens, rank=args.rank,
         kinds=tuple(args.kinds), spread=args.spread, seed=args.seed, churn_interval_s=args.churn_interval,
         timeout_s=args.timeout, tolerance=args.tolerance, recovery=args.recovery, storm_clients=args.storm_clients,

@@ -6,6 +6,7 @@ import argparse
 import importlib.util
 import math
 import re
+import stat
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,6 +135,32 @@ def output_file(text: str) -> Path:
                                          f"{ADAPTER_CONFIG_FILE}): a report would write over or beside the adapter's "
                                          "own files")
     return path
+
+
+def regular_file(path: str | Path) -> tuple[int, int] | None:
+    """The device and inode of the regular file ``path`` names (through symlinks; hard links share them), None
+    where it names none (absent, a folder, a device, not a path at all)."""
+    try:
+        status = Path(path).stat()
+    except (OSError, ValueError):  # absent, unreadable; ValueError: a NUL in the name
+        return None
+    return (status.st_dev, status.st_ino) if stat.S_ISREG(status.st_mode) else None
+
+
+def spare_inputs(reports: Iterable[tuple[str, Path | None]], inputs: Iterable[tuple[str, str | Path]]) -> None:
+    """UsageError where one of ``reports`` (its option and path, None when not asked for) would be written over a file
+    the command reads, one of ``inputs`` (what it is, in words, and its path): the same file by its path, through a
+    symlink or a hard link (a review: ``eval --data X --json X`` replaced the data with the report)."""
+    read: dict[tuple[int, int], str] = {}
+    for what, path in inputs:
+        identity = regular_file(path)
+        if identity is not None:
+            read.setdefault(identity, what)
+    for option, path in reports:
+        what = None if path is None else read.get(regular_file(path))
+        if what is not None:
+            raise UsageError(f"{option} {path} is {what}, which the command reads: the report would be written over "
+                             "it")
 
 
 def output_folder(text: str) -> Path:

@@ -17,7 +17,7 @@ from pathlib import Path
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
-from service.cli.command import Command, UsageError, device, output_file
+from service.cli.command import Command, UsageError, device, output_file, spare_inputs
 from service.cli.settings_options import add_settings_arguments, settings_from
 from service.errors import AdapterError, TemplateRefused, UnsafeEnvironment
 from service.model import server_process
@@ -62,14 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
         sub = subparsers.add_parser(name, help=command.help, description=command.help, formatter_class=DefaultsHelp)
         command.add_arguments(sub)
         reports = [(action.dest, action.option_strings[0]) for action in sub._actions if action.type is output_file]
-        sub.set_defaults(run=command.run, report_files=reports)
+        inputs = [(action.dest, action.option_strings[0]) for action in sub._actions  # --help's default is SUPPRESS
+                  if action.option_strings and action.type is not output_file and action.default != argparse.SUPPRESS]
+        sub.set_defaults(run=command.run, report_files=reports, input_options=inputs)
     return parser
 
 
 def check_report_files(args: argparse.Namespace) -> None:
     """UsageError where two report options of the command (``output_file``) name one file: one report would be
     written over the other (``eval --json x --predictions x``, or through a symlink or a hard link). Files that are
-    no regular files (``/dev/null``, ``/dev/stdout``) may take several."""
+    no regular files (``/dev/null``, ``/dev/stdout``) may take several. Then ``check_inputs_spared``."""
     named: dict[object, str] = {}
     for dest, option in args.report_files:
         path = getattr(args, dest)
@@ -80,6 +82,31 @@ def check_report_files(args: argparse.Namespace) -> None:
             raise UsageError(f"{named[identity]} and {option} name one file, {path}: one report would be written "
                              "over the other")
         named[identity] = option
+    check_inputs_spared(args)
+
+
+def path_values(value: object) -> list[str | Path]:
+    """The paths an option's parsed ``value`` may name: itself for a str or Path, the items of a list of them."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return [item for item in values if isinstance(item, (str, Path)) and item]
+
+
+def check_inputs_spared(args: argparse.Namespace) -> None:
+    """UsageError where a report option names a file another option of the command names (``eval --data x --json x``
+    wrote the report over the data: ``spare_inputs``), or lies in a model folder another option names (it holds
+    config.json: ``--base-model m --json m/config.json``). What a command reads by default (the data folder's files)
+    it checks itself."""
+    reports = [(option, getattr(args, dest)) for dest, option in args.report_files]
+    given = [(option, value) for dest, option in args.input_options for value in path_values(getattr(args, dest))]
+    spare_inputs(reports, [(f"the file {option} names", value) for option, value in given])
+    for option, value in given:
+        folder = Path(value)
+        if not (folder / "config.json").is_file():
+            continue
+        for report_option, report in reports:
+            if report is not None and report.resolve().parent == folder.resolve():
+                raise UsageError(f"{report_option} {report} lies in the model folder {option} names, {value}, which "
+                                 "the command reads: a report would write over or beside its files")
 
 
 def file_identity(path: Path) -> object:

@@ -340,6 +340,17 @@ def test_an_out_folder_that_is_a_symlink_to_nothing_is_a_usage_error(command, tm
 
 
 REPORTS_OVER_INPUTS = {  # a command line (paths from the fixture's folder), the file it would write over, the refusal
+    "eval_data_as_json": (["eval", "--task", "nli", "--adapter", "none", "--data", "{mnli}", "--json", "{mnli}"],
+                          "{mnli}", "loraswap eval: error: --json {mnli} is the file --data names, which the command "
+                          "reads: the report would be written over it"),
+    "eval_predictions_through_a_symlink": (["eval", "--task", "nli", "--adapter", "none", "--data", "{mnli}",
+                                            "--predictions", "{to_data}"], "{mnli}",
+                                           "--predictions {to_data} is the file --data names"),
+    "eval_json_through_a_hard_link": (["eval", "--task", "nli", "--adapter", "none", "--data", "{mnli}", "--json",
+                                       "{hard}"], "{mnli}", "--json {hard} is the file --data names"),
+    "eval_json_over_the_default_data": (["eval", "--task", "nli", "--adapter", "none", "--json", "{to_data}"],
+                                        "{mnli}", "loraswap eval: error: --json {to_data} is the nli dev set, which "
+                                        "the command reads"),
     "eval_json_through_a_symlink_into_an_adapter": (
         ["eval", "--task", "nli", "--adapter", "none", "--json", "{to_card}"], "{card}",
         "loraswap eval: error: argument --json: {to_card} leads to {card}, in an adapter folder (it holds "
@@ -347,6 +358,20 @@ REPORTS_OVER_INPUTS = {  # a command line (paths from the fixture's folder), the
     "calibrate_diagram_through_a_symlink_into_an_adapter": (
         ["calibrate", "--adapter", "{adapter}", "--diagram", "{to_card}"], "{card}",
         "argument --diagram: {to_card} leads to {card}, in an adapter folder"),
+    "side_by_side_markdown_over_its_data": (
+        ["side-by-side", "--system", "a=loraswap@http://127.0.0.1:9", "--system", "b=loraswap@http://127.0.0.1:9",
+         "--data", "{data}", "--markdown", "{to_data}"], "{mnli}",
+        "loraswap side-by-side: error: --markdown {to_data} is a file of --data, {mnli}, which the command reads"),
+    "loadtest_json_over_its_default_questions": (
+        ["loadtest", "--scenario", "single", "--users", "1", "--duration", "10", "--host", "http://127.0.0.1:9",
+         "--adapter-root", "{tmp}", "--json", "{squad}"], "{squad}",
+        "loraswap loadtest: error: --json {squad} is the SQuAD file it asks from, which the command reads"),
+    "bench_json_over_the_bases_config": (
+        ["bench", "--base-model", "{base}", "--json", "{base}/config.json", "--device", "cpu", "--batch-sizes", "1",
+         "--modes", "base", "--prompt-tokens", "4", "--new-tokens", "1", "--rounds", "1", "--hot-loads", "0",
+         "--registered", "0"], "{base}/config.json",
+        "loraswap bench: error: --json {base}/config.json lies in the model folder --base-model names, {base}, which "
+        "the command reads"),
 }
 
 
