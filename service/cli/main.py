@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import stat
 import sys
 from importlib.metadata import entry_points
@@ -127,6 +128,15 @@ def reason(exc: Exception) -> str:
     return "; ".join(f"{'.'.join(map(str, error['loc'])) or 'settings'}: {error['msg']}" for error in exc.errors())
 
 
+def environment_reason(exc: ValidationError | SettingsError, prefix: str) -> str:
+    """``reason`` for settings read from the environment, each setting named by its variable (``LORASWAP_DEVICE``,
+    not ``device``: the user set no option of that name); never the value given."""
+    if not isinstance(exc, ValidationError):  # pydantic-settings' own: 'error parsing value for field "x" from ...'
+        return re.sub(r'field "(\w+)"', lambda name: f"{prefix}{name[1].upper()}", str(exc))
+    return "; ".join(f"{prefix}{str(error['loc'][0]).upper()}{''.join(f'[{part}]' for part in error['loc'][1:])}: "
+                     f"{error['msg']}" if error["loc"] else f"settings: {error['msg']}" for error in exc.errors())
+
+
 def check_device(name: str) -> None:
     """UsageError unless the server can run on device ``name`` here (``command.device``)."""
     try:
@@ -151,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         parser = build_parser()
     except (ValidationError, SettingsError) as exc:
         prefix = Settings.model_config["env_prefix"]
-        print(f"loraswap: error: a {prefix}* environment variable is invalid: {reason(exc)}", file=sys.stderr)
+        print(f"loraswap: error: a {prefix}* environment variable is invalid: {environment_reason(exc, prefix)}",
+              file=sys.stderr)
         raise SystemExit(2) from None
     args = parser.parse_args(argv)
     try:

@@ -147,21 +147,33 @@ def test_requests_that_cannot_be_done_are_usage_errors(argv, message, tiny_llama
 
 
 @pytest.mark.parametrize("variable,value,words", [
-    ("LORASWAP_MAX_BATCH", "abc", "max_batch: Input should be a valid integer"),
-    ("LORASWAP_ADAPTER_ROOTS", "{not json", "adapter_roots"),
+    ("LORASWAP_MAX_BATCH", "abc", "Input should be a valid integer"),
+    ("LORASWAP_ADAPTER_ROOTS", "{not json", "Value error, Expecting property name"),
+    ("LORASWAP_ADAPTER_ROOTS", "[1]", "LORASWAP_ADAPTER_ROOTS[0]: Input is not a valid path"),  # an item of a list
     # what an adapter may be named, not pydantic's "String should match pattern" and its regular expression
-    ("LORASWAP_QA_ADAPTER", "../x", "qa_adapter: Input should name an adapter: a plain identifier "
+    ("LORASWAP_QA_ADAPTER", "../x", "Input should name an adapter: a plain identifier "
      "([A-Za-z_][A-Za-z0-9_]*, at most 64 characters), or none or base for the bare base\n"),
-    ("LORASWAP_DEVICE", "tpu", "device: Input should be auto, cpu, cuda or cuda:N (GPU N)\n"),
+    ("LORASWAP_DEVICE", "tpu", "Input should be auto, cpu, cuda or cuda:N (GPU N)\n"),
 ])
 def test_an_invalid_environment_variable_is_a_usage_error_even_for_help(variable, value, words, monkeypatch, capsys):
+    """A review: the error named the setting (``device: ...``), not the variable the user set (LORASWAP_DEVICE)."""
     monkeypatch.setenv(variable, value)
     with pytest.raises(SystemExit) as exit_:
         main(["--help"])
     assert exit_.value.code == 2
     error = capsys.readouterr().err
-    assert error.startswith("loraswap: error: a LORASWAP_* environment variable is invalid: ")
-    assert words in error
+    assert error.startswith(f"loraswap: error: a LORASWAP_* environment variable is invalid: {variable}")
+    assert words in error and error.count("\n") == 1
+
+
+def test_pydantic_settings_own_error_names_the_variable_too():
+    from pydantic_settings import SettingsError
+
+    from service.cli.main import environment_reason
+
+    error = SettingsError('error parsing value for field "adapter_roots" from source "EnvSettingsSource"')
+    assert environment_reason(error, "LORASWAP_") == ('error parsing value for LORASWAP_ADAPTER_ROOTS from source '
+                                                      '"EnvSettingsSource"')
 
 
 SECRET = "sk-SECRET-0123456789abcdef"
