@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import logging
 import re
-import stat
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
-from service.cli.command import Command, UsageError, device, output_file, spare_inputs
+from service.cli.command import Command, UsageError, device, output_file, regular_file, spare_inputs
 from service.cli.settings_options import add_settings_arguments, settings_from
 from service.errors import AdapterError, TemplateRefused, UnsafeEnvironment
 from service.model import server_process
@@ -113,11 +112,8 @@ def check_inputs_spared(args: argparse.Namespace) -> None:
 def file_identity(path: Path) -> object:
     """What makes ``path`` the file it is: its device and inode if it exists (hard links share them), else its
     resolved path; None for an existing file that is no regular file (a device, a pipe)."""
-    try:
-        status = path.stat()
-    except FileNotFoundError:
-        return path.resolve()
-    return (status.st_dev, status.st_ino) if stat.S_ISREG(status.st_mode) else None
+    identity = regular_file(path)
+    return identity if identity is not None or path.exists() else path.resolve()
 
 
 def reason(exc: Exception) -> str:

@@ -38,9 +38,9 @@ class Calibration:
 def read_card(card_path: Path) -> dict | None:
     """The card at ``card_path`` (a ``card.json``) as the server reads it: bounded, a regular file only
     (``read_bounded``), strictly (``strict_json``); None when there is none. Raises AdapterError for a card that is a
-    symlink to nothing (as for the chat template: ``runtime.read_chat_template``), that is no regular file (a FIFO, a
-    folder) or is over ``MAX_ADAPTER_JSON_BYTES``, that cannot be read as JSON or names a key twice in one object,
-    and for one that is not a JSON object."""
+    symlink to nothing (as for the chat template: ``chat_template.read_chat_template``), that is no regular file (a
+    FIFO, a folder) or is over ``MAX_ADAPTER_JSON_BYTES``, that cannot be read as JSON or names a key twice in one
+    object, and for one that is not a JSON object."""
     if card_path.is_symlink() and not card_path.exists():
         raise AdapterError(f"{card_path} is a symlink to nothing")
     if not card_path.exists():
