@@ -9,8 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from service.cli.command import Command, bounded, comma_list, device, nonnegative, output_file, positive
-from service.settings import Settings
+from service.cli.command import Command, SettingDefault, bounded, comma_list, device, nonnegative, output_file, positive
 
 MOST_BENCH_BATCH, MOST_BENCH_RANK = 4096, 64  # the benchmark engine's max_queue and max_rank (bench.Bench)
 ALL_MODES = ("hf_base", "base", "single", "merged", "mixed", "peft_mixed", "peft_sequential")
@@ -52,11 +51,11 @@ def add_bench_options(parser: argparse.ArgumentParser) -> None:
                         help="timed hot-loads of an r=16 all-linear adapter (0 skips them and the stall check)")
     parser.add_argument("--registered", type=nonnegative(int), default=1000,
                         help="adapters registered for the memory check (0 skips it)")
-    parser.add_argument("--prefill-chunk", type=nonnegative(int), default=Settings().prefill_chunk,
+    parser.add_argument("--prefill-chunk", type=nonnegative(int), default=SettingDefault("prefill_chunk"),
                         help="the engine's --prefill-chunk (0: whole prompts; unset: the engine's default, 512 on the "
                         "CPU and 0 on a GPU)")
-    parser.add_argument("--cache-dir", type=Path, default=Settings().cache_dir,
-                        help="where the converted base model is cached ($LORASWAP_CACHE_DIR sets the default)")
+    parser.add_argument("--cache-dir", type=Path, default=SettingDefault("cache_dir"),
+                        help="where the converted base model is cached")
     parser.add_argument("--json", type=output_file, help="write the results here (default: printed only)")
 
 

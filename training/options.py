@@ -12,6 +12,7 @@ from pathlib import Path
 
 from service.cli.command import (
     Command,
+    SettingDefault,
     UsageError,
     bounded,
     comma_list,
@@ -24,7 +25,6 @@ from service.cli.command import (
     positive,
 )
 from service.engine.strategies import SAMPLING_DEFAULTS, Strategy, unread, unread_reason
-from service.settings import Settings
 from service.tasks.prompt_styles import ADAPTER_STYLE, PROMPT_STYLES
 
 TASKS = ("squad", "nli", "rte")
@@ -103,8 +103,8 @@ def add_sweep_options(parser: argparse.ArgumentParser) -> None:
 def add_merge_options(parser: argparse.ArgumentParser) -> None:
     """The options of ``loraswap merge``: the adapter, the output folder and the base."""
     parser.add_argument("--adapter", required=True, help="adapter folder, or the name of one in --adapters-dir")
-    parser.add_argument("--adapters-dir", type=Path, default=Settings().adapters_dir,
-                        help="where --adapter NAME is looked up ($LORASWAP_ADAPTERS_DIR sets the default)")
+    parser.add_argument("--adapters-dir", type=Path, default=SettingDefault("adapters_dir"),
+                        help="where --adapter NAME is looked up")
     parser.add_argument("--out", required=True, type=new_folder, help="folder for the merged model, new or empty")
     parser.add_argument("--base-model", help=BASE_HELP + " (default: the adapter's base_model_name_or_path)")
 
@@ -155,8 +155,8 @@ def add_eval_options(parser: argparse.ArgumentParser) -> None:
 def add_engine_options(parser: argparse.ArgumentParser) -> None:
     """The options of the engine ``eval`` and ``calibrate`` run: base model, adapters folder, device, dtype, batch."""
     parser.add_argument("--base-model", default="smollm2", help=BASE_HELP)
-    parser.add_argument("--adapters-dir", type=Path, default=Settings().adapters_dir,
-                        help="where --adapter NAME is looked up ($LORASWAP_ADAPTERS_DIR sets the default)")
+    parser.add_argument("--adapters-dir", type=Path, default=SettingDefault("adapters_dir"),
+                        help="where --adapter NAME is looked up")
     parser.add_argument("--device", type=device, default="auto",
                         help="'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N' (GPU N)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.settings import ADAPTER_CONFIG_FILE, DEVICE_PATTERN, DEVICES
+from service.settings import ADAPTER_CONFIG_FILE, DEVICE_PATTERN, DEVICES, Settings
 
 
 class UsageError(Exception):
@@ -30,6 +30,30 @@ class Command:
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], None]
+
+
+@dataclass(frozen=True)
+class SettingDefault:
+    """The default of an option that a setting gives (``--adapters-dir``: ``adapters_dir``, its ``LORASWAP_`` variable,
+    else its default), read when the command runs (``read_setting_defaults``), not when the parser is built: ``--help``
+    reads no environment variable, and an invalid one fails only a command that reads the settings. ``str``: what
+    ``--help`` shows."""
+
+    name: str
+
+    def __str__(self) -> str:
+        default = Settings.model_fields[self.name].get_default(call_default_factory=True)
+        variable = Settings.model_config["env_prefix"] + self.name.upper()
+        return f"${variable}, else {'unset' if default is None else default}"
+
+
+def read_setting_defaults(args: argparse.Namespace) -> None:
+    """Replace each SettingDefault left in ``args`` (its option was not given) by its setting's value. Raises
+    pydantic's ValidationError, or pydantic-settings' SettingsError, where a ``LORASWAP_`` variable is invalid."""
+    unread = {name: value for name, value in vars(args).items() if isinstance(value, SettingDefault)}
+    settings = Settings() if unread else None
+    for name, value in unread.items():
+        setattr(args, name, getattr(settings, value.name))
 
 
 def require_extra(extra: str, *modules: str) -> None:

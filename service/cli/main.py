@@ -9,15 +9,23 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
-import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
-from service.cli.command import Command, UsageError, device, output_file, regular_file, spare_inputs
+from service.cli.command import (
+    Command,
+    UsageError,
+    device,
+    output_file,
+    read_setting_defaults,
+    regular_file,
+    spare_inputs,
+)
 from service.cli.settings_options import add_settings_arguments, settings_from
 from service.errors import AdapterError, TemplateRefused, UnsafeEnvironment
 from service.model import server_process
@@ -116,21 +124,29 @@ def file_identity(path: Path) -> object:
     return identity if identity is not None or path.exists() else path.resolve()
 
 
-def reason(exc: Exception) -> str:
-    """What went wrong, in one line; for a ValidationError each field's problem without the value given, which may be
-    a secret (the admin or API key)."""
+def reason(exc: Exception, args: argparse.Namespace) -> str:
+    """What went wrong, in one line. A setting read from its ``LORASWAP_`` variable (the command's ``args`` has no
+    option of its name) is named by that variable (``LORASWAP_DEVICE``, not ``device``: the user set no option of that
+    name). For a ValidationError, each field's problem without the value given, which may be a secret (the admin or
+    API key)."""
+    prefix = Settings.model_config["env_prefix"]
+    if isinstance(exc, SettingsError):  # pydantic-settings' own: 'error parsing value for field "x" from source ...'
+        return re.sub(r'field "(\w+)"', lambda name: f"{prefix}{name[1].upper()}", str(exc))
     if not isinstance(exc, ValidationError):
         return str(exc)
-    return "; ".join(f"{'.'.join(map(str, error['loc'])) or 'settings'}: {error['msg']}" for error in exc.errors())
+    return "; ".join(f"{field_name(error['loc'], exc.title, args)}: {error['msg']}" for error in exc.errors())
 
 
-def environment_reason(exc: ValidationError | SettingsError, prefix: str) -> str:
-    """``reason`` for settings read from the environment, each setting named by its variable (``LORASWAP_DEVICE``,
-    not ``device``: the user set no option of that name); never the value given."""
-    if not isinstance(exc, ValidationError):  # pydantic-settings' own: 'error parsing value for field "x" from ...'
-        return re.sub(r'field "(\w+)"', lambda name: f"{prefix}{name[1].upper()}", str(exc))
-    return "; ".join(f"{prefix}{str(error['loc'][0]).upper()}{''.join(f'[{part}]' for part in error['loc'][1:])}: "
-                     f"{error['msg']}" if error["loc"] else f"settings: {error['msg']}" for error in exc.errors())
+def field_name(loc: tuple, model: str, args: argparse.Namespace) -> str:
+    """How an error's ``loc`` in ``model`` is named to the user: a Settings field read from the environment by its
+    variable, items of a list in brackets (``LORASWAP_ADAPTER_ROOTS[0]``); else pydantic's dotted path, ``settings``
+    for the model as a whole."""
+    if not loc:
+        return "settings"
+    variable = f"{Settings.model_config['env_prefix']}{str(loc[0]).upper()}"
+    if model != Settings.__name__ or hasattr(args, str(loc[0])) or variable not in os.environ:
+        return ".".join(map(str, loc))
+    return variable + "".join(f"[{part}]" for part in loc[1:])
 
 
 def check_device(name: str) -> None:
@@ -153,15 +169,10 @@ def check_onednn(settings: Settings) -> None:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request of a load test's clients
-    try:  # the options' defaults read the LORASWAP_ environment variables
-        parser = build_parser()
-    except (ValidationError, SettingsError) as exc:
-        prefix = Settings.model_config["env_prefix"]
-        print(f"loraswap: error: a {prefix}* environment variable is invalid: {environment_reason(exc, prefix)}",
-              file=sys.stderr)
-        raise SystemExit(2) from None
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        read_setting_defaults(args)
         if args.command == "serve":
             settings = settings_from(args)
             check_device(settings.device)
@@ -176,9 +187,9 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(args, "quantize", Settings().quantize) == "none":  # full precision: bitsandbytes never runs
                 server_process.without_bitsandbytes()
             args.run(args)
-    except (UsageError, AdapterError, FileNotFoundError, ValidationError, UnsafeEnvironment,
+    except (UsageError, AdapterError, FileNotFoundError, ValidationError, SettingsError, UnsafeEnvironment,
             TemplateRefused) as exc:  # cannot be done
-        parser.exit(2, f"loraswap {args.command}: error: {reason(exc)}\n")
+        parser.exit(2, f"loraswap {args.command}: error: {reason(exc, args)}\n")
     except KeyboardInterrupt:  # Ctrl-C: the shell's status for SIGINT (128 + 2), not a traceback
         parser.exit(130, f"loraswap {args.command}: interrupted\n")
     return 0

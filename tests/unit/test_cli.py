@@ -155,25 +155,63 @@ def test_requests_that_cannot_be_done_are_usage_errors(argv, message, tiny_llama
      "([A-Za-z_][A-Za-z0-9_]*, at most 64 characters), or none or base for the bare base\n"),
     ("LORASWAP_DEVICE", "tpu", "Input should be auto, cpu, cuda or cuda:N (GPU N)\n"),
 ])
-def test_an_invalid_environment_variable_is_a_usage_error_even_for_help(variable, value, words, monkeypatch, capsys):
+def test_an_invalid_environment_variable_is_a_usage_error_naming_it(variable, value, words, monkeypatch, capsys):
     """A review: the error named the setting (``device: ...``), not the variable the user set (LORASWAP_DEVICE)."""
     monkeypatch.setenv(variable, value)
     with pytest.raises(SystemExit) as exit_:
-        main(["--help"])
+        main(["serve"])
     assert exit_.value.code == 2
     error = capsys.readouterr().err
-    assert error.startswith(f"loraswap: error: a LORASWAP_* environment variable is invalid: {variable}")
+    assert error.startswith(f"loraswap serve: error: {variable}")
     assert words in error and error.count("\n") == 1
+
+
+@pytest.mark.parametrize("argv", [["--help"], *([command, "--help"] for command in ("serve", "eval", "bench"))])
+def test_help_reads_no_environment_variable(argv, monkeypatch, capsys):
+    """A review: one invalid LORASWAP_ variable failed every command, ``--help`` included (the parser read the settings
+    for the defaults it shows). The defaults a setting gives are shown by their variable."""
+    monkeypatch.setenv("LORASWAP_MAX_BATCH", "abc")
+    monkeypatch.setenv("LORASWAP_ADAPTER_ROOTS", "[1]")
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    out = " ".join(capsys.readouterr().out.split())
+    assert exit_.value.code == 0 and out.startswith("usage: loraswap")
+    if argv[0] == "eval":
+        assert "(default: $LORASWAP_ADAPTERS_DIR, else " in out
+
+
+def test_a_flag_overrides_an_invalid_environment_variable_of_its_setting(monkeypatch):
+    from service.http import server
+
+    served = []
+    monkeypatch.setattr(server, "serve", served.append)
+    monkeypatch.setenv("LORASWAP_MAX_BATCH", "abc")
+    main(["serve", "--max-batch", "3"])
+    assert [settings.max_batch for settings in served] == [3]
+
+
+def test_an_option_a_setting_defaults_takes_its_variable_when_the_command_runs(tmp_path, monkeypatch):
+    from service.cli.command import read_setting_defaults
+    from service.cli.main import build_parser
+
+    monkeypatch.setenv("LORASWAP_ADAPTERS_DIR", str(tmp_path))
+    parser = build_parser()
+    args = parser.parse_args(["merge", "--adapter", "a", "--out", str(tmp_path / "out")])
+    read_setting_defaults(args)
+    assert args.adapters_dir == tmp_path
+    given = parser.parse_args(["merge", "--adapter", "a", "--out", str(tmp_path / "out"), "--adapters-dir", "x"])
+    read_setting_defaults(given)
+    assert given.adapters_dir == Path("x")
 
 
 def test_pydantic_settings_own_error_names_the_variable_too():
     from pydantic_settings import SettingsError
 
-    from service.cli.main import environment_reason
+    from service.cli.main import reason
 
     error = SettingsError('error parsing value for field "adapter_roots" from source "EnvSettingsSource"')
-    assert environment_reason(error, "LORASWAP_") == ('error parsing value for LORASWAP_ADAPTER_ROOTS from source '
-                                                      '"EnvSettingsSource"')
+    assert reason(error, argparse.Namespace()) == ('error parsing value for LORASWAP_ADAPTER_ROOTS from source '
+                                                   '"EnvSettingsSource"')
 
 
 SECRET = "sk-SECRET-0123456789abcdef"
@@ -183,7 +221,7 @@ SECRET = "sk-SECRET-0123456789abcdef"
     (["serve", "--admin-key", SECRET, "--api-key", SECRET], {}),
     (["serve"], {"LORASWAP_ADMIN_KEY": SECRET, "LORASWAP_API_KEY": SECRET}),
     (["serve", "--api-key", SECRET, "--max-batch", "0"], {}),
-    (["--help"], {"LORASWAP_API_KEY": SECRET, "LORASWAP_MAX_BATCH": "abc"}),
+    (["serve"], {"LORASWAP_API_KEY": SECRET, "LORASWAP_MAX_BATCH": "abc"}),
 ])
 def test_a_settings_error_never_echoes_what_was_given(argv, environment, monkeypatch, capsys):
     """The keys are secrets: an error names the setting and the problem, never a value (pydantic's own message quoted
