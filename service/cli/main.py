@@ -56,6 +56,16 @@ class BriefErrors(argparse.ArgumentParser):
     def error(self, message: str):  # argparse's hook: print and exit with status 2
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
+    def parse_known_args(self, args=None, namespace=None):  # argparse's; parse_args calls it, as subcommands do
+        """argparse's, then the defaults settings give read (``read_setting_defaults``; ``--help`` exits before):
+        an invalid ``LORASWAP_`` variable they read is a usage error naming it."""
+        parsed, extras = super().parse_known_args(args, namespace)
+        try:
+            read_setting_defaults(parsed)
+        except (ValidationError, SettingsError) as exc:
+            self.error(reason(exc, parsed))
+        return parsed, extras
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = BriefErrors(prog="loraswap", description="Serve many LoRA adapters on one frozen base model; "
@@ -172,7 +182,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        read_setting_defaults(args)
         if args.command == "serve":
             settings = settings_from(args)
             check_device(settings.device)

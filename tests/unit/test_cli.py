@@ -190,18 +190,20 @@ def test_a_flag_overrides_an_invalid_environment_variable_of_its_setting(monkeyp
     assert [settings.max_batch for settings in served] == [3]
 
 
-def test_an_option_a_setting_defaults_takes_its_variable_when_the_command_runs(tmp_path, monkeypatch):
-    from service.cli.command import read_setting_defaults
+def test_an_option_a_setting_defaults_takes_its_variable_when_the_command_runs(tmp_path, monkeypatch, capsys):
     from service.cli.main import build_parser
 
     monkeypatch.setenv("LORASWAP_ADAPTERS_DIR", str(tmp_path))
     parser = build_parser()
-    args = parser.parse_args(["merge", "--adapter", "a", "--out", str(tmp_path / "out")])
-    read_setting_defaults(args)
-    assert args.adapters_dir == tmp_path
-    given = parser.parse_args(["merge", "--adapter", "a", "--out", str(tmp_path / "out"), "--adapters-dir", "x"])
-    read_setting_defaults(given)
-    assert given.adapters_dir == Path("x")
+    merge = ["merge", "--adapter", "a", "--out", "out"]
+    assert parser.parse_args(merge).adapters_dir == tmp_path
+    assert parser.parse_args([*merge, "--adapters-dir", "x"]).adapters_dir == Path("x")
+    monkeypatch.setenv("LORASWAP_ADAPTER_ROOTS", "[1]")  # a setting the command reads with the one it shows
+    with pytest.raises(SystemExit) as exit_:
+        parser.parse_args(merge)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == ("loraswap merge: error: LORASWAP_ADAPTER_ROOTS[0]: Input is not a valid path "
+                                       "for <class 'pathlib.Path'> (see loraswap merge --help)\n")
 
 
 def test_pydantic_settings_own_error_names_the_variable_too():
