@@ -32,7 +32,7 @@ from service.settings import Settings
 
 # health and readiness probes and metric scrapes are not work: not counted as requests in flight
 NOT_IN_FLIGHT = frozenset({"/health", "/ready", "/metrics"})
-# the methods a 405's Allow header may name (FastAPI's routes add no HEAD to GET)
+# the methods a 405's Allow header may name (HEAD wherever GET is: ``HeadAsGet``)
 METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 # the adapter label of a request that no adapter served: refused before its adapter was known (an unknown one, an
 # invalid body, a missing key), or on a route that runs no model; not an identifier, so never an adapter's name
@@ -68,8 +68,11 @@ def allowed_methods(request: Request) -> str:
     """The Allow header of a 405 (RFC 9110 15.5.6): every method some route takes at the request's path, such as
     "GET, POST" for /adapters (Starlette's names only the methods of the first route whose path matched)."""
     routes = request.app.router.routes
-    return ", ".join(method for method in METHODS
-                     if any(route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes))
+
+    def taken(method: str) -> bool:
+        return any(route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes)
+
+    return ", ".join(method for method in METHODS if taken("GET" if method == "HEAD" else method))
 
 
 def add_error_handlers(app: FastAPI) -> None:
@@ -144,6 +147,30 @@ class RequestMetrics:
                 ).observe(time.perf_counter() - started)
 
 
+class HeadAsGet:
+    """ASGI middleware: a HEAD request is answered as its GET would be, without the body (RFC 9110 9.3.2): the same
+    status and headers, Content-Length included. FastAPI's routes take no HEAD (only Starlette's own, such as /docs,
+    did), so a load balancer's ``HEAD /health`` or ``curl -I`` got a 405. The request runs as a GET (every GET route
+    only reads); a path no GET route takes answers HEAD as it answers GET (a 405 naming the methods it takes). The
+    OpenAPI schema lists GET only (HEAD is implied)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            return await self.app(scope, receive, send)
+
+        async def headers_only(message: Message) -> None:
+            if message["type"] != "http.response.body":
+                await send(message)
+            elif not message.get("more_body", False):
+                await send({"type": "http.response.body", "body": b""})
+
+        scope["method"] = "GET"  # in place: the outer middleware reads what the routing adds to the scope (its route)
+        await self.app(scope, receive, headers_only)
+
+
 class BodyLimit:
     """ASGI middleware: a request body over ``max_bytes`` is refused (413) before it is read whole: before a byte of
     it is read when its Content-Length says so, else at the chunk that passes the limit. The refusal is raised where
@@ -189,6 +216,7 @@ def create_app(settings: Settings | None = None, rt: Runtime | None = None) -> F
     for router in (tasks_router, admin_router, openai_router, ops_router):
         app.include_router(router)
     add_error_handlers(app)
+    app.add_middleware(HeadAsGet)
     app.add_middleware(BodyLimit, max_bytes=rt.settings.max_body_bytes)
     app.add_middleware(RequestMetrics)
     return app

@@ -102,15 +102,29 @@ def test_no_request_gets_a_5xx_and_every_reply_conforms_to_the_schema(case, sess
 
 
 @pytest.mark.parametrize("method,path,allowed", [
-    ("OPTIONS", "/adapters", "GET, POST"),  # Starlette's named only GET, the method of the first route there
+    ("OPTIONS", "/adapters", "GET, HEAD, POST"),  # Starlette's named only GET, the method of the first route there
     ("PUT", "/adapters/unmerge", "POST, DELETE"),  # POST /adapters/unmerge, DELETE /adapters/{name}
-    ("DELETE", "/health", "GET"),
+    ("DELETE", "/health", "GET, HEAD"),
     ("GET", "/v1/completions", "POST"),
+    ("HEAD", "/v1/completions", "POST"),
 ])
 def test_a_405_names_every_method_its_path_takes(method, path, allowed):
     """Found by the fuzz (RFC 9110: a 405's Allow header lists the methods the resource supports)."""
     reply = TestClient(UNSTARTED).request(method, path)
     assert (reply.status_code, reply.headers["allow"]) == (405, allowed)
+
+
+@pytest.mark.parametrize("path", ["/health", "/ready", "/metrics", "/adapters", "/v1/models", "/v1/models/base",
+                                  "/openapi.json"])
+def test_head_is_answered_as_get_without_the_body(path):
+    """A load balancer's HEAD /health, curl -I: a 405 on every GET route FastAPI made (a review). On an app never
+    started: /ready, /adapters and /v1/models answer 503 (loading), with Retry-After where GET sends it."""
+    client = TestClient(UNSTARTED)
+    got, head = client.get(path), client.head(path)
+    assert head.status_code == got.status_code and head.content == b"", head
+    ignored = {"content-length"} if path == "/metrics" else set()  # the metrics change between the two requests
+    assert {k: v for k, v in head.headers.items() if k not in ignored} == \
+        {k: v for k, v in got.headers.items() if k not in ignored}
 
 
 @pytest.mark.parametrize("path,body", [
