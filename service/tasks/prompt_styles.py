@@ -149,7 +149,7 @@ def render_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]
     except MemoryError:
         raise
     except Exception as exc:  # the template's own code failed: TemplateError, "Range too big", anything
-        raise TemplateRefused(f"the chat template refused the messages: {type(exc).__name__}: {exc}") from None
+        raise refusal(own_error(tokenizer, messages, template, flags) or exc) from None
     if not ids:
         raise TemplateRefused("the chat template rendered the messages as no tokens at all")
     left_out = [at for at, message in enumerate(messages)
@@ -158,6 +158,29 @@ def render_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]
         raise TemplateRefused(f"the chat template left out the text of message {left_out[0]} (a user's): the model "
                               "would not be asked it")
     return ids
+
+
+def refusal(exc: Exception) -> TemplateRefused:
+    """The refusal of messages whose render raised ``exc``."""
+    return TemplateRefused(f"the chat template refused the messages: {type(exc).__name__}: {exc}")
+
+
+def own_error(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], template: str | None,
+              flags: dict[str, bool]) -> Exception | None:
+    """What the template itself raises on ``messages``, where a render with ``continue_final_message`` failed: that
+    flag's checks may fail first (transformers refuses, before rendering, a template whose code does not name the
+    final message's ``content``: ``{{ raise_exception('x') }}`` was reported as transformers' complaint, not as
+    ``x``), so the messages are rendered again without it. None when that render raises nothing (the flag's own
+    failure is the reason) or the render had no such flag. MemoryError is raised as it is."""
+    if not flags.get("continue_final_message"):
+        return None
+    try:
+        tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False)
+    except MemoryError:
+        raise
+    except Exception as exc:  # the template's own code failed
+        return exc
+    return None
 
 
 def answer_input(style: str, context: str, question: str) -> Prompt:

@@ -170,13 +170,18 @@ def test_a_style_s_prompt_that_an_adapter_template_leaves_the_question_out_of_is
         assert "left out" in reply["message"], reply
 
 
+@pytest.mark.parametrize("refusing", [
+    ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system messages') }}"
+     "{% endif %}{{ m['content'] }}{% endfor %}"),  # as Gemma's refuses a system message
+    # its code names no message content: the reply said transformers' continue_final_message "is not an accepted
+    # field in the chat_template", not the template's own error (a review)
+    "{{ raise_exception('no system messages') }}"], ids=["by role", "always"])
 def test_an_adapter_template_that_fails_on_the_style_s_prompt_is_a_422_not_a_prompt_in_another_template(client,
-                                                                                                      tiny):
-    refusing = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system messages') }}"
-                "{% endif %}{{ m['content'] }}{% endfor %}")  # as Gemma's refuses a system message
-    adapter = with_template(client, tiny, "raising_template", refusing)
+                                                                                                      tiny, refusing):
+    adapter = with_template(client, tiny, f"raising_template_{len(refusing)}", refusing)
     for reply in (answer(client, adapter, "zero_shot", status=422), nli(client, adapter, "one_shot", status=422),
-                  nli(client, adapter, "zero_shot", ["yes", "no"], status=422)):
+                  nli(client, adapter, "zero_shot", status=422), nli(client, adapter, "zero_shot", ["yes", "no"],
+                                                                    status=422)):
         assert "chat template refused" in reply["message"] and "no system messages" in reply["message"], reply
     assert answer(client, adapter, "adapter")["answer"]
 
