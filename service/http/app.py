@@ -17,6 +17,7 @@ from service.http.errors import (
     CLIENT_CLOSED,
     RETRY_AFTER_SECONDS,
     STATUS,
+    FieldRefused,
     echoable,
     echoable_message,
     error_code,
@@ -89,7 +90,9 @@ def add_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 400 and exc.__cause__ is not None:  # FastAPI's: it could not parse the body
             cause = exc.__cause__
             return unreadable(request, "it is nested too deeply" if isinstance(cause, RecursionError) else str(cause))
-        response = error(request, exc.status_code, str(exc.detail))
+        traced = isinstance(exc, FieldRefused)
+        response = error(request, exc.status_code, str(exc.detail), param=exc.param if traced else None,
+                         code=exc.code if traced else None)
         response.headers.update(exc.headers or {})
         if exc.status_code == 405:
             response.headers["Allow"] = allowed_methods(request)

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from fastapi import HTTPException
 from transformers import PreTrainedTokenizerBase
 
 from service.errors import InputTooLong, TemplateRefused
+from service.http.errors import FieldRefused, error_code
 from service.tasks.template_sandbox import renderer
 
 
@@ -20,16 +20,17 @@ async def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[st
     thread; cancelling the caller withdraws a render not started.
 
     Raises InputTooLong, before rendering, when the messages hold more characters than ``max_tokens`` tokens can
-    (``longest_token``: a message's text is encoded as ordinary text); HTTPException 422 when there is no template,
-    when the template refuses the messages (its ``raise_exception``: roles out of order, a system message where it
-    takes none) or fails on them (anything its code raises: the template is the adapter's), renders no tokens, or
-    leaves out a user message's text (``prompt_styles.rendered``), or runs past the render's bounds; RenderUnavailable
+    (``longest_token``: a message's text is encoded as ordinary text); FieldRefused 422 naming ``model`` (code
+    ``no_chat_template``) when there is no template, and naming ``messages`` (code ``template_refused``) when the
+    template refuses the messages (its ``raise_exception``: roles out of order, a system message where it takes none)
+    or fails on them (anything its code raises: the template is the adapter's), renders no tokens, or leaves out a
+    user message's text (``prompt_styles.render_ids``), or runs past the render's bounds; RenderUnavailable
     (a 503) when the server could not render it, for trouble not the template's (its process killed or frozen from
     outside, or not started: ``template_sandbox``); EngineStopped when the service shuts down before the render
     began."""
     if template is None and tokenizer.chat_template is None:
-        raise HTTPException(422, "this model has no chat template, and the adapter's folder ships none; send the "
-                            "prompt as text to /v1/completions")
+        raise FieldRefused(422, "this model has no chat template, and the adapter's folder ships none; send the "
+                           "prompt as text to /v1/completions", "model", "no_chat_template")
     characters, most = sum(len(message["content"]) for message in messages), max_tokens * longest_token(tokenizer)
     if characters > most:
         raise InputTooLong(f"the messages have {characters} characters: more than {max_tokens} tokens (at most "
@@ -38,7 +39,7 @@ async def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[st
         job = (messages, template, {"add_generation_prompt": True})
         return await renderer(tokenizer).rendered(job)
     except TemplateRefused as exc:
-        raise HTTPException(422, str(exc)) from None
+        raise FieldRefused(422, str(exc), "messages", error_code(TemplateRefused)) from None
 
 
 @lru_cache(maxsize=8)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import math
 import re
 
+from fastapi import HTTPException
+
 from service.errors import (
     AdapterConflict,
     AdapterError,
@@ -32,6 +34,15 @@ LISTED_PROBLEMS = 10  # validation problems a 422 lists (its message says how ma
 
 class ClientGone(Exception):
     """The client disconnected before its reply was ready."""
+
+
+class FieldRefused(HTTPException):
+    """An error reply the HTTP layer makes for a fault traced to one request field, which the reply names (OpenAI's
+    ``param``, on ``/v1/*``), with a ``code`` saying what kind of fault it is."""
+
+    def __init__(self, status: int, detail: str, param: str, code: str):
+        super().__init__(status, detail)
+        self.param, self.code = param, code
 
 
 # a domain error's status is that of the first of its classes (itself, then its bases) found here

@@ -91,11 +91,15 @@ def reference(tiny_llama_dir, served) -> Reference:
     return Reference(tiny_llama_dir, served[1])
 
 
-def chat(client, status: int = 200, **fields) -> dict:
+def chat(client, status: int = 200, param: str | None = None, **fields) -> dict:
+    """The reply to a chat request of ``fields``, or its error message (its ``param`` checked, where one is given)."""
     reply = client.post("/v1/chat/completions", json={"model": "base", "messages": QUESTION, "max_tokens": 6,
                                                       "temperature": 0, **fields})
     assert reply.status_code == status, reply.text
-    return reply.json() if status == 200 else error_message(reply)
+    if status == 200:
+        return reply.json()
+    assert param is None or reply.json()["error"]["param"] == param, reply.text
+    return error_message(reply)
 
 
 def prompt_of(*args) -> list[int]:
@@ -192,8 +196,11 @@ def test_what_is_not_implemented_or_invalid_is_refused_by_name(client, field, va
 
 
 def test_the_templates_own_refusal_is_a_422(client):
-    message = chat(client, 422, model="styled", messages=[{"role": "assistant", "content": "Hi"}])
-    assert "the assistant cannot speak first" in message
+    """Its param names the messages the template refused (it was null), its code says the template refused them."""
+    reply = client.post("/v1/chat/completions", json={"model": "styled",
+                                                      "messages": [{"role": "assistant", "content": "Hi"}]})
+    assert reply.status_code == 422 and "the assistant cannot speak first" in error_message(reply)
+    assert (reply.json()["error"]["param"], reply.json()["error"]["code"]) == ("messages", "template_refused")
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -212,7 +219,7 @@ def test_a_template_that_fails_or_renders_nothing_is_a_422_not_a_500(client, ser
     (folder / "chat_template.jinja").write_text(template)
     assert client.post("/adapters", json={"name": "failing", "path": str(folder)}, headers=ADMIN).status_code == 201
     try:
-        message = chat(client, 422, model="failing", stream=stream)
+        message = chat(client, 422, "messages", model="failing", stream=stream)  # param: it was null
     finally:
         assert client.delete("/adapters/failing", headers=ADMIN).status_code == 200
     assert "the chat template" in message and problem in message
@@ -264,7 +271,7 @@ def test_a_model_without_a_chat_template_is_refused(tiny_llama_dir, tmp_path):
     base = shutil.copytree(tiny_llama_dir, tmp_path / "base")
     (base / "chat_template.jinja").unlink()
     with ready_client(tiny_settings(base, tmp_path / "no_adapters", tmp_path / "cache")) as client:
-        message = chat(client, 422)
+        message = chat(client, 422, "model")  # the model chosen has none: param was null
     assert "no chat template" in message and "/v1/completions" in message
 
 
