@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
+from service.errors import TemplateRefused
 from service.model.base_model import resolve_base_dir
 from service.settings import Settings
 from service.tasks.prompt_styles import (
@@ -24,6 +25,7 @@ from service.tasks.prompt_styles import (
     nli_ids,
     nli_messages,
     pair_example,
+    render_ids,
     require_template,
 )
 from service.tasks.prompts import NLI_LABELS, RTE_LABELS, answer_prompt, encode_text, nli_prompt
@@ -31,6 +33,7 @@ from tests.tiny_models import EOS
 from training.data import data_dir, read_nli, read_squad
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "quality.md"
+README = DOCS.parents[1] / "README.md"
 SECTION = "## Prompt baselines"
 
 
@@ -115,6 +118,26 @@ def test_a_tokenizer_without_a_chat_template_refuses_the_chat_styles(tiny_tokeni
             answer_ids(bare, style, "c", "q")
         with pytest.raises(ValueError, match="chat template"):
             nli_ids(bare, style, "p", "h", NLI_LABELS)
+
+
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "  Who named Normandy?\n"},
+        {"role": "assistant", "content": "The Normans."}, {"role": "user", "content": "When?"}]
+
+
+@pytest.mark.parametrize("template,kept", [
+    ("{% for m in messages %}{{ m.content | trim }}\n{% endfor %}", True),  # stripped at its ends: kept
+    ("{% for m in messages if m.role == 'user' %}{{ m.content }}{% endfor %}", True),  # only users' are checked
+    ("{% for m in messages %}{{ m.content | lower }}{% endfor %}", False),  # not verbatim
+    ("{% for m in messages %}{{ m.content | replace(' ', '  ') }}{% endfor %}", False),  # not whole
+    ("{{ messages[-1].content }}", False)])  # the first user message left out
+def test_a_render_holds_each_user_messages_text_whole_as_the_readme_says(tokenizer, template, kept):
+    """The README's rule (under the chat template's 422s), held to ``render_ids``."""
+    assert "must occur whole and verbatim in the prompt text the template rendered" in README.read_text()
+    if kept:
+        assert render_ids(tokenizer, CHAT, template, add_generation_prompt=True)
+    else:
+        with pytest.raises(TemplateRefused, match=r"left out the text of message \d \(a user's\)"):
+            render_ids(tokenizer, CHAT, template, add_generation_prompt=True)
 
 
 def test_the_docs_show_the_instructions_and_the_examples():
