@@ -73,6 +73,10 @@ class QueueFull(Exception):
     """The queue holds as many requests as it may; retry later."""
 
 
+class TemplateBacklog(QueueFull):
+    """A chat template known to be slow has as many renders waiting as the server queues for it; retry later."""
+
+
 class QueueTimeout(QueueFull):
     """A request waited in the queue longer than ``max_queue_wait`` seconds without any of its parts joining a batch:
     the server is past capacity; retry later."""

@@ -46,7 +46,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from service.errors import EngineStopped, RenderUnavailable, TemplateRefused
+from service.errors import EngineStopped, RenderUnavailable, TemplateBacklog, TemplateRefused
 
 if TYPE_CHECKING:  # the CLI's parser imports prompt_styles, which imports this, without loading transformers
     from transformers import PreTrainedTokenizerBase
@@ -54,6 +54,11 @@ if TYPE_CHECKING:  # the CLI's parser imports prompt_styles, which imports this,
 MAX_RENDER_SECONDS = 2.0  # a render's deadline
 MAX_RENDER_BYTES = 512 * 2**20  # how much a render may grow its child's data segment
 WORKERS = 2  # children per tokenizer: renders that run at once
+# renders of one template known to be slow that may wait (``Renderer.slow``): they run one at a time (the slow
+# templates share WORKERS - 1 processes) and each may take MAX_RENDER_SECONDS, so the last of 4 waits up to 8 s before
+# its own 2 s; most of them end at the deadline anyway (a 422), so a client past these is told at once (a 429), not
+# kept waiting behind a pile that grows as fast as clients retry
+MAX_SLOW_WAITING = 4
 START_SECONDS = 120.0  # the most a child may take to start (import transformers, unpickle the tokenizer)
 COMPILE_SECONDS = 10.0  # the most a child may take to compile a template (256 KiB of code: about 1 s)
 IDLE_SECONDS = 60.0  # a worker and its child end after this long without a job
@@ -202,8 +207,9 @@ class Renderer:
     """The render processes of one tokenizer: ``WORKERS`` threads, each with a child process, take render jobs from
     a queue that is fair between templates: the templates with jobs waiting take turns, and the slow ones (a render of
     which ran to a bound: the deadline, the memory bound, a process that ended by itself: ``RenderBound``) render in
-    ``WORKERS`` - 1 processes at most, all of them together, so that the others always have one. A job whose caller
-    gave up (its future cancelled) before it starts is skipped. Threads and their processes start with the first
+    ``WORKERS`` - 1 processes at most, all of them together, so that the others always have one, and each has at most
+    ``MAX_SLOW_WAITING`` jobs waiting (a job past them is refused at once). A job whose caller gave up (its future
+    cancelled) before it starts is skipped. Threads and their processes start with the first
     jobs and end after ``IDLE_SECONDS`` without one, or once ``close``d. Safe to call from any thread."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase):
@@ -217,11 +223,13 @@ class Renderer:
 
     def submit(self, job: Job) -> Future:
         """Queue ``job``; its future's result is ``render_ids`` of it, or TemplateRefused or RenderUnavailable as
-        ``Child`` raises, or EngineStopped once ``close``d. Cancel the future to withdraw a job not started."""
+        ``Child`` raises, or at once EngineStopped once ``close``d, and TemplateBacklog (a 429) when its template is
+        a slow one with ``MAX_SLOW_WAITING`` renders waiting. Cancel the future to withdraw a job not started."""
         future: Future = Future()
         with self.changed:
-            if self.closed:
-                future.set_exception(EngineStopped(SHUTTING_DOWN))
+            refusal = self.refusal(job[1])
+            if refusal is not None:
+                future.set_exception(refusal)
                 return future
             self.waiting.setdefault(job[1], deque()).append((job, future))
             if self.idle == 0 and self.workers < WORKERS:  # a worker waiting takes it: its process is started
@@ -229,6 +237,19 @@ class Renderer:
                 threading.Thread(target=self.work, name="chat-template-renders", daemon=True).start()
             self.changed.notify()
         return future
+
+    def refusal(self, template: str | None) -> Exception | None:
+        """Why a job of ``template`` is not queued (call holding ``changed``): EngineStopped once ``close``d,
+        TemplateBacklog for a slow template with ``MAX_SLOW_WAITING`` renders waiting whose callers wait still; None
+        when it is queued."""
+        if self.closed:
+            return EngineStopped(SHUTTING_DOWN)
+        waiting = sum(not future.cancelled() for _, future in self.waiting.get(template, ()))
+        if template in self.slow and waiting >= MAX_SLOW_WAITING:
+            return TemplateBacklog(f"this chat template is slow (a render of it ran to the bounds of a render), and "
+                                   f"{waiting} renders of it wait already, the most this server queues for such a "
+                                   "template; retry later")
+        return None
 
     def render(self, job: Job) -> list[int]:
         """``submit``, waiting for the result (blocking; raises as the future does)."""

@@ -23,12 +23,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from service.errors import AdapterError, InputTooLong
 from service.http.chat import chat_prompt
 from service.lora.chat_template import MAX_CHAT_TEMPLATE_BYTES, MAX_TOKENIZER_CONFIG_BYTES, read_chat_template
-from service.tasks.template_sandbox import renderer
+from service.tasks import template_sandbox
+from service.tasks.template_sandbox import Child, renderer
 from tests.engine.engine_helpers import paused
 from tests.http.replies import error_message
 from tests.server_helpers import ADMIN, copy_adapters, ready_client, tiny_settings
 from tests.tiny_models import EOS, make_adapter
-from tests.unit.test_template_sandbox import ENDLESS, rendering, rendering_children
+from tests.unit.test_template_sandbox import ENDLESS, rendering, rendering_children, wait_for
 
 CAP = 16  # the server's max_new_tokens
 LIMIT = 1024  # the most prompt tokens chat_prompt is told the server takes
@@ -246,6 +247,41 @@ def test_a_render_process_killed_from_outside_is_a_503_not_the_templates_422(cli
     assert "could not render the chat template" in error_message(reply) and "SIGKILL" in error_message(reply)
     assert ENDLESS not in renderer(client.app.state.runtime.tasks.tokenizer).slow
     assert chat(client, model="one", max_tokens=2)["choices"]
+
+
+def test_a_slow_templates_chats_past_its_queue_are_429_at_once_and_other_models_served(client, served, monkeypatch):
+    """A template that loops to the deadline is known to be slow after its first render; with one render of it
+    running and ``MAX_SLOW_WAITING`` (here 1) waiting, the next chat for it is a 429 with Retry-After at once (each
+    waited 2 s per render ahead of it, without bound), while another model's chat is served. The running render is
+    held at its start until then (``gate``), so that the one waiting cannot begin first."""
+    monkeypatch.setattr(template_sandbox, "MAX_SLOW_WAITING", 1)
+    looping = "{# looping #}" + ENDLESS  # a template of its own: slow for this renderer from this test on
+    folder = shutil.copytree(served[1] / "one", served[1] / "looping", dirs_exist_ok=True)
+    (folder / "chat_template.jinja").write_text(looping)
+    assert client.post("/adapters", json={"name": "looping", "path": str(folder)}, headers=ADMIN).status_code == 201
+    renders, body = renderer(client.app.state.runtime.tasks.tokenizer), {"model": "looping", "messages": QUESTION}
+    gate, render = threading.Event(), Child.render
+
+    def gated(child: Child, job):
+        if job[1] == looping:
+            gate.wait(60)
+        return render(child, job)
+
+    try:
+        assert "more than 2 s" in chat(client, 422, "messages", model="looping")
+        monkeypatch.setattr(Child, "render", gated)
+        with ThreadPoolExecutor(2) as pool:
+            pending = [pool.submit(client.post, "/v1/chat/completions", json=body) for _ in range(2)]
+            wait_for(lambda: renders.running[looping] and renders.waiting.get(looping), "a render to run, one to wait")
+            refused = client.post("/v1/chat/completions", json=body)
+            assert chat(client, model="one", max_tokens=2)["choices"]
+            gate.set()
+            assert [reply.result(timeout=60).status_code for reply in pending] == [422, 422]
+    finally:
+        gate.set()
+        assert client.delete("/adapters/looping", headers=ADMIN).status_code == 200
+    assert refused.status_code == 429 and refused.headers["Retry-After"], refused.text
+    assert refused.json()["error"]["code"] == "template_backlog" and "slow" in error_message(refused)
 
 
 def test_messages_too_long_for_any_prompt_are_413_before_the_template_runs(reference):

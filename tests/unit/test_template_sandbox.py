@@ -20,13 +20,13 @@ import pytest
 import uvicorn
 from transformers import AutoTokenizer
 
-from service.errors import EngineStopped, RenderUnavailable, TemplateRefused
+from service.errors import EngineStopped, RenderUnavailable, TemplateBacklog, TemplateRefused
 from service.http.server import DrainingServer
 from service.runtime import Runtime
 from service.settings import Settings
 from service.tasks import template_sandbox
 from service.tasks.prompt_styles import render_ids
-from service.tasks.template_sandbox import MAX_RENDER_SECONDS, Child, Renderer, renderer
+from service.tasks.template_sandbox import MAX_RENDER_SECONDS, MAX_SLOW_WAITING, Child, Renderer, renderer
 
 QUESTION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who gave their name to Normandy?"}]
 ENDLESS = "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}{{ messages }}"
@@ -111,6 +111,26 @@ def test_templates_take_turns_so_an_endless_one_holds_one_process_not_all(tokeni
     assert withdrawn and endless[2].cancelled()
     time.sleep(0.5)
     assert not renders.waiting and not renders.running
+
+
+def test_a_slow_templates_renders_wait_in_a_bounded_queue_past_which_they_are_refused_at_once(tokenizer):
+    """A review: the renders waiting for a template known to be slow piled up without bound, each client waiting 2 s
+    per render ahead of it. Past ``MAX_SLOW_WAITING`` waiting, a render is refused at once (TemplateBacklog, a 429);
+    a caller that gave up frees its place; other templates render meanwhile."""
+    renders, job = Renderer(tokenizer), (QUESTION, ENDLESS, GENERATION)
+    with pytest.raises(TemplateRefused, match="more than"):
+        renders.render(job)
+    running = renders.submit(job)
+    wait_for(lambda: renders.running, "the slow render to begin")
+    waiting = [renders.submit(job) for _ in range(MAX_SLOW_WAITING)]
+    refused = renders.submit(job)
+    assert refused.done() and isinstance(refused.exception(), TemplateBacklog), refused
+    assert "slow" in str(refused.exception()) and not any(future.done() for future in waiting)
+    assert waiting[-1].cancel() and not renders.submit(job).done()  # its place taken by the next
+    assert renders.render((QUESTION, None, GENERATION)) == render_ids(tokenizer, QUESTION, None, **GENERATION)
+    renders.close()
+    with pytest.raises(TemplateRefused, match="more than"):
+        running.result(timeout=30)
 
 
 def test_a_child_ends_when_the_server_is_killed_mid_render(tiny_tokenizer_dir, tmp_path):
@@ -280,8 +300,9 @@ def test_closing_fails_the_renders_not_begun_at_once_and_ends_the_processes(toke
     children, renders = rendering_children(monkeypatch), Renderer(tokenizer)
     with pytest.raises(TemplateRefused):
         renders.render((QUESTION, ENDLESS, GENERATION))
-    backlog = [renders.submit((QUESTION, ENDLESS, GENERATION)) for _ in range(10)]
+    backlog = [renders.submit((QUESTION, ENDLESS, GENERATION))]
     wait_for(lambda: renders.running, "a render of the backlog to begin")
+    backlog += [renders.submit((QUESTION, ENDLESS, GENERATION)) for _ in range(MAX_SLOW_WAITING)]
     closed = time.monotonic()
     renders.close()
     assert sum(future.done() for future in backlog) == len(backlog) - 1  # all but the one running
