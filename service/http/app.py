@@ -154,8 +154,10 @@ class HeadAsGet:
     """ASGI middleware: a HEAD request is answered as its GET would be, without the body (RFC 9110 9.3.2): the same
     status and headers, Content-Length included. FastAPI's routes take no HEAD (only Starlette's own, such as /docs,
     did), so a load balancer's ``HEAD /health`` or ``curl -I`` got a 405. The request runs as a GET (every GET route
-    only reads); a path no GET route takes answers HEAD as it answers GET (a 405 naming the methods it takes). The
-    OpenAPI schema lists GET only (HEAD is implied)."""
+    only reads) in a copy of its scope: the server reads the scope's method once the reply is sent (uvicorn expects
+    the whole Content-Length of a GET), so this middleware is the outermost of the app's (``RequestMetrics`` reads
+    the route from the copy). A path no GET route takes answers HEAD as it answers GET (a 405 naming the methods it
+    takes). The OpenAPI schema lists GET only (HEAD is implied)."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -170,8 +172,7 @@ class HeadAsGet:
             elif not message.get("more_body", False):
                 await send({"type": "http.response.body", "body": b""})
 
-        scope["method"] = "GET"  # in place: the outer middleware reads what the routing adds to the scope (its route)
-        await self.app(scope, receive, headers_only)
+        await self.app({**scope, "method": "GET"}, receive, headers_only)
 
 
 class BodyLimit:
@@ -219,7 +220,7 @@ def create_app(settings: Settings | None = None, rt: Runtime | None = None) -> F
     for router in (tasks_router, admin_router, openai_router, ops_router):
         app.include_router(router)
     add_error_handlers(app)
-    app.add_middleware(HeadAsGet)
     app.add_middleware(BodyLimit, max_bytes=rt.settings.max_body_bytes)
     app.add_middleware(RequestMetrics)
+    app.add_middleware(HeadAsGet)  # the outermost: what the server sees stays a HEAD
     return app

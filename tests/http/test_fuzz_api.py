@@ -4,6 +4,7 @@ schema (status codes, content types, bodies, headers, 405s and their Allow heade
 The server generates at most ``SERVER_CAP`` tokens a request, so the fuzz stays quick."""
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated
 
 import jsonschema_rs
@@ -125,6 +126,24 @@ def test_head_is_answered_as_get_without_the_body(path):
     ignored = {"content-length"} if path == "/metrics" else set()  # the metrics change between the two requests
     assert {k: v for k, v in head.headers.items() if k not in ignored} == \
         {k: v for k, v in got.headers.items() if k not in ignored}
+
+
+def test_head_leaves_the_servers_scope_a_head():
+    """The server reads the scope's method as the reply is sent: uvicorn took a HEAD run as GET in place for a GET,
+    and failed its empty body ("Response content shorter than Content-Length")."""
+    scope = {"type": "http", "method": "HEAD", "path": "/health", "raw_path": b"/health", "query_string": b"",
+             "headers": [], "http_version": "1.1", "scheme": "http", "root_path": "", "server": ("test", 80)}
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b""}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(UNSTARTED(scope, receive, send))
+    assert scope["method"] == "HEAD" and sent[0]["status"] == 200
+    assert b"".join(message.get("body", b"") for message in sent[1:]) == b""
 
 
 @pytest.mark.parametrize("path,body", [
