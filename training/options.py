@@ -119,7 +119,7 @@ def add_eval_options(parser: argparse.ArgumentParser) -> None:
                         "nli the MNLI dev_matched split)")
     parser.add_argument("--limit", type=positive(int), help="evaluate a random sample of N examples, drawn with "
                         "--sample-seed; for nli and rte it holds every label (default: every example)")
-    parser.add_argument("--sample-seed", type=int, default=0, help="seed of the --limit sample")
+    parser.add_argument("--sample-seed", type=nonnegative(int), default=0, help="seed of the --limit sample")
     parser.add_argument("--strategy", choices=typing.get_args(Strategy), default="greedy",
                         help="how SQuAD answers are decoded (nli and rte score each label instead); a sampling "
                         "option the strategy does not read is a usage error, as in /answer (greedy reads none, but "
@@ -131,8 +131,9 @@ def add_eval_options(parser: argparse.ArgumentParser) -> None:
                         f"(default: {SAMPLING_DEFAULTS['top_p']})")
     parser.add_argument("--temperature", type=nonnegative(float), help="softmax temperature of the sampling "
                         f"strategies; 0 is greedy (default: {SAMPLING_DEFAULTS['temperature']})")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed: the example at index i of the data file "
-                        "(from 0, whatever --limit draws) samples with seed + i")
+    parser.add_argument("--seed", type=nonnegative(int), default=0, help="sampling seed, as /answer's (0 to 2**63 - "
+                        "1): the example at index i of the data file (from 0, whatever --limit draws) samples with "
+                        "seed + i")
     parser.add_argument("--max-new-tokens", type=positive(int), default=32, help="most tokens generated per answer")
     parser.add_argument("--extractive", action=argparse.BooleanOptionalAction, default=True,
                         help="SQuAD answers decoded under the span constraint, as /answer's default; "

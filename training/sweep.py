@@ -53,7 +53,8 @@ def trainable_parameters(model_or_config, rank: int, targets: str | list[str]) -
 def grid(args: argparse.Namespace, model: torch.nn.Module) -> list[dict]:
     """The runs to make, one dict per run (name, targets, the modules they resolve to, rank, lr) over ``--targets``
     x ``--ranks`` x ``--lrs`` on ``model`` (a ``train.meta_model``); target presets that resolve to the same modules
-    (Llama's attention_mlp and all_linear) are kept once. Raises as ``train.resolve_targets`` does."""
+    (Llama's attention_mlp and all_linear) are kept once. Raises as ``train.resolve_targets`` does, and UsageError
+    for a rank above a target layer's (``train.check_rank``)."""
     runs, seen = [], set()
     for spec in args.targets:
         modules = train.resolve_targets(spec.replace("+", ","), model)
@@ -61,6 +62,7 @@ def grid(args: argparse.Namespace, model: torch.nn.Module) -> list[dict]:
             continue
         seen.add(tuple(sorted(modules)))
         for rank in args.ranks:
+            train.check_rank(rank, model, modules, "--ranks")
             for lr in args.lrs:
                 name = re.sub(r"\W", "_", f"{spec}_r{rank}_lr{lr:g}")  # a plain identifier, as adapter names are
                 runs.append({"run": name, "targets": spec, "target_modules": " ".join(modules), "rank": rank, "lr": lr})

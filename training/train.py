@@ -81,11 +81,30 @@ def linear_targets(model: torch.nn.Module) -> list[str]:
     )
 
 
+def matches(path: str, name: str) -> bool:
+    """Whether the module at ``path`` is one that ``name`` (a module name or its dotted end) targets, as peft
+    matches them."""
+    return path == name or path.endswith("." + name)
+
+
 def unmatched_targets(names: list[str], model: torch.nn.Module) -> list[str]:
     """Those of ``names`` (module names or their dotted ends, as peft matches them) that match no Linear/Conv1D layer
     of ``model``, in their order."""
     layers = [path for path, module in model.named_modules() if isinstance(module, (torch.nn.Linear, Conv1D))]
-    return [name for name in names if not any(path == name or path.endswith("." + name) for path in layers)]
+    return [name for name in names if not any(matches(path, name) for path in layers)]
+
+
+def check_rank(rank: int, model: torch.nn.Module, names: list[str], option: str = "--rank") -> None:
+    """UsageError where ``rank`` (given by ``option``) is above the smaller dimension of a Linear/Conv1D layer of
+    ``model`` (a ``meta_model``) that ``names`` target: a LoRA update of that layer has rank at most that dimension,
+    so a larger rank only costs memory (a review: ``--rank 2**63 - 1`` ended in torch's RuntimeError, and 10**8 in a
+    failed allocation, once the weights had loaded)."""
+    layers = {path: min(module.weight.shape) for path, module in model.named_modules()
+              if isinstance(module, (torch.nn.Linear, Conv1D)) and any(matches(path, name) for name in names)}
+    path, most = min(layers.items(), key=lambda layer: layer[1])
+    if rank > most:
+        raise UsageError(f"{option} {rank} is above {most}, the smaller dimension of the target layer {path}: a LoRA "
+                         f"update of it has rank {most} at most; give a rank of at most {most}")
 
 
 def preset_mismatch(preset: str, model: torch.nn.Module) -> str | None:
@@ -307,24 +326,28 @@ def checked_base(args: argparse.Namespace, settings: Settings) -> Path:
     """The base's folder (``resolve_base_dir``), with all that can be checked before its weights load checked. Raises
     UnsafeEnvironment where the environment would crash oneDNN (as ``load_base`` would), FileNotFoundError when
     ``--base-model`` is no model directory, UsageError for ``--target-modules`` the base lacks (``resolve_targets``;
-    ValueError for a preset of no known family)."""
+    ValueError for a preset of no known family) and for a ``--rank`` above a target layer's (``check_rank``)."""
     from service.model.base_model import resolve_base_dir
     from service.model.onednn_linear import bound_kernel_caches
 
     if settings.onednn:
         bound_kernel_caches()
     base_dir = resolve_base_dir(settings.base_model, settings.cache_dir)
-    resolve_targets(args.target_modules, meta_model(AutoConfig.from_pretrained(base_dir)))
+    model = meta_model(AutoConfig.from_pretrained(base_dir))
+    check_rank(args.rank, model, resolve_targets(args.target_modules, model))
     return base_dir
 
 
-def training_arguments(args: argparse.Namespace, out: Path, bf16: bool, evaluate: bool) -> TrainingArguments:
+def training_arguments(args: argparse.Namespace, out: Path, bf16: bool, examples: Examples) -> TrainingArguments:
     """The Trainer's settings: a cosine schedule, a log line every 2% of the steps (and the first), validation every
-    ``--eval-every`` steps when ``evaluate``, no checkpoints, no reporting service; on the CPU without CUDA."""
+    ``--eval-every`` steps when there are validation ``examples``, no checkpoints, no reporting service; on the CPU
+    without CUDA. A batch holds ``--batch-size`` examples, or all there are (the same batches): the Trainer makes a
+    tensor of the validation batch's size (a review: ``--batch-size 2**63 - 1`` ended in torch's RuntimeError)."""
+    evaluate = bool(examples.validation)
     return TrainingArguments(
         output_dir=str(out),
-        per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.batch_size,
+        per_device_train_batch_size=min(args.batch_size, len(examples.train)),
+        per_device_eval_batch_size=min(args.batch_size, max(len(examples.validation), 1)),
         gradient_accumulation_steps=args.grad_accum,
         learning_rate=args.lr,
         num_train_epochs=args.epochs,
@@ -352,7 +375,7 @@ def make_trainer(args: argparse.Namespace, model: torch.nn.Module, tokenizer: Pr
     evaluate = bool(examples.validation)
     return Trainer(
         model=model,
-        args=training_arguments(args, Path(args.out), bf16, evaluate),
+        args=training_arguments(args, Path(args.out), bf16, examples),
         train_dataset=examples.train,
         eval_dataset=examples.validation if evaluate else None,
         data_collator=collator(tokenizer, pad_to_multiple_of=8 if torch.cuda.is_available() else None),

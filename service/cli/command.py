@@ -13,6 +13,8 @@ from pathlib import Path
 
 from service.settings import ADAPTER_CONFIG_FILE, DEVICE_PATTERN, DEVICES, Settings
 
+INT64 = 2**63  # torch's and transformers' integers are 64-bit: a count or seed beyond is an OverflowError there
+
 
 class UsageError(Exception):
     """What the user asked cannot be done, found once the options were parsed (options that do not go together, data
@@ -82,7 +84,9 @@ def nonnegative(kind: type = int):
 
 
 def bounded(kind: type, holds: Callable[[object], bool], bound: str, adjective: str):
-    """An argparse type: a ``kind`` for which ``holds`` (else a usage error saying it must be ``bound``)."""
+    """An argparse type: a ``kind`` for which ``holds`` (else a usage error saying it must be ``bound``). A float
+    must be finite, an int a 64-bit one (a review: ``train --max-steps`` of 400 digits ended in transformers'
+    OverflowError once the weights had loaded), whatever ``holds`` says."""
     def parse(text: str):
         value = kind(text)
         if isinstance(value, float) and not math.isfinite(value):  # inf, nan: no option means a bound by them (an
@@ -90,6 +94,9 @@ def bounded(kind: type, holds: Callable[[object], bool], bound: str, adjective: 
             raise argparse.ArgumentTypeError(f"must be a finite number {bound}, not {text}")
         if not holds(value):
             raise argparse.ArgumentTypeError(f"must be {bound}, not {text}")
+        if isinstance(value, int) and not -INT64 <= value < INT64:
+            raise argparse.ArgumentTypeError(f"must be {bound} and at most {INT64 - 1} (a 64-bit integer, as torch "
+                                             f"takes), not {text}")
         return value
     parse.__name__ = f"{adjective} {kind.__name__}"  # argparse names the type in its error message
     return parse

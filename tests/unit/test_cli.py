@@ -146,6 +146,50 @@ def test_requests_that_cannot_be_done_are_usage_errors(argv, message, tiny_llama
     assert message in capsys.readouterr().err
 
 
+def commands_options() -> list[tuple[str, argparse.Action]]:
+    """(command, option) for every option of every command whose values argparse types, but serve's and scale's
+    settings (pydantic validates those)."""
+    from service.cli.main import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    return [(name, action) for name, parser in commands.items() if name not in ("serve", "scale")
+            for action in parser._actions if action.option_strings and action.type is not None]
+
+
+def test_every_integer_option_is_a_64_bit_integer():
+    """A review: ``train --max-steps`` of 400 digits ended in transformers' OverflowError once the weights had loaded;
+    torch's integers are 64-bit. Every option that takes an integer (or a list of them) refuses a larger one."""
+    for command, action in commands_options():
+        for value in (str(2**63), "1" + "0" * 400, str(-2**63 - 1)):
+            try:
+                parsed = action.type(value)
+            except (argparse.ArgumentTypeError, ValueError, OSError):  # OSError: a path type's name too long
+                continue
+            items = parsed if isinstance(parsed, list) else [parsed]
+            assert not any(type(item) is int for item in items), f"{command} {action.option_strings[0]} {value}"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "--task", "nli", "--out", "x", "--max-steps", "1" + "0" * 400], "loraswap train: error: argument "
+     "--max-steps: must be above 0 and at most 9223372036854775807 (a 64-bit integer, as torch takes), not 1000"),
+    (["train", "--task", "nli", "--out", "x", "--batch-size", str(2**63)], "argument --batch-size: must be above 0 "
+     "and at most 9223372036854775807"),
+    (["sweep", "--task", "nli", "--out", "x", "--ranks", f"4,{2**63}"], f"argument --ranks: '4,{2**63}': an item must "
+     "be above 0 and at most 9223372036854775807"),
+    (["eval", "--task", "squad", "--adapter", "none", "--seed", "-1"], "argument --seed: must be at least 0, not -1"),
+    (["eval", "--task", "squad", "--adapter", "none", "--seed", str(2**63)], "argument --seed: must be at least 0 and "
+     "at most 9223372036854775807"),
+    (["calibrate", "--adapter", "nli", "--max-batch", str(2**64)], "argument --max-batch: must be above 0 and at "
+     "most 9223372036854775807"),
+])
+def test_a_larger_integer_is_a_usage_error_in_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    error = capsys.readouterr().err
+    assert exit_.value.code == 2 and error.count("\n") == 1
+    assert message in error
+
+
 @pytest.mark.parametrize("variable,value,words", [
     ("LORASWAP_MAX_BATCH", "abc", "Input should be a valid integer"),
     ("LORASWAP_ADAPTER_ROOTS", "{not json", "Value error, Expecting property name"),

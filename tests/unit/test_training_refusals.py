@@ -68,6 +68,10 @@ def refusal(argv: list[str], capsys) -> str:
      "--max-length 5 tokens"),
     (["--eval-examples", "100000"], "loraswap train: error: --eval-examples 100000 leaves none of the 300 nli rows "
      "to train on"),
+    # a rank torch cannot allocate: RuntimeError once the weights had loaded (a review)
+    (["--rank", "33"], "loraswap train: error: --rank 33 is above 32, the smaller dimension of the target layer "
+     "model.layers.0.self_attn.k_proj: a LoRA update of it has rank 32 at most; give a rank of at most 32"),
+    (["--rank", str(2**63 - 1), "--target-modules", "q_proj"], f"--rank {2**63 - 1} is above 64"),
 ])
 def test_train_refuses_before_the_base_loads(options, message, tiny_llama_dir, nli_data, tmp_path, monkeypatch,
                                              capsys):
@@ -201,6 +205,26 @@ def test_sweep_refuses_targets_the_base_lacks(tiny_gpt2_dir, tmp_path, capsys):
     assert ("loraswap sweep: error: target modules bogus match no linear layer of GPT2LMHeadModel, whose linear layers "
             "are c_attn, c_fc, c_proj") in refusal(argv, capsys)
     assert not (tmp_path / "runs").exists()
+
+
+def test_sweep_refuses_a_rank_above_a_target_layers(tiny_gpt2_dir, tmp_path, capsys):
+    """A review: a rank torch cannot allocate was a RuntimeError once the weights had loaded; a sweep finds it before
+    its first run."""
+    argv = ["sweep", *TINY_RUN, "--base-model", str(tiny_gpt2_dir), "--out", str(tmp_path / "runs"), "--ranks",
+            "2,65", "--lrs", "1e-3", "--targets", "attention"]
+    assert ("loraswap sweep: error: --ranks 65 is above 64, the smaller dimension of the target layer "
+            "transformer.h.0.attn.c_attn") in refusal(argv, capsys)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_batch_larger_than_the_examples_takes_them_all(tiny_gpt2_dir, nli_data, tmp_path, capsys):
+    """A review: ``--batch-size 2**63 - 1`` ended in torch's RuntimeError (the Trainer makes a tensor of the
+    validation batch's size); a batch holds the examples there are, and the card records the option given."""
+    out = tmp_path / "adapter"
+    argv = ["train", *TINY_RUN, "--base-model", str(tiny_gpt2_dir), "--data-dir", str(nli_data), "--out", str(out),
+            "--batch-size", str(2**63 - 1)]
+    assert main(argv) == 0
+    assert json.loads((out / "card.json").read_text())["hyperparameters"]["batch_size"] == 2**63 - 1
 
 
 def test_sweep_reads_back_only_the_runs_of_its_own_settings(tiny_gpt2_dir, nli_data, tmp_path, capsys):
