@@ -35,6 +35,9 @@ SEED = bounded(int, lambda value: 0 <= value < SEEDS, f"in 0..{SEEDS - 1}", "see
 # once the base's weights had loaded)
 EVAL_EVERY = bounded(float, lambda value: 0 < value < 1 or (value >= 1 and value.is_integer()),
                      "in (0, 1) (a share of all steps) or a whole number of steps (1, 2, ...)", "steps")
+# the Trainer's warmup_steps: the same, 0 too (no warmup); a fraction above 1 was cut to whole steps (1.5 to 1)
+WARMUP = bounded(float, lambda value: value >= 0 and (value < 1 or value.is_integer()),
+                 "in [0, 1) (a share of all steps) or a whole number of steps (1, 2, ...)", "steps")
 BASE_HELP = "'smollm2' (the embedded SmolLM2-135M-Instruct) or a Hugging Face model directory"
 
 
@@ -58,8 +61,8 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=positive(int), help="tokens per example; longer SQuAD contexts are cut "
                         "around the answer, longer NLI pairs dropped (default: " +
                         ", ".join(f"{task} {length}" for task, length in TASK_DEFAULT_LENGTH.items()) + ")")
-    parser.add_argument("--warmup", type=nonnegative(float), default=0.03,
-                        help="learning-rate warmup steps (<1: a share of all steps)")
+    parser.add_argument("--warmup", type=WARMUP, default=0.03,
+                        help="learning-rate warmup steps, a whole number (<1: a share of all steps)")
     parser.add_argument("--seed", type=SEED, default=0,
                         help="seed of the shuffle, the validation split and the LoRA initialisation "
                         f"(0 to {SEEDS - 1})")

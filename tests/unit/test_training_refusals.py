@@ -16,7 +16,7 @@ import pytest
 from service.cli.command import UsageError
 from service.cli.main import main
 from tests.data.make_corpus import NLI_SAMPLE
-from training.options import EVAL_EVERY, SEED
+from training.options import EVAL_EVERY, SEED, WARMUP
 from training.output_folder import partial_folder, publish, written_whole
 from training.sweep import LATE_HYPERPARAMETERS, recorded_hyperparameters
 
@@ -51,8 +51,11 @@ def refusal(argv: list[str], capsys) -> str:
     (["--dropout", "1.5"], "argument --dropout: must be in [0, 1), not 1.5"),
     (["--dropout", "1"], "argument --dropout: must be in [0, 1), not 1"),
     (["--dropout", "-0.1"], "argument --dropout: must be in [0, 1), not -0.1"),
-    (["--warmup", "-1"], "argument --warmup: must be at least 0, not -1"),
-    (["--warmup", "nan"], "argument --warmup: must be a finite number at least 0, not nan"),
+    (["--warmup", "-1"], "argument --warmup: must be in [0, 1) (a share of all steps) or a whole number of steps "
+     "(1, 2, ...), not -1"),
+    (["--warmup", "nan"], "argument --warmup: must be a finite number in [0, 1)"),
+    (["--warmup", "1.5"], "argument --warmup: must be in [0, 1) (a share of all steps) or a whole number of steps "
+     "(1, 2, ...), not 1.5"),  # a review: transformers cut it to 1 step
     (["--seed", "-1"], "argument --seed: must be in 0..4294967295, not -1"),
     (["--seed", "99999999999999999999"], "argument --seed: must be in 0..4294967295, not 99999999999999999999"),
     (["--seed", "1" + "0" * 400], "argument --seed: must be in 0..4294967295, not 1000"),  # was an OverflowError
@@ -353,4 +356,5 @@ def test_a_run_that_fails_leaves_no_folder_behind(tmp_path):
 
 def test_eval_every_takes_a_share_of_the_steps_or_a_whole_number_of_them():
     assert [EVAL_EVERY(text) for text in ("0.1", "0.999", "1", "2", "2.0", "500")] == [0.1, 0.999, 1, 2, 2, 500]
+    assert [WARMUP(text) for text in ("0", "0.03", "0.999", "1", "2.0", "500")] == [0, 0.03, 0.999, 1, 2, 500]
     assert [SEED(text) for text in ("0", "4294967295")] == [0, 2**32 - 1]
