@@ -368,12 +368,40 @@ def training_arguments(args: argparse.Namespace, out: Path, bf16: bool, examples
     )
 
 
+def diverged(what: str) -> UsageError:
+    """The error of a run whose loss or weights are no longer finite: ``what`` was found."""
+    return UsageError(f"training diverged: {what}; no adapter is written (a smaller --lr or --alpha may keep it "
+                      "finite)")
+
+
+class FiniteLossTrainer(Trainer):
+    """A Trainer that stops at the first training loss that is not finite (a review: ``--alpha 1e308`` trained NaN
+    losses to the end and wrote an adapter the server refuses, of non-finite weights); the Trainer itself only left
+    such a loss out of the logged mean."""
+
+    def training_step(self, *args, **kwargs) -> torch.Tensor:
+        """The Trainer's step, then UsageError (``diverged``) where its loss is NaN or infinite."""
+        loss = super().training_step(*args, **kwargs)
+        if not torch.isfinite(loss).all():
+            raise diverged(f"the training loss is {loss.item()} at step {self.state.global_step + 1}")
+        return loss
+
+
+def check_finite(model: torch.nn.Module) -> None:
+    """UsageError (``diverged``) where a trained weight of ``model`` is NaN or infinite: the last optimizer step can
+    make them so after a finite loss."""
+    for name, weight in model.named_parameters():
+        if weight.requires_grad and not torch.isfinite(weight).all():
+            raise diverged(f"the trained weight {name} is not finite")
+
+
 def make_trainer(args: argparse.Namespace, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
                  examples: Examples, bf16: bool) -> Trainer:
-    """A Trainer of ``model`` (the peft model) on ``examples``; it validates (loss and ``target_accuracy``) only when
-    there are validation examples. Batches are padded to their longest example (to a multiple of 8 on CUDA)."""
+    """A ``FiniteLossTrainer`` of ``model`` (the peft model) on ``examples``; it validates (loss and
+    ``target_accuracy``) only when there are validation examples. Batches are padded to their longest example (to a
+    multiple of 8 on CUDA)."""
     evaluate = bool(examples.validation)
-    return Trainer(
+    return FiniteLossTrainer(
         model=model,
         args=training_arguments(args, Path(args.out), bf16, examples),
         train_dataset=examples.train,
@@ -388,8 +416,10 @@ def make_trainer(args: argparse.Namespace, model: torch.nn.Module, tokenizer: Pr
 def fit(trainer: Trainer) -> float:
     """Train, then validate once more if the last scheduled validation came before the last step, so that the last
     validation in ``trainer.state.log_history`` is of the adapter saved. Returns the mean training loss over all
-    steps (nats per target token)."""
+    steps (nats per target token). Raises UsageError as soon as a training loss, or at the end a trained weight, is
+    not finite (``FiniteLossTrainer``, ``check_finite``)."""
     result = trainer.train()
+    check_finite(trainer.model)
     history, last_step = trainer.state.log_history, trainer.state.global_step
     if trainer.eval_dataset is not None and not any("eval_loss" in h and h["step"] == last_step for h in history):
         trainer.evaluate()

@@ -230,6 +230,26 @@ def test_a_batch_larger_than_the_examples_takes_them_all(tiny_gpt2_dir, nli_data
     assert json.loads((out / "card.json").read_text())["hyperparameters"]["batch_size"] == 2**63 - 1
 
 
+@pytest.mark.parametrize("options,message", [
+    (["--alpha", "1e308", "--max-steps", "3"], "the training loss is nan at step 1"),
+    (["--lr", "1e39", "--warmup", "0"], "the trained weight base_model.model.transformer.h.0.attn.c_attn.lora_A."
+     "default.weight is not finite"),  # the loss of the one step was finite, the step made the weights infinite
+])
+def test_a_run_whose_loss_or_weights_are_not_finite_stops_and_writes_nothing(options, message, tiny_gpt2_dir,
+                                                                             nli_data, tmp_path, capsys):
+    """A review: ``--alpha 1e308`` trained NaN losses, exited 0 and wrote an adapter the server refuses (non-finite
+    weights)."""
+    out = tmp_path / "adapter"
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", *TINY_RUN, "--base-model", str(tiny_gpt2_dir), "--data-dir", str(nli_data), "--out", str(out),
+              *options])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2, err
+    assert err.endswith(f"loraswap train: error: training diverged: {message}; no adapter is written (a smaller --lr "
+                        "or --alpha may keep it finite)\n")  # one line, after the progress bars
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["data"]  # no adapter, no .partial folder
+
+
 def test_sweep_reads_back_only_the_runs_of_its_own_settings(tiny_gpt2_dir, nli_data, tmp_path, capsys):
     """A review: ``sweep --task nli --out D --max-steps 1`` then ``sweep --task rte --out D --max-steps 3`` printed the
     nli run's numbers as rte's: any run folder with a card.json was taken as a finished run of this sweep."""
