@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from service.cli.command import UsageError
+from service.cli.command import UsageError, spare_inputs
 from service.errors import AdapterError
 from service.lora.adapter_files import AdapterWeights
 from service.lora.bounded_read import adapter_file
@@ -31,6 +31,8 @@ from training.evaluate import bounded, served_adapter, start_runtime
 from training.metrics import ECE_BINS, expected_calibration_error, reliability_bins
 
 FIT_FILE = "nli/mnli.jsonl.gz"  # the fit takes the held-out rows of this training file only
+DEV_FILE = "nli/mnli.jsonl.gz"  # its dev_matched split measures the calibration
+DATA_FILES = dict.fromkeys([*(name for name, _ in TASK_TRAIN_FILES["nli"]), DEV_FILE])  # all calibrate reads
 LOG_T_RANGE = (math.log(0.05), math.log(20.0))  # where the fitted temperature is looked for
 
 
@@ -227,12 +229,16 @@ def run(args: argparse.Namespace) -> dict:
     Raises FileNotFoundError for an adapter folder without a card or absent data, UsageError for a card that cannot be
     read as the server reads it (``card_of``) or does not say how its rows were split (``split_of``), when its
     held-out rows cannot be told or there are none (``held_out_rows``), and, with ``--write-card``, for a temperature
-    at the search's lower bound (``fitted``; the report is printed first), AdapterError for an adapter the base cannot
-    serve."""
-    folder, root = adapter_folder(args), Path(args.data_dir) if args.data_dir else data_dir()
+    at the search's lower bound (``fitted``; the report is printed first), and, before the work, for a ``--json`` or
+    ``--diagram`` that names a data file it reads (``spare_inputs``: the report was written over it), AdapterError for
+    an adapter the base cannot serve."""
+    root = Path(args.data_dir) if args.data_dir else data_dir()
+    spare_inputs([("--json", args.json), ("--diagram", args.diagram)],
+                 [(f"the data file {root / name}", root / name) for name in DATA_FILES])
+    folder = adapter_folder(args)
     card = card_of(folder)
     split = split_of(card)
-    fit_rows, dev_rows = held_out_rows(split, root), read_eval("nli", root / "nli/mnli.jsonl.gz")
+    fit_rows, dev_rows = held_out_rows(split, root), read_eval("nli", root / DEV_FILE)
     seed = split[2]
     fit_logits, dev_logits, device = scores_of(args, folder, [fit_rows, dev_rows])
     fit_gold, dev_gold = gold_labels(fit_rows), gold_labels(dev_rows)

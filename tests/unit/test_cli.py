@@ -190,6 +190,28 @@ def test_a_larger_integer_is_a_usage_error_in_one_line(argv, message, capsys):
     assert message in error
 
 
+@pytest.mark.parametrize("option", ["--json", "--diagram"])
+@pytest.mark.parametrize("name", ["nli/mnli.jsonl.gz", "nli/snli_test.jsonl.gz"])
+@pytest.mark.parametrize("data_dir_option", [True, False])
+def test_calibrate_writes_no_report_over_a_data_file_it_reads(option, name, data_dir_option, tmp_path, monkeypatch,
+                                                             capsys):
+    """A review: ``calibrate --json DATA/nli/mnli.jsonl.gz`` wrote the report over the MNLI file it had read (eval
+    refused it; calibrate checked only the files its options name, and its data files are found in a folder)."""
+    root = tmp_path / "data"
+    (root / "nli").mkdir(parents=True)
+    for data in ("nli/mnli.jsonl.gz", "nli/snli_test.jsonl.gz"):
+        shutil.copy(NLI_SAMPLE, root / data)
+    monkeypatch.setenv("LORASWAP_DATA_DIR", str(tmp_path / "elsewhere" if data_dir_option else root))
+    argv = ["calibrate", "--adapter", str(tmp_path / "nli"), option, str(root / name)]
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, *(["--data-dir", str(root)] if data_dir_option else [])])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == (f"loraswap calibrate: error: {option} {root / name} is the data file "
+                                       f"{root / name}, which the command reads: the report would be written over "
+                                       "it\n")
+    assert (root / name).read_bytes() == NLI_SAMPLE.read_bytes()
+
+
 @pytest.mark.parametrize("variable,value,words", [
     ("LORASWAP_MAX_BATCH", "abc", "Input should be a valid integer"),
     ("LORASWAP_ADAPTER_ROOTS", "{not json", "Value error, Expecting property name"),
