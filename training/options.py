@@ -21,8 +21,8 @@ from service.cli.command import (
     new_folder,
     nonnegative,
     output_file,
-    output_folder,
     positive,
+    report_folder,
 )
 from service.engine.strategies import SAMPLING_DEFAULTS, Strategy, unread, unread_reason
 from service.tasks.prompt_styles import ADAPTER_STYLE, PROMPT_STYLES
@@ -89,11 +89,11 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
 def add_sweep_options(parser: argparse.ArgumentParser) -> None:
     """The options of ``loraswap sweep``: the shared ones, the output folder, the steps per run and the grid."""
     add_run_options(parser)
-    parser.add_argument("--out", required=True, type=output_folder,
+    parser.add_argument("--out", required=True, type=report_folder,
                         help="folder for the runs (OUT/RUN, each a loraswap train adapter) and the tables; a sweep "
                         "resumes in it: a run whose card.json records the settings this sweep trains it with is read "
                         "back, not trained again, one without a card.json (cut off) is trained again, and one whose "
-                        "card records other settings is a usage error (name a new folder)")
+                        "card records other settings is a usage error (name a new folder); never an adapter folder")
     parser.add_argument("--max-steps", type=positive(int), default=200, help="optimizer steps per run")
     parser.add_argument("--ranks", type=comma_list(positive(int)), default="4,8,16,32,64",
                         help="comma list of LoRA ranks")

@@ -72,8 +72,8 @@ def grid(args: argparse.Namespace, model: torch.nn.Module) -> list[dict]:
 def check_options(args: argparse.Namespace) -> None:
     """Raise UsageError, before anything loads, for a ``--ranks``, ``--lrs`` or ``--targets`` that lists a value twice
     (each run of the grid is made once), or learning rates that differ only past the 6 significant digits that name
-    their runs' folders (``grid``: two runs would share one). (An ``--out`` that is a file, a symlink to nothing or
-    empty is refused when parsed: ``command.output_folder``.)"""
+    their runs' folders (``grid``: two runs would share one). (An ``--out`` that is a file, a symlink to nothing,
+    empty or an adapter folder is refused when parsed: ``command.report_folder``.)"""
     for name in ("ranks", "lrs", "targets"):
         twice = [value for value, count in Counter(getattr(args, name)).items() if count > 1]
         if twice:

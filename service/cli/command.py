@@ -151,9 +151,7 @@ def output_file(text: str) -> Path:
         raise argparse.ArgumentTypeError(f"{text} is a folder, not a file to write")
     if not path.parent.is_dir():
         raise argparse.ArgumentTypeError(f"{text}: there is no folder {path.parent} to write it in")
-    if (path.parent / ADAPTER_CONFIG_FILE).exists():
-        raise argparse.ArgumentTypeError(f"{text} lies in an adapter folder (it holds {ADAPTER_CONFIG_FILE}): a report "
-                                         "would write over or beside the adapter's own files")
+    spare_adapter_folder(text, path.parent, "lies in")
     try:
         target = path.resolve()  # where a write through symlinks (of the file or its folders) lands
     except (OSError, RuntimeError):  # a symlink loop (RuntimeError before Python 3.13)
@@ -161,11 +159,17 @@ def output_file(text: str) -> Path:
     if not target.parent.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a symlink to {target}: there is no folder {target.parent} to "
                                          "write it in")
-    if (target.parent / ADAPTER_CONFIG_FILE).exists():
-        raise argparse.ArgumentTypeError(f"{text} leads to {target}, in an adapter folder (it holds "
-                                         f"{ADAPTER_CONFIG_FILE}): a report would write over or beside the adapter's "
-                                         "own files")
+    spare_adapter_folder(text, target.parent, f"leads to {target}, in")
     return path
+
+
+def spare_adapter_folder(text: str, folder: Path, where: str) -> None:
+    """ArgumentTypeError where ``folder``, in which the output ``text`` names lands (``where`` says how: 'lies in',
+    'is'), is an adapter folder (it holds ``ADAPTER_CONFIG_FILE``, through symlinks): a report would be written over
+    or beside the adapter's own files."""
+    if (folder / ADAPTER_CONFIG_FILE).exists():
+        raise argparse.ArgumentTypeError(f"{text} {where} an adapter folder (it holds {ADAPTER_CONFIG_FILE}): a report "
+                                         "would write over or beside the adapter's own files")
 
 
 def regular_file(path: str | Path) -> tuple[int, int] | None:
@@ -207,6 +211,15 @@ def output_folder(text: str) -> Path:
     above = next(folder for folder in path.absolute().parents if folder.exists())  # the folders made go in it
     if not above.is_dir():
         raise argparse.ArgumentTypeError(f"{text} lies below a file, {above}: no folder can be made there")
+    return path
+
+
+def report_folder(text: str) -> Path:
+    """An argparse type: an ``output_folder`` a command writes its reports into, beside what it holds: never an
+    adapter folder, nor a symlink to one (``spare_adapter_folder``; a review: ``sweep --out adapters/squad`` wrote its
+    tables beside the adapter's files)."""
+    path = output_folder(text)
+    spare_adapter_folder(text, path, "is")
     return path
 
 

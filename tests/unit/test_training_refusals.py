@@ -185,6 +185,10 @@ def test_eval_refuses_a_row_it_cannot_read_naming_its_file_row_and_field(task, w
     (["--out", "card.json"], "loraswap sweep: error: argument --out: card.json is a file, not a folder"),
     (["--out", ""], "loraswap sweep: error: argument --out: must name a folder, not be empty"),  # wrote into .
     (["--out", "gone"], "loraswap sweep: error: argument --out: gone is a symlink to nothing, not a folder"),
+    # a review: the tables were written beside the adapter's files
+    (["--out", "squad"], "loraswap sweep: error: argument --out: squad is an adapter folder (it holds "
+     "adapter_config.json): a report would write over or beside the adapter's own files"),
+    (["--out", "link"], "loraswap sweep: error: argument --out: link is an adapter folder"),  # a symlink to one
     (["--seed", "4294967296"], "loraswap sweep: error: argument --seed: must be in 0..4294967295, not 4294967296"),
     (["--lrs", "1e-4,1.0000001e-4"], "loraswap sweep: error: --lrs 0.0001 and 0.00010000001 both print as 0.0001 "
      "(6 significant digits), which names a run's folder: two runs would share one"),  # a review: they shared one
@@ -196,9 +200,13 @@ def test_sweep_refuses_a_grid_with_a_run_twice_or_a_file_as_its_folder(options, 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "card.json").write_text("{}")
     (tmp_path / "gone").symlink_to("nowhere")  # said '--out gone cannot be made: File exists'
+    (tmp_path / "squad").mkdir()
+    (tmp_path / "squad" / "adapter_config.json").write_text('{"r": 4}')
+    (tmp_path / "link").symlink_to("squad")
     argv = ["sweep", *TINY_RUN, "--base-model", str(tmp_path / "no_base"), "--out", "runs", *options]
     assert message in refusal(argv, capsys)
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["card.json", "gone"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["card.json", "gone", "link", "squad"]
+    assert [path.name for path in (tmp_path / "squad").iterdir()] == ["adapter_config.json"]
 
 
 def test_sweep_refuses_targets_the_base_lacks(tiny_gpt2_dir, tmp_path, capsys):
