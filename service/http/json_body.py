@@ -38,12 +38,18 @@ class UniqueKeysRequest(Request):
 
 class UniqueKeysRoute(APIRoute):
     """A FastAPI route whose JSON body is read by ``UniqueKeysRequest`` (FastAPI's "custom Request and APIRoute
-    class" pattern). FastAPI answers its ValueError as a 400 (``app.add_error_handlers`` keeps the reason)."""
+    class" pattern). FastAPI answers its ValueError as a 400 (``app.add_error_handlers`` keeps the reason). An empty
+    body where the route requires one is a 400 as well (FastAPI took it for a body not sent: 422 "Field required"),
+    as no JSON text is empty."""
 
     def get_route_handler(self) -> Callable:
         handler = super().get_route_handler()
+        required = self.body_field is not None and self.body_field.field_info.is_required()
 
         async def unique_keys_handler(request: Request) -> Response:
-            return await handler(UniqueKeysRequest(request.scope, request.receive))
+            request = UniqueKeysRequest(request.scope, request.receive)
+            if required and not await request.body():
+                raise HTTPException(400, "empty body") from ValueError("the body is empty")
+            return await handler(request)
 
         return unique_keys_handler
