@@ -29,7 +29,16 @@ from loadtest.endpoints import KINDS, endpoint
 from loadtest.process_memory import ServerMemory
 from loadtest.side_by_side_report import markdown, score, summarize
 from loadtest.workload import MODES, Item, data_files, workload, workloads
-from service.cli.command import Command, UsageError, comma_list, nonnegative, output_file, positive, spare_inputs
+from service.cli.command import (
+    Command,
+    UsageError,
+    comma_list,
+    nonnegative,
+    output_file,
+    positive,
+    server_url,
+    spare_inputs,
+)
 from training.data import data_dir
 
 TIMEOUT_S = 600.0  # per request: a 2-core machine under load answers slowly, but it answers
@@ -47,9 +56,9 @@ def system_spec(text: str) -> tuple[str, str, str]:
     """``NAME=KIND@URL`` (KIND one of KINDS) -> (NAME, KIND, URL); argparse.ArgumentTypeError otherwise."""
     name, value = named(text)
     kind, sep, url = value.partition("@")
-    if not sep or kind not in KINDS or not url.startswith(("http://", "https://")):
+    if not sep or kind not in KINDS:
         raise argparse.ArgumentTypeError(f"{text!r} is not NAME=KIND@URL with KIND one of {', '.join(KINDS)}")
-    return name, kind, url.rstrip("/")
+    return name, kind, server_url(url)
 
 
 def pid_spec(text: str) -> tuple[str, int]:

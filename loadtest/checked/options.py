@@ -30,6 +30,7 @@ from service.cli.command import (
     output_file,
     positive,
     require_extra,
+    server_url,
     spare_inputs,
 )
 from training.data import TASK_EVAL_FILES, data_dir
@@ -42,7 +43,7 @@ def add_loadtest_options(parser: argparse.ArgumentParser) -> None:
                         help="; ".join(f"{s.name}: {s.help}" for s in SCENARIOS.values()))
     parser.add_argument("--users", type=positive(int), required=True, help="concurrent locust users sending requests")
     parser.add_argument("--duration", type=positive(float), required=True, help="seconds of load")
-    parser.add_argument("--host", required=True, help="the server's URL, http://HOST:PORT")
+    parser.add_argument("--host", type=server_url, required=True, help="the server's URL, http://HOST:PORT")
     parser.add_argument("--json", type=output_file, required=True, help="write the report here")
     parser.add_argument("--md", type=output_file, help="write the report's tables here (default: printed only)")
     parser.add_argument("--adapter-root", type=Path, required=True,
@@ -126,7 +127,7 @@ def run_loadtest(args: argparse.Namespace) -> None:
     from loadtest.checked.run import LoadConfig, run_load
 
     config = LoadConfig(
-        scenario=args.scenario, users=args.users, duration_s=args.duration, host=args.host.rstrip("/"),
+        scenario=args.scenario, users=args.users, duration_s=args.duration, host=args.host,
         admin_key=admin_key, api_key=os.environ.get("LORASWAP_API_KEY"), adapter_root=args.adapter_root,
         squad=squad, nli=nli, source=args.source,
         adapters=args.adapters, prompts=args.prompts, new_tokens=args.new_tokens, rank=args.rank,
@@ -143,7 +144,8 @@ def run_loadtest(args: argparse.Namespace) -> None:
         raise SystemExit(130) from None
     except (httpx.HTTPStatusError, httpx.TransportError, ValueError, FileExistsError) as refused:
         detail = refused.response.text[:300] if isinstance(refused, httpx.HTTPStatusError) else ""
-        print(f"loraswap loadtest: error: {refused} {detail}".rstrip(), file=sys.stderr)
+        sent = f"{refused.request.method} {refused.request.url}: " if isinstance(refused, httpx.TransportError) else ""
+        print(f"loraswap loadtest: error: {sent}{refused} {detail}".rstrip(), file=sys.stderr)
         raise SystemExit(2) from None
     except ReferenceFailed as failed:
         print(f"loraswap loadtest: failed: {failed}", file=sys.stderr)

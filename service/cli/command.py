@@ -10,6 +10,7 @@ import stat
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from service.settings import ADAPTER_CONFIG_FILE, DEVICE_PATTERN, DEVICES, Settings
 
@@ -170,6 +171,20 @@ def spare_adapter_folder(text: str, folder: Path, where: str) -> None:
     if (folder / ADAPTER_CONFIG_FILE).exists():
         raise argparse.ArgumentTypeError(f"{text} {where} an adapter folder (it holds {ADAPTER_CONFIG_FILE}): a report "
                                          "would write over or beside the adapter's own files")
+
+
+def server_url(text: str) -> str:
+    """An argparse type: a server's URL, ``http(s)://HOST[:PORT][/PATH]``, returned without a trailing slash; a usage
+    error for another scheme, no host, or a port that is no number in 1-65535 (a review: ``--host
+    http://127.0.0.1:99999`` was a "Connection refused" once the command ran)."""
+    parts = urlsplit(text)
+    try:
+        port_ok = parts.port != 0  # None: the scheme's own port
+    except ValueError:  # not a number, or past 65535
+        port_ok = False
+    if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a server's URL, http://HOST:PORT (a port in 1-65535)")
+    return text.rstrip("/")
 
 
 def regular_file(path: str | Path) -> tuple[int, int] | None:

@@ -175,6 +175,16 @@ def test_a_set_up_the_server_refuses_is_a_usage_error_not_a_traceback(server):
     assert process.returncode == 2 and "401" in err and "Traceback" not in err, err[-2000:]
 
 
+def test_a_server_that_does_not_answer_is_named_by_the_request_sent(server, tmp_path):
+    """A review: the error was "[Errno 111] Connection refused", naming no server."""
+    with socket.socket() as sock:  # a port nothing listens on once closed
+        sock.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    process = loadtest(Server(down, tmp_path, server.process), "single", adapter_root=tmp_path)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 2 and err.startswith(f"loraswap loadtest: error: GET {down}/adapters: "), err[-2000:]
+
+
 @pytest.mark.parametrize("signum,moment", [(signal.SIGTERM, "reference pass done"),
                                            (signal.SIGINT, "reference pass done"), (signal.SIGTERM, "reference pass:")])
 def test_a_run_stopped_by_sigterm_unregisters_its_adapters_and_removes_their_files(server, signum, moment):

@@ -77,6 +77,13 @@ from tests.data.make_corpus import NLI_SAMPLE, SQUAD_SAMPLE
     (["loadtest", "--scenario", "single", "--users", "1", "--duration", "10", "--host", "http://127.0.0.1:9",
       "--adapter-root", "x", "--json", "x.json", "--md", "/nonexistent/x.md"],
      "loraswap loadtest: error: argument --md: /nonexistent/x.md: there is no folder /nonexistent to write it in"),
+    # a review: a port past 65535 was a "Connection refused" once the command ran
+    *((["loadtest", "--scenario", "single", "--users", "1", "--duration", "10", "--host", url, "--adapter-root", "x",
+        "--json", "x.json"], f"argument --host: '{url}' is not a server's URL, http://HOST:PORT (a port in 1-65535)")
+      for url in ("http://127.0.0.1:99999", "http://127.0.0.1:0", "http://h:x", "127.0.0.1:8000", "ftp://h:1",
+                  "http://:80")),
+    (["side-by-side", "--system", "a=loraswap@http://h:65536"], "argument --system: 'http://h:65536' is not a "
+     "server's URL"),
     (["eval", "--task", "squad", "--adapter", "none", "--temperature", "-1"],
      "--temperature: must be at least 0, not -1"),
     (["eval", "--task", "squad", "--adapter", "none", "--top-p", "1.5"], "--top-p: must be in (0, 1], not 1.5"),
@@ -542,3 +549,4 @@ def test_a_report_that_is_a_symlink_loop_or_into_no_folder_is_refused_before_the
             main(["bench", "--json", str(tmp_path / name)])
         assert exit_.value.code == 2
         assert f"loraswap bench: error: argument --json: {tmp_path / name} {message}" in capsys.readouterr().err
+
