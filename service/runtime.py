@@ -80,8 +80,8 @@ class Runtime:
             on_passing_thread(self._load)
             self.engine.start()
             self.ready.set()
-        except Exception as exc:
-            self.start_failure = f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # the reason's first line: torch's own errors go on with their C++ frames
+            self.start_failure = f"{type(exc).__name__}: {next(iter(str(exc).splitlines()), '')}"
             log_start_failure(exc, self.start_failure)
             raise
 

@@ -24,6 +24,7 @@ DEVICES = "auto, cpu, cuda or cuda:N"  # DEVICE_PATTERN in words
 ADAPTER_NAME = r"[A-Za-z_][A-Za-z0-9_]{0,63}"  # what an adapter may be named: a plain identifier (adapter_files)
 ADAPTER_NAME_RULE = "a plain identifier ([A-Za-z_][A-Za-z0-9_]*, at most 64 characters)"  # ADAPTER_NAME in words
 ADAPTER_CONFIG_FILE = "adapter_config.json"  # what makes a folder an adapter's (peft's CONFIG_NAME)
+INT64 = 2**63  # torch's sizes and counts are 64-bit integers: a setting beyond is an OverflowError there
 MOST_DEFAULT_STRIDE = 128  # answer_stride unset: min(a window's context tokens // 2, this); Hugging Face's doc_stride
 
 
@@ -164,6 +165,15 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(4 * 2**20, ge=1, description="largest request body in bytes: a larger one is refused "
                                 "(413) before it is read whole")
     drain_seconds: float = Field(1.0, ge=0, description="on SIGTERM, how long /ready reports false before shutdown")
+
+    @field_validator("*")
+    @classmethod
+    def _int64(cls, value: Any) -> Any:
+        """ValueError for an integer setting past 64 bits (torch's sizes and counts are; a review: ``--max-batch
+        2**63`` failed the start with an OverflowError and torch's C++ frames)."""
+        if isinstance(value, int) and not -INT64 <= value < INT64:
+            raise ValueError(f"must be at most {INT64 - 1} (a 64-bit integer, as torch takes)")
+        return value
 
     @field_validator("answer_stride")
     @classmethod

@@ -12,9 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from service.settings import ADAPTER_CONFIG_FILE, DEVICE_PATTERN, DEVICES, Settings
-
-INT64 = 2**63  # torch's and transformers' integers are 64-bit: a count or seed beyond is an OverflowError there
+from service.settings import ADAPTER_CONFIG_FILE, DEVICE_PATTERN, DEVICES, INT64, Settings
 
 
 class UsageError(Exception):

@@ -124,14 +124,14 @@ def test_an_embedded_base_that_is_not_the_expected_gguf_fails_the_start_in_one_l
 
 def test_an_unexpected_start_failure_still_logs_its_traceback(tiny_llama_dir, tmp_path, caplog, monkeypatch):
     """A fault of the service, not of the settings: its traceback is what finds it."""
-    def broken(*_):
-        raise RuntimeError("a bug")
+    def broken(*_):  # as torch's own errors: their C++ frames after the first line
+        raise RuntimeError("a bug\nException raised from f at f.cpp:79 (most recent call first):\nframe #0: ...")
 
     monkeypatch.setattr(runtime_module, "check_room", broken)
     records = start_failure_log(settings_in(tmp_path, tiny_llama_dir, {}), caplog, RuntimeError)
     errors = [record for record in records if record.levelno >= logging.ERROR]
     assert len(errors) == 1 and errors[0].exc_info is not None
-    assert errors[0].getMessage() == "the service failed to start: RuntimeError: a bug"
+    assert errors[0].getMessage() == "the service failed to start: RuntimeError: a bug"  # /health's reason: one line
 
 
 def test_an_adapters_folder_or_root_that_is_no_folder_is_warned_of_at_start(tiny_llama_dir, tmp_path, caplog):

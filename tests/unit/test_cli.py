@@ -54,6 +54,9 @@ from tests.data.make_corpus import NLI_SAMPLE, SQUAD_SAMPLE
        "a plain identifier ([A-Za-z_][A-Za-z0-9_]*, at most 64 characters), or none or base for the bare base\n")
       for flag_ in ("--qa-adapter", "--nli-adapter") for name in ("../x", "", "a-b", "x" * 65)),
     (["serve", "--draft-tokens", "-1"], "draft_tokens: Input should be greater than or equal to 0"),
+    # a review: --max-batch 2**63 - 1 failed the start with torch's OverflowError and its C++ frames
+    *((["serve", f"--{name}", str(2**63)], f"{name.replace('-', '_')}: Value error, must be at most {2**63 - 1}")
+      for name in ("max-batch", "max-queue", "max-resident", "prefix-cache-bytes", "max-body-bytes")),
     *((["loadtest", "--scenario", "soak", "--users", "1", "--duration", duration, "--host", "http://127.0.0.1:9",
         "--adapter-root", "x", "--json", "x.json", *more], message) for duration, more, message in [
         ("inf", [], "--duration: must be a finite number above 0, not inf"),
