@@ -3,6 +3,7 @@ without torch, so that ``--help`` and usage errors answer at once."""
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import math
 import re
@@ -24,9 +25,10 @@ class UsageError(Exception):
 class Command:
     """A subcommand of ``loraswap``, declared by its package in the ``loraswap.commands`` entry-point group of
     ``pyproject.toml`` (the entry point's name is the subcommand's). ``add_arguments`` must stay light; ``run``
-    imports what the command needs when it is called. ``run`` raises UsageError, AdapterError, FileNotFoundError,
-    UnsafeEnvironment, TemplateRefused (an adapter's chat template refuses a prompt style's prompt) or pydantic's
-    ValidationError for what the user asked that cannot be done (a usage error, exit status 2)."""
+    imports what the command needs when it is called. ``run`` raises UsageError, AdapterError, OSError (a file it
+    names that cannot be read or written: absent, a name too long), UnsafeEnvironment, TemplateRefused (an adapter's
+    chat template refuses a prompt style's prompt) or pydantic's ValidationError for what the user asked that cannot
+    be done (a usage error, exit status 2)."""
 
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
@@ -138,6 +140,21 @@ def device(text: str) -> str:
     return text
 
 
+def refusing_os_errors(check: Callable[[str], Path]) -> Callable[[str], Path]:
+    """An argparse type that looks at the file system, whose OSError (a name too long, a folder it may not enter) is a
+    usage error naming the option: argparse reports only a type's ArgumentTypeError, TypeError and ValueError (a
+    review: a --json name of 300 characters ended in OSError's traceback)."""
+    @functools.wraps(check)
+    def parse(text: str) -> Path:
+        try:
+            return check(text)
+        except OSError as exc:
+            raise argparse.ArgumentTypeError(f"{text}: {exc.strerror or exc}") from None
+
+    return parse
+
+
+@refusing_os_errors
 def output_file(text: str) -> Path:
     """An argparse type: a file to write, checked before the command works: not empty, not a folder, in a folder that
     exists and is no adapter's (a review: ``eval --json adapters/x/card.json`` replaced the adapter's card), nor a
@@ -211,6 +228,7 @@ def spare_inputs(reports: Iterable[tuple[str, Path | None]], inputs: Iterable[tu
                              "it")
 
 
+@refusing_os_errors
 def output_folder(text: str) -> Path:
     """An argparse type: a folder a command makes or writes into: not empty (``Path('')`` is the working directory),
     not an existing file nor a symlink to nothing, not below a file."""
@@ -227,6 +245,7 @@ def output_folder(text: str) -> Path:
     return path
 
 
+@refusing_os_errors
 def report_folder(text: str) -> Path:
     """An argparse type: an ``output_folder`` a command writes its reports into, beside what it holds: never an
     adapter folder, nor a symlink to one (``spare_adapter_folder``; a review: ``sweep --out adapters/squad`` wrote its
@@ -236,6 +255,7 @@ def report_folder(text: str) -> Path:
     return path
 
 
+@refusing_os_errors
 def new_folder(text: str) -> Path:
     """An argparse type: a folder a command creates and fills: an ``output_folder`` that, where it exists, is empty (a
     command never writes over what a folder holds, an adapter's files least of all). Checked when parsed;

@@ -196,8 +196,8 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(args, "quantize", Settings().quantize) == "none":  # full precision: bitsandbytes never runs
                 server_process.without_bitsandbytes()
             args.run(args)
-    except (UsageError, AdapterError, FileNotFoundError, ValidationError, SettingsError, UnsafeEnvironment,
-            TemplateRefused) as exc:  # cannot be done
+    except (UsageError, AdapterError, OSError, ValidationError, SettingsError, UnsafeEnvironment,
+            TemplateRefused) as exc:  # cannot be done (OSError: a file named that cannot be read or written)
         parser.exit(2, f"loraswap {args.command}: error: {reason(exc, args)}\n")
     except KeyboardInterrupt:  # Ctrl-C: the shell's status for SIGINT (128 + 2), not a traceback
         parser.exit(130, f"loraswap {args.command}: interrupted\n")

@@ -14,6 +14,8 @@ from service.cli.main import check_onednn, main
 from service.settings import Settings
 from tests.data.make_corpus import NLI_SAMPLE, SQUAD_SAMPLE
 
+LONG = "a" * 300  # a file name longer than any Linux file system takes (255 bytes)
+
 
 @pytest.mark.parametrize("argv,message", [
     # the adapter is checked before the data is read: these need no data (LORASWAP_DATA_DIR=/nonexistent passes)
@@ -80,6 +82,14 @@ from tests.data.make_corpus import NLI_SAMPLE, SQUAD_SAMPLE
     (["loadtest", "--scenario", "single", "--users", "1", "--duration", "10", "--host", "http://127.0.0.1:9",
       "--adapter-root", "x", "--json", "x.json", "--md", "/nonexistent/x.md"],
      "loraswap loadtest: error: argument --md: /nonexistent/x.md: there is no folder /nonexistent to write it in"),
+    # a review: a name past the file system's 255 characters was OSError's traceback, when parsed or when run
+    *((argv, f"{message}: {LONG}: File name too long") for argv, message in [
+        (["eval", "--task", "nli", "--adapter", "none", "--json", LONG], "argument --json"),
+        (["train", "--task", "nli", "--out", LONG], "argument --out"),
+        (["sweep", "--task", "nli", "--out", LONG], "argument --out"),
+        (["merge", "--adapter", "x", "--out", LONG], "argument --out")]),
+    *((argv, f"error: [Errno 36] File name too long: '{LONG}") for argv in [
+        ["eval", "--task", "nli", "--adapter", "none", "--data", LONG], ["merge", "--adapter", LONG, "--out", "x"]]),
     # a review: a port past 65535 was a "Connection refused" once the command ran
     *((["loadtest", "--scenario", "single", "--users", "1", "--duration", "10", "--host", url, "--adapter-root", "x",
         "--json", "x.json"], f"argument --host: '{url}' is not a server's URL, http://HOST:PORT (a port in 1-65535)")
