@@ -14,7 +14,6 @@ import os
 import re
 import shlex
 import typing
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -70,14 +69,10 @@ def grid(args: argparse.Namespace, model: torch.nn.Module) -> list[dict]:
 
 
 def check_options(args: argparse.Namespace) -> None:
-    """Raise UsageError, before anything loads, for a ``--ranks``, ``--lrs`` or ``--targets`` that lists a value twice
-    (each run of the grid is made once), or learning rates that differ only past the 6 significant digits that name
-    their runs' folders (``grid``: two runs would share one). (An ``--out`` that is a file, a symlink to nothing,
-    empty or an adapter folder is refused when parsed: ``command.report_folder``.)"""
-    for name in ("ranks", "lrs", "targets"):
-        twice = [value for value, count in Counter(getattr(args, name)).items() if count > 1]
-        if twice:
-            raise UsageError(f"--{name} lists {twice[0]} twice: each run of the grid is made once")
+    """Raise UsageError, before anything loads, for learning rates that differ only past the 6 significant digits
+    that name their runs' folders (``grid``: two runs would share one). (A ``--ranks``, ``--lrs`` or ``--targets``
+    that lists a value twice, and an ``--out`` that is a file, a symlink to nothing, empty or an adapter folder, are
+    refused when parsed: ``command.comma_list``, ``command.report_folder``.)"""
     named: dict[str, float] = {}
     for lr in args.lrs:
         if named.setdefault(f"{lr:g}", lr) != lr:

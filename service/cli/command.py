@@ -105,7 +105,8 @@ def bounded(kind: type, holds: Callable[[object], bool], bound: str, adjective: 
 
 def comma_list(item: Callable[[str], object] = str, choices: Iterable[str] | None = None):
     """An argparse type: a comma-separated list (``4,8,16``), each item parsed by ``item`` and, with ``choices``,
-    one of them; an empty item, a bad one or one outside the choices is a usage error naming it."""
+    one of them; an empty item, a bad one, one outside the choices or one given twice (``base,base``, ``1e-3,0.001``:
+    each list names runs, loads or modes to do once) is a usage error naming it."""
     allowed = None if choices is None else tuple(choices)
 
     def parse(text: str) -> list:
@@ -115,12 +116,16 @@ def comma_list(item: Callable[[str], object] = str, choices: Iterable[str] | Non
                 known = f" (one of {', '.join(allowed)})" if allowed is not None else ""
                 raise argparse.ArgumentTypeError(f"{piece!r} in {text!r} is not an item of the list{known}")
         try:
-            return [item(piece) for piece in items]
+            values = [item(piece) for piece in items]
         except argparse.ArgumentTypeError as exc:
             raise argparse.ArgumentTypeError(f"{text!r}: an item {exc}") from None
         except ValueError:
             kind = getattr(item, "__name__", item)
             raise argparse.ArgumentTypeError(f"{text!r}: every item must be {kind}") from None
+        twice = next((piece for piece, value in zip(items, values) if values.count(value) > 1), None)
+        if twice is not None:
+            raise argparse.ArgumentTypeError(f"{text!r} names {twice!r} twice")
+        return values
     parse.__name__ = "comma-separated list"
     return parse
 

@@ -90,6 +90,10 @@ LONG = "a" * 300  # a file name longer than any Linux file system takes (255 byt
         (["merge", "--adapter", "x", "--out", LONG], "argument --out")]),
     *((argv, f"error: [Errno 36] File name too long: '{LONG}") for argv in [
         ["eval", "--task", "nli", "--adapter", "none", "--data", LONG], ["merge", "--adapter", LONG, "--out", "x"]]),
+    # a review: bench --modes base,base timed base twice; no list of a command means an item twice
+    *((argv, f"argument {argv[-2]}: '{argv[-1]}' names '{twice}' twice") for argv, twice in [
+        (["bench", "--modes", "base,base"], "base"), (["bench", "--batch-sizes", "1,16,1"], "1"),
+        (["side-by-side", "--system", "a=loraswap@http://h:1", "--loads", "squad:1,squad:01"], "squad:1")]),
     # a review: a port past 65535 was a "Connection refused" once the command ran
     *((["loadtest", "--scenario", "single", "--users", "1", "--duration", "10", "--host", url, "--adapter-root", "x",
         "--json", "x.json"], f"argument --host: '{url}' is not a server's URL, http://HOST:PORT (a port in 1-65535)")

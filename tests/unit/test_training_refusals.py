@@ -179,9 +179,10 @@ def test_eval_refuses_a_row_it_cannot_read_naming_its_file_row_and_field(task, w
 
 
 @pytest.mark.parametrize("options,message", [
-    (["--ranks", "4,8,4"], "loraswap sweep: error: --ranks lists 4 twice: each run of the grid is made once"),
-    (["--lrs", "1e-3,0.001"], "loraswap sweep: error: --lrs lists 0.001 twice"),
-    (["--targets", "attention,attention"], "loraswap sweep: error: --targets lists attention twice"),
+    (["--ranks", "4,8,4"], "loraswap sweep: error: argument --ranks: '4,8,4' names '4' twice"),
+    (["--lrs", "1e-3,0.001"], "loraswap sweep: error: argument --lrs: '1e-3,0.001' names '1e-3' twice"),
+    (["--targets", "attention,attention"], "loraswap sweep: error: argument --targets: 'attention,attention' names "
+     "'attention' twice"),
     (["--out", "card.json"], "loraswap sweep: error: argument --out: card.json is a file, not a folder"),
     (["--out", ""], "loraswap sweep: error: argument --out: must name a folder, not be empty"),  # wrote into .
     (["--out", "gone"], "loraswap sweep: error: argument --out: gone is a symlink to nothing, not a folder"),
