@@ -69,7 +69,7 @@ HTTP_REPLIES = {
          "routes that run the model.",
     403: "Admin routes are disabled: no admin key is set.",
     413: "A request body larger than the server takes (its max_body_bytes).",
-    415: "A body sent with another Content-Type than application/json.",
+    415: "A body sent with another Content-Type than application/json, or compressed (a Content-Encoding).",
     422: "An invalid request: a field missing, unknown, of the wrong type or out of range (NaN and infinities too), "
          "or messages the chat template cannot render.",
 }

@@ -40,7 +40,8 @@ class UniqueKeysRoute(APIRoute):
     """A FastAPI route whose JSON body is read by ``UniqueKeysRequest`` (FastAPI's "custom Request and APIRoute
     class" pattern). FastAPI answers its ValueError as a 400 (``app.add_error_handlers`` keeps the reason). An empty
     body where the route requires one is a 400 as well (FastAPI took it for a body not sent: 422 "Field required"),
-    as no JSON text is empty."""
+    as no JSON text is empty; a body sent compressed (a Content-Encoding but identity) is a 415 (RFC 9110 15.5.16),
+    where it was read as if it were not (a review: gzip's bytes were a 400, a plain body so labelled served)."""
 
     def get_route_handler(self) -> Callable:
         handler = super().get_route_handler()
@@ -48,6 +49,9 @@ class UniqueKeysRoute(APIRoute):
 
         async def unique_keys_handler(request: Request) -> Response:
             request = UniqueKeysRequest(request.scope, request.receive)
+            coding = request.headers.get("content-encoding", "identity").strip().lower()
+            if self.body_field is not None and coding != "identity":
+                raise HTTPException(415, f"the body must be sent as it is: Content-Encoding {coding} is not taken")
             if required and not await request.body():
                 raise HTTPException(400, "empty body") from ValueError("the body is empty")
             return await handler(request)

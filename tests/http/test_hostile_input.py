@@ -5,6 +5,7 @@ temperature 0 on /answer, the metric label of a request no adapter served, and a
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import os
 from collections.abc import AsyncIterator, Iterator
@@ -231,6 +232,18 @@ def test_an_empty_body_is_400_as_text_that_is_not_json(client, route):
 @pytest.mark.parametrize("route", NO_BODY)
 def test_an_empty_body_is_no_body_where_a_route_takes_none(client, route):
     assert post(client, route, b"").status_code != 400
+
+
+@pytest.mark.parametrize("route", POST_ROUTES)
+@pytest.mark.parametrize("compressed", [True, False])
+def test_a_body_sent_compressed_is_415(client, route, compressed):
+    """A review: Content-Encoding was not read: gzip's bytes were a 400 (not JSON), a plain body so labelled served."""
+    before = listed(client)
+    body = json.dumps(BODIES.get(route, {})).encode()
+    reply = client.post(route, content=gzip.compress(body) if compressed else body, headers={
+        "Content-Type": "application/json", "Content-Encoding": "gzip", **ADMIN})
+    assert "Content-Encoding gzip is not taken" in assert_refused(reply, 415)
+    assert listed(client) == before
 
 
 @pytest.mark.parametrize("route", POST_ROUTES)
