@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers
@@ -27,7 +27,7 @@ from service.http.errors import (
     status_of,
 )
 from service.http.openai_routes import openai_router
-from service.http.routes import admin_router, ops_router, tasks_router
+from service.http.routes import admin_router, one_authorization, ops_router, tasks_router
 from service.runtime import Runtime
 from service.settings import Settings
 
@@ -215,7 +215,7 @@ def create_app(settings: Settings | None = None, rt: Runtime | None = None) -> F
         yield
         rt.stop()
 
-    app = FastAPI(title="loraswap", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="loraswap", version="0.1.0", lifespan=lifespan, dependencies=[Depends(one_authorization)])
     app.state.runtime = rt
     for router in (tasks_router, admin_router, openai_router, ops_router):
         app.include_router(router)

@@ -90,6 +90,13 @@ def bearer_of(authorization: str | None, key: str) -> bool:
     return hmac.compare_digest(header.encode("latin-1"), f"Bearer {key}".encode())
 
 
+async def one_authorization(request: Request) -> None:
+    """400 for a request that sends Authorization more than once (RFC 9110 11.6.2 defines one credential; a review:
+    the first decided, where a proxy in front might read another)."""
+    if len(request.headers.getlist("authorization")) > 1:
+        raise HTTPException(400, "Authorization is sent more than once: send one")
+
+
 def check_bearer(authorization: str | None, key: str, refusal: str) -> None:
     """401 with ``refusal`` unless ``authorization`` is ``Bearer <key>``."""
     if not bearer_of(authorization, key):

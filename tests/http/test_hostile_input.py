@@ -259,6 +259,18 @@ def test_a_json_body_sent_as_another_media_type_is_415(client, route, content_ty
 # ---- the admin key -----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("route,method", [("/adapters", "GET"), ("/adapters", "POST"), ("/answer", "POST"),
+                                          ("/v1/models", "GET")])
+def test_authorization_sent_twice_is_400_whichever_comes_first(client, route, method):
+    """A review: the first header decided (wrong then right: 401; right then wrong: 200)."""
+    before = listed(client)
+    for keys in (["wrong", ADMIN_KEY], [ADMIN_KEY, "wrong"]):
+        headers = [("authorization", f"Bearer {key}") for key in keys] + [("content-type", "application/json")]
+        reply = client.request(method, route, content=json.dumps(BODIES.get(route, {})).encode(), headers=headers)
+        assert "Authorization is sent more than once" in assert_refused(reply, 400)
+    assert listed(client) == before
+
+
 def test_the_bearer_scheme_is_case_insensitive_the_key_is_not(client):
     for scheme in ("bearer", "BEARER", "bEaReR"):
         assert bearer_of(f"{scheme} {ADMIN_KEY}", ADMIN_KEY)
