@@ -179,9 +179,22 @@ def test_any_text_and_stop_strings_give_the_text_up_to_the_earliest_stop(tokeniz
     if reason == "length":
         assert len(positions) == len(ids)
     sent = 0
-    for delta in deltas:
-        assert all(sent <= entry.text_offset < sent + len(delta.text) for entry in delta.logprobs[:1] if delta.text)
+    for delta in deltas:  # the tokens a stop string cut off start at or past the text's end: in the last delta only
+        starting = [entry for entry in delta.logprobs if entry.text_offset < len(text)]
+        assert all(sent <= entry.text_offset < sent + len(delta.text) for entry in starting[:1] if delta.text)
+        assert delta is deltas[-1] or starting == list(delta.logprobs)
         sent += len(delta.text)
+
+
+def test_a_token_the_stop_cut_off_comes_with_the_last_delta_the_text_it_releases_with_it(tokenizer):
+    """Hypothesis found it: ' aab' as ' a' + 'ab' with the stop 'ab': ' a' sends ' ' and holds 'a' back; 'ab' completes
+    the stop, so the last delta releases 'a' and lists 'ab', whose text the cut left out, at its offset in the uncut
+    text (2, the text's end), as vLLM does."""
+    ids = encode(tokenizer, " aab")
+    assert [tokenizer.decode([token]) for token in ids] == [" a", "ab"]
+    deltas, _ = stream(tokenizer, ids, ("ab",))
+    assert [(delta.text, [(entry.token, entry.text_offset) for entry in delta.logprobs], delta.finish_reason)
+            for delta in deltas] == [(" ", [(" a", 0)], None), ("a", [("ab", 2)], "stop")]
 
 
 @pytest.fixture(scope="module")
