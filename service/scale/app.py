@@ -2,6 +2,7 @@
 ``serve_scaled``, which runs it on a Ray cluster (a local one, or one joined by its address) until interrupted."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 from dataclasses import dataclass
@@ -53,27 +54,83 @@ def build_app(settings: Settings, config: ScaleConfig) -> Application:
     return router.bind(replica.bind(settings), settings)
 
 
+INTERRUPTS = (signal.SIGINT, signal.SIGTERM)
+
+
 def interrupt(signum: int, frame) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
+def on_signals(handler) -> None:
+    """``handler`` for SIGINT and SIGTERM."""
+    for number in INTERRUPTS:
+        signal.signal(number, handler)
+
+
+@contextlib.contextmanager
+def own_signals(handler):
+    """SIGINT and SIGTERM go to ``handler`` in the block, which cannot set another handler for either (ray.init sets
+    SIGTERM's to its own, ``sys.exit(15)``: a review found exit status 134 and Ray's agents left running); to
+    ``interrupt`` after it."""
+    set_handler = signal.signal
+
+    def keep(signum, new):
+        return signal.getsignal(signum) if signum in INTERRUPTS else set_handler(signum, new)
+
+    on_signals(handler)
+    signal.signal = keep
+    try:
+        yield
+    finally:
+        signal.signal = set_handler
+        on_signals(interrupt)
+
+
+def init_ray(address: str | None) -> None:
+    """``ray.init(address)``, loraswap's handlers kept (``own_signals``). Starting a Ray of its own (``address``
+    None), SIGINT and SIGTERM are held until it is up, then raise KeyboardInterrupt: one that cut the start of its
+    processes short left some (its agents) that no ``ray.shutdown`` ends."""
+    held: list[int] = []
+
+    def hold(signum: int, frame) -> None:
+        if address is not None:
+            interrupt(signum, frame)
+        held.append(signum)
+
+    with own_signals(hold):
+        ray.init(address=address)
+    if held:
+        raise KeyboardInterrupt(signal.Signals(held[0]).name)
+
+
 def serve_scaled(settings: Settings, config: ScaleConfig) -> None:
     """Serve the HTTP API on ``settings.host``:``settings.port`` from ``config.replicas`` replicas until interrupted
-    (Ctrl-C or SIGTERM, even where the shell started it with SIGINT ignored), then take the application down, and
-    Ray too when it was started here. Ray Serve's HTTP options are the cluster's: on a cluster whose Serve already
-    runs, its host and port stay as they are."""
-    for number in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(number, interrupt)
-    ray.init(address=config.address)
+    (Ctrl-C or SIGTERM at any point, even where the shell started it with SIGINT ignored), then take the application
+    down, and Ray too when it was started here (``take_down``). Ray Serve's HTTP options are the cluster's: on a
+    cluster whose Serve already runs, its host and port stay as they are. SIGINT's and SIGTERM's handlers are the
+    caller's again on return."""
+    handlers = [signal.getsignal(number) for number in INTERRUPTS]
+    on_signals(interrupt)
     try:
+        init_ray(config.address)
         serve.start(http_options={"host": settings.host, "port": settings.port})
         log.info("starting %d replicas (%s routing); the model loads on each", config.replicas, config.routing)
         serve.run(build_app(settings, config), name=APP_NAME, route_prefix="/", blocking=True)
     except KeyboardInterrupt:
         log.info("interrupted: taking the application down")
     finally:
+        on_signals(signal.SIG_IGN)  # a second interrupt does not cut the take-down short (SIGKILL still ends it)
+        take_down(config)
+        for number, handler in zip(INTERRUPTS, handlers):
+            signal.signal(number, handler)
+
+
+def take_down(config: ScaleConfig) -> None:
+    """Take the application down, with Serve and Ray when Ray was started here (waiting for Ray's processes to
+    end), else only the application."""
+    if ray.is_initialized():
         if config.address is None:
             serve.shutdown()
         else:
             serve.delete(APP_NAME)
-        ray.shutdown()
+    ray.shutdown(wait_for_processes=config.address is None)

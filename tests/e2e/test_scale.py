@@ -2,11 +2,14 @@
 replica), behind the router. Every answer equals an in-process single server's; each adapter's requests land on one
 replica (its home: Ray Serve's multiplexing), the adapters spread over both, and most find their adapter resident;
 a streamed completion streams through; admin changes reach every replica, also one started after them; /metrics
-labels each replica's series.
+labels each replica's series. First, `loraswap scale` itself: SIGTERM takes it down with the Ray it started.
 Skips, saying why, without Ray Serve (the `scale` extra)."""
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -22,6 +25,7 @@ from tests.tiny_models import make_adapter
 
 ray = pytest.importorskip("ray", reason='needs Ray Serve: pip install -e ".[scale]"')
 serve = pytest.importorskip("ray.serve", reason='needs Ray Serve: pip install -e ".[scale]"')
+psutil = pytest.importorskip("psutil")  # Ray's dependency
 
 ADAPTERS = ("one", "two", "three", "four")
 REPLICAS = 2
@@ -29,6 +33,7 @@ ROUNDS = 4  # requests per adapter and route after the first
 QUESTIONS = ("Which NFL team won Super Bowl 50?", "Where was the game played?", "Who lost?", "When was it?")
 ROUTING_DELAY_S = 1.0  # Ray Serve's routers learn which replica holds an adapter within this (0.1 s pushes)
 REPLACEMENT_TIMEOUT_S = 120  # for Ray Serve to replace a replica killed (a new process loading the model)
+TAKE_DOWN_TIMEOUT_S = 60  # for `loraswap scale` to take the application and its Ray down (about 10 s on 2 cores)
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +65,58 @@ def scaled(settings) -> Iterator[httpx.Client]:
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def running(processes: list) -> list:
+    """Those of ``processes`` still running (a zombie has ended: only its parent has not reaped it)."""
+    alive = []
+    for process in processes:
+        try:
+            if process.status() != psutil.STATUS_ZOMBIE:
+                alive.append(process)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def ready(url: str) -> bool:
+    """Whether GET ``url`` answers 200 (Ray Serve's proxy answers 404 or 503 before the application runs)."""
+    try:
+        return httpx.get(url, timeout=10).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def test_sigterm_takes_scale_down_with_the_ray_it_started(settings, tmp_path):
+    """A review: ray.init replaced loraswap's SIGTERM handler with its own (``sys.exit(15)``): exit status 134, and
+    Ray's dashboard and runtime-env agents left running. Now as Ctrl-C: status 0, every process Ray started ended.
+    First in the module: its own Ray, before the module's cluster starts (two would crowd 2 cores)."""
+    port = free_port()
+    command = [sys.executable, "-m", "service.cli.main", "scale", "--replicas", "1", "--host", "127.0.0.1",
+               "--port", str(port), "--base-model", settings.base_model, "--adapters-dir", str(settings.adapters_dir),
+               "--cache-dir", str(settings.cache_dir), "--device", "cpu", "--max-new-tokens", "8"]
+    with open(tmp_path / "scale.log", "w+") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        started = []
+        try:
+            ready_by = time.monotonic() + 180
+            while not ready(f"http://127.0.0.1:{port}/ready"):
+                assert process.poll() is None and time.monotonic() < ready_by, "loraswap scale did not get ready"
+                time.sleep(1)
+            started = psutil.Process(process.pid).children(recursive=True)  # Ray's processes, its agents among them
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=TAKE_DOWN_TIMEOUT_S) == 0
+            gone_by = time.monotonic() + 10
+            while running(started) and time.monotonic() < gone_by:
+                time.sleep(0.5)
+            assert not [(child.pid, child.name()) for child in running(started)]
+        finally:
+            process.kill()
+            process.wait()
+            for child in running(started):
+                child.kill()
+            log.seek(0)
+            print(log.read()[-4000:])  # shown when the test fails
 
 
 def content(reply: httpx.Response) -> dict:
