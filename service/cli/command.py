@@ -145,6 +145,14 @@ def device(text: str) -> str:
     return text
 
 
+def check_device(name: str) -> None:
+    """UsageError unless the server can run on device ``name`` here (``command.device``)."""
+    try:
+        device(name)
+    except argparse.ArgumentTypeError as exc:
+        raise UsageError(f"device: {exc}") from None
+
+
 def refusing_os_errors(check: Callable[[str], Path]) -> Callable[[str], Path]:
     """An argparse type that looks at the file system, whose OSError (a name too long, a folder it may not enter) is a
     usage error naming the option: argparse reports only a type's ArgumentTypeError, TypeError and ValueError (a

@@ -20,7 +20,7 @@ from pydantic_settings import SettingsError
 from service.cli.command import (
     Command,
     UsageError,
-    device,
+    check_device,
     output_file,
     read_setting_defaults,
     regular_file,
@@ -157,14 +157,6 @@ def field_name(loc: tuple, model: str, args: argparse.Namespace) -> str:
     if model != Settings.__name__ or hasattr(args, str(loc[0])) or variable not in os.environ:
         return ".".join(map(str, loc))
     return variable + "".join(f"[{part}]" for part in loc[1:])
-
-
-def check_device(name: str) -> None:
-    """UsageError unless the server can run on device ``name`` here (``command.device``)."""
-    try:
-        device(name)
-    except argparse.ArgumentTypeError as exc:
-        raise UsageError(f"device: {exc}") from None
 
 
 def check_onednn(settings: Settings) -> None:

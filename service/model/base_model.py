@@ -16,7 +16,14 @@ from typing import IO
 
 import torch
 from safetensors import SafetensorError
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from service.model import weight_alignment
 from service.model.onednn_linear import bound_kernel_caches, pads_rows, use_onednn
@@ -169,8 +176,21 @@ def align_weights(model_dir: Path) -> None:
 def max_positions(model: PreTrainedModel) -> int:
     """The most positions (prompt and generated tokens) the base model takes: Llama's ``max_position_embeddings``,
     GPT-2's ``n_positions``."""
-    config = model.config
+    return config_positions(model.config)
+
+
+def config_positions(config: PretrainedConfig) -> int:
+    """``max_positions`` of a model of ``config``."""
     return getattr(config, "max_position_embeddings", None) or config.n_positions
+
+
+def configured_positions(settings: Settings) -> int:
+    """``max_positions`` of the base model (``settings.base_model``), read from its config, not its weights (the
+    embedded base is converted first, once). FileNotFoundError and ValueError as ``load_base`` raises; OSError or
+    ValueError for a config transformers cannot read."""
+    base_dir = resolve_base_dir(settings.base_model, settings.cache_dir)
+    with reading_base(settings, base_dir):
+        return config_positions(AutoConfig.from_pretrained(base_dir))
 
 
 def pick_device(name: str) -> torch.device:

@@ -12,6 +12,7 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
+from service.cli.command import UsageError
 from service.scale.options import ROUTINGS
 from service.scale.replica import ROUTER_NAME, LoraswapReplica
 from service.scale.round_robin import RoundRobinRouter
@@ -89,7 +90,8 @@ def own_signals(handler):
 def init_ray(address: str | None) -> None:
     """``ray.init(address)``, loraswap's handlers kept (``own_signals``). Starting a Ray of its own (``address``
     None), SIGINT and SIGTERM are held until it is up, then raise KeyboardInterrupt: one that cut the start of its
-    processes short left some (its agents) that no ``ray.shutdown`` ends."""
+    processes short left some (its agents) that no ``ray.shutdown`` ends. UsageError where ``address`` finds no
+    cluster (ray.init's ConnectionError)."""
     held: list[int] = []
 
     def hold(signum: int, frame) -> None:
@@ -98,7 +100,10 @@ def init_ray(address: str | None) -> None:
         held.append(signum)
 
     with own_signals(hold):
-        ray.init(address=address)
+        try:
+            ray.init(address=address or "local")  # not RAY_ADDRESS's cluster: None is one of this machine alone
+        except ConnectionError as exc:  # auto, with no cluster started here
+            raise UsageError(f"--address {address}: {exc}") from None
     if held:
         raise KeyboardInterrupt(signal.Signals(held[0]).name)
 
@@ -107,7 +112,8 @@ def serve_scaled(settings: Settings, config: ScaleConfig) -> None:
     """Serve the HTTP API on ``settings.host``:``settings.port`` from ``config.replicas`` replicas until interrupted
     (Ctrl-C or SIGTERM at any point, even where the shell started it with SIGINT ignored), then take the application
     down, and Ray too when it was started here (``take_down``). Ray Serve's HTTP options are the cluster's: on a
-    cluster whose Serve already runs, its host and port stay as they are. SIGINT's and SIGTERM's handlers are the
+    cluster whose Serve already runs, its host and port stay as they are. UsageError where ``config.address`` finds
+    no cluster (``init_ray``). SIGINT's and SIGTERM's handlers are the
     caller's again on return."""
     handlers = [signal.getsignal(number) for number in INTERRUPTS]
     on_signals(interrupt)

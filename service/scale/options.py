@@ -34,10 +34,13 @@ def add_scale_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_scale(args: argparse.Namespace) -> None:
-    """Run ``loraswap scale`` until interrupted; exit status 2 for invalid settings or when Ray Serve is not
-    installed (``require_extra``)."""
+    """Run ``loraswap scale`` until interrupted; exit status 2 for invalid settings, settings no replica could start
+    with (``preflight.check_scale``, before Ray starts) or when Ray Serve is not installed (``require_extra``)."""
     settings = settings_from(args)
     require_extra("scale", "ray", "ray.serve")
+    from service.scale.preflight import check_scale
+
+    check_scale(settings, args.replicas, args.replica_gpus, args.address)
     from service.scale.app import ScaleConfig, serve_scaled
 
     serve_scaled(settings, ScaleConfig(args.replicas, args.routing, args.replica_cpus, args.replica_gpus, args.address))

@@ -5,6 +5,7 @@ import argparse
 import logging
 import os
 import shutil
+import socket
 import sys
 from pathlib import Path
 
@@ -567,3 +568,51 @@ def test_a_report_that_is_a_symlink_loop_or_into_no_folder_is_refused_before_the
         assert exit_.value.code == 2
         assert f"loraswap bench: error: argument --json: {tmp_path / name} {message}" in capsys.readouterr().err
 
+
+@pytest.mark.parametrize("more,message", [
+    (["--device", "cuda:99"], "device: 'cuda:99' names GPU 99, and this machine has"),  # as serve says it
+    (["--replicas", "4096", "--replica-gpus", "1"], "--replica-gpus 1 for 4096 replica(s) needs 4096 GPU(s), and this "
+     "machine, where the Ray of loraswap scale starts, has"),
+    (["--replicas", "4096", "--replica-gpus", "0.4"], "--replica-gpus 0.4 for 4096 replica(s) needs 2048 GPU(s)"),
+    (["--max-new-tokens", "500"], "max_new_tokens 500 leaves 12 of the base model's 512 positions for a prompt, fewer "
+     "than 16: lower it"),
+    (["--base-model", "/nonexistent"], "--base-model /nonexistent: no Hugging Face model directory there"),
+    (["--address", "nonsense"], "--address nonsense: must be HOST:PORT or auto"),
+    (["--address", "127.0.0.1:{closed}"], "--address 127.0.0.1:{closed}: no Ray cluster answers there (Connection "
+     "refused)"),
+], ids=["device", "gpus", "gpu-shares", "max-new-tokens", "base-model", "address-form", "address-closed"])
+def test_scale_refuses_what_no_replica_could_start_with_before_ray_starts(more, message, tiny_llama_dir, monkeypatch,
+                                                                           capsys):
+    """A review: where serve says one line, scale started Ray and its replicas failed (40 s of replica tracebacks for
+    --device cuda on no GPU, 411 log lines for --max-new-tokens too large), or Ray waited without end (--replica-gpus
+    on no GPU) or over a minute (an address where no cluster answers). Now serve's checks (and a GPU count, and a
+    connection to the address) before Ray starts."""
+    pytest.importorskip("ray.serve", reason='needs Ray Serve: pip install -e ".[scale]"')
+    from service.scale import app
+
+    monkeypatch.setattr(app, "serve_scaled", lambda *args: pytest.fail("Ray started"))
+    with socket.socket() as sock:  # a port nothing listens on once it is closed
+        sock.bind(("127.0.0.1", 0))
+        closed = str(sock.getsockname()[1])
+    argv = ["scale", "--replicas", "1", "--base-model", str(tiny_llama_dir), "--device", "cpu"]
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, *(option.format(closed=closed) for option in more)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2, err
+    assert err.startswith(f"loraswap scale: error: {message.format(closed=closed)}") and err.count("\n") == 1, err
+
+
+def test_scale_with_no_cluster_at_the_address_is_a_usage_error(tiny_llama_dir, monkeypatch, capsys):
+    """A review: --address auto where no cluster runs ended in ray.init's ConnectionError traceback."""
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.serve")
+
+    def no_cluster(**options):
+        raise ConnectionError("Could not find any running Ray instance.")
+
+    monkeypatch.setattr(ray, "init", no_cluster)
+    with pytest.raises(SystemExit) as exit_:
+        main(["scale", "--replicas", "1", "--base-model", str(tiny_llama_dir), "--device", "cpu", "--address", "auto"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == ("loraswap scale: error: --address auto: Could not find any running Ray "
+                                       "instance.\n")

@@ -1,0 +1,81 @@
+"""What ``loraswap scale`` checks before Ray starts, so that settings no replica could start with are one usage error,
+not a replica's traceback on each replica (or a wait without end): serve's own checks where the replicas run here, the
+base model's room for a prompt, and that a cluster's address answers."""
+from __future__ import annotations
+
+import math
+import socket
+from urllib.parse import urlsplit
+
+from service.cli.command import UsageError, check_device
+from service.settings import Settings
+
+CONNECT_TIMEOUT_S = 5.0  # for the head of the cluster --address names to accept a connection
+
+
+def check_scale(settings: Settings, replicas: int, replica_gpus: float, address: str | None) -> None:
+    """UsageError where ``replicas`` replicas with ``settings`` could not start: on a Ray started here (``address``
+    None) the device (``check_device``, as serve) and the GPUs they reserve (``check_gpus``); anywhere the token
+    budget (``check_room_for_prompts``) and the address (``check_address``)."""
+    if address is None:
+        check_device(settings.device)
+        check_gpus(replicas, replica_gpus)
+    check_room_for_prompts(settings)
+    check_address(address)
+
+
+def gpus_needed(replicas: int, replica_gpus: float) -> int:
+    """The fewest GPUs ``replicas`` replicas reserving ``replica_gpus`` each fit on: Ray places a fraction of a GPU on
+    one GPU, as many as fit, and a larger share on whole ones."""
+    if replica_gpus == 0:
+        return 0
+    if replica_gpus > 1:
+        return replicas * math.ceil(replica_gpus)
+    return math.ceil(replicas / math.floor(1 / replica_gpus + 1e-9))
+
+
+def check_gpus(replicas: int, replica_gpus: float) -> None:
+    """UsageError where this machine has fewer GPUs than ``replicas`` replicas reserving ``replica_gpus`` each need on
+    the Ray started here (Ray would wait for them without end)."""
+    needed = gpus_needed(replicas, replica_gpus)
+    if needed:
+        import torch
+
+        count = torch.cuda.device_count()
+        if count < needed:
+            raise UsageError(f"--replica-gpus {replica_gpus:g} for {replicas} replica(s) needs {needed} GPU(s), and "
+                             f"this machine, where the Ray of loraswap scale starts, has {count}")
+
+
+def check_room_for_prompts(settings: Settings) -> None:
+    """UsageError where serve's start would fail for the token budget (``runtime.check_room``: ``max_new_tokens``
+    leaving too few of the base model's positions for a prompt, an ``answer_stride`` too long) or a base model it
+    cannot read, found from the base model's config (``configured_positions``), not its weights."""
+    from service.model.base_model import configured_positions
+    from service.runtime import check_room
+
+    try:
+        check_room(settings, configured_positions(settings))
+    except (OSError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+
+
+def check_address(address: str | None) -> None:
+    """UsageError where ``address`` names a head (``HOST:PORT``, or with a scheme, ``ray://HOST:PORT``) that accepts
+    no connection within ``CONNECT_TIMEOUT_S`` (ray.init tried for over a minute, then raised a traceback); None,
+    ``auto`` and ``local`` pass (ray.init finds or starts the cluster)."""
+    if address in (None, "auto", "local"):
+        return
+    parts = urlsplit(address if "://" in address else f"//{address}")
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        host = port = None
+    if not host or port is None:
+        raise UsageError(f"--address {address}: must be HOST:PORT or auto")
+    try:
+        socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise UsageError(f"--address {address}: no Ray cluster answers there ({exc.strerror or exc}); `ray start "
+                         "--head` prints a head's address, and --address auto finds one started on this machine") \
+            from None
