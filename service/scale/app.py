@@ -11,6 +11,7 @@ import ray
 from ray import serve
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
+from ray.serve.context import _get_global_client
 
 from service.cli.command import UsageError
 from service.scale.options import ROUTINGS
@@ -111,32 +112,48 @@ def init_ray(address: str | None) -> None:
 def serve_scaled(settings: Settings, config: ScaleConfig) -> None:
     """Serve the HTTP API on ``settings.host``:``settings.port`` from ``config.replicas`` replicas until interrupted
     (Ctrl-C or SIGTERM at any point, even where the shell started it with SIGINT ignored), then take the application
-    down, and Ray too when it was started here (``take_down``). Ray Serve's HTTP options are the cluster's: on a
-    cluster whose Serve already runs, its host and port stay as they are. UsageError where ``config.address`` finds
-    no cluster (``init_ray``). SIGINT's and SIGTERM's handlers are the
+    down, and Ray too when it was started here (``take_down``). UsageError where ``config.address`` finds no cluster
+    (``init_ray``) or one whose Serve listens elsewhere (``start_serve``). SIGINT's and SIGTERM's handlers are the
     caller's again on return."""
     handlers = [signal.getsignal(number) for number in INTERRUPTS]
     on_signals(interrupt)
+    deploying = False
     try:
         init_ray(config.address)
-        serve.start(http_options={"host": settings.host, "port": settings.port})
+        start_serve(settings.host, settings.port)
         log.info("starting %d replicas (%s routing); the model loads on each", config.replicas, config.routing)
+        deploying = True
         serve.run(build_app(settings, config), name=APP_NAME, route_prefix="/", blocking=True)
     except KeyboardInterrupt:
         log.info("interrupted: taking the application down")
     finally:
         on_signals(signal.SIG_IGN)  # a second interrupt does not cut the take-down short (SIGKILL still ends it)
-        take_down(config)
+        take_down(config, deploying)
         for number, handler in zip(INTERRUPTS, handlers):
             signal.signal(number, handler)
 
 
-def take_down(config: ScaleConfig) -> None:
+def start_serve(host: str, port: int) -> None:
+    """Start Ray Serve with its HTTP proxies on ``host``:``port``, or join the Serve already running on the cluster
+    where they listen there. UsageError, before anything is deployed, where they listen elsewhere: a running Serve
+    keeps the HTTP options it started with (``serve.start`` only logs that it ignores others; a review found the
+    service on the earlier run's port), and only a restart of Serve, every application on the cluster with it,
+    changes them."""
+    running = _get_global_client(raise_if_no_controller_running=False)  # serve.start's own look-up
+    if running is not None and (running.http_config.host, running.http_config.port) != (host, port):
+        serving = f"{running.http_config.host}:{running.http_config.port}"
+        raise UsageError(f"Ray Serve already runs on this cluster, its HTTP proxies on {serving}, not {host}:{port}: "
+                         f"give --host and --port of {serving}, or end Serve there first (`serve shutdown`, which "
+                         "ends every Serve application of the cluster)")
+    serve.start(http_options={"host": host, "port": port})
+
+
+def take_down(config: ScaleConfig, deploying: bool) -> None:
     """Take the application down, with Serve and Ray when Ray was started here (waiting for Ray's processes to
-    end), else only the application."""
+    end); on a cluster joined, only the application, where ``deploying`` it began (not another run's of its name)."""
     if ray.is_initialized():
         if config.address is None:
             serve.shutdown()
-        else:
+        elif deploying:
             serve.delete(APP_NAME)
     ray.shutdown(wait_for_processes=config.address is None)

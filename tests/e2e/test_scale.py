@@ -262,3 +262,17 @@ def test_a_replica_that_starts_after_admin_changes_applies_them_first(scaled, si
     for round_ in range(2 * REPLICAS):
         assert scaled.post("/answer", json=answer_body("three", round_)).status_code == 404
         both(scaled, single, "/answer", answer_body("two", round_))
+
+
+def test_joining_a_serve_that_listens_on_another_port_is_refused_before_deploying(scaled):
+    """A review: on a cluster whose Serve already ran, `loraswap scale --address auto --port P` served on the earlier
+    run's port (Serve keeps the HTTP options it started with; serve.start only logs that it ignores new ones). Now a
+    usage error naming the port Serve listens on; the same host and port join it."""
+    from service.cli.command import UsageError
+    from service.scale.app import start_serve
+
+    port = scaled.base_url.port
+    with pytest.raises(UsageError, match=f"HTTP proxies on 127.0.0.1:{port}, not 127.0.0.1:{port + 1}: .*--port"):
+        start_serve("127.0.0.1", port + 1)
+    start_serve("127.0.0.1", port)
+    assert scaled.get("/ready").status_code == 200
