@@ -4,6 +4,7 @@ base model's room for a prompt, and that a cluster's address answers."""
 from __future__ import annotations
 
 import math
+import os
 import socket
 from urllib.parse import urlsplit
 
@@ -13,13 +14,15 @@ from service.settings import Settings
 CONNECT_TIMEOUT_S = 5.0  # for the head of the cluster --address names to accept a connection
 
 
-def check_scale(settings: Settings, replicas: int, replica_gpus: float, address: str | None) -> None:
+def check_scale(settings: Settings, replicas: int, replica_cpus: float, replica_gpus: float,
+                address: str | None) -> None:
     """UsageError where ``replicas`` replicas with ``settings`` could not start: on a Ray started here (``address``
-    None) the device (``check_device``, as serve) and the GPUs they reserve (``check_gpus``); anywhere the token
-    budget (``check_room_for_prompts``) and the address (``check_address``)."""
+    None) the device (``check_device``, as serve) and the GPUs and CPUs they reserve (``check_gpus``,
+    ``check_cpus``); anywhere the token budget (``check_room_for_prompts``) and the address (``check_address``)."""
     if address is None:
         check_device(settings.device)
         check_gpus(replicas, replica_gpus)
+        check_cpus(replicas, replica_cpus)
     check_room_for_prompts(settings)
     check_address(address)
 
@@ -32,6 +35,16 @@ def gpus_needed(replicas: int, replica_gpus: float) -> int:
     if replica_gpus > 1:
         return replicas * math.ceil(replica_gpus)
     return math.ceil(replicas / math.floor(1 / replica_gpus + 1e-9))
+
+
+def check_cpus(replicas: int, replica_cpus: float) -> None:
+    """UsageError where ``replicas`` replicas reserving ``replica_cpus`` CPUs each need more than this machine's CPUs
+    (``os.cpu_count``; Ray adds fractions up on one node) on the Ray started here: Ray would wait for them without
+    end (a review)."""
+    needed, count = replicas * replica_cpus, os.cpu_count() or 1
+    if needed > count:
+        raise UsageError(f"--replica-cpus {replica_cpus:g} for {replicas} replica(s) needs {needed:g} CPUs, and this "
+                         f"machine, where the Ray of loraswap scale starts, has {count}")
 
 
 def check_gpus(replicas: int, replica_gpus: float) -> None:

@@ -574,13 +574,15 @@ def test_a_report_that_is_a_symlink_loop_or_into_no_folder_is_refused_before_the
     (["--replicas", "4096", "--replica-gpus", "1"], "--replica-gpus 1 for 4096 replica(s) needs 4096 GPU(s), and this "
      "machine, where the Ray of loraswap scale starts, has"),
     (["--replicas", "4096", "--replica-gpus", "0.4"], "--replica-gpus 0.4 for 4096 replica(s) needs 2048 GPU(s)"),
+    (["--replicas", "4096", "--replica-cpus", "0.5"], "--replica-cpus 0.5 for 4096 replica(s) needs 2048 CPUs, and "
+     "this machine, where the Ray of loraswap scale starts, has"),
     (["--max-new-tokens", "500"], "max_new_tokens 500 leaves 12 of the base model's 512 positions for a prompt, fewer "
      "than 16: lower it"),
     (["--base-model", "/nonexistent"], "--base-model /nonexistent: no Hugging Face model directory there"),
     (["--address", "nonsense"], "--address nonsense: must be HOST:PORT or auto"),
     (["--address", "127.0.0.1:{closed}"], "--address 127.0.0.1:{closed}: no Ray cluster answers there (Connection "
      "refused)"),
-], ids=["device", "gpus", "gpu-shares", "max-new-tokens", "base-model", "address-form", "address-closed"])
+], ids=["device", "gpus", "gpu-shares", "cpus", "max-new-tokens", "base-model", "address-form", "address-closed"])
 def test_scale_refuses_what_no_replica_could_start_with_before_ray_starts(more, message, tiny_llama_dir, monkeypatch,
                                                                            capsys):
     """A review: where serve says one line, scale started Ray and its replicas failed (40 s of replica tracebacks for
