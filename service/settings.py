@@ -200,3 +200,13 @@ class Settings(BaseSettings):
         if self.api_key is not None and self.api_key == self.admin_key:
             raise ValueError("the API key must differ from the admin key: whoever runs the model could administer it")
         return self
+
+
+def setting(name: str) -> Any:
+    """The value of the one setting ``name``: its ``LORASWAP_`` variable, else its default. The other variables are
+    overridden by their defaults, so that one invalid variable fails only what reads it (a review: an invalid
+    LORASWAP_MAX_BATCH failed ``eval --max-batch 4``, ``loadtest`` and ``side-by-side``). Raises pydantic's
+    ValidationError where this one is invalid."""
+    others = {other: field.get_default(call_default_factory=True) for other, field in Settings.model_fields.items()
+              if other != name}
+    return getattr(Settings(**others), name)

@@ -35,10 +35,10 @@ def check_servable(model: nn.Module, adapter: Path, config: LoraConfig) -> Adapt
     the merged twin of what the server serves."""
     from service.lora.adapter_files import load_adapter
     from service.lora.layers import is_lora_target, module_shape
-    from service.settings import Settings
+    from service.settings import setting
 
     shapes = {name: module_shape(module) for name, module in model.named_modules() if is_lora_target(name, module)}
-    return load_adapter(adapter.name, adapter, shapes, Settings().max_rank, torch.float32,
+    return load_adapter(adapter.name, adapter, shapes, setting("max_rank"), torch.float32,
                         [name for name, _ in model.named_modules() if name], config)
 
 
@@ -50,11 +50,11 @@ def merge_adapter(args: argparse.Namespace) -> Path:
     (``check_servable``)."""
     from service.lora.adapter_files import read_config
     from service.model.base_model import resolve_base_dir
-    from service.settings import Settings
+    from service.settings import setting
 
     adapter = adapter_dir(args.adapter, args.adapters_dir)
-    config = read_config(adapter, Settings().max_rank)  # AdapterError: a config it refuses
-    base_dir = resolve_base_dir(args.base_model or config.base_model_name_or_path or "smollm2", Settings().cache_dir)
+    config = read_config(adapter, setting("max_rank"))  # AdapterError: a config it refuses
+    base_dir = resolve_base_dir(args.base_model or config.base_model_name_or_path or "smollm2", setting("cache_dir"))
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)  # merge in full precision
     template = check_servable(model, adapter, config).chat_template
     merged = PeftModel.from_pretrained(model, adapter, config=config).merge_and_unload()  # the config checked

@@ -253,10 +253,10 @@ def run_sweep(args: argparse.Namespace) -> list[dict]:
     FileNotFoundError when ``--base-model`` is no model directory; then as ``train.train_adapter`` does (absent or
     unusable data)."""
     from service.model.base_model import resolve_base_dir
-    from service.settings import Settings
+    from service.settings import setting
 
     check_options(args)
-    model = train.meta_model(AutoConfig.from_pretrained(resolve_base_dir(str(args.base_model), Settings().cache_dir)))
+    model = train.meta_model(AutoConfig.from_pretrained(resolve_base_dir(str(args.base_model), setting("cache_dir"))))
     specs = grid(args, model)
     runs = [run_options(args, spec) for spec in specs]
     cards = [finished_card(options, model) for options in runs]  # every folder checked before a run trains

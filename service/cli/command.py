@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from service.settings import ADAPTER_CONFIG_FILE, DEVICE_PATTERN, DEVICES, INT64, Settings
+from service.settings import ADAPTER_CONFIG_FILE, DEVICE_PATTERN, DEVICES, INT64, Settings, setting
 
 
 class UsageError(Exception):
@@ -51,12 +51,12 @@ class SettingDefault:
 
 
 def read_setting_defaults(args: argparse.Namespace) -> None:
-    """Replace each SettingDefault left in ``args`` (its option was not given) by its setting's value. Raises
-    pydantic's ValidationError, or pydantic-settings' SettingsError, where a ``LORASWAP_`` variable is invalid."""
-    unread = {name: value for name, value in vars(args).items() if isinstance(value, SettingDefault)}
-    settings = Settings() if unread else None
-    for name, value in unread.items():
-        setattr(args, name, getattr(settings, value.name))
+    """Replace each SettingDefault left in ``args`` (its option was not given) by its setting's value (``setting``:
+    its variable alone is read). Raises pydantic's ValidationError, or pydantic-settings' SettingsError, where such a
+    ``LORASWAP_`` variable is invalid."""
+    for name, value in list(vars(args).items()):
+        if isinstance(value, SettingDefault):
+            setattr(args, name, setting(value.name))
 
 
 def require_extra(extra: str, *modules: str) -> None:

@@ -19,6 +19,7 @@ from pydantic_settings import SettingsError
 
 from service.cli.command import (
     Command,
+    SettingDefault,
     UsageError,
     check_device,
     output_file,
@@ -148,13 +149,14 @@ def reason(exc: Exception, args: argparse.Namespace) -> str:
 
 
 def field_name(loc: tuple, model: str, args: argparse.Namespace) -> str:
-    """How an error's ``loc`` in ``model`` is named to the user: a Settings field read from the environment by its
-    variable, items of a list in brackets (``LORASWAP_ADAPTER_ROOTS[0]``); else pydantic's dotted path, ``settings``
-    for the model as a whole."""
+    """How an error's ``loc`` in ``model`` is named to the user: a Settings field read from the environment (no option
+    of ``args`` gave it, or a ``SettingDefault`` still stands for it) by its variable, items of a list in brackets
+    (``LORASWAP_ADAPTER_ROOTS[0]``); else pydantic's dotted path, ``settings`` for the model as a whole."""
     if not loc:
         return "settings"
     variable = f"{Settings.model_config['env_prefix']}{str(loc[0]).upper()}"
-    if model != Settings.__name__ or hasattr(args, str(loc[0])) or variable not in os.environ:
+    given = not isinstance(getattr(args, str(loc[0]), SettingDefault("")), SettingDefault)  # an option's value
+    if model != Settings.__name__ or given or variable not in os.environ:
         return ".".join(map(str, loc))
     return variable + "".join(f"[{part}]" for part in loc[1:])
 
@@ -185,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             serve(settings)
         else:
             check_report_files(args)
-            if getattr(args, "quantize", Settings().quantize) == "none":  # full precision: bitsandbytes never runs
+            if getattr(args, "quantize", "none") == "none":  # full precision (no --quantize: none): no bitsandbytes
                 server_process.without_bitsandbytes()
             args.run(args)
     except (UsageError, AdapterError, OSError, ValidationError, SettingsError, UnsafeEnvironment,
