@@ -9,6 +9,10 @@ import json
 import os
 import shlex
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -256,6 +260,29 @@ def test_a_run_whose_loss_or_weights_are_not_finite_stops_and_writes_nothing(opt
     assert exit_.value.code == 2, err
     assert err.endswith(f"loraswap train: error: training diverged: {message}; no adapter is written (a smaller --lr "
                         "or --alpha may keep it finite)\n")  # one line, after the progress bars
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["data"]  # no adapter, no .partial folder
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does_leaving_no_partial_folder(tiny_gpt2_dir, nli_data, tmp_path):
+    """A review: ``timeout 60 loraswap train`` (SIGTERM) left ``.NAME.partial-PID-*``; Ctrl-C cleaned up."""
+    out = tmp_path / "adapter"
+    command = [sys.executable, "-m", "service.cli.main", "train", *TINY_RUN, "--max-steps", "100000", "--base-model",
+               str(tiny_gpt2_dir), "--data-dir", str(nli_data), "--out", str(out)]
+    log = tmp_path.parent / f"{tmp_path.name}.log"  # a file: a pipe left unread would fill with progress bars
+    with log.open("w") as stderr:
+        process = subprocess.Popen(command, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+                                   stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob(".adapter.partial-*")) and process.poll() is None:  # training has begun
+            assert time.monotonic() < deadline, "no partial folder within 120 s"
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+    finally:
+        process.kill()
+    err = log.read_text()
+    assert process.returncode == 130 and "loraswap train: interrupted\n" in err, err[-2000:]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["data"]  # no adapter, no .partial folder
 
 
