@@ -49,9 +49,11 @@ class UniqueKeysRoute(APIRoute):
 
         async def unique_keys_handler(request: Request) -> Response:
             request = UniqueKeysRequest(request.scope, request.receive)
-            coding = request.headers.get("content-encoding", "identity").strip().lower()
-            if self.body_field is not None and coding != "identity":
-                raise HTTPException(415, f"the body must be sent as it is: Content-Encoding {coding} is not taken")
+            codings = [coding.strip().lower() for header in request.headers.getlist("content-encoding")
+                       for coding in header.split(",") if coding.strip()]  # every header, each a list (RFC 9110 5.3)
+            coded = [coding for coding in codings if coding != "identity"]
+            if self.body_field is not None and coded:
+                raise HTTPException(415, f"the body must be sent as it is: Content-Encoding {coded[0]} is not taken")
             if required and not await request.body():
                 raise HTTPException(400, "empty body") from ValueError("the body is empty")
             return await handler(request)

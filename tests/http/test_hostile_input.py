@@ -246,6 +246,19 @@ def test_a_body_sent_compressed_is_415(client, route, compressed):
     assert listed(client) == before
 
 
+@pytest.mark.parametrize("headers,status", [
+    ([("content-encoding", "identity"), ("content-encoding", "gzip")], 415),  # a review: the first header decided
+    ([("content-encoding", "identity, gzip")], 415),
+    ([("content-encoding", "identity"), ("content-encoding", "identity")], 200),
+    ([("content-encoding", "identity,identity")], 200),
+    ([("content-encoding", "")], 200),  # an empty list of codings: none
+])
+def test_every_content_encoding_header_is_read(client, headers, status):
+    reply = client.post("/v1/completions", content=json.dumps(COMPLETION).encode(),
+                        headers=[("content-type", "application/json"), *headers])
+    assert reply.status_code == status, reply.text
+
+
 @pytest.mark.parametrize("route", POST_ROUTES)
 @pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", ""])
 def test_a_json_body_sent_as_another_media_type_is_415(client, route, content_type):
