@@ -190,7 +190,7 @@ def add_side_by_side_options(parser: argparse.ArgumentParser) -> None:
                              "warm-up included; without it every round and load asks the first --questions, which "
                              "flatters a prompt cache from the second time on")
     parser.add_argument("--cache-prompt", action="store_true",
-                        help="let llama.cpp reuse a slot's cached prompt (default: off, cache_prompt false)")
+                        help="let llama.cpp reuse a slot's cached prompt (each request's cache_prompt)")
     parser.add_argument("--data", type=Path, default=data_dir(), help="the data folder (SQuAD dev, MNLI)")
     parser.add_argument("--json", type=output_file,
                         help="write the whole report here (default: only its tables, printed)")
