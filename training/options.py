@@ -38,7 +38,8 @@ EVAL_EVERY = bounded(float, lambda value: 0 < value < 1 or (value >= 1 and value
 # the Trainer's warmup_steps: the same, 0 too (no warmup); a fraction above 1 was cut to whole steps (1.5 to 1)
 WARMUP = bounded(float, lambda value: value >= 0 and (value < 1 or value.is_integer()),
                  "in [0, 1) (a share of all steps) or a whole number of steps (1, 2, ...)", "steps")
-BASE_HELP = "'smollm2' (the embedded SmolLM2-135M-Instruct) or a Hugging Face model directory"
+BASE_HELP = ("'smollm2' (the embedded SmolLM2-135M-Instruct, converted once into $LORASWAP_CACHE_DIR, else "
+             "~/.cache/loraswap) or a Hugging Face model directory")
 
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:
