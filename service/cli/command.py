@@ -6,8 +6,11 @@ import argparse
 import functools
 import importlib.util
 import math
+import os
 import re
+import signal
 import stat
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,8 +42,8 @@ class Command:
 class SettingDefault:
     """The default of an option that a setting gives (``--adapters-dir``: ``adapters_dir``, its ``LORASWAP_`` variable,
     else its default), read when the command runs (``read_setting_defaults``), not when the parser is built: ``--help``
-    reads no environment variable, and an invalid one fails only a command that reads the settings. ``str``: what
-    ``--help`` shows."""
+    reads no environment variable, and an invalid one fails only a command that reads it. ``str``: what ``--help``
+    shows."""
 
     name: str
 
@@ -57,6 +60,17 @@ def read_setting_defaults(args: argparse.Namespace) -> None:
     for name, value in list(vars(args).items()):
         if isinstance(value, SettingDefault):
             setattr(args, name, setting(value.name))
+
+
+def interrupt(signum: int, frame) -> None:
+    """A handler of SIGINT and SIGTERM: the KeyboardInterrupt Ctrl-C raises, so that a command stopped by ``timeout``,
+    a container runtime or a CI job cleans up as one stopped by Ctrl-C (a review: ``train`` and ``sweep`` left their
+    ``.NAME.partial-PID-*`` folders). A signal that lands in a finalizer (``__del__``, where Python only prints an
+    exception: seen in regex's, during training) is sent again 0.1 s later."""
+    if frame is not None and frame.f_code.co_name == "__del__":
+        threading.Timer(0.1, os.kill, (os.getpid(), signum)).start()
+        return
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def require_extra(extra: str, *modules: str) -> None:

@@ -12,7 +12,6 @@ import logging
 import os
 import re
 import signal
-import threading
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from service.cli.command import (
     SettingDefault,
     UsageError,
     check_device,
+    interrupt,
     output_file,
     read_setting_defaults,
     regular_file,
@@ -172,18 +172,6 @@ def check_onednn(settings: Settings) -> None:
         bound_kernel_caches()
 
 
-def terminate(signum: int, frame) -> None:
-    """SIGTERM's handler for the commands but serve: the KeyboardInterrupt Ctrl-C raises, so that a command stopped by
-    ``timeout``, a container runtime or a CI job cleans up as one stopped by Ctrl-C (a review: ``train`` and ``sweep``
-    left their ``.NAME.partial-PID-*`` folders; loadtest and scale set their own handlers). A signal that lands in a
-    finalizer (``__del__``, where Python only prints an exception: seen in regex's, during training) is sent again
-    0.1 s later."""
-    if frame is not None and frame.f_code.co_name == "__del__":
-        threading.Timer(0.1, os.kill, (os.getpid(), signum)).start()
-        return
-    raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request of a load test's clients
@@ -201,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             serve(settings)
         else:
             if argv is None:  # this process is the command from its start (not a caller's, as in tests)
-                signal.signal(signal.SIGTERM, terminate)
+                signal.signal(signal.SIGTERM, interrupt)  # as Ctrl-C (loadtest and scale set their own)
             check_report_files(args)
             if getattr(args, "quantize", "none") == "none":  # full precision (no --quantize: none): no bitsandbytes
                 server_process.without_bitsandbytes()

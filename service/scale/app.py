@@ -13,7 +13,7 @@ from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 from ray.serve.context import _get_global_client
 
-from service.cli.command import UsageError
+from service.cli.command import UsageError, interrupt
 from service.scale.options import ROUTINGS
 from service.scale.replica import ROUTER_NAME, LoraswapReplica
 from service.scale.round_robin import RoundRobinRouter
@@ -59,10 +59,6 @@ def build_app(settings: Settings, config: ScaleConfig) -> Application:
 INTERRUPTS = (signal.SIGINT, signal.SIGTERM)
 
 
-def interrupt(signum: int, frame) -> None:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
 def on_signals(handler) -> None:
     """``handler`` for SIGINT and SIGTERM."""
     for number in INTERRUPTS:
@@ -97,7 +93,7 @@ def init_ray(address: str | None) -> None:
 
     def hold(signum: int, frame) -> None:
         if address is not None:
-            interrupt(signum, frame)
+            return interrupt(signum, frame)
         held.append(signum)
 
     with own_signals(hold):

@@ -244,8 +244,10 @@ class Renderer:
         when it is queued."""
         if self.closed:
             return EngineStopped(SHUTTING_DOWN)
+        if template not in self.slow:  # the count below walks the template's queue: only for the slow ones
+            return None
         waiting = sum(not future.cancelled() for _, future in self.waiting.get(template, ()))
-        if template in self.slow and waiting >= MAX_SLOW_WAITING:
+        if waiting >= MAX_SLOW_WAITING:
             return TemplateBacklog(f"this chat template is slow (a render of it ran to the bounds of a render), and "
                                    f"{waiting} renders of it wait already, the most this server queues for such a "
                                    "template; retry later")
