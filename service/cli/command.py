@@ -167,6 +167,23 @@ def check_device(name: str) -> None:
         raise UsageError(f"device: {exc}") from None
 
 
+def check_onednn(settings: Settings) -> None:
+    """UnsafeEnvironment where the environment would crash oneDNN's linear layers
+    (``onednn_linear.bound_kernel_caches``)."""
+    if settings.onednn:
+        from service.model.onednn_linear import bound_kernel_caches
+
+        bound_kernel_caches()
+
+
+def check_server_start(settings: Settings) -> None:
+    """The checks of this machine ``serve`` makes before its server starts, and ``scale`` before it starts a Ray here,
+    where its replicas run: UsageError where the server cannot run on ``settings.device`` here (``check_device``),
+    UnsafeEnvironment where the environment would crash oneDNN (``check_onednn``)."""
+    check_device(settings.device)
+    check_onednn(settings)
+
+
 def refusing_os_errors(check: Callable[[str], Path]) -> Callable[[str], Path]:
     """An argparse type that looks at the file system, whose OSError (a name too long, a folder it may not enter) is a
     usage error naming the option: argparse reports only a type's ArgumentTypeError, TypeError and ValueError (a

@@ -22,7 +22,7 @@ from service.cli.command import (
     Command,
     SettingDefault,
     UsageError,
-    check_device,
+    check_server_start,
     interrupt,
     output_file,
     read_setting_defaults,
@@ -163,15 +163,6 @@ def field_name(loc: tuple, model: str, args: argparse.Namespace) -> str:
     return variable + "".join(f"[{part}]" for part in loc[1:])
 
 
-def check_onednn(settings: Settings) -> None:
-    """UnsafeEnvironment where the environment would crash oneDNN's linear layers
-    (``onednn_linear.bound_kernel_caches``)."""
-    if settings.onednn:
-        from service.model.onednn_linear import bound_kernel_caches
-
-        bound_kernel_caches()
-
-
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request of a load test's clients
@@ -180,8 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             settings = settings_from(args)
-            check_device(settings.device)
-            check_onednn(settings)
+            check_server_start(settings)
             if argv is None:  # this process is the server from its start (not a caller's, as in tests)
                 server_process.prepare(settings.quantize)
             from service.http.server import serve

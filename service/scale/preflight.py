@@ -8,7 +8,7 @@ import os
 import socket
 from urllib.parse import urlsplit
 
-from service.cli.command import UsageError, check_device
+from service.cli.command import UsageError, check_server_start
 from service.settings import Settings
 
 CONNECT_TIMEOUT_S = 5.0  # for the head of the cluster --address names to accept a connection
@@ -16,11 +16,12 @@ CONNECT_TIMEOUT_S = 5.0  # for the head of the cluster --address names to accept
 
 def check_scale(settings: Settings, replicas: int, replica_cpus: float, replica_gpus: float,
                 address: str | None) -> None:
-    """UsageError where ``replicas`` replicas with ``settings`` could not start: on a Ray started here (``address``
-    None) the device (``check_device``, as serve) and the GPUs and CPUs they reserve (``check_gpus``,
+    """UsageError (or UnsafeEnvironment) where ``replicas`` replicas with ``settings`` could not start: on a Ray
+    started here (``address`` None), whose replicas run on this machine in its environment, serve's checks of it
+    (``check_server_start``: the device, oneDNN's environment) and the GPUs and CPUs they reserve (``check_gpus``,
     ``check_cpus``); anywhere the token budget (``check_room_for_prompts``) and the address (``check_address``)."""
     if address is None:
-        check_device(settings.device)
+        check_server_start(settings)
         check_gpus(replicas, replica_gpus)
         check_cpus(replicas, replica_cpus)
     check_room_for_prompts(settings)
