@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 from service.cli.command import UsageError, check_server_start
 from service.settings import Settings
 
-CONNECT_TIMEOUT_S = 5.0  # for the head of the cluster --address names to accept a connection
+CONNECT_TIMEOUT_S = 5.0  # for the head of the cluster --address names to accept a connection, and then gRPC's
 
 
 def check_scale(settings: Settings, replicas: int, replica_cpus: float, replica_gpus: float,
@@ -76,8 +76,9 @@ def check_room_for_prompts(settings: Settings) -> None:
 
 def check_address(address: str | None) -> None:
     """UsageError where ``address`` names a head (``HOST:PORT``, or with a scheme, ``ray://HOST:PORT``) that accepts
-    no connection within ``CONNECT_TIMEOUT_S`` (ray.init tried for over a minute, then raised a traceback); None,
-    ``auto`` and ``local`` pass (ray.init finds or starts the cluster)."""
+    no connection within ``CONNECT_TIMEOUT_S`` (ray.init tried for over a minute, then raised a traceback), or one
+    that does not speak gRPC (``speaks_grpc``: ray.init waited for minutes); None, ``auto`` and ``local`` pass
+    (ray.init finds or starts the cluster)."""
     if address in (None, "auto", "local"):
         return
     parts = urlsplit(address if "://" in address else f"//{address}")
@@ -90,6 +91,31 @@ def check_address(address: str | None) -> None:
     try:
         socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
     except OSError as exc:
-        raise UsageError(f"--address {address}: no Ray cluster answers there ({exc.strerror or exc}); `ray start "
-                         "--head` prints a head's address, and --address auto finds one started on this machine") \
-            from None
+        raise no_cluster(address, exc.strerror or str(exc)) from None
+    if not speaks_grpc(host, port):
+        raise no_cluster(address, f"it accepts a connection, but no gRPC one within {CONNECT_TIMEOUT_S:g} s, as a "
+                         "Ray head does")
+
+
+def no_cluster(address: str, why: str) -> UsageError:
+    """The usage error of an ``address`` where no Ray cluster answers, for the reason ``why``."""
+    return UsageError(f"--address {address}: no Ray cluster answers there ({why}); `ray start --head` prints a head's "
+                      "address, and --address auto finds one started on this machine")
+
+
+def speaks_grpc(host: str, port: int) -> bool:
+    """Whether ``host``:``port`` opens a gRPC channel (HTTP/2's handshake) within ``CONNECT_TIMEOUT_S``, as a Ray head
+    does (its GCS, and its Ray Client server, are gRPC servers), with grpcio's public ``channel_ready_future``: no
+    call, so no check of Ray's health or its token. True without asking where Ray's gRPC runs over TLS
+    (``RAY_USE_TLS``: this insecure channel could not open). Ray itself offers no public call that tells its head
+    from another server quickly (ray.init retries for minutes; ``ray health-check`` is not public)."""
+    if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+        return True
+    import grpc  # Ray Serve's dependency
+
+    with grpc.insecure_channel(f"{host}:{port}", options=[("grpc.enable_http_proxy", 0)]) as channel:  # as Ray's
+        try:
+            grpc.channel_ready_future(channel).result(timeout=CONNECT_TIMEOUT_S)
+        except grpc.FutureTimeoutError:
+            return False
+    return True

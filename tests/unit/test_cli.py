@@ -611,13 +611,17 @@ def test_a_report_that_is_a_symlink_loop_or_into_no_folder_is_refused_before_the
     (["--address", "nonsense"], "--address nonsense: must be HOST:PORT or auto"),
     (["--address", "127.0.0.1:{closed}"], "--address 127.0.0.1:{closed}: no Ray cluster answers there (Connection "
      "refused)"),
-], ids=["device", "gpus", "gpu-shares", "cpus", "max-new-tokens", "base-model", "address-form", "address-closed"])
+    (["--address", "127.0.0.1:{listening}"], "--address 127.0.0.1:{listening}: no Ray cluster answers there (it "
+     "accepts a connection, but no gRPC one within 5 s, as a Ray head does)"),
+], ids=["device", "gpus", "gpu-shares", "cpus", "max-new-tokens", "base-model", "address-form", "address-closed",
+        "address-not-ray"])
 def test_scale_refuses_what_no_replica_could_start_with_before_ray_starts(more, message, tiny_llama_dir, monkeypatch,
                                                                            capsys):
     """A review: where serve says one line, scale started Ray and its replicas failed (40 s of replica tracebacks for
     --device cuda on no GPU, 411 log lines for --max-new-tokens too large), or Ray waited without end (--replica-gpus
-    on no GPU) or over a minute (an address where no cluster answers). Now serve's checks (and a GPU count, and a
-    connection to the address) before Ray starts."""
+    on no GPU) or over a minute (an address where no cluster answers), or for minutes (an address that accepts TCP
+    connections and is no Ray head). Now serve's checks (and a GPU count, a connection to the address and a gRPC
+    channel) before Ray starts."""
     pytest.importorskip("ray.serve", reason='needs Ray Serve: pip install -e ".[scale]"')
     from service.scale import app
 
@@ -625,12 +629,14 @@ def test_scale_refuses_what_no_replica_could_start_with_before_ray_starts(more, 
     with socket.socket() as sock:  # a port nothing listens on once it is closed
         sock.bind(("127.0.0.1", 0))
         closed = str(sock.getsockname()[1])
-    argv = ["scale", "--replicas", "1", "--base-model", str(tiny_llama_dir), "--device", "cpu"]
-    with pytest.raises(SystemExit) as exit_:
-        main([*argv, *(option.format(closed=closed) for option in more)])
+    with socket.create_server(("127.0.0.1", 0)) as server:  # accepts connections (the kernel's backlog), says nothing
+        ports = {"closed": closed, "listening": str(server.getsockname()[1])}
+        argv = ["scale", "--replicas", "1", "--base-model", str(tiny_llama_dir), "--device", "cpu"]
+        with pytest.raises(SystemExit) as exit_:
+            main([*argv, *(option.format(**ports) for option in more)])
     err = capsys.readouterr().err
     assert exit_.value.code == 2, err
-    assert err.startswith(f"loraswap scale: error: {message.format(closed=closed)}") and err.count("\n") == 1, err
+    assert err.startswith(f"loraswap scale: error: {message.format(**ports)}") and err.count("\n") == 1, err
 
 
 def test_scale_with_no_cluster_at_the_address_is_a_usage_error(tiny_llama_dir, monkeypatch, capsys):
