@@ -23,6 +23,9 @@ def add_scale_arguments(parser: argparse.ArgumentParser) -> None:
                         "this machine, or its head's HOST:PORT (with Ray's token authentication, its default, only "
                         "where RAY_AUTH_MODE=token is set) (default: a Ray cluster of this machine alone, started and "
                         "ended with the command)")
+    parser.add_argument("--replace", action="store_true",
+                        help="deploy where the cluster's Ray Serve runs the application loraswap already (another "
+                        "loraswap scale's), in its place (default: refuse to, naming it)")
     parser.add_argument("--routing", choices=ROUTINGS, default="multiplexed",
                         help="multiplexed: each request to a replica that holds its adapter (Ray Serve's model "
                         "multiplexing, at most --max-resident adapters a replica); round-robin: to each replica in "
@@ -44,7 +47,8 @@ def run_scale(args: argparse.Namespace) -> None:
     check_scale(settings, args.replicas, args.replica_cpus, args.replica_gpus, args.address)
     from service.scale.app import ScaleConfig, serve_scaled
 
-    serve_scaled(settings, ScaleConfig(args.replicas, args.routing, args.replica_cpus, args.replica_gpus, args.address))
+    serve_scaled(settings, ScaleConfig(args.replicas, args.routing, args.replica_cpus, args.replica_gpus, args.address,
+                                       args.replace))
 
 
 SCALE = Command("serve the HTTP API from several replicas on Ray Serve, each request routed to a replica that holds "
