@@ -72,8 +72,10 @@ def on_signals(handler) -> None:
 @contextlib.contextmanager
 def own_signals(handler):
     """SIGINT and SIGTERM go to ``handler`` in the block, which cannot set another handler for either (ray.init sets
-    SIGTERM's to its own, ``sys.exit(15)``: a review found exit status 134 and Ray's agents left running); to
-    ``interrupt`` after it."""
+    SIGTERM's to its own, ``sys.exit(15)``, as it begins: a review found exit status 134 and Ray's agents left
+    running); to ``interrupt`` after it. Not ``signal.pthread_sigmask`` over ray.init, handlers set again after it:
+    every process Ray starts in it inherits the mask and ignores SIGTERM (measured), and the mask holds only this
+    thread's signals."""
     set_handler = signal.signal
 
     def keep(signum, new):
