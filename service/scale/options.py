@@ -24,8 +24,8 @@ def add_scale_arguments(parser: argparse.ArgumentParser) -> None:
                         "where RAY_AUTH_MODE=token is set) (default: a Ray cluster of this machine alone, started and "
                         "ended with the command)")
     parser.add_argument("--replace", action="store_true",
-                        help="deploy where the cluster's Ray Serve runs the application loraswap already (another "
-                        "loraswap scale's), in its place (default: refuse to, naming it)")
+                        help="where the cluster's Ray Serve runs the application loraswap already (another "
+                        "loraswap scale's), deploy in its place, not refuse to")
     parser.add_argument("--routing", choices=ROUTINGS, default="multiplexed",
                         help="multiplexed: each request to a replica that holds its adapter (Ray Serve's model "
                         "multiplexing, at most --max-resident adapters a replica); round-robin: to each replica in "
