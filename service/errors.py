@@ -23,6 +23,10 @@ class UnknownAdapter(AdapterError):
     """No adapter of that name is registered."""
 
 
+class AdapterNameRefused(AdapterError):
+    """The adapter name is one no adapter can have: not a plain identifier, or a name of the bare base model."""
+
+
 class AdapterPathMissing(AdapterError):
     """The adapter path is not a folder."""
 

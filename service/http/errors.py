@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 from fastapi import HTTPException
 
@@ -78,6 +80,24 @@ HTTP_REPLIES = {
 def status_of(kind: type[Exception]) -> int:
     """The HTTP status of a kind of domain error (StopIteration for one that is none)."""
     return next(STATUS[base] for base in kind.__mro__ if base in STATUS)
+
+
+def param_of(exc: Exception, fields: Mapping[type[Exception], str]) -> str | None:
+    """The request field ``fields`` traces ``exc`` to: that of the first of its classes (itself, then its bases)
+    found there, as ``status_of`` finds a status; None when none is."""
+    return next((fields[base] for base in type(exc).__mro__ if base in fields), None)
+
+
+@contextmanager
+def blaming(fields: Mapping[type[Exception], str]) -> Iterator[None]:
+    """Within: a domain error of a kind ``fields`` traces to one request field (``param_of``) is raised as a
+    FieldRefused naming that field (OpenAI's ``param``), with the status and code it has; others pass as they are.
+    ``fields`` maps kinds that are the request's fault (4xx), such as UnknownAdapter to ``model``."""
+    try:
+        yield
+    except tuple(fields) as exc:
+        kind = type(exc)
+        raise FieldRefused(status_of(kind), str(exc), param_of(exc, fields), error_code(kind)) from None
 
 
 def openai_type(status: int) -> str:

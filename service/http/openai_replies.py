@@ -8,10 +8,12 @@ import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
+from typing import ClassVar
 
 from fastapi.sse import format_sse_event
 
-from service.http.errors import STATUS, error_code, openai_error, status_of
+from service.errors import InputTooLong, NonFiniteLogits, UnknownAdapter
+from service.http.errors import STATUS, error_code, openai_error, param_of, status_of
 from service.tasks.streaming import ChoiceDelta, Completion, CompletionStream, TokenLogprob, TopLogprob, Usage
 
 LOGPROB_FLOOR = -9999.0  # what OpenAI writes for a log-probability of minus infinity (JSON has no infinity)
@@ -72,9 +74,12 @@ def chat_logprobs(entries: Sequence[TokenLogprob]) -> dict:
 
 class Replies(ABC):
     """The replies to one request: its id, creation time (Unix seconds) and model, whole or as stream chunks. Each
-    kind of request (``CompletionReplies``, ``ChatReplies``) says how a choice is written."""
+    kind of request (``CompletionReplies``, ``ChatReplies``) says how a choice is written, and which request field
+    each domain error it may fail with is the fault of (``fields``: OpenAI's ``param``, see ``errors.blaming``)."""
 
     prefix, whole_object, chunk_object = "", "", ""
+    # the model named is unknown (or was unregistered while the request waited), or its weights overflow on it
+    fields: ClassVar[dict[type[Exception], str]] = {UnknownAdapter: "model", NonFiniteLogits: "model"}
 
     def __init__(self, model: str):
         self.id, self.created, self.model = f"{self.prefix}-{uuid.uuid4().hex}", int(time.time()), model
@@ -109,6 +114,7 @@ class CompletionReplies(Replies):
     """/v1/completions: a choice is its text; ``echo`` (the prompt, when echoed) comes before it."""
 
     prefix, whole_object, chunk_object = "cmpl", "text_completion", "text_completion"
+    fields: ClassVar[dict[type[Exception], str]] = {**Replies.fields, InputTooLong: "prompt"}
 
     def __init__(self, model: str, echo: str = ""):
         super().__init__(model)
@@ -131,6 +137,7 @@ class ChatReplies(Replies):
     """/v1/chat/completions: a choice is the assistant's message; a stream opens each choice with its role."""
 
     prefix, whole_object, chunk_object = "chatcmpl", "chat.completion", "chat.completion.chunk"
+    fields: ClassVar[dict[type[Exception], str]] = {**Replies.fields, InputTooLong: "messages"}
 
     def choice(self, index: int, text: str, logprobs: Sequence[TokenLogprob] | None, finish_reason: str) -> dict:
         return {"index": index, "message": {"role": "assistant", "content": text},
@@ -145,13 +152,14 @@ class ChatReplies(Replies):
                 "finish_reason": delta.finish_reason}
 
 
-def stream_error(exc: Exception) -> dict:
-    """The error event of a streamed reply that failed with ``exc``: a domain error's status, message and code, as a
-    reply before the stream began would have had; anything else a server error, logged with its traceback."""
+def stream_error(exc: Exception, fields: dict[type[Exception], str]) -> dict:
+    """The error event of a streamed reply that failed with ``exc``: a domain error's status, message, code and the
+    request field ``fields`` traces it to (``param_of``), as a reply before the stream began would have had; anything
+    else a server error, logged with its traceback."""
     if not isinstance(exc, tuple(STATUS)):
         logger.error("a streamed reply failed after it began", exc_info=exc)
         return openai_error(500, "internal server error: the request's batch failed", code="internal_error")
-    return openai_error(status_of(type(exc)), str(exc), code=error_code(type(exc)))
+    return openai_error(status_of(type(exc)), str(exc), param_of(exc, fields), error_code(type(exc)))
 
 
 def event(body: dict) -> bytes:
@@ -173,7 +181,7 @@ async def events(replies: Replies, stream: CompletionStream, include_usage: bool
             async for delta in stream:
                 yield replies.chunk([replies.delta(delta)], include_usage)
         except Exception as exc:  # the reply has begun (200): the error is its last event
-            yield event(stream_error(exc))
+            yield event(stream_error(exc, replies.fields))
             yield DONE
             return
     if include_usage:

@@ -9,9 +9,16 @@ from fastapi.responses import PlainTextResponse
 from fastapi.sse import EventSourceResponse
 from starlette.background import BackgroundTask
 
-from service.errors import AdapterError, EngineStopped, RenderUnavailable, UnknownAdapter
+from service.errors import (
+    AdapterConflict,
+    AdapterError,
+    AdapterNameRefused,
+    EngineStopped,
+    RenderUnavailable,
+    UnknownAdapter,
+)
 from service.http.chat import chat_prompt
-from service.http.errors import error_replies
+from service.http.errors import blaming, error_replies
 from service.http.json_body import UniqueKeysRoute
 from service.http.openai_replies import ChatReplies, CompletionReplies, Replies, events
 from service.http.routes import (
@@ -42,6 +49,10 @@ STREAMED = {200: {"description": "The reply (JSON); with stream true, server-sen
 OPENAI_SERVING = {**STREAMED, **serving_replies(shape=OpenAIErrorOut)}
 OPENAI_CHAT = {**STREAMED, **serving_replies(RenderUnavailable, shape=OpenAIErrorOut)}  # it renders a chat template
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy holds the events back
+# the request field each refusal of vLLM's adapter routes is the fault of (``blaming``): the name (one no adapter can
+# have, taken, unknown) or the path (everything else about the folder it names)
+LOAD_FIELDS = {AdapterNameRefused: "lora_name", AdapterConflict: "lora_name", AdapterError: "lora_path"}
+UNLOAD_FIELDS = {AdapterError: "lora_name"}
 # vLLM's adapter routes answer a line of text, their errors JSON (documented as such: the routes' class, Response,
 # names no media type of its own)
 VLLMS_REPLY = {200: {"description": "Success: LoRA adapter '<name>' added (or removed) successfully.",
@@ -116,35 +127,39 @@ async def model(model: str, rt: Runtime = Depends(serving)) -> dict:
     """One model of ``GET /v1/models``: an adapter, or ``base`` (also asked for as ``none``); 404 for an unknown
     adapter."""
     adapter = adapter_or_base(model)
-    rt.registry.require(adapter)
+    with blaming({UnknownAdapter: "model"}):
+        rt.registry.require(adapter)
     return model_card(model_id(adapter))
 
 
 @openai_router.post("/completions", responses=OPENAI_SERVING)
 async def completions(body: CompletionIn, request: Request, rt: Runtime = Depends(inference)) -> dict:
     """OpenAI's completions: the prompt is raw text (special tokens spelled in it are parsed)."""
-    adapter = served_model(rt, body, request)
-    replies = CompletionReplies(model_id(name_of(adapter)), echo=body.prompt if body.echo else "")
-    return await reply(rt, request, body, body.prompt, adapter, replies, body.logprobs)
+    with blaming(CompletionReplies.fields):
+        adapter = served_model(rt, body, request)
+        replies = CompletionReplies(model_id(name_of(adapter)), echo=body.prompt if body.echo else "")
+        return await reply(rt, request, body, body.prompt, adapter, replies, body.logprobs)
 
 
 @openai_router.post("/chat/completions", responses=OPENAI_CHAT)
 async def chat_completions(body: ChatCompletionIn, request: Request, rt: Runtime = Depends(inference)) -> dict:
     """OpenAI's chat completions: the messages rendered with the chat template of the adapter's folder, else the base
     tokenizer's (see ``chat_prompt``); each choice is the assistant's next message."""
-    adapter = served_model(rt, body, request)
-    messages = [message.model_dump() for message in body.messages]
-    prompt_ids = await unless_disconnected(request, chat_prompt(rt.tasks.tokenizer, messages, chat_template(adapter),
-                                                                rt.tasks.max_prompt))  # gone: its render withdrawn
-    logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    return await reply(rt, request, body, prompt_ids, adapter, ChatReplies(model_id(name_of(adapter))), logprobs)
+    with blaming(ChatReplies.fields):
+        adapter = served_model(rt, body, request)
+        messages = [message.model_dump() for message in body.messages]
+        prompt_ids = await unless_disconnected(request, chat_prompt(
+            rt.tasks.tokenizer, messages, chat_template(adapter), rt.tasks.max_prompt))  # gone: its render withdrawn
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        return await reply(rt, request, body, prompt_ids, adapter, ChatReplies(model_id(name_of(adapter))), logprobs)
 
 
 @openai_router.post("/load_lora_adapter", response_class=Response,
                     responses={**VLLMS_REPLY, **admin_replies(*LOAD_ERRORS, shape=OpenAIErrorOut)})
 async def load_lora_adapter(body: LoraAdapterIn, rt: Runtime = Depends(admin)) -> PlainTextResponse:
     """vLLM's route: what POST /adapters does (same checks, same errors), answered as vLLM answers (200, text)."""
-    await run_in_threadpool(rt.load_adapter, body.lora_name, body.lora_path, body.load_inplace)
+    with blaming(LOAD_FIELDS):
+        await run_in_threadpool(rt.load_adapter, body.lora_name, body.lora_path, body.load_inplace)
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
 
@@ -153,5 +168,6 @@ async def load_lora_adapter(body: LoraAdapterIn, rt: Runtime = Depends(admin)) -
                                                              shape=OpenAIErrorOut)})
 def unload_lora_adapter(body: LoraNameIn, rt: Runtime = Depends(admin)) -> PlainTextResponse:
     """vLLM's route: what DELETE /adapters/{name} does (same checks, same errors), answered as vLLM answers."""
-    rt.unload_adapter(body.lora_name)
+    with blaming(UNLOAD_FIELDS):
+        rt.unload_adapter(body.lora_name)
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")

@@ -22,7 +22,7 @@ from peft.utils import INCLUDE_LINEAR_LAYERS_SHORTHAND
 from safetensors import SafetensorError, safe_open
 
 from service import strict_json
-from service.errors import AdapterError, AdapterPathMissing, AdapterPathRefused
+from service.errors import AdapterError, AdapterNameRefused, AdapterPathMissing, AdapterPathRefused
 from service.lora.bounded_read import MAX_ADAPTER_JSON_BYTES, adapter_file, read_bounded
 from service.lora.card import CARD_FILE, Calibration, read_calibration
 from service.lora.chat_template import read_chat_template
@@ -176,12 +176,13 @@ def adapter_or_base(name: str | None) -> str | None:
 
 
 def check_name(name: str) -> str:
-    """Adapter names are plain identifiers (they become metric labels and URL parts), and not a reserved one."""
+    """``name``, an adapter's name: a plain identifier (it becomes a metric label and a URL part), and not a reserved
+    one; AdapterNameRefused (an AdapterError) otherwise."""
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
-        raise AdapterError(f"adapter name {name!r} is not {ADAPTER_NAME_RULE}")
+        raise AdapterNameRefused(f"adapter name {name!r} is not {ADAPTER_NAME_RULE}")
     if name.lower() in RESERVED_NAMES:  # "None" and "BASE" too: easily taken for the bare base
-        raise AdapterError(f"{name!r} names the bare base model (OpenAI model id, metric label) in some case; choose "
-                           "another name")
+        raise AdapterNameRefused(f"{name!r} names the bare base model (OpenAI model id, metric label) in some case; "
+                                 "choose another name")
     return name
 
 

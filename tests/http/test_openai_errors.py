@@ -57,27 +57,38 @@ OPENAI_ERRORS = [
      "json_invalid"),
     ("post", "/v1/completions", b"1\xff\xff", {"content-type": "application/json"}, 400, "invalid_request_error", None,
      "json_invalid"),
-    ("post", "/v1/completions", {**COMPLETION, "model": "nope"}, {}, 404, "invalid_request_error", None,
-     "unknown_adapter"),
     ("post", "/v1/completions", {**COMPLETION, "model": ""}, {}, 422, "invalid_request_error", "model",
      "string_too_short"),
     ("post", "/v1/chat/completions", {**CHAT, "model": ""}, {}, 422, "invalid_request_error", "model",
      "string_too_short"),
-    ("post", "/v1/chat/completions", {**CHAT, "model": "nope"}, {}, 404, "invalid_request_error", None,
-     "unknown_adapter"),
-    ("post", "/v1/completions", {**COMPLETION, "prompt": LONG}, {}, 413, "invalid_request_error", None,
-     "input_too_long"),
-    ("post", "/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": LONG}]}, {}, 413,
-     "invalid_request_error", None, "input_too_long"),
     ("get", "/v1/nowhere", None, {}, 404, "invalid_request_error", None, None),
-    ("get", "/v1/models/nope", None, {}, 404, "invalid_request_error", None, "unknown_adapter"),
     ("get", "/v1/completions", None, {}, 405, "invalid_request_error", None, None),
     ("post", "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/x"}, {}, 401, "authentication_error", None,
      None),
-    ("post", "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/etc"}, ADMIN, 403, "permission_error", None,
+]
+# domain errors a request field is the fault of, which their param names (method, path, body, status, param, code);
+# those of completions streamed too (refused before the stream begins)
+FIELD_ERRORS = [
+    *[("post", path, {**body, "model": "nope", **streamed}, 404, "model", "unknown_adapter")
+      for path, body in (("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT))
+      for streamed in ({}, {"stream": True})],
+    *[("post", "/v1/completions", {**COMPLETION, "prompt": LONG, **streamed}, 413, "prompt", "input_too_long")
+      for streamed in ({}, {"stream": True})],
+    *[("post", "/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": LONG}], **streamed}, 413,
+       "messages", "input_too_long") for streamed in ({}, {"stream": True})],
+    ("get", "/v1/models/nope", None, 404, "model", "unknown_adapter"),
+    ("post", "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/etc"}, 403, "lora_path",
      "adapter_path_refused"),
-    ("post", "/v1/load_lora_adapter", {"lora_name": "one", "lora_path": "two"}, ADMIN, 409, "invalid_request_error",
-     None, "adapter_conflict"),
+    ("post", "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "nowhere"}, 404, "lora_path",
+     "adapter_path_missing"),
+    ("post", "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": ""}, 422, "lora_path", "adapter_error"),
+    ("post", "/v1/load_lora_adapter", {"lora_name": "one", "lora_path": "two"}, 409, "lora_name", "adapter_conflict"),
+    ("post", "/v1/load_lora_adapter", {"lora_name": "no way", "lora_path": "two"}, 422, "lora_name",
+     "adapter_name_refused"),
+    ("post", "/v1/load_lora_adapter", {"lora_name": "Base", "lora_path": "two"}, 422, "lora_name",
+     "adapter_name_refused"),
+    ("post", "/v1/unload_lora_adapter", {"lora_name": "nope"}, 404, "lora_name", "unknown_adapter"),
+    ("post", "/v1/unload_lora_adapter", {"lora_name": "no way"}, 422, "lora_name", "adapter_name_refused"),
 ]
 # the same kinds of error elsewhere: {"error": message}
 PLAIN_ERRORS = [
@@ -116,6 +127,18 @@ def test_errors_on_v1_are_in_openais_shape(client, method, path, body, headers, 
     assert (error["type"], error["param"], error["code"]) == (kind, param, code), error
     if param is not None:
         assert f"body.{param}: " in error["message"]
+
+
+@pytest.mark.parametrize("method,path,body,status,param,code", FIELD_ERRORS)
+def test_a_domain_error_a_request_field_is_the_fault_of_names_it(client, method, path, body, status, param, code):
+    """A review: such errors said param null (an unknown model, a prompt too long, vLLM's adapter routes' faults)."""
+    before = client.get("/v1/models").json()
+    reply = send(client, method, path, body, ADMIN)
+    assert reply.status_code == status, reply.text
+    error = reply.json()["error"]
+    assert (error["type"], error["param"], error["code"]) == ("permission_error" if status == 403 else
+                                                              "invalid_request_error", param, code), error
+    assert error_message(reply) and client.get("/v1/models").json() == before
 
 
 @pytest.mark.parametrize("method,path,body,headers,status", PLAIN_ERRORS)

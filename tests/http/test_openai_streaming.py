@@ -440,24 +440,27 @@ def test_an_adapter_unregistered_while_the_streamed_request_queued_is_404_before
             release.set()
         held.result(WAIT)
         gone = "adapter 'two' was unloaded after the request arrived, before it ran"
-        assert reply.result(WAIT).json()["error"] == {"message": gone, "type": "invalid_request_error", "param": None,
-                                                      "code": "unknown_adapter"}
+        assert reply.result(WAIT).json()["error"] == {"message": gone, "type": "invalid_request_error",
+                                                      "param": "model", "code": "unknown_adapter"}
     assert client.post("/adapters", json={"name": "two", "path": str(served.adapters_dir / "two")},
                        headers=ADMIN).status_code == 201
 
 
 class FaultAfterFirstText:
     """The engine's decoder, raising at its second decoding step once the stream's first text was handed out (the
-    time to first token of adapter ``one`` counted): the reply has begun when its batch fails."""
+    time to first token of adapter ``one`` counted): the reply has begun when its batch fails. With ``overflow``, the
+    step's logits are NaN instead (as an adapter whose weights overflow gives): the request alone fails."""
 
-    def __init__(self, decoder):
-        self.decoder, self.steps = decoder, 0
+    def __init__(self, decoder, overflow: bool = False):
+        self.decoder, self.steps, self.overflow = decoder, 0, overflow
         self.first_texts = first_texts_handed_out()
 
     def __call__(self, tokens, positions):
         self.steps += 1
         if self.steps == 2:
             wait_until(lambda: first_texts_handed_out() > self.first_texts, "the first text handed out")
+            if self.overflow:
+                return self.decoder(tokens, positions).fill_(float("nan"))
             raise RuntimeError("injected decoding fault")
         return self.decoder(tokens, positions)
 
@@ -484,3 +487,20 @@ def test_a_fault_after_the_stream_began_is_its_last_event_then_done(client, rout
                                     "type": "server_error", "param": None, "code": "internal_error"}}
     assert joined(stream[:-1], route)[0][0], "the text handed out before the fault"
     assert post(client, route).json()["choices"][0]["finish_reason"] in {"stop", "length"}
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_logits_that_overflow_after_the_stream_began_are_its_last_event_naming_model(client, route):
+    """The domain error's event names the field at fault, as its reply before the stream began does (a review: the
+    event said param null)."""
+    engine = client.app.state.runtime.engine
+    decoder = engine.decoder
+    engine.decoder = FaultAfterFirstText(decoder, overflow=True)
+    try:
+        stream = chunks(post(client, route, stream=True, max_tokens=CAP))
+    finally:
+        engine.decoder = decoder
+    assert stream[-1]["error"] == {"message": "adapter 'one' gave NaN or infinite logits for this request (weights "
+                                   "that overflow in the forward pass): no answer can be computed from them",
+                                   "type": "invalid_request_error", "param": "model", "code": "non_finite_logits"}
+    assert joined(stream[:-1], route)[0][0], "the text handed out before the overflow"
