@@ -1,6 +1,8 @@
 """The service's domain errors, all in one place. None carries an HTTP status: the HTTP layer maps each class to one
 in a single table (``service.http.errors.STATUS``), and documents its routes' error replies from that table. The
-first line of each docstring is what the API documentation says the error means.
+first line of each docstring is what the API documentation says the error means. An error that passes (a full queue,
+a model still loading) says when a retry may succeed: ``retry_after``, in whole seconds (RFC 9110's delay-seconds),
+which the HTTP layer sends as Retry-After; one that never passes by itself says None.
 """
 from __future__ import annotations
 
@@ -49,6 +51,8 @@ class AdapterMerged(AdapterConflict):
 class NoFreeSlot(AdapterError):
     """A batch needs more adapters at once than there are device slots."""
 
+    retry_after: int | None = 1  # slots are freed as the batch's rows finish
+
 
 class UnsafeEnvironment(Exception):
     """An environment variable holds a value that would crash a library the model runs on: refused before the model
@@ -67,6 +71,8 @@ class RenderUnavailable(Exception):
     """The server could not render the chat template, for trouble of its own, not the template's; retry later.
     Its render process was killed or frozen from outside, or failed to start; the next render starts a new one."""
 
+    retry_after: int | None = 1  # the next render starts a new process at once
+
 
 class NoSpan(Exception):
     """An extractive answer cannot be held to a span of the context: the context has no text a token can begin an
@@ -76,9 +82,18 @@ class NoSpan(Exception):
 class QueueFull(Exception):
     """The queue holds as many requests as it may; retry later."""
 
+    # the queue moves at each batch the engine takes (a decoding step apart: milliseconds to a second), and no longer
+    # wait is known to be enough; the server bounds the queue and the wait in it instead (max_queue, max_queue_wait)
+    retry_after: int | None = 1
+
 
 class TemplateBacklog(QueueFull):
-    """A chat template known to be slow has as many renders waiting as the server queues for it; retry later."""
+    """A chat template known to be slow has as many renders waiting as the server queues for it; retry later.
+    ``retry_after``: the seconds the renders ahead of a retry may take (each up to its deadline)."""
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class QueueTimeout(QueueFull):
@@ -89,9 +104,14 @@ class QueueTimeout(QueueFull):
 class EngineStopped(Exception):
     """The model is loading, or the service is draining or stopped, and takes no new requests."""
 
+    retry_after: int | None = 1  # polled each second while the model loads; a draining server's clients go elsewhere
+
 
 class EngineFailed(EngineStopped):
-    """The engine thread died of an unexpected error: every queued, running and new request fails with this."""
+    """The service failed to start, or its engine thread died of an unexpected error: every queued, running and new
+    request fails with this until it is restarted (no ``retry_after``: it does not pass by itself)."""
+
+    retry_after = None
 
 
 class RequestAbandoned(Exception):

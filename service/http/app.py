@@ -15,7 +15,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service import metrics
 from service.http.errors import (
     CLIENT_CLOSED,
-    RETRY_AFTER_SECONDS,
     STATUS,
     FieldRefused,
     echoable,
@@ -46,17 +45,18 @@ def openai_shaped(request: Request) -> bool:
 
 
 def error(request: Request, status: int, message: str, *, param: str | None = None, code: str | None = None,
-          detail: list[dict] | None = None) -> JSONResponse:
+          detail: list[dict] | None = None, retry_after: int | None = None) -> JSONResponse:
     """An error reply: ``{"error": {"message", "type", "param", "code"}}`` on ``/v1/*`` (OpenAI's shape), else
-    ``{"error": message}`` with pydantic's ``detail`` list, if given. 429 and 503 say when to retry. The message and
-    ``param`` are ``echoable`` (bounded, encodable), as whatever they quote of the request may not be."""
+    ``{"error": message}`` with pydantic's ``detail`` list, if given; with ``retry_after`` (whole seconds) a
+    Retry-After header saying when to retry. The message and ``param`` are ``echoable`` (bounded, encodable), as
+    whatever they quote of the request may not be."""
     message, param = echoable_message(message), param and echoable(param)
     if openai_shaped(request):
         body = openai_error(status, message, param, code)
     else:
         body = {"error": message} if detail is None else {"error": message, "detail": detail}
     return JSONResponse(body, status_code=status,
-                        headers={"Retry-After": RETRY_AFTER_SECONDS} if status in (429, 503) else None)
+                        headers=None if retry_after is None else {"Retry-After": str(retry_after)})
 
 
 def unreadable(request: Request, reason: str) -> JSONResponse:
@@ -77,10 +77,12 @@ def allowed_methods(request: Request) -> str:
 
 
 def add_error_handlers(app: FastAPI) -> None:
-    """Every error is JSON with a clear message (see ``error``); a domain error's status comes from ``STATUS``."""
+    """Every error is JSON with a clear message (see ``error``); a domain error's status comes from ``STATUS``, its
+    Retry-After from its ``retry_after`` (``service.errors``: the transient ones' 429 and 503)."""
 
     async def _domain(request: Request, exc: Exception):
-        return error(request, status_of(type(exc)), str(exc), code=error_code(type(exc)))
+        return error(request, status_of(type(exc)), str(exc), code=error_code(type(exc)),
+                     retry_after=getattr(exc, "retry_after", None))
 
     for kind in STATUS:
         app.add_exception_handler(kind, _domain)

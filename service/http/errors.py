@@ -28,7 +28,6 @@ from service.errors import (
 from service.http.schemas import ErrorOut
 
 CLIENT_CLOSED = 499  # nginx's "client closed request": recorded in the metrics, never received by anyone
-RETRY_AFTER_SECONDS = "1"  # sent with every 429 and 503
 ECHO_LIMIT = 200  # characters of one value of the request a reply echoes: a field's input, a key in its location
 MESSAGE_LIMIT = 2000  # characters of a reply's message (a domain error's may quote a name the request sent)
 LISTED_PROBLEMS = 10  # validation problems a 422 lists (its message says how many more there were)
@@ -58,7 +57,7 @@ STATUS: dict[type[Exception], int] = {
     InputTooLong: 413,
     NoSpan: 422,
     TemplateRefused: 422,
-    RenderUnavailable: 503,  # transient, as NoFreeSlot and EngineStopped: sent with Retry-After
+    RenderUnavailable: 503,  # transient, as NoFreeSlot and EngineStopped: sent with Retry-After (their retry_after)
     QueueFull: 429,
     EngineStopped: 503,
     ClientGone: CLIENT_CLOSED,

@@ -18,6 +18,7 @@ from service.errors import (
     AdapterError,
     AdapterPathMissing,
     AdapterPathRefused,
+    EngineFailed,
     EngineStopped,
     InputTooLong,
     QueueFull,
@@ -67,16 +68,23 @@ async def runtime(request: Request) -> Runtime:
 
 
 async def serving(request: Request) -> Runtime:
-    """The runtime; EngineStopped while it loads or drains, or once it failed (``accepting``)."""
+    """The runtime; EngineStopped while it loads or drains, EngineFailed once it failed (``accepting``)."""
     return accepting(request.app.state.runtime)
 
 
 def accepting(rt: Runtime) -> Runtime:
-    """``rt``; EngineStopped while it loads or drains, or once it failed."""
+    """``rt``; EngineStopped while it loads or drains, EngineFailed once it failed (``stopped``)."""
     if not rt.accepting:
-        raise EngineStopped({"loading": "the model is still loading", "draining": "the service is draining"}.get(
-            rt.state, rt.state))
+        raise stopped(rt)
     return rt
+
+
+def stopped(rt: Runtime) -> EngineStopped:
+    """Why ``rt`` takes no request: EngineFailed once it failed to start or its engine died (it never will again:
+    no Retry-After), else EngineStopped saying it loads or drains."""
+    if rt.failure is not None:
+        return EngineFailed(rt.failure)
+    return EngineStopped("the service is draining" if rt.draining else "the model is still loading")
 
 
 def bearer_of(authorization: str | None, key: str) -> bool:
@@ -130,7 +138,7 @@ async def admin(request: Request, authorization: str | None = Header(None)) -> R
     rt: Runtime = request.app.state.runtime
     check_admin_key(rt, authorization)
     if not rt.ready.is_set():
-        raise EngineStopped("the model is still loading")
+        raise stopped(rt)  # loading, or failed to start (it said "still loading" then)
     return rt
 
 

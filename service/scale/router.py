@@ -34,6 +34,7 @@ from service.settings import Settings
 
 log = logging.getLogger(__name__)
 NONE_ANSWERED = "no replica answered: the service is starting, or its replicas failed"
+NONE_ANSWERED_RETRY = 1  # Retry-After of that 503, seconds: replicas start, and Ray Serve replaces one that failed
 
 
 @serve.ingress()
@@ -69,7 +70,7 @@ class Router:
             replies: dict[str, HttpReply] = await self.everyone("change", http, len(self.log))
             self.log.record(http, [reply.status for reply in replies.values()])
         if not replies:
-            return error(request, 503, NONE_ANSWERED)
+            return error(request, 503, NONE_ANSWERED, retry_after=NONE_ANSWERED_RETRY)
         statuses = {name: reply.status for name, reply in sorted(replies.items())}
         if len(set(statuses.values())) > 1:
             told = ", ".join(f"{name} {status}" for name, status in statuses.items())
@@ -95,7 +96,7 @@ class Router:
         """Every replica's metrics, each series labelled with its replica."""
         texts = await self.everyone("metrics", len(self.log))
         if not texts:
-            return error(request, 503, NONE_ANSWERED)
+            return error(request, 503, NONE_ANSWERED, retry_after=NONE_ANSWERED_RETRY)
         return whole(200, [(b"content-type", CONTENT_TYPE_LATEST.encode()), replica_header(texts)], labelled(texts))
 
 

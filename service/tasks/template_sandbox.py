@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import resource
 import signal
@@ -240,17 +241,20 @@ class Renderer:
 
     def refusal(self, template: str | None) -> Exception | None:
         """Why a job of ``template`` is not queued (call holding ``changed``): EngineStopped once ``close``d,
-        TemplateBacklog for a slow template with ``MAX_SLOW_WAITING`` renders waiting whose callers wait still; None
-        when it is queued."""
+        TemplateBacklog for a slow template with ``MAX_SLOW_WAITING`` renders waiting whose callers wait still, its
+        ``retry_after`` the renders of it ahead (waiting and running) times ``MAX_RENDER_SECONDS``, rounded up (CPU
+        time: a busy machine's renders take longer); None when it is queued."""
         if self.closed:
             return EngineStopped(SHUTTING_DOWN)
         if template not in self.slow:  # the count below walks the template's queue: only for the slow ones
             return None
         waiting = sum(not future.cancelled() for _, future in self.waiting.get(template, ()))
         if waiting >= MAX_SLOW_WAITING:
+            wait = math.ceil((waiting + self.running[template]) * MAX_RENDER_SECONDS)
             return TemplateBacklog(f"this chat template is slow (a render of it ran to the bounds of a render), and "
                                    f"{waiting} renders of it wait already, the most this server queues for such a "
-                                   "template; retry later")
+                                   f"template; retry in {wait} s, when the renders ahead of it will have run (each "
+                                   f"up to {MAX_RENDER_SECONDS:g} s)", retry_after=wait)
         return None
 
     def render(self, job: Job) -> list[int]:

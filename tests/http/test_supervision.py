@@ -14,7 +14,7 @@ from service import runtime as runtime_module
 from service.http.app import create_app
 from service.runtime import Runtime
 from service.settings import Settings
-from tests.server_helpers import ask, classify, ready_client, settings_in, tiny_settings, wait_until
+from tests.server_helpers import ADMIN, ask, classify, ready_client, settings_in, tiny_settings, wait_until
 
 WAIT = 60  # seconds a step may take before the test fails instead of hanging
 
@@ -51,6 +51,19 @@ def test_a_dead_engine_thread_is_reported_and_fails_queued_and_new_requests(tiny
             "ready": False, "reason": "the engine failed: InjectedFault: injected"}
         assert "InjectedFault" in ask(client, "one", status=503)["error"]  # at once: no thread would answer
         assert "InjectedFault" in classify(client, None, status=503)["error"]
+        assert_failed_for_good(client, "the engine failed: InjectedFault: injected")
+
+
+def assert_failed_for_good(client: TestClient, reason: str) -> None:
+    """A failed service's 503s say why, and no Retry-After (it never serves again by itself; they said 1 s): on the
+    routes that run the model, in OpenAI's shape too (code engine_failed), and on the admin routes."""
+    replies = [client.post("/answer", json={"context": "c", "question": "q"}),
+               client.post("/v1/completions", json={"model": "base", "prompt": "Hi"}),
+               client.post("/adapters/unmerge", headers=ADMIN), client.get("/v1/models")]
+    for reply in replies:
+        assert reply.status_code == 503 and "retry-after" not in reply.headers, (reply.text, reply.headers)
+        assert reason in reply.text and "still loading" not in reply.text, reply.text
+    assert replies[1].json()["error"]["code"] == "engine_failed"
 
 
 def test_a_token_budget_that_leaves_no_room_for_a_prompt_fails_the_start_saying_why(tiny_llama_dir, tmp_path):
@@ -59,6 +72,7 @@ def test_a_token_budget_that_leaves_no_room_for_a_prompt_fails_the_start_saying_
     with TestClient(create_app(settings)) as client:
         wait_until(lambda: client.get("/health").status_code == 503, "the start failed")
         reason = client.get("/health").json()["reason"]
+        assert_failed_for_good(client, reason)
     assert reason == ("failed to start: ValueError: max_new_tokens 1000000000 leaves 0 of the base model's 512 "
                       "positions for a prompt, fewer than 16: lower it")
     edge = Runtime(settings_in(tmp_path / "edge", tiny_llama_dir, {}, max_new_tokens=512 - 15))

@@ -15,10 +15,25 @@ DOMAIN_ERRORS = [kind for _, kind in inspect.getmembers(errors, inspect.isclass)
                  and kind not in (errors.RequestAbandoned, errors.UnsafeEnvironment)]  # never replied to
 
 
+def example(kind: type[Exception]) -> Exception:
+    return kind("a message", 3) if kind is errors.TemplateBacklog else kind("a message")
+
+
 @pytest.mark.parametrize("kind", DOMAIN_ERRORS, ids=lambda kind: kind.__name__)
 def test_every_domain_error_has_a_status_and_none_carries_one(kind):
     assert 400 <= status_of(kind) < 600
-    assert not hasattr(kind("a message") if kind is not errors.AdapterMerged else kind("x"), "status")
+    assert not hasattr(example(kind), "status")
+
+
+@pytest.mark.parametrize("kind", [kind for kind in DOMAIN_ERRORS if status_of(kind) in (429, 503)],
+                         ids=lambda kind: kind.__name__)
+def test_each_429_and_503_says_when_to_retry_unless_it_never_passes(kind):
+    """Whole seconds (RFC 9110's delay-seconds), sent as Retry-After; a failed service none (it said 1 s)."""
+    retry_after = example(kind).retry_after
+    if kind is errors.EngineFailed:
+        assert retry_after is None
+    else:
+        assert isinstance(retry_after, int) and retry_after >= 1
 
 
 def test_a_subclass_takes_its_own_status_before_its_bases():

@@ -5,6 +5,7 @@ template's; a closed renderer fails the renders not begun at once and ends its p
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import signal
 import socket
@@ -126,6 +127,8 @@ def test_a_slow_templates_renders_wait_in_a_bounded_queue_past_which_they_are_re
     refused = renders.submit(job)
     assert refused.done() and isinstance(refused.exception(), TemplateBacklog), refused
     assert "slow" in str(refused.exception()) and not any(future.done() for future in waiting)
+    ahead = math.ceil((MAX_SLOW_WAITING + 1) * MAX_RENDER_SECONDS)  # the renders waiting and the one running
+    assert refused.exception().retry_after == ahead and f"retry in {ahead} s" in str(refused.exception())
     assert waiting[-1].cancel() and not renders.submit(job).done()  # its place taken by the next
     assert renders.render((QUESTION, None, GENERATION)) == render_ids(tokenizer, QUESTION, None, **GENERATION)
     renders.close()
