@@ -26,7 +26,7 @@ from service.http.errors import (
     status_of,
 )
 from service.http.openai_routes import openai_router
-from service.http.routes import admin_router, one_authorization, ops_router, tasks_router
+from service.http.routes import admin_router, ops_router, single_headers, tasks_router
 from service.runtime import Runtime
 from service.settings import Settings
 
@@ -217,7 +217,7 @@ def create_app(settings: Settings | None = None, rt: Runtime | None = None) -> F
         yield
         rt.stop()
 
-    app = FastAPI(title="loraswap", version="0.1.0", lifespan=lifespan, dependencies=[Depends(one_authorization)])
+    app = FastAPI(title="loraswap", version="0.1.0", lifespan=lifespan, dependencies=[Depends(single_headers)])
     app.state.runtime = rt
     for router in (tasks_router, admin_router, openai_router, ops_router):
         app.include_router(router)

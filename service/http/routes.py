@@ -98,11 +98,17 @@ def bearer_of(authorization: str | None, key: str) -> bool:
     return hmac.compare_digest(header.encode("latin-1"), f"Bearer {key}".encode())
 
 
-async def one_authorization(request: Request) -> None:
-    """400 for a request that sends Authorization more than once (RFC 9110 11.6.2 defines one credential; a review:
-    the first decided, where a proxy in front might read another)."""
-    if len(request.headers.getlist("authorization")) > 1:
-        raise HTTPException(400, "Authorization is sent more than once: send one")
+# headers a request may send once (RFC 9110 5.3: neither is a list): Authorization defines one credential (11.6.2),
+# Content-Type one media type (8.3); of two, the first decided here, where a proxy in front might read another
+SINGLE_HEADERS = ("Authorization", "Content-Type")
+
+
+async def single_headers(request: Request) -> None:
+    """400 for a request that sends one of ``SINGLE_HEADERS`` more than once, whatever the values (an app-wide
+    dependency: before any route reads one)."""
+    for name in SINGLE_HEADERS:
+        if len(request.headers.getlist(name)) > 1:
+            raise HTTPException(400, f"{name} is sent more than once: send one")
 
 
 def check_bearer(authorization: str | None, key: str, refusal: str) -> None:

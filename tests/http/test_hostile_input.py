@@ -284,6 +284,18 @@ def test_authorization_sent_twice_is_400_whichever_comes_first(client, route, me
     assert listed(client) == before
 
 
+@pytest.mark.parametrize("route", [*POST_ROUTES, "/v1/models"])
+def test_content_type_sent_twice_is_400_whichever_comes_first(client, route):
+    """A review: the first header decided (JSON then text: served; text then JSON: a 415); the same value twice too.
+    Refused by the dependency that refuses Authorization twice, before any route reads the body."""
+    before, method = listed(client), "GET" if route == "/v1/models" else "POST"
+    for media in (["application/json", "text/plain"], ["text/plain", "application/json"], ["application/json"] * 2):
+        headers = [*ADMIN.items(), *(("content-type", value) for value in media)]
+        reply = client.request(method, route, content=json.dumps(BODIES.get(route, {})).encode(), headers=headers)
+        assert "Content-Type is sent more than once" in assert_refused(reply, 400)
+    assert listed(client) == before
+
+
 def test_the_bearer_scheme_is_case_insensitive_the_key_is_not(client):
     for scheme in ("bearer", "BEARER", "bEaReR"):
         assert bearer_of(f"{scheme} {ADMIN_KEY}", ADMIN_KEY)
