@@ -25,7 +25,17 @@ ADAPTER_NAME = r"[A-Za-z_][A-Za-z0-9_]{0,63}"  # what an adapter may be named: a
 ADAPTER_NAME_RULE = "a plain identifier ([A-Za-z_][A-Za-z0-9_]*, at most 64 characters)"  # ADAPTER_NAME in words
 ADAPTER_CONFIG_FILE = "adapter_config.json"  # what makes a folder an adapter's (peft's CONFIG_NAME)
 INT64 = 2**63  # torch's sizes and counts are 64-bit integers: a setting beyond is an OverflowError there
+INT64_RULE = f"at most {INT64 - 1} (a 64-bit integer, as torch takes)"  # int64's bound in words
 MOST_DEFAULT_STRIDE = 128  # answer_stride unset: min(a window's context tokens // 2, this); Hugging Face's doc_stride
+
+
+def int64(value: Any) -> Any:
+    """``value``; ValueError ('must be ' INT64_RULE) for an integer past 64 bits, as torch's sizes and counts are (a
+    review: ``--max-batch 2**63`` failed the start with an OverflowError and torch's C++ frames). The one check of
+    the bound: Settings' fields and the commands' integer options (``command.bounded``) both apply it."""
+    if isinstance(value, int) and not -INT64 <= value < INT64:
+        raise ValueError(f"must be {INT64_RULE}")
+    return value
 
 
 def path_list(value: Any) -> Any:
@@ -169,11 +179,8 @@ class Settings(BaseSettings):
     @field_validator("*")
     @classmethod
     def _int64(cls, value: Any) -> Any:
-        """ValueError for an integer setting past 64 bits (torch's sizes and counts are; a review: ``--max-batch
-        2**63`` failed the start with an OverflowError and torch's C++ frames)."""
-        if isinstance(value, int) and not -INT64 <= value < INT64:
-            raise ValueError(f"must be at most {INT64 - 1} (a 64-bit integer, as torch takes)")
-        return value
+        """ValueError for an integer setting past 64 bits (``int64``)."""
+        return int64(value)
 
     @field_validator("answer_stride")
     @classmethod

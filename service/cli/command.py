@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from service.settings import ADAPTER_CONFIG_FILE, DEVICE_PATTERN, DEVICES, INT64, Settings, setting
+from service.settings import ADAPTER_CONFIG_FILE, DEVICE_PATTERN, DEVICES, INT64_RULE, Settings, int64, setting
 
 
 class UsageError(Exception):
@@ -62,6 +62,17 @@ def read_setting_defaults(args: argparse.Namespace) -> None:
             setattr(args, name, setting(value.name))
 
 
+def given_as(args: argparse.Namespace, name: str) -> str:
+    """How setting ``name`` is named to the user: by the flag of the option of ``args`` that gave it (``--max-batch``,
+    also for an option's own default), else, where the value was read from the environment (no option gave it, or a
+    ``SettingDefault`` still stands for it), by its variable (``LORASWAP_MAX_BATCH``); else by its name, a default of
+    Settings' or a value the command set."""
+    if not isinstance(getattr(args, name, SettingDefault(name)), SettingDefault):
+        return flag(name)
+    variable = Settings.model_config["env_prefix"] + name.upper()
+    return variable if variable in os.environ else name
+
+
 def interrupt(signum: int, frame) -> None:
     """A handler of SIGINT and SIGTERM: the KeyboardInterrupt Ctrl-C raises, so that a command stopped by ``timeout``,
     a container runtime or a CI job cleans up as one stopped by Ctrl-C (a review: ``train`` and ``sweep`` left their
@@ -100,8 +111,8 @@ def nonnegative(kind: type = int):
 
 def bounded(kind: type, holds: Callable[[object], bool], bound: str, adjective: str):
     """An argparse type: a ``kind`` for which ``holds`` (else a usage error saying it must be ``bound``). A float
-    must be finite, an int a 64-bit one (a review: ``train --max-steps`` of 400 digits ended in transformers'
-    OverflowError once the weights had loaded), whatever ``holds`` says."""
+    must be finite, an int a 64-bit one (``settings.int64``, as a setting must be; a review: ``train --max-steps`` of
+    400 digits ended in transformers' OverflowError once the weights had loaded), whatever ``holds`` says."""
     def parse(text: str):
         value = kind(text)
         if isinstance(value, float) and not math.isfinite(value):  # inf, nan: no option means a bound by them (an
@@ -109,10 +120,10 @@ def bounded(kind: type, holds: Callable[[object], bool], bound: str, adjective: 
             raise argparse.ArgumentTypeError(f"must be a finite number {bound}, not {text}")
         if not holds(value):
             raise argparse.ArgumentTypeError(f"must be {bound}, not {text}")
-        if isinstance(value, int) and not -INT64 <= value < INT64:
-            raise argparse.ArgumentTypeError(f"must be {bound} and at most {INT64 - 1} (a 64-bit integer, as torch "
-                                             f"takes), not {text}")
-        return value
+        try:
+            return int64(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {bound} and {INT64_RULE}, not {text}") from None
     parse.__name__ = f"{adjective} {kind.__name__}"  # argparse names the type in its error message
     return parse
 
@@ -159,12 +170,13 @@ def device(text: str) -> str:
     return text
 
 
-def check_device(name: str) -> None:
-    """UsageError unless the server can run on device ``name`` here (``command.device``)."""
+def check_device(name: str, given: str) -> None:
+    """UsageError unless the server can run on device ``name`` here (``command.device``), naming the setting as it was
+    ``given`` (``given_as``)."""
     try:
         device(name)
     except argparse.ArgumentTypeError as exc:
-        raise UsageError(f"device: {exc}") from None
+        raise UsageError(f"{given}: {exc}") from None
 
 
 def check_onednn(settings: Settings) -> None:
@@ -176,11 +188,12 @@ def check_onednn(settings: Settings) -> None:
         bound_kernel_caches()
 
 
-def check_server_start(settings: Settings) -> None:
+def check_server_start(settings: Settings, args: argparse.Namespace) -> None:
     """The checks of this machine ``serve`` makes before its server starts, and ``scale`` before it starts a Ray here,
-    where its replicas run: UsageError where the server cannot run on ``settings.device`` here (``check_device``),
-    UnsafeEnvironment where the environment would crash oneDNN (``check_onednn``)."""
-    check_device(settings.device)
+    where its replicas run, with ``settings`` from ``args``: UsageError where the server cannot run on
+    ``settings.device`` here (``check_device``), UnsafeEnvironment where the environment would crash oneDNN
+    (``check_onednn``)."""
+    check_device(settings.device, given_as(args, "device"))
     check_onednn(settings)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import re
 import signal
 from importlib.metadata import entry_points
@@ -20,9 +19,9 @@ from pydantic_settings import SettingsError
 
 from service.cli.command import (
     Command,
-    SettingDefault,
     UsageError,
     check_server_start,
+    given_as,
     interrupt,
     output_file,
     read_setting_defaults,
@@ -138,29 +137,26 @@ def file_identity(path: Path) -> object:
 
 
 def reason(exc: Exception, args: argparse.Namespace) -> str:
-    """What went wrong, in one line. A setting read from its ``LORASWAP_`` variable (the command's ``args`` has no
-    option of its name) is named by that variable (``LORASWAP_DEVICE``, not ``device``: the user set no option of that
-    name). For a ValidationError, each field's problem without the value given, which may be a secret (the admin or
-    API key)."""
+    """What went wrong, in one line. A setting is named as the user gave it (``field_name``: ``--max-batch`` or
+    ``LORASWAP_MAX_BATCH``, not ``max_batch``). For a ValidationError, each field's problem without the value given,
+    which may be a secret (the admin or API key), nor pydantic's "Value error, " before a validator's own words."""
     prefix = Settings.model_config["env_prefix"]
     if isinstance(exc, SettingsError):  # pydantic-settings' own: 'error parsing value for field "x" from source ...'
         return re.sub(r'field "(\w+)"', lambda name: f"{prefix}{name[1].upper()}", str(exc))
     if not isinstance(exc, ValidationError):
         return str(exc)
-    return "; ".join(f"{field_name(error['loc'], exc.title, args)}: {error['msg']}" for error in exc.errors())
+    return "; ".join(f"{field_name(error['loc'], exc.title, args)}: {error['msg'].removeprefix('Value error, ')}"
+                     for error in exc.errors())
 
 
 def field_name(loc: tuple, model: str, args: argparse.Namespace) -> str:
-    """How an error's ``loc`` in ``model`` is named to the user: a Settings field read from the environment (no option
-    of ``args`` gave it, or a ``SettingDefault`` still stands for it) by its variable, items of a list in brackets
-    (``LORASWAP_ADAPTER_ROOTS[0]``); else pydantic's dotted path, ``settings`` for the model as a whole."""
+    """How an error's ``loc`` in ``model`` is named to the user: a Settings field as ``given_as`` names it, items of a
+    list in brackets (``--adapter-roots[0]``); else pydantic's dotted path, ``settings`` for the model as a whole."""
     if not loc:
         return "settings"
-    variable = f"{Settings.model_config['env_prefix']}{str(loc[0]).upper()}"
-    given = not isinstance(getattr(args, str(loc[0]), SettingDefault("")), SettingDefault)  # an option's value
-    if model != Settings.__name__ or given or variable not in os.environ:
+    if model != Settings.__name__:
         return ".".join(map(str, loc))
-    return variable + "".join(f"[{part}]" for part in loc[1:])
+    return given_as(args, str(loc[0])) + "".join(f"[{part}]" for part in loc[1:])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             settings = settings_from(args)
-            check_server_start(settings)
+            check_server_start(settings, args)
             if argv is None:  # this process is the server from its start (not a caller's, as in tests)
                 server_process.prepare(settings.quantize)
             from service.http.server import serve

@@ -44,7 +44,7 @@ def run_scale(args: argparse.Namespace) -> None:
     require_extra("scale", "ray", "ray.serve")
     from service.scale.preflight import check_scale
 
-    check_scale(settings, args.replicas, args.replica_cpus, args.replica_gpus, args.address)
+    check_scale(settings, args)
     from service.scale.app import ScaleConfig, serve_scaled
 
     serve_scaled(settings, ScaleConfig(args.replicas, args.routing, args.replica_cpus, args.replica_gpus, args.address,

@@ -3,6 +3,7 @@ not a replica's traceback on each replica (or a wait without end): serve's own c
 base model's room for a prompt, and that a cluster's address answers."""
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import socket
@@ -14,18 +15,18 @@ from service.settings import Settings
 CONNECT_TIMEOUT_S = 5.0  # for the head of the cluster --address names to accept a connection, and then gRPC's
 
 
-def check_scale(settings: Settings, replicas: int, replica_cpus: float, replica_gpus: float,
-                address: str | None) -> None:
-    """UsageError (or UnsafeEnvironment) where ``replicas`` replicas with ``settings`` could not start: on a Ray
-    started here (``address`` None), whose replicas run on this machine in its environment, serve's checks of it
-    (``check_server_start``: the device, oneDNN's environment) and the GPUs and CPUs they reserve (``check_gpus``,
-    ``check_cpus``); anywhere the token budget (``check_room_for_prompts``) and the address (``check_address``)."""
-    if address is None:
-        check_server_start(settings)
-        check_gpus(replicas, replica_gpus)
-        check_cpus(replicas, replica_cpus)
+def check_scale(settings: Settings, args: argparse.Namespace) -> None:
+    """UsageError (or UnsafeEnvironment) where ``args.replicas`` replicas with ``settings`` (from ``args``) could not
+    start: on a Ray started here (no ``args.address``), whose replicas run on this machine in its environment, serve's
+    checks of it (``check_server_start``: the device, oneDNN's environment) and the GPUs and CPUs they reserve
+    (``check_gpus``, ``check_cpus``); anywhere the token budget (``check_room_for_prompts``) and the address
+    (``check_address``)."""
+    if args.address is None:
+        check_server_start(settings, args)
+        check_gpus(args.replicas, args.replica_gpus)
+        check_cpus(args.replicas, args.replica_cpus)
     check_room_for_prompts(settings)
-    check_address(address)
+    check_address(args.address)
 
 
 def gpus_needed(replicas: int, replica_gpus: float) -> int:
