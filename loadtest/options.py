@@ -7,9 +7,19 @@ Light on purpose (no torch, transformers or peft): ``loraswap`` builds its parse
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from service.cli.command import Command, SettingDefault, bounded, comma_list, device, nonnegative, output_file, positive
+from service.cli.command import (
+    Command,
+    SettingDefault,
+    bounded,
+    comma_list,
+    device,
+    input_name,
+    input_path,
+    nonnegative,
+    output_file,
+    positive,
+)
 
 MOST_BENCH_BATCH, MOST_BENCH_RANK = 4096, 64  # the benchmark engine's max_queue and max_rank (bench.Bench)
 ALL_MODES = ("hf_base", "base", "single", "merged", "mixed", "peft_mixed", "peft_sequential")
@@ -27,7 +37,7 @@ def add_bench_options(parser: argparse.ArgumentParser) -> None:
     request shape (tokens), and the hot-load, stall and memory checks."""
     parser.add_argument("--device", type=device, default="auto",
                         help="'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N' (GPU N)")
-    parser.add_argument("--base-model", default="smollm2",
+    parser.add_argument("--base-model", type=input_name, default="smollm2",
                         help="'smollm2' (the embedded SmolLM2-135M-Instruct) or a Hugging Face model directory")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="auto: bf16 on CUDA, fp32 on the CPU")
@@ -54,7 +64,7 @@ def add_bench_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill-chunk", type=nonnegative(int), default=SettingDefault("prefill_chunk"),
                         help="the engine's --prefill-chunk (0: whole prompts; unset: the engine's default, 512 on the "
                         "CPU and 0 on a GPU)")
-    parser.add_argument("--cache-dir", type=Path, default=SettingDefault("cache_dir"),
+    parser.add_argument("--cache-dir", type=input_path, default=SettingDefault("cache_dir"),
                         help="where the converted base model is cached")
     parser.add_argument("--json", type=output_file, help="write the results here (default: printed only)")
 

@@ -21,7 +21,6 @@ import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 
@@ -33,6 +32,7 @@ from service.cli.command import (
     Command,
     UsageError,
     comma_list,
+    input_path,
     nonnegative,
     output_file,
     positive,
@@ -191,7 +191,8 @@ def add_side_by_side_options(parser: argparse.ArgumentParser) -> None:
                              "flatters a prompt cache from the second time on")
     parser.add_argument("--cache-prompt", action="store_true",
                         help="let llama.cpp reuse a slot's cached prompt (each request's cache_prompt)")
-    parser.add_argument("--data", type=Path, default=data_dir(), help="the data folder (SQuAD dev, MNLI)")
+    parser.add_argument("--data", type=input_path, help="the data folder, SQuAD dev and MNLI (default: "
+                        "$LORASWAP_DATA_DIR, else shared/data beside the repository)")
     parser.add_argument("--json", type=output_file,
                         help="write the whole report here (default: only its tables, printed)")
     parser.add_argument("--markdown", type=output_file, help="write the tables here (default: printed only)")
@@ -231,6 +232,7 @@ def run_side_by_side(args: argparse.Namespace) -> None:
     llama.cpp server lacks an adapter (``LlamaCpp.prepare``)."""
     try:
         baseline = check_names(args)
+        args.data = args.data or data_dir()  # UsageError: a $LORASWAP_DATA_DIR the file system refuses
         spare_inputs([(option, getattr(args, option[2:], None)) for option in ("--json", "--markdown")],
                      [(f"a file of --data, {path}", path) for path in data_files(args.data)])
         planned = planned_requests(args)

@@ -1,6 +1,7 @@
 """All service settings in one place (env prefix ``LORASWAP_``; CLI flags override)."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -26,6 +27,7 @@ ADAPTER_NAME_RULE = "a plain identifier ([A-Za-z_][A-Za-z0-9_]*, at most 64 char
 ADAPTER_CONFIG_FILE = "adapter_config.json"  # what makes a folder an adapter's (peft's CONFIG_NAME)
 INT64 = 2**63  # torch's sizes and counts are 64-bit integers: a setting beyond is an OverflowError there
 INT64_RULE = f"at most {INT64 - 1} (a 64-bit integer, as torch takes)"  # int64's bound in words
+ABSENT = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP)  # what stat says of a name under which nothing is (yet)
 MOST_DEFAULT_STRIDE = 128  # answer_stride unset: min(a window's context tokens // 2, this); Hugging Face's doc_stride
 
 
@@ -36,6 +38,32 @@ def int64(value: Any) -> Any:
     if isinstance(value, int) and not -INT64 <= value < INT64:
         raise ValueError(f"must be {INT64_RULE}")
     return value
+
+
+def usable_path(path: str | Path) -> str | Path:
+    """``path`` as given; OSError where the file system refuses the name itself rather than finding nothing under it:
+    a component over 255 bytes (ENAMETOOLONG), a folder on the way it may not enter (EACCES). Nothing there (ABSENT:
+    no such file, a file on the way, a symlink loop) passes: what that means is for its reader to say (a missing
+    adapters folder is warned of, as one made later serves; a missing data file is an error)."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno not in ABSENT:
+            raise
+    return path
+
+
+def refusing_unusable(path: Any) -> Any:
+    """A validator of a path setting: ``usable_path``'s OSError as a ValueError that says why (a name the file system
+    refuses can never name a folder, so it is refused at once, where a folder absent is only warned of)."""
+    try:
+        return usable_path(path)
+    except OSError as exc:
+        raise ValueError(f"the file system refuses this path: {exc.strerror or exc}") from None
+
+
+UsablePath = Annotated[Path, AfterValidator(refusing_unusable)]
+UsableName = Annotated[str, AfterValidator(refusing_unusable)]  # a name (smollm2) or a path
 
 
 def path_list(value: Any) -> Any:
@@ -50,7 +78,7 @@ def path_list(value: Any) -> Any:
 
 
 # pydantic-settings reads a list from the environment as JSON only: NoDecode hands path_list the text as it is
-PathList = Annotated[list[Path], NoDecode, BeforeValidator(path_list)]
+PathList = Annotated[list[UsablePath], NoDecode, BeforeValidator(path_list)]
 
 
 def matching(pattern: str, kind: str, rule: str) -> AfterValidator:
@@ -77,7 +105,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LORASWAP_", allow_inf_nan=False)  # no setting is unbounded by inf
 
     # base model
-    base_model: str = Field("smollm2", description="'smollm2' (embedded default) or a Hugging Face model directory")
+    base_model: UsableName = Field("smollm2",
+                                   description="'smollm2' (embedded default) or a Hugging Face model directory")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="the base's dtype. auto: bfloat16 on a GPU, float32 on the CPU (peft's outputs to float32 "
         "rounding); bfloat16 on the CPU computes the linear layers through oneDNN where torch's oneDNN has bfloat16 "
@@ -86,13 +115,16 @@ class Settings(BaseSettings):
         "bfloat16, so near-ties fall to the lower token id (docs/benchmarks.md, \"bfloat16 on the CPU\")")
     quantize: Literal["none", "nf4"] = "none"
     device: Device = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N' (GPU N)")
-    cache_dir: Path = Field(Path.home() / ".cache" / "loraswap", description="where the converted base model is cached")
+    cache_dir: UsablePath = Field(Path.home() / ".cache" / "loraswap",
+                                  description="where the converted base model is cached")
 
     # adapters
-    adapters_dir: Path = Field(REPO_ADAPTERS, description="adapters loaded at start (one PEFT folder each); "
-                              "warned of at start when not a folder")
+    adapters_dir: UsablePath = Field(REPO_ADAPTERS, description="adapters loaded at start (one PEFT folder each); "
+                                    "warned of at start when not a folder; a name the file system refuses (too long) "
+                                    "is a usage error")
     adapter_roots: PathList = Field(default_factory=list, description="extra folders POST /adapters may load from, "
-                                    "each warned of at start when not a folder (the flag: several separated "
+                                    "each warned of at start when not a folder, a usage error when a name the file "
+                                    "system refuses (the flag: several separated "
                                     f"by spaces; the environment: a path, several joined by {os.pathsep!r}, or a "
                                     "JSON list)")
     max_resident: int = Field(8, ge=1, description="adapters kept in device slots at once (LRU)")

@@ -7,6 +7,9 @@ import os
 import random
 from pathlib import Path
 
+from service.cli.command import UsageError
+from service.settings import usable_path
+
 # files each task trains on, relative to data_dir(): (file, MNLI splits to keep or None for all)
 TASK_TRAIN_FILES: dict[str, list[tuple[str, tuple[str, ...] | None]]] = {
     "squad": [("squad/train-v1.1.json.gz", None)],
@@ -23,9 +26,13 @@ TASK_EVAL_FILES: dict[str, tuple[str, tuple[str, ...] | None]] = {
 
 
 def data_dir() -> Path:
-    """``$LORASWAP_DATA_DIR``, else ``shared/data`` beside the repository."""
+    """``$LORASWAP_DATA_DIR``, else ``shared/data`` beside the repository. UsageError naming the variable where the
+    file system refuses its path (``usable_path``: a name too long)."""
     env = os.environ.get("LORASWAP_DATA_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+    try:
+        return Path(usable_path(env)) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+    except OSError as exc:
+        raise UsageError(f"LORASWAP_DATA_DIR: the file system refuses this path: {exc.strerror or exc}") from None
 
 
 def _open_text(path: Path):

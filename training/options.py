@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import typing
-from pathlib import Path
 
 from service.cli.command import (
     Command,
@@ -18,6 +17,8 @@ from service.cli.command import (
     comma_list,
     device,
     flag,
+    input_name,
+    input_path,
     new_folder,
     nonnegative,
     output_file,
@@ -45,8 +46,8 @@ BASE_HELP = ("'smollm2' (the embedded SmolLM2-135M-Instruct, converted once into
 def add_run_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by ``train`` and ``sweep``: task, base, data budget and optimisation."""
     parser.add_argument("--task", required=True, choices=TASKS, help="SQuAD v1.1 extractive QA, NLI (3 labels) or RTE")
-    parser.add_argument("--base-model", default="smollm2", help=BASE_HELP)
-    parser.add_argument("--data-dir", type=Path, help="task data (default: $LORASWAP_DATA_DIR, else shared/data "
+    parser.add_argument("--base-model", type=input_name, default="smollm2", help=BASE_HELP)
+    parser.add_argument("--data-dir", type=input_path, help="task data (default: $LORASWAP_DATA_DIR, else shared/data "
                         "beside the repository)")
     parser.add_argument("--alpha", type=positive(float), help="LoRA alpha (default: 2 x rank)")
     parser.add_argument("--dropout", type=bounded(float, lambda value: 0 <= value < 1, "in [0, 1)", "probability"),
@@ -106,21 +107,23 @@ def add_sweep_options(parser: argparse.ArgumentParser) -> None:
 
 def add_merge_options(parser: argparse.ArgumentParser) -> None:
     """The options of ``loraswap merge``: the adapter, the output folder and the base."""
-    parser.add_argument("--adapter", required=True, help="adapter folder, or the name of one in --adapters-dir")
-    parser.add_argument("--adapters-dir", type=Path, default=SettingDefault("adapters_dir"),
+    parser.add_argument("--adapter", required=True, type=input_name,
+                        help="adapter folder, or the name of one in --adapters-dir")
+    parser.add_argument("--adapters-dir", type=input_path, default=SettingDefault("adapters_dir"),
                         help="where --adapter NAME is looked up")
     parser.add_argument("--out", required=True, type=new_folder, help="folder for the merged model, new or empty")
-    parser.add_argument("--base-model", help=BASE_HELP + " (default: the adapter's base_model_name_or_path)")
+    parser.add_argument("--base-model", type=input_name,
+                        help=BASE_HELP + " (default: the adapter's base_model_name_or_path)")
 
 
 def add_eval_options(parser: argparse.ArgumentParser) -> None:
     """The options of ``loraswap eval``: task, adapter, data and sample, decoding, outputs and the engine's setup."""
     parser.add_argument("--task", choices=TASKS, required=True, help="SQuAD v1.1 extractive QA, NLI (3 labels) or RTE")
-    parser.add_argument("--adapter", required=True,  # 'none' is service.lora.adapter_files.BASE_LABEL (imports torch)
+    parser.add_argument("--adapter", required=True, type=input_name,  # 'none' is adapter_files.BASE_LABEL (torch)
                         help="an adapter in --adapters-dir, an adapter folder, or 'none' (or 'base') for the bare "
                         "base model")
-    parser.add_argument("--data", type=Path, help="evaluation file (default: the task's dev set in the data dir; for "
-                        "nli the MNLI dev_matched split)")
+    parser.add_argument("--data", type=input_path, help="evaluation file (default: the task's dev set in the data "
+                        "dir; for nli the MNLI dev_matched split)")
     parser.add_argument("--limit", type=positive(int), help="evaluate a random sample of N examples, drawn with "
                         "--sample-seed; for nli and rte it holds every label (default: every example)")
     parser.add_argument("--sample-seed", type=nonnegative(int), default=0, help="seed of the --limit sample")
@@ -159,8 +162,8 @@ def add_eval_options(parser: argparse.ArgumentParser) -> None:
 
 def add_engine_options(parser: argparse.ArgumentParser) -> None:
     """The options of the engine ``eval`` and ``calibrate`` run: base model, adapters folder, device, dtype, batch."""
-    parser.add_argument("--base-model", default="smollm2", help=BASE_HELP)
-    parser.add_argument("--adapters-dir", type=Path, default=SettingDefault("adapters_dir"),
+    parser.add_argument("--base-model", type=input_name, default="smollm2", help=BASE_HELP)
+    parser.add_argument("--adapters-dir", type=input_path, default=SettingDefault("adapters_dir"),
                         help="where --adapter NAME is looked up")
     parser.add_argument("--device", type=device, default="auto",
                         help="'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N' (GPU N)")
@@ -172,12 +175,12 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
 
 def add_calibrate_options(parser: argparse.ArgumentParser) -> None:
     """The options of ``loraswap calibrate``: the adapter, the data, what to write, and the engine's setup."""
-    parser.add_argument("--adapter", required=True, type=Path,
+    parser.add_argument("--adapter", required=True, type=input_path,
                         help="an NLI adapter folder, or the name of one in --adapters-dir, with the card.json "
                         "loraswap train wrote (its seed and validation count tell which training rows were held out; "
                         "no default); always a folder: one named none or base is that folder, never the bare base")
-    parser.add_argument("--data-dir", type=Path, help="the data folder (default: $LORASWAP_DATA_DIR, else shared/data "
-                        "beside the repository)")
+    parser.add_argument("--data-dir", type=input_path, help="the data folder (default: $LORASWAP_DATA_DIR, else "
+                        "shared/data beside the repository)")
     parser.add_argument("--write-card", action="store_true",
                         help="store the fitted temperature in the adapter's card.json (label_calibration)")
     parser.add_argument("--diagram", type=output_file,

@@ -26,6 +26,7 @@ from service.cli.command import (
     Command,
     UsageError,
     comma_list,
+    input_path,
     nonnegative,
     output_file,
     positive,
@@ -46,7 +47,7 @@ def add_loadtest_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", type=server_url, required=True, help="the server's URL, http://HOST:PORT")
     parser.add_argument("--json", type=output_file, required=True, help="write the report here")
     parser.add_argument("--md", type=output_file, help="write the report's tables here (default: printed only)")
-    parser.add_argument("--adapter-root", type=Path, required=True,
+    parser.add_argument("--adapter-root", type=input_path, required=True,
                         help="a folder the server loads adapters from (one of its --adapter-roots): the derived "
                         "adapters are written there and removed at the end")
     parser.add_argument("--source", help="the registered adapter to derive from (default: the first the server lists)")
@@ -88,8 +89,10 @@ def add_loadtest_options(parser: argparse.ArgumentParser) -> None:
                         help="after the load, unregister and register one adapter this many times, a request to it "
                         "every 100 cycles (every tenth of them when fewer than 1,000): the server's memory after the "
                         "last must be within --max-rss-growth of its memory after the first tenth")
-    parser.add_argument("--squad", type=Path, help="SQuAD v1.1 questions (default: the dev set in the data folder)")
-    parser.add_argument("--nli", type=Path, help="NLI pairs, every row (default: MNLI dev_matched in the data folder)")
+    parser.add_argument("--squad", type=input_path,
+                        help="SQuAD v1.1 questions (default: the dev set in the data folder)")
+    parser.add_argument("--nli", type=input_path,
+                        help="NLI pairs, every row (default: MNLI dev_matched in the data folder)")
 
 
 def nli_source(path: Path | None) -> tuple[Path, tuple[str, ...] | None]:

@@ -16,7 +16,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from service.settings import ADAPTER_CONFIG_FILE, DEVICE_PATTERN, DEVICES, INT64_RULE, Settings, int64, setting
+from service.settings import (
+    ADAPTER_CONFIG_FILE,
+    DEVICE_PATTERN,
+    DEVICES,
+    INT64_RULE,
+    Settings,
+    int64,
+    setting,
+    usable_path,
+)
 
 
 class UsageError(Exception):
@@ -209,6 +218,20 @@ def refusing_os_errors(check: Callable[[str], Path]) -> Callable[[str], Path]:
             raise argparse.ArgumentTypeError(f"{text}: {exc.strerror or exc}") from None
 
     return parse
+
+
+@refusing_os_errors
+def input_name(text: str) -> str:
+    """An argparse type: a name or a path a command reads or looks a name up by (``--adapter``, ``--base-model``), as
+    given: a usage error naming the option where the file system refuses it as a path (``settings.usable_path``: a
+    component over 255 bytes; it was OSError's line once the command ran, naming no option). Whether anything is
+    there is for the command to say."""
+    return str(usable_path(text))
+
+
+def input_path(text: str) -> Path:
+    """An argparse type: a file or folder a command reads (``--data``, ``--adapters-dir``), an ``input_name``."""
+    return Path(input_name(text))
 
 
 @refusing_os_errors
