@@ -29,6 +29,7 @@ from service.tasks.prompts import NLI_LABELS
 from training.data import TASK_TRAIN_FILES, data_dir, read_eval, read_nli
 from training.evaluate import bounded, served_adapter, start_runtime
 from training.metrics import ECE_BINS, expected_calibration_error, reliability_bins
+from training.options import adapters_dir_absent
 
 FIT_FILE = "nli/mnli.jsonl.gz"  # the fit takes the held-out rows of this training file only
 DEV_FILE = "nli/mnli.jsonl.gz"  # its dev_matched split measures the calibration
@@ -219,7 +220,8 @@ def adapter_folder(args: argparse.Namespace) -> Path:
     for folder in (args.adapter, args.adapters_dir / args.adapter):
         if folder.is_dir():
             return folder
-    raise FileNotFoundError(f"no adapter folder {args.adapter}, nor {args.adapters_dir / args.adapter}")
+    raise FileNotFoundError(f"--adapter {args.adapter}: no adapter folder {args.adapter}, nor "
+                            f"{args.adapters_dir / args.adapter}{adapters_dir_absent(args)}")
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -16,6 +16,7 @@ from service.settings import Settings
 from service.tasks.prompts import NLI_LABELS, RTE_LABELS
 from training.data import BadRow, eval_path, eval_sample, hidden_in_documents, read_eval
 from training.metrics import ECE_BINS, accuracy, confusion_matrix, expected_calibration_error, squad_scores
+from training.options import adapters_dir_absent
 
 EVALUATED = "evaluated"  # the name an adapter given as a folder is registered under
 LABELS = {"nli": NLI_LABELS, "rte": RTE_LABELS}  # the labels each label-scoring task predicts
@@ -33,7 +34,7 @@ def adapter_folder(args: argparse.Namespace) -> Path | None:
     if (args.adapters_dir / args.adapter / CONFIG_FILE).is_file():  # --adapters-dir is a Path
         return None
     raise UnknownAdapter(f"unknown adapter {args.adapter!r}: not '{BASE_LABEL}' or 'base', an adapter folder, "
-                         f"or one in {args.adapters_dir}")
+                         f"or one in {args.adapters_dir}{adapters_dir_absent(args)}")
 
 
 def start_runtime(args: argparse.Namespace, folder: Path | None) -> Runtime:

@@ -10,20 +10,26 @@ from peft import LoraConfig, PeftModel
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from training.options import adapters_dir_absent
 from training.output_folder import written_whole
 
 if TYPE_CHECKING:
     from service.lora.adapter_files import AdapterWeights
 
 
-def adapter_dir(name_or_path: str, adapters_dir: Path) -> Path:
-    """A folder as given, else the adapter of that name in ``adapters_dir``. Raises FileNotFoundError when that folder
-    holds no ``adapter_model.safetensors`` (pickled weights are refused)."""
-    path = Path(name_or_path)
+def adapter_dir(args: argparse.Namespace) -> Path:
+    """The folder ``--adapter`` names, else the adapter of that name in ``--adapters-dir``. Raises FileNotFoundError
+    naming ``--adapter`` when there is none (saying so where the adapters folder does not exist), or when that
+    folder holds no ``adapter_model.safetensors`` (pickled weights are refused)."""
+    path = Path(args.adapter)
     if not path.is_dir():
-        path = adapters_dir / name_or_path
+        path = args.adapters_dir / args.adapter
+        if not path.is_dir():
+            raise FileNotFoundError(f"--adapter {args.adapter}: no adapter folder {args.adapter}, nor {path}"
+                                    f"{adapters_dir_absent(args)}")
     if not (path / "adapter_model.safetensors").is_file():
-        raise FileNotFoundError(f"{name_or_path}: no adapter_model.safetensors there (pickled weights are refused)")
+        raise FileNotFoundError(f"--adapter {args.adapter}: {path} holds no adapter_model.safetensors (pickled weights "
+                                "are refused)")
     return path
 
 
@@ -52,7 +58,7 @@ def merge_adapter(args: argparse.Namespace) -> Path:
     from service.model.base_model import resolve_base_dir
     from service.settings import setting
 
-    adapter = adapter_dir(args.adapter, args.adapters_dir)
+    adapter = adapter_dir(args)
     config = read_config(adapter, setting("max_rank"))  # AdapterError: a config it refuses
     base_dir = resolve_base_dir(args.base_model or config.base_model_name_or_path or "smollm2", setting("cache_dir"))
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)  # merge in full precision

@@ -17,6 +17,7 @@ from service.cli.command import (
     comma_list,
     device,
     flag,
+    given_as,
     input_name,
     input_path,
     new_folder,
@@ -114,6 +115,17 @@ def add_merge_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=new_folder, help="folder for the merged model, new or empty")
     parser.add_argument("--base-model", type=input_name,
                         help=BASE_HELP + " (default: the adapter's base_model_name_or_path)")
+
+
+def adapters_dir_absent(args: argparse.Namespace) -> str:
+    """Where ``args.adapters_dir``, in which ``--adapter NAME`` is looked up, is no folder, the words that say so and
+    where it came from (``given_as``: ``--adapters-dir``, ``LORASWAP_ADAPTERS_DIR``, else its default), to end an
+    error with; else ''. A review: ``merge --adapter squad`` without the folder said the adapter held no weights."""
+    if args.adapters_dir.is_dir():
+        return ""
+    given = given_as(args, "adapters_dir")
+    source = f"{flag('adapters_dir')}'s default" if given == "adapters_dir" else given
+    return f": the adapters folder {args.adapters_dir} ({source}) does not exist"
 
 
 def add_eval_options(parser: argparse.ArgumentParser) -> None:

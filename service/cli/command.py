@@ -69,6 +69,7 @@ def read_setting_defaults(args: argparse.Namespace) -> None:
     for name, value in list(vars(args).items()):
         if isinstance(value, SettingDefault):
             setattr(args, name, setting(value.name))
+            args.settings_read = [*getattr(args, "settings_read", []), name]  # read by given_as
 
 
 def given_as(args: argparse.Namespace, name: str) -> str:
@@ -76,7 +77,9 @@ def given_as(args: argparse.Namespace, name: str) -> str:
     also for an option's own default), else, where the value was read from the environment (no option gave it, or a
     ``SettingDefault`` still stands for it), by its variable (``LORASWAP_MAX_BATCH``); else by its name, a default of
     Settings' or a value the command set."""
-    if not isinstance(getattr(args, name, SettingDefault(name)), SettingDefault):
+    read = name in getattr(args, "settings_read", ()) or isinstance(getattr(args, name, SettingDefault(name)),
+                                                                   SettingDefault)
+    if not read:
         return flag(name)
     variable = Settings.model_config["env_prefix"] + name.upper()
     return variable if variable in os.environ else name

@@ -197,7 +197,7 @@ def test_merge_refuses_pickled_adapters(tmp_path):
     (tmp_path / "adapter_config.json").write_text("{}")
     (tmp_path / "adapter_model.bin").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match="pickled"):
-        merge.adapter_dir(str(tmp_path), tmp_path)
+        merge.adapter_dir(argparse.Namespace(adapter=str(tmp_path), adapters_dir=tmp_path))
 
 
 @pytest.mark.real_data("nli/snli_test.jsonl.gz", "nli/mnli.jsonl.gz")

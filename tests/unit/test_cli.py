@@ -29,7 +29,10 @@ LONG = "a" * 300  # a file name longer than any Linux file system takes (255 byt
     (["eval", "--task", "nli", "--adapter", "none", "--limit", "0"], "--limit: must be above 0, not 0"),
     (["train", "--task", "squad", "--out", "x", "--max-steps", "0"], "--max-steps: must be above 0, not 0"),
     (["train", "--task", "squad", "--out", "x", "--lr", "-1"], "--lr: must be above 0, not -1"),
-    (["merge", "--adapter", "missing", "--out", "x"], "loraswap merge: error: missing: no adapter_model.safetensors"),
+    (["merge", "--adapter", "missing", "--out", "x"], "loraswap merge: error: --adapter missing: no adapter folder "
+     "missing, nor "),
+    (["merge", "--adapter", "tests", "--out", "x"], "loraswap merge: error: --adapter tests: tests holds no "
+     "adapter_model.safetensors (pickled weights are refused)\n"),
     (["serve", "--max-batch", "0"], "loraswap serve: error: --max-batch: Input should be greater than or equal to 1\n"),
     (["serve", "--max-input-tokens", "64", "--answer-stride", "64"],
      "loraswap serve: error: --answer-stride: must be below max_input_tokens (64), not 64: "),
@@ -221,6 +224,23 @@ def test_a_path_the_file_system_refuses_is_a_usage_error_naming_its_option(varia
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.startswith(f"loraswap {argv[0]}: error: ") and err.count("\n") == 1, err
     assert error in err
+
+
+@pytest.mark.parametrize("command", [["merge", "--out", "x"], ["eval", "--task", "nli"], ["calibrate"]])
+@pytest.mark.parametrize("from_variable", [False, True])
+def test_an_adapter_looked_up_in_an_adapters_folder_that_does_not_exist_says_so(command, from_variable, tmp_path,
+                                                                                monkeypatch, capsys):
+    """A review: ``merge --adapter squad`` where the adapters folder did not exist said "no adapter_model.safetensors
+    there"; eval and calibrate did not say that the folder was missing, nor which option or variable named it."""
+    absent = tmp_path / "absent"
+    if from_variable:
+        monkeypatch.setenv("LORASWAP_ADAPTERS_DIR", str(absent))
+    with pytest.raises(SystemExit) as exit_:
+        main([*command, "--adapter", "squad", *([] if from_variable else ["--adapters-dir", str(absent)])])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1, err
+    source = "LORASWAP_ADAPTERS_DIR" if from_variable else "--adapters-dir"
+    assert err.endswith(f": the adapters folder {absent} ({source}) does not exist\n"), err
 
 
 def test_no_option_of_a_command_takes_a_path_unchecked():
