@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib.util
+import ipaddress
 import math
 import os
 import re
@@ -271,18 +272,36 @@ def spare_adapter_folder(text: str, folder: Path, where: str) -> None:
                                          "would write over or beside the adapter's own files")
 
 
+HOST_NAME = re.compile(r"[A-Za-z0-9._-]+")  # a host name or IPv4 address of a URL (an IPv6 one is in brackets)
+
+
 def server_url(text: str) -> str:
     """An argparse type: a server's URL, ``http(s)://HOST[:PORT][/PATH]``, returned without a trailing slash; a usage
-    error for another scheme, no host, or a port that is no number in 1-65535 (a review: ``--host
-    http://127.0.0.1:99999`` was a "Connection refused" once the command ran)."""
-    parts = urlsplit(text)
+    error for another scheme, no host, a host that is no name or address (``a b``, an unclosed ``[::1``: a review,
+    the one accepted, the other argparse's "invalid server_url value"), a space or control character anywhere, or a
+    port that is no number in 1-65535 (a review: ``--host http://127.0.0.1:99999`` was a "Connection refused" once
+    the command ran)."""
     try:
+        parts = urlsplit(text)
         port_ok = parts.port != 0  # None: the scheme's own port
-    except ValueError:  # not a number, or past 65535
-        port_ok = False
-    if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
+    except ValueError:  # a port not a number or past 65535, an unclosed [ of an IPv6 address
+        parts, port_ok = None, False
+    if (not port_ok or parts.scheme not in ("http", "https") or not known_host(parts.hostname)
+            or any(char.isspace() or not char.isprintable() for char in text)):
         raise argparse.ArgumentTypeError(f"{text!r} is not a server's URL, http://HOST:PORT (a port in 1-65535)")
     return text.rstrip("/")
+
+
+def known_host(host: str | None) -> bool:
+    """Whether ``host``, a URL's (``urlsplit``'s ``hostname``, brackets gone), is a host name, an IPv4 address or an
+    IPv6 one."""
+    if not host:
+        return False
+    try:
+        ipaddress.IPv6Address(host)
+    except ValueError:
+        return HOST_NAME.fullmatch(host) is not None
+    return True
 
 
 def regular_file(path: str | Path) -> tuple[int, int] | None:

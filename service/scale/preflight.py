@@ -82,10 +82,10 @@ def check_address(address: str | None) -> None:
     (ray.init finds or starts the cluster)."""
     if address in (None, "auto", "local"):
         return
-    parts = urlsplit(address if "://" in address else f"//{address}")
     try:
+        parts = urlsplit(address if "://" in address else f"//{address}")
         host, port = parts.hostname, parts.port
-    except ValueError:
+    except ValueError:  # a port not a number or past 65535, an unclosed [ of an IPv6 address
         host = port = None
     if not host or port is None:
         raise UsageError(f"--address {address}: must be HOST:PORT or auto")

@@ -103,7 +103,10 @@ LONG = "a" * 300  # a file name longer than any Linux file system takes (255 byt
     *((["loadtest", "--scenario", "single", "--users", "1", "--duration", "10", "--host", url, "--adapter-root", "x",
         "--json", "x.json"], f"argument --host: '{url}' is not a server's URL, http://HOST:PORT (a port in 1-65535)")
       for url in ("http://127.0.0.1:99999", "http://127.0.0.1:0", "http://h:x", "127.0.0.1:8000", "ftp://h:1",
-                  "http://:80")),
+                  "http://:80",
+                  # a review: an unclosed IPv6 address got argparse's "invalid server_url value", a space was taken
+                  "http://[::1", "http://a b:1", "http://h:1/a b")),
+    (["side-by-side", "--system", "a=loraswap@http://[::1"], "argument --system: 'http://[::1' is not a server's URL"),
     (["side-by-side", "--system", "a=loraswap@http://h:65536"], "argument --system: 'http://h:65536' is not a "
      "server's URL"),
     (["eval", "--task", "squad", "--adapter", "none", "--temperature", "-1"],
@@ -719,12 +722,13 @@ def test_a_report_that_is_a_symlink_loop_or_into_no_folder_is_refused_before_the
      "than 16: lower it"),
     (["--base-model", "/nonexistent"], "--base-model /nonexistent: no Hugging Face model directory there"),
     (["--address", "nonsense"], "--address nonsense: must be HOST:PORT or auto"),
+    (["--address", "[::1"], "--address [::1: must be HOST:PORT or auto"),  # a review: urlsplit's ValueError
     (["--address", "127.0.0.1:{closed}"], "--address 127.0.0.1:{closed}: no Ray cluster answers there (Connection "
      "refused)"),
     (["--address", "127.0.0.1:{listening}"], "--address 127.0.0.1:{listening}: no Ray cluster answers there (it "
      "accepts a connection, but no gRPC one within 5 s, as a Ray head does)"),
-], ids=["device", "gpus", "gpu-shares", "cpus", "max-new-tokens", "base-model", "address-form", "address-closed",
-        "address-not-ray"])
+], ids=["device", "gpus", "gpu-shares", "cpus", "max-new-tokens", "base-model", "address-form", "address-ipv6",
+        "address-closed", "address-not-ray"])
 def test_scale_refuses_what_no_replica_could_start_with_before_ray_starts(more, message, tiny_llama_dir, monkeypatch,
                                                                            capsys):
     """A review: where serve says one line, scale started Ray and its replicas failed (40 s of replica tracebacks for
