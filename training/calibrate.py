@@ -27,7 +27,7 @@ from service.lora.card import CALIBRATION_FIELD, CARD_FILE, read_card
 from service.runtime import Runtime
 from service.tasks.prompts import NLI_LABELS
 from training.data import TASK_TRAIN_FILES, data_dir, read_eval, read_nli
-from training.evaluate import bounded, served_adapter, start_runtime
+from training.evaluate import bounded, engine_settings, served_adapter, start_runtime
 from training.metrics import ECE_BINS, expected_calibration_error, reliability_bins
 from training.options import adapters_dir_absent
 
@@ -202,7 +202,7 @@ def calibration_field(temperature: float, fit: dict, dev: dict, seed: int, devic
 
 def scores_of(args: argparse.Namespace, folder: Path, row_sets: list[list[dict]]) -> tuple:
     """``label_logits`` of each of ``row_sets`` from the adapter in ``folder`` served as ``args`` say, then the device
-    they ran on, in words."""
+    they ran on, in words, and the engine's settings (``engine_settings``)."""
     rt = start_runtime(args, folder)
     try:
         adapter = served_adapter(rt, args, folder)
@@ -211,7 +211,7 @@ def scores_of(args: argparse.Namespace, folder: Path, row_sets: list[list[dict]]
         rt.stop()
     device = rt.registry.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    return (*logits, f"{name}, {rt.registry.dtype}")
+    return (*logits, f"{name}, {rt.registry.dtype}", engine_settings(rt))
 
 
 def adapter_folder(args: argparse.Namespace) -> Path:
@@ -242,14 +242,15 @@ def run(args: argparse.Namespace) -> dict:
     split = split_of(card)
     fit_rows, dev_rows = held_out_rows(split, root), read_eval("nli", root / DEV_FILE)
     seed = split[2]
-    fit_logits, dev_logits, device = scores_of(args, folder, [fit_rows, dev_rows])
+    fit_logits, dev_logits, device, engine = scores_of(args, folder, [fit_rows, dev_rows])
     fit_gold, dev_gold = gold_labels(fit_rows), gold_labels(dev_rows)
     temperature = fit_temperature(fit_logits, fit_gold)
     fit = {"count": len(fit_rows), "before": nll(fit_logits, fit_gold, 1.0),
            "after": nll(fit_logits, fit_gold, temperature)}
     dev = {"before": summary(dev_logits, dev_gold, 1.0), "after": summary(dev_logits, dev_gold, temperature)}
     report = {"adapter": str(folder), "temperature": temperature, "fit": fit,
-              "mnli_dev_matched": {when: {k: v for k, v in s.items() if k != "bins"} for when, s in dev.items()}}
+              "mnli_dev_matched": {when: {k: v for k, v in s.items() if k != "bins"} for when, s in dev.items()},
+              "engine": engine}
     print(json.dumps(report, indent=2))
     if args.diagram:
         reliability_diagram(args.diagram, {"uncalibrated (T = 1)": dev["before"],

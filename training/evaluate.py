@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 from pathlib import Path
 
 from service.cli.command import UsageError, spare_inputs
@@ -18,6 +19,8 @@ from training.data import BadRow, eval_path, eval_sample, hidden_in_documents, r
 from training.metrics import ECE_BINS, accuracy, confusion_matrix, expected_calibration_error, squad_scores
 from training.options import adapters_dir_absent
 
+# the HTTP server's settings, which an evaluation does not run (the keys are secrets): not in its report
+SERVER_ONLY = frozenset({"host", "port", "admin_key", "api_key", "max_body_bytes", "drain_seconds"})
 EVALUATED = "evaluated"  # the name an adapter given as a folder is registered under
 LABELS = {"nli": NLI_LABELS, "rte": RTE_LABELS}  # the labels each label-scoring task predicts
 
@@ -75,6 +78,19 @@ def served_adapter(rt: Runtime, args: argparse.Namespace, folder: Path | None) -
         except AdapterError as exc:
             raise AdapterError(f"adapter {args.adapter!r} in {args.adapters_dir} cannot be served: {exc}") from None
     return rt.registry.lookup(args.adapter)
+
+
+def engine_settings(rt: Runtime) -> dict:
+    """The settings ``rt`` ran with, for a report to record, so that its result can be reproduced (an evaluation
+    takes every serving setting it does not set from its ``LORASWAP_`` variable: ``LORASWAP_MAX_INPUT_TOKENS`` and
+    ``LORASWAP_DRAFT_TOKENS`` can change its results): every Settings field but the HTTP server's (``SERVER_ONLY``),
+    the device and dtype the base runs on, and the values the engine gave those unset (its device's defaults:
+    ``draft_tokens``, ``prefill_chunk``, ``batch_window_ms``, ``max_prefill_tokens``, null for no bound)."""
+    engine = rt.engine
+    return {**rt.settings.model_dump(mode="json", exclude=SERVER_ONLY), "device": str(rt.registry.device),
+            "dtype": str(rt.registry.dtype).removeprefix("torch."), "draft_tokens": engine.draft_tokens,
+            "prefill_chunk": engine.prefill_chunk, "batch_window_ms": engine.batch_window_ms,
+            "max_prefill_tokens": None if math.isinf(engine.prefill_tokens) else engine.prefill_tokens}
 
 
 async def bounded(coroutines, limit: int) -> list:
@@ -157,8 +173,9 @@ def score(rt: Runtime, adapter: AdapterWeights | None, rows: list[dict], args: a
     return evaluate_labels(rt, adapter, rows, LABELS[args.task], args.prompt_style)
 
 
-def eval_report(args: argparse.Namespace, metrics: dict) -> dict:
-    """What was evaluated, how (the prompt style, the sample, the decoding of a sampled SQuAD run) and ``metrics``."""
+def eval_report(args: argparse.Namespace, metrics: dict, engine: dict) -> dict:
+    """What was evaluated, how (the prompt style, the sample, the decoding of a sampled SQuAD run, the ``engine``'s
+    settings: ``engine_settings``) and ``metrics``."""
     report = {"task": args.task, "adapter": args.adapter, "data": str(args.data or f"default {args.task} dev"),
               "prompt_style": args.prompt_style, "strategy": args.strategy, **metrics}
     if args.limit:
@@ -167,7 +184,7 @@ def eval_report(args: argparse.Namespace, metrics: dict) -> dict:
         report.update(extractive=args.extractive, distractors=args.distractors)
     if args.task == "squad" and args.strategy != "greedy":
         report.update({name: getattr(args, name) for name in sorted(READ_BY[args.strategy])}, seed=args.seed)
-    return report
+    return {**report, "engine": engine}
 
 
 def check_labels(rows: list[dict], labels: tuple[str, ...], source: str) -> None:
@@ -229,7 +246,7 @@ def run(args: argparse.Namespace) -> dict:
         raise UsageError(f"an example is longer than the server takes{fewer}: {exc}") from None
     finally:
         rt.stop()
-    report = eval_report(args, metrics)
+    report = eval_report(args, metrics, engine_settings(rt))
     print(json.dumps(report, indent=2))
     if "confusion_matrix" in report:
         print(confusion_table(report["confusion_matrix"]))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
@@ -13,7 +14,7 @@ import pytest
 
 from service.cli.command import check_onednn
 from service.cli.main import main
-from service.settings import Settings
+from service.settings import CPU_DRAFT_TOKENS, CPU_PREFILL_CHUNK, Settings
 from tests.data.make_corpus import NLI_SAMPLE, SQUAD_SAMPLE
 
 LONG = "a" * 300  # a file name longer than any Linux file system takes (255 bytes)
@@ -510,8 +511,27 @@ def test_an_eval_report_records_the_sampling_parameters_its_strategy_read(strate
                               limit=None, extractive=True, distractors=0, seed=0, top_k=None, top_p=None,
                               temperature=None)
     sampling_options(args)
-    report = eval_report(args, {})
+    report = eval_report(args, {}, {})
     assert {"temperature", "top_k", "top_p"} & set(report) == recorded
+
+
+def test_an_eval_report_records_the_engine_settings_it_ran_with(tiny_llama_dir, tmp_path, monkeypatch):
+    """A review: eval takes every serving setting it does not set from its variable (LORASWAP_MAX_INPUT_TOKENS and
+    LORASWAP_DRAFT_TOKENS can change its results), and its report recorded none: it records them now, those the
+    engine gave its device's defaults as it resolved them, and never a key."""
+    monkeypatch.setenv("LORASWAP_MAX_INPUT_TOKENS", "200")
+    monkeypatch.setenv("LORASWAP_PREFIX_BLOCK_TOKENS", "8")
+    monkeypatch.setenv("LORASWAP_ADMIN_KEY", "admin-secret")
+    report = tmp_path / "report.json"
+    main(["eval", "--task", "nli", "--adapter", "none", "--data", str(NLI_SAMPLE), "--limit", "3", "--base-model",
+          str(tiny_llama_dir), "--adapters-dir", str(tmp_path), "--device", "cpu", "--max-batch", "5", "--json",
+          str(report)])
+    engine = json.loads(report.read_text())["engine"]
+    assert engine["max_input_tokens"] == 200 and engine["prefix_block_tokens"] == 8  # from the variables
+    assert engine["max_batch"] == 5 and engine["base_model"] == str(tiny_llama_dir)  # from the options
+    assert engine["device"] == "cpu" and engine["dtype"] == "float32"
+    assert engine["draft_tokens"] == CPU_DRAFT_TOKENS and engine["prefill_chunk"] == CPU_PREFILL_CHUNK  # unset
+    assert not {"admin_key", "api_key", "host", "port"} & set(engine) and "admin-secret" not in report.read_text()
 
 
 @pytest.mark.parametrize("argv,message", [
