@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from service.cli.command import (
+    SERVING_VARIABLES,
     Command,
     SettingDefault,
     bounded,
@@ -80,4 +81,5 @@ def run_bench(args: argparse.Namespace) -> None:
 
 
 # the subcommand this package declares in pyproject.toml ([project.entry-points."loraswap.commands"])
-BENCH = Command("throughput of the engine against transformers and peft", add_bench_options, run_bench)
+BENCH = Command("throughput of the engine against transformers and peft", add_bench_options, run_bench,
+                SERVING_VARIABLES)

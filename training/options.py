@@ -10,6 +10,7 @@ import argparse
 import typing
 
 from service.cli.command import (
+    SERVING_VARIABLES,
     Command,
     SettingDefault,
     UsageError,
@@ -27,6 +28,7 @@ from service.cli.command import (
     report_folder,
 )
 from service.engine.strategies import SAMPLING_DEFAULTS, Strategy, unread, unread_reason
+from service.settings import Settings
 from service.tasks.prompt_styles import ADAPTER_STYLE, PROMPT_STYLES
 
 TASKS = ("squad", "nli", "rte")
@@ -135,7 +137,8 @@ def add_eval_options(parser: argparse.ArgumentParser) -> None:
                         help="an adapter in --adapters-dir, an adapter folder, or 'none' (or 'base') for the bare "
                         "base model")
     parser.add_argument("--data", type=input_path, help="evaluation file (default: the task's dev set in the data "
-                        "dir; for nli the MNLI dev_matched split)")
+                        "folder, $LORASWAP_DATA_DIR, else shared/data beside the repository; for nli the MNLI "
+                        "dev_matched split)")
     parser.add_argument("--limit", type=positive(int), help="evaluate a random sample of N examples, drawn with "
                         "--sample-seed; for nli and rte it holds every label (default: every example)")
     parser.add_argument("--sample-seed", type=nonnegative(int), default=0, help="seed of the --limit sample")
@@ -257,9 +260,11 @@ def run_calibrate(args: argparse.Namespace) -> None:
     run(args)
 
 
-TRAIN = Command("train a LoRA adapter on SQuAD, NLI or RTE", add_train_options, run_train)
-EVAL = Command("evaluate an adapter through the serving engine", add_eval_options, run_eval)
-SWEEP = Command("grid over rank, learning rate and target modules", add_sweep_options, run_sweep)
-MERGE = Command("write a full model with one adapter merged in", add_merge_options, run_merge)
+TRAIN = Command("train a LoRA adapter on SQuAD, NLI or RTE", add_train_options, run_train, SERVING_VARIABLES)
+EVAL = Command("evaluate an adapter through the serving engine", add_eval_options, run_eval, SERVING_VARIABLES)
+SWEEP = Command("grid over rank, learning rate and target modules", add_sweep_options, run_sweep, SERVING_VARIABLES)
+MERGE = Command("write a full model with one adapter merged in", add_merge_options, run_merge,
+                "An adapter the server would refuse is refused, at the server's largest rank ($LORASWAP_MAX_RANK, else "
+                f"{Settings.model_fields['max_rank'].default}).")
 CALIBRATE = Command("fit the temperature of an NLI adapter's label probabilities; measure their calibration",
-                    add_calibrate_options, run_calibrate)
+                    add_calibrate_options, run_calibrate, SERVING_VARIABLES)

@@ -90,9 +90,11 @@ def add_loadtest_options(parser: argparse.ArgumentParser) -> None:
                         "every 100 cycles (every tenth of them when fewer than 1,000): the server's memory after the "
                         "last must be within --max-rss-growth of its memory after the first tenth")
     parser.add_argument("--squad", type=input_path,
-                        help="SQuAD v1.1 questions (default: the dev set in the data folder)")
+                        help="SQuAD v1.1 questions (default: the dev set in the data folder, $LORASWAP_DATA_DIR, "
+                        "else shared/data beside the repository)")
     parser.add_argument("--nli", type=input_path,
-                        help="NLI pairs, every row (default: MNLI dev_matched in the data folder)")
+                        help="NLI pairs, every row (default: MNLI dev_matched in the data folder, "
+                        "$LORASWAP_DATA_DIR, else shared/data beside the repository)")
 
 
 def nli_source(path: Path | None) -> tuple[Path, tuple[str, ...] | None]:
@@ -178,4 +180,5 @@ def stop_on_signals() -> None:
 LOADTEST = Command("load tests that check every answer (locust scenarios: single, uniform, zipf, churn, overload, "
                    "soak); "
                    "the server's admin key from $LORASWAP_ADMIN_KEY",
-                   add_loadtest_options, run_loadtest)
+                   add_loadtest_options, run_loadtest,
+                   "The server's API key, where it sets one, comes from $LORASWAP_API_KEY.")

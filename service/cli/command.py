@@ -41,11 +41,25 @@ class Command:
     imports what the command needs when it is called. ``run`` raises UsageError, AdapterError, OSError (a file it
     names that cannot be read or written: absent, a name too long), UnsafeEnvironment, TemplateRefused (an adapter's
     chat template refuses a prompt style's prompt) or pydantic's ValidationError for what the user asked that cannot
-    be done (a usage error, exit status 2)."""
+    be done (a usage error, exit status 2). ``reads``: the ``LORASWAP_`` variables it reads that no option's help
+    names, in words, ending the description ``--help`` shows (``SERVING_VARIABLES`` for one that runs the engine or
+    loads the base as serve does)."""
 
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], None]
+    reads: str = ""
+
+    @property
+    def description(self) -> str:
+        """What ``--help`` says of the command before its options: ``help``, then ``reads``."""
+        return f"{self.help}. {self.reads}" if self.reads else self.help
+
+
+# what a command that builds Settings (the engine's, or the base's as serve loads it) reads: serve's variables
+SERVING_VARIABLES = ("Every setting of loraswap serve that its options do not give comes from its LORASWAP_ variable, "
+                     "as serve's do (LORASWAP_MAX_INPUT_TOKENS for --max-input-tokens, LORASWAP_ONEDNN for --onednn: "
+                     "loraswap serve --help lists them); an invalid one is a usage error.")
 
 
 @dataclass(frozen=True)

@@ -73,13 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = BriefErrors(prog="loraswap", description="Serve many LoRA adapters on one frozen base model; "
                          "train, evaluate and benchmark them.")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    prefix = Settings.model_config["env_prefix"]
     serve = subparsers.add_parser("serve", help="run the HTTP service", formatter_class=DefaultsHelp,
-                                description=f"Run the HTTP service. A flag not given comes from its environment "
-                                f"variable ({prefix}MAX_BATCH for --max-batch), else the default shown.")
+                                  description="Run the HTTP service.")
     add_settings_arguments(serve)
     for name, command in commands().items():
-        sub = subparsers.add_parser(name, help=command.help, description=command.help, formatter_class=DefaultsHelp)
+        sub = subparsers.add_parser(name, help=command.help, description=command.description,
+                                    formatter_class=DefaultsHelp)
         command.add_arguments(sub)
         reports = [(action.dest, action.option_strings[0]) for action in sub._actions if action.type is output_file]
         inputs = [(action.dest, action.option_strings[0]) for action in sub._actions  # --help's default is SUPPRESS

@@ -11,7 +11,11 @@ from service.settings import Settings
 
 
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per Settings field (``--base-model`` for ``base_model``); unset flags leave env/defaults."""
+    """One flag per Settings field (``--base-model`` for ``base_model``); unset flags leave env/defaults, which the
+    parser's description says (serve's and scale's ``--help``)."""
+    prefix = Settings.model_config["env_prefix"]
+    parser.description = (f"{parser.description or ''} A flag not given comes from its environment variable "
+                          f"({prefix}MAX_BATCH for --max-batch), else the default shown.").lstrip()
     for name, field in Settings.model_fields.items():
         kind = field.annotation
         help_text = field.description or name.replace("_", " ")

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import service
+from service.cli.command import SERVING_VARIABLES
 from service.cli.main import DefaultsHelp, build_parser, commands, settings_from
 from service.lora.adapter_files import BASE_LABEL, BASE_MODEL_ID
 from training.options import sampling_options
@@ -122,6 +123,44 @@ def test_serve_help_says_where_an_unset_flag_comes_from(monkeypatch):
     assert "LORASWAP_MAX_BATCH for --max-batch" in " ".join(serve.format_help().split())
     assert settings_from(serve.parse_args([])).max_batch == 7
     assert settings_from(serve.parse_args(["--max-batch", "9"])).max_batch == 9
+
+
+# each module a command runs that reads the environment, and the commands that run it
+RUN_BY = {"training/train.py": ("train", "sweep"), "training/sweep.py": ("sweep",), "training/merge.py": ("merge",),
+          "training/evaluate.py": ("eval", "calibrate"), "training/calibrate.py": ("calibrate",),
+          "loadtest/bench.py": ("bench",), "loadtest/checked/options.py": ("loadtest",),
+          "loadtest/side_by_side.py": ("side-by-side",), "service/scale/options.py": ("scale",)}
+
+
+def variables_read(path: Path) -> tuple[set[str], bool]:
+    """The LORASWAP_ variables the module at ``path`` reads by name (``setting("x")``, ``SettingDefault("x")``,
+    ``os.environ.get("LORASWAP_X")``, ``data_dir()``), and whether it builds Settings (which reads every one)."""
+    names, builds = set(), False
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(node, ast.Call):
+            continue
+        called = getattr(node.func, "id", getattr(node.func, "attr", ""))
+        texts = [arg.value for arg in node.args if isinstance(arg, ast.Constant) and isinstance(arg.value, str)]
+        if called in ("setting", "SettingDefault"):
+            names |= {f"LORASWAP_{text.upper()}" for text in texts}
+        names |= {text for text in texts if re.fullmatch(r"LORASWAP_[A-Z_]+", text)}
+        names |= {"LORASWAP_DATA_DIR"} if called == "data_dir" else set()
+        builds |= called in ("Settings", "settings_from")
+    return names, builds
+
+
+@pytest.mark.parametrize("module", sorted(RUN_BY))
+def test_every_commands_help_names_the_variables_it_reads(module):
+    """A review: ``merge --help`` did not say that it reads $LORASWAP_MAX_RANK (the largest rank it accepts); eval's
+    did not say that the engine takes every serving setting from its variable (LORASWAP_MAX_INPUT_TOKENS can change
+    its results). A command that builds Settings says that every serving variable counts."""
+    names, builds = variables_read(Path(service.__file__).parents[1] / module)
+    for command in RUN_BY[module]:
+        shown = " ".join(subcommands()[command].format_help().split())
+        assert [name for name in sorted(names) if name not in shown] == [], command
+        if builds:
+            assert "LORASWAP_MAX_BATCH for --max-batch" in shown if command == "scale" else \
+                " ".join(SERVING_VARIABLES.split()) in shown, command
 
 
 def test_the_service_knows_neither_training_nor_loadtest():
