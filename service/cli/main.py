@@ -136,16 +136,28 @@ def file_identity(path: Path) -> object:
 
 
 def reason(exc: Exception, args: argparse.Namespace) -> str:
-    """What went wrong, in one line. A setting is named as the user gave it (``field_name``: ``--max-batch`` or
-    ``LORASWAP_MAX_BATCH``, not ``max_batch``). For a ValidationError, each field's problem without the value given,
-    which may be a secret (the admin or API key), nor pydantic's "Value error, " before a validator's own words."""
+    """What went wrong, in one line, each setting named as the user gave it (``field_name`` for the setting at fault,
+    ``as_given`` for those the words name: ``--max-batch`` or ``LORASWAP_MAX_BATCH``, not ``max_batch``). For a
+    ValidationError, each field's problem without the value given, which may be a secret (the admin or API key), nor
+    pydantic's "Value error, " before a validator's own words."""
     prefix = Settings.model_config["env_prefix"]
     if isinstance(exc, SettingsError):  # pydantic-settings' own: 'error parsing value for field "x" from source ...'
         return re.sub(r'field "(\w+)"', lambda name: f"{prefix}{name[1].upper()}", str(exc))
     if not isinstance(exc, ValidationError):
-        return str(exc)
-    return "; ".join(f"{field_name(error['loc'], exc.title, args)}: {error['msg'].removeprefix('Value error, ')}"
-                     for error in exc.errors())
+        return as_given(str(exc), args)
+    return "; ".join(f"{field_name(error['loc'], exc.title, args)}: "
+                     f"{as_given(error['msg'].removeprefix('Value error, '), args)}" for error in exc.errors())
+
+
+# a setting's name in a message's words (max_new_tokens): an identifier with an underscore, not part of a path
+SETTING_WORD = re.compile(r"(?<![\w/.-])[a-z]+(?:_[a-z0-9]+)+(?![\w/-]|\.\w)")
+
+
+def as_given(text: str, args: argparse.Namespace) -> str:
+    """``text`` with each Settings field it names (``SETTING_WORD``: ``max_new_tokens 500 leaves ...``, as the
+    runtime's checks say it) named as ``given_as`` names it (``--max-new-tokens 500 leaves ...``)."""
+    return SETTING_WORD.sub(lambda word: given_as(args, word[0]) if word[0] in Settings.model_fields else word[0],
+                            text)
 
 
 def field_name(loc: tuple, model: str, args: argparse.Namespace) -> str:

@@ -190,8 +190,8 @@ def test_more_new_tokens_than_the_base_has_positions_is_a_usage_error(tiny_llama
     line = usage_error(capsys, lambda: run_eval(tiny_llama_dir, tmp_path, "--task", "squad", "--adapter", "none",
                                                 "--data", str(data), "--max-new-tokens", "100000"),
                        before_the_model=False)
-    assert line.startswith("loraswap eval: error: the base model cannot run as asked: max_new_tokens 100000 leaves 0 "
-                           "of the base model's 512 positions")
+    assert line.startswith("loraswap eval: error: the base model cannot run as asked: --max-new-tokens 100000 leaves "
+                           "0 of the base model's 512 positions")
 
 
 def test_an_adapter_the_engine_refuses_is_a_usage_error_giving_the_reason(tiny_llama_dir, llama_adapters, tmp_path,

@@ -36,7 +36,7 @@ LONG = "a" * 300  # a file name longer than any Linux file system takes (255 byt
      "adapter_model.safetensors (pickled weights are refused)\n"),
     (["serve", "--max-batch", "0"], "loraswap serve: error: --max-batch: Input should be greater than or equal to 1\n"),
     (["serve", "--max-input-tokens", "64", "--answer-stride", "64"],
-     "loraswap serve: error: --answer-stride: must be below max_input_tokens (64), not 64: "),
+     "loraswap serve: error: --answer-stride: must be below --max-input-tokens (64), not 64: "),
     # comma lists and counts are checked as they are parsed, each bad item named
     (["bench", "--modes", "base,nope"], "--modes: 'nope' in 'base,nope' is not an item of the list (one of hf_base"),
     (["bench", "--batch-sizes", "1,x"], "--batch-sizes: '1,x': every item must be 1-4096 int"),
@@ -352,6 +352,13 @@ BIG = str(2**63)  # past 64 bits: refused by the one check of the bound (setting
     ({"LORASWAP_PREFIX_BLOCK_TOKENS": BIG}, ["scale", "--replicas", "1"], "LORASWAP_PREFIX_BLOCK_TOKENS: must be at "
      "most 9223372036854775807"),
     ({"LORASWAP_DEVICE": "cuda:99"}, ["serve"], "LORASWAP_DEVICE: 'cuda:99' names GPU 99"),
+    # the settings a message's words name, as given too (they said max_input_tokens, max_new_tokens)
+    ({"LORASWAP_MAX_INPUT_TOKENS": "64"}, ["serve", "--answer-stride", "64"], "--answer-stride: must be below "
+     "LORASWAP_MAX_INPUT_TOKENS (64), not 64"),
+    ({"LORASWAP_MAX_NEW_TOKENS": "500"}, ["scale", "--replicas", "1", "--device", "cpu", "--base-model", "{base}"],
+     "loraswap scale: error: LORASWAP_MAX_NEW_TOKENS 500 leaves 12 of the base model's 512 positions"),
+    ({}, ["eval", "--task", "nli", "--adapter", "none", "--data", str(NLI_SAMPLE), "--max-new-tokens", "600"],
+     "loraswap eval: error: the base model cannot run as asked: --max-new-tokens 600 leaves 0 of the base model's"),
     ({"LORASWAP_MAX_INPUT_TOKENS": BIG}, ["eval", "--task", "nli", "--adapter", "none", "--data", str(NLI_SAMPLE)],
      "LORASWAP_MAX_INPUT_TOKENS: must be at most 9223372036854775807"),
     ({}, ["eval", "--task", "nli", "--adapter", "none", "--max-batch", BIG],
@@ -363,13 +370,15 @@ def test_a_setting_refused_is_named_as_the_user_gave_it(variables, argv, error, 
     not the flag typed; a variable's value is named by the variable, in serve, scale and the engine eval runs."""
     for variable, value in variables.items():
         monkeypatch.setenv(variable, value)
+    argv = [arg.format(base=tiny_llama_dir) for arg in argv]
     if argv[0] == "eval":
         argv = [*argv, "--base-model", str(tiny_llama_dir), "--adapters-dir", str(tmp_path), "--device", "cpu"]
     with pytest.raises(SystemExit) as exit_:
         main(argv)
     err = capsys.readouterr().err
-    assert exit_.value.code == 2 and err.startswith(f"loraswap {argv[0]}: error: ") and err.count("\n") == 1, err
-    assert error in err and "Value error" not in err and "max_batch" not in err
+    line = err.splitlines()[-1]  # eval's loading of the base may print its progress first
+    assert exit_.value.code == 2 and line.startswith(f"loraswap {argv[0]}: error: ") and err.endswith("\n"), err
+    assert error in line and "Value error" not in err and "max_batch" not in err
 
 
 @pytest.mark.parametrize("argv", [["--help"], *([command, "--help"] for command in ("serve", "eval", "bench"))])
@@ -738,8 +747,8 @@ def test_a_report_that_is_a_symlink_loop_or_into_no_folder_is_refused_before_the
     (["--replicas", "4096", "--replica-gpus", "0.4"], "--replica-gpus 0.4 for 4096 replica(s) needs 2048 GPU(s)"),
     (["--replicas", "4096", "--replica-cpus", "0.5"], "--replica-cpus 0.5 for 4096 replica(s) needs 2048 CPUs, and "
      "this machine, where the Ray of loraswap scale starts, has"),
-    (["--max-new-tokens", "500"], "max_new_tokens 500 leaves 12 of the base model's 512 positions for a prompt, fewer "
-     "than 16: lower it"),
+    (["--max-new-tokens", "500"], "--max-new-tokens 500 leaves 12 of the base model's 512 positions for a prompt, "
+     "fewer than 16: lower it"),
     (["--base-model", "/nonexistent"], "--base-model /nonexistent: no Hugging Face model directory there"),
     (["--address", "nonsense"], "--address nonsense: must be HOST:PORT or auto"),
     (["--address", "[::1"], "--address [::1: must be HOST:PORT or auto"),  # a review: urlsplit's ValueError
