@@ -143,10 +143,28 @@ def reason(exc: Exception, args: argparse.Namespace) -> str:
     prefix = Settings.model_config["env_prefix"]
     if isinstance(exc, SettingsError):  # pydantic-settings' own: 'error parsing value for field "x" from source ...'
         return re.sub(r'field "(\w+)"', lambda name: f"{prefix}{name[1].upper()}", str(exc))
+    if isinstance(exc, OSError):
+        return os_error(exc, args)
     if not isinstance(exc, ValidationError):
         return as_given(str(exc), args)
     return "; ".join(f"{field_name(error['loc'], exc.title, args)}: "
                      f"{as_given(error['msg'].removeprefix('Value error, '), args)}" for error in exc.errors())
+
+
+def os_error(exc: OSError, args: argparse.Namespace) -> str:
+    """OSError's line naming the option whose path it is about, the path given or a file in that folder
+    (``--data-dir /x: No such file or directory: /x/nli/mnli.jsonl.gz``; a review: it named no option), where one
+    of the command's options (``input_options``) gives it; else OSError's own line."""
+    if exc.filename is None or exc.strerror is None:
+        return str(exc)
+    failed = Path(exc.filename)
+    for dest, option in getattr(args, "input_options", []):
+        for value in path_values(getattr(args, dest, None)):
+            if Path(value) == failed:
+                return f"{option} {value}: {exc.strerror}"
+            if str(value) not in (".", "") and Path(value) in failed.parents:
+                return f"{option} {value}: {exc.strerror}: {exc.filename}"
+    return str(exc)
 
 
 # a setting's name in a message's words (max_new_tokens): an identifier with an underscore, not part of a path

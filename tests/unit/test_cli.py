@@ -18,6 +18,9 @@ from service.settings import CPU_DRAFT_TOKENS, CPU_PREFILL_CHUNK, Settings
 from tests.data.make_corpus import NLI_SAMPLE, SQUAD_SAMPLE
 
 LONG = "a" * 300  # a file name longer than any Linux file system takes (255 bytes)
+LOADTEST = ["loadtest", "--scenario", "single", "--users", "1", "--duration", "10", "--host", "http://127.0.0.1:9",
+            "--adapter-root", "x", "--json", "x.json"]
+SIDE_BY_SIDE = ["side-by-side", "--system", "a=loraswap@http://127.0.0.1:9", "--system", "b=loraswap@http://127.0.0.1:9"]
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -25,8 +28,15 @@ LONG = "a" * 300  # a file name longer than any Linux file system takes (255 byt
     *((["eval", "--task", task, "--adapter", "nope"], "loraswap eval: error: unknown adapter 'nope'")
       for task in ("squad", "nli", "rte")),
     (["eval", "--task", "rte", "--adapter", "nope", "--data", "/nonexistent/rte.jsonl"], "unknown adapter 'nope'"),
+    # a file or folder an option names that is not there: the option named (a review: OSError's line named none)
     (["eval", "--task", "rte", "--adapter", "none", "--data", "/nonexistent/rte.jsonl"],
-     "loraswap eval: error: [Errno 2] No such file or directory: '/nonexistent/rte.jsonl'"),
+     "loraswap eval: error: --data /nonexistent/rte.jsonl: No such file or directory\n"),
+    (["train", "--task", "nli", "--out", "x", "--data-dir", "/nonexistent"], "loraswap train: error: --data-dir "
+     "/nonexistent: No such file or directory: /nonexistent/nli/snli_test.jsonl.gz\n"),
+    (["calibrate", "--adapter", "nli", "--data-dir", "/nonexistent"], "loraswap calibrate: error: --data-dir "
+     "/nonexistent: No such file or directory: /nonexistent/nli/"),
+    ([*SIDE_BY_SIDE, "--data", "/nonexistent"], "loraswap side-by-side: error: --data /nonexistent: No such file or "
+     "directory: /nonexistent/squad/dev-v1.1.json.gz\n"),
     (["eval", "--task", "nli", "--adapter", "none", "--limit", "0"], "--limit: must be above 0, not 0"),
     (["train", "--task", "squad", "--out", "x", "--max-steps", "0"], "--max-steps: must be above 0, not 0"),
     (["train", "--task", "squad", "--out", "x", "--lr", "-1"], "--lr: must be above 0, not -1"),
@@ -177,11 +187,6 @@ def test_requests_that_cannot_be_done_are_usage_errors(argv, message, tiny_llama
         main([*argv, *eval_setup])
     assert exit_.value.code == 2
     assert message in capsys.readouterr().err
-
-
-LOADTEST = ["loadtest", "--scenario", "single", "--users", "1", "--duration", "10", "--host", "http://127.0.0.1:9",
-            "--adapter-root", "x", "--json", "x.json"]
-SIDE_BY_SIDE = ["side-by-side", "--system", "a=loraswap@http://127.0.0.1:9", "--system", "b=loraswap@http://127.0.0.1:9"]
 
 
 @pytest.mark.parametrize("variables,argv,error", [
