@@ -89,9 +89,9 @@ def read_setting_defaults(args: argparse.Namespace) -> None:
 
 def given_as(args: argparse.Namespace, name: str) -> str:
     """How setting ``name`` is named to the user: by the flag of the option of ``args`` that gave it (``--max-batch``,
-    also for an option's own default), else, where the value was read from the environment (no option gave it, or a
-    ``SettingDefault`` still stands for it), by its variable (``LORASWAP_MAX_BATCH``); else by its name, a default of
-    Settings' or a value the command set."""
+    also for an option's own default), else, where the value was read from the environment (no option gave it, a
+    ``SettingDefault`` still stands for it, or ``read_setting_defaults`` put its setting's value in its place), by its
+    variable (``LORASWAP_MAX_BATCH``); else by its name: a default of Settings', or a value the command set."""
     read = name in getattr(args, "settings_read", ()) or isinstance(getattr(args, name, SettingDefault(name)),
                                                                    SettingDefault)
     if not read:
