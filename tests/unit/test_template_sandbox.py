@@ -110,8 +110,8 @@ def test_templates_take_turns_so_an_endless_one_holds_one_process_not_all(tokeni
         with pytest.raises(TemplateRefused, match="more than"):
             future.result(timeout=120)
     assert withdrawn and endless[2].cancelled()
-    time.sleep(0.5)
-    assert not renders.waiting and not renders.running
+    # the worker takes the withdrawn job off the queue, and counts its render ended, after the render's caller heard
+    wait_for(lambda: not renders.waiting and not renders.running, "the withdrawn job skipped and no render counted")
 
 
 def test_a_slow_templates_renders_wait_in_a_bounded_queue_past_which_they_are_refused_at_once(tokenizer):
@@ -193,22 +193,29 @@ def test_a_script_without_a_main_guard_renders_once(tiny_tokenizer_dir, tmp_path
 
 
 def rendering_children(monkeypatch) -> list[Child]:
-    """The render processes that begin a render from now on (for the test), in order: the ones running already too."""
-    children, render = [], Child.render
+    """The render processes that begin a render from now on (for the test), in order: the ones running already too.
+    A child's ``in_render`` turns true once its render runs: the job sent and compiled, the server waits for the ids."""
+    children, render, receive = [], Child.render, Child.receive
 
     def recorded(child: Child, job):
+        child.in_render = False
         children.append(child)
         return render(child, job)
 
+    def step(child: Child, seconds: float, what: str):
+        child.in_render = what == "render the messages"
+        return receive(child, seconds, what)
+
     monkeypatch.setattr(Child, "render", recorded)
+    monkeypatch.setattr(Child, "receive", step)
     return children
 
 
-def rendering(children: list[Child]) -> Child:
-    """The first of ``children`` once its render runs (a moment after it began)."""
-    child = wait_for(lambda: children and children[0], "a render to begin")
-    time.sleep(0.5)  # the job sent and compiled: the render runs
-    return child
+def rendering(children: list[Child], which: int = 0) -> Child:
+    """Child ``which`` of ``children`` once its render runs (not while the job is sent or compiled: a signal then
+    meets another step)."""
+    return wait_for(lambda: len(children) > which and children[which].in_render and children[which],
+                    "a render to run")
 
 
 @pytest.mark.parametrize("sent,error,said", [
@@ -241,8 +248,15 @@ def test_a_render_process_frozen_from_outside_is_the_servers_trouble(tokenizer, 
     child = Child(tokenizer)
     if step == "compile":
         os.kill(child.process.pid, signal.SIGSTOP)
-    else:
-        threading.Timer(0.5, os.kill, (child.process.pid, signal.SIGSTOP)).start()  # in the render, begun at once
+    else:  # once compiled, as the server begins to wait for the render (a timer could stop it before it compiled)
+        receive = Child.receive
+
+        def stopped(waiting: Child, seconds: float, what: str):
+            if what == step:
+                os.kill(waiting.process.pid, signal.SIGSTOP)
+            return receive(waiting, seconds, what)
+
+        monkeypatch.setattr(Child, "receive", stopped)
     with pytest.raises(RenderUnavailable, match=f"got .* s of CPU in the .* s it had to {step}"):
         child.render((QUESTION, ENDLESS, GENERATION))
     assert not child.alive and child.process.returncode == -signal.SIGKILL
@@ -304,7 +318,7 @@ def test_closing_fails_the_renders_not_begun_at_once_and_ends_the_processes(toke
     with pytest.raises(TemplateRefused):
         renders.render((QUESTION, ENDLESS, GENERATION))
     backlog = [renders.submit((QUESTION, ENDLESS, GENERATION))]
-    wait_for(lambda: renders.running, "a render of the backlog to begin")
+    rendering(children, 1)  # its process started (seconds on a busy machine): the time bound below is the render's
     backlog += [renders.submit((QUESTION, ENDLESS, GENERATION)) for _ in range(MAX_SLOW_WAITING)]
     closed = time.monotonic()
     renders.close()
