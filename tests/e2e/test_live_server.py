@@ -207,7 +207,11 @@ def test_vllms_adapter_routes(server):
 
 def in_flight_and_answered(http: httpx.Client, status: str | None = None) -> tuple[float, float]:
     """HTTP requests in flight now, and completions answered so far (with ``status``, if given), from /metrics."""
-    samples = scrape(http)
+    return in_flight_and_answered_in(scrape(http), status)
+
+
+def in_flight_and_answered_in(samples, status: str | None = None) -> tuple[float, float]:
+    """``in_flight_and_answered`` of one scrape's ``samples``."""
     answered = sum(count for (name, labels), count in samples.items()
                    if name == "loraswap_request_duration_seconds_count" and ("endpoint", "/v1/completions") in labels
                    and (status is None or ("status", status) in labels))
@@ -380,6 +384,11 @@ def test_sigterm_drains_then_exits_cleanly(server):
         now, answered = in_flight_and_answered(http)
         return now - idle + answered - answered_before
 
+    def admitted() -> float:  # completions past the readiness check: in the engine (one scrape: none counted twice)
+        samples = scrape(http)
+        engine = value(samples, "loraswap_requests_running") + value(samples, "loraswap_requests_waiting")
+        return engine + in_flight_and_answered_in(samples)[1] - answered_before
+
     def complete(i: int) -> httpx.Response:
         return httpx.post(f"{server.url}/v1/completions", timeout=120, headers=INFERENCE,
                           json={"model": ("one", "two", "base")[i % 3], "prompt": f"Story {i}:", "max_tokens": 256,
@@ -389,7 +398,8 @@ def test_sigterm_drains_then_exits_cleanly(server):
         futures = [pool.submit(complete, i) for i in range(slow)]
         wait_until(lambda: arrived() >= slow, "the slow requests did not reach the server", timeout=30)
         assert in_flight_and_answered(http)[0] > idle, "every request was answered before SIGTERM: nothing to drain"
-        time.sleep(0.2)  # counted in flight by the middleware: let each pass the readiness check into the queue
+        # counted in flight by the middleware before the readiness check: a signal before it would refuse them
+        wait_until(lambda: admitted() >= slow, "the slow requests did not reach the engine", timeout=30)
         server.process.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
         ready = http.get("/ready")
