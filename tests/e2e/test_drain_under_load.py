@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
+from service.tasks.template_sandbox import MAX_RENDER_SECONDS, STARVED_FACTOR
 from tests.e2e.test_live_server import free_port
 from tests.server_helpers import copy_adapters, scrape, value, wait_ready, wait_until
 from tests.unit.test_template_sandbox import ENDLESS
@@ -124,6 +125,12 @@ def test_sigterm_fails_the_renders_queued_behind_a_hostile_template_at_once(tiny
             log.seek(0)
             print(log.read()[-3000:])  # shown when the test fails
     print(f"exited {exited:.1f} s after SIGTERM; replies {sorted(statuses)}")
-    assert set(statuses) <= {422, 503} and statuses.count(503) >= BACKLOG // 2, statuses
-    assert "shutting down" in next(reply.result().text for reply in replies if reply.result().status_code == 503)
-    assert exited < 0.5 + 2 * 2 + 5  # the drain, at most the render running (and its compile), and the exit
+    # a render running when the server stops listening ends as it would: at its deadline (a 422), or past its wall
+    # time (a 503 too, but not "shutting down") when a busy machine starved it of the CPU
+    texts = [reply.result().text for reply in replies]
+    shut_out = sum(status == 503 and "shutting down" in text for status, text in zip(statuses, texts))
+    assert set(statuses) <= {422, 503} and shut_out >= BACKLOG // 2, texts
+    # the drain, the renders running then (MAX_RENDER_SECONDS of CPU within STARVED_FACTOR times as long on the wall
+    # clock), and 10 s for their processes' start and the server's exit (12.4 s in all with both cores kept busy by
+    # others; 3.8 to 6.4 s without); the renders queued, run one at a time, would each take 2 s more: over 20 s
+    assert exited < 0.5 + STARVED_FACTOR * MAX_RENDER_SECONDS + 10
