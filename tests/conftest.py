@@ -13,6 +13,7 @@ import pytest
 from hypothesis import settings
 
 from service.model.base_model import embedded_gguf
+from service.tasks import template_sandbox
 from tests.lora_helpers import BASES, make_ranked_adapters
 from tests.tiny_models import build_gpt2, build_llama, build_tokenizer, make_adapter
 from training.data import data_dir
@@ -57,6 +58,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         reason = skip_reason(item)
         if reason:
             item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture
+def patient_renders(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chat template renders taken for starved (RenderUnavailable, a 503) only after 50 times a step's deadline on the
+    wall clock, not ``STARVED_FACTOR`` (4) times: for the tests that expect a template running to its deadline to be
+    refused (TemplateRefused, a 422). A render process runs at nice 10: beside a busy process on each core it gets
+    about a tenth of one, and its endless render got 0.7 s of CPU of its 2 s in 8 s, a 503."""
+    monkeypatch.setattr(template_sandbox, "STARVED_FACTOR", 50)
 
 
 @pytest.fixture(scope="session")

@@ -214,6 +214,7 @@ def test_the_templates_own_refusal_is_a_422(client):
     # work without end, and text of gigabytes (a review: one such request rendered 4 million tokens in 21 s, 2.7 GB)
     ("{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}", "more than 2 s"),
     ("{{ messages[-1].content * 100000000 }}", "more than 512 MiB")])
+@pytest.mark.usefixtures("patient_renders")
 def test_a_template_that_fails_or_renders_nothing_is_a_422_not_a_500(client, served, template, problem, stream):
     """An adapter's template is code of its own: whatever it raises, or an empty rendering, is the template's failure,
     refused with a 422 in OpenAI's shape (these were 500s), and the server serves on."""
@@ -250,6 +251,7 @@ def test_a_render_process_killed_from_outside_is_a_503_not_the_templates_422(cli
     assert chat(client, model="one", max_tokens=2)["choices"]
 
 
+@pytest.mark.usefixtures("patient_renders")
 def test_a_slow_templates_chats_past_its_queue_are_429_at_once_and_other_models_served(client, served, monkeypatch):
     """A template that loops to the deadline is known to be slow after its first render; with one render of it
     running and ``MAX_SLOW_WAITING`` (here 1) waiting, the next chat for it is a 429 with Retry-After at once (each

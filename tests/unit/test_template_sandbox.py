@@ -67,6 +67,7 @@ def test_a_child_whose_server_left_a_reply_unread_ends_quietly(tokenizer):
     assert child.stderr.read().decode() == ""
 
 
+@pytest.mark.usefixtures("patient_renders")
 def test_a_template_past_the_deadline_is_refused_and_its_process_stopped(tokenizer):
     child = Child(tokenizer)
     started = time.monotonic()
@@ -85,6 +86,7 @@ def test_a_template_past_the_memory_bound_is_refused_and_the_process_serves_on(t
     child.stop()
 
 
+@pytest.mark.usefixtures("patient_renders")
 def test_a_renderer_starts_a_new_process_for_the_next_render(tokenizer):
     renders = Renderer(tokenizer)
     for template in (ENDLESS, HUGE):
@@ -94,6 +96,7 @@ def test_a_renderer_starts_a_new_process_for_the_next_render(tokenizer):
             render_ids(tokenizer, QUESTION, None, add_generation_prompt=True)
 
 
+@pytest.mark.usefixtures("patient_renders")
 def test_templates_take_turns_so_an_endless_one_holds_one_process_not_all(tokenizer):
     """A template known to run to the deadline, three jobs of it, then one of another: that one is rendered by the
     other process while the endless template's jobs wait their turn on one (they take 2 s each)."""
@@ -114,6 +117,7 @@ def test_templates_take_turns_so_an_endless_one_holds_one_process_not_all(tokeni
     wait_for(lambda: not renders.waiting and not renders.running, "the withdrawn job skipped and no render counted")
 
 
+@pytest.mark.usefixtures("patient_renders")
 def test_a_slow_templates_renders_wait_in_a_bounded_queue_past_which_they_are_refused_at_once(tokenizer):
     """A review: the renders waiting for a template known to be slow piled up without bound, each client waiting 2 s
     per render ahead of it. Past ``MAX_SLOW_WAITING`` waiting, a render is refused at once (TemplateBacklog, a 429);
@@ -310,6 +314,7 @@ def test_a_render_process_that_fails_to_start_is_the_servers_trouble(tokenizer, 
     renders.close()
 
 
+@pytest.mark.usefixtures("patient_renders")
 def test_closing_fails_the_renders_not_begun_at_once_and_ends_the_processes(tokenizer, monkeypatch):
     """A backlog of an endless template's renders (2 s each, one at a time: it is slow), then close (the server
     shuts down): the queued ones fail at once with EngineStopped, as a render submitted later does; the one running
