@@ -27,7 +27,14 @@ from service.runtime import Runtime
 from service.settings import Settings
 from service.tasks import template_sandbox
 from service.tasks.prompt_styles import render_ids
-from service.tasks.template_sandbox import MAX_RENDER_SECONDS, MAX_SLOW_WAITING, Child, Renderer, renderer
+from service.tasks.template_sandbox import (
+    MAX_RENDER_SECONDS,
+    MAX_SLOW_WAITING,
+    Child,
+    Renderer,
+    process_state,
+    renderer,
+)
 
 QUESTION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who gave their name to Normandy?"}]
 ENDLESS = "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}{{ messages }}"
@@ -156,7 +163,8 @@ def test_a_child_ends_when_the_server_is_killed_mid_render(tiny_tokenizer_dir, t
     finally:
         server.kill()
         server.wait()
-    wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in children), "its render process to end")
+    # ended: gone, or a zombie where no init process reaps the orphans of this test's process tree
+    wait_for(lambda: all(process_state(pid)[0] in ("", "Z") for pid in children), "its render process to end")
 
 
 def child_pids(parent: int) -> list[int]:
