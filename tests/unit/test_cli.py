@@ -226,13 +226,20 @@ def test_requests_that_cannot_be_done_are_usage_errors(argv, message, tiny_llama
 ])
 def test_a_path_the_file_system_refuses_is_a_usage_error_naming_its_option(variables, argv, error, monkeypatch,
                                                                            capsys):
+    err = usage_error(argv, variables, monkeypatch, capsys)
+    assert err.startswith(f"loraswap {argv[0]}: error: ") and error in err
+
+
+def usage_error(argv: list[str], variables: dict[str, str], monkeypatch, capsys) -> str:
+    """What ``loraswap ARGV`` with ``variables`` set says on stderr, checked to be a usage error (exit 2) in one
+    line."""
     for variable, value in variables.items():
         monkeypatch.setenv(variable, value)
     with pytest.raises(SystemExit) as exit_:
         main(argv)
     err = capsys.readouterr().err
-    assert exit_.value.code == 2 and err.startswith(f"loraswap {argv[0]}: error: ") and err.count("\n") == 1, err
-    assert error in err
+    assert exit_.value.code == 2 and err.count("\n") == 1, err
+    return err
 
 
 @pytest.mark.parametrize("command", [["merge", "--out", "x"], ["eval", "--task", "nli"], ["calibrate"]])
@@ -425,12 +432,8 @@ def test_a_flag_overrides_an_invalid_environment_variable_of_its_setting(monkeyp
 ])
 def test_only_the_variables_a_command_reads_and_no_flag_overrides_can_fail_it(variables, argv, error, monkeypatch,
                                                                                capsys):
-    for variable, value in variables.items():
-        monkeypatch.setenv(variable, value)
-    with pytest.raises(SystemExit) as exit_:
-        main(argv)
-    err = capsys.readouterr().err
-    assert exit_.value.code == 2 and err.startswith(error) and err.count("\n") == 1, err
+    err = usage_error(argv, variables, monkeypatch, capsys)
+    assert err.startswith(error), err
 
 
 def test_an_option_a_setting_defaults_takes_its_variable_when_the_command_runs(tmp_path, monkeypatch):
