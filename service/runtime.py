@@ -13,8 +13,9 @@ from service.engine.scheduler import Engine
 from service.errors import AdapterError, AdapterMerged, UnsafeEnvironment
 from service.lora.adapter_files import CONFIG_FILE, check_name
 from service.lora.registry import AdapterRegistry
-from service.model.base_model import load_base, max_positions
+from service.model.base_model import base_config, config_positions, load_base, max_positions, pick_device, pick_dtype
 from service.model.cpu_threads import on_passing_thread
+from service.model.device_room import check_allocations, device_memory
 from service.settings import MIN_PROMPT_TOKENS, Settings
 from service.tasks.tasks import Tasks
 from service.tasks.template_sandbox import renderer
@@ -24,26 +25,39 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 # what settings that cannot work raise at start: a base model folder or cache folder that is missing or cannot be
 # made or read (OSError: FileNotFoundError, PermissionError), a token budget the model has no room for (check_room's
-# ValueError), a model file transformers cannot read (OSError, ValueError), an environment that would crash oneDNN
-# (UnsafeEnvironment)
+# ValueError), a size setting whose allocation cannot exist (check_allocations' ValueError), a model file
+# transformers cannot read (OSError, ValueError), an environment that would crash oneDNN (UnsafeEnvironment)
 EXPECTED_START_FAILURES = (OSError, ValueError, UnsafeEnvironment)
-def check_room(settings: Settings, max_positions: int) -> None:
+def check_room(settings: Settings, max_positions: int, named: Callable[[str], str] = str) -> None:
     """ValueError unless a prompt of at least ``MIN_PROMPT_TOKENS`` and ``settings.max_new_tokens`` generated tokens
     fit in the model's ``max_positions`` together (a server that could answer no request does not start), or when an
     ``answer_stride`` set is not below the longest prompt that then fits (every long /answer context would be a 413).
-    A warning when ``max_new_tokens`` leaves prompts less than ``max_input_tokens``."""
+    A warning when ``max_new_tokens`` leaves prompts less than ``max_input_tokens``, its settings ``named`` as the
+    user gave them (``Runtime``'s ``named``)."""
     room = max_positions - settings.max_new_tokens
     if room < MIN_PROMPT_TOKENS:
         raise ValueError(f"max_new_tokens {settings.max_new_tokens} leaves {max(room, 0)} of the base model's "
                          f"{max_positions} positions for a prompt, fewer than {MIN_PROMPT_TOKENS}: lower it")
     if room < settings.max_input_tokens:
-        log.warning("max_new_tokens %d leaves %d of the base model's %d positions for a prompt: prompts are limited to "
-                    "%d tokens, not max_input_tokens %d", settings.max_new_tokens, room, max_positions, room,
-                    settings.max_input_tokens)
+        log.warning(named(f"max_new_tokens {settings.max_new_tokens} leaves {room} of the base model's "
+                          f"{max_positions} positions for a prompt: prompts are limited to {room} tokens, not "
+                          f"max_input_tokens {settings.max_input_tokens}"))
     longest = min(room, settings.max_input_tokens)
     if settings.answer_stride is not None and settings.answer_stride >= longest:
         raise ValueError(f"answer_stride {settings.answer_stride} is not below the {longest} tokens a prompt may have "
                          f"(max_new_tokens {settings.max_new_tokens} of {max_positions} positions): lower it")
+
+
+def check_settings_fit(settings: Settings, here: bool = True, named: Callable[[str], str] = str) -> None:
+    """Whether the base model can run with ``settings``, found from its config before its weights load
+    (``base_config``): ValueError where its positions leave no room for the token budget (``check_room``) or a size
+    setting's allocation cannot exist (``device_room.check_allocations``: past 64 bits, or, where it runs ``here``,
+    past the device's memory); FileNotFoundError, OSError or ValueError as ``base_config`` raises. ``named``: as
+    ``check_room`` takes it."""
+    config = base_config(settings)
+    check_room(settings, config_positions(config), named)
+    device = pick_device(settings.device)
+    check_allocations(settings, config, pick_dtype(settings.dtype, device), device_memory(device) if here else None)
 
 
 def log_start_failure(exc: Exception, failure: str) -> None:
@@ -60,8 +74,12 @@ def log_start_failure(exc: Exception, failure: str) -> None:
 class Runtime:
     """Owns the model-side objects; the HTTP layer reaches them only through this."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, named: Callable[[str], str] = str):
+        """``named``: a text with each setting it names as the user gave it (``loraswap serve``'s: ``--max-batch`` or
+        ``LORASWAP_MAX_BATCH``, not ``max_batch``), for the reason the start failed (its log line, /health's and
+        /ready's reason) and the start's warnings; by default Settings' field names."""
         self.settings = settings
+        self.named = named
         self.registry: AdapterRegistry | None = None
         self.engine: Engine | None = None
         self.tasks: Tasks | None = None
@@ -81,23 +99,23 @@ class Runtime:
             self.engine.start()
             self.ready.set()
         except Exception as exc:  # the reason's first line: torch's own errors go on with their C++ frames
-            self.start_failure = f"{type(exc).__name__}: {next(iter(str(exc).splitlines()), '')}"
+            self.start_failure = self.named(f"{type(exc).__name__}: {next(iter(str(exc).splitlines()), '')}")
             log_start_failure(exc, self.start_failure)
             raise
 
     def _load(self) -> None:
         self._warn_of_missing_roots()
+        check_settings_fit(self.settings, named=self.named)
         model, tokenizer = load_base(self.settings)
         positions = max_positions(model)
-        check_room(self.settings, positions)
         self.registry = AdapterRegistry(model, self.roots, self.settings.max_resident, self.settings.max_rank)
         metrics.ADAPTERS_RESIDENT.set_function(lambda: self.registry.resident_count)
         self.load_adapter_folder(self.settings.adapters_dir)
         for setting in ("qa_adapter", "nli_adapter"):
             default = getattr(self.settings, setting)
             if default is not None and default not in self.registry.names():
-                log.warning("%s %r is not registered: requests that name no adapter get the bare base model until "
-                            "an adapter of that name is", setting, default)
+                log.warning(self.named(f"{setting} {default!r} is not registered: requests that name no adapter get "
+                                       "the bare base model until an adapter of that name is"))
         self.engine = Engine(model, tokenizer, self.registry, self.settings)
         metrics.ENGINE_STATE.watch(self.engine, self.registry)
         self.tasks = Tasks(self.engine, tokenizer, self.settings, positions)
@@ -109,7 +127,7 @@ class Runtime:
         named += [("adapter_roots", root) for root in self.settings.adapter_roots]
         for setting, folder in named:
             if not Path(folder).is_dir():
-                log.warning("%s %s is not an existing folder: no adapter can come from it", setting, folder)
+                log.warning(self.named(f"{setting} {folder} is not an existing folder: no adapter can come from it"))
 
     def start_in_background(self) -> threading.Thread:
         thread = threading.Thread(target=self._start_quietly, name="loraswap-start", daemon=True)

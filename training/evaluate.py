@@ -13,7 +13,7 @@ from service.engine.strategies import READ_BY
 from service.errors import AdapterError, InputTooLong, UnknownAdapter
 from service.lora.adapter_files import BASE_LABEL, CONFIG_FILE, AdapterWeights, adapter_or_base
 from service.runtime import Runtime
-from service.settings import Settings
+from service.settings import INT64, Settings
 from service.tasks.prompts import NLI_LABELS, RTE_LABELS
 from training.data import BadRow, eval_path, eval_sample, hidden_in_documents, read_eval
 from training.metrics import ECE_BINS, accuracy, confusion_matrix, expected_calibration_error, squad_scores
@@ -43,12 +43,14 @@ def adapter_folder(args: argparse.Namespace) -> Path | None:
 def start_runtime(args: argparse.Namespace, folder: Path | None) -> Runtime:
     """The server's runtime (model, registry, engine, tasks), started, with ``folder`` (an adapter folder or None)
     among its adapter roots. Raises FileNotFoundError when ``--base-model`` is no model directory, UsageError for
-    settings the base model cannot run (``--max-new-tokens`` leaving too few of its positions for a prompt: known
-    only once it is loaded)."""
+    settings the base model cannot run (``--max-new-tokens`` leaving too few of its positions for a prompt, a
+    ``--max-batch`` whose KV cache cannot exist: ``runtime.check_settings_fit``, from its config before it loads)."""
     settings = Settings(
         base_model=args.base_model, adapters_dir=args.adapters_dir, device=args.device, dtype=args.dtype,
         quantize=args.quantize, max_batch=args.max_batch, batch_window_ms=20,
-        max_queue=4 * args.max_batch * Settings().max_answer_windows,  # room for every window of 4 batches' answers
+        # room for every window of 4 batches' answers; a bound, it allocates nothing: a --max-batch too large for
+        # it is refused by its own allocation (check_settings_fit), not as a max_queue past 64 bits the user never gave
+        max_queue=min(4 * args.max_batch * Settings().max_answer_windows, INT64 - 1),
         max_queue_wait=0,  # the evaluation keeps max_queue requests in flight: they wait their turn, however long
         max_new_tokens=args.max_new_tokens, auto_merge=False,
         adapter_roots=[folder.resolve().parent] if folder is not None else [],

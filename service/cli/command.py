@@ -224,6 +224,20 @@ def check_server_start(settings: Settings, args: argparse.Namespace) -> None:
     check_onednn(settings)
 
 
+def check_room_for_prompts(settings: Settings, here: bool = True, named: Callable[[str], str] = str) -> None:
+    """UsageError where the server's start would fail for the token budget or a size setting
+    (``runtime.check_settings_fit``: ``max_new_tokens`` leaving too few of the base model's positions for a prompt,
+    an ``answer_stride`` too long, a ``max_batch`` whose KV cache cannot exist, past 64 bits or, ``here``, past the
+    device's memory) or a base model it cannot read, found from the base model's config, not its weights: ``serve``
+    and ``scale`` refuse such settings before the model loads. ``named``: as ``runtime.check_room`` takes it."""
+    from service.runtime import check_settings_fit
+
+    try:
+        check_settings_fit(settings, here, named)
+    except (OSError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+
+
 def refusing_os_errors(check: Callable[[str], Path]) -> Callable[[str], Path]:
     """An argparse type that looks at the file system, whose OSError (a name too long, a folder it may not enter) is a
     usage error naming the option: argparse reports only a type's ArgumentTypeError, TypeError and ValueError (a

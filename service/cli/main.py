@@ -11,6 +11,7 @@ import argparse
 import logging
 import re
 import signal
+from collections.abc import Callable
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from pydantic_settings import SettingsError
 from service.cli.command import (
     Command,
     UsageError,
+    check_room_for_prompts,
     check_server_start,
     given_as,
     interrupt,
@@ -178,6 +180,12 @@ def as_given(text: str, args: argparse.Namespace) -> str:
                             text)
 
 
+def naming(args: argparse.Namespace) -> Callable[[str], str]:
+    """``as_given`` for the settings of ``args``: how the runtime a command starts names them in its log and its
+    reasons (``Runtime``'s ``named``)."""
+    return lambda text: as_given(text, args)
+
+
 def field_name(loc: tuple, model: str, args: argparse.Namespace) -> str:
     """How an error's ``loc`` in ``model`` is named to the user: a Settings field as ``given_as`` names it, items of a
     list in brackets (``--adapter-roots[0]``); else pydantic's dotted path, ``settings`` for the model as a whole."""
@@ -197,11 +205,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             settings = settings_from(args)
             check_server_start(settings, args)
+            check_room_for_prompts(settings, named=naming(args))
             if argv is None:  # this process is the server from its start (not a caller's, as in tests)
                 server_process.prepare(settings.quantize)
             from service.http.server import serve
 
-            serve(settings)
+            serve(settings, naming(args))
         else:
             if argv is None:  # this process is the command from its start (not a caller's, as in tests)
                 signal.signal(signal.SIGTERM, interrupt)  # as Ctrl-C (loadtest and scale set their own)

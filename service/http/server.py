@@ -3,6 +3,7 @@ template render has not begun by then fail at once, a 503)."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import uvicorn
 
@@ -37,7 +38,8 @@ class DrainingServer(uvicorn.Server):
         await super().shutdown(sockets)
 
 
-def serve(settings: Settings) -> None:
-    rt = Runtime(settings)
+def serve(settings: Settings, named: Callable[[str], str] = str) -> None:
+    """Run the HTTP service with ``settings`` until it is stopped; ``named`` as ``Runtime`` takes it."""
+    rt = Runtime(settings, named)
     config = uvicorn.Config(create_app(rt=rt), host=settings.host, port=settings.port, log_level="info")
     DrainingServer(config, rt, settings.drain_seconds).run()

@@ -184,13 +184,13 @@ def config_positions(config: PretrainedConfig) -> int:
     return getattr(config, "max_position_embeddings", None) or config.n_positions
 
 
-def configured_positions(settings: Settings) -> int:
-    """``max_positions`` of the base model (``settings.base_model``), read from its config, not its weights (the
-    embedded base is converted first, once). FileNotFoundError and ValueError as ``load_base`` raises; OSError or
-    ValueError for a config transformers cannot read."""
+def base_config(settings: Settings) -> PretrainedConfig:
+    """The config of the base model (``settings.base_model``), not its weights (the embedded base is converted first,
+    once). FileNotFoundError and ValueError as ``load_base`` raises; OSError or ValueError for a config transformers
+    cannot read."""
     base_dir = resolve_base_dir(settings.base_model, settings.cache_dir)
     with reading_base(settings, base_dir):
-        return config_positions(AutoConfig.from_pretrained(base_dir))
+        return AutoConfig.from_pretrained(base_dir)
 
 
 def pick_device(name: str) -> torch.device:

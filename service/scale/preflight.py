@@ -9,7 +9,7 @@ import os
 import socket
 from urllib.parse import urlsplit
 
-from service.cli.command import UsageError, check_server_start
+from service.cli.command import UsageError, check_room_for_prompts, check_server_start
 from service.settings import Settings
 
 CONNECT_TIMEOUT_S = 5.0  # for the head of the cluster --address names to accept a connection, and then gRPC's
@@ -19,13 +19,13 @@ def check_scale(settings: Settings, args: argparse.Namespace) -> None:
     """UsageError (or UnsafeEnvironment) where ``args.replicas`` replicas with ``settings`` (from ``args``) could not
     start: on a Ray started here (no ``args.address``), whose replicas run on this machine in its environment, serve's
     checks of it (``check_server_start``: the device, oneDNN's environment) and the GPUs and CPUs they reserve
-    (``check_gpus``, ``check_cpus``); anywhere the token budget (``check_room_for_prompts``) and the address
-    (``check_address``)."""
+    (``check_gpus``, ``check_cpus``); anywhere the token budget and the size settings (``check_room_for_prompts``:
+    the device's memory only on a Ray started here) and the address (``check_address``)."""
     if args.address is None:
         check_server_start(settings, args)
         check_gpus(args.replicas, args.replica_gpus)
         check_cpus(args.replicas, args.replica_cpus)
-    check_room_for_prompts(settings)
+    check_room_for_prompts(settings, here=args.address is None)
     check_address(args.address)
 
 
@@ -60,19 +60,6 @@ def check_gpus(replicas: int, replica_gpus: float) -> None:
         if count < needed:
             raise UsageError(f"--replica-gpus {replica_gpus:g} for {replicas} replica(s) needs {needed} GPU(s), and "
                              f"this machine, where the Ray of loraswap scale starts, has {count}")
-
-
-def check_room_for_prompts(settings: Settings) -> None:
-    """UsageError where serve's start would fail for the token budget (``runtime.check_room``: ``max_new_tokens``
-    leaving too few of the base model's positions for a prompt, an ``answer_stride`` too long) or a base model it
-    cannot read, found from the base model's config (``configured_positions``), not its weights."""
-    from service.model.base_model import configured_positions
-    from service.runtime import check_room
-
-    try:
-        check_room(settings, configured_positions(settings))
-    except (OSError, ValueError) as exc:
-        raise UsageError(str(exc)) from None
 
 
 def check_address(address: str | None) -> None:

@@ -11,6 +11,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service import runtime as runtime_module
+from service.cli.main import build_parser, naming
+from service.cli.settings_options import settings_from
 from service.http.app import create_app
 from service.runtime import Runtime
 from service.settings import Settings
@@ -170,3 +172,39 @@ def test_a_max_new_tokens_that_shortens_the_longest_prompt_is_warned_of_at_start
     warnings = [record.getMessage() for record in caplog.records if record.name == runtime_module.__name__]
     assert any("max_new_tokens 480 leaves 32 of the base model's 512 positions for a prompt: prompts are limited to "
                "32 tokens, not max_input_tokens 1024" in message for message in warnings), warnings
+
+
+def serve_runtime(argv: list[str]) -> Runtime:
+    """The runtime ``loraswap serve`` with ``argv`` (its options) starts, naming its settings as they were given."""
+    args = build_parser().parse_args(["serve", *argv])
+    return Runtime(settings_from(args), naming(args))
+
+
+def test_serves_start_failure_names_its_settings_as_the_command_line_gave_them(tiny_llama_dir, tmp_path, caplog):
+    """A review: serve's usage errors named --max-new-tokens, its start-failure log line and /ready's reason the field,
+    max_new_tokens."""
+    caplog.set_level(logging.ERROR, logger=runtime_module.__name__)
+    rt = serve_runtime(["--base-model", str(tiny_llama_dir), "--adapters-dir", str(tmp_path), "--device", "cpu",
+                        "--max-new-tokens", "600"])
+    with TestClient(create_app(rt=rt)) as client:
+        wait_until(lambda: client.get("/ready").status_code == 503 and rt.failure is not None, "the start failed")
+        reason = client.get("/ready").json()["reason"]
+    cause = "ValueError: --max-new-tokens 600 leaves 0 of the base model's 512 positions for a prompt, fewer than 16"
+    assert reason.startswith(f"failed to start: {cause}"), reason
+    assert [record.getMessage() for record in caplog.records if record.levelno == logging.ERROR] == [
+        f"the service failed to start: {cause}: lower it"]
+
+
+def test_serves_start_warnings_name_its_settings_as_the_command_line_gave_them(tiny_llama_dir, tmp_path, monkeypatch,
+                                                                                caplog):
+    monkeypatch.setenv("LORASWAP_MAX_INPUT_TOKENS", "100")
+    rt = serve_runtime(["--base-model", str(tiny_llama_dir), "--adapters-dir", str(tmp_path / "none"), "--device",
+                        "cpu", "--max-new-tokens", "480", "--nli-adapter", "two"])
+    rt.start()
+    rt.stop()
+    warned = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert {f"--adapters-dir {tmp_path / 'none'} is not an existing folder: no adapter can come from it",
+            "--max-new-tokens 480 leaves 32 of the base model's 512 positions for a prompt: prompts are limited to 32 "
+            "tokens, not LORASWAP_MAX_INPUT_TOKENS 100",
+            "--nli-adapter 'two' is not registered: requests that name no adapter get the bare base model until an "
+            "adapter of that name is"} <= set(warned), warned

@@ -17,6 +17,8 @@ from service.cli.main import main
 from service.settings import CPU_DRAFT_TOKENS, CPU_PREFILL_CHUNK, Settings
 from tests.data.make_corpus import NLI_SAMPLE, SQUAD_SAMPLE
 
+HALF = str(2**62)  # a size within 64 bits whose allocations are not
+SERVE_TINY = ["--base-model", "{base}", "--device", "cpu"]  # the tiny Llama: 512 bytes of keys and values a token
 LONG = "a" * 300  # a file name longer than any Linux file system takes (255 bytes)
 LOADTEST = ["loadtest", "--scenario", "single", "--users", "1", "--duration", "10", "--host", "http://127.0.0.1:9",
             "--adapter-root", "x", "--json", "x.json"]
@@ -375,6 +377,21 @@ BIG = str(2**63)  # past 64 bits: refused by the one check of the bound (setting
      "LORASWAP_MAX_INPUT_TOKENS: must be at most 9223372036854775807"),
     ({}, ["eval", "--task", "nli", "--adapter", "none", "--max-batch", BIG],
      "argument --max-batch: must be above 0 and at most 9223372036854775807 (a 64-bit integer, as torch takes), not"),
+    # a review: a size within 64 bits whose allocation cannot exist failed serve's start in DecodeStep ("Storage size
+    # calculation overflowed"), and eval named max_queue, which it derives from --max-batch
+    *(({}, [command, *more, "--max-batch", HALF], f"{command}: error: {cannot}--max-batch {HALF} needs a full batch's "
+       f"KV cache, {HALF} rows x 256 columns x 512 bytes a token: past 2**63 bytes")
+      for command, more, cannot in [("serve", SERVE_TINY, ""), ("scale", ["--replicas", "1", *SERVE_TINY], ""),
+                                    ("eval", ["--task", "nli", "--adapter", "none", "--data", str(NLI_SAMPLE)],
+                                     "the base model cannot run as asked: ")]),
+    ({"LORASWAP_MAX_BATCH": HALF}, ["serve", *SERVE_TINY], f"serve: error: LORASWAP_MAX_BATCH {HALF} needs a full "
+     "batch's KV cache"),
+    ({}, ["serve", *SERVE_TINY, "--max-batch", "100000000"], "--max-batch 100000000 needs a full batch's KV cache, "
+     "134217728 rows x 256 columns x 512 bytes a token: 17592186044416 bytes, more than the "),
+    ({}, ["serve", *SERVE_TINY, "--max-resident", HALF], f"--max-resident {HALF} needs the LoRA banks of so many "
+     f"adapters of rank 1 on one layer, {2**62 + 1} slots x 64 x 4 bytes: past 2**63 bytes"),
+    ({}, ["serve", *SERVE_TINY, "--prefix-cache-bytes", str(2**63 - 1)], f"--prefix-cache-bytes {2**63 - 1} needs the "
+     f"prefix cache's keys and values: {2**63 - 1} bytes, more than the "),
 ])
 def test_a_setting_refused_is_named_as_the_user_gave_it(variables, argv, error, tiny_llama_dir, tmp_path, monkeypatch,
                                                         capsys):
@@ -390,7 +407,7 @@ def test_a_setting_refused_is_named_as_the_user_gave_it(variables, argv, error, 
     err = capsys.readouterr().err
     line = err.splitlines()[-1]  # eval's loading of the base may print its progress first
     assert exit_.value.code == 2 and line.startswith(f"loraswap {argv[0]}: error: ") and err.endswith("\n"), err
-    assert error in line and "Value error" not in err and "max_batch" not in err
+    assert error in line and "Value error" not in err and "max_batch" not in err and "max_queue" not in err
 
 
 @pytest.mark.parametrize("argv", [["--help"], *([command, "--help"] for command in ("serve", "eval", "bench"))])
