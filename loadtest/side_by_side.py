@@ -39,7 +39,7 @@ from service.cli.command import (
     server_url,
     spare_inputs,
 )
-from training.data import data_dir
+from training.data import data_dir, naming_default_data
 
 TIMEOUT_S = 600.0  # per request: a 2-core machine under load answers slowly, but it answers
 
@@ -232,10 +232,11 @@ def run_side_by_side(args: argparse.Namespace) -> None:
     llama.cpp server lacks an adapter (``LlamaCpp.prepare``)."""
     try:
         baseline = check_names(args)
-        args.data = args.data or data_dir()  # UsageError: a $LORASWAP_DATA_DIR the file system refuses
+        given, args.data = args.data, args.data or data_dir()  # UsageError: a $LORASWAP_DATA_DIR refused
         spare_inputs([(option, getattr(args, option[2:], None)) for option in ("--json", "--markdown")],
                      [(f"a file of --data, {path}", path) for path in data_files(args.data)])
-        planned = planned_requests(args)
+        with naming_default_data(given, "--data"):
+            planned = planned_requests(args)
         check_reachable(args.system)
     except (ValueError, UsageError) as exc:
         print(f"loraswap side-by-side: error: {exc}", file=sys.stderr)

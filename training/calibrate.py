@@ -26,7 +26,7 @@ from service.lora.bounded_read import adapter_file
 from service.lora.card import CALIBRATION_FIELD, CARD_FILE, read_card
 from service.runtime import Runtime
 from service.tasks.prompts import NLI_LABELS
-from training.data import TASK_TRAIN_FILES, data_dir, read_eval, read_nli
+from training.data import TASK_TRAIN_FILES, data_dir, naming_default_data, read_eval, read_nli
 from training.evaluate import bounded, engine_settings, served_adapter, start_runtime
 from training.metrics import ECE_BINS, expected_calibration_error, reliability_bins
 from training.options import adapters_dir_absent
@@ -240,7 +240,8 @@ def run(args: argparse.Namespace) -> dict:
     folder = adapter_folder(args)
     card = card_of(folder)
     split = split_of(card)
-    fit_rows, dev_rows = held_out_rows(split, root), read_eval("nli", root / DEV_FILE)
+    with naming_default_data(args.data_dir, "--data-dir"):
+        fit_rows, dev_rows = held_out_rows(split, root), read_eval("nli", root / DEV_FILE)
     seed = split[2]
     fit_logits, dev_logits, device, engine = scores_of(args, folder, [fit_rows, dev_rows])
     fit_gold, dev_gold = gold_labels(fit_rows), gold_labels(dev_rows)

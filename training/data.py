@@ -1,6 +1,7 @@
 """Readers for the task data (SQuAD v1.1 JSON, NLI JSON lines) and the files each task trains on."""
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
@@ -25,14 +26,36 @@ TASK_EVAL_FILES: dict[str, tuple[str, tuple[str, ...] | None]] = {
 }
 
 
+DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"  # LORASWAP_DATA_DIR unset
+
+
 def data_dir() -> Path:
-    """``$LORASWAP_DATA_DIR``, else ``shared/data`` beside the repository. UsageError naming the variable where the
-    file system refuses its path (``usable_path``: a name too long)."""
+    """``$LORASWAP_DATA_DIR``, else ``DEFAULT_DATA_DIR``, ``shared/data`` beside the repository. UsageError naming the
+    variable where the file system refuses its path (``usable_path``: a name too long)."""
     env = os.environ.get("LORASWAP_DATA_DIR")
     try:
-        return Path(usable_path(env)) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+        return Path(usable_path(env)) if env else DEFAULT_DATA_DIR
     except OSError as exc:
         raise UsageError(f"LORASWAP_DATA_DIR: the file system refuses this path: {exc.strerror or exc}") from None
+
+
+@contextlib.contextmanager
+def naming_default_data(given: object, options: str):
+    """Re-raise a FileNotFoundError for a file of the data folder (``data_dir``) that a command read because its data
+    option, ``options`` in words (``--data-dir``), gave none (``given`` is None) as a UsageError naming what set
+    the folder and what to set instead: ``LORASWAP_DATA_DIR PATH: No such file or directory: FILE (or give
+    --data-dir)``, or, the variable unset, ``the default data folder PATH: ...: give --data-dir or set
+    LORASWAP_DATA_DIR`` (a review: the path alone was said, naming no option or variable)."""
+    try:
+        yield
+    except FileNotFoundError as exc:
+        root, failed = data_dir(), Path(exc.filename or "")
+        if given is not None or exc.filename is None or (failed != root and root not in failed.parents):
+            raise
+        env = os.environ.get("LORASWAP_DATA_DIR")
+        where, hint = ((f"LORASWAP_DATA_DIR {env}", f" (or give {options})") if env else
+                       (f"the default data folder {root}", f": give {options} or set LORASWAP_DATA_DIR"))
+        raise UsageError(f"{where}: {exc.strerror}: {exc.filename}{hint}") from None
 
 
 def _open_text(path: Path):

@@ -15,7 +15,7 @@ from service.lora.adapter_files import BASE_LABEL, CONFIG_FILE, AdapterWeights, 
 from service.runtime import Runtime
 from service.settings import INT64, Settings
 from service.tasks.prompts import NLI_LABELS, RTE_LABELS
-from training.data import BadRow, eval_path, eval_sample, hidden_in_documents, read_eval
+from training.data import BadRow, eval_path, eval_sample, hidden_in_documents, naming_default_data, read_eval
 from training.metrics import ECE_BINS, accuracy, confusion_matrix, expected_calibration_error, squad_scores
 from training.options import adapters_dir_absent
 
@@ -200,12 +200,14 @@ def check_labels(rows: list[dict], labels: tuple[str, ...], source: str) -> None
 def evaluated_rows(args: argparse.Namespace) -> list[dict]:
     """The rows ``args`` evaluate, in the data file's order, each with its ``index`` among the file's rows (from 0):
     the ``--limit`` sample (``eval_sample``), each SQuAD context hidden among ``--distractors`` paragraphs. Raises
-    FileNotFoundError for absent data, UsageError for data that is not the task's (a row that is not: naming its
-    file, row and field), holds no rows or a label the task does not have, and for more --distractors than it has."""
+    FileNotFoundError for absent data (UsageError where no --data gave it: ``naming_default_data``), UsageError for
+    data that is not the task's (a row that is not: naming its file, row and field), holds no rows or a label the
+    task does not have, and for more --distractors than it has."""
     source = args.data or f"the {args.task} dev set"
     try:
-        every = read_eval(args.task, args.data)
-    except FileNotFoundError:
+        with naming_default_data(args.data, "--data"):
+            every = read_eval(args.task, args.data)
+    except (FileNotFoundError, UsageError):
         raise
     except BadRow as exc:  # names the file, the row and the field
         raise UsageError(str(exc)) from None

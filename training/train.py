@@ -37,7 +37,7 @@ from transformers.pytorch_utils import Conv1D
 
 from service.cli.command import UsageError
 from service.settings import Settings
-from training.data import TASK_TRAIN_FILES, BadRow, data_dir, read_task
+from training.data import TASK_TRAIN_FILES, BadRow, data_dir, naming_default_data, read_task
 from training.options import TASK_DEFAULT_LENGTH
 from training.output_folder import written_whole
 from training.prepare import IGNORE_INDEX, collator, encode_rows
@@ -282,12 +282,14 @@ class Examples:
 def read_rows(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
     """The task's training rows and their files (``read_task``, in ``--data-dir``). Raises FileNotFoundError when a
     file is absent, UsageError when one is not its data: naming the file, row and field of a row that is not the
-    task's (``data.BadRow``), else the task's files (not gzip, cut short, not JSON), or when they hold no row."""
+    task's (``data.BadRow``), else the task's files (not gzip, cut short, not JSON), or when they hold no row, and
+    when a file is absent from the data folder no --data-dir gave (``naming_default_data``)."""
     root = Path(args.data_dir or data_dir())
     names = ", ".join(str(root / name) for name, _ in TASK_TRAIN_FILES[args.task])
     try:
-        rows, files = read_task(args.task, root)
-    except FileNotFoundError:
+        with naming_default_data(args.data_dir, "--data-dir"):
+            rows, files = read_task(args.task, root)
+    except (FileNotFoundError, UsageError):
         raise
     except BadRow as exc:  # names the file, the row and the field
         raise UsageError(str(exc)) from None

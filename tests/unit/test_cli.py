@@ -821,3 +821,36 @@ def test_scale_with_no_cluster_at_the_address_is_a_usage_error(tiny_llama_dir, m
     assert exit_.value.code == 2
     assert capsys.readouterr().err == ("loraswap scale: error: --address auto: Could not find any running Ray "
                                        "instance.\n")
+
+
+@pytest.mark.parametrize("argv, files, option", [
+    (["train", "--task", "nli", "--out", "x"], "nli/snli_test.jsonl.gz", "--data-dir"),
+    (["sweep", "--task", "nli", "--out", "x", "--ranks", "4", "--lrs", "1e-3"], "nli/snli_test.jsonl.gz",
+     "--data-dir"),
+    (["eval", "--task", "nli", "--adapter", "none"], "nli/mnli.jsonl.gz", "--data"),
+    (["calibrate", "--adapter", "nli"], "nli/", "--data-dir"),
+    (SIDE_BY_SIDE, "squad/dev-v1.1.json.gz", "--data"),
+])
+@pytest.mark.parametrize("variable", [False, True])
+def test_missing_default_data_names_the_option_and_the_variable_to_set(argv, files, option, variable, tmp_path,
+                                                                       monkeypatch, capsys):
+    """A review: with no data option given and the default data folder absent, the error named the path alone, not
+    what sets it: LORASWAP_DATA_DIR where it does, else the command's data option or the variable."""
+    import training.data
+
+    folder = tmp_path / "no_data"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(training.data, "DEFAULT_DATA_DIR", folder)
+    if variable:
+        monkeypatch.setenv("LORASWAP_DATA_DIR", str(folder))
+    else:
+        monkeypatch.delenv("LORASWAP_DATA_DIR", raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    line = err.splitlines()[-1]
+    where = f"LORASWAP_DATA_DIR {folder}" if variable else f"the default data folder {folder}"
+    hint = f" (or give {option})" if variable else f": give {option} or set LORASWAP_DATA_DIR"
+    assert exit_.value.code == 2 and line.startswith(f"loraswap {argv[0]}: error: {where}: No such file or "
+                                                     f"directory: {folder / files}"), err
+    assert line.endswith(hint), err
