@@ -20,7 +20,6 @@ import shutil
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -30,8 +29,9 @@ from loadtest.side_by_side import run_load
 from loadtest.side_by_side_report import row
 from loadtest.stack_shares import ENGINE, EVENT_LOOP, parse_raw, shares, stage_of
 from loadtest.workload import MODES, workload, workloads
-from service.cli.command import comma_list, positive
-from training.data import data_dir
+from service.cli.command import UsageError, comma_list, input_path, positive, report_folder, server_url
+from service.cli.main import BriefErrors
+from training.data import data_dir, naming_default_data
 
 ATTACH_S = 1.0  # time py-spy is given to attach before the load starts
 WARMUP = 8  # unprofiled requests sent first, all at once
@@ -113,7 +113,7 @@ def planned_loads(args: argparse.Namespace) -> list[list]:
 def add_profile_options(parser: argparse.ArgumentParser) -> None:
     """The options of the profile: the server, the loads, py-spy and where the results go."""
     parser.add_argument("--pid", type=positive(int), required=True, help="the loraswap server's process id")
-    parser.add_argument("--url", default="http://127.0.0.1:8000", help="the loraswap server")
+    parser.add_argument("--url", type=server_url, default="http://127.0.0.1:8000", help="the loraswap server")
     parser.add_argument("--clients", type=comma_list(positive(int)), default="1,8", help="comma-separated loads")
     parser.add_argument("--questions", type=positive(int), default=48, help="requests per load")
     parser.add_argument("--mode", choices=MODES, default="squad",
@@ -123,23 +123,29 @@ def add_profile_options(parser: argparse.ArgumentParser) -> None:
                              "side-by-side --fresh-questions does), instead of the same first ones each time")
     parser.add_argument("--rate", type=positive(int), default=100, help="py-spy's samples per second")
     parser.add_argument("--py-spy", default="py-spy", help="the py-spy executable")
-    parser.add_argument("--data", type=Path, default=data_dir(), help="the data folder (SQuAD dev)")
-    parser.add_argument("--out", type=Path, required=True, help="folder for the raw stacks and profile.json")
+    parser.add_argument("--data", type=input_path, help="the data folder, SQuAD dev and MNLI (default: "
+                        "$LORASWAP_DATA_DIR, else shared/data beside the repository)")
+    parser.add_argument("--out", type=report_folder, required=True,
+                        help="folder for the raw stacks and profile.json (made if absent)")
 
 
 def main() -> None:
     """``python -m loadtest.profile_answer``: profile each load, write the stacks and profile.json, print the
     tables (the engine thread by stage, then by category; the event loop)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = BriefErrors(prog="python -m loadtest.profile_answer", description=__doc__.split("\n\n")[0])
     add_profile_options(parser)
     args = parser.parse_args()
     if shutil.which(args.py_spy) is None:
         parser.error(f"no py-spy at {args.py_spy!r}: pip install py-spy, or give its path with --py-spy")
-    args.out.mkdir(parents=True, exist_ok=True)
     try:
-        asked = planned_loads(args)
-    except ValueError as error:
+        given, args.data = args.data, args.data or data_dir()  # UsageError: a $LORASWAP_DATA_DIR refused
+        with naming_default_data(given, "--data"):
+            asked = planned_loads(args)
+    except (ValueError, UsageError) as error:
         parser.error(str(error))
+    except OSError as error:  # a file of the --data folder given
+        parser.error(f"--data {given}: {error.strerror or error}: {error.filename}")
+    args.out.mkdir(parents=True, exist_ok=True)
     run_load(Loraswap(args.url), workload(args.mode, WARMUP, args.data), WARMUP)  # unprofiled
     loads = [profiled_load(args, clients, items) for clients, items in zip(args.clients, asked)]
     (args.out / "profile.json").write_text(json.dumps({"loads": loads, "rate": args.rate}, indent=1))

@@ -8,6 +8,7 @@ import gzip
 import http.server
 import itertools
 import json
+import sys
 import threading
 from collections import Counter
 
@@ -529,3 +530,24 @@ def test_names_refused_are_a_usage_error_before_any_request(capsys):
     with pytest.raises(SystemExit) as exit_:
         run_side_by_side(args)  # one system: refused before compare() sends anything (nothing listens on port 9)
     assert exit_.value.code == 2 and "two systems" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("more, message", [
+    (["--data", "a" * 300], "argument --data: " + "a" * 300 + ": File name too long"),
+    (["--out", "a" * 300], "argument --out: " + "a" * 300 + ": File name too long"),
+    (["--data", "/nonexistent"], "--data /nonexistent: No such file or directory: /nonexistent/squad/dev-v1.1.json.gz"),
+    (["--url", "http://127.0.0.1:99999"], "argument --url: 'http://127.0.0.1:99999' is not a server's URL"),
+])
+def test_the_profiles_errors_are_one_line_naming_the_option(more, message, tmp_path, monkeypatch, capsys):
+    """A review: ``python -m loadtest.profile_answer`` took plain Path options, so a name the file system refuses, or
+    no data there, was OSError's traceback naming no option."""
+    from loadtest import profile_answer
+
+    argv = ["profile_answer", "--pid", "1", "--py-spy", sys.executable, "--out", str(tmp_path / "out"), *more]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_:
+        profile_answer.main()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"python -m loadtest.profile_answer: error: {message}"), err
+    assert not (tmp_path / "out").exists()  # nothing written
