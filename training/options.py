@@ -98,7 +98,10 @@ def add_sweep_options(parser: argparse.ArgumentParser) -> None:
                         help="folder for the runs (OUT/RUN, each a loraswap train adapter) and the tables; a sweep "
                         "resumes in it: a run whose card.json records the settings this sweep trains it with is read "
                         "back, not trained again, one without a card.json (cut off) is trained again, and one whose "
-                        "card records other settings is a usage error (name a new folder); never an adapter folder")
+                        "card records other settings is a usage error (name a new folder); never an adapter folder. "
+                        "A run that diverges (its training loss or weights not finite) writes no adapter, is a row of "
+                        "the tables saying at which step (column diverged; trained again when the sweep resumes), and "
+                        "the sweep goes on; exit status 2 only when every run diverged")
     parser.add_argument("--max-steps", type=positive(int), default=200, help="optimizer steps per run")
     parser.add_argument("--ranks", type=comma_list(positive(int)), default="4,8,16,32,64",
                         help="comma list of LoRA ranks")

@@ -4,7 +4,9 @@ Each run is an ordinary ``loraswap train`` into ``OUT/<run>``; a run whose ``car
 records the settings this sweep trains it with is read back, not repeated, so an interrupted
 sweep resumes (a card of other settings is a usage error, never written over). The results go to
 ``OUT/sweep.csv``, ``OUT/sweep.md`` and ``OUT/sweep.png`` (validation loss against
-trainable parameters).
+trainable parameters). A run that diverges (its training loss or weights not finite: ``train.Diverged``) writes no
+adapter and is a row of the tables saying at which step, and the sweep goes on; it ends with a usage error only where
+every run diverged.
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ COMMAND_CHECKS = ("dropout", "epochs", "batch_size", "grad_accum", "warmup", "se
 COLUMNS = [
     "run", "targets", "target_modules", "rank", "lr", "trainable_parameters", "steps",
     "final_train_loss", "final_validation_loss", "validation_token_accuracy", "validation_sequence_accuracy",
-    "train_seconds",
+    "train_seconds", "diverged",
 ]
 
 
@@ -266,14 +268,37 @@ def run_sweep(args: argparse.Namespace) -> list[dict]:
         raise UsageError(f"--out {args.out} cannot be made: {exc.strerror or exc}") from None
     rows = []
     for spec, options, card in zip(specs, runs, cards):
-        card = card or train.train_adapter(options)
-        rows.append({**spec, **{k: card.get(k) for k in COLUMNS if k in card}})
+        rows.append({**spec, **(card_row(card) if card else trained_row(options, model, spec))})
         write_tables(rows, args.out)  # after every run, so a cut-off sweep still leaves its tables
     plot(rows, args.out / "sweep.png", f"{args.task}: {args.max_steps} steps")
     return rows
 
 
+def card_row(card: dict) -> dict:
+    """The table's cells a run's card gives (``COLUMNS``)."""
+    return {k: card.get(k) for k in COLUMNS if k in card}
+
+
+def trained_row(options: argparse.Namespace, model: torch.nn.Module, spec: dict) -> dict:
+    """Train the run ``options`` (``train.train_adapter``) and return its table cells; a run that diverges
+    (``train.Diverged``: its loss or weights no longer finite, no adapter written) is a row that says so, ``diverged``
+    ``at step N: what``, with its trainable parameters, and the sweep goes on (a review: it stopped there)."""
+    try:
+        return card_row(train.train_adapter(options))
+    except train.Diverged as exc:
+        return {"trainable_parameters": trainable_parameters(model, spec["rank"], spec["target_modules"].split()),
+                "steps": exc.step, "diverged": f"at step {exc.step}: {exc.what}"}
+
+
 def run(args: argparse.Namespace) -> None:
-    """``loraswap sweep``: run the sweep (see ``run_sweep``) and print where its tables are."""
+    """``loraswap sweep``: run the sweep (see ``run_sweep``) and print where its tables are and how many runs
+    diverged. UsageError (exit status 2), once the tables are written, where every run diverged: nothing was
+    trained to compare; a sweep where some did is a result (status 0), their rows say so."""
     rows = run_sweep(args)
-    print(f"{len(rows)} runs; tables in {args.out / 'sweep.md'} and {args.out / 'sweep.csv'}")
+    failed = [row["run"] for row in rows if row.get("diverged")]
+    tables = f"tables in {args.out / 'sweep.md'} and {args.out / 'sweep.csv'}"
+    if failed and len(failed) == len(rows):
+        raise UsageError(f"every run diverged (its training loss or weights not finite; a smaller --lrs may keep them "
+                         f"finite); {tables}")
+    diverged = f" ({len(failed)} diverged: {', '.join(failed)})" if failed else ""
+    print(f"{len(rows)} runs{diverged}; {tables}")

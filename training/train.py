@@ -370,10 +370,15 @@ def training_arguments(args: argparse.Namespace, out: Path, bf16: bool, examples
     )
 
 
-def diverged(what: str) -> UsageError:
-    """The error of a run whose loss or weights are no longer finite: ``what`` was found."""
-    return UsageError(f"training diverged: {what}; no adapter is written (a smaller --lr or --alpha may keep it "
-                      "finite)")
+class Diverged(UsageError):
+    """A run whose loss or weights are no longer finite: ``what`` was found at optimizer step ``step`` (from 1). No
+    adapter is written; ``loraswap train`` ends with this usage error, ``loraswap sweep`` records the run as diverged
+    and goes on."""
+
+    def __init__(self, what: str, step: int):
+        super().__init__(f"training diverged: {what}; no adapter is written (a smaller --lr or --alpha may keep it "
+                         "finite)")
+        self.what, self.step = what, step
 
 
 class FiniteLossTrainer(Trainer):
@@ -382,19 +387,20 @@ class FiniteLossTrainer(Trainer):
     such a loss out of the logged mean."""
 
     def training_step(self, *args, **kwargs) -> torch.Tensor:
-        """The Trainer's step, then UsageError (``diverged``) where its loss is NaN or infinite."""
+        """The Trainer's step, then ``Diverged`` where its loss is NaN or infinite."""
         loss = super().training_step(*args, **kwargs)
         if not torch.isfinite(loss).all():
-            raise diverged(f"the training loss is {loss.item()} at step {self.state.global_step + 1}")
+            step = self.state.global_step + 1
+            raise Diverged(f"the training loss is {loss.item()} at step {step}", step)
         return loss
 
 
-def check_finite(model: torch.nn.Module) -> None:
-    """UsageError (``diverged``) where a trained weight of ``model`` is NaN or infinite: the last optimizer step can
-    make them so after a finite loss."""
+def check_finite(model: torch.nn.Module, step: int) -> None:
+    """``Diverged`` where a trained weight of ``model``, after optimizer step ``step``, is NaN or infinite: the last
+    optimizer step can make them so after a finite loss."""
     for name, weight in model.named_parameters():
         if weight.requires_grad and not torch.isfinite(weight).all():
-            raise diverged(f"the trained weight {name} is not finite")
+            raise Diverged(f"the trained weight {name} is not finite", step)
 
 
 def make_trainer(args: argparse.Namespace, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
@@ -418,10 +424,10 @@ def make_trainer(args: argparse.Namespace, model: torch.nn.Module, tokenizer: Pr
 def fit(trainer: Trainer) -> float:
     """Train, then validate once more if the last scheduled validation came before the last step, so that the last
     validation in ``trainer.state.log_history`` is of the adapter saved. Returns the mean training loss over all
-    steps (nats per target token). Raises UsageError as soon as a training loss, or at the end a trained weight, is
+    steps (nats per target token). Raises ``Diverged`` as soon as a training loss, or at the end a trained weight, is
     not finite (``FiniteLossTrainer``, ``check_finite``)."""
     result = trainer.train()
-    check_finite(trainer.model)
+    check_finite(trainer.model, trainer.state.global_step)
     history, last_step = trainer.state.log_history, trainer.state.global_step
     if trainer.eval_dataset is not None and not any("eval_loss" in h and h["step"] == last_step for h in history):
         trainer.evaluate()

@@ -4,6 +4,7 @@ that leaves nothing to train on or cannot be read, a grid that lists a value twi
 cannot read as train does."""
 from __future__ import annotations
 
+import csv
 import gzip
 import json
 import os
@@ -414,3 +415,35 @@ def test_eval_every_takes_a_share_of_the_steps_or_a_whole_number_of_them():
     assert [EVAL_EVERY(text) for text in ("0.1", "0.999", "1", "2", "2.0", "500")] == [0.1, 0.999, 1, 2, 2, 500]
     assert [WARMUP(text) for text in ("0", "0.03", "0.999", "1", "2.0", "500")] == [0, 0.03, 0.999, 1, 2, 500]
     assert [SEED(text) for text in ("0", "4294967295")] == [0, 2**32 - 1]
+
+
+def test_a_sweep_records_a_run_that_diverges_and_goes_on(tiny_gpt2_dir, nli_data, tmp_path, capsys):
+    """A review: the sweep stopped at the first run whose loss or weights were not finite, keeping only the runs
+    before it; a sweep tries settings, and one that diverges is among its results."""
+    out = tmp_path / "runs"
+    argv = ["sweep", *TINY_RUN, "--base-model", str(tiny_gpt2_dir), "--data-dir", str(nli_data), "--out", str(out),
+            "--ranks", "2", "--targets", "attention", "--warmup", "0"]
+    assert main([*argv, "--lrs", "1e39,1e-3"]) == 0
+    rows = list(csv.DictReader((out / "sweep.csv").open()))
+    assert [(row["lr"], row["diverged"]) for row in rows] == [
+        ("1e+39", "at step 1: the trained weight base_model.model.transformer.h.0.attn.c_attn.lora_A.default.weight is "
+                  "not finite"), ("0.001", "")]
+    assert rows[0]["steps"] == "1" and rows[0]["trainable_parameters"] == rows[1]["trainable_parameters"] != ""
+    assert rows[1]["final_train_loss"] and not (out / rows[0]["run"]).exists() and (out / rows[1]["run"]).is_dir()
+    assert "2 runs (1 diverged: attention_r2_lr1e_39)" in capsys.readouterr().out
+    assert "| at step 1: the trained weight" in (out / "sweep.md").read_text()
+
+
+def test_a_sweep_whose_every_run_diverges_is_a_usage_error_after_its_tables(tiny_gpt2_dir, nli_data, tmp_path,
+                                                                            capsys):
+    out = tmp_path / "runs"
+    argv = ["sweep", *TINY_RUN, "--base-model", str(tiny_gpt2_dir), "--data-dir", str(nli_data), "--out", str(out),
+            "--ranks", "2", "--targets", "attention", "--warmup", "0", "--alpha", "1e308", "--lrs", "1e-3"]
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.endswith(
+        f"loraswap sweep: error: every run diverged (its training loss or weights not finite; a smaller --lrs may keep "
+        f"them finite); tables in {out / 'sweep.md'} and {out / 'sweep.csv'}\n"), err
+    assert [row["diverged"] for row in csv.DictReader((out / "sweep.csv").open())] == [
+        "at step 1: the training loss is nan at step 1"]
