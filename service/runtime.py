@@ -48,13 +48,17 @@ def check_room(settings: Settings, max_positions: int, named: Callable[[str], st
                          f"(max_new_tokens {settings.max_new_tokens} of {max_positions} positions): lower it")
 
 
-def check_settings_fit(settings: Settings, here: bool = True, named: Callable[[str], str] = str) -> None:
+def check_settings_fit(settings: Settings, here: bool = True, named: Callable[[str], str] = str,
+                       convert: bool = True) -> None:
     """Whether the base model can run with ``settings``, found from its config before its weights load
     (``base_config``): ValueError where its positions leave no room for the token budget (``check_room``) or a size
     setting's allocation cannot exist (``device_room.check_allocations``: past 64 bits, or, where it runs ``here``,
     past the device's memory); FileNotFoundError, OSError or ValueError as ``base_config`` raises. ``named``: as
-    ``check_room`` takes it."""
-    config = base_config(settings)
+    ``check_room`` takes it. Without ``convert``, nothing is checked where the embedded base is not converted yet
+    (``base_config``): the start converts it, then checks."""
+    config = base_config(settings, convert)
+    if config is None:
+        return
     check_room(settings, config_positions(config), named)
     device = pick_device(settings.device)
     check_allocations(settings, config, pick_dtype(settings.dtype, device), device_memory(device) if here else None)

@@ -224,16 +224,18 @@ def check_server_start(settings: Settings, args: argparse.Namespace) -> None:
     check_onednn(settings)
 
 
-def check_room_for_prompts(settings: Settings, here: bool = True, named: Callable[[str], str] = str) -> None:
+def check_room_for_prompts(settings: Settings, here: bool = True, named: Callable[[str], str] = str,
+                           convert: bool = True) -> None:
     """UsageError where the server's start would fail for the token budget or a size setting
     (``runtime.check_settings_fit``: ``max_new_tokens`` leaving too few of the base model's positions for a prompt,
     an ``answer_stride`` too long, a ``max_batch`` whose KV cache cannot exist, past 64 bits or, ``here``, past the
     device's memory) or a base model it cannot read, found from the base model's config, not its weights: ``serve``
-    and ``scale`` refuse such settings before the model loads. ``named``: as ``runtime.check_room`` takes it."""
+    and ``scale`` refuse such settings before the model loads. ``named`` and ``convert``: as
+    ``runtime.check_settings_fit`` takes them."""
     from service.runtime import check_settings_fit
 
     try:
-        check_settings_fit(settings, here, named)
+        check_settings_fit(settings, here, named, convert)
     except (OSError, ValueError) as exc:
         raise UsageError(str(exc)) from None
 
@@ -270,8 +272,8 @@ def input_path(text: str) -> Path:
 def output_file(text: str) -> Path:
     """An argparse type: a file to write, checked before the command works: not empty, not a folder, in a folder that
     exists and is no adapter's (a review: ``eval --json adapters/x/card.json`` replaced the adapter's card), nor a
-    symlink to a file in one (a review: that got past the check) or into no folder. A command that writes its report
-    after minutes of work must not find only then that it cannot."""
+    symlink to a file in one (a review: that got past the check) or into no folder, nor a hard link (``spare_links``).
+    A command that writes its report after minutes of work must not find only then that it cannot."""
     path = Path(text)
     if not text:
         raise argparse.ArgumentTypeError("must name a file, not be empty")
@@ -288,7 +290,23 @@ def output_file(text: str) -> Path:
         raise argparse.ArgumentTypeError(f"{text} is a symlink to {target}: there is no folder {target.parent} to "
                                          "write it in")
     spare_adapter_folder(text, target.parent, f"leads to {target}, in")
+    spare_links(text, path)
     return path
+
+
+def spare_links(text: str, path: Path) -> None:
+    """ArgumentTypeError where ``path`` (through symlinks) is a regular file of more than one name, a hard link: a
+    report written there changes the file under each of its names, and where the others are cannot be told from
+    this one (a review: ``calibrate --json x.json``, x.json a hard link to an adapter's card.json, replaced the card
+    from outside the adapter's folder)."""
+    try:
+        status = path.stat()
+    except (OSError, ValueError):  # nothing there yet
+        return
+    if stat.S_ISREG(status.st_mode) and status.st_nlink > 1:
+        raise argparse.ArgumentTypeError(f"{text} is a hard link, a file of {status.st_nlink} names: a report written "
+                                         "there would change it under its other names too (an adapter's card.json, "
+                                         "say); name a new file, or remove this name first")
 
 
 def spare_adapter_folder(text: str, folder: Path, where: str) -> None:

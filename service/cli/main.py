@@ -205,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             settings = settings_from(args)
             check_server_start(settings, args)
-            check_room_for_prompts(settings, named=naming(args))
+            # the embedded base is not converted here: its first conversion runs while /health answers
+            check_room_for_prompts(settings, named=naming(args), convert=False)
             if argv is None:  # this process is the server from its start (not a caller's, as in tests)
                 server_process.prepare(settings.quantize)
             from service.http.server import serve

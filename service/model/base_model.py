@@ -132,6 +132,11 @@ def publish(partial: Path, out_dir: Path) -> Path:
     return out_dir
 
 
+def converted_dir(cache_dir: Path) -> Path:
+    """Where the embedded base is converted to, in ``cache_dir``."""
+    return Path(cache_dir) / "smollm2-135m-instruct"
+
+
 def resolve_base_dir(name_or_path: str, cache_dir: Path) -> Path:
     """A local HF directory for the base: the converted embedded model, or the path given."""
     if name_or_path != EMBEDDED:
@@ -139,7 +144,7 @@ def resolve_base_dir(name_or_path: str, cache_dir: Path) -> Path:
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"--base-model {name_or_path}: no Hugging Face model directory there")
         return path
-    cached = Path(cache_dir) / "smollm2-135m-instruct"
+    cached = converted_dir(cache_dir)
     remove_abandoned_partials(cached)
     if not (cached / "config.json").is_file():
         cached.parent.mkdir(parents=True, exist_ok=True)
@@ -184,10 +189,13 @@ def config_positions(config: PretrainedConfig) -> int:
     return getattr(config, "max_position_embeddings", None) or config.n_positions
 
 
-def base_config(settings: Settings) -> PretrainedConfig:
+def base_config(settings: Settings, convert: bool = True) -> PretrainedConfig | None:
     """The config of the base model (``settings.base_model``), not its weights (the embedded base is converted first,
-    once). FileNotFoundError and ValueError as ``load_base`` raises; OSError or ValueError for a config transformers
-    cannot read."""
+    once; without ``convert``, None where it is not converted yet). FileNotFoundError and ValueError as ``load_base``
+    raises; OSError or ValueError for a config transformers cannot read."""
+    converted = (converted_dir(settings.cache_dir) / "config.json").is_file()
+    if not convert and settings.base_model == EMBEDDED and not converted:
+        return None
     base_dir = resolve_base_dir(settings.base_model, settings.cache_dir)
     with reading_base(settings, base_dir):
         return AutoConfig.from_pretrained(base_dir)

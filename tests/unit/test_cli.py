@@ -424,13 +424,13 @@ def test_help_reads_no_environment_variable(argv, monkeypatch, capsys):
         assert "(default: $LORASWAP_ADAPTERS_DIR, else " in out
 
 
-def test_a_flag_overrides_an_invalid_environment_variable_of_its_setting(monkeypatch):
+def test_a_flag_overrides_an_invalid_environment_variable_of_its_setting(tmp_path, monkeypatch):
     from service.http import server
 
     served = []
-    monkeypatch.setattr(server, "serve", served.append)
+    monkeypatch.setattr(server, "serve", lambda settings, named: served.append(settings))
     monkeypatch.setenv("LORASWAP_MAX_BATCH", "abc")
-    main(["serve", "--max-batch", "3"])
+    main(["serve", "--max-batch", "3", "--cache-dir", str(tmp_path)])  # the embedded base not converted there
     assert [settings.max_batch for settings in served] == [3]
 
 
@@ -654,14 +654,16 @@ def test_a_command_whose_optional_dependencies_are_missing_says_how_to_install_t
 
 
 def test_two_reports_in_one_file_through_a_link_are_a_usage_error_and_devices_take_both(tmp_path, capsys):
-    (tmp_path / "report").write_text("old")
-    os.link(tmp_path / "report", tmp_path / "hard")
+    for name in ("report", "linked"):
+        (tmp_path / name).write_text("old")
+    os.link(tmp_path / "linked", tmp_path / "hard")  # a file of two names is refused as such (output_file)
     os.symlink(tmp_path / "report", tmp_path / "soft")
-    for other in ("hard", "soft"):
+    for report, other, message in [("linked", "hard", f"argument --json: {tmp_path / 'linked'} is a hard link"),
+                                   ("report", "soft", "--diagram and --json name one file")]:
         with pytest.raises(SystemExit) as exit_:
-            main(["calibrate", "--adapter", "nli", "--json", str(tmp_path / "report"), "--diagram",
+            main(["calibrate", "--adapter", "nli", "--json", str(tmp_path / report), "--diagram",
                   str(tmp_path / other)])
-        assert exit_.value.code == 2 and "--diagram and --json name one file" in capsys.readouterr().err
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:  # past the check: the adapter is what is wrong
         main(["calibrate", "--adapter", "nope", "--adapters-dir", str(tmp_path), "--json", "/dev/null", "--diagram",
               "/dev/null"])
@@ -685,8 +687,10 @@ REPORTS_OVER_INPUTS = {  # a command line (paths from the fixture's folder), the
     "eval_predictions_through_a_symlink": (["eval", "--task", "nli", "--adapter", "none", "--data", "{mnli}",
                                             "--predictions", "{to_data}"], "{mnli}",
                                            "--predictions {to_data} is the file --data names"),
+    # a hard link is refused as such (output_file), whatever its other names are
     "eval_json_through_a_hard_link": (["eval", "--task", "nli", "--adapter", "none", "--data", "{mnli}", "--json",
-                                       "{hard}"], "{mnli}", "--json {hard} is the file --data names"),
+                                       "{hard}"], "{mnli}", "argument --json: {hard} is a hard link, a file of 2 "
+                                      "names"),
     "eval_json_over_the_default_data": (["eval", "--task", "nli", "--adapter", "none", "--json", "{to_data}"],
                                         "{mnli}", "loraswap eval: error: --json {to_data} is the nli dev set, which "
                                         "the command reads"),
@@ -731,7 +735,8 @@ def test_a_report_is_never_written_over_what_the_command_reads(case, tiny_llama_
     (adapter / "card.json").write_text('{"name": "adapter"}')
     (tmp_path / "to_data").symlink_to(mnli)
     (tmp_path / "to_card.json").symlink_to(adapter / "card.json")
-    os.link(mnli, tmp_path / "hard")
+    if "hard_link" in case:  # a second name of the data file, only here: a report of two names is refused as such
+        os.link(mnli, tmp_path / "hard")
     base = shutil.copytree(tiny_llama_dir, tmp_path / "base")
     monkeypatch.setenv("LORASWAP_DATA_DIR", str(data))
     monkeypatch.setenv("LORASWAP_ADMIN_KEY", "admin")
@@ -854,3 +859,27 @@ def test_missing_default_data_names_the_option_and_the_variable_to_set(argv, fil
     assert exit_.value.code == 2 and line.startswith(f"loraswap {argv[0]}: error: {where}: No such file or "
                                                      f"directory: {folder / files}"), err
     assert line.endswith(hint), err
+
+
+@pytest.mark.parametrize("command", [["calibrate", "--adapter", "{adapter}"],
+                                     ["eval", "--task", "nli", "--adapter", "none"], ["bench"]])
+@pytest.mark.parametrize("through", ["hard", "soft_to_hard"])
+def test_a_report_through_a_hard_link_to_an_adapters_card_is_refused(command, through, tmp_path, capsys):
+    """A review: ``calibrate --json x.json``, x.json a hard link to an adapter's card.json from outside the adapter's
+    folder, replaced the card: the folder checks look at the name given (and a symlink's target), not at the file's
+    other names. Any report option that names a file of more than one name is refused before the work."""
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"r": 4}')
+    card = adapter / "card.json"
+    card.write_text('{"name": "adapter"}')
+    os.link(card, tmp_path / "hard.json")
+    (tmp_path / "soft_to_hard.json").symlink_to(tmp_path / "hard.json")
+    report = tmp_path / f"{through}.json"
+    with pytest.raises(SystemExit) as exit_:
+        main([arg.format(adapter=adapter) for arg in command] + ["--json", str(report)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1, err
+    assert f"error: argument --json: {report} is a hard link, a file of 2 names: a report written there would change " \
+           "it under its other names too" in err
+    assert card.read_text() == '{"name": "adapter"}'
