@@ -127,7 +127,8 @@ class Settings(BaseSettings):
                                     "system refuses (the flag: several separated "
                                     f"by spaces; the environment: a path, several joined by {os.pathsep!r}, or a "
                                     "JSON list)")
-    max_resident: int = Field(8, ge=1, description="adapters kept in device slots at once (LRU)")
+    max_resident: int = Field(8, ge=1, description="adapters kept in device slots at once (LRU); refused before the "
+                              "model loads where their LoRA banks cannot exist (model.device_room)")
     max_rank: int = Field(64, ge=1, description="largest LoRA rank a slot holds")
     qa_adapter: AdapterName | None = Field("squad", description="adapter /answer uses when the request names none "
                                            "(the bare base while none of that name is registered; none: the bare "
@@ -136,7 +137,9 @@ class Settings(BaseSettings):
                                             "bare base while none of that name is registered; none: the bare base)")
 
     # engine
-    max_batch: int = Field(32, ge=1, description="most requests in one batch")
+    max_batch: int = Field(32, ge=1, description="most requests in one batch; refused before the model loads where a "
+                           "full batch's KV cache cannot exist: past 2**63 bytes or the device's memory "
+                           "(model.device_room)")
     batch_window_ms: float | None = Field(
         None, ge=0, description="how long an idle scheduler waits to fill a batch; requests that come later join the "
         f"running batch between its decoding steps. None: {CPU_BATCH_WINDOW_MS} ms on the CPU (a wait there costs the "
@@ -192,7 +195,8 @@ class Settings(BaseSettings):
                          "read one input (q/k/v, gate/up) as one product")
     prefix_cache_bytes: int = Field(
         256 * 2**20, ge=0, description="bytes of prompt keys and values kept for reuse by later prompts that begin "
-        "with the same tokens for the same adapter (least recently used dropped first); 0 turns prefix caching off")
+        "with the same tokens for the same adapter (least recently used dropped first); 0 turns prefix caching off; "
+        "past the device's memory it is refused before the model loads")
     prefix_block_tokens: int = Field(16, ge=1, description="prefix caching granularity in tokens: prompts' keys and "
                                      "values are kept in blocks of this many; a prompt reuses the longest cached run "
                                      "of blocks that begins it, then the tokens it shares with the start of a cached "
