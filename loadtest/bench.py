@@ -14,6 +14,7 @@ import argparse
 import copy
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +27,7 @@ from loadtest.options import ALL_MODES, MOST_BENCH_BATCH, MOST_BENCH_RANK
 from loadtest.percentiles import percentiles
 from loadtest.stall import measure_stall
 from loadtest.timing import timed
-from service.cli.command import UsageError
+from service.cli.command import UsageError, check_room_for_prompts
 from service.engine.requests import Generation, run_all
 from service.engine.row_mapping import map_rows
 from service.engine.sampling import Decoding
@@ -38,6 +39,14 @@ from service.settings import Settings
 from training.train import preset_mismatch, resolve_targets
 
 ENGINE_MODES = {"base", "single", "merged", "mixed"}
+# the engine's settings bench's options give (Bench.settings), by the option that gives each
+GIVEN_BY = {"max_resident": "--adapters", "max_batch": "--batch-sizes", "max_new_tokens": "--new-tokens"}
+
+
+def bench_named(text: str) -> str:
+    """``text`` with each engine setting it names that an option of bench gives named by that option (``GIVEN_BY``:
+    ``--adapters 4611686018427387904 needs ...``, not ``max_resident``)."""
+    return re.sub(rf"\b({'|'.join(GIVEN_BY)})\b", lambda word: GIVEN_BY[word[1]], text)
 
 
 def random_adapters(model, names: list[str], rank: int, targets: str, out_dir: Path, seed: int = 0) -> PeftModel:
@@ -81,6 +90,8 @@ class Bench:
                                  max_new_tokens=args.new_tokens, auto_merge=False, prefill_chunk=args.prefill_chunk,
                                  prefix_cache_bytes=0, draft_tokens=0)
         self.device = pick_device(args.device)
+        # a size the engine could not allocate, before the base loads (a review: --adapters 2**62 ran out of memory)
+        check_room_for_prompts(self.settings, named=bench_named)
         self.plain, self.tokenizer = load_base(self.settings)
         positions = max_positions(self.plain)
         if args.prompt_tokens + args.new_tokens > positions:

@@ -237,7 +237,7 @@ def check_room_for_prompts(settings: Settings, here: bool = True, named: Callabl
     try:
         check_settings_fit(settings, here, named, convert)
     except (OSError, ValueError) as exc:
-        raise UsageError(str(exc)) from None
+        raise UsageError(named(str(exc))) from None
 
 
 def refusing_os_errors(check: Callable[[str], Path]) -> Callable[[str], Path]:
