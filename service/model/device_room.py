@@ -4,8 +4,10 @@ device has room for it: a setting whose allocation cannot exist is refused befor
 value within that bound but past the device's memory fails once a full batch comes).
 
 The settings that allocate in proportion to their value (the others bound counts and allocate nothing by themselves:
-``max_queue``, ``max_choices``, ``max_answer_windows``, ``max_prefill_tokens``; ``max_input_tokens`` and
-``max_new_tokens`` are bounded by the model's positions, ``runtime.check_room``):
+``max_queue``, ``max_choices``, ``max_answer_windows``, ``max_prefill_tokens``, ``max_body_bytes``,
+``prefix_block_tokens``, ``max_rank``; ``max_input_tokens`` and ``max_new_tokens`` are bounded by the model's
+positions, ``runtime.check_room``; ``scale`` bounds ``max_batch`` + ``max_queue`` by Ray's 32 bits,
+``scale.preflight.check_ongoing``):
 
 - ``max_batch``: the KV cache of a full batch of the shortest requests, ``row_bucket(max_batch)`` rows (a power of
   two) x ``COLUMN_STEP`` columns (the fewest a cache has) x ``kv_bytes_per_token`` (``kv_cache.RowKVCache``; with

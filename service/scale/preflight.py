@@ -13,6 +13,7 @@ from service.cli.command import UsageError, check_room_for_prompts, check_server
 from service.settings import Settings
 
 CONNECT_TIMEOUT_S = 5.0  # for the head of the cluster --address names to accept a connection, and then gRPC's
+MOST_ONGOING = 2**31 - 1  # Ray Serve's max_ongoing_requests: a 32-bit integer (its DeploymentConfig proto)
 
 
 def check_scale(settings: Settings, args: argparse.Namespace) -> None:
@@ -26,6 +27,7 @@ def check_scale(settings: Settings, args: argparse.Namespace) -> None:
         check_gpus(args.replicas, args.replica_gpus)
         check_cpus(args.replicas, args.replica_cpus)
     check_room_for_prompts(settings, here=args.address is None)
+    check_ongoing(settings, args.replicas)
     check_address(args.address)
 
 
@@ -60,6 +62,17 @@ def check_gpus(replicas: int, replica_gpus: float) -> None:
         if count < needed:
             raise UsageError(f"--replica-gpus {replica_gpus:g} for {replicas} replica(s) needs {needed} GPU(s), and "
                              f"this machine, where the Ray of loraswap scale starts, has {count}")
+
+
+def check_ongoing(settings: Settings, replicas: int) -> None:
+    """UsageError where the requests the router takes at once, ``max_batch`` + ``max_queue`` for each of ``replicas``
+    replicas (``app.build_app``: Ray Serve's max_ongoing_requests), pass ``MOST_ONGOING``: Ray refused the deployment
+    ("Value out of range") once it had started."""
+    ongoing = (settings.max_batch + settings.max_queue) * replicas
+    if ongoing > MOST_ONGOING:
+        raise UsageError(f"max_batch {settings.max_batch} + max_queue {settings.max_queue}, for each of {replicas} "
+                         f"replica(s) (--replicas), is {ongoing} requests at once for the router, past the "
+                         f"{MOST_ONGOING} Ray Serve takes (max_ongoing_requests, a 32-bit integer): lower max_queue")
 
 
 def check_address(address: str | None) -> None:

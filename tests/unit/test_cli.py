@@ -784,14 +784,18 @@ def test_a_report_that_is_a_symlink_loop_or_into_no_folder_is_refused_before_the
     (["--max-new-tokens", "500"], "--max-new-tokens 500 leaves 12 of the base model's 512 positions for a prompt, "
      "fewer than 16: lower it"),
     (["--base-model", "/nonexistent"], "--base-model /nonexistent: no Hugging Face model directory there"),
+    # a review: Ray Serve's max_ongoing_requests is 32-bit; the deployment was refused once Ray had started
+    (["--replicas", "2", "--max-queue", str(2**30)], f"max_batch 32 + --max-queue {2**30}, for each of 2 "
+     f"replica(s) (--replicas), is {2 * (2**30 + 32)} requests at once for the router, past the 2147483647 Ray Serve "
+     "takes (max_ongoing_requests, a 32-bit integer): lower --max-queue"),
     (["--address", "nonsense"], "--address nonsense: must be HOST:PORT or auto"),
     (["--address", "[::1"], "--address [::1: must be HOST:PORT or auto"),  # a review: urlsplit's ValueError
     (["--address", "127.0.0.1:{closed}"], "--address 127.0.0.1:{closed}: no Ray cluster answers there (Connection "
      "refused)"),
     (["--address", "127.0.0.1:{listening}"], "--address 127.0.0.1:{listening}: no Ray cluster answers there (it "
      "accepts a connection, but no gRPC one within 5 s, as a Ray head does)"),
-], ids=["device", "gpus", "gpu-shares", "cpus", "max-new-tokens", "base-model", "address-form", "address-ipv6",
-        "address-closed", "address-not-ray"])
+], ids=["device", "gpus", "gpu-shares", "cpus", "max-new-tokens", "base-model", "ongoing", "address-form",
+        "address-ipv6", "address-closed", "address-not-ray"])
 def test_scale_refuses_what_no_replica_could_start_with_before_ray_starts(more, message, tiny_llama_dir, monkeypatch,
                                                                            capsys):
     """A review: where serve says one line, scale started Ray and its replicas failed (40 s of replica tracebacks for
