@@ -139,7 +139,7 @@ def main() -> None:
         parser.error(f"no py-spy at {args.py_spy!r}: pip install py-spy, or give its path with --py-spy")
     try:
         given, args.data = args.data, args.data or data_dir()  # UsageError: a $LORASWAP_DATA_DIR refused
-        with naming_default_data(given, "--data"):
+        with naming_default_data({"--data": given}):
             asked = planned_loads(args)
     except (ValueError, UsageError) as error:
         parser.error(str(error))

@@ -235,7 +235,7 @@ def run_side_by_side(args: argparse.Namespace) -> None:
         given, args.data = args.data, args.data or data_dir()  # UsageError: a $LORASWAP_DATA_DIR refused
         spare_inputs([(option, getattr(args, option[2:], None)) for option in ("--json", "--markdown")],
                      [(f"a file of --data, {path}", path) for path in data_files(args.data)])
-        with naming_default_data(given, "--data"):
+        with naming_default_data({"--data": given}):
             planned = planned_requests(args)
         check_reachable(args.system)
     except (ValueError, UsageError) as exc:

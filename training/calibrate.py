@@ -240,7 +240,7 @@ def run(args: argparse.Namespace) -> dict:
     folder = adapter_folder(args)
     card = card_of(folder)
     split = split_of(card)
-    with naming_default_data(args.data_dir, "--data-dir"):
+    with naming_default_data({"--data-dir": args.data_dir}):
         fit_rows, dev_rows = held_out_rows(split, root), read_eval("nli", root / DEV_FILE)
     seed = split[2]
     fit_logits, dev_logits, device, engine = scores_of(args, folder, [fit_rows, dev_rows])

@@ -40,21 +40,22 @@ def data_dir() -> Path:
 
 
 @contextlib.contextmanager
-def naming_default_data(given: object, options: str):
-    """Re-raise a FileNotFoundError for a file of the data folder (``data_dir``) that a command read because its data
-    option, ``options`` in words (``--data-dir``), gave none (``given`` is None) as a UsageError naming what set
-    the folder and what to set instead: ``LORASWAP_DATA_DIR PATH: No such file or directory: FILE (or give
-    --data-dir)``, or, the variable unset, ``the default data folder PATH: ...: give --data-dir or set
-    LORASWAP_DATA_DIR`` (a review: the path alone was said, naming no option or variable)."""
+def naming_default_data(given: dict[str, object]):
+    """Re-raise a FileNotFoundError for a file of the data folder (``data_dir``) that a command read because one of
+    its data options, ``given`` (option: its value), gave none (None) as a UsageError naming what set the folder and
+    what to set instead: ``LORASWAP_DATA_DIR PATH: No such file or directory: FILE (or give --data-dir)``, or, the
+    variable unset, ``the default data folder PATH: ...: give --data-dir or set LORASWAP_DATA_DIR`` (a review: the
+    path alone was said, naming no option or variable)."""
     try:
         yield
     except FileNotFoundError as exc:
         root, failed = data_dir(), Path(exc.filename or "")
-        if given is not None or exc.filename is None or (failed != root and root not in failed.parents):
+        unset = " or ".join(option for option, value in given.items() if value is None)
+        if not unset or exc.filename is None or (failed != root and root not in failed.parents):
             raise
         env = os.environ.get("LORASWAP_DATA_DIR")
-        where, hint = ((f"LORASWAP_DATA_DIR {env}", f" (or give {options})") if env else
-                       (f"the default data folder {root}", f": give {options} or set LORASWAP_DATA_DIR"))
+        where, hint = ((f"LORASWAP_DATA_DIR {env}", f" (or give {unset})") if env else
+                       (f"the default data folder {root}", f": give {unset} or set LORASWAP_DATA_DIR"))
         raise UsageError(f"{where}: {exc.strerror}: {exc.filename}{hint}") from None
 
 

@@ -205,7 +205,7 @@ def evaluated_rows(args: argparse.Namespace) -> list[dict]:
     task does not have, and for more --distractors than it has."""
     source = args.data or f"the {args.task} dev set"
     try:
-        with naming_default_data(args.data, "--data"):
+        with naming_default_data({"--data": args.data}):
             every = read_eval(args.task, args.data)
     except (FileNotFoundError, UsageError):
         raise

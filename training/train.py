@@ -287,7 +287,7 @@ def read_rows(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
     root = Path(args.data_dir or data_dir())
     names = ", ".join(str(root / name) for name, _ in TASK_TRAIN_FILES[args.task])
     try:
-        with naming_default_data(args.data_dir, "--data-dir"):
+        with naming_default_data({"--data-dir": args.data_dir}):
             rows, files = read_task(args.task, root)
     except (FileNotFoundError, UsageError):
         raise

@@ -34,7 +34,7 @@ from service.cli.command import (
     server_url,
     spare_inputs,
 )
-from training.data import TASK_EVAL_FILES, data_dir
+from training.data import TASK_EVAL_FILES, data_dir, naming_default_data
 
 
 def add_loadtest_options(parser: argparse.ArgumentParser) -> None:
@@ -142,7 +142,8 @@ def run_loadtest(args: argparse.Namespace) -> None:
         register_cycles=args.register_cycles)
     stop_on_signals()
     try:
-        report = run_load(config)
+        with naming_default_data({"--squad": args.squad, "--nli": args.nli}):
+            report = run_load(config)
     except KeyboardInterrupt:
         print("loraswap loadtest: interrupted: no report; its adapters were unregistered and their files removed",
               file=sys.stderr)

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
 import shutil
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -891,3 +893,18 @@ def test_a_report_through_a_hard_link_to_an_adapters_card_is_refused(command, th
     assert f"error: argument --json: {report} is a hard link, a file of 2 names: a report written there would change " \
            "it under its other names too" in err
     assert card.read_text() == '{"name": "adapter"}'
+
+
+def test_loadtest_without_its_default_data_names_the_options_and_the_variable(tmp_path):
+    """As train's: loadtest read its default questions, absent, with OSError's line naming no option (run in a process
+    of its own: locust's gevent patches this one's ssl)."""
+    if importlib.util.find_spec("locust") is None:  # not imported here: its gevent patches this process's ssl
+        pytest.skip('needs locust: pip install -e ".[loadtest]"')
+    folder = tmp_path / "no_data"
+    env = {**os.environ, "LORASWAP_DATA_DIR": str(folder), "LORASWAP_ADMIN_KEY": "admin", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, "-m", "service.cli.main", *LOADTEST], env=env,  # run from this checkout
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines()[-1] == (
+        f"loraswap loadtest: error: LORASWAP_DATA_DIR {folder}: No such file or directory: "
+        f"{folder / 'squad' / 'dev-v1.1.json.gz'} (or give --squad or --nli)"), done.stderr
