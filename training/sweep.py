@@ -253,7 +253,7 @@ def run_sweep(args: argparse.Namespace) -> list[dict]:
     returns the rows, ``COLUMNS`` each (seconds, losses in nats per target token). Raises, before any run trains,
     UsageError as ``check_options``, ``grid`` and ``finished_card`` do or for an ``--out`` that cannot be made,
     FileNotFoundError when ``--base-model`` is no model directory; then as ``train.train_adapter`` does (absent or
-    unusable data)."""
+    unusable data), but for a run that diverges, which is a row (``trained_row``)."""
     from service.model.base_model import resolve_base_dir
     from service.settings import setting
 
