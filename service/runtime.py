@@ -28,38 +28,45 @@ log = logging.getLogger(__name__)
 # ValueError), a size setting whose allocation cannot exist (check_allocations' ValueError), a model file
 # transformers cannot read (OSError, ValueError), an environment that would crash oneDNN (UnsafeEnvironment)
 EXPECTED_START_FAILURES = (OSError, ValueError, UnsafeEnvironment)
-def check_room(settings: Settings, max_positions: int, named: Callable[[str], str] = str) -> None:
+
+
+def check_room(settings: Settings, max_positions: int) -> None:
     """ValueError unless a prompt of at least ``MIN_PROMPT_TOKENS`` and ``settings.max_new_tokens`` generated tokens
     fit in the model's ``max_positions`` together (a server that could answer no request does not start), or when an
     ``answer_stride`` set is not below the longest prompt that then fits (every long /answer context would be a 413).
-    A warning when ``max_new_tokens`` leaves prompts less than ``max_input_tokens``, its settings ``named`` as the
-    user gave them (``Runtime``'s ``named``)."""
+    The message names the settings by their fields (``Runtime``'s ``named`` names them as the user gave them)."""
     room = max_positions - settings.max_new_tokens
     if room < MIN_PROMPT_TOKENS:
         raise ValueError(f"max_new_tokens {settings.max_new_tokens} leaves {max(room, 0)} of the base model's "
                          f"{max_positions} positions for a prompt, fewer than {MIN_PROMPT_TOKENS}: lower it")
-    if room < settings.max_input_tokens:
-        log.warning(named(f"max_new_tokens {settings.max_new_tokens} leaves {room} of the base model's "
-                          f"{max_positions} positions for a prompt: prompts are limited to {room} tokens, not "
-                          f"max_input_tokens {settings.max_input_tokens}"))
     longest = min(room, settings.max_input_tokens)
     if settings.answer_stride is not None and settings.answer_stride >= longest:
         raise ValueError(f"answer_stride {settings.answer_stride} is not below the {longest} tokens a prompt may have "
                          f"(max_new_tokens {settings.max_new_tokens} of {max_positions} positions): lower it")
 
 
-def check_settings_fit(settings: Settings, here: bool = True, named: Callable[[str], str] = str,
-                       convert: bool = True) -> None:
+def warn_of_short_prompts(settings: Settings, max_positions: int, named: Callable[[str], str] = str) -> None:
+    """A warning, once at the start, when ``settings.max_new_tokens`` leaves prompts fewer of the model's
+    ``max_positions`` than ``max_input_tokens`` (every longer prompt is a 413 naming a limit no setting gave), its
+    settings ``named`` as the user gave them (``Runtime``'s ``named``)."""
+    room = max_positions - settings.max_new_tokens
+    if room < settings.max_input_tokens:
+        log.warning(named(f"max_new_tokens {settings.max_new_tokens} leaves {room} of the base model's "
+                          f"{max_positions} positions for a prompt: prompts are limited to {room} tokens, not "
+                          f"max_input_tokens {settings.max_input_tokens}"))
+
+
+def check_settings_fit(settings: Settings, here: bool = True, convert: bool = True) -> None:
     """Whether the base model can run with ``settings``, found from its config before its weights load
     (``base_config``): ValueError where its positions leave no room for the token budget (``check_room``) or a size
     setting's allocation cannot exist (``device_room.check_allocations``: past 64 bits, or, where it runs ``here``,
-    past the device's memory); FileNotFoundError, OSError or ValueError as ``base_config`` raises. ``named``: as
-    ``check_room`` takes it. Without ``convert``, nothing is checked where the embedded base is not converted yet
+    past the device's memory); FileNotFoundError, OSError or ValueError as ``base_config`` raises. Without
+    ``convert``, nothing is checked where the embedded base is not converted yet
     (``base_config``): the start converts it, then checks."""
     config = base_config(settings, convert)
     if config is None:
         return
-    check_room(settings, config_positions(config), named)
+    check_room(settings, config_positions(config))
     device = pick_device(settings.device)
     check_allocations(settings, config, pick_dtype(settings.dtype, device), device_memory(device) if here else None)
 
@@ -109,9 +116,10 @@ class Runtime:
 
     def _load(self) -> None:
         self._warn_of_missing_roots()
-        check_settings_fit(self.settings, named=self.named)
+        check_settings_fit(self.settings)
         model, tokenizer = load_base(self.settings)
         positions = max_positions(model)
+        warn_of_short_prompts(self.settings, positions, self.named)
         self.registry = AdapterRegistry(model, self.roots, self.settings.max_resident, self.settings.max_rank)
         metrics.ADAPTERS_RESIDENT.set_function(lambda: self.registry.resident_count)
         self.load_adapter_folder(self.settings.adapters_dir)

@@ -230,12 +230,12 @@ def check_room_for_prompts(settings: Settings, here: bool = True, named: Callabl
     (``runtime.check_settings_fit``: ``max_new_tokens`` leaving too few of the base model's positions for a prompt,
     an ``answer_stride`` too long, a ``max_batch`` whose KV cache cannot exist, past 64 bits or, ``here``, past the
     device's memory) or a base model it cannot read, found from the base model's config, not its weights: ``serve``
-    and ``scale`` refuse such settings before the model loads. ``named`` and ``convert``: as
-    ``runtime.check_settings_fit`` takes them."""
+    and ``scale`` refuse such settings before the model loads. ``named``: the message with its settings named as the
+    user gave them (``main.naming``); ``convert``: as ``runtime.check_settings_fit`` takes it."""
     from service.runtime import check_settings_fit
 
     try:
-        check_settings_fit(settings, here, named, convert)
+        check_settings_fit(settings, here, convert)
     except (OSError, ValueError) as exc:
         raise UsageError(named(str(exc))) from None
 

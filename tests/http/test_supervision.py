@@ -11,6 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service import runtime as runtime_module
+from service.cli.command import check_room_for_prompts
 from service.cli.main import build_parser, naming
 from service.cli.settings_options import settings_from
 from service.http.app import create_app
@@ -172,6 +173,14 @@ def test_a_max_new_tokens_that_shortens_the_longest_prompt_is_warned_of_at_start
     warnings = [record.getMessage() for record in caplog.records if record.name == runtime_module.__name__]
     assert any("max_new_tokens 480 leaves 32 of the base model's 512 positions for a prompt: prompts are limited to "
                "32 tokens, not max_input_tokens 1024" in message for message in warnings), warnings
+
+
+def test_the_checks_before_a_start_leave_its_warnings_to_it(tiny_llama_dir, tmp_path, caplog):
+    """serve, scale and bench check the settings from the base's config before the start (``check_room_for_prompts``);
+    the start warns of what they pass with a warning (a review: serve logged the shortened prompts twice)."""
+    caplog.set_level(logging.WARNING)
+    check_room_for_prompts(settings_in(tmp_path, tiny_llama_dir, {}, max_new_tokens=480))
+    assert not [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
 
 
 def serve_runtime(argv: list[str]) -> Runtime:
