@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
-import time
 from dataclasses import dataclass
 
 import ray
@@ -13,7 +12,6 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 from ray.serve.context import _get_global_client
-from ray.serve.schema import ApplicationStatusOverview
 
 from service.cli.command import UsageError, interrupt
 from service.scale.options import ROUTINGS
@@ -32,15 +30,13 @@ class ScaleConfig:
     """How to scale: ``replicas`` loraswap replicas, each reserving ``replica_cpus`` CPUs and ``replica_gpus`` GPUs
     of the Ray cluster (Ray's logical resources: a replica is placed on a node that has them free); ``routing``:
     "multiplexed" (to a replica that holds the request's adapter) or "round-robin" (each replica in turn, the
-    baseline); ``address``: the Ray cluster to join (None: start one on this machine); ``replace``: deploy where the
-    cluster's Serve runs an application ``APP_NAME`` already (another run's), in its place (``start_serve``)."""
+    baseline); ``address``: the Ray cluster to join (None: start one on this machine)."""
 
     replicas: int
     routing: str = "multiplexed"
     replica_cpus: float = 1.0
     replica_gpus: float = 0.0
     address: str | None = None
-    replace: bool = False
 
 
 def build_app(settings: Settings, config: ScaleConfig) -> Application:
@@ -115,36 +111,34 @@ def serve_scaled(settings: Settings, config: ScaleConfig) -> None:
     """Serve the HTTP API on ``settings.host``:``settings.port`` from ``config.replicas`` replicas until interrupted
     (Ctrl-C or SIGTERM at any point, even where the shell started it with SIGINT ignored), then take the application
     down, and Ray too when it was started here (``take_down``). UsageError where ``config.address`` finds no cluster
-    (``init_ray``), one whose Serve listens elsewhere, or one that runs the application already and ``config.replace``
-    is not set (``start_serve``). SIGINT's and SIGTERM's handlers are the caller's again on return."""
+    (``init_ray``), or one whose Serve listens elsewhere or runs the application already (``start_serve``). SIGINT's
+    and SIGTERM's handlers are the caller's again on return."""
     handlers = [signal.getsignal(number) for number in INTERRUPTS]
     on_signals(interrupt)
-    deploying, deployed = False, None
+    deploying = False
     try:
         init_ray(config.address)
-        start_serve(settings.host, settings.port, config.replace)
+        start_serve(settings.host, settings.port)
         log.info("starting %d replicas (%s routing); the model loads on each", config.replicas, config.routing)
         deploying = True
-        serve.run(build_app(settings, config), name=APP_NAME, route_prefix="/")  # returns once it runs
-        deployed = deployed_time()
-        while True:
-            time.sleep(3600)  # until interrupted
+        serve.run(build_app(settings, config), name=APP_NAME, route_prefix="/", blocking=True)
     except KeyboardInterrupt:
         log.info("interrupted: taking the application down")
     finally:
         on_signals(signal.SIG_IGN)  # a second interrupt does not cut the take-down short (SIGKILL still ends it)
-        take_down(config, deploying, deployed)
+        take_down(config, deploying)
         for number, handler in zip(INTERRUPTS, handlers):
             signal.signal(number, handler)
 
 
-def start_serve(host: str, port: int, replace: bool = False) -> None:
+def start_serve(host: str, port: int) -> None:
     """Start Ray Serve with its HTTP proxies on ``host``:``port``, or join the Serve already running on the cluster
     where they listen there. UsageError, before anything is deployed, where they listen elsewhere: a running Serve
     keeps the HTTP options it started with (``serve.start`` only logs that it ignores others; a review found the
     service on the earlier run's port), and only a restart of Serve, every application on the cluster with it,
-    changes them. UsageError too, unless ``replace``, where Serve runs an application ``APP_NAME`` (another run's):
-    ``serve.run`` would put this run's in its place (a review found the first run's replaced without a word)."""
+    changes them. UsageError too where Serve runs an application ``APP_NAME`` (another run's): ``serve.run`` would
+    put this run's in its place (a review found the first run's replaced without a word). Two runs that start at once
+    may both pass this check; the later deploy then replaces the earlier."""
     running = _get_global_client(raise_if_no_controller_running=False)  # serve.start's own look-up
     if running is not None:
         serving = f"{running.http_config.host}:{running.http_config.port}"
@@ -152,45 +146,21 @@ def start_serve(host: str, port: int, replace: bool = False) -> None:
             raise UsageError(f"Ray Serve already runs on this cluster, its HTTP proxies on {serving}, not "
                              f"{host}:{port}: give --host and --port of {serving}, or end Serve there first (`serve "
                              "shutdown`, which ends every Serve application of the cluster)")
-        existing = running_app()
-        if existing is not None and not replace:
+        existing = serve.status().applications.get(APP_NAME)
+        if existing is not None:
             raise UsageError(f"Ray Serve on this cluster already runs the application {APP_NAME} "
                              f"({existing.status.value}, another loraswap scale's) on {serving}: end that run first "
-                             "(Ctrl-C or SIGTERM; `serve shutdown` ends every Serve application of the cluster), or "
-                             "give --replace to deploy this one in its place")
+                             "(Ctrl-C or SIGTERM; `serve shutdown` ends every Serve application of the cluster)")
     serve.start(http_options={"host": host, "port": port})
 
 
-def running_app() -> ApplicationStatusOverview | None:
-    """The application ``APP_NAME`` of the cluster's Serve (``serve.status``), None where it runs none."""
-    return serve.status().applications.get(APP_NAME)
-
-
-def deployed_time() -> float | None:
-    """When the application ``APP_NAME`` of the cluster's Serve was last deployed (Unix time, seconds), which tells
-    one run's from another's; None where Serve runs none."""
-    running = running_app()
-    return None if running is None else running.last_deployed_time_s
-
-
-def take_down(config: ScaleConfig, deploying: bool, deployed: float | None) -> None:
+def take_down(config: ScaleConfig, deploying: bool) -> None:
     """Take the application down, with Serve and Ray when Ray was started here (waiting for Ray's processes to
     end); on a cluster joined, only the application, where ``deploying`` it began (not another run's of its name,
-    where this one was refused) and it is still this run's (``delete_if_ours``)."""
+    where this one was refused)."""
     if ray.is_initialized():
         if config.address is None:
             serve.shutdown()
         elif deploying:
-            delete_if_ours(deployed)
+            serve.delete(APP_NAME)
     ray.shutdown(wait_for_processes=config.address is None)
-
-
-def delete_if_ours(deployed: float | None) -> None:
-    """Delete the application ``APP_NAME`` where it is still the one this run deployed at ``deployed``
-    (``deployed_time``; None: a deploy cut short, which is this run's), not another run's that replaced it since
-    (``--replace``): that one is left running."""
-    now = deployed_time()
-    if deployed is None or now == deployed:
-        serve.delete(APP_NAME)
-    elif now is not None:
-        log.info("the application %s is another run's now (its --replace): left running", APP_NAME)

@@ -23,9 +23,6 @@ def add_scale_arguments(parser: argparse.ArgumentParser) -> None:
                         "this machine, or its head's HOST:PORT (with Ray's token authentication, its default, only "
                         "where RAY_AUTH_MODE=token is set) (default: a Ray cluster of this machine alone, started and "
                         "ended with the command)")
-    parser.add_argument("--replace", action="store_true",
-                        help="where the cluster's Ray Serve runs the application loraswap already (another "
-                        "loraswap scale's), deploy in its place, not refuse to")
     parser.add_argument("--routing", choices=ROUTINGS, default="multiplexed",
                         help="multiplexed: each request to a replica that holds its adapter (Ray Serve's model "
                         "multiplexing, at most --max-resident adapters a replica); round-robin: to each replica in "
@@ -47,8 +44,7 @@ def run_scale(args: argparse.Namespace) -> None:
     check_scale(settings, args)
     from service.scale.app import ScaleConfig, serve_scaled
 
-    serve_scaled(settings, ScaleConfig(args.replicas, args.routing, args.replica_cpus, args.replica_gpus, args.address,
-                                       args.replace))
+    serve_scaled(settings, ScaleConfig(args.replicas, args.routing, args.replica_cpus, args.replica_gpus, args.address))
 
 
 SCALE = Command("serve the HTTP API from several replicas on Ray Serve, each request routed to a replica that holds "

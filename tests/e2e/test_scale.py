@@ -275,8 +275,7 @@ def test_joining_a_serve_that_listens_on_another_port_is_refused_before_deployin
 
     port = scaled.base_url.port
     with pytest.raises(UsageError, match=f"HTTP proxies on 127.0.0.1:{port}, not 127.0.0.1:{port + 1}: .*--port"):
-        start_serve("127.0.0.1", port + 1, replace=True)
-    start_serve("127.0.0.1", port, replace=True)
+        start_serve("127.0.0.1", port + 1)
     assert scaled.get("/ready").status_code == 200
 
 
@@ -284,9 +283,7 @@ def test_a_second_run_on_the_cluster_is_refused_before_deploying_and_leaves_the_
     """A review: a second `loraswap scale` on the cluster and port of a running one deployed its application, of the
     same name, in the first's place without a word. Now a usage error (one line, status 2) before it deploys, naming
     the application and how to end it; the first's application runs on, untouched."""
-    from service.scale.app import deployed_time
-
-    port, deployed = scaled.base_url.port, deployed_time()
+    port, deployed = scaled.base_url.port, serve.status().applications["loraswap"].last_deployed_time_s
     command = [sys.executable, "-m", "service.cli.main", "scale", "--replicas", "1", "--host", "127.0.0.1", "--port",
                str(port), "--address", ray.get_runtime_context().gcs_address, "--base-model", settings.base_model,
                "--adapters-dir", str(settings.adapters_dir), "--cache-dir", str(settings.cache_dir), "--device", "cpu"]
@@ -296,15 +293,7 @@ def test_a_second_run_on_the_cluster_is_refused_before_deploying_and_leaves_the_
     assert second.stderr.splitlines()[-1] == (
         f"loraswap scale: error: Ray Serve on this cluster already runs the application loraswap (RUNNING, another "
         f"loraswap scale's) on 127.0.0.1:{port}: end that run first (Ctrl-C or SIGTERM; `serve shutdown` ends every "
-        "Serve application of the cluster), or give --replace to deploy this one in its place")
-    assert deployed_time() == deployed
+        "Serve application of the cluster)")
+    assert serve.status().applications["loraswap"].last_deployed_time_s == deployed
     assert scaled.get("/ready").status_code == 200
 
-
-def test_a_run_replaced_leaves_the_application_that_replaced_it(scaled):
-    """With --replace a run deploys in the place of the running application; the run it replaced, when it ends,
-    leaves that one running (it deletes only the application it deployed, known by its deploy time)."""
-    from service.scale.app import delete_if_ours, deployed_time
-
-    delete_if_ours(deployed_time() - 1)  # deployed before the one that runs: replaced since
-    assert scaled.get("/ready").status_code == 200
