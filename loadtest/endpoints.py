@@ -42,6 +42,11 @@ def posted(http: httpx.Client, path: str, body: dict) -> dict:
     return response.json()
 
 
+def bearer(key: str | None) -> dict[str, str]:
+    """The header that sends API key ``key`` (none for None or an empty key)."""
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 @dataclass
 class Loraswap:
     """loraswap's own routes: ``/answer`` (greedy; ``extractive``: decoded under the span constraint, else freely as

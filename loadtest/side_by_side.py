@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from loadtest.endpoints import KINDS, endpoint
+from loadtest.endpoints import KINDS, Loraswap, bearer, endpoint
 from loadtest.process_memory import ServerMemory
 from loadtest.side_by_side_report import markdown, score, summarize
 from loadtest.workload import MODES, Item, data_files, workload, workloads
@@ -88,6 +88,13 @@ def schedule(systems: Sequence[str], loads: Sequence[tuple[str, int]], rounds: i
     return order
 
 
+def session(system) -> httpx.Client:
+    """A client of ``system``'s server (an ``endpoints`` client); a loraswap server is sent the API key of
+    ``$LORASWAP_API_KEY``, where it is set, as loadtest sends it (a review: a server with a key was a 401)."""
+    key = os.environ.get("LORASWAP_API_KEY") if isinstance(system, Loraswap) else None
+    return httpx.Client(base_url=system.url, timeout=TIMEOUT_S, headers=bearer(key))
+
+
 def run_load(system, items: Sequence[Item], clients: int) -> dict:
     """Send ``items`` to ``system`` (an ``endpoints`` client) from ``clients`` threads, each taking the next item as
     soon as its last reply came. Returns the seconds the load took, each request's latency (ms) and reply text, and
@@ -98,7 +105,7 @@ def run_load(system, items: Sequence[Item], clients: int) -> dict:
     taken = itertools.count()  # shared by the threads: next() on it is atomic in CPython
 
     def client() -> None:
-        with httpx.Client(base_url=system.url, timeout=TIMEOUT_S) as http:
+        with session(system) as http:
             while (i := next(taken)) < len(items):
                 sent = time.perf_counter()
                 reply = system.ask(http, items[i])
@@ -128,7 +135,7 @@ def measure_one(system, memory: ServerMemory | None, items: Sequence[Item], clie
 def warm_up(systems: dict, items: Sequence[Item], count: int) -> None:
     """Let each system look up what it needs (``prepare``) and answer ``count`` requests, untimed."""
     for system in systems.values():
-        with httpx.Client(base_url=system.url, timeout=TIMEOUT_S) as http:
+        with session(system) as http:
             system.prepare(http)
         if count:
             run_load(system, items[:count], min(count, 8))
@@ -256,7 +263,8 @@ def run_side_by_side(args: argparse.Namespace) -> None:
 
 
 SIDE_BY_SIDE = Command("loraswap against llama.cpp or an OpenAI-style server, on the same questions",
-                       add_side_by_side_options, run_side_by_side)
+                       add_side_by_side_options, run_side_by_side,
+                       "A loraswap system's API key, where its server sets one, comes from $LORASWAP_API_KEY.")
 
 
 def main() -> None:

@@ -26,6 +26,7 @@ from loadtest.checked.server_view import scrape, server_view
 from loadtest.checked.storm import Storm
 from loadtest.checked.traffic import Absences, Churn, Traffic, sent_alone
 from loadtest.checked.users import clock_user, storm_user, traffic_user
+from loadtest.endpoints import bearer
 
 log = logging.getLogger("loraswap.loadtest")
 ADMIN_ACTIONS_OK = ("register 201", "unregister 200")
@@ -81,10 +82,6 @@ class LoadConfig:
     def prompt_count(self) -> int:
         """Distinct requests per adapter: ``prompts``, else 24 / adapters, at least 3 (one per endpoint)."""
         return self.prompts or max(3, 24 // self.adapter_count())
-
-
-def bearer(key: str | None) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"} if key else {}
 
 
 def run_load(config: LoadConfig, extra_users: Sequence[type[User]] = ()) -> dict:

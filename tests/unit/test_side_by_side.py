@@ -24,6 +24,7 @@ from loadtest.side_by_side import (
     planned_requests,
     run_side_by_side,
     schedule,
+    session,
     system_spec,
 )
 from loadtest.side_by_side_report import load_name, markdown, score, summarize
@@ -551,3 +552,27 @@ def test_the_profiles_errors_are_one_line_naming_the_option(more, message, tmp_p
     assert exit_.value.code == 2 and err.count("\n") == 1, err
     assert err.startswith(f"python -m loadtest.profile_answer: error: {message}"), err
     assert not (tmp_path / "out").exists()  # nothing written
+
+
+@pytest.mark.parametrize("kind,sent", [("loraswap", "Bearer sk-test"), ("loraswap-free", "Bearer sk-test"),
+                                       ("llamacpp", None), ("openai", None)])
+def test_a_loraswap_system_is_sent_the_api_key_of_its_variable(kind, sent, monkeypatch):
+    """A review: side-by-side could not measure a loraswap server with an API key (every request a 401): a loraswap
+    system's requests carry $LORASWAP_API_KEY, as loadtest's do; the other systems' never get it."""
+    seen = []
+
+    class Recording(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(self.headers.get("Authorization"))
+            self.send_response(204)
+            self.end_headers()
+
+    monkeypatch.setenv("LORASWAP_API_KEY", "sk-test")
+    server = http.server.HTTPServer(("127.0.0.1", 0), Recording)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with session(endpoint(kind, f"http://127.0.0.1:{server.server_port}")) as client:
+            assert client.get("/health").status_code == 204
+    finally:
+        server.shutdown()
+    assert seen == [sent]
