@@ -185,11 +185,11 @@ def test_an_unknown_label_is_a_usage_error_naming_it_before_the_model_loads(tiny
 
 
 def test_more_new_tokens_than_the_base_has_positions_is_a_usage_error(tiny_llama_dir, tmp_path, capsys):
-    """The engine's own bound (the base's positions, known once it loads) was a ValueError's traceback."""
+    """The engine's own bound (the base's positions) was a ValueError's traceback; it is found from the base's config,
+    before the weights load."""
     data = squad_file(tmp_path / "squad.json")
     line = usage_error(capsys, lambda: run_eval(tiny_llama_dir, tmp_path, "--task", "squad", "--adapter", "none",
-                                                "--data", str(data), "--max-new-tokens", "100000"),
-                       before_the_model=False)
+                                                "--data", str(data), "--max-new-tokens", "100000"))
     assert line.startswith("loraswap eval: error: the base model cannot run as asked: --max-new-tokens 100000 leaves "
                            "0 of the base model's 512 positions")
 

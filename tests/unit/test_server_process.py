@@ -56,7 +56,7 @@ def test_a_process_starts_again_with_its_command_line_and_the_tcache_off(tunable
 def test_only_a_process_that_is_the_server_from_its_start_is_readied(monkeypatch):
     calls = []
     monkeypatch.setattr(cli_main.server_process, "prepare", lambda quantize: calls.append(("prepare", quantize)))
-    monkeypatch.setattr(server_module, "serve", lambda settings: calls.append(("serve", settings.quantize)))
+    monkeypatch.setattr(server_module, "serve", lambda settings, named: calls.append(("serve", settings.quantize)))
     monkeypatch.setattr(sys, "argv", ["loraswap", "serve", "--quantize", "none"])
     cli_main.main()
     cli_main.main(["serve"])  # a caller's process (tests, embedding): left as it is
