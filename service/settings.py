@@ -27,7 +27,6 @@ ADAPTER_NAME_RULE = "a plain identifier ([A-Za-z_][A-Za-z0-9_]*, at most 64 char
 ADAPTER_CONFIG_FILE = "adapter_config.json"  # what makes a folder an adapter's (peft's CONFIG_NAME)
 INT64 = 2**63  # torch's sizes and counts are 64-bit integers: a setting beyond is an OverflowError there
 INT64_RULE = f"at most {INT64 - 1} (a 64-bit integer, as torch takes)"  # int64's bound in words
-ABSENT = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP)  # what stat says of a name under which nothing is (yet)
 MOST_DEFAULT_STRIDE = 128  # answer_stride unset: min(a window's context tokens // 2, this); Hugging Face's doc_stride
 
 
@@ -42,13 +41,15 @@ def int64(value: Any) -> Any:
 
 def usable_path(path: str | Path) -> str | Path:
     """``path`` as given; OSError where the file system refuses the name itself rather than finding nothing under it:
-    a component over 255 bytes (ENAMETOOLONG), a folder on the way it may not enter (EACCES). Nothing there (ABSENT:
-    no such file, a file on the way, a symlink loop) passes: what that means is for its reader to say (a missing
-    adapters folder is warned of, as one made later serves; a missing data file is an error)."""
+    a component over 255 bytes (ENAMETOOLONG), a folder on the way it may not enter (EACCES), a file on the way
+    (ENOTDIR: a review, ``--cache-dir /etc/passwd/x`` failed once the command ran, naming no option), a symlink loop
+    (ELOOP): no folder can ever be made under such a name. Nothing there yet (ENOENT) passes: what that means is for
+    its reader to say (a missing adapters folder is warned of, as one made later serves; a missing data file is an
+    error)."""
     try:
         os.stat(path)
     except OSError as exc:
-        if exc.errno not in ABSENT:
+        if exc.errno != errno.ENOENT:
             raise
     return path
 

@@ -234,6 +234,25 @@ def test_a_path_the_file_system_refuses_is_a_usage_error_naming_its_option(varia
     assert err.startswith(f"loraswap {argv[0]}: error: ") and error in err
 
 
+BLOCKED = f"{__file__}/x"  # a path with a file on the way (ENOTDIR): no folder can ever be made there
+
+
+@pytest.mark.parametrize("variables,argv,error", [
+    # a review: ENOTDIR passed as "nothing there": eval, merge and scale failed with OSError's line naming nothing,
+    # serve's start with NotADirectoryError, and serve only warned of --adapters-dir
+    ({}, ["scale", "--replicas", "1", "--cache-dir", BLOCKED], "--cache-dir: "),
+    ({}, ["serve", "--cache-dir", BLOCKED], "--cache-dir: "),
+    ({}, ["serve", "--adapters-dir", BLOCKED], "--adapters-dir: "),
+    ({"LORASWAP_CACHE_DIR": BLOCKED}, ["eval", "--task", "nli", "--adapter", "none"], "LORASWAP_CACHE_DIR: "),
+    ({"LORASWAP_CACHE_DIR": BLOCKED}, ["merge", "--adapter", "squad", "--out", "x"], "LORASWAP_CACHE_DIR: "),
+    ({}, ["eval", "--task", "nli", "--adapter", "none", "--data", BLOCKED], f"argument --data: {BLOCKED}: "),
+])
+def test_a_path_with_a_file_on_the_way_is_a_usage_error_naming_its_option(variables, argv, error, monkeypatch,
+                                                                           capsys):
+    err = usage_error(argv, variables, monkeypatch, capsys)
+    assert err.startswith(f"loraswap {argv[0]}: error: ") and error in err and "Not a directory" in err, err
+
+
 def usage_error(argv: list[str], variables: dict[str, str], monkeypatch, capsys) -> str:
     """What ``loraswap ARGV`` with ``variables`` set says on stderr, checked to be a usage error (exit 2) in one
     line."""
