@@ -242,7 +242,8 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _keys_differ(self) -> Settings:
         if self.api_key is not None and self.api_key == self.admin_key:
-            raise ValueError("the API key must differ from the admin key: whoever runs the model could administer it")
+            # named by their fields, which the CLI names as given (a review: it named neither --api-key nor --admin-key)
+            raise ValueError("api_key must differ from admin_key: whoever runs the model could administer it")
         return self
 
 

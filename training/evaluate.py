@@ -36,7 +36,7 @@ def adapter_folder(args: argparse.Namespace) -> Path | None:
         return path
     if (args.adapters_dir / args.adapter / CONFIG_FILE).is_file():  # --adapters-dir is a Path
         return None
-    raise UnknownAdapter(f"unknown adapter {args.adapter!r}: not '{BASE_LABEL}' or 'base', an adapter folder, "
+    raise UnknownAdapter(f"--adapter {args.adapter}: unknown adapter: not '{BASE_LABEL}' or 'base', an adapter folder, "
                          f"or one in {args.adapters_dir}{adapters_dir_absent(args)}")
 
 

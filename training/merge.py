@@ -10,6 +10,7 @@ from peft import LoraConfig, PeftModel
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from service.errors import AdapterError
 from training.options import adapters_dir_absent
 from training.output_folder import written_whole
 
@@ -25,7 +26,8 @@ def adapter_dir(args: argparse.Namespace) -> Path:
     if not path.is_dir():
         path = args.adapters_dir / args.adapter
         if not path.is_dir():
-            raise FileNotFoundError(f"--adapter {args.adapter}: no adapter folder {args.adapter}, nor {path}"
+            nor = "" if path == Path(args.adapter) else f", nor {path}"  # an absolute --adapter is its own path
+            raise FileNotFoundError(f"--adapter {args.adapter}: no adapter folder {args.adapter}{nor}"
                                     f"{adapters_dir_absent(args)}")
     if not (path / "adapter_model.safetensors").is_file():
         raise FileNotFoundError(f"--adapter {args.adapter}: {path} holds no adapter_model.safetensors (pickled weights "
@@ -59,10 +61,14 @@ def merge_adapter(args: argparse.Namespace) -> Path:
     from service.settings import setting
 
     adapter = adapter_dir(args)
-    config = read_config(adapter, setting("max_rank"))  # AdapterError: a config it refuses
-    base_dir = resolve_base_dir(args.base_model or config.base_model_name_or_path or "smollm2", setting("cache_dir"))
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)  # merge in full precision
-    template = check_servable(model, adapter, config).chat_template
+    try:  # AdapterError: a config or weights the server would refuse, named by the option (a review: it named none)
+        config = read_config(adapter, setting("max_rank"))
+        base_dir = resolve_base_dir(args.base_model or config.base_model_name_or_path or "smollm2",
+                                    setting("cache_dir"))
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)  # merge in full precision
+        template = check_servable(model, adapter, config).chat_template
+    except AdapterError as exc:
+        raise AdapterError(f"--adapter {args.adapter}: {exc}") from None
     merged = PeftModel.from_pretrained(model, adapter, config=config).merge_and_unload()  # the config checked
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     tokenizer.chat_template = template or tokenizer.chat_template

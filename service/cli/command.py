@@ -92,13 +92,15 @@ def given_as(args: argparse.Namespace, name: str) -> str:
     """How setting ``name`` is named to the user: by the flag of the option of ``args`` that gave it (``--max-batch``,
     also for an option's own default), else, where the value was read from the environment (no option gave it, a
     ``SettingDefault`` still stands for it, or ``read_setting_defaults`` put its setting's value in its place), by its
-    variable (``LORASWAP_MAX_BATCH``); else by its name: a default of Settings', or a value the command set."""
+    variable (``LORASWAP_MAX_BATCH``); else, for a default of Settings' or a value the command set, as the user could
+    set it: by its flag where the command has that option (``setting_options``: serve's and scale's), else by its
+    variable (a review: 'must be below max_input_tokens' named a setting no user sets by that name)."""
     read = name in getattr(args, "settings_read", ()) or isinstance(getattr(args, name, SettingDefault(name)),
                                                                    SettingDefault)
-    if not read:
-        return flag(name)
     variable = Settings.model_config["env_prefix"] + name.upper()
-    return variable if variable in os.environ else name
+    if not read or (variable not in os.environ and name in getattr(args, "setting_options", ())):
+        return flag(name)
+    return variable
 
 
 def interrupt(signum: int, frame) -> None:

@@ -14,7 +14,9 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per Settings field (``--base-model`` for ``base_model``); unset flags leave env/defaults, which the
     parser's description says (serve's and scale's ``--help``)."""
     prefix = Settings.model_config["env_prefix"]
-    parser.description = (f"{parser.description or ''} A flag not given comes from its environment variable "
+    before = (parser.description or "").rstrip()  # a sentence of its own (a review: scale's "adapter A flag")
+    before += "." if before and not before.endswith(".") else ""
+    parser.description = (f"{before} A flag not given comes from its environment variable "
                           f"({prefix}MAX_BATCH for --max-batch), else the default shown.").lstrip()
     for name, field in Settings.model_fields.items():
         kind = field.annotation
@@ -32,6 +34,7 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
             options["type"] = base if base in (int, float, Path) else str
         options["help"] += f" (default: {field.get_default(call_default_factory=True)})"
         parser.add_argument(flag(name), **options)
+    parser.set_defaults(setting_options=tuple(Settings.model_fields))  # given_as names them by flag
 
 
 def settings_from(args: argparse.Namespace) -> Settings:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from service.cli.command import check_onednn
-from service.cli.main import main
+from service.cli.main import build_parser, main
 from service.settings import CPU_DRAFT_TOKENS, CPU_PREFILL_CHUNK, Settings
 from tests.data.make_corpus import NLI_SAMPLE, SQUAD_SAMPLE
 
@@ -29,9 +29,11 @@ SIDE_BY_SIDE = ["side-by-side", "--system", "a=loraswap@http://127.0.0.1:9", "--
 
 @pytest.mark.parametrize("argv,message", [
     # the adapter is checked before the data is read: these need no data (LORASWAP_DATA_DIR=/nonexistent passes)
-    *((["eval", "--task", task, "--adapter", "nope"], "loraswap eval: error: unknown adapter 'nope'")
+    # named by its option, as merge and calibrate name it (a review: eval's named none)
+    *((["eval", "--task", task, "--adapter", "nope"], "loraswap eval: error: --adapter nope: unknown adapter: not")
       for task in ("squad", "nli", "rte")),
-    (["eval", "--task", "rte", "--adapter", "nope", "--data", "/nonexistent/rte.jsonl"], "unknown adapter 'nope'"),
+    (["eval", "--task", "rte", "--adapter", "nope", "--data", "/nonexistent/rte.jsonl"], "--adapter nope: unknown "
+     "adapter"),
     # a file or folder an option names that is not there: the option named (a review: OSError's line named none)
     (["eval", "--task", "rte", "--adapter", "none", "--data", "/nonexistent/rte.jsonl"],
      "loraswap eval: error: --data /nonexistent/rte.jsonl: No such file or directory\n"),
@@ -253,6 +255,34 @@ def test_a_path_with_a_file_on_the_way_is_a_usage_error_naming_its_option(variab
     assert err.startswith(f"loraswap {argv[0]}: error: ") and error in err and "Not a directory" in err, err
 
 
+@pytest.mark.parametrize("variables,argv,error", [
+    # a review: a setting neither given nor from the environment was named by its field, which no user sets
+    ({}, ["serve", "--answer-stride", "2000"], "--answer-stride: must be below --max-input-tokens (1024)"),
+    ({"LORASWAP_MAX_INPUT_TOKENS": "1024"}, ["serve", "--answer-stride", "2000"], "below LORASWAP_MAX_INPUT_TOKENS"),
+    # a review: 'the API key must differ from the admin key' named neither as given
+    ({}, ["serve", "--admin-key", "k", "--api-key", "k"], "--api-key must differ from --admin-key"),
+    ({"LORASWAP_ADMIN_KEY": "k"}, ["serve", "--api-key", "k"], "--api-key must differ from LORASWAP_ADMIN_KEY"),
+    # a review: 'adapter rank 16 must be an integer in 1..8' named neither the adapter nor the variable
+    ({"LORASWAP_MAX_RANK": "8"}, ["merge", "--adapter", "squad", "--out", "x"], "loraswap merge: error: --adapter "
+     "squad: adapter rank 16 must be an integer in 1..8 (LORASWAP_MAX_RANK)\n"),
+    # a review: an absolute --adapter was named twice, 'no adapter folder /abs/missing, nor /abs/missing'
+    ({}, ["merge", "--adapter", "/nonexistent/missing", "--out", "x"], "--adapter /nonexistent/missing: no adapter "
+     "folder /nonexistent/missing\n"),
+])
+def test_a_refusal_names_each_setting_as_the_user_could_set_it(variables, argv, error, monkeypatch, capsys):
+    assert error in usage_error(argv, variables, monkeypatch, capsys)
+
+
+def test_every_command_description_joins_its_sentences():
+    """A review: scale's --help read "...holds its adapter A flag not given...": the settings' sentence was added to
+    a description without a full stop."""
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, parser in commands.items():
+        text = " ".join((parser.description or "").split())
+        for sentence in ("A flag not given", "Every setting of loraswap serve"):
+            assert sentence not in text or text.startswith(sentence) or f". {sentence}" in text, (name, text)
+
+
 def usage_error(argv: list[str], variables: dict[str, str], monkeypatch, capsys) -> str:
     """What ``loraswap ARGV`` with ``variables`` set says on stderr, checked to be a usage error (exit 2) in one
     line."""
@@ -462,7 +492,7 @@ def test_a_flag_overrides_an_invalid_environment_variable_of_its_setting(tmp_pat
 @pytest.mark.parametrize("variables,argv,error", [
     # a flag given overrides its setting's invalid variable outside serve too (a review: eval, bench refused)
     ({"LORASWAP_MAX_BATCH": "abc"}, ["eval", "--task", "nli", "--adapter", "nosuch", "--max-batch", "4"],
-     "loraswap eval: error: unknown adapter 'nosuch'"),
+     "loraswap eval: error: --adapter nosuch: unknown adapter"),
     ({"LORASWAP_PREFILL_CHUNK": "-3"}, ["bench", "--prefill-chunk", "0", "--modes", "xx"],
      "loraswap bench: error: argument --modes: 'xx' in 'xx' is not an item"),
     # an invalid variable a command never reads fails it not (a review: side-by-side, loadtest read every one)
@@ -806,7 +836,7 @@ def test_a_report_that_is_a_symlink_loop_or_into_no_folder_is_refused_before_the
      "fewer than 16: lower it"),
     (["--base-model", "/nonexistent"], "--base-model /nonexistent: no Hugging Face model directory there"),
     # a review: Ray Serve's max_ongoing_requests is 32-bit; the deployment was refused once Ray had started
-    (["--replicas", "2", "--max-queue", str(2**30)], f"max_batch 32 + --max-queue {2**30}, for each of 2 "
+    (["--replicas", "2", "--max-queue", str(2**30)], f"--max-batch 32 + --max-queue {2**30}, for each of 2 "
      f"replica(s) (--replicas), is {2 * (2**30 + 32)} requests at once for the router, past the 2147483647 Ray Serve "
      "takes (max_ongoing_requests, a 32-bit integer): lower --max-queue"),
     (["--address", "nonsense"], "--address nonsense: must be HOST:PORT or auto"),
