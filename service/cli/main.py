@@ -23,6 +23,7 @@ from service.cli.command import (
     UsageError,
     check_room_for_prompts,
     check_server_start,
+    flag,
     given_as,
     interrupt,
     output_file,
@@ -147,10 +148,20 @@ def reason(exc: Exception, args: argparse.Namespace) -> str:
         return re.sub(r'field "(\w+)"', lambda name: f"{prefix}{name[1].upper()}", str(exc))
     if isinstance(exc, OSError):
         return os_error(exc, args)
+    if isinstance(exc, UnsafeEnvironment) and exc.off:
+        return f"{exc.message} ({off_switch(exc.off, args)})"
     if not isinstance(exc, ValidationError):
         return as_given(str(exc), args)
     return "; ".join(f"{field_name(error['loc'], exc.title, args)}: "
                      f"{as_given(error['msg'].removeprefix('Value error, '), args)}" for error in exc.errors())
+
+
+def off_switch(name: str, args: argparse.Namespace) -> str:
+    """How the command of ``args`` turns boolean setting ``name`` off: its flag and its variable where it has the
+    option (serve's, scale's: ``--no-onednn, LORASWAP_ONEDNN=false``), else its variable alone (a review: train, eval
+    and bench, which have no --no-onednn, named it)."""
+    variable = f"{Settings.model_config['env_prefix']}{name.upper()}=false"
+    return f"{flag('no_' + name)}, {variable}" if name in getattr(args, "setting_options", ()) else variable
 
 
 def os_error(exc: OSError, args: argparse.Namespace) -> str:

@@ -149,5 +149,5 @@ def bound_kernel_caches() -> None:
     number = re.match(r"\s*([+-]?\d+)", value)
     if number is None or int(number.group(1)) == 0:
         raise UnsafeEnvironment(f"LRU_CACHE_CAPACITY={value!r} reads as 0, which crashes torch's oneDNN linear layers "
-                                "(a segmentation fault): set it to 1 or more, or unset it, or turn oneDNN off "
-                                "(--no-onednn, LORASWAP_ONEDNN=false)")
+                                "(a segmentation fault): set it to 1 or more, or unset it, or turn oneDNN off",
+                                off="onednn")
