@@ -122,7 +122,14 @@ SIDE_BY_SIDE = ["side-by-side", "--system", "a=loraswap@http://127.0.0.1:9", "--
       for url in ("http://127.0.0.1:99999", "http://127.0.0.1:0", "http://h:x", "127.0.0.1:8000", "ftp://h:1",
                   "http://:80",
                   # a review: an unclosed IPv6 address got argparse's "invalid server_url value", a space was taken
-                  "http://[::1", "http://a b:1", "http://h:1/a b")),
+                  "http://[::1", "http://a b:1", "http://h:1/a b",
+                  # a review: an empty label failed in the idna codec naming no option; '-x' was accepted
+                  "http://x..y:1", "http://-x:1", "http://x-.y:1")),
+    # a review: a query gave '/path?q/adapters'; a fragment and a user's password were accepted
+    *((["loadtest", "--scenario", "single", "--users", "1", "--duration", "10", "--host", url, "--adapter-root", "x",
+        "--json", "x.json"], f"argument --host: '{url}' is not a server's URL, http://HOST:PORT[/PATH]: no query")
+      for url in ("http://127.0.0.1:8649/path?q", "http://h:1#fragment", "http://user:password@h:1")),
+    (["side-by-side", "--system", "a=loraswap@http://x..y:1"], "argument --system: 'http://x..y:1' is not a server's"),
     (["side-by-side", "--system", "a=loraswap@http://[::1"], "argument --system: 'http://[::1' is not a server's URL"),
     (["side-by-side", "--system", "a=loraswap@http://h:65536"], "argument --system: 'http://h:65536' is not a "
      "server's URL"),
