@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import ipaddress
 import json
 import os
 import re
@@ -28,6 +29,30 @@ ADAPTER_CONFIG_FILE = "adapter_config.json"  # what makes a folder an adapter's 
 INT64 = 2**63  # torch's sizes and counts are 64-bit integers: a setting beyond is an OverflowError there
 INT64_RULE = f"at most {INT64 - 1} (a 64-bit integer, as torch takes)"  # int64's bound in words
 MOST_DEFAULT_STRIDE = 128  # answer_stride unset: min(a window's context tokens // 2, this); Hugging Face's doc_stride
+HOST_NAME = re.compile(r"[A-Za-z0-9._-]+")  # a host name or IPv4 address of a URL (an IPv6 one is in brackets)
+
+
+def known_host(host: str | None) -> bool:
+    """Whether ``host``, a URL's (``urlsplit``'s ``hostname``, brackets gone), is a host name, an IPv4 address or an
+    IPv6 one: a name's labels (between dots; one dot may end it) are 1-63 characters that neither start nor end with
+    '-' (a review: ``x..y`` failed in the idna codec, naming no option; ``-x`` was accepted)."""
+    if not host:
+        return False
+    try:
+        ipaddress.IPv6Address(host)
+    except ValueError:
+        labels = host.removesuffix(".").split(".")
+        return HOST_NAME.fullmatch(host) is not None and all(
+            0 < len(label) <= 63 and not label.startswith("-") and not label.endswith("-") for label in labels)
+    return True
+
+
+def listening_host(host: str) -> str:
+    """A validator of the host the server listens on: PydanticCustomError unless it is a host name or an IP address
+    (``known_host``)."""
+    if not known_host(host):
+        raise PydanticCustomError("host", "Input should be a host name or an IP address")
+    return host
 
 
 def int64(value: Any) -> Any:
@@ -204,7 +229,9 @@ class Settings(BaseSettings):
                                      "block after that run")
 
     # http
-    host: str = "127.0.0.1"
+    # a review: 'a b' was taken, the model loaded, then uvicorn failed with exit 3
+    host: Annotated[str, AfterValidator(listening_host)] = Field("127.0.0.1", description="the host name or IP address "
+                                                                 "to listen on")
     port: int = Field(8000, ge=1, le=65535, description="TCP port to listen on")
     admin_key: str | None = Field(None, description="bearer key for admin routes; none refuses them")
     api_key: str | None = Field(None, min_length=1, description="bearer key for the routes that run the model "

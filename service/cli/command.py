@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib.util
-import ipaddress
 import math
 import os
 import re
@@ -24,6 +23,7 @@ from service.settings import (
     INT64_RULE,
     Settings,
     int64,
+    known_host,
     setting,
     usable_path,
 )
@@ -321,7 +321,6 @@ def spare_adapter_folder(text: str, folder: Path, where: str) -> None:
                                          "would write over or beside the adapter's own files")
 
 
-HOST_NAME = re.compile(r"[A-Za-z0-9._-]+")  # a host name or IPv4 address of a URL (an IPv6 one is in brackets)
 
 
 def server_url(text: str) -> str:
@@ -343,21 +342,6 @@ def server_url(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} is not a server's URL, http://HOST:PORT[/PATH]: no query (?), "
                                          "fragment (#) or user (@)")
     return text.rstrip("/")
-
-
-def known_host(host: str | None) -> bool:
-    """Whether ``host``, a URL's (``urlsplit``'s ``hostname``, brackets gone), is a host name, an IPv4 address or an
-    IPv6 one: a name's labels (between dots; one dot may end it) are 1-63 characters that neither start nor end with
-    '-' (a review: ``x..y`` failed in the idna codec, naming no option; ``-x`` was accepted)."""
-    if not host:
-        return False
-    try:
-        ipaddress.IPv6Address(host)
-    except ValueError:
-        labels = host.removesuffix(".").split(".")
-        return HOST_NAME.fullmatch(host) is not None and all(
-            0 < len(label) <= 63 and not label.startswith("-") and not label.endswith("-") for label in labels)
-    return True
 
 
 def regular_file(path: str | Path) -> tuple[int, int] | None:

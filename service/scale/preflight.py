@@ -10,7 +10,7 @@ import socket
 from urllib.parse import urlsplit
 
 from service.cli.command import UsageError, check_room_for_prompts, check_server_start
-from service.settings import Settings
+from service.settings import Settings, known_host
 
 CONNECT_TIMEOUT_S = 5.0  # for the head of the cluster --address names to accept a connection, and then gRPC's
 MOST_ONGOING = 2**31 - 1  # Ray Serve's max_ongoing_requests: a 32-bit integer (its DeploymentConfig proto)
@@ -86,9 +86,10 @@ def check_address(address: str | None) -> None:
         parts = urlsplit(address if "://" in address else f"//{address}")
         host, port = parts.hostname, parts.port
     except ValueError:  # a port not a number or past 65535, an unclosed [ of an IPv6 address
-        host = port = None
-    if not host or port is None:
-        raise UsageError(f"--address {address}: must be HOST:PORT or auto")
+        raise not_an_address(address) from None
+    if parts.scheme not in ("", "ray") or not known_host(host) or port is None:
+        # a review: http://x:1 was taken as a host, and failed 8 s later with 'Name or service not known'
+        raise not_an_address(address)
     try:
         socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
     except OSError as exc:
@@ -96,6 +97,11 @@ def check_address(address: str | None) -> None:
     if not speaks_grpc(host, port):
         raise no_cluster(address, f"it accepts a connection, but no gRPC one within {CONNECT_TIMEOUT_S:g} s, as a "
                          "Ray head does")
+
+
+def not_an_address(address: str) -> UsageError:
+    """The usage error of an ``address`` that names no head."""
+    return UsageError(f"--address {address}: must be HOST:PORT (or ray://HOST:PORT) or auto")
 
 
 def no_cluster(address: str, why: str) -> UsageError:

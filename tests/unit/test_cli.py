@@ -280,6 +280,17 @@ def test_a_refusal_names_each_setting_as_the_user_could_set_it(variables, argv, 
     assert error in usage_error(argv, variables, monkeypatch, capsys)
 
 
+@pytest.mark.parametrize("variables,argv,error", [
+    ({}, ["serve", "--host", "a b"], "loraswap serve: error: --host: Input should be a host name or an IP address\n"),
+    ({"LORASWAP_HOST": "-x"}, ["serve"], "LORASWAP_HOST: Input should be a host name or an IP address\n"),
+    ({}, ["serve", "--host", "x..y"], "--host: Input should be a host name or an IP address\n"),
+])
+def test_serve_refuses_a_host_that_is_no_name_or_address_before_anything_loads(variables, argv, error, monkeypatch,
+                                                                              capsys):
+    """A review: serve --host 'a b' loaded the model, then uvicorn failed with exit status 3."""
+    assert usage_error(argv, variables, monkeypatch, capsys).endswith(error)
+
+
 def test_every_command_description_joins_its_sentences():
     """A review: scale's --help read "...holds its adapter A flag not given...": the settings' sentence was added to
     a description without a full stop."""
@@ -849,14 +860,17 @@ def test_a_report_that_is_a_symlink_loop_or_into_no_folder_is_refused_before_the
     (["--replicas", "2", "--max-queue", str(2**30)], f"--max-batch 32 + --max-queue {2**30}, for each of 2 "
      f"replica(s) (--replicas), is {2 * (2**30 + 32)} requests at once for the router, past the 2147483647 Ray Serve "
      "takes (max_ongoing_requests, a 32-bit integer): lower --max-queue"),
-    (["--address", "nonsense"], "--address nonsense: must be HOST:PORT or auto"),
-    (["--address", "[::1"], "--address [::1: must be HOST:PORT or auto"),  # a review: urlsplit's ValueError
+    (["--address", "nonsense"], "--address nonsense: must be HOST:PORT (or ray://HOST:PORT) or auto"),
+    (["--address", "[::1"], "--address [::1: must be HOST:PORT"),  # a review: urlsplit's ValueError
+    # a review: an http:// URL was taken as a head's address, 'Name or service not known' 8 s later
+    (["--address", "http://x:1"], "--address http://x:1: must be HOST:PORT"),
+    (["--address", "x..y:1"], "--address x..y:1: must be HOST:PORT"),
     (["--address", "127.0.0.1:{closed}"], "--address 127.0.0.1:{closed}: no Ray cluster answers there (Connection "
      "refused)"),
     (["--address", "127.0.0.1:{listening}"], "--address 127.0.0.1:{listening}: no Ray cluster answers there (it "
      "accepts a connection, but no gRPC one within 5 s, as a Ray head does)"),
 ], ids=["device", "gpus", "gpu-shares", "cpus", "max-new-tokens", "base-model", "ongoing", "address-form",
-        "address-ipv6", "address-closed", "address-not-ray"])
+        "address-ipv6", "address-url", "address-label", "address-closed", "address-not-ray"])
 def test_scale_refuses_what_no_replica_could_start_with_before_ray_starts(more, message, tiny_llama_dir, monkeypatch,
                                                                            capsys):
     """A review: where serve says one line, scale started Ray and its replicas failed (40 s of replica tracebacks for
