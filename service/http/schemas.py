@@ -250,8 +250,18 @@ StopString = Annotated[str, Field(min_length=1, max_length=1000), UNICODE]
 
 
 def _listed(value: Any) -> Any:
-    """A string is the list of that one string."""
-    return [value] if isinstance(value, str) else value
+    """A string is the list of that one string, checked as one here: its error is the field's, ``stop``, not
+    ``stop.0``, an item the request did not send (a review)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return [STOP_STRING.validate_python(value)]
+    except ValidationError as exc:
+        problem = exc.errors()[0]
+        raise PydanticCustomError(problem["type"], problem["msg"]) from None
+
+
+STOP_STRING = TypeAdapter(StopString)
 
 
 def refused(field: str, reason: str) -> PydanticCustomError:
@@ -413,11 +423,14 @@ class ChatCompletionIn(OpenAIIn):
             raise refused("top_logprobs", "needs logprobs true")
         return top_logprobs
 
-    @model_validator(mode="after")
-    def _one_budget(self) -> ChatCompletionIn:
-        if None not in (self.max_tokens, self.max_completion_tokens) and self.max_tokens != self.max_completion_tokens:
+    @field_validator("max_completion_tokens")
+    @classmethod
+    def _one_budget(cls, budget: int | None, info: ValidationInfo) -> int | None:
+        """Refused, as the field at fault (a review: the whole body's error named no param), where ``max_tokens``
+        (validated before it) is given and differs."""
+        if None not in (budget, info.data.get("max_tokens")) and budget != info.data["max_tokens"]:
             raise PydanticCustomError("conflict", "max_tokens and max_completion_tokens differ; send one of them")
-        return self
+        return budget
 
     def token_budget(self) -> tuple[str, int | None]:
         if self.max_completion_tokens is not None:

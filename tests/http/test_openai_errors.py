@@ -61,6 +61,13 @@ OPENAI_ERRORS = [
      "string_too_short"),
     ("post", "/v1/chat/completions", {**CHAT, "model": ""}, {}, 422, "invalid_request_error", "model",
      "string_too_short"),
+    # a review: the budgets' conflict was the body's error (param null); a lone stop string's was 'stop.0'
+    ("post", "/v1/chat/completions", {**CHAT, "max_tokens": 3, "max_completion_tokens": 4}, {}, 422,
+     "invalid_request_error", "max_completion_tokens", "conflict"),
+    *[("post", path, {**body, "stop": ""}, {}, 422, "invalid_request_error", "stop", "string_too_short")
+      for path, body in (("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT))],
+    ("post", "/v1/completions", {**COMPLETION, "stop": [""]}, {}, 422, "invalid_request_error", "stop.0",
+     "string_too_short"),
     ("get", "/v1/nowhere", None, {}, 404, "invalid_request_error", None, None),
     ("get", "/v1/completions", None, {}, 405, "invalid_request_error", None, None),
     ("post", "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/x"}, {}, 401, "authentication_error", None,
