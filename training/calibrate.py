@@ -27,7 +27,7 @@ from service.lora.card import CALIBRATION_FIELD, CARD_FILE, read_card
 from service.runtime import Runtime
 from service.tasks.prompts import NLI_LABELS
 from training.data import TASK_TRAIN_FILES, data_dir, naming_default_data, read_eval, read_nli
-from training.evaluate import bounded, engine_settings, served_adapter, start_runtime
+from training.evaluate import bounded, engine_settings, named_as_given, served_adapter, start_runtime
 from training.metrics import ECE_BINS, expected_calibration_error, reliability_bins
 from training.options import adapters_dir_absent
 
@@ -205,8 +205,9 @@ def scores_of(args: argparse.Namespace, folder: Path, row_sets: list[list[dict]]
     they ran on, in words, and the engine's settings (``engine_settings``)."""
     rt = start_runtime(args, folder)
     try:
-        adapter = served_adapter(rt, args, folder)
-        logits = [label_logits(rt, adapter, rows) for rows in row_sets]
+        with named_as_given(args):
+            adapter = served_adapter(rt, args, folder)
+            logits = [label_logits(rt, adapter, rows) for rows in row_sets]
     finally:
         rt.stop()
     device = rt.registry.device

@@ -5,12 +5,14 @@ import argparse
 import asyncio
 import json
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from service.cli.command import UsageError, spare_inputs
 from service.engine.sampling import Decoding
 from service.engine.strategies import READ_BY
-from service.errors import AdapterError, InputTooLong, UnknownAdapter
+from service.errors import AdapterError, InputTooLong, NonFiniteLogits, UnknownAdapter
 from service.lora.adapter_files import BASE_LABEL, CONFIG_FILE, AdapterWeights, adapter_or_base
 from service.runtime import Runtime
 from service.settings import INT64, Settings
@@ -61,6 +63,16 @@ def start_runtime(args: argparse.Namespace, folder: Path | None) -> Runtime:
     except ValueError as exc:  # the runtime's settings that cannot work (runtime.EXPECTED_START_FAILURES)
         raise UsageError(f"the base model cannot run as asked: {exc}") from None
     return rt
+
+
+@contextmanager
+def named_as_given(args: argparse.Namespace) -> Iterator[None]:
+    """NonFiniteLogits raised inside naming the adapter as ``--adapter`` gave it (a review: a folder's is served as
+    ``EVALUATED``, and 'adapter 'evaluated' gave NaN' named that internal name)."""
+    try:
+        yield
+    except NonFiniteLogits:
+        raise NonFiniteLogits(args.adapter) from None
 
 
 def served_adapter(rt: Runtime, args: argparse.Namespace, folder: Path | None) -> AdapterWeights | None:
@@ -244,7 +256,8 @@ def run(args: argparse.Namespace) -> dict:
     rows = evaluated_rows(args)
     rt = start_runtime(args, folder)
     try:
-        metrics, predictions = score(rt, served_adapter(rt, args, folder), rows, args)
+        with named_as_given(args):
+            metrics, predictions = score(rt, served_adapter(rt, args, folder), rows, args)
     except InputTooLong as exc:
         fewer = f" (fewer --distractors than {args.distractors})" if args.distractors else ""
         raise UsageError(f"an example is longer than the server takes{fewer}: {exc}") from None

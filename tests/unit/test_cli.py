@@ -291,6 +291,21 @@ def test_serve_refuses_a_host_that_is_no_name_or_address_before_anything_loads(v
     assert usage_error(argv, variables, monkeypatch, capsys).endswith(error)
 
 
+def test_eval_names_an_overflowing_adapter_as_given(tiny_llama_dir, llama_adapters, tmp_path, monkeypatch, capsys):
+    """A review: an adapter folder is served under an internal name, which its refusal named: 'adapter 'evaluated'
+    gave NaN or infinite logits'."""
+    folder = shutil.copytree(llama_adapters["one"], tmp_path / "overflowing")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": -1e30}))
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", "--task", "nli", "--adapter", str(folder), "--data", str(NLI_SAMPLE), "--limit", "3",
+              "--base-model", str(tiny_llama_dir), "--adapters-dir", str(tmp_path), "--device", "cpu"])
+    err = capsys.readouterr().err  # the base's loading progress, then the error's line
+    assert exit_.value.code == 2 and "evaluated" not in err, err
+    assert err.endswith(f"loraswap eval: error: adapter '{folder}' gave NaN or infinite logits for this request "
+                        "(weights that overflow in the forward pass): no answer can be computed from them\n"), err
+
+
 def test_every_command_description_joins_its_sentences():
     """A review: scale's --help read "...holds its adapter A flag not given...": the settings' sentence was added to
     a description without a full stop."""
