@@ -217,3 +217,18 @@ def test_serves_start_warnings_name_its_settings_as_the_command_line_gave_them(t
             "tokens, not LORASWAP_MAX_INPUT_TOKENS 100",
             "--nli-adapter 'two' is not registered: requests that name no adapter get the bare base model until an "
             "adapter of that name is"} <= set(warned), warned
+
+
+def test_serves_start_warnings_name_its_settings_as_the_user_could_set_them(tiny_llama_dir, tmp_path, caplog):
+    """A review: serve's start warned 'qa_adapter 'squad' is not registered' and 'max_new_tokens 64 leaves ...',
+    naming settings by their fields where no flag or variable gave them; serve has the flags."""
+    caplog.set_level(logging.WARNING)
+    rt = serve_runtime(["--base-model", str(tiny_llama_dir), "--adapters-dir", str(tmp_path), "--device", "cpu"])
+    rt.start()
+    try:
+        warned = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    finally:
+        rt.stop()
+    assert "--qa-adapter 'squad' is not registered" in "\n".join(warned), warned
+    assert "--max-new-tokens 64 leaves 448 of the base model's 512 positions" in "\n".join(warned), warned
+    assert not [line for line in warned if "qa_adapter" in line or "max_new_tokens" in line], warned
