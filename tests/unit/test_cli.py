@@ -312,6 +312,7 @@ def test_every_command_description_joins_its_sentences():
     commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
     for name, parser in commands.items():
         text = " ".join((parser.description or "").split())
+        assert ".." not in text and ". ." not in text, (name, text)  # no sentence ended twice
         for sentence in ("A flag not given", "Every setting of loraswap serve"):
             assert sentence not in text or text.startswith(sentence) or f". {sentence}" in text, (name, text)
 
