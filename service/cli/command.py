@@ -321,8 +321,6 @@ def spare_adapter_folder(text: str, folder: Path, where: str) -> None:
                                          "would write over or beside the adapter's own files")
 
 
-
-
 def server_url(text: str) -> str:
     """An argparse type: a server's URL, ``http(s)://HOST[:PORT][/PATH]``, returned without a trailing slash; a usage
     error for another scheme, no host, a host that is no name or address (``a b``, an unclosed ``[::1``: a review,
@@ -337,7 +335,7 @@ def server_url(text: str) -> str:
     if (not port_ok or parts.scheme not in ("http", "https") or not known_host(parts.hostname)
             or any(char.isspace() or not char.isprintable() for char in text)):
         raise argparse.ArgumentTypeError(f"{text!r} is not a server's URL, http://HOST:PORT (a port in 1-65535)")
-    if parts.query or parts.fragment or "?" in text or "#" in text or "@" in parts.netloc:
+    if "?" in text or "#" in text or "@" in parts.netloc:  # an empty query or fragment too (urlsplit drops them)
         # a review: '/path?q' gave '/path?q/adapters'; a user's password would be sent, and logged, as it is
         raise argparse.ArgumentTypeError(f"{text!r} is not a server's URL, http://HOST:PORT[/PATH]: no query (?), "
                                          "fragment (#) or user (@)")
