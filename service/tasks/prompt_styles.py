@@ -141,7 +141,7 @@ def render_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]
     (``sanitize_control_tokens``). TemplateRefused when the template refuses or fails to render them (anything its
     code raises: an adapter's template is the adapter's code), renders no tokens, or leaves out a user message's
     text (a template that renders none of it, or one ``continue_final_message`` cuts before the reply: the model would
-    answer what it was never asked). MemoryError is raised as it is."""
+    answer what it was never asked; ``first_left_out``). MemoryError is raised as it is."""
     try:
         text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, **flags)
         ids = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=True, return_dict=False,
@@ -152,12 +152,28 @@ def render_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]
         raise refusal(own_error(tokenizer, messages, template, flags) or exc) from None
     if not ids:
         raise TemplateRefused("the chat template rendered the messages as no tokens at all")
-    left_out = [at for at, message in enumerate(messages)
-                if message["role"] == "user" and message["content"].strip() not in text]
-    if left_out:
-        raise TemplateRefused(f"the chat template left out the text of message {left_out[0]} (a user's): the model "
+    left_out = first_left_out(messages, text)
+    if left_out is not None:
+        raise TemplateRefused(f"the chat template left out the text of message {left_out} (a user's): the model "
                               "would not be asked it")
     return ids
+
+
+def first_left_out(messages: list[dict[str, str]], text: str) -> int | None:
+    """The index of the first user message whose text, stripped at its ends, does not occur whole in ``text`` after
+    the text of the user messages before it (the earliest such occurrences: a greedy subsequence match, which finds
+    one if any exists); None when each does. In order, so that a user message said twice and rendered once, or one
+    rendered only where text after an earlier user message repeats it, is left out; text before the first user
+    message's (a system prompt that repeats a message) still stands in for it: a text search cannot tell them apart."""
+    start = 0
+    for at, message in enumerate(messages):
+        if message["role"] == "user":
+            content = message["content"].strip()
+            found = text.find(content, start)
+            if found < 0:
+                return at
+            start = found + len(content)
+    return None
 
 
 def refusal(exc: Exception) -> TemplateRefused:

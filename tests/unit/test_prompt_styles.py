@@ -120,7 +120,8 @@ def test_a_tokenizer_without_a_chat_template_refuses_the_chat_styles(tiny_tokeni
             nli_ids(bare, style, "p", "h", NLI_LABELS)
 
 
-CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "  Who named Normandy?\n"},
+CHAT = [{"role": "system", "content": "Be brief. Who named Normandy?"},
+        {"role": "user", "content": "  Who named Normandy?\n"},
         {"role": "assistant", "content": "The Normans."}, {"role": "user", "content": "When?"}]
 
 
@@ -129,15 +130,27 @@ CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 
     ("{% for m in messages if m.role == 'user' %}{{ m.content }}{% endfor %}", True),  # only users' are checked
     ("{% for m in messages %}{{ m.content | lower }}{% endfor %}", False),  # not verbatim
     ("{% for m in messages %}{{ m.content | replace(' ', '  ') }}{% endfor %}", False),  # not whole
-    ("{{ messages[-1].content }}", False)])  # the first user message left out
+    ("{{ messages[-1].content }}", False),  # the first user message left out
+    ("{% for m in messages|reverse %}{{ m.content }}{% endfor %}", False),  # out of order: When? first
+    ("{{ messages[-1].content }}{{ messages[0].content }}", False)])  # the first's text only in the system prompt
 def test_a_render_holds_each_user_messages_text_whole_as_the_readme_says(tokenizer, template, kept):
     """The README's rule (under the chat template's 422s), held to ``render_ids``."""
-    assert "must occur whole and verbatim in the prompt text the template rendered" in README.read_text()
+    assert ("must occur whole and verbatim in the prompt text the template rendered (before it is tokenized), "
+            "after the text of the user messages before it") in README.read_text()
     if kept:
         assert render_ids(tokenizer, CHAT, template, add_generation_prompt=True)
     else:
         with pytest.raises(TemplateRefused, match=r"left out the text of message \d \(a user's\)"):
             render_ids(tokenizer, CHAT, template, add_generation_prompt=True)
+
+
+def test_a_user_message_said_twice_and_rendered_once_is_left_out(tokenizer):
+    twice = [{"role": "user", "content": "Again?"}, {"role": "assistant", "content": "Yes."},
+             {"role": "user", "content": "Again?"}]
+    assert render_ids(tokenizer, twice, "{% for m in messages %}{{ m.content }}{% endfor %}",
+                      add_generation_prompt=True)
+    with pytest.raises(TemplateRefused, match=r"left out the text of message 2 \(a user's\)"):
+        render_ids(tokenizer, twice, "{{ messages[0].content }}", add_generation_prompt=True)
 
 
 def test_the_docs_show_the_instructions_and_the_examples():
