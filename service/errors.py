@@ -7,7 +7,18 @@ which the HTTP layer sends as Retry-After; one that never passes by itself says 
 from __future__ import annotations
 
 
-class AdapterError(Exception):
+class NamesSettings(Exception):
+    """An error whose message may name the server's settings, by their fields as the service's checks word them
+    (``max_rank``): ``settings``, those it names, which whoever shows it names as the server's operator sets them (a
+    reply: ``Runtime.named``, ``--max-rank`` or ``LORASWAP_MAX_RANK``; a review: a rank refused over HTTP said
+    "(max_rank)", a name no operator sets)."""
+
+    def __init__(self, *args, settings: tuple[str, ...] = ()):
+        super().__init__(*args)
+        self.settings = settings
+
+
+class AdapterError(NamesSettings):
     """An adapter the engine cannot serve exactly, or a request about adapters that cannot be honoured."""
 
 
@@ -64,7 +75,7 @@ class UnsafeEnvironment(Exception):
         super().__init__(f"{message} (LORASWAP_{off.upper()}=false)" if off else message)
 
 
-class InputTooLong(Exception):
+class InputTooLong(NamesSettings):
     """The prompt has more tokens than the server accepts."""
 
 
@@ -84,7 +95,7 @@ class NoSpan(Exception):
     answer with, or the model's vocabulary does not say which bytes its tokens spell."""
 
 
-class QueueFull(Exception):
+class QueueFull(NamesSettings):
     """The queue holds as many requests as it may; retry later."""
 
     # the queue moves at each batch the engine takes (a decoding step apart: milliseconds to a second), and no longer

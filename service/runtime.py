@@ -16,7 +16,7 @@ from service.lora.registry import AdapterRegistry
 from service.model.base_model import base_config, config_positions, load_base, max_positions, pick_device, pick_dtype
 from service.model.cpu_threads import on_passing_thread
 from service.model.device_room import check_allocations, device_memory
-from service.settings import MIN_PROMPT_TOKENS, Settings
+from service.settings import MIN_PROMPT_TOKENS, Settings, worded
 from service.tasks.tasks import Tasks
 from service.tasks.template_sandbox import renderer
 
@@ -85,10 +85,12 @@ def log_start_failure(exc: Exception, failure: str) -> None:
 class Runtime:
     """Owns the model-side objects; the HTTP layer reaches them only through this."""
 
-    def __init__(self, settings: Settings, named: Callable[[str], str] = str):
-        """``named``: a text with each setting it names as the user gave it (``loraswap serve``'s: ``--max-batch`` or
-        ``LORASWAP_MAX_BATCH``, not ``max_batch``), for the reason the start failed (its log line, /health's and
-        /ready's reason) and the start's warnings; by default Settings' field names."""
+    def __init__(self, settings: Settings, named: Callable[[str], str] = worded):
+        """``named``: a text with each setting it names as the operator gave it (``loraswap serve``'s: ``--max-batch``
+        or ``LORASWAP_MAX_BATCH``, not ``max_batch``), for the reason the start failed (its log line, /health's and
+        /ready's reason), the start's warnings and every reply that names a setting (a review: a rank refused over
+        HTTP said "(max_rank)"); by default each setting's variable (``worded``), as an operator sets the settings
+        of a runtime no command starts."""
         self.settings = settings
         self.named = named
         self.registry: AdapterRegistry | None = None
@@ -156,7 +158,7 @@ class Runtime:
             try:
                 self.load_adapter(path.parent.name, path.parent)
             except AdapterError as exc:
-                log.warning("skipping adapter %s: %s", path.parent, exc)
+                log.warning("skipping adapter %s: %s", path.parent, worded(str(exc), self.named, exc.settings))
 
     def load_adapter(self, name: str, path: Path | str, replace: bool = False) -> dict:
         """Register an adapter (``AdapterRegistry.prepare`` and ``add``: its description; AdapterError for anything

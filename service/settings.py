@@ -6,6 +6,7 @@ import ipaddress
 import json
 import os
 import re
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -30,6 +31,8 @@ INT64 = 2**63  # torch's sizes and counts are 64-bit integers: a setting beyond 
 INT64_RULE = f"at most {INT64 - 1} (a 64-bit integer, as torch takes)"  # int64's bound in words
 MOST_DEFAULT_STRIDE = 128  # answer_stride unset: min(a window's context tokens // 2, this); Hugging Face's doc_stride
 HOST_NAME = re.compile(r"[A-Za-z0-9._-]+")  # a host name or IPv4 address of a URL (an IPv6 one is in brackets)
+# a setting's name in a message's words (max_new_tokens): an identifier with an underscore, not part of a path
+SETTING_WORD = re.compile(r"(?<![\w/.-])[a-z]+(?:_[a-z0-9]+)+(?![\w/-]|\.\w)")
 
 
 def known_host(host: str | None) -> bool:
@@ -282,3 +285,16 @@ def setting(name: str) -> Any:
     others = {other: field.get_default(call_default_factory=True) for other, field in Settings.model_fields.items()
               if other != name}
     return getattr(Settings(**others), name)
+
+
+def variable(name: str) -> str:
+    """The environment variable that sets setting ``name``: ``LORASWAP_MAX_RANK`` for ``max_rank``."""
+    return Settings.model_config["env_prefix"] + name.upper()
+
+
+def worded(text: str, name: Callable[[str], str] = variable, settings: Collection[str] = Settings.model_fields) -> str:
+    """``text`` with each of ``settings`` (by default every setting) that it names by its field (``SETTING_WORD``:
+    ``max_rank``, as the service's checks word them) named by ``name``: by default as an operator sets it without a
+    command, by its variable (``LORASWAP_MAX_RANK``); ``loraswap serve`` names it as it was given (``--max-rank``:
+    ``cli.main.as_given``)."""
+    return SETTING_WORD.sub(lambda word: name(word[0]) if word[0] in settings else word[0], text)

@@ -34,7 +34,7 @@ from service.cli.command import (
 from service.cli.settings_options import add_settings_arguments, settings_from
 from service.errors import AdapterError, TemplateRefused, UnsafeEnvironment
 from service.model import server_process
-from service.settings import Settings
+from service.settings import Settings, worded
 
 COMMAND_GROUP = "loraswap.commands"  # the entry-point group of subcommands (pyproject.toml)
 
@@ -180,15 +180,10 @@ def os_error(exc: OSError, args: argparse.Namespace) -> str:
     return str(exc)
 
 
-# a setting's name in a message's words (max_new_tokens): an identifier with an underscore, not part of a path
-SETTING_WORD = re.compile(r"(?<![\w/.-])[a-z]+(?:_[a-z0-9]+)+(?![\w/-]|\.\w)")
-
-
 def as_given(text: str, args: argparse.Namespace) -> str:
     """``text`` with each Settings field it names (``SETTING_WORD``: ``max_new_tokens 500 leaves ...``, as the
     runtime's checks say it) named as ``given_as`` names it (``--max-new-tokens 500 leaves ...``)."""
-    return SETTING_WORD.sub(lambda word: given_as(args, word[0]) if word[0] in Settings.model_fields else word[0],
-                            text)
+    return worded(text, lambda name: given_as(args, name))
 
 
 def naming(args: argparse.Namespace) -> Callable[[str], str]:

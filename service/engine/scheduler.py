@@ -343,7 +343,7 @@ class Engine:
         gone = set(map(id, expired))
         self._queue = deque(pending for pending in self._queue if id(pending) not in gone)
         error = QueueTimeout(f"the request waited {bound:g} s in the queue without joining a batch (the server's "
-                             "max_queue_wait): the server is past capacity; retry later")
+                             "max_queue_wait): the server is past capacity; retry later", settings=("max_queue_wait",))
         for pending in expired:
             pending.future.set_exception(error)  # dropped by one its caller cancelled meanwhile (RequestFuture)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
@@ -22,13 +23,14 @@ from service.http.errors import (
     error_code,
     field_of,
     invalid_request,
+    message_of,
     openai_error,
     status_of,
 )
 from service.http.openai_routes import openai_router
 from service.http.routes import admin_router, ops_router, single_headers, tasks_router
 from service.runtime import Runtime
-from service.settings import Settings
+from service.settings import Settings, worded
 
 # health and readiness probes and metric scrapes are not work: not counted as requests in flight
 NOT_IN_FLIGHT = frozenset({"/health", "/ready", "/metrics"})
@@ -76,12 +78,13 @@ def allowed_methods(request: Request) -> str:
     return ", ".join(method for method in METHODS if taken("GET" if method == "HEAD" else method))
 
 
-def add_error_handlers(app: FastAPI) -> None:
+def add_error_handlers(app: FastAPI, named: Callable[[str], str] = worded) -> None:
     """Every error is JSON with a clear message (see ``error``); a domain error's status comes from ``STATUS``, its
-    Retry-After from its ``retry_after`` (``service.errors``: the transient ones' 429 and 503)."""
+    Retry-After from its ``retry_after`` (``service.errors``: the transient ones' 429 and 503), its message from
+    ``message_of`` with ``named`` (``Runtime.named``: the settings it names as the operator sets them)."""
 
     async def _domain(request: Request, exc: Exception):
-        return error(request, status_of(type(exc)), str(exc), code=error_code(type(exc)),
+        return error(request, status_of(type(exc)), message_of(exc, named), code=error_code(type(exc)),
                      retry_after=getattr(exc, "retry_after", None))
 
     for kind in STATUS:
@@ -181,10 +184,11 @@ class BodyLimit:
     """ASGI middleware: a request body over ``max_bytes`` is refused (413) before it is read whole: before a byte of
     it is read when its Content-Length says so, else at the chunk that passes the limit. The refusal is raised where
     the route reads the body, so it takes the route's error shape (``error``). (Starlette's RequestBodyLimitMiddleware
-    answers such a body in plain text, whatever the route.)"""
+    answers such a body in plain text, whatever the route.) The refusal names the setting as ``named`` does
+    (``Runtime.named``: as the operator sets it)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: ASGIApp, max_bytes: int, named: Callable[[str], str] = worded):
+        self.app, self.max_bytes, self.named = app, max_bytes, named
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -200,8 +204,8 @@ class BodyLimit:
                     read += len(message.get("body", b""))
                 if read <= self.max_bytes:
                     return message
-            raise HTTPException(413, f"the request body is larger than this server takes: {self.max_bytes} bytes "
-                                "(its max_body_bytes)")
+            raise HTTPException(413, self.named(f"the request body is larger than this server takes: {self.max_bytes} "
+                                           "bytes (its max_body_bytes)"))
 
         await self.app(scope, limited, send)
 
@@ -221,8 +225,8 @@ def create_app(settings: Settings | None = None, rt: Runtime | None = None) -> F
     app.state.runtime = rt
     for router in (tasks_router, admin_router, openai_router, ops_router):
         app.include_router(router)
-    add_error_handlers(app)
-    app.add_middleware(BodyLimit, max_bytes=rt.settings.max_body_bytes)
+    add_error_handlers(app, rt.named)
+    app.add_middleware(BodyLimit, max_bytes=rt.settings.max_body_bytes, named=rt.named)
     app.add_middleware(RequestMetrics)
     app.add_middleware(HeadAsGet)  # the outermost: what the server sees stays a HEAD
     return app

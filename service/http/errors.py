@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 from fastapi import HTTPException
@@ -26,6 +26,7 @@ from service.errors import (
     UnknownAdapter,
 )
 from service.http.schemas import ErrorOut
+from service.settings import worded
 
 CLIENT_CLOSED = 499  # nginx's "client closed request": recorded in the metrics, never received by anyone
 ECHO_LIMIT = 200  # characters of one value of the request a reply echoes: a field's input, a key in its location
@@ -70,7 +71,7 @@ HTTP_REPLIES = {
     401: "A route that needs a key without it: the admin key on admin routes, the API key (when one is set) on the "
          "routes that run the model.",
     403: "Admin routes are disabled: no admin key is set.",
-    413: "A request body larger than the server takes (its max_body_bytes).",
+    413: "A request body larger than the server takes (its body limit: --max-body-bytes, LORASWAP_MAX_BODY_BYTES).",
     415: "A body sent with another Content-Type than application/json, or compressed (a Content-Encoding).",
     422: "An invalid request: a field missing, unknown, of the wrong type or out of range (NaN and infinities too), "
          "or messages the chat template cannot render.",
@@ -88,16 +89,23 @@ def param_of(exc: Exception, fields: Mapping[type[Exception], str]) -> str | Non
     return next((fields[base] for base in type(exc).__mro__ if base in fields), None)
 
 
+def message_of(exc: Exception, named: Callable[[str], str]) -> str:
+    """A domain error's message as a reply says it: each setting it names (its ``settings``: ``NamesSettings``) named
+    by ``named``, the runtime's (``Runtime.named``: as the server's operator sets it), never by its field."""
+    return worded(str(exc), named, getattr(exc, "settings", ()))
+
+
 @contextmanager
-def blaming(fields: Mapping[type[Exception], str]) -> Iterator[None]:
+def blaming(fields: Mapping[type[Exception], str], named: Callable[[str], str]) -> Iterator[None]:
     """Within: a domain error of a kind ``fields`` traces to one request field (``param_of``) is raised as a
-    FieldRefused naming that field (OpenAI's ``param``), with the status and code it has; others pass as they are.
-    ``fields`` maps kinds that are the request's fault (4xx), such as UnknownAdapter to ``model``."""
+    FieldRefused naming that field (OpenAI's ``param``), with the status and code it has and its message as
+    ``message_of`` says it with ``named``; others pass as they are. ``fields`` maps kinds that are the request's fault
+    (4xx), such as UnknownAdapter to ``model``."""
     try:
         yield
     except tuple(fields) as exc:
         kind = type(exc)
-        raise FieldRefused(status_of(kind), str(exc), param_of(exc, fields), error_code(kind)) from None
+        raise FieldRefused(status_of(kind), message_of(exc, named), param_of(exc, fields), error_code(kind)) from None
 
 
 def openai_type(status: int) -> str:

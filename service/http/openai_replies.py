@@ -7,13 +7,13 @@ import logging
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import ClassVar
 
 from fastapi.sse import format_sse_event
 
 from service.errors import InputTooLong, NonFiniteLogits, UnknownAdapter
-from service.http.errors import STATUS, error_code, openai_error, param_of, status_of
+from service.http.errors import STATUS, error_code, message_of, openai_error, param_of, status_of
 from service.tasks.streaming import ChoiceDelta, Completion, CompletionStream, TokenLogprob, TopLogprob, Usage
 
 LOGPROB_FLOOR = -9999.0  # what OpenAI writes for a log-probability of minus infinity (JSON has no infinity)
@@ -152,14 +152,14 @@ class ChatReplies(Replies):
                 "finish_reason": delta.finish_reason}
 
 
-def stream_error(exc: Exception, fields: dict[type[Exception], str]) -> dict:
-    """The error event of a streamed reply that failed with ``exc``: a domain error's status, message, code and the
-    request field ``fields`` traces it to (``param_of``), as a reply before the stream began would have had; anything
-    else a server error, logged with its traceback."""
+def stream_error(exc: Exception, fields: dict[type[Exception], str], named: Callable[[str], str]) -> dict:
+    """The error event of a streamed reply that failed with ``exc``: a domain error's status, message (``message_of``
+    with ``named``), code and the request field ``fields`` traces it to (``param_of``), as a reply before the stream
+    began would have had; anything else a server error, logged with its traceback."""
     if not isinstance(exc, tuple(STATUS)):
         logger.error("a streamed reply failed after it began", exc_info=exc)
         return openai_error(500, "internal server error: the request's batch failed", code="internal_error")
-    return openai_error(status_of(type(exc)), str(exc), param_of(exc, fields), error_code(type(exc)))
+    return openai_error(status_of(type(exc)), message_of(exc, named), param_of(exc, fields), error_code(type(exc)))
 
 
 def event(body: dict) -> bytes:
@@ -167,12 +167,13 @@ def event(body: dict) -> bytes:
     return format_sse_event(data_str=json.dumps(body, allow_nan=False))
 
 
-async def events(replies: Replies, stream: CompletionStream, include_usage: bool) -> AsyncIterator[bytes]:
+async def events(replies: Replies, stream: CompletionStream, include_usage: bool,
+                 named: Callable[[str], str]) -> AsyncIterator[bytes]:
     """A streamed reply as server-sent events: each choice's opening, then a chunk per delta (new text, its logprobs;
     the finish reason in each choice's last), with ``include_usage`` a last chunk with no choices and the usage, then
     ``data: [DONE]``. An error after the reply began (the engine failed, a fault failed the batch, another choice
     of the request timed out in the queue) is an event of OpenAI's error shape, which OpenAI's clients raise, then
-    ``[DONE]`` (``stream_error``). The stream is
+    ``[DONE]`` (``stream_error``, naming settings as ``named`` does). The stream is
     closed however this ends: a client gone mid-stream has its rows leave the batch before the next decoding step."""
     async with stream:
         try:
@@ -181,7 +182,7 @@ async def events(replies: Replies, stream: CompletionStream, include_usage: bool
             async for delta in stream:
                 yield replies.chunk([replies.delta(delta)], include_usage)
         except Exception as exc:  # the reply has begun (200): the error is its last event
-            yield event(stream_error(exc, replies.fields))
+            yield event(stream_error(exc, replies.fields, named))
             yield DONE
             return
     if include_usage:

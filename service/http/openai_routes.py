@@ -68,13 +68,15 @@ def within(field: str, value: int, cap: int, what: str) -> int:
     return value
 
 
-def token_budget(body: OpenAIIn, cap: int) -> int:
-    """The most tokens a request may generate: what it asks for, or ``cap`` (the server's ``max_new_tokens``) when it
-    names none; a request for more than ``cap`` is refused (422 naming the field and the cap), never cut short."""
+def token_budget(body: OpenAIIn, rt: Runtime) -> int:
+    """The most tokens a request may generate: what it asks for, or the server's ``max_new_tokens`` when it names
+    none; a request for more is refused (422 naming the field and the cap, and the setting as ``rt.named`` names it),
+    never cut short."""
     field, requested = body.token_budget()
     if requested is None:
-        return cap
-    return within(field, requested, cap, "the most tokens this server generates for a request (its max_new_tokens)")
+        return rt.settings.max_new_tokens
+    return within(field, requested, rt.settings.max_new_tokens,
+                  rt.named("the most tokens this server generates for a request (its max_new_tokens)"))
 
 
 def model_id(adapter: str | None) -> str:
@@ -94,10 +96,10 @@ async def reply(rt: Runtime, request: Request, body: OpenAIIn, prompt: str | lis
     server-sent events. Everything that can refuse the request (the caps, InputTooLong, QueueFull, and QueueTimeout
     or UnknownAdapter while it waits in the queue) does so before any of it is sent: a stream's reply begins with its
     first text."""
-    decoding = body.to_decoding(new_seed(), token_budget(body, rt.settings.max_new_tokens))
+    decoding = body.to_decoding(new_seed(), token_budget(body, rt))
     settings = rt.settings  # n choices are queued and decoded together: never more than the queue or a batch holds
-    n = within("n", body.n, min(settings.max_choices, settings.max_batch, settings.max_queue), "the most choices this "
-               "server generates for a request (the least of its max_choices, max_batch and max_queue)")
+    n = within("n", body.n, min(settings.max_choices, settings.max_batch, settings.max_queue), rt.named(
+        "the most choices this server generates for a request (the least of its max_choices, max_batch and max_queue)"))
     options = {"stop": body.stop, "logprobs": logprobs, "n": n}
     if body.stream:
         stream = await rt.tasks.stream(prompt, adapter, decoding, **options)
@@ -106,7 +108,7 @@ async def reply(rt: Runtime, request: Request, body: OpenAIIn, prompt: str | lis
         except BaseException:
             stream.close()
             raise
-        return EventSourceResponse(events(replies, stream, body.include_usage), headers=STREAM_HEADERS,
+        return EventSourceResponse(events(replies, stream, body.include_usage, rt.named), headers=STREAM_HEADERS,
                                    background=BackgroundTask(stream.close))  # closed even if never iterated
     return replies.whole(await unless_disconnected(request, rt.tasks.complete(prompt, adapter, decoding, **options)))
 
@@ -127,7 +129,7 @@ async def model(model: str, rt: Runtime = Depends(serving)) -> dict:
     """One model of ``GET /v1/models``: an adapter, or ``base`` (also asked for as ``none``); 404 for an unknown
     adapter."""
     adapter = adapter_or_base(model)
-    with blaming({UnknownAdapter: "model"}):
+    with blaming({UnknownAdapter: "model"}, rt.named):
         rt.registry.require(adapter)
     return model_card(model_id(adapter))
 
@@ -135,7 +137,7 @@ async def model(model: str, rt: Runtime = Depends(serving)) -> dict:
 @openai_router.post("/completions", responses=OPENAI_SERVING)
 async def completions(body: CompletionIn, request: Request, rt: Runtime = Depends(inference)) -> dict:
     """OpenAI's completions: the prompt is raw text (special tokens spelled in it are parsed)."""
-    with blaming(CompletionReplies.fields):
+    with blaming(CompletionReplies.fields, rt.named):
         adapter = served_model(rt, body, request)
         replies = CompletionReplies(model_id(name_of(adapter)), echo=body.prompt if body.echo else "")
         return await reply(rt, request, body, body.prompt, adapter, replies, body.logprobs)
@@ -145,7 +147,7 @@ async def completions(body: CompletionIn, request: Request, rt: Runtime = Depend
 async def chat_completions(body: ChatCompletionIn, request: Request, rt: Runtime = Depends(inference)) -> dict:
     """OpenAI's chat completions: the messages rendered with the chat template of the adapter's folder, else the base
     tokenizer's (see ``chat_prompt``); each choice is the assistant's next message."""
-    with blaming(ChatReplies.fields):
+    with blaming(ChatReplies.fields, rt.named):
         adapter = served_model(rt, body, request)
         messages = [message.model_dump() for message in body.messages]
         prompt_ids = await unless_disconnected(request, chat_prompt(
@@ -158,7 +160,7 @@ async def chat_completions(body: ChatCompletionIn, request: Request, rt: Runtime
                     responses={**VLLMS_REPLY, **admin_replies(*LOAD_ERRORS, shape=OpenAIErrorOut)})
 async def load_lora_adapter(body: LoraAdapterIn, rt: Runtime = Depends(admin)) -> PlainTextResponse:
     """vLLM's route: what POST /adapters does (same checks, same errors), answered as vLLM answers (200, text)."""
-    with blaming(LOAD_FIELDS):
+    with blaming(LOAD_FIELDS, rt.named):
         await run_in_threadpool(rt.load_adapter, body.lora_name, body.lora_path, body.load_inplace)
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
@@ -168,6 +170,6 @@ async def load_lora_adapter(body: LoraAdapterIn, rt: Runtime = Depends(admin)) -
                                                              shape=OpenAIErrorOut)})
 def unload_lora_adapter(body: LoraNameIn, rt: Runtime = Depends(admin)) -> PlainTextResponse:
     """vLLM's route: what DELETE /adapters/{name} does (same checks, same errors), answered as vLLM answers."""
-    with blaming(UNLOAD_FIELDS):
+    with blaming(UNLOAD_FIELDS, rt.named):
         rt.unload_adapter(body.lora_name)
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")

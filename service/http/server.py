@@ -9,7 +9,7 @@ import uvicorn
 
 from service.http.app import create_app
 from service.runtime import Runtime
-from service.settings import Settings
+from service.settings import Settings, worded
 
 
 class DrainingServer(uvicorn.Server):
@@ -38,7 +38,7 @@ class DrainingServer(uvicorn.Server):
         await super().shutdown(sockets)
 
 
-def serve(settings: Settings, named: Callable[[str], str] = str) -> None:
+def serve(settings: Settings, named: Callable[[str], str] = worded) -> None:
     """Run the HTTP service with ``settings`` until it is stopped; ``named`` as ``Runtime`` takes it."""
     rt = Runtime(settings, named)
     config = uvicorn.Config(create_app(rt=rt), host=settings.host, port=settings.port, log_level="info")

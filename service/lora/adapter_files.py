@@ -232,7 +232,8 @@ def read_config(folder: Path, max_rank: int) -> LoraConfig:
         raise AdapterError(f"{folder} is not a LoRA adapter (peft_type must be LORA)")
     rank, alpha = config.get("r"), config.get("lora_alpha")
     if type(rank) is not int or not 1 <= rank <= max_rank:  # JSON true is not a rank
-        raise AdapterError(f"adapter rank {rank!r} must be an integer in 1..{max_rank} (max_rank)")
+        raise AdapterError(f"adapter rank {rank!r} must be an integer in 1..{max_rank} (max_rank)",
+                           settings=("max_rank",))
     if type(alpha) not in (int, float) or not math.isfinite(alpha):
         raise AdapterError(f"adapter lora_alpha {alpha!r} must be a finite number")
     if type(config.get("use_rslora", False)) is not bool:

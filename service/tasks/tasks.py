@@ -250,7 +250,8 @@ class Tasks:
         if len(ranges) > most:
             raise InputTooLong(f"the context has {len(offsets)} tokens: {len(ranges)} windows of {room}, "
                                f"{stride} shared; at most {most} windows are answered (the least of this server's "
-                               "max_answer_windows and max_queue: the windows queue together)")
+                               "max_answer_windows and max_queue: the windows queue together)",
+                               settings=("max_answer_windows", "max_queue"))
         return ranges
 
     def window_spans(self, context: str, ranges: list[tuple[int, int]],
@@ -310,7 +311,7 @@ class Tasks:
         candidates = prefix_candidates(sequences)
         if len(candidates) > self.settings.max_queue:  # they queue together, all or none: they would never fit
             raise InputTooLong(f"these labels need {len(candidates)} scoring requests; this server queues at most "
-                               f"{self.settings.max_queue} (its max_queue)")
+                               f"{self.settings.max_queue} (its max_queue)", settings=("max_queue",))
         works = [Scoring(self.bounded(prompt + list(prefix)), name_of(adapter), tokens, logprobs=True, weights=adapter)
                  for prefix, tokens in candidates.items()]
         results = await self.outcomes(works)

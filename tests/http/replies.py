@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import httpx
 
+from service.settings import SETTING_WORD, Settings
+
 OPENAI_TYPES = {"invalid_request_error", "authentication_error", "permission_error", "rate_limit_error", "server_error"}
 
 
@@ -22,3 +24,9 @@ def error_message(reply: httpx.Response) -> str:
         message = body["error"]
     assert isinstance(message, str) and message, body
     return message
+
+
+def settings_by_field(message: str) -> list[str]:
+    """The settings ``message`` names by their fields (``max_rank``), which no reply should: the server names them as
+    its operator sets them (``Runtime.named``: ``--max-rank`` or ``LORASWAP_MAX_RANK``)."""
+    return [word for word in SETTING_WORD.findall(message) if word in Settings.model_fields]

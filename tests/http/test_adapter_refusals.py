@@ -17,7 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from service.lora.bounded_read import MAX_ADAPTER_JSON_BYTES
 from service.lora.card import CARD_FILE
-from tests.http.replies import error_message
+from tests.http.replies import error_message, settings_by_field
 from tests.server_helpers import ADMIN, classify, copy_adapters, listed, ready_client, tiny_settings
 from tests.tiny_models import make_adapter
 
@@ -193,6 +193,16 @@ def test_bad_adapters_in_the_adapters_folder_are_skipped_at_start(client):
 ])
 def test_unservable_adapters_are_refused(client, refusals, kind, fragments):
     refused(client, f"bad_{kind}", refusals.bad[kind], 422, *fragments)
+
+
+def test_a_rank_past_the_limit_names_the_limit_as_an_operator_sets_it(client, refusals):
+    """A review: the 422 ended "(max_rank)", the setting's field, which only the CLI rewrote (as --max-rank); a server
+    no command started names it by its variable."""
+    refused(client, "bad_huge_rank", refusals.bad["huge_rank"], 422,
+            "adapter rank 4096 must be an integer in 1..64 (LORASWAP_MAX_RANK)")
+    reply = client.post("/adapters", json={"name": "bad_huge_rank", "path": str(refusals.bad["huge_rank"])},
+                        headers=ADMIN)
+    assert settings_by_field(error_message(reply)) == [], reply.text
 
 
 @pytest.mark.parametrize("where", ["outside", "escape", "dotdot", "etc"])

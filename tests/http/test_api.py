@@ -215,6 +215,7 @@ def test_max_new_tokens_is_capped_by_the_server(client):
     body = {"model": "two", "prompt": "Super Bowl", "temperature": 0}
     refused = client.post("/v1/completions", json={**body, "max_tokens": SERVER_CAP + 1})
     assert refused.status_code == 422 and f"less than or equal to {SERVER_CAP}" in error_message(refused)
+    assert "(its LORASWAP_MAX_NEW_TOKENS)" in error_message(refused)  # it said max_new_tokens, the setting's field
     for reply in (client.post("/v1/completions", json=body).json(),
                   client.post("/v1/completions", json={**body, "max_tokens": SERVER_CAP}).json()):
         choice, usage = reply["choices"][0], reply["usage"]

@@ -19,6 +19,7 @@ from service.tasks.prompts import answer_prompt
 from service.tasks.tasks import WINDOW_SLACK
 from tests.engine.engine_helpers import WatchedSteps
 from tests.http.api_helpers import Tiny
+from tests.http.replies import settings_by_field
 from tests.server_helpers import SERVER_CAP, SQUAD_CONTEXT, SQUAD_QUESTION, ask, ready_client, tiny_settings
 from tests.span_reference import WHITESPACE, BruteForceSpans
 from tests.tiny_models import forced_token_model
@@ -198,7 +199,9 @@ def test_a_context_of_more_windows_than_the_queue_holds_is_413_not_a_429_that_ne
     fits = max(count for count in range(1, 20) if len(answer_windows(windowed, FILLER * count)) <= 4)
     with ready_client(settings) as client:
         assert ask(client, None, context=FILLER * fits, question="When?")["answer"]
-        assert "queue" in ask(client, None, context=FILLER * (fits + 1), question="When?", status=413)["error"]
+        error = ask(client, None, context=FILLER * (fits + 1), question="When?", status=413)["error"]
+    assert "the least of this server's LORASWAP_MAX_ANSWER_WINDOWS and LORASWAP_MAX_QUEUE" in error, error
+    assert settings_by_field(error) == [], error  # it named max_answer_windows and max_queue, the settings' fields
 
 
 def test_a_windowed_answer_is_given_at_its_first_occurrence_in_the_whole_context(windowed):

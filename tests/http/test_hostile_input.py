@@ -20,6 +20,7 @@ from service.http.app import NO_ADAPTER_LABEL, create_app
 from service.http.errors import ECHO_LIMIT, LISTED_PROBLEMS, MESSAGE_LIMIT
 from service.http.routes import bearer_of
 from service.settings import Settings
+from tests.http.replies import settings_by_field
 from tests.http.test_hostile_json import ADAPTER, ANSWER, COMPLETION, NLI, assert_refused, post, with_raw
 from tests.server_helpers import (
     ADMIN,
@@ -149,7 +150,7 @@ def test_a_body_over_the_limit_is_413_one_at_the_limit_is_read(client, route):
         assert listed(client) == before
     post(client, "/adapters/unmerge", b"")
     message = assert_refused(post(client, route, padded(route, LIMIT + 1)), 413)
-    assert str(LIMIT) in message and "max_body_bytes" in message
+    assert f"{LIMIT} bytes (its LORASWAP_MAX_BODY_BYTES)" in message and settings_by_field(message) == []
     assert listed(client) == before
 
 

@@ -14,7 +14,7 @@ from service.lora.card import CALIBRATION_FIELD, CARD_FILE
 from service.tasks.labels import MOST_LABEL_CHARACTERS, MOST_LABEL_TOKENS, MOST_LABELS
 from service.tasks.prompts import NLI_LABELS, encode_text, label_target, nli_prompt
 from tests.http.api_helpers import Tiny, assert_close
-from tests.http.replies import error_message
+from tests.http.replies import error_message, settings_by_field
 from tests.http.test_api import Reference
 from tests.server_helpers import ADMIN, ready_client
 
@@ -130,4 +130,5 @@ def test_labels_that_need_more_scoring_requests_than_the_queue_holds_are_413_as_
     with ready_client(tiny.settings(max_queue=2)) as client:
         assert sum(nli(client, None, labels[0])["probabilities"].values()) == pytest.approx(1.0)
         message = nli(client, None, labels[1], status=413)["message"]
-    assert "scoring requests" in message and "max_queue" in message, message
+    assert "scoring requests" in message and "(its LORASWAP_MAX_QUEUE)" in message, message  # was its field
+    assert settings_by_field(message) == [], message

@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from service.tasks.token_bytes import token_bytes
 from tests.engine.engine_helpers import WatchedSteps, long_generation, paused
-from tests.http.replies import error_message
+from tests.http.replies import error_message, settings_by_field
 from tests.lora_helpers import RELATIVE_TOLERANCE
 from tests.server_helpers import ADMIN, ready_client, settings_in, wait_until
 
@@ -397,7 +397,9 @@ def test_n_choices_are_seeded_apart_and_reproducible(client, route):
     assert joined(streamed, route) == choices
     assert len({chunk["choices"][0]["index"] for chunk in streamed}) == MOST_CHOICES
     message = error_message(post(client, route, 422, n=MOST_CHOICES + 1))
-    assert f"body.n: Input should be less than or equal to {MOST_CHOICES}" in message and "max_choices" in message
+    assert f"body.n: Input should be less than or equal to {MOST_CHOICES}" in message
+    assert "LORASWAP_MAX_CHOICES, LORASWAP_MAX_BATCH and LORASWAP_MAX_QUEUE" in message  # were the settings' fields
+    assert settings_by_field(message) == [], message
 
 
 def test_best_of_n_and_echo(client):

@@ -17,7 +17,17 @@ from service.cli.settings_options import settings_from
 from service.http.app import create_app
 from service.runtime import Runtime
 from service.settings import Settings
-from tests.server_helpers import ADMIN, ask, classify, ready_client, settings_in, tiny_settings, wait_until
+from tests.server_helpers import (
+    ADMIN,
+    ask,
+    classify,
+    ready_client,
+    settings_in,
+    tiny_settings,
+    wait_ready,
+    wait_until,
+)
+from tests.tiny_models import make_adapter
 
 WAIT = 60  # seconds a step may take before the test fails instead of hanging
 
@@ -76,8 +86,9 @@ def test_a_token_budget_that_leaves_no_room_for_a_prompt_fails_the_start_saying_
         wait_until(lambda: client.get("/health").status_code == 503, "the start failed")
         reason = client.get("/health").json()["reason"]
         assert_failed_for_good(client, reason)
-    assert reason == ("failed to start: ValueError: max_new_tokens 1000000000 leaves 0 of the base model's 512 "
-                      "positions for a prompt, fewer than 16: lower it")
+    # named as an operator sets it without a command (it said max_new_tokens, the setting's field)
+    assert reason == ("failed to start: ValueError: LORASWAP_MAX_NEW_TOKENS 1000000000 leaves 0 of the base model's "
+                      "512 positions for a prompt, fewer than 16: lower it")
     edge = Runtime(settings_in(tmp_path / "edge", tiny_llama_dir, {}, max_new_tokens=512 - 15))
     with pytest.raises(ValueError, match="leaves 15 of the base model's 512 positions"):
         edge.start()
@@ -93,8 +104,8 @@ def test_a_default_adapter_that_is_not_registered_is_warned_of_at_start(tiny_lla
     finally:
         runtime.stop()
     assert [line for line in warned if "is not registered" in line] == [
-        "qa_adapter 'squad' is not registered: requests that name no adapter get the bare base model until an adapter "
-        "of that name is"]
+        "LORASWAP_QA_ADAPTER 'squad' is not registered: requests that name no adapter get the bare base model until "
+        "an adapter of that name is"]
 
 
 def start_failure_log(settings, caplog, raises: type[Exception]) -> list[logging.LogRecord]:
@@ -109,10 +120,11 @@ def start_failure_log(settings, caplog, raises: type[Exception]) -> list[logging
     ({"base_model": "/nonexistent"}, "FileNotFoundError: --base-model /nonexistent: no Hugging Face model directory"),
     ({"base_model": "smollm2", "cache_dir": Path("/proc/x")}, "FileNotFoundError: [Errno 2] No such file or "
      "directory: '/proc/x'"),
-    ({"max_new_tokens": 10**9}, "ValueError: max_new_tokens 1000000000 leaves 0 of the base model's 512 positions"),
+    ({"max_new_tokens": 10**9}, "ValueError: LORASWAP_MAX_NEW_TOKENS 1000000000 leaves 0 of the base model's 512 "
+     "positions"),
     # a stride below max_input_tokens (1024) but not below the 32 tokens max_new_tokens leaves a prompt
-    ({"max_new_tokens": 480, "answer_stride": 32}, "ValueError: answer_stride 32 is not below the 32 tokens a prompt "
-     "may have (max_new_tokens 480 of 512 positions)"),
+    ({"max_new_tokens": 480, "answer_stride": 32}, "ValueError: LORASWAP_ANSWER_STRIDE 32 is not below the 32 tokens "
+     "a prompt may have (LORASWAP_MAX_NEW_TOKENS 480 of 512 positions)"),
 ])
 def test_settings_that_cannot_work_fail_the_start_in_one_log_line_naming_the_cause(overrides, cause, tiny_llama_dir,
                                                                                    tmp_path, caplog):
@@ -161,7 +173,8 @@ def test_an_adapters_folder_or_root_that_is_no_folder_is_warned_of_at_start(tiny
     warned = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
     assert [line for line in warned if "is not an existing folder" in line] == [
         f"{setting} {folder} is not an existing folder: no adapter can come from it" for setting, folder in
-        [("adapters_dir", tmp_path / "no_adapters"), ("adapter_roots", roots[0]), ("adapter_roots", roots[2])]]
+        [("LORASWAP_ADAPTERS_DIR", tmp_path / "no_adapters"), ("LORASWAP_ADAPTER_ROOTS", roots[0]),
+         ("LORASWAP_ADAPTER_ROOTS", roots[2])]]
 
 
 def test_a_max_new_tokens_that_shortens_the_longest_prompt_is_warned_of_at_start(tiny_llama_dir, tmp_path, caplog):
@@ -171,8 +184,8 @@ def test_a_max_new_tokens_that_shortens_the_longest_prompt_is_warned_of_at_start
     with ready_client(settings_in(tmp_path, tiny_llama_dir, {}, max_new_tokens=480)):
         pass
     warnings = [record.getMessage() for record in caplog.records if record.name == runtime_module.__name__]
-    assert any("max_new_tokens 480 leaves 32 of the base model's 512 positions for a prompt: prompts are limited to "
-               "32 tokens, not max_input_tokens 1024" in message for message in warnings), warnings
+    assert any("LORASWAP_MAX_NEW_TOKENS 480 leaves 32 of the base model's 512 positions for a prompt: prompts are "
+               "limited to 32 tokens, not LORASWAP_MAX_INPUT_TOKENS 1024" in message for message in warnings), warnings
 
 
 def test_the_checks_before_a_start_leave_its_warnings_to_it(tiny_llama_dir, tmp_path, caplog):
@@ -232,3 +245,17 @@ def test_serves_start_warnings_name_its_settings_as_the_user_could_set_them(tiny
     assert "--qa-adapter 'squad' is not registered" in "\n".join(warned), warned
     assert "--max-new-tokens 64 leaves 448 of the base model's 512 positions" in "\n".join(warned), warned
     assert not [line for line in warned if "qa_adapter" in line or "max_new_tokens" in line], warned
+
+
+def test_serves_replies_name_its_settings_as_the_command_line_gave_them(tiny_llama_dir, tmp_path):
+    """A review: a rank past --max-rank, refused over HTTP, said "(max_rank)", the setting's field, which only the
+    CLI's own errors named as given; a body past --max-body-bytes said "(its max_body_bytes)"."""
+    wide = make_adapter(tiny_llama_dir, tmp_path / "root" / "wide", r=4)
+    rt = serve_runtime(["--base-model", str(tiny_llama_dir), "--adapters-dir", str(tmp_path / "root"), "--device",
+                        "cpu", "--max-rank", "2", "--max-body-bytes", "100", "--admin-key", "k"])
+    with TestClient(create_app(rt=rt)) as client:
+        wait_ready(client.get)
+        rank = client.post("/adapters", json={"name": "wide", "path": str(wide)}, headers=ADMIN)
+        body = client.post("/answer", json={"context": "c" * 100, "question": "q"})
+    assert rank.status_code == 422 and rank.json()["error"] == "adapter rank 4 must be an integer in 1..2 (--max-rank)"
+    assert body.status_code == 413 and body.json()["error"].endswith("100 bytes (its --max-body-bytes)")

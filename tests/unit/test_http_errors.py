@@ -12,7 +12,8 @@ from service.settings import Settings
 
 DOMAIN_ERRORS = [kind for _, kind in inspect.getmembers(errors, inspect.isclass) if issubclass(kind, Exception)
                  and kind.__module__ == errors.__name__
-                 and kind not in (errors.RequestAbandoned, errors.UnsafeEnvironment)]  # never replied to
+                 and kind not in (errors.RequestAbandoned, errors.UnsafeEnvironment)  # never replied to
+                 and kind is not errors.NamesSettings]  # a base of some, never raised itself
 
 
 def example(kind: type[Exception]) -> Exception:
