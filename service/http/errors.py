@@ -83,9 +83,18 @@ def status_of(kind: type[Exception]) -> int:
     return next(STATUS[base] for base in kind.__mro__ if base in STATUS)
 
 
+def request_fault(kind: type[Exception]) -> bool:
+    """Whether an error of ``kind`` is the request's fault, which a request field can be: a 4xx, but a 429 (a queue
+    full passes: the same request succeeds later) and a client gone (``CLIENT_CLOSED``). A 5xx is the server's."""
+    return 400 <= status_of(kind) < 500 and status_of(kind) not in (429, CLIENT_CLOSED)
+
+
 def param_of(exc: Exception, fields: Mapping[type[Exception], str]) -> str | None:
     """The request field ``fields`` traces ``exc`` to: that of the first of its classes (itself, then its bases)
-    found there, as ``status_of`` finds a status; None when none is."""
+    found there, as ``status_of`` finds a status; None when none is, or when ``exc`` is not the request's fault
+    (``request_fault``: NoFreeSlot, a 503, is an AdapterError, which vLLM's load route traces to ``lora_path``)."""
+    if not request_fault(type(exc)):
+        return None
     return next((fields[base] for base in type(exc).__mro__ if base in fields), None)
 
 
@@ -97,15 +106,19 @@ def message_of(exc: Exception, named: Callable[[str], str]) -> str:
 
 @contextmanager
 def blaming(fields: Mapping[type[Exception], str], named: Callable[[str], str]) -> Iterator[None]:
-    """Within: a domain error of a kind ``fields`` traces to one request field (``param_of``) is raised as a
-    FieldRefused naming that field (OpenAI's ``param``), with the status and code it has and its message as
-    ``message_of`` says it with ``named``; others pass as they are. ``fields`` maps kinds that are the request's fault
-    (4xx), such as UnknownAdapter to ``model``."""
+    """Within: a domain error that ``fields`` traces to one request field (``param_of``: of a kind there, and the
+    request's fault) is raised as a FieldRefused naming that field (OpenAI's ``param``), with the status and code it
+    has and its message as ``message_of`` says it with ``named``; others pass as they are, a 5xx or a 429 with its
+    Retry-After (a review: NoFreeSlot, an AdapterError, was a 503 without one, blaming ``lora_path``). ``fields``
+    maps kinds to the field at fault, such as UnknownAdapter to ``model``."""
     try:
         yield
     except tuple(fields) as exc:
+        param = param_of(exc, fields)
+        if param is None:
+            raise
         kind = type(exc)
-        raise FieldRefused(status_of(kind), message_of(exc, named), param_of(exc, fields), error_code(kind)) from None
+        raise FieldRefused(status_of(kind), message_of(exc, named), param, error_code(kind)) from None
 
 
 def openai_type(status: int) -> str:

@@ -7,7 +7,7 @@ import pytest
 
 from service import errors
 from service.http.app import create_app
-from service.http.errors import HTTP_REPLIES, STATUS, error_replies, status_of
+from service.http.errors import HTTP_REPLIES, STATUS, FieldRefused, blaming, error_replies, param_of, status_of
 from service.settings import Settings
 
 DOMAIN_ERRORS = [kind for _, kind in inspect.getmembers(errors, inspect.isclass) if issubclass(kind, Exception)
@@ -58,3 +58,18 @@ def test_the_openapi_error_replies_are_the_table_and_the_errors_docstrings():
     merged = error_replies(errors.AdapterPathRefused, 403)[403]["description"]
     assert merged == f"{errors.AdapterPathRefused.__doc__.strip()} {HTTP_REPLIES[403]}"
     assert set(STATUS) >= {errors.AdapterError, errors.EngineStopped, errors.QueueFull, errors.InputTooLong}
+
+
+@pytest.mark.parametrize("kind", DOMAIN_ERRORS, ids=lambda kind: kind.__name__)
+def test_only_an_error_that_is_the_requests_fault_blames_a_field(kind):
+    """A review: vLLM's load route traced every AdapterError to ``lora_path``, NoFreeSlot (a 503) too, which was sent
+    as a 503 blaming the field, without its Retry-After. A 5xx is the server's fault and a 429 passes: they pass as
+    they are, naming no field; a 4xx is raised naming the field its kind (or a base of it) is traced to."""
+    error, fields = example(kind), {kind: "here", Exception: "anywhere"}
+    with pytest.raises(Exception) as raised, blaming(fields, str):
+        raise error
+    if status_of(kind) >= 500 or status_of(kind) == 429:
+        assert raised.value is error and param_of(error, fields) is None
+    else:
+        assert isinstance(raised.value, FieldRefused) and raised.value.status_code == status_of(kind)
+        assert raised.value.param == param_of(error, fields) == "here"
