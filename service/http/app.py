@@ -21,6 +21,7 @@ from service.http.errors import (
     echoable,
     echoable_message,
     error_code,
+    error_replies,
     field_of,
     invalid_request,
     message_of,
@@ -28,7 +29,8 @@ from service.http.errors import (
     status_of,
 )
 from service.http.openai_routes import openai_router
-from service.http.routes import admin_router, ops_router, single_headers, tasks_router
+from service.http.routes import APP_DEPENDENCIES, admin_router, ops_router, tasks_router
+from service.http.schemas import ErrorOut, OpenAIErrorOut
 from service.runtime import Runtime
 from service.settings import Settings, worded
 
@@ -221,10 +223,13 @@ def create_app(settings: Settings | None = None, rt: Runtime | None = None) -> F
         yield
         rt.stop()
 
-    app = FastAPI(title="loraswap", version="0.1.0", lifespan=lifespan, dependencies=[Depends(single_headers)])
+    app = FastAPI(title="loraswap", version="0.1.0", lifespan=lifespan,
+                  dependencies=[Depends(dependency) for dependency in APP_DEPENDENCIES])
     app.state.runtime = rt
-    for router in (tasks_router, admin_router, openai_router, ops_router):
-        app.include_router(router)
+    every_route = sorted({status for statuses in APP_DEPENDENCIES.values() for status in statuses})
+    for router in (tasks_router, admin_router, openai_router, ops_router):  # each route's replies listed: theirs too
+        shape = OpenAIErrorOut if router is openai_router else ErrorOut
+        app.include_router(router, responses=error_replies(*every_route, shape=shape))
     add_error_handlers(app, rt.named)
     app.add_middleware(BodyLimit, max_bytes=rt.settings.max_body_bytes, named=rt.named)
     app.add_middleware(RequestMetrics)

@@ -66,8 +66,8 @@ STATUS: dict[type[Exception], int] = {
 
 # the replies the HTTP layer makes itself: bodies it cannot parse or validate, and admin authorization
 HTTP_REPLIES = {
-    400: "A body that cannot be parsed (not JSON, not UTF-8, nested too deeply, or naming a key twice in one object), "
-         "or Authorization or Content-Type sent more than once.",
+    400: "Authorization or Content-Type sent more than once (on any route), or a body that cannot be parsed (not JSON, "
+         "not UTF-8, nested too deeply, or naming a key twice in one object).",
     401: "A route that needs a key without it: the admin key on admin routes, the API key (when one is set) on the "
          "routes that run the model.",
     403: "Admin routes are disabled: no admin key is set.",

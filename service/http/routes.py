@@ -10,7 +10,6 @@ from typing import TypeVar
 from fastapi import APIRouter, Depends, Header, HTTPException, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.errors import (
@@ -109,6 +108,11 @@ async def single_headers(request: Request) -> None:
     for name in SINGLE_HEADERS:
         if len(request.headers.getlist(name)) > 1:
             raise HTTPException(400, f"{name} is sent more than once: send one")
+
+
+# the app's own dependencies, which every route runs before its own, and the statuses each may answer: every route's
+# OpenAPI entry lists them (``create_app``)
+APP_DEPENDENCIES = {single_headers: (400,)}
 
 
 def check_bearer(authorization: str | None, key: str, refusal: str) -> None:
@@ -313,6 +317,12 @@ async def ready(response: Response, rt: Runtime = Depends(runtime)) -> dict:
     return {"ready": True}
 
 
-@ops_router.get("/metrics", response_class=PlainTextResponse)  # documented as text/plain (Prometheus' format)
+# Prometheus' text format; documented as text/plain, its errors as JSON (a PlainTextResponse route class documented
+# every error reply as text/plain too)
+METRICS_REPLY = {200: {"description": "The metrics, in Prometheus' text format",
+                       "content": {"text/plain": {"schema": {"type": "string"}}}}}
+
+
+@ops_router.get("/metrics", response_class=Response, responses=METRICS_REPLY)
 async def metrics_endpoint() -> Response:
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import inspect
+import re
 
 import pytest
+from fastapi.testclient import TestClient
 
 from service import errors
 from service.http.app import create_app
 from service.http.errors import HTTP_REPLIES, STATUS, FieldRefused, blaming, error_replies, param_of, status_of
+from service.http.routes import APP_DEPENDENCIES
 from service.settings import Settings
 
 DOMAIN_ERRORS = [kind for _, kind in inspect.getmembers(errors, inspect.isclass) if issubclass(kind, Exception)
@@ -73,3 +76,19 @@ def test_only_an_error_that_is_the_requests_fault_blames_a_field(kind):
     else:
         assert isinstance(raised.value, FieldRefused) and raised.value.status_code == status_of(kind)
         assert raised.value.param == param_of(error, fields) == "here"
+
+
+def test_every_route_documents_the_statuses_the_app_wide_dependencies_answer():
+    """A review: GET routes answered 400 for Authorization sent twice (``single_headers``, a dependency of the whole
+    app), and their OpenAPI entries listed no 400. Each route of the schema, sent a header twice, is answered so, and
+    documents it, with every status the app's dependencies may answer."""
+    app = create_app(Settings())  # the model is not loaded: the lifespan never runs here
+    assert [dependency.dependency for dependency in app.router.dependencies] == list(APP_DEPENDENCIES)
+    spec, client = app.openapi(), TestClient(app)
+    app_wide = {str(status) for statuses in APP_DEPENDENCIES.values() for status in statuses}
+    twice = [("Authorization", "Bearer a"), ("Authorization", "Bearer b")]
+    assert set(spec["paths"]) >= {"/health", "/ready", "/metrics", "/v1/models", "/adapters", "/answer"}
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            reply = client.request(method, re.sub(r"\{\w+\}", "x", path), headers=twice)
+            assert reply.status_code == 400 and app_wide <= set(operation["responses"]), (method, path, reply.text)
