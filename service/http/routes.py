@@ -309,10 +309,16 @@ async def health(response: Response, rt: Runtime = Depends(runtime)) -> dict:
     return {"status": "ok"}
 
 
-@ops_router.get("/ready", responses={503: {"description": "loading, draining or failed: ready false and a reason"}})
+@ops_router.get("/ready", responses={503: {"description": "loading (with Retry-After: 1), draining or failed: ready "
+                                                         "false and a reason"}})
 async def ready(response: Response, rt: Runtime = Depends(runtime)) -> dict:
+    """Readiness: 503 unless the service takes requests; while the model loads with Retry-After, in whole seconds, as
+    the other 503s of a loading service (``EngineStopped.retry_after``); none while it drains (it will not be ready
+    again: Kubernetes and vLLM probe by the status alone) or once it failed (it never will by itself)."""
     if not rt.accepting:
         response.status_code = 503
+        if rt.state == "loading":
+            response.headers["Retry-After"] = str(EngineStopped.retry_after)
         return {"ready": False, "reason": rt.state}
     return {"ready": True}
 

@@ -156,6 +156,19 @@ def test_503_until_the_model_is_loaded(tiny):
         assert "loading" in error_message(reply) and reply.headers["Retry-After"]
 
 
+def test_ready_says_when_to_ask_again_only_while_loading(tiny):
+    """/ready's 503 while the model loads sent no Retry-After, which the other 503s of a loading service send (1 s);
+    while draining it sends none: this server will not be ready again (its clients go elsewhere)."""
+    rt = Runtime(tiny.settings())
+    client = TestClient(create_app(rt=rt))  # no `with`: startup never runs
+    loading = client.get("/ready")
+    assert (loading.status_code, loading.json()["reason"], loading.headers.get("Retry-After")) == (503, "loading", "1")
+    rt.draining = True
+    draining = client.get("/ready")
+    assert (draining.status_code, draining.json()["reason"]) == (503, "draining"), draining.text
+    assert "retry-after" not in draining.headers and client.get("/health").status_code == 200
+
+
 def test_a_failed_start_is_reported_by_ready(tiny, tmp_path):
     with TestClient(create_app(tiny.settings(base_model=str(tmp_path / "missing")))) as client:
         for _ in range(200):
@@ -164,4 +177,5 @@ def test_a_failed_start_is_reported_by_ready(tiny, tmp_path):
                 break
             time.sleep(0.05)
         assert reply.status_code == 503 and "no Hugging Face model directory" in reply.json()["reason"]
+        assert "retry-after" not in reply.headers and "retry-after" not in client.get("/health").headers
         assert client.post("/answer", json=GOOD).status_code == 503
