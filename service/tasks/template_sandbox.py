@@ -60,6 +60,10 @@ WORKERS = 2  # children per tokenizer: renders that run at once
 # its own 2 s; most of them end at the deadline anyway (a 422), so a client past these is told at once (a 429), not
 # kept waiting behind a pile that grows as fast as clients retry
 MAX_SLOW_WAITING = 4
+# a slow template is slow no more after this many renders of it in a row that each ran at most RECOVERED_SECONDS on
+# the CPU (``Renderer``: why these)
+RECOVERY_RENDERS = 3
+RECOVERED_SECONDS = MAX_RENDER_SECONDS / 4
 START_SECONDS = 120.0  # the most a child may take to start (import transformers, unpickle the tokenizer)
 COMPILE_SECONDS = 10.0  # the most a child may take to compile a template (256 KiB of code: about 1 s)
 IDLE_SECONDS = 60.0  # a worker and its child end after this long without a job
@@ -114,11 +118,13 @@ class Child:
             raise RenderUnavailable(f"the chat template process failed to start: {exc!r}") from None
 
     def render(self, job: Job) -> list[int]:
-        """The token ids of ``job``. TemplateRefused when the template refuses it, or RenderBound when the render runs
-        past ``MAX_RENDER_SECONDS`` (from when the template is compiled: Jinja compiles a template once per process,
-        in up to about a second for one of the largest accepted), past the memory bound, or ends the process;
-        RenderUnavailable when the render fails for the server's trouble (``receive``). After either of the last two
-        the process is stopped (``alive`` turns false)."""
+        """The token ids of ``job``; ``render_seconds``, then, the seconds the render ran on the CPU (the template's
+        work, as its deadline counts it: from when the template is compiled). TemplateRefused when the template
+        refuses it, or RenderBound when the render runs past ``MAX_RENDER_SECONDS`` (from when the template is
+        compiled: Jinja compiles a template once per process, in up to about a second for one of the largest
+        accepted), past the memory bound, or ends the process; RenderUnavailable when the render fails for the
+        server's trouble (``receive``). After either of the last two the process is stopped (``alive`` turns
+        false)."""
         try:
             self.connection.send(job)
         except OSError:  # the process died since its last render: this template never ran in it
@@ -126,10 +132,17 @@ class Child:
             raise RenderUnavailable("the server could not render the chat template: its process died before the "
                                     "render (not the template's doing)") from None
         self.receive(COMPILE_SECONDS, "compile")  # the template compiled (or found not to compile)
+        started = self.cpu_seconds()
         kind, outcome = self.receive(MAX_RENDER_SECONDS, "render the messages")
         if kind != "ids":
             raise (RenderBound if kind == "bound" else TemplateRefused)(outcome)
+        self.render_seconds = self.cpu_seconds() - started
         return outcome
+
+    def cpu_seconds(self) -> float:
+        """The seconds the process has run on the CPU (``process_state``; the wall clock's where /proc cannot say)."""
+        ran = process_state(self.process.pid)[1]
+        return time.monotonic() if ran is None else ran
 
     def receive(self, seconds: float, what: str):
         """The process's next message, before it has run ``seconds`` on the CPU in this step (the template's work; the
@@ -209,9 +222,16 @@ class Renderer:
     a queue that is fair between templates: the templates with jobs waiting take turns, and the slow ones (a render of
     which ran to a bound: the deadline, the memory bound, a process that ended by itself: ``RenderBound``) render in
     ``WORKERS`` - 1 processes at most, all of them together, so that the others always have one, and each has at most
-    ``MAX_SLOW_WAITING`` jobs waiting (a job past them is refused at once). A job whose caller gave up (its future
-    cancelled) before it starts is skipped. Threads and their processes start with the first
-    jobs and end after ``IDLE_SECONDS`` without one, or once ``close``d. Safe to call from any thread."""
+    ``MAX_SLOW_WAITING`` jobs waiting (a job past them is refused at once). A slow template is slow no more once
+    ``RECOVERY_RENDERS`` renders of it in a row have each run ``RECOVERED_SECONDS`` or less on the CPU (a quarter of
+    the deadline; real templates take about a millisecond): a bound met once (a message far longer than the others, a
+    render that happened to meet the memory bound) throttled it until the server restarted. Several in a row, not
+    one, as one cheap render may be a short message to a template that is dear on long ones; a render that meets a
+    bound makes it slow again at once and starts the count anew, so a template whose renders alternate between cheap
+    and endless takes the other templates' process for one endless render at most per ``RECOVERY_RENDERS`` cheap. A
+    job whose caller gave up (its future cancelled) before it starts is skipped. Threads and their processes start
+    with the first jobs and end after ``IDLE_SECONDS`` without one, or once ``close``d. Safe to call from any
+    thread."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase):
         self.tokenizer = tokenizer
@@ -219,6 +239,7 @@ class Renderer:
         self.waiting: OrderedDict[str | None, deque[tuple[Job, Future]]] = OrderedDict()  # by template, in turn
         self.running: Counter[str | None] = Counter()  # the renders running now, by template
         self.slow: set[str | None] = set()  # templates a render of which ran to a bound
+        self.recovering: Counter[str | None] = Counter()  # slow ones: their renders in a row since, each cheap
         self.workers = self.idle = 0  # worker threads, and those of them waiting for a job
         self.closed = False
 
@@ -276,10 +297,13 @@ class Renderer:
                     child.stop()  # dead, or stopped from outside while idle: a new one renders
                     child = None
                 child = child or Child(self.tokenizer)
-                future.set_result(child.render(job))
+                ids = child.render(job)
+                self.count_render(job[1], child.render_seconds)
+                future.set_result(ids)
             except RenderBound as exc:
                 with self.changed:
                     self.slow.add(job[1])
+                    del self.recovering[job[1]]  # counted anew
                 future.set_exception(exc)
             except Exception as exc:  # TemplateRefused, or RenderUnavailable: the server's trouble, not the template's
                 future.set_exception(exc)
@@ -289,6 +313,21 @@ class Renderer:
                     self.changed.notify_all()
         if child is not None and child.alive:
             child.stop()
+
+    def count_render(self, template: str | None, seconds: float) -> None:
+        """Count a render of ``template`` that ran ``seconds`` on the CPU toward its recovery, if it is slow: one past
+        ``RECOVERED_SECONDS`` starts the count anew, the ``RECOVERY_RENDERS``-th cheap one in a row ends its
+        slowness."""
+        with self.changed:
+            if template not in self.slow:
+                return
+            if seconds > RECOVERED_SECONDS:
+                del self.recovering[template]
+            elif self.recovering[template] + 1 < RECOVERY_RENDERS:
+                self.recovering[template] += 1
+            else:
+                self.slow.discard(template)
+                del self.recovering[template]
 
     def close(self) -> None:
         """Render no more (the service shuts down): the jobs not begun fail at once, and those submitted later, with

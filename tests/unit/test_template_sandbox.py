@@ -30,6 +30,7 @@ from service.tasks.prompt_styles import render_ids
 from service.tasks.template_sandbox import (
     MAX_RENDER_SECONDS,
     MAX_SLOW_WAITING,
+    RECOVERY_RENDERS,
     Child,
     Renderer,
     process_state,
@@ -40,6 +41,10 @@ QUESTION = [{"role": "system", "content": "Be brief."}, {"role": "user", "conten
 ENDLESS = "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}{{ messages }}"
 HUGE = "{{ messages[-1].content * 100000000 }}"  # 3.2 GB of text
 GENERATION = {"add_generation_prompt": True}
+# endless on a message that says "loop", quick on any other
+SOMETIMES = ("{% if messages[-1].content == 'loop' %}" + ENDLESS.removesuffix("{{ messages }}") +
+             "{% endif %}{{ messages }}")
+LOOP = [{"role": "user", "content": "loop"}]
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +150,29 @@ def test_a_slow_templates_renders_wait_in_a_bounded_queue_past_which_they_are_re
     renders.close()
     with pytest.raises(TemplateRefused, match="more than"):
         running.result(timeout=30)
+
+
+@pytest.mark.usefixtures("patient_renders")
+@pytest.mark.parametrize("cheap", [True, False], ids=["cheap", "dear"])
+def test_a_slow_template_whose_renders_are_then_cheap_is_slow_no_more(tokenizer, monkeypatch, cheap):
+    """A review: a template that once ran to a render's bound was throttled (one render at a time, a bounded queue)
+    until the server restarted. ``RECOVERY_RENDERS`` renders in a row that each ran within ``RECOVERED_SECONDS`` of
+    CPU end its slowness (none does when that is below 0: "dear"); a render to a bound makes it slow again at once."""
+    if not cheap:
+        monkeypatch.setattr(template_sandbox, "RECOVERED_SECONDS", -1.0)
+    renders, quick = Renderer(tokenizer), (QUESTION, SOMETIMES, GENERATION)
+    with pytest.raises(TemplateRefused, match="more than"):
+        renders.render((LOOP, SOMETIMES, GENERATION))
+    assert renders.slow == {SOMETIMES}
+    expected = render_ids(tokenizer, QUESTION, SOMETIMES, **GENERATION)
+    for _ in range(RECOVERY_RENDERS - 1):
+        assert renders.render(quick) == expected and renders.slow == {SOMETIMES}
+    assert renders.render(quick) == expected
+    assert renders.slow == (set() if cheap else {SOMETIMES})
+    with pytest.raises(TemplateRefused, match="more than"):
+        renders.render((LOOP, SOMETIMES, GENERATION))
+    assert renders.slow == {SOMETIMES} and renders.render(quick) == expected and renders.slow == {SOMETIMES}
+    renders.close()
 
 
 def test_a_child_ends_when_the_server_is_killed_mid_render(tiny_tokenizer_dir, tmp_path):
