@@ -189,7 +189,7 @@ def test_more_choices_than_the_queue_holds_are_refused_not_retried(served):
     with ready_client(served.model_copy(update={"max_queue": 2})) as client:
         refused = client.post("/v1/completions", json={**COMPLETION, "n": 3})
         assert refused.status_code == 422, refused.text
-        assert refused.json()["error"]["param"] == "n" and "max_queue" in error_message(refused)
+        assert refused.json()["error"]["param"] == "n" and "LORASWAP_MAX_QUEUE" in error_message(refused)
         assert len(client.post("/v1/completions", json={**COMPLETION, "n": 2}).json()["choices"]) == 2
 
 
