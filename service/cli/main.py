@@ -11,7 +11,7 @@ import argparse
 import logging
 import re
 import signal
-from collections.abc import Callable
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -180,16 +180,29 @@ def os_error(exc: OSError, args: argparse.Namespace) -> str:
     return str(exc)
 
 
+@dataclass(frozen=True)
+class SettingNames:
+    """A text with each Settings field it names (``max_new_tokens 500 leaves ...``, as the runtime's checks say it:
+    ``settings.worded``) named as ``given`` names it (field: ``--max-new-tokens`` or ``LORASWAP_MAX_NEW_TOKENS``). The
+    names are found once, where the command runs (``naming``), so that they pickle and still say what its command
+    line and environment gave: Ray sends them to each replica of ``scale`` (a review: replicas named fields)."""
+
+    given: dict[str, str]
+
+    def __call__(self, text: str) -> str:
+        return worded(text, self.given.__getitem__)
+
+
 def as_given(text: str, args: argparse.Namespace) -> str:
-    """``text`` with each Settings field it names (``SETTING_WORD``: ``max_new_tokens 500 leaves ...``, as the
-    runtime's checks say it) named as ``given_as`` names it (``--max-new-tokens 500 leaves ...``)."""
-    return worded(text, lambda name: given_as(args, name))
+    """``text`` with each Settings field it names named as ``given_as`` names it (``--max-new-tokens 500 leaves ...``:
+    ``naming``)."""
+    return naming(args)(text)
 
 
-def naming(args: argparse.Namespace) -> Callable[[str], str]:
-    """``as_given`` for the settings of ``args``: how the runtime a command starts names them in its log and its
-    reasons (``Runtime``'s ``named``)."""
-    return lambda text: as_given(text, args)
+def naming(args: argparse.Namespace) -> SettingNames:
+    """Each Settings field named as ``given_as`` names it for ``args``: how the runtime a command starts names them in
+    its log and its reasons (``Runtime``'s ``named``), on this machine or on a replica of ``scale``."""
+    return SettingNames({name: given_as(args, name) for name in Settings.model_fields})
 
 
 def field_name(loc: tuple, model: str, args: argparse.Namespace) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import ray
@@ -39,10 +40,12 @@ class ScaleConfig:
     address: str | None = None
 
 
-def build_app(settings: Settings, config: ScaleConfig) -> Application:
+def build_app(settings: Settings, config: ScaleConfig, named: Callable[[str], str] = str) -> Application:
     """The router (ingress, no CPU reserved: it only reads and forwards) bound to ``config.replicas`` replicas of
-    loraswap with ``settings``. A replica takes as many requests at once as its engine batches and queues
-    (``max_batch`` + ``max_queue``; past the queue it answers 429 itself); the router as many as all of them."""
+    loraswap with ``settings``, naming them in their log and their reasons as ``named`` does (``Runtime``'s: the
+    command's ``main.naming``, which pickles, as Ray sends it to each replica). A replica takes as many requests at
+    once as its engine batches and queues (``max_batch`` + ``max_queue``; past the queue it answers 429 itself); the
+    router as many as all of them."""
     if config.routing not in ROUTINGS:
         raise ValueError(f"routing must be one of {', '.join(ROUTINGS)}, not {config.routing!r}")
     per_replica = settings.max_batch + settings.max_queue
@@ -53,7 +56,7 @@ def build_app(settings: Settings, config: ScaleConfig) -> Application:
         ray_actor_options={"num_cpus": config.replica_cpus, "num_gpus": config.replica_gpus}, **routed)
     router = serve.deployment(Router, name=ROUTER_NAME).options(
         num_replicas=1, max_ongoing_requests=per_replica * config.replicas, ray_actor_options={"num_cpus": 0})
-    return router.bind(replica.bind(settings), settings)
+    return router.bind(replica.bind(settings, named), settings)
 
 
 INTERRUPTS = (signal.SIGINT, signal.SIGTERM)
@@ -107,8 +110,9 @@ def init_ray(address: str | None) -> None:
         raise KeyboardInterrupt(signal.Signals(held[0]).name)
 
 
-def serve_scaled(settings: Settings, config: ScaleConfig) -> None:
-    """Serve the HTTP API on ``settings.host``:``settings.port`` from ``config.replicas`` replicas until interrupted
+def serve_scaled(settings: Settings, config: ScaleConfig, named: Callable[[str], str] = str) -> None:
+    """Serve the HTTP API on ``settings.host``:``settings.port`` from ``config.replicas`` replicas (naming their
+    settings as ``named`` does: ``build_app``) until interrupted
     (Ctrl-C or SIGTERM at any point, even where the shell started it with SIGINT ignored), then take the application
     down, and Ray too when it was started here (``take_down``). UsageError where ``config.address`` finds no cluster
     (``init_ray``), or one whose Serve listens elsewhere or runs the application already (``start_serve``). SIGINT's
@@ -121,7 +125,7 @@ def serve_scaled(settings: Settings, config: ScaleConfig) -> None:
         start_serve(settings.host, settings.port)
         log.info("starting %d replicas (%s routing); the model loads on each", config.replicas, config.routing)
         deploying = True
-        serve.run(build_app(settings, config), name=APP_NAME, route_prefix="/", blocking=True)
+        serve.run(build_app(settings, config, named), name=APP_NAME, route_prefix="/", blocking=True)
     except KeyboardInterrupt:
         log.info("interrupted: taking the application down")
     finally:

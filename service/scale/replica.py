@@ -15,7 +15,7 @@ Every call says how many admin changes the router's log holds; a replica behind 
 """
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from prometheus_client import Counter, generate_latest
 from ray import serve
@@ -44,8 +44,9 @@ class LoraswapReplica:
     """A Ray Serve deployment class: one loraswap runtime, started (model and adapters loaded) before the replica
     takes requests. Its methods are called through the router's deployment handle."""
 
-    def __init__(self, settings: Settings):
-        self.runtime = Runtime(settings)
+    def __init__(self, settings: Settings, named: Callable[[str], str] = str):
+        """``named``: as ``Runtime`` takes it (``scale``'s names its settings as its command line gave them)."""
+        self.runtime = Runtime(settings, named)
         self.runtime.start()  # raises what stops the service from starting: Ray Serve then fails the replica
         self.app = create_app(rt=self.runtime)
         self.name = serve.get_replica_context().replica_tag

@@ -997,3 +997,18 @@ def test_loadtest_without_its_default_data_names_the_options_and_the_variable(tm
     assert done.stderr.splitlines()[-1] == (
         f"loraswap loadtest: error: LORASWAP_DATA_DIR {folder}: No such file or directory: "
         f"{folder / 'squad' / 'dev-v1.1.json.gz'} (or give --squad or --nli)"), done.stderr
+
+
+def test_the_naming_a_command_gives_its_runtime_pickles_with_the_names_found_where_it_ran(monkeypatch):
+    """A review: scale's replicas named settings by their fields in their log (max_new_tokens, qa_adapter). Ray sends
+    the naming to each replica, so it pickles, and keeps the names found where the command ran (its options and
+    environment), not a replica's."""
+    import pickle
+
+    from service.cli.main import naming
+
+    monkeypatch.setenv("LORASWAP_MAX_QUEUE", "7")
+    named = pickle.dumps(naming(build_parser().parse_args(["scale", "--replicas", "1", "--max-batch", "3"])))
+    monkeypatch.delenv("LORASWAP_MAX_QUEUE")
+    assert pickle.loads(named)("max_batch 3 + max_queue 7; max_input_tokens 1024 of adapters_dir/x.max_rank") == (
+        "--max-batch 3 + LORASWAP_MAX_QUEUE 7; --max-input-tokens 1024 of adapters_dir/x.max_rank")
