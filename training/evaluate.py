@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from service.cli.command import UsageError, spare_inputs
+from service.cli.main import naming
 from service.engine.sampling import Decoding
 from service.engine.strategies import READ_BY
 from service.errors import AdapterError, InputTooLong, NonFiniteLogits, UnknownAdapter
@@ -46,7 +47,9 @@ def start_runtime(args: argparse.Namespace, folder: Path | None) -> Runtime:
     """The server's runtime (model, registry, engine, tasks), started, with ``folder`` (an adapter folder or None)
     among its adapter roots. Raises FileNotFoundError when ``--base-model`` is no model directory, UsageError for
     settings the base model cannot run (``--max-new-tokens`` leaving too few of its positions for a prompt, a
-    ``--max-batch`` whose KV cache cannot exist: ``runtime.check_settings_fit``, from its config before it loads)."""
+    ``--max-batch`` whose KV cache cannot exist: ``runtime.check_settings_fit``, from its config before it loads).
+    Its start's warnings and failure name the settings as ``args`` gave them (``main.naming``: ``--max-new-tokens``,
+    ``LORASWAP_MAX_INPUT_TOKENS``)."""
     settings = Settings(
         base_model=args.base_model, adapters_dir=args.adapters_dir, device=args.device, dtype=args.dtype,
         quantize=args.quantize, max_batch=args.max_batch, batch_window_ms=20,
@@ -57,7 +60,7 @@ def start_runtime(args: argparse.Namespace, folder: Path | None) -> Runtime:
         max_new_tokens=args.max_new_tokens, auto_merge=False,
         adapter_roots=[folder.resolve().parent] if folder is not None else [],
     )
-    rt = Runtime(settings)
+    rt = Runtime(settings, naming(args))
     try:
         rt.start()
     except ValueError as exc:  # the runtime's settings that cannot work (runtime.EXPECTED_START_FAILURES)

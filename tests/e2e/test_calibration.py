@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -88,6 +89,20 @@ def test_an_adapter_is_named_in_the_adapters_folder_and_a_card_that_is_not_json_
     with pytest.raises(SystemExit) as exited:
         run("calibrate", "--adapter", str(adapter), "--data-dir", str(data), "--base-model", str(tiny_llama_dir))
     assert exited.value.code == 2 and "card.json cannot be read" in capsys.readouterr().err
+
+
+def test_calibrates_start_warnings_name_its_settings_as_given(tiny_llama_dir, llama_adapters, tmp_path, caplog):
+    """A review: its runtime's warnings named Settings fields (nli_adapter, max_input_tokens), which calibrate takes
+    from their variables."""
+    card = {"examples": {"train": 30, "validation": 21, "dropped_too_long_or_bad_label": 0, "available": 51},
+            "hyperparameters": {"seed": 0}, "task": "nli"}
+    adapter = carded(llama_adapters["one"], tmp_path / "adapters" / "one", card)
+    caplog.set_level(logging.WARNING, logger="service.runtime")
+    run("calibrate", "--adapter", str(adapter), "--data-dir", str(data_folder(tmp_path / "data")), "--base-model",
+        str(tiny_llama_dir), "--adapters-dir", str(tmp_path / "adapters"))
+    warned = [record.getMessage() for record in caplog.records if record.name == "service.runtime"]
+    assert any(line.endswith("tokens, not LORASWAP_MAX_INPUT_TOKENS 1024") for line in warned), warned
+    assert any(line.startswith("LORASWAP_NLI_ADAPTER 'nli' is not registered") for line in warned), warned
 
 
 def test_a_folder_named_as_the_bare_base_is_calibrated_as_the_folder_it_is(tiny_llama_dir, llama_adapters, tmp_path,

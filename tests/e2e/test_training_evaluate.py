@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -206,3 +207,14 @@ def test_an_adapter_the_engine_refuses_is_a_usage_error_giving_the_reason(tiny_l
         "--data", str(nli_file(tmp_path / "nli.jsonl"))), before_the_model=False)
     assert line == (f"loraswap eval: error: adapter 'odd' in {adapters_dir} cannot be served: adapter lora_alpha nan "
                     "must be a finite number")
+
+
+def test_evals_start_warnings_name_its_settings_as_given(tiny_llama_dir, tmp_path, caplog):
+    """A review: eval's (and calibrate's: the same start) runtime warnings named Settings fields (max_new_tokens,
+    max_input_tokens), which eval takes from an option and a variable."""
+    caplog.set_level(logging.WARNING, logger="service.runtime")
+    run_eval(tiny_llama_dir, tmp_path, "--task", "nli", "--adapter", "none", "--data", str(nli_file(tmp_path / "nli")),
+             "--limit", "3", "--max-new-tokens", "12")
+    warned = [record.getMessage() for record in caplog.records if record.name == "service.runtime"]
+    assert ("--max-new-tokens 12 leaves 500 of the base model's 512 positions for a prompt: prompts are limited to 500 "
+            "tokens, not LORASWAP_MAX_INPUT_TOKENS 1024") in warned, warned
