@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from loadtest.host_memory import PeakRss, registered_memory
+from loadtest.host_memory import PeakRss, check_registered_room, registered_memory
 from loadtest.options import ALL_MODES, MOST_BENCH_BATCH, MOST_BENCH_RANK
 from loadtest.percentiles import percentiles
 from loadtest.stall import measure_stall
@@ -33,7 +33,7 @@ from service.engine.row_mapping import map_rows
 from service.engine.sampling import Decoding
 from service.engine.scheduler import Engine
 from service.lora.registry import AdapterRegistry
-from service.model.base_model import load_base, max_positions, pick_device
+from service.model.base_model import base_config, load_base, max_positions, pick_device, pick_dtype
 from service.model.cpu_threads import on_passing_thread
 from service.settings import Settings
 from training.train import preset_mismatch, resolve_targets
@@ -92,6 +92,8 @@ class Bench:
         self.device = pick_device(args.device)
         # a size the engine could not allocate, before the base loads (a review: --adapters 2**62 ran out of memory)
         check_room_for_prompts(self.settings, named=bench_named)
+        check_registered_room(args.registered, base_config(self.settings), args.rank,
+                              pick_dtype(args.dtype, self.device))
         self.plain, self.tokenizer = load_base(self.settings)
         positions = max_positions(self.plain)
         if args.prompt_tokens + args.new_tokens > positions:

@@ -1,5 +1,6 @@
 """Host memory for ``loraswap bench`` (Linux, from /proc/self): the process's resident set (RSS), how far it rose
-while a block ran (``PeakRss``), and how it grows with many adapters registered (``registered_memory``)."""
+while a block ran (``PeakRss``), and how it grows with many adapters registered (``registered_memory``, whose count
+``check_registered_room`` bounds by the host's memory before the base loads)."""
 from __future__ import annotations
 
 import gc
@@ -7,8 +8,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Self
 
 import torch
+from transformers import PretrainedConfig
 
 from loadtest.process_memory import proc_status
+from service.cli.command import UsageError
+from service.model.device_room import device_memory
 
 if TYPE_CHECKING:
     from service.lora.registry import AdapterRegistry
@@ -31,6 +35,21 @@ class PeakRss:
 def rss_bytes() -> int:
     """The process's resident set size now (VmRSS), in bytes."""
     return proc_status("VmRSS")
+
+
+def check_registered_room(count: int, config: PretrainedConfig, rank: int, dtype: torch.dtype) -> None:
+    """UsageError naming ``--registered`` where ``count`` adapters of ``rank`` registered for the memory check
+    (``registered_memory``: each holds its weights on the host, in ``dtype``) need more than the host's RAM and swap
+    (``device_room.device_memory``), found from the base model's ``config`` before it loads: each at least an A and a
+    B on one module of each layer that reads and writes the hidden state (both of bench's target presets adapt one),
+    ``rank`` x 2 x hidden size x layers x the dtype's bytes (a review: a huge count was taken, to fail only once the
+    timed modes had run)."""
+    each = rank * 2 * config.hidden_size * config.num_hidden_layers * dtype.itemsize
+    memory = device_memory(torch.device("cpu"))
+    if count * each > memory:
+        raise UsageError(f"--registered {count} needs at least {count} x {each} bytes (--rank {rank} x 2 x "
+                         f"{config.hidden_size} x {config.num_hidden_layers} layers x {dtype.itemsize} bytes) of host "
+                         f"memory, more than the {memory} bytes of RAM and swap this machine has; lower it")
 
 
 def registered_memory(registry: AdapterRegistry, name: str, source: Path, count: int, device: torch.device) -> dict:

@@ -61,7 +61,8 @@ def add_bench_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hot-loads", type=nonnegative(int), default=20,
                         help="timed hot-loads of an r=16 all-linear adapter (0 skips them and the stall check)")
     parser.add_argument("--registered", type=nonnegative(int), default=1000,
-                        help="adapters registered for the memory check (0 skips it)")
+                        help="adapters registered for the memory check (0 skips it); more than the host's RAM and "
+                        "swap can hold, found from the base's config, is a usage error before the base loads")
     parser.add_argument("--prefill-chunk", type=nonnegative(int), default=SettingDefault("prefill_chunk"),
                         help="the engine's --prefill-chunk (0: whole prompts; unset: the engine's default, 512 on the "
                         "CPU and 0 on a GPU)")

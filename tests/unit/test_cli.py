@@ -608,6 +608,20 @@ def test_bench_prompts_longer_than_the_models_positions_are_a_usage_error(tiny_l
     assert "--prompt-tokens 510 and --new-tokens 3 need more positions than the base model's 512" in error
 
 
+def test_bench_refuses_more_registered_adapters_than_the_host_holds_before_the_base_loads(tiny_llama_dir, capsys):
+    """A review: ``--registered`` had no bound; a count whose adapters no host could hold was taken, to fail only at
+    the memory check, after every mode was timed. The tiny Llama's (hidden size 64, 2 layers) are 8192 bytes each at
+    least (rank 8, float32). Prompts too long for the base, found once it loads, come second."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--base-model", str(tiny_llama_dir), "--device", "cpu", "--registered", HALF, "--prompt-tokens",
+              "510", "--new-tokens", "3", "--batch-sizes", "1"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Loading weights" not in err, err
+    assert err.startswith(f"loraswap bench: error: --registered {HALF} needs at least {HALF} x 8192 bytes (--rank 8 x "
+                          "2 x 64 x 2 layers x 4 bytes) of host memory, more than the "), err
+    assert err.endswith("bytes of RAM and swap this machine has; lower it\n") and err.count("\n") == 1, err
+
+
 def test_ctrl_c_ends_a_command_with_one_line_and_status_130(monkeypatch, capsys):
     """Ctrl-C during `loraswap eval` printed a traceback ending in KeyboardInterrupt."""
     import training.evaluate
