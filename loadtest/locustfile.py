@@ -14,7 +14,7 @@ from functools import cache
 
 from locust import HttpUser, between, task
 
-from training.data import data_dir, read_nli, read_squad
+from training.data import data_dir, naming_default_data, read_nli, read_squad
 
 DECODINGS = (
     {"strategy": "greedy"},
@@ -26,14 +26,18 @@ DECODINGS = (
 
 @cache
 def squad_rows() -> list[dict]:
-    """The SQuAD dev questions (``read_squad`` rows), read once. Raises FileNotFoundError when the file is absent."""
-    return read_squad(data_dir() / "squad" / "dev-v1.1.json.gz")
+    """The SQuAD dev questions (``read_squad`` rows), read once. Raises UsageError naming LORASWAP_DATA_DIR when the
+    file is absent (``naming_default_data``; a review: FileNotFoundError named neither)."""
+    with naming_default_data({}):
+        return read_squad(data_dir() / "squad" / "dev-v1.1.json.gz")
 
 
 @cache
 def nli_rows() -> list[dict]:
-    """The MNLI pairs, all splits (``read_nli`` rows), read once. Raises FileNotFoundError when the file is absent."""
-    return read_nli(data_dir() / "nli" / "mnli.jsonl.gz")
+    """The MNLI pairs, all splits (``read_nli`` rows), read once. Raises UsageError naming LORASWAP_DATA_DIR when the
+    file is absent (``naming_default_data``)."""
+    with naming_default_data({}):
+        return read_nli(data_dir() / "nli" / "mnli.jsonl.gz")
 
 
 def adapter_names(payload) -> list[str]:
@@ -48,7 +52,9 @@ class LoraswapUser(HttpUser):
     wait_time = between(0.05, 0.5)
 
     def on_start(self) -> None:
-        """Pick the adapters this user sends to: the environment's, else the server's, else the defaults."""
+        """Read the data (an absent file fails the user at its start, naming LORASWAP_DATA_DIR, not each of its
+        tasks), then pick the adapters this user sends to: the environment's, else the server's, else the defaults."""
+        squad_rows(), nli_rows()
         names = [n.strip() for n in os.environ.get("LORASWAP_LOADTEST_ADAPTERS", "").split(",") if n.strip()]
         if not names:
             with self.client.get("/adapters", name="/adapters", catch_response=True) as response:

@@ -27,13 +27,14 @@ from pathlib import Path
 import httpx
 from locust import User, constant, task
 
+from loadtest.checked.asks import ENDPOINTS, asks
 from loadtest.checked.options import nli_source
 from loadtest.checked.run import LoadConfig, run_load
 from loadtest.checked.server_view import Samples, increase, scrape
-from service.cli.command import output_file
+from service.cli.command import UsageError, output_file
 from service.scale.replica_metrics import REPLICA_LABEL
 from service.scale.routing import REPLICA_HEADER
-from training.data import TASK_EVAL_FILES, data_dir
+from training.data import TASK_EVAL_FILES, data_dir, naming_default_data
 
 ADMIN_KEY = "scale-routing-bench"
 ROUTINGS = ("multiplexed", "round-robin")
@@ -108,14 +109,28 @@ def affinity(before: Samples, after: Samples) -> dict:
     return {**figures(), "by_replica": {replica: figures(**{REPLICA_LABEL: replica}) for replica in replicas}}
 
 
-def run_routing(routing: str, args: argparse.Namespace, root: Path) -> dict:
-    """One routing: the scaled service up, the zipf load test against it, the service down; its figures."""
+Data = tuple[Path, tuple[Path, tuple[str, ...] | None]]  # the SQuAD file, the NLI file and its MNLI splits kept
+
+
+def default_data() -> Data:
+    """The files of the data folder the load test asks from, read once here (``asks``), so that an absent one is a
+    usage error naming LORASWAP_DATA_DIR (``naming_default_data``) before any ``loraswap scale`` starts (a review:
+    FileNotFoundError's traceback, naming no variable, once the first had started)."""
+    squad, nli = data_dir() / TASK_EVAL_FILES["squad"][0], nli_source(None)
+    with naming_default_data({}):
+        asks(squad, nli, len(ENDPOINTS), 1)  # a request of each endpoint
+    return squad, nli
+
+
+def run_routing(routing: str, args: argparse.Namespace, root: Path, data: Data) -> dict:
+    """One routing: the scaled service up, the zipf load test against it on ``data``, the service down; its
+    figures."""
     host = f"http://127.0.0.1:{args.port}"
     scrapes: dict[str, Samples] = {}
     with scaled(routing, args, root):
         report = run_load(LoadConfig(
             scenario="zipf", users=args.users, duration_s=args.duration, host=host, admin_key=ADMIN_KEY,
-            adapter_root=root, squad=data_dir() / TASK_EVAL_FILES["squad"][0], nli=nli_source(None), source="squad",
+            adapter_root=root, squad=data[0], nli=data[1], source="squad",
             adapters=args.adapters, prompts=args.prompts, new_tokens=args.new_tokens, seed=args.seed),
             extra_users=[scrapes_user(host, scrapes)])
     kept = ("requests", "failures", "wrong", "server_errors", "rejected_429", "rps", "p50_ms", "p95_ms", "p99_ms")
@@ -152,9 +167,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8765, help="the port the service listens on")
     parser.add_argument("--routings", default=",".join(ROUTINGS), help="the routings to run, in order")
     args = parser.parse_args(argv)
+    try:
+        data = default_data()
+    except UsageError as exc:
+        parser.error(str(exc))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with tempfile.TemporaryDirectory(prefix="scale-routing-") as root:
-        results = {routing: run_routing(routing, args, Path(root)) for routing in args.routings.split(",")}
+        results = {routing: run_routing(routing, args, Path(root), data) for routing in args.routings.split(",")}
     args.json.write_text(json.dumps({"settings": vars(args) | {"json": str(args.json)}, "results": results},
                                     indent=1))
     print(table(results))

@@ -45,17 +45,18 @@ def naming_default_data(given: dict[str, object]):
     its data options, ``given`` (option: its value), gave none (None) as a UsageError naming what set the folder and
     what to set instead: ``LORASWAP_DATA_DIR PATH: No such file or directory: FILE (or give --data-dir)``, or, the
     variable unset, ``the default data folder PATH: ...: give --data-dir or set LORASWAP_DATA_DIR`` (a review: the
-    path alone was said, naming no option or variable)."""
+    path alone was said, naming no option or variable). ``given`` empty: a program with no data option, whose data
+    the variable alone places (``... (or give ...)`` and ``give ... or`` left out)."""
     try:
         yield
     except FileNotFoundError as exc:
         root, failed = data_dir(), Path(exc.filename or "")
         unset = " or ".join(option for option, value in given.items() if value is None)
-        if not unset or exc.filename is None or (failed != root and root not in failed.parents):
+        if (given and not unset) or exc.filename is None or (failed != root and root not in failed.parents):
             raise
-        env = os.environ.get("LORASWAP_DATA_DIR")
-        where, hint = ((f"LORASWAP_DATA_DIR {env}", f" (or give {unset})") if env else
-                       (f"the default data folder {root}", f": give {unset} or set LORASWAP_DATA_DIR"))
+        env, give = os.environ.get("LORASWAP_DATA_DIR"), f"give {unset}" if unset else ""
+        where, hint = ((f"LORASWAP_DATA_DIR {env}", f" (or {give})" if give else "") if env else
+                       (f"the default data folder {root}", f": {give + ' or ' if give else ''}set LORASWAP_DATA_DIR"))
         raise UsageError(f"{where}: {exc.strerror}: {exc.filename}{hint}") from None
 
 

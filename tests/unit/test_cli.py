@@ -1013,6 +1013,25 @@ def test_loadtest_without_its_default_data_names_the_options_and_the_variable(tm
         f"{folder / 'squad' / 'dev-v1.1.json.gz'} (or give --squad or --nli)"), done.stderr
 
 
+def test_scale_routing_and_the_locustfile_without_their_data_name_the_variable(tmp_path):
+    """A review: both read the data folder's files, absent, with FileNotFoundError's traceback naming no variable,
+    scale_routing once its first ``loraswap scale`` had started. Now LORASWAP_DATA_DIR is named, by scale_routing in a
+    usage error before any scale starts (one with its --base-model, absent, would end at once, as here on the old
+    code). In processes of their own: locust's gevent patches this one's ssl."""
+    if importlib.util.find_spec("locust") is None:  # not imported here: its gevent patches this process's ssl
+        pytest.skip('needs locust: pip install -e ".[loadtest]"')
+    folder = tmp_path / "no_data"
+    env = {**os.environ, "LORASWAP_DATA_DIR": str(folder), "CUDA_VISIBLE_DEVICES": ""}
+    absent = f"LORASWAP_DATA_DIR {folder}: No such file or directory: {folder / 'squad' / 'dev-v1.1.json.gz'}"
+    routing = subprocess.run([sys.executable, "-m", "loadtest.scale_routing", "--json", str(tmp_path / "r.json"),
+                              "--base-model", str(tmp_path / "no_model"), "--port", "8402"],
+                             env=env, capture_output=True, text=True, timeout=300)
+    assert routing.returncode == 2 and routing.stderr.splitlines()[-1].endswith(f": error: {absent}"), routing.stderr
+    rows = subprocess.run([sys.executable, "-c", "from loadtest.locustfile import squad_rows; squad_rows()"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert rows.stderr.splitlines()[-1] == f"service.cli.command.UsageError: {absent}", rows.stderr
+
+
 def test_the_naming_a_command_gives_its_runtime_pickles_with_the_names_found_where_it_ran(monkeypatch):
     """A review: scale's replicas named settings by their fields in their log (max_new_tokens, qa_adapter). Ray sends
     the naming to each replica, so it pickles, and keeps the names found where the command ran (its options and
