@@ -1,6 +1,6 @@
 """What ``loraswap scale`` checks before Ray starts, so that settings no replica could start with are one usage error,
 not a replica's traceback on each replica (or a wait without end): serve's own checks where the replicas run here, the
-base model's room for a prompt, and that a cluster's address answers."""
+base model's room for a prompt, and that a cluster's address is a Ray head this environment can join."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +12,9 @@ from urllib.parse import urlsplit
 from service.cli.command import UsageError, check_room_for_prompts, check_server_start
 from service.settings import Settings, known_host
 
-CONNECT_TIMEOUT_S = 5.0  # for the head of the cluster --address names to accept a connection, and then gRPC's
+CONNECT_TIMEOUT_S = 5.0  # for the head of the cluster --address names to accept a connection, then gRPC's, each call
+GCS_SERVICE = "ray.rpc.NodeInfoGcsService"  # a gRPC service a Ray head's GCS serves, and no raylet
+CLUSTER_ID_CALL = f"/{GCS_SERVICE}/GetClusterId"  # the GCS's first call of ray.init: refused without a token
 MOST_ONGOING = 2**31 - 1  # Ray Serve's max_ongoing_requests: a 32-bit integer (its DeploymentConfig proto)
 
 
@@ -77,9 +79,9 @@ def check_ongoing(settings: Settings, replicas: int) -> None:
 
 def check_address(address: str | None) -> None:
     """UsageError where ``address`` names a head (``HOST:PORT``, or with a scheme, ``ray://HOST:PORT``) that accepts
-    no connection within ``CONNECT_TIMEOUT_S`` (ray.init tried for over a minute, then raised a traceback), or one
-    that does not speak gRPC (``speaks_grpc``: ray.init waited for minutes); None, ``auto`` and ``local`` pass
-    (ray.init finds or starts the cluster)."""
+    no connection within ``CONNECT_TIMEOUT_S`` (ray.init tried for over a minute, then raised a traceback), is no Ray
+    head, or one whose token authentication this environment would not pass (``check_head``); None, ``auto`` and
+    ``local`` pass (ray.init finds or starts the cluster)."""
     if address in (None, "auto", "local"):
         return
     try:
@@ -94,9 +96,7 @@ def check_address(address: str | None) -> None:
         socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
     except OSError as exc:
         raise no_cluster(address, exc.strerror or str(exc)) from None
-    if not speaks_grpc(host, port):
-        raise no_cluster(address, f"it accepts a connection, but no gRPC one within {CONNECT_TIMEOUT_S:g} s, as a "
-                         "Ray head does")
+    check_head(address, host, port, client=parts.scheme == "ray")
 
 
 def not_an_address(address: str) -> UsageError:
@@ -110,19 +110,63 @@ def no_cluster(address: str, why: str) -> UsageError:
                       "address, and --address auto finds one started on this machine")
 
 
-def speaks_grpc(host: str, port: int) -> bool:
-    """Whether ``host``:``port`` opens a gRPC channel (HTTP/2's handshake) within ``CONNECT_TIMEOUT_S``, as a Ray head
-    does (its GCS, and its Ray Client server, are gRPC servers), with grpcio's public ``channel_ready_future``: no
-    call, so no check of Ray's health or its token. True without asking where Ray's gRPC runs over TLS
-    (``RAY_USE_TLS``: this insecure channel could not open). Ray itself offers no public call that tells its head
-    from another server quickly (ray.init retries for minutes; ``ray health-check`` is not public)."""
+def check_head(address: str, host: str, port: int, client: bool) -> None:
+    """UsageError where ``host``:``port`` of ``address`` is no Ray head this environment can join, found within
+    ``CONNECT_TIMEOUT_S`` a call, with gRPC's public protocols (and, for the token, the GCS's own first call of
+    ray.init): it opens no gRPC channel (HTTP/2's handshake: grpcio's
+    ``channel_ready_future``; ray.init waited for minutes); for a GCS address (not a Ray ``client``'s, ``ray://``,
+    whose server is Ray Client's), its gRPC server reflection lists no ``GCS_SERVICE`` (``lists_gcs``: a raylet's
+    port, or another gRPC server, where ray.init waited long), or it refuses calls without a token where RAY_AUTH_MODE
+    is not token (``needs_token``: ray.init failed with InvalidAuthToken some 20 s later). Nothing is checked where
+    Ray's gRPC runs over TLS (``RAY_USE_TLS``: this insecure channel could not open). The standard health check
+    cannot tell a GCS: Ray's servers report the server's overall status alone (measured on Ray 2.60: SERVING on the
+    GCS and on a raylet, NOT_FOUND for any service name)."""
     if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
-        return True
+        return
     import grpc  # Ray Serve's dependency
 
     with grpc.insecure_channel(f"{host}:{port}", options=[("grpc.enable_http_proxy", 0)]) as channel:  # as Ray's
         try:
             grpc.channel_ready_future(channel).result(timeout=CONNECT_TIMEOUT_S)
         except grpc.FutureTimeoutError:
-            return False
-    return True
+            raise no_cluster(address, f"it accepts a connection, but no gRPC one within {CONNECT_TIMEOUT_S:g} s, as "
+                             "a Ray head does") from None
+        if client:
+            return
+        if not lists_gcs(channel):
+            raise no_cluster(address, f"it answers gRPC, but its server reflection lists no {GCS_SERVICE}, as a Ray "
+                             "head's GCS does: a raylet's port, or another server")
+        if os.environ.get("RAY_AUTH_MODE", "").lower() != "token" and needs_token(channel):
+            raise UsageError(f"--address {address}: the Ray cluster there takes only token-authenticated calls, and "
+                             "RAY_AUTH_MODE is not token here: set RAY_AUTH_MODE=token (Ray then sends the token of "
+                             "~/.ray/auth_token)")
+
+
+def lists_gcs(channel) -> bool:
+    """Whether the gRPC server of ``channel`` lists ``GCS_SERVICE`` among its services (gRPC server reflection, which
+    every Ray server enables and answers without a token; grpcio-reflection is Ray Serve's dependency). False for a
+    server without reflection."""
+    import grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    asked = iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+    try:
+        replies = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(asked,
+                                                                                         timeout=CONNECT_TIMEOUT_S)
+        return any(service.name == GCS_SERVICE for reply in replies
+                   for service in reply.list_services_response.service)
+    except grpc.RpcError:  # UNIMPLEMENTED: no reflection; DEADLINE_EXCEEDED
+        return False
+
+
+def needs_token(channel) -> bool:
+    """Whether the GCS of ``channel`` refuses ``CLUSTER_ID_CALL`` (an empty request, sent without a token) as
+    unauthenticated: its token authentication is on. Any other answer (the cluster's id, or an error: a Ray that
+    renamed the call) is not taken as a refusal."""
+    import grpc
+
+    try:
+        channel.unary_unary(CLUSTER_ID_CALL)(b"", timeout=CONNECT_TIMEOUT_S)
+    except grpc.RpcError as exc:
+        return exc.code() == grpc.StatusCode.UNAUTHENTICATED
+    return False

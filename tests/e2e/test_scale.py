@@ -303,3 +303,26 @@ def test_a_second_run_on_the_cluster_is_refused_before_deploying_and_leaves_the_
     assert serve.status().applications["loraswap"].last_deployed_time_s == deployed
     assert scaled.get("/ready").status_code == 200
 
+
+
+def test_an_address_of_a_raylet_or_of_a_token_authenticated_head_without_ray_auth_mode_is_refused_at_once(
+        scaled, monkeypatch):
+    """A review: a raylet's port passed the gRPC check, and ray.init waited long; a head with token authentication
+    (Ray 2.60's default) addressed without RAY_AUTH_MODE=token failed some 20 s later with InvalidAuthToken. Now the
+    head's own gRPC server tells: its reflection lists the GCS's service (a raylet's does not), and it refuses a call
+    without a token; the head passes where RAY_AUTH_MODE=token is set."""
+    from service.cli.command import UsageError
+    from service.scale.preflight import check_address
+
+    head = ray.get_runtime_context().gcs_address
+    node = next(node for node in ray.nodes() if node["Alive"])
+    raylet = f"{node['NodeManagerAddress']}:{node['NodeManagerPort']}"
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    check_address(head)
+    with pytest.raises(UsageError, match=f"--address {raylet}: no Ray cluster answers there .*lists no "
+                       "ray.rpc.NodeInfoGcsService"):
+        check_address(raylet)
+    monkeypatch.delenv("RAY_AUTH_MODE")
+    with pytest.raises(UsageError, match=f"--address {head}: the Ray cluster there takes only token-authenticated "
+                       "calls, and RAY_AUTH_MODE is not token here: set RAY_AUTH_MODE=token"):
+        check_address(head)

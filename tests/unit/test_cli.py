@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -923,6 +924,37 @@ def test_scale_refuses_what_no_replica_could_start_with_before_ray_starts(more, 
     err = capsys.readouterr().err
     assert exit_.value.code == 2, err
     assert err.startswith(f"loraswap scale: error: {message.format(**ports)}") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("listed", [None, ("ray.rpc.NodeManagerService",)], ids=["no-reflection", "raylet-like"])
+def test_scale_refuses_a_grpc_server_that_is_no_ray_head_before_ray_starts(listed, tiny_llama_dir, monkeypatch,
+                                                                          capsys):
+    """A review: a gRPC server that is no Ray head (a raylet's port, whose reflection lists its own services; any
+    other) opened the gRPC channel the check waited for, and ray.init then waited long. Its server reflection lists
+    no GCS service: a usage error saying so."""
+    pytest.importorskip("ray.serve", reason='needs Ray Serve: pip install -e ".[scale]"')
+    import grpc
+    from grpc_reflection.v1alpha import reflection
+
+    from service.scale import app
+
+    monkeypatch.setattr(app, "serve_scaled", lambda *args: pytest.fail("Ray started"))
+    server = grpc.server(ThreadPoolExecutor(max_workers=2))
+    if listed is not None:
+        reflection.enable_server_reflection([*listed, reflection.SERVICE_NAME], server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            main(["scale", "--replicas", "1", "--base-model", str(tiny_llama_dir), "--device", "cpu", "--address",
+                  f"127.0.0.1:{port}"])
+    finally:
+        server.stop(None)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"loraswap scale: error: --address 127.0.0.1:{port}: no Ray cluster answers there (it "
+                          "answers gRPC, but its server reflection lists no ray.rpc.NodeInfoGcsService, as a Ray "
+                          "head's GCS does: a raylet's port, or another server)"), err
 
 
 def test_scale_with_no_cluster_at_the_address_is_a_usage_error(tiny_llama_dir, monkeypatch, capsys):
