@@ -9,8 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from service.cli.command import UsageError, spare_inputs
-from service.cli.main import naming
+from service.cli.command import UsageError, naming, spare_inputs
 from service.engine.sampling import Decoding
 from service.engine.strategies import READ_BY
 from service.errors import AdapterError, InputTooLong, NonFiniteLogits, UnknownAdapter
@@ -48,7 +47,7 @@ def start_runtime(args: argparse.Namespace, folder: Path | None) -> Runtime:
     among its adapter roots. Raises FileNotFoundError when ``--base-model`` is no model directory, UsageError for
     settings the base model cannot run (``--max-new-tokens`` leaving too few of its positions for a prompt, a
     ``--max-batch`` whose KV cache cannot exist: ``runtime.check_settings_fit``, from its config before it loads).
-    Its start's warnings and failure name the settings as ``args`` gave them (``main.naming``: ``--max-new-tokens``,
+    Its start's warnings and failure name the settings as ``args`` gave them (``command.naming``: ``--max-new-tokens``,
     ``LORASWAP_MAX_INPUT_TOKENS``)."""
     settings = Settings(
         base_model=args.base_model, adapters_dir=args.adapters_dir, device=args.device, dtype=args.dtype,

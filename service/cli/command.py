@@ -26,6 +26,7 @@ from service.settings import (
     known_host,
     setting,
     usable_path,
+    worded,
 )
 
 
@@ -101,6 +102,31 @@ def given_as(args: argparse.Namespace, name: str) -> str:
     if not read or (variable not in os.environ and name in getattr(args, "setting_options", ())):
         return flag(name)
     return variable
+
+
+@dataclass(frozen=True)
+class SettingNames:
+    """A text with each Settings field it names (``max_new_tokens 500 leaves ...``, as the runtime's checks say it:
+    ``settings.worded``) named as ``given`` names it (field: ``--max-new-tokens`` or ``LORASWAP_MAX_NEW_TOKENS``). The
+    names are found once, where the command runs (``naming``), so that they pickle and still say what its command
+    line and environment gave: Ray sends them to each replica of ``scale`` (a review: replicas named fields)."""
+
+    given: dict[str, str]
+
+    def __call__(self, text: str) -> str:
+        return worded(text, self.given.__getitem__)
+
+
+def as_given(text: str, args: argparse.Namespace) -> str:
+    """``text`` with each Settings field it names named as ``given_as`` names it (``--max-new-tokens 500 leaves ...``:
+    ``naming``)."""
+    return naming(args)(text)
+
+
+def naming(args: argparse.Namespace) -> SettingNames:
+    """Each Settings field named as ``given_as`` names it for ``args``: how the runtime a command starts names them in
+    its log and its reasons (``Runtime``'s ``named``), on this machine or on a replica of ``scale``."""
+    return SettingNames({name: given_as(args, name) for name in Settings.model_fields})
 
 
 def interrupt(signum: int, frame) -> None:
@@ -234,7 +260,7 @@ def check_room_for_prompts(settings: Settings, here: bool = True, named: Callabl
     an ``answer_stride`` too long, a ``max_batch`` whose KV cache cannot exist, past 64 bits or, ``here``, past the
     device's memory) or a base model it cannot read, found from the base model's config, not its weights: ``serve``
     and ``scale`` refuse such settings before the model loads. ``named``: the message with its settings named as the
-    user gave them (``main.naming``); ``convert``: as ``runtime.check_settings_fit`` takes it."""
+    user gave them (``naming``); ``convert``: as ``runtime.check_settings_fit`` takes it."""
     from service.runtime import check_settings_fit
 
     try:

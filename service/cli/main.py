@@ -11,7 +11,6 @@ import argparse
 import logging
 import re
 import signal
-from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -21,11 +20,13 @@ from pydantic_settings import SettingsError
 from service.cli.command import (
     Command,
     UsageError,
+    as_given,
     check_room_for_prompts,
     check_server_start,
     flag,
     given_as,
     interrupt,
+    naming,
     output_file,
     read_setting_defaults,
     regular_file,
@@ -34,7 +35,7 @@ from service.cli.command import (
 from service.cli.settings_options import add_settings_arguments, settings_from
 from service.errors import AdapterError, TemplateRefused, UnsafeEnvironment
 from service.model import server_process
-from service.settings import Settings, worded
+from service.settings import Settings
 
 COMMAND_GROUP = "loraswap.commands"  # the entry-point group of subcommands (pyproject.toml)
 
@@ -178,31 +179,6 @@ def os_error(exc: OSError, args: argparse.Namespace) -> str:
             if str(value) not in (".", "") and Path(value) in failed.parents:
                 return f"{option} {value}: {exc.strerror}: {exc.filename}"
     return str(exc)
-
-
-@dataclass(frozen=True)
-class SettingNames:
-    """A text with each Settings field it names (``max_new_tokens 500 leaves ...``, as the runtime's checks say it:
-    ``settings.worded``) named as ``given`` names it (field: ``--max-new-tokens`` or ``LORASWAP_MAX_NEW_TOKENS``). The
-    names are found once, where the command runs (``naming``), so that they pickle and still say what its command
-    line and environment gave: Ray sends them to each replica of ``scale`` (a review: replicas named fields)."""
-
-    given: dict[str, str]
-
-    def __call__(self, text: str) -> str:
-        return worded(text, self.given.__getitem__)
-
-
-def as_given(text: str, args: argparse.Namespace) -> str:
-    """``text`` with each Settings field it names named as ``given_as`` names it (``--max-new-tokens 500 leaves ...``:
-    ``naming``)."""
-    return naming(args)(text)
-
-
-def naming(args: argparse.Namespace) -> SettingNames:
-    """Each Settings field named as ``given_as`` names it for ``args``: how the runtime a command starts names them in
-    its log and its reasons (``Runtime``'s ``named``), on this machine or on a replica of ``scale``."""
-    return SettingNames({name: given_as(args, name) for name in Settings.model_fields})
 
 
 def field_name(loc: tuple, model: str, args: argparse.Namespace) -> str:

@@ -43,7 +43,7 @@ class ScaleConfig:
 def build_app(settings: Settings, config: ScaleConfig, named: Callable[[str], str] = str) -> Application:
     """The router (ingress, no CPU reserved: it only reads and forwards) bound to ``config.replicas`` replicas of
     loraswap with ``settings``, naming them in their log and their reasons as ``named`` does (``Runtime``'s: the
-    command's ``main.naming``, which pickles, as Ray sends it to each replica). A replica takes as many requests at
+    command's ``command.naming``, which pickles, as Ray sends it to each replica). A replica takes as many requests at
     once as its engine batches and queues (``max_batch`` + ``max_queue``; past the queue it answers 429 itself); the
     router as many as all of them."""
     if config.routing not in ROUTINGS:

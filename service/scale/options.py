@@ -42,7 +42,7 @@ def run_scale(args: argparse.Namespace) -> None:
     from service.scale.preflight import check_scale
 
     check_scale(settings, args)
-    from service.cli.main import naming
+    from service.cli.command import naming
     from service.scale.app import ScaleConfig, serve_scaled
 
     serve_scaled(settings, ScaleConfig(args.replicas, args.routing, args.replica_cpus, args.replica_gpus, args.address),

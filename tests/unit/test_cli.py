@@ -1070,7 +1070,7 @@ def test_the_naming_a_command_gives_its_runtime_pickles_with_the_names_found_whe
     environment), not a replica's."""
     import pickle
 
-    from service.cli.main import naming
+    from service.cli.command import naming
 
     monkeypatch.setenv("LORASWAP_MAX_QUEUE", "7")
     named = pickle.dumps(naming(build_parser().parse_args(["scale", "--replicas", "1", "--max-batch", "3"])))
