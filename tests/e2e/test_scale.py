@@ -32,7 +32,10 @@ ADAPTERS = ("one", "two", "three", "four")
 REPLICAS = 2
 ROUNDS = 4  # requests per adapter and route after the first
 QUESTIONS = ("Which NFL team won Super Bowl 50?", "Where was the game played?", "Who lost?", "When was it?")
-ROUTING_DELAY_S = 1.0  # Ray Serve's routers learn which replica holds an adapter within this (0.1 s pushes)
+# Ray Serve's routers learn which replica holds an adapter within this (0.1 s pushes, then the controller's long
+# poll): a sleep, as no public state says what they know (serve.status() and its replica details name no model
+# ids; the request router's RunningReplica.multiplexed_model_ids lives in the router deployment's process)
+ROUTING_DELAY_S = 1.0
 REPLACEMENT_TIMEOUT_S = 120  # for Ray Serve to replace a replica killed (a new process loading the model)
 TAKE_DOWN_TIMEOUT_S = 60  # for `loraswap scale` to take the application and its Ray down (about 10 s on 2 cores)
 SECOND_RUN_TIMEOUT_S = 180  # for a `loraswap scale` refused on a cluster to end (torch and Ray load, then it joins)
