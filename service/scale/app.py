@@ -19,7 +19,7 @@ from service.scale.options import ROUTINGS
 from service.scale.replica import ROUTER_NAME, LoraswapReplica
 from service.scale.round_robin import RoundRobinRouter
 from service.scale.router import Router
-from service.settings import Settings
+from service.settings import Settings, worded
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class ScaleConfig:
     address: str | None = None
 
 
-def build_app(settings: Settings, config: ScaleConfig, named: Callable[[str], str] = str) -> Application:
+def build_app(settings: Settings, config: ScaleConfig, named: Callable[[str], str] = worded) -> Application:
     """The router (ingress, no CPU reserved: it only reads and forwards) bound to ``config.replicas`` replicas of
     loraswap with ``settings``, naming them in their log and their reasons as ``named`` does (``Runtime``'s: the
     command's ``command.naming``, which pickles, as Ray sends it to each replica). A replica takes as many requests at
@@ -110,7 +110,7 @@ def init_ray(address: str | None) -> None:
         raise KeyboardInterrupt(signal.Signals(held[0]).name)
 
 
-def serve_scaled(settings: Settings, config: ScaleConfig, named: Callable[[str], str] = str) -> None:
+def serve_scaled(settings: Settings, config: ScaleConfig, named: Callable[[str], str] = worded) -> None:
     """Serve the HTTP API on ``settings.host``:``settings.port`` from ``config.replicas`` replicas (naming their
     settings as ``named`` does: ``build_app``) until interrupted
     (Ctrl-C or SIGTERM at any point, even where the shell started it with SIGINT ignored), then take the application

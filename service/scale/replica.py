@@ -28,7 +28,7 @@ from service.runtime import Runtime
 from service.scale.adapter_changes import Follower
 from service.scale.exchange import HttpReply, HttpRequest, collected, exchange
 from service.scale.routing import NO_ADAPTER, REPLICA_HEADER
-from service.settings import Settings
+from service.settings import Settings, worded
 
 ROUTER_NAME = "Router"  # the router's deployment, which keeps the log of admin changes
 
@@ -44,7 +44,7 @@ class LoraswapReplica:
     """A Ray Serve deployment class: one loraswap runtime, started (model and adapters loaded) before the replica
     takes requests. Its methods are called through the router's deployment handle."""
 
-    def __init__(self, settings: Settings, named: Callable[[str], str] = str):
+    def __init__(self, settings: Settings, named: Callable[[str], str] = worded):
         """``named``: as ``Runtime`` takes it (``scale``'s names its settings as its command line gave them)."""
         self.runtime = Runtime(settings, named)
         self.runtime.start()  # raises what stops the service from starting: Ray Serve then fails the replica
