@@ -16,6 +16,8 @@ ENV TORCH_INDEX=https://download.pytorch.org/whl/cpu
 
 # hadolint ignore=DL3006
 FROM base-${VARIANT}
+# a user of its own to serve as (USER below), named by its uid: Kubernetes' runAsNonRoot can check only a numeric one
+RUN useradd --create-home --uid 10001 loraswap
 COPY --from=ghcr.io/astral-sh/uv:0.12.19 /uv /usr/local/bin/uv
 ENV PYTHONUNBUFFERED=1 \
     UV_PYTHON_INSTALL_DIR=/opt/python \
@@ -50,12 +52,13 @@ ENV HF_HUB_OFFLINE=1 \
     LORASWAP_ADAPTERS_DIR=/app/adapters \
     LORASWAP_CACHE_DIR=/app/cache
 
-# a user of its own, named by its uid (Kubernetes' runAsNonRoot can check only a numeric one); the embedded SmolLM2
-# converted to its safetensors cache now, so a container serves in seconds
-RUN useradd --create-home --uid 10001 loraswap && mkdir /app/cache && chown loraswap /app/cache
-USER 10001
+# the embedded SmolLM2 converted to its safetensors cache now, so a container serves in seconds; root's, as every other
+# file of the image: the server only reads it, and may not change the weights it serves. Readable by all: safetensors
+# writes the weights' file for its owner alone (0600)
 RUN python -c "from service.model.base_model import resolve_base_dir; from service.settings import Settings; \
-settings = Settings(); resolve_base_dir(settings.base_model, settings.cache_dir)"
+settings = Settings(); resolve_base_dir(settings.base_model, settings.cache_dir)" \
+ && chmod -R a+rX "$LORASWAP_CACHE_DIR"
+USER 10001
 
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -19,8 +20,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
+from safetensors.torch import save_file
 
 from service.settings import Settings
 from tests.e2e.test_live_server import free_port
@@ -256,16 +259,33 @@ def test_the_dockerfile_sets_settings_that_exist_and_serves_as_a_user_in_both_va
     assert instructions[-1] == ("CMD", '["loraswap", "serve"]')
 
 
+def test_the_image_files_are_root_s_and_its_user_only_reads_them():
+    """Every instruction that writes the image's files (RUN, COPY, ADD) runs before the last USER, as root, and none
+    hands a file to the serving user (chown, --chown): the server cannot change its code, adapters or the converted
+    base it serves. A replay of the CPU build in a chroot found the cache (/app/cache, 540 MB of weights) the user's."""
+    instructions = dockerfile()
+    last_user = max(index for index, (keyword, _) in enumerate(instructions) if keyword == "USER")
+    assert [keyword for keyword, _ in instructions[last_user:] if keyword in ("RUN", "COPY", "ADD")] == []
+    assert [arguments for _, arguments in instructions if re.search(r"\bchown\b|--chown", arguments)] == []
+
+
 def test_the_image_build_step_and_health_check_run(live, tiny_llama_dir, tmp_path):
-    """The build step that converts the base runs (here on the tiny Llama, a model directory given); the health check
-    passes against a ready server and fails where none listens."""
+    """The build step that converts the base runs (here on the tiny Llama, a model directory given; the embedded base
+    is converted as this, into the cache folder) and leaves every file in the cache folder readable by all, as the
+    image's user reads it (safetensors writes its weights for their owner alone); the health check passes against a
+    ready server and fails where none listens."""
     [step] = [arguments for keyword, arguments in dockerfile() if keyword == "RUN" and arguments.startswith("python")]
     [check] = [json.loads(arguments.split(" CMD ", 1)[1]) for keyword, arguments in dockerfile()
                if keyword == "HEALTHCHECK"]  # exec form: no shell in between
     assert "/ready" in check[-1]
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "LORASWAP_BASE_MODEL": str(tiny_llama_dir), "LORASWAP_CACHE_DIR": str(tmp_path)}
+    (tmp_path / "model").mkdir()  # a converted cache's weights, as save_pretrained writes them (mode 0600)
+    save_file({"weight": torch.zeros(2)}, tmp_path / "model" / "model.safetensors")
     assert subprocess.run(["sh", "-c", step], env=env, cwd=ROOT, timeout=120).returncode == 0
+    modes = {path.name: path.stat().st_mode for path in [tmp_path, *tmp_path.rglob("*")]}
+    assert {name: oct(mode) for name, mode in modes.items() if mode & 0o444 != 0o444 or
+            (stat.S_ISDIR(mode) and mode & 0o111 != 0o111)} == {}
     ready = subprocess.run(check, env={**env, "LORASWAP_PORT": str(live.port)}, timeout=30)
     assert ready.returncode == 0
     nobody = subprocess.run(check, env={**env, "LORASWAP_PORT": str(free_port())}, timeout=30,
