@@ -199,11 +199,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             settings = settings_from(args)
+            if argv is None:  # this process is the server from its start (not a caller's, as in tests): readied
+                server_process.prepare(settings.quantize)  # before the checks import torch and peft (it starts again)
             check_server_start(settings, args)
             # the embedded base is not converted here: its first conversion runs while /health answers
             check_room_for_prompts(settings, named=naming(args), convert=False)
-            if argv is None:  # this process is the server from its start (not a caller's, as in tests)
-                server_process.prepare(settings.quantize)
             from service.http.server import serve
 
             serve(settings, naming(args))

@@ -80,3 +80,29 @@ def test_the_other_commands_of_a_full_precision_base_go_without_bitsandbytes(mon
     with pytest.raises(SystemExit) as exited:  # no such base: a usage error once the command runs
         cli_main.main(["eval", "--task", "nli", "--adapter", "none", "--base-model", str(tmp_path / "none"), *flags])
     assert exited.value.code == 2 and bool(calls) == called
+
+
+HEAVY = ("torch", "transformers", "peft", "bitsandbytes")
+# `loraswap serve` as its own process, up to its server: what was imported when it started again (without the tcache),
+# and whether bitsandbytes is in the server (the server module replaced by one that reports and returns)
+READIED = """
+import sys, types
+from service.model import server_process
+heavy = {heavy!r}
+server_process.restart_without_tcache = lambda: print("restart:", [name for name in heavy if name in sys.modules])
+sys.modules["service.http.server"] = types.SimpleNamespace(
+    serve=lambda settings, named: print("serve:", sys.modules.get("bitsandbytes") is not None))
+sys.argv = ["loraswap", "serve", "--base-model", {base!r}, "--device", "cpu"]
+import service.cli.main
+service.cli.main.main()
+"""
+
+
+def test_the_server_starts_again_before_serve_s_checks_import_torch(tiny_llama_dir):
+    """serve's checks of the settings (the device, oneDNN's environment, the base's config) import torch, transformers
+    and peft, and peft bitsandbytes: run before the restart without the tcache, as they were, every start imported
+    them twice (the CPU image replayed in a chroot on a busy 2-core machine: 25 s to ready, 11-16 s without), and the
+    server kept bitsandbytes and its warning on a full-precision base."""
+    code = READIED.format(heavy=HEAVY, base=str(tiny_llama_dir))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.splitlines() == ["restart: []", "serve: False"]
