@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse
 from fastapi.sse import EventSourceResponse
 from starlette.background import BackgroundTask
@@ -31,7 +30,9 @@ from service.http.routes import (
     served_adapter,
     serving,
     serving_replies,
+    token_budget,
     unless_disconnected,
+    within,
 )
 from service.http.schemas import ChatCompletionIn, CompletionIn, LoraAdapterIn, LoraNameIn, OpenAIErrorOut, OpenAIIn
 from service.lora.adapter_files import BASE_MODEL_ID, AdapterWeights, adapter_or_base
@@ -57,26 +58,6 @@ UNLOAD_FIELDS = {AdapterError: "lora_name"}
 # names no media type of its own)
 VLLMS_REPLY = {200: {"description": "Success: LoRA adapter '<name>' added (or removed) successfully.",
                      "content": {"text/plain": {"schema": {"type": "string"}}}}}
-
-
-def within(field: str, value: int, cap: int, what: str) -> int:
-    """``value``, unless above ``cap`` (the server's setting that ``what`` names): 422 naming the field and the cap."""
-    if value > cap:
-        raise RequestValidationError([{
-            "type": "less_than_equal", "loc": ("body", field), "input": value, "ctx": {"le": cap},
-            "msg": f"Input should be less than or equal to {cap}, {what}"}])
-    return value
-
-
-def token_budget(body: OpenAIIn, rt: Runtime) -> int:
-    """The most tokens a request may generate: what it asks for, or the server's ``max_new_tokens`` when it names
-    none; a request for more is refused (422 naming the field and the cap, and the setting as ``rt.named`` names it),
-    never cut short."""
-    field, requested = body.token_budget()
-    if requested is None:
-        return rt.settings.max_new_tokens
-    return within(field, requested, rt.settings.max_new_tokens,
-                  rt.named("the most tokens this server generates for a request (its max_new_tokens)"))
 
 
 def model_id(adapter: str | None) -> str:

@@ -26,7 +26,17 @@ from service.errors import (
 )
 from service.http.errors import ClientGone, error_replies
 from service.http.json_body import UniqueKeysRoute
-from service.http.schemas import AdapterIn, AnswerIn, AnswerOut, ErrorOut, NliIn, NliOut, NoFields
+from service.http.schemas import (
+    ANSWER_TOKENS,
+    AdapterIn,
+    AnswerIn,
+    AnswerOut,
+    ErrorOut,
+    NliIn,
+    NliOut,
+    NoFields,
+    OpenAIIn,
+)
 from service.lora.adapter_files import BASE_LABEL, AdapterWeights, adapter_or_base, check_name
 from service.runtime import Runtime
 from service.tasks.prompt_styles import require_template
@@ -196,6 +206,28 @@ def new_seed() -> int:
     return random.getrandbits(63)
 
 
+def within(field: str, value: int, cap: int, what: str) -> int:
+    """``value``, unless above ``cap`` (the server's setting that ``what`` names): 422 naming the field (dotted, as
+    ``decoding.max_new_tokens``) and the cap."""
+    if value > cap:
+        raise RequestValidationError([{
+            "type": "less_than_equal", "loc": ("body", *field.split(".")), "input": value, "ctx": {"le": cap},
+            "msg": f"Input should be less than or equal to {cap}, {what}"}])
+    return value
+
+
+def token_budget(body: AnswerIn | OpenAIIn, rt: Runtime, default: int | None = None) -> int:
+    """The most tokens a request may generate: what it asks for (``body.token_budget()``), or when it names none
+    ``default``, at most the server's ``max_new_tokens`` (None: that cap itself); a request for more than the cap is
+    refused (422 naming the field and the cap, and the setting as ``rt.named`` names it), never cut short."""
+    field, requested = body.token_budget()
+    cap = rt.settings.max_new_tokens
+    if requested is None:
+        return cap if default is None else min(default, cap)
+    return within(field, requested, cap, rt.named("the most tokens this server generates for a request (its "
+                                                  "max_new_tokens)"))
+
+
 def field_refused(field: str, value, exc: ValueError) -> RequestValidationError:
     """The 422 of a request field the task refuses at ``value`` with ``exc``, naming the field."""
     return RequestValidationError([{"type": "value_error", "loc": ("body", field), "input": value,
@@ -216,8 +248,9 @@ def prompt_style(rt: Runtime, body: AnswerIn | NliIn, adapter: AdapterWeights | 
 async def answer(body: AnswerIn, request: Request, rt: Runtime = Depends(inference)) -> AnswerOut:
     adapter = pick_adapter(rt, body, rt.settings.qa_adapter, request)
     style = prompt_style(rt, body, adapter)
+    decoding = body.decoding.to_decoding(new_seed(), token_budget(body, rt, ANSWER_TOKENS))
     result = await unless_disconnected(request, rt.tasks.answer(
-        body.context, body.question, adapter, body.decoding.to_decoding(new_seed()), body.extractive, style))
+        body.context, body.question, adapter, decoding, body.extractive, style))
     return AnswerOut(adapter=name_of(adapter), **result.__dict__)
 
 

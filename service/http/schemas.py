@@ -87,6 +87,9 @@ class NullIsDefault(BaseModel):
         return schema
 
 
+ANSWER_TOKENS = 32  # /answer's token budget when the request names none (at most the server's max_new_tokens)
+
+
 class DecodingIn(NullIsDefault):
     """Per-request decoding strategy and its parameters."""
 
@@ -95,7 +98,7 @@ class DecodingIn(NullIsDefault):
     temperature: float = Field(SAMPLING_DEFAULTS["temperature"], ge=0, le=10)  # 0: greedy, whatever the strategy
     top_k: int = Field(SAMPLING_DEFAULTS["top_k"], ge=1, le=100_000)
     top_p: float = Field(SAMPLING_DEFAULTS["top_p"], gt=0, le=1)
-    max_new_tokens: int = Field(32, ge=1, le=4096)
+    max_new_tokens: int = Field(ANSWER_TOKENS, ge=1, le=4096)  # above the server's max_new_tokens: refused (the route)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
 
     @model_validator(mode="after")
@@ -107,10 +110,11 @@ class DecodingIn(NullIsDefault):
             raise refused(names[0], unread_reason(self.strategy))
         return self
 
-    def to_decoding(self, default_seed: int) -> Decoding:
+    def to_decoding(self, default_seed: int, max_new_tokens: int) -> Decoding:
         """The engine's decoding: greedy at temperature 0 (the limit of sampling as the temperature falls, and what
-        OpenAI's routes take it for); ``default_seed`` when the request names none."""
-        fields = self.model_dump()
+        OpenAI's routes take it for); ``default_seed`` when the request names none; at most ``max_new_tokens`` new
+        tokens (the route's ``token_budget``)."""
+        fields = {**self.model_dump(), "max_new_tokens": max_new_tokens}
         fields["seed"] = default_seed if self.seed is None else self.seed
         if self.temperature == 0:
             fields["strategy"] = "greedy"
@@ -149,6 +153,12 @@ class AnswerIn(NullIsDefault):
     # how the model is asked (service.tasks.prompt_styles): the adapters' template, or an instruction in the chat
     # template without (zero_shot) or with (one_shot) a worked example
     prompt_style: PromptStyle = ADAPTER_STYLE
+
+    def token_budget(self) -> tuple[str, int | None]:
+        """(the field that sets the most tokens to generate, its value: None where the request names none), as
+        ``OpenAIIn.token_budget``."""
+        given = "max_new_tokens" in self.decoding.model_fields_set
+        return "decoding.max_new_tokens", self.decoding.max_new_tokens if given else None
 
 
 class AnswerOut(BaseModel):

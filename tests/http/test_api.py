@@ -203,15 +203,22 @@ def test_degenerate_sampling_parameters_pick_the_greedy_token(client, adapter):
     assert ask(client, adapter, strategy="temperature", temperature=3.0, seed=3, max_new_tokens=8)["answer"] != greedy
 
 
-def test_max_new_tokens_is_capped_by_the_server(client):
-    """/answer cuts its max_new_tokens at the server's cap; /v1/completions refuses a max_tokens above it (422 naming
-    the cap) and generates up to the cap when it names none."""
+def test_a_token_budget_past_the_servers_cap_is_refused_on_every_route(client):
+    """/answer refuses a max_new_tokens above the server's cap, as /v1/completions refuses such a max_tokens (422
+    naming the field and the cap; /answer cut it to the cap without a word), and generates up to its default of 32,
+    at most the cap, when it names none; /v1/completions up to the cap."""
     for extractive in (True, False):
         assert all(ask(client, a, question=q, max_new_tokens=3, extractive=extractive)["tokens"] <= 3
                    for a in ("one", None) for q in QUESTIONS)
-    capped = [ask(client, a, question=q, max_new_tokens=4096, extractive=False)["tokens"]
-              for a in ("one", None) for q in QUESTIONS]
-    assert max(capped) == SERVER_CAP and all(t <= SERVER_CAP for t in capped), capped
+        for too_many in (SERVER_CAP + 1, 4096):
+            refused = ask(client, "one", max_new_tokens=too_many, extractive=extractive, status=422)
+            assert refused["detail"][0]["loc"] == ["body", "decoding", "max_new_tokens"], refused
+            assert refused["error"].startswith("invalid request: body.decoding.max_new_tokens: Input should be less "
+                                               f"than or equal to {SERVER_CAP}, the most tokens this server generates "
+                                               "for a request (its LORASWAP_MAX_NEW_TOKENS)"), refused
+        assert ask(client, "one", max_new_tokens=SERVER_CAP, extractive=extractive)["tokens"] <= SERVER_CAP
+    defaulted = [ask(client, a, question=q, extractive=False)["tokens"] for a in ("one", None) for q in QUESTIONS]
+    assert max(defaulted) == SERVER_CAP and all(t <= SERVER_CAP for t in defaulted), defaulted
     body = {"model": "two", "prompt": "Super Bowl", "temperature": 0}
     refused = client.post("/v1/completions", json={**body, "max_tokens": SERVER_CAP + 1})
     assert refused.status_code == 422 and f"less than or equal to {SERVER_CAP}" in error_message(refused)
