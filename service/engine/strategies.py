@@ -12,18 +12,27 @@ READ_BY = {"greedy": frozenset(), "top_k": frozenset({"temperature", "top_k"}), 
            "nucleus": frozenset({"temperature", "top_p"}), "temperature": frozenset({"temperature"})}
 
 
+# the seed of a request's random draws: read by every strategy that draws (all but greedy, which draws nothing)
+SEED = "seed"
+
+
 def unread(strategy: str, given: Iterable[str], temperature: float) -> list[str]:
-    """The sampling parameters among ``given`` (their names) that ``strategy`` does not read, sorted: given, they
-    would be dropped without a word. greedy takes a ``temperature`` of 0, which means greedy."""
-    names = sorted(set(given) & (SAMPLING_PARAMETERS - READ_BY[strategy]))
+    """The sampling parameters among ``given`` (their names; ``SEED`` among them) that ``strategy`` does not read,
+    sorted: given, they would be dropped without a word. greedy takes a ``temperature`` of 0, which means greedy."""
+    reads = READ_BY[strategy] | ({SEED} if strategy != "greedy" else set())
+    names = sorted(set(given) & (SAMPLING_PARAMETERS | {SEED}) - reads)
     if strategy == "greedy" and temperature == 0 and "temperature" in names:
         names.remove("temperature")
     return names
 
 
-def unread_reason(strategy: str, spell: Callable[[str], str] = str) -> str:
-    """Why a parameter given is refused, after its name: what ``strategy`` reads instead, each parameter's name
-    spelled by ``spell`` (a flag's spelling on the command line)."""
+def unread_reason(strategy: str, spell: Callable[[str], str] = str, name: str = "") -> str:
+    """Why parameter ``name`` given is refused, after its name: what ``strategy`` reads instead, each parameter's
+    name spelled by ``spell`` (a flag's spelling on the command line); for ``SEED``, that the strategy draws
+    nothing."""
+    if name == SEED:
+        return (f"is not read by strategy {strategy!r}, which draws nothing at random: leave it out or choose a "
+                "strategy that samples")
     every = listed(map(spell, sorted(SAMPLING_PARAMETERS)))
     reads = listed(map(spell, sorted(READ_BY[strategy]))) or f"none of {every}"
     return f"is not read by strategy {strategy!r}, which reads {reads}: leave it out or choose a strategy that reads it"

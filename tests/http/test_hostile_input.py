@@ -329,6 +329,8 @@ def test_temperature_0_on_answer_is_greedy_whatever_the_strategy(client):
     ({"strategy": "nucleus", "top_k": 5}, "top_k"),
     ({"strategy": "temperature", "top_k": 5, "temperature": 0.5}, "top_k"),
     ({"strategy": "temperature", "top_p": 0.5}, "top_p"),
+    ({"strategy": "greedy", "temperature": 0, "seed": 3}, "seed"),
+    ({"seed": 3, "max_new_tokens": 2}, "seed"),  # the strategy's default is greedy
 ])
 def test_a_sampling_parameter_the_strategy_does_not_read_is_422_naming_it(client, decoding, field):
     """It was taken and dropped: top_k with greedy answered greedily, with no word of it."""
@@ -338,8 +340,30 @@ def test_a_sampling_parameter_the_strategy_does_not_read_is_422_naming_it(client
     assert problem["loc"] == ["body", "decoding"] and problem["msg"].startswith(f"{field} is not read by strategy")
 
 
+# what each strategy reads, spelled out here (not from strategies.READ_BY): a seed only where tokens are drawn
+READS = {"greedy": set(), "top_k": {"temperature", "top_k", "seed"}, "nucleus": {"temperature", "top_p", "seed"},
+         "temperature": {"temperature", "seed"}}
+A_VALUE = {"temperature": 0.5, "top_k": 5, "top_p": 0.5, "seed": 3}  # none a default
+
+
+@pytest.mark.parametrize("strategy", READS)
+@pytest.mark.parametrize("parameter", A_VALUE)
+def test_every_parameter_of_every_strategy_is_read_or_refused_by_name(client, strategy, parameter):
+    """Every strategy by every parameter: taken where the strategy reads it, else a 422 naming it (a review: a seed
+    with greedy, which draws nothing, was taken and dropped without a word, as top_k was before)."""
+    decoding = {"strategy": strategy, parameter: A_VALUE[parameter], "max_new_tokens": 2}
+    reply = client.post("/answer", json={**ANSWER, "decoding": decoding})
+    if parameter in READS[strategy]:
+        assert reply.status_code == 200, reply.text
+        return
+    assert reply.status_code == 422, reply.text
+    problem = reply.json()["detail"][0]
+    assert problem["loc"] == ["body", "decoding"] and problem["msg"].startswith(
+        f"{parameter} is not read by strategy '{strategy}', which "), problem
+
+
 @pytest.mark.parametrize("decoding", [
-    {"strategy": "greedy", "temperature": 0, "seed": 3}, {"strategy": "top_k", "top_k": 5, "temperature": 0.5},
+    {"strategy": "greedy", "temperature": 0}, {"strategy": "top_k", "top_k": 5, "temperature": 0.5},
     {"strategy": "nucleus", "top_p": 0.5, "temperature": 0.5}, {"strategy": "temperature", "temperature": 0.5},
     {"strategy": "top_k", "top_k": 5}, {"strategy": "nucleus"}])
 def test_the_parameters_a_strategy_reads_are_taken(client, decoding):
