@@ -175,7 +175,11 @@ def is_json_scalar(value) -> bool:
 
 
 def echoed(value):
-    """A JSON scalar of the request as a reply echoes it: a string ``echoable``, other scalars as they are."""
+    """A JSON scalar of the request as a reply echoes it: a string ``echoable``, an integer of more than
+    ``ECHO_LIMIT`` digits as its digits ``echoable`` (a string; a ``strict_json.LongInteger``'s as the request spelt
+    them), other scalars as they are."""
+    if isinstance(value, int) and not isinstance(value, bool) and len(digits := str(value)) > ECHO_LIMIT:
+        return echoable(digits)
     return echoable(value) if isinstance(value, str) else value
 
 

@@ -4,9 +4,11 @@ error message, in OpenAI's shape on /v1/*; a reply that is itself valid JSON), a
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
+from service.http.errors import ECHO_LIMIT
 from tests.http.replies import error_message
 from tests.server_helpers import (
     ADMIN,
@@ -31,6 +33,11 @@ FIELDS = [(route, path) for route, body in ROUTES.items() for path in (
     [(key, inner) for key, value in body.items() if isinstance(value, dict) for inner in value]
     + [(key,) for key in body])]
 NOT_JSON = ["NaN", "Infinity", "-Infinity", "1e400", "-1e400"]
+LONG = "9" * 5000  # more digits than Python converts to an int (sys.get_int_max_str_digits(): 4,300)
+# numbers past the bound of every numeric field: integers of many digits, of more than Python converts, floats of a
+# mantissa or an exponent as long
+PAST_EVERY_BOUND = ["1" + "0" * 400, "-1" + "0" * 400, "2e400", LONG, f"-{LONG}", f"{LONG}.5", f"1e{LONG}",
+                    f"-1e{LONG}", f"1{LONG}e{LONG}"]
 MARK = "\u0000mark\u0000"
 
 
@@ -79,11 +86,39 @@ def test_nan_and_infinity_in_any_field_are_refused(client, route, path):
                                         ("/v1/completions", ("best_of",)), ("/v1/completions", ("temperature",)),
                                         ("/answer", ("decoding", "top_p"))])
 def test_numbers_past_every_bound_are_refused(client, route, path):
-    for raw in ("1" + "0" * 400, "-1" + "0" * 400, "2e400"):
-        error = assert_refused(post(client, route, with_raw(ROUTES[route], path, raw)), 422)
-        assert ".".join(("body", *path)) in error, error
-    too_long = with_raw(ROUTES[route], path, "1" * 5000)  # more digits than Python reads as an int
-    assert_refused(post(client, route, too_long), 400)
+    """Each is a 422 naming the field, an integer of more digits than Python converts too (a review: it was a 400
+    saying that the body, valid JSON, could not be read as JSON), whose digits the reply echoes at most
+    ``ECHO_LIMIT`` of."""
+    for raw in PAST_EVERY_BOUND:
+        reply = post(client, route, with_raw(ROUTES[route], path, raw))
+        assert_names(reply, ".".join(path))
+
+
+def assert_names(reply, field: str) -> None:
+    """A 422 naming ``field`` (OpenAI's ``param`` on /v1/*), echoing no run of digits longer than ``ECHO_LIMIT``."""
+    error = assert_refused(reply, 422)
+    assert f"body.{field}" in error, error
+    if reply.request.url.path.startswith("/v1/"):
+        assert reply.json()["error"]["param"] == field, reply.text
+    assert not re.search(rf"\d{{{ECHO_LIMIT + 1}}}", reply.text), reply.text[:1000]
+
+
+@pytest.mark.parametrize("route,path,raw,field", [
+    ("/v1/completions", ("stop",), f"[{LONG}]", "stop.0"),
+    ("/v1/completions", ("stop",), f'["a", -{LONG}]', "stop.1"),
+    ("/v1/completions", ("logit_bias",), f'{{"5": {LONG}}}', "logit_bias"),
+    ("/v1/completions", ("logit_bias",), f'{{"5": -{LONG}}}', "logit_bias"),
+    ("/nli", ("labels",), f'["yes", {LONG}]', "labels.1"),
+    ("/adapters", ("path",), LONG, "path"),
+    ("/adapters", ("replace",), f"-{LONG}", "replace"),
+    ("/answer", ("decoding",), f'{{"strategy": "top_k", "top_k": {LONG}}}', "decoding.top_k"),
+])
+def test_integers_of_more_digits_than_python_converts_are_refused_where_they_lie(client, route, path, raw, field):
+    """In an array, as a value of logit_bias, in a nested object: a 422 naming where it lies (they were a 400), and
+    nothing changes."""
+    before = listed(client)
+    assert_names(post(client, route, with_raw(ROUTES[route], path, raw)), field)
+    assert listed(client) == before
 
 
 @pytest.mark.parametrize("route", ROUTES)
