@@ -27,17 +27,42 @@ from service.tasks.labels import MOST_LABEL_CHARACTERS, MOST_LABELS
 from service.tasks.prompt_styles import ADAPTER_STYLE, PromptStyle, pair_example
 
 
+def lone_surrogate(text: str) -> dict | None:
+    """Where ``text`` holds a lone surrogate (JSON's ``"\\ud800"``, which Python's parser takes), which UTF-8 cannot
+    encode: the first's ``code`` (``U+D800``) and the character it is ``at``; None where it holds none."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return {"code": f"U+{ord(text[exc.start]):04X}", "at": exc.start}
+    return None
+
+
 def _unicode(value: Any) -> Any:
-    """A string of a request body, unless it holds a lone surrogate (JSON's ``"\\ud800"``, which Python's parser
-    takes): UTF-8 cannot encode one, so neither the tokenizer nor a reply could. Anything else is left to the type."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise PydanticCustomError(
-                "string_unicode", "Input should be text that UTF-8 can encode, not a lone surrogate ({code} at "
-                "character {at})", {"code": f"U+{ord(value[exc.start]):04X}", "at": exc.start}) from None
+    """A string of a request body, unless it holds a lone surrogate (``lone_surrogate``): UTF-8 cannot encode one, so
+    neither the tokenizer nor a reply could. Anything else is left to the type."""
+    if isinstance(value, str) and (where := lone_surrogate(value)) is not None:
+        raise PydanticCustomError("string_unicode", "Input should be text that UTF-8 can encode, not a lone surrogate "
+                                  "({code} at character {at})", where)
     return value
+
+
+def key_surrogate(data: Any) -> ValidationError | None:
+    """The refusal of the first key (in objects at any depth of ``data``, within arrays too) that holds a lone
+    surrogate (``lone_surrogate``), located at it with the key spelt with its escapes (``\\ud800``); None where no
+    key holds one. (pydantic refused such a key as the whole body, "unable to parse raw data as a unicode string",
+    or named it with a U+FFFD for each of its bytes.)"""
+    stack = [((), data)]
+    while stack:
+        path, value = stack.pop()
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        for key, inner in items:
+            if isinstance(key, str) and (where := lone_surrogate(key)) is not None:
+                spelt = key.encode("utf-8", "backslashreplace").decode("utf-8")
+                return problem_at((*path, spelt), "string_unicode", "A key should be text that UTF-8 can encode, not "
+                                  "a lone surrogate ({code} at character {at})", where, key)
+            if isinstance(inner, (dict, list)):
+                stack.append(((*path, key), inner))
+    return None
 
 
 # every string of a request body is Unicode text, which UTF-8 can encode: a plain one is Str; a constrained one puts
@@ -59,7 +84,22 @@ AdapterName = Annotated[str, UNICODE, NAMES_AN_ADAPTER]  # whether one of that n
 STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
-class NullIsDefault(BaseModel):
+class RequestObject(BaseModel):
+    """An object of a request body: typed strictly (``STRICT``), and refused at the first key in it that holds a lone
+    surrogate (``key_surrogate``), named."""
+
+    model_config = STRICT
+
+    @model_validator(mode="before")
+    @classmethod
+    def _keys_unicode(cls, data: Any) -> Any:
+        refusal = key_surrogate(data)
+        if refusal is not None:
+            raise refusal
+        return data
+
+
+class NullIsDefault(RequestObject):
     """A request body in which a null field takes its default, as OpenAI's API reads null (clients send None as
     null), but for the fields ``NULL_IS_A_VALUE`` names, where null means something of its own (``AnswerIn.adapter``:
     the bare base, where leaving it out asks the QA adapter)."""
@@ -221,7 +261,7 @@ class AdapterIn(NullIsDefault):
     replace: bool = False
 
 
-class NoFields(BaseModel):
+class NoFields(RequestObject):
     """The body of a route that takes none: no body, or an empty JSON object (a field is refused by name)."""
 
     model_config = STRICT
@@ -251,7 +291,7 @@ def _one_prompt(prompt: Any) -> Any:
                               "yet; send one string")
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(RequestObject):
     model_config = STRICT
     include_usage: bool = False  # true: a last chunk, with no choices, carries the usage
 
@@ -363,7 +403,7 @@ def problem_at(loc: tuple[str | int, ...], kind: str, message: str, context: dic
         type=PydanticCustomError(kind, message, context), loc=loc, input=value)])
 
 
-class TextPart(BaseModel):
+class TextPart(RequestObject):
     """A part of a message's content: only text parts are supported yet."""
 
     model_config = STRICT
@@ -408,7 +448,7 @@ def _content(content: Any) -> str:
 MessageContent = Annotated[str, PlainValidator(_content, json_schema_input_type=MessageText | list[TextPart])]
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(RequestObject):
     """One message of a conversation; fields of OpenAI's messages other than these (name, tool_calls) are refused."""
 
     model_config = STRICT

@@ -21,7 +21,7 @@ from service.http.errors import ECHO_LIMIT, LISTED_PROBLEMS, MESSAGE_LIMIT
 from service.http.routes import bearer_of
 from service.settings import Settings
 from tests.http.replies import settings_by_field
-from tests.http.test_hostile_json import ADAPTER, ANSWER, COMPLETION, NLI, assert_refused, post, with_raw
+from tests.http.test_hostile_json import ADAPTER, ANSWER, COMPLETION, MARK, NLI, assert_refused, post, with_raw
 from tests.server_helpers import (
     ADMIN,
     ADMIN_KEY,
@@ -92,6 +92,41 @@ def test_a_lone_surrogate_in_any_string_is_422_naming_the_field(client, route, p
         reply = post(client, route, with_raw(BODIES[route], path, raw))
         error = assert_refused(reply, 422)
         assert "body." + str(path[0]) in error and str(path[-1]) in error, error
+        strict_json(reply)
+    assert listed(client) == before
+
+
+def objects(body, path: tuple = ()) -> Iterator[tuple]:
+    """The path of every object in ``body``, itself included (keys of dicts, indices of lists)."""
+    if isinstance(body, dict):
+        yield path
+    items = body.items() if isinstance(body, dict) else enumerate(body) if isinstance(body, list) else ()
+    for key, inner in items:
+        yield from objects(inner, (*path, key))
+
+
+OBJECTS = [(route, path) for route, body in {**BODIES, **{route: {} for route in NO_BODY}}.items()
+           for path in objects(body)]
+
+
+@pytest.mark.parametrize("route,path", OBJECTS, ids=lambda part: ".".join(map(str, part))
+                         if isinstance(part, tuple) else part)
+def test_a_lone_surrogate_in_any_key_is_422_naming_the_key(client, route, path):
+    """A review: such a key was refused as the whole body ("unable to parse raw data as a unicode string", no param),
+    or named with a U+FFFD for each of its bytes (in logit_bias); now named, spelt with its escapes."""
+    before = listed(client)
+    for raw in SURROGATES:
+        body = json.loads(json.dumps(BODIES.get(route, {})))
+        inner = body
+        for key in path:
+            inner = inner[key]
+        inner[MARK] = 1
+        reply = post(client, route, json.dumps(body).replace(json.dumps(MARK), raw).encode())
+        error = assert_refused(reply, 422)
+        field = ".".join(map(str, (*path, json.loads(raw).encode("utf-8", "backslashreplace").decode("utf-8"))))
+        assert f"body.{field}: A key should be text that UTF-8 can encode, not a lone surrogate" in error, error
+        if route.startswith("/v1/"):
+            assert strict_json(reply)["error"]["param"] == field, reply.text
         strict_json(reply)
     assert listed(client) == before
 
