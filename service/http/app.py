@@ -223,7 +223,9 @@ def create_app(settings: Settings | None = None, rt: Runtime | None = None) -> F
         yield
         rt.stop()
 
-    app = FastAPI(title="loraswap", version="0.1.0", lifespan=lifespan,
+    # redirect_slashes off: a path with a trailing slash is unknown (a JSON 404), not Starlette's empty 307 to the
+    # path without it, which a client may follow with another method, or not at all
+    app = FastAPI(title="loraswap", version="0.1.0", lifespan=lifespan, redirect_slashes=False,
                   dependencies=[Depends(dependency) for dependency in APP_DEPENDENCIES])
     app.state.runtime = rt
     every_route = sorted({status for statuses in APP_DEPENDENCIES.values() for status in statuses})
