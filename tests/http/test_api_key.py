@@ -27,7 +27,8 @@ INFERENCE = [("/answer", {"context": SQUAD_CONTEXT, "question": SQUAD_QUESTION, 
              ("/v1/chat/completions", {"model": "one", "messages": [{"role": "user", "content": "Hi"}],
                                        "max_tokens": 2})]
 WRONG = ["Bearer " + "j" * len(API_KEY), "Bearer " + API_KEY * 40, "Bearer ", "", API_KEY,
-         "Bearer  " + API_KEY, "Bearer " + API_KEY + " ", "Basic " + API_KEY, ADMIN["Authorization"],
+         "Bearer\t" + API_KEY, "Bearer \t" + API_KEY, "Bearer " + API_KEY + " ", "Basic " + API_KEY,
+         ADMIN["Authorization"], "Bearer  " + ADMIN["Authorization"].split()[-1],
          ("Bearer " + API_KEY + "\u00e9").encode(), b"Bearer \xff\xfe"]
 
 
@@ -39,9 +40,14 @@ def client(tiny_gpt2_dir, gpt2_adapters, tmp_path_factory):
         yield client
 
 
+# RFC 9110 11.4: the scheme in any case, then one space or more (a review: two spaces were a 401)
+SPELLINGS = [f"{scheme}{' ' * spaces}{API_KEY}" for scheme in ("Bearer", "bearer") for spaces in (1, 2, 5)]
+
+
 @pytest.mark.parametrize("path,body", INFERENCE, ids=[path for path, _ in INFERENCE])
 def test_the_routes_that_run_the_model_need_the_key(client, path, body):
-    assert client.post(path, json=body, headers=KEYED).status_code == 200
+    for authorization in SPELLINGS:
+        assert client.post(path, json=body, headers={"Authorization": authorization}).status_code == 200
     for authorization in [None, *WRONG]:
         headers = {} if authorization is None else {"Authorization": authorization}
         reply = client.post(path, json=body, headers=headers)

@@ -333,10 +333,14 @@ def test_content_type_sent_twice_is_400_whichever_comes_first(client, route):
 
 
 def test_the_bearer_scheme_is_case_insensitive_the_key_is_not(client):
+    """The scheme in any case, then one space or more (RFC 9110 11.4: ``1*SP``; a review: two were a 401)."""
     for scheme in ("bearer", "BEARER", "bEaReR"):
-        assert bearer_of(f"{scheme} {ADMIN_KEY}", ADMIN_KEY)
-        assert client.post("/adapters/unmerge", headers={"Authorization": f"{scheme} {ADMIN_KEY}"}).status_code == 200
-    for wrong in (f"bearer {ADMIN_KEY.upper()}", f"bearer{ADMIN_KEY}", f"bearers {ADMIN_KEY}", f"basic {ADMIN_KEY}"):
+        for spaces in (" ", "  ", " " * 7):
+            assert bearer_of(f"{scheme}{spaces}{ADMIN_KEY}", ADMIN_KEY)
+            reply = client.post("/adapters/unmerge", headers={"Authorization": f"{scheme}{spaces}{ADMIN_KEY}"})
+            assert reply.status_code == 200, reply.text
+    for wrong in (f"bearer {ADMIN_KEY.upper()}", f"bearer{ADMIN_KEY}", f"bearers {ADMIN_KEY}", f"basic {ADMIN_KEY}",
+                  f"bearer\t{ADMIN_KEY}", f"bearer \t{ADMIN_KEY}", "bearer ", "bearer   ", f"bearer  {ADMIN_KEY}x"):
         assert not bearer_of(wrong, ADMIN_KEY)
         assert client.post("/adapters/unmerge", headers={"Authorization": wrong}).status_code == 401
 
