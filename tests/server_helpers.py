@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,6 +28,13 @@ SQUAD_CONTEXT = (
     "California."
 )
 SQUAD_QUESTION = "Which NFL team won Super Bowl 50?"
+
+
+def free_port() -> int:
+    """A port nothing listens on at the moment (the kernel's choice)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def copy_adapters(adapters: dict[str, Path], folder: Path) -> Path:

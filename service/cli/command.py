@@ -9,6 +9,7 @@ import math
 import os
 import re
 import signal
+import socket
 import stat
 import threading
 from collections.abc import Callable, Iterable
@@ -267,6 +268,21 @@ def check_room_for_prompts(settings: Settings, here: bool = True, named: Callabl
         check_settings_fit(settings, here, convert)
     except (OSError, ValueError) as exc:
         raise UsageError(named(str(exc))) from None
+
+
+def take_port(settings: Settings, args: argparse.Namespace) -> list[socket.socket]:
+    """The sockets listening on ``settings.host``:``settings.port`` the server is to serve on
+    (``listening.listening_sockets``), taken now, before the model loads. UsageError naming the option or variable at
+    fault as ``args`` gave it (``given_as``): the port where it is in use or may not be taken (EADDRINUSE, EACCES),
+    else the host (no address of this machine, EADDRNOTAVAIL; a name that resolves to none)."""
+    from service.http.listening import PORT_ERRORS, listening_sockets
+
+    try:
+        return listening_sockets(settings.host, settings.port)
+    except OSError as exc:
+        name = "port" if exc.errno in PORT_ERRORS else "host"
+        raise UsageError(f"{given_as(args, name)} {getattr(settings, name)}: cannot listen on port {settings.port} "
+                         f"of {settings.host}: {exc.strerror or exc}") from None
 
 
 def refusing_os_errors(check: Callable[[str], Path]) -> Callable[[str], Path]:

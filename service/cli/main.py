@@ -31,6 +31,7 @@ from service.cli.command import (
     read_setting_defaults,
     regular_file,
     spare_inputs,
+    take_port,
 )
 from service.cli.settings_options import add_settings_arguments, settings_from
 from service.errors import AdapterError, TemplateRefused, UnsafeEnvironment
@@ -204,9 +205,10 @@ def main(argv: list[str] | None = None) -> int:
             check_server_start(settings, args)
             # the embedded base is not converted here: its first conversion runs while /health answers
             check_room_for_prompts(settings, named=naming(args), convert=False)
+            sockets = take_port(settings, args)  # before the model loads; the server serves on these
             from service.http.server import serve
 
-            serve(settings, naming(args))
+            serve(settings, naming(args), sockets)
         else:
             if argv is None:  # this process is the command from its start (not a caller's, as in tests)
                 signal.signal(signal.SIGTERM, interrupt)  # as Ctrl-C (loadtest and scale set their own)

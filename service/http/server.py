@@ -2,6 +2,7 @@
 template render has not begun by then fail at once, a 503)."""
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Callable
 
@@ -30,6 +31,12 @@ class DrainingServer(uvicorn.Server):
         # it after a graceful shutdown, which would end a drained server by SIGTERM instead of with status 0
         self.should_exit = True
 
+    async def startup(self, sockets=None) -> None:
+        """uvicorn's startup, then its line saying where it listens, which it logs only for sockets it bound itself."""
+        await super().startup(sockets)
+        if sockets is not None and not self.should_exit:
+            self._log_started_message(sockets)
+
     async def shutdown(self, sockets=None) -> None:
         """uvicorn's shutdown (stop listening, wait for the requests in flight, then the lifespan's end), the chat
         template renders not begun failed first (``Runtime.stop_rendering``): the requests waiting for them end at once
@@ -38,8 +45,10 @@ class DrainingServer(uvicorn.Server):
         await super().shutdown(sockets)
 
 
-def serve(settings: Settings, named: Callable[[str], str] = worded) -> None:
-    """Run the HTTP service with ``settings`` until it is stopped; ``named`` as ``Runtime`` takes it."""
+def serve(settings: Settings, named: Callable[[str], str] = worded, sockets: list[socket.socket] | None = None) -> None:
+    """Run the HTTP service with ``settings`` until it is stopped; ``named`` as ``Runtime`` takes it. ``sockets``: the
+    listening sockets to serve on (``listening.listening_sockets``, taken before the model loads, so that a port in
+    use is found at once); None: uvicorn binds ``settings.host``:``settings.port`` once the app has started."""
     rt = Runtime(settings, named)
     config = uvicorn.Config(create_app(rt=rt), host=settings.host, port=settings.port, log_level="info")
-    DrainingServer(config, rt, settings.drain_seconds).run()
+    DrainingServer(config, rt, settings.drain_seconds).run(sockets)

@@ -9,7 +9,7 @@ import os
 import socket
 from urllib.parse import urlsplit
 
-from service.cli.command import UsageError, check_room_for_prompts, check_server_start
+from service.cli.command import UsageError, check_room_for_prompts, check_server_start, take_port
 from service.settings import Settings, known_host
 
 CONNECT_TIMEOUT_S = 5.0  # for the head of the cluster --address names to accept a connection, then gRPC's, each call
@@ -23,7 +23,8 @@ def check_scale(settings: Settings, args: argparse.Namespace) -> None:
     start: on a Ray started here (no ``args.address``), whose replicas run on this machine in its environment, serve's
     checks of it (``check_server_start``: the device, oneDNN's environment) and the GPUs and CPUs they reserve
     (``check_gpus``, ``check_cpus``); anywhere the token budget and the size settings (``check_room_for_prompts``:
-    the device's memory only on a Ray started here) and the address (``check_address``)."""
+    the device's memory only on a Ray started here) and the address (``check_address``); last, on a Ray started
+    here, that its HTTP proxy can listen on ``--host``:``--port`` (``take_port``)."""
     if args.address is None:
         check_server_start(settings, args)
         check_gpus(args.replicas, args.replica_gpus)
@@ -31,6 +32,9 @@ def check_scale(settings: Settings, args: argparse.Namespace) -> None:
     check_room_for_prompts(settings, here=args.address is None)
     check_ongoing(settings, args.replicas)
     check_address(args.address)
+    if args.address is None:  # Ray Serve's HTTP proxy is to listen here: its port must be free before Ray starts
+        for sock in take_port(settings, args):
+            sock.close()
 
 
 def gpus_needed(replicas: int, replica_gpus: float) -> int:

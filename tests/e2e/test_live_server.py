@@ -23,6 +23,7 @@ from tests.server_helpers import (
     SQUAD_CONTEXT,
     SQUAD_QUESTION,
     copy_adapters,
+    free_port,
     scrape,
     value,
     wait_ready,
@@ -35,12 +36,6 @@ INFERENCE = {"Authorization": f"Bearer {API_KEY}"}  # the API key, sent by defau
 CAP = 256  # the server's max_new_tokens
 DRAIN_SECONDS = 2.0
 BATCH_WINDOW = 0.1  # seconds: long enough that a client hanging up at once does so while its request waits in it
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class LiveServer:

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from service.cli.command import check_onednn
+from service.cli.command import check_onednn, take_port
 from service.cli.main import build_parser, main
 from service.settings import CPU_DRAFT_TOKENS, CPU_PREFILL_CHUNK, Settings
 from tests.data.make_corpus import NLI_SAMPLE, SQUAD_SAMPLE
+from tests.server_helpers import free_port
 
 HALF = str(2**62)  # a size within 64 bits whose allocations are not
 SERVE_TINY = ["--base-model", "{base}", "--device", "cpu"]  # the tiny Llama: 512 bytes of keys and values a token
@@ -292,6 +293,46 @@ def test_serve_refuses_a_host_that_is_no_name_or_address_before_anything_loads(v
     assert usage_error(argv, variables, monkeypatch, capsys).endswith(error)
 
 
+IN_USE = "cannot listen on port {taken} of 127.0.0.1: Address already in use\n"
+
+
+@pytest.mark.parametrize("variables,more,error", [
+    ({}, ["--port", "{taken}"], "--port {taken}: " + IN_USE),
+    ({"LORASWAP_PORT": "{taken}"}, [], "LORASWAP_PORT {taken}: " + IN_USE),
+    ({}, ["--host", "10.255.255.1", "--port", "{taken}"],  # an address of no interface here
+     "--host 10.255.255.1: cannot listen on port {taken} of 10.255.255.1: Cannot assign requested address\n"),
+], ids=["port", "port-variable", "host"])
+def test_serve_refuses_a_port_in_use_or_a_host_it_cannot_listen_on_before_the_model_loads(variables, more, error,
+                                                                                          tiny_llama_dir, monkeypatch,
+                                                                                          capsys):
+    """A review: the model loaded, uvicorn logged 'Application startup complete', then '[Errno 98] error while
+    attempting to bind on address', exit status 3."""
+    from service.http import server
+
+    monkeypatch.setattr(server, "serve", lambda *args: pytest.fail("the model loads"))
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = str(taken.getsockname()[1])
+        argv = ["serve", *(part.format(base=tiny_llama_dir) for part in SERVE_TINY), *more]
+        err = usage_error([part.format(taken=port) for part in argv],
+                          {name: value.format(taken=port) for name, value in variables.items()}, monkeypatch, capsys)
+    assert err == "loraswap serve: error: " + error.format(taken=port), err
+
+
+def test_the_port_serve_takes_before_the_model_loads_is_its_own_until_it_serves():
+    """A socket bound alone would not keep another SO_REUSEADDR socket (uvicorn's, another server's) off the port
+    on Linux: the sockets the server is handed listen from the start."""
+    settings = Settings(port=free_port())
+    sockets = take_port(settings, build_parser().parse_args(["serve"]))
+    try:
+        assert all(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) for sock in sockets)
+        with socket.socket() as other, pytest.raises(OSError, match="Address already in use"):
+            other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            other.bind(("127.0.0.1", settings.port))
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 def test_eval_names_an_overflowing_adapter_as_given(tiny_llama_dir, llama_adapters, tmp_path, monkeypatch, capsys):
     """A review: an adapter folder is served under an internal name, which its refusal named: 'adapter 'evaluated'
     gave NaN or infinite logits'."""
@@ -518,9 +559,16 @@ def test_a_flag_overrides_an_invalid_environment_variable_of_its_setting(tmp_pat
     from service.http import server
 
     served = []
-    monkeypatch.setattr(server, "serve", lambda settings, named: served.append(settings))
+
+    def serve(settings, named, sockets):
+        for sock in sockets:
+            sock.close()
+        served.append(settings)
+
+    monkeypatch.setattr(server, "serve", serve)
     monkeypatch.setenv("LORASWAP_MAX_BATCH", "abc")
-    main(["serve", "--max-batch", "3", "--cache-dir", str(tmp_path)])  # the embedded base not converted there
+    main(["serve", "--max-batch", "3", "--cache-dir", str(tmp_path), "--port", str(free_port())])  # the embedded
+    # base is not converted there
     assert [settings.max_batch for settings in served] == [3]
 
 
@@ -891,6 +939,9 @@ def test_a_report_that_is_a_symlink_loop_or_into_no_folder_is_refused_before_the
     (["--replicas", "2", "--max-queue", str(2**30)], f"--max-batch 32 + --max-queue {2**30}, for each of 2 "
      f"replica(s) (--replicas), is {2 * (2**30 + 32)} requests at once for the router, past the 2147483647 Ray Serve "
      "takes (max_ongoing_requests, a 32-bit integer): lower --max-queue"),
+    # a review: Ray started, its HTTP proxy on a port in use
+    (["--port", "{listening}"], "--port {listening}: cannot listen on port {listening} of 127.0.0.1: Address already "
+     "in use"),
     (["--address", "nonsense"], "--address nonsense: must be HOST:PORT (or ray://HOST:PORT) or auto"),
     (["--address", "[::1"], "--address [::1: must be HOST:PORT"),  # a review: urlsplit's ValueError
     # a review: an http:// URL was taken as a head's address, 'Name or service not known' 8 s later
@@ -900,7 +951,7 @@ def test_a_report_that_is_a_symlink_loop_or_into_no_folder_is_refused_before_the
      "refused)"),
     (["--address", "127.0.0.1:{listening}"], "--address 127.0.0.1:{listening}: no Ray cluster answers there (it "
      "accepts a connection, but no gRPC one within 5 s, as a Ray head does)"),
-], ids=["device", "gpus", "gpu-shares", "cpus", "max-new-tokens", "base-model", "ongoing", "address-form",
+], ids=["device", "gpus", "gpu-shares", "cpus", "max-new-tokens", "base-model", "ongoing", "port", "address-form",
         "address-ipv6", "address-url", "address-label", "address-closed", "address-not-ray"])
 def test_scale_refuses_what_no_replica_could_start_with_before_ray_starts(more, message, tiny_llama_dir, monkeypatch,
                                                                            capsys):

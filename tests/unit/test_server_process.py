@@ -12,6 +12,7 @@ import pytest
 import service.cli.main as cli_main
 import service.http.server as server_module
 from service.model.malloc import TCACHE, tunables_with_tcache_off
+from tests.server_helpers import free_port
 
 glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's tunables only")
 
@@ -56,10 +57,17 @@ def test_a_process_starts_again_with_its_command_line_and_the_tcache_off(tunable
 def test_only_a_process_that_is_the_server_from_its_start_is_readied(monkeypatch):
     calls = []
     monkeypatch.setattr(cli_main.server_process, "prepare", lambda quantize: calls.append(("prepare", quantize)))
-    monkeypatch.setattr(server_module, "serve", lambda settings, named: calls.append(("serve", settings.quantize)))
-    monkeypatch.setattr(sys, "argv", ["loraswap", "serve", "--quantize", "none"])
+
+    def serve(settings, named, sockets):
+        for sock in sockets:
+            sock.close()
+        calls.append(("serve", settings.quantize))
+
+    monkeypatch.setattr(server_module, "serve", serve)
+    port = str(free_port())
+    monkeypatch.setattr(sys, "argv", ["loraswap", "serve", "--quantize", "none", "--port", port])
     cli_main.main()
-    cli_main.main(["serve"])  # a caller's process (tests, embedding): left as it is
+    cli_main.main(["serve", "--port", port])  # a caller's process (tests, embedding): left as it is
     assert calls == [("prepare", "none"), ("serve", "none"), ("serve", "none")]
 
 
@@ -91,8 +99,8 @@ from service.model import server_process
 heavy = {heavy!r}
 server_process.restart_without_tcache = lambda: print("restart:", [name for name in heavy if name in sys.modules])
 sys.modules["service.http.server"] = types.SimpleNamespace(
-    serve=lambda settings, named: print("serve:", sys.modules.get("bitsandbytes") is not None))
-sys.argv = ["loraswap", "serve", "--base-model", {base!r}, "--device", "cpu"]
+    serve=lambda settings, named, sockets: print("serve:", sys.modules.get("bitsandbytes") is not None))
+sys.argv = ["loraswap", "serve", "--base-model", {base!r}, "--device", "cpu", "--port", "{port}"]
 import service.cli.main
 service.cli.main.main()
 """
@@ -103,6 +111,6 @@ def test_the_server_starts_again_before_serve_s_checks_import_torch(tiny_llama_d
     and peft, and peft bitsandbytes: run before the restart without the tcache, as they were, every start imported
     them twice (the CPU image replayed in a chroot on a busy 2-core machine: 25 s to ready, 11-16 s without), and the
     server kept bitsandbytes and its warning on a full-precision base."""
-    code = READIED.format(heavy=HEAVY, base=str(tiny_llama_dir))
+    code = READIED.format(heavy=HEAVY, base=str(tiny_llama_dir), port=free_port())
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.splitlines() == ["restart: []", "serve: False"]
