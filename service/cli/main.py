@@ -58,7 +58,7 @@ class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
 
 class BriefErrors(argparse.ArgumentParser):
     """A parser whose usage errors are one line that points to ``--help``, not argparse's usage block first (serve's
-    is 28 lines, with the error at their end). Its subparsers are of its class (``add_subparsers``' default)."""
+    is 28 lines, with the error at their end). Its subparsers are ``BriefSubcommand``s."""
 
     def error(self, message: str):  # argparse's hook: print and exit with status 2
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -74,10 +74,22 @@ class BriefErrors(argparse.ArgumentParser):
         return parsed, extras
 
 
+class BriefSubcommand(BriefErrors):
+    """A subcommand's parser, whose arguments it does not know are its own usage error (``loraswap bench: error:
+    unrecognized arguments: --x (see loraswap bench --help)``), as its other usage errors are: argparse leaves them to
+    the top-level parser, which named no subcommand (a review). Those before the subcommand stay the top-level's."""
+
+    def parse_known_args(self, args=None, namespace=None):  # the subparsers' action calls it for the subcommand
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed, extras
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = BriefErrors(prog="loraswap", description="Serve many LoRA adapters on one frozen base model; "
                          "train, evaluate and benchmark them.")
-    subparsers = parser.add_subparsers(dest="command", required=True)
+    subparsers = parser.add_subparsers(dest="command", required=True, parser_class=BriefSubcommand)
     serve = subparsers.add_parser("serve", help="run the HTTP service", formatter_class=DefaultsHelp,
                                   description="Run the HTTP service.")
     add_settings_arguments(serve)

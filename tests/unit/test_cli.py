@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from service.cli.command import check_onednn, take_port
-from service.cli.main import build_parser, main
+from service.cli.main import build_parser, commands, main
 from service.settings import CPU_DRAFT_TOKENS, CPU_PREFILL_CHUNK, Settings
 from tests.data.make_corpus import NLI_SAMPLE, SQUAD_SAMPLE
 from tests.server_helpers import free_port
@@ -722,7 +722,9 @@ def test_an_eval_report_records_the_engine_settings_it_ran_with(tiny_llama_dir, 
 
 @pytest.mark.parametrize("argv,message", [
     (["serve", "--max-batch", "x"], "loraswap serve: error: argument --max-batch: invalid int value: 'x'"),
-    (["serve", "--no-such-flag"], "loraswap: error: unrecognized arguments: --no-such-flag (see loraswap --help)"),
+    (["serve", "--no-such-flag"], "loraswap serve: error: unrecognized arguments: --no-such-flag (see loraswap serve "
+     "--help)"),
+    (["--no-such-flag", "serve"], "loraswap: error: unrecognized arguments: --no-such-flag (see loraswap --help)"),
     (["eval", "--task", "nope"], "loraswap eval: error: argument --task: invalid choice: 'nope'"),
     (["nope"], "loraswap: error: argument command: invalid choice: 'nope'"),
     ([], "loraswap: error: the following arguments are required: command (see loraswap --help)"),
@@ -735,6 +737,27 @@ def test_a_malformed_command_line_is_one_line_that_points_to_help(argv, message,
     assert exit_.value.code == 2 and err.startswith(message) and err.count("\n") == 1
     assert err.endswith("--help)\n")
 
+
+REQUIRED = {  # each command with the options it requires (argparse reports a missing one first)
+    "serve": [], "bench": [], "calibrate": ["--adapter", "x"], "eval": ["--task", "squad", "--adapter", "squad"],
+    "loadtest": LOADTEST[1:], "merge": ["--adapter", "squad", "--out", "new"], "scale": ["--replicas", "1"],
+    "side-by-side": SIDE_BY_SIDE[1:], "sweep": ["--task", "squad", "--out", "out"],
+    "train": ["--task", "squad", "--out", "new"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(REQUIRED))
+def test_an_unknown_argument_of_a_command_is_its_own_usage_error(command, tmp_path, monkeypatch, capsys):
+    """A review: ``loraswap bench --max-batch -3`` said 'loraswap: error: unrecognized arguments: --max-batch -3 (see
+    loraswap --help)', where every other usage error names its command and its --help."""
+    assert set(REQUIRED) == set(commands()) | {"serve"}, "a command without its row"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "x").mkdir()
+    with pytest.raises(SystemExit) as exit_:
+        main([command, *REQUIRED[command], "--no-such-option", "-3"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == (f"loraswap {command}: error: unrecognized arguments: --no-such-option -3 (see "
+                                       f"loraswap {command} --help)\n")
 
 @pytest.mark.parametrize("command", [["serve"], ["scale", "--replicas", "1", "--device", "cpu"]])
 def test_serve_and_scale_refuse_an_lru_cache_capacity_that_crashes_onednn(command, tiny_llama_dir, monkeypatch,
