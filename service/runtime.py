@@ -104,16 +104,19 @@ class Runtime:
     def roots(self) -> list[Path]:
         return [self.settings.adapters_dir, *self.settings.adapter_roots]
 
-    def start(self) -> None:
+    def start(self, log_failure: bool = True) -> None:
         """Load the base model and every adapter in the adapters folder (on a thread that ends with it:
-        service.model.cpu_threads), then start the engine."""
+        service.model.cpu_threads), then start the engine. What fails it is raised, its reason kept
+        (``start_failure``) and, with ``log_failure``, logged (``log_start_failure``): without, for a caller that
+        reports it itself (a command's usage error: a review found eval's said twice, the log line first)."""
         try:
             on_passing_thread(self._load)
             self.engine.start()
             self.ready.set()
         except Exception as exc:  # the reason's first line: torch's own errors go on with their C++ frames
             self.start_failure = self.named(f"{type(exc).__name__}: {next(iter(str(exc).splitlines()), '')}")
-            log_start_failure(exc, self.start_failure)
+            if log_failure:
+                log_start_failure(exc, self.start_failure)
             raise
 
     def _load(self) -> None:

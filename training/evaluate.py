@@ -47,8 +47,8 @@ def start_runtime(args: argparse.Namespace, folder: Path | None) -> Runtime:
     among its adapter roots. Raises FileNotFoundError when ``--base-model`` is no model directory, UsageError for
     settings the base model cannot run (``--max-new-tokens`` leaving too few of its positions for a prompt, a
     ``--max-batch`` whose KV cache cannot exist: ``runtime.check_settings_fit``, from its config before it loads).
-    Its start's warnings and failure name the settings as ``args`` gave them (``command.naming``: ``--max-new-tokens``,
-    ``LORASWAP_MAX_INPUT_TOKENS``)."""
+    Its start's warnings name the settings as ``args`` gave them (``command.naming``: ``--max-new-tokens``,
+    ``LORASWAP_MAX_INPUT_TOKENS``); its failure is not logged, but raised for the command to report once."""
     settings = Settings(
         base_model=args.base_model, adapters_dir=args.adapters_dir, device=args.device, dtype=args.dtype,
         quantize=args.quantize, max_batch=args.max_batch, batch_window_ms=20,
@@ -61,7 +61,7 @@ def start_runtime(args: argparse.Namespace, folder: Path | None) -> Runtime:
     )
     rt = Runtime(settings, naming(args))
     try:
-        rt.start()
+        rt.start(log_failure=False)  # what fails it is the command's to report: a usage error, or its traceback
     except ValueError as exc:  # the runtime's settings that cannot work (runtime.EXPECTED_START_FAILURES)
         raise UsageError(f"the base model cannot run as asked: {exc}") from None
     return rt

@@ -39,6 +39,7 @@ from service.model import server_process
 from service.settings import Settings
 
 COMMAND_GROUP = "loraswap.commands"  # the entry-point group of subcommands (pyproject.toml)
+BITSANDBYTES_CPU_LOG = "bitsandbytes.backends.cpu.ops"  # the logger of bitsandbytes' CPU kernels (0.50)
 
 
 def commands() -> dict[str, Command]:
@@ -207,6 +208,10 @@ def field_name(loc: tuple, model: str, args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request of a load test's clients
+    # bitsandbytes (imported with peft where --quantize nf4 needs it) warns on a CPU with AVX512-BF16 that its 4-bit
+    # kernel needs `pip install kernels`: advice not to follow, as that package fetches code from a model hub at run
+    # time, which loraswap never does (bitsandbytes goes on without that kernel)
+    logging.getLogger(BITSANDBYTES_CPU_LOG).setLevel(logging.ERROR)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

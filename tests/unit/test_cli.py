@@ -318,6 +318,20 @@ def test_serve_refuses_a_port_in_use_or_a_host_it_cannot_listen_on_before_the_mo
     assert err == "loraswap serve: error: " + error.format(taken=port), err
 
 
+@pytest.mark.parametrize("command", [["eval", "--task", "nli", "--adapter", "none", "--data", str(NLI_SAMPLE),
+                                      "--adapters-dir", "{tmp}"], ["serve"]], ids=["eval", "serve"])
+def test_a_usage_error_found_as_the_base_loads_is_the_only_line_said(command, tiny_llama_dir, tmp_path):
+    """A review: ``eval --max-batch 100000000000`` said bitsandbytes' warning to `pip install kernels` (peft imports it
+    for --quantize nf4; on a CPU with AVX512-BF16), then the runtime's line that the start failed, then the usage
+    error. In a process of its own from its start (serve's starts again), as bitsandbytes warns where it is imported."""
+    argv = [*(part.format(tmp=tmp_path) for part in command), "--base-model", str(tiny_llama_dir), "--device", "cpu",
+            "--quantize", "nf4", "--max-batch", "100000000000"]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, "-m", "service.cli.main", *argv], env=env,  # run from this checkout
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith(f"loraswap {command[0]}: error: ") and "--max-batch 100000000000 needs" in done.stderr
+
 def test_the_port_serve_takes_before_the_model_loads_is_its_own_until_it_serves():
     """A socket bound alone would not keep another SO_REUSEADDR socket (uvicorn's, another server's) off the port
     on Linux: the sockets the server is handed listen from the start."""
