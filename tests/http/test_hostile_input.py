@@ -66,16 +66,16 @@ def client(tiny_gpt2_dir, gpt2_adapters, roots, tmp_path_factory):
         yield client
 
 
-def strings(body, path: tuple = ()) -> Iterator[tuple]:
-    """The path of every string in ``body`` (keys of dicts, indices of lists)."""
-    if isinstance(body, str):
+def paths(body, kind: type, path: tuple = ()) -> Iterator[tuple]:
+    """The path of every value of ``kind`` in ``body``, itself included (keys of dicts, indices of lists)."""
+    if isinstance(body, kind):
         yield path
     items = body.items() if isinstance(body, dict) else enumerate(body) if isinstance(body, list) else ()
     for key, inner in items:
-        yield from strings(inner, (*path, key))
+        yield from paths(inner, kind, (*path, key))
 
 
-STRING_FIELDS = [(route, path) for route, body in BODIES.items() for path in strings(body)]
+STRING_FIELDS = [(route, path) for route, body in BODIES.items() for path in paths(body, str)]
 SURROGATES = ['"\\ud800"', '"a\\udc80b"', '"\\udfff\\ud800"', '"ok \\ude00"']  # lone high, low (surrogateescape's)
 
 
@@ -96,17 +96,8 @@ def test_a_lone_surrogate_in_any_string_is_422_naming_the_field(client, route, p
     assert listed(client) == before
 
 
-def objects(body, path: tuple = ()) -> Iterator[tuple]:
-    """The path of every object in ``body``, itself included (keys of dicts, indices of lists)."""
-    if isinstance(body, dict):
-        yield path
-    items = body.items() if isinstance(body, dict) else enumerate(body) if isinstance(body, list) else ()
-    for key, inner in items:
-        yield from objects(inner, (*path, key))
-
-
 OBJECTS = [(route, path) for route, body in {**BODIES, **{route: {} for route in NO_BODY}}.items()
-           for path in objects(body)]
+           for path in paths(body, dict)]
 
 
 @pytest.mark.parametrize("route,path", OBJECTS, ids=lambda part: ".".join(map(str, part))
