@@ -5,7 +5,7 @@ makes of the object is unpredictable: Python's parser keeps the last value, othe
 reads from outside (request bodies, adapter configs, safetensors headers, cards, tokenizer configs) is read here, so
 that ``{"adapter": "squad", "adapter": "nli"}`` or a config naming ``lora_alpha`` twice is refused, never served with
 one of its values picked silently; and so that an integer of more digits than Python converts is read as a number
-past any bound (``LongInteger``), which a reader refuses where it lies, not as text that is not JSON.
+past any bound (``PAST_ANY_BOUND``), which a reader refuses where it lies, not as text that is not JSON.
 """
 from __future__ import annotations
 
@@ -30,38 +30,25 @@ def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return found
 
 
-class LongInteger(int):
-    """An integer of more digits than Python converts (``sys.get_int_max_str_digits()``, 4,300 by default: a guard
-    against converting such text, which takes time quadratic in its length), as ``loads`` reads it: of its sign, past
-    any bound a reader sets (the largest integer of as many digits as Python converts, which a copy of it can still
-    be written as), so that it is refused as too large or too small where it lies, as ``2**70`` is; ``text``, and
-    ``str`` of it, are its digits as the JSON spells them."""
-
-    text: str
-
-    def __new__(cls, text: str) -> LongInteger:
-        sign = -1 if text.startswith("-") else 1
-        integer = super().__new__(cls, sign * (10 ** sys.get_int_max_str_digits() - 1))
-        integer.text = text
-        return integer
-
-    def __repr__(self) -> str:
-        return self.text
-
-    __str__ = __repr__
+# what an integer of more digits than Python converts (``sys.get_int_max_str_digits()``, 4,300 by default: a guard
+# against converting such text, which takes time quadratic in its length) is read as, of its sign: the largest integer
+# of as many digits as Python converts, past any bound a reader sets, so that it is refused as too large or too small
+# where it lies, as ``2**70`` is. A plain int: a subclass of int (to keep the text) was read as an object by pydantic's
+# ``from_attributes``, which FastAPI's body validation sets (a review: ``"decoding": 99...9`` was served as ``{}``)
+PAST_ANY_BOUND = 10 ** sys.get_int_max_str_digits() - 1
 
 
 def integer(text: str) -> int:
-    """``json.loads``' ``parse_int``: the integer ``text`` spells, a ``LongInteger`` where it has more digits than
-    Python converts (``int`` refuses them at once, by their count)."""
+    """``json.loads``' ``parse_int``: the integer ``text`` spells, or ``PAST_ANY_BOUND`` of its sign where it has
+    more digits than Python converts (``int`` refuses them at once, by their count)."""
     try:
         return int(text)
     except ValueError:
-        return LongInteger(text)
+        return -PAST_ANY_BOUND if text.startswith("-") else PAST_ANY_BOUND
 
 
 def loads(text: str | bytes | bytearray) -> Any:
     """``json.loads(text)`` (bytes in UTF-8, UTF-16 or UTF-32), refusing a key named twice in one object: RepeatedKey,
     json.JSONDecodeError for text that is not JSON (both ValueErrors), UnicodeDecodeError, RecursionError when nested
-    too deeply. An integer of more digits than Python converts is a ``LongInteger``."""
+    too deeply. An integer of more digits than Python converts is ``PAST_ANY_BOUND`` of its sign."""
     return json.loads(text, object_pairs_hook=unique_keys, parse_int=integer)

@@ -27,6 +27,7 @@ from service.errors import (
 )
 from service.http.schemas import ErrorOut
 from service.settings import worded
+from service.strict_json import PAST_ANY_BOUND
 
 CLIENT_CLOSED = 499  # nginx's "client closed request": recorded in the metrics, never received by anyone
 ECHO_LIMIT = 200  # characters of one value of the request a reply echoes: a field's input, a key in its location
@@ -176,8 +177,10 @@ def is_json_scalar(value) -> bool:
 
 def echoed(value):
     """A JSON scalar of the request as a reply echoes it: a string ``echoable``, an integer of more than
-    ``ECHO_LIMIT`` digits as its digits ``echoable`` (a string; a ``strict_json.LongInteger``'s as the request spelt
-    them), other scalars as they are."""
+    ``ECHO_LIMIT`` digits as its digits ``echoable`` (a string), one of more than Python converts (read as
+    ``strict_json.PAST_ANY_BOUND``) said in words, other scalars as they are."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) == PAST_ANY_BOUND:
+        return f"{'-' if value < 0 else ''}an integer of {len(str(PAST_ANY_BOUND))} digits or more"
     if isinstance(value, int) and not isinstance(value, bool) and len(digits := str(value)) > ECHO_LIMIT:
         return echoable(digits)
     return echoable(value) if isinstance(value, str) else value

@@ -112,6 +112,10 @@ def assert_names(reply, field: str) -> None:
     ("/adapters", ("path",), LONG, "path"),
     ("/adapters", ("replace",), f"-{LONG}", "replace"),
     ("/answer", ("decoding",), f'{{"strategy": "top_k", "top_k": {LONG}}}', "decoding.top_k"),
+    # where an object is expected (a review: read as an object of defaults, and served)
+    ("/answer", ("decoding",), LONG, "decoding"),
+    ("/v1/completions", ("stream_options",), f"-{LONG}", "stream_options"),
+    ("/v1/completions", ("logit_bias",), LONG, "logit_bias"),
 ])
 def test_integers_of_more_digits_than_python_converts_are_refused_where_they_lie(client, route, path, raw, field):
     """In an array, as a value of logit_bias, in a nested object: a 422 naming where it lies (they were a 400), and
@@ -126,7 +130,8 @@ def test_integers_of_more_digits_than_python_converts_are_refused_where_they_lie
     (b"", "application/json"), (b"{", "application/json"), (b'{"model": "one",}', "application/json"),
     (b"\xff\xfe{}", "application/json"), (b"1\xff\xff", "application/json"), (b"\xff\xfe\x00", "text/plain"),
     (b"[1, 2]", "application/json"), (b"3", "application/json"), (b'"text"', "application/json"),
-    (b"null", "application/json"), (b"NaN", "application/json"), (b"[" * 100_000, "application/json"),
+    (b"null", "application/json"), (b"NaN", "application/json"), (LONG.encode(), "application/json"),
+    (b"[" * 100_000, "application/json"),
     (b"[" * 500 + b"]" * 500, "application/json"), (b'{"a": ' * 500 + b"1" + b"}" * 500, "application/json"),
     (json.dumps(ANSWER).encode(), "text/plain"), (json.dumps(ANSWER).encode(), "application/x-www-form-urlencoded"),
 ])
