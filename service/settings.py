@@ -269,6 +269,17 @@ class Settings(BaseSettings):
             return self.answer_stride
         return min(room // 2, MOST_DEFAULT_STRIDE)
 
+    @field_validator("admin_key", "api_key")
+    @classmethod
+    def _key_a_header_can_carry(cls, key: str | None) -> str | None:
+        """ValueError for a key no ``Authorization`` header could match: one that begins or ends with a space or a
+        tab (a field value is read without them: RFC 9110 5.5), or holds another control character."""
+        if key and (key != key.strip(" \t") or any(ord(c) < 32 or ord(c) == 127 for c in key)):
+            raise ValueError("must not begin or end with a space or a tab, nor hold a control character: an "
+                             "Authorization header's value is read without them (RFC 9110 5.5), so no client could "
+                             "send it")
+        return key
+
     @model_validator(mode="after")
     def _keys_differ(self) -> Settings:
         if self.api_key is not None and self.api_key == self.admin_key:

@@ -99,9 +99,10 @@ def stopped(rt: Runtime) -> EngineStopped:
 def bearer_of(authorization: str | None, key: str) -> bool:
     """Whether ``authorization`` is ``Bearer <key>``, the scheme in any case (``bearer``, ``BEARER``: RFC 7235 makes
     it case-insensitive), followed by one space or more (RFC 9110 11.4: ``auth-scheme [ 1*SP token68 ]``; a tab is
-    no SP). Compared in constant time, as bytes: Starlette reads a header's bytes as Latin-1, so any header compares,
-    ASCII or not."""
-    header = authorization or ""
+    no SP), spaces and tabs at the value's ends not part of it (RFC 9110 5.5; a review: a trailing space was a 401).
+    Compared in constant time, as bytes: Starlette reads a header's bytes as Latin-1, so any header compares, ASCII
+    or not."""
+    header = (authorization or "").strip(" \t")
     scheme, space, credentials = header.partition(" ")
     if scheme.lower() == "bearer":
         header = f"Bearer{space}{credentials.lstrip(' ')}"

@@ -9,7 +9,7 @@ from tests.server_helpers import ADMIN, ADMIN_KEY, ask, copy_adapters, ready_cli
 ADMIN_CALLS = [("post", "/adapters", {"name": "x", "path": "/tmp"}), ("delete", "/adapters/one", None),
                ("post", "/adapters/one/merge", None), ("post", "/adapters/unmerge", None), ("get", "/adapters", None)]
 WRONG = ["Bearer " + "j" * len(ADMIN_KEY), "Bearer " + ADMIN_KEY * 40, "Bearer ", "Bearer", "", ADMIN_KEY,
-         "Bearer\t" + ADMIN_KEY, "Bearer " + ADMIN_KEY + " ", "Basic " + ADMIN_KEY,
+         "Bearer\t" + ADMIN_KEY, "Bearer " + ADMIN_KEY + " x", "Basic " + ADMIN_KEY,
          ("Bearer " + ADMIN_KEY + "\u00e9").encode(), ("Bearer " + ADMIN_KEY + "\u00e9").encode("latin-1"),
          "Bearer \u6f22\u5b57".encode(), b"Bearer \xff\xfe"]
 

@@ -27,7 +27,7 @@ INFERENCE = [("/answer", {"context": SQUAD_CONTEXT, "question": SQUAD_QUESTION, 
              ("/v1/chat/completions", {"model": "one", "messages": [{"role": "user", "content": "Hi"}],
                                        "max_tokens": 2})]
 WRONG = ["Bearer " + "j" * len(API_KEY), "Bearer " + API_KEY * 40, "Bearer ", "", API_KEY,
-         "Bearer\t" + API_KEY, "Bearer \t" + API_KEY, "Bearer " + API_KEY + " ", "Basic " + API_KEY,
+         "Bearer\t" + API_KEY, "Bearer \t" + API_KEY, "Bearer " + API_KEY + "\t x", "Basic " + API_KEY,
          ADMIN["Authorization"], "Bearer  " + ADMIN["Authorization"].split()[-1],
          ("Bearer " + API_KEY + "\u00e9").encode(), b"Bearer \xff\xfe"]
 
@@ -41,7 +41,9 @@ def client(tiny_gpt2_dir, gpt2_adapters, tmp_path_factory):
 
 
 # RFC 9110 11.4: the scheme in any case, then one space or more (a review: two spaces were a 401)
-SPELLINGS = [f"{scheme}{' ' * spaces}{API_KEY}" for scheme in ("Bearer", "bearer") for spaces in (1, 2, 5)]
+# the value's own spaces and tabs at its ends are no part of it (RFC 9110 5.5)
+SPELLINGS = [f"{ends}{scheme}{' ' * spaces}{API_KEY}{ends}" for scheme in ("Bearer", "bearer") for spaces in (1, 2, 5)
+             for ends in ("", " ", " \t ")]
 
 
 @pytest.mark.parametrize("path,body", INFERENCE, ids=[path for path, _ in INFERENCE])
@@ -98,3 +100,7 @@ def test_the_setting_comes_from_the_flag_or_the_environment_and_is_checked(monke
         Settings(api_key="")
     with pytest.raises(ValidationError, match="api_key must differ from admin_key"):
         Settings(api_key=ADMIN_KEY, admin_key=ADMIN_KEY)
+    for setting in ("api_key", "admin_key"):  # keys no Authorization header could carry (RFC 9110 5.5)
+        for key in (" k", "k ", "\tk", "k\t", "a\nb", "a\x00b", "a\x7fb"):
+            with pytest.raises(ValidationError, match="must not begin or end with a space or a tab"):
+                Settings(**{setting: key})
