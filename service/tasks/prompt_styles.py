@@ -162,9 +162,9 @@ def render_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]
 def first_left_out(messages: list[dict[str, str]], text: str) -> int | None:
     """The index of the first user message whose text, stripped at its ends, does not occur whole in ``text`` after
     the text of the user messages before it (the earliest such occurrences: a greedy subsequence match, which finds
-    one if any exists); None when each does. In order, so that a user message said twice and rendered once, or one
-    rendered only where text after an earlier user message repeats it, is left out; text before the first user
-    message's (a system prompt that repeats a message) still stands in for it: a text search cannot tell them apart."""
+    one if any exists); None when each does. In order, so that a template that reorders the user messages, or renders
+    once a user message said twice, is found out; the text of a system or assistant message that repeats a user's
+    can still stand in for it (a text search cannot tell them apart; a review found such a case passed)."""
     start = 0
     for at, message in enumerate(messages):
         if message["role"] == "user":
