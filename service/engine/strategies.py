@@ -16,11 +16,15 @@ READ_BY = {"greedy": frozenset(), "top_k": frozenset({"temperature", "top_k"}), 
 SEED = "seed"
 
 
+def reads(strategy: str) -> frozenset[str]:
+    """The parameters ``strategy`` reads: its sampling parameters (``READ_BY``) and, where it draws, ``SEED``."""
+    return READ_BY[strategy] | ({SEED} if strategy != "greedy" else frozenset())
+
+
 def unread(strategy: str, given: Iterable[str], temperature: float) -> list[str]:
     """The sampling parameters among ``given`` (their names; ``SEED`` among them) that ``strategy`` does not read,
     sorted: given, they would be dropped without a word. greedy takes a ``temperature`` of 0, which means greedy."""
-    reads = READ_BY[strategy] | ({SEED} if strategy != "greedy" else set())
-    names = sorted(set(given) & (SAMPLING_PARAMETERS | {SEED}) - reads)
+    names = sorted(set(given) & (SAMPLING_PARAMETERS | {SEED}) - reads(strategy))
     if strategy == "greedy" and temperature == 0 and "temperature" in names:
         names.remove("temperature")
     return names
@@ -33,9 +37,9 @@ def unread_reason(strategy: str, spell: Callable[[str], str] = str, name: str = 
     if name == SEED:
         return (f"is not read by strategy {strategy!r}, which draws nothing at random: leave it out or choose a "
                 "strategy that samples")
-    every = listed(map(spell, sorted(SAMPLING_PARAMETERS)))
-    reads = listed(map(spell, sorted(READ_BY[strategy]))) or f"none of {every}"
-    return f"is not read by strategy {strategy!r}, which reads {reads}: leave it out or choose a strategy that reads it"
+    every = listed(map(spell, sorted(SAMPLING_PARAMETERS | {SEED})))
+    read = listed(map(spell, sorted(reads(strategy)))) or f"none of {every}"
+    return f"is not read by strategy {strategy!r}, which reads {read}: leave it out or choose a strategy that reads it"
 
 
 def listed(names: Iterable[str]) -> str:

@@ -141,12 +141,12 @@ SIDE_BY_SIDE = ["side-by-side", "--system", "a=loraswap@http://127.0.0.1:9", "--
     # a sampling option the strategy does not read, refused as /answer refuses it (strategies.READ_BY)
     *((["eval", "--task", "squad", "--adapter", "none", *more], f"loraswap eval: error: {message}")
       for more, message in [
-        (["--top-k", "5"], "--top-k is not read by strategy 'greedy', which reads none of --temperature, --top-k and "
-         "--top-p: leave it out or choose a strategy that reads it"),
+        (["--top-k", "5"], "--top-k is not read by strategy 'greedy', which reads none of --seed, --temperature, "
+         "--top-k and --top-p: leave it out or choose a strategy that reads it"),
         (["--temperature", "0.7"], "--temperature is not read by strategy 'greedy'"),
         (["--temperature", "0", "--top-p", "0.5"], "--top-p is not read by strategy 'greedy'"),
         (["--strategy", "top_k", "--top-p", "0.5"], "--top-p is not read by strategy 'top_k', which reads "
-         "--temperature and --top-k"),
+         "--seed, --temperature and --top-k"),
         (["--strategy", "nucleus", "--top-k", "5"], "--top-k is not read by strategy 'nucleus'"),
         (["--strategy", "temperature", "--top-k", "5", "--temperature", "0.5"], "--top-k is not read by strategy")]),
     # nli and rte score each label: a decoding option for them was ignored (--strategy) or refused as greedy's
