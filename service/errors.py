@@ -123,6 +123,10 @@ class EngineStopped(Exception):
     retry_after: int | None = 1  # polled each second while the model loads; a draining server's clients go elsewhere
 
 
+class StillLoading(EngineStopped):
+    """The model is still loading: the service takes requests once it is ready (``/ready``)."""
+
+
 class EngineFailed(EngineStopped):
     """The service failed to start, or its engine thread died of an unexpected error: every queued, running and new
     request fails with this until it is restarted (no ``retry_after``: it does not pass by itself)."""

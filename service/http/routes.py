@@ -22,6 +22,7 @@ from service.errors import (
     InputTooLong,
     QueueFull,
     RenderUnavailable,
+    StillLoading,
     UnknownAdapter,
 )
 from service.http.errors import ClientGone, error_replies
@@ -90,10 +91,10 @@ def accepting(rt: Runtime) -> Runtime:
 
 def stopped(rt: Runtime) -> EngineStopped:
     """Why ``rt`` takes no request: EngineFailed once it failed to start or its engine died (it never will again:
-    no Retry-After), else EngineStopped saying it loads or drains."""
+    no Retry-After), StillLoading while it loads (code ``still_loading``), else EngineStopped: it drains."""
     if rt.failure is not None:
         return EngineFailed(rt.failure)
-    return EngineStopped("the service is draining" if rt.draining else "the model is still loading")
+    return EngineStopped("the service is draining") if rt.draining else StillLoading("the model is still loading")
 
 
 def bearer_of(authorization: str | None, key: str) -> bool:

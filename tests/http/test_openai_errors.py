@@ -173,7 +173,7 @@ def test_loading_and_a_full_queue_in_openais_shape(served):
     """503 while the model loads and 429 when the queue is full: OpenAI's types, and when to retry."""
     loading = TestClient(create_app(rt=Runtime(served))).post("/v1/chat/completions", json=CHAT)  # no lifespan
     assert loading.status_code == 503 and loading.headers["Retry-After"]
-    assert loading.json()["error"]["type"] == "server_error" and loading.json()["error"]["code"] == "engine_stopped"
+    assert loading.json()["error"]["type"] == "server_error" and loading.json()["error"]["code"] == "still_loading"
     with (ready_client(served.model_copy(update={"max_queue": 1, "batch_window_ms": 1500})) as client,
           ThreadPoolExecutor(max_workers=4) as pool):
         replies = list(pool.map(lambda _: client.post("/v1/completions", json=COMPLETION), range(4)))
