@@ -143,11 +143,13 @@ class DecodingIn(NullIsDefault):
 
     @model_validator(mode="after")
     def _read_by_the_strategy(self) -> DecodingIn:
-        """A parameter given that the strategy does not read would be dropped without a word: refused by name (422),
-        ``seed`` too (greedy draws nothing). greedy takes ``temperature`` 0, which means greedy."""
+        """A parameter given that the strategy does not read would be dropped without a word: refused (422), each such
+        one at its field, ``seed`` too (greedy draws nothing). greedy takes ``temperature`` 0, which means greedy."""
         names = unread(self.strategy, self.model_fields_set, self.temperature)
-        if names:
-            raise refused(names[0], unread_reason(self.strategy, name=names[0]))
+        if names:  # each at its own field (a model validator's error is the model's: a review found it named none)
+            raise ValidationError.from_exception_data(type(self).__name__, [InitErrorDetails(
+                type=refused(name, unread_reason(self.strategy, name=name)), loc=(name,), input=getattr(self, name))
+                for name in names])
         return self
 
     def to_decoding(self, default_seed: int, max_new_tokens: int) -> Decoding:

@@ -367,7 +367,8 @@ def test_a_sampling_parameter_the_strategy_does_not_read_is_422_naming_it(client
     reply = client.post("/answer", json={**ANSWER, "decoding": decoding})
     assert reply.status_code == 422, reply.text
     problem = reply.json()["detail"][0]
-    assert problem["loc"] == ["body", "decoding"] and problem["msg"].startswith(f"{field} is not read by strategy")
+    assert problem["loc"] == ["body", "decoding", field], problem
+    assert problem["msg"].startswith(f"{field} is not read by strategy"), problem
 
 
 # what each strategy reads, spelled out here (not from strategies.READ_BY): a seed only where tokens are drawn
@@ -388,8 +389,17 @@ def test_every_parameter_of_every_strategy_is_read_or_refused_by_name(client, st
         return
     assert reply.status_code == 422, reply.text
     problem = reply.json()["detail"][0]
-    assert problem["loc"] == ["body", "decoding"] and problem["msg"].startswith(
+    assert problem["loc"] == ["body", "decoding", parameter] and problem["msg"].startswith(
         f"{parameter} is not read by strategy '{strategy}', which "), problem
+
+
+def test_each_parameter_greedy_does_not_read_is_named_at_its_field(client):
+    """A review: the refusal stood at ``decoding`` and named the first only."""
+    decoding = {"strategy": "greedy", **A_VALUE}
+    reply = client.post("/answer", json={**ANSWER, "decoding": decoding})
+    assert reply.status_code == 422, reply.text
+    assert [problem["loc"] for problem in reply.json()["detail"]] == [["body", "decoding", name] for name in
+                                                                      sorted(A_VALUE)]
 
 
 @pytest.mark.parametrize("decoding", [
