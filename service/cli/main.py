@@ -182,9 +182,10 @@ def off_switch(name: str, args: argparse.Namespace) -> str:
 def os_error(exc: OSError, args: argparse.Namespace) -> str:
     """OSError's line naming the option whose path it is about, the path given or a file in that folder
     (``--data-dir /x: No such file or directory: /x/nli/mnli.jsonl.gz``; a review: it named no option), where one
-    of the command's options (``input_options``) gives it; else OSError's own line."""
+    of the command's options (``input_options``) gives it; else OSError's own line, each setting it names by its field
+    named as given (``as_given``: ``base_model.make_cache_dir``'s ``cache_dir``)."""
     if exc.filename is None or exc.strerror is None:
-        return str(exc)
+        return as_given(str(exc), args)
     failed = Path(exc.filename)
     for dest, option in getattr(args, "input_options", []):
         for value in path_values(getattr(args, dest, None)):

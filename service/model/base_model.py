@@ -147,11 +147,22 @@ def resolve_base_dir(name_or_path: str, cache_dir: Path) -> Path:
     cached = converted_dir(cache_dir)
     remove_abandoned_partials(cached)
     if not (cached / "config.json").is_file():
-        cached.parent.mkdir(parents=True, exist_ok=True)
+        make_cache_dir(cache_dir)
         cached = convert_gguf(embedded_gguf(), cached)
     with reading_cache(cached, (ValueError,)):  # weight_alignment.data_start: no whole header
         align_weights(cached)
     return cached
+
+
+def make_cache_dir(cache_dir: Path) -> None:
+    """Make the folder ``cache_dir`` (and the folders above it) where it is absent. OSError of mkdir's kind that names
+    the setting by its field, ``cache_dir /proc/x: cannot make this folder: No such file or directory`` (as the
+    service's checks word settings: ``settings.worded``, a command's ``as_given``, name it as the user gave it; a
+    review: mkdir's own line, ``[Errno 2] No such file or directory: '/proc/x'``, named no setting)."""
+    try:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise type(exc)(f"cache_dir {cache_dir}: cannot make this folder: {exc.strerror or exc}") from exc
 
 
 @contextlib.contextmanager
@@ -191,10 +202,12 @@ def config_positions(config: PretrainedConfig) -> int:
 
 def base_config(settings: Settings, convert: bool = True) -> PretrainedConfig | None:
     """The config of the base model (``settings.base_model``), not its weights (the embedded base is converted first,
-    once; without ``convert``, None where it is not converted yet). FileNotFoundError and ValueError as ``load_base``
-    raises; OSError or ValueError for a config transformers cannot read."""
+    once; without ``convert``, None where it is not converted yet, its cache folder made: ``make_cache_dir``'s OSError
+    where it cannot be). FileNotFoundError and ValueError as ``load_base`` raises; OSError or ValueError for a config
+    transformers cannot read."""
     converted = (converted_dir(settings.cache_dir) / "config.json").is_file()
     if not convert and settings.base_model == EMBEDDED and not converted:
+        make_cache_dir(settings.cache_dir)  # the start converts into it: one that cannot be made fails before that
         return None
     base_dir = resolve_base_dir(settings.base_model, settings.cache_dir)
     with reading_base(settings, base_dir):

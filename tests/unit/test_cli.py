@@ -264,6 +264,29 @@ def test_a_path_with_a_file_on_the_way_is_a_usage_error_naming_its_option(variab
     assert err.startswith(f"loraswap {argv[0]}: error: ") and error in err and "Not a directory" in err, err
 
 
+UNMAKABLE = "/proc/loraswap-cache"  # a folder no one can make (procfs: mkdir fails with ENOENT), though nothing is on
+# the way: it passes the check of the name (settings.usable_path) and fails only when the cache is made
+
+
+CACHE_MAKERS = [["serve"], ["scale", "--replicas", "1"], ["bench", "--registered", "2"],  # these have --cache-dir
+                ["eval", "--task", "nli", "--adapter", "none"], ["calibrate", "--adapter", "nli"],
+                ["merge", "--adapter", "squad", "--out", "{tmp}/merged"],
+                ["train", "--task", "nli", "--out", "{tmp}/trained", "--max-steps", "1"]]
+
+
+@pytest.mark.parametrize("argv,name", [*((argv, "LORASWAP_CACHE_DIR") for argv in CACHE_MAKERS),
+                                       *((argv, "--cache-dir") for argv in CACHE_MAKERS[:3])])
+def test_a_cache_folder_that_cannot_be_made_is_a_usage_error_naming_its_setting(argv, name, tmp_path, monkeypatch,
+                                                                                 capsys):
+    """A review: '[Errno 2] No such file or directory: '/proc/nope'', naming no setting, from each command that makes
+    the embedded base's cache folder (serve's in /health, after its start had begun); serve refuses it before."""
+    argv = [arg.replace("{tmp}", str(tmp_path)) for arg in argv]
+    variables = {name: UNMAKABLE} if name.startswith("LORASWAP_") else {}
+    flags = [] if variables else [name, UNMAKABLE]
+    assert usage_error([*argv, *flags], variables, monkeypatch, capsys) == (
+        f"loraswap {argv[0]}: error: {name} {UNMAKABLE}: cannot make this folder: No such file or directory\n")
+
+
 @pytest.mark.parametrize("variables,argv,error", [
     # a review: a setting neither given nor from the environment was named by its field, which no user sets
     ({}, ["serve", "--answer-stride", "2000"], "--answer-stride: must be below --max-input-tokens (1024)"),
