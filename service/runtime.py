@@ -82,6 +82,10 @@ def log_start_failure(exc: Exception, failure: str) -> None:
         log.exception("the service failed to start: %s", failure)
 
 
+class StartCut(Exception):
+    """The runtime was stopped (``Runtime.stop``) while it started: the start ends, no start failure."""
+
+
 class Runtime:
     """Owns the model-side objects; the HTTP layer reaches them only through this."""
 
@@ -98,6 +102,7 @@ class Runtime:
         self.tasks: Tasks | None = None
         self.ready = threading.Event()
         self.draining = False
+        self.stopped = threading.Event()  # set by stop: a start still loading ends (StartCut)
         self.start_failure: str | None = None
 
     @property
@@ -108,12 +113,20 @@ class Runtime:
         """Load the base model and every adapter in the adapters folder (on a thread that ends with it:
         service.model.cpu_threads), then start the engine. What fails it is raised, its reason kept
         (``start_failure``) and, with ``log_failure``, logged (``log_start_failure``): without, for a caller that
-        reports it itself (a command's usage error: a review found eval's said twice, the log line first)."""
+        reports it itself (a command's usage error: a review found eval's said twice, the log line first). A stop
+        meanwhile (``stop``) ends the load at its next step, an adapter's or the base's, with StartCut, or with what
+        the load raised once stopped: a line at INFO says the start was cut short, no failure is kept or logged (a
+        review: a server stopped while its adapters loaded ended with an ERROR and a traceback, 'cannot schedule new
+        futures after interpreter shutdown', as the load ran on past the server's end)."""
         try:
             on_passing_thread(self._load)
+            self._going_on()
             self.engine.start()
             self.ready.set()
         except Exception as exc:  # the reason's first line: torch's own errors go on with their C++ frames
+            if self.stopped.is_set():
+                log.info("the start was cut short: the service was stopped while it loaded")
+                raise
             self.start_failure = self.named(f"{type(exc).__name__}: {next(iter(str(exc).splitlines()), '')}")
             if log_failure:
                 log_start_failure(exc, self.start_failure)
@@ -123,6 +136,7 @@ class Runtime:
         self._warn_of_missing_roots()
         check_settings_fit(self.settings)
         model, tokenizer = load_base(self.settings)
+        self._going_on()
         positions = max_positions(model)
         warn_of_short_prompts(self.settings, positions, self.named)
         self.registry = AdapterRegistry(model, self.roots, self.settings.max_resident, self.settings.max_rank)
@@ -146,6 +160,11 @@ class Runtime:
             if not Path(folder).is_dir():
                 log.warning(self.named(f"{setting} {folder} is not an existing folder: no adapter can come from it"))
 
+    def _going_on(self) -> None:
+        """StartCut where the runtime was stopped (``stop``): a start still loading goes no further."""
+        if self.stopped.is_set():
+            raise StartCut("the service was stopped while it started")
+
     def start_in_background(self) -> threading.Thread:
         thread = threading.Thread(target=self._start_quietly, name="loraswap-start", daemon=True)
         thread.start()
@@ -156,8 +175,10 @@ class Runtime:
             self.start()
 
     def load_adapter_folder(self, folder: Path) -> None:
-        """Register every adapter folder under ``folder``; ones that do not fit this base are skipped."""
+        """Register every adapter folder under ``folder``; ones that do not fit this base are skipped. StartCut where
+        the runtime is stopped meanwhile (``stop``)."""
         for path in sorted(Path(folder).glob(f"*/{CONFIG_FILE}")):
+            self._going_on()
             try:
                 self.load_adapter(path.parent.name, path.parent)
             except AdapterError as exc:
@@ -232,7 +253,8 @@ class Runtime:
 
     def stop(self) -> None:
         """Stop taking work, end the chat template renders (``stop_rendering``), finish what the engine has queued,
-        stop the engine."""
+        stop the engine; a start still loading ends (``start``)."""
+        self.stopped.set()
         self.draining = True
         self.stop_rendering()
         if self.engine is not None:

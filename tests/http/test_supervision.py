@@ -2,6 +2,7 @@
 queued and new requests fail at once with 503 instead of hanging."""
 from __future__ import annotations
 
+import concurrent.futures.thread
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -161,6 +162,38 @@ def test_an_unexpected_start_failure_still_logs_its_traceback(tiny_llama_dir, tm
     errors = [record for record in records if record.levelno >= logging.ERROR]
     assert len(errors) == 1 and errors[0].exc_info is not None
     assert errors[0].getMessage() == "the service failed to start: RuntimeError: a bug"  # /health's reason: one line
+
+
+def test_a_stop_while_adapters_load_ends_the_start_quietly(tiny_llama_dir, llama_adapters, tmp_path, caplog,
+                                                            monkeypatch):
+    """A review: serve stopped (SIGTERM) while its adapters loaded logged 'the service failed to start: RuntimeError:
+    cannot schedule new futures after interpreter shutdown' with a traceback once the server had ended: the load ran
+    on, and the interpreter's end refuses the adapter's packing threads. Here the load is held at its first adapter
+    until the runtime has stopped, then meets that refusal (concurrent.futures' flag the interpreter's end sets)."""
+    loading, release = threading.Event(), threading.Event()
+    load_adapter = Runtime.load_adapter
+
+    def held(self, *args, **kwargs):
+        loading.set()
+        assert release.wait(WAIT)
+        return load_adapter(self, *args, **kwargs)
+
+    monkeypatch.setattr(Runtime, "load_adapter", held)
+    caplog.set_level(logging.DEBUG, logger=runtime_module.__name__)
+    runtime = Runtime(settings_in(tmp_path, tiny_llama_dir, llama_adapters))
+    starting = runtime.start_in_background()
+    assert loading.wait(WAIT)
+    runtime.stop()
+    with monkeypatch.context() as shutdown:
+        shutdown.setattr(concurrent.futures.thread, "_shutdown", True)
+        release.set()
+        starting.join(WAIT)
+    assert not starting.is_alive()
+    records = [record for record in caplog.records if record.name == runtime_module.__name__]
+    assert [record.getMessage() for record in records if record.levelno >= logging.ERROR] == []
+    assert "the start was cut short: the service was stopped while it loaded" in [
+        record.getMessage() for record in records if record.levelno == logging.INFO]
+    assert runtime.failure is None and not runtime.ready.is_set()
 
 
 def test_an_adapters_folder_or_root_that_is_no_folder_is_warned_of_at_start(tiny_llama_dir, tmp_path, caplog):
