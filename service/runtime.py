@@ -103,6 +103,7 @@ class Runtime:
         self.ready = threading.Event()
         self.draining = False
         self.stopped = threading.Event()  # set by stop: a start still loading ends (StartCut)
+        self.starting: threading.Thread | None = None  # start_in_background's
         self.start_failure: str | None = None
 
     @property
@@ -166,9 +167,9 @@ class Runtime:
             raise StartCut("the service was stopped while it started")
 
     def start_in_background(self) -> threading.Thread:
-        thread = threading.Thread(target=self._start_quietly, name="loraswap-start", daemon=True)
-        thread.start()
-        return thread
+        self.starting = threading.Thread(target=self._start_quietly, name="loraswap-start", daemon=True)
+        self.starting.start()
+        return self.starting
 
     def _start_quietly(self) -> None:
         with contextlib.suppress(Exception):  # kept in self.start_failure and reported by /health and /ready
@@ -253,9 +254,13 @@ class Runtime:
 
     def stop(self) -> None:
         """Stop taking work, end the chat template renders (``stop_rendering``), finish what the engine has queued,
-        stop the engine; a start still loading ends (``start``)."""
+        stop the engine. A start still loading in the background (``start_in_background``) ends at its next step
+        (``start``), and is waited for: it ends, and says so, before the server does, not while the interpreter ends
+        (a review: its log line came after the server's last, or never)."""
         self.stopped.set()
         self.draining = True
+        if self.starting is not None and self.starting is not threading.current_thread():
+            self.starting.join()
         self.stop_rendering()
         if self.engine is not None:
             self.engine.stop()

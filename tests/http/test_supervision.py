@@ -183,12 +183,14 @@ def test_a_stop_while_adapters_load_ends_the_start_quietly(tiny_llama_dir, llama
     runtime = Runtime(settings_in(tmp_path, tiny_llama_dir, llama_adapters))
     starting = runtime.start_in_background()
     assert loading.wait(WAIT)
-    runtime.stop()
+    stopping = threading.Thread(target=runtime.stop)  # waits for the start to end
+    stopping.start()
+    wait_until(lambda: runtime.draining, "the stop began", WAIT)
     with monkeypatch.context() as shutdown:
         shutdown.setattr(concurrent.futures.thread, "_shutdown", True)
         release.set()
-        starting.join(WAIT)
-    assert not starting.is_alive()
+        stopping.join(WAIT)
+    assert not stopping.is_alive() and not starting.is_alive()  # the stop returned once the start had ended
     records = [record for record in caplog.records if record.name == runtime_module.__name__]
     assert [record.getMessage() for record in records if record.levelno >= logging.ERROR] == []
     assert "the start was cut short: the service was stopped while it loaded" in [
