@@ -138,7 +138,7 @@ class DecodingIn(NullIsDefault):
     temperature: float = Field(SAMPLING_DEFAULTS["temperature"], ge=0, le=10)  # 0: greedy, whatever the strategy
     top_k: int = Field(SAMPLING_DEFAULTS["top_k"], ge=1, le=100_000)
     top_p: float = Field(SAMPLING_DEFAULTS["top_p"], gt=0, le=1)
-    max_new_tokens: int = Field(ANSWER_TOKENS, ge=1, le=4096)  # above the server's max_new_tokens: refused (the route)
+    max_new_tokens: int = Field(ANSWER_TOKENS, ge=1)  # above the server's max_new_tokens: refused (the route's bound)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
 
     @model_validator(mode="after")
@@ -505,4 +505,4 @@ class LoraNameIn(NullIsDefault):
 
     model_config = STRICT
     lora_name: Str
-    lora_int_id: int | None = None
+    lora_int_id: int | None = Field(None, ge=-2**63, le=2**63 - 1)  # any 64-bit integer, as vLLM's (not read)

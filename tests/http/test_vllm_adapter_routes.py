@@ -82,6 +82,9 @@ def test_unloading_what_is_unknown_or_merged_is_as_delete(client, served):
     ("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/x", "lora_int_id": 1}),
     ("/v1/unload_lora_adapter", {"lora_name": "one", "lora_int_id": "1"}),
     ("/v1/unload_lora_adapter", {"lora_name": "one", "lora_int_id": 1.5}), ("/v1/unload_lora_adapter", {}),
+    # past 64 bits (a review: 5000 digits were taken, and the adapter unloaded)
+    ("/v1/unload_lora_adapter", {"lora_name": "one", "lora_int_id": 2**63}),
+    ("/v1/unload_lora_adapter", {"lora_name": "one", "lora_int_id": -2**63 - 1}),
 ])
 def test_fields_missing_unknown_or_of_the_wrong_type_are_refused_by_name(client, route, body):
     before = listed(client)
