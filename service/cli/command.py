@@ -27,6 +27,7 @@ from service.settings import (
     known_host,
     setting,
     usable_path,
+    variable,
     worded,
 )
 
@@ -76,8 +77,7 @@ class SettingDefault:
 
     def __str__(self) -> str:
         default = Settings.model_fields[self.name].get_default(call_default_factory=True)
-        variable = Settings.model_config["env_prefix"] + self.name.upper()
-        return f"${variable}, else {'unset' if default is None else default}"
+        return f"${variable(self.name)}, else {'unset' if default is None else default}"
 
 
 def read_setting_defaults(args: argparse.Namespace) -> None:
@@ -99,10 +99,10 @@ def given_as(args: argparse.Namespace, name: str) -> str:
     variable (a review: 'must be below max_input_tokens' named a setting no user sets by that name)."""
     read = name in getattr(args, "settings_read", ()) or isinstance(getattr(args, name, SettingDefault(name)),
                                                                    SettingDefault)
-    variable = Settings.model_config["env_prefix"] + name.upper()
-    if not read or (variable not in os.environ and name in getattr(args, "setting_options", ())):
+    env = variable(name)
+    if not read or (env not in os.environ and name in getattr(args, "setting_options", ())):
         return flag(name)
-    return variable
+    return env
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from service.cli.command import (
 from service.cli.settings_options import add_settings_arguments, settings_from
 from service.errors import AdapterError, TemplateRefused, UnsafeEnvironment
 from service.model import server_process
-from service.settings import Settings
+from service.settings import Settings, variable
 
 COMMAND_GROUP = "loraswap.commands"  # the entry-point group of subcommands (pyproject.toml)
 BITSANDBYTES_CPU_LOG = "bitsandbytes.backends.cpu.ops"  # the logger of bitsandbytes' CPU kernels (0.50)
@@ -158,9 +158,8 @@ def reason(exc: Exception, args: argparse.Namespace) -> str:
     ``as_given`` for those the words name: ``--max-batch`` or ``LORASWAP_MAX_BATCH``, not ``max_batch``). For a
     ValidationError, each field's problem without the value given, which may be a secret (the admin or API key), nor
     pydantic's "Value error, " before a validator's own words."""
-    prefix = Settings.model_config["env_prefix"]
     if isinstance(exc, SettingsError):  # pydantic-settings' own: 'error parsing value for field "x" from source ...'
-        return re.sub(r'field "(\w+)"', lambda name: f"{prefix}{name[1].upper()}", str(exc))
+        return re.sub(r'field "(\w+)"', lambda name: variable(name[1]), str(exc))
     if isinstance(exc, OSError):
         return os_error(exc, args)
     if isinstance(exc, UnsafeEnvironment) and exc.off:
