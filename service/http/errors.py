@@ -179,10 +179,11 @@ def echoed(value):
     """A JSON scalar of the request as a reply echoes it: a string ``echoable``, an integer of more than
     ``ECHO_LIMIT`` digits as its digits ``echoable`` (a string), one of more than Python converts (read as
     ``strict_json.PAST_ANY_BOUND``) said in words, other scalars as they are."""
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) == PAST_ANY_BOUND:
-        return f"{'a negative' if value < 0 else 'an'} integer of {len(str(PAST_ANY_BOUND))} digits or more"
-    if isinstance(value, int) and not isinstance(value, bool) and len(digits := str(value)) > ECHO_LIMIT:
-        return echoable(digits)
+    if isinstance(value, int) and not isinstance(value, bool):
+        if abs(value) == PAST_ANY_BOUND:
+            return f"{'a negative' if value < 0 else 'an'} integer of {len(str(PAST_ANY_BOUND))} digits or more"
+        if len(digits := str(value)) > ECHO_LIMIT:
+            return echoable(digits)
     return echoable(value) if isinstance(value, str) else value
 
 
