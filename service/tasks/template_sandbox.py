@@ -132,17 +132,12 @@ class Child:
             raise RenderUnavailable("the server could not render the chat template: its process died before the "
                                     "render (not the template's doing)") from None
         self.receive(COMPILE_SECONDS, "compile")  # the template compiled (or found not to compile)
-        started = self.cpu_seconds()
+        wall, cpu = time.monotonic(), process_state(self.process.pid)[1]
         kind, outcome = self.receive(MAX_RENDER_SECONDS, "render the messages")
         if kind != "ids":
             raise (RenderBound if kind == "bound" else TemplateRefused)(outcome)
-        self.render_seconds = self.cpu_seconds() - started
+        self.render_seconds = ran_since(self.process.pid, cpu, wall)
         return outcome
-
-    def cpu_seconds(self) -> float:
-        """The seconds the process has run on the CPU (``process_state``; the wall clock's where /proc cannot say)."""
-        ran = process_state(self.process.pid)[1]
-        return time.monotonic() if ran is None else ran
 
     def receive(self, seconds: float, what: str):
         """The process's next message, before it has run ``seconds`` on the CPU in this step (the template's work; the
@@ -158,8 +153,7 @@ class Child:
                     return self.connection.recv()
             except (EOFError, OSError):  # the process died, or its socket failed
                 raise self.ended(what) from None
-            waited, now = time.monotonic() - started, process_state(self.process.pid)[1]
-            used = now - ran if ran is not None and now is not None else waited
+            waited, used = time.monotonic() - started, ran_since(self.process.pid, ran, started)
         self.stop()
         if used < seconds:
             raise RenderUnavailable(f"the server could not render the chat template: its process got {used:.2f} s of "
@@ -204,6 +198,13 @@ def ending(code: int) -> str:
     with contextlib.suppress(ValueError):
         return signal.Signals(-code).name
     return f"signal {-code}"
+
+
+def ran_since(pid: int, cpu: float | None, wall: float) -> float:
+    """The seconds process ``pid`` has run on the CPU since it had run ``cpu`` seconds (``process_state``'s); where
+    /proc cannot say, now or then, the wall clock's seconds since ``wall`` (``time.monotonic``'s)."""
+    now = process_state(pid)[1]
+    return now - cpu if cpu is not None and now is not None else time.monotonic() - wall
 
 
 def process_state(pid: int) -> tuple[str, float | None]:
