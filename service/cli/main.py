@@ -174,8 +174,8 @@ def off_switch(name: str, args: argparse.Namespace) -> str:
     """How the command of ``args`` turns boolean setting ``name`` off: its flag and its variable where it has the
     option (serve's, scale's: ``--no-onednn, LORASWAP_ONEDNN=false``), else its variable alone (a review: train, eval
     and bench, which have no --no-onednn, named it)."""
-    variable = f"{Settings.model_config['env_prefix']}{name.upper()}=false"
-    return f"{flag('no_' + name)}, {variable}" if name in getattr(args, "setting_options", ()) else variable
+    off = f"{variable(name)}=false"
+    return f"{flag('no_' + name)}, {off}" if name in getattr(args, "setting_options", ()) else off
 
 
 def os_error(exc: OSError, args: argparse.Namespace) -> str:
