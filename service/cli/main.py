@@ -220,12 +220,13 @@ def main(argv: list[str] | None = None) -> int:
             if argv is None:  # this process is the server from its start (not a caller's, as in tests): readied
                 server_process.prepare(settings.quantize)  # before the checks import torch and peft (it starts again)
             check_server_start(settings, args)
+            named = naming(args)
             # the embedded base is not converted here: its first conversion runs while /health answers
-            check_room_for_prompts(settings, named=naming(args), convert=False)
+            check_room_for_prompts(settings, named=named, convert=False)
             sockets = take_port(settings, args)  # before the model loads; the server serves on these
             from service.http.server import serve
 
-            serve(settings, naming(args), sockets)
+            serve(settings, named, sockets)
         else:
             if argv is None:  # this process is the command from its start (not a caller's, as in tests)
                 signal.signal(signal.SIGTERM, interrupt)  # as Ctrl-C (loadtest and scale set their own)
