@@ -214,6 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger(BITSANDBYTES_CPU_LOG).setLevel(logging.ERROR)
     parser = build_parser()
     args = parser.parse_args(argv)
+    if argv is None:  # this process runs the command from its start: torch is not imported yet
+        from service.model.cpu_quota import threads_within_quota  # with joblib (0.2 s), once --help has answered
+
+        threads_within_quota()
     try:
         if args.command == "serve":
             settings = settings_from(args)
