@@ -39,17 +39,18 @@ def rss_bytes() -> int:
 
 def check_registered_room(count: int, config: PretrainedConfig, rank: int, dtype: torch.dtype) -> None:
     """UsageError naming ``--registered`` where ``count`` adapters of ``rank`` registered for the memory check
-    (``registered_memory``: each holds its weights on the host, in ``dtype``) need more than the host's RAM and swap
-    (``device_room.device_memory``), found from the base model's ``config`` before it loads: each at least an A and a
-    B on one module of each layer that reads and writes the hidden state (both of bench's target presets adapt one),
-    ``rank`` x 2 x hidden size x layers x the dtype's bytes (a review: a huge count was taken, to fail only once the
-    timed modes had run)."""
+    (``registered_memory``: each holds its weights on the host, in ``dtype``) need more than the host's RAM and swap,
+    or its container's memory limit (``device_room.device_memory``), found from the base model's ``config`` before it
+    loads: each at least an A and a B on one module of each layer that reads and writes the hidden state (both of
+    bench's target presets adapt one), ``rank`` x 2 x hidden size x layers x the dtype's bytes (a review: a huge count
+    was taken, to fail only once the timed modes had run)."""
     each = rank * 2 * config.hidden_size * config.num_hidden_layers * dtype.itemsize
     memory = device_memory(torch.device("cpu"))
     if count * each > memory:
         raise UsageError(f"--registered {count} needs at least {count} x {each} bytes (--rank {rank} x 2 x "
                          f"{config.hidden_size} x {config.num_hidden_layers} layers x {dtype.itemsize} bytes) of host "
-                         f"memory, more than the {memory} bytes of RAM and swap this machine has; lower it")
+                         f"memory, more than the {memory} bytes of memory this machine has (its RAM and swap, or its "
+                         "container's memory limit where less); lower it")
 
 
 def registered_memory(registry: AdapterRegistry, name: str, source: Path, count: int, device: torch.device) -> dict:

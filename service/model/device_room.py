@@ -66,12 +66,45 @@ def check_allocations(settings: Settings, config: PretrainedConfig, dtype: torch
 
 
 def device_memory(device: torch.device) -> int:
-    """Bytes of memory ``device`` has: a GPU's total memory, the host's RAM and swap for the CPU (the most a private
-    map can be given: ``file_pages.mapped_zeros``)."""
+    """Bytes of memory ``device`` has: a GPU's total memory; for the CPU the host's RAM and swap (the most a private
+    map can be given: ``file_pages.mapped_zeros``), or a container's memory limit where that is less
+    (``container_memory``: under ``docker run --memory 2g`` a size setting past it was taken, and the process killed
+    by the kernel once the engine filled it)."""
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         return torch.cuda.get_device_properties(index).total_memory
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") + swap_bytes()
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") + swap_bytes()
+    return min(host, container_memory() or host)
+
+
+def container_memory() -> int | None:
+    """Bytes of memory and swap the cgroup a container sees as its root may use, as joblib reads a container's CPU
+    quota (``service.model.cpu_quota``): cgroup v2's ``memory.max`` plus ``memory.swap.max``, cgroup v1's memory and
+    swap limit, else its memory limit, swap not limited counting as the host's swap; None where no memory limit is set
+    or none can be read. A limit on a cgroup below that root (systemd's ``MemoryMax=`` on a host) is not found."""
+    memory = read_limit(f"{CGROUP}/memory.max")
+    if memory is not None:
+        swap = read_limit(f"{CGROUP}/memory.swap.max")
+        return memory + (swap_bytes() if swap is None else swap)
+    both = read_limit(f"{CGROUP}/memory/memory.memsw.limit_in_bytes")
+    if both is not None:
+        return both
+    memory = read_limit(f"{CGROUP}/memory/memory.limit_in_bytes")
+    return None if memory is None else memory + swap_bytes()
+
+
+CGROUP = "/sys/fs/cgroup"  # where a container sees its own cgroup: v2's files, or v1's hierarchies' folders
+NO_LIMIT = 2**62  # cgroup v1 writes "no limit" as the largest page-aligned signed 64-bit count, v2 as "max"
+
+
+def read_limit(path: str) -> int | None:
+    """A cgroup limit file's bytes; None where it says no limit or cannot be read."""
+    try:
+        with open(path) as file:
+            text = file.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() and int(text) < NO_LIMIT else None
 
 
 def swap_bytes() -> int:

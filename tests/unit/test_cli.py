@@ -705,7 +705,7 @@ def test_bench_refuses_more_registered_adapters_than_the_host_holds_before_the_b
     assert exit_.value.code == 2 and "Loading weights" not in err, err
     assert err.startswith(f"loraswap bench: error: --registered {HALF} needs at least {HALF} x 8192 bytes (--rank 8 x "
                           "2 x 64 x 2 layers x 4 bytes) of host memory, more than the "), err
-    assert err.endswith("bytes of RAM and swap this machine has; lower it\n") and err.count("\n") == 1, err
+    assert err.endswith("container's memory limit where less); lower it\n") and err.count("\n") == 1, err
 
 
 def test_ctrl_c_ends_a_command_with_one_line_and_status_130(monkeypatch, capsys):

@@ -1,0 +1,72 @@
+"""A container's limits, read where a container sees them (service.model.cpu_quota, device_room.container_memory): in
+a real cgroup with a CPU quota or a memory limit seen as a container sees its own (``loadtest/in_limits.sh``: root
+only; the tests skip where it cannot make one)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from service.model.cpu_quota import THREADS, threads_within_quota
+from service.model.device_room import swap_bytes
+from tests.server_helpers import free_port
+
+IN_LIMITS = Path(__file__).parents[2] / "loadtest" / "in_limits.sh"
+NO_CGROUP = 3  # in_limits.sh's exit status where it can make no cgroup
+TORCH_THREADS = "import torch; print(torch.get_num_threads())"
+SIZED = f"from service.model.cpu_quota import threads_within_quota; threads_within_quota(); {TORCH_THREADS}"
+GIB = 2**30
+
+
+def in_limits(cpus: str, memory: str, code: str, **environ: str) -> subprocess.CompletedProcess:
+    """Python ``code`` run under a quota of ``cpus`` and a limit of ``memory`` bytes ("-": none), as a container
+    limited so runs it (``docker run --cpus --memory``); skips where no such cgroup can be made here, or where 1 CPU
+    is all this process may use anyway."""
+    if os.geteuid() != 0 or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs root, to make a cgroup with limits, and 2 cores or more, for a 1-CPU quota to be less")
+    env = {key: value for key, value in os.environ.items() if key != THREADS} | environ
+    ran = subprocess.run(["bash", str(IN_LIMITS), cpus, memory, sys.executable, "-c", code], capture_output=True,
+                         text=True, env=env, timeout=120)
+    if ran.returncode == NO_CGROUP:
+        pytest.skip(f"no cgroup with limits can be made here: {ran.stderr.strip()}")
+    return ran
+
+
+def test_torch_runs_the_threads_a_cpu_quota_allows():
+    unset, sized = in_limits("1", "-", TORCH_THREADS), in_limits("1", "-", SIZED)
+    assert (unset.stdout.strip(), sized.stdout.strip()) == (str(len(os.sched_getaffinity(0))), "1"), \
+        unset.stderr + sized.stderr
+
+
+def test_the_loraswap_command_sizes_torch_to_the_quota_and_says_so():
+    ran = in_limits("1", "-", "import sys; sys.argv = ['loraswap', 'serve', '--max-batch', '0']; "
+                    "from service.cli.main import main; main()")
+    assert ran.returncode == 2 and "torch runs 1 threads, the CPUs this process's CPU quota allows of the" in ran.stderr
+
+
+def test_a_thread_count_the_user_set_is_kept():
+    assert in_limits("1", "-", SIZED, **{THREADS: "2"}).stdout.strip() == "2"
+
+
+def test_a_thread_count_in_the_environment_is_left_as_it_is():
+    environ = {THREADS: "3"}
+    assert threads_within_quota(environ) is None and environ == {THREADS: "3"}
+
+
+def test_a_cpu_s_memory_is_a_containers_memory_limit_where_that_is_less():
+    ran = in_limits("-", str(GIB), "import torch; from service.model.device_room import device_memory; "
+                    "print(device_memory(torch.device('cpu')))")
+    assert 0 < int(ran.stdout) <= GIB + swap_bytes(), ran.stderr
+
+
+def test_serve_refuses_a_size_setting_past_a_containers_memory_limit_before_the_model_loads(tiny_llama_dir):
+    """A review: under ``docker run --memory``, a prefix cache past the limit was taken, and the kernel killed the
+    server once the engine filled it."""
+    ran = in_limits("-", str(GIB), "import sys; from service.cli.main import main; sys.argv = ['loraswap', 'serve', "
+                    f"'--base-model', {str(tiny_llama_dir)!r}, '--port', '{free_port()}', "
+                    f"'--prefix-cache-bytes', '{2 * GIB}']; main()")
+    assert ran.returncode == 2 and f"--prefix-cache-bytes {2 * GIB} needs the prefix cache's keys and values" in \
+        ran.stderr and "of memory the device has; lower it" in ran.stderr, ran.stderr
