@@ -30,6 +30,8 @@ ADAPTER_CONFIG_FILE = "adapter_config.json"  # what makes a folder an adapter's 
 INT64 = 2**63  # torch's sizes and counts are 64-bit integers: a setting beyond is an OverflowError there
 INT64_RULE = f"at most {INT64 - 1} (a 64-bit integer, as torch takes)"  # int64's bound in words
 MOST_DEFAULT_STRIDE = 128  # answer_stride unset: min(a window's context tokens // 2, this); Hugging Face's doc_stride
+# what each key's being unset means (Settings.admin_key, Settings.api_key)
+UNSET_KEY = {"admin_key": "refuses the admin routes", "api_key": "leaves the routes that run the model open"}
 HOST_NAME = re.compile(r"[A-Za-z0-9._-]+")  # a host name or IPv4 address of a URL (an IPv6 one is in brackets)
 # a setting's name in a message's words (max_new_tokens): an identifier with an underscore, not part of a path
 SETTING_WORD = re.compile(r"(?<![\w/.-])[a-z]+(?:_[a-z0-9]+)+(?![\w/-]|\.\w)")
@@ -236,9 +238,11 @@ class Settings(BaseSettings):
     host: Annotated[str, AfterValidator(listening_host)] = Field("127.0.0.1", description="the host name or IP address "
                                                                  "to listen on")
     port: int = Field(8000, ge=1, le=65535, description="TCP port to listen on")
-    admin_key: str | None = Field(None, description="bearer key for admin routes; none refuses them")
-    api_key: str | None = Field(None, min_length=1, description="bearer key for the routes that run the model "
-                                "(/answer, /nli, /v1/completions, /v1/chat/completions); none leaves them open")
+    admin_key: str | None = Field(None, description="bearer key for admin routes; none refuses them; an empty one "
+                                  "is refused at start")
+    api_key: str | None = Field(None, description="bearer key for the routes that run the model (/answer, /nli, "
+                                "/v1/completions, /v1/chat/completions); none leaves them open; an empty one is "
+                                "refused at start")
     max_body_bytes: int = Field(4 * 2**20, ge=1, description="largest request body in bytes: a larger one is refused "
                                 "(413) before it is read whole")
     drain_seconds: float = Field(1.0, ge=0, description="on SIGTERM, how long /ready reports false before shutdown")
@@ -271,9 +275,13 @@ class Settings(BaseSettings):
 
     @field_validator("admin_key", "api_key")
     @classmethod
-    def _key_a_header_can_carry(cls, key: str | None) -> str | None:
-        """ValueError for a key no ``Authorization`` header could match: one that begins or ends with a space or a
-        tab (a field value is read without them: RFC 9110 5.5), or holds another control character."""
+    def _key_a_header_can_carry(cls, key: str | None, info: ValidationInfo) -> str | None:
+        """ValueError for an empty key (one rule for both: unset means no key, so an empty one is a mistake, as
+        ``-e LORASWAP_ADMIN_KEY=`` is; a review: an empty admin key was taken and refused the admin routes without a
+        word), and for a key no ``Authorization`` header could match: one that begins or ends with a space or a tab (a
+        field value is read without them: RFC 9110 5.5), or holds another control character."""
+        if key == "":
+            raise ValueError(f"must not be empty: give a key, or leave it unset, which {UNSET_KEY[info.field_name]}")
         if key and (key != key.strip(" \t") or any(ord(c) < 32 or ord(c) == 127 for c in key)):
             raise ValueError("must not begin or end with a space or a tab, nor hold a control character: an "
                              "Authorization header's value is read without them (RFC 9110 5.5), so no client could "

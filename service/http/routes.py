@@ -142,7 +142,7 @@ def is_api_key(rt: Runtime, authorization: str) -> bool:
 def check_admin_key(rt: Runtime, authorization: str | None) -> None:
     """Raise 403 when no admin key is configured, 401 unless ``authorization`` is ``Bearer <admin key>``."""
     key = rt.settings.admin_key
-    if not key:
+    if key is None:
         raise HTTPException(403, rt.named("admin routes are disabled: no admin key is configured (admin_key)"))
     check_bearer(authorization, key, "admin routes need Authorization: Bearer <admin key>")
 

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from service.cli.command import check_onednn, take_port
+from service.cli.command import check_onednn, flag, take_port
 from service.cli.main import build_parser, commands, main
 from service.settings import CPU_DRAFT_TOKENS, CPU_PREFILL_CHUNK, Settings
+from service.settings import variable as variable_of
 from tests.data.make_corpus import NLI_SAMPLE, SQUAD_SAMPLE
 from tests.server_helpers import free_port
 
@@ -314,6 +315,21 @@ def test_serve_refuses_a_host_that_is_no_name_or_address_before_anything_loads(v
                                                                               capsys):
     """A review: serve --host 'a b' loaded the model, then uvicorn failed with exit status 3."""
     assert usage_error(argv, variables, monkeypatch, capsys).endswith(error)
+
+
+@pytest.mark.parametrize("command", [["serve"], ["scale", "--replicas", "1"]])
+@pytest.mark.parametrize("setting,unset", [("admin_key", "refuses the admin routes"),
+                                           ("api_key", "leaves the routes that run the model open")])
+@pytest.mark.parametrize("from_variable", [False, True])
+def test_an_empty_key_is_a_usage_error_naming_it_as_given(command, setting, unset, from_variable, monkeypatch,
+                                                          capsys):
+    """A review: --api-key '' was refused, --admin-key '' (or LORASWAP_ADMIN_KEY=, a docker -e left empty) was taken
+    and refused the admin routes without a word. One rule for both keys, serve's and scale's."""
+    named = variable_of(setting) if from_variable else flag(setting)
+    variables, flags = ({named: ""}, []) if from_variable else ({}, [f"{named}="])
+    flags.extend(["--base-model", "/nonexistent/base"])  # nothing starts should the key be taken: another refusal
+    assert usage_error([*command, *flags], variables, monkeypatch, capsys) == (
+        f"loraswap {command[0]}: error: {named}: must not be empty: give a key, or leave it unset, which {unset}\n")
 
 
 IN_USE = "cannot listen on port {taken} of 127.0.0.1: Address already in use\n"
