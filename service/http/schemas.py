@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
@@ -14,6 +15,8 @@ from pydantic import (
     TypeAdapter,
     ValidationError,
     ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
     field_validator,
     model_validator,
 )
@@ -77,6 +80,25 @@ def _not_blank(text: str) -> str:
     return text
 
 
+def _past_floats(value: Any, validate: ValidatorFunctionWrapHandler) -> Any:
+    """A float field's validation (``validate``) of ``value``, an integer past the largest float included (``2**1100``,
+    or one of more digits than Python converts, ``strict_json.PAST_ANY_BOUND``): refused as the largest float of its
+    sign is, by the field's own bound ("less than or equal to 10", as ``2**70`` is), or as not a finite number (as
+    ``1e400`` is) where no bound refuses that float. pydantic refused such an integer as "a valid number" (a review),
+    naming no bound."""
+    if not isinstance(value, int) or abs(value) <= sys.float_info.max:
+        return validate(value)
+    try:
+        validate(sys.float_info.max if value > 0 else -sys.float_info.max)
+    except ValidationError as exc:
+        problem = exc.errors()[0]
+        raise PydanticCustomError(problem["type"], problem["msg"], problem.get("ctx")) from None
+    raise PydanticCustomError("finite_number", "Input should be a finite number")
+
+
+# a float of a request body: its bounds (a Field's, or validators before this) refuse integers past every float too
+PAST_FLOATS = WrapValidator(_past_floats)
+Float = Annotated[float, PAST_FLOATS]
 Text = Annotated[str, Field(min_length=1, max_length=100_000), UNICODE, AfterValidator(_not_blank)]
 AdapterName = Annotated[str, UNICODE, NAMES_AN_ADAPTER]  # whether one of that name is registered: the route's 404
 # request bodies: no unknown fields, no coercion ("7" or true for 7), no NaN or infinity (JSON has neither, Python's
@@ -135,9 +157,9 @@ class DecodingIn(NullIsDefault):
 
     model_config = STRICT
     strategy: Strategy = "greedy"
-    temperature: float = Field(SAMPLING_DEFAULTS["temperature"], ge=0, le=10)  # 0: greedy, whatever the strategy
+    temperature: Float = Field(SAMPLING_DEFAULTS["temperature"], ge=0, le=10)  # 0: greedy, whatever the strategy
     top_k: int = Field(SAMPLING_DEFAULTS["top_k"], ge=1, le=100_000)
-    top_p: float = Field(SAMPLING_DEFAULTS["top_p"], gt=0, le=1)
+    top_p: Float = Field(SAMPLING_DEFAULTS["top_p"], gt=0, le=1)
     max_new_tokens: int = Field(ANSWER_TOKENS, ge=1)  # above the server's max_new_tokens: refused (the route's bound)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
 
@@ -330,8 +352,8 @@ class OpenAIIn(NullIsDefault):
     model_config = STRICT
     model: Annotated[str, Field(min_length=1), UNICODE]  # "" names nothing: 422 (an unknown name: 404)
     max_tokens: int | None = Field(None, ge=1)  # None: the server's cap (Settings.max_new_tokens); above it: refused
-    temperature: float = Field(1.0, ge=0, le=10)  # 0: greedy
-    top_p: float = Field(1.0, gt=0, le=1)
+    temperature: Float = Field(1.0, ge=0, le=10)  # 0: greedy
+    top_p: Float = Field(1.0, gt=0, le=1)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)  # choice i samples with choice_seed(seed, i)
     user: Str | None = None  # the end user's id, for OpenAI's abuse monitoring: nothing to do here
     n: int = Field(1, ge=1)  # choices, decoded in one batch
@@ -339,8 +361,8 @@ class OpenAIIn(NullIsDefault):
     stream_options: StreamOptions | None = None  # only with stream
     stop: Annotated[list[StopString], BeforeValidator(_listed, json_schema_input_type=StopString | list[StopString]),
                     Field(max_length=4)] = []  # at most 4; the text ends before the first met
-    frequency_penalty: Annotated[float, only(0)] = 0.0
-    presence_penalty: Annotated[float, only(0)] = 0.0
+    frequency_penalty: Annotated[float, only(0), PAST_FLOATS] = 0.0
+    presence_penalty: Annotated[float, only(0), PAST_FLOATS] = 0.0
     logit_bias: Annotated[dict[Str, int] | None, only({})] = None
 
     @field_validator("stream_options")

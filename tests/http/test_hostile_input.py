@@ -14,14 +14,17 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import TypeAdapter, ValidationError
 
 from service.cli.main import build_parser, settings_from
 from service.http.app import NO_ADAPTER_LABEL, create_app
 from service.http.errors import ECHO_LIMIT, LISTED_PROBLEMS, MESSAGE_LIMIT
 from service.http.routes import bearer_of
+from service.http.schemas import Float
 from service.settings import Settings
+from service.strict_json import PAST_ANY_BOUND
 from tests.http.replies import settings_by_field
-from tests.http.test_hostile_json import ADAPTER, ANSWER, COMPLETION, MARK, NLI, assert_refused, post, with_raw
+from tests.http.test_hostile_json import ADAPTER, ANSWER, COMPLETION, LONG, MARK, NLI, assert_refused, post, with_raw
 from tests.server_helpers import (
     ADMIN,
     ADMIN_KEY,
@@ -76,6 +79,29 @@ def paths(body, kind: type, path: tuple = ()) -> Iterator[tuple]:
 
 
 STRING_FIELDS = [(route, path) for route, body in BODIES.items() for path in paths(body, str)]
+def numbers(spec: dict, schema: dict, path: tuple = ()) -> Iterator[tuple]:
+    """The path of every number or integer a body of ``schema`` may hold (its ``$ref``s read in OpenAPI ``spec``): in
+    an object's properties, a union's members, a map's values (under the key ``"5"``) and an array's items (at 0)."""
+    if "$ref" in schema:
+        schema = spec["components"]["schemas"][schema["$ref"].rsplit("/", 1)[-1]]
+    if schema.get("type") in ("number", "integer"):
+        yield path
+    for member in schema.get("anyOf", ()):
+        yield from numbers(spec, member, path)
+    for name, inner in schema.get("properties", {}).items():
+        yield from numbers(spec, inner, (*path, name))
+    if isinstance(schema.get("additionalProperties"), dict):
+        yield from numbers(spec, schema["additionalProperties"], (*path, "5"))
+    if "items" in schema:
+        yield from numbers(spec, schema["items"], (*path, 0))
+
+
+SPEC = create_app(Settings(device="cpu")).openapi()  # the API's schema needs no model
+NUMBER_FIELDS = list(dict.fromkeys(
+    (route, path) for route in BODIES for path in numbers(
+        SPEC, SPEC["paths"][route]["post"]["requestBody"]["content"]["application/json"]["schema"])))
+
+
 SURROGATES = ['"\\ud800"', '"a\\udc80b"', '"\\udfff\\ud800"', '"ok \\ude00"']  # lone high, low (surrogateescape's)
 
 
@@ -148,6 +174,43 @@ def test_error_replies_echo_what_was_sent_encodable_and_bounded(client, route):
             assert all(len(part) <= ECHO_LIMIT + 50 for part in [*problem["loc"], problem.get("input")]
                        if isinstance(part, str)), problem
         assert len(strict_json(reply).get("detail", [])) <= LISTED_PROBLEMS
+
+
+def placed(body: dict, path: tuple, raw: str) -> bytes:
+    """``body`` with the field at ``path`` written as ``raw`` (``with_raw``), the objects on its way made where the body
+    has none (``logit_bias`` of a chat request)."""
+    body = json.loads(json.dumps(body))
+    inner = body
+    for key in path[:-1]:
+        inner = inner.setdefault(key, {}) if isinstance(inner, dict) and inner.get(key) is None else inner[key]
+    return with_raw(body, path, raw)
+
+
+def refusal(reply: httpx.Response) -> dict:
+    """A 422's body without the values it echoes (``input``)."""
+    assert reply.status_code == 422, reply.text
+    body = strict_json(reply)
+    return {**body, "detail": [{k: v for k, v in problem.items() if k != "input"}
+                               for problem in body.get("detail", [])]}
+
+
+@pytest.mark.parametrize("route,path", NUMBER_FIELDS, ids=lambda part: ".".join(map(str, part))
+                         if isinstance(part, tuple) else part)
+def test_an_integer_past_python_is_refused_in_any_number_field_as_2_70_is(client, route, path):
+    """An integer of more digits than Python converts (``strict_json.PAST_ANY_BOUND``) in every number or integer field
+    of every route's schema: the same 422 as ``2**70`` of its sign, naming the field and its bound (a review: a float
+    field, /answer's decoding.temperature, said "Input should be a valid number")."""
+    for past, neighbour in ((LONG, 2**70), (f"-{LONG}", -2**70)):
+        assert refusal(post(client, route, placed(BODIES[route], path, past))) == refusal(
+            post(client, route, placed(BODIES[route], path, str(neighbour)))), (route, path, past[0])
+
+
+def test_an_integer_past_every_float_is_not_a_finite_number_where_no_bound_refuses_it():
+    """A float field without a bound takes no integer past the largest float as that float: refused as 1e400 is."""
+    for past in (2**1100, -2**1100, PAST_ANY_BOUND):
+        with pytest.raises(ValidationError, match="Input should be a finite number"):
+            TypeAdapter(Float).validate_python(past, strict=True)
+    assert TypeAdapter(Float).validate_python(2**70) == 2.0**70
 
 
 def test_a_lone_surrogate_in_an_adapter_in_the_url_is_a_plain_422(client):
