@@ -52,6 +52,10 @@ class AdapterConflict(AdapterError):
     """The adapter name is taken, or the adapter is merged, or merging is impossible on this base."""
 
 
+class AdapterPathAmbiguous(AdapterConflict):
+    """The relative adapter path names a folder in more than one adapter root: which one is meant is not known."""
+
+
 class AdapterMerged(AdapterConflict):
     """The adapter is merged into the base weights, so it cannot be unregistered as it is."""
 

@@ -12,6 +12,7 @@ from service.errors import (
     AdapterConflict,
     AdapterError,
     AdapterNameRefused,
+    AdapterPathAmbiguous,
     EngineStopped,
     RenderUnavailable,
     UnknownAdapter,
@@ -51,8 +52,9 @@ OPENAI_SERVING = {**STREAMED, **serving_replies(shape=OpenAIErrorOut)}
 OPENAI_CHAT = {**STREAMED, **serving_replies(RenderUnavailable, shape=OpenAIErrorOut)}  # it renders a chat template
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy holds the events back
 # the request field each refusal of vLLM's adapter routes is the fault of (``blaming``): the name (one no adapter can
-# have, taken, unknown) or the path (everything else about the folder it names)
-LOAD_FIELDS = {AdapterNameRefused: "lora_name", AdapterConflict: "lora_name", AdapterError: "lora_path"}
+# have, taken, unknown) or the path (everything else about the folder it names, one relative path in two roots too)
+LOAD_FIELDS = {AdapterNameRefused: "lora_name", AdapterPathAmbiguous: "lora_path", AdapterConflict: "lora_name",
+               AdapterError: "lora_path"}
 UNLOAD_FIELDS = {AdapterError: "lora_name"}
 # vLLM's adapter routes answer a line of text, their errors JSON (documented as such: the routes' class, Response,
 # names no media type of its own)

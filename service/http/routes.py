@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from service.errors import (
     AdapterConflict,
     AdapterError,
+    AdapterPathAmbiguous,
     AdapterPathMissing,
     AdapterPathRefused,
     EngineFailed,
@@ -53,7 +54,8 @@ T = TypeVar("T")
 # sent as another media type than JSON
 BODY_ERRORS = (400, 413, 415)
 # the errors of registering an adapter (POST /adapters, and vLLM's POST /v1/load_lora_adapter)
-LOAD_ERRORS = (*BODY_ERRORS, AdapterError, AdapterPathRefused, AdapterPathMissing, AdapterConflict)
+LOAD_ERRORS = (*BODY_ERRORS, AdapterError, AdapterPathRefused, AdapterPathMissing, AdapterConflict,
+               AdapterPathAmbiguous)
 # the body of a route that takes none, when none is sent. A body sent is validated as NoFields: an object without
 # fields, ``{}``; any other JSON (null, [], 1, "x") is a 422, as on every route with a body (a default of None would
 # take null for no body)

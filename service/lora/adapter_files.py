@@ -22,7 +22,13 @@ from peft.utils import INCLUDE_LINEAR_LAYERS_SHORTHAND
 from safetensors import SafetensorError, safe_open
 
 from service import strict_json
-from service.errors import AdapterError, AdapterNameRefused, AdapterPathMissing, AdapterPathRefused
+from service.errors import (
+    AdapterError,
+    AdapterNameRefused,
+    AdapterPathAmbiguous,
+    AdapterPathMissing,
+    AdapterPathRefused,
+)
 from service.lora.bounded_read import MAX_ADAPTER_JSON_BYTES, adapter_file, read_bounded
 from service.lora.card import CARD_FILE, Calibration, read_calibration
 from service.lora.chat_template import read_chat_template
@@ -190,19 +196,27 @@ def check_path(path: str | Path, roots: list[Path]) -> Path:
     """The adapter folder ``path`` names, resolved (symlinks followed); AdapterError 403 unless it lies inside one of
     the adapter ``roots``, 404 unless it is a folder, 422 if the file system cannot take the path, if it is empty or if
     it names a root itself (the folder that holds adapters, not one of them). A relative path is looked up in each root
-    in turn, then in the working directory, and the first place that has it is the one."""
+    in turn, then in the working directory, and the first place that has it is the one; AdapterPathAmbiguous (409,
+    naming each) where two places hold two folders within the roots under it (a review: the first root's was loaded
+    without a word, where the admin may have meant another's)."""
     if not str(path).strip():
         raise AdapterError("adapter path is empty: name an adapter folder")
     relative = not Path(path).is_absolute()
+    places = [f"adapter root {root}" for root in roots] + ["the working directory"] if relative else [""]
     candidates = [Path(root) / path for root in roots] + [Path(path)] if relative else [Path(path)]
     try:
         resolved, homes = [candidate.resolve() for candidate in candidates], [Path(root).resolve() for root in roots]
-        chosen = next((found for found in resolved if found.exists()), resolved[0])
+        found = [(folder, place) for folder, place in zip(resolved, places) if folder.exists()]
+        chosen = found[0][0] if found else resolved[0]
         inside = any(chosen.is_relative_to(home) for home in homes)
         is_folder = inside and chosen.is_dir()
+        held = within_homes(found, homes)
     # a NUL byte, a name too long for the file system, a symlink loop (RuntimeError before Python 3.13)
     except (ValueError, OSError, RuntimeError) as exc:
         raise AdapterError(f"adapter path {path!r} is not a usable path: {exc}") from None
+    if len(held) > 1:
+        raise AdapterPathAmbiguous(f"adapter path {path} names a folder in more than one place: " + ", ".join(
+            f"{folder} ({place})" for folder, place in held.items()) + "; send the absolute path of the one meant")
     where = " (a relative path is looked up in each adapter root, then in the working directory)" if relative else ""
     if not inside:
         raise AdapterPathRefused(f"adapter path {path} is outside the configured adapter roots{where}")
@@ -212,6 +226,16 @@ def check_path(path: str | Path, roots: list[Path]) -> Path:
         raise AdapterError(f"adapter path {path} is an adapter root, the folder that holds adapters, not an adapter "
                            f"folder in it{where}")
     return chosen
+
+
+def within_homes(found: list[tuple[Path, str]], homes: list[Path]) -> dict[Path, str]:
+    """Of ``found`` (resolved folders, each with the place it was looked up in, in order), those inside one of
+    ``homes`` (the resolved roots) and not one of them, each folder once, with the first place that has it."""
+    held: dict[Path, str] = {}
+    for folder, place in found:
+        if folder not in homes and any(folder.is_relative_to(home) for home in homes):
+            held.setdefault(folder, place)
+    return held
 
 
 def read_config(folder: Path, max_rank: int) -> LoraConfig:

@@ -236,12 +236,28 @@ def test_a_missing_folder_inside_the_roots_is_404(client, refusals):
     refused(client, "missing", "missing", 404, "not a folder", "looked up in each adapter root")
 
 
-@pytest.mark.parametrize("path,root", [("three", "second_root"), ("two", "adapters_dir"), ("./three/", "second_root")])
-def test_a_relative_path_is_found_in_the_first_root_that_has_it(client, refusals, path, root):
+@pytest.mark.parametrize("path,root", [("three", "second_root"), ("./three/", "second_root"), ("one", "adapters_dir")])
+def test_a_relative_path_is_found_in_the_root_that_has_it(client, refusals, path, root):
     reply = client.post("/adapters", json={"name": "relative", "path": path}, headers=ADMIN)
     assert reply.status_code == 201, reply.text
     assert client.delete("/adapters/relative", headers=ADMIN).status_code == 200
-    assert reply.json()["path"] == str((getattr(refusals, root) / Path(path).name).resolve())
+    assert reply.json()["path"] == str((getattr(refusals, root) / path).resolve())
+
+
+@pytest.mark.parametrize("path", ["two", "./two/", "one/../two"])
+def test_a_relative_path_two_roots_hold_is_409_naming_both(client, refusals, path):
+    """A review: "two", in the adapters folder and in the second root, was loaded from the first without a word,
+    where the admin may have meant the other; each root is named, and the absolute path asked for."""
+    places = [f"{(root / 'two').resolve()} (adapter root {root})" for root in (refusals.adapters_dir,
+                                                                               refusals.second_root)]
+    refused(client, "relative", path, 409, f"adapter path {path} names a folder in more than one place: "
+            f"{', '.join(places)}; send the absolute path of the one meant")
+    reply = client.post("/v1/load_lora_adapter", json={"lora_name": "relative", "lora_path": path}, headers=ADMIN)
+    assert reply.json()["error"]["param"] == "lora_path" and reply.json()["error"]["code"] == "adapter_path_ambiguous"
+    absolute = client.post("/adapters", json={"name": "relative", "path": str(refusals.second_root / path)},
+                           headers=ADMIN)
+    assert absolute.status_code == 201, absolute.text
+    assert client.delete("/adapters/relative", headers=ADMIN).status_code == 200
 
 
 @pytest.mark.parametrize("name", NO_ADAPTERS_NAMES)
