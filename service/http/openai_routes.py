@@ -33,7 +33,6 @@ from service.http.routes import (
     serving_replies,
     token_budget,
     unless_disconnected,
-    within,
 )
 from service.http.schemas import ChatCompletionIn, CompletionIn, LoraAdapterIn, LoraNameIn, OpenAIErrorOut, OpenAIIn
 from service.lora.adapter_files import BASE_MODEL_ID, AdapterWeights, adapter_or_base
@@ -80,10 +79,7 @@ async def reply(rt: Runtime, request: Request, body: OpenAIIn, prompt: str | lis
     or UnknownAdapter while it waits in the queue) does so before any of it is sent: a stream's reply begins with its
     first text."""
     decoding = body.to_decoding(new_seed(), token_budget(body, rt))
-    settings = rt.settings  # n choices are queued and decoded together: never more than the queue or a batch holds
-    n = within("n", body.n, min(settings.max_choices, settings.max_batch, settings.max_queue), rt.named(
-        "the most choices this server generates for a request (the least of its max_choices, max_batch and max_queue)"))
-    options = {"stop": body.stop, "logprobs": logprobs, "n": n}
+    options = {"stop": body.stop, "logprobs": logprobs, "n": body.n}  # n within the server's caps (``server_caps``)
     if body.stream:
         stream = await rt.tasks.stream(prompt, adapter, decoding, **options)
         try:

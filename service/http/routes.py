@@ -30,6 +30,7 @@ from service.http.errors import ClientGone, error_replies
 from service.http.json_body import UniqueKeysRoute
 from service.http.schemas import (
     ANSWER_TOKENS,
+    SERVER_CAPS,
     AdapterIn,
     AnswerIn,
     AnswerOut,
@@ -38,6 +39,7 @@ from service.http.schemas import (
     NliOut,
     NoFields,
     OpenAIIn,
+    ServerCaps,
 )
 from service.lora.adapter_files import BASE_LABEL, AdapterWeights, adapter_or_base, check_name
 from service.runtime import Runtime
@@ -151,11 +153,14 @@ def check_admin_key(rt: Runtime, authorization: str | None) -> None:
 
 async def inference(request: Request, authorization: str | None = Header(None)) -> Runtime:
     """The runtime, for a route that runs the model: with an API key configured (``Settings.api_key``), 401 unless
-    ``authorization`` is ``Bearer <API key>``; then as ``serving``."""
-    key = request.app.state.runtime.settings.api_key
-    if key is not None:
-        check_bearer(authorization, key, "this route runs the model: it needs Authorization: Bearer <API key>")
-    return accepting(request.app.state.runtime)
+    ``authorization`` is ``Bearer <API key>``; then its caps set for the body's validation (``SERVER_CAPS``), and as
+    ``serving``."""
+    rt: Runtime = request.app.state.runtime
+    if rt.settings.api_key is not None:
+        check_bearer(authorization, rt.settings.api_key, "this route runs the model: it needs Authorization: Bearer "
+                     "<API key>")
+    SERVER_CAPS.set(server_caps(rt))  # FastAPI validates the body after the dependencies, in this context
+    return accepting(rt)
 
 
 async def admin(request: Request, authorization: str | None = Header(None)) -> Runtime:
@@ -211,26 +216,25 @@ def new_seed() -> int:
     return random.getrandbits(63)
 
 
-def within(field: str, value: int, cap: int, what: str) -> int:
-    """``value``, unless above ``cap`` (the server's setting that ``what`` names): 422 naming the field (dotted, as
-    ``decoding.max_new_tokens``) and the cap."""
-    if value > cap:
-        raise RequestValidationError([{
-            "type": "less_than_equal", "loc": ("body", *field.split(".")), "input": value, "ctx": {"le": cap},
-            "msg": f"Input should be less than or equal to {cap}, {what}"}])
-    return value
-
-
 def token_budget(body: AnswerIn | OpenAIIn, rt: Runtime, default: int | None = None) -> int:
-    """The most tokens a request may generate: what it asks for (``body.token_budget()``), or when it names none
-    ``default``, at most the server's ``max_new_tokens`` (None: that cap itself); a request for more than the cap is
-    refused (422 naming the field and the cap, and the setting as ``rt.named`` names it), never cut short."""
-    field, requested = body.token_budget()
-    cap = rt.settings.max_new_tokens
+    """The most tokens a request may generate: what it asks for (``body.token_budget()``: its validation refused more
+    than the server's ``max_new_tokens``, ``server_caps``), or when it names none ``default``, at most that cap
+    (None: the cap itself)."""
+    requested, cap = body.token_budget(), rt.settings.max_new_tokens
     if requested is None:
         return cap if default is None else min(default, cap)
-    return within(field, requested, cap, rt.named("the most tokens this server generates for a request (its "
-                                                  "max_new_tokens)"))
+    return requested
+
+
+def server_caps(rt: Runtime) -> ServerCaps:
+    """``rt``'s caps on request fields (``ServerCaps``), each said with its settings as ``rt.named`` names them."""
+    settings = rt.settings  # n choices are queued and decoded together: never more than the queue or a batch holds
+    return ServerCaps(
+        tokens=(settings.max_new_tokens, rt.named("the most tokens this server generates for a request (its "
+                                                  "max_new_tokens)")),
+        choices=(min(settings.max_choices, settings.max_batch, settings.max_queue), rt.named(
+            "the most choices this server generates for a request (the least of its max_choices, max_batch and "
+            "max_queue)")))
 
 
 def field_refused(field: str, value, exc: ValueError) -> RequestValidationError:

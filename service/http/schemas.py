@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import sys
+from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
@@ -24,7 +26,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from service.engine.logprobs import MOST_TOP_LOGPROBS
 from service.engine.sampling import Decoding
-from service.engine.strategies import SAMPLING_DEFAULTS, Strategy, unread, unread_reason
+from service.engine.strategies import SAMPLING_DEFAULTS, SEED, Strategy, unread, unread_reason
 from service.settings import NAMES_AN_ADAPTER
 from service.tasks.labels import MOST_LABEL_CHARACTERS, MOST_LABELS
 from service.tasks.prompt_styles import ADAPTER_STYLE, PromptStyle, pair_example
@@ -106,6 +108,39 @@ AdapterName = Annotated[str, UNICODE, NAMES_AN_ADAPTER]  # whether one of that n
 STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
+@dataclass(frozen=True)
+class ServerCaps:
+    """A server's caps on request fields, past the schema's bounds (its settings): ``tokens``, the most tokens a
+    request generates, and ``choices``, the most choices (``n``) it asks for; each (the cap, the words that say
+    whose it is)."""
+
+    tokens: tuple[int, str]
+    choices: tuple[int, str]
+
+
+# the caps of the server whose request is being read: set before FastAPI validates its body (``routes.inference``),
+# so that a field past its cap is refused beside the request's other faults, in one 422 (a review: the route checked
+# the caps once the body was valid, and a client fixing one fault then met the next); None outside a request
+SERVER_CAPS: ContextVar[ServerCaps | None] = ContextVar("server_caps", default=None)
+
+
+def capped(cap: str) -> AfterValidator:
+    """A validator of an integer field that the server caps (``cap``: a field of ``ServerCaps``): a 422 past it
+    (``less_than_equal``), naming the cap and whose it is."""
+
+    def check(value: int) -> int:
+        caps = SERVER_CAPS.get()
+        if caps is None:
+            return value
+        most, whose = getattr(caps, cap)
+        if value > most:
+            raise PydanticCustomError("less_than_equal", f"Input should be less than or equal to {{le}}, {whose}",
+                                      {"le": most})
+        return value
+
+    return AfterValidator(check)
+
+
 class RequestObject(BaseModel):
     """An object of a request body: typed strictly (``STRICT``), and refused at the first key in it that holds a lone
     surrogate (``key_surrogate``), named."""
@@ -160,19 +195,21 @@ class DecodingIn(NullIsDefault):
     temperature: Float = Field(SAMPLING_DEFAULTS["temperature"], ge=0, le=10)  # 0: greedy, whatever the strategy
     top_k: int = Field(SAMPLING_DEFAULTS["top_k"], ge=1, le=100_000)
     top_p: Float = Field(SAMPLING_DEFAULTS["top_p"], gt=0, le=1)
-    max_new_tokens: int = Field(ANSWER_TOKENS, ge=1)  # above the server's max_new_tokens: refused (the route's bound)
+    max_new_tokens: Annotated[int, capped("tokens")] = Field(ANSWER_TOKENS, ge=1)  # the server's cap beyond
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
 
-    @model_validator(mode="after")
-    def _read_by_the_strategy(self) -> DecodingIn:
-        """A parameter given that the strategy does not read would be dropped without a word: refused (422), each such
-        one at its field, ``seed`` too (greedy draws nothing). greedy takes ``temperature`` 0, which means greedy."""
-        names = unread(self.strategy, self.model_fields_set, self.temperature)
-        if names:  # each at its own field (a model validator's error is the model's: a review found it named none)
-            raise ValidationError.from_exception_data(type(self).__name__, [InitErrorDetails(
-                type=refused(name, unread_reason(self.strategy, name=name)), loc=(name,), input=getattr(self, name))
-                for name in names])
-        return self
+    @field_validator(*SAMPLING_DEFAULTS, SEED)
+    @classmethod
+    def _read_by_the_strategy(cls, value: Any, info: ValidationInfo) -> Any:
+        """A parameter given that the strategy does not read would be dropped without a word: refused (422) at its
+        field, ``seed`` too (greedy draws nothing). greedy takes ``temperature`` 0, which means greedy. A field's
+        check, beside the request's other faults (a review: a model validator's, it ran only once every field was
+        valid)."""
+        strategy, name = info.data.get("strategy"), info.field_name  # no strategy: its own fault
+        temperature = value if name == "temperature" else info.data.get("temperature")
+        if strategy is not None and unread(strategy, {name}, temperature):
+            raise refused(name, unread_reason(strategy, name=name))
+        return value
 
     def to_decoding(self, default_seed: int, max_new_tokens: int) -> Decoding:
         """The engine's decoding: greedy at temperature 0 (the limit of sampling as the temperature falls, and what
@@ -218,11 +255,10 @@ class AnswerIn(NullIsDefault):
     # template without (zero_shot) or with (one_shot) a worked example
     prompt_style: PromptStyle = ADAPTER_STYLE
 
-    def token_budget(self) -> tuple[str, int | None]:
-        """(the field that sets the most tokens to generate, its value: None where the request names none), as
-        ``OpenAIIn.token_budget``."""
+    def token_budget(self) -> int | None:
+        """The most tokens the request asks to generate (None where it names none), as ``OpenAIIn.token_budget``."""
         given = "max_new_tokens" in self.decoding.model_fields_set
-        return "decoding.max_new_tokens", self.decoding.max_new_tokens if given else None
+        return self.decoding.max_new_tokens if given else None
 
 
 class AnswerOut(BaseModel):
@@ -346,17 +382,17 @@ def refused(field: str, reason: str) -> PydanticCustomError:
 class OpenAIIn(NullIsDefault):
     """The fields OpenAI's /v1/completions and /v1/chat/completions requests share: each is honoured, or accepted only
     at the values that change nothing here and refused by name otherwise; unknown fields are refused. A null field
-    takes its default, as in OpenAI. ``max_tokens`` and ``n`` are bounded by the server's settings (the routes check:
+    takes its default, as in OpenAI. ``max_tokens`` and ``n`` are bounded by the server's settings (``SERVER_CAPS``:
     ``max_new_tokens``, ``max_choices``)."""
 
     model_config = STRICT
     model: Annotated[str, Field(min_length=1), UNICODE]  # "" names nothing: 422 (an unknown name: 404)
-    max_tokens: int | None = Field(None, ge=1)  # None: the server's cap (Settings.max_new_tokens); above it: refused
+    max_tokens: Annotated[int, capped("tokens")] | None = Field(None, ge=1)  # None: the server's cap
     temperature: Float = Field(1.0, ge=0, le=10)  # 0: greedy
     top_p: Float = Field(1.0, gt=0, le=1)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)  # choice i samples with choice_seed(seed, i)
     user: Str | None = None  # the end user's id, for OpenAI's abuse monitoring: nothing to do here
-    n: int = Field(1, ge=1)  # choices, decoded in one batch
+    n: Annotated[int, capped("choices")] = Field(1, ge=1)  # choices, decoded in one batch
     stream: bool = False  # true: server-sent events
     stream_options: StreamOptions | None = None  # only with stream
     stop: Annotated[list[StopString], BeforeValidator(_listed, json_schema_input_type=StopString | list[StopString]),
@@ -368,7 +404,7 @@ class OpenAIIn(NullIsDefault):
     @field_validator("stream_options")
     @classmethod
     def _only_when_streaming(cls, options: StreamOptions, info: ValidationInfo) -> StreamOptions:
-        if not info.data.get("stream"):
+        if info.data.get("stream") is False:  # absent where invalid: its own fault, which this one would repeat
             raise refused("stream_options", "is only allowed with stream true")
         return options
 
@@ -376,9 +412,9 @@ class OpenAIIn(NullIsDefault):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
-    def token_budget(self) -> tuple[str, int | None]:
-        """(the field that sets the most tokens to generate, its value: None for the server's default)."""
-        return "max_tokens", self.max_tokens
+    def token_budget(self) -> int | None:
+        """The most tokens the request asks to generate (None for the server's default)."""
+        return self.max_tokens
 
     def to_decoding(self, default_seed: int, max_new_tokens: int) -> Decoding:
         seed = default_seed if self.seed is None else self.seed
@@ -405,7 +441,8 @@ class CompletionIn(OpenAIIn):
     @field_validator("best_of")
     @classmethod
     def _best_of_n(cls, best_of: int, info: ValidationInfo) -> int:
-        if best_of != info.data.get("n", 1):
+        n = info.data.get("n")  # absent where invalid (past the server's cap too): its own fault
+        if n is not None and best_of != n:
             raise refused("best_of", "other than n is not supported yet (picking the best of more choices)")
         return best_of
 
@@ -485,7 +522,7 @@ class ChatCompletionIn(OpenAIIn):
     ``max_completion_tokens`` is ``max_tokens``' newer name (both given: they must agree)."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: Annotated[int, capped("tokens")] | None = Field(None, ge=1)
     logprobs: bool = False  # each token's logprob
     top_logprobs: int | None = Field(None, ge=0, le=MOST_TOP_LOGPROBS)  # and the k most likely tokens': needs logprobs
     response_format: Annotated[dict | None, only({"type": "text"})] = None
@@ -493,7 +530,7 @@ class ChatCompletionIn(OpenAIIn):
     @field_validator("top_logprobs")
     @classmethod
     def _with_logprobs(cls, top_logprobs: int, info: ValidationInfo) -> int:
-        if not info.data.get("logprobs"):
+        if info.data.get("logprobs") is False:  # absent where invalid: its own fault, which this one would repeat
             raise refused("top_logprobs", "needs logprobs true")
         return top_logprobs
 
@@ -506,9 +543,9 @@ class ChatCompletionIn(OpenAIIn):
             raise PydanticCustomError("conflict", "max_tokens and max_completion_tokens differ; send one of them")
         return budget
 
-    def token_budget(self) -> tuple[str, int | None]:
+    def token_budget(self) -> int | None:
         if self.max_completion_tokens is not None:
-            return "max_completion_tokens", self.max_completion_tokens
+            return self.max_completion_tokens
         return super().token_budget()
 
 

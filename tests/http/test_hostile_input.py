@@ -8,6 +8,7 @@ import asyncio
 import gzip
 import json
 import os
+import re
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -20,10 +21,10 @@ from service.cli.main import build_parser, settings_from
 from service.http.app import NO_ADAPTER_LABEL, create_app
 from service.http.errors import ECHO_LIMIT, LISTED_PROBLEMS, MESSAGE_LIMIT
 from service.http.routes import bearer_of
-from service.http.schemas import Float
+from service.http.schemas import DecodingIn, Float
 from service.settings import Settings
 from service.strict_json import PAST_ANY_BOUND
-from tests.http.replies import settings_by_field
+from tests.http.replies import error_message, settings_by_field
 from tests.http.test_hostile_json import ADAPTER, ANSWER, COMPLETION, LONG, MARK, NLI, assert_refused, post, with_raw
 from tests.server_helpers import (
     ADMIN,
@@ -457,12 +458,46 @@ def test_every_parameter_of_every_strategy_is_read_or_refused_by_name(client, st
 
 
 def test_each_parameter_greedy_does_not_read_is_named_at_its_field(client):
-    """A review: the refusal stood at ``decoding`` and named the first only."""
+    """A review: the refusal stood at ``decoding`` and named the first only. In the order of the fields, as pydantic
+    orders its own errors."""
     decoding = {"strategy": "greedy", **A_VALUE}
     reply = client.post("/answer", json={**ANSWER, "decoding": decoding})
     assert reply.status_code == 422, reply.text
     assert [problem["loc"] for problem in reply.json()["detail"]] == [["body", "decoding", name] for name in
-                                                                      sorted(A_VALUE)]
+                                                                      DecodingIn.model_fields if name in A_VALUE]
+
+
+@pytest.mark.parametrize("route,faults,fields", [
+    ("/answer", {"decoding": {"strategy": "greedy", "seed": 5, "max_new_tokens": 0}},
+     ["decoding.max_new_tokens", "decoding.seed"]),
+    ("/answer", {"adapter": 5, "decoding": {"strategy": "greedy", "top_k": 5, "max_new_tokens": 10**6}},
+     ["adapter", "decoding.top_k", "decoding.max_new_tokens"]),
+    ("/answer", {"decoding": {"strategy": "top_k", "top_p": 0.5, "temperature": -1}},
+     ["decoding.temperature", "decoding.top_p"]),
+    ("/v1/completions", {"max_tokens": 10**6, "temperature": -1, "n": 100},
+     ["max_tokens", "temperature", "n"]),
+    ("/v1/completions", {"max_tokens": 10**6, "n": 2, "best_of": 3, "echo": True, "logprobs": 2, "suffix": "x"},
+     ["max_tokens", "best_of", "logprobs", "suffix"]),
+    ("/v1/chat/completions", {"n": 100, "max_completion_tokens": 10**6, "top_logprobs": 3, "stop": ""},
+     ["n", "stop", "max_completion_tokens", "top_logprobs"]),
+    # a check across fields says nothing of a field that is itself at fault: best_of is n, the stream and logprobs
+    # are asked for
+    ("/v1/completions", {"n": 100, "best_of": 100}, ["n"]),
+    ("/v1/completions", {"stream": "yes", "stream_options": {"include_usage": True}}, ["stream"]),
+    ("/v1/chat/completions", {"logprobs": 1, "top_logprobs": 2}, ["logprobs"]),
+])
+def test_every_fault_of_a_request_is_named_in_one_422_at_its_field(client, route, faults, fields):
+    """A review: the checks after the schema's (a strategy reading each parameter given, the server's caps on
+    max_new_tokens, max_tokens and n) ran once every field was valid, so a client fixing one fault met the next.
+    Each fault at its own field, in the order of the fields; nothing changes."""
+    before = listed(client)
+    reply = post(client, route, json.dumps({**BODIES[route], **faults}).encode())
+    assert reply.status_code == 422, reply.text
+    message = error_message(reply)
+    assert re.findall(r"body\.([\w.]+): ", message) == fields, message
+    if route == "/answer":
+        assert [".".join(problem["loc"][1:]) for problem in reply.json()["detail"]] == fields
+    assert listed(client) == before
 
 
 @pytest.mark.parametrize("decoding", [
