@@ -27,6 +27,7 @@ from service.tasks.streaming import Completion, CompletionStream, collect
 from service.tasks.template_sandbox import renderer
 from service.tasks.windows import windows
 
+PROMPT_SETTINGS = ("max_input_tokens", "max_new_tokens")  # the settings that bound a prompt's tokens (max_prompt)
 WINDOW_SLACK = 8  # prompt tokens kept free in a window: tokens can merge differently where a window is cut
 # prompts are built off the event loop: text tokenized on these threads, chat templates rendered in their processes
 # (``template_sandbox``), awaited without a thread, so that a render waiting its turn holds no thread
@@ -89,7 +90,11 @@ class Tasks:
 
     def __init__(self, engine: Engine, tokenizer: PreTrainedTokenizerBase, settings: Settings, max_positions: int):
         self.engine, self.tokenizer, self.settings = engine, tokenizer, settings
-        self.max_prompt = min(settings.max_input_tokens, max_positions - settings.max_new_tokens)
+        room = max_positions - settings.max_new_tokens
+        self.max_prompt = min(settings.max_input_tokens, room)
+        # what sets max_prompt, named in the 413s (as the operator sets it: Runtime.named; a review: none named it)
+        self.prompt_bound = "max_input_tokens" if settings.max_input_tokens <= room else \
+            f"the base model's {max_positions} positions less max_new_tokens {settings.max_new_tokens}"
         self.label_tokens = {NLI_LABELS: self.first_tokens(NLI_LABELS)}
         try:  # about 1 s and 17 MiB for SmolLM2's 49,152 tokens
             self._span_vocabulary: SpanVocabulary | NoSpan = answer_vocabulary(tokenizer, engine.endings.eos_ids)
@@ -112,8 +117,13 @@ class Tasks:
     def bounded(self, ids: list[int]) -> list[int]:
         """``ids``, unless longer than ``max_prompt`` (InputTooLong)."""
         if len(ids) > self.max_prompt:
-            raise InputTooLong(f"the prompt has {len(ids)} tokens; at most {self.max_prompt} are accepted")
+            raise self.too_long(f"the prompt has {len(ids)} tokens")
         return ids
+
+    def too_long(self, what: str) -> InputTooLong:
+        """InputTooLong saying ``what``, then the tokens a prompt may have and what sets that (``prompt_bound``)."""
+        return InputTooLong(f"{what}; at most {self.max_prompt} are accepted ({self.prompt_bound})",
+                            settings=PROMPT_SETTINGS)
 
     def prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
         """A completion prompt's token ids: text is raw (special tokens spelled in it are parsed, as /v1/completions
@@ -237,15 +247,15 @@ class Tasks:
         asked = len(self.bounded(await self.answer_ids(style, "", question, template)))  # the prompt, no context
         room = self.max_prompt - asked - WINDOW_SLACK
         if room <= 0:
-            raise InputTooLong(f"the question leaves no room for a context: its prompt takes {asked} of the "
-                               f"{self.max_prompt} tokens accepted, {WINDOW_SLACK} of which a window keeps free")
+            raise self.too_long(f"the question leaves no room for a context: its prompt takes {asked} tokens, and a "
+                                f"window keeps {WINDOW_SLACK} free")
         offsets = (await off_loop(partial(self.tokenizer, add_special_tokens=False, split_special_tokens=True,
                                           return_offsets_mapping=True), context))["offset_mapping"]
         # the windows queue together, all or none (Engine.submit_together): more than the queue holds never would
         stride, most = self.settings.window_stride(room), min(self.settings.max_answer_windows, self.settings.max_queue)
         if room <= stride:
-            raise InputTooLong(f"the question leaves {room} tokens of context per prompt, no more than the "
-                               f"{stride} two windows share; at most {self.max_prompt} tokens are accepted")
+            raise self.too_long(f"the question leaves {room} tokens of context per prompt, no more than the "
+                                f"{stride} two windows share")
         ranges = windows(offsets, room, stride)
         if len(ranges) > most:
             raise InputTooLong(f"the context has {len(offsets)} tokens: {len(ranges)} windows of {room}, "

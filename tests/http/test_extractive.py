@@ -122,7 +122,7 @@ def forced_the_settings(tiny_tokenizer_dir, root, **overrides):
     64 tokens (long contexts go in windows), and ``overrides``."""
     base = forced_token_model(tiny_tokenizer_dir, root / "forced", " the")
     (root / "none").mkdir()
-    return tiny_settings(base, root / "none", root / "cache", max_input_tokens=64, **overrides)
+    return tiny_settings(base, root / "none", root / "cache", **{"max_input_tokens": 64, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -168,14 +168,27 @@ def test_a_context_without_the_answer_still_gets_a_span_scored_lower(windowed):
 
 def test_a_context_past_the_windows_cap_is_413_and_a_free_answer_past_one_prompt_too(windowed):
     assert ask(windowed, None, context=FILLER * 200, status=413)
-    assert ask(windowed, None, context=FILLER * 20, extractive=False, status=413)
+    error = ask(windowed, None, context=FILLER * 20, extractive=False, status=413)["error"]
+    assert re.fullmatch(r"the prompt has \d+ tokens; at most 64 are accepted \(LORASWAP_MAX_INPUT_TOKENS\)",
+                        error), error
+
+
+def test_a_prompt_past_what_the_model_s_positions_leave_names_them(tiny_tokenizer_dir, tmp_path):
+    """A review: the 413 of a prompt too long named no setting; where the base model's positions less the tokens to
+    generate bound a prompt before max_input_tokens does, it names them."""
+    settings = forced_the_settings(tiny_tokenizer_dir, tmp_path, max_input_tokens=4096, max_new_tokens=8)
+    with ready_client(settings) as client:
+        positions = client.app.state.runtime.tasks.max_prompt + 8
+        error = ask(client, None, context=FILLER * 200, extractive=False, status=413)["error"]
+    assert error.endswith(f"; at most {positions - 8} are accepted (the base model's {positions} positions less "
+                          "LORASWAP_MAX_NEW_TOKENS 8)"), error
 
 
 @pytest.mark.parametrize("left,message", [
-    (range(-8, 1), r"the question leaves no room for a context: its prompt takes \d+ of the 64 tokens accepted, "
-                   r"8 of which a window keeps free"),
+    (range(-8, 1), r"the question leaves no room for a context: its prompt takes \d+ tokens, and a window keeps 8 "
+                   r"free; at most 64 are accepted \(LORASWAP_MAX_INPUT_TOKENS\)"),
     (range(1, 17), r"the question leaves \d+ tokens of context per prompt, no more than the 16 two windows share; "
-                   r"at most 64 tokens are accepted"),
+                   r"at most 64 are accepted \(LORASWAP_MAX_INPUT_TOKENS\)"),
 ])
 def test_a_question_that_leaves_a_long_context_too_little_room_is_a_413_that_says_so(windowed, left, message):
     """A review: a question of about 90 tokens under 96-token prompts was told it 'leaves -4 tokens of context per
