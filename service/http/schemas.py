@@ -509,11 +509,18 @@ def _content(content: Any) -> str:
 MessageContent = Annotated[str, PlainValidator(_content, json_schema_input_type=MessageText | list[TextPart])]
 
 
+def _developer_is_system(role: str) -> str:
+    """OpenAI's ``developer`` role, its newer name for the instructions ``system`` gave ("with o1 models and newer,
+    developer messages replace the previous system messages": its chat API reference), as ``system``: the role chat
+    templates know (a review: newer OpenAI clients send it, and it was a 422)."""
+    return "system" if role == "developer" else role
+
+
 class ChatMessage(RequestObject):
     """One message of a conversation; fields of OpenAI's messages other than these (name, tool_calls) are refused."""
 
     model_config = STRICT
-    role: Literal["system", "user", "assistant"]
+    role: Annotated[Literal["system", "developer", "user", "assistant"], AfterValidator(_developer_is_system)]
     content: MessageContent
 
 

@@ -144,6 +144,18 @@ def test_greedy_chat_is_transformers_greedy_on_the_template(client, reference, a
     assert (choice["finish_reason"] == "length") == (usage["completion_tokens"] == CAP)
 
 
+@pytest.mark.parametrize("adapter", [None, "styled"])
+def test_a_developer_message_is_a_system_message(client, reference, adapter):
+    """OpenAI's newer name for system instructions (a review: newer clients send it, and it was a 422): rendered as
+    ``system``, the role templates know, so the reply is the system message's; STYLED writes each role out."""
+    developer = [{**CONVERSATION[0], "role": "developer"}, *CONVERSATION[1:]]
+    template = STYLED if adapter == "styled" else None
+    replies = [chat(client, model=adapter or "base", messages=messages, max_tokens=CAP, logprobs=True)
+               for messages in (developer, CONVERSATION)]
+    assert replies[0]["choices"] == replies[1]["choices"] and replies[0]["usage"] == replies[1]["usage"]
+    assert replies[0]["usage"]["prompt_tokens"] == len(reference.prompt(CONVERSATION, template))
+
+
 def test_max_tokens_null_absent_or_its_new_name(client):
     capped = chat(client, max_tokens=CAP)["choices"]
     assert chat(client, max_tokens=None)["choices"] == capped
