@@ -14,7 +14,6 @@ import argparse
 import copy
 import json
 import os
-import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -39,14 +38,19 @@ from service.settings import Settings
 from training.train import preset_mismatch, resolve_targets
 
 ENGINE_MODES = {"base", "single", "merged", "mixed"}
-# the engine's settings bench's options give (Bench.settings), by the option that gives each
-GIVEN_BY = {"max_resident": "--adapters", "max_batch": "--batch-sizes", "max_new_tokens": "--new-tokens"}
 
 
-def bench_named(text: str) -> str:
-    """``text`` with each engine setting it names that an option of bench gives named by that option (``GIVEN_BY``:
-    ``--adapters 4611686018427387904 needs ...``, not ``max_resident``)."""
-    return re.sub(rf"\b({'|'.join(GIVEN_BY)})\b", lambda word: GIVEN_BY[word[1]], text)
+def bench_settings(args: argparse.Namespace) -> Settings:
+    """The engine's settings: those bench's options give, those it sets itself (both declared in
+    ``options.add_bench_options``, which names them), every other from its ``LORASWAP_`` variable, else its default."""
+    # no prefix cache: every batch repeats its prompts, which the engine would then take from the cache while
+    # transformers and peft compute them; no draft tokens: they decode a token a step
+    return Settings(base_model=args.base_model, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir,
+                    max_resident=max(args.adapters, 2), max_rank=MOST_BENCH_RANK, max_batch=max(args.batch_sizes),
+                    batch_window_ms=200, max_queue=MOST_BENCH_BATCH,
+                    max_queue_wait=0,  # a measured burst waits its turn, however long
+                    max_new_tokens=args.new_tokens, auto_merge=False, prefill_chunk=args.prefill_chunk,
+                    prefix_cache_bytes=0, draft_tokens=0)
 
 
 def random_adapters(model, names: list[str], rank: int, targets: str, out_dir: Path, seed: int = 0) -> PeftModel:
@@ -80,18 +84,10 @@ class Bench:
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
-        # no prefix cache: every batch repeats its prompts, which the engine would then take from the cache while
-        # transformers and peft compute them; no draft tokens: they decode a token a step
-        self.settings = Settings(base_model=args.base_model, device=args.device, dtype=args.dtype,
-                                 cache_dir=args.cache_dir, max_resident=max(args.adapters, 2),
-                                 max_rank=MOST_BENCH_RANK, max_batch=max(self.batch_sizes), batch_window_ms=200,
-                                 max_queue=MOST_BENCH_BATCH,
-                                 max_queue_wait=0,  # a measured burst waits its turn, however long
-                                 max_new_tokens=args.new_tokens, auto_merge=False, prefill_chunk=args.prefill_chunk,
-                                 prefix_cache_bytes=0, draft_tokens=0)
+        self.settings = bench_settings(args)
         self.device = pick_device(args.device)
         # a size the engine could not allocate, before the base loads (a review: --adapters 2**62 ran out of memory)
-        check_room_for_prompts(self.settings, named=bench_named)
+        check_room_for_prompts(self.settings)  # named as bench gives them (options.add_bench_options)
         check_registered_room(args.registered, base_config(self.settings), args.rank,
                               pick_dtype(args.dtype, self.device))
         self.plain, self.tokenizer = load_base(self.settings)

@@ -20,6 +20,7 @@ from service.cli.command import (
     nonnegative,
     output_file,
     positive,
+    sets_settings,
 )
 
 MOST_BENCH_BATCH, MOST_BENCH_RANK = 4096, 64  # the benchmark engine's max_queue and max_rank (bench.Bench)
@@ -69,6 +70,10 @@ def add_bench_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", type=input_path, default=SettingDefault("cache_dir"),
                         help="where the converted base model is cached")
     parser.add_argument("--json", type=output_file, help="write the results here (default: printed only)")
+    # the engine's settings (bench.Bench), named by the option that gives each, or as bench's own
+    sets_settings(parser, itself=["auto_merge", "batch_window_ms", "draft_tokens", "max_queue", "max_queue_wait",
+                                  "max_rank", "prefix_cache_bytes"],
+                  by={"max_batch": "--batch-sizes", "max_new_tokens": "--new-tokens", "max_resident": "--adapters"})
 
 
 def run_bench(args: argparse.Namespace) -> None:

@@ -42,23 +42,34 @@ def adapter_folder(args: argparse.Namespace) -> Path | None:
                          f"or one in {args.adapters_dir}{adapters_dir_absent(args)}")
 
 
-def start_runtime(args: argparse.Namespace, folder: Path | None) -> Runtime:
-    """The server's runtime (model, registry, engine, tasks), started, with ``folder`` (an adapter folder or None)
-    among its adapter roots. Raises FileNotFoundError when ``--base-model`` is no model directory, UsageError for
-    settings the base model cannot run (``--max-new-tokens`` leaving too few of its positions for a prompt, a
-    ``--max-batch`` whose KV cache cannot exist: ``runtime.check_settings_fit``, from its config before it loads).
-    Its start's warnings name the settings as ``args`` gave them (``command.naming``: ``--max-new-tokens``,
-    ``LORASWAP_MAX_INPUT_TOKENS``); its failure is not logged, but raised for the command to report once."""
+def runtime_settings(args: argparse.Namespace, folder: Path | None) -> Settings:
+    """The settings of the runtime ``start_runtime`` starts: the options' (``--base-model``, ``--max-batch``...), those
+    the command sets itself (``options.ENGINE_SETS``; calibrate's ``max_new_tokens`` too), with ``folder`` (an adapter
+    folder or None) among the adapter roots, and every other from its ``LORASWAP_`` variable, else its default."""
     settings = Settings(
         base_model=args.base_model, adapters_dir=args.adapters_dir, device=args.device, dtype=args.dtype,
         quantize=args.quantize, max_batch=args.max_batch, batch_window_ms=20,
-        # room for every window of 4 batches' answers; a bound, it allocates nothing: a --max-batch too large for
-        # it is refused by its own allocation (check_settings_fit), not as a max_queue past 64 bits the user never gave
-        max_queue=min(4 * args.max_batch * Settings().max_answer_windows, INT64 - 1),
         max_queue_wait=0,  # the evaluation keeps max_queue requests in flight: they wait their turn, however long
         max_new_tokens=args.max_new_tokens, auto_merge=False,
         adapter_roots=[folder.resolve().parent] if folder is not None else [],
     )
+    # room for every window of 4 batches' answers (at least 4, within 64 bits: valid, so copied in unvalidated); a
+    # bound, it allocates nothing: a --max-batch too large for it is refused by its own allocation
+    # (check_settings_fit), not as a max_queue past 64 bits the user never gave. Derived from the settings read once
+    # (a review: a second Settings() read every variable again, and an invalid LORASWAP_MAX_BATCH was blamed on
+    # --max-batch 4)
+    queue = min(4 * args.max_batch * settings.max_answer_windows, INT64 - 1)
+    return settings.model_copy(update={"max_queue": queue})
+
+
+def start_runtime(args: argparse.Namespace, folder: Path | None) -> Runtime:
+    """The server's runtime (model, registry, engine, tasks) with ``runtime_settings``, started. Raises
+    FileNotFoundError when ``--base-model`` is no model directory, UsageError for settings the base model cannot run
+    (``--max-new-tokens`` leaving too few of its positions for a prompt, a ``--max-batch`` whose KV cache cannot
+    exist: ``runtime.check_settings_fit``, from its config before it loads). Its start's warnings name the settings
+    as ``args`` gave them (``command.naming``: ``--max-new-tokens``, ``LORASWAP_MAX_INPUT_TOKENS``, ``eval's own
+    max_queue``); its failure is not logged, but raised for the command to report once."""
+    settings = runtime_settings(args, folder)
     rt = Runtime(settings, naming(args))
     try:
         rt.start(log_failure=False)  # what fails it is the command's to report: a usage error, or its traceback

@@ -26,6 +26,7 @@ from service.cli.command import (
     output_file,
     positive,
     report_folder,
+    sets_settings,
 )
 from service.engine.strategies import SAMPLING_DEFAULTS, Strategy, unread, unread_reason
 from service.settings import Settings
@@ -42,6 +43,8 @@ EVAL_EVERY = bounded(float, lambda value: 0 < value < 1 or (value >= 1 and value
 # the Trainer's warmup_steps: the same, 0 too (no warmup); a fraction above 1 was cut to whole steps (1.5 to 1)
 WARMUP = bounded(float, lambda value: value >= 0 and (value < 1 or value.is_integer()),
                  "in [0, 1) (a share of all steps) or a whole number of steps (1, 2, ...)", "steps")
+# the engine settings eval and calibrate set themselves (evaluate.runtime_settings): no option or variable gives them
+ENGINE_SETS = ("adapter_roots", "auto_merge", "batch_window_ms", "max_queue", "max_queue_wait")
 BASE_HELP = ("'smollm2' (the embedded SmolLM2-135M-Instruct, converted once into $LORASWAP_CACHE_DIR, else "
              "~/.cache/loraswap) or a Hugging Face model directory")
 
@@ -76,6 +79,7 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
                         help="train in bf16 (auto: on a GPU that supports it)")
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="recompute activations in the backward pass: less memory, slower")
+    sets_settings(parser, itself=["device"], by={"dtype": "--bf16"})  # the base's (train.base_settings)
 
 
 def add_train_options(parser: argparse.ArgumentParser) -> None:
@@ -178,8 +182,9 @@ def add_eval_options(parser: argparse.ArgumentParser) -> None:
     add_engine_options(parser)
 
 
-def add_engine_options(parser: argparse.ArgumentParser) -> None:
-    """The options of the engine ``eval`` and ``calibrate`` run: base model, adapters folder, device, dtype, batch."""
+def add_engine_options(parser: argparse.ArgumentParser, itself: tuple[str, ...] = ()) -> None:
+    """The options of the engine ``eval`` and ``calibrate`` run: base model, adapters folder, device, dtype, batch;
+    ``itself``: the engine settings the command sets besides ``ENGINE_SETS`` (``sets_settings``)."""
     parser.add_argument("--base-model", type=input_name, default="smollm2", help=BASE_HELP)
     parser.add_argument("--adapters-dir", type=input_path, default=SettingDefault("adapters_dir"),
                         help="where --adapter NAME is looked up")
@@ -189,6 +194,7 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
                         help="auto: bf16 on CUDA, fp32 on the CPU")
     parser.add_argument("--quantize", default="none", choices=["none", "nf4"], help="nf4: a 4-bit NF4 base")
     parser.add_argument("--max-batch", type=positive(int), default=64, help="most requests the engine runs at once")
+    sets_settings(parser, itself=[*ENGINE_SETS, *itself])
 
 
 def add_calibrate_options(parser: argparse.ArgumentParser) -> None:
@@ -205,7 +211,7 @@ def add_calibrate_options(parser: argparse.ArgumentParser) -> None:
                         help="draw the reliability diagram on MNLI dev_matched here (PNG; default: none drawn)")
     parser.add_argument("--json", type=output_file, help="also write the report, with the reliability bins and every "
                         "row's scores, here (default: printed only)")
-    add_engine_options(parser)
+    add_engine_options(parser, itself=("max_new_tokens",))
     parser.set_defaults(max_new_tokens=1)  # the engine generates nothing: labels are scored
 
 

@@ -90,17 +90,38 @@ def read_setting_defaults(args: argparse.Namespace) -> None:
             args.settings_read = [*getattr(args, "settings_read", []), name]  # read by given_as
 
 
+def sets_settings(parser: argparse.ArgumentParser, itself: Iterable[str] = (), by: dict[str, str] | None = None
+                  ) -> None:
+    """Declare, for ``given_as``, the Settings fields of the runtime (or base) the command of ``parser`` builds that
+    neither an option of the field's own name nor the field's ``LORASWAP_`` variable gives: ``by``, each field an
+    option gives under another name, by that option (bench's ``--adapters`` for ``max_resident``); ``itself``, those
+    the command sets itself (eval's ``max_queue``), which no flag or variable of it changes."""
+    parser.set_defaults(settings_by=dict(by or {}), settings_set=frozenset(itself))
+
+
 def given_as(args: argparse.Namespace, name: str) -> str:
-    """How setting ``name`` is named to the user: by the flag of the option of ``args`` that gave it (``--max-batch``,
-    also for an option's own default), else, where the value was read from the environment (no option gave it, a
-    ``SettingDefault`` still stands for it, or ``read_setting_defaults`` put its setting's value in its place), by its
-    variable (``LORASWAP_MAX_BATCH``); else, for a default of Settings' or a value the command set, as the user could
-    set it: by its flag where the command has that option (``setting_options``: serve's and scale's), else by its
-    variable (a review: 'must be below max_input_tokens' named a setting no user sets by that name)."""
+    """How setting ``name`` is named to the user of the command of ``args``, by what gives it its value there, so that
+    no message names a flag or variable the command does not take: by the flag of the option that gives it
+    (``--max-batch``, also for the option's own default; one of another name, ``sets_settings``: bench's
+    ``--adapters`` for ``max_resident``); where the command sets it itself (``sets_settings``, or a default its parser
+    sets with no option: calibrate's ``max_new_tokens``), as the command's own (``calibrate's own max_new_tokens``: a
+    review, it said ``--max-new-tokens``, which calibrate has not, and eval said ``LORASWAP_MAX_QUEUE``, which it does
+    not read); where the value was read from the environment (no option gave it, a ``SettingDefault`` still stands
+    for it, or ``read_setting_defaults`` put its setting's value in its place), by its variable
+    (``LORASWAP_MAX_BATCH``); else, for a default of Settings', as the user could set it: by its flag where the
+    command has that option (``setting_options``: serve's and scale's), else by its variable (a review: 'must be below
+    max_input_tokens' named a setting no user sets by that name)."""
+    by = getattr(args, "settings_by", {})
+    if name in by:
+        return by[name]
     read = name in getattr(args, "settings_read", ()) or isinstance(getattr(args, name, SettingDefault(name)),
                                                                    SettingDefault)
+    options = getattr(args, "setting_options", ())
+    an_option = name in options or name in getattr(args, "option_dests", ())
+    if name in getattr(args, "settings_set", ()) or not (read or an_option):
+        return f"{getattr(args, 'command', 'the command')}'s own {name}"
     env = variable(name)
-    if not read or (env not in os.environ and name in getattr(args, "setting_options", ())):
+    if not read or (env not in os.environ and name in options):
         return flag(name)
     return env
 

@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
         reports = [(action.dest, action.option_strings[0]) for action in sub._actions if action.type is output_file]
         inputs = [(action.dest, action.option_strings[0]) for action in sub._actions  # --help's default is SUPPRESS
                   if action.option_strings and action.type is not output_file and action.default != argparse.SUPPRESS]
-        sub.set_defaults(run=command.run, report_files=reports, input_options=inputs)
+        sub.set_defaults(run=command.run, report_files=reports, input_options=inputs,  # given_as reads option_dests
+                         option_dests=frozenset(action.dest for action in sub._actions if action.option_strings))
     return parser
 
 

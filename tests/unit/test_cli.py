@@ -629,6 +629,10 @@ def test_a_flag_overrides_an_invalid_environment_variable_of_its_setting(tmp_pat
     # a flag given overrides its setting's invalid variable outside serve too (a review: eval, bench refused)
     ({"LORASWAP_MAX_BATCH": "abc"}, ["eval", "--task", "nli", "--adapter", "nosuch", "--max-batch", "4"],
      "loraswap eval: error: --adapter nosuch: unknown adapter"),
+    # a review: eval read every variable once more for max_answer_windows, and blamed the flag given for another's
+    ({"LORASWAP_MAX_BATCH": "abc"}, ["eval", "--task", "nli", "--adapter", "none", "--data", str(NLI_SAMPLE),
+                                     "--max-batch", "4", "--base-model", "/nonexistent/model", "--device", "cpu"],
+     "loraswap eval: error: --base-model /nonexistent/model: no Hugging Face model directory there"),
     ({"LORASWAP_PREFILL_CHUNK": "-3"}, ["bench", "--prefill-chunk", "0", "--modes", "xx"],
      "loraswap bench: error: argument --modes: 'xx' in 'xx' is not an item"),
     # an invalid variable a command never reads fails it not (a review: side-by-side, loadtest read every one)
