@@ -29,6 +29,7 @@ from service.cli.command import (
     sets_settings,
 )
 from service.engine.strategies import SAMPLING_DEFAULTS, Strategy, unread, unread_reason
+from service.engine.strategies import SEED as DRAW_SEED
 from service.settings import Settings
 from service.tasks.prompt_styles import ADAPTER_STYLE, PROMPT_STYLES
 
@@ -160,9 +161,9 @@ def add_eval_options(parser: argparse.ArgumentParser) -> None:
                         f"(default: {SAMPLING_DEFAULTS['top_p']})")
     parser.add_argument("--temperature", type=nonnegative(float), help="softmax temperature of the sampling "
                         f"strategies; 0 is greedy (default: {SAMPLING_DEFAULTS['temperature']})")
-    parser.add_argument("--seed", type=nonnegative(int), default=0, help="sampling seed, as /answer's (0 to 2**63 - "
-                        "1): the example at index i of the data file (from 0, whatever --limit draws) samples with "
-                        "seed + i")
+    parser.add_argument("--seed", type=nonnegative(int), help="sampling seed, as /answer's (0 to 2**63 - 1): the "
+                        "example at index i of the data file (from 0, whatever --limit draws) samples with seed + i "
+                        "(default: 0 with a strategy that samples; greedy draws nothing and refuses it)")
     parser.add_argument("--max-new-tokens", type=positive(int), default=32, help="most tokens generated per answer")
     parser.add_argument("--extractive", action=argparse.BooleanOptionalAction, default=True,
                         help="SQuAD answers decoded under the span constraint, as /answer's default; "
@@ -238,18 +239,21 @@ def run_merge(args: argparse.Namespace) -> None:
 
 def sampling_options(args: argparse.Namespace) -> None:
     """Refuse the sampling options given that ``args.strategy`` does not read (UsageError naming the first, as /answer
-    refuses them: ``strategies.READ_BY``), and any decoding option for a task that scores labels (nli, rte), then give
-    those not given their defaults (``SAMPLING_DEFAULTS``)."""
-    given = [name for name in SAMPLING_DEFAULTS if getattr(args, name) is not None]
+    refuses them: ``strategies.reads``; ``--seed`` with greedy, which draws nothing, too: a review, it was taken and
+    left unread, a given seed not told from the default), and any decoding option for a task that scores labels (nli,
+    rte), then give those not given their defaults (``SAMPLING_DEFAULTS``; the seed 0)."""
+    given = [name for name in (*SAMPLING_DEFAULTS, DRAW_SEED) if getattr(args, name) is not None]
     if args.task != "squad" and (args.strategy != "greedy" or given):
         decoding = ["--strategy"] * (args.strategy != "greedy") + [flag(name) for name in given]
         raise UsageError(f"{decoding[0]} decodes SQuAD answers: --task {args.task} scores each label instead")
     names = unread(args.strategy, given, args.temperature)
     if names:
-        raise UsageError(f"{flag(names[0])} {unread_reason(args.strategy, flag)}")
+        raise UsageError(f"{flag(names[0])} {unread_reason(args.strategy, flag, names[0])}")
     for name, default in SAMPLING_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, default)
+    if args.seed is None:  # read only where the strategy samples (greedy's is Decoding's own default, unread)
+        args.seed = 0
 
 
 def run_eval(args: argparse.Namespace) -> None:

@@ -149,12 +149,16 @@ SIDE_BY_SIDE = ["side-by-side", "--system", "a=loraswap@http://127.0.0.1:9", "--
         (["--strategy", "top_k", "--top-p", "0.5"], "--top-p is not read by strategy 'top_k', which reads "
          "--seed, --temperature and --top-k"),
         (["--strategy", "nucleus", "--top-k", "5"], "--top-k is not read by strategy 'nucleus'"),
-        (["--strategy", "temperature", "--top-k", "5", "--temperature", "0.5"], "--top-k is not read by strategy")]),
+        (["--strategy", "temperature", "--top-k", "5", "--temperature", "0.5"], "--top-k is not read by strategy"),
+        # a review: a seed with greedy was taken and unread (its default, 0, could not be told from a seed given)
+        (["--seed", "5"], "--seed is not read by strategy 'greedy', which draws nothing at random: leave it out or "
+         "choose a strategy that samples\n"),
+        (["--seed", "0", "--temperature", "0"], "--seed is not read by strategy 'greedy', which draws nothing")]),
     # nli and rte score each label: a decoding option for them was ignored (--strategy) or refused as greedy's
     *((["eval", "--task", task, "--adapter", "none", *more], f"loraswap eval: error: {first} decodes SQuAD answers: "
        f"--task {task} scores each label instead")
       for task in ("nli", "rte") for more, first in [(["--strategy", "top_k"], "--strategy"),
-                                                       (["--top-k", "5"], "--top-k"),
+                                                       (["--top-k", "5"], "--top-k"), (["--seed", "3"], "--seed"),
                                                        (["--strategy", "nucleus", "--top-p", "0.5"], "--strategy")]),
     (["eval", "--task", "squad", "--adapter", "none", "--data", __file__], f"{__file__}: not a squad file this command "
      "reads"),
@@ -751,11 +755,21 @@ def test_an_eval_report_records_the_sampling_parameters_its_strategy_read(strate
     from training.options import sampling_options
 
     args = argparse.Namespace(task="squad", adapter="none", data=None, prompt_style="adapter", strategy=strategy,
-                              limit=None, extractive=True, distractors=0, seed=0, top_k=None, top_p=None,
+                              limit=None, extractive=True, distractors=0, seed=None, top_k=None, top_p=None,
                               temperature=None)
     sampling_options(args)
     report = eval_report(args, {}, {})
     assert {"temperature", "top_k", "top_p"} & set(report) == recorded
+    assert report.get("seed") == (0 if recorded else None)  # a sampling strategy's seed, 0 when none is given
+
+
+def test_an_eval_seed_given_to_a_sampling_strategy_is_the_one_it_samples_with():
+    from training.options import sampling_options
+
+    args = build_parser().parse_args(["eval", "--task", "squad", "--adapter", "none", "--strategy", "top_k",
+                                      "--seed", "5"])
+    sampling_options(args)
+    assert args.seed == 5
 
 
 def test_an_eval_report_records_the_engine_settings_it_ran_with(tiny_llama_dir, tmp_path, monkeypatch):

@@ -101,9 +101,10 @@ def test_help_shows_the_defaults_the_command_runs_with(monkeypatch, capsys):
     shown = capsys.readouterr().out
     parsed = parser.parse_args(["--task", "nli", "--adapter", "x"])
     sampling_options(parsed)  # what the command runs with: the sampling options not given take their defaults
-    for name in ("strategy", "top_k", "top_p", "temperature", "seed", "sample_seed", "max_new_tokens", "max_batch",
+    for name in ("strategy", "top_k", "top_p", "temperature", "sample_seed", "max_new_tokens", "max_batch",
                  "base_model", "device", "dtype", "quantize"):
         assert f"(default: {getattr(parsed, name)})" in shown, name
+    assert f"(default: {parsed.seed} with a strategy that samples; greedy draws nothing and refuses it)" in shown
     assert f"(default: $LORASWAP_ADAPTERS_DIR, else {parsed.adapters_dir})" in shown  # a setting's: read at run
     # written out there: adapter_files imports torch
     assert f"'{BASE_LABEL}' (or '{BASE_MODEL_ID}') for the bare base model" in shown
