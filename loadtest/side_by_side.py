@@ -39,6 +39,7 @@ from service.cli.command import (
     server_url,
     spare_inputs,
 )
+from service.settings import variable
 from training.data import data_dir, naming_default_data
 
 TIMEOUT_S = 600.0  # per request: a 2-core machine under load answers slowly, but it answers
@@ -91,7 +92,7 @@ def schedule(systems: Sequence[str], loads: Sequence[tuple[str, int]], rounds: i
 def session(system) -> httpx.Client:
     """A client of ``system``'s server (an ``endpoints`` client); a loraswap server is sent the API key of
     ``$LORASWAP_API_KEY``, where it is set, as loadtest sends it (a review: a server with a key was a 401)."""
-    key = os.environ.get("LORASWAP_API_KEY") if isinstance(system, Loraswap) else None
+    key = os.environ.get(variable("api_key")) if isinstance(system, Loraswap) else None
     return httpx.Client(base_url=system.url, timeout=TIMEOUT_S, headers=bearer(key))
 
 
@@ -264,7 +265,7 @@ def run_side_by_side(args: argparse.Namespace) -> None:
 
 SIDE_BY_SIDE = Command("loraswap against llama.cpp or an OpenAI-style server, on the same questions",
                        add_side_by_side_options, run_side_by_side,
-                       "A loraswap system's API key, where its server sets one, comes from $LORASWAP_API_KEY.")
+                       f"A loraswap system's API key, where its server sets one, comes from ${variable('api_key')}.")
 
 
 def main() -> None:

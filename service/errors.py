@@ -72,11 +72,14 @@ class NoFreeSlot(AdapterError):
 class UnsafeEnvironment(Exception):
     """An environment variable holds a value that would crash a library the model runs on: refused before the model
     loads, never in reply to a request. ``off``: the boolean setting that, false, avoids the crash, named after
-    ``message`` as its ``LORASWAP_`` variable (the CLI names it as its command takes it: ``off_switch``)."""
+    ``message`` as its ``LORASWAP_`` variable (``settings.variable``; the CLI names it as its command takes it:
+    ``off_switch``)."""
 
     def __init__(self, message: str, off: str | None = None):
+        from service.settings import variable  # here: the render processes import this module, not pydantic
+
         self.message, self.off = message, off
-        super().__init__(f"{message} (LORASWAP_{off.upper()}=false)" if off else message)
+        super().__init__(f"{message} ({variable(off)}=false)" if off else message)
 
 
 class InputTooLong(NamesSettings):

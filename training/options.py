@@ -30,7 +30,7 @@ from service.cli.command import (
 )
 from service.engine.strategies import SAMPLING_DEFAULTS, Strategy, unread, unread_reason
 from service.engine.strategies import SEED as DRAW_SEED
-from service.settings import Settings
+from service.settings import Settings, variable
 from service.tasks.prompt_styles import ADAPTER_STYLE, PROMPT_STYLES
 
 TASKS = ("squad", "nli", "rte")
@@ -46,7 +46,7 @@ WARMUP = bounded(float, lambda value: value >= 0 and (value < 1 or value.is_inte
                  "in [0, 1) (a share of all steps) or a whole number of steps (1, 2, ...)", "steps")
 # the engine settings eval and calibrate set themselves (evaluate.runtime_settings): no option or variable gives them
 ENGINE_SETS = ("adapter_roots", "auto_merge", "batch_window_ms", "max_queue", "max_queue_wait")
-BASE_HELP = ("'smollm2' (the embedded SmolLM2-135M-Instruct, converted once into $LORASWAP_CACHE_DIR, else "
+BASE_HELP = (f"'smollm2' (the embedded SmolLM2-135M-Instruct, converted once into ${variable('cache_dir')}, else "
              "~/.cache/loraswap) or a Hugging Face model directory")
 
 
@@ -277,7 +277,7 @@ TRAIN = Command("train a LoRA adapter on SQuAD, NLI or RTE", add_train_options, 
 EVAL = Command("evaluate an adapter through the serving engine", add_eval_options, run_eval, SERVING_VARIABLES)
 SWEEP = Command("grid over rank, learning rate and target modules", add_sweep_options, run_sweep, SERVING_VARIABLES)
 MERGE = Command("write a full model with one adapter merged in", add_merge_options, run_merge,
-                "An adapter the server would refuse is refused, at the server's largest rank ($LORASWAP_MAX_RANK, else "
-                f"{Settings.model_fields['max_rank'].default}).")
+                "An adapter the server would refuse is refused, at the server's largest rank "
+                f"(${variable('max_rank')}, else {Settings.model_fields['max_rank'].default}).")
 CALIBRATE = Command("fit the temperature of an NLI adapter's label probabilities; measure their calibration",
                     add_calibrate_options, run_calibrate, SERVING_VARIABLES)

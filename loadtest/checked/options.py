@@ -34,6 +34,7 @@ from service.cli.command import (
     server_url,
     spare_inputs,
 )
+from service.settings import variable
 from training.data import TASK_EVAL_FILES, data_dir, naming_default_data
 
 
@@ -120,9 +121,9 @@ def run_loadtest(args: argparse.Namespace) -> None:
     squad, nli = args.squad or data_dir() / TASK_EVAL_FILES["squad"][0], nli_source(args.nli)
     spare_inputs([("--json", args.json), ("--md", args.md)],
                  [("the SQuAD file it asks from", squad), ("the NLI file it asks from", nli[0])])
-    admin_key = os.environ.get("LORASWAP_ADMIN_KEY")
+    admin_key = os.environ.get(variable("admin_key"))
     if not admin_key:
-        print("loraswap loadtest: error: set LORASWAP_ADMIN_KEY, the server's admin key (the test registers its "
+        print(f"loraswap loadtest: error: set {variable('admin_key')}, the server's admin key (the test registers its "
               "adapters)", file=sys.stderr)
         raise SystemExit(2)
     import httpx
@@ -133,7 +134,7 @@ def run_loadtest(args: argparse.Namespace) -> None:
 
     config = LoadConfig(
         scenario=args.scenario, users=args.users, duration_s=args.duration, host=args.host,
-        admin_key=admin_key, api_key=os.environ.get("LORASWAP_API_KEY"), adapter_root=args.adapter_root,
+        admin_key=admin_key, api_key=os.environ.get(variable("api_key")), adapter_root=args.adapter_root,
         squad=squad, nli=nli, source=args.source,
         adapters=args.adapters, prompts=args.prompts, new_tokens=args.new_tokens, rank=args.rank,
         kinds=tuple(args.kinds), spread=args.spread, seed=args.seed, churn_interval_s=args.churn_interval,
@@ -180,6 +181,6 @@ def stop_on_signals() -> None:
 
 LOADTEST = Command("load tests that check every answer (locust scenarios: single, uniform, zipf, churn, overload, "
                    "soak); "
-                   "the server's admin key from $LORASWAP_ADMIN_KEY",
+                   f"the server's admin key from ${variable('admin_key')}",
                    add_loadtest_options, run_loadtest,
-                   "The server's API key, where it sets one, comes from $LORASWAP_API_KEY.")
+                   f"The server's API key, where it sets one, comes from ${variable('api_key')}.")

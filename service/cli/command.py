@@ -61,9 +61,10 @@ class Command:
 
 # what a command that builds Settings (the engine's, or the base's as serve loads it) reads: serve's variables
 SERVING_VARIABLES = ("Every other setting of loraswap serve (not one of the options here, which give theirs even by "
-                     "default, nor one the command sets itself, such as the queue's bounds) comes from its LORASWAP_ "
-                     "variable, as serve's do (LORASWAP_MAX_INPUT_TOKENS for --max-input-tokens, LORASWAP_ONEDNN for "
-                     "--onednn: loraswap serve --help lists them); an invalid one is a usage error.")
+                     "default, nor one the command sets itself, such as the queue's bounds) comes from its "
+                     f"{Settings.model_config['env_prefix']} variable, as serve's do ({variable('max_input_tokens')} "
+                     f"for --max-input-tokens, {variable('onednn')} for --onednn: loraswap serve --help lists them); "
+                     "an invalid one is a usage error.")
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from service.errors import (
     UnknownAdapter,
 )
 from service.http.schemas import ErrorOut
-from service.settings import worded
+from service.settings import variable, worded
 from service.strict_json import PAST_ANY_BOUND
 
 CLIENT_CLOSED = 499  # nginx's "client closed request": recorded in the metrics, never received by anyone
@@ -72,7 +72,8 @@ HTTP_REPLIES = {
     401: "A route that needs a key without it: the admin key on admin routes, the API key (when one is set) on the "
          "routes that run the model.",
     403: "Admin routes are disabled: no admin key is set.",
-    413: "A request body larger than the server takes (its body limit: --max-body-bytes, LORASWAP_MAX_BODY_BYTES).",
+    413: f"A request body larger than the server takes (its body limit: --max-body-bytes, "
+         f"{variable('max_body_bytes')}).",
     415: "A body sent with another Content-Type than application/json, or compressed (a Content-Encoding).",
     422: "An invalid request: a field missing, unknown, of the wrong type or out of range (NaN and infinities too), "
          "or messages the chat template cannot render.",

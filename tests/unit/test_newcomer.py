@@ -135,14 +135,15 @@ RUN_BY = {"training/train.py": ("train", "sweep"), "training/sweep.py": ("sweep"
 
 def variables_read(path: Path) -> tuple[set[str], bool]:
     """The LORASWAP_ variables the module at ``path`` reads by name (``setting("x")``, ``SettingDefault("x")``,
-    ``os.environ.get("LORASWAP_X")``, ``data_dir()``), and whether it builds Settings (which reads every one)."""
+    ``os.environ.get(variable("x"))``, ``os.environ.get("LORASWAP_X")``, ``data_dir()``), and whether it builds
+    Settings (which reads every one)."""
     names, builds = set(), False
     for node in ast.walk(ast.parse(path.read_text())):
         if not isinstance(node, ast.Call):
             continue
         called = getattr(node.func, "id", getattr(node.func, "attr", ""))
         texts = [arg.value for arg in node.args if isinstance(arg, ast.Constant) and isinstance(arg.value, str)]
-        if called in ("setting", "SettingDefault"):
+        if called in ("setting", "SettingDefault", "variable"):
             names |= {f"LORASWAP_{text.upper()}" for text in texts}
         names |= {text for text in texts if re.fullmatch(r"LORASWAP_[A-Z_]+", text)}
         names |= {"LORASWAP_DATA_DIR"} if called == "data_dir" else set()

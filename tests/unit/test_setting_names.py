@@ -6,12 +6,14 @@ variable one the command reads: set to another value, it changes the settings th
 from __future__ import annotations
 
 import argparse
+import ast
 import re
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+import service
 from loadtest.bench import bench_settings
 from service.cli.main import build_parser, main
 from service.cli.settings_options import settings_from
@@ -129,3 +131,41 @@ def test_what_a_command_sets_itself_is_named_as_its_own_never_as_a_flag_or_varia
         "--adapters", "bench's own max_rank", variable("prefill_chunk")]
     assert [given_as(train, name) for name in ("device", "dtype", "quantize")] == [
         "train's own device", "--bf16", "--quantize"]
+
+
+PREFIX = Settings.model_config["env_prefix"]
+
+
+def docstrings(tree: ast.Module) -> set[int]:
+    """The ids of the docstring nodes of ``tree``'s module, classes and functions."""
+    owners = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    return {id(node.body[0].value) for node in ast.walk(tree) if isinstance(node, owners) and node.body
+            and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+
+
+def spelled_variables(path: Path) -> list[str]:
+    """The variables of Settings fields that the code of the module at ``path`` spells itself, outside docstrings:
+    ``LORASWAP_MAX_RANK`` in a string, or an f-string's ``LORASWAP_`` before the name it formats."""
+    tree = ast.parse(path.read_text())
+    skipped, found = docstrings(tree), []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.JoinedStr):
+            found += [f"{PREFIX}{{...}}" for part, after in zip(node.values, node.values[1:])
+                      if isinstance(part, ast.Constant) and part.value.endswith(PREFIX)
+                      and isinstance(after, ast.FormattedValue)]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in skipped:
+            found += [name for name in re.findall(rf"{PREFIX}[A-Z0-9_]+", node.value)
+                      if name.removeprefix(PREFIX).lower() in Settings.model_fields]
+    return found
+
+
+def test_a_settings_variable_is_spelled_by_settings_variable_alone():
+    """A review: UnsafeEnvironment wrote LORASWAP_ + the field upper-cased, and the help of eval, merge, loadtest and
+    side-by-side, loadtest's reading of the admin key and the 413's description spelled variables out: each comes from
+    ``settings.variable`` now, beside the prefix it is built from (``Settings.model_config``). Variables of no
+    setting (LORASWAP_DATA_DIR) are the modules' own."""
+    root = Path(service.__file__).parents[1]
+    modules = [path for folder in ("service", "training", "loadtest") for path in sorted((root / folder).rglob("*.py"))
+               if path != root / "service" / "settings.py"]
+    spelled = {str(path.relative_to(root)): names for path in modules if (names := spelled_variables(path))}
+    assert spelled == {}
