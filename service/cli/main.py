@@ -221,9 +221,11 @@ def main(argv: list[str] | None = None) -> int:
         threads_within_quota()
     try:
         if args.command == "serve":
+            if argv is None:  # this process is the server from its start (not a caller's, as in tests): started
+                server_process.restart()  # again first, so that the configuration is read once, there
             settings = settings_from(args)
-            if argv is None:  # this process is the server from its start (not a caller's, as in tests): readied
-                server_process.prepare(settings.quantize)  # before the checks import torch and peft (it starts again)
+            if argv is None:  # readied before the checks import torch and peft
+                server_process.prepare(settings.quantize)
             check_server_start(settings, args)
             named = naming(args)
             # the embedded base is not converted here: its first conversion runs while /health answers

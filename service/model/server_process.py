@@ -12,10 +12,16 @@ import sys
 from service.model.malloc import restart_without_tcache
 
 
-def prepare(quantize: str) -> None:
-    """Ready this process, which is to run the server from its start, for it: started again with malloc's tcache off,
-    and for a full-precision base (``quantize`` "none") without bitsandbytes."""
+def restart() -> None:
+    """Start this process, which is to run the server from its start, again with malloc's tcache off
+    (``restart_without_tcache``), before it reads its configuration: what the process did before is done again, so
+    the process started again alone reads it (a review: serve built its Settings in both)."""
     restart_without_tcache()
+
+
+def prepare(quantize: str) -> None:
+    """Ready this process, started again (``restart``), for the server: for a full-precision base (``quantize``
+    "none") without bitsandbytes."""
     if quantize == "none":
         without_bitsandbytes()
 

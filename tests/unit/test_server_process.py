@@ -3,6 +3,7 @@ out of a full-precision server, and only for a process that is the server from i
 from __future__ import annotations
 
 import importlib.util
+import os
 import platform
 import subprocess
 import sys
@@ -56,6 +57,7 @@ def test_a_process_starts_again_with_its_command_line_and_the_tcache_off(tunable
 
 def test_only_a_process_that_is_the_server_from_its_start_is_readied(monkeypatch):
     calls = []
+    monkeypatch.setattr(cli_main.server_process, "restart", lambda: calls.append(("restart",)))
     monkeypatch.setattr(cli_main.server_process, "prepare", lambda quantize: calls.append(("prepare", quantize)))
 
     def serve(settings, named, sockets):
@@ -68,7 +70,7 @@ def test_only_a_process_that_is_the_server_from_its_start_is_readied(monkeypatch
     monkeypatch.setattr(sys, "argv", ["loraswap", "serve", "--quantize", "none", "--port", port])
     cli_main.main()
     cli_main.main(["serve", "--port", port])  # a caller's process (tests, embedding): left as it is
-    assert calls == [("prepare", "none"), ("serve", "none"), ("serve", "none")]
+    assert calls == [("restart",), ("prepare", "none"), ("serve", "none"), ("serve", "none")]
 
 
 @pytest.mark.parametrize("quantize", ["none", "nf4"])
@@ -114,3 +116,32 @@ def test_the_server_starts_again_before_serve_s_checks_import_torch(tiny_llama_d
     code = READIED.format(heavy=HEAVY, base=str(tiny_llama_dir), port=free_port())
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.splitlines() == ["restart: []", "serve: False"]
+
+
+# `loraswap serve` as its own process, started again without the tcache for real, up to its server: a line for each
+# Settings built (the server module replaced by one that says it was reached)
+READ_ONCE = """
+import sys, types
+from service.settings import Settings
+built = Settings.__init__
+def counted(self, *args, **values):
+    print("settings read", flush=True)
+    built(self, *args, **values)
+Settings.__init__ = counted
+sys.modules["service.http.server"] = types.SimpleNamespace(serve=lambda settings, named, sockets: print("serve"))
+sys.argv = ["loraswap", "serve", "--cache-dir", {cache!r}, "--port", "{port}"]
+import service.cli.main
+service.cli.main.main()
+"""
+
+
+@glibc
+def test_serve_reads_its_configuration_once(tmp_path):
+    """serve built its Settings, then started again without the tcache, and the process started again built them
+    once more (a summary: 'config read twice at start'); it starts again first now. The environment is the one
+    execve passes on, so the two reads agreed; a path setting's check of the file system (usable_path) ran twice."""
+    env = {name: value for name, value in os.environ.items() if name != "GLIBC_TUNABLES"}
+    code = READ_ONCE.format(cache=str(tmp_path / "cache"), port=free_port())  # the embedded base is not converted
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                         check=True)
+    assert out.stdout.splitlines() == ["settings read", "serve"], out.stdout
