@@ -142,7 +142,9 @@ def resolve_base_dir(name_or_path: str, cache_dir: Path) -> Path:
     if name_or_path != EMBEDDED:
         path = Path(name_or_path)
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"--base-model {name_or_path}: no Hugging Face model directory there")
+            # named by its field, which the command names as it was given (a review: LORASWAP_BASE_MODEL=/x was
+            # refused as '--base-model /x' by serve)
+            raise FileNotFoundError(f"base_model {name_or_path}: no Hugging Face model directory there")
         return path
     cached = converted_dir(cache_dir)
     remove_abandoned_partials(cached)

@@ -118,7 +118,8 @@ def start_failure_log(settings, caplog, raises: type[Exception]) -> list[logging
 
 
 @pytest.mark.parametrize("overrides,cause", [
-    ({"base_model": "/nonexistent"}, "FileNotFoundError: --base-model /nonexistent: no Hugging Face model directory"),
+    ({"base_model": "/nonexistent"}, "FileNotFoundError: LORASWAP_BASE_MODEL /nonexistent: no Hugging Face model "
+     "directory"),
     ({"base_model": "smollm2", "cache_dir": Path("/proc/x")}, "FileNotFoundError: LORASWAP_CACHE_DIR /proc/x: cannot "
      "make this folder: No such file or directory"),
     ({"max_new_tokens": 10**9}, "ValueError: LORASWAP_MAX_NEW_TOKENS 1000000000 leaves 0 of the base model's 512 "

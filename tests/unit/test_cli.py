@@ -299,6 +299,11 @@ def test_a_cache_folder_that_cannot_be_made_is_a_usage_error_naming_its_setting(
     # a review: 'the API key must differ from the admin key' named neither as given
     ({}, ["serve", "--admin-key", "k", "--api-key", "k"], "--api-key must differ from --admin-key"),
     ({"LORASWAP_ADMIN_KEY": "k"}, ["serve", "--api-key", "k"], "--api-key must differ from LORASWAP_ADMIN_KEY"),
+    # a review: a base model folder the variable gave was named by the flag, which the user had not given
+    ({"LORASWAP_BASE_MODEL": "/nonexistent"}, ["serve"], "loraswap serve: error: LORASWAP_BASE_MODEL /nonexistent: no "
+     "Hugging Face model directory there\n"),
+    ({"LORASWAP_BASE_MODEL": "/nonexistent"}, ["scale", "--replicas", "1"], "loraswap scale: error: "
+     "LORASWAP_BASE_MODEL /nonexistent: no Hugging Face model directory there\n"),
     # a review: 'adapter rank 16 must be an integer in 1..8' named neither the adapter nor the variable
     ({"LORASWAP_MAX_RANK": "8"}, ["merge", "--adapter", "squad", "--out", "x"], "loraswap merge: error: --adapter "
      "squad: adapter rank 16 must be an integer in 1..8 (LORASWAP_MAX_RANK)\n"),
