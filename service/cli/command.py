@@ -46,12 +46,15 @@ class Command:
     chat template refuses a prompt style's prompt) or pydantic's ValidationError for what the user asked that cannot
     be done (a usage error, exit status 2). ``reads``: the ``LORASWAP_`` variables it reads that no option's help
     names, in words, ending the description ``--help`` shows (``SERVING_VARIABLES`` for one that runs the engine or
-    loads the base as serve does)."""
+    loads the base as serve does). ``own_threads``: the command sizes its processes' torch threads itself (``scale``:
+    Ray gives each replica ``OMP_NUM_THREADS`` of its ``num_cpus``, where none is set), so ``main`` does not size them
+    to the CPU quota (``cpu_quota.threads_within_quota``), which every replica would inherit."""
 
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], None]
     reads: str = ""
+    own_threads: bool = False
 
     @property
     def description(self) -> str:

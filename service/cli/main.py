@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
         inputs = [(action.dest, action.option_strings[0]) for action in sub._actions  # --help's default is SUPPRESS
                   if action.option_strings and action.type is not output_file and action.default != argparse.SUPPRESS]
         sub.set_defaults(run=command.run, report_files=reports, input_options=inputs,  # given_as reads option_dests
-                         option_dests=frozenset(action.dest for action in sub._actions if action.option_strings))
+                         option_dests=frozenset(action.dest for action in sub._actions if action.option_strings),
+                         own_threads=command.own_threads)
     return parser
 
 
@@ -215,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger(BITSANDBYTES_CPU_LOG).setLevel(logging.ERROR)
     parser = build_parser()
     args = parser.parse_args(argv)
-    if argv is None:  # this process runs the command from its start: torch is not imported yet
+    if argv is None and not getattr(args, "own_threads", False):  # from its start: torch is not imported yet
         from service.model.cpu_quota import threads_within_quota  # with joblib (0.2 s), once --help has answered
 
         threads_within_quota()

@@ -50,4 +50,4 @@ def run_scale(args: argparse.Namespace) -> None:
 
 
 SCALE = Command("serve the HTTP API from several replicas on Ray Serve, each request routed to a replica that holds "
-                "its adapter", add_scale_arguments, run_scale)
+                "its adapter", add_scale_arguments, run_scale, own_threads=True)

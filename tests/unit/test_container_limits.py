@@ -47,6 +47,14 @@ def test_the_loraswap_command_sizes_torch_to_the_quota_and_says_so():
     assert ran.returncode == 2 and "torch runs 1 threads, the CPUs this process's CPU quota allows of the" in ran.stderr
 
 
+def test_scale_leaves_its_replicas_threads_to_ray():
+    """Ray gives each replica OMP_NUM_THREADS of its num_cpus where none is set: a count set for the quota would
+    override that in every replica."""
+    ran = in_limits("1", "-", "import sys; sys.argv = ['loraswap', 'scale', '--replicas', '1', '--max-batch', '0']; "
+                    "from service.cli.main import main; main()")
+    assert ran.returncode == 2 and "--max-batch" in ran.stderr and "torch runs" not in ran.stderr, ran.stderr
+
+
 def test_a_thread_count_the_user_set_is_kept():
     assert in_limits("1", "-", SIZED, **{THREADS: "2"}).stdout.strip() == "2"
 
