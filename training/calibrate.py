@@ -29,7 +29,7 @@ from service.tasks.prompts import NLI_LABELS
 from training.data import TASK_TRAIN_FILES, data_dir, naming_default_data, read_eval, read_nli
 from training.evaluate import bounded, engine_settings, named_as_given, served_adapter, start_runtime
 from training.metrics import ECE_BINS, expected_calibration_error, reliability_bins
-from training.options import adapters_dir_absent
+from training.options import adapters_dir_absent, refuse_two_adapters
 
 FIT_FILE = "nli/mnli.jsonl.gz"  # the fit takes the held-out rows of this training file only
 DEV_FILE = "nli/mnli.jsonl.gz"  # its dev_matched split measures the calibration
@@ -217,7 +217,8 @@ def scores_of(args: argparse.Namespace, folder: Path, row_sets: list[list[dict]]
 
 def adapter_folder(args: argparse.Namespace) -> Path:
     """The folder ``--adapter`` names: a folder, else the one of that name in ``--adapters-dir``;
-    FileNotFoundError when it names neither."""
+    FileNotFoundError when it names neither; UsageError where both hold an adapter (``refuse_two_adapters``)."""
+    refuse_two_adapters(args)
     for folder in (args.adapter, args.adapters_dir / args.adapter):
         if folder.is_dir():
             return folder

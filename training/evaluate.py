@@ -19,7 +19,7 @@ from service.settings import INT64, Settings
 from service.tasks.prompts import NLI_LABELS, RTE_LABELS
 from training.data import BadRow, eval_path, eval_sample, hidden_in_documents, naming_default_data, read_eval
 from training.metrics import ECE_BINS, accuracy, confusion_matrix, expected_calibration_error, squad_scores
-from training.options import adapters_dir_absent
+from training.options import adapters_dir_absent, refuse_two_adapters
 
 # the HTTP server's settings, which an evaluation does not run (the keys are secrets): not in its report
 SERVER_ONLY = frozenset({"host", "port", "admin_key", "api_key", "max_body_bytes", "drain_seconds"})
@@ -33,6 +33,7 @@ def adapter_folder(args: argparse.Namespace) -> Path | None:
     ``run`` checks the adapter first."""
     if adapter_or_base(args.adapter) is None:
         return None
+    refuse_two_adapters(args)
     path = Path(args.adapter)
     if (path / CONFIG_FILE).is_file():
         return path

@@ -11,7 +11,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from service.errors import AdapterError
-from training.options import adapters_dir_absent
+from training.options import adapters_dir_absent, refuse_two_adapters
 from training.output_folder import written_whole
 
 if TYPE_CHECKING:
@@ -21,7 +21,9 @@ if TYPE_CHECKING:
 def adapter_dir(args: argparse.Namespace) -> Path:
     """The folder ``--adapter`` names, else the adapter of that name in ``--adapters-dir``. Raises FileNotFoundError
     naming ``--adapter`` when there is none (saying so where the adapters folder does not exist), or when that
-    folder holds no ``adapter_model.safetensors`` (pickled weights are refused)."""
+    folder holds no ``adapter_model.safetensors`` (pickled weights are refused); UsageError where both hold an
+    adapter (``refuse_two_adapters``)."""
+    refuse_two_adapters(args)
     path = Path(args.adapter)
     if not path.is_dir():
         path = args.adapters_dir / args.adapter

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import typing
+from pathlib import Path
 
 from service.cli.command import (
     SERVING_VARIABLES,
@@ -30,7 +31,7 @@ from service.cli.command import (
 )
 from service.engine.strategies import SAMPLING_DEFAULTS, Strategy, unread, unread_reason
 from service.engine.strategies import SEED as DRAW_SEED
-from service.settings import Settings, variable
+from service.settings import ADAPTER_CONFIG_FILE, Settings, variable
 from service.tasks.prompt_styles import ADAPTER_STYLE, PROMPT_STYLES
 
 TASKS = ("squad", "nli", "rte")
@@ -119,12 +120,25 @@ def add_sweep_options(parser: argparse.ArgumentParser) -> None:
 def add_merge_options(parser: argparse.ArgumentParser) -> None:
     """The options of ``loraswap merge``: the adapter, the output folder and the base."""
     parser.add_argument("--adapter", required=True, type=input_name,
-                        help="adapter folder, or the name of one in --adapters-dir")
+                        help="adapter folder, or the name of one in --adapters-dir (a relative path that names an "
+                        "adapter in both is refused: give the absolute path of the one meant)")
     parser.add_argument("--adapters-dir", type=input_path, default=SettingDefault("adapters_dir"),
                         help="where --adapter NAME is looked up")
     parser.add_argument("--out", required=True, type=new_folder, help="folder for the merged model, new or empty")
     parser.add_argument("--base-model", type=input_name,
                         help=BASE_HELP + " (default: the adapter's base_model_name_or_path)")
+
+
+def refuse_two_adapters(args: argparse.Namespace) -> None:
+    """UsageError where ``--adapter``, a relative path, names an adapter folder (one holding ``adapter_config.json``)
+    both from the working directory and in ``--adapters-dir``, two folders: which was meant cannot be told, as POST
+    /adapters refuses a relative path two adapter roots hold (a review: the working directory's won without a word).
+    An absolute path names one."""
+    given, listed = Path(args.adapter), Path(args.adapters_dir) / args.adapter
+    if all((folder / ADAPTER_CONFIG_FILE).is_file() for folder in (given, listed)) and not given.samefile(listed):
+        raise UsageError(f"--adapter {args.adapter} names two adapter folders, {given.resolve()} (from the working "
+                         f"directory) and {listed} (in {given_as(args, 'adapters_dir')}): give the absolute path of "
+                         "the one meant")
 
 
 def adapters_dir_absent(args: argparse.Namespace) -> str:
@@ -143,7 +157,8 @@ def add_eval_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", choices=TASKS, required=True, help="SQuAD v1.1 extractive QA, NLI (3 labels) or RTE")
     parser.add_argument("--adapter", required=True, type=input_name,  # 'none' is adapter_files.BASE_LABEL (torch)
                         help="an adapter in --adapters-dir, an adapter folder, or 'none' (or 'base') for the bare "
-                        "base model")
+                        "base model (a relative path that names an adapter in both is refused: give the absolute path "
+                        "of the one meant)")
     parser.add_argument("--data", type=input_path, help="evaluation file (default: the task's dev set in the data "
                         "folder, $LORASWAP_DATA_DIR, else shared/data beside the repository; for nli the MNLI "
                         "dev_matched split)")
@@ -203,7 +218,8 @@ def add_calibrate_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", required=True, type=input_path,
                         help="an NLI adapter folder, or the name of one in --adapters-dir, with the card.json "
                         "loraswap train wrote (its seed and validation count tell which training rows were held out; "
-                        "no default); always a folder: one named none or base is that folder, never the bare base")
+                        "no default); always a folder: one named none or base is that folder, never the bare base; a "
+                        "relative path that names an adapter in both is refused")
     parser.add_argument("--data-dir", type=input_path, help="the data folder (default: $LORASWAP_DATA_DIR, else "
                         "shared/data beside the repository)")
     parser.add_argument("--write-card", action="store_true",

@@ -450,6 +450,26 @@ def test_an_adapter_looked_up_in_an_adapters_folder_that_does_not_exist_says_so(
     assert err.endswith(f": the adapters folder {absent} ({source}) does not exist\n"), err
 
 
+@pytest.mark.parametrize("command", [["merge", "--out", "x"], ["eval", "--task", "nli"], ["calibrate"]])
+def test_an_adapter_named_both_from_the_working_directory_and_in_the_adapters_folder_is_refused(command, tmp_path,
+                                                                                               monkeypatch, capsys):
+    """A relative --adapter that two adapter folders answer (the working directory's and the adapters folder's): the
+    working directory's was taken without a word, where POST /adapters refuses a relative path two roots hold; the
+    absolute path of either names one (past this check)."""
+    listed = tmp_path / "adapters"
+    for folder in (tmp_path / "one", listed / "one"):
+        folder.mkdir(parents=True)
+        (folder / "adapter_config.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    err = usage_error([*command, "--adapter", "one", "--adapters-dir", str(listed)], {}, monkeypatch, capsys)
+    assert err.endswith(f": error: --adapter one names two adapter folders, {tmp_path / 'one'} (from the working "
+                        f"directory) and {listed / 'one'} (in --adapters-dir): give the absolute path of the one "
+                        "meant\n"), err
+    with pytest.raises(SystemExit):
+        main([*command, "--adapter", str(listed / "one"), "--adapters-dir", str(listed)])
+    assert "names two adapter folders" not in capsys.readouterr().err
+
+
 def test_no_option_of_a_command_takes_a_path_unchecked():
     """Every option that takes a path reads it through a type that refuses one the file system refuses (input_path,
     input_name, output_file, ...), never as a plain Path: serve's and scale's settings are checked by Settings."""
