@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 # ValueError), a size setting whose allocation cannot exist (check_allocations' ValueError), a model file
 # transformers cannot read (OSError, ValueError), an environment that would crash oneDNN (UnsafeEnvironment)
 EXPECTED_START_FAILURES = (OSError, ValueError, UnsafeEnvironment)
+STOP_WAIT_SECONDS = 1.0  # how long a stop waits for a start still loading to reach its next step (``Runtime.stop``)
 
 
 def check_room(settings: Settings, max_positions: int) -> None:
@@ -82,6 +83,11 @@ def log_start_failure(exc: Exception, failure: str) -> None:
         log.exception("the service failed to start: %s", failure)
 
 
+def log_start_cut() -> None:
+    """Say, at INFO, that a stop (``Runtime.stop``) cut the start short: no failure."""
+    log.info("the start was cut short: the service was stopped while it loaded")
+
+
 class StartCut(Exception):
     """The runtime was stopped (``Runtime.stop``) while it started: the start ends, no start failure."""
 
@@ -126,7 +132,7 @@ class Runtime:
             self.ready.set()
         except Exception as exc:  # the reason's first line: torch's own errors go on with their C++ frames
             if self.stopped.is_set():
-                log.info("the start was cut short: the service was stopped while it loaded")
+                log_start_cut()
                 raise
             self.start_failure = self.named(f"{type(exc).__name__}: {next(iter(str(exc).splitlines()), '')}")
             if log_failure:
@@ -245,6 +251,14 @@ class Runtime:
             return self.failure
         return "draining" if self.draining else "ready" if self.ready.is_set() else "loading"
 
+    @property
+    def still_starting(self) -> bool:
+        """Whether a start in the background (``start_in_background``) still runs: after a stop (``stop``), a step
+        that cannot be cut. Nothing it writes is left half done for another start to find when its process ends
+        meanwhile: the embedded base is converted into a folder of its own, renamed into place once whole, which the
+        next start removes otherwise (``base_model.convert_gguf``)."""
+        return self.starting is not None and self.starting.is_alive()
+
     def stop_rendering(self) -> None:
         """End the chat template renders (``Renderer.close``): those not begun fail at once with EngineStopped (503),
         so that a shutdown waits for none queued behind others (a hostile template's 2 s each); those running end
@@ -256,11 +270,14 @@ class Runtime:
         """Stop taking work, end the chat template renders (``stop_rendering``), finish what the engine has queued,
         stop the engine. A start still loading in the background (``start_in_background``) ends at its next step
         (``start``), and is waited for: it ends, and says so, before the server does, not while the interpreter ends
-        (a review: its log line came after the server's last, or never)."""
+        (a review: its log line came after the server's last, or never). At most ``STOP_WAIT_SECONDS``: a step that
+        cannot be cut, the embedded base's conversion (30-60 s) or the base's load, runs on (``still_starting``),
+        to end at its own end, the engine never started; the server's process ends without it (a review: serve
+        SIGTERMed while it converted ended 10-30 s later, past a container's grace period)."""
         self.stopped.set()
         self.draining = True
         if self.starting is not None and self.starting is not threading.current_thread():
-            self.starting.join()
+            self.starting.join(STOP_WAIT_SECONDS)
         self.stop_rendering()
         if self.engine is not None:
             self.engine.stop()

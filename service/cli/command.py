@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from service.model.malloc import STOPS
 from service.settings import (
     ADAPTER_CONFIG_FILE,
     DEVICE_PATTERN,
@@ -164,6 +165,16 @@ def interrupt(signum: int, frame) -> None:
         threading.Timer(0.1, os.kill, (os.getpid(), signum)).start()
         return
     raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def take_stops() -> None:
+    """SIGINT and SIGTERM raise KeyboardInterrupt (``interrupt``) from now on, and those held back until now (blocked
+    across ``malloc.restart_without_tcache``) at once. For a process that is the command from its start, as early as
+    it can: as PID 1 (a container's) a process hears no signal it has no handler for, and ``serve`` ignored SIGTERM
+    until uvicorn's handlers were set, after its checks had imported torch."""
+    for number in STOPS:
+        signal.signal(number, interrupt)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOPS)
 
 
 def require_extra(extra: str, *modules: str) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import logging
 import re
-import signal
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -25,13 +24,13 @@ from service.cli.command import (
     check_server_start,
     flag,
     given_as,
-    interrupt,
     naming,
     output_file,
     read_setting_defaults,
     regular_file,
     spare_inputs,
     take_port,
+    take_stops,
 )
 from service.cli.settings_options import add_settings_arguments, settings_from
 from service.errors import AdapterError, TemplateRefused, UnsafeEnvironment
@@ -207,6 +206,21 @@ def field_name(loc: tuple, model: str, args: argparse.Namespace) -> str:
     return given_as(args, str(loc[0])) + "".join(f"[{part}]" for part in loc[1:])
 
 
+def from_the_start(args: argparse.Namespace) -> None:
+    """What a process that runs the command of ``args`` from its start does first: ``serve`` starts again without
+    malloc's tcache (``server_process.restart``: before it reads its configuration, so that it reads it once, in the
+    process started again); then a stop (SIGTERM, as Ctrl-C) ends it from now on (``take_stops``; loadtest and scale
+    set their own later), and torch's threads are sized to the CPU quota (``threads_within_quota``, before torch is
+    imported), but where the command sizes them itself (``Command.own_threads``: scale's replicas, by Ray)."""
+    if args.command == "serve":
+        server_process.restart()
+    take_stops()
+    if not getattr(args, "own_threads", False):
+        from service.model.cpu_quota import threads_within_quota  # with joblib (0.2 s), once --help has answered
+
+        threads_within_quota()
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request of a load test's clients
@@ -216,14 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger(BITSANDBYTES_CPU_LOG).setLevel(logging.ERROR)
     parser = build_parser()
     args = parser.parse_args(argv)
-    if argv is None and not getattr(args, "own_threads", False):  # from its start: torch is not imported yet
-        from service.model.cpu_quota import threads_within_quota  # with joblib (0.2 s), once --help has answered
-
-        threads_within_quota()
     try:
+        if argv is None:  # this process is the command from its start (not a caller's, as in tests)
+            from_the_start(args)
         if args.command == "serve":
-            if argv is None:  # this process is the server from its start (not a caller's, as in tests): started
-                server_process.restart()  # again first, so that the configuration is read once, there
             settings = settings_from(args)
             if argv is None:  # readied before the checks import torch and peft
                 server_process.prepare(settings.quantize)
@@ -236,8 +246,6 @@ def main(argv: list[str] | None = None) -> int:
 
             serve(settings, named, sockets)
         else:
-            if argv is None:  # this process is the command from its start (not a caller's, as in tests)
-                signal.signal(signal.SIGTERM, interrupt)  # as Ctrl-C (loadtest and scale set their own)
             check_report_files(args)
             if getattr(args, "quantize", "none") == "none":  # full precision (no --quantize: none): no bitsandbytes
                 server_process.without_bitsandbytes()
@@ -246,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
             TemplateRefused) as exc:  # cannot be done (OSError: a file named that cannot be read or written)
         parser.exit(2, f"loraswap {args.command}: error: {reason(exc, args)}\n")
     except KeyboardInterrupt:  # Ctrl-C: the shell's status for SIGINT (128 + 2), not a traceback
+        if args.command == "serve":  # stopped before its server serves: status 0, as a server stopped once serving
+            parser.exit(0, "loraswap serve: stopped\n")
         parser.exit(130, f"loraswap {args.command}: interrupted\n")
     return 0
 

@@ -2,14 +2,17 @@
 template render has not begun by then fail at once, a 503)."""
 from __future__ import annotations
 
+import logging
+import os
 import socket
+import sys
 import threading
 from collections.abc import Callable
 
 import uvicorn
 
 from service.http.app import create_app
-from service.runtime import Runtime
+from service.runtime import Runtime, log_start_cut
 from service.settings import Settings, worded
 
 
@@ -21,10 +24,17 @@ class DrainingServer(uvicorn.Server):
         self.rt, self.grace_seconds = rt, grace_seconds
 
     def handle_exit(self, sig, frame) -> None:
-        if self.rt.draining:  # a second signal: stop now
+        """On SIGTERM or SIGINT, drain for ``grace_seconds`` (/ready false, in-flight requests finish) while the
+        service accepts work; at once where it does not yet (still loading, or failed to start): no request is in
+        flight, and /ready is false already. A second signal: stop now."""
+        if self.rt.draining:
             return super().handle_exit(sig, frame)
+        serving = self.rt.accepting
         self.rt.draining = True
-        threading.Timer(self.grace_seconds, self._shut_down).start()
+        if serving:
+            threading.Timer(self.grace_seconds, self._shut_down).start()
+        else:
+            self._shut_down()
 
     def _shut_down(self) -> None:
         # set the flag rather than calling super().handle_exit: uvicorn re-raises the signals that went through
@@ -51,4 +61,19 @@ def serve(settings: Settings, named: Callable[[str], str] = worded, sockets: lis
     use is found at once); None: uvicorn binds ``settings.host``:``settings.port`` once the app has started."""
     rt = Runtime(settings, named)
     config = uvicorn.Config(create_app(rt=rt), host=settings.host, port=settings.port, log_level="info")
-    DrainingServer(config, rt, settings.drain_seconds).run(sockets)
+    try:
+        DrainingServer(config, rt, settings.drain_seconds).run(sockets)
+    finally:
+        if rt.still_starting:
+            end_without_start()
+
+
+def end_without_start() -> None:
+    """End this process at once with status 0, its start still running a step that a stop cannot cut
+    (``Runtime.still_starting``): the interpreter's end would wait for the step (its thread is joined), 30-60 s of a
+    conversion. The logs are flushed first; nothing else is left to end, as no engine or render process started."""
+    log_start_cut()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -180,6 +180,7 @@ def test_a_stop_while_adapters_load_ends_the_start_quietly(tiny_llama_dir, llama
         return load_adapter(self, *args, **kwargs)
 
     monkeypatch.setattr(Runtime, "load_adapter", held)
+    monkeypatch.setattr(runtime_module, "STOP_WAIT_SECONDS", WAIT)  # the stop waits for the start, on a busy machine
     caplog.set_level(logging.DEBUG, logger=runtime_module.__name__)
     runtime = Runtime(settings_in(tmp_path, tiny_llama_dir, llama_adapters))
     starting = runtime.start_in_background()
@@ -197,6 +198,39 @@ def test_a_stop_while_adapters_load_ends_the_start_quietly(tiny_llama_dir, llama
     assert "the start was cut short: the service was stopped while it loaded" in [
         record.getMessage() for record in records if record.levelno == logging.INFO]
     assert runtime.failure is None and not runtime.ready.is_set()
+
+
+def test_a_stop_waits_a_bounded_time_for_a_start_it_cannot_cut(tiny_llama_dir, llama_adapters, tmp_path, caplog,
+                                                              monkeypatch):
+    """A review: serve SIGTERMed while it converted the embedded base ended 10-30 s later (the stop waited for the
+    conversion), past a container's grace period. Here the base's load, a step no stop can cut, is held: the stop
+    returns after ``STOP_WAIT_SECONDS`` with the start still running (``still_starting``: the server's process ends
+    without it), and the start, let go, ends at its next step, its engine never started, no failure."""
+    loading, release = threading.Event(), threading.Event()
+    load_base = runtime_module.load_base
+
+    def held(settings):
+        loading.set()
+        assert release.wait(WAIT)
+        return load_base(settings)
+
+    monkeypatch.setattr(runtime_module, "load_base", held)
+    caplog.set_level(logging.INFO, logger=runtime_module.__name__)
+    runtime = Runtime(settings_in(tmp_path, tiny_llama_dir, llama_adapters))
+    starting = runtime.start_in_background()
+    assert loading.wait(WAIT)
+    stopping = threading.Thread(target=runtime.stop)
+    stopping.start()
+    try:
+        stopping.join(WAIT)
+        assert not stopping.is_alive(), "the stop waited for the held load"
+        assert runtime.still_starting
+    finally:
+        release.set()
+    starting.join(WAIT)
+    assert not runtime.still_starting and runtime.failure is None and not runtime.ready.is_set()
+    assert runtime.engine is None or runtime.engine._thread is None  # no engine thread started after the stop
+    assert "the start was cut short: the service was stopped while it loaded" in caplog.messages
 
 
 def test_an_adapters_folder_or_root_that_is_no_folder_is_warned_of_at_start(tiny_llama_dir, tmp_path, caplog):

@@ -1,0 +1,50 @@
+"""serve's uvicorn server (``service.http.server.DrainingServer``): where it drains on a stop, the line saying where it
+listens."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from types import SimpleNamespace
+
+import pytest
+import uvicorn
+
+from service.http import server as server_module
+from service.http.listening import listening_sockets
+from service.http.server import DrainingServer
+from service.runtime import Runtime
+from service.settings import Settings
+
+GRACE = 3600.0  # seconds: a drain that would outlast the test
+
+
+async def app(scope, receive, send):  # an ASGI app that is never called: the tests serve no request
+    raise AssertionError("no request is served")
+
+
+def server(ready: bool) -> DrainingServer:
+    runtime = Runtime(Settings(admin_key=None))
+    if ready:
+        runtime.ready.set()
+    return DrainingServer(uvicorn.Config(app, log_config=None), runtime, GRACE)
+
+
+def test_a_stop_of_a_serving_server_drains_first(monkeypatch):
+    timers = []
+    unstarted = lambda *timer: SimpleNamespace(start=lambda: timers.append(timer))  # noqa: E731 (a timer never due)
+    monkeypatch.setattr(server_module.threading, "Timer", unstarted)
+    drained = server(ready=True)
+    drained.handle_exit(signal.SIGTERM, None)
+    assert drained.rt.draining and not drained.should_exit  # /ready false for GRACE seconds first
+    assert timers == [(GRACE, drained._shut_down)]
+
+
+@pytest.mark.parametrize("failed", [False, True], ids=["loading", "failed"])
+def test_a_stop_of_a_server_that_serves_nothing_yet_ends_it_at_once(failed):
+    """A review: SIGTERM while the model loaded drained for --drain-seconds all the same, with nothing in flight and
+    /ready false already (a part of serve's 10-30 s to end, past a container runtime's 10 s grace)."""
+    stopped = server(ready=False)
+    stopped.rt.start_failure = "ValueError: x" if failed else None
+    stopped.handle_exit(signal.SIGTERM, None)
+    assert stopped.rt.draining and stopped.should_exit
