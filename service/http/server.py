@@ -42,10 +42,11 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
     async def startup(self, sockets=None) -> None:
-        """uvicorn's startup, then its line saying where it listens, which it logs only for sockets it bound itself."""
+        """uvicorn's startup, then a line saying where it listens (``serving_line``), which uvicorn logs only for
+        sockets it bound itself (its own line is private: ``Server._log_started_message``)."""
         await super().startup(sockets)
         if sockets is not None and not self.should_exit:
-            self._log_started_message(sockets)
+            logging.getLogger("uvicorn.error").info(serving_line(sockets))
 
     async def shutdown(self, sockets=None) -> None:
         """uvicorn's shutdown (stop listening, wait for the requests in flight, then the lifespan's end), the chat
@@ -53,6 +54,16 @@ class DrainingServer(uvicorn.Server):
         with a 503, not after the renders queued before them (a hostile template's backlog took 2 s a render: 86 s)."""
         self.rt.stop_rendering()
         await super().shutdown(sockets)
+
+
+def serving_line(sockets: list[socket.socket]) -> str:
+    """The line saying where the server listens: ``Serving on http://127.0.0.1:8000`` (an IPv6 address in brackets,
+    each socket's address, one ``listening.listening_sockets`` took for each address of the host)."""
+    urls = []
+    for sock in sockets:
+        host, port = sock.getsockname()[:2]
+        urls.append(f"http://[{host}]:{port}" if sock.family == socket.AF_INET6 else f"http://{host}:{port}")
+    return f"Serving on {', '.join(urls)} (Press CTRL+C to quit)"
 
 
 def serve(settings: Settings, named: Callable[[str], str] = worded, sockets: list[socket.socket] | None = None) -> None:

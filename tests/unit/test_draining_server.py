@@ -48,3 +48,27 @@ def test_a_stop_of_a_server_that_serves_nothing_yet_ends_it_at_once(failed):
     stopped.rt.start_failure = "ValueError: x" if failed else None
     stopped.handle_exit(signal.SIGTERM, None)
     assert stopped.rt.draining and stopped.should_exit
+
+
+def test_the_server_says_where_it_listens_without_uvicorns_private_line(monkeypatch, caplog):
+    """serve logged uvicorn's line through its private ``Server._log_started_message``: an uvicorn without it (or
+    with another signature) would fail every start. Here that method is gone."""
+    monkeypatch.delattr(uvicorn.Server, "_log_started_message")
+    caplog.set_level(logging.INFO, logger="uvicorn.error")
+    sockets = listening_sockets("127.0.0.1", 0)
+    port = sockets[0].getsockname()[1]
+    started = server(ready=True)
+    started.config.lifespan = "off"
+    started.config.load()  # as uvicorn's serve does before its startup
+    started.lifespan = started.config.lifespan_class(started.config)
+
+    async def start_and_stop():
+        await started.startup(sockets)
+        await uvicorn.Server.shutdown(started, sockets)
+
+    try:
+        asyncio.run(start_and_stop())
+    finally:
+        for sock in sockets:
+            sock.close()
+    assert f"Serving on http://127.0.0.1:{port} (Press CTRL+C to quit)" in caplog.messages
