@@ -42,7 +42,8 @@ COPY service service
 COPY training training
 COPY loadtest loadtest
 COPY adapters adapters
-RUN uv pip install --no-deps .
+# the project's own package; setuptools builds it in place (build/, loraswap.egg-info), removed in this layer
+RUN uv pip install --no-deps . && rm -rf build loraswap.egg-info
 
 # never fetch from a model hub; the server on every interface, the shipped adapters, the converted base's cache
 ENV HF_HUB_OFFLINE=1 \
@@ -54,9 +55,12 @@ ENV HF_HUB_OFFLINE=1 \
 
 # the embedded SmolLM2 converted to its safetensors cache now, so a container serves in seconds; root's, as every other
 # file of the image: the server only reads it, and may not change the weights it serves. Readable by all: safetensors
-# writes the weights' file for its owner alone (0600)
-RUN python -c "from service.model.base_model import resolve_base_dir; from service.settings import Settings; \
-settings = Settings(); resolve_base_dir(settings.base_model, settings.cache_dir)" \
+# writes the weights' file for its owner alone (0600). Its temporary files (torch's /tmp/torchinductor_root) go in a
+# folder of this step's, removed in this layer
+RUN scratch="$(mktemp -d)" \
+ && TMPDIR="$scratch" python -c "from service.model.base_model import resolve_base_dir; \
+from service.settings import Settings; settings = Settings(); resolve_base_dir(settings.base_model, settings.cache_dir)" \
+ && rm -rf "$scratch" \
  && chmod -R a+rX "$LORASWAP_CACHE_DIR"
 USER 10001
 

@@ -274,15 +274,20 @@ def test_the_image_build_step_and_health_check_run(live, tiny_llama_dir, tmp_pat
     is converted as this, into the cache folder) and leaves every file in the cache folder readable by all, as the
     image's user reads it (safetensors writes its weights for their owner alone); the health check passes against a
     ready server and fails where none listens."""
-    [step] = [arguments for keyword, arguments in dockerfile() if keyword == "RUN" and arguments.startswith("python")]
+    [step] = [arguments for keyword, arguments in dockerfile() if keyword == "RUN" and "resolve_base_dir" in arguments]
     [check] = [json.loads(arguments.split(" CMD ", 1)[1]) for keyword, arguments in dockerfile()
                if keyword == "HEALTHCHECK"]  # exec form: no shell in between
     assert "/ready" in check[-1]
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "LORASWAP_BASE_MODEL": str(tiny_llama_dir), "LORASWAP_CACHE_DIR": str(tmp_path)}
+    scratch = tmp_path / "tmp"  # the machine's /tmp: the image's is to keep no file of the step (a replay of the
+    scratch.mkdir()  # build in a chroot found /tmp/torchinductor_root, which importing transformers writes)
+    inherited = {name: value for name, value in os.environ.items()  # as the build's: torch, imported by this test's
+                 if name != "TORCHINDUCTOR_CACHE_DIR"}  # process, set it to its folder in /tmp
+    env = {**inherited, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "LORASWAP_BASE_MODEL": str(tiny_llama_dir), "LORASWAP_CACHE_DIR": str(tmp_path), "TMPDIR": str(scratch)}
     (tmp_path / "model").mkdir()  # a converted cache's weights, as save_pretrained writes them (mode 0600)
     save_file({"weight": torch.zeros(2)}, tmp_path / "model" / "model.safetensors")
     assert subprocess.run(["sh", "-c", step], env=env, cwd=ROOT, timeout=120).returncode == 0
+    assert list(scratch.iterdir()) == []
     modes = {path.name: path.stat().st_mode for path in [tmp_path, *tmp_path.rglob("*")]}
     assert {name: oct(mode) for name, mode in modes.items() if mode & 0o444 != 0o444 or
             (stat.S_ISDIR(mode) and mode & 0o111 != 0o111)} == {}
@@ -291,6 +296,43 @@ def test_the_image_build_step_and_health_check_run(live, tiny_llama_dir, tmp_pat
     nobody = subprocess.run(check, env={**env, "LORASWAP_PORT": str(free_port())}, timeout=30,
                             capture_output=True)
     assert nobody.returncode != 0
+
+
+def copied_context(instructions: list[tuple[str, str]], app: Path) -> None:
+    """Do the Dockerfile's COPY ``instructions`` from the build context (this checkout) into the folder ``app``, its
+    WORKDIR: each source into the target (a folder where it ends with /), the context's __pycache__ left out."""
+    for keyword, arguments in instructions:
+        if keyword != "COPY" or "--from=" in arguments:
+            continue
+        *sources, target = arguments.split()
+        for source in sources:
+            into = app / target / Path(source).name if target.endswith("/") else app / target
+            into.parent.mkdir(parents=True, exist_ok=True)
+            if (ROOT / source).is_dir():
+                shutil.copytree(ROOT / source, into, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                shutil.copy(ROOT / source, into)
+
+
+def test_the_image_install_step_leaves_nothing_in_app(tmp_path):
+    """A replay of the build in a chroot found /app/build and /app/loraswap.egg-info in the image: setuptools builds
+    the package in place for ``uv pip install --no-deps .``. The step runs here in a copy of what the Dockerfile
+    copied into /app before it, pip standing in for ``uv pip`` (the same build backend builds the package) and
+    installing into a folder of the test's: /app then holds what was copied, no more."""
+    instructions = dockerfile()
+    [index] = [index for index, (keyword, arguments) in enumerate(instructions)
+               if keyword == "RUN" and "--no-deps ." in arguments]
+    app, bin_dir = tmp_path / "app", tmp_path / "bin"
+    copied_context(instructions[:index], app)
+    copied = sorted(app.rglob("*"))
+    bin_dir.mkdir()
+    (bin_dir / "uv").write_text(f'#!/bin/sh\n[ "$1" = pip ] && shift\nexec {sys.executable} -m pip "$@" -q '
+                                f'--no-build-isolation --target {tmp_path / "site"}\n')
+    (bin_dir / "uv").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    assert subprocess.run(["sh", "-c", instructions[index][1]], env=env, cwd=app, timeout=300).returncode == 0
+    assert (tmp_path / "site" / "service").is_dir()  # it installed
+    assert sorted(app.rglob("*")) == copied
 
 
 def test_hadolint_finds_nothing_in_the_dockerfile():
