@@ -38,7 +38,6 @@ from service.model import server_process
 from service.settings import Settings, variable
 
 COMMAND_GROUP = "loraswap.commands"  # the entry-point group of subcommands (pyproject.toml)
-BITSANDBYTES_CPU_LOG = "bitsandbytes.backends.cpu.ops"  # the logger of bitsandbytes' CPU kernels (0.50)
 
 
 def commands() -> dict[str, Command]:
@@ -224,10 +223,7 @@ def from_the_start(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request of a load test's clients
-    # bitsandbytes (imported with peft where --quantize nf4 needs it) warns on a CPU with AVX512-BF16 that its 4-bit
-    # kernel needs `pip install kernels`: advice not to follow, as that package fetches code from a model hub at run
-    # time, which loraswap never does (bitsandbytes goes on without that kernel)
-    logging.getLogger(BITSANDBYTES_CPU_LOG).setLevel(logging.ERROR)
+    server_process.quiet_bitsandbytes()  # imported with peft where --quantize nf4 needs it
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

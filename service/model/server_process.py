@@ -7,9 +7,12 @@ commands of a full-precision base (``train``, ``eval``, ``bench``...) go without
 """
 from __future__ import annotations
 
+import logging
 import sys
 
 from service.model.malloc import restart_without_tcache
+
+BITSANDBYTES_CPU_LOG = "bitsandbytes.backends.cpu.ops"  # the logger of bitsandbytes' CPU kernels (0.50)
 
 
 def restart() -> None:
@@ -31,3 +34,12 @@ def without_bitsandbytes() -> None:
     does not import it: ``importlib.util.find_spec``, which peft asks, then finds none, and an import of it fails.
     Only for a process that never quantizes."""
     sys.modules.setdefault("bitsandbytes", None)
+
+
+def quiet_bitsandbytes() -> None:
+    """Keep bitsandbytes' CPU kernels' logger (``BITSANDBYTES_CPU_LOG``) to its errors, from before bitsandbytes is
+    imported (with peft) in this process: on a CPU it warns, when imported, that its 4-bit kernel needs `pip install
+    kernels`, advice not to follow, as that package fetches code from a model hub at run time, which loraswap never
+    does (bitsandbytes goes on without that kernel). The process of every command, and of each of scale's replicas
+    (``service.scale``)."""
+    logging.getLogger(BITSANDBYTES_CPU_LOG).setLevel(logging.ERROR)

@@ -4,4 +4,12 @@ replica that holds its adapter. ``options`` (the command, light), ``app`` (the R
 loraswap runtime and app, adapter affinity by Ray Serve's model multiplexing), ``routing`` (a request's adapter and
 whether it changes the adapters), ``exchange`` (an HTTP request as data, and an ASGI app called in process),
 ``replica_metrics`` (the replicas' metrics in one scrape), ``round_robin`` (the baseline routing). Ray is an optional
-extra: only ``options`` is imported without it."""
+extra: only ``options`` is imported without it.
+
+Importing it keeps bitsandbytes' CPU logger to its errors, as ``loraswap serve`` does
+(``server_process.quiet_bitsandbytes``), in every process of the application: a replica's or the router's imports this
+package before its deployment's modules import peft, and bitsandbytes with it (a review: each replica and the router
+said bitsandbytes' `pip install kernels` warning, which serve does not)."""
+from service.model.server_process import quiet_bitsandbytes
+
+quiet_bitsandbytes()

@@ -96,8 +96,8 @@ def test_sigterm_takes_scale_down_with_the_ray_it_started(settings, tmp_path):
     """A review: ray.init replaced loraswap's SIGTERM handler with its own (``sys.exit(15)``): exit status 134, and
     Ray's dashboard and runtime-env agents left running. Now as Ctrl-C: status 0, every process Ray started ended.
     Its replica's start warnings name the settings as its command line gave them (a review: they named the fields,
-    max_new_tokens and qa_adapter). First in the module: its own Ray, before the module's cluster starts (two would
-    crowd 2 cores)."""
+    max_new_tokens and qa_adapter), and bitsandbytes' warning is not among them (a review: each replica said it).
+    First in the module: its own Ray, before the module's cluster starts (two would crowd 2 cores)."""
     port = free_port()
     command = [sys.executable, "-m", "service.cli.main", "scale", "--replicas", "1", "--host", "127.0.0.1",
                "--port", str(port), "--base-model", settings.base_model, "--adapters-dir", str(settings.adapters_dir),
@@ -121,6 +121,7 @@ def test_sigterm_takes_scale_down_with_the_ray_it_started(settings, tmp_path):
             warned = log.read()
             assert "--max-new-tokens 8 leaves 504 of the base model's 512 positions" in warned  # the replica's
             assert "--qa-adapter 'squad' is not registered" in warned and "qa_adapter" not in warned
+            assert "pip install kernels" not in warned  # bitsandbytes' advice, which serve does not say either
         finally:
             process.kill()
             process.wait()
