@@ -4,6 +4,7 @@ only; the tests skip where it cannot make one)."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -28,8 +29,14 @@ def in_limits(cpus: str, memory: str, code: str, **environ: str) -> subprocess.C
     if os.geteuid() != 0 or len(os.sched_getaffinity(0)) < 2:
         pytest.skip("needs root, to make a cgroup with limits, and 2 cores or more, for a 1-CPU quota to be less")
     env = {key: value for key, value in os.environ.items() if key != THREADS} | environ
-    ran = subprocess.run(["bash", str(IN_LIMITS), cpus, memory, sys.executable, "-c", code], capture_output=True,
-                         text=True, env=env, timeout=120)
+    with subprocess.Popen(["bash", str(IN_LIMITS), cpus, memory, sys.executable, "-c", code], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, env=env, start_new_session=True) as process:
+        try:
+            out, err = process.communicate(timeout=120)
+        except subprocess.TimeoutExpired:  # a server that started where it should not have: ended with its group
+            os.killpg(process.pid, signal.SIGKILL)
+            raise
+    ran = subprocess.CompletedProcess(process.args, process.returncode, out, err)
     if ran.returncode == NO_CGROUP:
         pytest.skip(f"no cgroup with limits can be made here: {ran.stderr.strip()}")
     return ran
