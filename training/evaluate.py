@@ -53,6 +53,7 @@ def runtime_settings(args: argparse.Namespace, folder: Path | None) -> Settings:
         max_queue_wait=0,  # the evaluation keeps max_queue requests in flight: they wait their turn, however long
         max_new_tokens=args.max_new_tokens, auto_merge=False,
         adapter_roots=[folder.resolve().parent] if folder is not None else [],
+        max_queue=1,  # eval's own, set below: given here, LORASWAP_MAX_QUEUE is not read (a review: 'abc' failed eval)
     )
     # room for every window of 4 batches' answers (at least 4, within 64 bits: valid, so copied in unvalidated); a
     # bound, it allocates nothing: a --max-batch too large for it is refused by its own allocation

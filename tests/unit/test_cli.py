@@ -662,6 +662,11 @@ def test_a_flag_overrides_an_invalid_environment_variable_of_its_setting(tmp_pat
     ({"LORASWAP_MAX_BATCH": "abc"}, ["eval", "--task", "nli", "--adapter", "none", "--data", str(NLI_SAMPLE),
                                      "--max-batch", "4", "--base-model", "/nonexistent/model", "--device", "cpu"],
      "loraswap eval: error: --base-model /nonexistent/model: no Hugging Face model directory there"),
+    # nor does one of a setting the command sets itself (a review: eval said "eval's own max_queue: Input should be a
+    # valid integer" for LORASWAP_MAX_QUEUE=abc)
+    ({variable_of(name): "abc" for name in ("max_queue", "max_queue_wait", "batch_window_ms", "auto_merge")},
+     ["eval", "--task", "nli", "--adapter", "none", "--data", str(NLI_SAMPLE), "--base-model", "/nonexistent/model",
+      "--device", "cpu"], "loraswap eval: error: --base-model /nonexistent/model: no Hugging Face model directory"),
     ({"LORASWAP_PREFILL_CHUNK": "-3"}, ["bench", "--prefill-chunk", "0", "--modes", "xx"],
      "loraswap bench: error: argument --modes: 'xx' in 'xx' is not an item"),
     # an invalid variable a command never reads fails it not (a review: side-by-side, loadtest read every one)
