@@ -28,14 +28,16 @@ log = logging.getLogger(__name__)
 
 def threads_within_quota(environ: MutableMapping[str, str] = os.environ) -> int | None:
     """Set ``OMP_NUM_THREADS`` in ``environ`` to the CPUs this process's CPU quota allows (``joblib.cpu_count``),
-    where that is fewer than the cores it may be scheduled on and no one set it (a user's own value is kept): the
-    count set, or None where nothing was. Call before torch is imported: OpenMP reads it then, once."""
-    if THREADS in environ:
+    where that is fewer than the cores it may be scheduled on and no one set it (a user's own value is kept; an empty
+    one, as ``docker run -e OMP_NUM_THREADS=`` leaves, is none: OpenMP would take it for invalid and run a thread per
+    core, a review found): the count set, or None where nothing was. Call before torch is imported: OpenMP reads it
+    then, once."""
+    if environ.get(THREADS, "").strip():
         return None
     allowed, cores = cpu_count(only_physical_cores=False), len(os.sched_getaffinity(0))
     if allowed >= cores:
         return None
     environ[THREADS] = str(allowed)
-    log.info("torch runs %d threads, the CPUs this process's CPU quota allows of the %d cores it sees (set %s to "
+    log.info("torch runs %d thread(s), the CPUs this process's CPU quota allows of the %d cores it sees (set %s to "
              "choose)", allowed, cores, THREADS)
     return allowed

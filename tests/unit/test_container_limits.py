@@ -51,7 +51,7 @@ def test_torch_runs_the_threads_a_cpu_quota_allows():
 def test_the_loraswap_command_sizes_torch_to_the_quota_and_says_so():
     ran = in_limits("1", "-", "import sys; sys.argv = ['loraswap', 'serve', '--max-batch', '0']; "
                     "from service.cli.main import main; main()")
-    assert ran.returncode == 2 and "torch runs 1 threads, the CPUs this process's CPU quota allows of the" in ran.stderr
+    assert ran.returncode == 2 and "torch runs 1 thread(s), the CPUs this process's CPU quota allows" in ran.stderr
 
 
 def test_scale_leaves_its_replicas_threads_to_ray():
@@ -64,6 +64,12 @@ def test_scale_leaves_its_replicas_threads_to_ray():
 
 def test_a_thread_count_the_user_set_is_kept():
     assert in_limits("1", "-", SIZED, **{THREADS: "2"}).stdout.strip() == "2"
+
+
+@pytest.mark.parametrize("empty", ["", " "])
+def test_an_empty_thread_count_is_none(empty):
+    """``docker run -e OMP_NUM_THREADS=`` leaves it empty, which OpenMP takes for invalid (a thread per core)."""
+    assert in_limits("1", "-", SIZED, **{THREADS: empty}).stdout.strip() == "1"
 
 
 def test_a_thread_count_in_the_environment_is_left_as_it_is():
