@@ -48,10 +48,13 @@ def gpus_needed(replicas: int, replica_gpus: float) -> int:
 
 
 def check_cpus(replicas: int, replica_cpus: float) -> None:
-    """UsageError where ``replicas`` replicas reserving ``replica_cpus`` CPUs each need more than this machine's CPUs
-    (``os.cpu_count``; Ray adds fractions up on one node) on the Ray started here: Ray would wait for them without
-    end (a review)."""
-    needed, count = replicas * replica_cpus, os.cpu_count() or 1
+    """UsageError where ``replicas`` replicas reserving ``replica_cpus`` CPUs each need more than the CPUs the Ray
+    started here will see (Ray adds fractions up on one node): Ray would wait for them without end (a review). Ray's
+    own count (``ray._private.utils.get_num_cpus``, Ray 2.60: in a container, its CPU quota, rounded down), not the
+    cores (``os.cpu_count``): under ``docker run --cpus 1`` on 2 cores, 2 replicas of 1 CPU each passed this check."""
+    from ray._private.utils import get_num_cpus  # the count ray.init gives the node it starts
+
+    needed, count = replicas * replica_cpus, get_num_cpus(override_docker_cpu_warning=True)
     if needed > count:
         raise UsageError(f"--replica-cpus {replica_cpus:g} for {replicas} replica(s) needs {needed:g} CPUs, and this "
                          f"machine, where the Ray of loraswap scale starts, has {count}")

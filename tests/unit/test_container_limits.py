@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +61,18 @@ def test_scale_leaves_its_replicas_threads_to_ray():
     ran = in_limits("1", "-", "import sys; sys.argv = ['loraswap', 'scale', '--replicas', '1', '--max-batch', '0']; "
                     "from service.cli.main import main; main()")
     assert ran.returncode == 2 and "--max-batch" in ran.stderr and "torch runs" not in ran.stderr, ran.stderr
+
+
+def test_scale_counts_the_cpus_its_ray_sees_under_a_cpu_quota():
+    """Ray counts a container's CPU quota as its node's CPUs: 2 replicas of 1 CPU under a 1-CPU quota passed the
+    check against the cores, and Ray could place one. (Its port is taken: past the check, scale stops there.)"""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        ran = in_limits("1", "-", "import sys; sys.argv = ['loraswap', 'scale', '--replicas', '2', '--replica-cpus', "
+                        f"'1', '--port', '{taken.getsockname()[1]}']; from service.cli.main import main; main()")
+    assert ran.returncode == 2 and "--replica-cpus 1 for 2 replica(s) needs 2 CPUs, and this machine, where the Ray "\
+        "of loraswap scale starts, has 1\n" in ran.stderr, ran.stderr
 
 
 def test_a_thread_count_the_user_set_is_kept():
