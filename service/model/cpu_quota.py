@@ -6,9 +6,9 @@ CPUs' worth per period, then throttles them all until the next. Torch sizes its 
 may be scheduled on (its affinity), whatever the quota, so one op's team outnumbers what the quota runs at once, and
 each parallel op waits on threads throttled or descheduled. On 2 cores under a 1-CPU quota, a server with torch's 2
 threads answered one client's SQuAD questions at an eighth of the requests/s it did with 1 (docs/benchmarks.md, "A CPU
-quota"). The count of CPUs the quota allows comes
-from joblib (``joblib.cpu_count``: the affinity, then the quota of the cgroup a container sees as its root, rounded
-up); a quota set on a cgroup below the root seen, as systemd's ``CPUQuota=`` on a host, is not found by it.
+quota"). The count of CPUs the quota allows comes from joblib (``joblib.cpu_count``: the affinity, then the quota of
+the cgroup a container sees as its root, rounded up); a quota set on a cgroup below the root seen, as systemd's
+``CPUQuota=`` on a host, is not found by it.
 
 OpenMP reads ``OMP_NUM_THREADS`` once, when torch is imported, and ``torch.set_num_threads`` sets the count for the
 calling thread only, not for the engine's; so the count goes in the environment before torch is imported.
