@@ -10,9 +10,8 @@ from typing import TYPE_CHECKING, Self
 import torch
 from transformers import PretrainedConfig
 
-from loadtest.process_memory import proc_status
 from service.cli.command import UsageError
-from service.model.device_room import device_memory
+from service.model.device_room import device_memory, proc_status
 
 if TYPE_CHECKING:
     from service.lora.registry import AdapterRegistry

@@ -1,16 +1,10 @@
-"""A process's memory from Linux /proc, by process id: sizes from its status, and the peak resident set of a server
-process for the side-by-side comparison, where each system is a process of its own (``loadtest.side_by_side``)."""
+"""The peak resident set of a server process, by process id, for the side-by-side comparison, where each system is a
+process of its own (``loadtest.side_by_side``); its sizes from Linux /proc (``device_room.proc_status``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-
-def proc_status(field: str, pid: int | str = "self") -> int:
-    """A size from /proc/PID/status (``VmRSS``, ``VmHWM``) of process ``pid`` (this one by default), in bytes. Raises
-    StopIteration for a field it does not hold, FileNotFoundError where there is no such process or no /proc."""
-    with open(f"/proc/{pid}/status") as status:
-        line = next(line for line in status if line.startswith(field + ":"))
-    return int(line.split()[1]) * 1024
+from service.model.device_room import proc_status
 
 
 @dataclass

@@ -57,11 +57,12 @@ def warn_of_short_prompts(settings: Settings, max_positions: int, named: Callabl
                           f"max_input_tokens {settings.max_input_tokens}"))
 
 
-def check_settings_fit(settings: Settings, here: bool = True, convert: bool = True) -> None:
+def check_settings_fit(settings: Settings, servers: int = 1, convert: bool = True) -> None:
     """Whether the base model can run with ``settings``, found from its config before its weights load
     (``base_config``): ValueError where its positions leave no room for the token budget (``check_room``) or a size
-    setting's allocation cannot exist (``device_room.check_allocations``: past 64 bits, or, where it runs ``here``,
-    past the device's memory); FileNotFoundError, OSError or ValueError as ``base_config`` raises. Without
+    setting's allocation cannot exist (``device_room.check_allocations``: past 64 bits, or past the device's memory
+    with the weights and the process, as many times as ``servers`` of these settings share it: 0 where none runs
+    here, as for a cluster's replicas); FileNotFoundError, OSError or ValueError as ``base_config`` raises. Without
     ``convert``, nothing is checked where the embedded base is not converted yet
     (``base_config``): the start converts it, then checks."""
     config = base_config(settings, convert)
@@ -69,7 +70,7 @@ def check_settings_fit(settings: Settings, here: bool = True, convert: bool = Tr
         return
     check_room(settings, config_positions(config))
     device = pick_device(settings.device)
-    check_allocations(settings, config, pick_dtype(settings.dtype, device), device_memory(device) if here else None)
+    check_allocations(settings, config, pick_dtype(settings.dtype, device), device, device_memory(device), servers)
 
 
 def log_start_failure(exc: Exception, failure: str) -> None:

@@ -169,8 +169,8 @@ class Settings(BaseSettings):
 
     # engine
     max_batch: int = Field(32, ge=1, description="most requests in one batch; refused before the model loads where a "
-                           "full batch's KV cache cannot exist: past 2**63 bytes or the device's memory "
-                           "(model.device_room)")
+                           "full batch's KV cache of the longest requests cannot exist: past 2**63 bytes, or past "
+                           "the device's memory with the weights and the other caches (model.device_room)")
     batch_window_ms: float | None = Field(
         None, ge=0, description="how long an idle scheduler waits to fill a batch; requests that come later join the "
         f"running batch between its decoding steps. None: {CPU_BATCH_WINDOW_MS} ms on the CPU (a wait there costs the "
@@ -227,7 +227,7 @@ class Settings(BaseSettings):
     prefix_cache_bytes: int = Field(
         256 * 2**20, ge=0, description="bytes of prompt keys and values kept for reuse by later prompts that begin "
         "with the same tokens for the same adapter (least recently used dropped first); 0 turns prefix caching off; "
-        "past the device's memory it is refused before the model loads")
+        "past the device's memory with the weights and the other caches it is refused before the model loads")
     prefix_block_tokens: int = Field(16, ge=1, description="prefix caching granularity in tokens: prompts' keys and "
                                      "values are kept in blocks of this many; a prompt reuses the longest cached run "
                                      "of blocks that begins it, then the tokens it shares with the start of a cached "

@@ -1,7 +1,10 @@
 """What the size settings make the engine allocate, found from the base model's config (no weights), and whether the
-device has room for it: a setting whose allocation cannot exist is refused before the model loads (a review:
-``serve --max-batch 4611686018427387904`` failed its start with torch's "Storage size calculation overflowed", and a
-value within that bound but past the device's memory fails once a full batch comes).
+device has room for it with the weights: a setting whose allocation cannot exist is refused before the model loads
+(a review: ``serve --max-batch 4611686018427387904`` failed its start with torch's "Storage size calculation
+overflowed", and a value within that bound but past the device's memory fails once a full batch comes), and so are
+settings whose allocations, the base's weights and the process together are past the device's memory (a review:
+under a 1 GB container limit ``--prefix-cache-bytes 900000000`` was taken, each setting checked alone, and the kernel
+killed the server at the 6th long prompt; the defaults under 600 MB were killed while the weights loaded).
 
 The settings that allocate in proportion to their value (the others bound counts and allocate nothing by themselves:
 ``max_queue``, ``max_choices``, ``max_answer_windows``, ``max_prefill_tokens``, ``max_body_bytes``,
@@ -9,22 +12,28 @@ The settings that allocate in proportion to their value (the others bound counts
 positions, ``runtime.check_room``; ``scale`` bounds ``max_batch`` + ``max_queue`` by Ray's 32 bits,
 ``scale.preflight.check_ongoing``):
 
-- ``max_batch``: the KV cache of a full batch of the shortest requests, ``row_bucket(max_batch)`` rows (a power of
-  two) x ``COLUMN_STEP`` columns (the fewest a cache has) x ``kv_bytes_per_token`` (``kv_cache.RowKVCache``; with
-  CUDA graphs it is allocated for so many rows at the first request);
+- ``max_batch``: the KV cache of a full batch of the longest requests, ``row_bucket(max_batch)`` rows (a power of
+  two) x ``column_bucket`` of the longest prompt, ``max_new_tokens`` and a step's draft tokens (the positions a row
+  writes at the most) x ``kv_bytes_per_token`` (``kv_cache.RowKVCache``; on a GPU so many rows are allocated at
+  once, on the CPU the rows and columns never written take no memory);
 - ``max_resident``: the LoRA banks of ``max_resident`` resident adapters of rank 1 on a single layer, with the zero
   slot, (``max_resident`` + 1) x ``hidden_size`` x the dtype's bytes (each layer reads or writes the hidden state:
   ``lora.layers.InputGroup.reserve``);
 - ``prefix_cache_bytes``: the bytes of keys and values the prefix cache may keep (``prefix_cache.PrefixCache``).
+
+Not counted: a reallocation's copy, which holds the old KV cache beside the new while it grows; the activations of a
+step (a prefill of ``max_prefill_tokens`` tokens); LoRA banks past rank 1 and one layer; adapters' files.
 """
 from __future__ import annotations
 
 import os
 
 import torch
-from transformers import PretrainedConfig
+from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from service.engine.kv_cache import COLUMN_STEP, row_bucket
+from service.engine.kv_cache import column_bucket, row_bucket
+from service.engine.running_batch import MOST_FED
+from service.model.base_model import config_positions
 from service.settings import INT64, Settings
 
 
@@ -38,31 +47,106 @@ def kv_bytes_per_token(config: PretrainedConfig, dtype: torch.dtype) -> int:
 
 
 def allocations(settings: Settings, config: PretrainedConfig, dtype: torch.dtype) -> dict[str, tuple[int, str]]:
-    """The bytes each size setting makes the engine allocate at least (see the module's docstring), by setting, with
-    the formula in words."""
+    """The bytes each size setting makes the engine allocate at the most, or at least where said (see the module's
+    docstring), by setting, with the formula in words."""
     per_token = kv_bytes_per_token(config, dtype)
-    rows = row_bucket(settings.max_batch)
+    rows, columns = row_bucket(settings.max_batch), longest_row(settings, config)
     return {
-        "max_batch": (rows * COLUMN_STEP * per_token, f"a full batch's KV cache, {rows} rows x {COLUMN_STEP} columns x "
+        "max_batch": (rows * columns * per_token, f"a full batch's KV cache, {rows} rows x {columns} columns x "
                       f"{per_token} bytes a token"),
         "max_resident": ((settings.max_resident + 1) * config.hidden_size * dtype.itemsize,
-                         f"the LoRA banks of so many adapters of rank 1 on one layer, "
+                         f"at least the LoRA banks of so many adapters of rank 1 on one layer, "
                          f"{settings.max_resident + 1} slots x {config.hidden_size} x {dtype.itemsize} bytes"),
         "prefix_cache_bytes": (settings.prefix_cache_bytes, "the prefix cache's keys and values"),
     }
 
 
-def check_allocations(settings: Settings, config: PretrainedConfig, dtype: torch.dtype, memory: int | None) -> None:
-    """ValueError naming the first size setting (``allocations``) whose allocation cannot exist: past 2**63 bytes
-    (torch's storage sizes are 64-bit: "Storage size calculation overflowed"), or past ``memory`` bytes, the device's
-    (None: not known here, as for a cluster's replicas)."""
-    for name, (size, what) in allocations(settings, config, dtype).items():
+def longest_row(settings: Settings, config: PretrainedConfig) -> int:
+    """The KV cache columns a row of the running batch may fill (``kv_cache.column_bucket``): its prompt (at most
+    ``max_input_tokens``, and the model's positions less ``max_new_tokens``: ``runtime.check_room``), its generated
+    tokens and the most tokens a decoding step feeds it after its last (``running_batch.MOST_FED``: drafts)."""
+    prompt = min(settings.max_input_tokens, max(config_positions(config) - settings.max_new_tokens, 0))
+    return column_bucket(prompt + settings.max_new_tokens + MOST_FED)
+
+
+def weight_bytes(config: PretrainedConfig, dtype: torch.dtype, quantize: str) -> tuple[int, str]:
+    """The bytes the weights of a base model of ``config`` take, with the formula in words, from the model built on
+    the meta device (no memory): each parameter in ``dtype``; quantized to NF4 (``quantize``), every linear layer's
+    weights but the output layer's (as transformers quantizes) take half a byte each and a float32 scale per block of
+    ``NF4_BLOCK`` (bitsandbytes' ``quantize_4bit``)."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    total = sum(parameter.numel() for parameter in model.parameters())
+    output = model.get_output_embeddings()
+    linears = [module for module in model.modules() if isinstance(module, torch.nn.Linear) and module is not output]
+    packed = 0 if quantize == "none" else sum(module.weight.numel() for module in linears)
+    size = (total - packed) * dtype.itemsize + packed // 2 + -(-packed // NF4_BLOCK) * 4
+    nf4 = f", {packed} of them in NF4" if packed else ""
+    return size, f"{total} parameters x {dtype.itemsize} bytes{nf4}"
+
+
+NF4_BLOCK = 64  # weights a float32 scale of bitsandbytes' 4-bit blocks covers (its default blocksize)
+
+
+def in_use(device: torch.device) -> int:
+    """The bytes of ``device``'s memory in use now: on the CPU this process's resident set (VmRSS: the interpreter,
+    torch and what it loaded so far), on a GPU all that is taken on it (its total less ``torch.cuda.mem_get_info``'s
+    free: CUDA's context and other processes' memory included)."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return total - free
+    return proc_status("VmRSS")
+
+
+def proc_status(field: str, pid: int | str = "self") -> int:
+    """A size from /proc/PID/status (``VmRSS``, ``VmHWM``) of process ``pid`` (this one by default), in bytes. Raises
+    StopIteration for a field it does not hold, FileNotFoundError where there is no such process or no /proc."""
+    with open(f"/proc/{pid}/status") as status:
+        line = next(line for line in status if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+
+def check_allocations(settings: Settings, config: PretrainedConfig, dtype: torch.dtype, device: torch.device,
+                      memory: int, servers: int = 1) -> None:
+    """ValueError naming the first size setting (``allocations``) whose allocation cannot exist, past 2**63 bytes
+    (torch's storage sizes are 64-bit: "Storage size calculation overflowed"), or where ``servers`` servers of these
+    settings on ``device`` need more than its ``memory`` bytes, each its allocations, the base's weights
+    (``weight_bytes``) and a process as this one is now (``in_use``) (``check_fit``; ``servers`` 0: none runs here,
+    as for a cluster's replicas)."""
+    sizes = allocations(settings, config, dtype)
+    for name, (size, what) in sizes.items():
         if size >= INT64:
             raise ValueError(f"{name} {getattr(settings, name)} needs {what}: past 2**63 bytes, more than any torch "
                              "tensor can hold; lower it")
-        if memory is not None and size > memory:
-            raise ValueError(f"{name} {getattr(settings, name)} needs {what}: {size} bytes, more than the "
-                             f"{memory} bytes of memory the device has; lower it")
+    if servers:
+        check_fit(settings, sizes, weight_bytes(config, dtype, settings.quantize), in_use(device), memory, servers)
+
+
+def check_fit(settings: Settings, sizes: dict[str, tuple[int, str]], weights: tuple[int, str], used: int,
+              memory: int, servers: int = 1) -> None:
+    """ValueError where ``servers`` servers, each with the size settings' allocations (``sizes``, as ``allocations``
+    gives them), the base's ``weights`` (bytes and their formula: ``weight_bytes``) and the ``used`` bytes the device
+    holds now (a process's), need more than its ``memory`` bytes together, naming each part and the largest
+    ``max_batch`` that fits with the rest."""
+    each = used + weights[0] + sum(size for size, _ in sizes.values())
+    if servers * each <= memory:
+        return
+    parts = [f"{used} in use now", f"{weights[0]} for the base's weights ({weights[1]})"]
+    parts += [f"{size} for {name} {getattr(settings, name)} ({what})" for name, (size, what) in sizes.items()]
+    needs = f"{each} bytes of memory" + (f" each, {servers * each} for {servers} servers" if servers > 1 else "")
+    raise ValueError(f"the base model and these settings need {needs} together, more than the {memory} bytes the "
+                     f"device has: {', '.join(parts)}; {fitting_batch(settings, sizes, each, memory // servers)}")
+
+
+def fitting_batch(settings: Settings, sizes: dict[str, tuple[int, str]], each: int, memory: int) -> str:
+    """``check_fit``'s advice: the largest ``max_batch`` (a power of two: the KV cache's rows are) whose KV cache fits
+    in ``memory`` with the rest of the ``each`` bytes, or what to lower where none does."""
+    kv = sizes["max_batch"][0]
+    rows = (memory - each + kv) * row_bucket(settings.max_batch) // kv
+    if rows < 1:
+        return ("not even max_batch 1 fits with the rest: lower prefix_cache_bytes, max_input_tokens or "
+                "max_new_tokens, or give it more memory")
+    return f"lower them: max_batch {1 << (rows.bit_length() - 1)} fits with the rest"
 
 
 def device_memory(device: torch.device) -> int:

@@ -23,18 +23,34 @@ def check_scale(settings: Settings, args: argparse.Namespace) -> None:
     start: on a Ray started here (no ``args.address``), whose replicas run on this machine in its environment, serve's
     checks of it (``check_server_start``: the device, oneDNN's environment) and the GPUs and CPUs they reserve
     (``check_gpus``, ``check_cpus``); anywhere the token budget and the size settings (``check_room_for_prompts``:
-    the device's memory only on a Ray started here) and the address (``check_address``); last, on a Ray started
-    here, that its HTTP proxy can listen on ``--host``:``--port`` (``take_port``)."""
+    the device's memory only on a Ray started here, times the replicas ``sharing`` it) and the address
+    (``check_address``); last, on a Ray started here, that its HTTP proxy can listen on ``--host``:``--port``
+    (``take_port``)."""
     if args.address is None:
         check_server_start(settings, args)
         check_gpus(args.replicas, args.replica_gpus)
         check_cpus(args.replicas, args.replica_cpus)
-    check_room_for_prompts(settings, here=args.address is None)
+    check_room_for_prompts(settings, servers=sharing(settings, args))
     check_ongoing(settings, args.replicas)
     check_address(args.address)
     if args.address is None:  # Ray Serve's HTTP proxy is to listen here: its port must be free before Ray starts
         for sock in take_port(settings, args):
             sock.close()
+
+
+def sharing(settings: Settings, args: argparse.Namespace) -> int:
+    """How many of ``args.replicas`` replicas share one device's memory on a Ray started here: on the CPU all of them
+    (the host's memory), on GPUs as many as Ray places on one (fractions of a GPU: ``gpus_needed``); 0 on a cluster
+    given by ``--address``, whose machines' memory is not known here."""
+    from service.model.base_model import pick_device
+
+    if args.address is not None:
+        return 0
+    if pick_device(settings.device).type == "cpu":
+        return args.replicas
+    if 0 < args.replica_gpus < 1:
+        return min(args.replicas, math.floor(1 / args.replica_gpus + 1e-9))
+    return 1
 
 
 def gpus_needed(replicas: int, replica_gpus: float) -> int:

@@ -15,11 +15,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
+from transformers import AutoConfig
 
 from service.engine.requests import Generation, GenerationResult, Scoring, run_all
 from service.engine.sampling import Decoding
 from service.errors import AdapterError, EngineStopped, QueueFull, QueueTimeout
 from service.http.errors import status_of
+from service.model.device_room import allocations, kv_bytes_per_token
+from service.settings import Settings
 from tests.engine.engine_helpers import (
     WAIT,
     WatchedSteps,
@@ -531,3 +535,22 @@ def test_eos_ids_from_the_generation_config_stop_generation(engines):
     engine = engines.fresh(before_engine=lambda model: setattr(model.generation_config, "eos_token_id", tokens[cut]))
     result = alone(engine, work)
     assert (result.token_ids, result.finish_reason) == (tokens[:cut], "stop")
+
+
+def test_a_full_batch_of_the_longest_requests_fits_the_kv_cache_the_start_counts(engines):
+    """``device_room.allocations`` counts a full batch's KV cache for the memory check at the start: every row of a
+    full batch with the longest prompt, its generated tokens and a step's draft tokens (a repeated prompt: drafts
+    are found in it) must fit the rows and columns counted."""
+    limits = {"max_batch": 4, "max_input_tokens": 236, "max_new_tokens": 20}
+    engine = engines.fresh(**limits)
+    engine.decoder = steps = WatchedSteps(engine.decoder, note=lambda tokens: engine.decoder.cache.shape)
+    works = [Generation([5 + row, 6, 7, 8] * 59, None, Decoding(max_new_tokens=20), False, ignore_eos=True)
+             for row in range(4)]
+    with paused(engine):
+        futures = [engine.submit(work) for work in works]
+    assert [len(result.token_ids) for result in results(futures)] == [20] * 4
+    settings = Settings(**limits)
+    size, _ = allocations(settings, AutoConfig.from_pretrained(engines.base("llama")[0]), torch.float32)["max_batch"]
+    rows, columns = max(steps.notes)
+    assert (rows, columns) == (4, 512), steps.notes  # past 256 columns: the drafts of the last steps
+    assert rows * columns * kv_bytes_per_token(engine.model.config, torch.float32) <= size

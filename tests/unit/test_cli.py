@@ -378,7 +378,7 @@ def test_a_usage_error_found_as_the_base_loads_is_the_only_line_said(command, ti
     done = subprocess.run([sys.executable, "-m", "service.cli.main", *argv], env=env,  # run from this checkout
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
-    assert done.stderr.startswith(f"loraswap {command[0]}: error: ") and "--max-batch 100000000000 needs" in done.stderr
+    assert done.stderr.startswith(f"loraswap {command[0]}: error: ") and "for --max-batch 100000000000 (" in done.stderr
 
 def test_the_port_serve_takes_before_the_model_loads_is_its_own_until_it_serves():
     """A socket bound alone would not keep another SO_REUSEADDR socket (uvicorn's, another server's) off the port
@@ -587,23 +587,26 @@ BIG = str(2**63)  # past 64 bits: refused by the one check of the bound (setting
     ({}, ["eval", "--task", "nli", "--adapter", "none", "--max-batch", BIG],
      "argument --max-batch: must be above 0 and at most 9223372036854775807 (a 64-bit integer, as torch takes), not"),
     # a review: a size within 64 bits whose allocation cannot exist failed serve's start in DecodeStep ("Storage size
-    # calculation overflowed"), and eval named max_queue, which it derives from --max-batch
+    # calculation overflowed"), and eval named max_queue, which it derives from --max-batch; a row's 768 columns: the
+    # tiny Llama's 512 positions less --max-new-tokens 64 for a prompt, 64 generated and a step's 64 fed tokens
     *(({}, [command, *more, "--max-batch", HALF], f"{command}: error: {cannot}--max-batch {HALF} needs a full batch's "
-       f"KV cache, {HALF} rows x 256 columns x 512 bytes a token: past 2**63 bytes")
+       f"KV cache, {HALF} rows x 768 columns x 512 bytes a token: past 2**63 bytes")
       for command, more, cannot in [("serve", SERVE_TINY, ""), ("scale", ["--replicas", "1", *SERVE_TINY], ""),
                                     ("eval", ["--task", "nli", "--adapter", "none", "--data", str(NLI_SAMPLE)],
                                      "the base model cannot run as asked: ")]),
     ({"LORASWAP_MAX_BATCH": HALF}, ["serve", *SERVE_TINY], f"serve: error: LORASWAP_MAX_BATCH {HALF} needs a full "
      "batch's KV cache"),
-    ({}, ["serve", *SERVE_TINY, "--max-batch", "100000000"], "--max-batch 100000000 needs a full batch's KV cache, "
-     "134217728 rows x 256 columns x 512 bytes a token: 17592186044416 bytes, more than the "),
-    ({}, ["serve", *SERVE_TINY, "--max-resident", HALF], f"--max-resident {HALF} needs the LoRA banks of so many "
-     f"adapters of rank 1 on one layer, {2**62 + 1} slots x 64 x 4 bytes: past 2**63 bytes"),
+    ({}, ["serve", *SERVE_TINY, "--max-batch", "100000000"], "the base model and these settings need "),
+    ({}, ["serve", *SERVE_TINY, "--max-batch", "100000000"], " for --max-batch 100000000 (a full batch's KV cache, "
+     "134217728 rows x 768 columns x 512 bytes a token), "),
+    ({}, ["serve", *SERVE_TINY, "--max-resident", HALF], f"--max-resident {HALF} needs at least the LoRA banks of so "
+     f"many adapters of rank 1 on one layer, {2**62 + 1} slots x 64 x 4 bytes: past 2**63 bytes"),
     # bench's --adapters is the engine's max_resident (a review: 2**62 ran out of memory making their names)
-    ({}, ["bench", *SERVE_TINY, "--adapters", HALF, "--modes", "base"], f"bench: error: --adapters {HALF} needs the "
-     "LoRA banks of so many adapters of rank 1 on one layer"),
-    ({}, ["serve", *SERVE_TINY, "--prefix-cache-bytes", str(2**63 - 1)], f"--prefix-cache-bytes {2**63 - 1} needs the "
-     f"prefix cache's keys and values: {2**63 - 1} bytes, more than the "),
+    ({}, ["bench", *SERVE_TINY, "--adapters", HALF, "--modes", "base"], f"bench: error: --adapters {HALF} needs at "
+     "least the LoRA banks of so many adapters of rank 1 on one layer"),
+    ({}, ["serve", *SERVE_TINY, "--prefix-cache-bytes", str(2**63 - 1)], f"{2**63 - 1} for --prefix-cache-bytes "
+     f"{2**63 - 1} (the prefix cache's keys and values); not even --max-batch 1 fits with the rest: lower "
+     "--prefix-cache-bytes, --max-input-tokens or --max-new-tokens, or give it more memory"),
 ])
 def test_a_setting_refused_is_named_as_the_user_gave_it(variables, argv, error, tiny_llama_dir, tmp_path, monkeypatch,
                                                         capsys):

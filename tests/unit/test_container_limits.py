@@ -96,11 +96,29 @@ def test_a_cpu_s_memory_is_a_containers_memory_limit_where_that_is_less():
     assert 0 < int(ran.stdout) <= GIB + swap_bytes(), ran.stderr
 
 
-def test_serve_refuses_a_size_setting_past_a_containers_memory_limit_before_the_model_loads(tiny_llama_dir):
+def test_serve_refuses_settings_that_need_more_than_a_containers_memory_limit_before_the_model_loads(tiny_llama_dir):
     """A review: under ``docker run --memory``, a prefix cache past the limit was taken, and the kernel killed the
-    server once the engine filled it."""
+    server once the engine filled it; then one within the limit, but not with the process beside it (900 MB under 1
+    GiB: each setting was checked alone)."""
     ran = in_limits("-", str(GIB), "import sys; from service.cli.main import main; sys.argv = ['loraswap', 'serve', "
                     f"'--base-model', {str(tiny_llama_dir)!r}, '--port', '{free_port()}', "
-                    f"'--prefix-cache-bytes', '{2 * GIB}']; main()")
-    assert ran.returncode == 2 and f"--prefix-cache-bytes {2 * GIB} needs the prefix cache's keys and values" in \
-        ran.stderr and "of memory the device has; lower it" in ran.stderr, ran.stderr
+                    "'--prefix-cache-bytes', '900000000']; main()")
+    assert ran.returncode == 2 and "loraswap serve: error: the base model and these settings need " in ran.stderr \
+        and f" bytes of memory together, more than the {GIB} bytes the device has: " in ran.stderr \
+        and "900000000 for --prefix-cache-bytes 900000000 (the prefix cache's keys and values); " in ran.stderr, \
+        ran.stderr
+
+
+@pytest.mark.parametrize(("replicas", "refused"), [(1, False), (3, True)])
+def test_scale_counts_every_replica_on_a_ray_it_starts_against_the_memory(replicas, refused, tiny_llama_dir):
+    """The replicas of a Ray started here share this machine's memory: each needs its own process, weights and
+    caches, and 3 replicas were checked as one. (Its port is taken: past the check, scale stops there.)"""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        ran = in_limits("-", str(GIB), "import sys; sys.argv = ['loraswap', 'scale', '--replicas', "
+                        f"'{replicas}', '--replica-cpus', '0.5', '--base-model', {str(tiny_llama_dir)!r}, "
+                        f"'--prefix-cache-bytes', '200000000', '--port', '{taken.getsockname()[1]}']; "
+                        "from service.cli.main import main; main()")
+    needs = f" for {replicas} servers together, more than the {GIB} bytes the device has: "
+    assert ran.returncode == 2 and (needs in ran.stderr) == refused and ("--port" in ran.stderr) != refused, ran.stderr

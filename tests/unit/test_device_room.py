@@ -1,0 +1,72 @@
+"""What the size settings, the base's weights and the process need together, against the device's memory
+(service.model.device_room): each part is checked against what it really takes, and settings that each fit but not
+together are refused naming every part."""
+from __future__ import annotations
+
+import bitsandbytes.functional as bnb
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from service.model.device_room import allocations, check_fit, weight_bytes
+from service.settings import Settings
+
+USED = 400_000_000  # bytes in use before the weights load: about what the interpreter and torch take
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("base", ["tiny_llama_dir", "tiny_gpt2_dir"])
+def test_the_weights_bytes_are_what_the_loaded_model_holds(base, dtype, request):
+    base_dir = request.getfixturevalue(base)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
+    held = sum(parameter.numel() * parameter.element_size() for parameter in model.parameters())
+    assert weight_bytes(AutoConfig.from_pretrained(base_dir), dtype, "none")[0] == held
+
+
+def test_nf4_weights_take_what_bitsandbytes_packs_them_into(tiny_llama_dir):
+    """Every linear layer but the output layer as bitsandbytes' ``quantize_4bit`` packs it (its 4-bit weights and a
+    scale per block), the rest in the dtype."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16)
+    output = model.get_output_embeddings()
+    linears = [module for module in model.modules() if isinstance(module, torch.nn.Linear) and module is not output]
+    packed = 0
+    for linear in linears:
+        weights, state = bnb.quantize_4bit(linear.weight.float(), quant_type="nf4")
+        packed += weights.numel() * weights.element_size() + state.absmax.numel() * state.absmax.element_size()
+    rest = sum(parameter.numel() for parameter in model.parameters()) - sum(linear.weight.numel() for linear in linears)
+    assert weight_bytes(AutoConfig.from_pretrained(tiny_llama_dir), torch.bfloat16, "nf4")[0] == packed + rest * 2
+
+
+def sizes_of(config, **settings) -> tuple[Settings, dict, tuple[int, str]]:
+    chosen = Settings(**settings)
+    return chosen, allocations(chosen, config, torch.float32), weight_bytes(config, torch.float32, "none")
+
+
+def test_settings_that_each_fit_but_not_together_are_refused_naming_every_part(tiny_llama_dir):
+    """A review: under a 1 GB container limit, ``--prefix-cache-bytes 900000000`` was taken, each setting checked
+    alone against the limit, and the kernel killed the server once the prefix cache filled."""
+    config = AutoConfig.from_pretrained(tiny_llama_dir)
+    settings, sizes, weights = sizes_of(config, prefix_cache_bytes=900_000_000)
+    needed = USED + weights[0] + sum(size for size, _ in sizes.values())
+    check_fit(settings, sizes, weights, USED, needed)
+    with pytest.raises(ValueError) as refused:
+        check_fit(settings, sizes, weights, USED, 10**9)
+    message = str(refused.value)
+    assert message.startswith(f"the base model and these settings need {needed} bytes of memory together, more than "
+                              f"the 1000000000 bytes the device has: {USED} in use now, {weights[0]} for the base's "
+                              f"weights ({weights[1]}), {sizes['max_batch'][0]} for max_batch 32 (a full batch's KV "
+                              "cache, 32 rows x 768 columns x 512 bytes a token), "), message
+    assert "900000000 for prefix_cache_bytes 900000000 (the prefix cache's keys and values); not even max_batch 1 " \
+           "fits with the rest: lower prefix_cache_bytes, max_input_tokens or max_new_tokens" in message, message
+
+
+@pytest.mark.parametrize("memory", [800_000_000, 10**9, 1_200_000_000])
+def test_the_max_batch_advised_is_the_largest_that_fits(memory, tiny_llama_dir):
+    config = AutoConfig.from_pretrained(tiny_llama_dir)
+    settings, sizes, weights = sizes_of(config, max_batch=2**20)
+    with pytest.raises(ValueError, match=r"lower them: max_batch (\d+) fits with the rest$") as refused:
+        check_fit(settings, sizes, weights, USED, memory)
+    advised = int(refused.value.args[0].rsplit("max_batch ", 1)[1].split()[0])
+    check_fit(*sizes_of(config, max_batch=advised), USED, memory)
+    with pytest.raises(ValueError):
+        check_fit(*sizes_of(config, max_batch=advised + 1), USED, memory)
