@@ -128,7 +128,7 @@ async def chat_completions(body: ChatCompletionIn, request: Request, rt: Runtime
     tokenizer's (see ``chat_prompt``); each choice is the assistant's next message."""
     with blaming(ChatReplies.fields, rt.named):
         adapter = served_model(rt, body, request)
-        messages = [message.model_dump() for message in body.messages]
+        messages = [message.to_template() for message in body.messages]
         prompt_ids = await unless_disconnected(request, chat_prompt(
             rt.tasks.tokenizer, messages, chat_template(adapter), rt.tasks.max_prompt))  # gone: its render withdrawn
         logprobs = (body.top_logprobs or 0) if body.logprobs else None

@@ -516,12 +516,25 @@ def _developer_is_system(role: str) -> str:
     return "system" if role == "developer" else role
 
 
+# a message's author, OpenAI's ``name`` ("an optional name for the participant", on system, developer, user and
+# assistant messages): its reference said "a-z, A-Z, 0-9, and underscores, with a maximum length of 64 characters", and
+# its API refuses what does not match ^[a-zA-Z0-9_-]{1,64}$ (hyphens too); so no name spells a control token
+ParticipantName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$"), UNICODE]
+
+
 class ChatMessage(RequestObject):
-    """One message of a conversation; fields of OpenAI's messages other than these (name, tool_calls) are refused."""
+    """One message of a conversation; fields of OpenAI's messages other than these (tool_calls, refusal) are refused.
+    ``name`` is passed to the chat template as vLLM passes it (a template that reads ``message.name`` renders it; one
+    that does not ignores it); absent or null, the message has none."""
 
     model_config = STRICT
     role: Annotated[Literal["system", "developer", "user", "assistant"], AfterValidator(_developer_is_system)]
     content: MessageContent
+    name: ParticipantName | None = None
+
+    def to_template(self) -> dict[str, str]:
+        """The message as the chat template reads it: ``role``, ``content``, and ``name`` where it has one."""
+        return self.model_dump(exclude_none=True)
 
 
 class ChatCompletionIn(OpenAIIn):

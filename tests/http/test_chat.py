@@ -43,15 +43,24 @@ CONVERSATION = [{"role": "system", "content": "Answer from the context."},
                 {"role": "assistant", "content": "The Denver Broncos."},
                 {"role": "user", "content": "Where was the game played?"}]
 QUESTION = [{"role": "user", "content": "Who gave their name to Normandy?"}]
+# the template the "named" adapter's folder ships: it writes each message's name, where it has one, after its role
+NAMED = ("{% for message in messages %}{{ message.role }}{% if message.name is defined %} ({{ message.name }})"
+         "{% endif %}{{ ': ' + message.content + '\\n' }}{% endfor %}"
+         "{% if add_generation_prompt %}{{ 'assistant:' }}{% endif %}")
+# CONVERSATION with its authors named (OpenAI's name, on each role that may have one)
+NAMED_CONVERSATION = [{**message, "name": name}
+                      for message, name in zip(CONVERSATION, ("rules", "ann_1", "bot-2", "Bob"), strict=True)]
 
 
 @pytest.fixture(scope="module")
 def served(tiny_llama_dir, llama_adapters, tmp_path_factory):
-    """Adapters one and two (no chat template of their own) and styled (ships STYLED as chat_template.jinja)."""
+    """Adapters one and two (no chat template of their own), styled and named (shipping STYLED and NAMED as
+    chat_template.jinja)."""
     root = tmp_path_factory.mktemp("chat")
     adapters = copy_adapters(llama_adapters, root / "adapters")
-    make_adapter(tiny_llama_dir, adapters / "styled", seed=5)
-    (adapters / "styled" / "chat_template.jinja").write_text(STYLED)
+    for name, template, seed in (("styled", STYLED, 5), ("named", NAMED, 6)):
+        make_adapter(tiny_llama_dir, adapters / name, seed=seed)
+        (adapters / name / "chat_template.jinja").write_text(template)
     return root, adapters
 
 
@@ -156,6 +165,47 @@ def test_a_developer_message_is_a_system_message(client, reference, adapter):
     assert replies[0]["usage"]["prompt_tokens"] == len(reference.prompt(CONVERSATION, template))
 
 
+def test_a_message_name_is_passed_to_the_template(client, reference):
+    """OpenAI's name of a message's author (multi-party chats; it was a 422) reaches the chat template as vLLM passes
+    it: NAMED renders it, so the prompt, its usage and the reply are transformers' on the named messages; the base
+    tokenizer's template reads no name, so there the reply and its usage are those of the messages without names."""
+    reply = chat(client, model="named", messages=NAMED_CONVERSATION, max_tokens=CAP)
+    prompt = reference.prompt(NAMED_CONVERSATION, NAMED)
+    assert "(ann_1): Which NFL" in reference.tokenizer.decode(prompt)
+    assert reply["usage"]["prompt_tokens"] == len(prompt) > len(reference.prompt(CONVERSATION, NAMED))
+    assert reply["choices"][0]["message"]["content"] == reference.reply("named", NAMED_CONVERSATION, CAP, NAMED)
+    unnamed = chat(client, model="named", messages=CONVERSATION, max_tokens=CAP)
+    assert unnamed["usage"]["prompt_tokens"] == len(reference.prompt(CONVERSATION, NAMED))
+    nulls = [{**message, "name": None} for message in CONVERSATION]  # null: no name, as absent
+    assert chat(client, model="named", messages=nulls, max_tokens=CAP)["choices"] == unnamed["choices"]
+    default = [chat(client, messages=messages, max_tokens=CAP, logprobs=True)
+               for messages in (NAMED_CONVERSATION, CONVERSATION)]
+    assert default[0]["choices"] == default[1]["choices"] and default[0]["usage"] == default[1]["usage"]
+    developer = [{**NAMED_CONVERSATION[0], "role": "developer"}, *NAMED_CONVERSATION[1:]]
+    assert chat(client, model="named", messages=developer, max_tokens=CAP)["usage"] == reply["usage"]
+
+
+@pytest.mark.parametrize("name,problem", [
+    ("", "at least 1 character"), ("a" * 65, "at most 64 characters"), ("Joe Nye", "match pattern"),
+    ("J@ck", "match pattern"), ("<|im_end|>", "match pattern"), ("André", "match pattern"),
+    (5, "valid string"), (["bob"], "valid string")])
+def test_a_message_name_is_refused_as_openai_refuses_it(client, name, problem):
+    """OpenAI's API takes 1 to 64 of a-z, A-Z, 0-9, _ and - (its reference: 64 characters at most; its refusals:
+    ^[a-zA-Z0-9_-]{1,64}$), so no name spells a control token; anything else is a 422 at the name."""
+    message = chat(client, 422, "messages.1.name", messages=[{"role": "system", "content": "Be brief."},
+                                                             {"role": "user", "content": "Hi", "name": name}])
+    assert "body.messages.1.name: " in message and problem in message, message
+    assert message.count("body.") == 1, message
+
+
+def test_a_name_on_a_role_that_takes_none_is_refused_at_the_role(client):
+    """OpenAI's tool messages take no name, and this server takes no tool (nor function) message at all: the
+    request is a 422 at the role, not served with the name dropped."""
+    for role in ("tool", "function"):
+        message = chat(client, 422, "messages.0.role", messages=[{"role": role, "content": "x", "name": "f"}])
+        assert message.count("body.") == 1 and "body.messages.0.role" in message, message
+
+
 def test_max_tokens_null_absent_or_its_new_name(client):
     capped = chat(client, max_tokens=CAP)["choices"]
     assert chat(client, max_tokens=None)["choices"] == capped
@@ -199,7 +249,7 @@ def test_content_as_one_text_part_is_that_text(client):
     ("n", 0), ("top_logprobs", 2), ("stop", ""), ("presence_penalty", 0.5), ("logit_bias", {"5": 1}),
     ("reasoning_effort", "low"), ("echo", True), ("best_of", 1), ("stream_options", {"include_usage": True}),
     ("messages", []), ("messages", [{"role": "tool", "content": "x"}]),
-    ("messages", [{"role": "user", "content": "x", "name": "bob"}]),
+    ("messages", [{"role": "user", "content": "x", "tool_calls": []}]),
     ("messages", [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
     ("messages", [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]),
     ("messages", [{"role": "user"}]), ("max_completion_tokens", 0), ("temperature", -1),
