@@ -6,7 +6,8 @@ from functools import lru_cache
 from transformers import PreTrainedTokenizerBase
 
 from service.errors import InputTooLong, TemplateRefused
-from service.http.errors import FieldRefused, error_code
+from service.http.errors import error_code
+from service.http.late_checks import LateProblems, problem
 from service.tasks.template_sandbox import renderer
 
 
@@ -21,7 +22,7 @@ async def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[st
 
     Raises InputTooLong, before rendering, when the messages hold more characters than ``max_tokens`` tokens can
     (``longest_token``: a message's text is encoded as ordinary text; its content only, as a template may leave out a
-    ``name``); FieldRefused 422 naming ``model`` (code ``no_chat_template``) when there is no template, and naming
+    ``name``); LateProblems, a 422 naming ``model`` (code ``no_chat_template``) when there is no template, and naming
     ``messages`` (code ``template_refused``) when the template refuses the messages (its ``raise_exception``: roles
     out of order, a system message where it takes none) or fails on them (anything its code raises: the template is
     the adapter's), renders no tokens, or leaves out a user message's text (``prompt_styles.render_ids``), or runs
@@ -30,8 +31,8 @@ async def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[st
     429) when the template is a slow one with as many renders waiting as are queued for it; EngineStopped when the
     service shuts down before the render began."""
     if template is None and tokenizer.chat_template is None:
-        raise FieldRefused(422, "this model has no chat template, and the adapter's folder ships none; send the "
-                           "prompt as text to /v1/completions", "model", "no_chat_template")
+        raise LateProblems([problem("model", None, "no_chat_template", "this model has no chat template, and the "
+                                    "adapter's folder ships none; send the prompt as text to /v1/completions")])
     characters, most = sum(len(message["content"]) for message in messages), max_tokens * longest_token(tokenizer)
     if characters > most:
         raise InputTooLong(f"the messages have {characters} characters: more than {max_tokens} tokens (at most "
@@ -40,7 +41,7 @@ async def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[st
         job = (messages, template, {"add_generation_prompt": True})
         return await renderer(tokenizer).rendered(job)
     except TemplateRefused as exc:
-        raise FieldRefused(422, str(exc), "messages", error_code(TemplateRefused)) from None
+        raise LateProblems([problem("messages", messages, error_code(TemplateRefused), str(exc))]) from None
 
 
 @lru_cache(maxsize=8)

@@ -19,16 +19,16 @@ from service.errors import (
 )
 from service.http.chat import chat_prompt
 from service.http.errors import blaming, error_replies
-from service.http.json_body import UniqueKeysRoute
+from service.http.late_checks import LateCheckedRoute, LateChecks, late
 from service.http.openai_replies import ChatReplies, CompletionReplies, Replies, events
 from service.http.routes import (
     BODY_ERRORS,
     LOAD_ERRORS,
     admin,
     admin_replies,
+    bound,
     inference,
     new_seed,
-    served_adapter,
     serving,
     serving_replies,
     token_budget,
@@ -39,7 +39,7 @@ from service.lora.adapter_files import BASE_MODEL_ID, AdapterWeights, adapter_or
 from service.runtime import Runtime
 from service.tasks.tasks import chat_template, name_of
 
-openai_router = APIRouter(prefix="/v1", tags=["openai"], route_class=UniqueKeysRoute)
+openai_router = APIRouter(prefix="/v1", tags=["openai"], route_class=LateCheckedRoute)
 # one server-sent event of a stream, as FastAPI documents its own streams' events (itemSchema: each event, not the
 # whole stream): its data only
 STREAM_EVENT = {"type": "object", "required": ["data"],
@@ -66,10 +66,23 @@ def model_id(adapter: str | None) -> str:
     return adapter or BASE_MODEL_ID
 
 
-def served_model(rt: Runtime, body: OpenAIIn, request: Request) -> AdapterWeights | None:
-    """The adapter ``model`` names (None: the bare base model, as "base" or "none"), bound as ``served_adapter`` binds
-    it; UnknownAdapter if unknown."""
-    return served_adapter(rt, request, adapter_or_base(body.model))
+def model_weights(rt: Runtime, body: OpenAIIn) -> AdapterWeights | None:
+    """The weights of the adapter ``model`` names (None: the bare base model, as "base" or "none"); UnknownAdapter if
+    unknown."""
+    return rt.registry.lookup(adapter_or_base(body.model))
+
+
+async def chat_prompt_ids(request: Request, rt: Runtime, body: ChatCompletionIn,
+                          adapter: AdapterWeights | None) -> list[int]:
+    """A late check (``late_checks``): the prompt's token ids, ``body``'s messages rendered with ``adapter``'s chat
+    template (``chat_prompt``: a 422 for the messages the template refuses, or for no template); a client gone
+    withdraws its render."""
+    messages = [message.to_template() for message in body.messages]
+    return await unless_disconnected(request, chat_prompt(rt.tasks.tokenizer, messages, chat_template(adapter),
+                                                          rt.tasks.max_prompt))
+
+
+CHAT_CHECKS = LateChecks(ChatCompletionIn, "model", model_weights, ((("model", "messages"), chat_prompt_ids),))
 
 
 async def reply(rt: Runtime, request: Request, body: OpenAIIn, prompt: str | list[int], adapter: AdapterWeights | None,
@@ -117,20 +130,19 @@ async def model(model: str, rt: Runtime = Depends(serving)) -> dict:
 async def completions(body: CompletionIn, request: Request, rt: Runtime = Depends(inference)) -> dict:
     """OpenAI's completions: the prompt is raw text (special tokens spelled in it are parsed)."""
     with blaming(CompletionReplies.fields, rt.named):
-        adapter = served_model(rt, body, request)
+        adapter = bound(request, model_weights(rt, body))
         replies = CompletionReplies(model_id(name_of(adapter)), echo=body.prompt if body.echo else "")
         return await reply(rt, request, body, body.prompt, adapter, replies, body.logprobs)
 
 
 @openai_router.post("/chat/completions", responses=OPENAI_CHAT)
+@late(CHAT_CHECKS)
 async def chat_completions(body: ChatCompletionIn, request: Request, rt: Runtime = Depends(inference)) -> dict:
     """OpenAI's chat completions: the messages rendered with the chat template of the adapter's folder, else the base
     tokenizer's (see ``chat_prompt``); each choice is the assistant's next message."""
     with blaming(ChatReplies.fields, rt.named):
-        adapter = served_model(rt, body, request)
-        messages = [message.to_template() for message in body.messages]
-        prompt_ids = await unless_disconnected(request, chat_prompt(
-            rt.tasks.tokenizer, messages, chat_template(adapter), rt.tasks.max_prompt))  # gone: its render withdrawn
+        adapter = bound(request, model_weights(rt, body))
+        [prompt_ids] = await CHAT_CHECKS.run(request, rt, body, adapter)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         return await reply(rt, request, body, prompt_ids, adapter, ChatReplies(model_id(name_of(adapter))), logprobs)
 

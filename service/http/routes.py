@@ -9,7 +9,6 @@ from typing import TypeVar
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.exceptions import RequestValidationError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.errors import (
@@ -28,6 +27,7 @@ from service.errors import (
 )
 from service.http.errors import ClientGone, error_replies
 from service.http.json_body import UniqueKeysRoute
+from service.http.late_checks import LateCheckedRoute, LateChecks, late, refused
 from service.http.schemas import (
     ANSWER_TOKENS,
     SERVER_CAPS,
@@ -43,10 +43,11 @@ from service.http.schemas import (
 )
 from service.lora.adapter_files import BASE_LABEL, AdapterWeights, adapter_or_base, check_name
 from service.runtime import Runtime
+from service.tasks.labels import label_ids
 from service.tasks.prompt_styles import require_template
 from service.tasks.tasks import chat_template, name_of
 
-tasks_router = APIRouter(tags=["tasks"], route_class=UniqueKeysRoute)
+tasks_router = APIRouter(tags=["tasks"], route_class=LateCheckedRoute)
 admin_router = APIRouter(tags=["admin"], route_class=UniqueKeysRoute)
 ops_router = APIRouter(tags=["operations"], route_class=UniqueKeysRoute)
 T = TypeVar("T")
@@ -172,23 +173,22 @@ async def admin(request: Request, authorization: str | None = Header(None)) -> R
     return rt
 
 
-def pick_adapter(rt: Runtime, request_body, default: str | None, request: Request) -> AdapterWeights | None:
-    """The adapter a request names (None: the bare base, also as "none" or "base"), or the configured default when
-    it names none (the bare base while no adapter of that name is registered), bound as ``served_adapter`` binds it;
-    404 if it names one unknown."""
+def pick_adapter(rt: Runtime, request_body: AnswerIn | NliIn, default: str | None) -> AdapterWeights | None:
+    """The weights of the adapter a request names (None: the bare base, also as "none" or "base"), or of the
+    configured ``default`` when it names none (the bare base while no adapter of that name is registered);
+    UnknownAdapter if it names one unknown."""
     if "adapter" in request_body.model_fields_set:
-        return served_adapter(rt, request, adapter_or_base(request_body.adapter))
+        return rt.registry.lookup(adapter_or_base(request_body.adapter))
     try:
-        return served_adapter(rt, request, default)
+        return rt.registry.lookup(default)
     except UnknownAdapter:
-        return served_adapter(rt, request, None)
+        return None
 
 
-def served_adapter(rt: Runtime, request: Request, name: str | None) -> AdapterWeights | None:
-    """The weights registered under ``name`` now (None: the bare base; 404 if none are), which the request is bound
-    to (``Tasks``), its adapter label in the request-latency metric."""
-    adapter = rt.registry.lookup(name)
-    request.state.adapter = name or BASE_LABEL
+def bound(request: Request, adapter: AdapterWeights | None) -> AdapterWeights | None:
+    """``adapter`` (None: the bare base), which the request is bound to (``Tasks``): its adapter label in the
+    request-latency metric (``app.RequestMetrics``)."""
+    request.state.adapter = name_of(adapter) or BASE_LABEL
     return adapter
 
 
@@ -237,26 +237,38 @@ def server_caps(rt: Runtime) -> ServerCaps:
             "max_queue)")))
 
 
-def field_refused(field: str, value, exc: ValueError) -> RequestValidationError:
-    """The 422 of a request field the task refuses at ``value`` with ``exc``, naming the field."""
-    return RequestValidationError([{"type": "value_error", "loc": ("body", field), "input": value,
-                                    "msg": f"Value error, {exc}"}])
-
-
-def prompt_style(rt: Runtime, body: AnswerIn | NliIn, adapter: AdapterWeights | None) -> str:
-    """The request's ``prompt_style``, once the model can render it: a 422 naming the field for a chat style on a
-    model without a chat template, where ``adapter``'s folder ships none either."""
+async def prompt_style(request: Request, rt: Runtime, body: AnswerIn | NliIn, adapter: AdapterWeights | None) -> str:
+    """A late check (``late_checks``): the request's ``prompt_style``, once the model can render it; a 422 naming the
+    field for a chat style on a model without a chat template, where ``adapter``'s folder ships none either."""
     try:
         require_template(rt.tasks.tokenizer, body.prompt_style, chat_template(adapter))
     except ValueError as exc:
-        raise field_refused("prompt_style", body.prompt_style, exc) from None
+        raise refused("prompt_style", body.prompt_style, exc) from None
     return body.prompt_style
 
 
+async def labels(request: Request, rt: Runtime, body: NliIn, adapter: AdapterWeights | None) -> None:
+    """A late check: a 422 naming ``labels`` for labels the tokenizer cannot score (``labels.label_ids``: too many
+    tokens, two alike once tokenized)."""
+    if body.labels is not None:
+        try:
+            label_ids(rt.tasks.tokenizer, body.labels)
+        except ValueError as exc:
+            raise refused("labels", body.labels, exc) from None
+
+
+STYLE_CHECK = (("adapter", "prompt_style"), prompt_style)
+ANSWER_CHECKS = LateChecks(AnswerIn, "adapter", lambda rt, body: pick_adapter(rt, body, rt.settings.qa_adapter),
+                           (STYLE_CHECK,))
+NLI_CHECKS = LateChecks(NliIn, "adapter", lambda rt, body: pick_adapter(rt, body, rt.settings.nli_adapter),
+                        ((("labels",), labels), STYLE_CHECK))
+
+
 @tasks_router.post("/answer", response_model=AnswerOut, responses=serving_replies(RenderUnavailable))
+@late(ANSWER_CHECKS)
 async def answer(body: AnswerIn, request: Request, rt: Runtime = Depends(inference)) -> AnswerOut:
-    adapter = pick_adapter(rt, body, rt.settings.qa_adapter, request)
-    style = prompt_style(rt, body, adapter)
+    adapter = bound(request, ANSWER_CHECKS.adapter(rt, body))
+    [style] = await ANSWER_CHECKS.run(request, rt, body, adapter)
     decoding = body.decoding.to_decoding(new_seed(), token_budget(body, rt, ANSWER_TOKENS))
     result = await unless_disconnected(request, rt.tasks.answer(
         body.context, body.question, adapter, decoding, body.extractive, style))
@@ -264,28 +276,19 @@ async def answer(body: AnswerIn, request: Request, rt: Runtime = Depends(inferen
 
 
 @tasks_router.post("/nli", response_model=NliOut, responses=serving_replies(RenderUnavailable))
+@late(NLI_CHECKS)
 async def nli(body: NliIn, request: Request, rt: Runtime = Depends(inference)) -> NliOut:
-    adapter = pick_adapter(rt, body, rt.settings.nli_adapter, request)
-    style = prompt_style(rt, body, adapter)
+    """The probabilities of the NLI labels, or of the request's own ``labels``, each scored over its whole
+    tokenization (``Tasks.classify``: a 413 for labels that need more scoring requests than the queue holds)."""
+    adapter = bound(request, NLI_CHECKS.adapter(rt, body))
+    _, style = await NLI_CHECKS.run(request, rt, body, adapter)
     if body.labels is None:
-        probabilities = await unless_disconnected(request, rt.tasks.nli(body.premise, body.hypothesis, adapter,
-                                                                        style=style))
+        scoring = rt.tasks.nli(body.premise, body.hypothesis, adapter, style=style)
     else:
-        probabilities = await own_labels(rt, request, body, adapter, style)
+        scoring = rt.tasks.classify(body.premise, body.hypothesis, adapter, tuple(body.labels), style)
+    probabilities = await unless_disconnected(request, scoring)
     return NliOut(label=max(probabilities, key=probabilities.get), probabilities=probabilities,
                   adapter=name_of(adapter))
-
-
-async def own_labels(rt: Runtime, request: Request, body: NliIn, adapter: AdapterWeights | None,
-                     style: str) -> dict[str, float]:
-    """The probabilities of the request's own ``labels``, each scored over its whole tokenization after the prompt in
-    ``style``; labels the task refuses (too many tokens, two alike once tokenized, more scoring requests than the
-    queue holds) are a 422 that names the field."""
-    try:
-        return await unless_disconnected(request, rt.tasks.classify(body.premise, body.hypothesis, adapter,
-                                                                    tuple(body.labels), style))
-    except ValueError as exc:
-        raise field_refused("labels", body.labels, exc) from None
 
 
 # how long a merge lasts: the merge policy runs at every admission, admin merge or not (service/engine/merge_policy.py)

@@ -8,6 +8,7 @@ import asyncio
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import threading
@@ -17,12 +18,12 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 import torch
-from fastapi import HTTPException
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from service.errors import AdapterError, InputTooLong
 from service.http.chat import chat_prompt
+from service.http.late_checks import LateProblems
 from service.lora.chat_template import MAX_CHAT_TEMPLATE_BYTES, MAX_TOKENIZER_CONFIG_BYTES, read_chat_template
 from service.tasks import template_sandbox
 from service.tasks.template_sandbox import Child, renderer
@@ -267,6 +268,34 @@ def test_the_templates_own_refusal_is_a_422(client):
     assert (reply.json()["error"]["param"], reply.json()["error"]["code"]) == ("messages", "template_refused")
 
 
+def test_the_templates_refusal_is_named_beside_the_field_faults(client, tiny_llama_dir, tmp_path):
+    """A review: the chat template rendered once every field was valid, so a 422 named the other faults alone, and
+    the client fixing them met the template's. Now one 422 names each, at its field, in the order of the fields; the
+    render is left out where a field it reads (model, messages) is at fault, or the model is unknown (its 404 comes
+    once the body is valid)."""
+    refused = [{"role": "assistant", "content": "Hi"}]  # STYLED refuses a leading assistant
+
+    def named(**fields) -> tuple[list[str], dict]:
+        reply = client.post("/v1/chat/completions", json={"model": "styled", "messages": refused, **fields})
+        assert reply.status_code == 422, reply.text
+        return re.findall(r"body\.([\w.]+): ", error_message(reply)), reply.json()["error"]
+
+    faults, error = named(temperature=-1, n=0, colour="red")
+    assert faults == ["temperature", "n", "messages", "colour"]
+    assert "the assistant cannot speak first" in error["message"] and error["param"] == "temperature"
+    faults, error = named()
+    assert faults == ["messages"] and (error["param"], error["code"]) == ("messages", "template_refused")
+    assert named(model="nope", temperature=-1)[0] == ["temperature"]
+    assert named(model="", temperature=-1)[0] == ["model", "temperature"]
+    assert named(messages=[*refused, {"role": "user"}], temperature=-1)[0] == ["temperature", "messages.1.content"]
+    base = shutil.copytree(tiny_llama_dir, tmp_path / "base")
+    (base / "chat_template.jinja").unlink()
+    with ready_client(tiny_settings(base, tmp_path / "no_adapters", tmp_path / "cache")) as templateless:
+        reply = templateless.post("/v1/chat/completions", json={"model": "base", "messages": QUESTION, "top_p": 0})
+        assert re.findall(r"body\.([\w.]+): ", error_message(reply)) == ["model", "top_p"], reply.text
+        assert reply.json()["error"]["code"] == "no_chat_template" and "/v1/completions" in error_message(reply)
+
+
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("template,problem", [
     ("", "no tokens"), ("{% for i in range(100000000) %}x{% endfor %}", "OverflowError"),
@@ -361,7 +390,7 @@ def test_messages_too_long_for_any_prompt_are_413_before_the_template_runs(refer
     with pytest.raises(InputTooLong, match=f"more than {LIMIT} tokens"):
         prompt_of(reference.tokenizer, [{"role": "user", "content": over}], "{{ raise_exception('rendered') }}",
                     LIMIT)
-    with pytest.raises(HTTPException, match="rendered"):  # as many as fit: rendered
+    with pytest.raises(LateProblems, match="rendered"):  # as many as fit: rendered
         prompt_of(reference.tokenizer, [{"role": "user", "content": fits}], "{{ raise_exception('rendered') }}",
                     LIMIT)
 

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 
 import pytest
 import torch
 
 from service.lora.card import CALIBRATION_FIELD, CARD_FILE
+from service.tasks.labels import MOST_LABEL_TOKENS
 from service.tasks.prompt_styles import PROMPT_STYLES, answer_messages, nli_messages
 from service.tasks.prompts import NLI_LABELS, RTE_LABELS, answer_prompt, encode_text, label_target, nli_prompt
 from tests.http.api_helpers import Tiny, assert_close
@@ -230,3 +232,57 @@ def test_a_model_without_a_chat_template_refuses_the_chat_styles(tiny_llama_dir,
                             nli(client, None, style, list(NLI_LABELS), status=422)["message"]):
                 assert "prompt_style" in message and "chat template" in message, message
         assert answer(client, None, "adapter")["answer"]
+
+
+def faults_named(reply) -> list[str]:
+    """The fields a 422 names, in its order (its message's, and its detail's, which agree)."""
+    assert reply.status_code == 422, reply.text
+    named = re.findall(r"body\.([\w.]+): ", error_message(reply))
+    assert [".".join(map(str, problem["loc"][1:])) for problem in reply.json()["detail"]] == named, reply.text
+    return named
+
+
+TOO_MANY_TOKENS = "\u3041" * (MOST_LABEL_TOKENS // 3 + 1)  # within the characters a label may have
+
+
+@pytest.fixture(scope="module")
+def templateless(tiny_llama_dir, tmp_path_factory):
+    """A server of the tiny Llama without its chat template: the chat styles are refused."""
+    root = tmp_path_factory.mktemp("templateless")
+    base = shutil.copytree(tiny_llama_dir, root / "base")
+    (base / "chat_template.jinja").unlink()
+    with ready_client(tiny_settings(base, root / "no_adapters", root / "cache")) as client:
+        yield client
+
+
+@pytest.mark.parametrize("adapter", [{"adapter": None}, {}], ids=["null", "default"])
+def test_a_chat_style_without_a_template_is_named_beside_the_field_faults(templateless, adapter):
+    """A review: prompt_style's check (the adapter the route picks has no chat template, nor the base) ran once every
+    field was valid, so a 422 named the other faults alone, and the client fixing them met this one. Now one 422
+    names every fault, each at its field, in the order of the fields (an unknown field last); the check is left out
+    where a field it reads is at fault (an unknown adapter is a 404 once the body is valid)."""
+    answer = {"context": CONTEXT, "question": QUESTION, **adapter, "prompt_style": "zero_shot"}
+    faulty = {**answer, "colour": "red", "decoding": {"max_new_tokens": 0}, "question": ""}
+    assert faults_named(templateless.post("/answer", json=faulty)) == [
+        "question", "decoding.max_new_tokens", "prompt_style", "colour"]
+    assert faults_named(templateless.post("/answer", json=answer)) == ["prompt_style"]
+    assert faults_named(templateless.post("/answer", json={**faulty, "adapter": "nope"})) == [
+        "question", "decoding.max_new_tokens", "colour"]
+    assert faults_named(templateless.post("/answer", json={**faulty, "adapter": "not a name"})) == [
+        "question", "adapter", "decoding.max_new_tokens", "colour"]
+    pair = {"premise": "", "hypothesis": HYPOTHESIS, **adapter, "prompt_style": "zero_shot"}
+    assert faults_named(templateless.post("/nli", json={**pair, "labels": ["yes", TOO_MANY_TOKENS]})) == [
+        "premise", "labels", "prompt_style"]
+    assert faults_named(templateless.post("/nli", json={**pair, "premise": PREMISE,
+                                                         "labels": ["yes", TOO_MANY_TOKENS]})) == [
+        "labels", "prompt_style"]  # both checks past the schema: they name both too
+    assert faults_named(templateless.post("/nli", json={**pair, "labels": ["yes"]})) == [
+        "premise", "labels", "prompt_style"]  # the schema's fault of labels: the style's check reads no labels
+
+
+def test_labels_the_tokenizer_refuses_are_named_beside_the_field_faults(client):
+    """A review: /nli's labels check (its tokens, by the tokenizer) ran once every field was valid."""
+    body = {"premise": PREMISE, "hypothesis": "  ", "labels": ["yes", TOO_MANY_TOKENS], "prompt_style": "adapter"}
+    reply = client.post("/nli", json=body)
+    assert faults_named(reply) == ["hypothesis", "labels"]
+    assert f"at most {MOST_LABEL_TOKENS} are scored" in error_message(reply)
