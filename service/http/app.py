@@ -38,8 +38,10 @@ from service.settings import Settings, worded
 NOT_IN_FLIGHT = frozenset({"/health", "/ready", "/metrics"})
 # the methods a 405's Allow header may name (HEAD wherever GET is: ``HeadAsGet``)
 METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
-# the adapter label of a request that no adapter served: refused before its adapter was known (an unknown one, an
-# invalid body, a missing key), or on a route that runs no model; not an identifier, so never an adapter's name
+# the adapter label of a request refused before it was valid with its adapter known (an invalid body, whichever check
+# found its fault; an unknown adapter; a missing key; a body unreadable or too large), or on a route that runs no
+# model; not an identifier, so never an adapter's name. A valid request whose adapter is known carries its adapter
+# (``routes.bound``), whatever answers it (413 for a prompt too long, 429, 503, 499)
 NO_ADAPTER_LABEL = "-"
 
 
@@ -114,16 +116,17 @@ def add_error_handlers(app: FastAPI, named: Callable[[str], str] = worded) -> No
         if tuple(problems[0]["loc"]) == ("body",) and not (media == "application/json" or media.endswith("+json")):
             return error(request, 415, f"the body must be JSON, sent with Content-Type: application/json (got "
                                        f"{media or 'none'})", code="unsupported_media_type")
+        request.state.adapter = NO_ADAPTER_LABEL  # invalid: no adapter's, whether a check past the schema found it
         message, detail = invalid_request(problems)
         return error(request, 422, message, param=field_of(detail[0]), code=problems[0]["type"], detail=detail)
 
 
 class RequestMetrics:
-    """ASGI middleware: request latency by route, adapter (the one that served it; ``none``: the bare base model;
-    ``NO_ADAPTER_LABEL``: no adapter) and status, from the request's arrival to the last byte of its reply (a streamed
-    reply's end), and the requests in flight (not probes nor scrapes). A reply begun but not ended (a streamed reply
-    whose client went away) is recorded as status 499, as a request whose client went away before its reply
-    (``ClientGone``)."""
+    """ASGI middleware: request latency by route, adapter (the one the request was bound to; ``none``: the bare base
+    model; ``NO_ADAPTER_LABEL``: none, or an invalid request) and status, from the request's arrival to the last byte
+    of its reply (a streamed reply's end), and the requests in flight (not probes nor scrapes). A reply begun but not
+    ended (a streamed reply whose client went away) is recorded as status 499, as a request whose client went away
+    before its reply (``ClientGone``)."""
 
     def __init__(self, app: ASGIApp):
         self.app = app

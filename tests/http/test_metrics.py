@@ -3,6 +3,7 @@ and label values come only from route templates and registered adapters."""
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -12,6 +13,8 @@ from prometheus_client import REGISTRY
 from service.http.app import NO_ADAPTER_LABEL
 from service.http.routes import runtime
 from service.lora.adapter_files import NAME_PATTERN
+from service.tasks.labels import MOST_LABEL_TOKENS
+from tests.engine.engine_helpers import paused
 from tests.server_helpers import (
     ADMIN,
     ask,
@@ -22,6 +25,7 @@ from tests.server_helpers import (
     scrape,
     settings_in,
     value,
+    wait_until,
 )
 from tests.tiny_models import make_adapter
 
@@ -248,3 +252,51 @@ def test_a_request_in_flight_when_its_adapter_goes_records_nothing_for_it(client
         assert late.result(30).status_code in (200, 404)
     held.result(10)
     assert not adapter_series(scrape(client), "late")
+
+
+TOO_MANY_TOKENS = "\u3041" * (MOST_LABEL_TOKENS // 3 + 1)  # a label within its characters past its tokens
+
+
+def test_a_request_is_counted_under_its_adapter_once_valid_and_its_adapter_known(tiny_llama_dir, llama_adapters,
+                                                                                  tmp_path):
+    """One rule for the adapter label of a refused request (a review: two 422s of max_tokens were labelled "-" and
+    "none"; a 422 of a check past the schema carried the adapter, and would not beside a field fault): "-" until the
+    request is valid (every 422 naming its fields, whichever check found the fault) and its adapter known (404), and
+    for a body refused before it is read (413 over max_body_bytes); its adapter once valid and known, whatever answers
+    it: a 413 for a prompt too long, a 429 for a full queue, a 200."""
+    settings = settings_in(tmp_path, tiny_llama_dir, llama_adapters, max_queue=1, max_input_tokens=32,
+                           max_body_bytes=4096)
+    asked = [  # (route, body, status, label)
+        ("/answer", {"adapter": "one", "decoding": {"max_new_tokens": 0}}, 422, NO_ADAPTER_LABEL),
+        ("/answer", {"adapter": "one", "decoding": {"max_new_tokens": 100}}, 422, NO_ADAPTER_LABEL),  # past the cap
+        ("/nli", {"adapter": "one", "labels": ["yes", TOO_MANY_TOKENS]}, 422, NO_ADAPTER_LABEL),  # past the schema
+        ("/nli", {"adapter": "one", "labels": ["yes", TOO_MANY_TOKENS], "premise": ""}, 422, NO_ADAPTER_LABEL),
+        ("/v1/chat/completions", {"model": "one", "messages": [{"role": "user", "content": "x"}], "n": 0}, 422,
+         NO_ADAPTER_LABEL),
+        ("/answer", {"adapter": "nope"}, 404, NO_ADAPTER_LABEL),
+        ("/v1/completions", {"model": "one", "prompt": "x" * 5000}, 413, NO_ADAPTER_LABEL),  # the body
+        ("/v1/completions", {"model": "one", "prompt": "a b c d e f g h " * 40}, 413, "one"),  # the prompt
+        ("/nli", {"adapter": "one"}, 200, "one"),
+    ]
+    bodies = {"/answer": {"context": "Paris is in France.", "question": "Where is Paris?"},
+              "/nli": {"premise": "A dog runs.", "hypothesis": "An animal moves."},
+              "/v1/completions": {"max_tokens": 1}, "/v1/chat/completions": {"max_tokens": 1}}
+    with ready_client(settings) as client:
+        before = scrape(client)
+        for route, body, status, _ in asked:
+            assert client.post(route, json={**bodies[route], **body}).status_code == status, (route, body)
+        engine = client.app.state.runtime.engine
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            with paused(engine):  # one request queued: the queue is full
+                queued = pool.submit(client.post, "/v1/completions", json={"model": "one", "prompt": "Hi",
+                                                                           "max_tokens": 1})
+                wait_until(lambda: sum(engine.requests_by_adapter()[1].values()) == 1, "the request queued")
+                full = client.post("/v1/completions", json={"model": "two", "prompt": "Hi", "max_tokens": 1})
+            assert (full.status_code, queued.result().status_code) == (429, 200), full.text
+        after = scrape(client)
+    counted = Counter((route, label, str(status)) for route, _, status, label in asked)
+    counted.update([("/v1/completions", "two", "429"), ("/v1/completions", "one", "200")])
+    for route, _, status in counted:
+        for label in ("none", "one", "two", NO_ADAPTER_LABEL):
+            labels = {"endpoint": route, "adapter": label, "status": status}
+            assert moved(before, after, f"{DURATION}_count", **labels) == counted[route, label, status], labels
