@@ -6,8 +6,7 @@ from functools import lru_cache
 from transformers import PreTrainedTokenizerBase
 
 from service.errors import InputTooLong, TemplateRefused
-from service.http.errors import error_code
-from service.http.late_checks import LateProblems, problem
+from service.http.late_checks import LateProblems, problem, template_refused
 from service.tasks.template_sandbox import renderer
 
 
@@ -41,7 +40,7 @@ async def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[st
         job = (messages, template, {"add_generation_prompt": True})
         return await renderer(tokenizer).rendered(job)
     except TemplateRefused as exc:
-        raise LateProblems([problem("messages", messages, error_code(TemplateRefused), str(exc))]) from None
+        raise template_refused("messages", messages, exc) from None
 
 
 @lru_cache(maxsize=8)

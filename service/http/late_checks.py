@@ -1,12 +1,12 @@
 """The checks of a request's fields that its schema cannot make, named in one 422 with the schema's.
 
 Some checks need what only the route has: the adapter it picks (``prompt_style`` needs a chat template, the adapter's
-or the base's), the tokenizer (``/nli``'s own ``labels``), a render of the chat template (``messages``). They ran once
-the schema had passed the whole body, so a request with several faults was refused for some, and its client, fixing
-them, met the next (a review). Now a route's late checks (``LateChecks``) run on the fields the schema found valid,
-whatever its other fields: where the body is valid, in the route (``LateChecks.run``); where it is not, as FastAPI
-refuses it (``LateCheckedRoute``), each check whose fields are all valid adding its faults to the schema's, in one 422
-in the order of the fields."""
+or the base's), the tokenizer (``/nli``'s own ``labels``), a render of the chat template (``messages``, a chat style's
+prompt). They ran once the schema had passed the whole body, so a request with several faults was refused for some,
+and its client, fixing them, met the next (a review). Now a route's late checks (``LateChecks``) run on the fields the
+schema found valid, whatever its other fields: where the body is valid, in the route (``LateChecks.run``); where it is
+not, as FastAPI refuses it (``LateCheckedRoute``), each check whose fields are all valid adding its faults to the
+schema's, in one 422 in the order of the fields."""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
@@ -18,7 +18,8 @@ from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, TypeAdapter
 
-from service.errors import EngineStopped, InputTooLong, QueueFull, RenderUnavailable, UnknownAdapter
+from service.errors import EngineStopped, InputTooLong, QueueFull, RenderUnavailable, TemplateRefused, UnknownAdapter
+from service.http.errors import error_code
 from service.http.json_body import UniqueKeysRoute
 from service.lora.adapter_files import AdapterWeights
 
@@ -39,6 +40,11 @@ def problem(field: str, value: Any, kind: str, message: str) -> dict:
 def refused(field: str, value: Any, exc: ValueError) -> LateProblems:
     """The 422 of ``field`` refused at ``value`` with ``exc`` (a ValueError, as pydantic words one)."""
     return LateProblems([problem(field, value, "value_error", f"Value error, {exc}")])
+
+
+def template_refused(field: str, value: Any, exc: TemplateRefused) -> LateProblems:
+    """The 422 of ``field``, at ``value``, whose render the chat template refused (``exc``): code template_refused."""
+    return LateProblems([problem(field, value, error_code(TemplateRefused), str(exc))])
 
 
 # a late check: (the request, the runtime, the body, the adapter's weights, None for the bare base) -> what the route

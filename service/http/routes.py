@@ -23,11 +23,12 @@ from service.errors import (
     QueueFull,
     RenderUnavailable,
     StillLoading,
+    TemplateRefused,
     UnknownAdapter,
 )
 from service.http.errors import ClientGone, error_replies
 from service.http.json_body import UniqueKeysRoute
-from service.http.late_checks import LateCheckedRoute, LateChecks, late, refused
+from service.http.late_checks import LateCheckedRoute, LateChecks, late, refused, template_refused
 from service.http.schemas import (
     ANSWER_TOKENS,
     SERVER_CAPS,
@@ -44,7 +45,8 @@ from service.http.schemas import (
 from service.lora.adapter_files import BASE_LABEL, AdapterWeights, adapter_or_base, check_name
 from service.runtime import Runtime
 from service.tasks.labels import label_ids
-from service.tasks.prompt_styles import require_template
+from service.tasks.prompt_styles import ADAPTER_STYLE, require_template
+from service.tasks.prompts import NLI_LABELS
 from service.tasks.tasks import chat_template, name_of
 
 tasks_router = APIRouter(tags=["tasks"], route_class=LateCheckedRoute)
@@ -257,21 +259,46 @@ async def labels(request: Request, rt: Runtime, body: NliIn, adapter: AdapterWei
             raise refused("labels", body.labels, exc) from None
 
 
+async def styled_prompt(request: Request, rt: Runtime, body: AnswerIn | NliIn,
+                        adapter: AdapterWeights | None) -> list[int] | None:
+    """A late check: the prompt of a chat style (``Tasks.answer_ids``, ``Tasks.nli_ids``: the whole context's),
+    rendered with ``adapter``'s chat template or the base's, a 422 naming ``prompt_style`` where the template refuses
+    it (TemplateRefused, as ``prompt_styles.render_ids`` finds it); None for the adapter style, or where there is no
+    template (``prompt_style`` names that)."""
+    template = chat_template(adapter)
+    try:
+        require_template(rt.tasks.tokenizer, body.prompt_style, template)
+    except ValueError:
+        return None
+    if body.prompt_style == ADAPTER_STYLE:
+        return None
+    if isinstance(body, AnswerIn):
+        rendering = rt.tasks.answer_ids(body.prompt_style, body.context, body.question, template)
+    else:
+        rendering = rt.tasks.nli_ids(body.prompt_style, body.premise, body.hypothesis, body.labels or NLI_LABELS,
+                                     template)
+    try:
+        return await unless_disconnected(request, rendering)
+    except TemplateRefused as exc:
+        raise template_refused("prompt_style", body.prompt_style, exc) from None
+
+
 STYLE_CHECK = (("adapter", "prompt_style"), prompt_style)
-ANSWER_CHECKS = LateChecks(AnswerIn, "adapter", lambda rt, body: pick_adapter(rt, body, rt.settings.qa_adapter),
-                           (STYLE_CHECK,))
-NLI_CHECKS = LateChecks(NliIn, "adapter", lambda rt, body: pick_adapter(rt, body, rt.settings.nli_adapter),
-                        ((("labels",), labels), STYLE_CHECK))
+ANSWER_CHECKS = LateChecks(AnswerIn, "adapter", lambda rt, body: pick_adapter(rt, body, rt.settings.qa_adapter), (
+    STYLE_CHECK, (("context", "question", "adapter", "prompt_style"), styled_prompt)))
+NLI_READ = ("premise", "hypothesis", "adapter", "labels", "prompt_style")  # what its prompt is made of
+NLI_CHECKS = LateChecks(NliIn, "adapter", lambda rt, body: pick_adapter(rt, body, rt.settings.nli_adapter), (
+    (("labels",), labels), STYLE_CHECK, (NLI_READ, styled_prompt)))
 
 
 @tasks_router.post("/answer", response_model=AnswerOut, responses=serving_replies(RenderUnavailable))
 @late(ANSWER_CHECKS)
 async def answer(body: AnswerIn, request: Request, rt: Runtime = Depends(inference)) -> AnswerOut:
     adapter = bound(request, ANSWER_CHECKS.adapter(rt, body))
-    [style] = await ANSWER_CHECKS.run(request, rt, body, adapter)
+    style, whole = await ANSWER_CHECKS.run(request, rt, body, adapter)
     decoding = body.decoding.to_decoding(new_seed(), token_budget(body, rt, ANSWER_TOKENS))
     result = await unless_disconnected(request, rt.tasks.answer(
-        body.context, body.question, adapter, decoding, body.extractive, style))
+        body.context, body.question, adapter, decoding, body.extractive, style, whole))
     return AnswerOut(adapter=name_of(adapter), **result.__dict__)
 
 
@@ -281,11 +308,11 @@ async def nli(body: NliIn, request: Request, rt: Runtime = Depends(inference)) -
     """The probabilities of the NLI labels, or of the request's own ``labels``, each scored over its whole
     tokenization (``Tasks.classify``: a 413 for labels that need more scoring requests than the queue holds)."""
     adapter = bound(request, NLI_CHECKS.adapter(rt, body))
-    _, style = await NLI_CHECKS.run(request, rt, body, adapter)
+    _, style, rendered = await NLI_CHECKS.run(request, rt, body, adapter)
     if body.labels is None:
-        scoring = rt.tasks.nli(body.premise, body.hypothesis, adapter, style=style)
+        scoring = rt.tasks.nli(body.premise, body.hypothesis, adapter, style=style, rendered=rendered)
     else:
-        scoring = rt.tasks.classify(body.premise, body.hypothesis, adapter, tuple(body.labels), style)
+        scoring = rt.tasks.classify(body.premise, body.hypothesis, adapter, tuple(body.labels), style, rendered)
     probabilities = await unless_disconnected(request, scoring)
     return NliOut(label=max(probabilities, key=probabilities.get), probabilities=probabilities,
                   adapter=name_of(adapter))

@@ -186,7 +186,7 @@ class Tasks:
         return await collect(await self.stream(prompt, adapter, decoding, stop=stop, logprobs=logprobs, n=n))
 
     async def answer(self, context: str, question: str, adapter: AdapterWeights | None, decoding: Decoding,
-                     extractive: bool = True, style: str = ADAPTER_STYLE) -> Answer:
+                     extractive: bool = True, style: str = ADAPTER_STYLE, whole: list[int] | None = None) -> Answer:
         """Answer a question from a context, asked in prompt ``style`` (``prompt_styles``). ``extractive``: decoding
         is constrained to spans of the context (``SpanConstraint``), so ``context[start:end] == answer`` always, and a
         context too long for one prompt is answered in windows (``answer_windows``), together, the span of the best
@@ -195,9 +195,11 @@ class Tasks:
         exactly as it is (its first occurrence), None where not. Raises NoSpan (extractive, and the context has
         nothing a span can begin with), InputTooLong (a free answer's prompt over ``max_prompt``, or a context of more
         windows than ``answer_windows`` allows), ValueError (a chat style on a model without a chat template), and
-        what ``outcomes`` raises."""
+        what ``outcomes`` raises. ``whole``: the prompt of the whole context (``answer_ids``), where the caller built
+        it already."""
         started, template, decoding = time.perf_counter(), chat_template(adapter), self.decoding(decoding)
-        whole = await self.answer_ids(style, context, question, template)  # the prompt of the whole context
+        if whole is None:
+            whole = await self.answer_ids(style, context, question, template)
         if not extractive:
             result = await self.outcome(Generation(self.bounded(whole), name_of(adapter), decoding, weights=adapter))
             text = result.text.strip()
@@ -280,44 +282,55 @@ class Tasks:
         return spans
 
     async def nli(self, premise: str, hypothesis: str, adapter: AdapterWeights | None,
-                  labels: tuple[str, ...] = NLI_LABELS, style: str = ADAPTER_STYLE) -> dict[str, float]:
+                  labels: tuple[str, ...] = NLI_LABELS, style: str = ADAPTER_STYLE,
+                  rendered: list[int] | None = None) -> dict[str, float]:
         """Probabilities of ``labels`` (sum to 1), scored as the adapters are trained: by each label's first token, in
         one forward pass (``label_scores``), after the NLI prompt in ``style`` (``prompt_styles``), then
         softmax(z / T) over those scores, T the temperature the adapter's card holds for this label set
         (``lora.card.Calibration``; 1 for the bare base, or without one) in the adapter style it was fitted in, 1 in
         any other. Raises as ``outcome``, InputTooLong for a prompt over ``max_prompt``, ValueError for a chat style
-        on a model without a chat template or one_shot for labels it has no example for."""
-        scores = await self.label_scores(premise, hypothesis, adapter, labels, style)
+        on a model without a chat template or one_shot for labels it has no example for. ``rendered``: the prompt
+        (``nli_ids``), where the caller built it already."""
+        scores = await self.label_scores(premise, hypothesis, adapter, labels, style, rendered)
         calibrated = scores.weights is not None and style == ADAPTER_STYLE
         temperature = scores.weights.calibration.temperature_for(labels) if calibrated else 1.0
         return dict(zip(labels, softmax(scores.logprobs, temperature)))
 
     async def label_scores(self, premise: str, hypothesis: str, adapter: AdapterWeights | None,
-                           labels: tuple[str, ...] = NLI_LABELS, style: str = ADAPTER_STYLE) -> CandidateLogprobs:
+                           labels: tuple[str, ...] = NLI_LABELS, style: str = ADAPTER_STYLE,
+                           rendered: list[int] | None = None) -> CandidateLogprobs:
         """The log-probabilities of the first tokens of ``labels``' completions after the NLI prompt in ``style``
         (uncalibrated), and the weights that scored them; raises as ``nli``."""
         if labels not in self.label_tokens:
             self.label_tokens[labels] = self.first_tokens(labels)
-        prompt = await self.nli_prompt(premise, hypothesis, adapter, labels, style)
+        prompt = await self.nli_prompt(premise, hypothesis, adapter, labels, style, rendered)
         return await self.outcome(Scoring(prompt, name_of(adapter), self.label_tokens[labels], logprobs=True,
                                           weights=adapter))
 
     async def nli_prompt(self, premise: str, hypothesis: str, adapter: AdapterWeights | None, labels: tuple[str, ...],
-                         style: str) -> list[int]:
-        """The NLI prompt's token ids (``nli_ids``, with the adapter's chat template), built off the event loop as
-        ``answer_ids`` builds its; InputTooLong over ``max_prompt``."""
-        prompt = nli_input(style, premise, hypothesis, labels)
-        return self.bounded(await self.prompt_ids_of(style, prompt, chat_template(adapter)))
+                         style: str, rendered: list[int] | None = None) -> list[int]:
+        """The NLI prompt's token ids (``nli_ids``, with the adapter's chat template; ``rendered`` where the caller
+        built them already); InputTooLong over ``max_prompt``."""
+        if rendered is None:
+            rendered = await self.nli_ids(style, premise, hypothesis, labels, chat_template(adapter))
+        return self.bounded(rendered)
+
+    async def nli_ids(self, style: str, premise: str, hypothesis: str, labels: Sequence[str],
+                      template: str | None) -> list[int]:
+        """``prompt_styles.nli_ids``, built off the event loop (``prompt_ids_of``), as ``answer_ids``."""
+        return await self.prompt_ids_of(style, nli_input(style, premise, hypothesis, labels), template)
 
     async def classify(self, premise: str, hypothesis: str, adapter: AdapterWeights | None,
-                       labels: tuple[str, ...], style: str = ADAPTER_STYLE) -> dict[str, float]:
+                       labels: tuple[str, ...], style: str = ADAPTER_STYLE,
+                       rendered: list[int] | None = None) -> dict[str, float]:
         """Probabilities of a request's own ``labels`` (sum to 1): softmax over log P(label completion | prompt), each
         label scored over its whole tokenization (``tasks.labels``: one scoring request per distinct proper prefix of
         the completions) after the NLI prompt in ``style``, with no temperature (a card's is fitted for its own label
         set), all with the same weights (``Engine.submit_together``). Raises ValueError for labels ``labels.label_ids``
-        refuses, InputTooLong for labels that need more scoring requests than the queue holds, and as ``nli``."""
+        refuses, InputTooLong for labels that need more scoring requests than the queue holds, and as ``nli``
+        (``rendered`` too)."""
         sequences = label_ids(self.tokenizer, labels)
-        prompt = await self.nli_prompt(premise, hypothesis, adapter, labels, style)
+        prompt = await self.nli_prompt(premise, hypothesis, adapter, labels, style, rendered)
         candidates = prefix_candidates(sequences)
         if len(candidates) > self.settings.max_queue:  # they queue together, all or none: they would never fit
             raise InputTooLong(f"these labels need {len(candidates)} scoring requests; this server queues at most "

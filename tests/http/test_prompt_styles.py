@@ -17,6 +17,7 @@ from service.lora.card import CALIBRATION_FIELD, CARD_FILE
 from service.tasks.labels import MOST_LABEL_TOKENS
 from service.tasks.prompt_styles import PROMPT_STYLES, answer_messages, nli_messages
 from service.tasks.prompts import NLI_LABELS, RTE_LABELS, answer_prompt, encode_text, label_target, nli_prompt
+from service.tasks.template_sandbox import Renderer
 from tests.http.api_helpers import Tiny, assert_close
 from tests.http.replies import error_message
 from tests.http.test_api import Reference
@@ -286,3 +287,40 @@ def test_labels_the_tokenizer_refuses_are_named_beside_the_field_faults(client):
     reply = client.post("/nli", json=body)
     assert faults_named(reply) == ["hypothesis", "labels"]
     assert f"at most {MOST_LABEL_TOKENS} are scored" in error_message(reply)
+
+
+def test_a_style_s_prompt_the_template_refuses_is_named_beside_the_field_faults(client, tiny):
+    """A review: the render of a chat style's prompt was the task's, once every field was valid. Now its refusal is
+    named at prompt_style beside the field faults, in one 422; the render is left out where a field its prompt is
+    made of is at fault."""
+    adapter = with_template(client, tiny, "refusing_all", "{{ raise_exception('no system messages') }}")
+    answer_body = {"context": CONTEXT, "question": QUESTION, "adapter": adapter, "prompt_style": "zero_shot"}
+    reply = client.post("/answer", json={**answer_body, "decoding": {"top_k": 0}})
+    assert faults_named(reply) == ["decoding.top_k", "prompt_style"]
+    assert "no system messages" in error_message(reply) and reply.json()["detail"][1]["type"] == "template_refused"
+    assert faults_named(client.post("/answer", json={**answer_body, "question": " "})) == ["question"]
+    pair = {"premise": PREMISE, "hypothesis": HYPOTHESIS, "adapter": adapter, "prompt_style": "zero_shot"}
+    assert faults_named(client.post("/nli", json={**pair, "premise": PREMISE * 5000})) == ["premise"]
+    assert faults_named(client.post("/nli", json={**pair, "labels": ["yes"], "x": 1})) == [
+        "labels", "x"]  # its prompt names the labels: not rendered with labels at fault
+    assert faults_named(client.post("/nli", json={**pair, "labels": ["yes", TOO_MANY_TOKENS]})) == [
+        "labels", "prompt_style"]  # the tokenizer's refusal of a label is no fault of its text: rendered
+    assert faults_named(client.post("/nli", json={**pair, "labels": ["yes", "no"], "x": 1})) == ["prompt_style", "x"]
+
+
+@pytest.mark.parametrize("route, body", [
+    ("/answer", {"context": CONTEXT, "question": QUESTION}),
+    ("/nli", {"premise": PREMISE, "hypothesis": HYPOTHESIS}),
+    ("/nli", {"premise": PREMISE, "hypothesis": HYPOTHESIS, "labels": ["yes", "no"]})])
+def test_a_chat_style_s_prompt_is_rendered_once(client, route, body, monkeypatch):
+    """The check past the schema renders the prompt, and the task serves that one: not rendered again."""
+    renders = []
+    rendered = Renderer.rendered
+
+    async def counted(self, job):
+        renders.append(job)
+        return await rendered(self, job)
+
+    monkeypatch.setattr(Renderer, "rendered", counted)
+    post(client, route, {**body, "prompt_style": "zero_shot"})
+    assert len(renders) == 1
