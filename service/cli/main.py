@@ -34,7 +34,7 @@ from service.cli.command import (
 )
 from service.cli.settings_options import add_settings_arguments, settings_from
 from service.errors import AdapterError, TemplateRefused, UnsafeEnvironment
-from service.model import server_process
+from service.model import malloc, server_process
 from service.settings import Settings, variable
 
 COMMAND_GROUP = "loraswap.commands"  # the entry-point group of subcommands (pyproject.toml)
@@ -207,12 +207,13 @@ def field_name(loc: tuple, model: str, args: argparse.Namespace) -> str:
 
 def from_the_start(args: argparse.Namespace) -> None:
     """What a process that runs the command of ``args`` from its start does first: ``serve`` starts again without
-    malloc's tcache (``server_process.restart``: before it reads its configuration, so that it reads it once, in the
-    process started again); then a stop (SIGTERM, as Ctrl-C) ends it from now on (``take_stops``; loadtest and scale
-    set their own later), and torch's threads are sized to the CPU quota (``threads_within_quota``, before torch is
-    imported), but where the command sizes them itself (``Command.own_threads``: scale's replicas, by Ray)."""
+    malloc's tcache (``malloc.restart_without_tcache``: before it reads its configuration, so that the process started
+    again alone reads it; a review: serve built its Settings in both); then a stop (SIGTERM, as Ctrl-C) ends it from
+    now on (``take_stops``; loadtest and scale set their own later), and torch's threads are sized to the CPU quota
+    (``threads_within_quota``, before torch is imported), but where the command sizes them itself
+    (``Command.own_threads``: scale's replicas, by Ray)."""
     if args.command == "serve":
-        server_process.restart()
+        malloc.restart_without_tcache()
     take_stops()
     if not getattr(args, "own_threads", False):
         from service.model.cpu_quota import threads_within_quota  # with joblib (0.2 s), once --help has answered

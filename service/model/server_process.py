@@ -1,5 +1,5 @@
-"""The server process, readied at its start for the memory it will hold: glibc malloc without its tcache
-(``malloc.restart_without_tcache``), and no bitsandbytes when the base is full precision. Light: the CLI imports it.
+"""The server process, readied at its start, once it runs without malloc's tcache (``malloc.restart_without_tcache``,
+which ``loraswap serve`` calls first): no bitsandbytes when the base is full precision. Light: the CLI imports it.
 
 peft imports bitsandbytes whenever it is installed (and bitsandbytes networkx): 44 MiB of resident memory that a
 full-precision base never uses, and on a CPU a warning that its 4-bit kernels need the package ``kernels``. The other
@@ -10,21 +10,12 @@ from __future__ import annotations
 import logging
 import sys
 
-from service.model.malloc import restart_without_tcache
-
 BITSANDBYTES_CPU_LOG = "bitsandbytes.backends.cpu.ops"  # the logger of bitsandbytes' CPU kernels (0.50)
 
 
-def restart() -> None:
-    """Start this process, which is to run the server from its start, again with malloc's tcache off
-    (``restart_without_tcache``), before it reads its configuration: what the process did before is done again, so
-    the process started again alone reads it (a review: serve built its Settings in both)."""
-    restart_without_tcache()
-
-
 def prepare(quantize: str) -> None:
-    """Ready this process, started again (``restart``), for the server: for a full-precision base (``quantize``
-    "none") without bitsandbytes."""
+    """Ready this process, started again without malloc's tcache (``malloc.restart_without_tcache``), for the
+    server: for a full-precision base (``quantize`` "none") without bitsandbytes."""
     if quantize == "none":
         without_bitsandbytes()
 

@@ -57,7 +57,7 @@ def test_a_process_starts_again_with_its_command_line_and_the_tcache_off(tunable
 
 def test_only_a_process_that_is_the_server_from_its_start_is_readied(monkeypatch):
     calls = []
-    monkeypatch.setattr(cli_main.server_process, "restart", lambda: calls.append(("restart",)))
+    monkeypatch.setattr(cli_main.malloc, "restart_without_tcache", lambda: calls.append(("restart",)))
     monkeypatch.setattr(cli_main.server_process, "prepare", lambda quantize: calls.append(("prepare", quantize)))
 
     def serve(settings, named, sockets):
@@ -76,7 +76,7 @@ def test_only_a_process_that_is_the_server_from_its_start_is_readied(monkeypatch
 @pytest.mark.parametrize("quantize", ["none", "nf4"])
 def test_a_full_precision_server_keeps_peft_from_importing_bitsandbytes(quantize):
     absent = quantize == "none" or importlib.util.find_spec("bitsandbytes") is None
-    code = ("import sys; from service.model import server_process as p; p.restart_without_tcache = lambda: None; "
+    code = ("import sys; from service.model import server_process as p; "
             f"p.prepare({quantize!r}); import peft; print(sys.modules.get('bitsandbytes') is None)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == str(absent)
@@ -97,9 +97,9 @@ HEAVY = ("torch", "transformers", "peft", "bitsandbytes")
 # and whether bitsandbytes is in the server (the server module replaced by one that reports and returns)
 READIED = """
 import sys, types
-from service.model import server_process
+from service.model import malloc
 heavy = {heavy!r}
-server_process.restart_without_tcache = lambda: print("restart:", [name for name in heavy if name in sys.modules])
+malloc.restart_without_tcache = lambda: print("restart:", [name for name in heavy if name in sys.modules])
 sys.modules["service.http.server"] = types.SimpleNamespace(
     serve=lambda settings, named, sockets: print("serve:", sys.modules.get("bitsandbytes") is not None))
 sys.argv = ["loraswap", "serve", "--base-model", {base!r}, "--device", "cpu", "--port", "{port}"]
