@@ -29,7 +29,7 @@ from service.tasks.prompts import NLI_LABELS
 from training.data import TASK_TRAIN_FILES, data_dir, naming_default_data, read_eval, read_nli
 from training.evaluate import bounded, engine_settings, named_as_given, served_adapter, start_runtime
 from training.metrics import ECE_BINS, expected_calibration_error, reliability_bins
-from training.options import adapters_dir_absent, refuse_two_adapters
+from training.named_adapter import adapter_folder
 
 FIT_FILE = "nli/mnli.jsonl.gz"  # the fit takes the held-out rows of this training file only
 DEV_FILE = "nli/mnli.jsonl.gz"  # its dev_matched split measures the calibration
@@ -215,27 +215,16 @@ def scores_of(args: argparse.Namespace, folder: Path, row_sets: list[list[dict]]
     return (*logits, f"{name}, {rt.registry.dtype}", engine_settings(rt))
 
 
-def adapter_folder(args: argparse.Namespace) -> Path:
-    """The folder ``--adapter`` names: a folder, else the one of that name in ``--adapters-dir``;
-    FileNotFoundError when it names neither; UsageError where both hold an adapter (``refuse_two_adapters``)."""
-    refuse_two_adapters(args)
-    for folder in (args.adapter, args.adapters_dir / args.adapter):
-        if folder.is_dir():
-            return folder
-    raise FileNotFoundError(f"--adapter {args.adapter}: no adapter folder {args.adapter}, nor "
-                            f"{args.adapters_dir / args.adapter}{adapters_dir_absent(args)}")
-
-
 def run(args: argparse.Namespace) -> dict:
     """``loraswap calibrate``: fit T on the adapter's held-out MNLI training pairs, measure dev_matched before and
     after, print the report; ``--write-card`` stores T in the card, ``--diagram`` draws the reliability diagram,
-    ``--json`` writes the report with the reliability bins and every row's scores (uncalibrated) and gold label.
-    Raises FileNotFoundError for an adapter folder without a card or absent data, UsageError for a card that cannot be
-    read as the server reads it (``card_of``) or does not say how its rows were split (``split_of``), when its
-    held-out rows cannot be told or there are none (``held_out_rows``), and, with ``--write-card``, for a temperature
-    at the search's lower bound (``fitted``; the report is printed first), and, before the work, for a ``--json`` or
-    ``--diagram`` that names a data file it reads (``spare_inputs``: the report was written over it), AdapterError for
-    an adapter the base cannot serve."""
+    ``--json`` writes the report with the reliability bins and every row's scores (uncalibrated) and gold label. Raises
+    UsageError where ``--adapter`` names no adapter folder, or two (``adapter_folder``), FileNotFoundError for an
+    adapter folder without a card or absent data, UsageError for a card that cannot be read as the server reads it
+    (``card_of``) or does not say how its rows were split (``split_of``), when its held-out rows cannot be told or there
+    are none (``held_out_rows``), and, with ``--write-card``, for a temperature at the search's lower bound (``fitted``;
+    the report is printed first), and, before the work, for a ``--json`` or ``--diagram`` that names a data file it
+    reads (``spare_inputs``: the report was written over it), AdapterError for an adapter the base cannot serve."""
     root = Path(args.data_dir) if args.data_dir else data_dir()
     spare_inputs([("--json", args.json), ("--diagram", args.diagram)],
                  [(f"the data file {root / name}", root / name) for name in DATA_FILES])

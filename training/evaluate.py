@@ -12,14 +12,14 @@ from pathlib import Path
 from service.cli.command import UsageError, naming, spare_inputs
 from service.engine.sampling import Decoding
 from service.engine.strategies import READ_BY
-from service.errors import AdapterError, InputTooLong, NonFiniteLogits, UnknownAdapter
-from service.lora.adapter_files import BASE_LABEL, CONFIG_FILE, AdapterWeights, adapter_or_base
+from service.errors import AdapterError, InputTooLong, NonFiniteLogits
+from service.lora.adapter_files import BASE_LABEL, AdapterWeights, adapter_or_base
 from service.runtime import Runtime
 from service.settings import INT64, Settings
 from service.tasks.prompts import NLI_LABELS, RTE_LABELS
+from training import named_adapter
 from training.data import BadRow, eval_path, eval_sample, hidden_in_documents, naming_default_data, read_eval
 from training.metrics import ECE_BINS, accuracy, confusion_matrix, expected_calibration_error, squad_scores
-from training.options import adapters_dir_absent, refuse_two_adapters
 
 # the HTTP server's settings, which an evaluation does not run (the keys are secrets): not in its report
 SERVER_ONLY = frozenset({"host", "port", "admin_key", "api_key", "max_body_bytes", "drain_seconds"})
@@ -28,19 +28,14 @@ LABELS = {"nli": NLI_LABELS, "rte": RTE_LABELS}  # the labels each label-scoring
 
 
 def adapter_folder(args: argparse.Namespace) -> Path | None:
-    """The folder ``--adapter`` names, or None when it names the bare base ('none', 'base') or an adapter in
-    ``--adapters-dir``. Raises UnknownAdapter when it names none of these; it reads no data and loads no model, so
-    ``run`` checks the adapter first."""
+    """The adapter folder ``--adapter`` names as a path (``named_adapter.adapter_folder``), or None when it names the
+    bare base ('none', 'base') or an adapter in ``--adapters-dir`` by its name (loaded at start, served by that name).
+    Raises UsageError when it names none of these, or two adapters; it reads no data and loads no model, so ``run``
+    checks the adapter first."""
     if adapter_or_base(args.adapter) is None:
         return None
-    refuse_two_adapters(args)
-    path = Path(args.adapter)
-    if (path / CONFIG_FILE).is_file():
-        return path
-    if (args.adapters_dir / args.adapter / CONFIG_FILE).is_file():  # --adapters-dir is a Path
-        return None
-    raise UnknownAdapter(f"--adapter {args.adapter}: unknown adapter: not '{BASE_LABEL}' or 'base', an adapter folder, "
-                         f"or one in {args.adapters_dir}{adapters_dir_absent(args)}")
+    folder = named_adapter.adapter_folder(args, besides=f"'{BASE_LABEL}' or 'base', ")
+    return folder if folder == Path(args.adapter) else None
 
 
 def runtime_settings(args: argparse.Namespace, folder: Path | None) -> Settings:
@@ -257,11 +252,11 @@ def evaluated_rows(args: argparse.Namespace) -> list[dict]:
 def run(args: argparse.Namespace) -> dict:
     """``loraswap eval``: print the report (and the confusion matrix of nli and rte), write ``--predictions`` and
     ``--json`` if given, and return the report. The adapter is checked before the data is read, the data
-    (``evaluated_rows``) before the model is loaded. Raises UnknownAdapter or AdapterError for an adapter it cannot
-    evaluate, FileNotFoundError for absent data or base model, UsageError for data that is not the task's or holds
-    no rows or an unknown label, --distractors with another task than squad or more than the data has, settings the
-    base model cannot run, or making an example longer than the server takes, and for a report that would be
-    written over the default data (``spare_inputs``)."""
+    (``evaluated_rows``) before the model is loaded. Raises UsageError (``adapter_folder``) or AdapterError for an
+    adapter it cannot evaluate, FileNotFoundError for absent data or base model, UsageError for data that is not the
+    task's or holds no rows or an unknown label, --distractors with another task than squad or more than the data has,
+    settings the base model cannot run, or making an example longer than the server takes, and for a report that would
+    be written over the default data (``spare_inputs``)."""
     if args.distractors and args.task != "squad":
         raise UsageError(f"--distractors hides SQuAD paragraphs among others: not for --task {args.task}")
     if args.data is None:  # a --data file is checked with every option's (service.cli.main.check_inputs_spared)

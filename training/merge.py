@@ -11,7 +11,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from service.errors import AdapterError
-from training.options import adapters_dir_absent, refuse_two_adapters
+from training.named_adapter import adapter_folder
 from training.output_folder import written_whole
 
 if TYPE_CHECKING:
@@ -19,18 +19,10 @@ if TYPE_CHECKING:
 
 
 def adapter_dir(args: argparse.Namespace) -> Path:
-    """The folder ``--adapter`` names, else the adapter of that name in ``--adapters-dir``. Raises FileNotFoundError
-    naming ``--adapter`` when there is none (saying so where the adapters folder does not exist), or when that
-    folder holds no ``adapter_model.safetensors`` (pickled weights are refused); UsageError where both hold an
-    adapter (``refuse_two_adapters``)."""
-    refuse_two_adapters(args)
-    path = Path(args.adapter)
-    if not path.is_dir():
-        path = args.adapters_dir / args.adapter
-        if not path.is_dir():
-            nor = "" if path == Path(args.adapter) else f", nor {path}"  # an absolute --adapter is its own path
-            raise FileNotFoundError(f"--adapter {args.adapter}: no adapter folder {args.adapter}{nor}"
-                                    f"{adapters_dir_absent(args)}")
+    """The adapter folder ``--adapter`` names (``named_adapter.adapter_folder``: UsageError where it names none, or
+    two). Raises FileNotFoundError naming ``--adapter`` where that folder holds no ``adapter_model.safetensors``
+    (pickled weights are refused)."""
+    path = adapter_folder(args)
     if not (path / "adapter_model.safetensors").is_file():
         raise FileNotFoundError(f"--adapter {args.adapter}: {path} holds no adapter_model.safetensors (pickled weights "
                                 "are refused)")

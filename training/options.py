@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import typing
-from pathlib import Path
 
 from service.cli.command import (
     SERVING_VARIABLES,
@@ -19,7 +18,6 @@ from service.cli.command import (
     comma_list,
     device,
     flag,
-    given_as,
     input_name,
     input_path,
     new_folder,
@@ -31,7 +29,7 @@ from service.cli.command import (
 )
 from service.engine.strategies import SAMPLING_DEFAULTS, Strategy, unread, unread_reason
 from service.engine.strategies import SEED as DRAW_SEED
-from service.settings import ADAPTER_CONFIG_FILE, Settings, variable
+from service.settings import Settings, variable
 from service.tasks.prompt_styles import ADAPTER_STYLE, PROMPT_STYLES
 
 TASKS = ("squad", "nli", "rte")
@@ -127,29 +125,6 @@ def add_merge_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=new_folder, help="folder for the merged model, new or empty")
     parser.add_argument("--base-model", type=input_name,
                         help=BASE_HELP + " (default: the adapter's base_model_name_or_path)")
-
-
-def refuse_two_adapters(args: argparse.Namespace) -> None:
-    """UsageError where ``--adapter``, a relative path, names an adapter folder (one holding ``adapter_config.json``)
-    both from the working directory and in ``--adapters-dir``, two folders: which was meant cannot be told, as POST
-    /adapters refuses a relative path two adapter roots hold (a review: the working directory's won without a word).
-    An absolute path names one."""
-    given, listed = Path(args.adapter), Path(args.adapters_dir) / args.adapter
-    if all((folder / ADAPTER_CONFIG_FILE).is_file() for folder in (given, listed)) and not given.samefile(listed):
-        raise UsageError(f"--adapter {args.adapter} names two adapter folders, {given.resolve()} (from the working "
-                         f"directory) and {listed} (in {given_as(args, 'adapters_dir')}): give the absolute path of "
-                         "the one meant")
-
-
-def adapters_dir_absent(args: argparse.Namespace) -> str:
-    """Where ``args.adapters_dir``, in which ``--adapter NAME`` is looked up, is no folder, the words that say so and
-    where it came from (``given_as``: ``--adapters-dir``, ``LORASWAP_ADAPTERS_DIR``, else its default), to end an
-    error with; else ''. A review: ``merge --adapter squad`` without the folder said the adapter held no weights."""
-    if args.adapters_dir.is_dir():
-        return ""
-    given = given_as(args, "adapters_dir")
-    source = f"{flag('adapters_dir')}'s default" if given == "adapters_dir" else given
-    return f": the adapters folder {args.adapters_dir} ({source}) does not exist"
 
 
 def add_eval_options(parser: argparse.ArgumentParser) -> None:

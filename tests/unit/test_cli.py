@@ -49,10 +49,9 @@ SIDE_BY_SIDE = ["side-by-side", "--system", "a=loraswap@http://127.0.0.1:9", "--
     (["eval", "--task", "nli", "--adapter", "none", "--limit", "0"], "--limit: must be above 0, not 0"),
     (["train", "--task", "squad", "--out", "x", "--max-steps", "0"], "--max-steps: must be above 0, not 0"),
     (["train", "--task", "squad", "--out", "x", "--lr", "-1"], "--lr: must be above 0, not -1"),
-    (["merge", "--adapter", "missing", "--out", "x"], "loraswap merge: error: --adapter missing: no adapter folder "
-     "missing, nor "),
-    (["merge", "--adapter", "tests", "--out", "x"], "loraswap merge: error: --adapter tests: tests holds no "
-     "adapter_model.safetensors (pickled weights are refused)\n"),
+    (["merge", "--adapter", "missing", "--out", "x"], "loraswap merge: error: --adapter missing: unknown adapter: not "
+     "an adapter folder (one holding adapter_config.json), or one in "),
+    (["merge", "--adapter", "tests", "--out", "x"], "(tests is a folder without one)\n"),
     (["serve", "--max-batch", "0"], "loraswap serve: error: --max-batch: Input should be greater than or equal to 1\n"),
     (["serve", "--max-input-tokens", "64", "--answer-stride", "64"],
      "loraswap serve: error: --answer-stride: must be below --max-input-tokens (64), not 64: "),
@@ -308,8 +307,8 @@ def test_a_cache_folder_that_cannot_be_made_is_a_usage_error_naming_its_setting(
     ({"LORASWAP_MAX_RANK": "8"}, ["merge", "--adapter", "squad", "--out", "x"], "loraswap merge: error: --adapter "
      "squad: adapter rank 16 must be an integer in 1..8 (LORASWAP_MAX_RANK)\n"),
     # a review: an absolute --adapter was named twice, 'no adapter folder /abs/missing, nor /abs/missing'
-    ({}, ["merge", "--adapter", "/nonexistent/missing", "--out", "x"], "--adapter /nonexistent/missing: no adapter "
-     "folder /nonexistent/missing\n"),
+    ({}, ["merge", "--adapter", "/nonexistent/missing", "--out", "x"], "--adapter /nonexistent/missing: unknown "
+     "adapter: not an adapter folder (one holding adapter_config.json)\n"),
 ])
 def test_a_refusal_names_each_setting_as_the_user_could_set_it(variables, argv, error, monkeypatch, capsys):
     assert error in usage_error(argv, variables, monkeypatch, capsys)
@@ -450,24 +449,57 @@ def test_an_adapter_looked_up_in_an_adapters_folder_that_does_not_exist_says_so(
     assert err.endswith(f": the adapters folder {absent} ({source}) does not exist\n"), err
 
 
-@pytest.mark.parametrize("command", [["merge", "--out", "x"], ["eval", "--task", "nli"], ["calibrate"]])
-def test_an_adapter_named_both_from_the_working_directory_and_in_the_adapters_folder_is_refused(command, tmp_path,
-                                                                                               monkeypatch, capsys):
-    """A relative --adapter that two adapter folders answer (the working directory's and the adapters folder's): the
-    working directory's was taken without a word, where POST /adapters refuses a relative path two roots hold; the
-    absolute path of either names one (past this check)."""
-    listed = tmp_path / "adapters"
-    for folder in (tmp_path / "one", listed / "one"):
-        folder.mkdir(parents=True)
-        (folder / "adapter_config.json").write_text("{}")
+ADAPTER_COMMANDS = {"merge": ["merge", "--out", "out"], "eval": ["eval", "--task", "nli"], "calibrate": ["calibrate"]}
+
+
+def resolved(command: str, argv: list[str]) -> Path:
+    """The adapter folder ``loraswap ARGV`` (of ``command``, ``ADAPTER_COMMANDS``) takes ``--adapter`` to name, found
+    as the command finds it; eval's None, an adapter of --adapters-dir served by its name, as that folder."""
+    from training import calibrate, evaluate, merge
+
+    args = build_parser().parse_args(argv)
+    if command == "eval":
+        return evaluate.adapter_folder(args) or args.adapters_dir / args.adapter
+    return {"merge": merge.adapter_dir, "calibrate": calibrate.adapter_folder}[command](args)
+
+
+@pytest.mark.parametrize("command", ADAPTER_COMMANDS)
+@pytest.mark.parametrize("given,found", [
+    ("listed", "adapters/listed"), ("rel", "rel"), ("{tmp}/adapters/both", "adapters/both"),
+    # a folder of the working directory without adapter_config.json is no adapter: calibrate and merge took it (a
+    # review: merge said it held no safetensors, calibrate that it had no card), eval looked on
+    ("shadow", "adapters/shadow"),
+    ("both", "--adapter both names two adapter folders, {tmp}/both (from the working directory) and "
+     "{tmp}/adapters/both (in --adapters-dir): give the absolute path of the one meant\n"),
+    ("plain", "--adapter plain: unknown adapter: not {besides}an adapter folder (one holding adapter_config.json), "
+     "or one in {tmp}/adapters (plain is a folder without one)\n"),
+    ("missing", "--adapter missing: unknown adapter: not {besides}an adapter folder (one holding "
+     "adapter_config.json), or one in {tmp}/adapters\n"),
+    ("{tmp}/plain", "--adapter {tmp}/plain: unknown adapter: not {besides}an adapter folder (one holding "
+     "adapter_config.json) ({tmp}/plain is a folder without one)\n"),
+], ids=["listed", "relative", "absolute", "shadowed", "ambiguous", "not-an-adapter", "missing", "absolute-plain"])
+def test_eval_calibrate_and_merge_find_the_adapter_folder_by_one_rule(command, given, found, tmp_path, monkeypatch,
+                                                                      capsys):
+    """eval took a folder for an adapter where it held adapter_config.json, calibrate and merge any folder, each by
+    its own copy of the rule: the path as given where it holds adapter_config.json, else the folder of that name in
+    --adapters-dir where that does; a relative path that names an adapter both ways is refused (which was meant
+    cannot be told, as POST /adapters refuses a relative path two roots hold), and one that names none says which
+    folder holds no adapter_config.json."""
+    for folder in ("rel", "both", "adapters/listed", "adapters/both", "adapters/shadow"):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "adapter_config.json").write_text("{}")
+        (tmp_path / folder / "adapter_model.safetensors").write_text("")  # merge's check: read no further here
+    for folder in ("plain", "shadow"):
+        (tmp_path / folder).mkdir()
     monkeypatch.chdir(tmp_path)
-    err = usage_error([*command, "--adapter", "one", "--adapters-dir", str(listed)], {}, monkeypatch, capsys)
-    assert err.endswith(f": error: --adapter one names two adapter folders, {tmp_path / 'one'} (from the working "
-                        f"directory) and {listed / 'one'} (in --adapters-dir): give the absolute path of the one "
-                        "meant\n"), err
-    with pytest.raises(SystemExit):
-        main([*command, "--adapter", str(listed / "one"), "--adapters-dir", str(listed)])
-    assert "names two adapter folders" not in capsys.readouterr().err
+    argv = [*ADAPTER_COMMANDS[command], "--adapter", given.format(tmp=tmp_path), "--adapters-dir",
+            str(tmp_path / "adapters")]
+    if found.startswith("--adapter"):
+        err = usage_error(argv, {}, monkeypatch, capsys)
+        besides = "'none' or 'base', " if command == "eval" else ""
+        assert err == f"loraswap {command}: error: {found.format(tmp=tmp_path, besides=besides)}", err
+    else:
+        assert resolved(command, argv).resolve() == tmp_path / found
 
 
 def test_no_option_of_a_command_takes_a_path_unchecked():
