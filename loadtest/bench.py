@@ -22,11 +22,11 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from loadtest.host_memory import PeakRss, check_registered_room, registered_memory
-from loadtest.options import ALL_MODES, MOST_BENCH_BATCH, MOST_BENCH_RANK
+from loadtest.options import ALL_MODES
 from loadtest.percentiles import percentiles
 from loadtest.stall import measure_stall
 from loadtest.timing import timed
-from service.cli.command import UsageError, check_room_for_prompts
+from service.cli.command import UsageError, check_room_for_prompts, command_settings
 from service.engine.requests import Generation, run_all
 from service.engine.row_mapping import map_rows
 from service.engine.sampling import Decoding
@@ -41,16 +41,11 @@ ENGINE_MODES = {"base", "single", "merged", "mixed"}
 
 
 def bench_settings(args: argparse.Namespace) -> Settings:
-    """The engine's settings: those bench's options give, those it sets itself (both declared in
-    ``options.add_bench_options``, which names them), every other from its ``LORASWAP_`` variable, else its default."""
-    # no prefix cache: every batch repeats its prompts, which the engine would then take from the cache while
-    # transformers and peft compute them; no draft tokens: they decode a token a step
-    return Settings(base_model=args.base_model, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir,
-                    max_resident=max(args.adapters, 2), max_rank=MOST_BENCH_RANK, max_batch=max(args.batch_sizes),
-                    batch_window_ms=200, max_queue=MOST_BENCH_BATCH,
-                    max_queue_wait=0,  # a measured burst waits its turn, however long
-                    max_new_tokens=args.new_tokens, auto_merge=False, prefill_chunk=args.prefill_chunk,
-                    prefix_cache_bytes=0, draft_tokens=0)
+    """The engine's settings (``command_settings``): those bench's options give, those it sets itself (both declared
+    in ``options.add_bench_options``, which names them), every other from its ``LORASWAP_`` variable, else its
+    default."""
+    return command_settings(args, max_resident=max(args.adapters, 2), max_batch=max(args.batch_sizes),
+                            max_new_tokens=args.new_tokens)
 
 
 def random_adapters(model, names: list[str], rank: int, targets: str, out_dir: Path, seed: int = 0) -> PeftModel:

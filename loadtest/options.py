@@ -70,9 +70,13 @@ def add_bench_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", type=input_path, default=SettingDefault("cache_dir"),
                         help="where the converted base model is cached")
     parser.add_argument("--json", type=output_file, help="write the results here (default: printed only)")
-    # the engine's settings (bench.Bench), named by the option that gives each, or as bench's own
-    sets_settings(parser, itself=["auto_merge", "batch_window_ms", "draft_tokens", "max_queue", "max_queue_wait",
-                                  "max_rank", "prefix_cache_bytes"],
+    # the engine's settings (bench.bench_settings), named by the option that gives each, or as bench's own: no prefix
+    # cache, as every batch repeats its prompts, which the engine would then take from the cache while transformers
+    # and peft compute them; no draft tokens, as they decode a token a step; a measured burst waits its turn, however
+    # long (max_queue_wait 0)
+    sets_settings(parser, itself={"auto_merge": False, "batch_window_ms": 200, "draft_tokens": 0,
+                                  "max_queue": MOST_BENCH_BATCH, "max_queue_wait": 0, "max_rank": MOST_BENCH_RANK,
+                                  "prefix_cache_bytes": 0},
                   by={"max_batch": "--batch-sizes", "max_new_tokens": "--new-tokens", "max_resident": "--adapters"})
 
 

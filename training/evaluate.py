@@ -9,13 +9,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from service.cli.command import UsageError, naming, spare_inputs
+from service.cli.command import UsageError, command_settings, naming, spare_inputs
 from service.engine.sampling import Decoding
 from service.engine.strategies import READ_BY
 from service.errors import AdapterError, InputTooLong, NonFiniteLogits
 from service.lora.adapter_files import BASE_LABEL, AdapterWeights, adapter_or_base
 from service.runtime import Runtime
-from service.settings import INT64, Settings
+from service.settings import Settings
 from service.tasks.prompts import NLI_LABELS, RTE_LABELS
 from training import named_adapter
 from training.data import BadRow, eval_path, eval_sample, hidden_in_documents, naming_default_data, read_eval
@@ -39,24 +39,11 @@ def adapter_folder(args: argparse.Namespace) -> Path | None:
 
 
 def runtime_settings(args: argparse.Namespace, folder: Path | None) -> Settings:
-    """The settings of the runtime ``start_runtime`` starts: the options' (``--base-model``, ``--max-batch``...), those
-    the command sets itself (``options.ENGINE_SETS``; calibrate's ``max_new_tokens`` too), with ``folder`` (an adapter
-    folder or None) among the adapter roots, and every other from its ``LORASWAP_`` variable, else its default."""
-    settings = Settings(
-        base_model=args.base_model, adapters_dir=args.adapters_dir, device=args.device, dtype=args.dtype,
-        quantize=args.quantize, max_batch=args.max_batch, batch_window_ms=20,
-        max_queue_wait=0,  # the evaluation keeps max_queue requests in flight: they wait their turn, however long
-        max_new_tokens=args.max_new_tokens, auto_merge=False,
-        adapter_roots=[folder.resolve().parent] if folder is not None else [],
-        max_queue=1,  # eval's own, set below: given here, LORASWAP_MAX_QUEUE is not read (a review: 'abc' failed eval)
-    )
-    # room for every window of 4 batches' answers (at least 4, within 64 bits: valid, so copied in unvalidated); a
-    # bound, it allocates nothing: a --max-batch too large for it is refused by its own allocation
-    # (check_settings_fit), not as a max_queue past 64 bits the user never gave. Derived from the settings read once
-    # (a review: a second Settings() read every variable again, and an invalid LORASWAP_MAX_BATCH was blamed on
-    # --max-batch 4)
-    queue = min(4 * args.max_batch * settings.max_answer_windows, INT64 - 1)
-    return settings.model_copy(update={"max_queue": queue})
+    """The settings of the runtime ``start_runtime`` starts (``command_settings``): the options' (``--base-model``,
+    ``--max-batch``...), those the command sets itself (``options.ENGINE_SETS``; calibrate's ``max_new_tokens`` too),
+    ``folder`` (an adapter folder, or None) the parent of the one adapter root, and every other from its ``LORASWAP_``
+    variable, else its default."""
+    return command_settings(args, adapter_roots=[folder.resolve().parent] if folder is not None else [])
 
 
 def start_runtime(args: argparse.Namespace, folder: Path | None) -> Runtime:

@@ -29,7 +29,7 @@ from service.cli.command import (
 )
 from service.engine.strategies import SAMPLING_DEFAULTS, Strategy, unread, unread_reason
 from service.engine.strategies import SEED as DRAW_SEED
-from service.settings import Settings, variable
+from service.settings import INT64, Settings, setting, variable
 from service.tasks.prompt_styles import ADAPTER_STYLE, PROMPT_STYLES
 
 TASKS = ("squad", "nli", "rte")
@@ -43,8 +43,20 @@ EVAL_EVERY = bounded(float, lambda value: 0 < value < 1 or (value >= 1 and value
 # the Trainer's warmup_steps: the same, 0 too (no warmup); a fraction above 1 was cut to whole steps (1.5 to 1)
 WARMUP = bounded(float, lambda value: value >= 0 and (value < 1 or value.is_integer()),
                  "in [0, 1) (a share of all steps) or a whole number of steps (1, 2, ...)", "steps")
-# the engine settings eval and calibrate set themselves (evaluate.runtime_settings): no option or variable gives them
-ENGINE_SETS = ("adapter_roots", "auto_merge", "batch_window_ms", "max_queue", "max_queue_wait")
+
+
+def evaluation_queue(args: argparse.Namespace) -> int:
+    """The engine's max_queue in eval and calibrate: room for every window of 4 batches' answers (``--max-batch``
+    times ``max_answer_windows``, its variable alone read: a review, eval read every variable once more for it, and an
+    invalid LORASWAP_MAX_BATCH was blamed on ``--max-batch 4``), within 64 bits. A bound, it allocates nothing: a
+    ``--max-batch`` too large for it is refused by its own allocation (``check_settings_fit``), not as a max_queue past
+    64 bits the user never gave."""
+    return min(4 * args.max_batch * setting("max_answer_windows"), INT64 - 1)
+
+
+# the engine settings eval and calibrate set themselves (evaluate.runtime_settings): no option or variable gives them;
+# max_queue_wait 0: the evaluation keeps max_queue requests in flight, which wait their turn, however long
+ENGINE_SETS = {"auto_merge": False, "batch_window_ms": 20, "max_queue": evaluation_queue, "max_queue_wait": 0}
 BASE_HELP = (f"'smollm2' (the embedded SmolLM2-135M-Instruct, converted once into ${variable('cache_dir')}, else "
              "~/.cache/loraswap) or a Hugging Face model directory")
 
@@ -79,7 +91,9 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
                         help="train in bf16 (auto: on a GPU that supports it)")
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="recompute activations in the backward pass: less memory, slower")
-    sets_settings(parser, itself=["device"], by={"dtype": "--bf16"})  # the base's (train.base_settings)
+    # the base's (train.base_settings), on the device the trainer uses (auto: CUDA where present), whatever
+    # LORASWAP_DEVICE says for serving
+    sets_settings(parser, itself={"device": "auto"}, by={"dtype": "--bf16"})
 
 
 def add_train_options(parser: argparse.ArgumentParser) -> None:
@@ -173,9 +187,10 @@ def add_eval_options(parser: argparse.ArgumentParser) -> None:
     add_engine_options(parser)
 
 
-def add_engine_options(parser: argparse.ArgumentParser, itself: tuple[str, ...] = ()) -> None:
+def add_engine_options(parser: argparse.ArgumentParser, itself: dict[str, object] | None = None) -> None:
     """The options of the engine ``eval`` and ``calibrate`` run: base model, adapters folder, device, dtype, batch;
-    ``itself``: the engine settings the command sets besides ``ENGINE_SETS`` (``sets_settings``)."""
+    ``itself``: the engine settings the command sets besides ``ENGINE_SETS``, by their values (``sets_settings``).
+    The adapter roots are the folder of the adapter ``--adapter`` names as a path (``evaluate.runtime_settings``)."""
     parser.add_argument("--base-model", type=input_name, default="smollm2", help=BASE_HELP)
     parser.add_argument("--adapters-dir", type=input_path, default=SettingDefault("adapters_dir"),
                         help="where --adapter NAME is looked up")
@@ -185,7 +200,7 @@ def add_engine_options(parser: argparse.ArgumentParser, itself: tuple[str, ...] 
                         help="auto: bf16 on CUDA, fp32 on the CPU")
     parser.add_argument("--quantize", default="none", choices=["none", "nf4"], help="nf4: a 4-bit NF4 base")
     parser.add_argument("--max-batch", type=positive(int), default=64, help="most requests the engine runs at once")
-    sets_settings(parser, itself=[*ENGINE_SETS, *itself])
+    sets_settings(parser, itself={**ENGINE_SETS, **(itself or {})}, by={"adapter_roots": "--adapter"})
 
 
 def add_calibrate_options(parser: argparse.ArgumentParser) -> None:
@@ -203,8 +218,7 @@ def add_calibrate_options(parser: argparse.ArgumentParser) -> None:
                         help="draw the reliability diagram on MNLI dev_matched here (PNG; default: none drawn)")
     parser.add_argument("--json", type=output_file, help="also write the report, with the reliability bins and every "
                         "row's scores, here (default: printed only)")
-    add_engine_options(parser, itself=("max_new_tokens",))
-    parser.set_defaults(max_new_tokens=1)  # the engine generates nothing: labels are scored
+    add_engine_options(parser, itself={"max_new_tokens": 1})  # the engine generates nothing: labels are scored
 
 
 def run_train(args: argparse.Namespace) -> None:

@@ -35,7 +35,7 @@ from transformers import (
 )
 from transformers.pytorch_utils import Conv1D
 
-from service.cli.command import UsageError
+from service.cli.command import UsageError, command_settings
 from service.settings import Settings
 from training.data import TASK_TRAIN_FILES, BadRow, data_dir, naming_default_data, read_task
 from training.options import TASK_DEFAULT_LENGTH
@@ -183,10 +183,10 @@ def split_rows(rows: list[dict], n_eval: int, seed: int) -> tuple[list[dict], li
 
 
 def base_settings(args: argparse.Namespace) -> Settings:
-    """The settings the base is loaded with, as the service's loader reads them (in bf16 where ``use_bf16``), on the
-    device the trainer uses (``auto``: CUDA where present), whatever ``LORASWAP_DEVICE`` says for serving."""
-    return Settings(base_model=str(args.base_model), quantize=args.quantize, device="auto",
-                    dtype="bfloat16" if use_bf16(args.bf16) else "float32")
+    """The settings the base is loaded with, as the service's loader reads them (``command_settings``: in bf16 where
+    ``use_bf16``), on the device the trainer uses (``auto``: CUDA where present, ``options.add_run_options``), whatever
+    ``LORASWAP_DEVICE`` says for serving."""
+    return command_settings(args, dtype="bfloat16" if use_bf16(args.bf16) else "float32")
 
 
 def load_model(args: argparse.Namespace, settings: Settings, base_dir: Path) -> PeftModel:

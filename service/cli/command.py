@@ -95,36 +95,50 @@ def read_setting_defaults(args: argparse.Namespace) -> None:
             args.settings_read = [*getattr(args, "settings_read", []), name]  # read by given_as
 
 
-def sets_settings(parser: argparse.ArgumentParser, itself: Iterable[str] = (), by: dict[str, str] | None = None
-                  ) -> None:
-    """Declare, for ``given_as``, the Settings fields of the runtime (or base) the command of ``parser`` builds that
-    neither an option of the field's own name nor the field's ``LORASWAP_`` variable gives: ``by``, each field an
-    option gives under another name, by that option (bench's ``--adapters`` for ``max_resident``); ``itself``, those
-    the command sets itself (eval's ``max_queue``), which no flag or variable of it changes."""
-    parser.set_defaults(settings_by=dict(by or {}), settings_set=frozenset(itself))
+def sets_settings(parser: argparse.ArgumentParser, itself: dict[str, object] | None = None,
+                  by: dict[str, str] | None = None) -> None:
+    """Declare the Settings fields of the runtime (or base) the command of ``parser`` builds (``command_settings``)
+    that neither an option of the field's own name nor the field's ``LORASWAP_`` variable gives, for
+    ``command_settings`` to build them and ``given_as`` to name them: ``by``, each field an option gives under another
+    name, by that option (bench's ``--adapters`` for ``max_resident``); ``itself``, each field the command sets
+    itself, by its value, or by a function of the parsed arguments that gives it (eval's ``max_queue``, from
+    ``--max-batch``), which no flag or variable changes."""
+    parser.set_defaults(settings_by=dict(by or {}), settings_set=dict(itself or {}))
+
+
+def command_settings(args: argparse.Namespace, **by: object) -> Settings:
+    """The Settings the command of ``args`` (one that declares them: ``sets_settings``) builds: each field an option of
+    its own name gives (``--max-batch``), ``by``, each field an option of another name gives (the fields
+    ``sets_settings`` declared so), the fields the command sets itself, as ``sets_settings`` declared them, and every
+    other from its ``LORASWAP_`` variable, else its default. The variable of a field given is never read (a review:
+    ``LORASWAP_MAX_QUEUE=abc`` failed eval, which sets max_queue itself). Raises pydantic's ValidationError for an
+    invalid variable or value, TypeError where ``by`` gives other fields than ``sets_settings`` declared."""
+    if by.keys() != args.settings_by.keys():
+        raise TypeError(f"{sorted(by)} given, {sorted(args.settings_by)} declared by another option's name")
+    options = {name: getattr(args, name) for name in Settings.model_fields if name in args.option_dests}
+    own = {name: value(args) if callable(value) else value for name, value in args.settings_set.items()}
+    return Settings(**options, **by, **own)
 
 
 def given_as(args: argparse.Namespace, name: str) -> str:
     """How setting ``name`` is named to the user of the command of ``args``, by what gives it its value there, so that
     no message names a flag or variable the command does not take: by the flag of the option that gives it
-    (``--max-batch``, also for the option's own default; one of another name, ``sets_settings``: bench's
-    ``--adapters`` for ``max_resident``); where the command sets it itself (``sets_settings``, or a default its parser
-    sets with no option: calibrate's ``max_new_tokens``), as the command's own (``calibrate's own max_new_tokens``: a
-    review, it said ``--max-new-tokens``, which calibrate has not, and eval said ``LORASWAP_MAX_QUEUE``, which it does
-    not read); where the value was read from the environment (no option gave it, a ``SettingDefault`` still stands
-    for it, or ``read_setting_defaults`` put its setting's value in its place), by its variable
-    (``LORASWAP_MAX_BATCH``); else, for a default of Settings', as the user could set it: by its flag where the
+    (``--max-batch``, also for the option's own default; one of another name, ``sets_settings``: bench's ``--adapters``
+    for ``max_resident``); where the command sets it itself (``sets_settings``), as the command's own (``calibrate's own
+    max_new_tokens``: a review, it said ``--max-new-tokens``, which calibrate has not, and eval said
+    ``LORASWAP_MAX_QUEUE``, which it does not read); where the value was read from the environment (no option gave it, a
+    ``SettingDefault`` still stands for it, or ``read_setting_defaults`` put its setting's value in its place), by its
+    variable (``LORASWAP_MAX_BATCH``); else, for a default of Settings', as the user could set it: by its flag where the
     command has that option (``setting_options``: serve's and scale's), else by its variable (a review: 'must be below
     max_input_tokens' named a setting no user sets by that name)."""
     by = getattr(args, "settings_by", {})
     if name in by:
         return by[name]
+    if name in getattr(args, "settings_set", ()):
+        return f"{getattr(args, 'command', 'the command')}'s own {name}"
     read = name in getattr(args, "settings_read", ()) or isinstance(getattr(args, name, SettingDefault(name)),
                                                                    SettingDefault)
     options = getattr(args, "setting_options", ())
-    an_option = name in options or name in getattr(args, "option_dests", ())
-    if name in getattr(args, "settings_set", ()) or not (read or an_option):
-        return f"{getattr(args, 'command', 'the command')}'s own {name}"
     env = variable(name)
     if not read or (env not in os.environ and name in options):
         return flag(name)

@@ -147,7 +147,7 @@ def variables_read(path: Path) -> tuple[set[str], bool]:
             names |= {f"LORASWAP_{text.upper()}" for text in texts}
         names |= {text for text in texts if re.fullmatch(r"LORASWAP_[A-Z_]+", text)}
         names |= {"LORASWAP_DATA_DIR"} if called == "data_dir" else set()
-        builds |= called in ("Settings", "settings_from")
+        builds |= called in ("Settings", "settings_from", "command_settings")
     return names, builds
 
 

@@ -133,6 +133,34 @@ def test_what_a_command_sets_itself_is_named_as_its_own_never_as_a_flag_or_varia
         "train's own device", "--bf16", "--quantize"]
 
 
+# each command that builds Settings by its declaration (command.sets_settings, command.command_settings): its command
+# line and what builds them
+BUILDERS = {"eval": (["eval", "--task", "nli", "--adapter", "none"], lambda args: runtime_settings(args, None)),
+            "calibrate": (["calibrate", "--adapter", "x"], lambda args: runtime_settings(args, None)),
+            "bench": (["bench"], bench_settings), "train": (["train", "--task", "nli", "--out", "x"], base_settings),
+            "sweep": (["sweep", "--task", "nli", "--out", "x"], base_settings)}
+
+
+@pytest.mark.parametrize("command", BUILDERS)
+def test_what_a_command_sets_itself_is_what_it_declares_and_never_read_from_a_variable(command, monkeypatch):
+    """eval gave max_queue a placeholder (1) so that LORASWAP_MAX_QUEUE was not read (a review: 'abc' failed it), and
+    each command passed by hand the values of the settings it declared as its own: they are built from the
+    declaration now (command_settings), whatever their variables say (invalid here: read, they would fail the
+    build). An option's value (--max-batch) and one an option of another name gives (bench's --adapters) still win
+    over their variables too (but an option whose default is its variable's), and every other setting comes from its
+    variable."""
+    argv, settings_of = BUILDERS[command]
+    args = build_parser().parse_args(argv)
+    own = {name: value(args) if callable(value) else value for name, value in args.settings_set.items()}
+    given = [*own, *args.settings_by, *(name for name in Settings.model_fields if name in args.option_dests
+                                        and name not in getattr(args, "settings_read", ()))]  # not $VAR by default
+    for name in given:
+        monkeypatch.setenv(variable(name), "abc")
+    monkeypatch.setenv(variable("max_input_tokens"), "77")  # neither set nor an option's: read
+    settings = settings_of(build_parser().parse_args(argv))
+    assert {name: getattr(settings, name) for name in own} == own and settings.max_input_tokens == 77
+
+
 PREFIX = Settings.model_config["env_prefix"]
 
 
