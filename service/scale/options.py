@@ -20,9 +20,10 @@ def add_scale_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--replicas", type=positive(int), required=True, help="loraswap replicas, each with its own "
                         "base model, adapters and engine")
     parser.add_argument("--address", help="the Ray cluster to join: 'auto' for the one `ray start --head` began on "
-                        "this machine, or its head's HOST:PORT (with Ray's token authentication, its default, only "
-                        "where RAY_AUTH_MODE=token is set) (default: a Ray cluster of this machine alone, started and "
-                        "ended with the command)")
+                        "this machine, or its head's HOST:PORT (its GCS), or ray://HOST:PORT (its Ray Client server) "
+                        "(with Ray's token authentication, its default, only where RAY_AUTH_MODE=token is set; over "
+                        "TLS where RAY_USE_TLS is) (default: a Ray cluster of this machine alone, started and ended "
+                        "with the command)")
     parser.add_argument("--routing", choices=ROUTINGS, default="multiplexed",
                         help="multiplexed: each request to a replica that holds its adapter (Ray Serve's model "
                         "multiplexing, at most --max-resident adapters a replica); round-robin: to each replica in "

@@ -15,6 +15,8 @@ from service.settings import Settings, known_host
 CONNECT_TIMEOUT_S = 5.0  # for the head of the cluster --address names to accept a connection, then gRPC's, each call
 GCS_SERVICE = "ray.rpc.NodeInfoGcsService"  # a gRPC service a Ray head's GCS serves, and no raylet
 CLUSTER_ID_CALL = f"/{GCS_SERVICE}/GetClusterId"  # the GCS's first call of ray.init: refused without a token
+CLIENT_SERVICE = "ray.rpc.RayletDriver"  # the gRPC service of Ray Client's server (ray://), which serves no reflection
+CLIENT_CALL = f"/{CLIENT_SERVICE}/ClusterInfo"  # Ray Client's first call (a PING): refused without a token
 MOST_ONGOING = 2**31 - 1  # Ray Serve's max_ongoing_requests: a 32-bit integer (its DeploymentConfig proto)
 
 
@@ -101,10 +103,11 @@ def check_ongoing(settings: Settings, replicas: int) -> None:
 
 
 def check_address(address: str | None) -> None:
-    """UsageError where ``address`` names a head (``HOST:PORT``, or with a scheme, ``ray://HOST:PORT``) that accepts
-    no connection within ``CONNECT_TIMEOUT_S`` (ray.init tried for over a minute, then raised a traceback), is no Ray
-    head, or one whose token authentication this environment would not pass (``check_head``); None, ``auto`` and
-    ``local`` pass (ray.init finds or starts the cluster)."""
+    """UsageError where ``address`` names a head (its GCS, ``HOST:PORT``, or its Ray Client server,
+    ``ray://HOST:PORT``) that accepts no connection within ``CONNECT_TIMEOUT_S`` (ray.init tried for over a minute,
+    then raised a traceback), is no Ray head (or no Ray Client server), or one whose token authentication this
+    environment would not pass (``check_head``); None, ``auto`` and ``local`` pass (ray.init finds or starts the
+    cluster)."""
     if address in (None, "auto", "local"):
         return
     try:
@@ -135,34 +138,76 @@ def no_cluster(address: str, why: str) -> UsageError:
 
 def check_head(address: str, host: str, port: int, client: bool) -> None:
     """UsageError where ``host``:``port`` of ``address`` is no Ray head this environment can join, found within
-    ``CONNECT_TIMEOUT_S`` a call, with gRPC's public protocols (and, for the token, the GCS's own first call of
-    ray.init): it opens no gRPC channel (HTTP/2's handshake: grpcio's
-    ``channel_ready_future``; ray.init waited for minutes); for a GCS address (not a Ray ``client``'s, ``ray://``,
-    whose server is Ray Client's), its gRPC server reflection lists no ``GCS_SERVICE`` (``lists_gcs``: a raylet's
-    port, or another gRPC server, where ray.init waited long), or it refuses calls without a token where RAY_AUTH_MODE
-    is not token (``needs_token``: ray.init failed with InvalidAuthToken some 20 s later). Nothing is checked where
-    Ray's gRPC runs over TLS (``RAY_USE_TLS``: this insecure channel could not open). The standard health check
-    cannot tell a GCS: Ray's servers report the server's overall status alone (measured on Ray 2.60: SERVING on the
-    GCS and on a raylet, NOT_FOUND for any service name)."""
-    if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
-        return
+    ``CONNECT_TIMEOUT_S`` a call, with gRPC's public protocols (and, for the token, the first call of ray.init), over
+    the channel Ray would open (``ray_channel``: TLS where ``RAY_USE_TLS`` is set, a review found nothing checked
+    there): it opens no gRPC channel (HTTP/2's handshake, and TLS's: grpcio's ``channel_ready_future``; ray.init waited
+    for minutes); for a GCS address, its gRPC server reflection lists no ``GCS_SERVICE`` (``lists_gcs``: a raylet's
+    port, or another gRPC server, where ray.init waited long); for a Ray ``client``'s (``ray://``), its server serves no
+    ``CLIENT_CALL`` (a GCS's port, where Ray Client timed out; Ray Client's server has no server reflection); or it
+    refuses the first call without a token where RAY_AUTH_MODE is not token (``gcs_refusal``, ``client_refusal``:
+    ray.init failed with InvalidAuthToken some 20 s later, Ray Client with a connection timeout). The standard health
+    check cannot tell a GCS: Ray's servers report the server's overall status alone (measured on Ray 2.60: SERVING on
+    the GCS and on a raylet, NOT_FOUND for any service name)."""
     import grpc  # Ray Serve's dependency
 
-    with grpc.insecure_channel(f"{host}:{port}", options=[("grpc.enable_http_proxy", 0)]) as channel:  # as Ray's
+    with ray_channel(f"{host}:{port}") as channel:
         try:
             grpc.channel_ready_future(channel).result(timeout=CONNECT_TIMEOUT_S)
         except grpc.FutureTimeoutError:
-            raise no_cluster(address, f"it accepts a connection, but no gRPC one within {CONNECT_TIMEOUT_S:g} s, as "
-                             "a Ray head does") from None
-        if client:
-            return
-        if not lists_gcs(channel):
-            raise no_cluster(address, f"it answers gRPC, but its server reflection lists no {GCS_SERVICE}, as a Ray "
-                             "head's GCS does: a raylet's port, or another server")
-        if os.environ.get("RAY_AUTH_MODE", "").lower() != "token" and needs_token(channel):
+            over = " over TLS (RAY_USE_TLS)" if uses_tls() else ""
+            raise no_cluster(address, f"it accepts a connection, but no gRPC one{over} within "
+                             f"{CONNECT_TIMEOUT_S:g} s, as a Ray head does") from None
+        refusal = client_refusal(address, channel) if client else gcs_refusal(address, channel)
+        if os.environ.get("RAY_AUTH_MODE", "").lower() != "token" and refusal == grpc.StatusCode.UNAUTHENTICATED:
             raise UsageError(f"--address {address}: the Ray cluster there takes only token-authenticated calls, and "
                              "RAY_AUTH_MODE is not token here: set RAY_AUTH_MODE=token (Ray then sends the token of "
                              "~/.ray/auth_token)")
+
+
+def gcs_refusal(address: str, channel):
+    """How the GCS of ``channel`` refuses ``CLUSTER_ID_CALL`` (``call_refusal``). UsageError where the server of
+    ``channel`` is no GCS: its reflection lists no ``GCS_SERVICE`` (``lists_gcs``)."""
+    if not lists_gcs(channel):
+        raise no_cluster(address, f"it answers gRPC, but its server reflection lists no {GCS_SERVICE}, as a Ray "
+                         "head's GCS does: a raylet's port, or another server")
+    return call_refusal(channel, CLUSTER_ID_CALL, b"")
+
+
+def client_refusal(address: str, channel):
+    """How the Ray Client server of ``channel`` refuses ``CLIENT_CALL``, Ray Client's PING (``call_refusal``).
+    UsageError where the server of ``channel`` serves no such call (UNIMPLEMENTED: a GCS's port, say)."""
+    import grpc
+
+    refusal = call_refusal(channel, CLIENT_CALL, client_ping())
+    if refusal == grpc.StatusCode.UNIMPLEMENTED:
+        raise no_cluster(address, f"it answers gRPC, but serves no {CLIENT_SERVICE}, as Ray Client's server on a "
+                         "head does (port 10001 by default): a GCS's address is HOST:PORT, without ray://")
+    return refusal
+
+
+def uses_tls() -> bool:
+    """Whether Ray's gRPC runs over TLS in this environment (``RAY_USE_TLS`` 1 or true, as Ray reads it)."""
+    return os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true")
+
+
+def ray_channel(target: str):
+    """A gRPC channel to ``target`` (``HOST:PORT``) as Ray opens its own (``ray._private.grpc_utils.init_grpc_channel``,
+    Ray 2.60; no HTTP proxy): over TLS where ``uses_tls``, with the certificates ``RAY_TLS_SERVER_CERT``,
+    ``RAY_TLS_SERVER_KEY`` and ``RAY_TLS_CA_CERT`` name, and with the token where ``RAY_AUTH_MODE`` is token.
+    UsageError, naming them, where those certificates cannot be read."""
+    from ray._private.grpc_utils import init_grpc_channel
+
+    try:
+        return init_grpc_channel(target, options=[("grpc.enable_http_proxy", 0)])
+    except (RuntimeError, OSError) as exc:  # RAY_USE_TLS: a variable unset, a file it names unreadable
+        raise UsageError(f"RAY_USE_TLS is set, and its certificates cannot be read: {exc}") from None
+
+
+def client_ping() -> bytes:
+    """Ray Client's PING (``ray_client_pb2.ClusterInfoRequest``), serialized: its server answers it at once."""
+    from ray.core.generated import ray_client_pb2
+
+    return ray_client_pb2.ClusterInfoRequest(type=ray_client_pb2.ClusterInfoType.PING).SerializeToString()
 
 
 def lists_gcs(channel) -> bool:
@@ -182,14 +227,14 @@ def lists_gcs(channel) -> bool:
         return False
 
 
-def needs_token(channel) -> bool:
-    """Whether the GCS of ``channel`` refuses ``CLUSTER_ID_CALL`` (an empty request, sent without a token) as
-    unauthenticated: its token authentication is on. Any other answer (the cluster's id, or an error: a Ray that
-    renamed the call) is not taken as a refusal."""
+def call_refusal(channel, method: str, request: bytes):
+    """The status code (``grpc.StatusCode``) with which the server of ``channel`` refuses ``method`` called with
+    ``request`` (serialized), within ``CONNECT_TIMEOUT_S``; None where it answers. UNAUTHENTICATED: its token
+    authentication is on, and no token was sent."""
     import grpc
 
     try:
-        channel.unary_unary(CLUSTER_ID_CALL)(b"", timeout=CONNECT_TIMEOUT_S)
+        channel.unary_unary(method)(request, timeout=CONNECT_TIMEOUT_S)
     except grpc.RpcError as exc:
-        return exc.code() == grpc.StatusCode.UNAUTHENTICATED
-    return False
+        return exc.code()
+    return None
