@@ -11,7 +11,8 @@ import torch
 from transformers import PretrainedConfig
 
 from service.cli.command import UsageError
-from service.model.device_room import device_memory, proc_status
+from service.model.device_room import device_memory
+from service.model.process_status import proc_status
 
 if TYPE_CHECKING:
     from service.lora.registry import AdapterRegistry

@@ -1,10 +1,10 @@
 """The peak resident set of a server process, by process id, for the side-by-side comparison, where each system is a
-process of its own (``loadtest.side_by_side``); its sizes from Linux /proc (``device_room.proc_status``)."""
+process of its own (``loadtest.side_by_side``); its sizes from Linux /proc (``service.model.process_status``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from service.model.device_room import proc_status
+from service.model.process_status import proc_status
 
 
 @dataclass

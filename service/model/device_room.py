@@ -34,6 +34,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 from service.engine.kv_cache import column_bucket, row_bucket
 from service.engine.running_batch import MOST_FED
 from service.model.base_model import config_positions
+from service.model.process_status import proc_status
 from service.settings import INT64, Settings
 
 
@@ -96,14 +97,6 @@ def in_use(device: torch.device) -> int:
         free, total = torch.cuda.mem_get_info(device)
         return total - free
     return proc_status("VmRSS")
-
-
-def proc_status(field: str, pid: int | str = "self") -> int:
-    """A size from /proc/PID/status (``VmRSS``, ``VmHWM``) of process ``pid`` (this one by default), in bytes. Raises
-    StopIteration for a field it does not hold, FileNotFoundError where there is no such process or no /proc."""
-    with open(f"/proc/{pid}/status") as status:
-        line = next(line for line in status if line.startswith(field + ":"))
-    return int(line.split()[1]) * 1024
 
 
 def check_allocations(settings: Settings, config: PretrainedConfig, dtype: torch.dtype, device: torch.device,
