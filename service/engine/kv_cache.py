@@ -62,13 +62,16 @@ class RowKVCache(Cache):
         return self._shape
 
     def reserve(self, rows: int, columns: int, used: tuple[int, int]) -> None:
-        """Make room for ``rows`` x ``columns``, keeping the ``used`` (rows, columns) corner of each allocated layer."""
+        """Make room for ``rows`` x ``columns``, keeping the ``used`` (rows, columns) corner of each allocated layer.
+        A layer's old storage is freed once its corner is copied, before the next layer grows: the old and the new
+        cache are never held whole together (the memory check at the start counts one: ``device_room``)."""
         have_rows, have_columns = self.shape
         if rows <= have_rows and columns <= have_columns:
             return
         rows, columns = max(row_bucket(rows), have_rows, self.min_rows), max(column_bucket(columns), have_columns)
-        self.keys = [self._grown(old, rows, columns, used) for old in self.keys]
-        self.values = [self._grown(old, rows, columns, used) for old in self.values]
+        for layers in (self.keys, self.values):
+            for layer, old in enumerate(layers):
+                layers[layer] = self._grown(old, rows, columns, used)
         self._shape = (rows, columns)
         self.storage += 1
 

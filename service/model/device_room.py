@@ -21,8 +21,9 @@ positions, ``runtime.check_room``; ``scale`` bounds ``max_batch`` + ``max_queue`
   ``lora.layers.InputGroup.reserve``);
 - ``prefix_cache_bytes``: the bytes of keys and values the prefix cache may keep (``prefix_cache.PrefixCache``).
 
-Not counted: a reallocation's copy, which holds the old KV cache beside the new while it grows; the activations of a
-step (a prefill of ``max_prefill_tokens`` tokens); LoRA banks past rank 1 and one layer; adapters' files.
+Not counted: one layer's old KV cache while it grows (``RowKVCache.reserve`` frees each layer's once copied); the
+activations of a step (a prefill of ``max_prefill_tokens`` tokens); LoRA banks past rank 1 and one layer; adapters'
+files.
 """
 from __future__ import annotations
 

@@ -120,3 +120,40 @@ def test_a_model_without_the_cache_keyword_gets_past_key_values():
 
     assert (cache_keyword(Older()), cache_keyword(Newer())) == ("past_key_values", "cache")
 
+
+
+def test_a_growing_kv_cache_never_holds_the_old_and_the_new_whole_together(monkeypatch):
+    """The memory check at the start counts one full KV cache (``device_room``): growing, the cache held every
+    layer's old storage until every layer's new one was made, the old and the new whole together. Now at most one
+    layer's old storage outlives its copy."""
+    import weakref
+
+    from service.engine import kv_cache
+
+    live: dict[int, int] = {}
+
+    def tracked(tensor: torch.Tensor) -> torch.Tensor:
+        live[id(tensor)] = tensor.nbytes
+        weakref.finalize(tensor, live.pop, id(tensor))
+        return tensor
+
+    peaks = []  # at each allocation: the bytes held, the new storage's included
+    made = kv_cache.zeros_like
+
+    def noted(like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        peaks.append(sum(live.values()) + torch.Size(shape).numel() * like.element_size())
+        return tracked(made(like, shape))
+
+    monkeypatch.setattr(kv_cache, "zeros_like", noted)
+    cache = RowKVCache()
+    cache.reserve(4, COLUMN_STEP, used=(0, 0))
+    layers, heads, head_dim = 6, 2, 8
+    for layer in range(layers):
+        keys = torch.randn(4, heads, COLUMN_STEP, head_dim)
+        cache.write_layer(layer, 0, keys, keys.clone(), torch.arange(COLUMN_STEP).expand(4, -1))
+    old = sum(live.values())
+    peaks.clear()
+    cache.reserve(8, 2 * COLUMN_STEP, used=(4, COLUMN_STEP))
+    new = sum(live.values())
+    assert new == 4 * old and len(peaks) == 2 * layers
+    assert max(peaks) <= new + old / (2 * layers), (max(peaks), old, new)
