@@ -9,7 +9,16 @@ extra: only ``options`` is imported without it.
 Importing it keeps bitsandbytes' CPU logger to its errors, as ``loraswap serve`` does
 (``server_process.quiet_bitsandbytes``), in every process of the application: a replica's or the router's imports this
 package before its deployment's modules import peft, and bitsandbytes with it (a review: each replica and the router
-said bitsandbytes' `pip install kernels` warning, which serve does not)."""
-from service.model.server_process import quiet_bitsandbytes
+said bitsandbytes' `pip install kernels` warning, which serve does not). In a process whose environment has
+``WITHOUT_BITSANDBYTES`` (``app.build_app`` sets it for the router, and for the replicas of a full-precision base),
+it marks bitsandbytes absent (``server_process.without_bitsandbytes``), as serve does: peft then does not import it
+(a review: 44 MiB in each replica and in the router)."""
+import os
+
+from service.model.server_process import quiet_bitsandbytes, without_bitsandbytes
+
+WITHOUT_BITSANDBYTES = "LORASWAP_WITHOUT_BITSANDBYTES"  # set to 1 for a Ray process that never quantizes
 
 quiet_bitsandbytes()
+if os.environ.get(WITHOUT_BITSANDBYTES) == "1":
+    without_bitsandbytes()

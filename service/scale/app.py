@@ -15,6 +15,7 @@ from ray.serve.config import RequestRouterConfig
 from ray.serve.context import _get_global_client
 
 from service.cli.command import UsageError, interrupt
+from service.scale import WITHOUT_BITSANDBYTES
 from service.scale.options import ROUTINGS
 from service.scale.replica import ROUTER_NAME, LoraswapReplica
 from service.scale.round_robin import RoundRobinRouter
@@ -45,17 +46,21 @@ def build_app(settings: Settings, config: ScaleConfig, named: Callable[[str], st
     loraswap with ``settings``, naming them in their log and their reasons as ``named`` does (``Runtime``'s: the
     command's ``command.naming``, which pickles, as Ray sends it to each replica). A replica takes as many requests at
     once as its engine batches and queues (``max_batch`` + ``max_queue``; past the queue it answers 429 itself); the
-    router as many as all of them."""
+    router as many as all of them. The router's process, and a replica's of a full-precision base, go without
+    bitsandbytes, as serve's does (``WITHOUT_BITSANDBYTES`` in their environment)."""
     if config.routing not in ROUTINGS:
         raise ValueError(f"routing must be one of {', '.join(ROUTINGS)}, not {config.routing!r}")
     per_replica = settings.max_batch + settings.max_queue
     routed = ({"request_router_config": RequestRouterConfig(request_router_class=RoundRobinRouter)}
               if config.routing == "round-robin" else {})
+    full_precision = {"runtime_env": {"env_vars": {WITHOUT_BITSANDBYTES: "1"}}}  # its processes go without it
     replica = serve.deployment(LoraswapReplica, name="LoraswapReplica").options(
         num_replicas=config.replicas, max_ongoing_requests=per_replica,
-        ray_actor_options={"num_cpus": config.replica_cpus, "num_gpus": config.replica_gpus}, **routed)
-    router = serve.deployment(Router, name=ROUTER_NAME).options(
-        num_replicas=1, max_ongoing_requests=per_replica * config.replicas, ray_actor_options={"num_cpus": 0})
+        ray_actor_options={"num_cpus": config.replica_cpus, "num_gpus": config.replica_gpus,
+                           **(full_precision if settings.quantize == "none" else {})}, **routed)
+    router = serve.deployment(Router, name=ROUTER_NAME).options(  # it runs no model
+        num_replicas=1, max_ongoing_requests=per_replica * config.replicas,
+        ray_actor_options={"num_cpus": 0, **full_precision})
     return router.bind(replica.bind(settings, named), settings)
 
 

@@ -92,12 +92,32 @@ def ready(url: str) -> bool:
         return False
 
 
+def deployments(processes: list) -> dict[str, psutil.Process]:
+    """Those of ``processes`` that run a deployment of loraswap's application (Ray names each after its deployment:
+    ``ray::ServeReplica:loraswap:Router``), by their deployment's name."""
+    from service.scale.app import APP_NAME
+
+    named = {}
+    for process in running(processes):
+        title = " ".join(process.cmdline())
+        if f"ServeReplica:{APP_NAME}:" in title:
+            named[title.split(f"ServeReplica:{APP_NAME}:")[1].split()[0]] = process
+    return named
+
+
+def holds_bitsandbytes(process: psutil.Process) -> bool:
+    """Whether ``process`` has bitsandbytes' native library mapped (imported with peft where it is installed)."""
+    return "bitsandbytes" in Path(f"/proc/{process.pid}/maps").read_text()
+
+
 def test_sigterm_takes_scale_down_with_the_ray_it_started(settings, tmp_path):
     """A review: ray.init replaced loraswap's SIGTERM handler with its own (``sys.exit(15)``): exit status 134, and
     Ray's dashboard and runtime-env agents left running. Now as Ctrl-C: status 0, every process Ray started ended.
     Its replica's start warnings name the settings as its command line gave them (a review: they named the fields,
-    max_new_tokens and qa_adapter), and bitsandbytes' warning is not among them (a review: each replica said it).
-    First in the module: its own Ray, before the module's cluster starts (two would crowd 2 cores)."""
+    max_new_tokens and qa_adapter), and bitsandbytes' warning is not among them (a review: each replica said it); nor
+    is bitsandbytes in the replica's process, nor in the router's, of a full-precision base, as it is not in serve's
+    (a review: 44 MiB each). First in the module: its own Ray, before the module's cluster starts (two would crowd 2
+    cores)."""
     port = free_port()
     command = [sys.executable, "-m", "service.cli.main", "scale", "--replicas", "1", "--host", "127.0.0.1",
                "--port", str(port), "--base-model", settings.base_model, "--adapters-dir", str(settings.adapters_dir),
@@ -111,6 +131,9 @@ def test_sigterm_takes_scale_down_with_the_ray_it_started(settings, tmp_path):
                 assert process.poll() is None and time.monotonic() < ready_by, "loraswap scale did not get ready"
                 time.sleep(1)
             started = psutil.Process(process.pid).children(recursive=True)  # Ray's processes, its agents among them
+            served = deployments(started)
+            assert sorted(served) == ["LoraswapReplica", "Router"]
+            assert [name for name, deployment in served.items() if holds_bitsandbytes(deployment)] == []
             process.send_signal(signal.SIGTERM)
             assert process.wait(timeout=TAKE_DOWN_TIMEOUT_S) == 0
             gone_by = time.monotonic() + 10
