@@ -4,6 +4,8 @@
 #   CPU:           docker build -t loraswap:cpu --build-arg VARIANT=cpu .
 # Settings come from LORASWAP_* variables (service/settings.py; `loraswap serve --help` lists them), e.g.
 #   docker run --gpus all -p 8000:8000 -e LORASWAP_ADMIN_KEY=secret loraswap
+# The server is the container's PID 1 and handles SIGTERM from its entry point's first step; `docker run --init` also
+# covers the moment before it, while Python starts (README, "Container")
 ARG VARIANT=cuda
 
 # torch 2.13.0 from PyPI, the lock's, is built for CUDA 13.0 (its nvidia-* libraries are pinned in requirements/lock.txt)

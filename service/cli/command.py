@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from service.model.malloc import STOPS
+from service.cli.entry import STOPS
 from service.settings import (
     ADAPTER_CONFIG_FILE,
     DEVICE_PATTERN,
@@ -182,10 +182,11 @@ def interrupt(signum: int, frame) -> None:
 
 
 def take_stops() -> None:
-    """SIGINT and SIGTERM raise KeyboardInterrupt (``interrupt``) from now on, and those held back until now (blocked
-    across ``malloc.restart_without_tcache``) at once. For a process that is the command from its start, as early as
-    it can: as PID 1 (a container's) a process hears no signal it has no handler for, and ``serve`` ignored SIGTERM
-    until uvicorn's handlers were set, after its checks had imported torch."""
+    """SIGINT and SIGTERM raise KeyboardInterrupt (``interrupt``) from now on, and those held back until now
+    (``entry.hold_stops``, from the process's first step and across ``malloc.restart_without_tcache``) at once. For a
+    process that is the command from its start, as early as it can: as PID 1 (a container's) a process hears no signal
+    it has no handler for, and ``serve`` ignored SIGTERM until uvicorn's handlers were set, after its checks had
+    imported torch."""
     for number in STOPS:
         signal.signal(number, interrupt)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOPS)

@@ -32,6 +32,7 @@ from service.cli.command import (
     take_port,
     take_stops,
 )
+from service.cli.entry import hold_stops
 from service.cli.settings_options import add_settings_arguments, settings_from
 from service.errors import AdapterError, TemplateRefused, UnsafeEnvironment
 from service.model import malloc, server_process
@@ -208,10 +209,12 @@ def field_name(loc: tuple, model: str, args: argparse.Namespace) -> str:
 def from_the_start(args: argparse.Namespace) -> None:
     """What a process that runs the command of ``args`` from its start does first: ``serve`` starts again without
     malloc's tcache (``malloc.restart_without_tcache``: before it reads its configuration, so that the process started
-    again alone reads it; a review: serve built its Settings in both); then a stop (SIGTERM, as Ctrl-C) ends it from
-    now on (``take_stops``; loadtest and scale set their own later), and torch's threads are sized to the CPU quota
-    (``threads_within_quota``, before torch is imported), but where the command sizes them itself
-    (``Command.own_threads``: scale's replicas, by Ray)."""
+    again alone reads it; a review: serve built its Settings in both), a stop held back meanwhile
+    (``entry.hold_stops``, where the entry point has not held them from the process's first step: ``python -m
+    service.cli.main``); then a stop (SIGTERM, as Ctrl-C) ends it from now on (``take_stops``; loadtest and scale set
+    their own later), and torch's threads are sized to the CPU quota (``threads_within_quota``, before torch is
+    imported), but where the command sizes them itself (``Command.own_threads``: scale's replicas, by Ray)."""
+    hold_stops()
     if args.command == "serve":
         malloc.restart_without_tcache()
     take_stops()

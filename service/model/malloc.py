@@ -19,11 +19,9 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
-import signal
 import sys
 
 TCACHE = "glibc.malloc.tcache_count"
-STOPS = {signal.SIGINT, signal.SIGTERM}  # held back (blocked) across the restart: ``restart_without_tcache``
 GLIBC = platform.libc_ver()[0] == "glibc"
 LIBC = ctypes.CDLL(None) if GLIBC else None  # this process's C library, opened once
 
@@ -40,20 +38,14 @@ def tunables_with_tcache_off(environ: dict[str, str]) -> str | None:
 def restart_without_tcache() -> None:
     """Execute this process's command line (``sys.orig_argv``, the same interpreter) again with glibc's tcache off,
     unless it is off already (``tunables_with_tcache_off``) or the C library is not glibc: what the process did so far
-    is done again, and what it holds is lost. SIGINT and SIGTERM (``STOPS``) arriving meanwhile are held back, blocked
-    across the execution, for the new process to take once it handles them (a signal a process has no handler for is
-    lost when the process is PID 1, as in a container: the kernel drops it rather than end init). Returns only when
-    nothing needs doing; raises OSError when the execution fails."""
+    is done again, and what it holds is lost; its signal mask is kept (a stop held back, ``entry.hold_stops``, stays
+    held for the new process). Returns only when nothing needs doing; raises OSError when the execution fails."""
     tunables = tunables_with_tcache_off(dict(os.environ)) if GLIBC else None
     if tunables is None:
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOPS)
-    try:
-        os.execve(sys.executable, sys.orig_argv, {**os.environ, "GLIBC_TUNABLES": tunables})
-    finally:  # reached only when the execution failed
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+    os.execve(sys.executable, sys.orig_argv, {**os.environ, "GLIBC_TUNABLES": tunables})
 
 
 def give_back() -> None:
