@@ -225,11 +225,22 @@ def from_the_start(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command ``argv`` gives (None: this process's command line, the process being the command's from its
+    start); its exit status. serve's process from its start does not return: it ends at once when the command does
+    (``server_process.run_to_its_end``)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request of a load test's clients
     server_process.quiet_bitsandbytes()  # imported with peft where --quantize nf4 needs it
     parser = build_parser()
     args = parser.parse_args(argv)
+    if argv is None and args.command == "serve":
+        server_process.run_to_its_end(lambda: run(parser, args, argv))
+    return run(parser, args, argv)
+
+
+def run(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None) -> int:
+    """Run the command of ``args``, parsed by ``parser`` from ``argv`` (None: this process's command line); its exit
+    status, or SystemExit: 2 with one line for what cannot be done; for a stop (Ctrl-C, SIGTERM) 130, serve's 0."""
     try:
         if argv is None:  # this process is the command from its start (not a caller's, as in tests)
             from_the_start(args)

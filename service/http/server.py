@@ -3,9 +3,7 @@ template render has not begun by then fail at once, a 503)."""
 from __future__ import annotations
 
 import logging
-import os
 import socket
-import sys
 import threading
 from collections.abc import Callable
 
@@ -69,22 +67,14 @@ def serving_line(sockets: list[socket.socket]) -> str:
 def serve(settings: Settings, named: Callable[[str], str] = worded, sockets: list[socket.socket] | None = None) -> None:
     """Run the HTTP service with ``settings`` until it is stopped; ``named`` as ``Runtime`` takes it. ``sockets``: the
     listening sockets to serve on (``listening.listening_sockets``, taken before the model loads, so that a port in
-    use is found at once); None: uvicorn binds ``settings.host``:``settings.port`` once the app has started."""
+    use is found at once); None: uvicorn binds ``settings.host``:``settings.port`` once the app has started. Where a
+    stop leaves the start running a step it cannot cut (``Runtime.still_starting``), the start is said to be cut
+    short: the caller ends the process without waiting for the step (``server_process.end``; the interpreter's end
+    would join its thread: 30-60 s of a conversion)."""
     rt = Runtime(settings, named)
     config = uvicorn.Config(create_app(rt=rt), host=settings.host, port=settings.port, log_level="info")
     try:
         DrainingServer(config, rt, settings.drain_seconds).run(sockets)
     finally:
         if rt.still_starting:
-            end_without_start()
-
-
-def end_without_start() -> None:
-    """End this process at once with status 0, its start still running a step that a stop cannot cut
-    (``Runtime.still_starting``): the interpreter's end would wait for the step (its thread is joined), 30-60 s of a
-    conversion. The logs are flushed first; nothing else is left to end, as no engine or render process started."""
-    log_start_cut()
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+            log_start_cut()

@@ -55,22 +55,28 @@ def test_a_process_starts_again_with_its_command_line_and_the_tcache_off(tunable
     assert (fast_bytes > 0) == (expected == f"{TCACHE}=0"), "glibc did not take the tcache's size"
 
 
-def test_only_a_process_that_is_the_server_from_its_start_is_readied(monkeypatch):
+def test_only_a_process_that_is_the_server_from_its_start_is_readied_and_ended_at_once(monkeypatch):
     calls = []
     monkeypatch.setattr(cli_main.malloc, "restart_without_tcache", lambda: calls.append(("restart",)))
     monkeypatch.setattr(cli_main.server_process, "prepare", lambda quantize: calls.append(("prepare", quantize)))
+
+    def end(status):  # server_process.end, which would end this process
+        calls.append(("end", status))
+        raise SystemExit(status)
 
     def serve(settings, named, sockets):
         for sock in sockets:
             sock.close()
         calls.append(("serve", settings.quantize))
 
+    monkeypatch.setattr(cli_main.server_process, "end", end)
     monkeypatch.setattr(server_module, "serve", serve)
     port = str(free_port())
     monkeypatch.setattr(sys, "argv", ["loraswap", "serve", "--quantize", "none", "--port", port])
-    cli_main.main()
-    cli_main.main(["serve", "--port", port])  # a caller's process (tests, embedding): left as it is
-    assert calls == [("restart",), ("prepare", "none"), ("serve", "none"), ("serve", "none")]
+    with pytest.raises(SystemExit):
+        cli_main.main()
+    assert cli_main.main(["serve", "--port", port]) == 0  # a caller's process (tests, embedding): left as it is
+    assert calls == [("restart",), ("prepare", "none"), ("serve", "none"), ("end", 0), ("serve", "none")]
 
 
 @pytest.mark.parametrize("quantize", ["none", "nf4"])
