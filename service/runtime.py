@@ -256,8 +256,8 @@ class Runtime:
     def still_starting(self) -> bool:
         """Whether a start in the background (``start_in_background``) still runs: after a stop (``stop``), a step
         that cannot be cut. Nothing it writes is left half done for another start to find when its process ends
-        meanwhile: the embedded base is converted into a folder of its own, renamed into place once whole, which the
-        next start removes otherwise (``base_model.convert_gguf``)."""
+        meanwhile: the embedded base is converted into a folder of its own, renamed into place once whole, else removed
+        as the process ends (``base_model.remove_partials``), or by the next start (``base_model.convert_gguf``)."""
         return self.starting is not None and self.starting.is_alive()
 
     def stop_rendering(self) -> None:

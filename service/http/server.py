@@ -10,6 +10,7 @@ from collections.abc import Callable
 import uvicorn
 
 from service.http.app import create_app
+from service.model.base_model import remove_partials
 from service.runtime import Runtime, log_start_cut
 from service.settings import Settings, worded
 
@@ -68,9 +69,10 @@ def serve(settings: Settings, named: Callable[[str], str] = worded, sockets: lis
     """Run the HTTP service with ``settings`` until it is stopped; ``named`` as ``Runtime`` takes it. ``sockets``: the
     listening sockets to serve on (``listening.listening_sockets``, taken before the model loads, so that a port in
     use is found at once); None: uvicorn binds ``settings.host``:``settings.port`` once the app has started. Where a
-    stop leaves the start running a step it cannot cut (``Runtime.still_starting``), the start is said to be cut
-    short: the caller ends the process without waiting for the step (``server_process.end``; the interpreter's end
-    would join its thread: 30-60 s of a conversion)."""
+    stop leaves the start running a step it cannot cut (``Runtime.still_starting``), the start is said to be cut short
+    and its conversion's partial folder removed (``base_model.remove_partials``): the caller ends the process without
+    waiting for the step (``server_process.end``; the interpreter's end would join its thread: 30-60 s of a
+    conversion)."""
     rt = Runtime(settings, named)
     config = uvicorn.Config(create_app(rt=rt), host=settings.host, port=settings.port, log_level="info")
     try:
@@ -78,3 +80,4 @@ def serve(settings: Settings, named: Callable[[str], str] = worded, sockets: lis
     finally:
         if rt.still_starting:
             log_start_cut()
+            remove_partials()

