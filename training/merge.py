@@ -36,10 +36,10 @@ def check_servable(model: nn.Module, adapter: Path, config: LoraConfig) -> Adapt
     non-finite values), the modules its config selects, its card or its chat template. What ``merge`` writes is then
     the merged twin of what the server serves."""
     from service.lora.adapter_files import load_adapter
-    from service.lora.layers import is_lora_target, module_shape
+    from service.lora.layers import lora_targets, module_shape
     from service.settings import setting
 
-    shapes = {name: module_shape(module) for name, module in model.named_modules() if is_lora_target(name, module)}
+    shapes = {name: module_shape(module) for name, module in lora_targets(model).items()}
     return load_adapter(adapter.name, adapter, shapes, setting("max_rank"), torch.float32,
                         [name for name, _ in model.named_modules() if name], config)
 

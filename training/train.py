@@ -33,9 +33,9 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
-from transformers.pytorch_utils import Conv1D
 
 from service.cli.command import UsageError, command_settings
+from service.lora.layers import lora_targets
 from service.settings import Settings
 from training.data import TASK_TRAIN_FILES, BadRow, data_dir, naming_default_data, read_task
 from training.options import TASK_DEFAULT_LENGTH
@@ -69,16 +69,9 @@ def family(model: torch.nn.Module) -> str | None:
 
 
 def linear_targets(model: torch.nn.Module) -> list[str]:
-    """The last name part (``q_proj``) of every Linear/Conv1D layer (4-bit ones included) but the output head,
-    sorted."""
-    head = model.get_output_embeddings()
-    return sorted(
-        {
-            name.rsplit(".", 1)[-1]
-            for name, module in model.named_modules()
-            if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not head
-        }
-    )
+    """The last name part (``q_proj``) of every layer the engine applies LoRA to (``layers.lora_targets``: the
+    Linear/Conv1D layers, 4-bit ones included, but the output head), sorted."""
+    return sorted({name.rsplit(".", 1)[-1] for name in lora_targets(model)})
 
 
 def matches(path: str, name: str) -> bool:
@@ -88,10 +81,13 @@ def matches(path: str, name: str) -> bool:
 
 
 def unmatched_targets(names: list[str], model: torch.nn.Module) -> list[str]:
-    """Those of ``names`` (module names or their dotted ends, as peft matches them) that match no Linear/Conv1D layer
-    of ``model``, in their order."""
-    layers = [path for path, module in model.named_modules() if isinstance(module, (torch.nn.Linear, Conv1D))]
-    return [name for name in names if not any(matches(path, name) for path in layers)]
+    """Those of ``names`` (module names or their dotted ends, as peft matches them) that the engine would refuse: that
+    select no layer it applies LoRA to (``layers.lora_targets``), or also a module it does not (the output head, an
+    embedding, a norm, a block), in their order."""
+    targets = lora_targets(model)
+    others = [path for path, _ in model.named_modules() if path and path not in targets]
+    return [name for name in names if not any(matches(path, name) for path in targets)
+            or any(matches(path, name) for path in others)]
 
 
 def check_rank(rank: int, model: torch.nn.Module, names: list[str], option: str = "--rank") -> None:
@@ -99,8 +95,8 @@ def check_rank(rank: int, model: torch.nn.Module, names: list[str], option: str 
     ``model`` (a ``meta_model``) that ``names`` target: a LoRA update of that layer has rank at most that dimension,
     so a larger rank only costs memory (a review: ``--rank 2**63 - 1`` ended in torch's RuntimeError, and 10**8 in a
     failed allocation, once the weights had loaded)."""
-    layers = {path: min(module.weight.shape) for path, module in model.named_modules()
-              if isinstance(module, (torch.nn.Linear, Conv1D)) and any(matches(path, name) for name in names)}
+    layers = {path: min(module.weight.shape) for path, module in lora_targets(model).items()
+              if any(matches(path, name) for name in names)}
     path, most = min(layers.items(), key=lambda layer: layer[1])
     if rank > most:
         raise UsageError(f"{option} {rank} is above {most}, the smaller dimension of the target layer {path}: a LoRA "
@@ -138,8 +134,9 @@ def resolve_targets(spec: str, model: torch.nn.Module) -> list[str]:
     unmatched = unmatched_targets(names, model)
     if unmatched or not names:
         raise UsageError(f"target modules {', '.join(unmatched) or repr(spec)} match no linear layer of "
-                         f"{type(model).__name__}, whose linear layers are {', '.join(linear_targets(model))} (or "
-                         "name a preset: all_linear, attention, attention_mlp)")
+                         f"{type(model).__name__} that the engine applies LoRA to (those below the output head: "
+                         f"{', '.join(linear_targets(model))}), or match a module it does not (or name a preset: "
+                         "all_linear, attention, attention_mlp)")
     return names
 
 

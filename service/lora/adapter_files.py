@@ -46,6 +46,9 @@ FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16
 # packing an adapter is a few MB of small copies; torch ops release the GIL. The threads end with each adapter: a
 # thread that ran torch ops keeps an OpenMP thread team while it lives (service.model.cpu_threads)
 PACKING_THREADS = 4
+# why a module of the base is refused as a target (``layers.lora_targets``): the head is one even where it is tied to
+# embed_tokens (SmolLM2)
+UNSERVED = "which the engine does not apply LoRA to (only the base's linear layers below the output head)"
 SERIALS = itertools.count(1)  # AdapterWeights.serial: never reused in a process, unlike id() after a collection
 
 # peft's LoraConfig fields the engine serves at any value peft accepts, and why. Every other field must hold its
@@ -320,8 +323,7 @@ def check_targets(config: LoraConfig, held: Iterable[str], lora_able: Iterable[s
         raise AdapterError(f"adapter config cannot select modules as peft does ({fields}): {exc}") from None
     unserved = [module for module in selected if module not in lora_able]
     if unserved:
-        raise AdapterError(f"adapter config ({fields}) selects {modules_named(unserved)}, which the engine does not "
-                           "apply LoRA to (only the base's linear layers below the head)")
+        raise AdapterError(f"adapter config ({fields}) selects {modules_named(unserved)}, {UNSERVED}")
     held, selected = set(held), set(selected)
     for stray, problem in ((held - selected, "adapter weights hold {}, which its config ({}) does not select"),
                            (selected - held, "adapter config ({1}) selects {0}, which its weights lack")):
@@ -388,6 +390,7 @@ def load_adapter(
     banks hold; the calibration of its label probabilities is read from its card (``card.read_calibration``: T = 1
     without one), and the chat template its folder ships (``chat_template.read_chat_template``: an unreadable one
     refuses the adapter)."""
+    base_modules = tuple(base_modules)  # iterated twice: by name here, in order by check_targets
     if config is None:
         config = read_config(folder, max_rank)
     calibration = read_calibration(adapter_file(folder, CARD_FILE))
@@ -401,7 +404,8 @@ def load_adapter(
             raise AdapterError(f"unexpected tensor {key!r} in the adapter (only lora_A/lora_B weights are served)")
         module = match["module"]
         if module not in module_shapes:
-            raise AdapterError(f"adapter targets {module!r}, which this base model does not have")
+            raise AdapterError(f"adapter targets {module!r}, " + (UNSERVED if module in base_modules else
+                                                                   "which this base model does not have"))
         parts.setdefault(module, {})[match["part"]] = tensor
     if not parts:
         raise AdapterError(f"{folder} holds no LoRA weights")

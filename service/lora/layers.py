@@ -79,9 +79,13 @@ def module_shape(layer: nn.Module) -> tuple[int, int]:
     return layer.in_features, layer.out_features
 
 
-def is_lora_target(name: str, layer: nn.Module) -> bool:
-    """Linear-like modules of the transformer body (the output head is left alone)."""
-    return isinstance(layer, (nn.Linear, Conv1D)) and not name.endswith("lm_head")
+def lora_targets(model: nn.Module) -> dict[str, nn.Module]:
+    """The modules the engine applies LoRA to, by name: every Linear, 4-bit Linear or GPT-2 Conv1D of the transformer
+    body, not the output head (``get_output_embeddings``: a Llama's or GPT-2's lm_head, SmolLM2's tied to
+    embed_tokens). The one rule of what an adapter may target: the registry, ``train`` and ``merge`` read it."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, (nn.Linear, Conv1D)) and module is not head}
 
 
 def lora_delta_reference(x: torch.Tensor, a: torch.Tensor, b_t: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -242,9 +246,8 @@ def wrap_lora_targets(model: nn.Module, mapping: SlotMapping, banks: Banks) -> d
     """Replace every LoRA-able module of ``model`` by a batched LoRA layer; returns them by module name. The base
     layers that read one input are grouped for their LoRA products (``InputGroup``) and, on the CPU through oneDNN,
     fused for their own (``fused_linears.fuse``)."""
-    targets = [(name, module) for name, module in model.named_modules() if is_lora_target(name, module)]
     wrapped = {}
-    for name, module in targets:
+    for name, module in lora_targets(model).items():
         parent_name, _, child = name.rpartition(".")
         layer = BatchedLoraLayer(module, mapping, banks)
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)

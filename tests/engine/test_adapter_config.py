@@ -67,6 +67,14 @@ def without_module(base_dir: Path, out: Path, module: str) -> Path:
     return out
 
 
+def lora_weights_only(out: Path) -> Path:
+    """The adapter in ``out`` with its weights file cut to the lora_A and lora_B tensors (peft saves a tied head's
+    base weight beside them)."""
+    tensors = load_file(out / WEIGHTS_FILE)
+    save_file({key: value for key, value in tensors.items() if ".lora_" in key}, out / WEIGHTS_FILE)
+    return out
+
+
 SHIPPED = Path(__file__).resolve().parents[2] / "adapters"  # the adapters the repository ships
 UNSERVED = "which the engine does not apply LoRA to"
 BASE_CHANGED = ("init_lora_weights", "from the base", "path_initial_model_for_weight_conversion")
@@ -127,6 +135,10 @@ REFUSED = {
                       ("selects module 'model.layers.0' (and 1 more)", UNSERVED)),
     "lm_head": (lambda b, o: edited(b, o, target_modules=[*LINEAR_TARGETS["llama"], "lm_head"]),
                 ("selects module 'lm_head',", UNSERVED)),
+    # weights of the head (as peft saves them for a config that names it): the base has one, the engine serves none
+    "lm_head_weights": (lambda b, o: lora_weights_only(stock_adapter(b, o, target_modules=[*LINEAR_TARGETS["llama"],
+                                                                                         "lm_head"])),
+                        ("adapter targets 'lm_head',", UNSERVED)),
     "embed_tokens": (lambda b, o: edited(b, o, target_modules=["embed_tokens", *LINEAR_TARGETS["llama"]]),
                      ("selects module 'model.embed_tokens',", UNSERVED)),
     "norm": (lambda b, o: edited(b, o, target_modules=[*LINEAR_TARGETS["llama"], "norm"]),

@@ -71,7 +71,13 @@ def refusal(argv: list[str], capsys) -> str:
     (["--out", "card.json"], "argument --out: card.json is a file, not a folder"),
     (["--out", "squad"], "argument --out: squad already holds files: name a new or empty folder"),
     (["--target-modules", "q_proj,bogus"], "loraswap train: error: target modules bogus match no linear layer of "
-     "LlamaForCausalLM, whose linear layers are down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"),
+     "LlamaForCausalLM that the engine applies LoRA to (those below the output head: down_proj, gate_proj, k_proj, "
+     "o_proj, q_proj, up_proj, v_proj), or match a module it does not"),
+    # a review: the head passed (it is a linear layer) and the adapter was one serve and merge refuse
+    (["--target-modules", "q_proj,lm_head"], "loraswap train: error: target modules lm_head match no linear layer of "
+     "LlamaForCausalLM that the engine applies LoRA to"),
+    (["--target-modules", "embed_tokens"], "loraswap train: error: target modules embed_tokens match no linear layer"),
+    (["--target-modules", "model.layers.0.mlp"], "loraswap train: error: target modules model.layers.0.mlp match no "),
     (["--max-length", "5"], "loraswap train: error: all 8 nli training rows were dropped, as longer than "
      "--max-length 5 tokens"),
     (["--eval-examples", "100000"], "loraswap train: error: --eval-examples 100000 leaves none of the 300 nli rows "
@@ -215,12 +221,14 @@ def test_sweep_refuses_a_grid_with_a_run_twice_or_a_file_as_its_folder(options, 
     assert [path.name for path in (tmp_path / "squad").iterdir()] == ["adapter_config.json"]
 
 
-def test_sweep_refuses_targets_the_base_lacks(tiny_gpt2_dir, tmp_path, capsys):
-    """A review: ``--targets bogus`` ended in peft's NoMatchingPeftModuleError traceback."""
+@pytest.mark.parametrize("target", ["bogus", "lm_head"])
+def test_sweep_refuses_targets_the_base_lacks(target, tiny_gpt2_dir, tmp_path, capsys):
+    """A review: ``--targets bogus`` ended in peft's NoMatchingPeftModuleError traceback; ``lm_head`` trained an
+    adapter the server refuses."""
     argv = ["sweep", *TINY_RUN, "--base-model", str(tiny_gpt2_dir), "--out", str(tmp_path / "runs"), "--ranks", "2",
-            "--lrs", "1e-3", "--targets", "attention,bogus+c_attn"]
-    assert ("loraswap sweep: error: target modules bogus match no linear layer of GPT2LMHeadModel, whose linear layers "
-            "are c_attn, c_fc, c_proj") in refusal(argv, capsys)
+            "--lrs", "1e-3", "--targets", f"attention,{target}+c_attn"]
+    assert (f"loraswap sweep: error: target modules {target} match no linear layer of GPT2LMHeadModel that the engine "
+            "applies LoRA to (those below the output head: c_attn, c_fc, c_proj)") in refusal(argv, capsys)
     assert not (tmp_path / "runs").exists()
 
 
