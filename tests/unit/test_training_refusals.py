@@ -26,17 +26,9 @@ from training.output_folder import partial_folder, publish, written_whole
 from training.sweep import LATE_HYPERPARAMETERS, recorded_hyperparameters
 
 SWEEP_RESULTS = Path(__file__).parents[2] / "docs" / "results" / "sweep"
-TINY_RUN = ["--task", "nli", "--max-steps", "1", "--max-examples", "8", "--eval-examples", "2", "--batch-size", "2"]
-
-
-@pytest.fixture
-def nli_data(tmp_path: Path) -> Path:
-    """A data folder for ``--task nli``: the committed SNLI sample (300 rows) and an MNLI file of no rows."""
-    root = tmp_path / "data"
-    (root / "nli").mkdir(parents=True)
-    shutil.copy(NLI_SAMPLE, root / "nli" / "snli_test.jsonl.gz")
-    gzip.open(root / "nli" / "mnli.jsonl.gz", "wb").close()
-    return root
+# --warmup 0: a warmup step of one step would take it at learning rate 0 (refused)
+TINY_RUN = ["--task", "nli", "--max-steps", "1", "--warmup", "0", "--max-examples", "8", "--eval-examples", "2",
+            "--batch-size", "2"]
 
 
 def refusal(argv: list[str], capsys) -> str:
@@ -78,6 +70,11 @@ def refusal(argv: list[str], capsys) -> str:
      "LlamaForCausalLM that the engine applies LoRA to"),
     (["--target-modules", "embed_tokens"], "loraswap train: error: target modules embed_tokens match no linear layer"),
     (["--target-modules", "model.layers.0.mlp"], "loraswap train: error: target modules model.layers.0.mlp match no "),
+    # a review: the one warmup step of --max-steps 1 was at learning rate 0, and the adapter the bare base
+    (["--warmup", "0.03"], "loraswap train: error: --warmup 0.03 makes 1 warmup step of the 1 optimizer step "
+     "(--max-steps 1): the warmup takes every step, so no step is at --lr"),
+    (["--max-steps", "3", "--warmup", "3"], "--warmup 3 makes 3 warmup steps of the 3 optimizer steps (--max-steps 3)"),
+    (["--max-steps", "40", "--warmup", "0.99"], "--warmup 0.99 makes 40 warmup steps of the 40 optimizer steps"),
     (["--max-length", "5"], "loraswap train: error: all 8 nli training rows were dropped, as longer than "
      "--max-length 5 tokens"),
     (["--eval-examples", "100000"], "loraswap train: error: --eval-examples 100000 leaves none of the 300 nli rows "
@@ -229,6 +226,15 @@ def test_sweep_refuses_targets_the_base_lacks(target, tiny_gpt2_dir, tmp_path, c
             "--lrs", "1e-3", "--targets", f"attention,{target}+c_attn"]
     assert (f"loraswap sweep: error: target modules {target} match no linear layer of GPT2LMHeadModel that the engine "
             "applies LoRA to (those below the output head: c_attn, c_fc, c_proj)") in refusal(argv, capsys)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_sweep_refuses_a_warmup_that_takes_every_step_before_its_first_run(tiny_gpt2_dir, tmp_path, capsys):
+    """Each run's one step would be taken at learning rate 0 (found by the first run, once --out was made)."""
+    argv = ["sweep", *TINY_RUN, "--warmup", "0.03", "--base-model", str(tiny_gpt2_dir), "--out",
+            str(tmp_path / "runs"), "--ranks", "2", "--lrs", "1e-3", "--targets", "attention"]
+    assert ("loraswap sweep: error: --warmup 0.03 makes 1 warmup step of the 1 optimizer step (--max-steps 1)"
+            in refusal(argv, capsys))
     assert not (tmp_path / "runs").exists()
 
 
