@@ -240,7 +240,9 @@ def run(args: argparse.Namespace) -> dict:
     fit = {"count": len(fit_rows), "before": nll(fit_logits, fit_gold, 1.0),
            "after": nll(fit_logits, fit_gold, temperature)}
     dev = {"before": summary(dev_logits, dev_gold, 1.0), "after": summary(dev_logits, dev_gold, temperature)}
-    report = {"adapter": str(folder), "temperature": temperature, "fit": fit,
+    report = {"adapter": str(folder), "data": {"fit": str((root / FIT_FILE).resolve()),
+                                               "dev": str((root / DEV_FILE).resolve())},
+              "temperature": temperature, "fit": fit,
               "mnli_dev_matched": {when: {k: v for k, v in s.items() if k != "bins"} for when, s in dev.items()},
               "engine": engine}
     print(json.dumps(report, indent=2))

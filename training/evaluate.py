@@ -185,9 +185,10 @@ def score(rt: Runtime, adapter: AdapterWeights | None, rows: list[dict], args: a
 
 
 def eval_report(args: argparse.Namespace, metrics: dict, engine: dict) -> dict:
-    """What was evaluated, how (the prompt style, the sample, the decoding of a sampled SQuAD run, the ``engine``'s
-    settings: ``engine_settings``) and ``metrics``."""
-    report = {"task": args.task, "adapter": args.adapter, "data": str(args.data or f"default {args.task} dev"),
+    """What was evaluated (``data``: the file read, ``eval_path``, wherever --data or LORASWAP_DATA_DIR placed it), how
+    (the prompt style, the sample, the decoding of a sampled SQuAD run, the ``engine``'s settings: ``engine_settings``)
+    and ``metrics``."""
+    report = {"task": args.task, "adapter": args.adapter, "data": str(eval_path(args.task, args.data).resolve()),
               "prompt_style": args.prompt_style, "strategy": args.strategy, **metrics}
     if args.limit:
         report.update(limit=args.limit, sample_seed=args.sample_seed)

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import json
+import shlex
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,6 +19,9 @@ from training.output_folder import written_whole
 
 if TYPE_CHECKING:
     from service.lora.adapter_files import AdapterWeights
+
+MERGE_CARD = "merge_card.json"  # beside the merged model: what it was made of (``merge_card``)
+CARD_IDENTITY = ("name", "task", "base_model", "base_file", "base_sha256", "command")  # of an adapter's card.json
 
 
 def adapter_dir(args: argparse.Namespace) -> Path:
@@ -44,12 +50,32 @@ def check_servable(model: nn.Module, adapter: Path, config: LoraConfig) -> Adapt
                         [name for name, _ in model.named_modules() if name], config)
 
 
+def merge_card(adapter: Path, base_model: str, base_dir: Path) -> dict:
+    """What a merged model was made of (``MERGE_CARD``): the adapter (its folder, the sha256 of its weights, and what
+    its card says it is, ``CARD_IDENTITY``, where it has one) and the base (as named, its folder and weights:
+    ``train.base_weights``), and the command. The card is read as ``check_servable`` read it (AdapterError)."""
+    from service.lora.adapter_files import WEIGHTS_FILE
+    from service.lora.card import CARD_FILE, read_card
+    from service.model.base_model import sha256_of
+    from service.settings import setting
+    from training.train import base_weights
+
+    card = read_card(adapter / CARD_FILE)
+    base_file, base_sha256 = base_weights(base_model, setting("cache_dir"))
+    return {
+        "adapter": {"path": str(adapter.resolve()), "weights_sha256": sha256_of(adapter / WEIGHTS_FILE),
+                    "card": None if card is None else {key: card[key] for key in CARD_IDENTITY if key in card}},
+        "base": {"model": base_model, "dir": str(base_dir.resolve()), "file": base_file, "sha256": base_sha256},
+        "command": shlex.join(["loraswap", *sys.argv[1:]]),  # the same however it was launched
+    }
+
+
 def merge_adapter(args: argparse.Namespace) -> Path:
-    """Write ``base + adapter`` with the LoRA product added into the base weights (in float32), and the base's
+    """Write ``base + adapter`` with the LoRA product added into the base weights (in float32), the base's
     tokenizer with the chat template the adapter's folder ships, if any (the one the server renders its chats with),
-    to ``--out``; returns that folder. Raises FileNotFoundError for an adapter folder without
-    safetensors weights or a base that is no model directory, AdapterError for an adapter the server would refuse
-    (``check_servable``)."""
+    and ``MERGE_CARD`` (``merge_card``) to ``--out``; returns that folder. Raises FileNotFoundError for an adapter
+    folder without safetensors weights or a base that is no model directory, AdapterError for an adapter the server
+    would refuse (``check_servable``)."""
     from service.lora.adapter_files import read_config
     from service.model.base_model import resolve_base_dir
     from service.settings import setting
@@ -57,8 +83,8 @@ def merge_adapter(args: argparse.Namespace) -> Path:
     adapter = adapter_dir(args)
     try:  # AdapterError: a config or weights the server would refuse, named by the option (a review: it named none)
         config = read_config(adapter, setting("max_rank"))
-        base_dir = resolve_base_dir(args.base_model or config.base_model_name_or_path or "smollm2",
-                                    setting("cache_dir"))
+        base_model = str(args.base_model or config.base_model_name_or_path or "smollm2")
+        base_dir = resolve_base_dir(base_model, setting("cache_dir"))
         model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)  # merge in full precision
         template = check_servable(model, adapter, config).chat_template
     except AdapterError as exc:
@@ -66,9 +92,11 @@ def merge_adapter(args: argparse.Namespace) -> Path:
     merged = PeftModel.from_pretrained(model, adapter, config=config).merge_and_unload()  # the config checked
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     tokenizer.chat_template = template or tokenizer.chat_template
+    card = merge_card(adapter, base_model, base_dir)
     with written_whole(Path(args.out)) as partial:  # UsageError: --out filled meanwhile
         merged.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
+        (partial / MERGE_CARD).write_text(json.dumps(card, indent=2) + "\n")
     return Path(args.out)
 
 

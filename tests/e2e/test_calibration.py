@@ -61,6 +61,8 @@ def test_calibrate_writes_the_temperature_the_server_then_applies(tiny_llama_dir
     assert field["temperature"] == pytest.approx(report["temperature"], rel=1e-5)
     assert field["labels"] == list(NLI_LABELS)
     assert report["engine"]["base_model"] == str(tiny_llama_dir) and "max_input_tokens" in report["engine"]  # as eval
+    mnli = str((data / "nli" / "mnli.jsonl.gz").resolve())
+    assert report["data"] == {"fit": mnli, "dev": mnli}  # the files read, wherever --data-dir put them
     assert 0 < report["fit"]["count"] == field["count"] <= 21 and report["fit"]["after"] <= report["fit"]["before"]
     assert report["mnli_dev_matched"]["after"]["count"] == 24 and diagram.stat().st_size > 0
     assert written["examples"] == card["examples"]  # the rest of the card is kept

@@ -1,14 +1,19 @@
-"""What ``loraswap train`` records of a run: the warmup its schedule used and what it trained on, beside what was
-asked; and a schedule whose warmup takes every step, refused."""
+"""What ``loraswap train``, ``merge`` and ``eval`` record: the warmup a run's schedule used and what it trained on,
+beside what was asked (a schedule whose warmup takes every step refused); merge's card of what it merged; the data
+file eval read."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
 from service.cli.main import main
+from service.model.base_model import sha256_of
+from tests.data.make_corpus import NLI_SAMPLE
+from training.merge import MERGE_CARD
 
 TINY = ["--task", "nli", "--eval-examples", "2", "--batch-size", "2"]
 
@@ -55,3 +60,41 @@ def test_one_step_without_warmup_trains(tiny_gpt2_dir, nli_data, tmp_path: Path)
     assert card["steps"] == 1 and card["warmup_steps"] == 0 and card["examples"]["seen"] == 2
     weights = load_file(out / "adapter_model.safetensors")
     assert any(tensor.abs().sum() > 0 for key, tensor in weights.items() if "lora_B" in key)
+
+
+def test_merge_writes_a_card_of_what_it_merged(tiny_llama_dir, llama_adapters, tmp_path):
+    """A review: nothing beside the merged model said what it was made of."""
+    adapter = shutil.copytree(llama_adapters["one"], tmp_path / "carded")
+    (adapter / "card.json").write_text(json.dumps({"name": "carded", "task": "nli", "base_sha256": "ab" * 32,
+                                                   "hyperparameters": {"rank": 4}}))
+    out = tmp_path / "merged"
+    assert main(["merge", "--adapter", str(adapter), "--out", str(out), "--base-model", str(tiny_llama_dir)]) == 0
+    card = json.loads((out / MERGE_CARD).read_text())
+    assert card["adapter"] == {"path": str(adapter.resolve()),
+                               "weights_sha256": sha256_of(adapter / "adapter_model.safetensors"),
+                               "card": {"name": "carded", "task": "nli", "base_sha256": "ab" * 32}}
+    assert card["base"] == {"model": str(tiny_llama_dir), "dir": str(tiny_llama_dir.resolve()),
+                            "file": "model.safetensors", "sha256": sha256_of(tiny_llama_dir / "model.safetensors")}
+    assert card["command"].startswith("loraswap ")
+
+
+def test_a_merge_card_of_an_adapter_without_a_card_names_its_folder_and_weights(tiny_gpt2_dir, gpt2_adapters,
+                                                                                tmp_path):
+    out = tmp_path / "merged"
+    assert main(["merge", "--adapter", str(gpt2_adapters["one"]), "--out", str(out), "--base-model",
+                 str(tiny_gpt2_dir)]) == 0
+    adapter = json.loads((out / MERGE_CARD).read_text())["adapter"]
+    assert adapter["path"] == str(gpt2_adapters["one"].resolve()) and adapter["card"] is None
+    assert adapter["weights_sha256"] == sha256_of(gpt2_adapters["one"] / "adapter_model.safetensors")
+
+
+def test_an_eval_report_names_the_data_file_it_read(tiny_llama_dir, tmp_path, monkeypatch):
+    """A review: the report said ``"data": "default nli dev"`` where LORASWAP_DATA_DIR placed the file elsewhere."""
+    data = tmp_path / "elsewhere"
+    (data / "nli").mkdir(parents=True)
+    shutil.copy(NLI_SAMPLE, data / "nli" / "mnli.jsonl.gz")
+    monkeypatch.setenv("LORASWAP_DATA_DIR", str(data))
+    report = tmp_path / "report.json"
+    main(["eval", "--task", "nli", "--adapter", "none", "--limit", "3", "--base-model", str(tiny_llama_dir),
+          "--adapters-dir", str(tmp_path), "--device", "cpu", "--json", str(report)])
+    assert json.loads(report.read_text())["data"] == str((data / "nli" / "mnli.jsonl.gz").resolve())
