@@ -1,10 +1,12 @@
-"""What ``loraswap train``, ``merge`` and ``eval`` record: the warmup a run's schedule used and what it trained on,
-beside what was asked (a schedule whose warmup takes every step refused); merge's card of what it merged; the data
-file eval read."""
+"""What ``loraswap train``, ``merge`` and ``eval`` record and write: the warmup a run's schedule used and what it
+trained on, beside what was asked (a schedule whose warmup takes every step refused); the modes of the files train and
+merge write; merge's card of what it merged; the data file eval read."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -60,6 +62,38 @@ def test_one_step_without_warmup_trains(tiny_gpt2_dir, nli_data, tmp_path: Path)
     assert card["steps"] == 1 and card["warmup_steps"] == 0 and card["examples"]["seen"] == 2
     weights = load_file(out / "adapter_model.safetensors")
     assert any(tensor.abs().sum() > 0 for key, tensor in weights.items() if "lora_B" in key)
+
+
+@pytest.fixture(params=[0o022, 0o027], ids=["umask022", "umask027"])
+def umask(request) -> int:
+    """The process's umask for the test (then set back), 022 (new files 0644) or 027 (0640)."""
+    before = os.umask(request.param)
+    yield request.param
+    os.umask(before)
+
+
+def modes(folder: Path) -> dict[str, int]:
+    """Every file's and folder's permission bits under ``folder``, by its path there."""
+    return {str(path.relative_to(folder)): stat.S_IMODE(path.stat().st_mode) for path in folder.rglob("*")}
+
+
+def test_train_writes_its_files_with_the_modes_of_the_umask(tiny_gpt2_dir, nli_data, tmp_path, umask):
+    """A review: adapter_model.safetensors was 0600 (safetensors 0.8 writes so) where card.json was 0644: copied into
+    an image (COPY keeps modes), the container's non-root user could not read the weights."""
+    out = tmp_path / "adapter"
+    assert main(["train", *TINY, "--max-steps", "1", "--max-examples", "4", "--warmup", "0", "--base-model",
+                 str(tiny_gpt2_dir), "--data-dir", str(nli_data), "--out", str(out)]) == 0
+    assert "adapter_model.safetensors" in modes(out)
+    assert set(modes(out).values()) == {0o666 & ~umask}, modes(out)
+
+
+def test_merge_writes_its_files_with_the_modes_of_the_umask(tiny_gpt2_dir, gpt2_adapters, tmp_path, umask):
+    """A review: model.safetensors was 0600 where config.json was 0644."""
+    out = tmp_path / "merged"
+    assert main(["merge", "--adapter", str(gpt2_adapters["one"]), "--out", str(out), "--base-model",
+                 str(tiny_gpt2_dir)]) == 0
+    assert "model.safetensors" in modes(out)
+    assert set(modes(out).values()) == {0o666 & ~umask}, modes(out)
 
 
 def test_merge_writes_a_card_of_what_it_merged(tiny_llama_dir, llama_adapters, tmp_path):
