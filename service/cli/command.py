@@ -174,10 +174,15 @@ def interrupt(signum: int, frame) -> None:
     """A handler of SIGINT and SIGTERM: the KeyboardInterrupt Ctrl-C raises, so that a command stopped by ``timeout``,
     a container runtime or a CI job cleans up as one stopped by Ctrl-C (a review: ``train`` and ``sweep`` left their
     ``.NAME.partial-PID-*`` folders). A signal that lands in a finalizer (``__del__``, where Python only prints an
-    exception: seen in regex's, during training) is sent again 0.1 s later."""
+    exception: seen in regex's, during training) is sent again 0.1 s later. Once raised, SIGINT and SIGTERM are
+    ignored: a second (``timeout`` signals the process group too; Ctrl-C pressed twice) raised in the clean-up, where
+    it left a lock held (eval hung in the engine's stop), a traceback (in ``threading._shutdown``) or an abort (status
+    134), and the interpreter, ending, would let it kill the process (status 143), not end with 130."""
     if frame is not None and frame.f_code.co_name == "__del__":
         threading.Timer(0.1, os.kill, (os.getpid(), signum)).start()
         return
+    for number in STOPS:
+        signal.signal(number, signal.SIG_IGN)
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
