@@ -34,6 +34,7 @@ from service.cli.command import (
     server_url,
     spare_inputs,
 )
+from service.model.malloc import STOPS
 from service.settings import variable
 from training.data import TASK_EVAL_FILES, data_dir, naming_default_data
 
@@ -171,12 +172,20 @@ def run_loadtest(args: argparse.Namespace) -> None:
 def stop_on_signals() -> None:
     """SIGTERM and Ctrl-C (SIGINT) stop a run: KeyboardInterrupt thrown into the main greenlet where it next waits
     (``gevent.kill``), so that it cleans up after itself. Raised by a plain signal handler, it could land anywhere,
-    inside code holding a lock the clean-up then waited for forever (gevent's LoopExit, exit 1), or in gevent's hub."""
+    inside code holding a lock the clean-up then waited for forever (gevent's LoopExit, exit 1), or in gevent's hub.
+    Once thrown, both are ignored: a second (``timeout`` signals the process group too) threw another into the
+    clean-up, which it cut short with a traceback."""
     import gevent
 
     main = gevent.getcurrent()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        gevent.signal_handler(signum, gevent.kill, main, KeyboardInterrupt)
+
+    def stop() -> None:
+        for signum in STOPS:
+            signal.signal(signum, signal.SIG_IGN)
+        gevent.kill(main, KeyboardInterrupt)
+
+    for signum in STOPS:
+        gevent.signal_handler(signum, stop)
 
 
 LOADTEST = Command("load tests that check every answer (locust scenarios: single, uniform, zipf, churn, overload, "

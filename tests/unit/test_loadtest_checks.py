@@ -196,6 +196,33 @@ print(",".join(steps))
 """
 
 
+STOPPED_TWICE = """
+import os, signal
+import gevent
+from loadtest.checked.options import stop_on_signals
+stop_on_signals()
+steps = []
+try:
+    os.kill(os.getpid(), signal.SIGTERM)
+    gevent.sleep(30)
+except KeyboardInterrupt:
+    steps.append("interrupted")
+    os.kill(os.getpid(), signal.{signal})
+    gevent.sleep(0.5)  # the clean-up waits (unregistering the run's adapters)
+    steps.append("cleaned up")
+print(",".join(steps))
+"""
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
+def test_a_second_stop_does_not_cut_the_clean_up_short(name):
+    """A review: a second signal (``timeout`` signals the process group too) threw another KeyboardInterrupt into the
+    clean-up of the first, a traceback; once the first is thrown, both are ignored."""
+    script = STOPPED_TWICE.replace("{signal}", name)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "interrupted,cleaned up", done.stdout + done.stderr[-2000:]
+
+
 @pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
 def test_a_stop_lands_where_the_run_next_waits_not_where_it_computes(name):
     """A stop raised by a plain signal handler landed at whatever the run was doing, once inside code that held a lock
