@@ -2,6 +2,7 @@
 percentiles, overall and per endpoint and per adapter, and a markdown table of them."""
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -77,17 +78,30 @@ COLUMNS = ("requests", "failures", "wrong", "server_errors", "rejected_429", "go
 
 
 def markdown(report: dict) -> str:
-    """The report's figures as a markdown table: a row overall, one per endpoint, then one per adapter (at most 20:
-    the busiest)."""
+    """The report's figures as a markdown table: a row overall, one per endpoint, one per adapter (at most 20: the
+    busiest), then the recovery requests sent alone after the load; then the wrong answers of each phase
+    (``wrong_lines``)."""
     rows = [("all", report)] + [(f"`{name}`", figures) for name, figures in report["by_endpoint"].items()]
     busiest = sorted(report["by_adapter"].items(), key=lambda item: -item[1]["requests"])[:20]
-    rows += [(f"`{name}`", figures) for name, figures in busiest]
+    rows += [(f"`{name}`", figures) for name, figures in busiest] + [("recovery", report["recovery"])]
     lines = [f"scenario `{report['scenario']}`, {report['settings']['users']} users, {report['seconds']} s",
              "", "| | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     lines += [f"| {label} | " + " | ".join("" if figures[c] is None else str(figures[c]) for c in COLUMNS) + " |"
               for label, figures in rows]
+    lines += wrong_lines("under load", report["wrong_examples"])
+    lines += wrong_lines("in recovery", report["recovery"]["wrong_examples"])
     extra = [memory_line(report["memory"]), storm_line(report["storm"]), cycles_line(report["register_cycles"])]
     return "\n".join([*lines, "", server_lines(report["server"]), *[line for line in extra if line]]) + "\n"
+
+
+def wrong_lines(phase: str, wrong: list[dict]) -> list[str]:
+    """The wrong answers of a ``phase`` (``examples``), a line each: the request, what came, what was right; none
+    where every answer was right."""
+    if not wrong:
+        return []
+    return ["", f"Wrong answers {phase} (the first {len(wrong)}):"] + [
+        f"- `{example['adapter']}` {example['endpoint']} request {example['request']} ({example['outcome']}): got "
+        f"{json.dumps(example['got'])}, expected {json.dumps(example['expected'])}" for example in wrong]
 
 
 def memory_line(memory: dict) -> str:

@@ -88,7 +88,8 @@ def run_load(config: LoadConfig, extra_users: Sequence[type[User]] = ()) -> dict
     """Run the load test ``config`` describes (``extra_users``: more locust user classes to run beside the traffic)
     and return its report: the figures of ``report.summary`` overall, ``by_endpoint`` and ``by_adapter``, with the
     ``settings``, the load's ``seconds``, the ``reference`` pass, the churn's ``admin`` calls, the ``recovery``
-    requests sent alone after the load, the ``server``'s view, the ``memory`` sampled during the load (``flatness``),
+    requests sent alone after the load (with their own ``wrong_examples``), the ``server``'s view, the ``memory``
+    sampled during the load (``flatness``),
     the ``storm`` (a scenario with one, else None), the ``register_cycles`` (None without) and ``wrong_examples``.
     Raises FileNotFoundError without the data, ValueError without an adapter to derive from,
     answer_key.ReferenceFailed when the reference pass gets no answer, httpx errors when the server refuses the admin
@@ -119,7 +120,9 @@ def run_load(config: LoadConfig, extra_users: Sequence[type[User]] = ()) -> dict
             "by_adapter": grouped(records, seconds, "adapter"),
             "reference": {"requests": len(key.expected), "seconds": round(key.seconds, 2),
                           "distinct_fraction": round(key.distinct_fraction(), 4)},
-            "admin": admin_calls(ran.churn), "recovery": summary(recovery, 0), "server": server_view(before, after),
+            "admin": admin_calls(ran.churn),
+            "recovery": {**summary(recovery, 0), "wrong_examples": examples(recovery, key.expected)},
+            "server": server_view(before, after),
             "memory": flatness(ran.memory.samples, config.warmup(), config.max_rss_growth),
             "storm": ran.storm.report() if ran.storm is not None else None, "register_cycles": cycles,
             "locust": ran.totals, "wrong_examples": examples(records, key.expected)}

@@ -131,15 +131,16 @@ class Churn:
 
 def sent_alone(http: httpx.Client, key: AnswerKey, adapter: str, index: int) -> Record:
     """Request ``index`` of the answer key sent to ``adapter`` through ``http``, alone (nothing else in flight from
-    here), graded: it must get its right answer."""
+    here), graded: it must get its right answer; what came, where it was not (``Record.got``), as under load."""
     ask = key.asks[index]
     begin = time.perf_counter()
     try:
         reply = http.post(ask.endpoint, json=ask.body(adapter))
     except httpx.TransportError:  # no reply within the timeout, or none at all
-        status, retry_after, body = 0, False, None
+        status, retry_after, body, text = 0, False, None, ""
     else:
-        status, retry_after = reply.status_code, "retry-after" in reply.headers
-        body = parsed(reply.text) if status == 200 else None
+        status, retry_after, text = reply.status_code, "retry-after" in reply.headers, reply.text
+        body = parsed(text) if status == 200 else None
     outcome = verdict(key, adapter, index, status, retry_after, body, False)
-    return Record(ask.endpoint, adapter, index, status, outcome, (time.perf_counter() - begin) * 1000)
+    return Record(ask.endpoint, adapter, index, status, outcome, (time.perf_counter() - begin) * 1000,
+                  None if outcome in FINE else what_came(ask.endpoint, body, text))

@@ -153,6 +153,15 @@ def test_a_name_registered_with_another_adapters_file_is_counted_wrong(server):
     # every other adapter right (one that drew no request in the 3 s of a busy machine has no entry)
     assert all(stats["wrong"] == 0 for name, stats in report["by_adapter"].items() if name != names[0])
     assert {example["outcome"] for example in report["wrong_examples"]} == {"wrong_adapter"}
+    # a review: the recovery requests, sent alone after the load, failed the run with no word of what was wrong
+    recovered = report["recovery"]
+    assert recovered["wrong"] > 0 and len(recovered["wrong_examples"]) == min(recovered["wrong"], 10)
+    example = recovered["wrong_examples"][0]
+    assert example["adapter"] == names[0] and example["outcome"] == "wrong_adapter"
+    assert example["got"] and example["expected"] and example["got"] != example["expected"]
+    tables = (server.root / "uniform.md").read_text()
+    assert "\n| recovery | " in tables and "Wrong answers in recovery" in tables
+    assert f"- `{names[0]}` {example['endpoint']} request {example['request']} (wrong_adapter): got " in tables
 
 
 def test_overload_is_refused_fast_and_then_served(server):
