@@ -34,7 +34,7 @@ from service.cli.command import (
     server_url,
     spare_inputs,
 )
-from service.model.malloc import STOPS
+from service.cli.entry import STOPS
 from service.settings import variable
 from training.data import TASK_EVAL_FILES, data_dir, naming_default_data
 

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from tests.data.make_corpus import SQUAD_SAMPLE
-from tests.unit.test_training_refusals import TINY_RUN, nli_data  # noqa: F401 (a fixture)
+from tests.unit.test_training_refusals import TINY_RUN
 
 
 def stopped_twice(command: list[str], log, started: callable, second: signal.Signals) -> int:
@@ -49,7 +49,7 @@ def test_eval_stopped_twice_ends_with_one_line_and_status_130(second, tiny_llama
     assert not (tmp_path / "report.json").exists()
 
 
-def test_train_stopped_twice_ends_with_one_line_and_leaves_no_partial_folder(tiny_gpt2_dir, nli_data,  # noqa: F811
+def test_train_stopped_twice_ends_with_one_line_and_leaves_no_partial_folder(tiny_gpt2_dir, nli_data,
                                                                              tmp_path):
     out, log = tmp_path / "adapter", tmp_path.parent / f"{tmp_path.name}.log"
     command = [sys.executable, "-m", "service.cli.main", "train", *TINY_RUN, "--max-steps", "100000", "--base-model",
