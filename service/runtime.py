@@ -15,7 +15,7 @@ from service.lora.adapter_files import CONFIG_FILE, check_name
 from service.lora.registry import AdapterRegistry
 from service.model.base_model import base_config, config_positions, load_base, max_positions, pick_device, pick_dtype
 from service.model.cpu_threads import on_passing_thread
-from service.model.device_room import check_allocations, device_memory
+from service.model.device_room import check_allocations
 from service.settings import MIN_PROMPT_TOKENS, Settings, worded
 from service.tasks.tasks import Tasks
 from service.tasks.template_sandbox import renderer
@@ -70,7 +70,7 @@ def check_settings_fit(settings: Settings, servers: int = 1, convert: bool = Tru
         return
     check_room(settings, config_positions(config))
     device = pick_device(settings.device)
-    check_allocations(settings, config, pick_dtype(settings.dtype, device), device, device_memory(device), servers)
+    check_allocations(settings, config, pick_dtype(settings.dtype, device), device, servers)
 
 
 def log_start_failure(exc: Exception, failure: str) -> None:

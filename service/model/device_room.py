@@ -101,19 +101,20 @@ def in_use(device: torch.device) -> int:
 
 
 def check_allocations(settings: Settings, config: PretrainedConfig, dtype: torch.dtype, device: torch.device,
-                      memory: int, servers: int = 1) -> None:
+                      servers: int = 1) -> None:
     """ValueError naming the first size setting (``allocations``) whose allocation cannot exist, past 2**63 bytes
     (torch's storage sizes are 64-bit: "Storage size calculation overflowed"), or where ``servers`` servers of these
-    settings on ``device`` need more than its ``memory`` bytes, each its allocations, the base's weights
+    settings on ``device`` need more than its memory (``device_memory``), each its allocations, the base's weights
     (``weight_bytes``) and a process as this one is now (``in_use``) (``check_fit``; ``servers`` 0: none runs here,
-    as for a cluster's replicas)."""
+    as for a cluster's replicas, whose device this machine may not have)."""
     sizes = allocations(settings, config, dtype)
     for name, (size, what) in sizes.items():
         if size >= INT64:
             raise ValueError(f"{name} {getattr(settings, name)} needs {what}: past 2**63 bytes, more than any torch "
                              "tensor can hold; lower it")
     if servers:
-        check_fit(settings, sizes, weight_bytes(config, dtype, settings.quantize), in_use(device), memory, servers)
+        check_fit(settings, sizes, weight_bytes(config, dtype, settings.quantize), in_use(device),
+                  device_memory(device), servers)
 
 
 def check_fit(settings: Settings, sizes: dict[str, tuple[int, str]], weights: tuple[int, str], used: int,

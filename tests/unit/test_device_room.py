@@ -70,3 +70,12 @@ def test_the_max_batch_advised_is_the_largest_that_fits(memory, tiny_llama_dir):
     check_fit(*sizes_of(config, max_batch=advised), USED, memory)
     with pytest.raises(ValueError):
         check_fit(*sizes_of(config, max_batch=advised + 1), USED, memory)
+
+
+def test_the_device_of_a_clusters_replicas_is_not_read_here(tiny_llama_dir):
+    """``scale --address``: the replicas run on the cluster's machines, whose GPUs this one may lack; their settings
+    are checked without this machine's device (a review of this change: it asked CUDA for its memory, and a driver
+    without a GPU failed)."""
+    from service.runtime import check_settings_fit
+
+    check_settings_fit(Settings(base_model=str(tiny_llama_dir), device="cuda"), servers=0)
