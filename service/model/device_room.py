@@ -129,8 +129,11 @@ def check_fit(settings: Settings, sizes: dict[str, tuple[int, str]], weights: tu
     parts = [f"{used} in use now", f"{weights[0]} for the base's weights ({weights[1]})"]
     parts += [f"{size} for {name} {getattr(settings, name)} ({what})" for name, (size, what) in sizes.items()]
     needs = f"{each} bytes of memory" + (f" each, {servers * each} for {servers} servers" if servers > 1 else "")
+    advice = fitting_batch(settings, sizes, each, memory // servers)
+    if servers > 1 and each <= memory:
+        advice += f"; or fewer servers: {memory // each} fit"
     raise ValueError(f"the base model and these settings need {needs} together, more than the {memory} bytes the "
-                     f"device has: {', '.join(parts)}; {fitting_batch(settings, sizes, each, memory // servers)}")
+                     f"device has: {', '.join(parts)}; {advice}")
 
 
 def fitting_batch(settings: Settings, sizes: dict[str, tuple[int, str]], each: int, memory: int) -> str:

@@ -4,6 +4,7 @@ only; the tests skip where it cannot make one)."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -122,3 +123,5 @@ def test_scale_counts_every_replica_on_a_ray_it_starts_against_the_memory(replic
                         "from service.cli.main import main; main()")
     needs = f" for {replicas} servers together, more than the {GIB} bytes the device has: "
     assert ran.returncode == 2 and (needs in ran.stderr) == refused and ("--port" in ran.stderr) != refused, ran.stderr
+    # a review: only fewer replicas could fit, and the advice named none
+    assert bool(re.search(r"; or fewer servers: [12] fit\n$", ran.stderr)) == refused, ran.stderr
