@@ -34,6 +34,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from service.engine.kv_cache import column_bucket, row_bucket
 from service.engine.running_batch import MOST_FED
+from service.lora.layers import lora_targets
 from service.model.base_model import config_positions
 from service.model.process_status import proc_status
 from service.settings import INT64, Settings
@@ -74,14 +75,12 @@ def longest_row(settings: Settings, config: PretrainedConfig) -> int:
 def weight_bytes(config: PretrainedConfig, dtype: torch.dtype, quantize: str) -> tuple[int, str]:
     """The bytes the weights of a base model of ``config`` take, with the formula in words, from the model built on
     the meta device (no memory): each parameter in ``dtype``; quantized to NF4 (``quantize``), every linear layer's
-    weights but the output layer's (as transformers quantizes) take half a byte each and a float32 scale per block of
-    ``NF4_BLOCK`` (bitsandbytes' ``quantize_4bit``)."""
+    weights but the output head's (``lora_targets``: GPT-2's Conv1D too, as transformers quantizes) take half a
+    byte each and a float32 scale per block of ``NF4_BLOCK`` (bitsandbytes' ``quantize_4bit``)."""
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     total = sum(parameter.numel() for parameter in model.parameters())
-    output = model.get_output_embeddings()
-    linears = [module for module in model.modules() if isinstance(module, torch.nn.Linear) and module is not output]
-    packed = 0 if quantize == "none" else sum(module.weight.numel() for module in linears)
+    packed = 0 if quantize == "none" else sum(module.weight.numel() for module in lora_targets(model).values())
     size = (total - packed) * dtype.itemsize + packed // 2 + -(-packed // NF4_BLOCK) * 4
     nf4 = f", {packed} of them in NF4" if packed else ""
     return size, f"{total} parameters x {dtype.itemsize} bytes{nf4}"
