@@ -57,20 +57,21 @@ def warn_of_short_prompts(settings: Settings, max_positions: int, named: Callabl
                           f"max_input_tokens {settings.max_input_tokens}"))
 
 
-def check_settings_fit(settings: Settings, servers: int = 1, convert: bool = True) -> None:
+def check_settings_fit(settings: Settings, replicas: int = 1, convert: bool = True) -> bool:
     """Whether the base model can run with ``settings``, found from its config before its weights load
     (``base_config``): ValueError where its positions leave no room for the token budget (``check_room``) or a size
     setting's allocation cannot exist (``device_room.check_allocations``: past 64 bits, or past the device's memory
-    with the weights and the process, as many times as ``servers`` of these settings share it: 0 where none runs
-    here, as for a cluster's replicas); FileNotFoundError, OSError or ValueError as ``base_config`` raises. Without
-    ``convert``, nothing is checked where the embedded base is not converted yet
-    (``base_config``): the start converts it, then checks."""
+    with the weights and the process, as many times as ``replicas`` of ``scale`` share it: 0 where none runs here, as
+    for a cluster's replicas); FileNotFoundError, OSError or ValueError as ``base_config`` raises. Without
+    ``convert``, nothing is checked where the embedded base is not converted yet (``base_config``): the start
+    converts it, then checks. Returns whether the settings were checked."""
     config = base_config(settings, convert)
     if config is None:
-        return
+        return False
     check_room(settings, config_positions(config))
     device = pick_device(settings.device)
-    check_allocations(settings, config, pick_dtype(settings.dtype, device), device, servers)
+    check_allocations(settings, config, pick_dtype(settings.dtype, device), device, replicas)
+    return True
 
 
 def log_start_failure(exc: Exception, failure: str) -> None:
@@ -96,13 +97,17 @@ class StartCut(Exception):
 class Runtime:
     """Owns the model-side objects; the HTTP layer reaches them only through this."""
 
-    def __init__(self, settings: Settings, named: Callable[[str], str] = worded):
+    def __init__(self, settings: Settings, named: Callable[[str], str] = worded, checked: bool = False):
         """``named``: a text with each setting it names as the operator gave it (``loraswap serve``'s: ``--max-batch``
         or ``LORASWAP_MAX_BATCH``, not ``max_batch``), for the reason the start failed (its log line, /health's and
         /ready's reason), the start's warnings and every reply that names a setting (a review: a rank refused over
         HTTP said "(max_rank)"); by default each setting's variable (``worded``), as an operator sets the settings
-        of a runtime no command starts."""
+        of a runtime no command starts. ``checked``: the settings were checked in this process before
+        (``check_settings_fit``, as ``serve``'s command does before it takes its port): the start does not check them
+        again (a review: the second check, the process grown by 14 MB since the first, refused the ``--max-batch``
+        the first had advised, and the server stayed unready)."""
         self.settings = settings
+        self.checked = checked
         self.named = named
         self.registry: AdapterRegistry | None = None
         self.engine: Engine | None = None
@@ -142,7 +147,8 @@ class Runtime:
 
     def _load(self) -> None:
         self._warn_of_missing_roots()
-        check_settings_fit(self.settings)
+        if not self.checked:
+            check_settings_fit(self.settings)
         model, tokenizer = load_base(self.settings)
         self._going_on()
         positions = max_positions(model)

@@ -310,19 +310,19 @@ def check_server_start(settings: Settings, args: argparse.Namespace) -> None:
     check_onednn(settings)
 
 
-def check_room_for_prompts(settings: Settings, servers: int = 1, named: Callable[[str], str] = str,
-                           convert: bool = True) -> None:
+def check_room_for_prompts(settings: Settings, replicas: int = 1, named: Callable[[str], str] = str,
+                           convert: bool = True) -> bool:
     """UsageError where the server's start would fail for the token budget or a size setting
     (``runtime.check_settings_fit``: ``max_new_tokens`` leaving too few of the base model's positions for a prompt,
     an ``answer_stride`` too long, a ``max_batch`` whose KV cache cannot exist, past 64 bits or, with the weights and
-    the process, past the device's memory, as many times as ``servers`` share it) or a base model it cannot read,
+    the process, past the device's memory, as many times as ``replicas`` share it) or a base model it cannot read,
     found from the base model's config, not its weights: ``serve`` and ``scale`` refuse such settings before the model
     loads. ``named``: the message with its settings named as the user gave them (``naming``); ``convert``: as
-    ``runtime.check_settings_fit`` takes it."""
+    ``runtime.check_settings_fit`` takes it. Returns whether they were checked (``check_settings_fit``)."""
     from service.runtime import check_settings_fit
 
     try:
-        check_settings_fit(settings, servers, convert)
+        return check_settings_fit(settings, replicas, convert)
     except (OSError, ValueError) as exc:
         raise UsageError(named(str(exc))) from None
 

@@ -251,11 +251,11 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[st
             check_server_start(settings, args)
             named = naming(args)
             # the embedded base is not converted here: its first conversion runs while /health answers
-            check_room_for_prompts(settings, named=named, convert=False)
+            checked = check_room_for_prompts(settings, named=named, convert=False)
             sockets = take_port(settings, args)  # before the model loads; the server serves on these
             from service.http.server import serve
 
-            serve(settings, named, sockets)
+            serve(settings, named, sockets, checked)
         else:
             check_report_files(args)
             if getattr(args, "quantize", "none") == "none":  # full precision (no --quantize: none): no bitsandbytes

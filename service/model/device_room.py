@@ -55,8 +55,9 @@ def allocations(settings: Settings, config: PretrainedConfig, dtype: torch.dtype
     per_token = kv_bytes_per_token(config, dtype)
     rows, columns = row_bucket(settings.max_batch), longest_row(settings, config)
     return {
-        "max_batch": (rows * columns * per_token, f"a full batch's KV cache, {rows} rows x {columns} columns x "
-                      f"{per_token} bytes a token"),
+        "max_batch": (rows * columns * per_token, f"a full batch's KV cache, {rows} row{'s' * (rows != 1)} x "
+                      f"{columns} columns x {per_token} bytes a token, the columns for max_input_tokens "
+                      f"{settings.max_input_tokens} and max_new_tokens {settings.max_new_tokens}"),
         "max_resident": ((settings.max_resident + 1) * config.hidden_size * dtype.itemsize,
                          f"at least the LoRA banks of so many adapters of rank 1 on one layer, "
                          f"{settings.max_resident + 1} slots x {config.hidden_size} x {dtype.itemsize} bytes"),
@@ -100,62 +101,79 @@ def in_use(device: torch.device) -> int:
 
 
 def check_allocations(settings: Settings, config: PretrainedConfig, dtype: torch.dtype, device: torch.device,
-                      servers: int = 1) -> None:
+                      replicas: int = 1) -> None:
     """ValueError naming the first size setting (``allocations``) whose allocation cannot exist, past 2**63 bytes
-    (torch's storage sizes are 64-bit: "Storage size calculation overflowed"), or where ``servers`` servers of these
-    settings on ``device`` need more than its memory (``device_memory``), each its allocations, the base's weights
-    (``weight_bytes``) and a process as this one is now (``in_use``) (``check_fit``; ``servers`` 0: none runs here,
-    as for a cluster's replicas, whose device this machine may not have)."""
+    (torch's storage sizes are 64-bit: "Storage size calculation overflowed"), or where ``replicas`` servers of these
+    settings on ``device`` (``scale``'s replicas that share it) need more than its memory (``device_memory``), each
+    its allocations, the base's weights (``weight_bytes``) and a process as this one is now (``in_use``)
+    (``check_fit``; ``replicas`` 0: none runs here, as for a cluster's replicas, whose device this machine may not
+    have)."""
     sizes = allocations(settings, config, dtype)
     for name, (size, what) in sizes.items():
         if size >= INT64:
             raise ValueError(f"{name} {getattr(settings, name)} needs {what}: past 2**63 bytes, more than any torch "
                              "tensor can hold; lower it")
-    if servers:
+    if replicas:
         check_fit(settings, sizes, weight_bytes(config, dtype, settings.quantize), in_use(device),
-                  device_memory(device), servers)
+                  described_memory(device), replicas)
 
 
 def check_fit(settings: Settings, sizes: dict[str, tuple[int, str]], weights: tuple[int, str], used: int,
-              memory: int, servers: int = 1) -> None:
-    """ValueError where ``servers`` servers, each with the size settings' allocations (``sizes``, as ``allocations``
-    gives them), the base's ``weights`` (bytes and their formula: ``weight_bytes``) and the ``used`` bytes the device
-    holds now (a process's), need more than its ``memory`` bytes together, naming each part and the largest
-    ``max_batch`` that fits with the rest."""
+              memory: tuple[int, str], replicas: int = 1) -> None:
+    """ValueError where ``replicas`` servers (``scale``'s replicas sharing the device), each with the size settings'
+    allocations (``sizes``, as ``allocations`` gives them), the base's ``weights`` (bytes and their formula:
+    ``weight_bytes``) and the ``used`` bytes the device holds now (a process's), need more than its ``memory`` (bytes
+    and whose: ``described_memory``) together, naming each part and what to lower (``advice``)."""
     each = used + weights[0] + sum(size for size, _ in sizes.values())
-    if servers * each <= memory:
+    if replicas * each <= memory[0]:
         return
     parts = [f"{used} in use now", f"{weights[0]} for the base's weights ({weights[1]})"]
     parts += [f"{size} for {name} {getattr(settings, name)} ({what})" for name, (size, what) in sizes.items()]
-    needs = f"{each} bytes of memory" + (f" each, {servers * each} for {servers} servers" if servers > 1 else "")
-    advice = fitting_batch(settings, sizes, each, memory // servers)
-    if servers > 1 and each <= memory:
-        advice += f"; or fewer servers: {memory // each} fit"
-    raise ValueError(f"the base model and these settings need {needs} together, more than the {memory} bytes the "
-                     f"device has: {', '.join(parts)}; {advice}")
+    needs = f"{each} bytes of memory" + (f" each, {replicas * each} for {replicas} replicas" if replicas > 1 else "")
+    raise ValueError(f"the base model and these settings need {needs} together, more than the {memory[0]} bytes "
+                     f"{memory[1]}: {', '.join(parts)}; {advice(settings, sizes, each, memory[0], replicas)}")
 
 
-def fitting_batch(settings: Settings, sizes: dict[str, tuple[int, str]], each: int, memory: int) -> str:
-    """``check_fit``'s advice: the largest ``max_batch`` (a power of two: the KV cache's rows are) whose KV cache fits
-    in ``memory`` with the rest of the ``each`` bytes, or what to lower where none does."""
+def advice(settings: Settings, sizes: dict[str, tuple[int, str]], each: int, memory: int, replicas: int) -> str:
+    """``check_fit``'s advice, for ``replicas`` servers needing ``each`` bytes in ``memory`` bytes: what to lower
+    (``batch_advice``: naming only the settings that take memory; a review: a ``prefix_cache_bytes`` of 0 was advised
+    lowered), and fewer replicas where some fit."""
+    fewer = f"; or fewer replicas: {memory // each} fit" if replicas > 1 and each <= memory else ""
+    return batch_advice(settings, sizes, each, memory // replicas) + fewer
+
+
+def batch_advice(settings: Settings, sizes: dict[str, tuple[int, str]], each: int, memory: int) -> str:
+    """The largest ``max_batch`` (a power of two: the KV cache's rows are) whose KV cache fits in ``memory`` bytes with
+    the rest of the ``each`` bytes a server needs, or what to lower where none does."""
     kv = sizes["max_batch"][0]
     rows = (memory - each + kv) * row_bucket(settings.max_batch) // kv
-    if rows < 1:
-        return ("not even max_batch 1 fits with the rest: lower prefix_cache_bytes, max_input_tokens or "
-                "max_new_tokens, or give it more memory")
-    return f"lower them: max_batch {1 << (rows.bit_length() - 1)} fits with the rest"
+    if rows >= 1:
+        return f"lower them: max_batch {1 << (rows.bit_length() - 1)} fits with the rest"
+    if each - kv - settings.prefix_cache_bytes > memory:
+        return "not even the base's weights and the process fit: give it more memory"
+    lower = ["prefix_cache_bytes"] * (settings.prefix_cache_bytes > 0) + ["max_input_tokens", "max_new_tokens"]
+    return (f"not even max_batch 1 fits with the rest: lower {', '.join(lower[:-1])} or {lower[-1]}, or give it "
+            "more memory")
 
 
 def device_memory(device: torch.device) -> int:
-    """Bytes of memory ``device`` has: a GPU's total memory; for the CPU the host's RAM and swap (the most a private
-    map can be given: ``file_pages.mapped_zeros``), or a container's memory limit where that is less
-    (``container_memory``: under ``docker run --memory 2g`` a size setting past it was taken, and the process killed
-    by the kernel once the engine filled it)."""
+    """Bytes of memory ``device`` has (``described_memory``)."""
+    return described_memory(device)[0]
+
+
+def described_memory(device: torch.device) -> tuple[int, str]:
+    """Bytes of memory ``device`` has and whose they are, in words: a GPU's total memory; for the CPU the host's RAM
+    and swap (the most a private map can be given: ``file_pages.mapped_zeros``), or a container's memory limit where
+    that is less (``container_memory``: under ``docker run --memory 2g`` a size setting past it was taken, and the
+    process killed by the kernel once the engine filled it)."""
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
-        return torch.cuda.get_device_properties(index).total_memory
+        return torch.cuda.get_device_properties(index).total_memory, "of the GPU's memory"
     host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") + swap_bytes()
-    return min(host, container_memory() or host)
+    limit = container_memory()
+    if limit is not None and limit < host:
+        return limit, "of the container's memory limit (memory and swap)"
+    return host, "of the host's RAM and swap"
 
 
 def container_memory() -> int | None:

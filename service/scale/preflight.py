@@ -32,7 +32,7 @@ def check_scale(settings: Settings, args: argparse.Namespace) -> None:
         check_server_start(settings, args)
         check_gpus(args.replicas, args.replica_gpus)
         check_cpus(args.replicas, args.replica_cpus)
-    check_room_for_prompts(settings, servers=sharing(settings, args))
+    check_room_for_prompts(settings, replicas=sharing(settings, args))
     check_ongoing(settings, args.replicas)
     check_address(args.address)
     if args.address is None:  # Ray Serve's HTTP proxy is to listen here: its port must be free before Ray starts

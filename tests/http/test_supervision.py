@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import concurrent.futures.thread
 import logging
+import signal
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -22,6 +26,7 @@ from tests.server_helpers import (
     ADMIN,
     ask,
     classify,
+    free_port,
     ready_client,
     settings_in,
     tiny_settings,
@@ -329,3 +334,24 @@ def test_serves_replies_name_its_settings_as_the_command_line_gave_them(tiny_lla
         body = client.post("/answer", json={"context": "c" * 100, "question": "q"})
     assert rank.status_code == 422 and rank.json()["error"] == "adapter rank 4 must be an integer in 1..2 (--max-rank)"
     assert body.status_code == 413 and body.json()["error"].endswith("100 bytes (its --max-body-bytes)")
+
+
+def test_serve_checks_its_settings_against_the_memory_once(tiny_llama_dir, tmp_path):
+    """A review: under ``--memory 2g`` serve advised ``--max-batch 16``, which fit by 6 MB; given it, serve's check
+    before it took its port passed, and the start checked again, its process grown by 14 MB since, refused it, and the
+    server stayed unready. Here the process seems past any memory after the first check: the start does not check
+    again, and serves."""
+    port = free_port()
+    argv = ["loraswap", "serve", "--base-model", str(tiny_llama_dir), "--adapters-dir", str(tmp_path), "--device",
+            "cpu", "--host", "127.0.0.1", "--port", str(port)]
+    grows = ("import itertools, sys; from service.model import device_room; "
+             "used = itertools.chain([0], itertools.repeat(2**62)); device_room.in_use = lambda device: next(used); "
+             f"from service.cli.main import main; sys.argv = {argv!r}; main()")
+    with subprocess.Popen([sys.executable, "-c", grows], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True) as process, httpx.Client(base_url=f"http://127.0.0.1:{port}") as http:
+        try:
+            wait_ready(http.get, timeout=WAIT)
+        finally:
+            process.send_signal(signal.SIGTERM)
+            _, err = process.communicate(timeout=WAIT)
+    assert process.returncode == 0, err

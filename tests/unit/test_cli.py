@@ -622,15 +622,19 @@ BIG = str(2**63)  # past 64 bits: refused by the one check of the bound (setting
     # calculation overflowed"), and eval named max_queue, which it derives from --max-batch; a row's 768 columns: the
     # tiny Llama's 512 positions less --max-new-tokens 64 for a prompt, 64 generated and a step's 64 fed tokens
     *(({}, [command, *more, "--max-batch", HALF], f"{command}: error: {cannot}--max-batch {HALF} needs a full batch's "
-       f"KV cache, {HALF} rows x 768 columns x 512 bytes a token: past 2**63 bytes")
-      for command, more, cannot in [("serve", SERVE_TINY, ""), ("scale", ["--replicas", "1", *SERVE_TINY], ""),
-                                    ("eval", ["--task", "nli", "--adapter", "none", "--data", str(NLI_SAMPLE)],
-                                     "the base model cannot run as asked: ")]),
+       f"KV cache, {HALF} rows x 768 columns x 512 bytes a token, the columns for {columns}: past 2**63 bytes")
+      for command, more, cannot, columns in [
+          ("serve", SERVE_TINY, "", "--max-input-tokens 1024 and --max-new-tokens 64"),
+          ("scale", ["--replicas", "1", *SERVE_TINY], "", "--max-input-tokens 1024 and --max-new-tokens 64"),
+          # eval takes no --max-input-tokens: its variable is named
+          ("eval", ["--task", "nli", "--adapter", "none", "--data", str(NLI_SAMPLE)],
+           "the base model cannot run as asked: ", "LORASWAP_MAX_INPUT_TOKENS 1024 and --max-new-tokens 32")]),
     ({"LORASWAP_MAX_BATCH": HALF}, ["serve", *SERVE_TINY], f"serve: error: LORASWAP_MAX_BATCH {HALF} needs a full "
      "batch's KV cache"),
     ({}, ["serve", *SERVE_TINY, "--max-batch", "100000000"], "the base model and these settings need "),
     ({}, ["serve", *SERVE_TINY, "--max-batch", "100000000"], " for --max-batch 100000000 (a full batch's KV cache, "
-     "134217728 rows x 768 columns x 512 bytes a token), "),
+     "134217728 rows x 768 columns x 512 bytes a token, the columns for --max-input-tokens 1024 and --max-new-tokens "
+     "64), "),
     ({}, ["serve", *SERVE_TINY, "--max-resident", HALF], f"--max-resident {HALF} needs at least the LoRA banks of so "
      f"many adapters of rank 1 on one layer, {2**62 + 1} slots x 64 x 4 bytes: past 2**63 bytes"),
     # bench's --adapters is the engine's max_resident (a review: 2**62 ran out of memory making their names)
@@ -677,7 +681,7 @@ def test_a_flag_overrides_an_invalid_environment_variable_of_its_setting(tmp_pat
 
     served = []
 
-    def serve(settings, named, sockets):
+    def serve(settings, named, sockets, checked):
         for sock in sockets:
             sock.close()
         served.append(settings)

@@ -105,7 +105,8 @@ def test_serve_refuses_settings_that_need_more_than_a_containers_memory_limit_be
                     f"'--base-model', {str(tiny_llama_dir)!r}, '--port', '{free_port()}', "
                     "'--prefix-cache-bytes', '900000000']; main()")
     assert ran.returncode == 2 and "loraswap serve: error: the base model and these settings need " in ran.stderr \
-        and f" bytes of memory together, more than the {GIB} bytes the device has: " in ran.stderr \
+        and f" bytes of memory together, more than the {GIB} bytes of the container's memory limit (memory and " \
+            "swap): " in ran.stderr \
         and "900000000 for --prefix-cache-bytes 900000000 (the prefix cache's keys and values); " in ran.stderr, \
         ran.stderr
 
@@ -121,7 +122,7 @@ def test_scale_counts_every_replica_on_a_ray_it_starts_against_the_memory(replic
                         f"'{replicas}', '--replica-cpus', '0.5', '--base-model', {str(tiny_llama_dir)!r}, "
                         f"'--prefix-cache-bytes', '200000000', '--port', '{taken.getsockname()[1]}']; "
                         "from service.cli.main import main; main()")
-    needs = f" for {replicas} servers together, more than the {GIB} bytes the device has: "
+    needs = f" for {replicas} replicas together, more than the {GIB} bytes of the container's memory limit "
     assert ran.returncode == 2 and (needs in ran.stderr) == refused and ("--port" in ran.stderr) != refused, ran.stderr
     # a review: only fewer replicas could fit, and the advice named none
-    assert bool(re.search(r"; or fewer servers: [12] fit\n$", ran.stderr)) == refused, ran.stderr
+    assert bool(re.search(r"; or fewer replicas: [12] fit\n$", ran.stderr)) == refused, ran.stderr

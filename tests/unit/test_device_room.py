@@ -12,6 +12,7 @@ from service.model.device_room import allocations, check_fit, weight_bytes
 from service.settings import Settings
 
 USED = 400_000_000  # bytes in use before the weights load: about what the interpreter and torch take
+HOST = "of the host's RAM and swap"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -48,14 +49,15 @@ def test_settings_that_each_fit_but_not_together_are_refused_naming_every_part(t
     config = AutoConfig.from_pretrained(tiny_llama_dir)
     settings, sizes, weights = sizes_of(config, prefix_cache_bytes=900_000_000)
     needed = USED + weights[0] + sum(size for size, _ in sizes.values())
-    check_fit(settings, sizes, weights, USED, needed)
+    check_fit(settings, sizes, weights, USED, (needed, HOST))
     with pytest.raises(ValueError) as refused:
-        check_fit(settings, sizes, weights, USED, 10**9)
+        check_fit(settings, sizes, weights, USED, (10**9, HOST))
     message = str(refused.value)
     assert message.startswith(f"the base model and these settings need {needed} bytes of memory together, more than "
-                              f"the 1000000000 bytes the device has: {USED} in use now, {weights[0]} for the base's "
+                              f"the 1000000000 bytes {HOST}: {USED} in use now, {weights[0]} for the base's "
                               f"weights ({weights[1]}), {sizes['max_batch'][0]} for max_batch 32 (a full batch's KV "
-                              "cache, 32 rows x 768 columns x 512 bytes a token), "), message
+                              "cache, 32 rows x 768 columns x 512 bytes a token, the columns for max_input_tokens 1024 "
+                              "and max_new_tokens 64), "), message
     assert "900000000 for prefix_cache_bytes 900000000 (the prefix cache's keys and values); not even max_batch 1 " \
            "fits with the rest: lower prefix_cache_bytes, max_input_tokens or max_new_tokens" in message, message
 
@@ -65,11 +67,31 @@ def test_the_max_batch_advised_is_the_largest_that_fits(memory, tiny_llama_dir):
     config = AutoConfig.from_pretrained(tiny_llama_dir)
     settings, sizes, weights = sizes_of(config, max_batch=2**20)
     with pytest.raises(ValueError, match=r"lower them: max_batch (\d+) fits with the rest$") as refused:
-        check_fit(settings, sizes, weights, USED, memory)
+        check_fit(settings, sizes, weights, USED, (memory, HOST))
     advised = int(refused.value.args[0].rsplit("max_batch ", 1)[1].split()[0])
-    check_fit(*sizes_of(config, max_batch=advised), USED, memory)
+    check_fit(*sizes_of(config, max_batch=advised), USED, (memory, HOST))
     with pytest.raises(ValueError):
-        check_fit(*sizes_of(config, max_batch=advised + 1), USED, memory)
+        check_fit(*sizes_of(config, max_batch=advised + 1), USED, (memory, HOST))
+
+
+@pytest.mark.parametrize(("settings", "memory", "advice"), [
+    # a review: a prefix cache of 0 was advised lowered
+    ({"prefix_cache_bytes": 0, "max_batch": 1}, 0, "not even max_batch 1 fits with the rest: lower max_input_tokens "
+     "or max_new_tokens, or give it more memory"),
+    ({"prefix_cache_bytes": 10**6, "max_batch": 1}, 0, "not even max_batch 1 fits with the rest: lower "
+     "prefix_cache_bytes, max_input_tokens or max_new_tokens, or give it more memory"),
+    ({"prefix_cache_bytes": 10**6, "max_batch": 1}, -1, "not even the base's weights and the process fit: give it "
+     "more memory"),
+])
+def test_what_to_lower_names_only_what_takes_memory(settings, memory, advice, tiny_llama_dir):
+    """``memory``: the bytes past the process, the weights and the LoRA banks."""
+    config = AutoConfig.from_pretrained(tiny_llama_dir)
+    chosen, sizes, weights = sizes_of(config, **settings)
+    fixed = USED + weights[0] + sizes["max_resident"][0]
+    with pytest.raises(ValueError) as refused:
+        check_fit(chosen, sizes, weights, USED, (fixed + memory, HOST))
+    assert str(refused.value).endswith(f"; {advice}"), refused.value
+    assert " (a full batch's KV cache, 1 row x 768 columns x " in str(refused.value), refused.value
 
 
 def test_the_device_of_a_clusters_replicas_is_not_read_here(tiny_llama_dir):
@@ -78,4 +100,4 @@ def test_the_device_of_a_clusters_replicas_is_not_read_here(tiny_llama_dir):
     without a GPU failed)."""
     from service.runtime import check_settings_fit
 
-    check_settings_fit(Settings(base_model=str(tiny_llama_dir), device="cuda"), servers=0)
+    check_settings_fit(Settings(base_model=str(tiny_llama_dir), device="cuda"), replicas=0)
