@@ -132,6 +132,7 @@ def test_sigterm_fails_the_renders_queued_behind_a_hostile_template_at_once(tiny
     shut_out = sum(status == 503 and "shutting down" in text for status, text in zip(statuses, texts))
     assert set(statuses) <= {422, 503} and shut_out >= BACKLOG // 2, texts
     # the drain, the renders running then (MAX_RENDER_SECONDS of CPU within STARVED_FACTOR times as long on the wall
-    # clock), and 10 s for their processes' start and the server's exit (12.4 s in all with both cores kept busy by
-    # others; 3.8 to 6.4 s without); the renders queued, run one at a time, would each take 2 s more: over 20 s
-    assert exited < 0.5 + STARVED_FACTOR * MAX_RENDER_SECONDS + 10
+    # clock), and 20 s for their processes' start and the server's exit (12.4 s in all with both cores kept busy by
+    # others, 22.2 s once at a load average of 8; 3.8 to 6.4 s on a quiet machine): the review's server took 86 s;
+    # that the queued renders did not run is shown by their 503s above, not by the time
+    assert exited < 0.5 + STARVED_FACTOR * MAX_RENDER_SECONDS + 20
