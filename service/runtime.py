@@ -13,7 +13,15 @@ from service.engine.scheduler import Engine
 from service.errors import AdapterError, AdapterMerged, UnsafeEnvironment
 from service.lora.adapter_files import CONFIG_FILE, check_name
 from service.lora.registry import AdapterRegistry
-from service.model.base_model import base_config, config_positions, load_base, max_positions, pick_device, pick_dtype
+from service.model.base_model import (
+    base_config,
+    config_positions,
+    load_base,
+    max_positions,
+    names_the_base,
+    pick_device,
+    pick_dtype,
+)
 from service.model.cpu_threads import on_passing_thread
 from service.model.device_room import check_allocations
 from service.settings import MIN_PROMPT_TOKENS, Settings, worded
@@ -206,6 +214,11 @@ class Runtime:
         (``Tasks``: a request is bound to its adapter when it arrives); the old are unmerged first if merged (between
         batches), and their prefix cache blocks dropped."""
         adapter, seconds = self.registry.prepare(name, path, replace)
+        if not names_the_base(adapter.base_model, self.settings.base_model):
+            log.warning(self.named(f"adapter {name!r} was trained on {adapter.base_model!r} (its config's "
+                                   f"base_model_name_or_path), not on this server's base_model "
+                                   f"{self.settings.base_model}: served, as its modules and shapes fit, but one "
+                                   "trained on another base answers wrongly"))
         replaced = self._past_merge(name, lambda: self.registry.add(adapter, replace))
         if replaced is not None:
             self.engine.purge_prefixes(replaced)

@@ -145,6 +145,7 @@ class AdapterWeights:
     layout: dict[str, tuple[int, int, int]] = field(repr=False)  # module -> (offset, in, out)
     calibration: Calibration = field(default_factory=Calibration)  # of its label probabilities, from its card
     chat_template: str | None = None  # the one its folder ships (chat_template.read_chat_template); None: the base's
+    base_model: str | None = None  # the base its config names (base_model_name_or_path): a label, not checked here
     serial: int = field(default_factory=SERIALS.__next__, init=False)  # these weights' identity, as a number
 
     @property
@@ -175,6 +176,7 @@ class AdapterWeights:
             "target_modules": self.target_modules,
             "size_bytes": self.nbytes,
             "label_temperature": self.calibration.temperature,
+            "base_model": self.base_model,
         }
 
 
@@ -425,7 +427,7 @@ def load_adapter(
         offset += rank * (fan_in + fan_out)
     targets = [config.target_modules] if isinstance(config.target_modules, str) else sorted(config.target_modules)
     adapter = AdapterWeights(name, folder, rank, alpha, targets, host_buffer(offset, dtype), layout, calibration,
-                             template)
+                             template, config.base_model_name_or_path)
     views, modules, jobs = adapter.views(), list(layout), []
     size = -(-len(modules) // PACKING_THREADS)
     for group in (modules[i:i + size] for i in range(0, len(modules), size)):  # consecutive modules, one span

@@ -149,6 +149,21 @@ def publish(partial: Path, out_dir: Path) -> Path:
     return out_dir
 
 
+# what an adapter's config may call the embedded base: its name here, and the Hugging Face model the GGUF quantizes
+EMBEDDED_NAMES = (EMBEDDED, "HuggingFaceTB/SmolLM2-135M-Instruct")
+
+
+def names_the_base(label: str | None, base_model: str) -> bool:
+    """Whether ``label`` (an adapter config's ``base_model_name_or_path``) may name the base ``base_model`` (the
+    setting: ``EMBEDDED`` or a folder): no label; the same text or folder; a Hugging Face id or a path whose last
+    part is the folder's name, in any case (an adapter trained on a hub model, served on a download of it); one of
+    ``EMBEDDED_NAMES`` for the embedded base."""
+    if not label:
+        return True
+    names = EMBEDDED_NAMES if base_model == EMBEDDED else (base_model,)
+    return any(label == name or Path(label).name.lower() == Path(name).name.lower() for name in names)
+
+
 def converted_dir(cache_dir: Path) -> Path:
     """Where the embedded base is converted to, in ``cache_dir``."""
     return Path(cache_dir) / "smollm2-135m-instruct"
