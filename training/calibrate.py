@@ -11,7 +11,6 @@ the adapter's card (``label_calibration``), which the server reads when it regis
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import math
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from service.cli.command import UsageError, spare_inputs
+from service.cli.command import UsageError, run_until_stopped, spare_inputs
 from service.errors import AdapterError
 from service.lora.adapter_files import AdapterWeights
 from service.lora.bounded_read import adapter_file
@@ -98,7 +97,7 @@ def label_logits(rt: Runtime, adapter: AdapterWeights | None, rows: list[dict]) 
     the labels' first tokens), float64, in the order of ``rows`` (they are queued shortest premise first, so that a
     batch's prompts need less padding)."""
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]["premise"]))
-    scored = asyncio.run(bounded((rt.tasks.label_scores(rows[i]["premise"], rows[i]["hypothesis"], adapter)
+    scored = run_until_stopped(bounded((rt.tasks.label_scores(rows[i]["premise"], rows[i]["hypothesis"], adapter)
                                   for i in order), rt.settings.max_queue))
     logits = torch.empty(len(rows), len(NLI_LABELS), dtype=torch.float64)
     logits[order] = torch.tensor([scores.logprobs for scores in scored], dtype=torch.float64)

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from service.cli.command import UsageError, command_settings, naming, spare_inputs
+from service.cli.command import UsageError, command_settings, naming, run_until_stopped, spare_inputs
 from service.engine.sampling import Decoding
 from service.engine.strategies import READ_BY
 from service.errors import AdapterError, InputTooLong, NonFiniteLogits
@@ -119,7 +119,7 @@ def shortest_first(rows: list[dict], text: str, call, limit: int) -> list:
     """Await ``call(row)`` for every row, at most ``limit`` in flight, started in order of ``row[text]``'s length
     (less padding in a batch); the results in ``rows``' order."""
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][text]))
-    results = asyncio.run(bounded((call(rows[i]) for i in order), limit))
+    results = run_until_stopped(bounded((call(rows[i]) for i in order), limit))
     return [result for _, result in sorted(zip(order, results))]
 
 

@@ -3,6 +3,8 @@ without torch, so that ``--help`` and usage errors answer at once."""
 from __future__ import annotations
 
 import argparse
+import asyncio
+import atexit
 import functools
 import importlib.util
 import math
@@ -12,9 +14,10 @@ import signal
 import socket
 import stat
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from service.cli.entry import STOPS
@@ -63,6 +66,7 @@ class Command:
         return f"{self.help}. {self.reads}" if self.reads else self.help
 
 
+T = TypeVar("T")
 # what a command that builds Settings (the engine's, or the base's as serve loads it) reads: serve's variables
 SERVING_VARIABLES = ("Every other setting of loraswap serve (not one of the options here, which give theirs even by "
                      "default, nor one the command sets itself, such as the queue's bounds) comes from its "
@@ -181,9 +185,71 @@ def interrupt(signum: int, frame) -> None:
     if frame is not None and frame.f_code.co_name == "__del__":
         threading.Timer(0.1, os.kill, (os.getpid(), signum)).start()
         return
+    stop_taken()
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def stop_taken() -> None:
+    """Once a stop is taken, SIGINT and SIGTERM do nothing (``ignore_stop``), and are ignored once the interpreter
+    ends (``ignore_stops``)."""
+    for number in STOPS:
+        signal.signal(number, ignore_stop)
+    atexit.unregister(ignore_stops)
+    atexit.register(ignore_stops)
+
+
+def ignore_stops() -> None:
+    """SIGINT and SIGTERM ignored (SIG_IGN): at its end the interpreter gives a signal with a Python handler its
+    default action back (CPython's ``_PySignal_Fini``), and a stop then ended the process with status 143, not 130
+    (a train stopped twice)."""
     for number in STOPS:
         signal.signal(number, signal.SIG_IGN)
-    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def ignore_stop(signum: int, frame) -> None:
+    """SIGINT's and SIGTERM's handler once a stop was taken: nothing. Not SIG_IGN: where both signals came before
+    Python ran either handler (a busy machine), Python runs SIGINT's first, then finds SIGTERM's handler changed to
+    SIG_IGN and prints "Signal 15 ignored due to race condition" with a traceback (a CI run, eval stopped twice)."""
+
+
+def run_until_stopped(coroutine: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run(coroutine)``, where a stop (SIGINT, SIGTERM) cancels its task, as ``asyncio.run`` does Ctrl-C
+    under Python's default handler, and raises KeyboardInterrupt once the tasks have unwound (the requests they queued
+    withdrawn from the engine): ``interrupt`` raised it wherever the loop was, in asyncio's own code too, and the stop
+    printed a task's exception "never retrieved" and a coroutine "never awaited" with their tracebacks (a CI run, eval
+    stopped twice under load). Later stops do nothing (``stop_taken``); the handlers are as they were where none
+    came."""
+    stops: list[int] = []
+    running: list[tuple[asyncio.Task, asyncio.AbstractEventLoop]] = []
+
+    def stop(signum: int, frame) -> None:
+        stops.append(signum)
+        stop_taken()
+        if not running:  # before the coroutine's first step: nothing runs yet to cancel
+            raise KeyboardInterrupt(signal.Signals(signum).name)
+        task, loop = running[0]
+        task.cancel()
+        loop.call_soon_threadsafe(lambda: None)  # wakes a loop waiting in select, as asyncio.Runner's handler does
+
+    async def main() -> T:
+        running.append((asyncio.current_task(), asyncio.get_running_loop()))
+        return await coroutine
+
+    handlers = [signal.getsignal(number) for number in STOPS]
+    for number in STOPS:
+        signal.signal(number, stop)
+    try:
+        result = asyncio.run(main())
+    except asyncio.CancelledError:
+        if not stops:
+            raise
+    finally:
+        if not stops:
+            for number, handler in zip(STOPS, handlers):
+                signal.signal(number, handler)
+    if stops:
+        raise KeyboardInterrupt(signal.Signals(stops[0]).name)
+    return result
 
 
 def take_stops() -> None:
