@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from service.cli.command import UsageError
+from service.model.process_status import status_value
 
 
 def partial_folder(out: Path) -> Path:
@@ -33,10 +34,16 @@ def publish(partial: Path, out: Path) -> None:
 
 
 def current_umask() -> int:
-    """The process's file mode creation mask (read by setting it and setting it back)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    """The process's file mode creation mask, read without changing it: the ``Umask`` line of /proc/self/status
+    (Linux 4.7 and later). Where there is none (another system, an older kernel) it is read by setting it and setting
+    it back (``os.umask``), which is not thread-safe: a file another thread creates in between gets the mask set
+    meanwhile, 077 (the strictest: too private a mode, never too open)."""
+    try:
+        return int(status_value("Umask"), 8)
+    except (StopIteration, OSError):
+        mask = os.umask(0o077)
+        os.umask(mask)
+        return mask
 
 
 def modes_of_the_umask(folder: Path) -> None:

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from service.cli.main import main
 from service.model.base_model import sha256_of
 from tests.data.make_corpus import NLI_SAMPLE
+from training import output_folder
 from training.merge import MERGE_CARD
 
 TINY = ["--task", "nli", "--eval-examples", "2", "--batch-size", "2"]
@@ -75,6 +76,27 @@ def umask(request) -> int:
 def modes(folder: Path) -> dict[str, int]:
     """Every file's and folder's permission bits under ``folder``, by its path there."""
     return {str(path.relative_to(folder)): stat.S_IMODE(path.stat().st_mode) for path in folder.rglob("*")}
+
+
+def test_the_umask_is_read_without_changing_it(umask, monkeypatch):
+    """A review: it was read by setting it and setting it back (os.umask), and a file another thread created in
+    between got the mask set meanwhile. Linux says it in /proc/self/status (4.7 and later)."""
+    def changed(mask):
+        raise AssertionError(f"os.umask({mask:#o}) called")
+
+    monkeypatch.setattr(os, "umask", changed)
+    assert output_folder.current_umask() == umask
+
+
+def test_without_the_umask_in_proc_it_is_read_by_setting_it_back(umask, monkeypatch):
+    """A kernel before 4.7 writes no ``Umask`` line, another system has no /proc: the umask is then set and set back,
+    and left as it was."""
+    def absent(field):
+        raise StopIteration(field)
+
+    monkeypatch.setattr(output_folder, "status_value", absent)
+    assert output_folder.current_umask() == umask
+    assert os.umask(umask) == umask
 
 
 def test_train_writes_its_files_with_the_modes_of_the_umask(tiny_gpt2_dir, nli_data, tmp_path, umask):
