@@ -83,7 +83,7 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
                         ", ".join(f"{task} {length}" for task, length in TASK_DEFAULT_LENGTH.items()) + ")")
     parser.add_argument("--warmup", type=WARMUP, default=0.03,
                         help="learning-rate warmup steps, a whole number (<1: a share of all steps, rounded up); "
-                        "one that takes every step is refused")
+                        "refused in a run of one step, whose warmup step is at learning rate 0")
     parser.add_argument("--seed", type=SEED, default=0,
                         help="seed of the shuffle, the validation split and the LoRA initialisation "
                         f"(0 to {SEEDS - 1})")

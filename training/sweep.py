@@ -74,8 +74,8 @@ def check_options(args: argparse.Namespace) -> None:
     """Raise UsageError, before anything loads, for learning rates that differ only past the 6 significant digits
     that name their runs' folders (``grid``: two runs would share one). (A ``--ranks``, ``--lrs`` or ``--targets``
     that lists a value twice, and an ``--out`` that is a file, a symlink to nothing, empty or an adapter folder, are
-    refused when parsed: ``command.comma_list``, ``command.report_folder``.) Raises UsageError too for a --warmup that
-    takes every one of the runs' --max-steps (``train.check_warmup``)."""
+    refused when parsed: ``command.comma_list``, ``command.report_folder``.) Raises UsageError too for a --warmup where
+    the runs' --max-steps is 1 (``train.check_warmup``)."""
     train.check_warmup(args.warmup, args.max_steps, f"--max-steps {args.max_steps}")
     named: dict[str, float] = {}
     for lr in args.lrs:

@@ -330,13 +330,15 @@ def warmup_steps(warmup: float, steps: int) -> int:
 
 def check_warmup(warmup: float, steps: int, counted: str) -> int:
     """The warmup steps (``warmup_steps``) of a run of ``steps`` optimizer steps (``counted``: what made that many,
-    e.g. ``--max-steps 1``). Raises UsageError where the warmup takes every step: the learning rate rises from 0 for
-    the whole run and never reaches --lr (one step is taken at 0 alone: the adapter is the bare base's)."""
+    e.g. ``--max-steps 1``). Step k + 1 of a warmup of W steps is at learning rate --lr x k / W (transformers' linear
+    warmup): its first at 0, every later one above 0. Raises UsageError where no step is above 0: a warmup in a run of
+    one step, whose adapter would be the bare base's (lora_B zeros). A warmup of every step of a longer run trains, at
+    rates that rise to --lr x (steps - 1) / W, as transformers takes it (the card records ``warmup_steps``)."""
     used = warmup_steps(warmup, steps)
-    if used >= steps:
-        raise UsageError(f"--warmup {warmup:g} makes {used} warmup step{'s' * (used != 1)} of the {steps} optimizer "
-                         f"step{'s' * (steps != 1)} ({counted}): the warmup takes every step, so no step is at --lr "
-                         f"(the first is at learning rate 0); give a smaller --warmup (0: none) or more steps")
+    if used and steps == 1:
+        raise UsageError(f"--warmup {warmup:g} makes {used} warmup step{'s' * (used != 1)} of the 1 optimizer step "
+                         f"({counted}): a warmup's first step is at learning rate 0, so this run would train nothing; "
+                         "give --warmup 0 (none) or more steps")
     return used
 
 
@@ -345,7 +347,7 @@ def checked_base(args: argparse.Namespace, settings: Settings) -> Path:
     UnsafeEnvironment where the environment would crash oneDNN (as ``load_base`` would), FileNotFoundError when
     ``--base-model`` is no model directory, UsageError for ``--target-modules`` the base lacks (``resolve_targets``;
     ValueError for a preset of no known family), for a ``--rank`` above a target layer's (``check_rank``) and for a
-    ``--warmup`` that takes every one of ``--max-steps`` (``check_warmup``)."""
+    ``--warmup`` where ``--max-steps`` is 1 (``check_warmup``)."""
     from service.model.base_model import resolve_base_dir
     from service.model.onednn_linear import bound_kernel_caches
 
@@ -411,7 +413,7 @@ class FiniteLossTrainer(Trainer):
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
         """The Trainer's schedule over ``num_training_steps`` optimizer steps, after ``check_warmup`` (UsageError
-        where the warmup takes every step: where --epochs counts the steps, they are known only here)."""
+        for a warmup in a run of one step: where --epochs counts the steps, they are known only here)."""
         counted = (f"--max-steps {self.args.max_steps}" if self.args.max_steps > 0 else
                    f"--epochs {self.args.num_train_epochs:g} of {len(self.train_dataset)} examples in batches of "
                    f"{self.args.per_device_train_batch_size}, {self.args.gradient_accumulation_steps} a step")
@@ -529,7 +531,7 @@ def train_adapter(args: argparse.Namespace) -> dict:
     Returns the card (``train_seconds`` in wall-clock seconds, losses in nats per target token). Raises, before the
     base's weights load, as ``checked_base`` and ``prepare_examples`` do: UnsafeEnvironment, FileNotFoundError for
     absent data files or base model, UsageError for targets the base lacks or data that leaves nothing to train on;
-    once the Trainer has counted the steps, UsageError for a warmup that takes them all (``check_warmup``); after
+    once the Trainer has counted the steps, UsageError for a warmup in a run of one step (``check_warmup``); after
     training, UsageError when ``--out`` was filled meanwhile (``publish``: the run is written beside it, then
     moved there)."""
     from service.model.base_model import base_tokenizer

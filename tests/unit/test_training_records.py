@@ -1,5 +1,5 @@
 """What ``loraswap train``, ``merge`` and ``eval`` record and write: the warmup a run's schedule used and what it
-trained on, beside what was asked (a schedule whose warmup takes every step refused); the modes of the files train and
+trained on, beside what was asked (a warmup in a run of one step refused); the modes of the files train and
 merge write; merge's card of what it merged; the data file eval read."""
 from __future__ import annotations
 
@@ -33,9 +33,24 @@ def test_a_warmup_of_every_step_that_epochs_count_is_refused(tiny_gpt2_dir, nli_
     err = capsys.readouterr().err
     assert exit_.value.code == 2, err
     assert err.endswith("loraswap train: error: --warmup 0.5 makes 1 warmup step of the 1 optimizer step (--epochs 1 "
-                        "of 2 examples in batches of 2, 1 a step): the warmup takes every step, so no step is at --lr "
-                        "(the first is at learning rate 0); give a smaller --warmup (0: none) or more steps\n"), err
+                        "of 2 examples in batches of 2, 1 a step): a warmup's first step is at learning rate 0, so "
+                        "this run would train nothing; give --warmup 0 (none) or more steps\n"), err
     assert not out.exists() and [path.name for path in tmp_path.iterdir()] == ["data"]
+
+
+@pytest.mark.parametrize(("steps", "warmup", "used"), [(2, "2", 2), (2, "0.99", 2), (3, "3", 3), (3, "5", 5)])
+def test_a_warmup_of_every_step_of_two_or_more_trains(steps, warmup, used, tiny_gpt2_dir, nli_data, tmp_path):
+    """A review: a warmup of every step was refused as one step's is, though only a warmup's first step is at learning
+    rate 0 (step k + 1 at --lr x k / W): from the second on they train, as transformers takes such a schedule. Given
+    as steps or as a share (0.99 of 2 rounds up to 2), and longer than the run."""
+    out = tmp_path / "adapter"
+    argv = ["train", *TINY, "--max-steps", str(steps), "--max-examples", "8", "--warmup", warmup, "--base-model",
+            str(tiny_gpt2_dir), "--data-dir", str(nli_data), "--out", str(out)]
+    assert main(argv) == 0
+    card = json.loads((out / "card.json").read_text())
+    assert card["steps"] == steps and card["warmup_steps"] == used
+    weights = load_file(out / "adapter_model.safetensors")
+    assert any(tensor.abs().sum() > 0 for key, tensor in weights.items() if "lora_B" in key)  # it trained
 
 
 def test_the_card_records_the_warmup_used_and_what_was_trained_on(tiny_gpt2_dir, nli_data, tmp_path):

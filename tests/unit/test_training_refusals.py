@@ -72,9 +72,9 @@ def refusal(argv: list[str], capsys) -> str:
     (["--target-modules", "model.layers.0.mlp"], "loraswap train: error: target modules model.layers.0.mlp match no "),
     # a review: the one warmup step of --max-steps 1 was at learning rate 0, and the adapter the bare base
     (["--warmup", "0.03"], "loraswap train: error: --warmup 0.03 makes 1 warmup step of the 1 optimizer step "
-     "(--max-steps 1): the warmup takes every step, so no step is at --lr"),
-    (["--max-steps", "3", "--warmup", "3"], "--warmup 3 makes 3 warmup steps of the 3 optimizer steps (--max-steps 3)"),
-    (["--max-steps", "40", "--warmup", "0.99"], "--warmup 0.99 makes 40 warmup steps of the 40 optimizer steps"),
+     "(--max-steps 1): a warmup's first step is at learning rate 0, so this run would train nothing"),
+    (["--warmup", "1"], "--warmup 1 makes 1 warmup step of the 1 optimizer step (--max-steps 1)"),  # as steps
+    (["--warmup", "3"], "--warmup 3 makes 3 warmup steps of the 1 optimizer step (--max-steps 1)"),
     (["--max-length", "5"], "loraswap train: error: all 8 nli training rows were dropped, as longer than "
      "--max-length 5 tokens"),
     (["--eval-examples", "100000"], "loraswap train: error: --eval-examples 100000 leaves none of the 300 nli rows "
@@ -229,7 +229,7 @@ def test_sweep_refuses_targets_the_base_lacks(target, tiny_gpt2_dir, tmp_path, c
     assert not (tmp_path / "runs").exists()
 
 
-def test_sweep_refuses_a_warmup_that_takes_every_step_before_its_first_run(tiny_gpt2_dir, tmp_path, capsys):
+def test_sweep_refuses_a_warmup_of_runs_of_one_step_before_its_first_run(tiny_gpt2_dir, tmp_path, capsys):
     """Each run's one step would be taken at learning rate 0 (found by the first run, once --out was made)."""
     argv = ["sweep", *TINY_RUN, "--warmup", "0.03", "--base-model", str(tiny_gpt2_dir), "--out",
             str(tmp_path / "runs"), "--ranks", "2", "--lrs", "1e-3", "--targets", "attention"]
