@@ -14,14 +14,13 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from service.errors import AdapterError
-from training.named_adapter import adapter_folder
+from training.named_adapter import adapter_folder, adapter_identity
 from training.output_folder import written_whole
 
 if TYPE_CHECKING:
     from service.lora.adapter_files import AdapterWeights
 
 MERGE_CARD = "merge_card.json"  # beside the merged model: what it was made of (``merge_card``)
-CARD_IDENTITY = ("name", "task", "base_model", "base_file", "base_sha256", "command")  # of an adapter's card.json
 
 
 def adapter_dir(args: argparse.Namespace) -> Path:
@@ -50,22 +49,34 @@ def check_servable(model: nn.Module, adapter: Path, config: LoraConfig) -> Adapt
                         [name for name, _ in model.named_modules() if name], config)
 
 
-def merge_card(adapter: Path, base_model: str, base_dir: Path) -> dict:
-    """What a merged model was made of (``MERGE_CARD``): the adapter (its folder, the sha256 of its weights, and what
-    its card says it is, ``CARD_IDENTITY``, where it has one) and the base (as named, its folder and weights:
-    ``train.base_weights``), and the command. The card is read as ``check_servable`` read it (AdapterError)."""
-    from service.lora.adapter_files import WEIGHTS_FILE
-    from service.lora.card import CARD_FILE, read_card
+def file_identity(path: Path) -> dict:
+    """``{"file": path (absolute, links resolved), "sha256": its sha256}``: what ``sha256sum FILE`` checks."""
     from service.model.base_model import sha256_of
-    from service.settings import setting
-    from training.train import base_weights
 
-    card = read_card(adapter / CARD_FILE)
-    base_file, base_sha256 = base_weights(base_model, setting("cache_dir"))
+    return {"file": str(path.resolve()), "sha256": sha256_of(path)}
+
+
+def base_identity(base_model: str, base_dir: Path) -> dict:
+    """The base a merge was made from: ``model``, as named; ``dir``, the folder whose weights the adapter was merged
+    into (absolute; for the embedded base, the safetensors cache converted from its GGUF); ``weights``, each of that
+    folder's weight files (``file_identity``, in name order); and, for the embedded base, ``converted_from``, the
+    GGUF file (``file_identity``: the file and sha256 an adapter's card names as ``base_file`` and ``base_sha256``)."""
+    from service.model.base_model import EMBEDDED, embedded_gguf
+
+    identity = {"model": base_model, "dir": str(base_dir.resolve()),
+                "weights": [file_identity(path) for path in sorted(base_dir.glob("*.safetensors"))]}
+    if base_model == EMBEDDED:
+        identity["converted_from"] = file_identity(embedded_gguf())
+    return identity
+
+
+def merge_card(adapter: Path, base_model: str, base_dir: Path) -> dict:
+    """What a merged model was made of (``MERGE_CARD``): the adapter (``named_adapter.adapter_identity``: AdapterError
+    for a card the server would refuse, as ``check_servable`` found none), the base (``base_identity``) and the
+    command."""
     return {
-        "adapter": {"path": str(adapter.resolve()), "weights_sha256": sha256_of(adapter / WEIGHTS_FILE),
-                    "card": None if card is None else {key: card[key] for key in CARD_IDENTITY if key in card}},
-        "base": {"model": base_model, "dir": str(base_dir.resolve()), "file": base_file, "sha256": base_sha256},
+        "adapter": adapter_identity(adapter),
+        "base": base_identity(base_model, base_dir),
         "command": shlex.join(["loraswap", *sys.argv[1:]]),  # the same however it was launched
     }
 

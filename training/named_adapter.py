@@ -8,6 +8,8 @@ from pathlib import Path
 from service.cli.command import UsageError, flag, given_as
 from service.settings import ADAPTER_CONFIG_FILE
 
+CARD_IDENTITY = ("name", "task", "base_model", "base_file", "base_sha256", "command")  # of an adapter's card.json
+
 
 def adapter_folder(args: argparse.Namespace, besides: str = "") -> Path:
     """The adapter folder ``args.adapter`` names: the path as given (from the working directory, or absolute) where it
@@ -43,3 +45,17 @@ def adapters_dir_absent(args: argparse.Namespace) -> str:
     given = given_as(args, "adapters_dir")
     source = f"{flag('adapters_dir')}'s default" if given == "adapters_dir" else given
     return f": the adapters folder {args.adapters_dir} ({source}) does not exist"
+
+
+def adapter_identity(folder: Path) -> dict:
+    """What names the adapter in ``folder`` unambiguously, for a report or card to record what it used: ``path``, the
+    folder (absolute, links resolved), ``weights_sha256``, the sha256 of its weights (``WEIGHTS_FILE``: what
+    ``sha256sum`` prints for it), and ``card``, what its card says it is (``CARD_IDENTITY``), None without one. Raises
+    AdapterError for a card the server would refuse (``card.read_card``)."""
+    from service.lora.adapter_files import WEIGHTS_FILE
+    from service.lora.card import CARD_FILE, read_card
+    from service.model.base_model import sha256_of
+
+    card = read_card(folder / CARD_FILE)
+    return {"path": str(folder.resolve()), "weights_sha256": sha256_of(folder / WEIGHTS_FILE),
+            "card": None if card is None else {key: card[key] for key in CARD_IDENTITY if key in card}}

@@ -7,16 +7,20 @@ import json
 import os
 import shutil
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
 from service.cli.main import main
-from service.model.base_model import sha256_of
+from service.model.base_model import GGUF_SHA256, converted_dir, embedded_gguf, sha256_of
+from service.settings import setting
 from tests.data.make_corpus import NLI_SAMPLE
 from training import output_folder
 from training.merge import MERGE_CARD
+
+ADAPTERS = Path(__file__).parents[2] / "adapters"  # the shipped adapters, trained on SmolLM2
 
 TINY = ["--task", "nli", "--eval-examples", "2", "--batch-size", "2"]
 
@@ -144,9 +148,33 @@ def test_merge_writes_a_card_of_what_it_merged(tiny_llama_dir, llama_adapters, t
     assert card["adapter"] == {"path": str(adapter.resolve()),
                                "weights_sha256": sha256_of(adapter / "adapter_model.safetensors"),
                                "card": {"name": "carded", "task": "nli", "base_sha256": "ab" * 32}}
+    weights = tiny_llama_dir.resolve() / "model.safetensors"
     assert card["base"] == {"model": str(tiny_llama_dir), "dir": str(tiny_llama_dir.resolve()),
-                            "file": "model.safetensors", "sha256": sha256_of(tiny_llama_dir / "model.safetensors")}
+                            "weights": [{"file": str(weights), "sha256": sha256_of(weights)}]}
     assert card["command"].startswith("loraswap ")
+    assert_each_checks(card)
+
+
+def assert_each_checks(card: dict) -> None:
+    """Every file the merge card names with a sha256 is checked by ``sha256sum -c`` from any folder: named absolute."""
+    named = [card["base"].get("converted_from"), *card["base"]["weights"]]
+    lines = "".join(f"{entry['sha256']}  {entry['file']}\n" for entry in named if entry)
+    assert subprocess.run(["sha256sum", "--check", "--strict"], input=lines, text=True, capture_output=True,
+                          cwd="/").returncode == 0, lines
+
+
+@pytest.mark.smollm2
+def test_a_merge_card_of_the_embedded_base_names_the_folder_merged_into_and_the_gguf_it_came_from(tmp_path):
+    """A review: ``base.dir`` was the converted cache and ``base.file`` the GGUF's bare name (no such file there), its
+    sha256 the GGUF's: neither said what the adapter was merged into, nor could ``sha256sum`` check the file named."""
+    out = tmp_path / "merged"
+    assert main(["merge", "--adapter", str(ADAPTERS / "nli"), "--out", str(out)]) == 0
+    base = json.loads((out / MERGE_CARD).read_text())["base"]
+    cache = converted_dir(setting("cache_dir")).resolve()
+    assert base["model"] == "smollm2" and base["dir"] == str(cache)
+    assert [entry["file"] for entry in base["weights"]] == [str(cache / "model.safetensors")]
+    assert base["converted_from"] == {"file": str(embedded_gguf().resolve()), "sha256": GGUF_SHA256}
+    assert_each_checks({"base": base})
 
 
 def test_a_merge_card_of_an_adapter_without_a_card_names_its_folder_and_weights(tiny_gpt2_dir, gpt2_adapters,
