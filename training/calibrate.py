@@ -28,7 +28,7 @@ from service.tasks.prompts import NLI_LABELS
 from training.data import TASK_TRAIN_FILES, data_dir, naming_default_data, read_eval, read_nli
 from training.evaluate import bounded, engine_settings, named_as_given, served_adapter, start_runtime
 from training.metrics import ECE_BINS, expected_calibration_error, reliability_bins
-from training.named_adapter import adapter_folder
+from training.named_adapter import adapter_folder, adapter_identity
 
 FIT_FILE = "nli/mnli.jsonl.gz"  # the fit takes the held-out rows of this training file only
 DEV_FILE = "nli/mnli.jsonl.gz"  # its dev_matched split measures the calibration
@@ -167,6 +167,12 @@ def reliability_diagram(path: Path, curves: dict[str, dict], title: str) -> None
     plt.close(fig)
 
 
+def data_files(root: Path) -> dict[str, str]:
+    """The files calibrate reads in the data folder ``root``, in full (absolute, links resolved): ``fit``, the one the
+    temperature is fitted on (``FIT_FILE``), and ``dev``, the one it is measured on (``DEV_FILE``)."""
+    return {"fit": str((root / FIT_FILE).resolve()), "dev": str((root / DEV_FILE).resolve())}
+
+
 def command_of(args: argparse.Namespace) -> str:
     """The ``loraswap calibrate`` command line that ``args`` come from (the options given or changed)."""
     given = {"--adapter": args.adapter, "--data-dir": args.data_dir, "--diagram": args.diagram, "--json": args.json,
@@ -176,21 +182,22 @@ def command_of(args: argparse.Namespace) -> str:
     return " ".join(["loraswap calibrate", *options, *(["--write-card"] if args.write_card else [])])
 
 
-def calibration_field(temperature: float, fit: dict, dev: dict, seed: int, device: str, args: argparse.Namespace
-                      ) -> dict:
+def calibration_field(temperature: float, fit: dict, dev: dict, seed: int, device: str, args: argparse.Namespace,
+                      files: dict[str, str]) -> dict:
     """The card's ``label_calibration``: T, the label set it holds for, and how it was fitted (``fit``: count, NLL
-    before and after) and what it did on dev_matched (``dev``: ``summary`` before and after), on ``device``."""
+    before and after, on the file ``files["fit"]``) and what it did on dev_matched (``dev``: ``summary`` before and
+    after, of ``files["dev"]``), on ``device``; the files named in full, as the report names them (``data_files``)."""
     return {
         "temperature": round(temperature, 6),
         "labels": list(NLI_LABELS),
         "scored_by": "the first token of each label's completion, as served by default",
         "method": "temperature scaling (Guo et al. 2017): T minimising the mean NLL of the gold label under "
                   "softmax(z / T), z the labels' first-token log-probabilities; golden-section search over log T",
-        "data": f"{FIT_FILE} (train+dev_mismatched): its pairs among those loraswap train held out for validation "
+        "data": f"{files['fit']} (train+dev_mismatched): its pairs among those loraswap train held out for validation "
                 f"(training.train.split_rows, seed {seed}), less pairs also trained on; never MNLI dev_matched",
         "count": fit["count"], "seed": seed,
         "nll_before": round(fit["before"], 6), "nll_after": round(fit["after"], 6),
-        "mnli_dev_matched": {"count": dev["before"]["count"], "bins": ECE_BINS,
+        "mnli_dev_matched": {"data": files["dev"], "count": dev["before"]["count"], "bins": ECE_BINS,
                              "ece_before": round(dev["before"]["ece"], 4), "ece_after": round(dev["after"]["ece"], 4),
                              "accuracy_before": round(dev["before"]["accuracy"], 4),
                              "accuracy_after": round(dev["after"]["accuracy"], 4)},
@@ -239,8 +246,7 @@ def run(args: argparse.Namespace) -> dict:
     fit = {"count": len(fit_rows), "before": nll(fit_logits, fit_gold, 1.0),
            "after": nll(fit_logits, fit_gold, temperature)}
     dev = {"before": summary(dev_logits, dev_gold, 1.0), "after": summary(dev_logits, dev_gold, temperature)}
-    report = {"adapter": str(folder), "data": {"fit": str((root / FIT_FILE).resolve()),
-                                               "dev": str((root / DEV_FILE).resolve())},
+    report = {"adapter": adapter_identity(folder), "data": data_files(root),
               "temperature": temperature, "fit": fit,
               "mnli_dev_matched": {when: {k: v for k, v in s.items() if k != "bins"} for when, s in dev.items()},
               "engine": engine}
@@ -256,7 +262,7 @@ def run(args: argparse.Namespace) -> dict:
                                          "scores": scores}, indent=1))
     if args.write_card:
         fitted(temperature, len(fit_rows))
-        card[CALIBRATION_FIELD] = calibration_field(temperature, fit, dev, seed, device, args)
+        card[CALIBRATION_FIELD] = calibration_field(temperature, fit, dev, seed, device, args, report["data"])
         (folder / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
     return report
 

@@ -184,11 +184,13 @@ def score(rt: Runtime, adapter: AdapterWeights | None, rows: list[dict], args: a
     return evaluate_labels(rt, adapter, rows, LABELS[args.task], args.prompt_style)
 
 
-def eval_report(args: argparse.Namespace, metrics: dict, engine: dict) -> dict:
-    """What was evaluated (``data``: the file read, ``eval_path``, wherever --data or LORASWAP_DATA_DIR placed it), how
-    (the prompt style, the sample, the decoding of a sampled SQuAD run, the ``engine``'s settings: ``engine_settings``)
-    and ``metrics``."""
-    report = {"task": args.task, "adapter": args.adapter, "data": str(eval_path(args.task, args.data).resolve()),
+def eval_report(args: argparse.Namespace, adapter: AdapterWeights | None, metrics: dict, engine: dict) -> dict:
+    """What was evaluated (``adapter``: the folder of the weights served, ``named_adapter.adapter_identity``, null for
+    the bare base, however --adapter named it; ``data``: the file read, ``eval_path``, wherever --data or
+    LORASWAP_DATA_DIR placed it), how (the prompt style, the sample, the decoding of a sampled SQuAD run, the
+    ``engine``'s settings: ``engine_settings``) and ``metrics``."""
+    report = {"task": args.task, "adapter": None if adapter is None else named_adapter.adapter_identity(adapter.path),
+              "data": str(eval_path(args.task, args.data).resolve()),
               "prompt_style": args.prompt_style, "strategy": args.strategy, **metrics}
     if args.limit:
         report.update(limit=args.limit, sample_seed=args.sample_seed)
@@ -255,13 +257,14 @@ def run(args: argparse.Namespace) -> dict:
     rt = start_runtime(args, folder)
     try:
         with named_as_given(args):
-            metrics, predictions = score(rt, served_adapter(rt, args, folder), rows, args)
+            adapter = served_adapter(rt, args, folder)
+            metrics, predictions = score(rt, adapter, rows, args)
     except InputTooLong as exc:
         fewer = f" (fewer --distractors than {args.distractors})" if args.distractors else ""
         raise UsageError(f"an example is longer than the server takes{fewer}: {exc}") from None
     finally:
         rt.stop()
-    report = eval_report(args, metrics, engine_settings(rt))
+    report = eval_report(args, adapter, metrics, engine_settings(rt))
     print(json.dumps(report, indent=2))
     if "confusion_matrix" in report:
         print(confusion_table(report["confusion_matrix"]))

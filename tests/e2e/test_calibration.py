@@ -13,6 +13,7 @@ import pytest
 
 from service.cli.main import main
 from service.lora.card import CALIBRATION_FIELD, CARD_FILE
+from service.model.base_model import sha256_of
 from service.tasks.prompts import NLI_LABELS
 from training.metrics import ECE_BINS
 
@@ -47,13 +48,24 @@ def run(*args: str) -> None:
     main([*args, "--device", "cpu"])
 
 
-def test_calibrate_writes_the_temperature_the_server_then_applies(tiny_llama_dir, llama_adapters, tmp_path):
+def identity(adapter: Path, card: dict | None) -> dict:
+    """What a report names the adapter folder ``adapter`` by (``named_adapter.adapter_identity``), ``card`` the part of
+    its card that names it."""
+    return {"path": str(adapter.resolve()), "weights_sha256": sha256_of(adapter / "adapter_model.safetensors"),
+            "card": card}
+
+
+def test_calibrate_writes_the_temperature_the_server_then_applies(tiny_llama_dir, llama_adapters, tmp_path,
+                                                                  monkeypatch):
+    """A review: the report named the adapter as --adapter gave it (here a path relative to where calibrate ran), and
+    the card's ``label_calibration.data`` the fit file relative to the data folder, which the report names in full."""
     data = data_folder(tmp_path / "data")
     card = {"examples": {"train": 30, "validation": 21, "dropped_too_long_or_bad_label": 0, "available": 51},
             "hyperparameters": {"seed": 0}, "task": "nli"}
     adapter = carded(llama_adapters["one"], tmp_path / "adapters" / "one", card)
     report_path, diagram = tmp_path / "calibration.json", tmp_path / "reliability.png"
-    run("calibrate", "--adapter", str(adapter), "--data-dir", str(data), "--base-model", str(tiny_llama_dir),
+    monkeypatch.chdir(tmp_path)
+    run("calibrate", "--adapter", "adapters/one", "--data-dir", str(data), "--base-model", str(tiny_llama_dir),
         "--adapters-dir", str(tmp_path / "adapters"), "--write-card", "--diagram", str(diagram),
         "--json", str(report_path))
     report, written = json.loads(report_path.read_text()), json.loads((adapter / CARD_FILE).read_text())
@@ -63,6 +75,8 @@ def test_calibrate_writes_the_temperature_the_server_then_applies(tiny_llama_dir
     assert report["engine"]["base_model"] == str(tiny_llama_dir) and "max_input_tokens" in report["engine"]  # as eval
     mnli = str((data / "nli" / "mnli.jsonl.gz").resolve())
     assert report["data"] == {"fit": mnli, "dev": mnli}  # the files read, wherever --data-dir put them
+    assert field["data"].startswith(f"{mnli} (train+dev_mismatched): ") and field["mnli_dev_matched"]["data"] == mnli
+    assert report["adapter"] == identity(adapter, {"task": "nli"})
     assert 0 < report["fit"]["count"] == field["count"] <= 21 and report["fit"]["after"] <= report["fit"]["before"]
     assert report["mnli_dev_matched"]["after"]["count"] == 24 and diagram.stat().st_size > 0
     assert written["examples"] == card["examples"]  # the rest of the card is kept
@@ -86,7 +100,7 @@ def test_an_adapter_is_named_in_the_adapters_folder_and_a_card_that_is_not_json_
     report = tmp_path / "report.json"
     run("calibrate", "--adapter", "one", "--adapters-dir", str(tmp_path / "adapters"), "--data-dir", str(data),
         "--base-model", str(tiny_llama_dir), "--json", str(report))
-    assert json.loads(report.read_text())["adapter"] == str(adapter)
+    assert json.loads(report.read_text())["adapter"] == identity(adapter, {"task": "nli"})
     (adapter / CARD_FILE).write_text("{not json")
     with pytest.raises(SystemExit) as exited:
         run("calibrate", "--adapter", str(adapter), "--data-dir", str(data), "--base-model", str(tiny_llama_dir))

@@ -827,7 +827,7 @@ def test_an_eval_report_records_the_sampling_parameters_its_strategy_read(strate
                               limit=None, extractive=True, distractors=0, seed=None, top_k=None, top_p=None,
                               temperature=None)
     sampling_options(args)
-    report = eval_report(args, {}, {})
+    report = eval_report(args, None, {}, {})  # the bare base
     assert {"temperature", "top_k", "top_p"} & set(report) == recorded
     assert report.get("seed") == (0 if recorded else None)  # a sampling strategy's seed, 0 when none is given
 

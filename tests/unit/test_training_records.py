@@ -1,6 +1,6 @@
 """What ``loraswap train``, ``merge`` and ``eval`` record and write: the warmup a run's schedule used and what it
 trained on, beside what was asked (a warmup in a run of one step refused); the modes of the files train and
-merge write; merge's card of what it merged; the data file eval read."""
+merge write; merge's card of what it merged; the adapter and data file eval read."""
 from __future__ import annotations
 
 import json
@@ -196,4 +196,29 @@ def test_an_eval_report_names_the_data_file_it_read(tiny_llama_dir, tmp_path, mo
     report = tmp_path / "report.json"
     main(["eval", "--task", "nli", "--adapter", "none", "--limit", "3", "--base-model", str(tiny_llama_dir),
           "--adapters-dir", str(tmp_path), "--device", "cpu", "--json", str(report)])
-    assert json.loads(report.read_text())["data"] == str((data / "nli" / "mnli.jsonl.gz").resolve())
+    report = json.loads(report.read_text())
+    assert report["data"] == str((data / "nli" / "mnli.jsonl.gz").resolve())
+    assert report["adapter"] is None  # the bare base: "none" was the word given
+
+
+def carded(adapter: Path, folder: Path, card: dict) -> Path:
+    """A copy of the adapter folder ``adapter`` at ``folder``, with ``card`` as its card.json."""
+    shutil.copytree(adapter, folder)
+    (folder / "card.json").write_text(json.dumps(card))
+    return folder
+
+
+@pytest.mark.parametrize("given", ["path", "name"])
+def test_an_eval_report_names_the_adapter_evaluated_however_it_was_given(given, tiny_llama_dir, llama_adapters,
+                                                                         tmp_path, monkeypatch):
+    """A review: the report's ``adapter`` was --adapter as given, a name or a path relative to where eval ran: which
+    folder (and which weights) was evaluated could not be told from it."""
+    adapter = carded(llama_adapters["one"], tmp_path / "adapters" / "one", {"name": "one", "task": "nli", "seed": 3})
+    monkeypatch.chdir(tmp_path)
+    report = tmp_path / "report.json"
+    main(["eval", "--task", "nli", "--adapter", {"path": "adapters/one", "name": "one"}[given], "--limit", "3",
+          "--data", str(NLI_SAMPLE), "--base-model", str(tiny_llama_dir), "--adapters-dir", str(tmp_path / "adapters"),
+          "--device", "cpu", "--json", str(report)])
+    assert json.loads(report.read_text())["adapter"] == {
+        "path": str(adapter.resolve()), "weights_sha256": sha256_of(adapter / "adapter_model.safetensors"),
+        "card": {"name": "one", "task": "nli"}}
