@@ -1,4 +1,4 @@
-"""Session fixtures: tiny real tokenizer, GPT-2 and Llama bases, and LoRA adapters on them; module
+"""Session fixtures: tiny real tokenizer, GPT-2, Llama and GPT-NeoX bases, and LoRA adapters on the first two; module
 fixtures over both bases with the three ranked adapters of ``tests.lora_helpers``.
 
 Tests that need what a clone does not hold skip, with the reason, when it is absent: ``real_data(*files)``
@@ -18,7 +18,7 @@ from service.model.base_model import embedded_gguf
 from service.tasks import template_sandbox
 from tests.data.make_corpus import NLI_SAMPLE
 from tests.lora_helpers import BASES, make_ranked_adapters
-from tests.tiny_models import build_gpt2, build_llama, build_tokenizer, make_adapter
+from tests.tiny_models import build_gpt2, build_llama, build_neox, build_tokenizer, make_adapter
 from training.data import data_dir
 
 # .ci/run draws hypothesis' examples from a fixed seed (a red run lands nothing, so it must not fail by chance); runs
@@ -100,6 +100,12 @@ def tiny_gpt2_dir(tiny_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFac
 def tiny_llama_dir(tiny_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random 2-layer Llama saved with its tokenizer."""
     return build_llama(tiny_tokenizer_dir, tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_neox_dir(tiny_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random 2-layer GPT-NeoX (its output head ``embed_out``) saved with its tokenizer."""
+    return build_neox(tiny_tokenizer_dir, tmp_path_factory.mktemp("neox"))
 
 
 def _two_adapters(base_dir: Path, root: Path) -> dict[str, Path]:

@@ -1,5 +1,5 @@
 """Tiny real models for tests: a byte-level BPE tokenizer trained on the task-data sample in ``tests/data``,
-random GPT-2 and Llama bases built from configs, and stock-peft LoRA adapters on them.
+random GPT-2, Llama and GPT-NeoX bases built from configs, and stock-peft LoRA adapters on them.
 
 Nothing is fetched from a hub; everything is built in well under a second and saved with
 ``save_pretrained`` so the code under test loads it exactly as it loads real models.
@@ -15,6 +15,8 @@ from transformers import (
     AutoTokenizer,
     GPT2Config,
     GPT2LMHeadModel,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
@@ -33,6 +35,7 @@ CHAT_TEMPLATE = ("{% for message in messages %}{{ message.role + ': ' + message.
 LINEAR_TARGETS = {
     "gpt2": ["c_attn", "c_proj", "c_fc"],
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
 }
 
 
@@ -105,6 +108,17 @@ def build_llama(tokenizer_dir: Path, out_dir: Path, *, seed: int = 0) -> Path:
         **_special_ids(tok),
     )
     return _save_base(LlamaForCausalLM(config), tok, out_dir)
+
+
+def build_neox(tokenizer_dir: Path, out_dir: Path, *, seed: int = 0) -> Path:
+    """A random 2-layer GPT-NeoX (fused query_key_value, rotary on a quarter of each head, parallel residual, its
+    untied output head ``embed_out``) with the tokenizer beside it."""
+    tok = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
+    torch.manual_seed(seed)
+    config = GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           rotary_pct=0.25, vocab_size=len(tok), max_position_embeddings=512,
+                           tie_word_embeddings=False, **_special_ids(tok))
+    return _save_base(GPTNeoXForCausalLM(config), tok, out_dir)
 
 
 def make_adapter(
