@@ -2,7 +2,8 @@
 (``layers.lora_targets``), is ``lm_head`` in transformers 5 (``embed_out`` in 4, whose checkpoints' weights 5 renames
 as it loads them), and its attention reads one fused ``query_key_value`` layer. train refuses the head (by either name)
 as a target, the registry an adapter on it, and an adapter on ``query_key_value``/``dense`` is served with stock
-peft's logits, in a mixed batch and in decoding steps over the KV cache, gathered and dense."""
+peft's logits, in a mixed batch and in decoding steps over the KV cache, gathered and dense (and on a GPU, where
+there is one)."""
 from __future__ import annotations
 
 import pytest
@@ -13,7 +14,7 @@ from service.errors import AdapterError
 from service.lora.layers import lora_targets
 from service.lora.registry import AdapterRegistry
 from tests.engine.test_adapter_config import UNSERVED, edited, lora_weights_only, stock_adapter
-from tests.engine.test_decode_step import Rows
+from tests.engine.test_decode_step import CASES, Rows
 from tests.engine.test_lora_layers import assert_rows_match_peft
 from tests.lora_helpers import batched_logits, engine_model, load_model, random_ids
 from tests.tiny_models import LINEAR_TARGETS, make_adapter
@@ -71,10 +72,11 @@ def test_a_mixed_batch_equals_peft_per_row(tiny_neox_dir, neox_adapters):
     assert_rows_match_peft(tiny_neox_dir, neox_adapters, rows, ids, batched_logits(model, registry, rows, ids))
 
 
-@pytest.mark.parametrize("dense", [False, True], ids=["gathered", "dense"])
+@pytest.mark.parametrize(("device", "form"), CASES)
 @torch.inference_mode()
-def test_decoding_steps_equal_each_sequence_alone(dense, tiny_neox_dir, neox_adapters):
-    rows = Rows(tiny_neox_dir, neox_adapters, dense=dense)
+def test_decoding_steps_equal_each_sequence_alone(device, form, tiny_neox_dir, neox_adapters):
+    """On the GPU the steps are replayed CUDA graphs, as in test_decode_step."""
+    rows = Rows(tiny_neox_dir, neox_adapters, dense=form == "dense", device=device)
     rows.join([random_ids(1, 3, 1)[0].tolist(), random_ids(1, 9, 2)[0].tolist()], ["r4", None], chunk=4)
     rows.assert_match()
     rows.join([random_ids(1, 5, 3)[0].tolist()], ["r8"])
