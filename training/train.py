@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import math
 import random
@@ -246,19 +245,15 @@ def plot_losses(history: list[dict], path: Path, title: str) -> None:
 
 
 def base_weights(base_model: str, cache_dir: Path) -> tuple[str, str]:
-    """The base weights file name(s), comma-joined, and their sha256 in hex (for 'smollm2', of the embedded GGUF;
-    for shards, of their sha256s in name order). Raises FileNotFoundError when ``base_model`` is no model
-    directory, RuntimeError when the embedded GGUF is not installed."""
+    """The base weights file name(s) (for 'smollm2', the embedded GGUF's; else in ``base_model``'s folder, in name
+    order) and the sha256 of each in hex, each comma-joined in the same order: what ``sha256sum`` prints for each
+    file. Raises FileNotFoundError when ``base_model`` is no model directory, RuntimeError when the embedded GGUF is
+    not installed."""
     from service.model.base_model import EMBEDDED, embedded_gguf, resolve_base_dir, sha256_of
 
-    if base_model == EMBEDDED:
-        gguf = embedded_gguf()
-        return gguf.name, sha256_of(gguf)
-    files = sorted(resolve_base_dir(base_model, cache_dir).glob("*.safetensors"))
-    if len(files) == 1:
-        return files[0].name, sha256_of(files[0])
-    shards = "".join(sha256_of(f) for f in files)  # sharded: the sha256 of the shards' sha256s, in name order
-    return ",".join(f.name for f in files), hashlib.sha256(shards.encode()).hexdigest()
+    files = [embedded_gguf()] if base_model == EMBEDDED else sorted(
+        resolve_base_dir(base_model, cache_dir).glob("*.safetensors"))
+    return ",".join(f.name for f in files), ",".join(sha256_of(f) for f in files)
 
 
 @dataclass(frozen=True)

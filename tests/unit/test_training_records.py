@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from service.cli.main import main
 from service.model.base_model import GGUF_SHA256, converted_dir, embedded_gguf, sha256_of
@@ -19,6 +20,7 @@ from service.settings import setting
 from tests.data.make_corpus import NLI_SAMPLE
 from training import output_folder
 from training.merge import MERGE_CARD
+from training.train import base_weights
 
 ADAPTERS = Path(__file__).parents[2] / "adapters"  # the shipped adapters, trained on SmolLM2
 
@@ -175,6 +177,18 @@ def test_a_merge_card_of_the_embedded_base_names_the_folder_merged_into_and_the_
     assert [entry["file"] for entry in base["weights"]] == [str(cache / "model.safetensors")]
     assert base["converted_from"] == {"file": str(embedded_gguf().resolve()), "sha256": GGUF_SHA256}
     assert_each_checks({"base": base})
+
+
+def test_a_train_card_names_each_shard_of_a_sharded_base_with_its_sha256(tiny_llama_dir, tmp_path):
+    """The card's ``base_sha256`` of a sharded base was the sha256 of its shards' sha256s, which ``sha256sum`` checks
+    on no file: now each shard's, in the order of ``base_file``."""
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(tiny_llama_dir).save_pretrained(sharded, max_shard_size="200KB")
+    names, sums = (value.split(",") for value in base_weights(str(sharded), tmp_path / "cache"))
+    assert len(names) > 1 and names == sorted(path.name for path in sharded.glob("*.safetensors"))
+    lines = "".join(f"{digest}  {name}\n" for name, digest in zip(names, sums, strict=True))
+    assert subprocess.run(["sha256sum", "--check", "--strict"], input=lines, text=True, capture_output=True,
+                          cwd=sharded).returncode == 0, lines
 
 
 def test_a_merge_card_of_an_adapter_without_a_card_names_its_folder_and_weights(tiny_gpt2_dir, gpt2_adapters,
