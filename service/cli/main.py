@@ -267,6 +267,8 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[st
     except KeyboardInterrupt:  # Ctrl-C: the shell's status for SIGINT (128 + 2), not a traceback
         if args.command == "serve":  # stopped before its server serves: status 0, as a server stopped once serving
             parser.exit(0, "loraswap serve: stopped\n")
+        if argv is None:  # this process is the command's: it ends now, whatever the stop left running
+            server_process.end_stopped(f"loraswap {args.command}: interrupted", 130)
         parser.exit(130, f"loraswap {args.command}: interrupted\n")
     return 0
 

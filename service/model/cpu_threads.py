@@ -21,9 +21,17 @@ T = TypeVar("T")
 
 def on_passing_thread(fn: Callable[..., T], *args) -> T:
     """``fn(*args)`` run on a new thread that ends when it returns: its result, or what it raised. What the thread
-    freed leaves memory with it (``malloc.give_back``: loading leaves 20 MiB of free chunks behind)."""
+    freed leaves memory with it (``malloc.give_back``: loading leaves 20 MiB of free chunks behind). A stop
+    (KeyboardInterrupt) while ``fn`` runs is raised at once, ``fn`` left to run on: waiting for it (a batch of
+    transformers' ``generate``) kept ``loraswap bench`` 26 s past its SIGTERM; the command's process then ends
+    without it (``server_process.end_stopped``)."""
+    thread = ThreadPoolExecutor(1, thread_name_prefix="loraswap-passing")
+    work = thread.submit(fn, *args)
     try:
-        with ThreadPoolExecutor(1, thread_name_prefix="loraswap-passing") as thread:
-            return thread.submit(fn, *args).result()
-    finally:
-        give_back()
+        work.exception()  # waits for fn to end; what it raised, result() raises below
+    except KeyboardInterrupt:  # a stop: fn runs on, not waited for
+        thread.shutdown(wait=False)
+        raise
+    thread.shutdown()
+    give_back()
+    return work.result()

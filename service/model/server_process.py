@@ -1,6 +1,6 @@
 """The server process, readied at its start, once it runs without malloc's tcache (``malloc.restart_without_tcache``,
 which ``loraswap serve`` calls first): no bitsandbytes when the base is full precision; ended at once once it has
-served (``run_to_its_end``). Light: the CLI imports it.
+served (``run_to_its_end``), as a command's process is once stopped (``end_stopped``). Light: the CLI imports it.
 
 peft imports bitsandbytes whenever it is installed (and bitsandbytes networkx): 44 MiB of resident memory that a
 full-precision base never uses, and on a CPU a warning that its 4-bit kernels need the package ``kernels``. The other
@@ -8,6 +8,7 @@ commands of a full-precision base (``train``, ``eval``, ``bench``...) go without
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import sys
@@ -64,3 +65,15 @@ def end(status: int) -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)
+
+
+def end_stopped(line: str, status: int) -> NoReturn:
+    """End this process, a command's from its start, at once after a stop (Ctrl-C, SIGTERM): the exit hooks run
+    (``atexit``'s: ray's shutdown where scale started a Ray, logging's flush, weakref finalizers' such as a temporary
+    folder's removal), ``line`` is written on stderr, then ``end``. Not the interpreter's end, which waits for the
+    work the stop left running: the threads not daemonic (``cpu_threads.on_passing_thread``'s: bench SIGTERMed during
+    transformers' ``generate`` ended 26 s later), then ends the daemonic ones wherever they are, an abort 1 run in 4
+    in torch's code (``terminate called without an active exception``)."""
+    atexit._run_exitfuncs()
+    print(line, file=sys.stderr)
+    end(status)
