@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -224,6 +225,16 @@ def from_the_start(args: argparse.Namespace) -> None:
         threads_within_quota()
 
 
+def close_progress_bars() -> None:
+    """Close the progress bars still open (tqdm's: training's, a load's, the embedded base's conversion), each ending
+    its line, so that what is written next starts a line of its own: a stop's line was written on the bar's (``...
+    100/1000 [00:05<00:45, 19.9it/s]loraswap train: interrupted``). tqdm is not imported here where no bar was."""
+    progress = sys.modules.get("tqdm.std")
+    if progress is not None:
+        for bar in list(progress.tqdm._instances):
+            bar.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command ``argv`` gives (None: this process's command line, the process being the command's from its
     start); its exit status. serve's process from its start does not return: it ends at once when the command does
@@ -265,6 +276,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[st
             TemplateRefused) as exc:  # cannot be done (OSError: a file named that cannot be read or written)
         parser.exit(2, f"loraswap {args.command}: error: {reason(exc, args)}\n")
     except KeyboardInterrupt:  # Ctrl-C: the shell's status for SIGINT (128 + 2), not a traceback
+        close_progress_bars()
         if args.command == "serve":  # stopped before its server serves: status 0, as a server stopped once serving
             parser.exit(0, "loraswap serve: stopped\n")
         if argv is None:  # this process is the command's: it ends now, whatever the stop left running

@@ -59,5 +59,6 @@ def test_train_stopped_twice_ends_with_one_line_and_leaves_no_partial_folder(tin
                                signal.SIGTERM)
     err = log.read_text()
     assert status == 130 and err.count("loraswap train: interrupted\n") == 1, err[-2000:]
+    assert err.endswith("\nloraswap train: interrupted\n"), err[-2000:]  # not on the line of training's progress bar
     assert "Traceback" not in err and "terminate called" not in err, err[-2000:]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["data"]  # no adapter, no .partial folder

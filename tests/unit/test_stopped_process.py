@@ -12,6 +12,8 @@ import time
 
 import pytest
 
+import training.evaluate
+from service.cli.main import main
 from service.model.cpu_threads import on_passing_thread
 
 
@@ -48,13 +50,17 @@ def test_a_stop_while_work_runs_on_a_passing_thread_is_raised_without_waiting_fo
 
 
 # `loraswap bench` as its own process, its run replaced by work that the stop it sends itself leaves running on a
-# passing thread, a thread not daemonic (the interpreter's end joins it), and an exit hook that says it ran
+# passing thread, a thread not daemonic (the interpreter's end joins it), an exit hook that says it ran, and a
+# progress bar left open
 STOPPED_BENCH = """
 import atexit, signal, sys, threading, types
+from tqdm import tqdm
 from service.model.cpu_threads import on_passing_thread
 
 def run(args):
     atexit.register(print, "exit hook ran", flush=True)
+    bar = tqdm(total=10, desc="steps")  # held, as a loop holds its bar
+    bar.update(3)
     threading.Thread(target=threading.Event().wait, args=(600,), name="left running").start()
     main = threading.main_thread().ident
     on_passing_thread(lambda: (signal.pthread_kill(main, signal.SIGTERM), threading.Event().wait(600)))
@@ -70,6 +76,24 @@ def test_a_stopped_command_ends_at_once_with_its_line_and_status_130_its_exit_ho
     ended = subprocess.run([sys.executable, "-c", STOPPED_BENCH], capture_output=True, text=True, timeout=120,
                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert ended.returncode == 130, ended.stderr[-2000:]
-    assert ended.stderr.endswith("\nloraswap bench: interrupted\n") or ended.stderr == "loraswap bench: interrupted\n"
+    assert ended.stderr.endswith("it/s]\nloraswap bench: interrupted\n"), ended.stderr[-2000:]  # after the bar's line
     assert ended.stderr.count("interrupted") == 1 and "Traceback" not in ended.stderr, ended.stderr[-2000:]
     assert ended.stdout == "exit hook ran\n"
+
+
+def test_a_stop_s_line_starts_a_line_of_its_own_after_a_progress_bar(monkeypatch, capsys):
+    """Stopped with a progress bar open (train's, eval's load of the base), the line was written on the bar's line:
+    ``steps:  30%|###       | 3/10 [00:00<00:00, 9.1it/s]loraswap eval: interrupted``."""
+    from tqdm import tqdm
+
+    def interrupted(_args):
+        bar = tqdm(total=10, desc="steps")  # held, as a loop holds its bar
+        bar.update(3)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training.evaluate, "run", interrupted)
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", "--task", "squad", "--adapter", "none"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 130 and err.startswith("\rsteps:"), err
+    assert err.endswith("it/s]\nloraswap eval: interrupted\n"), err
