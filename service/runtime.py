@@ -287,13 +287,14 @@ class Runtime:
             renderer(self.tasks.tokenizer).close()
 
     def stop(self) -> None:
-        """Stop taking work, end the chat template renders (``stop_rendering``), finish what the engine has queued,
-        stop the engine. A start still loading in the background (``start_in_background``) ends at its next step
-        (``start``), and is waited for: it ends, and says so, before the server does, not while the interpreter ends
-        (a review: its log line came after the server's last, or never). At most ``STOP_WAIT_SECONDS``: a step that
-        cannot be cut, the embedded base's conversion (30-60 s) or the base's load, runs on (``still_starting``),
-        to end at its own end, the engine never started; the server's process ends without it (a review: serve
-        SIGTERMed while it converted ended 10-30 s later, past a container's grace period)."""
+        """Stop taking work, end the chat template renders (``stop_rendering``), finish what the engine has queued, stop
+        the engine (``Engine.stop``: within its bound, else left running with an error line). A start still loading in
+        the background (``start_in_background``) ends at its next step (``start``), and is waited for: it ends, and says
+        so, before the server does, not while the interpreter ends (a review: its log line came after the server's last,
+        or never). At most ``STOP_WAIT_SECONDS``: a step that cannot be cut, the embedded base's conversion (30-60 s) or
+        the base's load, runs on (``still_starting``), to end at its own end, the engine never started; the server's
+        process ends without it (a review: serve SIGTERMed while it converted ended 10-30 s later, past a container's
+        grace period)."""
         self.stopped.set()
         self.draining = True
         if self.starting is not None and self.starting is not threading.current_thread():

@@ -62,6 +62,7 @@ from service.settings import (
 
 log = logging.getLogger(__name__)
 REST_AFTER_S = 0.5  # seconds without work before the engine gives the last batches' memory back (Engine._rest)
+STOP_WAIT_S = 10.0  # the most a stop waits for the engine thread to finish what is queued and end (Engine.stop)
 
 
 @dataclass(eq=False)
@@ -135,13 +136,23 @@ class Engine:
         self._thread = threading.Thread(target=self._supervised, name="loraswap-engine", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float | None = None) -> None:
-        """Refuse new work, finish everything queued, then stop the thread."""
-        with self._wakeup:
-            self._accepting = False
+    def stop(self, timeout: float = STOP_WAIT_S) -> bool:
+        """Refuse new work, finish everything queued, then stop the thread, waiting at most ``timeout`` seconds for it
+        to end: whether it ended. Where it did not, an error line says so, and the thread (a daemon) is left to run:
+        a lock it waits for may never be released (one a KeyboardInterrupt left held: an unbounded wait here hung
+        the command's stop for ever)."""
+        deadline = time.monotonic() + timeout
+        self._accepting = False
+        if self._wakeup.acquire(timeout=timeout):  # held for ever where the engine thread waits, holding it
             self._wakeup.notify_all()
+            self._wakeup.release()
         if self._thread is not None:
-            self._thread.join(timeout)
+            self._thread.join(max(0.0, deadline - time.monotonic()))
+        if self._thread is None or not self._thread.is_alive():
+            return True
+        log.error("the engine thread did not end within %g s of the stop (%d requests queued): left running",
+                  timeout, len(self._queue))
+        return False
 
     @property
     def queue_depth(self) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 import time
 from concurrent.futures import CancelledError, InvalidStateError
 
@@ -16,6 +17,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from service.engine.requests import GenerationResult, RequestFuture
+from service.engine.scheduler import STOP_WAIT_S
 from service.errors import EngineFailed, RequestAbandoned, UnknownAdapter
 from service.tasks.tasks import Tasks
 from tests.engine.engine_helpers import (
@@ -194,3 +196,24 @@ def test_a_fault_while_taking_requests_to_join_a_batch_fails_that_batch_and_lose
         running.result(WAIT)
     assert_same_outputs(results(queued), expected, queued_works)
     assert not faults and engine.failure is None and engine.queue_depth == 0
+
+
+def test_a_stop_waits_a_bounded_time_for_an_engine_thread_held_by_a_lock_left_held(engines, caplog):
+    """A request's future whose lock is left held (as a KeyboardInterrupt raised in its caller's wait could leave it)
+    holds the engine thread when it takes the request, while it holds its own lock: the stop waited for ever, on that
+    lock or on the thread's end (a review: eval hung in the engine's stop). It now gives up after its bound
+    (``STOP_WAIT_S``), with a line, the thread left to run."""
+    engine = engines.fresh()
+    with paused(engine):
+        held = engine.submit(greedy(random.Random(23), "r2"))
+        held._condition.acquire()
+    stopped: list[bool] = []
+    stopping = threading.Thread(target=lambda: stopped.append(engine.stop()), daemon=True)
+    try:
+        stopping.start()
+        stopping.join(WAIT)
+        assert stopped == [False], "the stop did not return"
+        assert f"the engine thread did not end within {STOP_WAIT_S:g} s of the stop" in caplog.text
+    finally:
+        held._condition.release()
+    assert engine.stop() and held.result(WAIT).finish_reason  # let go, it finishes what was queued and ends
