@@ -21,7 +21,7 @@ mkdir -p "$out"
 for round in $(seq 1 "$rounds"); do
   for which in old new; do
     tree=$new_tree; [ "$which" = old ] && tree=$old_tree
-    (cd "$tree" && exec "$python" -m service.cli.main serve --port "$port") > "$out/serve_$which.log" 2>&1 < /dev/null &
+    (cd "$tree" && exec "$python" -m service.cli.entry serve --port "$port") > "$out/serve_$which.log" 2>&1 < /dev/null &
     server=$!
     until curl -s "localhost:$port/ready" | grep -q true; do
       kill -0 "$server" 2>/dev/null || { echo "the $which server exited, see $out/serve_$which.log" >&2; exit 1; }

@@ -46,7 +46,7 @@ START_TIMEOUT_S = 600  # Ray, then every replica loading the base model, on a bu
 def scaled(routing: str, args: argparse.Namespace, root: Path):
     """``loraswap scale`` with ``routing`` running (every replica up) for the block, stopped (SIGTERM) after it.
     Raises RuntimeError if it ends or is not ready within START_TIMEOUT_S."""
-    command = [sys.executable, "-m", "service.cli.main", "scale", "--replicas", str(args.replicas), "--routing",
+    command = [sys.executable, "-m", "service.cli.entry", "scale", "--replicas", str(args.replicas), "--routing",
                routing, "--base-model", args.base_model, "--device", "cpu", "--max-resident", str(args.max_resident),
                "--adapter-roots", str(root), "--admin-key", ADMIN_KEY, "--host", "127.0.0.1", "--port", str(args.port)]
     process = subprocess.Popen(command, start_new_session=True)  # the signal goes to it alone

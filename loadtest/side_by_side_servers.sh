@@ -41,7 +41,7 @@ done
 port=8000
 while [ $# -gt 0 ] && [ "$1" != -- ]; do
   name=${1%%=*}; IFS=, read -r -a spec <<< "${1#*=}"; shift
-  (cd "${spec[0]}" && exec "$python" -m service.cli.main serve --port "$port" "${spec[@]:1}") > "$out/$name.log" 2>&1 &
+  (cd "${spec[0]}" && exec "$python" -m service.cli.entry serve --port "$port" "${spec[@]:1}") > "$out/$name.log" 2>&1 &
   pids+=($!)
   options+=(--system "$name=loraswap-free@http://127.0.0.1:$port" --pid "$name=$!")
   until curl -s "localhost:$port/ready" | grep -q true; do
@@ -55,6 +55,6 @@ for ((port = 8081; port < 8081 + ${#models[@]}; port++)); do
   until curl -s "localhost:$port/health" | grep -q ok; do sleep 1; done
 done
 uptime
-"$python" -m service.cli.main side-by-side "${options[@]}" "$@" --json "$out/side_by_side.json" \
+"$python" -m service.cli.entry side-by-side "${options[@]}" "$@" --json "$out/side_by_side.json" \
   --markdown "$out/side_by_side.md"
 uptime

@@ -8,7 +8,7 @@ results=${1:-results}
 shift || true
 mkdir -p "$results"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-loraswap() { python -m service.cli.main "$@"; }
+loraswap() { python -m service.cli.entry "$@"; }
 step() { echo "== $(date +%T) $*"; }
 
 train_squad() {

@@ -1,4 +1,5 @@
-"""The ``loraswap`` command's entry point (pyproject's ``[project.scripts]``): it holds back the stops (``STOPS``,
+"""The ``loraswap`` command's entry point (pyproject's ``[project.scripts]``; ``python -m service.cli.entry`` where the
+command is run from a checkout, as the load tests' scripts and the tests do): it holds back the stops (``STOPS``,
 SIGINT and SIGTERM) from the process's first step, before loraswap's modules and their dependencies load (0.3 s, about
 1 s on a busy machine, then serve's restart without malloc's tcache), until the command takes them
 (``command.take_stops``). A stop meanwhile waits, blocked, and then ends the command as a stop a moment later would

@@ -210,11 +210,11 @@ def field_name(loc: tuple, model: str, args: argparse.Namespace) -> str:
 def from_the_start(args: argparse.Namespace) -> None:
     """What a process that runs the command of ``args`` from its start does first: ``serve`` starts again without
     malloc's tcache (``malloc.restart_without_tcache``: before it reads its configuration, so that the process started
-    again alone reads it; a review: serve built its Settings in both), a stop held back meanwhile
-    (``entry.hold_stops``, where the entry point has not held them from the process's first step: ``python -m
-    service.cli.main``); then a stop (SIGTERM, as Ctrl-C) ends it from now on (``take_stops``; loadtest and scale set
-    their own later), and torch's threads are sized to the CPU quota (``threads_within_quota``, before torch is
-    imported), but where the command sizes them itself (``Command.own_threads``: scale's replicas, by Ray)."""
+    again alone reads it; a review: serve built its Settings in both), a stop held back meanwhile (``entry.hold_stops``,
+    where the entry point has not held them from the process's first step: a process that calls ``main`` itself); then a
+    stop (SIGTERM, as Ctrl-C) ends it from now on (``take_stops``; loadtest and scale set their own later), and torch's
+    threads are sized to the CPU quota (``threads_within_quota``, before torch is imported), but where the command sizes
+    them itself (``Command.own_threads``: scale's replicas, by Ray)."""
     hold_stops()
     if args.command == "serve":
         malloc.restart_without_tcache()
@@ -285,5 +285,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[st
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":  # not an entry point: loraswap's modules would load before the stops are held
+    print("loraswap: python -m service.cli.main is not the command's entry point: run loraswap, or python -m "
+          "service.cli.entry, which hold Ctrl-C and SIGTERM back from the process's first step", file=sys.stderr)
+    raise SystemExit(2)

@@ -110,7 +110,7 @@ class Live:
 def live(tiny_llama_dir, llama_adapters, tmp_path_factory):
     root = tmp_path_factory.mktemp("deploy")
     port = free_port()
-    command = [sys.executable, "-m", "service.cli.main", "serve", "--base-model", str(tiny_llama_dir),
+    command = [sys.executable, "-m", "service.cli.entry", "serve", "--base-model", str(tiny_llama_dir),
                "--adapters-dir", str(copy_adapters(llama_adapters, root / "adapters")), "--admin-key", ADMIN_KEY,
                "--port", str(port), "--host", "127.0.0.1", "--cache-dir", str(root / "cache"), "--device", "cpu",
                "--qa-adapter", "one", "--nli-adapter", "two", "--max-resident", "2", "--no-auto-merge"]

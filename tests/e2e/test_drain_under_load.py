@@ -55,7 +55,7 @@ def client(url: str, first: int, answers: dict, outcomes: list, stop: threading.
 def serve_command(tiny_llama_dir, adapters, tmp_path, port: int, drain_seconds: float) -> list[str]:
     """``loraswap serve`` of the tiny Llama with ``adapters`` (a folder) on ``port``. A request may wait in its queue
     for as long as the test runs (a CI run on a busy host: one of 16 clients waited past the default 30 s, a 429)."""
-    return [sys.executable, "-m", "service.cli.main", "serve", "--base-model", str(tiny_llama_dir),
+    return [sys.executable, "-m", "service.cli.entry", "serve", "--base-model", str(tiny_llama_dir),
             "--adapters-dir", str(adapters), "--port", str(port), "--cache-dir", str(tmp_path / "cache"), "--device",
             "cpu", "--qa-adapter", "one", "--nli-adapter", "two", "--max-batch", "4", "--max-new-tokens", str(TOKENS),
             "--drain-seconds", str(drain_seconds), "--max-queue-wait", "600"]

@@ -52,7 +52,7 @@ def server(tiny_llama_dir, llama_adapters, tmp_path_factory):
     extra = root / "extra"
     make_adapter(tiny_llama_dir, extra / "three", seed=2)
     port = free_port()
-    command = [sys.executable, "-m", "service.cli.main", "serve", "--base-model", str(tiny_llama_dir),
+    command = [sys.executable, "-m", "service.cli.entry", "serve", "--base-model", str(tiny_llama_dir),
                "--adapters-dir", str(copy_adapters(llama_adapters, root / "adapters")), "--adapter-roots", str(extra),
                "--admin-key", ADMIN_KEY, "--api-key", API_KEY, "--port", str(port), "--host", "127.0.0.1",
                "--cache-dir", str(root / "cache"),

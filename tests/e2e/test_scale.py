@@ -119,7 +119,7 @@ def test_sigterm_takes_scale_down_with_the_ray_it_started(settings, tmp_path):
     (a review: 44 MiB each). First in the module: its own Ray, before the module's cluster starts (two would crowd 2
     cores)."""
     port = free_port()
-    command = [sys.executable, "-m", "service.cli.main", "scale", "--replicas", "1", "--host", "127.0.0.1",
+    command = [sys.executable, "-m", "service.cli.entry", "scale", "--replicas", "1", "--host", "127.0.0.1",
                "--port", str(port), "--base-model", settings.base_model, "--adapters-dir", str(settings.adapters_dir),
                "--cache-dir", str(settings.cache_dir), "--device", "cpu", "--max-new-tokens", "8"]
     with open(tmp_path / "scale.log", "w+") as log:
@@ -317,7 +317,7 @@ def test_a_second_run_on_the_cluster_is_refused_before_deploying_and_leaves_the_
     same name, in the first's place without a word. Now a usage error (one line, status 2) before it deploys, naming
     the application and how to end it; the first's application runs on, untouched."""
     port, deployed = scaled.base_url.port, serve.status().applications["loraswap"].last_deployed_time_s
-    command = [sys.executable, "-m", "service.cli.main", "scale", "--replicas", "1", "--host", "127.0.0.1", "--port",
+    command = [sys.executable, "-m", "service.cli.entry", "scale", "--replicas", "1", "--host", "127.0.0.1", "--port",
                str(port), "--address", ray.get_runtime_context().gcs_address, "--base-model", settings.base_model,
                "--adapters-dir", str(settings.adapters_dir), "--cache-dir", str(settings.cache_dir), "--device", "cpu"]
     environment = {**os.environ, "RAY_AUTH_MODE": "token"}  # an explicit address: Ray sends its token (README)

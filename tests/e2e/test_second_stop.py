@@ -38,7 +38,7 @@ def stopped_twice(command: list[str], log, started: callable, second: signal.Sig
 @pytest.mark.parametrize("second", [signal.SIGTERM, signal.SIGINT])
 def test_eval_stopped_twice_ends_with_one_line_and_status_130(second, tiny_llama_dir, tmp_path):
     log = tmp_path / "eval.log"
-    command = [sys.executable, "-m", "service.cli.main", "eval", "--task", "squad", "--adapter", "none", "--data",
+    command = [sys.executable, "-m", "service.cli.entry", "eval", "--task", "squad", "--adapter", "none", "--data",
                str(SQUAD_SAMPLE), "--base-model", str(tiny_llama_dir), "--adapters-dir", str(tmp_path),
                "--device", "cpu", "--json", str(tmp_path / "report.json")]
     with log.open("w") as stderr:
@@ -52,7 +52,7 @@ def test_eval_stopped_twice_ends_with_one_line_and_status_130(second, tiny_llama
 def test_train_stopped_twice_ends_with_one_line_and_leaves_no_partial_folder(tiny_gpt2_dir, nli_data,
                                                                              tmp_path):
     out, log = tmp_path / "adapter", tmp_path.parent / f"{tmp_path.name}.log"
-    command = [sys.executable, "-m", "service.cli.main", "train", *TINY_RUN, "--max-steps", "100000", "--base-model",
+    command = [sys.executable, "-m", "service.cli.entry", "train", *TINY_RUN, "--max-steps", "100000", "--base-model",
                str(tiny_gpt2_dir), "--data-dir", str(nli_data), "--out", str(out)]
     with log.open("w") as stderr:
         status = stopped_twice(command, stderr, lambda: bool(list(tmp_path.glob(".adapter.partial-*"))),

@@ -26,10 +26,10 @@ BOUND = 5.0  # seconds from the signal to the exit: ~1.3 s measured, generous fo
 WAIT = 180.0  # seconds a start may take (the embedded base's conversion: 30-60 s) before the test fails
 # the command as PID 1 of a PID namespace of its own, killed with unshare (a test's kill of unshare left it running)
 PID_1 = ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"]
-MODULE = [sys.executable, "-m", "service.cli.main"]  # loraswap, as the tests run it
+MODULE = [sys.executable, "-m", "service.cli.entry"]  # loraswap, as the tests run it
 EXIT_HOOK_RAN = "the interpreter's end ran its exit hooks"
 WITH_EXIT_HOOK = [sys.executable, "-c", f"import atexit, sys; atexit.register(print, {EXIT_HOOK_RAN!r}); "
-                  "from service.cli.main import main; sys.exit(main())"]  # MODULE, an atexit hook registered first
+                  "from service.cli.entry import main; sys.exit(main())"]  # MODULE, an atexit hook registered first
 # the `loraswap` command as its console script runs it (its entry point loaded, then called), SIGTERM sent to itself
 # once, as service.cli.main, the first of loraswap's modules that load pydantic and the commands, begins to load
 STOPPED_AS_IT_LOADS = [sys.executable, "-c", """

@@ -40,7 +40,7 @@ def server(tiny_llama_dir, llama_adapters, tmp_path_factory):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    command = [sys.executable, "-m", "service.cli.main", "serve", "--base-model", str(tiny_llama_dir),
+    command = [sys.executable, "-m", "service.cli.entry", "serve", "--base-model", str(tiny_llama_dir),
                "--adapters-dir", str(copy_adapters(llama_adapters, root / "adapters")),
                "--adapter-roots", str(root / "derived"), "--admin-key", ADMIN_KEY, "--port", str(port),
                "--cache-dir", str(root / "cache"), "--device", "cpu", "--qa-adapter", "one", "--nli-adapter", "two",
@@ -62,7 +62,7 @@ def loadtest(server: Server, scenario: str, *options: str, users: int = 4, durat
              admin_key: str = ADMIN_KEY, adapter_root: Path | None = None) -> subprocess.Popen:
     """``loraswap loadtest`` of ``scenario`` against ``server``, started (3 requests per adapter, answers of at most 4
     tokens, the committed data sample); its report goes to ROOT/SCENARIO.json."""
-    command = [sys.executable, "-m", "service.cli.main", "loadtest", "--scenario", scenario, "--users", str(users),
+    command = [sys.executable, "-m", "service.cli.entry", "loadtest", "--scenario", scenario, "--users", str(users),
                "--duration", str(duration), "--host", server.url, "--adapter-root", str(adapter_root or server.derived),
                "--adapters", str(ADAPTERS[scenario]), "--prompts", "3", "--new-tokens", "4", "--recovery", "3",
                "--source", "one", "--spread", str(SPREAD), "--squad", str(SQUAD_SAMPLE), "--nli", str(NLI_SAMPLE),

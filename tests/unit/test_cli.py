@@ -374,10 +374,23 @@ def test_a_usage_error_found_as_the_base_loads_is_the_only_line_said(command, ti
     argv = [*(part.format(tmp=tmp_path) for part in command), "--base-model", str(tiny_llama_dir), "--device", "cpu",
             "--quantize", "nf4", "--max-batch", "100000000000"]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run([sys.executable, "-m", "service.cli.main", *argv], env=env,  # run from this checkout
+    done = subprocess.run([sys.executable, "-m", "service.cli.entry", *argv], env=env,  # run from this checkout
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert done.stderr.startswith(f"loraswap {command[0]}: error: ") and "for --max-batch 100000000000 (" in done.stderr
+
+def test_the_command_has_one_entry_point_which_holds_the_stops_from_the_process_s_first_step():
+    """``python -m service.cli.main`` (the load tests' scripts, the tests) ran the command too, and held Ctrl-C and
+    SIGTERM back only once its modules had loaded (service.cli.entry holds them first): a stop meanwhile killed it
+    (status 143), or was dropped as PID 1. It names the entry point now, and runs nothing."""
+    def run(module: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120)
+
+    refused, entry = run("service.cli.main"), run("service.cli.entry")
+    assert refused.returncode == 2 and refused.stdout == "" and refused.stderr.count("\n") == 1, refused.stderr
+    assert "run loraswap, or python -m service.cli.entry" in refused.stderr
+    assert entry.returncode == 0 and entry.stdout.startswith("usage: ")
+
 
 def test_the_port_serve_takes_before_the_model_loads_is_its_own_until_it_serves():
     """A socket bound alone would not keep another SO_REUSEADDR socket (uvicorn's, another server's) off the port
@@ -1251,7 +1264,7 @@ def test_loadtest_without_its_default_data_names_the_options_and_the_variable(tm
         pytest.skip('needs locust: pip install -e ".[loadtest]"')
     folder = tmp_path / "no_data"
     env = {**os.environ, "LORASWAP_DATA_DIR": str(folder), "LORASWAP_ADMIN_KEY": "admin", "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run([sys.executable, "-m", "service.cli.main", *LOADTEST], env=env,  # run from this checkout
+    done = subprocess.run([sys.executable, "-m", "service.cli.entry", *LOADTEST], env=env,  # run from this checkout
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr
     assert done.stderr.splitlines()[-1] == (

@@ -281,7 +281,7 @@ def test_a_run_whose_loss_or_weights_are_not_finite_stops_and_writes_nothing(opt
 def test_sigterm_stops_a_run_as_ctrl_c_does_leaving_no_partial_folder(tiny_gpt2_dir, nli_data, tmp_path):
     """A review: ``timeout 60 loraswap train`` (SIGTERM) left ``.NAME.partial-PID-*``; Ctrl-C cleaned up."""
     out = tmp_path / "adapter"
-    command = [sys.executable, "-m", "service.cli.main", "train", *TINY_RUN, "--max-steps", "100000", "--base-model",
+    command = [sys.executable, "-m", "service.cli.entry", "train", *TINY_RUN, "--max-steps", "100000", "--base-model",
                str(tiny_gpt2_dir), "--data-dir", str(nli_data), "--out", str(out)]
     log = tmp_path.parent / f"{tmp_path.name}.log"  # a file: a pipe left unread would fill with progress bars
     with log.open("w") as stderr:

@@ -7,11 +7,11 @@
 a=$1; b=$2; shift 2
 export CUDA_VISIBLE_DEVICES= HF_HUB_OFFLINE=1
 python=${PYTHON:-/work/main/.venv/bin/python}
-(cd "$a" && exec env $AENV "$python" -m service.cli.main serve --port 8392) > /tmp/ab_a.log 2>&1 &
+(cd "$a" && exec env $AENV "$python" -m service.cli.entry serve --port 8392) > /tmp/ab_a.log 2>&1 &
 A=$!
-(cd "$b" && exec env $BENV "$python" -m service.cli.main serve --port 8393) > /tmp/ab_b.log 2>&1 &
+(cd "$b" && exec env $BENV "$python" -m service.cli.entry serve --port 8393) > /tmp/ab_b.log 2>&1 &
 B=$!
 trap 'kill $A $B; wait' EXIT
 until curl -s localhost:8392/ready | grep -q true && curl -s localhost:8393/ready | grep -q true; do sleep 1; done
-"$python" -m service.cli.main side-by-side --system a=loraswap-free@http://127.0.0.1:8392 \
+"$python" -m service.cli.entry side-by-side --system a=loraswap-free@http://127.0.0.1:8392 \
   --system b=loraswap-free@http://127.0.0.1:8393 --pid a=$A --pid b=$B "$@"

@@ -1,7 +1,7 @@
 #!/bin/bash
 # RSS of a started server: idle, then after 48 /answer requests (a ~250-token context), P at a time (default 8); $1: tree
 cd $1
-LORASWAP_PREFIX_CACHE_BYTES=${CACHE:-0} CUDA_VISIBLE_DEVICES= HF_HUB_OFFLINE=1 /work/main/.venv/bin/python -m service.cli.main serve --port 8392 > /tmp/m/serve2.log 2>&1 &
+LORASWAP_PREFIX_CACHE_BYTES=${CACHE:-0} CUDA_VISIBLE_DEVICES= HF_HUB_OFFLINE=1 /work/main/.venv/bin/python -m service.cli.entry serve --port 8392 > /tmp/m/serve2.log 2>&1 &
 PID=$!
 for i in $(seq 90); do curl -s localhost:8392/ready | grep -q true && break; sleep 1; done
 echo "$1 idle: $(grep VmRSS /proc/$PID/status)"
