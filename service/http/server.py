@@ -3,6 +3,7 @@ template render has not begun by then fail at once, a 503)."""
 from __future__ import annotations
 
 import logging
+import signal
 import socket
 import threading
 from collections.abc import Callable
@@ -25,9 +26,13 @@ class DrainingServer(uvicorn.Server):
     def handle_exit(self, sig, frame) -> None:
         """On SIGTERM or SIGINT, drain for ``grace_seconds`` (/ready false, in-flight requests finish) while the
         service accepts work; at once where it does not yet (still loading, or failed to start): no request is in
-        flight, and /ready is false already. A second signal: stop now."""
+        flight, and /ready is false already. A second signal: stop now; a Ctrl-C once stopping: without waiting for
+        the requests in flight, as uvicorn's. Neither is raised again once the server has stopped, as uvicorn's
+        handler has it (a review: SIGTERM twice ended a server with a second line after uvicorn's last, 'loraswap
+        serve: stopped', from the SIGTERM raised again)."""
         if self.rt.draining:
-            return super().handle_exit(sig, frame)
+            self.force_exit = self.force_exit or (self.should_exit and sig == signal.SIGINT)
+            return self._shut_down()
         serving = self.rt.accepting
         self.rt.draining = True
         if serving:
