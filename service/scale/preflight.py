@@ -106,8 +106,8 @@ def check_address(address: str | None) -> None:
     """UsageError where ``address`` names a head (its GCS, ``HOST:PORT``, or its Ray Client server,
     ``ray://HOST:PORT``) that accepts no connection within ``CONNECT_TIMEOUT_S`` (ray.init tried for over a minute,
     then raised a traceback), is no Ray head (or no Ray Client server), or one whose token authentication this
-    environment would not pass (``check_head``); None, ``auto`` and ``local`` pass (ray.init finds or starts the
-    cluster)."""
+    environment would not pass, no token sent or a wrong one (``check_head``); None, ``auto`` and ``local`` pass
+    (ray.init finds or starts the cluster)."""
     if address in (None, "auto", "local"):
         return
     try:
@@ -144,8 +144,9 @@ def check_head(address: str, host: str, port: int, client: bool) -> None:
     for minutes); for a GCS address, its gRPC server reflection lists no ``GCS_SERVICE`` (``lists_gcs``: a raylet's
     port, or another gRPC server, where ray.init waited long); for a Ray ``client``'s (``ray://``), its server serves no
     ``CLIENT_CALL`` (a GCS's port, where Ray Client timed out; Ray Client's server has no server reflection); or it
-    refuses the first call without a token where RAY_AUTH_MODE is not token (``gcs_refusal``, ``client_refusal``:
-    ray.init failed with InvalidAuthToken some 20 s later, Ray Client with a connection timeout). The standard health
+    refuses the first call as unauthenticated (``gcs_refusal``, ``client_refusal``; ``token_refused``: without a token
+    where RAY_AUTH_MODE is not token, or with a wrong one, ray.init failed some 20 s later, Ray Client with a
+    connection timeout). The standard health
     check cannot tell a GCS: Ray's servers report the server's overall status alone (measured on Ray 2.60: SERVING on
     the GCS and on a raylet, NOT_FOUND for any service name)."""
     import grpc  # Ray Serve's dependency
@@ -158,10 +159,21 @@ def check_head(address: str, host: str, port: int, client: bool) -> None:
             raise no_cluster(address, f"it accepts a connection, but no gRPC one{over} within "
                              f"{CONNECT_TIMEOUT_S:g} s, as a Ray head does") from None
         refusal = client_refusal(address, channel) if client else gcs_refusal(address, channel)
-        if os.environ.get("RAY_AUTH_MODE", "").lower() != "token" and refusal == grpc.StatusCode.UNAUTHENTICATED:
-            raise UsageError(f"--address {address}: the Ray cluster there takes only token-authenticated calls, and "
-                             "RAY_AUTH_MODE is not token here: set RAY_AUTH_MODE=token (Ray then sends the token of "
-                             "~/.ray/auth_token)")
+    if refusal == grpc.StatusCode.UNAUTHENTICATED:
+        raise token_refused(address)
+
+
+def token_refused(address: str) -> UsageError:
+    """The usage error of a head at ``address`` that refused the first call of ray.init as unauthenticated: sent
+    without a token where RAY_AUTH_MODE is not token, else with one it does not take (a wrong RAY_AUTH_TOKEN: ray.init
+    logged 'InvalidAuthToken' each second for 20 s, then said only 'Failed to connect to Ray cluster')."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        return UsageError(f"--address {address}: the Ray cluster there takes only token-authenticated calls, and "
+                          "RAY_AUTH_MODE is not token here: set RAY_AUTH_MODE=token (Ray then sends the token of "
+                          "~/.ray/auth_token)")
+    return UsageError(f"--address {address}: the Ray cluster there refuses the token sent from here (RAY_AUTH_TOKEN, "
+                      "else the file RAY_AUTH_TOKEN_PATH names, else ~/.ray/auth_token): give the cluster's token "
+                      "(`ray get-auth-token` prints it on its head)")
 
 
 def gcs_refusal(address: str, channel):

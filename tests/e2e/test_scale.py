@@ -339,9 +339,10 @@ def test_a_second_run_on_the_cluster_is_refused_before_deploying_and_leaves_the_
 def test_an_address_of_a_raylet_or_of_a_token_authenticated_head_without_ray_auth_mode_is_refused_at_once(
         scaled, monkeypatch):
     """A review: a raylet's port passed the gRPC check, and ray.init waited long; a head with token authentication
-    (Ray 2.60's default) addressed without RAY_AUTH_MODE=token failed some 20 s later with InvalidAuthToken. Now the
-    head's own gRPC server tells: its reflection lists the GCS's service (a raylet's does not), and it refuses a call
-    without a token; the head passes where RAY_AUTH_MODE=token is set."""
+    (Ray 2.60's default) addressed without RAY_AUTH_MODE=token failed some 20 s later with InvalidAuthToken, and so did
+    one addressed with a wrong RAY_AUTH_TOKEN ('Failed to connect to Ray cluster'). Now the head's own gRPC server
+    tells: its reflection lists the GCS's service (a raylet's does not), and it refuses a call without a token, or
+    with a wrong one; the head passes where RAY_AUTH_MODE=token is set, with its token."""
     from service.cli.command import UsageError
     from service.scale.preflight import check_address
 
@@ -355,8 +356,12 @@ def test_an_address_of_a_raylet_or_of_a_token_authenticated_head_without_ray_aut
         check_address(raylet)
     # Ray's channel sends the token wherever this process's Ray has token authentication on (ray.init here): the
     # environment without RAY_AUTH_MODE is another process's
-    env = {key: value for key, value in os.environ.items() if key != "RAY_AUTH_MODE"}
-    done = subprocess.run([sys.executable, "-c", "from service.scale.preflight import check_address; "
-                           f"check_address({head!r})"], env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode != 0 and f"--address {head}: the Ray cluster there takes only token-authenticated calls, " \
-        "and RAY_AUTH_MODE is not token here: set RAY_AUTH_MODE=token" in done.stderr, done.stderr
+    env = {key: value for key, value in os.environ.items() if key not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    for environment, refusal in [
+            (env, "takes only token-authenticated calls, and RAY_AUTH_MODE is not token here: set RAY_AUTH_MODE=token"),
+            ({**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "not-the-cluster-token"},
+             "refuses the token sent from here (RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH names")]:
+        done = subprocess.run([sys.executable, "-c", "from service.scale.preflight import check_address; "
+                               f"check_address({head!r})"], env=environment, capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode != 0 and f"--address {head}: the Ray cluster there {refusal}" in done.stderr, done.stderr

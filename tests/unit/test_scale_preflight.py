@@ -69,6 +69,18 @@ def test_a_ray_client_address_is_checked_as_ray_clients_server(client, refusal, 
                 check_address(f"ray://{head}")
 
 
+def test_a_token_the_head_refuses_is_a_usage_error_naming_the_token(monkeypatch):
+    """A review: RAY_AUTH_MODE=token with a wrong RAY_AUTH_TOKEN passed the check (only a call sent without a token
+    was told), and ray.init logged InvalidAuthToken each second for 20 s, then said 'Failed to connect to Ray cluster'
+    (exit status 2). Ray's channel sends the token here, and the head refuses it: one line naming the token."""
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "not-the-cluster-token")
+    with grpc_server(client=grpc.StatusCode.UNAUTHENTICATED) as head, pytest.raises(UsageError, match="^" + re.escape(
+            f"--address ray://{head}: the Ray cluster there refuses the token sent from here (RAY_AUTH_TOKEN, else the "
+            "file RAY_AUTH_TOKEN_PATH names, else ~/.ray/auth_token): give the cluster's token")):
+        check_address(f"ray://{head}")
+
+
 @pytest.fixture
 def ray_tls(tmp_path, monkeypatch) -> None:
     """Ray's gRPC over TLS in this environment (``RAY_USE_TLS``), with a self-signed certificate of this machine."""
