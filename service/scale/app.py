@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import ray
 from ray import serve
+from ray.exceptions import RayTaskError
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 from ray.serve.context import _get_global_client
@@ -120,8 +121,8 @@ def serve_scaled(settings: Settings, config: ScaleConfig, named: Callable[[str],
     settings as ``named`` does: ``build_app``) until interrupted
     (Ctrl-C or SIGTERM at any point, even where the shell started it with SIGINT ignored), then take the application
     down, and Ray too when it was started here (``take_down``). UsageError where ``config.address`` finds no cluster
-    (``init_ray``), or one whose Serve listens elsewhere or runs the application already (``start_serve``). SIGINT's
-    and SIGTERM's handlers are the caller's again on return."""
+    (``init_ray``), or one whose Serve listens elsewhere or runs the application already, or where Serve's HTTP proxy
+    cannot listen on the port (``start_serve``). SIGINT's and SIGTERM's handlers are the caller's again on return."""
     handlers = [signal.getsignal(number) for number in INTERRUPTS]
     on_signals(interrupt)
     deploying = False
@@ -147,7 +148,9 @@ def start_serve(host: str, port: int) -> None:
     service on the earlier run's port), and only a restart of Serve, every application on the cluster with it,
     changes them. UsageError too where Serve runs an application ``APP_NAME`` (another run's): ``serve.run`` would
     put this run's in its place (a review found the first run's replaced without a word). Two runs that start at once
-    may both pass this check; the later deploy then replaces the earlier."""
+    may both pass this check; the later deploy then replaces the earlier. UsageError naming --port where the Serve
+    this call starts finds its HTTP proxy cannot listen on ``host``:``port`` (``proxy_cannot_listen``); that Serve is
+    ended (on a cluster joined, its controller would restart the proxy without end, and a later run would join it)."""
     running = _get_global_client(raise_if_no_controller_running=False)  # serve.start's own look-up
     if running is not None:
         serving = f"{running.http_config.host}:{running.http_config.port}"
@@ -160,7 +163,24 @@ def start_serve(host: str, port: int) -> None:
             raise UsageError(f"Ray Serve on this cluster already runs the application {APP_NAME} "
                              f"({existing.status.value}, another loraswap scale's) on {serving}: end that run first "
                              "(Ctrl-C or SIGTERM; `serve shutdown` ends every Serve application of the cluster)")
-    serve.start(http_options={"host": host, "port": port})
+    try:
+        serve.start(http_options={"host": host, "port": port})
+    except RayTaskError as exc:
+        if not proxy_cannot_listen(exc):
+            raise
+        serve.shutdown()
+        raise UsageError(f"--port {port}: Ray Serve's HTTP proxy cannot listen on port {port} of {host} "
+                         f"({exc.cause}): a process took the port after loraswap scale found it free, or, on a "
+                         "cluster (--address), holds it on the head node: end that process, or give another --port"
+                         ) from None
+
+
+def proxy_cannot_listen(exc: RayTaskError) -> bool:
+    """Whether ``exc``, raised by ``serve.start``, is its HTTP proxy's failure to bind its port (Ray 2.60:
+    ``ProxyActor.ready`` raises the RuntimeError of ``start_asgi_http_server``, its OSError dropped; ``serve.start``
+    raised it as a traceback, exit status 1, once Ray had started, where another process took the port after
+    ``preflight.check_scale`` found it free)."""
+    return isinstance(exc.cause, RuntimeError) and str(exc.cause).startswith("Failed to bind to address")
 
 
 def take_down(config: ScaleConfig, deploying: bool) -> None:

@@ -158,6 +158,39 @@ def test_sigterm_takes_scale_down_with_the_ray_it_started(settings, tmp_path):
             print(log.read()[-4000:])  # shown when the test fails
 
 
+# `loraswap scale`, with a process taking its port once the preflight has found it free (before Ray starts)
+TAKEN_AFTER_PREFLIGHT = """
+import socket, sys
+import service.scale.preflight as preflight
+from service.cli.main import main
+checked, taken = preflight.check_scale, []
+
+def check_then_take(settings, args):
+    checked(settings, args)
+    taken.append(socket.create_server((settings.host, settings.port)))
+
+preflight.check_scale = check_then_take
+sys.exit(main())
+"""
+
+
+def test_a_port_taken_after_the_preflight_is_a_usage_error_naming_the_port(settings):
+    """The preflight checks the port free, and Ray Serve's proxy binds it 10-30 s later, once Ray has started: a
+    process that took it meanwhile made serve.start raise its proxy's RuntimeError as a traceback (exit status 1).
+    Now one line naming --port, status 2, the Ray started taken down. Before the module's cluster, as the test
+    above (its own Ray)."""
+    port = free_port()
+    command = [sys.executable, "-c", TAKEN_AFTER_PREFLIGHT, "scale", "--replicas", "1", "--host", "127.0.0.1",
+               "--port", str(port), "--base-model", settings.base_model, "--adapters-dir", str(settings.adapters_dir),
+               "--cache-dir", str(settings.cache_dir), "--device", "cpu"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=SECOND_RUN_TIMEOUT_S)
+    assert done.returncode == 2, done.stderr[-4000:]
+    assert done.stderr.splitlines()[-1] == (
+        f"loraswap scale: error: --port {port}: Ray Serve's HTTP proxy cannot listen on port {port} of 127.0.0.1 "
+        f"(Failed to bind to address '127.0.0.1:{port}'.): a process took the port after loraswap scale found it "
+        "free, or, on a cluster (--address), holds it on the head node: end that process, or give another --port")
+
+
 def content(reply: httpx.Response) -> dict:
     """The body of a 200 ``reply``, less its latency."""
     assert reply.status_code == 200, reply.text
