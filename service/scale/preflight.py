@@ -14,7 +14,7 @@ from service.settings import Settings, known_host
 
 CONNECT_TIMEOUT_S = 5.0  # for the head of the cluster --address names to accept a connection, then gRPC's, each call
 GCS_SERVICE = "ray.rpc.NodeInfoGcsService"  # a gRPC service a Ray head's GCS serves, and no raylet
-CLUSTER_ID_CALL = f"/{GCS_SERVICE}/GetClusterId"  # the GCS's first call of ray.init: refused without a token
+CLUSTER_ID_CALL = f"/{GCS_SERVICE}/GetClusterId"  # ray.init's first call to the GCS (internal: gcs_refusal says why)
 CLIENT_SERVICE = "ray.rpc.RayletDriver"  # the gRPC service of Ray Client's server (ray://), which serves no reflection
 CLIENT_CALL = f"/{CLIENT_SERVICE}/ClusterInfo"  # Ray Client's first call (a PING): refused without a token
 MOST_ONGOING = 2**31 - 1  # Ray Serve's max_ongoing_requests: a 32-bit integer (its DeploymentConfig proto)
@@ -178,7 +178,15 @@ def token_refused(address: str) -> UsageError:
 
 def gcs_refusal(address: str, channel):
     """How the GCS of ``channel`` refuses ``CLUSTER_ID_CALL`` (``call_refusal``). UsageError where the server of
-    ``channel`` is no GCS: its reflection lists no ``GCS_SERVICE`` (``lists_gcs``)."""
+    ``channel`` is no GCS: its reflection lists no ``GCS_SERVICE`` (``lists_gcs``).
+
+    ``CLUSTER_ID_CALL`` is Ray's internal RPC, not a public API: it is the very call ray.init (its ``GcsClient``)
+    makes first, and authenticates, so its refusal is ray.init's. Ray 2.60.0 (requirements/lock.txt; checked there)
+    has no public or stable way to ask an address whether a GCS answers there, and takes this token, without joining:
+    ``ray.util.state`` given an address makes a ``ray._raylet.GcsClient`` (private), whose constructor makes this
+    very call (and logs its failure), then reads the dashboard's URL from the GCS and asks the dashboard (port 8265,
+    none on a head started without it); ``GcsClient.check_alive`` asks about nodes once that client is made; gRPC's
+    standard health check answers SERVING for any of Ray's servers (``check_head``)."""
     if not lists_gcs(channel):
         raise no_cluster(address, f"it answers gRPC, but its server reflection lists no {GCS_SERVICE}, as a Ray "
                          "head's GCS does: a raylet's port, or another server")
