@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +27,10 @@ from service.settings import Settings, worded
 log = logging.getLogger(__name__)
 
 APP_NAME = "loraswap"
+# Ray Serve's HTTP proxy binds its port with SO_REUSEPORT unless this is 0 (Ray 2.60: proxy.py): a process that took
+# the port so too after the preflight found it free (as a second `loraswap scale`'s proxy would) shared it with the
+# proxy, the kernel spreading the connections over both; now the proxy cannot listen there (start_serve)
+PROXY_REUSE_PORT = "SERVE_SOCKET_REUSE_PORT_ENABLED"
 
 
 @dataclass(frozen=True)
@@ -98,8 +103,8 @@ def own_signals(handler):
 def init_ray(address: str | None) -> None:
     """``ray.init(address)``, loraswap's handlers kept (``own_signals``). Starting a Ray of its own (``address``
     None), SIGINT and SIGTERM are held until it is up, then raise KeyboardInterrupt: one that cut the start of its
-    processes short left some (its agents) that no ``ray.shutdown`` ends. UsageError where ``address`` finds no
-    cluster (ray.init's ConnectionError)."""
+    processes short left some (its agents) that no ``ray.shutdown`` ends; its Serve's HTTP proxy is to bind its
+    port alone (``PROXY_REUSE_PORT``). UsageError where ``address`` finds no cluster (ray.init's ConnectionError)."""
     held: list[int] = []
 
     def hold(signum: int, frame) -> None:
@@ -107,6 +112,8 @@ def init_ray(address: str | None) -> None:
             return interrupt(signum, frame)
         held.append(signum)
 
+    if address is None:  # its processes inherit this environment
+        os.environ[PROXY_REUSE_PORT] = "0"
     with own_signals(hold):
         try:
             ray.init(address=address or "local")  # not RAY_ADDRESS's cluster: None is one of this machine alone

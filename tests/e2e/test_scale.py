@@ -163,24 +163,27 @@ TAKEN_AFTER_PREFLIGHT = """
 import socket, sys
 import service.scale.preflight as preflight
 from service.cli.main import main
-checked, taken = preflight.check_scale, []
+checked, taken, reuse_port = preflight.check_scale, [], sys.argv.pop(1) == "reuse_port"
 
 def check_then_take(settings, args):
     checked(settings, args)
-    taken.append(socket.create_server((settings.host, settings.port)))
+    taken.append(socket.create_server((settings.host, settings.port), reuse_port=reuse_port))
 
 preflight.check_scale = check_then_take
 sys.exit(main())
 """
 
 
-def test_a_port_taken_after_the_preflight_is_a_usage_error_naming_the_port(settings):
+@pytest.mark.parametrize("taker", ["alone", "reuse_port"])
+def test_a_port_taken_after_the_preflight_is_a_usage_error_naming_the_port(settings, taker):
     """The preflight checks the port free, and Ray Serve's proxy binds it 10-30 s later, once Ray has started: a
-    process that took it meanwhile made serve.start raise its proxy's RuntimeError as a traceback (exit status 1).
-    Now one line naming --port, status 2, the Ray started taken down. Before the module's cluster, as the test
-    above (its own Ray)."""
+    process that took it meanwhile made serve.start raise its proxy's RuntimeError as a traceback (exit status 1);
+    one that took it with SO_REUSEPORT (as a second `loraswap scale` on the port, started at once, does) shared it
+    with the proxy, which bound it with SO_REUSEPORT too: the service ran, the kernel spreading the connections over
+    both. Now one line naming --port, status 2, the Ray started taken down. Before the module's
+    cluster, as the test above (its own Ray)."""
     port = free_port()
-    command = [sys.executable, "-c", TAKEN_AFTER_PREFLIGHT, "scale", "--replicas", "1", "--host", "127.0.0.1",
+    command = [sys.executable, "-c", TAKEN_AFTER_PREFLIGHT, taker, "scale", "--replicas", "1", "--host", "127.0.0.1",
                "--port", str(port), "--base-model", settings.base_model, "--adapters-dir", str(settings.adapters_dir),
                "--cache-dir", str(settings.cache_dir), "--device", "cpu"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=SECOND_RUN_TIMEOUT_S)
