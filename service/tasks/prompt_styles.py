@@ -15,6 +15,8 @@ tokens (``sanitize_control_tokens``), as the ``adapter`` style encodes its field
 """
 from __future__ import annotations
 
+import re
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, get_args
@@ -139,11 +141,11 @@ def render_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]
     """``apply_chat_template``'s token ids of ``messages`` with ``template`` (None: the tokenizer's) and ``flags``
     (``add_generation_prompt`` or ``continue_final_message``), text that spells a control token kept as text
     (``sanitize_control_tokens``). TemplateRefused when the template refuses or fails to render them (anything its
-    code raises: an adapter's template is the adapter's code), renders no tokens, or leaves out a user message's
-    text (a template that renders none of it, or one ``continue_final_message`` cuts before the reply: the model would
-    answer what it was never asked; ``first_left_out``). MemoryError is raised as it is."""
+    code raises: an adapter's template is the adapter's code), renders no tokens, or does not keep each user message's
+    text (``unkept``: a template that renders none of it, or one ``continue_final_message`` cuts before the reply:
+    the model would answer what it was never asked). MemoryError is raised as it is."""
+    text = rendered_text(tokenizer, messages, template, flags)
     try:
-        text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, **flags)
         ids = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=True, return_dict=False,
                                             sanitize_control_tokens=True, **flags)
     except MemoryError:
@@ -152,28 +154,68 @@ def render_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]
         raise refusal(own_error(tokenizer, messages, template, flags) or exc) from None
     if not ids:
         raise TemplateRefused("the chat template rendered the messages as no tokens at all")
-    left_out = first_left_out(messages, text)
-    if left_out is not None:
-        raise TemplateRefused(f"the chat template left out the text of message {left_out} (a user's): the model "
-                              "would not be asked it")
+    fault = unkept(messages, text, rendered_text(tokenizer, marked(messages), template, flags))
+    if fault is not None:
+        raise TemplateRefused(fault)
     return ids
 
 
-def first_left_out(messages: list[dict[str, str]], text: str) -> int | None:
-    """The index of the first user message whose text, stripped at its ends, does not occur whole in ``text`` after
-    the text of the user messages before it (the earliest such occurrences: a greedy subsequence match, which finds
-    one if any exists); None when each does. In order, so that a template that reorders the user messages, or renders
-    once a user message said twice, is found out; the text of a system or assistant message that repeats a user's
-    can still stand in for it (a text search cannot tell them apart; a review found such a case passed)."""
-    start = 0
+def rendered_text(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], template: str | None,
+                  flags: dict[str, bool]) -> str:
+    """``apply_chat_template``'s text of ``messages`` (as ``render_ids``, not tokenized); TemplateRefused when the
+    template refuses or fails on them, MemoryError raised as it is."""
+    try:
+        return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, **flags)
+    except MemoryError:
+        raise
+    except Exception as exc:  # the template's own code failed
+        raise refusal(own_error(tokenizer, messages, template, flags) or exc) from None
+
+
+MARKER = re.compile(r"\[\[user-message-(\d+)-[0-9a-f]{32}\]\]")  # a user message's text, replaced (``marked``)
+
+
+def marked(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """``messages`` with each user message's text replaced by a marker of its index (``MARKER``, a nonce that no
+    text of the request holds), the other messages and fields as they are."""
+    nonce = secrets.token_hex(16)
+    return [{**message, "content": f"[[user-message-{at}-{nonce}]]"} if message["role"] == "user" else message
+            for at, message in enumerate(messages)]
+
+
+def unkept(messages: list[dict[str, str]], text: str, marked_text: str) -> str | None:
+    """Why the render ``text`` of ``messages`` does not keep each user message's text, or None when it does.
+    ``marked_text`` is the render of ``marked(messages)``: each user's marker must occur in it, in the order of the
+    messages (the earliest occurrences: a template that reorders them, or renders once a user message said twice, is
+    found out), and ``text`` must be that render with each marker replaced by its message's text, as it is or
+    stripped at its ends: so each user's text stands in the prompt where the template put it, whatever a system or an
+    assistant message or the template's own text holds. A template whose render depends on the users' text (it
+    changes the text, ``lower``; or renders otherwise for another text) cannot be checked, and is refused."""
+    pieces = MARKER.split(marked_text)  # text, index, text, index, ..., text
+    found = iter(int(at) for at in pieces[1::2])
     for at, message in enumerate(messages):
-        if message["role"] == "user":
-            content = message["content"].strip()
-            found = text.find(content, start)
-            if found < 0:
-                return at
-            start = found + len(content)
-    return None
+        if message["role"] == "user" and at not in found:  # the rest of the iterator: in order
+            return f"the chat template left out the text of message {at} (a user's): the model would not be asked it"
+    return None if kept_verbatim(messages, text, pieces) else (
+        "the chat template did not render each user message's text as it is (verbatim, or stripped at its ends), so "
+        "whether it kept them cannot be checked: the model might not be asked them")
+
+
+def kept_verbatim(messages: list[dict[str, str]], text: str, pieces: list[str]) -> bool:
+    """Whether ``text`` is the marked render split into ``pieces`` (``unkept``) with each marker replaced by its
+    message's text, as it is or stripped at its ends (whichever the next piece follows)."""
+    at = len(pieces[0])
+    if not text.startswith(pieces[0]):
+        return False
+    for index, after in zip(pieces[1::2], pieces[2::2]):
+        content = messages[int(index)]["content"]
+        for said in dict.fromkeys((content, content.strip())):
+            if text.startswith(said + after, at):
+                at += len(said) + len(after)
+                break
+        else:
+            return False
+    return at == len(text)
 
 
 def refusal(exc: Exception) -> TemplateRefused:

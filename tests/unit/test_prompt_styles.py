@@ -125,22 +125,26 @@ CHAT = [{"role": "system", "content": "Be brief. Who named Normandy?"},
         {"role": "assistant", "content": "The Normans."}, {"role": "user", "content": "When?"}]
 
 
-@pytest.mark.parametrize("template,kept", [
-    ("{% for m in messages %}{{ m.content | trim }}\n{% endfor %}", True),  # stripped at its ends: kept
-    ("{% for m in messages if m.role == 'user' %}{{ m.content }}{% endfor %}", True),  # only users' are checked
-    ("{% for m in messages %}{{ m.content | lower }}{% endfor %}", False),  # not verbatim
-    ("{% for m in messages %}{{ m.content | replace(' ', '  ') }}{% endfor %}", False),  # not whole
-    ("{{ messages[-1].content }}", False),  # the first user message left out
-    ("{% for m in messages|reverse %}{{ m.content }}{% endfor %}", False),  # out of order: When? first
-    ("{{ messages[-1].content }}{{ messages[0].content }}", False)])  # the first's text only in the system prompt
-def test_a_render_holds_each_user_messages_text_whole_as_the_readme_says(tokenizer, template, kept):
+LEFT_OUT = r"left out the text of message \d \(a user's\)"
+UNCHECKABLE = r"did not render each user message's text as it is .* cannot be checked"
+
+
+@pytest.mark.parametrize("template,refusal", [
+    ("{% for m in messages %}{{ m.content | trim }}\n{% endfor %}", None),  # stripped at its ends: kept
+    ("{% for m in messages if m.role == 'user' %}{{ m.content }}{% endfor %}", None),  # only users' are checked
+    ("{% for m in messages %}{{ m.content | lower }}{% endfor %}", UNCHECKABLE),  # not verbatim
+    ("{% for m in messages %}{{ m.content | replace(' ', '  ') }}{% endfor %}", UNCHECKABLE),  # not whole
+    ("{{ messages[-1].content }}", LEFT_OUT),  # the first user message left out
+    ("{% for m in messages|reverse %}{{ m.content }}{% endfor %}", LEFT_OUT),  # out of order: When? first
+    ("{{ messages[-1].content }}{{ messages[0].content }}", LEFT_OUT)])  # the first's text only in the system prompt
+def test_a_render_holds_each_user_messages_text_whole_as_the_readme_says(tokenizer, template, refusal):
     """The README's rule (under the chat template's 422s), held to ``render_ids``."""
-    assert ("must occur whole and verbatim in the prompt text the template rendered (before it is tokenized), "
-            "after the text of the user messages before it") in README.read_text()
-    if kept:
+    assert ("must stand verbatim (or stripped at its ends) where the template put it in the prompt text it rendered "
+            "(before it is tokenized), after the text of the user messages before it") in README.read_text()
+    if refusal is None:
         assert render_ids(tokenizer, CHAT, template, add_generation_prompt=True)
     else:
-        with pytest.raises(TemplateRefused, match=r"left out the text of message \d \(a user's\)"):
+        with pytest.raises(TemplateRefused, match=refusal):
             render_ids(tokenizer, CHAT, template, add_generation_prompt=True)
 
 
@@ -151,6 +155,49 @@ def test_a_user_message_said_twice_and_rendered_once_is_left_out(tokenizer):
                       add_generation_prompt=True)
     with pytest.raises(TemplateRefused, match=r"left out the text of message 2 \(a user's\)"):
         render_ids(tokenizer, twice, "{{ messages[0].content }}", add_generation_prompt=True)
+
+
+# templates that leave out every user message, each rendering the other messages and text of its own
+NO_USERS = "{% for m in messages if m.role != 'user' %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+NO_USERS_OWN_TEXT = "You are a helpful assistant. Ask me anything.\n" + NO_USERS
+
+
+@pytest.mark.parametrize("template,messages", [
+    (NO_USERS, [{"role": "system", "content": "Say hi. Who named Normandy?"},
+                {"role": "user", "content": "Who named Normandy?"}]),  # the user's text in the system message
+    (NO_USERS, [{"role": "user", "content": "Who?"}, {"role": "assistant", "content": "Who? The Normans."},
+                {"role": "user", "content": "The Normans."}]),  # each user's text in an earlier assistant turn
+    (NO_USERS_OWN_TEXT, [{"role": "user", "content": "Ask me anything."}]),  # in the template's own text
+    (NO_USERS_OWN_TEXT, [{"role": "user", "content": "assistant"}, {"role": "assistant", "content": "Yes."},
+                         {"role": "user", "content": ""}]),  # a role's name, and an empty user message
+])
+def test_a_template_that_leaves_out_a_user_message_is_refused_wherever_its_text_occurs_else(tokenizer, template,
+                                                                                          messages):
+    """A text search of the prompt passed each of these (a review): the user's text occurs in it, written by another
+    message or by the template; the markers find the user's message itself left out."""
+    with pytest.raises(TemplateRefused, match=LEFT_OUT):
+        render_ids(tokenizer, messages, template, add_generation_prompt=True)
+
+
+def test_a_user_message_kept_is_passed_wherever_its_text_occurs_else(tokenizer):
+    """The neighbours kept: the same messages on the tiny template, which renders each, and an empty user message,
+    which it renders as no text."""
+    for messages in ([{"role": "system", "content": "Say hi. Who named Normandy?"},
+                      {"role": "user", "content": "Who named Normandy?"}],
+                     [{"role": "user", "content": "assistant"}, {"role": "assistant", "content": "assistant"},
+                      {"role": "user", "content": ""}]):
+        assert render_ids(tokenizer, messages, None, add_generation_prompt=True)
+
+
+def test_a_template_whose_render_depends_on_a_users_text_cannot_be_checked(tokenizer):
+    """A template that renders a user's text only where it says something it looks for (here: not empty) renders
+    the marker where it would leave out the text: refused, as it cannot be checked."""
+    skips_empty = "{% for m in messages if m.content %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+    with pytest.raises(TemplateRefused, match=UNCHECKABLE):
+        render_ids(tokenizer, [{"role": "system", "content": "Hi."}, {"role": "user", "content": ""}], skips_empty,
+                   add_generation_prompt=True)
+    assert render_ids(tokenizer, [{"role": "system", "content": "Hi."}, {"role": "user", "content": "Hi"}],
+                      skips_empty, add_generation_prompt=True)
 
 
 def test_the_docs_show_the_instructions_and_the_examples():
