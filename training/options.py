@@ -27,7 +27,7 @@ from service.cli.command import (
     report_folder,
     sets_settings,
 )
-from service.engine.strategies import SAMPLING_DEFAULTS, Strategy, unread, unread_reason
+from service.engine.strategies import MAX_TEMPERATURE, SAMPLING_DEFAULTS, Strategy, unread, unread_reason
 from service.engine.strategies import SEED as DRAW_SEED
 from service.settings import INT64, Settings, setting, variable
 from service.tasks.prompt_styles import ADAPTER_STYLE, PROMPT_STYLES
@@ -164,8 +164,10 @@ def add_eval_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=bounded(float, lambda value: 0 < value <= 1, "in (0, 1]", "probability"),
                         help="nucleus: sample among the likeliest tokens whose probabilities add up to p "
                         f"(default: {SAMPLING_DEFAULTS['top_p']})")
-    parser.add_argument("--temperature", type=nonnegative(float), help="softmax temperature of the sampling "
-                        f"strategies; 0 is greedy (default: {SAMPLING_DEFAULTS['temperature']})")
+    parser.add_argument("--temperature", type=bounded(float, lambda value: 0 <= value <= MAX_TEMPERATURE,
+                                                      f"in [0, {MAX_TEMPERATURE:g}]", "temperature"),
+                        help=f"softmax temperature of the sampling strategies, 0 to {MAX_TEMPERATURE:g} as in "
+                        f"/answer; 0 is greedy (default: {SAMPLING_DEFAULTS['temperature']})")
     parser.add_argument("--seed", type=nonnegative(int), help="sampling seed, as /answer's (0 to 2**63 - 1): the "
                         "example at index i of the data file (from 0, whatever --limit draws) samples with seed + i "
                         "(default: 0 with a strategy that samples; greedy draws nothing and refuses it)")

@@ -8,6 +8,9 @@ from typing import Literal
 Strategy = Literal["greedy", "top_k", "nucleus", "temperature"]
 SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 0.9}  # a parameter not given
 SAMPLING_PARAMETERS = frozenset(SAMPLING_DEFAULTS)
+# the highest temperature a request may ask for (0 to it: /v1, /answer's decoding, eval's --temperature): OpenAI's API
+# takes 0 to 2, and vLLM refuses more on every route (SamplingParams); the engine samples at any finite temperature
+MAX_TEMPERATURE = 2.0
 READ_BY = {"greedy": frozenset(), "top_k": frozenset({"temperature", "top_k"}),  # Decoding.row_params
            "nucleus": frozenset({"temperature", "top_p"}), "temperature": frozenset({"temperature"})}
 

@@ -26,7 +26,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from service.engine.logprobs import MOST_TOP_LOGPROBS
 from service.engine.sampling import Decoding
-from service.engine.strategies import SAMPLING_DEFAULTS, SEED, Strategy, unread, unread_reason
+from service.engine.strategies import MAX_TEMPERATURE, SAMPLING_DEFAULTS, SEED, Strategy, unread, unread_reason
 from service.settings import NAMES_AN_ADAPTER
 from service.tasks.labels import MOST_LABEL_CHARACTERS, MOST_LABELS
 from service.tasks.prompt_styles import ADAPTER_STYLE, PromptStyle, pair_example
@@ -192,7 +192,8 @@ class DecodingIn(NullIsDefault):
 
     model_config = STRICT
     strategy: Strategy = "greedy"
-    temperature: Float = Field(SAMPLING_DEFAULTS["temperature"], ge=0, le=10)  # 0: greedy, whatever the strategy
+    # 0: greedy, whatever the strategy; at most MAX_TEMPERATURE, as on /v1
+    temperature: Float = Field(SAMPLING_DEFAULTS["temperature"], ge=0, le=MAX_TEMPERATURE)
     top_k: int = Field(SAMPLING_DEFAULTS["top_k"], ge=1, le=100_000)
     top_p: Float = Field(SAMPLING_DEFAULTS["top_p"], gt=0, le=1)
     max_new_tokens: Annotated[int, capped("tokens")] = Field(ANSWER_TOKENS, ge=1)  # the server's cap beyond
@@ -388,7 +389,7 @@ class OpenAIIn(NullIsDefault):
     model_config = STRICT
     model: Annotated[str, Field(min_length=1), UNICODE]  # "" names nothing: 422 (an unknown name: 404)
     max_tokens: Annotated[int, capped("tokens")] | None = Field(None, ge=1)  # None: the server's cap
-    temperature: Float = Field(1.0, ge=0, le=10)  # 0: greedy
+    temperature: Float = Field(1.0, ge=0, le=MAX_TEMPERATURE)  # 0: greedy; OpenAI's 0 to 2
     top_p: Float = Field(1.0, gt=0, le=1)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)  # choice i samples with choice_seed(seed, i)
     user: Str | None = None  # the end user's id, for OpenAI's abuse monitoring: nothing to do here

@@ -2,11 +2,14 @@
 values that change nothing here and refused by name (422) otherwise; unknown fields are refused too."""
 from __future__ import annotations
 
+import json
+
 import openai
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from service.engine.strategies import MAX_TEMPERATURE
 from tests.http.replies import error_message
 from tests.server_helpers import ready_client, settings_in
 
@@ -146,3 +149,39 @@ def test_a_reply_names_the_model_that_served_it_by_its_id(client, route, body, m
     reply = client.post(route, json={"model": model, "max_tokens": 2, **body})
     assert reply.status_code == 200, reply.text
     assert reply.json()["model"] == served
+
+
+# the edges of temperature (0 to 2 on every route, as OpenAI's API and vLLM take it), as JSON carries them: a number,
+# or the NaN and infinities of Python's json (1e400 reads as infinity), which no JSON encoder writes
+TEMPERATURES = [("0", True), ("2", True), ("2.0", True), ("1e-300", True), ("2.0001", False), ("10", False),
+                ("-0.5", False), ("NaN", False), ("Infinity", False), ("-Infinity", False), ("1e400", False)]
+ANSWER_BODY = {"context": "The Normans gave their name to Normandy.", "question": "Who gave their name?"}
+
+
+def with_temperature(route: str, temperature: str) -> bytes:
+    """A request body of ``route`` whose temperature is the JSON text ``temperature``, set where the route reads it."""
+    if route == "/answer":
+        body = {**ANSWER_BODY, "decoding": {"strategy": "temperature", "temperature": "T", "seed": 1,
+                                            "max_new_tokens": 4}}
+    else:
+        body = {**GREEDY, "max_tokens": 4, "seed": 1, "temperature": "T"}
+    return json.dumps(body).replace('"T"', temperature).encode()
+
+
+@pytest.mark.parametrize("route,field", [("/v1/completions", "temperature"), ("/answer", "decoding.temperature")])
+@pytest.mark.parametrize("temperature,accepted", TEMPERATURES)
+def test_temperature_takes_0_to_2_on_every_route(client, route, field, temperature, accepted):
+    reply = client.post(route, content=with_temperature(route, temperature),
+                        headers={"Content-Type": "application/json"})
+    if accepted:
+        assert reply.status_code == 200, reply.text
+    else:
+        assert reply.status_code == 422, reply.text
+        assert f"body.{field}" in error_message(reply)
+
+
+def test_the_api_schema_says_temperature_takes_0_to_2(client):
+    schemas = client.app.openapi()["components"]["schemas"]
+    for model in ("CompletionIn", "ChatCompletionIn", "DecodingIn"):
+        bounds = [option for option in schemas[model]["properties"]["temperature"]["anyOf"] if "maximum" in option]
+        assert bounds == [{"type": "number", "minimum": 0.0, "maximum": MAX_TEMPERATURE}] and MAX_TEMPERATURE == 2

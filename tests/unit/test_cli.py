@@ -135,8 +135,11 @@ SIDE_BY_SIDE = ["side-by-side", "--system", "a=loraswap@http://127.0.0.1:9", "--
     (["side-by-side", "--system", "a=loraswap@http://[::1"], "argument --system: 'http://[::1' is not a server's URL"),
     (["side-by-side", "--system", "a=loraswap@http://h:65536"], "argument --system: 'http://h:65536' is not a "
      "server's URL"),
-    (["eval", "--task", "squad", "--adapter", "none", "--temperature", "-1"],
-     "--temperature: must be at least 0, not -1"),
+    # 0 to 2, as /answer and /v1 take it (strategies.MAX_TEMPERATURE)
+    *((["eval", "--task", "squad", "--adapter", "none", "--strategy", "temperature", "--temperature", value],
+       f"--temperature: must be {bound}in [0, 2], not {value} ")
+      for value, bound in [("-1", ""), ("2.0001", ""), ("10", ""), ("nan", "a finite number "),
+                           ("inf", "a finite number ")]),
     (["eval", "--task", "squad", "--adapter", "none", "--top-p", "1.5"], "--top-p: must be in (0, 1], not 1.5"),
     # a sampling option the strategy does not read, refused as /answer refuses it (strategies.READ_BY)
     *((["eval", "--task", "squad", "--adapter", "none", *more], f"loraswap eval: error: {message}")
