@@ -47,7 +47,7 @@ from service.runtime import Runtime
 from service.tasks.labels import label_ids
 from service.tasks.prompt_styles import ADAPTER_STYLE, require_template
 from service.tasks.prompts import NLI_LABELS
-from service.tasks.tasks import chat_template, name_of
+from service.tasks.tasks import Windowed, chat_template, name_of
 
 tasks_router = APIRouter(tags=["tasks"], route_class=LateCheckedRoute)
 admin_router = APIRouter(tags=["admin"], route_class=UniqueKeysRoute)
@@ -283,9 +283,26 @@ async def styled_prompt(request: Request, rt: Runtime, body: AnswerIn | NliIn,
         raise template_refused("prompt_style", body.prompt_style, exc) from None
 
 
+async def answer_prompts(request: Request, rt: Runtime, body: AnswerIn,
+                         adapter: AdapterWeights | None) -> tuple[list[int] | None, Windowed | None]:
+    """A late check: a chat style's prompt of the whole context (``styled_prompt``), and where the answer is
+    extractive the windows of a context too long for one prompt and each one's prompt (``Tasks.window_prompts``), so
+    that a template that refuses a window's prompt is named at ``prompt_style`` beside the field faults, in one 422
+    (every window it refuses), before the request is served; (None, None) where ``styled_prompt`` renders nothing.
+    Raises InputTooLong as ``Tasks.answer_windows``."""
+    whole = await styled_prompt(request, rt, body, adapter)
+    if whole is None or not body.extractive:
+        return whole, None
+    windowing = rt.tasks.window_prompts(body.context, body.question, body.prompt_style, chat_template(adapter), whole)
+    try:
+        return whole, await unless_disconnected(request, windowing)
+    except TemplateRefused as exc:
+        raise template_refused("prompt_style", body.prompt_style, exc) from None
+
+
 STYLE_CHECK = (("adapter", "prompt_style"), prompt_style)
 ANSWER_CHECKS = LateChecks(AnswerIn, "adapter", lambda rt, body: pick_adapter(rt, body, rt.settings.qa_adapter), (
-    STYLE_CHECK, (("context", "question", "adapter", "prompt_style"), styled_prompt)))
+    STYLE_CHECK, (("context", "question", "adapter", "extractive", "prompt_style"), answer_prompts)))
 NLI_READ = ("premise", "hypothesis", "adapter", "labels", "prompt_style")  # what its prompt is made of
 NLI_CHECKS = LateChecks(NliIn, "adapter", lambda rt, body: pick_adapter(rt, body, rt.settings.nli_adapter), (
     (("labels",), labels), STYLE_CHECK, (NLI_READ, styled_prompt)))
@@ -295,10 +312,10 @@ NLI_CHECKS = LateChecks(NliIn, "adapter", lambda rt, body: pick_adapter(rt, body
 @late(ANSWER_CHECKS)
 async def answer(body: AnswerIn, request: Request, rt: Runtime = Depends(inference)) -> AnswerOut:
     adapter = bound(request, ANSWER_CHECKS.adapter(rt, body))
-    style, whole = await ANSWER_CHECKS.run(request, rt, body, adapter)
+    style, (whole, windowed) = await ANSWER_CHECKS.run(request, rt, body, adapter)
     decoding = body.decoding.to_decoding(new_seed(), token_budget(body, rt, ANSWER_TOKENS))
     result = await unless_disconnected(request, rt.tasks.answer(
-        body.context, body.question, adapter, decoding, body.extractive, style, whole))
+        body.context, body.question, adapter, decoding, body.extractive, style, whole, windowed))
     return AnswerOut(adapter=name_of(adapter), **result.__dict__)
 
 

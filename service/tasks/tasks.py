@@ -16,7 +16,7 @@ from service.engine.requests import Generation, Scoring
 from service.engine.sampling import Decoding, choice_seed
 from service.engine.scheduler import Engine
 from service.engine.scoring import CandidateLogprobs
-from service.errors import InputTooLong, NoSpan
+from service.errors import InputTooLong, NoSpan, TemplateRefused
 from service.lora.adapter_files import AdapterWeights
 from service.settings import Settings
 from service.tasks.labels import label_ids, prefix_candidates, sequence_logprobs, softmax
@@ -28,6 +28,7 @@ from service.tasks.template_sandbox import renderer
 from service.tasks.windows import windows
 
 PROMPT_SETTINGS = ("max_input_tokens", "max_new_tokens")  # the settings that bound a prompt's tokens (max_prompt)
+Windowed = tuple[list[tuple[int, int]], list[list[int]]]  # the windows of a context, and the prompt of each
 WINDOW_SLACK = 8  # prompt tokens kept free in a window: tokens can merge differently where a window is cut
 # prompts are built off the event loop: text tokenized on these threads, chat templates rendered in their processes
 # (``template_sandbox``), awaited without a thread, so that a render waiting its turn holds no thread
@@ -186,7 +187,8 @@ class Tasks:
         return await collect(await self.stream(prompt, adapter, decoding, stop=stop, logprobs=logprobs, n=n))
 
     async def answer(self, context: str, question: str, adapter: AdapterWeights | None, decoding: Decoding,
-                     extractive: bool = True, style: str = ADAPTER_STYLE, whole: list[int] | None = None) -> Answer:
+                     extractive: bool = True, style: str = ADAPTER_STYLE, whole: list[int] | None = None,
+                     windowed: Windowed | None = None) -> Answer:
         """Answer a question from a context, asked in prompt ``style`` (``prompt_styles``). ``extractive``: decoding
         is constrained to spans of the context (``SpanConstraint``), so ``context[start:end] == answer`` always, and a
         context too long for one prompt is answered in windows (``answer_windows``), together, the span of the best
@@ -195,8 +197,9 @@ class Tasks:
         exactly as it is (its first occurrence), None where not. Raises NoSpan (extractive, and the context has
         nothing a span can begin with), InputTooLong (a free answer's prompt over ``max_prompt``, or a context of more
         windows than ``answer_windows`` allows), ValueError (a chat style on a model without a chat template), and
-        what ``outcomes`` raises. ``whole``: the prompt of the whole context (``answer_ids``), where the caller built
-        it already."""
+        what ``outcomes`` raises, and TemplateRefused as ``window_prompts``. ``whole``: the prompt of the whole context
+        (``answer_ids``), ``windowed``: the windows and their prompts (``window_prompts``), where the caller built them
+        already."""
         started, template, decoding = time.perf_counter(), chat_template(adapter), self.decoding(decoding)
         if whole is None:
             whole = await self.answer_ids(style, context, question, template)
@@ -205,12 +208,12 @@ class Tasks:
             text = result.text.strip()
             start, end = exact_span(text, context) or (None, None)
             return Answer(text, start, end, result.generated_tokens, None, (time.perf_counter() - started) * 1000)
-        ranges = await self.answer_windows(context, question, style, template, whole)
+        ranges, prompts = windowed or await self.window_prompts(context, question, style, template, whole)
         spans = await off_loop(self.window_spans, context, ranges, decoding.max_new_tokens)
-        prompts = [whole] if ranges == [(0, len(context))] else await asyncio.gather(
-            *(self.answer_ids(style, context[offset:end], question, template) for offset, end, _ in spans))
-        results = await self.outcomes([Generation(self.bounded(ids), name_of(adapter), decoding, constraint=constraint,
-                                                  weights=adapter) for ids, (_, _, constraint) in zip(prompts, spans)])
+        prompt_of = dict(zip(ranges, prompts))
+        results = await self.outcomes([Generation(self.bounded(prompt_of[offset, end]), name_of(adapter), decoding,
+                                                  constraint=constraint, weights=adapter)
+                                       for offset, end, constraint in spans])
         # a span running to a window's cut edge may be a longer answer cut short: it wins only where every one does
         uncut = [i for i, (offset, end, constraint) in enumerate(spans)
                  if constraint.lies_inside(offset > ranges[0][0], end < ranges[-1][1])]
@@ -233,6 +236,28 @@ class Tasks:
             return await off_loop(encode_text, self.tokenizer, prompt)
         require_template(self.tokenizer, style, template)
         return await renderer(self.tokenizer).rendered(chat_job(prompt, template))
+
+    async def window_prompts(self, context: str, question: str, style: str, template: str | None,
+                             whole: list[int] | None = None) -> Windowed:
+        """The character ranges of ``context`` answered apart (``answer_windows``, ``whole`` as there) and the prompt
+        of each (``whole`` where the context is one window), in ``style``, rendered together. Raises as
+        ``answer_windows``, and TemplateRefused naming every window whose prompt the chat template refuses (a
+        template may refuse a window's prompt and not the whole context's: its text cut at a window's edges)."""
+        ranges = await self.answer_windows(context, question, style, template, whole)
+        if ranges == [(0, len(context))]:
+            return ranges, [whole or await self.answer_ids(style, context, question, template)]
+        prompts = await asyncio.gather(*(self.answer_ids(style, context[start:end], question, template)
+                                         for start, end in ranges), return_exceptions=True)
+        refused = [f"window {at + 1} of {len(ranges)} (characters {start} to {end}): {prompt}"
+                   for at, ((start, end), prompt) in enumerate(zip(ranges, prompts))
+                   if isinstance(prompt, TemplateRefused)]
+        failed = [prompt for prompt in prompts if isinstance(prompt, BaseException)]
+        if refused and len(refused) == len(failed):
+            raise TemplateRefused(f"the context is answered in {len(ranges)} windows, each a prompt of its own; "
+                                  f"{'; '.join(refused)}")
+        if failed:
+            raise failed[0]
+        return ranges, prompts
 
     async def answer_windows(self, context: str, question: str, style: str = ADAPTER_STYLE,
                              template: str | None = None, whole: list[int] | None = None) -> list[tuple[int, int]]:

@@ -324,3 +324,36 @@ def test_a_chat_style_s_prompt_is_rendered_once(client, route, body, monkeypatch
     monkeypatch.setattr(Renderer, "rendered", counted)
     post(client, route, {**body, "prompt_style": "zero_shot"})
     assert len(renders) == 1
+
+
+# a template that refuses a context cut short: the prompt of each window but the last (a review: the windows were
+# rendered by the task, once the request was valid, so their refusal was a 422 alone, after the field faults)
+CUT_SHORT = ("{% for m in messages %}{% if m.role == 'user' and 'Normans' in m.content and 'THE END' not in "
+             "m.content %}{{ raise_exception('a cut context') }}{% endif %}[{{ m.role }}] {{ m.content }}\n"
+             "{% endfor %}")
+
+
+def test_a_windows_prompt_the_template_refuses_is_named_beside_the_field_faults(tiny, reference):
+    """Each window's prompt is rendered before the request is served, by the check past the schema: a template that
+    refuses only the windows' prompts (not the whole context's) is named at prompt_style with the field faults, each
+    window it refuses said, in one 422; the last window's prompt, which it takes, and a context of one window
+    are served."""
+    def tokens(context: str) -> int:
+        return len(reference.tokenizer.encode(answer_text(reference.tokenizer, "zero_shot", context)))
+
+    context = " ".join([CONTEXT] * 8) + " THE END."
+    limit = tokens("") + 40
+    assert limit < tokens(context)
+    with ready_client(tiny.settings(max_input_tokens=limit, answer_stride=8, max_answer_windows=16)) as client:
+        adapter = with_template(client, tiny, "refuses_cut_contexts", CUT_SHORT)
+        body = {"context": context, "question": QUESTION, "adapter": adapter, "prompt_style": "zero_shot"}
+        reply = client.post("/answer", json={**body, "decoding": {"top_k": 0}})
+        assert faults_named(reply) == ["decoding.top_k", "prompt_style"]
+        message = reply.json()["detail"][1]["msg"]
+        assert reply.json()["detail"][1]["type"] == "template_refused" and "a cut context" in message
+        windows = int(re.search(r"answered in (\d+) windows", message)[1])
+        assert windows > 2 and message.count("a cut context") == windows - 1, message
+        assert faults_named(client.post("/answer", json=body)) == ["prompt_style"]
+        short = answer(client, adapter, "zero_shot", "The Normans gave their name to Normandy. THE END.")
+        assert short["answer"]
+        assert answer(client, adapter, "zero_shot", context, extractive=False, status=413)
