@@ -22,28 +22,25 @@ _lock = threading.Lock()  # orders series creation against series removal
 _unregistered: dict[str, Callable[[], Collection[str]]] = {}
 
 
-class _Dropped:
-    """The child ``labels`` gives for an unregistered adapter: what is recorded on it goes nowhere."""
-
-    def observe(self, amount: float) -> None:
-        pass
-
-    def inc(self, amount: float = 1) -> None:
-        pass
+# the adapter label of what a request records once its adapter was unregistered (its series removed): no adapter's
+# name can be it (a name is a plain identifier)
+UNREGISTERED_LABEL = "(unregistered)"
 
 
 class _ByAdapter:
     """A metric with an ``adapter`` label whose series go with the adapter. A request still in flight when its adapter
-    is unregistered records nothing afterwards: its series stay gone (until the name is registered again)."""
+    is unregistered records what comes afterwards under ``UNREGISTERED_LABEL`` (its reply, a 404 where it still
+    queued, counted once as every other): the adapter's own series stay gone (until the name is registered again)."""
 
     def labels(self, *values: str, **labels: str):
-        adapter = labels["adapter"] if labels else values[self._labelnames.index("adapter")]
+        given = dict(zip(self._labelnames, values)) if values else labels
+        adapter = given["adapter"]
         with _lock:
             if adapter in _unregistered:
                 if adapter not in _unregistered[adapter]():
-                    return _Dropped()
+                    return super().labels(**{**given, "adapter": UNREGISTERED_LABEL})
                 del _unregistered[adapter]  # registered again
-            return super().labels(*values, **labels)
+            return super().labels(**given)
 
 
 class AdapterHistogram(_ByAdapter, Histogram):
