@@ -14,6 +14,7 @@ from functools import cache
 
 from locust import HttpUser, between, task
 
+from service.settings import LOADTEST_ADAPTERS_VARIABLE
 from training.data import data_dir, naming_default_data, read_nli, read_squad
 
 DECODINGS = (
@@ -55,7 +56,7 @@ class LoraswapUser(HttpUser):
         """Read the data (an absent file fails the user at its start, naming LORASWAP_DATA_DIR, not each of its
         tasks), then pick the adapters this user sends to: the environment's, else the server's, else the defaults."""
         squad_rows(), nli_rows()
-        names = [n.strip() for n in os.environ.get("LORASWAP_LOADTEST_ADAPTERS", "").split(",") if n.strip()]
+        names = [n.strip() for n in os.environ.get(LOADTEST_ADAPTERS_VARIABLE, "").split(",") if n.strip()]
         if not names:
             with self.client.get("/adapters", name="/adapters", catch_response=True) as response:
                 names = adapter_names(response.json()) if response.ok else []

@@ -1,18 +1,20 @@
 """All service settings in one place (env prefix ``LORASWAP_``; CLI flags override)."""
 from __future__ import annotations
 
+import difflib
 import errno
 import ipaddress
 import json
 import os
 import re
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings.sources.utils import parse_env_vars
 
 from service.engine.merge_policy import MAX_COOLDOWN_GROWTH
 
@@ -33,6 +35,12 @@ MOST_DEFAULT_STRIDE = 128  # answer_stride unset: min(a window's context tokens 
 # what each key's being unset means (Settings.admin_key, Settings.api_key)
 UNSET_KEY = {"admin_key": "refuses the admin routes", "api_key": "leaves the routes that run the model open"}
 HOST_NAME = re.compile(r"[A-Za-z0-9._-]+")  # a host name or IPv4 address of a URL (an IPv6 one is in brackets)
+PREFIX = "LORASWAP_"  # every variable loraswap reads begins so: the settings' (``variable``) and ``OTHER_VARIABLES``
+# the LORASWAP_ variables loraswap reads that set no setting, each read by its own module, which takes its name here
+DATA_DIR_VARIABLE = "LORASWAP_DATA_DIR"  # training.data: the data sets' folder (--data-dir's default)
+LOADTEST_ADAPTERS_VARIABLE = "LORASWAP_LOADTEST_ADAPTERS"  # loadtest/locustfile.py: the adapters its users send to
+WITHOUT_BITSANDBYTES = "LORASWAP_WITHOUT_BITSANDBYTES"  # service.scale: 1 for a Ray process that never quantizes
+OTHER_VARIABLES = (DATA_DIR_VARIABLE, LOADTEST_ADAPTERS_VARIABLE, WITHOUT_BITSANDBYTES)
 # a setting's name in a message's words (max_new_tokens): an identifier with an underscore, not part of a path
 SETTING_WORD = re.compile(r"(?<![\w/.-])[a-z]+(?:_[a-z0-9]+)+(?![\w/-]|\.\w)")
 
@@ -130,10 +138,27 @@ AdapterName = Annotated[str, NAMES_AN_ADAPTER]
 Device = Annotated[str, matching(DEVICE_PATTERN, "device", f"Input should be {DEVICES} (GPU N)")]
 
 
+class UpperCaseEnv(EnvSettingsSource):
+    """pydantic-settings' environment source, reading only the variables spelt in upper case (``LORASWAP_MAX_BATCH``):
+    its own reads every spelling (``case_sensitive`` False), so that ``loraswap_max_batch=abc`` failed a command in
+    the name of a flag never given; ``case_sensitive`` True would look for ``LORASWAP_max_batch``. Another spelling is
+    ignored, and warned of (``unknown_variables``)."""
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:  # pydantic-settings' hook: the variables it reads
+        upper = {name: value for name, value in os.environ.items() if name == name.upper()}
+        return parse_env_vars(upper, False, self.env_ignore_empty, self.env_parse_none_str)
+
+
 class Settings(BaseSettings):
     """Runtime configuration of the server and the engine."""
 
-    model_config = SettingsConfigDict(env_prefix="LORASWAP_", allow_inf_nan=False)  # no setting is unbounded by inf
+    model_config = SettingsConfigDict(env_prefix=PREFIX, allow_inf_nan=False)  # no setting is unbounded by inf
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   **others: PydanticBaseSettingsSource) -> tuple[PydanticBaseSettingsSource, ...]:
+        """pydantic-settings' hook: the values given (flags), then the upper-case variables (``UpperCaseEnv``)."""
+        return init_settings, UpperCaseEnv(settings_cls)
 
     # base model
     base_model: UsableName = Field("smollm2",
@@ -309,6 +334,33 @@ def setting(name: str) -> Any:
 def variable(name: str) -> str:
     """The environment variable that sets setting ``name``: ``LORASWAP_MAX_RANK`` for ``max_rank``."""
     return Settings.model_config["env_prefix"] + name.upper()
+
+
+def known_variables() -> list[str]:
+    """Every ``LORASWAP_`` variable loraswap reads: each setting's (``variable``), then ``OTHER_VARIABLES``."""
+    return [*map(variable, Settings.model_fields), *OTHER_VARIABLES]
+
+
+def unknown_variables(environ: Mapping[str, str] = os.environ) -> list[str]:
+    """A warning for each variable of ``environ`` that begins with ``LORASWAP_`` in any case and that loraswap does
+    not read (``known_variables``; another spelling than upper case is not read either: ``UpperCaseEnv``), naming the
+    known one nearest to it (``difflib``), where one is near: a mistyped name (``LORASWAP_MAX_BATHC``) or one in
+    lower case would otherwise be ignored without a word, leaving its setting at its default (``LORASWAP_APIKEY``
+    leaves the routes that run the model open). Warnings, not errors, as vLLM warns of an unknown ``VLLM_`` variable:
+    a container's environment may hold variables meant for another program."""
+    known = known_variables()
+    warnings = []
+    for name in sorted(environ):
+        if not name.upper().startswith(PREFIX) or name in known:
+            continue
+        nearest = difflib.get_close_matches(name.upper(), known, n=1)
+        hint = ""
+        if nearest and nearest[0] == name.upper():
+            hint = f": variables are read by their upper-case names; set {nearest[0]}"
+        elif nearest:
+            hint = f": did you mean {nearest[0]}?"
+        warnings.append(f"{name} is no variable loraswap reads, and is ignored{hint}")
+    return warnings
 
 
 def worded(text: str, name: Callable[[str], str] = variable, settings: Collection[str] = Settings.model_fields) -> str:

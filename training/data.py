@@ -9,7 +9,7 @@ import random
 from pathlib import Path
 
 from service.cli.command import UsageError
-from service.settings import usable_path
+from service.settings import DATA_DIR_VARIABLE, usable_path
 
 # files each task trains on, relative to data_dir(): (file, MNLI splits to keep or None for all)
 TASK_TRAIN_FILES: dict[str, list[tuple[str, tuple[str, ...] | None]]] = {
@@ -32,11 +32,11 @@ DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"  # LO
 def data_dir() -> Path:
     """``$LORASWAP_DATA_DIR``, else ``DEFAULT_DATA_DIR``, ``shared/data`` beside the repository. UsageError naming the
     variable where the file system refuses its path (``usable_path``: a name too long)."""
-    env = os.environ.get("LORASWAP_DATA_DIR")
+    env = os.environ.get(DATA_DIR_VARIABLE)
     try:
         return Path(usable_path(env)) if env else DEFAULT_DATA_DIR
     except OSError as exc:
-        raise UsageError(f"LORASWAP_DATA_DIR: the file system refuses this path: {exc.strerror or exc}") from None
+        raise UsageError(f"{DATA_DIR_VARIABLE}: the file system refuses this path: {exc.strerror or exc}") from None
 
 
 @contextlib.contextmanager
@@ -54,9 +54,9 @@ def naming_default_data(given: dict[str, object]):
         unset = " or ".join(option for option, value in given.items() if value is None)
         if (given and not unset) or exc.filename is None or (failed != root and root not in failed.parents):
             raise
-        env, give = os.environ.get("LORASWAP_DATA_DIR"), f"give {unset}" if unset else ""
-        where, hint = ((f"LORASWAP_DATA_DIR {env}", f" (or {give})" if give else "") if env else
-                       (f"the default data folder {root}", f": {give + ' or ' if give else ''}set LORASWAP_DATA_DIR"))
+        env, give = os.environ.get(DATA_DIR_VARIABLE), f"give {unset}" if unset else ""
+        where, hint = ((f"{DATA_DIR_VARIABLE} {env}", f" (or {give})" if give else "") if env else
+                       (f"the default data folder {root}", f": {give + ' or ' if give else ''}set {DATA_DIR_VARIABLE}"))
         raise UsageError(f"{where}: {exc.strerror}: {exc.filename}{hint}") from None
 
 

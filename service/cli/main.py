@@ -37,9 +37,10 @@ from service.cli.entry import hold_stops
 from service.cli.settings_options import add_settings_arguments, settings_from
 from service.errors import AdapterError, TemplateRefused, UnsafeEnvironment
 from service.model import malloc, server_process
-from service.settings import Settings, variable
+from service.settings import Settings, unknown_variables, variable
 
 COMMAND_GROUP = "loraswap.commands"  # the entry-point group of subcommands (pyproject.toml)
+logger = logging.getLogger(__name__)
 
 
 def commands() -> dict[str, Command]:
@@ -255,6 +256,8 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[st
     try:
         if argv is None:  # this process is the command from its start (not a caller's, as in tests)
             from_the_start(args)
+        for warning in unknown_variables():  # once: after serve's restart without the tcache
+            logger.warning(warning)
         if args.command == "serve":
             settings = settings_from(args)
             if argv is None:  # readied before the checks import torch and peft

@@ -16,8 +16,7 @@ it marks bitsandbytes absent (``server_process.without_bitsandbytes``), as serve
 import os
 
 from service.model.server_process import quiet_bitsandbytes, without_bitsandbytes
-
-WITHOUT_BITSANDBYTES = "LORASWAP_WITHOUT_BITSANDBYTES"  # set to 1 for a Ray process that never quantizes
+from service.settings import WITHOUT_BITSANDBYTES  # set to 1 for a Ray process that never quantizes
 
 quiet_bitsandbytes()
 if os.environ.get(WITHOUT_BITSANDBYTES) == "1":

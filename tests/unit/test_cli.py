@@ -1307,3 +1307,65 @@ def test_the_naming_a_command_gives_its_runtime_pickles_with_the_names_found_whe
     monkeypatch.delenv("LORASWAP_MAX_QUEUE")
     assert pickle.loads(named)("max_batch 3 + max_queue 7; max_input_tokens 1024 of adapters_dir/x.max_rank") == (
         "--max-batch 3 + LORASWAP_MAX_QUEUE 7; --max-input-tokens 1024 of adapters_dir/x.max_rank")
+
+
+# a mistyped variable, one loraswap never read, and a setting's spelt in lower or mixed case (pydantic-settings read
+# every spelling: the last failed serve as "--max-batch: Input should be a valid integer", a flag never given)
+STRAY_VARIABLES = {"LORASWAP_MAX_BATHC": "4", "LORASWAP_APIKEY": "zz", "loraswap_max_batch": "abc",
+                   "Loraswap_Max_New_Tokens": "9000"}
+STRAY_WARNINGS = [
+    "LORASWAP_APIKEY is no variable loraswap reads, and is ignored: did you mean LORASWAP_API_KEY?",
+    "LORASWAP_MAX_BATHC is no variable loraswap reads, and is ignored: did you mean LORASWAP_MAX_BATCH?",
+    "Loraswap_Max_New_Tokens is no variable loraswap reads, and is ignored: variables are read by their upper-case "
+    "names; set LORASWAP_MAX_NEW_TOKENS",
+    "loraswap_max_batch is no variable loraswap reads, and is ignored: variables are read by their upper-case names; "
+    "set LORASWAP_MAX_BATCH"]
+
+
+@pytest.mark.parametrize("argv,error", [
+    (["serve", "--base-model", "/nonexistent/model"], "loraswap serve: error: --base-model /nonexistent/model"),
+    (["eval", "--task", "nli", "--adapter", "none", "--data", str(NLI_SAMPLE), "--base-model", "/nonexistent/model",
+      "--device", "cpu"], "loraswap eval: error: --base-model /nonexistent/model"),
+    (["train", "--task", "nli", "--out", "x", "--data-dir", "/nonexistent"], "loraswap train: error: --data-dir"),
+    (["merge", "--adapter", "missing", "--out", "x"], "loraswap merge: error: --adapter missing"),
+    (LOADTEST, "loraswap loadtest: error: set LORASWAP_ADMIN_KEY"),
+    (["side-by-side", "--system", "a=loraswap@http://h:1"], "loraswap side-by-side: error: need at least two"),
+])
+def test_every_command_warns_once_of_a_variable_it_does_not_read(argv, error, monkeypatch, capsys, caplog):
+    """A review: ``LORASWAP_MAX_BATHC=4 LORASWAP_APIKEY=zz loraswap serve`` started without a word (the API key unset
+    left the model's routes open). Each is warned of once, naming the nearest variable, and ignored."""
+    for name, value in STRAY_VARIABLES.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("LORASWAP_ADMIN_KEY", raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and capsys.readouterr().err.startswith(error)
+    assert [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING
+            and record.getMessage().startswith(tuple(STRAY_VARIABLES))] == STRAY_WARNINGS
+
+
+def test_serve_warns_once_across_its_restart(tmp_path):
+    """serve starts again without malloc's tcache: the warning is said by the process that runs the command, once."""
+    env = {**os.environ, **STRAY_VARIABLES, "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, "-m", "service.cli.main", "serve", "--base-model", "/nonexistent/model"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--base-model /nonexistent/model" in done.stderr
+    assert [line.split(": ", 1)[1] for line in done.stderr.splitlines() if " WARNING " in line] == STRAY_WARNINGS
+
+
+def test_the_variables_loraswap_reads_are_not_warned_of(monkeypatch):
+    """Each setting's variable and each other one loraswap reads (the data folder's, loadtest's adapters', scale's
+    ``WITHOUT_BITSANDBYTES``) are known; variables of other programs are none of loraswap's concern."""
+    from service.settings import OTHER_VARIABLES, unknown_variables
+
+    environ = {variable_of(name): "x" for name in Settings.model_fields} | dict.fromkeys(OTHER_VARIABLES, "x")
+    assert unknown_variables({**environ, "VLLM_PORT": "1", "HOME": "/root"}) == []
+    assert set(OTHER_VARIABLES) == {"LORASWAP_DATA_DIR", "LORASWAP_LOADTEST_ADAPTERS", "LORASWAP_WITHOUT_BITSANDBYTES"}
+
+
+def test_a_setting_is_read_from_its_upper_case_variable_only(monkeypatch):
+    monkeypatch.setenv("Loraswap_Max_New_Tokens", "9000")
+    monkeypatch.setenv("loraswap_max_batch", "abc")
+    assert (Settings().max_new_tokens, Settings().max_batch) == (64, 32)
+    monkeypatch.setenv("LORASWAP_MAX_NEW_TOKENS", "9")
+    assert Settings().max_new_tokens == 9
