@@ -17,7 +17,7 @@ from service import metrics
 from service.http.errors import (
     CLIENT_CLOSED,
     STATUS,
-    FieldRefused,
+    Refused,
     echoable,
     echoable_message,
     error_code,
@@ -88,7 +88,8 @@ def add_error_handlers(app: FastAPI, named: Callable[[str], str] = worded) -> No
     ``message_of`` with ``named`` (``Runtime.named``: the settings it names as the operator sets them)."""
 
     async def _domain(request: Request, exc: Exception):
-        return error(request, status_of(type(exc)), message_of(exc, named), code=error_code(type(exc)),
+        openai = openai_shaped(request)
+        return error(request, status_of(type(exc), openai), message_of(exc, named), code=error_code(type(exc), openai),
                      retry_after=getattr(exc, "retry_after", None))
 
     for kind in STATUS:
@@ -99,9 +100,9 @@ def add_error_handlers(app: FastAPI, named: Callable[[str], str] = worded) -> No
         if exc.status_code == 400 and exc.__cause__ is not None:  # FastAPI's: it could not parse the body
             cause = exc.__cause__
             return unreadable(request, "it is nested too deeply" if isinstance(cause, RecursionError) else str(cause))
-        traced = isinstance(exc, FieldRefused)
-        response = error(request, exc.status_code, str(exc.detail), param=exc.param if traced else None,
-                         code=exc.code if traced else None)
+        coded = isinstance(exc, Refused)
+        response = error(request, exc.status_code, str(exc.detail), param=exc.param if coded else None,
+                         code=exc.code if coded else None)
         response.headers.update(exc.headers or {})
         if exc.status_code == 405:
             response.headers["Allow"] = allowed_methods(request)

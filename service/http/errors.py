@@ -25,7 +25,7 @@ from service.errors import (
     TemplateRefused,
     UnknownAdapter,
 )
-from service.http.schemas import ErrorOut
+from service.http.schemas import ErrorOut, OpenAIErrorOut
 from service.settings import variable, worded
 from service.strict_json import PAST_ANY_BOUND
 
@@ -39,13 +39,22 @@ class ClientGone(Exception):
     """The client disconnected before its reply was ready."""
 
 
-class FieldRefused(HTTPException):
+class Refused(HTTPException):
+    """An error reply the HTTP layer makes, with a ``code`` saying what kind of fault it is (OpenAI's, on ``/v1/*``)
+    and the request field it is traced to, if any (``param``)."""
+
+    def __init__(self, status: int, detail: str, code: str, param: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(status, detail, headers)
+        self.param, self.code = param, code
+
+
+class FieldRefused(Refused):
     """An error reply the HTTP layer makes for a fault traced to one request field, which the reply names (OpenAI's
-    ``param``, on ``/v1/*``), with a ``code`` saying what kind of fault it is."""
+    ``param``, on ``/v1/*``)."""
 
     def __init__(self, status: int, detail: str, param: str, code: str):
-        super().__init__(status, detail)
-        self.param, self.code = param, code
+        super().__init__(status, detail, code, param)
 
 
 # a domain error's status is that of the first of its classes (itself, then its bases) found here
@@ -64,6 +73,12 @@ STATUS: dict[type[Exception], int] = {
     EngineStopped: 503,
     ClientGone: CLIENT_CLOSED,
 }
+# on /v1/*, the status and code of a domain error where OpenAI's API gives another than the table above (and than
+# ``error_code``): an unknown model is its 404 ``model_not_found``; a prompt past the context its 400
+# ``context_length_exceeded``, as vLLM's too, which OpenAI's Python client raises as BadRequestError (a 413 was an
+# APIStatusError of no kind). /answer and /nli keep the table's (404 ``unknown_adapter``, 413 ``input_too_long``)
+OPENAI_ERRORS: dict[type[Exception], tuple[int, str]] = {UnknownAdapter: (404, "model_not_found"),
+                                                           InputTooLong: (400, "context_length_exceeded")}
 
 # the replies the HTTP layer makes itself: bodies it cannot parse or validate, and admin authorization
 HTTP_REPLIES = {
@@ -80,8 +95,11 @@ HTTP_REPLIES = {
 }
 
 
-def status_of(kind: type[Exception]) -> int:
-    """The HTTP status of a kind of domain error (StopIteration for one that is none)."""
+def status_of(kind: type[Exception], openai: bool = False) -> int:
+    """The HTTP status of a kind of domain error (StopIteration for one that is none); ``openai``: on ``/v1/*``, where
+    ``OPENAI_ERRORS`` gives its own."""
+    if openai and kind in OPENAI_ERRORS:
+        return OPENAI_ERRORS[kind][0]
     return next(STATUS[base] for base in kind.__mro__ if base in STATUS)
 
 
@@ -112,7 +130,8 @@ def blaming(fields: Mapping[type[Exception], str], named: Callable[[str], str]) 
     request's fault) is raised as a FieldRefused naming that field (OpenAI's ``param``), with the status and code it
     has and its message as ``message_of`` says it with ``named``; others pass as they are, a 5xx or a 429 with its
     Retry-After (a review: NoFreeSlot, an AdapterError, was a 503 without one, blaming ``lora_path``). ``fields``
-    maps kinds to the field at fault, such as UnknownAdapter to ``model``."""
+    maps kinds to the field at fault, such as UnknownAdapter to ``model``. For the routes under ``/v1`` (its only
+    users): the status and code are OpenAI's (``OPENAI_ERRORS``)."""
     try:
         yield
     except tuple(fields) as exc:
@@ -120,7 +139,8 @@ def blaming(fields: Mapping[type[Exception], str], named: Callable[[str], str]) 
         if param is None:
             raise
         kind = type(exc)
-        raise FieldRefused(status_of(kind), message_of(exc, named), param, error_code(kind)) from None
+        raise FieldRefused(status_of(kind, openai=True), message_of(exc, named), param,
+                           error_code(kind, openai=True)) from None
 
 
 def openai_type(status: int) -> str:
@@ -136,20 +156,22 @@ def openai_error(status: int, message: str, param: str | None = None, code: str 
     return {"error": {"message": message, "type": openai_type(status), "param": param, "code": code}}
 
 
-def error_code(kind: type[Exception]) -> str:
-    """The ``code`` of an OpenAI-shaped reply for a domain error: its class name in snake case (UnknownAdapter:
-    "unknown_adapter")."""
+def error_code(kind: type[Exception], openai: bool = False) -> str:
+    """The ``code`` of an error reply for a domain error: its class name in snake case (UnknownAdapter:
+    "unknown_adapter"); ``openai``: on ``/v1/*``, where ``OPENAI_ERRORS`` gives OpenAI's own ("model_not_found")."""
+    if openai and kind in OPENAI_ERRORS:
+        return OPENAI_ERRORS[kind][1]
     return re.sub(r"(?<!^)(?=[A-Z])", "_", kind.__name__).lower()
 
 
 def error_replies(*errors: type[Exception] | int, shape: type = ErrorOut) -> dict:
     """OpenAPI ``responses`` for a route that may fail with ``errors``: domain error classes (described by their
     docstring's first line) and statuses of ``HTTP_REPLIES``; several of one status are listed together. ``shape``:
-    the reply body's model (``OpenAIErrorOut`` on ``/v1/*``)."""
+    the reply body's model (``OpenAIErrorOut`` on ``/v1/*``, whose statuses are OpenAI's: ``OPENAI_ERRORS``)."""
     meanings: dict[int, list[str]] = {}
     for error in errors:
         status, meaning = (error, HTTP_REPLIES[error]) if isinstance(error, int) else (
-            status_of(error), error.__doc__.strip().splitlines()[0])
+            status_of(error, openai=shape is OpenAIErrorOut), error.__doc__.strip().splitlines()[0])
         meanings.setdefault(status, []).append(meaning)
     return {status: {"model": shape, "description": " ".join(meanings[status])} for status in sorted(meanings)}
 

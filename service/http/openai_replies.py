@@ -159,7 +159,8 @@ def stream_error(exc: Exception, fields: dict[type[Exception], str], named: Call
     if not isinstance(exc, tuple(STATUS)):
         logger.error("a streamed reply failed after it began", exc_info=exc)
         return openai_error(500, "internal server error: the request's batch failed", code="internal_error")
-    return openai_error(status_of(type(exc)), message_of(exc, named), param_of(exc, fields), error_code(type(exc)))
+    return openai_error(status_of(type(exc), openai=True), message_of(exc, named), param_of(exc, fields),
+                        error_code(type(exc), openai=True))
 
 
 def event(body: dict) -> bytes:

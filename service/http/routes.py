@@ -26,7 +26,7 @@ from service.errors import (
     TemplateRefused,
     UnknownAdapter,
 )
-from service.http.errors import ClientGone, error_replies
+from service.http.errors import ClientGone, Refused, error_replies
 from service.http.json_body import UniqueKeysRoute
 from service.http.late_checks import LateCheckedRoute, LateChecks, late, refused, template_refused
 from service.http.schemas import (
@@ -136,9 +136,10 @@ APP_DEPENDENCIES = {single_headers: (400,)}
 
 
 def check_bearer(authorization: str | None, key: str, refusal: str) -> None:
-    """401 with ``refusal`` unless ``authorization`` is ``Bearer <key>``."""
+    """401 with ``refusal`` unless ``authorization`` is ``Bearer <key>``: code ``invalid_api_key``, OpenAI's for a
+    key missing or wrong (its clients raise AuthenticationError, whatever the code)."""
     if not bearer_of(authorization, key):
-        raise HTTPException(401, refusal, headers={"WWW-Authenticate": "Bearer"})
+        raise Refused(401, refusal, "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
 
 def is_api_key(rt: Runtime, authorization: str) -> bool:

@@ -234,7 +234,7 @@ class OpenAIError(BaseModel):
     type: str = Field(description="invalid_request_error, authentication_error, permission_error, rate_limit_error "
                       "or server_error, from the status")
     param: str | None = Field(description="the request field at fault, when one is")
-    code: str | None = Field(description="what went wrong, in snake case (unknown_adapter, queue_full, "
+    code: str | None = Field(description="what went wrong, in snake case (model_not_found, queue_full, "
                              "extra_forbidden), when known")
 
 

@@ -98,12 +98,19 @@ def test_invalid_input_elsewhere_is_422(client, path, body):
     ("/answer", {"context": "Normandy is a region in France. " * 200, "question": SQUAD_QUESTION, "extractive": False}),
     ("/answer", {"context": "Normandy is a region in France. " * 3000, "question": SQUAD_QUESTION}),
     ("/nli", {"premise": "A man sleeps in a chair. " * 200, "hypothesis": "Nobody sleeps."}),
-    ("/v1/completions", {"model": "base", "prompt": "Once upon a time " * 300}),
 ])
 def test_input_too_long_is_413(client, path, body):
     reply = client.post(path, json=body)
     assert reply.status_code == 413, reply.text
     assert "tokens" in error_message(reply)
+
+
+def test_input_too_long_on_v1_is_openais_400_context_length_exceeded(client):
+    """As OpenAI's API and vLLM answer a prompt past the context (it was a 413, which OpenAI's Python client raises
+    as an APIStatusError of no kind, not its BadRequestError)."""
+    reply = client.post("/v1/completions", json={"model": "base", "prompt": "Once upon a time " * 300})
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"]["code"] == "context_length_exceeded" and "tokens" in error_message(reply)
 
 
 def test_max_input_tokens_is_the_longest_prompt_accepted(tiny):

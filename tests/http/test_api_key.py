@@ -55,6 +55,8 @@ def test_the_routes_that_run_the_model_need_the_key(client, path, body):
         reply = client.post(path, json=body, headers=headers)
         assert reply.status_code == 401, (authorization, reply.text)
         assert "Bearer <API key>" in error_message(reply) and reply.headers["WWW-Authenticate"] == "Bearer"
+        if path.startswith("/v1/"):  # OpenAI's code for a key missing or wrong (it was null)
+            assert reply.json()["error"]["code"] == "invalid_api_key", reply.text
 
 
 def test_the_key_is_checked_before_the_body(client):

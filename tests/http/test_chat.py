@@ -398,7 +398,7 @@ def test_messages_too_long_for_any_prompt_are_413_before_the_template_runs(refer
 def test_unknown_model_is_404_in_openais_shape(client):
     reply = client.post("/v1/chat/completions", json={"model": "nope", "messages": QUESTION})
     assert reply.status_code == 404 and "'nope'" in error_message(reply)
-    assert reply.json()["error"]["code"] == "unknown_adapter"
+    assert reply.json()["error"]["code"] == "model_not_found"
 
 
 def test_a_model_without_a_chat_template_is_refused(tiny_llama_dir, tmp_path):

@@ -279,7 +279,7 @@ def test_a_request_is_counted_under_its_adapter_once_valid_and_its_adapter_known
          NO_ADAPTER_LABEL),
         ("/answer", {"adapter": "nope"}, 404, NO_ADAPTER_LABEL),
         ("/v1/completions", {"model": "one", "prompt": "x" * 5000}, 413, NO_ADAPTER_LABEL),  # the body
-        ("/v1/completions", {"model": "one", "prompt": "a b c d e f g h " * 40}, 413, "one"),  # the prompt
+        ("/v1/completions", {"model": "one", "prompt": "a b c d e f g h " * 40}, 400, "one"),  # the prompt
         ("/nli", {"adapter": "one"}, 200, "one"),
     ]
     bodies = {"/answer": {"context": "Paris is in France.", "question": "Where is Paris?"},

@@ -71,19 +71,19 @@ OPENAI_ERRORS = [
     ("get", "/v1/nowhere", None, {}, 404, "invalid_request_error", None, None),
     ("get", "/v1/completions", None, {}, 405, "invalid_request_error", None, None),
     ("post", "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/x"}, {}, 401, "authentication_error", None,
-     None),
+     "invalid_api_key"),
 ]
 # domain errors a request field is the fault of, which their param names (method, path, body, status, param, code);
 # those of completions streamed too (refused before the stream begins)
 FIELD_ERRORS = [
-    *[("post", path, {**body, "model": "nope", **streamed}, 404, "model", "unknown_adapter")
+    *[("post", path, {**body, "model": "nope", **streamed}, 404, "model", "model_not_found")
       for path, body in (("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT))
       for streamed in ({}, {"stream": True})],
-    *[("post", "/v1/completions", {**COMPLETION, "prompt": LONG, **streamed}, 413, "prompt", "input_too_long")
+    *[("post", "/v1/completions", {**COMPLETION, "prompt": LONG, **streamed}, 400, "prompt", "context_length_exceeded")
       for streamed in ({}, {"stream": True})],
-    *[("post", "/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": LONG}], **streamed}, 413,
-       "messages", "input_too_long") for streamed in ({}, {"stream": True})],
-    ("get", "/v1/models/nope", None, 404, "model", "unknown_adapter"),
+    *[("post", "/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": LONG}], **streamed}, 400,
+       "messages", "context_length_exceeded") for streamed in ({}, {"stream": True})],
+    ("get", "/v1/models/nope", None, 404, "model", "model_not_found"),
     ("post", "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/etc"}, 403, "lora_path",
      "adapter_path_refused"),
     ("post", "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "nowhere"}, 404, "lora_path",
@@ -94,7 +94,7 @@ FIELD_ERRORS = [
      "adapter_name_refused"),
     ("post", "/v1/load_lora_adapter", {"lora_name": "Base", "lora_path": "two"}, 422, "lora_name",
      "adapter_name_refused"),
-    ("post", "/v1/unload_lora_adapter", {"lora_name": "nope"}, 404, "lora_name", "unknown_adapter"),
+    ("post", "/v1/unload_lora_adapter", {"lora_name": "nope"}, 404, "lora_name", "model_not_found"),
     ("post", "/v1/unload_lora_adapter", {"lora_name": "no way"}, 422, "lora_name", "adapter_name_refused"),
 ]
 # the same kinds of error elsewhere: {"error": message}
@@ -199,13 +199,13 @@ def test_the_openai_client_shows_the_message(client):
     with pytest.raises(openai.NotFoundError) as raised:
         api.chat.completions.create(model="nope", messages=CHAT["messages"])
     assert "unknown adapter 'nope'" in str(raised.value)
-    assert (raised.value.type, raised.value.code) == ("invalid_request_error", "unknown_adapter")
+    assert (raised.value.type, raised.value.code) == ("invalid_request_error", "model_not_found")
     with pytest.raises(openai.UnprocessableEntityError) as raised:
         api.completions.create(model="one", prompt="Hi", frequency_penalty=1)
     assert "frequency_penalty is not supported yet" in str(raised.value) and raised.value.param == "frequency_penalty"
-    with pytest.raises(openai.APIStatusError) as raised:
+    with pytest.raises(openai.BadRequestError) as raised:  # a 413 was an APIStatusError of no kind
         api.completions.create(model="one", prompt=LONG)
-    assert raised.value.status_code == 413 and "at most" in str(raised.value)
+    assert raised.value.code == "context_length_exceeded" and "at most" in str(raised.value)
 
 
 def test_the_openai_client_retrieves_each_listed_model(client):

@@ -443,7 +443,7 @@ def test_an_adapter_unregistered_while_the_streamed_request_queued_is_404_before
         held.result(WAIT)
         gone = "adapter 'two' was unloaded after the request arrived, before it ran"
         assert reply.result(WAIT).json()["error"] == {"message": gone, "type": "invalid_request_error",
-                                                      "param": "model", "code": "unknown_adapter"}
+                                                      "param": "model", "code": "model_not_found"}
     assert client.post("/adapters", json={"name": "two", "path": str(served.adapters_dir / "two")},
                        headers=ADMIN).status_code == 201
 

@@ -65,7 +65,7 @@ def test_unloading_what_is_unknown_or_merged_is_as_delete(client, served):
     reply = unload(client, "nope")
     assert reply.status_code == delete.status_code == 404
     assert error_message(reply) == error_message(delete) == "unknown adapter 'nope'"
-    assert reply.json()["error"]["code"] == "unknown_adapter"
+    assert reply.json()["error"]["code"] == "model_not_found"
     assert client.post("/adapters/one/merge", headers=ADMIN).json()["merged"] == "one"
     answer = ask(client, "one", max_new_tokens=4)["answer"]
     assert unload(client, "one").status_code == 200  # unmerged first, as DELETE does

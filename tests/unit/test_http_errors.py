@@ -58,6 +58,8 @@ def test_the_openapi_error_replies_are_the_table_and_the_errors_docstrings():
         "503": "The model is loading, or the service is draining or stopped, and takes no new requests. The server "
                "could not render the chat template, for trouble of its own, not the template's; retry later.",
     }
+    v1 = spec["paths"]["/v1/completions"]["post"]["responses"]  # OpenAI's status of a prompt past the context
+    assert "The prompt has more tokens" in v1["400"]["description"] and v1["413"]["description"] == HTTP_REPLIES[413]
     merged = error_replies(errors.AdapterPathRefused, 403)[403]["description"]
     assert merged == f"{errors.AdapterPathRefused.__doc__.strip()} {HTTP_REPLIES[403]}"
     assert set(STATUS) >= {errors.AdapterError, errors.EngineStopped, errors.QueueFull, errors.InputTooLong}
@@ -74,7 +76,7 @@ def test_only_an_error_that_is_the_requests_fault_blames_a_field(kind):
     if status_of(kind) >= 500 or status_of(kind) == 429:
         assert raised.value is error and param_of(error, fields) is None
     else:
-        assert isinstance(raised.value, FieldRefused) and raised.value.status_code == status_of(kind)
+        assert isinstance(raised.value, FieldRefused) and raised.value.status_code == status_of(kind, openai=True)
         assert raised.value.param == param_of(error, fields) == "here"
 
 
