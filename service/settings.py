@@ -266,7 +266,8 @@ class Settings(BaseSettings):
     admin_key: str | None = Field(None, description="bearer key for admin routes; none refuses them; an empty one "
                                   "is refused at start")
     api_key: str | None = Field(None, description="bearer key for the routes that run the model (/answer, /nli, "
-                                "/v1/completions, /v1/chat/completions); none leaves them open; an empty one is "
+                                "/v1/completions, /v1/chat/completions) and those that list the models (/v1/models, "
+                                "and GET /adapters without the admin key); none leaves them open; an empty one is "
                                 "refused at start")
     max_body_bytes: int = Field(4 * 2**20, ge=1, description="largest request body in bytes: a larger one is refused "
                                 "(413) before it is read whole")

@@ -85,7 +85,7 @@ HTTP_REPLIES = {
     400: "Authorization or Content-Type sent more than once (on any route), or a body that cannot be parsed (not JSON, "
          "not UTF-8, nested too deeply, or naming a key twice in one object).",
     401: "A route that needs a key without it: the admin key on admin routes, the API key (when one is set) on the "
-         "routes that run the model.",
+         "routes that run the model, on GET /v1/models and on GET /adapters.",
     403: "Admin routes are disabled: no admin key is set.",
     413: f"A request body larger than the server takes (its body limit: --max-body-bytes, "
          f"{variable('max_body_bytes')}).",

@@ -2,6 +2,8 @@
 errors take OpenAI's shape (``service.http.app.error``)."""
 from __future__ import annotations
 
+import time
+
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import PlainTextResponse
@@ -28,8 +30,8 @@ from service.http.routes import (
     admin_replies,
     bound,
     inference,
+    keyed,
     new_seed,
-    serving,
     serving_replies,
     token_budget,
     unless_disconnected,
@@ -106,18 +108,20 @@ async def reply(rt: Runtime, request: Request, body: OpenAIIn, prompt: str | lis
 
 
 def model_card(model_id: str) -> dict:
-    return {"id": model_id, "object": "model", "created": 0, "owned_by": "loraswap"}
+    """A model of ``GET /v1/models``; ``created``: the time of the reply, in Unix seconds, as vLLM gives it (OpenAI:
+    when the model was made; it was 0, 1970)."""
+    return {"id": model_id, "object": "model", "created": int(time.time()), "owned_by": "loraswap"}
 
 
-@openai_router.get("/models", responses=error_replies(EngineStopped, shape=OpenAIErrorOut))
-async def models(rt: Runtime = Depends(serving)) -> dict:
+@openai_router.get("/models", responses=error_replies(401, EngineStopped, shape=OpenAIErrorOut))
+async def models(rt: Runtime = Depends(keyed)) -> dict:
     """The bare base (``base``) and every registered adapter."""
     return {"object": "list", "data": [model_card(i) for i in (BASE_MODEL_ID, *rt.registry.names())]}
 
 
-@openai_router.get("/models/{model}", responses=error_replies(422, UnknownAdapter, EngineStopped,
+@openai_router.get("/models/{model}", responses=error_replies(401, 422, UnknownAdapter, EngineStopped,
                                                              shape=OpenAIErrorOut))
-async def model(model: str, rt: Runtime = Depends(serving)) -> dict:
+async def model(model: str, rt: Runtime = Depends(keyed)) -> dict:
     """One model of ``GET /v1/models``: an adapter, or ``base`` (also asked for as ``none``); 404 for an unknown
     adapter."""
     adapter = adapter_or_base(model)

@@ -155,14 +155,27 @@ def check_admin_key(rt: Runtime, authorization: str | None) -> None:
     check_bearer(authorization, key, "admin routes need Authorization: Bearer <admin key>")
 
 
-async def inference(request: Request, authorization: str | None = Header(None)) -> Runtime:
-    """The runtime, for a route that runs the model: with an API key configured (``Settings.api_key``), 401 unless
-    ``authorization`` is ``Bearer <API key>``; then its caps set for the body's validation (``SERVER_CAPS``), and as
-    ``serving``."""
-    rt: Runtime = request.app.state.runtime
+def check_api_key(rt: Runtime, authorization: str | None, route: str) -> None:
+    """With an API key configured (``Settings.api_key``), 401 unless ``authorization`` is ``Bearer <API key>``;
+    ``route`` says in words why the route needs it."""
     if rt.settings.api_key is not None:
-        check_bearer(authorization, rt.settings.api_key, "this route runs the model: it needs Authorization: Bearer "
-                     "<API key>")
+        check_bearer(authorization, rt.settings.api_key, f"{route}: it needs Authorization: Bearer <API key>")
+
+
+async def keyed(request: Request, authorization: str | None = Header(None)) -> Runtime:
+    """The runtime, for a route of OpenAI's under ``/v1`` that runs no model (the models' list): the API key as
+    ``inference`` needs it (OpenAI and vLLM need it on every ``/v1`` route; a review: ``GET /v1/models`` answered
+    without it), then as ``serving``."""
+    rt: Runtime = request.app.state.runtime
+    check_api_key(rt, authorization, "this route is OpenAI's")
+    return accepting(rt)
+
+
+async def inference(request: Request, authorization: str | None = Header(None)) -> Runtime:
+    """The runtime, for a route that runs the model: the API key (``check_api_key``); then its caps set for the
+    body's validation (``SERVER_CAPS``), and as ``serving``."""
+    rt: Runtime = request.app.state.runtime
+    check_api_key(rt, authorization, "this route runs the model")
     SERVER_CAPS.set(server_caps(rt))  # FastAPI validates the body after the dependencies, in this context
     return accepting(rt)
 
@@ -348,11 +361,14 @@ def merge_state(merged: str | None) -> dict:
 
 @admin_router.get("/adapters", responses=admin_replies())
 async def list_adapters(rt: Runtime = Depends(serving), authorization: str | None = Header(None)) -> dict:
-    """Every adapter and the merge state; the adapters' file paths only with the admin key. No key or the API key
-    (which clients of the inference routes send everywhere): no paths; any other key: 401."""
+    """Every adapter and the merge state; the adapters' file paths only with the admin key. The API key (which
+    clients of the inference routes send everywhere): no paths; no key: no paths, but a 401 where an API key is
+    configured (the names are what ``GET /v1/models`` lists, which needs it); any other key: 401."""
     admin = authorization is not None and not is_api_key(rt, authorization)
     if admin:
         check_admin_key(rt, authorization)
+    elif authorization is None:
+        check_api_key(rt, authorization, "this route lists the adapters GET /v1/models lists")
     adapters = rt.registry.describe()
     if not admin:
         adapters = [{key: value for key, value in adapter.items() if key != "path"} for adapter in adapters]

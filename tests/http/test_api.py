@@ -7,6 +7,7 @@ end of text, and concurrent requests across adapters each getting what its adapt
 """
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -303,3 +304,11 @@ def test_concurrent_mixed_adapter_requests_match_each_adapter_alone(client):
                 job[0], alone[job]["answer"], alone[job]["tokens"]), job
         for job, future in zip(pairs, together_nli):
             assert_close(future.result()["probabilities"], alone_nli[job]["probabilities"])
+
+
+def test_each_model_is_listed_with_a_unix_time(client):
+    """A review: ``created`` was 0 (1970); it is the time of the reply in Unix seconds, as vLLM gives it."""
+    before = int(time.time())
+    listed = client.get("/v1/models").json()["data"] + [client.get("/v1/models/base").json()]
+    after = int(time.time())
+    assert all(before <= model["created"] <= after for model in listed), listed

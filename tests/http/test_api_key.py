@@ -66,14 +66,30 @@ def test_the_key_is_checked_before_the_body(client):
         assert client.post(path, json={"colour": "red"}, headers=KEYED).status_code == 422
 
 
-def test_routes_that_run_no_model_stay_open_and_the_keys_do_not_mix(client):
-    for path in ("/health", "/ready", "/metrics", "/v1/models"):
+def test_the_probes_stay_open_and_the_keys_do_not_mix(client):
+    for path in ("/health", "/ready", "/metrics"):
         assert client.get(path).status_code == client.get(path, headers=KEYED).status_code == 200, path
     listing = client.get("/adapters", headers=KEYED)  # the key clients send everywhere: the listing, without paths
     assert listing.status_code == 200 and all("path" not in a for a in listing.json()["adapters"])
     assert all("path" in a for a in client.get("/adapters", headers=ADMIN).json()["adapters"])
     for method, path in [("post", "/adapters/unmerge"), ("post", "/v1/unload_lora_adapter"), ("delete", "/adapters/x")]:
         assert client.request(method, path, json={"lora_name": "x"}, headers=KEYED).status_code == 401, path
+
+
+@pytest.mark.parametrize("path", ["/v1/models", "/v1/models/one", "/v1/models/base", "/adapters"])
+def test_the_model_listings_need_the_key(client, path):
+    """A review: with --api-key, GET /v1/models answered without it (OpenAI and vLLM need it on every /v1 route), and
+    so did GET /adapters, which lists the same names."""
+    for authorization in [None, *WRONG[:5]]:
+        headers = {} if authorization is None else {"Authorization": authorization}
+        reply = client.get(path, headers=headers)
+        assert reply.status_code == 401 and reply.headers["WWW-Authenticate"] == "Bearer", (authorization, reply.text)
+    assert client.get(path, headers=KEYED).status_code == 200
+    if path.startswith("/v1/"):
+        assert client.get(path).json()["error"]["code"] == "invalid_api_key"
+    api = openai.OpenAI(base_url="http://testserver/v1", api_key="wrong", http_client=client, max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        api.models.list()
 
 
 def test_the_key_is_compared_in_constant_time(client, compared_digests):
