@@ -159,7 +159,8 @@ class RequestObject(BaseModel):
 class NullIsDefault(RequestObject):
     """A request body in which a null field takes its default, as OpenAI's API reads null (clients send None as
     null), but for the fields ``NULL_IS_A_VALUE`` names, where null means something of its own (``AnswerIn.adapter``:
-    the bare base, where leaving it out asks the QA adapter)."""
+    the bare base, where leaving it out asks the QA adapter). A required field has no default: null is refused as
+    its value, naming it (a review: ``"model": null`` was dropped, then said "Field required", code ``missing``)."""
 
     NULL_IS_A_VALUE: ClassVar[frozenset[str]] = frozenset()
 
@@ -167,8 +168,8 @@ class NullIsDefault(RequestObject):
     @classmethod
     def _null_is_default(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            return {key: value for key, value in data.items()
-                    if value is not None or key not in cls.model_fields or key in cls.NULL_IS_A_VALUE}
+            return {key: value for key, value in data.items() if value is not None or key not in cls.model_fields
+                    or key in cls.NULL_IS_A_VALUE or cls.model_fields[key].is_required()}
         return data
 
     @classmethod
@@ -547,6 +548,13 @@ class ChatCompletionIn(OpenAIIn):
     logprobs: bool = False  # each token's logprob
     top_logprobs: int | None = Field(None, ge=0, le=MOST_TOP_LOGPROBS)  # and the k most likely tokens': needs logprobs
     response_format: Annotated[dict | None, only({"type": "text"})] = None
+    # OpenAI's storing of the completion for its dashboard: none is stored here, so only false (null: false) is taken
+    store: Annotated[bool, only(False)] = False
+    # tags of a stored completion (OpenAI's bounds: 16 pairs, keys of 64 characters, values of 512): nothing to do here
+    metadata: dict[Annotated[str, Field(max_length=64), UNICODE], Annotated[str, Field(max_length=512), UNICODE]] | \
+        None = Field(None, max_length=16)
+    # whether tool calls may come several at once: this server takes no tools, so any value changes nothing (vLLM's)
+    parallel_tool_calls: bool | None = None
 
     @field_validator("top_logprobs")
     @classmethod
