@@ -59,6 +59,9 @@ LOAD_FIELDS = {AdapterNameRefused: "lora_name", AdapterPathAmbiguous: "lora_path
 UNLOAD_FIELDS = {AdapterError: "lora_name"}
 # vLLM's adapter routes answer a line of text, their errors JSON (documented as such: the routes' class, Response,
 # names no media type of its own)
+# the models' ``created`` (Unix seconds): when this server's process set up its routes, as it started. vLLM gives the
+# time of the reply, which changes from one listing to the next; this one stays as long as the server serves
+SERVED_SINCE = int(time.time())
 VLLMS_REPLY = {200: {"description": "Success: LoRA adapter '<name>' added (or removed) successfully.",
                      "content": {"text/plain": {"schema": {"type": "string"}}}}}
 
@@ -108,12 +111,12 @@ async def reply(rt: Runtime, request: Request, body: OpenAIIn, prompt: str | lis
 
 
 def model_card(model_id: str) -> dict:
-    """A model of ``GET /v1/models``; ``created``: the time of the reply, in Unix seconds, as vLLM gives it (OpenAI:
-    when the model was made; it was 0, 1970)."""
-    return {"id": model_id, "object": "model", "created": int(time.time()), "owned_by": "loraswap"}
+    """A model of ``GET /v1/models``; ``created``: ``SERVED_SINCE`` (OpenAI: a Unix time, when the model was made; it
+    was 0, 1970)."""
+    return {"id": model_id, "object": "model", "created": SERVED_SINCE, "owned_by": "loraswap"}
 
 
-@openai_router.get("/models", responses=error_replies(401, EngineStopped, shape=OpenAIErrorOut))
+@openai_router.get("/models", responses=error_replies(401, 422, EngineStopped, shape=OpenAIErrorOut))
 async def models(rt: Runtime = Depends(keyed)) -> dict:
     """The bare base (``base``) and every registered adapter."""
     return {"object": "list", "data": [model_card(i) for i in (BASE_MODEL_ID, *rt.registry.names())]}
