@@ -64,7 +64,7 @@ def test_only_a_process_that_is_the_server_from_its_start_is_readied_and_ended_a
         calls.append(("end", status))
         raise SystemExit(status)
 
-    def serve(settings, named, sockets):
+    def serve(settings, named, sockets, checked):
         for sock in sockets:
             sock.close()
         calls.append(("serve", settings.quantize))
@@ -107,7 +107,7 @@ from service.model import malloc
 heavy = {heavy!r}
 malloc.restart_without_tcache = lambda: print("restart:", [name for name in heavy if name in sys.modules])
 sys.modules["service.http.server"] = types.SimpleNamespace(
-    serve=lambda settings, named, sockets: print("serve:", sys.modules.get("bitsandbytes") is not None))
+    serve=lambda settings, named, sockets, checked: print("serve:", sys.modules.get("bitsandbytes") is not None))
 sys.argv = ["loraswap", "serve", "--base-model", {base!r}, "--device", "cpu", "--port", "{port}"]
 import service.cli.main
 service.cli.main.main()
@@ -134,7 +134,7 @@ def counted(self, *args, **values):
     print("settings read", flush=True)
     built(self, *args, **values)
 Settings.__init__ = counted
-sys.modules["service.http.server"] = types.SimpleNamespace(serve=lambda settings, named, sockets: print("serve"))
+sys.modules["service.http.server"] = types.SimpleNamespace(serve=lambda *args: print("serve"))
 sys.argv = ["loraswap", "serve", "--cache-dir", {cache!r}, "--port", "{port}"]
 import service.cli.main
 service.cli.main.main()
