@@ -4,7 +4,8 @@
 
 Questions and NLI pairs come from the real data (``$LORASWAP_DATA_DIR`` or ``shared/data``).
 Adapters: ``$LORASWAP_LOADTEST_ADAPTERS`` (comma-separated, used by both endpoints), else the
-ones ``GET /adapters`` lists, else ``squad`` for /answer and ``nli`` for /nli.
+ones ``GET /adapters`` lists, else ``squad`` for /answer and ``nli`` for /nli. Every request sends the server's API key,
+``$LORASWAP_API_KEY``, where it is set (as ``loraswap loadtest`` and ``side-by-side`` send it).
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from functools import cache
 
 from locust import HttpUser, between, task
 
-from service.settings import LOADTEST_ADAPTERS_VARIABLE
+from loadtest.endpoints import bearer
+from service.settings import LOADTEST_ADAPTERS_VARIABLE, variable
 from training.data import data_dir, naming_default_data, read_nli, read_squad
 
 DECODINGS = (
@@ -56,6 +58,7 @@ class LoraswapUser(HttpUser):
         """Read the data (an absent file fails the user at its start, naming LORASWAP_DATA_DIR, not each of its
         tasks), then pick the adapters this user sends to: the environment's, else the server's, else the defaults."""
         squad_rows(), nli_rows()
+        self.client.headers.update(bearer(os.environ.get(variable("api_key"))))
         names = [n.strip() for n in os.environ.get(LOADTEST_ADAPTERS_VARIABLE, "").split(",") if n.strip()]
         if not names:
             with self.client.get("/adapters", name="/adapters", catch_response=True) as response:

@@ -3,7 +3,9 @@ chat, readable errors, the API key), vLLM's adapter routes, and a graceful SIGTE
 requests finish, exit status 0)."""
 from __future__ import annotations
 
+import csv
 import json
+import os
 import shutil
 import signal
 import socket
@@ -182,6 +184,19 @@ def test_the_api_key_guards_the_routes_that_run_the_model(server):
     assert bare.post("/answer", json={"context": "c", "question": "q"}, headers=ADMIN).status_code == 401
     assert bare.get("/v1/models").status_code == 401  # OpenAI's and vLLM's: every /v1 route needs the key
     assert bare.get("/ready").status_code == 200  # a probe: open
+
+
+def test_the_locustfile_sends_the_api_key(server, tmp_path):
+    """A review: the locust scenario (``loadtest/locustfile.py``, as ``locust_ab.sh`` runs it) sent no API key, so a
+    server with one answered every request with a 401."""
+    env = {**os.environ, "LORASWAP_API_KEY": API_KEY, "LORASWAP_LOADTEST_ADAPTERS": "one"}
+    ran = subprocess.run([sys.executable, "-m", "locust", "-f", "loadtest/locustfile.py", "--headless", "--users", "1",
+                          "--spawn-rate", "1", "--run-time", "6s", "--host", server.url, "--csv",
+                          str(tmp_path / "run"), "--only-summary"], env=env, capture_output=True, text=True,
+                         timeout=120)
+    rows = list(csv.DictReader((tmp_path / "run_stats.csv").open()))
+    total = next(row for row in rows if row["Name"] == "Aggregated")
+    assert int(total["Request Count"]) > 0 and total["Failure Count"] == "0", ran.stderr[-2000:]
 
 
 def test_vllms_adapter_routes(server):
