@@ -354,14 +354,22 @@ def unknown_variables(environ: Mapping[str, str] = os.environ) -> list[str]:
     for name in sorted(environ):
         if not name.upper().startswith(PREFIX) or name in known:
             continue
-        nearest = difflib.get_close_matches(name.upper(), known, n=1)
         hint = ""
-        if nearest and nearest[0] == name.upper():
-            hint = f": variables are read by their upper-case names; set {nearest[0]}"
-        elif nearest:
-            hint = f": did you mean {nearest[0]}?"
+        if name.upper() in known:
+            hint = f": variables are read by their upper-case names; set {name.upper()}"
+        elif nearest := nearest_variable(name.upper(), known):
+            hint = f": did you mean {nearest}?"
         warnings.append(f"{name} is no variable loraswap reads, and is ignored{hint}")
     return warnings
+
+
+def nearest_variable(name: str, known: list[str]) -> str | None:
+    """The variable of ``known`` whose name after ``PREFIX`` is nearest to ``name``'s (``difflib``, a ratio of 0.75 at
+    least), else None: over the whole names the prefix they share made every name near one (a review: LORASWAP_GPU,
+    LORASWAP_FOO and LORASWAP_X were each asked "did you mean LORASWAP_PORT?")."""
+    nearest = difflib.get_close_matches(name.removeprefix(PREFIX), [each.removeprefix(PREFIX) for each in known], n=1,
+                                        cutoff=0.75)
+    return PREFIX + nearest[0] if nearest else None
 
 
 def worded(text: str, name: Callable[[str], str] = variable, settings: Collection[str] = Settings.model_fields) -> str:

@@ -1347,7 +1347,7 @@ def test_every_command_warns_once_of_a_variable_it_does_not_read(argv, error, mo
 def test_serve_warns_once_across_its_restart(tmp_path):
     """serve starts again without malloc's tcache: the warning is said by the process that runs the command, once."""
     env = {**os.environ, **STRAY_VARIABLES, "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run([sys.executable, "-m", "service.cli.main", "serve", "--base-model", "/nonexistent/model"],
+    done = subprocess.run([sys.executable, "-m", "service.cli.entry", "serve", "--base-model", "/nonexistent/model"],
                           env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "--base-model /nonexistent/model" in done.stderr
     assert [line.split(": ", 1)[1] for line in done.stderr.splitlines() if " WARNING " in line] == STRAY_WARNINGS
@@ -1369,3 +1369,16 @@ def test_a_setting_is_read_from_its_upper_case_variable_only(monkeypatch):
     assert (Settings().max_new_tokens, Settings().max_batch) == (64, 32)
     monkeypatch.setenv("LORASWAP_MAX_NEW_TOKENS", "9")
     assert Settings().max_new_tokens == 9
+
+
+@pytest.mark.parametrize(("name", "hint"), [
+    ("LORASWAP_MAX_NEW_TOKEN", ": did you mean LORASWAP_MAX_NEW_TOKENS?"),
+    ("LORASWAP_ADMINKEY", ": did you mean LORASWAP_ADMIN_KEY?"),
+    # a review: the prefix all share made each of these near LORASWAP_PORT, LORASWAP_DEVICE, LORASWAP_DRAFT_TOKENS
+    *((name, "") for name in ("LORASWAP_GPU", "LORASWAP_FOO", "LORASWAP_X", "LORASWAP_", "LORASWAP_LOG_LEVEL",
+                              "LORASWAP_TOKEN")),
+])
+def test_a_variable_not_read_is_said_near_a_known_one_only_by_the_part_after_the_prefix(name, hint):
+    from service.settings import unknown_variables
+
+    assert unknown_variables({name: "1"}) == [f"{name} is no variable loraswap reads, and is ignored{hint}"]
