@@ -26,7 +26,14 @@ from service.lora.card import CALIBRATION_FIELD, CARD_FILE, read_card
 from service.runtime import Runtime
 from service.tasks.prompts import NLI_LABELS
 from training.data import TASK_TRAIN_FILES, data_dir, naming_default_data, read_eval, read_nli
-from training.evaluate import bounded, engine_settings, named_as_given, served_adapter, start_runtime
+from training.evaluate import (
+    bounded,
+    engine_settings,
+    named_as_given,
+    served_adapter,
+    start_runtime,
+    stopped_after,
+)
 from training.metrics import ECE_BINS, expected_calibration_error, reliability_bins
 from training.named_adapter import adapter_folder, adapter_identity
 
@@ -209,13 +216,9 @@ def calibration_field(temperature: float, fit: dict, dev: dict, seed: int, devic
 def scores_of(args: argparse.Namespace, folder: Path, row_sets: list[list[dict]]) -> tuple:
     """``label_logits`` of each of ``row_sets`` from the adapter in ``folder`` served as ``args`` say, then the device
     they ran on, in words, and the engine's settings (``engine_settings``)."""
-    rt = start_runtime(args, folder)
-    try:
-        with named_as_given(args):
-            adapter = served_adapter(rt, args, folder)
-            logits = [label_logits(rt, adapter, rows) for rows in row_sets]
-    finally:
-        rt.stop()
+    with stopped_after(start_runtime(args, folder)) as rt, named_as_given(args):
+        adapter = served_adapter(rt, args, folder)
+        logits = [label_logits(rt, adapter, rows) for rows in row_sets]
     device = rt.registry.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     return (*logits, f"{name}, {rt.registry.dtype}", engine_settings(rt))

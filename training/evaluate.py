@@ -46,6 +46,23 @@ def runtime_settings(args: argparse.Namespace, folder: Path | None) -> Settings:
     return command_settings(args, adapter_roots=[folder.resolve().parent] if folder is not None else [])
 
 
+@contextmanager
+def stopped_after(rt: Runtime) -> Iterator[Runtime]:
+    """``rt``, stopped (``Runtime.stop``: what the engine queued finished) once the block ends, but for a stop
+    (KeyboardInterrupt): the command's process then ends at once (``server_process.end_stopped``), its engine thread,
+    a daemon, with it, not waited for (a review: eval stopped during a long prompt's prefill waited for the engine
+    10 s, then said so in an error line)."""
+    stopped = False
+    try:
+        yield rt
+    except KeyboardInterrupt:
+        stopped = True
+        raise
+    finally:
+        if not stopped:
+            rt.stop()
+
+
 def start_runtime(args: argparse.Namespace, folder: Path | None) -> Runtime:
     """The server's runtime (model, registry, engine, tasks) with ``runtime_settings``, started. Raises
     FileNotFoundError when ``--base-model`` is no model directory, UsageError for settings the base model cannot run
@@ -254,16 +271,13 @@ def run(args: argparse.Namespace) -> dict:
                      [(f"the {args.task} dev set", eval_path(args.task))])
     folder = adapter_folder(args)
     rows = evaluated_rows(args)
-    rt = start_runtime(args, folder)
     try:
-        with named_as_given(args):
+        with stopped_after(start_runtime(args, folder)) as rt, named_as_given(args):
             adapter = served_adapter(rt, args, folder)
             metrics, predictions = score(rt, adapter, rows, args)
     except InputTooLong as exc:
         fewer = f" (fewer --distractors than {args.distractors})" if args.distractors else ""
         raise UsageError(f"an example is longer than the server takes{fewer}: {exc}") from None
-    finally:
-        rt.stop()
     report = eval_report(args, adapter, metrics, engine_settings(rt))
     print(json.dumps(report, indent=2))
     if "confusion_matrix" in report:
