@@ -81,6 +81,19 @@ def merge_card(adapter: Path, base_model: str, base_dir: Path) -> dict:
     }
 
 
+def named_base(label: str | None) -> str:
+    """The base an adapter's config names (``base_model_name_or_path``), as ``--base-model`` takes it: the label where
+    it is a model folder here; else the embedded base where the label names it as the server takes it
+    (``base_model.names_the_base``: none, ``smollm2``, or the Hugging Face model its GGUF quantizes, so that an adapter
+    trained on that one is merged as the server serves it; a review: merge refused it, "no Hugging Face model directory
+    there"); else the label."""
+    from service.model.base_model import EMBEDDED, names_the_base
+
+    if label and (Path(label) / "config.json").is_file():
+        return label
+    return EMBEDDED if names_the_base(label, EMBEDDED) else str(label)
+
+
 def merge_adapter(args: argparse.Namespace) -> Path:
     """Write ``base + adapter`` with the LoRA product added into the base weights (in float32), the base's
     tokenizer with the chat template the adapter's folder ships, if any (the one the server renders its chats with),
@@ -94,7 +107,7 @@ def merge_adapter(args: argparse.Namespace) -> Path:
     adapter = adapter_dir(args)
     try:  # AdapterError: a config or weights the server would refuse, named by the option (a review: it named none)
         config = read_config(adapter, setting("max_rank"))
-        base_model = str(args.base_model or config.base_model_name_or_path or "smollm2")
+        base_model = str(args.base_model or named_base(config.base_model_name_or_path))
         base_dir = resolve_base_dir(base_model, setting("cache_dir"))
         model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)  # merge in full precision
         template = check_servable(model, adapter, config).chat_template

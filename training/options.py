@@ -139,7 +139,9 @@ def add_merge_options(parser: argparse.ArgumentParser) -> None:
                         help="where --adapter NAME is looked up")
     parser.add_argument("--out", required=True, type=new_folder, help="folder for the merged model, new or empty")
     parser.add_argument("--base-model", type=input_name,
-                        help=BASE_HELP + " (default: the adapter's base_model_name_or_path)")
+                        help=BASE_HELP + " (default: the adapter's base_model_name_or_path: that model folder, "
+                        "else smollm2 where it names it as the server takes it, as "
+                        "HuggingFaceTB/SmolLM2-135M-Instruct)")
 
 
 def add_eval_options(parser: argparse.ArgumentParser) -> None:

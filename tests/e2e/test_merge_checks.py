@@ -48,3 +48,24 @@ def test_merge_finds_a_named_adapter_in_adapters_dir(tiny_gpt2_dir, gpt2_adapter
     main(["merge", "--adapter", "one", "--adapters-dir", str(gpt2_adapters["one"].parent), "--out", str(out),
           "--base-model", str(tiny_gpt2_dir)])
     assert (out / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(("label", "base"), [
+    (None, "smollm2"), ("smollm2", "smollm2"), ("HuggingFaceTB/SmolLM2-135M-Instruct", "smollm2"),
+    ("/models/SmolLM2-135M-Instruct", "smollm2"), ("gpt2", "gpt2"), ("org/other", "org/other"),
+])
+def test_merge_takes_the_base_an_adapter_names_as_the_server_takes_it(label, base):
+    """A review: an adapter whose config names the Hugging Face model the embedded base's GGUF quantizes was served on
+    the embedded base without a warning, and merge refused it ("--base-model HuggingFaceTB/SmolLM2-135M-Instruct: no
+    Hugging Face model directory there")."""
+    from training.merge import named_base
+
+    assert named_base(label) == base
+
+
+def test_merge_takes_a_model_folder_an_adapter_names_over_the_embedded_bases_name(tiny_gpt2_dir, tmp_path):
+    folder = tmp_path / "SmolLM2-135M-Instruct"
+    shutil.copytree(tiny_gpt2_dir, folder)
+    from training.merge import named_base
+
+    assert named_base(str(folder)) == str(folder)
