@@ -6,7 +6,8 @@
 # enabled for the root's children.
 #   bash loadtest/in_limits.sh CPUS BYTES COMMAND [ARG...]     CPUS or BYTES "-": no such limit
 #   e.g. bash loadtest/in_limits.sh 1 - loraswap serve;  bash loadtest/in_limits.sh - 2000000000 loraswap serve
-# Exit status: the command's; 3 where no such cgroup can be made here. The cgroups are removed once it ends.
+# Exit status: the command's; 3 where no such cgroup can be made here. The cgroups are removed once it ends; SIGTERM
+# and SIGINT are passed on to it.
 set -uo pipefail
 cpus=$1 bytes=$2; shift 2
 period=100000
@@ -44,4 +45,11 @@ else
 fi
 # shellcheck disable=SC2016  # the inner shell's variables
 unshare --mount --propagation private sh -c 'while [ "$1" != -- ]; do echo $$ > "$1/cgroup.procs" \
-  && mount --bind "$1" "$2" || exit 3; shift 2; done; shift; exec "$@"' sh "${binds[@]}" -- "$@"
+  && mount --bind "$1" "$2" || exit 3; shift 2; done; shift; exec "$@"' sh "${binds[@]}" -- "$@" &
+command=$!  # the command itself, once unshare and sh have exec'd it
+# SIGTERM or Ctrl-C to this script is passed on to the command, which is waited for before its cgroups are removed
+# (a review: the script ended at once, its command left running and its cgroup busy)
+trap 'kill -TERM $command 2>/dev/null' TERM
+trap 'kill -INT $command 2>/dev/null' INT
+while wait $command; status=$?; kill -0 $command 2>/dev/null; do :; done
+exit $status

@@ -126,3 +126,19 @@ def test_scale_counts_every_replica_on_a_ray_it_starts_against_the_memory(replic
     assert ran.returncode == 2 and (needs in ran.stderr) == refused and ("--port" in ran.stderr) != refused, ran.stderr
     # a review: only fewer replicas could fit, and the advice named none
     assert bool(re.search(r"; or fewer replicas: [12] fit\n$", ran.stderr)) == refused, ran.stderr
+
+
+def test_a_stop_of_the_script_is_passed_on_to_its_command_then_its_cgroup_removed():
+    """A review: SIGTERM to ``in_limits.sh`` ended the script at once, its command left running (parent PID 1) and its
+    cgroup busy, never removed."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to make a cgroup with limits")
+    code = ("import signal, sys, time; signal.signal(signal.SIGTERM, lambda *_: sys.exit(7)); print('ready', "
+            "flush=True); time.sleep(60)")
+    with subprocess.Popen(["bash", str(IN_LIMITS), "-", str(GIB), sys.executable, "-c", code], stdout=subprocess.PIPE,
+                          text=True) as script:
+        assert script.stdout.readline() == "ready\n"
+        script.send_signal(signal.SIGTERM)
+        assert script.wait(timeout=30) == 7
+    assert not list(Path("/sys/fs/cgroup").glob(f"*/loraswap-limits-{script.pid}"))
+    assert not list(Path("/sys/fs/cgroup").glob(f"loraswap-limits-{script.pid}"))
