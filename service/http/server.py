@@ -73,13 +73,12 @@ def serving_line(sockets: list[socket.socket]) -> str:
 def serve(settings: Settings, named: Callable[[str], str] = worded, sockets: list[socket.socket] | None = None,
           checked: bool = False) -> None:
     """Run the HTTP service with ``settings`` until it is stopped; ``named`` and ``checked`` as ``Runtime`` takes
-    them. ``sockets``: the
-    listening sockets to serve on (``listening.listening_sockets``, taken before the model loads, so that a port in
-    use is found at once); None: uvicorn binds ``settings.host``:``settings.port`` once the app has started. Where a
-    stop leaves the start running a step it cannot cut (``Runtime.still_starting``), the start is said to be cut short
-    and its conversion's partial folder removed (``base_model.remove_partials``): the caller ends the process without
-    waiting for the step (``server_process.end``; the interpreter's end would join its thread: 30-60 s of a
-    conversion)."""
+    them. ``sockets``: the listening sockets to serve on (``listening.listening_sockets``, taken before the model
+    loads, so that a port in use is found at once); None: uvicorn binds ``settings.host``:``settings.port`` once the
+    app has started. Where a stop leaves the start running a step it cannot cut (``Runtime.still_starting``), the
+    start is said to be cut short and its conversion's partial folder removed (``base_model.remove_partials``): the
+    caller ends the process without waiting for the step (``server_process.end``; the interpreter's end would join its
+    thread: 30-60 s of a conversion)."""
     rt = Runtime(settings, named, checked)
     config = uvicorn.Config(create_app(rt=rt), host=settings.host, port=settings.port, log_level="info")
     try:
