@@ -69,6 +69,9 @@ class SteadyStream:
         return fed, results(futures)
 
     def served(self) -> list[tuple[Generation, GenerationResult]]:
+        """Ends the stream (no request sent after this) and gives each request sent, with its result once served."""
+        with self.lock:
+            self.most = len(self.sent)
         return [(work, future.result(WAIT)) for work, future in self.sent]
 
 
