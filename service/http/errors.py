@@ -84,9 +84,11 @@ OPENAI_ERRORS: dict[type[Exception], tuple[int, str]] = {UnknownAdapter: (404, "
 HTTP_REPLIES = {
     400: "Authorization or Content-Type sent more than once (on any route), or a body that cannot be parsed (not JSON, "
          "not UTF-8, nested too deeply, or naming a key twice in one object).",
-    401: "A route that needs a key without it: the admin key on admin routes, the API key (when one is set) on the "
-         "routes that run the model, on GET /v1/models and on GET /adapters.",
-    403: "Admin routes are disabled: no admin key is set.",
+    401: "A route that needs a key without it, or with a wrong one (the message says which): the admin key on admin "
+         "routes, the API key (when one is set) on the routes that run the model, on GET /v1/models and on GET "
+         "/adapters (which takes either).",
+    403: "The server's other key sent (the API key to an admin route, the admin key to a route that needs the API "
+         "key), or admin routes disabled: no admin key is set.",
     413: f"A request body larger than the server takes (its body limit: --max-body-bytes, "
          f"{variable('max_body_bytes')}).",
     415: "A body sent with another Content-Type than application/json, or compressed (a Content-Encoding).",

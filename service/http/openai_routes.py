@@ -116,13 +116,13 @@ def model_card(model_id: str) -> dict:
     return {"id": model_id, "object": "model", "created": SERVED_SINCE, "owned_by": "loraswap"}
 
 
-@openai_router.get("/models", responses=error_replies(401, 422, EngineStopped, shape=OpenAIErrorOut))
+@openai_router.get("/models", responses=error_replies(401, 403, 422, EngineStopped, shape=OpenAIErrorOut))
 async def models(rt: Runtime = Depends(keyed)) -> dict:
     """The bare base (``base``) and every registered adapter."""
     return {"object": "list", "data": [model_card(i) for i in (BASE_MODEL_ID, *rt.registry.names())]}
 
 
-@openai_router.get("/models/{model}", responses=error_replies(401, 422, UnknownAdapter, EngineStopped,
+@openai_router.get("/models/{model}", responses=error_replies(401, 403, 422, UnknownAdapter, EngineStopped,
                                                              shape=OpenAIErrorOut))
 async def model(model: str, rt: Runtime = Depends(keyed)) -> dict:
     """One model of ``GET /v1/models``: an adapter, or ``base`` (also asked for as ``none``); 404 for an unknown

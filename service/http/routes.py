@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import random
 from collections.abc import Awaitable
 from typing import TypeVar
@@ -26,8 +25,9 @@ from service.errors import (
     TemplateRefused,
     UnknownAdapter,
 )
-from service.http.errors import ClientGone, Refused, error_replies
+from service.http.errors import ClientGone, error_replies
 from service.http.json_body import UniqueKeysRoute
+from service.http.keys import ADMIN_KEY, check_admin_key, check_api_key, listing_key
 from service.http.late_checks import LateCheckedRoute, LateChecks, late, refused, template_refused
 from service.http.schemas import (
     ANSWER_TOKENS,
@@ -74,7 +74,7 @@ def admin_replies(*errors: type[Exception] | int, shape: type = ErrorOut) -> dic
 
 def serving_replies(*errors: type[Exception], shape: type = ErrorOut) -> dict:
     """The error replies of a route that serves a request through the engine (``inference``), and ``errors``."""
-    return error_replies(*BODY_ERRORS, 401, 422, UnknownAdapter, InputTooLong, QueueFull, EngineStopped, *errors,
+    return error_replies(*BODY_ERRORS, 401, 403, 422, UnknownAdapter, InputTooLong, QueueFull, EngineStopped, *errors,
                          shape=shape)
 
 
@@ -104,19 +104,6 @@ def stopped(rt: Runtime) -> EngineStopped:
     return EngineStopped("the service is draining") if rt.draining else StillLoading("the model is still loading")
 
 
-def bearer_of(authorization: str | None, key: str) -> bool:
-    """Whether ``authorization`` is ``Bearer <key>``, the scheme in any case (``bearer``, ``BEARER``: RFC 7235 makes
-    it case-insensitive), followed by one space or more (RFC 9110 11.4: ``auth-scheme [ 1*SP token68 ]``; a tab is
-    no SP), spaces and tabs at the value's ends not part of it (RFC 9110 5.5; a review: a trailing space was a 401).
-    Compared in constant time, as bytes: Starlette reads a header's bytes as Latin-1, so any header compares, ASCII
-    or not."""
-    header = (authorization or "").strip(" \t")
-    scheme, space, credentials = header.partition(" ")
-    if scheme.lower() == "bearer":
-        header = f"Bearer{space}{credentials.lstrip(' ')}"
-    return hmac.compare_digest(header.encode("latin-1"), f"Bearer {key}".encode())
-
-
 # headers a request may send once (RFC 9110 5.3: neither is a list): Authorization defines one credential (11.6.2),
 # Content-Type one media type (8.3); of two, the first decided here, where a proxy in front might read another
 SINGLE_HEADERS = ("Authorization", "Content-Type")
@@ -135,39 +122,12 @@ async def single_headers(request: Request) -> None:
 APP_DEPENDENCIES = {single_headers: (400,)}
 
 
-def check_bearer(authorization: str | None, key: str, refusal: str) -> None:
-    """401 with ``refusal`` unless ``authorization`` is ``Bearer <key>``: code ``invalid_api_key``, OpenAI's for a
-    key missing or wrong (its clients raise AuthenticationError, whatever the code)."""
-    if not bearer_of(authorization, key):
-        raise Refused(401, refusal, "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-
-
-def is_api_key(rt: Runtime, authorization: str) -> bool:
-    """Whether ``authorization`` carries the API key (False when none is configured)."""
-    return rt.settings.api_key is not None and bearer_of(authorization, rt.settings.api_key)
-
-
-def check_admin_key(rt: Runtime, authorization: str | None) -> None:
-    """Raise 403 when no admin key is configured, 401 unless ``authorization`` is ``Bearer <admin key>``."""
-    key = rt.settings.admin_key
-    if key is None:
-        raise HTTPException(403, rt.named("admin routes are disabled: no admin key is configured (admin_key)"))
-    check_bearer(authorization, key, "admin routes need Authorization: Bearer <admin key>")
-
-
-def check_api_key(rt: Runtime, authorization: str | None, route: str) -> None:
-    """With an API key configured (``Settings.api_key``), 401 unless ``authorization`` is ``Bearer <API key>``;
-    ``route`` says in words why the route needs it."""
-    if rt.settings.api_key is not None:
-        check_bearer(authorization, rt.settings.api_key, f"{route}: it needs Authorization: Bearer <API key>")
-
-
 async def keyed(request: Request, authorization: str | None = Header(None)) -> Runtime:
     """The runtime, for a route of OpenAI's under ``/v1`` that runs no model (the models' list): the API key as
     ``inference`` needs it (OpenAI and vLLM need it on every ``/v1`` route; a review: ``GET /v1/models`` answered
     without it), then as ``serving``."""
     rt: Runtime = request.app.state.runtime
-    check_api_key(rt, authorization, "this route is OpenAI's")
+    check_api_key(rt, authorization, "OpenAI's routes")
     return accepting(rt)
 
 
@@ -175,7 +135,7 @@ async def inference(request: Request, authorization: str | None = Header(None)) 
     """The runtime, for a route that runs the model: the API key (``check_api_key``); then its caps set for the
     body's validation (``SERVER_CAPS``), and as ``serving``."""
     rt: Runtime = request.app.state.runtime
-    check_api_key(rt, authorization, "this route runs the model")
+    check_api_key(rt, authorization, "the routes that run the model")
     SERVER_CAPS.set(server_caps(rt))  # FastAPI validates the body after the dependencies, in this context
     return accepting(rt)
 
@@ -363,12 +323,8 @@ def merge_state(merged: str | None) -> dict:
 async def list_adapters(rt: Runtime = Depends(serving), authorization: str | None = Header(None)) -> dict:
     """Every adapter and the merge state; the adapters' file paths only with the admin key. The API key (which
     clients of the inference routes send everywhere): no paths; no key: no paths, but a 401 where an API key is
-    configured (the names are what ``GET /v1/models`` lists, which needs it); any other key: 401."""
-    admin = authorization is not None and not is_api_key(rt, authorization)
-    if admin:
-        check_admin_key(rt, authorization)
-    elif authorization is None:
-        check_api_key(rt, authorization, "this route lists the adapters GET /v1/models lists")
+    configured (the names are what ``GET /v1/models`` lists, which needs it); any other key: 401 (``listing_key``)."""
+    admin = listing_key(rt, authorization) == ADMIN_KEY
     adapters = rt.registry.describe()
     if not admin:
         adapters = [{key: value for key, value in adapter.items() if key != "path"} for adapter in adapters]

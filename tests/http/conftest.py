@@ -7,7 +7,7 @@ import hmac
 
 import pytest
 
-from service.http import routes
+from service.http import keys
 from tests.http.api_helpers import ARCHS, Tiny
 from tests.server_helpers import ready_client
 
@@ -35,5 +35,5 @@ def compared_digests(monkeypatch) -> list[tuple[bytes, bytes]]:
         compared.append((a, b))
         return original(a, b)
 
-    monkeypatch.setattr(routes.hmac, "compare_digest", compare_digest)
+    monkeypatch.setattr(keys.hmac, "compare_digest", compare_digest)
     return compared

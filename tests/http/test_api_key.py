@@ -28,7 +28,6 @@ INFERENCE = [("/answer", {"context": SQUAD_CONTEXT, "question": SQUAD_QUESTION, 
                                        "max_tokens": 2})]
 WRONG = ["Bearer " + "j" * len(API_KEY), "Bearer " + API_KEY * 40, "Bearer ", "", API_KEY,
          "Bearer\t" + API_KEY, "Bearer \t" + API_KEY, "Bearer " + API_KEY + "\t x", "Basic " + API_KEY,
-         ADMIN["Authorization"], "Bearer  " + ADMIN["Authorization"].split()[-1],
          ("Bearer " + API_KEY + "\u00e9").encode(), b"Bearer \xff\xfe"]
 
 
@@ -73,7 +72,7 @@ def test_the_probes_stay_open_and_the_keys_do_not_mix(client):
     assert listing.status_code == 200 and all("path" not in a for a in listing.json()["adapters"])
     assert all("path" in a for a in client.get("/adapters", headers=ADMIN).json()["adapters"])
     for method, path in [("post", "/adapters/unmerge"), ("post", "/v1/unload_lora_adapter"), ("delete", "/adapters/x")]:
-        assert client.request(method, path, json={"lora_name": "x"}, headers=KEYED).status_code == 401, path
+        assert client.request(method, path, json={"lora_name": "x"}, headers=KEYED).status_code == 403, path
 
 
 @pytest.mark.parametrize("path", ["/v1/models", "/v1/models/one", "/v1/models/base", "/adapters"])
@@ -96,8 +95,8 @@ def test_the_key_is_compared_in_constant_time(client, compared_digests):
     body = dict(INFERENCE)["/nli"]
     assert client.post("/nli", json=body, headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert client.post("/nli", json=body, headers=KEYED).status_code == 200
-    key = KEYED["Authorization"].encode()
-    assert compared_digests == [(b"Bearer wrong", key), (key, key)]
+    key, admin_key = KEYED["Authorization"].encode(), ADMIN["Authorization"].encode()
+    assert compared_digests == [(b"Bearer wrong", key), (b"Bearer wrong", admin_key), (key, key)]
 
 
 def test_the_openai_client_sends_it_as_its_api_key(client):
@@ -123,3 +122,87 @@ def test_the_setting_comes_from_the_flag_or_the_environment_and_is_checked(monke
         for key in (" k", "k ", "\tk", "k\t", "a\nb", "a\x00b", "a\x7fb"):
             with pytest.raises(ValidationError, match="must not begin or end with a space or a tab"):
                 Settings(**{setting: key})
+
+
+# every route that takes a key: (method, path, body, the key it needs); GET /adapters takes either (``EITHER``)
+EITHER = "API key or admin key"
+KEYED_ROUTES = [
+    *[("post", path, body, "API key") for path, body in INFERENCE],
+    ("get", "/v1/models", None, "API key"), ("get", "/v1/models/one", None, "API key"),
+    ("get", "/adapters", None, EITHER),
+    ("post", "/adapters", {"name": "x", "path": "nowhere"}, "admin key"), ("delete", "/adapters/nobody", None,
+                                                                            "admin key"),
+    ("post", "/adapters/unmerge", None, "admin key"), ("post", "/adapters/nobody/merge", None, "admin key"),
+    ("post", "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "nowhere"}, "admin key"),
+    ("post", "/v1/unload_lora_adapter", {"lora_name": "nobody"}, "admin key")]
+SENT = {"no key": None, "a wrong key": "Bearer sk-wrong", "the API key": KEYED["Authorization"],
+        "the admin key": ADMIN["Authorization"]}
+
+
+def refused_as(reply, status: int, code: str, *words: str) -> None:
+    """``reply`` is a ``status`` naming each of ``words``; on ``/v1`` in OpenAI's shape with ``code``."""
+    message = error_message(reply)
+    assert reply.status_code == status and all(word in message for word in words), (reply.status_code, message)
+    if reply.request.url.path.startswith("/v1/"):
+        assert reply.json()["error"]["code"] == code
+        assert reply.json()["error"]["type"] == ("authentication_error" if status == 401 else "permission_error")
+    assert (reply.headers.get("WWW-Authenticate") == "Bearer") == (status == 401)
+
+
+@pytest.mark.parametrize("method,path,body,needed", KEYED_ROUTES, ids=[f"{m} {p}" for m, p, _, _ in KEYED_ROUTES])
+@pytest.mark.parametrize("sent", list(SENT))
+def test_each_refusal_says_which_key_is_needed_and_what_was_sent(client, method, path, body, needed, sent):
+    """A review: GET /adapters answered a wrong key that an admin key is needed, /v1 a wrong key that an API key is
+    needed (as if none was sent), and no refusal said whether a key was sent at all, or that it was the other key
+    (an admin route answered the API key as a wrong key)."""
+    authorization = SENT[sent]
+    reply = client.request(method, path, json=body,
+                           headers={} if authorization is None else {"Authorization": authorization})
+    if sent == "no key":
+        refused_as(reply, 401, "invalid_api_key", "no key was sent", *needed.split(" or "))
+    elif sent == "a wrong key":
+        refused_as(reply, 401, "invalid_api_key", f"the key sent is not the {needed.replace(' or ', ' nor the ')}")
+    elif needed == EITHER or sent == f"the {needed}":
+        assert reply.status_code not in (401, 403), reply.text
+    else:
+        other = "admin key" if needed == "API key" else "API key"
+        refused_as(reply, 403, f"{needed.split()[0].lower()}_key_needed", f"need the {needed}",
+                   f"the {other} was sent, which does not open them")
+
+
+@pytest.mark.parametrize("path", ["/health", "/ready", "/metrics"])
+def test_the_open_routes_take_any_key(client, path):
+    for authorization in SENT.values():
+        assert client.get(path, headers={} if authorization is None else {"Authorization": authorization}
+                          ).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def keys_apart(tiny_gpt2_dir, gpt2_adapters, tmp_path_factory):
+    """Servers of one key each: the API key alone (admin routes disabled), the admin key alone (the routes that run
+    the model open)."""
+    root = tmp_path_factory.mktemp("keys_apart")
+    with ready_client(settings_in(root / "api", tiny_gpt2_dir, gpt2_adapters, api_key=API_KEY, admin_key=None)
+                      ) as api, ready_client(settings_in(root / "admin", tiny_gpt2_dir, gpt2_adapters)) as admin:
+        yield api, admin
+
+
+@pytest.mark.parametrize("method,path,body", [row[:3] for row in KEYED_ROUTES if row[3] == "admin key"],
+                         ids=[f"{m} {p}" for m, p, _, needed in KEYED_ROUTES if needed == "admin key"])
+def test_disabled_admin_routes_say_so_with_a_code(keys_apart, method, path, body):
+    """A review: /v1/unload_lora_adapter's 403 had code null."""
+    for authorization in SENT.values():
+        reply = keys_apart[0].request(method, path, json=body,
+                                      headers={} if authorization is None else {"Authorization": authorization})
+        refused_as(reply, 403, "admin_disabled", "admin routes are disabled: no admin key is configured")
+
+
+def test_the_listing_without_an_api_key_takes_no_key_or_the_admin_key(keys_apart):
+    api, admin = keys_apart
+    assert all("path" not in adapter for adapter in admin.get("/adapters").json()["adapters"])
+    assert all("path" in adapter for adapter in admin.get("/adapters", headers=ADMIN).json()["adapters"])
+    refused_as(admin.get("/adapters", headers={"Authorization": "Bearer sk-wrong"}), 401, "invalid_api_key",
+               "takes no key, or the admin key", "the key sent is not the admin key")
+    refused_as(api.get("/adapters", headers={"Authorization": "Bearer sk-wrong"}), 401, "invalid_api_key",
+               "takes the API key", "the key sent is not the API key")
+    assert admin.post("/nli", json=dict(INFERENCE)["/nli"], headers=KEYED).status_code == 200  # open: no API key

@@ -20,7 +20,7 @@ from pydantic import TypeAdapter, ValidationError
 from service.cli.main import build_parser, settings_from
 from service.http.app import NO_ADAPTER_LABEL, create_app
 from service.http.errors import ECHO_LIMIT, LISTED_PROBLEMS, MESSAGE_LIMIT
-from service.http.routes import bearer_of
+from service.http.keys import bearer_of
 from service.http.schemas import DecodingIn, Float
 from service.settings import Settings
 from service.strict_json import PAST_ANY_BOUND

@@ -51,7 +51,7 @@ def test_the_openapi_error_replies_are_the_table_and_the_errors_docstrings():
     replies = spec["paths"]["/answer"]["post"]["responses"]
     documented = {status: reply["description"] for status, reply in replies.items() if status[0] in "45"}
     assert documented == {
-        "400": HTTP_REPLIES[400], "401": HTTP_REPLIES[401], "422": HTTP_REPLIES[422],
+        "400": HTTP_REPLIES[400], "401": HTTP_REPLIES[401], "403": HTTP_REPLIES[403], "422": HTTP_REPLIES[422],
         "404": "No adapter of that name is registered.",
         "413": f"{HTTP_REPLIES[413]} The prompt has more tokens than the server accepts.", "415": HTTP_REPLIES[415],
         "429": "The queue holds as many requests as it may; retry later.",
