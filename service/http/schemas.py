@@ -440,6 +440,18 @@ class CompletionIn(OpenAIIn):
     logprobs: int | None = Field(None, ge=0, le=5)  # each token's logprob, and the k most likely tokens'
     suffix: Annotated[Str | None, only()] = None
 
+    @field_validator("max_tokens", mode="before")
+    @classmethod
+    def _generates(cls, max_tokens: Any) -> Any:
+        """0 is refused saying why (it was pydantic's 'greater than or equal to 1'): OpenAI's legacy completions take
+        it with echo, to score the prompt (its logprobs, generating nothing), as vLLM does; this server computes no
+        prompt's logprobs (``_not_of_the_prompt``)."""
+        if type(max_tokens) is int and max_tokens == 0:
+            raise refused("max_tokens", "0 is not supported: OpenAI takes it with echo true to score the prompt (its "
+                          "logprobs, generating nothing), and this server does not compute a prompt's logprobs; send "
+                          "max_tokens 1 or more")
+        return max_tokens
+
     @field_validator("best_of")
     @classmethod
     def _best_of_n(cls, best_of: int, info: ValidationInfo) -> int:

@@ -116,6 +116,21 @@ def test_max_tokens_above_the_servers_cap_is_refused_naming_the_cap(client, max_
     assert f"body.max_tokens: Input should be less than or equal to {CAP}" in error_message(reply)
 
 
+@pytest.mark.parametrize("fields", [{}, {"echo": True}, {"echo": True, "logprobs": 1}, {"stream": True}],
+                         ids=["alone", "echo", "echo-logprobs", "stream"])
+def test_max_tokens_0_is_refused_saying_why(client, fields):
+    """A review: max_tokens 0 was pydantic's 'greater than or equal to 1', where OpenAI's legacy completions (and
+    vLLM's) take it with echo, to score the prompt; this server computes no prompt's logprobs, and says so."""
+    reply = client.post("/v1/completions", json={**GREEDY, "max_tokens": 0, **fields})
+    assert reply.status_code == 422 and reply.json()["error"]["param"] == "max_tokens", reply.text
+    assert reply.json()["error"]["code"] == "not_supported"
+    assert "max_tokens 0 is not supported: OpenAI takes it with echo true to score the prompt" in error_message(reply)
+    assert "this server does not compute a prompt's logprobs" in error_message(reply)
+    chat = client.post("/v1/chat/completions", json={"model": "base", "messages": [{"role": "user", "content": "Hi"}],
+                                                     "max_tokens": 0})
+    assert chat.status_code == 422 and "greater than or equal to 1" in error_message(chat)  # no echo in chat
+
+
 def test_echo_puts_the_prompt_before_the_completion(client):
     plain, echoed = complete(client), complete(client, echo=True)
     assert echoed["choices"][0]["text"] == PROMPT + plain["choices"][0]["text"]
