@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, get_args
 
@@ -137,39 +137,46 @@ def chat_job(messages: list[dict[str, str]], template: str | None) -> Job:
 
 
 def render_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], template: str | None,
-               **flags: bool) -> list[int]:
+               rendered: Callable[[], object] = lambda: None, **flags: bool) -> list[int]:
     """``apply_chat_template``'s token ids of ``messages`` with ``template`` (None: the tokenizer's) and ``flags``
     (``add_generation_prompt`` or ``continue_final_message``), text that spells a control token kept as text
     (``sanitize_control_tokens``). TemplateRefused when the template refuses or fails to render them (anything its
     code raises: an adapter's template is the adapter's code), renders no tokens, or does not keep each user message's
     text (``unkept``: a template that renders none of it, or one ``continue_final_message`` cuts before the reply:
-    the model would answer what it was never asked). MemoryError is raised as it is."""
-    text = rendered_text(tokenizer, messages, template, flags)
+    the model would answer what it was never asked). MemoryError is raised as it is. The template renders up to
+    ``template_sandbox.RENDERS`` times (the text, the token ids, the marked text; where one fails, ``own_error``'s);
+    ``rendered`` is called after each render that ends (a template process starts the next one's deadline there)."""
+    text = rendered_text(tokenizer, messages, template, flags, rendered)
     try:
         ids = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=True, return_dict=False,
                                             sanitize_control_tokens=True, **flags)
     except MemoryError:
         raise
     except Exception as exc:  # the template's own code failed: TemplateError, "Range too big", anything
+        rendered()
         raise refusal(own_error(tokenizer, messages, template, flags) or exc) from None
+    rendered()
     if not ids:
         raise TemplateRefused("the chat template rendered the messages as no tokens at all")
-    fault = unkept(messages, text, rendered_text(tokenizer, marked(messages), template, flags))
+    fault = unkept(messages, text, rendered_text(tokenizer, marked(messages), template, flags, rendered))
     if fault is not None:
         raise TemplateRefused(fault)
     return ids
 
 
 def rendered_text(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], template: str | None,
-                  flags: dict[str, bool]) -> str:
-    """``apply_chat_template``'s text of ``messages`` (as ``render_ids``, not tokenized); TemplateRefused when the
-    template refuses or fails on them, MemoryError raised as it is."""
+                  flags: dict[str, bool], rendered: Callable[[], object]) -> str:
+    """``apply_chat_template``'s text of ``messages`` (as ``render_ids``, not tokenized), ``rendered`` called once
+    it ends; TemplateRefused when the template refuses or fails on them, MemoryError raised as it is."""
     try:
-        return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, **flags)
+        text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, **flags)
     except MemoryError:
         raise
     except Exception as exc:  # the template's own code failed
+        rendered()
         raise refusal(own_error(tokenizer, messages, template, flags) or exc) from None
+    rendered()
+    return text
 
 
 MARKER = re.compile(r"\[\[user-message-(\d+)-[0-9a-f]{32}\]\]")  # a user message's text, replaced (``marked``)

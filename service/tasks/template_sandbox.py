@@ -5,9 +5,9 @@ internals but not from work: 150 bytes of loops rendered one 50 KB chat request 
 and nested ``range`` loops kept a core busy long after their client left. So each render runs in a child process
 (a new interpreter, not a fork: the server's threads are not copied) whose data segment may grow by at most
 ``MAX_RENDER_BYTES`` past what it holds once started (``RLIMIT_DATA``, getrlimit(2): heap and private mappings), and
-which is killed once a render has run ``MAX_RENDER_SECONDS``; a new one is started for the next render. Real templates
-render a chat in about a millisecond (SmolLM2's, a 3,000-character message: 1.1 ms in a child, 1.3 ms in process, in
-one run of 200 each).
+which is killed once a render (one of the up to ``RENDERS`` of a job) has run ``MAX_RENDER_SECONDS``; a new one is
+started for the next render. Real templates render a chat in about a millisecond (SmolLM2's, a 3,000-character
+message: 1.1 ms in a child, 1.3 ms in process, in one run of 200 each).
 
 Whose fault a failed render is decides its error. The template's, a TemplateRefused (a 422), is what the template
 does in its process: an exception of its code (the process answers it), a render past the deadline (the sandbox kills
@@ -53,12 +53,17 @@ if TYPE_CHECKING:  # the CLI's parser imports prompt_styles, which imports this,
     from transformers import PreTrainedTokenizerBase
 
 MAX_RENDER_SECONDS = 2.0  # a render's deadline
+# the most renders of one job (``prompt_styles.render_ids``): the text, the token ids, the marked text, and where one of
+# them fails, its own error's; each has its deadline (a review: under one deadline for the whole job, a template of
+# 0.7 s a render was refused once the marked render was added), so a job runs at most MAX_JOB_SECONDS
+RENDERS = 4
+MAX_JOB_SECONDS = RENDERS * MAX_RENDER_SECONDS
 MAX_RENDER_BYTES = 512 * 2**20  # how much a render may grow its child's data segment
 WORKERS = 2  # children per tokenizer: renders that run at once
 # renders of one template known to be slow that may wait (``Renderer.slow``): they run one at a time (the slow
-# templates share WORKERS - 1 processes) and each may take MAX_RENDER_SECONDS, so the last of 4 waits up to 8 s before
-# its own 2 s; most of them end at the deadline anyway (a 422), so a client past these is told at once (a 429), not
-# kept waiting behind a pile that grows as fast as clients retry
+# templates share WORKERS - 1 processes) and each may take MAX_JOB_SECONDS, so the last of 4 waits up to 32 s before
+# its own; most of them end at their first render's deadline anyway (a 422), so a client past these is told at once
+# (a 429), not kept waiting behind a pile that grows as fast as clients retry
 MAX_SLOW_WAITING = 4
 # a slow template is slow no more after this many renders of it in a row that each ran at most RECOVERED_SECONDS on
 # the CPU (``Renderer``: why these)
@@ -118,13 +123,13 @@ class Child:
             raise RenderUnavailable(f"the chat template process failed to start: {exc!r}") from None
 
     def render(self, job: Job) -> list[int]:
-        """The token ids of ``job``; ``render_seconds``, then, the seconds the render ran on the CPU (the template's
-        work, as its deadline counts it: from when the template is compiled). TemplateRefused when the template
-        refuses it, or RenderBound when the render runs past ``MAX_RENDER_SECONDS`` (from when the template is
-        compiled: Jinja compiles a template once per process, in up to about a second for one of the largest
-        accepted), past the memory bound, or ends the process; RenderUnavailable when the render fails for the
-        server's trouble (``receive``). After either of the last two the process is stopped (``alive`` turns
-        false)."""
+        """The token ids of ``job``; ``render_seconds``, then, the most seconds one of its renders (up to ``RENDERS``)
+        ran on the CPU (the template's work, as its deadline counts it: from when the template is compiled, then
+        from the end of the render before). TemplateRefused when the template refuses it, or RenderBound when a
+        render runs past ``MAX_RENDER_SECONDS`` (each its own: Jinja compiles a template once per process, in up to
+        about a second for one of the largest accepted, before the first), past the memory bound, or ends the
+        process; RenderUnavailable when the render fails for the server's trouble (``receive``). After either of the
+        last two the process is stopped (``alive`` turns false)."""
         try:
             self.connection.send(job)
         except OSError:  # the process died since its last render: this template never ran in it
@@ -132,11 +137,13 @@ class Child:
             raise RenderUnavailable("the server could not render the chat template: its process died before the "
                                     "render (not the template's doing)") from None
         self.receive(COMPILE_SECONDS, "compile")  # the template compiled (or found not to compile)
-        wall, cpu = time.monotonic(), process_state(self.process.pid)[1]
-        kind, outcome = self.receive(MAX_RENDER_SECONDS, "render the messages")
+        self.render_seconds, kind = 0.0, "rendered"
+        while kind == "rendered":  # a render ended: the next one's deadline runs from here
+            wall, cpu = time.monotonic(), process_state(self.process.pid)[1]
+            kind, outcome = self.receive(MAX_RENDER_SECONDS, "render the messages")
+            self.render_seconds = max(self.render_seconds, ran_since(self.process.pid, cpu, wall))
         if kind != "ids":
             raise (RenderBound if kind == "bound" else TemplateRefused)(outcome)
-        self.render_seconds = ran_since(self.process.pid, cpu, wall)
         return outcome
 
     def receive(self, seconds: float, what: str):
@@ -264,7 +271,7 @@ class Renderer:
     def refusal(self, template: str | None) -> Exception | None:
         """Why a job of ``template`` is not queued (call holding ``changed``): EngineStopped once ``close``d,
         TemplateBacklog for a slow template with ``MAX_SLOW_WAITING`` renders waiting whose callers wait still, its
-        ``retry_after`` the renders of it ahead (waiting and running) times ``MAX_RENDER_SECONDS``, rounded up (CPU
+        ``retry_after`` the renders of it ahead (waiting and running) times ``MAX_JOB_SECONDS``, rounded up (CPU
         time: a busy machine's renders take longer); None when it is queued."""
         if self.closed:
             return EngineStopped(SHUTTING_DOWN)
@@ -272,11 +279,12 @@ class Renderer:
             return None
         waiting = sum(not future.cancelled() for _, future in self.waiting.get(template, ()))
         if waiting >= MAX_SLOW_WAITING:
-            wait = math.ceil((waiting + self.running[template]) * MAX_RENDER_SECONDS)
+            wait = math.ceil((waiting + self.running[template]) * MAX_JOB_SECONDS)
             return TemplateBacklog(f"this chat template is slow (a render of it ran to the bounds of a render), and "
                                    f"{waiting} renders of it wait already, the most this server queues for such a "
                                    f"template; retry in {wait} s, when the renders ahead of it will have run (each "
-                                   f"up to {MAX_RENDER_SECONDS:g} s)", retry_after=wait)
+                                   f"up to {MAX_JOB_SECONDS:g} s: {RENDERS} renders of {MAX_RENDER_SECONDS:g} s)",
+                                   retry_after=wait)
         return None
 
     def render(self, job: Job) -> list[int]:
@@ -417,7 +425,8 @@ def serve(connection: Connection, parent: int) -> None:
             _compile_jinja_template(tokenizer.chat_template if template is None else template)
         connection.send(None)  # compiled: the deadline runs from here
         try:
-            connection.send(("ids", render_ids(tokenizer, messages, template, **flags)))
+            ids = render_ids(tokenizer, messages, template, lambda: connection.send(("rendered", None)), **flags)
+            connection.send(("ids", ids))
         except TemplateRefused as refused:
             connection.send(("refused", str(refused)))
         except MemoryError:

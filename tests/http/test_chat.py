@@ -377,7 +377,7 @@ def test_a_slow_templates_chats_past_its_queue_are_429_at_once_and_other_models_
     finally:
         gate.set()
         assert client.delete("/adapters/looping", headers=ADMIN).status_code == 200
-    ahead = math.ceil(2 * template_sandbox.MAX_RENDER_SECONDS)  # the one waiting and the one running
+    ahead = math.ceil(2 * template_sandbox.MAX_JOB_SECONDS)  # the one waiting and the one running
     assert refused.status_code == 429 and refused.headers["Retry-After"] == str(ahead), refused.text  # said 1
     assert refused.json()["error"]["code"] == "template_backlog" and "slow" in error_message(refused)
 

@@ -28,6 +28,7 @@ from service.settings import Settings
 from service.tasks import template_sandbox
 from service.tasks.prompt_styles import render_ids
 from service.tasks.template_sandbox import (
+    MAX_JOB_SECONDS,
     MAX_RENDER_SECONDS,
     MAX_SLOW_WAITING,
     RECOVERY_RENDERS,
@@ -89,6 +90,51 @@ def test_a_template_past_the_deadline_is_refused_and_its_process_stopped(tokeniz
     assert not child.alive and child.process.returncode is not None  # killed and reaped: no core left busy
 
 
+def working(work: int) -> str:
+    """A template of some work at each render (``work`` sums), which keeps each user's text as it is."""
+    return (f"{{% set ns = namespace(x=0) %}}{{% for i in range({work}) %}}{{% set ns.x = ns.x + i %}}{{% endfor %}}"
+            "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}")
+
+
+def render_cpu_seconds(tokenizer, template: str) -> float:
+    """The CPU seconds one render of ``template`` takes in this process, the least of 3."""
+    tokenizer.apply_chat_template(QUESTION, chat_template=template, tokenize=False)  # compiled
+    seconds = []
+    for _ in range(3):
+        started = time.process_time()
+        tokenizer.apply_chat_template(QUESTION, chat_template=template, tokenize=False, **GENERATION)
+        seconds.append(time.process_time() - started)
+    return min(seconds)
+
+
+@pytest.mark.usefixtures("patient_renders")
+def test_each_render_of_a_job_has_its_own_deadline(tokenizer, monkeypatch):
+    """A review: a job renders the template up to 3 times (the text, the token ids, the marked text: ``render_ids``)
+    under one deadline for all of them, so a template of 0.7 s a render (legal: under the 2 s deadline) was refused
+    once the marked render was added. Here the deadline is twice one render's CPU time: the job's three renders take
+    more than it together, each less."""
+    sample = render_cpu_seconds(tokenizer, working(20_000))
+    template = working(max(20_000, round(20_000 * 0.3 / max(sample, 1e-3))))  # about 0.3 s a render: /proc counts 10 ms
+    one = render_cpu_seconds(tokenizer, template)
+    monkeypatch.setattr(template_sandbox, "MAX_RENDER_SECONDS", 2 * one)
+    child = Child(tokenizer)
+    assert child.render((QUESTION, template, GENERATION)) == render_ids(tokenizer, QUESTION, template, **GENERATION)
+    assert one / 2 < child.render_seconds < 2 * one  # the longest render's, not the job's
+    child.stop()
+
+
+@pytest.mark.usefixtures("patient_renders")
+def test_a_render_past_its_deadline_is_refused_whichever_of_the_job_it_is(tokenizer):
+    """Endless on the marked render alone (its user text the marker, ``prompt_styles.marked``), quick on the two
+    before it: refused at that render's deadline, the process stopped, as an endless first render is."""
+    endless_when_marked = ("{% if 'user-message' in messages[-1].content %}" + ENDLESS.removesuffix("{{ messages }}")
+                           + "{% endif %}" + working(0))
+    child = Child(tokenizer)
+    with pytest.raises(TemplateRefused, match=f"took more than {MAX_RENDER_SECONDS:g} s to render the messages"):
+        child.render((QUESTION, endless_when_marked, GENERATION))
+    assert not child.alive and child.process.returncode is not None
+
+
 def test_a_template_past_the_memory_bound_is_refused_and_the_process_serves_on(tokenizer):
     child = Child(tokenizer)
     with pytest.raises(TemplateRefused, match="more than 512 MiB to render the messages"):
@@ -143,7 +189,7 @@ def test_a_slow_templates_renders_wait_in_a_bounded_queue_past_which_they_are_re
     refused = renders.submit(job)
     assert refused.done() and isinstance(refused.exception(), TemplateBacklog), refused
     assert "slow" in str(refused.exception()) and not any(future.done() for future in waiting)
-    ahead = math.ceil((MAX_SLOW_WAITING + 1) * MAX_RENDER_SECONDS)  # the renders waiting and the one running
+    ahead = math.ceil((MAX_SLOW_WAITING + 1) * MAX_JOB_SECONDS)  # the renders waiting and the one running
     assert refused.exception().retry_after == ahead and f"retry in {ahead} s" in str(refused.exception())
     assert waiting[-1].cancel() and not renders.submit(job).done()  # its place taken by the next
     assert renders.render((QUESTION, None, GENERATION)) == render_ids(tokenizer, QUESTION, None, **GENERATION)
