@@ -158,23 +158,29 @@ def render_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]
     rendered()
     if not ids:
         raise TemplateRefused("the chat template rendered the messages as no tokens at all")
-    fault = unkept(messages, text, rendered_text(tokenizer, marked(messages), template, flags, rendered))
+    fault = unkept(messages, text, rendered_text(tokenizer, marked(messages), template, flags, rendered, MARKED))
     if fault is not None:
         raise TemplateRefused(fault)
     return ids
 
 
+# what ``render_ids``' marked render is, as its refusal says: not the messages a template that fails on it refused
+MARKED = ("a copy of the messages with each user message's text replaced by a marker, rendered only to check that the "
+          "template keeps each user's text as it is (the messages themselves rendered)")
+
+
 def rendered_text(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], template: str | None,
-                  flags: dict[str, bool], rendered: Callable[[], object]) -> str:
+                  flags: dict[str, bool], rendered: Callable[[], object], what: str = "the messages") -> str:
     """``apply_chat_template``'s text of ``messages`` (as ``render_ids``, not tokenized), ``rendered`` called once
-    it ends; TemplateRefused when the template refuses or fails on them, MemoryError raised as it is."""
+    it ends; TemplateRefused when the template refuses or fails on them (``refusal``: of ``what``, the messages in
+    words), MemoryError raised as it is."""
     try:
         text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, **flags)
     except MemoryError:
         raise
     except Exception as exc:  # the template's own code failed
         rendered()
-        raise refusal(own_error(tokenizer, messages, template, flags) or exc) from None
+        raise refusal(own_error(tokenizer, messages, template, flags) or exc, what) from None
     rendered()
     return text
 
@@ -225,9 +231,9 @@ def kept_verbatim(messages: list[dict[str, str]], text: str, pieces: list[str]) 
     return at == len(text)
 
 
-def refusal(exc: Exception) -> TemplateRefused:
-    """The refusal of messages whose render raised ``exc``."""
-    return TemplateRefused(f"the chat template refused the messages: {type(exc).__name__}: {exc}")
+def refusal(exc: Exception, what: str = "the messages") -> TemplateRefused:
+    """The refusal of ``what`` (messages, in words), whose render raised ``exc``."""
+    return TemplateRefused(f"the chat template refused {what}: {type(exc).__name__}: {exc}")
 
 
 def own_error(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], template: str | None,

@@ -35,6 +35,15 @@ WINDOW_SLACK = 8  # prompt tokens kept free in a window: tokens can merge differ
 TOKENIZING = ThreadPoolExecutor(max_workers=4, thread_name_prefix="prompt-tokenizing")
 
 
+# what each chat-style prompt is for, as a refusal of its render says (``Tasks.prompt_ids_of``): the whole context's
+# prompt is asked where it fits, else it sizes the windows; the question's alone only sizes them
+WHOLE = "the {style} prompt of the context and the question (asked where it fits in one prompt, else it sizes windows)"
+ASKED = ("the {style} prompt of the question without its context, rendered only to size the windows of a context too "
+         "long for one prompt (the model is not asked it)")
+WINDOW = "the {style} prompt of the window and the question"
+PAIR = "the {style} prompt of the premise and the hypothesis"
+
+
 async def off_loop(function: Callable, *args):
     """``function(*args)`` on ``TOKENIZING``'s threads."""
     return await asyncio.get_running_loop().run_in_executor(TOKENIZING, function, *args)
@@ -224,18 +233,23 @@ class Tasks:
         return Answer(text, start, start + len(text), results[best].generated_tokens, constraint.score(),
                       (time.perf_counter() - started) * 1000)
 
-    async def answer_ids(self, style: str, context: str, question: str, template: str | None) -> list[int]:
-        """``prompt_styles.answer_ids``, built off the event loop (``prompt_ids_of``)."""
-        return await self.prompt_ids_of(style, answer_input(style, context, question), template)
+    async def answer_ids(self, style: str, context: str, question: str, template: str | None,
+                         rendered: str = WHOLE) -> list[int]:
+        """``prompt_styles.answer_ids``, built off the event loop (``prompt_ids_of``); ``rendered``: what the prompt
+        is for (``WHOLE``, ``ASKED``, ``WINDOW``), as a refusal says it."""
+        return await self.prompt_ids_of(style, answer_input(style, context, question), template, rendered)
 
-    async def prompt_ids_of(self, style: str, prompt: Prompt, template: str | None) -> list[int]:
+    async def prompt_ids_of(self, style: str, prompt: Prompt, template: str | None, rendered: str) -> list[int]:
         """``prompt_styles.encoded`` off the event loop: plain text tokenized on a thread, chat messages rendered in a
         template process and awaited, holding no thread (cancelling the caller withdraws a render not begun). Raises
-        as it."""
+        as it, a TemplateRefused saying what was rendered first: ``rendered``, formatted with ``style``."""
         if isinstance(prompt, str):
             return await off_loop(encode_text, self.tokenizer, prompt)
         require_template(self.tokenizer, style, template)
-        return await renderer(self.tokenizer).rendered(chat_job(prompt, template))
+        try:
+            return await renderer(self.tokenizer).rendered(chat_job(prompt, template))
+        except TemplateRefused as exc:
+            raise type(exc)(f"{rendered.format(style=style)}: {exc}") from None
 
     async def window_prompts(self, context: str, question: str, style: str, template: str | None,
                              whole: list[int] | None = None) -> Windowed:
@@ -246,7 +260,7 @@ class Tasks:
         ranges = await self.answer_windows(context, question, style, template, whole)
         if ranges == [(0, len(context))]:
             return ranges, [whole or await self.answer_ids(style, context, question, template)]
-        prompts = await asyncio.gather(*(self.answer_ids(style, context[start:end], question, template)
+        prompts = await asyncio.gather(*(self.answer_ids(style, context[start:end], question, template, WINDOW)
                                          for start, end in ranges), return_exceptions=True)
         refused = [f"window {at + 1} of {len(ranges)} (characters {start} to {end}): {prompt}"
                    for at, ((start, end), prompt) in enumerate(zip(ranges, prompts))
@@ -271,7 +285,7 @@ class Tasks:
             whole = await self.answer_ids(style, context, question, template)
         if len(whole) <= self.max_prompt:
             return [(0, len(context))]
-        asked = len(self.bounded(await self.answer_ids(style, "", question, template)))  # the prompt, no context
+        asked = len(self.bounded(await self.answer_ids(style, "", question, template, ASKED)))  # no context
         room = self.max_prompt - asked - WINDOW_SLACK
         if room <= 0:
             raise self.too_long(f"the question leaves no room for a context: its prompt takes {asked} tokens, and a "
@@ -343,7 +357,7 @@ class Tasks:
     async def nli_ids(self, style: str, premise: str, hypothesis: str, labels: Sequence[str],
                       template: str | None) -> list[int]:
         """``prompt_styles.nli_ids``, built off the event loop (``prompt_ids_of``), as ``answer_ids``."""
-        return await self.prompt_ids_of(style, nli_input(style, premise, hypothesis, labels), template)
+        return await self.prompt_ids_of(style, nli_input(style, premise, hypothesis, labels), template, PAIR)
 
     async def classify(self, premise: str, hypothesis: str, adapter: AdapterWeights | None,
                        labels: tuple[str, ...], style: str = ADAPTER_STYLE,

@@ -357,3 +357,33 @@ def test_a_windows_prompt_the_template_refuses_is_named_beside_the_field_faults(
         short = answer(client, adapter, "zero_shot", "The Normans gave their name to Normandy. THE END.")
         assert short["answer"]
         assert answer(client, adapter, "zero_shot", context, extractive=False, status=413)
+
+
+# templates that refuse a render the server makes for its own sizing, not a prompt the model is asked: the whole
+# context's, a long one (answered in windows, its prompt sizes them), and the question's without its context
+REFUSES_LONG = ("{% for m in messages %}{% if m.content|length > 300 %}{{ raise_exception('too long for me') }}"
+                "{% endif %}[{{ m.role }}] {{ m.content }}\n{% endfor %}")
+REFUSES_NO_CONTEXT = ("{% for m in messages %}{% if m.content.startswith('Context: \n') %}"
+                      "{{ raise_exception('no context') }}{% endif %}[{{ m.role }}] {{ m.content }}\n{% endfor %}")
+
+
+def test_a_sizing_render_the_template_refuses_is_said_to_be_one(tiny, reference):
+    """A review: a 422 said the chat template refused the messages where it refused a render the server makes to
+    size a long context's windows (the whole context's prompt, or the question's without its context), which the
+    model is never asked. Each says what it rendered, and the template's own error."""
+    context = " ".join([CONTEXT] * 8) + " THE END."
+    limit = len(reference.tokenizer.encode(answer_text(reference.tokenizer, "zero_shot", ""))) + 40
+    with ready_client(tiny.settings(max_input_tokens=limit, answer_stride=8, max_answer_windows=16)) as client:
+        for name, template, said in [
+                ("refuses_long", REFUSES_LONG, "the zero_shot prompt of the context and the question (asked where it "
+                 "fits in one prompt, else it sizes windows): the chat template refused the messages: "),
+                ("refuses_no_context", REFUSES_NO_CONTEXT, "the zero_shot prompt of the question without its "
+                 "context, rendered only to size the windows of a context too long for one prompt (the model is not "
+                 "asked it): the chat template refused the messages: ")]:
+            adapter = with_template(client, tiny, name, template)
+            body = {"context": context, "question": QUESTION, "adapter": adapter, "prompt_style": "zero_shot"}
+            reply = client.post("/answer", json=body)
+            assert faults_named(reply) == ["prompt_style"], reply.text
+            message = reply.json()["detail"][0]["msg"]
+            assert message.startswith(said) and message.endswith(("too long for me", "no context")), message
+            assert answer(client, adapter, "zero_shot")["answer"]  # a short context: no such render

@@ -238,3 +238,20 @@ def test_the_pair_examples_are_the_first_training_pairs_and_not_in_dev():
         assert (first["premise"], first["hypothesis"], first["label"]) == (
             example.premise, example.hypothesis, example.label)
         assert (example.premise, example.hypothesis) not in {(row["premise"], row["hypothesis"]) for row in dev}
+
+
+def test_a_template_that_fails_on_the_marked_copy_alone_is_refused_naming_that_render(tokenizer):
+    """A review: a template that fails on the marked copy of the messages (``marked``: each user's text a marker, the
+    check that it keeps them) was said to have refused the messages, which it renders; the refusal names the copy,
+    what it is rendered for, and the template's own error."""
+    picky = ("{% for m in messages %}{% if '[[' in m.content %}{{ raise_exception('no brackets, please') }}{% endif %}"
+             "{{ m.role }}: {{ m.content }}\n{% endfor %}")
+    assert tokenizer.apply_chat_template(CHAT, chat_template=picky, tokenize=False)  # the messages themselves render
+    with pytest.raises(TemplateRefused) as refused:
+        render_ids(tokenizer, CHAT, picky, add_generation_prompt=True)
+    assert str(refused.value).startswith("the chat template refused a copy of the messages with each user message's "
+                                         "text replaced by a marker, rendered only to check that the template keeps "
+                                         "each user's text as it is (the messages themselves rendered): ")
+    assert str(refused.value).endswith("no brackets, please")
+    with pytest.raises(TemplateRefused, match=r"^the chat template refused the messages: .*no brackets, please$"):
+        render_ids(tokenizer, [{"role": "user", "content": "[[x]]"}], picky, add_generation_prompt=True)
