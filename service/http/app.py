@@ -39,9 +39,9 @@ NOT_IN_FLIGHT = frozenset({"/health", "/ready", "/metrics"})
 # the methods a 405's Allow header may name (HEAD wherever GET is: ``HeadAsGet``)
 METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 # the adapter label of a request refused before it was valid with its adapter known (an invalid body, whichever check
-# found its fault; an unknown adapter; a missing key; a body unreadable or too large), or on a route that runs no
-# model; not an identifier, so never an adapter's name. A valid request whose adapter is known carries its adapter
-# (``routes.bound``), whatever answers it (413 for a prompt too long, 429, 503, 499)
+# found its fault; an unknown adapter; a key missing, wrong or the other one; a body unreadable or too large), or on a
+# route that runs no model; not an identifier, so never an adapter's name. A valid request whose adapter is known
+# carries its adapter (``routes.bound``), whatever answers it (413 for a prompt too long, 429, 503, 499)
 NO_ADAPTER_LABEL = "-"
 
 
