@@ -36,6 +36,7 @@ from transformers import (
 
 from service.cli.command import UsageError, command_settings
 from service.lora.layers import lora_targets
+from service.model.cpu_threads import on_passing_thread
 from service.settings import Settings
 from training.data import TASK_TRAIN_FILES, BadRow, data_dir, naming_default_data, read_task
 from training.options import TASK_DEFAULT_LENGTH
@@ -547,10 +548,13 @@ def train_adapter(args: argparse.Namespace) -> dict:
 def trained_card(args: argparse.Namespace, name: str, model: PeftModel, tokenizer: PreTrainedTokenizerBase,
                  examples: Examples, settings: Settings, started: float) -> dict:
     """Train ``model`` on ``examples`` and write the adapter ``name`` into ``args.out``: its weights, config,
-    ``loss.png`` and ``card.json``; returns the card."""
+    ``loss.png`` and ``card.json``; returns the card. The training runs on a passing thread
+    (``cpu_threads.on_passing_thread``): a stop (KeyboardInterrupt) is raised at once, the step running left to run
+    without writing anything, as the command's process ends without it; on the main thread it waited for the step's
+    forward or backward pass, a long C++ call (SmolLM2: 9-52 s after SIGTERM)."""
     out = Path(args.out)
     trainer = make_trainer(args, model, tokenizer, examples, use_bf16(args.bf16))
-    mean_train_loss = fit(trainer)
+    mean_train_loss = on_passing_thread(fit, trainer)  # a stop is taken at once, not after a step's backward pass
     save_adapter(model, out)
     history = trainer.state.log_history
     plot_losses(history, out / "loss.png", f"{name}: {args.task}, r={args.rank}, lr={args.lr:g}")

@@ -15,6 +15,7 @@ import pytest
 import training.evaluate
 from service.cli.main import main
 from service.model.cpu_threads import on_passing_thread
+from tests.unit.test_training_refusals import TINY_RUN
 
 
 def waiting_for_a_future(thread: int) -> bool:
@@ -97,3 +98,50 @@ def test_a_stop_s_line_starts_a_line_of_its_own_after_a_progress_bar(monkeypatch
     err = capsys.readouterr().err
     assert exit_.value.code == 130 and err.startswith("\rsteps:"), err
     assert err.endswith("it/s]\nloraswap eval: interrupted\n"), err
+
+
+# `loraswap train` as its own process, each training step held in a long C++ call, as a backward pass holds the thread
+# that runs it: a wait on a torch future, which runs no Python signal handler until it returns (released after 300 s)
+STOPPED_TRAIN = """
+import sys, threading
+from pathlib import Path
+import torch
+from training import train
+
+marker = Path(sys.argv[1])
+
+def held_step(self, model, inputs, *args, **kwargs):
+    held = torch.futures.Future()
+    threading.Timer(300, held.set_result, (None,)).start()
+    marker.touch()  # the step is held
+    held.wait()
+
+train.FiniteLossTrainer.training_step = held_step
+sys.argv = ["loraswap", *sys.argv[2:]]
+from service.cli.entry import main
+main()
+"""
+
+
+def test_train_stopped_during_a_long_step_ends_at_once_and_leaves_no_partial_folder(tiny_gpt2_dir, nli_data,
+                                                                                      tmp_path):
+    """A review: train SIGTERMed during a backward pass (SmolLM2) ended 9-52 s later, once the pass had returned to
+    Python, where the stop's handler runs; here the step would return after 300 s."""
+    held, out = tmp_path / "held", tmp_path / "adapter"
+    command = [sys.executable, "-c", STOPPED_TRAIN, str(held), "train", *TINY_RUN, "--max-steps", "100000",
+               "--base-model", str(tiny_gpt2_dir), "--data-dir", str(nli_data), "--out", str(out)]
+    process = subprocess.Popen(command, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not held.exists() and process.poll() is None:
+            assert time.monotonic() < deadline, "no training step began within 120 s"
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == 130 and err.endswith("\nloraswap train: interrupted\n"), err[-2000:]
+    assert err.count("interrupted") == 1 and "Traceback" not in err, err[-2000:]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["data", "held"]  # no adapter, no .partial folder
