@@ -26,12 +26,14 @@ class DrainingServer(uvicorn.Server):
     def handle_exit(self, sig, frame) -> None:
         """On SIGTERM or SIGINT, drain for ``grace_seconds`` (/ready false, in-flight requests finish) while the
         service accepts work; at once where it does not yet (still loading, or failed to start): no request is in
-        flight, and /ready is false already. A second signal: stop now; a Ctrl-C once stopping: without waiting for
-        the requests in flight, as uvicorn's. Neither is raised again once the server has stopped, as uvicorn's
-        handler has it (a review: SIGTERM twice ended a server with a second line after uvicorn's last, 'loraswap
-        serve: stopped', from the SIGTERM raised again)."""
+        flight, and /ready is false already. A second SIGTERM: stop now, the requests in flight finished (``timeout``
+        signals the process group too: its SIGTERM comes twice). A Ctrl-C after the first signal, whenever it comes:
+        stop now without waiting for them, as uvicorn's second Ctrl-C; within the drain it waited for them all the
+        same (a review: SIGTERM, then Ctrl-C 0.3 s later). Neither is raised again once the server
+        has stopped, as uvicorn's handler has it (a review: SIGTERM twice ended a server with a second line after
+        uvicorn's last, 'loraswap serve: stopped', from the SIGTERM raised again)."""
         if self.rt.draining:
-            self.force_exit = self.force_exit or (self.should_exit and sig == signal.SIGINT)
+            self.force_exit = self.force_exit or sig == signal.SIGINT
             return self._shut_down()
         serving = self.rt.accepting
         self.rt.draining = True

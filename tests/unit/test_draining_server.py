@@ -40,6 +40,19 @@ def test_a_stop_of_a_serving_server_drains_first(monkeypatch):
     assert timers == [(GRACE, drained._shut_down)]
 
 
+@pytest.mark.parametrize(("second", "forced"), [(signal.SIGTERM, False), (signal.SIGINT, True)],
+                         ids=["then-TERM", "then-INT"])
+@pytest.mark.parametrize("first", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
+def test_a_ctrl_c_while_a_server_drains_stops_it_without_waiting_for_its_requests(first, second, forced, monkeypatch):
+    """A second SIGTERM ends the drain, the requests in flight finished; a Ctrl-C after the first stop forces the exit
+    (uvicorn's ``force_exit``) whenever it comes: within the drain (its timer not due) it did not (a review)."""
+    monkeypatch.setattr(server_module.threading, "Timer", lambda *timer: SimpleNamespace(start=lambda: None))
+    drained = server(ready=True)
+    drained.handle_exit(first, None)
+    drained.handle_exit(second, None)
+    assert drained.should_exit and drained.force_exit == forced
+
+
 @pytest.mark.parametrize("failed", [False, True], ids=["loading", "failed"])
 def test_a_stop_of_a_server_that_serves_nothing_yet_ends_it_at_once(failed):
     """A review: SIGTERM while the model loaded drained for --drain-seconds all the same, with nothing in flight and
