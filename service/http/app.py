@@ -1,6 +1,7 @@
 """The FastAPI application: routers, error replies, request metrics, and the runtime's lifespan."""
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
@@ -14,6 +15,7 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
+from service.errors import EngineStopped
 from service.http.errors import (
     CLIENT_CLOSED,
     STATUS,
@@ -43,6 +45,8 @@ METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 # route that runs no model; not an identifier, so never an adapter's name. A valid request whose adapter is known
 # carries its adapter (``routes.bound``), whatever answers it (413 for a prompt too long, 429, 503, 499)
 NO_ADAPTER_LABEL = "-"
+# the 503's message to a request a forced stop cut short (``CutShort``)
+FORCED_STOP = "the service is shutting down: a forced stop (Ctrl-C) cut the request short"
 
 
 def openai_shaped(request: Request) -> bool:
@@ -82,15 +86,21 @@ def allowed_methods(request: Request) -> str:
     return ", ".join(method for method in METHODS if taken("GET" if method == "HEAD" else method))
 
 
+def domain_error(request: Request, exc: Exception, named: Callable[[str], str] = worded) -> JSONResponse:
+    """The reply to ``request`` for the domain error ``exc``: its status from ``STATUS`` (``OPENAI_ERRORS`` on /v1),
+    its Retry-After from its ``retry_after``, its message from ``message_of`` with ``named``."""
+    openai = openai_shaped(request)
+    return error(request, status_of(type(exc), openai), message_of(exc, named), code=error_code(type(exc), openai),
+                 retry_after=getattr(exc, "retry_after", None))
+
+
 def add_error_handlers(app: FastAPI, named: Callable[[str], str] = worded) -> None:
     """Every error is JSON with a clear message (see ``error``); a domain error's status comes from ``STATUS``, its
     Retry-After from its ``retry_after`` (``service.errors``: the transient ones' 429 and 503), its message from
     ``message_of`` with ``named`` (``Runtime.named``: the settings it names as the operator sets them)."""
 
     async def _domain(request: Request, exc: Exception):
-        openai = openai_shaped(request)
-        return error(request, status_of(type(exc), openai), message_of(exc, named), code=error_code(type(exc), openai),
-                     retry_after=getattr(exc, "retry_after", None))
+        return domain_error(request, exc, named)
 
     for kind in STATUS:
         app.add_exception_handler(kind, _domain)
@@ -161,6 +171,32 @@ class RequestMetrics:
                 ).observe(time.perf_counter() - started)
 
 
+class CutShort:
+    """ASGI middleware: a request whose task is cancelled (only the server cancels one: a forced stop,
+    ``server.DrainingServer.cut_short``) is answered, where its reply has not begun, with a 503 in its route's error
+    shape (EngineStopped, ``FORCED_STOP``, with Retry-After), not uvicorn's plain-text 500 'Internal Server Error' and
+    a traceback; a reply begun (a stream's) ends as it is, its connection closed by the server."""
+
+    def __init__(self, app: ASGIApp, named: Callable[[str], str] = worded):
+        self.app, self.named = app, named
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        begun = False
+
+        async def watched(message: Message) -> None:
+            nonlocal begun
+            begun = begun or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except asyncio.CancelledError:
+            if not begun:
+                await domain_error(Request(scope), EngineStopped(FORCED_STOP), self.named)(scope, receive, send)
+
+
 class HeadAsGet:
     """ASGI middleware: a HEAD request is answered as its GET would be, without the body (RFC 9110 9.3.2): the same
     status and headers, Content-Length included. FastAPI's routes take no HEAD (only Starlette's own, such as /docs,
@@ -224,7 +260,10 @@ def create_app(settings: Settings | None = None, rt: Runtime | None = None) -> F
     async def lifespan(app: FastAPI):
         if not rt.ready.is_set():
             rt.start_in_background()
-        yield
+        try:
+            yield
+        except asyncio.CancelledError:  # a forced stop's end (server.cut_short): not waited for, nor a traceback
+            return
         rt.stop()
 
     # redirect_slashes off: a path with a trailing slash is unknown (a JSON 404), not Starlette's empty 307 to the
@@ -238,6 +277,7 @@ def create_app(settings: Settings | None = None, rt: Runtime | None = None) -> F
         app.include_router(router, responses=error_replies(*every_route, shape=shape))
     add_error_handlers(app, rt.named)
     app.add_middleware(BodyLimit, max_bytes=rt.settings.max_body_bytes, named=rt.named)
+    app.add_middleware(CutShort, named=rt.named)
     app.add_middleware(RequestMetrics)
     app.add_middleware(HeadAsGet)  # the outermost: what the server sees stays a HEAD
     return app

@@ -2,6 +2,7 @@
 template render has not begun by then fail at once, a 503)."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import socket
@@ -14,6 +15,8 @@ from service.http.app import create_app
 from service.model.base_model import remove_partials
 from service.runtime import Runtime, log_start_cut
 from service.settings import Settings, worded
+
+CUT_SHORT_WAIT_S = 1.0  # seconds a forced stop waits for the requests it cut short to end (``cut_short``)
 
 
 class DrainingServer(uvicorn.Server):
@@ -28,8 +31,8 @@ class DrainingServer(uvicorn.Server):
         service accepts work; at once where it does not yet (still loading, or failed to start): no request is in
         flight, and /ready is false already. A second SIGTERM: stop now, the requests in flight finished (``timeout``
         signals the process group too: its SIGTERM comes twice). A Ctrl-C after the first signal, whenever it comes:
-        stop now without waiting for them, as uvicorn's second Ctrl-C; within the drain it waited for them all the
-        same (a review: SIGTERM, then Ctrl-C 0.3 s later). Neither is raised again once the server
+        stop now without waiting for them, as uvicorn's second Ctrl-C (``cut_short``); within the drain it waited
+        for them all the same (a review: SIGTERM, then Ctrl-C 0.3 s later). Neither is raised again once the server
         has stopped, as uvicorn's handler has it (a review: SIGTERM twice ended a server with a second line after
         uvicorn's last, 'loraswap serve: stopped', from the SIGTERM raised again)."""
         if self.rt.draining:
@@ -57,9 +60,29 @@ class DrainingServer(uvicorn.Server):
     async def shutdown(self, sockets=None) -> None:
         """uvicorn's shutdown (stop listening, wait for the requests in flight, then the lifespan's end), the chat
         template renders not begun failed first (``Runtime.stop_rendering``): the requests waiting for them end at once
-        with a 503, not after the renders queued before them (a hostile template's backlog took 2 s a render: 86 s)."""
+        with a 503, not after the renders queued before them (a hostile template's backlog took 2 s a render: 86 s).
+        A forced stop (``force_exit``) waits for no request and skips the lifespan's end; the requests still in flight
+        are then cut short (``cut_short``)."""
         self.rt.stop_rendering()
         await super().shutdown(sockets)
+        if self.force_exit:
+            await self.cut_short()
+
+    async def cut_short(self) -> None:
+        """End the requests in flight at a forced stop while the event loop runs: a reply begun (a stream's) has its
+        connection closed, so that its client sees it cut; every request's task is cancelled, and one whose reply had
+        not begun is answered with a 503 (``app.CutShort``); each is waited for ``CUT_SHORT_WAIT_S`` at most. uvicorn
+        left them to ``asyncio.run``'s end, which cancelled them after the server's last line: each client got a
+        plain-text 500 and the log a traceback (a review: Ctrl-C twice during /answer and /v1/completions)."""
+        for connection in list(self.server_state.connections):
+            cycle = getattr(connection, "cycle", None)  # the request uvicorn's HTTP protocols have in progress
+            if cycle is not None and cycle.response_started and not cycle.response_complete:
+                connection.transport.abort()
+        tasks = list(self.server_state.tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=CUT_SHORT_WAIT_S)
 
 
 def serving_line(sockets: list[socket.socket]) -> str:

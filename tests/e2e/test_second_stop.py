@@ -8,13 +8,15 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 
 from tests.data.make_corpus import SQUAD_SAMPLE
-from tests.server_helpers import free_port
+from tests.server_helpers import free_port, scrape, value, wait_ready, wait_until
 from tests.unit.test_training_refusals import TINY_RUN
 
 
@@ -88,3 +90,79 @@ def test_a_ready_server_stopped_twice_ends_once_its_last_line_uvicorn_s(gap, sec
     assert status == 0 and err.count("Finished server process") == 1, err[-2000:]
     assert err.splitlines()[-1].startswith("INFO:     Finished server process"), err[-2000:]
     assert "Traceback" not in err and "loraswap serve: stopped" not in err, err[-2000:]
+
+
+TOKENS = 400  # a completion's tokens: seconds on the tiny Llama on the CPU, so that each is in flight at the stop
+FORCED_STOP_REPLY = "the service is shutting down: a forced stop (Ctrl-C) cut the request short"
+
+
+def streamed(url: str, body: dict, begun: threading.Event) -> str:
+    """Stream completion ``body``, ``begun`` set at its first line: 'whole' where it ended with [DONE], 'cut' where
+    the server closed the connection before, else what came."""
+    lines = []
+    try:
+        with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=120) as reply:
+            for line in reply.iter_lines():
+                lines.append(line)
+                begun.set()
+    except httpx.RemoteProtocolError:  # 'peer closed connection without sending complete message body'
+        return "cut"
+    return "whole" if "data: [DONE]" in lines else f"{reply.status_code} {lines[-3:]}"
+
+
+def replied(reply: httpx.Response) -> str:
+    """'whole' for a 200, 'forced' for the forced stop's 503 in the route's error shape, else the reply."""
+    if reply.status_code == 200:
+        return "whole"
+    try:
+        body = reply.json()
+    except ValueError:  # not JSON (uvicorn's plain-text 500)
+        return f"{reply.status_code} {reply.text}"
+    message = body["error"]["message"] if isinstance(body["error"], dict) else body["error"]
+    return "forced" if reply.status_code == 503 and message == FORCED_STOP_REPLY else f"{reply.status_code} {body}"
+
+
+@pytest.mark.parametrize("signals", [("INT", "INT"), ("TERM", "INT"), ("TERM", "INT", "INT"), ("TERM", "TERM"),
+                                     ("INT", "TERM")], ids="-".join)
+def test_a_server_stopped_twice_with_requests_in_flight(signals, tiny_llama_dir, tmp_path):
+    """Stops 0.3 s apart while completions and /answer run, one streamed completion begun: a Ctrl-C after the first
+    stop forces the exit at once (as uvicorn's second Ctrl-C), whenever it comes: the requests whose reply had not
+    begun get the forced stop's 503 in their route's error shape, the stream begun is cut (its connection closed);
+    a second SIGTERM ends the drain, the requests finished. Either way status 0, uvicorn's line last, no traceback.
+    A review: a Ctrl-C within the drain (1 s) waited for the requests all the same, and a forced stop answered each
+    with a plain-text 500 'Internal Server Error' and logged its CancelledError's traceback after uvicorn's last
+    line."""
+    port, log = free_port(), tmp_path / "serve.log"
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "service.cli.entry", "serve", "--base-model", str(tiny_llama_dir),
+               "--adapters-dir", str(tmp_path), "--device", "cpu", "--host", "127.0.0.1", "--port", str(port),
+               "--max-new-tokens", str(TOKENS), "--max-queue-wait", "600"]
+    completion = {"model": "base", "prompt": "Story 1:", "max_tokens": TOKENS, "temperature": 0}
+    answer = {"context": "The Normans gave their name to Normandy. " * 4, "question": "Who?", "extractive": False,
+              "decoding": {"max_new_tokens": TOKENS}}
+    with log.open("w") as stderr, ThreadPoolExecutor(6) as pool:
+        process = subprocess.Popen(command, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, stdout=subprocess.DEVNULL,
+                                   stderr=stderr)
+        try:
+            wait_ready(lambda path: httpx.get(url + path), timeout=120)
+            begun = threading.Event()
+            stream = pool.submit(streamed, url, completion, begun)
+            assert begun.wait(60), "the stream did not begin within 60 s"
+            replies = [pool.submit(httpx.post, f"{url}/v1/completions", json=completion, timeout=120)
+                       for _ in range(3)]
+            replies += [pool.submit(httpx.post, f"{url}/answer", json=answer, timeout=120)]
+            with httpx.Client(base_url=url) as http:
+                wait_until(lambda: value(scrape(http), "loraswap_requests_in_flight") >= 5, "5 requests in flight")
+            for k, name in enumerate(signals):
+                time.sleep(0.3 if k else 0)
+                process.send_signal(getattr(signal, f"SIG{name}"))
+            status = process.wait(timeout=120)
+            outcomes = [replied(reply.result()) for reply in replies] + [stream.result()]
+        finally:
+            process.kill()
+            process.wait()
+    err = log.read_text()
+    forced = "INT" in signals[1:]
+    assert outcomes == ["forced"] * 4 + ["cut"] if forced else ["whole"] * 5, (outcomes, err[-3000:])
+    assert status == 0 and err.splitlines()[-1].startswith("INFO:     Finished server process"), err[-3000:]
+    assert "Traceback" not in err and "Internal Server Error" not in err, err[-3000:]
