@@ -234,9 +234,10 @@ class Settings(BaseSettings):
     max_prefill_tokens: int | None = Field(
         None, ge=1, description="prompt tokens one prefill pass takes from the queue, counted as the pass runs them: "
         "its rows x its longest prompt, as it left-pads them (a longer prompt goes alone); "
-        "the rest join at the next pause, so a burst's prefill memory is bounded (vLLM's max_num_batched_tokens). "
-        f"None: {CPU_PREFILL_TOKENS} on the CPU, no bound on a GPU (memory is not short there, and fewer, larger "
-        "passes are faster)")
+        "the rest join at the next pause, so a burst's prefill memory is bounded (vLLM's max_num_batched_tokens); "
+        "the memory check before the model loads counts a pass of so many tokens' activations, of max_batch rows "
+        f"x the longest prompt at most. None: {CPU_PREFILL_TOKENS} on the CPU, no bound on a GPU (memory is not short "
+        "there, and fewer, larger passes are faster)")
     draft_tokens: int | None = Field(
         None, ge=0, description="speculative decoding: the draft tokens a decoding step feeds a generation after its "
         "last token, looked up where its last tokens occurred before in its prompt or output (prompt lookup decoding, "

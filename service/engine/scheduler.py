@@ -51,11 +51,11 @@ from service.errors import (
 )
 from service.lora.adapter_files import BASE_LABEL, AdapterWeights
 from service.lora.registry import AdapterRegistry
+from service.model.step_memory import prefill_budget
 from service.settings import (
     CPU_BATCH_WINDOW_MS,
     CPU_DRAFT_TOKENS,
     CPU_PREFILL_CHUNK,
-    CPU_PREFILL_TOKENS,
     GPU_BATCH_WINDOW_MS,
     Settings,
 )
@@ -109,7 +109,7 @@ class Engine:
         cpu = self.device.type == "cpu"  # unset, these take the device's defaults (service.settings)
         self.prefill_chunk = settings.prefill_chunk if settings.prefill_chunk is not None else (
             CPU_PREFILL_CHUNK if cpu else 0)
-        self.prefill_tokens = settings.max_prefill_tokens or (CPU_PREFILL_TOKENS if cpu else math.inf)
+        self.prefill_tokens = prefill_budget(settings, self.device)
         self.batch_window_ms = settings.batch_window_ms if settings.batch_window_ms is not None else (
             CPU_BATCH_WINDOW_MS if cpu else GPU_BATCH_WINDOW_MS)
         self.draft_tokens = settings.draft_tokens if settings.draft_tokens is not None else (

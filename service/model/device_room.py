@@ -2,12 +2,13 @@
 device has room for it with the weights: a setting whose allocation cannot exist is refused before the model loads
 (a review: ``serve --max-batch 4611686018427387904`` failed its start with torch's "Storage size calculation
 overflowed", and a value within that bound but past the device's memory fails once a full batch comes), and so are
-settings whose allocations, the base's weights and the process together are past the device's memory (a review:
-under a 1 GB container limit ``--prefix-cache-bytes 900000000`` was taken, each setting checked alone, and the kernel
-killed the server at the 6th long prompt; the defaults under 600 MB were killed while the weights loaded).
+settings whose allocations, a step's activations, the base's weights and the process together are past the device's
+memory (a review: under a 1 GB container limit ``--prefix-cache-bytes 900000000`` was taken, each setting checked
+alone, and the kernel killed the server at the 6th long prompt; the defaults under 600 MB were killed while the
+weights loaded).
 
 The settings that allocate in proportion to their value (the others bound counts and allocate nothing by themselves:
-``max_queue``, ``max_choices``, ``max_answer_windows``, ``max_prefill_tokens``, ``max_body_bytes``,
+``max_queue``, ``max_choices``, ``max_answer_windows``, ``max_body_bytes``,
 ``prefix_block_tokens``, ``max_rank``; ``max_input_tokens`` and ``max_new_tokens`` are bounded by the model's
 positions, ``runtime.check_room``; ``scale`` bounds ``max_batch`` + ``max_queue`` by Ray's 32 bits,
 ``scale.preflight.check_ongoing``):
@@ -19,15 +20,17 @@ positions, ``runtime.check_room``; ``scale`` bounds ``max_batch`` + ``max_queue`
 - ``max_resident``: the LoRA banks of ``max_resident`` resident adapters of rank 1 on a single layer, with the zero
   slot, (``max_resident`` + 1) x ``hidden_size`` x the dtype's bytes (each layer reads or writes the hidden state:
   ``lora.layers.InputGroup.reserve``);
-- ``prefix_cache_bytes``: the bytes of keys and values the prefix cache may keep (``prefix_cache.PrefixCache``).
+- ``prefix_cache_bytes``: the bytes of keys and values the prefix cache may keep (``prefix_cache.PrefixCache``);
+- ``max_prefill_tokens``: not an allocation that stays, but what a prefill step holds while it runs, its activations
+  (``step_memory.prefill_bytes``: a review found a prefill of 2,048 tokens rise 120 MB past its KV cache, uncounted).
 
-Not counted: one layer's old KV cache while it grows (``RowKVCache.reserve`` frees each layer's once copied); the
-activations of a step (a prefill of ``max_prefill_tokens`` tokens); LoRA banks past rank 1 and one layer; adapters'
-files.
+Not counted: one layer's old KV cache while it grows (``RowKVCache.reserve`` frees each layer's once copied); a
+decoding step's activations (``step_memory``); LoRA banks past rank 1 and one layer; adapters' files.
 """
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig
@@ -37,7 +40,8 @@ from service.engine.running_batch import MOST_FED
 from service.lora.layers import lora_targets
 from service.model.base_model import config_positions
 from service.model.process_status import proc_status
-from service.settings import INT64, Settings
+from service.model.step_memory import prefill_bytes
+from service.settings import INT64, MIN_PROMPT_TOKENS, Settings
 
 
 def kv_bytes_per_token(config: PretrainedConfig, dtype: torch.dtype) -> int:
@@ -49,9 +53,10 @@ def kv_bytes_per_token(config: PretrainedConfig, dtype: torch.dtype) -> int:
     return 2 * config.num_hidden_layers * kv_heads * head_dim * dtype.itemsize
 
 
-def allocations(settings: Settings, config: PretrainedConfig, dtype: torch.dtype) -> dict[str, tuple[int, str]]:
-    """The bytes each size setting makes the engine allocate at the most, or at least where said (see the module's
-    docstring), by setting, with the formula in words."""
+def allocations(settings: Settings, config: PretrainedConfig, dtype: torch.dtype,
+                device: torch.device) -> dict[str, tuple[int, str]]:
+    """The bytes each size setting makes the engine allocate at the most, or at least where said, and a prefill
+    step's activations on ``device`` (see the module's docstring), by setting, with the formula in words."""
     per_token = kv_bytes_per_token(config, dtype)
     rows, columns = row_bucket(settings.max_batch), longest_row(settings, config)
     return {
@@ -62,15 +67,22 @@ def allocations(settings: Settings, config: PretrainedConfig, dtype: torch.dtype
                          f"at least the LoRA banks of so many adapters of rank 1 on one layer, "
                          f"{settings.max_resident + 1} slots x {config.hidden_size} x {dtype.itemsize} bytes"),
         "prefix_cache_bytes": (settings.prefix_cache_bytes, "the prefix cache's keys and values"),
+        "max_prefill_tokens": prefill_bytes(settings, config, dtype, device, longest_prompt(settings, config),
+                                            per_token),
     }
 
 
+def longest_prompt(settings: Settings, config: PretrainedConfig) -> int:
+    """The most tokens a prompt may have: ``max_input_tokens``, and the model's positions less ``max_new_tokens``
+    (``runtime.check_room``)."""
+    return min(settings.max_input_tokens, max(config_positions(config) - settings.max_new_tokens, 0))
+
+
 def longest_row(settings: Settings, config: PretrainedConfig) -> int:
-    """The KV cache columns a row of the running batch may fill (``kv_cache.column_bucket``): its prompt (at most
-    ``max_input_tokens``, and the model's positions less ``max_new_tokens``: ``runtime.check_room``), its generated
-    tokens and the most tokens a decoding step feeds it after its last (``running_batch.MOST_FED``: drafts)."""
-    prompt = min(settings.max_input_tokens, max(config_positions(config) - settings.max_new_tokens, 0))
-    return column_bucket(prompt + settings.max_new_tokens + MOST_FED)
+    """The KV cache columns a row of the running batch may fill (``kv_cache.column_bucket``): its prompt
+    (``longest_prompt``), its generated tokens and the most tokens a decoding step feeds it after its last
+    (``running_batch.MOST_FED``: drafts)."""
+    return column_bucket(longest_prompt(settings, config) + settings.max_new_tokens + MOST_FED)
 
 
 def weight_bytes(config: PretrainedConfig, dtype: torch.dtype, quantize: str) -> tuple[int, str]:
@@ -105,55 +117,82 @@ def check_allocations(settings: Settings, config: PretrainedConfig, dtype: torch
     """ValueError naming the first size setting (``allocations``) whose allocation cannot exist, past 2**63 bytes
     (torch's storage sizes are 64-bit: "Storage size calculation overflowed"), or where ``replicas`` servers of these
     settings on ``device`` (``scale``'s replicas that share it) need more than its memory (``device_memory``), each
-    its allocations, the base's weights (``weight_bytes``) and a process as this one is now (``in_use``)
-    (``check_fit``; ``replicas`` 0: none runs here, as for a cluster's replicas, whose device this machine may not
-    have)."""
-    sizes = allocations(settings, config, dtype)
+    its allocations and a step's activations, the base's weights (``weight_bytes``) and a process as this one is now
+    (``in_use``) (``check_fit``; ``replicas`` 0: none runs here, as for a cluster's replicas, whose device this machine
+    may not have)."""
+    sizes = allocations(settings, config, dtype, device)
     for name, (size, what) in sizes.items():
         if size >= INT64:
-            raise ValueError(f"{name} {getattr(settings, name)} needs {what}: past 2**63 bytes, more than any torch "
+            raise ValueError(f"{name} {shown(settings, name)} needs {what}: past 2**63 bytes, more than any torch "
                              "tensor can hold; lower it")
     if replicas:
-        check_fit(settings, sizes, weight_bytes(config, dtype, settings.quantize), in_use(device),
-                  described_memory(device), replicas)
+        check_fit(settings, lambda chosen: allocations(chosen, config, dtype, device),
+                  weight_bytes(config, dtype, settings.quantize), in_use(device), described_memory(device), replicas)
 
 
-def check_fit(settings: Settings, sizes: dict[str, tuple[int, str]], weights: tuple[int, str], used: int,
-              memory: tuple[int, str], replicas: int = 1) -> None:
+Sized = Callable[[Settings], dict[str, tuple[int, str]]]  # settings -> their sizes, as ``allocations`` gives them
+
+
+def check_fit(settings: Settings, sized: Sized, weights: tuple[int, str], used: int, memory: tuple[int, str],
+              replicas: int = 1) -> None:
     """ValueError where ``replicas`` servers (``scale``'s replicas sharing the device), each with the size settings'
-    allocations (``sizes``, as ``allocations`` gives them), the base's ``weights`` (bytes and their formula:
-    ``weight_bytes``) and the ``used`` bytes the device holds now (a process's), need more than its ``memory`` (bytes
-    and whose: ``described_memory``) together, naming each part and what to lower (``advice``)."""
+    allocations and a step's activations (``sized(settings)``: ``allocations`` on the model's config), the base's
+    ``weights`` (bytes and their formula: ``weight_bytes``) and the ``used`` bytes the device holds now (a process's),
+    need more than its ``memory`` (bytes and whose: ``described_memory``) together, naming each part and what to
+    lower (``advice``)."""
+    sizes = sized(settings)
     each = used + weights[0] + sum(size for size, _ in sizes.values())
     if replicas * each <= memory[0]:
         return
     parts = [f"{used} in use now", f"{weights[0]} for the base's weights ({weights[1]})"]
-    parts += [f"{size} for {name} {getattr(settings, name)} ({what})" for name, (size, what) in sizes.items()]
+    parts += [f"{size} for {name} {shown(settings, name)} ({what})" for name, (size, what) in sizes.items()]
     needs = f"{each} bytes of memory" + (f" each, {replicas * each} for {replicas} replicas" if replicas > 1 else "")
+    advised = advice(settings, sized, used + weights[0], each, memory[0], replicas)
     raise ValueError(f"the base model and these settings need {needs} together, more than the {memory[0]} bytes "
-                     f"{memory[1]}: {', '.join(parts)}; {advice(settings, sizes, each, memory[0], replicas)}")
+                     f"{memory[1]}: {', '.join(parts)}; {advised}")
 
 
-def advice(settings: Settings, sizes: dict[str, tuple[int, str]], each: int, memory: int, replicas: int) -> str:
-    """``check_fit``'s advice, for ``replicas`` servers needing ``each`` bytes in ``memory`` bytes: what to lower
-    (``batch_advice``: naming only the settings that take memory; a review: a ``prefix_cache_bytes`` of 0 was advised
-    lowered), and fewer replicas where some fit."""
+def shown(settings: Settings, name: str) -> object:
+    """A setting's value as a message shows it: "unset" for None (``max_prefill_tokens``: the device's default)."""
+    value = getattr(settings, name)
+    return "unset" if value is None else value
+
+
+def advice(settings: Settings, sized: Sized, fixed: int, each: int, memory: int, replicas: int) -> str:
+    """``check_fit``'s advice, for ``replicas`` servers needing ``each`` bytes in ``memory`` bytes, ``fixed`` of them
+    the process's and the weights': what to lower (``batch_advice``), and fewer replicas where some fit."""
     fewer = f"; or fewer replicas: {memory // each} fit" if replicas > 1 and each <= memory else ""
-    return batch_advice(settings, sizes, each, memory // replicas) + fewer
+    return batch_advice(settings, sized, fixed, memory // replicas) + fewer
 
 
-def batch_advice(settings: Settings, sizes: dict[str, tuple[int, str]], each: int, memory: int) -> str:
-    """The largest ``max_batch`` (a power of two: the KV cache's rows are) whose KV cache fits in ``memory`` bytes with
-    the rest of the ``each`` bytes a server needs, or what to lower where none does."""
-    kv = sizes["max_batch"][0]
-    rows = (memory - each + kv) * row_bucket(settings.max_batch) // kv
-    if rows >= 1:
-        return f"lower them: max_batch {1 << (rows.bit_length() - 1)} fits with the rest"
-    if each - kv - settings.prefix_cache_bytes > memory:
+def batch_advice(settings: Settings, sized: Sized, fixed: int, memory: int) -> str:
+    """What to lower for a server's needs (``fixed`` bytes and its ``sized`` settings') to fit in ``memory`` bytes:
+    the largest ``max_batch`` that fits (a power of two: the KV cache's rows are), and the largest
+    ``max_prefill_tokens`` that fits with ``max_batch`` as set (a power of two), or, where neither does, the settings
+    that take memory (a review: a ``prefix_cache_bytes`` of 0 was advised lowered; a batch of one row runs one prompt
+    a prefill pass, whatever ``max_prefill_tokens``)."""
+    def need(**changed) -> int:
+        return fixed + sum(size for size, _ in sized(settings.model_copy(update=changed)).values())
+
+    fitting = [(name, largest_fitting(lambda value, name=name: need(**{name: value}) <= memory, start))
+               for name, start in (("max_batch", row_bucket(settings.max_batch)), ("max_prefill_tokens", INT64 // 2))]
+    fits = [f"{name} {value}" for name, value in fitting if value]
+    if fits:
+        return f"lower them: {' or '.join(fits)} fits with the rest"
+    if need(max_batch=1, prefix_cache_bytes=0, max_input_tokens=MIN_PROMPT_TOKENS, max_new_tokens=1) > memory:
         return "not even the base's weights and the process fit: give it more memory"
     lower = ["prefix_cache_bytes"] * (settings.prefix_cache_bytes > 0) + ["max_input_tokens", "max_new_tokens"]
     return (f"not even max_batch 1 fits with the rest: lower {', '.join(lower[:-1])} or {lower[-1]}, or give it "
             "more memory")
+
+
+def largest_fitting(fits: Callable[[int], bool], start: int) -> int:
+    """The largest power of two from ``start`` down to 1 for which ``fits`` holds (it holds for all below one that
+    does), or 0 where none."""
+    value = start
+    while value and not fits(value):
+        value //= 2
+    return value
 
 
 def device_memory(device: torch.device) -> int:

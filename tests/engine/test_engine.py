@@ -550,7 +550,8 @@ def test_a_full_batch_of_the_longest_requests_fits_the_kv_cache_the_start_counts
         futures = [engine.submit(work) for work in works]
     assert [len(result.token_ids) for result in results(futures)] == [20] * 4
     settings = Settings(**limits)
-    size, _ = allocations(settings, AutoConfig.from_pretrained(engines.base("llama")[0]), torch.float32)["max_batch"]
+    size, _ = allocations(settings, AutoConfig.from_pretrained(engines.base("llama")[0]), torch.float32,
+                          torch.device("cpu"))["max_batch"]
     rows, columns = max(steps.notes)
     assert (rows, columns) == (4, 512), steps.notes  # past 256 columns: the drafts of the last steps
     assert rows * columns * kv_bytes_per_token(engine.model.config, torch.float32) <= size

@@ -651,14 +651,21 @@ BIG = str(2**63)  # past 64 bits: refused by the one check of the bound (setting
     ({}, ["serve", *SERVE_TINY, "--max-batch", "100000000"], " for --max-batch 100000000 (a full batch's KV cache, "
      "134217728 rows x 768 columns x 512 bytes a token, the columns for --max-input-tokens 1024 and --max-new-tokens "
      "64), "),
+    # a prefill step's activations, the CPU's default budget (a review: not counted)
+    ({}, ["serve", *SERVE_TINY, "--max-batch", "100000000"], " for --max-prefill-tokens unset (a prefill step's "
+     "activations, 2048 tokens x (6 x (hidden 64 + intermediate 128) x 4 bytes + a mask of 448 columns x 2 heads x 6 "
+     "bytes + 512 bytes of keys and values), and 2048 rows' logits x vocab 1000 x 8 bytes); "),
+    ({}, ["serve", *SERVE_TINY, "--max-batch", "100000000", "--max-prefill-tokens", "300"], " for "
+     "--max-prefill-tokens 300 (a prefill step's activations, 448 tokens x "),
     ({}, ["serve", *SERVE_TINY, "--max-resident", HALF], f"--max-resident {HALF} needs at least the LoRA banks of so "
      f"many adapters of rank 1 on one layer, {2**62 + 1} slots x 64 x 4 bytes: past 2**63 bytes"),
     # bench's --adapters is the engine's max_resident (a review: 2**62 ran out of memory making their names)
     ({}, ["bench", *SERVE_TINY, "--adapters", HALF, "--modes", "base"], f"bench: error: --adapters {HALF} needs at "
      "least the LoRA banks of so many adapters of rank 1 on one layer"),
     ({}, ["serve", *SERVE_TINY, "--prefix-cache-bytes", str(2**63 - 1)], f"{2**63 - 1} for --prefix-cache-bytes "
-     f"{2**63 - 1} (the prefix cache's keys and values); not even --max-batch 1 fits with the rest: lower "
-     "--prefix-cache-bytes, --max-input-tokens or --max-new-tokens, or give it more memory"),
+     f"{2**63 - 1} (the prefix cache's keys and values), "),
+    ({}, ["serve", *SERVE_TINY, "--prefix-cache-bytes", str(2**63 - 1)], "); not even --max-batch 1 fits with the "
+     "rest: lower --prefix-cache-bytes, --max-input-tokens or --max-new-tokens, or give it more memory"),
 ])
 def test_a_setting_refused_is_named_as_the_user_gave_it(variables, argv, error, tiny_llama_dir, tmp_path, monkeypatch,
                                                         capsys):

@@ -107,8 +107,24 @@ def test_serve_refuses_settings_that_need_more_than_a_containers_memory_limit_be
     assert ran.returncode == 2 and "loraswap serve: error: the base model and these settings need " in ran.stderr \
         and f" bytes of memory together, more than the {GIB} bytes of the container's memory limit (memory and " \
             "swap): " in ran.stderr \
-        and "900000000 for --prefix-cache-bytes 900000000 (the prefix cache's keys and values); " in ran.stderr, \
+        and "900000000 for --prefix-cache-bytes 900000000 (the prefix cache's keys and values), " in ran.stderr, \
         ran.stderr
+
+
+def test_serve_counts_a_prefill_steps_activations_against_a_containers_memory_limit(tiny_llama_dir):
+    """A review: the check counted no step's activations, and SmolLM2 with ``--max-batch 16 --max-prefill-tokens
+    16384 --prefix-cache-bytes 0`` under a 1.95 GB limit (the check's need 1.87 GB) was killed by the kernel at a
+    burst of 16 prompts of 980 tokens. The tiny Llama's pass of 100000 tokens needs 1.05 GB, its KV cache 0.1 GB.
+    (Its port is taken: a server past the check stops there.)"""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        ran = in_limits("-", str(GIB), "import sys; from service.cli.main import main; sys.argv = ['loraswap', "
+                        f"'serve', '--base-model', {str(tiny_llama_dir)!r}, '--port', '{taken.getsockname()[1]}', "
+                        "'--max-batch', '256', '--max-prefill-tokens', '100000', '--prefix-cache-bytes', '0']; main()")
+    assert ran.returncode == 2 and f" bytes of memory together, more than the {GIB} bytes of the container's " \
+        "memory limit" in ran.stderr and " for --max-prefill-tokens 100000 (a prefill step's activations, 100000 " \
+        "tokens x " in ran.stderr and "--port" not in ran.stderr, ran.stderr
 
 
 @pytest.mark.parametrize(("replicas", "refused"), [(1, False), (3, True)])

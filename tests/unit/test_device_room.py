@@ -3,6 +3,9 @@
 together are refused naming every part."""
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
+
 import bitsandbytes.functional as bnb
 import pytest
 import torch
@@ -13,6 +16,7 @@ from service.settings import Settings
 
 USED = 400_000_000  # bytes in use before the weights load: about what the interpreter and torch take
 HOST = "of the host's RAM and swap"
+CPU = torch.device("cpu")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -38,36 +42,45 @@ def test_nf4_weights_take_what_bitsandbytes_packs_them_into(tiny_llama_dir):
     assert weight_bytes(AutoConfig.from_pretrained(tiny_llama_dir), torch.bfloat16, "nf4")[0] == packed + rest * 2
 
 
-def sizes_of(config, **settings) -> tuple[Settings, dict, tuple[int, str]]:
-    chosen = Settings(**settings)
-    return chosen, allocations(chosen, config, torch.float32), weight_bytes(config, torch.float32, "none")
+def sizes_of(config, **settings) -> tuple[Settings, Callable[[Settings], dict], tuple[int, str]]:
+    """Settings, their sizes on the CPU as ``check_fit`` takes them, and the weights' bytes, of a float32 base."""
+    return (Settings(**settings), lambda chosen: allocations(chosen, config, torch.float32, CPU),
+            weight_bytes(config, torch.float32, "none"))
+
+
+def total(settings: Settings, sized) -> int:
+    return sum(size for size, _ in sized(settings).values())
 
 
 def test_settings_that_each_fit_but_not_together_are_refused_naming_every_part(tiny_llama_dir):
     """A review: under a 1 GB container limit, ``--prefix-cache-bytes 900000000`` was taken, each setting checked
     alone against the limit, and the kernel killed the server once the prefix cache filled."""
     config = AutoConfig.from_pretrained(tiny_llama_dir)
-    settings, sizes, weights = sizes_of(config, prefix_cache_bytes=900_000_000)
-    needed = USED + weights[0] + sum(size for size, _ in sizes.values())
-    check_fit(settings, sizes, weights, USED, (needed, HOST))
+    settings, sized, weights = sizes_of(config, prefix_cache_bytes=900_000_000)
+    sizes = sized(settings)
+    needed = USED + weights[0] + total(settings, sized)
+    check_fit(settings, sized, weights, USED, (needed, HOST))
     with pytest.raises(ValueError) as refused:
-        check_fit(settings, sizes, weights, USED, (10**9, HOST))
+        check_fit(settings, sized, weights, USED, (10**9, HOST))
     message = str(refused.value)
     assert message.startswith(f"the base model and these settings need {needed} bytes of memory together, more than "
                               f"the 1000000000 bytes {HOST}: {USED} in use now, {weights[0]} for the base's "
                               f"weights ({weights[1]}), {sizes['max_batch'][0]} for max_batch 32 (a full batch's KV "
                               "cache, 32 rows x 768 columns x 512 bytes a token, the columns for max_input_tokens 1024 "
                               "and max_new_tokens 64), "), message
-    assert "900000000 for prefix_cache_bytes 900000000 (the prefix cache's keys and values); not even max_batch 1 " \
-           "fits with the rest: lower prefix_cache_bytes, max_input_tokens or max_new_tokens" in message, message
+    assert "900000000 for prefix_cache_bytes 900000000 (the prefix cache's keys and values), " in message, message
+    assert f"{sizes['max_prefill_tokens'][0]} for max_prefill_tokens unset (a prefill step's activations, 2048 " \
+           "tokens x (6 x (hidden 64 + intermediate 128) x 4 bytes + a mask of 448 columns x 2 heads x 6 bytes + " \
+           "512 bytes of keys and values), and 32 rows' logits x vocab 1000 x 8 bytes); not even max_batch 1 fits " \
+           "with the rest: lower prefix_cache_bytes, max_input_tokens or max_new_tokens" in message, message
 
 
 @pytest.mark.parametrize("memory", [800_000_000, 10**9, 1_200_000_000])
 def test_the_max_batch_advised_is_the_largest_that_fits(memory, tiny_llama_dir):
     config = AutoConfig.from_pretrained(tiny_llama_dir)
-    settings, sizes, weights = sizes_of(config, max_batch=2**20)
+    settings, sized, weights = sizes_of(config, max_batch=2**20)
     with pytest.raises(ValueError, match=r"lower them: max_batch (\d+) fits with the rest$") as refused:
-        check_fit(settings, sizes, weights, USED, (memory, HOST))
+        check_fit(settings, sized, weights, USED, (memory, HOST))
     advised = int(refused.value.args[0].rsplit("max_batch ", 1)[1].split()[0])
     check_fit(*sizes_of(config, max_batch=advised), USED, (memory, HOST))
     with pytest.raises(ValueError):
@@ -84,12 +97,14 @@ def test_the_max_batch_advised_is_the_largest_that_fits(memory, tiny_llama_dir):
      "more memory"),
 ])
 def test_what_to_lower_names_only_what_takes_memory(settings, memory, advice, tiny_llama_dir):
-    """``memory``: the bytes past the process, the weights and the LoRA banks."""
+    """``memory``: the bytes past what the least settings need (max_batch 1, the shortest prompt, one generated token,
+    no prefix cache) with the process, the weights and the LoRA banks."""
     config = AutoConfig.from_pretrained(tiny_llama_dir)
-    chosen, sizes, weights = sizes_of(config, **settings)
-    fixed = USED + weights[0] + sizes["max_resident"][0]
+    chosen, sized, weights = sizes_of(config, **settings)
+    least = chosen.model_copy(update={"prefix_cache_bytes": 0, "max_input_tokens": 16, "max_new_tokens": 1})
+    fixed = USED + weights[0] + total(least, sized)
     with pytest.raises(ValueError) as refused:
-        check_fit(chosen, sizes, weights, USED, (fixed + memory, HOST))
+        check_fit(chosen, sized, weights, USED, (fixed + memory, HOST))
     assert str(refused.value).endswith(f"; {advice}"), refused.value
     assert " (a full batch's KV cache, 1 row x 768 columns x " in str(refused.value), refused.value
 
@@ -101,3 +116,22 @@ def test_the_device_of_a_clusters_replicas_is_not_read_here(tiny_llama_dir):
     from service.runtime import check_settings_fit
 
     check_settings_fit(Settings(base_model=str(tiny_llama_dir), device="cuda"), replicas=0)
+
+
+@pytest.mark.parametrize("past", [0, 10**6])
+def test_a_prefill_pass_of_fewer_tokens_is_advised_where_it_fits(past, tiny_llama_dir):
+    """Memory for a full batch's KV cache and a prefill pass of 512 tokens, not of the CPU's 2048: the advice names
+    the largest max_prefill_tokens (a power of two) that fits with max_batch as set, beside the largest max_batch."""
+    config = AutoConfig.from_pretrained(tiny_llama_dir)
+    settings, sized, weights = sizes_of(config)
+    memory = USED + weights[0] + total(settings.model_copy(update={"max_prefill_tokens": 512}), sized) + past
+    with pytest.raises(ValueError) as refused:
+        check_fit(settings, sized, weights, USED, (memory, HOST))
+    advised = re.search(r"; lower them: max_batch (\d+) or max_prefill_tokens (\d+) fits with the rest$",
+                        str(refused.value))
+    assert advised, refused.value
+    batch, tokens = map(int, advised.groups())
+    assert tokens == 512
+    for fitting, changed in [(True, {"max_batch": batch}), (False, {"max_batch": 2 * batch}),
+                             (True, {"max_prefill_tokens": tokens}), (False, {"max_prefill_tokens": 2 * tokens})]:
+        assert (USED + weights[0] + total(settings.model_copy(update=changed), sized) <= memory) == fitting, changed
