@@ -122,9 +122,10 @@ def check_allocations(settings: Settings, config: PretrainedConfig, dtype: torch
     may not have)."""
     sizes = allocations(settings, config, dtype, device)
     for name, (size, what) in sizes.items():
-        if size >= INT64:
+        if size >= INT64:  # unset, max_prefill_tokens takes max_batch's rows of the longest prompt (a GPU's default)
+            fix = "lower it" if getattr(settings, name) is not None else "set it, or lower max_batch"
             raise ValueError(f"{name} {shown(settings, name)} needs {what}: past 2**63 bytes, more than any torch "
-                             "tensor can hold; lower it")
+                             f"tensor can hold; {fix}")
     if replicas:
         check_fit(settings, lambda chosen: allocations(chosen, config, dtype, device),
                   weight_bytes(config, dtype, settings.quantize), in_use(device), described_memory(device), replicas)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from service.model.device_room import allocations, check_fit, weight_bytes
+from service.model.device_room import allocations, check_allocations, check_fit, weight_bytes
 from service.settings import Settings
 
 USED = 400_000_000  # bytes in use before the weights load: about what the interpreter and torch take
@@ -135,3 +135,14 @@ def test_a_prefill_pass_of_fewer_tokens_is_advised_where_it_fits(past, tiny_llam
     for fitting, changed in [(True, {"max_batch": batch}), (False, {"max_batch": 2 * batch}),
                              (True, {"max_prefill_tokens": tokens}), (False, {"max_prefill_tokens": 2 * tokens})]:
         assert (USED + weights[0] + total(settings.model_copy(update=changed), sized) <= memory) == fitting, changed
+
+
+def test_a_gpus_unbounded_prefill_past_64_bits_is_to_be_set(tiny_llama_dir):
+    """Unset on a GPU, max_prefill_tokens bounds a pass by max_batch rows of the longest prompt: a pass's activations
+    may pass 2**63 bytes before the KV cache does (4.7 MB against 0.4 MB a row), and lowering an unset value is no
+    advice (checked as for a cluster's replicas: no GPU is read)."""
+    config = AutoConfig.from_pretrained(tiny_llama_dir)
+    with pytest.raises(ValueError, match=r"^max_prefill_tokens unset needs a prefill step's activations, "
+                       r"\d+ tokens x .*: past 2\*\*63 bytes, more than any torch tensor can hold; set it, or lower "
+                       r"max_batch$"):
+        check_allocations(Settings(max_batch=2**42), config, torch.float32, torch.device("cuda"), replicas=0)
