@@ -324,16 +324,17 @@ def test_serves_start_warnings_name_its_settings_as_the_user_could_set_them(tiny
 
 def test_serves_replies_name_its_settings_as_the_command_line_gave_them(tiny_llama_dir, tmp_path):
     """A review: a rank past --max-rank, refused over HTTP, said "(max_rank)", the setting's field, which only the
-    CLI's own errors named as given; a body past --max-body-bytes said "(its max_body_bytes)"."""
+    CLI's own errors named as given; a body past --max-body-bytes said "(its max_body_bytes)". The bound leaves room
+    for the registration's body, whose path is the test's folder (100 bytes: a 413 where pytest's folder was long)."""
     wide = make_adapter(tiny_llama_dir, tmp_path / "root" / "wide", r=4)
     rt = serve_runtime(["--base-model", str(tiny_llama_dir), "--adapters-dir", str(tmp_path / "root"), "--device",
-                        "cpu", "--max-rank", "2", "--max-body-bytes", "100", "--admin-key", "k"])
+                        "cpu", "--max-rank", "2", "--max-body-bytes", "1000", "--admin-key", "k"])
     with TestClient(create_app(rt=rt)) as client:
         wait_ready(client.get)
         rank = client.post("/adapters", json={"name": "wide", "path": str(wide)}, headers=ADMIN)
-        body = client.post("/answer", json={"context": "c" * 100, "question": "q"})
+        body = client.post("/answer", json={"context": "c" * 1000, "question": "q"})
     assert rank.status_code == 422 and rank.json()["error"] == "adapter rank 4 must be an integer in 1..2 (--max-rank)"
-    assert body.status_code == 413 and body.json()["error"].endswith("100 bytes (its --max-body-bytes)")
+    assert body.status_code == 413 and body.json()["error"].endswith("1000 bytes (its --max-body-bytes)")
 
 
 def test_serve_checks_its_settings_against_the_memory_once(tiny_llama_dir, tmp_path):
