@@ -94,14 +94,15 @@ def ready(url: str) -> bool:
 
 def deployments(processes: list) -> dict[str, psutil.Process]:
     """Those of ``processes`` that run a deployment of loraswap's application (Ray names each after its deployment:
-    ``ray::ServeReplica:loraswap:Router``), by their deployment's name."""
+    ``ray::ServeReplica:loraswap:Router``, and while it runs a method ``...:Router.handle_request_with_rejection``: the
+    suite's run of c3e14ac failed on it), by their deployment's name."""
     from service.scale.app import APP_NAME
 
     named = {}
     for process in running(processes):
         title = " ".join(process.cmdline())
         if f"ServeReplica:{APP_NAME}:" in title:
-            named[title.split(f"ServeReplica:{APP_NAME}:")[1].split()[0]] = process
+            named[title.split(f"ServeReplica:{APP_NAME}:")[1].split()[0].split(".")[0]] = process
     return named
 
 
