@@ -92,14 +92,15 @@ def build_gpt2(tokenizer_dir: Path, out_dir: Path, *, seed: int = 0) -> Path:
     return _save_base(GPT2LMHeadModel(config), tok, out_dir)
 
 
-def build_llama(tokenizer_dir: Path, out_dir: Path, *, seed: int = 0) -> Path:
-    """A random 2-layer Llama (grouped-query attention, untied head) with the tokenizer beside it."""
+def build_llama(tokenizer_dir: Path, out_dir: Path, *, seed: int = 0, layers: int = 2, hidden: int = 64) -> Path:
+    """A random Llama of ``layers`` layers of width ``hidden`` (grouped-query attention, untied head) with the
+    tokenizer beside it."""
     tok = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
     torch.manual_seed(seed)
     config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         vocab_size=len(tok),

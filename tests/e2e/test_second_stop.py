@@ -17,6 +17,7 @@ import pytest
 
 from tests.data.make_corpus import SQUAD_SAMPLE
 from tests.server_helpers import free_port, scrape, value, wait_ready, wait_until
+from tests.tiny_models import build_llama
 from tests.unit.test_training_refusals import TINY_RUN
 
 
@@ -92,7 +93,14 @@ def test_a_ready_server_stopped_twice_ends_once_its_last_line_uvicorn_s(gap, sec
     assert "Traceback" not in err and "loraswap serve: stopped" not in err, err[-2000:]
 
 
-TOKENS = 400  # a completion's tokens: seconds on the tiny Llama on the CPU, so that each is in flight at the stop
+TOKENS = 400  # a completion's tokens: seconds on ``slow_llama_dir`` on the CPU, so that each is in flight at the stop
+
+
+@pytest.fixture(scope="module")
+def slow_llama_dir(tiny_tokenizer_dir, tmp_path_factory):
+    """A random Llama of 8 layers of width 256, whose decoding steps take milliseconds: on the 2-layer one of width 64
+    the suite's run of c3e14ac finished three completions of TOKENS tokens in the 0.3 s between two stops."""
+    return build_llama(tiny_tokenizer_dir, tmp_path_factory.mktemp("slow_llama"), layers=8, hidden=256)
 FORCED_STOP_REPLY = "the service is shutting down: a forced stop (Ctrl-C) cut the request short"
 
 
@@ -124,7 +132,7 @@ def replied(reply: httpx.Response) -> str:
 
 @pytest.mark.parametrize("signals", [("INT", "INT"), ("TERM", "INT"), ("TERM", "INT", "INT"), ("TERM", "TERM"),
                                      ("INT", "TERM")], ids="-".join)
-def test_a_server_stopped_twice_with_requests_in_flight(signals, tiny_llama_dir, tmp_path):
+def test_a_server_stopped_twice_with_requests_in_flight(signals, slow_llama_dir, tmp_path):
     """Stops 0.3 s apart while completions and /answer run, one streamed completion begun: a Ctrl-C after the first
     stop forces the exit at once (as uvicorn's second Ctrl-C), whenever it comes: the requests whose reply had not
     begun get the forced stop's 503 in their route's error shape, the stream begun is cut (its connection closed);
@@ -134,7 +142,7 @@ def test_a_server_stopped_twice_with_requests_in_flight(signals, tiny_llama_dir,
     line."""
     port, log = free_port(), tmp_path / "serve.log"
     url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "service.cli.entry", "serve", "--base-model", str(tiny_llama_dir),
+    command = [sys.executable, "-m", "service.cli.entry", "serve", "--base-model", str(slow_llama_dir),
                "--adapters-dir", str(tmp_path), "--device", "cpu", "--host", "127.0.0.1", "--port", str(port),
                "--max-new-tokens", str(TOKENS), "--max-queue-wait", "600"]
     completion = {"model": "base", "prompt": "Story 1:", "max_tokens": TOKENS, "temperature": 0}
