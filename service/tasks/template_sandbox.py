@@ -106,7 +106,8 @@ class Child:
         try:
             self.process = subprocess.Popen([sys.executable, "-P", "-m", __name__, str(theirs.fileno()),
                                              str(os.getpid())], env={**environment, "PYTHONPATH": path},
-                                            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+                                            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
+                                            start_new_session=True)
         except OSError as exc:  # no process (out of memory, of processes)
             ours.close()
             raise RenderUnavailable(f"the server could not start a chat template process: {exc!r}") from None
@@ -442,6 +443,12 @@ def data_bytes() -> int:
 
 
 if __name__ == "__main__":  # a child: ``Child`` runs this module with its socket's file descriptor and the server's pid
+    # its end is the server's to decide (``Child.stop``, ``watch_parent``), in a session of its own: a stop sent to
+    # the server's process group (a terminal's Ctrl-C, kill -INT -PGID) or to every process of its cgroup (systemd)
+    # ended it as it started or rendered, and a chat the server was still serving, draining, got a 503 naming an
+    # EOFError and the log a KeyboardInterrupt's traceback (a review)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # the server gone (it exited, or closed the socket with a reply unread: a reset, not an end of file) ends the
     # child quietly, no traceback on the terminal they share
     with contextlib.suppress(ConnectionError):

@@ -80,6 +80,20 @@ def test_a_child_whose_server_left_a_reply_unread_ends_quietly(tokenizer):
     assert child.stderr.read().decode() == ""
 
 
+def test_a_child_is_stopped_by_its_server_alone(tokenizer):
+    """A review: a Ctrl-C to the server's process group (a terminal's, ``kill -INT -PGID``) ended its render processes
+    too, while the server drained: a chat got a 503 naming an EOFError, the log a KeyboardInterrupt's traceback. A
+    child runs in a session of its own and ignores SIGINT and SIGTERM (systemd sends those to every process of the
+    service's cgroup): it renders on until its server stops it."""
+    child = Child(tokenizer)
+    assert os.getpgid(child.process.pid) != os.getpgid(0)
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        os.kill(child.process.pid, stop)
+    assert child.render((QUESTION, None, GENERATION)) == render_ids(tokenizer, QUESTION, None, **GENERATION)
+    child.stop()
+    assert not child.alive
+
+
 @pytest.mark.usefixtures("patient_renders")
 def test_a_template_past_the_deadline_is_refused_and_its_process_stopped(tokenizer):
     child = Child(tokenizer)
