@@ -56,8 +56,20 @@ def refusal(needed: str, sent: str | None, authorization: str | None, needs: str
     wanted = f"{needs} need the {needed}, sent as Authorization: Bearer <{needed}>"
     if sent is not None:
         return Refused(403, f"{wanted}; the {sent} was sent, which does not open them", OTHER_KEY[needed])
-    what = "no key was sent" if authorization is None else f"the key sent is not the {needed}"
-    return Refused(401, f"{wanted}; {what}", MISSING_OR_WRONG, headers={"WWW-Authenticate": "Bearer"})
+    return Refused(401, f"{wanted}; {what_was_sent(authorization, f'the {needed}')}", MISSING_OR_WRONG,
+                   headers={"WWW-Authenticate": "Bearer"})
+
+
+def what_was_sent(authorization: str | None, needed: str) -> str:
+    """In words, what ``authorization`` (a refused request's header) sent where ``needed`` (a key, in words) was not:
+    no key (no header, an empty one, ``Bearer`` alone), another scheme than Bearer (or its space missing: a tab), or
+    another key. The header itself is never echoed: it may hold a secret."""
+    scheme, _, credentials = (authorization or "").strip(" \t").partition(" ")
+    if not scheme or (scheme.lower() == "bearer" and not credentials.strip(" \t")):
+        return "no key was sent"
+    if scheme.lower() != "bearer":
+        return "the Authorization header is not 'Bearer <key>' (the scheme Bearer, a space, then the key)"
+    return f"the key sent is not {needed}"
 
 
 def check_api_key(rt: Runtime, authorization: str | None, needs: str) -> None:
@@ -90,6 +102,7 @@ def listing_key(rt: Runtime, authorization: str | None) -> str | None:
                                     "and no admin key (admin_key), which would list the adapters' paths"),
                       ADMIN_DISABLED)
     takes = f"the {' or the '.join(keys)}" if API_KEY in keys else "no key, or the admin key"
-    what = "no key was sent" if authorization is None else f"the key sent is not the {' nor the '.join(keys)}"
-    raise Refused(401, f"GET /adapters takes {takes} (the admin key lists the adapters' paths too), sent as "
-                       f"Authorization: Bearer <key>; {what}", MISSING_OR_WRONG, headers={"WWW-Authenticate": "Bearer"})
+    paths = " (the admin key lists the adapters' paths too)" if ADMIN_KEY in keys else ""
+    what = what_was_sent(authorization, f"the {' nor the '.join(keys)}")
+    raise Refused(401, f"GET /adapters takes {takes}{paths}, sent as Authorization: Bearer <key>; {what}",
+                  MISSING_OR_WRONG, headers={"WWW-Authenticate": "Bearer"})

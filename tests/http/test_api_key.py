@@ -206,3 +206,25 @@ def test_the_listing_without_an_api_key_takes_no_key_or_the_admin_key(keys_apart
     refused_as(api.get("/adapters", headers={"Authorization": "Bearer sk-wrong"}), 401, "invalid_api_key",
                "takes the API key", "the key sent is not the API key")
     assert admin.post("/nli", json=dict(INFERENCE)["/nli"], headers=KEYED).status_code == 200  # open: no API key
+
+
+NOT_SENT = ["", "Bearer", "bearer   ", " \t"]  # headers that carry no key
+NOT_BEARER = ["Basic c2stdGVzdA==", f"Bearer\t{API_KEY}", API_KEY]  # another scheme, a tab for the space, no scheme
+
+
+@pytest.mark.parametrize("path", ["/v1/models", "/adapters", "/adapters/unmerge"])
+def test_a_refusal_says_no_key_was_sent_or_that_the_header_is_not_bearer(client, path):
+    """A review: an empty Authorization header, or `Bearer` alone, was answered 'the key sent is not the API key', as
+    was another scheme (Basic) and the right key after a tab: neither sent a key. The header is never echoed."""
+    method = client.post if path.endswith("unmerge") else client.get
+    for authorization in NOT_SENT + NOT_BEARER:
+        reply = method(path, headers={"Authorization": authorization})
+        said = "no key was sent" if authorization in NOT_SENT else "is not 'Bearer <key>'"
+        assert reply.status_code == 401 and said in error_message(reply), (authorization, reply.text)
+        assert API_KEY not in error_message(reply)
+
+
+def test_the_listings_refusal_names_paths_only_where_an_admin_key_is_set(keys_apart):
+    """A review: with only an API key set, GET /adapters' refusal said the admin key lists the adapters' paths."""
+    api, _ = keys_apart
+    assert "paths" not in error_message(api.get("/adapters", headers={"Authorization": "Bearer sk-wrong"}))
