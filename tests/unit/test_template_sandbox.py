@@ -320,9 +320,9 @@ def rendering(children: list[Child], which: int = 0) -> Child:
 
 @pytest.mark.parametrize("sent,error,said", [
     (signal.SIGKILL, RenderUnavailable, "killed by SIGKILL"),  # an operator's kill -9, the OOM killer
-    (signal.SIGTERM, RenderUnavailable, "killed by SIGTERM"),
+    (signal.SIGHUP, RenderUnavailable, "killed by SIGHUP"),  # SIGTERM and SIGINT it ignores: its server stops it
     (signal.SIGSEGV, TemplateRefused, r"died trying to render the messages \(SIGSEGV\)")],  # a crash of its own
-    ids=["SIGKILL", "SIGTERM", "SIGSEGV"])
+    ids=["SIGKILL", "SIGHUP", "SIGSEGV"])
 def test_a_render_process_killed_from_outside_is_the_servers_trouble_not_the_templates(tokenizer, monkeypatch, sent,
                                                                                       error, said):
     """A process killed mid-render by a signal the sandbox did not send: a RenderUnavailable (a 503), not the
