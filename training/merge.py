@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -70,14 +68,14 @@ def base_identity(base_model: str, base_dir: Path) -> dict:
     return identity
 
 
-def merge_card(adapter: Path, base_model: str, base_dir: Path) -> dict:
+def merge_card(adapter: Path, base_model: str, base_dir: Path, command: str) -> dict:
     """What a merged model was made of (``MERGE_CARD``): the adapter (``named_adapter.adapter_identity``: AdapterError
-    for a card the server would refuse, as ``check_servable`` found none), the base (``base_identity``) and the
-    command."""
+    for a card the server would refuse, as ``check_servable`` found none), the base (``base_identity``) and
+    ``command``, the command line (``loraswap merge ...``)."""
     return {
         "adapter": adapter_identity(adapter),
         "base": base_identity(base_model, base_dir),
-        "command": shlex.join(["loraswap", *sys.argv[1:]]),  # the same however it was launched
+        "command": command,
     }
 
 
@@ -116,7 +114,7 @@ def merge_adapter(args: argparse.Namespace) -> Path:
     merged = PeftModel.from_pretrained(model, adapter, config=config).merge_and_unload()  # the config checked
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     tokenizer.chat_template = template or tokenizer.chat_template
-    card = merge_card(adapter, base_model, base_dir)
+    card = merge_card(adapter, base_model, base_dir, args.command_line)
     with written_whole(Path(args.out)) as partial:  # UsageError: --out filled meanwhile
         merged.save_pretrained(partial)
         tokenizer.save_pretrained(partial)

@@ -165,8 +165,8 @@ def recorded_command(card: dict) -> argparse.Namespace | None:
     """The options shared by train and sweep (``options.add_run_options``) of the ``loraswap train`` or ``sweep``
     command line that ``card`` records in ``command`` (its argv: an option not given took its default, and the
     defaults of these have not changed since the first card); None where it records no such command line, or one
-    whose task, base model, or any hyperparameter set by an option both have, differs from the card's own (a run made
-    by calling ``main`` from a program, a test, records that program's argv)."""
+    whose task, base model, or any hyperparameter set by an option both have, differs from the card's own (a card
+    written by hand, or by an older version that recorded the argv of a program calling ``main``)."""
     from training.options import add_run_options
 
     if not isinstance(card.get("command"), str):

@@ -11,8 +11,6 @@ import copy
 import json
 import math
 import random
-import shlex
-import sys
 import time
 import zlib
 from collections import Counter
@@ -567,7 +565,7 @@ def trained_card(args: argparse.Namespace, name: str, model: PeftModel, tokenize
         "trainable_parameters": model.get_nb_trainable_parameters()[0],
         **outcome(history, trainer.state.global_step, trainer.warmup_steps, mean_train_loss),
         "train_seconds": round(time.time() - started, 1),
-        "command": shlex.join(["loraswap", *sys.argv[1:]]),  # the same however it was launched
+        "command": args.command_line,  # as parsed (``BriefErrors.parse_args``), the same however it was launched
         "versions": versions(),
         "metrics": {},
     }

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+import shlex
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -64,6 +65,15 @@ class BriefErrors(argparse.ArgumentParser):
 
     def error(self, message: str):  # argparse's hook: print and exit with status 2
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_args(self, args=None, namespace=None):  # argparse's; the top-level parser's alone (subcommands' not)
+        """argparse's, keeping the command line parsed as ``command_line`` (``loraswap ARGS``, shell-quoted): what
+        ``train``'s and ``merge``'s cards record, the arguments given (``args``: ``main``'s argv), not this process's
+        (a test or program calling ``main`` recorded its own command line)."""
+        argv = sys.argv[1:] if args is None else [str(arg) for arg in args]
+        parsed = super().parse_args(argv, namespace)
+        parsed.command_line = shlex.join([self.prog, *argv])
+        return parsed
 
     def parse_known_args(self, args=None, namespace=None):  # argparse's; parse_args calls it, as subcommands do
         """argparse's, then the defaults settings give read (``read_setting_defaults``; ``--help`` exits before):
