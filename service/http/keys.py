@@ -18,17 +18,21 @@ OTHER_KEY = {API_KEY: "api_key_needed", ADMIN_KEY: "admin_key_needed"}
 ADMIN_DISABLED = "admin_disabled"
 
 
+def parts(authorization: str | None) -> tuple[str, str]:
+    """(scheme, credentials) of an Authorization header (None: ``("", "")``): the scheme up to its first space, the
+    credentials after one space or more (RFC 9110 11.4: ``auth-scheme [ 1*SP token68 ]``; a tab is no SP), spaces and
+    tabs at the value's ends not part of it (RFC 9110 5.5; a review: a trailing space was a 401)."""
+    scheme, _, credentials = (authorization or "").strip(" \t").partition(" ")
+    return scheme, credentials.lstrip(" ")
+
+
 def bearer_of(authorization: str | None, key: str) -> bool:
-    """Whether ``authorization`` is ``Bearer <key>``, the scheme in any case (``bearer``, ``BEARER``: RFC 7235 makes
-    it case-insensitive), followed by one space or more (RFC 9110 11.4: ``auth-scheme [ 1*SP token68 ]``; a tab is
-    no SP), spaces and tabs at the value's ends not part of it (RFC 9110 5.5; a review: a trailing space was a 401).
-    Compared in constant time, as bytes: Starlette reads a header's bytes as Latin-1, so any header compares, ASCII
-    or not."""
-    header = (authorization or "").strip(" \t")
-    scheme, space, credentials = header.partition(" ")
-    if scheme.lower() == "bearer":
-        header = f"Bearer{space}{credentials.lstrip(' ')}"
-    return hmac.compare_digest(header.encode("latin-1"), f"Bearer {key}".encode())
+    """Whether ``authorization`` is ``Bearer <key>`` (``parts``), the scheme in any case (``bearer``, ``BEARER``:
+    RFC 7235 makes it case-insensitive). Compared in constant time, as bytes: Starlette reads a header's bytes as
+    Latin-1, so any header compares, ASCII or not."""
+    scheme, credentials = parts(authorization)
+    scheme = "Bearer" if scheme.lower() == "bearer" else scheme
+    return hmac.compare_digest(f"{scheme} {credentials}".encode("latin-1"), f"Bearer {key}".encode())
 
 
 def keys_of(rt: Runtime) -> dict[str, str]:
@@ -64,8 +68,8 @@ def what_was_sent(authorization: str | None, needed: str) -> str:
     """In words, what ``authorization`` (a refused request's header) sent where ``needed`` (a key, in words) was not:
     no key (no header, an empty one, ``Bearer`` alone), another scheme than Bearer (or its space missing: a tab), or
     another key. The header itself is never echoed: it may hold a secret."""
-    scheme, _, credentials = (authorization or "").strip(" \t").partition(" ")
-    if not scheme or (scheme.lower() == "bearer" and not credentials.strip(" \t")):
+    scheme, credentials = parts(authorization)
+    if not scheme or (scheme.lower() == "bearer" and not credentials):
         return "no key was sent"
     if scheme.lower() != "bearer":
         return "the Authorization header is not 'Bearer <key>' (the scheme Bearer, a space, then the key)"
