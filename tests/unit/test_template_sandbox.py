@@ -414,14 +414,14 @@ def test_a_render_process_that_fails_to_start_is_the_servers_trouble(tokenizer, 
 def test_closing_fails_the_renders_not_begun_at_once_and_ends_the_processes(tokenizer, monkeypatch):
     """A backlog of an endless template's renders (2 s each, one at a time: it is slow), then close (the server
     shuts down): the queued ones fail at once with EngineStopped, as a render submitted later does; the one running
-    ends at its deadline, and every process ends."""
+    ends at its deadline (2 s of CPU: ``result``'s 30 s bound its wall time, not a tighter one, as a loaded machine
+    gives it a fraction of a core; 7.4 s under two pytest workers), and every process ends."""
     children, renders = rendering_children(monkeypatch), Renderer(tokenizer)
     with pytest.raises(TemplateRefused):
         renders.render((QUESTION, ENDLESS, GENERATION))
     backlog = [renders.submit((QUESTION, ENDLESS, GENERATION))]
     rendering(children, 1)  # its process started (seconds on a busy machine): the time bound below is the render's
     backlog += [renders.submit((QUESTION, ENDLESS, GENERATION)) for _ in range(MAX_SLOW_WAITING)]
-    closed = time.monotonic()
     renders.close()
     assert sum(future.done() for future in backlog) == len(backlog) - 1  # all but the one running
     for future in backlog:
@@ -429,7 +429,6 @@ def test_closing_fails_the_renders_not_begun_at_once_and_ends_the_processes(toke
             future.result(timeout=30)
     assert sum(isinstance(future.exception(), EngineStopped) for future in backlog) == len(backlog) - 1
     assert "shutting down" in str(backlog[-1].exception())
-    assert time.monotonic() - closed < MAX_RENDER_SECONDS + 5
     with pytest.raises(EngineStopped, match="shutting down"):
         renders.render((QUESTION, None, GENERATION))
     wait_for(lambda: renders.workers == 0 and not any(child.alive for child in children), "the processes to end")
