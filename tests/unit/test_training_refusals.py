@@ -106,7 +106,8 @@ def test_train_refuses_before_the_base_loads(options, message, tiny_llama_dir, n
 @pytest.mark.parametrize("snli,message", [
     (b"garbage", "snli_test.jsonl.gz, {root}/nli/mnli.jsonl.gz: not nli training data this command reads: "
      "BadGzipFile("),
-    (gzip.compress(b"[1, 2]\n", mtime=0), "{root}/nli/snli_test.jsonl.gz: line 1 is a list ([1, 2]), not a JSON object"),
+    (gzip.compress(b"[1, 2]\n", mtime=0),
+     "{root}/nli/snli_test.jsonl.gz: line 1 is a list ([1, 2]), not a JSON object"),
     (NLI_SAMPLE.read_bytes()[:-100], "not nli training data this command reads: EOFError("),  # cut short
     (NLI_SAMPLE.read_bytes()[:200] + bytes(100) + NLI_SAMPLE.read_bytes()[300:], "not nli training data this "
      "command reads: error('Error -3 while decompressing data"),  # zlib.error: corrupt inside
