@@ -124,21 +124,25 @@ class QueueTimeout(QueueFull):
     the server is past capacity; retry later."""
 
 
-class EngineStopped(Exception):
-    """The model is loading, or the service is draining or stopped, and takes no new requests."""
+class EngineStopped(NamesSettings):
+    """The model is loading, or the service is shutting down (draining or stopped), and takes no new requests.
 
-    retry_after: int | None = 1  # polled each second while the model loads; a draining server's clients go elsewhere
+    A request refused as the service shuts down, new or queued and not begun (its wait past ``max_queue_wait``, the
+    queue full, a forced stop), is this, a 503 without ``retry_after``: the server is going away, and its client's
+    retry belongs to another (the load balancer's). A 429 'retry later' (QueueFull) sent it back to this one."""
+
+    retry_after: int | None = None
 
 
 class StillLoading(EngineStopped):
     """The model is still loading: the service takes requests once it is ready (``/ready``)."""
 
+    retry_after = 1  # /ready is polled each second while the model loads
+
 
 class EngineFailed(EngineStopped):
     """The service failed to start, or its engine thread died of an unexpected error: every queued, running and new
     request fails with this until it is restarted (no ``retry_after``: it does not pass by itself)."""
-
-    retry_after = None
 
 
 class RequestAbandoned(Exception):

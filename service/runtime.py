@@ -279,6 +279,14 @@ class Runtime:
         as the process ends (``base_model.remove_partials``), or by the next start (``base_model.convert_gguf``)."""
         return self.starting is not None and self.starting.is_alive()
 
+    def drain(self) -> None:
+        """Take no new request (``accepting`` false: a 503, /ready false), and have the engine refuse a request it
+        queued as a server going away does (``Engine.drain``: a 503 without Retry-After, not a 429 'retry later');
+        the requests queued and running are served as ever."""
+        self.draining = True
+        if self.engine is not None:
+            self.engine.drain()
+
     def stop_rendering(self) -> None:
         """End the chat template renders (``Renderer.close``): those not begun fail at once with EngineStopped (503),
         so that a shutdown waits for none queued behind others (a hostile template's 2 s each); those running end
@@ -296,7 +304,7 @@ class Runtime:
         process ends without it (a review: serve SIGTERMed while it converted ended 10-30 s later, past a container's
         grace period)."""
         self.stopped.set()
-        self.draining = True
+        self.drain()
         if self.starting is not None and self.starting is not threading.current_thread():
             self.starting.join(STOP_WAIT_SECONDS)
         self.stop_rendering()

@@ -62,6 +62,7 @@ from service.settings import (
 
 log = logging.getLogger(__name__)
 REST_AFTER_S = 0.5  # seconds without work before the engine gives the last batches' memory back (Engine._rest)
+SHUTTING_DOWN = "the service is shutting down"  # what a request refused as it does is told first (Engine._refusal)
 STOP_WAIT_S = 10.0  # the most a stop waits for the engine thread to finish what is queued and end (Engine.stop)
 
 
@@ -122,6 +123,7 @@ class Engine:
         self._purges: deque[int] = deque()  # serials of weights whose prefix cache blocks are to go (purge_prefixes)
         self._wakeup = threading.Condition()
         self._accepting = False
+        self._draining = False  # the service shuts down (drain)
         self._thread: threading.Thread | None = None
         self.failure: str | None = None  # why the engine thread died, if it did (see _supervised)
         self.merge_policy = MergePolicy(settings.merge_after, settings.merge_cooldown,
@@ -202,8 +204,8 @@ class Engine:
         with self._wakeup:
             self._refuse_unless_accepting()
             if len(self._queue) + len(pendings) > self.settings.max_queue:
-                raise QueueFull(f"the queue is full ({len(self._queue)} requests queued, {len(pendings)} more asked, "
-                                f"{self.settings.max_queue} at most); retry later")
+                raise self._refusal(QueueFull, f"the queue is full ({len(self._queue)} requests queued, "
+                                               f"{len(pendings)} more asked, {self.settings.max_queue} at most)")
             clock = self._clock
             for part, pending in enumerate(pendings):
                 pending.due, clock = (clock, part > 0), clock + pending.cost
@@ -256,6 +258,20 @@ class Engine:
         every replace and delete kept all requests waiting until the running rows were done. Rows bound to those
         weights may still store blocks of them, which then age out."""
         self._purges.append(adapter.serial)
+
+    def drain(self) -> None:
+        """The service shuts down: the requests queued are served as ever, but one refused for the queue (full, or its
+        wait past ``max_queue_wait``) is refused as by a server going away (``_refusal``). Any thread."""
+        self._draining = True
+
+    def _refusal(self, kind: type[QueueFull], reason: str, settings: tuple[str, ...] = ()) -> Exception:
+        """The refusal of a request for the queue, ``reason`` (in words; naming ``settings``): ``kind``, a 429 (the
+        server is past capacity; retry later), or once the engine drains (``drain``) EngineStopped, a 503 without
+        Retry-After saying the service is shutting down: a client told to retry later retried this server, which is
+        going away (a review: SIGTERM with 7 requests in flight, the queued ones a 429 past ``max_queue_wait``)."""
+        if self._draining:
+            return EngineStopped(f"{SHUTTING_DOWN}: {reason}, and it will not be served here", settings=settings)
+        return kind(f"{reason}: the server is past capacity; retry later", settings=settings)
 
     def _refuse_unless_accepting(self) -> None:
         """Raise EngineFailed or EngineStopped unless new work is taken (called holding ``_wakeup``)."""
@@ -353,8 +369,8 @@ class Engine:
             return
         gone = set(map(id, expired))
         self._queue = deque(pending for pending in self._queue if id(pending) not in gone)
-        error = QueueTimeout(f"the request waited {bound:g} s in the queue without joining a batch (the server's "
-                             "max_queue_wait): the server is past capacity; retry later", settings=("max_queue_wait",))
+        error = self._refusal(QueueTimeout, f"the request waited {bound:g} s in the queue without joining a batch "
+                                            "(the server's max_queue_wait)", ("max_queue_wait",))
         for pending in expired:
             pending.future.set_exception(error)  # dropped by one its caller cancelled meanwhile (RequestFuture)
 

@@ -174,8 +174,9 @@ class RequestMetrics:
 class CutShort:
     """ASGI middleware: a request whose task is cancelled (only the server cancels one: a forced stop,
     ``server.DrainingServer.cut_short``) is answered, where its reply has not begun, with a 503 in its route's error
-    shape (EngineStopped, ``FORCED_STOP``, with Retry-After), not uvicorn's plain-text 500 'Internal Server Error' and
-    a traceback; a reply begun (a stream's) ends as it is, its connection closed by the server."""
+    shape (EngineStopped, ``FORCED_STOP``, without Retry-After: the server is going away), not uvicorn's plain-text
+    500 'Internal Server Error' and a traceback; a reply begun (a stream's) ends as it is, its connection closed by
+    the server."""
 
     def __init__(self, app: ASGIApp, named: Callable[[str], str] = worded):
         self.app, self.named = app, named

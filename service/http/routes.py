@@ -98,10 +98,13 @@ def accepting(rt: Runtime) -> Runtime:
 
 def stopped(rt: Runtime) -> EngineStopped:
     """Why ``rt`` takes no request: EngineFailed once it failed to start or its engine died (it never will again:
-    no Retry-After), StillLoading while it loads (code ``still_loading``), else EngineStopped: it drains."""
+    no Retry-After), StillLoading while it loads (code ``still_loading``, Retry-After 1), else EngineStopped: it
+    drains (no Retry-After: the server is going away)."""
     if rt.failure is not None:
         return EngineFailed(rt.failure)
-    return EngineStopped("the service is draining") if rt.draining else StillLoading("the model is still loading")
+    if rt.draining:
+        return EngineStopped("the service is shutting down: it drains, and takes no new requests")
+    return StillLoading("the model is still loading")
 
 
 # headers a request may send once (RFC 9110 5.3: neither is a list): Authorization defines one credential (11.6.2),
@@ -375,12 +378,12 @@ async def health(response: Response, rt: Runtime = Depends(runtime)) -> dict:
                                                          "false and a reason"}})
 async def ready(response: Response, rt: Runtime = Depends(runtime)) -> dict:
     """Readiness: 503 unless the service takes requests; while the model loads with Retry-After, in whole seconds, as
-    the other 503s of a loading service (``EngineStopped.retry_after``); none while it drains (it will not be ready
+    the other 503s of a loading service (``StillLoading.retry_after``); none while it drains (it will not be ready
     again: Kubernetes and vLLM probe by the status alone) or once it failed (it never will by itself)."""
     if not rt.accepting:
         response.status_code = 503
         if rt.state == "loading":
-            response.headers["Retry-After"] = str(EngineStopped.retry_after)
+            response.headers["Retry-After"] = str(StillLoading.retry_after)
         return {"ready": False, "reason": rt.state}
     return {"ready": True}
 

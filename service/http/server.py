@@ -39,7 +39,7 @@ class DrainingServer(uvicorn.Server):
             self.force_exit = self.force_exit or sig == signal.SIGINT
             return self._shut_down()
         serving = self.rt.accepting
-        self.rt.draining = True
+        self.rt.drain()
         if serving:
             threading.Timer(self.grace_seconds, self._shut_down).start()
         else:

@@ -174,3 +174,46 @@ def test_a_server_stopped_twice_with_requests_in_flight(signals, slow_llama_dir,
     assert outcomes == ["forced"] * 4 + ["cut"] if forced else ["whole"] * 5, (outcomes, err[-3000:])
     assert status == 0 and err.splitlines()[-1].startswith("INFO:     Finished server process"), err[-3000:]
     assert "Traceback" not in err and "Internal Server Error" not in err, err[-3000:]
+
+
+QUEUED = 10  # completions queued behind the one running at the stop: more than 3 s of work on any CPU
+
+
+def test_requests_queued_at_a_stop_are_served_or_told_the_server_shuts_down(slow_llama_dir, tmp_path):
+    """SIGTERM with completions queued behind one running (``--max-batch 1``): those taken before their wait passes
+    ``--max-queue-wait`` (3 s) are answered whole, the others get a 503 saying the service is shutting down (code
+    engine_stopped), without Retry-After; never the 429 'the server is past capacity; retry later' (Retry-After 1)
+    that sent their clients back to the server going away (a review: SmolLM2, 7 requests in flight at SIGTERM)."""
+    port, log = free_port(), tmp_path / "serve.log"
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "service.cli.entry", "serve", "--base-model", str(slow_llama_dir),
+               "--adapters-dir", str(tmp_path), "--device", "cpu", "--host", "127.0.0.1", "--port", str(port),
+               "--max-new-tokens", str(TOKENS), "--max-batch", "1", "--max-queue-wait", "3"]
+    completion = {"model": "base", "prompt": "Story 1:", "max_tokens": TOKENS, "temperature": 0}
+    with log.open("w") as stderr, ThreadPoolExecutor(1 + QUEUED) as pool:
+        process = subprocess.Popen(command, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, stdout=subprocess.DEVNULL,
+                                   stderr=stderr)
+        try:
+            wait_ready(lambda path: httpx.get(url + path), timeout=120)
+            begun = threading.Event()
+            stream = pool.submit(streamed, url, completion, begun)
+            assert begun.wait(60), "the stream did not begin within 60 s"
+            replies = [pool.submit(httpx.post, f"{url}/v1/completions", json={**completion, "stream": k % 3 == 1},
+                                   timeout=120) for k in range(QUEUED)]
+            with httpx.Client(base_url=url) as http:  # all queued within the bound: it passes after the signal
+                wait_until(lambda: value(scrape(http), "loraswap_requests_waiting") >= QUEUED, "requests queued")
+            process.send_signal(signal.SIGTERM)
+            status = process.wait(timeout=120)
+            refused = [reply.result() for reply in replies if reply.result().status_code != 200]
+            served = [reply.result() for reply in replies if reply.result().status_code == 200]
+        finally:
+            process.kill()
+            process.wait()
+    err = log.read_text()
+    assert stream.result() == "whole" and status == 0, err[-3000:]
+    assert refused, "every queued request was served: none waited past --max-queue-wait"
+    assert all("data: [DONE]" in reply.text or reply.json()["choices"][0]["text"] for reply in served)
+    for reply in refused:
+        assert reply.status_code == 503 and "retry-after" not in reply.headers, (reply.status_code, reply.text)
+        assert reply.json()["error"]["code"] == "engine_stopped", reply.text
+        assert reply.json()["error"]["message"].startswith("the service is shutting down: the request waited 3 s")

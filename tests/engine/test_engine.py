@@ -264,6 +264,28 @@ def test_a_full_queue_refuses_more_work(engines):
     assert isinstance(alone(engine, greedy(rng, "r4")), GenerationResult)  # room again once drained
 
 
+def test_a_draining_engine_refuses_for_the_queue_as_a_server_going_away(engines):
+    """Once the engine drains (``Engine.drain``: the service shuts down), a request refused for the queue, full or its
+    wait past ``max_queue_wait``, fails with EngineStopped saying the service is shutting down (a 503 without
+    Retry-After), not QueueFull or QueueTimeout (a 429 'retry later', which sent the client back to the server going
+    away); the requests queued before are served as alone."""
+    engine = engines.fresh(max_queue=2, max_queue_wait=0.5)
+    rng = random.Random(9)
+    works = [greedy(rng, "r2"), greedy(rng, None)]
+    with paused(engine):
+        futures = [engine.submit(work) for work in works]
+        engine.drain()
+        with pytest.raises(EngineStopped, match=r"^the service is shutting down: the queue is full") as full:
+            engine.submit(greedy(rng, "r4"))
+    assert full.value.retry_after is None and status_of(type(full.value)) == 503
+    assert_served_as_alone(engines.shared(), works, results(futures))
+    with paused(engine):
+        expiring = engine.submit(greedy(rng, "r8"))
+        time.sleep(0.8)  # past the bound while the engine is held
+    with pytest.raises(EngineStopped, match=r"down: the request waited 0.5 s .*max_queue_wait.* will not be served"):
+        expiring.result(WAIT)
+
+
 @pytest.mark.parametrize("bound", [0.2, 0])
 def test_a_request_queued_past_max_queue_wait_is_refused_and_the_running_one_served(engines, bound):
     """With ``max_queue_wait`` (seconds), a request still queued once its time is out fails with QueueTimeout (429) at

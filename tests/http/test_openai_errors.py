@@ -4,16 +4,19 @@ status and the code from the domain error (or pydantic's kind of problem), so th
 answers with."""
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
+import uvicorn
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.http.app import create_app
+from service.http.server import DrainingServer
 from service.runtime import Runtime
 from tests.http.replies import error_message, settings_by_field
 from tests.server_helpers import (
@@ -27,6 +30,7 @@ from tests.server_helpers import (
 COMPLETION = {"model": "one", "prompt": "Hello", "max_tokens": 2}
 CHAT = {"model": "one", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
 LONG = "Once upon a time " * 300
+ANSWER = {"context": "The Normans gave their name to Normandy.", "question": "What got its name from the Normans?"}
 # a second message's content refused, the param where in the request (not naming the form of the content, "parts")
 PART_ERRORS = [
     ([{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}], "messages.1.content.0.type",
@@ -245,6 +249,60 @@ def test_a_request_left_in_the_queue_past_max_queue_wait_is_429_with_retry_after
         assert reply.json()["error"]["code"] == "queue_timeout"
         assert requests_counted(client, path, "429") == refused_before + 1
         assert client.post(path, json={**body, "stream": stream}).status_code == 200  # served once the queue moves
+
+
+QUEUED = [*((path, {**body, "stream": stream}) for stream in (False, True) for path, body in (
+    ("/v1/completions", COMPLETION), ("/v1/completions", {**COMPLETION, "n": 2}), ("/v1/chat/completions", CHAT))),
+    ("/answer", ANSWER)]
+
+
+def sigterm(rt: Runtime) -> None:
+    """What SIGTERM does to a serving ``loraswap serve`` (``DrainingServer.handle_exit``): it drains."""
+    DrainingServer(uvicorn.Config(create_app(rt=rt)), rt, grace_seconds=0).handle_exit(signal.SIGTERM, None)
+
+
+@pytest.mark.parametrize("path, body", QUEUED)
+def test_a_request_queued_at_a_stop_past_max_queue_wait_is_a_503_saying_the_server_shuts_down(served, path, body):
+    """SIGTERM (the service drains) while the request waits in the queue past
+    ``max_queue_wait``: a 503 in the route's error shape, code engine_stopped, saying the service is shutting down,
+    without Retry-After (its client retries elsewhere). It was the 429 'the server is past capacity; retry later',
+    Retry-After 1, which sent the client back to the server going away (a review: SIGTERM, 7 requests in flight).
+    A request queued at the stop and served before its wait runs out is answered whole."""
+    with ready_client(served.model_copy(update={"max_queue_wait": 0.2})) as client, ThreadPoolExecutor(1) as pool:
+        rt, release = client.app.state.runtime, threading.Event()
+        held = rt.engine.call(lambda: release.wait(30))
+        pending = pool.submit(client.post, path, json=body)
+        while rt.engine.queue_depth == 0:
+            time.sleep(0.01)
+        sigterm(rt)
+        time.sleep(0.4)
+        release.set()
+        reply = pending.result(30)
+        held.result(30)
+        assert reply.status_code == 503, reply.text
+        assert error_message(reply).startswith("the service is shutting down: the request waited 0.2 s in the queue")
+        assert "(the server's LORASWAP_MAX_QUEUE_WAIT), and it will not be served here" in error_message(reply)
+        assert "retry" not in error_message(reply) and "retry-after" not in reply.headers
+        assert path == "/answer" or reply.json()["error"]["code"] == "engine_stopped"
+
+
+def test_a_request_queued_at_a_stop_is_served_within_the_drain(served):
+    """Queued at SIGTERM (the service drains) and taken before its wait runs out: answered whole, while
+    a new request is refused with the same 503 (engine_stopped, no Retry-After)."""
+    with ready_client(served) as client, ThreadPoolExecutor(1) as pool:
+        rt, release = client.app.state.runtime, threading.Event()
+        held = rt.engine.call(lambda: release.wait(30))
+        pending = pool.submit(client.post, "/v1/completions", json=COMPLETION)
+        while rt.engine.queue_depth == 0:
+            time.sleep(0.01)
+        sigterm(rt)
+        refused = client.post("/v1/completions", json=COMPLETION)
+        release.set()
+        reply = pending.result(30)
+        held.result(30)
+    assert reply.status_code == 200 and reply.json()["choices"][0]["text"], reply.text
+    assert (refused.status_code, refused.json()["error"]["code"]) == (503, "engine_stopped"), refused.text
+    assert error_message(refused).startswith("the service is shutting down") and "retry-after" not in refused.headers
 
 
 def requests_counted(client: TestClient, endpoint: str, status: str) -> float:
