@@ -84,11 +84,6 @@ async def runtime(request: Request) -> Runtime:
     return request.app.state.runtime
 
 
-async def serving(request: Request) -> Runtime:
-    """The runtime; EngineStopped while it loads or drains, EngineFailed once it failed (``accepting``)."""
-    return accepting(request.app.state.runtime)
-
-
 def accepting(rt: Runtime) -> Runtime:
     """``rt``; EngineStopped while it loads or drains, EngineFailed once it failed (``stopped``)."""
     if not rt.accepting:
@@ -128,7 +123,7 @@ APP_DEPENDENCIES = {single_headers: (400,)}
 async def keyed(request: Request, authorization: str | None = Header(None)) -> Runtime:
     """The runtime, for a route of OpenAI's under ``/v1`` that runs no model (the models' list): the API key as
     ``inference`` needs it (OpenAI and vLLM need it on every ``/v1`` route; a review: ``GET /v1/models`` answered
-    without it), then as ``serving``."""
+    without it), then as ``accepting``."""
     rt: Runtime = request.app.state.runtime
     check_api_key(rt, authorization, "OpenAI's routes")
     return accepting(rt)
@@ -136,7 +131,7 @@ async def keyed(request: Request, authorization: str | None = Header(None)) -> R
 
 async def inference(request: Request, authorization: str | None = Header(None)) -> Runtime:
     """The runtime, for a route that runs the model: the API key (``check_api_key``); then its caps set for the
-    body's validation (``SERVER_CAPS``), and as ``serving``."""
+    body's validation (``SERVER_CAPS``), and as ``accepting``."""
     rt: Runtime = request.app.state.runtime
     check_api_key(rt, authorization, "the routes that run the model")
     SERVER_CAPS.set(server_caps(rt))  # FastAPI validates the body after the dependencies, in this context
@@ -323,11 +318,14 @@ def merge_state(merged: str | None) -> dict:
 
 
 @admin_router.get("/adapters", responses=admin_replies())
-async def list_adapters(rt: Runtime = Depends(serving), authorization: str | None = Header(None)) -> dict:
+async def list_adapters(rt: Runtime = Depends(runtime), authorization: str | None = Header(None)) -> dict:
     """Every adapter and the merge state; the adapters' file paths only with the admin key. The API key (which
     clients of the inference routes send everywhere): no paths; no key: no paths, but a 401 where an API key is
-    configured (the names are what ``GET /v1/models`` lists, which needs it); any other key: 401 (``listing_key``)."""
+    configured (the names are what ``GET /v1/models`` lists, which needs it); any other key: 401 (``listing_key``).
+    The key is checked first, as on every route, whatever the service's state; then as ``accepting`` (a review: no
+    key or a wrong one was a 503 'still loading' while the model loaded)."""
     admin = listing_key(rt, authorization) == ADMIN_KEY
+    accepting(rt)
     adapters = rt.registry.describe()
     if not admin:
         adapters = [{key: value for key, value in adapter.items() if key != "path"} for adapter in adapters]

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import openai
 import pytest
+from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from service.cli.main import build_parser, settings_from
+from service.http.app import create_app
+from service.runtime import Runtime
 from service.settings import Settings
 from tests.http.replies import error_message
 from tests.server_helpers import (
@@ -168,6 +171,29 @@ def test_each_refusal_says_which_key_is_needed_and_what_was_sent(client, method,
         other = "admin key" if needed == "API key" else "API key"
         refused_as(reply, 403, f"{needed.split()[0].lower()}_key_needed", f"need the {needed}",
                    f"the {other} was sent, which does not open them")
+
+
+SAID = {"loading": "still loading", "draining": "shutting down", "failed to start: OSError: no model": "no model"}
+
+
+@pytest.mark.parametrize("state", list(SAID))
+def test_a_key_missing_wrong_or_the_other_one_is_refused_for_it_whatever_the_state(tiny_gpt2_dir, gpt2_adapters,
+                                                                                   tmp_path, state):
+    """While the model loads, drains or failed to start, every route that takes a key refuses a request without the
+    right one for its key (401 or 403), as when it is ready, and answers the right key with the state's 503. A review:
+    GET /adapters answered no key or a wrong one with a 503 'still loading', before its key was checked."""
+    rt = Runtime(settings_in(tmp_path, tiny_gpt2_dir, gpt2_adapters, api_key=API_KEY))
+    rt.draining = state == "draining"
+    rt.start_failure = state.partition(": ")[2] or None
+    client = TestClient(create_app(rt=rt))  # no `with`: the start never runs
+    for method, path, body, needed in KEYED_ROUTES:
+        for sent, authorization in SENT.items():
+            reply = client.request(method, path, json=body,
+                                   headers={} if authorization is None else {"Authorization": authorization})
+            if sent in {f"the {key}" for key in needed.split(" or ")}:
+                assert reply.status_code == 503 and SAID[state] in error_message(reply), (path, sent, reply.text)
+            else:
+                assert reply.status_code in (401, 403), (state, method, path, sent, reply.text)
 
 
 @pytest.mark.parametrize("path", ["/health", "/ready", "/metrics"])
