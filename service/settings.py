@@ -202,7 +202,8 @@ class Settings(BaseSettings):
         f"one request more than batching saves: docs/benchmarks.md), {GPU_BATCH_WINDOW_MS} ms on a GPU")
     max_queue: int = Field(256, ge=1, description="queued requests before 429")
     max_queue_wait: float = Field(30.0, ge=0, description="seconds a request may wait in the queue for a batch before "
-                                  "it is refused with 429 and Retry-After (the server is past capacity), so that no "
+                                  "it is refused with 429 and Retry-After (the server is past capacity; once it shuts "
+                                  "down, 503 without Retry-After), so that no "
                                   "request waits without bound; once one part of a request (a long context's window, "
                                   "a choice, a label's scoring) joined a batch, its other parts are not refused for "
                                   "their wait; refused at the engine's next pause, after a decoding step or a prefill "
