@@ -69,6 +69,11 @@ class NoFreeSlot(AdapterError):
     retry_after: int | None = 1  # slots are freed as the batch's rows finish
 
 
+class NoRoomForAdapter(AdapterError):
+    """The server has no memory left for the adapter: with it the registered adapters' host copies and LoRA banks
+    would take more than the room its start left them (``lora.adapter_memory``); delete an adapter first."""
+
+
 class UnsafeEnvironment(Exception):
     """An environment variable holds a value that would crash a library the model runs on: refused before the model
     loads, never in reply to a request. ``off``: the boolean setting that, false, avoids the crash, named after

@@ -10,8 +10,9 @@ from typing import TypeVar
 
 from service import metrics
 from service.engine.scheduler import Engine
-from service.errors import AdapterError, AdapterMerged, UnsafeEnvironment
+from service.errors import AdapterError, AdapterMerged, NoRoomForAdapter, UnsafeEnvironment
 from service.lora.adapter_files import CONFIG_FILE, check_name
+from service.lora.adapter_memory import AdapterRoom
 from service.lora.registry import AdapterRegistry
 from service.model.base_model import (
     base_config,
@@ -23,7 +24,7 @@ from service.model.base_model import (
     pick_dtype,
 )
 from service.model.cpu_threads import on_passing_thread
-from service.model.device_room import check_allocations
+from service.model.device_room import adapter_room, check_allocations
 from service.settings import MIN_PROMPT_TOKENS, Settings, worded
 from service.tasks.tasks import Tasks
 from service.tasks.template_sandbox import renderer
@@ -80,6 +81,13 @@ def check_settings_fit(settings: Settings, replicas: int = 1, convert: bool = Tr
     device = pick_device(settings.device)
     check_allocations(settings, config, pick_dtype(settings.dtype, device), device, replicas)
     return True
+
+
+def adapters_room(settings: Settings) -> AdapterRoom:
+    """The memory a server of ``settings`` leaves its adapters (``device_room.adapter_room``), measured now, before
+    its weights load; raises as ``base_config`` does."""
+    device = pick_device(settings.device)
+    return adapter_room(settings, base_config(settings), pick_dtype(settings.dtype, device), device)
 
 
 def log_start_failure(exc: Exception, failure: str) -> None:
@@ -157,11 +165,12 @@ class Runtime:
         self._warn_of_missing_roots()
         if not self.checked:
             check_settings_fit(self.settings)
+        room = adapters_room(self.settings)
         model, tokenizer = load_base(self.settings)
         self._going_on()
         positions = max_positions(model)
         warn_of_short_prompts(self.settings, positions, self.named)
-        self.registry = AdapterRegistry(model, self.roots, self.settings.max_resident, self.settings.max_rank)
+        self.registry = AdapterRegistry(model, self.roots, self.settings.max_resident, self.settings.max_rank, room)
         metrics.ADAPTERS_RESIDENT.set_function(lambda: self.registry.resident_count)
         self.load_adapter_folder(self.settings.adapters_dir)
         for setting in ("qa_adapter", "nli_adapter"):
@@ -197,12 +206,16 @@ class Runtime:
             self.start()
 
     def load_adapter_folder(self, folder: Path) -> None:
-        """Register every adapter folder under ``folder``; ones that do not fit this base are skipped. StartCut where
-        the runtime is stopped meanwhile (``stop``)."""
+        """Register every adapter folder under ``folder``; ones that do not fit this base are skipped. ValueError
+        (the start fails) where they need more memory than the start leaves them (NoRoomForAdapter: their host copies
+        and LoRA banks at their widest, ``lora.adapter_memory``). StartCut where the runtime is stopped meanwhile
+        (``stop``)."""
         for path in sorted(Path(folder).glob(f"*/{CONFIG_FILE}")):
             self._going_on()
             try:
                 self.load_adapter(path.parent.name, path.parent)
+            except NoRoomForAdapter as exc:
+                raise ValueError(f"the adapters folder {folder}: {exc}") from None
             except AdapterError as exc:
                 log.warning("skipping adapter %s: %s", path.parent, worded(str(exc), self.named, exc.settings))
 

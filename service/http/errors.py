@@ -19,6 +19,7 @@ from service.errors import (
     EngineStopped,
     InputTooLong,
     NoFreeSlot,
+    NoRoomForAdapter,
     NoSpan,
     QueueFull,
     RenderUnavailable,
@@ -64,6 +65,7 @@ STATUS: dict[type[Exception], int] = {
     AdapterPathRefused: 403,
     AdapterConflict: 409,
     NoFreeSlot: 503,
+    NoRoomForAdapter: 507,  # RFC 4918's Insufficient Storage: the server cannot store what the request needs stored
     AdapterError: 422,
     InputTooLong: 413,
     NoSpan: 422,

@@ -19,6 +19,7 @@ from service.errors import (
     EngineFailed,
     EngineStopped,
     InputTooLong,
+    NoRoomForAdapter,
     QueueFull,
     RenderUnavailable,
     StillLoading,
@@ -60,7 +61,7 @@ T = TypeVar("T")
 BODY_ERRORS = (400, 413, 415)
 # the errors of registering an adapter (POST /adapters, and vLLM's POST /v1/load_lora_adapter)
 LOAD_ERRORS = (*BODY_ERRORS, AdapterError, AdapterPathRefused, AdapterPathMissing, AdapterConflict,
-               AdapterPathAmbiguous)
+               AdapterPathAmbiguous, NoRoomForAdapter)
 # the body of a route that takes none, when none is sent. A body sent is validated as NoFields: an object without
 # fields, ``{}``; any other JSON (null, [], 1, "x") is a 422, as on every route with a body (a default of None would
 # take null for no body)

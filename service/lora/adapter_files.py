@@ -371,6 +371,17 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
         raise AdapterError(f"{weights_file} is not a readable safetensors file: {exc}") from None
 
 
+def packed_bytes(folder: Path, dtype: torch.dtype) -> int:
+    """Bytes the host copy of the adapter in ``folder`` takes once loaded (``load_adapter``'s packed buffer: every
+    lora_A and lora_B element in ``dtype``), read from its weights file's header, no weights loaded; 0 where that
+    cannot be read (``load_adapter`` says why when it loads it)."""
+    try:
+        with safe_open(adapter_file(folder, WEIGHTS_FILE), framework="pt") as weights:
+            return sum(math.prod(weights.get_slice(key).get_shape()) for key in weights.keys()) * dtype.itemsize  # noqa: SIM118 (no dict)
+    except (AdapterError, SafetensorError, OSError, ValueError, RuntimeError):
+        return 0
+
+
 def pack(targets: list[torch.Tensor], sources: list[torch.Tensor], scale: float, span: torch.Tensor) -> bool:
     """Copy ``sources`` (A, B^T, A, B^T, ...) into their views of a packed buffer, fold ``scale`` into the B^Ts, and
     say whether ``span`` (the part of the buffer they fill) is all finite. Runs on a packing thread, in inference

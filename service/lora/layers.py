@@ -279,6 +279,11 @@ class LoraLayers:
         self._slot_lists: dict[tuple, list[torch.Tensor]] = {}  # see _flat_views
         self._slot_lists_storage = -1  # the banks' storage those views were made of
 
+    @property
+    def widest_rank(self) -> int:
+        """The rank the widest bank holds now (0: none allocated)."""
+        return max(layer.capacity for layer in self.modules.values())
+
     def fill(self, slot: int, adapter: AdapterWeights) -> None:
         """Write ``adapter`` into ``slot`` of its modules' banks (allocated or widened to its rank as needed) in one
         transfer and a few batched copies, clearing what an earlier adapter left in the slot."""

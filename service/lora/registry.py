@@ -11,7 +11,8 @@ from torch import nn
 
 from service import metrics
 from service.errors import AdapterConflict, AdapterMerged, NoFreeSlot, UnknownAdapter
-from service.lora.adapter_files import AdapterWeights, check_name, check_path, load_adapter
+from service.lora.adapter_files import AdapterWeights, check_name, check_path, load_adapter, packed_bytes, read_config
+from service.lora.adapter_memory import UNBOUNDED, AdapterRoom, bank_bytes, bank_slots, rank_bytes
 from service.lora.layers import LoraLayers
 
 
@@ -23,15 +24,19 @@ class AdapterRegistry:
     and registered again with other weights meanwhile; the old weights keep their slot while rows use them. What
     goes into the device weights, the LoRA layers write (``layers``: ``LoraLayers``). ``register``/``unregister``/
     ``lookup``/``describe`` may be called from any thread; ``place``, ``merge`` and ``unmerge`` touch device weights
-    and are called by the engine thread between steps only.
+    and are called by the engine thread between steps only. A registration that would make the adapters' memory (their
+    host copies and the banks at their widest: ``adapter_memory``) pass ``room`` is refused (NoRoomForAdapter).
     """
 
-    def __init__(self, model: nn.Module, roots: list[Path], max_resident: int, max_rank: int):
+    def __init__(self, model: nn.Module, roots: list[Path], max_resident: int, max_rank: int,
+                 room: AdapterRoom = UNBOUNDED):
         self.layers = LoraLayers(model, max_resident)
         self.device, self.dtype, self.quantized = self.layers.device, self.layers.dtype, self.layers.quantized
         self.roots = [Path(root) for root in roots]
         self.max_resident = max_resident
         self.max_rank = max_rank
+        self.room = room
+        self.rank_bytes = rank_bytes(self.layers.shapes, self.dtype)
         self.zero_slot = max_resident  # the slot of rows with no adapter
         self._adapters: dict[str, AdapterWeights] = {}
         # the weights held in device slots -> their slot, least recently used first
@@ -50,14 +55,21 @@ class AdapterRegistry:
     def prepare(self, name: str, path: str | Path, replace: bool = False) -> tuple[AdapterWeights, float]:
         """Validate and load an adapter onto the host, not yet registered: its weights and the seconds it took.
         Raises AdapterError (its subclasses: AdapterConflict for a name taken, unless ``replace``;
-        AdapterPathRefused/AdapterPathMissing for the path) for anything the engine cannot serve."""
+        AdapterPathRefused/AdapterPathMissing for the path) for anything the engine cannot serve; NoRoomForAdapter
+        where its rank and its weights file's size (``packed_bytes``) already need more memory than is left, before
+        any weight is read."""
         check_name(name)
         folder = check_path(path, self.roots)
         if not replace:
             with self._lock:
                 self._refuse_duplicate(name)  # before the work of loading (``add`` checks again after it)
+        config = read_config(folder, self.max_rank)
+        host = packed_bytes(folder, self.dtype)
+        with self._lock:
+            self._check_room(name, config.r, host)  # before the weights are read (``add`` checks again after)
         started = time.perf_counter()
-        adapter = load_adapter(name, folder, self.layers.shapes, self.max_rank, self.dtype, self.layers.base_modules)
+        adapter = load_adapter(name, folder, self.layers.shapes, self.max_rank, self.dtype, self.layers.base_modules,
+                               config)
         return adapter, time.perf_counter() - started
 
     def add(self, adapter: AdapterWeights, replace: bool = False) -> AdapterWeights | None:
@@ -65,15 +77,27 @@ class AdapterRegistry:
         taken is given these weights, and the weights it held are returned: rows admitted on them finish on them,
         later requests get the new ones. Raises AdapterConflict for a name taken without ``replace`` (another thread
         may have registered it since ``prepare``), AdapterMerged when the weights to replace are merged into the
-        base (unmerge them first, on the engine thread)."""
+        base (unmerge them first, on the engine thread), NoRoomForAdapter where the registered adapters with it would
+        need more memory than is left (``_check_room``): the registry is unchanged."""
         with self._lock:
             replaced = self._adapters.get(adapter.name)
             if not replace:
                 self._refuse_duplicate(adapter.name)
             elif replaced is not None and replaced is self._merged:
                 raise AdapterMerged(adapter.name)
+            self._check_room(adapter.name, adapter.rank, adapter.nbytes)
             self._adapters[adapter.name] = adapter
             return replaced
+
+    def _check_room(self, name: str, rank: int, host: int) -> None:
+        """NoRoomForAdapter where the adapters registered but ``name``'s, with an adapter of ``rank`` and ``host``
+        bytes under ``name``, need more memory than ``room`` holds (``AdapterRoom.check``): their host copies, and the
+        banks at their widest (``adapter_memory``), at least as wide as they are now (they never shrink while an
+        adapter is resident). Called with the lock held."""
+        kept = [held for held_name, held in self._adapters.items() if held_name != name]
+        slots = max(bank_slots(len(kept) + 1, self.max_resident), self.layers.banks.slots)
+        widest = max(rank, self.layers.widest_rank, *(held.rank for held in kept))
+        self.room.check(host + sum(held.nbytes for held in kept), bank_bytes(slots, widest, self.rank_bytes), name)
 
     def _refuse_duplicate(self, name: str) -> None:
         if name in self._adapters:

@@ -24,8 +24,10 @@ positions, ``runtime.check_room``; ``scale`` bounds ``max_batch`` + ``max_queue`
 - ``max_prefill_tokens``: not an allocation that stays, but what a prefill step holds while it runs, its activations
   (``step_memory.prefill_bytes``: a review found a prefill of 2,048 tokens rise 120 MB past its KV cache, uncounted).
 
-Not counted: one layer's old KV cache while it grows (``RowKVCache.reserve`` frees each layer's once copied); a
-decoding step's activations (``step_memory``); LoRA banks past rank 1 and one layer; adapters' files.
+Not counted here: one layer's old KV cache while it grows (``RowKVCache.reserve`` frees each layer's once copied); a
+decoding step's activations (``step_memory``). What is left once all of this is counted is the adapters' room
+(``adapter_room``): their host copies and LoRA banks past rank 1 and one layer, bounded at each registration, the
+adapters folder's at the start (``lora.adapter_memory``).
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from service.engine.kv_cache import column_bucket, row_bucket
 from service.engine.running_batch import MOST_FED
+from service.lora.adapter_memory import AdapterRoom
 from service.lora.layers import lora_targets
 from service.model.base_model import config_positions
 from service.model.process_status import proc_status
@@ -194,6 +197,22 @@ def largest_fitting(fits: Callable[[int], bool], start: int) -> int:
     while value and not fits(value):
         value //= 2
     return value
+
+
+def adapter_room(settings: Settings, config: PretrainedConfig, dtype: torch.dtype,
+                 device: torch.device) -> AdapterRoom:
+    """The bytes left to the adapters (``lora.adapter_memory``) by a server of ``settings`` on ``device``, to be
+    measured before its weights load: of the device's memory (``described_memory``), what the process holds now
+    (``in_use``), the base's weights (``weight_bytes``) and every allocation but the banks' least (``allocations``)
+    do not take. On a GPU the banks take its memory and the host copies the host's (its RAM and swap, or a container's
+    limit, less this process's resident set); on the CPU both take the one memory (``AdapterRoom.shared``)."""
+    others = sum(size for name, (size, _) in allocations(settings, config, dtype, device).items()
+                 if name != "max_resident")
+    left = device_memory(device) - in_use(device) - weight_bytes(config, dtype, settings.quantize)[0] - others
+    if device.type == "cpu":
+        return AdapterRoom(left, None, shared=True)
+    cpu = torch.device("cpu")
+    return AdapterRoom(left, device_memory(cpu) - in_use(cpu), shared=False)
 
 
 def device_memory(device: torch.device) -> int:

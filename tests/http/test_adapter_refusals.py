@@ -15,10 +15,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from service.lora.adapter_memory import AdapterRoom
 from service.lora.bounded_read import MAX_ADAPTER_JSON_BYTES
 from service.lora.card import CARD_FILE
 from tests.http.replies import error_message, settings_by_field
-from tests.server_helpers import ADMIN, classify, copy_adapters, listed, ready_client, tiny_settings
+from tests.server_helpers import ADMIN, ask, classify, copy_adapters, listed, ready_client, tiny_settings
 from tests.tiny_models import make_adapter
 
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
@@ -203,6 +204,30 @@ def test_a_rank_past_the_limit_names_the_limit_as_an_operator_sets_it(client, re
     reply = client.post("/adapters", json={"name": "bad_huge_rank", "path": str(refusals.bad["huge_rank"])},
                         headers=ADMIN)
     assert settings_by_field(error_message(reply)) == [], reply.text
+
+
+def test_an_adapter_past_the_memory_left_is_a_507_that_changes_nothing(client, refusals):
+    """A review: POST /adapters checked no memory, and SmolLM2 under a container limit was killed by the kernel at the
+    33rd copy of squad registered. With no room left (``AdapterRoom``), a new adapter and new weights in place of one
+    are refused on both routes (RFC 4918's 507 Insufficient Storage, code no_room_for_adapter on /v1), the message
+    naming the bytes and what frees room; the registry is as it was, and the next answer is served."""
+    registry = client.app.state.runtime.registry
+    kept, registry.room = registry.room, AdapterRoom(0, None, shared=True)
+    try:
+        advice = ("more than the 0 bytes the server has left for them; delete an adapter (DELETE /adapters/<name>), "
+                  "or restart the server with a smaller LORASWAP_MAX_RESIDENT or more memory")
+        refused(client, "three", refusals.second_root / "three", 507, "no memory for adapter 'three': with it the "
+                "registered adapters need ", advice)
+        before = client.get("/adapters").json()
+        reply = client.post("/adapters", json={"name": "one", "path": str(refusals.second_root / "three"),
+                                               "replace": True}, headers=ADMIN)
+        assert reply.status_code == 507 and advice in error_message(reply), reply.text
+        vllms = client.post("/v1/load_lora_adapter", json={"lora_name": "three", "lora_path": "three"}, headers=ADMIN)
+        assert vllms.status_code == 507 and vllms.json()["error"]["code"] == "no_room_for_adapter", vllms.text
+        assert client.get("/adapters").json() == before
+        ask(client, "one")
+    finally:
+        registry.room = kept
 
 
 @pytest.mark.parametrize("where", ["outside", "escape", "dotdot", "etc"])

@@ -158,3 +158,41 @@ def test_a_stop_of_the_script_is_passed_on_to_its_command_then_its_cgroup_remove
         assert script.wait(timeout=30) == 7
     assert not list(Path("/sys/fs/cgroup").glob(f"*/loraswap-limits-{script.pid}"))
     assert not list(Path("/sys/fs/cgroup").glob(f"loraswap-limits-{script.pid}"))
+
+
+# copies of the shipped squad (rank 16) registered one at a time, each answered with once, until one is refused
+REGISTERING = """
+import time
+from fastapi.testclient import TestClient
+from service.http.app import create_app
+from service.settings import Settings
+settings = Settings(max_batch=4, max_resident=64, prefix_cache_bytes=0, admin_key="k", device="cpu")
+admin, question = {"Authorization": "Bearer k"}, {"context": "The Eiffel Tower is in Paris.", "question": "Where?"}
+with TestClient(create_app(settings)) as client:
+    for _ in range(1200):
+        if client.get("/ready").status_code == 200:
+            break
+        time.sleep(0.1)
+    for copy in range(1, 65):
+        reply = client.post("/adapters", json={"name": f"copy{copy}", "path": "squad"}, headers=admin)
+        if reply.status_code != 201:
+            print(reply.status_code, copy, reply.json()["error"])
+            print(client.post("/answer", json={**question, "adapter": "squad"}).status_code)
+            print(len(client.get("/adapters", headers=admin).json()["adapters"]))
+            break
+        assert client.post("/answer", json={**question, "adapter": f"copy{copy}"}).status_code == 200
+"""
+
+
+@pytest.mark.smollm2
+def test_an_adapter_past_a_containers_memory_limit_is_refused_not_killed():
+    """A review: SmolLM2 under a container limit, copies of squad registered one at a time, each answered with,
+    grew ~39 MB each (its host copy and its slot in the LoRA banks, 19.5 MB each), and the kernel killed the server
+    (status 137; under 1.6 GB at the 16th copy). The registration past the room the start left the adapters (their
+    host copies and the banks at their widest) is a 507 instead; the registry is as it was, and squad still answers."""
+    ran = in_limits("-", "1600000000", REGISTERING)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    status, copy, message = ran.stdout.splitlines()[0].split(" ", 2)
+    assert status == "507" and message.startswith(f"no memory for adapter 'copy{copy}': with it the registered "
+                                                  "adapters need "), ran.stdout
+    assert ran.stdout.splitlines()[1:] == ["200", str(2 + int(copy) - 1)], ran.stdout  # squad, nli and the copies
