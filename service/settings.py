@@ -184,7 +184,10 @@ class Settings(BaseSettings):
                                     f"by spaces; the environment: a path, several joined by {os.pathsep!r}, or a "
                                     "JSON list)")
     max_resident: int = Field(8, ge=1, description="adapters kept in device slots at once (LRU); refused before the "
-                              "model loads where their LoRA banks cannot exist (model.device_room)")
+                              "model loads where their LoRA banks cannot exist (model.device_room); an adapter "
+                              "registered past the memory the start left the adapters (their host copies and the "
+                              "banks at their widest: a power of two of slots, at most this, x the largest rank) is "
+                              "refused with a 507 (lora.adapter_memory)")
     max_rank: int = Field(64, ge=1, description="largest LoRA rank a slot holds")
     qa_adapter: AdapterName | None = Field("squad", description="adapter /answer uses when the request names none "
                                            "(the bare base while none of that name is registered; none: the bare "
