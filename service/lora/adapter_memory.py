@@ -69,8 +69,9 @@ class AdapterRoom:
                 raise NoRoomForAdapter(
                     f"no memory for adapter {name!r}: with it the registered adapters need {needed} bytes for {what} "
                     f"({host} of host copies, {banks} of LoRA banks at their widest), more than the {room} bytes "
-                    "the server has left for them; delete an adapter (DELETE /adapters/<name>), or restart the server "
-                    "with a smaller max_resident or more memory", settings=("max_resident",))
+                    "the server has left for them; delete an adapter (DELETE /adapters/<name>; at the start, take one "
+                    "out of the adapters folder), or restart the server with a smaller max_resident or more memory",
+                    settings=("max_resident",))
 
 
 UNBOUNDED = AdapterRoom(None, None, False)

@@ -214,8 +214,9 @@ def test_an_adapter_past_the_memory_left_is_a_507_that_changes_nothing(client, r
     registry = client.app.state.runtime.registry
     kept, registry.room = registry.room, AdapterRoom(0, None, shared=True)
     try:
-        advice = ("more than the 0 bytes the server has left for them; delete an adapter (DELETE /adapters/<name>), "
-                  "or restart the server with a smaller LORASWAP_MAX_RESIDENT or more memory")
+        advice = ("more than the 0 bytes the server has left for them; delete an adapter (DELETE /adapters/<name>; "
+                  "at the start, take one out of the adapters folder), or restart the server with a smaller "
+                  "LORASWAP_MAX_RESIDENT or more memory")
         refused(client, "three", refusals.second_root / "three", 507, "no memory for adapter 'three': with it the "
                 "registered adapters need ", advice)
         before = client.get("/adapters").json()
@@ -224,6 +225,9 @@ def test_an_adapter_past_the_memory_left_is_a_507_that_changes_nothing(client, r
         assert reply.status_code == 507 and advice in error_message(reply), reply.text
         vllms = client.post("/v1/load_lora_adapter", json={"lora_name": "three", "lora_path": "three"}, headers=ADMIN)
         assert vllms.status_code == 507 and vllms.json()["error"]["code"] == "no_room_for_adapter", vllms.text
+        # the adapters folder's, at the start: the start fails, naming the folder and the bytes
+        with pytest.raises(ValueError, match=f"^the adapters folder {refusals.second_root}: no memory for adapter "):
+            client.app.state.runtime.load_adapter_folder(refusals.second_root)
         assert client.get("/adapters").json() == before
         ask(client, "one")
     finally:
