@@ -83,11 +83,11 @@ def check_settings_fit(settings: Settings, replicas: int = 1, convert: bool = Tr
     return True
 
 
-def adapters_room(settings: Settings) -> AdapterRoom:
-    """The memory a server of ``settings`` leaves its adapters (``device_room.adapter_room``), measured now, before
-    its weights load; raises as ``base_config`` does."""
+def adapters_room(settings: Settings, sharing: int = 1) -> AdapterRoom:
+    """The memory a server of ``settings`` leaves its adapters (``device_room.adapter_room``, its device shared by
+    ``sharing`` servers), measured now, before its weights load; raises as ``base_config`` does."""
     device = pick_device(settings.device)
-    return adapter_room(settings, base_config(settings), pick_dtype(settings.dtype, device), device)
+    return adapter_room(settings, base_config(settings), pick_dtype(settings.dtype, device), device, sharing)
 
 
 def log_start_failure(exc: Exception, failure: str) -> None:
@@ -113,7 +113,8 @@ class StartCut(Exception):
 class Runtime:
     """Owns the model-side objects; the HTTP layer reaches them only through this."""
 
-    def __init__(self, settings: Settings, named: Callable[[str], str] = worded, checked: bool = False):
+    def __init__(self, settings: Settings, named: Callable[[str], str] = worded, checked: bool = False,
+                 sharing: int = 1):
         """``named``: a text with each setting it names as the operator gave it (``loraswap serve``'s: ``--max-batch``
         or ``LORASWAP_MAX_BATCH``, not ``max_batch``), for the reason the start failed (its log line, /health's and
         /ready's reason), the start's warnings and every reply that names a setting (a review: a rank refused over
@@ -121,8 +122,11 @@ class Runtime:
         of a runtime no command starts. ``checked``: the settings were checked in this process before
         (``check_settings_fit``, as ``serve``'s command does before it takes its port): the start does not check them
         again (a review: the second check, the process grown by 14 MB since the first, refused the ``--max-batch``
-        the first had advised, and the server stayed unready)."""
+        the first had advised, and the server stayed unready). ``sharing``: the servers that share its device's
+        memory (``scale``'s replicas on one machine or one GPU), among which the adapters' room is split
+        (``adapters_room``)."""
         self.settings = settings
+        self.sharing = sharing
         self.checked = checked
         self.named = named
         self.registry: AdapterRegistry | None = None
@@ -165,7 +169,7 @@ class Runtime:
         self._warn_of_missing_roots()
         if not self.checked:
             check_settings_fit(self.settings)
-        room = adapters_room(self.settings)
+        room = adapters_room(self.settings, self.sharing)
         model, tokenizer = load_base(self.settings)
         self._going_on()
         positions = max_positions(model)

@@ -199,20 +199,23 @@ def largest_fitting(fits: Callable[[int], bool], start: int) -> int:
     return value
 
 
-def adapter_room(settings: Settings, config: PretrainedConfig, dtype: torch.dtype,
-                 device: torch.device) -> AdapterRoom:
+def adapter_room(settings: Settings, config: PretrainedConfig, dtype: torch.dtype, device: torch.device,
+                 sharing: int = 1) -> AdapterRoom:
     """The bytes left to the adapters (``lora.adapter_memory``) by a server of ``settings`` on ``device``, to be
-    measured before its weights load: of the device's memory (``described_memory``), what the process holds now
+    measured before its weights load: of its share of the device's memory (``described_memory``, split evenly among
+    the ``sharing`` servers on it: ``scale``'s replicas, as ``check_fit`` counts them), what the process holds now
     (``in_use``), the base's weights (``weight_bytes``) and every allocation but the banks' least (``allocations``)
     do not take. On a GPU the banks take its memory and the host copies the host's (its RAM and swap, or a container's
-    limit, less this process's resident set); on the CPU both take the one memory (``AdapterRoom.shared``)."""
+    limit, shared alike, less this process's resident set); on the CPU both take the one memory
+    (``AdapterRoom.shared``)."""
     others = sum(size for name, (size, _) in allocations(settings, config, dtype, device).items()
                  if name != "max_resident")
-    left = device_memory(device) - in_use(device) - weight_bytes(config, dtype, settings.quantize)[0] - others
+    fixed = in_use(device) + weight_bytes(config, dtype, settings.quantize)[0] + others
+    left = device_memory(device) // sharing - fixed
     if device.type == "cpu":
         return AdapterRoom(left, None, shared=True)
     cpu = torch.device("cpu")
-    return AdapterRoom(left, device_memory(cpu) - in_use(cpu), shared=False)
+    return AdapterRoom(left, device_memory(cpu) // sharing - in_use(cpu), shared=False)
 
 
 def device_memory(device: torch.device) -> int:

@@ -19,6 +19,7 @@ from ray.serve.context import _get_global_client
 from service.cli.command import UsageError, interrupt
 from service.scale import WITHOUT_BITSANDBYTES
 from service.scale.options import ROUTINGS
+from service.scale.preflight import sharing
 from service.scale.replica import ROUTER_NAME, LoraswapReplica
 from service.scale.round_robin import RoundRobinRouter
 from service.scale.router import Router
@@ -53,7 +54,9 @@ def build_app(settings: Settings, config: ScaleConfig, named: Callable[[str], st
     command's ``command.naming``, which pickles, as Ray sends it to each replica). A replica takes as many requests at
     once as its engine batches and queues (``max_batch`` + ``max_queue``; past the queue it answers 429 itself); the
     router as many as all of them. The router's process, and a replica's of a full-precision base, go without
-    bitsandbytes, as serve's does (``WITHOUT_BITSANDBYTES`` in their environment)."""
+    bitsandbytes, as serve's does (``WITHOUT_BITSANDBYTES`` in their environment). The replicas that share a device
+    (``preflight.sharing``; on a cluster's machines, not known here, one) split its memory's room for adapters
+    (``Runtime``'s ``sharing``)."""
     if config.routing not in ROUTINGS:
         raise ValueError(f"routing must be one of {', '.join(ROUTINGS)}, not {config.routing!r}")
     per_replica = settings.max_batch + settings.max_queue
@@ -67,7 +70,7 @@ def build_app(settings: Settings, config: ScaleConfig, named: Callable[[str], st
     router = serve.deployment(Router, name=ROUTER_NAME).options(  # it runs no model
         num_replicas=1, max_ongoing_requests=per_replica * config.replicas,
         ray_actor_options={"num_cpus": 0, **full_precision})
-    return router.bind(replica.bind(settings, named), settings)
+    return router.bind(replica.bind(settings, named, max(sharing(settings, config), 1)), settings)
 
 
 INTERRUPTS = (signal.SIGINT, signal.SIGTERM)

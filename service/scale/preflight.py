@@ -7,10 +7,14 @@ import argparse
 import math
 import os
 import socket
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from service.cli.command import UsageError, check_room_for_prompts, check_server_start, take_port
 from service.settings import Settings, known_host
+
+if TYPE_CHECKING:
+    from service.scale.app import ScaleConfig
 
 CONNECT_TIMEOUT_S = 5.0  # for the head of the cluster --address names to accept a connection, then gRPC's, each call
 GCS_SERVICE = "ray.rpc.NodeInfoGcsService"  # a gRPC service a Ray head's GCS serves, and no raylet
@@ -40,10 +44,10 @@ def check_scale(settings: Settings, args: argparse.Namespace) -> None:
             sock.close()
 
 
-def sharing(settings: Settings, args: argparse.Namespace) -> int:
-    """How many of ``args.replicas`` replicas share one device's memory on a Ray started here: on the CPU all of them
-    (the host's memory), on GPUs as many as Ray places on one (fractions of a GPU: ``gpus_needed``); 0 on a cluster
-    given by ``--address``, whose machines' memory is not known here."""
+def sharing(settings: Settings, args: argparse.Namespace | ScaleConfig) -> int:
+    """How many of ``args.replicas`` replicas (``args``: scale's, or its ``ScaleConfig``) share one device's memory on
+    a Ray started here: on the CPU all of them (the host's memory), on GPUs as many as Ray places on one (fractions of
+    a GPU: ``gpus_needed``); 0 on a cluster given by ``--address``, whose machines' memory is not known here."""
     from service.model.base_model import pick_device
 
     if args.address is not None:

@@ -44,9 +44,10 @@ class LoraswapReplica:
     """A Ray Serve deployment class: one loraswap runtime, started (model and adapters loaded) before the replica
     takes requests. Its methods are called through the router's deployment handle."""
 
-    def __init__(self, settings: Settings, named: Callable[[str], str] = worded):
-        """``named``: as ``Runtime`` takes it (``scale``'s names its settings as its command line gave them)."""
-        self.runtime = Runtime(settings, named)
+    def __init__(self, settings: Settings, named: Callable[[str], str] = worded, sharing: int = 1):
+        """``named`` and ``sharing`` (the replicas that share its device's memory): as ``Runtime`` takes them
+        (``scale``'s names its settings as its command line gave them)."""
+        self.runtime = Runtime(settings, named, sharing=sharing)
         self.runtime.start()  # raises what stops the service from starting: Ray Serve then fails the replica
         self.app = create_app(rt=self.runtime)
         self.name = serve.get_replica_context().replica_tag

@@ -11,7 +11,15 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from service.model.device_room import allocations, check_allocations, check_fit, weight_bytes
+from service.model.device_room import (
+    adapter_room,
+    allocations,
+    check_allocations,
+    check_fit,
+    device_memory,
+    in_use,
+    weight_bytes,
+)
 from service.settings import Settings
 
 USED = 400_000_000  # bytes in use before the weights load: about what the interpreter and torch take
@@ -146,3 +154,20 @@ def test_a_gpus_unbounded_prefill_past_64_bits_is_to_be_set(tiny_llama_dir):
                        r"\d+ tokens x .*: past 2\*\*63 bytes, more than any torch tensor can hold; set it, or lower "
                        r"max_batch$"):
         check_allocations(Settings(max_batch=2**42), config, torch.float32, torch.device("cuda"), replicas=0)
+
+
+def test_the_adapters_room_is_what_the_rest_leaves_of_each_replicas_share(tiny_llama_dir):
+    """The adapters' room (``lora.adapter_memory``) is the memory less the process, the weights and every allocation
+    but the banks' least; ``scale``'s replicas on one machine split the memory first, as the start check counts them
+    (each left itself the whole memory's room: N replicas, N times what fits). Within 16 MB: the process as measured
+    by each call."""
+    config = AutoConfig.from_pretrained(tiny_llama_dir)
+    settings = Settings(base_model=str(tiny_llama_dir))
+    others = sum(size for name, (size, _) in allocations(settings, config, torch.float32, CPU).items()
+                 if name != "max_resident")
+    fixed = in_use(CPU) + weight_bytes(config, torch.float32, "none")[0] + others
+    memory = device_memory(CPU)
+    for replicas in (1, 3):
+        room = adapter_room(settings, config, torch.float32, CPU, replicas)
+        assert room.shared and room.host is None
+        assert abs(room.banks - (memory // replicas - fixed)) < 2**24, replicas
