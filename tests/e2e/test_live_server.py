@@ -417,7 +417,7 @@ def test_sigterm_drains_then_exits_cleanly(server):
         refused = http.post("/answer", json={"context": "c", "question": "q"})
         assert time.monotonic() - signalled < DRAIN_SECONDS
         assert ready.status_code == 503 and ready.json() == {"ready": False, "reason": "draining"}
-        assert refused.status_code == 503 and "draining" in refused.json()["error"]
+        assert refused.status_code == 503 and "shutting down" in refused.json()["error"]
         replies = [future.result() for future in futures]
     assert [reply.status_code for reply in replies] == [200] * slow, [reply.text for reply in replies]
     assert [(reply.json()["choices"][0]["finish_reason"], reply.json()["usage"]["completion_tokens"])
