@@ -9,18 +9,19 @@ which is killed once a render (one of the up to ``RENDERS`` of a job) has run ``
 started for the next render. Real templates render a chat in about a millisecond (SmolLM2's, a 3,000-character
 message: 1.1 ms in a child, 1.3 ms in process, in one run of 200 each).
 
-Whose fault a failed render is decides its error. The template's, a TemplateRefused (a 422), is what the template
-does in its process: an exception of its code (the process answers it), a render past the deadline (the sandbox kills
-the process, knowing why), past the memory bound (``RLIMIT_DATA`` makes the allocation fail: a MemoryError the process
-answers, not a kill), or the process ending by itself mid-render (an exit status, or a signal a process gets for what
-it does: ``OWN_SIGNALS``, such as SIGSEGV). The server's, a RenderUnavailable (a 503, retried), is what the template
-cannot do: the process killed by a signal the sandbox did not send (SIGKILL from an operator or the OOM killer, whose
-victim a process bounded to ``MAX_RENDER_BYTES`` is only when the machine lacks memory; SIGTERM; SIGINT), its socket
-failing while it lives, a step that got less than its deadline's CPU time in ``STARVED_FACTOR`` times as long (the
-process stopped by SIGSTOP or a debugger, frozen, or starved by a busy machine: the deadlines count the process's CPU
-time, the template's work, so a render that waited for a core is not charged to its template), a process that died
-between two renders, or one that failed to start. Either way the process is stopped and the next render starts a new
-one.
+Whose fault a failed render is decides its error. The template's, a TemplateRefused (a 422), is what the template does
+in its process: an exception of its code (the process answers it), a render past the deadline (the sandbox kills the
+process, knowing why), past the memory bound (``RLIMIT_DATA`` makes the allocation fail: a MemoryError the process
+answers where Python allocates; where the tokenizer's Rust code does, it aborts, SIGABRT after "memory allocation of N
+bytes failed" on its stderr, which the sandbox relays and reads: ``ALLOCATION_FAILED``), or the process ending by itself
+mid-render (an exit status, or a signal a process gets for what it does: ``OWN_SIGNALS``, such as SIGSEGV). The
+server's, a RenderUnavailable (a 503, retried), is what the template cannot do: the process killed by a signal the
+sandbox did not send (SIGKILL from an operator or the OOM killer, whose victim a process bounded to ``MAX_RENDER_BYTES``
+is only when the machine lacks memory; SIGTERM; SIGINT), its socket failing while it lives, a step that got less than
+its deadline's CPU time in ``STARVED_FACTOR`` times as long (the process stopped by SIGSTOP or a debugger, frozen, or
+starved by a busy machine: the deadlines count the process's CPU time, the template's work, so a render that waited for
+a core is not charged to its template), a process that died between two renders, or one that failed to start. Either way
+the process is stopped and the next render starts a new one.
 
 Each tokenizer has ``WORKERS`` children, started when first needed, taking turns between templates (``Renderer``).
 A child runs ``NICENESS`` below the server, without the server's secrets in its environment, and ends when the
@@ -33,6 +34,7 @@ import asyncio
 import contextlib
 import math
 import os
+import re
 import resource
 import signal
 import socket
@@ -80,10 +82,19 @@ STARVED_FACTOR = 4
 # the signals a process gets for what it does itself (faults, its own abort, its limits): a template's doing
 OWN_SIGNALS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT, signal.SIGSYS,
                          signal.SIGTRAP, signal.SIGXCPU, signal.SIGXFSZ})
+# what a process writes to its stderr as it aborts (SIGABRT) on an allocation that failed: Rust's (the tokenizer's: a
+# template that rendered 5 MB of text, tokenized past the memory bound) and C++'s
+ALLOCATION_FAILED = re.compile(rb"memory allocation of \d+ bytes failed|std::bad_alloc")
+STDERR_TAIL = 4096  # the last bytes of a process's stderr kept, to read why it aborted
 SHUTTING_DOWN = "the service is shutting down: the chat template's render had not begun"
 MISSING = object()
 
 Job = tuple[list[dict[str, str]], "str | None", dict[str, bool]]  # (messages, template, flags) of ``render_ids``
+
+
+def past_memory_bound(what: str) -> str:
+    """A render's refusal for passing the memory bound while it had to ``what``."""
+    return f"the chat template took more than the {MAX_RENDER_BYTES // 2**20} MiB memory bound of a render to {what}"
 
 
 class RenderBound(TemplateRefused):
@@ -107,21 +118,38 @@ class Child:
             self.process = subprocess.Popen([sys.executable, "-P", "-m", __name__, str(theirs.fileno()),
                                              str(os.getpid())], env={**environment, "PYTHONPATH": path},
                                             pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
-                                            start_new_session=True)
+                                            stderr=subprocess.PIPE, start_new_session=True)
         except OSError as exc:  # no process (out of memory, of processes)
             ours.close()
             raise RenderUnavailable(f"the server could not start a chat template process: {exc!r}") from None
         finally:
             theirs.close()
+        self.stderr_tail = b""
+        self.relay = threading.Thread(target=self.relay_stderr, name="chat-template-stderr", daemon=True)
+        self.relay.start()
         self.connection = Connection(ours.detach())
         try:
             self.connection.send(tokenizer)
             if not self.connection.poll(START_SECONDS):
                 raise TimeoutError(f"not started within {START_SECONDS:g} s")
-            self.connection.recv()  # ready: imported, tokenizer read, memory bound set
+            self.start_bytes = self.connection.recv()  # ready (imported, tokenizer read, memory bound set): its data
         except (OSError, EOFError) as exc:
             self.stop()
             raise RenderUnavailable(f"the chat template process failed to start: {exc!r}") from None
+
+    def relay_stderr(self) -> None:
+        """Copy the process's stderr to the server's as it comes (the terminal they shared before), keeping its last
+        ``STDERR_TAIL`` bytes (``aborted_on_memory``), until the process ends."""
+        with self.process.stderr as stderr:
+            while chunk := os.read(stderr.fileno(), 65536):
+                os.write(2, chunk)
+                self.stderr_tail = (self.stderr_tail + chunk)[-STDERR_TAIL:]
+
+    def aborted_on_memory(self) -> bool:
+        """Whether the process, ended, was ended by SIGABRT on an allocation that failed (``ALLOCATION_FAILED`` on
+        its stderr, read to its end)."""
+        self.relay.join(EXIT_SECONDS)
+        return self.process.returncode == -signal.SIGABRT and bool(ALLOCATION_FAILED.search(self.stderr_tail))
 
     def render(self, job: Job) -> list[int]:
         """The token ids of ``job``; ``render_seconds``, then, the most seconds one of its renders (up to ``RENDERS``)
@@ -162,21 +190,29 @@ class Child:
             except (EOFError, OSError):  # the process died, or its socket failed
                 raise self.ended(what) from None
             waited, used = time.monotonic() - started, ran_since(self.process.pid, ran, started)
+        grown = data_bytes(self.process.pid) - self.start_bytes
         self.stop()
         if used < seconds:
             raise RenderUnavailable(f"the server could not render the chat template: its process got {used:.2f} s of "
                                     f"CPU in the {waited:.0f} s it had to {what} (stopped, or starved by a busy "
                                     "server; not the template's doing)")
-        raise RenderBound(f"the chat template took more than {seconds:g} s to {what}")
+        # one that ran short of memory first (a template that rendered 5 MB of text, tokenized: 1.2-1.9 s of CPU to
+        # the bound) says so
+        held = (f" (its process then {grown / 2**20:.0f} MiB into the {MAX_RENDER_BYTES // 2**20} MiB memory bound of "
+                "a render)" if grown > MAX_RENDER_BYTES / 2 else "")
+        raise RenderBound(f"the chat template took more than {seconds:g} s to {what}{held}")
 
     def ended(self, what: str) -> Exception:
         """The error for a process whose socket closed or failed while it had to ``what``, once it is stopped:
-        RenderBound when it ended by itself (an exit status, or one of ``OWN_SIGNALS``), else RenderUnavailable (a
-        signal from outside: SIGKILL, SIGTERM; or still alive after ``EXIT_SECONDS``: its socket failed)."""
+        RenderBound when it ended by itself (past the memory bound: ``aborted_on_memory``; an exit status, or one of
+        ``OWN_SIGNALS``), else RenderUnavailable (a signal from outside: SIGKILL, SIGTERM; or still alive after
+        ``EXIT_SECONDS``: its socket failed)."""
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(EXIT_SECONDS)
         code = self.process.returncode
         self.stop()
+        if code is not None and self.aborted_on_memory():
+            return RenderBound(f"{past_memory_bound(what)} (its process aborted on an allocation that failed: SIGABRT)")
         if code is not None and (code >= 0 or -code in OWN_SIGNALS):
             return RenderBound(f"the chat template's process died trying to {what} ({ending(code)})")
         how = "its socket failed" if code is None else f"its process was killed by {ending(code)}"
@@ -404,8 +440,8 @@ def watch_parent(parent: int) -> None:
 
 def serve(connection: Connection, parent: int) -> None:
     """A child's loop: lower its priority, watch its ``parent``, read the tokenizer, bound its data segment, say it
-    is ready, then render each job it is sent until the pipe closes. A job's failure of any kind (MemoryError past
-    the bound included) is answered, not raised."""
+    is ready (sending its data segment's bytes, from which the bound counts), then render each job it is sent until the
+    pipe closes. A job's failure of any kind (MemoryError past the bound included) is answered, not raised."""
     from transformers.utils.chat_template_utils import _compile_jinja_template  # cached: the render reuses it
 
     from service.tasks.prompt_styles import render_ids  # not at the top: prompt_styles imports this module
@@ -414,9 +450,10 @@ def serve(connection: Connection, parent: int) -> None:
     threading.Thread(target=watch_parent, args=(parent,), daemon=True).start()
     tokenizer = connection.recv()
     _, hard = resource.getrlimit(resource.RLIMIT_DATA)
-    bound = data_bytes() + MAX_RENDER_BYTES
+    start = data_bytes(os.getpid())
+    bound = start + MAX_RENDER_BYTES
     resource.setrlimit(resource.RLIMIT_DATA, (bound if hard == resource.RLIM_INFINITY else min(bound, hard), hard))
-    connection.send(True)
+    connection.send(start)
     while True:
         try:
             messages, template, flags = connection.recv()
@@ -431,14 +468,17 @@ def serve(connection: Connection, parent: int) -> None:
         except TemplateRefused as refused:
             connection.send(("refused", str(refused)))
         except MemoryError:
-            connection.send(("bound", f"the chat template took more than {MAX_RENDER_BYTES // 2**20} MiB to render "
-                                      "the messages"))
+            connection.send(("bound", past_memory_bound("render the messages")))
 
 
-def data_bytes() -> int:
-    """This process's data segment (``VmData`` of /proc/self/status, proc(5)), in bytes."""
-    with open("/proc/self/status") as status:
-        line = next(line for line in status if line.startswith("VmData:"))
+def data_bytes(pid: int) -> int:
+    """Process ``pid``'s data segment (``VmData`` of /proc/<pid>/status, proc(5)), in bytes; 0 where it cannot be
+    read (the process ended, no /proc)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            line = next(line for line in status if line.startswith("VmData:"))
+    except (OSError, StopIteration):
+        return 0
     return int(line.split()[1]) * 1024
 
 

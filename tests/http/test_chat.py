@@ -31,7 +31,7 @@ from tests.engine.engine_helpers import paused
 from tests.http.replies import error_message
 from tests.server_helpers import ADMIN, copy_adapters, ready_client, tiny_settings
 from tests.tiny_models import EOS, make_adapter
-from tests.unit.test_template_sandbox import ENDLESS, rendering, rendering_children, wait_for
+from tests.unit.test_template_sandbox import ENDLESS, HUGE_TOKENS, rendering, rendering_children, wait_for
 
 CAP = 16  # the server's max_new_tokens
 LIMIT = 1024  # the most prompt tokens chat_prompt is told the server takes
@@ -304,7 +304,9 @@ def test_the_templates_refusal_is_named_beside_the_field_faults(client, tiny_lla
     ("   \n", "left out"), ("{% for m in messages %}<|im_start|>{{ m.role }}\n{% endfor %}", "left out"),
     # work without end, and text of gigabytes (a review: one such request rendered 4 million tokens in 21 s, 2.7 GB)
     ("{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}", "more than 2 s"),
-    ("{{ messages[-1].content * 100000000 }}", "more than 512 MiB")])
+    ("{{ messages[-1].content * 100000000 }}", "more than the 512 MiB memory bound"),
+    # its tokens past the bound, in the tokenizer's Rust code, which aborts: it said the process died (SIGABRT)
+    (HUGE_TOKENS, "512 MiB memory bound")])
 @pytest.mark.usefixtures("patient_renders")
 def test_a_template_that_fails_or_renders_nothing_is_a_422_not_a_500(client, served, template, problem, stream):
     """An adapter's template is code of its own: whatever it raises, or an empty rendering, is the template's failure,

@@ -41,6 +41,8 @@ from service.tasks.template_sandbox import (
 QUESTION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who gave their name to Normandy?"}]
 ENDLESS = "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}{{ messages }}"
 HUGE = "{{ messages[-1].content * 100000000 }}"  # 3.2 GB of text
+# 5 MB of text, rendered in Python within the memory bound; its tokens, in the tokenizer's Rust code, are past it
+HUGE_TOKENS = "{{ 'word ' * 1000000 }}{% for m in messages %}{{ m.content }}{% endfor %}"
 GENERATION = {"add_generation_prompt": True}
 # endless on a message that says "loop", quick on any other
 SOMETIMES = ("{% if messages[-1].content == 'loop' %}" + ENDLESS.removesuffix("{{ messages }}") +
@@ -151,11 +153,36 @@ def test_a_render_past_its_deadline_is_refused_whichever_of_the_job_it_is(tokeni
 
 def test_a_template_past_the_memory_bound_is_refused_and_the_process_serves_on(tokenizer):
     child = Child(tokenizer)
-    with pytest.raises(TemplateRefused, match="more than 512 MiB to render the messages"):
+    with pytest.raises(TemplateRefused, match="more than the 512 MiB memory bound of a render to render the messages"):
         child.render((QUESTION, HUGE, {"add_generation_prompt": True}))
     assert child.render((QUESTION, None, {"add_generation_prompt": True})) == \
         render_ids(tokenizer, QUESTION, None, add_generation_prompt=True)
     child.stop()
+
+
+@pytest.mark.parametrize("flags", [GENERATION, {"continue_final_message": True}])  # a chat; /answer's chat styles
+def test_a_template_whose_tokens_pass_the_memory_bound_is_refused_naming_it(tokenizer, monkeypatch, flags):
+    """A review: a template of 5 MB of text, its tokens past the memory bound in the tokenizer's Rust code, whose
+    failed allocation aborts the process (SIGABRT, not a MemoryError), was refused as "the chat template's process died
+    trying to render the messages (SIGABRT)". The deadline is lengthened here: the abort comes after 1.2-1.9 s of CPU,
+    and the deadline's refusal is another test's."""
+    monkeypatch.setattr(template_sandbox, "MAX_RENDER_SECONDS", 60.0)
+    child = Child(tokenizer)
+    with pytest.raises(TemplateRefused, match=r"more than the 512 MiB memory bound of a render to render the messages "
+                                              r"\(its process aborted on an allocation that failed: SIGABRT\)$"):
+        child.render((QUESTION, HUGE_TOKENS, flags))
+    assert not child.alive and child.process.returncode == -signal.SIGABRT
+
+
+@pytest.mark.usefixtures("patient_renders")
+def test_a_render_killed_at_its_deadline_near_the_memory_bound_says_how_near(tokenizer):
+    """A render that holds most of the memory bound when its deadline kills it (the template of 5 MB of text on a
+    busy machine: the deadline came before the bound, and said only "took more than 2 s") says how much it held."""
+    holding = "{% set held = 'x' * (messages | length) * 150000000 %}" + ENDLESS  # 300 MB held
+    child = Child(tokenizer)
+    with pytest.raises(TemplateRefused, match=f"took more than {MAX_RENDER_SECONDS:g} s to render the messages "
+                                              r"\(its process then 28\d MiB into the 512 MiB memory bound"):
+        child.render((QUESTION, holding, GENERATION))
 
 
 @pytest.mark.usefixtures("patient_renders")
@@ -321,8 +348,10 @@ def rendering(children: list[Child], which: int = 0) -> Child:
 @pytest.mark.parametrize("sent,error,said", [
     (signal.SIGKILL, RenderUnavailable, "killed by SIGKILL"),  # an operator's kill -9, the OOM killer
     (signal.SIGHUP, RenderUnavailable, "killed by SIGHUP"),  # SIGTERM and SIGINT it ignores: its server stops it
-    (signal.SIGSEGV, TemplateRefused, r"died trying to render the messages \(SIGSEGV\)")],  # a crash of its own
-    ids=["SIGKILL", "SIGHUP", "SIGSEGV"])
+    (signal.SIGSEGV, TemplateRefused, r"died trying to render the messages \(SIGSEGV\)"),  # a crash of its own
+    # an abort of its own, not on an allocation that failed (its stderr does not say so): not the memory bound's
+    (signal.SIGABRT, TemplateRefused, r"died trying to render the messages \(SIGABRT\)")],
+    ids=["SIGKILL", "SIGHUP", "SIGSEGV", "SIGABRT"])
 def test_a_render_process_killed_from_outside_is_the_servers_trouble_not_the_templates(tokenizer, monkeypatch, sent,
                                                                                       error, said):
     """A process killed mid-render by a signal the sandbox did not send: a RenderUnavailable (a 503), not the
