@@ -116,8 +116,9 @@ class QueueFull(NamesSettings):
 
 
 class TemplateBacklog(QueueFull):
-    """A chat template known to be slow has as many renders waiting as the server queues for it; retry later.
-    ``retry_after``: the seconds the renders ahead of a retry may take (each up to its deadline)."""
+    """A chat template known to be slow has as many prompts waiting to be rendered with it as the server queues for
+    it; retry later. ``retry_after``: the seconds the prompts ahead of a retry may take to render, each up to
+    its renders' deadlines (``template_sandbox.Renderer.refusal``)."""
 
     def __init__(self, message: str, retry_after: int):
         super().__init__(message)

@@ -27,7 +27,7 @@ async def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[st
     the adapter's), renders no tokens, or leaves out a user message's text (``prompt_styles.render_ids``), or runs
     past the render's bounds; RenderUnavailable (a 503) when the server could not render it, for trouble not the
     template's (its process killed or frozen from outside, or not started: ``template_sandbox``); TemplateBacklog (a
-    429) when the template is a slow one with as many renders waiting as are queued for it; EngineStopped when the
+    429) when the template is a slow one with as many prompts waiting as are queued for it; EngineStopped when the
     service shuts down before the render began."""
     if template is None and tokenizer.chat_template is None:
         raise LateProblems([problem("model", None, "no_chat_template", "this model has no chat template, and the "

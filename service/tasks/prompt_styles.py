@@ -271,7 +271,7 @@ def encoded(tokenizer: PreTrainedTokenizerBase, style: str, prompt: Prompt, temp
     adapter's), else the tokenizer's chat template, in a template process, waiting for it (blocking: the service
     awaits its renders, ``Tasks.prompt_ids_of``). Raises ValueError for a chat style without a chat template,
     TemplateRefused as ``render_ids`` and when the render runs past the deadline or the memory bound, TemplateBacklog
-    when the template is a slow one with as many renders waiting as are queued for it (``Renderer.submit``)."""
+    when the template is a slow one with as many prompts waiting as are queued for it (``Renderer.submit``)."""
     if isinstance(prompt, str):
         return encode_text(tokenizer, prompt)
     require_template(tokenizer, style, template)

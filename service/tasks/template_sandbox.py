@@ -62,8 +62,9 @@ RENDERS = 4
 MAX_JOB_SECONDS = RENDERS * MAX_RENDER_SECONDS
 MAX_RENDER_BYTES = 512 * 2**20  # how much a render may grow its child's data segment
 WORKERS = 2  # children per tokenizer: renders that run at once
-# renders of one template known to be slow that may wait (``Renderer.slow``): they run one at a time (the slow
-# templates share WORKERS - 1 processes) and each may take MAX_JOB_SECONDS, so the last of 4 waits up to 32 s before
+# jobs of one template known to be slow that may wait (``Renderer.slow``; a job is a prompt: a chat request's
+# messages, or one of /answer's and /nli's chat-style prompts): they run one at a time (the slow templates share
+# WORKERS - 1 processes) and each may take MAX_JOB_SECONDS (RENDERS renders), so the last of 4 waits up to 32 s before
 # its own; most of them end at their first render's deadline anyway (a 422), so a client past these is told at once
 # (a 429), not kept waiting behind a pile that grows as fast as clients retry
 MAX_SLOW_WAITING = 4
@@ -291,7 +292,7 @@ class Renderer:
     def submit(self, job: Job) -> Future:
         """Queue ``job``; its future's result is ``render_ids`` of it, or TemplateRefused or RenderUnavailable as
         ``Child`` raises, or at once EngineStopped once ``close``d, and TemplateBacklog (a 429) when its template is
-        a slow one with ``MAX_SLOW_WAITING`` renders waiting. Cancel the future to withdraw a job not started."""
+        a slow one with ``MAX_SLOW_WAITING`` jobs waiting. Cancel the future to withdraw a job not started."""
         future: Future = Future()
         with self.changed:
             refusal = self.refusal(job[1])
@@ -307,20 +308,26 @@ class Renderer:
 
     def refusal(self, template: str | None) -> Exception | None:
         """Why a job of ``template`` is not queued (call holding ``changed``): EngineStopped once ``close``d,
-        TemplateBacklog for a slow template with ``MAX_SLOW_WAITING`` renders waiting whose callers wait still, its
-        ``retry_after`` the renders of it ahead (waiting and running) times ``MAX_JOB_SECONDS``, rounded up (CPU
-        time: a busy machine's renders take longer); None when it is queued."""
+        TemplateBacklog for a slow template with ``MAX_SLOW_WAITING`` jobs waiting whose callers wait still; None
+        when it is queued. The backlog's ``retry_after`` is the seconds the jobs of the template ahead of the next
+        one may take, in whole seconds rounded up: (jobs waiting + jobs running) x ``MAX_JOB_SECONDS``, each job up
+        to ``RENDERS`` renders of ``MAX_RENDER_SECONDS``, run one at a time (4 waiting and 1 running: 5 x 8 = 40 s).
+        CPU seconds, so a busy machine's take longer; another slow template's jobs, which take turns with these, are
+        not counted."""
         if self.closed:
             return EngineStopped(SHUTTING_DOWN)
         if template not in self.slow:  # the count below walks the template's queue: only for the slow ones
             return None
         waiting = sum(not future.cancelled() for _, future in self.waiting.get(template, ()))
         if waiting >= MAX_SLOW_WAITING:
-            wait = math.ceil((waiting + self.running[template]) * MAX_JOB_SECONDS)
+            ahead = waiting + self.running[template]
+            wait = math.ceil(ahead * MAX_JOB_SECONDS)
             return TemplateBacklog(f"this chat template is slow (a render of it ran to the bounds of a render), and "
-                                   f"{waiting} renders of it wait already, the most this server queues for such a "
-                                   f"template; retry in {wait} s, when the renders ahead of it will have run (each "
-                                   f"up to {MAX_JOB_SECONDS:g} s: {RENDERS} renders of {MAX_RENDER_SECONDS:g} s)",
+                                   f"{waiting} prompts wait already to be rendered with it (each a chat request's "
+                                   f"messages, or one of /answer's or /nli's chat-style prompts), the most this "
+                                   f"server queues for such a template; retry in {wait} s, when the {ahead} prompts "
+                                   f"ahead (waiting and rendering) will have been rendered, one at a time, each in up "
+                                   f"to {MAX_JOB_SECONDS:g} s ({RENDERS} renders of {MAX_RENDER_SECONDS:g} s)",
                                    retry_after=wait)
         return None
 

@@ -230,8 +230,11 @@ def test_a_slow_templates_renders_wait_in_a_bounded_queue_past_which_they_are_re
     refused = renders.submit(job)
     assert refused.done() and isinstance(refused.exception(), TemplateBacklog), refused
     assert "slow" in str(refused.exception()) and not any(future.done() for future in waiting)
-    ahead = math.ceil((MAX_SLOW_WAITING + 1) * MAX_JOB_SECONDS)  # the renders waiting and the one running
+    ahead = math.ceil((MAX_SLOW_WAITING + 1) * MAX_JOB_SECONDS)  # the jobs waiting and the one running
     assert refused.exception().retry_after == ahead and f"retry in {ahead} s" in str(refused.exception())
+    # a review: it said "4 renders ... wait" where 4 jobs of up to 4 renders each wait
+    assert f"{MAX_SLOW_WAITING} prompts wait already" in str(refused.exception())
+    assert f"the {MAX_SLOW_WAITING + 1} prompts ahead (waiting and rendering)" in str(refused.exception())
     assert waiting[-1].cancel() and not renders.submit(job).done()  # its place taken by the next
     assert renders.render((QUESTION, None, GENERATION)) == render_ids(tokenizer, QUESTION, None, **GENERATION)
     renders.close()
