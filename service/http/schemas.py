@@ -200,6 +200,21 @@ class DecodingIn(NullIsDefault):
     max_new_tokens: Annotated[int, capped("tokens")] = Field(ANSWER_TOKENS, ge=1)  # the server's cap beyond
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
 
+    @field_validator("max_new_tokens", mode="before")
+    @classmethod
+    def _generates(cls, budget: Any) -> Any:
+        """0 is refused saying why (it was pydantic's 'greater than or equal to 1')."""
+        return not_zero("max_new_tokens", budget, "an answer is generated, at least one token (this server does not "
+                        "score an answer given)")
+
+    @field_validator("top_k", mode="before")
+    @classmethod
+    def _keeps_tokens(cls, top_k: Any) -> Any:
+        """0 is refused saying why (it was pydantic's 'greater than or equal to 1'): transformers takes it for no top-k
+        filtering, which here is another strategy."""
+        return not_zero("top_k", top_k, "top_k is how many of the likeliest tokens strategy 'top_k' samples from "
+                        "(transformers takes 0 for all of them: here, strategy 'temperature')")
+
     @field_validator(*SAMPLING_DEFAULTS, SEED)
     @classmethod
     def _read_by_the_strategy(cls, value: Any, info: ValidationInfo) -> Any:
@@ -381,6 +396,14 @@ def refused(field: str, reason: str) -> PydanticCustomError:
     return PydanticCustomError("not_supported", "{field} {reason}", {"field": field, "reason": reason})
 
 
+def not_zero(field: str, value: Any, why: str) -> Any:
+    """``value`` (a field's, before its type is checked) as it is, unless it is the integer 0, which other servers
+    take: refused, saying ``why`` it is not here (pydantic's 'greater than or equal to 1' said nothing of it)."""
+    if type(value) is int and value == 0:
+        raise refused(field, f"0 is not supported: {why}; send {field} 1 or more")
+    return value
+
+
 class OpenAIIn(NullIsDefault):
     """The fields OpenAI's /v1/completions and /v1/chat/completions requests share: each is honoured, or accepted only
     at the values that change nothing here and refused by name otherwise; unknown fields are refused. A null field
@@ -446,11 +469,8 @@ class CompletionIn(OpenAIIn):
         """0 is refused saying why (it was pydantic's 'greater than or equal to 1'): OpenAI's legacy completions take
         it with echo, to score the prompt (its logprobs, generating nothing), as vLLM does; this server computes no
         prompt's logprobs (``_not_of_the_prompt``)."""
-        if type(max_tokens) is int and max_tokens == 0:
-            raise refused("max_tokens", "0 is not supported: OpenAI takes it with echo true to score the prompt (its "
-                          "logprobs, generating nothing), and this server does not compute a prompt's logprobs; send "
-                          "max_tokens 1 or more")
-        return max_tokens
+        return not_zero("max_tokens", max_tokens, "OpenAI takes it with echo true to score the prompt (its logprobs, "
+                        "generating nothing), and this server does not compute a prompt's logprobs")
 
     @field_validator("best_of")
     @classmethod
@@ -574,6 +594,16 @@ class ChatCompletionIn(OpenAIIn):
         if info.data.get("logprobs") is False:  # absent where invalid: its own fault, which this one would repeat
             raise refused("top_logprobs", "needs logprobs true")
         return top_logprobs
+
+    @field_validator("max_tokens", "max_completion_tokens", mode="before")
+    @classmethod
+    def _generates(cls, budget: Any, info: ValidationInfo) -> Any:
+        """0 is refused saying why (it was pydantic's 'greater than or equal to 1', where /v1/completions says why):
+        a chat has no echo, so a reply of no tokens would score nothing, and this server does not compute a prompt's
+        logprobs."""
+        return not_zero(info.field_name, budget, "a reply of no tokens would answer nothing, and this server does not "
+                        "compute the prompt's logprobs, which OpenAI's legacy completions return for 0 with echo true "
+                        "(a chat has no echo)")
 
     @field_validator("max_completion_tokens")
     @classmethod

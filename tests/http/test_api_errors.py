@@ -80,6 +80,19 @@ def test_invalid_answer_input_is_422(client, body, field):
     assert reply.json()["error"].startswith("invalid request") and field in reply.json()["error"]
 
 
+@pytest.mark.parametrize("decoding,said", [
+    ({"max_new_tokens": 0}, "max_new_tokens 0 is not supported: an answer is generated, at least one token"),
+    ({"strategy": "top_k", "top_k": 0}, "top_k 0 is not supported: top_k is how many of the likeliest tokens "
+                                        "strategy 'top_k' samples from (transformers takes 0 for all of them: here, "
+                                        "strategy 'temperature')")], ids=["max_new_tokens", "top_k"])
+def test_a_count_of_0_that_other_servers_take_is_refused_saying_why(client, decoding, said):
+    """A review: these were pydantic's bare 'greater than or equal to 1' (as /v1's max_tokens 0 was): 0 means
+    something elsewhere (no top-k filtering, in transformers), or nothing here; the 422 says which."""
+    reply = client.post("/answer", json={**GOOD, "decoding": decoding})
+    assert reply.status_code == 422, reply.text
+    assert said in reply.json()["error"] and reply.json()["detail"][0]["type"] == "not_supported"
+
+
 @pytest.mark.parametrize("path,body", [
     ("/nli", {"premise": "", "hypothesis": "x"}),
     ("/nli", {"premise": "x", "hypothesis": "y", "extra": 1}),

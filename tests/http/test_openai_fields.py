@@ -126,9 +126,21 @@ def test_max_tokens_0_is_refused_saying_why(client, fields):
     assert reply.json()["error"]["code"] == "not_supported"
     assert "max_tokens 0 is not supported: OpenAI takes it with echo true to score the prompt" in error_message(reply)
     assert "this server does not compute a prompt's logprobs" in error_message(reply)
+
+
+@pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_chats_budget_of_0_is_refused_saying_why(client, field, stream):
+    """A review: /v1/chat/completions kept pydantic's bare 'greater than or equal to 1' for max_tokens or
+    max_completion_tokens 0, where /v1/completions says why (ea08fe4); a chat has no echo: it says what the server
+    does not do, in the same shape."""
     chat = client.post("/v1/chat/completions", json={"model": "base", "messages": [{"role": "user", "content": "Hi"}],
-                                                     "max_tokens": 0})
-    assert chat.status_code == 422 and "greater than or equal to 1" in error_message(chat)  # no echo in chat
+                                                     field: 0, "stream": stream})
+    assert chat.status_code == 422 and chat.json()["error"]["param"] == field, chat.text
+    assert chat.json()["error"]["code"] == "not_supported"
+    assert f"{field} 0 is not supported: a reply of no tokens would answer nothing, and this server does not " \
+        "compute the prompt's logprobs" in error_message(chat)
+    assert "(a chat has no echo)" in error_message(chat) and f"send {field} 1 or more" in error_message(chat)
 
 
 def test_echo_puts_the_prompt_before_the_completion(client):
