@@ -142,8 +142,8 @@ def check_fit(settings: Settings, sized: Sized, weights: tuple[int, str], used: 
     """ValueError where ``replicas`` servers (``scale``'s replicas sharing the device), each with the size settings'
     allocations and a step's activations (``sized(settings)``: ``allocations`` on the model's config), the base's
     ``weights`` (bytes and their formula: ``weight_bytes``) and the ``used`` bytes the device holds now (a process's),
-    need more than its ``memory`` (bytes and whose: ``described_memory``) together, naming each part and what to
-    lower (``advice``)."""
+    need more than its ``memory`` (bytes and whose: ``described_memory``) together: a line saying by how much, a line
+    for each part, and a line of what to lower (``advice``; a review: one line of 900 characters)."""
     sizes = sized(settings)
     each = used + weights[0] + sum(size for size, _ in sizes.values())
     if replicas * each <= memory[0]:
@@ -152,8 +152,9 @@ def check_fit(settings: Settings, sized: Sized, weights: tuple[int, str], used: 
     parts += [f"{size} for {name} {shown(settings, name)} ({what})" for name, (size, what) in sizes.items()]
     needs = f"{each} bytes of memory" + (f" each, {replicas * each} for {replicas} replicas" if replicas > 1 else "")
     advised = advice(settings, sized, used + weights[0], each, memory[0], replicas)
+    terms = "".join(f"\n  {part}" for part in parts)
     raise ValueError(f"the base model and these settings need {needs} together, more than the {memory[0]} bytes "
-                     f"{memory[1]}: {', '.join(parts)}; {advised}")
+                     f"{memory[1]} by {replicas * each - memory[0]}:{terms}\n{advised}")
 
 
 def shown(settings: Settings, name: str) -> object:
@@ -172,9 +173,10 @@ def advice(settings: Settings, sized: Sized, fixed: int, each: int, memory: int,
 def batch_advice(settings: Settings, sized: Sized, fixed: int, memory: int) -> str:
     """What to lower for a server's needs (``fixed`` bytes and its ``sized`` settings') to fit in ``memory`` bytes:
     the largest ``max_batch`` that fits (a power of two: the KV cache's rows are), and the largest
-    ``max_prefill_tokens`` that fits with ``max_batch`` as set (a power of two), or, where neither does, the settings
-    that take memory (a review: a ``prefix_cache_bytes`` of 0 was advised lowered; a batch of one row runs one prompt
-    a prefill pass, whatever ``max_prefill_tokens``)."""
+    ``max_prefill_tokens`` that fits with ``max_batch`` as set (a power of two), or, where neither does, what
+    ``max_batch`` 1 needs and the settings that take memory, each with its largest value that fits with ``max_batch``
+    1 where one does (``one_row_advice``; a review: a ``prefix_cache_bytes`` of 0 was advised lowered; a batch of one
+    row runs one prompt a prefill pass, whatever ``max_prefill_tokens``)."""
     def need(**changed) -> int:
         return fixed + sum(size for size, _ in sized(settings.model_copy(update=changed)).values())
 
@@ -185,9 +187,30 @@ def batch_advice(settings: Settings, sized: Sized, fixed: int, memory: int) -> s
         return f"lower them: {' or '.join(fits)} fits with the rest"
     if need(max_batch=1, prefix_cache_bytes=0, max_input_tokens=MIN_PROMPT_TOKENS, max_new_tokens=1) > memory:
         return "not even the base's weights and the process fit: give it more memory"
-    lower = ["prefix_cache_bytes"] * (settings.prefix_cache_bytes > 0) + ["max_input_tokens", "max_new_tokens"]
-    return (f"not even max_batch 1 fits with the rest: lower {', '.join(lower[:-1])} or {lower[-1]}, or give it "
-            "more memory")
+    return one_row_advice(settings, need, memory)
+
+
+def one_row_advice(settings: Settings, need: Callable[..., int], memory: int) -> str:
+    """``batch_advice`` where not even ``max_batch`` 1 fits in ``memory`` bytes (``need``: the bytes of the settings
+    changed so): what it needs, by how much past ``memory`` (a review: following the advice for a 1 GiB limit, a
+    server still needed 32 MB more, and was told again "not even max_batch 1 fits" alone), and what to lower, each
+    with the largest value that fits with ``max_batch`` 1 and the rest as set, where one does (``prefix_cache_bytes``
+    to the byte; ``max_input_tokens`` and ``max_new_tokens`` a power of two, a prompt no shorter than
+    ``MIN_PROMPT_TOKENS``)."""
+    def largest(name: str, least: int) -> int:  # a power of two, 0 where none from least up fits
+        value = largest_fitting(lambda value: need(max_batch=1, **{name: value}) <= memory,
+                                2 ** (getattr(settings, name).bit_length() - 1))
+        return value if value >= least else 0
+
+    lower = [("prefix_cache_bytes", memory - need(max_batch=1, prefix_cache_bytes=0))] * (
+        settings.prefix_cache_bytes > 0)
+    lower += [("max_input_tokens", largest("max_input_tokens", MIN_PROMPT_TOKENS)),
+              ("max_new_tokens", largest("max_new_tokens", 1))]
+    named = [f"{name} ({value} fits)" if value > 0 else name for name, value in lower]
+    alone = "" if any(value > 0 for _, value in lower) else " (none of them alone fits: lower more than one)"
+    needed = need(max_batch=1)
+    return (f"not even max_batch 1 fits with the rest: it needs {needed} bytes, {needed - memory} more than the "
+            f"{memory} there are; lower {', '.join(named[:-1])} or {named[-1]}{alone}, or give it more memory")
 
 
 def largest_fitting(fits: Callable[[int], bool], start: int) -> int:

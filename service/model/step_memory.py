@@ -52,11 +52,26 @@ def prefill_tokens(settings: Settings, device: torch.device, prompt: int) -> int
     return int(min(max(prefill_budget(settings, device), prompt), settings.max_batch * prompt))
 
 
+def why_tokens(settings: Settings, device: torch.device, prompt: int) -> str:
+    """Why a prefill pass runs ``prefill_tokens`` tokens, in words, where they are not ``prefill_budget``'s: one
+    prompt alone past the budget, or ``max_batch`` rows of the longest (``prompt`` tokens) below it; "" where they
+    are (a review: ``--max-prefill-tokens 512`` was counted as 1024 tokens, saying nothing of why)."""
+    budget, tokens = prefill_budget(settings, device), prefill_tokens(settings, device, prompt)
+    if tokens > budget:
+        return (f"; {tokens} tokens, not {budget:.0f}: one prompt alone may run past max_prefill_tokens, up to the "
+                f"longest prompt ({prompt} tokens)")
+    row = "row" if settings.max_batch == 1 else "rows"
+    rows = f"max_batch {settings.max_batch} {row} of the longest prompt ({prompt} tokens)"
+    if budget == math.inf:  # unset on a GPU
+        return f"; {tokens} tokens: {rows}, max_prefill_tokens unset bounding a pass by nothing else on a GPU"
+    return f"; {tokens} tokens, fewer than {budget:.0f}: {rows}" if tokens < budget else ""
+
+
 def prefill_bytes(settings: Settings, config: PretrainedConfig, dtype: torch.dtype, device: torch.device,
                   prompt: int, kv_per_token: int) -> tuple[int, str]:
     """The bytes a prefill pass's activations take at the most, with the formula in words (see the module's
-    docstring): its tokens (``prefill_tokens``) of at most ``prompt`` tokens a row, ``kv_per_token`` bytes of keys
-    and values a token (``device_room.kv_bytes_per_token``)."""
+    docstring): its tokens (``prefill_tokens``, and ``why_tokens`` so many) of at most ``prompt`` tokens a row,
+    ``kv_per_token`` bytes of keys and values a token (``device_room.kv_bytes_per_token``)."""
     tokens = prefill_tokens(settings, device, prompt)
     width = config.hidden_size + intermediate_size(config)
     heads = config.num_attention_heads
@@ -64,11 +79,12 @@ def prefill_bytes(settings: Settings, config: PretrainedConfig, dtype: torch.dty
     rows = min(settings.max_batch, tokens)
     per_token = LAYER_VALUES * width * 4 + prompt * groups * MASK_BYTES + kv_per_token
     logits = rows * config.vocab_size * (dtype.itemsize + 4)
+    whose = "row's" if rows == 1 else "rows'"
     return tokens * per_token + logits, (
         f"a prefill step's activations, {tokens} tokens x ({LAYER_VALUES} x (hidden {config.hidden_size} + "
         f"intermediate {intermediate_size(config)}) x 4 bytes + a mask of {prompt} columns x {groups} heads x "
-        f"{MASK_BYTES} bytes + {kv_per_token} bytes of keys and values), and {rows} rows' logits x vocab "
-        f"{config.vocab_size} x {dtype.itemsize + 4} bytes")
+        f"{MASK_BYTES} bytes + {kv_per_token} bytes of keys and values), and {rows} {whose} logits x vocab "
+        f"{config.vocab_size} x {dtype.itemsize + 4} bytes{why_tokens(settings, device, prompt)}")
 
 
 def intermediate_size(config: PretrainedConfig) -> int:

@@ -106,8 +106,8 @@ def test_serve_refuses_settings_that_need_more_than_a_containers_memory_limit_be
                     "'--prefix-cache-bytes', '900000000']; main()")
     assert ran.returncode == 2 and "loraswap serve: error: the base model and these settings need " in ran.stderr \
         and f" bytes of memory together, more than the {GIB} bytes of the container's memory limit (memory and " \
-            "swap): " in ran.stderr \
-        and "900000000 for --prefix-cache-bytes 900000000 (the prefix cache's keys and values), " in ran.stderr, \
+            "swap) by " in ran.stderr \
+        and "\n  900000000 for --prefix-cache-bytes 900000000 (the prefix cache's keys and values)\n" in ran.stderr, \
         ran.stderr
 
 

@@ -70,17 +70,20 @@ def test_settings_that_each_fit_but_not_together_are_refused_naming_every_part(t
     check_fit(settings, sized, weights, USED, (needed, HOST))
     with pytest.raises(ValueError) as refused:
         check_fit(settings, sized, weights, USED, (10**9, HOST))
-    message = str(refused.value)
-    assert message.startswith(f"the base model and these settings need {needed} bytes of memory together, more than "
-                              f"the 1000000000 bytes {HOST}: {USED} in use now, {weights[0]} for the base's "
-                              f"weights ({weights[1]}), {sizes['max_batch'][0]} for max_batch 32 (a full batch's KV "
-                              "cache, 32 rows x 768 columns x 512 bytes a token, the columns for max_input_tokens 1024 "
-                              "and max_new_tokens 64), "), message
-    assert "900000000 for prefix_cache_bytes 900000000 (the prefix cache's keys and values), " in message, message
-    assert f"{sizes['max_prefill_tokens'][0]} for max_prefill_tokens unset (a prefill step's activations, 2048 " \
-           "tokens x (6 x (hidden 64 + intermediate 128) x 4 bytes + a mask of 448 columns x 2 heads x 6 bytes + " \
-           "512 bytes of keys and values), and 32 rows' logits x vocab 1000 x 8 bytes); not even max_batch 1 fits " \
-           "with the rest: lower prefix_cache_bytes, max_input_tokens or max_new_tokens" in message, message
+    lines = str(refused.value).split("\n")  # a review: one line of 900 characters; now a line for each part
+    assert lines[0] == (f"the base model and these settings need {needed} bytes of memory together, more than the "
+                        f"1000000000 bytes {HOST} by {needed - 10**9}:"), lines
+    assert lines[1:6] == [
+        f"  {USED} in use now", f"  {weights[0]} for the base's weights ({weights[1]})",
+        f"  {sizes['max_batch'][0]} for max_batch 32 (a full batch's KV cache, 32 rows x 768 columns x 512 bytes a "
+        "token, the columns for max_input_tokens 1024 and max_new_tokens 64)",
+        f"  {sizes['max_resident'][0]} for max_resident 8 ({sizes['max_resident'][1]})",
+        "  900000000 for prefix_cache_bytes 900000000 (the prefix cache's keys and values)"], lines
+    assert lines[6] == (f"  {sizes['max_prefill_tokens'][0]} for max_prefill_tokens unset (a prefill step's "
+                        "activations, 2048 tokens x (6 x (hidden 64 + intermediate 128) x 4 bytes + a mask of 448 "
+                        "columns x 2 heads x 6 bytes + 512 bytes of keys and values), and 32 rows' logits x vocab "
+                        "1000 x 8 bytes)"), lines
+    assert lines[7].startswith("not even max_batch 1 fits with the rest: it needs ") and len(lines) == 8, lines
 
 
 @pytest.mark.parametrize("memory", [800_000_000, 10**9, 1_200_000_000])
@@ -96,11 +99,13 @@ def test_the_max_batch_advised_is_the_largest_that_fits(memory, tiny_llama_dir):
 
 
 @pytest.mark.parametrize(("settings", "memory", "advice"), [
-    # a review: a prefix cache of 0 was advised lowered
-    ({"prefix_cache_bytes": 0, "max_batch": 1}, 0, "not even max_batch 1 fits with the rest: lower max_input_tokens "
-     "or max_new_tokens, or give it more memory"),
-    ({"prefix_cache_bytes": 10**6, "max_batch": 1}, 0, "not even max_batch 1 fits with the rest: lower "
-     "prefix_cache_bytes, max_input_tokens or max_new_tokens, or give it more memory"),
+    # a review: a prefix cache of 0 was advised lowered; and how much max_batch 1 lacks was not said
+    ({"prefix_cache_bytes": 0, "max_batch": 1}, 0, r"not even max_batch 1 fits with the rest: it needs (\d+) bytes, "
+     r"(\d+) more than the (\d+) there are; lower max_input_tokens \(16 fits\) or max_new_tokens, or give it more "
+     "memory"),
+    ({"prefix_cache_bytes": 10**6, "max_batch": 1}, 0, r"not even max_batch 1 fits with the rest: it needs (\d+) "
+     r"bytes, (\d+) more than the (\d+) there are; lower prefix_cache_bytes, max_input_tokens or max_new_tokens "
+     r"\(none of them alone fits: lower more than one\), or give it more memory"),
     ({"prefix_cache_bytes": 10**6, "max_batch": 1}, -1, "not even the base's weights and the process fit: give it "
      "more memory"),
 ])
@@ -113,8 +118,48 @@ def test_what_to_lower_names_only_what_takes_memory(settings, memory, advice, ti
     fixed = USED + weights[0] + total(least, sized)
     with pytest.raises(ValueError) as refused:
         check_fit(chosen, sized, weights, USED, (fixed + memory, HOST))
-    assert str(refused.value).endswith(f"; {advice}"), refused.value
+    said = re.fullmatch(advice, str(refused.value).rsplit("\n", 1)[1])
+    assert said, refused.value
+    if said.groups():  # what max_batch 1 needs, past the memory by so much
+        needs = USED + weights[0] + total(chosen, sized)
+        assert list(map(int, said.groups())) == [needs, needs - fixed - memory, fixed + memory], refused.value
     assert " (a full batch's KV cache, 1 row x 768 columns x " in str(refused.value), refused.value
+
+
+@pytest.mark.parametrize("short", [1, 10**6])
+def test_what_max_batch_1_lacks_is_said_with_the_values_that_fit(short, tiny_llama_dir):
+    """A review: following the advice for a 1 GiB limit step by step (SmolLM2, max_batch 1, no prefix cache), a server
+    still lacked 32 MB, and was told again "not even max_batch 1 fits" alone. Now ``short`` bytes short of what
+    max_batch 1 needs, the advice says what it needs and the gap, and the largest max_input_tokens (a power of two)
+    that fits with it, and its double does not."""
+    config = AutoConfig.from_pretrained(tiny_llama_dir)
+    settings, sized, weights = sizes_of(config, max_batch=1, prefix_cache_bytes=0)
+    needs = USED + weights[0] + total(settings, sized)
+    with pytest.raises(ValueError) as refused:
+        check_fit(settings, sized, weights, USED, (needs - short, HOST))
+    advice = str(refused.value).rsplit("\n", 1)[1]
+    assert advice.startswith(f"not even max_batch 1 fits with the rest: it needs {needs} bytes, {short} more than the "
+                             f"{needs - short} there are; lower max_input_tokens ("), refused.value
+    tokens = int(re.search(r"max_input_tokens \((\d+) fits\)", advice)[1])
+    for fitting, value in [(True, tokens), (False, 2 * tokens)]:
+        changed = settings.model_copy(update={"max_input_tokens": value})
+        assert (USED + weights[0] + total(changed, sized) <= needs - short) == fitting, value
+
+
+@pytest.mark.parametrize(("settings", "device", "said"), [
+    # a review: --max-prefill-tokens 512 was counted as 1024 tokens (SmolLM2's longest prompt), saying nothing of why
+    ({"max_prefill_tokens": 300}, "cpu", "448 tokens x (6 x (hidden 64 + intermediate 128) x 4 bytes + a mask of 448 "
+     "columns x 2 heads x 6 bytes + 512 bytes of keys and values), and 32 rows' logits x vocab 1000 x 8 bytes; 448 "
+     "tokens, not 300: one prompt alone may run past max_prefill_tokens, up to the longest prompt (448 tokens)"),
+    ({"max_batch": 2}, "cpu", "and 2 rows' logits x vocab 1000 x 8 bytes; 896 tokens, fewer than 2048: max_batch 2 "
+     "rows of the longest prompt (448 tokens)"),
+    ({"max_batch": 1}, "cuda", "and 1 row's logits x vocab 1000 x 8 bytes; 448 tokens: max_batch 1 row of the longest "
+     "prompt (448 tokens), max_prefill_tokens unset bounding a pass by nothing else on a GPU"),
+    ({"max_prefill_tokens": 2048}, "cpu", "and 32 rows' logits x vocab 1000 x 8 bytes")])
+def test_a_prefill_steps_tokens_other_than_max_prefill_tokens_say_why(settings, device, said, tiny_llama_dir):
+    what = allocations(Settings(**settings), AutoConfig.from_pretrained(tiny_llama_dir), torch.float32,
+                       torch.device(device))["max_prefill_tokens"][1]
+    assert what.endswith(said), what
 
 
 def test_the_device_of_a_clusters_replicas_is_not_read_here(tiny_llama_dir):
@@ -135,7 +180,7 @@ def test_a_prefill_pass_of_fewer_tokens_is_advised_where_it_fits(past, tiny_llam
     memory = USED + weights[0] + total(settings.model_copy(update={"max_prefill_tokens": 512}), sized) + past
     with pytest.raises(ValueError) as refused:
         check_fit(settings, sized, weights, USED, (memory, HOST))
-    advised = re.search(r"; lower them: max_batch (\d+) or max_prefill_tokens (\d+) fits with the rest$",
+    advised = re.search(r"\nlower them: max_batch (\d+) or max_prefill_tokens (\d+) fits with the rest$",
                         str(refused.value))
     assert advised, refused.value
     batch, tokens = map(int, advised.groups())
