@@ -143,7 +143,8 @@ class Child:
         ``STDERR_TAIL`` bytes (``aborted_on_memory``), until the process ends."""
         with self.process.stderr as stderr:
             while chunk := os.read(stderr.fileno(), 65536):
-                os.write(2, chunk)
+                with contextlib.suppress(OSError):  # the server's stderr closed: read on, or the process would block
+                    os.write(2, chunk)
                 self.stderr_tail = (self.stderr_tail + chunk)[-STDERR_TAIL:]
 
     def aborted_on_memory(self) -> bool:
