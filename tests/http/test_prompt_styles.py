@@ -22,6 +22,7 @@ from tests.http.api_helpers import Tiny, assert_close
 from tests.http.replies import error_message
 from tests.http.test_api import Reference
 from tests.server_helpers import ADMIN, SERVER_CAP, ready_client, tiny_settings
+from tests.unit.test_template_sandbox import HUGE_TOKENS
 
 CONTEXT = "The Normans gave their name to Normandy, a region in France."  # short: one_shot's prompt holds it
 QUESTION = "Who gave their name to Normandy?"
@@ -187,6 +188,16 @@ def test_an_adapter_template_that_fails_on_the_style_s_prompt_is_a_422_not_a_pro
                                                                     status=422)):
         assert "chat template refused" in reply["message"] and "no system messages" in reply["message"], reply
     assert answer(client, adapter, "adapter")["answer"]
+
+
+@pytest.mark.usefixtures("patient_renders")
+def test_a_style_s_prompt_whose_tokens_pass_the_memory_bound_is_a_422_naming_it(client, tiny):
+    """A review: an adapter's template of 5 MB of text, whose tokens pass the render's memory bound in the tokenizer's
+    Rust code (an abort, not a MemoryError), was said to have taken more than 2 s (/answer) or its process to have died
+    (SIGABRT); now the memory bound is named, on /answer and /nli."""
+    adapter = with_template(client, tiny, "huge_tokens", HUGE_TOKENS)
+    for reply in (answer(client, adapter, "zero_shot", status=422), nli(client, adapter, "zero_shot", status=422)):
+        assert "512 MiB memory bound of a render" in reply["message"], reply
 
 
 def test_a_context_too_long_for_the_one_shot_prompt_is_answered_in_windows_sized_for_it(tiny, reference):
