@@ -4,6 +4,7 @@ with a lock the second KeyboardInterrupt left held, or aborted, status 134; ``be
 traceback from ``threading._shutdown``)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -130,6 +132,30 @@ def replied(reply: httpx.Response) -> str:
     return "forced" if reply.status_code == 503 and message == FORCED_STOP_REPLY else f"{reply.status_code} {body}"
 
 
+@contextlib.contextmanager
+def serving_a_stream(model_dir: Path, tmp_path: Path, pool: ThreadPoolExecutor, completion: dict, *options: str):
+    """A ``loraswap serve`` process of ``model_dir`` (``options`` added; its stderr in ``tmp_path``/serve.log), ready,
+    with a stream of ``completion`` begun on ``pool``: (process, its URL, the stream's ``streamed`` future); killed at
+    the end."""
+    port, log = free_port(), tmp_path / "serve.log"
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "service.cli.entry", "serve", "--base-model", str(model_dir),
+               "--adapters-dir", str(tmp_path), "--device", "cpu", "--host", "127.0.0.1", "--port", str(port),
+               "--max-new-tokens", str(TOKENS), *options]
+    with log.open("w") as stderr:
+        process = subprocess.Popen(command, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, stdout=subprocess.DEVNULL,
+                                   stderr=stderr)
+        try:
+            wait_ready(lambda path: httpx.get(url + path), timeout=120)
+            begun = threading.Event()
+            stream = pool.submit(streamed, url, completion, begun)
+            assert begun.wait(60), "the stream did not begin within 60 s"
+            yield process, url, stream
+        finally:
+            process.kill()
+            process.wait()
+
+
 @pytest.mark.parametrize("signals", [("INT", "INT"), ("TERM", "INT"), ("TERM", "INT", "INT"), ("TERM", "TERM"),
                                      ("INT", "TERM")], ids="-".join)
 def test_a_server_stopped_twice_with_requests_in_flight(signals, slow_llama_dir, tmp_path):
@@ -140,36 +166,21 @@ def test_a_server_stopped_twice_with_requests_in_flight(signals, slow_llama_dir,
     A review: a Ctrl-C within the drain (1 s) waited for the requests all the same, and a forced stop answered each
     with a plain-text 500 'Internal Server Error' and logged its CancelledError's traceback after uvicorn's last
     line."""
-    port, log = free_port(), tmp_path / "serve.log"
-    url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "service.cli.entry", "serve", "--base-model", str(slow_llama_dir),
-               "--adapters-dir", str(tmp_path), "--device", "cpu", "--host", "127.0.0.1", "--port", str(port),
-               "--max-new-tokens", str(TOKENS), "--max-queue-wait", "600"]
     completion = {"model": "base", "prompt": "Story 1:", "max_tokens": TOKENS, "temperature": 0}
     answer = {"context": "The Normans gave their name to Normandy. " * 4, "question": "Who?", "extractive": False,
               "decoding": {"max_new_tokens": TOKENS}}
-    with log.open("w") as stderr, ThreadPoolExecutor(6) as pool:
-        process = subprocess.Popen(command, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, stdout=subprocess.DEVNULL,
-                                   stderr=stderr)
-        try:
-            wait_ready(lambda path: httpx.get(url + path), timeout=120)
-            begun = threading.Event()
-            stream = pool.submit(streamed, url, completion, begun)
-            assert begun.wait(60), "the stream did not begin within 60 s"
-            replies = [pool.submit(httpx.post, f"{url}/v1/completions", json=completion, timeout=120)
-                       for _ in range(3)]
-            replies += [pool.submit(httpx.post, f"{url}/answer", json=answer, timeout=120)]
-            with httpx.Client(base_url=url) as http:
-                wait_until(lambda: value(scrape(http), "loraswap_requests_in_flight") >= 5, "5 requests in flight")
-            for k, name in enumerate(signals):
-                time.sleep(0.3 if k else 0)
-                process.send_signal(getattr(signal, f"SIG{name}"))
-            status = process.wait(timeout=120)
-            outcomes = [replied(reply.result()) for reply in replies] + [stream.result()]
-        finally:
-            process.kill()
-            process.wait()
-    err = log.read_text()
+    with ThreadPoolExecutor(6) as pool, serving_a_stream(slow_llama_dir, tmp_path, pool, completion,
+                                                         "--max-queue-wait", "600") as (process, url, stream):
+        replies = [pool.submit(httpx.post, f"{url}/v1/completions", json=completion, timeout=120) for _ in range(3)]
+        replies += [pool.submit(httpx.post, f"{url}/answer", json=answer, timeout=120)]
+        with httpx.Client(base_url=url) as http:
+            wait_until(lambda: value(scrape(http), "loraswap_requests_in_flight") >= 5, "5 requests in flight")
+        for k, name in enumerate(signals):
+            time.sleep(0.3 if k else 0)
+            process.send_signal(getattr(signal, f"SIG{name}"))
+        status = process.wait(timeout=120)
+        outcomes = [replied(reply.result()) for reply in replies] + [stream.result()]
+    err = (tmp_path / "serve.log").read_text()
     forced = "INT" in signals[1:]
     assert outcomes == ["forced"] * 4 + ["cut"] if forced else ["whole"] * 5, (outcomes, err[-3000:])
     assert status == 0 and err.splitlines()[-1].startswith("INFO:     Finished server process"), err[-3000:]
@@ -184,32 +195,19 @@ def test_requests_queued_at_a_stop_are_served_or_told_the_server_shuts_down(slow
     ``--max-queue-wait`` (3 s) are answered whole, the others get a 503 saying the service is shutting down (code
     engine_stopped), without Retry-After; never the 429 'the server is past capacity; retry later' (Retry-After 1)
     that sent their clients back to the server going away (a review: SmolLM2, 7 requests in flight at SIGTERM)."""
-    port, log = free_port(), tmp_path / "serve.log"
-    url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "service.cli.entry", "serve", "--base-model", str(slow_llama_dir),
-               "--adapters-dir", str(tmp_path), "--device", "cpu", "--host", "127.0.0.1", "--port", str(port),
-               "--max-new-tokens", str(TOKENS), "--max-batch", "1", "--max-queue-wait", "3"]
     completion = {"model": "base", "prompt": "Story 1:", "max_tokens": TOKENS, "temperature": 0}
-    with log.open("w") as stderr, ThreadPoolExecutor(1 + QUEUED) as pool:
-        process = subprocess.Popen(command, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, stdout=subprocess.DEVNULL,
-                                   stderr=stderr)
-        try:
-            wait_ready(lambda path: httpx.get(url + path), timeout=120)
-            begun = threading.Event()
-            stream = pool.submit(streamed, url, completion, begun)
-            assert begun.wait(60), "the stream did not begin within 60 s"
-            replies = [pool.submit(httpx.post, f"{url}/v1/completions", json={**completion, "stream": k % 3 == 1},
-                                   timeout=120) for k in range(QUEUED)]
-            with httpx.Client(base_url=url) as http:  # all queued within the bound: it passes after the signal
-                wait_until(lambda: value(scrape(http), "loraswap_requests_waiting") >= QUEUED, "requests queued")
-            process.send_signal(signal.SIGTERM)
-            status = process.wait(timeout=120)
-            refused = [reply.result() for reply in replies if reply.result().status_code != 200]
-            served = [reply.result() for reply in replies if reply.result().status_code == 200]
-        finally:
-            process.kill()
-            process.wait()
-    err = log.read_text()
+    with ThreadPoolExecutor(1 + QUEUED) as pool, serving_a_stream(slow_llama_dir, tmp_path, pool, completion,
+                                                                  "--max-batch", "1", "--max-queue-wait", "3") as (
+            process, url, stream):
+        replies = [pool.submit(httpx.post, f"{url}/v1/completions", json={**completion, "stream": k % 3 == 1},
+                               timeout=120) for k in range(QUEUED)]
+        with httpx.Client(base_url=url) as http:  # all queued within the bound: it passes after the signal
+            wait_until(lambda: value(scrape(http), "loraswap_requests_waiting") >= QUEUED, "requests queued")
+        process.send_signal(signal.SIGTERM)
+        status = process.wait(timeout=120)
+        refused = [reply.result() for reply in replies if reply.result().status_code != 200]
+        served = [reply.result() for reply in replies if reply.result().status_code == 200]
+    err = (tmp_path / "serve.log").read_text()
     assert stream.result() == "whole" and status == 0, err[-3000:]
     assert refused, "every queued request was served: none waited past --max-queue-wait"
     assert all("data: [DONE]" in reply.text or reply.json()["choices"][0]["text"] for reply in served)
