@@ -86,7 +86,7 @@ OWN_SIGNALS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SI
 # what a process writes to its stderr as it aborts (SIGABRT) on an allocation that failed: Rust's (the tokenizer's: a
 # template that rendered 5 MB of text, tokenized past the memory bound) and C++'s
 ALLOCATION_FAILED = re.compile(rb"memory allocation of \d+ bytes failed|std::bad_alloc")
-STDERR_TAIL = 4096  # the last bytes of a process's stderr kept, to read why it aborted
+STDERR_OVERLAP = 256  # the last bytes of a process's stderr searched again with the next read: a line split in two
 SHUTTING_DOWN = "the service is shutting down: the chat template's render had not begun"
 MISSING = object()
 
@@ -117,7 +117,8 @@ class Child:
         environment = {name: value for name, value in os.environ.items() if not secret(name)}
         try:
             self.process = subprocess.Popen([sys.executable, "-P", "-m", __name__, str(theirs.fileno()),
-                                             str(os.getpid())], env={**environment, "PYTHONPATH": path},
+                                             str(os.getpid())],
+                                            env={**environment, "PYTHONPATH": path, "RUST_BACKTRACE": "0"},
                                             pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
                                             stderr=subprocess.PIPE, start_new_session=True)
         except OSError as exc:  # no process (out of memory, of processes)
@@ -125,7 +126,7 @@ class Child:
             raise RenderUnavailable(f"the server could not start a chat template process: {exc!r}") from None
         finally:
             theirs.close()
-        self.stderr_tail = b""
+        self.allocation_failed, self._stderr_tail = False, b""
         self.relay = threading.Thread(target=self.relay_stderr, name="chat-template-stderr", daemon=True)
         self.relay.start()
         self.connection = Connection(ours.detach())
@@ -139,19 +140,24 @@ class Child:
             raise RenderUnavailable(f"the chat template process failed to start: {exc!r}") from None
 
     def relay_stderr(self) -> None:
-        """Copy the process's stderr to the server's as it comes (the terminal they shared before), keeping its last
-        ``STDERR_TAIL`` bytes (``aborted_on_memory``), until the process ends."""
+        """Copy the process's stderr to the server's as it comes (the terminal they shared before), noting whether
+        it ever said an allocation failed (``allocation_failed``: ``ALLOCATION_FAILED`` anywhere in it, whatever
+        follows; a review: a Rust backtrace of ~16 KB after it pushed it out of the last 4 KiB read), until the
+        process ends. The process runs with ``RUST_BACKTRACE=0``: a backtrace of the tokenizer's abort tells an
+        operator nothing of the template."""
         with self.process.stderr as stderr:
             while chunk := os.read(stderr.fileno(), 65536):
                 with contextlib.suppress(OSError):  # the server's stderr closed: read on, or the process would block
                     os.write(2, chunk)
-                self.stderr_tail = (self.stderr_tail + chunk)[-STDERR_TAIL:]
+                read = self._stderr_tail + chunk
+                self.allocation_failed = self.allocation_failed or bool(ALLOCATION_FAILED.search(read))
+                self._stderr_tail = read[-STDERR_OVERLAP:]
 
     def aborted_on_memory(self) -> bool:
-        """Whether the process, ended, was ended by SIGABRT on an allocation that failed (``ALLOCATION_FAILED`` on
-        its stderr, read to its end)."""
+        """Whether the process, ended, was ended by SIGABRT on an allocation that failed (``allocation_failed``,
+        its stderr read to its end)."""
         self.relay.join(EXIT_SECONDS)
-        return self.process.returncode == -signal.SIGABRT and bool(ALLOCATION_FAILED.search(self.stderr_tail))
+        return self.process.returncode == -signal.SIGABRT and self.allocation_failed
 
     def render(self, job: Job) -> list[int]:
         """The token ids of ``job``; ``render_seconds``, then, the most seconds one of its renders (up to ``RENDERS``)

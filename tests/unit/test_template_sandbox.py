@@ -23,6 +23,7 @@ from transformers import AutoTokenizer
 
 from service.errors import EngineStopped, RenderUnavailable, TemplateBacklog, TemplateRefused
 from service.http.server import DrainingServer
+from service.model.base_model import resolve_base_dir
 from service.runtime import Runtime
 from service.settings import Settings
 from service.tasks import template_sandbox
@@ -172,6 +173,19 @@ def test_a_template_whose_tokens_pass_the_memory_bound_is_refused_naming_it(toke
                                               r"\(its process aborted on an allocation that failed: SIGABRT\)$"):
         child.render((QUESTION, HUGE_TOKENS, flags))
     assert not child.alive and child.process.returncode == -signal.SIGABRT
+
+
+@pytest.mark.smollm2
+def test_the_memory_bound_is_named_whatever_the_abort_writes_after_it(monkeypatch):
+    """A review: with ``RUST_BACKTRACE=1`` in the server's environment, SmolLM2's tokenizer wrote a backtrace of ~16 KB
+    after "memory allocation of N bytes failed", which fell out of the stderr tail read, and the template of 5 MB of
+    text was refused as "the chat template's process died ... (SIGABRT)" again."""
+    monkeypatch.setattr(template_sandbox, "MAX_RENDER_SECONDS", 60.0)
+    monkeypatch.setenv("RUST_BACKTRACE", "1")
+    child = Child(AutoTokenizer.from_pretrained(resolve_base_dir("smollm2", Settings().cache_dir)))
+    with pytest.raises(TemplateRefused, match=r"memory bound of a render to render the messages \(its process aborted "
+                                              r"on an allocation that failed: SIGABRT\)$"):
+        child.render((QUESTION, HUGE_TOKENS, GENERATION))
 
 
 @pytest.mark.usefixtures("patient_renders")
