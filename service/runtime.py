@@ -11,7 +11,7 @@ from typing import TypeVar
 from service import metrics
 from service.engine.scheduler import Engine
 from service.errors import AdapterError, AdapterMerged, NoRoomForAdapter, UnsafeEnvironment
-from service.lora.adapter_files import CONFIG_FILE, check_name
+from service.lora.adapter_files import adapter_folders, check_name
 from service.lora.adapter_memory import AdapterRoom
 from service.lora.registry import AdapterRegistry
 from service.model.base_model import (
@@ -214,14 +214,14 @@ class Runtime:
         (the start fails) where they need more memory than the start leaves them (NoRoomForAdapter: their host copies
         and LoRA banks at their widest, ``lora.adapter_memory``). StartCut where the runtime is stopped meanwhile
         (``stop``)."""
-        for path in sorted(Path(folder).glob(f"*/{CONFIG_FILE}")):
+        for path in adapter_folders(folder):
             self._going_on()
             try:
-                self.load_adapter(path.parent.name, path.parent)
+                self.load_adapter(path.name, path)
             except NoRoomForAdapter as exc:
                 raise ValueError(f"the adapters folder {folder}: {exc}") from None
             except AdapterError as exc:
-                log.warning("skipping adapter %s: %s", path.parent, worded(str(exc), self.named, exc.settings))
+                log.warning("skipping adapter %s: %s", path, worded(str(exc), self.named, exc.settings))
 
     def load_adapter(self, name: str, path: Path | str, replace: bool = False) -> dict:
         """Register an adapter (``AdapterRegistry.prepare`` and ``add``: its description; AdapterError for anything

@@ -371,6 +371,12 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
         raise AdapterError(f"{weights_file} is not a readable safetensors file: {exc}") from None
 
 
+def adapter_folders(folder: Path | str) -> list[Path]:
+    """The adapter folders an adapters folder holds, in name order: its subfolders with an ``adapter_config.json``
+    (what a server registers at its start, each under its folder's name)."""
+    return [config.parent for config in sorted(Path(folder).glob(f"*/{CONFIG_FILE}"))]
+
+
 def packed_bytes(folder: Path, dtype: torch.dtype) -> int:
     """Bytes the host copy of the adapter in ``folder`` takes once loaded (``load_adapter``'s packed buffer: every
     lora_A and lora_B element in ``dtype``), read from its weights file's header, no weights loaded; 0 where that

@@ -24,13 +24,17 @@ positions, ``runtime.check_room``; ``scale`` bounds ``max_batch`` + ``max_queue`
 - ``max_prefill_tokens``: not an allocation that stays, but what a prefill step holds while it runs, its activations
   (``step_memory.prefill_bytes``: a review found a prefill of 2,048 tokens rise 120 MB past its KV cache, uncounted).
 
+The start's check counts with them the adapters of ``adapters_dir`` at their most (``adapters_dir_bytes``: their host
+copies and LoRA banks at their widest), so that the settings it passes leave them room.
+
 Not counted here: one layer's old KV cache while it grows (``RowKVCache.reserve`` frees each layer's once copied); a
-decoding step's activations (``step_memory``). What is left once all of this is counted is the adapters' room
-(``adapter_room``): their host copies and LoRA banks past rank 1 and one layer, bounded at each registration, the
-adapters folder's at the start (``lora.adapter_memory``).
+decoding step's activations (``step_memory``). What is left once the allocations are counted is the adapters' room
+(``adapter_room``): their host copies and LoRA banks, bounded at each registration, the adapters folder's at the
+start (``lora.adapter_memory``).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 
@@ -39,8 +43,10 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from service.engine.kv_cache import column_bucket, row_bucket
 from service.engine.running_batch import MOST_FED
-from service.lora.adapter_memory import AdapterRoom
-from service.lora.layers import lora_targets
+from service.errors import AdapterError
+from service.lora.adapter_files import adapter_folders, packed_bytes, read_config
+from service.lora.adapter_memory import AdapterRoom, bank_bytes, bank_slots, rank_bytes
+from service.lora.layers import lora_targets, module_shape
 from service.model.base_model import config_positions
 from service.model.process_status import proc_status
 from service.model.step_memory import prefill_bytes
@@ -105,6 +111,39 @@ def weight_bytes(config: PretrainedConfig, dtype: torch.dtype, quantize: str) ->
 NF4_BLOCK = 64  # weights a float32 scale of bitsandbytes' 4-bit blocks covers (its default blocksize)
 
 
+def adapters_dir_bytes(settings: Settings, config: PretrainedConfig, dtype: torch.dtype,
+                       device: torch.device) -> tuple[int, str]:
+    """The bytes the adapters of ``settings.adapters_dir`` (``adapter_folders``: those the start registers) take at
+    their most on ``device`` (``lora.adapter_memory``), with the formula in words, read from their configs' ranks and
+    their weights files' headers, no weight loaded: their LoRA banks at their widest (``bank_slots`` of them + the zero
+    slot x their largest rank x ``rank_bytes`` of the base's LoRA targets, in the banks' dtype: float32 under
+    ``quantize`` nf4), and on the CPU their host copies too (on a GPU those take the host's memory,
+    ``adapter_room``). A folder whose config the server refuses is not counted (the start skips it). A review: the
+    start check counted none of them, so the settings it advised under a container limit failed the start, the
+    shipped squad and nli (97,689,600 bytes on SmolLM2 in float32) past the room left."""
+    found = []
+    for folder in adapter_folders(settings.adapters_dir):
+        with contextlib.suppress(AdapterError):
+            found.append((read_config(folder, settings.max_rank).r, packed_bytes(folder, banks_dtype(settings, dtype))))
+    if not found:
+        return 0, "no adapter in it"
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    per_rank = rank_bytes({name: module_shape(module) for name, module in lora_targets(model).items()},
+                          banks_dtype(settings, dtype))
+    slots, widest = bank_slots(len(found), settings.max_resident), max(rank for rank, _ in found)
+    banks, host = bank_bytes(slots, widest, per_rank), sum(size for _, size in found) * (device.type == "cpu")
+    copies = f"{host} bytes of their host copies and " if host else ""
+    return host + banks, (f"its {len(found)} adapter{'s' * (len(found) != 1)} at their most: {copies}their LoRA banks "
+                          f"at their widest, {slots + 1} slots x rank {widest} x {per_rank} bytes a rank")
+
+
+def banks_dtype(settings: Settings, dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the LoRA banks (and host copies) of a base loaded in ``dtype``: float32 under ``quantize`` nf4
+    (``LoraLayers``: the 4-bit weights are no floating point)."""
+    return dtype if settings.quantize == "none" else torch.float32
+
+
 def in_use(device: torch.device) -> int:
     """The bytes of ``device``'s memory in use now: on the CPU this process's resident set (VmRSS: the interpreter,
     torch and what it loaded so far), on a GPU all that is taken on it (its total less ``torch.cuda.mem_get_info``'s
@@ -130,7 +169,9 @@ def check_allocations(settings: Settings, config: PretrainedConfig, dtype: torch
             raise ValueError(f"{name} {shown(settings, name)} needs {what}: past 2**63 bytes, more than any torch "
                              f"tensor can hold; {fix}")
     if replicas:
-        check_fit(settings, lambda chosen: allocations(chosen, config, dtype, device),
+        folder = adapters_dir_bytes(settings, config, dtype, device)  # none of the sizes advice changes
+        adapters = {"adapters_dir": folder} if folder[0] else {}
+        check_fit(settings, lambda chosen: {**allocations(chosen, config, dtype, device), **adapters},
                   weight_bytes(config, dtype, settings.quantize), in_use(device), described_memory(device), replicas)
 
 

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import AutoConfig
 
 from service.errors import NoRoomForAdapter
 from service.lora.adapter_files import packed_bytes
 from service.lora.adapter_memory import AdapterRoom, bank_bytes, bank_slots, rank_bytes
 from service.lora.registry import AdapterRegistry
+from service.model.device_room import adapters_dir_bytes
+from service.settings import Settings
 from tests.lora_helpers import activate, engine_model, load_model
 
 
@@ -89,3 +92,24 @@ def test_on_a_gpu_each_part_counts_against_its_own_memory(short, what):
         AdapterRoom(room["banks"], room["host"], shared=False).check(100, 100, "x")
     with pytest.raises(NoRoomForAdapter, match="need 200 bytes for the host copies and the LoRA banks "):
         AdapterRoom(199, None, shared=True).check(100, 100, "x")
+
+
+@pytest.mark.parametrize("max_resident", [2, 8])
+def test_the_start_check_counts_the_adapters_folder_as_the_registry_does(base_dir, ranked, max_resident, tmp_path):
+    """A review: the check before the start counted none of the adapters folder's adapters (the banks at rank 1 on one
+    layer), so a setting it advised under a container limit failed the start, the shipped squad and nli past the room
+    left. It counts them as the registry bounds them once registered: their host copies and the banks at their widest
+    (the folder's files as the start registers them; a config the server refuses is skipped, not counted)."""
+    folder = ranked["r8"].parent
+    (tmp_path / "refused").mkdir()
+    (tmp_path / "refused" / "adapter_config.json").write_text('{"peft_type": "PREFIX_TUNING"}')
+    settings = Settings(adapters_dir=folder, max_resident=max_resident, device="cpu")
+    config = AutoConfig.from_pretrained(base_dir)
+    registry = AdapterRegistry(load_model(base_dir), roots=[folder], max_resident=max_resident, max_rank=64)
+    host, banks = needed(registry, ranked, ["r2", "r4", "r8"])
+    counted, words = adapters_dir_bytes(settings, config, torch.float32, torch.device("cpu"))
+    assert counted == host + banks and f"its 3 adapters at their most: {host} bytes of their host copies" in words
+    assert adapters_dir_bytes(settings.model_copy(update={"adapters_dir": tmp_path}), config, torch.float32,
+                              torch.device("cpu")) == (0, "no adapter in it")
+    gpu, _ = adapters_dir_bytes(settings, config, torch.float32, torch.device("cuda"))
+    assert gpu == banks  # on a GPU the host copies take the host's memory, not the device's
