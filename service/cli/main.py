@@ -274,11 +274,11 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[st
                 server_process.prepare(settings.quantize)
             check_server_start(settings, args)
             named = naming(args)
+            from service.http.server import serve  # before the memory check: the process it measures serves
+
             # the embedded base is not converted here: its first conversion runs while /health answers
             checked = check_room_for_prompts(settings, named=named, convert=False)
             sockets = take_port(settings, args)  # before the model loads; the server serves on these
-            from service.http.server import serve
-
             serve(settings, named, sockets, checked)
         else:
             check_report_files(args)
