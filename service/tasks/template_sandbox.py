@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from service.errors import EngineStopped, RenderUnavailable, TemplateBacklog, TemplateRefused
+from service.model.process_status import proc_status
 
 if TYPE_CHECKING:  # the CLI's parser imports prompt_styles, which imports this, without loading transformers
     from transformers import PreTrainedTokenizerBase
@@ -486,14 +487,12 @@ def serve(connection: Connection, parent: int) -> None:
 
 
 def data_bytes(pid: int) -> int:
-    """Process ``pid``'s data segment (``VmData`` of /proc/<pid>/status, proc(5)), in bytes; 0 where it cannot be
-    read (the process ended, no /proc)."""
+    """Process ``pid``'s data segment (``VmData`` of /proc/<pid>/status, proc(5): ``proc_status``), in bytes; 0 where
+    it cannot be read (the process ended, no /proc)."""
     try:
-        with open(f"/proc/{pid}/status") as status:
-            line = next(line for line in status if line.startswith("VmData:"))
+        return proc_status("VmData", pid)
     except (OSError, StopIteration):
         return 0
-    return int(line.split()[1]) * 1024
 
 
 if __name__ == "__main__":  # a child: ``Child`` runs this module with its socket's file descriptor and the server's pid
