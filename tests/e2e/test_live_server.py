@@ -373,8 +373,11 @@ def test_a_stream_whose_client_disconnects_has_its_rows_dropped(server):
                        b"Authorization: Bearer %s\r\nContent-Length: %d\r\n\r\n%s"
                        % (API_KEY.encode(), len(payload), payload))
         received = b""
+        client.settimeout(30)  # a recv past it raises: the test fails, never hangs
         while b"data: " not in received:
-            received += client.recv(4096)
+            chunk = client.recv(4096)
+            assert chunk, f"the server closed the connection before the stream began: {received!r}"
+            received += chunk
         assert received.startswith(b"HTTP/1.1 200") and b"text/event-stream" in received
     wait_until(lambda: in_flight_and_answered(http, status="499") == (idle, dropped + 1),
                "the stream whose client left was not recorded as 499 (client closed request)", timeout=30)

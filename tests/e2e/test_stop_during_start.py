@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -172,8 +173,9 @@ def test_sigterm_while_the_embedded_base_converts_or_loads_ends_serve_at_once(tm
         wait_ready(http.get, WAIT)
         assert server.stop() == 0  # a server that started: it drains, then its process ends at once
     with serving(arguments, tmp_path) as server, httpx.Client(base_url=server.url) as http:
-        loading = None
+        loading, deadline = None, time.monotonic() + WAIT
         while loading is None:
+            assert server.process.poll() is None and time.monotonic() < deadline, "serve never answered /ready"
             with contextlib.suppress(httpx.TransportError):
                 loading = http.get("/ready").json()
         assert loading == {"ready": False, "reason": "loading"}

@@ -20,7 +20,15 @@ from service.tasks.tasks import WINDOW_SLACK
 from tests.engine.engine_helpers import WatchedSteps
 from tests.http.api_helpers import Tiny
 from tests.http.replies import settings_by_field
-from tests.server_helpers import SERVER_CAP, SQUAD_CONTEXT, SQUAD_QUESTION, ask, ready_client, tiny_settings
+from tests.server_helpers import (
+    SERVER_CAP,
+    SQUAD_CONTEXT,
+    SQUAD_QUESTION,
+    ask,
+    ready_client,
+    tiny_settings,
+    wait_until,
+)
 from tests.span_reference import WHITESPACE, BruteForceSpans
 from tests.tiny_models import forced_token_model
 
@@ -262,8 +270,8 @@ def test_a_short_answer_sent_behind_a_long_context_s_windows_is_answered_before_
         long_reply = pool.submit(answer, long_context)
         assert steps.holding.wait(30), "the long context's first window never ran"
         short_reply = pool.submit(answer, short_context)
-        while engine.queue_depth < len(answer_windows(client, long_context)):  # the short one queued behind them
-            threading.Event().wait(0.01)
+        windows = len(answer_windows(client, long_context))
+        wait_until(lambda: engine.queue_depth >= windows, "the short context queued behind the long one's windows")
         steps.release.set()
         replies = {long_context: long_reply.result(60), short_context: short_reply.result(60)}
     assert finished == [short_context, long_context]

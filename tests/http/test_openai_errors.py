@@ -5,7 +5,6 @@ answers with."""
 from __future__ import annotations
 
 import signal
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -18,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from service.http.app import create_app
 from service.http.server import DrainingServer
 from service.runtime import Runtime
+from tests.engine.engine_helpers import paused
 from tests.http.replies import error_message, settings_by_field
 from tests.server_helpers import (
     ADMIN,
@@ -25,6 +25,7 @@ from tests.server_helpers import (
     SQUAD_QUESTION,
     ready_client,
     settings_in,
+    wait_until,
 )
 
 COMPLETION = {"model": "one", "prompt": "Hello", "max_tokens": 2}
@@ -233,16 +234,13 @@ def test_a_request_left_in_the_queue_past_max_queue_wait_is_429_with_retry_after
     """The engine held (a control call) while the request waits past ``max_queue_wait``: 429 with Retry-After, code
     queue_timeout, counted as a 429 in /metrics, never a 200 whose stream carries the error (as streams did)."""
     with ready_client(served.model_copy(update={"max_queue_wait": 0.2})) as client, ThreadPoolExecutor(1) as pool:
-        engine, release = client.app.state.runtime.engine, threading.Event()
+        engine = client.app.state.runtime.engine
         refused_before = requests_counted(client, path, "429")
-        held = engine.call(lambda: release.wait(30))
-        pending = pool.submit(client.post, path, json={**body, "stream": stream})
-        while engine.queue_depth == 0:
-            time.sleep(0.01)
-        time.sleep(0.4)
-        release.set()
+        with paused(engine):
+            pending = pool.submit(client.post, path, json={**body, "stream": stream})
+            wait_until(lambda: engine.queue_depth > 0, "the request queued")
+            time.sleep(0.4)
         reply = pending.result(30)
-        held.result(30)
         assert reply.status_code == 429, reply.text
         assert "(the server's LORASWAP_MAX_QUEUE_WAIT)" in error_message(reply)  # was its field, max_queue_wait
         assert settings_by_field(error_message(reply)) == [] and int(reply.headers["Retry-After"]) >= 1
@@ -269,16 +267,13 @@ def test_a_request_queued_at_a_stop_past_max_queue_wait_is_a_503_saying_the_serv
     Retry-After 1, which sent the client back to the server going away (a review: SIGTERM, 7 requests in flight).
     A request queued at the stop and served before its wait runs out is answered whole."""
     with ready_client(served.model_copy(update={"max_queue_wait": 0.2})) as client, ThreadPoolExecutor(1) as pool:
-        rt, release = client.app.state.runtime, threading.Event()
-        held = rt.engine.call(lambda: release.wait(30))
-        pending = pool.submit(client.post, path, json=body)
-        while rt.engine.queue_depth == 0:
-            time.sleep(0.01)
-        sigterm(rt)
-        time.sleep(0.4)
-        release.set()
+        rt = client.app.state.runtime
+        with paused(rt.engine):
+            pending = pool.submit(client.post, path, json=body)
+            wait_until(lambda: rt.engine.queue_depth > 0, "the request queued")
+            sigterm(rt)
+            time.sleep(0.4)
         reply = pending.result(30)
-        held.result(30)
         assert reply.status_code == 503, reply.text
         assert error_message(reply).startswith("the service is shutting down: the request waited 0.2 s in the queue")
         assert "(the server's LORASWAP_MAX_QUEUE_WAIT), and it will not be served here" in error_message(reply)
@@ -290,16 +285,13 @@ def test_a_request_queued_at_a_stop_is_served_within_the_drain(served):
     """Queued at SIGTERM (the service drains) and taken before its wait runs out: answered whole, while
     a new request is refused with the same 503 (engine_stopped, no Retry-After)."""
     with ready_client(served) as client, ThreadPoolExecutor(1) as pool:
-        rt, release = client.app.state.runtime, threading.Event()
-        held = rt.engine.call(lambda: release.wait(30))
-        pending = pool.submit(client.post, "/v1/completions", json=COMPLETION)
-        while rt.engine.queue_depth == 0:
-            time.sleep(0.01)
-        sigterm(rt)
-        refused = client.post("/v1/completions", json=COMPLETION)
-        release.set()
+        rt = client.app.state.runtime
+        with paused(rt.engine):
+            pending = pool.submit(client.post, "/v1/completions", json=COMPLETION)
+            wait_until(lambda: rt.engine.queue_depth > 0, "the request queued")
+            sigterm(rt)
+            refused = client.post("/v1/completions", json=COMPLETION)
         reply = pending.result(30)
-        held.result(30)
     assert reply.status_code == 200 and reply.json()["choices"][0]["text"], reply.text
     assert (refused.status_code, refused.json()["error"]["code"]) == (503, "engine_stopped"), refused.text
     assert error_message(refused).startswith("the service is shutting down") and "retry-after" not in refused.headers

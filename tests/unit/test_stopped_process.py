@@ -31,7 +31,8 @@ def test_a_stop_while_work_runs_on_a_passing_thread_is_raised_without_waiting_fo
     main = threading.main_thread().ident
 
     def work() -> None:
-        while not waiting_for_a_future(main):
+        deadline = time.monotonic() + 30  # then the stop is sent all the same and the test fails: never a hang
+        while not waiting_for_a_future(main) and time.monotonic() < deadline:
             time.sleep(0.01)
         signal.pthread_kill(main, signal.SIGUSR1)  # the stop, to the thread that waits
         released.wait(30)
