@@ -209,8 +209,8 @@ class Settings(BaseSettings):
                                   "down, 503 without Retry-After), so that no "
                                   "request waits without bound; once one part of a request (a long context's window, "
                                   "a choice, a label's scoring) joined a batch, its other parts are not refused for "
-                                  "their wait; refused at the engine's next pause, after a decoding step or a prefill "
-                                  "pass (a long prompt's pass can take seconds on a CPU); 0: no bound")
+                                  "their wait; refused as the wait runs out, whatever the engine runs meanwhile (a "
+                                  "long prompt's prefill pass, an adapter load); 0: no bound")
     max_new_tokens: int = Field(64, ge=1, description="most tokens a request generates (per choice); OpenAI's routes "
                                 "refuse a max_tokens above it and take it for an absent one")
     max_choices: int = Field(8, ge=1, description="most choices (n) one request to OpenAI's routes may ask for")

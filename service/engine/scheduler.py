@@ -137,6 +137,8 @@ class Engine:
         self._accepting = True
         self._thread = threading.Thread(target=self._supervised, name="loraswap-engine", daemon=True)
         self._thread.start()
+        if self.settings.max_queue_wait:
+            threading.Thread(target=self._time_queue, name="loraswap-queue-timer", daemon=True).start()
 
     def stop(self, timeout: float = STOP_WAIT_S) -> bool:
         """Refuse new work, finish everything queued, then stop the thread, waiting at most ``timeout`` seconds for it
@@ -288,6 +290,8 @@ class Engine:
         except BaseException as exc:
             log.exception("the engine thread died")  # logged here, not raised on: the thread ends either way
             self._fail(f"{type(exc).__name__}: {exc}")
+        with self._wakeup:
+            self._wakeup.notify_all()  # the queue's timer, if any, ends with it (_time_queue)
 
     def _fail(self, reason: str) -> None:
         """Record why the engine died, refuse new work, and fail every queued, running and control request."""
@@ -355,12 +359,25 @@ class Engine:
                 return None
             return self._take(type(self._queue[0].work), self.settings.max_batch, set())
 
+    def _time_queue(self) -> None:
+        """The queue's timer, a thread of its own while ``max_queue_wait`` bounds waits: refuses each queued request
+        as its wait runs out (``_expire_waiting``), whatever the engine thread is doing meanwhile. Checked only where
+        the engine thread takes requests, a request waited out a whole prefill pass, adapter load or admin call: 16 s
+        for the 3 s of ``--max-queue-wait 3`` behind a long context's pass on the CPU (a review). Ends once the engine
+        accepts nothing more and its queue is empty."""
+        bound = self.settings.max_queue_wait
+        with self._wakeup:
+            while self._accepting or self._queue:
+                self._expire_waiting()
+                waits = [pending.enqueued for pending in self._queue if not pending.together.begun]
+                self._wakeup.wait(min(waits) + bound - time.perf_counter() if waits else None)
+
     def _expire_waiting(self) -> None:
         """Refuse (QueueTimeout) every queued request that has waited more than ``max_queue_wait`` seconds (0: none)
         and none of whose parts has been taken (``_Together``): past capacity, a request refused in bounded time can
         be sent elsewhere or later, where one left in the queue would be answered after its client gave up. Called
-        holding ``_wakeup``, whenever requests are taken: a request hears of it at most one decoding step or prefill
-        pass after its time ran out."""
+        holding ``_wakeup``, by the queue's timer as a wait runs out (``_time_queue``) and whenever requests are
+        taken."""
         bound = self.settings.max_queue_wait
         oldest = time.perf_counter() - bound
         expired = [pending for pending in self._queue

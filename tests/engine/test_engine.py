@@ -316,6 +316,35 @@ def test_a_request_queued_past_max_queue_wait_is_refused_and_the_running_one_ser
     assert status_of(QueueTimeout) == 429
 
 
+@pytest.mark.parametrize("held_by", ["an admin call", "a decoding step"])
+def test_a_request_is_refused_as_its_wait_runs_out_while_the_engine_thread_is_busy(engines, held_by):
+    """The refusal (QueueTimeout) comes when ``max_queue_wait`` runs out, whatever holds the engine thread meanwhile,
+    not once it is free again: it was checked only where the engine thread took requests, so a request behind a long
+    prefill pass, an adapter load or an admin call heard of it after that had ended (16 s for the 3 s of
+    ``--max-queue-wait 3`` behind a long context's pass on the CPU, a review). Here the thread is held 60 s."""
+    engine = engines.fresh(max_batch=1, max_queue_wait=0.2)
+    rng = random.Random(31)
+    release = threading.Event()
+    if held_by == "an admin call":
+        holding = threading.Event()
+        held = engine.call(lambda: (holding.set(), release.wait(60)))
+    else:
+        engine.decoder = steps = WatchedSteps(engine.decoder, hold_at=2)
+        steps.release, holding = release, steps.holding
+        held = engine.submit(long_generation(rng, "r2", 4))
+    try:
+        assert holding.wait(WAIT)
+        sent = time.monotonic()
+        waiting = engine.submit(greedy(rng, "r8"))
+        assert isinstance(waiting.exception(timeout=30), QueueTimeout)  # the old code: TimeoutError, after 30 s
+        assert time.monotonic() - sent >= 0.2
+    finally:
+        release.set()
+    held.result(WAIT)
+    later = greedy(rng, None)
+    assert same_output(alone(engine, later), alone(engines.shared(), later))
+
+
 @pytest.mark.parametrize("bound", [0.2, 0])
 def test_the_queued_parts_of_a_request_begun_are_served_past_max_queue_wait(engines, bound):
     """The parts of one request (``submit_together``: a long context's windows, a completion's choices) that the batch

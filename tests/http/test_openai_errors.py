@@ -5,7 +5,7 @@ answers with."""
 from __future__ import annotations
 
 import signal
-import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
@@ -239,8 +239,7 @@ def test_a_request_left_in_the_queue_past_max_queue_wait_is_429_with_retry_after
         with paused(engine):
             pending = pool.submit(client.post, path, json={**body, "stream": stream})
             wait_until(lambda: engine.queue_depth > 0, "the request queued")
-            time.sleep(0.4)
-        reply = pending.result(30)
+            reply = pending.result(30)  # refused as its wait runs out, the engine thread still held
         assert reply.status_code == 429, reply.text
         assert "(the server's LORASWAP_MAX_QUEUE_WAIT)" in error_message(reply)  # was its field, max_queue_wait
         assert settings_by_field(error_message(reply)) == [] and int(reply.headers["Retry-After"]) >= 1
@@ -254,28 +253,30 @@ QUEUED = [*((path, {**body, "stream": stream}) for stream in (False, True) for p
     ("/answer", ANSWER)]
 
 
-def sigterm(rt: Runtime) -> None:
-    """What SIGTERM does to a serving ``loraswap serve`` (``DrainingServer.handle_exit``): it drains."""
-    DrainingServer(uvicorn.Config(create_app(rt=rt)), rt, grace_seconds=0).handle_exit(signal.SIGTERM, None)
+def sigterm(rt: Runtime) -> Callable[[], None]:
+    """What SIGTERM does to a serving ``loraswap serve`` (``DrainingServer.handle_exit``: it drains), made ready to
+    send at once (building the app takes a while on a busy machine)."""
+    server = DrainingServer(uvicorn.Config(create_app(rt=rt)), rt, grace_seconds=0)
+    return lambda: server.handle_exit(signal.SIGTERM, None)
 
 
 @pytest.mark.parametrize("path, body", QUEUED)
 def test_a_request_queued_at_a_stop_past_max_queue_wait_is_a_503_saying_the_server_shuts_down(served, path, body):
-    """SIGTERM (the service drains) while the request waits in the queue past
+    """SIGTERM (the service drains) while the request waits in the queue, then its wait runs past
     ``max_queue_wait``: a 503 in the route's error shape, code engine_stopped, saying the service is shutting down,
     without Retry-After (its client retries elsewhere). It was the 429 'the server is past capacity; retry later',
     Retry-After 1, which sent the client back to the server going away (a review: SIGTERM, 7 requests in flight).
     A request queued at the stop and served before its wait runs out is answered whole."""
-    with ready_client(served.model_copy(update={"max_queue_wait": 0.2})) as client, ThreadPoolExecutor(1) as pool:
+    with ready_client(served.model_copy(update={"max_queue_wait": 1})) as client, ThreadPoolExecutor(1) as pool:
         rt = client.app.state.runtime
+        stop = sigterm(rt)
         with paused(rt.engine):
             pending = pool.submit(client.post, path, json=body)
             wait_until(lambda: rt.engine.queue_depth > 0, "the request queued")
-            sigterm(rt)
-            time.sleep(0.4)
-        reply = pending.result(30)
+            stop()
+            reply = pending.result(30)  # refused as its wait runs out, the engine thread still held
         assert reply.status_code == 503, reply.text
-        assert error_message(reply).startswith("the service is shutting down: the request waited 0.2 s in the queue")
+        assert error_message(reply).startswith("the service is shutting down: the request waited 1 s in the queue")
         assert "(the server's LORASWAP_MAX_QUEUE_WAIT), and it will not be served here" in error_message(reply)
         assert "retry" not in error_message(reply) and "retry-after" not in reply.headers
         assert path == "/answer" or reply.json()["error"]["code"] == "engine_stopped"
@@ -289,7 +290,7 @@ def test_a_request_queued_at_a_stop_is_served_within_the_drain(served):
         with paused(rt.engine):
             pending = pool.submit(client.post, "/v1/completions", json=COMPLETION)
             wait_until(lambda: rt.engine.queue_depth > 0, "the request queued")
-            sigterm(rt)
+            sigterm(rt)()
             refused = client.post("/v1/completions", json=COMPLETION)
         reply = pending.result(30)
     assert reply.status_code == 200 and reply.json()["choices"][0]["text"], reply.text
