@@ -345,6 +345,19 @@ def test_a_request_is_refused_as_its_wait_runs_out_while_the_engine_thread_is_bu
     assert same_output(alone(engine, later), alone(engines.shared(), later))
 
 
+def test_a_bound_past_the_longest_wait_a_thread_can_take_serves_as_no_bound(engines, monkeypatch):
+    """``max_queue_wait`` 1e20 s (a finite number, so a valid setting): past ``threading.TIMEOUT_MAX`` a thread cannot
+    wait that long (OverflowError): the queue's timer died of it, its traceback on stderr, at the first request."""
+    failures = []
+    monkeypatch.setattr(threading, "excepthook", failures.append)
+    engine = engines.fresh(max_queue_wait=1e20)
+    work = greedy(random.Random(32), "r4")
+    with paused(engine):
+        queued = engine.submit(work)
+    assert same_output(queued.result(WAIT), alone(engines.shared(), work))
+    assert failures == []
+
+
 @pytest.mark.parametrize("bound", [0.2, 0])
 def test_the_queued_parts_of_a_request_begun_are_served_past_max_queue_wait(engines, bound):
     """The parts of one request (``submit_together``: a long context's windows, a completion's choices) that the batch
