@@ -7,6 +7,7 @@ import ipaddress
 import json
 import os
 import re
+import threading
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -31,6 +32,8 @@ ADAPTER_NAME_RULE = "a plain identifier ([A-Za-z_][A-Za-z0-9_]*, at most 64 char
 ADAPTER_CONFIG_FILE = "adapter_config.json"  # what makes a folder an adapter's (peft's CONFIG_NAME)
 INT64 = 2**63  # torch's sizes and counts are 64-bit integers: a setting beyond is an OverflowError there
 INT64_RULE = f"at most {INT64 - 1} (a 64-bit integer, as torch takes)"  # int64's bound in words
+# the longest a thread waits (Condition.wait, threading.Timer; 292 years): a wait set longer is an OverflowError there
+WAIT_MAX_S = threading.TIMEOUT_MAX
 MOST_DEFAULT_STRIDE = 128  # answer_stride unset: min(a window's context tokens // 2, this); Hugging Face's doc_stride
 # what each key's being unset means (Settings.admin_key, Settings.api_key)
 UNSET_KEY = {"admin_key": "refuses the admin routes", "api_key": "leaves the routes that run the model open"}
@@ -303,6 +306,17 @@ class Settings(BaseSettings):
         if self.answer_stride is not None:
             return self.answer_stride
         return min(room // 2, MOST_DEFAULT_STRIDE)
+
+    @field_validator("max_queue_wait", "drain_seconds", "batch_window_ms")
+    @classmethod
+    def _waitable(cls, wait: float | None, info: ValidationInfo) -> float | None:
+        """ValueError for a wait longer than a thread can wait (``WAIT_MAX_S``, in the field's unit): such a setting
+        was taken, and ``--batch-window-ms 1e20`` killed the engine thread (OverflowError) at its first request,
+        ``--max-queue-wait 1e20`` the queue's timer, ``--drain-seconds 1e20`` the shutdown's."""
+        most = WAIT_MAX_S * (1000 if info.field_name == "batch_window_ms" else 1)
+        if wait is not None and wait > most:
+            raise ValueError(f"must be at most {most:.0f}, the longest a thread can wait (292 years)")
+        return wait
 
     @field_validator("admin_key", "api_key")
     @classmethod

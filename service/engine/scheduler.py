@@ -137,7 +137,7 @@ class Engine:
         self._accepting = True
         self._thread = threading.Thread(target=self._supervised, name="loraswap-engine", daemon=True)
         self._thread.start()
-        if 0 < self.settings.max_queue_wait < threading.TIMEOUT_MAX:  # a longer bound (292 years) never runs out
+        if self.settings.max_queue_wait:
             threading.Thread(target=self._time_queue, name="loraswap-queue-timer", daemon=True).start()
 
     def stop(self, timeout: float = STOP_WAIT_S) -> bool:

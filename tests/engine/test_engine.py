@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from pydantic import ValidationError
 from transformers import AutoConfig
 
 from service.engine.requests import Generation, GenerationResult, Scoring, run_all
@@ -23,7 +24,7 @@ from service.engine.sampling import Decoding
 from service.errors import AdapterError, EngineStopped, QueueFull, QueueTimeout
 from service.http.errors import status_of
 from service.model.device_room import allocations, kv_bytes_per_token
-from service.settings import Settings
+from service.settings import WAIT_MAX_S, Settings
 from tests.engine.engine_helpers import (
     WAIT,
     WatchedSteps,
@@ -345,17 +346,25 @@ def test_a_request_is_refused_as_its_wait_runs_out_while_the_engine_thread_is_bu
     assert same_output(alone(engine, later), alone(engines.shared(), later))
 
 
-def test_a_bound_past_the_longest_wait_a_thread_can_take_serves_as_no_bound(engines, monkeypatch):
-    """``max_queue_wait`` 1e20 s (a finite number, so a valid setting): past ``threading.TIMEOUT_MAX`` a thread cannot
-    wait that long (OverflowError): the queue's timer died of it, its traceback on stderr, at the first request."""
+@pytest.mark.parametrize("setting", ["max_queue_wait", "batch_window_ms"])
+def test_the_longest_wait_a_setting_takes_is_one_a_thread_can_wait(engines, monkeypatch, setting):
+    """``WAIT_MAX_S`` (292 years, in the setting's unit) is the most ``max_queue_wait`` and ``batch_window_ms`` take:
+    the queue's timer and the engine thread wait that long, and serve. 1e20 s was taken, and no thread can wait that
+    long: the engine thread died of an OverflowError at the first request (``batch_window_ms``), or the queue's
+    timer did (``max_queue_wait``), its traceback on stderr; now refused as the settings are read."""
     failures = []
     monkeypatch.setattr(threading, "excepthook", failures.append)
-    engine = engines.fresh(max_queue_wait=1e20)
-    work = greedy(random.Random(32), "r4")
-    with paused(engine):
-        queued = engine.submit(work)
-    assert same_output(queued.result(WAIT), alone(engines.shared(), work))
-    assert failures == []
+    most = WAIT_MAX_S * (1000 if setting == "batch_window_ms" else 1)
+    engine = engines.fresh(max_batch=2, **{setting: most})
+    rng = random.Random(32)
+    works = [greedy(rng, "r4"), greedy(rng, None)]
+    first = engine.submit(works[0])
+    time.sleep(0.2)  # the engine thread waits out the batch window for a second request, or the timer for the first
+    futures = [first, engine.submit(works[1])]
+    assert_served_as_alone(engines.shared(), works, results(futures))
+    assert failures == [] and engine.failure is None
+    with pytest.raises(ValidationError, match=f"{setting}\n.*must be at most {most:.0f}, the longest a thread can"):
+        Settings(**{setting: most * 2})
 
 
 @pytest.mark.parametrize("bound", [0.2, 0])

@@ -75,6 +75,10 @@ SIDE_BY_SIDE = ["side-by-side", "--system", "a=loraswap@http://127.0.0.1:9", "--
     *((["serve", "--max-queue-wait", value], "--max-queue-wait: Input should be a finite number") for value in
       ("inf", "nan")),
     (["serve", "--drain-seconds", "inf"], "--drain-seconds: Input should be a finite number"),
+    # a wait past threading.TIMEOUT_MAX: taken, it killed the engine thread or a timer thread (OverflowError)
+    *((["serve", f"--{name}", value], f"--{name}: must be at most {most}, the longest a thread can wait (292 years)")
+      for name, most in (("max-queue-wait", 9223372036), ("drain-seconds", 9223372036),
+                         ("batch-window-ms", 9223372036000)) for value in ("1e20", str(most + 1))),
     # a default adapter no adapter can be named (a review: accepted, with a warning that none of that name is there)
     *((["serve", flag_, name], f"loraswap serve: error: {flag_}: Input should name an adapter: "
        "a plain identifier ([A-Za-z_][A-Za-z0-9_]*, at most 64 characters), or none or base for the bare base\n")
