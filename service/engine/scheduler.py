@@ -124,6 +124,7 @@ class Engine:
         self._wakeup = threading.Condition()
         self._accepting = False
         self._draining = False  # the service shuts down (drain)
+        self._filling = False  # the engine thread, idle, waits out the batch window (_next_batch)
         self._thread: threading.Thread | None = None
         self.failure: str | None = None  # why the engine thread died, if it did (see _supervised)
         self.merge_policy = MergePolicy(settings.merge_after, settings.merge_cooldown,
@@ -350,11 +351,14 @@ class Engine:
             if not self._queue:
                 return None
             deadline = time.perf_counter() + self.batch_window_ms / 1000
+            self._filling = True
             while len(self._queue) < settings.max_batch and self._accepting and not self._controls:
                 left = deadline - time.perf_counter()
                 if left <= 0:
                     break
                 self._wakeup.wait(left)
+            self._filling = False
+            self._wakeup.notify_all()  # the queue's timer goes on (_time_queue)
             if not self._queue:  # every request queued was withdrawn (its client went away) during the window
                 return None
             return self._take(type(self._queue[0].work), self.settings.max_batch, set())
@@ -363,11 +367,16 @@ class Engine:
         """The queue's timer, a thread of its own while ``max_queue_wait`` bounds waits: refuses each queued request
         as its wait runs out (``_expire_waiting``), whatever the engine thread is doing meanwhile. Checked only where
         the engine thread takes requests, a request waited out a whole prefill pass, adapter load or admin call: 16 s
-        for the 3 s of ``--max-queue-wait 3`` behind a long context's pass on the CPU (a review). Ends once the engine
-        accepts nothing more and its queue is empty."""
+        for the 3 s of ``--max-queue-wait 3`` behind a long context's pass on the CPU (a review). It waits while the
+        engine thread, idle, waits out the batch window: no request waits for capacity then (a review: with
+        ``--batch-window-ms 3000 --max-queue-wait 1``, a lone request to an idle server was a 429 'past capacity').
+        Ends once the engine accepts nothing more and its queue is empty."""
         bound = self.settings.max_queue_wait
         with self._wakeup:
             while self._accepting or self._queue:
+                if self._filling:
+                    self._wakeup.wait()
+                    continue
                 self._expire_waiting()
                 waits = [pending.enqueued for pending in self._queue if not pending.together.begun]
                 self._wakeup.wait(min(waits) + bound - time.perf_counter() if waits else None)

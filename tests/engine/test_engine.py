@@ -346,6 +346,27 @@ def test_a_request_is_refused_as_its_wait_runs_out_while_the_engine_thread_is_bu
     assert same_output(alone(engine, later), alone(engines.shared(), later))
 
 
+def test_a_request_waiting_out_an_idle_engines_batch_window_is_not_refused_for_its_wait(engines):
+    """The batch window (an idle engine waiting for a batch to fill) is no wait for capacity: a lone request to an
+    idle engine whose window (1 s) is longer than ``max_queue_wait`` (0.2 s) is served, as before the queue had a timer
+    of its own (a review: ``--batch-window-ms 3000 --max-queue-wait 1``, 2 of 3 lone requests a 429 'past
+    capacity'). Those the batch then has no room for wait on, and are refused past the bound as ever."""
+    engine = engines.fresh(max_batch=2, batch_window_ms=1000, max_queue_wait=0.2)
+    rng = random.Random(33)
+    work = greedy(rng, "r4")
+    assert same_output(engine.submit(work).result(WAIT), alone(engines.shared(), work))
+    engine.decoder = steps = WatchedSteps(engine.decoder, hold_at=2)
+    running = [long_generation(rng, "r2", 4), long_generation(rng, None, 4)]
+    futures = engine.submit_together(running)
+    assert steps.holding.wait(WAIT)
+    left_out = engine.submit(greedy(rng, "r8"))
+    try:
+        assert isinstance(left_out.exception(timeout=30), QueueTimeout)
+    finally:
+        steps.release.set()
+    assert_served_as_alone(engines.shared(), running, results(futures))
+
+
 @pytest.mark.parametrize("setting", ["max_queue_wait", "batch_window_ms"])
 def test_the_longest_wait_a_setting_takes_is_one_a_thread_can_wait(engines, monkeypatch, setting):
     """``WAIT_MAX_S`` (292 years, in the setting's unit) is the most ``max_queue_wait`` and ``batch_window_ms`` take:
