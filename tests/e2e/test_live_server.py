@@ -390,7 +390,9 @@ def test_a_stream_whose_client_disconnects_has_its_rows_dropped(server):
 
 
 def test_sigterm_drains_then_exits_cleanly(server):
-    """Runs last: SIGTERM with 12 slow requests in flight (256 tokens, batches of 4)."""
+    """Runs last: SIGTERM with 12 slow requests in flight (256 tokens, batches of 4). Every reply during the drain
+    closes its connection (``Connection: close``): a request sent on a connection kept alive as the drain ended was
+    lost with no reply (a review)."""
     http, slow = server.http, 12
     idle, answered_before = in_flight_and_answered(http)
 
@@ -421,6 +423,13 @@ def test_sigterm_drains_then_exits_cleanly(server):
         assert time.monotonic() - signalled < DRAIN_SECONDS
         assert ready.status_code == 503 and ready.json() == {"ready": False, "reason": "draining"}
         assert refused.status_code == 503 and "shutting down" in refused.json()["error"]
+        assert ready.headers["connection"] == refused.headers["connection"] == "close"
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:  # HTTP/1.1: kept alive
+            raw.sendall(b"GET /ready HTTP/1.1\r\nHost: x\r\n\r\n")
+            received = b""
+            while chunk := raw.recv(4096):  # until the server closes the connection (socket.timeout: it did not)
+                received += chunk
+        assert received.startswith(b"HTTP/1.1 503") and b"\r\nconnection: close\r\n" in received.lower(), received
         replies = [future.result() for future in futures]
     assert [reply.status_code for reply in replies] == [200] * slow, [reply.text for reply in replies]
     assert [(reply.json()["choices"][0]["finish_reason"], reply.json()["usage"]["completion_tokens"])
