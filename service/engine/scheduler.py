@@ -365,8 +365,8 @@ class Engine:
 
     def _time_queue(self) -> None:
         """The queue's timer, a thread of its own while ``max_queue_wait`` bounds waits: refuses each queued request
-        as its wait runs out (``_expire_waiting``), whatever the engine thread is doing meanwhile. Checked only where
-        the engine thread takes requests, a request waited out a whole prefill pass, adapter load or admin call: 16 s
+        as its wait runs out (``_expire_waiting``), whatever the engine thread is doing meanwhile. Checked only as the
+        engine thread took requests, a request waited out a whole prefill pass, adapter load or admin call first: 16 s
         for the 3 s of ``--max-queue-wait 3`` behind a long context's pass on the CPU (a review). It waits while the
         engine thread, idle, waits out the batch window: no request waits for capacity then (a review: with
         ``--batch-window-ms 3000 --max-queue-wait 1``, a lone request to an idle server was a 429 'past capacity').
