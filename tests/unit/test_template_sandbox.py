@@ -498,5 +498,7 @@ def test_the_servers_shutdown_fails_the_renders_not_begun_before_it_waits_for_th
 
     monkeypatch.setattr(uvicorn.Server, "shutdown", uvicorns)
     runtime = SimpleNamespace(stop_rendering=lambda: steps.append("renders closed"))
-    asyncio.run(DrainingServer(uvicorn.Config(app=None), runtime, 0).shutdown())
+    server = DrainingServer(uvicorn.Config(app=None), runtime, 0)
+    server.servers = []  # what uvicorn's startup, always run before its shutdown, leaves when it listens on nothing
+    asyncio.run(server.shutdown())
     assert steps == ["renders closed", "uvicorn's shutdown"]
