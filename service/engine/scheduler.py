@@ -150,9 +150,7 @@ class Engine:
         the command's stop for ever)."""
         deadline = time.monotonic() + timeout
         self._accepting = False
-        if self._wakeup.acquire(timeout=timeout):  # held for ever where the engine thread waits, holding it
-            self._wakeup.notify_all()
-            self._wakeup.release()
+        self._wake_all(timeout)
         if self._thread is not None:
             self._thread.join(max(0.0, deadline - time.monotonic()))
         if self._thread is None or not self._thread.is_alive():
@@ -268,9 +266,16 @@ class Engine:
         """The service shuts down: the requests queued are served as ever, but one refused for the queue (full, or its
         wait past ``max_queue_wait``) is refused as by a server going away (``_refusal``); a batch window ends at once
         (no request comes to fill it: a review saw a 20 s window hold the exit 18 s past SIGTERM). Any thread."""
-        with self._wakeup:
-            self._draining = True
+        self._draining = True
+        self._wake_all(STOP_WAIT_S)
+
+    def _wake_all(self, timeout: float) -> None:
+        """Wake every thread waiting on the engine's condition (its thread, the queue's timer), waiting at most
+        ``timeout`` seconds for its lock: one a KeyboardInterrupt left held is never released (an unbounded wait in
+        ``stop`` hung the command's stop for ever)."""
+        if self._wakeup.acquire(timeout=timeout):
             self._wakeup.notify_all()
+            self._wakeup.release()
 
     def _refusal(self, kind: type[QueueFull], reason: str, settings: tuple[str, ...] = ()) -> Exception:
         """The refusal of a request for the queue, ``reason`` (in words; naming ``settings``): ``kind``, a 429 (the

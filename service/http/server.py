@@ -80,8 +80,8 @@ class DrainingServer(uvicorn.Server):
         sockets close, and the requests on connections accepted meanwhile are read too, ``ACCEPTED_WAIT_S`` each.
         uvicorn's shutdown closed the sockets at once, resetting the connections in their backlog, and closed every
         connection whose request it had not read yet: with 16 clients on connections kept alive, 2-15 requests lost
-        with no reply at the drain's end (a connection reset, or a disconnect without a response) in 4 runs of 4,
-        none in 6 since (docs/results/drain_keepalive)."""
+        with no reply at the drain's end (a connection reset, or a disconnect without a response) in 5 runs of 5,
+        none in 5 since (docs/results/drain_keepalive/runs.md)."""
         for sock in sockets:
             sock.listen(0)
         await asyncio.sleep(ACCEPTED_WAIT_S)
