@@ -3,6 +3,9 @@
 # Runs on the GPU machine after staging (../shared/GPU.md), from the repository root:
 #   . /root/stage/env.sh && LORASWAP_DATA_DIR=/root/data bash scripts/gpu_pipeline.sh /root/results [STAGE...]
 # Stages (default: all, in this order): train_squad train_nli eval_squad bench zero_shot decoding qlora sweep
+# serve_nf4 (not in the default: the server in 4-bit NF4 under loraswap loadtest). The subcommands are found through
+# the project's entry points: install a wheel of this tree there (pip wheel --no-deps .) with the staged wheels, and,
+# for serve_nf4, locust and its needs (docs/results/gpu_nf4_h200/runs.md)
 set -uo pipefail
 results=${1:-results}
 shift || true
@@ -59,6 +62,45 @@ qlora() {  # QLoRA: 4-bit NF4 base, a short run on 4,000 questions, evaluated on
 sweep() {
   loraswap sweep --task squad --out "$results/sweep" --ranks 4,16,64 --lrs 7e-5,1e-3 --targets all_linear,attention \
     --max-steps 100 --batch-size 16 --max-examples 3200 --eval-examples 200 --eval-every 0.5 > "$results/sweep.log" 2>&1
+}
+serve_ready() {  # PORT PID: wait until the server on PORT says ready (0), or its process PID has exited (1)
+  until python -c "import sys, urllib.request as u; sys.exit(b'true' not in u.urlopen('http://127.0.0.1:$1/ready').read())" \
+      2> /dev/null; do
+    kill -0 "$2" 2> /dev/null || return 1
+    sleep 2
+  done
+}
+serve_nf4() {  # SmolLM2 in 4-bit NF4 with the shipped adapters, loraswap loadtest's scenarios at 1 and 64 users
+  # and plain locust on the shipped adapters (LOADTEST_SECONDS each, default 30; USERS, SCENARIOS and LOCUST=0 narrow
+  # it; SERVE_FLAGS adds to the server's; QUANTIZE=none for a trial where bitsandbytes cannot run); GPU memory by
+  # nvidia-smi at ready and every second after; the server's /metrics at its end
+  local root=$results/loadtest_adapters port=8000 key=gpu-loadtest server users scenario
+  mkdir -p "$root"
+  (exec python -m service.cli.entry serve --quantize "${QUANTIZE:-nf4}" --adapter-roots "$root" --admin-key "$key" --port $port --max-batch 64 \
+    ${SERVE_FLAGS:-}) > "$results/serve_nf4.log" 2>&1 < /dev/null &  # exec: $! is the server's own process
+  server=$!
+  serve_ready $port $server || { echo "the server exited, see $results/serve_nf4.log"; return 1; }
+  nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv > "$results/gpu_memory_ready.csv" 2>&1
+  while kill -0 $server 2> /dev/null; do nvidia-smi --query-gpu=memory.used --format=csv,noheader; sleep 1; done \
+    > "$results/gpu_memory_trace.txt" 2>&1 &
+  for users in ${USERS:-1 64}; do
+    for scenario in ${SCENARIOS:-uniform zipf}; do
+      step "loadtest $scenario $users"
+      LORASWAP_ADMIN_KEY=$key loraswap loadtest --scenario $scenario --users $users --duration "${LOADTEST_SECONDS:-30}" \
+        --host http://127.0.0.1:$port --adapter-root "$root" --source squad \
+        --json "$results/loadtest_${scenario}_$users.json" --md "$results/loadtest_${scenario}_$users.md" \
+        > "$results/loadtest_${scenario}_$users.log" 2>&1
+      echo "exit status $?" >> "$results/loadtest_${scenario}_$users.log"
+    done
+    [ "${LOCUST:-1}" = 0 ] && continue
+    step "locust on the shipped adapters, $users users"  # loadtest/locustfile.py: /answer and /nli, adapters squad, nli
+    python -m locust -f loadtest/locustfile.py --headless --users $users --spawn-rate $users \
+      --run-time "${LOADTEST_SECONDS:-30}s" --host http://127.0.0.1:$port --csv "$results/locust_shipped_$users" \
+      --only-summary > "$results/locust_shipped_$users.log" 2>&1
+  done
+  python -c "import urllib.request as u; print(u.urlopen('http://127.0.0.1:$port/metrics').read().decode())" \
+    > "$results/metrics_nf4.txt"
+  kill $server; wait $server
 }
 
 stages=("$@")
