@@ -86,8 +86,19 @@ DRAFT_TOKENS = Counter("loraswap_draft_tokens", "Draft tokens decoding steps fed
 ACCEPTED_DRAFT_TOKENS = Counter("loraswap_accepted_draft_tokens", "Draft tokens generations took (the token their own "
                                 "strategy picked agreed): each saved a decoding step")
 PREFIX_CACHE_BYTES = Gauge("loraswap_prefix_cache_bytes", "Bytes of keys and values the prefix cache holds")
+# an info metric (Prometheus' *_info convention, as vLLM's cache_config_info): one series of value 1
+MODEL_INFO = Gauge("loraswap_model_info", "1 for the base model the server computes with: its name as given (base), "
+                   "its device, the dtype it computes in and its quantization", ["base", "device", "dtype", "quantize"])
 REQUESTS_IN_FLIGHT = Gauge("loraswap_requests_in_flight", "HTTP requests being served (probes and scrapes not counted)")
 BY_ADAPTER = (REQUEST_DURATION, TIME_TO_FIRST_TOKEN, INTER_TOKEN_LATENCY, GENERATED_TOKENS, MERGE_SWITCH)
+
+
+def describe_model(base: str, device: str, dtype: str, quantize: str) -> None:
+    """Make ``loraswap_model_info`` the one series of these labels (a runtime built before in the process, as the
+    tests build several, leaves none of its own). ``dtype`` as torch names it without ``torch.``, e.g.
+    ``bfloat16``."""
+    MODEL_INFO.clear()
+    MODEL_INFO.labels(base=base, device=device, dtype=dtype, quantize=quantize).set(1)
 
 
 def forget_adapter(name: str, registered: Callable[[], Collection[str]]) -> None:

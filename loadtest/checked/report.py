@@ -91,7 +91,8 @@ def markdown(report: dict) -> str:
     lines += wrong_lines("under load", report["wrong_examples"])
     lines += wrong_lines("in recovery", report["recovery"]["wrong_examples"])
     extra = [memory_line(report["memory"]), storm_line(report["storm"]), cycles_line(report["register_cycles"])]
-    return "\n".join([*lines, "", server_lines(report["server"]), *[line for line in extra if line]]) + "\n"
+    server = [server_lines(report["server"]), model_line(report["server"]["model"])]
+    return "\n".join([*lines, "", *[line for line in server + extra if line]]) + "\n"
 
 
 def wrong_lines(phase: str, wrong: list[dict]) -> list[str]:
@@ -145,6 +146,20 @@ def server_lines(view: dict) -> str:
             f"{view['adapter_loads']} adapters registered, {view['merges']} merges, {view['unmerges']} unmerges; "
             f"resident adapters {view['resident_before']:g} -> {view['resident_after']:g}; resident memory "
             f"{view['rss_before_bytes'] / mib:.0f} -> {view['rss_after_bytes'] / mib:.0f} MiB.")
+
+
+def model_line(model: dict[str, str] | None) -> str | None:
+    """The server's base model (``server_view.model_info``) in one line, with what its dtype means for the check:
+    the reference pass's answers are exact in float32 only (None where the server does not say)."""
+    if model is None:
+        return None
+    line = (f"Model: {model['base']} on {model['device']}, computing in {model['dtype']}"
+            f"{'' if model['quantize'] == 'none' else ', weights in ' + model['quantize']}.")
+    if model["dtype"] == "float32":
+        return line
+    return (f"{line} In {model['dtype']} an answer moves with its batch and the prefix cache at that dtype's rounding "
+            "(docs/benchmarks.md: NF4 on an H200), and this check counts such moves as wrong; serve with --dtype "
+            "float32 for answers the reference pass's exactly.")
 
 
 def failed_checks(report: dict) -> list[str]:

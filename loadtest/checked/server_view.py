@@ -54,8 +54,16 @@ def histogram(before: Samples, after: Samples, name: str, unit: float = 1.0) -> 
             **{key: None if bound is None else bound * unit for key, bound in bounds.items()}}
 
 
+def model_info(samples: Samples) -> dict[str, str] | None:
+    """The labels of ``loraswap_model_info`` (base, device, dtype, quantize) in ``samples``; None where the server
+    exports none (an older one)."""
+    return next((dict(labels) for (sample, labels), value in samples.items()
+                 if sample == "loraswap_model_info" and value == 1), None)
+
+
 def server_view(before: Samples, after: Samples) -> dict:
-    """The server's side of the run: queue wait (ms) and batch size (requests admitted together) histograms,
+    """The server's side of the run: its base model (``model_info``), queue wait (ms) and batch size (requests
+    admitted together) histograms,
     adapters registered (``adapter_loads``), merges and unmerges, resident adapters and resident memory (bytes)
     before and after, tokens generated, and the replies by status (the request-duration histogram's counts)."""
     def rise(name: str, **labels: str) -> int:
@@ -64,6 +72,7 @@ def server_view(before: Samples, after: Samples) -> dict:
     duration = "loraswap_request_duration_seconds_count"
     statuses = sorted({dict(labels)["status"] for sample, labels in after if sample == duration})
     return {
+        "model": model_info(after),
         "queue_wait_ms": histogram(before, after, "loraswap_queue_wait_seconds", 1000),
         "batch_size": histogram(before, after, "loraswap_batch_size"),
         "adapter_loads": rise("loraswap_adapter_load_seconds_count"),

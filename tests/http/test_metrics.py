@@ -76,6 +76,12 @@ def test_request_duration_by_endpoint_adapter_and_status(client):
     assert moved(before, after, f"{DURATION}_count", endpoint="/nli", adapter="one", status="200") == 0
 
 
+def test_the_model_info_names_the_base_its_device_dtype_and_quantization(client, tiny_llama_dir):
+    """One series of value 1 (``loadtest`` reads the dtype from it): the tests' base on the CPU, in float32."""
+    infos = [(dict(labels), count) for (name, labels), count in scrape(client).items() if name == "loraswap_model_info"]
+    assert infos == [({"base": str(tiny_llama_dir), "device": "cpu", "dtype": "float32", "quantize": "none"}, 1.0)]
+
+
 def test_engine_metrics_move_with_the_work_done(client):
     before = scrape(client)
     answers = [ask(client, adapter, max_new_tokens=5) for adapter in ("one", "one", "two", None)]

@@ -99,8 +99,10 @@ def test_scenario_answers_right(server, scenario):
     assert set(report["by_endpoint"]) <= {"/answer", "/nli", "/v1/completions"}
     assert report["reference"]["requests"] == 3 * ADAPTERS[scenario]
     assert report["server"]["resident_after"] <= SLOTS
+    assert report["server"]["model"]["dtype"] == "float32"  # exact: the check holds the server to the reference
     assert report["rejected_429"] + report["gone_404"] + report["ok"] == report["requests"]
-    assert "| all |" in (server.root / f"{scenario}.md").read_text()
+    markdown = (server.root / f"{scenario}.md").read_text()
+    assert "| all |" in markdown and "computing in float32." in markdown
     if scenario == "churn":
         calls = report["admin"]["calls"]
         assert calls.get("unregister 200", 0) >= 2 and calls.get("register 201", 0) >= 1

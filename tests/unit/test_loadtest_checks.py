@@ -27,9 +27,9 @@ from loadtest.checked.answer_key import (
     verdict,
 )
 from loadtest.checked.asks import ENDPOINTS, Ask, asks
-from loadtest.checked.report import Record, percentile, summary
+from loadtest.checked.report import Record, model_line, percentile, summary
 from loadtest.checked.scenarios import SCENARIOS
-from loadtest.checked.server_view import Samples, bucket_bound, increase
+from loadtest.checked.server_view import Samples, bucket_bound, increase, model_info
 from loadtest.checked.traffic import Absences
 from loadtest.percentiles import percentiles
 from service.cli.main import build_parser
@@ -132,6 +132,19 @@ def test_metric_increases_series_by_series():
     after = samples('t_total{adapter="a"} 7\nt_total{adapter="b"} 3\nt_total{adapter="d"} 1\n')
     assert increase(before, after, "t_total") == 2 + 3 + 1
     assert increase(before, after, "t_total", adapter="a") == 2
+
+
+def test_the_model_line_says_when_answers_are_not_exact_for_the_check():
+    """float32: the model alone; any other dtype (the GPU's default bf16): that the check counts its rounding as
+    wrong, and how to make it exact; a server without the info metric: no line."""
+    info = 'loraswap_model_info{base="smollm2",device="%s",dtype="%s",quantize="%s"} 1.0\n'
+    exact = model_info(samples(info % ("cpu", "float32", "none")))
+    assert exact == {"base": "smollm2", "device": "cpu", "dtype": "float32", "quantize": "none"}
+    assert model_line(exact) == "Model: smollm2 on cpu, computing in float32."
+    rounding = model_line(model_info(samples(info % ("cuda", "bfloat16", "nf4"))))
+    assert rounding.startswith("Model: smollm2 on cuda, computing in bfloat16, weights in nf4. In bfloat16 an answer")
+    assert "--dtype float32" in rounding
+    assert model_info(samples('t_total{adapter="a"} 5\n')) is None and model_line(None) is None
 
 
 def test_histogram_quantile_bounds():
