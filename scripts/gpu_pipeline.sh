@@ -76,8 +76,9 @@ serve_nf4() {  # SmolLM2 in 4-bit NF4 with the shipped adapters, loraswap loadte
   # nvidia-smi at ready and every second after; the server's /metrics at its end
   local root=$results/loadtest_adapters port=8000 key=gpu-loadtest server users scenario
   mkdir -p "$root"
-  (exec python -m service.cli.entry serve --quantize "${QUANTIZE:-nf4}" --adapter-roots "$root" --admin-key "$key" --port $port --max-batch 64 \
-    ${SERVE_FLAGS:-}) > "$results/serve_nf4.log" 2>&1 < /dev/null &  # exec: $! is the server's own process
+  # exec: $! is the server's own process, which the stage stops at its end
+  (exec python -m service.cli.entry serve --quantize "${QUANTIZE:-nf4}" --adapter-roots "$root" --admin-key "$key" \
+    --port $port --max-batch 64 ${SERVE_FLAGS:-}) > "$results/serve_nf4.log" 2>&1 < /dev/null &
   server=$!
   serve_ready $port $server || { echo "the server exited, see $results/serve_nf4.log"; return 1; }
   nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv > "$results/gpu_memory_ready.csv" 2>&1

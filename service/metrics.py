@@ -87,14 +87,16 @@ ACCEPTED_DRAFT_TOKENS = Counter("loraswap_accepted_draft_tokens", "Draft tokens 
                                 "strategy picked agreed): each saved a decoding step")
 PREFIX_CACHE_BYTES = Gauge("loraswap_prefix_cache_bytes", "Bytes of keys and values the prefix cache holds")
 # an info metric (Prometheus' *_info convention, as vLLM's cache_config_info): one series of value 1
-MODEL_INFO = Gauge("loraswap_model_info", "1 for the base model the server computes with: its name as given (base), "
-                   "its device, the dtype it computes in and its quantization", ["base", "device", "dtype", "quantize"])
+MODEL_INFO = Gauge("loraswap_model_info", "1 for the base model the server computes with: its name (base: the "
+                   "embedded one's, or its folder's, never the path), its device, the dtype it computes in and its "
+                   "quantization", ["base", "device", "dtype", "quantize"])
 REQUESTS_IN_FLIGHT = Gauge("loraswap_requests_in_flight", "HTTP requests being served (probes and scrapes not counted)")
 BY_ADAPTER = (REQUEST_DURATION, TIME_TO_FIRST_TOKEN, INTER_TOKEN_LATENCY, GENERATED_TOKENS, MERGE_SWITCH)
 
 
 def describe_model(base: str, device: str, dtype: str, quantize: str) -> None:
-    """Make ``loraswap_model_info`` the one series of these labels (a runtime built before in the process, as the
+    """Make ``loraswap_model_info`` the one series of these labels (``base`` a name, not a path: ``/metrics`` needs
+    no key, and paths are shown to the admin key alone) (a runtime built before in the process, as the
     tests build several, leaves none of its own). ``dtype`` as torch names it without ``torch.``, e.g.
     ``bfloat16``."""
     MODEL_INFO.clear()

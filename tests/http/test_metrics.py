@@ -77,9 +77,10 @@ def test_request_duration_by_endpoint_adapter_and_status(client):
 
 
 def test_the_model_info_names_the_base_its_device_dtype_and_quantization(client, tiny_llama_dir):
-    """One series of value 1 (``loadtest`` reads the dtype from it): the tests' base on the CPU, in float32."""
+    """One series of value 1 (``loadtest`` reads the dtype from it): the tests' base on the CPU, in float32, named by
+    its folder's name, not its path (``/metrics`` needs no key)."""
     infos = [(dict(labels), count) for (name, labels), count in scrape(client).items() if name == "loraswap_model_info"]
-    assert infos == [({"base": str(tiny_llama_dir), "device": "cpu", "dtype": "float32", "quantize": "none"}, 1.0)]
+    assert infos == [({"base": tiny_llama_dir.name, "device": "cpu", "dtype": "float32", "quantize": "none"}, 1.0)]
 
 
 def test_engine_metrics_move_with_the_work_done(client):
