@@ -143,7 +143,8 @@ def server_lines(view: dict) -> str:
     mib = 2 ** 20
     return (f"Server (/metrics, before and after): queue wait mean {wait['mean']} ms (p95 at most {wait['p95_at_most']}"
             f" ms) over {wait['count']} requests; batch size mean {batch['mean']} over {batch['count']} admissions; "
-            f"{view['adapter_loads']} adapters registered, {view['merges']} merges, {view['unmerges']} unmerges; "
+            f"{view['adapter_loads']} adapters registered during the load (the run's own were before it), "
+            f"{view['merges']} merges, {view['unmerges']} unmerges; "
             f"resident adapters {view['resident_before']:g} -> {view['resident_after']:g}; resident memory "
             f"{view['rss_before_bytes'] / mib:.0f} -> {view['rss_after_bytes'] / mib:.0f} MiB.")
 

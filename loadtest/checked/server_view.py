@@ -63,9 +63,9 @@ def model_info(samples: Samples) -> dict[str, str] | None:
 
 def server_view(before: Samples, after: Samples) -> dict:
     """The server's side of the run: its base model (``model_info``), queue wait (ms) and batch size (requests
-    admitted together) histograms,
-    adapters registered (``adapter_loads``), merges and unmerges, resident adapters and resident memory (bytes)
-    before and after, tokens generated, and the replies by status (the request-duration histogram's counts)."""
+    admitted together) histograms, adapters registered between the scrapes (``adapter_loads``: the run's own are
+    registered before the first), merges and unmerges, resident adapters and resident memory (bytes) before and
+    after, tokens generated, and the replies by status (the request-duration histogram's counts)."""
     def rise(name: str, **labels: str) -> int:
         return int(increase(before, after, name, **labels))
 

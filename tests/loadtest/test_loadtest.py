@@ -103,6 +103,7 @@ def test_scenario_answers_right(server, scenario):
     assert report["rejected_429"] + report["gone_404"] + report["ok"] == report["requests"]
     markdown = (server.root / f"{scenario}.md").read_text()
     assert "| all |" in markdown and "computing in float32." in markdown
+    assert f"{report['server']['adapter_loads']} adapters registered during the load" in markdown
     if scenario == "churn":
         calls = report["admin"]["calls"]
         assert calls.get("unregister 200", 0) >= 2 and calls.get("register 201", 0) >= 1
