@@ -8,6 +8,8 @@ from collections.abc import Callable
 from typing import Any
 
 from fastapi import HTTPException, Request, Response
+from fastapi.dependencies.models import Dependant
+from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from starlette.requests import ClientDisconnect
 
@@ -41,14 +43,21 @@ class UniqueKeysRoute(APIRoute):
     class" pattern). FastAPI answers its ValueError as a 400 (``app.add_error_handlers`` keeps the reason). An empty
     body where the route requires one is a 400 as well (FastAPI took it for a body not sent: 422 "Field required"),
     as no JSON text is empty; a body sent compressed (a Content-Encoding but identity) is a 415 (RFC 9110 15.5.16),
-    where it was read as if it were not (a review: gzip's bytes were a 400, a plain body so labelled served)."""
+    where it was read as if it were not (a review: gzip's bytes were a 400, a plain body so labelled served). On a
+    route that acts on its request (any method but GET), a query parameter the route does not take is a 422 naming it
+    (``unknown_query``), as an unknown body field is: a review's ``POST /answer?adapter=nli`` was served by the default
+    adapter, the parameter dropped without a word. A GET reads nothing from its request, and a probe or a scrape
+    configured with parameters is answered as ever."""
 
     def get_route_handler(self) -> Callable:
         handler = super().get_route_handler()
         required = self.body_field is not None and self.body_field.field_info.is_required()
+        taken = query_names(self.dependant)
 
         async def unique_keys_handler(request: Request) -> Response:
             request = UniqueKeysRequest(request.scope, request.receive)
+            if request.method != "GET":
+                unknown_query(request, taken)
             codings = [coding.strip().lower() for header in request.headers.getlist("content-encoding")
                        for coding in header.split(",") if coding.strip()]  # every header, each a list (RFC 9110 5.3)
             coded = [coding for coding in codings if coding != "identity"]
@@ -59,3 +68,17 @@ class UniqueKeysRoute(APIRoute):
             return await handler(request)
 
         return unique_keys_handler
+
+
+def query_names(dependant: Dependant) -> set[str]:
+    """The query parameters a route reads: its endpoint's and its dependencies' (FastAPI's ``Dependant`` tree)."""
+    return {param.alias for param in dependant.query_params}.union(*map(query_names, dependant.dependencies))
+
+
+def unknown_query(request: Request, taken: set[str]) -> None:
+    """RequestValidationError (422), one problem per query parameter of ``request`` not in ``taken`` (the names its
+    route reads), in pydantic's words for an unknown body field (``extra_forbidden``) at ``("query", name)``."""
+    unknown = [(name, value) for name, value in request.query_params.multi_items() if name not in taken]
+    if unknown:
+        raise RequestValidationError([{"type": "extra_forbidden", "loc": ("query", name), "input": value,
+                                       "msg": "Extra inputs are not permitted"} for name, value in unknown])
