@@ -102,7 +102,8 @@ def derived_adapters(admin: httpx.Client, source: Path, root: Path, scenario: st
     folder the server may load adapters from, one of its ``--adapter-roots``) and registered under this run's names
     (``run_names``; ``run`` None: a ``new_run``), each in a folder of its name: {name: folder}. On leaving, the
     adapters this run registered are unregistered and the folders it wrote removed, and ``root`` and its parents too,
-    those this made, while they are empty; nothing another run registered or wrote is touched. Raises
+    those this made, while they are empty; nothing another run registered or wrote is touched (a registration a stop
+    cut short, which the server may have taken, counts as this run's). Raises
     FileExistsError for a folder already there and httpx.HTTPStatusError when the server refuses a registration (409
     for a name taken): neither is replaced."""
     names = {name: root / name for name in run_names(scenario, run or new_run(), count)}
@@ -113,8 +114,13 @@ def derived_adapters(admin: httpx.Client, source: Path, root: Path, scenario: st
             folder.mkdir(parents=True)  # FileExistsError rather than writing into another run's folder
             written.append(folder)
             derive(source, folder, seed + i, rank, kinds, spread)
-            register(admin, name, folder)
-            registered.append(name)
+            registered.append(name)  # before the call: one a stop cuts short may have registered it (a review)
+            try:
+                register(admin, name, folder)
+            except Exception as exc:  # a reply came (HTTPStatusError, of whichever httpx the client is): refused,
+                if getattr(exc, "response", None) is not None:  # not this run's to unregister
+                    registered.remove(name)
+                raise
         yield names
     finally:
         for name in registered:

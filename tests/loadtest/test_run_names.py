@@ -65,3 +65,21 @@ def test_a_name_registered_elsewhere_is_refused_and_left_registered(client, llam
     assert type(refusal.value).__name__ == "HTTPStatusError" and refusal.value.response.status_code == 409
     assert set(listed(client)) == {"one", "two", taken} and not any(client.derived.iterdir())
     client.delete(f"/adapters/{taken}").raise_for_status()
+
+
+def test_a_registration_a_stop_cuts_short_is_unregistered(client, llama_adapters, monkeypatch):
+    """A stop (Ctrl-C, SIGTERM) that lands while ``POST /adapters`` is in flight, after the server took it: the run's
+    end unregisters that adapter too (a review: it stayed registered, its folder removed, while the run said it had
+    unregistered its adapters)."""
+    post = client.post
+
+    def taken_then_cut(*args, **kwargs):
+        post(*args, **kwargs).raise_for_status()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(client, "post", taken_then_cut)
+    with pytest.raises(KeyboardInterrupt), \
+            derived_adapters(client, llama_adapters["one"], client.derived, "single", 1, run="0a0b0c", **KNOBS):
+        pass
+    monkeypatch.undo()
+    assert set(listed(client)) == {"one", "two"} and not any(client.derived.iterdir())
