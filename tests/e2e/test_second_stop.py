@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -17,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from service.http.server import ACCEPTED_WAIT_S
 from tests.data.make_corpus import SQUAD_SAMPLE
 from tests.server_helpers import free_port, scrape, value, wait_ready, wait_until
 from tests.tiny_models import build_llama
@@ -215,3 +217,43 @@ def test_requests_queued_at_a_stop_are_served_or_told_the_server_shuts_down(slow
         assert reply.status_code == 503 and "retry-after" not in reply.headers, (reply.status_code, reply.text)
         assert reply.json()["error"]["code"] == "engine_stopped", reply.text
         assert reply.json()["error"]["message"].startswith("the service is shutting down: the request waited 3 s")
+
+
+def test_a_stream_begun_before_the_drain_has_its_connection_kept_for_the_next_request(slow_llama_dir, tmp_path):
+    """A stream's headers went out before SIGTERM, so they say nothing of closing, and its client sends its next
+    request on the same connection as the stream ends: after the drain, uvicorn's shutdown closed that connection as
+    the stream ended, and the request met a reset with no reply (a review). Now it is answered as the drain answers
+    (503, ``Connection: close``), then the connection closes and the server exits with status 0."""
+    port, drain = free_port(), 0  # the drain's end at once: uvicorn's shutdown 2 x ACCEPTED_WAIT_S after the signal
+    command = [sys.executable, "-m", "service.cli.entry", "serve", "--base-model", str(slow_llama_dir),
+               "--adapters-dir", str(tmp_path), "--device", "cpu", "--host", "127.0.0.1", "--port", str(port),
+               "--max-new-tokens", str(TOKENS), "--drain-seconds", str(drain)]
+    body = (b'{"model": "base", "prompt": "Story:", "max_tokens": %d, "temperature": 0, "n": 8, "stream": true}'
+            % TOKENS)  # 8 choices: each decoding step 8 rows, so that the stream outlives the drain by far
+    with (tmp_path / "serve.log").open("w") as stderr:
+        process = subprocess.Popen(command, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, stdout=subprocess.DEVNULL,
+                                   stderr=stderr)
+    try:
+        wait_ready(lambda path: httpx.get(f"http://127.0.0.1:{port}{path}"), timeout=120)
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as raw:
+            raw.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            received = raw.recv(65536)
+            assert received.startswith(b"HTTP/1.1 200"), received
+            process.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            while not (b"[DONE]" in received and received.endswith(b"\r\n0\r\n\r\n")):  # its last chunk
+                chunk = raw.recv(65536)
+                assert chunk, f"the stream was cut: {received[-300:]!r}"
+                received += chunk
+            ended = time.monotonic() - signalled
+            assert ended > 2 * ACCEPTED_WAIT_S + 0.2, f"the stream ended {ended:.2f} s after SIGTERM: not the case"
+            raw.sendall(b"GET /ready HTTP/1.1\r\nHost: x\r\n\r\n")
+            reply = b""
+            while chunk := raw.recv(65536):  # until the server closes the connection (a reset fails the test)
+                reply += chunk
+        assert reply.startswith(b"HTTP/1.1 503") and b"\r\nconnection: close\r\n" in reply.lower(), reply
+        assert process.wait(timeout=30) == 0
+    finally:
+        process.kill()
+        process.wait()
