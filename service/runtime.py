@@ -174,7 +174,8 @@ class Runtime:
         self._going_on()
         device = pick_device(self.settings.device)
         dtype = str(pick_dtype(self.settings.dtype, device)).removeprefix("torch.")
-        metrics.describe_model(Path(self.settings.base_model).name, str(device), dtype, self.settings.quantize)
+        base = Path(self.settings.base_model).resolve().name or self.settings.base_model  # '.': its folder's name
+        metrics.describe_model(base, str(device), dtype, self.settings.quantize)
         positions = max_positions(model)
         warn_of_short_prompts(self.settings, positions, self.named)
         self.registry = AdapterRegistry(model, self.roots, self.settings.max_resident, self.settings.max_rank, room)

@@ -78,7 +78,7 @@ def query_names(dependant: Dependant) -> set[str]:
 def unknown_query(request: Request, taken: set[str]) -> None:
     """RequestValidationError (422), one problem per query parameter of ``request`` not in ``taken`` (the names its
     route reads), in pydantic's words for an unknown body field (``extra_forbidden``) at ``("query", name)``."""
-    unknown = [(name, value) for name, value in request.query_params.multi_items() if name not in taken]
+    unknown = {name: value for name, value in request.query_params.multi_items() if name not in taken}  # once each
     if unknown:
         raise RequestValidationError([{"type": "extra_forbidden", "loc": ("query", name), "input": value,
-                                       "msg": "Extra inputs are not permitted"} for name, value in unknown])
+                                       "msg": "Extra inputs are not permitted"} for name, value in unknown.items()])

@@ -20,8 +20,8 @@ from service.settings import Settings, worded
 ACCEPTED_WAIT_S = 0.25
 CUT_SHORT_WAIT_S = 1.0  # seconds a forced stop waits for the requests it cut short to end (``cut_short``)
 # seconds a connection whose reply began before the drain stays open after it for its client's next request
-# (``DrainingServer.keep_for_next_request``)
-NEXT_REQUEST_WAIT_S = 1.0
+# (``DrainingServer.keep_for_next_request``); how often the end of such a reply is looked for
+NEXT_REQUEST_WAIT_S, REPLY_END_POLL_S = 1.0, 0.05
 
 
 class DrainingServer(uvicorn.Server):
@@ -30,6 +30,7 @@ class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, rt: Runtime, grace_seconds: float):
         super().__init__(config)
         self.rt, self.grace_seconds = rt, grace_seconds
+        self.kept: list[asyncio.Task] = []  # ``keep_for_next_request``'s: each closes one connection kept
 
     def handle_exit(self, sig, frame) -> None:
         """On SIGTERM or SIGINT, drain for ``grace_seconds`` (/ready false, in-flight requests finish) while the
@@ -95,16 +96,17 @@ class DrainingServer(uvicorn.Server):
 
     def keep_for_next_request(self) -> None:
         """Keep open, after its reply, each connection whose reply began before the drain and is still being sent (a
-        stream's): its headers said nothing of closing, so its client sends its next request on it; that request is
-        read and answered as the drain answers (a 503, ``Connection: close``), or the connection closes once idle for
-        ``NEXT_REQUEST_WAIT_S``. uvicorn's shutdown closed it as its reply ended, and that request met a reset with
-        no reply (a review: 1-4 such losses in each of 3 runs of 40 clients; a raw socket's request sent as its
-        stream ended after the drain). A connection's ``shutdown`` (uvicorn's, which closes it after its reply) is
-        made a no-op for it: uvicorn's shutdown still waits for it to close."""
+        stream's): its headers said nothing of closing, so its client sends its next request on it, and that request
+        is read and answered as the drain answers (a 503, ``Connection: close``). ``NEXT_REQUEST_WAIT_S`` after the
+        reply's end the connection is shut down as uvicorn's shutdown would have at once (``close_after_its_reply``):
+        closed where no request is being answered (none came, or one came only in part: a client cannot hold the
+        exit by sending slowly), else after that request's reply. uvicorn's shutdown closed it as the reply ended, and
+        the next request met a reset with no reply (a review: 1-4 such losses in each of 3 runs of 40 clients).
+        Each connection's ``shutdown`` (uvicorn's) is made a no-op meanwhile: uvicorn's own shutdown waits for it."""
         for connection in list(self.server_state.connections):
             cycle = getattr(connection, "cycle", None)  # uvicorn's HTTP protocols' request in progress
             if cycle is not None and cycle.response_started and not cycle.response_complete and cycle.keep_alive:
-                connection.timeout_keep_alive = NEXT_REQUEST_WAIT_S
+                self.kept.append(asyncio.ensure_future(close_after_its_reply(connection, cycle, connection.shutdown)))
                 connection.shutdown = lambda: None
 
     async def cut_short(self) -> None:
@@ -122,6 +124,16 @@ class DrainingServer(uvicorn.Server):
             task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=CUT_SHORT_WAIT_S)
+
+
+async def close_after_its_reply(connection, cycle, shutdown: Callable[[], None]) -> None:
+    """Once ``cycle`` (a uvicorn request cycle of ``connection``) has sent its whole reply, wait
+    ``NEXT_REQUEST_WAIT_S``, then call ``shutdown``, the connection's own (uvicorn's): it closes the connection unless
+    a request is being answered there, which it lets end first."""
+    while not cycle.response_complete and not connection.transport.is_closing():
+        await asyncio.sleep(REPLY_END_POLL_S)
+    await asyncio.sleep(NEXT_REQUEST_WAIT_S)
+    shutdown()
 
 
 def serving_line(sockets: list[socket.socket]) -> str:
