@@ -108,8 +108,12 @@ def test_a_template_past_the_deadline_is_refused_and_its_process_stopped(tokeniz
 
 
 def working(work: int) -> str:
-    """A template of some work at each render (``work`` sums), which keeps each user's text as it is."""
-    return (f"{{% set ns = namespace(x=0) %}}{{% for i in range({work}) %}}{{% set ns.x = ns.x + i %}}{{% endfor %}}"
+    """A template of some work at each render (about ``work`` sums, in loops of at most 100,000: jinja's sandbox
+    refuses a longer range), which keeps each user's text as it is."""
+    inner = min(work, 100_000)
+    outer = -(-work // inner) if inner else 0
+    return (f"{{% set ns = namespace(x=0) %}}{{% for k in range({outer}) %}}{{% for i in range({inner}) %}}"
+            "{% set ns.x = ns.x + i %}{% endfor %}{% endfor %}"
             "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}")
 
 
@@ -130,8 +134,10 @@ def test_each_render_of_a_job_has_its_own_deadline(tokenizer, monkeypatch):
     under one deadline for all of them, so a template of 0.7 s a render (legal: under the 2 s deadline) was refused
     once the marked render was added. Here the deadline is twice one render's CPU time: the job's three renders take
     more than it together, each less."""
-    sample = render_cpu_seconds(tokenizer, working(20_000))
-    template = working(max(20_000, round(20_000 * 0.3 / max(sample, 1e-3))))  # about 0.3 s a render: /proc counts 10 ms
+    # about 0.3 s a render, from a sample long enough for /proc's 10 ms ticks (the CI run of c138504: a sample of
+    # 20,000 sums counted as 0.01 s or less asked for a range past jinja's bound)
+    sample = render_cpu_seconds(tokenizer, working(200_000))
+    template = working(max(20_000, round(200_000 * 0.3 / max(sample, 0.01))))
     one = render_cpu_seconds(tokenizer, template)
     monkeypatch.setattr(template_sandbox, "MAX_RENDER_SECONDS", 2 * one)
     child = Child(tokenizer)
