@@ -95,10 +95,9 @@ BY_ADAPTER = (REQUEST_DURATION, TIME_TO_FIRST_TOKEN, INTER_TOKEN_LATENCY, GENERA
 
 
 def describe_model(base: str, device: str, dtype: str, quantize: str) -> None:
-    """Make ``loraswap_model_info`` the one series of these labels (``base`` a name, not a path: ``/metrics`` needs
-    no key, and paths are shown to the admin key alone) (a runtime built before in the process, as the
-    tests build several, leaves none of its own). ``dtype`` as torch names it without ``torch.``, e.g.
-    ``bfloat16``."""
+    """Make ``loraswap_model_info`` the one series of these labels: a runtime built before in the process (the tests
+    build several) leaves none of its own. ``base`` is a name, not a path (``/metrics`` needs no key, and paths are
+    shown to the admin key alone); ``dtype`` as torch names it without ``torch.``, e.g. ``bfloat16``."""
     MODEL_INFO.clear()
     MODEL_INFO.labels(base=base, device=device, dtype=dtype, quantize=quantize).set(1)
 

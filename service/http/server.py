@@ -30,7 +30,9 @@ class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, rt: Runtime, grace_seconds: float):
         super().__init__(config)
         self.rt, self.grace_seconds = rt, grace_seconds
-        self.kept: list[asyncio.Task] = []  # ``keep_for_next_request``'s: each closes one connection kept
+        # ``keep_for_next_request``'s tasks, each closing one connection kept: held here, as the event loop holds a
+        # task weakly (asyncio.create_task's documentation)
+        self.kept: list[asyncio.Task] = []
 
     def handle_exit(self, sig, frame) -> None:
         """On SIGTERM or SIGINT, drain for ``grace_seconds`` (/ready false, in-flight requests finish) while the
@@ -106,7 +108,7 @@ class DrainingServer(uvicorn.Server):
         for connection in list(self.server_state.connections):
             cycle = getattr(connection, "cycle", None)  # uvicorn's HTTP protocols' request in progress
             if cycle is not None and cycle.response_started and not cycle.response_complete and cycle.keep_alive:
-                self.kept.append(asyncio.ensure_future(close_after_its_reply(connection, cycle, connection.shutdown)))
+                self.kept.append(asyncio.create_task(close_after_its_reply(connection, cycle, connection.shutdown)))
                 connection.shutdown = lambda: None
 
     async def cut_short(self) -> None:

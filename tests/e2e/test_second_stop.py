@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -135,27 +136,34 @@ def replied(reply: httpx.Response) -> str:
 
 
 @contextlib.contextmanager
-def serving_a_stream(model_dir: Path, tmp_path: Path, pool: ThreadPoolExecutor, completion: dict, *options: str):
-    """A ``loraswap serve`` process of ``model_dir`` (``options`` added; its stderr in ``tmp_path``/serve.log), ready,
-    with a stream of ``completion`` begun on ``pool``: (process, its URL, the stream's ``streamed`` future); killed at
-    the end."""
-    port, log = free_port(), tmp_path / "serve.log"
-    url = f"http://127.0.0.1:{port}"
+def serving(model_dir: Path, tmp_path: Path, *options: str) -> Iterator[tuple[subprocess.Popen, int]]:
+    """A ready ``loraswap serve`` process of ``model_dir`` (at most TOKENS new tokens, ``options`` added; its stderr
+    in ``tmp_path``/serve.log) and its port; killed at the end."""
+    port = free_port()
     command = [sys.executable, "-m", "service.cli.entry", "serve", "--base-model", str(model_dir),
                "--adapters-dir", str(tmp_path), "--device", "cpu", "--host", "127.0.0.1", "--port", str(port),
                "--max-new-tokens", str(TOKENS), *options]
-    with log.open("w") as stderr:
+    with (tmp_path / "serve.log").open("w") as stderr:
         process = subprocess.Popen(command, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, stdout=subprocess.DEVNULL,
                                    stderr=stderr)
-        try:
-            wait_ready(lambda path: httpx.get(url + path), timeout=120)
-            begun = threading.Event()
-            stream = pool.submit(streamed, url, completion, begun)
-            assert begun.wait(60), "the stream did not begin within 60 s"
-            yield process, url, stream
-        finally:
-            process.kill()
-            process.wait()
+    try:
+        wait_ready(lambda path: httpx.get(f"http://127.0.0.1:{port}{path}"), timeout=120)
+        yield process, port
+    finally:
+        process.kill()
+        process.wait()
+
+
+@contextlib.contextmanager
+def serving_a_stream(model_dir: Path, tmp_path: Path, pool: ThreadPoolExecutor, completion: dict, *options: str):
+    """A ready server (``serving``) with a stream of ``completion`` begun on ``pool``: (process, its URL, the
+    stream's ``streamed`` future)."""
+    with serving(model_dir, tmp_path, *options) as (process, port):
+        url = f"http://127.0.0.1:{port}"
+        begun = threading.Event()
+        stream = pool.submit(streamed, url, completion, begun)
+        assert begun.wait(60), "the stream did not begin within 60 s"
+        yield process, url, stream
 
 
 @pytest.mark.parametrize("signals", [("INT", "INT"), ("TERM", "INT"), ("TERM", "INT", "INT"), ("TERM", "TERM"),
@@ -228,17 +236,10 @@ def test_a_stream_begun_before_the_drain_has_its_connection_kept_for_the_next_re
     (503, ``Connection: close``), then the connection closes and the server exits with status 0. A request sent only
     in part holds nothing: the connection closes ``NEXT_REQUEST_WAIT_S`` after the stream's end (a review: the
     exit waited for it without end)."""
-    port, drain = free_port(), 0  # the drain's end at once: uvicorn's shutdown 2 x ACCEPTED_WAIT_S after the signal
-    command = [sys.executable, "-m", "service.cli.entry", "serve", "--base-model", str(slow_llama_dir),
-               "--adapters-dir", str(tmp_path), "--device", "cpu", "--host", "127.0.0.1", "--port", str(port),
-               "--max-new-tokens", str(TOKENS), "--drain-seconds", str(drain)]
+    drain = 0  # the drain's end at once: uvicorn's shutdown 2 x ACCEPTED_WAIT_S after the signal
     body = (b'{"model": "base", "prompt": "Story:", "max_tokens": %d, "temperature": 0, "n": 8, "stream": true}'
             % TOKENS)  # 8 choices: each decoding step 8 rows, so that the stream outlives the drain by far
-    with (tmp_path / "serve.log").open("w") as stderr:
-        process = subprocess.Popen(command, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, stdout=subprocess.DEVNULL,
-                                   stderr=stderr)
-    try:
-        wait_ready(lambda path: httpx.get(f"http://127.0.0.1:{port}{path}"), timeout=120)
+    with serving(slow_llama_dir, tmp_path, "--drain-seconds", str(drain)) as (process, port):
         with socket.create_connection(("127.0.0.1", port), timeout=60) as raw:
             raw.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
@@ -262,6 +263,3 @@ def test_a_stream_begun_before_the_drain_has_its_connection_kept_for_the_next_re
         else:
             assert reply == b"" and closed < NEXT_REQUEST_WAIT_S + 5, (reply, closed)
         assert process.wait(timeout=30) == 0
-    finally:
-        process.kill()
-        process.wait()
